@@ -1,0 +1,33 @@
+"""traineval: train and evaluate PyTorch models.
+
+The public API of SPEC.md: `TrainingConfig`, `EvaluationConfig`, `TrainingManager`,
+`Evaluator`, `MetricsTracker`, `PerformanceMonitor`, and the enums `TaskType`,
+`TrainingMode`, `EvaluationMode`.
+"""
+
+from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
+from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
+from .evaluation import Evaluator
+from .manager import TrainingManager, TrainingResult
+from .monitor import PerformanceMonitor
+from .tracking import MetricsTracker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback",
+    "EarlyStopping",
+    "EvaluationConfig",
+    "EvaluationMode",
+    "Evaluator",
+    "MetricsTracker",
+    "ModelCheckpoint",
+    "PerformanceMonitor",
+    "ProgressBar",
+    "TaskType",
+    "TrainingConfig",
+    "TrainingManager",
+    "TrainingMode",
+    "TrainingResult",
+    "__version__",
+]

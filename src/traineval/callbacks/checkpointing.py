@@ -1,0 +1,56 @@
+"""Checkpoint requests: best (on the monitored metric), last, and every N epochs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..loop import Loop
+
+
+class ModelCheckpoint(Callback):
+    """Request `best` when the monitored metric improves, `last` and `epoch-NNNN` per epoch."""
+
+    def __init__(self, save_best: bool = True, save_last: bool = True, every_n_epochs: int = 0):
+        self.save_best = save_best
+        self.save_last = save_last
+        self.every_n_epochs = every_n_epochs
+
+    def on_evaluate(self, loop: Loop, logs: dict[str, Any]) -> None:
+        if self.save_best and logs.get("improved"):
+            loop.request_save("best")
+
+    def on_epoch_end(self, loop: Loop, logs: dict[str, Any]) -> None:
+        if self.save_best and logs.get("improved"):
+            loop.request_save("best")
+        epoch = loop.state.epoch
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+            loop.request_save(f"epoch-{epoch:04d}")
+        if self.save_last:
+            loop.request_save("last")
+
+
+class BestWeights(Callback):
+    """Keep a host copy of the weights at the best evaluation; load them when training ends."""
+
+    def __init__(self) -> None:
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _snapshot(self, loop: Loop, logs: dict[str, Any]) -> None:
+        if logs.get("improved"):
+            self.best_state = {
+                key: value.detach().to("cpu", copy=True)
+                for key, value in loop.model.state_dict().items()
+            }
+
+    on_evaluate = _snapshot
+    on_epoch_end = _snapshot
+
+    def on_train_end(self, loop: Loop, logs: dict[str, Any]) -> None:
+        if self.best_state is not None:
+            loop.model.load_state_dict(self.best_state)
+            logs["restored_best_weights"] = True

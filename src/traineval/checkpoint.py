@@ -1,0 +1,78 @@
+"""Checkpoint files: atomic writes, and loads that never unpickle arbitrary objects."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: missing, truncated, corrupt or unsafe."""
+
+
+def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write `payload` to `path` atomically: temp file in the same folder, fsync, rename.
+
+    A crash during the write leaves any previous file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; never falls back to full unpickling.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or holds objects other
+            than tensors and plain Python values (nothing in it is executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain values; "
+            f"refusing to unpickle it ({error})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt ({error})"
+        ) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict")
+    return payload

@@ -1,0 +1,430 @@
+"""Configuration: `TrainingConfig`, `EvaluationConfig` and the enums of SPEC.md.
+
+Every config is validated on construction: a bad value raises `ValueError` naming the field,
+the value and what is allowed, before any work starts. Configs load from dicts and YAML and
+take dotted `key=value` overrides, so the command line and files share one path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = [
+    "EvaluationConfig",
+    "EvaluationMode",
+    "TaskType",
+    "TrainingConfig",
+    "TrainingMode",
+    "apply_overrides",
+    "load_yaml",
+]
+
+
+class TaskType(Enum):
+    """What the model predicts; chooses the default loss and the metric set."""
+
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+    GENERATION = "generation"
+
+
+class TrainingMode(Enum):
+    """Training modes."""
+
+    SUPERVISED = "supervised"
+    UNSUPERVISED = "unsupervised"
+    SEMI_SUPERVISED = "semi_supervised"
+    REINFORCEMENT = "reinforcement"
+    META_LEARNING = "meta_learning"
+    FEDERATED = "federated"
+
+
+class EvaluationMode(Enum):
+    """Evaluation modes."""
+
+    TRAINING = "training"
+    VALIDATION = "validation"
+    TESTING = "testing"
+    CROSS_VALIDATION = "cross_validation"
+    ENSEMBLE = "ensemble"
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "step", "plateau", "onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MONITOR_MODES = ("auto", "min", "max")
+CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "confusion_matrix")
+REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
+GENERATION_METRICS = ("perplexity", "token_accuracy")
+AVERAGES = ("weighted", "macro", "micro")
+
+
+# -- field checks: each raises ValueError naming field, value and what is allowed --------------
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _int(field: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, value, f"expected an integer >= {minimum}")
+    if value < minimum:
+        _fail(field, value, f"expected an integer >= {minimum}")
+
+
+def _optional_int(field: str, value: Any, *, minimum: int) -> None:
+    if value is not None:
+        _int(field, value, minimum=minimum)
+
+
+def _float(field: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+    relation = ">" if strict else ">="
+    allowed = f"expected a finite number {relation} {minimum}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, value, allowed)
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        _fail(field, value, allowed)
+
+
+def _bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(field, value, "expected true or false")
+
+
+def _choice(field: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        _fail(field, value, f"expected one of {', '.join(map(repr, choices))}{suggestion}")
+
+
+def _subset(field: str, values: Any, choices: Sequence[str]) -> None:
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        _fail(field, values, f"expected a list drawn from {', '.join(map(repr, choices))}")
+    for value in values:
+        _choice(f"{field}[]", value, choices)
+
+
+C = TypeVar("C", bound="_ConfigBase")
+
+
+class _ConfigBase:
+    """Dict / YAML round trips shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain Python values (safe to YAML-dump or checkpoint)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build a config from a mapping; unknown keys are an error naming the allowed ones."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.__name__} expects a mapping of fields, got {data!r}")
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        for key in data:
+            if key not in names:
+                hint = difflib.get_close_matches(str(key), names, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ValueError(
+                    f"{cls.__name__} has no field {key!r}{suggestion}; "
+                    f"allowed fields: {', '.join(names)}"
+                )
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path, overrides: Sequence[str] = ()) -> C:
+        """Load a config from a YAML file, then apply dotted `key=value` overrides."""
+        return cls.from_dict(apply_overrides(load_yaml(path), overrides))
+
+    def with_overrides(self: C, overrides: Sequence[str]) -> C:
+        """Return a copy with `key=value` overrides applied (values parsed as YAML)."""
+        return type(self).from_dict(apply_overrides(self.to_dict(), overrides))
+
+    def save_yaml(self, path: str | Path) -> None:
+        """Write the config as YAML (the run directory's record of what ran)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig(_ConfigBase):
+    """Configuration for training; every field is validated on construction.
+
+    The first block is SPEC.md's, with its defaults. Steps are optimizer updates throughout:
+    `warmup_steps`, `eval_frequency`, `log_frequency` and `max_steps` count updates, not
+    micro-batches, so they mean the same thing whatever `gradient_accumulation_steps` is.
+
+    Example:
+        >>> TrainingConfig(num_epochs=5, learning_rate=1e-3).learning_rate
+        0.001
+        >>> TrainingConfig(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size=0 is invalid: expected an integer >= 1
+    """
+
+    # Training parameters (SPEC.md)
+    num_epochs: int = 100
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-5
+    gradient_clipping: bool = True
+    max_grad_norm: float = 1.0
+    # Optimization
+    optimizer_type: str = "adamw"
+    scheduler_type: str = "cosine"
+    warmup_steps: int = 1000
+    lr_scheduler_patience: int = 5
+    # Advanced features
+    mixed_precision: bool = True
+    gradient_accumulation_steps: int = 1
+    early_stopping_patience: int = 10
+    checkpoint_save_frequency: int = 5
+    # Monitoring
+    log_frequency: int = 100
+    eval_frequency: int = 500
+    tensorboard_logging: bool = True
+    wandb_logging: bool = False
+
+    # Used by SPEC.md but missing from its config
+    save_best_model: bool = True
+    eval_batch_size: int | None = None
+    # What a real run needs
+    seed: int = 42
+    output_dir: str | None = None
+    overwrite_output_dir: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    monitor_metric: str = "val_loss"
+    monitor_mode: str = "auto"
+    early_stopping_min_delta: float = 0.0
+    restore_best_weights: bool = False
+    save_last_checkpoint: bool = True
+    compile: bool = False
+    max_steps: int | None = None
+    deterministic: bool = False
+    progress_bar: bool | None = None
+    # Optimizer and scheduler details
+    momentum: float = 0.9
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    min_learning_rate: float = 0.0
+    scheduler_step_size: int = 1000
+    scheduler_gamma: float = 0.1
+    lr_scheduler_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_epochs",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_frequency",
+            "eval_frequency",
+            "scheduler_step_size",
+        ):
+            _int(name, getattr(self, name), minimum=1)
+        for name in (
+            "warmup_steps",
+            "lr_scheduler_patience",
+            "early_stopping_patience",
+            "checkpoint_save_frequency",
+            "seed",
+        ):
+            _int(name, getattr(self, name), minimum=0)
+        _optional_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        _optional_int("max_steps", self.max_steps, minimum=1)
+        _float("learning_rate", self.learning_rate, minimum=0.0, strict=True)
+        _float("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
+        for name in ("weight_decay", "early_stopping_min_delta", "min_learning_rate"):
+            _float(name, getattr(self, name), minimum=0.0)
+        for name in (
+            "momentum",
+            "adam_beta1",
+            "adam_beta2",
+            "scheduler_gamma",
+            "lr_scheduler_factor",
+        ):
+            _float(name, getattr(self, name), minimum=0.0)
+            if getattr(self, name) >= 1.0:
+                _fail(name, getattr(self, name), "expected a number in [0, 1)")
+        _float("adam_epsilon", self.adam_epsilon, minimum=0.0, strict=True)
+        for name in (
+            "gradient_clipping",
+            "mixed_precision",
+            "tensorboard_logging",
+            "wandb_logging",
+            "save_best_model",
+            "overwrite_output_dir",
+            "restore_best_weights",
+            "save_last_checkpoint",
+            "compile",
+            "deterministic",
+        ):
+            _bool(name, getattr(self, name))
+        if self.progress_bar is not None:
+            _bool("progress_bar", self.progress_bar)
+        _choice("optimizer_type", self.optimizer_type, OPTIMIZERS)
+        _choice("scheduler_type", self.scheduler_type, SCHEDULERS)
+        _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
+        if not isinstance(self.monitor_metric, str) or not re.fullmatch(
+            r"(val|train)_\w+", self.monitor_metric
+        ):
+            _fail(
+                "monitor_metric",
+                self.monitor_metric,
+                "expected 'val_<metric>' or 'train_loss', e.g. 'val_loss' or 'val_accuracy'",
+            )
+        if self.monitor_metric.startswith("train_") and self.monitor_metric != "train_loss":
+            _fail("monitor_metric", self.monitor_metric, "the only train metric is 'train_loss'")
+        if self.output_dir is not None and not isinstance(self.output_dir, str):
+            _fail("output_dir", self.output_dir, "expected a path string or null")
+        if not self.mixed_precision and self.precision in ("bf16", "fp16"):
+            _fail(
+                "precision",
+                self.precision,
+                "mixed_precision=false allows only 'auto' or 'fp32'; set mixed_precision=true",
+            )
+        if self.min_learning_rate >= self.learning_rate:
+            _fail(
+                "min_learning_rate",
+                self.min_learning_rate,
+                f"expected a value below learning_rate={self.learning_rate}",
+            )
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            _fail(
+                "warmup_steps",
+                self.warmup_steps,
+                f"warmup must be shorter than training (max_steps={self.max_steps})",
+            )
+
+    @property
+    def minimize_monitor(self) -> bool:
+        """Whether a lower value of `monitor_metric` is better (resolves `monitor_mode=auto`)."""
+        if self.monitor_mode != "auto":
+            return self.monitor_mode == "min"
+        return metric_is_minimized(self.monitor_metric)
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+_MAXIMIZED = ("accuracy", "precision", "recall", "f1", "r2", "auc", "explained_variance", "bleu")
+
+
+def metric_is_minimized(name: str) -> bool:
+    """Guess a metric's direction from its name: losses and errors down, scores up."""
+    return not any(token in name for token in _MAXIMIZED)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig(_ConfigBase):
+    """Configuration for evaluation (SPEC.md's `EvaluationConfig`)."""
+
+    compute_metrics: bool = True
+    save_predictions: bool = False
+    plot_metrics: bool = False
+    classification_metrics: tuple[str, ...] = CLASSIFICATION_METRICS
+    regression_metrics: tuple[str, ...] = ("mse", "mae", "rmse", "r2_score")
+    generation_metrics: tuple[str, ...] = GENERATION_METRICS
+    average: str = "weighted"
+    ignore_index: int = -100
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("compute_metrics", "save_predictions", "plot_metrics"):
+            _bool(name, getattr(self, name))
+        _subset("classification_metrics", self.classification_metrics, CLASSIFICATION_METRICS)
+        _subset("regression_metrics", self.regression_metrics, REGRESSION_METRICS)
+        _subset("generation_metrics", self.generation_metrics, GENERATION_METRICS)
+        for name in ("classification_metrics", "regression_metrics", "generation_metrics"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _choice("average", self.average, AVERAGES)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            _fail("ignore_index", self.ignore_index, "expected an integer")
+        if self.output_dir is not None and not isinstance(self.output_dir, str):
+            _fail("output_dir", self.output_dir, "expected a path string or null")
+
+
+# -- YAML and dotted overrides -------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 would read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """Parse one override value the way a YAML file would (`1e-3`, `true`, `[a, b]`, `null`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping document is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.load(path.read_text(), Loader=_Loader)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted `a.b.c=value` overrides applied.
+
+    >>> apply_overrides({"training": {"batch_size": 8}}, ["training.batch_size=16"])
+    {'training': {'batch_size': 16}}
+    """
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is invalid: expected key=value, e.g. seed=1")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r} is invalid: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = parse_value(raw)
+    return out
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}

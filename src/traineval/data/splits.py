@@ -1,0 +1,95 @@
+"""Seeded train / validation / test splits, stratified for classification."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from ..config import TaskType
+from .tables import Table
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """Train / val / test datasets plus what a model needs to know about one sample."""
+
+    train: TensorDataset
+    val: TensorDataset | None
+    test: TensorDataset | None
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task_type: TaskType
+    class_names: list[str] | None = None
+
+
+def make_splits(
+    table: Table,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    standardize: bool = True,
+    image_shape: tuple[int, ...] | None = None,
+) -> DataSplits:
+    """Split rows with `seed` (stratified by class for classification) and build tensors.
+
+    Standardization statistics come from the training rows only, so nothing of the
+    validation or test rows leaks into training.
+    """
+    from sklearn.model_selection import train_test_split
+
+    for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}={value!r} is invalid: expected a number in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
+            "no training data: expected a sum below 1"
+        )
+    classification = table.task_type is TaskType.CLASSIFICATION
+    indices = np.arange(len(table.y))
+    rest, test_idx = _split(indices, table.y, test_fraction, seed, classification, train_test_split)
+    val_share = val_fraction / (1.0 - test_fraction) if val_fraction else 0.0
+    train_idx, val_idx = _split(
+        rest, table.y[rest], val_share, seed, classification, train_test_split
+    )
+    x = table.x
+    if standardize:
+        mean = x[train_idx].mean(axis=0)
+        std = x[train_idx].std(axis=0)
+        x = (x - mean) / np.where(std > 0, std, 1.0)
+    shape = tuple(image_shape or table.image_shape or (x.shape[1],))
+    if int(np.prod(shape)) != x.shape[1]:
+        raise ValueError(
+            f"data.image_shape={list(shape)} holds {int(np.prod(shape))} values but samples "
+            f"have {x.shape[1]} features"
+        )
+
+    def subset(idx: np.ndarray) -> TensorDataset | None:
+        if len(idx) == 0:
+            return None
+        features = torch.from_numpy(np.ascontiguousarray(x[idx], dtype=np.float32))
+        return TensorDataset(features.reshape(len(idx), *shape), torch.from_numpy(table.y[idx]))
+
+    train = subset(train_idx)
+    assert train is not None
+    return DataSplits(
+        train=train,
+        val=subset(val_idx),
+        test=subset(test_idx),
+        input_shape=shape,
+        num_outputs=table.num_outputs,
+        task_type=table.task_type,
+        class_names=table.class_names,
+    )
+
+
+def _split(indices, labels, fraction, seed, stratify, splitter):
+    if fraction == 0.0:
+        return indices, indices[:0]
+    strata = labels if stratify else None
+    first, second = splitter(indices, test_size=fraction, random_state=seed, stratify=strata)
+    return np.sort(first), np.sort(second)

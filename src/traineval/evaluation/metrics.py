@@ -1,0 +1,240 @@
+"""Streaming metrics: `update` per batch on the model's device, `compute` once, `reset`.
+
+State is bounded by the number of classes (or outputs), never by the number of samples, and
+updates do not wait for the device. Results agree with scikit-learn on the concatenated data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..tasks import align_regression
+
+
+def _accum_dtype(device: torch.device) -> torch.dtype:
+    # MPS has no float64; everywhere else accumulate in float64 to match scikit-learn.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class ConfusionMatrix:
+    """Counts of (true class, predicted class) pairs; accuracy, precision, recall, F1 follow.
+
+    `update(scores, targets)` takes `(N, C)` scores (or `(N,)` / `(N, 1)` logits of a binary
+    task, thresholded at 0) and `(N,)` integer labels. Targets equal to `ignore_index` are
+    skipped; other labels outside `[0, C)` are counted and reported by `compute`.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = -100) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes} is invalid: expected >= 2")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.counts: torch.Tensor | None = None  # flattened C*C, plus one overflow bin
+        self.nan_count: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.counts = None
+        self.nan_count = None
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        c = self.num_classes
+        if scores.ndim == 2 and scores.shape[1] == c:
+            predicted = scores.argmax(dim=1)
+        elif c == 2 and (scores.ndim == 1 or (scores.ndim == 2 and scores.shape[1] == 1)):
+            predicted = (scores.reshape(-1) > 0).long()
+        else:
+            raise ValueError(
+                f"classification scores of shape {tuple(scores.shape)} do not match "
+                f"{c} classes; expected (N, {c})"
+            )
+        targets = targets.reshape(-1)
+        if targets.shape[0] != predicted.shape[0]:
+            raise ValueError(
+                f"{predicted.shape[0]} predictions but {targets.shape[0]} targets in a batch"
+            )
+        if targets.is_floating_point():
+            targets = targets.long()
+        if self.counts is None:
+            self.counts = torch.zeros(c * c + 1, dtype=torch.int64, device=scores.device)
+            self.nan_count = torch.zeros((), dtype=torch.int64, device=scores.device)
+        kept = targets != self.ignore_index
+        invalid = kept & ((targets < 0) | (targets >= c))
+        index = torch.where(invalid, c * c, targets.clamp(0, c - 1) * c + predicted)
+        self.counts.index_add_(0, index[kept], torch.ones_like(index[kept]))
+        assert self.nan_count is not None
+        nan_rows = torch.isnan(scores.reshape(scores.shape[0], -1)).any(dim=1)
+        self.nan_count += nan_rows[kept].sum()
+
+    def matrix(self) -> torch.Tensor:
+        """The C x C matrix, rows true classes, columns predictions (scikit-learn's layout)."""
+        if self.counts is None:
+            raise ValueError("no data: call update() with at least one batch before compute()")
+        invalid = int(self.counts[-1])
+        if invalid:
+            raise ValueError(
+                f"{invalid} target labels are outside [0, {self.num_classes}) "
+                f"(and not ignore_index={self.ignore_index})"
+            )
+        if self.nan_count is not None and int(self.nan_count):
+            raise ValueError(f"{int(self.nan_count)} predictions contain NaN")
+        return self.counts[:-1].reshape(self.num_classes, self.num_classes).cpu()
+
+    def compute(self, average: str = "weighted") -> dict[str, float]:
+        """Accuracy and precision / recall / F1 averaged as scikit-learn does.
+
+        `weighted` weights classes by support; `macro` averages the classes that occur in
+        the targets or the predictions; `micro` pools all decisions. Undefined ratios are 0.
+        """
+        cm = self.matrix().to(torch.float64)
+        total = cm.sum()
+        if total == 0:
+            raise ValueError("no data: every target was ignored")
+        tp = cm.diag()
+        support = cm.sum(dim=1)
+        predicted = cm.sum(dim=0)
+        accuracy = float(tp.sum() / total)
+        if average == "micro":
+            return {"accuracy": accuracy, "precision": accuracy, "recall": accuracy, "f1": accuracy}
+        precision = _safe_divide(tp, predicted)
+        recall = _safe_divide(tp, support)
+        f1 = _safe_divide(2 * tp, support + predicted)
+        if average == "weighted":
+            weights = support / support.sum()
+        else:
+            present = (support + predicted) > 0
+            weights = present.to(torch.float64) / present.sum()
+        return {
+            "accuracy": accuracy,
+            "precision": float((precision * weights).sum()),
+            "recall": float((recall * weights).sum()),
+            "f1": float((f1 * weights).sum()),
+        }
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), 0.0)
+
+
+class RegressionStats:
+    """Per-output running moments merged batch by batch (Chan et al.), in float64.
+
+    Gives MSE, MAE, RMSE, R² and explained variance, averaged uniformly over outputs like
+    scikit-learn's `multioutput="uniform_average"`. For a constant target, R² is 1.0 when
+    the predictions are exact and 0.0 otherwise (scikit-learn's `force_finite`).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        predictions = align_regression(predictions, targets)
+        dtype = _accum_dtype(predictions.device)
+        y = targets.reshape(targets.shape[0], -1).to(dtype)
+        p = predictions.reshape(predictions.shape[0], -1).to(dtype)
+        m = y.shape[0]
+        if m == 0:
+            return
+        err = y - p
+        batch = {
+            "y_mean": y.mean(0),
+            "y_m2": ((y - y.mean(0)) ** 2).sum(0),
+            "e_mean": err.mean(0),
+            "e_m2": ((err - err.mean(0)) ** 2).sum(0),
+            "sq": (err**2).sum(0),
+            "abs": err.abs().sum(0),
+            "nan": torch.isnan(p).sum(),
+        }
+        if not self.state:
+            self.state, self.n = batch, m
+            return
+        n = self.n
+        total = n + m
+        for key in ("y", "e"):
+            delta = batch[f"{key}_mean"] - self.state[f"{key}_mean"]
+            self.state[f"{key}_m2"] = (
+                self.state[f"{key}_m2"] + batch[f"{key}_m2"] + delta**2 * (n * m / total)
+            )
+            self.state[f"{key}_mean"] = self.state[f"{key}_mean"] + delta * (m / total)
+        for key in ("sq", "abs", "nan"):
+            self.state[key] = self.state[key] + batch[key]
+        self.n = total
+
+    def compute(self) -> dict[str, float]:
+        if not self.state:
+            raise ValueError("no data: call update() with at least one batch before compute()")
+        s = {key: value.cpu() for key, value in self.state.items()}
+        if int(s["nan"]):
+            raise ValueError(f"{int(s['nan'])} predictions are NaN")
+        n = self.n
+        mse = s["sq"] / n
+        r2 = _score_from(s["sq"], s["y_m2"])
+        explained = _score_from(s["e_m2"], s["y_m2"])
+        return {
+            "mse": float(mse.mean()),
+            "mae": float((s["abs"] / n).mean()),
+            "rmse": float(mse.sqrt().mean()),
+            "r2_score": float(r2.mean()),
+            "explained_variance": float(explained.mean()),
+        }
+
+
+def _score_from(residual: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """1 - residual / total, with scikit-learn's finite values where total is 0."""
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    score = 1 - residual / safe
+    return torch.where(total > 0, score, torch.where(residual == 0, 1.0, 0.0).to(score.dtype))
+
+
+class TokenStats:
+    """Language-model metrics over non-ignored tokens: loss, perplexity, token accuracy."""
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
+            raise ValueError(
+                f"generation logits of shape {tuple(logits.shape)} do not match token "
+                f"targets of shape {tuple(targets.shape)}; expected (N, T, V) and (N, T)"
+            )
+        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        flat_targets = targets.reshape(-1)
+        kept = flat_targets != self.ignore_index
+        nll = torch.nn.functional.cross_entropy(
+            flat_logits, flat_targets, ignore_index=self.ignore_index, reduction="sum"
+        )
+        correct = ((flat_logits.argmax(-1) == flat_targets) & kept).sum()
+        batch = {"nll": nll.double(), "tokens": kept.sum(), "correct": correct}
+        if not self.state:
+            self.state = batch
+        else:
+            self.state = {key: self.state[key] + batch[key] for key in batch}
+
+    def compute(self) -> dict[str, float]:
+        if not self.state:
+            raise ValueError("no data: call update() with at least one batch before compute()")
+        tokens = int(self.state["tokens"])
+        if tokens == 0:
+            raise ValueError("no data: every target token was ignored")
+        loss = float(self.state["nll"]) / tokens
+        return {
+            "loss": loss,
+            "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "token_accuracy": int(self.state["correct"]) / tokens,
+        }
+
+
+def as_plain(metrics: dict[str, Any]) -> dict[str, float]:
+    """Only the scalar entries of a metrics dict, as floats."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -1,0 +1,405 @@
+"""TrainingManager: the facade of SPEC.md and the only place that reads a `TrainingConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .callbacks import (
+    BestWeights,
+    Callback,
+    EarlyStopping,
+    EpochSummary,
+    ModelCheckpoint,
+    ProgressBar,
+)
+from .checkpoint import load_checkpoint_file, save_checkpoint_file
+from .config import TaskType, TrainingConfig, TrainingMode
+from .evaluation import Evaluator
+from .loggers import JsonlLogger
+from .loop import Loop, Monitor
+from .modes import build_step
+from .monitor import PerformanceMonitor
+from .optim import build_optimizer, build_scheduler
+from .precision import Precision, resolve_device, resolve_precision
+from .seeding import deterministic_algorithms, seed_everything
+from .tasks import RegressionMSE, default_loss
+from .tracking import MetricsTracker
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "traineval-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass
+class TrainingResult(Mapping[str, Any]):
+    """What `train` returns; also readable as a mapping (`result["best_metric"]`)."""
+
+    training_history: dict[str, list[Any]]
+    best_metric: float | None
+    best_epoch: int | None
+    best_step: int | None
+    global_step: int
+    epochs_completed: int
+    stopped_early: bool
+    stop_reason: str | None
+    monitor_metric: str
+    output_dir: str
+    train_seconds: float
+    performance: dict[str, Any]
+    checkpoints: dict[str, str]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(f"no result named {key!r}; available: {', '.join(self._keys())}")
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def _keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._keys()}
+
+
+class TrainingManager:
+    """Comprehensive training manager (SPEC.md): builds the pieces from the config and trains.
+
+    Example:
+        >>> manager = TrainingManager(TrainingConfig(device="cpu"))
+        >>> manager.device
+        device(type='cpu')
+    """
+
+    def __init__(self, config: TrainingConfig) -> None:
+        if not isinstance(config, TrainingConfig):
+            raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.logger = logger
+        self.current_epoch = 0
+        self.global_step = 0
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.early_stopping_counter = 0
+        self.metrics_tracker = MetricsTracker()
+        self.performance_monitor = PerformanceMonitor(self.device)
+        self.output_dir = Path(config.output_dir) if config.output_dir else _default_run_dir()
+
+    # -- builders -----------------------------------------------------------------------------
+
+    def setup_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Build the configured optimizer (no weight decay on biases and norm weights)."""
+        c = self.config
+        return build_optimizer(
+            model,
+            c.optimizer_type,
+            lr=c.learning_rate,
+            weight_decay=c.weight_decay,
+            momentum=c.momentum,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+        )
+
+    def setup_scheduler(
+        self, optimizer: torch.optim.Optimizer, total_steps: int | None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """Build the configured schedule over `total_steps` optimizer updates, with warmup."""
+        c = self.config
+        return build_scheduler(
+            optimizer,
+            c.scheduler_type,
+            total_steps=total_steps,
+            warmup_steps=c.warmup_steps,
+            min_lr=c.min_learning_rate,
+            step_size=c.scheduler_step_size,
+            gamma=c.scheduler_gamma,
+            minimize=c.minimize_monitor,
+            plateau_patience=c.lr_scheduler_patience,
+            plateau_factor=c.lr_scheduler_factor,
+        )
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
+        *,
+        task_type: TaskType | None = None,
+        loss_function: Any = None,
+        evaluator: Evaluator | None = None,
+        callbacks: Sequence[Callback] = (),
+        mode: TrainingMode = TrainingMode.SUPERVISED,
+    ) -> TrainingResult:
+        """Train `model`; evaluate on `val_loader` each epoch and every `eval_frequency` updates.
+
+        Returns a `TrainingResult`: `result["training_history"]` has per-epoch `train_loss`,
+        `val_loss`, `learning_rate`, and `val_metrics` (one dict per evaluation).
+        """
+        c = self.config
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_function is None:
+            loss_function = (
+                RegressionMSE() if mode is TrainingMode.UNSUPERVISED else default_loss(task_type)
+            )
+        step_fn = build_step(mode, loss_function)
+        updates_per_epoch = _updates_per_epoch(train_loader, c.gradient_accumulation_steps)
+        total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
+        monitor = self._monitor(val_loader, evaluator, task_type)
+        self._claim_output_dir()
+
+        seed_everything(c.seed)
+        model.to(self.device)
+        precision = resolve_precision(c.precision, c.mixed_precision, self.device)
+        optimizer = self.setup_optimizer(model)
+        scheduler = self.setup_scheduler(optimizer, total_steps)
+        forward_model: nn.Module = torch.compile(model) if c.compile else model  # type: ignore[assignment]
+        evaluate_fn = None
+        if val_loader is not None:
+            evaluator = evaluator or Evaluator()
+
+            def evaluate_fn(m: nn.Module) -> dict[str, float]:
+                return evaluator.evaluate_model(
+                    m,
+                    val_loader,
+                    self.device,
+                    loss_function,
+                    task_type=task_type,
+                    mode=mode,
+                    precision=precision,
+                )
+
+        self._warn_unavailable_loggers()
+        c.__class__.from_dict({**c.to_dict(), "output_dir": str(self.output_dir)}).save_yaml(
+            self.output_dir / "config.yaml"
+        )
+        jsonl = JsonlLogger(self.output_dir / "metrics.jsonl")
+        checkpoints: dict[str, str] = {}
+
+        def save_fn(name: str, loop: Loop) -> None:
+            path = self.output_dir / "checkpoints" / f"{name}.pt"
+            save_checkpoint_file(self._payload(name, loop, precision), path)
+            checkpoints[name] = str(path)
+
+        loop = Loop(
+            model=model,
+            forward_model=forward_model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step_fn=step_fn,
+            train_loader=train_loader,
+            device=self.device,
+            precision=precision,
+            monitor=monitor,
+            num_epochs=c.num_epochs,
+            updates_per_epoch=updates_per_epoch,
+            accumulation_steps=c.gradient_accumulation_steps,
+            max_grad_norm=c.max_grad_norm if c.gradient_clipping else None,
+            max_steps=c.max_steps,
+            eval_every_n_steps=c.eval_frequency if val_loader is not None else None,
+            log_every_n_steps=c.log_frequency,
+            evaluate_fn=evaluate_fn,
+            save_fn=save_fn,
+            callbacks=[*self._default_callbacks(), *callbacks],
+            loggers=[jsonl],
+            tracker=self.metrics_tracker,
+            performance=self.performance_monitor,
+        )
+        started = time.perf_counter()
+        try:
+            with deterministic_algorithms(c.deterministic):
+                state = loop.run()
+        finally:
+            jsonl.close()
+        self.current_epoch = state.epoch
+        self.global_step = state.global_step
+        self.best_metric = state.best_metric
+        self.best_epoch = state.best_epoch
+        self.early_stopping_counter = monitor.num_bad
+        result = TrainingResult(
+            training_history=state.history,
+            best_metric=state.best_metric,
+            best_epoch=state.best_epoch,
+            best_step=state.best_step,
+            global_step=state.global_step,
+            epochs_completed=state.epoch,
+            stopped_early=state.stopped_early,
+            stop_reason=state.stop_reason,
+            monitor_metric=monitor.name,
+            output_dir=str(self.output_dir),
+            train_seconds=time.perf_counter() - started,
+            performance=self.performance_monitor.summary(),
+            checkpoints=checkpoints,
+        )
+        summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return result
+
+    def _monitor(
+        self, val_loader: Any, evaluator: Evaluator | None, task_type: TaskType | None
+    ) -> Monitor:
+        c = self.config
+        name = c.monitor_metric
+        if val_loader is None and name.startswith("val_"):
+            logger.info("no val_loader: monitoring train_loss instead of %s", name)
+            name = "train_loss"
+        elif task_type is not None and name.startswith("val_"):
+            names = ["loss", *(evaluator or Evaluator()).metric_names(task_type)]
+            if name[len("val_") :] not in names:
+                allowed = ", ".join(f"val_{n}" for n in names)
+                raise ValueError(
+                    f"monitor_metric={name!r} is invalid for {task_type.value}: expected one of "
+                    f"{allowed}, or train_loss"
+                )
+        minimize = c.minimize_monitor if name == c.monitor_metric else True
+        return Monitor(name, minimize=minimize, min_delta=c.early_stopping_min_delta)
+
+    def _default_callbacks(self) -> list[Callback]:
+        c = self.config
+        callbacks: list[Callback] = [ProgressBar(c.progress_bar), EpochSummary()]
+        if c.early_stopping_patience > 0:
+            callbacks.append(EarlyStopping(c.early_stopping_patience))
+        callbacks.append(
+            ModelCheckpoint(
+                save_best=c.save_best_model,
+                save_last=c.save_last_checkpoint,
+                every_n_epochs=c.checkpoint_save_frequency,
+            )
+        )
+        if c.restore_best_weights:
+            callbacks.append(BestWeights())
+        return callbacks
+
+    def _claim_output_dir(self) -> None:
+        """Create the run directory; refuse to write over an earlier run's checkpoints."""
+        checkpoints = self.output_dir / "checkpoints"
+        if (
+            checkpoints.is_dir()
+            and any(checkpoints.iterdir())
+            and not self.config.overwrite_output_dir
+        ):
+            raise FileExistsError(
+                f"output_dir={str(self.output_dir)!r} already holds checkpoints of an earlier "
+                "run; choose another output_dir or set overwrite_output_dir=true"
+            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.overwrite_output_dir:
+            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def _warn_unavailable_loggers(self) -> None:
+        c = self.config
+        for flag, name in ((c.tensorboard_logging, "TensorBoard"), (c.wandb_logging, "W&B")):
+            if flag:
+                logger.info("%s logging is not available in this version; metrics.jsonl only", name)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _payload(self, name: str, loop: Loop, precision: Precision) -> dict[str, Any]:
+        state = loop.state
+        scaler = precision.scaler
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "name": name,
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            "model": loop.model.state_dict(),
+            "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "best_metric": state.best_metric,
+            "best_epoch": state.best_epoch,
+            "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
+            "history": state.history,
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        name: str,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> Path:
+        """Save model, optimizer and scheduler to `output_dir/checkpoints/{name}.pt` atomically."""
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "name": name,
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "config": self.config.to_dict(),
+        }
+        path = save_checkpoint_file(payload, self.output_dir / "checkpoints" / f"{name}.pt")
+        self.logger.info("Checkpoint saved: %s", path)
+        return path
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> dict[str, Any]:
+        """Load a checkpoint (tensors and plain values only) into `model` and friends.
+
+        Returns the checkpoint dict (epoch, global_step, history, config, ...).
+        """
+        payload = load_checkpoint_file(path, map_location=self.device)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a traineval checkpoint")
+        model.load_state_dict(payload["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler") is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        return payload
+
+
+def _updates_per_epoch(loader: Any, accumulation: int) -> int | None:
+    try:
+        batches = len(loader)
+    except TypeError:
+        return None
+    if batches == 0:
+        raise ValueError("train_loader is empty: it has no batches to train on")
+    return math.ceil(batches / accumulation)
+
+
+def _total_steps(updates_per_epoch: int | None, epochs: int, max_steps: int | None) -> int | None:
+    if updates_per_epoch is None:
+        if max_steps is None:
+            raise ValueError(
+                "the train loader has no len(), so epochs have no known length: set max_steps"
+            )
+        return max_steps
+    total = updates_per_epoch * epochs
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")

@@ -1,0 +1,137 @@
+"""Small built-in models for config-driven runs, and a user's own by import path."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..imports import import_object
+
+__all__ = ["MLP", "MODELS", "Autoencoder", "SmallCNN", "build_model"]
+
+
+def _mlp_layers(
+    sizes: Sequence[int], dropout: float, last_activation: bool = False
+) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class MLP(nn.Module):
+    """Fully connected network; inputs of any shape are flattened after the batch dimension."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        hidden_sizes: Sequence[int] = (128,),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.net = _mlp_layers([input_dim, *hidden_sizes, output_dim], dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv blocks, a 2x2 max-pool and a small head, for small images (e.g. 8x8 digits)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: Sequence[int],
+        channels: Sequence[int] = (16, 32),
+        hidden: int = 64,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        height, width = (size // 2 for size in image_size)  # MaxPool2d(2) floors
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c2 * height * width, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class Autoencoder(nn.Module):
+    """MLP encoder to a `latent_dim` code and a mirrored decoder; returns the reconstruction."""
+
+    def __init__(self, input_dim: int, hidden_sizes: Sequence[int] = (64,), latent_dim: int = 8):
+        super().__init__()
+        self.encoder = _mlp_layers([input_dim, *hidden_sizes, latent_dim], 0.0)
+        self.decoder = _mlp_layers([latent_dim, *reversed(hidden_sizes), input_dim], 0.0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x.flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(x)).reshape(x.shape)
+
+
+MODELS = ("mlp", "cnn", "autoencoder")
+
+
+def build_model(
+    name: str,
+    *,
+    input_shape: Sequence[int],
+    output_dim: int,
+    options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build a built-in model for data of `input_shape` (one sample) and `output_dim` outputs.
+
+    `name` is one of `mlp`, `cnn`, `autoencoder`, or an import path `package.module:factory`
+    called as `factory(input_shape=..., output_dim=..., **options)`.
+    """
+    options = dict(options or {})
+    input_dim = math.prod(input_shape)
+    try:
+        if name == "mlp":
+            return MLP(input_dim, output_dim, **options)
+        if name == "autoencoder":
+            return Autoencoder(input_dim, **options)
+        if name == "cnn":
+            if len(input_shape) != 3:
+                raise ValueError(
+                    f"model.name='cnn' needs image inputs (channels, height, width), got "
+                    f"samples of shape {tuple(input_shape)}; set data.image_shape"
+                )
+            return SmallCNN(input_shape[0], output_dim, input_shape[1:], **options)
+    except TypeError as error:
+        raise ValueError(f"model.options={options!r} do not fit model {name!r}: {error}") from None
+    if ":" in name:
+        factory = import_object(name, field="model.name")
+        model = factory(input_shape=tuple(input_shape), output_dim=output_dim, **options)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model.name={name!r} returned {type(model).__name__}, not a Module")
+        return model
+    raise ValueError(
+        f"model.name={name!r} is invalid: expected one of {', '.join(map(repr, MODELS))} or an "
+        "import path 'package.module:factory'"
+    )

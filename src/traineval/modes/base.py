@@ -1,0 +1,128 @@
+"""What every training mode shares: the step output, batch handling, loss weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+LossFunction = Callable[..., torch.Tensor]
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What a step function returns for one micro-batch.
+
+    Attributes:
+        loss: scalar, the mean loss over the micro-batch's items.
+        weight: how many items that mean is over (samples, or non-ignored tokens); the loop
+            weights micro-batches by it so an accumulation window equals one big batch.
+            An int, or a 0-d tensor on the device (read without a host sync).
+        num_samples: samples in the micro-batch, for throughput.
+        outputs: the model's outputs, for metrics.
+        targets: what the outputs are compared with, for metrics.
+    """
+
+    loss: torch.Tensor
+    weight: int | torch.Tensor
+    num_samples: int
+    outputs: Any = None
+    targets: Any = None
+
+
+class StepFunction(Protocol):
+    """A training mode's step: one micro-batch in, its loss (and what metrics need) out."""
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput: ...
+
+    def weight(self, batch: Any) -> int | torch.Tensor:
+        """The items the loss of `batch` averages over, known before the forward pass."""
+        ...
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Copy tensors (nested in tuples, lists, dicts) to `device`; async from pinned memory."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+TARGET_KEYS = ("labels", "targets", "target", "label", "y")
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """Return `(inputs, targets)`: `(x, y)` pairs, a bare `x`, or a dict with a label key."""
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+        raise ValueError(
+            f"a batch tuple must be (inputs, targets) or (inputs,), got {len(batch)} elements"
+        )
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        for key in TARGET_KEYS:
+            if key in inputs:
+                return inputs, inputs.pop(key)
+        return inputs, None
+    return batch, None
+
+
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """Call the model: a dict of inputs becomes keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs: Any) -> int:
+    """The number of samples in `inputs` (the first dimension of its first tensor)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.ndim else 1
+    if isinstance(inputs, Mapping):
+        inputs = list(inputs.values())
+    if isinstance(inputs, (list, tuple)):
+        for item in inputs:
+            if isinstance(item, torch.Tensor):
+                return batch_size_of(item)
+    raise ValueError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
+
+
+def loss_weight(loss_function: Any, targets: torch.Tensor, num_samples: int) -> int | torch.Tensor:
+    """How many items a mean-reduced loss averaged over.
+
+    Losses with an `ignore_index` (cross-entropy, NLL) average over the targets that are not
+    ignored (weighted by class weights when given); every other loss over the samples.
+    """
+    ignore_index = getattr(loss_function, "ignore_index", None)
+    if ignore_index is None or targets is None or targets.is_floating_point():
+        return num_samples
+    kept = targets != ignore_index
+    class_weight = getattr(loss_function, "weight", None)
+    if class_weight is not None:
+        safe = torch.where(kept, targets, 0)
+        return (class_weight.to(targets.device)[safe] * kept).sum()
+    return kept.sum()
+
+
+def count_required_args(function: Any) -> int:
+    """How many positional arguments a loss takes (1: `loss(outputs)`, 2: `loss(outputs, y)`)."""
+    target = function.forward if isinstance(function, nn.Module) else function
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    return sum(
+        1
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    )

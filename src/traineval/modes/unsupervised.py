@@ -1,0 +1,38 @@
+"""Unsupervised mode (autoencoders): the loss compares the model's output with its input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .base import LossFunction, StepOutput, batch_size_of, count_required_args, forward, split_batch
+
+
+class UnsupervisedStep:
+    """Step function for input-only batches; labels in the batch, if any, are ignored.
+
+    A two-argument loss is called as `loss(outputs, inputs)`; a one-argument loss as
+    `loss(outputs)` (for models that return what the loss needs, e.g. a VAE's terms).
+    """
+
+    def __init__(self, loss_function: LossFunction) -> None:
+        self.loss_function = loss_function
+        self.takes_inputs = count_required_args(loss_function) >= 2
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        inputs, _ = split_batch(batch)
+        outputs = forward(model, inputs)
+        loss = (
+            self.loss_function(outputs, inputs)
+            if self.takes_inputs
+            else self.loss_function(outputs)
+        )
+        num_samples = batch_size_of(inputs)
+        return StepOutput(
+            loss=loss, weight=num_samples, num_samples=num_samples, outputs=outputs, targets=inputs
+        )
+
+    def weight(self, batch: Any) -> int:
+        """Every sample counts once (a mean over equal-sized samples)."""
+        return batch_size_of(split_batch(batch)[0])

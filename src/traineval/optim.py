@@ -1,0 +1,225 @@
+"""Optimizers by name with decoupled parameter groups, and schedulers with linear warmup.
+
+Every schedule is a function of the number of optimizer updates, stepped once per update
+(plateau: once per evaluation, on the monitored metric).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tracking import Plateau
+
+__all__ = ["PlateauSchedule", "build_optimizer", "build_scheduler", "parameter_groups"]
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters: matrices decay; biases, norm weights and other 1-D tensors don't.
+
+    Raises:
+        ValueError: the model has no trainable parameters.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError(
+            f"model {type(model).__name__} has no trainable parameters "
+            "(all have requires_grad=False); nothing to optimize"
+        )
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def _kernel_options(params: Iterable[torch.Tensor]) -> dict[str, bool]:
+    """Fused kernels where every parameter's device supports them, else foreach on CUDA."""
+    params = list(params)
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    if all(p.is_floating_point() and p.device.type in supported for p in params):
+        return {"fused": True}
+    if all(p.device.type == "cuda" for p in params):
+        return {"foreach": True}
+    return {}
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """Build `adamw`, `adam` or `sgd` over `model`'s trainable parameters.
+
+    Weight decay skips biases and norm weights; kernels are fused where the device allows.
+    """
+    groups = parameter_groups(model, weight_decay)
+    kernels = _kernel_options(p for g in groups for p in g["params"])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernels)
+    if name == "adam":
+        # Adam folds weight decay into the gradient (L2); AdamW decouples it.
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, **kernels)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernels)
+    raise ValueError(f"optimizer_type={name!r} is invalid: expected one of 'adamw', 'adam', 'sgd'")
+
+
+class _WarmupShape:
+    """LR multiplier for update `t` (0-based): linear warmup, then a named shape.
+
+    A callable object rather than a lambda, so `LambdaLR.state_dict()` saves it.
+    """
+
+    def __init__(
+        self,
+        shape: str,
+        warmup_steps: int,
+        total_steps: int | None,
+        min_ratio: float,
+        step_size: int,
+        gamma: float,
+    ) -> None:
+        self.shape = shape
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+        self.step_size = step_size
+        self.gamma = gamma
+        self.plateau_factor = 1.0
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup_steps:
+            return (t + 1) / self.warmup_steps
+        after = t - self.warmup_steps
+        if self.shape == "cosine":
+            assert self.total_steps is not None
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, after / span)
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.shape == "step":
+            return float(self.gamma ** (after // self.step_size))
+        if self.shape == "plateau":
+            return self.plateau_factor
+        return 1.0
+
+
+class PlateauSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """Warmup per update, then multiply the LR by `factor` when the monitored metric stalls.
+
+    `step()` runs once per optimizer update (warmup); `step_on_metric(value)` once per
+    evaluation. Reduces after more than `patience` evaluations without improvement.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        shape: _WarmupShape,
+        *,
+        minimize: bool,
+        patience: int,
+        factor: float,
+        min_lr: float,
+    ) -> None:
+        self.plateau = Plateau(minimize=minimize)
+        self.patience = patience
+        self.factor = factor
+        self.min_lr = min_lr
+        super().__init__(optimizer, shape)
+
+    def step_on_metric(self, value: float) -> None:
+        self.plateau.update(value)
+        if self.plateau.num_bad > self.patience:
+            shape = self.lr_lambdas[0]
+            assert isinstance(shape, _WarmupShape)
+            smallest = float(min(self.base_lrs))
+            shape.plateau_factor = max(shape.plateau_factor * self.factor, self.min_lr / smallest)
+            self.plateau.num_bad = 0
+            for group, lmbda, base in zip(
+                self.optimizer.param_groups, self.lr_lambdas, self.base_lrs, strict=True
+            ):
+                group["lr"] = base * lmbda(self.last_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["plateau"] = self.plateau.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.plateau.load_state_dict(state.pop("plateau"))
+        super().load_state_dict(state)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    total_steps: int | None,
+    warmup_steps: int = 0,
+    min_lr: float = 0.0,
+    step_size: int = 1000,
+    gamma: float = 0.1,
+    minimize: bool = True,
+    plateau_patience: int = 5,
+    plateau_factor: float = 0.5,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Build a scheduler stepped once per optimizer update, with linear warmup.
+
+    Warmup: update `u` (1-based) of the first `warmup_steps` runs at `lr * u / warmup_steps`.
+    `cosine` then decays to `min_lr` at `total_steps`; `step` multiplies by `gamma` every
+    `step_size` updates; `onecycle` uses torch's OneCycleLR with the warmup as its rising
+    phase; `plateau` returns a `PlateauSchedule`; `constant` holds the LR.
+
+    Raises:
+        ValueError: an unknown name, or `total_steps` missing or not longer than the warmup
+            for a schedule that needs it.
+    """
+    if name not in ("cosine", "step", "plateau", "onecycle", "constant"):
+        raise ValueError(
+            f"scheduler_type={name!r} is invalid: expected one of "
+            "'cosine', 'step', 'plateau', 'onecycle', 'constant'"
+        )
+    if total_steps is not None and warmup_steps >= total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} is invalid: warmup must be shorter than training "
+            f"({total_steps} optimizer updates); lower warmup_steps or train longer"
+        )
+    if name in ("cosine", "onecycle") and total_steps is None:
+        raise ValueError(
+            f"scheduler_type={name!r} needs the number of optimizer updates: the train loader "
+            "has no len(); set max_steps or use scheduler_type='constant'"
+        )
+    if name == "onecycle":
+        assert total_steps is not None
+        max_lrs = [group["lr"] for group in optimizer.param_groups]
+        pct_start = warmup_steps / total_steps if warmup_steps else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=pct_start
+        )
+    base = min(group["lr"] for group in optimizer.param_groups)
+    shape = _WarmupShape(name, warmup_steps, total_steps, min_lr / base, step_size, gamma)
+    if name == "plateau":
+        return PlateauSchedule(
+            optimizer,
+            shape,
+            minimize=minimize,
+            patience=plateau_patience,
+            factor=plateau_factor,
+            min_lr=min_lr,
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)

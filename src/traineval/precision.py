@@ -1,0 +1,87 @@
+"""Device choice and mixed precision through `torch.amp` (autocast, and a GradScaler for fp16)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Pick the device: CUDA, then MPS, then CPU for "auto"; an unavailable one falls back to CPU.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        logger.warning("device='cuda' was asked for but CUDA is not available; using the CPU")
+        return torch.device("cpu")
+    if name == "mps" and not _mps_available():
+        logger.warning("device='mps' was asked for but MPS is not available; using the CPU")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+@dataclasses.dataclass
+class Precision:
+    """How the forward pass runs: fp32, or autocast to bf16/fp16 (fp16 with a GradScaler).
+
+    The scaler lives as long as this object (the whole run), so its scale survives epochs.
+    """
+
+    name: str
+    device_type: str
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        dtype = self.autocast_dtype
+        if dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device_type, dtype=dtype):
+            yield
+
+
+def resolve_precision(requested: str, mixed_precision: bool, device: torch.device) -> Precision:
+    """Turn the config's precision choice into a `Precision` for `device`.
+
+    "auto" with mixed precision on: bf16 on CUDA where supported, else fp16 with a GradScaler;
+    on CPU and MPS it stays fp32 and says so (bf16 autocast on CPU rarely pays off for the
+    small models people train there; ask for precision="bf16" to use it anyway).
+    """
+    name = requested
+    if not mixed_precision:
+        name = "fp32"
+    elif requested == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+            logger.info(
+                "mixed precision is off on %s (precision='auto'); set precision='bf16' to use "
+                "bf16 autocast there",
+                device.type,
+            )
+    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+    return Precision(name=name, device_type=device.type, scaler=scaler)

@@ -1,0 +1,105 @@
+"""Task detection and the default loss of each task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import TaskType
+
+
+def detect_task(outputs: torch.Tensor, targets: torch.Tensor | None = None) -> TaskType:
+    """Tell the task from the shapes of a model's outputs (and the targets' dtype).
+
+    `(N, C)` scores with C > 1 -> classification; `(N,)` or `(N, 1)` -> regression;
+    `(N, T, V)` -> generation (language modelling). Float targets of the outputs' shape
+    mean regression with several outputs. Pass `task_type` explicitly to override
+    (e.g. binary classification with one logit).
+    """
+    if targets is not None and targets.is_floating_point() and targets.shape == outputs.shape:
+        return TaskType.REGRESSION
+    if outputs.ndim == 3:
+        return TaskType.GENERATION
+    if outputs.ndim == 2 and outputs.shape[1] > 1:
+        return TaskType.CLASSIFICATION
+    return TaskType.REGRESSION
+
+
+class RegressionMSE(nn.Module):
+    """Mean squared error that lines up `(N, 1)` predictions with `(N,)` targets.
+
+    `nn.MSELoss` would broadcast that pair to an N x N matrix; this reshapes instead and
+    refuses shapes that do not hold the same number of values.
+    """
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(align_regression(outputs, targets), targets.to(outputs.dtype))
+
+
+def align_regression(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reshape predictions to the targets' shape when only singleton dimensions differ."""
+    if outputs.shape == targets.shape:
+        return outputs
+    if outputs.numel() != targets.numel():
+        raise ValueError(
+            f"regression outputs of shape {tuple(outputs.shape)} do not match targets of shape "
+            f"{tuple(targets.shape)}"
+        )
+    return outputs.reshape(targets.shape)
+
+
+class SequenceCrossEntropy(nn.Module):
+    """Cross-entropy over `(N, T, V)` logits and `(N, T)` token ids, skipping `ignore_index`."""
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            outputs.reshape(-1, outputs.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
+        )
+
+
+def default_loss(task_type: TaskType | None, ignore_index: int = -100) -> nn.Module:
+    """The loss a task trains with unless the user passes one."""
+    if task_type is TaskType.CLASSIFICATION:
+        return nn.CrossEntropyLoss(ignore_index=ignore_index)
+    if task_type is TaskType.REGRESSION:
+        return RegressionMSE()
+    if task_type is TaskType.GENERATION:
+        return SequenceCrossEntropy(ignore_index=ignore_index)
+    return AutoLoss(ignore_index)
+
+
+class AutoLoss(nn.Module):
+    """Picks the task's default loss from the first batch it sees (see `detect_task`)."""
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self._ignore_index = ignore_index
+        self.resolved: nn.Module | None = None
+        self.task_type: TaskType | None = None
+
+    @property
+    def ignore_index(self) -> int:
+        # Both losses it can pick for integer targets skip this index; float targets ignore it.
+        return self._ignore_index
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.resolved is None:
+            if targets.is_floating_point():
+                self.task_type = TaskType.REGRESSION
+            else:
+                self.task_type = detect_task(outputs)
+                if self.task_type is TaskType.REGRESSION:
+                    raise ValueError(
+                        f"outputs of shape {tuple(outputs.shape)} with integer targets: pass "
+                        "task_type and a loss_function explicitly (e.g. BCEWithLogitsLoss for "
+                        "binary classification with one logit)"
+                    )
+            self.resolved = default_loss(self.task_type, self._ignore_index)
+        return self.resolved(outputs, targets)
