@@ -59,6 +59,30 @@ class TrainState:
     )
 
 
+class RunningLoss:
+    """Item-weighted sum of losses, kept on the device so adding never waits for it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = 0  # item counts known on the host (samples)
+        self.device_count: torch.Tensor | None = None  # counts known on the device (tokens)
+
+    def add(self, loss: torch.Tensor, weight: int | torch.Tensor) -> None:
+        if isinstance(weight, int):
+            self.loss_sum.add_(loss, alpha=weight)
+            self.count += weight
+        else:
+            self.loss_sum.add_(loss * weight)
+            self.device_count = weight if self.device_count is None else self.device_count + weight
+
+    def read(self) -> tuple[float, float]:
+        """`(sum of item losses, item count)`; waits for the device."""
+        count = float(self.count)
+        if self.device_count is not None:
+            count += self.device_count.item()
+        return self.loss_sum.item(), count
+
+
 class Monitor(Plateau):
     """The metric that drives early stopping, the best checkpoint and the plateau schedule."""
 
@@ -172,8 +196,7 @@ class Loop:
         """Run one epoch of optimizer updates; return the epoch's mean training loss."""
         self.forward_model.train()
         k = self.accumulation_steps
-        zero = torch.zeros((), device=self.device)
-        loss_sum, weight_sum = zero.clone(), zero.clone()  # on the device: no per-step sync
+        running = RunningLoss(self.device)
         logged_loss, logged_weight = 0.0, 0.0
         interval_steps = interval_samples = 0
         data_seconds = 0.0
@@ -184,7 +207,7 @@ class Loop:
             data_seconds += time.perf_counter() - fetch_start
             if not window:
                 break
-            samples = self._accumulate(window, loss_sum, weight_sum)
+            samples = self._accumulate(window, running)
             self._optimizer_step()
             interval_steps += 1
             interval_samples += samples
@@ -193,7 +216,7 @@ class Loop:
             step = self.state.global_step
             if step % self.log_every_n_steps == 0:
                 # The only host-device sync of the training step, once per log interval.
-                total_loss, total_weight = loss_sum.item(), weight_sum.item()
+                total_loss, total_weight = running.read()
                 mean = (total_loss - logged_loss) / max(total_weight - logged_weight, 1e-12)
                 logged_loss, logged_weight = total_loss, total_weight
                 stats = self.performance.interval(interval_steps, interval_samples, data_seconds)
@@ -205,16 +228,14 @@ class Loop:
                 self.forward_model.train()
         if interval_steps:
             self.performance.interval(interval_steps, interval_samples, data_seconds)
-        total_weight = weight_sum.item()
+        total_loss, total_weight = running.read()
         if total_weight == 0:
             raise ValueError(
                 f"epoch {self.state.epoch} trained on no data: the train loader yielded no batches"
             )
-        return loss_sum.item() / total_weight
+        return total_loss / total_weight
 
-    def _accumulate(
-        self, window: list[Any], loss_sum: torch.Tensor, weight_sum: torch.Tensor
-    ) -> int:
+    def _accumulate(self, window: list[Any], running: RunningLoss) -> int:
         """Forward and backward over one window; gradients equal those of one big batch."""
         if self.device.type != "cpu":
             window = [move_to_device(batch, self.device) for batch in window]
@@ -237,13 +258,7 @@ class Loop:
                 )
             scaled = loss * (weights[i] / total) if weights else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            detached = loss.detach()
-            if isinstance(out.weight, int):
-                loss_sum.add_(detached, alpha=out.weight)
-                weight_sum.add_(out.weight)
-            else:
-                loss_sum.add_(detached * out.weight)
-                weight_sum.add_(out.weight)
+            running.add(loss.detach(), out.weight)
             samples += out.num_samples
         return samples
 

@@ -20,8 +20,8 @@ class PerformanceMonitor:
         >>> monitor = PerformanceMonitor()
         >>> monitor.start()
         >>> stats = monitor.interval(steps=10, samples=320, data_seconds=0.0)
-        >>> sorted(stats)[:2]
-        ['data_time_ms', 'samples_per_sec']
+        >>> sorted(stats)
+        ['data_time_ms', 'peak_rss_mb', 'samples_per_sec', 'step_time_ms']
     """
 
     def __init__(self, device: torch.device | None = None) -> None:

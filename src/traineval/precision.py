@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
 
 import torch
 
@@ -53,14 +52,15 @@ class Precision:
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The forward pass's context: autocast to the chosen dtype, or nothing for fp32."""
         dtype = self.autocast_dtype
         if dtype is None:
-            yield
-            return
-        with torch.autocast(device_type=self.device_type, dtype=dtype):
-            yield
+            return _NO_AUTOCAST
+        return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+
+_NO_AUTOCAST = contextlib.nullcontext()
 
 
 def resolve_precision(requested: str, mixed_precision: bool, device: torch.device) -> Precision:

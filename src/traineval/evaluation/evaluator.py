@@ -107,7 +107,7 @@ class Evaluator:
                         accumulator = _Accumulator(task, self.config.ignore_index)
                         if loss_function is None:
                             loss_function = default_loss(task, self.config.ignore_index)
-                    takes_targets = count_required_args(loss_function) >= 2
+                        takes_targets = count_required_args(loss_function) >= 2
                     args = (outputs, targets) if takes_targets else (outputs,)
                     loss = loss_function(*args)
                     weight = loss_weight(loss_function, targets, batch_size_of(inputs))

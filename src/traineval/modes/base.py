@@ -60,6 +60,9 @@ TARGET_KEYS = ("labels", "targets", "target", "label", "y")
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """Return `(inputs, targets)`: `(x, y)` pairs, a bare `x`, or a dict with a label key."""
+    if type(batch) is list or type(batch) is tuple:  # the common case, before any ABC check
+        if len(batch) == 2:
+            return batch[0], batch[1]
     if isinstance(batch, (list, tuple)):
         if len(batch) == 2:
             return batch[0], batch[1]
@@ -79,7 +82,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 def forward(model: nn.Module, inputs: Any) -> Any:
     """Call the model: a dict of inputs becomes keyword arguments."""
-    if isinstance(inputs, Mapping):
+    if not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
 
@@ -100,11 +103,12 @@ def batch_size_of(inputs: Any) -> int:
 def loss_weight(loss_function: Any, targets: torch.Tensor, num_samples: int) -> int | torch.Tensor:
     """How many items a mean-reduced loss averaged over.
 
-    Losses with an `ignore_index` (cross-entropy, NLL) average over the targets that are not
-    ignored (weighted by class weights when given); every other loss over the samples.
+    Token-level losses with an `ignore_index` (cross-entropy, NLL over `(N, T)` targets)
+    average over the tokens that are not ignored (weighted by class weights when given);
+    every other loss over the samples. The sample count is a plain int: no device work.
     """
     ignore_index = getattr(loss_function, "ignore_index", None)
-    if ignore_index is None or targets is None or targets.is_floating_point():
+    if ignore_index is None or targets is None or targets.ndim < 2 or targets.is_floating_point():
         return num_samples
     kept = targets != ignore_index
     class_weight = getattr(loss_function, "weight", None)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny CPU models and data, fixed seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_classification(n: int = 128, features: int = 8, classes: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    w = torch.randn(features, classes, generator=generator)
+    y = (x @ w).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def make_mlp(features: int = 8, classes: int = 3, hidden: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+@pytest.fixture
+def dataset():
+    return make_classification()
+
+
+@pytest.fixture
+def loader(dataset):
+    return DataLoader(dataset, batch_size=16, shuffle=False)
+
+
+@pytest.fixture
+def quiet_config(tmp_path):
+    """Keyword arguments for a fast, silent TrainingConfig writing into tmp_path."""
+    return {
+        "output_dir": str(tmp_path / "run"),
+        "progress_bar": False,
+        "tensorboard_logging": False,
+        "warmup_steps": 0,
+        "scheduler_type": "constant",
+        "early_stopping_patience": 0,
+        "device": "cpu",
+    }

@@ -1,0 +1,139 @@
+"""The command line, the demo end to end, built-in data and models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from traineval.cli import main
+from traineval.data import load_builtin, load_csv, make_splits
+from traineval.experiment import RunConfig
+from traineval.models import build_model
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["demo", "-q", f"training.output_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "Test metrics, best checkpoint" in out
+    record = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert record["test"]["accuracy"] >= 0.95
+    assert np.array(record["test_confusion_matrix"]).sum() == 270
+    assert (run / "checkpoints" / "best.pt").exists()
+    config = RunConfig.from_yaml(run / "config.yaml")
+    assert config.model.name == "cnn"
+    assert config.training.output_dir == str(run)
+
+
+def test_fit_with_yaml_and_overrides_regression(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data: {name: diabetes}\n"
+        "model: {name: mlp, options: {hidden_sizes: [32]}}\n"
+        "training: {num_epochs: 5, learning_rate: 1e-2, warmup_steps: 0, "
+        "early_stopping_patience: 0, tensorboard_logging: false}\n"
+    )
+    code = main(
+        ["fit", str(path), "-q", f"training.output_dir={tmp_path / 'out'}", "training.num_epochs=3"]
+    )
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
+    assert set(record["test"]) == {"loss", "mse", "mae", "rmse", "r2_score"}
+    assert "Trained 3 epochs" in capsys.readouterr().out
+
+
+def test_config_errors_exit_2_with_the_field_named(tmp_path, capsys):
+    assert main(["demo", "training.batch_size=0"]) == 2
+    assert "training: batch_size=0 is invalid" in capsys.readouterr().err
+    assert main(["demo", "data.name=mnist"]) == 2
+    assert "data.name='mnist' is invalid" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize("command", [[], ["fit"], ["demo"]])
+def test_every_command_explains_itself(command):
+    out = subprocess.run(
+        [sys.executable, "-m", "traineval.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "usage: traineval" in out
+    assert "key=value" in out
+
+
+def test_builtin_datasets_and_stratified_splits():
+    for name in ("iris", "wine", "breast_cancer", "digits", "diabetes"):
+        table = load_builtin(name)
+        assert table.x.shape[0] == table.y.shape[0]
+    splits = make_splits(load_builtin("iris"), val_fraction=0.2, test_fraction=0.2, seed=3)
+    sizes = [len(splits.train), len(splits.val), len(splits.test)]
+    assert sizes == [90, 30, 30]
+    val_labels = splits.val.tensors[1]
+    assert torch.bincount(val_labels).tolist() == [10, 10, 10]  # stratified
+    x_train = splits.train.tensors[0]
+    assert torch.allclose(x_train.mean(0), torch.zeros(4), atol=1e-5)  # train-only statistics
+    again = make_splits(load_builtin("iris"), val_fraction=0.2, test_fraction=0.2, seed=3)
+    assert torch.equal(again.val.tensors[0], splits.val.tensors[0])
+
+
+def test_csv_table_with_named_target(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,kind\n1,2,cat\n3,4,dog\n5,6,cat\n")
+    table = load_csv(path, "kind")
+    assert table.class_names == ["cat", "dog"]
+    assert table.y.tolist() == [0, 1, 0]
+    assert table.x.tolist() == [[1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match=r"data\.target='size' is not a column"):
+        load_csv(path, "size")
+    path.write_text("a,y\n1,0.5\nx,1.5\n")
+    with pytest.raises(ValueError, match=r"t.csv:3: a feature value is not a number"):
+        load_csv(path, "y")
+
+
+def test_builtin_models_fit_their_data_shapes():
+    cnn = build_model("cnn", input_shape=(1, 8, 8), output_dim=10)
+    assert cnn(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    mlp = build_model("mlp", input_shape=(1, 8, 8), output_dim=10, options={"hidden_sizes": [4]})
+    assert mlp(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    auto = build_model("autoencoder", input_shape=(64,), output_dim=0)
+    assert auto(torch.zeros(3, 64)).shape == (3, 64)
+    with pytest.raises(ValueError, match=r"model\.name='cnn' needs image inputs"):
+        build_model("cnn", input_shape=(13,), output_dim=3)
+    with pytest.raises(ValueError, match="do not fit model 'mlp'"):
+        build_model("mlp", input_shape=(4,), output_dim=3, options={"width": 3})
+    with pytest.raises(ValueError, match="cannot import 'nowhere'"):
+        build_model("nowhere:factory", input_shape=(4,), output_dim=3)
+
+
+def test_a_users_model_and_data_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "user_code.py").write_text(
+        "import torch\n"
+        "from traineval.data import load_builtin, make_splits\n"
+        "def model(input_shape, output_dim):\n"
+        "    return torch.nn.Linear(input_shape[0], output_dim)\n"
+        "def data():\n"
+        "    return make_splits(load_builtin('iris'), seed=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model("user_code:model", input_shape=(4,), output_dim=3)
+    assert model(torch.zeros(2, 4)).shape == (2, 3)
+    code = main(
+        [
+            "demo",
+            "-q",
+            "data.name=custom",
+            "data.factory=user_code:data",
+            "model.name=user_code:model",
+            "model.options={}",
+            "training.num_epochs=2",
+            "training.warmup_steps=0",
+            f"training.output_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert code == 0

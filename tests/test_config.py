@@ -1,0 +1,124 @@
+"""TrainingConfig / EvaluationConfig validation, YAML loading and dotted overrides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from traineval import EvaluationConfig, TrainingConfig
+from traineval.config import apply_overrides
+
+# field, bad value, words the error must contain
+BAD_TRAINING_VALUES = [
+    ("learning_rate", -1e-3, "learning_rate=-0.001"),
+    ("learning_rate", 0.0, "> 0"),
+    ("learning_rate", math.nan, "finite"),
+    ("learning_rate", math.inf, "finite"),
+    ("learning_rate", "fast", "number"),
+    ("batch_size", 0, "batch_size=0"),
+    ("batch_size", 2.5, "integer"),
+    ("batch_size", True, "integer"),
+    ("num_epochs", -1, "num_epochs=-1"),
+    ("gradient_accumulation_steps", 0, "gradient_accumulation_steps=0"),
+    ("gradient_accumulation_steps", 1.5, "integer"),
+    ("optimizer_type", "adamww", "did you mean 'adamw'"),
+    ("scheduler_type", "cosin", "'cosine'"),
+    ("scheduler_type", "linear", "expected one of"),
+    ("weight_decay", -0.1, "weight_decay"),
+    ("max_grad_norm", 0.0, "max_grad_norm"),
+    ("warmup_steps", -5, "warmup_steps"),
+    ("device", "tpu", "'cuda'"),
+    ("precision", "int8", "'bf16'"),
+    ("monitor_metric", "accuracy", "val_<metric>"),
+    ("monitor_metric", "train_accuracy", "train_loss"),
+    ("monitor_mode", "up", "'max'"),
+    ("eval_batch_size", 0, "eval_batch_size"),
+    ("log_frequency", 0, "log_frequency"),
+    ("early_stopping_patience", -1, "early_stopping_patience"),
+    ("mixed_precision", "yes", "true or false"),
+    ("momentum", 1.0, "[0, 1)"),
+    ("max_steps", 0, "max_steps"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), BAD_TRAINING_VALUES)
+def test_bad_training_value_names_field_value_and_rule(field, value, expected):
+    with pytest.raises(ValueError, match=r".*") as info:
+        TrainingConfig(**{field: value})
+    message = str(info.value)
+    assert field in message
+    assert repr(value) in message or str(value) in message
+    assert expected in message
+
+
+def test_warmup_longer_than_max_steps_is_an_error():
+    with pytest.raises(ValueError, match=r"warmup_steps=100 .*max_steps=50"):
+        TrainingConfig(warmup_steps=100, max_steps=50)
+
+
+def test_precision_needs_mixed_precision():
+    with pytest.raises(ValueError, match="precision='bf16'"):
+        TrainingConfig(mixed_precision=False, precision="bf16")
+
+
+def test_spec_defaults():
+    c = TrainingConfig()
+    assert (c.num_epochs, c.batch_size, c.learning_rate, c.weight_decay) == (100, 32, 1e-4, 1e-5)
+    assert (c.optimizer_type, c.scheduler_type, c.warmup_steps) == ("adamw", "cosine", 1000)
+    assert (c.mixed_precision, c.gradient_accumulation_steps) == (True, 1)
+    assert (c.early_stopping_patience, c.checkpoint_save_frequency) == (10, 5)
+    assert (c.log_frequency, c.eval_frequency) == (100, 500)
+    assert (c.tensorboard_logging, c.wandb_logging, c.save_best_model) == (True, False, True)
+    assert c.effective_eval_batch_size == 32
+
+
+def test_monitor_direction_is_inferred_from_the_name():
+    assert TrainingConfig(monitor_metric="val_loss").minimize_monitor
+    assert not TrainingConfig(monitor_metric="val_accuracy").minimize_monitor
+    assert TrainingConfig(monitor_metric="val_accuracy", monitor_mode="min").minimize_monitor
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ValueError, match=r"no field 'learning_rte' \(did you mean 'learning_rate'"):
+        TrainingConfig.from_dict({"learning_rte": 0.1})
+
+
+def test_yaml_reads_exponent_floats_and_applies_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-3\nbatch_size: 8\n")
+    c = TrainingConfig.from_yaml(path, ["batch_size=16", "scheduler_type=step"])
+    assert c.learning_rate == 1e-3
+    assert (c.batch_size, c.scheduler_type) == (16, "step")
+
+
+def test_bad_override_value_is_validated():
+    with pytest.raises(ValueError, match="batch_size=0"):
+        TrainingConfig().with_overrides(["batch_size=0"])
+
+
+def test_nested_overrides():
+    data = apply_overrides({"training": {"seed": 1}}, ["training.seed=2", "model.name=cnn"])
+    assert data == {"training": {"seed": 2}, "model": {"name": "cnn"}}
+    with pytest.raises(ValueError, match="expected key=value"):
+        apply_overrides({}, ["seed"])
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    c = TrainingConfig(learning_rate=3e-4, output_dir="x", eval_batch_size=64)
+    c.save_yaml(tmp_path / "c.yaml")
+    assert TrainingConfig.from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text())) == c
+
+
+def test_missing_yaml_file():
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+        TrainingConfig.from_yaml("nope.yaml")
+
+
+def test_evaluation_config_validates_metric_names():
+    with pytest.raises(ValueError, match=r"classification_metrics\[\]='acc'"):
+        EvaluationConfig(classification_metrics=["acc"])
+    with pytest.raises(ValueError, match="average='mean'"):
+        EvaluationConfig(average="mean")
+    assert EvaluationConfig(regression_metrics=["mse"]).regression_metrics == ("mse",)

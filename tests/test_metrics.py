@@ -1,0 +1,158 @@
+"""Streaming metrics equal scikit-learn's on the concatenated data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as sk
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import EvaluationConfig, Evaluator, MetricsTracker, TaskType
+from traineval.evaluation import ConfusionMatrix, RegressionStats, TokenStats
+from traineval.tasks import detect_task
+
+
+def _batches(*tensors, size):
+    n = tensors[0].shape[0]
+    for start in range(0, n, size):
+        yield tuple(t[start : start + size] for t in tensors)
+
+
+@pytest.mark.parametrize("average", ["weighted", "macro", "micro"])
+def test_classification_metrics_stream_to_sklearn_values(average):
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(1000, 5, generator=generator)
+    targets = torch.randint(0, 5, (1000,), generator=generator)
+    targets[targets == 4] = 3  # class 4 is predicted sometimes but never true
+    cm = ConfusionMatrix(5)
+    for s, t in _batches(scores, targets, size=37):
+        cm.update(s, t)
+    ours = cm.compute(average)
+    y, p = targets.numpy(), scores.argmax(1).numpy()
+    precision, recall, f1, _ = sk.precision_recall_fscore_support(
+        y, p, average=average, zero_division=0
+    )
+    assert ours["accuracy"] == pytest.approx(sk.accuracy_score(y, p), abs=1e-12)
+    assert ours["precision"] == pytest.approx(precision, abs=1e-12)
+    assert ours["recall"] == pytest.approx(recall, abs=1e-12)
+    assert ours["f1"] == pytest.approx(f1, abs=1e-12)
+    assert np.array_equal(cm.matrix().numpy(), sk.confusion_matrix(y, p, labels=range(5)))
+
+
+def test_binary_classification_with_one_logit():
+    logits = torch.tensor([2.0, -1.0, 0.5, -0.2])
+    targets = torch.tensor([1, 0, 0, 0])
+    result = Evaluator().compute_metrics(logits, targets, task_type=TaskType.CLASSIFICATION)
+    assert result["accuracy"] == 0.75
+
+
+@pytest.mark.parametrize("prediction_shape", [(500,), (500, 1)])
+def test_regression_metrics_stream_to_sklearn_values(prediction_shape):
+    generator = torch.Generator().manual_seed(1)
+    targets = 100 + torch.randn(500, generator=generator, dtype=torch.float64)
+    predictions = targets + 0.3 * torch.randn(500, generator=generator, dtype=torch.float64)
+    stats = RegressionStats()
+    for p, t in _batches(predictions.reshape(prediction_shape), targets, size=64):
+        stats.update(p, t)
+    ours = stats.compute()
+    y, p = targets.numpy(), predictions.numpy()
+    assert ours["mse"] == pytest.approx(sk.mean_squared_error(y, p), rel=1e-10)
+    assert ours["mae"] == pytest.approx(sk.mean_absolute_error(y, p), rel=1e-10)
+    assert ours["rmse"] == pytest.approx(np.sqrt(sk.mean_squared_error(y, p)), rel=1e-10)
+    assert ours["r2_score"] == pytest.approx(sk.r2_score(y, p), rel=1e-10)
+    assert ours["explained_variance"] == pytest.approx(sk.explained_variance_score(y, p), rel=1e-10)
+
+
+def test_multi_output_regression_averages_outputs_like_sklearn():
+    generator = torch.Generator().manual_seed(2)
+    targets = torch.randn(200, 3, generator=generator, dtype=torch.float64)
+    predictions = targets + torch.randn(200, 3, generator=generator, dtype=torch.float64)
+    stats = RegressionStats()
+    for p, t in _batches(predictions, targets, size=30):
+        stats.update(p, t)
+    assert stats.compute()["r2_score"] == pytest.approx(
+        sk.r2_score(targets.numpy(), predictions.numpy()), rel=1e-10
+    )
+
+
+def test_r2_of_a_constant_target_is_defined():
+    stats = RegressionStats()
+    stats.update(torch.tensor([2.0, 2.0]), torch.tensor([2.0, 2.0]))
+    assert stats.compute()["r2_score"] == 1.0
+    stats = RegressionStats()
+    stats.update(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
+    assert stats.compute()["r2_score"] == sk.r2_score([2.0, 2.0], [1.0, 3.0]) == 0.0
+
+
+def test_token_metrics_skip_padding():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 7, 11, generator=generator)
+    targets = torch.randint(0, 11, (6, 7), generator=generator)
+    targets[:, 5:] = -100
+    stats = TokenStats()
+    for lg, t in _batches(logits, targets, size=4):
+        stats.update(lg, t)
+    ours = stats.compute()
+    kept = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+    assert ours["loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert ours["perplexity"] == pytest.approx(np.exp(expected.item()), rel=1e-6)
+    accuracy = (logits.argmax(-1)[kept] == targets[kept]).double().mean().item()
+    assert ours["token_accuracy"] == pytest.approx(accuracy)
+
+
+def test_task_detection_from_shapes():
+    assert detect_task(torch.zeros(4, 3)) is TaskType.CLASSIFICATION
+    assert detect_task(torch.zeros(4)) is TaskType.REGRESSION
+    assert detect_task(torch.zeros(4, 1)) is TaskType.REGRESSION
+    assert detect_task(torch.zeros(4, 5, 9)) is TaskType.GENERATION
+    assert detect_task(torch.zeros(4, 3), torch.zeros(4, 3)) is TaskType.REGRESSION
+
+
+def test_bad_inputs_get_clear_errors():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.randn(4, 3), torch.tensor([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match=r"1 target labels are outside \[0, 3\)"):
+        cm.compute()
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([[float("nan"), 0, 0], [1, 0, 0]]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="1 predictions contain NaN"):
+        cm.compute()
+    with pytest.raises(ValueError, match="no data"):
+        ConfusionMatrix(3).compute()
+    with pytest.raises(ValueError, match="no data"):
+        RegressionStats().compute()
+    with pytest.raises(ValueError, match=r"do not match targets of shape \(4,\)"):
+        RegressionStats().update(torch.zeros(4, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match="do not match 3 classes"):
+        ConfusionMatrix(3).update(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+def test_evaluate_model_streams_a_loader_and_matches_sklearn():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 6, generator=generator)
+    y = torch.randint(0, 4, (300,), generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    evaluator = Evaluator(EvaluationConfig())
+    result = evaluator.evaluate_model(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    with torch.no_grad():
+        scores = model(x)
+    expected_loss = torch.nn.functional.cross_entropy(scores, y).item()
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert result["accuracy"] == pytest.approx(sk.accuracy_score(y, scores.argmax(1)))
+    assert evaluator.last_confusion_matrix.sum() == 300
+    assert model.training  # the model's mode is restored
+    with pytest.raises(ValueError, match="yielded no batches"):
+        evaluator.evaluate_model(model, [])
+
+
+def test_metrics_tracker_best_and_unknown_names():
+    tracker = MetricsTracker()
+    for step, value in enumerate([0.5, 0.3, 0.4]):
+        tracker.update({"val_loss": value, "val_accuracy": 1 - value}, step)
+    assert tracker.get_best_metric("val_loss") == (0.3, 1)
+    assert tracker.get_best_metric("val_accuracy", minimize=False) == (0.7, 1)
+    with pytest.raises(KeyError, match=r"no metric named 'val_f1'; known metrics: val_accuracy"):
+        tracker.get_best_metric("val_f1")

@@ -1,0 +1,86 @@
+"""Device choice and mixed precision on the CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from traineval import Callback, TrainingConfig, TrainingManager
+from traineval.precision import resolve_device, resolve_precision
+
+from conftest import make_classification, make_mlp
+
+
+class _Spy(Callback):
+    def __init__(self):
+        self.scalers = []
+        self.growth = []
+
+    def on_epoch_start(self, loop):
+        self.scalers.append(loop.precision.scaler)
+
+    def on_epoch_end(self, loop, logs):
+        scaler = loop.precision.scaler
+        if scaler is not None:
+            self.growth.append(scaler.state_dict()["_growth_tracker"])
+
+
+class _DtypeProbe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = make_mlp()
+        self.seen = set()
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.seen.add(out.dtype)
+        return out
+
+
+def test_auto_device_on_a_cpu_machine_is_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_unavailable_cuda_falls_back_to_cpu_with_a_warning(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with caplog.at_level(logging.WARNING):
+        assert resolve_device("cuda").type == "cpu"
+    assert "CUDA is not available" in caplog.text
+
+
+def test_auto_precision_on_cpu_is_fp32_and_says_so(caplog):
+    with caplog.at_level(logging.INFO):
+        precision = resolve_precision("auto", True, torch.device("cpu"))
+    assert precision.name == "fp32"
+    assert precision.scaler is None
+    assert "mixed precision is off on cpu" in caplog.text
+
+
+def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16(quiet_config):
+    model = _DtypeProbe()
+    config = TrainingConfig(num_epochs=1, batch_size=16, precision="bf16", **quiet_config)
+    result = TrainingManager(config).train(model, DataLoader(make_classification(n=32), 16))
+    assert model.seen == {torch.bfloat16}
+    assert result["training_history"]["train_loss"][0] > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_grad_scaler_is_built_once_and_kept_across_epochs(quiet_config):
+    spy = _Spy()
+    config = TrainingConfig(num_epochs=3, batch_size=16, precision="fp16", **quiet_config)
+    loader = DataLoader(make_classification(n=64), 16)
+    TrainingManager(config).train(make_mlp(), loader, callbacks=[spy])
+    assert spy.scalers[0] is not None
+    assert all(s is spy.scalers[0] for s in spy.scalers)
+    assert spy.growth == [4, 8, 12]  # the scaler's count of good steps runs on across epochs
+
+
+def test_mixed_precision_off_is_fp32():
+    assert resolve_precision("auto", False, torch.device("cpu")).name == "fp32"

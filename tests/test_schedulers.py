@@ -1,0 +1,130 @@
+"""Optimizers and schedulers by name: warmup values, step counts, plateau, onecycle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from traineval import Callback, TrainingConfig, TrainingManager
+from traineval.optim import build_optimizer, build_scheduler, parameter_groups
+
+from conftest import make_classification, make_mlp
+
+
+def _optimizer(lr: float = 1.0):
+    return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def _lrs(scheduler, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_linear_warmup_then_constant():
+    scheduler = build_scheduler(_optimizer(), "constant", total_steps=10, warmup_steps=4)
+    assert _lrs(scheduler, 6) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_cosine_after_warmup_reaches_min_lr_at_the_end():
+    scheduler = build_scheduler(_optimizer(), "cosine", total_steps=12, warmup_steps=2, min_lr=0.1)
+    lrs = _lrs(scheduler, 12)
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    expected = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 10)) for t in range(2, 12)]
+    assert lrs[2:] == pytest.approx(expected)
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_step_schedule_decays_every_step_size_updates():
+    scheduler = build_scheduler(_optimizer(), "step", total_steps=None, step_size=3, gamma=0.5)
+    assert _lrs(scheduler, 7) == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25])
+
+
+def test_plateau_reduces_after_patience_evaluations_without_improvement():
+    scheduler = build_scheduler(
+        _optimizer(), "plateau", total_steps=None, plateau_patience=2, plateau_factor=0.5
+    )
+    for value in [1.0, 0.9, 0.95, 0.95]:
+        scheduler.step_on_metric(value)
+    assert scheduler.optimizer.param_groups[0]["lr"] == 1.0
+    scheduler.step_on_metric(0.95)  # third evaluation without improvement
+    assert scheduler.optimizer.param_groups[0]["lr"] == 0.5
+    scheduler.optimizer.step()
+    scheduler.step()  # a per-update step keeps the reduced rate
+    assert scheduler.optimizer.param_groups[0]["lr"] == 0.5
+    state = scheduler.state_dict()
+    again = build_scheduler(_optimizer(), "plateau", total_steps=None)
+    again.load_state_dict(state)
+    assert again.lr_lambdas[0].plateau_factor == 0.5
+
+
+def test_unknown_scheduler_is_an_error_not_a_constant_schedule():
+    with pytest.raises(ValueError, match="scheduler_type='linear' is invalid"):
+        build_scheduler(_optimizer(), "linear", total_steps=10)
+
+
+def test_warmup_longer_than_training_is_an_error_before_training(quiet_config, tmp_path):
+    quiet_config.update(warmup_steps=50, scheduler_type="cosine")
+    config = TrainingConfig(num_epochs=2, batch_size=16, **quiet_config)
+    loader = DataLoader(make_classification(n=64), batch_size=16)  # 8 updates in all
+    with pytest.raises(ValueError, match=r"warmup_steps=50 is invalid.*\(8 optimizer updates\)"):
+        TrainingManager(config).train(make_mlp(), loader)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_parameter_groups_skip_decay_on_biases_and_norm_weights():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert {p.ndim for p in decay["params"]} == {2}
+    assert len(no_decay["params"]) == 4  # two biases, the norm's weight and bias
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_model_without_trainable_parameters_is_an_error():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(model, "adamw", lr=0.1)
+
+
+def test_cpu_optimizer_uses_fused_kernels():
+    optimizer = build_optimizer(nn.Linear(2, 2), "adamw", lr=0.1)
+    assert optimizer.defaults["fused"] is True
+
+
+class _RecordLR(Callback):
+    """The learning rate each optimizer update actually ran with."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_start(self, loop):
+        loop.optimizer.register_step_pre_hook(
+            lambda optimizer, args, kwargs: self.lrs.append(optimizer.param_groups[0]["lr"])
+        )
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_scheduler_steps_once_per_update_over_the_real_number_of_updates(
+    quiet_config, accumulation
+):
+    """onecycle raises if stepped past total_steps, so finishing proves the count is right."""
+    quiet_config.update(scheduler_type="onecycle", warmup_steps=3)
+    config = TrainingConfig(
+        num_epochs=3, batch_size=4, gradient_accumulation_steps=accumulation, **quiet_config
+    )
+    recorder = _RecordLR()
+    loader = DataLoader(make_classification(n=40), batch_size=4)
+    result = TrainingManager(config).train(make_mlp(), loader, callbacks=[recorder])
+    updates = 3 * math.ceil(10 / accumulation)
+    assert result["global_step"] == updates
+    assert len(recorder.lrs) == updates
+    peak = max(recorder.lrs)
+    assert recorder.lrs.index(peak) == 2  # the third update reaches the peak (warmup_steps=3)
+    assert recorder.lrs[-1] < peak / 1000
