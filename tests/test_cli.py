@@ -30,6 +30,24 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert config.training.output_dir == str(run)
 
 
+def test_a_config_driven_run_is_reproducible(tmp_path):
+    outcomes = []
+    for name in ("a", "b"):
+        args = [
+            "demo",
+            "-q",
+            "data.name=iris",
+            "model.name=mlp",
+            "training.num_epochs=3",
+            "training.warmup_steps=2",
+            "model.options={}",
+            f"training.output_dir={tmp_path / name}",
+        ]
+        assert main(args) == 0
+        outcomes.append(json.loads((tmp_path / name / "evaluation" / "metrics.json").read_text()))
+    assert outcomes[0]["test"] == outcomes[1]["test"]
+
+
 def test_fit_with_yaml_and_overrides_regression(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(

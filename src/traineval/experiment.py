@@ -32,6 +32,7 @@ from .evaluation import Evaluator
 from .imports import import_object
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
+from .seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ def run_experiment(config: RunConfig) -> ExperimentResult:
     t = config.training
     splits = load_data(config.data)
     mode = TrainingMode(config.mode)
+    seed_everything(t.seed)  # the model's initial weights come from the run's seed
     model = build_model(
         config.model.name,
         input_shape=splits.input_shape,
