@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_classification, make_mlp
 from torch.utils.data import DataLoader
 
 from traineval import TrainingConfig, TrainingManager
 from traineval.checkpoint import load_checkpoint_file
+
+from conftest import make_classification, make_mlp
 
 
 @pytest.mark.slow

@@ -60,9 +60,8 @@ TARGET_KEYS = ("labels", "targets", "target", "label", "y")
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """Return `(inputs, targets)`: `(x, y)` pairs, a bare `x`, or a dict with a label key."""
-    if type(batch) is list or type(batch) is tuple:  # the common case, before any ABC check
-        if len(batch) == 2:
-            return batch[0], batch[1]
+    if type(batch) in (list, tuple) and len(batch) == 2:  # the common case, before ABC checks
+        return batch[0], batch[1]
     if isinstance(batch, (list, tuple)):
         if len(batch) == 2:
             return batch[0], batch[1]
