@@ -65,14 +65,19 @@ class SequenceCrossEntropy(nn.Module):
 
 
 def default_loss(task_type: TaskType | None, ignore_index: int = -100) -> nn.Module | AutoLoss:
-    """The loss a task trains with unless the user passes one."""
+    """The loss a task trains with unless the user passes one; `None` picks it from the data."""
+    if task_type is None:
+        return AutoLoss(ignore_index)
+    return task_loss(task_type, ignore_index)
+
+
+def task_loss(task_type: TaskType, ignore_index: int = -100) -> nn.Module:
+    """Cross-entropy for classification, MSE for regression, token cross-entropy for generation."""
     if task_type is TaskType.CLASSIFICATION:
         return nn.CrossEntropyLoss(ignore_index=ignore_index)
     if task_type is TaskType.REGRESSION:
         return RegressionMSE()
-    if task_type is TaskType.GENERATION:
-        return SequenceCrossEntropy(ignore_index=ignore_index)
-    return AutoLoss(ignore_index)
+    return SequenceCrossEntropy(ignore_index=ignore_index)
 
 
 class AutoLoss:
@@ -103,5 +108,5 @@ class AutoLoss:
                         "task_type and a loss_function explicitly (e.g. BCEWithLogitsLoss for "
                         "binary classification with one logit)"
                     )
-            self.resolved = default_loss(self.task_type, self._ignore_index)
+            self.resolved = task_loss(self.task_type, self._ignore_index)
         return self.resolved(outputs, targets)
