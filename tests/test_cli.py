@@ -155,3 +155,30 @@ def test_a_users_model_and_data_by_import_path(tmp_path, monkeypatch):
         ]
     )
     assert code == 0
+
+
+def test_autoencoder_from_the_command_line(tmp_path):
+    args = [
+        "demo",
+        "-q",
+        "mode=unsupervised",
+        "model.name=autoencoder",
+        "model.options={latent_dim: 16}",
+        "training.monitor_metric=val_r2_score",
+        "training.num_epochs=5",
+        f"training.output_dir={tmp_path}",
+    ]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert set(record["test"]) == {"loss", "mse", "mae", "rmse", "r2_score"}
+    assert record["test"]["r2_score"] > 0.3
+    assert (
+        main(
+            [
+                *args[:-2],
+                "training.monitor_metric=val_accuracy",
+                f"training.output_dir={tmp_path / 'b'}",
+            ]
+        )
+        == 1
+    )

@@ -227,3 +227,12 @@ def test_loader_without_len_needs_max_steps(quiet_config):
         make_mlp(), loader
     )
     assert result["global_step"] == 5
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(quiet_config, capsys):
+    data = DataLoader(make_classification(n=32), 16)
+    TrainingManager(_config(dict(quiet_config), progress_bar=True)).train(make_mlp(), data)
+    assert "Epoch 2/2" in capsys.readouterr().err
+    quiet_config.update(progress_bar=None, overwrite_output_dir=True)
+    TrainingManager(_config(quiet_config)).train(make_mlp(), data)  # stderr is not a terminal
+    assert "Epoch" not in capsys.readouterr().err

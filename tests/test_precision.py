@@ -84,3 +84,24 @@ def test_fp16_grad_scaler_is_built_once_and_kept_across_epochs(quiet_config):
 
 def test_mixed_precision_off_is_fp32():
     assert resolve_precision("auto", False, torch.device("cpu")).name == "fp32"
+
+
+def test_fp16_clipping_sees_the_unscaled_gradient(quiet_config, tmp_path):
+    """The logged pre-clip norm is the true norm, not one inflated by the loss scale (65536)."""
+    from traineval.loggers import read_jsonl
+
+    norms = {}
+    for precision in ("fp32", "fp16"):
+        quiet_config["output_dir"] = str(tmp_path / precision)
+        config = TrainingConfig(
+            num_epochs=1,
+            batch_size=16,
+            precision=precision,
+            max_grad_norm=0.01,
+            log_frequency=1,
+            **quiet_config,
+        )
+        TrainingManager(config).train(make_mlp(), DataLoader(make_classification(n=64), 16))
+        records = read_jsonl(tmp_path / precision / "metrics.jsonl")
+        norms[precision] = [r["grad_norm"] for r in records if r["event"] == "train"]
+    assert norms["fp16"][0] == pytest.approx(norms["fp32"][0], rel=0.05)

@@ -163,7 +163,9 @@ class TrainingManager:
         step_fn = build_step(mode, loss_function)
         updates_per_epoch = _updates_per_epoch(train_loader, c.gradient_accumulation_steps)
         total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
-        monitor = self._monitor(val_loader, evaluator, task_type)
+        # An autoencoder's evaluation compares outputs with inputs: regression metrics.
+        metric_task = TaskType.REGRESSION if mode is TrainingMode.UNSUPERVISED else task_type
+        monitor = self._monitor(val_loader, evaluator, metric_task)
         self._claim_output_dir()
 
         seed_everything(c.seed)
