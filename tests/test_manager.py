@@ -236,3 +236,15 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(quiet_config, capsys):
     quiet_config.update(progress_bar=None, overwrite_output_dir=True)
     TrainingManager(_config(quiet_config)).train(make_mlp(), data)  # stderr is not a terminal
     assert "Epoch" not in capsys.readouterr().err
+
+
+def test_spec_save_checkpoint_writes_a_safe_loadable_file(quiet_config, tmp_path):
+    manager = TrainingManager(_config(quiet_config))
+    model = make_mlp()
+    optimizer = manager.setup_optimizer(model)
+    path = manager.save_checkpoint(model, optimizer, epoch=3, name="manual")
+    assert path == tmp_path / "run" / "checkpoints" / "manual.pt"
+    restored = make_mlp(seed=5)
+    payload = manager.load_checkpoint(path, restored, manager.setup_optimizer(restored))
+    assert payload["epoch"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))

@@ -197,9 +197,7 @@ class TrainingManager:
         checkpoints: dict[str, str] = {}
 
         def save_fn(name: str, loop: Loop) -> None:
-            path = self.output_dir / "checkpoints" / f"{name}.pt"
-            save_checkpoint_file(self._payload(name, loop, precision), path)
-            checkpoints[name] = str(path)
+            checkpoints[name] = str(self._save_from_loop(name, loop, precision))
 
         loop = Loop(
             model=model,
@@ -314,25 +312,52 @@ class TrainingManager:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _payload(self, name: str, loop: Loop, precision: Precision) -> dict[str, Any]:
-        state = loop.state
-        scaler = precision.scaler
+    def _payload(
+        self,
+        name: str,
+        *,
+        epoch: int,
+        global_step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        scaler: torch.amp.GradScaler | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The checkpoint dict: tensors and plain values only, so it loads weights_only."""
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "name": name,
-            "epoch": state.epoch,
-            "global_step": state.global_step,
-            "model": loop.model.state_dict(),
-            "optimizer": loop.optimizer.state_dict(),
-            "scheduler": loop.scheduler.state_dict() if loop.scheduler is not None else None,
+            "epoch": epoch,
+            "global_step": global_step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "best_metric": state.best_metric,
-            "best_epoch": state.best_epoch,
-            "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
-            "history": state.history,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
             "config": self.config.to_dict(),
+            **(extra or {}),
         }
+
+    def _save_from_loop(self, name: str, loop: Loop, precision: Precision) -> Path:
+        state = loop.state
+        self.best_metric, self.best_epoch = state.best_metric, state.best_epoch
+        payload = self._payload(
+            name,
+            epoch=state.epoch,
+            global_step=state.global_step,
+            model=loop.model,
+            optimizer=loop.optimizer,
+            scheduler=loop.scheduler,
+            scaler=precision.scaler,
+            extra={
+                "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
+                "history": state.history,
+            },
+        )
+        return save_checkpoint_file(payload, self.output_dir / "checkpoints" / f"{name}.pt")
 
     def save_checkpoint(
         self,
@@ -343,19 +368,14 @@ class TrainingManager:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> Path:
         """Save model, optimizer and scheduler to `output_dir/checkpoints/{name}.pt` atomically."""
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "name": name,
-            "epoch": epoch,
-            "global_step": self.global_step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "best_metric": self.best_metric,
-            "best_epoch": self.best_epoch,
-            "config": self.config.to_dict(),
-        }
+        payload = self._payload(
+            name,
+            epoch=epoch,
+            global_step=self.global_step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
         path = save_checkpoint_file(payload, self.output_dir / "checkpoints" / f"{name}.pt")
         self.logger.info("Checkpoint saved: %s", path)
         return path
