@@ -247,4 +247,5 @@ def test_spec_save_checkpoint_writes_a_safe_loadable_file(quiet_config, tmp_path
     restored = make_mlp(seed=5)
     payload = manager.load_checkpoint(path, restored, manager.setup_optimizer(restored))
     assert payload["epoch"] == 3
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+    pairs = zip(model.parameters(), restored.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
