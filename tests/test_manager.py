@@ -60,11 +60,12 @@ def test_run_directory_records_config_metrics_and_checkpoints(quiet_config, tmp_
     assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
     assert "val/accuracy" in evals[0]
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["best.pt", "epoch-0002.pt", "epoch-0004.pt", "last.pt"]
+    assert names == ["best.pt", "best.safetensors", "epoch-0002.pt", "epoch-0004.pt", "last.pt"]
     checkpoint = load_checkpoint_file(run / "checkpoints" / "last.pt")
     assert checkpoint["global_step"] == 16
     assert checkpoint["config"]["batch_size"] == 16
-    assert {"model", "optimizer", "scheduler", "history"} <= set(checkpoint)
+    assert {"model", "optimizer", "scheduler", "loop", "rng", "tracker"} <= set(checkpoint)
+    assert len(checkpoint["loop"]["history"]["train_loss"]) == 4
     fresh = make_mlp(seed=99)
     manager.load_checkpoint(run / "checkpoints" / "last.pt", fresh)
     assert all(

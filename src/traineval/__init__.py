@@ -11,8 +11,7 @@ from .evaluation import Evaluator
 from .manager import TrainingManager, TrainingResult
 from .monitor import PerformanceMonitor
 from .tracking import MetricsTracker
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Callback",

@@ -62,6 +62,10 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt (not a torch.save zip archive)"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -76,3 +80,37 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict")
     return payload
+
+
+def save_safetensors(model: torch.nn.Module, path: str | Path) -> Path:
+    """Export `model`'s weights as safetensors (tied weights stored once), atomically."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        save_model(model, str(temporary))
+        with temporary.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load safetensors weights into `model` (re-tying shared weights); nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    try:
+        load_model(model, str(path), strict=strict)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"weights file {str(path)!r} is truncated or corrupt ({error})"
+        ) from None

@@ -13,7 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 EPILOG = """\
 overrides are dotted key=value pairs applied on top of the YAML file, with values read as

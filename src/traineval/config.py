@@ -164,9 +164,14 @@ class _ConfigBase:
 class TrainingConfig(_ConfigBase):
     """Configuration for training; every field is validated on construction.
 
-    The first block is SPEC.md's, with its defaults. Steps are optimizer updates throughout:
-    `warmup_steps`, `eval_frequency`, `log_frequency` and `max_steps` count updates, not
-    micro-batches, so they mean the same thing whatever `gradient_accumulation_steps` is.
+    The first block is SPEC.md's, with its defaults. `checkpoint_every_n_steps` (0: off)
+    also saves `last` inside epochs, so a long epoch can be resumed in the middle;
+    `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
+    finite and stops after that many in a row (it reads the loss every step: a sync).
+
+    Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
+    `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same
+    thing whatever `gradient_accumulation_steps` is.
 
     Example:
         >>> TrainingConfig(num_epochs=5, learning_rate=1e-3).learning_rate
@@ -218,6 +223,8 @@ class TrainingConfig(_ConfigBase):
     max_steps: int | None = None
     deterministic: bool = False
     progress_bar: bool | None = None
+    checkpoint_every_n_steps: int = 0
+    skip_nonfinite_steps: int = 0
     # Optimizer and scheduler details
     momentum: float = 0.9
     adam_beta1: float = 0.9
@@ -243,6 +250,8 @@ class TrainingConfig(_ConfigBase):
             "lr_scheduler_patience",
             "early_stopping_patience",
             "checkpoint_save_frequency",
+            "checkpoint_every_n_steps",
+            "skip_nonfinite_steps",
             "seed",
         ):
             _int(name, getattr(self, name), minimum=0)

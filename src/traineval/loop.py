@@ -2,15 +2,20 @@
 
 Pseudocode of `Loop.run`:
 
-    for epoch in epochs:
+    for epoch in epochs (a resumed run starts inside its epoch, skipping seen batches):
         for window in accumulation windows of the train loader (the last may be short):
             for micro-batch in window:
                 loss = step(model, batch) under autocast
                 backward(loss * weight(batch) / weight(window))   # == one big batch
             unscale (fp16) -> clip the window's gradient -> optimizer.step -> scheduler.step
-            every log_every updates: read the running loss (the only sync), log
+            record the step's loss on the device (no sync)
+            every log_every updates: read the recorded losses (the only sync), log
             every eval_every updates: evaluate, update the monitor, callbacks
+            on_step_end callbacks; act on their save requests; stop if asked or signalled
         evaluate at epoch end; callbacks; act on their stop / save requests
+
+Before any checkpoint is written the recorded losses are read, so a non-finite loss or
+gradient stops the run (`NonFiniteError`, naming epoch, step and batch) before it is saved.
 """
 
 from __future__ import annotations
@@ -18,35 +23,60 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .callbacks.base import Callback, overrides
+from .data.position import skip_batches
 from .modes.base import StepFunction, move_to_device
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .precision import Precision
+from .seeding import capture_rng, restore_rng
+from .steplog import NonFiniteError, StepLog, StepRecord, describe, first_non_finite
 from .tracking import MetricsTracker, Plateau
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[str, "Loop"], Any]
 
 
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, checkpoint: str | None, signal_name: str) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.signal_name = signal_name
+
+
 @dataclasses.dataclass
 class TrainState:
-    """Counters of a run. Epochs are numbered from 1; `global_step` counts optimizer updates."""
+    """Everything the loop counts; plain values only, so it goes into a checkpoint as is.
+
+    Epochs are numbered from 1; `global_step` counts optimizer updates; `batch_in_epoch`
+    counts the micro-batches of the current epoch already trained on.
+    """
 
     epoch: int = 0
     global_step: int = 0
+    batch_in_epoch: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
     best_step: int | None = None
     stop_reason: str | None = None
     stopped_early: bool = False
+    finished: bool = False
     last_eval_step: int | None = None
+    skipped_steps: int = 0
+    consecutive_non_finite: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_weight: float = 0.0
+    interval_loss_sum: float = 0.0
+    interval_loss_weight: float = 0.0
+    epoch_rng: dict[str, Any] | None = None
     history: dict[str, list[Any]] = dataclasses.field(
         default_factory=lambda: {
             "epoch": [],
@@ -58,29 +88,13 @@ class TrainState:
         }
     )
 
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-class RunningLoss:
-    """Item-weighted sum of losses, kept on the device so adding never waits for it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.loss_sum = torch.zeros((), device=device)
-        self.count = 0  # item counts known on the host (samples)
-        self.device_count: torch.Tensor | None = None  # counts known on the device (tokens)
-
-    def add(self, loss: torch.Tensor, weight: int | torch.Tensor) -> None:
-        if isinstance(weight, int):
-            self.loss_sum.add_(loss, alpha=weight)
-            self.count += weight
-        else:
-            self.loss_sum.add_(loss * weight)
-            self.device_count = weight if self.device_count is None else self.device_count + weight
-
-    def read(self) -> tuple[float, float]:
-        """`(sum of item losses, item count)`; waits for the device."""
-        count = float(self.count)
-        if self.device_count is not None:
-            count += self.device_count.item()
-        return self.loss_sum.item(), count
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for field in dataclasses.fields(self):
+            if field.name in state:
+                setattr(self, field.name, state[field.name])
 
 
 class Monitor(Plateau):
@@ -127,6 +141,8 @@ class Loop:
         tracker: MetricsTracker | None = None,
         performance: PerformanceMonitor | None = None,
         forward_model: nn.Module | None = None,
+        data_generators: Sequence[torch.Generator] = (),
+        skip_non_finite: int = 0,
     ) -> None:
         self.model = model
         self.forward_model = forward_model or model  # e.g. the torch.compile'd module
@@ -150,14 +166,20 @@ class Loop:
         self.loggers = list(loggers)
         self.tracker = tracker or MetricsTracker()
         self.performance = performance or PerformanceMonitor(device)
+        self.data_generators = list(data_generators)
+        self.skip_non_finite = skip_non_finite  # 0: stop on the first; N: skip, stop after N
         self.state = TrainState()
+        self.resume_rng: dict[str, Any] | None = None  # RNG state at the checkpoint
         self.last_grad_norm: torch.Tensor | None = None
+        self.interrupted: str | None = None  # set by a signal handler
+        self.steps = StepLog(device, capacity=min(log_every_n_steps, 4096))
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
         self._save_requests: list[str] = []
         self._stop_requested = False
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._scale = precision.scaler.get_scale() if precision.scaler is not None else None
 
-    # -- requests from callbacks --------------------------------------------------------------
+    # -- requests from callbacks and signals --------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary."""
@@ -175,10 +197,19 @@ class Loop:
         state = self.state
         self._call("on_train_start")
         self.performance.start()
-        while state.epoch < self.num_epochs and not self._done():
-            state.epoch += 1
+        while not self._done() and (state.batch_in_epoch > 0 or state.epoch < self.num_epochs):
+            resuming_inside_epoch = state.batch_in_epoch > 0
+            if not resuming_inside_epoch:
+                if self.resume_rng is not None:  # resumed at an epoch boundary
+                    restore_rng(self.resume_rng, self.data_generators)
+                    self.resume_rng = None
+                state.epoch += 1
+                state.epoch_rng = capture_rng(self.data_generators)
+                state.epoch_loss_sum = state.epoch_loss_weight = 0.0
             self._call("on_epoch_start")
-            train_loss = self._train_epoch()
+            train_loss = self._train_epoch(self._batches())
+            if self.interrupted:
+                self._save_interrupted()
             logs = self._end_epoch(train_loss)
             self._call("on_epoch_end", logs)
             self._act()
@@ -188,54 +219,71 @@ class Loop:
         self._act()
         return state
 
+    def _batches(self) -> Iterator[Any]:
+        """This epoch's batches: fresh, or after the ones a resumed run already trained on."""
+        state = self.state
+        if state.batch_in_epoch == 0:
+            return iter(self.train_loader)
+        # Regenerate the epoch's shuffle order from its starting RNG, skip by index, then
+        # return to the RNG state of the checkpoint once the iterator has drawn its seeds.
+        assert state.epoch_rng is not None
+        restore_rng(state.epoch_rng, self.data_generators)
+        return skip_batches(self.train_loader, state.batch_in_epoch, self._restore_resume_rng)
+
+    def _restore_resume_rng(self) -> None:
+        if self.resume_rng is not None:
+            restore_rng(self.resume_rng, self.data_generators)
+            self.resume_rng = None
+
     def _done(self) -> bool:
         at_max = self.max_steps is not None and self.state.global_step >= self.max_steps
-        return self._stop_requested or at_max
+        return self._stop_requested or at_max or self.interrupted is not None
 
-    def _train_epoch(self) -> float:
-        """Run one epoch of optimizer updates; return the epoch's mean training loss."""
+    def _train_epoch(self, batches: Iterator[Any]) -> float:
+        """Run the epoch's optimizer updates; return the epoch's mean training loss."""
+        state = self.state
         self.forward_model.train()
         k = self.accumulation_steps
-        running = RunningLoss(self.device)
-        logged_loss, logged_weight = 0.0, 0.0
         interval_steps = interval_samples = 0
         data_seconds = 0.0
-        batches = iter(self.train_loader)
         while not self._done():
             fetch_start = time.perf_counter()
             window = list(itertools.islice(batches, k))
             data_seconds += time.perf_counter() - fetch_start
             if not window:
                 break
-            samples = self._accumulate(window, running)
-            self._optimizer_step()
+            window_start = state.batch_in_epoch
+            samples = self._accumulate(window)
+            state.batch_in_epoch += len(window)
+            if not self._optimizer_step(window_start):
+                continue
             interval_steps += 1
             interval_samples += samples
-            for callback in self._step_callbacks:
-                callback.on_step_end(self)
-            step = self.state.global_step
+            step = state.global_step
+            if step % self.log_every_n_steps == 0 or self.steps.full:
+                self._read_steps()
             if step % self.log_every_n_steps == 0:
-                # The only host-device sync of the training step, once per log interval.
-                total_loss, total_weight = running.read()
-                mean = (total_loss - logged_loss) / max(total_weight - logged_weight, 1e-12)
-                logged_loss, logged_weight = total_loss, total_weight
                 stats = self.performance.interval(interval_steps, interval_samples, data_seconds)
                 interval_steps = interval_samples = 0
                 data_seconds = 0.0
-                self._log_train(mean, stats)
+                self._log_train(stats)
             if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
                 self._evaluate()
                 self.forward_model.train()
+            for callback in self._step_callbacks:
+                callback.on_step_end(self)
+            if self._save_requests:
+                self._act()
         if interval_steps:
             self.performance.interval(interval_steps, interval_samples, data_seconds)
-        total_loss, total_weight = running.read()
-        if total_weight == 0:
+        self._read_steps()
+        if state.epoch_loss_weight == 0 and not self.interrupted:
             raise ValueError(
-                f"epoch {self.state.epoch} trained on no data: the train loader yielded no batches"
+                f"epoch {state.epoch} trained on no data: the train loader yielded no batches"
             )
-        return total_loss / total_weight
+        return state.epoch_loss_sum / max(state.epoch_loss_weight, 1e-300)
 
-    def _accumulate(self, window: list[Any], running: RunningLoss) -> int:
+    def _accumulate(self, window: list[Any]) -> int:
         """Forward and backward over one window; gradients equal those of one big batch."""
         if self.device.type != "cpu":
             window = [move_to_device(batch, self.device) for batch in window]
@@ -258,26 +306,78 @@ class Loop:
                 )
             scaled = loss * (weights[i] / total) if weights else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            running.add(loss.detach(), out.weight)
+            self.steps.add_micro_batch(loss.detach(), out.weight)
             samples += out.num_samples
         return samples
 
-    def _optimizer_step(self) -> None:
-        """Unscale (fp16), clip the window's gradient, step, advance the schedule."""
+    def _optimizer_step(self, window_start: int) -> bool:
+        """Unscale (fp16), clip the window's gradient, step, advance the schedule.
+
+        Returns whether an update happened: an fp16 step the GradScaler skipped (inf/NaN
+        gradients), or a non-finite step under the skip policy, is not an update.
+        """
+        state = self.state
         scaler = self.precision.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
+        norm = None
         if self.max_grad_norm is not None:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+            self.last_grad_norm = norm
+        if self.skip_non_finite and not self._finite_now(norm):
+            return self._skip("non-finite loss or gradient")
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
+            scale = scaler.get_scale()  # a sync, only with fp16: was the step skipped?
+            skipped = self._scale is not None and scale < self._scale
+            self._scale = scale
+            if skipped:
+                return self._skip("fp16 overflow, the GradScaler lowered its scale")
         else:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.global_step += 1
+        state.global_step += 1
+        state.consecutive_non_finite = 0
+        self.steps.close_step(state.global_step, state.epoch, window_start, norm)
+        return True
+
+    def _finite_now(self, norm: torch.Tensor | None) -> bool:
+        """Read the open step's loss (a sync: only under the skip policy)."""
+        i = len(self.steps.meta)
+        finite = bool(torch.isfinite(self.steps.losses[i]))
+        return finite and (norm is None or bool(torch.isfinite(norm)))
+
+    def _skip(self, why: str) -> bool:
+        state = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps.discard_step()
+        state.skipped_steps += 1
+        if why.startswith("non-finite"):
+            state.consecutive_non_finite += 1
+            if state.consecutive_non_finite > self.skip_non_finite:
+                raise NonFiniteError(
+                    f"{state.consecutive_non_finite} optimizer steps in a row had a non-finite "
+                    f"loss or gradient (epoch {state.epoch}, after step {state.global_step}); "
+                    f"the limit is {self.skip_non_finite}"
+                )
+        return False
+
+    def _read_steps(self) -> list[StepRecord]:
+        """Read the recorded steps back; stop on the first non-finite one."""
+        records = self.steps.flush()
+        bad = first_non_finite(records)
+        if bad is not None:
+            raise NonFiniteError(describe(bad) + "; no checkpoint was written after it")
+        state = self.state
+        for record in records:
+            state.epoch_loss_sum += record.loss_sum
+            state.epoch_loss_weight += record.weight
+            state.interval_loss_sum += record.loss_sum
+            state.interval_loss_weight += record.weight
+        return records
 
     # -- evaluation, logging, requests --------------------------------------------------------
 
@@ -335,15 +435,22 @@ class Loop:
             logs["improved"] = self._observe(train_loss)
             if isinstance(self.scheduler, PlateauSchedule):
                 self.scheduler.step_on_metric(train_loss)
+        state.batch_in_epoch = 0
+        state.finished = self._done() or state.epoch >= self.num_epochs
         self._emit("epoch", {"train/epoch_loss": train_loss, "lr": lr})
         return logs
 
-    def _log_train(self, loss: float, stats: dict[str, float]) -> None:
+    def _log_train(self, stats: dict[str, float]) -> None:
+        state = self.state
+        loss = state.interval_loss_sum / max(state.interval_loss_weight, 1e-300)
+        state.interval_loss_sum = state.interval_loss_weight = 0.0
         lr = float(self.optimizer.param_groups[0]["lr"])
         record: dict[str, Any] = {"train/loss": loss, "lr": lr, **stats}
         if self.last_grad_norm is not None:
             record["grad_norm"] = float(self.last_grad_norm)
-        self.tracker.update({"train_step_loss": loss, "learning_rate": lr}, self.state.global_step)
+        if state.skipped_steps:
+            record["skipped_steps"] = state.skipped_steps
+        self.tracker.update({"train_step_loss": loss, "learning_rate": lr}, state.global_step)
         self._emit("train", record)
         self._call("on_log", record)
 
@@ -358,8 +465,29 @@ class Loop:
             getattr(callback, hook)(self, *args)
 
     def _act(self) -> None:
-        """Carry out the saves the callbacks asked for."""
+        """Carry out the saves the callbacks asked for, once every recorded step is finite."""
         requests, self._save_requests = self._save_requests, []
+        if self.save_fn is None or not requests:
+            return
+        self._read_steps()
+        for name in requests:
+            self.save_fn(name, self)
+
+    def _save_interrupted(self) -> None:
+        """Save a resumable `last` checkpoint at this step boundary and stop."""
+        signal_name = self.interrupted or "signal"
+        path = None
         if self.save_fn is not None:
-            for name in requests:
-                self.save_fn(name, self)
+            self._read_steps()
+            path = self.save_fn("last", self)
+        where = f"epoch {self.state.epoch}, step {self.state.global_step}"
+        how = (
+            f"resume with resume_from={str(path)!r} (or 'auto')"
+            if path
+            else "no checkpoint was written"
+        )
+        raise TrainingInterrupted(
+            f"training interrupted by {signal_name} at {where}; {how}",
+            str(path) if path else None,
+            signal_name,
+        )

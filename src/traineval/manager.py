@@ -22,18 +22,20 @@ from .callbacks import (
     ModelCheckpoint,
     ProgressBar,
 )
-from .checkpoint import load_checkpoint_file, save_checkpoint_file
+from .checkpoint import load_checkpoint_file, save_checkpoint_file, save_safetensors
 from .config import TaskType, TrainingConfig, TrainingMode
 from .evaluation import Evaluator
 from .loggers import JsonlLogger
-from .loop import Loop, Monitor
+from .loop import Loop, Monitor, TrainState
 from .modes import build_step
 from .monitor import PerformanceMonitor
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_device, resolve_precision
-from .seeding import deterministic_algorithms, seed_everything
+from .resume import check_compatible, find_checkpoint, stop_on_signals, truncate_events
+from .seeding import capture_rng, data_generators, deterministic_algorithms, seed_everything
 from .tasks import RegressionMSE, default_loss
 from .tracking import MetricsTracker
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +149,21 @@ class TrainingManager:
         evaluator: Evaluator | None = None,
         callbacks: Sequence[Callback] = (),
         mode: TrainingMode = TrainingMode.SUPERVISED,
+        resume_from: str | Path | None = None,
     ) -> TrainingResult:
         """Train `model`; evaluate on `val_loader` each epoch and every `eval_frequency` updates.
 
+        `resume_from` continues a run from a checkpoint path, or with "auto" from the newest
+        valid checkpoint in `output_dir` (starting fresh when there is none). The resumed run
+        ends exactly where the uninterrupted one would (same weights, same per-step losses),
+        given the same model, data and loaders.
+
         Returns a `TrainingResult`: `result["training_history"]` has per-epoch `train_loss`,
         `val_loss`, `learning_rate`, and `val_metrics` (one dict per evaluation).
+
+        Raises:
+            TrainingInterrupted: SIGTERM or Ctrl-C; a resumable checkpoint was saved first.
+            NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
         """
         c = self.config
         if not isinstance(model, nn.Module):
@@ -166,13 +178,40 @@ class TrainingManager:
         # An autoencoder's evaluation compares outputs with inputs: regression metrics.
         metric_task = TaskType.REGRESSION if mode is TrainingMode.UNSUPERVISED else task_type
         monitor = self._monitor(val_loader, evaluator, metric_task)
-        self._claim_output_dir()
+        found = find_checkpoint(self.output_dir, resume_from) if resume_from is not None else None
+        payload: dict[str, Any] | None = None
+        if found is not None:
+            resume_path, payload = found
+            if payload.get("format") != CHECKPOINT_FORMAT or "loop" not in payload:
+                raise ValueError(f"{str(resume_path)!r} is not a resumable traineval checkpoint")
+            check_compatible(payload["config"], c.to_dict(), payload.get("world_size", 1), 1)
+            logger.info("resuming from %s (step %d)", resume_path, payload["global_step"])
+        elif resume_from is not None:
+            logger.info("no checkpoint to resume from in %s; starting fresh", self.output_dir)
+        self._claim_output_dir(resuming=resume_from is not None)
+        if payload is not None and _finished(payload["loop"], c):
+            logger.info(
+                "the run in %s already finished (step %d); nothing to do",
+                self.output_dir,
+                payload["global_step"],
+            )
+            model.load_state_dict(payload["model"])
+            state = TrainState()
+            state.load_state_dict(payload["loop"])
+            return self._result(state, monitor.name, 0.0, {})
 
         seed_everything(c.seed)
         model.to(self.device)
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
         optimizer = self.setup_optimizer(model)
         scheduler = self.setup_scheduler(optimizer, total_steps)
+        if payload is not None:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            if payload["scheduler"] is not None:
+                scheduler.load_state_dict(payload["scheduler"])
+            if precision.scaler is not None and payload.get("scaler") is not None:
+                precision.scaler.load_state_dict(payload["scaler"])
         forward_model: nn.Module = torch.compile(model) if c.compile else model  # type: ignore[assignment]
         evaluate_fn = None
         if val_loader is not None:
@@ -193,11 +232,18 @@ class TrainingManager:
         c.__class__.from_dict({**c.to_dict(), "output_dir": str(self.output_dir)}).save_yaml(
             self.output_dir / "config.yaml"
         )
-        jsonl = JsonlLogger(self.output_dir / "metrics.jsonl")
+        events = self.output_dir / "metrics.jsonl"
+        if payload is not None:
+            truncate_events(events, payload["global_step"])
+        else:
+            events.unlink(missing_ok=True)
+        jsonl = JsonlLogger(events)
         checkpoints: dict[str, str] = {}
 
-        def save_fn(name: str, loop: Loop) -> None:
-            checkpoints[name] = str(self._save_from_loop(name, loop, precision))
+        def save_fn(name: str, loop: Loop) -> Path:
+            path = self._save_from_loop(name, loop, precision)
+            checkpoints[name] = str(path)
+            return path
 
         loop = Loop(
             model=model,
@@ -222,19 +268,31 @@ class TrainingManager:
             loggers=[jsonl],
             tracker=self.metrics_tracker,
             performance=self.performance_monitor,
+            data_generators=data_generators(train_loader),
+            skip_non_finite=c.skip_nonfinite_steps,
         )
+        if payload is not None:
+            _restore_loop(loop, payload)
         started = time.perf_counter()
         try:
-            with deterministic_algorithms(c.deterministic):
+            with deterministic_algorithms(c.deterministic), stop_on_signals(loop):
                 state = loop.run()
         finally:
             jsonl.close()
+        self.early_stopping_counter = monitor.num_bad
+        result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
+        summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return result
+
+    def _result(
+        self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]
+    ) -> TrainingResult:
         self.current_epoch = state.epoch
         self.global_step = state.global_step
         self.best_metric = state.best_metric
         self.best_epoch = state.best_epoch
-        self.early_stopping_counter = monitor.num_bad
-        result = TrainingResult(
+        return TrainingResult(
             training_history=state.history,
             best_metric=state.best_metric,
             best_epoch=state.best_epoch,
@@ -243,15 +301,12 @@ class TrainingManager:
             epochs_completed=state.epoch,
             stopped_early=state.stopped_early,
             stop_reason=state.stop_reason,
-            monitor_metric=monitor.name,
+            monitor_metric=monitor_name,
             output_dir=str(self.output_dir),
-            train_seconds=time.perf_counter() - started,
+            train_seconds=seconds,
             performance=self.performance_monitor.summary(),
             checkpoints=checkpoints,
         )
-        summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return result
 
     def _monitor(
         self, val_loader: Any, evaluator: Evaluator | None, task_type: TaskType | None
@@ -282,27 +337,28 @@ class TrainingManager:
                 save_best=c.save_best_model,
                 save_last=c.save_last_checkpoint,
                 every_n_epochs=c.checkpoint_save_frequency,
+                every_n_steps=c.checkpoint_every_n_steps,
             )
         )
         if c.restore_best_weights:
             callbacks.append(BestWeights())
         return callbacks
 
-    def _claim_output_dir(self) -> None:
+    def _claim_output_dir(self, resuming: bool) -> None:
         """Create the run directory; refuse to write over an earlier run's checkpoints."""
         checkpoints = self.output_dir / "checkpoints"
         if (
-            checkpoints.is_dir()
+            not resuming
+            and checkpoints.is_dir()
             and any(checkpoints.iterdir())
             and not self.config.overwrite_output_dir
         ):
             raise FileExistsError(
                 f"output_dir={str(self.output_dir)!r} already holds checkpoints of an earlier "
-                "run; choose another output_dir or set overwrite_output_dir=true"
+                "run; resume it with resume_from='auto', choose another output_dir, or set "
+                "overwrite_output_dir=true"
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.config.overwrite_output_dir:
-            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def _warn_unavailable_loggers(self) -> None:
         c = self.config
@@ -353,10 +409,20 @@ class TrainingManager:
             scheduler=loop.scheduler,
             scaler=precision.scaler,
             extra={
+                "loop": state.state_dict(),
+                "rng": capture_rng(loop.data_generators),
                 "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
-                "history": state.history,
+                "tracker": loop.tracker.state_dict(),
+                "callbacks": {
+                    f"{i}:{type(cb).__name__}": cb.state_dict()
+                    for i, cb in enumerate(loop.callbacks)
+                },
+                "world_size": 1,
+                "traineval_version": __version__,
             },
         )
+        if name == "best":
+            save_safetensors(loop.model, self.output_dir / "checkpoints" / "best.safetensors")
         return save_checkpoint_file(payload, self.output_dir / "checkpoints" / f"{name}.pt")
 
     def save_checkpoint(
@@ -400,6 +466,34 @@ class TrainingManager:
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         return payload
+
+
+def _finished(state: dict[str, Any], config: TrainingConfig) -> bool:
+    """Whether a checkpointed run has nothing left to do under `config` (which may extend it)."""
+    if state["stopped_early"]:
+        return True
+    if config.max_steps is not None and state["global_step"] >= config.max_steps:
+        return True
+    return state["batch_in_epoch"] == 0 and state["epoch"] >= config.num_epochs
+
+
+def _restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
+    """Put a checkpoint's loop counters, monitor, tracker, callbacks and RNG back."""
+    loop.state.load_state_dict(payload["loop"])
+    monitor_state = payload["monitor"]
+    if monitor_state["name"] != loop.monitor.name:
+        raise ValueError(
+            f"cannot resume: the checkpoint monitors {monitor_state['name']!r}, the config "
+            f"{loop.monitor.name!r}"
+        )
+    loop.monitor.load_state_dict(monitor_state)
+    loop.tracker.load_state_dict(payload["tracker"])
+    saved = payload.get("callbacks", {})
+    for i, callback in enumerate(loop.callbacks):
+        key = f"{i}:{type(callback).__name__}"
+        if key in saved:
+            callback.load_state_dict(saved[key])
+    loop.resume_rng = payload["rng"]
 
 
 def _updates_per_epoch(loader: Any, accumulation: int) -> int | None:

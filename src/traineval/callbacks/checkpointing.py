@@ -13,12 +13,25 @@ if TYPE_CHECKING:
 
 
 class ModelCheckpoint(Callback):
-    """Request `best` when the monitored metric improves, `last` and `epoch-NNNN` per epoch."""
+    """Request `best` when the monitored metric improves, `last` and `epoch-NNNN` per epoch,
+    and `last` every `every_n_steps` optimizer updates (so a long epoch can be resumed inside).
+    """
 
-    def __init__(self, save_best: bool = True, save_last: bool = True, every_n_epochs: int = 0):
+    def __init__(
+        self,
+        save_best: bool = True,
+        save_last: bool = True,
+        every_n_epochs: int = 0,
+        every_n_steps: int = 0,
+    ) -> None:
         self.save_best = save_best
         self.save_last = save_last
         self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+
+    def on_step_end(self, loop: Loop) -> None:
+        if self.every_n_steps and loop.state.global_step % self.every_n_steps == 0:
+            loop.request_save("last")
 
     def on_evaluate(self, loop: Loop, logs: dict[str, Any]) -> None:
         if self.save_best and logs.get("improved"):
@@ -39,6 +52,12 @@ class BestWeights(Callback):
 
     def __init__(self) -> None:
         self.best_state: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_state = state["best_state"]
 
     def _snapshot(self, loop: Loop, logs: dict[str, Any]) -> None:
         if logs.get("improved"):

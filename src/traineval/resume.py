@@ -1,0 +1,132 @@
+"""Continuing a run: find its checkpoint, check the config still fits, trim the event log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, load_checkpoint_file
+
+logger = logging.getLogger(__name__)
+
+# Fields that change which samples a step sees or how they are drawn: resuming with another
+# value would not continue the run, it would start a different one.
+REFUSED_CHANGES = ("batch_size", "gradient_accumulation_steps", "seed")
+# Fields that change the trajectory from here on, which a user may want (e.g. train longer).
+WARNED_CHANGES = (
+    "num_epochs",
+    "max_steps",
+    "learning_rate",
+    "weight_decay",
+    "optimizer_type",
+    "scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "gradient_clipping",
+    "precision",
+    "mixed_precision",
+)
+
+
+def find_checkpoint(
+    output_dir: Path, resume_from: str | Path
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load the checkpoint to resume from.
+
+    `resume_from="auto"` takes the newest checkpoint in `output_dir/checkpoints` that loads,
+    warning about (and skipping) any that are corrupt, and returns None when there is none.
+    A path must load, or `CheckpointError` names it.
+    """
+    if str(resume_from) != "auto":
+        path = Path(resume_from)
+        return path, load_checkpoint_file(path)
+    folder = output_dir / "checkpoints"
+    candidates = sorted(
+        (p for p in folder.glob("*.pt") if p.is_file()) if folder.is_dir() else [],
+        key=lambda p: (p.stat().st_mtime_ns, p.name == "last.pt"),
+        reverse=True,
+    )
+    for path in candidates:
+        try:
+            return path, load_checkpoint_file(path)
+        except CheckpointError as error:
+            logger.warning("skipping checkpoint %s: %s", path, error)
+    return None
+
+
+def check_compatible(
+    saved: dict[str, Any], current: dict[str, Any], saved_world: int, world_size: int
+) -> None:
+    """Refuse a resume that would change the sample order; warn about other trajectory changes."""
+    refused = [
+        f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
+        for name in REFUSED_CHANGES
+        if saved.get(name) != current.get(name)
+    ]
+    if saved_world != world_size:
+        refused.append(f"world_size: checkpoint {saved_world}, now {world_size}")
+    if refused:
+        raise ValueError(
+            "cannot resume: the config changes how data is drawn ("
+            + "; ".join(refused)
+            + "); resume with the checkpoint's values or start a new run in another output_dir"
+        )
+    for name in WARNED_CHANGES:
+        if saved.get(name) != current.get(name):
+            logger.warning(
+                "RESUMING WITH A CHANGED CONFIG: %s was %r in the checkpoint and is %r now; "
+                "the run will not match an uninterrupted one",
+                name,
+                saved.get(name),
+                current.get(name),
+            )
+
+
+def truncate_events(path: Path, step: int) -> None:
+    """Drop the events an interrupted run logged after its checkpoint (atomically)."""
+    if not path.exists():
+        return
+    kept = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def stop_on_signals(loop: Any) -> Iterator[None]:
+    """While training, SIGTERM and Ctrl-C ask the loop to save and stop at the next step.
+
+    A second signal stops at once (KeyboardInterrupt). Only the main thread installs handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if loop.interrupted is not None:
+            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
+        loop.interrupted = name
+        logger.warning("%s received: saving a checkpoint at the next step boundary", name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,167 @@
+"""Exact resume: an interrupted and resumed run equals the uninterrupted one."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from traineval import Callback, TrainingConfig, TrainingManager
+from traineval.checkpoint import load_checkpoint_file
+from traineval.loggers import read_jsonl
+from traineval.loop import TrainingInterrupted
+
+from conftest import make_classification
+
+
+def dropout_mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+
+
+class InterruptAt(Callback):
+    """Behave like a SIGTERM arriving during update `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, loop):
+        if loop.state.global_step == self.step:
+            loop.interrupted = "SIGTERM"
+
+
+def loaders(workers: int):
+    data = make_classification(n=100, seed=1)
+    val = make_classification(n=40, seed=2)
+    generator = torch.Generator().manual_seed(123)
+    train = DataLoader(data, batch_size=8, shuffle=True, num_workers=workers, generator=generator)
+    return train, DataLoader(val, batch_size=20, num_workers=workers)
+
+
+def config(path, **overrides):
+    settings = {
+        "num_epochs": 4,
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "gradient_accumulation_steps": 2,
+        "warmup_steps": 3,
+        "scheduler_type": "cosine",
+        "log_frequency": 1,
+        "eval_frequency": 5,
+        "early_stopping_patience": 0,
+        "checkpoint_every_n_steps": 2,
+        "output_dir": str(path),
+        "progress_bar": False,
+        "tensorboard_logging": False,
+        "device": "cpu",
+        "seed": 11,
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def step_losses(path):
+    return [
+        (r["step"], r["train/loss"])
+        for r in read_jsonl(path / "metrics.jsonl")
+        if r["event"] == "train"
+    ]
+
+
+def assert_same_state(a: nn.Module, b: nn.Module, path_a, path_b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    opt_a = load_checkpoint_file(path_a / "checkpoints" / "last.pt")["optimizer"]
+    opt_b = load_checkpoint_file(path_b / "checkpoints" / "last.pt")["optimizer"]
+    for key, state in opt_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_b["state"][key][name]), (key, name)
+
+
+@pytest.mark.parametrize(
+    ("workers", "interrupt_at"),
+    [(0, 7), (0, 13), (2, 9)],  # 7 updates per epoch: mid-epoch, epoch boundary... and workers
+)
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, workers, interrupt_at):
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = dropout_mlp(0)
+    train, val = loaders(workers)
+    TrainingManager(config(straight_dir)).train(straight, train, val)
+
+    first = dropout_mlp(0)
+    train, val = loaders(workers)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM at epoch \d, step \d+; resume with"):
+        TrainingManager(config(resumed_dir)).train(
+            first, train, val, callbacks=[InterruptAt(interrupt_at)]
+        )
+    saved = load_checkpoint_file(resumed_dir / "checkpoints" / "last.pt")
+    assert saved["global_step"] == interrupt_at
+
+    resumed = dropout_mlp(99)  # different weights: everything must come from the checkpoint
+    train, val = loaders(workers)
+    result = TrainingManager(config(resumed_dir)).train(resumed, train, val, resume_from="auto")
+
+    assert result["global_step"] == 4 * 7
+    assert_same_state(straight, resumed, straight_dir, resumed_dir)
+    assert step_losses(resumed_dir) == step_losses(straight_dir)
+    straight_history = load_checkpoint_file(straight_dir / "checkpoints" / "last.pt")["loop"]
+    assert result["training_history"]["train_loss"] == straight_history["history"]["train_loss"]
+    assert result["training_history"]["val_metrics"] == straight_history["history"]["val_metrics"]
+
+
+def test_resume_refuses_a_config_that_changes_the_data_order(tmp_path, caplog):
+    train, val = loaders(0)
+    TrainingManager(config(tmp_path, num_epochs=1)).train(dropout_mlp(0), train, val)
+    with pytest.raises(ValueError, match=r"cannot resume.*batch_size: checkpoint 8, now 4"):
+        TrainingManager(config(tmp_path, batch_size=4)).train(
+            dropout_mlp(0), train, val, resume_from="auto"
+        )
+    with caplog.at_level(logging.WARNING):
+        result = TrainingManager(config(tmp_path, num_epochs=2)).train(
+            dropout_mlp(0), train, val, resume_from="auto"
+        )
+    assert "num_epochs was 1 in the checkpoint and is 2 now" in caplog.text
+    assert result["epochs_completed"] == 2
+
+
+def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, caplog):
+    train, val = loaders(0)
+    model = dropout_mlp(0)
+    TrainingManager(config(tmp_path, num_epochs=1)).train(model, train, val)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    again = dropout_mlp(5)
+    with caplog.at_level(logging.INFO):
+        result = TrainingManager(config(tmp_path, num_epochs=1)).train(
+            again, train, val, resume_from="auto"
+        )
+    assert "already finished" in caplog.text
+    assert result["global_step"] == 7
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True)
+    )
+
+
+def test_auto_resume_skips_a_corrupt_checkpoint_and_starts_fresh_without_one(tmp_path, caplog):
+    train, val = loaders(0)
+    with caplog.at_level(logging.INFO):
+        result = TrainingManager(config(tmp_path / "new", num_epochs=1)).train(
+            dropout_mlp(0), train, val, resume_from="auto"
+        )
+    assert "starting fresh" in caplog.text
+    assert result["global_step"] == 7
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config(run)).train(dropout_mlp(0), train, val, callbacks=[InterruptAt(10)])
+    best_step = load_checkpoint_file(run / "checkpoints" / "best.pt")["global_step"]
+    (run / "checkpoints" / "last.pt").write_bytes(b"garbage")  # the newest file is corrupt
+    with caplog.at_level(logging.INFO):
+        resumed = TrainingManager(config(run)).train(dropout_mlp(0), train, val, resume_from="auto")
+    assert "skipping checkpoint" in caplog.text
+    assert "last.pt" in caplog.text
+    assert f"(step {best_step})" in caplog.text
+    assert resumed["global_step"] == 28
