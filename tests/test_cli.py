@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -182,3 +184,43 @@ def test_autoencoder_from_the_command_line(tmp_path):
         )
         == 1
     )
+
+
+def test_interrupted_cli_run_resumes_to_the_same_result(tmp_path, capsys):
+    """SIGTERM mid-run: exit 143 with a resume hint; --resume auto finishes like a straight run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [
+        "-q",
+        "data.name=iris",
+        "model.name=mlp",
+        "model.options={}",
+        "training.num_epochs=4",
+        "training.warmup_steps=2",
+        "training.early_stopping_patience=0",
+        "training.checkpoint_every_n_steps=1",
+    ]
+    assert main(["demo", *common, f"training.output_dir={straight}"]) == 0
+
+    from traineval import Callback, manager
+
+    class Terminate(Callback):
+        def on_step_end(self, loop):
+            if loop.state.global_step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    original = manager.TrainingManager._default_callbacks
+
+    def with_terminate(self):
+        return [*original(self), Terminate()]
+
+    manager.TrainingManager._default_callbacks = with_terminate
+    try:
+        code = main(["demo", *common, f"training.output_dir={resumed}"])
+    finally:
+        manager.TrainingManager._default_callbacks = original
+    assert code == 128 + signal.SIGTERM
+    assert f"training.output_dir={resumed} --resume auto" in capsys.readouterr().err
+    assert main(["demo", *common, f"training.output_dir={resumed}", "--resume", "auto"]) == 0
+    a = json.loads((straight / "evaluation" / "metrics.json").read_text())
+    b = json.loads((resumed / "evaluation" / "metrics.json").read_text())
+    assert a["test"] == b["test"]

@@ -83,7 +83,7 @@ def assert_same_state(a: nn.Module, b: nn.Module, path_a, path_b):
 
 @pytest.mark.parametrize(
     ("workers", "interrupt_at"),
-    [(0, 7), (0, 13), (2, 9)],  # 7 updates per epoch: mid-epoch, epoch boundary... and workers
+    [(0, 7), (0, 13), (2, 14), (2, 20)],  # 7 updates per epoch: epoch ends and mid-epoch
 )
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, workers, interrupt_at):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"

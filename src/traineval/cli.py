@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from importlib import resources
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("config", type=Path, help="YAML file with data/model/training/evaluation")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     fit.add_argument("-q", "--quiet", action="store_true", help="only print the final table")
+    fit.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="continue from a checkpoint, or 'auto': the newest valid one in the output_dir",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -57,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     demo.add_argument("-q", "--quiet", action="store_true", help="only print the final table")
+    demo.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint")
     return parser
 
 
@@ -74,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    # Imported here so that `--help` answers without loading torch.
+    from .checkpoint import CheckpointError
     from .experiment import RunConfig, run_experiment
+    from .loop import TrainingInterrupted
+    from .steplog import NonFiniteError
 
     try:
         if args.command == "demo":
@@ -88,8 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     try:
-        outcome = run_experiment(config)
-    except (ValueError, FileExistsError, NotImplementedError) as error:
+        outcome = run_experiment(config, resume_from=args.resume)
+    except TrainingInterrupted as interrupted:
+        print(f"traineval: {interrupted}", file=sys.stderr)
+        if interrupted.checkpoint:
+            run_dir = Path(interrupted.checkpoint).parent.parent
+            print(
+                f"traineval: to continue, run the same command with "
+                f"training.output_dir={run_dir} --resume auto",
+                file=sys.stderr,
+            )
+        return 128 + getattr(signal, interrupted.signal_name, signal.SIGINT)
+    except (
+        ValueError,
+        FileExistsError,
+        NotImplementedError,
+        CheckpointError,
+        NonFiniteError,
+    ) as error:
         print(f"traineval: error: {error}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started

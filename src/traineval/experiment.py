@@ -172,7 +172,7 @@ class ExperimentResult:
     output_dir: str
 
 
-def run_experiment(config: RunConfig) -> ExperimentResult:
+def run_experiment(config: RunConfig, resume_from: str | None = None) -> ExperimentResult:
     """Train on the train split, pick the best checkpoint on val, evaluate it on test.
 
     Writes `config.yaml` (the whole run config), `metrics.jsonl`, `checkpoints/` and
@@ -217,6 +217,7 @@ def run_experiment(config: RunConfig) -> ExperimentResult:
         task_type=task_type,
         evaluator=evaluator,
         mode=mode,
+        resume_from=resume_from,
     )
     out = Path(result.output_dir)
     resolved = config.to_dict()

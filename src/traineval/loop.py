@@ -231,8 +231,11 @@ class Loop:
         return skip_batches(self.train_loader, state.batch_in_epoch, self._restore_resume_rng)
 
     def _restore_resume_rng(self) -> None:
+        # Only the global generators: the loader's own generators replay the epoch's draws
+        # from its starting state, whenever the loader makes them (a loader with workers
+        # prefetches, so its end-of-epoch draw may fall before or after the checkpoint).
         if self.resume_rng is not None:
-            restore_rng(self.resume_rng, self.data_generators)
+            restore_rng(self.resume_rng, None)
             self.resume_rng = None
 
     def _done(self) -> bool:

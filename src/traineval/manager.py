@@ -22,7 +22,12 @@ from .callbacks import (
     ModelCheckpoint,
     ProgressBar,
 )
-from .checkpoint import load_checkpoint_file, save_checkpoint_file, save_safetensors
+from .checkpoint import (
+    load_checkpoint_file,
+    remove_stale_temporaries,
+    save_checkpoint_file,
+    save_safetensors,
+)
 from .config import TaskType, TrainingConfig, TrainingMode
 from .evaluation import Evaluator
 from .loggers import JsonlLogger
@@ -359,6 +364,8 @@ class TrainingManager:
                 "overwrite_output_dir=true"
             )
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(checkpoints):
+            logger.info("removed %s, left by a save that did not finish", path.name)
 
     def _warn_unavailable_loggers(self) -> None:
         c = self.config

@@ -71,8 +71,11 @@ def capture_rng(generators: Sequence[torch.Generator] = ()) -> dict[str, Any]:
     return state
 
 
-def restore_rng(state: dict[str, Any], generators: Sequence[torch.Generator] = ()) -> None:
-    """Put back what `capture_rng` took; the generators must be the same ones, in order."""
+def restore_rng(state: dict[str, Any], generators: Sequence[torch.Generator] | None = ()) -> None:
+    """Put back what `capture_rng` took; the generators must be the same ones, in order.
+
+    `generators=None` restores only the global generators (Python, NumPy, torch, CUDA).
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
@@ -88,6 +91,8 @@ def restore_rng(state: dict[str, Any], generators: Sequence[torch.Generator] = (
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if generators is None:
+        return
     saved = state["generators"]
     if len(saved) != len(generators):
         raise ValueError(

@@ -1,0 +1,205 @@
+"""Faults that must lose nothing: disk full, non-finite losses, signals, fp16 overflow."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from traineval import Callback, TrainingConfig, TrainingManager
+from traineval import checkpoint as checkpoint_module
+from traineval.checkpoint import (
+    CheckpointError,
+    load_checkpoint_file,
+    load_safetensors,
+    save_checkpoint_file,
+    save_safetensors,
+)
+from traineval.loggers import read_jsonl
+from traineval.loop import TrainingInterrupted
+from traineval.steplog import NonFiniteError
+
+from conftest import make_classification, make_mlp
+
+
+def _config(tmp_path, **overrides):
+    settings = {
+        "num_epochs": 2,
+        "batch_size": 8,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "scheduler_type": "constant",
+        "early_stopping_patience": 0,
+        "log_frequency": 50,
+        "output_dir": str(tmp_path / "run"),
+        "progress_bar": False,
+        "tensorboard_logging": False,
+        "device": "cpu",
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint_file({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint_file({"step": torch.tensor(2)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    path = tmp_path / "cut.pt"
+    save_checkpoint_file({"weights": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(CheckpointError, match=r"cut\.pt.*truncated or corrupt"):
+        load_checkpoint_file(path)
+
+
+def _nan_data(bad_index: int, n: int = 64):
+    data = make_classification(n=n)
+    x, y = data.tensors
+    x = x.clone()
+    x[bad_index] = float("nan")
+    return TensorDataset(x, y)
+
+
+def test_nan_stops_with_the_step_named_and_checkpoints_stay_finite(tmp_path):
+    # batch 8, no shuffle: sample 43 is in micro-batch 5, the 6th optimizer update
+    config = _config(tmp_path, checkpoint_every_n_steps=1, log_frequency=4)
+    with pytest.raises(NonFiniteError, match=r"loss nan at epoch 1, step 6 .*batch 5 of the"):
+        TrainingManager(config).train(make_mlp(), DataLoader(_nan_data(43), 8))
+    saved = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_skip_policy_skips_and_counts_non_finite_steps(tmp_path):
+    config = _config(tmp_path, skip_nonfinite_steps=1, log_frequency=1, num_epochs=1)
+    result = TrainingManager(config).train(make_mlp(), DataLoader(_nan_data(43), 8))
+    assert result["global_step"] == 7  # 8 windows, one skipped
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    assert records[-1]["skipped_steps"] == 1
+    assert all(math.isfinite(r["train/loss"]) for r in records)
+
+
+def test_skip_policy_stops_after_too_many_in_a_row(tmp_path):
+    x, y = make_classification(n=64).tensors
+    x = x.clone()
+    x[16:40] = float("nan")  # windows 3, 4 and 5
+    config = _config(tmp_path, skip_nonfinite_steps=2)
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        TrainingManager(config).train(make_mlp(), DataLoader(TensorDataset(x, y), 8))
+
+
+class _InfGradientAt(Callback):
+    """Turn one update's gradient into inf, as an fp16 overflow would."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.fired = False
+        self.scheduler_steps = []
+
+    def on_train_start(self, loop):
+        def hook(grad):
+            if loop.state.global_step == self.step and not self.fired:
+                self.fired = True
+                return grad * math.inf
+            return grad
+
+        next(loop.model.parameters()).register_hook(hook)
+
+    def on_epoch_end(self, loop, logs):
+        self.scheduler_steps.append((loop.state.global_step, loop.scheduler.last_epoch))
+
+
+def test_fp16_steps_skipped_by_the_scaler_are_not_updates(tmp_path):
+    spy = _InfGradientAt(step=3)
+    config = _config(tmp_path, precision="fp16", num_epochs=1, scheduler_type="cosine")
+    result = TrainingManager(config).train(
+        make_mlp(), DataLoader(make_classification(n=64), 8), callbacks=[spy]
+    )
+    assert result["global_step"] == 7  # 8 windows, the 4th skipped by the GradScaler
+    assert spy.scheduler_steps == [(7, 7)]  # the schedule did not advance on the skipped one
+
+
+class _SignalAt(Callback):
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, loop):
+        if loop.state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_resumable_checkpoint_and_stops(tmp_path, signum):
+    config = _config(tmp_path, num_epochs=3)
+    loader = DataLoader(make_classification(n=64), 8)
+    with pytest.raises(TrainingInterrupted, match=r"resume with resume_from=.*last\.pt") as info:
+        TrainingManager(config).train(make_mlp(), loader, callbacks=[_SignalAt(5, signum)])
+    assert info.value.signal_name == signal.Signals(signum).name
+    saved = load_checkpoint_file(info.value.checkpoint)
+    assert (saved["global_step"], saved["loop"]["batch_in_epoch"]) == (5, 5)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+    result = TrainingManager(config).train(make_mlp(), loader, resume_from="auto")
+    assert result["global_step"] == 24
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight  # tied
+
+
+def test_safetensors_round_trip_with_tied_weights(tmp_path):
+    model = _Tied()
+    save_safetensors(model, tmp_path / "w.safetensors")
+    restored = _Tied()
+    load_safetensors(restored, tmp_path / "w.safetensors")
+    assert torch.equal(restored.embed.weight, model.embed.weight)
+    assert restored.out.weight is restored.embed.weight
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors"):
+        load_safetensors(restored, tmp_path / "bad.safetensors")
+
+
+class _RandomSamples(Dataset):
+    """Each sample draws from NumPy's and torch's global generators inside the worker."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        info = torch.utils.data.get_worker_info()
+        return torch.tensor([np.random.rand(), torch.rand(()).item(), info.id])
+
+
+def test_workers_get_distinct_reproducible_seeds(tmp_path):
+    from traineval.seeding import seed_everything
+
+    draws = []
+    for _ in range(2):
+        seed_everything(3)
+        batches = list(DataLoader(_RandomSamples(), batch_size=1, num_workers=2))
+        draws.append(torch.cat(batches))
+    assert torch.equal(draws[0], draws[1])  # reproducible
+    by_worker = {int(row[2]): row[0].item() for row in draws[0]}
+    assert len(set(by_worker.values())) == 2  # distinct per worker
