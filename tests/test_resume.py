@@ -165,3 +165,49 @@ def test_auto_resume_skips_a_corrupt_checkpoint_and_starts_fresh_without_one(tmp
     assert "last.pt" in caplog.text
     assert f"(step {best_step})" in caplog.text
     assert resumed["global_step"] == 28
+
+
+def test_a_signal_inside_an_accumulation_window_is_handled_at_its_end(tmp_path):
+    """SIGTERM during the first micro-batch of a window: the save waits for the update."""
+    straight_dir, run = tmp_path / "straight", tmp_path / "run"
+    straight = dropout_mlp(0)
+    train, val = loaders(0)
+    TrainingManager(config(straight_dir)).train(straight, train, val)
+
+    model = dropout_mlp(0)
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == 9 and module.training:  # the 1st micro-batch of update 5
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    model.register_forward_pre_hook(hook)
+    train, val = loaders(0)
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config(run)).train(model, train, val)
+    saved = load_checkpoint_file(run / "checkpoints" / "last.pt")
+    assert (saved["global_step"], saved["loop"]["batch_in_epoch"]) == (5, 10)
+
+    resumed = dropout_mlp(1)
+    train, val = loaders(0)
+    TrainingManager(config(run)).train(resumed, train, val, resume_from="auto")
+    assert_same_state(straight, resumed, straight_dir, run)
+
+
+def test_deterministic_mode_is_on_during_training_only(tmp_path):
+    seen = []
+
+    class Probe(Callback):
+        def on_epoch_start(self, loop):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    train, val = loaders(0)
+    TrainingManager(config(tmp_path, num_epochs=1, deterministic=True)).train(
+        dropout_mlp(0), train, val, callbacks=[Probe()]
+    )
+    assert seen == [True]
+    assert not torch.are_deterministic_algorithms_enabled()
