@@ -12,8 +12,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has no Python example"
     monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme"}  # the blocks build on each other, like a session
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+        exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out
     assert "accuracy" in printed
     assert (tmp_path / "runs" / "example" / "metrics.jsonl").exists()
+    assert namespace["result"]["epochs_completed"] == 3
