@@ -34,7 +34,14 @@ def test_result_has_the_spec_keys_and_per_epoch_history(quiet_config):
     history = result["training_history"]
     for key in ("train_loss", "val_loss", "learning_rate", "val_metrics"):
         assert len(history[key]) == 3, key
-    assert set(history["val_metrics"][0]) == {"loss", "accuracy", "precision", "recall", "f1"}
+    assert set(history["val_metrics"][0]) == {
+        "loss",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "log_loss",
+    }
     assert history["train_loss"][-1] < history["train_loss"][0]
     for key in ("best_metric", "best_epoch", "global_step", "stopped_early", "output_dir"):
         assert key in result

@@ -63,7 +63,18 @@ SCHEDULERS = ("cosine", "step", "plateau", "onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITOR_MODES = ("auto", "min", "max")
-CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "confusion_matrix")
+CLASSIFICATION_METRICS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "confusion_matrix",
+    "top_k_accuracy",
+    "log_loss",
+    "roc_auc",
+)
+# roc_auc is opt-in: it is rank-based, so it keeps every score (memory grows with N).
+DEFAULT_CLASSIFICATION_METRICS = CLASSIFICATION_METRICS[:-1]
 REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
 GENERATION_METRICS = ("perplexity", "token_accuracy")
 AVERAGES = ("weighted", "macro", "micro")
@@ -350,10 +361,11 @@ class EvaluationConfig(_ConfigBase):
     compute_metrics: bool = True
     save_predictions: bool = False
     plot_metrics: bool = False
-    classification_metrics: tuple[str, ...] = CLASSIFICATION_METRICS
+    classification_metrics: tuple[str, ...] = DEFAULT_CLASSIFICATION_METRICS
     regression_metrics: tuple[str, ...] = ("mse", "mae", "rmse", "r2_score")
     generation_metrics: tuple[str, ...] = GENERATION_METRICS
     average: str = "weighted"
+    top_k: int = 5
     ignore_index: int = -100
     output_dir: str | None = None
 
@@ -366,6 +378,7 @@ class EvaluationConfig(_ConfigBase):
         for name in ("classification_metrics", "regression_metrics", "generation_metrics"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _choice("average", self.average, AVERAGES)
+        _int("top_k", self.top_k, minimum=1)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             _fail("ignore_index", self.ignore_index, "expected an integer")
         if self.output_dir is not None and not isinstance(self.output_dir, str):

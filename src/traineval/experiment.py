@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_checkpoint_file
 from .config import (
     EvaluationConfig,
+    EvaluationMode,
     TrainingConfig,
     TrainingMode,
     _bool,
@@ -232,7 +233,13 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     test_loader = loader(splits.test, t.effective_eval_batch_size, shuffle=False)
     if test_loader is not None:
         test_metrics = evaluator.evaluate_model(
-            model, test_loader, manager.device, task_type=task_type, mode=mode
+            model,
+            test_loader,
+            manager.device,
+            task_type=task_type,
+            training_mode=mode,
+            split=EvaluationMode.TESTING,
+            output_dir=out,
         )
     record: dict[str, Any] = {
         "evaluated": evaluated,

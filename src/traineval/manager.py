@@ -219,6 +219,8 @@ class TrainingManager:
                 precision.scaler.load_state_dict(payload["scaler"])
         forward_model: nn.Module = torch.compile(model) if c.compile else model  # type: ignore[assignment]
         evaluate_fn = None
+        if evaluator is not None:
+            evaluator.run_dir = self.output_dir  # where its predictions and plots go later
         if val_loader is not None:
             evaluator = evaluator or Evaluator()
 
@@ -229,8 +231,9 @@ class TrainingManager:
                     self.device,
                     loss_function,
                     task_type=task_type,
-                    mode=mode,
+                    training_mode=mode,
                     precision=precision,
+                    write_files=False,  # predictions and plots are for final evaluations
                 )
 
         self._warn_unavailable_loggers()

@@ -1,6 +1,12 @@
 """Evaluation: task detection, streaming metrics, the Evaluator."""
 
 from .evaluator import Evaluator
-from .metrics import ConfusionMatrix, RegressionStats, TokenStats
+from .metrics import ConfusionMatrix, ProbabilityStats, RegressionStats, TokenStats
 
-__all__ = ["ConfusionMatrix", "Evaluator", "RegressionStats", "TokenStats"]
+__all__ = [
+    "ConfusionMatrix",
+    "Evaluator",
+    "ProbabilityStats",
+    "RegressionStats",
+    "TokenStats",
+]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import EvaluationConfig, TaskType, TrainingMode
+from ..config import EvaluationConfig, EvaluationMode, TaskType, TrainingMode
 from ..modes.base import (
     batch_size_of,
     count_required_args,
@@ -21,7 +23,17 @@ from ..modes.base import (
 from ..precision import Precision
 from ..tasks import default_loss, detect_task
 from ..tracking import MetricsTracker
-from .metrics import ConfusionMatrix, RegressionStats, TokenStats
+from .metrics import ConfusionMatrix, ProbabilityStats, RegressionStats, TokenStats
+from .predictions import PredictionWriter
+
+SPLIT_PREFIX = {
+    EvaluationMode.TRAINING: "train",
+    EvaluationMode.VALIDATION: "val",
+    EvaluationMode.TESTING: "test",
+    EvaluationMode.CROSS_VALIDATION: "cv",
+    EvaluationMode.ENSEMBLE: "ensemble",
+}
+SCATTER_POINTS = 10_000  # predicted-vs-actual plots keep this many points, not all
 
 
 class Evaluator:
@@ -39,6 +51,9 @@ class Evaluator:
         self.metrics_tracker = MetricsTracker()
         self.last_confusion_matrix: np.ndarray | None = None
         self.last_task_type: TaskType | None = None
+        self.last_files: dict[str, str] = {}
+        self.run_dir: Path | None = None  # set by TrainingManager.train: where files go
+        self._evaluations = 0
 
     def metric_names(self, task_type: TaskType) -> list[str]:
         """The scalar metrics `evaluate_model` returns for a task (besides `loss`)."""
@@ -60,7 +75,7 @@ class Evaluator:
         `traineval.tasks.detect_task`). The confusion matrix goes to `last_confusion_matrix`.
         """
         task = task_type or detect_task(predictions, targets)
-        accumulator = _Accumulator(task, self.config.ignore_index)
+        accumulator = _Accumulator(task, self.config, keep_curve=False)
         accumulator.update(predictions, targets)
         return self._finish(accumulator)
 
@@ -72,49 +87,62 @@ class Evaluator:
         loss_function: Any = None,
         *,
         task_type: TaskType | None = None,
-        mode: TrainingMode = TrainingMode.SUPERVISED,
+        training_mode: TrainingMode = TrainingMode.SUPERVISED,
         precision: Precision | None = None,
+        split: EvaluationMode = EvaluationMode.VALIDATION,
+        output_dir: str | Path | None = None,
+        write_files: bool = True,
     ) -> dict[str, float]:
         """Evaluate `model` on `loader`: the mean loss and the task's metrics.
 
-        Streams: metric state stays on `device` and is bounded by the number of classes. The
-        loss is averaged over items the way training averages it (samples, or non-ignored
-        tokens). In unsupervised mode the targets are the inputs.
+        Streams: metric state stays on `device` and is bounded by the number of classes (only
+        `roc_auc` keeps every score). The loss is averaged over items the way training
+        averages it (samples, or non-ignored tokens). In unsupervised mode the targets are the
+        inputs. With `save_predictions` / `plot_metrics` on (and `write_files`),
+        `predictions_<split>.csv` and the plots go to `<output_dir>/evaluation/`; `output_dir`
+        defaults to the config's, then to the run directory of the last `train` it served.
         """
         device = torch.device(device) if device is not None else _device_of(model)
+        prefix = SPLIT_PREFIX[split]
+        folder = self._output_folder(output_dir) if write_files else None
+        writer: PredictionWriter | None = None
         was_training = model.training
         model.eval()
         accumulator: _Accumulator | None = None
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         weight_sum = torch.zeros((), dtype=torch.float64, device=device)
+        takes_targets = True
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), contextlib.ExitStack() as stack:
                 for batch in loader:
                     if device.type != "cpu":
                         batch = move_to_device(batch, device)
                     inputs, targets = split_batch(batch)
-                    if mode is TrainingMode.UNSUPERVISED:
+                    if training_mode is TrainingMode.UNSUPERVISED:
                         targets = inputs
                     elif targets is None:
                         raise ValueError("evaluation needs (inputs, targets) batches")
-                    if precision is not None:
-                        with precision.autocast():
-                            outputs = forward(model, inputs)
-                    else:
+                    with precision.autocast() if precision is not None else _nothing():
                         outputs = forward(model, inputs)
                     if accumulator is None:
-                        task = task_type or detect_task(outputs, targets)
-                        accumulator = _Accumulator(task, self.config.ignore_index)
+                        task = task_type or detect_task(_main_output(outputs), targets)
+                        accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
                         if loss_function is None:
                             loss_function = default_loss(task, self.config.ignore_index)
                         takes_targets = count_required_args(loss_function) >= 2
+                        if folder is not None and self.config.save_predictions:
+                            path = folder / f"predictions_{prefix}.csv"
+                            writer = stack.enter_context(PredictionWriter(path, task))
                     args = (outputs, targets) if takes_targets else (outputs,)
                     loss = loss_function(*args)
                     weight = loss_weight(loss_function, targets, batch_size_of(inputs))
                     loss_sum += loss.detach().double() * weight
                     weight_sum += weight
+                    main = _main_output(outputs)
                     if self.config.compute_metrics:
-                        accumulator.update(_main_output(outputs), targets)
+                        accumulator.update(main, targets)
+                    if writer is not None:
+                        writer.write(main, targets)
         finally:
             model.train(was_training)
         if accumulator is None:
@@ -123,7 +151,28 @@ class Evaluator:
         metrics = {"loss": float(loss_sum) / total_weight if total_weight else float("nan")}
         if self.config.compute_metrics:
             metrics.update(self._finish(accumulator))
+        self._evaluations += 1
+        self.metrics_tracker.update(
+            {f"{prefix}_{name}": value for name, value in metrics.items()}, self._evaluations
+        )
+        self.last_files = {"predictions": str(writer.path)} if writer is not None else {}
+        if folder is not None and self.config.plot_metrics:
+            self.last_files.update(self._plot(accumulator, folder, prefix))
         return metrics
+
+    def _output_folder(self, output_dir: str | Path | None) -> Path | None:
+        wanted = self.config.save_predictions or self.config.plot_metrics
+        base = output_dir or self.config.output_dir or self.run_dir
+        if not wanted:
+            return None
+        if base is None:
+            raise ValueError(
+                "save_predictions / plot_metrics need somewhere to write: set "
+                "EvaluationConfig.output_dir or pass output_dir"
+            )
+        folder = Path(base) / "evaluation"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def _finish(self, accumulator: _Accumulator) -> dict[str, float]:
         self.last_task_type = accumulator.task
@@ -137,39 +186,96 @@ class Evaluator:
             wanted = ["loss", *wanted]
         return {name: computed[name] for name in wanted if name in computed}
 
+    def _plot(self, accumulator: _Accumulator, folder: Path, prefix: str) -> dict[str, str]:
+        from ..reporting import plots
+
+        files: dict[str, str] = {}
+        if accumulator.confusion is not None:
+            path = folder / f"confusion_matrix_{prefix}.png"
+            plots.confusion_matrix(accumulator.confusion.matrix().numpy(), path)
+            files["confusion_matrix"] = str(path)
+            scores = accumulator.scores
+            if scores is not None and scores.keep_scores and scores.num_classes == 2:
+                path = folder / f"roc_curve_{prefix}.png"
+                plots.roc_curve(*scores.curve(), path)
+                files["roc_curve"] = str(path)
+        if accumulator.scatter is not None:
+            path = folder / f"predicted_vs_actual_{prefix}.png"
+            plots.predicted_vs_actual(*accumulator.scatter_arrays(), path)
+            files["predicted_vs_actual"] = str(path)
+        return files
+
 
 class _Accumulator:
     """The streaming metric state of one task."""
 
-    def __init__(self, task: TaskType, ignore_index: int) -> None:
+    def __init__(self, task: TaskType, config: EvaluationConfig, keep_curve: bool) -> None:
         self.task = task
-        self.ignore_index = ignore_index
+        self.config = config
+        self.keep_curve = keep_curve and config.plot_metrics
         self.confusion: ConfusionMatrix | None = None
+        self.scores: ProbabilityStats | None = None
         self.regression = RegressionStats() if task is TaskType.REGRESSION else None
-        self.tokens = TokenStats(ignore_index) if task is TaskType.GENERATION else None
+        self.tokens = TokenStats(config.ignore_index) if task is TaskType.GENERATION else None
+        self.scatter: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+            [] if self.keep_curve and task is TaskType.REGRESSION else None
+        )
+        self._scattered = 0
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self.task is TaskType.CLASSIFICATION:
             if self.confusion is None:
-                classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
-                self.confusion = ConfusionMatrix(classes, self.ignore_index)
+                self._start_classification(outputs)
+            assert self.confusion is not None
             self.confusion.update(outputs, targets)
+            if self.scores is not None:
+                self.scores.update(outputs, targets)
         elif self.regression is not None:
             if targets.shape[0] != outputs.shape[0]:
                 raise ValueError(
                     f"{outputs.shape[0]} predictions but {targets.shape[0]} targets in a batch"
                 )
             self.regression.update(outputs, targets)
+            if self.scatter is not None and self._scattered < SCATTER_POINTS:
+                take = SCATTER_POINTS - self._scattered
+                self.scatter.append(
+                    (outputs.reshape(-1)[:take].cpu(), targets.reshape(-1)[:take].cpu())
+                )
+                self._scattered += min(take, outputs.numel())
         elif self.tokens is not None:
             self.tokens.update(outputs, targets)
 
+    def _start_classification(self, outputs: torch.Tensor) -> None:
+        classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
+        self.confusion = ConfusionMatrix(classes, self.config.ignore_index)
+        names = set(self.config.classification_metrics)
+        if names & {"log_loss", "top_k_accuracy", "roc_auc"} or self.keep_curve:
+            keep = "roc_auc" in names or (self.keep_curve and classes == 2)
+            self.scores = ProbabilityStats(
+                classes, self.config.top_k, keep, self.config.ignore_index
+            )
+
     def compute(self, average: str) -> dict[str, float]:
         if self.confusion is not None:
-            return self.confusion.compute(average)
+            out = self.confusion.compute(average)
+            if self.scores is not None:
+                out.update(self.scores.compute())
+            return out
         if self.regression is not None:
             return self.regression.compute()
         assert self.tokens is not None
         return self.tokens.compute()
+
+    def scatter_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.scatter
+        predictions = torch.cat([p for p, _ in self.scatter]).numpy()
+        targets = torch.cat([t for _, t in self.scatter]).numpy()
+        return predictions, targets
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _main_output(outputs: Any) -> torch.Tensor:

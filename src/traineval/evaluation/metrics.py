@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from ..tasks import align_regression
 
@@ -238,3 +239,93 @@ class TokenStats:
 def as_plain(metrics: dict[str, Any]) -> dict[str, float]:
     """Only the scalar entries of a metrics dict, as floats."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class ProbabilityStats:
+    """Score-based classification metrics: log loss and top-k accuracy, streamed; ROC-AUC.
+
+    Probabilities are the softmax of `(N, C)` scores (the sigmoid of one binary logit). Log
+    loss and top-k need only running sums. ROC-AUC is rank-based, so with `keep_scores` the
+    probabilities are kept on the host (N x C floats) and scikit-learn computes it exactly.
+    """
+
+    def __init__(
+        self, num_classes: int, top_k: int = 5, keep_scores: bool = False, ignore_index: int = -100
+    ) -> None:
+        self.num_classes = num_classes
+        self.top_k = top_k
+        self.keep_scores = keep_scores
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def log_probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.to(_accum_dtype(scores.device))
+        if scores.ndim == 1 or scores.shape[1] == 1:
+            logit = scores.reshape(-1)
+            return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], dim=1)
+        return F.log_softmax(scores, dim=1)
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        targets = targets.reshape(-1).long()
+        log_probs = self.log_probabilities(scores)
+        kept = (targets != self.ignore_index) & (targets >= 0) & (targets < self.num_classes)
+        safe = torch.where(kept, targets, 0)
+        picked = log_probs.gather(1, safe[:, None]).squeeze(1)
+        batch = {
+            "nll": -(picked * kept).sum(),
+            "count": kept.sum(),
+        }
+        if self.num_classes > self.top_k:
+            top = log_probs.topk(self.top_k, dim=1).indices
+            batch["top_k"] = ((top == safe[:, None]).any(dim=1) & kept).sum()
+        self.state = batch if not self.state else {k: self.state[k] + batch[k] for k in batch}
+        if self.keep_scores:
+            self.scores.append(log_probs.exp().cpu())
+            self.labels.append(torch.where(kept, targets, -1).cpu())
+
+    def compute(self) -> dict[str, float]:
+        if not self.state:
+            raise ValueError("no data: call update() with at least one batch before compute()")
+        count = int(self.state["count"])
+        if count == 0:
+            raise ValueError("no data: every target was ignored")
+        out = {"log_loss": float(self.state["nll"]) / count}
+        if "top_k" in self.state:
+            out["top_k_accuracy"] = int(self.state["top_k"]) / count
+        if self.keep_scores:
+            out["roc_auc"] = self.roc_auc()
+        return out
+
+    def roc_auc(self) -> float:
+        """ROC-AUC as scikit-learn computes it: binary, or one-vs-rest macro for C > 2."""
+        from sklearn.metrics import roc_auc_score
+
+        labels = torch.cat(self.labels).numpy()
+        probabilities = torch.cat(self.scores).numpy()
+        kept = labels >= 0
+        labels, probabilities = labels[kept], probabilities[kept]
+        try:
+            if self.num_classes == 2:
+                return float(roc_auc_score(labels, probabilities[:, 1]))
+            return float(
+                roc_auc_score(
+                    labels, probabilities, multi_class="ovr", labels=range(self.num_classes)
+                )
+            )
+        except ValueError as error:
+            raise ValueError(f"roc_auc is undefined here: {error}") from None
+
+    def curve(self) -> tuple[Any, Any]:
+        """The binary ROC curve (false and true positive rates), for plotting."""
+        from sklearn.metrics import roc_curve
+
+        labels = torch.cat(self.labels).numpy()
+        probabilities = torch.cat(self.scores).numpy()
+        kept = labels >= 0
+        fpr, tpr, _ = roc_curve(labels[kept], probabilities[kept][:, 1])
+        return fpr, tpr

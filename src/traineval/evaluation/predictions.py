@@ -1,0 +1,98 @@
+"""predictions.csv: one row per sample, written batch by batch (nothing is held in memory)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import torch
+
+from ..config import TaskType
+
+
+class PredictionWriter:
+    """Stream `id, target, prediction[, prob_0 .. prob_{C-1}]` rows to a CSV file.
+
+    `id` is the sample's position in the loader's order. Classification rows carry the class
+    probabilities (softmax, or sigmoid for one binary logit); regression rows one
+    `target_j, prediction_j` pair per output; generation rows the per-sequence token accuracy.
+    """
+
+    def __init__(self, path: str | Path, task: TaskType) -> None:
+        self.path = Path(path)
+        self.task = task
+        self.rows = 0
+        self._handle: IO[str] | None = None
+        self._writer: Any = None
+
+    def __enter__(self) -> PredictionWriter:
+        self._handle = self.path.open("w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._handle)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+    def write(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.rows == 0:
+            self._writer.writerow(self._header(outputs))
+        self._writer.writerows(self._rows(outputs.detach().float().cpu(), targets.detach().cpu()))
+
+    def _header(self, outputs: torch.Tensor) -> list[str]:
+        if self.task is TaskType.CLASSIFICATION:
+            classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
+            return ["id", "target", "prediction", *(f"prob_{c}" for c in range(classes))]
+        if self.task is TaskType.REGRESSION:
+            width = outputs.reshape(outputs.shape[0], -1).shape[1]
+            if width == 1:
+                return ["id", "target", "prediction"]
+            pairs = [[f"target_{j}", f"prediction_{j}"] for j in range(width)]
+            return ["id", *(name for pair in pairs for name in pair)]
+        return ["id", "tokens", "token_accuracy"]
+
+    def _rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[list[Any]]:
+        start = self.rows
+        if self.task is TaskType.CLASSIFICATION:
+            if outputs.ndim == 1 or outputs.shape[1] == 1:
+                p1 = torch.sigmoid(outputs.reshape(-1))
+                probabilities = torch.stack([1 - p1, p1], dim=1)
+            else:
+                probabilities = torch.softmax(outputs, dim=1)
+            predicted = probabilities.argmax(dim=1)
+            rows = [
+                [start + i, int(t), int(p), *(f"{v:.6g}" for v in probs)]
+                for i, (t, p, probs) in enumerate(
+                    zip(
+                        targets.reshape(-1).tolist(),
+                        predicted.tolist(),
+                        probabilities.tolist(),
+                        strict=True,
+                    )
+                )
+            ]
+        elif self.task is TaskType.REGRESSION:
+            n = outputs.shape[0]
+            predictions = outputs.reshape(n, -1).tolist()
+            truths = targets.reshape(n, -1).tolist()
+            rows = [
+                [start + i, *(f"{v:.6g}" for pair in zip(t, p, strict=True) for v in pair)]
+                for i, (t, p) in enumerate(zip(truths, predictions, strict=True))
+            ]
+        else:
+            kept = targets != -100
+            correct = ((outputs.argmax(-1) == targets) & kept).sum(-1)
+            counts = kept.sum(-1)
+            rows = [
+                [start + i, int(c), f"{(int(k) / int(c)) if int(c) else float('nan'):.6g}"]
+                for i, (k, c) in enumerate(zip(correct.tolist(), counts.tolist(), strict=True))
+            ]
+        self.rows += len(rows)
+        return rows

@@ -1,0 +1,1 @@
+"""Plots and reports built from results and run directories (matplotlib, imported lazily)."""
