@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..config import EvaluationConfig, EvaluationMode, TaskType, TrainingMode
+from ..config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
 from ..modes.base import (
     batch_size_of,
     count_required_args,
@@ -159,6 +160,95 @@ class Evaluator:
         if folder is not None and self.config.plot_metrics:
             self.last_files.update(self._plot(accumulator, folder, prefix))
         return metrics
+
+    def cross_validate(
+        self,
+        model_class: Callable[[], nn.Module],
+        train_dataset: Dataset[Any],
+        config: TrainingConfig,
+        n_folds: int = 5,
+        *,
+        stratify: bool | None = None,
+        groups: Sequence[Any] | None = None,
+        task_type: TaskType | None = None,
+        loss_function: Any = None,
+        training_mode: TrainingMode = TrainingMode.SUPERVISED,
+        num_workers: int = 0,
+    ) -> dict[str, Any]:
+        """k-fold cross-validation (SPEC.md's call shape): one fresh model per fold.
+
+        `model_class` is a model class taking no arguments or any function returning a new
+        model. Folds are stratified for classification unless `stratify=False`, grouped when
+        `groups` is given (no group spans two folds), plain otherwise, shuffled with
+        `config.seed`. Every fold starts from fresh weights, optimizer, scheduler and
+        callbacks, trains in `<output_dir>/fold-<k>/`, and reports its *best* validation
+        metrics (at the monitored metric's best evaluation).
+
+        Returns `<metric>_mean` and `<metric>_std` for every validation metric, plus `folds`
+        (per-fold best metrics, epoch, checkpoint) and `fold_checkpoints` (for
+        `evaluate_ensemble`); the same summary is written to `<output_dir>/cv_summary.json`.
+        """
+        from .cross_validation import cross_validate
+
+        return cross_validate(
+            self,
+            model_class,
+            train_dataset,
+            config,
+            n_folds,
+            stratify=stratify,
+            groups=groups,
+            task_type=task_type,
+            loss_function=loss_function,
+            mode=training_mode,
+            num_workers=num_workers,
+        )
+
+    def evaluate_ensemble(
+        self,
+        models_or_checkpoint_paths: Sequence[nn.Module | str | Path],
+        loader: Iterable[Any],
+        device: torch.device | str | None = None,
+        *,
+        model_factory: Callable[[], nn.Module] | None = None,
+        loss_function: Any = None,
+        task_type: TaskType | None = None,
+        split: EvaluationMode = EvaluationMode.TESTING,
+        output_dir: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate several models together and each on its own.
+
+        The ensemble averages probabilities (classification, generation) or predictions
+        (regression). Checkpoint paths are loaded into `model_factory()` (weights only).
+        Returns `{"ensemble": metrics, "members": [metrics, ...]}`; predictions and plots,
+        when configured, are written for the ensemble.
+        """
+        from .ensemble import EnsembleModule, load_members
+
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        members = load_members(models_or_checkpoint_paths, model_factory, where)
+        member_metrics = [
+            self.evaluate_model(
+                member,
+                loader,
+                where,
+                loss_function,
+                task_type=task_type,
+                split=split,
+                write_files=False,
+            )
+            for member in members
+        ]
+        ensemble = self.evaluate_model(
+            EnsembleModule(members, task_type),
+            loader,
+            where,
+            loss_function,  # log-probabilities / a logit / means: the members' losses apply
+            task_type=task_type,
+            split=EvaluationMode.ENSEMBLE,
+            output_dir=output_dir,
+        )
+        return {"ensemble": ensemble, "members": member_metrics}
 
     def _output_folder(self, output_dir: str | Path | None) -> Path | None:
         wanted = self.config.save_predictions or self.config.plot_metrics

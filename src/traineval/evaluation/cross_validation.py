@@ -1,0 +1,187 @@
+"""k-fold cross-validation of deep models: fresh state per fold, best (not last) metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..config import TaskType, TrainingConfig, TrainingMode
+
+if TYPE_CHECKING:
+    from .evaluator import Evaluator
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:
+    """The targets of a dataset, for stratification (a TensorDataset's second tensor, or read)."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) >= 2:
+        return np.asarray(tensors[1].reshape(len(tensors[1]), -1)[:, 0])
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+
+
+def make_folds(
+    n_samples: int,
+    n_folds: int,
+    *,
+    labels: np.ndarray | None = None,
+    groups: Sequence[Any] | None = None,
+    seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) index pairs: grouped if `groups`, stratified if `labels`, else plain."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+
+    if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 2:
+        raise ValueError(f"n_folds={n_folds!r} is invalid: expected an integer >= 2")
+    if n_folds > n_samples:
+        raise ValueError(f"n_folds={n_folds} is invalid: the dataset has {n_samples} samples")
+    indices = np.arange(n_samples)
+    if groups is not None:
+        group_array = np.asarray(groups)
+        if len(group_array) != n_samples:
+            raise ValueError(f"groups has {len(group_array)} entries for {n_samples} samples")
+        distinct = len(set(group_array.tolist()))
+        if distinct < n_folds:
+            raise ValueError(f"n_folds={n_folds} is more than the {distinct} groups")
+        return list(GroupKFold(n_splits=n_folds).split(indices, groups=group_array))
+    if labels is not None:
+        counts = np.bincount(labels.astype(np.int64))
+        smallest = counts[counts > 0].min()
+        if smallest < n_folds:
+            raise ValueError(
+                f"n_folds={n_folds} is invalid for stratified folds: a class has only "
+                f"{smallest} samples; use fewer folds or stratify=False"
+            )
+        folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return list(folds.split(indices, labels))
+    return list(KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(indices))
+
+
+@dataclasses.dataclass
+class FoldResult:
+    fold: int
+    best_metrics: dict[str, float]
+    best_epoch: int | None
+    checkpoint: str | None
+    output_dir: str
+    validation_size: int
+
+
+def cross_validate(
+    evaluator: Evaluator,
+    model_factory: Callable[[], nn.Module],
+    dataset: Dataset[Any],
+    config: TrainingConfig,
+    n_folds: int = 5,
+    *,
+    stratify: bool | None = None,
+    groups: Sequence[Any] | None = None,
+    task_type: TaskType | None = None,
+    loss_function: Any = None,
+    mode: TrainingMode = TrainingMode.SUPERVISED,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Train and validate one fresh model per fold; aggregate each fold's best metrics.
+
+    See `Evaluator.cross_validate`.
+    """
+    from ..manager import TrainingManager
+    from .evaluator import Evaluator
+
+    if not callable(model_factory):
+        raise TypeError("model_factory must be a model class or a function returning a model")
+    n = len(dataset)  # type: ignore[arg-type]
+    classification = task_type is TaskType.CLASSIFICATION or (
+        task_type is None and mode is TrainingMode.SUPERVISED and _integer_targets(dataset)
+    )
+    if stratify and not classification:
+        raise ValueError("stratify=True needs classification targets")
+    use_strata = classification if stratify is None else stratify
+    labels = dataset_labels(dataset) if use_strata and groups is None else None
+    folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=config.seed)
+    base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
+    results: list[FoldResult] = []
+    for k, (train_idx, val_idx) in enumerate(folds, start=1):
+        logger.info("Training fold %d/%d", k, n_folds)
+        fold_config = TrainingConfig.from_dict(
+            {**config.to_dict(), "output_dir": str(base / f"fold-{k}")}
+        )
+        model = model_factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module")
+        generator = torch.Generator().manual_seed(config.seed + k)
+        train_loader = DataLoader(
+            Subset(dataset, train_idx.tolist()),
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=num_workers,
+        )
+        val_loader = DataLoader(
+            Subset(dataset, val_idx.tolist()),
+            batch_size=config.effective_eval_batch_size,
+            num_workers=num_workers,
+        )
+        fold_evaluator = Evaluator(evaluator.config)  # fresh state per fold
+        result = TrainingManager(fold_config).train(
+            model,
+            train_loader,
+            val_loader,
+            task_type=task_type,
+            loss_function=loss_function,
+            evaluator=fold_evaluator,
+            mode=mode,
+        )
+        history = result.training_history
+        best_step = result.best_step
+        if best_step in history["val_steps"]:
+            best = history["val_metrics"][history["val_steps"].index(best_step)]
+        else:  # monitored on train_loss: the evaluation of the best epoch
+            best = history["val_metrics"][history["epoch"].index(result.best_epoch)]
+        results.append(
+            FoldResult(
+                fold=k,
+                best_metrics=dict(best),
+                best_epoch=result.best_epoch,
+                checkpoint=result.checkpoints.get("best"),
+                output_dir=result.output_dir,
+                validation_size=len(val_idx),
+            )
+        )
+    summary = aggregate(results)
+    summary["output_dir"] = str(base)
+    (base / "cv_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def aggregate(results: Sequence[FoldResult]) -> dict[str, Any]:
+    """`<metric>_mean` and `<metric>_std` (population std, as SPEC.md) plus per-fold values."""
+    names = list(results[0].best_metrics)
+    summary: dict[str, Any] = {}
+    for name in names:
+        values = [r.best_metrics[name] for r in results]
+        summary[f"{name}_mean"] = float(np.mean(values))
+        summary[f"{name}_std"] = float(np.std(values))
+    summary["folds"] = [dataclasses.asdict(r) for r in results]
+    summary["fold_checkpoints"] = [r.checkpoint for r in results]
+    return summary
+
+
+def _integer_targets(dataset: Dataset[Any]) -> bool:
+    first = dataset[0]
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        return False
+    target = first[1]
+    if isinstance(target, torch.Tensor):
+        return not target.is_floating_point() and target.numel() == 1
+    return isinstance(target, (int, np.integer))

@@ -1,0 +1,153 @@
+"""Cross-validation (fresh state per fold, best metrics) and ensembles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as sk
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import EvaluationConfig, Evaluator, TrainingConfig
+from traineval.evaluation.cross_validation import make_folds
+
+from conftest import make_classification
+
+
+class SimpleModel(nn.Module):
+    """SPEC.md's cross-validation example passes a class that takes no arguments."""
+
+    instances = 0
+
+    def __init__(self):
+        super().__init__()
+        SimpleModel.instances += 1
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _config(tmp_path, **overrides):
+    settings = {
+        "num_epochs": 4,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "scheduler_type": "constant",
+        "early_stopping_patience": 0,
+        "progress_bar": False,
+        "tensorboard_logging": False,
+        "device": "cpu",
+        "output_dir": str(tmp_path / "cv"),
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def test_cross_validate_reports_each_folds_best_metrics(tmp_path):
+    dataset = make_classification(n=150, seed=3)
+    SimpleModel.instances = 0
+    result = Evaluator().cross_validate(SimpleModel, dataset, _config(tmp_path), n_folds=3)
+    assert SimpleModel.instances == 3  # fresh weights per fold
+    folds = result["folds"]
+    assert [f["validation_size"] for f in folds] == [50, 50, 50]
+    for fold in folds:
+        history = json.loads(
+            (tmp_path / "cv" / f"fold-{fold['fold']}" / "summary.json").read_text()
+        )
+        assert history["best_epoch"] == fold["best_epoch"]
+        assert (tmp_path / "cv" / f"fold-{fold['fold']}" / "checkpoints" / "best.pt").exists()
+    losses = [f["best_metrics"]["loss"] for f in folds]
+    assert result["loss_mean"] == pytest.approx(np.mean(losses))
+    assert result["loss_std"] == pytest.approx(np.std(losses))
+    assert {"accuracy_mean", "accuracy_std", "f1_mean"} <= set(result)
+    assert (
+        json.loads((tmp_path / "cv" / "cv_summary.json").read_text())["loss_mean"]
+        == (result["loss_mean"])
+    )
+
+
+def test_best_not_last_metrics_are_reported(tmp_path):
+    """With a learning rate that diverges late, the best epoch is not the last."""
+    dataset = make_classification(n=120, seed=4)
+    config = _config(
+        tmp_path, num_epochs=6, learning_rate=0.5, optimizer_type="sgd", gradient_clipping=False
+    )
+    result = Evaluator().cross_validate(SimpleModel, dataset, config, n_folds=2)
+    for fold in result["folds"]:
+        history = json.loads(
+            (tmp_path / "cv" / f"fold-{fold['fold']}" / "summary.json").read_text()
+        )
+        assert fold["best_metrics"]["loss"] == history["best_metric"]
+    assert any(fold["best_epoch"] < 6 for fold in result["folds"])  # not the last epoch
+
+
+def test_folds_are_stratified_grouped_or_plain():
+    labels = np.array([0] * 30 + [1] * 10)
+    for _, val in make_folds(40, 5, labels=labels, seed=0):
+        assert np.bincount(labels[val]).tolist() == [6, 2]
+    groups = np.repeat(np.arange(8), 5)
+    for train, val in make_folds(40, 4, groups=groups):
+        assert not set(groups[train]) & set(groups[val])
+    plain = make_folds(40, 4, seed=1)
+    assert sorted(np.concatenate([val for _, val in plain]).tolist()) == list(range(40))
+    with pytest.raises(ValueError, match="a class has only 10 samples"):
+        make_folds(40, 11, labels=labels)
+    with pytest.raises(ValueError, match="n_folds=1 is invalid"):
+        make_folds(40, 1)
+
+
+def test_a_factory_function_works_too(tmp_path):
+    dataset = make_classification(n=60)
+    result = Evaluator().cross_validate(
+        lambda: nn.Linear(8, 3), dataset, _config(tmp_path, num_epochs=1), n_folds=2
+    )
+    assert len(result["fold_checkpoints"]) == 2
+
+
+def test_ensemble_averages_probabilities_and_reports_members(tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 8, generator=generator)
+    y = torch.randint(0, 3, (200,), generator=generator)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(0)
+    members = [nn.Linear(8, 3) for _ in range(3)]
+    result = Evaluator(
+        EvaluationConfig(classification_metrics=["accuracy", "log_loss"])
+    ).evaluate_ensemble(members, loader)
+    with torch.no_grad():
+        probabilities = torch.stack([torch.softmax(m(x), 1) for m in members]).mean(0)
+    assert result["ensemble"]["accuracy"] == pytest.approx(
+        sk.accuracy_score(y, probabilities.argmax(1))
+    )
+    assert result["ensemble"]["log_loss"] == pytest.approx(
+        sk.log_loss(y, probabilities.double() / probabilities.double().sum(1, keepdim=True)),
+        rel=1e-6,
+    )
+    assert result["ensemble"]["loss"] == pytest.approx(result["ensemble"]["log_loss"], rel=1e-6)
+    assert len(result["members"]) == 3
+
+
+def test_ensemble_of_regressors_averages_predictions():
+    x = torch.randn(40, 2)
+    y = x.sum(1)
+    members = [nn.Linear(2, 1) for _ in range(2)]
+    result = Evaluator().evaluate_ensemble(members, DataLoader(TensorDataset(x, y), 8))
+    with torch.no_grad():
+        mean = torch.stack([m(x) for m in members]).mean(0).reshape(-1)
+    assert result["ensemble"]["mse"] == pytest.approx(sk.mean_squared_error(y, mean), rel=1e-5)
+
+
+def test_fold_checkpoints_evaluate_as_an_ensemble(tmp_path):
+    dataset = make_classification(n=90)
+    evaluator = Evaluator()
+    cv = evaluator.cross_validate(SimpleModel, dataset, _config(tmp_path, num_epochs=2), 3)
+    test = DataLoader(make_classification(n=60, seed=9), batch_size=32)
+    result = evaluator.evaluate_ensemble(cv["fold_checkpoints"], test, model_factory=SimpleModel)
+    assert 0.0 <= result["ensemble"]["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="pass model_factory"):
+        evaluator.evaluate_ensemble(cv["fold_checkpoints"], test)
