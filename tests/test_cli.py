@@ -224,3 +224,47 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tmp_path, capsys):
     a = json.loads((straight / "evaluation" / "metrics.json").read_text())
     b = json.loads((resumed / "evaluation" / "metrics.json").read_text())
     assert a["test"] == b["test"]
+
+
+def test_evaluate_command_rebuilds_the_run_and_matches_fit(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [
+        "demo",
+        "-q",
+        "data.name=wine",
+        "model.name=mlp",
+        "model.options={}",
+        "training.num_epochs=3",
+        "training.warmup_steps=2",
+        f"training.output_dir={run}",
+    ]
+    assert main(args) == 0
+    fitted = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--save-predictions", "--plots"]) == 0
+    assert "test metrics, checkpoint best" in capsys.readouterr().out
+    record = json.loads((run / "evaluation" / "metrics_test.json").read_text())
+    assert record["metrics"] == fitted
+    assert (run / "evaluation" / "predictions_test.csv").exists()
+    assert (run / "evaluation" / "confusion_matrix_test.png").exists()
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["split"] for e in events if e["event"] == "eval"][-2:] == ["test", "test"]
+    assert main(["evaluate", str(run), "--checkpoint", "nope"]) == 1
+
+
+def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
+    config = tmp_path / "cv.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: mlp, options: {hidden_sizes: [16]}}\n"
+        "training: {num_epochs: 3, warmup_steps: 0, early_stopping_patience: 0, "
+        "learning_rate: 1e-2, tensorboard_logging: false}\n"
+    )
+    code = main(["cv", str(config), "--folds", "3", "-q", f"training.output_dir={tmp_path / 'o'}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Cross-validation, 3 folds" in out
+    assert "ensemble" in out
+    summary = json.loads((tmp_path / "o" / "evaluation" / "cv.json").read_text())
+    assert len(summary["folds"]) == 3
+    assert {"accuracy_mean", "accuracy_std", "test_ensemble", "test_members"} <= set(summary)
+    assert sum(f["validation_size"] for f in summary["folds"]) == 105 + 22  # train + val rows

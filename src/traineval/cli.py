@@ -13,6 +13,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .version import __version__
 
@@ -64,6 +65,36 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     demo.add_argument("-q", "--quiet", action="store_true", help="only print the final table")
     demo.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a run's checkpoint on one of its data splits",
+        description="Rebuild a run's data splits and model from RUN_DIR/config.yaml, load a "
+        "checkpoint, evaluate it and write RUN_DIR/evaluation/metrics_<split>.json (plus "
+        "predictions and plots when asked).",
+    )
+    evaluate.add_argument("run_dir", type=Path, help="a run directory written by fit or demo")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument(
+        "--checkpoint", default="best", help="best, last, epoch-NNNN or a path (default best)"
+    )
+    evaluate.add_argument("--save-predictions", action="store_true", help="write predictions")
+    evaluate.add_argument("--plots", action="store_true", help="write the evaluation plots")
+
+    cv = commands.add_parser(
+        "cv",
+        help="k-fold cross-validation, then the fold models as an ensemble on the test split",
+        description="Cross-validate on the train and validation rows of CONFIG's data "
+        "(stratified for classification), each fold from fresh weights in "
+        "<output_dir>/fold-<k>/, reporting each fold's best validation metrics, their mean "
+        "and std; then evaluate the folds' best checkpoints as an ensemble on the test split.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    cv.add_argument("config", type=Path, help="YAML file with data/model/training/evaluation")
+    cv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("-q", "--quiet", action="store_true", help="only print the final tables")
     return parser
 
 
@@ -75,18 +106,44 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
     # Imported here so that `--help` answers without loading torch.
     from .checkpoint import CheckpointError
-    from .experiment import RunConfig, run_experiment
+    from .experiment import RunConfig, evaluate_run, run_cross_validation, run_experiment
     from .loop import TrainingInterrupted
     from .steplog import NonFiniteError
 
+    failures = (
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        NotImplementedError,
+        CheckpointError,
+        NonFiniteError,
+    )
+    if args.command == "evaluate":
+        try:
+            metrics, written = evaluate_run(
+                args.run_dir,
+                checkpoint=args.checkpoint,
+                split=args.split,
+                save_predictions=args.save_predictions,
+                plot_metrics=args.plots,
+            )
+        except failures as error:
+            print(f"traineval: error: {error}", file=sys.stderr)
+            return 1
+        print(f"{args.split} metrics, checkpoint {args.checkpoint}:")
+        print(_table(metrics))
+        print(f"\nWritten: {written}")
+        return 0
     try:
         if args.command == "demo":
             source = resources.files("traineval").joinpath("configs/demo.yaml")
@@ -97,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"traineval: config error: {error}", file=sys.stderr)
         return 2
+    if args.command == "cv":
+        try:
+            summary = run_cross_validation(config, args.folds)
+        except failures as error:
+            print(f"traineval: error: {error}", file=sys.stderr)
+            return 1
+        print(_cv_tables(summary))
+        return 0
     started = time.perf_counter()
     try:
         outcome = run_experiment(config, resume_from=args.resume)
@@ -110,13 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 128 + getattr(signal, interrupted.signal_name, signal.SIGINT)
-    except (
-        ValueError,
-        FileExistsError,
-        NotImplementedError,
-        CheckpointError,
-        NonFiniteError,
-    ) as error:
+    except failures as error:
         print(f"traineval: error: {error}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
@@ -131,6 +190,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nTest metrics, {outcome.evaluated_checkpoint}:")
         print(_table(outcome.test_metrics))
     return 0
+
+
+def _cv_tables(summary: dict[str, Any]) -> str:
+    folds = summary["folds"]
+    names = list(folds[0]["best_metrics"])
+    lines = [f"\nCross-validation, {len(folds)} folds (best validation metrics of each fold):"]
+    lines.append("  fold  epoch  " + "  ".join(f"{n:>10}" for n in names))
+    for fold in folds:
+        values = "  ".join(f"{fold['best_metrics'][n]:>10.4f}" for n in names)
+        lines.append(f"  {fold['fold']:>4}  {fold['best_epoch']:>5}  {values}")
+    mean = "  ".join(f"{summary[n + '_mean']:>10.4f}" for n in names)
+    std = "  ".join(f"{summary[n + '_std']:>10.4f}" for n in names)
+    lines += [f"  {'mean':>4}  {'':>5}  {mean}", f"  {'std':>4}  {'':>5}  {std}"]
+    if "test_ensemble" in summary:
+        lines.append("\nTest split: the folds' best checkpoints, alone and as an ensemble:")
+        test_names = list(summary["test_ensemble"])
+        lines.append("  model     " + "  ".join(f"{n:>10}" for n in test_names))
+        for i, member in enumerate(summary["test_members"], start=1):
+            values = "  ".join(f"{member[n]:>10.4f}" for n in test_names)
+            lines.append(f"  fold {i:<4} {values}")
+        values = "  ".join(f"{summary['test_ensemble'][n]:>10.4f}" for n in test_names)
+        lines.append(f"  ensemble  {values}")
+    lines.append(f"\nWritten: {summary['output_dir']}/evaluation/cv.json")
+    return "\n".join(lines)
 
 
 def _table(metrics: dict[str, float]) -> str:

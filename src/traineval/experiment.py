@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import load_checkpoint_file
 from .config import (
     EvaluationConfig,
     EvaluationMode,
+    TaskType,
     TrainingConfig,
     TrainingMode,
     _bool,
@@ -30,7 +31,9 @@ from .config import (
 from .data import DataSplits, load_builtin, load_csv, make_splits
 from .data.tables import BUILTIN_DATASETS
 from .evaluation import Evaluator
+from .evaluation.evaluator import SPLIT_PREFIX
 from .imports import import_object
+from .loggers import JsonlLogger
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
 from .seeding import seed_everything
@@ -173,51 +176,66 @@ class ExperimentResult:
     output_dir: str
 
 
+@dataclasses.dataclass
+class _Parts:
+    """What every config-driven command builds from a RunConfig."""
+
+    config: RunConfig
+    splits: DataSplits
+    mode: TrainingMode
+    task_type: TaskType | None
+
+    def new_model(self) -> torch.nn.Module:
+        return build_model(
+            self.config.model.name,
+            input_shape=self.splits.input_shape,
+            output_dim=self.splits.num_outputs,
+            options=dict(self.config.model.options),
+        )
+
+    def loader(self, dataset: Any, shuffle: bool = False) -> DataLoader[Any] | None:
+        if dataset is None:
+            return None
+        t = self.config.training
+        return DataLoader(
+            dataset,
+            batch_size=t.batch_size if shuffle else t.effective_eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            # a seeded generator of its own: the shuffle order is part of exact resume
+            generator=torch.Generator().manual_seed(t.seed) if shuffle else None,
+        )
+
+
+def _parts(config: RunConfig) -> _Parts:
+    splits = load_data(config.data)
+    mode = TrainingMode(config.mode)
+    task_type = None if mode is TrainingMode.UNSUPERVISED else splits.task_type
+    seed_everything(config.training.seed)  # initial weights come from the run's seed
+    return _Parts(config, splits, mode, task_type)
+
+
 def run_experiment(config: RunConfig, resume_from: str | None = None) -> ExperimentResult:
     """Train on the train split, pick the best checkpoint on val, evaluate it on test.
 
     Writes `config.yaml` (the whole run config), `metrics.jsonl`, `checkpoints/` and
-    `evaluation/metrics.json` into the run directory.
+    `evaluation/metrics.json` (plus predictions and plots when configured) into the run
+    directory.
     """
-    t = config.training
-    splits = load_data(config.data)
-    mode = TrainingMode(config.mode)
-    seed_everything(t.seed)  # the model's initial weights come from the run's seed
-    model = build_model(
-        config.model.name,
-        input_shape=splits.input_shape,
-        output_dim=splits.num_outputs,
-        options=dict(config.model.options),
-    )
-    task_type = None if mode is TrainingMode.UNSUPERVISED else splits.task_type
-    workers = config.data.num_workers
-    pin = torch.cuda.is_available()
-
-    def loader(dataset: Any, batch_size: int, shuffle: bool) -> DataLoader[Any] | None:
-        if dataset is None:
-            return None
-        generator = torch.Generator().manual_seed(t.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=pin,
-            generator=generator,
-            persistent_workers=workers > 0,
-        )
-
-    manager = TrainingManager(t)
+    parts = _parts(config)
+    model = parts.new_model()
+    manager = TrainingManager(config.training)
     evaluator = Evaluator(config.evaluation)
-    train_loader = loader(splits.train, t.batch_size, shuffle=True)
+    train_loader = parts.loader(parts.splits.train, shuffle=True)
     assert train_loader is not None
     result = manager.train(
         model,
         train_loader,
-        loader(splits.val, t.effective_eval_batch_size, shuffle=False),
-        task_type=task_type,
+        parts.loader(parts.splits.val),
+        task_type=parts.task_type,
         evaluator=evaluator,
-        mode=mode,
+        mode=parts.mode,
         resume_from=resume_from,
     )
     out = Path(result.output_dir)
@@ -225,22 +243,19 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     resolved["training"]["output_dir"] = result.output_dir
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     evaluated = "final weights"
-    best = result.checkpoints.get("best")
-    if best:
-        model.load_state_dict(load_checkpoint_file(best, map_location=manager.device)["model"])
-        evaluated = f"best checkpoint (epoch {result.best_epoch})"
+    best = out / "checkpoints" / "best.pt"
+    if best.exists():
+        payload = load_checkpoint_file(best, map_location=manager.device)
+        model.load_state_dict(payload["model"])
+        evaluated = f"best checkpoint (epoch {payload['epoch']})"
+    if config.evaluation.plot_metrics:
+        from .reporting import plots
+
+        plots.learning_curves(result.training_history, out / "evaluation" / "learning_curves.png")
     test_metrics = None
-    test_loader = loader(splits.test, t.effective_eval_batch_size, shuffle=False)
+    test_loader = parts.loader(parts.splits.test)
     if test_loader is not None:
-        test_metrics = evaluator.evaluate_model(
-            model,
-            test_loader,
-            manager.device,
-            task_type=task_type,
-            training_mode=mode,
-            split=EvaluationMode.TESTING,
-            output_dir=out,
-        )
+        test_metrics = _evaluate_split(parts, evaluator, model, test_loader, out, manager.device)
     record: dict[str, Any] = {
         "evaluated": evaluated,
         "best_val": result.best_metric,
@@ -249,7 +264,137 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     }
     if test_metrics is not None and evaluator.last_confusion_matrix is not None:
         record["test_confusion_matrix"] = evaluator.last_confusion_matrix.tolist()
-        record["class_names"] = splits.class_names
+        record["class_names"] = parts.splits.class_names
     (out / "evaluation").mkdir(exist_ok=True)
     (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
     return ExperimentResult(result, test_metrics, evaluated, str(out))
+
+
+def _evaluate_split(
+    parts: _Parts,
+    evaluator: Evaluator,
+    model: torch.nn.Module,
+    loader: DataLoader[Any],
+    out: Path,
+    device: torch.device,
+    split: EvaluationMode = EvaluationMode.TESTING,
+) -> dict[str, float]:
+    """Evaluate on one split and append the split-tagged record to metrics.jsonl."""
+    metrics = evaluator.evaluate_model(
+        model,
+        loader,
+        device,
+        task_type=parts.task_type,
+        training_mode=parts.mode,
+        split=split,
+        output_dir=out,
+    )
+    prefix = SPLIT_PREFIX[split]
+    log = JsonlLogger(out / "metrics.jsonl")
+    log.log({"event": "eval", "split": prefix, **{f"{prefix}/{k}": v for k, v in metrics.items()}})
+    log.close()
+    return metrics
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    checkpoint: str = "best",
+    split: str = "test",
+    save_predictions: bool = False,
+    plot_metrics: bool = False,
+) -> tuple[dict[str, float], str]:
+    """Evaluate a finished run's checkpoint on one of its data splits (`traineval evaluate`).
+
+    The run's `config.yaml` rebuilds the same data splits and model. Returns the metrics and
+    the path of the metrics file written into `<run_dir>/evaluation/`.
+    """
+    run_dir = Path(run_dir)
+    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    evaluation = dataclasses.replace(
+        config.evaluation,
+        save_predictions=save_predictions or config.evaluation.save_predictions,
+        plot_metrics=plot_metrics or config.evaluation.plot_metrics,
+    )
+    config = dataclasses.replace(config, evaluation=evaluation)
+    choices = {
+        "train": EvaluationMode.TRAINING,
+        "val": EvaluationMode.VALIDATION,
+        "test": EvaluationMode.TESTING,
+    }
+    if split not in choices:
+        raise ValueError(f"split={split!r} is invalid: expected 'train', 'val' or 'test'")
+    path = Path(checkpoint)
+    if not path.suffix:
+        path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    parts = _parts(config)
+    dataset = getattr(parts.splits, split)
+    if dataset is None:
+        raise ValueError(f"the run's data has no {split} split (its fraction is 0)")
+    model = parts.new_model()
+    device = TrainingManager(config.training).device
+    model.load_state_dict(load_checkpoint_file(path, map_location=device)["model"])
+    evaluator = Evaluator(evaluation)
+    loader = parts.loader(dataset)
+    assert loader is not None
+    metrics = _evaluate_split(parts, evaluator, model, loader, run_dir, device, choices[split])
+    out = run_dir / "evaluation" / f"metrics_{split}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(path),
+                "split": split,
+                "metrics": metrics,
+                "files": evaluator.last_files,
+            },
+            indent=2,
+        )
+    )
+    return metrics, str(out)
+
+
+def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
+    """k-fold CV over the train + val rows; the folds' best checkpoints as an ensemble on test.
+
+    Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
+    `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
+    """
+    parts = _parts(config)
+    splits = parts.splits
+    pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
+    evaluator = Evaluator(config.evaluation)
+    summary = evaluator.cross_validate(
+        parts.new_model,
+        pool,
+        config.training,
+        folds,
+        task_type=parts.task_type,
+        training_mode=parts.mode,
+        num_workers=config.data.num_workers,
+    )
+    out = Path(summary["output_dir"])
+    test_loader = parts.loader(splits.test)
+    if test_loader is not None:
+        device = TrainingManager(config.training).device
+        together = evaluator.evaluate_ensemble(
+            summary["fold_checkpoints"],
+            test_loader,
+            device,
+            model_factory=parts.new_model,
+            task_type=parts.task_type,
+            output_dir=out,
+        )
+        summary["test_ensemble"] = together["ensemble"]
+        summary["test_members"] = together["members"]
+    (out / "evaluation").mkdir(parents=True, exist_ok=True)
+    (out / "evaluation" / "cv.json").write_text(json.dumps(summary, indent=2))
+    resolved = config.to_dict()
+    resolved["training"]["output_dir"] = str(out)
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return summary
+
+
+def _concat(first: TensorDataset, second: TensorDataset) -> TensorDataset:
+    return TensorDataset(
+        *(torch.cat([a, b]) for a, b in zip(first.tensors, second.tensors, strict=True))
+    )

@@ -400,7 +400,10 @@ class Loop:
             improved = self._observe(value)
             if isinstance(self.scheduler, PlateauSchedule):
                 self.scheduler.step_on_metric(value)
-        record = {f"val/{name}": float(value) for name, value in metrics.items()}
+        record = {
+            "split": "val",
+            **{f"val/{name}": float(value) for name, value in metrics.items()},
+        }
         self._emit("eval", record)
         logs = {**prefixed, "improved": improved}
         self._call("on_evaluate", logs)
