@@ -156,3 +156,10 @@ def test_metrics_tracker_best_and_unknown_names():
     assert tracker.get_best_metric("val_accuracy", minimize=False) == (0.7, 1)
     with pytest.raises(KeyError, match=r"no metric named 'val_f1'; known metrics: val_accuracy"):
         tracker.get_best_metric("val_f1")
+
+
+def test_ignored_targets_are_left_out_even_inside_the_class_range():
+    cm = ConfusionMatrix(3, ignore_index=0)
+    cm.update(torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]), torch.tensor([1, 0, 2]))
+    assert cm.matrix().sum() == 2
+    assert cm.compute()["accuracy"] == 1.0

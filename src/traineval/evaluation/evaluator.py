@@ -137,7 +137,10 @@ class Evaluator:
                     args = (outputs, targets) if takes_targets else (outputs,)
                     loss = loss_function(*args)
                     weight = loss_weight(loss_function, targets, batch_size_of(inputs))
-                    loss_sum += loss.detach().double() * weight
+                    if isinstance(weight, int):
+                        loss_sum.add_(loss.detach(), alpha=weight)
+                    else:
+                        loss_sum.add_(loss.detach() * weight)
                     weight_sum += weight
                     main = _main_output(outputs)
                     if self.config.compute_metrics:

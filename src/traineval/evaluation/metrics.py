@@ -43,9 +43,10 @@ class ConfusionMatrix:
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         c = self.num_classes
         if scores.ndim == 2 and scores.shape[1] == c:
-            predicted = scores.argmax(dim=1)
+            top, predicted = scores.max(dim=1)  # a row with a NaN has a NaN maximum
         elif c == 2 and (scores.ndim == 1 or (scores.ndim == 2 and scores.shape[1] == 1)):
-            predicted = (scores.reshape(-1) > 0).long()
+            top = scores.reshape(-1)
+            predicted = (top > 0).long()
         else:
             raise ValueError(
                 f"classification scores of shape {tuple(scores.shape)} do not match "
@@ -59,21 +60,26 @@ class ConfusionMatrix:
         if targets.is_floating_point():
             targets = targets.long()
         if self.counts is None:
-            self.counts = torch.zeros(c * c + 1, dtype=torch.int64, device=scores.device)
+            # C*C cells, then one bin for labels outside [0, C) and one for ignored targets:
+            # every sample lands in a bin, so no boolean indexing (a device sync) is needed.
+            self.counts = torch.zeros(c * c + 2, dtype=torch.int64, device=scores.device)
             self.nan_count = torch.zeros((), dtype=torch.int64, device=scores.device)
-        kept = targets != self.ignore_index
-        invalid = kept & ((targets < 0) | (targets >= c))
-        index = torch.where(invalid, c * c, targets.clamp(0, c - 1) * c + predicted)
-        self.counts.index_add_(0, index[kept], torch.ones_like(index[kept]))
+        ignored = targets == self.ignore_index
+        outside = (targets < 0) | (targets >= c) | ignored
+        spill = c * c + ignored.long()  # bin C*C: out-of-range labels; C*C+1: ignored
+        index = torch.where(outside, spill, targets * c + predicted)
+        if index.device.type == "cpu":
+            self.counts += torch.bincount(index, minlength=c * c + 2)
+        else:  # bincount would wait for the device to learn its output size
+            self.counts.index_add_(0, index, torch.ones_like(index))
         assert self.nan_count is not None
-        nan_rows = torch.isnan(scores.reshape(scores.shape[0], -1)).any(dim=1)
-        self.nan_count += nan_rows[kept].sum()
+        self.nan_count += torch.isnan(top).sum()
 
     def matrix(self) -> torch.Tensor:
         """The C x C matrix, rows true classes, columns predictions (scikit-learn's layout)."""
         if self.counts is None:
             raise ValueError("no data: call update() with at least one batch before compute()")
-        invalid = int(self.counts[-1])
+        invalid = int(self.counts[-2])
         if invalid:
             raise ValueError(
                 f"{invalid} target labels are outside [0, {self.num_classes}) "
@@ -81,7 +87,7 @@ class ConfusionMatrix:
             )
         if self.nan_count is not None and int(self.nan_count):
             raise ValueError(f"{int(self.nan_count)} predictions contain NaN")
-        return self.counts[:-1].reshape(self.num_classes, self.num_classes).cpu()
+        return self.counts[:-2].reshape(self.num_classes, self.num_classes).cpu()
 
     def compute(self, average: str = "weighted") -> dict[str, float]:
         """Accuracy and precision / recall / F1 averaged as scikit-learn does.
@@ -263,29 +269,33 @@ class ProbabilityStats:
         self.scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
-    def log_probabilities(self, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.to(_accum_dtype(scores.device))
-        if scores.ndim == 1 or scores.shape[1] == 1:
-            logit = scores.reshape(-1)
-            return torch.stack([F.logsigmoid(-logit), F.logsigmoid(logit)], dim=1)
-        return F.log_softmax(scores, dim=1)
-
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         targets = targets.reshape(-1).long()
-        log_probs = self.log_probabilities(scores)
         kept = (targets != self.ignore_index) & (targets >= 0) & (targets < self.num_classes)
         safe = torch.where(kept, targets, 0)
-        picked = log_probs.gather(1, safe[:, None]).squeeze(1)
-        batch = {
-            "nll": -(picked * kept).sum(),
-            "count": kept.sum(),
-        }
-        if self.num_classes > self.top_k:
-            top = log_probs.topk(self.top_k, dim=1).indices
-            batch["top_k"] = ((top == safe[:, None]).any(dim=1) & kept).sum()
+        if not scores.is_floating_point() or scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()
+        binary = scores.ndim == 1 or scores.shape[1] == 1
+        if binary:
+            logit = scores.reshape(-1)
+            nll = -F.logsigmoid(torch.where(safe == 1, logit, -logit))
+        else:
+            # -log softmax(scores)[y] = logsumexp(scores) - scores[y]: no C-wide output
+            picked = scores.gather(1, safe[:, None]).squeeze(1)
+            nll = torch.logsumexp(scores, dim=1) - picked
+        batch = {"nll": (nll.to(_accum_dtype(scores.device)) * kept).sum(), "count": kept.sum()}
+        if self.num_classes > self.top_k and not binary:
+            # in the top k: fewer than k classes score strictly higher than the target
+            above = (scores > picked[:, None]).sum(dim=1)
+            batch["top_k"] = ((above < self.top_k) & kept).sum()
         self.state = batch if not self.state else {k: self.state[k] + batch[k] for k in batch}
         if self.keep_scores:
-            self.scores.append(log_probs.exp().cpu())
+            if binary:
+                p1 = torch.sigmoid(scores.reshape(-1).double())
+                probabilities = torch.stack([1 - p1, p1], dim=1)
+            else:
+                probabilities = torch.softmax(scores.double(), dim=1)
+            self.scores.append(probabilities.cpu())
             self.labels.append(torch.where(kept, targets, -1).cpu())
 
     def compute(self) -> dict[str, float]:
