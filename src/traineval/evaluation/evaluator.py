@@ -93,6 +93,7 @@ class Evaluator:
         split: EvaluationMode = EvaluationMode.VALIDATION,
         output_dir: str | Path | None = None,
         write_files: bool = True,
+        decode: Callable[[list[int]], str] | None = None,
     ) -> dict[str, float]:
         """Evaluate `model` on `loader`: the mean loss and the task's metrics.
 
@@ -102,7 +103,12 @@ class Evaluator:
         inputs. With `save_predictions` / `plot_metrics` on (and `write_files`),
         `predictions_<split>.csv` and the plots go to `<output_dir>/evaluation/`; `output_dir`
         defaults to the config's, then to the run directory of the last `train` it served.
+        For generation, `decode` (token ids -> text) adds BLEU and ROUGE-L of the greedy
+        (argmax) tokens against the targets, both without the ignored positions.
         """
+        from .text import TextStats
+
+        text = TextStats() if decode is not None else None
         device = torch.device(device) if device is not None else _device_of(model)
         prefix = SPLIT_PREFIX[split]
         folder = self._output_folder(output_dir) if write_files else None
@@ -147,6 +153,8 @@ class Evaluator:
                         accumulator.update(main, targets)
                     if writer is not None:
                         writer.write(main, targets)
+                    if text is not None and decode is not None and main.ndim == 3:
+                        _add_texts(text, decode, main, targets, self.config.ignore_index)
         finally:
             model.train(was_training)
         if accumulator is None:
@@ -155,6 +163,8 @@ class Evaluator:
         metrics = {"loss": float(loss_sum) / total_weight if total_weight else float("nan")}
         if self.config.compute_metrics:
             metrics.update(self._finish(accumulator))
+        if text is not None and text.pairs:
+            metrics.update(text.compute())
         self._evaluations += 1
         self.metrics_tracker.update(
             {f"{prefix}_{name}": value for name, value in metrics.items()}, self._evaluations
@@ -163,6 +173,22 @@ class Evaluator:
         if folder is not None and self.config.plot_metrics:
             self.last_files.update(self._plot(accumulator, folder, prefix))
         return metrics
+
+    def compute_text_metrics(
+        self,
+        predictions: Sequence[str],
+        references: Sequence[str] | Sequence[Sequence[str]],
+    ) -> dict[str, float]:
+        """BLEU (corpus, 4-gram) and ROUGE-L (mean F-measure) of decoded texts.
+
+        `references` holds one reference text per prediction, or a list of them. Tokenize
+        the texts first: BLEU splits on whitespace. See `traineval.evaluation.text`.
+        """
+        from .text import TextStats
+
+        stats = TextStats()
+        stats.update(predictions, references)
+        return stats.compute()
 
     def cross_validate(
         self,
@@ -364,6 +390,21 @@ class _Accumulator:
         predictions = torch.cat([p for p, _ in self.scatter]).numpy()
         targets = torch.cat([t for _, t in self.scatter]).numpy()
         return predictions, targets
+
+
+def _add_texts(
+    text: Any,
+    decode: Callable[[list[int]], str],
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+) -> None:
+    predicted = logits.argmax(-1).cpu()
+    gold = targets.cpu()
+    kept = gold != ignore_index
+    hypotheses = [decode(p[k].tolist()) for p, k in zip(predicted, kept, strict=True)]
+    references = [decode(g[k].tolist()) for g, k in zip(gold, kept, strict=True)]
+    text.update(hypotheses, references)
 
 
 @contextlib.contextmanager
