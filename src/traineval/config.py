@@ -236,6 +236,7 @@ class TrainingConfig(_ConfigBase):
     progress_bar: bool | None = None
     checkpoint_every_n_steps: int = 0
     skip_nonfinite_steps: int = 0
+    log_layer_grad_norms: bool = False
     # Optimizer and scheduler details
     momentum: float = 0.9
     adam_beta1: float = 0.9
@@ -294,6 +295,7 @@ class TrainingConfig(_ConfigBase):
             "save_last_checkpoint",
             "compile",
             "deterministic",
+            "log_layer_grad_norms",
         ):
             _bool(name, getattr(self, name))
         if self.progress_bar is not None:

@@ -290,8 +290,11 @@ def _evaluate_split(
         output_dir=out,
     )
     prefix = SPLIT_PREFIX[split]
+    summary = out / "summary.json"
+    step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0
     log = JsonlLogger(out / "metrics.jsonl")
-    log.log({"event": "eval", "split": prefix, **{f"{prefix}/{k}": v for k, v in metrics.items()}})
+    record = {"event": "eval", "split": prefix, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+    log.log(record, step)
     log.close()
     return metrics
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from .callbacks.base import Callback, overrides
 from .data.position import skip_batches
+from .loggers import LoggerHub
 from .modes.base import StepFunction, move_to_device
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
@@ -76,6 +77,7 @@ class TrainState:
     epoch_loss_weight: float = 0.0
     interval_loss_sum: float = 0.0
     interval_loss_weight: float = 0.0
+    interval_norms: list[float] = dataclasses.field(default_factory=list)
     epoch_rng: dict[str, Any] | None = None
     history: dict[str, list[Any]] = dataclasses.field(
         default_factory=lambda: {
@@ -137,12 +139,13 @@ class Loop:
         evaluate_fn: EvaluateFn | None = None,
         save_fn: SaveFn | None = None,
         callbacks: Sequence[Callback] = (),
-        loggers: Sequence[Any] = (),
+        loggers: Sequence[Any] | LoggerHub = (),
         tracker: MetricsTracker | None = None,
         performance: PerformanceMonitor | None = None,
         forward_model: nn.Module | None = None,
         data_generators: Sequence[torch.Generator] = (),
         skip_non_finite: int = 0,
+        layer_norms: bool = False,
     ) -> None:
         self.model = model
         self.forward_model = forward_model or model  # e.g. the torch.compile'd module
@@ -163,7 +166,7 @@ class Loop:
         self.evaluate_fn = evaluate_fn
         self.save_fn = save_fn
         self.callbacks = list(callbacks)
-        self.loggers = list(loggers)
+        self.loggers = loggers if isinstance(loggers, LoggerHub) else LoggerHub(loggers)
         self.tracker = tracker or MetricsTracker()
         self.performance = performance or PerformanceMonitor(device)
         self.data_generators = list(data_generators)
@@ -177,6 +180,10 @@ class Loop:
         self._save_requests: list[str] = []
         self._stop_requested = False
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.layer_norms = layer_norms
+        names = {id(p): name for name, p in model.named_parameters()}
+        self._param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(self._params)]
+        self._pending_layer_norms: Any = None
         self._scale = precision.scaler.get_scale() if precision.scaler is not None else None
 
     # -- requests from callbacks and signals --------------------------------------------------
@@ -324,9 +331,18 @@ class Loop:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         norm = None
+        logging_next = (state.global_step + 1) % self.log_every_n_steps == 0
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
             self.last_grad_norm = norm
+        elif logging_next:  # no clipping: measure the norm on log steps only
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self._params if p.grad is not None]
+            )
+        if logging_next and self.layer_norms:
+            self._pending_layer_norms = torch._foreach_norm(
+                [p.grad if p.grad is not None else torch.zeros(()) for p in self._params]
+            )
         if self.skip_non_finite and not self._finite_now(norm):
             return self._skip("non-finite loss or gradient")
         if scaler is not None:
@@ -368,6 +384,14 @@ class Loop:
                 )
         return False
 
+    def _layer_norms(self) -> dict[str, float]:
+        """Per-parameter gradient norms of the last log step, when asked for."""
+        norms, self._pending_layer_norms = self._pending_layer_norms, None
+        if norms is None:
+            return {}
+        values = torch.stack(list(norms)).tolist()
+        return {f"grad_norm/{name}": v for name, v in zip(self._param_names, values, strict=True)}
+
     def _read_steps(self) -> list[StepRecord]:
         """Read the recorded steps back; stop on the first non-finite one."""
         records = self.steps.flush()
@@ -380,6 +404,8 @@ class Loop:
             state.epoch_loss_weight += record.weight
             state.interval_loss_sum += record.loss_sum
             state.interval_loss_weight += record.weight
+            if record.grad_norm is not None:
+                state.interval_norms.append(record.grad_norm)
         return records
 
     # -- evaluation, logging, requests --------------------------------------------------------
@@ -443,17 +469,28 @@ class Loop:
                 self.scheduler.step_on_metric(train_loss)
         state.batch_in_epoch = 0
         state.finished = self._done() or state.epoch >= self.num_epochs
-        self._emit("epoch", {"train/epoch_loss": train_loss, "lr": lr})
+        self._emit("epoch", {"train/epoch_loss": train_loss, "epoch_lr": lr})
         return logs
 
     def _log_train(self, stats: dict[str, float]) -> None:
         state = self.state
         loss = state.interval_loss_sum / max(state.interval_loss_weight, 1e-300)
+        weight = state.interval_loss_weight
         state.interval_loss_sum = state.interval_loss_weight = 0.0
         lr = float(self.optimizer.param_groups[0]["lr"])
         record: dict[str, Any] = {"train/loss": loss, "lr": lr, **stats}
-        if self.last_grad_norm is not None:
-            record["grad_norm"] = float(self.last_grad_norm)
+        if self.steps.counts_tokens and stats.get("seconds"):
+            record["tokens_per_sec"] = weight / stats["seconds"]
+        norms, state.interval_norms = state.interval_norms, []
+        if norms:
+            # norms before clipping: of every step when clipping, else of the log step alone
+            record["grad_norm"] = norms[-1]
+            record["grad_norm_mean"] = sum(norms) / len(norms)
+            record["grad_norm_max"] = max(norms)
+            if self.max_grad_norm is not None:
+                clipped = sum(norm > self.max_grad_norm for norm in norms)
+                record["clip_fraction"] = clipped / len(norms)
+        record.update(self._layer_norms())
         if state.skipped_steps:
             record["skipped_steps"] = state.skipped_steps
         self.tracker.update({"train_step_loss": loss, "learning_rate": lr}, state.global_step)
@@ -461,10 +498,9 @@ class Loop:
         self._call("on_log", record)
 
     def _emit(self, event: str, values: dict[str, Any]) -> None:
-        record = {"event": event, "step": self.state.global_step, "epoch": self.state.epoch}
-        record.update(values)
-        for logger in self.loggers:
-            logger.log(record)
+        self.loggers.log(
+            {"event": event, "epoch": self.state.epoch, **values}, self.state.global_step
+        )
 
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:

@@ -30,7 +30,7 @@ from .checkpoint import (
 )
 from .config import TaskType, TrainingConfig, TrainingMode
 from .evaluation import Evaluator
-from .loggers import JsonlLogger
+from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
 from .modes import build_step
 from .monitor import PerformanceMonitor
@@ -155,9 +155,12 @@ class TrainingManager:
         callbacks: Sequence[Callback] = (),
         mode: TrainingMode = TrainingMode.SUPERVISED,
         resume_from: str | Path | None = None,
+        loggers: Sequence[Any] = (),
     ) -> TrainingResult:
         """Train `model`; evaluate on `val_loader` each epoch and every `eval_frequency` updates.
 
+        `loggers` adds your own (`log(metrics, step)`, `log_config`, `close`) beside
+        metrics.jsonl and TensorBoard; a logger that fails is reported once, never fatal.
         `resume_from` continues a run from a checkpoint path, or with "auto" from the newest
         valid checkpoint in `output_dir` (starting fresh when there is none). The resumed run
         ends exactly where the uninterrupted one would (same weights, same per-step losses),
@@ -236,7 +239,6 @@ class TrainingManager:
                     write_files=False,  # predictions and plots are for final evaluations
                 )
 
-        self._warn_unavailable_loggers()
         c.__class__.from_dict({**c.to_dict(), "output_dir": str(self.output_dir)}).save_yaml(
             self.output_dir / "config.yaml"
         )
@@ -245,7 +247,14 @@ class TrainingManager:
             truncate_events(events, payload["global_step"])
         else:
             events.unlink(missing_ok=True)
-        jsonl = JsonlLogger(events)
+        hub = LoggerHub(
+            [
+                JsonlLogger(events),
+                *self._optional_loggers(payload["global_step"] if payload else 0),
+                *loggers,
+            ]
+        )
+        hub.log_config(c.to_dict())
         checkpoints: dict[str, str] = {}
 
         def save_fn(name: str, loop: Loop) -> Path:
@@ -273,11 +282,12 @@ class TrainingManager:
             evaluate_fn=evaluate_fn,
             save_fn=save_fn,
             callbacks=[*self._default_callbacks(), *callbacks],
-            loggers=[jsonl],
+            loggers=hub,
             tracker=self.metrics_tracker,
             performance=self.performance_monitor,
             data_generators=data_generators(train_loader),
             skip_non_finite=c.skip_nonfinite_steps,
+            layer_norms=c.log_layer_grad_norms,
         )
         if payload is not None:
             _restore_loop(loop, payload)
@@ -285,8 +295,10 @@ class TrainingManager:
         try:
             with deterministic_algorithms(c.deterministic), stop_on_signals(loop):
                 state = loop.run()
+            if state.best_metric is not None:
+                hub.log({"event": "best", "best/metric": state.best_metric}, state.global_step)
         finally:
-            jsonl.close()
+            hub.close()
         self.early_stopping_counter = monitor.num_bad
         result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
         summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
@@ -370,11 +382,24 @@ class TrainingManager:
         for path in remove_stale_temporaries(checkpoints):
             logger.info("removed %s, left by a save that did not finish", path.name)
 
-    def _warn_unavailable_loggers(self) -> None:
+    def _optional_loggers(self, resumed_step: int) -> list[Any]:
+        """TensorBoard when asked (and installed); a missing package warns and names the extra."""
         c = self.config
-        for flag, name in ((c.tensorboard_logging, "TensorBoard"), (c.wandb_logging, "W&B")):
-            if flag:
-                logger.info("%s logging is not available in this version; metrics.jsonl only", name)
+        loggers: list[Any] = []
+        if c.tensorboard_logging:
+            try:
+                from .loggers.tensorboard import TensorBoardLogger
+
+                loggers.append(
+                    TensorBoardLogger(
+                        self.output_dir, purge_step=resumed_step + 1 if resumed_step else None
+                    )
+                )
+            except ImportError as error:
+                logger.warning("%s; logging to metrics.jsonl only", error)
+        if c.wandb_logging:
+            logger.warning("wandb_logging is not available in this version; metrics.jsonl only")
+        return loggers
 
     # -- checkpoints --------------------------------------------------------------------------
 

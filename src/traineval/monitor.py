@@ -20,8 +20,8 @@ class PerformanceMonitor:
         >>> monitor = PerformanceMonitor()
         >>> monitor.start()
         >>> stats = monitor.interval(steps=10, samples=320, data_seconds=0.0)
-        >>> sorted(stats)
-        ['data_time_ms', 'peak_rss_mb', 'samples_per_sec', 'step_time_ms']
+        >>> sorted(stats)[:4]
+        ['compute_time_ms', 'data_time_ms', 'peak_rss_mb', 'samples_per_sec']
     """
 
     def __init__(self, device: torch.device | None = None) -> None:
@@ -50,6 +50,8 @@ class PerformanceMonitor:
             "samples_per_sec": samples / seconds,
             "step_time_ms": 1000.0 * seconds / max(steps, 1),
             "data_time_ms": 1000.0 * data_seconds / max(steps, 1),
+            "compute_time_ms": 1000.0 * max(seconds - data_seconds, 0.0) / max(steps, 1),
+            "seconds": seconds,
         }
         stats.update(self.memory())
         return stats
@@ -61,8 +63,13 @@ class PerformanceMonitor:
         divisor = 1024 * 1024 if sys.platform == "darwin" else 1024
         out = {"peak_rss_mb": peak_rss / divisor}
         if self.device.type == "cuda":
-            out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-            out["cuda_peak_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
+            mib = 2**20
+            out["cuda_allocated_mb"] = torch.cuda.memory_allocated(self.device) / mib
+            out["cuda_reserved_mb"] = torch.cuda.memory_reserved(self.device) / mib
+            out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / mib
+            out["cuda_peak_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / mib
+        elif self.device.type == "mps":
+            out["mps_allocated_mb"] = torch.mps.current_allocated_memory() / 2**20
         return out
 
     def summary(self) -> dict[str, Any]:

@@ -48,6 +48,11 @@ class StepLog:
         self._pending_weight = 0
 
     @property
+    def counts_tokens(self) -> bool:
+        """Whether steps are weighted by token counts (a token-level loss)."""
+        return self._uses_device_weights
+
+    @property
     def full(self) -> bool:
         return len(self.meta) >= self.capacity
 

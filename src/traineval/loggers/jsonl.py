@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 
 class JsonlLogger:
-    """Append records to a JSON-lines file; non-finite floats are written as strings."""
+    """Append `{"step": ..., **metrics}` records to a JSON-lines file.
+
+    Non-finite floats are written as strings ("nan", "inf"), so every line is valid JSON.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        record = {"event": metrics.get("event", "log"), "step": step, **metrics}
         self._file.write(json.dumps(_plain(record)) + "\n")
         self._file.flush()
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """The config goes to config.yaml; nothing to add here."""
 
     def close(self) -> None:
         self._file.close()
@@ -35,6 +43,13 @@ def _plain(value: Any) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read every record of a metrics.jsonl file."""
+    """Read every record of a metrics.jsonl file (a line cut short by a crash is skipped)."""
+    records = []
     with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return records

@@ -1,0 +1,49 @@
+"""TensorBoard: scalars under the same names as metrics.jsonl, the config as text, hparams."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .base import numbers
+
+
+class TensorBoardLogger:
+    """Write event files to `<run_dir>/tensorboard/` (needs the `tensorboard` package)."""
+
+    def __init__(self, run_dir: str | Path, purge_step: int | None = None) -> None:
+        """`purge_step`: on resume, TensorBoard drops the earlier run's events from this step."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError(
+                "tensorboard_logging needs the tensorboard package: "
+                "pip install 'traineval[tensorboard]'"
+            ) from None
+        self.folder = Path(run_dir) / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge_step)
+        self._hparams: dict[str, Any] = {}
+        self._best: dict[str, float] = {}
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        for name, value in numbers(metrics).items():
+            self.writer.add_scalar(name, value, global_step=step)
+        for name in ("best/metric",):
+            if name in metrics:
+                self._best[name] = float(metrics[name])
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        text = yaml.safe_dump(dict(config), sort_keys=False)
+        self.writer.add_text("config", f"```\n{text}\n```", global_step=0)
+        self._hparams = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+
+    def close(self) -> None:
+        if self._hparams:
+            self.writer.add_hparams(
+                self._hparams, self._best or {"best/metric": float("nan")}, run_name="hparams"
+            )
+        self.writer.flush()
+        self.writer.close()

@@ -1,0 +1,181 @@
+"""Loggers: TensorBoard event files read back, failing loggers, gradient and speed monitoring."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import TaskType, TrainingConfig, TrainingManager
+from traineval.loggers import LoggerHub, read_jsonl
+
+from conftest import make_classification, make_mlp
+
+
+def _config(tmp_path, **overrides):
+    settings = {
+        "num_epochs": 2,
+        "batch_size": 8,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "scheduler_type": "constant",
+        "early_stopping_patience": 0,
+        "log_frequency": 2,
+        "output_dir": str(tmp_path / "run"),
+        "progress_bar": False,
+        "device": "cpu",
+        "tensorboard_logging": False,
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def test_tensorboard_event_files_hold_the_expected_tags_and_steps(tmp_path):
+    data = make_classification(n=64)
+    config = _config(tmp_path, tensorboard_logging=True)
+    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), DataLoader(data, 32))
+    scalars = _scalars(tmp_path / "run" / "tensorboard")
+    assert scalars["train/loss"] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert scalars["val/loss"] == [8, 16]
+    assert scalars["val/accuracy"] == [8, 16]
+    for tag in ("lr", "grad_norm", "samples_per_sec", "step_time_ms", "peak_rss_mb"):
+        assert len(scalars[tag]) == 8, tag
+    assert scalars["train/epoch_loss"] == [8, 16]
+
+
+def test_resumed_tensorboard_run_drops_the_interrupted_runs_later_events(tmp_path):
+    from traineval import Callback
+    from traineval.loop import TrainingInterrupted
+
+    class Stop(Callback):
+        def on_step_end(self, loop):
+            if loop.state.global_step == 10:
+                loop.interrupted = "SIGTERM"
+
+    data = make_classification(n=64)
+    config = _config(tmp_path, tensorboard_logging=True, checkpoint_every_n_steps=4)
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
+    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
+    assert _scalars(tmp_path / "run" / "tensorboard")["train/loss"] == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+class Broken:
+    calls = 0
+
+    def log(self, metrics, step):
+        Broken.calls += 1
+        raise OSError(28, "No space left on device")
+
+    def log_config(self, config):
+        raise RuntimeError("service unavailable")
+
+    def close(self):
+        raise RuntimeError("service unavailable")
+
+
+def test_a_logger_raising_on_every_call_does_not_stop_training(tmp_path, caplog):
+    hub = LoggerHub([Broken()])
+    with caplog.at_level(logging.WARNING):
+        hub.log_config({"a": 1})
+        for step in range(5):
+            hub.log({"loss": 1.0}, step)
+        hub.close()
+    assert caplog.text.count("Broken.") == 1  # warned once
+    assert hub.failures["Broken"] == 7
+
+    Broken.calls = 0
+    result = TrainingManager(_config(tmp_path)).train(
+        make_mlp(), DataLoader(make_classification(n=64), 8), loggers=[Broken()]
+    )
+    assert result["global_step"] == 16
+    assert Broken.calls > 8  # it was called, and failed, all along
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len([r for r in records if r["event"] == "train"]) == 8  # the others still log
+
+
+def test_missing_tensorboard_warns_with_the_extra_and_training_goes_on(
+    tmp_path, monkeypatch, caplog
+):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with caplog.at_level(logging.WARNING):
+        result = TrainingManager(_config(tmp_path, tensorboard_logging=True)).train(
+            make_mlp(), DataLoader(make_classification(n=32), 8)
+        )
+    assert "pip install 'traineval[tensorboard]'" in caplog.text
+    assert result["global_step"] == 8
+
+
+def test_gradient_monitoring_without_clipping_and_per_layer(tmp_path):
+    config = _config(tmp_path, gradient_clipping=False, log_layer_grad_norms=True)
+    TrainingManager(config).train(make_mlp(), DataLoader(make_classification(n=64), 8))
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    first = records[0]
+    layers = {k: v for k, v in first.items() if k.startswith("grad_norm/")}
+    assert set(layers) == {
+        "grad_norm/0.weight",
+        "grad_norm/0.bias",
+        "grad_norm/2.weight",
+        "grad_norm/2.bias",
+    }
+    total = sum(v**2 for v in layers.values()) ** 0.5
+    assert first["grad_norm"] == pytest.approx(total, rel=1e-5)
+    assert "clip_fraction" not in first
+
+
+def test_clip_fraction_counts_the_clipped_steps(tmp_path):
+    config = _config(tmp_path, max_grad_norm=1e-6, log_frequency=4)
+    TrainingManager(config).train(make_mlp(), DataLoader(make_classification(n=64), 8))
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    assert all(r["clip_fraction"] == 1.0 for r in records)
+    assert all(r["grad_norm_max"] >= r["grad_norm_mean"] for r in records)
+
+
+def test_tokens_per_second_for_token_level_losses(tmp_path):
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(7, 4)
+            self.out = torch.nn.Linear(4, 7)
+
+        def forward(self, tokens):
+            return self.out(self.embed(tokens))
+
+    tokens = torch.randint(0, 7, (32, 6))
+    targets = tokens.clone()
+    targets[:, 4:] = -100
+    config = _config(tmp_path)
+    TrainingManager(config).train(
+        LM(), DataLoader(TensorDataset(tokens, targets), 8), task_type=TaskType.GENERATION
+    )
+    record = next(
+        r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"
+    )
+    assert (
+        record["tokens_per_sec"]
+        == pytest.approx(record["samples_per_sec"] * 4 / 6 * 6 / 6 * (16 * 4) / (16 * 4), rel=1e-6)
+        or record["tokens_per_sec"] > 0
+    )
+    # every sample carries 4 tokens that count (2 are padding)
+    assert record["tokens_per_sec"] == pytest.approx(record["samples_per_sec"] * 4, rel=1e-6)
