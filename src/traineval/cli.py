@@ -1,7 +1,10 @@
 """`traineval`: train and evaluate from the command line.
 
-traineval demo [key=value ...]            digits + small CNN, trained and tested
-traineval fit CONFIG.yaml [key=value ...]  any run described by a YAML file
+- `traineval demo [key=value ...]`: digits + small CNN, trained and tested
+- `traineval fit CONFIG.yaml [key=value ...]`: any run described by a YAML file
+- `traineval evaluate RUN_DIR [--split test]`: a run's checkpoint on one of its splits
+- `traineval cv CONFIG.yaml --folds K`: k-fold CV, then the folds as an ensemble
+- `traineval report RUN_DIR`: summary, learning curves and report.html
 """
 
 from __future__ import annotations
@@ -95,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     cv.add_argument("-q", "--quiet", action="store_true", help="only print the final tables")
+
+    report = commands.add_parser(
+        "report",
+        help="summarise a run and write its learning curves and a self-contained report.html",
+        description="Read only the run directory (config.yaml, summary.json, metrics.jsonl, "
+        "evaluation/), print the best epoch, final and best metrics, time and throughput, and "
+        "write evaluation/learning_curves.png and report.html (plots embedded).",
+    )
+    report.add_argument("run_dir", type=Path, help="a run directory")
     return parser
 
 
@@ -128,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         NonFiniteError,
     )
+    if args.command == "report":
+        from .reporting.report import summary_text, write_report
+
+        try:
+            run, page = write_report(args.run_dir)
+        except (FileNotFoundError, ValueError, ImportError) as error:
+            print(f"traineval: error: {error}", file=sys.stderr)
+            return 1
+        print(summary_text(run))
+        print(f"\nWritten: {page}")
+        return 0
     if args.command == "evaluate":
         try:
             metrics, written = evaluate_run(

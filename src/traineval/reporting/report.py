@@ -1,0 +1,220 @@
+"""`traineval report RUN_DIR`: a summary and one self-contained report.html, built only from the
+files of the run directory (config.yaml, summary.json, metrics.jsonl, evaluation/)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..loggers import read_jsonl
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What a run directory says about its run."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    history: dict[str, list[Any]]
+    best_metrics: dict[str, float]
+    final_metrics: dict[str, float]
+    test_metrics: dict[str, float] | None
+
+
+def read_run(run_dir: str | Path) -> RunRecord:
+    """Collect a run's config, summary, per-epoch history and metrics from its files."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl")
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    history = history_from_events(records)
+    val = [(s, m) for s, m in zip(history["val_steps"], history["val_metrics"], strict=True)]
+    best_step = summary.get("best_step")
+    best: dict[str, float] = next((m for s, m in val if s == best_step), {})
+    final = val[-1][1] if val else {}
+    test = None
+    evaluation = run_dir / "evaluation" / "metrics.json"
+    if evaluation.exists():
+        test = json.loads(evaluation.read_text()).get("test")
+    return RunRecord(run_dir, config or {}, summary, history, best, final, test)
+
+
+def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-epoch losses and per-evaluation validation metrics, rebuilt from metrics.jsonl."""
+    history: dict[str, list[Any]] = {
+        "epoch": [],
+        "train_loss": [],
+        "val_loss": [],
+        "learning_rate": [],
+        "val_metrics": [],
+        "val_steps": [],
+    }
+    val_at_step: dict[int, dict[str, float]] = {}
+    for record in records:
+        if record.get("event") == "eval" and record.get("split", "val") == "val":
+            metrics = {k[4:]: v for k, v in record.items() if k.startswith("val/")}
+            val_at_step[record["step"]] = metrics
+            history["val_steps"].append(record["step"])
+            history["val_metrics"].append(metrics)
+        elif record.get("event") == "epoch":
+            history["epoch"].append(record["epoch"])
+            history["train_loss"].append(record["train/epoch_loss"])
+            history["learning_rate"].append(record.get("epoch_lr"))
+            history["val_loss"].append(val_at_step.get(record["step"], {}).get("loss"))
+    return history
+
+
+def summary_text(run: RunRecord) -> str:
+    """The lines `traineval report` prints."""
+    s = run.summary
+    lines = [f"Run: {run.run_dir}"]
+    if s:
+        status = "stopped early" if s.get("stopped_early") else "finished"
+        lines.append(
+            f"{status}: {s.get('epochs_completed')} epochs, {s.get('global_step')} optimizer "
+            f"updates in {s.get('train_seconds', 0):.1f}s "
+            f"({s.get('performance', {}).get('samples_per_sec', 0):,.0f} samples/s)"
+        )
+        if s.get("best_metric") is not None:
+            lines.append(
+                f"best {s.get('monitor_metric')} = {s['best_metric']:.4f} at epoch "
+                f"{s.get('best_epoch')} (step {s.get('best_step')})"
+            )
+    for title, metrics in (
+        ("best validation", run.best_metrics),
+        ("final validation", run.final_metrics),
+        ("test", run.test_metrics or {}),
+    ):
+        if metrics:
+            values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            lines.append(f"{title}: {values}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> tuple[RunRecord, Path]:
+    """Draw the learning curves and write `<run_dir>/report.html`; returns the record and path."""
+    from . import plots
+
+    run = read_run(run_dir)
+    curves = run.run_dir / "evaluation" / "learning_curves.png"
+    if run.history["epoch"]:
+        plots.learning_curves(run.history, curves)
+    images = sorted((run.run_dir / "evaluation").glob("*.png"), key=lambda p: (p != curves, p.name))
+    page = _html(run, images)
+    path = run.run_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return run, path
+
+
+def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("", "")) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header) if any(header) else ""
+    body = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows
+    )
+    return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def _metrics_table(run: RunRecord) -> str:
+    columns = [("best validation", run.best_metrics), ("final validation", run.final_metrics)]
+    if run.test_metrics:
+        columns.append(("test", run.test_metrics))
+    names: list[str] = []
+    for _, metrics in columns:
+        names += [n for n in metrics if n not in names]
+    if not names:
+        return "<p>No evaluations were recorded.</p>"
+    head = "<tr><th>metric</th>" + "".join(f"<th>{t}</th>" for t, _ in columns) + "</tr>"
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td>"
+        + "".join(f"<td>{_fmt(m[n]) if n in m else ''}</td>" for _, m in columns)
+        + "</tr>"
+        for n in names
+    )
+    return f"<table>{head}{rows}</table>"
+
+
+def _html(run: RunRecord, images: list[Path]) -> str:
+    s = run.summary
+    performance = s.get("performance", {})
+    overview = [
+        ("status", "stopped early" if s.get("stopped_early") else "finished"),
+        ("epochs", s.get("epochs_completed")),
+        ("optimizer updates", s.get("global_step")),
+        ("monitored metric", s.get("monitor_metric")),
+        ("best value", s.get("best_metric")),
+        ("best epoch / step", f"{s.get('best_epoch')} / {s.get('best_step')}"),
+        ("training time (s)", s.get("train_seconds")),
+        ("samples / s", performance.get("samples_per_sec")),
+        ("data-wait fraction", performance.get("data_wait_fraction")),
+        ("peak RSS (MiB)", performance.get("peak_rss_mb")),
+    ]
+    figures = "".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>'
+        f"{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>"
+        for p in images
+    )
+    epochs = list(
+        zip(
+            run.history["epoch"],
+            run.history["train_loss"],
+            run.history["val_loss"],
+            run.history["learning_rate"],
+            strict=True,
+        )
+    )
+    epoch_rows = "".join(
+        f"<tr><td>{e}</td><td>{_fmt(t)}</td><td>{_fmt(v) if v is not None else ''}</td>"
+        f"<td>{_fmt(lr) if lr is not None else ''}</td></tr>"
+        for e, t, v, lr in epochs
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>traineval report: {html.escape(run.run_dir.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+h1 {{ font-size: 1.5rem; }} h2 {{ font-size: 1.15rem; margin-top: 2rem; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }}
+th {{ background: #f2f4f7; }}
+figure {{ display: inline-block; margin: 0.5rem; vertical-align: top; }}
+img {{ max-width: 100%; max-height: 480px; border: 1px solid #ddd; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 2rem; }}
+</style></head><body>
+<h1>traineval report: {html.escape(str(run.run_dir))}</h1>
+<div class="grid"><div><h2>Overview</h2>{_table(overview)}</div>
+<div><h2>Metrics</h2>{_metrics_table(run)}</div></div>
+<h2>Plots</h2>{figures or "<p>No plots.</p>"}
+<h2>Per epoch</h2>
+<table><tr><th>epoch</th><th>train loss</th><th>val loss</th><th>learning rate</th></tr>
+{epoch_rows}</table>
+<h2>Config</h2>{_table(_flatten(run.config), ("field", "value"))}
+</body></html>
+"""

@@ -1,0 +1,93 @@
+"""`traineval report`: built only from the run directory; checked in a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from traineval.cli import main
+from traineval.reporting.report import read_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("report") / "run"
+    args = [
+        "demo",
+        "-q",
+        "data.name=wine",
+        "model.name=mlp",
+        "model.options={}",
+        "training.num_epochs=4",
+        "training.warmup_steps=2",
+        "training.early_stopping_patience=0",
+        "evaluation.plot_metrics=true",
+        f"training.output_dir={run}",
+    ]
+    assert main(args) == 0
+    return run
+
+
+def test_report_summarises_the_run_from_its_files(run_dir, capsys):
+    (run_dir / "evaluation" / "learning_curves.png").unlink()  # rebuilt from metrics.jsonl
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "finished: 4 epochs" in out
+    assert re.search(r"best val_accuracy = \d\.\d{4} at epoch \d", out)
+    assert "test: loss" in out
+    assert (run_dir / "evaluation" / "learning_curves.png").exists()
+    page = (run_dir / "report.html").read_text()
+    assert "<h2>Config</h2>" in page
+    assert "training.learning_rate" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 2  # learning curves and the confusion matrix, embedded
+    assert all(base64.b64decode(image)[:4] == b"\x89PNG" for image in images)
+    assert not re.search(r'src="(?!data:)', page)  # nothing loaded from elsewhere
+    run = read_run(run_dir)
+    assert run.history["epoch"] == [1, 2, 3, 4]
+    assert len(run.history["val_loss"]) == 4
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    main(["report", str(run_dir)])
+    shot = tmp_path / "report.png"
+    command = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,1600",
+    ]
+    subprocess.run(
+        [*command, f"--screenshot={shot}", f"file://{run_dir / 'report.html'}"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+    assert shot.stat().st_size > 50_000  # a rendered page with plots, not a blank one
+    dom = subprocess.run(
+        [*command, "--dump-dom", f"file://{run_dir / 'report.html'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert dom.count("<img") >= 2
+    assert "best validation" in dom
