@@ -179,3 +179,67 @@ def test_tokens_per_second_for_token_level_losses(tmp_path):
     )
     # every sample carries 4 tokens that count (2 are padding)
     assert record["tokens_per_sec"] == pytest.approx(record["samples_per_sec"] * 4, rel=1e-6)
+
+
+def _key(item):
+    return item.key or "/".join(item.nested_key)
+
+
+def _wandb_run(folder):
+    from wandb_files import wandb_records
+
+    history, summary, ids, config = [], {}, set(), {}
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.add(record.run.run_id)
+                config.update({i.key: i.value_json for i in record.run.config.update})
+            elif kind == "config":
+                config.update({i.key: i.value_json for i in record.config.update})
+            elif kind == "history":
+                history.append({_key(i): i.value_json for i in record.history.item})
+            elif kind == "summary":
+                summary.update({_key(i): i.value_json for i in record.summary.update if _key(i)})
+    return history, summary, ids, config
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_offline_run_holds_config_metrics_and_best_summary(tmp_path, wandb_offline):
+    data = make_classification(n=64)
+    config = _config(tmp_path, wandb_logging=True)
+    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), DataLoader(data, 32))
+    history, summary, ids, logged_config = _wandb_run(tmp_path / "run")
+    assert ids == {(tmp_path / "run" / "wandb_run_id.txt").read_text()}
+    steps = sorted({int(row["_step"]) for row in history if "train/loss" in row})
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert any("val/accuracy" in row for row in history)
+    assert "grad_norm" in {key for row in history for key in row}
+    assert float(logged_config["learning_rate"]) == 0.01
+    assert "best/metric" in summary
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
+    from traineval import Callback
+    from traineval.loop import TrainingInterrupted
+
+    class Stop(Callback):
+        def on_step_end(self, loop):
+            if loop.state.global_step == 6:
+                loop.interrupted = "SIGTERM"
+
+    data = make_classification(n=64)
+    config = _config(tmp_path, wandb_logging=True)
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
+    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
+    history, _, ids, _ = _wandb_run(tmp_path / "run")
+    assert len(list((tmp_path / "run").glob("wandb/offline-run-*"))) == 2
+    assert len(ids) == 1  # one W&B run across the resume
+    steps = [int(row["_step"]) for row in history if "train/loss" in row]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16]

@@ -237,6 +237,7 @@ class TrainingConfig(_ConfigBase):
     checkpoint_every_n_steps: int = 0
     skip_nonfinite_steps: int = 0
     log_layer_grad_norms: bool = False
+    wandb_project: str = "traineval"
     # Optimizer and scheduler details
     momentum: float = 0.9
     adam_beta1: float = 0.9
@@ -305,6 +306,8 @@ class TrainingConfig(_ConfigBase):
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
+        if not isinstance(self.wandb_project, str) or not self.wandb_project:
+            _fail("wandb_project", self.wandb_project, "expected a non-empty project name")
         if not isinstance(self.monitor_metric, str) or not re.fullmatch(
             r"(val|train)_\w+", self.monitor_metric
         ):

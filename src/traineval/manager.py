@@ -398,7 +398,14 @@ class TrainingManager:
             except ImportError as error:
                 logger.warning("%s; logging to metrics.jsonl only", error)
         if c.wandb_logging:
-            logger.warning("wandb_logging is not available in this version; metrics.jsonl only")
+            try:
+                from .loggers.wandb import WandbLogger
+
+                loggers.append(WandbLogger(self.output_dir, project=c.wandb_project))
+            except ImportError as error:
+                logger.warning("%s; logging to metrics.jsonl only", error)
+            except Exception as error:  # a logging service must not stop training
+                logger.warning("W&B could not start (%s); logging to metrics.jsonl only", error)
         return loggers
 
     # -- checkpoints --------------------------------------------------------------------------
