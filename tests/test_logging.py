@@ -243,3 +243,23 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
     assert len(ids) == 1  # one W&B run across the resume
     steps = [int(row["_step"]) for row in history if "train/loss" in row]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_mlflow_run_read_back_through_its_client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    data = make_classification(n=64)
+    config = _config(tmp_path, mlflow_logging=True)
+    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), DataLoader(data, 32))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["learning_rate"] == "0.01"
+    assert run.data.params["batch_size"] == "8"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")] == [8, 16]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= artifacts
+    assert "checkpoints" not in artifacts

@@ -238,6 +238,8 @@ class TrainingConfig(_ConfigBase):
     skip_nonfinite_steps: int = 0
     log_layer_grad_norms: bool = False
     wandb_project: str = "traineval"
+    mlflow_logging: bool = False
+    mlflow_tracking_uri: str | None = None
     # Optimizer and scheduler details
     momentum: float = 0.9
     adam_beta1: float = 0.9
@@ -297,6 +299,7 @@ class TrainingConfig(_ConfigBase):
             "compile",
             "deterministic",
             "log_layer_grad_norms",
+            "mlflow_logging",
         ):
             _bool(name, getattr(self, name))
         if self.progress_bar is not None:

@@ -297,12 +297,12 @@ class TrainingManager:
                 state = loop.run()
             if state.best_metric is not None:
                 hub.log({"event": "best", "best/metric": state.best_metric}, state.global_step)
+            self.early_stopping_counter = monitor.num_bad
+            result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
+            summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         finally:
-            hub.close()
-        self.early_stopping_counter = monitor.num_bad
-        result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
-        summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            hub.close()  # after summary.json, so artifact loggers take it along
         return result
 
     def _result(
@@ -406,6 +406,15 @@ class TrainingManager:
                 logger.warning("%s; logging to metrics.jsonl only", error)
             except Exception as error:  # a logging service must not stop training
                 logger.warning("W&B could not start (%s); logging to metrics.jsonl only", error)
+        if c.mlflow_logging:
+            try:
+                from .loggers.mlflow import MLflowLogger
+
+                loggers.append(MLflowLogger(self.output_dir, c.mlflow_tracking_uri))
+            except ImportError as error:
+                logger.warning("%s; logging to metrics.jsonl only", error)
+            except Exception as error:  # a tracking server that is down must not stop training
+                logger.warning("MLflow could not start (%s); logging to metrics.jsonl only", error)
         return loggers
 
     # -- checkpoints --------------------------------------------------------------------------

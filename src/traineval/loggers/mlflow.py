@@ -1,0 +1,79 @@
+"""MLflow: params, metrics at the loop's steps, and the run directory's files as artifacts.
+
+The tracking store defaults to a SQLite database beside the run directories
+(`<output_dir>/../mlflow.db`, artifacts in `../mlartifacts/`); the MLflow run id is kept in
+the run directory, so a resumed run continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .base import numbers
+
+ID_FILE = "mlflow_run_id.txt"
+SKIPPED = ("checkpoints", "wandb", "tensorboard")  # large or logged elsewhere
+
+
+class MLflowLogger:
+    """Log to an MLflow tracking store (a local SQLite database unless `tracking_uri`)."""
+
+    def __init__(
+        self, run_dir: str | Path, tracking_uri: str | None = None, experiment: str = "traineval"
+    ) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ImportError(
+                "mlflow_logging needs MLflow: pip install 'traineval[mlflow]'"
+            ) from None
+        self.run_dir = Path(run_dir).resolve()
+        parent = self.run_dir.parent
+        uri = tracking_uri or f"sqlite:///{parent / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(
+                experiment, artifact_location=(parent / "mlartifacts").as_uri()
+            )
+        )
+        id_file = self.run_dir / ID_FILE
+        if id_file.exists():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=self.run_dir.name)
+            self.run_id = run.info.run_id
+            id_file.write_text(self.run_id)
+        self.tracking_uri = uri
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = [Metric(k, v, now, step) for k, v in numbers(metrics).items()]
+        if values:
+            self.client.log_batch(self.run_id, metrics=values)
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        params = [Param(k, str(v)[:6000]) for k, v in config.items() if str(k) not in existing]
+        if params:
+            self.client.log_batch(self.run_id, params=params)
+
+    def close(self) -> None:
+        for path in sorted(self.run_dir.iterdir()):
+            if path.name in SKIPPED or path.name == ID_FILE:
+                continue
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
+            else:
+                self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id)
