@@ -1,9 +1,10 @@
 """Cost of logging and monitoring: everything on vs everything off, same training run.
 
 On: metrics.jsonl + TensorBoard + W&B (WANDB_MODE=offline), performance and gradient
-monitoring every 100 steps, progress bar (to /dev/null). Off: no TensorBoard, no progress bar, nothing logged during the
-run (log_frequency above the run's length). Tiny MLP 32-64-10, batch 32, 2,000 updates, one
-CPU thread; each run in its own process, alternating; ratio of median times.
+monitoring every 100 steps, progress bar (to /dev/null). Off: no TensorBoard, no progress
+bar, nothing logged during the run (log_frequency above the run's length). Tiny MLP
+32-64-10, batch 32, 2,000 updates, one CPU thread; each run in its own process,
+alternating; ratio of median times.
 Start-up (W&B starts a service process) counts: it is part of what a user waits for.
 
     .venv/bin/python benchmarks/bench_logging_overhead.py [--repeats 8]
