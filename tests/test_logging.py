@@ -263,3 +263,28 @@ def test_mlflow_run_read_back_through_its_client(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "metrics.jsonl", "summary.json"} <= artifacts
     assert "checkpoints" not in artifacts
+
+
+def test_confusion_matrix_figure_goes_to_tensorboard_when_plots_are_on(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from traineval.cli import main
+
+    run = tmp_path / "run"
+    args = [
+        "demo",
+        "-q",
+        "data.name=iris",
+        "model.name=mlp",
+        "model.options={}",
+        "training.num_epochs=2",
+        "training.warmup_steps=0",
+        "training.tensorboard_logging=true",
+        "evaluation.plot_metrics=true",
+        f"training.output_dir={run}",
+    ]
+    assert main(args) == 0
+    accumulator = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    accumulator.Reload()
+    assert accumulator.Tags()["images"] == ["test/confusion_matrix"]
+    assert "train/epoch_loss" in accumulator.Tags()["scalars"]

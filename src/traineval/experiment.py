@@ -267,7 +267,22 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
         record["class_names"] = parts.splits.class_names
     (out / "evaluation").mkdir(exist_ok=True)
     (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
+    figure = out / "evaluation" / "confusion_matrix_test.png"
+    if config.training.tensorboard_logging and figure.exists():
+        _figure_to_tensorboard(out, "test/confusion_matrix", figure, result.global_step)
     return ExperimentResult(result, test_metrics, evaluated, str(out))
+
+
+def _figure_to_tensorboard(run_dir: Path, tag: str, png: Path, step: int) -> None:
+    """Add a saved plot to the run's TensorBoard images (skipped if TensorBoard is absent)."""
+    try:
+        from matplotlib import image
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    writer.add_image(tag, image.imread(png)[..., :3], step, dataformats="HWC")
+    writer.close()
 
 
 def _evaluate_split(

@@ -30,8 +30,19 @@ class WandbLogger:
         else:
             run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
+        # traineval monitors the process itself and prints its own progress: no W&B system
+        # sampler, no console capture (which would intercept every progress-bar redraw)
+        try:
+            settings = wandb.Settings(x_disable_stats=True, console="off")
+        except Exception:
+            settings = None
         self.run = wandb.init(
-            project=project, dir=str(run_dir), id=run_id, name=run_dir.name, resume="allow"
+            project=project,
+            dir=str(run_dir),
+            id=run_id,
+            name=run_dir.name,
+            resume="allow",
+            settings=settings,
         )
         self.run_id = run_id
 
