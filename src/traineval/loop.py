@@ -79,16 +79,7 @@ class TrainState:
     interval_loss_weight: float = 0.0
     interval_norms: list[float] = dataclasses.field(default_factory=list)
     epoch_rng: dict[str, Any] | None = None
-    history: dict[str, list[Any]] = dataclasses.field(
-        default_factory=lambda: {
-            "epoch": [],
-            "train_loss": [],
-            "val_loss": [],
-            "learning_rate": [],
-            "val_metrics": [],
-            "val_steps": [],
-        }
-    )
+    history: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: empty_history())
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +88,12 @@ class TrainState:
         for field in dataclasses.fields(self):
             if field.name in state:
                 setattr(self, field.name, state[field.name])
+
+
+def empty_history() -> dict[str, list[Any]]:
+    """The training history's shape: per-epoch lists, and one entry per evaluation."""
+    keys = ("epoch", "train_loss", "val_loss", "learning_rate", "val_metrics", "val_steps")
+    return {key: [] for key in keys}
 
 
 class Monitor(Plateau):

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..loggers import read_jsonl
+from ..loop import empty_history
 
 
 @dataclasses.dataclass
@@ -52,14 +53,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
 def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Per-epoch losses and per-evaluation validation metrics, rebuilt from metrics.jsonl."""
-    history: dict[str, list[Any]] = {
-        "epoch": [],
-        "train_loss": [],
-        "val_loss": [],
-        "learning_rate": [],
-        "val_metrics": [],
-        "val_steps": [],
-    }
+    history = empty_history()
     val_at_step: dict[int, dict[str, float]] = {}
     for record in records:
         if record.get("event") == "eval" and record.get("split", "val") == "val":
