@@ -170,7 +170,6 @@ class Loop:
         self.skip_non_finite = skip_non_finite  # 0: stop on the first; N: skip, stop after N
         self.state = TrainState()
         self.resume_rng: dict[str, Any] | None = None  # RNG state at the checkpoint
-        self.last_grad_norm: torch.Tensor | None = None
         self.interrupted: str | None = None  # set by a signal handler
         self.steps = StepLog(device, capacity=min(log_every_n_steps, 4096))
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
@@ -331,7 +330,6 @@ class Loop:
         logging_next = (state.global_step + 1) % self.log_every_n_steps == 0
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-            self.last_grad_norm = norm
         elif logging_next:  # no clipping: measure the norm on log steps only
             norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self._params if p.grad is not None]
