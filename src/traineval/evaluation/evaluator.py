@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ class Evaluator:
                         targets = inputs
                     elif targets is None:
                         raise ValueError("evaluation needs (inputs, targets) batches")
-                    with precision.autocast() if precision is not None else _nothing():
+                    with precision.autocast() if precision is not None else nullcontext():
                         outputs = forward(model, inputs)
                     if accumulator is None:
                         task = task_type or detect_task(_main_output(outputs), targets)
@@ -405,11 +406,6 @@ def _add_texts(
     hypotheses = [decode(p[k].tolist()) for p, k in zip(predicted, kept, strict=True)]
     references = [decode(g[k].tolist()) for g, k in zip(gold, kept, strict=True)]
     text.update(hypotheses, references)
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _main_output(outputs: Any) -> torch.Tensor:

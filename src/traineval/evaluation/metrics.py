@@ -242,11 +242,6 @@ class TokenStats:
         }
 
 
-def as_plain(metrics: dict[str, Any]) -> dict[str, float]:
-    """Only the scalar entries of a metrics dict, as floats."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
 class ProbabilityStats:
     """Score-based classification metrics: log loss and top-k accuracy, streamed; ROC-AUC.
 
