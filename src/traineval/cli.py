@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not hasattr(args, "overrides"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
+    quiet = getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"traineval: error: {error}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
     training = outcome.training
     print(f"\nRun directory: {outcome.output_dir}")
     print(

@@ -78,6 +78,8 @@ DEFAULT_CLASSIFICATION_METRICS = CLASSIFICATION_METRICS[:-1]
 REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
 GENERATION_METRICS = ("perplexity", "token_accuracy")
 AVERAGES = ("weighted", "macro", "micro")
+DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
+DISTRIBUTED_STRATEGIES = ("ddp",)
 
 
 # -- field checks: each raises ValueError naming field, value and what is allowed --------------
@@ -180,6 +182,11 @@ class TrainingConfig(_ConfigBase):
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
 
+    Under `torchrun` the same config trains data-parallel: `batch_size` is per process,
+    `distributed_strategy` is "ddp" (or "fsdp" on CUDA, for models too large for one
+    device), and `distributed_timeout_seconds` bounds every collective, so a rank that dies
+    stops the others instead of leaving them hanging.
+
     Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
     `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same
     thing whatever `gradient_accumulation_steps` is.
@@ -240,6 +247,11 @@ class TrainingConfig(_ConfigBase):
     wandb_project: str = "traineval"
     mlflow_logging: bool = False
     mlflow_tracking_uri: str | None = None
+    # Distributed training under torchrun (ignored in a single process)
+    distributed_strategy: str = "ddp"
+    distributed_backend: str = "auto"
+    distributed_timeout_seconds: float = 600.0
+    find_unused_parameters: bool = False
     # Optimizer and scheduler details
     momentum: float = 0.9
     adam_beta1: float = 0.9
@@ -300,6 +312,7 @@ class TrainingConfig(_ConfigBase):
             "deterministic",
             "log_layer_grad_norms",
             "mlflow_logging",
+            "find_unused_parameters",
         ):
             _bool(name, getattr(self, name))
         if self.progress_bar is not None:
@@ -309,6 +322,11 @@ class TrainingConfig(_ConfigBase):
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
+        _choice("distributed_strategy", self.distributed_strategy, DISTRIBUTED_STRATEGIES)
+        _choice("distributed_backend", self.distributed_backend, DISTRIBUTED_BACKENDS)
+        _float(
+            "distributed_timeout_seconds", self.distributed_timeout_seconds, minimum=0, strict=True
+        )
         if not isinstance(self.wandb_project, str) or not self.wandb_project:
             _fail("wandb_project", self.wandb_project, "expected a non-empty project name")
         if not isinstance(self.monitor_metric, str) or not re.fullmatch(

@@ -239,6 +239,8 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
         resume_from=resume_from,
     )
     out = Path(result.output_dir)
+    if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
+        return ExperimentResult(result, None, "evaluated by rank 0", str(out))
     resolved = config.to_dict()
     resolved["training"]["output_dir"] = result.output_dir
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))

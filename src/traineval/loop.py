@@ -16,6 +16,12 @@ Pseudocode of `Loop.run`:
 
 Before any checkpoint is written the recorded losses are read, so a non-finite loss or
 gradient stops the run (`NonFiniteError`, naming epoch, step and batch) before it is saved.
+
+Data-parallel (`job.enabled`): every rank runs this same loop on its share of the data.
+Gradients are all-reduced once per window (`no_sync` on the micro-batches before the last),
+each micro-batch weighted by its items over the window's items on all ranks, so a window
+equals one big batch of everything the ranks saw. Logged and monitored losses are summed
+over ranks; a signal seen by any rank stops every rank at the same log step or epoch end.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -31,6 +38,7 @@ from torch import nn
 
 from .callbacks.base import Callback, overrides
 from .data.position import skip_batches
+from .distributed import Distributed
 from .loggers import LoggerHub
 from .modes.base import StepFunction, move_to_device
 from .monitor import PerformanceMonitor
@@ -143,6 +151,8 @@ class Loop:
         data_generators: Sequence[torch.Generator] = (),
         skip_non_finite: int = 0,
         layer_norms: bool = False,
+        job: Distributed | None = None,
+        no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.model = model
         self.forward_model = forward_model or model  # e.g. the torch.compile'd module
@@ -181,6 +191,9 @@ class Loop:
         self._param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(self._params)]
         self._pending_layer_norms: Any = None
         self._scale = precision.scaler.get_scale() if precision.scaler is not None else None
+        self.job = job or Distributed()
+        self.no_sync = no_sync  # DDP's: skip the gradient all-reduce inside a window
+        self._agreed_signal: str | None = None  # a signal every rank has agreed to stop on
 
     # -- requests from callbacks and signals --------------------------------------------------
 
@@ -211,7 +224,7 @@ class Loop:
                 state.epoch_loss_sum = state.epoch_loss_weight = 0.0
             self._call("on_epoch_start")
             train_loss = self._train_epoch(self._batches())
-            if self.interrupted:
+            if self._signal():
                 self._save_interrupted()
             logs = self._end_epoch(train_loss)
             self._call("on_epoch_end", logs)
@@ -225,6 +238,9 @@ class Loop:
     def _batches(self) -> Iterator[Any]:
         """This epoch's batches: fresh, or after the ones a resumed run already trained on."""
         state = self.state
+        set_epoch = getattr(getattr(self.train_loader, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:  # DistributedSampler: this epoch's shuffle
+            set_epoch(state.epoch)
         if state.batch_in_epoch == 0:
             return iter(self.train_loader)
         # Regenerate the epoch's shuffle order from its starting RNG, skip by index, then
@@ -243,7 +259,17 @@ class Loop:
 
     def _done(self) -> bool:
         at_max = self.max_steps is not None and self.state.global_step >= self.max_steps
-        return self._stop_requested or at_max or self.interrupted is not None
+        return self._stop_requested or at_max or self._signal() is not None
+
+    def _signal(self) -> str | None:
+        """The signal to stop on: at once alone, once every rank agrees when distributed."""
+        return self._agreed_signal if self.job.enabled else self.interrupted
+
+    def _agree_on_signal(self) -> None:
+        """Distributed: stop together if any rank was signalled (at log steps, epoch ends)."""
+        signalled = self.job.enabled and self._agreed_signal is None
+        if signalled and self.job.any(self.interrupted is not None):
+            self._agreed_signal = self.interrupted or "SIGTERM"
 
     def _train_epoch(self, batches: Iterator[Any]) -> float:
         """Run the epoch's optimizer updates; return the epoch's mean training loss."""
@@ -273,6 +299,7 @@ class Loop:
                 interval_steps = interval_samples = 0
                 data_seconds = 0.0
                 self._log_train(stats)
+                self._agree_on_signal()
             if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
                 self._evaluate()
                 self.forward_model.train()
@@ -283,11 +310,13 @@ class Loop:
         if interval_steps:
             self.performance.interval(interval_steps, interval_samples, data_seconds)
         self._read_steps()
-        if state.epoch_loss_weight == 0 and not self.interrupted:
+        self._agree_on_signal()
+        loss_sum, weight = self.job.sum([state.epoch_loss_sum, state.epoch_loss_weight])
+        if weight == 0 and not self._signal():
             raise ValueError(
                 f"epoch {state.epoch} trained on no data: the train loader yielded no batches"
             )
-        return state.epoch_loss_sum / max(state.epoch_loss_weight, 1e-300)
+        return loss_sum / max(weight, 1e-300)
 
     def _accumulate(self, window: list[Any]) -> int:
         """Forward and backward over one window; gradients equal those of one big batch."""
@@ -295,23 +324,30 @@ class Loop:
             window = [move_to_device(batch, self.device) for batch in window]
         weights: list[int | torch.Tensor] = []
         total: int | torch.Tensor = 1
-        if len(window) > 1:
+        if len(window) > 1 or self.job.enabled:
             # Normalise by the whole window's item count, known before any forward pass.
             weights = [self.step_fn.weight(batch) for batch in window]
             total = sum(weights[1:], start=weights[0])
+            if self.job.enabled:
+                # DDP averages gradients over ranks: weigh by this rank's share of all items.
+                total = self.job.sum_tensor(total) / self.job.world_size
         scaler = self.precision.scaler
         samples = 0
+        last = len(window) - 1
         for i, batch in enumerate(window):
-            with self.precision.autocast():
-                out = self.step_fn(self.forward_model, batch)
-            loss = out.loss
-            if loss.ndim != 0:
-                raise ValueError(
-                    f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; "
-                    "use a loss with reduction='mean'"
-                )
-            scaled = loss * (weights[i] / total) if weights else loss
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            # DDP all-reduces gradients in the window's last backward pass only.
+            skip_sync = self.no_sync is not None and i < last
+            with self.no_sync() if skip_sync else nullcontext():  # type: ignore[misc]
+                with self.precision.autocast():
+                    out = self.step_fn(self.forward_model, batch)
+                loss = out.loss
+                if loss.ndim != 0:
+                    raise ValueError(
+                        f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; "
+                        "use a loss with reduction='mean'"
+                    )
+                scaled = loss * (weights[i] / total) if weights else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             self.steps.add_micro_batch(loss.detach(), out.weight)
             samples += out.num_samples
         return samples
@@ -469,8 +505,12 @@ class Loop:
 
     def _log_train(self, stats: dict[str, float]) -> None:
         state = self.state
-        loss = state.interval_loss_sum / max(state.interval_loss_weight, 1e-300)
-        weight = state.interval_loss_weight
+        # Summed over ranks: the loss of everything trained on, and the job's throughput.
+        loss_sum, weight, samples_per_sec = self.job.sum(
+            [state.interval_loss_sum, state.interval_loss_weight, stats["samples_per_sec"]]
+        )
+        loss = loss_sum / max(weight, 1e-300)
+        stats = {**stats, "samples_per_sec": samples_per_sec}
         state.interval_loss_sum = state.interval_loss_weight = 0.0
         lr = float(self.optimizer.param_groups[0]["lr"])
         record: dict[str, Any] = {"train/loss": loss, "lr": lr, **stats}
@@ -512,7 +552,7 @@ class Loop:
 
     def _save_interrupted(self) -> None:
         """Save a resumable `last` checkpoint at this step boundary and stop."""
-        signal_name = self.interrupted or "signal"
+        signal_name = self._signal() or "signal"
         path = None
         if self.save_fn is not None:
             self._read_steps()

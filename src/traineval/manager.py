@@ -29,6 +29,8 @@ from .checkpoint import (
     save_safetensors,
 )
 from .config import TaskType, TrainingConfig, TrainingMode
+from .distributed import setup as setup_distributed
+from .distributed import shard_eval_loader, shard_train_loader, wrap_model
 from .evaluation import Evaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
@@ -97,7 +99,11 @@ class TrainingManager:
         if not isinstance(config, TrainingConfig):
             raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
         self.config = config
-        self.device = resolve_device(config.device)
+        # Under torchrun: join the process group; each rank gets its own device.
+        self.distributed, device = setup_distributed(
+            config.device, config.distributed_backend, config.distributed_timeout_seconds
+        )
+        self.device = resolve_device(device)
         self.logger = logger
         self.current_epoch = 0
         self.global_step = 0
@@ -107,6 +113,8 @@ class TrainingManager:
         self.metrics_tracker = MetricsTracker()
         self.performance_monitor = PerformanceMonitor(self.device)
         self.output_dir = Path(config.output_dir) if config.output_dir else _default_run_dir()
+        if not config.output_dir:  # one run directory for all ranks: rank 0's timestamp
+            self.output_dir = self.distributed.gather(self.output_dir)[0]
 
     # -- builders -----------------------------------------------------------------------------
 
@@ -174,8 +182,12 @@ class TrainingManager:
             NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
         """
         c = self.config
+        job = self.distributed
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        train_loader = shard_train_loader(train_loader, job, c.seed)
+        if val_loader is not None:
+            val_loader = shard_eval_loader(val_loader, job)
         if loss_function is None:
             loss_function = (
                 RegressionMSE() if mode is TrainingMode.UNSUPERVISED else default_loss(task_type)
@@ -192,7 +204,9 @@ class TrainingManager:
             resume_path, payload = found
             if payload.get("format") != CHECKPOINT_FORMAT or "loop" not in payload:
                 raise ValueError(f"{str(resume_path)!r} is not a resumable traineval checkpoint")
-            check_compatible(payload["config"], c.to_dict(), payload.get("world_size", 1), 1)
+            check_compatible(
+                payload["config"], c.to_dict(), payload.get("world_size", 1), job.world_size
+            )
             logger.info("resuming from %s (step %d)", resume_path, payload["global_step"])
         elif resume_from is not None:
             logger.info("no checkpoint to resume from in %s; starting fresh", self.output_dir)
@@ -208,7 +222,7 @@ class TrainingManager:
             state.load_state_dict(payload["loop"])
             return self._result(state, monitor.name, 0.0, {})
 
-        seed_everything(c.seed)
+        seed_everything(c.seed + job.rank)  # ranks draw different dropout masks, like one batch
         model.to(self.device)
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
         optimizer = self.setup_optimizer(model)
@@ -220,7 +234,11 @@ class TrainingManager:
                 scheduler.load_state_dict(payload["scheduler"])
             if precision.scaler is not None and payload.get("scaler") is not None:
                 precision.scaler.load_state_dict(payload["scaler"])
-        forward_model: nn.Module = torch.compile(model) if c.compile else model  # type: ignore[assignment]
+        wrapped = wrap_model(model, self.device, job, c)  # DDP / FSDP under torchrun
+        forward_model: nn.Module = torch.compile(wrapped) if c.compile else wrapped  # type: ignore[assignment]
+        # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
+        # collective that ranks with uneven evaluation shares would not all reach.
+        eval_model = model if job.enabled else None
         evaluate_fn = None
         if evaluator is not None:
             evaluator.run_dir = self.output_dir  # where its predictions and plots go later
@@ -229,7 +247,7 @@ class TrainingManager:
 
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
                 return evaluator.evaluate_model(
-                    m,
+                    eval_model or m,
                     val_loader,
                     self.device,
                     loss_function,
@@ -237,23 +255,26 @@ class TrainingManager:
                     training_mode=mode,
                     precision=precision,
                     write_files=False,  # predictions and plots are for final evaluations
+                    distributed=job,
                 )
 
-        c.__class__.from_dict({**c.to_dict(), "output_dir": str(self.output_dir)}).save_yaml(
-            self.output_dir / "config.yaml"
-        )
-        events = self.output_dir / "metrics.jsonl"
-        if payload is not None:
-            truncate_events(events, payload["global_step"])
-        else:
-            events.unlink(missing_ok=True)
-        hub = LoggerHub(
-            [
-                JsonlLogger(events),
-                *self._optional_loggers(payload["global_step"] if payload else 0),
-                *loggers,
-            ]
-        )
+        hub = LoggerHub([])  # rank 0 alone writes files and logs
+        if job.is_main:
+            c.__class__.from_dict({**c.to_dict(), "output_dir": str(self.output_dir)}).save_yaml(
+                self.output_dir / "config.yaml"
+            )
+            events = self.output_dir / "metrics.jsonl"
+            if payload is not None:
+                truncate_events(events, payload["global_step"])
+            else:
+                events.unlink(missing_ok=True)
+            hub = LoggerHub(
+                [
+                    JsonlLogger(events),
+                    *self._optional_loggers(payload["global_step"] if payload else 0),
+                    *loggers,
+                ]
+            )
         hub.log_config(c.to_dict())
         checkpoints: dict[str, str] = {}
 
@@ -288,6 +309,8 @@ class TrainingManager:
             data_generators=data_generators(train_loader),
             skip_non_finite=c.skip_nonfinite_steps,
             layer_norms=c.log_layer_grad_norms,
+            job=job,
+            no_sync=getattr(wrapped, "no_sync", None),
         )
         if payload is not None:
             _restore_loop(loop, payload)
@@ -300,7 +323,8 @@ class TrainingManager:
             self.early_stopping_counter = monitor.num_bad
             result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
             summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if job.is_main:
+                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         finally:
             hub.close()  # after summary.json, so artifact loggers take it along
         return result
@@ -349,7 +373,10 @@ class TrainingManager:
 
     def _default_callbacks(self) -> list[Callback]:
         c = self.config
-        callbacks: list[Callback] = [ProgressBar(c.progress_bar), EpochSummary()]
+        main = self.distributed.is_main
+        callbacks: list[Callback] = [ProgressBar(c.progress_bar if main else False)]
+        if main:
+            callbacks.append(EpochSummary())
         if c.early_stopping_patience > 0:
             callbacks.append(EarlyStopping(c.early_stopping_patience))
         callbacks.append(
@@ -378,9 +405,11 @@ class TrainingManager:
                 "run; resume it with resume_from='auto', choose another output_dir, or set "
                 "overwrite_output_dir=true"
             )
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for path in remove_stale_temporaries(checkpoints):
-            logger.info("removed %s, left by a save that did not finish", path.name)
+        if self.distributed.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for path in remove_stale_temporaries(checkpoints):
+                logger.info("removed %s, left by a save that did not finish", path.name)
+        self.distributed.barrier()  # the others start once rank 0 has the directory ready
 
     def _optional_loggers(self, resumed_step: int) -> list[Any]:
         """TensorBoard when asked (and installed); a missing package warns and names the extra."""
@@ -449,6 +478,18 @@ class TrainingManager:
         }
 
     def _save_from_loop(self, name: str, loop: Loop, precision: Precision) -> Path:
+        """Called on every rank; rank 0 writes, the others wait until the file is there."""
+        job = self.distributed
+        path = self.output_dir / "checkpoints" / f"{name}.pt"
+        rng_per_rank = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
+        if job.is_main:
+            self._write_checkpoint(name, loop, precision, path, rng_per_rank)
+        job.barrier()
+        return path
+
+    def _write_checkpoint(
+        self, name: str, loop: Loop, precision: Precision, path: Path, rng: list[Any]
+    ) -> None:
         state = loop.state
         self.best_metric, self.best_epoch = state.best_metric, state.best_epoch
         payload = self._payload(
@@ -461,20 +502,21 @@ class TrainingManager:
             scaler=precision.scaler,
             extra={
                 "loop": state.state_dict(),
-                "rng": capture_rng(loop.data_generators),
+                "rng": rng[0],
+                "rng_per_rank": rng,
                 "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
                 "tracker": loop.tracker.state_dict(),
                 "callbacks": {
                     f"{i}:{type(cb).__name__}": cb.state_dict()
                     for i, cb in enumerate(loop.callbacks)
                 },
-                "world_size": 1,
+                "world_size": self.distributed.world_size,
                 "traineval_version": __version__,
             },
         )
         if name == "best":
-            save_safetensors(loop.model, self.output_dir / "checkpoints" / "best.safetensors")
-        return save_checkpoint_file(payload, self.output_dir / "checkpoints" / f"{name}.pt")
+            save_safetensors(loop.model, path.with_suffix(".safetensors"))
+        save_checkpoint_file(payload, path)
 
     def save_checkpoint(
         self,
@@ -544,7 +586,8 @@ def _restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
         key = f"{i}:{type(callback).__name__}"
         if key in saved:
             callback.load_state_dict(saved[key])
-    loop.resume_rng = payload["rng"]
+    per_rank = payload.get("rng_per_rank")
+    loop.resume_rng = per_rank[loop.job.rank] if per_rank else payload["rng"]
 
 
 def _updates_per_epoch(loader: Any, accumulation: int) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
+from ..distributed import Distributed
 from ..modes.base import (
     batch_size_of,
     count_required_args,
@@ -95,6 +97,7 @@ class Evaluator:
         output_dir: str | Path | None = None,
         write_files: bool = True,
         decode: Callable[[list[int]], str] | None = None,
+        distributed: Distributed | None = None,
     ) -> dict[str, float]:
         """Evaluate `model` on `loader`: the mean loss and the task's metrics.
 
@@ -106,13 +109,19 @@ class Evaluator:
         defaults to the config's, then to the run directory of the last `train` it served.
         For generation, `decode` (token ids -> text) adds BLEU and ROUGE-L of the greedy
         (argmax) tokens against the targets, both without the ignored positions.
+
+        With `distributed` (data-parallel training), each rank evaluates its own share of
+        the data and the metric states are merged across ranks: every rank returns the
+        metrics of all samples, each counted once, also when the shares are uneven or one
+        is empty. Files are not written in that case (`write_files` is ignored).
         """
         from .text import TextStats
 
         text = TextStats() if decode is not None else None
         device = torch.device(device) if device is not None else _device_of(model)
         prefix = SPLIT_PREFIX[split]
-        folder = self._output_folder(output_dir) if write_files else None
+        sharded = distributed is not None and distributed.enabled
+        folder = self._output_folder(output_dir) if write_files and not sharded else None
         writer: PredictionWriter | None = None
         was_training = model.training
         model.eval()
@@ -158,10 +167,13 @@ class Evaluator:
                         _add_texts(text, decode, main, targets, self.config.ignore_index)
         finally:
             model.train(was_training)
+        total_loss, total_weight = float(loss_sum), float(weight_sum)
+        if distributed is not None and sharded:
+            accumulator, text = _merge_ranks(distributed, accumulator, text)
+            total_loss, total_weight = distributed.sum([total_loss, total_weight])
         if accumulator is None:
             raise ValueError("the evaluation loader yielded no batches")
-        total_weight = float(weight_sum)
-        metrics = {"loss": float(loss_sum) / total_weight if total_weight else float("nan")}
+        metrics = {"loss": total_loss / total_weight if total_weight else float("nan")}
         if self.config.compute_metrics:
             metrics.update(self._finish(accumulator))
         if text is not None and text.pairs:
@@ -375,6 +387,20 @@ class _Accumulator:
                 classes, self.config.top_k, keep, self.config.ignore_index
             )
 
+    def merge(self, other: _Accumulator) -> None:
+        """Fold in another shard's state (another rank's), as if one had seen both."""
+        for name in ("confusion", "scores", "regression", "tokens"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is None:
+                continue
+            if mine is None:
+                setattr(self, name, theirs)
+            else:
+                mine.merge(theirs)
+        if self.scatter is not None and other.scatter:
+            self.scatter.extend(other.scatter)
+            self._scattered += other._scattered
+
     def compute(self, average: str) -> dict[str, float]:
         if self.confusion is not None:
             out = self.confusion.compute(average)
@@ -406,6 +432,43 @@ def _add_texts(
     hypotheses = [decode(p[k].tolist()) for p, k in zip(predicted, kept, strict=True)]
     references = [decode(g[k].tolist()) for g, k in zip(gold, kept, strict=True)]
     text.update(hypotheses, references)
+
+
+def _merge_ranks(
+    job: Distributed, accumulator: _Accumulator | None, text: Any
+) -> tuple[_Accumulator | None, Any]:
+    """Every rank's metric state, merged in rank order: the same result on every rank."""
+    parts = job.gather((_on_cpu(accumulator), text))
+    merged: _Accumulator | None = None
+    merged_text = None
+    for part, part_text in parts:
+        if part is not None:
+            if merged is None:
+                merged = part
+            else:
+                merged.merge(part)
+        if part_text is not None:
+            if merged_text is None:
+                merged_text = part_text
+            else:
+                merged_text.merge(part_text)
+    return merged, merged_text
+
+
+def _on_cpu(value: Any) -> Any:
+    """A copy of a metric state with its tensors on the CPU (to send to other ranks)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    if hasattr(value, "merge"):  # _Accumulator and the metric states it holds
+        clone = copy.copy(value)
+        for key, item in vars(value).items():
+            setattr(clone, key, _on_cpu(item))
+        return clone
+    return value
 
 
 def _main_output(outputs: Any) -> torch.Tensor:

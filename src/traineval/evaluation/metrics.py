@@ -75,6 +75,16 @@ class ConfusionMatrix:
         assert self.nan_count is not None
         self.nan_count += torch.isnan(top).sum()
 
+    def merge(self, other: ConfusionMatrix) -> None:
+        """Add another shard's counts (e.g. another rank's), as if one had seen both."""
+        if other.counts is None or other.nan_count is None:
+            return
+        if self.counts is None or self.nan_count is None:
+            self.counts, self.nan_count = other.counts.clone(), other.nan_count.clone()
+            return
+        self.counts += other.counts.to(self.counts.device)
+        self.nan_count += other.nan_count.to(self.nan_count.device)
+
     def matrix(self) -> torch.Tensor:
         """The C x C matrix, rows true classes, columns predictions (scikit-learn's layout)."""
         if self.counts is None:
@@ -158,6 +168,16 @@ class RegressionStats:
             "abs": err.abs().sum(0),
             "nan": torch.isnan(p).sum(),
         }
+        self._combine(batch, m)
+
+    def merge(self, other: RegressionStats) -> None:
+        """Combine another shard's moments (e.g. another rank's), as if one had seen both."""
+        if other.state:
+            device = next(iter(self.state.values())).device if self.state else None
+            state = {k: v.to(device) if device else v.clone() for k, v in other.state.items()}
+            self._combine(state, other.n)
+
+    def _combine(self, batch: dict[str, torch.Tensor], m: int) -> None:
         if not self.state:
             self.state, self.n = batch, m
             return
@@ -223,10 +243,11 @@ class TokenStats:
         )
         correct = ((flat_logits.argmax(-1) == flat_targets) & kept).sum()
         batch = {"nll": nll.double(), "tokens": kept.sum(), "correct": correct}
-        if not self.state:
-            self.state = batch
-        else:
-            self.state = {key: self.state[key] + batch[key] for key in batch}
+        self.state = _add_sums(self.state, batch)
+
+    def merge(self, other: TokenStats) -> None:
+        """Add another shard's sums (e.g. another rank's)."""
+        self.state = _add_sums(self.state, other.state)
 
     def compute(self) -> dict[str, float]:
         if not self.state:
@@ -283,7 +304,7 @@ class ProbabilityStats:
             # in the top k: fewer than k classes score strictly higher than the target
             above = (scores > picked[:, None]).sum(dim=1)
             batch["top_k"] = ((above < self.top_k) & kept).sum()
-        self.state = batch if not self.state else {k: self.state[k] + batch[k] for k in batch}
+        self.state = _add_sums(self.state, batch)
         if self.keep_scores:
             if binary:
                 p1 = torch.sigmoid(scores.reshape(-1).double())
@@ -292,6 +313,12 @@ class ProbabilityStats:
                 probabilities = torch.softmax(scores.double(), dim=1)
             self.scores.append(probabilities.cpu())
             self.labels.append(torch.where(kept, targets, -1).cpu())
+
+    def merge(self, other: ProbabilityStats) -> None:
+        """Add another shard's sums and kept scores (e.g. another rank's)."""
+        self.state = _add_sums(self.state, other.state)
+        self.scores.extend(other.scores)
+        self.labels.extend(other.labels)
 
     def compute(self) -> dict[str, float]:
         if not self.state:
@@ -334,3 +361,14 @@ class ProbabilityStats:
         kept = labels >= 0
         fpr, tpr, _ = roc_curve(labels[kept], probabilities[kept][:, 1])
         return fpr, tpr
+
+
+def _add_sums(
+    state: dict[str, torch.Tensor], more: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Key-wise sums of two running-sum states (either may be empty)."""
+    if not more:
+        return state
+    if not state:
+        return dict(more)
+    return {key: state[key] + more[key].to(state[key].device) for key in more}

@@ -81,6 +81,15 @@ class TextStats:
             self.matches[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
             self.totals[n - 1] += max(0, length - n + 1)
 
+    def merge(self, other: TextStats) -> None:
+        """Add another shard's counts (e.g. another rank's)."""
+        self.matches = [a + b for a, b in zip(self.matches, other.matches, strict=True)]
+        self.totals = [a + b for a, b in zip(self.totals, other.totals, strict=True)]
+        self.hypothesis_length += other.hypothesis_length
+        self.reference_length += other.reference_length
+        self.rouge_sum += other.rouge_sum
+        self.pairs += other.pairs
+
     def compute(self) -> dict[str, float]:
         if self.pairs == 0:
             raise ValueError("no data: call update() with at least one text before compute()")

@@ -1,0 +1,339 @@
+"""Data-parallel training on torch.distributed: the process group, loaders, and collectives.
+
+Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK in the environment) `setup` joins the process
+group (NCCL on CUDA, gloo on CPU) and pins the process to its device. `Distributed` is what
+the rest of the library sees: the rank and world size, and the few collectives the loop and
+the evaluator need. A single process gets `Distributed()`, whose collectives do nothing, so
+no code path branches on "is this distributed" beyond asking `is_main`.
+
+Batch sizes are per process: with N ranks, `batch_size` b and accumulation k, one optimizer
+update sees N * b * k samples, and its gradient equals that of one batch of them (fp32).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "nccl", "gloo")
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank died or stopped answering."""
+
+
+@contextlib.contextmanager
+def _collective(job: Distributed, what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as error:  # gloo / NCCL errors, timeouts included
+        raise CollectiveError(
+            f"rank {job.rank} of {job.world_size}: {what} failed ({error}); another rank "
+            "probably failed or stopped answering (each wait is bounded by "
+            "distributed_timeout_seconds)"
+        ) from error
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job; collectives are no-ops for a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files, logs and progress."""
+        return self.rank == 0
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Sum each value over the ranks (float64); the same list on every rank."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+        with _collective(self, "summing values over the ranks"):
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_tensor(self, value: int | torch.Tensor) -> torch.Tensor:
+        """`value` summed over the ranks, as a float32 tensor on the communication device."""
+        tensor = torch.as_tensor(value, dtype=torch.float32)
+        if not self.enabled:
+            return tensor
+        tensor = tensor.to(_comm_device(), copy=True)
+        with _collective(self, "summing the window's items over the ranks"):
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank says yes; every rank gets the same answer."""
+        return bool(self.sum([1.0 if flag else 0.0])[0]) if self.enabled else flag
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        with _collective(self, "gathering state from the ranks"):
+            dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.enabled:
+            with _collective(self, "waiting for the other ranks (barrier)"):
+                dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def from_environment() -> Distributed:
+    """The job torchrun describes in the environment (a single process when it says nothing)."""
+    values = {key: os.environ.get(key) for key in ENV_KEYS}
+    if values["WORLD_SIZE"] is None:
+        return Distributed()
+    try:
+        rank, world = int(values["RANK"] or 0), int(values["WORLD_SIZE"] or 1)
+        local = int(values["LOCAL_RANK"] or 0)
+    except ValueError:
+        raise ValueError(
+            f"the torchrun environment is malformed: {values}; expected integers"
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"the torchrun environment is inconsistent: {values}")
+    return Distributed(rank, world, local)
+
+
+def setup(device: str, backend: str, timeout_seconds: float) -> tuple[Distributed, str]:
+    """Join the process group torchrun describes; return the job and this rank's device.
+
+    `device` is the config's choice ("auto", "cpu", "cuda", ...): with CUDA each rank takes
+    `cuda:LOCAL_RANK`. A process group the caller already initialised is used as it is.
+    `timeout_seconds` bounds every collective, so a rank that dies or hangs stops the others
+    with an error instead of a silent hang.
+    """
+    if dist.is_available() and dist.is_initialized():
+        job = Distributed(dist.get_rank(), dist.get_world_size(), _local_rank())
+        return job, _rank_device(device, job)
+    job = from_environment()
+    if not job.enabled:
+        return job, device
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    rank_device = _rank_device(device, job)
+    chosen = backend
+    if chosen == "auto":
+        chosen = "nccl" if rank_device.startswith("cuda") else "gloo"
+    if chosen == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise ValueError(
+            "distributed_backend='nccl' needs CUDA GPUs and a PyTorch build with NCCL; "
+            "use 'gloo' (CPU) or 'auto'"
+        )
+    if chosen == "gloo" and not dist.is_gloo_available():
+        raise ValueError("distributed_backend='gloo' is not available in this PyTorch build")
+    if rank_device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(rank_device))
+    dist.init_process_group(
+        backend=chosen,
+        timeout=datetime.timedelta(seconds=timeout_seconds),
+        device_id=torch.device(rank_device) if chosen == "nccl" else None,
+    )
+    atexit.register(_destroy)
+    logger.info(
+        "rank %d of %d (local rank %d) on %s, backend %s",
+        job.rank,
+        job.world_size,
+        job.local_rank,
+        rank_device,
+        chosen,
+    )
+    return job, rank_device
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _rank_device(device: str, job: Distributed) -> str:
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not wants_cuda:
+        return "cpu" if device == "auto" else device
+    if not torch.cuda.is_available():
+        return device  # resolve_device falls back to the CPU with a warning
+    count = torch.cuda.device_count()
+    if job.local_rank >= count:
+        raise ValueError(
+            f"LOCAL_RANK={job.local_rank} but this node has {count} CUDA device(s); "
+            "start at most one process per GPU (torchrun --nproc_per_node)"
+        )
+    return f"cuda:{job.local_rank}"
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device, job: Distributed, config: Any) -> Any:
+    """The module the loop trains through: `model` itself, or DDP around it on several ranks.
+
+    The returned module shares `model`'s parameters; checkpoints and evaluation use `model`.
+    """
+    if not job.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=config.find_unused_parameters,
+    )
+
+
+# -- loaders ---------------------------------------------------------------------------------
+
+
+def shard_train_loader(loader: Any, job: Distributed, seed: int) -> Any:
+    """Give each rank its share of a DataLoader's batches (a `DistributedSampler`).
+
+    A loader that already has a DistributedSampler is kept; a shuffling (RandomSampler) or
+    sequential one is rebuilt around a DistributedSampler with the same shuffling, seeded
+    with `seed` (reshuffled per epoch by the loop's `set_epoch`). As with
+    DistributedSampler, a dataset that does not divide by the world size is padded with
+    repeated samples, so every rank makes the same number of steps.
+    """
+    if not job.enabled:
+        return loader
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        logger.warning(
+            "the train loader is not a map-style DataLoader: each rank trains on what it "
+            "yields, so it must yield this rank's share itself (rank %d of %d)",
+            job.rank,
+            job.world_size,
+        )
+        return loader
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        return loader
+    if type(loader.batch_sampler) is not BatchSampler:
+        raise ValueError(
+            f"the train loader has a custom batch_sampler ({type(loader.batch_sampler).__name__})"
+            "; under distributed training give it a DistributedSampler yourself, or use "
+            "sampler/shuffle with batch_size so traineval can insert one"
+        )
+    if isinstance(sampler, RandomSampler):
+        if sampler.replacement or sampler._num_samples is not None:
+            raise ValueError(
+                "the train loader's RandomSampler draws with replacement or a fixed "
+                "num_samples; under distributed training give it a DistributedSampler yourself"
+            )
+        shuffle = True
+    elif isinstance(sampler, SequentialSampler):
+        shuffle = False
+    else:
+        raise ValueError(
+            f"the train loader has a custom sampler ({type(sampler).__name__}); under "
+            "distributed training wrap or replace it with a DistributedSampler yourself"
+        )
+    distributed: DistributedSampler[Any] = DistributedSampler(
+        loader.dataset,
+        num_replicas=job.world_size,
+        rank=job.rank,
+        shuffle=shuffle,
+        seed=seed,
+    )
+    generator = loader.generator
+    if generator is not None:
+        # The loader's generator seeds its workers: a copy per rank would give every rank
+        # the same augmentation randomness. Offset it by the rank instead.
+        generator = torch.Generator().manual_seed(generator.initial_seed() + job.rank)
+    return _rebuild(loader, distributed, generator)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r of n takes indices r, r+n, r+2n, ...: every sample once, none repeated."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.length = length
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def shard_eval_loader(loader: Any, job: Distributed) -> Any:
+    """Each rank evaluates a disjoint share; together every sample exactly once.
+
+    Unlike training, nothing is padded: metrics are merged across ranks afterwards, so
+    uneven shares are exact. A loader with its own DistributedSampler (which pads) or one
+    that is not a map-style DataLoader is kept, with a warning.
+    """
+    if not job.enabled:
+        return loader
+    if (
+        not isinstance(loader, DataLoader)
+        or isinstance(loader.dataset, IterableDataset)
+        or type(loader.batch_sampler) is not BatchSampler
+        or not isinstance(loader.sampler, (SequentialSampler, RandomSampler))
+    ):
+        logger.warning(
+            "the validation loader cannot be sharded by traineval (not a plain map-style "
+            "DataLoader): each rank evaluates what it yields, and the metrics merge that"
+        )
+        return loader
+    length = len(loader.dataset)  # type: ignore[arg-type]
+    return _rebuild(loader, ShardSampler(length, job.rank, job.world_size), loader.generator)
+
+
+def _rebuild(
+    loader: DataLoader[Any], sampler: Sampler[int], generator: torch.Generator | None
+) -> DataLoader[Any]:
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=generator,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+    )

@@ -1,0 +1,198 @@
+"""Scenarios run under torchrun by tests/test_distributed.py (one process per rank).
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 \
+    tests/distributed_worker.py SCENARIO OUT_DIR
+
+Each scenario trains or evaluates with traineval on gloo / CPU and writes what the test
+compares (weights, metrics) into OUT_DIR as rank-suffixed files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import TrainingConfig, TrainingManager
+from traineval.callbacks import Callback
+from traineval.config import TaskType
+from traineval.evaluation import Evaluator
+
+
+def data(n: int = 64, features: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = torch.randint(0, classes, (n,), generator=generator)
+    return TensorDataset(x, y)
+
+
+def regression_data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 8, generator=generator)
+    return TensorDataset(x, torch.randn(8, 3, generator=generator))
+
+
+def model(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+
+
+def config(out: Path, **overrides: Any) -> TrainingConfig:
+    values: dict[str, Any] = {
+        "num_epochs": 2,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "warmup_steps": 2,
+        "max_grad_norm": 0.5,
+        "tensorboard_logging": False,
+        "progress_bar": False,
+        "mixed_precision": False,
+        "device": "cpu",
+        "log_frequency": 2,
+        "eval_frequency": 3,
+        "early_stopping_patience": 0,
+        "output_dir": str(out),
+        "distributed_timeout_seconds": 60.0,
+    }
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def equivalence(out: Path, rank: int) -> None:
+    """Batch 16 per rank, and batch 8 x 2 accumulated per rank, on 64 samples."""
+    for name, batch, accumulation in (("plain", 16, 1), ("accumulated", 8, 2)):
+        net = model()
+        manager = TrainingManager(
+            config(out / name, batch_size=batch, gradient_accumulation_steps=accumulation)
+        )
+        result = manager.train(
+            net,
+            DataLoader(data(), batch_size=batch, shuffle=False),
+            DataLoader(data(9, seed=5), batch_size=2),
+            task_type=TaskType.CLASSIFICATION,
+        )
+        torch.save(net.state_dict(), out / f"{name}-weights-{rank}.pt")
+        history = result.training_history
+        record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
+        (out / f"{name}-history-{rank}.json").write_text(json.dumps(record))
+
+
+def uneven(out: Path, rank: int) -> None:
+    """Rank 0 evaluates 5 samples, rank 1 three (batch 2): metrics of all 8, merged."""
+    from traineval.distributed import setup
+
+    job, _ = setup("cpu", "auto", 60.0)
+    net = model()
+    results = {}
+    for task, dataset in (
+        ("classification", data(8, seed=3)),
+        ("regression", regression_data()),
+    ):
+        share = range(0, 5) if rank == 0 else range(5, 8)
+        loader = DataLoader(torch.utils.data.Subset(dataset, list(share)), batch_size=2)
+        results[task] = Evaluator().evaluate_model(
+            net, loader, "cpu", task_type=TaskType(task), distributed=job
+        )
+    empty = DataLoader(torch.utils.data.Subset(data(8, seed=3), [] if rank else [0]), batch_size=2)
+    results["one_sample"] = Evaluator().evaluate_model(
+        net, empty, "cpu", task_type=TaskType.CLASSIFICATION, distributed=job
+    )
+    (out / f"uneven-{rank}.json").write_text(json.dumps(results))
+
+
+class SignalRankOne(Callback):
+    """Rank 1 alone 'receives SIGTERM' after update 3; the ranks stop together at the next
+    log step (4), inside the epoch (5 updates per epoch)."""
+
+    def on_step_end(self, loop: Any) -> None:
+        if loop.job.rank == 1 and loop.state.global_step == 3:
+            loop.interrupted = "SIGTERM"
+
+
+def resume_config(out: Path) -> TrainingConfig:
+    return config(out, num_epochs=3, checkpoint_every_n_steps=2)
+
+
+def resume_loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
+    train = DataLoader(
+        data(80), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+    return train, DataLoader(data(9, seed=5), batch_size=4)
+
+
+def resume_first(out: Path, rank: int) -> None:
+    """An uninterrupted run, then one that a signal on rank 1 stops at update 4."""
+    from traineval.loop import TrainingInterrupted
+
+    net = model(dropout=0.3)
+    TrainingManager(resume_config(out / "straight")).train(
+        net, *resume_loaders(), task_type=TaskType.CLASSIFICATION
+    )
+    torch.save(net.state_dict(), out / f"straight-weights-{rank}.pt")
+    net = model(dropout=0.3)
+    try:
+        TrainingManager(resume_config(out / "interrupted")).train(
+            net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, callbacks=[SignalRankOne()]
+        )
+    except TrainingInterrupted as stopped:
+        (out / f"interrupted-{rank}.json").write_text(json.dumps({"message": str(stopped)}))
+
+
+def resume_second(out: Path, rank: int) -> None:
+    """A fresh model (other initial weights) resumed from the interrupted run's checkpoint."""
+    torch.manual_seed(99)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    result = TrainingManager(resume_config(out / "interrupted")).train(
+        net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
+    )
+    torch.save(net.state_dict(), out / f"resumed-weights-{rank}.pt")
+    (out / f"resumed-{rank}.json").write_text(json.dumps({"global_step": result.global_step}))
+
+
+class FailOnRankOne(Callback):
+    def on_step_end(self, loop: Any) -> None:
+        if loop.job.rank == 1 and loop.state.global_step == 3:
+            raise RuntimeError("rank 1 failed on purpose")
+
+
+def failure(out: Path, rank: int) -> None:
+    """Rank 1 raises at update 3; rank 0 must not hang."""
+    TrainingManager(config(out / "failure", num_epochs=50, distributed_timeout_seconds=20)).train(
+        model(), DataLoader(data(), batch_size=8, shuffle=True), callbacks=[FailOnRankOne()]
+    )
+
+
+class HangOnRankOne(Callback):
+    def on_step_end(self, loop: Any) -> None:
+        if loop.job.rank == 1 and loop.state.global_step == 3:
+            time.sleep(600)
+
+
+def hang(out: Path, rank: int) -> None:
+    """Rank 1 stops answering at update 3; rank 0's next collective must time out."""
+    TrainingManager(config(out / "hang", num_epochs=50, distributed_timeout_seconds=5)).train(
+        model(), DataLoader(data(), batch_size=8, shuffle=True), callbacks=[HangOnRankOne()]
+    )
+
+
+SCENARIOS = {
+    "equivalence": equivalence,
+    "uneven": uneven,
+    "resume_first": resume_first,
+    "resume_second": resume_second,
+    "failure": failure,
+    "hang": hang,
+}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    scenario, folder = sys.argv[1], Path(sys.argv[2])
+    SCENARIOS[scenario](folder, int(os.environ["RANK"]))

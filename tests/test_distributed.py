@@ -1,0 +1,224 @@
+"""Data-parallel training: 2 ranks on gloo / CPU under torchrun, against single-process runs.
+
+The torchrun tests are marked slow (CI runs them after the fast suite); the helpers that need
+no process group run in the fast suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+import distributed_worker as worker
+from traineval import TrainingConfig, TrainingManager
+from traineval.config import TaskType
+from traineval.distributed import (
+    Distributed,
+    ShardSampler,
+    shard_eval_loader,
+    shard_train_loader,
+)
+from traineval.evaluation import Evaluator
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def torchrun(scenario: str, out: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        scenario,
+        str(out),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(run: subprocess.CompletedProcess[str]) -> None:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+
+
+# -- without a process group ---------------------------------------------------------------
+
+
+def test_a_single_process_job_has_no_op_collectives():
+    job = Distributed()
+    assert job.is_main
+    assert not job.enabled
+    assert job.sum([1.5, 2.0]) == [1.5, 2.0]
+    assert job.gather({"a": 1}) == [{"a": 1}]
+    assert job.any(True)
+    assert not job.any(False)
+
+
+@pytest.mark.parametrize("length", [0, 1, 8, 9])
+def test_shards_cover_every_sample_exactly_once(length):
+    shards = [list(ShardSampler(length, rank, 2)) for rank in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(length))
+    assert [len(ShardSampler(length, rank, 2)) for rank in range(2)] == [len(s) for s in shards]
+
+
+def test_the_train_loader_gets_a_distributed_sampler_with_its_shuffle():
+    data = worker.data(20)
+    loader = DataLoader(
+        data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
+    sharded = shard_train_loader(loader, Distributed(rank=1, world_size=2), seed=5)
+    sampler = sharded.sampler
+    assert isinstance(sampler, torch.utils.data.DistributedSampler)
+    assert sampler.shuffle
+    assert sampler.rank == 1
+    assert sampler.num_replicas == 2
+    assert sampler.seed == 5
+    assert sharded.batch_size == 4
+    assert len(sharded) == 3
+    # worker seeds differ per rank: the generator is offset by the rank
+    assert sharded.generator.initial_seed() == 4
+    sequential = shard_train_loader(DataLoader(data, batch_size=4), Distributed(0, 2), seed=5)
+    assert not sequential.sampler.shuffle
+
+
+def test_a_custom_train_sampler_is_refused_with_advice():
+    data = worker.data(20)
+    loader = DataLoader(data, batch_size=4, sampler=WeightedRandomSampler([1.0] * 20, 20))
+    with pytest.raises(ValueError, match=r"custom sampler.*DistributedSampler"):
+        shard_train_loader(loader, Distributed(0, 2), seed=0)
+
+
+def test_the_validation_loader_is_split_without_padding():
+    loader = DataLoader(worker.data(9), batch_size=2)
+    sizes = [len(shard_eval_loader(loader, Distributed(r, 2)).sampler) for r in range(2)]
+    assert sizes == [5, 4]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
+def test_nccl_without_cuda_is_refused_before_joining(monkeypatch):
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match="distributed_backend='nccl' needs CUDA"):
+        TrainingManager(TrainingConfig(device="cpu", distributed_backend="nccl"))
+
+
+def test_distributed_settings_are_validated():
+    with pytest.raises(ValueError, match="distributed_backend='mpi' is invalid"):
+        TrainingConfig(distributed_backend="mpi")
+    with pytest.raises(ValueError, match="distributed_timeout_seconds=0 is invalid"):
+        TrainingConfig(distributed_timeout_seconds=0)
+
+
+# -- two ranks under torchrun ----------------------------------------------------------------
+
+
+def single_process_run(out: Path):
+    net = worker.model()
+    manager = TrainingManager(worker.config(out, batch_size=32))
+    result = manager.train(
+        net,
+        DataLoader(worker.data(), batch_size=32),
+        DataLoader(worker.data(9, seed=5), batch_size=2),
+        task_type=TaskType.CLASSIFICATION,
+    )
+    return net.state_dict(), result.training_history
+
+
+@pytest.mark.slow
+def test_two_ranks_of_16_equal_one_process_of_32(tmp_path):
+    ok(torchrun("equivalence", tmp_path))
+    reference, history = single_process_run(tmp_path / "single")
+    for name in ("plain", "accumulated"):  # 2 x 16, and 2 x 8 x 2 accumulated (no_sync)
+        for rank in (0, 1):
+            weights = torch.load(tmp_path / f"{name}-weights-{rank}.pt")
+            for key, value in reference.items():
+                torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+        logged = json.loads((tmp_path / f"{name}-history-0.json").read_text())
+        # train loss summed over ranks; val metrics over all 9 samples (5 + 4 per rank)
+        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
+        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
+            assert mine["accuracy"] == theirs["accuracy"]
+            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+    # rank 0 alone wrote the run's files
+    events = (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["step"] for line in events if '"train"' in line}) == len(
+        [line for line in events if '"event": "train"' in line]
+    )
+
+
+@pytest.mark.slow
+def test_uneven_validation_shares_give_the_single_process_metrics(tmp_path):
+    ok(torchrun("uneven", tmp_path))
+    net = worker.model()
+    expected = {
+        "classification": Evaluator().evaluate_model(
+            net,
+            DataLoader(worker.data(8, seed=3), batch_size=2),
+            "cpu",
+            task_type=TaskType("classification"),
+        ),
+        "regression": Evaluator().evaluate_model(
+            net,
+            DataLoader(worker.regression_data(), batch_size=2),
+            "cpu",
+            task_type=TaskType("regression"),
+        ),
+        "one_sample": Evaluator().evaluate_model(
+            net,
+            DataLoader(torch.utils.data.Subset(worker.data(8, seed=3), [0]), batch_size=2),
+            "cpu",
+            task_type=TaskType.CLASSIFICATION,
+        ),
+    }
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"uneven-{rank}.json").read_text())
+        for task, metrics in expected.items():
+            assert got[task].keys() == metrics.keys()
+            for name, value in metrics.items():
+                if name in ("accuracy", "precision", "recall", "f1"):
+                    assert got[task][name] == value, (task, name)  # counts: exact
+                else:  # float32 batch means over other batches, summed in float64
+                    assert got[task][name] == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+    ok(torchrun("resume_first", tmp_path))
+    for rank in (0, 1):  # the signal reached rank 1 only; both stopped at the same step
+        message = json.loads((tmp_path / f"interrupted-{rank}.json").read_text())["message"]
+        assert "epoch 1, step 4" in message
+    ok(torchrun("resume_second", tmp_path))
+    for rank in (0, 1):
+        straight = torch.load(tmp_path / f"straight-weights-{rank}.pt")
+        resumed = torch.load(tmp_path / f"resumed-weights-{rank}.pt")
+        for key, value in straight.items():
+            assert torch.equal(resumed[key], value), key
+    # a single process cannot continue a 2-rank run
+    with pytest.raises(ValueError, match="world_size: checkpoint 2, now 1"):
+        TrainingManager(worker.resume_config(tmp_path / "interrupted")).train(
+            worker.model(dropout=0.3), *worker.resume_loaders(), resume_from="auto"
+        )
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_job(tmp_path):
+    started = time.monotonic()
+    run = torchrun("failure", tmp_path, timeout=120)
+    assert run.returncode != 0
+    assert "rank 1 failed on purpose" in run.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_hanging_rank_times_the_others_out(tmp_path):
+    run = torchrun("hang", tmp_path, timeout=180)
+    assert run.returncode != 0
+    assert "Timed out" in run.stderr or "timed out" in run.stderr
