@@ -1,0 +1,342 @@
+"""Workload C of the peer benchmarks: one CUDA GPU, bf16 autocast, steady-state throughput.
+
+(C1) a GPT-2-small-shaped language model (124M parameters, 12 layers, d=768, 12 heads,
+vocabulary 50304, sequence 1024, batch 8), tokens/s and model FLOPs utilisation;
+(C2) the CNN of workload B at batch 512 on 3x32x32 inputs, samples/s.
+Every loop trains the same model from the same seed and data (a pinned DataLoader), with
+AdamW, clipping at 1.0 and bf16 autocast: hand-written naive (`loss.item()` every step,
+foreach AdamW) and careful (fused AdamW, no per-step sync), careful + torch.compile,
+careful inside DDP with one rank (what DDP itself costs), traineval with its defaults
+(progress bar, metrics.jsonl, checkpointing, clipping; bf16 chosen by precision="auto") and
+with compile=True, and PyTorch Lightning default (bar + per-step self.log) and lean.
+
+Timing starts after `--warmup` updates (CUDA synchronised) and stops at the last update, so
+start-up, compilation and end-of-run checkpoint writes are not counted. Each run is its
+own process; runs alternate. MFU = 6 N + 12 L d T FLOPs per token (PaLM's estimate) over
+the bf16 dense peak (989 TFLOP/s for H100/H200 SXM).
+
+    python benchmarks/gpu_peers.py --workloads gpt,cnn --repeats 2 --json results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+PEAK_FLOPS = 989e12
+SPECS = {
+    "gpt": {"batch": 8, "steps": 60, "label": "GPT-124M, 8 x 1024 tokens, bf16"},
+    "cnn": {"batch": 512, "steps": 150, "label": "CNN 3x32x32, batch 512, bf16"},
+}
+LOOPS = [
+    "hand-written naive",
+    "hand-written careful",
+    "careful + compile",
+    "careful in DDP (1 rank)",
+    "traineval defaults",
+    "traineval compile",
+    "Lightning default",
+    "Lightning lean",
+]
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int = 50304, seq: int = 1024, d: int = 768, layers: int = 12):
+        super().__init__()
+        self.layers = layers
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(Block(d, 12) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied, as GPT-2
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def make_model(workload: str) -> nn.Module:
+    torch.manual_seed(0)
+    if workload == "gpt":
+        return GPT()
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 10),
+    )
+
+
+def make_loader(workload: str) -> DataLoader:
+    spec = SPECS[workload]
+    n = spec["batch"] * spec["steps"]
+    generator = torch.Generator().manual_seed(0)
+    if workload == "gpt":
+        tokens = torch.randint(0, 50304, (n, 1025), generator=generator)
+        data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    else:
+        data = TensorDataset(
+            torch.randn(n, 3, 32, 32, generator=generator),
+            torch.randint(0, 10, (n,), generator=generator),
+        )
+    return DataLoader(data, batch_size=spec["batch"], shuffle=False, pin_memory=True)
+
+
+def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+class Clock:
+    """Synchronised timestamps: after update `warmup`, and at the last update."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.start = self.end = 0.0
+
+    def step(self, done: int) -> None:
+        if done in (self.warmup, self.steps):
+            torch.cuda.synchronize()
+            if done == self.warmup:
+                self.start = time.perf_counter()
+            else:
+                self.end = time.perf_counter()
+
+
+def raw(model: nn.Module, loader: DataLoader, clock: Clock, loop: str) -> None:
+    careful = loop != "hand-written naive"
+    model.cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=careful or None)
+    forward: nn.Module = model
+    if loop == "careful in DDP (1 rank)":
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        forward = DistributedDataParallel(model, device_ids=[0])
+    if loop == "careful + compile":
+        forward = torch.compile(model)  # type: ignore[assignment]
+    running = torch.zeros((), device="cuda")
+    for done, (x, y) in enumerate(loader, start=1):
+        x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_of(forward(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if careful:
+            running += loss.detach()
+        else:
+            running += loss.item()
+        clock.step(done)
+    float(running)
+
+
+def with_traineval(model: nn.Module, loader: DataLoader, clock: Clock, loop: str) -> None:
+    from traineval import Callback, TrainingConfig, TrainingManager
+
+    class Mark(Callback):
+        def on_step_end(self, state_loop: Any) -> None:
+            clock.step(state_loop.state.global_step)
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = TrainingConfig(
+            num_epochs=1,
+            learning_rate=3e-4,
+            weight_decay=0.0,
+            scheduler_type="constant",
+            warmup_steps=0,
+            output_dir=folder,
+            tensorboard_logging=False,
+            progress_bar=True,
+            batch_size=loader.batch_size or 1,
+            device="cuda",
+            compile=loop == "traineval compile",
+        )
+        TrainingManager(config).train(model, loader, callbacks=[Mark()])
+
+
+def with_lightning(model: nn.Module, loader: DataLoader, clock: Clock, loop: str) -> None:
+    import lightning as L
+
+    lean = loop == "Lightning lean"
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            x, y = batch
+            loss = loss_of(self.net(x), y)
+            if not lean:
+                self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=3e-4, fused=True)
+
+    class Mark(L.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            clock.step(trainer.global_step)
+
+    with tempfile.TemporaryDirectory() as folder:
+        options: dict[str, Any] = {
+            "accelerator": "gpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "precision": "bf16-mixed",
+            "gradient_clip_val": 1.0,
+            "default_root_dir": folder,
+            "callbacks": [Mark()],
+        }
+        if lean:
+            options.update(
+                enable_progress_bar=False,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+            )
+        L.Trainer(**options).fit(Module(), loader)
+
+
+def run_one(loop: str, workload: str, warmup: int) -> dict[str, Any]:
+    loader = make_loader(workload)
+    model = make_model(workload)
+    params = sum(p.numel() for p in model.parameters())
+    clock = Clock(warmup, SPECS[workload]["steps"])
+    if loop.startswith(("hand-written", "careful")):
+        function = raw
+    elif loop.startswith("traineval"):
+        function = with_traineval
+    else:
+        function = with_lightning
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        function(model, loader, clock, loop)
+    seconds = clock.end - clock.start
+    timed = SPECS[workload]["steps"] - warmup
+    batch = SPECS[workload]["batch"]
+    out: dict[str, Any] = {"loop": loop, "workload": workload, "seconds": seconds}
+    out["samples_per_sec"] = timed * batch / seconds
+    if workload == "gpt":
+        tokens = timed * batch * 1024
+        out["tokens_per_sec"] = tokens / seconds
+        flops_per_token = 6 * params + 12 * 12 * 768 * 1024
+        out["mfu"] = out["tokens_per_sec"] * flops_per_token / PEAK_FLOPS
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="gpt,cnn")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile-repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--loops", default=",".join(LOOPS))
+    parser.add_argument("--json", type=Path, help="append each run's result here")
+    parser.add_argument("--run", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(args.run[0], args.run[1], args.warmup)))
+        return
+    if not torch.cuda.is_available():
+        print("workload C needs a CUDA GPU; none is available here")
+        return
+    loops = [loop for loop in args.loops.split(",") if loop]
+    if importlib.util.find_spec("lightning") is None:
+        print("skipping Lightning: not installed")
+        loops = [loop for loop in loops if not loop.startswith("Lightning")]
+    versions = f"python {platform.python_version()}, torch {torch.__version__}"
+    if importlib.util.find_spec("lightning") is not None:
+        versions += f", lightning {__import__('lightning').__version__}"
+    print(f"{torch.cuda.get_device_name()}; {versions}")
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for workload in args.workloads.split(","):
+        for repeat in range(args.repeats):
+            order = loops if repeat % 2 == 0 else list(reversed(loops))
+            for loop in order:
+                if "compile" in loop and repeat >= args.compile_repeats:
+                    continue
+                command = [sys.executable, __file__, "--run", loop, workload]
+                command += ["--warmup", str(args.warmup)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{loop} / {workload} failed:\n{done.stderr[-2000:]}", flush=True)
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                results.setdefault((workload, loop), []).append(result)
+                print(json.dumps(result), flush=True)
+                if args.json:
+                    with args.json.open("a") as handle:
+                        handle.write(json.dumps(result) + "\n")
+    print()
+    print("| workload | loop | runs | samples/s | tokens/s | MFU | vs naive | vs careful |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workload in args.workloads.split(","):
+        medians = {
+            loop: statistics.median(r["samples_per_sec"] for r in runs)
+            for (w, loop), runs in results.items()
+            if w == workload
+        }
+        naive = medians.get("hand-written naive", float("nan"))
+        careful = medians.get("hand-written careful", float("nan"))
+        for loop in loops:
+            runs = results.get((workload, loop))
+            if not runs:
+                continue
+            samples = medians[loop]
+            if workload == "gpt":
+                tokens = statistics.median(r["tokens_per_sec"] for r in runs)
+                mfu = statistics.median(r["mfu"] for r in runs)
+                extra = f"{tokens:,.0f} | {mfu:.3f}"
+            else:
+                extra = "- | -"
+            print(
+                f"| {SPECS[workload]['label']} | {loop} | {len(runs)} | {samples:,.0f} | "
+                f"{extra} | {samples / naive:.3f} | {samples / careful:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""CUDA paths: run where a GPU is present, skipped elsewhere (CI has none; see the README).
+
+python -m pytest tests/test_gpu.py
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+from traineval import Callback, TrainingConfig, TrainingManager
+from traineval.config import TaskType
+from traineval.evaluation import Evaluator
+from traineval.loggers import read_jsonl
+from traineval.loop import TrainingInterrupted
+
+from conftest import make_classification
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 3))
+
+
+def settings(tmp_path, **overrides):
+    values = {
+        "output_dir": str(tmp_path),
+        "device": "cuda",
+        "progress_bar": False,
+        "tensorboard_logging": False,
+        "early_stopping_patience": 0,
+        "warmup_steps": 2,
+        "num_epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        "log_frequency": 5,
+        "eval_frequency": 7,
+    }
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def loaders():
+    train = DataLoader(
+        make_classification(n=160, seed=1),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(5),
+        pin_memory=True,
+    )
+    return train, DataLoader(make_classification(n=64, seed=2), batch_size=32)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_training_on_cuda_learns_in_each_precision(tmp_path, precision):
+    model = mlp()
+    result = TrainingManager(settings(tmp_path / precision, precision=precision)).train(
+        model, *loaders(), task_type=TaskType.CLASSIFICATION
+    )
+    assert next(model.parameters()).device.type == "cuda"
+    losses = result.training_history["train_loss"]
+    assert losses[-1] < losses[0]
+    assert result.performance["cuda_peak_allocated_mb"] > 0
+
+
+class InterruptAt(Callback):
+    def on_step_end(self, loop):
+        if loop.state.global_step == 13:
+            loop.interrupted = "SIGTERM"
+
+
+def test_resume_on_cuda_equals_the_uninterrupted_run(tmp_path):
+    straight = mlp(dropout=0.3)  # dropout draws from the CUDA generator
+    TrainingManager(settings(tmp_path / "a", checkpoint_every_n_steps=4)).train(
+        straight, *loaders(), task_type=TaskType.CLASSIFICATION
+    )
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(settings(tmp_path / "b", checkpoint_every_n_steps=4)).train(
+            mlp(dropout=0.3),
+            *loaders(),
+            task_type=TaskType.CLASSIFICATION,
+            callbacks=[InterruptAt()],
+        )
+    resumed = mlp(seed=9, dropout=0.3)
+    TrainingManager(settings(tmp_path / "b", checkpoint_every_n_steps=4)).train(
+        resumed, *loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
+    )
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_streaming_metrics_on_cuda_equal_sklearn():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(10_000, 7, generator=generator)
+    labels = torch.randint(0, 7, (10_000,), generator=generator)
+    loader = DataLoader(torch.utils.data.TensorDataset(scores, labels), batch_size=512)
+    metrics = Evaluator().evaluate_model(
+        nn.Identity(), loader, "cuda", task_type=TaskType.CLASSIFICATION
+    )
+    predicted = scores.argmax(1).numpy()
+    assert metrics["accuracy"] == pytest.approx(
+        accuracy_score(labels.numpy(), predicted), abs=1e-12
+    )
+    assert metrics["f1"] == pytest.approx(
+        f1_score(labels.numpy(), predicted, average="weighted"), abs=1e-12
+    )
+
+
+def count_syncs(tmp_path, steps: int) -> int:
+    """Host-device synchronisations CUDA's sync debug mode reports during a whole train()."""
+    train = DataLoader(make_classification(n=16 * steps, seed=1), batch_size=16, pin_memory=True)
+    config = settings(
+        tmp_path / f"sync{steps}",
+        num_epochs=1,
+        log_frequency=10**6,
+        save_best_model=False,
+        save_last_checkpoint=False,
+        checkpoint_save_frequency=0,
+        precision="bf16",
+    )
+    model = mlp()
+    manager = TrainingManager(config)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            manager.train(model, train)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_training_steps_do_not_synchronise_with_the_host(tmp_path):
+    # what train() syncs for (setup, the final read of the losses) does not grow with steps
+    few, many = count_syncs(tmp_path, 10), count_syncs(tmp_path, 40)
+    assert many == few, (few, many)
+
+
+def test_tokens_per_second_counts_non_ignored_tokens(tmp_path):
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            self.head = nn.Linear(32, 50)
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (64, 12), generator=generator)
+    targets = tokens.clone()
+    targets[:, -4:] = -100
+    loader = DataLoader(torch.utils.data.TensorDataset(tokens, targets), batch_size=8)
+    result = TrainingManager(settings(tmp_path, num_epochs=2, log_frequency=4)).train(
+        TinyLM(), loader, task_type=TaskType.GENERATION
+    )
+    assert result.global_step == 16
+    assert np.isfinite(result.training_history["train_loss"]).all()
+    logged = [e for e in read_jsonl(tmp_path / "metrics.jsonl") if e.get("event") == "train"]
+    assert len(logged) == 4
+    assert all(e["tokens_per_sec"] > 0 for e in logged)
