@@ -215,7 +215,8 @@ def with_lightning(model: nn.Module, loader: DataLoader, clock: Clock, loop: str
             return loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=3e-4, fused=True)
+            # foreach, not fused: Lightning refuses to clip a fused optimizer under AMP
+            return torch.optim.AdamW(self.parameters(), lr=3e-4)
 
     class Mark(L.Callback):
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
@@ -272,11 +273,15 @@ def main() -> None:
     parser.add_argument("--workloads", default="gpt,cnn")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile-repeats", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, help="updates per run (default: per workload)")
     parser.add_argument("--loops", default=",".join(LOOPS))
     parser.add_argument("--json", type=Path, help="append each run's result here")
     parser.add_argument("--run", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps:
+        for spec in SPECS.values():
+            spec["steps"] = args.steps
     if args.run:
         print(json.dumps(run_one(args.run[0], args.run[1], args.warmup)))
         return
@@ -300,6 +305,8 @@ def main() -> None:
                     continue
                 command = [sys.executable, __file__, "--run", loop, workload]
                 command += ["--warmup", str(args.warmup)]
+                if args.steps:
+                    command += ["--steps", str(args.steps)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{loop} / {workload} failed:\n{done.stderr[-2000:]}", flush=True)

@@ -155,7 +155,8 @@ class Loop:
         no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.model = model
-        self.forward_model = forward_model or model  # e.g. the torch.compile'd module
+        # e.g. the torch.compile'd module (never `or`: a compiled module may define __len__)
+        self.forward_model = forward_model if forward_model is not None else model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.step_fn = step_fn

@@ -247,7 +247,7 @@ class TrainingManager:
 
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
                 return evaluator.evaluate_model(
-                    eval_model or m,
+                    eval_model if eval_model is not None else m,
                     val_loader,
                     self.device,
                     loss_function,
