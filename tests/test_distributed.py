@@ -222,3 +222,27 @@ def test_a_hanging_rank_times_the_others_out(tmp_path):
     run = torchrun("hang", tmp_path, timeout=180)
     assert run.returncode != 0
     assert "Timed out" in run.stderr or "timed out" in run.stderr
+
+
+@pytest.mark.slow
+def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "traineval.cli",
+        "fit",
+        str(Path(__file__).parents[1] / "src" / "traineval" / "configs" / "demo.yaml"),
+        "training.num_epochs=2",
+        f"training.output_dir={tmp_path / 'run'}",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    ok(run)
+    assert run.stdout.count("Test metrics") == 1  # rank 0 reports, rank 1 stays quiet
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2
+    assert (tmp_path / "run" / "evaluation" / "metrics.json").exists()
