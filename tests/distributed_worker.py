@@ -116,8 +116,8 @@ class SignalRankOne(Callback):
             loop.interrupted = "SIGTERM"
 
 
-def resume_config(out: Path) -> TrainingConfig:
-    return config(out, num_epochs=3, checkpoint_every_n_steps=2)
+def resume_config(out: Path, strategy: str = "ddp") -> TrainingConfig:
+    return config(out, num_epochs=3, checkpoint_every_n_steps=2, distributed_strategy=strategy)
 
 
 def resume_loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
@@ -182,6 +182,86 @@ def hang(out: Path, rank: int) -> None:
     )
 
 
+class Blocks(nn.Module):
+    """A model with a ModuleList, so FSDP shards each block as its own unit."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.blocks = nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 16)])
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = self.drop(torch.relu(block(x)))
+        return self.head(x)
+
+
+def fsdp_config(out: Path, **overrides: Any) -> TrainingConfig:
+    return config(out, distributed_strategy="fsdp", **overrides)
+
+
+def fsdp(out: Path, rank: int) -> None:
+    """FSDP: plain and accumulated equivalence runs, then a run stopped at update 4."""
+    from traineval.distributed import is_sharded, model_state
+    from traineval.loop import TrainingInterrupted
+
+    for name, batch, accumulation in (("fsdp-plain", 16, 1), ("fsdp-accumulated", 8, 2)):
+        net = Blocks()
+        manager = TrainingManager(
+            fsdp_config(out / name, batch_size=batch, gradient_accumulation_steps=accumulation)
+        )
+        result = manager.train(
+            net,
+            DataLoader(data(), batch_size=batch, shuffle=False),
+            DataLoader(data(9, seed=5), batch_size=2),  # 5 + 4 samples: 3 and 2 batches
+            task_type=TaskType.CLASSIFICATION,
+        )
+        weights = model_state(net)  # every rank takes part; rank 0 receives
+        if rank == 0:
+            torch.save(weights, out / f"{name}-weights.pt")
+            history = result.training_history
+            record = {
+                "val_metrics": history["val_metrics"],
+                "train_loss": history["train_loss"],
+                "sharded": is_sharded(net),
+                "units": sum(type(m).__name__.startswith("FSDP") for m in net.modules()),
+            }
+            (out / f"{name}-history.json").write_text(json.dumps(record))
+    net = Blocks(dropout=0.3)
+    TrainingManager(resume_config(out / "fsdp-straight", strategy="fsdp")).train(
+        net, *resume_loaders(), task_type=TaskType.CLASSIFICATION
+    )
+    weights = model_state(net)
+    if rank == 0:
+        torch.save(weights, out / "fsdp-straight-weights.pt")
+    try:
+        TrainingManager(resume_config(out / "fsdp-interrupted", strategy="fsdp")).train(
+            Blocks(dropout=0.3),
+            *resume_loaders(),
+            task_type=TaskType.CLASSIFICATION,
+            callbacks=[SignalRankOne()],
+        )
+    except TrainingInterrupted as stopped:
+        (out / f"fsdp-interrupted-{rank}.json").write_text(json.dumps({"message": str(stopped)}))
+
+
+def fsdp_resume(out: Path, rank: int) -> None:
+    from traineval.distributed import model_state
+
+    torch.manual_seed(99)
+    net = Blocks(dropout=0.3)
+    for param in net.parameters():  # other starting weights: the checkpoint must win
+        torch.nn.init.normal_(param)
+    TrainingManager(resume_config(out / "fsdp-interrupted", strategy="fsdp")).train(
+        net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
+    )
+    weights = model_state(net)
+    if rank == 0:
+        torch.save(weights, out / "fsdp-resumed-weights.pt")
+
+
 SCENARIOS = {
     "equivalence": equivalence,
     "uneven": uneven,
@@ -189,6 +269,8 @@ SCENARIOS = {
     "resume_second": resume_second,
     "failure": failure,
     "hang": hang,
+    "fsdp": fsdp,
+    "fsdp_resume": fsdp_resume,
 }
 
 

@@ -246,3 +246,45 @@ def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_completed"] == 2
     assert (tmp_path / "run" / "evaluation" / "metrics.json").exists()
+
+
+def single_blocks_run(out: Path):
+    net = worker.Blocks()
+    result = TrainingManager(worker.config(out, batch_size=32)).train(
+        net,
+        DataLoader(worker.data(), batch_size=32),
+        DataLoader(worker.data(9, seed=5), batch_size=2),
+        task_type=TaskType.CLASSIFICATION,
+    )
+    return net.state_dict(), result.training_history
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
+    ok(torchrun("fsdp", tmp_path))
+    reference, history = single_blocks_run(tmp_path / "single")
+    for name in ("fsdp-plain", "fsdp-accumulated"):
+        weights = torch.load(tmp_path / f"{name}-weights.pt")
+        assert weights.keys() == reference.keys()  # full weights under the plain names
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+        logged = json.loads((tmp_path / f"{name}-history.json").read_text())
+        assert logged["sharded"]
+        assert logged["units"] == 3  # the two blocks of the ModuleList, and the root
+        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
+        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
+            assert mine["accuracy"] == theirs["accuracy"]  # 3 and 2 batches, in lockstep
+            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+        # the checkpoint holds full weights: a plain model loads it
+        plain = worker.Blocks()
+        saved = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+        plain.load_state_dict(saved["model"])
+        assert saved["distributed_strategy"] == "fsdp"
+    for rank in (0, 1):
+        message = json.loads((tmp_path / f"fsdp-interrupted-{rank}.json").read_text())["message"]
+        assert "epoch 1, step 4" in message
+    ok(torchrun("fsdp_resume", tmp_path))
+    straight = torch.load(tmp_path / "fsdp-straight-weights.pt")
+    resumed = torch.load(tmp_path / "fsdp-resumed-weights.pt")
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key

@@ -288,3 +288,39 @@ def test_confusion_matrix_figure_goes_to_tensorboard_when_plots_are_on(tmp_path)
     accumulator.Reload()
     assert accumulator.Tags()["images"] == ["test/confusion_matrix"]
     assert "train/epoch_loss" in accumulator.Tags()["scalars"]
+
+
+def test_wandb_runs_outside_the_training_process(tmp_path, wandb_offline):
+    import threading
+
+    from traineval import Callback
+
+    seen = []
+
+    class Threads(Callback):
+        def on_step_end(self, loop):
+            seen.extend(t.name for t in threading.enumerate())
+
+    data = make_classification(n=64)
+    config = _config(tmp_path, wandb_logging=True)
+    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[Threads()])
+    assert seen
+    assert not [name for name in seen if "wandb" in name.lower()]
+    history, _, _, _ = _wandb_run(tmp_path / "run")
+    assert any("train/loss" in row for row in history)
+
+
+def test_a_failing_wandb_process_is_reported_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from traineval.loggers import wandb as wandb_logger
+
+    broken = tmp_path / "broken_child.py"
+    broken.write_text(
+        'import sys\nprint("ValueError: no W&B today", file=sys.stderr)\nsys.exit(1)\n'
+    )
+    monkeypatch.setattr(wandb_logger, "CHILD", broken)
+    data = make_classification(n=64)
+    config = _config(tmp_path, wandb_logging=True)
+    with caplog.at_level("WARNING"):
+        result = TrainingManager(config).train(make_mlp(), DataLoader(data, 8))
+    assert result.global_step == 16
+    assert "no W&B today" in caplog.text

@@ -90,15 +90,22 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
     return payload
 
 
-def save_safetensors(model: torch.nn.Module, path: str | Path) -> Path:
-    """Export `model`'s weights as safetensors (tied weights stored once), atomically."""
-    from safetensors.torch import save_model
+def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Export `model`'s weights as safetensors (tied weights stored once), atomically.
+
+    A state dict (e.g. the full weights of a sharded model) is written as it is, each
+    tensor its own copy.
+    """
+    from safetensors.torch import save_file, save_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        save_model(model, str(temporary))
+        if isinstance(model, torch.nn.Module):
+            save_model(model, str(temporary))
+        else:
+            save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, temporary)
         with temporary.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)

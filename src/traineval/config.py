@@ -79,7 +79,7 @@ REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
 GENERATION_METRICS = ("perplexity", "token_accuracy")
 AVERAGES = ("weighted", "macro", "micro")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
-DISTRIBUTED_STRATEGIES = ("ddp",)
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
 
 # -- field checks: each raises ValueError naming field, value and what is allowed --------------
@@ -183,9 +183,11 @@ class TrainingConfig(_ConfigBase):
     finite and stops after that many in a row (it reads the loss every step: a sync).
 
     Under `torchrun` the same config trains data-parallel: `batch_size` is per process,
-    `distributed_strategy` is "ddp" (or "fsdp" on CUDA, for models too large for one
-    device), and `distributed_timeout_seconds` bounds every collective, so a rank that dies
-    stops the others instead of leaving them hanging.
+    `distributed_strategy` is "ddp" or "fsdp" (torch's `fully_shard`: parameters, gradients
+    and optimizer state sharded over the ranks, for models too large for one device; each
+    submodule whose class is named in `fsdp_shard_modules`, by default each block of every
+    `nn.ModuleList`, becomes its own shard unit), and `distributed_timeout_seconds` bounds
+    every collective, so a rank that dies stops the others instead of leaving them hanging.
 
     Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
     `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same
@@ -252,6 +254,7 @@ class TrainingConfig(_ConfigBase):
     distributed_backend: str = "auto"
     distributed_timeout_seconds: float = 600.0
     find_unused_parameters: bool = False
+    fsdp_shard_modules: tuple[str, ...] = ()
     # Optimizer and scheduler details
     momentum: float = 0.9
     adam_beta1: float = 0.9
@@ -324,6 +327,30 @@ class TrainingConfig(_ConfigBase):
         _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
         _choice("distributed_strategy", self.distributed_strategy, DISTRIBUTED_STRATEGIES)
         _choice("distributed_backend", self.distributed_backend, DISTRIBUTED_BACKENDS)
+        if isinstance(self.fsdp_shard_modules, str) or not all(
+            isinstance(name, str) and name for name in self.fsdp_shard_modules
+        ):
+            _fail(
+                "fsdp_shard_modules",
+                self.fsdp_shard_modules,
+                "expected a list of module class names, e.g. ['Block']",
+            )
+        object.__setattr__(self, "fsdp_shard_modules", tuple(self.fsdp_shard_modules))
+        if self.distributed_strategy == "fsdp":
+            if self.restore_best_weights:
+                _fail(
+                    "restore_best_weights",
+                    True,
+                    "not supported with distributed_strategy='fsdp' yet; load "
+                    "checkpoints/best.pt (full weights) after training instead",
+                )
+            if self.log_layer_grad_norms:
+                _fail(
+                    "log_layer_grad_norms",
+                    True,
+                    "not supported with distributed_strategy='fsdp' yet (the global "
+                    "gradient norm is logged)",
+                )
         _float(
             "distributed_timeout_seconds", self.distributed_timeout_seconds, minimum=0, strict=True
         )

@@ -16,9 +16,12 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -203,19 +206,106 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device, job: Distributed, config: Any) -> Any:
-    """The module the loop trains through: `model` itself, or DDP around it on several ranks.
+def wrap_model(
+    model: torch.nn.Module, device: torch.device, job: Distributed, config: Any
+) -> tuple[torch.nn.Module, Callable[[], AbstractContextManager[Any]] | None]:
+    """The module the loop trains through, and its "skip the gradient sync" context.
 
-    The returned module shares `model`'s parameters; checkpoints and evaluation use `model`.
+    A single process trains `model` itself. With DDP the returned wrapper shares `model`'s
+    parameters. With FSDP `model` is sharded in place (its parameters become DTensors), so
+    build the optimizer after this call; read full weights with `model_state`.
     """
     if not job.enabled:
-        return model
+        return model, None
+    if config.distributed_strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():  # rank 0's initial weights everywhere, as DDP does
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        for unit in _shard_units(model, config.fsdp_shard_modules):
+            fully_shard(unit)
+        fully_shard(model)
+        return model, functools.partial(_fsdp_no_sync, model)
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(
+    ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=config.find_unused_parameters,
+    )
+    return ddp, ddp.no_sync
+
+
+def _shard_units(model: torch.nn.Module, class_names: Sequence[str]) -> list[torch.nn.Module]:
+    """The submodules FSDP shards on their own: the named classes, else each block of every
+    ModuleList (a transformer's layers)."""
+    if class_names:
+        units = [m for m in model.modules() if type(m).__name__ in class_names and m is not model]
+        if not units:
+            present = sorted({type(m).__name__ for m in model.modules()})
+            raise ValueError(
+                f"fsdp_shard_modules={list(class_names)} matched no submodule; the model's "
+                f"module classes are: {', '.join(present)}"
+            )
+        return units
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return [block for blocks in lists for block in blocks]
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP sharded `model` (its parameters are DTensors)."""
+    tensors = sys.modules.get("torch.distributed.tensor")  # not imported: nothing is sharded
+    return tensors is not None and any(isinstance(p, tensors.DTensor) for p in model.parameters())
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's full weights; for an FSDP model a collective (rank 0 gets them)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's full state; for an FSDP model keyed by parameter name, a collective."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load what `optimizer_state` returned (every rank passes the full state)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
     )
 
 

@@ -30,6 +30,7 @@ from .config import (
 )
 from .data import DataSplits, load_builtin, load_csv, make_splits
 from .data.tables import BUILTIN_DATASETS
+from .distributed import is_sharded, model_state
 from .evaluation import Evaluator
 from .evaluation.evaluator import SPLIT_PREFIX
 from .imports import import_object
@@ -239,6 +240,12 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
         resume_from=resume_from,
     )
     out = Path(result.output_dir)
+    if is_sharded(model):  # FSDP: gather the full weights (every rank takes part)
+        weights = model_state(model)
+        model = parts.new_model()
+        if manager.distributed.is_main:
+            model.load_state_dict(weights)
+            model.to(manager.device)
     if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
         return ExperimentResult(result, None, "evaluated by rank 0", str(out))
     resolved = config.to_dict()

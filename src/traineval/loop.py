@@ -371,6 +371,8 @@ class Loop:
             norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self._params if p.grad is not None]
             )
+        if norm is not None and hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()  # FSDP: a replicated DTensor
         if logging_next and self.layer_norms:
             self._pending_layer_norms = torch._foreach_norm(
                 [p.grad if p.grad is not None else torch.zeros(()) for p in self._params]

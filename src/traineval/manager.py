@@ -29,8 +29,16 @@ from .checkpoint import (
     save_safetensors,
 )
 from .config import TaskType, TrainingConfig, TrainingMode
+from .distributed import (
+    is_sharded,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    shard_eval_loader,
+    shard_train_loader,
+    wrap_model,
+)
 from .distributed import setup as setup_distributed
-from .distributed import shard_eval_loader, shard_train_loader, wrap_model
 from .evaluation import Evaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
@@ -207,6 +215,12 @@ class TrainingManager:
             check_compatible(
                 payload["config"], c.to_dict(), payload.get("world_size", 1), job.world_size
             )
+            strategy = c.distributed_strategy if job.enabled else None
+            if payload.get("distributed_strategy") != strategy:
+                raise ValueError(
+                    "cannot resume: the checkpoint was written with distributed_strategy="
+                    f"{payload.get('distributed_strategy')!r}, this run uses {strategy!r}"
+                )
             logger.info("resuming from %s (step %d)", resume_path, payload["global_step"])
         elif resume_from is not None:
             logger.info("no checkpoint to resume from in %s; starting fresh", self.output_dir)
@@ -224,21 +238,25 @@ class TrainingManager:
 
         seed_everything(c.seed + job.rank)  # ranks draw different dropout masks, like one batch
         model.to(self.device)
+        if payload is not None:
+            model.load_state_dict(payload["model"])  # full weights, before any sharding
+        # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
+        wrapped, no_sync = wrap_model(model, self.device, job, c)
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
         optimizer = self.setup_optimizer(model)
         scheduler = self.setup_scheduler(optimizer, total_steps)
         if payload is not None:
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
+            load_optimizer_state(model, optimizer, payload["optimizer"])
             if payload["scheduler"] is not None:
                 scheduler.load_state_dict(payload["scheduler"])
             if precision.scaler is not None and payload.get("scaler") is not None:
                 precision.scaler.load_state_dict(payload["scaler"])
-        wrapped = wrap_model(model, self.device, job, c)  # DDP / FSDP under torchrun
         forward_model: nn.Module = torch.compile(wrapped) if c.compile else wrapped  # type: ignore[assignment]
         # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
-        # collective that ranks with uneven evaluation shares would not all reach.
+        # collective that ranks with uneven evaluation shares would not all reach. An FSDP
+        # module's forward is itself a collective: its ranks evaluate in lockstep.
         eval_model = model if job.enabled else None
+        lockstep = is_sharded(model)
         evaluate_fn = None
         if evaluator is not None:
             evaluator.run_dir = self.output_dir  # where its predictions and plots go later
@@ -256,6 +274,7 @@ class TrainingManager:
                     precision=precision,
                     write_files=False,  # predictions and plots are for final evaluations
                     distributed=job,
+                    lockstep=lockstep,
                 )
 
         hub = LoggerHub([])  # rank 0 alone writes files and logs
@@ -310,7 +329,7 @@ class TrainingManager:
             skip_non_finite=c.skip_nonfinite_steps,
             layer_norms=c.log_layer_grad_norms,
             job=job,
-            no_sync=getattr(wrapped, "no_sync", None),
+            no_sync=no_sync,
         )
         if payload is not None:
             _restore_loop(loop, payload)
@@ -454,21 +473,24 @@ class TrainingManager:
         *,
         epoch: int,
         global_step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        weights: dict[str, Any],
+        optimizer: dict[str, Any],
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         scaler: torch.amp.GradScaler | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The checkpoint dict: tensors and plain values only, so it loads weights_only."""
+        """The checkpoint dict: tensors and plain values only, so it loads weights_only.
+
+        `weights` and `optimizer` are full state dicts (`model_state`, `optimizer_state`).
+        """
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "name": name,
             "epoch": epoch,
             "global_step": global_step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "best_metric": self.best_metric,
@@ -482,22 +504,33 @@ class TrainingManager:
         job = self.distributed
         path = self.output_dir / "checkpoints" / f"{name}.pt"
         rng_per_rank = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
+        # full states: under FSDP gathering them is a collective, rank 0 receives them
+        weights = model_state(loop.model)
+        optimizer = optimizer_state(loop.model, loop.optimizer)
         if job.is_main:
-            self._write_checkpoint(name, loop, precision, path, rng_per_rank)
+            self._write_checkpoint(name, loop, precision, path, rng_per_rank, weights, optimizer)
         job.barrier()
         return path
 
     def _write_checkpoint(
-        self, name: str, loop: Loop, precision: Precision, path: Path, rng: list[Any]
+        self,
+        name: str,
+        loop: Loop,
+        precision: Precision,
+        path: Path,
+        rng: list[Any],
+        weights: dict[str, Any],
+        optimizer: dict[str, Any],
     ) -> None:
         state = loop.state
         self.best_metric, self.best_epoch = state.best_metric, state.best_epoch
+        job = self.distributed
         payload = self._payload(
             name,
             epoch=state.epoch,
             global_step=state.global_step,
-            model=loop.model,
-            optimizer=loop.optimizer,
+            weights=weights,
+            optimizer=optimizer,
             scheduler=loop.scheduler,
             scaler=precision.scaler,
             extra={
@@ -510,12 +543,14 @@ class TrainingManager:
                     f"{i}:{type(cb).__name__}": cb.state_dict()
                     for i, cb in enumerate(loop.callbacks)
                 },
-                "world_size": self.distributed.world_size,
+                "world_size": job.world_size,
+                "distributed_strategy": self.config.distributed_strategy if job.enabled else None,
                 "traineval_version": __version__,
             },
         )
         if name == "best":
-            save_safetensors(loop.model, path.with_suffix(".safetensors"))
+            exported = weights if is_sharded(loop.model) else loop.model
+            save_safetensors(exported, path.with_suffix(".safetensors"))
         save_checkpoint_file(payload, path)
 
     def save_checkpoint(
@@ -526,17 +561,23 @@ class TrainingManager:
         name: str,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> Path:
-        """Save model, optimizer and scheduler to `output_dir/checkpoints/{name}.pt` atomically."""
+        """Save model, optimizer and scheduler to `output_dir/checkpoints/{name}.pt` atomically.
+
+        Under torchrun call it on every rank (FSDP gathers the full state); rank 0 writes.
+        """
         payload = self._payload(
             name,
             epoch=epoch,
             global_step=self.global_step,
-            model=model,
-            optimizer=optimizer,
+            weights=model_state(model),
+            optimizer=optimizer_state(model, optimizer),
             scheduler=scheduler,
         )
-        path = save_checkpoint_file(payload, self.output_dir / "checkpoints" / f"{name}.pt")
-        self.logger.info("Checkpoint saved: %s", path)
+        path = self.output_dir / "checkpoints" / f"{name}.pt"
+        if self.distributed.is_main:
+            save_checkpoint_file(payload, path)
+            self.logger.info("Checkpoint saved: %s", path)
+        self.distributed.barrier()
         return path
 
     def load_checkpoint(
@@ -553,6 +594,11 @@ class TrainingManager:
         payload = load_checkpoint_file(path, map_location=self.device)
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{str(path)!r} is not a traineval checkpoint")
+        if is_sharded(model):
+            raise ValueError(
+                "load_checkpoint needs the plain model: load the weights before training "
+                "shards it (FSDP), or resume with train(resume_from=...)"
+            )
         model.load_state_dict(payload["model"])
         if optimizer is not None:
             optimizer.load_state_dict(payload["optimizer"])

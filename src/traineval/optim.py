@@ -34,6 +34,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             f"model {type(model).__name__} has no trainable parameters "
             "(all have requires_grad=False); nothing to optimize"
         )
+    if weight_decay == 0:  # one group: one fused kernel launch per step instead of two
+        return [{"params": decay + no_decay, "weight_decay": 0.0}]
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ class Evaluator:
         write_files: bool = True,
         decode: Callable[[list[int]], str] | None = None,
         distributed: Distributed | None = None,
+        lockstep: bool = False,
     ) -> dict[str, float]:
         """Evaluate `model` on `loader`: the mean loss and the task's metrics.
 
@@ -114,6 +115,9 @@ class Evaluator:
         the data and the metric states are merged across ranks: every rank returns the
         metrics of all samples, each counted once, also when the shares are uneven or one
         is empty. Files are not written in that case (`write_files` is ignored).
+        `lockstep` (for a model whose forward is a collective, e.g. FSDP's) makes every rank
+        run as many forward passes as the rank with the most batches, repeating its last
+        batch and ignoring those outputs.
         """
         from .text import TextStats
 
@@ -131,7 +135,10 @@ class Evaluator:
         takes_targets = True
         try:
             with torch.inference_mode(), contextlib.ExitStack() as stack:
-                for batch in loader:
+                batches: Iterable[tuple[Any, bool]] = ((batch, True) for batch in loader)
+                if lockstep and distributed is not None and sharded:
+                    batches = _lockstep(loader, distributed)
+                for batch, real in batches:
                     if device.type != "cpu":
                         batch = move_to_device(batch, device)
                     inputs, targets = split_batch(batch)
@@ -141,6 +148,8 @@ class Evaluator:
                         raise ValueError("evaluation needs (inputs, targets) batches")
                     with precision.autocast() if precision is not None else nullcontext():
                         outputs = forward(model, inputs)
+                    if not real:
+                        continue  # a repeated batch, only to keep the ranks in step
                     if accumulator is None:
                         task = task_type or detect_task(_main_output(outputs), targets)
                         accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
@@ -432,6 +441,30 @@ def _add_texts(
     hypotheses = [decode(p[k].tolist()) for p, k in zip(predicted, kept, strict=True)]
     references = [decode(g[k].tolist()) for g, k in zip(gold, kept, strict=True)]
     text.update(hypotheses, references)
+
+
+def _lockstep(loader: Iterable[Any], job: Distributed) -> Iterator[tuple[Any, bool]]:
+    """This rank's batches, then its last batch again (marked not real) until every rank
+    has made as many forward passes as the one with the most batches."""
+    try:
+        count = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            "evaluating a sharded (FSDP) model needs a loader with len(), so the ranks can "
+            "step together"
+        ) from None
+    counts = job.gather(count)
+    if max(counts) and min(counts) == 0:
+        raise ValueError(
+            f"evaluating a sharded (FSDP) model needs a batch on every rank; the ranks have "
+            f"{counts} batches (fewer samples than ranks?)"
+        )
+    last = None
+    for batch in loader:
+        last = batch
+        yield batch, True
+    for _ in range(max(counts) - count):
+        yield last, False
 
 
 def _merge_ranks(
