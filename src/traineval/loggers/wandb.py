@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -49,6 +50,8 @@ class WandbLogger:
             stdout=subprocess.DEVNULL,
             stderr=self._error_file,
             text=True,
+            # wandb-core is a Go program: one OS thread for its Go code is plenty here
+            env={"GOMAXPROCS": "1", **os.environ},
         )
         self._send(
             {

@@ -49,6 +49,10 @@ if __name__ == "__main__":
     # wandb.py would shadow the wandb package.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    # Logging is background work: where it competes with training for a core, training
+    # wins (wandb-core, started from here, inherits the lower priority).
+    if hasattr(os, "nice"):
+        os.nice(10)
     try:
         serve(sys.stdin)
     except Exception as error:
