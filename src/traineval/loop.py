@@ -399,8 +399,7 @@ class Loop:
 
     def _finite_now(self, norm: torch.Tensor | None) -> bool:
         """Read the open step's loss (a sync: only under the skip policy)."""
-        i = len(self.steps.meta)
-        finite = bool(torch.isfinite(self.steps.losses[i]))
+        finite = bool(torch.isfinite(torch.stack(self.steps.open_losses())).all())
         return finite and (norm is None or bool(torch.isfinite(norm)))
 
     def _skip(self, why: str) -> bool:

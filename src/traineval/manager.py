@@ -306,7 +306,8 @@ class TrainingManager:
             model=model,
             forward_model=forward_model,
             optimizer=optimizer,
-            scheduler=scheduler,
+            # a constant rate without warmup never changes: nothing to step
+            scheduler=None if _constant(c) else scheduler,
             step_fn=step_fn,
             train_loader=train_loader,
             device=self.device,
@@ -605,6 +606,10 @@ class TrainingManager:
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         return payload
+
+
+def _constant(config: TrainingConfig) -> bool:
+    return config.scheduler_type == "constant" and config.warmup_steps == 0
 
 
 def _finished(state: dict[str, Any], config: TrainingConfig) -> bool:

@@ -1,9 +1,10 @@
 """Per-step losses and gradient norms, kept on the device and read in batches.
 
-Writing one step's loss into a preallocated device buffer costs one device op and no sync.
-The loop reads the buffer when it logs, evaluates or saves (it syncs then anyway): that read
-yields every step's loss for logging and the epoch mean, and finds the first non-finite loss
-or gradient norm, so the error names the exact step even though nothing synced per step.
+Recording a step launches no device work and syncs nothing: the step's (detached) loss and
+gradient-norm tensors are only kept. The loop reads them when it logs, evaluates or saves
+(it syncs then anyway) with one `stack` per kind: that read yields every step's loss for
+logging and the epoch mean, and finds the first non-finite loss or gradient norm, so the
+error names the exact step even though nothing synced per step.
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ class StepRecord:
 
 
 class StepLog:
-    """Device buffers of the steps since the last `flush()`."""
+    """The steps since the last `flush()`: their micro-batch losses, weights and norms."""
 
     def __init__(self, device: torch.device, capacity: int) -> None:
         self.capacity = max(1, capacity)
-        self.losses = torch.zeros(self.capacity, device=device)
-        self.norms = torch.zeros(self.capacity, device=device)
-        self.device_weights = torch.zeros(self.capacity, device=device)
-        self.meta: list[tuple[int, int, int, int, bool]] = []  # step, epoch, batch, weight, norm?
+        self.device = device
+        self._losses: list[torch.Tensor] = []  # micro-batch mean losses, 0-d, detached
+        self._weights: list[int | torch.Tensor] = []  # the items each mean is over
+        self._norms: list[torch.Tensor] = []
+        self.meta: list[tuple[int, int, int, int, bool]] = []  # step, epoch, batch, micro, norm?
+        self._open = 0  # micro-batches of the step not sealed yet
         self._uses_device_weights = False
-        self._open = False
-        self._pending_weight = 0
 
     @property
     def counts_tokens(self) -> bool:
@@ -57,62 +58,64 @@ class StepLog:
         return len(self.meta) >= self.capacity
 
     def add_micro_batch(self, loss: torch.Tensor, weight: int | torch.Tensor) -> None:
-        """Add a micro-batch's mean loss times its weight to the open step."""
-        i = len(self.meta)
+        """Add a micro-batch's mean loss and its weight to the open step."""
         if isinstance(weight, torch.Tensor):
             self._uses_device_weights = True
-            if self._open:
-                self.losses[i].add_(loss * weight)
-                self.device_weights[i].add_(weight)
-            else:
-                torch.mul(loss, weight, out=self.losses[i])
-                self.device_weights[i].copy_(weight)
-            self._pending_weight = 0
-        elif self._open:
-            self.losses[i].add_(loss, alpha=weight)
-            self._pending_weight += weight
-        else:
-            torch.mul(loss, weight, out=self.losses[i])
-            self._pending_weight = weight
-            if self._uses_device_weights:
-                self.device_weights[i].zero_()
-        self._open = True
+        self._losses.append(loss)
+        self._weights.append(weight)
+        self._open += 1
+
+    def open_losses(self) -> list[torch.Tensor]:
+        """The open step's micro-batch losses."""
+        return self._losses[len(self._losses) - self._open :]
 
     def close_step(
         self, step: int, epoch: int, batch_index: int, grad_norm: torch.Tensor | None
     ) -> None:
         """Seal the open step (after its optimizer update)."""
-        i = len(self.meta)
         if grad_norm is not None:
-            self.norms[i].copy_(grad_norm)
-        self.meta.append((step, epoch, batch_index, self._pending_weight, grad_norm is not None))
-        self._open = False
+            self._norms.append(grad_norm.detach())
+        self.meta.append((step, epoch, batch_index, self._open, grad_norm is not None))
+        self._open = 0
 
     def discard_step(self) -> None:
         """Forget the open step (a skipped update)."""
-        self._open = False
+        if self._open:
+            del self._losses[-self._open :]
+            del self._weights[-self._open :]
+        self._open = 0
 
     def flush(self) -> list[StepRecord]:
-        """Read the sealed steps back (one sync) and empty the buffer."""
-        n = len(self.meta)
-        if n == 0:
+        """Read the sealed steps back (one sync) and forget them."""
+        if not self.meta:
             return []
-        losses = self.losses[:n].tolist()
-        norms = self.norms[:n].tolist()
-        device_weights = (
-            self.device_weights[:n].tolist() if self._uses_device_weights else [0.0] * n
-        )
-        records = [
-            StepRecord(
-                step=step,
-                epoch=epoch,
-                batch_index=batch,
-                loss_sum=losses[i],
-                weight=host_weight + device_weights[i],
-                grad_norm=norms[i] if has_norm else None,
+        sealed = len(self._losses) - self._open
+        losses = torch.stack([loss.float() for loss in self._losses[:sealed]]).tolist()
+        weights: list[float] = [float(w) if isinstance(w, int) else 0.0 for w in self._weights]
+        on_device = [i for i in range(sealed) if isinstance(self._weights[i], torch.Tensor)]
+        if on_device:
+            read = torch.stack([self._weights[i] for i in on_device]).tolist()  # type: ignore[misc]
+            for i, value in zip(on_device, read, strict=True):
+                weights[i] = float(value)
+        norms = iter(torch.stack(self._norms).float().tolist() if self._norms else [])
+        records = []
+        first = 0
+        for step, epoch, batch, micro, has_norm in self.meta:
+            span = range(first, first + micro)
+            first += micro
+            records.append(
+                StepRecord(
+                    step=step,
+                    epoch=epoch,
+                    batch_index=batch,
+                    loss_sum=sum(losses[i] * weights[i] for i in span),
+                    weight=sum(weights[i] for i in span),
+                    grad_norm=next(norms) if has_norm else None,
+                )
             )
-            for i, (step, epoch, batch, host_weight, has_norm) in enumerate(self.meta)
-        ]
+        del self._losses[:sealed]
+        del self._weights[:sealed]
+        self._norms.clear()
         self.meta.clear()
         return records
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -89,6 +91,7 @@ class AutoLoss:
     def __init__(self, ignore_index: int = -100) -> None:
         self._ignore_index = ignore_index
         self.resolved: nn.Module | None = None
+        self._forward: Any = None
         self.task_type: TaskType | None = None
 
     @property
@@ -109,4 +112,5 @@ class AutoLoss:
                         "binary classification with one logit)"
                     )
             self.resolved = task_loss(self.task_type, self._ignore_index)
-        return self.resolved(outputs, targets)
+            self._forward = self.resolved.forward  # our own module, no hooks: skip __call__
+        return self._forward(outputs, targets)
