@@ -7,7 +7,9 @@ small CNN on 3x32x32 inputs, batch 64, 100 updates. Loops: a hand-written loop, 
 defaults (progress bar, metrics.jsonl, checkpoints) and lean; PyTorch Lightning default
 (progress bar, per-step `self.log`, logger, checkpointing) and lean (all off); a Hugging Face
 Accelerate loop. Each run is its own process; runs alternate; the table reports medians and
-the ratio to the careful loop. Peers come from the `bench` extra and are skipped with a
+the ratio to the careful loop. Each framework is imported before the clock starts; import
+times are measured apart (`--imports`: each package in a fresh process after torch).
+Peers come from the `bench` extra and are skipped with a
 message when absent.
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'
@@ -184,7 +186,9 @@ def run_one(loop: str, workload: str) -> None:
     warm = make_model(workload)  # first fused optimizer imports torch._dynamo: not timed
     torch.optim.AdamW(warm.parameters(), fused=True)
     model = make_model(workload)
-    _, function = LOOPS[loop]
+    package, function = LOOPS[loop]
+    # Imports are start-up, reported on their own (`--imports`), not part of the loop's time.
+    importlib.import_module(package or ("traineval" if "traineval" in loop else "torch"))
     started = time.perf_counter()
     with (
         open(os.devnull, "w") as sink,
@@ -195,18 +199,52 @@ def run_one(loop: str, workload: str) -> None:
     print(time.perf_counter() - started)
 
 
+def report_imports(repeats: int) -> None:
+    """Seconds to import each package in a fresh process that has imported torch already."""
+    code = (
+        "import time, importlib, torch; t = time.perf_counter(); "
+        "importlib.import_module('{}'); print(time.perf_counter() - t)"
+    )
+    print("| package | import s after torch (median) |")
+    print("|---|---|")
+    for package in ("traineval", *PEERS.values()):
+        if importlib.util.find_spec(package) is None:
+            continue
+        times = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", code.format(package)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            for _ in range(repeats)
+        ]
+        print(f"| {package} | {statistics.median(times):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default="AB")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--loops", help="comma-separated subset of the loops (default: all)")
+    parser.add_argument("--imports", action="store_true", help="time importing each package")
     parser.add_argument("--run", nargs=2, metavar=("LOOP", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         run_one(*args.run)
         return
+    if args.imports:
+        report_imports(args.repeats)
+        return
     available = {}
+    chosen = args.loops.split(",") if args.loops else list(LOOPS)
     for loop, (package, _) in LOOPS.items():
+        if loop not in chosen:
+            available[loop] = False
+            continue
         available[loop] = package is None or importlib.util.find_spec(package) is not None
         if not available[loop]:
             print(f"skipping {loop}: {package} is not installed (pip install -e '.[bench]')")
