@@ -275,13 +275,16 @@ def main() -> None:
     parser.add_argument("--compile-repeats", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--steps", type=int, help="updates per run (default: per workload)")
+    parser.add_argument("--batch", type=int, help="batch size (default: per workload)")
     parser.add_argument("--loops", default=",".join(LOOPS))
     parser.add_argument("--json", type=Path, help="append each run's result here")
     parser.add_argument("--run", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps:
-        for spec in SPECS.values():
+    for spec in SPECS.values():
+        if args.steps:
             spec["steps"] = args.steps
+        if args.batch:
+            spec["batch"] = args.batch
     if args.run:
         print(json.dumps(run_one(args.run[0], args.run[1], args.warmup)))
         return
@@ -307,6 +310,8 @@ def main() -> None:
                 command += ["--warmup", str(args.warmup)]
                 if args.steps:
                     command += ["--steps", str(args.steps)]
+                if args.batch:
+                    command += ["--batch", str(args.batch)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{loop} / {workload} failed:\n{done.stderr[-2000:]}", flush=True)
