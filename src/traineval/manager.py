@@ -26,7 +26,6 @@ from .checkpoint import (
     load_checkpoint_file,
     remove_stale_temporaries,
     save_checkpoint_file,
-    save_safetensors,
 )
 from .config import TaskType, TrainingConfig, TrainingMode
 from .distributed import (
@@ -47,15 +46,18 @@ from .monitor import PerformanceMonitor
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_device, resolve_precision
 from .resume import check_compatible, find_checkpoint, stop_on_signals, truncate_events
-from .seeding import capture_rng, data_generators, deterministic_algorithms, seed_everything
+from .run_checkpoints import (
+    CHECKPOINT_FORMAT,
+    checkpoint_payload,
+    finished,
+    restore_loop,
+    save_from_loop,
+)
+from .seeding import data_generators, deterministic_algorithms, seed_everything
 from .tasks import RegressionMSE, default_loss
 from .tracking import MetricsTracker
-from .version import __version__
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "traineval-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -225,7 +227,7 @@ class TrainingManager:
         elif resume_from is not None:
             logger.info("no checkpoint to resume from in %s; starting fresh", self.output_dir)
         self._claim_output_dir(resuming=resume_from is not None)
-        if payload is not None and _finished(payload["loop"], c):
+        if payload is not None and finished(payload["loop"], c):
             logger.info(
                 "the run in %s already finished (step %d); nothing to do",
                 self.output_dir,
@@ -333,7 +335,7 @@ class TrainingManager:
             no_sync=no_sync,
         )
         if payload is not None:
-            _restore_loop(loop, payload)
+            restore_loop(loop, payload)
         started = time.perf_counter()
         try:
             with deterministic_algorithms(c.deterministic), stop_on_signals(loop):
@@ -468,91 +470,16 @@ class TrainingManager:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _payload(
-        self,
-        name: str,
-        *,
-        epoch: int,
-        global_step: int,
-        weights: dict[str, Any],
-        optimizer: dict[str, Any],
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-        scaler: torch.amp.GradScaler | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """The checkpoint dict: tensors and plain values only, so it loads weights_only.
-
-        `weights` and `optimizer` are full state dicts (`model_state`, `optimizer_state`).
-        """
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "name": name,
-            "epoch": epoch,
-            "global_step": global_step,
-            "model": weights,
-            "optimizer": optimizer,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "best_metric": self.best_metric,
-            "best_epoch": self.best_epoch,
-            "config": self.config.to_dict(),
-            **(extra or {}),
-        }
-
     def _save_from_loop(self, name: str, loop: Loop, precision: Precision) -> Path:
-        """Called on every rank; rank 0 writes, the others wait until the file is there."""
-        job = self.distributed
-        path = self.output_dir / "checkpoints" / f"{name}.pt"
-        rng_per_rank = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
-        # full states: under FSDP gathering them is a collective, rank 0 receives them
-        weights = model_state(loop.model)
-        optimizer = optimizer_state(loop.model, loop.optimizer)
-        if job.is_main:
-            self._write_checkpoint(name, loop, precision, path, rng_per_rank, weights, optimizer)
-        job.barrier()
-        return path
-
-    def _write_checkpoint(
-        self,
-        name: str,
-        loop: Loop,
-        precision: Precision,
-        path: Path,
-        rng: list[Any],
-        weights: dict[str, Any],
-        optimizer: dict[str, Any],
-    ) -> None:
-        state = loop.state
-        self.best_metric, self.best_epoch = state.best_metric, state.best_epoch
-        job = self.distributed
-        payload = self._payload(
+        self.best_metric, self.best_epoch = loop.state.best_metric, loop.state.best_epoch
+        return save_from_loop(
             name,
-            epoch=state.epoch,
-            global_step=state.global_step,
-            weights=weights,
-            optimizer=optimizer,
-            scheduler=loop.scheduler,
-            scaler=precision.scaler,
-            extra={
-                "loop": state.state_dict(),
-                "rng": rng[0],
-                "rng_per_rank": rng,
-                "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
-                "tracker": loop.tracker.state_dict(),
-                "callbacks": {
-                    f"{i}:{type(cb).__name__}": cb.state_dict()
-                    for i, cb in enumerate(loop.callbacks)
-                },
-                "world_size": job.world_size,
-                "distributed_strategy": self.config.distributed_strategy if job.enabled else None,
-                "traineval_version": __version__,
-            },
+            loop,
+            precision,
+            config=self.config,
+            job=self.distributed,
+            folder=self.output_dir / "checkpoints",
         )
-        if name == "best":
-            exported = weights if is_sharded(loop.model) else loop.model
-            save_safetensors(exported, path.with_suffix(".safetensors"))
-        save_checkpoint_file(payload, path)
 
     def save_checkpoint(
         self,
@@ -566,13 +493,16 @@ class TrainingManager:
 
         Under torchrun call it on every rank (FSDP gathers the full state); rank 0 writes.
         """
-        payload = self._payload(
+        payload = checkpoint_payload(
             name,
+            config=self.config,
             epoch=epoch,
             global_step=self.global_step,
             weights=model_state(model),
             optimizer=optimizer_state(model, optimizer),
             scheduler=scheduler,
+            best_metric=self.best_metric,
+            best_epoch=self.best_epoch,
         )
         path = self.output_dir / "checkpoints" / f"{name}.pt"
         if self.distributed.is_main:
@@ -610,35 +540,6 @@ class TrainingManager:
 
 def _constant(config: TrainingConfig) -> bool:
     return config.scheduler_type == "constant" and config.warmup_steps == 0
-
-
-def _finished(state: dict[str, Any], config: TrainingConfig) -> bool:
-    """Whether a checkpointed run has nothing left to do under `config` (which may extend it)."""
-    if state["stopped_early"]:
-        return True
-    if config.max_steps is not None and state["global_step"] >= config.max_steps:
-        return True
-    return state["batch_in_epoch"] == 0 and state["epoch"] >= config.num_epochs
-
-
-def _restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
-    """Put a checkpoint's loop counters, monitor, tracker, callbacks and RNG back."""
-    loop.state.load_state_dict(payload["loop"])
-    monitor_state = payload["monitor"]
-    if monitor_state["name"] != loop.monitor.name:
-        raise ValueError(
-            f"cannot resume: the checkpoint monitors {monitor_state['name']!r}, the config "
-            f"{loop.monitor.name!r}"
-        )
-    loop.monitor.load_state_dict(monitor_state)
-    loop.tracker.load_state_dict(payload["tracker"])
-    saved = payload.get("callbacks", {})
-    for i, callback in enumerate(loop.callbacks):
-        key = f"{i}:{type(callback).__name__}"
-        if key in saved:
-            callback.load_state_dict(saved[key])
-    per_rank = payload.get("rng_per_rank")
-    loop.resume_rng = per_rank[loop.job.rank] if per_rank else payload["rng"]
 
 
 def _updates_per_epoch(loader: Any, accumulation: int) -> int | None:

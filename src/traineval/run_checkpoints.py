@@ -1,0 +1,141 @@
+"""A training run's checkpoints: what one holds, writing it from the loop, putting it back.
+
+A checkpoint is a dict of tensors and plain values (it loads with weights_only): model and
+optimizer state (full, also when FSDP shards the model), scheduler, GradScaler, every
+rank's RNG, the loop's counters and data position, monitor, tracker and callback state, and
+the config. Under torchrun every rank calls `save_from_loop` (gathering full states and RNGs
+are collectives); rank 0 writes, the others wait.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .checkpoint import save_checkpoint_file, save_safetensors
+from .config import TrainingConfig
+from .distributed import Distributed, is_sharded, model_state, optimizer_state
+from .seeding import capture_rng
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .loop import Loop
+    from .precision import Precision
+
+CHECKPOINT_FORMAT = "traineval-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_payload(
+    name: str,
+    *,
+    config: TrainingConfig,
+    epoch: int,
+    global_step: int,
+    weights: dict[str, Any],
+    optimizer: dict[str, Any],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    scaler: torch.amp.GradScaler | None = None,
+    best_metric: float | None = None,
+    best_epoch: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict. `weights` and `optimizer` are full state dicts
+    (`distributed.model_state`, `distributed.optimizer_state`)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "name": name,
+        "epoch": epoch,
+        "global_step": global_step,
+        "model": weights,
+        "optimizer": optimizer,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "config": config.to_dict(),
+        **(extra or {}),
+    }
+
+
+def save_from_loop(
+    name: str,
+    loop: Loop,
+    precision: Precision,
+    *,
+    config: TrainingConfig,
+    job: Distributed,
+    folder: Path,
+) -> Path:
+    """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state."""
+    path = folder / f"{name}.pt"
+    rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
+    # full states: under FSDP gathering them is a collective, rank 0 receives them
+    weights = model_state(loop.model)
+    optimizer = optimizer_state(loop.model, loop.optimizer)
+    if job.is_main:
+        state = loop.state
+        payload = checkpoint_payload(
+            name,
+            config=config,
+            epoch=state.epoch,
+            global_step=state.global_step,
+            weights=weights,
+            optimizer=optimizer,
+            scheduler=loop.scheduler,
+            scaler=precision.scaler,
+            best_metric=state.best_metric,
+            best_epoch=state.best_epoch,
+            extra={
+                "loop": state.state_dict(),
+                "rng": rng[0],
+                "rng_per_rank": rng,
+                "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
+                "tracker": loop.tracker.state_dict(),
+                "callbacks": {
+                    f"{i}:{type(cb).__name__}": cb.state_dict()
+                    for i, cb in enumerate(loop.callbacks)
+                },
+                "world_size": job.world_size,
+                "distributed_strategy": config.distributed_strategy if job.enabled else None,
+                "traineval_version": __version__,
+            },
+        )
+        if name == "best":
+            exported = weights if is_sharded(loop.model) else loop.model
+            save_safetensors(exported, path.with_suffix(".safetensors"))
+        save_checkpoint_file(payload, path)
+    job.barrier()  # the others go on once the file is there
+    return path
+
+
+def finished(state: dict[str, Any], config: TrainingConfig) -> bool:
+    """Whether a checkpointed run has nothing left to do under `config` (which may extend it)."""
+    if state["stopped_early"]:
+        return True
+    if config.max_steps is not None and state["global_step"] >= config.max_steps:
+        return True
+    return state["batch_in_epoch"] == 0 and state["epoch"] >= config.num_epochs
+
+
+def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
+    """Put a checkpoint's loop counters, monitor, tracker, callbacks and RNG back."""
+    loop.state.load_state_dict(payload["loop"])
+    monitor_state = payload["monitor"]
+    if monitor_state["name"] != loop.monitor.name:
+        raise ValueError(
+            f"cannot resume: the checkpoint monitors {monitor_state['name']!r}, the config "
+            f"{loop.monitor.name!r}"
+        )
+    loop.monitor.load_state_dict(monitor_state)
+    loop.tracker.load_state_dict(payload["tracker"])
+    saved = payload.get("callbacks", {})
+    for i, callback in enumerate(loop.callbacks):
+        key = f"{i}:{type(callback).__name__}"
+        if key in saved:
+            callback.load_state_dict(saved[key])
+    per_rank = payload.get("rng_per_rank")
+    loop.resume_rng = per_rank[loop.job.rank] if per_rank else payload["rng"]
