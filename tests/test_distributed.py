@@ -225,7 +225,8 @@ def test_a_hanging_rank_times_the_others_out(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path, strategy):
     command = [
         sys.executable,
         "-m",
@@ -239,6 +240,7 @@ def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path):
         str(Path(__file__).parents[1] / "src" / "traineval" / "configs" / "demo.yaml"),
         "training.num_epochs=2",
         f"training.output_dir={tmp_path / 'run'}",
+        f"training.distributed_strategy={strategy}",  # fsdp: saves after sharded evaluations
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=240)
     ok(run)

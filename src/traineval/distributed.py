@@ -263,9 +263,20 @@ def _fsdp_no_sync(model: Any) -> Iterator[None]:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP sharded `model` (its parameters are DTensors)."""
-    tensors = sys.modules.get("torch.distributed.tensor")  # not imported: nothing is sharded
-    return tensors is not None and any(isinstance(p, tensors.DTensor) for p in model.parameters())
+    """Whether FSDP sharded `model` (`fully_shard` made it or a submodule an FSDPModule)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Return an FSDP model to its sharded state (after an evaluation pass, which leaves the
+    root unit's parameters gathered: no backward pass runs to reshard them)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    if fsdp is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
 
 
 def _full_options() -> Any:
