@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from peers import small_cnn
+
 PEAK_FLOPS = 989e12
 SPECS = {
     "gpt": {"batch": 8, "steps": 60, "label": "GPT-124M, 8 x 1024 tokens, bf16"},
@@ -94,16 +96,7 @@ def make_model(workload: str) -> nn.Module:
     torch.manual_seed(0)
     if workload == "gpt":
         return GPT()
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 8 * 8, 10),
-    )
+    return small_cnn()
 
 
 def make_loader(workload: str) -> DataLoader:

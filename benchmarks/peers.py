@@ -47,6 +47,11 @@ def make_model(workload: str) -> nn.Module:
     torch.manual_seed(0)
     if workload == "A":
         return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    return small_cnn()
+
+
+def small_cnn() -> nn.Module:
+    """Workload B's CNN (3x32x32 in, 10 classes); the GPU and DDP benchmarks use it too."""
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1),
         nn.ReLU(),

@@ -65,19 +65,29 @@ def config(out: Path, **overrides: Any) -> TrainingConfig:
     return TrainingConfig(**values)
 
 
+EQUIVALENCE_RUNS = (("plain", 16, 1), ("accumulated", 8, 2))  # name, batch, accumulation
+
+
+def train_equivalence_run(
+    net: nn.Module, out: Path, batch: int, accumulation: int, **overrides: Any
+) -> Any:
+    """64 samples in batches of `batch` per rank; validation on 9 (5 + 4 per rank)."""
+    manager = TrainingManager(
+        config(out, batch_size=batch, gradient_accumulation_steps=accumulation, **overrides)
+    )
+    return manager.train(
+        net,
+        DataLoader(data(), batch_size=batch, shuffle=False),
+        DataLoader(data(9, seed=5), batch_size=2),  # 3 and 2 batches per rank
+        task_type=TaskType.CLASSIFICATION,
+    )
+
+
 def equivalence(out: Path, rank: int) -> None:
     """Batch 16 per rank, and batch 8 x 2 accumulated per rank, on 64 samples."""
-    for name, batch, accumulation in (("plain", 16, 1), ("accumulated", 8, 2)):
+    for name, batch, accumulation in EQUIVALENCE_RUNS:
         net = model()
-        manager = TrainingManager(
-            config(out / name, batch_size=batch, gradient_accumulation_steps=accumulation)
-        )
-        result = manager.train(
-            net,
-            DataLoader(data(), batch_size=batch, shuffle=False),
-            DataLoader(data(9, seed=5), batch_size=2),
-            task_type=TaskType.CLASSIFICATION,
-        )
+        result = train_equivalence_run(net, out / name, batch, accumulation)
         torch.save(net.state_dict(), out / f"{name}-weights-{rank}.pt")
         history = result.training_history
         record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
@@ -198,25 +208,16 @@ class Blocks(nn.Module):
         return self.head(x)
 
 
-def fsdp_config(out: Path, **overrides: Any) -> TrainingConfig:
-    return config(out, distributed_strategy="fsdp", **overrides)
-
-
 def fsdp(out: Path, rank: int) -> None:
     """FSDP: plain and accumulated equivalence runs, then a run stopped at update 4."""
     from traineval.distributed import is_sharded, model_state
     from traineval.loop import TrainingInterrupted
 
-    for name, batch, accumulation in (("fsdp-plain", 16, 1), ("fsdp-accumulated", 8, 2)):
+    for plain_name, batch, accumulation in EQUIVALENCE_RUNS:
+        name = f"fsdp-{plain_name}"
         net = Blocks()
-        manager = TrainingManager(
-            fsdp_config(out / name, batch_size=batch, gradient_accumulation_steps=accumulation)
-        )
-        result = manager.train(
-            net,
-            DataLoader(data(), batch_size=batch, shuffle=False),
-            DataLoader(data(9, seed=5), batch_size=2),  # 5 + 4 samples: 3 and 2 batches
-            task_type=TaskType.CLASSIFICATION,
+        result = train_equivalence_run(
+            net, out / name, batch, accumulation, distributed_strategy="fsdp"
         )
         weights = model_state(net)  # every rank takes part; rank 0 receives
         if rank == 0:

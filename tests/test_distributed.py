@@ -120,8 +120,8 @@ def test_distributed_settings_are_validated():
 # -- two ranks under torchrun ----------------------------------------------------------------
 
 
-def single_process_run(out: Path):
-    net = worker.model()
+def single_process_run(out: Path, net: torch.nn.Module):
+    """The reference: one process, batch 32, the same data and config as the ranks."""
     manager = TrainingManager(worker.config(out, batch_size=32))
     result = manager.train(
         net,
@@ -135,7 +135,7 @@ def single_process_run(out: Path):
 @pytest.mark.slow
 def test_two_ranks_of_16_equal_one_process_of_32(tmp_path):
     ok(torchrun("equivalence", tmp_path))
-    reference, history = single_process_run(tmp_path / "single")
+    reference, history = single_process_run(tmp_path / "single", worker.model())
     for name in ("plain", "accumulated"):  # 2 x 16, and 2 x 8 x 2 accumulated (no_sync)
         for rank in (0, 1):
             weights = torch.load(tmp_path / f"{name}-weights-{rank}.pt")
@@ -250,21 +250,10 @@ def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path, strategy):
     assert (tmp_path / "run" / "evaluation" / "metrics.json").exists()
 
 
-def single_blocks_run(out: Path):
-    net = worker.Blocks()
-    result = TrainingManager(worker.config(out, batch_size=32)).train(
-        net,
-        DataLoader(worker.data(), batch_size=32),
-        DataLoader(worker.data(9, seed=5), batch_size=2),
-        task_type=TaskType.CLASSIFICATION,
-    )
-    return net.state_dict(), result.training_history
-
-
 @pytest.mark.slow
 def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
     ok(torchrun("fsdp", tmp_path))
-    reference, history = single_blocks_run(tmp_path / "single")
+    reference, history = single_process_run(tmp_path / "single", worker.Blocks())
     for name in ("fsdp-plain", "fsdp-accumulated"):
         weights = torch.load(tmp_path / f"{name}-weights.pt")
         assert weights.keys() == reference.keys()  # full weights under the plain names
