@@ -36,9 +36,10 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from .data.loaders import worker_settings
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "nccl", "gloo")
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -269,8 +270,9 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Return an FSDP model to its sharded state (after an evaluation pass, which leaves the
-    root unit's parameters gathered: no backward pass runs to reshard them)."""
+    """Return an FSDP model to its sharded state. An evaluation pass leaves the root unit's
+    parameters gathered (no backward pass runs to reshard them), and a full state dict
+    taken in that state is unusable, so `model_state` and `optimizer_state` reshard first."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
     if fsdp is None:
         return
@@ -291,6 +293,7 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    reshard(model)
     return get_model_state_dict(model, options=_full_options())
 
 
@@ -300,6 +303,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    reshard(model)
     return get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
@@ -427,14 +431,7 @@ def _rebuild(
         batch_size=loader.batch_size,
         sampler=sampler,
         drop_last=loader.drop_last,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
         generator=generator,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
         persistent_workers=loader.persistent_workers,
-        pin_memory_device=loader.pin_memory_device,
+        **worker_settings(loader),
     )

@@ -33,7 +33,6 @@ from .distributed import (
     load_optimizer_state,
     model_state,
     optimizer_state,
-    reshard,
     shard_eval_loader,
     shard_train_loader,
     wrap_model,
@@ -267,13 +266,6 @@ class TrainingManager:
             evaluator = evaluator or Evaluator()
 
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
-                try:
-                    return _evaluate(m)
-                finally:
-                    if lockstep:
-                        reshard(model)
-
-            def _evaluate(m: nn.Module) -> dict[str, float]:
                 return evaluator.evaluate_model(
                     eval_model if eval_model is not None else m,
                     val_loader,

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from .loaders import worker_settings
+
 
 def _skipping(
     iterable: Iterable[Any], skip: int, on_skipped: Callable[[], None] | None
@@ -59,16 +61,9 @@ def skip_batches(
         resumed = DataLoader(
             loader.dataset,
             batch_sampler=_SkipFirst(batch_sampler, skip, on_skipped),
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
             generator=loader.generator,
-            prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
             persistent_workers=False,
-            pin_memory_device=loader.pin_memory_device,
+            **worker_settings(loader),
         )
         return iter(resumed)
     return _skipping(loader, skip, on_skipped)
