@@ -16,6 +16,11 @@ own process; runs alternate. MFU = 6 N + 12 L d T FLOPs per token (PaLM's estima
 the bf16 dense peak (989 TFLOP/s for H100/H200 SXM).
 
     python benchmarks/gpu_peers.py --workloads gpt,cnn --repeats 2 --json results.jsonl
+
+`--compile-mode` picks torch.compile's mode for the compiled loops; `--profile DIR` writes a
+torch.profiler kernel table of 5 updates per run (for finding where a compiled step's time
+goes); `--smoke` runs everything on the CPU with a tiny GPT, to check the script before
+spending device time on it (tests/test_benchmarks.py does).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from peers import small_cnn
 
 PEAK_FLOPS = 989e12
+SHAPE = {"vocab": 50304, "seq": 1024, "d": 768, "layers": 12}  # GPT-2 small
+DEVICE = "cuda"  # --smoke: "cpu", with a tiny GPT, to check the script itself
+COMPILE_MODE = "default"  # torch.compile's mode for the compiled loops (--compile-mode)
 SPECS = {
     "gpt": {"batch": 8, "steps": 60, "label": "GPT-124M, 8 x 1024 tokens, bf16"},
     "cnn": {"batch": 512, "steps": 150, "label": "CNN 3x32x32, batch 512, bf16"},
@@ -50,6 +58,7 @@ LOOPS = [
     "hand-written naive",
     "hand-written careful",
     "careful + compile",
+    "careful + compile model and loss",
     "careful in DDP (1 rank)",
     "traineval defaults",
     "traineval compile",
@@ -76,7 +85,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int = 50304, seq: int = 1024, d: int = 768, layers: int = 12):
+    def __init__(self, vocab: int, seq: int, d: int, layers: int) -> None:
         super().__init__()
         self.layers = layers
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
@@ -95,7 +104,7 @@ class GPT(nn.Module):
 def make_model(workload: str) -> nn.Module:
     torch.manual_seed(0)
     if workload == "gpt":
-        return GPT()
+        return GPT(**SHAPE)
     return small_cnn()
 
 
@@ -104,39 +113,74 @@ def make_loader(workload: str) -> DataLoader:
     n = spec["batch"] * spec["steps"]
     generator = torch.Generator().manual_seed(0)
     if workload == "gpt":
-        tokens = torch.randint(0, 50304, (n, 1025), generator=generator)
+        tokens = torch.randint(0, SHAPE["vocab"], (n, SHAPE["seq"] + 1), generator=generator)
         data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     else:
         data = TensorDataset(
             torch.randn(n, 3, 32, 32, generator=generator),
             torch.randint(0, 10, (n,), generator=generator),
         )
-    return DataLoader(data, batch_size=spec["batch"], shuffle=False, pin_memory=True)
+    pin = DEVICE == "cuda"
+    return DataLoader(data, batch_size=spec["batch"], shuffle=False, pin_memory=pin)
 
 
 def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
 
-class Clock:
-    """Synchronised timestamps: after update `warmup`, and at the last update."""
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
-    def __init__(self, warmup: int, steps: int) -> None:
+
+class Clock:
+    """Synchronised timestamps: after update `warmup`, and at the last update.
+
+    With `profile` set, torch.profiler records updates warmup+1 .. warmup+5 and writes its
+    kernel table there (those runs' throughput includes the profiler's cost).
+    """
+
+    def __init__(self, warmup: int, steps: int, profile: Path | None = None) -> None:
         self.warmup, self.steps = warmup, steps
         self.start = self.end = 0.0
+        self.profile = profile
+        self.profiler: Any = None
 
     def step(self, done: int) -> None:
+        if self.profile is not None:
+            self._profile(done)
         if done in (self.warmup, self.steps):
-            torch.cuda.synchronize()
+            synchronize()
             if done == self.warmup:
                 self.start = time.perf_counter()
             else:
                 self.end = time.perf_counter()
 
+    def _profile(self, done: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if done == self.warmup:
+            activities = [ProfilerActivity.CPU]
+            if DEVICE == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            self.profiler = profile(activities=activities, record_shapes=True)
+            self.profiler.__enter__()
+        elif done == self.warmup + 5 and self.profiler is not None:
+            synchronize()
+            self.profiler.__exit__(None, None, None)
+            table = self.profiler.key_averages(group_by_input_shape=True).table(
+                sort_by=f"self_{'cuda' if DEVICE == 'cuda' else 'cpu'}_time_total",
+                row_limit=30,
+                max_name_column_width=60,
+            )
+            assert self.profile is not None
+            self.profile.write_text(table)
+            self.profiler = None
+
 
 def raw(model: nn.Module, loader: DataLoader, clock: Clock, loop: str) -> None:
     careful = loop != "hand-written naive"
-    model.cuda()
+    model.to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=careful or None)
     forward: nn.Module = model
     if loop == "careful in DDP (1 rank)":
@@ -145,15 +189,18 @@ def raw(model: nn.Module, loader: DataLoader, clock: Clock, loop: str) -> None:
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
-        dist.init_process_group("nccl", rank=0, world_size=1)
-        forward = DistributedDataParallel(model, device_ids=[0])
-    if loop == "careful + compile":
-        forward = torch.compile(model)  # type: ignore[assignment]
-    running = torch.zeros((), device="cuda")
+        dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=0, world_size=1)
+        forward = DistributedDataParallel(model, device_ids=[0] if DEVICE == "cuda" else None)
+    loss_function = loss_of
+    if loop.startswith("careful + compile"):
+        forward = torch.compile(model, mode=COMPILE_MODE)  # type: ignore[assignment]
+    if loop == "careful + compile model and loss":
+        loss_function = torch.compile(loss_of, mode=COMPILE_MODE)
+    running = torch.zeros((), device=DEVICE)
     for done, (x, y) in enumerate(loader, start=1):
-        x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(forward(x), y)
+        x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = loss_function(forward(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -184,8 +231,9 @@ def with_traineval(model: nn.Module, loader: DataLoader, clock: Clock, loop: str
             tensorboard_logging=False,
             progress_bar=True,
             batch_size=loader.batch_size or 1,
-            device="cuda",
+            device=DEVICE,
             compile=loop == "traineval compile",
+            compile_mode=COMPILE_MODE,
         )
         TrainingManager(config).train(model, loader, callbacks=[Mark()])
 
@@ -217,7 +265,7 @@ def with_lightning(model: nn.Module, loader: DataLoader, clock: Clock, loop: str
 
     with tempfile.TemporaryDirectory() as folder:
         options: dict[str, Any] = {
-            "accelerator": "gpu",
+            "accelerator": "gpu" if DEVICE == "cuda" else "cpu",
             "devices": 1,
             "max_epochs": 1,
             "precision": "bf16-mixed",
@@ -235,11 +283,14 @@ def with_lightning(model: nn.Module, loader: DataLoader, clock: Clock, loop: str
         L.Trainer(**options).fit(Module(), loader)
 
 
-def run_one(loop: str, workload: str, warmup: int) -> dict[str, Any]:
+def run_one(loop: str, workload: str, warmup: int, profile: Path | None) -> dict[str, Any]:
     loader = make_loader(workload)
     model = make_model(workload)
     params = sum(p.numel() for p in model.parameters())
-    clock = Clock(warmup, SPECS[workload]["steps"])
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        profile = profile / f"{workload}-{loop.replace(' ', '_')}.txt"
+    clock = Clock(warmup, SPECS[workload]["steps"], profile)
     if loop.startswith(("hand-written", "careful")):
         function = raw
     elif loop.startswith("traineval"):
@@ -252,11 +303,12 @@ def run_one(loop: str, workload: str, warmup: int) -> dict[str, Any]:
     timed = SPECS[workload]["steps"] - warmup
     batch = SPECS[workload]["batch"]
     out: dict[str, Any] = {"loop": loop, "workload": workload, "seconds": seconds}
+    out.update(batch=SPECS[workload]["batch"], compile_mode=COMPILE_MODE, profiled=bool(profile))
     out["samples_per_sec"] = timed * batch / seconds
     if workload == "gpt":
-        tokens = timed * batch * 1024
+        tokens = timed * batch * SHAPE["seq"]
         out["tokens_per_sec"] = tokens / seconds
-        flops_per_token = 6 * params + 12 * 12 * 768 * 1024
+        flops_per_token = 6 * params + 12 * SHAPE["layers"] * SHAPE["d"] * SHAPE["seq"]
         out["mfu"] = out["tokens_per_sec"] * flops_per_token / PEAK_FLOPS
     return out
 
@@ -268,9 +320,16 @@ def main() -> None:
     parser.add_argument("--compile-repeats", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--steps", type=int, help="updates per run (default: per workload)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="check this script on the CPU with a tiny GPT"
+    )
     parser.add_argument("--batch", type=int, help="batch size (default: per workload)")
     parser.add_argument("--loops", default=",".join(LOOPS))
     parser.add_argument("--json", type=Path, help="append each run's result here")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    parser.add_argument(
+        "--profile", type=Path, help="write a kernel table of 5 updates per run to this folder"
+    )
     parser.add_argument("--run", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for spec in SPECS.values():
@@ -278,10 +337,15 @@ def main() -> None:
             spec["steps"] = args.steps
         if args.batch:
             spec["batch"] = args.batch
+    global COMPILE_MODE, DEVICE
+    COMPILE_MODE = args.compile_mode
+    if args.smoke:
+        DEVICE = "cpu"
+        SHAPE.update(vocab=512, seq=32, d=48, layers=2)
     if args.run:
-        print(json.dumps(run_one(args.run[0], args.run[1], args.warmup)))
+        print(json.dumps(run_one(args.run[0], args.run[1], args.warmup, args.profile)))
         return
-    if not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("workload C needs a CUDA GPU; none is available here")
         return
     loops = [loop for loop in args.loops.split(",") if loop]
@@ -291,7 +355,8 @@ def main() -> None:
     versions = f"python {platform.python_version()}, torch {torch.__version__}"
     if importlib.util.find_spec("lightning") is not None:
         versions += f", lightning {__import__('lightning').__version__}"
-    print(f"{torch.cuda.get_device_name()}; {versions}")
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test)"
+    print(f"{device}; {versions}")
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for workload in args.workloads.split(","):
         for repeat in range(args.repeats):
@@ -303,8 +368,13 @@ def main() -> None:
                 command += ["--warmup", str(args.warmup)]
                 if args.steps:
                     command += ["--steps", str(args.steps)]
+                if args.smoke:
+                    command += ["--smoke"]
                 if args.batch:
                     command += ["--batch", str(args.batch)]
+                command += ["--compile-mode", args.compile_mode]
+                if args.profile:
+                    command += ["--profile", str(args.profile)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{loop} / {workload} failed:\n{done.stderr[-2000:]}", flush=True)

@@ -37,3 +37,57 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(quiet_config, t
         assert not any(key.startswith("_orig_mod") for key in saved["model"])
     for a, b in zip(results[False].parameters(), results[True].parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+class TinyLM(torch.nn.Module):
+    """(N, T) token ids -> (N, T, V) logits: AutoLoss picks the token cross-entropy."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+@pytest.mark.slow
+def test_compiled_token_loss_matches_eager_with_ignored_tokens(quiet_config, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (24, 6), generator=generator)
+    targets = tokens.roll(-1, dims=1)
+    targets[::3, 4:] = -100  # padding: the loss and the window's weights skip these
+    data = torch.utils.data.TensorDataset(tokens, targets)
+    models = {}
+    for flag in (False, True):
+        quiet_config["output_dir"] = str(tmp_path / f"lm-{flag}")
+        config = TrainingConfig(
+            num_epochs=2, batch_size=4, gradient_accumulation_steps=2, compile=flag, **quiet_config
+        )
+        models[flag] = TinyLM()
+        TrainingManager(config).train(models[flag], DataLoader(data, 4))
+    for a, b in zip(models[False].parameters(), models[True].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_compile_compiles_the_model_and_the_loss_in_the_configured_mode(quiet_config, monkeypatch):
+    compiled: list[tuple[object, str]] = []
+
+    def fake_compile(target, mode="default", **_):
+        compiled.append((target, mode))
+        return target
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = TrainingConfig(
+        num_epochs=1,
+        batch_size=16,
+        compile=True,
+        compile_mode="max-autotune-no-cudagraphs",
+        **quiet_config,
+    )
+    model = Net()
+    TrainingManager(config).train(model, DataLoader(make_classification(n=32), 16))
+    kinds = [type(target).__name__ for target, _ in compiled]
+    assert kinds == ["Net", "CrossEntropyLoss"]  # the AutoLoss compiles what it resolved to
+    assert {mode for _, mode in compiled} == {"max-autotune-no-cudagraphs"}

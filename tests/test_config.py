@@ -122,3 +122,14 @@ def test_evaluation_config_validates_metric_names():
     with pytest.raises(ValueError, match="average='mean'"):
         EvaluationConfig(average="mean")
     assert EvaluationConfig(regression_metrics=["mse"]).regression_metrics == ("mse",)
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_modes_with_cuda_graphs_are_refused_with_the_reason(mode):
+    with pytest.raises(ValueError, match=rf"compile_mode='{mode}' is invalid: modes with CUDA"):
+        TrainingConfig(compile_mode=mode)
+
+
+def test_unknown_compile_mode_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"compile_mode='fast'.*max-autotune-no-cudagraphs"):
+        TrainingConfig(compile_mode="fast")

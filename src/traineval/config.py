@@ -79,6 +79,9 @@ REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
 GENERATION_METRICS = ("perplexity", "token_accuracy")
 AVERAGES = ("weighted", "macro", "micro")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
+# torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
+# the loop keeps each step's loss tensor until the next log step (no per-step sync).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
 
@@ -181,6 +184,9 @@ class TrainingConfig(_ConfigBase):
     also saves `last` inside epochs, so a long epoch can be resumed in the middle;
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
+    `compile` runs the model and the loss function through `torch.compile` (separately, so
+    a wrapped or sharded model compiles as it would alone; the loss's own graph fuses e.g.
+    the fp32 log-softmax of bf16 logits); `compile_mode` is torch's mode, without CUDA graphs.
 
     Under `torchrun` the same config trains data-parallel: `batch_size` is per process,
     `distributed_strategy` is "ddp" or "fsdp" (torch's `fully_shard`: parameters, gradients
@@ -240,6 +246,7 @@ class TrainingConfig(_ConfigBase):
     restore_best_weights: bool = False
     save_last_checkpoint: bool = True
     compile: bool = False
+    compile_mode: str = "default"
     max_steps: int | None = None
     deterministic: bool = False
     progress_bar: bool | None = None
@@ -327,6 +334,15 @@ class TrainingConfig(_ConfigBase):
         _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
         _choice("distributed_strategy", self.distributed_strategy, DISTRIBUTED_STRATEGIES)
         _choice("distributed_backend", self.distributed_backend, DISTRIBUTED_BACKENDS)
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):
+            _fail(
+                "compile_mode",
+                self.compile_mode,
+                "modes with CUDA graphs are not supported (a graph's replay overwrites the "
+                "per-step losses the loop keeps until its next log step); use 'default' or "
+                "'max-autotune-no-cudagraphs'",
+            )
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if isinstance(self.fsdp_shard_modules, str) or not all(
             isinstance(name, str) and name for name in self.fsdp_shard_modules
         ):

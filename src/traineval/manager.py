@@ -202,7 +202,7 @@ class TrainingManager:
             loss_function = (
                 RegressionMSE() if mode is TrainingMode.UNSUPERVISED else default_loss(task_type)
             )
-        step_fn = build_step(mode, loss_function)
+        step_fn = build_step(mode, loss_function, c.compile_mode if c.compile else None)
         updates_per_epoch = _updates_per_epoch(train_loader, c.gradient_accumulation_steps)
         total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
         # An autoencoder's evaluation compares outputs with inputs: regression metrics.
@@ -253,7 +253,9 @@ class TrainingManager:
                 scheduler.load_state_dict(payload["scheduler"])
             if precision.scaler is not None and payload.get("scaler") is not None:
                 precision.scaler.load_state_dict(payload["scaler"])
-        forward_model: nn.Module = torch.compile(wrapped) if c.compile else wrapped  # type: ignore[assignment]
+        forward_model: nn.Module = (
+            torch.compile(wrapped, mode=c.compile_mode) if c.compile else wrapped  # type: ignore[assignment]
+        )
         # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
         # collective that ranks with uneven evaluation shares would not all reach. An FSDP
         # module's forward is itself a collective: its ranks evaluate in lockstep.

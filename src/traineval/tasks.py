@@ -100,6 +100,12 @@ class AutoLoss:
         return self._ignore_index
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self._forward is None:
+            self._forward = self.resolve(outputs, targets).forward  # ours, no hooks: skip __call__
+        return self._forward(outputs, targets)
+
+    def resolve(self, outputs: torch.Tensor, targets: torch.Tensor) -> nn.Module:
+        """The loss for batches like this one, chosen the first time (see `detect_task`)."""
         if self.resolved is None:
             if targets.is_floating_point():
                 self.task_type = TaskType.REGRESSION
@@ -112,5 +118,24 @@ class AutoLoss:
                         "binary classification with one logit)"
                     )
             self.resolved = task_loss(self.task_type, self._ignore_index)
-            self._forward = self.resolved.forward  # our own module, no hooks: skip __call__
-        return self._forward(outputs, targets)
+        return self.resolved
+
+
+class CompiledLoss:
+    """A loss function run through `torch.compile`; an AutoLoss compiles the loss it picks.
+
+    The original stays in charge of what the step functions read from it (`ignore_index`,
+    class weights, its signature); the evaluator keeps calling it uncompiled.
+    """
+
+    def __init__(self, loss_function: Any, mode: str = "default") -> None:
+        self.loss_function = loss_function
+        self.mode = mode
+        self._compiled: Any = None
+        if not isinstance(loss_function, AutoLoss):
+            self._compiled = torch.compile(loss_function, mode=mode)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if self._compiled is None:
+            self._compiled = torch.compile(self.loss_function.resolve(*args), mode=self.mode)
+        return self._compiled(*args)

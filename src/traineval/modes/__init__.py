@@ -18,16 +18,18 @@ __all__ = [
 ]
 
 
-def build_step(mode: TrainingMode, loss_function: LossFunction) -> StepFunction:
-    """The step function of a training mode.
+def build_step(
+    mode: TrainingMode, loss_function: LossFunction, compile_mode: str | None = None
+) -> StepFunction:
+    """The step function of a training mode; `compile_mode` compiles its loss function.
 
     Raises:
         NotImplementedError: the mode is not supported yet (named in the message).
     """
     if mode is TrainingMode.SUPERVISED:
-        return SupervisedStep(loss_function)
+        return SupervisedStep(loss_function, compile_mode)
     if mode is TrainingMode.UNSUPERVISED:
-        return UnsupervisedStep(loss_function)
+        return UnsupervisedStep(loss_function, compile_mode)
     raise NotImplementedError(
         f"mode={mode.value!r} is not supported yet; supported modes: 'supervised', 'unsupervised'"
     )

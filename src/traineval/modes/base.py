@@ -10,6 +10,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..tasks import CompiledLoss
+
 LossFunction = Callable[..., torch.Tensor]
 
 
@@ -115,6 +117,13 @@ def loss_weight(loss_function: Any, targets: torch.Tensor, num_samples: int) -> 
         safe = torch.where(kept, targets, 0)
         return (class_weight.to(targets.device)[safe] * kept).sum()
     return kept.sum()
+
+
+def compiled_loss(loss_function: LossFunction, compile_mode: str | None) -> LossFunction:
+    """`loss_function` through `torch.compile` in `compile_mode`; None leaves it eager."""
+    if compile_mode is None:
+        return loss_function
+    return CompiledLoss(loss_function, compile_mode)
 
 
 def count_required_args(function: Any) -> int:

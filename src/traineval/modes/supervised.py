@@ -7,14 +7,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import LossFunction, StepOutput, batch_size_of, forward, loss_weight, split_batch
+from .base import (
+    LossFunction,
+    StepOutput,
+    batch_size_of,
+    compiled_loss,
+    forward,
+    loss_weight,
+    split_batch,
+)
 
 
 class SupervisedStep:
     """Step function for `(inputs, targets)` batches."""
 
-    def __init__(self, loss_function: LossFunction) -> None:
+    def __init__(self, loss_function: LossFunction, compile_mode: str | None = None) -> None:
         self.loss_function = loss_function
+        self._loss = compiled_loss(loss_function, compile_mode)
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         inputs, targets = split_batch(batch)
@@ -24,7 +33,7 @@ class SupervisedStep:
                 "(use mode=TrainingMode.UNSUPERVISED for input-only data)"
             )
         outputs = forward(model, inputs)
-        loss = self.loss_function(outputs, targets)
+        loss = self._loss(outputs, targets)
         num_samples = batch_size_of(inputs)
         return StepOutput(
             loss=loss,

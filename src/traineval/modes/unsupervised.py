@@ -6,7 +6,15 @@ from typing import Any
 
 from torch import nn
 
-from .base import LossFunction, StepOutput, batch_size_of, count_required_args, forward, split_batch
+from .base import (
+    LossFunction,
+    StepOutput,
+    batch_size_of,
+    compiled_loss,
+    count_required_args,
+    forward,
+    split_batch,
+)
 
 
 class UnsupervisedStep:
@@ -16,18 +24,15 @@ class UnsupervisedStep:
     `loss(outputs)` (for models that return what the loss needs, e.g. a VAE's terms).
     """
 
-    def __init__(self, loss_function: LossFunction) -> None:
+    def __init__(self, loss_function: LossFunction, compile_mode: str | None = None) -> None:
         self.loss_function = loss_function
+        self._loss = compiled_loss(loss_function, compile_mode)
         self.takes_inputs = count_required_args(loss_function) >= 2
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         inputs, _ = split_batch(batch)
         outputs = forward(model, inputs)
-        loss = (
-            self.loss_function(outputs, inputs)
-            if self.takes_inputs
-            else self.loss_function(outputs)
-        )
+        loss = self._loss(outputs, inputs) if self.takes_inputs else self._loss(outputs)
         num_samples = batch_size_of(inputs)
         return StepOutput(
             loss=loss, weight=num_samples, num_samples=num_samples, outputs=outputs, targets=inputs
