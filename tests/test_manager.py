@@ -137,7 +137,6 @@ def test_checkpoint_that_is_not_a_plain_dict_of_tensors_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "mode",
     [
-        TrainingMode.SEMI_SUPERVISED,
         TrainingMode.REINFORCEMENT,
         TrainingMode.META_LEARNING,
         TrainingMode.FEDERATED,

@@ -256,6 +256,10 @@ class TrainingConfig(_ConfigBase):
     wandb_project: str = "traineval"
     mlflow_logging: bool = False
     mlflow_tracking_uri: str | None = None
+    # Semi-supervised mode: targets equal to unlabeled_label mark unlabeled samples
+    unlabeled_label: int = -1
+    unlabeled_weight: float = 1.0
+    pseudo_label_threshold: float = 0.95
     # Distributed training under torchrun (ignored in a single process)
     distributed_strategy: str = "ddp"
     distributed_backend: str = "auto"
@@ -367,6 +371,22 @@ class TrainingConfig(_ConfigBase):
                     "not supported with distributed_strategy='fsdp' yet (the global "
                     "gradient norm is logged)",
                 )
+        if (
+            isinstance(self.unlabeled_label, bool)
+            or not isinstance(self.unlabeled_label, int)
+            or self.unlabeled_label >= 0
+        ):
+            _fail(
+                "unlabeled_label",
+                self.unlabeled_label,
+                "expected a negative integer (class ids are >= 0)",
+            )
+        _float("unlabeled_weight", self.unlabeled_weight, minimum=0.0)
+        _float("pseudo_label_threshold", self.pseudo_label_threshold, minimum=0.0)
+        if self.pseudo_label_threshold > 1.0:
+            _fail(
+                "pseudo_label_threshold", self.pseudo_label_threshold, "expected a number in [0, 1]"
+            )
         _float(
             "distributed_timeout_seconds", self.distributed_timeout_seconds, minimum=0, strict=True
         )

@@ -24,11 +24,12 @@ from .config import (
     _choice,
     _ConfigBase,
     _fail,
+    _float,
     _int,
     apply_overrides,
     load_yaml,
 )
-from .data import DataSplits, load_builtin, load_csv, make_splits
+from .data import DataSplits, hide_labels, load_builtin, load_csv, make_splits
 from .data.tables import BUILTIN_DATASETS
 from .distributed import is_sharded, model_state
 from .evaluation import Evaluator
@@ -50,7 +51,10 @@ class DataConfig(_ConfigBase):
 
     `name`: a dataset scikit-learn ships (digits, iris, wine, breast_cancer, diabetes), `csv`
     (with `path` and `target`), or `custom` (with `factory`, an import path to a function
-    returning `traineval.data.DataSplits`).
+    returning `traineval.data.DataSplits`). `labeled_fraction` < 1 keeps the
+    labels of that share of the training rows, stratified by class and drawn with
+    `split_seed`: semi-supervised mode marks the other rows with `training.unlabeled_label`,
+    supervised mode leaves them out (the baseline to compare with).
     """
 
     name: str = "digits"
@@ -64,6 +68,7 @@ class DataConfig(_ConfigBase):
     standardize: bool = True
     image_shape: tuple[int, ...] | None = None
     num_workers: int = 0
+    labeled_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATA_SOURCES)
@@ -71,6 +76,9 @@ class DataConfig(_ConfigBase):
         _int("data.split_seed", self.split_seed, minimum=0)
         _int("data.num_workers", self.num_workers, minimum=0)
         _bool("data.standardize", self.standardize)
+        _float("data.labeled_fraction", self.labeled_fraction, minimum=0.0, strict=True)
+        if self.labeled_fraction > 1.0:
+            _fail("data.labeled_fraction", self.labeled_fraction, "expected a number in (0, 1]")
         if self.name == "csv" and not (self.path and self.target):
             _fail("data.path", self.path, "data.name='csv' needs data.path and data.target")
         if self.name == "custom" and not self.factory:
@@ -116,7 +124,13 @@ class RunConfig:
     mode: str = "supervised"
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, ("supervised", "unsupervised"))
+        _choice("mode", self.mode, ("supervised", "unsupervised", "semi_supervised"))
+        if self.data.labeled_fraction < 1.0 and self.mode == "unsupervised":
+            _fail(
+                "data.labeled_fraction",
+                self.data.labeled_fraction,
+                "hiding labels needs mode: semi_supervised or supervised (mode is 'unsupervised')",
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
@@ -211,6 +225,14 @@ class _Parts:
 
 def _parts(config: RunConfig) -> _Parts:
     splits = load_data(config.data)
+    if config.data.labeled_fraction < 1.0:
+        splits.train = hide_labels(
+            splits.train,
+            config.data.labeled_fraction,
+            config.training.unlabeled_label,
+            config.data.split_seed,
+            drop=config.mode == "supervised",
+        )
     mode = TrainingMode(config.mode)
     task_type = None if mode is TrainingMode.UNSUPERVISED else splits.task_type
     seed_everything(config.training.seed)  # initial weights come from the run's seed

@@ -198,11 +198,17 @@ class TrainingManager:
         train_loader = shard_train_loader(train_loader, job, c.seed)
         if val_loader is not None:
             val_loader = shard_eval_loader(val_loader, job)
+        if mode is TrainingMode.SEMI_SUPERVISED and loss_function is not None:
+            raise ValueError(
+                "loss_function is not used in mode='semi_supervised': it trains with "
+                "cross-entropy on the labeled samples plus the pseudo-label term; leave "
+                "loss_function None"
+            )
         if loss_function is None:
             loss_function = (
                 RegressionMSE() if mode is TrainingMode.UNSUPERVISED else default_loss(task_type)
             )
-        step_fn = build_step(mode, loss_function, c.compile_mode if c.compile else None)
+        step_fn = build_step(mode, loss_function, c)
         updates_per_epoch = _updates_per_epoch(train_loader, c.gradient_accumulation_steps)
         total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
         # An autoencoder's evaluation compares outputs with inputs: regression metrics.

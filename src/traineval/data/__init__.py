@@ -1,6 +1,14 @@
 """Data for config-driven runs: datasets that packages ship, CSV tables, seeded splits."""
 
-from .splits import DataSplits, make_splits
+from .splits import DataSplits, hide_labels, make_splits
 from .tables import BUILTIN_DATASETS, Table, load_builtin, load_csv
 
-__all__ = ["BUILTIN_DATASETS", "DataSplits", "Table", "load_builtin", "load_csv", "make_splits"]
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DataSplits",
+    "Table",
+    "hide_labels",
+    "load_builtin",
+    "load_csv",
+    "make_splits",
+]

@@ -93,3 +93,35 @@ def _split(indices, labels, fraction, seed, stratify, splitter):
     strata = labels if stratify else None
     first, second = splitter(indices, test_size=fraction, random_state=seed, stratify=strata)
     return np.sort(first), np.sort(second)
+
+
+def hide_labels(
+    dataset: TensorDataset,
+    labeled_fraction: float,
+    unlabeled_label: int,
+    seed: int,
+    drop: bool = False,
+) -> TensorDataset:
+    """`dataset` with labels kept on `labeled_fraction` of the rows only.
+
+    The kept rows are drawn with `seed`, stratified by class (at least one row per class);
+    every other row's label becomes `unlabeled_label`, or with `drop` the row is left out.
+    """
+    from sklearn.model_selection import train_test_split
+
+    x, y = dataset.tensors
+    if y.is_floating_point():
+        raise ValueError("data.labeled_fraction needs class labels (a classification dataset)")
+    labels = y.numpy()
+    indices = np.arange(len(labels))
+    classes = len(np.unique(labels))
+    keep = max(classes, round(labeled_fraction * len(labels)))
+    if keep >= len(labels):
+        return dataset
+    kept, _ = train_test_split(indices, train_size=keep, random_state=seed, stratify=labels)
+    rows = torch.as_tensor(np.sort(kept))
+    if drop:
+        return TensorDataset(x[rows], y[rows])
+    hidden = torch.full_like(y, unlabeled_label)
+    hidden[rows] = y[rows]
+    return TensorDataset(x, hidden)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from ..config import TrainingMode
+from ..config import TrainingConfig, TrainingMode
 from .base import LossFunction, StepFunction, StepOutput, move_to_device, split_batch
+from .semi_supervised import SemiSupervisedStep
 from .supervised import SupervisedStep
 from .unsupervised import UnsupervisedStep
 
 __all__ = [
+    "SemiSupervisedStep",
     "StepFunction",
     "StepOutput",
     "SupervisedStep",
@@ -19,17 +21,26 @@ __all__ = [
 
 
 def build_step(
-    mode: TrainingMode, loss_function: LossFunction, compile_mode: str | None = None
+    mode: TrainingMode, loss_function: LossFunction, config: TrainingConfig | None = None
 ) -> StepFunction:
-    """The step function of a training mode; `compile_mode` compiles its loss function.
+    """The step function of a training mode.
+
+    From `config`: `compile` (the loss function through torch.compile, in `compile_mode`)
+    and the semi-supervised settings (`unlabeled_label`, `unlabeled_weight`,
+    `pseudo_label_threshold`).
 
     Raises:
         NotImplementedError: the mode is not supported yet (named in the message).
     """
+    c = config or TrainingConfig()
+    compile_mode = c.compile_mode if c.compile else None
     if mode is TrainingMode.SUPERVISED:
         return SupervisedStep(loss_function, compile_mode)
     if mode is TrainingMode.UNSUPERVISED:
         return UnsupervisedStep(loss_function, compile_mode)
+    if mode is TrainingMode.SEMI_SUPERVISED:
+        return SemiSupervisedStep(c.unlabeled_label, c.unlabeled_weight, c.pseudo_label_threshold)
     raise NotImplementedError(
-        f"mode={mode.value!r} is not supported yet; supported modes: 'supervised', 'unsupervised'"
+        f"mode={mode.value!r} is not supported yet; supported modes: 'supervised', "
+        "'unsupervised', 'semi_supervised'"
     )

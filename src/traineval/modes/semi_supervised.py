@@ -1,0 +1,80 @@
+"""Semi-supervised mode: labeled and unlabeled samples in one batch, pseudo-labels for the latter.
+
+Unlabeled samples carry the target `unlabeled_label` (-1 by default, scikit-learn's
+convention in `sklearn.semi_supervised`). Each micro-batch's loss is
+
+    mean cross-entropy over its labeled samples
+    + unlabeled_weight * (1 / n_unlabeled) * sum over its unlabeled samples whose top
+      predicted probability is >= pseudo_label_threshold of the cross-entropy against
+      that (detached) top class
+
+i.e. pseudo-labelling (Lee, 2013) with FixMatch's confidence mask and normalisation
+(Sohn et al., 2020), without augmentations: pass augmented inputs through your dataset.
+Masks and counts stay on the device (no host sync per step). Each term is a mean within the
+micro-batch; with gradient accumulation the loop weighs micro-batches by their sample counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import StepOutput, batch_size_of, forward, split_batch
+
+
+class SemiSupervisedStep:
+    """Step function for classification batches where some targets are `unlabeled_label`."""
+
+    def __init__(
+        self, unlabeled_label: int = -1, unlabeled_weight: float = 1.0, threshold: float = 0.95
+    ) -> None:
+        self.unlabeled_label = unlabeled_label
+        self.unlabeled_weight = unlabeled_weight
+        self.threshold = threshold
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        inputs, targets = split_batch(batch)
+        if targets is None or targets.is_floating_point() or targets.ndim != 1:
+            raise ValueError(
+                "semi-supervised training needs (inputs, class ids) batches with "
+                f"{self.unlabeled_label} marking the unlabeled samples; got targets "
+                + (
+                    "none"
+                    if targets is None
+                    else f"{targets.dtype} of shape {tuple(targets.shape)}"
+                )
+            )
+        outputs = forward(model, inputs)
+        if outputs.ndim != 2:
+            raise ValueError(
+                "semi-supervised training needs (N, classes) scores from the model, got shape "
+                f"{tuple(outputs.shape)}"
+            )
+        loss = self.loss(outputs, targets)
+        num_samples = batch_size_of(inputs)
+        return StepOutput(
+            loss=loss, weight=num_samples, num_samples=num_samples, outputs=outputs, targets=targets
+        )
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The labeled term plus the weighted, confidence-masked pseudo-label term."""
+        unlabeled = targets == self.unlabeled_label
+        with torch.no_grad():
+            confidence, pseudo = outputs.detach().float().softmax(dim=1).max(dim=1)
+            kept = unlabeled & (confidence >= self.threshold)
+            labeled = ~unlabeled
+            # Per-sample weights: 1/n_l for labeled, w/n_u for confident unlabeled, else 0.
+            weights = labeled / labeled.sum().clamp(min=1) + kept * (
+                self.unlabeled_weight / unlabeled.sum().clamp(min=1)
+            )
+        per_sample = F.cross_entropy(
+            outputs, torch.where(unlabeled, pseudo, targets), reduction="none"
+        )
+        return (per_sample * weights).sum()
+
+    def weight(self, batch: Any) -> int:
+        """Micro-batches are weighed by their sample counts."""
+        return batch_size_of(split_batch(batch)[0])
