@@ -81,6 +81,7 @@ AVERAGES = ("weighted", "macro", "micro")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
 # the loop keeps each step's loss tensor until the next log step (no per-step sync).
+FEDERATED_PARTITIONS = ("iid", "dirichlet")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
@@ -260,6 +261,14 @@ class TrainingConfig(_ConfigBase):
     unlabeled_label: int = -1
     unlabeled_weight: float = 1.0
     pseudo_label_threshold: float = 0.95
+    # Federated mode (FedAvg): rounds are optimizer updates, one per epoch
+    federated_clients: int = 4
+    federated_partition: str = "iid"
+    federated_dirichlet_alpha: float = 0.5
+    federated_local_epochs: int = 1
+    federated_client_fraction: float = 1.0
+    federated_server_lr: float = 1.0
+    federated_server_momentum: float = 0.0
     # Distributed training under torchrun (ignored in a single process)
     distributed_strategy: str = "ddp"
     distributed_backend: str = "auto"
@@ -386,6 +395,25 @@ class TrainingConfig(_ConfigBase):
         if self.pseudo_label_threshold > 1.0:
             _fail(
                 "pseudo_label_threshold", self.pseudo_label_threshold, "expected a number in [0, 1]"
+            )
+        _int("federated_clients", self.federated_clients, minimum=1)
+        _choice("federated_partition", self.federated_partition, FEDERATED_PARTITIONS)
+        _float("federated_dirichlet_alpha", self.federated_dirichlet_alpha, minimum=0, strict=True)
+        _int("federated_local_epochs", self.federated_local_epochs, minimum=1)
+        _float("federated_client_fraction", self.federated_client_fraction, minimum=0, strict=True)
+        if self.federated_client_fraction > 1:
+            _fail(
+                "federated_client_fraction",
+                self.federated_client_fraction,
+                "expected a number in (0, 1] (the share of clients trained each round)",
+            )
+        _float("federated_server_lr", self.federated_server_lr, minimum=0, strict=True)
+        _float("federated_server_momentum", self.federated_server_momentum, minimum=0)
+        if self.federated_server_momentum >= 1:
+            _fail(
+                "federated_server_momentum",
+                self.federated_server_momentum,
+                "expected a number in [0, 1)",
             )
         _float(
             "distributed_timeout_seconds", self.distributed_timeout_seconds, minimum=0, strict=True

@@ -124,7 +124,7 @@ class RunConfig:
     mode: str = "supervised"
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, ("supervised", "unsupervised", "semi_supervised"))
+        _choice("mode", self.mode, ("supervised", "unsupervised", "semi_supervised", "federated"))
         if self.data.labeled_fraction < 1.0 and self.mode == "unsupervised":
             _fail(
                 "data.labeled_fraction",

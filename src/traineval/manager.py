@@ -42,6 +42,7 @@ from .evaluation import Evaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
 from .modes import build_step
+from .modes.federated import FederatedRounds, FederatedStep, ServerOptimizer, client_loaders
 from .monitor import PerformanceMonitor
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_device, resolve_precision
@@ -195,7 +196,20 @@ class TrainingManager:
         job = self.distributed
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        train_loader = shard_train_loader(train_loader, job, c.seed)
+        federated = mode is TrainingMode.FEDERATED
+        clients: list[Any] = []
+        if federated:
+            _check_federated(c, job.enabled)
+            clients = client_loaders(
+                train_loader,
+                c.federated_clients,
+                c.federated_partition,
+                c.federated_dirichlet_alpha,
+                c.seed,
+            )
+            train_loader = FederatedRounds(clients)
+        else:
+            train_loader = shard_train_loader(train_loader, job, c.seed)
         if val_loader is not None:
             val_loader = shard_eval_loader(val_loader, job)
         if mode is TrainingMode.SEMI_SUPERVISED and loss_function is not None:
@@ -208,7 +222,8 @@ class TrainingManager:
             loss_function = (
                 RegressionMSE() if mode is TrainingMode.UNSUPERVISED else default_loss(task_type)
             )
-        step_fn = build_step(mode, loss_function, c)
+        # federated: its step needs the clients and the precision, built further down
+        step_fn: Any = None if federated else build_step(mode, loss_function, c)
         updates_per_epoch = _updates_per_epoch(train_loader, c.gradient_accumulation_steps)
         total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
         # An autoencoder's evaluation compares outputs with inputs: regression metrics.
@@ -251,7 +266,17 @@ class TrainingManager:
         # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
         wrapped, no_sync = wrap_model(model, self.device, job, c)
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
-        optimizer = self.setup_optimizer(model)
+        if federated:  # the server's update; its lr is the clients' (scheduled per round)
+            optimizer: torch.optim.Optimizer = ServerOptimizer(
+                [p for p in model.parameters() if p.requires_grad],
+                c.learning_rate,
+                c.federated_server_lr,
+                c.federated_server_momentum,
+            )
+            step_fn = FederatedStep(loss_function, clients, c, precision)
+            step_fn.server = optimizer
+        else:
+            optimizer = self.setup_optimizer(model)
         scheduler = self.setup_scheduler(optimizer, total_steps)
         if payload is not None:
             load_optimizer_state(model, optimizer, payload["optimizer"])
@@ -326,7 +351,8 @@ class TrainingManager:
             num_epochs=c.num_epochs,
             updates_per_epoch=updates_per_epoch,
             accumulation_steps=c.gradient_accumulation_steps,
-            max_grad_norm=c.max_grad_norm if c.gradient_clipping else None,
+            # federated: clients clip their own gradients, not the server's pseudo-gradient
+            max_grad_norm=c.max_grad_norm if c.gradient_clipping and not federated else None,
             max_steps=c.max_steps,
             eval_every_n_steps=c.eval_frequency if val_loader is not None else None,
             log_every_n_steps=c.log_frequency,
@@ -336,7 +362,7 @@ class TrainingManager:
             loggers=hub,
             tracker=self.metrics_tracker,
             performance=self.performance_monitor,
-            data_generators=data_generators(train_loader),
+            data_generators=data_generators(train_loader),  # federated: none (rounds reseed)
             skip_non_finite=c.skip_nonfinite_steps,
             layer_norms=c.log_layer_grad_norms,
             job=job,
@@ -544,6 +570,21 @@ class TrainingManager:
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         return payload
+
+
+def _check_federated(config: TrainingConfig, distributed: bool) -> None:
+    """What federated mode does not combine with, said before any work."""
+    if distributed:
+        raise ValueError(
+            "mode='federated' simulates its clients in one process; run it without torchrun"
+        )
+    if config.compile:
+        raise ValueError("compile=True is not supported in mode='federated' yet")
+    if config.gradient_accumulation_steps > 1:
+        raise ValueError(
+            f"gradient_accumulation_steps={config.gradient_accumulation_steps} is invalid in "
+            "mode='federated': clients take one optimizer step per batch (expected 1)"
+        )
 
 
 def _constant(config: TrainingConfig) -> bool:

@@ -40,7 +40,12 @@ def build_step(
         return UnsupervisedStep(loss_function, compile_mode)
     if mode is TrainingMode.SEMI_SUPERVISED:
         return SemiSupervisedStep(c.unlabeled_label, c.unlabeled_weight, c.pseudo_label_threshold)
+    if mode is TrainingMode.FEDERATED:
+        raise ValueError(
+            "mode='federated' has no step function of its own: TrainingManager.train builds "
+            "its rounds (modes.federated.FederatedStep) from the clients' loaders"
+        )
     raise NotImplementedError(
         f"mode={mode.value!r} is not supported yet; supported modes: 'supervised', "
-        "'unsupervised', 'semi_supervised'"
+        "'unsupervised', 'semi_supervised', 'federated'"
     )

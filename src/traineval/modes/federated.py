@@ -1,0 +1,272 @@
+"""Federated mode: FedAvg over simulated clients, one round per optimizer update of the loop.
+
+Each round samples clients, trains a copy of the global model on each client's data for
+`federated_local_epochs` with a fresh client optimizer (the configured one), and averages
+the clients' weights by their sample counts (McMahan et al., 2017). The round's result
+reaches the global model as an update of a *server* optimizer: the step's loss is built so
+that its gradient is the pseudo-gradient `global - average`, and SGD with learning rate
+`federated_server_lr` (1: plain FedAvg) and momentum `federated_server_momentum` (FedAvgM)
+applies it, as in adaptive federated optimization (Reddi et al., 2021). So the loop runs
+federated training as it runs any other: evaluation of the global model, early stopping,
+checkpoints, exact resume, loggers and callbacks count rounds as updates.
+
+All randomness of a round (which clients, each client's shuffle order, dropout) is drawn
+from the global torch generator, which checkpoints capture: a resumed run repeats the
+rounds an uninterrupted one would have trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..optim import build_optimizer
+from ..precision import Precision
+from .base import StepOutput, move_to_device, split_batch
+from .supervised import SupervisedStep
+
+__all__ = ["FederatedRounds", "FederatedStep", "ServerOptimizer", "client_loaders", "partition"]
+
+
+class ServerOptimizer(torch.optim.Optimizer):
+    """The server's update: `p -= server_lr * v`, `v = momentum * v + pseudo_gradient`.
+
+    Its param group's `lr` is not the server's: it holds the *clients'* learning rate, so the
+    run's scheduler (stepped once per round, checkpointed with the optimizer) schedules what
+    clients train with, and `learning_rate` in the logs is the clients' rate.
+    """
+
+    def __init__(
+        self, params: Any, client_lr: float, server_lr: float = 1.0, momentum: float = 0.0
+    ) -> None:
+        defaults = {"lr": client_lr, "server_lr": server_lr, "momentum": momentum}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if group["momentum"] > 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = p.grad.detach().clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
+                    update = state["momentum_buffer"]
+                p.add_(update, alpha=-group["server_lr"])
+
+
+def partition(
+    dataset: Dataset[Any],
+    clients: int,
+    *,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Split `dataset`'s indices among `clients`: `iid` (shuffled, equal shares) or `dirichlet`.
+
+    `dirichlet` gives each client a label-skewed share: for every class, the proportions that
+    go to each client are drawn from Dirichlet(alpha) (small alpha: each client sees few
+    classes). Draws are repeated until no client is empty.
+
+    Raises:
+        ValueError: fewer samples than clients, or no non-empty split in 100 draws.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < clients:
+        raise ValueError(f"federated_clients={clients} is more than the {n} training samples")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return [sorted(part.tolist()) for part in np.array_split(rng.permutation(n), clients)]
+    labels = _labels(dataset)
+    for _ in range(100):
+        shares: list[list[int]] = [[] for _ in range(clients)]
+        for label in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * clients))[:-1] * len(members)).astype(int)
+            for client, part in enumerate(np.split(members, cuts)):
+                shares[client].extend(part.tolist())
+        if all(shares):
+            return [sorted(share) for share in shares]
+    raise ValueError(
+        f"federated_dirichlet_alpha={alpha} left a client without samples in 100 draws; "
+        "raise it or use fewer clients"
+    )
+
+
+def _labels(dataset: Dataset[Any]) -> np.ndarray:
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) >= 2:
+        return tensors[1].numpy()
+    return np.array([int(split_batch(dataset[i])[1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+
+
+class FederatedRounds:
+    """The loop's "loader" in federated mode: one item per round, one round per epoch."""
+
+    def __init__(self, clients: Sequence[Any]) -> None:
+        self.clients = list(clients)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[int]:
+        yield len(self.clients)
+
+
+def client_loaders(
+    train: Any, clients: int, scheme: str, alpha: float, seed: int
+) -> list[DataLoader[Any]]:
+    """Clients from `train`: a list of loaders as given, or one loader's dataset partitioned.
+
+    A partitioned client's loader keeps the given loader's batch size, collate function and
+    workers, and shuffles with a generator the round seeds (see `FederatedStep`).
+    """
+    if isinstance(train, (list, tuple)):
+        if not train:
+            raise ValueError("mode='federated' got an empty list of client loaders")
+        return list(train)
+    dataset = getattr(train, "dataset", None)
+    if dataset is None:
+        raise ValueError(
+            "mode='federated' needs a DataLoader over a Dataset (it partitions the dataset) or "
+            f"a list of client DataLoaders, got {type(train).__name__}"
+        )
+    shares = partition(dataset, clients, scheme=scheme, alpha=alpha, seed=seed)
+    return [
+        DataLoader(
+            Subset(dataset, share),
+            batch_size=train.batch_size,
+            shuffle=True,
+            drop_last=train.drop_last,
+            collate_fn=train.collate_fn,
+            num_workers=train.num_workers,
+            pin_memory=train.pin_memory,
+            generator=torch.Generator(),
+        )
+        for share in shares
+    ]
+
+
+class FederatedStep:
+    """One FedAvg round as a step function: its loss's gradient is `global - client average`.
+
+    Clients train with `loss_function` (as in supervised mode) and the configured optimizer,
+    clipping and `precision`, starting each round from fresh optimizer state. The step's loss
+    value is the clients' mean training loss over the round, weighted by samples.
+    """
+
+    def __init__(
+        self, loss_function: Any, clients: Sequence[Any], config: Any, precision: Precision
+    ) -> None:
+        self.clients = list(clients)
+        self.config = config
+        self.precision = precision
+        self.supervised = SupervisedStep(loss_function)
+        self._worker: nn.Module | None = None
+        self.server: ServerOptimizer | None = None  # set by the manager; holds the client lr
+
+    def weight(self, batch: Any) -> int:
+        return 1
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        c = self.config
+        # The round's draws come from the global generator, which checkpoints capture.
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+        count = max(1, math.floor(c.federated_client_fraction * len(self.clients) + 0.5))
+        chosen = torch.randperm(len(self.clients), generator=generator)[:count].sort().values
+        states = model.state_dict(keep_vars=True)
+        average = {name: torch.zeros_like(v, dtype=torch.float32) for name, v in states.items()}
+        loss_sum = torch.zeros((), device=_device(model))
+        total = 0
+        for client in chosen.tolist():
+            seed = int(torch.randint(2**62, (), generator=generator).item())
+            worker, client_loss, samples = self._train_client(model, self.clients[client], seed)
+            total += samples
+            loss_sum += client_loss
+            for name, value in worker.state_dict().items():
+                average[name].add_(value.detach().float(), alpha=samples)
+        params: list[torch.Tensor] = []
+        deltas: list[torch.Tensor] = []
+        with torch.no_grad():
+            for name, value in states.items():
+                mean = average[name] / total
+                if isinstance(value, nn.Parameter) and value.requires_grad:
+                    params.append(value)
+                    deltas.append(value.detach() - mean.to(value.dtype))
+                elif not isinstance(value, nn.Parameter):  # buffers (norm statistics)
+                    value.copy_(mean if value.is_floating_point() else mean.round())
+        surrogate = torch.stack([(p * d).sum() for p, d in zip(params, deltas, strict=True)]).sum()
+        # value: the clients' mean loss; gradient: global - average (FedAvg's pseudo-gradient)
+        loss = loss_sum / total + (surrogate - surrogate.detach())
+        return StepOutput(loss=loss, weight=1, num_samples=total)
+
+    def _train_client(
+        self, model: nn.Module, loader: Any, seed: int
+    ) -> tuple[nn.Module, torch.Tensor, int]:
+        """Train a copy of `model` on one client; returns it, its summed loss and samples."""
+        c = self.config
+        if self._worker is None:
+            self._worker = copy.deepcopy(model)
+        worker = self._worker
+        worker.load_state_dict(model.state_dict())
+        worker.train()
+        client_lr = self.server.param_groups[0]["lr"] if self.server else c.learning_rate
+        optimizer = build_optimizer(
+            worker,
+            c.optimizer_type,
+            lr=client_lr,
+            weight_decay=c.weight_decay,
+            momentum=c.momentum,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+        )
+        sampler_generator = getattr(getattr(loader, "sampler", None), "generator", None)
+        if isinstance(sampler_generator, torch.Generator):
+            sampler_generator.manual_seed(seed)  # this round's shuffle of the client's data
+        device = _device(worker)
+        fp16 = self.precision.scaler is not None
+        scaler = torch.amp.GradScaler(device.type) if fp16 else None
+        params = [p for p in worker.parameters() if p.requires_grad]
+        loss_sum = torch.zeros((), device=device)
+        samples = 0
+        # The loop runs this step inside its autocast context: leave it for the backward
+        # passes, and enter the precision's own context around each client forward pass.
+        with torch.autocast(device.type, enabled=False):
+            for _ in range(c.federated_local_epochs):
+                for batch in loader:
+                    if device.type != "cpu":
+                        batch = move_to_device(batch, device)
+                    with self.precision.autocast():
+                        out = self.supervised(worker, batch)
+                    (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if c.gradient_clipping:
+                        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum += out.loss.detach().float() * out.num_samples
+                    samples += out.num_samples
+        if samples == 0:
+            raise ValueError("a federated client's loader yielded no batches")
+        return worker, loss_sum, samples
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,223 @@
+"""Federated mode (FedAvg) against hand-written references."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval.modes.federated import partition
+
+from conftest import make_classification, make_mlp
+
+FED = TrainingMode.FEDERATED
+
+
+def _config(quiet_config, **overrides):
+    settings = {
+        "num_epochs": 3,
+        "batch_size": 8,
+        "optimizer_type": "sgd",
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "gradient_clipping": False,
+        "learning_rate": 0.1,
+        "overwrite_output_dir": True,
+        **quiet_config,
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def _clients(sizes=(8, 16, 24)):
+    data = make_classification(n=sum(sizes))
+    x, y = data.tensors
+    edges = np.cumsum((0, *sizes))
+    return [
+        DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=8)
+        for a, b in itertools.pairwise(edges)
+    ]
+
+
+def _fedavg(model, clients, rounds, local_epochs, lr, server_lr=1.0, server_momentum=0.0):
+    """FedAvg written out: copy, train each client with SGD, average by samples, server step.
+
+    `lr` is one client learning rate, or one per round; buffers are averaged like weights.
+    """
+    velocity = None
+    for round_index in range(rounds):
+        client_lr = lr[round_index] if isinstance(lr, list) else lr
+        states, sizes = [], []
+        for loader in clients:
+            local = copy.deepcopy(model)
+            optimizer = torch.optim.SGD(local.parameters(), lr=client_lr)
+            for _ in range(local_epochs):
+                for x, y in loader:
+                    optimizer.zero_grad()
+                    F.cross_entropy(local(x), y).backward()
+                    optimizer.step()
+            states.append(local.state_dict())
+            sizes.append(len(loader.dataset))
+        total = sum(sizes)
+        with torch.no_grad():
+            average = {
+                name: sum(s[name] * (n / total) for s, n in zip(states, sizes, strict=True))
+                for name in states[0]
+            }
+            deltas = {name: p - average[name] for name, p in model.named_parameters()}
+            if server_momentum:
+                velocity = (
+                    deltas
+                    if velocity is None
+                    else {k: server_momentum * velocity[k] + deltas[k] for k in deltas}
+                )
+                deltas = velocity
+            for name, p in model.named_parameters():
+                p -= server_lr * deltas[name]
+            for name, buffer in model.named_buffers():
+                buffer.copy_(average[name] if buffer.is_floating_point() else average[name].round())
+
+
+@pytest.mark.parametrize(("server_lr", "server_momentum"), [(1.0, 0.0), (0.7, 0.9)])
+def test_federated_training_equals_hand_written_fedavg(quiet_config, server_lr, server_momentum):
+    clients = _clients()
+    config = _config(
+        quiet_config,
+        federated_local_epochs=2,
+        federated_server_lr=server_lr,
+        federated_server_momentum=server_momentum,
+    )
+    ours, theirs = make_mlp(), make_mlp()
+    result = TrainingManager(config).train(ours, clients, mode=FED)
+    _fedavg(theirs, clients, 3, 2, 0.1, server_lr, server_momentum)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert result["global_step"] == 3  # one update per round
+    assert len(result["training_history"]["train_loss"]) == 3
+
+
+def test_one_client_with_one_local_epoch_is_plain_sgd_training(quiet_config):
+    data = make_classification(n=48)
+    ours, theirs = make_mlp(), make_mlp()
+    config = _config(quiet_config)
+    TrainingManager(config).train(ours, [DataLoader(data, 8)], mode=FED)
+    TrainingManager(config).train(theirs, DataLoader(data, 8))
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_buffers_are_averaged_and_the_schedule_sets_the_client_learning_rate(quiet_config):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+    clients = _clients()
+    config = _config(
+        quiet_config, scheduler_type="step", scheduler_step_size=1, scheduler_gamma=0.5
+    )
+    ours, theirs = model(), model()
+    result = TrainingManager(config).train(ours, clients, mode=FED)
+    _fedavg(theirs, clients, 3, 1, [0.1, 0.05, 0.025])
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    assert result["training_history"]["learning_rate"] == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_iid_and_dirichlet_partitions():
+    data = make_classification(n=120, classes=4)
+    iid = partition(data, 5, scheme="iid", seed=0)
+    assert sorted(len(share) for share in iid) == [24] * 5
+    assert sorted(i for share in iid for i in share) == list(range(120))
+    skewed = partition(data, 4, scheme="dirichlet", alpha=0.1, seed=0)
+    assert sorted(i for share in skewed for i in share) == list(range(120))
+    assert all(skewed)
+    labels = data.tensors[1].numpy()
+    # label skew: with alpha 0.1 a client's largest class dominates its share
+    dominance = [np.bincount(labels[share], minlength=4).max() / len(share) for share in skewed]
+    assert np.mean(dominance) > 0.6
+    assert partition(data, 4, scheme="dirichlet", alpha=0.1, seed=0) == skewed
+    assert partition(data, 4, scheme="dirichlet", alpha=0.1, seed=1) != skewed
+    with pytest.raises(ValueError, match="federated_clients=200 is more than the 120"):
+        partition(data, 200)
+
+
+def test_a_resumed_federated_run_ends_where_an_uninterrupted_one_does(quiet_config, tmp_path):
+    """Client sampling, each client's shuffle and dropout all survive a resume."""
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    data = make_classification(n=96)
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    val = DataLoader(make_classification(n=32, seed=1), batch_size=16)
+    settings = {
+        "federated_clients": 6,
+        "federated_partition": "dirichlet",
+        "federated_client_fraction": 0.5,
+        "federated_local_epochs": 2,
+        "optimizer_type": "adamw",
+        "early_stopping_patience": 0,
+    }
+    quiet_config["output_dir"] = str(tmp_path / "straight")
+    straight = model()
+    TrainingManager(_config(quiet_config, num_epochs=4, **settings)).train(
+        straight, loader, val, mode=FED
+    )
+    quiet_config["output_dir"] = str(tmp_path / "resumed")
+    first = model()
+    TrainingManager(_config(quiet_config, num_epochs=2, **settings)).train(
+        first, loader, val, mode=FED
+    )
+    resumed = model()
+    result = TrainingManager(_config(quiet_config, num_epochs=4, **settings)).train(
+        resumed, loader, val, mode=FED, resume_from="auto"
+    )
+    assert result["global_step"] == 4
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(first.parameters(), resumed.parameters(), strict=True)
+    )
+
+
+def test_federated_settings_and_combinations_are_checked_before_any_work(quiet_config, tmp_path):
+    clients = _clients()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 is invalid in mode="):
+        TrainingManager(_config(quiet_config, gradient_accumulation_steps=2)).train(
+            make_mlp(), clients, mode=FED
+        )
+    with pytest.raises(ValueError, match="compile=True is not supported in mode='federated'"):
+        TrainingManager(_config(quiet_config, compile=True)).train(make_mlp(), clients, mode=FED)
+    assert not (tmp_path / "run").exists()
+    for field, value, message in [
+        ("federated_client_fraction", 1.5, "expected a number in \\(0, 1\\]"),
+        ("federated_partition", "random", "expected one of"),
+        ("federated_dirichlet_alpha", 0.0, "expected a finite number > 0"),
+        ("federated_server_momentum", 1.0, "expected a number in \\[0, 1\\)"),
+        ("federated_local_epochs", 0, "expected an integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=f"{field}={value!r} is invalid: {message}"):
+            TrainingConfig(**{field: value})
+
+
+def test_federated_from_the_command_line(tmp_path):
+    import json
+
+    from traineval.cli import main
+
+    args = ["demo", "-q", "mode=federated", "model.name=mlp", "model.options={}"]
+    args += ["training.num_epochs=6", "training.warmup_steps=0", "training.federated_clients=5"]
+    args += ["training.federated_partition=dirichlet", "training.federated_client_fraction=0.6"]
+    assert main([*args, f"training.output_dir={tmp_path}"]) == 0
+    record = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert record["test"]["accuracy"] > 0.8
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["global_step"] == 6  # one update per round
