@@ -138,7 +138,6 @@ def test_checkpoint_that_is_not_a_plain_dict_of_tensors_is_refused(tmp_path):
     "mode",
     [
         TrainingMode.REINFORCEMENT,
-        TrainingMode.META_LEARNING,
     ],
 )
 def test_modes_not_built_yet_say_so_before_any_work(quiet_config, tmp_path, mode):

@@ -82,6 +82,7 @@ DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
 # the loop keeps each step's loss tensor until the next log step (no per-step sync).
 FEDERATED_PARTITIONS = ("iid", "dirichlet")
+META_ALGORITHMS = ("maml", "fomaml", "reptile")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
@@ -261,6 +262,10 @@ class TrainingConfig(_ConfigBase):
     unlabeled_label: int = -1
     unlabeled_weight: float = 1.0
     pseudo_label_threshold: float = 0.95
+    # Meta-learning mode: batches of few-shot tasks
+    meta_algorithm: str = "maml"
+    meta_inner_lr: float = 0.1
+    meta_inner_steps: int = 1
     # Federated mode (FedAvg): rounds are optimizer updates, one per epoch
     federated_clients: int = 4
     federated_partition: str = "iid"
@@ -396,6 +401,9 @@ class TrainingConfig(_ConfigBase):
             _fail(
                 "pseudo_label_threshold", self.pseudo_label_threshold, "expected a number in [0, 1]"
             )
+        _choice("meta_algorithm", self.meta_algorithm, META_ALGORITHMS)
+        _float("meta_inner_lr", self.meta_inner_lr, minimum=0, strict=True)
+        _int("meta_inner_steps", self.meta_inner_steps, minimum=1)
         _int("federated_clients", self.federated_clients, minimum=1)
         _choice("federated_partition", self.federated_partition, FEDERATED_PARTITIONS)
         _float("federated_dirichlet_alpha", self.federated_dirichlet_alpha, minimum=0, strict=True)

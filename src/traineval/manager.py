@@ -43,6 +43,7 @@ from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
 from .modes import build_step
 from .modes.federated import FederatedRounds, FederatedStep, ServerOptimizer, client_loaders
+from .modes.meta_learning import MetaLearningStep
 from .monitor import PerformanceMonitor
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_device, resolve_precision
@@ -198,6 +199,8 @@ class TrainingManager:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         federated = mode is TrainingMode.FEDERATED
         clients: list[Any] = []
+        if mode is TrainingMode.META_LEARNING:
+            _check_meta_learning(c, job.enabled)
         if federated:
             _check_federated(c, job.enabled)
             clients = client_loaders(
@@ -295,7 +298,13 @@ class TrainingManager:
         evaluate_fn = None
         if evaluator is not None:
             evaluator.run_dir = self.output_dir  # where its predictions and plots go later
-        if val_loader is not None:
+        if val_loader is not None and isinstance(step_fn, MetaLearningStep):
+
+            def evaluate_fn(m: nn.Module) -> dict[str, float]:
+                with precision.autocast():  # adapt to each task's support set, score its query
+                    return step_fn.evaluate(m, val_loader, self.device)
+
+        elif val_loader is not None:
             evaluator = evaluator or Evaluator()
 
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
@@ -584,6 +593,20 @@ def _check_federated(config: TrainingConfig, distributed: bool) -> None:
         raise ValueError(
             f"gradient_accumulation_steps={config.gradient_accumulation_steps} is invalid in "
             "mode='federated': clients take one optimizer step per batch (expected 1)"
+        )
+
+
+def _check_meta_learning(config: TrainingConfig, distributed: bool) -> None:
+    """What meta-learning mode does not combine with, said before any work."""
+    if distributed:
+        raise ValueError("mode='meta_learning' under torchrun is not supported yet")
+    if config.compile:
+        raise ValueError("compile=True is not supported in mode='meta_learning' yet")
+    allowed = ("val_loss", "val_accuracy", "train_loss")
+    if config.monitor_metric not in allowed:
+        raise ValueError(
+            f"monitor_metric={config.monitor_metric!r} is invalid in mode='meta_learning': "
+            f"expected one of {', '.join(allowed)} (query loss and accuracy after adaptation)"
         )
 
 

@@ -1,11 +1,13 @@
-"""Data for config-driven runs: datasets that packages ship, CSV tables, seeded splits."""
+"""Data: datasets that packages ship, CSV tables, seeded splits, few-shot episodes."""
 
+from .episodes import Episodes
 from .splits import DataSplits, hide_labels, make_splits
 from .tables import BUILTIN_DATASETS, Table, load_builtin, load_csv
 
 __all__ = [
     "BUILTIN_DATASETS",
     "DataSplits",
+    "Episodes",
     "Table",
     "hide_labels",
     "load_builtin",

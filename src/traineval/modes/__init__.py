@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ..config import TrainingConfig, TrainingMode
 from .base import LossFunction, StepFunction, StepOutput, move_to_device, split_batch
+from .meta_learning import MetaLearningStep
 from .semi_supervised import SemiSupervisedStep
 from .supervised import SupervisedStep
 from .unsupervised import UnsupervisedStep
 
 __all__ = [
+    "MetaLearningStep",
     "SemiSupervisedStep",
     "StepFunction",
     "StepOutput",
@@ -26,8 +28,9 @@ def build_step(
     """The step function of a training mode.
 
     From `config`: `compile` (the loss function through torch.compile, in `compile_mode`)
-    and the semi-supervised settings (`unlabeled_label`, `unlabeled_weight`,
-    `pseudo_label_threshold`).
+    the semi-supervised settings (`unlabeled_label`, `unlabeled_weight`,
+    `pseudo_label_threshold`) and the meta-learning ones (`meta_algorithm`, `meta_inner_lr`,
+    `meta_inner_steps`).
 
     Raises:
         NotImplementedError: the mode is not supported yet (named in the message).
@@ -40,6 +43,10 @@ def build_step(
         return UnsupervisedStep(loss_function, compile_mode)
     if mode is TrainingMode.SEMI_SUPERVISED:
         return SemiSupervisedStep(c.unlabeled_label, c.unlabeled_weight, c.pseudo_label_threshold)
+    if mode is TrainingMode.META_LEARNING:
+        return MetaLearningStep(
+            loss_function, c.meta_algorithm, c.meta_inner_lr, c.meta_inner_steps
+        )
     if mode is TrainingMode.FEDERATED:
         raise ValueError(
             "mode='federated' has no step function of its own: TrainingManager.train builds "
@@ -47,5 +54,5 @@ def build_step(
         )
     raise NotImplementedError(
         f"mode={mode.value!r} is not supported yet; supported modes: 'supervised', "
-        "'unsupervised', 'semi_supervised', 'federated'"
+        "'unsupervised', 'semi_supervised', 'meta_learning', 'federated'"
     )

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.episodes import dataset_labels
 from ..optim import build_optimizer
 from ..precision import Precision
-from .base import StepOutput, move_to_device, split_batch
+from .base import StepOutput, move_to_device
 from .supervised import SupervisedStep
 
 __all__ = ["FederatedRounds", "FederatedStep", "ServerOptimizer", "client_loaders", "partition"]
@@ -89,7 +90,7 @@ def partition(
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [sorted(part.tolist()) for part in np.array_split(rng.permutation(n), clients)]
-    labels = _labels(dataset)
+    labels = dataset_labels(dataset)
     for _ in range(100):
         shares: list[list[int]] = [[] for _ in range(clients)]
         for label in np.unique(labels):
@@ -103,13 +104,6 @@ def partition(
         f"federated_dirichlet_alpha={alpha} left a client without samples in 100 draws; "
         "raise it or use fewer clients"
     )
-
-
-def _labels(dataset: Dataset[Any]) -> np.ndarray:
-    tensors = getattr(dataset, "tensors", None)
-    if tensors is not None and len(tensors) >= 2:
-        return tensors[1].numpy()
-    return np.array([int(split_batch(dataset[i])[1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
 class FederatedRounds:
