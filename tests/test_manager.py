@@ -134,20 +134,6 @@ def test_checkpoint_that_is_not_a_plain_dict_of_tensors_is_refused(tmp_path):
         load_checkpoint_file(path)
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        TrainingMode.REINFORCEMENT,
-    ],
-)
-def test_modes_not_built_yet_say_so_before_any_work(quiet_config, tmp_path, mode):
-    with pytest.raises(NotImplementedError, match=f"mode='{mode.value}' is not supported yet"):
-        TrainingManager(_config(quiet_config)).train(
-            make_mlp(), DataLoader(make_classification(), 16), mode=mode
-        )
-    assert not (tmp_path / "run").exists()
-
-
 def test_unsupervised_autoencoder_learns_to_reconstruct(quiet_config):
     torch.manual_seed(0)
     x = torch.randn(128, 4) @ torch.randn(4, 12)  # rank-4 data in 12 dimensions

@@ -19,3 +19,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "accuracy" in printed
     assert (tmp_path / "runs" / "example" / "metrics.jsonl").exists()
     assert namespace["result"]["epochs_completed"] == 3
+    assert namespace["rl_result"]["monitor_metric"] == "val_return"
+    assert len(namespace["rl_result"]["training_history"]["val_metrics"]) == 4

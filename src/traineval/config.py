@@ -262,6 +262,15 @@ class TrainingConfig(_ConfigBase):
     unlabeled_label: int = -1
     unlabeled_weight: float = 1.0
     pseudo_label_threshold: float = 0.95
+    # Reinforcement mode: policy gradient on episodes from an environment
+    rl_episodes_per_update: int = 8
+    rl_updates_per_epoch: int = 10
+    rl_gamma: float = 0.99
+    rl_value_coef: float = 0.5
+    rl_entropy_coef: float = 0.01
+    rl_normalize_advantages: bool = True
+    rl_max_episode_steps: int = 1000
+    rl_eval_episodes: int = 10
     # Meta-learning mode: batches of few-shot tasks
     meta_algorithm: str = "maml"
     meta_inner_lr: float = 0.1
@@ -401,6 +410,19 @@ class TrainingConfig(_ConfigBase):
             _fail(
                 "pseudo_label_threshold", self.pseudo_label_threshold, "expected a number in [0, 1]"
             )
+        for name in (
+            "rl_episodes_per_update",
+            "rl_updates_per_epoch",
+            "rl_max_episode_steps",
+            "rl_eval_episodes",
+        ):
+            _int(name, getattr(self, name), minimum=1)
+        _float("rl_gamma", self.rl_gamma, minimum=0)
+        if self.rl_gamma > 1:
+            _fail("rl_gamma", self.rl_gamma, "expected a discount in [0, 1]")
+        _float("rl_value_coef", self.rl_value_coef, minimum=0)
+        _float("rl_entropy_coef", self.rl_entropy_coef, minimum=0)
+        _bool("rl_normalize_advantages", self.rl_normalize_advantages)
         _choice("meta_algorithm", self.meta_algorithm, META_ALGORITHMS)
         _float("meta_inner_lr", self.meta_inner_lr, minimum=0, strict=True)
         _int("meta_inner_steps", self.meta_inner_steps, minimum=1)
@@ -471,7 +493,18 @@ class TrainingConfig(_ConfigBase):
         return self.eval_batch_size or self.batch_size
 
 
-_MAXIMIZED = ("accuracy", "precision", "recall", "f1", "r2", "auc", "explained_variance", "bleu")
+_MAXIMIZED = (
+    "return",
+    "reward",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "r2",
+    "auc",
+    "explained_variance",
+    "bleu",
+)
 
 
 def metric_is_minimized(name: str) -> bool:

@@ -41,9 +41,8 @@ from .distributed import setup as setup_distributed
 from .evaluation import Evaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
-from .modes import build_step
-from .modes.federated import FederatedRounds, FederatedStep, ServerOptimizer, client_loaders
 from .modes.meta_learning import MetaLearningStep
+from .modes.setup import prepare_mode
 from .monitor import PerformanceMonitor
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_device, resolve_precision
@@ -197,41 +196,31 @@ class TrainingManager:
         job = self.distributed
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        federated = mode is TrainingMode.FEDERATED
-        clients: list[Any] = []
-        if mode is TrainingMode.META_LEARNING:
-            _check_meta_learning(c, job.enabled)
-        if federated:
-            _check_federated(c, job.enabled)
-            clients = client_loaders(
-                train_loader,
-                c.federated_clients,
-                c.federated_partition,
-                c.federated_dirichlet_alpha,
-                c.seed,
-            )
-            train_loader = FederatedRounds(clients)
-        else:
-            train_loader = shard_train_loader(train_loader, job, c.seed)
-        if val_loader is not None:
-            val_loader = shard_eval_loader(val_loader, job)
-        if mode is TrainingMode.SEMI_SUPERVISED and loss_function is not None:
-            raise ValueError(
-                "loss_function is not used in mode='semi_supervised': it trains with "
-                "cross-entropy on the labeled samples plus the pseudo-label term; leave "
-                "loss_function None"
-            )
+        user_loss = loss_function is not None
         if loss_function is None:
             loss_function = (
                 RegressionMSE() if mode is TrainingMode.UNSUPERVISED else default_loss(task_type)
             )
-        # federated: its step needs the clients and the precision, built further down
-        step_fn: Any = None if federated else build_step(mode, loss_function, c)
+        setup = prepare_mode(
+            mode,
+            c,
+            train_loader,
+            val_loader,
+            loss_function,
+            user_loss=user_loss,
+            distributed=job.enabled,
+        )
+        train_loader = setup.loader
+        if not setup.uses_own_loader:
+            train_loader = shard_train_loader(train_loader, job, c.seed)
+        if val_loader is not None:
+            val_loader = shard_eval_loader(val_loader, job)
+        step_fn = setup.step_fn  # federated: built with its optimizer, further down
         updates_per_epoch = _updates_per_epoch(train_loader, c.gradient_accumulation_steps)
         total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
         # An autoencoder's evaluation compares outputs with inputs: regression metrics.
         metric_task = TaskType.REGRESSION if mode is TrainingMode.UNSUPERVISED else task_type
-        monitor = self._monitor(val_loader, evaluator, metric_task)
+        monitor = setup.monitor(c) or self._monitor(val_loader, evaluator, metric_task)
         found = find_checkpoint(self.output_dir, resume_from) if resume_from is not None else None
         payload: dict[str, Any] | None = None
         if found is not None:
@@ -269,17 +258,9 @@ class TrainingManager:
         # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
         wrapped, no_sync = wrap_model(model, self.device, job, c)
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
-        if federated:  # the server's update; its lr is the clients' (scheduled per round)
-            optimizer: torch.optim.Optimizer = ServerOptimizer(
-                [p for p in model.parameters() if p.requires_grad],
-                c.learning_rate,
-                c.federated_server_lr,
-                c.federated_server_momentum,
-            )
-            step_fn = FederatedStep(loss_function, clients, c, precision)
-            step_fn.server = optimizer
-        else:
-            optimizer = self.setup_optimizer(model)
+        # federated: the server's optimizer, whose lr is the clients' (scheduled per round)
+        optimizer = setup.optimizer(model, c, loss_function, precision, self.setup_optimizer)
+        step_fn = setup.step_fn
         scheduler = self.setup_scheduler(optimizer, total_steps)
         if payload is not None:
             load_optimizer_state(model, optimizer, payload["optimizer"])
@@ -298,7 +279,13 @@ class TrainingManager:
         evaluate_fn = None
         if evaluator is not None:
             evaluator.run_dir = self.output_dir  # where its predictions and plots go later
-        if val_loader is not None and isinstance(step_fn, MetaLearningStep):
+        if mode is TrainingMode.REINFORCEMENT:
+
+            def evaluate_fn(m: nn.Module) -> dict[str, float]:
+                with precision.autocast():  # greedy episodes: mean return and length
+                    return step_fn.evaluate(m, self.device)
+
+        elif val_loader is not None and isinstance(step_fn, MetaLearningStep):
 
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
                 with precision.autocast():  # adapt to each task's support set, score its query
@@ -361,9 +348,13 @@ class TrainingManager:
             updates_per_epoch=updates_per_epoch,
             accumulation_steps=c.gradient_accumulation_steps,
             # federated: clients clip their own gradients, not the server's pseudo-gradient
-            max_grad_norm=c.max_grad_norm if c.gradient_clipping and not federated else None,
+            max_grad_norm=(
+                c.max_grad_norm
+                if c.gradient_clipping and mode is not TrainingMode.FEDERATED
+                else None
+            ),
             max_steps=c.max_steps,
-            eval_every_n_steps=c.eval_frequency if val_loader is not None else None,
+            eval_every_n_steps=c.eval_frequency if evaluate_fn is not None else None,
             log_every_n_steps=c.log_frequency,
             evaluate_fn=evaluate_fn,
             save_fn=save_fn,
@@ -579,35 +570,6 @@ class TrainingManager:
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         return payload
-
-
-def _check_federated(config: TrainingConfig, distributed: bool) -> None:
-    """What federated mode does not combine with, said before any work."""
-    if distributed:
-        raise ValueError(
-            "mode='federated' simulates its clients in one process; run it without torchrun"
-        )
-    if config.compile:
-        raise ValueError("compile=True is not supported in mode='federated' yet")
-    if config.gradient_accumulation_steps > 1:
-        raise ValueError(
-            f"gradient_accumulation_steps={config.gradient_accumulation_steps} is invalid in "
-            "mode='federated': clients take one optimizer step per batch (expected 1)"
-        )
-
-
-def _check_meta_learning(config: TrainingConfig, distributed: bool) -> None:
-    """What meta-learning mode does not combine with, said before any work."""
-    if distributed:
-        raise ValueError("mode='meta_learning' under torchrun is not supported yet")
-    if config.compile:
-        raise ValueError("compile=True is not supported in mode='meta_learning' yet")
-    allowed = ("val_loss", "val_accuracy", "train_loss")
-    if config.monitor_metric not in allowed:
-        raise ValueError(
-            f"monitor_metric={config.monitor_metric!r} is invalid in mode='meta_learning': "
-            f"expected one of {', '.join(allowed)} (query loss and accuracy after adaptation)"
-        )
 
 
 def _constant(config: TrainingConfig) -> bool:

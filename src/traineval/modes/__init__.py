@@ -33,7 +33,7 @@ def build_step(
     `meta_inner_steps`).
 
     Raises:
-        NotImplementedError: the mode is not supported yet (named in the message).
+        ValueError: federated and reinforcement modes (built by `setup.prepare_mode`).
     """
     c = config or TrainingConfig()
     compile_mode = c.compile_mode if c.compile else None
@@ -47,12 +47,8 @@ def build_step(
         return MetaLearningStep(
             loss_function, c.meta_algorithm, c.meta_inner_lr, c.meta_inner_steps
         )
-    if mode is TrainingMode.FEDERATED:
-        raise ValueError(
-            "mode='federated' has no step function of its own: TrainingManager.train builds "
-            "its rounds (modes.federated.FederatedStep) from the clients' loaders"
-        )
-    raise NotImplementedError(
-        f"mode={mode.value!r} is not supported yet; supported modes: 'supervised', "
-        "'unsupervised', 'semi_supervised', 'meta_learning', 'federated'"
+    # FEDERATED and REINFORCEMENT: their steps need the clients / the environment
+    raise ValueError(
+        f"mode={mode.value!r} has no step function of its own: TrainingManager.train builds "
+        "it (modes.setup.prepare_mode) from the clients' loaders or the environment"
     )

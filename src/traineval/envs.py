@@ -1,0 +1,91 @@
+"""Environments for reinforcement mode without extra packages: CartPole, gymnasium-compatible.
+
+Reinforcement mode takes any object with gymnasium's API (`reset(seed=...) -> (obs, info)`,
+`step(action) -> (obs, reward, terminated, truncated, info)`, `action_space.n`); this module
+ships CartPole so that tests and demos need nothing beyond numpy, and `make_env` builds an
+environment from a name: "CartPole" here, anything else through `gymnasium.make`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CartPole", "Discrete", "make_env"]
+
+
+class Discrete:
+    """A discrete action space of `n` actions (the part of gymnasium's a policy needs)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+class CartPole:
+    """The classic cart-pole balancing task (Barto, Sutton and Anderson, 1983).
+
+    The dynamics, thresholds and rewards of gymnasium's CartPole-v1: push the cart left (0)
+    or right (1); +1 per step while the pole stays within 12 degrees and the cart within 2.4;
+    episodes are truncated at `max_episode_steps` (500).
+    """
+
+    gravity, cart_mass, pole_mass, half_length, force, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+    angle_limit = 12 * 2 * math.pi / 360
+    position_limit = 2.4
+
+    def __init__(self, max_episode_steps: int = 500) -> None:
+        self.max_episode_steps = max_episode_steps
+        self.action_space = Discrete(2)
+        self.observation_shape = (4,)
+        self._rng = np.random.default_rng()
+        self._state = np.zeros(4)
+        self._steps = 0
+
+    def reset(
+        self, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self._state = self._rng.uniform(-0.05, 0.05, size=4)
+        self._steps = 0
+        return self._state.astype(np.float32), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        x, x_dot, theta, theta_dot = self._state
+        force = self.force if int(action) == 1 else -self.force
+        total_mass = self.cart_mass + self.pole_mass
+        pole_moment = self.pole_mass * self.half_length
+        cos, sin = math.cos(theta), math.sin(theta)
+        temp = (force + pole_moment * theta_dot**2 * sin) / total_mass
+        theta_acc = (self.gravity * sin - cos * temp) / (
+            self.half_length * (4.0 / 3.0 - self.pole_mass * cos**2 / total_mass)
+        )
+        x_acc = temp - pole_moment * theta_acc * cos / total_mass
+        x, x_dot = x + self.tau * x_dot, x_dot + self.tau * x_acc
+        theta, theta_dot = theta + self.tau * theta_dot, theta_dot + self.tau * theta_acc
+        self._state = np.array([x, x_dot, theta, theta_dot])
+        self._steps += 1
+        terminated = bool(abs(x) > self.position_limit or abs(theta) > self.angle_limit)
+        truncated = not terminated and self._steps >= self.max_episode_steps
+        return self._state.astype(np.float32), 1.0, terminated, truncated, {}
+
+
+def make_env(name: str) -> Callable[[], Any]:
+    """A factory for the environment called `name`: "CartPole", or a gymnasium id.
+
+    Raises:
+        ImportError: another name without gymnasium installed (names the package).
+    """
+    if name in ("CartPole", "CartPole-v1"):
+        return CartPole
+    try:
+        import gymnasium
+    except ImportError as error:
+        raise ImportError(
+            f"environment {name!r} needs gymnasium (pip install gymnasium); the built-in one "
+            "is 'CartPole'"
+        ) from error
+    return lambda: gymnasium.make(name)

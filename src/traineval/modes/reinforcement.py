@@ -1,0 +1,207 @@
+"""Reinforcement mode: policy gradient (REINFORCE with a learned baseline / advantage actor-critic).
+
+The policy is the model: observations `(N, *obs_shape)` in, action logits `(N, actions)`
+out, or a tuple `(logits, value)` with a state-value head (`(N,)` or `(N, 1)`). Each loop
+update collects `rl_episodes_per_update` episodes with the current policy, run in lockstep
+(one batched forward pass per time step over the episodes still running), and its loss is
+
+    -mean_t(log pi(a_t|s_t) * A_t) + rl_value_coef * mean_t((V(s_t) - G_t)^2)
+    - rl_entropy_coef * mean_t(entropy(pi(.|s_t)))
+
+with discounted returns `G_t` (`rl_gamma`), advantages `A_t = G_t - V(s_t)` (or `G_t` minus
+the batch mean without a value head), normalised over the update when
+`rl_normalize_advantages`. An episode cut off by its time limit (truncated, not terminated)
+bootstraps its return from `V` of the last state instead of pretending the episode ended.
+
+So the loop's optimizer, schedule, clipping, checkpoints and loggers work on policy updates
+as on any other. Every random draw (episode seeds, sampled actions, dropout) comes from the
+global torch generator, which checkpoints capture: a resumed run collects the episodes an
+uninterrupted one would have. Validation (`evaluate`) plays `rl_eval_episodes` episodes with
+the greedy policy and reports `return` (mean episode return) and `episode_length`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import StepOutput
+
+__all__ = ["PolicyGradientStep", "Rollouts"]
+
+
+class Rollouts:
+    """The loop's "loader" in reinforcement mode: `updates_per_epoch` items per epoch."""
+
+    def __init__(self, updates_per_epoch: int) -> None:
+        self.updates_per_epoch = updates_per_epoch
+
+    def __len__(self) -> int:
+        return self.updates_per_epoch
+
+    def __iter__(self) -> Iterator[int]:
+        yield from range(self.updates_per_epoch)
+
+
+class PolicyGradientStep:
+    """One policy-gradient update from freshly collected episodes; see the module docstring."""
+
+    def __init__(
+        self,
+        env_factory: Callable[[], Any],
+        *,
+        episodes: int = 8,
+        gamma: float = 0.99,
+        value_coef: float = 0.5,
+        entropy_coef: float = 0.01,
+        normalize_advantages: bool = True,
+        max_episode_steps: int = 1000,
+        eval_episodes: int = 10,
+    ) -> None:
+        self.env_factory = env_factory
+        self.envs = [env_factory() for _ in range(episodes)]
+        self.gamma = gamma
+        self.value_coef = value_coef
+        self.entropy_coef = entropy_coef
+        self.normalize_advantages = normalize_advantages
+        self.max_episode_steps = max_episode_steps
+        self.eval_episodes = eval_episodes
+        self._eval_envs: list[Any] = []
+        if not hasattr(self.envs[0], "reset") or not hasattr(self.envs[0], "step"):
+            raise ValueError(
+                "mode='reinforcement' needs an environment factory: a callable returning an "
+                "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
+            )
+
+    def weight(self, batch: Any) -> int:
+        return 1
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        device = next(model.parameters()).device
+        episodes = self._play(model, self.envs, device, greedy=False)
+        log_probs = torch.cat([e["log_probs"] for e in episodes])
+        entropies = torch.cat([e["entropies"] for e in episodes])
+        returns = torch.cat([self._returns(e) for e in episodes]).to(device)
+        values = [e["values"] for e in episodes]
+        if values[0] is not None:
+            value = torch.cat(values)
+            advantages = returns - value.detach()
+            value_loss = F.mse_loss(value, returns)
+        else:
+            advantages = returns - returns.mean()
+            value_loss = torch.zeros((), device=device)
+        if self.normalize_advantages and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        policy_loss = -(log_probs * advantages).mean()
+        loss = policy_loss + self.value_coef * value_loss - self.entropy_coef * entropies.mean()
+        return StepOutput(loss=loss, weight=1, num_samples=int(log_probs.numel()))
+
+    def _returns(self, episode: dict[str, Any]) -> torch.Tensor:
+        """Discounted returns, bootstrapped from V(last state) when the time limit cut it off."""
+        rewards = episode["rewards"]
+        running = episode["bootstrap"]
+        out = np.zeros(len(rewards), dtype=np.float64)
+        for t in range(len(rewards) - 1, -1, -1):
+            running = rewards[t] + self.gamma * running
+            out[t] = running
+        return torch.as_tensor(out, dtype=torch.float32)
+
+    def _play(
+        self,
+        model: nn.Module,
+        envs: list[Any],
+        device: torch.device,
+        greedy: bool,
+        seeds: torch.Generator | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run one episode in each env in lockstep; records what the loss needs.
+
+        Episode seeds come from `seeds`, else from the global generator (as do sampled actions).
+        """
+        observations = []
+        for env in envs:
+            seed = int(torch.randint(2**31 - 1, (), generator=seeds).item())
+            observations.append(env.reset(seed=seed)[0])
+        records: list[dict[str, Any]] = [
+            {"log_probs": [], "entropies": [], "values": [], "rewards": [], "bootstrap": 0.0}
+            for _ in envs
+        ]
+        active = list(range(len(envs)))
+        steps = 0
+        while active:
+            obs = torch.as_tensor(np.stack([observations[i] for i in active]), device=device)
+            logits, value = _policy(model, obs.float())
+            if greedy:
+                actions = logits.argmax(dim=-1)
+            else:
+                probs = logits.float().softmax(dim=-1)
+                actions = torch.multinomial(probs, 1).squeeze(1)
+            log_probs = logits.float().log_softmax(dim=-1)
+            chosen = log_probs.gather(1, actions[:, None]).squeeze(1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+            steps += 1
+            still: list[int] = []
+            for row, (i, action) in enumerate(zip(active, actions.tolist(), strict=True)):
+                record = records[i]
+                record["log_probs"].append(chosen[row])
+                record["entropies"].append(entropy[row])
+                record["values"].append(None if value is None else value[row])
+                obs_i, reward, terminated, truncated, _ = envs[i].step(action)
+                record["rewards"].append(float(reward))
+                observations[i] = obs_i
+                cut = truncated or steps >= self.max_episode_steps
+                if not terminated and not cut:
+                    still.append(i)
+                elif cut and not terminated and value is not None and not greedy:
+                    record["cut_observation"] = obs_i
+            active = still
+        out = []
+        for record in records:
+            has_value = record["values"][0] is not None
+            if "cut_observation" in record and has_value:
+                last = torch.as_tensor(record["cut_observation"], device=device)[None].float()
+                with torch.no_grad():
+                    record["bootstrap"] = float(_policy(model, last)[1][0])  # type: ignore[index]
+            out.append(
+                {
+                    "log_probs": torch.stack(record["log_probs"]),
+                    "entropies": torch.stack(record["entropies"]),
+                    "values": torch.stack(record["values"]) if has_value else None,
+                    "rewards": record["rewards"],
+                    "bootstrap": record["bootstrap"],
+                }
+            )
+        return out
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Mean return and episode length of the greedy policy over `eval_episodes` episodes.
+
+        Its episode seeds come from a generator of its own (the same each evaluation), so
+        evaluating does not change what training draws and scores are comparable.
+        """
+        if not self._eval_envs:
+            self._eval_envs = [self.env_factory() for _ in range(self.eval_episodes)]
+        was_training = model.training
+        model.eval()
+        seeds = torch.Generator().manual_seed(12345)
+        try:
+            with torch.no_grad():
+                episodes = self._play(model, self._eval_envs, device, greedy=True, seeds=seeds)
+        finally:
+            model.train(was_training)
+        returns = [sum(e["rewards"]) for e in episodes]
+        lengths = [len(e["rewards"]) for e in episodes]
+        return {"return": float(np.mean(returns)), "episode_length": float(np.mean(lengths))}
+
+
+def _policy(model: nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out = model(obs)
+    if isinstance(out, (tuple, list)):
+        logits, value = out
+        return logits, value.reshape(-1).float()
+    return out, None

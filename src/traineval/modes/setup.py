@@ -1,0 +1,168 @@
+"""What each training mode puts into the loop, and what it refuses before any work.
+
+Supervised, unsupervised and semi-supervised modes train on the user's loader with a step
+function. The others run through the same loop with something else in the loader's place:
+federated mode iterates rounds (`FederatedRounds`, its step trains the clients and the
+optimizer is the server's), reinforcement mode iterates policy updates (`Rollouts`, its step
+plays episodes), meta-learning mode iterates batches of tasks with its own validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainingConfig, TrainingMode
+from ..envs import make_env
+from ..loop import Monitor
+from ..precision import Precision
+from . import build_step
+from .federated import FederatedRounds, FederatedStep, ServerOptimizer, client_loaders
+from .reinforcement import PolicyGradientStep, Rollouts
+
+__all__ = ["ModeSetup", "prepare_mode"]
+
+
+@dataclasses.dataclass
+class ModeSetup:
+    """A mode's part of a run: what the loop iterates and the step it runs on each item.
+
+    `step_fn` is None for federated mode until `optimizer()` builds it (its clients train
+    with the run's precision, resolved later).
+    """
+
+    mode: TrainingMode
+    loader: Any
+    step_fn: Any
+    uses_own_loader: bool  # False: the user's train loader (to be sharded under torchrun)
+    clients: list[Any] = dataclasses.field(default_factory=list)
+
+    def optimizer(
+        self,
+        model: nn.Module,
+        config: TrainingConfig,
+        loss_function: Any,
+        precision: Precision,
+        default: Callable[[nn.Module], torch.optim.Optimizer],
+    ) -> torch.optim.Optimizer:
+        """The loop's optimizer: the server's in federated mode, else `default(model)`."""
+        if self.mode is not TrainingMode.FEDERATED:
+            return default(model)
+        server = ServerOptimizer(
+            [p for p in model.parameters() if p.requires_grad],
+            config.learning_rate,  # the clients' rate, which the schedule sets per round
+            config.federated_server_lr,
+            config.federated_server_momentum,
+        )
+        self.step_fn = FederatedStep(loss_function, self.clients, config, precision)
+        self.step_fn.server = server
+        return server
+
+    def monitor(self, config: TrainingConfig) -> Monitor | None:
+        """Reinforcement mode's monitor (val_return unless told otherwise); None elsewhere."""
+        if self.mode is not TrainingMode.REINFORCEMENT:
+            return None
+        name = config.monitor_metric
+        allowed = ("val_return", "val_episode_length", "train_loss")
+        if name == "val_loss":  # the config's default: this mode has no validation loss
+            name = "val_return"
+        elif name not in allowed:
+            raise ValueError(
+                f"monitor_metric={name!r} is invalid in mode='reinforcement': expected one of "
+                f"{', '.join(allowed)}"
+            )
+        minimize = config.minimize_monitor if name == config.monitor_metric else False
+        return Monitor(name, minimize=minimize, min_delta=config.early_stopping_min_delta)
+
+
+def prepare_mode(
+    mode: TrainingMode,
+    config: TrainingConfig,
+    train_loader: Any,
+    val_loader: Any,
+    loss_function: Any,
+    *,
+    user_loss: bool,
+    distributed: bool,
+) -> ModeSetup:
+    """Check what `mode` cannot combine with, then build its loader and step function.
+
+    Raises:
+        ValueError: a combination the mode does not support, named with the fix.
+    """
+    c = config
+    if mode is TrainingMode.SEMI_SUPERVISED and user_loss:
+        raise ValueError(
+            "loss_function is not used in mode='semi_supervised': it trains with cross-entropy "
+            "on the labeled samples plus the pseudo-label term; leave loss_function None"
+        )
+    if mode in (TrainingMode.FEDERATED, TrainingMode.REINFORCEMENT, TrainingMode.META_LEARNING):
+        _refuse(mode, c, distributed)
+    if mode is TrainingMode.META_LEARNING:
+        allowed = ("val_loss", "val_accuracy", "train_loss")
+        if c.monitor_metric not in allowed:
+            raise ValueError(
+                f"monitor_metric={c.monitor_metric!r} is invalid in mode='meta_learning': "
+                f"expected one of {', '.join(allowed)} (query loss and accuracy after adaptation)"
+            )
+    if mode is TrainingMode.FEDERATED:
+        clients = client_loaders(
+            train_loader,
+            c.federated_clients,
+            c.federated_partition,
+            c.federated_dirichlet_alpha,
+            c.seed,
+        )
+        return ModeSetup(mode, FederatedRounds(clients), None, True, clients)
+    if mode is TrainingMode.REINFORCEMENT:
+        if val_loader is not None:
+            raise ValueError(
+                "mode='reinforcement' evaluates by playing rl_eval_episodes greedy episodes; "
+                "pass no val_loader"
+            )
+        step = PolicyGradientStep(
+            _env_factory(train_loader),
+            episodes=c.rl_episodes_per_update,
+            gamma=c.rl_gamma,
+            value_coef=c.rl_value_coef,
+            entropy_coef=c.rl_entropy_coef,
+            normalize_advantages=c.rl_normalize_advantages,
+            max_episode_steps=c.rl_max_episode_steps,
+            eval_episodes=c.rl_eval_episodes,
+        )
+        return ModeSetup(mode, Rollouts(c.rl_updates_per_epoch), step, True)
+    return ModeSetup(mode, train_loader, build_step(mode, loss_function, c), False)
+
+
+def _refuse(mode: TrainingMode, c: TrainingConfig, distributed: bool) -> None:
+    name = mode.value
+    if distributed:
+        raise ValueError(f"mode='{name}' under torchrun is not supported yet")
+    if c.compile:
+        raise ValueError(f"compile=True is not supported in mode='{name}' yet")
+    if mode is not TrainingMode.META_LEARNING and c.gradient_accumulation_steps > 1:
+        instead = {
+            TrainingMode.FEDERATED: "clients take one optimizer step per batch",
+            TrainingMode.REINFORCEMENT: "raise rl_episodes_per_update for larger updates",
+        }[mode]
+        raise ValueError(
+            f"gradient_accumulation_steps={c.gradient_accumulation_steps} is invalid in "
+            f"mode='{name}': {instead} (expected 1)"
+        )
+
+
+def _env_factory(source: Any) -> Callable[[], Any]:
+    """The environment factory reinforcement mode trains on: a callable, or a name."""
+    if isinstance(source, str):
+        return make_env(source)
+    if callable(source):
+        return source
+    raise ValueError(
+        "mode='reinforcement' takes an environment factory where other modes take the train "
+        "loader: a callable returning a gymnasium-style environment (e.g. "
+        f"traineval.envs.CartPole), or a name ('CartPole'); got {type(source).__name__}"
+    )

@@ -1,0 +1,240 @@
+"""Reinforcement mode (policy gradient) against a hand-written loop; the built-in CartPole."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval.envs import CartPole, Discrete
+from traineval.modes.reinforcement import PolicyGradientStep
+
+RL = TrainingMode.REINFORCEMENT
+
+
+class Walk:
+    """A short random walk on a line: reward -|position|, ends at +-3 or after 6 steps."""
+
+    def __init__(self) -> None:
+        self.action_space = Discrete(2)
+        self.rng = np.random.default_rng()
+
+    def reset(self, seed=None, options=None):
+        self.rng = np.random.default_rng(seed)
+        self.position, self.steps = int(self.rng.integers(-1, 2)), 0
+        return self._obs(), {}
+
+    def _obs(self):
+        return np.array([self.position / 3, self.steps / 6], dtype=np.float32)
+
+    def step(self, action):
+        self.position += 1 if action == 1 else -1
+        self.steps += 1
+        terminated = abs(self.position) >= 3
+        truncated = not terminated and self.steps >= 6
+        return self._obs(), -abs(self.position), terminated, truncated, {}
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, value: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(2, 8)
+        self.pi = nn.Linear(8, 2)
+        self.v = nn.Linear(8, 1) if value else None
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.pi(h) if self.v is None else (self.pi(h), self.v(h))
+
+
+def _config(quiet_config, **overrides):
+    settings = {
+        "num_epochs": 2,
+        "optimizer_type": "sgd",
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "gradient_clipping": False,
+        "learning_rate": 0.05,
+        "rl_updates_per_epoch": 3,
+        "rl_episodes_per_update": 4,
+        "rl_gamma": 0.9,
+        "rl_max_episode_steps": 5,  # cuts some walks before their own limit: bootstrapping
+        "early_stopping_patience": 0,
+        "overwrite_output_dir": True,
+        **quiet_config,
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def _reference(model, updates, lr, gamma, value_coef, entropy_coef, max_steps):
+    """Policy gradient written out: same draw order (seeds, then one batched sample per step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    envs = [Walk() for _ in range(4)]
+    for _ in range(updates):
+        obs = [env.reset(seed=int(torch.randint(2**31 - 1, ()).item()))[0] for env in envs]
+        logp = [[] for _ in envs]
+        ent = [[] for _ in envs]
+        val = [[] for _ in envs]
+        rew = [[] for _ in envs]
+        boot = [0.0] * len(envs)
+        active, t = list(range(len(envs))), 0
+        while active:
+            out = model(torch.as_tensor(np.stack([obs[i] for i in active])))
+            logits, values = out if isinstance(out, tuple) else (out, None)
+            actions = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+            lp = logits.log_softmax(-1)
+            t += 1
+            still = []
+            for row, i in enumerate(active):
+                a = int(actions[row])
+                logp[i].append(lp[row, a])
+                ent[i].append(-(lp[row].exp() * lp[row]).sum())
+                if values is not None:
+                    val[i].append(values[row, 0])
+                obs[i], r, term, trunc, _ = envs[i].step(a)
+                rew[i].append(r)
+                if term:
+                    continue
+                if trunc or t >= max_steps:
+                    if values is not None:
+                        with torch.no_grad():
+                            boot[i] = float(model(torch.as_tensor(obs[i])[None])[1][0, 0])
+                    continue
+                still.append(i)
+            active = still
+        returns = []
+        for i in range(len(envs)):
+            g, out_i = boot[i], []
+            for r in reversed(rew[i]):
+                g = r + gamma * g
+                out_i.append(g)
+            returns += out_i[::-1]
+        returns = torch.tensor(returns)
+        log_probs = torch.stack([x for row in logp for x in row])
+        entropy = torch.stack([x for row in ent for x in row]).mean()
+        if val[0]:
+            v = torch.stack([x for row in val for x in row])
+            adv = returns - v.detach()
+            value_loss = F.mse_loss(v, returns)
+        else:
+            adv = returns - returns.mean()
+            value_loss = torch.tensor(0.0)
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        loss = -(log_probs * adv).mean() + value_coef * value_loss - entropy_coef * entropy
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_policy_gradient_equals_a_hand_written_loop(quiet_config, value):
+    ours, theirs = ActorCritic(value), ActorCritic(value)
+    config = _config(quiet_config, rl_eval_episodes=2)
+    torch.manual_seed(config.seed)  # the run seeds the global generator with config.seed
+    result = TrainingManager(config).train(ours, Walk, mode=RL)
+    torch.manual_seed(config.seed)
+    _reference(theirs, 6, 0.05, 0.9, 0.5, 0.01, max_steps=5)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert result["global_step"] == 6
+    assert set(result["training_history"]["val_metrics"][-1]) == {"return", "episode_length"}
+
+
+def test_returns_bootstrap_only_episodes_cut_by_the_time_limit():
+    step = PolicyGradientStep(Walk, episodes=1, gamma=0.5)
+    ended = {"rewards": [1.0, 1.0, 1.0], "bootstrap": 0.0}
+    cut = {"rewards": [1.0, 1.0, 1.0], "bootstrap": 8.0}
+    assert step._returns(ended).tolist() == [1.75, 1.5, 1.0]
+    assert step._returns(cut).tolist() == [2.75, 3.5, 5.0]
+
+
+def test_cartpole_learns_to_balance(quiet_config):
+    class Policy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(4, 64), nn.Tanh())
+            self.pi, self.v = nn.Linear(64, 2), nn.Linear(64, 1)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.pi(h), self.v(h)
+
+    config = _config(
+        quiet_config,
+        num_epochs=6,
+        optimizer_type="adamw",
+        learning_rate=3e-3,
+        rl_updates_per_epoch=10,
+        rl_episodes_per_update=8,
+        rl_gamma=0.99,
+        rl_max_episode_steps=500,
+        rl_eval_episodes=5,
+    )
+    result = TrainingManager(config).train(Policy(), "CartPole", mode=RL)
+    returns = [m["return"] for m in result["training_history"]["val_metrics"]]
+    assert max(returns) > 200  # a random policy lasts about 20 steps
+    assert result["monitor_metric"] == "val_return"
+    assert result["best_metric"] == max(returns)
+
+
+def test_builtin_cartpole_matches_gymnasium():
+    gymnasium = pytest.importorskip("gymnasium")
+    theirs = gymnasium.make("CartPole-v1")
+    ours = CartPole()
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        theirs.reset(seed=seed)
+        ours.reset()
+        ours._state = np.array(theirs.unwrapped.state, dtype=np.float64)
+        while True:
+            action = int(rng.integers(2))
+            expected = theirs.step(action)
+            got = ours.step(action)
+            np.testing.assert_array_equal(got[0], expected[0])
+            assert got[1:4] == expected[1:4]
+            if expected[2] or expected[3]:
+                break
+
+
+def test_reinforcement_errors_are_clear(quiet_config, monkeypatch):
+    config = _config(quiet_config)
+    with pytest.raises(ValueError, match="takes an environment factory"):
+        TrainingManager(config).train(ActorCritic(), [1, 2, 3], mode=RL)
+    with pytest.raises(ValueError, match="pass no val_loader"):
+        TrainingManager(config).train(ActorCritic(), Walk, [1], mode=RL)
+    with pytest.raises(ValueError, match="monitor_metric='val_accuracy' is invalid in mode="):
+        TrainingManager(_config(quiet_config, monitor_metric="val_accuracy")).train(
+            ActorCritic(), Walk, mode=RL
+        )
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="environment 'Acrobot-v1' needs gymnasium"):
+        TrainingManager(config).train(ActorCritic(), "Acrobot-v1", mode=RL)
+    with pytest.raises(ValueError, match=r"rl_gamma=1\.5 is invalid"):
+        TrainingConfig(rl_gamma=1.5)
+
+
+def test_a_resumed_run_collects_the_episodes_an_uninterrupted_one_does(quiet_config, tmp_path):
+    quiet_config["output_dir"] = str(tmp_path / "straight")
+    straight = ActorCritic()
+    TrainingManager(_config(quiet_config, num_epochs=4, optimizer_type="adamw")).train(
+        straight, Walk, mode=RL
+    )
+    quiet_config["output_dir"] = str(tmp_path / "resumed")
+    TrainingManager(_config(quiet_config, num_epochs=2, optimizer_type="adamw")).train(
+        ActorCritic(), Walk, mode=RL
+    )
+    resumed = ActorCritic()
+    result = TrainingManager(_config(quiet_config, num_epochs=4, optimizer_type="adamw")).train(
+        resumed, Walk, mode=RL, resume_from="auto"
+    )
+    assert result["global_step"] == 12
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
