@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from traineval import Callback
+
 
 def make_classification(n: int = 128, features: int = 8, classes: int = 3, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
@@ -43,3 +45,14 @@ def quiet_config(tmp_path):
         "early_stopping_patience": 0,
         "device": "cpu",
     }
+
+
+class InterruptAt(Callback):
+    """Behave like a SIGTERM arriving during update `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, loop):
+        if loop.state.global_step == self.step:
+            loop.interrupted = "SIGTERM"

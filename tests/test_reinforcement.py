@@ -12,7 +12,10 @@ from torch import nn
 
 from traineval import TrainingConfig, TrainingManager, TrainingMode
 from traineval.envs import CartPole, Discrete
+from traineval.loop import TrainingInterrupted
 from traineval.modes.reinforcement import PolicyGradientStep
+
+from conftest import InterruptAt
 
 RL = TrainingMode.REINFORCEMENT
 
@@ -236,5 +239,24 @@ def test_a_resumed_run_collects_the_episodes_an_uninterrupted_one_does(quiet_con
         resumed, Walk, mode=RL, resume_from="auto"
     )
     assert result["global_step"] == 12
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resuming_inside_an_epoch_replays_the_same_episodes(quiet_config, tmp_path):
+    settings = {"num_epochs": 2, "optimizer_type": "adamw"}
+    quiet_config["output_dir"] = str(tmp_path / "straight")
+    straight = ActorCritic()
+    TrainingManager(_config(quiet_config, **settings)).train(straight, Walk, mode=RL)
+    quiet_config["output_dir"] = str(tmp_path / "resumed")
+    with pytest.raises(TrainingInterrupted):  # a SIGTERM during update 4 of 6 (epoch 2)
+        TrainingManager(_config(quiet_config, **settings)).train(
+            ActorCritic(), Walk, mode=RL, callbacks=[InterruptAt(4)]
+        )
+    resumed = ActorCritic()
+    result = TrainingManager(_config(quiet_config, **settings)).train(
+        resumed, Walk, mode=RL, resume_from="auto"
+    )
+    assert result["global_step"] == 6
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -14,23 +14,12 @@ from traineval.checkpoint import load_checkpoint_file
 from traineval.loggers import read_jsonl
 from traineval.loop import TrainingInterrupted
 
-from conftest import make_classification
+from conftest import InterruptAt, make_classification
 
 
 def dropout_mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
-
-
-class InterruptAt(Callback):
-    """Behave like a SIGTERM arriving during update `step`."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, loop):
-        if loop.state.global_step == self.step:
-            loop.interrupted = "SIGTERM"
 
 
 def loaders(workers: int):

@@ -191,3 +191,21 @@ def test_labeled_fraction_is_validated_against_the_mode():
         RunConfig.from_dict({"mode": "unsupervised", "data": {"labeled_fraction": 0.5}})
     with pytest.raises(ValueError, match=r"data.labeled_fraction=0 is invalid"):
         RunConfig.from_dict({"mode": "semi_supervised", "data": {"labeled_fraction": 0}})
+
+
+def test_cross_validation_validates_on_labeled_rows_only(tmp_path, capsys):
+    from traineval.cli import main
+
+    config = tmp_path / "cv.yaml"
+    config.write_text(
+        "data: {name: iris, labeled_fraction: 0.5}\nmode: semi_supervised\n"
+        "model: {name: mlp, options: {hidden_sizes: [16]}}\n"
+        "training: {num_epochs: 3, warmup_steps: 0, early_stopping_patience: 0, "
+        "learning_rate: 1e-2, tensorboard_logging: false}\n"
+    )
+    out = tmp_path / "o"
+    assert main(["cv", str(config), "--folds", "3", "-q", f"training.output_dir={out}"]) == 0
+    summary = json.loads((out / "evaluation" / "cv.json").read_text())
+    # the labeled half of the 104 train rows, and the 23 (labeled) val rows
+    assert sum(f["validation_size"] for f in summary["folds"]) == 52 + 23
+    assert summary["accuracy_mean"] > 0.3

@@ -1,7 +1,7 @@
 """Data: datasets that packages ship, CSV tables, seeded splits, few-shot episodes."""
 
 from .episodes import Episodes
-from .splits import DataSplits, hide_labels, make_splits
+from .splits import DataSplits, dataset_labels, hide_labels, make_splits
 from .tables import BUILTIN_DATASETS, Table, load_builtin, load_csv
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "DataSplits",
     "Episodes",
     "Table",
+    "dataset_labels",
     "hide_labels",
     "load_builtin",
     "load_csv",

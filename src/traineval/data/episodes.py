@@ -8,15 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["Episodes", "dataset_labels"]
+from .splits import dataset_labels
 
-
-def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:
-    """Every sample's class id: a TensorDataset's second tensor, else read sample by sample."""
-    tensors = getattr(dataset, "tensors", None)
-    if tensors is not None and len(tensors) >= 2:
-        return tensors[1].numpy()
-    return np.array([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+__all__ = ["Episodes"]
 
 
 Task = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +94,15 @@ def _split(indices, labels, fraction, seed, stratify, splitter):
     strata = labels if stratify else None
     first, second = splitter(indices, test_size=fraction, random_state=seed, stratify=strata)
     return np.sort(first), np.sort(second)
+
+
+def dataset_labels(dataset: Any) -> np.ndarray:
+    """Each sample's target (the first value of a multi-valued one): a TensorDataset's second
+    tensor, else read sample by sample. For stratification, partitions and episodes."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) >= 2:
+        return np.asarray(tensors[1].reshape(len(tensors[1]), -1)[:, 0])
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
 
 
 def hide_labels(

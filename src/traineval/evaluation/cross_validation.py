@@ -15,19 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import TaskType, TrainingConfig, TrainingMode
+from ..data.splits import dataset_labels
 
 if TYPE_CHECKING:
     from .evaluator import Evaluator
 
 logger = logging.getLogger(__name__)
-
-
-def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:
-    """The targets of a dataset, for stratification (a TensorDataset's second tensor, or read)."""
-    tensors = getattr(dataset, "tensors", None)
-    if tensors is not None and len(tensors) >= 2:
-        return np.asarray(tensors[1].reshape(len(tensors[1]), -1)[:, 0])
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
 def make_folds(
@@ -55,8 +48,7 @@ def make_folds(
             raise ValueError(f"n_folds={n_folds} is more than the {distinct} groups")
         return list(GroupKFold(n_splits=n_folds).split(indices, groups=group_array))
     if labels is not None:
-        counts = np.bincount(labels.astype(np.int64))
-        smallest = counts[counts > 0].min()
+        smallest = np.unique(labels, return_counts=True)[1].min()  # any ids, e.g. -1: unlabeled
         if smallest < n_folds:
             raise ValueError(
                 f"n_folds={n_folds} is invalid for stratified folds: a class has only "
@@ -109,6 +101,13 @@ def cross_validate(
     use_strata = classification if stratify is None else stratify
     labels = dataset_labels(dataset) if use_strata and groups is None else None
     folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=config.seed)
+    if mode is TrainingMode.SEMI_SUPERVISED:
+        # Validation needs labels: a fold's unlabeled rows train with the other folds instead.
+        unlabeled = dataset_labels(dataset) == config.unlabeled_label
+        folds = [
+            (np.sort(np.concatenate([train, val[unlabeled[val]]])), val[~unlabeled[val]])
+            for train, val in folds
+        ]
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     results: list[FoldResult] = []
     for k, (train_idx, val_idx) in enumerate(folds, start=1):

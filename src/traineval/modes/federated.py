@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data.episodes import dataset_labels
+from ..data.splits import dataset_labels
 from ..optim import build_optimizer
 from ..precision import Precision
 from .base import StepOutput, move_to_device
