@@ -56,3 +56,20 @@ class InterruptAt(Callback):
     def on_step_end(self, loop):
         if loop.state.global_step == self.step:
             loop.interrupted = "SIGTERM"
+
+
+def plain_sgd_config(quiet_config, **overrides):
+    """A quiet TrainingConfig whose updates a hand-written loop can repeat exactly: plain SGD
+    (no momentum, no weight decay, no clipping); reruns may reuse the output directory."""
+    from traineval import TrainingConfig
+
+    settings = {
+        "optimizer_type": "sgd",
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "gradient_clipping": False,
+        "overwrite_output_dir": True,
+        **quiet_config,
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)

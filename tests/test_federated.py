@@ -15,25 +15,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from traineval import TrainingConfig, TrainingManager, TrainingMode
 from traineval.modes.federated import partition
 
-from conftest import make_classification, make_mlp
+from conftest import make_classification, make_mlp, plain_sgd_config
 
 FED = TrainingMode.FEDERATED
 
 
 def _config(quiet_config, **overrides):
-    settings = {
-        "num_epochs": 3,
-        "batch_size": 8,
-        "optimizer_type": "sgd",
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "gradient_clipping": False,
-        "learning_rate": 0.1,
-        "overwrite_output_dir": True,
-        **quiet_config,
-    }
-    settings.update(overrides)
-    return TrainingConfig(**settings)
+    return plain_sgd_config(
+        quiet_config,
+        **{
+            "num_epochs": 3,
+            "batch_size": 8,
+            "learning_rate": 0.1,
+            **overrides,
+        },
+    )
 
 
 def _clients(sizes=(8, 16, 24)):

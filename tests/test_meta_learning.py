@@ -13,6 +13,8 @@ from traineval import TrainingConfig, TrainingManager, TrainingMode
 from traineval.data.episodes import Episodes
 from traineval.modes import MetaLearningStep
 
+from conftest import plain_sgd_config
+
 META = TrainingMode.META_LEARNING
 
 
@@ -39,21 +41,17 @@ def _episodes(count: int = 8, seed: int = 0) -> Episodes:
 
 
 def _config(quiet_config, **overrides):
-    settings = {
-        "num_epochs": 2,
-        "batch_size": 4,
-        "optimizer_type": "sgd",
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "gradient_clipping": False,
-        "learning_rate": 0.05,
-        "meta_inner_lr": 0.3,
-        "meta_inner_steps": 2,
-        "overwrite_output_dir": True,
-        **quiet_config,
-    }
-    settings.update(overrides)
-    return TrainingConfig(**settings)
+    return plain_sgd_config(
+        quiet_config,
+        **{
+            "num_epochs": 2,
+            "batch_size": 4,
+            "learning_rate": 0.05,
+            "meta_inner_lr": 0.3,
+            "meta_inner_steps": 2,
+            **overrides,
+        },
+    )
 
 
 def _reference(model, loader, epochs, outer_lr, inner_lr, inner_steps, algorithm):

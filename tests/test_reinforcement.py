@@ -15,7 +15,7 @@ from traineval.envs import CartPole, Discrete
 from traineval.loop import TrainingInterrupted
 from traineval.modes.reinforcement import PolicyGradientStep
 
-from conftest import InterruptAt
+from conftest import InterruptAt, plain_sgd_config
 
 RL = TrainingMode.REINFORCEMENT
 
@@ -57,23 +57,19 @@ class ActorCritic(nn.Module):
 
 
 def _config(quiet_config, **overrides):
-    settings = {
-        "num_epochs": 2,
-        "optimizer_type": "sgd",
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "gradient_clipping": False,
-        "learning_rate": 0.05,
-        "rl_updates_per_epoch": 3,
-        "rl_episodes_per_update": 4,
-        "rl_gamma": 0.9,
-        "rl_max_episode_steps": 5,  # cuts some walks before their own limit: bootstrapping
-        "early_stopping_patience": 0,
-        "overwrite_output_dir": True,
-        **quiet_config,
-    }
-    settings.update(overrides)
-    return TrainingConfig(**settings)
+    return plain_sgd_config(
+        quiet_config,
+        **{
+            "num_epochs": 2,
+            "learning_rate": 0.05,
+            "rl_updates_per_epoch": 3,
+            "rl_episodes_per_update": 4,
+            "rl_gamma": 0.9,
+            "rl_max_episode_steps": 5,  # cuts some walks before their own limit: bootstrapping
+            "early_stopping_patience": 0,
+            **overrides,
+        },
+    )
 
 
 def _reference(model, updates, lr, gamma, value_coef, entropy_coef, max_steps):

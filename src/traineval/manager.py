@@ -44,7 +44,7 @@ from .loop import Loop, Monitor, TrainState
 from .modes.meta_learning import MetaLearningStep
 from .modes.setup import prepare_mode
 from .monitor import PerformanceMonitor
-from .optim import build_optimizer, build_scheduler
+from .optim import build_scheduler, configured_optimizer
 from .precision import Precision, resolve_device, resolve_precision
 from .resume import check_compatible, find_checkpoint, stop_on_signals, truncate_events
 from .run_checkpoints import (
@@ -131,16 +131,7 @@ class TrainingManager:
 
     def setup_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Build the configured optimizer (no weight decay on biases and norm weights)."""
-        c = self.config
-        return build_optimizer(
-            model,
-            c.optimizer_type,
-            lr=c.learning_rate,
-            weight_decay=c.weight_decay,
-            momentum=c.momentum,
-            betas=(c.adam_beta1, c.adam_beta2),
-            eps=c.adam_epsilon,
-        )
+        return configured_optimizer(model, self.config)
 
     def setup_scheduler(
         self, optimizer: torch.optim.Optimizer, total_steps: int | None

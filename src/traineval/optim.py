@@ -15,7 +15,13 @@ from torch import nn
 
 from .tracking import Plateau
 
-__all__ = ["PlateauSchedule", "build_optimizer", "build_scheduler", "parameter_groups"]
+__all__ = [
+    "PlateauSchedule",
+    "build_optimizer",
+    "build_scheduler",
+    "configured_optimizer",
+    "parameter_groups",
+]
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -165,6 +171,22 @@ class PlateauSchedule(torch.optim.lr_scheduler.LambdaLR):
         state = dict(state_dict)
         self.plateau.load_state_dict(state.pop("plateau"))
         super().load_state_dict(state)
+
+
+def configured_optimizer(
+    model: nn.Module, config: Any, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """`build_optimizer` with a TrainingConfig's choices (`lr` overrides its learning rate)."""
+    c = config
+    return build_optimizer(
+        model,
+        c.optimizer_type,
+        lr=c.learning_rate if lr is None else lr,
+        weight_decay=c.weight_decay,
+        momentum=c.momentum,
+        betas=(c.adam_beta1, c.adam_beta2),
+        eps=c.adam_epsilon,
+    )
 
 
 def build_scheduler(

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.splits import dataset_labels
-from ..optim import build_optimizer
+from ..optim import configured_optimizer
 from ..precision import Precision
 from .base import StepOutput, move_to_device
 from .supervised import SupervisedStep
@@ -217,15 +217,7 @@ class FederatedStep:
         worker.load_state_dict(model.state_dict())
         worker.train()
         client_lr = self.server.param_groups[0]["lr"] if self.server else c.learning_rate
-        optimizer = build_optimizer(
-            worker,
-            c.optimizer_type,
-            lr=client_lr,
-            weight_decay=c.weight_decay,
-            momentum=c.momentum,
-            betas=(c.adam_beta1, c.adam_beta2),
-            eps=c.adam_epsilon,
-        )
+        optimizer = configured_optimizer(worker, c, lr=client_lr)
         sampler_generator = getattr(getattr(loader, "sampler", None), "generator", None)
         if isinstance(sampler_generator, torch.Generator):
             sampler_generator.manual_seed(seed)  # this round's shuffle of the client's data
