@@ -169,3 +169,79 @@ def test_tokens_per_second_counts_non_ignored_tokens(tmp_path):
     logged = [e for e in read_jsonl(tmp_path / "metrics.jsonl") if e.get("event") == "train"]
     assert len(logged) == 4
     assert all(e["tokens_per_sec"] > 0 for e in logged)
+
+
+def one_task(n_train: int = 160):
+    """Train and validation rows labelled by the same rule (make_classification's seed)."""
+    from torch.utils.data import TensorDataset
+
+    x, y = make_classification(n=n_train + 64, seed=1).tensors
+    train = TensorDataset(x[:n_train], y[:n_train])
+    return train, DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=32)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_federated_clients_train_on_cuda_in_each_precision(tmp_path, precision):
+    from traineval import TrainingMode
+
+    data, val = one_task()
+    train = DataLoader(data, batch_size=16, shuffle=True, pin_memory=True)
+    config = settings(
+        tmp_path,
+        precision=precision,
+        warmup_steps=0,
+        num_epochs=6,
+        learning_rate=2e-2,
+        federated_clients=4,
+        federated_partition="dirichlet",
+        federated_local_epochs=2,
+    )
+    result = TrainingManager(config).train(mlp(), train, val, mode=TrainingMode.FEDERATED)
+    accuracy = [m["accuracy"] for m in result["training_history"]["val_metrics"]]
+    assert accuracy[-1] > 0.6  # 3 classes
+    assert all(np.isfinite(result["training_history"]["train_loss"]))
+
+
+def test_semi_supervised_and_meta_learning_on_cuda(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from traineval import TrainingMode
+    from traineval.data import Episodes
+
+    data, val = one_task()
+    x, y = data.tensors
+    hidden = y.clone()
+    hidden[::2] = -1
+    train = DataLoader(TensorDataset(x, hidden), batch_size=16, shuffle=True, pin_memory=True)
+    config = settings(
+        tmp_path / "semi", precision="bf16", pseudo_label_threshold=0.8, learning_rate=2e-2
+    )
+    result = TrainingManager(config).train(mlp(), train, val, mode=TrainingMode.SEMI_SUPERVISED)
+    assert result["training_history"]["val_metrics"][-1]["accuracy"] > 0.6
+    tasks = DataLoader(Episodes(data, 3, 2, 4, episodes=40), batch_size=4)
+    val_tasks = DataLoader(Episodes(val.dataset, 3, 2, 4, episodes=12), batch_size=4)
+    config = settings(tmp_path / "meta", warmup_steps=0, meta_inner_lr=0.5)
+    result = TrainingManager(config).train(mlp(), tasks, val_tasks, mode=TrainingMode.META_LEARNING)
+    assert result["training_history"]["val_metrics"][-1]["accuracy"] > 0.4  # chance 1/3
+
+
+def test_policy_gradient_on_cuda(tmp_path):
+    from traineval import TrainingMode
+
+    class Policy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(4, 32), nn.Tanh())
+            self.pi, self.v = nn.Linear(32, 2), nn.Linear(32, 1)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.pi(h), self.v(h)
+
+    config = settings(
+        tmp_path, warmup_steps=0, num_epochs=2, rl_updates_per_epoch=3, rl_eval_episodes=2
+    )
+    result = TrainingManager(config).train(Policy(), "CartPole", mode=TrainingMode.REINFORCEMENT)
+    assert result["global_step"] == 6
+    assert result["training_history"]["val_metrics"][-1]["return"] >= 8  # CartPole's minimum

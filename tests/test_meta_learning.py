@@ -194,3 +194,24 @@ def test_meta_learning_errors_are_clear(quiet_config):
         TrainingManager(_config(quiet_config)).train(_mlp(), flat, mode=META)
     with pytest.raises(ValueError, match="meta_algorithm='anil' is invalid"):
         TrainingConfig(meta_algorithm="anil")
+
+
+def test_meta_learning_from_the_command_line(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    import traineval
+    from traineval.cli import main
+
+    args = ["demo", "-q", "mode=meta_learning", "model.name=mlp", "model.options={}"]
+    args += ["data.ways=3", "data.shots=2", "data.queries=3", "data.train_episodes=60"]
+    args += ["data.eval_episodes=20", "training.batch_size=4", "training.num_epochs=2"]
+    args += ["training.warmup_steps=0", "training.meta_inner_lr=0.5"]
+    assert main([*args, f"training.output_dir={tmp_path / 'run'}"]) == 0
+    record = json.loads((tmp_path / "run" / "evaluation" / "metrics.json").read_text())
+    assert set(record["test"]) == {"loss", "accuracy"}
+    assert record["test"]["accuracy"] > 0.5  # 3-way: chance is 1/3
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "val"]) == 0
+    demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
+    assert main(["cv", str(demo), "-q", *args[2:], f"training.output_dir={tmp_path}"]) == 1
+    assert "mode='meta_learning' is invalid for cross-validation" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from .config import (
     apply_overrides,
     load_yaml,
 )
-from .data import DataSplits, hide_labels, load_builtin, load_csv, make_splits
+from .data import DataSplits, Episodes, hide_labels, load_builtin, load_csv, make_splits
 from .data.tables import BUILTIN_DATASETS
 from .distributed import is_sharded, model_state
 from .evaluation import Evaluator
@@ -38,6 +38,7 @@ from .imports import import_object
 from .loggers import JsonlLogger
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
+from .modes import MetaLearningStep
 from .seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class DataConfig(_ConfigBase):
     returning `traineval.data.DataSplits`). `labeled_fraction` < 1 keeps the
     labels of that share of the training rows, stratified by class and drawn with
     `split_seed`: semi-supervised mode marks the other rows with `training.unlabeled_label`,
-    supervised mode leaves them out (the baseline to compare with).
+    supervised mode leaves them out (the baseline to compare with). In meta_learning mode each
+    split becomes `ways`-way `shots`-shot tasks with `queries` query samples per class:
+    `train_episodes` of them from the train split, `eval_episodes` from val and test.
     """
 
     name: str = "digits"
@@ -69,6 +72,12 @@ class DataConfig(_ConfigBase):
     image_shape: tuple[int, ...] | None = None
     num_workers: int = 0
     labeled_fraction: float = 1.0
+    # meta_learning: each split becomes few-shot tasks (traineval.data.Episodes)
+    ways: int = 5
+    shots: int = 1
+    queries: int = 5
+    train_episodes: int = 2000
+    eval_episodes: int = 200
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATA_SOURCES)
@@ -76,6 +85,8 @@ class DataConfig(_ConfigBase):
         _int("data.split_seed", self.split_seed, minimum=0)
         _int("data.num_workers", self.num_workers, minimum=0)
         _bool("data.standardize", self.standardize)
+        for name in ("ways", "shots", "queries", "train_episodes", "eval_episodes"):
+            _int(f"data.{name}", getattr(self, name), minimum=1)
         _float("data.labeled_fraction", self.labeled_fraction, minimum=0.0, strict=True)
         if self.labeled_fraction > 1.0:
             _fail("data.labeled_fraction", self.labeled_fraction, "expected a number in (0, 1]")
@@ -124,7 +135,8 @@ class RunConfig:
     mode: str = "supervised"
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, ("supervised", "unsupervised", "semi_supervised", "federated"))
+        modes = ("supervised", "unsupervised", "semi_supervised", "federated", "meta_learning")
+        _choice("mode", self.mode, modes)
         if self.data.labeled_fraction < 1.0 and self.mode == "unsupervised":
             _fail(
                 "data.labeled_fraction",
@@ -235,8 +247,33 @@ def _parts(config: RunConfig) -> _Parts:
         )
     mode = TrainingMode(config.mode)
     task_type = None if mode is TrainingMode.UNSUPERVISED else splits.task_type
+    if mode is TrainingMode.META_LEARNING:
+        splits = _as_episodes(splits, config.data)
+        task_type = None  # scored by adapting to each task, not by the Evaluator
     seed_everything(config.training.seed)  # initial weights come from the run's seed
     return _Parts(config, splits, mode, task_type)
+
+
+def _as_episodes(splits: DataSplits, data: DataConfig) -> DataSplits:
+    """Every split as few-shot tasks; the model answers `ways` classes."""
+    if splits.task_type is not TaskType.CLASSIFICATION:
+        raise ValueError(f"mode: meta_learning needs a classification dataset, not {data.name!r}")
+
+    def tasks(dataset: Any, count: int, offset: int) -> Any:
+        if dataset is None:
+            return None
+        return Episodes(
+            dataset, data.ways, data.shots, data.queries, count, seed=data.split_seed + offset
+        )
+
+    return dataclasses.replace(
+        splits,
+        train=tasks(splits.train, data.train_episodes, 0),
+        val=tasks(splits.val, data.eval_episodes, 1),
+        test=tasks(splits.test, data.eval_episodes, 2),
+        num_outputs=data.ways,
+        class_names=None,
+    )
 
 
 def run_experiment(config: RunConfig, resume_from: str | None = None) -> ExperimentResult:
@@ -326,15 +363,21 @@ def _evaluate_split(
     split: EvaluationMode = EvaluationMode.TESTING,
 ) -> dict[str, float]:
     """Evaluate on one split and append the split-tagged record to metrics.jsonl."""
-    metrics = evaluator.evaluate_model(
-        model,
-        loader,
-        device,
-        task_type=parts.task_type,
-        training_mode=parts.mode,
-        split=split,
-        output_dir=out,
-    )
+    if parts.mode is TrainingMode.META_LEARNING:  # adapt to each task, score its queries
+        t = parts.config.training
+        meta = MetaLearningStep(None, t.meta_algorithm, t.meta_inner_lr, t.meta_inner_steps)
+        model.to(device)
+        metrics = meta.evaluate(model, loader, device)
+    else:
+        metrics = evaluator.evaluate_model(
+            model,
+            loader,
+            device,
+            task_type=parts.task_type,
+            training_mode=parts.mode,
+            split=split,
+            output_dir=out,
+        )
     prefix = SPLIT_PREFIX[split]
     summary = out / "summary.json"
     step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0
@@ -408,6 +451,11 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
     `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
     """
+    if config.mode == "meta_learning":
+        raise ValueError(
+            "mode='meta_learning' is invalid for cross-validation (its samples are tasks, "
+            "scored by adaptation; ensembles of adapted models are not built): use fit"
+        )
     parts = _parts(config)
     splits = parts.splits
     pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
