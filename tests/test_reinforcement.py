@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 from traineval import TrainingConfig, TrainingManager, TrainingMode
 from traineval.envs import CartPole, Discrete
+from traineval.loggers import read_jsonl
 from traineval.loop import TrainingInterrupted
 from traineval.modes.reinforcement import PolicyGradientStep
 
@@ -76,6 +78,7 @@ def _reference(model, updates, lr, gamma, value_coef, entropy_coef, max_steps):
     """Policy gradient written out: same draw order (seeds, then one batched sample per step)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     envs = [Walk() for _ in range(4)]
+    mean_returns = []
     for _ in range(updates):
         obs = [env.reset(seed=int(torch.randint(2**31 - 1, ()).item()))[0] for env in envs]
         logp = [[] for _ in envs]
@@ -108,6 +111,7 @@ def _reference(model, updates, lr, gamma, value_coef, entropy_coef, max_steps):
                     continue
                 still.append(i)
             active = still
+        mean_returns.append(np.mean([sum(r) for r in rew]))
         returns = []
         for i in range(len(envs)):
             g, out_i = boot[i], []
@@ -130,16 +134,23 @@ def _reference(model, updates, lr, gamma, value_coef, entropy_coef, max_steps):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return mean_returns
 
 
 @pytest.mark.parametrize("value", [True, False])
 def test_policy_gradient_equals_a_hand_written_loop(quiet_config, value):
     ours, theirs = ActorCritic(value), ActorCritic(value)
-    config = _config(quiet_config, rl_eval_episodes=2)
+    config = _config(quiet_config, rl_eval_episodes=2, log_frequency=6)
     torch.manual_seed(config.seed)  # the run seeds the global generator with config.seed
     result = TrainingManager(config).train(ours, Walk, mode=RL)
     torch.manual_seed(config.seed)
-    _reference(theirs, 6, 0.05, 0.9, 0.5, 0.01, max_steps=5)
+    mean_returns = _reference(theirs, 6, 0.05, 0.9, 0.5, 0.01, max_steps=5)
+    logged = [
+        r
+        for r in read_jsonl(Path(config.output_dir) / "metrics.jsonl")
+        if r.get("event") == "train"
+    ]
+    assert logged[-1]["train/episode_return"] == pytest.approx(np.mean(mean_returns))
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert result["global_step"] == 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval.loggers import read_jsonl
 from traineval.modes import SemiSupervisedStep
 
-from conftest import make_classification, make_mlp
+from conftest import make_classification, make_mlp, plain_sgd_config
 
 SEMI = TrainingMode.SEMI_SUPERVISED
 
@@ -29,6 +31,7 @@ def _reference(model, data, batch, epochs, lr, threshold, weight):
     """The objective written out plainly: boolean indexing, Python branches, SGD."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     kept_total = 0
+    rates = []
     for _ in range(epochs):
         for x, y in DataLoader(data, batch):
             out = model(x)
@@ -39,32 +42,27 @@ def _reference(model, data, batch, epochs, lr, threshold, weight):
                 confidence, pseudo = probs.max(1)
                 mask = confidence >= threshold
                 kept_total += int(mask.sum())
+                rates.append(float(mask.float().mean()))
                 terms = F.cross_entropy(out[~lab], pseudo, reduction="none") * mask
                 loss = loss + weight * terms.sum() / (~lab).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return kept_total
+    return kept_total, rates
 
 
-def test_semi_supervised_training_equals_a_hand_written_pseudo_label_loop(quiet_config):
+def test_semi_supervised_training_equals_a_hand_written_pseudo_label_loop(quiet_config, tmp_path):
     data = _partly_labeled()
     settings = {"pseudo_label_threshold": 0.45, "unlabeled_weight": 0.5}
-    config = TrainingConfig(
-        num_epochs=3,
-        batch_size=8,
-        optimizer_type="sgd",
-        momentum=0.0,
-        weight_decay=0.0,
-        gradient_clipping=False,
-        learning_rate=0.1,
-        **settings,
-        **{**quiet_config, "overwrite_output_dir": True},
+    config = plain_sgd_config(
+        quiet_config, num_epochs=3, batch_size=8, learning_rate=0.1, log_frequency=18, **settings
     )
     ours, theirs = make_mlp(), make_mlp()
     TrainingManager(config).train(ours, DataLoader(data, 8), mode=SEMI)
-    kept = _reference(theirs, data, 8, 3, 0.1, threshold=0.45, weight=0.5)
+    kept, rates = _reference(theirs, data, 8, 3, 0.1, threshold=0.45, weight=0.5)
     assert 0 < kept < 3 * 16  # some, not all, unlabeled samples passed the threshold
+    logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    assert logged[-1]["train/pseudo_label_rate"] == pytest.approx(np.mean(rates))
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -86,6 +86,8 @@ class TrainState:
     interval_loss_sum: float = 0.0
     interval_loss_weight: float = 0.0
     interval_norms: list[float] = dataclasses.field(default_factory=list)
+    # a step function's own metrics since the last log: name -> [sum, count]
+    interval_metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     epoch_rng: dict[str, Any] | None = None
     history: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: empty_history())
 
@@ -195,6 +197,7 @@ class Loop:
         self.job = job or Distributed()
         self.no_sync = no_sync  # DDP's: skip the gradient all-reduce inside a window
         self._agreed_signal: str | None = None  # a signal every rank has agreed to stop on
+        self._pending_metrics: dict[str, list[float | torch.Tensor]] = {}  # not read yet
 
     # -- requests from callbacks and signals --------------------------------------------------
 
@@ -350,6 +353,9 @@ class Loop:
                 scaled = loss * (weights[i] / total) if weights else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             self.steps.add_micro_batch(loss.detach(), out.weight)
+            if out.metrics:
+                for name, value in out.metrics.items():  # kept as given: read at the log step
+                    self._pending_metrics.setdefault(name, []).append(value)
             samples += out.num_samples
         return samples
 
@@ -432,6 +438,15 @@ class Loop:
         if bad is not None:
             raise NonFiniteError(describe(bad) + "; no checkpoint was written after it")
         state = self.state
+        for name, values in self._pending_metrics.items():
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            total = sum(float(v) for v in values if not isinstance(v, torch.Tensor))
+            if tensors:
+                total += float(torch.stack([t.detach().float() for t in tensors]).sum())
+            sums = state.interval_metrics.setdefault(name, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += len(values)
+        self._pending_metrics = {}
         for record in records:
             state.epoch_loss_sum += record.loss_sum
             state.epoch_loss_weight += record.weight
@@ -527,6 +542,12 @@ class Loop:
             if self.max_grad_norm is not None:
                 clipped = sum(norm > self.max_grad_norm for norm in norms)
                 record["clip_fraction"] = clipped / len(norms)
+        if state.interval_metrics:  # means over the interval's micro-batches (and ranks)
+            names = sorted(state.interval_metrics)
+            sums = self.job.sum([v for name in names for v in state.interval_metrics[name]])
+            for i, name in enumerate(names):
+                record[f"train/{name}"] = sums[2 * i] / max(sums[2 * i + 1], 1.0)
+            state.interval_metrics = {}
         record.update(self._layer_norms())
         if state.skipped_steps:
             record["skipped_steps"] = state.skipped_steps

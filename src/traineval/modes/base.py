@@ -27,6 +27,9 @@ class StepOutput:
         num_samples: samples in the micro-batch, for throughput.
         outputs: the model's outputs, for metrics.
         targets: what the outputs are compared with, for metrics.
+        metrics: the mode's own per-step numbers (floats, or 0-d device tensors: they are
+            read at the next log step, not now); the loop logs each as `train/<name>`,
+            averaged over the micro-batches since the last log.
     """
 
     loss: torch.Tensor
@@ -34,6 +37,7 @@ class StepOutput:
     num_samples: int
     outputs: Any = None
     targets: Any = None
+    metrics: dict[str, float | torch.Tensor] | None = None
 
 
 class StepFunction(Protocol):

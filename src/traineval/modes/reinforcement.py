@@ -16,8 +16,10 @@ bootstraps its return from `V` of the last state instead of pretending the episo
 So the loop's optimizer, schedule, clipping, checkpoints and loggers work on policy updates
 as on any other. Every random draw (episode seeds, sampled actions, dropout) comes from the
 global torch generator, which checkpoints capture: a resumed run collects the episodes an
-uninterrupted one would have. Validation (`evaluate`) plays `rl_eval_episodes` episodes with
-the greedy policy and reports `return` (mean episode return) and `episode_length`.
+uninterrupted one would have. The training episodes' mean return and length are logged as
+`train/episode_return` and `train/episode_length`. Validation (`evaluate`) plays
+`rl_eval_episodes` episodes with the greedy policy and reports `return` (mean episode
+return) and `episode_length`.
 """
 
 from __future__ import annotations
@@ -99,7 +101,11 @@ class PolicyGradientStep:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         policy_loss = -(log_probs * advantages).mean()
         loss = policy_loss + self.value_coef * value_loss - self.entropy_coef * entropies.mean()
-        return StepOutput(loss=loss, weight=1, num_samples=int(log_probs.numel()))
+        metrics: dict[str, float | torch.Tensor] = {  # host numbers: rewards stay on the host
+            "episode_return": float(np.mean([sum(e["rewards"]) for e in episodes])),
+            "episode_length": float(np.mean([len(e["rewards"]) for e in episodes])),
+        }
+        return StepOutput(loss=loss, weight=1, num_samples=int(log_probs.numel()), metrics=metrics)
 
     def _returns(self, episode: dict[str, Any]) -> torch.Tensor:
         """Discounted returns, bootstrapped from V(last state) when the time limit cut it off."""

@@ -16,7 +16,7 @@ micro-batch; with gradient accumulation the loop weighs micro-batches by their s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -53,14 +53,33 @@ class SemiSupervisedStep:
                 "semi-supervised training needs (N, classes) scores from the model, got shape "
                 f"{tuple(outputs.shape)}"
             )
-        loss = self.loss(outputs, targets)
+        loss, rate = self.loss(outputs, targets, with_rate=True)
         num_samples = batch_size_of(inputs)
         return StepOutput(
-            loss=loss, weight=num_samples, num_samples=num_samples, outputs=outputs, targets=targets
+            loss=loss,
+            weight=num_samples,
+            num_samples=num_samples,
+            outputs=outputs,
+            targets=targets,
+            metrics={"pseudo_label_rate": rate},
         )
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The labeled term plus the weighted, confidence-masked pseudo-label term."""
+    @overload
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def loss(
+        self, outputs: torch.Tensor, targets: torch.Tensor, with_rate: Literal[True]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def loss(
+        self, outputs: torch.Tensor, targets: torch.Tensor, with_rate: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The labeled term plus the weighted, confidence-masked pseudo-label term.
+
+        With `with_rate`, also the share of unlabeled samples that passed the threshold (a
+        device tensor, logged as `train/pseudo_label_rate`).
+        """
         unlabeled = targets == self.unlabeled_label
         with torch.no_grad():
             confidence, pseudo = outputs.detach().float().softmax(dim=1).max(dim=1)
@@ -73,7 +92,10 @@ class SemiSupervisedStep:
         per_sample = F.cross_entropy(
             outputs, torch.where(unlabeled, pseudo, targets), reduction="none"
         )
-        return (per_sample * weights).sum()
+        loss = (per_sample * weights).sum()
+        if not with_rate:
+            return loss
+        return loss, kept.sum() / unlabeled.sum().clamp(min=1)
 
     def weight(self, batch: Any) -> int:
         """Micro-batches are weighed by their sample counts."""
