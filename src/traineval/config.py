@@ -197,6 +197,13 @@ class TrainingConfig(_ConfigBase):
     `nn.ModuleList`, becomes its own shard unit), and `distributed_timeout_seconds` bounds
     every collective, so a rank that dies stops the others instead of leaving them hanging.
 
+    Mode settings, read only by their mode: `unlabeled_label`, `unlabeled_weight`,
+    `pseudo_label_threshold` (semi-supervised); `federated_*` (clients, partition, local
+    epochs, client fraction, server learning rate and momentum); `meta_*` (algorithm, inner
+    learning rate and steps); `rl_*` (episodes per update, updates per epoch, discount,
+    value and entropy coefficients, advantage normalisation, episode cap, evaluation
+    episodes). See `traineval.modes` for what each mode does with them.
+
     Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
     `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same
     thing whatever `gradient_accumulation_steps` is.

@@ -1,4 +1,10 @@
-"""Training modes as step functions: `(model, batch) -> StepOutput`; the loop owns the update."""
+"""Training modes as step functions: `(model, batch) -> StepOutput`; the loop owns the update.
+
+Every mode runs through the same loop. Supervised, unsupervised, semi-supervised and
+meta-learning steps take batches of the user's loader; federated and reinforcement steps
+take the items of a loader the mode provides (rounds, policy updates): `setup.prepare_mode`
+builds those and refuses what a mode does not support.
+"""
 
 from __future__ import annotations
 
