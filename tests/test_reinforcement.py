@@ -267,3 +267,25 @@ def test_resuming_inside_an_epoch_replays_the_same_episodes(quiet_config, tmp_pa
     assert result["global_step"] == 6
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_reinforcement_from_a_config_file(tmp_path):
+    import json
+
+    from traineval.cli import main
+    from traineval.experiment import RunConfig
+
+    config = tmp_path / "rl.yaml"
+    config.write_text(
+        "mode: reinforcement\ndata: {environment: CartPole}\nmodel: {name: actor_critic}\n"
+        "training: {num_epochs: 2, learning_rate: 3.0e-3, warmup_steps: 0, "
+        "scheduler_type: constant, rl_updates_per_epoch: 4, rl_eval_episodes: 3, "
+        "tensorboard_logging: false}\n"
+    )
+    assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'run'}"]) == 0
+    record = json.loads((tmp_path / "run" / "evaluation" / "metrics.json").read_text())
+    assert set(record["test"]) == {"return", "episode_length"}
+    assert record["test"]["return"] >= 8  # CartPole's shortest possible episode
+    assert record["monitor_metric"] == "val_return"
+    with pytest.raises(ValueError, match=r"data\.environment=None is invalid: mode: reinforcement"):
+        RunConfig.from_dict({"mode": "reinforcement"})

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,6 +33,7 @@ from .config import (
 from .data import DataSplits, Episodes, hide_labels, load_builtin, load_csv, make_splits
 from .data.tables import BUILTIN_DATASETS
 from .distributed import is_sharded, model_state
+from .envs import make_env
 from .evaluation import Evaluator
 from .evaluation.evaluator import SPLIT_PREFIX
 from .imports import import_object
@@ -39,6 +41,7 @@ from .loggers import JsonlLogger
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
 from .modes import MetaLearningStep
+from .modes.reinforcement import PolicyGradientStep
 from .seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class DataConfig(_ConfigBase):
     """
 
     name: str = "digits"
+    environment: str | None = None
     path: str | None = None
     target: str | None = None
     task: str = "auto"
@@ -135,8 +139,21 @@ class RunConfig:
     mode: str = "supervised"
 
     def __post_init__(self) -> None:
-        modes = ("supervised", "unsupervised", "semi_supervised", "federated", "meta_learning")
+        modes = (
+            "supervised",
+            "unsupervised",
+            "semi_supervised",
+            "federated",
+            "meta_learning",
+            "reinforcement",
+        )
         _choice("mode", self.mode, modes)
+        if self.mode == "reinforcement" and not self.data.environment:
+            _fail(
+                "data.environment",
+                self.data.environment,
+                "mode: reinforcement needs an environment, e.g. CartPole (or a gymnasium id)",
+            )
         if self.data.labeled_fraction < 1.0 and self.mode == "unsupervised":
             _fail(
                 "data.labeled_fraction",
@@ -283,6 +300,8 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     `evaluation/metrics.json` (plus predictions and plots when configured) into the run
     directory.
     """
+    if config.mode == "reinforcement":
+        return _run_reinforcement(config, resume_from)
     parts = _parts(config)
     model = parts.new_model()
     manager = TrainingManager(config.training)
@@ -339,6 +358,46 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     if config.training.tensorboard_logging and figure.exists():
         _figure_to_tensorboard(out, "test/confusion_matrix", figure, result.global_step)
     return ExperimentResult(result, test_metrics, evaluated, str(out))
+
+
+def _run_reinforcement(config: RunConfig, resume_from: str | None) -> ExperimentResult:
+    """Train a policy on `data.environment`; test the best checkpoint on fresh greedy episodes."""
+    assert config.data.environment is not None
+    factory = make_env(config.data.environment)
+    probe = factory()
+    observation, _ = probe.reset(seed=0)
+    seed_everything(config.training.seed)  # initial weights come from the run's seed
+    model = build_model(
+        config.model.name,
+        input_shape=tuple(np.shape(observation)),
+        output_dim=int(probe.action_space.n),
+        options=dict(config.model.options),
+    )
+    manager = TrainingManager(config.training)
+    result = manager.train(model, factory, mode=TrainingMode.REINFORCEMENT, resume_from=resume_from)
+    out = Path(result.output_dir)
+    resolved = config.to_dict()
+    resolved["training"]["output_dir"] = result.output_dir
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    evaluated = "final weights"
+    best = out / "checkpoints" / "best.pt"
+    if best.exists():
+        payload = load_checkpoint_file(best, map_location=manager.device)
+        model.load_state_dict(payload["model"])
+        evaluated = f"best checkpoint (epoch {payload['epoch']})"
+    t = config.training
+    step = PolicyGradientStep(
+        factory,
+        episodes=1,
+        max_episode_steps=t.rl_max_episode_steps,
+        eval_episodes=t.rl_eval_episodes,
+    )
+    test = step.evaluate(model, manager.device, seed=config.training.seed + 54321)
+    record = {"evaluated": evaluated, "best_val": result.best_metric, "test": test}
+    record["monitor_metric"] = result.monitor_metric
+    (out / "evaluation").mkdir(exist_ok=True)
+    (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
+    return ExperimentResult(result, test, evaluated, str(out))
 
 
 def _figure_to_tensorboard(run_dir: Path, tag: str, png: Path, step: int) -> None:
@@ -451,10 +510,10 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
     `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
     """
-    if config.mode == "meta_learning":
+    if config.mode in ("meta_learning", "reinforcement"):
         raise ValueError(
-            "mode='meta_learning' is invalid for cross-validation (its samples are tasks, "
-            "scored by adaptation; ensembles of adapted models are not built): use fit"
+            f"mode={config.mode!r} is invalid for cross-validation (its samples are tasks or "
+            "episodes, not rows to fold): use fit"
         )
     parts = _parts(config)
     splits = parts.splits

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,7 @@ class TrainingManager:
     def train(
         self,
         model: nn.Module,
-        train_loader: Iterable[Any],
+        train_loader: Iterable[Any] | Callable[[], Any] | str,
         val_loader: Iterable[Any] | None = None,
         *,
         task_type: TaskType | None = None,
@@ -169,6 +169,8 @@ class TrainingManager:
     ) -> TrainingResult:
         """Train `model`; evaluate on `val_loader` each epoch and every `eval_frequency` updates.
 
+        `train_loader` is what the mode trains on: batches; in federated mode also a list of
+        client loaders; in reinforcement mode an environment factory or name ("CartPole").
         `loggers` adds your own (`log(metrics, step)`, `log_config`, `close`) beside
         metrics.jsonl and TensorBoard; a logger that fails is reported once, never fatal.
         `resume_from` continues a run from a checkpoint path, or with "auto" from the newest
@@ -201,13 +203,13 @@ class TrainingManager:
             user_loss=user_loss,
             distributed=job.enabled,
         )
-        train_loader = setup.loader
+        batches: Iterable[Any] = setup.loader
         if not setup.uses_own_loader:
-            train_loader = shard_train_loader(train_loader, job, c.seed)
+            batches = shard_train_loader(batches, job, c.seed)
         if val_loader is not None:
             val_loader = shard_eval_loader(val_loader, job)
         step_fn = setup.step_fn  # federated: built with its optimizer, further down
-        updates_per_epoch = _updates_per_epoch(train_loader, c.gradient_accumulation_steps)
+        updates_per_epoch = _updates_per_epoch(batches, c.gradient_accumulation_steps)
         total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
         # An autoencoder's evaluation compares outputs with inputs: regression metrics.
         metric_task = TaskType.REGRESSION if mode is TrainingMode.UNSUPERVISED else task_type
@@ -331,7 +333,7 @@ class TrainingManager:
             # a constant rate without warmup never changes: nothing to step
             scheduler=None if _constant(c) else scheduler,
             step_fn=step_fn,
-            train_loader=train_loader,
+            train_loader=batches,
             device=self.device,
             precision=precision,
             monitor=monitor,
@@ -353,7 +355,7 @@ class TrainingManager:
             loggers=hub,
             tracker=self.metrics_tracker,
             performance=self.performance_monitor,
-            data_generators=data_generators(train_loader),  # federated: none (rounds reseed)
+            data_generators=data_generators(batches),  # federated: none (rounds reseed)
             skip_non_finite=c.skip_nonfinite_steps,
             layer_norms=c.log_layer_grad_norms,
             job=job,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..imports import import_object
 
-__all__ = ["MLP", "MODELS", "Autoencoder", "SmallCNN", "build_model"]
+__all__ = ["MLP", "MODELS", "ActorCritic", "Autoencoder", "SmallCNN", "build_model"]
 
 
 def _mlp_layers(
@@ -94,7 +94,25 @@ class Autoencoder(nn.Module):
         return self.decoder(self.encode(x)).reshape(x.shape)
 
 
-MODELS = ("mlp", "cnn", "autoencoder")
+class ActorCritic(nn.Module):
+    """A policy for reinforcement mode: a tanh MLP body, action logits and a state value."""
+
+    def __init__(self, input_dim: int, output_dim: int, hidden_sizes: Sequence[int] = (64,)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise([input_dim, *hidden_sizes]):
+            layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        width = hidden_sizes[-1] if hidden_sizes else input_dim
+        self.policy = nn.Linear(width, output_dim)
+        self.value = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x.flatten(1))
+        return self.policy(h), self.value(h)
+
+
+MODELS = ("mlp", "cnn", "autoencoder", "actor_critic")
 
 
 def build_model(
@@ -106,8 +124,8 @@ def build_model(
 ) -> nn.Module:
     """Build a built-in model for data of `input_shape` (one sample) and `output_dim` outputs.
 
-    `name` is one of `mlp`, `cnn`, `autoencoder`, or an import path `package.module:factory`
-    called as `factory(input_shape=..., output_dim=..., **options)`.
+    `name` is one of `mlp`, `cnn`, `autoencoder`, `actor_critic`, or an import path
+    `package.module:factory` called as `factory(input_shape=..., output_dim=..., **options)`.
     """
     options = dict(options or {})
     input_dim = math.prod(input_shape)
@@ -116,6 +134,8 @@ def build_model(
             return MLP(input_dim, output_dim, **options)
         if name == "autoencoder":
             return Autoencoder(input_dim, **options)
+        if name == "actor_critic":
+            return ActorCritic(input_dim, output_dim, **options)
         if name == "cnn":
             if len(input_shape) != 3:
                 raise ValueError(
