@@ -360,8 +360,8 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     return ExperimentResult(result, test_metrics, evaluated, str(out))
 
 
-def _run_reinforcement(config: RunConfig, resume_from: str | None) -> ExperimentResult:
-    """Train a policy on `data.environment`; test the best checkpoint on fresh greedy episodes."""
+def _policy_parts(config: RunConfig) -> tuple[Any, torch.nn.Module]:
+    """The environment factory and a fresh policy sized to its observations and actions."""
     assert config.data.environment is not None
     factory = make_env(config.data.environment)
     probe = factory()
@@ -373,6 +373,26 @@ def _run_reinforcement(config: RunConfig, resume_from: str | None) -> Experiment
         output_dim=int(probe.action_space.n),
         options=dict(config.model.options),
     )
+    return factory, model
+
+
+def _test_episodes(
+    config: RunConfig, factory: Any, model: torch.nn.Module, device: torch.device
+) -> dict[str, float]:
+    """The greedy policy on `rl_eval_episodes` episodes seeded apart from validation's."""
+    t = config.training
+    step = PolicyGradientStep(
+        factory,
+        episodes=1,
+        max_episode_steps=t.rl_max_episode_steps,
+        eval_episodes=t.rl_eval_episodes,
+    )
+    return step.evaluate(model.to(device), device, seed=t.seed + 54321)
+
+
+def _run_reinforcement(config: RunConfig, resume_from: str | None) -> ExperimentResult:
+    """Train a policy on `data.environment`; test the best checkpoint on fresh greedy episodes."""
+    factory, model = _policy_parts(config)
     manager = TrainingManager(config.training)
     result = manager.train(model, factory, mode=TrainingMode.REINFORCEMENT, resume_from=resume_from)
     out = Path(result.output_dir)
@@ -385,14 +405,7 @@ def _run_reinforcement(config: RunConfig, resume_from: str | None) -> Experiment
         payload = load_checkpoint_file(best, map_location=manager.device)
         model.load_state_dict(payload["model"])
         evaluated = f"best checkpoint (epoch {payload['epoch']})"
-    t = config.training
-    step = PolicyGradientStep(
-        factory,
-        episodes=1,
-        max_episode_steps=t.rl_max_episode_steps,
-        eval_episodes=t.rl_eval_episodes,
-    )
-    test = step.evaluate(model, manager.device, seed=config.training.seed + 54321)
+    test = _test_episodes(config, factory, model, manager.device)
     record = {"evaluated": evaluated, "best_val": result.best_metric, "test": test}
     record["monitor_metric"] = result.monitor_metric
     (out / "evaluation").mkdir(exist_ok=True)
@@ -478,6 +491,15 @@ def evaluate_run(
     path = Path(checkpoint)
     if not path.suffix:
         path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if config.mode == "reinforcement":  # the split does not apply: fresh greedy episodes
+        factory, policy = _policy_parts(config)
+        device = TrainingManager(config.training).device
+        policy.load_state_dict(load_checkpoint_file(path, map_location=device)["model"])
+        metrics = _test_episodes(config, factory, policy, device)
+        out = run_dir / "evaluation" / "metrics_episodes.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"checkpoint": str(path), "metrics": metrics}, indent=2))
+        return metrics, str(out)
     parts = _parts(config)
     dataset = getattr(parts.splits, split)
     if dataset is None:
