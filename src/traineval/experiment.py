@@ -326,15 +326,7 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
             model.to(manager.device)
     if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
         return ExperimentResult(result, None, "evaluated by rank 0", str(out))
-    resolved = config.to_dict()
-    resolved["training"]["output_dir"] = result.output_dir
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    evaluated = "final weights"
-    best = out / "checkpoints" / "best.pt"
-    if best.exists():
-        payload = load_checkpoint_file(best, map_location=manager.device)
-        model.load_state_dict(payload["model"])
-        evaluated = f"best checkpoint (epoch {payload['epoch']})"
+    evaluated = _record_and_load_best(config, result, model, manager.device)
     if config.evaluation.plot_metrics:
         from .reporting import plots
 
@@ -358,6 +350,25 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     if config.training.tensorboard_logging and figure.exists():
         _figure_to_tensorboard(out, "test/confusion_matrix", figure, result.global_step)
     return ExperimentResult(result, test_metrics, evaluated, str(out))
+
+
+def _record_and_load_best(
+    config: RunConfig, result: TrainingResult, model: torch.nn.Module, device: torch.device
+) -> str:
+    """Write the whole run config into the run directory; load the best checkpoint, if any.
+
+    Returns which weights `model` now holds, for the evaluation record.
+    """
+    out = Path(result.output_dir)
+    resolved = config.to_dict()
+    resolved["training"]["output_dir"] = result.output_dir
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    best = out / "checkpoints" / "best.pt"
+    if not best.exists():
+        return "final weights"
+    payload = load_checkpoint_file(best, map_location=device)
+    model.load_state_dict(payload["model"])
+    return f"best checkpoint (epoch {payload['epoch']})"
 
 
 def _policy_parts(config: RunConfig) -> tuple[Any, torch.nn.Module]:
@@ -396,15 +407,7 @@ def _run_reinforcement(config: RunConfig, resume_from: str | None) -> Experiment
     manager = TrainingManager(config.training)
     result = manager.train(model, factory, mode=TrainingMode.REINFORCEMENT, resume_from=resume_from)
     out = Path(result.output_dir)
-    resolved = config.to_dict()
-    resolved["training"]["output_dir"] = result.output_dir
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    evaluated = "final weights"
-    best = out / "checkpoints" / "best.pt"
-    if best.exists():
-        payload = load_checkpoint_file(best, map_location=manager.device)
-        model.load_state_dict(payload["model"])
-        evaluated = f"best checkpoint (epoch {payload['epoch']})"
+    evaluated = _record_and_load_best(config, result, model, manager.device)
     test = _test_episodes(config, factory, model, manager.device)
     record = {"evaluated": evaluated, "best_val": result.best_metric, "test": test}
     record["monitor_metric"] = result.monitor_metric
