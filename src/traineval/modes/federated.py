@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
 from ..optim import configured_optimizer
 from ..precision import Precision
@@ -124,8 +125,9 @@ def client_loaders(
 ) -> list[DataLoader[Any]]:
     """Clients from `train`: a list of loaders as given, or one loader's dataset partitioned.
 
-    A partitioned client's loader keeps the given loader's batch size, collate function and
-    workers, and shuffles with a generator the round seeds (see `FederatedStep`).
+    A partitioned client's loader keeps the given loader's batch size, `drop_last` and
+    worker / collate / pinning settings, and shuffles with a generator the round seeds (see
+    `FederatedStep`).
     """
     if isinstance(train, (list, tuple)):
         if not train:
@@ -144,10 +146,8 @@ def client_loaders(
             batch_size=train.batch_size,
             shuffle=True,
             drop_last=train.drop_last,
-            collate_fn=train.collate_fn,
-            num_workers=train.num_workers,
-            pin_memory=train.pin_memory,
             generator=torch.Generator(),
+            **worker_settings(train),
         )
         for share in shares
     ]
