@@ -391,14 +391,8 @@ def _test_episodes(
     config: RunConfig, factory: Any, model: torch.nn.Module, device: torch.device
 ) -> dict[str, float]:
     """The greedy policy on `rl_eval_episodes` episodes seeded apart from validation's."""
-    t = config.training
-    step = PolicyGradientStep(
-        factory,
-        episodes=1,
-        max_episode_steps=t.rl_max_episode_steps,
-        eval_episodes=t.rl_eval_episodes,
-    )
-    return step.evaluate(model.to(device), device, seed=t.seed + 54321)
+    step = PolicyGradientStep.from_config(factory, config.training, episodes=1)
+    return step.evaluate(model.to(device), device, seed=config.training.seed + 54321)
 
 
 def _run_reinforcement(config: RunConfig, resume_from: str | None) -> ExperimentResult:
@@ -439,8 +433,7 @@ def _evaluate_split(
 ) -> dict[str, float]:
     """Evaluate on one split and append the split-tagged record to metrics.jsonl."""
     if parts.mode is TrainingMode.META_LEARNING:  # adapt to each task, score its queries
-        t = parts.config.training
-        meta = MetaLearningStep(None, t.meta_algorithm, t.meta_inner_lr, t.meta_inner_steps)
+        meta = MetaLearningStep.from_config(parts.config.training)
         model.to(device)
         metrics = meta.evaluate(model, loader, device)
     else:

@@ -41,7 +41,6 @@ from .distributed import setup as setup_distributed
 from .evaluation import Evaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
-from .modes.meta_learning import MetaLearningStep
 from .modes.setup import prepare_mode
 from .monitor import PerformanceMonitor
 from .optim import build_scheduler, configured_optimizer
@@ -208,7 +207,6 @@ class TrainingManager:
             batches = shard_train_loader(batches, job, c.seed)
         if val_loader is not None:
             val_loader = shard_eval_loader(val_loader, job)
-        step_fn = setup.step_fn  # federated: built with its optimizer, further down
         updates_per_epoch = _updates_per_epoch(batches, c.gradient_accumulation_steps)
         total_steps = _total_steps(updates_per_epoch, c.num_epochs, c.max_steps)
         # An autoencoder's evaluation compares outputs with inputs: regression metrics.
@@ -251,9 +249,8 @@ class TrainingManager:
         # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
         wrapped, no_sync = wrap_model(model, self.device, job, c)
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
-        # federated: the server's optimizer, whose lr is the clients' (scheduled per round)
+        # federated: the server's optimizer (whose lr is the clients'), and the step with it
         optimizer = setup.optimizer(model, c, loss_function, precision, self.setup_optimizer)
-        step_fn = setup.step_fn
         scheduler = self.setup_scheduler(optimizer, total_steps)
         if payload is not None:
             load_optimizer_state(model, optimizer, payload["optimizer"])
@@ -269,22 +266,10 @@ class TrainingManager:
         # module's forward is itself a collective: its ranks evaluate in lockstep.
         eval_model = model if job.enabled else None
         lockstep = is_sharded(model)
-        evaluate_fn = None
         if evaluator is not None:
             evaluator.run_dir = self.output_dir  # where its predictions and plots go later
-        if mode is TrainingMode.REINFORCEMENT:
-
-            def evaluate_fn(m: nn.Module) -> dict[str, float]:
-                with precision.autocast():  # greedy episodes: mean return and length
-                    return step_fn.evaluate(m, self.device)
-
-        elif val_loader is not None and isinstance(step_fn, MetaLearningStep):
-
-            def evaluate_fn(m: nn.Module) -> dict[str, float]:
-                with precision.autocast():  # adapt to each task's support set, score its query
-                    return step_fn.evaluate(m, val_loader, self.device)
-
-        elif val_loader is not None:
+        evaluate_fn = setup.evaluate_fn(val_loader, self.device, precision)
+        if evaluate_fn is None and val_loader is not None:
             evaluator = evaluator or Evaluator()
 
             def evaluate_fn(m: nn.Module) -> dict[str, float]:
@@ -332,7 +317,7 @@ class TrainingManager:
             optimizer=optimizer,
             # a constant rate without warmup never changes: nothing to step
             scheduler=None if _constant(c) else scheduler,
-            step_fn=step_fn,
+            step_fn=setup.step_fn,
             train_loader=batches,
             device=self.device,
             precision=precision,
@@ -340,12 +325,7 @@ class TrainingManager:
             num_epochs=c.num_epochs,
             updates_per_epoch=updates_per_epoch,
             accumulation_steps=c.gradient_accumulation_steps,
-            # federated: clients clip their own gradients, not the server's pseudo-gradient
-            max_grad_norm=(
-                c.max_grad_norm
-                if c.gradient_clipping and mode is not TrainingMode.FEDERATED
-                else None
-            ),
+            max_grad_norm=setup.max_grad_norm(c),
             max_steps=c.max_steps,
             eval_every_n_steps=c.eval_frequency if evaluate_fn is not None else None,
             log_every_n_steps=c.log_frequency,

@@ -50,9 +50,7 @@ def build_step(
     if mode is TrainingMode.SEMI_SUPERVISED:
         return SemiSupervisedStep(c.unlabeled_label, c.unlabeled_weight, c.pseudo_label_threshold)
     if mode is TrainingMode.META_LEARNING:
-        return MetaLearningStep(
-            loss_function, c.meta_algorithm, c.meta_inner_lr, c.meta_inner_steps
-        )
+        return MetaLearningStep.from_config(c, loss_function)
     # FEDERATED and REINFORCEMENT: their steps need the clients / the environment
     raise ValueError(
         f"mode={mode.value!r} has no step function of its own: TrainingManager.train builds "

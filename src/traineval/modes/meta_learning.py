@@ -53,6 +53,12 @@ class MetaLearningStep:
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
 
+    @classmethod
+    def from_config(cls, config: Any, loss_function: Any = None) -> MetaLearningStep:
+        """The step a TrainingConfig's `meta_*` settings describe."""
+        c = config
+        return cls(loss_function, c.meta_algorithm, c.meta_inner_lr, c.meta_inner_steps)
+
     def weight(self, batch: Any) -> int:
         """Tasks weigh equally: the number of tasks in the batch."""
         return int(_tasks(batch)[0].shape[0])

@@ -80,6 +80,24 @@ class PolicyGradientStep:
                 "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
             )
 
+    @classmethod
+    def from_config(
+        cls, env_factory: Callable[[], Any], config: Any, episodes: int | None = None
+    ) -> PolicyGradientStep:
+        """The step a TrainingConfig's `rl_*` settings describe (`episodes` overrides its
+        episodes per update, e.g. 1 where the step only evaluates)."""
+        c = config
+        return cls(
+            env_factory,
+            episodes=c.rl_episodes_per_update if episodes is None else episodes,
+            gamma=c.rl_gamma,
+            value_coef=c.rl_value_coef,
+            entropy_coef=c.rl_entropy_coef,
+            normalize_advantages=c.rl_normalize_advantages,
+            max_episode_steps=c.rl_max_episode_steps,
+            eval_episodes=c.rl_eval_episodes,
+        )
+
     def weight(self, batch: Any) -> int:
         return 1
 

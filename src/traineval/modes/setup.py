@@ -62,6 +62,35 @@ class ModeSetup:
         self.step_fn.server = server
         return server
 
+    def max_grad_norm(self, config: TrainingConfig) -> float | None:
+        """The loop's clipping; federated clients clip their own gradients, not the server's
+        pseudo-gradient."""
+        if not config.gradient_clipping or self.mode is TrainingMode.FEDERATED:
+            return None
+        return config.max_grad_norm
+
+    def evaluate_fn(
+        self, val_loader: Any, device: torch.device, precision: Precision
+    ) -> Callable[[nn.Module], dict[str, float]] | None:
+        """How reinforcement and meta-learning modes validate (greedy episodes; adaptation
+        to each task's support set); None where the Evaluator scores `val_loader`."""
+        step = self.step_fn
+        if self.mode is TrainingMode.REINFORCEMENT:
+
+            def play(model: nn.Module) -> dict[str, float]:
+                with precision.autocast():
+                    return step.evaluate(model, device)
+
+            return play
+        if self.mode is TrainingMode.META_LEARNING and val_loader is not None:
+
+            def adapt(model: nn.Module) -> dict[str, float]:
+                with precision.autocast():
+                    return step.evaluate(model, val_loader, device)
+
+            return adapt
+        return None
+
     def monitor(self, config: TrainingConfig) -> Monitor | None:
         """Reinforcement mode's monitor (val_return unless told otherwise); None elsewhere."""
         if self.mode is not TrainingMode.REINFORCEMENT:
@@ -124,16 +153,7 @@ def prepare_mode(
                 "mode='reinforcement' evaluates by playing rl_eval_episodes greedy episodes; "
                 "pass no val_loader"
             )
-        step = PolicyGradientStep(
-            _env_factory(train_loader),
-            episodes=c.rl_episodes_per_update,
-            gamma=c.rl_gamma,
-            value_coef=c.rl_value_coef,
-            entropy_coef=c.rl_entropy_coef,
-            normalize_advantages=c.rl_normalize_advantages,
-            max_episode_steps=c.rl_max_episode_steps,
-            eval_episodes=c.rl_eval_episodes,
-        )
+        step = PolicyGradientStep.from_config(_env_factory(train_loader), c)
         return ModeSetup(mode, Rollouts(c.rl_updates_per_epoch), step, True)
     return ModeSetup(mode, train_loader, build_step(mode, loss_function, c), False)
 
