@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +48,20 @@ class StepFunction(Protocol):
     def weight(self, batch: Any) -> int | torch.Tensor:
         """The items the loss of `batch` averages over, known before the forward pass."""
         ...
+
+
+class Updates:
+    """The loop's "loader" for modes whose step makes its own data (federated rounds, policy
+    updates from fresh episodes): `per_epoch` placeholder items, one loop update each."""
+
+    def __init__(self, per_epoch: int) -> None:
+        self.per_epoch = per_epoch
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def __iter__(self) -> Iterator[int]:
+        yield from range(self.per_epoch)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

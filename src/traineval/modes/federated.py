@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from ..precision import Precision
 from .base import StepOutput, move_to_device
 from .supervised import SupervisedStep
 
-__all__ = ["FederatedRounds", "FederatedStep", "ServerOptimizer", "client_loaders", "partition"]
+__all__ = ["FederatedStep", "ServerOptimizer", "client_loaders", "partition"]
 
 
 class ServerOptimizer(torch.optim.Optimizer):
@@ -105,19 +105,6 @@ def partition(
         f"federated_dirichlet_alpha={alpha} left a client without samples in 100 draws; "
         "raise it or use fewer clients"
     )
-
-
-class FederatedRounds:
-    """The loop's "loader" in federated mode: one item per round, one round per epoch."""
-
-    def __init__(self, clients: Sequence[Any]) -> None:
-        self.clients = list(clients)
-
-    def __len__(self) -> int:
-        return 1
-
-    def __iter__(self) -> Iterator[int]:
-        yield len(self.clients)
 
 
 def client_loaders(

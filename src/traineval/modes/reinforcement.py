@@ -24,7 +24,7 @@ return) and `episode_length`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,20 +34,7 @@ from torch.nn import functional as F
 
 from .base import StepOutput
 
-__all__ = ["PolicyGradientStep", "Rollouts"]
-
-
-class Rollouts:
-    """The loop's "loader" in reinforcement mode: `updates_per_epoch` items per epoch."""
-
-    def __init__(self, updates_per_epoch: int) -> None:
-        self.updates_per_epoch = updates_per_epoch
-
-    def __len__(self) -> int:
-        return self.updates_per_epoch
-
-    def __iter__(self) -> Iterator[int]:
-        yield from range(self.updates_per_epoch)
+__all__ = ["PolicyGradientStep"]
 
 
 class PolicyGradientStep:

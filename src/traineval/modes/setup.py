@@ -2,9 +2,9 @@
 
 Supervised, unsupervised and semi-supervised modes train on the user's loader with a step
 function. The others run through the same loop with something else in the loader's place:
-federated mode iterates rounds (`FederatedRounds`, its step trains the clients and the
-optimizer is the server's), reinforcement mode iterates policy updates (`Rollouts`, its step
-plays episodes), meta-learning mode iterates batches of tasks with its own validation.
+federated mode iterates rounds (`Updates(1)`: its step trains the clients and the
+optimizer is the server's), reinforcement mode iterates policy updates (`Updates(n)`: its
+step plays episodes), meta-learning mode iterates batches of tasks with its own validation.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from ..envs import make_env
 from ..loop import Monitor
 from ..precision import Precision
 from . import build_step
-from .federated import FederatedRounds, FederatedStep, ServerOptimizer, client_loaders
-from .reinforcement import PolicyGradientStep, Rollouts
+from .base import Updates
+from .federated import FederatedStep, ServerOptimizer, client_loaders
+from .reinforcement import PolicyGradientStep
 
 __all__ = ["ModeSetup", "prepare_mode"]
 
@@ -146,7 +147,7 @@ def prepare_mode(
             c.federated_dirichlet_alpha,
             c.seed,
         )
-        return ModeSetup(mode, FederatedRounds(clients), None, True, clients)
+        return ModeSetup(mode, Updates(1), None, True, clients)  # one round per epoch
     if mode is TrainingMode.REINFORCEMENT:
         if val_loader is not None:
             raise ValueError(
@@ -154,7 +155,7 @@ def prepare_mode(
                 "pass no val_loader"
             )
         step = PolicyGradientStep.from_config(_env_factory(train_loader), c)
-        return ModeSetup(mode, Rollouts(c.rl_updates_per_epoch), step, True)
+        return ModeSetup(mode, Updates(c.rl_updates_per_epoch), step, True)
     return ModeSetup(mode, train_loader, build_step(mode, loss_function, c), False)
 
 
