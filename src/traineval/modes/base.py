@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +48,19 @@ class StepFunction(Protocol):
     def weight(self, batch: Any) -> int | torch.Tensor:
         """The items the loss of `batch` averages over, known before the forward pass."""
         ...
+
+
+def loss_with_gradient(
+    value: torch.Tensor, params: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """A loss that reads `value` but whose gradient with respect to `params` is `gradients`.
+
+    For modes whose update direction is not the gradient of their loss (FedAvg's and
+    Reptile's `weights - trained weights`): the loop's backward pass puts the direction in
+    `.grad` and the optimizer applies it like any other gradient.
+    """
+    surrogate = torch.stack([(p * g).sum() for p, g in zip(params, gradients, strict=True)]).sum()
+    return value + (surrogate - surrogate.detach())
 
 
 class Updates:

@@ -31,7 +31,7 @@ from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
 from ..optim import configured_optimizer
 from ..precision import Precision
-from .base import StepOutput, move_to_device
+from .base import StepOutput, loss_with_gradient, move_to_device
 from .supervised import SupervisedStep
 
 __all__ = ["FederatedStep", "ServerOptimizer", "client_loaders", "partition"]
@@ -188,9 +188,8 @@ class FederatedStep:
                     deltas.append(value.detach() - mean.to(value.dtype))
                 elif not isinstance(value, nn.Parameter):  # buffers (norm statistics)
                     value.copy_(mean if value.is_floating_point() else mean.round())
-        surrogate = torch.stack([(p * d).sum() for p, d in zip(params, deltas, strict=True)]).sum()
         # value: the clients' mean loss; gradient: global - average (FedAvg's pseudo-gradient)
-        loss = loss_sum / total + (surrogate - surrogate.detach())
+        loss = loss_with_gradient(loss_sum / total, params, deltas)
         return StepOutput(loss=loss, weight=1, num_samples=total)
 
     def _train_client(

@@ -27,7 +27,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..config import META_ALGORITHMS
-from .base import StepOutput
+from .base import StepOutput, loss_with_gradient
 
 __all__ = ["MetaLearningStep"]
 
@@ -83,10 +83,7 @@ class MetaLearningStep:
         loss = torch.stack(losses).mean()
         if self.algorithm == "reptile":
             # value: the adapted models' query loss; gradient: mean of (weights - adapted)
-            surrogate = torch.stack(
-                [(w * (d / tasks)).sum() for w, d in zip(weights.values(), pseudo, strict=True)]
-            ).sum()
-            loss = loss + (surrogate - surrogate.detach())
+            loss = loss_with_gradient(loss, list(weights.values()), [d / tasks for d in pseudo])
         return StepOutput(loss=loss, weight=tasks, num_samples=tasks)
 
     def adapt(
