@@ -16,7 +16,7 @@ micro-batch; with gradient accumulation the loop weighs micro-batches by their s
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class SemiSupervisedStep:
                 "semi-supervised training needs (N, classes) scores from the model, got shape "
                 f"{tuple(outputs.shape)}"
             )
-        loss, rate = self.loss(outputs, targets, with_rate=True)
+        loss, rate = self.terms(outputs, targets)
         num_samples = batch_size_of(inputs)
         return StepOutput(
             loss=loss,
@@ -64,22 +64,15 @@ class SemiSupervisedStep:
             metrics={"pseudo_label_rate": rate},
         )
 
-    @overload
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The labeled term plus the weighted, confidence-masked pseudo-label term."""
+        return self.terms(outputs, targets)[0]
 
-    @overload
-    def loss(
-        self, outputs: torch.Tensor, targets: torch.Tensor, with_rate: Literal[True]
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def loss(
-        self, outputs: torch.Tensor, targets: torch.Tensor, with_rate: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The labeled term plus the weighted, confidence-masked pseudo-label term.
-
-        With `with_rate`, also the share of unlabeled samples that passed the threshold (a
-        device tensor, logged as `train/pseudo_label_rate`).
-        """
+    def terms(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss, and the share of unlabeled samples that passed the threshold (a device
+        tensor, logged as `train/pseudo_label_rate`)."""
         unlabeled = targets == self.unlabeled_label
         with torch.no_grad():
             confidence, pseudo = outputs.detach().float().softmax(dim=1).max(dim=1)
@@ -92,10 +85,7 @@ class SemiSupervisedStep:
         per_sample = F.cross_entropy(
             outputs, torch.where(unlabeled, pseudo, targets), reduction="none"
         )
-        loss = (per_sample * weights).sum()
-        if not with_rate:
-            return loss
-        return loss, kept.sum() / unlabeled.sum().clamp(min=1)
+        return (per_sample * weights).sum(), kept.sum() / unlabeled.sum().clamp(min=1)
 
     def weight(self, batch: Any) -> int:
         """Micro-batches are weighed by their sample counts."""
