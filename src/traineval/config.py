@@ -338,6 +338,7 @@ class TrainingConfig(_ConfigBase):
             "adam_beta2",
             "scheduler_gamma",
             "lr_scheduler_factor",
+            "federated_server_momentum",
         ):
             _float(name, getattr(self, name), minimum=0.0)
             if getattr(self, name) >= 1.0:
@@ -445,13 +446,6 @@ class TrainingConfig(_ConfigBase):
                 "expected a number in (0, 1] (the share of clients trained each round)",
             )
         _float("federated_server_lr", self.federated_server_lr, minimum=0, strict=True)
-        _float("federated_server_momentum", self.federated_server_momentum, minimum=0)
-        if self.federated_server_momentum >= 1:
-            _fail(
-                "federated_server_momentum",
-                self.federated_server_momentum,
-                "expected a number in [0, 1)",
-            )
         _float(
             "distributed_timeout_seconds", self.distributed_timeout_seconds, minimum=0, strict=True
         )
