@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import TrainingConfig, TrainingManager
+from traineval import TrainingConfig, TrainingManager, TrainingMode
 from traineval.callbacks import Callback
 from traineval.config import TaskType
 from traineval.evaluation import Evaluator
@@ -92,6 +92,29 @@ def equivalence(out: Path, rank: int) -> None:
         history = result.training_history
         record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
         (out / f"{name}-history-{rank}.json").write_text(json.dumps(record))
+
+
+def partly_labeled() -> TensorDataset:
+    """`data()` with a third of the targets, and all of samples 8-15, marked unlabeled (-1):
+    the ranks' micro-batches hold different numbers of labeled samples."""
+    x, y = data().tensors
+    y = y.clone()
+    y[::3] = -1
+    y[8:16] = -1
+    return TensorDataset(x, y)
+
+
+def semi_supervised(out: Path, rank: int) -> None:
+    """Semi-supervised, batch 8 x 2 accumulated per rank: the reference is one process at 32."""
+    net = model()
+    TrainingManager(
+        config(out, batch_size=8, gradient_accumulation_steps=2, pseudo_label_threshold=0.4)
+    ).train(
+        net,
+        DataLoader(partly_labeled(), batch_size=8, shuffle=False),
+        mode=TrainingMode.SEMI_SUPERVISED,
+    )
+    torch.save(net.state_dict(), out / f"semi-weights-{rank}.pt")
 
 
 def uneven(out: Path, rank: int) -> None:
@@ -266,6 +289,7 @@ def fsdp_resume(out: Path, rank: int) -> None:
 SCENARIOS = {
     "equivalence": equivalence,
     "uneven": uneven,
+    "semi_supervised": semi_supervised,
     "resume_first": resume_first,
     "resume_second": resume_second,
     "failure": failure,

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import distributed_worker as worker
-from traineval import TrainingConfig, TrainingManager
+from traineval import TrainingConfig, TrainingManager, TrainingMode
 from traineval.config import TaskType
 from traineval.distributed import (
     Distributed,
@@ -152,6 +152,25 @@ def test_two_ranks_of_16_equal_one_process_of_32(tmp_path):
     assert len({json.loads(line)["step"] for line in events if '"train"' in line}) == len(
         [line for line in events if '"event": "train"' in line]
     )
+
+
+@pytest.mark.slow
+def test_semi_supervised_ranks_normalise_each_term_over_all_ranks(tmp_path):
+    """Each rank's micro-batches hold different labeled / unlabeled counts; the gradient
+    must still be one process's on the whole batch of 32."""
+    ok(torchrun("semi_supervised", tmp_path))
+    net = worker.model()
+    TrainingManager(
+        worker.config(tmp_path / "single", batch_size=32, pseudo_label_threshold=0.4)
+    ).train(
+        net,
+        DataLoader(worker.partly_labeled(), batch_size=32),
+        mode=TrainingMode.SEMI_SUPERVISED,
+    )
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / f"semi-weights-{rank}.pt")
+        for key, value in net.state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -67,6 +67,49 @@ def test_semi_supervised_training_equals_a_hand_written_pseudo_label_loop(quiet_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_accumulated_micro_batches_train_like_one_big_batch(quiet_config):
+    """Micro-batches with different labeled / unlabeled counts: each term is normalised by
+    the window's count of its samples, not averaged per micro-batch."""
+    data = _partly_labeled(n=48, unlabeled_every=3)
+    data.tensors[1][4:8] = -1  # one micro-batch without labels, others with 1-2 unlabeled
+    settings = {"pseudo_label_threshold": 0.4, "unlabeled_weight": 2.0}
+    models = []
+    for batch, accumulation in ((12, 1), (4, 3)):
+        model = make_mlp()
+        config = plain_sgd_config(
+            quiet_config,
+            num_epochs=2,
+            batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=0.2,
+            **settings,
+        )
+        TrainingManager(config).train(model, DataLoader(data, batch), mode=SEMI)
+        models.append(model)
+    reference = make_mlp()
+    kept, _ = _reference(reference, data, 12, 2, 0.2, threshold=0.4, weight=2.0)
+    assert 0 < kept < 2 * 20
+    for a, b, c in zip(*(m.parameters() for m in models), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+
+
+def test_per_term_counts_without_terms_are_refused(quiet_config, monkeypatch):
+    original = SemiSupervisedStep.__call__
+
+    def without_terms(self, model, batch):
+        out = original(self, model, batch)
+        out.terms = None
+        return out
+
+    monkeypatch.setattr(SemiSupervisedStep, "__call__", without_terms)
+    config = TrainingConfig(
+        num_epochs=1, batch_size=4, gradient_accumulation_steps=2, **quiet_config
+    )
+    with pytest.raises(ValueError, match=r"per-term counts of shape \(2,\) but its StepOutput"):
+        TrainingManager(config).train(make_mlp(), DataLoader(_partly_labeled(), 4), mode=SEMI)
+
+
 def test_fully_labeled_batches_train_like_supervised(quiet_config):
     data = make_classification(n=48)
     results = []

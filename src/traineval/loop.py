@@ -40,7 +40,7 @@ from .callbacks.base import Callback, overrides
 from .data.position import skip_batches
 from .distributed import Distributed
 from .loggers import LoggerHub
-from .modes.base import StepFunction, move_to_device
+from .modes.base import StepFunction, StepOutput, move_to_device
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .precision import Precision
@@ -326,8 +326,7 @@ class Loop:
         """Forward and backward over one window; gradients equal those of one big batch."""
         if self.device.type != "cpu":
             window = [move_to_device(batch, self.device) for batch in window]
-        weights: list[int | torch.Tensor] = []
-        total: int | torch.Tensor = 1
+        shares: list[int | float | torch.Tensor] = []
         if len(window) > 1 or self.job.enabled:
             # Normalise by the whole window's item count, known before any forward pass.
             weights = [self.step_fn.weight(batch) for batch in window]
@@ -335,6 +334,9 @@ class Loop:
             if self.job.enabled:
                 # DDP averages gradients over ranks: weigh by this rank's share of all items.
                 total = self.job.sum_tensor(total) / self.job.world_size
+            if isinstance(total, torch.Tensor) and total.ndim == 1:
+                total = total.clamp(min=1e-12)  # per-term counts: a term no item has is 0
+            shares = [weight / total for weight in weights]
         scaler = self.precision.scaler
         samples = 0
         last = len(window) - 1
@@ -350,7 +352,7 @@ class Loop:
                         f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; "
                         "use a loss with reduction='mean'"
                     )
-                scaled = loss * (weights[i] / total) if weights else loss
+                scaled = self._window_share(out, shares[i]) if shares else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             self.steps.add_micro_batch(loss.detach(), out.weight)
             if out.metrics:
@@ -358,6 +360,24 @@ class Loop:
                     self._pending_metrics.setdefault(name, []).append(value)
             samples += out.num_samples
         return samples
+
+    @staticmethod
+    def _window_share(out: StepOutput, share: int | float | torch.Tensor) -> torch.Tensor:
+        """The micro-batch's part of the window's loss: its mean weighed by its share of the
+        window's items, or, for per-term means, each term by its own share."""
+        if out.terms is None:
+            if isinstance(share, torch.Tensor) and share.ndim:
+                raise ValueError(
+                    f"the step's weight() returned per-term counts of shape "
+                    f"{tuple(share.shape)} but its StepOutput has no terms"
+                )
+            return out.loss * share
+        if not isinstance(share, torch.Tensor) or share.shape != out.terms.shape:
+            raise ValueError(
+                f"StepOutput.terms has shape {tuple(out.terms.shape)} but the step's weight() "
+                f"returned {share!r}: expected one count per term"
+            )
+        return (out.terms * share).sum()
 
     def _optimizer_step(self, window_start: int) -> bool:
         """Unscale (fp16), clip the window's gradient, step, advance the schedule.

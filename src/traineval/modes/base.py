@@ -30,6 +30,12 @@ class StepOutput:
         metrics: the mode's own per-step numbers (floats, or 0-d device tensors: they are
             read at the next log step, not now); the loop logs each as `train/<name>`,
             averaged over the micro-batches since the last log.
+        terms: for losses that are sums of means over different item sets (semi-supervised:
+            a mean over the labeled samples plus one over the unlabeled), a 1-d tensor of
+            those means, in the order of the per-term counts the step's `weight()` returns.
+            Under accumulation or DDP the loop then weighs each term by its own share of the
+            window's items, so the window's gradient equals one big batch's; `loss` is
+            their sum.
     """
 
     loss: torch.Tensor
@@ -38,6 +44,7 @@ class StepOutput:
     outputs: Any = None
     targets: Any = None
     metrics: dict[str, float | torch.Tensor] | None = None
+    terms: torch.Tensor | None = None
 
 
 class StepFunction(Protocol):
@@ -46,7 +53,8 @@ class StepFunction(Protocol):
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput: ...
 
     def weight(self, batch: Any) -> int | torch.Tensor:
-        """The items the loss of `batch` averages over, known before the forward pass."""
+        """The items the loss of `batch` averages over, known before the forward pass (a
+        1-d tensor of per-term counts when the step returns `StepOutput.terms`)."""
         ...
 
 

@@ -10,8 +10,11 @@ convention in `sklearn.semi_supervised`). Each micro-batch's loss is
 
 i.e. pseudo-labelling (Lee, 2013) with FixMatch's confidence mask and normalisation
 (Sohn et al., 2020), without augmentations: pass augmented inputs through your dataset.
-Masks and counts stay on the device (no host sync per step). Each term is a mean within the
-micro-batch; with gradient accumulation the loop weighs micro-batches by their sample counts.
+Masks and counts stay on the device (no host sync per step). The two terms are means over
+different sets (labeled / unlabeled samples), so the step reports them apart
+(`StepOutput.terms`) with their counts (`weight()`): under gradient accumulation and DDP each
+is normalised by the whole window's (all ranks') count of its samples, and the gradient equals
+that of one big batch.
 """
 
 from __future__ import annotations
@@ -36,6 +39,59 @@ class SemiSupervisedStep:
         self.threshold = threshold
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        inputs, targets = self._split(batch)
+        outputs = forward(model, inputs)
+        if outputs.ndim != 2:
+            raise ValueError(
+                "semi-supervised training needs (N, classes) scores from the model, got shape "
+                f"{tuple(outputs.shape)}"
+            )
+        terms, rate = self.terms(outputs, targets)
+        num_samples = batch_size_of(inputs)
+        return StepOutput(
+            loss=terms.sum(),
+            weight=num_samples,
+            num_samples=num_samples,
+            outputs=outputs,
+            targets=targets,
+            metrics={"pseudo_label_rate": rate},
+            terms=terms,
+        )
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The labeled term plus the weighted, confidence-masked pseudo-label term."""
+        return self.terms(outputs, targets)[0].sum()
+
+    def terms(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms, `[labeled mean, unlabeled_weight * pseudo-label sum / unlabeled
+        count]`, and the share of unlabeled samples that passed the threshold (a device
+        tensor, logged as `train/pseudo_label_rate`)."""
+        unlabeled = targets == self.unlabeled_label
+        with torch.no_grad():
+            confidence, pseudo = outputs.detach().float().softmax(dim=1).max(dim=1)
+            kept = unlabeled & (confidence >= self.threshold)
+            counts = self._counts(unlabeled).clamp(min=1)
+        per_sample = F.cross_entropy(
+            outputs, torch.where(unlabeled, pseudo, targets), reduction="none"
+        )
+        labeled_sum = (per_sample * ~unlabeled).sum()
+        pseudo_sum = (per_sample * kept).sum() * self.unlabeled_weight
+        terms = torch.stack([labeled_sum, pseudo_sum]) / counts
+        return terms, kept.sum() / counts[1]
+
+    def weight(self, batch: Any) -> torch.Tensor:
+        """The micro-batch's labeled and unlabeled sample counts (device tensors, no sync):
+        each loss term is normalised by its own count over the window."""
+        return self._counts(self._split(batch)[1] == self.unlabeled_label)
+
+    @staticmethod
+    def _counts(unlabeled: torch.Tensor) -> torch.Tensor:
+        n_unlabeled = unlabeled.sum()
+        return torch.stack([unlabeled.numel() - n_unlabeled, n_unlabeled])
+
+    def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
         inputs, targets = split_batch(batch)
         if targets is None or targets.is_floating_point() or targets.ndim != 1:
             raise ValueError(
@@ -47,46 +103,4 @@ class SemiSupervisedStep:
                     else f"{targets.dtype} of shape {tuple(targets.shape)}"
                 )
             )
-        outputs = forward(model, inputs)
-        if outputs.ndim != 2:
-            raise ValueError(
-                "semi-supervised training needs (N, classes) scores from the model, got shape "
-                f"{tuple(outputs.shape)}"
-            )
-        loss, rate = self.terms(outputs, targets)
-        num_samples = batch_size_of(inputs)
-        return StepOutput(
-            loss=loss,
-            weight=num_samples,
-            num_samples=num_samples,
-            outputs=outputs,
-            targets=targets,
-            metrics={"pseudo_label_rate": rate},
-        )
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The labeled term plus the weighted, confidence-masked pseudo-label term."""
-        return self.terms(outputs, targets)[0]
-
-    def terms(
-        self, outputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss, and the share of unlabeled samples that passed the threshold (a device
-        tensor, logged as `train/pseudo_label_rate`)."""
-        unlabeled = targets == self.unlabeled_label
-        with torch.no_grad():
-            confidence, pseudo = outputs.detach().float().softmax(dim=1).max(dim=1)
-            kept = unlabeled & (confidence >= self.threshold)
-            labeled = ~unlabeled
-            # Per-sample weights: 1/n_l for labeled, w/n_u for confident unlabeled, else 0.
-            weights = labeled / labeled.sum().clamp(min=1) + kept * (
-                self.unlabeled_weight / unlabeled.sum().clamp(min=1)
-            )
-        per_sample = F.cross_entropy(
-            outputs, torch.where(unlabeled, pseudo, targets), reduction="none"
-        )
-        return (per_sample * weights).sum(), kept.sum() / unlabeled.sum().clamp(min=1)
-
-    def weight(self, batch: Any) -> int:
-        """Micro-batches are weighed by their sample counts."""
-        return batch_size_of(split_batch(batch)[0])
+        return inputs, targets
