@@ -60,8 +60,8 @@ def demo(args: list[str]) -> None:
 
 def test(args: list[str]) -> None:
     setup()
-    _run(PY, "-m", "ruff", "check", "src", "tests", "benchmarks", "dev.py")
-    _run(PY, "-m", "ruff", "format", "--check", "src", "tests", "benchmarks", "dev.py")
+    _run(PY, "-m", "ruff", "check", "src", "tests", "benchmarks", "examples", "dev.py")
+    _run(PY, "-m", "ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "dev.py")
     _run(PY, "-m", "mypy")
     if "--slow" in args:
         args = [a for a in args if a != "--slow"] + ["-m", "slow or not slow"]

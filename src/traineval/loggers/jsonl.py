@@ -22,7 +22,7 @@ class JsonlLogger:
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         record = {"event": metrics.get("event", "log"), "step": step, **metrics}
-        self._file.write(json.dumps(_plain(record)) + "\n")
+        self._file.write(json.dumps(plain(record)) + "\n")
         self._file.flush()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
@@ -32,13 +32,14 @@ class JsonlLogger:
         self._file.close()
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """`value` with non-finite floats as strings, so it dumps to valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

@@ -34,7 +34,7 @@ from ..precision import Precision
 from .base import StepOutput, loss_with_gradient, move_to_device
 from .supervised import SupervisedStep
 
-__all__ = ["FederatedStep", "ServerOptimizer", "client_loaders", "partition"]
+__all__ = ["FederatedStep", "ServerOptimizer", "client_loaders", "partition", "train_client"]
 
 
 class ServerOptimizer(torch.optim.Optimizer):
@@ -196,48 +196,70 @@ class FederatedStep:
         self, model: nn.Module, loader: Any, seed: int
     ) -> tuple[nn.Module, torch.Tensor, int]:
         """Train a copy of `model` on one client; returns it, its summed loss and samples."""
-        c = self.config
         if self._worker is None:
             self._worker = copy.deepcopy(model)
         worker = self._worker
         worker.load_state_dict(model.state_dict())
-        worker.train()
-        client_lr = self.server.param_groups[0]["lr"] if self.server else c.learning_rate
-        optimizer = configured_optimizer(worker, c, lr=client_lr)
-        sampler_generator = getattr(getattr(loader, "sampler", None), "generator", None)
-        if isinstance(sampler_generator, torch.Generator):
-            sampler_generator.manual_seed(seed)  # this round's shuffle of the client's data
-        device = _device(worker)
-        fp16 = self.precision.scaler is not None
-        scaler = torch.amp.GradScaler(device.type) if fp16 else None
-        params = [p for p in worker.parameters() if p.requires_grad]
-        loss_sum = torch.zeros((), device=device)
-        samples = 0
-        # The loop runs this step inside its autocast context: leave it for the backward
-        # passes, and enter the precision's own context around each client forward pass.
-        with torch.autocast(device.type, enabled=False):
-            for _ in range(c.federated_local_epochs):
-                for batch in loader:
-                    if device.type != "cpu":
-                        batch = move_to_device(batch, device)
-                    with self.precision.autocast():
-                        out = self.supervised(worker, batch)
-                    (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if c.gradient_clipping:
-                        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum += out.loss.detach().float() * out.num_samples
-                    samples += out.num_samples
-        if samples == 0:
-            raise ValueError("a federated client's loader yielded no batches")
+        client_lr = self.server.param_groups[0]["lr"] if self.server else self.config.learning_rate
+        loss_sum, samples = train_client(
+            worker, loader, self.supervised, self.config, self.precision, lr=client_lr, seed=seed
+        )
         return worker, loss_sum, samples
+
+
+def train_client(
+    model: nn.Module,
+    loader: Any,
+    step: SupervisedStep,
+    config: Any,
+    precision: Precision,
+    *,
+    lr: float,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """One client's local training, in place: `federated_local_epochs` over `loader` with a
+    fresh configured optimizer at `lr`, clipping and `precision` (fp16: its own GradScaler).
+
+    `seed` seeds the loader's sampler generator (this round's shuffle), where it has one.
+    Returns the summed loss (a device tensor: no sync) and the samples trained on. Shared by
+    the in-process simulation (`FederatedStep`) and Flower's ClientApp (`traineval.flower`).
+    """
+    c = config
+    model.train()
+    optimizer = configured_optimizer(model, c, lr=lr)
+    sampler_generator = getattr(getattr(loader, "sampler", None), "generator", None)
+    if seed is not None and isinstance(sampler_generator, torch.Generator):
+        sampler_generator.manual_seed(seed)
+    device = _device(model)
+    scaler = torch.amp.GradScaler(device.type) if precision.scaler is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum = torch.zeros((), device=device)
+    samples = 0
+    # The loop runs the federated step inside its autocast context: leave it for the backward
+    # passes, and enter the precision's own context around each client forward pass.
+    with torch.autocast(device.type, enabled=False):
+        for _ in range(c.federated_local_epochs):
+            for batch in loader:
+                if device.type != "cpu":
+                    batch = move_to_device(batch, device)
+                with precision.autocast():
+                    out = step(model, batch)
+                (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if c.gradient_clipping:
+                    torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += out.loss.detach().float() * out.num_samples
+                samples += out.num_samples
+    if samples == 0:
+        raise ValueError("a federated client's loader yielded no batches")
+    return loss_sum, samples
 
 
 def _device(model: nn.Module) -> torch.device:

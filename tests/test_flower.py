@@ -1,0 +1,233 @@
+"""Flower integration: traineval's client training under Flower's FedAvg(M), in process."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from test_federated import _clients, _config
+from traineval import TrainingManager, TrainingMode
+from traineval.checkpoint import load_safetensors
+from traineval.loggers import read_jsonl
+
+from conftest import make_classification, make_mlp
+
+flower = pytest.importorskip("traineval.flower", exc_type=ImportError)
+
+
+def _flower_run(config, clients, val=None, model_fn=make_mlp, **server_options):
+    """Train model_fn() with Flower over `clients` (node i gets clients[i]); final weights."""
+
+    def data_fn(context):
+        return clients[context.node_config["partition-id"]], val
+
+    client = flower.client_app(model_fn, data_fn, config)
+    server = flower.server_app(model_fn, config, **server_options)
+    flower.run_local(server, client, [{"partition-id": i} for i in range(len(clients))])
+    model = model_fn()
+    load_safetensors(model, f"{config.output_dir}/final_model.safetensors")
+    return model
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {},
+        {"federated_server_lr": 0.7, "federated_server_momentum": 0.5},
+        {"scheduler_type": "cosine", "warmup_steps": 1},
+    ],
+    ids=["fedavg", "fedavgm", "warmup-cosine-client-lr"],
+)
+def test_flower_fedavg_with_traineval_clients_equals_the_in_process_simulation(
+    quiet_config, tmp_path, server
+):
+    """Same clients, rounds, local epochs, client optimizer: Flower's FedAvg (FedAvgM) over
+    the ClientApp and traineval's simulated federated mode reach the same weights."""
+    clients = _clients()
+    simulated = make_mlp()
+    config = _config(quiet_config, federated_local_epochs=2, federated_clients=3, **server)
+    TrainingManager(config).train(simulated, clients, mode=TrainingMode.FEDERATED)
+    flower_config = _config(
+        {**quiet_config, "output_dir": str(tmp_path / "flower")},
+        federated_local_epochs=2,
+        federated_clients=3,
+        **server,
+    )
+    federated = _flower_run(flower_config, clients, evaluate_on_clients=False)
+    moved = sum(
+        float((a - make_mlp().state_dict()[k]).abs().sum())
+        for k, a in federated.state_dict().items()
+    )
+    assert moved > 0.1  # training happened
+    for a, b in zip(federated.parameters(), simulated.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rounds_are_logged_with_client_and_server_evaluation(quiet_config, tmp_path):
+    clients = _clients()
+    val = DataLoader(make_classification(n=20, seed=3), batch_size=10)
+    config = _config(quiet_config, federated_clients=3, num_epochs=2)
+
+    def accuracy(model):
+        x, y = val.dataset.tensors
+        return {"accuracy": float((model(x).argmax(1) == y).float().mean())}
+
+    model = _flower_run(config, clients, val=val, server_evaluate=accuracy)
+    records = read_jsonl(f"{config.output_dir}/metrics.jsonl")
+    by_event = {}
+    for record in records:
+        by_event.setdefault(record["event"], []).append(record)
+    assert [r["round"] for r in by_event["train"]] == [1, 2]
+    assert all(r["train/train_loss"] > 0 for r in by_event["train"])
+    assert [r["round"] for r in by_event["validation"]] == [1, 2]
+    assert 0 <= by_event["validation"][-1]["val/accuracy"] <= 1
+    assert [r["round"] for r in by_event["server_evaluation"]] == [0, 1, 2]
+    # the server's last evaluation is of the saved final weights
+    assert by_event["server_evaluation"][-1]["server/accuracy"] == accuracy(model)["accuracy"]
+    # every client evaluated the same global model on the same data: the aggregate is its loss
+    x, y = val.dataset.tensors
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert by_event["validation"][-1]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_client_asked_to_evaluate_without_data_says_what_to_do(quiet_config):
+    config = _config(quiet_config, federated_clients=3, num_epochs=1)
+    client = flower.client_app(make_mlp, lambda context: (_clients()[0], None), config)
+    server = flower.server_app(make_mlp, config)
+    with pytest.raises(Exception, match="returned no validation loader"):
+        flower.run_local(server, client, [{"partition-id": i} for i in range(3)])
+
+
+def test_bad_arguments_are_refused_before_anything_runs(quiet_config):
+    config = _config(quiet_config)
+    with pytest.raises(TypeError, match="model_fn must be a callable, got 3"):
+        flower.server_app(3, config)
+    with pytest.raises(TypeError, match="data_fn must be a callable"):
+        flower.client_app(make_mlp, [1, 2], config)
+    with pytest.raises(ValueError, match="scheduler_type='plateau' is not supported with Flower"):
+        flower.server_app(make_mlp, _config(quiet_config, scheduler_type="plateau"))
+
+
+def test_client_learning_rates_follow_the_schedule_per_round(quiet_config):
+    config = _config(quiet_config, scheduler_type="cosine", warmup_steps=2, learning_rate=0.1)
+    rates = flower.client_learning_rates(config, 5)
+    assert rates[:2] == pytest.approx([0.05, 0.1])
+    assert rates[2] > rates[3] > rates[4] > 0
+
+
+def test_an_earlier_runs_results_are_kept_unless_overwrite_is_set(quiet_config):
+    config = _config(quiet_config, federated_clients=3, num_epochs=1, overwrite_output_dir=False)
+    clients = _clients()
+    _flower_run(config, clients, evaluate_on_clients=False)
+    saved = (Path(config.output_dir) / "final_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds an earlier Flower run's results"):
+        _flower_run(config, clients, evaluate_on_clients=False)
+    assert (Path(config.output_dir) / "final_model.safetensors").read_bytes() == saved
+    again = _config(quiet_config, federated_clients=3, num_epochs=2, overwrite_output_dir=True)
+    _flower_run(again, clients, evaluate_on_clients=False)
+    rounds = read_jsonl(Path(config.output_dir) / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2]  # replaced, not appended
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path):
+    """examples/flower_digits under Flower's deployment runtime: a SuperLink, two SuperNodes
+    (each its own process, talking HTTP on loopback) and `flwr run`."""
+    bin_dir = Path(sys.executable).parent
+    link = _free_port()
+    home = tmp_path / "home"
+    (home / ".flwr").mkdir(parents=True)
+    (home / ".flwr" / "config.toml").write_text(
+        '[superlink]\ndefault = "test"\n\n'
+        f'[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    output = tmp_path / "out"
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "FLOWER_DIGITS_OUTPUT": str(output),
+        "FLOWER_DIGITS_ROUNDS": "2",
+        "FLOWER_DIGITS_NODES": "2",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    logs = [(tmp_path / f"{name}.log").open("w") for name in ("link", "node0", "node1")]
+    link_command = ["flower-superlink", "--insecure", "--port", str(link)]
+    link_command.append("--disable-runtime-dependency-installation")  # traineval is installed
+    node_commands = [
+        ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port"]
+        for _ in (0, 1)
+    ]
+    for i, command in enumerate(node_commands):
+        command += [str(_free_port()), "--node-config", f"partition-id={i} num-partitions=2"]
+    commands = [link_command, *node_commands]
+    processes = []
+    try:
+        for command, log in zip(commands, logs, strict=True):
+            processes.append(
+                subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+            )
+            time.sleep(3)
+        app = Path(__file__).resolve().parents[1] / "examples" / "flower_digits"
+        run = subprocess.run(
+            ["flwr", "run", str(app), "test", "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        rounds = read_jsonl(output / "metrics.jsonl")
+        server = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"]
+        assert len(server) == 3  # before training, after rounds 1 and 2
+        assert server[-1] > 0.5 > server[0]  # trained, from about 0.1 (chance)
+        assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2]
+        assert (output / "final_model.safetensors").exists()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in logs:
+            log.close()
+
+
+def test_a_clients_shuffle_depends_on_seed_round_and_node_not_on_visit_order(quiet_config):
+    """Flower visits the sampled nodes in random order (Python's `random`); clients whose
+    loaders shuffle from the global generator must still train the same way."""
+    x, y = make_classification(n=48).tensors
+    shuffled = [
+        DataLoader(TensorDataset(x[i::3], y[i::3]), batch_size=4, shuffle=True) for i in range(3)
+    ]
+
+    def unseeded_mlp():  # make_mlp() seeds the global generator: it would hide the problem
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    results = []
+    for order_seed in (0, 3):
+        random.seed(order_seed)  # another visiting order of the three nodes, in both rounds
+        config = _config(quiet_config, federated_clients=3, num_epochs=2)
+        results.append(
+            _flower_run(config, shuffled, model_fn=unseeded_mlp, evaluate_on_clients=False)
+        )
+    for a, b in zip(*(m.parameters() for m in results), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
