@@ -94,7 +94,7 @@ def raw(model: nn.Module, loader: DataLoader, careful: bool) -> None:
     float(running)
 
 
-def with_traineval(model: nn.Module, loader: DataLoader, lean: bool) -> None:
+def with_traineval(model: nn.Module, loader: DataLoader, lean: bool, bar: bool = True) -> None:
     from traineval import TrainingConfig, TrainingManager
 
     with tempfile.TemporaryDirectory() as folder:
@@ -117,7 +117,7 @@ def with_traineval(model: nn.Module, loader: DataLoader, lean: bool) -> None:
                 checkpoint_save_frequency=0,
             )
         else:
-            settings.update(progress_bar=True)
+            settings.update(progress_bar=bar)
         TrainingManager(TrainingConfig(**settings)).train(model, loader)
 
 
@@ -280,11 +280,16 @@ def main() -> None:
                 f"| {workload}: {WORKLOADS[workload]['label']} | {loop} | {median:.3f} | "
                 f"{steps / median:.0f} | {careful / median:.3f} |"
             )
+    emit(lines, args.markdown)
+
+
+def emit(lines: list[str], markdown: Path | None) -> None:
+    """Print the table; also write it to `markdown` when given."""
     table = "\n".join(lines)
     print(table)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table + "\n")
 
 
 if __name__ == "__main__":

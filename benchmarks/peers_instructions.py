@@ -53,21 +53,7 @@ DEFAULT_LOOPS = (
 def defaults_without_bar(model: torch.nn.Module, loader: Any) -> None:
     """traineval defaults but the progress bar: the bar redraws on a timer (every 0.25 s),
     and valgrind's ~50x slowdown makes that ~50x more redraws per update than natively."""
-    from traineval import TrainingConfig, TrainingManager
-
-    with tempfile.TemporaryDirectory() as folder:
-        config = TrainingConfig(
-            num_epochs=1,
-            learning_rate=1e-3,
-            weight_decay=0.0,
-            scheduler_type="constant",
-            warmup_steps=0,
-            output_dir=folder,
-            tensorboard_logging=False,
-            batch_size=loader.batch_size,
-            progress_bar=False,
-        )
-        TrainingManager(config).train(model, loader)
+    peers.with_traineval(model, loader, lean=False, bar=False)
 
 
 peers.LOOPS["traineval defaults without bar"] = (None, defaults_without_bar)
@@ -176,11 +162,7 @@ def main() -> None:
         lines.append(
             f"| {loop} | {per_update:,.0f} | {fixed:,.0f} | {reference / per_update:.3f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
+    peers.emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from .loggers.jsonl import plain
 from .modes.base import batch_size_of, split_batch
 from .modes.federated import train_client
 from .modes.supervised import SupervisedStep
-from .optim import build_scheduler
+from .optim import configured_scheduler
 from .precision import resolve_precision
 from .tasks import AutoLoss
 
@@ -201,15 +201,7 @@ def client_learning_rates(config: TrainingConfig, rounds: int) -> list[float]:
     """The clients' learning rate in each round: the configured schedule (with warmup) over
     `rounds` updates, as the in-process simulation's server optimizer applies it."""
     holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
-    scheduler = build_scheduler(
-        holder,
-        config.scheduler_type,
-        total_steps=rounds,
-        warmup_steps=config.warmup_steps,
-        min_lr=config.min_learning_rate,
-        step_size=config.scheduler_step_size,
-        gamma=config.scheduler_gamma,
-    )
+    scheduler = configured_scheduler(holder, config, total_steps=rounds)
     rates = []
     for _ in range(rounds):
         rates.append(float(holder.param_groups[0]["lr"]))

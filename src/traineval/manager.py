@@ -43,7 +43,7 @@ from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
 from .modes.setup import prepare_mode
 from .monitor import PerformanceMonitor
-from .optim import build_scheduler, configured_optimizer
+from .optim import configured_optimizer, configured_scheduler
 from .precision import Precision, resolve_device, resolve_precision
 from .resume import check_compatible, find_checkpoint, stop_on_signals, truncate_events
 from .run_checkpoints import (
@@ -136,19 +136,7 @@ class TrainingManager:
         self, optimizer: torch.optim.Optimizer, total_steps: int | None
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """Build the configured schedule over `total_steps` optimizer updates, with warmup."""
-        c = self.config
-        return build_scheduler(
-            optimizer,
-            c.scheduler_type,
-            total_steps=total_steps,
-            warmup_steps=c.warmup_steps,
-            min_lr=c.min_learning_rate,
-            step_size=c.scheduler_step_size,
-            gamma=c.scheduler_gamma,
-            minimize=c.minimize_monitor,
-            plateau_patience=c.lr_scheduler_patience,
-            plateau_factor=c.lr_scheduler_factor,
-        )
+        return configured_scheduler(optimizer, self.config, total_steps)
 
     # -- training -----------------------------------------------------------------------------
 

@@ -189,6 +189,25 @@ def configured_optimizer(
     )
 
 
+def configured_scheduler(
+    optimizer: torch.optim.Optimizer, config: Any, total_steps: int | None
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """`build_scheduler` with a TrainingConfig's choices, over `total_steps` updates."""
+    c = config
+    return build_scheduler(
+        optimizer,
+        c.scheduler_type,
+        total_steps=total_steps,
+        warmup_steps=c.warmup_steps,
+        min_lr=c.min_learning_rate,
+        step_size=c.scheduler_step_size,
+        gamma=c.scheduler_gamma,
+        minimize=c.minimize_monitor,
+        plateau_patience=c.lr_scheduler_patience,
+        plateau_factor=c.lr_scheduler_factor,
+    )
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     name: str,
