@@ -239,10 +239,12 @@ class TrainingManager:
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
         # federated: the server's optimizer (whose lr is the clients'), and the step with it
         optimizer = setup.optimizer(model, c, loss_function, precision, self.setup_optimizer)
-        scheduler = self.setup_scheduler(optimizer, total_steps)
+        # A constant rate without warmup never changes: no scheduler (creating one would also
+        # wrap optimizer.step in torch's step counter, work on every update).
+        scheduler = None if _constant(c) else self.setup_scheduler(optimizer, total_steps)
         if payload is not None:
             load_optimizer_state(model, optimizer, payload["optimizer"])
-            if payload["scheduler"] is not None:
+            if payload["scheduler"] is not None and scheduler is not None:
                 scheduler.load_state_dict(payload["scheduler"])
             if precision.scaler is not None and payload.get("scaler") is not None:
                 precision.scaler.load_state_dict(payload["scaler"])
@@ -303,8 +305,7 @@ class TrainingManager:
             model=model,
             forward_model=forward_model,
             optimizer=optimizer,
-            # a constant rate without warmup never changes: nothing to step
-            scheduler=None if _constant(c) else scheduler,
+            scheduler=scheduler,
             step_fn=setup.step_fn,
             train_loader=batches,
             device=self.device,
