@@ -117,6 +117,38 @@ def semi_supervised(out: Path, rank: int) -> None:
     torch.save(net.state_dict(), out / f"semi-weights-{rank}.pt")
 
 
+def meta_tasks(count: int, seed: int) -> Any:
+    """Few-shot tasks (3-way 2-shot, 3 queries) over 5 Gaussian classes of 8 features."""
+    from traineval.data import Episodes
+
+    generator = torch.Generator().manual_seed(4)
+    centers = torch.randn(5, 8, generator=generator) * 2
+    y = torch.arange(5).repeat_interleave(10)
+    x = centers[y] + torch.randn(len(y), 8, generator=generator)
+    return Episodes(TensorDataset(x, y), ways=3, shots=2, queries=3, episodes=count, seed=seed)
+
+
+def meta_run(out: Path, batch: int) -> tuple[nn.Module, Any]:
+    """MAML on 8 training tasks (batch `batch` per process), validation on 5 tasks."""
+    net = model()
+    result = TrainingManager(config(out, batch_size=batch, meta_inner_lr=0.3)).train(
+        net,
+        DataLoader(meta_tasks(8, seed=0), batch_size=batch, shuffle=False),
+        DataLoader(meta_tasks(5, seed=1), batch_size=2),  # 3 and 2 tasks per rank
+        mode=TrainingMode.META_LEARNING,
+    )
+    return net, result
+
+
+def meta_learning(out: Path, rank: int) -> None:
+    """Two ranks of 2 tasks per update: the reference is one process at 4."""
+    net, result = meta_run(out, batch=2)
+    torch.save(net.state_dict(), out / f"meta-weights-{rank}.pt")
+    history = result.training_history
+    record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
+    (out / f"meta-history-{rank}.json").write_text(json.dumps(record))
+
+
 def uneven(out: Path, rank: int) -> None:
     """Rank 0 evaluates 5 samples, rank 1 three (batch 2): metrics of all 8, merged."""
     from traineval.distributed import setup
@@ -290,6 +322,7 @@ SCENARIOS = {
     "equivalence": equivalence,
     "uneven": uneven,
     "semi_supervised": semi_supervised,
+    "meta_learning": meta_learning,
     "resume_first": resume_first,
     "resume_second": resume_second,
     "failure": failure,

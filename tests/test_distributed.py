@@ -117,6 +117,21 @@ def test_distributed_settings_are_validated():
         TrainingConfig(distributed_timeout_seconds=0)
 
 
+def test_modes_that_cannot_run_under_torchrun_say_why_and_what_instead(tmp_path):
+    from traineval.config import TrainingMode
+    from traineval.modes.setup import _refuse
+
+    config = TrainingConfig(output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"mode='federated' under torchrun .*traineval.flower"):
+        _refuse(TrainingMode.FEDERATED, config, distributed=True)
+    with pytest.raises(ValueError, match="mode='reinforcement' under torchrun is not supported"):
+        _refuse(TrainingMode.REINFORCEMENT, config, distributed=True)
+    _refuse(TrainingMode.META_LEARNING, config, distributed=True)  # DDP: supported
+    fsdp = TrainingConfig(output_dir=str(tmp_path), distributed_strategy="fsdp")
+    with pytest.raises(ValueError, match="distributed_strategy='fsdp' is not supported in mode"):
+        _refuse(TrainingMode.META_LEARNING, fsdp, distributed=True)
+
+
 # -- two ranks under torchrun ----------------------------------------------------------------
 
 
@@ -171,6 +186,24 @@ def test_semi_supervised_ranks_normalise_each_term_over_all_ranks(tmp_path):
         weights = torch.load(tmp_path / f"semi-weights-{rank}.pt")
         for key, value in net.state_dict().items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_meta_learning_ranks_average_their_tasks_meta_gradients(tmp_path):
+    """MAML's inner loop cannot run through DDP: the loop averages the ranks' gradients.
+    Two ranks of 2 tasks must equal one process of 4, weights and validation alike."""
+    ok(torchrun("meta_learning", tmp_path))
+    net, result = worker.meta_run(tmp_path / "single", batch=4)
+    history = result.training_history
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / f"meta-weights-{rank}.pt")
+        for key, value in net.state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+        logged = json.loads((tmp_path / f"meta-history-{rank}.json").read_text())
+        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
+        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
+            assert mine["accuracy"] == theirs["accuracy"]
+            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -95,6 +95,34 @@ class Distributed:
             dist.all_reduce(tensor)
         return tensor
 
+    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Average `params`' gradients over the ranks in place (one all-reduce), as DDP does,
+        for modes whose step cannot run through a DDP wrapper (several forward passes per
+        backward, functional calls). A missing gradient counts as zeros."""
+        if not self.enabled or not params:
+            return
+        grads: list[torch.Tensor] = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with _collective(self, "averaging gradients over the ranks"):
+            dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_weights(self, model: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (what DDP does when it wraps)."""
+        if not self.enabled:
+            return
+        with torch.no_grad(), _collective(self, "broadcasting rank 0's weights"):
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+
     def any(self, flag: bool) -> bool:
         """Whether any rank says yes; every rank gets the same answer."""
         return bool(self.sum([1.0 if flag else 0.0])[0]) if self.enabled else flag
@@ -221,9 +249,7 @@ def wrap_model(
     if config.distributed_strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        with torch.no_grad():  # rank 0's initial weights everywhere, as DDP does
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor, src=0)
+        job.broadcast_weights(model)  # rank 0's initial weights everywhere, as DDP does
         for unit in _shard_units(model, config.fsdp_shard_modules):
             fully_shard(unit)
         fully_shard(model)

@@ -155,6 +155,7 @@ class Loop:
         layer_norms: bool = False,
         job: Distributed | None = None,
         no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+        average_gradients: bool = False,
     ) -> None:
         self.model = model
         # e.g. the torch.compile'd module (never `or`: a compiled module may define __len__)
@@ -196,6 +197,8 @@ class Loop:
         self._scale = precision.scaler.get_scale() if precision.scaler is not None else None
         self.job = job or Distributed()
         self.no_sync = no_sync  # DDP's: skip the gradient all-reduce inside a window
+        # Modes without a DDP wrapper: average the window's gradients over the ranks here.
+        self.average_gradients = average_gradients
         self._agreed_signal: str | None = None  # a signal every rank has agreed to stop on
         self._pending_metrics: dict[str, list[float | torch.Tensor]] = {}  # not read yet
 
@@ -387,6 +390,8 @@ class Loop:
         """
         state = self.state
         scaler = self.precision.scaler
+        if self.average_gradients:
+            self.job.average_gradients(self._params)
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         norm = None

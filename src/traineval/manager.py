@@ -235,7 +235,11 @@ class TrainingManager:
         if payload is not None:
             model.load_state_dict(payload["model"])  # full weights, before any sharding
         # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
-        wrapped, no_sync = wrap_model(model, self.device, job, c)
+        if setup.wraps_model:
+            wrapped, no_sync = wrap_model(model, self.device, job, c)
+        else:  # the loop averages the gradients over the ranks itself
+            job.broadcast_weights(model)
+            wrapped, no_sync = model, None
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
         # federated: the server's optimizer (whose lr is the clients'), and the step with it
         optimizer = setup.optimizer(model, c, loss_function, precision, self.setup_optimizer)
@@ -258,7 +262,7 @@ class TrainingManager:
         lockstep = is_sharded(model)
         if evaluator is not None:
             evaluator.run_dir = self.output_dir  # where its predictions and plots go later
-        evaluate_fn = setup.evaluate_fn(val_loader, self.device, precision)
+        evaluate_fn = setup.evaluate_fn(val_loader, self.device, precision, job)
         if evaluate_fn is None and val_loader is not None:
             evaluator = evaluator or Evaluator()
 
@@ -329,6 +333,7 @@ class TrainingManager:
             layer_norms=c.log_layer_grad_norms,
             job=job,
             no_sync=no_sync,
+            average_gradients=job.enabled and not setup.wraps_model,
         )
         if payload is not None:
             restore_loop(loop, payload)

@@ -27,6 +27,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..config import META_ALGORITHMS
+from ..distributed import Distributed
 from .base import StepOutput, loss_with_gradient
 
 __all__ = ["MetaLearningStep"]
@@ -113,8 +114,11 @@ class MetaLearningStep:
                 fast = {name: w.detach().requires_grad_() for name, w in fast.items()}
         return fast
 
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
-        """Query loss and accuracy after adapting to each task's support set."""
+    def evaluate(
+        self, model: nn.Module, loader: Any, device: torch.device, job: Distributed | None = None
+    ) -> dict[str, float]:
+        """Query loss and accuracy after adapting to each task's support set (under torchrun:
+        over every rank's share of the tasks)."""
         was_training = model.training
         model.eval()
         weights, buffers = _split_state(model)
@@ -137,6 +141,9 @@ class MetaLearningStep:
                     count += n
         finally:
             model.train(was_training)
+        if job is not None:
+            loss_sum, correct_sum, count_sum = job.sum([loss_sum, correct, count])
+            correct, count = int(correct_sum), int(count_sum)
         if count == 0:
             raise ValueError("the validation loader yielded no tasks")
         return {"loss": loss_sum / count, "accuracy": correct / count}

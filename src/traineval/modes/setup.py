@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import TrainingConfig, TrainingMode
+from ..distributed import Distributed
 from ..envs import make_env
 from ..loop import Monitor
 from ..precision import Precision
@@ -26,6 +27,8 @@ from .federated import FederatedStep, ServerOptimizer, client_loaders
 from .reinforcement import PolicyGradientStep
 
 __all__ = ["ModeSetup", "prepare_mode"]
+
+META = TrainingMode.META_LEARNING
 
 
 @dataclasses.dataclass
@@ -41,6 +44,9 @@ class ModeSetup:
     step_fn: Any
     uses_own_loader: bool  # False: the user's train loader (to be sharded under torchrun)
     clients: list[Any] = dataclasses.field(default_factory=list)
+    # Under torchrun: False where the step cannot run through a DDP wrapper (meta-learning's
+    # functional inner loop); the loop then averages gradients over the ranks itself.
+    wraps_model: bool = True
 
     def optimizer(
         self,
@@ -71,7 +77,7 @@ class ModeSetup:
         return config.max_grad_norm
 
     def evaluate_fn(
-        self, val_loader: Any, device: torch.device, precision: Precision
+        self, val_loader: Any, device: torch.device, precision: Precision, job: Distributed
     ) -> Callable[[nn.Module], dict[str, float]] | None:
         """How reinforcement and meta-learning modes validate (greedy episodes; adaptation
         to each task's support set); None where the Evaluator scores `val_loader`."""
@@ -87,7 +93,7 @@ class ModeSetup:
 
             def adapt(model: nn.Module) -> dict[str, float]:
                 with precision.autocast():
-                    return step.evaluate(model, val_loader, device)
+                    return step.evaluate(model, val_loader, device, job)
 
             return adapt
         return None
@@ -156,13 +162,24 @@ def prepare_mode(
             )
         step = PolicyGradientStep.from_config(_env_factory(train_loader), c)
         return ModeSetup(mode, Updates(c.rl_updates_per_epoch), step, True)
-    return ModeSetup(mode, train_loader, build_step(mode, loss_function, c), False)
+    step_fn = build_step(mode, loss_function, c)
+    return ModeSetup(mode, train_loader, step_fn, False, wraps_model=mode is not META)
 
 
 def _refuse(mode: TrainingMode, c: TrainingConfig, distributed: bool) -> None:
     name = mode.value
-    if distributed:
-        raise ValueError(f"mode='{name}' under torchrun is not supported yet")
+    if distributed and mode is not META:
+        instead = {
+            TrainingMode.FEDERATED: "; to train clients on several machines, use Flower "
+            "(traineval.flower)",
+            TrainingMode.REINFORCEMENT: "",
+        }[mode]
+        raise ValueError(f"mode='{name}' under torchrun is not supported yet{instead}")
+    if distributed and c.distributed_strategy == "fsdp":
+        raise ValueError(
+            f"distributed_strategy='fsdp' is not supported in mode='{name}' (its inner loop "
+            "reads whole weights); use distributed_strategy='ddp'"
+        )
     if c.compile:
         raise ValueError(f"compile=True is not supported in mode='{name}' yet")
     if mode is not TrainingMode.META_LEARNING and c.gradient_accumulation_steps > 1:
