@@ -117,19 +117,18 @@ def test_distributed_settings_are_validated():
         TrainingConfig(distributed_timeout_seconds=0)
 
 
-def test_modes_that_cannot_run_under_torchrun_say_why_and_what_instead(tmp_path):
+def test_mode_combinations_torchrun_cannot_run_are_refused_with_the_reason(tmp_path):
     from traineval.config import TrainingMode
     from traineval.modes.setup import _refuse
 
     config = TrainingConfig(output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"mode='federated' under torchrun .*traineval.flower"):
-        _refuse(TrainingMode.FEDERATED, config, distributed=True)
     with pytest.raises(ValueError, match="mode='reinforcement' under torchrun is not supported"):
         _refuse(TrainingMode.REINFORCEMENT, config, distributed=True)
-    _refuse(TrainingMode.META_LEARNING, config, distributed=True)  # DDP: supported
     fsdp = TrainingConfig(output_dir=str(tmp_path), distributed_strategy="fsdp")
-    with pytest.raises(ValueError, match="distributed_strategy='fsdp' is not supported in mode"):
-        _refuse(TrainingMode.META_LEARNING, fsdp, distributed=True)
+    for mode in (TrainingMode.META_LEARNING, TrainingMode.FEDERATED):
+        _refuse(mode, config, distributed=True)  # DDP: supported
+        with pytest.raises(ValueError, match="distributed_strategy='fsdp' is not supported"):
+            _refuse(mode, fsdp, distributed=True)
 
 
 # -- two ranks under torchrun ----------------------------------------------------------------
@@ -200,6 +199,24 @@ def test_meta_learning_ranks_average_their_tasks_meta_gradients(tmp_path):
         for key, value in net.state_dict().items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
         logged = json.loads((tmp_path / f"meta-history-{rank}.json").read_text())
+        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
+        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
+            assert mine["accuracy"] == theirs["accuracy"]
+            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_federated_ranks_share_the_rounds_clients_and_match_one_process(tmp_path):
+    """Each rank trains its share of a round's clients (dropout on: a client's randomness
+    follows its own seed); the all-reduced average equals one process training them all."""
+    ok(torchrun("federated", tmp_path))
+    net, result = worker.federated_run(tmp_path / "single")
+    history = result.training_history
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / f"federated-weights-{rank}.pt")
+        for key, value in net.state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+        logged = json.loads((tmp_path / f"federated-history-{rank}.json").read_text())
         assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
         for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
             assert mine["accuracy"] == theirs["accuracy"]

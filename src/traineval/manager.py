@@ -230,7 +230,9 @@ class TrainingManager:
             state.load_state_dict(payload["loop"])
             return self._result(state, monitor.name, 0.0, {})
 
-        seed_everything(c.seed + job.rank)  # ranks draw different dropout masks, like one batch
+        # Ranks draw different dropout masks, like one batch; federated ranks must agree on
+        # each round's draws (clients, their seeds), so they share one stream.
+        seed_everything(c.seed + (0 if mode is TrainingMode.FEDERATED else job.rank))
         model.to(self.device)
         if payload is not None:
             model.load_state_dict(payload["model"])  # full weights, before any sharding
@@ -242,7 +244,9 @@ class TrainingManager:
             wrapped, no_sync = model, None
         precision = resolve_precision(c.precision, c.mixed_precision, self.device)
         # federated: the server's optimizer (whose lr is the clients'), and the step with it
-        optimizer = setup.optimizer(model, c, loss_function, precision, self.setup_optimizer)
+        optimizer = setup.optimizer(
+            model, c, loss_function, precision, self.setup_optimizer, job=job
+        )
         # A constant rate without warmup never changes: no scheduler (creating one would also
         # wrap optimizer.step in torch's step counter, work on every update).
         scheduler = None if _constant(c) else self.setup_scheduler(optimizer, total_steps)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
+from ..distributed import Distributed
 from ..optim import configured_optimizer
 from ..precision import Precision
 from .base import StepOutput, loss_with_gradient, move_to_device
@@ -149,11 +150,17 @@ class FederatedStep:
     """
 
     def __init__(
-        self, loss_function: Any, clients: Sequence[Any], config: Any, precision: Precision
+        self,
+        loss_function: Any,
+        clients: Sequence[Any],
+        config: Any,
+        precision: Precision,
+        job: Distributed | None = None,
     ) -> None:
         self.clients = list(clients)
         self.config = config
         self.precision = precision
+        self.job = job or Distributed()
         self.supervised = SupervisedStep(loss_function)
         self._worker: nn.Module | None = None
         self.server: ServerOptimizer | None = None  # set by the manager; holds the client lr
@@ -170,14 +177,24 @@ class FederatedStep:
         states = model.state_dict(keep_vars=True)
         average = {name: torch.zeros_like(v, dtype=torch.float32) for name, v in states.items()}
         loss_sum = torch.zeros((), device=_device(model))
-        total = 0
-        for client in chosen.tolist():
+        total = torch.zeros((), device=_device(model))
+        job = self.job
+        for position, client in enumerate(chosen.tolist()):
             seed = int(torch.randint(2**62, (), generator=generator).item())
+            if position % job.world_size != job.rank:
+                continue  # under torchrun each rank trains its share of the round's clients
             worker, client_loss, samples = self._train_client(model, self.clients[client], seed)
             total += samples
             loss_sum += client_loss
             for name, value in worker.state_dict().items():
                 average[name].add_(value.detach().float(), alpha=samples)
+        if job.enabled:  # every rank's weighted sums: one all-reduce
+            parts = [*average.values(), loss_sum.float(), total]
+            summed = job.sum_tensor(torch.cat([t.reshape(-1) for t in parts]))
+            offset = 0
+            for t in parts:
+                t.copy_(summed[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
         params: list[torch.Tensor] = []
         deltas: list[torch.Tensor] = []
         with torch.no_grad():
@@ -190,7 +207,7 @@ class FederatedStep:
                     value.copy_(mean if value.is_floating_point() else mean.round())
         # value: the clients' mean loss; gradient: global - average (FedAvg's pseudo-gradient)
         loss = loss_with_gradient(loss_sum / total, params, deltas)
-        return StepOutput(loss=loss, weight=1, num_samples=total)
+        return StepOutput(loss=loss, weight=1, num_samples=int(total.item()))  # once a round
 
     def _train_client(
         self, model: nn.Module, loader: Any, seed: int
@@ -201,9 +218,20 @@ class FederatedStep:
         worker = self._worker
         worker.load_state_dict(model.state_dict())
         client_lr = self.server.param_groups[0]["lr"] if self.server else self.config.learning_rate
-        loss_sum, samples = train_client(
-            worker, loader, self.supervised, self.config, self.precision, lr=client_lr, seed=seed
-        )
+        # The client's randomness (dropout) depends on its seed only, not on which rank
+        # trains it or which clients that rank trained before.
+        device = _device(worker)
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            loss_sum, samples = train_client(
+                worker,
+                loader,
+                self.supervised,
+                self.config,
+                self.precision,
+                lr=client_lr,
+                seed=seed,
+            )
         return worker, loss_sum, samples
 
 

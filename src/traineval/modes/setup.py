@@ -45,7 +45,8 @@ class ModeSetup:
     uses_own_loader: bool  # False: the user's train loader (to be sharded under torchrun)
     clients: list[Any] = dataclasses.field(default_factory=list)
     # Under torchrun: False where the step cannot run through a DDP wrapper (meta-learning's
-    # functional inner loop); the loop then averages gradients over the ranks itself.
+    # functional inner loop; federated rounds, whose ranks share the clients and all-reduce
+    # the averaged weights); the loop then averages gradients over the ranks itself.
     wraps_model: bool = True
 
     def optimizer(
@@ -55,6 +56,7 @@ class ModeSetup:
         loss_function: Any,
         precision: Precision,
         default: Callable[[nn.Module], torch.optim.Optimizer],
+        job: Distributed | None = None,
     ) -> torch.optim.Optimizer:
         """The loop's optimizer: the server's in federated mode, else `default(model)`."""
         if self.mode is not TrainingMode.FEDERATED:
@@ -65,7 +67,7 @@ class ModeSetup:
             config.federated_server_lr,
             config.federated_server_momentum,
         )
-        self.step_fn = FederatedStep(loss_function, self.clients, config, precision)
+        self.step_fn = FederatedStep(loss_function, self.clients, config, precision, job)
         self.step_fn.server = server
         return server
 
@@ -153,7 +155,8 @@ def prepare_mode(
             c.federated_dirichlet_alpha,
             c.seed,
         )
-        return ModeSetup(mode, Updates(1), None, True, clients)  # one round per epoch
+        # one round per epoch; under torchrun each rank trains a share of the round's clients
+        return ModeSetup(mode, Updates(1), None, True, clients, wraps_model=False)
     if mode is TrainingMode.REINFORCEMENT:
         if val_loader is not None:
             raise ValueError(
@@ -168,17 +171,12 @@ def prepare_mode(
 
 def _refuse(mode: TrainingMode, c: TrainingConfig, distributed: bool) -> None:
     name = mode.value
-    if distributed and mode is not META:
-        instead = {
-            TrainingMode.FEDERATED: "; to train clients on several machines, use Flower "
-            "(traineval.flower)",
-            TrainingMode.REINFORCEMENT: "",
-        }[mode]
-        raise ValueError(f"mode='{name}' under torchrun is not supported yet{instead}")
+    if distributed and mode is TrainingMode.REINFORCEMENT:
+        raise ValueError(f"mode='{name}' under torchrun is not supported yet")
     if distributed and c.distributed_strategy == "fsdp":
         raise ValueError(
-            f"distributed_strategy='fsdp' is not supported in mode='{name}' (its inner loop "
-            "reads whole weights); use distributed_strategy='ddp'"
+            f"distributed_strategy='fsdp' is not supported in mode='{name}' (it reads and "
+            "averages whole weights); use distributed_strategy='ddp'"
         )
     if c.compile:
         raise ValueError(f"compile=True is not supported in mode='{name}' yet")
