@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -171,6 +172,83 @@ def federated(out: Path, rank: int) -> None:
     history = result.training_history
     record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
     (out / f"federated-history-{rank}.json").write_text(json.dumps(record))
+
+
+RECORDED: list[dict[str, Any]] = []  # every episode this process played, in order
+
+
+class RecordingCartPole:
+    """CartPole that writes down each episode's observations, actions and rewards."""
+
+    def __init__(self) -> None:
+        from traineval.envs import CartPole
+
+        self.env = CartPole()
+        self.episode: dict[str, Any] = {}
+
+    def reset(self, seed: int | None = None) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(seed=seed)
+        self.episode = {"obs": [obs], "actions": [], "rewards": [], "terminated": False}
+        RECORDED.append(self.episode)
+        return obs, info
+
+    def step(self, action: int) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.episode["obs"].append(obs)
+        self.episode["actions"].append(int(action))
+        self.episode["rewards"].append(float(reward))
+        self.episode["terminated"] = bool(terminated)
+        return obs, reward, terminated, truncated, info
+
+
+class ActorCritic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.pi, self.v = nn.Linear(16, 2), nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.pi(h), self.v(h)
+
+
+RL_SETTINGS: dict[str, Any] = {
+    "num_epochs": 1,
+    "rl_updates_per_epoch": 1,
+    "rl_episodes_per_update": 3,
+    "rl_max_episode_steps": 25,  # some episodes are cut off: their returns bootstrap
+    "rl_eval_episodes": 1,
+    "optimizer_type": "sgd",
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "gradient_clipping": False,
+    "learning_rate": 0.1,
+    "warmup_steps": 0,
+    "scheduler_type": "constant",
+}
+
+
+def reinforcement(out: Path, rank: int) -> None:
+    """One policy update from each rank's 3 episodes; save what a replay needs."""
+    net = ActorCritic()
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    TrainingManager(config(out, **RL_SETTINGS)).train(
+        net, RecordingCartPole, mode=TrainingMode.REINFORCEMENT
+    )
+    episodes = [  # the update's episodes come first; validation's come after
+        {
+            "obs": torch.tensor(np.stack(e["obs"]), dtype=torch.float32),
+            "actions": torch.tensor(e["actions"]),
+            "rewards": torch.tensor(e["rewards"], dtype=torch.float64),
+            "terminated": e["terminated"],
+        }
+        for e in RECORDED[: RL_SETTINGS["rl_episodes_per_update"]]
+    ]
+    torch.save(
+        {"initial": initial, "final": net.state_dict(), "episodes": episodes},
+        out / f"rl-{rank}.pt",
+    )
 
 
 def uneven(out: Path, rank: int) -> None:
@@ -348,6 +426,7 @@ SCENARIOS = {
     "semi_supervised": semi_supervised,
     "meta_learning": meta_learning,
     "federated": federated,
+    "reinforcement": reinforcement,
     "resume_first": resume_first,
     "resume_second": resume_second,
     "failure": failure,

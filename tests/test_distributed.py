@@ -122,10 +122,8 @@ def test_mode_combinations_torchrun_cannot_run_are_refused_with_the_reason(tmp_p
     from traineval.modes.setup import _refuse
 
     config = TrainingConfig(output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="mode='reinforcement' under torchrun is not supported"):
-        _refuse(TrainingMode.REINFORCEMENT, config, distributed=True)
     fsdp = TrainingConfig(output_dir=str(tmp_path), distributed_strategy="fsdp")
-    for mode in (TrainingMode.META_LEARNING, TrainingMode.FEDERATED):
+    for mode in (TrainingMode.META_LEARNING, TrainingMode.FEDERATED, TrainingMode.REINFORCEMENT):
         _refuse(mode, config, distributed=True)  # DDP: supported
         with pytest.raises(ValueError, match="distributed_strategy='fsdp' is not supported"):
             _refuse(mode, fsdp, distributed=True)
@@ -221,6 +219,59 @@ def test_federated_ranks_share_the_rounds_clients_and_match_one_process(tmp_path
         for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
             assert mine["accuracy"] == theirs["accuracy"]
             assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+
+
+def _policy_update_from(episodes, net, settings):
+    """The update one process computes from these episodes, written out plainly."""
+    gamma, cap = 0.99, settings["rl_max_episode_steps"]
+    log_probs, entropies, values, returns = [], [], [], []
+    for e in episodes:
+        logits, value = net(e["obs"][:-1])
+        value = value.squeeze(-1)
+        logp = logits.log_softmax(-1)
+        log_probs.append(logp.gather(1, e["actions"][:, None]).squeeze(1))
+        entropies.append(-(logp.exp() * logp).sum(-1))
+        values.append(value)
+        running = 0.0
+        if not e["terminated"] and len(e["actions"]) >= cap:  # cut off: bootstrap
+            with torch.no_grad():
+                running = float(net(e["obs"][-1:])[1][0])
+        out = []
+        for reward in reversed(e["rewards"].tolist()):
+            running = reward + gamma * running
+            out.append(running)
+        returns.append(torch.tensor(out[::-1], dtype=torch.float32))
+    log_prob, entropy = torch.cat(log_probs), torch.cat(entropies)
+    value, ret = torch.cat(values), torch.cat(returns)
+    advantage = ret - value.detach()
+    advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    loss = (
+        -(log_prob * advantage).mean()
+        + 0.5 * torch.nn.functional.mse_loss(value, ret)
+        - 0.01 * entropy.mean()
+    )
+    optimizer = torch.optim.SGD(net.parameters(), lr=settings["learning_rate"])
+    loss.backward()
+    optimizer.step()
+    return net.state_dict()
+
+
+@pytest.mark.slow
+def test_reinforcement_ranks_play_their_own_episodes_and_update_as_one_batch(tmp_path):
+    """Each rank plays 3 episodes of its own; the update equals one process's update from
+    all 6 (global means, advantage normalisation over every rank's steps)."""
+    ok(torchrun("reinforcement", tmp_path))
+    saved = [torch.load(tmp_path / f"rl-{rank}.pt") for rank in (0, 1)]
+    firsts = [s["episodes"][0]["obs"][0] for s in saved]
+    assert not torch.equal(*firsts)  # the ranks played different episodes
+    net = worker.ActorCritic()
+    net.load_state_dict(saved[0]["initial"])
+    episodes = saved[0]["episodes"] + saved[1]["episodes"]
+    assert any(not e["terminated"] for e in episodes)  # a bootstrapped one among them
+    expected = _policy_update_from(episodes, net, worker.RL_SETTINGS)
+    for s in saved:
+        for key, value in expected.items():
+            torch.testing.assert_close(s["final"][key], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -188,7 +188,7 @@ class TrainingManager:
             val_loader,
             loss_function,
             user_loss=user_loss,
-            distributed=job.enabled,
+            job=job,
         )
         batches: Iterable[Any] = setup.loader
         if not setup.uses_own_loader:
@@ -230,9 +230,11 @@ class TrainingManager:
             state.load_state_dict(payload["loop"])
             return self._result(state, monitor.name, 0.0, {})
 
-        # Ranks draw different dropout masks, like one batch; federated ranks must agree on
-        # each round's draws (clients, their seeds), so they share one stream.
-        seed_everything(c.seed + (0 if mode is TrainingMode.FEDERATED else job.rank))
+        # Ranks draw different dropout masks, like one batch; federated and reinforcement
+        # ranks share one stream (a round's clients; each update's base seed, which the
+        # rank's own episodes derive from).
+        shared = mode in (TrainingMode.FEDERATED, TrainingMode.REINFORCEMENT)
+        seed_everything(c.seed + (0 if shared else job.rank))
         model.to(self.device)
         if payload is not None:
             model.load_state_dict(payload["model"])  # full weights, before any sharding

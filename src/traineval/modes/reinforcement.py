@@ -20,6 +20,12 @@ uninterrupted one would have. The training episodes' mean return and length are 
 `train/episode_return` and `train/episode_length`. Validation (`evaluate`) plays
 `rl_eval_episodes` episodes with the greedy policy and reports `return` (mean episode
 return) and `episode_length`.
+
+Under torchrun each rank plays its own `rl_episodes_per_update` episodes (seeds and actions
+from a generator derived from the shared global stream and the rank) and the loop averages
+the ranks' gradients; the means above (and the advantage normalisation, and the mean
+baseline) are taken over every rank's time steps (one small all-reduce per update), so the
+update is the one a single process would compute from all ranks' episodes.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..distributed import Distributed
 from .base import StepOutput
 
 __all__ = ["PolicyGradientStep"]
@@ -51,8 +58,10 @@ class PolicyGradientStep:
         normalize_advantages: bool = True,
         max_episode_steps: int = 1000,
         eval_episodes: int = 10,
+        job: Distributed | None = None,
     ) -> None:
         self.env_factory = env_factory
+        self.job = job or Distributed()
         self.envs = [env_factory() for _ in range(episodes)]
         self.gamma = gamma
         self.value_coef = value_coef
@@ -69,7 +78,11 @@ class PolicyGradientStep:
 
     @classmethod
     def from_config(
-        cls, env_factory: Callable[[], Any], config: Any, episodes: int | None = None
+        cls,
+        env_factory: Callable[[], Any],
+        config: Any,
+        episodes: int | None = None,
+        job: Distributed | None = None,
     ) -> PolicyGradientStep:
         """The step a TrainingConfig's `rl_*` settings describe (`episodes` overrides its
         episodes per update, e.g. 1 where the step only evaluates)."""
@@ -83,6 +96,7 @@ class PolicyGradientStep:
             normalize_advantages=c.rl_normalize_advantages,
             max_episode_steps=c.rl_max_episode_steps,
             eval_episodes=c.rl_eval_episodes,
+            job=job,
         )
 
     def weight(self, batch: Any) -> int:
@@ -90,27 +104,65 @@ class PolicyGradientStep:
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         device = next(model.parameters()).device
-        episodes = self._play(model, self.envs, device, greedy=False)
+        seeds = sampling = None
+        if self.job.enabled:  # this rank's own episodes, from the shared stream and the rank
+            base = int(torch.randint(2**62, ()).item()) + self.job.rank
+            seeds = torch.Generator().manual_seed(base)
+            sampling = torch.Generator(device=device).manual_seed(base)
+        episodes = self._play(model, self.envs, device, False, seeds, sampling)
         log_probs = torch.cat([e["log_probs"] for e in episodes])
         entropies = torch.cat([e["entropies"] for e in episodes])
         returns = torch.cat([self._returns(e) for e in episodes]).to(device)
         values = [e["values"] for e in episodes]
-        if values[0] is not None:
-            value = torch.cat(values)
-            advantages = returns - value.detach()
-            value_loss = F.mse_loss(value, returns)
+        if self.job.enabled:
+            loss = self._loss_over_ranks(log_probs, entropies, returns, values)
         else:
-            advantages = returns - returns.mean()
-            value_loss = torch.zeros((), device=device)
-        if self.normalize_advantages and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = -(log_probs * advantages).mean()
-        loss = policy_loss + self.value_coef * value_loss - self.entropy_coef * entropies.mean()
+            if values[0] is not None:
+                value = torch.cat(values)
+                advantages = returns - value.detach()
+                value_loss = F.mse_loss(value, returns)
+            else:
+                advantages = returns - returns.mean()
+                value_loss = torch.zeros((), device=device)
+            if self.normalize_advantages and advantages.numel() > 1:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss = -(log_probs * advantages).mean()
+            entropy = entropies.mean()
+            loss = policy_loss + self.value_coef * value_loss - self.entropy_coef * entropy
         metrics: dict[str, float | torch.Tensor] = {  # host numbers: rewards stay on the host
             "episode_return": float(np.mean([sum(e["rewards"]) for e in episodes])),
             "episode_length": float(np.mean([len(e["rewards"]) for e in episodes])),
         }
         return StepOutput(loss=loss, weight=1, num_samples=int(log_probs.numel()), metrics=metrics)
+
+    def _loss_over_ranks(
+        self,
+        log_probs: torch.Tensor,
+        entropies: torch.Tensor,
+        returns: torch.Tensor,
+        values: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """This rank's part of the loss over every rank's time steps, times the world size
+        (the loop averages the ranks' gradients): means, the mean baseline and the advantage
+        normalisation use all ranks' steps."""
+        job = self.job
+        n, returns_sum = job.sum([float(returns.numel()), float(returns.sum())])
+        if values[0] is not None:
+            value = torch.cat(values)  # type: ignore[arg-type]
+            advantages = returns - value.detach()
+            value_sum = ((value - returns) ** 2).sum()
+        else:
+            advantages = returns - returns_sum / n
+            value_sum = torch.zeros((), device=returns.device)
+        if self.normalize_advantages and n > 1:
+            total, squares = job.sum([float(advantages.sum()), float((advantages**2).sum())])
+            mean = total / n
+            std = max((squares - n * mean * mean) / (n - 1), 0.0) ** 0.5  # unbiased, as .std()
+            advantages = (advantages - mean) / (std + 1e-8)
+        scale = job.world_size / n
+        policy = -(log_probs * advantages).sum()
+        entropy = entropies.sum()
+        return (policy + self.value_coef * value_sum - self.entropy_coef * entropy) * scale
 
     def _returns(self, episode: dict[str, Any]) -> torch.Tensor:
         """Discounted returns, bootstrapped from V(last state) when the time limit cut it off."""
@@ -129,10 +181,12 @@ class PolicyGradientStep:
         device: torch.device,
         greedy: bool,
         seeds: torch.Generator | None = None,
+        sampling: torch.Generator | None = None,
     ) -> list[dict[str, Any]]:
         """Run one episode in each env in lockstep; records what the loss needs.
 
-        Episode seeds come from `seeds`, else from the global generator (as do sampled actions).
+        Episode seeds come from `seeds`, sampled actions from `sampling` (a generator on the
+        model's device); either defaults to the global generator.
         """
         observations = []
         for env in envs:
@@ -151,7 +205,7 @@ class PolicyGradientStep:
                 actions = logits.argmax(dim=-1)
             else:
                 probs = logits.float().softmax(dim=-1)
-                actions = torch.multinomial(probs, 1).squeeze(1)
+                actions = torch.multinomial(probs, 1, generator=sampling).squeeze(1)
             log_probs = logits.float().log_softmax(dim=-1)
             chosen = log_probs.gather(1, actions[:, None]).squeeze(1)
             entropy = -(log_probs.exp() * log_probs).sum(dim=-1)

@@ -125,7 +125,7 @@ def prepare_mode(
     loss_function: Any,
     *,
     user_loss: bool,
-    distributed: bool,
+    job: Distributed,
 ) -> ModeSetup:
     """Check what `mode` cannot combine with, then build its loader and step function.
 
@@ -139,7 +139,7 @@ def prepare_mode(
             "on the labeled samples plus the pseudo-label term; leave loss_function None"
         )
     if mode in (TrainingMode.FEDERATED, TrainingMode.REINFORCEMENT, TrainingMode.META_LEARNING):
-        _refuse(mode, c, distributed)
+        _refuse(mode, c, job.enabled)
     if mode is TrainingMode.META_LEARNING:
         allowed = ("val_loss", "val_accuracy", "train_loss")
         if c.monitor_metric not in allowed:
@@ -163,16 +163,15 @@ def prepare_mode(
                 "mode='reinforcement' evaluates by playing rl_eval_episodes greedy episodes; "
                 "pass no val_loader"
             )
-        step = PolicyGradientStep.from_config(_env_factory(train_loader), c)
-        return ModeSetup(mode, Updates(c.rl_updates_per_epoch), step, True)
+        step = PolicyGradientStep.from_config(_env_factory(train_loader), c, job=job)
+        # several forward passes per update: no DDP wrapper, the loop averages the gradients
+        return ModeSetup(mode, Updates(c.rl_updates_per_epoch), step, True, wraps_model=False)
     step_fn = build_step(mode, loss_function, c)
     return ModeSetup(mode, train_loader, step_fn, False, wraps_model=mode is not META)
 
 
 def _refuse(mode: TrainingMode, c: TrainingConfig, distributed: bool) -> None:
     name = mode.value
-    if distributed and mode is TrainingMode.REINFORCEMENT:
-        raise ValueError(f"mode='{name}' under torchrun is not supported yet")
     if distributed and c.distributed_strategy == "fsdp":
         raise ValueError(
             f"distributed_strategy='fsdp' is not supported in mode='{name}' (it reads and "
