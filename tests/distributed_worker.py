@@ -323,6 +323,36 @@ def resume_second(out: Path, rank: int) -> None:
     (out / f"resumed-{rank}.json").write_text(json.dumps({"global_step": result.global_step}))
 
 
+def rl_resume_config(out: Path) -> TrainingConfig:
+    settings = {**RL_SETTINGS, "rl_updates_per_epoch": 6, "rl_episodes_per_update": 2}
+    return config(out, checkpoint_every_n_steps=2, **settings)
+
+
+def rl_resume_first(out: Path, rank: int) -> None:
+    """Policy gradient, 6 updates: uninterrupted, then stopped by a signal on rank 1 at 4."""
+    from traineval.loop import TrainingInterrupted
+
+    net = ActorCritic()
+    TrainingManager(rl_resume_config(out / "rl-straight")).train(
+        net, "CartPole", mode=TrainingMode.REINFORCEMENT
+    )
+    torch.save(net.state_dict(), out / f"rl-straight-{rank}.pt")
+    try:
+        TrainingManager(rl_resume_config(out / "rl-interrupted")).train(
+            ActorCritic(), "CartPole", mode=TrainingMode.REINFORCEMENT, callbacks=[SignalRankOne()]
+        )
+    except TrainingInterrupted as stopped:
+        (out / f"rl-interrupted-{rank}.txt").write_text(str(stopped))
+
+
+def rl_resume_second(out: Path, rank: int) -> None:
+    net = ActorCritic()
+    TrainingManager(rl_resume_config(out / "rl-interrupted")).train(
+        net, "CartPole", mode=TrainingMode.REINFORCEMENT, resume_from="auto"
+    )
+    torch.save(net.state_dict(), out / f"rl-resumed-{rank}.pt")
+
+
 class FailOnRankOne(Callback):
     def on_step_end(self, loop: Any) -> None:
         if loop.job.rank == 1 and loop.state.global_step == 3:
@@ -427,6 +457,8 @@ SCENARIOS = {
     "meta_learning": meta_learning,
     "federated": federated,
     "reinforcement": reinforcement,
+    "rl_resume_first": rl_resume_first,
+    "rl_resume_second": rl_resume_second,
     "resume_first": resume_first,
     "resume_second": resume_second,
     "failure": failure,

@@ -329,6 +329,19 @@ def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_two_rank_policy_gradient_run_resumes_to_the_uninterrupted_result(tmp_path):
+    ok(torchrun("rl_resume_first", tmp_path))
+    for rank in (0, 1):  # both ranks stopped at update 4 of 6
+        assert "step 4" in (tmp_path / f"rl-interrupted-{rank}.txt").read_text()
+    ok(torchrun("rl_resume_second", tmp_path))
+    for rank in (0, 1):
+        straight = torch.load(tmp_path / f"rl-straight-{rank}.pt")
+        resumed = torch.load(tmp_path / f"rl-resumed-{rank}.pt")
+        for key, value in straight.items():
+            assert torch.equal(resumed[key], value), key
+
+
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_job(tmp_path):
     started = time.monotonic()
     run = torchrun("failure", tmp_path, timeout=120)
