@@ -383,6 +383,49 @@ def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path, strategy):
     assert (tmp_path / "run" / "evaluation" / "metrics.json").exists()
 
 
+MODE_OVERRIDES = {
+    "federated": ["training.federated_clients=4", "training.num_epochs=3"],
+    "meta_learning": [
+        "model.name=mlp",
+        "model.options={}",
+        "data.ways=5",
+        "data.shots=1",
+        "data.queries=5",
+        "data.train_episodes=40",
+        "data.eval_episodes=10",
+        "training.batch_size=4",
+        "training.num_epochs=2",
+    ],
+    "reinforcement": [
+        "data.environment=CartPole",
+        "model.name=actor_critic",
+        "model.options={}",
+        "training.monitor_metric=val_return",
+        "training.num_epochs=2",
+        "training.rl_updates_per_epoch=3",
+        "training.rl_episodes_per_update=2",
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", sorted(MODE_OVERRIDES))
+def test_the_cli_runs_the_other_modes_under_torchrun(tmp_path, mode):
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"),
+        *("2", "-m", "traineval.cli", "fit"),
+        str(Path(__file__).parents[1] / "src" / "traineval" / "configs" / "demo.yaml"),
+        f"mode={mode}",
+        *MODE_OVERRIDES[mode],
+        "training.warmup_steps=0",
+        f"training.output_dir={tmp_path / 'run'}",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    ok(run)
+    assert run.stdout.count("Test metrics") == 1  # rank 0 reports, rank 1 stays quiet
+    assert (tmp_path / "run" / "evaluation" / "metrics.json").exists()
+
+
 @pytest.mark.slow
 def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
     ok(torchrun("fsdp", tmp_path))
