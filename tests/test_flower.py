@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import traineval
 from test_federated import _clients, _config
-from traineval import TrainingManager, TrainingMode
+from traineval import TrainingManager, TrainingMode, cli
 from traineval.checkpoint import load_safetensors
+from traineval.experiment import RunConfig
 from traineval.loggers import read_jsonl
 
 from conftest import make_classification, make_mlp
@@ -147,9 +151,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path):
-    """examples/flower_digits under Flower's deployment runtime: a SuperLink, two SuperNodes
-    (each its own process, talking HTTP on loopback) and `flwr run`."""
+@pytest.mark.parametrize("example", ["flower_digits", "flower_config"])
+def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path, example):
+    """An example app under Flower's deployment runtime: a SuperLink, two SuperNodes (each
+    its own process, talking HTTP on loopback) and `flwr run`. flower_digits is Python
+    (traineval.flower); flower_config is traineval.flower_app with a config file."""
     bin_dir = Path(sys.executable).parent
     link = _free_port()
     home = tmp_path / "home"
@@ -184,9 +190,27 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path)
                 subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
             )
             time.sleep(3)
-        app = Path(__file__).resolve().parents[1] / "examples" / "flower_digits"
+        app = Path(__file__).resolve().parents[1] / "examples" / example
+        extra = []
+        if example == "flower_config":
+            config = tmp_path / "run.yaml"
+            config.write_text(
+                (Path(traineval.__file__).parent / "configs" / "demo.yaml").read_text()
+                + "\n# test\nmode: federated\n"
+            )
+            settings = RunConfig.from_yaml(
+                config,
+                [
+                    "training.num_epochs=2",
+                    "training.federated_clients=2",
+                    "training.warmup_steps=0",
+                    f"training.output_dir={output}",
+                ],
+            )
+            config.write_text(yaml.safe_dump(settings.to_dict()))
+            extra = ["--run-config", f'traineval-config="{config}"']
         run = subprocess.run(
-            ["flwr", "run", str(app), "test", "--stream"],
+            ["flwr", "run", str(app), "test", "--stream", *extra],
             env=env,
             capture_output=True,
             text=True,
@@ -197,6 +221,9 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path)
         server = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"]
         assert len(server) == 3  # before training, after rounds 1 and 2
         assert server[-1] > 0.5 > server[0]  # trained, from about 0.1 (chance)
+        if example == "flower_config":
+            test = json.loads((output / "evaluation" / "metrics.json").read_text())["test"]
+            assert test["accuracy"] > 0.5
         assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2]
         assert (output / "final_model.safetensors").exists()
     finally:
@@ -231,3 +258,50 @@ def test_a_clients_shuffle_depends_on_seed_round_and_node_not_on_visit_order(qui
         )
     for a, b in zip(*(m.parameters() for m in results), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, capsys):
+    """`traineval flower`: traineval.flower_app (the app for config files) with 3 nodes."""
+    demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
+    output = tmp_path / "run"
+    overrides = ["mode=federated", "training.num_epochs=3", "training.warmup_steps=0"]
+    overrides.append(f"training.output_dir={output}")
+    code = cli.main(["flower", str(demo), "--nodes", "3", "-q", *overrides])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Trained 3 Flower rounds on 3 in-process nodes" in printed
+    test = json.loads((output / "evaluation" / "metrics.json").read_text())["test"]
+    assert test["accuracy"] > 0.6  # digits, 3 rounds of FedAvg from chance (0.1)
+    assert f"accuracy   {test['accuracy']:.4f}" in printed
+    rounds = read_jsonl(output / "metrics.jsonl")
+    assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]
+    server = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"]
+    assert len(server) == 4  # val split: before training and after each round
+    assert RunConfig.from_yaml(output / "config.yaml").training.federated_clients == 3
+    from traineval import flower_app
+
+    model = flower_app.experiment(str(output / "config.yaml")).new_model()
+    load_safetensors(model, output / "final_model.safetensors")  # the config's own model
+
+
+def test_the_config_app_names_what_it_is_missing(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from traineval import flower_app
+
+    with pytest.raises(ValueError, match="needs `traineval-config = "):
+        flower_app.config_path(Context(1, 2, {}, RecordDict(), {}))
+    demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
+    context = Context(1, 2, {"partition-id": 0}, RecordDict(), {"traineval-config": str(demo)})
+    with pytest.raises(ValueError, match="node config 'num-partitions' is missing"):
+        flower_app._node_data(context)
+    context.node_config["num-partitions"] = 2
+    context.node_config["partition-id"] = 2
+    with pytest.raises(ValueError, match=r"partition-id=2 is invalid: expected 0\.\.1"):
+        flower_app._node_data(context)
+    config = tmp_path / "rl.yaml"
+    config.write_text("mode: reinforcement\ndata: {environment: CartPole}\n")
+    with pytest.raises(
+        ValueError, match=r"mode='reinforcement' is invalid for traineval\.flower_app"
+    ):
+        flower_app.experiment(str(config))

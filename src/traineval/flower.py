@@ -57,45 +57,51 @@ from .optim import configured_scheduler
 from .precision import resolve_precision
 from .tasks import AutoLoss
 
-__all__ = ["LocalGrid", "client_app", "default_strategy", "run_local", "server_app"]
+__all__ = [
+    "FlowerClient",
+    "FlowerServer",
+    "LocalGrid",
+    "client_app",
+    "default_strategy",
+    "run_local",
+    "server_app",
+]
 
 FINAL_MODEL = "final_model.safetensors"
 ModelFn = Callable[[], nn.Module]
 DataFn = Callable[[Any], tuple[Any, Any]]  # Flower Context -> (train loader, val loader | None)
 
 
-def client_app(
-    model_fn: ModelFn,
-    data_fn: DataFn,
-    config: TrainingConfig,
-    *,
-    loss_function: Any = None,
-    task_type: TaskType | None = None,
-) -> Any:
-    """A Flower `ClientApp` that trains and evaluates with traineval.
+class FlowerClient:
+    """What a ClientApp's `train` and `evaluate` handlers run (see `client_app`)."""
 
-    `data_fn(context)` returns the node's `(train_loader, val_loader)`: read which share of
-    the data is this node's from `context.node_config` (e.g. `partition-id`); the val loader
-    may be None when the server does not ask clients to evaluate. The client learning rate is
-    the server's `lr` config value when it sends one, else `config.learning_rate`.
-    """
-    _check_callable("model_fn", model_fn)
-    _check_callable("data_fn", data_fn)
-    device = torch.device(config.device if config.device != "auto" else _auto_device())
-    precision = resolve_precision(config.precision, config.mixed_precision, device)
-    loss = loss_function if loss_function is not None else AutoLoss()
-    step = SupervisedStep(loss)
-    app = ClientApp()
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        data_fn: DataFn,
+        config: TrainingConfig,
+        *,
+        loss_function: Any = None,
+        task_type: TaskType | None = None,
+    ) -> None:
+        _check_callable("model_fn", model_fn)
+        _check_callable("data_fn", data_fn)
+        self.model_fn, self.data_fn, self.config = model_fn, data_fn, config
+        self.loss_function, self.task_type = loss_function, task_type
+        self.device = torch.device(config.device if config.device != "auto" else _auto_device())
+        self.precision = resolve_precision(config.precision, config.mixed_precision, self.device)
+        self.step = SupervisedStep(loss_function if loss_function is not None else AutoLoss())
 
-    def load(message: Message) -> nn.Module:
-        model = model_fn().to(device)
+    def load(self, message: Message) -> nn.Module:
+        """A fresh model holding the weights the server sent."""
+        model = self.model_fn().to(self.device)
         model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
         return model
 
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        model = load(message)
-        train_loader, _ = data_fn(context)
+    def train(self, message: Message, context: Context) -> Message:
+        config, device = self.config, self.device
+        model = self.load(message)
+        train_loader, _ = self.data_fn(context)
         settings: Mapping[str, Any] = message.content.config_records.get("config", {})
         lr = float(settings.get("lr", config.learning_rate))
         seed = _round_seed(config.seed, int(settings.get("server-round", 0)), context.node_id)
@@ -105,73 +111,104 @@ def client_app(
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             loss_sum, samples = train_client(
-                model, train_loader, step, config, precision, lr=lr, seed=seed
+                model, train_loader, self.step, config, self.precision, lr=lr, seed=seed
             )
         metrics = MetricRecord({"train_loss": float(loss_sum) / samples, "num-examples": samples})
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
         return Message(content=content, reply_to=message)
 
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        model = load(message)
-        _, val_loader = data_fn(context)
+    def evaluate(self, message: Message, context: Context) -> Message:
+        model = self.load(message)
+        _, val_loader = self.data_fn(context)
         if val_loader is None:
             raise ValueError(
                 "the server asked this client to evaluate but data_fn returned no validation "
                 "loader; return one, or create server_app(..., evaluate_on_clients=False)"
             )
         metrics = Evaluator().evaluate_model(
-            model, val_loader, device, loss_function, task_type=task_type, write_files=False
+            model,
+            val_loader,
+            self.device,
+            self.loss_function,
+            task_type=self.task_type,
+            write_files=False,
         )
         values: dict[str, Any] = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         values["num-examples"] = _num_examples(val_loader)
         content = RecordDict({"metrics": MetricRecord(values)})
         return Message(content=content, reply_to=message)
 
+
+def client_app(
+    model_fn: ModelFn,
+    data_fn: DataFn,
+    config: TrainingConfig,
+    *,
+    loss_function: Any = None,
+    task_type: TaskType | None = None,
+) -> ClientApp:
+    """A Flower `ClientApp` that trains and evaluates with traineval.
+
+    `data_fn(context)` returns the node's `(train_loader, val_loader)`: read which share of
+    the data is this node's from `context.node_config` (e.g. `partition-id`); the val loader
+    may be None when the server does not ask clients to evaluate. The client learning rate is
+    the server's `lr` config value when it sends one, else `config.learning_rate`.
+    """
+    client = FlowerClient(
+        model_fn, data_fn, config, loss_function=loss_function, task_type=task_type
+    )
+    app = ClientApp()
+    app.train()(client.train)
+    app.evaluate()(client.evaluate)
     return app
 
 
-def server_app(
-    model_fn: ModelFn,
-    config: TrainingConfig,
-    *,
-    evaluate_on_clients: bool = True,
-    server_evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
-    strategy: Strategy | None = None,
-) -> ServerApp:
-    """A Flower `ServerApp`: FedAvg(M) over the connected nodes for `config.num_epochs` rounds.
+class FlowerServer:
+    """What a ServerApp's `main` runs (see `server_app`)."""
 
-    Each round samples `federated_client_fraction` of the nodes (at least one; it waits for
-    `federated_clients` nodes before the first round). Clients train with the configured
-    schedule's learning rate for the round (one round = one update, as in the simulation).
-    `server_evaluate(model)` returns
-    metrics of the global model on the server's own data, after every round. Pass your own
-    Flower `strategy` to replace FedAvg(M); the rest stays.
-    """
-    _check_callable("model_fn", model_fn)
-    if config.scheduler_type == "plateau":
-        raise ValueError(
-            "scheduler_type='plateau' is not supported with Flower (no server-side metric "
-            "drives it); choose 'cosine', 'step', 'onecycle' or 'constant'"
-        )
-    output = Path(config.output_dir or "runs/flower")
-    _claim(output, config.overwrite_output_dir)
-    rounds = min(config.num_epochs, config.max_steps or config.num_epochs)
-    client_lrs = client_learning_rates(config, rounds)
-    app = ServerApp()
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        config: TrainingConfig,
+        *,
+        evaluate_on_clients: bool = True,
+        server_evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        strategy: Strategy | None = None,
+        on_finish: Callable[[nn.Module], None] | None = None,
+    ) -> None:
+        _check_callable("model_fn", model_fn)
+        if config.scheduler_type == "plateau":
+            raise ValueError(
+                "scheduler_type='plateau' is not supported with Flower (no server-side metric "
+                "drives it); choose 'cosine', 'step', 'onecycle' or 'constant'"
+            )
+        self.model_fn, self.config, self.strategy = model_fn, config, strategy
+        self.evaluate_on_clients, self.server_evaluate = evaluate_on_clients, server_evaluate
+        self.on_finish = on_finish
+        self.output = Path(config.output_dir or "runs/flower")
+        _claim(self.output, config.overwrite_output_dir)
+        self.rounds = min(config.num_epochs, config.max_steps or config.num_epochs)
+        self.client_lrs = client_learning_rates(config, self.rounds)
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
+    def main(self, grid: Grid, context: Context) -> None:
+        config, output, server_evaluate = self.config, self.output, self.server_evaluate
         torch.manual_seed(config.seed)
-        model = model_fn()
-        chosen = strategy or default_strategy(config, evaluate_on_clients)
+        model = self.model_fn()
+        chosen = self.strategy or default_strategy(config, self.evaluate_on_clients)
         _claim(output, config.overwrite_output_dir)  # again: the app may be started much later
+        nodes = len(list(grid.get_node_ids()))
+        local = isinstance(grid, LocalGrid) and self.strategy is None
+        if local and nodes < config.federated_clients:
+            raise ValueError(  # Flower would wait for the missing nodes forever
+                f"federated_clients={config.federated_clients}: the server waits for that many "
+                f"nodes before the first round, and this LocalGrid has {nodes}"
+            )
         configure = chosen.configure_train
 
         def scheduled(
             server_round: int, arrays: ArrayRecord, settings: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
-            settings["lr"] = client_lrs[server_round - 1]  # this round's client learning rate
+            settings["lr"] = self.client_lrs[server_round - 1]  # this round's client rate
             return configure(server_round, arrays, settings, grid)
 
         chosen.configure_train = scheduled  # type: ignore[method-assign,assignment]
@@ -186,14 +223,45 @@ def server_app(
         result = chosen.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=rounds,
+            num_rounds=self.rounds,
             train_config=ConfigRecord({"lr": config.learning_rate}),
             evaluate_fn=centrally if server_evaluate is not None else None,
         )
         model.load_state_dict(result.arrays.to_torch_state_dict())
         save_safetensors(model, output / FINAL_MODEL)
         write_rounds(result, output / "metrics.jsonl")
+        if self.on_finish is not None:
+            self.on_finish(model)
 
+
+def server_app(
+    model_fn: ModelFn,
+    config: TrainingConfig,
+    *,
+    evaluate_on_clients: bool = True,
+    server_evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    strategy: Strategy | None = None,
+    on_finish: Callable[[nn.Module], None] | None = None,
+) -> ServerApp:
+    """A Flower `ServerApp`: FedAvg(M) over the connected nodes for `config.num_epochs` rounds.
+
+    Each round samples `federated_client_fraction` of the nodes (at least one; it waits for
+    `federated_clients` nodes before the first round). Clients train with the configured
+    schedule's learning rate for the round (one round = one update, as in the simulation).
+    `server_evaluate(model)` returns metrics of the global model on the server's own data,
+    after every round; `on_finish(model)` gets the final global model (e.g. to test it). Pass
+    your own Flower `strategy` to replace FedAvg(M); the rest stays.
+    """
+    server = FlowerServer(
+        model_fn,
+        config,
+        evaluate_on_clients=evaluate_on_clients,
+        server_evaluate=server_evaluate,
+        strategy=strategy,
+        on_finish=on_finish,
+    )
+    app = ServerApp()
+    app.main()(server.main)
     return app
 
 
@@ -257,11 +325,17 @@ class LocalGrid(Grid):
     in tests: a strategy's `start(grid=...)` takes it where Flower passes its own Grid.
     """
 
-    def __init__(self, app: ClientApp, node_configs: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        node_configs: Sequence[Mapping[str, Any]],
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.app = app
         self._run_id = 1
+        run = dict(run_config or {})
         self._contexts = {
-            node_id: Context(self._run_id, node_id, dict(settings), RecordDict(), {})
+            node_id: Context(self._run_id, node_id, dict(settings), RecordDict(), dict(run))
             for node_id, settings in enumerate(node_configs, start=SUPERLINK_NODE_ID + 1)
         }
         self._replies: dict[str, Message] = {}
@@ -309,12 +383,18 @@ class LocalGrid(Grid):
 
 
 def run_local(
-    server: ServerApp, client: ClientApp, node_configs: Sequence[Mapping[str, Any]]
+    server: ServerApp,
+    client: ClientApp,
+    node_configs: Sequence[Mapping[str, Any]],
+    run_config: Mapping[str, Any] | None = None,
 ) -> None:
     """Run `server` with one in-process node per entry of `node_configs`, all running
-    `client` (see `LocalGrid`): a Flower app tried end to end without a SuperLink."""
+    `client` (see `LocalGrid`): a Flower app tried end to end without a SuperLink.
+    `run_config` is what `flwr run` passes as the app's run config."""
+    settings = dict(run_config or {})
+    grid = LocalGrid(client, node_configs, settings)
     with _identity(run_id=1, node_id=SUPERLINK_NODE_ID):
-        server(LocalGrid(client, node_configs), Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), {}))
+        server(grid, Context(1, SUPERLINK_NODE_ID, {}, RecordDict(), settings))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,163 @@
+"""A ready-made Flower app for traineval config files: federated training without Python code.
+
+Point a Flower app's components at it and name the config in its run config:
+
+    [tool.flwr.app.components]
+    serverapp = "traineval.flower_app:serverapp"
+    clientapp = "traineval.flower_app:clientapp"
+
+    [tool.flwr.app.config]
+    traineval-config = "/path/to/run.yaml"   # data, model, training, evaluation sections
+
+Every SuperNode sets the node config `partition-id` and `num-partitions` and trains on that
+share of the config's train split (`training.federated_partition`: `iid`, or `dirichlet`
+with `federated_dirichlet_alpha`, drawn with `training.seed`, so every node computes the
+same split). The server evaluates the global model on the val split after every round
+(`server/<metric>` in metrics.jsonl), then saves `final_model.safetensors`, `config.yaml`
+and the test split's metrics (`evaluation/metrics.json`) in `training.output_dir`.
+`traineval flower CONFIG --nodes N` runs this app with N in-process nodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from torch import nn
+from torch.utils.data import Subset
+
+from .config import EvaluationMode
+from .evaluation import Evaluator
+from .experiment import RunConfig, _Parts, _parts
+from .flower import FlowerClient, FlowerServer, _auto_device
+from .modes.federated import partition
+
+__all__ = ["CONFIG_KEY", "clientapp", "serverapp"]
+
+CONFIG_KEY = "traineval-config"
+MODES = ("federated", "supervised")
+
+
+@functools.lru_cache(maxsize=4)
+def experiment(path: str) -> _Parts:
+    """The data splits, model builder and config of a traineval config file (read once)."""
+    config = RunConfig.from_yaml(path)
+    if config.mode not in MODES:
+        raise ValueError(
+            f"mode={config.mode!r} is invalid for traineval.flower_app: its clients train "
+            f"supervised; use mode: federated (or supervised) in {path}"
+        )
+    return _parts(config)
+
+
+def config_path(context: Context) -> str:
+    """The config file the app's run config names."""
+    path = context.run_config.get(CONFIG_KEY)
+    if not path:
+        raise ValueError(
+            f'traineval.flower_app needs `{CONFIG_KEY} = "<path to a traineval YAML config>"` '
+            "in the Flower app's [tool.flwr.app.config] (or flwr run --run-config)"
+        )
+    return str(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _shares(path: str, nodes: int) -> list[list[int]]:
+    parts = experiment(path)
+    t = parts.config.training
+    return partition(
+        parts.splits.train,
+        nodes,
+        scheme=t.federated_partition,
+        alpha=t.federated_dirichlet_alpha,
+        seed=t.seed,
+    )
+
+
+def _node_data(context: Context) -> tuple[Any, None]:
+    """This node's share of the train split; clients do not evaluate (the server does)."""
+    path = config_path(context)
+    try:
+        nodes = int(context.node_config["num-partitions"])
+        share = int(context.node_config["partition-id"])
+    except KeyError as missing:
+        raise ValueError(
+            f"node config {missing} is missing: start each SuperNode with --node-config "
+            "'partition-id=<i> num-partitions=<n>'"
+        ) from None
+    if not 0 <= share < nodes:
+        raise ValueError(f"node config partition-id={share} is invalid: expected 0..{nodes - 1}")
+    parts = experiment(path)
+    subset = Subset(parts.splits.train, _shares(path, nodes)[share])
+    return parts.loader(subset, shuffle=True), None
+
+
+@functools.lru_cache(maxsize=4)
+def _client(path: str) -> FlowerClient:
+    parts = experiment(path)
+    return FlowerClient(
+        parts.new_model, _node_data, parts.config.training, task_type=parts.task_type
+    )
+
+
+def _server(path: str) -> FlowerServer:
+    parts = experiment(path)
+    config = parts.config
+    evaluator = Evaluator(config.evaluation)
+    device = config.training.device if config.training.device != "auto" else _auto_device()
+    val_loader = parts.loader(parts.splits.val)
+    test_loader = parts.loader(parts.splits.test)
+    output = Path(config.training.output_dir or "runs/flower")
+
+    def on_val(model: nn.Module) -> dict[str, float]:
+        assert val_loader is not None
+        metrics = evaluator.evaluate_model(
+            model.to(device), val_loader, device, task_type=parts.task_type, write_files=False
+        )
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def on_finish(model: nn.Module) -> None:
+        resolved = config.to_dict()
+        resolved["training"]["output_dir"] = str(output)
+        (output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        record: dict[str, Any] = {"evaluated": "final global model", "test": None}
+        if test_loader is not None:
+            metrics = evaluator.evaluate_model(
+                model.to(device),
+                test_loader,
+                device,
+                task_type=parts.task_type,
+                output_dir=output,
+                split=EvaluationMode.TESTING,
+            )
+            record["test"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        (output / "evaluation").mkdir(parents=True, exist_ok=True)
+        (output / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
+
+    return FlowerServer(
+        parts.new_model,
+        config.training,
+        evaluate_on_clients=False,
+        server_evaluate=on_val if val_loader is not None else None,
+        on_finish=on_finish,
+    )
+
+
+clientapp = ClientApp()
+serverapp = ServerApp()
+
+
+@clientapp.train()
+def _train(message: Message, context: Context) -> Message:
+    return _client(config_path(context)).train(message, context)
+
+
+@serverapp.main()
+def _main(grid: Grid, context: Context) -> None:
+    _server(config_path(context)).main(grid, context)
