@@ -18,6 +18,7 @@ strategy; traineval supplies what runs on each side:
 
 Deploy with Flower's own tools (`flower-superlink`, `flower-supernode`, `flwr run`); the app
 module names the two apps, e.g. `clientapp = client_app(...)` and `serverapp = server_app(...)`.
+For config files there is a ready-made app, `traineval.flower_app` (`traineval flower`).
 """
 
 from __future__ import annotations
