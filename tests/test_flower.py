@@ -305,3 +305,28 @@ def test_the_config_app_names_what_it_is_missing(tmp_path):
         ValueError, match=r"mode='reinforcement' is invalid for traineval\.flower_app"
     ):
         flower_app.experiment(str(config))
+
+
+def test_flower_samples_as_many_clients_per_round_as_the_simulation(quiet_config):
+    # 5 clients x 0.5: the simulation trains 3 per round (half up); Flower alone would take 2
+    config = _config(quiet_config, federated_clients=5, federated_client_fraction=0.5)
+    strategy = flower.default_strategy(config, evaluate_on_clients=False)
+    assert strategy.min_train_nodes == 3
+    assert max(int(5 * strategy.fraction_train), strategy.min_train_nodes) == 3
+
+
+def test_which_clients_train_each_round_follows_the_seed(quiet_config, tmp_path):
+    """Flower picks a round's nodes with Python's `random`: the server seeds it."""
+    clients = _clients()
+    runs = []
+    for name in ("a", "b"):
+        random.seed(len(runs))  # whatever the caller's state, the run's seed decides
+        config = _config(
+            {**quiet_config, "output_dir": str(tmp_path / name)},
+            federated_clients=3,
+            federated_client_fraction=0.34,
+            num_epochs=3,
+        )
+        runs.append(_flower_run(config, clients, evaluate_on_clients=False))
+    for a, b in zip(*(m.parameters() for m in runs), strict=True):
+        torch.testing.assert_close(a, b)

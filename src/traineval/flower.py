@@ -56,6 +56,7 @@ from .modes.federated import train_client
 from .modes.supervised import SupervisedStep
 from .optim import configured_scheduler
 from .precision import resolve_precision
+from .seeding import seed_everything
 from .tasks import AutoLoss
 
 __all__ = [
@@ -193,7 +194,9 @@ class FlowerServer:
 
     def main(self, grid: Grid, context: Context) -> None:
         config, output, server_evaluate = self.config, self.output, self.server_evaluate
-        torch.manual_seed(config.seed)
+        # Initial weights, and Flower's choice of nodes per round (Python's `random`), follow
+        # the run's seed, as TrainingManager seeds a run.
+        seed_everything(config.seed)
         model = self.model_fn()
         chosen = self.strategy or default_strategy(config, self.evaluate_on_clients)
         _claim(output, config.overwrite_output_dir)  # again: the app may be started much later
@@ -282,10 +285,14 @@ def client_learning_rates(config: TrainingConfig, rounds: int) -> list[float]:
 def default_strategy(config: TrainingConfig, evaluate_on_clients: bool = True) -> Strategy:
     """Flower's FedAvg with the config's client sampling; FedAvgM when the server's learning
     rate or momentum differ from plain averaging (the same update as `ServerOptimizer`)."""
+    # The simulation's count of clients per round (rounded half up); Flower rounds down.
+    per_round = max(
+        1, math.floor(config.federated_client_fraction * config.federated_clients + 0.5)
+    )
     options: dict[str, Any] = {
         "fraction_train": config.federated_client_fraction,
         "fraction_evaluate": 1.0 if evaluate_on_clients else 0.0,
-        "min_train_nodes": 1,
+        "min_train_nodes": per_round,
         "min_evaluate_nodes": 1 if evaluate_on_clients else 0,
         "min_available_nodes": config.federated_clients,
     }
