@@ -95,6 +95,19 @@ class Distributed:
             dist.all_reduce(tensor)
         return tensor
 
+    def sum_in_place(self, tensors: Sequence[torch.Tensor], what: str) -> None:
+        """Sum each tensor over the ranks, in place, with one all-reduce of them flattened
+        (float32 on the communication device); `what` names it in a collective's error."""
+        if not self.enabled or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(_comm_device())
+        with _collective(self, what):
+            dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
         """Average `params`' gradients over the ranks in place (one all-reduce), as DDP does,
         for modes whose step cannot run through a DDP wrapper (several forward passes per
@@ -106,14 +119,8 @@ class Distributed:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        with _collective(self, "averaging gradients over the ranks"):
-            dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        self.sum_in_place(grads, "averaging gradients over the ranks")
+        torch._foreach_div_(grads, self.world_size)
 
     def broadcast_weights(self, model: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank (what DDP does when it wraps)."""

@@ -101,20 +101,17 @@ class FlowerClient:
         return model
 
     def train(self, message: Message, context: Context) -> Message:
-        config, device = self.config, self.device
+        config = self.config
         model = self.load(message)
         train_loader, _ = self.data_fn(context)
         settings: Mapping[str, Any] = message.content.config_records.get("config", {})
         lr = float(settings.get("lr", config.learning_rate))
         seed = _round_seed(config.seed, int(settings.get("server-round", 0)), context.node_id)
-        # The client's randomness (shuffle, dropout) depends on the run seed, the round and
-        # the node only: not on which clients this process trained before, in what order.
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            loss_sum, samples = train_client(
-                model, train_loader, self.step, config, self.precision, lr=lr, seed=seed
-            )
+        # The client's randomness (shuffle, dropout) follows the run seed, the round and the
+        # node only: not which clients this process trained before, in what order.
+        loss_sum, samples = train_client(
+            model, train_loader, self.step, config, self.precision, lr=lr, seed=seed
+        )
         metrics = MetricRecord({"train_loss": float(loss_sum) / samples, "num-examples": samples})
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
         return Message(content=content, reply_to=message)

@@ -188,13 +188,8 @@ class FederatedStep:
             loss_sum += client_loss
             for name, value in worker.state_dict().items():
                 average[name].add_(value.detach().float(), alpha=samples)
-        if job.enabled:  # every rank's weighted sums: one all-reduce
-            parts = [*average.values(), loss_sum.float(), total]
-            summed = job.sum_tensor(torch.cat([t.reshape(-1) for t in parts]))
-            offset = 0
-            for t in parts:
-                t.copy_(summed[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        # every rank's weighted sums (one all-reduce; a no-op in one process)
+        job.sum_in_place([*average.values(), loss_sum, total], "averaging the round's clients")
         params: list[torch.Tensor] = []
         deltas: list[torch.Tensor] = []
         with torch.no_grad():
@@ -218,20 +213,9 @@ class FederatedStep:
         worker = self._worker
         worker.load_state_dict(model.state_dict())
         client_lr = self.server.param_groups[0]["lr"] if self.server else self.config.learning_rate
-        # The client's randomness (dropout) depends on its seed only, not on which rank
-        # trains it or which clients that rank trained before.
-        device = _device(worker)
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            loss_sum, samples = train_client(
-                worker,
-                loader,
-                self.supervised,
-                self.config,
-                self.precision,
-                lr=client_lr,
-                seed=seed,
-            )
+        loss_sum, samples = train_client(
+            worker, loader, self.supervised, self.config, self.precision, lr=client_lr, seed=seed
+        )
         return worker, loss_sum, samples
 
 
@@ -243,20 +227,22 @@ def train_client(
     precision: Precision,
     *,
     lr: float,
-    seed: int | None = None,
+    seed: int,
 ) -> tuple[torch.Tensor, int]:
     """One client's local training, in place: `federated_local_epochs` over `loader` with a
     fresh configured optimizer at `lr`, clipping and `precision` (fp16: its own GradScaler).
 
-    `seed` seeds the loader's sampler generator (this round's shuffle), where it has one.
-    Returns the summed loss (a device tensor: no sync) and the samples trained on. Shared by
+    Its randomness comes from `seed` alone: the loader's sampler generator (this round's
+    shuffle) where it has one, and a forked global generator (a shuffle without one,
+    dropout), so it does not depend on which clients trained before it, or on which rank or
+    node. Returns the summed loss (a device tensor: no sync) and the samples trained on. Shared by
     the in-process simulation (`FederatedStep`) and Flower's ClientApp (`traineval.flower`).
     """
     c = config
     model.train()
     optimizer = configured_optimizer(model, c, lr=lr)
     sampler_generator = getattr(getattr(loader, "sampler", None), "generator", None)
-    if seed is not None and isinstance(sampler_generator, torch.Generator):
+    if isinstance(sampler_generator, torch.Generator):
         sampler_generator.manual_seed(seed)
     device = _device(model)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler is not None else None
@@ -265,7 +251,9 @@ def train_client(
     samples = 0
     # The loop runs the federated step inside its autocast context: leave it for the backward
     # passes, and enter the precision's own context around each client forward pass.
-    with torch.autocast(device.type, enabled=False):
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.autocast(device.type, enabled=False):
+        torch.manual_seed(seed)
         for _ in range(c.federated_local_epochs):
             for batch in loader:
                 if device.type != "cpu":
