@@ -84,15 +84,20 @@ def train_equivalence_run(
     )
 
 
+def save_run(out: Path, name: str, rank: int, net: nn.Module, result: Any) -> None:
+    """What the tests compare with one process: this rank's weights, train losses and
+    validation metrics, as `<name>-weights-<rank>.pt` and `<name>-history-<rank>.json`."""
+    torch.save(net.state_dict(), out / f"{name}-weights-{rank}.pt")
+    history = result.training_history
+    record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
+    (out / f"{name}-history-{rank}.json").write_text(json.dumps(record))
+
+
 def equivalence(out: Path, rank: int) -> None:
     """Batch 16 per rank, and batch 8 x 2 accumulated per rank, on 64 samples."""
     for name, batch, accumulation in EQUIVALENCE_RUNS:
         net = model()
-        result = train_equivalence_run(net, out / name, batch, accumulation)
-        torch.save(net.state_dict(), out / f"{name}-weights-{rank}.pt")
-        history = result.training_history
-        record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
-        (out / f"{name}-history-{rank}.json").write_text(json.dumps(record))
+        save_run(out, name, rank, net, train_equivalence_run(net, out / name, batch, accumulation))
 
 
 def partly_labeled() -> TensorDataset:
@@ -144,10 +149,7 @@ def meta_run(out: Path, batch: int) -> tuple[nn.Module, Any]:
 def meta_learning(out: Path, rank: int) -> None:
     """Two ranks of 2 tasks per update: the reference is one process at 4."""
     net, result = meta_run(out, batch=2)
-    torch.save(net.state_dict(), out / f"meta-weights-{rank}.pt")
-    history = result.training_history
-    record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
-    (out / f"meta-history-{rank}.json").write_text(json.dumps(record))
+    save_run(out, "meta", rank, net, result)
 
 
 def federated_run(out: Path) -> tuple[nn.Module, Any]:
@@ -168,10 +170,7 @@ def federated_run(out: Path) -> tuple[nn.Module, Any]:
 def federated(out: Path, rank: int) -> None:
     """Rank 0 trains clients 0 and 2 of each round, rank 1 client 1."""
     net, result = federated_run(out)
-    torch.save(net.state_dict(), out / f"federated-weights-{rank}.pt")
-    history = result.training_history
-    record = {"val_metrics": history["val_metrics"], "train_loss": history["train_loss"]}
-    (out / f"federated-history-{rank}.json").write_text(json.dumps(record))
+    save_run(out, "federated", rank, net, result)
 
 
 RECORDED: list[dict[str, Any]] = []  # every episode this process played, in order

@@ -144,21 +144,27 @@ def single_process_run(out: Path, net: torch.nn.Module):
     return net.state_dict(), result.training_history
 
 
+def assert_ranks_match_one_process(folder: Path, name: str, reference, history) -> None:
+    """Both ranks' weights, train losses and validation metrics (`worker.save_run`) equal
+    those of one process: `reference` weights and its training `history`."""
+    for rank in (0, 1):
+        weights = torch.load(folder / f"{name}-weights-{rank}.pt")
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+        logged = json.loads((folder / f"{name}-history-{rank}.json").read_text())
+        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
+        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
+            assert mine["accuracy"] == theirs["accuracy"]
+            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+
+
 @pytest.mark.slow
 def test_two_ranks_of_16_equal_one_process_of_32(tmp_path):
     ok(torchrun("equivalence", tmp_path))
     reference, history = single_process_run(tmp_path / "single", worker.model())
     for name in ("plain", "accumulated"):  # 2 x 16, and 2 x 8 x 2 accumulated (no_sync)
-        for rank in (0, 1):
-            weights = torch.load(tmp_path / f"{name}-weights-{rank}.pt")
-            for key, value in reference.items():
-                torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
-        logged = json.loads((tmp_path / f"{name}-history-0.json").read_text())
         # train loss summed over ranks; val metrics over all 9 samples (5 + 4 per rank)
-        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
-        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
-            assert mine["accuracy"] == theirs["accuracy"]
-            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+        assert_ranks_match_one_process(tmp_path, name, reference, history)
     # rank 0 alone wrote the run's files
     events = (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
     assert len({json.loads(line)["step"] for line in events if '"train"' in line}) == len(
@@ -191,16 +197,7 @@ def test_meta_learning_ranks_average_their_tasks_meta_gradients(tmp_path):
     Two ranks of 2 tasks must equal one process of 4, weights and validation alike."""
     ok(torchrun("meta_learning", tmp_path))
     net, result = worker.meta_run(tmp_path / "single", batch=4)
-    history = result.training_history
-    for rank in (0, 1):
-        weights = torch.load(tmp_path / f"meta-weights-{rank}.pt")
-        for key, value in net.state_dict().items():
-            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
-        logged = json.loads((tmp_path / f"meta-history-{rank}.json").read_text())
-        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
-        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
-            assert mine["accuracy"] == theirs["accuracy"]
-            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+    assert_ranks_match_one_process(tmp_path, "meta", net.state_dict(), result.training_history)
 
 
 @pytest.mark.slow
@@ -209,16 +206,7 @@ def test_federated_ranks_share_the_rounds_clients_and_match_one_process(tmp_path
     follows its own seed); the all-reduced average equals one process training them all."""
     ok(torchrun("federated", tmp_path))
     net, result = worker.federated_run(tmp_path / "single")
-    history = result.training_history
-    for rank in (0, 1):
-        weights = torch.load(tmp_path / f"federated-weights-{rank}.pt")
-        for key, value in net.state_dict().items():
-            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
-        logged = json.loads((tmp_path / f"federated-history-{rank}.json").read_text())
-        assert logged["train_loss"] == pytest.approx(history["train_loss"], abs=1e-6)
-        for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
-            assert mine["accuracy"] == theirs["accuracy"]
-            assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+    assert_ranks_match_one_process(tmp_path, "federated", net.state_dict(), result.training_history)
 
 
 def _policy_update_from(episodes, net, settings):
