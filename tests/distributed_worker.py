@@ -282,8 +282,19 @@ class SignalRankOne(Callback):
             loop.interrupted = "SIGTERM"
 
 
-def resume_config(out: Path, strategy: str = "ddp") -> TrainingConfig:
-    return config(out, num_epochs=3, checkpoint_every_n_steps=2, distributed_strategy=strategy)
+def resume_config(out: Path, **overrides: Any) -> TrainingConfig:
+    return config(out, num_epochs=3, checkpoint_every_n_steps=2, **overrides)
+
+
+# FSDP's resume test also keeps the best weights: the first evaluation (update 3, before the
+# interruption at 4) is the best, so the resumed run must get them from the checkpoint
+FSDP_RESUME = {"distributed_strategy": "fsdp", "restore_best_weights": True}
+# restored best weights (in memory: no best.pt) and per-layer gradient norms under FSDP
+BEST_AND_LAYER_NORMS = {
+    "restore_best_weights": True,
+    "log_layer_grad_norms": True,
+    "save_best_model": False,
+}
 
 
 def resume_loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
@@ -395,7 +406,8 @@ class Blocks(nn.Module):
 
 
 def fsdp(out: Path, rank: int) -> None:
-    """FSDP: plain and accumulated equivalence runs, then a run stopped at update 4."""
+    """FSDP: plain and accumulated equivalence runs, one that restores the best weights and
+    logs per-layer gradient norms, then a run stopped at update 4."""
     from traineval.distributed import is_sharded, model_state
     from traineval.loop import TrainingInterrupted
 
@@ -416,15 +428,23 @@ def fsdp(out: Path, rank: int) -> None:
                 "units": sum(type(m).__name__.startswith("FSDP") for m in net.modules()),
             }
             (out / f"{name}-history.json").write_text(json.dumps(record))
+    net = Blocks()
+    result = train_equivalence_run(
+        net, out / "fsdp-best", 16, 1, distributed_strategy="fsdp", **BEST_AND_LAYER_NORMS
+    )
+    weights = model_state(net)
+    if rank == 0:
+        torch.save(weights, out / "fsdp-best-weights.pt")
+        (out / "fsdp-best.json").write_text(json.dumps({"best_epoch": result.best_epoch}))
     net = Blocks(dropout=0.3)
-    TrainingManager(resume_config(out / "fsdp-straight", strategy="fsdp")).train(
+    TrainingManager(resume_config(out / "fsdp-straight", **FSDP_RESUME)).train(
         net, *resume_loaders(), task_type=TaskType.CLASSIFICATION
     )
     weights = model_state(net)
     if rank == 0:
         torch.save(weights, out / "fsdp-straight-weights.pt")
     try:
-        TrainingManager(resume_config(out / "fsdp-interrupted", strategy="fsdp")).train(
+        TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
             Blocks(dropout=0.3),
             *resume_loaders(),
             task_type=TaskType.CLASSIFICATION,
@@ -441,7 +461,7 @@ def fsdp_resume(out: Path, rank: int) -> None:
     net = Blocks(dropout=0.3)
     for param in net.parameters():  # other starting weights: the checkpoint must win
         torch.nn.init.normal_(param)
-    TrainingManager(resume_config(out / "fsdp-interrupted", strategy="fsdp")).train(
+    TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
         net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
     )
     weights = model_state(net)

@@ -132,9 +132,9 @@ def test_mode_combinations_torchrun_cannot_run_are_refused_with_the_reason(tmp_p
 # -- two ranks under torchrun ----------------------------------------------------------------
 
 
-def single_process_run(out: Path, net: torch.nn.Module):
+def single_process_run(out: Path, net: torch.nn.Module, **overrides):
     """The reference: one process, batch 32, the same data and config as the ranks."""
-    manager = TrainingManager(worker.config(out, batch_size=32))
+    manager = TrainingManager(worker.config(out, batch_size=32, **overrides))
     result = manager.train(
         net,
         DataLoader(worker.data(), batch_size=32),
@@ -435,6 +435,29 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
         saved = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
         plain.load_state_dict(saved["model"])
         assert saved["distributed_strategy"] == "fsdp"
+    # the best weights restored from rank 0's gathered copy; norms of whole gradients
+    reference, history = single_process_run(
+        tmp_path / "single-best", worker.Blocks(), **worker.BEST_AND_LAYER_NORMS
+    )
+    best_epoch = json.loads((tmp_path / "fsdp-best.json").read_text())["best_epoch"]
+    assert best_epoch == 1 < len(history["val_metrics"])  # the restore changes the weights
+    weights = torch.load(tmp_path / "fsdp-best-weights.pt")
+    for key, value in reference.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+    sharded, single = (
+        [
+            {k: v for k, v in json.loads(line).items() if k.startswith("grad_norm/")}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()
+            if '"event": "train"' in line
+        ]
+        for folder in (tmp_path / "fsdp-best", tmp_path / "single-best")
+    )
+    assert len(sharded) == len(single) == 2  # log steps
+    assert len(single[0]) == 6  # one norm per parameter
+    for mine, theirs in zip(sharded, single, strict=True):
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert mine[key] == pytest.approx(value, rel=1e-5), key
     for rank in (0, 1):
         message = json.loads((tmp_path / f"fsdp-interrupted-{rank}.json").read_text())["message"]
         assert "epoch 1, step 4" in message

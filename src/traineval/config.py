@@ -387,21 +387,6 @@ class TrainingConfig(_ConfigBase):
                 "expected a list of module class names, e.g. ['Block']",
             )
         object.__setattr__(self, "fsdp_shard_modules", tuple(self.fsdp_shard_modules))
-        if self.distributed_strategy == "fsdp":
-            if self.restore_best_weights:
-                _fail(
-                    "restore_best_weights",
-                    True,
-                    "not supported with distributed_strategy='fsdp' yet; load "
-                    "checkpoints/best.pt (full weights) after training instead",
-                )
-            if self.log_layer_grad_norms:
-                _fail(
-                    "log_layer_grad_norms",
-                    True,
-                    "not supported with distributed_strategy='fsdp' yet (the global "
-                    "gradient norm is logged)",
-                )
         if (
             isinstance(self.unlabeled_label, bool)
             or not isinstance(self.unlabeled_label, int)

@@ -330,6 +330,20 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
     return get_model_state_dict(model, options=_full_options())
 
 
+def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Load what `model_state` returned; for an FSDP model a collective in which rank 0's
+    full weights are sent to the others, each keeping its shard (the others' `state` may be
+    empty)."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    reshard(model)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+
+
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's full state; for an FSDP model keyed by parameter name, a collective."""
     if not is_sharded(model):

@@ -405,9 +405,7 @@ class Loop:
         if norm is not None and hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()  # FSDP: a replicated DTensor
         if logging_next and self.layer_norms:
-            self._pending_layer_norms = torch._foreach_norm(
-                [p.grad if p.grad is not None else torch.zeros(()) for p in self._params]
-            )
+            self._pending_layer_norms = self._layer_grad_norms()
         if self.skip_non_finite and not self._finite_now(norm):
             return self._skip("non-finite loss or gradient")
         if scaler is not None:
@@ -448,12 +446,26 @@ class Loop:
                 )
         return False
 
+    def _layer_grad_norms(self) -> torch.Tensor:
+        """Each parameter's gradient norm, on the device (read at log time). Under FSDP a
+        rank holds a shard of each gradient: the squared norms of the shards are summed
+        over the ranks (one all-reduce, on log steps only)."""
+        grads = [
+            p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self._params
+        ]
+        if not any(hasattr(g, "to_local") for g in grads):
+            return torch.stack(torch._foreach_norm(grads))
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        squares = torch.stack(torch._foreach_norm(local)).square()
+        self.job.sum_in_place([squares], "summing per-layer gradient norms over the ranks")
+        return squares.sqrt()
+
     def _layer_norms(self) -> dict[str, float]:
         """Per-parameter gradient norms of the last log step, when asked for."""
         norms, self._pending_layer_norms = self._pending_layer_norms, None
         if norms is None:
             return {}
-        values = torch.stack(list(norms)).tolist()
+        values = norms.tolist()
         return {f"grad_norm/{name}": v for name, v in zip(self._param_names, values, strict=True)}
 
     def _read_steps(self) -> list[StepRecord]:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..distributed import is_sharded, load_model_state, model_state
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -48,7 +49,11 @@ class ModelCheckpoint(Callback):
 
 
 class BestWeights(Callback):
-    """Keep a host copy of the weights at the best evaluation; load them when training ends."""
+    """Keep a host copy of the weights at the best evaluation; load them when training ends.
+
+    Under FSDP taking the copy is a collective that gathers the full weights on rank 0 (the
+    other ranks keep none, as for checkpoints), and loading them sends them back out.
+    """
 
     def __init__(self) -> None:
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -60,7 +65,10 @@ class BestWeights(Callback):
         self.best_state = state["best_state"]
 
     def _snapshot(self, loop: Loop, logs: dict[str, Any]) -> None:
-        if logs.get("improved"):
+        if logs.get("improved"):  # the same on every rank: metrics are merged over ranks
+            if is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
+                self.best_state = model_state(loop.model)
+                return
             self.best_state = {
                 key: value.detach().to("cpu", copy=True)
                 for key, value in loop.model.state_dict().items()
@@ -71,5 +79,5 @@ class BestWeights(Callback):
 
     def on_train_end(self, loop: Loop, logs: dict[str, Any]) -> None:
         if self.best_state is not None:
-            loop.model.load_state_dict(self.best_state)
+            load_model_state(loop.model, self.best_state)
             logs["restored_best_weights"] = True
