@@ -330,3 +330,133 @@ def test_which_clients_train_each_round_follows_the_seed(quiet_config, tmp_path)
         runs.append(_flower_run(config, clients, evaluate_on_clients=False))
     for a, b in zip(*(m.parameters() for m in runs), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _resumable_config(quiet_config, output, **overrides):
+    """5 rounds of FedAvgM (server momentum carries over rounds) on 2 of 3 nodes per round
+    (Flower draws them), warmup + cosine client rates (indexed by the run's round)."""
+    settings = {
+        "federated_clients": 3,
+        "federated_client_fraction": 0.5,
+        "federated_server_lr": 0.8,
+        "federated_server_momentum": 0.5,
+        "scheduler_type": "cosine",
+        "warmup_steps": 1,
+        "num_epochs": 5,
+        "overwrite_output_dir": False,
+        **overrides,
+    }
+    return _config({**quiet_config, "output_dir": str(output)}, **settings)
+
+
+def _shuffled_clients():
+    x, y = make_classification(n=48).tensors
+    return [
+        DataLoader(TensorDataset(x[i::3], y[i::3]), batch_size=4, shuffle=True) for i in range(3)
+    ]
+
+
+def _interrupting_evaluation(at_round=None):
+    """The server's evaluation; a KeyboardInterrupt (Ctrl-C) during round `at_round`."""
+    val = make_classification(n=20, seed=3).tensors
+    rounds = iter(range(100))
+
+    def evaluate(model):
+        if next(rounds) == at_round:
+            raise KeyboardInterrupt
+        with torch.no_grad():
+            return {"loss": float(nn.functional.cross_entropy(model(val[0]), val[1]))}
+
+    return evaluate
+
+
+def test_a_stopped_flower_run_resumes_to_the_uninterrupted_weights(quiet_config, tmp_path):
+    clients = _shuffled_clients()
+    straight = _flower_run(
+        _resumable_config(quiet_config, tmp_path / "straight"),
+        clients,
+        server_evaluate=_interrupting_evaluation(),
+        evaluate_on_clients=False,
+    )
+    config = _resumable_config(quiet_config, tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):  # during round 3: rounds 1 and 2 are saved
+        _flower_run(
+            config,
+            clients,
+            server_evaluate=_interrupting_evaluation(at_round=3),
+            evaluate_on_clients=False,
+        )
+    saved = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["round"] == 2
+    assert saved["strategy"]["momentum"] is not None
+    with pytest.raises(ValueError, match="continue it with resume_from='auto'"):
+        _flower_run(config, clients, evaluate_on_clients=False)  # nothing is overwritten
+    random.seed(123)  # the caller's random state does not matter: the checkpoint's does
+    resumed = _flower_run(
+        config,
+        clients,
+        server_evaluate=_interrupting_evaluation(),
+        evaluate_on_clients=False,
+        resume_from="auto",
+    )
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    records = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("straight", "stopped")]
+    assert records[0] == records[1]  # every round's train and server records, once
+    assert [r["round"] for r in records[1] if r["event"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_resuming_a_flower_run_checks_what_it_resumes(quiet_config, tmp_path, caplog):
+    clients = _shuffled_clients()
+    output = tmp_path / "run"
+    config = _resumable_config(quiet_config, output, num_epochs=2)
+    # nothing to resume: a fresh run (run config key, as `flwr run --run-config` sets it)
+    client = flower.client_app(make_mlp, lambda c: (clients[c.node_config["p"]], None), config)
+    server = flower.server_app(make_mlp, config, evaluate_on_clients=False)
+    nodes = [{"p": i} for i in range(3)]
+    flower.run_local(server, client, nodes, {"traineval-resume": "auto"})
+    finished = (output / "final_model.safetensors").read_bytes()
+    # a finished run: nothing to do, nothing rewritten
+    with caplog.at_level("WARNING", logger="traineval.flower"):
+        flower.run_local(server, client, nodes, {"traineval-resume": True})
+    assert "finished its 2 rounds; nothing to resume" in caplog.text
+    assert (output / "final_model.safetensors").read_bytes() == finished
+    # a config that changes which data the rounds draw is refused
+    other = _resumable_config(quiet_config, output, num_epochs=3, seed=7)
+    with pytest.raises(ValueError, match=r"cannot resume: .*seed: checkpoint 42, now 7"):
+        _flower_run(other, clients, evaluate_on_clients=False, resume_from="auto")
+    with pytest.raises(ValueError, match="traineval-resume=3 is invalid"):
+        flower.run_local(server, client, nodes, {"traineval-resume": 3})
+    not_flower = tmp_path / "other.pt"
+    torch.save({"format": "traineval-checkpoint"}, not_flower)
+    with pytest.raises(ValueError, match="is not a traineval Flower checkpoint"):
+        _flower_run(config, clients, evaluate_on_clients=False, resume_from=not_flower)
+
+
+def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys):
+    """2 rounds, then `--resume auto` with num_epochs=3: the third round continues the run
+    (same weights as 3 rounds straight; a constant rate, so the schedule does not change)."""
+    demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
+    common = ["mode=federated", "training.warmup_steps=0", "training.scheduler_type=constant"]
+
+    def flower_command(output, rounds, *extra):
+        overrides = [*common, f"training.num_epochs={rounds}", f"training.output_dir={output}"]
+        return cli.main(["flower", str(demo), "--nodes", "3", "-q", *overrides, *extra])
+
+    assert flower_command(tmp_path / "straight", 3) == 0
+    assert flower_command(tmp_path / "extended", 2) == 0
+    assert flower_command(tmp_path / "extended", 3) == 1  # refused: it would overwrite
+    assert "continue it with resume_from='auto'" in capsys.readouterr().err
+    assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
+    assert "Trained Flower round 3 (resumed after round 2)" in capsys.readouterr().out
+    assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
+    assert "Nothing to resume: the Flower run in" in capsys.readouterr().out
+    straight, extended = (
+        json.loads((tmp_path / name / "evaluation" / "metrics.json").read_text())["test"]
+        for name in ("straight", "extended")
+    )
+    assert extended == straight
+    rounds = read_jsonl(tmp_path / "extended" / "metrics.jsonl")
+    assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]
+    assert cli.main(["flower", str(demo), "--resume", "auto"]) == 1
+    assert "--resume needs the run directory" in capsys.readouterr().err

@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         "--nodes", type=int, default=None, help="nodes (default training.federated_clients)"
     )
     flower.add_argument("-q", "--quiet", action="store_true", help="only print the final table")
+    flower.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="continue a stopped run (auto: from training.output_dir's checkpoint)",
+    )
 
     report = commands.add_parser(
         "report",
@@ -199,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "flower":
         try:
-            return _flower(config, args.nodes)
+            return _flower(config, args.nodes, args.resume)
+        except KeyboardInterrupt:
+            output_dir = config.training.output_dir
+            print(
+                "traineval: interrupted; the rounds finished so far are saved. To continue, run "
+                "the same command with --resume auto"
+                + ("" if output_dir else " and training.output_dir=<the run directory>"),
+                file=sys.stderr,
+            )
+            return 128 + signal.SIGINT
         except (*failures, ImportError) as error:
             print(f"traineval: error: {error}", file=sys.stderr)
             return 1
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _flower(config: Any, nodes: int | None) -> int:
+def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> int:
     """`traineval flower`: the config app with in-process nodes; prints the test metrics."""
     import dataclasses
     import json
@@ -251,7 +265,7 @@ def _flower(config: Any, nodes: int | None) -> int:
 
     import yaml
 
-    from .flower import run_local
+    from .flower import RESUME_KEY, run_local, saved_round
     from .flower_app import CONFIG_KEY, clientapp, serverapp
 
     if logging.getLogger().level > logging.INFO:  # -q: Flower's round-by-round log too
@@ -259,7 +273,20 @@ def _flower(config: Any, nodes: int | None) -> int:
     nodes = config.training.federated_clients if nodes is None else nodes
     if nodes < 1:
         raise ValueError(f"--nodes={nodes} is invalid: expected at least 1")
+    if resume_from is not None and not config.training.output_dir:
+        raise ValueError(
+            "--resume needs the run directory: set training.output_dir=<the stopped run's "
+            "output_dir>"
+        )
     output_dir = config.training.output_dir or time.strftime("runs/flower-%Y%m%d-%H%M%S")
+    done = saved_round(output_dir) if resume_from == "auto" else None
+    rounds = config.training.num_epochs
+    if done is not None and done >= rounds:
+        print(
+            f"Nothing to resume: the Flower run in {output_dir} finished its {done} rounds "
+            f"(training.num_epochs={config.training.num_epochs})"
+        )
+        return 0
     training = dataclasses.replace(
         config.training, federated_clients=nodes, output_dir=output_dir
     )  # the server waits for `federated_clients` nodes: all of them
@@ -270,12 +297,20 @@ def _flower(config: Any, nodes: int | None) -> int:
         path = Path(folder) / "config.yaml"
         path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         nodes_config = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
-        run_local(serverapp, clientapp, nodes_config, {CONFIG_KEY: str(path)})
+        run_config = {CONFIG_KEY: str(path)}
+        if resume_from is not None:
+            run_config[RESUME_KEY] = resume_from
+        run_local(serverapp, clientapp, nodes_config, run_config)
     record = json.loads((output / "evaluation" / "metrics.json").read_text())
     print(f"\nRun directory: {output}")
     print(
-        f"Trained {config.training.num_epochs} Flower rounds on {nodes} in-process nodes in "
-        f"{time.perf_counter() - started:.1f}s"
+        (
+            f"Trained Flower round{'s' if rounds > done + 1 else ''} "
+            f"{done + 1}{f'-{rounds}' if rounds > done + 1 else ''} (resumed after round {done})"
+            if done
+            else f"Trained {rounds} Flower rounds"
+        )
+        + f" on {nodes} in-process nodes in {time.perf_counter() - started:.1f}s"
     )
     if record["test"]:
         print("\nTest metrics, final global model:")

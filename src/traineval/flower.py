@@ -11,7 +11,10 @@ strategy; traineval supplies what runs on each side:
 - `server_app(model_fn, config)`: a Flower `ServerApp` running Flower's FedAvg (FedAvgM when
   `federated_server_lr` / `federated_server_momentum` say so) for `num_epochs` rounds from
   the model `model_fn` builds under `config.seed`; it writes `metrics.jsonl` (one record per
-  round) and the final weights (`final_model.safetensors`) to `output_dir`.
+  round and source), a checkpoint after every round (`checkpoints/last.pt`) and the final
+  weights (`final_model.safetensors`) to `output_dir`. `resume_from="auto"` (or the run
+  config's `traineval-resume = "auto"`) continues a stopped run from its checkpoint, to the
+  weights an uninterrupted run reaches.
 - `LocalGrid` / `run_local(server, client, node_configs)`: a Flower `Grid` that delivers
   messages to ClientApps in this process, for trying an app (and testing it) without a
   SuperLink.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import uuid
@@ -47,7 +51,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         f"traineval.flower needs Flower: pip install 'traineval[flower]' ({error})"
     ) from None
 
-from .checkpoint import save_safetensors
+from .checkpoint import load_checkpoint_file, save_checkpoint_file, save_safetensors
 from .config import TaskType, TrainingConfig
 from .evaluation import Evaluator
 from .loggers.jsonl import plain
@@ -56,8 +60,10 @@ from .modes.federated import train_client
 from .modes.supervised import SupervisedStep
 from .optim import configured_scheduler
 from .precision import resolve_precision
-from .seeding import seed_everything
+from .resume import check_compatible
+from .seeding import capture_rng, restore_rng, seed_everything
 from .tasks import AutoLoss
+from .version import __version__
 
 __all__ = [
     "FlowerClient",
@@ -70,6 +76,10 @@ __all__ = [
 ]
 
 FINAL_MODEL = "final_model.safetensors"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT_FORMAT = "traineval-flower-checkpoint"
+RESUME_KEY = "traineval-resume"  # run config: "auto" or a checkpoint path
+logger = logging.getLogger(__name__)
 ModelFn = Callable[[], nn.Module]
 DataFn = Callable[[Any], tuple[Any, Any]]  # Flower Context -> (train loader, val loader | None)
 
@@ -174,6 +184,7 @@ class FlowerServer:
         server_evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
         strategy: Strategy | None = None,
         on_finish: Callable[[nn.Module], None] | None = None,
+        resume_from: str | Path | None = None,
     ) -> None:
         _check_callable("model_fn", model_fn)
         if config.scheduler_type == "plateau":
@@ -183,9 +194,8 @@ class FlowerServer:
             )
         self.model_fn, self.config, self.strategy = model_fn, config, strategy
         self.evaluate_on_clients, self.server_evaluate = evaluate_on_clients, server_evaluate
-        self.on_finish = on_finish
+        self.on_finish, self.resume_from = on_finish, resume_from
         self.output = Path(config.output_dir or "runs/flower")
-        _claim(self.output, config.overwrite_output_dir)
         self.rounds = min(config.num_epochs, config.max_steps or config.num_epochs)
         self.client_lrs = client_learning_rates(config, self.rounds)
 
@@ -196,7 +206,20 @@ class FlowerServer:
         seed_everything(config.seed)
         model = self.model_fn()
         chosen = self.strategy or default_strategy(config, self.evaluate_on_clients)
-        _claim(output, config.overwrite_output_dir)  # again: the app may be started much later
+        resume_from = self.resume_from
+        saved = self._begin(resume_from if resume_from is not None else _resume_setting(context))
+        done = 0 if saved is None else int(saved["round"])
+        records: list[dict[str, Any]] = [] if saved is None else list(saved["records"])
+        if saved is not None:
+            if done >= self.rounds:
+                logger.warning(
+                    "%s: the run finished its %d rounds; nothing to resume", output, done
+                )
+                return
+            model.load_state_dict(saved["arrays"])
+            restore_rng(saved["rng"], None)  # Flower's node sampling continues its sequence
+            _load_strategy_state(chosen, saved["strategy"], custom=self.strategy is not None)
+            logger.info("resuming the Flower run in %s after round %d", output, done)
         nodes = len(list(grid.get_node_ids()))
         local = isinstance(grid, LocalGrid) and self.strategy is None
         if local and nodes < config.federated_clients:
@@ -204,35 +227,103 @@ class FlowerServer:
                 f"federated_clients={config.federated_clients}: the server waits for that many "
                 f"nodes before the first round, and this LocalGrid has {nodes}"
             )
-        configure = chosen.configure_train
+        # Flower counts the rounds of this start() from 1; the run's round is `done` more.
+        # Clients get the run's round (their seeds depend on it) and the schedule's rate.
+        configure_train, configure_evaluate = chosen.configure_train, chosen.configure_evaluate
+        aggregate_train, aggregate_evaluate = chosen.aggregate_train, chosen.aggregate_evaluate
 
         def scheduled(
             server_round: int, arrays: ArrayRecord, settings: ConfigRecord, grid: Grid
         ) -> Iterable[Message]:
-            settings["lr"] = self.client_lrs[server_round - 1]  # this round's client rate
-            return configure(server_round, arrays, settings, grid)
+            settings["lr"] = self.client_lrs[done + server_round - 1]
+            return configure_train(done + server_round, arrays, settings, grid)
+
+        def evaluation(
+            server_round: int, arrays: ArrayRecord, settings: ConfigRecord, grid: Grid
+        ) -> Iterable[Message]:
+            return configure_evaluate(done + server_round, arrays, settings, grid)
+
+        def trained(server_round: int, replies: Iterable[Message]) -> Any:
+            arrays, metrics = aggregate_train(done + server_round, replies)
+            _record(records, "train", done + server_round, metrics)
+            return arrays, metrics
+
+        def evaluated(server_round: int, replies: Iterable[Message]) -> Any:
+            metrics = aggregate_evaluate(done + server_round, replies)
+            _record(records, "validation", done + server_round, metrics)
+            return metrics
 
         chosen.configure_train = scheduled  # type: ignore[method-assign,assignment]
-        output.mkdir(parents=True, exist_ok=True)
+        chosen.configure_evaluate = evaluation  # type: ignore[method-assign,assignment]
+        chosen.aggregate_train = trained  # type: ignore[method-assign]
+        chosen.aggregate_evaluate = evaluated  # type: ignore[method-assign]
 
-        def centrally(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_evaluate is None:
-                return None
-            model.load_state_dict(arrays.to_torch_state_dict())
-            return MetricRecord({k: float(v) for k, v in server_evaluate(model).items()})
+        def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            """Flower's last call of a round (and one before the first): evaluate on the
+            server, then checkpoint the finished round and rewrite metrics.jsonl."""
+            if server_round == 0 and saved is not None:
+                return None  # the resumed weights were evaluated before the interruption
+            result = None
+            if server_evaluate is not None:
+                model.load_state_dict(arrays.to_torch_state_dict())
+                result = MetricRecord({k: float(v) for k, v in server_evaluate(model).items()})
+                _record(records, "server_evaluation", done + server_round, result)
+            if server_round > 0:
+                self._checkpoint(done + server_round, arrays, chosen, records)
+            return result
 
         result = chosen.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=self.rounds,
+            num_rounds=self.rounds - done,
             train_config=ConfigRecord({"lr": config.learning_rate}),
-            evaluate_fn=centrally if server_evaluate is not None else None,
+            evaluate_fn=end_of_round,
         )
         model.load_state_dict(result.arrays.to_torch_state_dict())
         save_safetensors(model, output / FINAL_MODEL)
-        write_rounds(result, output / "metrics.jsonl")
         if self.on_finish is not None:
             self.on_finish(model)
+
+    def _begin(self, resume_from: str | Path | None) -> dict[str, Any] | None:
+        """The checkpoint to continue from (None: a fresh run, the output dir claimed)."""
+        output, config = self.output, self.config
+        if resume_from is None or (
+            str(resume_from) == "auto" and not (output / CHECKPOINT).exists()
+        ):
+            if resume_from is not None:
+                logger.info("no Flower checkpoint to resume from in %s; starting fresh", output)
+            _claim(output, config.overwrite_output_dir)
+            (output / CHECKPOINT).unlink(missing_ok=True)  # an overwritten run's: never resumed
+            output.mkdir(parents=True, exist_ok=True)
+            return None
+        path = output / CHECKPOINT if str(resume_from) == "auto" else Path(resume_from)
+        saved = load_checkpoint_file(path)
+        if saved.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{str(path)!r} is not a traineval Flower checkpoint (it was not written by "
+                "traineval.flower's server)"
+            )
+        check_compatible(saved["config"], config.to_dict(), 1, 1)
+        return saved
+
+    def _checkpoint(
+        self, done: int, arrays: ArrayRecord, strategy: Strategy, records: list[dict[str, Any]]
+    ) -> None:
+        """After round `done`: everything the next round needs, and the rounds' metrics."""
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "round": done,
+            "rounds": self.rounds,
+            "arrays": arrays.to_torch_state_dict(),
+            "strategy": _strategy_state(strategy),
+            "rng": capture_rng(),
+            "records": records,
+            "config": self.config.to_dict(),
+            "traineval_version": __version__,
+        }
+        save_checkpoint_file(payload, self.output / CHECKPOINT)
+        write_rounds(records, self.output / "metrics.jsonl")
 
 
 def server_app(
@@ -243,6 +334,7 @@ def server_app(
     server_evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
     strategy: Strategy | None = None,
     on_finish: Callable[[nn.Module], None] | None = None,
+    resume_from: str | Path | None = None,
 ) -> ServerApp:
     """A Flower `ServerApp`: FedAvg(M) over the connected nodes for `config.num_epochs` rounds.
 
@@ -252,6 +344,13 @@ def server_app(
     `server_evaluate(model)` returns metrics of the global model on the server's own data,
     after every round; `on_finish(model)` gets the final global model (e.g. to test it). Pass
     your own Flower `strategy` to replace FedAvg(M); the rest stays.
+
+    After every round the server saves `output_dir/checkpoints/last.pt` (global weights,
+    FedAvgM's momentum, the random state that picks the nodes, the rounds' metrics).
+    `resume_from="auto"` continues from it (starting fresh when there is none; a path names
+    another checkpoint), as does the run config value `traineval-resume = "auto"`: the
+    resumed run reaches the weights of an uninterrupted one. Without it, an output_dir that
+    holds an earlier run's results is refused unless `overwrite_output_dir`.
     """
     server = FlowerServer(
         model_fn,
@@ -260,6 +359,7 @@ def server_app(
         server_evaluate=server_evaluate,
         strategy=strategy,
         on_finish=on_finish,
+        resume_from=resume_from,
     )
     app = ServerApp()
     app.main()(server.main)
@@ -293,33 +393,66 @@ def default_strategy(config: TrainingConfig, evaluate_on_clients: bool = True) -
         "min_evaluate_nodes": 1 if evaluate_on_clients else 0,
         "min_available_nodes": config.federated_clients,
     }
-    if config.federated_server_lr != 1.0 or config.federated_server_momentum > 0:
-        return FedAvgM(
-            server_learning_rate=config.federated_server_lr,
-            server_momentum=config.federated_server_momentum,
-            **options,
-        )
-    return FedAvg(**options)
+    # Flower warns that evaluation will be skipped when fraction_evaluate is 0: here it is
+    # what evaluate_on_clients=False asks for
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
+    if not evaluate_on_clients:
+        flower_log.setLevel(logging.ERROR)
+    try:
+        if config.federated_server_lr != 1.0 or config.federated_server_momentum > 0:
+            return FedAvgM(
+                server_learning_rate=config.federated_server_lr,
+                server_momentum=config.federated_server_momentum,
+                **options,
+            )
+        return FedAvg(**options)
+    finally:
+        flower_log.setLevel(level)
 
 
-def write_rounds(result: Any, path: Path) -> None:
-    """`metrics.jsonl`, one record per round and source: the clients' training, their
-    evaluation, the server's evaluation (round 0: before training). Written whole, atomically,
-    when the run has finished (an earlier run's file is replaced only then)."""
-    sources = (
-        ("train", "train/", result.train_metrics_clientapp),
-        ("validation", "val/", result.evaluate_metrics_clientapp),
-        ("server_evaluation", "server/", result.evaluate_metrics_serverapp),
-    )
-    lines = []
-    for event, prefix, rounds in sources:
-        for server_round, record in sorted(rounds.items()):
-            values = {f"{prefix}{k}": v for k, v in dict(record).items()}
-            entry = {"event": event, "step": server_round, "round": server_round, **values}
-            lines.append(json.dumps(plain(entry)) + "\n")
+def saved_round(output_dir: str | Path) -> int | None:
+    """The last finished round of the Flower run checkpointed in `output_dir` (None: none)."""
+    path = Path(output_dir) / CHECKPOINT
+    return int(load_checkpoint_file(path)["round"]) if path.exists() else None
+
+
+def write_rounds(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """`metrics.jsonl` from the rounds' records (see `_record`), rewritten whole and
+    atomically after every round."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(lines), encoding="utf-8")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     os.replace(temporary, path)
+
+
+_PREFIXES = {"train": "train/", "validation": "val/", "server_evaluation": "server/"}
+
+
+def _record(records: list[dict[str, Any]], event: str, server_round: int, metrics: Any) -> None:
+    """Append a round's metrics from one source: the clients' training, their evaluation,
+    the server's evaluation (round 0: before training)."""
+    if metrics is None:
+        return
+    values = {f"{_PREFIXES[event]}{k}": v for k, v in dict(metrics).items()}
+    records.append(plain({"event": event, "step": server_round, "round": server_round, **values}))
+
+
+def _strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """FedAvgM's server momentum (the one piece of state Flower's FedAvg(M) carries across
+    rounds besides the global weights)."""
+    momentum = getattr(strategy, "momentum_vector", None)
+    return {"momentum": None if momentum is None else [torch.from_numpy(a) for a in momentum]}
+
+
+def _load_strategy_state(strategy: Strategy, state: dict[str, Any], custom: bool) -> None:
+    if isinstance(strategy, FedAvgM) and state["momentum"] is not None:
+        strategy.momentum_vector = [t.numpy() for t in state["momentum"]]
+    if custom and type(strategy) not in (FedAvg, FedAvgM):
+        logger.warning(
+            "resuming with a custom Flower strategy (%s): the global weights, the node sampling "
+            "and FedAvgM momentum are restored, any other state the strategy keeps starts anew",
+            type(strategy).__name__,
+        )
 
 
 class LocalGrid(Grid):
@@ -415,6 +548,21 @@ def _identity(run_id: int, node_id: int) -> Iterator[None]:
             setattr(TaskIdentity, f"_{name}", value)
 
 
+def _resume_setting(context: Context) -> str | None:
+    """The run config's `traineval-resume`: "auto", a checkpoint path, true or false."""
+    value = context.run_config.get(RESUME_KEY)
+    if value is None or value is False or value == "":
+        return None
+    if value is True:
+        return "auto"
+    if isinstance(value, str):
+        return value
+    raise ValueError(
+        f'run config {RESUME_KEY}={value!r} is invalid: expected "auto", a checkpoint path, '
+        "true or false"
+    )
+
+
 def _round_seed(seed: int, server_round: int, node_id: int) -> int:
     """A client's shuffle seed for a round: fixed by the run seed, the round and the node."""
     return (seed * 1_000_003 + server_round * 10_007 + node_id) % 2**62
@@ -422,11 +570,12 @@ def _round_seed(seed: int, server_round: int, node_id: int) -> int:
 
 def _claim(output: Path, overwrite: bool) -> None:
     """Refuse to write over an earlier run's results unless `overwrite_output_dir` says so."""
-    earlier = [output / name for name in ("metrics.jsonl", FINAL_MODEL)]
+    earlier = [output / name for name in ("metrics.jsonl", FINAL_MODEL, CHECKPOINT)]
     if not overwrite and any(path.exists() for path in earlier):
         raise ValueError(
             f"output_dir={str(output)!r} already holds an earlier Flower run's results; "
-            "choose another output_dir or set overwrite_output_dir=True"
+            "continue it with resume_from='auto', choose another output_dir or set "
+            "overwrite_output_dir=True"
         )
 
 

@@ -16,9 +16,18 @@ from .checkpoint import CheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
-# Fields that change which samples a step sees or how they are drawn: resuming with another
-# value would not continue the run, it would start a different one.
-REFUSED_CHANGES = ("batch_size", "gradient_accumulation_steps", "seed")
+# Fields that change which samples a step sees or how they are drawn (for federated runs:
+# which clients hold which samples, how many train per round): resuming with another value
+# would not continue the run, it would start a different one.
+REFUSED_CHANGES = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "federated_clients",
+    "federated_client_fraction",
+    "federated_partition",
+    "federated_dirichlet_alpha",
+)
 # Fields that change the trajectory from here on, which a user may want (e.g. train longer).
 WARNED_CHANGES = (
     "num_epochs",
