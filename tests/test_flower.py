@@ -23,6 +23,7 @@ from traineval import TrainingManager, TrainingMode, cli
 from traineval.checkpoint import load_safetensors
 from traineval.experiment import RunConfig
 from traineval.loggers import read_jsonl
+from traineval.reporting.report import read_run
 
 from conftest import make_classification, make_mlp
 
@@ -282,6 +283,23 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
 
     model = flower_app.experiment(str(output / "config.yaml")).new_model()
     load_safetensors(model, output / "final_model.safetensors")  # the config's own model
+    # `traineval report` reads a Flower run directory: one row per round, the server's
+    # evaluation as validation, the best round on the config's monitor (val_accuracy)
+    assert cli.main(["report", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "Flower run: 3 rounds" in printed
+    accuracy = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"][1:]
+    best = max(range(3), key=lambda i: (accuracy[i], -i))
+    assert f"best val_accuracy = {accuracy[best]:.4f} at round {best + 1}" in printed
+    run = read_run(output)
+    assert run.history["epoch"] == [1, 2, 3]
+    assert run.history["val_loss"] == [
+        r["server/loss"] for r in rounds if r["event"] == "server_evaluation"
+    ][1:]
+    training = RunConfig.from_yaml(output / "config.yaml").training
+    assert run.history["learning_rate"] == flower.client_learning_rates(training, 3)  # cosine
+    assert (output / "evaluation" / "learning_curves.png").exists()
+    assert "<h2>Per round</h2>" in (output / "report.html").read_text()
 
 
 def test_the_config_app_names_what_it_is_missing(tmp_path):

@@ -246,6 +246,8 @@ class FlowerServer:
         def trained(server_round: int, replies: Iterable[Message]) -> Any:
             arrays, metrics = aggregate_train(done + server_round, replies)
             _record(records, "train", done + server_round, metrics)
+            if metrics is not None:
+                records[-1]["lr"] = self.client_lrs[done + server_round - 1]
             return arrays, metrics
 
         def evaluated(server_round: int, replies: Iterable[Message]) -> Any:

@@ -82,8 +82,9 @@ def predicted_vs_actual(predictions: np.ndarray, targets: np.ndarray, path: str 
     return _save(figure, path)
 
 
-def learning_curves(history: dict[str, list[Any]], path: str | Path) -> Path:
-    """Train and validation loss per epoch, and the validation metrics per evaluation."""
+def learning_curves(history: dict[str, list[Any]], path: str | Path, unit: str = "epoch") -> Path:
+    """Train and validation loss per epoch (`unit`: "round" for a Flower run), and the
+    validation metrics per evaluation."""
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = history.get("epoch", [])
@@ -93,14 +94,14 @@ def learning_curves(history: dict[str, list[Any]], path: str | Path) -> Path:
     ]
     if val_loss:
         left.plot(*zip(*val_loss, strict=True), marker="o", label="val loss")
-    left.set(xlabel="epoch", ylabel="loss", title="Loss")
+    left.set(xlabel=unit, ylabel="loss", title="Loss")
     left.legend()
     steps = history.get("val_steps", [])
     metrics = history.get("val_metrics", [])
     names = [n for n in (metrics[0] if metrics else {}) if n != "loss"]
     for name in names:
         right.plot(steps, [m.get(name) for m in metrics], marker=".", label=name)
-    right.set(xlabel="optimizer step", title="Validation metrics")
+    right.set(xlabel="optimizer step" if unit == "epoch" else unit, title="Validation metrics")
     if names:
         right.legend()
     return _save(figure, path)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ..config import metric_is_minimized
 from ..loggers import read_jsonl
 from ..loop import empty_history
 
@@ -27,6 +28,7 @@ class RunRecord:
     best_metrics: dict[str, float]
     final_metrics: dict[str, float]
     test_metrics: dict[str, float] | None
+    unit: str = "epoch"  # "round" for a Flower run (traineval.flower's metrics.jsonl)
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
@@ -39,7 +41,10 @@ def read_run(run_dir: str | Path) -> RunRecord:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     records = read_jsonl(run_dir / "metrics.jsonl")
-    history = history_from_events(records)
+    flower = any("round" in record for record in records)
+    history = rounds_history(records) if flower else history_from_events(records)
+    if flower:
+        summary = _best_round(history, (config or {}).get("training", {}))
     val = [(s, m) for s, m in zip(history["val_steps"], history["val_metrics"], strict=True)]
     best_step = summary.get("best_step")
     best: dict[str, float] = next((m for s, m in val if s == best_step), {})
@@ -48,7 +53,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     evaluation = run_dir / "evaluation" / "metrics.json"
     if evaluation.exists():
         test = json.loads(evaluation.read_text()).get("test")
-    return RunRecord(run_dir, config or {}, summary, history, best, final, test)
+    unit = "round" if flower else "epoch"
+    return RunRecord(run_dir, config or {}, summary, history, best, final, test, unit)
 
 
 def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -69,11 +75,59 @@ def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return history
 
 
+def rounds_history(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """A Flower run's history (traineval.flower's metrics.jsonl), one entry per round: the
+    clients' mean training loss and learning rate, and as validation the server's evaluation
+    of the global model (the clients' evaluation when the server did not evaluate)."""
+    history = empty_history()
+    server = any(r.get("event") == "server_evaluation" for r in records)
+    event, prefix = ("server_evaluation", "server/") if server else ("validation", "val/")
+    val = {
+        r["round"]: {k[len(prefix) :]: v for k, v in r.items() if k.startswith(prefix)}
+        for r in records
+        if r.get("event") == event and r["round"] > 0  # round 0: the initial weights
+    }
+    for record in records:
+        if record.get("event") == "train":
+            history["epoch"].append(record["round"])
+            history["train_loss"].append(record.get("train/train_loss"))
+            history["learning_rate"].append(record.get("lr"))
+            history["val_loss"].append(val.get(record["round"], {}).get("loss"))
+    for server_round, metrics in sorted(val.items()):
+        history["val_steps"].append(server_round)
+        history["val_metrics"].append(metrics)
+    return history
+
+
+def _best_round(history: dict[str, list[Any]], training: dict[str, Any]) -> dict[str, Any]:
+    """A Flower run's summary: its rounds and its best round on the config's monitor."""
+    monitor = training.get("monitor_metric", "val_loss")
+    name = monitor.removeprefix("val_")
+    mode = training.get("monitor_mode", "auto")
+    minimize = metric_is_minimized(monitor) if mode == "auto" else mode == "min"
+    scored = [
+        (metrics[name], server_round)
+        for server_round, metrics in zip(history["val_steps"], history["val_metrics"], strict=True)
+        if isinstance(metrics.get(name), (int, float))
+    ]
+    summary: dict[str, Any] = {"rounds": len(history["epoch"]), "monitor_metric": monitor}
+    if scored:
+        value, server_round = min(scored) if minimize else max(scored, key=lambda s: (s[0], -s[1]))
+        summary.update(best_metric=value, best_step=server_round, best_epoch=server_round)
+    return summary
+
+
 def summary_text(run: RunRecord) -> str:
     """The lines `traineval report` prints."""
     s = run.summary
     lines = [f"Run: {run.run_dir}"]
-    if s:
+    if run.unit == "round":
+        lines.append(f"Flower run: {s['rounds']} rounds")
+        if s.get("best_metric") is not None:
+            lines.append(
+                f"best {s['monitor_metric']} = {s['best_metric']:.4f} at round {s['best_step']}"
+            )
+    elif s:
         status = "stopped early" if s.get("stopped_early") else "finished"
         lines.append(
             f"{status}: {s.get('epochs_completed')} epochs, {s.get('global_step')} optimizer "
@@ -103,7 +157,7 @@ def write_report(run_dir: str | Path) -> tuple[RunRecord, Path]:
     run = read_run(run_dir)
     curves = run.run_dir / "evaluation" / "learning_curves.png"
     if run.history["epoch"]:
-        plots.learning_curves(run.history, curves)
+        plots.learning_curves(run.history, curves, unit=run.unit)
     images = sorted((run.run_dir / "evaluation").glob("*.png"), key=lambda p: (p != curves, p.name))
     page = _html(run, images)
     path = run.run_dir / "report.html"
@@ -169,6 +223,13 @@ def _html(run: RunRecord, images: list[Path]) -> str:
         ("data-wait fraction", performance.get("data_wait_fraction")),
         ("peak RSS (MiB)", performance.get("peak_rss_mb")),
     ]
+    if run.unit == "round":  # a Flower run: rounds, and the best one
+        overview = [
+            ("Flower rounds", s.get("rounds")),
+            ("monitored metric", s.get("monitor_metric")),
+            ("best value", s.get("best_metric")),
+            ("best round", s.get("best_step")),
+        ]
     figures = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>'
@@ -206,8 +267,8 @@ img {{ max-width: 100%; max-height: 480px; border: 1px solid #ddd; }}
 <div class="grid"><div><h2>Overview</h2>{_table(overview)}</div>
 <div><h2>Metrics</h2>{_metrics_table(run)}</div></div>
 <h2>Plots</h2>{figures or "<p>No plots.</p>"}
-<h2>Per epoch</h2>
-<table><tr><th>epoch</th><th>train loss</th><th>val loss</th><th>learning rate</th></tr>
+<h2>Per {run.unit}</h2>
+<table><tr><th>{run.unit}</th><th>train loss</th><th>val loss</th><th>learning rate</th></tr>
 {epoch_rows}</table>
 <h2>Config</h2>{_table(_flatten(run.config), ("field", "value"))}
 </body></html>
