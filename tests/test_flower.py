@@ -293,9 +293,10 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
     assert f"best val_accuracy = {accuracy[best]:.4f} at round {best + 1}" in printed
     run = read_run(output)
     assert run.history["epoch"] == [1, 2, 3]
-    assert run.history["val_loss"] == [
-        r["server/loss"] for r in rounds if r["event"] == "server_evaluation"
-    ][1:]
+    assert (
+        run.history["val_loss"]
+        == [r["server/loss"] for r in rounds if r["event"] == "server_evaluation"][1:]
+    )
     training = RunConfig.from_yaml(output / "config.yaml").training
     assert run.history["learning_rate"] == flower.client_learning_rates(training, 3)  # cosine
     assert (output / "evaluation" / "learning_curves.png").exists()
