@@ -107,7 +107,9 @@ def test_task_detection_from_shapes():
     assert detect_task(torch.zeros(4)) is TaskType.REGRESSION
     assert detect_task(torch.zeros(4, 1)) is TaskType.REGRESSION
     assert detect_task(torch.zeros(4, 5, 9)) is TaskType.GENERATION
-    assert detect_task(torch.zeros(4, 3), torch.zeros(4, 3)) is TaskType.REGRESSION
+    assert detect_task(torch.zeros(4, 3), torch.full((4, 3), 0.5)) is TaskType.REGRESSION
+    # a 0/1 matrix of the outputs' shape reads as multi-label targets (as scikit-learn does)
+    assert detect_task(torch.zeros(4, 3), torch.zeros(4, 3)) is TaskType.MULTILABEL
 
 
 def test_bad_inputs_get_clear_errors():

@@ -35,6 +35,7 @@ class TaskType(Enum):
     CLASSIFICATION = "classification"
     REGRESSION = "regression"
     GENERATION = "generation"
+    MULTILABEL = "multilabel"  # (N, C) logits, each sample may carry any set of the C labels
 
 
 class TrainingMode(Enum):
@@ -77,6 +78,8 @@ CLASSIFICATION_METRICS = (
 DEFAULT_CLASSIFICATION_METRICS = CLASSIFICATION_METRICS[:-1]
 REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
 GENERATION_METRICS = ("perplexity", "token_accuracy")
+# multi-label: accuracy is the exact-match (subset) accuracy, as scikit-learn's accuracy_score
+MULTILABEL_METRICS = ("accuracy", "hamming_loss", "precision", "recall", "f1")
 AVERAGES = ("weighted", "macro", "micro")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
@@ -508,7 +511,9 @@ class EvaluationConfig(_ConfigBase):
     classification_metrics: tuple[str, ...] = DEFAULT_CLASSIFICATION_METRICS
     regression_metrics: tuple[str, ...] = ("mse", "mae", "rmse", "r2_score")
     generation_metrics: tuple[str, ...] = GENERATION_METRICS
+    multilabel_metrics: tuple[str, ...] = MULTILABEL_METRICS
     average: str = "weighted"
+    multilabel_threshold: float = 0.5
     top_k: int = 5
     ignore_index: int = -100
     output_dir: str | None = None
@@ -519,9 +524,23 @@ class EvaluationConfig(_ConfigBase):
         _subset("classification_metrics", self.classification_metrics, CLASSIFICATION_METRICS)
         _subset("regression_metrics", self.regression_metrics, REGRESSION_METRICS)
         _subset("generation_metrics", self.generation_metrics, GENERATION_METRICS)
-        for name in ("classification_metrics", "regression_metrics", "generation_metrics"):
+        _subset("multilabel_metrics", self.multilabel_metrics, MULTILABEL_METRICS)
+        for name in (
+            "classification_metrics",
+            "regression_metrics",
+            "generation_metrics",
+            "multilabel_metrics",
+        ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _choice("average", self.average, AVERAGES)
+        _float("multilabel_threshold", self.multilabel_threshold, minimum=0.0, strict=True)
+        if self.multilabel_threshold >= 1.0:
+            _fail(
+                "multilabel_threshold",
+                self.multilabel_threshold,
+                "expected a probability in (0, 1): a label is predicted when its sigmoid "
+                "probability exceeds it",
+            )
         _int("top_k", self.top_k, minimum=1)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             _fail("ignore_index", self.ignore_index, "expected an integer")

@@ -11,14 +11,20 @@ from torch.nn import functional as F
 from .config import TaskType
 
 
-def detect_task(outputs: torch.Tensor, targets: torch.Tensor | None = None) -> TaskType:
+def detect_task(
+    outputs: torch.Tensor, targets: torch.Tensor | None = None, *, multilabel: bool = True
+) -> TaskType:
     """Tell the task from the shapes of a model's outputs (and the targets' dtype).
 
     `(N, C)` scores with C > 1 -> classification; `(N,)` or `(N, 1)` -> regression;
-    `(N, T, V)` -> generation (language modelling). Float targets of the outputs' shape
-    mean regression with several outputs. Pass `task_type` explicitly to override
-    (e.g. binary classification with one logit).
+    `(N, T, V)` -> generation (language modelling). Targets of the `(N, C)` outputs' shape
+    holding only 0 and 1 mean multi-label classification (scikit-learn's reading of such a
+    matrix), other float targets of the outputs' shape regression with several outputs
+    (`multilabel=False`: always). Pass `task_type` explicitly to override (e.g. binary
+    classification with one logit, or regression onto 0/1 values).
     """
+    if multilabel and targets is not None and is_multilabel(outputs, targets):
+        return TaskType.MULTILABEL
     if targets is not None and targets.is_floating_point() and targets.shape == outputs.shape:
         return TaskType.REGRESSION
     if outputs.ndim == 3:
@@ -26,6 +32,22 @@ def detect_task(outputs: torch.Tensor, targets: torch.Tensor | None = None) -> T
     if outputs.ndim == 2 and outputs.shape[1] > 1:
         return TaskType.CLASSIFICATION
     return TaskType.REGRESSION
+
+
+def is_multilabel(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether `targets` is a 0/1 indicator matrix of the `(N, C)` outputs' shape (reads the
+    targets: a device sync, done once when the task is detected)."""
+    if outputs.ndim != 2 or outputs.shape[1] < 2 or targets.shape != outputs.shape:
+        return False
+    return bool(((targets == 0) | (targets == 1)).all())
+
+
+class MultilabelBCE(nn.Module):
+    """Binary cross-entropy on each of the C logits (`BCEWithLogitsLoss`), averaged over
+    samples and labels; 0/1 targets may be integers."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype))
 
 
 class RegressionMSE(nn.Module):
@@ -74,11 +96,14 @@ def default_loss(task_type: TaskType | None, ignore_index: int = -100) -> nn.Mod
 
 
 def task_loss(task_type: TaskType, ignore_index: int = -100) -> nn.Module:
-    """Cross-entropy for classification, MSE for regression, token cross-entropy for generation."""
+    """Cross-entropy for classification, MSE for regression, per-label binary cross-entropy
+    for multi-label classification, token cross-entropy for generation."""
     if task_type is TaskType.CLASSIFICATION:
         return nn.CrossEntropyLoss(ignore_index=ignore_index)
     if task_type is TaskType.REGRESSION:
         return RegressionMSE()
+    if task_type is TaskType.MULTILABEL:
+        return MultilabelBCE()
     return SequenceCrossEntropy(ignore_index=ignore_index)
 
 
@@ -107,7 +132,9 @@ class AutoLoss:
     def resolve(self, outputs: torch.Tensor, targets: torch.Tensor) -> nn.Module:
         """The loss for batches like this one, chosen the first time (see `detect_task`)."""
         if self.resolved is None:
-            if targets.is_floating_point():
+            if is_multilabel(outputs, targets):
+                self.task_type = TaskType.MULTILABEL
+            elif targets.is_floating_point():
                 self.task_type = TaskType.REGRESSION
             else:
                 self.task_type = detect_task(outputs)

@@ -16,7 +16,8 @@ from ..config import TaskType
 class EnsembleModule(nn.Module):
     """Average members' outputs: probabilities for classification and generation (returned
     as log-probabilities, so argmax, cross-entropy and softmax read them correctly), plain
-    means for regression. With one binary logit, the mean probability returns as a logit.
+    means for regression. With one binary logit, and for each label of a multi-label task,
+    the mean sigmoid probability returns as a logit.
     """
 
     def __init__(self, members: Sequence[nn.Module], task_type: TaskType | None = None) -> None:
@@ -36,7 +37,8 @@ class EnsembleModule(nn.Module):
                 task = TaskType.CLASSIFICATION
         if task is TaskType.REGRESSION:
             return torch.stack(outputs).mean(0)
-        if first.ndim == 1 or first.shape[-1] == 1:  # binary, one logit each
+        if task is TaskType.MULTILABEL or first.ndim == 1 or first.shape[-1] == 1:
+            # one logit per label (or a binary task's one): mean probability, as a logit
             p = torch.stack([torch.sigmoid(o.float()) for o in outputs]).mean(0)
             return torch.log(p) - torch.log1p(-p)
         probabilities = torch.stack([torch.softmax(o.float(), dim=-1) for o in outputs]).mean(0)

@@ -27,7 +27,13 @@ from ..modes.base import (
 from ..precision import Precision
 from ..tasks import default_loss, detect_task
 from ..tracking import MetricsTracker
-from .metrics import ConfusionMatrix, ProbabilityStats, RegressionStats, TokenStats
+from .metrics import (
+    ConfusionMatrix,
+    MultilabelStats,
+    ProbabilityStats,
+    RegressionStats,
+    TokenStats,
+)
 from .predictions import PredictionWriter
 
 SPLIT_PREFIX = {
@@ -65,6 +71,8 @@ class Evaluator:
             return [m for m in self.config.classification_metrics if m != "confusion_matrix"]
         if task_type is TaskType.REGRESSION:
             return list(self.config.regression_metrics)
+        if task_type is TaskType.MULTILABEL:
+            return list(self.config.multilabel_metrics)
         return list(self.config.generation_metrics)
 
     def compute_metrics(
@@ -151,14 +159,20 @@ class Evaluator:
                     if not real:
                         continue  # a repeated batch, only to keep the ranks in step
                     if accumulator is None:
-                        task = task_type or detect_task(_main_output(outputs), targets)
+                        task = task_type or detect_task(
+                            _main_output(outputs),
+                            targets,
+                            multilabel=training_mode is not TrainingMode.UNSUPERVISED,
+                        )
                         accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
                         if loss_function is None:
                             loss_function = default_loss(task, self.config.ignore_index)
                         takes_targets = count_required_args(loss_function) >= 2
                         if folder is not None and self.config.save_predictions:
                             path = folder / f"predictions_{prefix}.csv"
-                            writer = stack.enter_context(PredictionWriter(path, task))
+                            writer = stack.enter_context(
+                                PredictionWriter(path, task, self.config.multilabel_threshold)
+                            )
                     args = (outputs, targets) if takes_targets else (outputs,)
                     loss = loss_function(*args)
                     weight = loss_weight(loss_function, targets, batch_size_of(inputs))
@@ -291,7 +305,7 @@ class Evaluator:
             for member in members
         ]
         ensemble = self.evaluate_model(
-            EnsembleModule(members, task_type),
+            EnsembleModule(members, task_type or self.last_task_type),  # the members' task
             loader,
             where,
             loss_function,  # log-probabilities / a logit / means: the members' losses apply
@@ -358,6 +372,9 @@ class _Accumulator:
         self.scores: ProbabilityStats | None = None
         self.regression = RegressionStats() if task is TaskType.REGRESSION else None
         self.tokens = TokenStats(config.ignore_index) if task is TaskType.GENERATION else None
+        self.multilabel = (
+            MultilabelStats(config.multilabel_threshold) if task is TaskType.MULTILABEL else None
+        )
         self.scatter: list[tuple[torch.Tensor, torch.Tensor]] | None = (
             [] if self.keep_curve and task is TaskType.REGRESSION else None
         )
@@ -385,6 +402,8 @@ class _Accumulator:
                 self._scattered += min(take, outputs.numel())
         elif self.tokens is not None:
             self.tokens.update(outputs, targets)
+        elif self.multilabel is not None:
+            self.multilabel.update(outputs, targets)
 
     def _start_classification(self, outputs: torch.Tensor) -> None:
         classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
@@ -398,7 +417,7 @@ class _Accumulator:
 
     def merge(self, other: _Accumulator) -> None:
         """Fold in another shard's state (another rank's), as if one had seen both."""
-        for name in ("confusion", "scores", "regression", "tokens"):
+        for name in ("confusion", "scores", "regression", "tokens", "multilabel"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if theirs is None:
                 continue
@@ -418,6 +437,8 @@ class _Accumulator:
             return out
         if self.regression is not None:
             return self.regression.compute()
+        if self.multilabel is not None:
+            return self.multilabel.compute(average)
         assert self.tokens is not None
         return self.tokens.compute()
 

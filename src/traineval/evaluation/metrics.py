@@ -131,6 +131,94 @@ class ConfusionMatrix:
         }
 
 
+class MultilabelStats:
+    """Counts of a multi-label task: per label true positives, predicted and actual positives,
+    and the samples, exact matches (every label right) and wrong labels.
+
+    `update(scores, targets)` takes `(N, C)` logits and `(N, C)` 0/1 targets; a label is
+    predicted when its sigmoid probability exceeds `threshold`. `compute` gives scikit-learn's
+    `accuracy_score` (exact match), `hamming_loss` and precision / recall / F1 averaged over
+    the labels (`macro`: every label counts, as scikit-learn does for indicator matrices;
+    `weighted` by each label's support; `micro`: pooled). Undefined ratios are 0.
+    """
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold={threshold} is invalid: expected a probability in (0, 1)")
+        self.logit_threshold = math.log(threshold / (1.0 - threshold))
+        self.counts: torch.Tensor | None = None  # (3, C): true positives, predicted, actual
+        self.rows: torch.Tensor | None = None  # samples, exact, wrong labels, NaN rows, bad targets
+
+    def reset(self) -> None:
+        self.counts = None
+        self.rows = None
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        if scores.ndim != 2 or targets.shape != scores.shape:
+            raise ValueError(
+                f"multi-label scores of shape {tuple(scores.shape)} need 0/1 targets of the "
+                f"same shape, got {tuple(targets.shape)}"
+            )
+        predicted = scores > self.logit_threshold
+        truth = targets == 1
+        if self.counts is None or self.rows is None:
+            self.counts = torch.zeros(3, scores.shape[1], dtype=torch.int64, device=scores.device)
+            self.rows = torch.zeros(5, dtype=torch.int64, device=scores.device)
+        if self.counts.shape[1] != scores.shape[1]:
+            raise ValueError(
+                f"a batch has {scores.shape[1]} labels, earlier ones {self.counts.shape[1]}"
+            )
+        self.counts[0] += (predicted & truth).sum(0)
+        self.counts[1] += predicted.sum(0)
+        self.counts[2] += truth.sum(0)
+        wrong = predicted != truth
+        self.rows += torch.stack(
+            [
+                torch.tensor(scores.shape[0], device=scores.device),
+                (~wrong.any(1)).sum(),
+                wrong.sum(),
+                torch.isnan(scores).any(1).sum(),
+                ((targets != 0) & ~truth).sum(),
+            ]
+        )
+
+    def merge(self, other: MultilabelStats) -> None:
+        """Add another shard's counts (e.g. another rank's), as if one had seen both."""
+        if other.counts is None or other.rows is None:
+            return
+        if self.counts is None or self.rows is None:
+            self.counts, self.rows = other.counts.clone(), other.rows.clone()
+            return
+        self.counts += other.counts.to(self.counts.device)
+        self.rows += other.rows.to(self.rows.device)
+
+    def compute(self, average: str = "weighted") -> dict[str, float]:
+        if self.counts is None or self.rows is None:
+            raise ValueError("no data: call update() with at least one batch before compute()")
+        samples, exact, wrong, nan_rows, bad = (int(v) for v in self.rows.cpu())
+        if bad:
+            raise ValueError(f"{bad} multi-label targets are neither 0 nor 1")
+        if nan_rows:
+            raise ValueError(f"{nan_rows} predictions contain NaN")
+        tp, predicted, actual = self.counts.cpu().to(torch.float64)
+        out = {
+            "accuracy": exact / samples,
+            "hamming_loss": wrong / (samples * tp.numel()),
+        }
+        if average == "micro":
+            tp, predicted, actual = tp.sum(), predicted.sum(), actual.sum()
+        precision = _safe_divide(tp, predicted)
+        recall = _safe_divide(tp, actual)
+        f1 = _safe_divide(2 * tp, predicted + actual)
+        if average == "weighted":
+            weights = _safe_divide(actual, actual.sum().expand_as(actual))
+        else:  # macro: every label; micro: the one pooled "label"
+            weights = torch.full_like(tp, 1.0 / tp.numel())
+        for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+            out[name] = float((values * weights).sum())
+        return out
+
+
 def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), 0.0)
 

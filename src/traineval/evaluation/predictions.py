@@ -16,13 +16,17 @@ class PredictionWriter:
     """Stream `id, target, prediction[, prob_0 .. prob_{C-1}]` rows to a CSV file.
 
     `id` is the sample's position in the loader's order. Classification rows carry the class
-    probabilities (softmax, or sigmoid for one binary logit); regression rows one
-    `target_j, prediction_j` pair per output; generation rows the per-sequence token accuracy.
+    probabilities (softmax, or sigmoid for one binary logit); multi-label rows the target and
+    predicted label sets (label indices joined by spaces; a label is predicted when its
+    sigmoid probability exceeds `threshold`) and each label's probability; regression rows
+    one `target_j, prediction_j` pair per output; generation rows the per-sequence token
+    accuracy.
     """
 
-    def __init__(self, path: str | Path, task: TaskType) -> None:
+    def __init__(self, path: str | Path, task: TaskType, threshold: float = 0.5) -> None:
         self.path = Path(path)
         self.task = task
+        self.threshold = threshold
         self.rows = 0
         self._handle: IO[str] | None = None
         self._writer: Any = None
@@ -47,6 +51,8 @@ class PredictionWriter:
         self._writer.writerows(self._rows(outputs.detach().float().cpu(), targets.detach().cpu()))
 
     def _header(self, outputs: torch.Tensor) -> list[str]:
+        if self.task is TaskType.MULTILABEL:
+            return ["id", "target", "prediction", *(f"prob_{c}" for c in range(outputs.shape[1]))]
         if self.task is TaskType.CLASSIFICATION:
             classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
             return ["id", "target", "prediction", *(f"prob_{c}" for c in range(classes))]
@@ -60,7 +66,16 @@ class PredictionWriter:
 
     def _rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[list[Any]]:
         start = self.rows
-        if self.task is TaskType.CLASSIFICATION:
+        if self.task is TaskType.MULTILABEL:
+            probabilities = torch.sigmoid(outputs)
+            chosen = (probabilities > self.threshold).tolist()
+            rows = [
+                [start + i, _labels(t), _labels(p), *(f"{v:.6g}" for v in probs)]
+                for i, (t, p, probs) in enumerate(
+                    zip((targets == 1).tolist(), chosen, probabilities.tolist(), strict=True)
+                )
+            ]
+        elif self.task is TaskType.CLASSIFICATION:
             if outputs.ndim == 1 or outputs.shape[1] == 1:
                 p1 = torch.sigmoid(outputs.reshape(-1))
                 probabilities = torch.stack([1 - p1, p1], dim=1)
@@ -96,3 +111,8 @@ class PredictionWriter:
             ]
         self.rows += len(rows)
         return rows
+
+
+def _labels(indicators: list[bool]) -> str:
+    """A multi-label row's set of labels: their indices joined by spaces ("" for none)."""
+    return " ".join(str(j) for j, on in enumerate(indicators) if on)
