@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from traineval import TaskType
 from traineval.cli import main
 from traineval.data import load_builtin, load_csv, make_splits
 from traineval.experiment import RunConfig
@@ -109,11 +110,61 @@ def test_csv_table_with_named_target(tmp_path):
     assert table.class_names == ["cat", "dog"]
     assert table.y.tolist() == [0, 1, 0]
     assert table.x.tolist() == [[1, 2], [3, 4], [5, 6]]
-    with pytest.raises(ValueError, match=r"data\.target='size' is not a column"):
+    with pytest.raises(ValueError, match=r"data\.target='size': 'size' is not a column"):
         load_csv(path, "size")
     path.write_text("a,y\n1,0.5\nx,1.5\n")
     with pytest.raises(ValueError, match=r"t.csv:3: a feature value is not a number"):
         load_csv(path, "y")
+
+
+def _tagged_csv(path, rows=240):
+    """4 features; labels `spam`, `ham`, `eggs` (0/1) that depend on them; a float `score`."""
+    generator = np.random.default_rng(0)
+    x = generator.normal(size=(rows, 4))
+    labels = (x @ generator.normal(size=(4, 3)) > 0).astype(int)
+    lines = ["f1,f2,f3,f4,spam,ham,eggs,score"]
+    for features, tags in zip(x, labels, strict=True):
+        values = [f"{v:.5f}" for v in features] + [str(t) for t in tags]
+        lines.append(",".join([*values, f"{features.sum():.5f}"]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_csv_target_columns_make_multilabel_or_multi_output_tables(tmp_path):
+    path = tmp_path / "tags.csv"
+    _tagged_csv(path, rows=6)
+    table = load_csv(path, ["spam", "ham", "eggs"])
+    assert table.task_type is TaskType.MULTILABEL
+    assert table.class_names == ["spam", "ham", "eggs"]
+    assert table.y.shape == (6, 3)
+    assert table.x.shape == (6, 5)  # the other columns, score included, are features
+    both = load_csv(path, ["f1", "score"])
+    assert both.task_type is TaskType.REGRESSION
+    assert both.num_outputs == 2
+    with pytest.raises(ValueError, match=r"data.task='multilabel' but .* are not all 0/1"):
+        load_csv(path, ["spam", "score"], task="multilabel")
+    with pytest.raises(ValueError, match=r"data.task='classification' is invalid with 2 target"):
+        load_csv(path, ["spam", "ham"], task="classification")
+    with pytest.raises(ValueError, match=r"data\.target=\['spam', 'bacon'\]: 'bacon' is not"):
+        load_csv(path, ["spam", "bacon"])
+    with pytest.raises(ValueError, match=r"data\.target=.* expected a column name or a list"):
+        RunConfig.from_dict({"data": {"name": "csv", "path": str(path), "target": ["a", "a"]}})
+
+
+def test_fit_trains_and_tests_a_multilabel_csv(tmp_path, capsys):
+    data = tmp_path / "tags.csv"
+    _tagged_csv(data)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: [spam, ham, eggs]}}\n"
+        "model: {name: mlp, options: {hidden_sizes: [32]}}\n"
+        "training: {num_epochs: 30, learning_rate: 1e-2, warmup_steps: 0, "
+        "early_stopping_patience: 0, tensorboard_logging: false, monitor_metric: val_f1}\n"
+    )
+    assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'out'}"]) == 0
+    record = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
+    assert set(record["test"]) == {"loss", "accuracy", "hamming_loss", "precision", "recall", "f1"}
+    assert record["test"]["f1"] > 0.8  # the labels are linear in the features
+    assert "best val_f1" in capsys.readouterr().out
 
 
 def test_builtin_models_fit_their_data_shapes():

@@ -54,19 +54,21 @@ class DataConfig(_ConfigBase):
     """Where the data comes from and how it is split.
 
     `name`: a dataset scikit-learn ships (digits, iris, wine, breast_cancer, diabetes), `csv`
-    (with `path` and `target`), or `custom` (with `factory`, an import path to a function
-    returning `traineval.data.DataSplits`). `labeled_fraction` < 1 keeps the
-    labels of that share of the training rows, stratified by class and drawn with
-    `split_seed`: semi-supervised mode marks the other rows with `training.unlabeled_label`,
-    supervised mode leaves them out (the baseline to compare with). In meta_learning mode each
-    split becomes `ways`-way `shots`-shot tasks with `queries` query samples per class:
+    (with `path` and `target`: a column, or a list of columns for multi-label 0/1 indicators
+    or several regression outputs; `task` says which when `auto` should not guess), or
+    `custom` (with `factory`, an import path to a function returning
+    `traineval.data.DataSplits`). `labeled_fraction` < 1 keeps the labels of that share of
+    the training rows, stratified by class and drawn with `split_seed`: semi-supervised mode
+    marks the other rows with `training.unlabeled_label`, supervised mode leaves them out (the
+    baseline to compare with). In meta_learning mode each split becomes `ways`-way
+    `shots`-shot tasks with `queries` query samples per class:
     `train_episodes` of them from the train split, `eval_episodes` from val and test.
     """
 
     name: str = "digits"
     environment: str | None = None
     path: str | None = None
-    target: str | None = None
+    target: str | tuple[str, ...] | None = None
     task: str = "auto"
     factory: str | None = None
     val_fraction: float = 0.15
@@ -85,7 +87,17 @@ class DataConfig(_ConfigBase):
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATA_SOURCES)
-        _choice("data.task", self.task, ("auto", "classification", "regression"))
+        _choice("data.task", self.task, ("auto", "classification", "regression", "multilabel"))
+        if self.target is not None and not isinstance(self.target, str):
+            names = self.target
+            if (
+                not isinstance(names, (list, tuple))
+                or not names
+                or not all(isinstance(n, str) and n for n in names)
+                or len(set(names)) != len(names)
+            ):
+                _fail("data.target", names, "expected a column name or a list of distinct names")
+            object.__setattr__(self, "target", tuple(names))
         _int("data.split_seed", self.split_seed, minimum=0)
         _int("data.num_workers", self.num_workers, minimum=0)
         _bool("data.standardize", self.standardize)

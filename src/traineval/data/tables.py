@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,13 +62,17 @@ def load_builtin(name: str) -> Table:
     )
 
 
-def load_csv(path: str | Path, target: str, task: str = "auto") -> Table:
-    """Load a CSV file with a header row; `target` names the column to predict.
+def load_csv(path: str | Path, target: str | Sequence[str], task: str = "auto") -> Table:
+    """Load a CSV file with a header row; `target` names the column to predict, or a list
+    of columns (several outputs).
 
-    Every other column must be numeric. With `task="auto"`, a target with non-numeric or
-    integer values is a classification label, anything else a regression value.
+    Every other column must be numeric. With `task="auto"`, one target column with
+    non-numeric or integer values is a classification label, anything else a regression
+    value; several target columns holding only 0 and 1 are multi-label indicators (one
+    column per label), other numbers regression outputs.
     """
     path = Path(path)
+    targets = [target] if isinstance(target, str) else list(target)
     if not path.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist")
     with path.open(newline="", encoding="utf-8") as handle:
@@ -75,23 +80,29 @@ def load_csv(path: str | Path, target: str, task: str = "auto") -> Table:
     if len(rows) < 2:
         raise ValueError(f"data.path={str(path)!r} has no data rows below its header")
     header, body = rows[0], rows[1:]
-    if target not in header:
+    missing = [name for name in targets if name not in header]
+    if missing:
+        named = f"data.target={target!r}" if isinstance(target, str) else f"data.target={targets}"
         raise ValueError(
-            f"data.target={target!r} is not a column of {str(path)!r}; columns: {', '.join(header)}"
+            f"{named}: {', '.join(map(repr, missing))} is not a column of {str(path)!r}; "
+            f"columns: {', '.join(header)}"
         )
-    t = header.index(target)
-    features = [name for i, name in enumerate(header) if i != t]
+    columns = [header.index(name) for name in targets]
+    features = [name for i, name in enumerate(header) if i not in columns]
     x = np.empty((len(body), len(features)), dtype=np.float32)
     for r, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
-        values = [v for i, v in enumerate(row) if i != t]
+        values = [v for i, v in enumerate(row) if i not in columns]
         try:
             x[r - 2] = [float(v) for v in values]
         except ValueError:
             raise ValueError(f"{path}:{r}: a feature value is not a number: {values}") from None
-    raw = [row[t] for row in body]
-    return _with_target(x, raw, features, task, path)
+    if len(columns) == 1:
+        return _with_target(x, [row[columns[0]] for row in body], features, task, path)
+    return _with_targets(
+        x, [[row[c] for c in columns] for row in body], targets, features, task, path
+    )
 
 
 def _with_target(
@@ -99,7 +110,8 @@ def _with_target(
 ) -> Table:
     if task not in ("auto", "classification", "regression"):
         raise ValueError(
-            f"data.task={task!r} is invalid: expected 'auto', 'classification' or 'regression'"
+            f"data.task={task!r} is invalid with one target column: expected 'auto', "
+            "'classification' or 'regression' ('multilabel' takes a list of 0/1 columns)"
         )
     try:
         numbers = np.array([float(v) for v in raw], dtype=np.float64)
@@ -113,6 +125,32 @@ def _with_target(
     index = {label: i for i, label in enumerate(labels)}
     y = np.array([index[v] for v in raw], dtype=np.int64)
     return Table(x, y, TaskType.CLASSIFICATION, features, class_names=labels)
+
+
+def _with_targets(
+    x: np.ndarray,
+    raw: list[list[str]],
+    targets: list[str],
+    features: list[str],
+    task: str,
+    path: Path,
+) -> Table:
+    """Several target columns: multi-label indicators or regression outputs."""
+    if task not in ("auto", "multilabel", "regression"):
+        raise ValueError(
+            f"data.task={task!r} is invalid with {len(targets)} target columns: expected "
+            "'auto', 'multilabel' (0/1 columns, one per label) or 'regression'"
+        )
+    try:
+        y = np.array(raw, dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{path}: the target columns {targets} must hold numbers") from None
+    binary = bool(np.isin(y, (0.0, 1.0)).all())
+    if task == "multilabel" and not binary:
+        raise ValueError(f"data.task='multilabel' but {path}'s columns {targets} are not all 0/1")
+    if task == "multilabel" or (task == "auto" and binary):
+        return Table(x, y.astype(np.float32), TaskType.MULTILABEL, features, class_names=targets)
+    return Table(x, y.astype(np.float32), TaskType.REGRESSION, features)
 
 
 def _integral(values: np.ndarray) -> bool:
