@@ -178,7 +178,17 @@ def _refuse(mode: TrainingMode, c: TrainingConfig, distributed: bool) -> None:
             "averages whole weights); use distributed_strategy='ddp'"
         )
     if c.compile:
-        raise ValueError(f"compile=True is not supported in mode='{name}' yet")
+        why = {
+            TrainingMode.META_LEARNING: "MAML differentiates through its inner gradient "
+            "steps (double backward), which torch.compile does not support (the first-order "
+            "algorithms are not compiled either)",
+            TrainingMode.FEDERATED: "each round trains fresh copies of the model on the "
+            "clients, and compiling every copy would cost more than it saves",
+            TrainingMode.REINFORCEMENT: "an update is one small forward pass per environment "
+            "step over a changing number of running episodes: the environments bound it, and "
+            "the changing batch would recompile",
+        }[mode]
+        raise ValueError(f"compile=True is not supported in mode='{name}': {why}; leave it off")
     if mode is not TrainingMode.META_LEARNING and c.gradient_accumulation_steps > 1:
         instead = {
             TrainingMode.FEDERATED: "clients take one optimizer step per batch",
