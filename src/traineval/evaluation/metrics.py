@@ -77,13 +77,8 @@ class ConfusionMatrix:
 
     def merge(self, other: ConfusionMatrix) -> None:
         """Add another shard's counts (e.g. another rank's), as if one had seen both."""
-        if other.counts is None or other.nan_count is None:
-            return
-        if self.counts is None or self.nan_count is None:
-            self.counts, self.nan_count = other.counts.clone(), other.nan_count.clone()
-            return
-        self.counts += other.counts.to(self.counts.device)
-        self.nan_count += other.nan_count.to(self.nan_count.device)
+        self.counts = _sum(self.counts, other.counts)
+        self.nan_count = _sum(self.nan_count, other.nan_count)
 
     def matrix(self) -> torch.Tensor:
         """The C x C matrix, rows true classes, columns predictions (scikit-learn's layout)."""
@@ -184,13 +179,8 @@ class MultilabelStats:
 
     def merge(self, other: MultilabelStats) -> None:
         """Add another shard's counts (e.g. another rank's), as if one had seen both."""
-        if other.counts is None or other.rows is None:
-            return
-        if self.counts is None or self.rows is None:
-            self.counts, self.rows = other.counts.clone(), other.rows.clone()
-            return
-        self.counts += other.counts.to(self.counts.device)
-        self.rows += other.rows.to(self.rows.device)
+        self.counts = _sum(self.counts, other.counts)
+        self.rows = _sum(self.rows, other.rows)
 
     def compute(self, average: str = "weighted") -> dict[str, float]:
         if self.counts is None or self.rows is None:
@@ -449,6 +439,15 @@ class ProbabilityStats:
         kept = labels >= 0
         fpr, tpr, _ = roc_curve(labels[kept], probabilities[kept][:, 1])
         return fpr, tpr
+
+
+def _sum(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:
+    """Two shards' counts added (either may be missing: a shard that saw no batch)."""
+    if theirs is None:
+        return mine
+    if mine is None:
+        return theirs.clone()
+    return mine + theirs.to(mine.device)
 
 
 def _add_sums(
