@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -192,3 +193,28 @@ def test_cross_validation_folds_multilabel_data_unstratified(quiet_config):
         Evaluator().cross_validate(
             lambda: make_mlp(classes=LABELS), tagged(60), config, n_folds=3, stratify=True
         )
+
+
+@pytest.mark.parametrize("average", ["weighted", "macro", "micro"])
+def test_opt_in_ranked_metrics_equal_scikit_learn(average):
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(90, LABELS, generator=generator)
+    targets = tagged(90).tensors[1]
+    targets[::3, 4] = 1  # every label occurs: each has a ROC curve
+    config = EvaluationConfig(
+        average=average, multilabel_metrics=("f1", "roc_auc", "average_precision")
+    )
+    dataset = TensorDataset(scores, targets)
+    metrics = Evaluator(config).evaluate_model(nn.Identity(), DataLoader(dataset, batch_size=20))
+    assert set(metrics) == {"loss", "f1", "roc_auc", "average_precision"}
+    probabilities = torch.sigmoid(scores.double()).numpy()
+    options = {"average": average}
+    expected_auc = sk.roc_auc_score(targets.numpy(), probabilities, **options)
+    expected_ap = sk.average_precision_score(targets.numpy(), probabilities, **options)
+    assert metrics["roc_auc"] == pytest.approx(expected_auc, abs=1e-12)
+    assert metrics["average_precision"] == pytest.approx(expected_ap, abs=1e-12)
+    targets[:, 4] = 0  # a label that never occurs: ROC-AUC is undefined (NaN, as sklearn)
+    stats = MultilabelStats(keep_scores=True)
+    stats.update(scores, targets)
+    with pytest.warns(UserWarning, match="ROC AUC score is not defined"):
+        assert math.isnan(stats.compute("macro")["roc_auc"])

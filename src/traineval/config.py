@@ -78,8 +78,18 @@ CLASSIFICATION_METRICS = (
 DEFAULT_CLASSIFICATION_METRICS = CLASSIFICATION_METRICS[:-1]
 REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
 GENERATION_METRICS = ("perplexity", "token_accuracy")
-# multi-label: accuracy is the exact-match (subset) accuracy, as scikit-learn's accuracy_score
-MULTILABEL_METRICS = ("accuracy", "hamming_loss", "precision", "recall", "f1")
+# multi-label: accuracy is the exact-match (subset) accuracy, as scikit-learn's accuracy_score;
+# roc_auc and average_precision are opt-in (rank-based: they keep every score)
+MULTILABEL_METRICS = (
+    "accuracy",
+    "hamming_loss",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "average_precision",
+)
+DEFAULT_MULTILABEL_METRICS = MULTILABEL_METRICS[:5]
 AVERAGES = ("weighted", "macro", "micro")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
@@ -511,7 +521,7 @@ class EvaluationConfig(_ConfigBase):
     classification_metrics: tuple[str, ...] = DEFAULT_CLASSIFICATION_METRICS
     regression_metrics: tuple[str, ...] = ("mse", "mae", "rmse", "r2_score")
     generation_metrics: tuple[str, ...] = GENERATION_METRICS
-    multilabel_metrics: tuple[str, ...] = MULTILABEL_METRICS
+    multilabel_metrics: tuple[str, ...] = DEFAULT_MULTILABEL_METRICS
     average: str = "weighted"
     multilabel_threshold: float = 0.5
     top_k: int = 5

@@ -372,8 +372,11 @@ class _Accumulator:
         self.scores: ProbabilityStats | None = None
         self.regression = RegressionStats() if task is TaskType.REGRESSION else None
         self.tokens = TokenStats(config.ignore_index) if task is TaskType.GENERATION else None
+        ranked = {"roc_auc", "average_precision"} & set(config.multilabel_metrics)
         self.multilabel = (
-            MultilabelStats(config.multilabel_threshold) if task is TaskType.MULTILABEL else None
+            MultilabelStats(config.multilabel_threshold, keep_scores=bool(ranked))
+            if task is TaskType.MULTILABEL
+            else None
         )
         self.scatter: list[tuple[torch.Tensor, torch.Tensor]] | None = (
             [] if self.keep_curve and task is TaskType.REGRESSION else None

@@ -134,19 +134,24 @@ class MultilabelStats:
     predicted when its sigmoid probability exceeds `threshold`. `compute` gives scikit-learn's
     `accuracy_score` (exact match), `hamming_loss` and precision / recall / F1 averaged over
     the labels (`macro`: every label counts, as scikit-learn does for indicator matrices;
-    `weighted` by each label's support; `micro`: pooled). Undefined ratios are 0.
+    `weighted` by each label's support; `micro`: pooled). Undefined ratios are 0. With
+    `keep_scores`, the probabilities are kept on the host (N x C floats) and scikit-learn
+    adds the rank-based `roc_auc` and `average_precision`, averaged the same way (NaN, with
+    scikit-learn's warning, where a label never occurs and its ROC curve is undefined).
     """
 
-    def __init__(self, threshold: float = 0.5) -> None:
+    def __init__(self, threshold: float = 0.5, keep_scores: bool = False) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold={threshold} is invalid: expected a probability in (0, 1)")
         self.logit_threshold = math.log(threshold / (1.0 - threshold))
-        self.counts: torch.Tensor | None = None  # (3, C): true positives, predicted, actual
-        self.rows: torch.Tensor | None = None  # samples, exact, wrong labels, NaN rows, bad targets
+        self.keep_scores = keep_scores
+        self.reset()
 
     def reset(self) -> None:
-        self.counts = None
-        self.rows = None
+        self.counts: torch.Tensor | None = None  # (3, C): true positives, predicted, actual
+        self.rows: torch.Tensor | None = None  # samples, exact, wrong labels, NaN rows, bad targets
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         if scores.ndim != 2 or targets.shape != scores.shape:
@@ -176,11 +181,16 @@ class MultilabelStats:
                 ((targets != 0) & ~truth).sum(),
             ]
         )
+        if self.keep_scores:
+            self.scores.append(torch.sigmoid(scores.double()).cpu())
+            self.labels.append(truth.cpu())
 
     def merge(self, other: MultilabelStats) -> None:
         """Add another shard's counts (e.g. another rank's), as if one had seen both."""
         self.counts = _sum(self.counts, other.counts)
         self.rows = _sum(self.rows, other.rows)
+        self.scores.extend(other.scores)
+        self.labels.extend(other.labels)
 
     def compute(self, average: str = "weighted") -> dict[str, float]:
         if self.counts is None or self.rows is None:
@@ -206,6 +216,25 @@ class MultilabelStats:
             weights = torch.full_like(tp, 1.0 / tp.numel())
         for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
             out[name] = float((values * weights).sum())
+        if self.keep_scores:
+            out.update(self._ranked(average))
+        return out
+
+    def _ranked(self, average: str) -> dict[str, float]:
+        """ROC-AUC and average precision of the kept probabilities, by scikit-learn."""
+        from sklearn.metrics import average_precision_score, roc_auc_score
+
+        truth = torch.cat(self.labels).numpy()
+        probabilities = torch.cat(self.scores).numpy()
+        out = {}
+        for name, score in (
+            ("roc_auc", roc_auc_score),
+            ("average_precision", average_precision_score),
+        ):
+            try:
+                out[name] = float(score(truth, probabilities, average=average))
+            except ValueError as error:  # e.g. a label that never occurs has no ROC curve
+                raise ValueError(f"{name} is undefined here: {error}") from None
         return out
 
 
