@@ -479,3 +479,23 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
     assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]
     assert cli.main(["flower", str(demo), "--resume", "auto"]) == 1
     assert "--resume needs the run directory" in capsys.readouterr().err
+
+
+def test_a_custom_strategy_serves_a_run_and_its_resume_in_one_process(quiet_config, tmp_path):
+    """The server hooks its round bookkeeping onto a copy of the strategy: running the app
+    again (here: resuming) does not stack a second set of hooks on the user's object."""
+    from flwr.serverapp.strategy import FedAvg
+
+    clients = _shuffled_clients()
+    config = _resumable_config(quiet_config, tmp_path / "run", num_epochs=2)
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=3)
+    client = flower.client_app(make_mlp, lambda c: (clients[c.node_config["p"]], None), config)
+    server = flower.server_app(make_mlp, config, strategy=strategy, evaluate_on_clients=False)
+    nodes = [{"p": i} for i in range(3)]
+    flower.run_local(server, client, nodes)
+    assert "configure_train" not in vars(strategy)  # the user's object is untouched
+    longer = _resumable_config(quiet_config, tmp_path / "run", num_epochs=3)
+    server = flower.server_app(make_mlp, longer, strategy=strategy, evaluate_on_clients=False)
+    flower.run_local(server, client, nodes, {"traineval-resume": "auto"})
+    rounds = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]

@@ -27,6 +27,7 @@ For config files there is a ready-made app, `traineval.flower_app` (`traineval f
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -205,7 +206,13 @@ class FlowerServer:
         # the run's seed, as TrainingManager seeds a run.
         seed_everything(config.seed)
         model = self.model_fn()
-        chosen = self.strategy or default_strategy(config, self.evaluate_on_clients)
+        # a copy of the user's strategy: the hooks set below must not pile up on it when the
+        # app runs again (a resume in the same process)
+        chosen = (
+            copy.copy(self.strategy)
+            if self.strategy is not None
+            else default_strategy(config, self.evaluate_on_clients)
+        )
         resume_from = self.resume_from
         saved = self._begin(resume_from if resume_from is not None else _resume_setting(context))
         done = 0 if saved is None else int(saved["round"])
