@@ -116,6 +116,33 @@ def test_streaming_metrics_on_cuda_equal_sklearn():
     )
 
 
+def test_multilabel_metrics_on_cuda_equal_sklearn_without_syncs_per_batch():
+    from traineval.evaluation.metrics import MultilabelStats
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(4_000, 6, generator=generator)
+    targets = (torch.rand(4_000, 6, generator=generator) > 0.7).float()
+    stats = MultilabelStats(0.5)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for start in range(0, 4_000, 500):
+                stats.update(
+                    scores[start : start + 500].cuda(), targets[start : start + 500].cuda()
+                )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "synchroniz" in str(w.message)]
+    predicted = (scores > 0).int().numpy()
+    computed = stats.compute("macro")
+    expected = f1_score(targets.int().numpy(), predicted, average="macro", zero_division=0)
+    assert computed["f1"] == pytest.approx(expected, abs=1e-12)
+    assert computed["accuracy"] == pytest.approx(
+        accuracy_score(targets.int().numpy(), predicted), abs=1e-12
+    )
+
+
 def count_syncs(tmp_path, steps: int) -> int:
     """Host-device synchronisations CUDA's sync debug mode reports during a whole train()."""
     train = DataLoader(make_classification(n=16 * steps, seed=1), batch_size=16, pin_memory=True)

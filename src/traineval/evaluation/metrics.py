@@ -172,15 +172,12 @@ class MultilabelStats:
         self.counts[1] += predicted.sum(0)
         self.counts[2] += truth.sum(0)
         wrong = predicted != truth
-        self.rows += torch.stack(
-            [
-                torch.tensor(scores.shape[0], device=scores.device),
-                (~wrong.any(1)).sum(),
-                wrong.sum(),
-                torch.isnan(scores).any(1).sum(),
-                ((targets != 0) & ~truth).sum(),
-            ]
-        )
+        rows = self.rows  # in-place adds: no host-to-device copy, no sync
+        rows[0] += scores.shape[0]
+        rows[1] += (~wrong.any(1)).sum()
+        rows[2] += wrong.sum()
+        rows[3] += torch.isnan(scores).any(1).sum()
+        rows[4] += ((targets != 0) & ~truth).sum()
         if self.keep_scores:
             self.scores.append(torch.sigmoid(scores.double()).cpu())
             self.labels.append(truth.cpu())
