@@ -164,6 +164,9 @@ def test_fit_trains_and_tests_a_multilabel_csv(tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
     assert set(record["test"]) == {"loss", "accuracy", "hamming_loss", "precision", "recall", "f1"}
     assert record["test"]["f1"] > 0.8  # the labels are linear in the features
+    per_label = record["test_per_class"]
+    assert [row["label"] for row in per_label] == ["spam", "ham", "eggs"]
+    assert sum(row["support"] for row in per_label) > 0
     assert "best val_f1" in capsys.readouterr().out
 
 

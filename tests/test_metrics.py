@@ -165,3 +165,21 @@ def test_ignored_targets_are_left_out_even_inside_the_class_range():
     cm.update(torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]), torch.tensor([1, 0, 2]))
     assert cm.matrix().sum() == 2
     assert cm.compute()["accuracy"] == 1.0
+
+
+def test_per_class_metrics_equal_scikit_learn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(200, 5, generator=generator)
+    scores[:, 4] -= 10  # class 4 is never predicted
+    labels = torch.randint(0, 4, (200,), generator=generator)  # and never occurs
+    cm = ConfusionMatrix(5)
+    for start in range(0, 200, 64):
+        cm.update(scores[start : start + 64], labels[start : start + 64])
+    expected = precision_recall_fscore_support(
+        labels.numpy(), scores.argmax(1).numpy(), labels=range(5), average=None, zero_division=0
+    )
+    rows = cm.per_class()
+    for j, name in enumerate(("precision", "recall", "f1", "support")):
+        assert [row[name] for row in rows] == pytest.approx(list(expected[j]), abs=1e-12), name

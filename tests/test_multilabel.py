@@ -68,6 +68,19 @@ def test_streamed_metrics_equal_scikit_learn(average, threshold):
         assert computed[name] == pytest.approx(value, abs=1e-12), name
 
 
+def test_per_label_metrics_equal_scikit_learn():
+    scores, targets = torch.randn(70, LABELS), tagged(70).tensors[1]
+    stats = MultilabelStats()
+    stats.update(scores, targets)
+    predicted = (scores > 0).int().numpy()
+    expected = sk.precision_recall_fscore_support(
+        targets.int().numpy(), predicted, average=None, zero_division=0
+    )
+    rows = stats.per_class()
+    for j, name in enumerate(("precision", "recall", "f1", "support")):
+        assert [row[name] for row in rows] == pytest.approx(list(expected[j]), abs=1e-12), name
+
+
 def test_shards_merge_into_the_whole():
     scores, targets = torch.randn(40, LABELS), tagged(40).tensors[1]
     whole, first, second = MultilabelStats(), MultilabelStats(), MultilabelStats()

@@ -42,6 +42,8 @@ def test_report_summarises_the_run_from_its_files(run_dir, capsys):
     assert (run_dir / "evaluation" / "learning_curves.png").exists()
     page = (run_dir / "report.html").read_text()
     assert "<h2>Config</h2>" in page
+    assert "<h2>Per class (test)</h2>" in page  # wine's three classes, by name
+    assert all(f"<td>{name}</td>" in page for name in ("class_0", "class_1", "class_2"))
     assert "training.learning_rate" in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) >= 2  # learning curves and the confusion matrix, embedded

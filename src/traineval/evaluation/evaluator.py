@@ -60,6 +60,8 @@ class Evaluator:
         self.config = config or EvaluationConfig()
         self.metrics_tracker = MetricsTracker()
         self.last_confusion_matrix: np.ndarray | None = None
+        # classification / multi-label: each class's precision, recall, F1, support
+        self.last_per_class: list[dict[str, float]] | None = None
         self.last_task_type: TaskType | None = None
         self.last_files: dict[str, str] = {}
         self.run_dir: Path | None = None  # set by TrainingManager.train: where files go
@@ -336,6 +338,8 @@ class Evaluator:
             self.config.classification_metrics
         ):
             self.last_confusion_matrix = accumulator.confusion.matrix().numpy()
+        per_class = accumulator.confusion or accumulator.multilabel
+        self.last_per_class = per_class.per_class() if per_class is not None else None
         wanted = self.metric_names(accumulator.task)
         if accumulator.task is TaskType.GENERATION:
             wanted = ["loss", *wanted]

@@ -125,6 +125,11 @@ class ConfusionMatrix:
             "f1": float((f1 * weights).sum()),
         }
 
+    def per_class(self) -> list[dict[str, float]]:
+        """Each class's precision, recall, F1 and support (its row of the matrix)."""
+        cm = self.matrix()
+        return per_label(cm.diag(), cm.sum(dim=0), cm.sum(dim=1))
+
 
 class MultilabelStats:
     """Counts of a multi-label task: per label true positives, predicted and actual positives,
@@ -217,6 +222,13 @@ class MultilabelStats:
             out.update(self._ranked(average))
         return out
 
+    def per_class(self) -> list[dict[str, float]]:
+        """Each label's precision, recall, F1 and support."""
+        if self.counts is None:
+            raise ValueError("no data: call update() with at least one batch before compute()")
+        tp, predicted, actual = self.counts.cpu()
+        return per_label(tp, predicted, actual)
+
     def _ranked(self, average: str) -> dict[str, float]:
         """ROC-AUC and average precision of the kept probabilities, by scikit-learn."""
         from sklearn.metrics import average_precision_score, roc_auc_score
@@ -233,6 +245,22 @@ class MultilabelStats:
             except ValueError as error:  # e.g. a label that never occurs has no ROC curve
                 raise ValueError(f"{name} is undefined here: {error}") from None
         return out
+
+
+def per_label(
+    tp: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor
+) -> list[dict[str, float]]:
+    """Each class's (label's) precision, recall, F1 and support, as scikit-learn's
+    `precision_recall_fscore_support(average=None, zero_division=0)`."""
+    tp, predicted, actual = (t.to(torch.float64) for t in (tp, predicted, actual))
+    columns = zip(
+        _safe_divide(tp, predicted).tolist(),
+        _safe_divide(tp, actual).tolist(),
+        _safe_divide(2 * tp, predicted + actual).tolist(),
+        actual.tolist(),
+        strict=True,
+    )
+    return [{"precision": p, "recall": r, "f1": f, "support": int(n)} for p, r, f, n in columns]
 
 
 def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

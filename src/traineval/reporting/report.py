@@ -29,6 +29,7 @@ class RunRecord:
     final_metrics: dict[str, float]
     test_metrics: dict[str, float] | None
     unit: str = "epoch"  # "round" for a Flower run (traineval.flower's metrics.jsonl)
+    test_per_class: list[dict[str, Any]] | None = None
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
@@ -49,12 +50,13 @@ def read_run(run_dir: str | Path) -> RunRecord:
     best_step = summary.get("best_step")
     best: dict[str, float] = next((m for s, m in val if s == best_step), {})
     final = val[-1][1] if val else {}
-    test = None
+    test = per_class = None
     evaluation = run_dir / "evaluation" / "metrics.json"
     if evaluation.exists():
-        test = json.loads(evaluation.read_text()).get("test")
+        saved = json.loads(evaluation.read_text())
+        test, per_class = saved.get("test"), saved.get("test_per_class")
     unit = "round" if flower else "epoch"
-    return RunRecord(run_dir, config or {}, summary, history, best, final, test, unit)
+    return RunRecord(run_dir, config or {}, summary, history, best, final, test, unit, per_class)
 
 
 def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -208,6 +210,20 @@ def _metrics_table(run: RunRecord) -> str:
     return f"<table>{head}{rows}</table>"
 
 
+def _per_class_table(rows: list[dict[str, Any]] | None) -> str:
+    """The test split's per-class (per-label) metrics, when the run recorded them."""
+    if not rows:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("class", "precision", "recall", "f1", "support"))
+    body = "".join(
+        f"<tr><td>{html.escape(str(r['label']))}</td>"
+        + "".join(f"<td>{_fmt(r[k])}</td>" for k in ("precision", "recall", "f1", "support"))
+        + "</tr>"
+        for r in rows
+    )
+    return f"<h2>Per class (test)</h2><table><tr>{head}</tr>{body}</table>"
+
+
 def _html(run: RunRecord, images: list[Path]) -> str:
     s = run.summary
     performance = s.get("performance", {})
@@ -266,6 +282,7 @@ img {{ max-width: 100%; max-height: 480px; border: 1px solid #ddd; }}
 <h1>traineval report: {html.escape(str(run.run_dir))}</h1>
 <div class="grid"><div><h2>Overview</h2>{_table(overview)}</div>
 <div><h2>Metrics</h2>{_metrics_table(run)}</div></div>
+{_per_class_table(run.test_per_class)}
 <h2>Plots</h2>{figures or "<p>No plots.</p>"}
 <h2>Per {run.unit}</h2>
 <table><tr><th>{run.unit}</th><th>train loss</th><th>val loss</th><th>learning rate</th></tr>
