@@ -168,6 +168,11 @@ def test_fit_trains_and_tests_a_multilabel_csv(tmp_path, capsys):
     assert [row["label"] for row in per_label] == ["spam", "ham", "eggs"]
     assert sum(row["support"] for row in per_label) > 0
     assert "best val_f1" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "Per class (test):" in printed
+    spam = per_label[0]
+    assert f"spam      {spam['precision']:.4f}  {spam['recall']:.4f}" in printed
 
 
 def test_builtin_models_fit_their_data_shapes():

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.split} metrics, checkpoint {args.checkpoint}:")
         print(_table(metrics))
+        per_class = json.loads(Path(written).read_text()).get("per_class")
+        if per_class:
+            print(f"\nPer class ({args.split}):")
+            print(_per_class_table(per_class))
         print(f"\nWritten: {written}")
         return 0
     try:
@@ -339,6 +344,17 @@ def _cv_tables(summary: dict[str, Any]) -> str:
         values = "  ".join(f"{summary['test_ensemble'][n]:>10.4f}" for n in test_names)
         lines.append(f"  ensemble  {values}")
     lines.append(f"\nWritten: {summary['output_dir']}/evaluation/cv.json")
+    return "\n".join(lines)
+
+
+def _per_class_table(rows: list[dict[str, Any]]) -> str:
+    width = max(5, *(len(str(row["label"])) for row in rows))
+    lines = [f"  {'class':<{width}}  precision  recall     f1  support"]
+    lines += [
+        f"  {row['label']:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  "
+        f"{row['f1']:6.4f}  {row['support']:7d}"
+        for row in rows
+    ]
     return "\n".join(lines)
 
 
