@@ -440,6 +440,10 @@ def test_resuming_a_flower_run_checks_what_it_resumes(quiet_config, tmp_path, ca
         flower.run_local(server, client, nodes, {"traineval-resume": True})
     assert "finished its 2 rounds; nothing to resume" in caplog.text
     assert (output / "final_model.safetensors").read_bytes() == finished
+    # stopped after the last round's checkpoint, before the final model: only that is done
+    (output / "final_model.safetensors").unlink()
+    flower.run_local(server, client, nodes, {"traineval-resume": "auto"})
+    assert (output / "final_model.safetensors").read_bytes() == finished
     # a config that changes which data the rounds draw is refused
     other = _resumable_config(quiet_config, output, num_epochs=3, seed=7)
     with pytest.raises(ValueError, match=r"cannot resume: .*seed: checkpoint 42, now 7"):
@@ -470,6 +474,10 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
     assert "Trained Flower round 3 (resumed after round 2)" in capsys.readouterr().out
     assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
     assert "Nothing to resume: the Flower run in" in capsys.readouterr().out
+    (tmp_path / "extended" / "final_model.safetensors").unlink()  # stopped just before it
+    assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
+    assert "Saved the final model of the 3 finished Flower rounds" in capsys.readouterr().out
+    assert (tmp_path / "extended" / "final_model.safetensors").exists()
     straight, extended = (
         json.loads((tmp_path / name / "evaluation" / "metrics.json").read_text())["test"]
         for name in ("straight", "extended")

@@ -270,7 +270,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
 
     import yaml
 
-    from .flower import RESUME_KEY, run_local, saved_round
+    from .flower import FINAL_MODEL, RESUME_KEY, run_local, saved_round
     from .flower_app import CONFIG_KEY, clientapp, serverapp
 
     if logging.getLogger().level > logging.INFO:  # -q: Flower's round-by-round log too
@@ -286,7 +286,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     output_dir = config.training.output_dir or time.strftime("runs/flower-%Y%m%d-%H%M%S")
     done = saved_round(output_dir) if resume_from == "auto" else None
     rounds = config.training.num_epochs
-    if done is not None and done >= rounds:
+    if done is not None and done >= rounds and (Path(output_dir) / FINAL_MODEL).exists():
         print(
             f"Nothing to resume: the Flower run in {output_dir} finished its {done} rounds "
             f"(training.num_epochs={config.training.num_epochs})"
@@ -308,15 +308,15 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
         run_local(serverapp, clientapp, nodes_config, run_config)
     record = json.loads((output / "evaluation" / "metrics.json").read_text())
     print(f"\nRun directory: {output}")
-    print(
-        (
-            f"Trained Flower round{'s' if rounds > done + 1 else ''} "
-            f"{done + 1}{f'-{rounds}' if rounds > done + 1 else ''} (resumed after round {done})"
-            if done
-            else f"Trained {rounds} Flower rounds"
-        )
-        + f" on {nodes} in-process nodes in {time.perf_counter() - started:.1f}s"
-    )
+    if not done:
+        trained = f"Trained {rounds} Flower rounds"
+    elif done >= rounds:  # it had stopped after its last round, before the final model
+        trained = f"Saved the final model of the {done} finished Flower rounds"
+    elif done + 1 == rounds:
+        trained = f"Trained Flower round {rounds} (resumed after round {done})"
+    else:
+        trained = f"Trained Flower rounds {done + 1}-{rounds} (resumed after round {done})"
+    print(f"{trained} on {nodes} in-process nodes in {time.perf_counter() - started:.1f}s")
     if record["test"]:
         print("\nTest metrics, final global model:")
         print(_table(record["test"]))

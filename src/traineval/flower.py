@@ -218,12 +218,15 @@ class FlowerServer:
         done = 0 if saved is None else int(saved["round"])
         records: list[dict[str, Any]] = [] if saved is None else list(saved["records"])
         if saved is not None:
-            if done >= self.rounds:
-                logger.warning(
-                    "%s: the run finished its %d rounds; nothing to resume", output, done
-                )
-                return
             model.load_state_dict(saved["arrays"])
+            if done >= self.rounds:
+                if (output / FINAL_MODEL).exists():
+                    logger.warning(
+                        "%s: the run finished its %d rounds; nothing to resume", output, done
+                    )
+                else:  # stopped after its last round, before the final model was saved
+                    self._finish(model)
+                return
             restore_rng(saved["rng"], None)  # Flower's node sampling continues its sequence
             _load_strategy_state(chosen, saved["strategy"], custom=self.strategy is not None)
             logger.info("resuming the Flower run in %s after round %d", output, done)
@@ -289,7 +292,10 @@ class FlowerServer:
             evaluate_fn=end_of_round,
         )
         model.load_state_dict(result.arrays.to_torch_state_dict())
-        save_safetensors(model, output / FINAL_MODEL)
+        self._finish(model)
+
+    def _finish(self, model: nn.Module) -> None:
+        save_safetensors(model, self.output / FINAL_MODEL)
         if self.on_finish is not None:
             self.on_finish(model)
 
