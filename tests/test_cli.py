@@ -168,9 +168,12 @@ def test_fit_trains_and_tests_a_multilabel_csv(tmp_path, capsys):
     assert [row["label"] for row in per_label] == ["spam", "ham", "eggs"]
     assert sum(row["support"] for row in per_label) > 0
     assert "best val_f1" in capsys.readouterr().out
-    assert main(["evaluate", str(tmp_path / "out")]) == 0
+    assert main(["evaluate", str(tmp_path / "out"), "--save-predictions"]) == 0
     printed = capsys.readouterr().out
     assert "Per class (test):" in printed
+    with (tmp_path / "out" / "evaluation" / "predictions_test.csv").open() as handle:
+        header = next(iter(handle)).strip()
+    assert header == "id,target,prediction,prob_spam,prob_ham,prob_eggs"  # named labels
     spam = per_label[0]
     assert f"spam      {spam['precision']:.4f}  {spam['recall']:.4f}" in printed
 

@@ -76,6 +76,25 @@ def test_predictions_csv_is_streamed_with_probabilities(tmp_path):
     assert float(rows[5]["prob_1"]) == pytest.approx(expected[5, 1].item(), rel=1e-5)
 
 
+def test_predictions_name_the_classes_when_the_evaluator_knows_them(tmp_path):
+    model, loader = _model_and_loader()
+    evaluator = Evaluator(EvaluationConfig(save_predictions=True))
+    evaluator.class_names = ["cat", "dog", "owl"]
+    evaluator.evaluate_model(model, loader, output_dir=tmp_path, split=EvaluationMode.TESTING)
+    rows = list(csv.DictReader((tmp_path / "evaluation" / "predictions_test.csv").open()))
+    assert list(rows[0]) == ["id", "target", "prediction", "prob_cat", "prob_dog", "prob_owl"]
+    x, y = loader.dataset.tensors
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    names = ["cat", "dog", "owl"]
+    assert [r["target"] for r in rows] == [names[i] for i in y.tolist()]
+    assert [r["prediction"] for r in rows] == [names[i] for i in predicted.tolist()]
+    evaluator.class_names = ["cat", "dog"]  # not one per class: indices, as without names
+    evaluator.evaluate_model(model, loader, output_dir=tmp_path, split=EvaluationMode.TESTING)
+    rows = list(csv.DictReader((tmp_path / "evaluation" / "predictions_test.csv").open()))
+    assert list(rows[0])[3:] == ["prob_0", "prob_1", "prob_2"]
+
+
 def test_regression_predictions_and_plot(tmp_path):
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(50, 3, generator=generator)

@@ -318,6 +318,7 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     model = parts.new_model()
     manager = TrainingManager(config.training)
     evaluator = Evaluator(config.evaluation)
+    evaluator.class_names = parts.splits.class_names
     train_loader = parts.loader(parts.splits.train, shuffle=True)
     assert train_loader is not None
     result = manager.train(
@@ -518,6 +519,7 @@ def evaluate_run(
     device = TrainingManager(config.training).device
     model.load_state_dict(load_checkpoint_file(path, map_location=device)["model"])
     evaluator = Evaluator(evaluation)
+    evaluator.class_names = parts.splits.class_names
     loader = parts.loader(dataset)
     assert loader is not None
     metrics = _evaluate_split(parts, evaluator, model, loader, run_dir, device, choices[split])
@@ -563,6 +565,7 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     splits = parts.splits
     pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
     evaluator = Evaluator(config.evaluation)
+    evaluator.class_names = splits.class_names
     summary = evaluator.cross_validate(
         parts.new_model,
         pool,

@@ -62,6 +62,8 @@ class Evaluator:
         self.last_confusion_matrix: np.ndarray | None = None
         # classification / multi-label: each class's precision, recall, F1, support
         self.last_per_class: list[dict[str, float]] | None = None
+        # names of the classes (labels), in order: predictions files write them
+        self.class_names: list[str] | None = None
         self.last_task_type: TaskType | None = None
         self.last_files: dict[str, str] = {}
         self.run_dir: Path | None = None  # set by TrainingManager.train: where files go
@@ -173,7 +175,9 @@ class Evaluator:
                         if folder is not None and self.config.save_predictions:
                             path = folder / f"predictions_{prefix}.csv"
                             writer = stack.enter_context(
-                                PredictionWriter(path, task, self.config.multilabel_threshold)
+                                PredictionWriter(
+                                    path, task, self.config.multilabel_threshold, self.class_names
+                                )
                             )
                     args = (outputs, targets) if takes_targets else (outputs,)
                     loss = loss_function(*args)

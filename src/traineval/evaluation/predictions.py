@@ -17,16 +17,25 @@ class PredictionWriter:
 
     `id` is the sample's position in the loader's order. Classification rows carry the class
     probabilities (softmax, or sigmoid for one binary logit); multi-label rows the target and
-    predicted label sets (label indices joined by spaces; a label is predicted when its
-    sigmoid probability exceeds `threshold`) and each label's probability; regression rows
+    predicted label sets (joined by spaces; a label is predicted when its sigmoid probability
+    exceeds `threshold`) and each label's probability. With `class_names` (one per class or
+    label), classes are written by name and the columns are `prob_<name>`; regression rows
     one `target_j, prediction_j` pair per output; generation rows the per-sequence token
     accuracy.
     """
 
-    def __init__(self, path: str | Path, task: TaskType, threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        task: TaskType,
+        threshold: float = 0.5,
+        class_names: list[str] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.task = task
         self.threshold = threshold
+        self.class_names = class_names
+        self._names: list[str] | None = None  # the class names, when they fit the outputs
         self.rows = 0
         self._handle: IO[str] | None = None
         self._writer: Any = None
@@ -51,11 +60,12 @@ class PredictionWriter:
         self._writer.writerows(self._rows(outputs.detach().float().cpu(), targets.detach().cpu()))
 
     def _header(self, outputs: torch.Tensor) -> list[str]:
-        if self.task is TaskType.MULTILABEL:
-            return ["id", "target", "prediction", *(f"prob_{c}" for c in range(outputs.shape[1]))]
-        if self.task is TaskType.CLASSIFICATION:
+        if self.task in (TaskType.MULTILABEL, TaskType.CLASSIFICATION):
             classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
-            return ["id", "target", "prediction", *(f"prob_{c}" for c in range(classes))]
+            names = self.class_names
+            self._names = [str(n) for n in names] if names and len(names) == classes else None
+            labels = self._names or [str(c) for c in range(classes)]
+            return ["id", "target", "prediction", *(f"prob_{c}" for c in labels)]
         if self.task is TaskType.REGRESSION:
             width = outputs.reshape(outputs.shape[0], -1).shape[1]
             if width == 1:
@@ -64,13 +74,23 @@ class PredictionWriter:
             return ["id", *(name for pair in pairs for name in pair)]
         return ["id", "tokens", "token_accuracy"]
 
+    def _name(self, label: int) -> str | int:
+        """A class's name when the writer knows them (an ignored target keeps its index)."""
+        names = self._names
+        return names[label] if names is not None and 0 <= label < len(names) else label
+
     def _rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[list[Any]]:
         start = self.rows
         if self.task is TaskType.MULTILABEL:
             probabilities = torch.sigmoid(outputs)
             chosen = (probabilities > self.threshold).tolist()
             rows = [
-                [start + i, _labels(t), _labels(p), *(f"{v:.6g}" for v in probs)]
+                [
+                    start + i,
+                    _labels(t, self._names),
+                    _labels(p, self._names),
+                    *(f"{v:.6g}" for v in probs),
+                ]
                 for i, (t, p, probs) in enumerate(
                     zip((targets == 1).tolist(), chosen, probabilities.tolist(), strict=True)
                 )
@@ -83,7 +103,7 @@ class PredictionWriter:
                 probabilities = torch.softmax(outputs, dim=1)
             predicted = probabilities.argmax(dim=1)
             rows = [
-                [start + i, int(t), int(p), *(f"{v:.6g}" for v in probs)]
+                [start + i, self._name(int(t)), self._name(int(p)), *(f"{v:.6g}" for v in probs)]
                 for i, (t, p, probs) in enumerate(
                     zip(
                         targets.reshape(-1).tolist(),
@@ -113,6 +133,6 @@ class PredictionWriter:
         return rows
 
 
-def _labels(indicators: list[bool]) -> str:
-    """A multi-label row's set of labels: their indices joined by spaces ("" for none)."""
-    return " ".join(str(j) for j, on in enumerate(indicators) if on)
+def _labels(indicators: list[bool], names: list[str] | None) -> str:
+    """A multi-label row's set of labels: their names (or indices) joined by spaces."""
+    return " ".join(names[j] if names else str(j) for j, on in enumerate(indicators) if on)
