@@ -110,9 +110,7 @@ class ConfusionMatrix:
         accuracy = float(tp.sum() / total)
         if average == "micro":
             return {"accuracy": accuracy, "precision": accuracy, "recall": accuracy, "f1": accuracy}
-        precision = _safe_divide(tp, predicted)
-        recall = _safe_divide(tp, support)
-        f1 = _safe_divide(2 * tp, support + predicted)
+        precision, recall, f1 = _ratios(tp, predicted, support)
         if average == "weighted":
             weights = support / support.sum()
         else:
@@ -209,9 +207,7 @@ class MultilabelStats:
         }
         if average == "micro":
             tp, predicted, actual = tp.sum(), predicted.sum(), actual.sum()
-        precision = _safe_divide(tp, predicted)
-        recall = _safe_divide(tp, actual)
-        f1 = _safe_divide(2 * tp, predicted + actual)
+        precision, recall, f1 = _ratios(tp, predicted, actual)
         if average == "weighted":
             weights = _safe_divide(actual, actual.sum().expand_as(actual))
         else:  # macro: every label; micro: the one pooled "label"
@@ -253,14 +249,21 @@ def per_label(
     """Each class's (label's) precision, recall, F1 and support, as scikit-learn's
     `precision_recall_fscore_support(average=None, zero_division=0)`."""
     tp, predicted, actual = (t.to(torch.float64) for t in (tp, predicted, actual))
-    columns = zip(
-        _safe_divide(tp, predicted).tolist(),
-        _safe_divide(tp, actual).tolist(),
-        _safe_divide(2 * tp, predicted + actual).tolist(),
-        actual.tolist(),
-        strict=True,
-    )
+    ratios = (values.tolist() for values in _ratios(tp, predicted, actual))
+    columns = zip(*ratios, actual.tolist(), strict=True)
     return [{"precision": p, "recall": r, "f1": f, "support": int(n)} for p, r, f, n in columns]
+
+
+def _ratios(
+    tp: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Precision, recall and F1 of each class from its true positives, predicted and actual
+    positives (float64 counts); an undefined ratio is 0."""
+    return (
+        _safe_divide(tp, predicted),
+        _safe_divide(tp, actual),
+        _safe_divide(2 * tp, predicted + actual),
+    )
 
 
 def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
