@@ -358,7 +358,7 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
         record["test_confusion_matrix"] = evaluator.last_confusion_matrix.tolist()
         record["class_names"] = parts.splits.class_names
     if test_metrics is not None and evaluator.last_per_class is not None:
-        record["test_per_class"] = _per_class(parts, evaluator)
+        record["test_per_class"] = evaluator.last_per_class
     (out / "evaluation").mkdir(exist_ok=True)
     (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
     figure = out / "evaluation" / "confusion_matrix_test.png"
@@ -530,24 +530,13 @@ def evaluate_run(
                 "checkpoint": str(path),
                 "split": split,
                 "metrics": metrics,
-                "per_class": _per_class(parts, evaluator),
+                "per_class": evaluator.last_per_class,
                 "files": evaluator.last_files,
             },
             indent=2,
         )
     )
     return metrics, str(out)
-
-
-def _per_class(parts: _Parts, evaluator: Evaluator) -> list[dict[str, Any]] | None:
-    """The last evaluation's per-class (per-label) metrics, each row named by its class."""
-    rows = evaluator.last_per_class
-    if rows is None:
-        return None
-    names = parts.splits.class_names
-    if names is None or len(names) != len(rows):
-        names = [str(i) for i in range(len(rows))]
-    return [{"label": str(name), **row} for name, row in zip(names, rows, strict=True)]
 
 
 def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from .metrics import (
     RegressionStats,
     TokenStats,
 )
-from .predictions import PredictionWriter
+from .predictions import PredictionWriter, class_labels
 
 SPLIT_PREFIX = {
     EvaluationMode.TRAINING: "train",
@@ -60,9 +60,10 @@ class Evaluator:
         self.config = config or EvaluationConfig()
         self.metrics_tracker = MetricsTracker()
         self.last_confusion_matrix: np.ndarray | None = None
-        # classification / multi-label: each class's precision, recall, F1, support
-        self.last_per_class: list[dict[str, float]] | None = None
-        # names of the classes (labels), in order: predictions files write them
+        # classification / multi-label: each class's label (its name, else its index),
+        # precision, recall, F1 and support
+        self.last_per_class: list[dict[str, Any]] | None = None
+        # names of the classes (labels), in order: per-class rows and predictions use them
         self.class_names: list[str] | None = None
         self.last_task_type: TaskType | None = None
         self.last_files: dict[str, str] = {}
@@ -342,8 +343,14 @@ class Evaluator:
             self.config.classification_metrics
         ):
             self.last_confusion_matrix = accumulator.confusion.matrix().numpy()
-        per_class = accumulator.confusion or accumulator.multilabel
-        self.last_per_class = per_class.per_class() if per_class is not None else None
+        counts = accumulator.confusion or accumulator.multilabel
+        self.last_per_class = None
+        if counts is not None:
+            rows = counts.per_class()
+            labels = class_labels(self.class_names, len(rows))
+            self.last_per_class = [
+                {"label": label, **row} for label, row in zip(labels, rows, strict=True)
+            ]
         wanted = self.metric_names(accumulator.task)
         if accumulator.task is TaskType.GENERATION:
             wanted = ["loss", *wanted]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -35,7 +36,7 @@ class PredictionWriter:
         self.task = task
         self.threshold = threshold
         self.class_names = class_names
-        self._names: list[str] | None = None  # the class names, when they fit the outputs
+        self._labels: list[str] = []  # how each class is written, set with the header
         self.rows = 0
         self._handle: IO[str] | None = None
         self._writer: Any = None
@@ -62,10 +63,8 @@ class PredictionWriter:
     def _header(self, outputs: torch.Tensor) -> list[str]:
         if self.task in (TaskType.MULTILABEL, TaskType.CLASSIFICATION):
             classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
-            names = self.class_names
-            self._names = [str(n) for n in names] if names and len(names) == classes else None
-            labels = self._names or [str(c) for c in range(classes)]
-            return ["id", "target", "prediction", *(f"prob_{c}" for c in labels)]
+            self._labels = class_labels(self.class_names, classes)
+            return ["id", "target", "prediction", *(f"prob_{c}" for c in self._labels)]
         if self.task is TaskType.REGRESSION:
             width = outputs.reshape(outputs.shape[0], -1).shape[1]
             if width == 1:
@@ -75,9 +74,8 @@ class PredictionWriter:
         return ["id", "tokens", "token_accuracy"]
 
     def _name(self, label: int) -> str | int:
-        """A class's name when the writer knows them (an ignored target keeps its index)."""
-        names = self._names
-        return names[label] if names is not None and 0 <= label < len(names) else label
+        """How a class is written (an ignored target keeps its index)."""
+        return self._labels[label] if 0 <= label < len(self._labels) else label
 
     def _rows(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[list[Any]]:
         start = self.rows
@@ -87,8 +85,8 @@ class PredictionWriter:
             rows = [
                 [
                     start + i,
-                    _labels(t, self._names),
-                    _labels(p, self._names),
+                    _label_set(t, self._labels),
+                    _label_set(p, self._labels),
                     *(f"{v:.6g}" for v in probs),
                 ]
                 for i, (t, p, probs) in enumerate(
@@ -133,6 +131,13 @@ class PredictionWriter:
         return rows
 
 
-def _labels(indicators: list[bool], names: list[str] | None) -> str:
-    """A multi-label row's set of labels: their names (or indices) joined by spaces."""
-    return " ".join(names[j] if names else str(j) for j, on in enumerate(indicators) if on)
+def class_labels(names: Sequence[str] | None, count: int) -> list[str]:
+    """The classes' names when there is one per class, else their indices (as text)."""
+    if names is not None and len(names) == count:
+        return [str(name) for name in names]
+    return [str(c) for c in range(count)]
+
+
+def _label_set(indicators: list[bool], labels: list[str]) -> str:
+    """A multi-label row's set of labels, joined by spaces."""
+    return " ".join(labels[j] for j, on in enumerate(indicators) if on)
