@@ -158,6 +158,13 @@ def assert_ranks_match_one_process(folder: Path, name: str, reference, history) 
             assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
 
 
+def assert_same_weights(straight: Path, resumed: Path) -> None:
+    """A resumed run's saved weights equal the uninterrupted run's, bit for bit."""
+    expected, actual = torch.load(straight), torch.load(resumed)
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
 @pytest.mark.slow
 def test_two_ranks_of_16_equal_one_process_of_32(tmp_path):
     ok(torchrun("equivalence", tmp_path))
@@ -305,10 +312,9 @@ def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
         assert "epoch 1, step 4" in message
     ok(torchrun("resume_second", tmp_path))
     for rank in (0, 1):
-        straight = torch.load(tmp_path / f"straight-weights-{rank}.pt")
-        resumed = torch.load(tmp_path / f"resumed-weights-{rank}.pt")
-        for key, value in straight.items():
-            assert torch.equal(resumed[key], value), key
+        assert_same_weights(
+            tmp_path / f"straight-weights-{rank}.pt", tmp_path / f"resumed-weights-{rank}.pt"
+        )
     # a single process cannot continue a 2-rank run
     with pytest.raises(ValueError, match="world_size: checkpoint 2, now 1"):
         TrainingManager(worker.resume_config(tmp_path / "interrupted")).train(
@@ -323,10 +329,7 @@ def test_a_two_rank_policy_gradient_run_resumes_to_the_uninterrupted_result(tmp_
         assert "step 4" in (tmp_path / f"rl-interrupted-{rank}.txt").read_text()
     ok(torchrun("rl_resume_second", tmp_path))
     for rank in (0, 1):
-        straight = torch.load(tmp_path / f"rl-straight-{rank}.pt")
-        resumed = torch.load(tmp_path / f"rl-resumed-{rank}.pt")
-        for key, value in straight.items():
-            assert torch.equal(resumed[key], value), key
+        assert_same_weights(tmp_path / f"rl-straight-{rank}.pt", tmp_path / f"rl-resumed-{rank}.pt")
 
 
 @pytest.mark.slow
@@ -462,7 +465,4 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
         message = json.loads((tmp_path / f"fsdp-interrupted-{rank}.json").read_text())["message"]
         assert "epoch 1, step 4" in message
     ok(torchrun("fsdp_resume", tmp_path))
-    straight = torch.load(tmp_path / "fsdp-straight-weights.pt")
-    resumed = torch.load(tmp_path / "fsdp-resumed-weights.pt")
-    for key, value in straight.items():
-        assert torch.equal(resumed[key], value), key
+    assert_same_weights(tmp_path / "fsdp-straight-weights.pt", tmp_path / "fsdp-resumed-weights.pt")
