@@ -51,8 +51,8 @@ SHAPE = {"vocab": 50304, "seq": 1024, "d": 768, "layers": 12}  # GPT-2 small
 DEVICE = "cuda"  # --smoke: "cpu", with a tiny GPT, to check the script itself
 COMPILE_MODE = "default"  # torch.compile's mode for the compiled loops (--compile-mode)
 SPECS = {
-    "gpt": {"batch": 8, "steps": 60, "label": "GPT-124M, 8 x 1024 tokens, bf16"},
-    "cnn": {"batch": 512, "steps": 150, "label": "CNN 3x32x32, batch 512, bf16"},
+    "gpt": {"batch": 8, "steps": 60, "label": "GPT-124M, {batch} x 1024 tokens, bf16"},
+    "cnn": {"batch": 512, "steps": 150, "label": "CNN 3x32x32, batch {batch}, bf16"},
 }
 LOOPS = [
     "hand-written naive",
@@ -396,6 +396,7 @@ def main() -> None:
         }
         naive = medians.get("hand-written naive", float("nan"))
         careful = medians.get("hand-written careful", float("nan"))
+        label = SPECS[workload]["label"].format(batch=SPECS[workload]["batch"])
         for loop in loops:
             runs = results.get((workload, loop))
             if not runs:
@@ -408,7 +409,7 @@ def main() -> None:
             else:
                 extra = "- | -"
             print(
-                f"| {SPECS[workload]['label']} | {loop} | {len(runs)} | {samples:,.0f} | "
+                f"| {label} | {loop} | {len(runs)} | {samples:,.0f} | "
                 f"{extra} | {samples / naive:.3f} | {samples / careful:.3f} |"
             )
 

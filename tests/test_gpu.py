@@ -123,14 +123,15 @@ def test_multilabel_metrics_on_cuda_equal_sklearn_without_syncs_per_batch():
     scores = torch.randn(4_000, 6, generator=generator)
     targets = (torch.rand(4_000, 6, generator=generator) > 0.7).float()
     stats = MultilabelStats(0.5)
+    # the batches go to the GPU first: a copy from pageable host memory is itself a sync
+    pairs = zip(scores.split(500), targets.split(500), strict=True)
+    batches = [(s.cuda(), t.cuda()) for s, t in pairs]
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for start in range(0, 4_000, 500):
-                stats.update(
-                    scores[start : start + 500].cuda(), targets[start : start + 500].cuda()
-                )
+            for batch_scores, batch_targets in batches:
+                stats.update(batch_scores, batch_targets)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not [w for w in caught if "synchroniz" in str(w.message)]
