@@ -286,6 +286,9 @@ def resume_config(out: Path, **overrides: Any) -> TrainingConfig:
     return config(out, num_epochs=3, checkpoint_every_n_steps=2, **overrides)
 
 
+# DDP's resume test also keeps a moving average of the weights (each rank its own copy of
+# the same average): the final weights compared are the average
+DDP_RESUME = {"ema_decay": 0.8, "ema_warmup": True}
 # FSDP's resume test also keeps the best weights: the first evaluation (update 3, before the
 # interruption at 4) is the best, so the resumed run must get them from the checkpoint
 FSDP_RESUME = {"distributed_strategy": "fsdp", "restore_best_weights": True}
@@ -309,13 +312,13 @@ def resume_first(out: Path, rank: int) -> None:
     from traineval.loop import TrainingInterrupted
 
     net = model(dropout=0.3)
-    TrainingManager(resume_config(out / "straight")).train(
+    TrainingManager(resume_config(out / "straight", **DDP_RESUME)).train(
         net, *resume_loaders(), task_type=TaskType.CLASSIFICATION
     )
     torch.save(net.state_dict(), out / f"straight-weights-{rank}.pt")
     net = model(dropout=0.3)
     try:
-        TrainingManager(resume_config(out / "interrupted")).train(
+        TrainingManager(resume_config(out / "interrupted", **DDP_RESUME)).train(
             net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, callbacks=[SignalRankOne()]
         )
     except TrainingInterrupted as stopped:
@@ -326,7 +329,7 @@ def resume_second(out: Path, rank: int) -> None:
     """A fresh model (other initial weights) resumed from the interrupted run's checkpoint."""
     torch.manual_seed(99)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
-    result = TrainingManager(resume_config(out / "interrupted")).train(
+    result = TrainingManager(resume_config(out / "interrupted", **DDP_RESUME)).train(
         net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
     )
     torch.save(net.state_dict(), out / f"resumed-weights-{rank}.pt")

@@ -122,6 +122,8 @@ def test_bad_arguments_are_refused_before_anything_runs(quiet_config):
         flower.client_app(make_mlp, [1, 2], config)
     with pytest.raises(ValueError, match="scheduler_type='plateau' is not supported with Flower"):
         flower.server_app(make_mlp, _config(quiet_config, scheduler_type="plateau"))
+    with pytest.raises(ValueError, match=r"ema_decay=0\.9 is not supported with Flower"):
+        flower.server_app(make_mlp, _config(quiet_config, ema_decay=0.9))
 
 
 def test_client_learning_rates_follow_the_schedule_per_round(quiet_config):

@@ -202,6 +202,10 @@ class TrainingConfig(_ConfigBase):
     `compile` runs the model and the loss function through `torch.compile` (separately, so
     a wrapped or sharded model compiles as it would alone; the loss's own graph fuses e.g.
     the fp32 log-softmax of bf16 logits); `compile_mode` is torch's mode, without CUDA graphs.
+    `ema_decay` (0: off; e.g. 0.999) keeps an exponential moving average of the weights,
+    updated after every optimizer update (`ema_warmup`: a decay of min(decay, (1+t)/(10+t))
+    at update t): evaluation, the best checkpoint, early stopping and the model after
+    training use the averaged weights (see `traineval.averaging`).
 
     Under `torchrun` the same config trains data-parallel: `batch_size` is per process,
     `distributed_strategy` is "ddp" or "fsdp" (torch's `fully_shard`: parameters, gradients
@@ -275,6 +279,8 @@ class TrainingConfig(_ConfigBase):
     checkpoint_every_n_steps: int = 0
     skip_nonfinite_steps: int = 0
     log_layer_grad_norms: bool = False
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
     wandb_project: str = "traineval"
     mlflow_logging: bool = False
     mlflow_tracking_uri: str | None = None
@@ -352,6 +358,7 @@ class TrainingConfig(_ConfigBase):
             "scheduler_gamma",
             "lr_scheduler_factor",
             "federated_server_momentum",
+            "ema_decay",
         ):
             _float(name, getattr(self, name), minimum=0.0)
             if getattr(self, name) >= 1.0:
@@ -371,8 +378,16 @@ class TrainingConfig(_ConfigBase):
             "log_layer_grad_norms",
             "mlflow_logging",
             "find_unused_parameters",
+            "ema_warmup",
         ):
             _bool(name, getattr(self, name))
+        if self.ema_decay and self.distributed_strategy == "fsdp":
+            _fail(
+                "ema_decay",
+                self.ema_decay,
+                "a moving average of sharded weights is not supported yet: use "
+                "distributed_strategy='ddp' or ema_decay=0",
+            )
         if self.progress_bar is not None:
             _bool("progress_bar", self.progress_bar)
         _choice("optimizer_type", self.optimizer_type, OPTIMIZERS)

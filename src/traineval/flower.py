@@ -193,6 +193,11 @@ class FlowerServer:
                 "scheduler_type='plateau' is not supported with Flower (no server-side metric "
                 "drives it); choose 'cosine', 'step', 'onecycle' or 'constant'"
             )
+        if config.ema_decay:
+            raise ValueError(
+                f"ema_decay={config.ema_decay} is not supported with Flower yet (the server "
+                "keeps no average of the global weights); set ema_decay=0"
+            )
         self.model_fn, self.config, self.strategy = model_fn, config, strategy
         self.evaluate_on_clients, self.server_evaluate = evaluate_on_clients, server_evaluate
         self.on_finish, self.resume_from = on_finish, resume_from

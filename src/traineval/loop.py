@@ -8,11 +8,14 @@ Pseudocode of `Loop.run`:
                 loss = step(model, batch) under autocast
                 backward(loss * weight(batch) / weight(window))   # == one big batch
             unscale (fp16) -> clip the window's gradient -> optimizer.step -> scheduler.step
+            -> fold the weights into their moving average (`weight_average`, if any)
             record the step's loss on the device (no sync)
             every log_every updates: read the recorded losses (the only sync), log
-            every eval_every updates: evaluate, update the monitor, callbacks
+            every eval_every updates: evaluate (the averaged weights, if any), update the
+                monitor, callbacks
             on_step_end callbacks; act on their save requests; stop if asked or signalled
         evaluate at epoch end; callbacks; act on their stop / save requests
+    the model takes the averaged weights (if any); on_train_end callbacks
 
 Before any checkpoint is written the recorded losses are read, so a non-finite loss or
 gradient stops the run (`NonFiniteError`, naming epoch, step and batch) before it is saved.
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .averaging import WeightAverage
 from .callbacks.base import Callback, overrides
 from .data.position import skip_batches
 from .distributed import Distributed
@@ -156,6 +160,7 @@ class Loop:
         job: Distributed | None = None,
         no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
         average_gradients: bool = False,
+        weight_average: WeightAverage | None = None,
     ) -> None:
         self.model = model
         # e.g. the torch.compile'd module (never `or`: a compiled module may define __len__)
@@ -201,6 +206,8 @@ class Loop:
         self.average_gradients = average_gradients
         self._agreed_signal: str | None = None  # a signal every rank has agreed to stop on
         self._pending_metrics: dict[str, list[float | torch.Tensor]] = {}  # not read yet
+        # EMA of the weights: updated after each update, evaluated, kept when training ends
+        self.weight_average = weight_average
 
     # -- requests from callbacks and signals --------------------------------------------------
 
@@ -237,6 +244,8 @@ class Loop:
             self._call("on_epoch_end", logs)
             self._act()
         state.stopped_early = self._stop_requested
+        if self.weight_average is not None:
+            self.weight_average.copy_to_model()
         end_logs: dict[str, Any] = {"stop_reason": state.stop_reason}
         self._call("on_train_end", end_logs)
         self._act()
@@ -420,6 +429,8 @@ class Loop:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.weight_average is not None:
+            self.weight_average.update()
         self.optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
         state.consecutive_non_finite = 0
@@ -495,11 +506,25 @@ class Loop:
 
     # -- evaluation, logging, requests --------------------------------------------------------
 
+    def weights_to_keep(self) -> AbstractContextManager[None]:
+        """Inside the block the model holds the weights training produces for use: the
+        moving average when there is one (`ema_decay`), else the trained weights."""
+        if self.weight_average is None:
+            return nullcontext()
+        return self.weight_average.applied()
+
+    def state_to_keep(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` (the model's state dict) as the weights to keep (see `weights_to_keep`)."""
+        if self.weight_average is None:
+            return state
+        return self.weight_average.averaged_state(state)
+
     def _evaluate(self) -> dict[str, Any] | None:
         if self.evaluate_fn is None:
             return None
         state = self.state
-        metrics = self.evaluate_fn(self.forward_model)
+        with self.weights_to_keep():
+            metrics = self.evaluate_fn(self.forward_model)
         prefixed = {f"val_{name}": float(value) for name, value in metrics.items()}
         state.last_eval_step = state.global_step
         state.history["val_metrics"].append(dict(metrics))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .averaging import WeightAverage
 from .callbacks import (
     BestWeights,
     Callback,
@@ -52,6 +53,7 @@ from .run_checkpoints import (
     finished,
     restore_loop,
     save_from_loop,
+    training_weights,
 )
 from .seeding import data_generators, deterministic_algorithms, seed_everything
 from .tasks import RegressionMSE, default_loss
@@ -237,7 +239,7 @@ class TrainingManager:
         seed_everything(c.seed + (0 if shared else job.rank))
         model.to(self.device)
         if payload is not None:
-            model.load_state_dict(payload["model"])  # full weights, before any sharding
+            model.load_state_dict(training_weights(payload))  # full, before any sharding
         # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
         if setup.wraps_model:
             wrapped, no_sync = wrap_model(model, self.device, job, c)
@@ -340,6 +342,7 @@ class TrainingManager:
             job=job,
             no_sync=no_sync,
             average_gradients=job.enabled and not setup.wraps_model,
+            weight_average=WeightAverage(model, c.ema_decay, c.ema_warmup) if c.ema_decay else None,
         )
         if payload is not None:
             restore_loop(loop, payload)

@@ -41,6 +41,8 @@ WARNED_CHANGES = (
     "gradient_clipping",
     "precision",
     "mixed_precision",
+    "ema_decay",
+    "ema_warmup",
 )
 
 

@@ -3,7 +3,9 @@
 A checkpoint is a dict of tensors and plain values (it loads with weights_only): model and
 optimizer state (full, also when FSDP shards the model), scheduler, GradScaler, every
 rank's RNG, the loop's counters and data position, monitor, tracker and callback state, and
-the config. Under torchrun every rank calls `save_from_loop` (gathering full states and RNGs
+the config. With a moving average of the weights (`ema_decay`) the model's weights are the
+average, the weights to use, and `training_weights` the optimizer's, to resume from.
+Under torchrun every rank calls `save_from_loop` (gathering full states and RNGs
 are collectives); rank 0 writes, the others wait.
 """
 
@@ -76,6 +78,9 @@ def save_from_loop(
     # full states: under FSDP gathering them is a collective, rank 0 receives them
     weights = model_state(loop.model)
     optimizer = optimizer_state(loop.model, loop.optimizer)
+    averaging: dict[str, Any] = {}
+    if loop.weight_average is not None:  # the model's weights are the average; resume needs both
+        averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
     if job.is_main:
         state = loop.state
         payload = checkpoint_payload(
@@ -83,7 +88,7 @@ def save_from_loop(
             config=config,
             epoch=state.epoch,
             global_step=state.global_step,
-            weights=weights,
+            weights=loop.state_to_keep(weights),
             optimizer=optimizer,
             scheduler=loop.scheduler,
             scaler=precision.scaler,
@@ -102,11 +107,15 @@ def save_from_loop(
                 "world_size": job.world_size,
                 "distributed_strategy": config.distributed_strategy if job.enabled else None,
                 "traineval_version": __version__,
+                **averaging,
             },
         )
         if name == "best":
-            exported = weights if is_sharded(loop.model) else loop.model
-            save_safetensors(exported, path.with_suffix(".safetensors"))
+            if is_sharded(loop.model):
+                save_safetensors(weights, path.with_suffix(".safetensors"))
+            else:
+                with loop.weights_to_keep():
+                    save_safetensors(loop.model, path.with_suffix(".safetensors"))
         save_checkpoint_file(payload, path)
     job.barrier()  # the others go on once the file is there
     return path
@@ -121,9 +130,18 @@ def finished(state: dict[str, Any], config: TrainingConfig) -> bool:
     return state["batch_in_epoch"] == 0 and state["epoch"] >= config.num_epochs
 
 
+def training_weights(payload: dict[str, Any]) -> dict[str, Any]:
+    """The weights to continue training from: with a moving average the checkpoint's
+    model weights are the average, and the trained ones sit beside them."""
+    return payload.get("training_weights", payload["model"])
+
+
 def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
-    """Put a checkpoint's loop counters, monitor, tracker, callbacks and RNG back."""
+    """Put a checkpoint's loop counters, monitor, tracker, callbacks, moving average and RNG
+    back (a checkpoint without an average starts one)."""
     loop.state.load_state_dict(payload["loop"])
+    if loop.weight_average is not None and "ema" in payload:
+        loop.weight_average.load(payload["ema"], payload["model"])
     monitor_state = payload["monitor"]
     if monitor_state["name"] != loop.monitor.name:
         raise ValueError(

@@ -51,6 +51,9 @@ class ModelCheckpoint(Callback):
 class BestWeights(Callback):
     """Keep a host copy of the weights at the best evaluation; load them when training ends.
 
+    With a moving average of the weights (`ema_decay`) those are the averaged weights, the
+    ones that were evaluated.
+
     Under FSDP taking the copy is a collective that gathers the full weights on rank 0 (the
     other ranks keep none, as for checkpoints), and loading them sends them back out.
     """
@@ -69,9 +72,9 @@ class BestWeights(Callback):
             if is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
                 self.best_state = model_state(loop.model)
                 return
+            kept = loop.state_to_keep(loop.model.state_dict())  # the average, with ema_decay
             self.best_state = {
-                key: value.detach().to("cpu", copy=True)
-                for key, value in loop.model.state_dict().items()
+                key: value.detach().to("cpu", copy=True) for key, value in kept.items()
             }
 
     on_evaluate = _snapshot
