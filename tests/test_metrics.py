@@ -183,3 +183,88 @@ def test_per_class_metrics_equal_scikit_learn():
     rows = cm.per_class()
     for j, name in enumerate(("precision", "recall", "f1", "support")):
         assert [row[name] for row in rows] == pytest.approx(list(expected[j]), abs=1e-12), name
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int) -> float:
+    """Guo et al.'s ECE written out sample by sample: top-label confidence in (b/B, (b+1)/B]."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    total = 0.0
+    for b in range(bins):
+        members = [i for i, c in enumerate(confidence) if b / bins < c <= (b + 1) / bins]
+        if members:
+            gap = np.mean(correct[members]) - np.mean(confidence[members])
+            total += len(members) / len(labels) * abs(gap)
+    return total
+
+
+@pytest.mark.parametrize(("classes", "bins"), [(4, 15), (4, 7), (2, 10), (1, 15)])
+def test_calibration_metrics_stream_to_their_references(tmp_path, classes, bins):
+    """Brier score against scikit-learn; ECE against the definition; over 10 batches."""
+    generator = torch.Generator().manual_seed(classes + bins)
+    x = torch.randn(300, 6, generator=generator)
+    y = torch.randint(0, max(classes, 2), (300,), generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, classes)
+    with torch.no_grad():
+        model.weight.mul_(3)  # confident, not calibrated: a large ECE to get right
+        scores = model(x).double()
+    if classes == 1:  # one binary logit
+        positive = torch.sigmoid(scores[:, 0]).numpy()
+        probabilities = np.stack([1 - positive, positive], axis=1)
+        brier = sk.brier_score_loss(y.numpy(), positive)
+    else:
+        probabilities = torch.softmax(scores, dim=1).numpy()
+        brier = sk.brier_score_loss(y.numpy(), probabilities, labels=range(classes))
+    config = EvaluationConfig(
+        classification_metrics=("accuracy", "brier_score", "ece"),
+        calibration_bins=bins,
+        plot_metrics=True,
+        output_dir=str(tmp_path),
+    )
+    evaluator = Evaluator(config)
+    loss = None
+    if classes == 1:
+
+        def loss(outputs, targets):
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                outputs[:, 0], targets.float()
+            )
+
+    result = evaluator.evaluate_model(
+        model,
+        DataLoader(TensorDataset(x, y), batch_size=30),
+        loss_function=loss,
+        task_type=TaskType.CLASSIFICATION,
+    )
+    assert result["brier_score"] == pytest.approx(brier, rel=1e-9)
+    ece = expected_calibration_error(probabilities, y.numpy(), bins)
+    assert ece > 0.05
+    assert result["ece"] == pytest.approx(ece, rel=1e-9)
+    assert evaluator.last_files["reliability_diagram"].endswith("reliability_val.png")
+    assert (tmp_path / "evaluation" / "reliability_val.png").stat().st_size > 1000
+
+
+def test_calibration_metrics_are_opt_in_and_validated():
+    assert "ece" not in EvaluationConfig().classification_metrics
+    with pytest.raises(ValueError, match="calibration_bins=0 is invalid"):
+        EvaluationConfig(calibration_bins=0)
+
+
+def test_calibration_leaves_ignored_targets_out():
+    from traineval.evaluation.metrics import ProbabilityStats
+
+    generator = torch.Generator().manual_seed(1)
+    scores = 3 * torch.randn(200, 5, generator=generator)
+    targets = torch.randint(0, 5, (200,), generator=generator)
+    targets[::4] = -100
+    stats = ProbabilityStats(5, calibration_bins=10)
+    for chunk in range(0, 200, 50):
+        stats.update(scores[chunk : chunk + 50], targets[chunk : chunk + 50])
+    kept = targets != -100
+    probabilities = torch.softmax(scores.double(), dim=1)[kept].numpy()
+    assert sum(stats.reliability()["count"]) == 150
+    expected = expected_calibration_error(probabilities, targets[kept].numpy(), 10)
+    assert stats.compute()["ece"] == pytest.approx(expected, rel=1e-9)
+    brier = sk.brier_score_loss(targets[kept].numpy(), probabilities, labels=range(5))
+    assert stats.compute()["brier_score"] == pytest.approx(brier, rel=1e-9)

@@ -91,3 +91,26 @@ def test_adamw_clipping_warmup_cosine_equal_hand_written_loop(quiet_config):
             optimizer.zero_grad()
     _assert_same_weights(model, reference)
     assert result["global_step"] == total
+
+
+def test_evaluation_leaves_the_training_random_streams_alone(quiet_config):
+    """Iterating a DataLoader draws a seed from torch's generator, shuffled or not: without
+    care, adding validation (or changing eval_frequency) would change the next epoch's
+    shuffle and dropout masks."""
+    dataset, val = make_classification(n=100), make_classification(n=30, seed=5)
+    weights = []
+    for val_loader, every in ((None, 500), (DataLoader(val, batch_size=8), 2)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+        config = TrainingConfig(
+            num_epochs=3,
+            batch_size=16,
+            eval_frequency=every,
+            seed=7,
+            **{**quiet_config, "overwrite_output_dir": True},
+        )
+        loader = DataLoader(dataset, batch_size=16, shuffle=True)
+        TrainingManager(config).train(model, loader, val_loader)
+        weights.append(model.state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name

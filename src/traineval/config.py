@@ -73,9 +73,12 @@ CLASSIFICATION_METRICS = (
     "top_k_accuracy",
     "log_loss",
     "roc_auc",
+    "brier_score",
+    "ece",
 )
-# roc_auc is opt-in: it is rank-based, so it keeps every score (memory grows with N).
-DEFAULT_CLASSIFICATION_METRICS = CLASSIFICATION_METRICS[:-1]
+# Opt-in: roc_auc (rank-based, so it keeps every score: memory grows with N), and the
+# calibration metrics brier_score and ece (expected calibration error, top-label).
+DEFAULT_CLASSIFICATION_METRICS = CLASSIFICATION_METRICS[:7]
 REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
 GENERATION_METRICS = ("perplexity", "token_accuracy")
 # multi-label: accuracy is the exact-match (subset) accuracy, as scikit-learn's accuracy_score;
@@ -540,6 +543,7 @@ class EvaluationConfig(_ConfigBase):
     average: str = "weighted"
     multilabel_threshold: float = 0.5
     top_k: int = 5
+    calibration_bins: int = 15
     ignore_index: int = -100
     output_dir: str | None = None
 
@@ -567,6 +571,7 @@ class EvaluationConfig(_ConfigBase):
                 "probability exceeds it",
             )
         _int("top_k", self.top_k, minimum=1)
+        _int("calibration_bins", self.calibration_bins, minimum=1)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             _fail("ignore_index", self.ignore_index, "expected an integer")
         if self.output_dir is not None and not isinstance(self.output_dir, str):

@@ -11,8 +11,8 @@ Pseudocode of `Loop.run`:
             -> fold the weights into their moving average (`weight_average`, if any)
             record the step's loss on the device (no sync)
             every log_every updates: read the recorded losses (the only sync), log
-            every eval_every updates: evaluate (the averaged weights, if any), update the
-                monitor, callbacks
+            every eval_every updates: evaluate (the averaged weights, if any; the random
+                streams are put back after), update the monitor, callbacks
             on_step_end callbacks; act on their save requests; stop if asked or signalled
         evaluate at epoch end; callbacks; act on their stop / save requests
     the model takes the averaged weights (if any); on_train_end callbacks
@@ -523,8 +523,13 @@ class Loop:
         if self.evaluate_fn is None:
             return None
         state = self.state
+        # Evaluation leaves the training's random streams as it found them (iterating a
+        # DataLoader draws a seed from torch's generator even without shuffling): the same
+        # seed trains the same with or without validation, at any eval_frequency.
+        streams = capture_rng()
         with self.weights_to_keep():
             metrics = self.evaluate_fn(self.forward_model)
+        restore_rng(streams, None)
         prefixed = {f"val_{name}": float(value) for name, value in metrics.items()}
         state.last_eval_step = state.global_step
         state.history["val_metrics"].append(dict(metrics))

@@ -369,6 +369,10 @@ class Evaluator:
                 path = folder / f"roc_curve_{prefix}.png"
                 plots.roc_curve(*scores.curve(), path)
                 files["roc_curve"] = str(path)
+            if scores is not None and scores.calibration_bins:
+                path = folder / f"reliability_{prefix}.png"
+                plots.reliability_diagram(scores.reliability(), path)
+                files["reliability_diagram"] = str(path)
         if accumulator.scatter is not None:
             path = folder / f"predicted_vs_actual_{prefix}.png"
             plots.predicted_vs_actual(*accumulator.scatter_arrays(), path)
@@ -427,10 +431,15 @@ class _Accumulator:
         classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
         self.confusion = ConfusionMatrix(classes, self.config.ignore_index)
         names = set(self.config.classification_metrics)
-        if names & {"log_loss", "top_k_accuracy", "roc_auc"} or self.keep_curve:
+        calibration = names & {"brier_score", "ece"}
+        if names & {"log_loss", "top_k_accuracy", "roc_auc"} or calibration or self.keep_curve:
             keep = "roc_auc" in names or (self.keep_curve and classes == 2)
             self.scores = ProbabilityStats(
-                classes, self.config.top_k, keep, self.config.ignore_index
+                classes,
+                self.config.top_k,
+                keep,
+                self.config.ignore_index,
+                self.config.calibration_bins if calibration else 0,
             )
 
     def merge(self, other: _Accumulator) -> None:

@@ -399,20 +399,34 @@ class TokenStats:
 
 
 class ProbabilityStats:
-    """Score-based classification metrics: log loss and top-k accuracy, streamed; ROC-AUC.
+    """Score-based classification metrics: log loss, top-k accuracy and, with
+    `calibration_bins`, the Brier score and the expected calibration error, streamed; ROC-AUC.
 
     Probabilities are the softmax of `(N, C)` scores (the sigmoid of one binary logit). Log
     loss and top-k need only running sums. ROC-AUC is rank-based, so with `keep_scores` the
     probabilities are kept on the host (N x C floats) and scikit-learn computes it exactly.
+
+    The Brier score is scikit-learn's `brier_score_loss`: the mean squared distance between
+    the probabilities and the one-hot target, summed over classes (binary: of the positive
+    class alone). The expected calibration error (Guo et al., 2017) bins the top label's
+    probability (its confidence) into `calibration_bins` equal-width bins (b/B, (b+1)/B]
+    and averages |accuracy - mean confidence| over the bins, weighted by their counts;
+    `reliability()` gives the bins, for a reliability diagram.
     """
 
     def __init__(
-        self, num_classes: int, top_k: int = 5, keep_scores: bool = False, ignore_index: int = -100
+        self,
+        num_classes: int,
+        top_k: int = 5,
+        keep_scores: bool = False,
+        ignore_index: int = -100,
+        calibration_bins: int = 0,
     ) -> None:
         self.num_classes = num_classes
         self.top_k = top_k
         self.keep_scores = keep_scores
         self.ignore_index = ignore_index
+        self.calibration_bins = calibration_bins  # 0: no Brier score or calibration error
         self.reset()
 
     def reset(self) -> None:
@@ -439,6 +453,8 @@ class ProbabilityStats:
             # in the top k: fewer than k classes score strictly higher than the target
             above = (scores > picked[:, None]).sum(dim=1)
             batch["top_k"] = ((above < self.top_k) & kept).sum()
+        if self.calibration_bins:
+            batch.update(self._calibration(scores, safe, kept, binary))
         self.state = _add_sums(self.state, batch)
         if self.keep_scores:
             if binary:
@@ -448,6 +464,43 @@ class ProbabilityStats:
                 probabilities = torch.softmax(scores.double(), dim=1)
             self.scores.append(probabilities.cpu())
             self.labels.append(torch.where(kept, targets, -1).cpu())
+
+    def _calibration(
+        self, scores: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor, binary: bool
+    ) -> dict[str, torch.Tensor]:
+        """The batch's Brier sum and per-bin counts, confidence and correct sums (no sync:
+        fixed-size scatter-adds, no boolean indexing)."""
+        dtype = _accum_dtype(scores.device)
+        if binary:
+            positive = torch.sigmoid(scores.reshape(-1).to(dtype))
+            probabilities = torch.stack([1 - positive, positive], dim=1)
+        else:
+            probabilities = torch.softmax(scores.to(dtype), dim=1)
+        one_hot = F.one_hot(safe, probabilities.shape[1]).to(dtype)
+        weight = kept.to(dtype)
+        brier = ((probabilities - one_hot) ** 2).sum(dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        bins = self.calibration_bins
+        which = (confidence * bins).ceil().long().clamp(1, bins) - 1
+        zeros = torch.zeros(bins, dtype=dtype, device=scores.device)
+        return {
+            "brier": (brier * weight).sum(),
+            "bin_count": zeros.scatter_add(0, which, weight),
+            "bin_confidence": zeros.scatter_add(0, which, confidence * weight),
+            "bin_correct": zeros.scatter_add(0, which, (predicted == safe).to(dtype) * weight),
+        }
+
+    def reliability(self) -> dict[str, list[float]]:
+        """Per confidence bin: its upper edge, sample count, mean confidence and accuracy."""
+        bins = self.calibration_bins
+        count = self.state["bin_count"].double().cpu()
+        seen = count.clamp(min=1)
+        return {
+            "upper_edge": [(b + 1) / bins for b in range(bins)],
+            "count": count.tolist(),
+            "confidence": (self.state["bin_confidence"].double().cpu() / seen).tolist(),
+            "accuracy": (self.state["bin_correct"].double().cpu() / seen).tolist(),
+        }
 
     def merge(self, other: ProbabilityStats) -> None:
         """Add another shard's sums and kept scores (e.g. another rank's)."""
@@ -464,6 +517,11 @@ class ProbabilityStats:
         out = {"log_loss": float(self.state["nll"]) / count}
         if "top_k" in self.state:
             out["top_k_accuracy"] = int(self.state["top_k"]) / count
+        if "brier" in self.state:
+            brier = float(self.state["brier"]) / count
+            out["brier_score"] = brier / 2 if self.num_classes == 2 else brier
+            gaps = (self.state["bin_correct"] - self.state["bin_confidence"]).abs()
+            out["ece"] = float(gaps.sum()) / count
         if self.keep_scores:
             out["roc_auc"] = self.roc_auc()
         return out

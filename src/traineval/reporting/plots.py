@@ -70,6 +70,39 @@ def roc_curve(fpr: np.ndarray, tpr: np.ndarray, path: str | Path) -> Path:
     return _save(figure, path)
 
 
+def reliability_diagram(bins: dict[str, list[float]], path: str | Path) -> Path:
+    """Accuracy against confidence per bin (`ProbabilityStats.reliability`), with the
+    diagonal of perfect calibration; empty bins are left out."""
+    plt = _pyplot()
+    width = 1.0 / len(bins["upper_edge"])
+    seen = [i for i, count in enumerate(bins["count"]) if count > 0]
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.bar(
+        [bins["upper_edge"][i] - width / 2 for i in seen],
+        [bins["accuracy"][i] for i in seen],
+        width=width,
+        edgecolor="black",
+        label="accuracy",
+    )
+    axes.plot(
+        [bins["confidence"][i] for i in seen],
+        [bins["accuracy"][i] for i in seen],
+        marker="o",
+        color="tab:red",
+        label="accuracy at mean confidence",
+    )
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    axes.set(
+        xlabel="confidence (top label's probability)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="reliability diagram",
+    )
+    axes.legend(loc="upper left")
+    return _save(figure, path)
+
+
 def predicted_vs_actual(predictions: np.ndarray, targets: np.ndarray, path: str | Path) -> Path:
     """Scatter of predictions against targets, with the diagonal."""
     plt = _pyplot()
