@@ -76,7 +76,7 @@ def test_config_errors_exit_2_with_the_field_named(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "missing.yaml")]) == 2
 
 
-@pytest.mark.parametrize("command", [[], ["fit"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["fit"], ["demo"], ["lr-find"]])
 def test_every_command_explains_itself(command):
     out = subprocess.run(
         [sys.executable, "-m", "traineval.cli", *command, "--help"],
@@ -330,3 +330,24 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
     assert len(summary["folds"]) == 3
     assert {"accuracy_mean", "accuracy_std", "test_ensemble", "test_members"} <= set(summary)
     assert sum(f["validation_size"] for f in summary["folds"]) == 105 + 22  # train + val rows
+
+
+def test_lr_find_prints_a_suggestion_and_writes_the_curve(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data: {name: wine}\n"
+        "model: {name: mlp, options: {hidden_sizes: [32]}}\n"
+        "training: {tensorboard_logging: false, batch_size: 16}\n"
+    )
+    out = tmp_path / "lr"
+    code = main(["lr-find", str(path), "-q", f"training.output_dir={out}", "--steps", "40"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    search = json.loads((out / "lr_find.json").read_text())
+    assert len(search["losses"]) <= 40
+    assert f"Suggested learning rate: {search['suggestion']:.3g}" in printed
+    assert (out / "lr_find.png").stat().st_size > 1000
+    assert not (out / "checkpoints").exists()  # nothing of the search's training is kept
+    bad = main(["lr-find", str(path), "--min-lr", "1", "--max-lr", "0.1"])
+    assert bad == 1
+    assert "max_lr=0.1 is invalid: expected a number > min_lr=1.0" in capsys.readouterr().err

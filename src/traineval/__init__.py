@@ -8,6 +8,7 @@ The public API of SPEC.md: `TrainingConfig`, `EvaluationConfig`, `TrainingManage
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
 from .evaluation import Evaluator
+from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .monitor import PerformanceMonitor
 from .tracking import MetricsTracker
@@ -19,6 +20,7 @@ __all__ = [
     "EvaluationConfig",
     "EvaluationMode",
     "Evaluator",
+    "LearningRateSearch",
     "MetricsTracker",
     "ModelCheckpoint",
     "PerformanceMonitor",

@@ -4,6 +4,7 @@
 - `traineval fit CONFIG.yaml [key=value ...]`: any run described by a YAML file
 - `traineval evaluate RUN_DIR [--split test]`: a run's checkpoint on one of its splits
 - `traineval cv CONFIG.yaml --folds K`: k-fold CV, then the folds as an ensemble
+- `traineval lr-find CONFIG.yaml`: the learning-rate range test, with a suggested rate
 - `traineval report RUN_DIR`: summary, learning curves and report.html
 """
 
@@ -27,6 +28,27 @@ overrides are dotted key=value pairs applied on top of the YAML file, with value
 YAML: training.learning_rate=1e-3 training.num_epochs=5 model.name=mlp data.name=wine
 sections: data, model, training, evaluation (see the README for every field).
 """
+
+
+def _search_summary(search: Any) -> str:
+    """A range test in a few lines: a sample of its curve and the suggested rate."""
+    count = len(search.losses)
+    shown = sorted({round(i * (count - 1) / 9) for i in range(10)}) if count else []
+    lines = [f"  {'learning rate':>13}  {'loss':>10}  {'smoothed':>10}"]
+    for i in shown:
+        lines.append(
+            f"  {search.learning_rates[i]:>13.3g}  {search.losses[i]:>10.4f}  "
+            f"{search.smoothed_losses[i]:>10.4f}"
+        )
+    ended = {"diverged": "the loss diverged", "non-finite loss": "a loss was not finite"}
+    head = (
+        f"Learning-rate range test, {count} updates ({ended.get(search.stop_reason, 'all run')}):"
+    )
+    if search.suggestion is None:
+        tail = "No suggestion: too few updates before the loss stopped falling."
+    else:
+        tail = f"Suggested learning rate: {search.suggestion:.3g} (steepest fall of the loss)"
+    return "\n".join([head, *lines, tail])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +123,24 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     cv.add_argument("-q", "--quiet", action="store_true", help="only print the final tables")
 
+    finder = commands.add_parser(
+        "lr-find",
+        help="learning-rate range test: loss against an exponentially growing rate",
+        description="Train CONFIG's model on its train split for up to --steps updates while "
+        "the learning rate grows exponentially from --min-lr to --max-lr (the config's "
+        "optimizer, precision, accumulation and clipping), stop when the loss diverges, and "
+        "suggest the rate where it fell fastest. Writes lr_find.json and lr_find.png into "
+        "training.output_dir (default runs/lr-find-<time>); nothing else is kept.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    finder.add_argument("config", type=Path, help="YAML file with data/model/training")
+    finder.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    finder.add_argument("--min-lr", type=float, default=1e-7, help="first rate (default 1e-7)")
+    finder.add_argument("--max-lr", type=float, default=10.0, help="last rate (default 10)")
+    finder.add_argument("--steps", type=int, default=100, help="updates at most (default 100)")
+    finder.add_argument("-q", "--quiet", action="store_true", help="only print the result")
+
     flower = commands.add_parser(
         "flower",
         help="federated training on Flower (FedAvg), its nodes simulated in this process",
@@ -154,7 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Imported here so that `--help` answers without loading torch.
     from .checkpoint import CheckpointError
-    from .experiment import RunConfig, evaluate_run, run_cross_validation, run_experiment
+    from .experiment import (
+        RunConfig,
+        evaluate_run,
+        find_learning_rate,
+        run_cross_validation,
+        run_experiment,
+    )
     from .loop import TrainingInterrupted
     from .steplog import NonFiniteError
 
@@ -222,6 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         except (*failures, ImportError) as error:
             print(f"traineval: error: {error}", file=sys.stderr)
             return 1
+    if args.command == "lr-find":
+        try:
+            search, folder = find_learning_rate(
+                config, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps
+            )
+        except failures as error:
+            print(f"traineval: error: {error}", file=sys.stderr)
+            return 1
+        print(_search_summary(search))
+        print(f"\nWritten: {folder / 'lr_find.json'}, {folder / 'lr_find.png'}")
+        return 0
     if args.command == "cv":
         try:
             summary = run_cross_validation(config, args.folds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from .evaluation import Evaluator
 from .evaluation.evaluator import SPLIT_PREFIX
 from .imports import import_object
 from .loggers import JsonlLogger
+from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
 from .modes import MetaLearningStep
@@ -365,6 +367,37 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     if config.training.tensorboard_logging and figure.exists():
         _figure_to_tensorboard(out, "test/confusion_matrix", figure, result.global_step)
     return ExperimentResult(result, test_metrics, evaluated, str(out))
+
+
+def find_learning_rate(
+    config: RunConfig, *, min_lr: float, max_lr: float, num_steps: int
+) -> tuple[LearningRateSearch, Path]:
+    """The learning-rate range test on a config's model and train split; writes
+    `lr_find.json` and `lr_find.png` into training.output_dir (default runs/lr-find-<time>)
+    and returns the search and that folder."""
+    if config.mode == "reinforcement":
+        raise ValueError(
+            "traineval lr-find does not run mode: reinforcement (its loss is a policy "
+            "objective whose scale moves with the returns, not a curve to read a rate from)"
+        )
+    parts = _parts(config)
+    manager = TrainingManager(config.training)
+    train_loader = parts.loader(parts.splits.train, shuffle=True)
+    assert train_loader is not None
+    search = manager.find_learning_rate(
+        parts.new_model(),
+        train_loader,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        num_steps=num_steps,
+        task_type=parts.task_type,
+        mode=parts.mode,
+    )
+    folder = Path(config.training.output_dir or f"runs/lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lr_find.json").write_text(json.dumps(search.to_dict(), indent=2))
+    search.plot(folder / "lr_find.png")
+    return search, folder
 
 
 def _record_and_load_best(

@@ -42,6 +42,7 @@ from .distributed import setup as setup_distributed
 from .evaluation import Evaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import Loop, Monitor, TrainState
+from .lr_finder import LearningRateSearch, RangeTest
 from .modes.setup import prepare_mode
 from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
@@ -55,7 +56,14 @@ from .run_checkpoints import (
     save_from_loop,
     training_weights,
 )
-from .seeding import data_generators, deterministic_algorithms, seed_everything
+from .seeding import (
+    capture_rng,
+    data_generators,
+    deterministic_algorithms,
+    restore_rng,
+    seed_everything,
+)
+from .steplog import NonFiniteError
 from .tasks import RegressionMSE, default_loss
 from .tracking import MetricsTracker
 
@@ -360,6 +368,89 @@ class TrainingManager:
         finally:
             hub.close()  # after summary.json, so artifact loggers take it along
         return result
+
+    def find_learning_rate(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any] | Callable[[], Any] | str,
+        *,
+        min_lr: float = 1e-7,
+        max_lr: float = 10.0,
+        num_steps: int = 100,
+        divergence: float = 4.0,
+        smoothing: float = 0.9,
+        task_type: TaskType | None = None,
+        loss_function: Any = None,
+        mode: TrainingMode = TrainingMode.SUPERVISED,
+    ) -> LearningRateSearch:
+        """The learning-rate range test: up to `num_steps` updates of this config's training
+        (optimizer, precision, accumulation, clipping, mode) at rates growing exponentially
+        from `min_lr` to `max_lr`, stopped once the loss's moving average (`smoothing`)
+        passes `divergence` times its best. The model's weights and the random streams are
+        restored afterwards (see `traineval.lr_finder`).
+
+        Returns a `LearningRateSearch` (rates, losses, `suggestion`; `.plot(path)`).
+        """
+        import tempfile
+
+        if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or min_lr <= 0:
+            raise ValueError(f"min_lr={min_lr!r} is invalid: expected a number > 0")
+        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or max_lr <= min_lr:
+            raise ValueError(f"max_lr={max_lr!r} is invalid: expected a number > min_lr={min_lr}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"num_steps={num_steps!r} is invalid: expected an integer >= 2")
+        if isinstance(divergence, bool) or not isinstance(divergence, (int, float)):
+            raise ValueError(f"divergence={divergence!r} is invalid: expected a number > 1")
+        if divergence <= 1:
+            raise ValueError(f"divergence={divergence!r} is invalid: expected a number > 1")
+        if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing={smoothing!r} is invalid: expected a number in [0, 1)")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        search = RangeTest(float(min_lr), float(max_lr), num_steps, divergence, smoothing)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        generators = data_generators(train_loader)
+        streams = capture_rng(generators)
+        try:
+            with tempfile.TemporaryDirectory(prefix="traineval-lr-") as folder:
+                config = dataclasses.replace(
+                    self.config,
+                    learning_rate=float(min_lr),
+                    scheduler_type="constant",
+                    warmup_steps=0,
+                    num_epochs=num_steps,  # at least one update per epoch; max_steps ends it
+                    max_steps=num_steps,
+                    log_frequency=1,  # the loss of every update is read: it is the point
+                    early_stopping_patience=0,
+                    output_dir=folder,
+                    overwrite_output_dir=True,
+                    save_best_model=False,
+                    save_last_checkpoint=False,
+                    checkpoint_save_frequency=0,
+                    checkpoint_every_n_steps=0,
+                    restore_best_weights=False,
+                    tensorboard_logging=False,
+                    wandb_logging=False,
+                    mlflow_logging=False,
+                    progress_bar=False,
+                    ema_decay=0.0,
+                    skip_nonfinite_steps=0,
+                )
+                try:
+                    TrainingManager(config).train(
+                        model,
+                        train_loader,
+                        task_type=task_type,
+                        loss_function=loss_function,
+                        mode=mode,
+                        callbacks=[search],
+                    )
+                except NonFiniteError:
+                    search.stop_reason = "non-finite loss"
+        finally:
+            model.load_state_dict(weights)
+            restore_rng(streams, generators)
+        return search.result()
 
     def _result(
         self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]

@@ -103,6 +103,27 @@ def reliability_diagram(bins: dict[str, list[float]], path: str | Path) -> Path:
     return _save(figure, path)
 
 
+def learning_rate_search(search: Any, path: str | Path) -> Path:
+    """A learning-rate range test (`LearningRateSearch`): loss against rate, log scale."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(search.learning_rates, search.losses, alpha=0.35, label="loss")
+    axes.plot(search.learning_rates, search.smoothed_losses, label="smoothed")
+    if search.suggestion is not None:
+        axes.axvline(search.suggestion, color="tab:red", linestyle="--")
+        axes.annotate(
+            f"suggested {search.suggestion:.3g}",
+            (search.suggestion, max(search.smoothed_losses)),
+            color="tab:red",
+        )
+    axes.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test")
+    start = search.smoothed_losses[: max(1, len(search.smoothed_losses) // 10)]
+    if start and min(start) > 0 and max(search.losses) > 2 * max(start):
+        axes.set_ylim(top=2 * max(start))  # the exploding end would flatten everything else
+    axes.legend(loc="lower left")
+    return _save(figure, path)
+
+
 def predicted_vs_actual(predictions: np.ndarray, targets: np.ndarray, path: str | Path) -> Path:
     """Scatter of predictions against targets, with the diagonal."""
     plt = _pyplot()

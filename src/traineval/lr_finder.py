@@ -1,0 +1,134 @@
+"""The learning-rate range test (Smith, 2017; fastai's and Lightning's `lr_find`).
+
+Train for up to `num_steps` optimizer updates while the learning rate grows exponentially
+from `min_lr` to `max_lr`, record each update's loss, and stop once the smoothed loss
+exceeds `divergence` times its best (or a loss is not finite). The updates are the run's own
+(`TrainingManager.train` with the config's optimizer, precision, accumulation, clipping and
+mode), and the model's weights and the random streams are put back afterwards, so a
+training run that follows is the one it would have been without the search.
+
+Two smoothings of the per-update losses: while searching, an exponential moving average
+(`smoothing`, with bias correction) decides divergence; afterwards a centred moving
+average over 2k+1 updates (k = max(2, updates // 25)) gives `smoothed_losses`, without the
+lag of a one-way average (which trails the loss by ~1/(1 - smoothing) updates, half a
+decade of rates in a 100-update search) and without letting the last, exploding losses
+leak further back than k updates. The suggestion is the rate where that curve falls
+fastest against log(lr), before its minimum: a rate to start from, not a promise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from .loop import Loop
+
+
+@dataclasses.dataclass
+class LearningRateSearch:
+    """What the range test saw: the rate and loss of each update, smoothed, and a suggestion.
+
+    `stop_reason` says why it ended: "diverged", "non-finite loss" or "completed".
+    """
+
+    learning_rates: list[float]
+    losses: list[float]
+    smoothed_losses: list[float]
+    suggestion: float | None
+    stop_reason: str
+
+    def plot(self, path: str | Path) -> Path:
+        """Loss against learning rate (log scale), the suggestion marked."""
+        from .reporting.plots import learning_rate_search
+
+        return learning_rate_search(self, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def centred_average(values: list[float], half: int) -> list[float]:
+    """Each value averaged with up to `half` neighbours on either side (fewer at the ends)."""
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half) : i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def suggest(
+    learning_rates: list[float], smoothed: list[float], skip_start: int = 3
+) -> float | None:
+    """The rate of the steepest descent of `smoothed` against log10(rate), before its
+    minimum (and after the first `skip_start` updates, whose average is still settling)."""
+    if len(smoothed) <= skip_start + 2:
+        return None
+    lowest = min(range(skip_start, len(smoothed)), key=smoothed.__getitem__)
+    if lowest - skip_start < 2:
+        return None
+    logs = [math.log10(rate) for rate in learning_rates]
+    best, steepest = None, math.inf
+    for i in range(skip_start, lowest):
+        slope = (smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1])
+        if slope < steepest:
+            best, steepest = i, slope
+    return learning_rates[best] if best is not None else None
+
+
+class RangeTest(Callback):
+    """Sets each update's rate (exponential in the update's index) and records its loss.
+
+    Needs the loop to log every update (`log_frequency=1`): the loss is read then.
+    """
+
+    def __init__(
+        self, min_lr: float, max_lr: float, num_steps: int, divergence: float, beta: float
+    ) -> None:
+        self.min_lr, self.max_lr, self.num_steps = min_lr, max_lr, num_steps
+        self.divergence, self.beta = divergence, beta
+        self.rates: list[float] = []
+        self.losses: list[float] = []
+        self._running: list[float] = []  # the one-way average, for the divergence test
+        self._average = 0.0
+        self.stop_reason = "completed"
+
+    def rate(self, update: int) -> float:
+        """The rate of update `update` (from 0): min_lr, ..., max_lr at num_steps - 1."""
+        return self.min_lr * (self.max_lr / self.min_lr) ** (update / (self.num_steps - 1))
+
+    def on_train_start(self, loop: Loop) -> None:
+        self._set(loop, self.rate(0))
+
+    def on_log(self, loop: Loop, logs: dict[str, Any]) -> None:
+        loss = float(logs["train/loss"])
+        self.rates.append(self.rate(len(self.losses)))
+        self.losses.append(loss)
+        self._average = self.beta * self._average + (1 - self.beta) * loss
+        smoothed = self._average / (1 - self.beta ** len(self.losses))
+        self._running.append(smoothed)
+        if len(self._running) > 1 and smoothed > self.divergence * min(self._running):
+            self.stop_reason = "diverged"
+            loop.request_stop(f"the loss diverged at learning rate {self.rates[-1]:.3g}")
+
+    def on_step_end(self, loop: Loop) -> None:
+        self._set(loop, self.rate(loop.state.global_step))
+
+    @staticmethod
+    def _set(loop: Loop, rate: float) -> None:
+        for group in loop.optimizer.param_groups:
+            group["lr"] = rate
+
+    def result(self) -> LearningRateSearch:
+        smoothed = centred_average(self.losses, max(2, len(self.losses) // 25))
+        return LearningRateSearch(
+            learning_rates=list(self.rates),
+            losses=list(self.losses),
+            smoothed_losses=smoothed,
+            suggestion=suggest(self.rates, smoothed) if smoothed else None,
+            stop_reason=self.stop_reason,
+        )
