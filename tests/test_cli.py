@@ -351,3 +351,28 @@ def test_lr_find_prints_a_suggestion_and_writes_the_curve(tmp_path, capsys):
     bad = main(["lr-find", str(path), "--min-lr", "1", "--max-lr", "0.1"])
     assert bad == 1
     assert "max_lr=0.1 is invalid: expected a number > min_lr=1.0" in capsys.readouterr().err
+
+
+def test_bootstrap_intervals_are_printed_and_written(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data: {name: wine}\n"
+        "model: {name: mlp, options: {hidden_sizes: [32]}}\n"
+        "training: {num_epochs: 5, learning_rate: 1e-2, warmup_steps: 0, "
+        "tensorboard_logging: false}\n"
+        "evaluation: {bootstrap_samples: 200, confidence_level: 0.9}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["fit", str(path), "-q", f"training.output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "evaluation" / "metrics.json").read_text())
+    intervals = record["test_intervals"]
+    assert intervals["confidence_level"] == 0.9
+    assert intervals["bootstrap_samples"] == 200
+    assert set(intervals["metrics"]) == {"accuracy", "precision", "recall", "f1"}
+    low, high = intervals["metrics"]["accuracy"]
+    assert low <= record["test"]["accuracy"] <= high
+    assert "90% interval" in printed
+    assert f"[{low:.4f}, {high:.4f}]" in printed
+    assert main(["evaluate", str(out), "--split", "val"]) == 0
+    assert "90% interval" in capsys.readouterr().out

@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"traineval: error: {error}", file=sys.stderr)
             return 1
         print(f"{args.split} metrics, checkpoint {args.checkpoint}:")
-        print(_table(metrics))
-        per_class = json.loads(Path(written).read_text()).get("per_class")
+        record = json.loads(Path(written).read_text())
+        print(_table(metrics, record.get("intervals")))
+        per_class = record.get("per_class")
         if per_class:
             print(f"\nPer class ({args.split}):")
             print(_per_class_table(per_class))
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if outcome.test_metrics:
         print(f"\nTest metrics, {outcome.evaluated_checkpoint}:")
-        print(_table(outcome.test_metrics))
+        print(_table(outcome.test_metrics, outcome.test_intervals))
     return 0
 
 
@@ -415,10 +416,19 @@ def _per_class_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _table(metrics: dict[str, float]) -> str:
+def _table(metrics: dict[str, float], intervals: dict[str, Any] | None = None) -> str:
+    """Metrics as a two-column table; with bootstrap intervals, a third column for them."""
     width = max(len(name) for name in metrics)
-    lines = [f"  {'metric':<{width}}  value", f"  {'-' * width}  ------"]
-    lines += [f"  {name:<{width}}  {value:.4f}" for name, value in metrics.items()]
+    bounds = (intervals or {}).get("metrics", {})
+    if not bounds:
+        lines = [f"  {'metric':<{width}}  value", f"  {'-' * width}  ------"]
+        lines += [f"  {name:<{width}}  {value:.4f}" for name, value in metrics.items()]
+        return "\n".join(lines)
+    level = f"{100 * intervals['confidence_level']:g}% interval"  # type: ignore[index]
+    lines = [f"  {'metric':<{width}}  value   {level}", f"  {'-' * width}  ------  {'-' * 16}"]
+    for name, value in metrics.items():
+        low_high = f"[{bounds[name][0]:.4f}, {bounds[name][1]:.4f}]" if name in bounds else ""
+        lines.append(f"  {name:<{width}}  {value:.4f}  {low_high}".rstrip())
     return "\n".join(lines)
 
 

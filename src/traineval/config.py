@@ -544,6 +544,11 @@ class EvaluationConfig(_ConfigBase):
     multilabel_threshold: float = 0.5
     top_k: int = 5
     calibration_bins: int = 15
+    # Bootstrap confidence intervals of the classification / regression metrics (0: off):
+    # resamples of the evaluated samples, kept on the host while evaluating.
+    bootstrap_samples: int = 0
+    confidence_level: float = 0.95
+    bootstrap_seed: int = 0
     ignore_index: int = -100
     output_dir: str | None = None
 
@@ -572,6 +577,11 @@ class EvaluationConfig(_ConfigBase):
             )
         _int("top_k", self.top_k, minimum=1)
         _int("calibration_bins", self.calibration_bins, minimum=1)
+        _int("bootstrap_samples", self.bootstrap_samples, minimum=0)
+        _int("bootstrap_seed", self.bootstrap_seed, minimum=0)
+        _float("confidence_level", self.confidence_level, minimum=0.0, strict=True)
+        if self.confidence_level >= 1.0:
+            _fail("confidence_level", self.confidence_level, "expected a number in (0, 1)")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             _fail("ignore_index", self.ignore_index, "expected an integer")
         if self.output_dir is not None and not isinstance(self.output_dir, str):

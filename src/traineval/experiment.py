@@ -232,6 +232,7 @@ class ExperimentResult:
     test_metrics: dict[str, float] | None
     evaluated_checkpoint: str
     output_dir: str
+    test_intervals: dict[str, Any] | None = None  # with evaluation.bootstrap_samples
 
 
 @dataclasses.dataclass
@@ -361,12 +362,14 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
         record["class_names"] = parts.splits.class_names
     if test_metrics is not None and evaluator.last_per_class is not None:
         record["test_per_class"] = evaluator.last_per_class
+    if test_metrics is not None and evaluator.last_intervals:
+        record["test_intervals"] = _intervals_record(evaluator)
     (out / "evaluation").mkdir(exist_ok=True)
     (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
     figure = out / "evaluation" / "confusion_matrix_test.png"
     if config.training.tensorboard_logging and figure.exists():
         _figure_to_tensorboard(out, "test/confusion_matrix", figure, result.global_step)
-    return ExperimentResult(result, test_metrics, evaluated, str(out))
+    return ExperimentResult(result, test_metrics, evaluated, str(out), record.get("test_intervals"))
 
 
 def find_learning_rate(
@@ -470,6 +473,17 @@ def _figure_to_tensorboard(run_dir: Path, tag: str, png: Path, step: int) -> Non
     writer.close()
 
 
+def _intervals_record(evaluator: Evaluator) -> dict[str, Any]:
+    """The bootstrap intervals as written to JSON: level, resamples, [low, high] by metric."""
+    c = evaluator.config
+    return {
+        "confidence_level": c.confidence_level,
+        "bootstrap_samples": c.bootstrap_samples,
+        "bootstrap_seed": c.bootstrap_seed,
+        "metrics": {name: list(bounds) for name, bounds in evaluator.last_intervals.items()},
+    }
+
+
 def _evaluate_split(
     parts: _Parts,
     evaluator: Evaluator,
@@ -564,6 +578,7 @@ def evaluate_run(
                 "split": split,
                 "metrics": metrics,
                 "per_class": evaluator.last_per_class,
+                "intervals": _intervals_record(evaluator) if evaluator.last_intervals else None,
                 "files": evaluator.last_files,
             },
             indent=2,

@@ -25,8 +25,9 @@ from ..modes.base import (
     split_batch,
 )
 from ..precision import Precision
-from ..tasks import default_loss, detect_task
+from ..tasks import align_regression, default_loss, detect_task
 from ..tracking import MetricsTracker
+from .bootstrap import classification_intervals, regression_intervals
 from .metrics import (
     ConfusionMatrix,
     MultilabelStats,
@@ -67,6 +68,8 @@ class Evaluator:
         self.class_names: list[str] | None = None
         self.last_task_type: TaskType | None = None
         self.last_files: dict[str, str] = {}
+        # with bootstrap_samples: each metric's (low, high) at confidence_level
+        self.last_intervals: dict[str, tuple[float, float]] = {}
         self.run_dir: Path | None = None  # set by TrainingManager.train: where files go
         self._evaluations = 0
 
@@ -354,6 +357,8 @@ class Evaluator:
         wanted = self.metric_names(accumulator.task)
         if accumulator.task is TaskType.GENERATION:
             wanted = ["loss", *wanted]
+        intervals = accumulator.intervals(self.config.average)
+        self.last_intervals = {name: intervals[name] for name in wanted if name in intervals}
         return {name: computed[name] for name in wanted if name in computed}
 
     def _plot(self, accumulator: _Accumulator, folder: Path, prefix: str) -> dict[str, str]:
@@ -401,6 +406,11 @@ class _Accumulator:
             [] if self.keep_curve and task is TaskType.REGRESSION else None
         )
         self._scattered = 0
+        # every (prediction, target), on the device until the end: bootstrap intervals
+        resampled = (TaskType.CLASSIFICATION, TaskType.REGRESSION)
+        self.samples: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+            [] if config.bootstrap_samples and task in resampled else None
+        )
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self.task is TaskType.CLASSIFICATION:
@@ -410,12 +420,19 @@ class _Accumulator:
             self.confusion.update(outputs, targets)
             if self.scores is not None:
                 self.scores.update(outputs, targets)
+            if self.samples is not None:
+                binary = outputs.ndim == 1 or outputs.shape[1] == 1
+                chosen = (outputs.reshape(-1) > 0).long() if binary else outputs.argmax(dim=1)
+                self.samples.append((chosen.detach(), targets.reshape(-1).detach()))
         elif self.regression is not None:
             if targets.shape[0] != outputs.shape[0]:
                 raise ValueError(
                     f"{outputs.shape[0]} predictions but {targets.shape[0]} targets in a batch"
                 )
             self.regression.update(outputs, targets)
+            if self.samples is not None:
+                aligned = align_regression(outputs, targets).reshape(targets.shape[0], -1)
+                self.samples.append((aligned.detach(), targets.reshape(targets.shape[0], -1)))
             if self.scatter is not None and self._scattered < SCATTER_POINTS:
                 take = SCATTER_POINTS - self._scattered
                 self.scatter.append(
@@ -455,6 +472,8 @@ class _Accumulator:
         if self.scatter is not None and other.scatter:
             self.scatter.extend(other.scatter)
             self._scattered += other._scattered
+        if self.samples is not None and other.samples:
+            self.samples.extend(other.samples)
 
     def compute(self, average: str) -> dict[str, float]:
         if self.confusion is not None:
@@ -468,6 +487,28 @@ class _Accumulator:
             return self.multilabel.compute(average)
         assert self.tokens is not None
         return self.tokens.compute()
+
+    def intervals(self, average: str) -> dict[str, tuple[float, float]]:
+        """Bootstrap intervals of the metrics (`EvaluationConfig.bootstrap_samples`)."""
+        if not self.samples:
+            return {}
+        c = self.config
+        samples, level, seed = c.bootstrap_samples, c.confidence_level, c.bootstrap_seed
+        predictions = torch.cat([p.cpu() for p, _ in self.samples]).numpy()
+        targets = torch.cat([t.cpu() for _, t in self.samples]).numpy()
+        if self.confusion is not None:
+            kept = targets != c.ignore_index
+            classes = self.confusion.num_classes
+            return classification_intervals(
+                targets[kept],
+                predictions[kept],
+                classes,
+                average,
+                samples=samples,
+                level=level,
+                seed=seed,
+            )
+        return regression_intervals(predictions, targets, samples=samples, level=level, seed=seed)
 
     def scatter_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.scatter

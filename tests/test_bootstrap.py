@@ -1,0 +1,116 @@
+"""Bootstrap intervals against a per-resample loop over scikit-learn's metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as sk
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import EvaluationConfig, Evaluator, TaskType
+
+
+def reference(n: int, samples: int, seed: int, metric, level: float = 0.95):
+    """Resample r is row r of rng.integers(0, n, (samples, n)); percentile interval."""
+    rows = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    values = np.array([metric(row) for row in rows])
+    tail = (1 - level) / 2 * 100
+    return tuple(np.percentile(values, [tail, 100 - tail]))
+
+
+@pytest.mark.parametrize("average", ["weighted", "macro", "micro"])
+def test_classification_intervals_equal_a_per_resample_sklearn_loop(average):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(240, 6, generator=generator)
+    y = torch.randint(0, 5, (240,), generator=generator)
+    y[y == 4] = torch.randint(0, 4, ((y == 4).sum().item(),), generator=generator)
+    y[:2] = 4  # rare and never predicted: ~1 resample in 7 lacks it (macro: 4 classes)
+    y[10:14] = -100  # ignored targets are not resampled
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    with torch.no_grad():
+        model.bias[4] = -100.0
+    config = EvaluationConfig(
+        average=average, bootstrap_samples=200, bootstrap_seed=7, confidence_level=0.9
+    )
+    evaluator = Evaluator(config)
+    evaluator.evaluate_model(
+        model,
+        DataLoader(TensorDataset(x, y), batch_size=32),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        task_type=TaskType.CLASSIFICATION,
+    )
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=1).numpy()
+    kept = y.numpy() != -100
+    truth, predicted = y.numpy()[kept], predicted[kept]
+    n = len(truth)
+    options = {"average": average, "zero_division": 0}
+    expected = {
+        "accuracy": reference(n, 200, 7, lambda r: sk.accuracy_score(truth[r], predicted[r]), 0.9),
+        "precision": reference(
+            n, 200, 7, lambda r: sk.precision_score(truth[r], predicted[r], **options), 0.9
+        ),
+        "recall": reference(
+            n, 200, 7, lambda r: sk.recall_score(truth[r], predicted[r], **options), 0.9
+        ),
+        "f1": reference(n, 200, 7, lambda r: sk.f1_score(truth[r], predicted[r], **options), 0.9),
+    }
+    assert evaluator.last_intervals.keys() == expected.keys()
+    for name, (low, high) in expected.items():
+        assert evaluator.last_intervals[name] == pytest.approx((low, high), abs=1e-12), name
+
+
+def test_regression_intervals_equal_a_per_resample_sklearn_loop():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(150, 4, generator=generator)
+    y = x @ torch.randn(4, 2, generator=generator) + 0.3 * torch.randn(150, 2, generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    config = EvaluationConfig(
+        regression_metrics=("mse", "mae", "rmse", "r2_score", "explained_variance"),
+        bootstrap_samples=150,
+        bootstrap_seed=3,
+    )
+    evaluator = Evaluator(config)
+    evaluator.evaluate_model(model, DataLoader(TensorDataset(x, y), batch_size=40))
+    with torch.no_grad():
+        p = model(x).double().numpy()
+    t = y.double().numpy()
+
+    def rmse(r):
+        return np.mean(np.sqrt(sk.mean_squared_error(t[r], p[r], multioutput="raw_values")))
+
+    metrics = {
+        "mse": lambda r: sk.mean_squared_error(t[r], p[r]),
+        "mae": lambda r: sk.mean_absolute_error(t[r], p[r]),
+        "rmse": rmse,
+        "r2_score": lambda r: sk.r2_score(t[r], p[r]),
+        "explained_variance": lambda r: sk.explained_variance_score(t[r], p[r]),
+    }
+    for name, metric in metrics.items():
+        low, high = reference(150, 150, 3, metric)
+        assert evaluator.last_intervals[name] == pytest.approx((low, high), rel=1e-9), name
+
+
+def test_without_bootstrap_there_are_no_intervals_and_bad_settings_are_refused():
+    evaluator = Evaluator()
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    evaluator.evaluate_model(torch.nn.Linear(3, 2), DataLoader(TensorDataset(x, y), 10))
+    assert evaluator.last_intervals == {}
+    with pytest.raises(ValueError, match=r"confidence_level=1\.0 is invalid"):
+        EvaluationConfig(confidence_level=1.0)
+    with pytest.raises(ValueError, match="bootstrap_samples=-1 is invalid"):
+        EvaluationConfig(bootstrap_samples=-1)
+
+
+def test_a_constant_target_scores_r2_as_scikit_learn_does():
+    from traineval.evaluation.bootstrap import regression_intervals
+
+    targets = np.ones((30, 1))
+    exact = regression_intervals(targets.copy(), targets, samples=20, level=0.9, seed=0)
+    assert exact["r2_score"] == (1.0, 1.0)
+    off = regression_intervals(targets + 0.5, targets, samples=20, level=0.9, seed=0)
+    assert off["r2_score"] == (0.0, 0.0)
+    assert off["mae"] == pytest.approx((0.5, 0.5))
