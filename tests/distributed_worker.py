@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval import EvaluationConfig, TrainingConfig, TrainingManager, TrainingMode
 from traineval.callbacks import Callback
 from traineval.config import TaskType
 from traineval.evaluation import Evaluator
@@ -263,9 +263,11 @@ def uneven(out: Path, rank: int) -> None:
     ):
         share = range(0, 5) if rank == 0 else range(5, 8)
         loader = DataLoader(torch.utils.data.Subset(dataset, list(share)), batch_size=2)
-        results[task] = Evaluator().evaluate_model(
+        evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50))
+        results[task] = evaluator.evaluate_model(
             net, loader, "cpu", task_type=TaskType(task), distributed=job
         )
+        results[f"{task}_intervals"] = evaluator.last_intervals
     empty = DataLoader(torch.utils.data.Subset(data(8, seed=3), [] if rank else [0]), batch_size=2)
     results["one_sample"] = Evaluator().evaluate_model(
         net, empty, "cpu", task_type=TaskType.CLASSIFICATION, distributed=job

@@ -45,6 +45,8 @@ def test_classification_intervals_equal_a_per_resample_sklearn_loop(average):
         predicted = model(x).argmax(dim=1).numpy()
     kept = y.numpy() != -100
     truth, predicted = y.numpy()[kept], predicted[kept]
+    order = np.lexsort((predicted, truth))  # the documented canonical order
+    truth, predicted = truth[order], predicted[order]
     n = len(truth)
     options = {"average": average, "zero_division": 0}
     expected = {
@@ -78,6 +80,8 @@ def test_regression_intervals_equal_a_per_resample_sklearn_loop():
     with torch.no_grad():
         p = model(x).double().numpy()
     t = y.double().numpy()
+    order = np.lexsort(np.concatenate([t, p], axis=1).T[::-1])  # by target, then prediction
+    p, t = p[order], t[order]
 
     def rmse(r):
         return np.mean(np.sqrt(sk.mean_squared_error(t[r], p[r], multioutput="raw_values")))
@@ -114,3 +118,19 @@ def test_a_constant_target_scores_r2_as_scikit_learn_does():
     off = regression_intervals(targets + 0.5, targets, samples=20, level=0.9, seed=0)
     assert off["r2_score"] == (0.0, 0.0)
     assert off["mae"] == pytest.approx((0.5, 0.5))
+
+
+def test_the_interval_does_not_depend_on_the_order_of_the_samples():
+    from traineval.evaluation.bootstrap import classification_intervals, regression_intervals
+
+    rng = np.random.default_rng(0)
+    truth, predicted = rng.integers(0, 3, 90), rng.integers(0, 3, 90)
+    shuffled = rng.permutation(90)
+    options = {"samples": 100, "level": 0.95, "seed": 1}
+    assert classification_intervals(truth, predicted, 3, "macro", **options) == (
+        classification_intervals(truth[shuffled], predicted[shuffled], 3, "macro", **options)
+    )
+    y, p = rng.normal(size=(90, 2)), rng.normal(size=(90, 2))
+    assert regression_intervals(p, y, **options) == regression_intervals(
+        p[shuffled], y[shuffled], **options
+    )

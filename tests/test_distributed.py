@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import distributed_worker as worker
-from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval import EvaluationConfig, TrainingConfig, TrainingManager, TrainingMode
 from traineval.config import TaskType
 from traineval.distributed import (
     Distributed,
@@ -293,6 +293,17 @@ def test_uneven_validation_shares_give_the_single_process_metrics(tmp_path):
             task_type=TaskType.CLASSIFICATION,
         ),
     }
+    for task in ("classification", "regression"):  # bootstrap intervals: the same too
+        evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50))
+        data = worker.data(8, seed=3) if task == "classification" else worker.regression_data()
+        evaluator.evaluate_model(
+            net, DataLoader(data, batch_size=2), "cpu", task_type=TaskType(task)
+        )
+        for rank in (0, 1):
+            got = json.loads((tmp_path / f"uneven-{rank}.json").read_text())[f"{task}_intervals"]
+            assert got.keys() == evaluator.last_intervals.keys()
+            for name, bounds in evaluator.last_intervals.items():  # float32 outputs of other
+                assert got[name] == pytest.approx(list(bounds), rel=1e-6)  # batch groupings
     for rank in (0, 1):
         got = json.loads((tmp_path / f"uneven-{rank}.json").read_text())
         for task, metrics in expected.items():

@@ -2,7 +2,10 @@
 
 Resample the evaluated samples with replacement `samples` times, compute each metric on
 every resample exactly as scikit-learn would on it, and take the percentile interval at
-`level` (np.percentile, linear). Resample r uses row r of `rng.integers(0, n, (samples,
+`level` (np.percentile, linear). The samples are first put in a canonical order (sorted by
+target, then prediction), so an interval depends on the evaluated pairs alone, not on the
+order they came in: the same with a shuffled loader or under torchrun (whose ranks'
+shares arrive rank by rank). Resample r then uses row r of `rng.integers(0, n, (samples,
 n))` from `np.random.default_rng(seed)`, drawn in chunks of rows (the same stream), so an
 interval is reproducible and can be checked against a per-resample loop.
 
@@ -53,7 +56,7 @@ def classification_intervals(
     """Intervals of accuracy, precision, recall and F1 for integer labels in [0, C)."""
     c = num_classes
     n = len(truth)
-    cells = truth.astype(np.int64) * c + predicted.astype(np.int64)
+    cells = np.sort(truth.astype(np.int64) * c + predicted.astype(np.int64))  # canonical order
     values: dict[str, list[np.ndarray]] = {"accuracy": [], "precision": [], "recall": [], "f1": []}
     for index in _resamples(n, samples, seed):
         rows = index.shape[0]
@@ -87,6 +90,8 @@ def regression_intervals(
     """Intervals of MSE, MAE, RMSE, R² and explained variance for (N, K) arrays."""
     p = predictions.reshape(len(predictions), -1).astype(np.float64)
     y = targets.reshape(len(targets), -1).astype(np.float64)
+    order = np.lexsort(np.concatenate([y, p], axis=1).T[::-1])  # canonical: by y, then p
+    p, y = p[order], y[order]
     names = ("mse", "mae", "rmse", "r2_score", "explained_variance")
     values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for index in _resamples(len(y), samples, seed):
