@@ -3,6 +3,7 @@
 - `traineval demo [key=value ...]`: digits + small CNN, trained and tested
 - `traineval fit CONFIG.yaml [key=value ...]`: any run described by a YAML file
 - `traineval evaluate RUN_DIR [--split test]`: a run's checkpoint on one of its splits
+- `traineval predict RUN_DIR INPUT.csv`: a run's model on new rows
 - `traineval cv CONFIG.yaml --folds K`: k-fold CV, then the folds as an ensemble
 - `traineval lr-find CONFIG.yaml`: the learning-rate range test, with a suggested rate
 - `traineval report RUN_DIR`: summary, learning curves and report.html
@@ -107,6 +108,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--save-predictions", action="store_true", help="write predictions")
     evaluate.add_argument("--plots", action="store_true", help="write the evaluation plots")
+
+    predict = commands.add_parser(
+        "predict",
+        help="a run's model on new rows of a CSV file",
+        description="Read INPUT (a CSV with the run's feature columns, by name, in any order), "
+        "standardise them as in training, and write each row's prediction (class and class "
+        "probabilities; label set and label probabilities; value) after the input's other "
+        "columns, to --output (default RUN_DIR/predictions/<INPUT name>).",
+    )
+    predict.add_argument("run_dir", type=Path, help="a run directory written by fit or demo")
+    predict.add_argument("input", type=Path, help="CSV file with a header row")
+    predict.add_argument(
+        "--checkpoint", default="best", help="best, last, epoch-NNNN or a path (default best)"
+    )
+    predict.add_argument("--output", type=Path, help="where to write the predictions CSV")
 
     cv = commands.add_parser(
         "cv",
@@ -222,6 +238,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(summary_text(run))
         print(f"\nWritten: {page}")
+        return 0
+    if args.command == "predict":
+        from .predict import predict_csv
+
+        try:
+            table, count = predict_csv(
+                args.run_dir, args.input, checkpoint=args.checkpoint, output=args.output
+            )
+        except failures as error:
+            print(f"traineval: error: {error}", file=sys.stderr)
+            return 1
+        print(f"Predicted {count} rows with {args.checkpoint}; written: {table}")
         return 0
     if args.command == "evaluate":
         try:

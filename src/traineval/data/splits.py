@@ -24,6 +24,20 @@ class DataSplits:
     num_outputs: int
     task_type: TaskType
     class_names: list[str] | None = None
+    # Tables: how a raw row becomes a model input (`traineval predict` applies the same),
+    # and which rows of the table each split holds.
+    feature_names: list[str] | None = None
+    feature_mean: np.ndarray | None = None  # None: not standardised
+    feature_scale: np.ndarray | None = None
+    indices: dict[str, np.ndarray] | None = None
+
+    def prepare(self, x: np.ndarray) -> torch.Tensor:
+        """Raw feature rows (N, D), in `feature_names` order, as model inputs."""
+        x = np.asarray(x, dtype=np.float32)  # the arithmetic of make_splits, to the bit
+        if self.feature_mean is not None and self.feature_scale is not None:
+            x = (x - self.feature_mean) / self.feature_scale
+        features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return features.reshape(len(x), *self.input_shape)
 
 
 def make_splits(
@@ -58,10 +72,12 @@ def make_splits(
         rest, table.y[rest], val_share, seed, classification, train_test_split
     )
     x = table.x
+    mean = scale = None
     if standardize:
         mean = x[train_idx].mean(axis=0)
         std = x[train_idx].std(axis=0)
-        x = (x - mean) / np.where(std > 0, std, 1.0)
+        scale = np.where(std > 0, std, 1.0)
+        x = (x - mean) / scale
     shape = tuple(image_shape or table.image_shape or (x.shape[1],))
     if int(np.prod(shape)) != x.shape[1]:
         raise ValueError(
@@ -85,6 +101,10 @@ def make_splits(
         num_outputs=table.num_outputs,
         task_type=table.task_type,
         class_names=table.class_names,
+        feature_names=list(table.feature_names),
+        feature_mean=mean,
+        feature_scale=scale,
+        indices={"train": train_idx, "val": val_idx, "test": test_idx},
     )
 
 

@@ -1,0 +1,150 @@
+"""`traineval predict`: a finished run's model on new rows of a CSV file.
+
+The run's `config.yaml` says how its data was read: the input CSV must hold the training
+table's feature columns (by name, in any order); they are standardised with the training
+rows' statistics, as in training. Every other column (an id, or the target if present) is
+copied to the output, followed by the prediction: the class by name and each class's
+probability; each label's probability and the predicted label set (multi-label); the
+value, or one per output (regression).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint_file
+from .config import TaskType
+from .evaluation.predictions import class_labels
+from .experiment import RunConfig, load_data
+from .models import build_model
+from .precision import resolve_device
+
+SUPPORTED_MODES = ("supervised", "semi_supervised", "federated")
+
+
+def predict_csv(
+    run_dir: str | Path,
+    input_csv: str | Path,
+    *,
+    checkpoint: str = "best",
+    output: str | Path | None = None,
+    batch_size: int = 1024,
+    threshold: float | None = None,
+) -> tuple[Path, int]:
+    """Write predictions for every row of `input_csv`; returns the output path and row count.
+
+    `checkpoint` is a name in the run's checkpoints/ ("best", "last") or a path; `output`
+    defaults to `<run_dir>/predictions/<input name>`; `threshold` (multi-label) defaults to
+    the run's `evaluation.multilabel_threshold`.
+    """
+    run_dir = Path(run_dir)
+    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    if config.mode not in SUPPORTED_MODES:
+        raise ValueError(
+            f"traineval predict scores rows with a classifier or regressor; this run's mode "
+            f"is {config.mode!r} (expected one of {', '.join(SUPPORTED_MODES)})"
+        )
+    if config.data.name == "custom":
+        raise ValueError(
+            "traineval predict cannot rebuild the features of data.name='custom' (the factory "
+            "owns its transform): load the checkpoint and call the model in Python"
+        )
+    splits = load_data(config.data)
+    assert splits.feature_names is not None
+    header, rows = _read(Path(input_csv))
+    missing = [name for name in splits.feature_names if name not in header]
+    if missing:
+        raise ValueError(
+            f"{input_csv}: missing feature columns {missing} (the run was trained on "
+            f"{len(splits.feature_names)} columns: {', '.join(splits.feature_names)})"
+        )
+    columns = [header.index(name) for name in splits.feature_names]
+    kept = [i for i in range(len(header)) if i not in columns]
+    x = np.empty((len(rows), len(columns)), dtype=np.float32)
+    for r, row in enumerate(rows):
+        try:
+            x[r] = [float(row[c]) for c in columns]
+        except ValueError:
+            fields = [row[c] for c in columns]
+            raise ValueError(f"{input_csv}:{r + 2}: a feature is not a number: {fields}") from None
+    path = Path(checkpoint)
+    if not path.suffix:
+        path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    device = resolve_device(config.training.device)
+    model = build_model(
+        config.model.name,
+        input_shape=splits.input_shape,
+        output_dim=splits.num_outputs,
+        options=dict(config.model.options),
+    )
+    model.load_state_dict(load_checkpoint_file(path, map_location="cpu")["model"])
+    model.to(device).eval()
+    inputs = splits.prepare(x)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size].to(device)
+            outputs.append(model(batch).float().cpu())
+    scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
+    cut = config.evaluation.multilabel_threshold if threshold is None else threshold
+    names, values = _columns(splits.task_type, scores, splits.class_names, cut)
+    out = Path(output) if output else run_dir / "predictions" / Path(input_csv).name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([header[i] for i in kept] + names)
+        for row, predicted in zip(rows, values, strict=True):
+            writer.writerow([row[i] for i in kept] + predicted)
+    return out, len(rows)
+
+
+def _read(path: Path) -> tuple[list[str], list[list[str]]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    with path.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle))
+    if len(table) < 2:
+        raise ValueError(f"{str(path)!r} has no data rows below its header")
+    header, rows = table[0], table[1:]
+    for r, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
+    return header, rows
+
+
+def _columns(
+    task: TaskType, scores: torch.Tensor, class_names: list[str] | None, threshold: float
+) -> tuple[list[str], list[list[Any]]]:
+    """The prediction columns' names and each row's values."""
+    if task is TaskType.CLASSIFICATION:
+        if scores.ndim == 1 or scores.shape[1] == 1:
+            positive = torch.sigmoid(scores.reshape(-1))
+            probabilities = torch.stack([1 - positive, positive], dim=1)
+        else:
+            probabilities = torch.softmax(scores, dim=1)
+        labels = class_labels(class_names, probabilities.shape[1])
+        chosen = probabilities.argmax(dim=1).tolist()
+        values = [
+            [labels[c], *(f"{p:.6g}" for p in probs)]
+            for c, probs in zip(chosen, probabilities.tolist(), strict=True)
+        ]
+        return ["prediction", *(f"prob_{label}" for label in labels)], values
+    if task is TaskType.MULTILABEL:
+        probabilities = torch.sigmoid(scores)
+        labels = class_labels(class_names, probabilities.shape[1])
+        values = [
+            [" ".join(lab for lab, p in zip(labels, probs, strict=True) if p > threshold)]
+            + [f"{p:.6g}" for p in probs]
+            for probs in probabilities.tolist()
+        ]
+        return ["prediction", *(f"prob_{label}" for label in labels)], values
+    flat = scores.reshape(len(scores), -1)
+    names = (
+        ["prediction"] if flat.shape[1] == 1 else [f"prediction_{j}" for j in range(flat.shape[1])]
+    )
+    return names, [[f"{v:.6g}" for v in row] for row in flat.tolist()]

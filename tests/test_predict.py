@@ -1,0 +1,97 @@
+"""`traineval predict` against the evaluator's own predictions of the same rows."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from traineval.cli import main
+from traineval.experiment import RunConfig, load_data
+
+
+def _species_csv(path, rows=300):
+    """Three numeric features on different scales and a string label (three classes)."""
+    generator = np.random.default_rng(1)
+    x = generator.normal(size=(rows, 3)) * [1.0, 10.0, 0.1] + [0.0, 50.0, -3.0]
+    score = x[:, 0] + 0.05 * (x[:, 1] - 50.0) - 2.0 * (x[:, 2] + 3.0)
+    kind = np.array(["setosa", "versicolor", "virginica"])[np.digitize(score, [-0.6, 0.6])]
+    lines = ["sepal,petal,stem,species"]
+    lines += [f"{a:.5f},{b:.5f},{c:.5f},{k}" for (a, b, c), k in zip(x, kind, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _rows(path):
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_equals_the_evaluators_predictions_of_the_same_rows(tmp_path, capsys):
+    data = tmp_path / "species.csv"
+    _species_csv(data)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: species}}\n"
+        "model: {name: mlp, options: {hidden_sizes: [16]}}\n"
+        "training: {num_epochs: 4, learning_rate: 1e-2, warmup_steps: 0, "
+        "tensorboard_logging: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    assert main(["evaluate", str(run), "--split", "test", "--save-predictions"]) == 0
+    expected = _rows(run / "evaluation" / "predictions_test.csv")
+
+    # the test split's raw rows, columns reordered, with an id column and the label
+    splits = load_data(RunConfig.from_yaml(run / "config.yaml").data)
+    source = _rows(data)
+    new = tmp_path / "new.csv"
+    with new.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stem", "id", "species", "sepal", "petal"])
+        for i in splits.indices["test"]:
+            row = source[i]
+            writer.writerow([row["stem"], f"row{i}", row["species"], row["sepal"], row["petal"]])
+    out = tmp_path / "scored.csv"
+    capsys.readouterr()
+    assert main(["predict", str(run), str(new), "--output", str(out)]) == 0
+    assert f"Predicted {len(expected)} rows with best; written: {out}" in capsys.readouterr().out
+    got = _rows(out)
+    assert list(got[0]) == [
+        "id",
+        "species",
+        "prediction",
+        "prob_setosa",
+        "prob_versicolor",
+        "prob_virginica",
+    ]
+    assert len(got) == len(expected)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours["species"] == theirs["target"]
+        assert ours["prediction"] == theirs["prediction"]
+        for name in ("setosa", "versicolor", "virginica"):
+            assert float(ours[f"prob_{name}"]) == pytest.approx(
+                float(theirs[f"prob_{name}"]), rel=1e-5
+            )
+
+
+def test_predict_names_what_is_wrong_with_the_input(tmp_path, capsys):
+    data = tmp_path / "species.csv"
+    _species_csv(data, rows=60)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: species}}\n"
+        "model: {name: mlp}\n"
+        "training: {num_epochs: 1, warmup_steps: 0, tensorboard_logging: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sepal,stem\n1,2\n")
+    assert main(["predict", str(run), str(bad)]) == 1
+    assert "missing feature columns ['petal']" in capsys.readouterr().err
+    bad.write_text("sepal,petal,stem\n1,x,2\n")
+    assert main(["predict", str(run), str(bad)]) == 1
+    assert "bad.csv:2: a feature is not a number: ['1', 'x', '2']" in capsys.readouterr().err
+    assert main(["predict", str(run), str(tmp_path / "none.csv")]) == 1
+    assert "does not exist" in capsys.readouterr().err
