@@ -205,6 +205,10 @@ class TrainingConfig(_ConfigBase):
     `compile` runs the model and the loss function through `torch.compile` (separately, so
     a wrapped or sharded model compiles as it would alone; the loss's own graph fuses e.g.
     the fp32 log-softmax of bf16 logits); `compile_mode` is torch's mode, without CUDA graphs.
+    `lr_multipliers` ({prefix: factor}) trains the parameters under a module path (e.g.
+    "backbone") at `factor` times the learning rate (the longest matching prefix wins; the
+    schedule keeps the ratios); `frozen_parameters` (prefixes) are not trained at all. Each
+    prefix must name some parameter of the model.
     `ema_decay` (0: off; e.g. 0.999) keeps an exponential moving average of the weights,
     updated after every optimizer update (`ema_warmup`: a decay of min(decay, (1+t)/(10+t))
     at update t): evaluation, the best checkpoint, early stopping and the model after
@@ -284,6 +288,9 @@ class TrainingConfig(_ConfigBase):
     log_layer_grad_norms: bool = False
     ema_decay: float = 0.0
     ema_warmup: bool = False
+    # Fine-tuning: parameter-name prefixes (module paths, e.g. "backbone" or "encoder.layer0")
+    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
+    frozen_parameters: tuple[str, ...] = ()
     wandb_project: str = "traineval"
     mlflow_logging: bool = False
     mlflow_tracking_uri: str | None = None
@@ -418,6 +425,24 @@ class TrainingConfig(_ConfigBase):
                 "expected a list of module class names, e.g. ['Block']",
             )
         object.__setattr__(self, "fsdp_shard_modules", tuple(self.fsdp_shard_modules))
+        if not isinstance(self.lr_multipliers, Mapping):
+            _fail("lr_multipliers", self.lr_multipliers, "expected a mapping {prefix: factor}")
+        for prefix, factor in self.lr_multipliers.items():
+            if not isinstance(prefix, str) or not prefix:
+                _fail("lr_multipliers", self.lr_multipliers, "keys must be parameter-name prefixes")
+            _float(f"lr_multipliers[{prefix!r}]", factor, minimum=0.0, strict=True)
+        object.__setattr__(
+            self, "lr_multipliers", {k: float(v) for k, v in self.lr_multipliers.items()}
+        )
+        if isinstance(self.frozen_parameters, str) or not all(
+            isinstance(name, str) and name for name in self.frozen_parameters
+        ):
+            _fail(
+                "frozen_parameters",
+                self.frozen_parameters,
+                "expected a list of parameter-name prefixes, e.g. ['backbone']",
+            )
+        object.__setattr__(self, "frozen_parameters", tuple(self.frozen_parameters))
         if (
             isinstance(self.unlabeled_label, bool)
             or not isinstance(self.unlabeled_label, int)

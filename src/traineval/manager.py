@@ -45,7 +45,7 @@ from .loop import Loop, Monitor, TrainState
 from .lr_finder import LearningRateSearch, RangeTest
 from .modes.setup import prepare_mode
 from .monitor import PerformanceMonitor
-from .optim import configured_optimizer, configured_scheduler
+from .optim import check_prefixes, configured_optimizer, configured_scheduler, freeze
 from .precision import Precision, resolve_device, resolve_precision
 from .resume import check_compatible, find_checkpoint, stop_on_signals, truncate_events
 from .run_checkpoints import (
@@ -186,6 +186,8 @@ class TrainingManager:
         job = self.distributed
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_prefixes(model, "frozen_parameters", c.frozen_parameters)  # before any work
+        check_prefixes(model, "lr_multipliers", c.lr_multipliers)
         user_loss = loss_function is not None
         if loss_function is None:
             loss_function = (
@@ -248,6 +250,9 @@ class TrainingManager:
         model.to(self.device)
         if payload is not None:
             model.load_state_dict(training_weights(payload))  # full, before any sharding
+        if c.frozen_parameters:  # before DDP registers its gradient hooks
+            frozen = freeze(model, c.frozen_parameters)
+            logger.info("froze %d parameter tensors (%s)", frozen, ", ".join(c.frozen_parameters))
         # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
         if setup.wraps_model:
             wrapped, no_sync = wrap_model(model, self.device, job, c)

@@ -20,32 +20,88 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "configured_optimizer",
+    "freeze",
     "parameter_groups",
 ]
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters: matrices decay; biases, norm weights and other 1-D tensors don't.
+def matching(model: nn.Module, prefix: str) -> list[str]:
+    """The names of `model`'s parameters under `prefix` (the name itself, or a module path)."""
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name == prefix or name.startswith(prefix + ".")
+    ]
+
+
+def check_prefixes(model: nn.Module, field: str, prefixes: Iterable[str]) -> None:
+    """Every prefix names some parameter of `model`, or a ValueError says which does not."""
+    for prefix in prefixes:
+        if not matching(model, prefix):
+            modules = ", ".join(name for name, _ in model.named_children()) or "none"
+            raise ValueError(
+                f"{field}: {prefix!r} matches no parameter of {type(model).__name__} "
+                f"(its top-level modules: {modules})"
+            )
+
+
+def freeze(model: nn.Module, prefixes: Iterable[str]) -> int:
+    """Turn off gradients for the parameters under `prefixes`; returns how many."""
+    prefixes = list(prefixes)
+    check_prefixes(model, "frozen_parameters", prefixes)
+    count = 0
+    for name, param in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            param.requires_grad_(False)
+            count += 1
+    return count
+
+
+def _multiplier(name: str, multipliers: dict[str, float]) -> float:
+    """The factor of the longest prefix that matches `name` (1.0 where none does)."""
+    best, factor = -1, 1.0
+    for prefix, value in multipliers.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, factor = len(prefix), value
+    return factor
+
+
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    multipliers: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Split trainable parameters: matrices decay; biases, norm weights and other 1-D tensors
+    don't. With `multipliers` ({prefix: factor}) each factor gets its own groups, whose rate
+    is `lr` times the factor.
 
     Raises:
-        ValueError: the model has no trainable parameters.
+        ValueError: the model has no trainable parameters, or a prefix matches none.
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
+    multipliers = multipliers or {}
+    check_prefixes(model, "lr_multipliers", multipliers)
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
+            decays = param.ndim >= 2 and weight_decay != 0
+            buckets.setdefault((_multiplier(name, multipliers), decays), []).append(param)
+    if not buckets:
         raise ValueError(
             f"model {type(model).__name__} has no trainable parameters "
             "(all have requires_grad=False); nothing to optimize"
         )
-    if weight_decay == 0:  # one group: one fused kernel launch per step instead of two
-        return [{"params": decay + no_decay, "weight_decay": 0.0}]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
+    # (with no decay, one group per factor: one fused kernel launch per step instead of two)
+    groups = []
+    for (factor, decays), params in sorted(
+        buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])
+    ):
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if multipliers:
+            assert lr is not None, "lr is needed to scale groups by lr_multipliers"
+            group["lr"] = lr * factor
+        groups.append(group)
+    return groups
 
 
 def _kernel_options(params: Iterable[torch.Tensor]) -> dict[str, bool]:
@@ -70,12 +126,14 @@ def build_optimizer(
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    lr_multipliers: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """Build `adamw`, `adam` or `sgd` over `model`'s trainable parameters.
 
-    Weight decay skips biases and norm weights; kernels are fused where the device allows.
+    Weight decay skips biases and norm weights; `lr_multipliers` scales the rate of the
+    parameters under each prefix; kernels are fused where the device allows.
     """
-    groups = parameter_groups(model, weight_decay)
+    groups = parameter_groups(model, weight_decay, lr, lr_multipliers)
     kernels = _kernel_options(p for g in groups for p in g["params"])
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernels)
@@ -186,6 +244,7 @@ def configured_optimizer(
         momentum=c.momentum,
         betas=(c.adam_beta1, c.adam_beta2),
         eps=c.adam_epsilon,
+        lr_multipliers=c.lr_multipliers,
     )
 
 
