@@ -114,6 +114,18 @@ def test_resume_refuses_a_config_that_changes_the_data_order(tmp_path, caplog):
         )
     assert "num_epochs was 1 in the checkpoint and is 2 now" in caplog.text
     assert result["epochs_completed"] == 2
+    # the optimizer's saved state is per parameter group: changing the groups is refused
+    for change, shown in (
+        ({"lr_multipliers": {"0": 0.1}}, r"lr_multipliers: checkpoint \{\}, now \{'0': 0\.1\}"),
+        ({"frozen_parameters": ("0",)}, r"frozen_parameters: checkpoint \[\], now \['0'\]"),
+        ({"weight_decay": 0.0}, r"weight_decay: checkpoint 1e-05, now 0\.0 \(zero and non-zero"),
+    ):
+        with pytest.raises(
+            ValueError, match=r"changes the optimizer's parameter groups \(" + shown
+        ):
+            TrainingManager(config(tmp_path, num_epochs=3, **change)).train(
+                dropout_mlp(0), train, val, resume_from="auto"
+            )
 
 
 def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, caplog):

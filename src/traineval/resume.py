@@ -75,7 +75,8 @@ def find_checkpoint(
 def check_compatible(
     saved: dict[str, Any], current: dict[str, Any], saved_world: int, world_size: int
 ) -> None:
-    """Refuse a resume that would change the sample order; warn about other trajectory changes."""
+    """Refuse a resume that would change the sample order or the optimizer's parameter
+    groups; warn about other trajectory changes."""
     refused = [
         f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
         for name in REFUSED_CHANGES
@@ -88,6 +89,24 @@ def check_compatible(
             "cannot resume: the config changes how data is drawn ("
             + "; ".join(refused)
             + "); resume with the checkpoint's values or start a new run in another output_dir"
+        )
+    # The optimizer's state is per parameter group: these change the groups themselves.
+    grouping = [
+        f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
+        for name in ("lr_multipliers", "frozen_parameters")
+        if (saved.get(name) or None) != (current.get(name) or None)
+    ]
+    if bool(saved.get("weight_decay")) != bool(current.get("weight_decay")):
+        grouping.append(
+            f"weight_decay: checkpoint {saved.get('weight_decay')!r}, now "
+            f"{current.get('weight_decay')!r} (zero and non-zero decay group parameters apart)"
+        )
+    if grouping:
+        raise ValueError(
+            "cannot resume: the config changes the optimizer's parameter groups ("
+            + "; ".join(grouping)
+            + "), whose saved state would not fit; resume with the checkpoint's values or "
+            "start a new run in another output_dir"
         )
     for name in WARNED_CHANGES:
         if saved.get(name) != current.get(name):
