@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import load_checkpoint_file
 from .config import TaskType
+from .evaluation.metrics import class_probabilities
 from .evaluation.predictions import class_labels
 from .experiment import RunConfig, load_data
 from .models import build_model
@@ -122,11 +123,7 @@ def _columns(
 ) -> tuple[list[str], list[list[Any]]]:
     """The prediction columns' names and each row's values."""
     if task is TaskType.CLASSIFICATION:
-        if scores.ndim == 1 or scores.shape[1] == 1:
-            positive = torch.sigmoid(scores.reshape(-1))
-            probabilities = torch.stack([1 - positive, positive], dim=1)
-        else:
-            probabilities = torch.softmax(scores, dim=1)
+        probabilities = class_probabilities(scores)
         labels = class_labels(class_names, probabilities.shape[1])
         chosen = probabilities.argmax(dim=1).tolist()
         values = [

@@ -20,6 +20,15 @@ def _accum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """(N, C) class probabilities of classification scores: the softmax of (N, C) logits,
+    or [1 - p, p] with p the sigmoid of one binary logit ((N,) or (N, 1))."""
+    if scores.ndim == 1 or scores.shape[1] == 1:
+        positive = torch.sigmoid(scores.reshape(-1))
+        return torch.stack([1 - positive, positive], dim=1)
+    return torch.softmax(scores, dim=1)
+
+
 class ConfusionMatrix:
     """Counts of (true class, predicted class) pairs; accuracy, precision, recall, F1 follow.
 
@@ -454,28 +463,19 @@ class ProbabilityStats:
             above = (scores > picked[:, None]).sum(dim=1)
             batch["top_k"] = ((above < self.top_k) & kept).sum()
         if self.calibration_bins:
-            batch.update(self._calibration(scores, safe, kept, binary))
+            batch.update(self._calibration(scores, safe, kept))
         self.state = _add_sums(self.state, batch)
         if self.keep_scores:
-            if binary:
-                p1 = torch.sigmoid(scores.reshape(-1).double())
-                probabilities = torch.stack([1 - p1, p1], dim=1)
-            else:
-                probabilities = torch.softmax(scores.double(), dim=1)
-            self.scores.append(probabilities.cpu())
+            self.scores.append(class_probabilities(scores.double()).cpu())
             self.labels.append(torch.where(kept, targets, -1).cpu())
 
     def _calibration(
-        self, scores: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor, binary: bool
+        self, scores: torch.Tensor, safe: torch.Tensor, kept: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The batch's Brier sum and per-bin counts, confidence and correct sums (no sync:
         fixed-size scatter-adds, no boolean indexing)."""
         dtype = _accum_dtype(scores.device)
-        if binary:
-            positive = torch.sigmoid(scores.reshape(-1).to(dtype))
-            probabilities = torch.stack([1 - positive, positive], dim=1)
-        else:
-            probabilities = torch.softmax(scores.to(dtype), dim=1)
+        probabilities = class_probabilities(scores.to(dtype))
         one_hot = F.one_hot(safe, probabilities.shape[1]).to(dtype)
         weight = kept.to(dtype)
         brier = ((probabilities - one_hot) ** 2).sum(dim=1)

@@ -11,6 +11,7 @@ from typing import IO, Any
 import torch
 
 from ..config import TaskType
+from .metrics import class_probabilities
 
 
 class PredictionWriter:
@@ -94,11 +95,7 @@ class PredictionWriter:
                 )
             ]
         elif self.task is TaskType.CLASSIFICATION:
-            if outputs.ndim == 1 or outputs.shape[1] == 1:
-                p1 = torch.sigmoid(outputs.reshape(-1))
-                probabilities = torch.stack([1 - p1, p1], dim=1)
-            else:
-                probabilities = torch.softmax(outputs, dim=1)
+            probabilities = class_probabilities(outputs)
             predicted = probabilities.argmax(dim=1)
             rows = [
                 [start + i, self._name(int(t)), self._name(int(p)), *(f"{v:.6g}" for v in probs)]
