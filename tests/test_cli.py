@@ -376,3 +376,8 @@ def test_bootstrap_intervals_are_printed_and_written(tmp_path, capsys):
     assert f"[{low:.4f}, {high:.4f}]" in printed
     assert main(["evaluate", str(out), "--split", "val"]) == 0
     assert "90% interval" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert f"accuracy {record['test']['accuracy']:.4f} [{low:.4f}, {high:.4f}]" in report
+    assert "(test intervals: 90% bootstrap, 200 resamples)" in report
+    assert f"<td>[{low:.4f}, {high:.4f}]</td>" in (out / "report.html").read_text()

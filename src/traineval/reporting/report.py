@@ -30,6 +30,7 @@ class RunRecord:
     test_metrics: dict[str, float] | None
     unit: str = "epoch"  # "round" for a Flower run (traineval.flower's metrics.jsonl)
     test_per_class: list[dict[str, Any]] | None = None
+    test_intervals: dict[str, Any] | None = None  # bootstrap intervals (metrics.json)
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
@@ -50,13 +51,16 @@ def read_run(run_dir: str | Path) -> RunRecord:
     best_step = summary.get("best_step")
     best: dict[str, float] = next((m for s, m in val if s == best_step), {})
     final = val[-1][1] if val else {}
-    test = per_class = None
+    test = per_class = intervals = None
     evaluation = run_dir / "evaluation" / "metrics.json"
     if evaluation.exists():
         saved = json.loads(evaluation.read_text())
         test, per_class = saved.get("test"), saved.get("test_per_class")
+        intervals = saved.get("test_intervals")
     unit = "round" if flower else "epoch"
-    return RunRecord(run_dir, config or {}, summary, history, best, final, test, unit, per_class)
+    return RunRecord(
+        run_dir, config or {}, summary, history, best, final, test, unit, per_class, intervals
+    )
 
 
 def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -141,14 +145,23 @@ def summary_text(run: RunRecord) -> str:
                 f"best {s.get('monitor_metric')} = {s['best_metric']:.4f} at epoch "
                 f"{s.get('best_epoch')} (step {s.get('best_step')})"
             )
+    bounds = (run.test_intervals or {}).get("metrics", {})
     for title, metrics in (
         ("best validation", run.best_metrics),
         ("final validation", run.final_metrics),
         ("test", run.test_metrics or {}),
     ):
         if metrics:
-            values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            shown = bounds if title == "test" else {}
+            values = ", ".join(
+                f"{k} {v:.4f}" + (f" {_interval(shown[k])}" if k in shown else "")
+                for k, v in metrics.items()
+            )
             lines.append(f"{title}: {values}")
+    if bounds and run.test_intervals is not None:
+        level = 100 * run.test_intervals["confidence_level"]
+        samples = run.test_intervals["bootstrap_samples"]
+        lines.append(f"(test intervals: {level:g}% bootstrap, {samples} resamples)")
     return "\n".join(lines)
 
 
@@ -200,14 +213,22 @@ def _metrics_table(run: RunRecord) -> str:
         names += [n for n in metrics if n not in names]
     if not names:
         return "<p>No evaluations were recorded.</p>"
-    head = "<tr><th>metric</th>" + "".join(f"<th>{t}</th>" for t, _ in columns) + "</tr>"
+    bounds = (run.test_intervals or {}).get("metrics", {})
+    level = f"test, {100 * (run.test_intervals or {}).get('confidence_level', 0):g}% interval"
+    head = "<tr><th>metric</th>" + "".join(f"<th>{t}</th>" for t, _ in columns)
+    head += f"<th>{level}</th></tr>" if bounds else "</tr>"
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td>"
         + "".join(f"<td>{_fmt(m[n]) if n in m else ''}</td>" for _, m in columns)
+        + (f"<td>{_interval(bounds.get(n))}</td>" if bounds else "")
         + "</tr>"
         for n in names
     )
     return f"<table>{head}{rows}</table>"
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
 
 
 def _per_class_table(rows: list[dict[str, Any]] | None) -> str:
