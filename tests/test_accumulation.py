@@ -205,3 +205,58 @@ def test_loss_function_without_ignore_index_is_weighted_by_samples(quiet_config,
     )
     _train(big, DataLoader(dataset, 12), quiet_config, tmp_path, "b", num_epochs=1)
     assert _max_difference(small, big) < 1e-6
+
+
+def _weighted_and_masked(n: int = 128):
+    data = make_classification(n=n, seed=3)
+    x, y = data.tensors
+    y = y.clone()
+    y[::7] = -100  # unlabeled samples the loss skips (ignore_index)
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("class_weights", [None, (0.2, 1.0, 3.0)])
+def test_class_weights_and_ignored_samples_match_the_big_batch(
+    quiet_config, tmp_path, class_weights
+):
+    """Cross-entropy averages over sum(w[y]) of the samples it keeps, not over the batch
+    size: a window must weigh each micro-batch by that sum to equal one big batch."""
+    dataset = _weighted_and_masked()
+    weight = None if class_weights is None else torch.tensor(class_weights)
+    results = []
+    for batch, accumulation in ((8, 4), (32, 1)):
+        model = make_mlp()
+        config = {"gradient_accumulation_steps": accumulation, "batch_size": batch, "seed": 1}
+        TrainingManager(
+            TrainingConfig(
+                num_epochs=2,
+                learning_rate=0.1,
+                optimizer_type="sgd",
+                weight_decay=0.0,
+                gradient_clipping=False,
+                **{**quiet_config, "output_dir": str(tmp_path / f"b{batch}")},
+                **config,
+            )
+        ).train(
+            model,
+            DataLoader(dataset, batch, shuffle=True),
+            loss_function=nn.CrossEntropyLoss(weight=weight),
+        )
+        results.append(model)
+    assert _max_difference(*results) < 1e-6
+
+
+def test_evaluation_loss_with_class_weights_is_the_whole_sets_weighted_mean():
+    from traineval import Evaluator
+
+    dataset = _weighted_and_masked(100)
+    weight = torch.tensor([0.2, 1.0, 3.0])
+    model = make_mlp()
+    loss = nn.CrossEntropyLoss(weight=weight)
+    metrics = Evaluator().evaluate_model(
+        model, DataLoader(dataset, batch_size=16), loss_function=loss
+    )
+    x, y = dataset.tensors
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y, weight=weight).item()
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-6)

@@ -185,7 +185,7 @@ class Evaluator:
                             )
                     args = (outputs, targets) if takes_targets else (outputs,)
                     loss = loss_function(*args)
-                    weight = loss_weight(loss_function, targets, batch_size_of(inputs))
+                    weight = loss_weight(loss_function, targets, batch_size_of(inputs), exact=True)
                     if isinstance(weight, int):
                         loss_sum.add_(loss.detach(), alpha=weight)
                     else:

@@ -140,18 +140,25 @@ def batch_size_of(inputs: Any) -> int:
     raise ValueError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
 
 
-def loss_weight(loss_function: Any, targets: torch.Tensor, num_samples: int) -> int | torch.Tensor:
+def loss_weight(
+    loss_function: Any, targets: torch.Tensor, num_samples: int, exact: bool = False
+) -> int | torch.Tensor:
     """How many items a mean-reduced loss averaged over.
 
-    Token-level losses with an `ignore_index` (cross-entropy, NLL over `(N, T)` targets)
-    average over the tokens that are not ignored (weighted by class weights when given);
-    every other loss over the samples. The sample count is a plain int: no device work.
+    A loss with class-index targets and an `ignore_index` (cross-entropy, NLL) averages over
+    the targets it keeps, weighted by its class weights when it has them: that sum is the
+    weight of token-level `(N, T)` targets always, and of sample-level `(N,)` targets when
+    the loss has class weights or `exact` is asked for (a window's gradient shares, and
+    evaluation). Otherwise, as for every other loss, the sample count: a plain int, no
+    device work per step (the common classification step logs its loss by samples).
     """
     ignore_index = getattr(loss_function, "ignore_index", None)
-    if ignore_index is None or targets is None or targets.ndim < 2 or targets.is_floating_point():
+    if ignore_index is None or targets is None or targets.is_floating_point():
+        return num_samples
+    class_weight = getattr(loss_function, "weight", None)
+    if targets.ndim < 2 and class_weight is None and not exact:
         return num_samples
     kept = targets != ignore_index
-    class_weight = getattr(loss_function, "weight", None)
     if class_weight is not None:
         safe = torch.where(kept, targets, 0)
         return (class_weight.to(targets.device)[safe] * kept).sum()

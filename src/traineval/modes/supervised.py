@@ -44,6 +44,7 @@ class SupervisedStep:
         )
 
     def weight(self, batch: Any) -> int | torch.Tensor:
-        """The items the loss of `batch` averages over, known before the forward pass."""
+        """The items the loss of `batch` averages over, known before the forward pass (the
+        kept, class-weighted targets: a window's micro-batches are weighed by it)."""
         inputs, targets = split_batch(batch)
-        return loss_weight(self.loss_function, targets, batch_size_of(inputs))
+        return loss_weight(self.loss_function, targets, batch_size_of(inputs), exact=True)
