@@ -288,6 +288,10 @@ class TrainingConfig(_ConfigBase):
     log_layer_grad_norms: bool = False
     ema_decay: float = 0.0
     ema_warmup: bool = False
+    # The default classification loss: cross-entropy with label smoothing and class weights
+    # ("balanced": n / (classes x count), from the training labels; or one weight per class)
+    label_smoothing: float = 0.0
+    class_weights: str | tuple[float, ...] | None = None
     # Fine-tuning: parameter-name prefixes (module paths, e.g. "backbone" or "encoder.layer0")
     lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
     frozen_parameters: tuple[str, ...] = ()
@@ -425,6 +429,30 @@ class TrainingConfig(_ConfigBase):
                 "expected a list of module class names, e.g. ['Block']",
             )
         object.__setattr__(self, "fsdp_shard_modules", tuple(self.fsdp_shard_modules))
+        _float("label_smoothing", self.label_smoothing, minimum=0.0)
+        if self.label_smoothing >= 1.0:
+            _fail("label_smoothing", self.label_smoothing, "expected a number in [0, 1)")
+        if self.class_weights is not None and self.class_weights != "balanced":
+            weights = self.class_weights
+            if (
+                isinstance(weights, str)
+                or not isinstance(weights, Iterable)
+                or not weights
+                or not all(
+                    isinstance(w, (int, float))
+                    and not isinstance(w, bool)
+                    and math.isfinite(w)
+                    and w >= 0
+                    for w in weights
+                )
+                or not any(w > 0 for w in weights)
+            ):
+                _fail(
+                    "class_weights",
+                    weights,
+                    "expected 'balanced', a list of non-negative weights (one per class), or null",
+                )
+            object.__setattr__(self, "class_weights", tuple(float(w) for w in weights))
         if not isinstance(self.lr_multipliers, Mapping):
             _fail("lr_multipliers", self.lr_multipliers, "expected a mapping {prefix: factor}")
         for prefix, factor in self.lr_multipliers.items():

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -189,9 +190,27 @@ class TrainingManager:
         check_prefixes(model, "frozen_parameters", c.frozen_parameters)  # before any work
         check_prefixes(model, "lr_multipliers", c.lr_multipliers)
         user_loss = loss_function is not None
+        shaped = c.label_smoothing or c.class_weights is not None
+        if shaped and user_loss:
+            raise ValueError(
+                "label_smoothing / class_weights shape the default loss, but a loss_function "
+                "was passed: set them on your loss (e.g. nn.CrossEntropyLoss(weight=..., "
+                "label_smoothing=...)) and leave the config's at their defaults"
+            )
+        if shaped and mode not in (TrainingMode.SUPERVISED, TrainingMode.FEDERATED):
+            raise ValueError(
+                f"label_smoothing / class_weights are not supported in mode='{mode.value}' "
+                "(they shape the supervised cross-entropy)"
+            )
         if loss_function is None:
             loss_function = (
-                RegressionMSE() if mode is TrainingMode.UNSUPERVISED else default_loss(task_type)
+                RegressionMSE()
+                if mode is TrainingMode.UNSUPERVISED
+                else default_loss(
+                    task_type,
+                    label_smoothing=c.label_smoothing,
+                    class_weight=self._class_weights(train_loader),
+                )
             )
         setup = prepare_mode(
             mode,
@@ -456,6 +475,30 @@ class TrainingManager:
             model.load_state_dict(weights)
             restore_rng(streams, generators)
         return search.result()
+
+    def _class_weights(self, train_loader: Any) -> torch.Tensor | None:
+        """The config's class weights on the device; "balanced" reads the training labels
+        (every client's in federated mode): n / (classes x count), scikit-learn's rule."""
+        weights = self.config.class_weights
+        if weights is None:
+            return None
+        if weights != "balanced":
+            return torch.tensor(weights, dtype=torch.float32, device=self.device)
+        loaders = train_loader if isinstance(train_loader, (list, tuple)) else [train_loader]
+        if not all(hasattr(loader, "dataset") for loader in loaders):
+            raise ValueError(
+                "class_weights='balanced' reads the labels of the train loader's dataset; this "
+                "train_loader has none: pass one weight per class instead"
+            )
+        from .data.splits import dataset_labels
+
+        labels = np.concatenate([dataset_labels(loader.dataset) for loader in loaders])
+        labels = labels[labels >= 0].astype(np.int64)  # ignored / unlabeled samples
+        if labels.size == 0:
+            raise ValueError("class_weights='balanced': the training data has no labels")
+        counts = np.bincount(labels).astype(np.float64)
+        balanced = np.where(counts > 0, labels.size / (len(counts) * np.maximum(counts, 1)), 1.0)
+        return torch.tensor(balanced, dtype=torch.float32, device=self.device)
 
     def _result(
         self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]

@@ -43,6 +43,8 @@ WARNED_CHANGES = (
     "mixed_precision",
     "ema_decay",
     "ema_warmup",
+    "label_smoothing",
+    "class_weights",
 )
 
 

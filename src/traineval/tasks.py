@@ -76,35 +76,55 @@ def align_regression(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 class SequenceCrossEntropy(nn.Module):
     """Cross-entropy over `(N, T, V)` logits and `(N, T)` token ids, skipping `ignore_index`."""
 
-    def __init__(self, ignore_index: int = -100) -> None:
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
             outputs.reshape(-1, outputs.shape[-1]),
             targets.reshape(-1),
             ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
         )
 
 
-def default_loss(task_type: TaskType | None, ignore_index: int = -100) -> nn.Module | AutoLoss:
-    """The loss a task trains with unless the user passes one; `None` picks it from the data."""
+def default_loss(
+    task_type: TaskType | None,
+    ignore_index: int = -100,
+    *,
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+) -> nn.Module | AutoLoss:
+    """The loss a task trains with unless the user passes one; `None` picks it from the data.
+
+    `label_smoothing` and `class_weight` shape the cross-entropy of classification (label
+    smoothing also that of token-level generation)."""
     if task_type is None:
-        return AutoLoss(ignore_index)
-    return task_loss(task_type, ignore_index)
+        return AutoLoss(ignore_index, label_smoothing=label_smoothing, class_weight=class_weight)
+    return task_loss(task_type, ignore_index, label_smoothing, class_weight)
 
 
-def task_loss(task_type: TaskType, ignore_index: int = -100) -> nn.Module:
+def task_loss(
+    task_type: TaskType,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+) -> nn.Module:
     """Cross-entropy for classification, MSE for regression, per-label binary cross-entropy
     for multi-label classification, token cross-entropy for generation."""
+    if class_weight is not None and task_type is not TaskType.CLASSIFICATION:
+        raise ValueError(f"class_weights apply to classification; this task is {task_type.value}")
     if task_type is TaskType.CLASSIFICATION:
-        return nn.CrossEntropyLoss(ignore_index=ignore_index)
+        return nn.CrossEntropyLoss(
+            weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
     if task_type is TaskType.REGRESSION:
         return RegressionMSE()
     if task_type is TaskType.MULTILABEL:
         return MultilabelBCE()
-    return SequenceCrossEntropy(ignore_index=ignore_index)
+    return SequenceCrossEntropy(ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 class AutoLoss:
@@ -113,8 +133,16 @@ class AutoLoss:
     A plain callable, not a Module: one less module call per step.
     """
 
-    def __init__(self, ignore_index: int = -100) -> None:
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        *,
+        label_smoothing: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+    ) -> None:
         self._ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.class_weight = class_weight
         self.resolved: nn.Module | None = None
         self._forward: Any = None
         self.task_type: TaskType | None = None
@@ -123,6 +151,11 @@ class AutoLoss:
     def ignore_index(self) -> int:
         # Both losses it can pick for integer targets skip this index; float targets ignore it.
         return self._ignore_index
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The class weights of the cross-entropy it picks (what a batch averages over)."""
+        return self.class_weight
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._forward is None:
@@ -144,7 +177,9 @@ class AutoLoss:
                         "task_type and a loss_function explicitly (e.g. BCEWithLogitsLoss for "
                         "binary classification with one logit)"
                     )
-            self.resolved = task_loss(self.task_type, self._ignore_index)
+            self.resolved = task_loss(
+                self.task_type, self._ignore_index, self.label_smoothing, self.class_weight
+            )
         return self.resolved
 
 

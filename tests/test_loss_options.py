@@ -1,0 +1,83 @@
+"""label_smoothing and class_weights of the default loss, against a hand-written loop."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import TrainingConfig, TrainingManager, TrainingMode
+
+from conftest import make_classification, make_mlp
+
+
+def skewed(n: int = 128) -> TensorDataset:
+    x, y = make_classification(n=n, seed=4).tensors
+    y = y.clone()
+    y[y == 2] = torch.where(torch.arange(int((y == 2).sum())) % 3 == 0, 2, 0)  # class 2 rare
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("weights", [(0.5, 1.0, 4.0), "balanced"])
+def test_class_weights_and_label_smoothing_equal_a_hand_written_loop(quiet_config, weights):
+    data = skewed()
+    model = make_mlp()
+    reference = copy.deepcopy(model)
+    config = TrainingConfig(
+        num_epochs=2,
+        batch_size=8,
+        gradient_accumulation_steps=4,  # the window must weigh micro-batches by sum(w[y])
+        learning_rate=0.1,
+        optimizer_type="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        gradient_clipping=False,
+        seed=5,
+        label_smoothing=0.1,
+        class_weights=weights,
+        **quiet_config,
+    )
+    TrainingManager(config).train(model, DataLoader(data, 8, shuffle=True))
+
+    labels = data.tensors[1].numpy()
+    if weights == "balanced":
+        weights = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+        ours = TrainingManager(config)._class_weights(DataLoader(data, 8))
+        np.testing.assert_allclose(ours.numpy(), weights, rtol=1e-6)  # the values themselves
+    loss = nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32), label_smoothing=0.1
+    )
+    torch.manual_seed(5)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        for x, y in DataLoader(data, 32, shuffle=True):  # one big batch per window
+            loss(reference(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_options_are_validated_and_refused_where_they_cannot_apply(quiet_config):
+    for bad, message in (
+        ({"label_smoothing": 1.0}, r"label_smoothing=1\.0 is invalid"),
+        ({"class_weights": "inverse"}, r"class_weights='inverse' is invalid"),
+        ({"class_weights": [1.0, -1.0]}, r"class_weights=\[1\.0, -1\.0\] is invalid"),
+        ({"class_weights": [0.0, 0.0]}, r"class_weights=\[0\.0, 0\.0\] is invalid"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainingConfig(**bad)
+    loader = DataLoader(make_classification(n=32), 16)
+    config = TrainingConfig(label_smoothing=0.1, **quiet_config)
+    with pytest.raises(ValueError, match="a loss_function was passed"):
+        TrainingManager(config).train(make_mlp(), loader, loss_function=nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="not supported in mode='semi_supervised'"):
+        TrainingManager(config).train(make_mlp(), loader, mode=TrainingMode.SEMI_SUPERVISED)
+    balanced = TrainingConfig(class_weights="balanced", **quiet_config)
+    with pytest.raises(ValueError, match="has none: pass one weight per class"):
+        TrainingManager(balanced).train(make_mlp(), list(loader))
