@@ -124,6 +124,8 @@ def test_bad_arguments_are_refused_before_anything_runs(quiet_config):
         flower.server_app(make_mlp, _config(quiet_config, scheduler_type="plateau"))
     with pytest.raises(ValueError, match=r"ema_decay=0\.9 is not supported with Flower"):
         flower.server_app(make_mlp, _config(quiet_config, ema_decay=0.9))
+    with pytest.raises(ValueError, match="class_weights are not supported with Flower"):
+        flower.server_app(make_mlp, _config(quiet_config, class_weights="balanced"))
 
 
 def test_client_learning_rates_follow_the_schedule_per_round(quiet_config):

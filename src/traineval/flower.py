@@ -198,6 +198,12 @@ class FlowerServer:
                 f"ema_decay={config.ema_decay} is not supported with Flower yet (the server "
                 "keeps no average of the global weights); set ema_decay=0"
             )
+        if config.label_smoothing or config.class_weights is not None:
+            raise ValueError(
+                "label_smoothing / class_weights are not supported with Flower yet (its "
+                "clients train with the plain default loss); pass your own loss_function to "
+                "client_app instead"
+            )
         self.model_fn, self.config, self.strategy = model_fn, config, strategy
         self.evaluate_on_clients, self.server_evaluate = evaluate_on_clients, server_evaluate
         self.on_finish, self.resume_from = on_finish, resume_from
