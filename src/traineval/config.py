@@ -209,6 +209,8 @@ class TrainingConfig(_ConfigBase):
     "backbone") at `factor` times the learning rate (the longest matching prefix wins; the
     schedule keeps the ratios); `frozen_parameters` (prefixes) are not trained at all. Each
     prefix must name some parameter of the model.
+    `label_smoothing` and `class_weights` (one per class, or "balanced") shape the default
+    cross-entropy of supervised and federated classification (not a loss_function you pass).
     `ema_decay` (0: off; e.g. 0.999) keeps an exponential moving average of the weights,
     updated after every optimizer update (`ema_warmup`: a decay of min(decay, (1+t)/(10+t))
     at update t): evaluation, the best checkpoint, early stopping and the model after
