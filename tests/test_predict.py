@@ -95,3 +95,47 @@ def test_predict_names_what_is_wrong_with_the_input(tmp_path, capsys):
     assert "bad.csv:2: a feature is not a number: ['1', 'x', '2']" in capsys.readouterr().err
     assert main(["predict", str(run), str(tmp_path / "none.csv")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("target", "columns"),
+    [
+        ("[spam, ham, eggs]", ["prediction", "prob_spam", "prob_ham", "prob_eggs"]),
+        ("[f1, score]", ["prediction_0", "prediction_1"]),
+    ],
+)
+def test_predict_multilabel_and_multi_output_rows_like_the_evaluator(
+    tmp_path, capsys, target, columns
+):
+    from test_cli import _tagged_csv
+
+    data = tmp_path / "tags.csv"
+    _tagged_csv(data, rows=120)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: {target}}}\n"
+        "model: {name: mlp, options: {hidden_sizes: [16]}}\n"
+        "training: {num_epochs: 3, warmup_steps: 0, tensorboard_logging: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    assert main(["evaluate", str(run), "--split", "test", "--save-predictions"]) == 0
+    expected = _rows(run / "evaluation" / "predictions_test.csv")
+    splits = load_data(RunConfig.from_yaml(run / "config.yaml").data)
+    source = _rows(data)
+    new = tmp_path / "new.csv"
+    with new.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(source[0]))
+        writer.writeheader()
+        writer.writerows(source[i] for i in splits.indices["test"])
+    out = tmp_path / "scored.csv"
+    assert main(["predict", str(run), str(new), "--output", str(out)]) == 0
+    got = _rows(out)
+    assert list(got[0])[-len(columns) :] == columns
+    assert len(got) == len(expected)
+    for ours, theirs in zip(got, expected, strict=True):
+        for name in columns:
+            if name == "prediction":  # the predicted label set, joined by spaces
+                assert ours[name] == theirs["prediction"]
+            else:
+                assert float(ours[name]) == pytest.approx(float(theirs[name]), rel=1e-5, abs=1e-6)
