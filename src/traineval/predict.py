@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import load_checkpoint_file
 from .config import TaskType
+from .data.tables import read_rows
 from .evaluation.metrics import class_probabilities
 from .evaluation.predictions import class_labels
 from .experiment import RunConfig, load_data
@@ -57,7 +58,7 @@ def predict_csv(
         )
     splits = load_data(config.data)
     assert splits.feature_names is not None
-    header, rows = _read(Path(input_csv))
+    header, rows = read_rows(Path(input_csv), repr(str(input_csv)))
     missing = [name for name in splits.feature_names if name not in header]
     if missing:
         raise ValueError(
@@ -102,20 +103,6 @@ def predict_csv(
         for row, predicted in zip(rows, values, strict=True):
             writer.writerow([row[i] for i in kept] + predicted)
     return out, len(rows)
-
-
-def _read(path: Path) -> tuple[list[str], list[list[str]]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        table = list(csv.reader(handle))
-    if len(table) < 2:
-        raise ValueError(f"{str(path)!r} has no data rows below its header")
-    header, rows = table[0], table[1:]
-    for r, row in enumerate(rows, start=2):
-        if len(row) != len(header):
-            raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
-    return header, rows
 
 
 def _columns(

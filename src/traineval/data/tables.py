@@ -73,13 +73,7 @@ def load_csv(path: str | Path, target: str | Sequence[str], task: str = "auto") 
     """
     path = Path(path)
     targets = [target] if isinstance(target, str) else list(target)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path={str(path)!r} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    if len(rows) < 2:
-        raise ValueError(f"data.path={str(path)!r} has no data rows below its header")
-    header, body = rows[0], rows[1:]
+    header, body = read_rows(path, f"data.path={str(path)!r}")
     missing = [name for name in targets if name not in header]
     if missing:
         named = f"data.target={target!r}" if isinstance(target, str) else f"data.target={targets}"
@@ -91,8 +85,6 @@ def load_csv(path: str | Path, target: str | Sequence[str], task: str = "auto") 
     features = [name for i, name in enumerate(header) if i not in columns]
     x = np.empty((len(body), len(features)), dtype=np.float32)
     for r, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
         values = [v for i, v in enumerate(row) if i not in columns]
         try:
             x[r - 2] = [float(v) for v in values]
@@ -103,6 +95,22 @@ def load_csv(path: str | Path, target: str | Sequence[str], task: str = "auto") 
     return _with_targets(
         x, [[row[c] for c in columns] for row in body], targets, features, task, path
     )
+
+
+def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]]]:
+    """A CSV file's header and data rows, every row as wide as the header; `named` is how
+    errors name the file (e.g. "data.path='t.csv'")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{named} does not exist")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if len(rows) < 2:
+        raise ValueError(f"{named} has no data rows below its header")
+    header, body = rows[0], rows[1:]
+    for r, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
+    return header, body
 
 
 def _with_target(
