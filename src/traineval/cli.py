@@ -447,13 +447,12 @@ def _per_class_table(rows: list[dict[str, Any]]) -> str:
 def _table(metrics: dict[str, float], intervals: dict[str, Any] | None = None) -> str:
     """Metrics as a two-column table; with bootstrap intervals, a third column for them."""
     width = max(len(name) for name in metrics)
-    bounds = (intervals or {}).get("metrics", {})
-    if not bounds:
-        lines = [f"  {'metric':<{width}}  value", f"  {'-' * width}  ------"]
-        lines += [f"  {name:<{width}}  {value:.4f}" for name, value in metrics.items()]
-        return "\n".join(lines)
-    level = f"{100 * intervals['confidence_level']:g}% interval"  # type: ignore[index]
-    lines = [f"  {'metric':<{width}}  value   {level}", f"  {'-' * width}  ------  {'-' * 16}"]
+    bounds = intervals.get("metrics", {}) if intervals else {}
+    head, rule = f"  {'metric':<{width}}  value", f"  {'-' * width}  ------"
+    if intervals and bounds:
+        head += f"   {100 * intervals['confidence_level']:g}% interval"
+        rule += f"  {'-' * 16}"
+    lines = [head, rule]
     for name, value in metrics.items():
         low_high = f"[{bounds[name][0]:.4f}, {bounds[name][1]:.4f}]" if name in bounds else ""
         lines.append(f"  {name:<{width}}  {value:.4f}  {low_high}".rstrip())

@@ -423,9 +423,11 @@ class TrainingManager:
             raise ValueError(f"max_lr={max_lr!r} is invalid: expected a number > min_lr={min_lr}")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps={num_steps!r} is invalid: expected an integer >= 2")
-        if isinstance(divergence, bool) or not isinstance(divergence, (int, float)):
-            raise ValueError(f"divergence={divergence!r} is invalid: expected a number > 1")
-        if divergence <= 1:
+        if (
+            isinstance(divergence, bool)
+            or not isinstance(divergence, (int, float))
+            or divergence <= 1
+        ):
             raise ValueError(f"divergence={divergence!r} is invalid: expected a number > 1")
         if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
             raise ValueError(f"smoothing={smoothing!r} is invalid: expected a number in [0, 1)")
