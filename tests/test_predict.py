@@ -27,30 +27,36 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
-def test_predict_equals_the_evaluators_predictions_of_the_same_rows(tmp_path, capsys):
-    data = tmp_path / "species.csv"
-    _species_csv(data)
+def _fit_and_evaluate(tmp_path, data, target: str, training: str):
+    """Fit a run on the CSV `data` and have the evaluator write its test-split predictions;
+    returns the run directory, those predictions and the test split's raw rows of `data`."""
     config = tmp_path / "run.yaml"
     config.write_text(
-        f"data: {{name: csv, path: {data}, target: species}}\n"
+        f"data: {{name: csv, path: {data}, target: {target}}}\n"
         "model: {name: mlp, options: {hidden_sizes: [16]}}\n"
-        "training: {num_epochs: 4, learning_rate: 1e-2, warmup_steps: 0, "
-        "tensorboard_logging: false}\n"
+        f"training: {{{training}, warmup_steps: 0, tensorboard_logging: false}}\n"
     )
     run = tmp_path / "run"
     assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
     assert main(["evaluate", str(run), "--split", "test", "--save-predictions"]) == 0
-    expected = _rows(run / "evaluation" / "predictions_test.csv")
-
-    # the test split's raw rows, columns reordered, with an id column and the label
     splits = load_data(RunConfig.from_yaml(run / "config.yaml").data)
     source = _rows(data)
+    test_rows = [source[i] for i in splits.indices["test"]]
+    return run, _rows(run / "evaluation" / "predictions_test.csv"), test_rows
+
+
+def test_predict_equals_the_evaluators_predictions_of_the_same_rows(tmp_path, capsys):
+    data = tmp_path / "species.csv"
+    _species_csv(data)
+    training = "num_epochs: 4, learning_rate: 1e-2"
+    run, expected, test_rows = _fit_and_evaluate(tmp_path, data, "species", training)
+
+    # the test split's raw rows, columns reordered, with an id column and the label
     new = tmp_path / "new.csv"
     with new.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["stem", "id", "species", "sepal", "petal"])
-        for i in splits.indices["test"]:
-            row = source[i]
+        for i, row in enumerate(test_rows):
             writer.writerow([row["stem"], f"row{i}", row["species"], row["sepal"], row["petal"]])
     out = tmp_path / "scored.csv"
     capsys.readouterr()
@@ -111,23 +117,12 @@ def test_predict_multilabel_and_multi_output_rows_like_the_evaluator(
 
     data = tmp_path / "tags.csv"
     _tagged_csv(data, rows=120)
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"data: {{name: csv, path: {data}, target: {target}}}\n"
-        "model: {name: mlp, options: {hidden_sizes: [16]}}\n"
-        "training: {num_epochs: 3, warmup_steps: 0, tensorboard_logging: false}\n"
-    )
-    run = tmp_path / "run"
-    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
-    assert main(["evaluate", str(run), "--split", "test", "--save-predictions"]) == 0
-    expected = _rows(run / "evaluation" / "predictions_test.csv")
-    splits = load_data(RunConfig.from_yaml(run / "config.yaml").data)
-    source = _rows(data)
+    run, expected, test_rows = _fit_and_evaluate(tmp_path, data, target, "num_epochs: 3")
     new = tmp_path / "new.csv"
     with new.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(source[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(test_rows[0]))
         writer.writeheader()
-        writer.writerows(source[i] for i in splits.indices["test"])
+        writer.writerows(test_rows)
     out = tmp_path / "scored.csv"
     assert main(["predict", str(run), str(new), "--output", str(out)]) == 0
     got = _rows(out)
