@@ -474,7 +474,18 @@ def fsdp_resume(out: Path, rank: int) -> None:
         torch.save(weights, out / "fsdp-resumed-weights.pt")
 
 
+def gpt2(out: Path, rank: int) -> None:
+    """A tiny GPT-2 on padded rows with its own loss, batch 8 per rank (2 x 8 = 16)."""
+    from test_huggingface import exact_config, padded_lm_rows, tiny_gpt2
+
+    net = tiny_gpt2()
+    config = exact_config(out, "gpt2", batch_size=8, distributed_timeout_seconds=60.0)
+    TrainingManager(config).train(net, DataLoader(padded_lm_rows(), batch_size=8))
+    torch.save(net.state_dict(), out / f"gpt2-weights-{rank}.pt")
+
+
 SCENARIOS = {
+    "gpt2": gpt2,
     "equivalence": equivalence,
     "uneven": uneven,
     "semi_supervised": semi_supervised,

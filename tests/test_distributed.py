@@ -180,6 +180,21 @@ def test_two_ranks_of_16_equal_one_process_of_32(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpt2_with_its_own_loss_two_ranks_of_8_equal_one_batch_of_16(tmp_path):
+    """Each rank's padded rows keep different numbers of shifted label positions: the
+    ranks' micro-batches are weighed by them, so the update is the big batch's."""
+    pytest.importorskip("transformers")
+    from test_huggingface import big_batch_reference, padded_lm_rows
+
+    ok(torchrun("gpt2", tmp_path))
+    reference = big_batch_reference(padded_lm_rows()).state_dict()
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / f"gpt2-weights-{rank}.pt")
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_semi_supervised_ranks_normalise_each_term_over_all_ranks(tmp_path):
     """Each rank's micro-batches hold different labeled / unlabeled counts; the gradient
     must still be one process's on the whole batch of 32."""

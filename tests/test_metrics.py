@@ -115,8 +115,16 @@ def test_task_detection_from_shapes():
 def test_bad_inputs_get_clear_errors():
     cm = ConfusionMatrix(3)
     cm.update(torch.randn(4, 3), torch.tensor([0, 1, 3, 2]))
-    with pytest.raises(ValueError, match=r"1 target labels are outside \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"1 target label is outside the classes \[0, 3\)"):
         cm.compute()
+    # streamed: the first bad label by its position over all batches, ignored ones skipped
+    cm = ConfusionMatrix(3)
+    cm.update(torch.randn(3, 3), torch.tensor([0, -100, 2]))
+    cm.update(torch.randn(4, 3), torch.tensor([1, 7, 2, -4]))
+    with pytest.raises(ValueError, match=r"2 target labels .* label 7 at position 4 "):
+        cm.compute()
+    with pytest.raises(ValueError, match=r"label 5 at position 3 "):
+        Evaluator().compute_metrics(torch.randn(5, 3), torch.tensor([0, 1, 2, 5, 1]))
     cm = ConfusionMatrix(3)
     cm.update(torch.tensor([[float("nan"), 0, 0], [1, 0, 0]]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="1 predictions contain NaN"):

@@ -70,13 +70,75 @@ def test_unknown_scheduler_is_an_error_not_a_constant_schedule():
         build_scheduler(_optimizer(), "linear", total_steps=10)
 
 
-def test_warmup_longer_than_training_is_an_error_before_training(quiet_config, tmp_path):
-    quiet_config.update(warmup_steps=50, scheduler_type="cosine")
-    config = TrainingConfig(num_epochs=2, batch_size=16, **quiet_config)
-    loader = DataLoader(make_classification(n=64), batch_size=16)  # 8 updates in all
-    with pytest.raises(ValueError, match=r"warmup_steps=50 is invalid.*\(8 optimizer updates\)"):
-        TrainingManager(config).train(make_mlp(), loader)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+def _run_lrs(quiet_config, **settings) -> list[float]:
+    settings = {**quiet_config, "num_epochs": 8, "batch_size": 16, **settings}
+    config = TrainingConfig(**settings, overwrite_output_dir=True)
+    recorder = _RecordLR()
+    loader = DataLoader(make_classification(n=128), batch_size=16)  # 8 updates an epoch
+    TrainingManager(config).train(make_mlp(), loader, callbacks=[recorder])
+    return recorder.lrs
+
+
+def _expected_lrs(warmup: int, updates: int = 64) -> list[float]:
+    scheduler = build_scheduler(
+        _optimizer(1e-4), "cosine", total_steps=updates, warmup_steps=warmup
+    )
+    return _lrs(scheduler, updates)
+
+
+def test_warmup_longer_than_training_is_shortened_with_one_warning(quiet_config, caplog):
+    quiet_config.update(warmup_steps=1000, scheduler_type="cosine")
+    with caplog.at_level("WARNING", logger="traineval"):
+        lrs = _run_lrs(quiet_config)
+    assert lrs == pytest.approx(_expected_lrs(6))  # a tenth of the 64 updates
+    warnings = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "warmup_steps=1000" in warnings[0]
+    assert "64 optimizer updates" in warnings[0]
+    assert "first 6" in warnings[0]
+
+
+def test_warmup_ratio_warms_up_over_a_share_of_the_run(quiet_config):
+    quiet_config.update(warmup_steps=1000, scheduler_type="cosine")
+    assert _run_lrs(quiet_config, warmup_ratio=0.1) == pytest.approx(_expected_lrs(7))  # ceil
+    assert _run_lrs(quiet_config, warmup_ratio=0.25) == pytest.approx(_expected_lrs(16))
+
+
+def test_spec_basic_training_defaults_train_a_small_dataset(tmp_path):
+    """SPEC's Basic Training with its default warmup (1000 steps) on wine: 124 training
+    rows, batch 16, 40 epochs = 320 updates; it trains (the warmup is shortened)."""
+    from sklearn.datasets import load_wine
+
+    from traineval import EvaluationConfig, Evaluator, TaskType
+
+    x, y = load_wine(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(
+        torch.tensor(x, dtype=torch.float32)[order], torch.tensor(y)[order]
+    )
+    train, val = torch.utils.data.random_split(
+        data, [124, len(y) - 124], generator=torch.Generator().manual_seed(0)
+    )
+    config = TrainingConfig(
+        num_epochs=40,
+        batch_size=16,
+        learning_rate=1e-3,
+        mixed_precision=True,
+        tensorboard_logging=False,
+        progress_bar=False,
+        output_dir=str(tmp_path / "wine"),
+    )
+    evaluator = Evaluator(EvaluationConfig(compute_metrics=True, plot_metrics=False))
+    result = TrainingManager(config).train(
+        make_mlp(features=13, classes=3),
+        DataLoader(train, batch_size=16, shuffle=True),
+        DataLoader(val, batch_size=64),
+        task_type=TaskType.CLASSIFICATION,
+        evaluator=evaluator,
+    )
+    assert result.global_step == 320
+    assert result.training_history["val_metrics"][-1]["accuracy"] >= 0.9
 
 
 def test_parameter_groups_skip_decay_on_biases_and_norm_weights():

@@ -230,6 +230,11 @@ class TrainingConfig(_ConfigBase):
     value and entropy coefficients, advantage normalisation, episode cap, evaluation
     episodes). See `traineval.modes` for what each mode does with them.
 
+    Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
+    (rounded up) instead of `warmup_steps`. A warmup as long as the run or longer (e.g. the
+    default 1000 steps on a small dataset) is shortened to a tenth of the run, with one
+    warning naming both numbers, so the defaults train any dataset.
+
     Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
     `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same
     thing whatever `gradient_accumulation_steps` is.
@@ -290,6 +295,9 @@ class TrainingConfig(_ConfigBase):
     log_layer_grad_norms: bool = False
     ema_decay: float = 0.0
     ema_warmup: bool = False
+    # The warmup as a share of the run's optimizer updates (the Hugging Face Trainer's):
+    # when > 0 it replaces warmup_steps
+    warmup_ratio: float = 0.0
     # The default classification loss: cross-entropy with label smoothing and class weights
     # ("balanced": n / (classes x count), from the training labels; or one weight per class)
     label_smoothing: float = 0.0
@@ -431,6 +439,9 @@ class TrainingConfig(_ConfigBase):
                 "expected a list of module class names, e.g. ['Block']",
             )
         object.__setattr__(self, "fsdp_shard_modules", tuple(self.fsdp_shard_modules))
+        _float("warmup_ratio", self.warmup_ratio, minimum=0.0)
+        if self.warmup_ratio >= 1.0:
+            _fail("warmup_ratio", self.warmup_ratio, "expected a number in [0, 1)")
         _float("label_smoothing", self.label_smoothing, minimum=0.0)
         if self.label_smoothing >= 1.0:
             _fail("label_smoothing", self.label_smoothing, "expected a number in [0, 1)")
@@ -545,12 +556,6 @@ class TrainingConfig(_ConfigBase):
                 "min_learning_rate",
                 self.min_learning_rate,
                 f"expected a value below learning_rate={self.learning_rate}",
-            )
-        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
-            _fail(
-                "warmup_steps",
-                self.warmup_steps,
-                f"warmup must be shorter than training (max_steps={self.max_steps})",
             )
 
     @property

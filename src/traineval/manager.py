@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .averaging import WeightAverage
+from .batches import ModelLoss, OutputTransform
 from .callbacks import (
     BestWeights,
     Callback,
@@ -164,6 +165,7 @@ class TrainingManager:
         mode: TrainingMode = TrainingMode.SUPERVISED,
         resume_from: str | Path | None = None,
         loggers: Sequence[Any] = (),
+        output_transform: OutputTransform | None = None,
     ) -> TrainingResult:
         """Train `model`; evaluate on `val_loader` each epoch and every `eval_frequency` updates.
 
@@ -171,6 +173,11 @@ class TrainingManager:
         client loaders; in reinforcement mode an environment factory or name ("CartPole").
         `loggers` adds your own (`log(metrics, step)`, `log_config`, `close`) beside
         metrics.jsonl and TensorBoard; a logger that fails is reported once, never fatal.
+        What the model returns is read by one rule (`traineval.batches`): a tensor, a tuple
+        whose first element is the prediction, a mapping or Hugging Face `ModelOutput` with
+        `logits`; `output_transform` reads anything else. Without a `loss_function`, a model
+        whose forward takes `labels` (Hugging Face models) trains on its own loss for dict
+        batches that carry `labels`, weighed so that accumulation and DDP stay exact.
         `resume_from` continues a run from a checkpoint path, or with "auto" from the newest
         valid checkpoint in `output_dir` (starting fresh when there is none). The resumed run
         ends exactly where the uninterrupted one would (same weights, same per-step losses),
@@ -212,6 +219,10 @@ class TrainingManager:
                     class_weight=self._class_weights(train_loader),
                 )
             )
+        # The Hugging Face convention: a model that takes `labels` computes its own loss,
+        # unless the config shapes the default loss (as the HF Trainer's label smoothing does).
+        supervised = mode in (TrainingMode.SUPERVISED, TrainingMode.FEDERATED)
+        model_loss = ModelLoss.of(model) if supervised and not (user_loss or shaped) else None
         setup = prepare_mode(
             mode,
             c,
@@ -220,6 +231,8 @@ class TrainingManager:
             loss_function,
             user_loss=user_loss,
             job=job,
+            output_transform=output_transform,
+            model_loss=model_loss,
         )
         batches: Iterable[Any] = setup.loader
         if not setup.uses_own_loader:
@@ -311,8 +324,9 @@ class TrainingManager:
                     eval_model if eval_model is not None else m,
                     val_loader,
                     self.device,
-                    loss_function,
+                    None if model_loss is not None else loss_function,  # None: the model's
                     task_type=task_type,
+                    output_transform=output_transform,
                     training_mode=mode,
                     precision=precision,
                     write_files=False,  # predictions and plots are for final evaluations
@@ -444,6 +458,7 @@ class TrainingManager:
                     learning_rate=float(min_lr),
                     scheduler_type="constant",
                     warmup_steps=0,
+                    warmup_ratio=0.0,
                     num_epochs=num_steps,  # at least one update per epoch; max_steps ends it
                     max_steps=num_steps,
                     log_frequency=1,  # the loss of every update is read: it is the point
@@ -690,7 +705,8 @@ class TrainingManager:
 
 
 def _constant(config: TrainingConfig) -> bool:
-    return config.scheduler_type == "constant" and config.warmup_steps == 0
+    warmup = config.warmup_steps or config.warmup_ratio
+    return config.scheduler_type == "constant" and not warmup
 
 
 def _updates_per_epoch(loader: Any, accumulation: int) -> int | None:

@@ -6,6 +6,7 @@ Every schedule is a function of the number of optimizer updates, stepped once pe
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,8 @@ __all__ = [
     "freeze",
     "parameter_groups",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def matching(model: nn.Module, prefix: str) -> list[str]:
@@ -257,7 +260,7 @@ def configured_scheduler(
         optimizer,
         c.scheduler_type,
         total_steps=total_steps,
-        warmup_steps=c.warmup_steps,
+        warmup_steps=warmup_updates(c.warmup_steps, c.warmup_ratio, total_steps),
         min_lr=c.min_learning_rate,
         step_size=c.scheduler_step_size,
         gamma=c.scheduler_gamma,
@@ -265,6 +268,36 @@ def configured_scheduler(
         plateau_patience=c.lr_scheduler_patience,
         plateau_factor=c.lr_scheduler_factor,
     )
+
+
+def warmup_updates(steps: int, ratio: float, total_steps: int | None) -> int:
+    """The optimizer updates to warm up over: `ceil(ratio * total_steps)` when `ratio` > 0,
+    else `steps`; a warmup as long as the run or longer becomes a tenth of the run, with a
+    warning naming both numbers (a default of 1000 steps must not refuse a short run).
+
+    Example:
+        >>> warmup_updates(0, 0.1, 320), warmup_updates(50, 0.0, 320)
+        (32, 50)
+    """
+    if ratio > 0:
+        if total_steps is None:
+            raise ValueError(
+                f"warmup_ratio={ratio} needs the number of optimizer updates, but the train "
+                "loader has no len(): set max_steps, or give warmup_steps instead"
+            )
+        return min(math.ceil(ratio * total_steps), total_steps - 1)
+    if total_steps is None or steps < total_steps:
+        return steps
+    shortened = total_steps // 10
+    logger.warning(
+        "warmup_steps=%d is not shorter than this run's %d optimizer updates: warming up "
+        "over the first %d (a tenth of the run) instead; set warmup_steps or warmup_ratio "
+        "to choose",
+        steps,
+        total_steps,
+        shortened,
+    )
+    return shortened
 
 
 def build_scheduler(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batches import prediction_of
 from .checkpoint import load_checkpoint_file
 from .config import TaskType
 from .data.tables import read_rows
@@ -91,7 +92,7 @@ def predict_csv(
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start : start + batch_size].to(device)
-            outputs.append(model(batch).float().cpu())
+            outputs.append(prediction_of(model(batch)).float().cpu())
     scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
     cut = config.evaluation.multilabel_threshold if threshold is None else threshold
     names, values = _columns(splits.task_type, scores, splits.class_names, cut)

@@ -37,6 +37,7 @@ WARNED_CHANGES = (
     "optimizer_type",
     "scheduler_type",
     "warmup_steps",
+    "warmup_ratio",
     "max_grad_norm",
     "gradient_clipping",
     "precision",
@@ -111,7 +112,7 @@ def check_compatible(
             "start a new run in another output_dir"
         )
     for name in WARNED_CHANGES:
-        if saved.get(name) != current.get(name):
+        if saved.get(name, current.get(name)) != current.get(name):  # older: without it
             logger.warning(
                 "RESUMING WITH A CHANGED CONFIG: %s was %r in the checkpoint and is %r now; "
                 "the run will not match an uninterrupted one",

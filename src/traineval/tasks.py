@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .batches import reads_prediction
 from .config import TaskType
 
 
@@ -46,6 +47,8 @@ class MultilabelBCE(nn.Module):
     """Binary cross-entropy on each of the C logits (`BCEWithLogitsLoss`), averaged over
     samples and labels; 0/1 targets may be integers."""
 
+    reads_prediction = True  # takes the prediction tensor, not a model output
+
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype))
 
@@ -56,6 +59,8 @@ class RegressionMSE(nn.Module):
     `nn.MSELoss` would broadcast that pair to an N x N matrix; this reshapes instead and
     refuses shapes that do not hold the same number of values.
     """
+
+    reads_prediction = True  # takes the prediction tensor, not a model output
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(align_regression(outputs, targets), targets.to(outputs.dtype))
@@ -75,6 +80,8 @@ def align_regression(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 class SequenceCrossEntropy(nn.Module):
     """Cross-entropy over `(N, T, V)` logits and `(N, T)` token ids, skipping `ignore_index`."""
+
+    reads_prediction = True  # takes the prediction tensor, not a model output
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -132,6 +139,8 @@ class AutoLoss:
 
     A plain callable, not a Module: one less module call per step.
     """
+
+    reads_prediction = True
 
     def __init__(
         self,
@@ -193,6 +202,7 @@ class CompiledLoss:
     def __init__(self, loss_function: Any, mode: str = "default") -> None:
         self.loss_function = loss_function
         self.mode = mode
+        self.reads_prediction = reads_prediction(loss_function)
         self._compiled: Any = None
         if not isinstance(loss_function, AutoLoss):
             self._compiled = torch.compile(loss_function, mode=mode)

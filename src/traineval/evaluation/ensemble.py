@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import OutputTransform, label_shift, prediction_of
 from ..checkpoint import load_checkpoint_file
 from ..config import TaskType
 
@@ -17,18 +18,28 @@ class EnsembleModule(nn.Module):
     """Average members' outputs: probabilities for classification and generation (returned
     as log-probabilities, so argmax, cross-entropy and softmax read them correctly), plain
     means for regression. With one binary logit, and for each label of a multi-label task,
-    the mean sigmoid probability returns as a logit.
+    the mean sigmoid probability returns as a logit. Members' outputs are read by the rule of
+    `traineval.batches` (or `output_transform`).
     """
 
-    def __init__(self, members: Sequence[nn.Module], task_type: TaskType | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        task_type: TaskType | None = None,
+        output_transform: OutputTransform | None = None,
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one model")
         self.members = nn.ModuleList(members)
         self.task_type = task_type
+        self.output_transform = output_transform
+        self.label_shift = label_shift(members[0])  # causal members: scored on the next token
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        outputs = [_main(member(*args, **kwargs)) for member in self.members]
+        outputs = [
+            prediction_of(member(*args, **kwargs), self.output_transform) for member in self.members
+        ]
         first = outputs[0]
         task = self.task_type
         if task is None:
@@ -64,7 +75,3 @@ def load_members(
         model.load_state_dict(load_checkpoint_file(item, map_location=device)["model"])
         members.append(model.to(device))
     return members
-
-
-def _main(outputs: Any) -> torch.Tensor:
-    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs

@@ -14,18 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..batches import OutputTransform, move_to_device
 from ..config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
 from ..distributed import Distributed
-from ..modes.base import (
-    batch_size_of,
-    count_required_args,
-    forward,
-    loss_weight,
-    move_to_device,
-    split_batch,
-)
 from ..precision import Precision
-from ..tasks import align_regression, default_loss, detect_task
+from ..tasks import align_regression, detect_task
 from ..tracking import MetricsTracker
 from .bootstrap import classification_intervals, regression_intervals
 from .metrics import (
@@ -36,6 +29,7 @@ from .metrics import (
     TokenStats,
 )
 from .predictions import PredictionWriter, class_labels
+from .scoring import BatchScorer
 
 SPLIT_PREFIX = {
     EvaluationMode.TRAINING: "train",
@@ -57,8 +51,15 @@ class Evaluator:
         0.6666666666666666
     """
 
-    def __init__(self, config: EvaluationConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: EvaluationConfig | None = None,
+        *,
+        output_transform: OutputTransform | None = None,
+    ) -> None:
         self.config = config or EvaluationConfig()
+        # reads the prediction from a model's output the default rule cannot read
+        self.output_transform = output_transform
         self.metrics_tracker = MetricsTracker()
         self.last_confusion_matrix: np.ndarray | None = None
         # classification / multi-label: each class's label (its name, else its index),
@@ -115,6 +116,7 @@ class Evaluator:
         decode: Callable[[list[int]], str] | None = None,
         distributed: Distributed | None = None,
         lockstep: bool = False,
+        output_transform: OutputTransform | None = None,
     ) -> dict[str, float]:
         """Evaluate `model` on `loader`: the mean loss and the task's metrics.
 
@@ -131,6 +133,11 @@ class Evaluator:
         the data and the metric states are merged across ranks: every rank returns the
         metrics of all samples, each counted once, also when the shares are uneven or one
         is empty. Files are not written in that case (`write_files` is ignored).
+        The model's output is read as in training (`traineval.batches`; `output_transform`, or
+        the evaluator's own, reads anything else). Without a `loss_function`, a model whose
+        forward takes `labels` (Hugging Face models) is scored with its own loss on batches
+        that carry `labels`; a causal language model's metrics compare the logits at position
+        t with the label at t + 1, as its loss does.
         `lockstep` (for a model whose forward is a collective, e.g. FSDP's) makes every rank
         run as many forward passes as the rank with the most batches, repeating its last
         batch and ignoring those outputs.
@@ -148,7 +155,13 @@ class Evaluator:
         accumulator: _Accumulator | None = None
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         weight_sum = torch.zeros((), dtype=torch.float64, device=device)
-        takes_targets = True
+        scorer = BatchScorer(
+            model,
+            loss_function,
+            unsupervised=training_mode is TrainingMode.UNSUPERVISED,
+            ignore_index=self.config.ignore_index,
+            transform=output_transform or self.output_transform,
+        )
         try:
             with torch.inference_mode(), contextlib.ExitStack() as stack:
                 batches: Iterable[tuple[Any, bool]] = ((batch, True) for batch in loader)
@@ -157,25 +170,16 @@ class Evaluator:
                 for batch, real in batches:
                     if device.type != "cpu":
                         batch = move_to_device(batch, device)
-                    inputs, targets = split_batch(batch)
-                    if training_mode is TrainingMode.UNSUPERVISED:
-                        targets = inputs
-                    elif targets is None:
-                        raise ValueError("evaluation needs (inputs, targets) batches")
                     with precision.autocast() if precision is not None else nullcontext():
-                        outputs = forward(model, inputs)
+                        result = scorer.forward(batch)
                     if not real:
                         continue  # a repeated batch, only to keep the ranks in step
                     if accumulator is None:
                         task = task_type or detect_task(
-                            _main_output(outputs),
-                            targets,
+                            *scorer.pair(result),
                             multilabel=training_mode is not TrainingMode.UNSUPERVISED,
                         )
                         accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
-                        if loss_function is None:
-                            loss_function = default_loss(task, self.config.ignore_index)
-                        takes_targets = count_required_args(loss_function) >= 2
                         if folder is not None and self.config.save_predictions:
                             path = folder / f"predictions_{prefix}.csv"
                             writer = stack.enter_context(
@@ -183,15 +187,14 @@ class Evaluator:
                                     path, task, self.config.multilabel_threshold, self.class_names
                                 )
                             )
-                    args = (outputs, targets) if takes_targets else (outputs,)
-                    loss = loss_function(*args)
-                    weight = loss_weight(loss_function, targets, batch_size_of(inputs), exact=True)
+                    scored = scorer.score(result, accumulator.task)
+                    weight = scored.weight
                     if isinstance(weight, int):
-                        loss_sum.add_(loss.detach(), alpha=weight)
+                        loss_sum.add_(scored.loss.detach(), alpha=weight)
                     else:
-                        loss_sum.add_(loss.detach() * weight)
+                        loss_sum.add_(scored.loss.detach() * weight)
                     weight_sum += weight
-                    main = _main_output(outputs)
+                    main, targets = scored.prediction, scored.targets
                     if self.config.compute_metrics:
                         accumulator.update(main, targets)
                     if writer is not None:
@@ -290,6 +293,7 @@ class Evaluator:
         task_type: TaskType | None = None,
         split: EvaluationMode = EvaluationMode.TESTING,
         output_dir: str | Path | None = None,
+        output_transform: OutputTransform | None = None,
     ) -> dict[str, Any]:
         """Evaluate several models together and each on its own.
 
@@ -311,11 +315,14 @@ class Evaluator:
                 task_type=task_type,
                 split=split,
                 write_files=False,
+                output_transform=output_transform,
             )
             for member in members
         ]
+        transform = output_transform or self.output_transform
         ensemble = self.evaluate_model(
-            EnsembleModule(members, task_type or self.last_task_type),  # the members' task
+            # the members' task; it returns one prediction tensor, read by the default rule
+            EnsembleModule(members, task_type or self.last_task_type, transform),
             loader,
             where,
             loss_function,  # log-probabilities / a logit / means: the members' losses apply
@@ -591,13 +598,6 @@ def _on_cpu(value: Any) -> Any:
             setattr(clone, key, _on_cpu(item))
         return clone
     return value
-
-
-def _main_output(outputs: Any) -> torch.Tensor:
-    """The prediction tensor of a model that returns a tuple (e.g. logits, extras)."""
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0]
-    return outputs
 
 
 def _device_of(model: nn.Module) -> torch.device:

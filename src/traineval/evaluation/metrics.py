@@ -44,10 +44,15 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.counts: torch.Tensor | None = None  # flattened C*C, plus one overflow bin
         self.nan_count: torch.Tensor | None = None
+        # the first label outside [0, C): [position in the stream, label], on the device
+        self.first_invalid: torch.Tensor | None = None
+        self.seen = 0  # samples so far (a host count, from shapes)
 
     def reset(self) -> None:
         self.counts = None
         self.nan_count = None
+        self.first_invalid = None
+        self.seen = 0
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         c = self.num_classes
@@ -83,11 +88,34 @@ class ConfusionMatrix:
             self.counts.index_add_(0, index, torch.ones_like(index))
         assert self.nan_count is not None
         self.nan_count += torch.isnan(top).sum()
+        self._note_invalid(targets, outside & ~ignored)
+
+    def _note_invalid(self, targets: torch.Tensor, invalid: torch.Tensor) -> None:
+        """Keep the first invalid label and its position on the device (no sync), so the
+        error can name it."""
+        n = targets.shape[0]
+        if self.first_invalid is None:
+            none = torch.tensor([torch.iinfo(torch.int64).max, 0], device=targets.device)
+            self.first_invalid = none
+        positions = torch.arange(self.seen, self.seen + n, device=targets.device)
+        first = torch.where(invalid, positions, self.first_invalid[0]).min()
+        label = targets[(first - self.seen).clamp(0, max(n - 1, 0))].long()
+        candidate = torch.stack([first, label])
+        self.first_invalid = torch.where(
+            first < self.first_invalid[0], candidate, self.first_invalid
+        )
+        self.seen += n
 
     def merge(self, other: ConfusionMatrix) -> None:
         """Add another shard's counts (e.g. another rank's), as if one had seen both."""
         self.counts = _sum(self.counts, other.counts)
         self.nan_count = _sum(self.nan_count, other.nan_count)
+        if self.first_invalid is None or other.first_invalid is None:
+            self.first_invalid = (
+                self.first_invalid if other.first_invalid is None else other.first_invalid
+            )
+        elif int(other.first_invalid[0]) < int(self.first_invalid[0]):
+            self.first_invalid = other.first_invalid.to(self.first_invalid.device)
 
     def matrix(self) -> torch.Tensor:
         """The C x C matrix, rows true classes, columns predictions (scikit-learn's layout)."""
@@ -95,9 +123,13 @@ class ConfusionMatrix:
             raise ValueError("no data: call update() with at least one batch before compute()")
         invalid = int(self.counts[-2])
         if invalid:
+            assert self.first_invalid is not None
+            position, label = (int(v) for v in self.first_invalid.tolist())
             raise ValueError(
-                f"{invalid} target labels are outside [0, {self.num_classes}) "
-                f"(and not ignore_index={self.ignore_index})"
+                f"{invalid} target label{'s are' if invalid > 1 else ' is'} outside the "
+                f"classes [0, {self.num_classes}) and not ignore_index={self.ignore_index}; "
+                f"the first: label {label} at position {position} (0-based, in the order "
+                "evaluated)"
             )
         if self.nan_count is not None and int(self.nan_count):
             raise ValueError(f"{int(self.nan_count)} predictions contain NaN")

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ..batches import (  # noqa: F401  (the batch rules, re-exported for the modes)
+    TARGET_KEYS,
+    batch_size_of,
+    forward,
+    move_to_device,
+    split_batch,
+)
 from ..tasks import CompiledLoss
 
 LossFunction = Callable[..., torch.Tensor]
@@ -83,61 +90,6 @@ class Updates:
 
     def __iter__(self) -> Iterator[int]:
         yield from range(self.per_epoch)
-
-
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Copy tensors (nested in tuples, lists, dicts) to `device`; async from pinned memory."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(value, device) for value in batch)
-    return batch
-
-
-TARGET_KEYS = ("labels", "targets", "target", "label", "y")
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """Return `(inputs, targets)`: `(x, y)` pairs, a bare `x`, or a dict with a label key."""
-    if type(batch) in (list, tuple) and len(batch) == 2:  # the common case, before ABC checks
-        return batch[0], batch[1]
-    if isinstance(batch, (list, tuple)):
-        if len(batch) == 2:
-            return batch[0], batch[1]
-        if len(batch) == 1:
-            return batch[0], None
-        raise ValueError(
-            f"a batch tuple must be (inputs, targets) or (inputs,), got {len(batch)} elements"
-        )
-    if isinstance(batch, Mapping):
-        inputs = dict(batch)
-        for key in TARGET_KEYS:
-            if key in inputs:
-                return inputs, inputs.pop(key)
-        return inputs, None
-    return batch, None
-
-
-def forward(model: nn.Module, inputs: Any) -> Any:
-    """Call the model: a dict of inputs becomes keyword arguments."""
-    if not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
-
-
-def batch_size_of(inputs: Any) -> int:
-    """The number of samples in `inputs` (the first dimension of its first tensor)."""
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.ndim else 1
-    if isinstance(inputs, Mapping):
-        inputs = list(inputs.values())
-    if isinstance(inputs, (list, tuple)):
-        for item in inputs:
-            if isinstance(item, torch.Tensor):
-                return batch_size_of(item)
-    raise ValueError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
 
 
 def loss_weight(

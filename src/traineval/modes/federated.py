@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..batches import ModelLoss, OutputTransform
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
 from ..distributed import Distributed
@@ -156,12 +157,17 @@ class FederatedStep:
         config: Any,
         precision: Precision,
         job: Distributed | None = None,
+        *,
+        output_transform: OutputTransform | None = None,
+        model_loss: ModelLoss | None = None,
     ) -> None:
         self.clients = list(clients)
         self.config = config
         self.precision = precision
         self.job = job or Distributed()
-        self.supervised = SupervisedStep(loss_function)
+        self.supervised = SupervisedStep(
+            loss_function, output_transform=output_transform, model_loss=model_loss
+        )
         self._worker: nn.Module | None = None
         self.server: ServerOptimizer | None = None  # set by the manager; holds the client lr
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from ..batches import OutputTransform, prediction_of
 from ..config import META_ALGORITHMS
 from ..distributed import Distributed
 from .base import StepOutput, loss_with_gradient
@@ -44,6 +45,8 @@ class MetaLearningStep:
         algorithm: str = "maml",
         inner_lr: float = 0.1,
         inner_steps: int = 1,
+        *,
+        output_transform: OutputTransform | None = None,
     ) -> None:
         if algorithm not in META_ALGORITHMS:
             raise ValueError(
@@ -53,6 +56,7 @@ class MetaLearningStep:
         self.algorithm = algorithm
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
+        self.output_transform = output_transform
 
     @classmethod
     def from_config(cls, config: Any, loss_function: Any = None) -> MetaLearningStep:
@@ -73,7 +77,7 @@ class MetaLearningStep:
         for t in range(tasks):
             adapted = self.adapt(model, weights, buffers, support_x[t], support_y[t])
             query_loss = self.loss_function(
-                functional_call(model, ({**buffers, **adapted}), (query_x[t],)), query_y[t]
+                self._predict(model, {**buffers, **adapted}, query_x[t]), query_y[t]
             )
             if self.algorithm == "reptile":
                 pseudo = pseudo or [torch.zeros_like(w) for w in weights.values()]
@@ -101,7 +105,7 @@ class MetaLearningStep:
         fast = dict(weights)
         for _ in range(self.inner_steps):
             with torch.enable_grad():
-                outputs = functional_call(model, ({**buffers, **fast}), (support_x,))
+                outputs = self._predict(model, {**buffers, **fast}, support_x)
                 loss = self.loss_function(outputs, support_y)
                 grads = torch.autograd.grad(
                     loss, list(fast.values()), create_graph=second_order, allow_unused=True
@@ -113,6 +117,11 @@ class MetaLearningStep:
             if self.algorithm == "reptile":
                 fast = {name: w.detach().requires_grad_() for name, w in fast.items()}
         return fast
+
+    def _predict(self, model: nn.Module, state: Weights, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's prediction with `state` in place of its weights (the loss and the
+        accuracy read the prediction: see `traineval.batches`)."""
+        return prediction_of(functional_call(model, state, (inputs,)), self.output_transform)
 
     def evaluate(
         self, model: nn.Module, loader: Any, device: torch.device, job: Distributed | None = None
@@ -133,7 +142,7 @@ class MetaLearningStep:
                         model, weights, buffers, support_x[t], support_y[t], create_graph=False
                     )
                     with torch.no_grad():
-                        outputs = functional_call(model, ({**buffers, **adapted}), (query_x[t],))
+                        outputs = self._predict(model, {**buffers, **adapted}, query_x[t])
                         loss = self.loss_function(outputs, query_y[t])
                     n = int(query_y[t].shape[0])
                     loss_sum += float(loss) * n

@@ -30,7 +30,7 @@ update is the one a single process would compute from all ranks' episodes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..batches import prediction_of
 from ..distributed import Distributed
 from .base import StepOutput
 
@@ -268,8 +269,11 @@ class PolicyGradientStep:
 
 
 def _policy(model: nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's logits and its value estimate, if it makes one: a model returns logits,
+    `(logits, value)`, or a mapping with `logits` (or another prediction key) and `value`."""
     out = model(obs)
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)) and len(out) == 2:
         logits, value = out
         return logits, value.reshape(-1).float()
-    return out, None
+    value = out.get("value") if isinstance(out, Mapping) else None
+    return prediction_of(out), value.reshape(-1).float() if value is not None else None

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..batches import OutputTransform, prediction_of
 from .base import StepOutput, batch_size_of, forward, split_batch
 
 
@@ -32,15 +33,21 @@ class SemiSupervisedStep:
     """Step function for classification batches where some targets are `unlabeled_label`."""
 
     def __init__(
-        self, unlabeled_label: int = -1, unlabeled_weight: float = 1.0, threshold: float = 0.95
+        self,
+        unlabeled_label: int = -1,
+        unlabeled_weight: float = 1.0,
+        threshold: float = 0.95,
+        *,
+        output_transform: OutputTransform | None = None,
     ) -> None:
+        self.output_transform = output_transform
         self.unlabeled_label = unlabeled_label
         self.unlabeled_weight = unlabeled_weight
         self.threshold = threshold
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         inputs, targets = self._split(batch)
-        outputs = forward(model, inputs)
+        outputs = prediction_of(forward(model, inputs), self.output_transform)
         if outputs.ndim != 2:
             raise ValueError(
                 "semi-supervised training needs (N, classes) scores from the model, got shape "

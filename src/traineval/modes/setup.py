@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import ModelLoss
 from ..config import TrainingConfig, TrainingMode
 from ..distributed import Distributed
 from ..envs import make_env
@@ -48,6 +49,8 @@ class ModeSetup:
     # functional inner loop; federated rounds, whose ranks share the clients and all-reduce
     # the averaged weights); the loop then averages gradients over the ranks itself.
     wraps_model: bool = True
+    output_transform: Any = None  # reads the prediction from the model's output
+    model_loss: ModelLoss | None = None  # the model computes its own loss from `labels`
 
     def optimizer(
         self,
@@ -67,7 +70,15 @@ class ModeSetup:
             config.federated_server_lr,
             config.federated_server_momentum,
         )
-        self.step_fn = FederatedStep(loss_function, self.clients, config, precision, job)
+        self.step_fn = FederatedStep(
+            loss_function,
+            self.clients,
+            config,
+            precision,
+            job,
+            output_transform=self.output_transform,
+            model_loss=self.model_loss,
+        )
         self.step_fn.server = server
         return server
 
@@ -126,6 +137,8 @@ def prepare_mode(
     *,
     user_loss: bool,
     job: Distributed,
+    output_transform: Any = None,
+    model_loss: ModelLoss | None = None,
 ) -> ModeSetup:
     """Check what `mode` cannot combine with, then build its loader and step function.
 
@@ -156,7 +169,16 @@ def prepare_mode(
             c.seed,
         )
         # one round per epoch; under torchrun each rank trains a share of the round's clients
-        return ModeSetup(mode, Updates(1), None, True, clients, wraps_model=False)
+        return ModeSetup(
+            mode,
+            Updates(1),
+            None,
+            True,
+            clients,
+            wraps_model=False,
+            output_transform=output_transform,
+            model_loss=model_loss,
+        )
     if mode is TrainingMode.REINFORCEMENT:
         if val_loader is not None:
             raise ValueError(
@@ -166,7 +188,9 @@ def prepare_mode(
         step = PolicyGradientStep.from_config(_env_factory(train_loader), c, job=job)
         # several forward passes per update: no DDP wrapper, the loop averages the gradients
         return ModeSetup(mode, Updates(c.rl_updates_per_epoch), step, True, wraps_model=False)
-    step_fn = build_step(mode, loss_function, c)
+    step_fn = build_step(
+        mode, loss_function, c, output_transform=output_transform, model_loss=model_loss
+    )
     return ModeSetup(mode, train_loader, step_fn, False, wraps_model=mode is not META)
 
 

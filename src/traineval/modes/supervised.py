@@ -1,4 +1,4 @@
-"""Supervised mode: `loss_function(model(inputs), targets)`."""
+"""Supervised mode: `loss_function(prediction, targets)`, or the model's own loss."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import ModelLoss, OutputTransform, prediction_of, reads_prediction
 from .base import (
     LossFunction,
     StepOutput,
@@ -19,13 +20,32 @@ from .base import (
 
 
 class SupervisedStep:
-    """Step function for `(inputs, targets)` batches."""
+    """Step function for `(inputs, targets)` batches (or mappings with a label key).
 
-    def __init__(self, loss_function: LossFunction, compile_mode: str | None = None) -> None:
+    With `model_loss` (a model that computes its own loss, see `traineval.batches`), a mapping
+    batch that carries `labels` trains on the model's loss, weighed by the label positions it
+    keeps. Otherwise the loss compares the model's prediction (read by `output_transform`, or
+    the default rule) with the targets; a loss function of your own that is not one of
+    torch's receives the model's output as returned.
+    """
+
+    def __init__(
+        self,
+        loss_function: LossFunction,
+        compile_mode: str | None = None,
+        *,
+        output_transform: OutputTransform | None = None,
+        model_loss: ModelLoss | None = None,
+    ) -> None:
         self.loss_function = loss_function
         self._loss = compiled_loss(loss_function, compile_mode)
+        self.output_transform = output_transform
+        self.model_loss = model_loss
+        self._reads_prediction = reads_prediction(loss_function)
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        if self.model_loss is not None and self.model_loss.applies(batch):
+            return self._own_loss(model, batch)
         inputs, targets = split_batch(batch)
         if targets is None:
             raise ValueError(
@@ -33,6 +53,8 @@ class SupervisedStep:
                 "(use mode=TrainingMode.UNSUPERVISED for input-only data)"
             )
         outputs = forward(model, inputs)
+        if self._reads_prediction:
+            outputs = prediction_of(outputs, self.output_transform)
         loss = self._loss(outputs, targets)
         num_samples = batch_size_of(inputs)
         return StepOutput(
@@ -43,8 +65,22 @@ class SupervisedStep:
             targets=targets,
         )
 
+    def _own_loss(self, model: nn.Module, batch: Any) -> StepOutput:
+        assert self.model_loss is not None
+        outputs, loss = self.model_loss(model, batch)
+        labels = batch["labels"]
+        return StepOutput(
+            loss=loss,
+            weight=self.model_loss.items(labels, exact=False),
+            num_samples=batch_size_of(labels),
+            outputs=outputs,
+            targets=labels,
+        )
+
     def weight(self, batch: Any) -> int | torch.Tensor:
         """The items the loss of `batch` averages over, known before the forward pass (the
         kept, class-weighted targets: a window's micro-batches are weighed by it)."""
+        if self.model_loss is not None and self.model_loss.applies(batch):
+            return self.model_loss.items(batch["labels"])
         inputs, targets = split_batch(batch)
         return loss_weight(self.loss_function, targets, batch_size_of(inputs), exact=True)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..batches import OutputTransform, prediction_of, reads_prediction
 from .base import (
     LossFunction,
     StepOutput,
@@ -21,17 +22,29 @@ class UnsupervisedStep:
     """Step function for input-only batches; labels in the batch, if any, are ignored.
 
     A two-argument loss is called as `loss(outputs, inputs)`; a one-argument loss as
-    `loss(outputs)` (for models that return what the loss needs, e.g. a VAE's terms).
+    `loss(outputs)` (for models that return what the loss needs, e.g. a VAE's terms). The
+    default loss and torch's losses get the model's prediction (the reconstruction: see
+    `traineval.batches`), a loss function of your own the output as the model returned it.
     """
 
-    def __init__(self, loss_function: LossFunction, compile_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        loss_function: LossFunction,
+        compile_mode: str | None = None,
+        *,
+        output_transform: OutputTransform | None = None,
+    ) -> None:
         self.loss_function = loss_function
         self._loss = compiled_loss(loss_function, compile_mode)
         self.takes_inputs = count_required_args(loss_function) >= 2
+        self.output_transform = output_transform
+        self._reads_prediction = reads_prediction(loss_function)
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         inputs, _ = split_batch(batch)
         outputs = forward(model, inputs)
+        if self._reads_prediction:  # the reconstruction; a loss of your own gets the output
+            outputs = prediction_of(outputs, self.output_transform)
         loss = self._loss(outputs, inputs) if self.takes_inputs else self._loss(outputs)
         num_samples = batch_size_of(inputs)
         return StepOutput(

@@ -1,0 +1,242 @@
+"""The batch and model-output rules: split a batch, call the model, read what it returns.
+
+What a batch may be:
+- `(inputs, targets)` or `(inputs,)`, or bare `inputs`;
+- a mapping: its target under the first of `TARGET_KEYS` it has (`labels` first), the rest
+  passed to the model as keyword arguments (`model(**inputs)`).
+
+What a model may return (`prediction_of`):
+- a tensor: the prediction;
+- a tuple or list: its first element is the prediction (the rest is the model's own, e.g. a
+  VAE's `(reconstruction, mu, logvar)`);
+- a mapping or a Hugging Face `ModelOutput`: the first of `PREDICTION_KEYS` it holds
+  (`logits` first), and `loss` when the model computed one;
+- anything else: pass `output_transform`, a function from the output to the prediction.
+
+The model's own loss (`ModelLoss`): when a mapping batch carries `labels`, the model's
+`forward` has a `labels` parameter, and no loss function was given, the labels go into the
+model and it trains on the `loss` it returns (the Hugging Face convention). That loss is taken
+as a mean over the label positions it keeps: the labels that are not `ignore_index` (-100),
+after dropping the first position of each row for a causal language model (its loss compares
+the logits at position t with the label at t + 1). Micro-batches and ranks are weighed by that
+count, so an accumulation window equals one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+TARGET_KEYS = ("labels", "targets", "target", "label", "y")
+PREDICTION_KEYS = ("logits", "predictions", "prediction", "output", "outputs")
+OutputTransform = Callable[[Any], torch.Tensor]
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Copy tensors (nested in tuples, lists, dicts) to `device`; async from pinned memory."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """Return `(inputs, targets)`: `(x, y)` pairs, a bare `x`, or a dict with a label key."""
+    if type(batch) in (list, tuple) and len(batch) == 2:  # the common case, before ABC checks
+        return batch[0], batch[1]
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+        raise ValueError(
+            f"a batch tuple must be (inputs, targets) or (inputs,), got {len(batch)} elements"
+        )
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        for key in TARGET_KEYS:
+            if key in inputs:
+                return inputs, inputs.pop(key)
+        return inputs, None
+    return batch, None
+
+
+def forward(model: nn.Module, inputs: Any, **extra: Any) -> Any:
+    """Call the model: a dict of inputs becomes keyword arguments."""
+    if not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping):
+        return model(**inputs, **extra)
+    return model(inputs, **extra)
+
+
+def batch_size_of(inputs: Any) -> int:
+    """The number of samples in `inputs` (the first dimension of its first tensor)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.ndim else 1
+    if isinstance(inputs, Mapping):
+        inputs = list(inputs.values())
+    if isinstance(inputs, (list, tuple)):
+        for item in inputs:
+            if isinstance(item, torch.Tensor):
+                return batch_size_of(item)
+    raise ValueError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
+
+
+def prediction_of(outputs: Any, transform: OutputTransform | None = None) -> torch.Tensor:
+    """The prediction in a model's output (see the module docstring for the rule).
+
+    Example:
+        >>> import torch
+        >>> prediction_of({"logits": torch.zeros(2, 3), "aux": 1.0}).shape
+        torch.Size([2, 3])
+    """
+    if transform is not None:
+        value = transform(outputs)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"output_transform returned {type(value).__name__}; it must return the "
+                "prediction tensor"
+            )
+        return value
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    if isinstance(outputs, Mapping):
+        for key in PREDICTION_KEYS:
+            found = outputs.get(key)
+            if isinstance(found, torch.Tensor):
+                return found
+    raise TypeError(_unreadable(outputs))
+
+
+def _unreadable(outputs: Any) -> str:
+    if isinstance(outputs, Mapping):
+        what = f"a {type(outputs).__name__} with keys {', '.join(map(repr, outputs))}"
+    elif isinstance(outputs, (tuple, list)):
+        first = type(outputs[0]).__name__ if outputs else "nothing"
+        what = f"a {type(outputs).__name__} whose first element is {first}"
+    else:
+        what = f"a {type(outputs).__name__}"
+    keys = ", ".join(repr(k) for k in PREDICTION_KEYS)
+    return (
+        f"cannot read a prediction from the model's output, {what}: return a tensor, a tuple "
+        f"whose first element is the prediction, or a mapping with one of the keys {keys}; "
+        "or pass output_transform=<a function from the model's output to the prediction "
+        "tensor> (to train() or Evaluator)"
+    )
+
+
+def loss_of(outputs: Any) -> torch.Tensor | None:
+    """The loss a model computed itself (`outputs["loss"]` of a mapping), if any."""
+    if isinstance(outputs, Mapping):
+        value = outputs.get("loss")
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def reads_prediction(loss_function: Any) -> bool:
+    """Whether a loss takes the prediction tensor (torch's losses, traineval's defaults) or
+    the model's output as it returned it (any other function: e.g. a VAE's loss reads its
+    `(reconstruction, mu, logvar)`)."""
+    return isinstance(loss_function, nn.modules.loss._Loss) or bool(
+        getattr(loss_function, "reads_prediction", False)
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def accepts_labels(model: nn.Module) -> bool:
+    """Whether the model's `forward` has a `labels` parameter (Hugging Face models do)."""
+    try:
+        parameters = inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "labels" in parameters
+
+
+def label_shift(model: nn.Module) -> int:
+    """1 for a causal language model, whose loss compares the logits at position t with the
+    label at t + 1 (Hugging Face `...ForCausalLM` / `...LMHeadModel`); 0 otherwise. A model
+    may say so itself with a `label_shift` attribute."""
+    inner = unwrap(model)
+    own = getattr(inner, "label_shift", None)
+    if isinstance(own, int):
+        return own
+    loss_type = getattr(inner, "loss_type", None)
+    if loss_type == "ForCausalLM":
+        return 1
+    name = type(inner).__name__
+    if loss_type is None and (name.endswith(("ForCausalLM", "LMHeadModel"))):
+        return 1
+    return 0
+
+
+def shifted(
+    prediction: torch.Tensor, targets: torch.Tensor, shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(prediction, targets)` pairs a causal model is scored on: the logits at position
+    t against the label at t + `shift`."""
+    if shift == 0 or prediction.ndim < 3:
+        return prediction, targets
+    return prediction[:, :-shift], targets[:, shift:]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLoss:
+    """A model that computes its own loss from the batch's `labels` (see the module docstring).
+
+    `shift` is the label positions a causal model drops at the start of each row.
+    """
+
+    shift: int = 0
+    ignore_index: int = -100
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelLoss | None:
+        """The rule for `model` when its forward takes `labels`, else None."""
+        if not accepts_labels(model):
+            return None
+        return cls(shift=label_shift(model))
+
+    @staticmethod
+    def applies(batch: Any) -> bool:
+        """Whether `batch` carries labels for the model (a mapping with `labels`)."""
+        return isinstance(batch, Mapping) and "labels" in batch
+
+    def items(self, labels: torch.Tensor, exact: bool = True) -> int | torch.Tensor:
+        """How many label positions the model's mean loss is over (a device tensor when
+        they must be counted: no host sync). Sample-level labels count as samples unless
+        `exact` (a window's shares, evaluation), as `loss_weight` does."""
+        if labels.is_floating_point() or (labels.ndim < 2 and not exact):
+            return int(labels.shape[0]) if labels.ndim else 1
+        kept = labels[..., self.shift :] if self.shift and labels.ndim >= 2 else labels
+        return (kept != self.ignore_index).sum()
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Any, torch.Tensor]:
+        """Run the model with the labels; return its output and its loss."""
+        outputs = model(**batch)
+        loss = loss_of(outputs)
+        if loss is None:
+            raise ValueError(
+                f"the model ({type(unwrap(model)).__name__}) was given labels but returned no "
+                "loss (expected a mapping or ModelOutput with 'loss'); pass loss_function to "
+                "compute the loss from its prediction instead"
+            )
+        return outputs, loss
