@@ -149,6 +149,29 @@ def test_gpt2_accumulation_equals_one_big_batch_with_its_own_loss(tmp_path):
     assert max_difference(naive, reference) > 1e-3
 
 
+def test_gpt2_with_label_smoothing_trains_the_default_loss_on_the_next_token(tmp_path):
+    """label_smoothing shapes traineval's loss (the model gets no labels): it must score the
+    logits at t against the label at t + 1, as the model's own loss would."""
+    rows = padded_lm_rows()
+    model = tiny_gpt2()
+    config = exact_config(
+        tmp_path, "smoothed", batch_size=4, gradient_accumulation_steps=4, label_smoothing=0.1
+    )
+    TrainingManager(config).train(model, DataLoader(rows, batch_size=4))
+    reference = tiny_gpt2()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    for batch in DataLoader(rows, batch_size=16):
+        optimizer.zero_grad()
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        torch.nn.functional.cross_entropy(
+            logits.logits[:, :-1].reshape(-1, VOCAB),
+            batch["labels"][:, 1:].reshape(-1),
+            label_smoothing=0.1,
+        ).backward()
+        optimizer.step()
+    assert max_difference(model, reference) < 1e-6
+
+
 def test_gpt2_is_a_causal_model_and_counts_shifted_labels():
     model = tiny_gpt2()
     assert label_shift(model) == 1

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .averaging import WeightAverage
-from .batches import ModelLoss, OutputTransform
+from .batches import ModelLoss, OutputTransform, label_shift
 from .callbacks import (
     BestWeights,
     Callback,
@@ -233,6 +233,7 @@ class TrainingManager:
             job=job,
             output_transform=output_transform,
             model_loss=model_loss,
+            label_shift=0 if user_loss else label_shift(model),  # the default loss's
         )
         batches: Iterable[Any] = setup.loader
         if not setup.uses_own_loader:

@@ -36,6 +36,7 @@ def build_step(
     *,
     output_transform: OutputTransform | None = None,
     model_loss: ModelLoss | None = None,
+    label_shift: int = 0,
 ) -> StepFunction:
     """The step function of a training mode.
 
@@ -43,8 +44,9 @@ def build_step(
     the semi-supervised settings (`unlabeled_label`, `unlabeled_weight`,
     `pseudo_label_threshold`) and the meta-learning ones (`meta_algorithm`, `meta_inner_lr`,
     `meta_inner_steps`). `output_transform` reads the prediction from the model's output, and
-    `model_loss` trains supervised batches that carry `labels` on the model's own loss (see
-    `traineval.batches`).
+    `model_loss` trains supervised batches that carry `labels` on the model's own loss, and
+    `label_shift` scores a causal LM's logits at t against the label at t + 1 under the
+    default loss (see `traineval.batches`).
 
     Raises:
         ValueError: federated and reinforcement modes (built by `setup.prepare_mode`).
@@ -53,7 +55,11 @@ def build_step(
     compile_mode = c.compile_mode if c.compile else None
     if mode is TrainingMode.SUPERVISED:
         return SupervisedStep(
-            loss_function, compile_mode, output_transform=output_transform, model_loss=model_loss
+            loss_function,
+            compile_mode,
+            output_transform=output_transform,
+            model_loss=model_loss,
+            label_shift=label_shift,
         )
     if mode is TrainingMode.UNSUPERVISED:
         return UnsupervisedStep(loss_function, compile_mode, output_transform=output_transform)

@@ -139,6 +139,7 @@ def prepare_mode(
     job: Distributed,
     output_transform: Any = None,
     model_loss: ModelLoss | None = None,
+    label_shift: int = 0,
 ) -> ModeSetup:
     """Check what `mode` cannot combine with, then build its loader and step function.
 
@@ -189,7 +190,12 @@ def prepare_mode(
         # several forward passes per update: no DDP wrapper, the loop averages the gradients
         return ModeSetup(mode, Updates(c.rl_updates_per_epoch), step, True, wraps_model=False)
     step_fn = build_step(
-        mode, loss_function, c, output_transform=output_transform, model_loss=model_loss
+        mode,
+        loss_function,
+        c,
+        output_transform=output_transform,
+        model_loss=model_loss,
+        label_shift=label_shift,
     )
     return ModeSetup(mode, train_loader, step_fn, False, wraps_model=mode is not META)
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batches import ModelLoss, OutputTransform, prediction_of, reads_prediction
+from ..batches import ModelLoss, OutputTransform, prediction_of, reads_prediction, shifted
 from .base import (
     LossFunction,
     StepOutput,
@@ -36,12 +36,15 @@ class SupervisedStep:
         *,
         output_transform: OutputTransform | None = None,
         model_loss: ModelLoss | None = None,
+        label_shift: int = 0,
     ) -> None:
         self.loss_function = loss_function
         self._loss = compiled_loss(loss_function, compile_mode)
         self.output_transform = output_transform
         self.model_loss = model_loss
         self._reads_prediction = reads_prediction(loss_function)
+        # a causal LM under the default token loss: logits at t against the label at t + 1
+        self.label_shift = label_shift
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         if self.model_loss is not None and self.model_loss.applies(batch):
@@ -55,6 +58,8 @@ class SupervisedStep:
         outputs = forward(model, inputs)
         if self._reads_prediction:
             outputs = prediction_of(outputs, self.output_transform)
+            if self.label_shift:
+                outputs, targets = shifted(outputs, targets, self.label_shift)
         loss = self._loss(outputs, targets)
         num_samples = batch_size_of(inputs)
         return StepOutput(
@@ -83,4 +88,6 @@ class SupervisedStep:
         if self.model_loss is not None and self.model_loss.applies(batch):
             return self.model_loss.items(batch["labels"])
         inputs, targets = split_batch(batch)
+        if self.label_shift and targets is not None and targets.ndim >= 2:
+            targets = targets[:, self.label_shift :]
         return loss_weight(self.loss_function, targets, batch_size_of(inputs), exact=True)
