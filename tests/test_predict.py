@@ -27,13 +27,19 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
-def _fit_and_evaluate(tmp_path, data, target: str, training: str):
+def _fit_and_evaluate(
+    tmp_path,
+    data,
+    target: str,
+    training: str,
+    model: str = "{name: mlp, options: {hidden_sizes: [16]}}",
+):
     """Fit a run on the CSV `data` and have the evaluator write its test-split predictions;
     returns the run directory, those predictions and the test split's raw rows of `data`."""
     config = tmp_path / "run.yaml"
     config.write_text(
         f"data: {{name: csv, path: {data}, target: {target}}}\n"
-        "model: {name: mlp, options: {hidden_sizes: [16]}}\n"
+        f"model: {model}\n"
         f"training: {{{training}, warmup_steps: 0, tensorboard_logging: false}}\n"
     )
     run = tmp_path / "run"
@@ -79,6 +85,53 @@ def test_predict_equals_the_evaluators_predictions_of_the_same_rows(tmp_path, ca
             assert float(ours[f"prob_{name}"]) == pytest.approx(
                 float(theirs[f"prob_{name}"]), rel=1e-5
             )
+
+
+FACTORY = """
+import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class Classifier(torch.nn.Module):
+    def __init__(self, width, classes):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(width, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes)
+        )
+
+    def forward(self, x):
+        return SequenceClassifierOutput(logits=self.net(x))
+
+
+def build(input_shape, output_dim):
+    return Classifier(input_shape[0], output_dim)
+"""
+
+
+def test_predict_reads_a_hugging_face_output(tmp_path, capsys, monkeypatch):
+    """A model factory whose model returns a Hugging Face ModelOutput: fit, evaluate and
+    predict read its logits."""
+    pytest.importorskip("transformers")
+    (tmp_path / "hf_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "species.csv"
+    _species_csv(data)
+    training = "num_epochs: 4, learning_rate: 1e-2"
+    run, expected, test_rows = _fit_and_evaluate(
+        tmp_path, data, "species", training, model="{name: 'hf_factory:build'}"
+    )
+    new = tmp_path / "new.csv"
+    with new.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sepal", "petal", "stem"])
+        for row in test_rows:
+            writer.writerow([row["sepal"], row["petal"], row["stem"]])
+    out = tmp_path / "scored.csv"
+    assert main(["predict", str(run), str(new), "--output", str(out)]) == 0
+    got = _rows(out)
+    assert [row["prediction"] for row in got] == [row["prediction"] for row in expected]
+    accuracy = np.mean([row["prediction"] == row["target"] for row in expected])
+    assert accuracy > 0.6
 
 
 def test_predict_names_what_is_wrong_with_the_input(tmp_path, capsys):
