@@ -144,6 +144,19 @@ def test_a_model_that_computes_its_own_loss_from_labels(tmp_path):
         assert result.training_history[key] == pytest.approx(
             expected.training_history[key], rel=1e-6
         )
+    # a loss function you pass wins over the model's own: the model then gets no labels
+    calls.clear()
+    model, _ = _train(
+        tmp_path,
+        Counting(),
+        "user_loss",
+        loader=loader,
+        val=val,
+        loss_function=nn.CrossEntropyLoss(),
+    )
+    assert calls
+    assert not any(calls)
+    assert _same(model, reference)
     # label smoothing shapes the default loss: the model then gets no labels
     calls.clear()
     _train(

@@ -157,6 +157,21 @@ def test_policy_gradient_equals_a_hand_written_loop(quiet_config, value):
     assert set(result["training_history"]["val_metrics"][-1]) == {"return", "episode_length"}
 
 
+def test_a_policy_returning_a_mapping_trains_like_one_returning_a_tuple(quiet_config, tmp_path):
+    class MappingPolicy(ActorCritic):
+        def forward(self, x):
+            logits, value = super().forward(x)
+            return {"logits": logits, "value": value}
+
+    models = []
+    for name, model in (("tuple", ActorCritic()), ("mapping", MappingPolicy())):
+        config = _config({**quiet_config, "output_dir": str(tmp_path / name)})
+        TrainingManager(config).train(model, Walk, mode=RL)
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_returns_bootstrap_only_episodes_cut_by_the_time_limit():
     step = PolicyGradientStep(Walk, episodes=1, gamma=0.5)
     ended = {"rewards": [1.0, 1.0, 1.0], "bootstrap": 0.0}

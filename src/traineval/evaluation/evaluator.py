@@ -29,7 +29,7 @@ from .metrics import (
     TokenStats,
 )
 from .predictions import PredictionWriter, class_labels
-from .scoring import BatchScorer
+from .scoring import BatchScorer, Scored
 
 SPLIT_PREFIX = {
     EvaluationMode.TRAINING: "train",
@@ -153,8 +153,6 @@ class Evaluator:
         was_training = model.training
         model.eval()
         accumulator: _Accumulator | None = None
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        weight_sum = torch.zeros((), dtype=torch.float64, device=device)
         scorer = BatchScorer(
             model,
             loss_function,
@@ -180,30 +178,12 @@ class Evaluator:
                             multilabel=training_mode is not TrainingMode.UNSUPERVISED,
                         )
                         accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
-                        if folder is not None and self.config.save_predictions:
-                            path = folder / f"predictions_{prefix}.csv"
-                            writer = stack.enter_context(
-                                PredictionWriter(
-                                    path, task, self.config.multilabel_threshold, self.class_names
-                                )
-                            )
-                    scored = scorer.score(result, accumulator.task)
-                    weight = scored.weight
-                    if isinstance(weight, int):
-                        loss_sum.add_(scored.loss.detach(), alpha=weight)
-                    else:
-                        loss_sum.add_(scored.loss.detach() * weight)
-                    weight_sum += weight
-                    main, targets = scored.prediction, scored.targets
-                    if self.config.compute_metrics:
-                        accumulator.update(main, targets)
-                    if writer is not None:
-                        writer.write(main, targets)
-                    if text is not None and decode is not None and main.ndim == 3:
-                        _add_texts(text, decode, main, targets, self.config.ignore_index)
+                        writer = self._writer(task, folder, prefix, stack)
+                    scored = scorer.score(result, accumulator.task)  # adds to its loss sums
+                    self._update(accumulator, writer, text, decode, scored)
         finally:
             model.train(was_training)
-        total_loss, total_weight = float(loss_sum), float(weight_sum)
+        total_loss, total_weight = scorer.loss_totals()
         if distributed is not None and sharded:
             accumulator, text = _merge_ranks(distributed, accumulator, text)
             total_loss, total_weight = distributed.sum([total_loss, total_weight])
@@ -222,6 +202,33 @@ class Evaluator:
         if folder is not None and self.config.plot_metrics:
             self.last_files.update(self._plot(accumulator, folder, prefix))
         return metrics
+
+    def _writer(
+        self, task: TaskType, folder: Path | None, prefix: str, stack: contextlib.ExitStack
+    ) -> PredictionWriter | None:
+        """The predictions file of this evaluation, when files are written and asked for."""
+        if folder is None or not self.config.save_predictions:
+            return None
+        path = folder / f"predictions_{prefix}.csv"
+        threshold = self.config.multilabel_threshold
+        return stack.enter_context(PredictionWriter(path, task, threshold, self.class_names))
+
+    def _update(
+        self,
+        accumulator: _Accumulator,
+        writer: PredictionWriter | None,
+        text: Any,
+        decode: Callable[[list[int]], str] | None,
+        scored: Scored,
+    ) -> None:
+        """Add one scored batch to the metrics, the predictions file and the decoded texts."""
+        main, targets = scored.prediction, scored.targets
+        if self.config.compute_metrics:
+            accumulator.update(main, targets)
+        if writer is not None:
+            writer.write(main, targets)
+        if text is not None and decode is not None and main.ndim == 3:
+            _add_texts(text, decode, main, targets, self.config.ignore_index)
 
     def compute_text_metrics(
         self,

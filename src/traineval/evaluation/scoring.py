@@ -70,6 +70,9 @@ class BatchScorer:
         self.model_loss = ModelLoss.of(model) if use_own else None
         self.shift = 0 if unsupervised else label_shift(model)
         self._takes_targets = loss_function is None or count_required_args(loss_function) >= 2
+        # item-weighted loss sums over the batches scored, on the device (read once, at the end)
+        self._loss_sum: torch.Tensor | None = None
+        self._weight_sum: torch.Tensor | None = None
 
     def forward(self, batch: Any) -> _Forward:
         """The model's output on `batch` (with its loss when it computes one)."""
@@ -88,7 +91,27 @@ class BatchScorer:
         return shifted(prediction_of(result.outputs, self.transform), result.targets, self.shift)
 
     def score(self, result: _Forward, task: TaskType) -> Scored:
-        """The batch's prediction, targets, loss and weight, for the metrics of `task`."""
+        """The batch's prediction, targets, loss and weight, for the metrics of `task`; its
+        loss is added to the sums `loss_totals` reads."""
+        scored = self._score(result, task)
+        loss = scored.loss.detach()
+        if self._loss_sum is None or self._weight_sum is None:
+            self._loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
+            self._weight_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
+        if isinstance(scored.weight, int):
+            self._loss_sum.add_(loss, alpha=scored.weight)
+        else:
+            self._loss_sum.add_(loss * scored.weight)
+        self._weight_sum += scored.weight
+        return scored
+
+    def loss_totals(self) -> tuple[float, float]:
+        """The item-weighted loss sum and the items, over every batch scored (a sync)."""
+        if self._loss_sum is None or self._weight_sum is None:
+            return 0.0, 0.0
+        return float(self._loss_sum), float(self._weight_sum)
+
+    def _score(self, result: _Forward, task: TaskType) -> Scored:
         raw = prediction_of(result.outputs, self.transform)
         prediction, targets = shifted(raw, result.targets, self.shift)
         if result.own_loss is not None:

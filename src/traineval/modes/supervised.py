@@ -57,7 +57,8 @@ class SupervisedStep:
             )
         outputs = forward(model, inputs)
         if self._reads_prediction:
-            outputs = prediction_of(outputs, self.output_transform)
+            if self.output_transform is not None or type(outputs) is not torch.Tensor:
+                outputs = prediction_of(outputs, self.output_transform)  # a tensor: as is
             if self.label_shift:
                 outputs, targets = shifted(outputs, targets, self.label_shift)
         loss = self._loss(outputs, targets)
