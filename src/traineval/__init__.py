@@ -1,6 +1,6 @@
 """traineval: train and evaluate PyTorch models.
 
-The public API of SPEC.md: `TrainingConfig`, `EvaluationConfig`, `TrainingManager`,
+The public API (docs/design.md): `TrainingConfig`, `EvaluationConfig`, `TrainingManager`,
 `Evaluator`, `MetricsTracker`, `PerformanceMonitor`, and the enums `TaskType`,
 `TrainingMode`, `EvaluationMode`.
 """

@@ -1,4 +1,4 @@
-"""Configuration: `TrainingConfig`, `EvaluationConfig` and the enums of SPEC.md.
+"""Configuration: `TrainingConfig`, `EvaluationConfig` and the enums of the public API.
 
 Every config is validated on construction: a bad value raises `ValueError` naming the field,
 the value and what is allowed, before any work starts. Configs load from dicts and YAML and
@@ -198,7 +198,7 @@ class _ConfigBase:
 class TrainingConfig(_ConfigBase):
     """Configuration for training; every field is validated on construction.
 
-    The first block is SPEC.md's, with its defaults. `checkpoint_every_n_steps` (0: off)
+    The first block is the specification's, with its defaults. `checkpoint_every_n_steps` (0: off)
     also saves `last` inside epochs, so a long epoch can be resumed in the middle;
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
@@ -248,7 +248,7 @@ class TrainingConfig(_ConfigBase):
         ValueError: batch_size=0 is invalid: expected an integer >= 1
     """
 
-    # Training parameters (SPEC.md)
+    # Training parameters (the specification's, with its defaults: docs/design.md)
     num_epochs: int = 100
     batch_size: int = 32
     learning_rate: float = 1e-4
@@ -271,7 +271,7 @@ class TrainingConfig(_ConfigBase):
     tensorboard_logging: bool = True
     wandb_logging: bool = False
 
-    # Used by SPEC.md but missing from its config
+    # Used by the specification but missing from its config
     save_best_model: bool = True
     eval_batch_size: int | None = None
     # What a real run needs
@@ -591,7 +591,7 @@ def metric_is_minimized(name: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig(_ConfigBase):
-    """Configuration for evaluation (SPEC.md's `EvaluationConfig`)."""
+    """Configuration for evaluation (the specification's `EvaluationConfig`)."""
 
     compute_metrics: bool = True
     save_predictions: bool = False

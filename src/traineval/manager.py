@@ -1,4 +1,4 @@
-"""TrainingManager: the facade of SPEC.md and the only place that reads a `TrainingConfig`."""
+"""TrainingManager: the public facade, and the only place that reads a `TrainingConfig`."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class TrainingResult(Mapping[str, Any]):
 
 
 class TrainingManager:
-    """Comprehensive training manager (SPEC.md): builds the pieces from the config and trains.
+    """Comprehensive training manager: builds the pieces from the config and trains.
 
     Example:
         >>> manager = TrainingManager(TrainingConfig(device="cpu"))

@@ -7,7 +7,7 @@ from typing import Any
 
 
 class MetricsTracker:
-    """Track and manage training metrics (SPEC.md's `MetricsTracker`).
+    """Track and manage training metrics (the specification's `MetricsTracker`).
 
     Example:
         >>> tracker = MetricsTracker()

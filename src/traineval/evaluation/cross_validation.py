@@ -164,7 +164,7 @@ def cross_validate(
 
 
 def aggregate(results: Sequence[FoldResult]) -> dict[str, Any]:
-    """`<metric>_mean` and `<metric>_std` (population std, as SPEC.md) plus per-fold values."""
+    """`<metric>_mean` and `<metric>_std` (population std) plus per-fold values."""
     names = list(results[0].best_metrics)
     summary: dict[str, Any] = {}
     for name in names:

@@ -42,7 +42,7 @@ SCATTER_POINTS = 10_000  # predicted-vs-actual plots keep this many points, not 
 
 
 class Evaluator:
-    """Comprehensive model evaluator (SPEC.md's `Evaluator`).
+    """Comprehensive model evaluator (the specification's `Evaluator`).
 
     Example:
         >>> import torch
@@ -260,7 +260,7 @@ class Evaluator:
         training_mode: TrainingMode = TrainingMode.SUPERVISED,
         num_workers: int = 0,
     ) -> dict[str, Any]:
-        """k-fold cross-validation (SPEC.md's call shape): one fresh model per fold.
+        """k-fold cross-validation (the specification's call shape): one fresh model per fold.
 
         `model_class` is a model class taking no arguments or any function returning a new
         model. Folds are stratified for classification unless `stratify=False`, grouped when
