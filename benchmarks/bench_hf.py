@@ -22,13 +22,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+
+from peers import with_traineval
 
 STEPS, BATCH, LENGTH, VOCAB = 60, 16, 64, 1024
 
@@ -76,33 +76,9 @@ def hand_written(model: torch.nn.Module, loader: DataLoader) -> None:
     float(running)
 
 
-def with_traineval(model: torch.nn.Module, loader: DataLoader, lean: bool) -> None:
-    from traineval import TrainingConfig, TrainingManager
-
-    with tempfile.TemporaryDirectory() as folder:
-        settings: dict[str, Any] = {
-            "num_epochs": 1,
-            "learning_rate": 1e-3,
-            "weight_decay": 0.0,
-            "scheduler_type": "constant",
-            "warmup_steps": 0,
-            "output_dir": folder,
-            "tensorboard_logging": False,
-            "batch_size": BATCH,
-        }
-        if lean:
-            settings.update(
-                progress_bar=False,
-                log_frequency=10**9,
-                save_best_model=False,
-                save_last_checkpoint=False,
-                checkpoint_save_frequency=0,
-            )
-        TrainingManager(TrainingConfig(**settings)).train(model, loader)
-
-
 LOOPS = {
     "hand-written (model's loss)": hand_written,
+    # peers.py's traineval runs: defaults, and lean (no progress bar, logs or checkpoints)
     "traineval defaults": lambda m, d: with_traineval(m, d, lean=False),
     "traineval lean": lambda m, d: with_traineval(m, d, lean=True),
 }

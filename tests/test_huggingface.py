@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from traineval import Evaluator, TrainingConfig, TrainingManager
 from traineval.batches import ModelLoss, label_shift
+from traineval.tasks import SequenceCrossEntropy
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -80,6 +81,12 @@ def token_task(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
+def quiet_config(tmp_path, name: str, **settings) -> TrainingConfig:
+    """A silent CPU run writing into `tmp_path / name`."""
+    quiet = {"progress_bar": False, "tensorboard_logging": False, "device": "cpu"}
+    return TrainingConfig(**{**quiet, "output_dir": str(tmp_path / name), **settings})
+
+
 def exact_config(tmp_path, name: str, **overrides) -> TrainingConfig:
     """Plain SGD with momentum and no clipping: the weights are a linear function of the
     window's gradient, so 'equal to one big batch' can be checked to float rounding (Adam's
@@ -93,16 +100,12 @@ def exact_config(tmp_path, name: str, **overrides) -> TrainingConfig:
         "scheduler_type": "constant",
         "gradient_clipping": False,
         "mixed_precision": False,
-        "progress_bar": False,
-        "tensorboard_logging": False,
         "early_stopping_patience": 0,
         "save_best_model": False,
         "checkpoint_save_frequency": 0,
-        "device": "cpu",
-        "output_dir": str(tmp_path / name),
         **overrides,
     }
-    return TrainingConfig(**settings)
+    return quiet_config(tmp_path, name, **settings)
 
 
 def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -170,6 +173,14 @@ def test_gpt2_with_label_smoothing_trains_the_default_loss_on_the_next_token(tmp
         ).backward()
         optimizer.step()
     assert max_difference(model, reference) < 1e-6
+    # traineval's token loss passed as loss_function follows the same rule
+    passed = tiny_gpt2()
+    TrainingManager(exact_config(tmp_path, "passed", batch_size=16)).train(
+        passed,
+        DataLoader(rows, batch_size=16),
+        loss_function=SequenceCrossEntropy(label_smoothing=0.1),
+    )
+    assert max_difference(passed, reference) < 1e-6
 
 
 def test_gpt2_is_a_causal_model_and_counts_shifted_labels():
@@ -206,15 +217,8 @@ def test_gpt2_evaluation_scores_the_shifted_tokens():
 
 def test_tiny_bert_learns_a_token_task_through_train(tmp_path):
     train, val = token_task(768, seed=0), token_task(192, seed=1)
-    config = TrainingConfig(
-        num_epochs=8,
-        batch_size=32,
-        learning_rate=3e-3,
-        warmup_steps=20,
-        progress_bar=False,
-        tensorboard_logging=False,
-        device="cpu",
-        output_dir=str(tmp_path / "bert"),
+    config = quiet_config(
+        tmp_path, "bert", num_epochs=8, batch_size=32, learning_rate=3e-3, warmup_steps=20
     )
     model = tiny_bert()
     result = TrainingManager(config).train(
@@ -280,15 +284,7 @@ def test_datasets_dataset_with_a_padding_collator_trains(tmp_path):
     collator = transformers.DataCollatorWithPadding(tokenizer)
     loader = DataLoader(dataset, batch_size=32, shuffle=True, collate_fn=collator)
     val_loader = DataLoader(dataset, batch_size=64, collate_fn=collator)
-    config = TrainingConfig(
-        num_epochs=6,
-        learning_rate=3e-3,
-        warmup_steps=5,
-        progress_bar=False,
-        tensorboard_logging=False,
-        device="cpu",
-        output_dir=str(tmp_path / "ds"),
-    )
+    config = quiet_config(tmp_path, "ds", num_epochs=6, learning_rate=3e-3, warmup_steps=5)
     model = tiny_bert(num_labels=2, vocab=len(words))
     result = TrainingManager(config).train(model, loader, val_loader)
     assert result.training_history["val_metrics"][-1]["accuracy"] >= 0.9

@@ -69,11 +69,11 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
-def forward(model: nn.Module, inputs: Any, **extra: Any) -> Any:
+def forward(model: nn.Module, inputs: Any) -> Any:
     """Call the model: a dict of inputs becomes keyword arguments."""
     if not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping):
-        return model(**inputs, **extra)
-    return model(inputs, **extra)
+        return model(**inputs)
+    return model(inputs)
 
 
 def batch_size_of(inputs: Any) -> int:

@@ -233,7 +233,7 @@ class TrainingManager:
             job=job,
             output_transform=output_transform,
             model_loss=model_loss,
-            label_shift=0 if user_loss else label_shift(model),  # the default loss's
+            label_shift=label_shift(model),  # for traineval's token loss
         )
         batches: Iterable[Any] = setup.loader
         if not setup.uses_own_loader:

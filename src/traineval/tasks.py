@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .batches import reads_prediction
 from .config import TaskType
 
 
@@ -95,6 +94,13 @@ class SequenceCrossEntropy(nn.Module):
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
         )
+
+
+def scores_next_token(loss_function: Any) -> bool:
+    """Whether a loss is traineval's token loss (the default's), which scores a causal LM's
+    logits at t against the label at t + 1 (see `traineval.batches.label_shift`); a loss of
+    your own gets the targets as they are."""
+    return isinstance(loss_function, (AutoLoss, SequenceCrossEntropy))
 
 
 def default_loss(
@@ -202,7 +208,6 @@ class CompiledLoss:
     def __init__(self, loss_function: Any, mode: str = "default") -> None:
         self.loss_function = loss_function
         self.mode = mode
-        self.reads_prediction = reads_prediction(loss_function)
         self._compiled: Any = None
         if not isinstance(loss_function, AutoLoss):
             self._compiled = torch.compile(loss_function, mode=mode)

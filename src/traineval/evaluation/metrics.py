@@ -94,12 +94,14 @@ class ConfusionMatrix:
         """Keep the first invalid label and its position on the device (no sync), so the
         error can name it."""
         n = targets.shape[0]
+        if n == 0:
+            return
         if self.first_invalid is None:
             none = torch.tensor([torch.iinfo(torch.int64).max, 0], device=targets.device)
             self.first_invalid = none
         positions = torch.arange(self.seen, self.seen + n, device=targets.device)
         first = torch.where(invalid, positions, self.first_invalid[0]).min()
-        label = targets[(first - self.seen).clamp(0, max(n - 1, 0))].long()
+        label = targets[(first - self.seen).clamp(0, n - 1)].long()
         candidate = torch.stack([first, label])
         self.first_invalid = torch.where(
             first < self.first_invalid[0], candidate, self.first_invalid

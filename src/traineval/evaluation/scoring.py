@@ -28,7 +28,7 @@ from ..batches import (
 )
 from ..config import TaskType
 from ..modes.base import count_required_args, loss_weight
-from ..tasks import AutoLoss, SequenceCrossEntropy, default_loss
+from ..tasks import default_loss, scores_next_token
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ class BatchScorer:
             weight = self.model_loss.items(result.targets, exact=True)
             return Scored(prediction, targets, result.own_loss, weight)
         loss_function = self._loss_function(task)
-        if isinstance(loss_function, (AutoLoss, SequenceCrossEntropy)):
+        if scores_next_token(loss_function):
             pair = (prediction, targets)  # the default loss scores what the metrics score
         elif reads_prediction(loss_function):
             pair = (raw, result.targets)

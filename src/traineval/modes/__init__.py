@@ -45,8 +45,8 @@ def build_step(
     `pseudo_label_threshold`) and the meta-learning ones (`meta_algorithm`, `meta_inner_lr`,
     `meta_inner_steps`). `output_transform` reads the prediction from the model's output, and
     `model_loss` trains supervised batches that carry `labels` on the model's own loss, and
-    `label_shift` scores a causal LM's logits at t against the label at t + 1 under the
-    default loss (see `traineval.batches`).
+    `label_shift` scores a causal LM's logits at t against the label at t + 1 under
+    traineval's token loss (see `traineval.batches`).
 
     Raises:
         ValueError: federated and reinforcement modes (built by `setup.prepare_mode`).
@@ -71,9 +71,7 @@ def build_step(
             output_transform=output_transform,
         )
     if mode is TrainingMode.META_LEARNING:
-        step = MetaLearningStep.from_config(c, loss_function)
-        step.output_transform = output_transform
-        return step
+        return MetaLearningStep.from_config(c, loss_function, output_transform)
     # FEDERATED and REINFORCEMENT: their steps need the clients / the environment
     raise ValueError(
         f"mode={mode.value!r} has no step function of its own: TrainingManager.train builds "

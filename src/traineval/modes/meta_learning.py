@@ -59,10 +59,21 @@ class MetaLearningStep:
         self.output_transform = output_transform
 
     @classmethod
-    def from_config(cls, config: Any, loss_function: Any = None) -> MetaLearningStep:
+    def from_config(
+        cls,
+        config: Any,
+        loss_function: Any = None,
+        output_transform: OutputTransform | None = None,
+    ) -> MetaLearningStep:
         """The step a TrainingConfig's `meta_*` settings describe."""
         c = config
-        return cls(loss_function, c.meta_algorithm, c.meta_inner_lr, c.meta_inner_steps)
+        return cls(
+            loss_function,
+            c.meta_algorithm,
+            c.meta_inner_lr,
+            c.meta_inner_steps,
+            output_transform=output_transform,
+        )
 
     def weight(self, batch: Any) -> int:
         """Tasks weigh equally: the number of tasks in the batch."""

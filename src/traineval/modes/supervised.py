@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..batches import ModelLoss, OutputTransform, prediction_of, reads_prediction, shifted
+from ..tasks import scores_next_token
 from .base import (
     LossFunction,
     StepOutput,
@@ -43,8 +44,8 @@ class SupervisedStep:
         self.output_transform = output_transform
         self.model_loss = model_loss
         self._reads_prediction = reads_prediction(loss_function)
-        # a causal LM under the default token loss: logits at t against the label at t + 1
-        self.label_shift = label_shift
+        # a causal LM under traineval's token loss: logits at t against the label at t + 1
+        self.label_shift = label_shift if scores_next_token(loss_function) else 0
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         if self.model_loss is not None and self.model_loss.applies(batch):
