@@ -1,26 +1,80 @@
-"""The README's Python example runs as written."""
+"""The README's and the docs' Python examples run as written; the config reference is current."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
+
+
+def run_examples(page: Path) -> dict:
+    """Run a page's Python blocks in order, in one namespace (they build on each other, like a
+    session); return the namespace."""
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert blocks, f"{page.name} has no Python example"
+    namespace = {"__name__": page.stem}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
+    return namespace
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "the README has no Python example"
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "readme"}  # the blocks build on each other, like a session
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
-    printed = capsys.readouterr().out
-    assert "accuracy" in printed
+    namespace = run_examples(README)
+    assert "accuracy" in capsys.readouterr().out
     assert (tmp_path / "runs" / "example" / "metrics.jsonl").exists()
+    assert namespace["results"]["global_step"] > 0
+
+
+def _check_models(namespace: dict, printed: str) -> None:
+    assert namespace["bert_result"]["training_history"]["val_metrics"][-1]["accuracy"] >= 0.9
+    assert "test accuracy" in printed
+
+
+def _check_checkpoints(namespace: dict, printed: str) -> None:
     assert namespace["result"]["epochs_completed"] == 3
+
+
+def _check_modes(namespace: dict, printed: str) -> None:
     assert namespace["rl_result"]["monitor_metric"] == "val_return"
     assert len(namespace["rl_result"]["training_history"]["val_metrics"]) == 4
+
+
+def _check_training(namespace: dict, printed: str) -> None:
+    assert "hamming_loss" in printed
+
+
+CHECKS = {
+    "models.md": _check_models,
+    "checkpoints.md": _check_checkpoints,
+    "modes.md": _check_modes,
+    "training.md": _check_training,
+}
+
+
+def test_every_docs_page_with_python_has_a_check():
+    pages = {p.name for p in DOCS.glob("*.md") if "```python" in p.read_text()}
+    assert pages == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_docs_python_examples_run(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_examples(DOCS / name)
+    CHECKS[name](namespace, capsys.readouterr().out)
+
+
+def test_the_config_reference_is_generated_from_the_code():
+    from traineval.config_docs import reference_markdown
+
+    assert (DOCS / "config-reference.md").read_text() == reference_markdown(), (
+        "docs/config-reference.md is stale: run "
+        "`.venv/bin/python -m traineval.config_docs > docs/config-reference.md`"
+    )
 
 
 def test_the_project_explains_itself_without_the_steering_files():
