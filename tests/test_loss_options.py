@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval.build import class_weights
 
 from conftest import make_classification, make_mlp
 
@@ -47,7 +48,7 @@ def test_class_weights_and_label_smoothing_equal_a_hand_written_loop(quiet_confi
     labels = data.tensors[1].numpy()
     if weights == "balanced":
         weights = compute_class_weight("balanced", classes=np.arange(3), y=labels)
-        ours = TrainingManager(config)._class_weights(DataLoader(data, 8))
+        ours = class_weights(config, DataLoader(data, 8), torch.device("cpu"))
         np.testing.assert_allclose(ours.numpy(), weights, rtol=1e-6)  # the values themselves
     loss = nn.CrossEntropyLoss(
         weight=torch.tensor(weights, dtype=torch.float32), label_smoothing=0.1

@@ -97,6 +97,27 @@ class RangeTest(Callback):
         self._average = 0.0
         self.stop_reason = "completed"
 
+    @classmethod
+    def checked(
+        cls, min_lr: Any, max_lr: Any, num_steps: Any, divergence: Any, smoothing: Any
+    ) -> RangeTest:
+        """The range test, after refusing each bad argument by name, value and rule."""
+        if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or min_lr <= 0:
+            raise ValueError(f"min_lr={min_lr!r} is invalid: expected a number > 0")
+        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or max_lr <= min_lr:
+            raise ValueError(f"max_lr={max_lr!r} is invalid: expected a number > min_lr={min_lr}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"num_steps={num_steps!r} is invalid: expected an integer >= 2")
+        if (
+            isinstance(divergence, bool)
+            or not isinstance(divergence, (int, float))
+            or divergence <= 1
+        ):
+            raise ValueError(f"divergence={divergence!r} is invalid: expected a number > 1")
+        if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing={smoothing!r} is invalid: expected a number in [0, 1)")
+        return cls(float(min_lr), float(max_lr), num_steps, divergence, smoothing)
+
     def rate(self, update: int) -> float:
         """The rate of update `update` (from 0): min_lr, ..., max_lr at num_steps - 1."""
         return self.min_lr * (self.max_lr / self.min_lr) ** (update / (self.num_steps - 1))
@@ -132,3 +153,33 @@ class RangeTest(Callback):
             suggestion=suggest(self.rates, smoothed) if smoothed else None,
             stop_reason=self.stop_reason,
         )
+
+
+def search_config(config: Any, min_lr: float, num_steps: int, folder: str) -> Any:
+    """The run's `TrainingConfig` as the search trains it: a constant rate from `min_lr` (the
+    callback raises it), `num_steps` updates, every loss read, nothing kept (no checkpoints,
+    loggers, progress bar, moving average) in the throw-away `folder`."""
+    return dataclasses.replace(
+        config,
+        learning_rate=min_lr,
+        scheduler_type="constant",
+        warmup_steps=0,
+        warmup_ratio=0.0,
+        num_epochs=num_steps,  # at least one update per epoch; max_steps ends it
+        max_steps=num_steps,
+        log_frequency=1,  # the loss of every update is read: it is the point
+        early_stopping_patience=0,
+        output_dir=folder,
+        overwrite_output_dir=True,
+        save_best_model=False,
+        save_last_checkpoint=False,
+        checkpoint_save_frequency=0,
+        checkpoint_every_n_steps=0,
+        restore_best_weights=False,
+        tensorboard_logging=False,
+        wandb_logging=False,
+        mlflow_logging=False,
+        progress_bar=False,
+        ema_decay=0.0,
+        skip_nonfinite_steps=0,
+    )

@@ -1,0 +1,435 @@
+"""Assembling a training run from its config: the named phases of `TrainingManager.train`.
+
+Each phase reads the `TrainingConfig` and hands plain parts on; the loop reads no config.
+
+    check_inputs    refuse what cannot work, before any work
+    choose_loss     the user's loss, the default of the task, or the model's own
+    (the mode's plan: `modes.setup.prepare_mode`)
+    shard_data      each rank's share of the data; updates per epoch and in all
+    choose_monitor  the metric behind early stopping, the best checkpoint, plateau schedules
+    load_resume     the checkpoint to continue from, checked against this config
+    place_model     seeds, device, resumed weights, frozen parameters, DDP / FSDP
+    optimization    precision, optimizer, schedule (resumed states), torch.compile
+    evaluation      how the loop validates
+    open_loggers    config.yaml, metrics.jsonl and the optional loggers (rank 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .batches import ModelLoss, OutputTransform
+from .config import TaskType, TrainingConfig, TrainingMode
+from .distributed import (
+    Distributed,
+    is_sharded,
+    load_optimizer_state,
+    shard_eval_loader,
+    shard_train_loader,
+    wrap_model,
+)
+from .evaluation import Evaluator
+from .loggers import JsonlLogger, LoggerHub
+from .loop import EvaluateFn, Monitor
+from .modes.setup import ModeSetup
+from .optim import check_prefixes, freeze
+from .precision import Precision, resolve_precision
+from .resume import check_compatible, find_checkpoint, truncate_events
+from .run_checkpoints import CHECKPOINT_FORMAT, training_weights
+from .seeding import seed_everything
+from .tasks import RegressionMSE, default_loss
+
+logger = logging.getLogger(__name__)
+
+SHAPING_MODES = (TrainingMode.SUPERVISED, TrainingMode.FEDERATED)
+
+
+def check_inputs(
+    config: TrainingConfig, model: Any, mode: TrainingMode, loss_function: Any
+) -> None:
+    """Refuse a model that is not a Module, prefixes that name no parameter, and loss settings
+    the run cannot honour."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_prefixes(model, "frozen_parameters", config.frozen_parameters)
+    check_prefixes(model, "lr_multipliers", config.lr_multipliers)
+    if not _shapes_loss(config):
+        return
+    if loss_function is not None:
+        raise ValueError(
+            "label_smoothing / class_weights shape the default loss, but a loss_function "
+            "was passed: set them on your loss (e.g. nn.CrossEntropyLoss(weight=..., "
+            "label_smoothing=...)) and leave the config's at their defaults"
+        )
+    if mode not in SHAPING_MODES:
+        raise ValueError(
+            f"label_smoothing / class_weights are not supported in mode='{mode.value}' "
+            "(they shape the supervised cross-entropy)"
+        )
+
+
+def _shapes_loss(config: TrainingConfig) -> bool:
+    return bool(config.label_smoothing or config.class_weights is not None)
+
+
+@dataclasses.dataclass
+class LossChoice:
+    """The loss of a run: `function` (the user's or the default), and `model_loss` when the
+    model computes its own from `labels` (the Hugging Face convention)."""
+
+    function: Any
+    user_loss: bool
+    model_loss: ModelLoss | None
+
+    @property
+    def for_evaluation(self) -> Any:
+        """What the evaluator scores with: None lets it use the model's own loss."""
+        return None if self.model_loss is not None else self.function
+
+
+def choose_loss(
+    config: TrainingConfig,
+    model: nn.Module,
+    mode: TrainingMode,
+    task_type: TaskType | None,
+    loss_function: Any,
+    train_loader: Any,
+    device: torch.device,
+) -> LossChoice:
+    """The user's loss, else the task's default (MSE for autoencoders); and whether a model
+    that takes `labels` trains on its own loss (not when the config shapes the default)."""
+    user_loss = loss_function is not None
+    if loss_function is None:
+        loss_function = (
+            RegressionMSE()
+            if mode is TrainingMode.UNSUPERVISED
+            else default_loss(
+                task_type,
+                label_smoothing=config.label_smoothing,
+                class_weight=class_weights(config, train_loader, device),
+            )
+        )
+    own = mode in SHAPING_MODES and not (user_loss or _shapes_loss(config))
+    return LossChoice(loss_function, user_loss, ModelLoss.of(model) if own else None)
+
+
+def class_weights(
+    config: TrainingConfig, train_loader: Any, device: torch.device
+) -> torch.Tensor | None:
+    """The config's class weights on the device; "balanced" reads the training labels
+    (every client's in federated mode): n / (classes x count), scikit-learn's rule."""
+    weights = config.class_weights
+    if weights is None:
+        return None
+    if weights != "balanced":
+        return torch.tensor(weights, dtype=torch.float32, device=device)
+    loaders = train_loader if isinstance(train_loader, (list, tuple)) else [train_loader]
+    if not all(hasattr(loader, "dataset") for loader in loaders):
+        raise ValueError(
+            "class_weights='balanced' reads the labels of the train loader's dataset; this "
+            "train_loader has none: pass one weight per class instead"
+        )
+    from .data.splits import dataset_labels
+
+    labels = np.concatenate([dataset_labels(loader.dataset) for loader in loaders])
+    labels = labels[labels >= 0].astype(np.int64)  # ignored / unlabeled samples
+    if labels.size == 0:
+        raise ValueError("class_weights='balanced': the training data has no labels")
+    counts = np.bincount(labels).astype(np.float64)
+    balanced = np.where(counts > 0, labels.size / (len(counts) * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(balanced, dtype=torch.float32, device=device)
+
+
+@dataclasses.dataclass
+class Data:
+    """This rank's batches and validation share, and the run's length in optimizer updates."""
+
+    batches: Iterable[Any]
+    val_loader: Any
+    updates_per_epoch: int | None
+    total_steps: int | None
+
+
+def shard_data(setup: ModeSetup, val_loader: Any, config: TrainingConfig, job: Distributed) -> Data:
+    """Each rank's share of the user's loaders (the modes' own loaders are theirs already)."""
+    batches: Iterable[Any] = setup.loader
+    if not setup.uses_own_loader:
+        batches = shard_train_loader(batches, job, config.seed)
+    if val_loader is not None:
+        val_loader = shard_eval_loader(val_loader, job)
+    updates = updates_per_epoch(batches, config.gradient_accumulation_steps)
+    return Data(
+        batches, val_loader, updates, total_steps(updates, config.num_epochs, config.max_steps)
+    )
+
+
+def updates_per_epoch(loader: Any, accumulation: int) -> int | None:
+    """Optimizer updates in one pass over `loader` (None: it has no len())."""
+    try:
+        batches = len(loader)
+    except TypeError:
+        return None
+    if batches == 0:
+        raise ValueError("train_loader is empty: it has no batches to train on")
+    return math.ceil(batches / accumulation)
+
+
+def total_steps(updates_per_epoch: int | None, epochs: int, max_steps: int | None) -> int | None:
+    """Optimizer updates in the whole run."""
+    if updates_per_epoch is None:
+        if max_steps is None:
+            raise ValueError(
+                "the train loader has no len(), so epochs have no known length: set max_steps"
+            )
+        return max_steps
+    total = updates_per_epoch * epochs
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def choose_monitor(
+    config: TrainingConfig,
+    setup: ModeSetup,
+    val_loader: Any,
+    evaluator: Evaluator | None,
+    task_type: TaskType | None,
+    mode: TrainingMode,
+) -> Monitor:
+    """The mode's monitor, or `monitor_metric` (train_loss without validation), checked
+    against the metrics the task produces."""
+    own = setup.monitor(config)
+    if own is not None:
+        return own
+    # An autoencoder's evaluation compares outputs with inputs: regression metrics.
+    task = TaskType.REGRESSION if mode is TrainingMode.UNSUPERVISED else task_type
+    name = config.monitor_metric
+    if val_loader is None and name.startswith("val_"):
+        logger.info("no val_loader: monitoring train_loss instead of %s", name)
+        name = "train_loss"
+    elif task is not None and name.startswith("val_"):
+        names = ["loss", *(evaluator or Evaluator()).metric_names(task)]
+        if name[len("val_") :] not in names:
+            allowed = ", ".join(f"val_{n}" for n in names)
+            raise ValueError(
+                f"monitor_metric={name!r} is invalid for {task.value}: expected one of "
+                f"{allowed}, or train_loss"
+            )
+    minimize = config.minimize_monitor if name == config.monitor_metric else True
+    return Monitor(name, minimize=minimize, min_delta=config.early_stopping_min_delta)
+
+
+def load_resume(
+    output_dir: Path, resume_from: str | Path | None, config: TrainingConfig, job: Distributed
+) -> dict[str, Any] | None:
+    """The checkpoint to continue from (None: start fresh), refused if this config or job
+    could not continue it exactly."""
+    if resume_from is None:
+        return None
+    found = find_checkpoint(output_dir, resume_from)
+    if found is None:
+        logger.info("no checkpoint to resume from in %s; starting fresh", output_dir)
+        return None
+    path, payload = found
+    if payload.get("format") != CHECKPOINT_FORMAT or "loop" not in payload:
+        raise ValueError(f"{str(path)!r} is not a resumable traineval checkpoint")
+    check_compatible(
+        payload["config"], config.to_dict(), payload.get("world_size", 1), job.world_size
+    )
+    strategy = config.distributed_strategy if job.enabled else None
+    if payload.get("distributed_strategy") != strategy:
+        raise ValueError(
+            "cannot resume: the checkpoint was written with distributed_strategy="
+            f"{payload.get('distributed_strategy')!r}, this run uses {strategy!r}"
+        )
+    logger.info("resuming from %s (step %d)", path, payload["global_step"])
+    return payload
+
+
+def place_model(
+    model: nn.Module,
+    config: TrainingConfig,
+    setup: ModeSetup,
+    job: Distributed,
+    device: torch.device,
+    payload: dict[str, Any] | None,
+) -> tuple[nn.Module, Any]:
+    """Seed, move the model to its device with its resumed weights, freeze, and wrap it for
+    data-parallel training. Returns the wrapped model and its `no_sync` (None if unwrapped)."""
+    # Ranks draw different dropout masks, like one batch; federated and reinforcement
+    # ranks share one stream (a round's clients; each update's base seed, which the
+    # rank's own episodes derive from).
+    shared = setup.mode in (TrainingMode.FEDERATED, TrainingMode.REINFORCEMENT)
+    seed_everything(config.seed + (0 if shared else job.rank))
+    model.to(device)
+    if payload is not None:
+        model.load_state_dict(training_weights(payload))  # full, before any sharding
+    if config.frozen_parameters:  # before DDP registers its gradient hooks
+        frozen = freeze(model, config.frozen_parameters)
+        logger.info("froze %d parameter tensors (%s)", frozen, ", ".join(config.frozen_parameters))
+    # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
+    if setup.wraps_model:
+        return wrap_model(model, device, job, config)
+    job.broadcast_weights(model)  # the loop averages the gradients over the ranks itself
+    return model, None
+
+
+@dataclasses.dataclass
+class Optimization:
+    """What updates the weights: precision, optimizer, schedule, and the (compiled) module
+    the steps call."""
+
+    precision: Precision
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    forward_model: nn.Module
+    no_sync: Any  # DDP's: skip the gradient all-reduce inside a window (None: no DDP)
+
+
+def optimization(
+    model: nn.Module,
+    wrapped: nn.Module,
+    no_sync: Any,
+    config: TrainingConfig,
+    setup: ModeSetup,
+    job: Distributed,
+    device: torch.device,
+    loss_function: Any,
+    total: int | None,
+    payload: dict[str, Any] | None,
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    build_scheduler: Callable[
+        [torch.optim.Optimizer, int | None], torch.optim.lr_scheduler.LRScheduler
+    ],
+) -> Optimization:
+    """Precision, the optimizer (federated: the server's, whose lr is the clients'), the
+    schedule over `total` updates, their resumed states, and torch.compile."""
+    precision = resolve_precision(config.precision, config.mixed_precision, device)
+    optimizer = setup.optimizer(model, config, loss_function, precision, build_optimizer, job=job)
+    # A constant rate without warmup never changes: no scheduler (creating one would also
+    # wrap optimizer.step in torch's step counter, work on every update).
+    scheduler = None if constant_rate(config) else build_scheduler(optimizer, total)
+    if payload is not None:
+        load_optimizer_state(model, optimizer, payload["optimizer"])
+        if payload["scheduler"] is not None and scheduler is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        if precision.scaler is not None and payload.get("scaler") is not None:
+            precision.scaler.load_state_dict(payload["scaler"])
+    forward_model: nn.Module = (
+        torch.compile(wrapped, mode=config.compile_mode) if config.compile else wrapped  # type: ignore[assignment]
+    )
+    return Optimization(precision, optimizer, scheduler, forward_model, no_sync)
+
+
+def constant_rate(config: TrainingConfig) -> bool:
+    """Whether the learning rate never changes (no schedule needed)."""
+    warmup = config.warmup_steps or config.warmup_ratio
+    return config.scheduler_type == "constant" and not warmup
+
+
+def evaluation(
+    setup: ModeSetup,
+    val_loader: Any,
+    evaluator: Evaluator | None,
+    model: nn.Module,
+    *,
+    device: torch.device,
+    precision: Precision,
+    job: Distributed,
+    loss: LossChoice,
+    task_type: TaskType | None,
+    output_transform: OutputTransform | None,
+) -> EvaluateFn | None:
+    """How the loop validates: the mode's own way, else the Evaluator on `val_loader`."""
+    evaluate_fn = setup.evaluate_fn(val_loader, device, precision, job)
+    if evaluate_fn is not None or val_loader is None:
+        return evaluate_fn
+    scorer = evaluator or Evaluator()
+    # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
+    # collective that ranks with uneven evaluation shares would not all reach. An FSDP
+    # module's forward is itself a collective: its ranks evaluate in lockstep.
+    plain = model if job.enabled else None
+    lockstep = is_sharded(model)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return scorer.evaluate_model(
+            plain if plain is not None else m,
+            val_loader,
+            device,
+            loss.for_evaluation,
+            task_type=task_type,
+            output_transform=output_transform,
+            training_mode=setup.mode,
+            precision=precision,
+            write_files=False,  # predictions and plots are for final evaluations
+            distributed=job,
+            lockstep=lockstep,
+        )
+
+    return evaluate
+
+
+def open_loggers(
+    config: TrainingConfig,
+    output_dir: Path,
+    job: Distributed,
+    payload: dict[str, Any] | None,
+    loggers: Sequence[Any],
+) -> LoggerHub:
+    """Rank 0 writes config.yaml and metrics.jsonl (cut back to the resumed step) and opens
+    the optional loggers and the user's; the other ranks log nothing."""
+    hub = LoggerHub([])
+    if job.is_main:
+        resolved = {**config.to_dict(), "output_dir": str(output_dir)}
+        config.__class__.from_dict(resolved).save_yaml(output_dir / "config.yaml")
+        events = output_dir / "metrics.jsonl"
+        if payload is not None:
+            truncate_events(events, payload["global_step"])
+        else:
+            events.unlink(missing_ok=True)
+        resumed_step = payload["global_step"] if payload else 0
+        optional = optional_loggers(config, output_dir, resumed_step)
+        hub = LoggerHub([JsonlLogger(events), *optional, *loggers])
+    hub.log_config(config.to_dict())
+    return hub
+
+
+def optional_loggers(config: TrainingConfig, output_dir: Path, resumed_step: int) -> list[Any]:
+    """TensorBoard, W&B and MLflow when asked (and installed); a missing package or a
+    service that fails warns (naming the extra) and never stops training."""
+    c = config
+    loggers: list[Any] = []
+    if c.tensorboard_logging:
+        try:
+            from .loggers.tensorboard import TensorBoardLogger
+
+            purge = resumed_step + 1 if resumed_step else None
+            loggers.append(TensorBoardLogger(output_dir, purge_step=purge))
+        except ImportError as error:
+            logger.warning("%s; logging to metrics.jsonl only", error)
+    if c.wandb_logging:
+        try:
+            from .loggers.wandb import WandbLogger
+
+            loggers.append(WandbLogger(output_dir, project=c.wandb_project))
+        except ImportError as error:
+            logger.warning("%s; logging to metrics.jsonl only", error)
+        except Exception as error:  # a logging service must not stop training
+            logger.warning("W&B could not start (%s); logging to metrics.jsonl only", error)
+    if c.mlflow_logging:
+        try:
+            from .loggers.mlflow import MLflowLogger
+
+            loggers.append(MLflowLogger(output_dir, c.mlflow_tracking_uri))
+        except ImportError as error:
+            logger.warning("%s; logging to metrics.jsonl only", error)
+        except Exception as error:  # a tracking server that is down must not stop training
+            logger.warning("MLflow could not start (%s); logging to metrics.jsonl only", error)
+    return loggers
