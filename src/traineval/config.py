@@ -350,6 +350,14 @@ class TrainingConfig(_ConfigBase):
     lr_scheduler_factor: float = 0.5
 
     def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_choices()
+        self._check_fine_tuning()
+        self._check_mode_settings()
+        self._check_run()
+
+    def _check_numbers(self) -> None:
+        """Integers, numbers and fractions in range; switches that are booleans."""
         for name in (
             "num_epochs",
             "batch_size",
@@ -405,6 +413,9 @@ class TrainingConfig(_ConfigBase):
             "ema_warmup",
         ):
             _bool(name, getattr(self, name))
+
+    def _check_choices(self) -> None:
+        """Names from a fixed list (with a did-you-mean), and combinations they rule out."""
         if self.ema_decay and self.distributed_strategy == "fsdp":
             _fail(
                 "ema_decay",
@@ -439,6 +450,9 @@ class TrainingConfig(_ConfigBase):
                 "expected a list of module class names, e.g. ['Block']",
             )
         object.__setattr__(self, "fsdp_shard_modules", tuple(self.fsdp_shard_modules))
+
+    def _check_fine_tuning(self) -> None:
+        """Loss shaping and fine-tuning settings (lists and mappings normalised)."""
         _float("warmup_ratio", self.warmup_ratio, minimum=0.0)
         if self.warmup_ratio >= 1.0:
             _fail("warmup_ratio", self.warmup_ratio, "expected a number in [0, 1)")
@@ -484,6 +498,9 @@ class TrainingConfig(_ConfigBase):
                 "expected a list of parameter-name prefixes, e.g. ['backbone']",
             )
         object.__setattr__(self, "frozen_parameters", tuple(self.frozen_parameters))
+
+    def _check_mode_settings(self) -> None:
+        """The settings one mode reads: semi-supervised, reinforcement, meta, federated."""
         if (
             isinstance(self.unlabeled_label, bool)
             or not isinstance(self.unlabeled_label, int)
@@ -528,6 +545,9 @@ class TrainingConfig(_ConfigBase):
                 "expected a number in (0, 1] (the share of clients trained each round)",
             )
         _float("federated_server_lr", self.federated_server_lr, minimum=0, strict=True)
+
+    def _check_run(self) -> None:
+        """Run-level settings, and the rules that relate two fields."""
         _float(
             "distributed_timeout_seconds", self.distributed_timeout_seconds, minimum=0, strict=True
         )
