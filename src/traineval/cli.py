@@ -27,7 +27,7 @@ from .version import __version__
 EPILOG = """\
 overrides are dotted key=value pairs applied on top of the YAML file, with values read as
 YAML: training.learning_rate=1e-3 training.num_epochs=5 model.name=mlp data.name=wine
-sections: data, model, training, evaluation (see the README for every field).
+sections: data, model, training, evaluation (every field: docs/config-reference.md).
 """
 
 
@@ -63,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
+    _add_fit(commands)
+    _add_demo(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
+    _add_cv(commands)
+    _add_lr_find(commands)
+    _add_flower(commands)
+    _add_report(commands)
+    return parser
+
+
+def _add_fit(commands: Any) -> None:
+    """`traineval fit CONFIG [key=value ...]`."""
     fit = commands.add_parser(
         "fit",
         help="train, evaluate on the test split, write the run directory",
@@ -81,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from a checkpoint, or 'auto': the newest valid one in the output_dir",
     )
 
+
+def _add_demo(commands: Any) -> None:
+    """`traineval demo [key=value ...]`."""
     demo = commands.add_parser(
         "demo",
         help="train a small CNN on scikit-learn's digits and evaluate it",
@@ -94,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("-q", "--quiet", action="store_true", help="only print the final table")
     demo.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint")
 
+
+def _add_evaluate(commands: Any) -> None:
+    """`traineval evaluate RUN_DIR`."""
     evaluate = commands.add_parser(
         "evaluate",
         help="evaluate a run's checkpoint on one of its data splits",
@@ -109,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--save-predictions", action="store_true", help="write predictions")
     evaluate.add_argument("--plots", action="store_true", help="write the evaluation plots")
 
+
+def _add_predict(commands: Any) -> None:
+    """`traineval predict RUN_DIR INPUT.csv`."""
     predict = commands.add_parser(
         "predict",
         help="a run's model on new rows of a CSV file",
@@ -124,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--output", type=Path, help="where to write the predictions CSV")
 
+
+def _add_cv(commands: Any) -> None:
+    """`traineval cv CONFIG --folds K`."""
     cv = commands.add_parser(
         "cv",
         help="k-fold cross-validation, then the fold models as an ensemble on the test split",
@@ -139,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     cv.add_argument("-q", "--quiet", action="store_true", help="only print the final tables")
 
+
+def _add_lr_find(commands: Any) -> None:
+    """`traineval lr-find CONFIG`."""
     finder = commands.add_parser(
         "lr-find",
         help="learning-rate range test: loss against an exponentially growing rate",
@@ -157,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
     finder.add_argument("--steps", type=int, default=100, help="updates at most (default 100)")
     finder.add_argument("-q", "--quiet", action="store_true", help="only print the result")
 
+
+def _add_flower(commands: Any) -> None:
+    """`traineval flower CONFIG --nodes N`."""
     flower = commands.add_parser(
         "flower",
         help="federated training on Flower (FedAvg), its nodes simulated in this process",
@@ -164,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
         "in-process SuperNodes: each trains on its share of the train split "
         "(training.federated_partition), the server runs Flower's FedAvg(M) for "
         "training.num_epochs rounds, evaluates on the val split each round and tests the "
-        "final model. To deploy the same app on real SuperNodes, see the README.",
+        "final model. To deploy the same app on real SuperNodes, see docs/modes.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -180,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a stopped run (auto: from training.output_dir's checkpoint)",
     )
 
+
+def _add_report(commands: Any) -> None:
+    """`traineval report RUN_DIR`."""
     report = commands.add_parser(
         "report",
         help="summarise a run and write its learning curves and a self-contained report.html",
@@ -188,14 +222,34 @@ def _parser() -> argparse.ArgumentParser:
         "write evaluation/learning_curves.png and report.html (plots embedded).",
     )
     report.add_argument("run_dir", type=Path, help="a run directory")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `traineval` command; returns the exit status."""
+    args = _arguments(argv)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "predict":
+        return _predict(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    config = _run_config(args)
+    if config is None:
+        return 2
+    if args.command == "flower":
+        return _flower_command(config, args)
+    if args.command == "lr-find":
+        return _lr_find(config, args)
+    if args.command == "cv":
+        return _cv(config, args)
+    return _fit(config, args)
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line (overrides may come before or after options such as -q) and
+    set up logging: INFO, or WARNING when quiet and on every rank but rank 0."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    # Overrides may come before or after options such as -q.
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -208,19 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    # Imported here so that `--help` answers without loading torch.
+    return args
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """The errors a command reports in one line (exit 1) instead of a traceback. Imported
+    here, as everything that loads torch, so that `--help` answers without it."""
     from .checkpoint import CheckpointError
-    from .experiment import (
-        RunConfig,
-        evaluate_run,
-        find_learning_rate,
-        run_cross_validation,
-        run_experiment,
-    )
-    from .loop import TrainingInterrupted
     from .steplog import NonFiniteError
 
-    failures = (
+    return (
         ValueError,
         FileExistsError,
         FileNotFoundError,
@@ -228,110 +279,132 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         NonFiniteError,
     )
-    if args.command == "report":
-        from .reporting.report import summary_text, write_report
 
-        try:
-            run, page = write_report(args.run_dir)
-        except (FileNotFoundError, ValueError, ImportError) as error:
-            print(f"traineval: error: {error}", file=sys.stderr)
-            return 1
-        print(summary_text(run))
-        print(f"\nWritten: {page}")
-        return 0
-    if args.command == "predict":
-        from .predict import predict_csv
 
-        try:
-            table, count = predict_csv(
-                args.run_dir, args.input, checkpoint=args.checkpoint, output=args.output
-            )
-        except failures as error:
-            print(f"traineval: error: {error}", file=sys.stderr)
-            return 1
-        print(f"Predicted {count} rows with {args.checkpoint}; written: {table}")
-        return 0
-    if args.command == "evaluate":
-        try:
-            metrics, written = evaluate_run(
-                args.run_dir,
-                checkpoint=args.checkpoint,
-                split=args.split,
-                save_predictions=args.save_predictions,
-                plot_metrics=args.plots,
-            )
-        except failures as error:
-            print(f"traineval: error: {error}", file=sys.stderr)
-            return 1
-        print(f"{args.split} metrics, checkpoint {args.checkpoint}:")
-        record = json.loads(Path(written).read_text())
-        print(_table(metrics, record.get("intervals")))
-        per_class = record.get("per_class")
-        if per_class:
-            print(f"\nPer class ({args.split}):")
-            print(_per_class_table(per_class))
-        print(f"\nWritten: {written}")
-        return 0
+def _error(error: BaseException) -> int:
+    print(f"traineval: error: {error}", file=sys.stderr)
+    return 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .reporting.report import summary_text, write_report
+
+    try:
+        run, page = write_report(args.run_dir)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        return _error(error)
+    print(summary_text(run))
+    print(f"\nWritten: {page}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_csv
+
+    try:
+        table, count = predict_csv(
+            args.run_dir, args.input, checkpoint=args.checkpoint, output=args.output
+        )
+    except _failures() as error:
+        return _error(error)
+    print(f"Predicted {count} rows with {args.checkpoint}; written: {table}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .experiment import evaluate_run
+
+    try:
+        metrics, written = evaluate_run(
+            args.run_dir,
+            checkpoint=args.checkpoint,
+            split=args.split,
+            save_predictions=args.save_predictions,
+            plot_metrics=args.plots,
+        )
+    except _failures() as error:
+        return _error(error)
+    print(f"{args.split} metrics, checkpoint {args.checkpoint}:")
+    record = json.loads(Path(written).read_text())
+    print(_table(metrics, record.get("intervals")))
+    per_class = record.get("per_class")
+    if per_class:
+        print(f"\nPer class ({args.split}):")
+        print(_per_class_table(per_class))
+    print(f"\nWritten: {written}")
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> Any:
+    """The command's RunConfig (the demo's shipped one, or CONFIG) with the overrides; None
+    after printing a config error."""
+    from .experiment import RunConfig
+
     try:
         if args.command == "demo":
             source = resources.files("traineval").joinpath("configs/demo.yaml")
             with resources.as_file(source) as path:
-                config = RunConfig.from_yaml(path, args.overrides)
-        else:
-            config = RunConfig.from_yaml(args.config, args.overrides)
+                return RunConfig.from_yaml(path, args.overrides)
+        return RunConfig.from_yaml(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"traineval: config error: {error}", file=sys.stderr)
-        return 2
-    if args.command == "flower":
-        try:
-            return _flower(config, args.nodes, args.resume)
-        except KeyboardInterrupt:
-            output_dir = config.training.output_dir
-            print(
-                "traineval: interrupted; the rounds finished so far are saved. To continue, run "
-                "the same command with --resume auto"
-                + ("" if output_dir else " and training.output_dir=<the run directory>"),
-                file=sys.stderr,
-            )
-            return 128 + signal.SIGINT
-        except (*failures, ImportError) as error:
-            print(f"traineval: error: {error}", file=sys.stderr)
-            return 1
-    if args.command == "lr-find":
-        try:
-            search, folder = find_learning_rate(
-                config, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps
-            )
-        except failures as error:
-            print(f"traineval: error: {error}", file=sys.stderr)
-            return 1
-        print(_search_summary(search))
-        print(f"\nWritten: {folder / 'lr_find.json'}, {folder / 'lr_find.png'}")
-        return 0
-    if args.command == "cv":
-        try:
-            summary = run_cross_validation(config, args.folds)
-        except failures as error:
-            print(f"traineval: error: {error}", file=sys.stderr)
-            return 1
-        print(_cv_tables(summary))
-        return 0
+        return None
+
+
+def _flower_command(config: Any, args: argparse.Namespace) -> int:
+    failures: tuple[type[BaseException], ...] = (*_failures(), ImportError)
+    try:
+        return _flower(config, args.nodes, args.resume)
+    except KeyboardInterrupt:
+        output_dir = config.training.output_dir
+        print(
+            "traineval: interrupted; the rounds finished so far are saved. To continue, run "
+            "the same command with --resume auto"
+            + ("" if output_dir else " and training.output_dir=<the run directory>"),
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
+    except failures as error:
+        return _error(error)
+
+
+def _lr_find(config: Any, args: argparse.Namespace) -> int:
+    from .experiment import find_learning_rate
+
+    try:
+        search, folder = find_learning_rate(
+            config, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps
+        )
+    except _failures() as error:
+        return _error(error)
+    print(_search_summary(search))
+    print(f"\nWritten: {folder / 'lr_find.json'}, {folder / 'lr_find.png'}")
+    return 0
+
+
+def _cv(config: Any, args: argparse.Namespace) -> int:
+    from .experiment import run_cross_validation
+
+    try:
+        summary = run_cross_validation(config, args.folds)
+    except _failures() as error:
+        return _error(error)
+    print(_cv_tables(summary))
+    return 0
+
+
+def _fit(config: Any, args: argparse.Namespace) -> int:
+    """`fit` and `demo`: train, test the best checkpoint, print the outcome."""
+    from .experiment import run_experiment
+    from .loop import TrainingInterrupted
+
     started = time.perf_counter()
     try:
         outcome = run_experiment(config, resume_from=args.resume)
     except TrainingInterrupted as interrupted:
-        print(f"traineval: {interrupted}", file=sys.stderr)
-        if interrupted.checkpoint:
-            run_dir = Path(interrupted.checkpoint).parent.parent
-            print(
-                f"traineval: to continue, run the same command with "
-                f"training.output_dir={run_dir} --resume auto",
-                file=sys.stderr,
-            )
-        return 128 + getattr(signal, interrupted.signal_name, signal.SIGINT)
-    except failures as error:
-        print(f"traineval: error: {error}", file=sys.stderr)
-        return 1
+        return _interrupted(interrupted)
+    except _failures() as error:
+        return _error(error)
     elapsed = time.perf_counter() - started
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 reports
@@ -346,6 +419,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nTest metrics, {outcome.evaluated_checkpoint}:")
         print(_table(outcome.test_metrics, outcome.test_intervals))
     return 0
+
+
+def _interrupted(interrupted: Any) -> int:
+    """A signal stopped the run after saving: say where, and how to continue (exit 128+N)."""
+    print(f"traineval: {interrupted}", file=sys.stderr)
+    if interrupted.checkpoint:
+        run_dir = Path(interrupted.checkpoint).parent.parent
+        print(
+            f"traineval: to continue, run the same command with "
+            f"training.output_dir={run_dir} --resume auto",
+            file=sys.stderr,
+        )
+    return 128 + getattr(signal, interrupted.signal_name, signal.SIGINT)
 
 
 def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> int:
