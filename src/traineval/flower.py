@@ -212,7 +212,7 @@ class FlowerServer:
         self.client_lrs = client_learning_rates(config, self.rounds)
 
     def main(self, grid: Grid, context: Context) -> None:
-        config, output, server_evaluate = self.config, self.output, self.server_evaluate
+        config = self.config
         # Initial weights, and Flower's choice of nodes per round (Python's `random`), follow
         # the run's seed, as TrainingManager seeds a run.
         seed_everything(config.seed)
@@ -228,28 +228,52 @@ class FlowerServer:
         saved = self._begin(resume_from if resume_from is not None else _resume_setting(context))
         done = 0 if saved is None else int(saved["round"])
         records: list[dict[str, Any]] = [] if saved is None else list(saved["records"])
-        if saved is not None:
-            model.load_state_dict(saved["arrays"])
-            if done >= self.rounds:
-                if (output / FINAL_MODEL).exists():
-                    logger.warning(
-                        "%s: the run finished its %d rounds; nothing to resume", output, done
-                    )
-                else:  # stopped after its last round, before the final model was saved
-                    self._finish(model)
-                return
-            restore_rng(saved["rng"], None)  # Flower's node sampling continues its sequence
-            _load_strategy_state(chosen, saved["strategy"], custom=self.strategy is not None)
-            logger.info("resuming the Flower run in %s after round %d", output, done)
+        if saved is not None and not self._restore(saved, model, chosen):
+            return
+        self._check_nodes(grid)
+        self._follow_rounds(chosen, done, records)
+        result = chosen.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=self.rounds - done,
+            train_config=ConfigRecord({"lr": config.learning_rate}),
+            evaluate_fn=self._end_of_round(model, chosen, done, records, saved is not None),
+        )
+        model.load_state_dict(result.arrays.to_torch_state_dict())
+        self._finish(model)
+
+    def _restore(self, saved: dict[str, Any], model: nn.Module, chosen: Strategy) -> bool:
+        """Put a resumed run's weights, random stream and strategy state back; False when
+        the run had already finished (its final model is saved now if it was missing)."""
+        done, output = int(saved["round"]), self.output
+        model.load_state_dict(saved["arrays"])
+        if done >= self.rounds:
+            if (output / FINAL_MODEL).exists():
+                logger.warning(
+                    "%s: the run finished its %d rounds; nothing to resume", output, done
+                )
+            else:  # stopped after its last round, before the final model was saved
+                self._finish(model)
+            return False
+        restore_rng(saved["rng"], None)  # Flower's node sampling continues its sequence
+        _load_strategy_state(chosen, saved["strategy"], custom=self.strategy is not None)
+        logger.info("resuming the Flower run in %s after round %d", output, done)
+        return True
+
+    def _check_nodes(self, grid: Grid) -> None:
+        """Refuse a local grid with fewer nodes than the server waits for."""
         nodes = len(list(grid.get_node_ids()))
-        local = isinstance(grid, LocalGrid) and self.strategy is None
-        if local and nodes < config.federated_clients:
+        wanted = self.config.federated_clients
+        if isinstance(grid, LocalGrid) and self.strategy is None and nodes < wanted:
             raise ValueError(  # Flower would wait for the missing nodes forever
-                f"federated_clients={config.federated_clients}: the server waits for that many "
+                f"federated_clients={wanted}: the server waits for that many "
                 f"nodes before the first round, and this LocalGrid has {nodes}"
             )
-        # Flower counts the rounds of this start() from 1; the run's round is `done` more.
-        # Clients get the run's round (their seeds depend on it) and the schedule's rate.
+
+    def _follow_rounds(self, chosen: Strategy, done: int, records: list[dict[str, Any]]) -> None:
+        """Hook the strategy's round methods: clients get the run's round (their seeds depend
+        on it; Flower counts this start()'s rounds from 1, the run's round is `done` more)
+        and the schedule's rate; aggregated metrics go to `records`."""
         configure_train, configure_evaluate = chosen.configure_train, chosen.configure_evaluate
         aggregate_train, aggregate_evaluate = chosen.aggregate_train, chosen.aggregate_evaluate
 
@@ -281,10 +305,20 @@ class FlowerServer:
         chosen.aggregate_train = trained  # type: ignore[method-assign]
         chosen.aggregate_evaluate = evaluated  # type: ignore[method-assign]
 
+    def _end_of_round(
+        self,
+        model: nn.Module,
+        chosen: Strategy,
+        done: int,
+        records: list[dict[str, Any]],
+        resumed: bool,
+    ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """Flower's last call of a round (and one before the first): evaluate on the server,
+        then checkpoint the finished round and rewrite metrics.jsonl."""
+        server_evaluate = self.server_evaluate
+
         def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            """Flower's last call of a round (and one before the first): evaluate on the
-            server, then checkpoint the finished round and rewrite metrics.jsonl."""
-            if server_round == 0 and saved is not None:
+            if server_round == 0 and resumed:
                 return None  # the resumed weights were evaluated before the interruption
             result = None
             if server_evaluate is not None:
@@ -295,15 +329,7 @@ class FlowerServer:
                 self._checkpoint(done + server_round, arrays, chosen, records)
             return result
 
-        result = chosen.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=self.rounds - done,
-            train_config=ConfigRecord({"lr": config.learning_rate}),
-            evaluate_fn=end_of_round,
-        )
-        model.load_state_dict(result.arrays.to_torch_state_dict())
-        self._finish(model)
+        return end_of_round
 
     def _finish(self, model: nn.Module) -> None:
         save_safetensors(model, self.output / FINAL_MODEL)
