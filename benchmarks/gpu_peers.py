@@ -319,6 +319,28 @@ def run_one(loop: str, workload: str, warmup: int, profile: Path | None) -> dict
 
 
 def main() -> None:
+    args = _arguments()
+    if args.run:
+        print(json.dumps(run_one(args.run[0], args.run[1], args.warmup, args.profile)))
+        return
+    if not args.smoke and not torch.cuda.is_available():
+        print("workload C needs a CUDA GPU; none is available here")
+        return
+    loops = [loop for loop in args.loops.split(",") if loop]
+    if importlib.util.find_spec("lightning") is None:
+        print("skipping Lightning: not installed")
+        loops = [loop for loop in loops if not loop.startswith("Lightning")]
+    versions = f"python {platform.python_version()}, torch {torch.__version__}"
+    if importlib.util.find_spec("lightning") is not None:
+        versions += f", lightning {__import__('lightning').__version__}"
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test)"
+    print(f"{device}; {versions}")
+    _print_table(args, loops, _run_all(args, loops))
+
+
+def _arguments() -> argparse.Namespace:
+    """The command line; it also sets the workloads' steps and batch, the compile mode and,
+    for a smoke test, the CPU and a tiny GPT."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="gpt,cnn")
     parser.add_argument("--repeats", type=int, default=2)
@@ -347,21 +369,29 @@ def main() -> None:
     if args.smoke:
         DEVICE = "cpu"
         SHAPE.update(vocab=512, seq=32, d=48, layers=2)
-    if args.run:
-        print(json.dumps(run_one(args.run[0], args.run[1], args.warmup, args.profile)))
-        return
-    if not args.smoke and not torch.cuda.is_available():
-        print("workload C needs a CUDA GPU; none is available here")
-        return
-    loops = [loop for loop in args.loops.split(",") if loop]
-    if importlib.util.find_spec("lightning") is None:
-        print("skipping Lightning: not installed")
-        loops = [loop for loop in loops if not loop.startswith("Lightning")]
-    versions = f"python {platform.python_version()}, torch {torch.__version__}"
-    if importlib.util.find_spec("lightning") is not None:
-        versions += f", lightning {__import__('lightning').__version__}"
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test)"
-    print(f"{device}; {versions}")
+    return args
+
+
+def _child_command(args: argparse.Namespace, loop: str, workload: str) -> list[str]:
+    """The command that runs one loop on one workload in its own process."""
+    command = [sys.executable, __file__, "--run", loop, workload]
+    command += ["--warmup", str(args.warmup)]
+    if args.steps:
+        command += ["--steps", str(args.steps)]
+    if args.smoke:
+        command += ["--smoke"]
+    if args.batch:
+        command += ["--batch", str(args.batch)]
+    command += ["--compile-mode", args.compile_mode]
+    if args.profile:
+        command += ["--profile", str(args.profile)]
+    return command
+
+
+def _run_all(
+    args: argparse.Namespace, loops: list[str]
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every (workload, loop) run, alternating the loops' order between repeats."""
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for workload in args.workloads.split(","):
         for repeat in range(args.repeats):
@@ -369,18 +399,9 @@ def main() -> None:
             for loop in order:
                 if "compile" in loop and repeat >= args.compile_repeats:
                     continue
-                command = [sys.executable, __file__, "--run", loop, workload]
-                command += ["--warmup", str(args.warmup)]
-                if args.steps:
-                    command += ["--steps", str(args.steps)]
-                if args.smoke:
-                    command += ["--smoke"]
-                if args.batch:
-                    command += ["--batch", str(args.batch)]
-                command += ["--compile-mode", args.compile_mode]
-                if args.profile:
-                    command += ["--profile", str(args.profile)]
-                done = subprocess.run(command, capture_output=True, text=True)
+                done = subprocess.run(
+                    _child_command(args, loop, workload), capture_output=True, text=True
+                )
                 if done.returncode != 0:
                     print(f"{loop} / {workload} failed:\n{done.stderr[-2000:]}", flush=True)
                     continue
@@ -390,6 +411,15 @@ def main() -> None:
                 if args.json:
                     with args.json.open("a") as handle:
                         handle.write(json.dumps(result) + "\n")
+    return results
+
+
+def _print_table(
+    args: argparse.Namespace,
+    loops: list[str],
+    results: dict[tuple[str, str], list[dict[str, Any]]],
+) -> None:
+    """Medians per (workload, loop), against the naive and careful hand-written loops."""
     print()
     print("| workload | loop | runs | samples/s | tokens/s | MFU | vs naive | vs careful |")
     print("|---|---|---|---|---|---|---|---|")
