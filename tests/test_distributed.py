@@ -118,15 +118,25 @@ def test_distributed_settings_are_validated():
 
 
 def test_mode_combinations_torchrun_cannot_run_are_refused_with_the_reason(tmp_path):
-    from traineval.config import TrainingMode
-    from traineval.modes.setup import _refuse
+    import types
+
+    from traineval.modes import Context, Federated, MetaLearning, Reinforcement
+
+    def context(config):
+        job = types.SimpleNamespace(enabled=True)  # as under torchrun
+        fields = dict.fromkeys(
+            ("train_data", "val_loader", "loss_function", "model_loss", "output_transform")
+        )
+        return Context(
+            config, **fields, user_loss=False, label_shift=0, job=job, device=None, precision=None
+        )
 
     config = TrainingConfig(output_dir=str(tmp_path))
     fsdp = TrainingConfig(output_dir=str(tmp_path), distributed_strategy="fsdp")
-    for mode in (TrainingMode.META_LEARNING, TrainingMode.FEDERATED, TrainingMode.REINFORCEMENT):
-        _refuse(mode, config, distributed=True)  # DDP: supported
+    for mode in (MetaLearning(), Federated(), Reinforcement()):
+        mode.check(context(config))  # DDP: supported
         with pytest.raises(ValueError, match="distributed_strategy='fsdp' is not supported"):
-            _refuse(mode, fsdp, distributed=True)
+            mode.check(context(fsdp))
 
 
 # -- two ranks under torchrun ----------------------------------------------------------------

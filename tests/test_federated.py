@@ -140,7 +140,7 @@ def test_iid_and_dirichlet_partitions():
     assert np.mean(dominance) > 0.6
     assert partition(data, 4, scheme="dirichlet", alpha=0.1, seed=0) == skewed
     assert partition(data, 4, scheme="dirichlet", alpha=0.1, seed=1) != skewed
-    with pytest.raises(ValueError, match="federated_clients=200 is more than the 120"):
+    with pytest.raises(ValueError, match=r"federated\.clients=200 is more than the 120"):
         partition(data, 200)
 
 
@@ -210,8 +210,8 @@ def test_federated_from_the_command_line(tmp_path):
     from traineval.cli import main
 
     args = ["demo", "-q", "mode=federated", "model.name=mlp", "model.options={}"]
-    args += ["training.num_epochs=6", "training.warmup_steps=0", "training.federated_clients=5"]
-    args += ["training.federated_partition=dirichlet", "training.federated_client_fraction=0.6"]
+    args += ["training.num_epochs=6", "training.warmup_steps=0", "mode.clients=5"]
+    args += ["mode.partition=dirichlet", "mode.client_fraction=0.6"]
     assert main([*args, f"training.output_dir={tmp_path}"]) == 0
     record = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert record["test"]["accuracy"] > 0.8

@@ -207,7 +207,7 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
                 config,
                 [
                     "training.num_epochs=2",
-                    "training.federated_clients=2",
+                    "mode.clients=2",
                     "training.warmup_steps=0",
                     f"training.output_dir={output}",
                 ],
@@ -282,7 +282,7 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
     assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]
     server = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"]
     assert len(server) == 4  # val split: before training and after each round
-    assert RunConfig.from_yaml(output / "config.yaml").training.federated_clients == 3
+    assert RunConfig.from_yaml(output / "config.yaml").mode.clients == 3
     from traineval import flower_app
 
     model = flower_app.experiment(str(output / "config.yaml")).new_model()
@@ -323,7 +323,7 @@ def test_the_config_app_names_what_it_is_missing(tmp_path):
     with pytest.raises(ValueError, match=r"partition-id=2 is invalid: expected 0\.\.1"):
         flower_app._node_data(context)
     config = tmp_path / "rl.yaml"
-    config.write_text("mode: reinforcement\ndata: {environment: CartPole}\n")
+    config.write_text("mode: {name: reinforcement, environment: CartPole}\n")
     with pytest.raises(
         ValueError, match=r"mode='reinforcement' is invalid for traineval\.flower_app"
     ):

@@ -204,9 +204,9 @@ def test_meta_learning_from_the_command_line(tmp_path, capsys):
     from traineval.cli import main
 
     args = ["demo", "-q", "mode=meta_learning", "model.name=mlp", "model.options={}"]
-    args += ["data.ways=3", "data.shots=2", "data.queries=3", "data.train_episodes=60"]
-    args += ["data.eval_episodes=20", "training.batch_size=4", "training.num_epochs=2"]
-    args += ["training.warmup_steps=0", "training.meta_inner_lr=0.5"]
+    args += ["mode.ways=3", "mode.shots=2", "mode.queries=3", "mode.train_episodes=60"]
+    args += ["mode.eval_episodes=20", "training.batch_size=4", "training.num_epochs=2"]
+    args += ["training.warmup_steps=0", "mode.inner_lr=0.5"]
     assert main([*args, f"training.output_dir={tmp_path / 'run'}"]) == 0
     record = json.loads((tmp_path / "run" / "evaluation" / "metrics.json").read_text())
     assert set(record["test"]) == {"loss", "accuracy"}

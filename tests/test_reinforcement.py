@@ -292,10 +292,10 @@ def test_reinforcement_from_a_config_file(tmp_path):
 
     config = tmp_path / "rl.yaml"
     config.write_text(
-        "mode: reinforcement\ndata: {environment: CartPole}\nmodel: {name: actor_critic}\n"
+        "mode: {name: reinforcement, environment: CartPole, updates_per_epoch: 4, "
+        "eval_episodes: 3}\nmodel: {name: actor_critic}\n"
         "training: {num_epochs: 2, learning_rate: 3.0e-3, warmup_steps: 0, "
-        "scheduler_type: constant, rl_updates_per_epoch: 4, rl_eval_episodes: 3, "
-        "tensorboard_logging: false}\n"
+        "scheduler_type: constant, tensorboard_logging: false}\n"
     )
     assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'run'}"]) == 0
     record = json.loads((tmp_path / "run" / "evaluation" / "metrics.json").read_text())
@@ -305,5 +305,5 @@ def test_reinforcement_from_a_config_file(tmp_path):
     assert main(["evaluate", str(tmp_path / "run")]) == 0  # the same test episodes again
     again = json.loads((tmp_path / "run" / "evaluation" / "metrics_episodes.json").read_text())
     assert again["metrics"] == record["test"]
-    with pytest.raises(ValueError, match=r"data\.environment=None is invalid: mode: reinforcement"):
+    with pytest.raises(ValueError, match=r"mode\.environment=None is invalid: mode: reinforcement"):
         RunConfig.from_dict({"mode": "reinforcement"})

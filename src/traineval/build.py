@@ -4,7 +4,7 @@ Each phase reads the `TrainingConfig` and hands plain parts on; the loop reads n
 
     check_inputs    refuse what cannot work, before any work
     choose_loss     the user's loss, the default of the task, or the model's own
-    (the mode's plan: `modes.setup.prepare_mode`)
+    plan_mode       the mode's checks and plan (`traineval.modes.contract`)
     shard_data      each rank's share of the data; updates per epoch and in all
     choose_monitor  the metric behind early stopping, the best checkpoint, plateau schedules
     load_resume     the checkpoint to continue from, checked against this config
@@ -40,22 +40,18 @@ from .distributed import (
 from .evaluation import Evaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import EvaluateFn, Monitor
-from .modes.setup import ModeSetup
+from .modes import Context, Mode, ModePlan
 from .optim import check_prefixes, freeze
 from .precision import Precision, resolve_precision
-from .resume import check_compatible, find_checkpoint, truncate_events
+from .resume import check_compatible, check_mode, find_checkpoint, truncate_events
 from .run_checkpoints import CHECKPOINT_FORMAT, training_weights
 from .seeding import seed_everything
 from .tasks import RegressionMSE, default_loss
 
 logger = logging.getLogger(__name__)
 
-SHAPING_MODES = (TrainingMode.SUPERVISED, TrainingMode.FEDERATED)
 
-
-def check_inputs(
-    config: TrainingConfig, model: Any, mode: TrainingMode, loss_function: Any
-) -> None:
+def check_inputs(config: TrainingConfig, model: Any, mode: Mode, loss_function: Any) -> None:
     """Refuse a model that is not a Module, prefixes that name no parameter, and loss settings
     the run cannot honour."""
     if not isinstance(model, nn.Module):
@@ -70,9 +66,9 @@ def check_inputs(
             "was passed: set them on your loss (e.g. nn.CrossEntropyLoss(weight=..., "
             "label_smoothing=...)) and leave the config's at their defaults"
         )
-    if mode not in SHAPING_MODES:
+    if not mode.supervised_loss:
         raise ValueError(
-            f"label_smoothing / class_weights are not supported in mode='{mode.value}' "
+            f"label_smoothing / class_weights are not supported in mode='{mode.name}' "
             "(they shape the supervised cross-entropy)"
         )
 
@@ -99,7 +95,7 @@ class LossChoice:
 def choose_loss(
     config: TrainingConfig,
     model: nn.Module,
-    mode: TrainingMode,
+    mode: Mode,
     task_type: TaskType | None,
     loss_function: Any,
     train_loader: Any,
@@ -111,14 +107,14 @@ def choose_loss(
     if loss_function is None:
         loss_function = (
             RegressionMSE()
-            if mode is TrainingMode.UNSUPERVISED
+            if mode.reconstructs
             else default_loss(
                 task_type,
                 label_smoothing=config.label_smoothing,
                 class_weight=class_weights(config, train_loader, device),
             )
         )
-    own = mode in SHAPING_MODES and not (user_loss or _shapes_loss(config))
+    own = mode.supervised_loss and not (user_loss or _shapes_loss(config))
     return LossChoice(loss_function, user_loss, ModelLoss.of(model) if own else None)
 
 
@@ -149,6 +145,42 @@ def class_weights(
     return torch.tensor(balanced, dtype=torch.float32, device=device)
 
 
+def plan_mode(
+    mode: Mode,
+    config: TrainingConfig,
+    train_data: Any,
+    val_loader: Any,
+    loss: LossChoice,
+    *,
+    job: Distributed,
+    device: torch.device,
+    output_transform: OutputTransform | None,
+    label_shift: int,
+) -> tuple[ModePlan, Precision]:
+    """The run's precision, and the mode's plan once it has checked what it refuses."""
+    precision = resolve_precision(config.precision, config.mixed_precision, device)
+    ctx = Context(
+        config=config,
+        train_data=train_data,
+        val_loader=val_loader,
+        loss_function=loss.function,
+        user_loss=loss.user_loss,
+        model_loss=loss.model_loss,
+        output_transform=output_transform,
+        label_shift=label_shift,
+        job=job,
+        device=device,
+        precision=precision,
+    )
+    mode.check(ctx)
+    plan = mode.plan(ctx)
+    if not isinstance(plan, ModePlan):
+        raise TypeError(
+            f"{type(mode).__name__}.plan returned {type(plan).__name__}; expected a ModePlan"
+        )
+    return plan, precision
+
+
 @dataclasses.dataclass
 class Data:
     """This rank's batches and validation share, and the run's length in optimizer updates."""
@@ -159,11 +191,13 @@ class Data:
     total_steps: int | None
 
 
-def shard_data(setup: ModeSetup, val_loader: Any, config: TrainingConfig, job: Distributed) -> Data:
+def shard_data(
+    plan: ModePlan, train_loader: Any, val_loader: Any, config: TrainingConfig, job: Distributed
+) -> Data:
     """Each rank's share of the user's loaders (the modes' own loaders are theirs already)."""
-    batches: Iterable[Any] = setup.loader
-    if not setup.uses_own_loader:
-        batches = shard_train_loader(batches, job, config.seed)
+    batches: Iterable[Any] = plan.loader
+    if plan.loader is None:
+        batches = shard_train_loader(train_loader, job, config.seed)
     if val_loader is not None:
         val_loader = shard_eval_loader(val_loader, job)
     updates = updates_per_epoch(batches, config.gradient_accumulation_steps)
@@ -197,19 +231,19 @@ def total_steps(updates_per_epoch: int | None, epochs: int, max_steps: int | Non
 
 def choose_monitor(
     config: TrainingConfig,
-    setup: ModeSetup,
+    plan: ModePlan,
     val_loader: Any,
     evaluator: Evaluator | None,
     task_type: TaskType | None,
-    mode: TrainingMode,
+    mode: Mode,
 ) -> Monitor:
     """The mode's monitor, or `monitor_metric` (train_loss without validation), checked
     against the metrics the task produces."""
-    own = setup.monitor(config)
-    if own is not None:
-        return own
+    min_delta = config.early_stopping_min_delta
+    if plan.monitor is not None:
+        return Monitor(plan.monitor.name, minimize=plan.monitor.minimize, min_delta=min_delta)
     # An autoencoder's evaluation compares outputs with inputs: regression metrics.
-    task = TaskType.REGRESSION if mode is TrainingMode.UNSUPERVISED else task_type
+    task = TaskType.REGRESSION if mode.reconstructs else task_type
     name = config.monitor_metric
     if val_loader is None and name.startswith("val_"):
         logger.info("no val_loader: monitoring train_loss instead of %s", name)
@@ -223,11 +257,15 @@ def choose_monitor(
                 f"{allowed}, or train_loss"
             )
     minimize = config.minimize_monitor if name == config.monitor_metric else True
-    return Monitor(name, minimize=minimize, min_delta=config.early_stopping_min_delta)
+    return Monitor(name, minimize=minimize, min_delta=min_delta)
 
 
 def load_resume(
-    output_dir: Path, resume_from: str | Path | None, config: TrainingConfig, job: Distributed
+    output_dir: Path,
+    resume_from: str | Path | None,
+    config: TrainingConfig,
+    mode: Mode,
+    job: Distributed,
 ) -> dict[str, Any] | None:
     """The checkpoint to continue from (None: start fresh), refused if this config or job
     could not continue it exactly."""
@@ -243,6 +281,7 @@ def load_resume(
     check_compatible(
         payload["config"], config.to_dict(), payload.get("world_size", 1), job.world_size
     )
+    check_mode(payload, mode)
     strategy = config.distributed_strategy if job.enabled else None
     if payload.get("distributed_strategy") != strategy:
         raise ValueError(
@@ -256,18 +295,16 @@ def load_resume(
 def place_model(
     model: nn.Module,
     config: TrainingConfig,
-    setup: ModeSetup,
+    plan: ModePlan,
     job: Distributed,
     device: torch.device,
     payload: dict[str, Any] | None,
 ) -> tuple[nn.Module, Any]:
     """Seed, move the model to its device with its resumed weights, freeze, and wrap it for
     data-parallel training. Returns the wrapped model and its `no_sync` (None if unwrapped)."""
-    # Ranks draw different dropout masks, like one batch; federated and reinforcement
-    # ranks share one stream (a round's clients; each update's base seed, which the
-    # rank's own episodes derive from).
-    shared = setup.mode in (TrainingMode.FEDERATED, TrainingMode.REINFORCEMENT)
-    seed_everything(config.seed + (0 if shared else job.rank))
+    # Ranks draw different dropout masks, like one batch, unless the mode's ranks share one
+    # stream (federated: a round's clients; reinforcement: each update's base seed).
+    seed_everything(config.seed + (0 if plan.shared_seed else job.rank))
     model.to(device)
     if payload is not None:
         model.load_state_dict(training_weights(payload))  # full, before any sharding
@@ -275,7 +312,7 @@ def place_model(
         frozen = freeze(model, config.frozen_parameters)
         logger.info("froze %d parameter tensors (%s)", frozen, ", ".join(config.frozen_parameters))
     # DDP wraps; FSDP shards `model` in place, so the optimizer is built after this.
-    if setup.wraps_model:
+    if plan.wraps_model:
         return wrap_model(model, device, job, config)
     job.broadcast_weights(model)  # the loop averages the gradients over the ranks itself
     return model, None
@@ -298,10 +335,8 @@ def optimization(
     wrapped: nn.Module,
     no_sync: Any,
     config: TrainingConfig,
-    setup: ModeSetup,
-    job: Distributed,
-    device: torch.device,
-    loss_function: Any,
+    plan: ModePlan,
+    precision: Precision,
     total: int | None,
     payload: dict[str, Any] | None,
     build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
@@ -309,10 +344,12 @@ def optimization(
         [torch.optim.Optimizer, int | None], torch.optim.lr_scheduler.LRScheduler
     ],
 ) -> Optimization:
-    """Precision, the optimizer (federated: the server's, whose lr is the clients'), the
+    """The optimizer (the mode's, e.g. federated's server, or the configured one), the
     schedule over `total` updates, their resumed states, and torch.compile."""
-    precision = resolve_precision(config.precision, config.mixed_precision, device)
-    optimizer = setup.optimizer(model, config, loss_function, precision, build_optimizer, job=job)
+    if plan.optimizer is not None:
+        optimizer = plan.optimizer(model, build_optimizer)
+    else:
+        optimizer = build_optimizer(model)
     # A constant rate without warmup never changes: no scheduler (creating one would also
     # wrap optimizer.step in torch's step counter, work on every update).
     scheduler = None if constant_rate(config) else build_scheduler(optimizer, total)
@@ -335,7 +372,8 @@ def constant_rate(config: TrainingConfig) -> bool:
 
 
 def evaluation(
-    setup: ModeSetup,
+    plan: ModePlan,
+    mode: Mode,
     val_loader: Any,
     evaluator: Evaluator | None,
     model: nn.Module,
@@ -348,9 +386,10 @@ def evaluation(
     output_transform: OutputTransform | None,
 ) -> EvaluateFn | None:
     """How the loop validates: the mode's own way, else the Evaluator on `val_loader`."""
-    evaluate_fn = setup.evaluate_fn(val_loader, device, precision, job)
-    if evaluate_fn is not None or val_loader is None:
-        return evaluate_fn
+    if plan.evaluate is not None:
+        return _mode_evaluation(plan.evaluate, precision)
+    if val_loader is None:
+        return None
     scorer = evaluator or Evaluator()
     # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
     # collective that ranks with uneven evaluation shares would not all reach. An FSDP
@@ -366,7 +405,9 @@ def evaluation(
             loss.for_evaluation,
             task_type=task_type,
             output_transform=output_transform,
-            training_mode=setup.mode,
+            training_mode=TrainingMode.UNSUPERVISED
+            if mode.reconstructs
+            else TrainingMode.SUPERVISED,
             precision=precision,
             write_files=False,  # predictions and plots are for final evaluations
             distributed=job,
@@ -376,8 +417,24 @@ def evaluation(
     return evaluate
 
 
+def _mode_evaluation(evaluate: Any, precision: Precision) -> EvaluateFn:
+    """A mode's own validation, under the run's precision with the model in eval mode."""
+
+    def run(model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            with precision.autocast():
+                return dict(evaluate(model))
+        finally:
+            model.train(was_training)
+
+    return run
+
+
 def open_loggers(
     config: TrainingConfig,
+    mode: Mode,
     output_dir: Path,
     job: Distributed,
     payload: dict[str, Any] | None,
@@ -397,7 +454,7 @@ def open_loggers(
         resumed_step = payload["global_step"] if payload else 0
         optional = optional_loggers(config, output_dir, resumed_step)
         hub = LoggerHub([JsonlLogger(events), *optional, *loggers])
-    hub.log_config(config.to_dict())
+    hub.log_config({**config.to_dict(), "mode": mode.to_dict()})
     return hub
 
 

@@ -193,7 +193,7 @@ def _add_flower(commands: Any) -> None:
         help="federated training on Flower (FedAvg), its nodes simulated in this process",
         description="Run traineval.flower_app, the Flower app for config files, with NODES "
         "in-process SuperNodes: each trains on its share of the train split "
-        "(training.federated_partition), the server runs Flower's FedAvg(M) for "
+        "(mode.partition), the server runs Flower's FedAvg(M) for "
         "training.num_epochs rounds, evaluates on the val split each round and tests the "
         "final model. To deploy the same app on real SuperNodes, see docs/modes.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -201,9 +201,7 @@ def _add_flower(commands: Any) -> None:
     )
     flower.add_argument("config", type=Path, help="YAML file with data/model/training/evaluation")
     flower.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    flower.add_argument(
-        "--nodes", type=int, default=None, help="nodes (default training.federated_clients)"
-    )
+    flower.add_argument("--nodes", type=int, default=None, help="nodes (default mode.clients)")
     flower.add_argument("-q", "--quiet", action="store_true", help="only print the final table")
     flower.add_argument(
         "--resume",
@@ -443,11 +441,12 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     import yaml
 
     from .flower import FINAL_MODEL, RESUME_KEY, run_local, saved_round
-    from .flower_app import CONFIG_KEY, clientapp, serverapp
+    from .flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
 
     if logging.getLogger().level > logging.INFO:  # -q: Flower's round-by-round log too
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    nodes = config.training.federated_clients if nodes is None else nodes
+    federated = federated_settings(config)
+    nodes = federated.clients if nodes is None else nodes
     if nodes < 1:
         raise ValueError(f"--nodes={nodes} is invalid: expected at least 1")
     if resume_from is not None and not config.training.output_dir:
@@ -464,10 +463,10 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
             f"(training.num_epochs={config.training.num_epochs})"
         )
         return 0
-    training = dataclasses.replace(
-        config.training, federated_clients=nodes, output_dir=output_dir
-    )  # the server waits for `federated_clients` nodes: all of them
-    config = dataclasses.replace(config, training=training)
+    training = dataclasses.replace(config.training, output_dir=output_dir)
+    # the server waits for `clients` nodes: all of them
+    mode = dataclasses.replace(federated, clients=nodes)
+    config = dataclasses.replace(config, training=training, mode=mode)
     output = Path(output_dir)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:  # the resolved config the app reads

@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
+
+from . import registry
+from .checks import (
+    SettingError,
+    boolean,
+    choice,
+    fail,
+    integer,
+    number,
+    optional_integer,
+    subset,
+)
 
 __all__ = [
     "EvaluationConfig",
@@ -97,57 +111,19 @@ AVERAGES = ("weighted", "macro", "micro")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
 # the loop keeps each step's loss tensor until the next log step (no per-step sync).
-FEDERATED_PARTITIONS = ("iid", "dirichlet")
-META_ALGORITHMS = ("maml", "fomaml", "reptile")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
 
 # -- field checks: each raises ValueError naming field, value and what is allowed --------------
 
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field}={value!r} is invalid: {allowed}")
-
-
-def _int(field: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(field, value, f"expected an integer >= {minimum}")
-    if value < minimum:
-        _fail(field, value, f"expected an integer >= {minimum}")
-
-
-def _optional_int(field: str, value: Any, *, minimum: int) -> None:
-    if value is not None:
-        _int(field, value, minimum=minimum)
-
-
-def _float(field: str, value: Any, *, minimum: float, strict: bool = False) -> None:
-    relation = ">" if strict else ">="
-    allowed = f"expected a finite number {relation} {minimum}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(field, value, allowed)
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        _fail(field, value, allowed)
-
-
-def _bool(field: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(field, value, "expected true or false")
-
-
-def _choice(field: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        hint = difflib.get_close_matches(str(value), choices, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        _fail(field, value, f"expected one of {', '.join(map(repr, choices))}{suggestion}")
-
-
-def _subset(field: str, values: Any, choices: Sequence[str]) -> None:
-    if isinstance(values, str) or not isinstance(values, Iterable):
-        _fail(field, values, f"expected a list drawn from {', '.join(map(repr, choices))}")
-    for value in values:
-        _choice(f"{field}[]", value, choices)
+_fail = fail
+_int = integer
+_optional_int = optional_integer
+_float = number
+_bool = boolean
+_choice = choice
+_subset = subset
 
 
 C = TypeVar("C", bound="_ConfigBase")
@@ -171,7 +147,7 @@ class _ConfigBase:
             raise ValueError(f"{cls.__name__} expects a mapping of fields, got {data!r}")
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         for key in data:
-            if key not in names:
+            if key not in names and key not in getattr(cls, "legacy_keys", ()):
                 hint = difflib.get_close_matches(str(key), names, n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise ValueError(
@@ -223,12 +199,11 @@ class TrainingConfig(_ConfigBase):
     `nn.ModuleList`, becomes its own shard unit), and `distributed_timeout_seconds` bounds
     every collective, so a rank that dies stops the others instead of leaving them hanging.
 
-    Mode settings, read only by their mode: `unlabeled_label`, `unlabeled_weight`,
-    `pseudo_label_threshold` (semi-supervised); `federated_*` (clients, partition, local
-    epochs, client fraction, server learning rate and momentum); `meta_*` (algorithm, inner
-    learning rate and steps); `rl_*` (episodes per update, updates per epoch, discount,
-    value and entropy coefficients, advantage normalisation, episode cap, evaluation
-    episodes). See `traineval.modes` for what each mode does with them.
+    A training mode's own settings (federated clients, meta-learning's algorithm, ...) belong
+    to the mode: `train(mode=Federated(clients=10))`, or `mode_settings` by mode name, or a
+    config file's `mode:` section. The flat names of earlier versions (`federated_clients`,
+    `rl_gamma`, `meta_algorithm`, `unlabeled_label`, ...) still load into `mode_settings`, with
+    a FutureWarning naming the new key (`LEGACY_MODE_KEYS`).
 
     Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
     (rounded up) instead of `warmup_steps`. A warmup as long as the run or longer (e.g. the
@@ -245,8 +220,10 @@ class TrainingConfig(_ConfigBase):
         >>> TrainingConfig(batch_size=0)
         Traceback (most recent call last):
         ...
-        ValueError: batch_size=0 is invalid: expected an integer >= 1
+        traineval.checks.SettingError: batch_size=0 is invalid: expected an integer >= 1
     """
+
+    legacy_keys: ClassVar[tuple[str, ...]] = ()  # flat names of earlier versions, still loaded
 
     # Training parameters (the specification's, with its defaults: docs/design.md)
     num_epochs: int = 100
@@ -308,31 +285,10 @@ class TrainingConfig(_ConfigBase):
     wandb_project: str = "traineval"
     mlflow_logging: bool = False
     mlflow_tracking_uri: str | None = None
-    # Semi-supervised mode: targets equal to unlabeled_label mark unlabeled samples
-    unlabeled_label: int = -1
-    unlabeled_weight: float = 1.0
-    pseudo_label_threshold: float = 0.95
-    # Reinforcement mode: policy gradient on episodes from an environment
-    rl_episodes_per_update: int = 8
-    rl_updates_per_epoch: int = 10
-    rl_gamma: float = 0.99
-    rl_value_coef: float = 0.5
-    rl_entropy_coef: float = 0.01
-    rl_normalize_advantages: bool = True
-    rl_max_episode_steps: int = 1000
-    rl_eval_episodes: int = 10
-    # Meta-learning mode: batches of few-shot tasks
-    meta_algorithm: str = "maml"
-    meta_inner_lr: float = 0.1
-    meta_inner_steps: int = 1
-    # Federated mode (FedAvg): rounds are optimizer updates, one per epoch
-    federated_clients: int = 4
-    federated_partition: str = "iid"
-    federated_dirichlet_alpha: float = 0.5
-    federated_local_epochs: int = 1
-    federated_client_fraction: float = 1.0
-    federated_server_lr: float = 1.0
-    federated_server_momentum: float = 0.0
+    # Settings of the training modes by name, used when that mode trains, e.g.
+    # {federated: {clients: 10}} (config files: the `mode:` section; Python: also
+    # train(mode=Federated(clients=10))). See traineval.modes.
+    mode_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # Distributed training under torchrun (ignored in a single process)
     distributed_strategy: str = "ddp"
     distributed_backend: str = "auto"
@@ -389,7 +345,6 @@ class TrainingConfig(_ConfigBase):
             "adam_beta2",
             "scheduler_gamma",
             "lr_scheduler_factor",
-            "federated_server_momentum",
             "ema_decay",
         ):
             _float(name, getattr(self, name), minimum=0.0)
@@ -500,51 +455,17 @@ class TrainingConfig(_ConfigBase):
         object.__setattr__(self, "frozen_parameters", tuple(self.frozen_parameters))
 
     def _check_mode_settings(self) -> None:
-        """The settings one mode reads: semi-supervised, reinforcement, meta, federated."""
-        if (
-            isinstance(self.unlabeled_label, bool)
-            or not isinstance(self.unlabeled_label, int)
-            or self.unlabeled_label >= 0
-        ):
-            _fail(
-                "unlabeled_label",
-                self.unlabeled_label,
-                "expected a negative integer (class ids are >= 0)",
-            )
-        _float("unlabeled_weight", self.unlabeled_weight, minimum=0.0)
-        _float("pseudo_label_threshold", self.pseudo_label_threshold, minimum=0.0)
-        if self.pseudo_label_threshold > 1.0:
-            _fail(
-                "pseudo_label_threshold", self.pseudo_label_threshold, "expected a number in [0, 1]"
-            )
-        for name in (
-            "rl_episodes_per_update",
-            "rl_updates_per_epoch",
-            "rl_max_episode_steps",
-            "rl_eval_episodes",
-        ):
-            _int(name, getattr(self, name), minimum=1)
-        _float("rl_gamma", self.rl_gamma, minimum=0)
-        if self.rl_gamma > 1:
-            _fail("rl_gamma", self.rl_gamma, "expected a discount in [0, 1]")
-        _float("rl_value_coef", self.rl_value_coef, minimum=0)
-        _float("rl_entropy_coef", self.rl_entropy_coef, minimum=0)
-        _bool("rl_normalize_advantages", self.rl_normalize_advantages)
-        _choice("meta_algorithm", self.meta_algorithm, META_ALGORITHMS)
-        _float("meta_inner_lr", self.meta_inner_lr, minimum=0, strict=True)
-        _int("meta_inner_steps", self.meta_inner_steps, minimum=1)
-        _int("federated_clients", self.federated_clients, minimum=1)
-        _choice("federated_partition", self.federated_partition, FEDERATED_PARTITIONS)
-        _float("federated_dirichlet_alpha", self.federated_dirichlet_alpha, minimum=0, strict=True)
-        _int("federated_local_epochs", self.federated_local_epochs, minimum=1)
-        _float("federated_client_fraction", self.federated_client_fraction, minimum=0, strict=True)
-        if self.federated_client_fraction > 1:
-            _fail(
-                "federated_client_fraction",
-                self.federated_client_fraction,
-                "expected a number in (0, 1] (the share of clients trained each round)",
-            )
-        _float("federated_server_lr", self.federated_server_lr, minimum=0, strict=True)
+        """Each mode's settings, by the rules beside them (`traineval.modes`)."""
+        if not isinstance(self.mode_settings, Mapping):
+            _fail("mode_settings", self.mode_settings, "expected {mode name: {setting: value}}")
+        checked: dict[str, dict[str, Any]] = {}
+        for name, settings in self.mode_settings.items():
+            mode = registry.lookup(name, field="mode_settings key")
+            if not isinstance(settings, Mapping):
+                _fail(f"mode_settings.{name}", settings, "expected {setting: value}")
+            full = mode.from_settings(settings).settings()
+            checked[name] = {key: full[key] for key in settings}
+        object.__setattr__(self, "mode_settings", checked)
 
     def _check_run(self) -> None:
         """Run-level settings, and the rules that relate two fields."""
@@ -588,6 +509,90 @@ class TrainingConfig(_ConfigBase):
     @property
     def effective_eval_batch_size(self) -> int:
         return self.eval_batch_size or self.batch_size
+
+
+# The flat names of earlier versions -> (mode, setting). They still load, into
+# `mode_settings`, with a FutureWarning naming the new key.
+LEGACY_MODE_KEYS: dict[str, tuple[str, str]] = {
+    "unlabeled_label": ("semi_supervised", "unlabeled_label"),
+    "unlabeled_weight": ("semi_supervised", "unlabeled_weight"),
+    "pseudo_label_threshold": ("semi_supervised", "pseudo_label_threshold"),
+    "rl_episodes_per_update": ("reinforcement", "episodes_per_update"),
+    "rl_updates_per_epoch": ("reinforcement", "updates_per_epoch"),
+    "rl_gamma": ("reinforcement", "gamma"),
+    "rl_value_coef": ("reinforcement", "value_coef"),
+    "rl_entropy_coef": ("reinforcement", "entropy_coef"),
+    "rl_normalize_advantages": ("reinforcement", "normalize_advantages"),
+    "rl_max_episode_steps": ("reinforcement", "max_episode_steps"),
+    "rl_eval_episodes": ("reinforcement", "eval_episodes"),
+    "meta_algorithm": ("meta_learning", "algorithm"),
+    "meta_inner_lr": ("meta_learning", "inner_lr"),
+    "meta_inner_steps": ("meta_learning", "inner_steps"),
+    "federated_clients": ("federated", "clients"),
+    "federated_partition": ("federated", "partition"),
+    "federated_dirichlet_alpha": ("federated", "dirichlet_alpha"),
+    "federated_local_epochs": ("federated", "local_epochs"),
+    "federated_client_fraction": ("federated", "client_fraction"),
+    "federated_server_lr": ("federated", "server_lr"),
+    "federated_server_momentum": ("federated", "server_momentum"),
+}
+
+
+def take_legacy_keys(
+    values: dict[str, Any], table: Mapping[str, tuple[str, str]], section: str, stacklevel: int
+) -> dict[str, dict[str, Any]]:
+    """Move the legacy keys of `table` out of `values` into `{mode: {setting: value}}`,
+    checking each by its mode's rule (an error names the key as written) and warning once
+    per key with the new one."""
+    moved: dict[str, dict[str, Any]] = {}
+    for key in [k for k in values if k in table]:
+        mode, setting = table[key]
+        value = values.pop(key)
+        try:
+            registry.lookup(mode).from_settings({setting: value})
+        except SettingError as error:
+            raise SettingError(f"{section}{key}", value, error.allowed) from None
+        warnings.warn(
+            f"{section}{key} is deprecated: it is now the {mode} mode's {setting!r} setting "
+            f"(config file: `mode: {{name: {mode}, {setting}: ...}}`; Python: "
+            f"`train(mode=...)` with a {mode} mode, or mode_settings={{{mode!r}: "
+            f"{{{setting!r}: ...}}}})",
+            FutureWarning,
+            stacklevel=stacklevel,
+        )
+        moved.setdefault(mode, {})[setting] = value
+    return moved
+
+
+def _merge_settings(
+    given: Mapping[str, Mapping[str, Any]], moved: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    out = {name: dict(settings) for name, settings in given.items()}
+    for name, settings in moved.items():
+        for setting, value in settings.items():
+            if setting in out.get(name, {}) and out[name][setting] != value:
+                _fail(
+                    f"mode_settings.{name}.{setting}",
+                    out[name][setting],
+                    f"also given by its deprecated flat key as {value!r}; keep one",
+                )
+            out.setdefault(name, {})[setting] = value
+    return out
+
+
+_dataclass_init = TrainingConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_legacy_keys(self: TrainingConfig, *args: Any, **kwargs: Any) -> None:
+    if any(key in LEGACY_MODE_KEYS for key in kwargs):
+        moved = take_legacy_keys(kwargs, LEGACY_MODE_KEYS, "", stacklevel=3)
+        kwargs["mode_settings"] = _merge_settings(kwargs.get("mode_settings") or {}, moved)
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainingConfig.__init__ = _init_with_legacy_keys  # type: ignore[method-assign]
+TrainingConfig.legacy_keys = tuple(LEGACY_MODE_KEYS)
 
 
 _MAXIMIZED = (

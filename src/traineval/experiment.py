@@ -15,6 +15,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import registry
 from .checkpoint import load_checkpoint_file
 from .config import (
     EvaluationConfig,
@@ -30,11 +31,11 @@ from .config import (
     _int,
     apply_overrides,
     load_yaml,
+    take_legacy_keys,
 )
 from .data import DataSplits, Episodes, hide_labels, load_builtin, load_csv, make_splits
 from .data.tables import BUILTIN_DATASETS
 from .distributed import is_sharded, model_state
-from .envs import make_env
 from .evaluation import Evaluator
 from .evaluation.evaluator import SPLIT_PREFIX
 from .imports import import_object
@@ -42,8 +43,7 @@ from .loggers import JsonlLogger
 from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
-from .modes import MetaLearningStep
-from .modes.reinforcement import PolicyGradientStep
+from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised
 from .seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -61,14 +61,12 @@ class DataConfig(_ConfigBase):
     `custom` (with `factory`, an import path to a function returning
     `traineval.data.DataSplits`). `labeled_fraction` < 1 keeps the labels of that share of
     the training rows, stratified by class and drawn with `split_seed`: semi-supervised mode
-    marks the other rows with `training.unlabeled_label`, supervised mode leaves them out (the
-    baseline to compare with). In meta_learning mode each split becomes `ways`-way
-    `shots`-shot tasks with `queries` query samples per class:
-    `train_episodes` of them from the train split, `eval_episodes` from val and test.
+    marks the other rows with its `unlabeled_label`, supervised mode leaves them out (the
+    baseline to compare with). In meta_learning mode each split becomes few-shot tasks (the
+    mode's `ways`, `shots`, `queries`, `train_episodes`, `eval_episodes`).
     """
 
     name: str = "digits"
-    environment: str | None = None
     path: str | None = None
     target: str | tuple[str, ...] | None = None
     task: str = "auto"
@@ -80,12 +78,6 @@ class DataConfig(_ConfigBase):
     image_shape: tuple[int, ...] | None = None
     num_workers: int = 0
     labeled_fraction: float = 1.0
-    # meta_learning: each split becomes few-shot tasks (traineval.data.Episodes)
-    ways: int = 5
-    shots: int = 1
-    queries: int = 5
-    train_episodes: int = 2000
-    eval_episodes: int = 200
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATA_SOURCES)
@@ -103,8 +95,6 @@ class DataConfig(_ConfigBase):
         _int("data.split_seed", self.split_seed, minimum=0)
         _int("data.num_workers", self.num_workers, minimum=0)
         _bool("data.standardize", self.standardize)
-        for name in ("ways", "shots", "queries", "train_episodes", "eval_episodes"):
-            _int(f"data.{name}", getattr(self, name), minimum=1)
         _float("data.labeled_fraction", self.labeled_fraction, minimum=0.0, strict=True)
         if self.labeled_fraction > 1.0:
             _fail("data.labeled_fraction", self.labeled_fraction, "expected a number in (0, 1]")
@@ -142,37 +132,43 @@ _SECTIONS: dict[str, type[_ConfigBase]] = {
 }
 
 
+# Mode settings that earlier versions kept in the data section -> (mode, setting)
+LEGACY_DATA_KEYS: dict[str, tuple[str, str]] = {
+    "environment": ("reinforcement", "environment"),
+    **{key: ("meta_learning", key) for key in ("ways", "shots", "queries")},
+    **{key: ("meta_learning", key) for key in ("train_episodes", "eval_episodes")},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole run: the YAML file of `traineval fit` has these sections."""
+    """A whole run: the YAML file of `traineval fit` has these sections.
+
+    `mode` is the training mode with its settings: in YAML a name (`mode: federated`) or a
+    section (`mode: {name: federated, clients: 10}`); see `traineval.modes`.
+    """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
-    mode: str = "supervised"
+    mode: Mode = dataclasses.field(default_factory=Supervised)
 
     def __post_init__(self) -> None:
-        modes = (
-            "supervised",
-            "unsupervised",
-            "semi_supervised",
-            "federated",
-            "meta_learning",
-            "reinforcement",
-        )
-        _choice("mode", self.mode, modes)
-        if self.mode == "reinforcement" and not self.data.environment:
+        if not isinstance(self.mode, Mode):
+            _fail("mode", self.mode, "expected a traineval Mode, e.g. Federated(clients=10)")
+        if isinstance(self.mode, Reinforcement) and not self.mode.environment:
             _fail(
-                "data.environment",
-                self.data.environment,
+                "mode.environment",
+                self.mode.environment,
                 "mode: reinforcement needs an environment, e.g. CartPole (or a gymnasium id)",
             )
-        if self.data.labeled_fraction < 1.0 and self.mode == "unsupervised":
+        if self.data.labeled_fraction < 1.0 and self.mode.reconstructs:
             _fail(
                 "data.labeled_fraction",
                 self.data.labeled_fraction,
-                "hiding labels needs mode: semi_supervised or supervised (mode is 'unsupervised')",
+                f"hiding labels needs mode: semi_supervised or supervised (mode is "
+                f"{self.mode.name!r})",
             )
 
     @classmethod
@@ -181,22 +177,64 @@ class RunConfig:
         for key in data:
             if key not in allowed:
                 raise ValueError(f"unknown section {key!r}; allowed: {', '.join(allowed)}")
+        given = {key: dict(data.get(key) or {}) for key in _SECTIONS}
+        moved = take_legacy_keys(given["data"], LEGACY_DATA_KEYS, "data.", stacklevel=3)
         sections: dict[str, Any] = {}
         for key, section in _SECTIONS.items():
             try:
-                sections[key] = section.from_dict(data.get(key) or {})
+                sections[key] = section.from_dict(given[key])
             except ValueError as error:
                 raise ValueError(f"{key}: {error}") from None
-        return cls(**sections, mode=data.get("mode", "supervised"))
+        mode, rest = _mode_section(data.get("mode", "supervised"), sections["training"], moved)
+        sections["training"] = dataclasses.replace(sections["training"], mode_settings=rest)
+        return cls(**sections, mode=mode)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-        return cls.from_dict(apply_overrides(load_yaml(path), overrides))
+        data = _mode_as_section(load_yaml(path))
+        for override in overrides:  # one at a time: `mode=x` then `mode.y=z` works
+            data = _mode_as_section(apply_overrides(data, [override]))
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {key: getattr(self, key).to_dict() for key in _SECTIONS}
-        out["mode"] = self.mode
+        if not out["training"]["mode_settings"]:
+            del out["training"]["mode_settings"]
+        out["mode"] = self.mode.to_dict()
         return out
+
+
+def _mode_as_section(data: dict[str, Any]) -> dict[str, Any]:
+    """`mode: federated` as `mode: {name: federated}`, so `mode.clients=5` can override."""
+    if isinstance(data.get("mode"), str):
+        data = {**data, "mode": {"name": data["mode"]}}
+    return data
+
+
+def _mode_section(
+    value: Any, training: TrainingConfig, moved: Mapping[str, Mapping[str, Any]]
+) -> tuple[Mode, dict[str, dict[str, Any]]]:
+    """The run's Mode from the `mode` section, with the settings the training and data
+    sections gave it under their deprecated flat names; and the other modes' settings."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping) or "name" not in value:
+        _fail("mode", value, "expected a mode name, or a section {name: <mode>, <setting>: ...}")
+    name = value["name"]
+    cls = registry.lookup(name, field="mode.name")
+    settings = {
+        **training.mode_settings.get(name, {}),
+        **moved.get(name, {}),
+        **{k: v for k, v in value.items() if k != "name"},
+    }
+    rest = {k: dict(v) for k, v in training.mode_settings.items() if k != name}
+    for other, values in moved.items():
+        if other != name:
+            rest.setdefault(other, {}).update(values)
+    try:
+        return cls.from_settings(settings), rest
+    except ValueError as error:
+        raise ValueError(f"mode: {error}") from None
 
 
 def load_data(config: DataConfig) -> DataSplits:
@@ -241,7 +279,7 @@ class _Parts:
 
     config: RunConfig
     splits: DataSplits
-    mode: TrainingMode
+    mode: Mode
     task_type: TaskType | None
 
     def new_model(self) -> torch.nn.Module:
@@ -268,25 +306,25 @@ class _Parts:
 
 
 def _parts(config: RunConfig) -> _Parts:
+    mode = config.mode
     splits = load_data(config.data)
     if config.data.labeled_fraction < 1.0:
         splits.train = hide_labels(
             splits.train,
             config.data.labeled_fraction,
-            config.training.unlabeled_label,
+            mode.unlabeled_label if isinstance(mode, SemiSupervised) else -1,
             config.data.split_seed,
-            drop=config.mode == "supervised",
+            drop=not isinstance(mode, SemiSupervised),
         )
-    mode = TrainingMode(config.mode)
-    task_type = None if mode is TrainingMode.UNSUPERVISED else splits.task_type
-    if mode is TrainingMode.META_LEARNING:
-        splits = _as_episodes(splits, config.data)
+    task_type = None if mode.reconstructs else splits.task_type
+    if isinstance(mode, MetaLearning):
+        splits = _as_episodes(splits, config.data, mode)
         task_type = None  # scored by adapting to each task, not by the Evaluator
     seed_everything(config.training.seed)  # initial weights come from the run's seed
     return _Parts(config, splits, mode, task_type)
 
 
-def _as_episodes(splits: DataSplits, data: DataConfig) -> DataSplits:
+def _as_episodes(splits: DataSplits, data: DataConfig, mode: MetaLearning) -> DataSplits:
     """Every split as few-shot tasks; the model answers `ways` classes."""
     if splits.task_type is not TaskType.CLASSIFICATION:
         raise ValueError(f"mode: meta_learning needs a classification dataset, not {data.name!r}")
@@ -295,15 +333,15 @@ def _as_episodes(splits: DataSplits, data: DataConfig) -> DataSplits:
         if dataset is None:
             return None
         return Episodes(
-            dataset, data.ways, data.shots, data.queries, count, seed=data.split_seed + offset
+            dataset, mode.ways, mode.shots, mode.queries, count, seed=data.split_seed + offset
         )
 
     return dataclasses.replace(
         splits,
-        train=tasks(splits.train, data.train_episodes, 0),
-        val=tasks(splits.val, data.eval_episodes, 1),
-        test=tasks(splits.test, data.eval_episodes, 2),
-        num_outputs=data.ways,
+        train=tasks(splits.train, mode.train_episodes, 0),
+        val=tasks(splits.val, mode.eval_episodes, 1),
+        test=tasks(splits.test, mode.eval_episodes, 2),
+        num_outputs=mode.ways,
         class_names=None,
     )
 
@@ -315,7 +353,7 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     `evaluation/metrics.json` (plus predictions and plots when configured) into the run
     directory.
     """
-    if config.mode == "reinforcement":
+    if isinstance(config.mode, Reinforcement):
         return _run_reinforcement(config, resume_from)
     parts = _parts(config)
     model = parts.new_model()
@@ -378,7 +416,7 @@ def find_learning_rate(
     """The learning-rate range test on a config's model and train split; writes
     `lr_find.json` and `lr_find.png` into training.output_dir (default runs/lr-find-<time>)
     and returns the search and that folder."""
-    if config.mode == "reinforcement":
+    if isinstance(config.mode, Reinforcement):
         raise ValueError(
             "traineval lr-find does not run mode: reinforcement (its loss is a policy "
             "objective whose scale moves with the returns, not a curve to read a rate from)"
@@ -424,8 +462,8 @@ def _record_and_load_best(
 
 def _policy_parts(config: RunConfig) -> tuple[Any, torch.nn.Module]:
     """The environment factory and a fresh policy sized to its observations and actions."""
-    assert config.data.environment is not None
-    factory = make_env(config.data.environment)
+    assert isinstance(config.mode, Reinforcement)
+    factory = config.mode.environment_factory(None)
     probe = factory()
     observation, _ = probe.reset(seed=0)
     seed_everything(config.training.seed)  # initial weights come from the run's seed
@@ -442,15 +480,17 @@ def _test_episodes(
     config: RunConfig, factory: Any, model: torch.nn.Module, device: torch.device
 ) -> dict[str, float]:
     """The greedy policy on `rl_eval_episodes` episodes seeded apart from validation's."""
-    step = PolicyGradientStep.from_config(factory, config.training, episodes=1)
+    assert isinstance(config.mode, Reinforcement)
+    step = config.mode.step(factory, episodes=1)
     return step.evaluate(model.to(device), device, seed=config.training.seed + 54321)
 
 
 def _run_reinforcement(config: RunConfig, resume_from: str | None) -> ExperimentResult:
-    """Train a policy on `data.environment`; test the best checkpoint on fresh greedy episodes."""
+    """Train a policy on the mode's environment; test the best checkpoint on fresh greedy
+    episodes."""
     factory, model = _policy_parts(config)
     manager = TrainingManager(config.training)
-    result = manager.train(model, factory, mode=TrainingMode.REINFORCEMENT, resume_from=resume_from)
+    result = manager.train(model, factory, mode=config.mode, resume_from=resume_from)
     out = Path(result.output_dir)
     evaluated = _record_and_load_best(config, result, model, manager.device)
     test = _test_episodes(config, factory, model, manager.device)
@@ -494,8 +534,8 @@ def _evaluate_split(
     split: EvaluationMode = EvaluationMode.TESTING,
 ) -> dict[str, float]:
     """Evaluate on one split and append the split-tagged record to metrics.jsonl."""
-    if parts.mode is TrainingMode.META_LEARNING:  # adapt to each task, score its queries
-        meta = MetaLearningStep.from_config(parts.config.training)
+    if isinstance(parts.mode, MetaLearning):  # adapt to each task, score its queries
+        meta = parts.mode.step()
         model.to(device)
         metrics = meta.evaluate(model, loader, device)
     else:
@@ -504,7 +544,7 @@ def _evaluate_split(
             loader,
             device,
             task_type=parts.task_type,
-            training_mode=parts.mode,
+            training_mode=_evaluated_as(parts.mode),
             split=split,
             output_dir=out,
         )
@@ -549,7 +589,7 @@ def evaluate_run(
     path = Path(checkpoint)
     if not path.suffix:
         path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if config.mode == "reinforcement":  # the split does not apply: fresh greedy episodes
+    if isinstance(config.mode, Reinforcement):  # the split does not apply: fresh episodes
         factory, policy = _policy_parts(config)
         device = TrainingManager(config.training).device
         policy.load_state_dict(load_checkpoint_file(path, map_location=device)["model"])
@@ -593,9 +633,9 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
     `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
     """
-    if config.mode in ("meta_learning", "reinforcement"):
+    if isinstance(config.mode, (MetaLearning, Reinforcement)):
         raise ValueError(
-            f"mode={config.mode!r} is invalid for cross-validation (its samples are tasks or "
+            f"mode={config.mode.name!r} is invalid for cross-validation (its samples are tasks or "
             "episodes, not rows to fold): use fit"
         )
     parts = _parts(config)
@@ -632,6 +672,11 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     resolved["training"]["output_dir"] = str(out)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     return summary
+
+
+def _evaluated_as(mode: Mode) -> TrainingMode:
+    """How the Evaluator scores a mode's model: outputs against inputs, or targets."""
+    return TrainingMode.UNSUPERVISED if mode.reconstructs else TrainingMode.SUPERVISED
 
 
 def _concat(first: TensorDataset, second: TensorDataset) -> TensorDataset:

@@ -5,11 +5,11 @@
 strategy; traineval supplies what runs on each side:
 
 - `client_app(model_fn, data_fn, config)`: a Flower `ClientApp` whose `train` handler runs
-  the same local training as the simulation (`federated_local_epochs` with the configured
+  the same local training as the simulation (the federated `local_epochs` with the configured
   optimizer, clipping, precision; `modes.federated.train_client`) and whose `evaluate`
   handler runs traineval's `Evaluator` on the node's validation data.
 - `server_app(model_fn, config)`: a Flower `ServerApp` running Flower's FedAvg (FedAvgM when
-  `federated_server_lr` / `federated_server_momentum` say so) for `num_epochs` rounds from
+  the federated `server_lr` / `server_momentum` say so) for `num_epochs` rounds from
   the model `model_fn` builds under `config.seed`; it writes `metrics.jsonl` (one record per
   round and source), a checkpoint after every round (`checkpoints/last.pt`) and the final
   weights (`final_model.safetensors`) to `output_dir`. `resume_from="auto"` (or the run
@@ -56,8 +56,9 @@ from .checkpoint import load_checkpoint_file, save_checkpoint_file, save_safeten
 from .config import TaskType, TrainingConfig
 from .evaluation import Evaluator
 from .loggers.jsonl import plain
+from .modes import resolve_mode
 from .modes.base import batch_size_of, split_batch
-from .modes.federated import train_client
+from .modes.federated import Federated, train_client
 from .modes.supervised import SupervisedStep
 from .optim import configured_scheduler
 from .precision import resolve_precision
@@ -96,10 +97,12 @@ class FlowerClient:
         *,
         loss_function: Any = None,
         task_type: TaskType | None = None,
+        federated: Federated | None = None,
     ) -> None:
         _check_callable("model_fn", model_fn)
         _check_callable("data_fn", data_fn)
         self.model_fn, self.data_fn, self.config = model_fn, data_fn, config
+        self.federated = _federated(federated, config)
         self.loss_function, self.task_type = loss_function, task_type
         self.device = torch.device(config.device if config.device != "auto" else _auto_device())
         self.precision = resolve_precision(config.precision, config.mixed_precision, self.device)
@@ -121,7 +124,14 @@ class FlowerClient:
         # The client's randomness (shuffle, dropout) follows the run seed, the round and the
         # node only: not which clients this process trained before, in what order.
         loss_sum, samples = train_client(
-            model, train_loader, self.step, config, self.precision, lr=lr, seed=seed
+            model,
+            train_loader,
+            self.step,
+            config,
+            self.precision,
+            lr=lr,
+            seed=seed,
+            local_epochs=self.federated.local_epochs,
         )
         metrics = MetricRecord({"train_loss": float(loss_sum) / samples, "num-examples": samples})
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
@@ -156,6 +166,7 @@ def client_app(
     *,
     loss_function: Any = None,
     task_type: TaskType | None = None,
+    federated: Federated | None = None,
 ) -> ClientApp:
     """A Flower `ClientApp` that trains and evaluates with traineval.
 
@@ -163,9 +174,16 @@ def client_app(
     the data is this node's from `context.node_config` (e.g. `partition-id`); the val loader
     may be None when the server does not ask clients to evaluate. The client learning rate is
     the server's `lr` config value when it sends one, else `config.learning_rate`.
+    `federated` holds the federated settings (`local_epochs`); by default the config's
+    `mode_settings`.
     """
     client = FlowerClient(
-        model_fn, data_fn, config, loss_function=loss_function, task_type=task_type
+        model_fn,
+        data_fn,
+        config,
+        loss_function=loss_function,
+        task_type=task_type,
+        federated=federated,
     )
     app = ClientApp()
     app.train()(client.train)
@@ -186,8 +204,10 @@ class FlowerServer:
         strategy: Strategy | None = None,
         on_finish: Callable[[nn.Module], None] | None = None,
         resume_from: str | Path | None = None,
+        federated: Federated | None = None,
     ) -> None:
         _check_callable("model_fn", model_fn)
+        self.federated = _federated(federated, config)
         if config.scheduler_type == "plateau":
             raise ValueError(
                 "scheduler_type='plateau' is not supported with Flower (no server-side metric "
@@ -222,7 +242,7 @@ class FlowerServer:
         chosen = (
             copy.copy(self.strategy)
             if self.strategy is not None
-            else default_strategy(config, self.evaluate_on_clients)
+            else default_strategy(config, self.evaluate_on_clients, self.federated)
         )
         resume_from = self.resume_from
         saved = self._begin(resume_from if resume_from is not None else _resume_setting(context))
@@ -263,10 +283,10 @@ class FlowerServer:
     def _check_nodes(self, grid: Grid) -> None:
         """Refuse a local grid with fewer nodes than the server waits for."""
         nodes = len(list(grid.get_node_ids()))
-        wanted = self.config.federated_clients
+        wanted = self.federated.clients
         if isinstance(grid, LocalGrid) and self.strategy is None and nodes < wanted:
             raise ValueError(  # Flower would wait for the missing nodes forever
-                f"federated_clients={wanted}: the server waits for that many "
+                f"federated.clients={wanted}: the server waits for that many "
                 f"nodes before the first round, and this LocalGrid has {nodes}"
             )
 
@@ -387,11 +407,13 @@ def server_app(
     strategy: Strategy | None = None,
     on_finish: Callable[[nn.Module], None] | None = None,
     resume_from: str | Path | None = None,
+    federated: Federated | None = None,
 ) -> ServerApp:
     """A Flower `ServerApp`: FedAvg(M) over the connected nodes for `config.num_epochs` rounds.
 
-    Each round samples `federated_client_fraction` of the nodes (at least one; it waits for
-    `federated_clients` nodes before the first round). Clients train with the configured
+    `federated` holds the federated settings (by default the config's `mode_settings`).
+    Each round samples `client_fraction` of the nodes (at least one; it waits for
+    `clients` nodes before the first round). Clients train with the configured
     schedule's learning rate for the round (one round = one update, as in the simulation).
     `server_evaluate(model)` returns metrics of the global model on the server's own data,
     after every round; `on_finish(model)` gets the final global model (e.g. to test it). Pass
@@ -412,6 +434,7 @@ def server_app(
         strategy=strategy,
         on_finish=on_finish,
         resume_from=resume_from,
+        federated=federated,
     )
     app = ServerApp()
     app.main()(server.main)
@@ -431,19 +454,21 @@ def client_learning_rates(config: TrainingConfig, rounds: int) -> list[float]:
     return rates
 
 
-def default_strategy(config: TrainingConfig, evaluate_on_clients: bool = True) -> Strategy:
-    """Flower's FedAvg with the config's client sampling; FedAvgM when the server's learning
-    rate or momentum differ from plain averaging (the same update as `ServerOptimizer`)."""
+def default_strategy(
+    config: TrainingConfig, evaluate_on_clients: bool = True, federated: Federated | None = None
+) -> Strategy:
+    """Flower's FedAvg with the federated settings' client sampling; FedAvgM when the
+    server's learning rate or momentum differ from plain averaging (the same update as
+    `ServerOptimizer`)."""
+    f = _federated(federated, config)
     # The simulation's count of clients per round (rounded half up); Flower rounds down.
-    per_round = max(
-        1, math.floor(config.federated_client_fraction * config.federated_clients + 0.5)
-    )
+    per_round = f.clients_per_round(f.clients)
     options: dict[str, Any] = {
-        "fraction_train": config.federated_client_fraction,
+        "fraction_train": f.client_fraction,
         "fraction_evaluate": 1.0 if evaluate_on_clients else 0.0,
         "min_train_nodes": per_round,
         "min_evaluate_nodes": 1 if evaluate_on_clients else 0,
-        "min_available_nodes": config.federated_clients,
+        "min_available_nodes": f.clients,
     }
     # Flower warns that evaluation will be skipped when fraction_evaluate is 0: here it is
     # what evaluate_on_clients=False asks for
@@ -452,10 +477,10 @@ def default_strategy(config: TrainingConfig, evaluate_on_clients: bool = True) -
     if not evaluate_on_clients:
         flower_log.setLevel(logging.ERROR)
     try:
-        if config.federated_server_lr != 1.0 or config.federated_server_momentum > 0:
+        if f.server_lr != 1.0 or f.server_momentum > 0:
             return FedAvgM(
-                server_learning_rate=config.federated_server_lr,
-                server_momentum=config.federated_server_momentum,
+                server_learning_rate=f.server_lr,
+                server_momentum=f.server_momentum,
                 **options,
             )
         return FedAvg(**options)
@@ -629,6 +654,14 @@ def _claim(output: Path, overwrite: bool) -> None:
             "continue it with resume_from='auto', choose another output_dir or set "
             "overwrite_output_dir=True"
         )
+
+
+def _federated(given: Federated | None, config: TrainingConfig) -> Federated:
+    """The federated settings: `given`, else the config's `mode_settings`."""
+    mode = resolve_mode(given if given is not None else "federated", config)
+    if not isinstance(mode, Federated):
+        raise TypeError(f"federated must be a traineval.modes.Federated, got {mode!r}")
+    return mode
 
 
 def _check_callable(name: str, value: Any) -> None:

@@ -10,8 +10,8 @@ Point a Flower app's components at it and name the config in its run config:
     traineval-config = "/path/to/run.yaml"   # data, model, training, evaluation sections
 
 Every SuperNode sets the node config `partition-id` and `num-partitions` and trains on that
-share of the config's train split (`training.federated_partition`: `iid`, or `dirichlet`
-with `federated_dirichlet_alpha`, drawn with `training.seed`, so every node computes the
+share of the config's train split (the federated mode's `partition`: `iid`, or `dirichlet`
+with `dirichlet_alpha`, drawn with `training.seed`, so every node computes the
 same split). The server evaluates the global model on the val split after every round
 (`server/<metric>` in metrics.jsonl), then saves `final_model.safetensors`, `config.yaml`
 and the test split's metrics (`evaluation/metrics.json`) in `training.output_dir`.
@@ -36,7 +36,8 @@ from .config import EvaluationMode
 from .evaluation import Evaluator
 from .experiment import RunConfig, _Parts, _parts
 from .flower import FlowerClient, FlowerServer, _auto_device
-from .modes.federated import partition
+from .modes import resolve_mode
+from .modes.federated import Federated, partition
 
 __all__ = ["CONFIG_KEY", "clientapp", "serverapp"]
 
@@ -48,12 +49,21 @@ MODES = ("federated", "supervised")
 def experiment(path: str) -> _Parts:
     """The data splits, model builder and config of a traineval config file (read once)."""
     config = RunConfig.from_yaml(path)
-    if config.mode not in MODES:
+    if config.mode.name not in MODES:
         raise ValueError(
-            f"mode={config.mode!r} is invalid for traineval.flower_app: its clients train "
+            f"mode={config.mode.name!r} is invalid for traineval.flower_app: its clients train "
             f"supervised; use mode: federated (or supervised) in {path}"
         )
     return _parts(config)
+
+
+def federated_settings(config: RunConfig) -> Federated:
+    """The run's federated settings (a supervised config's: the defaults, or its
+    training.mode_settings)."""
+    mode = config.mode if isinstance(config.mode, Federated) else None
+    settings = resolve_mode(mode or "federated", config.training)
+    assert isinstance(settings, Federated)
+    return settings
 
 
 def config_path(context: Context) -> str:
@@ -70,13 +80,13 @@ def config_path(context: Context) -> str:
 @functools.lru_cache(maxsize=16)
 def _shares(path: str, nodes: int) -> list[list[int]]:
     parts = experiment(path)
-    t = parts.config.training
+    federated = federated_settings(parts.config)
     return partition(
         parts.splits.train,
         nodes,
-        scheme=t.federated_partition,
-        alpha=t.federated_dirichlet_alpha,
-        seed=t.seed,
+        scheme=federated.partition,
+        alpha=federated.dirichlet_alpha,
+        seed=parts.config.training.seed,
     )
 
 
@@ -102,7 +112,11 @@ def _node_data(context: Context) -> tuple[Any, None]:
 def _client(path: str) -> FlowerClient:
     parts = experiment(path)
     return FlowerClient(
-        parts.new_model, _node_data, parts.config.training, task_type=parts.task_type
+        parts.new_model,
+        _node_data,
+        parts.config.training,
+        task_type=parts.task_type,
+        federated=federated_settings(parts.config),
     )
 
 
@@ -146,6 +160,7 @@ def _server(path: str) -> FlowerServer:
         evaluate_on_clients=False,
         server_evaluate=on_val if val_loader is not None else None,
         on_finish=on_finish,
+        federated=federated_settings(config),
     )
 
 

@@ -40,7 +40,7 @@ from .evaluation import Evaluator
 from .loggers import LoggerHub
 from .loop import EvaluateFn, Loop, Monitor, TrainState
 from .lr_finder import LearningRateSearch, RangeTest, search_config
-from .modes.setup import ModeSetup, prepare_mode
+from .modes import Mode, ModePlan, resolve_mode
 from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
 from .precision import Precision, resolve_device
@@ -154,12 +154,16 @@ class TrainingManager:
         loss_function: Any = None,
         evaluator: Evaluator | None = None,
         callbacks: Sequence[Callback] = (),
-        mode: TrainingMode = TrainingMode.SUPERVISED,
+        mode: TrainingMode | str | Mode = TrainingMode.SUPERVISED,
         resume_from: str | Path | None = None,
         loggers: Sequence[Any] = (),
         output_transform: OutputTransform | None = None,
     ) -> TrainingResult:
         """Train `model`; evaluate on `val_loader` each epoch and every `eval_frequency` updates.
+
+        `mode` is a `TrainingMode`, a registered mode name ("federated"), or a Mode instance
+        with its settings (`traineval.modes.Federated(clients=10)`, or your own Mode); a
+        name takes its settings from the config's `mode_settings`.
 
         `train_loader` is what the mode trains on: batches; in federated mode also a list of
         client loaders; in reinforcement mode an environment factory or name ("CartPole").
@@ -183,61 +187,52 @@ class TrainingManager:
             NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
         """
         c, job = self.config, self.distributed
-        build.check_inputs(c, model, mode, loss_function)  # before any work
+        run_mode = resolve_mode(mode, c)
+        build.check_inputs(c, model, run_mode, loss_function)  # before any work
         loss = build.choose_loss(
-            c, model, mode, task_type, loss_function, train_loader, self.device
+            c, model, run_mode, task_type, loss_function, train_loader, self.device
         )
-        setup = prepare_mode(
-            mode,
+        plan, precision = build.plan_mode(
+            run_mode,
             c,
             train_loader,
             val_loader,
-            loss.function,
-            user_loss=loss.user_loss,
+            loss,
             job=job,
+            device=self.device,
             output_transform=output_transform,
-            model_loss=loss.model_loss,
             label_shift=label_shift(model),  # for traineval's token loss
         )
-        data = build.shard_data(setup, val_loader, c, job)
-        monitor = build.choose_monitor(c, setup, data.val_loader, evaluator, task_type, mode)
-        payload = build.load_resume(self.output_dir, resume_from, c, job)
+        data = build.shard_data(plan, train_loader, val_loader, c, job)
+        monitor = build.choose_monitor(c, plan, data.val_loader, evaluator, task_type, run_mode)
+        payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job)
         self._claim_output_dir(resuming=resume_from is not None)
         if payload is not None and finished(payload["loop"], c):
             return self._already_finished(model, payload, monitor)
-        wrapped, no_sync = build.place_model(model, c, setup, job, self.device, payload)
+        wrapped, no_sync = build.place_model(model, c, plan, job, self.device, payload)
         parts = build.optimization(
-            model,
-            wrapped,
-            no_sync,
-            c,
-            setup,
-            job,
-            self.device,
-            loss.function,
-            data.total_steps,
-            payload,
-            self.setup_optimizer,
-            self.setup_scheduler,
-        )
+            model, wrapped, no_sync, c, plan, precision, data.total_steps, payload,
+            self.setup_optimizer, self.setup_scheduler,
+        )  # fmt: skip
         if evaluator is not None:
             evaluator.run_dir = self.output_dir  # where its predictions and plots go later
         evaluate_fn = build.evaluation(
-            setup,
+            plan,
+            run_mode,
             data.val_loader,
             evaluator,
             model,
             device=self.device,
-            precision=parts.precision,
+            precision=precision,
             job=job,
             loss=loss,
             task_type=task_type,
             output_transform=output_transform,
         )
-        hub = build.open_loggers(c, self.output_dir, job, payload, loggers)
+        hub = build.open_loggers(c, run_mode, self.output_dir, job, payload, loggers)
         checkpoints: dict[str, str] = {}
         loop = self._loop(
-            model, setup, data, parts, monitor, evaluate_fn, hub, [*callbacks], checkpoints
+            model, plan, run_mode, data, parts, monitor, evaluate_fn, hub, [*callbacks], checkpoints
         )
         if payload is not None:
             restore_loop(loop, payload)
@@ -259,7 +254,8 @@ class TrainingManager:
     def _loop(
         self,
         model: nn.Module,
-        setup: ModeSetup,
+        plan: ModePlan,
+        mode: Mode,
         data: build.Data,
         parts: build.Optimization,
         monitor: Monitor,
@@ -273,7 +269,7 @@ class TrainingManager:
         c, job = self.config, self.distributed
 
         def save_fn(name: str, loop: Loop) -> Path:
-            path = self._save_from_loop(name, loop, parts.precision)
+            path = self._save_from_loop(name, loop, parts.precision, mode)
             checkpoints[name] = str(path)
             return path
 
@@ -282,7 +278,7 @@ class TrainingManager:
             forward_model=parts.forward_model,
             optimizer=parts.optimizer,
             scheduler=parts.scheduler,
-            step_fn=setup.step_fn,
+            step_fn=plan.step,
             train_loader=data.batches,
             device=self.device,
             precision=parts.precision,
@@ -290,7 +286,7 @@ class TrainingManager:
             num_epochs=c.num_epochs,
             updates_per_epoch=data.updates_per_epoch,
             accumulation_steps=c.gradient_accumulation_steps,
-            max_grad_norm=setup.max_grad_norm(c),
+            max_grad_norm=c.max_grad_norm if c.gradient_clipping and plan.clips_gradients else None,
             max_steps=c.max_steps,
             eval_every_n_steps=c.eval_frequency if evaluate_fn is not None else None,
             log_every_n_steps=c.log_frequency,
@@ -305,7 +301,7 @@ class TrainingManager:
             layer_norms=c.log_layer_grad_norms,
             job=job,
             no_sync=parts.no_sync,
-            average_gradients=job.enabled and not setup.wraps_model,
+            average_gradients=job.enabled and not plan.wraps_model,
             weight_average=WeightAverage(model, c.ema_decay, c.ema_warmup) if c.ema_decay else None,
         )
 
@@ -341,7 +337,7 @@ class TrainingManager:
         smoothing: float = 0.9,
         task_type: TaskType | None = None,
         loss_function: Any = None,
-        mode: TrainingMode = TrainingMode.SUPERVISED,
+        mode: TrainingMode | str | Mode = TrainingMode.SUPERVISED,
     ) -> LearningRateSearch:
         """The learning-rate range test: up to `num_steps` updates of this config's training
         (optimizer, precision, accumulation, clipping, mode) at rates growing exponentially
@@ -443,7 +439,7 @@ class TrainingManager:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _save_from_loop(self, name: str, loop: Loop, precision: Precision) -> Path:
+    def _save_from_loop(self, name: str, loop: Loop, precision: Precision, mode: Mode) -> Path:
         self.best_metric, self.best_epoch = loop.state.best_metric, loop.state.best_epoch
         return save_from_loop(
             name,
@@ -452,6 +448,7 @@ class TrainingManager:
             config=self.config,
             job=self.distributed,
             folder=self.output_dir / "checkpoints",
+            mode=mode.to_dict(),
         )
 
     def save_checkpoint(

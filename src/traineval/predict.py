@@ -47,10 +47,10 @@ def predict_csv(
     """
     run_dir = Path(run_dir)
     config = RunConfig.from_yaml(run_dir / "config.yaml")
-    if config.mode not in SUPPORTED_MODES:
+    if config.mode.name not in SUPPORTED_MODES:
         raise ValueError(
             f"traineval predict scores rows with a classifier or regressor; this run's mode "
-            f"is {config.mode!r} (expected one of {', '.join(SUPPORTED_MODES)})"
+            f"is {config.mode.name!r} (expected one of {', '.join(SUPPORTED_MODES)})"
         )
     if config.data.name == "custom":
         raise ValueError(

@@ -13,21 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, load_checkpoint_file
+from .config import LEGACY_MODE_KEYS
 
 logger = logging.getLogger(__name__)
 
-# Fields that change which samples a step sees or how they are drawn (for federated runs:
-# which clients hold which samples, how many train per round): resuming with another value
-# would not continue the run, it would start a different one.
-REFUSED_CHANGES = (
-    "batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-    "federated_clients",
-    "federated_client_fraction",
-    "federated_partition",
-    "federated_dirichlet_alpha",
-)
+# Fields that change which samples a step sees or how they are drawn: resuming with another
+# value would not continue the run, it would start a different one. (A mode names its own
+# such settings: `Mode.resume_fixed`.)
+REFUSED_CHANGES = ("batch_size", "gradient_accumulation_steps", "seed")
 # Fields that change the trajectory from here on, which a user may want (e.g. train longer).
 WARNED_CHANGES = (
     "num_epochs",
@@ -120,6 +113,35 @@ def check_compatible(
                 saved.get(name),
                 current.get(name),
             )
+
+
+def check_mode(payload: dict[str, Any], mode: Any) -> None:
+    """Refuse to resume another mode, or the same one with settings it names in
+    `resume_fixed` changed (for federated runs: which clients hold which samples)."""
+    saved = payload.get("mode")
+    if saved is None:  # written before modes recorded themselves: flat config keys
+        saved = {
+            setting: payload["config"][key]
+            for key, (name, setting) in LEGACY_MODE_KEYS.items()
+            if name == mode.name and key in payload["config"]
+        }
+    if saved.get("name", mode.name) != mode.name:
+        raise ValueError(
+            f"cannot resume: the checkpoint was trained in mode={saved['name']!r}, this run "
+            f"is mode={mode.name!r}"
+        )
+    current = mode.settings()
+    refused = [
+        f"{mode.name}.{key}: checkpoint {saved[key]!r}, now {current[key]!r}"
+        for key in mode.resume_fixed
+        if key in saved and saved[key] != current[key]
+    ]
+    if refused:
+        raise ValueError(
+            "cannot resume: the mode's settings change how data is drawn ("
+            + "; ".join(refused)
+            + "); resume with the checkpoint's values or start a new run in another output_dir"
+        )
 
 
 def truncate_events(path: Path, step: int) -> None:

@@ -71,6 +71,7 @@ def save_from_loop(
     config: TrainingConfig,
     job: Distributed,
     folder: Path,
+    mode: dict[str, Any] | None = None,
 ) -> Path:
     """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state."""
     path = folder / f"{name}.pt"
@@ -104,6 +105,7 @@ def save_from_loop(
                     f"{i}:{type(cb).__name__}": cb.state_dict()
                     for i, cb in enumerate(loop.callbacks)
                 },
+                "mode": mode,
                 "world_size": job.world_size,
                 "distributed_strategy": config.distributed_strategy if job.enabled else None,
                 "traineval_version": __version__,

@@ -80,7 +80,7 @@ def cross_validate(
     groups: Sequence[Any] | None = None,
     task_type: TaskType | None = None,
     loss_function: Any = None,
-    mode: TrainingMode = TrainingMode.SUPERVISED,
+    mode: Any = TrainingMode.SUPERVISED,
     num_workers: int = 0,
 ) -> dict[str, Any]:
     """Train and validate one fresh model per fold; aggregate each fold's best metrics.
@@ -88,22 +88,25 @@ def cross_validate(
     See `Evaluator.cross_validate`.
     """
     from ..manager import TrainingManager
+    from ..modes import SemiSupervised, resolve_mode
     from .evaluator import Evaluator
+
+    mode = resolve_mode(mode, config)
 
     if not callable(model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")
     n = len(dataset)  # type: ignore[arg-type]
     classification = task_type is TaskType.CLASSIFICATION or (
-        task_type is None and mode is TrainingMode.SUPERVISED and _integer_targets(dataset)
+        task_type is None and mode.name == "supervised" and _integer_targets(dataset)
     )
     if stratify and not classification:
         raise ValueError("stratify=True needs classification targets")
     use_strata = classification if stratify is None else stratify
     labels = dataset_labels(dataset) if use_strata and groups is None else None
     folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=config.seed)
-    if mode is TrainingMode.SEMI_SUPERVISED:
+    if isinstance(mode, SemiSupervised):
         # Validation needs labels: a fold's unlabeled rows train with the other folds instead.
-        unlabeled = dataset_labels(dataset) == config.unlabeled_label
+        unlabeled = dataset_labels(dataset) == mode.unlabeled_label
         folds = [
             (np.sort(np.concatenate([train, val[unlabeled[val]]])), val[~unlabeled[val]])
             for train, val in folds

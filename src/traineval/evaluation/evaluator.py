@@ -257,7 +257,7 @@ class Evaluator:
         groups: Sequence[Any] | None = None,
         task_type: TaskType | None = None,
         loss_function: Any = None,
-        training_mode: TrainingMode = TrainingMode.SUPERVISED,
+        training_mode: Any = TrainingMode.SUPERVISED,
         num_workers: int = 0,
     ) -> dict[str, Any]:
         """k-fold cross-validation (the specification's call shape): one fresh model per fold.

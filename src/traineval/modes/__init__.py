@@ -1,79 +1,91 @@
-"""Training modes as step functions: `(model, batch) -> StepOutput`; the loop owns the update.
+"""Training modes: each is a `Mode` (its settings, refusals and plan) over a step function.
 
-Every mode runs through the same loop. Supervised, unsupervised, semi-supervised and
-meta-learning steps take batches of the user's loader; federated and reinforcement steps
-take the items of a loader the mode provides (rounds, policy updates): `setup.prepare_mode`
-builds those and refuses what a mode does not support.
+Every mode runs through the same loop (`traineval.modes.contract` says what a mode owns).
+The built-in ones, registered by name:
+
+    Supervised()        "supervised"        (inputs, targets) batches
+    Unsupervised()      "unsupervised"      input-only batches, outputs against inputs
+    SemiSupervised()    "semi_supervised"   pseudo-labels for the unlabeled samples
+    Reinforcement()     "reinforcement"     policy gradient on played episodes
+    MetaLearning()      "meta_learning"     MAML / FOMAML / Reptile over few-shot tasks
+    Federated()         "federated"         FedAvg(M) over simulated clients
+
+`train(mode=...)` takes a `TrainingMode`, a registered name, or a Mode instance (a user's
+own Mode trains exactly like a built-in one); `resolve_mode` turns each into an instance
+with the config's `mode_settings`.
 """
 
 from __future__ import annotations
 
-from ..batches import ModelLoss, OutputTransform
+from typing import Any
+
+from .. import registry
 from ..config import TrainingConfig, TrainingMode
-from .base import LossFunction, StepFunction, StepOutput, move_to_device, split_batch
-from .meta_learning import MetaLearningStep
-from .semi_supervised import SemiSupervisedStep
-from .supervised import SupervisedStep
-from .unsupervised import UnsupervisedStep
+from .base import LossFunction, StepFunction, StepOutput, Updates, move_to_device, split_batch
+from .contract import Context, Mode, ModePlan, MonitorChoice, register
+from .federated import Federated, FederatedStep
+from .meta_learning import FOMAML, MAML, MetaLearning, MetaLearningStep, Reptile
+from .reinforcement import PolicyGradientStep, Reinforcement
+from .semi_supervised import SemiSupervised, SemiSupervisedStep
+from .supervised import Supervised, SupervisedStep
+from .unsupervised import Unsupervised, UnsupervisedStep
 
 __all__ = [
+    "FOMAML",
+    "MAML",
+    "Context",
+    "Federated",
+    "FederatedStep",
+    "LossFunction",
+    "MetaLearning",
     "MetaLearningStep",
+    "Mode",
+    "ModePlan",
+    "MonitorChoice",
+    "PolicyGradientStep",
+    "Reinforcement",
+    "Reptile",
+    "SemiSupervised",
     "SemiSupervisedStep",
     "StepFunction",
     "StepOutput",
+    "Supervised",
     "SupervisedStep",
+    "Unsupervised",
     "UnsupervisedStep",
-    "build_step",
+    "Updates",
     "move_to_device",
+    "register",
+    "resolve_mode",
     "split_batch",
 ]
 
 
-def build_step(
-    mode: TrainingMode,
-    loss_function: LossFunction,
-    config: TrainingConfig | None = None,
-    *,
-    output_transform: OutputTransform | None = None,
-    model_loss: ModelLoss | None = None,
-    label_shift: int = 0,
-) -> StepFunction:
-    """The step function of a training mode.
-
-    From `config`: `compile` (the loss function through torch.compile, in `compile_mode`)
-    the semi-supervised settings (`unlabeled_label`, `unlabeled_weight`,
-    `pseudo_label_threshold`) and the meta-learning ones (`meta_algorithm`, `meta_inner_lr`,
-    `meta_inner_steps`). `output_transform` reads the prediction from the model's output, and
-    `model_loss` trains supervised batches that carry `labels` on the model's own loss, and
-    `label_shift` scores a causal LM's logits at t against the label at t + 1 under
-    traineval's token loss (see `traineval.batches`).
+def resolve_mode(mode: Any, config: TrainingConfig | None = None) -> Mode:
+    """The Mode instance `mode` names: an instance as it is, a `TrainingMode` or a registered
+    name with the config's `mode_settings` for it.
 
     Raises:
-        ValueError: federated and reinforcement modes (built by `setup.prepare_mode`).
+        ValueError: an unknown name, or settings given both by the instance and the config.
+        TypeError: anything else.
     """
-    c = config or TrainingConfig()
-    compile_mode = c.compile_mode if c.compile else None
-    if mode is TrainingMode.SUPERVISED:
-        return SupervisedStep(
-            loss_function,
-            compile_mode,
-            output_transform=output_transform,
-            model_loss=model_loss,
-            label_shift=label_shift,
+    settings = config.mode_settings if config is not None else {}
+    if isinstance(mode, Mode):
+        given = settings.get(mode.name)
+        if given and any(mode.settings().get(k) != v for k, v in given.items()):
+            raise ValueError(
+                f"mode={mode!r} and the config's mode_settings[{mode.name!r}]={given!r} "
+                "disagree: give the mode's settings in one place"
+            )
+        return mode
+    if isinstance(mode, TrainingMode):
+        mode = mode.value
+    if isinstance(mode, type) and issubclass(mode, Mode):
+        mode = mode.name
+    if not isinstance(mode, str):
+        raise TypeError(
+            "mode must be a TrainingMode, a registered mode name or a Mode instance, got "
+            f"{type(mode).__name__}"
         )
-    if mode is TrainingMode.UNSUPERVISED:
-        return UnsupervisedStep(loss_function, compile_mode, output_transform=output_transform)
-    if mode is TrainingMode.SEMI_SUPERVISED:
-        return SemiSupervisedStep(
-            c.unlabeled_label,
-            c.unlabeled_weight,
-            c.pseudo_label_threshold,
-            output_transform=output_transform,
-        )
-    if mode is TrainingMode.META_LEARNING:
-        return MetaLearningStep.from_config(c, loss_function, output_transform)
-    # FEDERATED and REINFORCEMENT: their steps need the clients / the environment
-    raise ValueError(
-        f"mode={mode.value!r} has no step function of its own: TrainingManager.train builds "
-        "it (modes.setup.prepare_mode) from the clients' loaders or the environment"
-    )
+    cls: type[Mode] = registry.lookup(mode)
+    return cls.from_settings(settings.get(mode, {}))

@@ -1,11 +1,11 @@
 """Federated mode: FedAvg over simulated clients, one round per optimizer update of the loop.
 
 Each round samples clients, trains a copy of the global model on each client's data for
-`federated_local_epochs` with a fresh client optimizer (the configured one), and averages
+`local_epochs` with a fresh client optimizer (the configured one), and averages
 the clients' weights by their sample counts (McMahan et al., 2017). The round's result
 reaches the global model as an update of a *server* optimizer: the step's loss is built so
 that its gradient is the pseudo-gradient `global - average`, and SGD with learning rate
-`federated_server_lr` (1: plain FedAvg) and momentum `federated_server_momentum` (FedAvgM)
+`server_lr` (1: plain FedAvg) and momentum `server_momentum` (FedAvgM)
 applies it, as in adaptive federated optimization (Reddi et al., 2021). So the loop runs
 federated training as it runs any other: evaluation of the global model, early stopping,
 checkpoints, exact resume, loggers and callbacks count rounds as updates.
@@ -18,9 +18,10 @@ rounds an uninterrupted one would have trained.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,15 +29,118 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..batches import ModelLoss, OutputTransform
+from ..checks import choice, fail, integer, number
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
 from ..distributed import Distributed
 from ..optim import configured_optimizer
 from ..precision import Precision
-from .base import StepOutput, loss_with_gradient, move_to_device
+from .base import StepOutput, Updates, loss_with_gradient, move_to_device
+from .contract import BuildOptimizer, Context, Mode, ModePlan, register
 from .supervised import SupervisedStep
 
-__all__ = ["FederatedStep", "ServerOptimizer", "client_loaders", "partition", "train_client"]
+__all__ = [
+    "Federated",
+    "FederatedStep",
+    "ServerOptimizer",
+    "client_loaders",
+    "partition",
+    "train_client",
+]
+
+PARTITIONS = ("iid", "dirichlet")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Federated(Mode):
+    """FedAvg / FedAvgM over simulated clients, one round per optimizer update (see the
+    module docstring).
+
+    `train()` takes one loader (its dataset is split among `clients` by `partition`:
+    "iid", or "dirichlet" with `dirichlet_alpha`) or a list of client loaders. Each round
+    trains `client_fraction` of the clients for `local_epochs`; the server applies the
+    average with `server_lr` and `server_momentum`.
+    """
+
+    name: ClassVar[str] = "federated"
+    supervised_loss: ClassVar[bool] = True
+    compile_refusal: ClassVar[str | None] = (
+        "each round trains fresh copies of the model on the clients, and compiling every "
+        "copy would cost more than it saves"
+    )
+    accumulation_refusal: ClassVar[str | None] = "clients take one optimizer step per batch"
+    shards: ClassVar[bool] = False
+    # which clients hold which samples, and how many train per round
+    resume_fixed: ClassVar[tuple[str, ...]] = (
+        "clients",
+        "client_fraction",
+        "partition",
+        "dirichlet_alpha",
+    )
+    clients: int = 4
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    local_epochs: int = 1
+    client_fraction: float = 1.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        integer(self.key("clients"), self.clients, minimum=1)
+        choice(self.key("partition"), self.partition, PARTITIONS)
+        number(self.key("dirichlet_alpha"), self.dirichlet_alpha, minimum=0, strict=True)
+        integer(self.key("local_epochs"), self.local_epochs, minimum=1)
+        number(self.key("client_fraction"), self.client_fraction, minimum=0, strict=True)
+        if self.client_fraction > 1:
+            fail(
+                self.key("client_fraction"),
+                self.client_fraction,
+                "expected a number in (0, 1] (the share of clients trained each round)",
+            )
+        number(self.key("server_lr"), self.server_lr, minimum=0, strict=True)
+        number(self.key("server_momentum"), self.server_momentum, minimum=0.0, below=1.0)
+
+    def clients_per_round(self, available: int) -> int:
+        """How many of `available` clients train each round (at least one)."""
+        return max(1, math.floor(self.client_fraction * available + 0.5))
+
+    def plan(self, ctx: Context) -> ModePlan:
+        c = ctx.config
+        clients = client_loaders(
+            ctx.train_data, self.clients, self.partition, self.dirichlet_alpha, c.seed
+        )
+        step = FederatedStep(
+            ctx.loss_function,
+            clients,
+            c,
+            ctx.precision,
+            ctx.job,
+            output_transform=ctx.output_transform,
+            model_loss=ctx.model_loss,
+            settings=self,
+        )
+
+        def server(model: nn.Module, default: BuildOptimizer) -> torch.optim.Optimizer:
+            step.server = ServerOptimizer(
+                [p for p in model.parameters() if p.requires_grad],
+                c.learning_rate,  # the clients' rate, which the schedule sets per round
+                self.server_lr,
+                self.server_momentum,
+            )
+            return step.server
+
+        # One round per update; under torchrun each rank trains a share of the round's
+        # clients and the ranks all-reduce the averaged weights (no DDP wrapper). Clients
+        # clip their own gradients, not the server's pseudo-gradient.
+        return ModePlan(
+            step,
+            loader=Updates(1),
+            wraps_model=False,
+            clips_gradients=False,
+            optimizer=server,
+            shared_seed=True,
+        )
 
 
 class ServerOptimizer(torch.optim.Optimizer):
@@ -89,7 +193,7 @@ def partition(
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n < clients:
-        raise ValueError(f"federated_clients={clients} is more than the {n} training samples")
+        raise ValueError(f"federated.clients={clients} is more than the {n} training samples")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [sorted(part.tolist()) for part in np.array_split(rng.permutation(n), clients)]
@@ -104,7 +208,7 @@ def partition(
         if all(shares):
             return [sorted(share) for share in shares]
     raise ValueError(
-        f"federated_dirichlet_alpha={alpha} left a client without samples in 100 draws; "
+        f"federated.dirichlet_alpha={alpha} left a client without samples in 100 draws; "
         "raise it or use fewer clients"
     )
 
@@ -160,7 +264,9 @@ class FederatedStep:
         *,
         output_transform: OutputTransform | None = None,
         model_loss: ModelLoss | None = None,
+        settings: Federated | None = None,
     ) -> None:
+        self.settings = settings or Federated()
         self.clients = list(clients)
         self.config = config
         self.precision = precision
@@ -175,10 +281,9 @@ class FederatedStep:
         return 1
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
-        c = self.config
         # The round's draws come from the global generator, which checkpoints capture.
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
-        count = max(1, math.floor(c.federated_client_fraction * len(self.clients) + 0.5))
+        count = self.settings.clients_per_round(len(self.clients))
         chosen = torch.randperm(len(self.clients), generator=generator)[:count].sort().values
         states = model.state_dict(keep_vars=True)
         average = {name: torch.zeros_like(v, dtype=torch.float32) for name, v in states.items()}
@@ -220,7 +325,14 @@ class FederatedStep:
         worker.load_state_dict(model.state_dict())
         client_lr = self.server.param_groups[0]["lr"] if self.server else self.config.learning_rate
         loss_sum, samples = train_client(
-            worker, loader, self.supervised, self.config, self.precision, lr=client_lr, seed=seed
+            worker,
+            loader,
+            self.supervised,
+            self.config,
+            self.precision,
+            lr=client_lr,
+            seed=seed,
+            local_epochs=self.settings.local_epochs,
         )
         return worker, loss_sum, samples
 
@@ -234,8 +346,9 @@ def train_client(
     *,
     lr: float,
     seed: int,
+    local_epochs: int = 1,
 ) -> tuple[torch.Tensor, int]:
-    """One client's local training, in place: `federated_local_epochs` over `loader` with a
+    """One client's local training, in place: `local_epochs` over `loader` with a
     fresh configured optimizer at `lr`, clipping and `precision` (fp16: its own GradScaler).
 
     Its randomness comes from `seed` alone: the loader's sampler generator (this round's
@@ -260,7 +373,7 @@ def train_client(
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.autocast(device.type, enabled=False):
         torch.manual_seed(seed)
-        for _ in range(c.federated_local_epochs):
+        for _ in range(local_epochs):
             for batch in loader:
                 if device.type != "cpu":
                     batch = move_to_device(batch, device)

@@ -2,7 +2,7 @@
 
 A batch is T tasks `(support_x, support_y, query_x, query_y)` with a leading task dimension
 (`traineval.data.Episodes` under a DataLoader). For each task the model's weights are
-adapted to the support set by `meta_inner_steps` SGD steps at `meta_inner_lr` (functionally,
+adapted to the support set by `inner_steps` SGD steps at `inner_lr` (functionally,
 with `torch.func.functional_call`: the model itself is not modified), then:
 
 - `maml`: the loss is the adapted model's query loss, differentiated through the inner steps
@@ -19,7 +19,8 @@ each validation task and scores the query predictions.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,13 +28,135 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..batches import OutputTransform, prediction_of
-from ..config import META_ALGORITHMS
+from ..checks import choice, integer, number
 from ..distributed import Distributed
 from .base import StepOutput, loss_with_gradient
+from .contract import Context, Mode, ModePlan, register
 
-__all__ = ["MetaLearningStep"]
+__all__ = ["FOMAML", "MAML", "META_ALGORITHMS", "MetaLearning", "MetaLearningStep", "Reptile"]
 
 Weights = dict[str, torch.Tensor]
+
+
+class MAML:
+    """Model-agnostic meta-learning (Finn et al., 2017): the query loss of the adapted
+    weights, differentiated through the inner steps (second order)."""
+
+    name: ClassVar[str] = "maml"
+    second_order: ClassVar[bool] = True  # the inner gradients stay in the graph
+    detach_inner: ClassVar[bool] = False  # each inner step starts from constants
+
+    def task_loss(
+        self, query_loss: torch.Tensor, weights: Weights, adapted: Weights, directions: list[Any]
+    ) -> torch.Tensor:
+        """One task's contribution to the step's loss (`directions` collects what the
+        algorithm's own update direction needs)."""
+        return query_loss
+
+    def meta_loss(
+        self, loss: torch.Tensor, weights: Weights, directions: list[Any], tasks: int
+    ) -> torch.Tensor:
+        """The step's loss over its tasks; its gradient is the meta-gradient."""
+        return loss
+
+
+class FOMAML(MAML):
+    """First-order MAML: the same loss, the inner gradients treated as constants."""
+
+    name: ClassVar[str] = "fomaml"
+    second_order: ClassVar[bool] = False
+
+
+class Reptile(MAML):
+    """Reptile (Nichol et al., 2018): the update direction is `weights - adapted weights`,
+    averaged over the tasks; the reported loss is the adapted models' query loss."""
+
+    name: ClassVar[str] = "reptile"
+    second_order: ClassVar[bool] = False
+    detach_inner: ClassVar[bool] = True
+
+    def task_loss(
+        self, query_loss: torch.Tensor, weights: Weights, adapted: Weights, directions: list[Any]
+    ) -> torch.Tensor:
+        if not directions:
+            directions.extend(torch.zeros_like(w) for w in weights.values())
+        for total, w, a in zip(directions, weights.values(), adapted.values(), strict=True):
+            total.add_(w.detach() - a.detach())
+        return query_loss.detach()
+
+    def meta_loss(
+        self, loss: torch.Tensor, weights: Weights, directions: list[Any], tasks: int
+    ) -> torch.Tensor:
+        # value: the adapted models' query loss; gradient: mean of (weights - adapted)
+        return loss_with_gradient(loss, list(weights.values()), [d / tasks for d in directions])
+
+
+META_ALGORITHMS: dict[str, type[MAML]] = {a.name: a for a in (MAML, FOMAML, Reptile)}
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MetaLearning(Mode):
+    """Batches of few-shot tasks, meta-trained with `algorithm` (maml, fomaml, reptile):
+    `inner_steps` SGD steps at `inner_lr` adapt the weights to each task's support set.
+
+    `ways`, `shots`, `queries`, `train_episodes` and `eval_episodes` say how a config-file
+    run cuts its dataset into tasks (`traineval.data.Episodes`); in Python you bring the
+    task loader yourself.
+    """
+
+    name: ClassVar[str] = "meta_learning"
+    compile_refusal: ClassVar[str | None] = (
+        "MAML differentiates through its inner gradient steps (double backward), which "
+        "torch.compile does not support (the first-order algorithms are not compiled either)"
+    )
+    shards: ClassVar[bool] = False
+    algorithm: str = "maml"
+    inner_lr: float = 0.1
+    inner_steps: int = 1
+    ways: int = 5
+    shots: int = 1
+    queries: int = 5
+    train_episodes: int = 2000
+    eval_episodes: int = 200
+
+    def __post_init__(self) -> None:
+        choice(self.key("algorithm"), self.algorithm, tuple(META_ALGORITHMS))
+        number(self.key("inner_lr"), self.inner_lr, minimum=0, strict=True)
+        for name in ("inner_steps", "ways", "shots", "queries", "train_episodes", "eval_episodes"):
+            integer(self.key(name), getattr(self, name), minimum=1)
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        allowed = ("val_loss", "val_accuracy", "train_loss")
+        if ctx.config.monitor_metric not in allowed:
+            raise ValueError(
+                f"monitor_metric={ctx.config.monitor_metric!r} is invalid in "
+                f"mode='meta_learning': expected one of {', '.join(allowed)} (query loss and "
+                "accuracy after adaptation)"
+            )
+
+    def step(
+        self, loss_function: Any = None, output_transform: OutputTransform | None = None
+    ) -> MetaLearningStep:
+        """The step these settings describe."""
+        return MetaLearningStep(
+            loss_function,
+            self.algorithm,
+            self.inner_lr,
+            self.inner_steps,
+            output_transform=output_transform,
+        )
+
+    def plan(self, ctx: Context) -> ModePlan:
+        step = self.step(ctx.loss_function, ctx.output_transform)
+        val, device, job = ctx.val_loader, ctx.device, ctx.job
+
+        def adapt(model: nn.Module) -> dict[str, float]:
+            return step.evaluate(model, val, device, job)
+
+        # the functional inner loop cannot run through DDP: the loop averages the gradients
+        return ModePlan(step, wraps_model=False, evaluate=adapt if val is not None else None)
 
 
 class MetaLearningStep:
@@ -42,38 +165,20 @@ class MetaLearningStep:
     def __init__(
         self,
         loss_function: Any = None,
-        algorithm: str = "maml",
+        algorithm: str | MAML = "maml",
         inner_lr: float = 0.1,
         inner_steps: int = 1,
         *,
         output_transform: OutputTransform | None = None,
     ) -> None:
-        if algorithm not in META_ALGORITHMS:
-            raise ValueError(
-                f"meta_algorithm={algorithm!r} is invalid: expected one of {META_ALGORITHMS}"
-            )
+        if isinstance(algorithm, str):
+            choice("meta_learning.algorithm", algorithm, tuple(META_ALGORITHMS))
+            algorithm = META_ALGORITHMS[algorithm]()
         self.loss_function = loss_function or F.cross_entropy
         self.algorithm = algorithm
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.output_transform = output_transform
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Any,
-        loss_function: Any = None,
-        output_transform: OutputTransform | None = None,
-    ) -> MetaLearningStep:
-        """The step a TrainingConfig's `meta_*` settings describe."""
-        c = config
-        return cls(
-            loss_function,
-            c.meta_algorithm,
-            c.meta_inner_lr,
-            c.meta_inner_steps,
-            output_transform=output_transform,
-        )
 
     def weight(self, batch: Any) -> int:
         """Tasks weigh equally: the number of tasks in the batch."""
@@ -84,22 +189,14 @@ class MetaLearningStep:
         weights, buffers = _split_state(model)
         tasks = support_x.shape[0]
         losses = []
-        pseudo: list[torch.Tensor] = []  # reptile: summed (weights - adapted) over tasks
+        directions: list[Any] = []  # what the algorithm's own update direction needs
         for t in range(tasks):
             adapted = self.adapt(model, weights, buffers, support_x[t], support_y[t])
             query_loss = self.loss_function(
                 self._predict(model, {**buffers, **adapted}, query_x[t]), query_y[t]
             )
-            if self.algorithm == "reptile":
-                pseudo = pseudo or [torch.zeros_like(w) for w in weights.values()]
-                for total, w, a in zip(pseudo, weights.values(), adapted.values(), strict=True):
-                    total.add_(w.detach() - a.detach())
-                query_loss = query_loss.detach()
-            losses.append(query_loss)
-        loss = torch.stack(losses).mean()
-        if self.algorithm == "reptile":
-            # value: the adapted models' query loss; gradient: mean of (weights - adapted)
-            loss = loss_with_gradient(loss, list(weights.values()), [d / tasks for d in pseudo])
+            losses.append(self.algorithm.task_loss(query_loss, weights, adapted, directions))
+        loss = self.algorithm.meta_loss(torch.stack(losses).mean(), weights, directions, tasks)
         return StepOutput(loss=loss, weight=tasks, num_samples=tasks)
 
     def adapt(
@@ -112,7 +209,7 @@ class MetaLearningStep:
         create_graph: bool | None = None,
     ) -> Weights:
         """`weights` after the inner SGD steps on one task's support set."""
-        second_order = self.algorithm == "maml" if create_graph is None else create_graph
+        second_order = self.algorithm.second_order if create_graph is None else create_graph
         fast = dict(weights)
         for _ in range(self.inner_steps):
             with torch.enable_grad():
@@ -125,7 +222,7 @@ class MetaLearningStep:
                 name: w if g is None else w - self.inner_lr * (g if second_order else g.detach())
                 for (name, w), g in zip(fast.items(), grads, strict=True)
             }
-            if self.algorithm == "reptile":
+            if self.algorithm.detach_inner:
                 fast = {name: w.detach().requires_grad_() for name, w in fast.items()}
         return fast
 

@@ -2,15 +2,15 @@
 
 The policy is the model: observations `(N, *obs_shape)` in, action logits `(N, actions)`
 out, or a tuple `(logits, value)` with a state-value head (`(N,)` or `(N, 1)`). Each loop
-update collects `rl_episodes_per_update` episodes with the current policy, run in lockstep
+update collects `episodes_per_update` episodes with the current policy, run in lockstep
 (one batched forward pass per time step over the episodes still running), and its loss is
 
-    -mean_t(log pi(a_t|s_t) * A_t) + rl_value_coef * mean_t((V(s_t) - G_t)^2)
-    - rl_entropy_coef * mean_t(entropy(pi(.|s_t)))
+    -mean_t(log pi(a_t|s_t) * A_t) + value_coef * mean_t((V(s_t) - G_t)^2)
+    - entropy_coef * mean_t(entropy(pi(.|s_t)))
 
-with discounted returns `G_t` (`rl_gamma`), advantages `A_t = G_t - V(s_t)` (or `G_t` minus
+with discounted returns `G_t` (`gamma`), advantages `A_t = G_t - V(s_t)` (or `G_t` minus
 the batch mean without a value head), normalised over the update when
-`rl_normalize_advantages`. An episode cut off by its time limit (truncated, not terminated)
+`normalize_advantages`. An episode cut off by its time limit (truncated, not terminated)
 bootstraps its return from `V` of the last state instead of pretending the episode ended.
 
 So the loop's optimizer, schedule, clipping, checkpoints and loggers work on policy updates
@@ -18,10 +18,10 @@ as on any other. Every random draw (episode seeds, sampled actions, dropout) com
 global torch generator, which checkpoints capture: a resumed run collects the episodes an
 uninterrupted one would have. The training episodes' mean return and length are logged as
 `train/episode_return` and `train/episode_length`. Validation (`evaluate`) plays
-`rl_eval_episodes` episodes with the greedy policy and reports `return` (mean episode
+`eval_episodes` episodes with the greedy policy and reports `return` (mean episode
 return) and `episode_length`.
 
-Under torchrun each rank plays its own `rl_episodes_per_update` episodes (seeds and actions
+Under torchrun each rank plays its own `episodes_per_update` episodes (seeds and actions
 from a generator derived from the shared global stream and the rank) and the loop averages
 the ranks' gradients; the means above (and the advantage normalisation, and the mean
 baseline) are taken over every rank's time steps (one small all-reduce per update), so the
@@ -30,8 +30,9 @@ update is the one a single process would compute from all ranks' episodes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,10 +40,124 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..batches import prediction_of
+from ..checks import boolean, fail, integer, number
 from ..distributed import Distributed
-from .base import StepOutput
+from ..envs import make_env
+from .base import StepOutput, Updates
+from .contract import Context, Mode, ModePlan, MonitorChoice, register
 
-__all__ = ["PolicyGradientStep"]
+__all__ = ["PolicyGradientStep", "Reinforcement"]
+
+MONITORS = ("val_return", "val_episode_length", "train_loss")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Reinforcement(Mode):
+    """Policy gradient on episodes the policy plays (see the module docstring).
+
+    `train()` takes an environment factory (or a name, e.g. "CartPole") in the train
+    loader's place, or none when `environment` names one. Each epoch is `updates_per_epoch`
+    updates of `episodes_per_update` episodes; validation plays `eval_episodes` greedy ones.
+    """
+
+    name: ClassVar[str] = "reinforcement"
+    compile_refusal: ClassVar[str | None] = (
+        "an update is one small forward pass per environment step over a changing number of "
+        "running episodes: the environments bound it, and the changing batch would recompile"
+    )
+    accumulation_refusal: ClassVar[str | None] = "raise episodes_per_update for larger updates"
+    shards: ClassVar[bool] = False
+    episodes_per_update: int = 8
+    updates_per_epoch: int = 10
+    gamma: float = 0.99
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    normalize_advantages: bool = True
+    max_episode_steps: int = 1000
+    eval_episodes: int = 10
+    environment: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("episodes_per_update", "updates_per_epoch", "max_episode_steps"):
+            integer(self.key(name), getattr(self, name), minimum=1)
+        integer(self.key("eval_episodes"), self.eval_episodes, minimum=1)
+        number(self.key("gamma"), self.gamma, minimum=0)
+        if self.gamma > 1:
+            fail(self.key("gamma"), self.gamma, "expected a discount in [0, 1]")
+        number(self.key("value_coef"), self.value_coef, minimum=0)
+        number(self.key("entropy_coef"), self.entropy_coef, minimum=0)
+        boolean(self.key("normalize_advantages"), self.normalize_advantages)
+        if self.environment is not None and not (
+            isinstance(self.environment, str) and self.environment
+        ):
+            fail(self.key("environment"), self.environment, "expected a name, e.g. 'CartPole'")
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        if ctx.val_loader is not None:
+            raise ValueError(
+                "mode='reinforcement' evaluates by playing eval_episodes greedy episodes; "
+                "pass no val_loader"
+            )
+        name = ctx.config.monitor_metric
+        if name != "val_loss" and name not in MONITORS:  # val_loss: the config's default
+            raise ValueError(
+                f"monitor_metric={name!r} is invalid in mode='reinforcement': expected one of "
+                f"{', '.join(MONITORS)}"
+            )
+
+    def step(
+        self,
+        env_factory: Callable[[], Any],
+        *,
+        episodes: int | None = None,
+        job: Distributed | None = None,
+    ) -> PolicyGradientStep:
+        """The step these settings describe (`episodes` overrides the episodes per update,
+        e.g. 1 where the step only evaluates)."""
+        return PolicyGradientStep(
+            env_factory,
+            episodes=self.episodes_per_update if episodes is None else episodes,
+            gamma=self.gamma,
+            value_coef=self.value_coef,
+            entropy_coef=self.entropy_coef,
+            normalize_advantages=self.normalize_advantages,
+            max_episode_steps=self.max_episode_steps,
+            eval_episodes=self.eval_episodes,
+            job=job,
+        )
+
+    def environment_factory(self, source: Any) -> Callable[[], Any]:
+        """The environment to train on: `source` (a callable or a name), else `environment`."""
+        source = self.environment if source is None else source
+        if isinstance(source, str):
+            return make_env(source)
+        if callable(source):
+            return source
+        raise ValueError(
+            "mode='reinforcement' takes an environment factory where other modes take the "
+            "train loader: a callable returning a gymnasium-style environment (e.g. "
+            "traineval.envs.CartPole), or a name ('CartPole'); got "
+            f"{type(source).__name__}"
+        )
+
+    def plan(self, ctx: Context) -> ModePlan:
+        step = self.step(self.environment_factory(ctx.train_data), job=ctx.job)
+        c = ctx.config
+        name = "val_return" if c.monitor_metric == "val_loss" else c.monitor_metric
+        minimize = c.minimize_monitor if name == c.monitor_metric else False
+        device = ctx.device
+        # several forward passes per update: no DDP wrapper, the loop averages the gradients;
+        # the ranks share one stream (each update's base seed, which their episodes derive from)
+        return ModePlan(
+            step,
+            loader=Updates(self.updates_per_epoch),
+            wraps_model=False,
+            evaluate=lambda model: step.evaluate(model, device),
+            monitor=MonitorChoice(name, minimize),
+            shared_seed=True,
+        )
 
 
 class PolicyGradientStep:
@@ -76,29 +191,6 @@ class PolicyGradientStep:
                 "mode='reinforcement' needs an environment factory: a callable returning an "
                 "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
             )
-
-    @classmethod
-    def from_config(
-        cls,
-        env_factory: Callable[[], Any],
-        config: Any,
-        episodes: int | None = None,
-        job: Distributed | None = None,
-    ) -> PolicyGradientStep:
-        """The step a TrainingConfig's `rl_*` settings describe (`episodes` overrides its
-        episodes per update, e.g. 1 where the step only evaluates)."""
-        c = config
-        return cls(
-            env_factory,
-            episodes=c.rl_episodes_per_update if episodes is None else episodes,
-            gamma=c.rl_gamma,
-            value_coef=c.rl_value_coef,
-            entropy_coef=c.rl_entropy_coef,
-            normalize_advantages=c.rl_normalize_advantages,
-            max_episode_steps=c.rl_max_episode_steps,
-            eval_episodes=c.rl_eval_episodes,
-            job=job,
-        )
 
     def weight(self, batch: Any) -> int:
         return 1

@@ -19,14 +19,69 @@ that of one big batch.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..batches import OutputTransform, prediction_of
+from ..checks import fail, number
 from .base import StepOutput, batch_size_of, forward, split_batch
+from .contract import Context, Mode, ModePlan, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SemiSupervised(Mode):
+    """Classification batches where targets equal to `unlabeled_label` mark unlabeled
+    samples; they train on confident pseudo-labels (see the module docstring).
+
+    Settings: `unlabeled_label` (a negative integer), `unlabeled_weight` (the pseudo-label
+    term's weight), `pseudo_label_threshold` (the top probability a pseudo-label needs).
+    """
+
+    name: ClassVar[str] = "semi_supervised"
+    unlabeled_label: int = -1
+    unlabeled_weight: float = 1.0
+    pseudo_label_threshold: float = 0.95
+
+    def __post_init__(self) -> None:
+        label = self.unlabeled_label
+        if isinstance(label, bool) or not isinstance(label, int) or label >= 0:
+            fail(
+                self.key("unlabeled_label"),
+                self.unlabeled_label,
+                "expected a negative integer (class ids are >= 0)",
+            )
+        number(self.key("unlabeled_weight"), self.unlabeled_weight, minimum=0.0)
+        number(self.key("pseudo_label_threshold"), self.pseudo_label_threshold, minimum=0.0)
+        if self.pseudo_label_threshold > 1.0:
+            fail(
+                self.key("pseudo_label_threshold"),
+                self.pseudo_label_threshold,
+                "expected a number in [0, 1]",
+            )
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        if ctx.user_loss:
+            raise ValueError(
+                "loss_function is not used in mode='semi_supervised': it trains with "
+                "cross-entropy on the labeled samples plus the pseudo-label term; leave "
+                "loss_function None"
+            )
+
+    def plan(self, ctx: Context) -> ModePlan:
+        return ModePlan(
+            SemiSupervisedStep(
+                self.unlabeled_label,
+                self.unlabeled_weight,
+                self.pseudo_label_threshold,
+                output_transform=ctx.output_transform,
+            )
+        )
 
 
 class SemiSupervisedStep:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +19,28 @@ from .base import (
     loss_weight,
     split_batch,
 )
+from .contract import Context, Mode, ModePlan, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Supervised(Mode):
+    """`(inputs, targets)` batches: the loss of the prediction against the targets (or the
+    model's own loss, for Hugging Face models given `labels`)."""
+
+    name: ClassVar[str] = "supervised"
+    supervised_loss: ClassVar[bool] = True
+
+    def plan(self, ctx: Context) -> ModePlan:
+        return ModePlan(
+            SupervisedStep(
+                ctx.loss_function,
+                ctx.compile_mode,
+                output_transform=ctx.output_transform,
+                model_loss=ctx.model_loss,
+                label_shift=ctx.label_shift,
+            )
+        )
 
 
 class SupervisedStep:

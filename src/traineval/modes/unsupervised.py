@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -16,6 +17,24 @@ from .base import (
     forward,
     split_batch,
 )
+from .contract import Context, Mode, ModePlan, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Unsupervised(Mode):
+    """Input-only batches (autoencoders): the output is compared with the input (MSE by
+    default); validation reports regression metrics of the reconstruction."""
+
+    name: ClassVar[str] = "unsupervised"
+    reconstructs: ClassVar[bool] = True
+
+    def plan(self, ctx: Context) -> ModePlan:
+        return ModePlan(
+            UnsupervisedStep(
+                ctx.loss_function, ctx.compile_mode, output_transform=ctx.output_transform
+            )
+        )
 
 
 class UnsupervisedStep:

@@ -1,0 +1,70 @@
+"""Value checks shared by the configs and the modes' settings.
+
+Each raises `SettingError` (a `ValueError`) naming the field, the value and what is allowed,
+so a bad setting is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn
+
+
+class SettingError(ValueError):
+    """A setting's value is not allowed: `field`, `value` and `allowed` say which and why."""
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{field}={value!r} is invalid: {allowed}")
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+
+
+def fail(field: str, value: Any, allowed: str) -> NoReturn:
+    raise SettingError(field, value, allowed)
+
+
+def integer(field: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        fail(field, value, f"expected an integer >= {minimum}")
+
+
+def optional_integer(field: str, value: Any, *, minimum: int) -> None:
+    if value is not None:
+        integer(field, value, minimum=minimum)
+
+
+def number(
+    field: str, value: Any, *, minimum: float, strict: bool = False, below: float | None = None
+) -> None:
+    """A finite number >= `minimum` (> with `strict`), and < `below` when given."""
+    relation = ">" if strict else ">="
+    allowed = f"expected a finite number {relation} {minimum}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(field, value, allowed)
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        fail(field, value, allowed)
+    if below is not None and value >= below:
+        opening = "(" if strict else "["
+        fail(field, value, f"expected a number in {opening}{minimum:g}, {below:g})")
+
+
+def boolean(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        fail(field, value, "expected true or false")
+
+
+def choice(field: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        fail(field, value, f"expected one of {', '.join(map(repr, choices))}{suggestion}")
+
+
+def subset(field: str, values: Any, choices: Sequence[str]) -> None:
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        fail(field, values, f"expected a list drawn from {', '.join(map(repr, choices))}")
+    for value in values:
+        choice(f"{field}[]", value, choices)

@@ -1,0 +1,190 @@
+"""The Mode contract: what a training mode owns, and the plan it gives the run's assembly.
+
+A mode is a frozen dataclass whose fields are its settings (checked on construction, beside
+the code that reads them). The run's assembly (`traineval.build`) asks it twice:
+
+    mode.check(ctx)     refuse what the mode cannot combine with, before any work
+    mode.plan(ctx)      -> ModePlan: the step function, what the loop iterates, whether the
+                        model is wrapped for DDP, the optimizer, clipping, validation, the
+                        default monitor and the seed policy
+
+Everything else (precision, accumulation, checkpoints and exact resume, DDP, loggers,
+callbacks, early stopping) is the loop's and works for every mode alike, a user's own
+included. Register a mode under its `name` with `traineval.modes.register` to use the name
+in config files and `train(mode="...")`; an instance trains without registering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from .. import registry
+from ..batches import ModelLoss, OutputTransform
+from ..checks import fail
+from ..config import TrainingConfig
+from ..distributed import Distributed
+from ..precision import Precision
+
+__all__ = ["Context", "Mode", "ModePlan", "MonitorChoice", "register"]
+
+M = TypeVar("M", bound=type)
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorChoice:
+    """The metric a mode monitors by default (early stopping, best checkpoint, plateau)."""
+
+    name: str
+    minimize: bool
+
+
+@dataclasses.dataclass
+class Context:
+    """What a mode plans with: the run's config, data, loss and placement."""
+
+    config: TrainingConfig
+    train_data: Any  # train()'s train_loader argument, as given
+    val_loader: Any
+    loss_function: Any  # the user's, or the task's default
+    user_loss: bool  # whether the user passed `loss_function`
+    model_loss: ModelLoss | None  # the model computes its own loss from `labels`
+    output_transform: OutputTransform | None
+    label_shift: int  # a causal LM's one-token shift under traineval's token loss
+    job: Distributed
+    device: torch.device
+    precision: Precision
+
+    @property
+    def compile_mode(self) -> str | None:
+        """torch.compile's mode for the loss function, None when compile is off."""
+        return self.config.compile_mode if self.config.compile else None
+
+
+Evaluate = Callable[[nn.Module], Mapping[str, float]]
+BuildOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclasses.dataclass
+class ModePlan:
+    """A mode's part of a run.
+
+    Attributes:
+        step: the step function `(model, batch) -> StepOutput` with `weight(batch)`.
+        loader: what the loop iterates; None: the user's train loader (sharded under
+            torchrun). Modes that make their own data iterate `Updates(n)`.
+        wraps_model: False where the step cannot run through a DDP wrapper (several
+            forward passes per update, functional calls); the loop then averages the
+            gradients over the ranks itself.
+        clips_gradients: whether the loop clips (`gradient_clipping`, `max_grad_norm`).
+        optimizer: `(model, default) -> optimizer`, where `default(model)` builds the
+            configured one; None: the configured one.
+        evaluate: `model -> metrics` (logged as val_<name>); None: the Evaluator scores
+            the val_loader. It runs under the run's precision with the model in eval mode.
+        monitor: the default monitor when the config keeps `monitor_metric`'s default.
+        shared_seed: whether the ranks share one random stream (rounds, policy updates).
+    """
+
+    step: Any
+    loader: Any = None
+    wraps_model: bool = True
+    clips_gradients: bool = True
+    optimizer: Callable[[nn.Module, BuildOptimizer], torch.optim.Optimizer] | None = None
+    evaluate: Evaluate | None = None
+    monitor: MonitorChoice | None = None
+    shared_seed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """Base of the training modes; subclass it (as a frozen dataclass) for your own.
+
+    Class attributes say what the mode supports; the generic refusals in `check` read them:
+
+        name               the registry's and config files' key
+        supervised_loss    label_smoothing, class_weights and the model's own loss apply
+        reconstructs       the model's outputs are compared with its inputs (MSE by
+                           default, regression metrics)
+        compile_refusal    why compile=True is refused (None: allowed)
+        accumulation_refusal  what to do instead of gradient_accumulation_steps > 1
+                           (None: allowed)
+        shards             whether FSDP may shard the model
+        resume_fixed       settings a resume must not change (they change the data drawn)
+    """
+
+    name: ClassVar[str] = ""
+    supervised_loss: ClassVar[bool] = False
+    reconstructs: ClassVar[bool] = False
+    compile_refusal: ClassVar[str | None] = None
+    accumulation_refusal: ClassVar[str | None] = None
+    shards: ClassVar[bool] = True
+    resume_fixed: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, ctx: Context) -> None:
+        """Refuse combinations the mode does not support; override to add your own (call
+        `super().check(ctx)`)."""
+        c, name = ctx.config, self.name
+        if ctx.job.enabled and c.distributed_strategy == "fsdp" and not self.shards:
+            raise ValueError(
+                f"distributed_strategy='fsdp' is not supported in mode='{name}' (it reads and "
+                "averages whole weights); use distributed_strategy='ddp'"
+            )
+        if c.compile and self.compile_refusal is not None:
+            raise ValueError(
+                f"compile=True is not supported in mode='{name}': {self.compile_refusal}; "
+                "leave it off"
+            )
+        if c.gradient_accumulation_steps > 1 and self.accumulation_refusal is not None:
+            raise ValueError(
+                f"gradient_accumulation_steps={c.gradient_accumulation_steps} is invalid in "
+                f"mode='{name}': {self.accumulation_refusal} (expected 1)"
+            )
+
+    def plan(self, ctx: Context) -> ModePlan:
+        """The mode's plan for this run (see `ModePlan`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define plan(ctx)")
+
+    # -- settings --------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as plain values (lists for tuples)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{name, **settings}`: the `mode:` section of a config file."""
+        return {"name": self.name, **self.settings()}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> Mode:
+        """The mode with `settings`; an unknown key is an error naming the allowed ones."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in settings:
+            if key not in allowed:
+                listed = ", ".join(allowed) or "none"
+                fail(f"mode.{key}", settings[key], f"mode {cls.name!r} has the settings {listed}")
+        return cls(**dict(settings))
+
+    def key(self, setting: str) -> str:
+        """How errors name a setting: `federated.clients`."""
+        return f"{self.name}.{setting}"
+
+
+def register(cls: M | None = None, *, replace: bool = False) -> Any:
+    """Register a Mode class under its `name` (a decorator): config files and
+    `train(mode="...")` can then name it."""
+
+    def add(mode_class: M) -> M:
+        if not (isinstance(mode_class, type) and issubclass(mode_class, Mode)):
+            raise TypeError(f"register takes a Mode subclass, got {mode_class!r}")
+        registry.add(mode_class, replace=replace)
+        return mode_class
+
+    return add if cls is None else add(cls)
