@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval import TrainingManager, TrainingMode
+from traineval.modes import Federated
 from traineval.modes.federated import partition
 
 from conftest import make_classification, make_mlp, plain_sgd_config
@@ -84,14 +86,9 @@ def _fedavg(model, clients, rounds, local_epochs, lr, server_lr=1.0, server_mome
 @pytest.mark.parametrize(("server_lr", "server_momentum"), [(1.0, 0.0), (0.7, 0.9)])
 def test_federated_training_equals_hand_written_fedavg(quiet_config, server_lr, server_momentum):
     clients = _clients()
-    config = _config(
-        quiet_config,
-        federated_local_epochs=2,
-        federated_server_lr=server_lr,
-        federated_server_momentum=server_momentum,
-    )
+    mode = Federated(local_epochs=2, server_lr=server_lr, server_momentum=server_momentum)
     ours, theirs = make_mlp(), make_mlp()
-    result = TrainingManager(config).train(ours, clients, mode=FED)
+    result = TrainingManager(_config(quiet_config)).train(ours, clients, mode=mode)
     _fedavg(theirs, clients, 3, 2, 0.1, server_lr, server_momentum)
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -154,27 +151,25 @@ def test_a_resumed_federated_run_ends_where_an_uninterrupted_one_does(quiet_conf
     data = make_classification(n=96)
     loader = DataLoader(data, batch_size=8, shuffle=True)
     val = DataLoader(make_classification(n=32, seed=1), batch_size=16)
-    settings = {
-        "federated_clients": 6,
-        "federated_partition": "dirichlet",
-        "federated_client_fraction": 0.5,
-        "federated_local_epochs": 2,
-        "optimizer_type": "adamw",
-        "early_stopping_patience": 0,
-    }
+    settings = {"optimizer_type": "adamw", "early_stopping_patience": 0}
+    mode = Federated(clients=6, partition="dirichlet", client_fraction=0.5, local_epochs=2)
     quiet_config["output_dir"] = str(tmp_path / "straight")
     straight = model()
     TrainingManager(_config(quiet_config, num_epochs=4, **settings)).train(
-        straight, loader, val, mode=FED
+        straight, loader, val, mode=mode
     )
     quiet_config["output_dir"] = str(tmp_path / "resumed")
     first = model()
     TrainingManager(_config(quiet_config, num_epochs=2, **settings)).train(
-        first, loader, val, mode=FED
+        first, loader, val, mode=mode
     )
     resumed = model()
+    with pytest.raises(ValueError, match=r"federated\.clients: checkpoint 6, now 5"):
+        TrainingManager(_config(quiet_config, num_epochs=4, **settings)).train(
+            model(), loader, val, mode=dataclasses.replace(mode, clients=5), resume_from="auto"
+        )
     result = TrainingManager(_config(quiet_config, num_epochs=4, **settings)).train(
-        resumed, loader, val, mode=FED, resume_from="auto"
+        resumed, loader, val, mode=mode, resume_from="auto"
     )
     assert result["global_step"] == 4
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
@@ -194,14 +189,14 @@ def test_federated_settings_and_combinations_are_checked_before_any_work(quiet_c
         TrainingManager(_config(quiet_config, compile=True)).train(make_mlp(), clients, mode=FED)
     assert not (tmp_path / "run").exists()
     for field, value, message in [
-        ("federated_client_fraction", 1.5, "expected a number in \\(0, 1\\]"),
-        ("federated_partition", "random", "expected one of"),
-        ("federated_dirichlet_alpha", 0.0, "expected a finite number > 0"),
-        ("federated_server_momentum", 1.0, "expected a number in \\[0, 1\\)"),
-        ("federated_local_epochs", 0, "expected an integer >= 1"),
+        ("client_fraction", 1.5, "expected a number in \\(0, 1\\]"),
+        ("partition", "random", "expected one of"),
+        ("dirichlet_alpha", 0.0, "expected a finite number > 0"),
+        ("server_momentum", 1.0, "expected a number in \\[0, 1\\)"),
+        ("local_epochs", 0, "expected an integer >= 1"),
     ]:
-        with pytest.raises(ValueError, match=f"{field}={value!r} is invalid: {message}"):
-            TrainingConfig(**{field: value})
+        with pytest.raises(ValueError, match=f"federated.{field}={value!r} is invalid: {message}"):
+            Federated(**{field: value})
 
 
 def test_federated_from_the_command_line(tmp_path):

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval import TrainingManager
 from traineval.data.episodes import Episodes
-from traineval.modes import MetaLearningStep
+from traineval.modes import MetaLearning, MetaLearningStep
 
 from conftest import plain_sgd_config
 
-META = TrainingMode.META_LEARNING
+META = MetaLearning(inner_lr=0.3, inner_steps=2)
 
 
 def _mlp() -> nn.Module:
@@ -47,8 +47,6 @@ def _config(quiet_config, **overrides):
             "num_epochs": 2,
             "batch_size": 4,
             "learning_rate": 0.05,
-            "meta_inner_lr": 0.3,
-            "meta_inner_steps": 2,
             **overrides,
         },
     )
@@ -87,8 +85,8 @@ def _reference(model, loader, epochs, outer_lr, inner_lr, inner_steps, algorithm
 def test_meta_learning_equals_the_hand_written_algorithm(quiet_config, algorithm):
     loader = DataLoader(_episodes(), batch_size=4)
     ours, theirs = _mlp(), _mlp()
-    config = _config(quiet_config, meta_algorithm=algorithm)
-    result = TrainingManager(config).train(ours, loader, mode=META)
+    mode = MetaLearning(algorithm=algorithm, inner_lr=0.3, inner_steps=2)
+    result = TrainingManager(_config(quiet_config)).train(ours, loader, mode=mode)
     _reference(theirs, loader, 2, 0.05, 0.3, 2, algorithm)
     assert result["global_step"] == 4
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
@@ -169,14 +167,13 @@ def test_maml_learns_to_adapt(quiet_config):
         num_epochs=3,
         optimizer_type="adam",
         learning_rate=1e-2,
-        meta_inner_steps=1,
-        meta_inner_lr=0.5,
         monitor_metric="val_accuracy",
         early_stopping_patience=0,
     )
     step = MetaLearningStep(None, "maml", inner_lr=0.5, inner_steps=1)
     untrained = step.evaluate(_mlp(), val, torch.device("cpu"))["accuracy"]
-    result = TrainingManager(config).train(_mlp(), train, val, mode=META)
+    mode = MetaLearning(inner_steps=1, inner_lr=0.5)
+    result = TrainingManager(config).train(_mlp(), train, val, mode=mode)
     accuracy = [m["accuracy"] for m in result["training_history"]["val_metrics"]]
     assert accuracy[-1] > untrained + 0.1
 
@@ -192,8 +189,8 @@ def test_meta_learning_errors_are_clear(quiet_config):
     flat = DataLoader(_dataset(), batch_size=4)
     with pytest.raises(ValueError, match="meta-learning batches are \\(support_x, support_y"):
         TrainingManager(_config(quiet_config)).train(_mlp(), flat, mode=META)
-    with pytest.raises(ValueError, match="meta_algorithm='anil' is invalid"):
-        TrainingConfig(meta_algorithm="anil")
+    with pytest.raises(ValueError, match=r"meta_learning\.algorithm=.anil. is invalid"):
+        MetaLearning(algorithm="anil")
 
 
 def test_meta_learning_from_the_command_line(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,15 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval import TrainingManager
 from traineval.envs import CartPole, Discrete
 from traineval.loggers import read_jsonl
 from traineval.loop import TrainingInterrupted
+from traineval.modes import Reinforcement
 from traineval.modes.reinforcement import PolicyGradientStep
 
 from conftest import InterruptAt, plain_sgd_config
 
-RL = TrainingMode.REINFORCEMENT
+# cuts some walks before their own limit: bootstrapping
+RL = Reinforcement(updates_per_epoch=3, episodes_per_update=4, gamma=0.9, max_episode_steps=5)
 
 
 class Walk:
@@ -64,10 +67,6 @@ def _config(quiet_config, **overrides):
         **{
             "num_epochs": 2,
             "learning_rate": 0.05,
-            "rl_updates_per_epoch": 3,
-            "rl_episodes_per_update": 4,
-            "rl_gamma": 0.9,
-            "rl_max_episode_steps": 5,  # cuts some walks before their own limit: bootstrapping
             "early_stopping_patience": 0,
             **overrides,
         },
@@ -140,9 +139,10 @@ def _reference(model, updates, lr, gamma, value_coef, entropy_coef, max_steps):
 @pytest.mark.parametrize("value", [True, False])
 def test_policy_gradient_equals_a_hand_written_loop(quiet_config, value):
     ours, theirs = ActorCritic(value), ActorCritic(value)
-    config = _config(quiet_config, rl_eval_episodes=2, log_frequency=6)
+    config = _config(quiet_config, log_frequency=6)
     torch.manual_seed(config.seed)  # the run seeds the global generator with config.seed
-    result = TrainingManager(config).train(ours, Walk, mode=RL)
+    mode = dataclasses.replace(RL, eval_episodes=2)
+    result = TrainingManager(config).train(ours, Walk, mode=mode)
     torch.manual_seed(config.seed)
     mean_returns = _reference(theirs, 6, 0.05, 0.9, 0.5, 0.01, max_steps=5)
     logged = [
@@ -197,13 +197,10 @@ def test_cartpole_learns_to_balance(quiet_config):
         num_epochs=6,
         optimizer_type="adamw",
         learning_rate=3e-3,
-        rl_updates_per_epoch=10,
-        rl_episodes_per_update=8,
-        rl_gamma=0.99,
-        rl_max_episode_steps=500,
-        rl_eval_episodes=5,
     )
-    result = TrainingManager(config).train(Policy(), "CartPole", mode=RL)
+    mode = Reinforcement(updates_per_epoch=10, episodes_per_update=8, max_episode_steps=500)
+    mode = dataclasses.replace(mode, eval_episodes=5, environment="CartPole")
+    result = TrainingManager(config).train(Policy(), None, mode=mode)  # the mode's environment
     returns = [m["return"] for m in result["training_history"]["val_metrics"]]
     assert max(returns) > 200  # a random policy lasts about 20 steps
     assert result["monitor_metric"] == "val_return"
@@ -242,8 +239,8 @@ def test_reinforcement_errors_are_clear(quiet_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # as if it were not installed
     with pytest.raises(ImportError, match="environment 'Acrobot-v1' needs gymnasium"):
         TrainingManager(config).train(ActorCritic(), "Acrobot-v1", mode=RL)
-    with pytest.raises(ValueError, match=r"rl_gamma=1\.5 is invalid"):
-        TrainingConfig(rl_gamma=1.5)
+    with pytest.raises(ValueError, match=r"reinforcement\.gamma=1\.5 is invalid"):
+        Reinforcement(gamma=1.5)
 
 
 def test_a_resumed_run_collects_the_episodes_an_uninterrupted_one_does(quiet_config, tmp_path):

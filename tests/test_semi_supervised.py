@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager, TrainingMode
 from traineval.loggers import read_jsonl
-from traineval.modes import SemiSupervisedStep
+from traineval.modes import SemiSupervised, SemiSupervisedStep
 
 from conftest import make_classification, make_mlp, plain_sgd_config
 
@@ -53,12 +53,12 @@ def _reference(model, data, batch, epochs, lr, threshold, weight):
 
 def test_semi_supervised_training_equals_a_hand_written_pseudo_label_loop(quiet_config, tmp_path):
     data = _partly_labeled()
-    settings = {"pseudo_label_threshold": 0.45, "unlabeled_weight": 0.5}
+    mode = SemiSupervised(pseudo_label_threshold=0.45, unlabeled_weight=0.5)
     config = plain_sgd_config(
-        quiet_config, num_epochs=3, batch_size=8, learning_rate=0.1, log_frequency=18, **settings
+        quiet_config, num_epochs=3, batch_size=8, learning_rate=0.1, log_frequency=18
     )
     ours, theirs = make_mlp(), make_mlp()
-    TrainingManager(config).train(ours, DataLoader(data, 8), mode=SEMI)
+    TrainingManager(config).train(ours, DataLoader(data, 8), mode=mode)
     kept, rates = _reference(theirs, data, 8, 3, 0.1, threshold=0.45, weight=0.5)
     assert 0 < kept < 3 * 16  # some, not all, unlabeled samples passed the threshold
     logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
@@ -72,7 +72,7 @@ def test_accumulated_micro_batches_train_like_one_big_batch(quiet_config):
     the window's count of its samples, not averaged per micro-batch."""
     data = _partly_labeled(n=48, unlabeled_every=3)
     data.tensors[1][4:8] = -1  # one micro-batch without labels, others with 1-2 unlabeled
-    settings = {"pseudo_label_threshold": 0.4, "unlabeled_weight": 2.0}
+    mode = SemiSupervised(pseudo_label_threshold=0.4, unlabeled_weight=2.0)
     models = []
     for batch, accumulation in ((12, 1), (4, 3)):
         model = make_mlp()
@@ -82,9 +82,8 @@ def test_accumulated_micro_batches_train_like_one_big_batch(quiet_config):
             batch_size=batch,
             gradient_accumulation_steps=accumulation,
             learning_rate=0.2,
-            **settings,
         )
-        TrainingManager(config).train(model, DataLoader(data, batch), mode=SEMI)
+        TrainingManager(config).train(model, DataLoader(data, batch), mode=mode)
         models.append(model)
     reference = make_mlp()
     kept, _ = _reference(reference, data, 12, 2, 0.2, threshold=0.4, weight=2.0)
@@ -171,8 +170,10 @@ def test_semi_supervised_errors_name_what_is_wrong(quiet_config, tmp_path):
     ],
 )
 def test_semi_supervised_settings_are_validated(field, value, message):
-    with pytest.raises(ValueError, match=f"{field}={value!r} is invalid: {message}"):
-        TrainingConfig(**{field: value})
+    with pytest.raises(
+        ValueError, match=f"semi_supervised.{field}={value!r} is invalid: {message}"
+    ):
+        SemiSupervised(**{field: value})
 
 
 def test_custom_unlabeled_marker(quiet_config):
@@ -185,11 +186,10 @@ def test_custom_unlabeled_marker(quiet_config):
         config = TrainingConfig(
             num_epochs=1,
             batch_size=8,
-            unlabeled_label=marker,
-            pseudo_label_threshold=0.3,
             **{**quiet_config, "overwrite_output_dir": True},
         )
-        TrainingManager(config).train(model, DataLoader(dataset, 8), mode=SEMI)
+        mode = SemiSupervised(unlabeled_label=marker, pseudo_label_threshold=0.3)
+        TrainingManager(config).train(model, DataLoader(dataset, 8), mode=mode)
         models.append(model)
     for a, b in zip(*(m.parameters() for m in models), strict=True):
         torch.testing.assert_close(a, b)

@@ -1,0 +1,153 @@
+"""A user's own training mode (prototypical networks) trains like a built-in one."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import TrainingConfig, TrainingManager
+from traineval.data import Episodes
+from traineval.loop import TrainingInterrupted
+from traineval.modes import Mode, ModePlan, StepOutput, register
+
+from conftest import InterruptAt, plain_sgd_config
+
+# -- the user's code: a Mode of about 40 lines -------------------------------------------------
+
+
+def proto_logits(model, support_x, support_y, query_x, ways):
+    """Each query's negative squared distance to each class's mean support embedding."""
+    embed = lambda x: model(x.flatten(0, 1)).unflatten(0, x.shape[:2])  # noqa: E731
+    one_hot = F.one_hot(support_y, ways).float()  # (tasks, support, ways)
+    prototypes = one_hot.transpose(1, 2) @ embed(support_x) / one_hot.sum(1).unsqueeze(-1)
+    return -(torch.cdist(embed(query_x), prototypes) ** 2)  # (tasks, queries, ways)
+
+
+class ProtoStep:
+    def __init__(self, ways: int):
+        self.ways = ways
+
+    def weight(self, batch):  # tasks weigh equally
+        return int(batch[0].shape[0])
+
+    def __call__(self, model, batch):
+        support_x, support_y, query_x, query_y = batch
+        logits = proto_logits(model, support_x, support_y, query_x, self.ways)
+        loss = F.cross_entropy(logits.flatten(0, 1), query_y.flatten())
+        tasks = int(support_x.shape[0])
+        return StepOutput(loss=loss, weight=tasks, num_samples=tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtoNet(Mode):
+    """Prototypical networks (Snell et al., 2017) over batches of few-shot tasks."""
+
+    name: ClassVar[str] = "protonet_test"
+    ways: int = 3
+
+    def plan(self, ctx):
+        step = ProtoStep(self.ways)
+
+        def evaluate(model):
+            losses, correct, total = [], 0, 0
+            with torch.no_grad():
+                for sx, sy, qx, qy in ctx.val_loader:
+                    logits = proto_logits(model, sx, sy, qx, self.ways)
+                    losses.append(F.cross_entropy(logits.flatten(0, 1), qy.flatten()))
+                    correct += int((logits.argmax(-1) == qy).sum())
+                    total += qy.numel()
+            return {"loss": float(torch.stack(losses).mean()), "accuracy": correct / total}
+
+        return ModePlan(step, evaluate=evaluate if ctx.val_loader is not None else None)
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+def _tasks(count, seed):
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(6, 5, generator=generator) * 2
+    y = torch.arange(6).repeat_interleave(10)
+    data = TensorDataset(centers[y] + torch.randn(len(y), 5, generator=generator), y)
+    episodes = Episodes(data, ways=3, shots=2, queries=4, episodes=count, seed=seed)
+    return DataLoader(episodes, batch_size=4, shuffle=False)
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 8))
+
+
+def test_a_users_mode_equals_a_hand_written_protonet_loop(quiet_config):
+    config = plain_sgd_config(quiet_config, num_epochs=3, learning_rate=0.05)
+    model = _encoder()
+    result = TrainingManager(config).train(model, _tasks(12, seed=0), mode=ProtoNet(ways=3))
+
+    reference = _encoder()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        epoch = []
+        for sx, sy, qx, qy in _tasks(12, seed=0):
+            logits = proto_logits(reference, sx, sy, qx, 3)
+            loss = F.cross_entropy(logits.flatten(0, 1), qy.flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            epoch.append(loss.item())
+        losses.append(sum(epoch) / len(epoch))
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert result["training_history"]["train_loss"] == pytest.approx(losses, abs=1e-6)
+
+
+def test_a_users_mode_keeps_the_best_checkpoint_and_resumes_exactly(quiet_config, tmp_path):
+    def run(folder, callbacks=(), resume=None):
+        settings = {**quiet_config, "output_dir": str(tmp_path / folder)}
+        config = TrainingConfig(**settings, num_epochs=4, learning_rate=0.01, seed=3)
+        model = _encoder()
+        result = TrainingManager(config).train(
+            model,
+            _tasks(12, seed=0),
+            _tasks(4, seed=1),
+            mode=ProtoNet(ways=3),
+            callbacks=callbacks,
+            resume_from=resume,
+        )
+        return model, result
+
+    straight, result = run("straight")
+    assert result.monitor_metric == "val_loss"
+    assert (tmp_path / "straight" / "checkpoints" / "best.pt").exists()
+    assert result["training_history"]["val_metrics"][-1]["accuracy"] > 0.6  # 3-way: chance 1/3
+    with pytest.raises(TrainingInterrupted):
+        run("resumed", callbacks=[InterruptAt(step=5)])  # in the middle of epoch 2
+    resumed, again = run("resumed", resume="auto")
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert again["training_history"]["train_loss"] == result["training_history"]["train_loss"]
+    assert again.best_metric == result.best_metric
+
+
+def test_a_registered_mode_is_named_by_train_and_by_the_config(quiet_config):
+    register(ProtoNet, replace=True)
+    config = plain_sgd_config(quiet_config, num_epochs=1, learning_rate=0.05)
+    by_name = _encoder()
+    TrainingManager(config).train(by_name, _tasks(8, seed=0), mode="protonet_test")
+    settings = {"protonet_test": {"ways": 3}}
+    by_settings = _encoder()
+    configured = plain_sgd_config(quiet_config, num_epochs=1, learning_rate=0.05)
+    configured = TrainingConfig(**{**configured.to_dict(), "mode_settings": settings})
+    TrainingManager(configured).train(by_settings, _tasks(8, seed=0), mode="protonet_test")
+    for a, b in zip(by_name.parameters(), by_settings.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"mode\.shots=2 is invalid: mode .protonet_test. has"):
+        TrainingConfig(mode_settings={"protonet_test": {"shots": 2}})
+    with pytest.raises(ValueError, match=r"mode=.protonet_tset. is invalid.*did you mean"):
+        TrainingManager(config).train(_encoder(), _tasks(8, seed=0), mode="protonet_tset")
