@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ def run_examples(page: Path) -> dict:
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert blocks, f"{page.name} has no Python example"
     namespace = {"__name__": page.stem}
-    for block in blocks:
-        exec(compile(block, str(page), "exec"), namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the docs use no deprecated names
+        for block in blocks:
+            exec(compile(block, str(page), "exec", dont_inherit=True), namespace)
     return namespace
 
 
@@ -42,6 +45,10 @@ def _check_checkpoints(namespace: dict, printed: str) -> None:
 def _check_modes(namespace: dict, printed: str) -> None:
     assert namespace["rl_result"]["monitor_metric"] == "val_return"
     assert len(namespace["rl_result"]["training_history"]["val_metrics"]) == 4
+    proto = namespace["proto_result"]
+    assert proto["monitor_metric"] == "val_accuracy"
+    assert proto["best_metric"] > 0.8  # 5-way 1-shot: chance is 0.2
+    assert Path(proto["checkpoints"]["best"]).exists()
 
 
 def _check_training(namespace: dict, printed: str) -> None:

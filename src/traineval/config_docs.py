@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 from typing import Any
 
+from . import registry
 from .config import EvaluationConfig, TrainingConfig
 from .experiment import DataConfig, ModelConfig
 
@@ -30,16 +31,34 @@ def reference_markdown() -> str:
         "Generated from the code by `python -m traineval.config_docs`; do not edit by hand.",
         "In a config file each section is a mapping (`training: {num_epochs: 5}`); from the",
         "command line a field is `section.field=value` (`training.batch_size=64`); from Python",
-        "it is a keyword of the section's class. `mode` is one of supervised, unsupervised,",
-        "semi_supervised, federated, meta_learning, reinforcement (default: supervised).",
+        "it is a keyword of the section's class.",
     ]
     for section, cls in SECTIONS:
-        lines += ["", f"## `{section}`: `{cls.__name__}`", ""]
-        lines += [_docstring(cls), "", "| field | type | default |", "|---|---|---|"]
-        for field in dataclasses.fields(cls):
-            default = _default(field)
-            lines.append(f"| `{field.name}` | `{_type(field.type)}` | `{default!r}` |")
+        lines += ["", f"## `{section}`: `{cls.__name__}`", "", _docstring(cls), ""]
+        lines += _fields(cls)
+    lines += [
+        "",
+        "## `mode`: the training mode and its settings",
+        "",
+        "A name (`mode: federated`) or a section naming the mode and its settings",
+        "(`mode: {name: federated, clients: 10}`; command line: `mode.clients=10`); default",
+        "`supervised`. In Python, `train(mode=traineval.modes.Federated(clients=10))`. The",
+        "built-in modes and their settings:",
+    ]
+    for name in registry.names():
+        mode = registry.lookup(name)
+        if not mode.__module__.startswith("traineval."):
+            continue  # a mode registered by the user or a test
+        lines += ["", f"### `{name}`: `{mode.__name__}`", "", _docstring(mode), ""]
+        lines += _fields(mode) if dataclasses.fields(mode) else ["No settings."]
     return "\n".join(lines) + "\n"
+
+
+def _fields(cls: Any) -> list[str]:
+    lines = ["| field | type | default |", "|---|---|---|"]
+    for field in dataclasses.fields(cls):
+        lines.append(f"| `{field.name}` | `{_type(field.type)}` | `{_default(field)!r}` |")
+    return lines
 
 
 def _docstring(cls: type) -> str:

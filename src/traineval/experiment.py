@@ -479,7 +479,7 @@ def _policy_parts(config: RunConfig) -> tuple[Any, torch.nn.Module]:
 def _test_episodes(
     config: RunConfig, factory: Any, model: torch.nn.Module, device: torch.device
 ) -> dict[str, float]:
-    """The greedy policy on `rl_eval_episodes` episodes seeded apart from validation's."""
+    """The greedy policy on the mode's `eval_episodes` episodes, seeded apart from validation's."""
     assert isinstance(config.mode, Reinforcement)
     step = config.mode.step(factory, episodes=1)
     return step.evaluate(model.to(device), device, seed=config.training.seed + 54321)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from traineval import TrainingConfig
 from traineval.flower import client_app, server_app
+from traineval.modes import Federated
 from traineval.modes.federated import partition
 
 TRAIN_ROWS = 1400
@@ -52,11 +53,16 @@ config = TrainingConfig(
     optimizer_type="sgd",
     scheduler_type="constant",
     warmup_steps=0,
-    federated_clients=int(os.environ.get("FLOWER_DIGITS_NODES", "2")),
-    federated_local_epochs=2,
     output_dir=os.environ.get("FLOWER_DIGITS_OUTPUT", "runs/flower-digits"),
     overwrite_output_dir=True,
     device="cpu",
 )
-clientapp = client_app(model_fn, data_fn, config)
-serverapp = server_app(model_fn, config, evaluate_on_clients=False, server_evaluate=test_accuracy)
+federated = Federated(clients=int(os.environ.get("FLOWER_DIGITS_NODES", "2")), local_epochs=2)
+clientapp = client_app(model_fn, data_fn, config, federated=federated)
+serverapp = server_app(
+    model_fn,
+    config,
+    evaluate_on_clients=False,
+    server_evaluate=test_accuracy,
+    federated=federated,
+)

@@ -54,8 +54,8 @@ PARTITIONS = ("iid", "dirichlet")
 @register
 @dataclasses.dataclass(frozen=True)
 class Federated(Mode):
-    """FedAvg / FedAvgM over simulated clients, one round per optimizer update (see the
-    module docstring).
+    """FedAvg / FedAvgM over simulated clients, one round per optimizer update
+    (`traineval.modes.federated`).
 
     `train()` takes one loader (its dataset is split among `clients` by `partition`:
     "iid", or "dirichlet" with `dirichlet_alpha`) or a list of client loaders. Each round

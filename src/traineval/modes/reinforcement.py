@@ -54,7 +54,7 @@ MONITORS = ("val_return", "val_episode_length", "train_loss")
 @register
 @dataclasses.dataclass(frozen=True)
 class Reinforcement(Mode):
-    """Policy gradient on episodes the policy plays (see the module docstring).
+    """Policy gradient on episodes the policy plays (`traineval.modes.reinforcement`).
 
     `train()` takes an environment factory (or a name, e.g. "CartPole") in the train
     loader's place, or none when `environment` names one. Each epoch is `updates_per_epoch`

@@ -36,7 +36,7 @@ from .contract import Context, Mode, ModePlan, register
 @dataclasses.dataclass(frozen=True)
 class SemiSupervised(Mode):
     """Classification batches where targets equal to `unlabeled_label` mark unlabeled
-    samples; they train on confident pseudo-labels (see the module docstring).
+    samples; they train on confident pseudo-labels (`traineval.modes.semi_supervised`).
 
     Settings: `unlabeled_label` (a negative integer), `unlabeled_weight` (the pseudo-label
     term's weight), `pseudo_label_threshold` (the top probability a pseudo-label needs).
