@@ -55,7 +55,7 @@ class InterruptAt(Callback):
 
     def on_step_end(self, loop):
         if loop.state.global_step == self.step:
-            loop.interrupted = "SIGTERM"
+            loop.request_interrupt("SIGTERM")
 
 
 def plain_sgd_config(quiet_config, **overrides):

@@ -281,7 +281,7 @@ class SignalRankOne(Callback):
 
     def on_step_end(self, loop: Any) -> None:
         if loop.job.rank == 1 and loop.state.global_step == 3:
-            loop.interrupted = "SIGTERM"
+            loop.request_interrupt("SIGTERM")
 
 
 def resume_config(out: Path, **overrides: Any) -> TrainingConfig:

@@ -74,7 +74,7 @@ def test_training_on_cuda_learns_in_each_precision(tmp_path, precision):
 class InterruptAt(Callback):
     def on_step_end(self, loop):
         if loop.state.global_step == 13:
-            loop.interrupted = "SIGTERM"
+            loop.request_interrupt("SIGTERM")
 
 
 def test_resume_on_cuda_equals_the_uninterrupted_run(tmp_path):

@@ -62,7 +62,7 @@ def test_resumed_tensorboard_run_drops_the_interrupted_runs_later_events(tmp_pat
     class Stop(Callback):
         def on_step_end(self, loop):
             if loop.state.global_step == 10:
-                loop.interrupted = "SIGTERM"
+                loop.request_interrupt("SIGTERM")
 
     data = make_classification(n=64)
     config = _config(tmp_path, tensorboard_logging=True, checkpoint_every_n_steps=4)
@@ -231,7 +231,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
     class Stop(Callback):
         def on_step_end(self, loop):
             if loop.state.global_step == 6:
-                loop.interrupted = "SIGTERM"
+                loop.request_interrupt("SIGTERM")
 
     data = make_classification(n=64)
     config = _config(tmp_path, wandb_logging=True)

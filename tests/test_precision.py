@@ -21,10 +21,10 @@ class _Spy(Callback):
         self.growth = []
 
     def on_epoch_start(self, loop):
-        self.scalers.append(loop.precision.scaler)
+        self.scalers.append(loop.scaler)
 
     def on_epoch_end(self, loop, logs):
-        scaler = loop.precision.scaler
+        scaler = loop.scaler
         if scaler is not None:
             self.growth.append(scaler.state_dict()["_growth_tracker"])
 

@@ -11,6 +11,8 @@ Each phase reads the `TrainingConfig` and hands plain parts on; the loop reads n
     place_model     seeds, device, resumed weights, frozen parameters, DDP / FSDP
     optimization    precision, optimizer, schedule (resumed states), torch.compile
     evaluation      how the loop validates
+    update_rule     how the loop makes each update (step, accumulation, clipping, EMA)
+    run_length      epochs, updates, and how often the loop evaluates and logs
     open_loggers    config.yaml, metrics.jsonl and the optional loggers (rank 0)
 """
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .averaging import WeightAverage
 from .batches import ModelLoss, OutputTransform
 from .config import TaskType, TrainingConfig, TrainingMode
 from .distributed import (
@@ -37,9 +40,9 @@ from .distributed import (
     shard_train_loader,
     wrap_model,
 )
-from .evaluation import Evaluator
+from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import JsonlLogger, LoggerHub
-from .loop import EvaluateFn, Monitor
+from .loop import EvaluateFn, Monitor, RunLength, UpdateRule
 from .modes import Context, Mode, ModePlan
 from .optim import check_prefixes, freeze
 from .precision import Precision, resolve_precision
@@ -233,7 +236,7 @@ def choose_monitor(
     config: TrainingConfig,
     plan: ModePlan,
     val_loader: Any,
-    evaluator: Evaluator | None,
+    evaluator: ModelEvaluator | None,
     task_type: TaskType | None,
     mode: Mode,
 ) -> Monitor:
@@ -249,7 +252,7 @@ def choose_monitor(
         logger.info("no val_loader: monitoring train_loss instead of %s", name)
         name = "train_loss"
     elif task is not None and name.startswith("val_"):
-        names = ["loss", *(evaluator or Evaluator()).metric_names(task)]
+        names = ["loss", *(evaluator or ModelEvaluator()).metric_names(task)]
         if name[len("val_") :] not in names:
             allowed = ", ".join(f"val_{n}" for n in names)
             raise ValueError(
@@ -365,6 +368,35 @@ def optimization(
     return Optimization(precision, optimizer, scheduler, forward_model, no_sync)
 
 
+def update_rule(
+    config: TrainingConfig, plan: ModePlan, parts: Optimization, model: nn.Module
+) -> UpdateRule:
+    """How the loop makes each update: the mode's step, the optimization, accumulation,
+    clipping (unless the mode clips its own), non-finite steps, the moving average."""
+    c = config
+    return UpdateRule(
+        step_fn=plan.step,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        precision=parts.precision,
+        accumulation_steps=c.gradient_accumulation_steps,
+        max_grad_norm=c.max_grad_norm if c.gradient_clipping and plan.clips_gradients else None,
+        skip_non_finite=c.skip_nonfinite_steps,
+        weight_average=WeightAverage(model, c.ema_decay, c.ema_warmup) if c.ema_decay else None,
+    )
+
+
+def run_length(config: TrainingConfig, data: Data, *, evaluating: bool) -> RunLength:
+    """The run's epochs and updates, and how often it evaluates and logs."""
+    return RunLength(
+        num_epochs=config.num_epochs,
+        updates_per_epoch=data.updates_per_epoch,
+        max_steps=config.max_steps,
+        eval_every_n_steps=config.eval_frequency if evaluating else None,
+        log_every_n_steps=config.log_frequency,
+    )
+
+
 def constant_rate(config: TrainingConfig) -> bool:
     """Whether the learning rate never changes (no schedule needed)."""
     warmup = config.warmup_steps or config.warmup_ratio
@@ -375,7 +407,7 @@ def evaluation(
     plan: ModePlan,
     mode: Mode,
     val_loader: Any,
-    evaluator: Evaluator | None,
+    evaluator: ModelEvaluator | None,
     model: nn.Module,
     *,
     device: torch.device,
@@ -385,12 +417,12 @@ def evaluation(
     task_type: TaskType | None,
     output_transform: OutputTransform | None,
 ) -> EvaluateFn | None:
-    """How the loop validates: the mode's own way, else the Evaluator on `val_loader`."""
+    """How the loop validates: the mode's own way, else the evaluator on `val_loader`."""
     if plan.evaluate is not None:
         return _mode_evaluation(plan.evaluate, precision)
     if val_loader is None:
         return None
-    scorer = evaluator or Evaluator()
+    scorer = evaluator or ModelEvaluator()
     # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
     # collective that ranks with uneven evaluation shares would not all reach. An FSDP
     # module's forward is itself a collective: its ranks evaluate in lockstep.

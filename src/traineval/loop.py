@@ -51,6 +51,21 @@ from .precision import Precision
 from .seeding import capture_rng, restore_rng
 from .steplog import NonFiniteError, StepLog, StepRecord, describe, first_non_finite
 from .tracking import MetricsTracker, Plateau
+from .train_state import TrainState, empty_history
+
+__all__ = [
+    "EvaluateFn",
+    "Loop",
+    "LoopControl",
+    "Monitor",
+    "Observers",
+    "Placement",
+    "RunLength",
+    "TrainState",
+    "TrainingInterrupted",
+    "UpdateRule",
+    "empty_history",
+]
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[str, "Loop"], Any]
@@ -63,51 +78,6 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.signal_name = signal_name
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Everything the loop counts; plain values only, so it goes into a checkpoint as is.
-
-    Epochs are numbered from 1; `global_step` counts optimizer updates; `batch_in_epoch`
-    counts the micro-batches of the current epoch already trained on.
-    """
-
-    epoch: int = 0
-    global_step: int = 0
-    batch_in_epoch: int = 0
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    best_step: int | None = None
-    stop_reason: str | None = None
-    stopped_early: bool = False
-    finished: bool = False
-    last_eval_step: int | None = None
-    skipped_steps: int = 0
-    consecutive_non_finite: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_loss_weight: float = 0.0
-    interval_loss_sum: float = 0.0
-    interval_loss_weight: float = 0.0
-    interval_norms: list[float] = dataclasses.field(default_factory=list)
-    # a step function's own metrics since the last log: name -> [sum, count]
-    interval_metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    epoch_rng: dict[str, Any] | None = None
-    history: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: empty_history())
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for field in dataclasses.fields(self):
-            if field.name in state:
-                setattr(self, field.name, state[field.name])
-
-
-def empty_history() -> dict[str, list[Any]]:
-    """The training history's shape: per-epoch lists, and one entry per evaluation."""
-    keys = ("epoch", "train_loss", "val_loss", "learning_rate", "val_metrics", "val_steps")
-    return {key: [] for key in keys}
 
 
 class Monitor(Plateau):
@@ -126,6 +96,143 @@ class Monitor(Plateau):
         return float(metrics[self.name])
 
 
+@dataclasses.dataclass
+class UpdateRule:
+    """How the loop turns micro-batches into optimizer updates."""
+
+    step_fn: StepFunction
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    precision: Precision | None = None  # None: fp32
+    accumulation_steps: int = 1
+    max_grad_norm: float | None = None  # None: no clipping
+    skip_non_finite: int = 0  # 0: stop on the first non-finite step; N: skip, stop after N
+    weight_average: WeightAverage | None = None  # EMA of the weights
+
+
+@dataclasses.dataclass
+class RunLength:
+    """How long the loop runs, and how often it evaluates and logs (in optimizer updates)."""
+
+    num_epochs: int
+    updates_per_epoch: int | None = None  # None: the loader has no len()
+    max_steps: int | None = None
+    eval_every_n_steps: int | None = None  # besides each epoch's end
+    log_every_n_steps: int = 100
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where the loop runs: the device, the module the steps call, the data-parallel job."""
+
+    device: torch.device
+    forward_model: nn.Module | None = None  # e.g. the torch.compile'd or DDP module
+    job: Distributed | None = None
+    no_sync: Callable[[], AbstractContextManager[Any]] | None = None  # DDP's
+    average_gradients: bool = False  # the loop all-reduces (modes without a DDP wrapper)
+
+
+@dataclasses.dataclass
+class Observers:
+    """Who watches: callbacks (which may request), loggers, trackers."""
+
+    callbacks: Sequence[Callback] = ()
+    loggers: Sequence[Any] | LoggerHub = ()
+    tracker: MetricsTracker | None = None
+    performance: PerformanceMonitor | None = None
+    layer_norms: bool = False  # log each parameter tensor's gradient norm
+
+
+class LoopControl:
+    """What a callback sees and may ask for (its hooks' first argument): the counters, the
+    model, the monitor, read-only views of the optimizer, schedule and scaler, and requests
+    the loop carries out at the next step boundary."""
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+
+    @property
+    def state(self) -> TrainState:
+        """The counters and history (`global_step`, `epoch`, `best_metric`, ...)."""
+        return self._loop.state
+
+    @property
+    def model(self) -> nn.Module:
+        """The module being trained (unwrapped)."""
+        return self._loop.model
+
+    @property
+    def monitor(self) -> Monitor:
+        """The monitored metric: `name`, `best`, `num_bad` evaluations without improvement."""
+        return self._loop.monitor
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Observe (e.g. its `param_groups`' rates); the loop steps it."""
+        return self._loop.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        return self._loop.scheduler
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's gradient scaler (None in other precisions)."""
+        return self._loop.precision.scaler
+
+    @property
+    def num_epochs(self) -> int:
+        return self._loop.num_epochs
+
+    @property
+    def updates_per_epoch(self) -> int | None:
+        return self._loop.updates_per_epoch
+
+    @property
+    def max_steps(self) -> int | None:
+        return self._loop.max_steps
+
+    @property
+    def rank(self) -> int:
+        """This process's rank under torchrun (0 alone)."""
+        return self._loop.job.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self._loop.job.is_main
+
+    @property
+    def interrupted(self) -> str | None:
+        """The signal the run was interrupted by, if any."""
+        return self._loop.interrupted
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary (early stopping)."""
+        self._loop.request_stop(reason)
+
+    def request_save(self, name: str) -> None:
+        """Save a checkpoint named `name` once the current hook round is over."""
+        self._loop.request_save(name)
+
+    def request_interrupt(self, reason: str = "SIGTERM") -> None:
+        """Stop as on a signal: save a resumable `last` checkpoint, then raise
+        `TrainingInterrupted` (e.g. before a cluster's time limit)."""
+        self._loop.interrupted = reason
+
+    def set_learning_rate(self, rate: float) -> None:
+        """Train the next updates at `rate` (the first parameter group's; the others keep
+        their ratios to it, e.g. lr_multipliers)."""
+        groups = self._loop.optimizer.param_groups
+        base = groups[0]["lr"]
+        for group in groups:
+            group["lr"] = rate * (group["lr"] / base if base else 1.0)
+
+    def state_to_keep(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` (a state dict of the model) as the weights to keep: their moving
+        average with `ema_decay`."""
+        return self._loop.state_to_keep(state)
+
+
 class Loop:
     """One training run over plain objects; see the module docstring for the order of work."""
 
@@ -133,35 +240,29 @@ class Loop:
         self,
         *,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-        step_fn: StepFunction,
         train_loader: Iterable[Any],
-        device: torch.device,
-        precision: Precision,
+        update: UpdateRule,
+        length: RunLength,
+        placement: Placement,
         monitor: Monitor,
-        num_epochs: int,
-        updates_per_epoch: int | None,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-        max_steps: int | None = None,
-        eval_every_n_steps: int | None = None,
-        log_every_n_steps: int = 100,
         evaluate_fn: EvaluateFn | None = None,
         save_fn: SaveFn | None = None,
-        callbacks: Sequence[Callback] = (),
-        loggers: Sequence[Any] | LoggerHub = (),
-        tracker: MetricsTracker | None = None,
-        performance: PerformanceMonitor | None = None,
-        forward_model: nn.Module | None = None,
+        observers: Observers | None = None,
         data_generators: Sequence[torch.Generator] = (),
-        skip_non_finite: int = 0,
-        layer_norms: bool = False,
-        job: Distributed | None = None,
-        no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
-        average_gradients: bool = False,
-        weight_average: WeightAverage | None = None,
     ) -> None:
+        observe = observers or Observers()
+        device = placement.device
+        forward_model = placement.forward_model
+        optimizer, scheduler, step_fn = update.optimizer, update.scheduler, update.step_fn
+        precision = update.precision or Precision("fp32", device.type, None)
+        num_epochs, updates_per_epoch = length.num_epochs, length.updates_per_epoch
+        accumulation_steps, max_grad_norm = update.accumulation_steps, update.max_grad_norm
+        max_steps, eval_every_n_steps = length.max_steps, length.eval_every_n_steps
+        log_every_n_steps, callbacks = length.log_every_n_steps, observe.callbacks
+        loggers, tracker, performance = observe.loggers, observe.tracker, observe.performance
+        skip_non_finite, layer_norms = update.skip_non_finite, observe.layer_norms
+        job, no_sync = placement.job, placement.no_sync
+        average_gradients, weight_average = placement.average_gradients, update.weight_average
         self.model = model
         # e.g. the torch.compile'd module (never `or`: a compiled module may define __len__)
         self.forward_model = forward_model if forward_model is not None else model
@@ -208,6 +309,7 @@ class Loop:
         self._pending_metrics: dict[str, list[float | torch.Tensor]] = {}  # not read yet
         # EMA of the weights: updated after each update, evaluated, kept when training ends
         self.weight_average = weight_average
+        self.control = LoopControl(self)  # what callbacks see and may ask for
 
     # -- requests from callbacks and signals --------------------------------------------------
 
@@ -320,7 +422,7 @@ class Loop:
                 self._evaluate()
                 self.forward_model.train()
             for callback in self._step_callbacks:
-                callback.on_step_end(self)
+                callback.on_step_end(self.control)
             if self._save_requests:
                 self._act()
         if interval_steps:
@@ -629,7 +731,7 @@ class Loop:
 
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
+            getattr(callback, hook)(self.control, *args)
 
     def _act(self) -> None:
         """Carry out the saves the callbacks asked for, once every recorded step is finite."""

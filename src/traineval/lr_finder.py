@@ -21,12 +21,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from .loop import Loop
+from .callbacks.base import Callback, Control
 
 
 @dataclasses.dataclass
@@ -122,10 +119,10 @@ class RangeTest(Callback):
         """The rate of update `update` (from 0): min_lr, ..., max_lr at num_steps - 1."""
         return self.min_lr * (self.max_lr / self.min_lr) ** (update / (self.num_steps - 1))
 
-    def on_train_start(self, loop: Loop) -> None:
+    def on_train_start(self, loop: Control) -> None:
         self._set(loop, self.rate(0))
 
-    def on_log(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_log(self, loop: Control, logs: dict[str, Any]) -> None:
         loss = float(logs["train/loss"])
         self.rates.append(self.rate(len(self.losses)))
         self.losses.append(loss)
@@ -136,13 +133,12 @@ class RangeTest(Callback):
             self.stop_reason = "diverged"
             loop.request_stop(f"the loss diverged at learning rate {self.rates[-1]:.3g}")
 
-    def on_step_end(self, loop: Loop) -> None:
+    def on_step_end(self, loop: Control) -> None:
         self._set(loop, self.rate(loop.state.global_step))
 
     @staticmethod
-    def _set(loop: Loop, rate: float) -> None:
-        for group in loop.optimizer.param_groups:
-            group["lr"] = rate
+    def _set(loop: Control, rate: float) -> None:
+        loop.set_learning_rate(rate)  # lr_multipliers keep their ratios
 
     def result(self) -> LearningRateSearch:
         smoothed = centred_average(self.losses, max(2, len(self.losses) // 25))

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from . import build
-from .averaging import WeightAverage
 from .batches import OutputTransform, label_shift
 from .callbacks import (
     BestWeights,
@@ -36,9 +35,9 @@ from .distributed import (
     optimizer_state,
 )
 from .distributed import setup as setup_distributed
-from .evaluation import Evaluator
+from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import LoggerHub
-from .loop import EvaluateFn, Loop, Monitor, TrainState
+from .loop import EvaluateFn, Loop, Monitor, Observers, Placement, TrainState
 from .lr_finder import LearningRateSearch, RangeTest, search_config
 from .modes import Mode, ModePlan, resolve_mode
 from .monitor import PerformanceMonitor
@@ -152,7 +151,7 @@ class TrainingManager:
         *,
         task_type: TaskType | None = None,
         loss_function: Any = None,
-        evaluator: Evaluator | None = None,
+        evaluator: ModelEvaluator | None = None,
         callbacks: Sequence[Callback] = (),
         mode: TrainingMode | str | Mode = TrainingMode.SUPERVISED,
         resume_from: str | Path | None = None,
@@ -275,34 +274,27 @@ class TrainingManager:
 
         return Loop(
             model=model,
-            forward_model=parts.forward_model,
-            optimizer=parts.optimizer,
-            scheduler=parts.scheduler,
-            step_fn=plan.step,
             train_loader=data.batches,
-            device=self.device,
-            precision=parts.precision,
+            update=build.update_rule(c, plan, parts, model),
+            length=build.run_length(c, data, evaluating=evaluate_fn is not None),
+            placement=Placement(
+                self.device,
+                forward_model=parts.forward_model,
+                job=job,
+                no_sync=parts.no_sync,
+                average_gradients=job.enabled and not plan.wraps_model,
+            ),
             monitor=monitor,
-            num_epochs=c.num_epochs,
-            updates_per_epoch=data.updates_per_epoch,
-            accumulation_steps=c.gradient_accumulation_steps,
-            max_grad_norm=c.max_grad_norm if c.gradient_clipping and plan.clips_gradients else None,
-            max_steps=c.max_steps,
-            eval_every_n_steps=c.eval_frequency if evaluate_fn is not None else None,
-            log_every_n_steps=c.log_frequency,
             evaluate_fn=evaluate_fn,
             save_fn=save_fn,
-            callbacks=[*self._default_callbacks(), *callbacks],
-            loggers=hub,
-            tracker=self.metrics_tracker,
-            performance=self.performance_monitor,
+            observers=Observers(
+                callbacks=[*self._default_callbacks(), *callbacks],
+                loggers=hub,
+                tracker=self.metrics_tracker,
+                performance=self.performance_monitor,
+                layer_norms=c.log_layer_grad_norms,
+            ),
             data_generators=data_generators(data.batches),  # federated: none (rounds reseed)
-            skip_non_finite=c.skip_nonfinite_steps,
-            layer_norms=c.log_layer_grad_norms,
-            job=job,
-            no_sync=parts.no_sync,
-            average_gradients=job.enabled and not plan.wraps_model,
-            weight_average=WeightAverage(model, c.ema_decay, c.ema_warmup) if c.ema_decay else None,
         )
 
     def _run(

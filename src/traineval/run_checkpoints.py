@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .callbacks.base import saved_states, state_keys
 from .checkpoint import save_checkpoint_file, save_safetensors
 from .config import TrainingConfig
 from .distributed import Distributed, is_sharded, model_state, optimizer_state
@@ -102,8 +103,8 @@ def save_from_loop(
                 "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
                 "tracker": loop.tracker.state_dict(),
                 "callbacks": {
-                    f"{i}:{type(cb).__name__}": cb.state_dict()
-                    for i, cb in enumerate(loop.callbacks)
+                    key: cb.state_dict()
+                    for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)
                 },
                 "mode": mode,
                 "world_size": job.world_size,
@@ -152,9 +153,8 @@ def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
         )
     loop.monitor.load_state_dict(monitor_state)
     loop.tracker.load_state_dict(payload["tracker"])
-    saved = payload.get("callbacks", {})
-    for i, callback in enumerate(loop.callbacks):
-        key = f"{i}:{type(callback).__name__}"
+    saved = saved_states(payload.get("callbacks", {}))
+    for key, callback in zip(state_keys(loop.callbacks), loop.callbacks, strict=True):
         if key in saved:
             callback.load_state_dict(saved[key])
     per_rank = payload.get("rng_per_rank")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..distributed import is_sharded, load_model_state, model_state
-from .base import Callback
-
-if TYPE_CHECKING:
-    from ..loop import Loop
+from .base import Callback, Control
 
 
 class ModelCheckpoint(Callback):
@@ -30,15 +27,15 @@ class ModelCheckpoint(Callback):
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
 
-    def on_step_end(self, loop: Loop) -> None:
+    def on_step_end(self, loop: Control) -> None:
         if self.every_n_steps and loop.state.global_step % self.every_n_steps == 0:
             loop.request_save("last")
 
-    def on_evaluate(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_evaluate(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.save_best and logs.get("improved"):
             loop.request_save("best")
 
-    def on_epoch_end(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.save_best and logs.get("improved"):
             loop.request_save("best")
         epoch = loop.state.epoch
@@ -67,7 +64,7 @@ class BestWeights(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_state = state["best_state"]
 
-    def _snapshot(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def _snapshot(self, loop: Control, logs: dict[str, Any]) -> None:
         if logs.get("improved"):  # the same on every rank: metrics are merged over ranks
             if is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
                 self.best_state = model_state(loop.model)
@@ -80,7 +77,7 @@ class BestWeights(Callback):
     on_evaluate = _snapshot
     on_epoch_end = _snapshot
 
-    def on_train_end(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_train_end(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.best_state is not None:
             load_model_state(loop.model, self.best_state)
             logs["restored_best_weights"] = True

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import Callback
-
-if TYPE_CHECKING:
-    from ..loop import Loop
+from .base import Callback, Control
 
 
 class EarlyStopping(Callback):
@@ -22,7 +19,7 @@ class EarlyStopping(Callback):
             raise ValueError(f"early_stopping_patience={patience!r} is invalid: expected >= 1")
         self.patience = patience
 
-    def on_evaluate(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_evaluate(self, loop: Control, logs: dict[str, Any]) -> None:
         bad = loop.monitor.num_bad
         if bad >= self.patience:
             loop.request_stop(

@@ -5,12 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import Callback
-
-if TYPE_CHECKING:
-    from ..loop import Loop
+from .base import Callback, Control
 
 logger = logging.getLogger("traineval")
 
@@ -27,7 +24,7 @@ class ProgressBar(Callback):
         self.refresh_seconds = refresh_seconds
         self.bar: Any = None
 
-    def on_epoch_start(self, loop: Loop) -> None:
+    def on_epoch_start(self, loop: Control) -> None:
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -42,15 +39,15 @@ class ProgressBar(Callback):
             file=sys.stderr,
         )
 
-    def on_step_end(self, loop: Loop) -> None:
+    def on_step_end(self, loop: Control) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
-    def on_log(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_log(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['lr']:.3g}")
 
-    def on_epoch_end(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -64,10 +61,10 @@ class EpochSummary(Callback):
     def __init__(self) -> None:
         self._started = 0.0
 
-    def on_epoch_start(self, loop: Loop) -> None:
+    def on_epoch_start(self, loop: Control) -> None:
         self._started = time.perf_counter()
 
-    def on_epoch_end(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Control, logs: dict[str, Any]) -> None:
         parts = [f"train_loss {logs['train_loss']:.4f}"]
         parts += [f"{k} {v:.4f}" for k, v in logs.items() if k.startswith("val_")]
         marker = " *" if loop.state.best_epoch == loop.state.epoch else ""
@@ -81,6 +78,6 @@ class EpochSummary(Callback):
             marker,
         )
 
-    def on_train_end(self, loop: Loop, logs: dict[str, Any]) -> None:
+    def on_train_end(self, loop: Control, logs: dict[str, Any]) -> None:
         if loop.state.stop_reason:
             logger.info("%s", loop.state.stop_reason)

@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,9 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import TaskType, TrainingConfig, TrainingMode
 from ..data.splits import dataset_labels
-
-if TYPE_CHECKING:
-    from .evaluator import Evaluator
+from .model_evaluator import ModelEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +68,7 @@ class FoldResult:
 
 
 def cross_validate(
-    evaluator: Evaluator,
+    evaluator: ModelEvaluator,
     model_factory: Callable[[], nn.Module],
     dataset: Dataset[Any],
     config: TrainingConfig,
@@ -87,9 +85,8 @@ def cross_validate(
 
     See `Evaluator.cross_validate`.
     """
-    from ..manager import TrainingManager
+    from ..manager import TrainingManager  # training sits above evaluation
     from ..modes import SemiSupervised, resolve_mode
-    from .evaluator import Evaluator
 
     mode = resolve_mode(mode, config)
 
@@ -134,7 +131,7 @@ def cross_validate(
             batch_size=config.effective_eval_batch_size,
             num_workers=num_workers,
         )
-        fold_evaluator = Evaluator(evaluator.config)  # fresh state per fold
+        fold_evaluator = ModelEvaluator(evaluator.config)  # fresh state per fold
         result = TrainingManager(fold_config).train(
             model,
             train_loader,

@@ -1,0 +1,164 @@
+"""The loop driven directly: the order of the callback hooks, and what a request does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from traineval import TrainingConfig, TrainingManager
+from traineval.callbacks import Callback
+from traineval.callbacks.base import saved_states, state_keys
+from traineval.loop import (
+    Loop,
+    LoopControl,
+    Monitor,
+    Observers,
+    Placement,
+    RunLength,
+    TrainingInterrupted,
+    UpdateRule,
+)
+from traineval.modes import SupervisedStep
+
+from conftest import InterruptAt, make_classification, make_mlp
+
+CPU = torch.device("cpu")
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at=None, save_at=None):
+        self.calls, self.stop_at, self.save_at = [], stop_at, save_at
+
+    def _note(self, hook, loop):
+        assert isinstance(loop, LoopControl)  # the narrow surface, not the loop itself
+        self.calls.append((hook, loop.state.epoch, loop.state.global_step))
+
+    def on_train_start(self, loop):
+        self._note("train_start", loop)
+
+    def on_epoch_start(self, loop):
+        self._note("epoch_start", loop)
+
+    def on_step_end(self, loop):
+        self._note("step_end", loop)
+        if loop.state.global_step == self.save_at:
+            loop.request_save("mid")
+        if loop.state.global_step == self.stop_at:
+            loop.request_stop("asked")
+
+    def on_log(self, loop, logs):
+        self._note("log", loop)
+
+    def on_evaluate(self, loop, logs):
+        self._note("evaluate", loop)
+
+    def on_epoch_end(self, loop, logs):
+        self._note("epoch_end", loop)
+
+    def on_train_end(self, loop, logs):
+        self._note("train_end", loop)
+
+
+def _loop(recorder, saves):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    return Loop(
+        model=model,
+        train_loader=DataLoader(make_classification(n=24), batch_size=4),  # 6 micro-batches
+        update=UpdateRule(
+            SupervisedStep(nn.CrossEntropyLoss()),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            accumulation_steps=2,  # 3 updates an epoch
+        ),
+        length=RunLength(
+            num_epochs=2, updates_per_epoch=3, eval_every_n_steps=2, log_every_n_steps=2
+        ),
+        placement=Placement(CPU),
+        monitor=Monitor("val_loss", minimize=True),
+        evaluate_fn=lambda m: {"loss": 1.0},
+        save_fn=lambda name, loop: saves.append((name, loop.state.global_step)),
+        observers=Observers(callbacks=[recorder]),
+    )
+
+
+def test_the_hooks_run_in_the_documented_order():
+    recorder, saves = Recorder(), []
+    state = _loop(recorder, saves).run()
+    assert recorder.calls == [
+        ("train_start", 0, 0),
+        ("epoch_start", 1, 0),
+        ("step_end", 1, 1),
+        ("log", 1, 2),  # every 2 updates: log, then evaluate, then step_end
+        ("evaluate", 1, 2),
+        ("step_end", 1, 2),
+        ("step_end", 1, 3),
+        ("evaluate", 1, 3),  # the epoch's end evaluates unless it just did
+        ("epoch_end", 1, 3),
+        ("epoch_start", 2, 3),
+        ("log", 2, 4),
+        ("evaluate", 2, 4),
+        ("step_end", 2, 4),
+        ("step_end", 2, 5),
+        ("log", 2, 6),
+        ("evaluate", 2, 6),
+        ("step_end", 2, 6),
+        ("epoch_end", 2, 6),
+        ("train_end", 2, 6),
+    ]
+    assert state.global_step == 6
+    assert saves == []
+
+
+def test_requests_are_carried_out_at_the_next_step_boundary():
+    recorder, saves = Recorder(save_at=2, stop_at=4), []
+    state = _loop(recorder, saves).run()
+    assert saves == [("mid", 2)]  # after step 2's hooks, before step 3
+    assert recorder.calls[-3:] == [("step_end", 2, 4), ("epoch_end", 2, 4), ("train_end", 2, 4)]
+    assert state.stopped_early
+    assert state.stop_reason == "asked"
+
+
+def test_callback_state_is_keyed_by_name_not_position():
+    class Counter(Callback):
+        pass
+
+    class Other(Callback):
+        state_key = "mine"
+
+    callbacks = [Counter(), Other(), Counter()]
+    assert state_keys(callbacks) == ["Counter", "mine", "Counter#2"]
+    assert state_keys(callbacks[::-1]) == ["Counter", "mine", "Counter#2"]
+    # checkpoints of earlier versions keyed states by position
+    old = {"0:ProgressBar": {}, "3:Counter": {"n": 2}, "1:Counter": {"n": 1}}
+    assert saved_states(old) == {"ProgressBar": {}, "Counter": {"n": 1}, "Counter#2": {"n": 2}}
+
+
+def test_a_resumed_run_gives_each_callback_its_own_state_whatever_the_order(quiet_config, tmp_path):
+    class Tally(Callback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_step_end(self, loop):
+            self.steps += 1
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    class Quiet(Callback):
+        def state_dict(self):
+            return {"steps": -1}  # a state that must not land in Tally
+
+    config = TrainingConfig(num_epochs=2, batch_size=8, **quiet_config)
+    loader = DataLoader(make_classification(n=48), batch_size=8)  # 6 updates an epoch
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config).train(make_mlp(), loader, callbacks=[Tally(), InterruptAt(4)])
+    tally = Tally()
+    TrainingManager(config).train(
+        make_mlp(), loader, callbacks=[Quiet(), tally], resume_from="auto"
+    )
+    assert tally.steps == 12  # 4 before the interruption, 8 after
