@@ -346,6 +346,8 @@ def optimization(
     build_scheduler: Callable[
         [torch.optim.Optimizer, int | None], torch.optim.lr_scheduler.LRScheduler
     ],
+    *,
+    schedule: bool = True,
 ) -> Optimization:
     """The optimizer (the mode's, e.g. federated's server, or the configured one), the
     schedule over `total` updates, their resumed states, and torch.compile."""
@@ -355,7 +357,7 @@ def optimization(
         optimizer = build_optimizer(model)
     # A constant rate without warmup never changes: no scheduler (creating one would also
     # wrap optimizer.step in torch's step counter, work on every update).
-    scheduler = None if constant_rate(config) else build_scheduler(optimizer, total)
+    scheduler = None if constant_rate(config) or not schedule else build_scheduler(optimizer, total)
     if payload is not None:
         load_optimizer_state(model, optimizer, payload["optimizer"])
         if payload["scheduler"] is not None and scheduler is not None:

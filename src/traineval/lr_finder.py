@@ -149,33 +149,3 @@ class RangeTest(Callback):
             suggestion=suggest(self.rates, smoothed) if smoothed else None,
             stop_reason=self.stop_reason,
         )
-
-
-def search_config(config: Any, min_lr: float, num_steps: int, folder: str) -> Any:
-    """The run's `TrainingConfig` as the search trains it: a constant rate from `min_lr` (the
-    callback raises it), `num_steps` updates, every loss read, nothing kept (no checkpoints,
-    loggers, progress bar, moving average) in the throw-away `folder`."""
-    return dataclasses.replace(
-        config,
-        learning_rate=min_lr,
-        scheduler_type="constant",
-        warmup_steps=0,
-        warmup_ratio=0.0,
-        num_epochs=num_steps,  # at least one update per epoch; max_steps ends it
-        max_steps=num_steps,
-        log_frequency=1,  # the loss of every update is read: it is the point
-        early_stopping_patience=0,
-        output_dir=folder,
-        overwrite_output_dir=True,
-        save_best_model=False,
-        save_last_checkpoint=False,
-        checkpoint_save_frequency=0,
-        checkpoint_every_n_steps=0,
-        restore_best_weights=False,
-        tensorboard_logging=False,
-        wandb_logging=False,
-        mlflow_logging=False,
-        progress_bar=False,
-        ema_decay=0.0,
-        skip_nonfinite_steps=0,
-    )

@@ -37,8 +37,8 @@ from .distributed import (
 from .distributed import setup as setup_distributed
 from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import LoggerHub
-from .loop import EvaluateFn, Loop, Monitor, Observers, Placement, TrainState
-from .lr_finder import LearningRateSearch, RangeTest, search_config
+from .loop import EvaluateFn, Loop, Monitor, Observers, Placement, RunLength, TrainState
+from .lr_finder import LearningRateSearch, RangeTest
 from .modes import Mode, ModePlan, resolve_mode
 from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
@@ -186,23 +186,9 @@ class TrainingManager:
             NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
         """
         c, job = self.config, self.distributed
-        run_mode = resolve_mode(mode, c)
-        build.check_inputs(c, model, run_mode, loss_function)  # before any work
-        loss = build.choose_loss(
-            c, model, run_mode, task_type, loss_function, train_loader, self.device
+        run_mode, loss, plan, precision, data = self._plan(
+            model, train_loader, val_loader, mode, task_type, loss_function, output_transform
         )
-        plan, precision = build.plan_mode(
-            run_mode,
-            c,
-            train_loader,
-            val_loader,
-            loss,
-            job=job,
-            device=self.device,
-            output_transform=output_transform,
-            label_shift=label_shift(model),  # for traineval's token loss
-        )
-        data = build.shard_data(plan, train_loader, val_loader, c, job)
         monitor = build.choose_monitor(c, plan, data.val_loader, evaluator, task_type, run_mode)
         payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job)
         self._claim_output_dir(resuming=resume_from is not None)
@@ -236,6 +222,43 @@ class TrainingManager:
         if payload is not None:
             restore_loop(loop, payload)
         return self._run(loop, hub, monitor, checkpoints)
+
+    def _plan(
+        self,
+        model: nn.Module,
+        train_loader: Any,
+        val_loader: Any,
+        mode: TrainingMode | str | Mode,
+        task_type: TaskType | None,
+        loss_function: Any,
+        output_transform: OutputTransform | None,
+    ) -> tuple[Mode, build.LossChoice, ModePlan, Precision, build.Data]:
+        """The mode, the loss, the mode's plan, the precision and the data shards: the
+        first phases of a run, shared by `train` and `find_learning_rate`."""
+        c, job = self.config, self.distributed
+        run_mode = resolve_mode(mode, c)
+        build.check_inputs(c, model, run_mode, loss_function)  # before any work
+        loss = build.choose_loss(
+            c, model, run_mode, task_type, loss_function, train_loader, self.device
+        )
+        plan, precision = build.plan_mode(
+            run_mode,
+            c,
+            train_loader,
+            val_loader,
+            loss,
+            job=job,
+            device=self.device,
+            output_transform=output_transform,
+            label_shift=label_shift(model),  # for traineval's token loss
+        )
+        return (
+            run_mode,
+            loss,
+            plan,
+            precision,
+            build.shard_data(plan, train_loader, val_loader, c, job),
+        )
 
     def _already_finished(
         self, model: nn.Module, payload: dict[str, Any], monitor: Monitor
@@ -339,8 +362,6 @@ class TrainingManager:
 
         Returns a `LearningRateSearch` (rates, losses, `suggestion`; `.plot(path)`).
         """
-        import tempfile
-
         search = RangeTest.checked(min_lr, max_lr, num_steps, divergence, smoothing)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -348,23 +369,56 @@ class TrainingManager:
         generators = data_generators(train_loader)
         streams = capture_rng(generators)
         try:
-            with tempfile.TemporaryDirectory(prefix="traineval-lr-") as folder:
-                config = search_config(self.config, float(min_lr), num_steps, folder)
-                try:
-                    TrainingManager(config).train(
-                        model,
-                        train_loader,
-                        task_type=task_type,
-                        loss_function=loss_function,
-                        mode=mode,
-                        callbacks=[search],
-                    )
-                except NonFiniteError:
-                    search.stop_reason = "non-finite loss"
+            loop = self._search_loop(model, train_loader, search, task_type, loss_function, mode)
+            with deterministic_algorithms(self.config.deterministic):
+                loop.run()
+        except NonFiniteError:
+            search.stop_reason = "non-finite loss"
         finally:
             model.load_state_dict(weights)
             restore_rng(streams, generators)
         return search.result()
+
+    def _search_loop(
+        self,
+        model: nn.Module,
+        train_loader: Any,
+        search: RangeTest,
+        task_type: TaskType | None,
+        loss_function: Any,
+        mode: TrainingMode | str | Mode,
+    ) -> Loop:
+        """This config's training for the range test: the same mode, optimizer, precision,
+        accumulation and clipping, at the rates the search sets (no schedule), for at most
+        `search.num_steps` updates, every loss read; nothing is written or kept."""
+        c, job = self.config, self.distributed
+        _, _, plan, precision, data = self._plan(
+            model, train_loader, None, mode, task_type, loss_function, None
+        )
+        wrapped, no_sync = build.place_model(model, c, plan, job, self.device, None)
+        parts = build.optimization(
+            model, wrapped, no_sync, c, plan, precision, None, None,
+            self.setup_optimizer, self.setup_scheduler, schedule=False,
+        )  # fmt: skip
+        update = build.update_rule(c, plan, parts, model)
+        update.weight_average, update.skip_non_finite = None, 0
+        steps = search.num_steps
+        return Loop(
+            model=model,
+            train_loader=data.batches,
+            update=update,
+            length=RunLength(steps, data.updates_per_epoch, max_steps=steps, log_every_n_steps=1),
+            placement=Placement(
+                self.device,
+                forward_model=parts.forward_model,
+                job=job,
+                no_sync=parts.no_sync,
+                average_gradients=job.enabled and not plan.wraps_model,
+            ),
+            monitor=Monitor("train_loss", minimize=True),
+            observers=Observers(callbacks=[search]),
+            data_generators=data_generators(data.batches),
+        )
 
     def _result(
         self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]
