@@ -494,8 +494,8 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
 
 
 def test_a_custom_strategy_serves_a_run_and_its_resume_in_one_process(quiet_config, tmp_path):
-    """The server hooks its round bookkeeping onto a copy of the strategy: running the app
-    again (here: resuming) does not stack a second set of hooks on the user's object."""
+    """The server delegates to the strategy (its round bookkeeping wraps it): running the
+    app again (here: resuming) uses the user's object as it is."""
     from flwr.serverapp.strategy import FedAvg
 
     clients = _shuffled_clients()
@@ -511,3 +511,82 @@ def test_a_custom_strategy_serves_a_run_and_its_resume_in_one_process(quiet_conf
     flower.run_local(server, client, nodes, {"traineval-resume": "auto"})
     rounds = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]
+
+
+def test_a_custom_strategy_with_state_gets_it_back_on_resume(quiet_config, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    class Counting(FedAvg):
+        """Counts the rounds it aggregated: state the server must checkpoint."""
+
+        def __init__(self):
+            super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=3)
+            self.aggregated = []
+
+        def aggregate_train(self, server_round, replies):
+            self.aggregated.append(server_round)
+            return super().aggregate_train(server_round, replies)
+
+        def state_dict(self):
+            return {"aggregated": list(self.aggregated)}
+
+        def load_state_dict(self, state):
+            self.aggregated = list(state["aggregated"])
+
+    clients = _shuffled_clients()
+    client = flower.client_app(
+        make_mlp, lambda c: (clients[c.node_config["p"]], None), _config(quiet_config)
+    )
+    nodes = [{"p": i} for i in range(3)]
+    first = Counting()
+    config = _resumable_config(quiet_config, tmp_path / "run", num_epochs=2)
+    flower.run_local(
+        flower.server_app(make_mlp, config, strategy=first, evaluate_on_clients=False),
+        client,
+        nodes,
+    )
+    assert first.aggregated == [1, 2]
+    resumed = Counting()  # a fresh object, as in a new process
+    longer = _resumable_config(quiet_config, tmp_path / "run", num_epochs=3)
+    server = flower.server_app(
+        make_mlp, longer, strategy=resumed, evaluate_on_clients=False, resume_from="auto"
+    )
+    flower.run_local(server, client, nodes)
+    assert resumed.aggregated == [1, 2, 3]  # its saved state, then the run's third round
+
+
+def test_a_flower_checkpoint_of_an_earlier_version_resumes(quiet_config, tmp_path):
+    clients = _shuffled_clients()
+    straight = _flower_run(
+        _resumable_config(quiet_config, tmp_path / "straight", num_epochs=3),
+        clients,
+        evaluate_on_clients=False,
+    )
+    _flower_run(
+        _resumable_config(quiet_config, tmp_path / "old", num_epochs=2),
+        clients,
+        evaluate_on_clients=False,
+    )
+    path = tmp_path / "old" / "checkpoints" / "last.pt"
+    saved = torch.load(path, weights_only=True)
+    config = {k: v for k, v in saved["config"].items() if k != "mode_settings"}
+    legacy = {  # the layout earlier versions wrote
+        "format": "traineval-flower-checkpoint",
+        "version": 1,
+        "round": saved["round"],
+        "rounds": saved["rounds"],
+        "arrays": saved["model"],
+        "strategy": saved["strategy"],
+        "rng": saved["rng"],
+        "records": saved["records"],
+        "config": {**config, "federated_clients": 3, "federated_client_fraction": 0.5},
+    }
+    torch.save(legacy, path)
+    resumed = _flower_run(
+        _resumable_config(quiet_config, tmp_path / "old", num_epochs=3),
+        clients,
+        evaluate_on_clients=False,
+        resume_from="auto",
+    )
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

@@ -274,7 +274,7 @@ class ExperimentResult:
 
 
 @dataclasses.dataclass
-class _Parts:
+class RunParts:
     """What every config-driven command builds from a RunConfig."""
 
     config: RunConfig
@@ -305,7 +305,9 @@ class _Parts:
         )
 
 
-def _parts(config: RunConfig) -> _Parts:
+def run_parts(config: RunConfig) -> RunParts:
+    """The data splits (labels hidden, or cut into tasks, as the mode asks), the task and
+    a model builder of a config, with the run's seed set for the initial weights."""
     mode = config.mode
     splits = load_data(config.data)
     if config.data.labeled_fraction < 1.0:
@@ -321,7 +323,7 @@ def _parts(config: RunConfig) -> _Parts:
         splits = _as_episodes(splits, config.data, mode)
         task_type = None  # scored by adapting to each task, not by the Evaluator
     seed_everything(config.training.seed)  # initial weights come from the run's seed
-    return _Parts(config, splits, mode, task_type)
+    return RunParts(config, splits, mode, task_type)
 
 
 def _as_episodes(splits: DataSplits, data: DataConfig, mode: MetaLearning) -> DataSplits:
@@ -355,7 +357,7 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     """
     if isinstance(config.mode, Reinforcement):
         return _run_reinforcement(config, resume_from)
-    parts = _parts(config)
+    parts = run_parts(config)
     model = parts.new_model()
     manager = TrainingManager(config.training)
     evaluator = Evaluator(config.evaluation)
@@ -421,7 +423,7 @@ def find_learning_rate(
             "traineval lr-find does not run mode: reinforcement (its loss is a policy "
             "objective whose scale moves with the returns, not a curve to read a rate from)"
         )
-    parts = _parts(config)
+    parts = run_parts(config)
     manager = TrainingManager(config.training)
     train_loader = parts.loader(parts.splits.train, shuffle=True)
     assert train_loader is not None
@@ -525,7 +527,7 @@ def _intervals_record(evaluator: Evaluator) -> dict[str, Any]:
 
 
 def _evaluate_split(
-    parts: _Parts,
+    parts: RunParts,
     evaluator: Evaluator,
     model: torch.nn.Module,
     loader: DataLoader[Any],
@@ -598,7 +600,7 @@ def evaluate_run(
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"checkpoint": str(path), "metrics": metrics}, indent=2))
         return metrics, str(out)
-    parts = _parts(config)
+    parts = run_parts(config)
     dataset = getattr(parts.splits, split)
     if dataset is None:
         raise ValueError(f"the run's data has no {split} split (its fraction is 0)")
@@ -638,7 +640,7 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
             f"mode={config.mode.name!r} is invalid for cross-validation (its samples are tasks or "
             "episodes, not rows to fold): use fit"
         )
-    parts = _parts(config)
+    parts = run_parts(config)
     splits = parts.splits
     pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
     evaluator = Evaluator(config.evaluation)

@@ -27,7 +27,6 @@ For config files there is a ready-made app, `traineval.flower_app` (`traineval f
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -62,7 +61,8 @@ from .modes.federated import Federated, train_client
 from .modes.supervised import SupervisedStep
 from .optim import configured_scheduler
 from .precision import resolve_precision
-from .resume import check_compatible
+from .resume import check_compatible, check_mode
+from .run_checkpoints import CHECKPOINT_FORMAT, checkpoint_payload
 from .seeding import capture_rng, restore_rng, seed_everything
 from .tasks import AutoLoss
 from .version import __version__
@@ -79,7 +79,7 @@ __all__ = [
 
 FINAL_MODEL = "final_model.safetensors"
 CHECKPOINT = Path("checkpoints") / "last.pt"
-CHECKPOINT_FORMAT = "traineval-flower-checkpoint"
+LEGACY_FORMAT = "traineval-flower-checkpoint"  # this server's, in earlier versions
 RESUME_KEY = "traineval-resume"  # run config: "auto" or a checkpoint path
 logger = logging.getLogger(__name__)
 ModelFn = Callable[[], nn.Module]
@@ -237,10 +237,8 @@ class FlowerServer:
         # the run's seed, as TrainingManager seeds a run.
         seed_everything(config.seed)
         model = self.model_fn()
-        # a copy of the user's strategy: the hooks set below must not pile up on it when the
-        # app runs again (a resume in the same process)
         chosen = (
-            copy.copy(self.strategy)
+            self.strategy
             if self.strategy is not None
             else default_strategy(config, self.evaluate_on_clients, self.federated)
         )
@@ -251,8 +249,8 @@ class FlowerServer:
         if saved is not None and not self._restore(saved, model, chosen):
             return
         self._check_nodes(grid)
-        self._follow_rounds(chosen, done, records)
-        result = chosen.start(
+        run = RunStrategy(chosen, self.client_lrs, done, records)
+        result = run.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=self.rounds - done,
@@ -266,7 +264,7 @@ class FlowerServer:
         """Put a resumed run's weights, random stream and strategy state back; False when
         the run had already finished (its final model is saved now if it was missing)."""
         done, output = int(saved["round"]), self.output
-        model.load_state_dict(saved["arrays"])
+        model.load_state_dict(saved["model"] if "model" in saved else saved["arrays"])
         if done >= self.rounds:
             if (output / FINAL_MODEL).exists():
                 logger.warning(
@@ -289,41 +287,6 @@ class FlowerServer:
                 f"federated.clients={wanted}: the server waits for that many "
                 f"nodes before the first round, and this LocalGrid has {nodes}"
             )
-
-    def _follow_rounds(self, chosen: Strategy, done: int, records: list[dict[str, Any]]) -> None:
-        """Hook the strategy's round methods: clients get the run's round (their seeds depend
-        on it; Flower counts this start()'s rounds from 1, the run's round is `done` more)
-        and the schedule's rate; aggregated metrics go to `records`."""
-        configure_train, configure_evaluate = chosen.configure_train, chosen.configure_evaluate
-        aggregate_train, aggregate_evaluate = chosen.aggregate_train, chosen.aggregate_evaluate
-
-        def scheduled(
-            server_round: int, arrays: ArrayRecord, settings: ConfigRecord, grid: Grid
-        ) -> Iterable[Message]:
-            settings["lr"] = self.client_lrs[done + server_round - 1]
-            return configure_train(done + server_round, arrays, settings, grid)
-
-        def evaluation(
-            server_round: int, arrays: ArrayRecord, settings: ConfigRecord, grid: Grid
-        ) -> Iterable[Message]:
-            return configure_evaluate(done + server_round, arrays, settings, grid)
-
-        def trained(server_round: int, replies: Iterable[Message]) -> Any:
-            arrays, metrics = aggregate_train(done + server_round, replies)
-            _record(records, "train", done + server_round, metrics)
-            if metrics is not None:
-                records[-1]["lr"] = self.client_lrs[done + server_round - 1]
-            return arrays, metrics
-
-        def evaluated(server_round: int, replies: Iterable[Message]) -> Any:
-            metrics = aggregate_evaluate(done + server_round, replies)
-            _record(records, "validation", done + server_round, metrics)
-            return metrics
-
-        chosen.configure_train = scheduled  # type: ignore[method-assign,assignment]
-        chosen.configure_evaluate = evaluation  # type: ignore[method-assign,assignment]
-        chosen.aggregate_train = trained  # type: ignore[method-assign]
-        chosen.aggregate_evaluate = evaluated  # type: ignore[method-assign]
 
     def _end_of_round(
         self,
@@ -370,30 +333,41 @@ class FlowerServer:
             return None
         path = output / CHECKPOINT if str(resume_from) == "auto" else Path(resume_from)
         saved = load_checkpoint_file(path)
-        if saved.get("format") != CHECKPOINT_FORMAT:
+        # this server's checkpoints are the library's, with the rounds' state ("round");
+        # those of earlier versions had a format of their own
+        ours = saved.get("format") == CHECKPOINT_FORMAT and "round" in saved
+        if not ours and saved.get("format") != LEGACY_FORMAT:
             raise ValueError(
                 f"{str(path)!r} is not a traineval Flower checkpoint (it was not written by "
                 "traineval.flower's server)"
             )
         check_compatible(saved["config"], config.to_dict(), 1, 1)
+        check_mode(saved, self.federated)
         return saved
 
     def _checkpoint(
         self, done: int, arrays: ArrayRecord, strategy: Strategy, records: list[dict[str, Any]]
     ) -> None:
-        """After round `done`: everything the next round needs, and the rounds' metrics."""
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": 1,
-            "round": done,
-            "rounds": self.rounds,
-            "arrays": arrays.to_torch_state_dict(),
-            "strategy": _strategy_state(strategy),
-            "rng": capture_rng(),
-            "records": records,
-            "config": self.config.to_dict(),
-            "traineval_version": __version__,
-        }
+        """After round `done`: everything the next round needs, and the rounds' metrics, as
+        a traineval checkpoint (the global weights under "model"; one round = one step)."""
+        payload = checkpoint_payload(
+            "last",
+            config=self.config,
+            epoch=done,
+            global_step=done,
+            weights=arrays.to_torch_state_dict(),
+            optimizer={},  # the server's state is the strategy's
+            scheduler=None,
+            extra={
+                "round": done,
+                "rounds": self.rounds,
+                "strategy": _strategy_state(strategy),
+                "rng": capture_rng(),
+                "records": records,
+                "mode": self.federated.to_dict(),
+                "traineval_version": __version__,
+            },
+        )
         save_checkpoint_file(payload, self.output / CHECKPOINT)
         write_rounds(records, self.output / "metrics.jsonl")
 
@@ -514,20 +488,73 @@ def _record(records: list[dict[str, Any]], event: str, server_round: int, metric
     records.append(plain({"event": event, "step": server_round, "round": server_round, **values}))
 
 
+class RunStrategy(Strategy):
+    """A strategy (the user's, or FedAvg(M)) under a traineval run: every method delegates
+    to it, with the run's round number (a resumed run continues its count, which the
+    clients' seeds follow), the schedule's client learning rate in each round's train
+    config, and the aggregated metrics recorded for metrics.jsonl. Flower's `start` drives
+    the rounds; the wrapped strategy is not modified."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        client_lrs: Sequence[float],
+        done: int,
+        records: list[dict[str, Any]],
+    ) -> None:
+        self.inner, self.client_lrs, self.done, self.records = inner, client_lrs, done, records
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config["lr"] = self.client_lrs[self.done + server_round - 1]
+        return self.inner.configure_train(self.done + server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        arrays, metrics = self.inner.aggregate_train(self.done + server_round, replies)
+        _record(self.records, "train", self.done + server_round, metrics)
+        if metrics is not None:
+            self.records[-1]["lr"] = self.client_lrs[self.done + server_round - 1]
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(self.done + server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
+        metrics = self.inner.aggregate_evaluate(self.done + server_round, replies)
+        _record(self.records, "validation", self.done + server_round, metrics)
+        return metrics
+
+
 def _strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """FedAvgM's server momentum (the one piece of state Flower's FedAvg(M) carries across
-    rounds besides the global weights)."""
+    """The strategy's state across rounds besides the global weights: FedAvgM's server
+    momentum, and a custom strategy's own `state_dict()` when it has one."""
     momentum = getattr(strategy, "momentum_vector", None)
-    return {"momentum": None if momentum is None else [torch.from_numpy(a) for a in momentum]}
+    state: dict[str, Any] = {
+        "momentum": None if momentum is None else [torch.from_numpy(a) for a in momentum]
+    }
+    own = getattr(strategy, "state_dict", None)
+    if callable(own):
+        state["custom"] = own()
+    return state
 
 
 def _load_strategy_state(strategy: Strategy, state: dict[str, Any], custom: bool) -> None:
     if isinstance(strategy, FedAvgM) and state["momentum"] is not None:
         strategy.momentum_vector = [t.numpy() for t in state["momentum"]]
-    if custom and type(strategy) not in (FedAvg, FedAvgM):
+    load = getattr(strategy, "load_state_dict", None)
+    if "custom" in state and callable(load):
+        load(state["custom"])
+    elif custom and type(strategy) not in (FedAvg, FedAvgM):
         logger.warning(
-            "resuming with a custom Flower strategy (%s): the global weights, the node sampling "
-            "and FedAvgM momentum are restored, any other state the strategy keeps starts anew",
+            "resuming with a custom Flower strategy (%s) without state_dict / load_state_dict: "
+            "the global weights, the node sampling and FedAvgM momentum are restored, any "
+            "other state the strategy keeps starts anew",
             type(strategy).__name__,
         )
 

@@ -34,7 +34,7 @@ from torch.utils.data import Subset
 
 from .config import EvaluationMode
 from .evaluation import Evaluator
-from .experiment import RunConfig, _Parts, _parts
+from .experiment import RunConfig, RunParts, run_parts
 from .flower import FlowerClient, FlowerServer, _auto_device
 from .modes import resolve_mode
 from .modes.federated import Federated, partition
@@ -46,7 +46,7 @@ MODES = ("federated", "supervised")
 
 
 @functools.lru_cache(maxsize=4)
-def experiment(path: str) -> _Parts:
+def experiment(path: str) -> RunParts:
     """The data splits, model builder and config of a traineval config file (read once)."""
     config = RunConfig.from_yaml(path)
     if config.mode.name not in MODES:
@@ -54,7 +54,7 @@ def experiment(path: str) -> _Parts:
             f"mode={config.mode.name!r} is invalid for traineval.flower_app: its clients train "
             f"supervised; use mode: federated (or supervised) in {path}"
         )
-    return _parts(config)
+    return run_parts(config)
 
 
 def federated_settings(config: RunConfig) -> Federated:
