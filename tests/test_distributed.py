@@ -485,7 +485,7 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6)
     sharded, single = (
         [
-            {k: v for k, v in json.loads(line).items() if k.startswith("grad_norm/")}
+            {k: v for k, v in json.loads(line).items() if k.startswith("layer_grad_norm_")}
             for line in (folder / "metrics.jsonl").read_text().splitlines()
             if '"event": "train"' in line
         ]

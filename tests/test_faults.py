@@ -95,7 +95,7 @@ def test_skip_policy_skips_and_counts_non_finite_steps(tmp_path):
     assert result["global_step"] == 7  # 8 windows, one skipped
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
     assert records[-1]["skipped_steps"] == 1
-    assert all(math.isfinite(r["train/loss"]) for r in records)
+    assert all(math.isfinite(r["train_step_loss"]) for r in records)
 
 
 def test_skip_policy_stops_after_too_many_in_a_row(tmp_path):

@@ -93,17 +93,17 @@ def test_rounds_are_logged_with_client_and_server_evaluation(quiet_config, tmp_p
     for record in records:
         by_event.setdefault(record["event"], []).append(record)
     assert [r["round"] for r in by_event["train"]] == [1, 2]
-    assert all(r["train/train_loss"] > 0 for r in by_event["train"])
+    assert all(r["train_loss"] > 0 for r in by_event["train"])
     assert [r["round"] for r in by_event["validation"]] == [1, 2]
-    assert 0 <= by_event["validation"][-1]["val/accuracy"] <= 1
+    assert 0 <= by_event["validation"][-1]["val_accuracy"] <= 1
     assert [r["round"] for r in by_event["server_evaluation"]] == [0, 1, 2]
     # the server's last evaluation is of the saved final weights
-    assert by_event["server_evaluation"][-1]["server/accuracy"] == accuracy(model)["accuracy"]
+    assert by_event["server_evaluation"][-1]["server_accuracy"] == accuracy(model)["accuracy"]
     # every client evaluated the same global model on the same data: the aggregate is its loss
     x, y = val.dataset.tensors
     with torch.no_grad():
         expected = float(torch.nn.functional.cross_entropy(model(x), y))
-    assert by_event["validation"][-1]["val/loss"] == pytest.approx(expected, rel=1e-5)
+    assert by_event["validation"][-1]["val_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_client_asked_to_evaluate_without_data_says_what_to_do(quiet_config):
@@ -223,7 +223,7 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         rounds = read_jsonl(output / "metrics.jsonl")
-        server = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"]
+        server = [r["server_accuracy"] for r in rounds if r["event"] == "server_evaluation"]
         assert len(server) == 3  # before training, after rounds 1 and 2
         assert server[-1] > 0.5 > server[0]  # trained, from about 0.1 (chance)
         if example == "flower_config":
@@ -280,7 +280,7 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
     assert f"accuracy   {test['accuracy']:.4f}" in printed
     rounds = read_jsonl(output / "metrics.jsonl")
     assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]
-    server = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"]
+    server = [r["server_accuracy"] for r in rounds if r["event"] == "server_evaluation"]
     assert len(server) == 4  # val split: before training and after each round
     assert RunConfig.from_yaml(output / "config.yaml").mode.clients == 3
     from traineval import flower_app
@@ -292,14 +292,14 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
     assert cli.main(["report", str(output)]) == 0
     printed = capsys.readouterr().out
     assert "Flower run: 3 rounds" in printed
-    accuracy = [r["server/accuracy"] for r in rounds if r["event"] == "server_evaluation"][1:]
+    accuracy = [r["server_accuracy"] for r in rounds if r["event"] == "server_evaluation"][1:]
     best = max(range(3), key=lambda i: (accuracy[i], -i))
     assert f"best val_accuracy = {accuracy[best]:.4f} at round {best + 1}" in printed
     run = read_run(output)
     assert run.history["epoch"] == [1, 2, 3]
     assert (
         run.history["val_loss"]
-        == [r["server/loss"] for r in rounds if r["event"] == "server_evaluation"][1:]
+        == [r["server_loss"] for r in rounds if r["event"] == "server_evaluation"][1:]
     )
     training = RunConfig.from_yaml(output / "config.yaml").training
     assert run.history["learning_rate"] == flower.client_learning_rates(training, 3)  # cosine

@@ -29,7 +29,7 @@ def _start(output_dir: Path, workers: int) -> subprocess.Popen:
 
 def _losses(output_dir: Path) -> list[tuple[int, float]]:
     return [
-        (r["step"], r["train/loss"])
+        (r["step"], r["train_step_loss"])
         for r in read_jsonl(output_dir / "metrics.jsonl")
         if r["event"] == "train"
     ]

@@ -47,12 +47,12 @@ def test_tensorboard_event_files_hold_the_expected_tags_and_steps(tmp_path):
     config = _config(tmp_path, tensorboard_logging=True)
     TrainingManager(config).train(make_mlp(), DataLoader(data, 8), DataLoader(data, 32))
     scalars = _scalars(tmp_path / "run" / "tensorboard")
-    assert scalars["train/loss"] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert scalars["val/loss"] == [8, 16]
-    assert scalars["val/accuracy"] == [8, 16]
-    for tag in ("lr", "grad_norm", "samples_per_sec", "step_time_ms", "peak_rss_mb"):
-        assert len(scalars[tag]) == 8, tag
-    assert scalars["train/epoch_loss"] == [8, 16]
+    assert scalars["train_step_loss"] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert scalars["val_loss"] == [8, 16]
+    assert scalars["val_accuracy"] == [8, 16]
+    for tag in ("learning_rate", "grad_norm", "samples_per_sec", "step_time_ms", "peak_rss_mb"):
+        assert sorted(set(scalars[tag])) == [2, 4, 6, 8, 10, 12, 14, 16], tag
+    assert scalars["train_loss"] == [8, 16]
 
 
 def test_resumed_tensorboard_run_drops_the_interrupted_runs_later_events(tmp_path):
@@ -69,7 +69,16 @@ def test_resumed_tensorboard_run_drops_the_interrupted_runs_later_events(tmp_pat
     with pytest.raises(TrainingInterrupted):
         TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
     TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
-    assert _scalars(tmp_path / "run" / "tensorboard")["train/loss"] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert _scalars(tmp_path / "run" / "tensorboard")["train_step_loss"] == [
+        2,
+        4,
+        6,
+        8,
+        10,
+        12,
+        14,
+        16,
+    ]
 
 
 class Broken:
@@ -132,12 +141,12 @@ def test_gradient_monitoring_without_clipping_and_per_layer(tmp_path):
     TrainingManager(config).train(make_mlp(), DataLoader(make_classification(n=64), 8))
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
     first = records[0]
-    layers = {k: v for k, v in first.items() if k.startswith("grad_norm/")}
+    layers = {k: v for k, v in first.items() if k.startswith("layer_grad_norm_")}
     assert set(layers) == {
-        "grad_norm/0.weight",
-        "grad_norm/0.bias",
-        "grad_norm/2.weight",
-        "grad_norm/2.bias",
+        "layer_grad_norm_0.weight",
+        "layer_grad_norm_0.bias",
+        "layer_grad_norm_2.weight",
+        "layer_grad_norm_2.bias",
     }
     total = sum(v**2 for v in layers.values()) ** 0.5
     assert first["grad_norm"] == pytest.approx(total, rel=1e-5)
@@ -216,12 +225,12 @@ def test_wandb_offline_run_holds_config_metrics_and_best_summary(tmp_path, wandb
     TrainingManager(config).train(make_mlp(), DataLoader(data, 8), DataLoader(data, 32))
     history, summary, ids, logged_config = _wandb_run(tmp_path / "run")
     assert ids == {(tmp_path / "run" / "wandb_run_id.txt").read_text()}
-    steps = sorted({int(row["_step"]) for row in history if "train/loss" in row})
+    steps = sorted({int(row["_step"]) for row in history if "train_step_loss" in row})
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert any("val/accuracy" in row for row in history)
+    assert any("val_accuracy" in row for row in history)
     assert "grad_norm" in {key for row in history for key in row}
     assert float(logged_config["learning_rate"]) == 0.01
-    assert "best/metric" in summary
+    assert "best_metric" in summary
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
@@ -241,7 +250,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
     history, _, ids, _ = _wandb_run(tmp_path / "run")
     assert len(list((tmp_path / "run").glob("wandb/offline-run-*"))) == 2
     assert len(ids) == 1  # one W&B run across the resume
-    steps = [int(row["_step"]) for row in history if "train/loss" in row]
+    steps = [int(row["_step"]) for row in history if "train_step_loss" in row]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
 
 
@@ -257,9 +266,9 @@ def test_mlflow_run_read_back_through_its_client(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["learning_rate"] == "0.01"
     assert run.data.params["batch_size"] == "8"
-    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "train_step_loss")]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")] == [8, 16]
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [8, 16]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "metrics.jsonl", "summary.json"} <= artifacts
     assert "checkpoints" not in artifacts
@@ -286,8 +295,8 @@ def test_confusion_matrix_figure_goes_to_tensorboard_when_plots_are_on(tmp_path)
     assert main(args) == 0
     accumulator = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     accumulator.Reload()
-    assert accumulator.Tags()["images"] == ["test/confusion_matrix"]
-    assert "train/epoch_loss" in accumulator.Tags()["scalars"]
+    assert accumulator.Tags()["images"] == ["test_confusion_matrix"]
+    assert "train_loss" in accumulator.Tags()["scalars"]
 
 
 def test_wandb_runs_outside_the_training_process(tmp_path, wandb_offline):
@@ -307,7 +316,7 @@ def test_wandb_runs_outside_the_training_process(tmp_path, wandb_offline):
     assert seen
     assert not [name for name in seen if "wandb" in name.lower()]
     history, _, _, _ = _wandb_run(tmp_path / "run")
-    assert any("train/loss" in row for row in history)
+    assert any("train_step_loss" in row for row in history)
 
 
 def test_a_failing_wandb_process_is_reported_and_training_goes_on(tmp_path, monkeypatch, caplog):

@@ -62,10 +62,16 @@ def test_run_directory_records_config_metrics_and_checkpoints(quiet_config, tmp_
     records = read_jsonl(run / "metrics.jsonl")
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert {"train/loss", "lr", "samples_per_sec", "step_time_ms", "grad_norm"} <= set(train[0])
+    assert {
+        "train_step_loss",
+        "learning_rate",
+        "samples_per_sec",
+        "step_time_ms",
+        "grad_norm",
+    } <= set(train[0])
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
-    assert "val/accuracy" in evals[0]
+    assert "val_accuracy" in evals[0]
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["best.pt", "best.safetensors", "epoch-0002.pt", "epoch-0004.pt", "last.pt"]
     checkpoint = load_checkpoint_file(run / "checkpoints" / "last.pt")

@@ -150,7 +150,7 @@ def test_policy_gradient_equals_a_hand_written_loop(quiet_config, value):
         for r in read_jsonl(Path(config.output_dir) / "metrics.jsonl")
         if r.get("event") == "train"
     ]
-    assert logged[-1]["train/episode_return"] == pytest.approx(np.mean(mean_returns))
+    assert logged[-1]["train_episode_return"] == pytest.approx(np.mean(mean_returns))
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert result["global_step"] == 6

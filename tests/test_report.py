@@ -93,3 +93,36 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     ).stdout
     assert dom.count("<img") >= 2
     assert "best validation" in dom
+
+
+def test_the_metrics_of_earlier_versions_still_read(run_dir):
+    """Runs written before the one naming scheme (`val/accuracy`, `train/epoch_loss`,
+    `epoch_lr`) rebuild the same history as today's."""
+    from traineval.loggers import read_jsonl
+    from traineval.reporting.report import history_from_events, rounds_history
+
+    def old(record):
+        renamed = {}
+        for key, value in record.items():
+            if key.startswith("val_"):
+                key = "val/" + key[4:]
+            elif record.get("event") == "epoch" and key in ("train_loss", "learning_rate"):
+                key = {"train_loss": "train/epoch_loss", "learning_rate": "epoch_lr"}[key]
+            renamed[key] = value
+        return renamed
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    today = history_from_events(records)
+    assert today["val_metrics"]
+    assert today["train_loss"][0] is not None
+    assert history_from_events([old(r) for r in records]) == today
+    rounds = [
+        {"event": "train", "round": 1, "step": 1, "train_loss": 0.5, "learning_rate": 0.1},
+        {"event": "validation", "round": 1, "step": 1, "val_loss": 0.4, "val_accuracy": 0.9},
+    ]
+    earlier = [
+        {"event": "train", "round": 1, "step": 1, "train/train_loss": 0.5, "lr": 0.1},
+        {"event": "validation", "round": 1, "step": 1, "val/loss": 0.4, "val/accuracy": 0.9},
+    ]
+    assert rounds_history(earlier) == rounds_history(rounds)
+    assert rounds_history(rounds)["val_metrics"] == [{"loss": 0.4, "accuracy": 0.9}]

@@ -54,7 +54,7 @@ def config(path, **overrides):
 
 def step_losses(path):
     return [
-        (r["step"], r["train/loss"])
+        (r["step"], r["train_step_loss"])
         for r in read_jsonl(path / "metrics.jsonl")
         if r["event"] == "train"
     ]

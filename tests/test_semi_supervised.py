@@ -62,7 +62,7 @@ def test_semi_supervised_training_equals_a_hand_written_pseudo_label_loop(quiet_
     kept, rates = _reference(theirs, data, 8, 3, 0.1, threshold=0.45, weight=0.5)
     assert 0 < kept < 3 * 16  # some, not all, unlabeled samples passed the threshold
     logged = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
-    assert logged[-1]["train/pseudo_label_rate"] == pytest.approx(np.mean(rates))
+    assert logged[-1]["train_pseudo_label_rate"] == pytest.approx(np.mean(rates))
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -408,7 +408,7 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
     figure = out / "evaluation" / "confusion_matrix_test.png"
     if config.training.tensorboard_logging and figure.exists():
-        _figure_to_tensorboard(out, "test/confusion_matrix", figure, result.global_step)
+        _figure_to_tensorboard(out, "test_confusion_matrix", figure, result.global_step)
     return ExperimentResult(result, test_metrics, evaluated, str(out), record.get("test_intervals"))
 
 
@@ -554,7 +554,7 @@ def _evaluate_split(
     summary = out / "summary.json"
     step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0
     log = JsonlLogger(out / "metrics.jsonl")
-    record = {"event": "eval", "split": prefix, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+    record = {"event": "eval", "split": prefix, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
     log.log(record, step)
     log.close()
     return metrics

@@ -476,7 +476,7 @@ def write_rounds(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     os.replace(temporary, path)
 
 
-_PREFIXES = {"train": "train/", "validation": "val/", "server_evaluation": "server/"}
+_PREFIXES = {"train": "train_", "validation": "val_", "server_evaluation": "server_"}
 
 
 def _record(records: list[dict[str, Any]], event: str, server_round: int, metrics: Any) -> None:
@@ -484,7 +484,8 @@ def _record(records: list[dict[str, Any]], event: str, server_round: int, metric
     the server's evaluation (round 0: before training)."""
     if metrics is None:
         return
-    values = {f"{_PREFIXES[event]}{k}": v for k, v in dict(metrics).items()}
+    prefix = _PREFIXES[event]  # the clients' train_loss stays train_loss
+    values = {k if k.startswith(prefix) else f"{prefix}{k}": v for k, v in dict(metrics).items()}
     records.append(plain({"event": event, "step": server_round, "round": server_round, **values}))
 
 
@@ -517,7 +518,7 @@ class RunStrategy(Strategy):
         arrays, metrics = self.inner.aggregate_train(self.done + server_round, replies)
         _record(self.records, "train", self.done + server_round, metrics)
         if metrics is not None:
-            self.records[-1]["lr"] = self.client_lrs[self.done + server_round - 1]
+            self.records[-1]["learning_rate"] = self.client_lrs[self.done + server_round - 1]
         return arrays, metrics
 
     def configure_evaluate(

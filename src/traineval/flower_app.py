@@ -13,7 +13,7 @@ Every SuperNode sets the node config `partition-id` and `num-partitions` and tra
 share of the config's train split (the federated mode's `partition`: `iid`, or `dirichlet`
 with `dirichlet_alpha`, drawn with `training.seed`, so every node computes the
 same split). The server evaluates the global model on the val split after every round
-(`server/<metric>` in metrics.jsonl), then saves `final_model.safetensors`, `config.yaml`
+(`server_<metric>` in metrics.jsonl), then saves `final_model.safetensors`, `config.yaml`
 and the test split's metrics (`evaluation/metrics.json`) in `training.output_dir`.
 `traineval flower CONFIG --nodes N` runs this app with N in-process nodes.
 """

@@ -579,7 +579,9 @@ class Loop:
         if norms is None:
             return {}
         values = norms.tolist()
-        return {f"grad_norm/{name}": v for name, v in zip(self._param_names, values, strict=True)}
+        return {
+            f"layer_grad_norm_{name}": v for name, v in zip(self._param_names, values, strict=True)
+        }
 
     def _read_steps(self) -> list[StepRecord]:
         """Read the recorded steps back; stop on the first non-finite one."""
@@ -645,7 +647,7 @@ class Loop:
                 self.scheduler.step_on_metric(value)
         record = {
             "split": "val",
-            **{f"val/{name}": float(value) for name, value in metrics.items()},
+            **prefixed,
         }
         self._emit("eval", record)
         logs = {**prefixed, "improved": improved}
@@ -686,7 +688,7 @@ class Loop:
                 self.scheduler.step_on_metric(train_loss)
         state.batch_in_epoch = 0
         state.finished = self._done() or state.epoch >= self.num_epochs
-        self._emit("epoch", {"train/epoch_loss": train_loss, "epoch_lr": lr})
+        self._emit("epoch", {"train_loss": train_loss, "learning_rate": lr})
         return logs
 
     def _log_train(self, stats: dict[str, float]) -> None:
@@ -699,7 +701,7 @@ class Loop:
         stats = {**stats, "samples_per_sec": samples_per_sec}
         state.interval_loss_sum = state.interval_loss_weight = 0.0
         lr = float(self.optimizer.param_groups[0]["lr"])
-        record: dict[str, Any] = {"train/loss": loss, "lr": lr, **stats}
+        record: dict[str, Any] = {"train_step_loss": loss, "learning_rate": lr, **stats}
         if self.steps.counts_tokens and stats.get("seconds"):
             record["tokens_per_sec"] = weight / stats["seconds"]
         norms, state.interval_norms = state.interval_norms, []
@@ -715,7 +717,7 @@ class Loop:
             names = sorted(state.interval_metrics)
             sums = self.job.sum([v for name in names for v in state.interval_metrics[name]])
             for i, name in enumerate(names):
-                record[f"train/{name}"] = sums[2 * i] / max(sums[2 * i + 1], 1.0)
+                record[f"train_{name}"] = sums[2 * i] / max(sums[2 * i + 1], 1.0)
             state.interval_metrics = {}
         record.update(self._layer_norms())
         if state.skipped_steps:

@@ -123,7 +123,7 @@ class RangeTest(Callback):
         self._set(loop, self.rate(0))
 
     def on_log(self, loop: Control, logs: dict[str, Any]) -> None:
-        loss = float(logs["train/loss"])
+        loss = float(logs["train_step_loss"])
         self.rates.append(self.rate(len(self.losses)))
         self.losses.append(loss)
         self._average = self.beta * self._average + (1 - self.beta) * loss

@@ -330,7 +330,7 @@ class TrainingManager:
             with deterministic_algorithms(self.config.deterministic), stop_on_signals(loop):
                 state = loop.run()
             if state.best_metric is not None:
-                hub.log({"event": "best", "best/metric": state.best_metric}, state.global_step)
+                hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
             self.early_stopping_counter = monitor.num_bad
             result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
             summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}

@@ -45,7 +45,9 @@ class ProgressBar(Callback):
 
     def on_log(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['lr']:.3g}")
+            self.bar.set_postfix(
+                loss=f"{logs['train_step_loss']:.4f}", lr=f"{logs['learning_rate']:.3g}"
+            )
 
     def on_epoch_end(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.bar is not None:

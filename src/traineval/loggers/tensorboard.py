@@ -31,7 +31,7 @@ class TensorBoardLogger:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         for name, value in numbers(metrics).items():
             self.writer.add_scalar(name, value, global_step=step)
-        for name in ("best/metric",):
+        for name in ("best_metric",):
             if name in metrics:
                 self._best[name] = float(metrics[name])
 
@@ -43,7 +43,7 @@ class TensorBoardLogger:
     def close(self) -> None:
         if self._hparams:
             self.writer.add_hparams(
-                self._hparams, self._best or {"best/metric": float("nan")}, run_name="hparams"
+                self._hparams, self._best or {"best_metric": float("nan")}, run_name="hparams"
             )
         self.writer.flush()
         self.writer.close()

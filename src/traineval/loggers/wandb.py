@@ -83,8 +83,8 @@ class WandbLogger:
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         values = numbers(metrics)
-        if "best/metric" in values:
-            self._send({"summary": {"best/metric": values.pop("best/metric")}})
+        if "best_metric" in values:
+            self._send({"summary": {"best_metric": values.pop("best_metric")}})
         if values:
             self._send({"log": values, "step": step})
 

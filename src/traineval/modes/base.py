@@ -35,7 +35,7 @@ class StepOutput:
         outputs: the model's outputs, for metrics.
         targets: what the outputs are compared with, for metrics.
         metrics: the mode's own per-step numbers (floats, or 0-d device tensors: they are
-            read at the next log step, not now); the loop logs each as `train/<name>`,
+            read at the next log step, not now); the loop logs each as `train_<name>`,
             averaged over the micro-batches since the last log.
         terms: for losses that are sums of means over different item sets (semi-supervised:
             a mean over the labeled samples plus one over the unlabeled), a 1-d tensor of

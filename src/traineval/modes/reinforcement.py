@@ -17,7 +17,7 @@ So the loop's optimizer, schedule, clipping, checkpoints and loggers work on pol
 as on any other. Every random draw (episode seeds, sampled actions, dropout) comes from the
 global torch generator, which checkpoints capture: a resumed run collects the episodes an
 uninterrupted one would have. The training episodes' mean return and length are logged as
-`train/episode_return` and `train/episode_length`. Validation (`evaluate`) plays
+`train_episode_return` and `train_episode_length`. Validation (`evaluate`) plays
 `eval_episodes` episodes with the greedy policy and reports `return` (mean episode
 return) and `episode_length`.
 

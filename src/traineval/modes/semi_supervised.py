@@ -129,7 +129,7 @@ class SemiSupervisedStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two terms, `[labeled mean, unlabeled_weight * pseudo-label sum / unlabeled
         count]`, and the share of unlabeled samples that passed the threshold (a device
-        tensor, logged as `train/pseudo_label_rate`)."""
+        tensor, logged as `train_pseudo_label_rate`)."""
         unlabeled = targets == self.unlabeled_label
         with torch.no_grad():
             confidence, pseudo = outputs.detach().float().softmax(dim=1).max(dim=1)

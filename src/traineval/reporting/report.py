@@ -69,16 +69,31 @@ def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     val_at_step: dict[int, dict[str, float]] = {}
     for record in records:
         if record.get("event") == "eval" and record.get("split", "val") == "val":
-            metrics = {k[4:]: v for k, v in record.items() if k.startswith("val/")}
+            metrics = _with_prefix(record, "val")
             val_at_step[record["step"]] = metrics
             history["val_steps"].append(record["step"])
             history["val_metrics"].append(metrics)
         elif record.get("event") == "epoch":
             history["epoch"].append(record["epoch"])
-            history["train_loss"].append(record["train/epoch_loss"])
-            history["learning_rate"].append(record.get("epoch_lr"))
+            history["train_loss"].append(_first(record, "train_loss", "train/epoch_loss"))
+            history["learning_rate"].append(_first(record, "learning_rate", "epoch_lr"))
             history["val_loss"].append(val_at_step.get(record["step"], {}).get("loss"))
     return history
+
+
+def _with_prefix(record: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`val_accuracy` -> `accuracy` (and `val/accuracy`, the key of earlier versions)."""
+    out = {}
+    for key, value in record.items():
+        for start in (f"{prefix}_", f"{prefix}/"):
+            if key.startswith(start):
+                out[key[len(start) :]] = value
+    return out
+
+
+def _first(record: dict[str, Any], key: str, earlier: str) -> Any:
+    """`key`, or its name in the metrics.jsonl of earlier versions."""
+    return record.get(key, record.get(earlier))
 
 
 def rounds_history(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -87,17 +102,17 @@ def rounds_history(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     of the global model (the clients' evaluation when the server did not evaluate)."""
     history = empty_history()
     server = any(r.get("event") == "server_evaluation" for r in records)
-    event, prefix = ("server_evaluation", "server/") if server else ("validation", "val/")
+    event, prefix = ("server_evaluation", "server") if server else ("validation", "val")
     val = {
-        r["round"]: {k[len(prefix) :]: v for k, v in r.items() if k.startswith(prefix)}
+        r["round"]: _with_prefix(r, prefix)
         for r in records
         if r.get("event") == event and r["round"] > 0  # round 0: the initial weights
     }
     for record in records:
         if record.get("event") == "train":
             history["epoch"].append(record["round"])
-            history["train_loss"].append(record.get("train/train_loss"))
-            history["learning_rate"].append(record.get("lr"))
+            history["train_loss"].append(_first(record, "train_loss", "train/train_loss"))
+            history["learning_rate"].append(_first(record, "learning_rate", "lr"))
             history["val_loss"].append(val.get(record["round"], {}).get("loss"))
     for server_round, metrics in sorted(val.items()):
         history["val_steps"].append(server_round)
