@@ -484,7 +484,31 @@ def gpt2(out: Path, rank: int) -> None:
     torch.save(net.state_dict(), out / f"gpt2-weights-{rank}.pt")
 
 
+def protonet_run(out: Path, batch: int) -> tuple[nn.Module, Any]:
+    """A user's own Mode (tests/test_own_mode.py's ProtoNet): 8 tasks, batch `batch` per
+    process, DDP-wrapped like a built-in supervised model; validation on 5 tasks."""
+    from test_own_mode import ProtoNet
+
+    net = model()
+    # plain SGD: the last layer's bias gets no gradient but rounding noise (distances do not
+    # move with a shared shift), which Adam would blow up to full-size steps
+    sgd = {"optimizer_type": "sgd", "momentum": 0.0, "weight_decay": 0.0}
+    result = TrainingManager(config(out, batch_size=batch, **sgd)).train(
+        net,
+        DataLoader(meta_tasks(8, seed=0), batch_size=batch, shuffle=False),
+        DataLoader(meta_tasks(5, seed=1), batch_size=5),
+        mode=ProtoNet(ways=3),
+    )
+    return net, result
+
+
+def protonet(out: Path, rank: int) -> None:
+    net, result = protonet_run(out, batch=2)
+    save_run(out, "protonet", rank, net, result)
+
+
 SCENARIOS = {
+    "protonet": protonet,
     "gpt2": gpt2,
     "equivalence": equivalence,
     "uneven": uneven,

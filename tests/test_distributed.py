@@ -233,6 +233,15 @@ def test_meta_learning_ranks_average_their_tasks_meta_gradients(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_users_own_mode_trains_data_parallel_like_one_process(tmp_path):
+    """ProtoNet, a Mode of the tests' own, DDP-wrapped: two ranks of 2 tasks per update
+    equal one process of 4 (its own evaluate runs on every rank's whole val loader)."""
+    ok(torchrun("protonet", tmp_path))
+    net, result = worker.protonet_run(tmp_path / "single", batch=4)
+    assert_ranks_match_one_process(tmp_path, "protonet", net.state_dict(), result.training_history)
+
+
+@pytest.mark.slow
 def test_federated_ranks_share_the_rounds_clients_and_match_one_process(tmp_path):
     """Each rank trains its share of a round's clients (dropout on: a client's randomness
     follows its own seed); the all-reduced average equals one process training them all."""

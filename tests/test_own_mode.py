@@ -23,10 +23,13 @@ from conftest import InterruptAt, plain_sgd_config
 
 def proto_logits(model, support_x, support_y, query_x, ways):
     """Each query's negative squared distance to each class's mean support embedding."""
-    embed = lambda x: model(x.flatten(0, 1)).unflatten(0, x.shape[:2])  # noqa: E731
+    n = support_x.shape[0] * support_x.shape[1]  # one forward pass (DDP wants one)
+    embedded = model(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
+    support = embedded[:n].unflatten(0, support_x.shape[:2])
+    query = embedded[n:].unflatten(0, query_x.shape[:2])
     one_hot = F.one_hot(support_y, ways).float()  # (tasks, support, ways)
-    prototypes = one_hot.transpose(1, 2) @ embed(support_x) / one_hot.sum(1).unsqueeze(-1)
-    return -(torch.cdist(embed(query_x), prototypes) ** 2)  # (tasks, queries, ways)
+    prototypes = one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)
+    return -(torch.cdist(query, prototypes) ** 2)  # (tasks, queries, ways)
 
 
 class ProtoStep:

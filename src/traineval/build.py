@@ -420,15 +420,15 @@ def evaluation(
     output_transform: OutputTransform | None,
 ) -> EvaluateFn | None:
     """How the loop validates: the mode's own way, else the evaluator on `val_loader`."""
-    if plan.evaluate is not None:
-        return _mode_evaluation(plan.evaluate, precision)
-    if val_loader is None:
-        return None
-    scorer = evaluator or ModelEvaluator()
     # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
     # collective that ranks with uneven evaluation shares would not all reach. An FSDP
     # module's forward is itself a collective: its ranks evaluate in lockstep.
     plain = model if job.enabled else None
+    if plan.evaluate is not None:
+        return _mode_evaluation(plan.evaluate, precision, plain)
+    if val_loader is None:
+        return None
+    scorer = evaluator or ModelEvaluator()
     lockstep = is_sharded(model)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -451,10 +451,12 @@ def evaluation(
     return evaluate
 
 
-def _mode_evaluation(evaluate: Any, precision: Precision) -> EvaluateFn:
-    """A mode's own validation, under the run's precision with the model in eval mode."""
+def _mode_evaluation(evaluate: Any, precision: Precision, plain: nn.Module | None) -> EvaluateFn:
+    """A mode's own validation, under the run's precision with the model in eval mode (the
+    plain module under DDP, as for the Evaluator)."""
 
-    def run(model: nn.Module) -> dict[str, float]:
+    def run(forward_model: nn.Module) -> dict[str, float]:
+        model = plain if plain is not None else forward_model
         was_training = model.training
         model.eval()
         try:

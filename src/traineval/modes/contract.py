@@ -49,7 +49,7 @@ class Context:
 
     config: TrainingConfig
     train_data: Any  # train()'s train_loader argument, as given
-    val_loader: Any
+    val_loader: Any  # the whole validation loader (every rank's, under torchrun)
     loss_function: Any  # the user's, or the task's default
     user_loss: bool  # whether the user passed `loss_function`
     model_loss: ModelLoss | None  # the model computes its own loss from `labels`
@@ -84,7 +84,10 @@ class ModePlan:
         optimizer: `(model, default) -> optimizer`, where `default(model)` builds the
             configured one; None: the configured one.
         evaluate: `model -> metrics` (logged as val_<name>); None: the Evaluator scores
-            the val_loader. It runs under the run's precision with the model in eval mode.
+            the val_loader. It runs under the run's precision with the model in eval mode;
+            under torchrun every rank calls it with the unwrapped model, so scoring the
+            whole `ctx.val_loader` gives every rank the same metrics (to split the work,
+            shard it with `traineval.distributed.shard_eval_loader` and sum over `ctx.job`).
         monitor: the default monitor when the config keeps `monitor_metric`'s default.
         shared_seed: whether the ranks share one random stream (rounds, policy updates).
     """

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from ..batches import OutputTransform, prediction_of
 from ..checks import choice, integer, number
-from ..distributed import Distributed
+from ..distributed import Distributed, shard_eval_loader
 from .base import StepOutput, loss_with_gradient
 from .contract import Context, Mode, ModePlan, register
 
@@ -150,7 +150,9 @@ class MetaLearning(Mode):
 
     def plan(self, ctx: Context) -> ModePlan:
         step = self.step(ctx.loss_function, ctx.output_transform)
-        val, device, job = ctx.val_loader, ctx.device, ctx.job
+        device, job = ctx.device, ctx.job
+        # under torchrun each rank adapts to its share of the tasks; `evaluate` sums them
+        val = shard_eval_loader(ctx.val_loader, job) if ctx.val_loader is not None else None
 
         def adapt(model: nn.Module) -> dict[str, float]:
             return step.evaluate(model, val, device, job)
