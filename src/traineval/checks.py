@@ -68,3 +68,82 @@ def subset(field: str, values: Any, choices: Sequence[str]) -> None:
         fail(field, values, f"expected a list drawn from {', '.join(map(repr, choices))}")
     for value in values:
         choice(f"{field}[]", value, choices)
+
+
+# -- rules that stand beside a config field (`dataclasses.field(metadata={"rule": ...})`) -----
+
+
+class Rule:
+    """What a field allows: `rule(field, value)` raises `SettingError` or returns the value
+    (normalised: lists to tuples, ints to floats); `str(rule)` says it for the reference."""
+
+    def __call__(self, field: str, value: Any) -> Any:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        raise NotImplementedError
+
+
+class Int(Rule):
+    def __init__(self, minimum: int, *, optional: bool = False) -> None:
+        self.minimum, self.optional = minimum, optional
+
+    def __call__(self, field: str, value: Any) -> Any:
+        if not (self.optional and value is None):
+            integer(field, value, minimum=self.minimum)
+        return value
+
+    def __str__(self) -> str:
+        return f"integer >= {self.minimum}" + (", or null" if self.optional else "")
+
+
+class Number(Rule):
+    def __init__(self, minimum: float, *, strict: bool = False, below: float | None = None) -> None:
+        self.minimum, self.strict, self.below = minimum, strict, below
+
+    def __call__(self, field: str, value: Any) -> Any:
+        number(field, value, minimum=self.minimum, strict=self.strict, below=self.below)
+        return value
+
+    def __str__(self) -> str:
+        if self.below is not None:
+            return f"number in {'(' if self.strict else '['}{self.minimum:g}, {self.below:g})"
+        return f"number {'>' if self.strict else '>='} {self.minimum:g}"
+
+
+class Flag(Rule):
+    def __init__(self, *, optional: bool = False) -> None:
+        self.optional = optional
+
+    def __call__(self, field: str, value: Any) -> Any:
+        if not (self.optional and value is None):
+            boolean(field, value)
+        return value
+
+    def __str__(self) -> str:
+        return "true or false" + (", or null (auto)" if self.optional else "")
+
+
+class OneOf(Rule):
+    def __init__(self, choices: Sequence[str]) -> None:
+        self.choices = tuple(choices)
+
+    def __call__(self, field: str, value: Any) -> Any:
+        choice(field, value, self.choices)
+        return value
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+
+class Custom(Rule):
+    """A rule written as a function `(field, value) -> value`, described by `text`."""
+
+    def __init__(self, function: Any, text: str) -> None:
+        self.function, self.text = function, text
+
+    def __call__(self, field: str, value: Any) -> Any:
+        return self.function(field, value)
+
+    def __str__(self) -> str:
+        return self.text

@@ -22,6 +22,12 @@ import yaml
 
 from . import registry
 from .checks import (
+    Custom,
+    Flag,
+    Int,
+    Number,
+    OneOf,
+    Rule,
     SettingError,
     boolean,
     choice,
@@ -126,6 +132,115 @@ _choice = choice
 _subset = subset
 
 
+def setting(default: Any, rule: Rule) -> Any:
+    """A config field with its rule beside it; a callable default (dict) is a factory."""
+    if callable(default) and not isinstance(default, Rule):
+        return dataclasses.field(default_factory=default, metadata={"rule": rule})
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def check_fields(config: Any) -> None:
+    """Check every field by its rule, in declaration order; keep the normalised values."""
+    for f in dataclasses.fields(config):
+        rule = f.metadata.get("rule")
+        if rule is not None:
+            value = getattr(config, f.name)
+            normalised = rule(f.name, value)
+            if normalised is not value:
+                object.__setattr__(config, f.name, normalised)
+
+
+def _path(field: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        _fail(field, value, "expected a path string or null")
+    return value
+
+
+def _non_empty(field: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        _fail(field, value, "expected a non-empty project name")
+    return value
+
+
+def _monitor(field: str, value: Any) -> Any:
+    if not isinstance(value, str) or not re.fullmatch(r"(val|train)_\w+", value):
+        _fail(
+            field,
+            value,
+            "expected 'val_<metric>' or 'train_loss', e.g. 'val_loss' or 'val_accuracy'",
+        )
+    if value.startswith("train_") and value != "train_loss":
+        _fail(field, value, "the only train metric is 'train_loss'")
+    return value
+
+
+def _compile_mode(field: str, value: Any) -> Any:
+    if value in ("reduce-overhead", "max-autotune"):
+        _fail(
+            field,
+            value,
+            "modes with CUDA graphs are not supported (a graph's replay overwrites the "
+            "per-step losses the loop keeps until its next log step); use 'default' or "
+            "'max-autotune-no-cudagraphs'",
+        )
+    _choice(field, value, COMPILE_MODES)
+    return value
+
+
+def _names(what: str, example: str) -> Any:
+    def check(field: str, value: Any) -> Any:
+        if isinstance(value, str) or not all(isinstance(name, str) and name for name in value):
+            _fail(field, value, f"expected a list of {what}, e.g. [{example!r}]")
+        return tuple(value)
+
+    return check
+
+
+def _class_weights(field: str, value: Any) -> Any:
+    if value is None or value == "balanced":
+        return value
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Iterable)
+        or not value
+        or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in value
+        )
+        or not any(w > 0 for w in value)
+    ):
+        _fail(
+            field,
+            value,
+            "expected 'balanced', a list of non-negative weights (one per class), or null",
+        )
+    return tuple(float(w) for w in value)
+
+
+def _lr_multipliers(field: str, value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        _fail(field, value, "expected a mapping {prefix: factor}")
+    for prefix, factor in value.items():
+        if not isinstance(prefix, str) or not prefix:
+            _fail(field, value, "keys must be parameter-name prefixes")
+        _float(f"{field}[{prefix!r}]", factor, minimum=0.0, strict=True)
+    return {k: float(v) for k, v in value.items()}
+
+
+def _mode_settings(field: str, value: Any) -> Any:
+    """Each mode's settings, by the rules beside them (`traineval.modes`)."""
+    if not isinstance(value, Mapping):
+        _fail(field, value, "expected {mode name: {setting: value}}")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, settings in value.items():
+        mode = registry.lookup(name, field=f"{field} key")
+        if not isinstance(settings, Mapping):
+            _fail(f"{field}.{name}", settings, "expected {setting: value}")
+        full = mode.from_settings(settings).settings()
+        checked[name] = {key: full[key] for key in settings}
+    return checked
+
+
 C = TypeVar("C", bound="_ConfigBase")
 
 
@@ -226,151 +341,104 @@ class TrainingConfig(_ConfigBase):
     legacy_keys: ClassVar[tuple[str, ...]] = ()  # flat names of earlier versions, still loaded
 
     # Training parameters (the specification's, with its defaults: docs/design.md)
-    num_epochs: int = 100
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-5
-    gradient_clipping: bool = True
-    max_grad_norm: float = 1.0
+    num_epochs: int = setting(100, Int(1))
+    batch_size: int = setting(32, Int(1))
+    learning_rate: float = setting(1e-4, Number(0, strict=True))
+    weight_decay: float = setting(1e-5, Number(0))
+    gradient_clipping: bool = setting(True, Flag())
+    max_grad_norm: float = setting(1.0, Number(0, strict=True))
     # Optimization
-    optimizer_type: str = "adamw"
-    scheduler_type: str = "cosine"
-    warmup_steps: int = 1000
-    lr_scheduler_patience: int = 5
+    optimizer_type: str = setting("adamw", OneOf(OPTIMIZERS))
+    scheduler_type: str = setting("cosine", OneOf(SCHEDULERS))
+    warmup_steps: int = setting(1000, Int(0))
+    lr_scheduler_patience: int = setting(5, Int(0))
     # Advanced features
-    mixed_precision: bool = True
-    gradient_accumulation_steps: int = 1
-    early_stopping_patience: int = 10
-    checkpoint_save_frequency: int = 5
+    mixed_precision: bool = setting(True, Flag())
+    gradient_accumulation_steps: int = setting(1, Int(1))
+    early_stopping_patience: int = setting(10, Int(0))
+    checkpoint_save_frequency: int = setting(5, Int(0))
     # Monitoring
-    log_frequency: int = 100
-    eval_frequency: int = 500
-    tensorboard_logging: bool = True
-    wandb_logging: bool = False
+    log_frequency: int = setting(100, Int(1))
+    eval_frequency: int = setting(500, Int(1))
+    tensorboard_logging: bool = setting(True, Flag())
+    wandb_logging: bool = setting(False, Flag())
 
     # Used by the specification but missing from its config
-    save_best_model: bool = True
-    eval_batch_size: int | None = None
+    save_best_model: bool = setting(True, Flag())
+    eval_batch_size: int | None = setting(None, Int(1, optional=True))
     # What a real run needs
-    seed: int = 42
-    output_dir: str | None = None
-    overwrite_output_dir: bool = False
-    device: str = "auto"
-    precision: str = "auto"
-    monitor_metric: str = "val_loss"
-    monitor_mode: str = "auto"
-    early_stopping_min_delta: float = 0.0
-    restore_best_weights: bool = False
-    save_last_checkpoint: bool = True
-    compile: bool = False
-    compile_mode: str = "default"
-    max_steps: int | None = None
-    deterministic: bool = False
-    progress_bar: bool | None = None
-    checkpoint_every_n_steps: int = 0
-    skip_nonfinite_steps: int = 0
-    log_layer_grad_norms: bool = False
-    ema_decay: float = 0.0
-    ema_warmup: bool = False
+    seed: int = setting(42, Int(0))
+    output_dir: str | None = setting(None, Custom(_path, "a path, or null"))
+    overwrite_output_dir: bool = setting(False, Flag())
+    device: str = setting("auto", OneOf(DEVICES))
+    precision: str = setting("auto", OneOf(PRECISIONS))
+    monitor_metric: str = setting("val_loss", Custom(_monitor, "val_<metric> or train_loss"))
+    monitor_mode: str = setting("auto", OneOf(MONITOR_MODES))
+    early_stopping_min_delta: float = setting(0.0, Number(0))
+    restore_best_weights: bool = setting(False, Flag())
+    save_last_checkpoint: bool = setting(True, Flag())
+    compile: bool = setting(False, Flag())
+    compile_mode: str = setting(
+        "default", Custom(_compile_mode, "one of " + ", ".join(COMPILE_MODES))
+    )
+    max_steps: int | None = setting(None, Int(1, optional=True))
+    deterministic: bool = setting(False, Flag())
+    progress_bar: bool | None = setting(None, Flag(optional=True))
+    checkpoint_every_n_steps: int = setting(0, Int(0))
+    skip_nonfinite_steps: int = setting(0, Int(0))
+    log_layer_grad_norms: bool = setting(False, Flag())
+    ema_decay: float = setting(0.0, Number(0, below=1))
+    ema_warmup: bool = setting(False, Flag())
     # The warmup as a share of the run's optimizer updates (the Hugging Face Trainer's):
     # when > 0 it replaces warmup_steps
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = setting(0.0, Number(0, below=1))
     # The default classification loss: cross-entropy with label smoothing and class weights
     # ("balanced": n / (classes x count), from the training labels; or one weight per class)
-    label_smoothing: float = 0.0
-    class_weights: str | tuple[float, ...] | None = None
+    label_smoothing: float = setting(0.0, Number(0, below=1))
+    class_weights: str | tuple[float, ...] | None = setting(
+        None, Custom(_class_weights, "balanced, a list of weights >= 0 (one per class), or null")
+    )
     # Fine-tuning: parameter-name prefixes (module paths, e.g. "backbone" or "encoder.layer0")
-    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
-    frozen_parameters: tuple[str, ...] = ()
-    wandb_project: str = "traineval"
-    mlflow_logging: bool = False
-    mlflow_tracking_uri: str | None = None
+    lr_multipliers: dict[str, float] = setting(
+        dict, Custom(_lr_multipliers, "{parameter-name prefix: factor > 0}")
+    )
+    frozen_parameters: tuple[str, ...] = setting(
+        (),
+        Custom(_names("parameter-name prefixes", "backbone"), "a list of parameter-name prefixes"),
+    )
+    wandb_project: str = setting("traineval", Custom(_non_empty, "a non-empty project name"))
+    mlflow_logging: bool = setting(False, Flag())
+    mlflow_tracking_uri: str | None = setting(None, Custom(_path, "a tracking URI, or null"))
     # Settings of the training modes by name, used when that mode trains, e.g.
     # {federated: {clients: 10}} (config files: the `mode:` section; Python: also
     # train(mode=Federated(clients=10))). See traineval.modes.
-    mode_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    mode_settings: dict[str, dict[str, Any]] = setting(
+        dict, Custom(_mode_settings, "{mode name: {setting: value}}")
+    )
     # Distributed training under torchrun (ignored in a single process)
-    distributed_strategy: str = "ddp"
-    distributed_backend: str = "auto"
-    distributed_timeout_seconds: float = 600.0
-    find_unused_parameters: bool = False
-    fsdp_shard_modules: tuple[str, ...] = ()
+    distributed_strategy: str = setting("ddp", OneOf(DISTRIBUTED_STRATEGIES))
+    distributed_backend: str = setting("auto", OneOf(DISTRIBUTED_BACKENDS))
+    distributed_timeout_seconds: float = setting(600.0, Number(0, strict=True))
+    find_unused_parameters: bool = setting(False, Flag())
+    fsdp_shard_modules: tuple[str, ...] = setting(
+        (), Custom(_names("module class names", "Block"), "a list of module class names")
+    )
     # Optimizer and scheduler details
-    momentum: float = 0.9
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    min_learning_rate: float = 0.0
-    scheduler_step_size: int = 1000
-    scheduler_gamma: float = 0.1
-    lr_scheduler_factor: float = 0.5
+    momentum: float = setting(0.9, Number(0, below=1))
+    adam_beta1: float = setting(0.9, Number(0, below=1))
+    adam_beta2: float = setting(0.999, Number(0, below=1))
+    adam_epsilon: float = setting(1e-8, Number(0, strict=True))
+    min_learning_rate: float = setting(0.0, Number(0))
+    scheduler_step_size: int = setting(1000, Int(1))
+    scheduler_gamma: float = setting(0.1, Number(0, below=1))
+    lr_scheduler_factor: float = setting(0.5, Number(0, below=1))
 
     def __post_init__(self) -> None:
-        self._check_numbers()
-        self._check_choices()
-        self._check_fine_tuning()
-        self._check_mode_settings()
-        self._check_run()
+        check_fields(self)
+        self._check_relations()
 
-    def _check_numbers(self) -> None:
-        """Integers, numbers and fractions in range; switches that are booleans."""
-        for name in (
-            "num_epochs",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "log_frequency",
-            "eval_frequency",
-            "scheduler_step_size",
-        ):
-            _int(name, getattr(self, name), minimum=1)
-        for name in (
-            "warmup_steps",
-            "lr_scheduler_patience",
-            "early_stopping_patience",
-            "checkpoint_save_frequency",
-            "checkpoint_every_n_steps",
-            "skip_nonfinite_steps",
-            "seed",
-        ):
-            _int(name, getattr(self, name), minimum=0)
-        _optional_int("eval_batch_size", self.eval_batch_size, minimum=1)
-        _optional_int("max_steps", self.max_steps, minimum=1)
-        _float("learning_rate", self.learning_rate, minimum=0.0, strict=True)
-        _float("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
-        for name in ("weight_decay", "early_stopping_min_delta", "min_learning_rate"):
-            _float(name, getattr(self, name), minimum=0.0)
-        for name in (
-            "momentum",
-            "adam_beta1",
-            "adam_beta2",
-            "scheduler_gamma",
-            "lr_scheduler_factor",
-            "ema_decay",
-        ):
-            _float(name, getattr(self, name), minimum=0.0)
-            if getattr(self, name) >= 1.0:
-                _fail(name, getattr(self, name), "expected a number in [0, 1)")
-        _float("adam_epsilon", self.adam_epsilon, minimum=0.0, strict=True)
-        for name in (
-            "gradient_clipping",
-            "mixed_precision",
-            "tensorboard_logging",
-            "wandb_logging",
-            "save_best_model",
-            "overwrite_output_dir",
-            "restore_best_weights",
-            "save_last_checkpoint",
-            "compile",
-            "deterministic",
-            "log_layer_grad_norms",
-            "mlflow_logging",
-            "find_unused_parameters",
-            "ema_warmup",
-        ):
-            _bool(name, getattr(self, name))
-
-    def _check_choices(self) -> None:
-        """Names from a fixed list (with a did-you-mean), and combinations they rule out."""
+    def _check_relations(self) -> None:
+        """The rules that relate two fields (each field's own rule stands beside it)."""
         if self.ema_decay and self.distributed_strategy == "fsdp":
             _fail(
                 "ema_decay",
@@ -378,114 +446,6 @@ class TrainingConfig(_ConfigBase):
                 "a moving average of sharded weights is not supported yet: use "
                 "distributed_strategy='ddp' or ema_decay=0",
             )
-        if self.progress_bar is not None:
-            _bool("progress_bar", self.progress_bar)
-        _choice("optimizer_type", self.optimizer_type, OPTIMIZERS)
-        _choice("scheduler_type", self.scheduler_type, SCHEDULERS)
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
-        _choice("distributed_strategy", self.distributed_strategy, DISTRIBUTED_STRATEGIES)
-        _choice("distributed_backend", self.distributed_backend, DISTRIBUTED_BACKENDS)
-        if self.compile_mode in ("reduce-overhead", "max-autotune"):
-            _fail(
-                "compile_mode",
-                self.compile_mode,
-                "modes with CUDA graphs are not supported (a graph's replay overwrites the "
-                "per-step losses the loop keeps until its next log step); use 'default' or "
-                "'max-autotune-no-cudagraphs'",
-            )
-        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        if isinstance(self.fsdp_shard_modules, str) or not all(
-            isinstance(name, str) and name for name in self.fsdp_shard_modules
-        ):
-            _fail(
-                "fsdp_shard_modules",
-                self.fsdp_shard_modules,
-                "expected a list of module class names, e.g. ['Block']",
-            )
-        object.__setattr__(self, "fsdp_shard_modules", tuple(self.fsdp_shard_modules))
-
-    def _check_fine_tuning(self) -> None:
-        """Loss shaping and fine-tuning settings (lists and mappings normalised)."""
-        _float("warmup_ratio", self.warmup_ratio, minimum=0.0)
-        if self.warmup_ratio >= 1.0:
-            _fail("warmup_ratio", self.warmup_ratio, "expected a number in [0, 1)")
-        _float("label_smoothing", self.label_smoothing, minimum=0.0)
-        if self.label_smoothing >= 1.0:
-            _fail("label_smoothing", self.label_smoothing, "expected a number in [0, 1)")
-        if self.class_weights is not None and self.class_weights != "balanced":
-            weights = self.class_weights
-            if (
-                isinstance(weights, str)
-                or not isinstance(weights, Iterable)
-                or not weights
-                or not all(
-                    isinstance(w, (int, float))
-                    and not isinstance(w, bool)
-                    and math.isfinite(w)
-                    and w >= 0
-                    for w in weights
-                )
-                or not any(w > 0 for w in weights)
-            ):
-                _fail(
-                    "class_weights",
-                    weights,
-                    "expected 'balanced', a list of non-negative weights (one per class), or null",
-                )
-            object.__setattr__(self, "class_weights", tuple(float(w) for w in weights))
-        if not isinstance(self.lr_multipliers, Mapping):
-            _fail("lr_multipliers", self.lr_multipliers, "expected a mapping {prefix: factor}")
-        for prefix, factor in self.lr_multipliers.items():
-            if not isinstance(prefix, str) or not prefix:
-                _fail("lr_multipliers", self.lr_multipliers, "keys must be parameter-name prefixes")
-            _float(f"lr_multipliers[{prefix!r}]", factor, minimum=0.0, strict=True)
-        object.__setattr__(
-            self, "lr_multipliers", {k: float(v) for k, v in self.lr_multipliers.items()}
-        )
-        if isinstance(self.frozen_parameters, str) or not all(
-            isinstance(name, str) and name for name in self.frozen_parameters
-        ):
-            _fail(
-                "frozen_parameters",
-                self.frozen_parameters,
-                "expected a list of parameter-name prefixes, e.g. ['backbone']",
-            )
-        object.__setattr__(self, "frozen_parameters", tuple(self.frozen_parameters))
-
-    def _check_mode_settings(self) -> None:
-        """Each mode's settings, by the rules beside them (`traineval.modes`)."""
-        if not isinstance(self.mode_settings, Mapping):
-            _fail("mode_settings", self.mode_settings, "expected {mode name: {setting: value}}")
-        checked: dict[str, dict[str, Any]] = {}
-        for name, settings in self.mode_settings.items():
-            mode = registry.lookup(name, field="mode_settings key")
-            if not isinstance(settings, Mapping):
-                _fail(f"mode_settings.{name}", settings, "expected {setting: value}")
-            full = mode.from_settings(settings).settings()
-            checked[name] = {key: full[key] for key in settings}
-        object.__setattr__(self, "mode_settings", checked)
-
-    def _check_run(self) -> None:
-        """Run-level settings, and the rules that relate two fields."""
-        _float(
-            "distributed_timeout_seconds", self.distributed_timeout_seconds, minimum=0, strict=True
-        )
-        if not isinstance(self.wandb_project, str) or not self.wandb_project:
-            _fail("wandb_project", self.wandb_project, "expected a non-empty project name")
-        if not isinstance(self.monitor_metric, str) or not re.fullmatch(
-            r"(val|train)_\w+", self.monitor_metric
-        ):
-            _fail(
-                "monitor_metric",
-                self.monitor_metric,
-                "expected 'val_<metric>' or 'train_loss', e.g. 'val_loss' or 'val_accuracy'",
-            )
-        if self.monitor_metric.startswith("train_") and self.monitor_metric != "train_loss":
-            _fail("monitor_metric", self.monitor_metric, "the only train metric is 'train_loss'")
-        if self.output_dir is not None and not isinstance(self.output_dir, str):
-            _fail("output_dir", self.output_dir, "expected a path string or null")
         if not self.mixed_precision and self.precision in ("bf16", "fp16"):
             _fail(
                 "precision",

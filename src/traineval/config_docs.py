@@ -55,9 +55,16 @@ def reference_markdown() -> str:
 
 
 def _fields(cls: Any) -> list[str]:
-    lines = ["| field | type | default |", "|---|---|---|"]
-    for field in dataclasses.fields(cls):
-        lines.append(f"| `{field.name}` | `{_type(field.type)}` | `{_default(field)!r}` |")
+    """The fields' table; with an `allowed` column when the fields carry their rules."""
+    fields = dataclasses.fields(cls)
+    ruled = any("rule" in field.metadata for field in fields)
+    lines = ["| field | type | default |" + (" allowed |" if ruled else "")]
+    lines.append("|---|---|---|" + ("---|" if ruled else ""))
+    for field in fields:
+        row = f"| `{field.name}` | `{_type(field.type)}` | `{_default(field)!r}` |"
+        if ruled:
+            row += f" {field.metadata.get('rule', '')} |"
+        lines.append(row)
     return lines
 
 
