@@ -481,10 +481,10 @@ def _policy_parts(config: RunConfig) -> tuple[Any, torch.nn.Module]:
 def _test_episodes(
     config: RunConfig, factory: Any, model: torch.nn.Module, device: torch.device
 ) -> dict[str, float]:
-    """The greedy policy on the mode's `eval_episodes` episodes, seeded apart from validation's."""
-    assert isinstance(config.mode, Reinforcement)
-    step = config.mode.step(factory, episodes=1)
-    return step.evaluate(model.to(device), device, seed=config.training.seed + 54321)
+    """The greedy policy on the mode's `eval_episodes` fresh episodes (the mode's score)."""
+    metrics = config.mode.score(model, factory, device, seed=config.training.seed)
+    assert metrics is not None
+    return dict(metrics)
 
 
 def _run_reinforcement(config: RunConfig, resume_from: str | None) -> ExperimentResult:
@@ -536,10 +536,9 @@ def _evaluate_split(
     split: EvaluationMode = EvaluationMode.TESTING,
 ) -> dict[str, float]:
     """Evaluate on one split and append the split-tagged record to metrics.jsonl."""
-    if isinstance(parts.mode, MetaLearning):  # adapt to each task, score its queries
-        meta = parts.mode.step()
-        model.to(device)
-        metrics = meta.evaluate(model, loader, device)
+    own = parts.mode.score(model, loader, device, seed=parts.config.training.seed)
+    if own is not None:  # e.g. meta-learning: adapt to each task, score its queries
+        metrics = dict(own)
     else:
         metrics = evaluator.evaluate_model(
             model,

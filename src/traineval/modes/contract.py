@@ -151,6 +151,13 @@ class Mode:
         """The mode's plan for this run (see `ModePlan`)."""
         raise NotImplementedError(f"{type(self).__name__} must define plan(ctx)")
 
+    def score(
+        self, model: nn.Module, data: Any, device: torch.device, *, seed: int = 0
+    ) -> Mapping[str, float] | None:
+        """Test-time scoring of a trained `model` on `data` (a test loader; reinforcement:
+        the environment); None: the Evaluator scores it as the task says."""
+        return None
+
     # -- settings --------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:

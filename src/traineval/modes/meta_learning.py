@@ -160,6 +160,12 @@ class MetaLearning(Mode):
         # the functional inner loop cannot run through DDP: the loop averages the gradients
         return ModePlan(step, wraps_model=False, evaluate=adapt if val is not None else None)
 
+    def score(
+        self, model: nn.Module, data: Any, device: torch.device, *, seed: int = 0
+    ) -> dict[str, float]:
+        """Query loss and accuracy after adapting to each test task's support set."""
+        return self.step().evaluate(model.to(device), data, device)
+
 
 class MetaLearningStep:
     """Step function for batches of few-shot tasks; see the module docstring."""

@@ -142,6 +142,14 @@ class Reinforcement(Mode):
             f"{type(source).__name__}"
         )
 
+    def score(
+        self, model: nn.Module, data: Any, device: torch.device, *, seed: int = 0
+    ) -> dict[str, float]:
+        """The greedy policy on `eval_episodes` fresh episodes of `data` (an environment
+        factory or name; None: `environment`), seeded apart from validation's."""
+        step = self.step(self.environment_factory(data), episodes=1)
+        return step.evaluate(model.to(device), device, seed=seed + 54321)
+
     def plan(self, ctx: Context) -> ModePlan:
         step = self.step(self.environment_factory(ctx.train_data), job=ctx.job)
         c = ctx.config
