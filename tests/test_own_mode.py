@@ -12,7 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager
+from traineval.cli import main
 from traineval.data import Episodes
+from traineval.loggers import read_jsonl
 from traineval.loop import TrainingInterrupted
 from traineval.modes import Mode, ModePlan, StepOutput, register
 
@@ -128,6 +130,11 @@ def test_a_users_mode_keeps_the_best_checkpoint_and_resumes_exactly(quiet_config
     straight, result = run("straight")
     assert result.monitor_metric == "val_loss"
     assert (tmp_path / "straight" / "checkpoints" / "best.pt").exists()
+    events = read_jsonl(tmp_path / "straight" / "metrics.jsonl")  # the loggers' record
+    assert [e["epoch"] for e in events if e["event"] == "eval"] == [1, 2, 3, 4]
+    assert all("val_accuracy" in e for e in events if e["event"] == "eval")
+    assert main(["report", str(tmp_path / "straight")]) == 0
+    assert (tmp_path / "straight" / "report.html").exists()
     assert result["training_history"]["val_metrics"][-1]["accuracy"] > 0.6  # 3-way: chance 1/3
     with pytest.raises(TrainingInterrupted):
         run("resumed", callbacks=[InterruptAt(step=5)])  # in the middle of epoch 2
