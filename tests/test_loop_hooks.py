@@ -61,7 +61,7 @@ class Recorder(Callback):
         self._note("train_end", loop)
 
 
-def _loop(recorder, saves):
+def _loop(recorder, saves, *others):
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
     return Loop(
@@ -79,7 +79,7 @@ def _loop(recorder, saves):
         monitor=Monitor("val_loss", minimize=True),
         evaluate_fn=lambda m: {"loss": 1.0},
         save_fn=lambda name, loop: saves.append((name, loop.state.global_step)),
-        observers=Observers(callbacks=[recorder]),
+        observers=Observers(callbacks=[recorder, *others]),
     )
 
 
@@ -162,3 +162,23 @@ def test_a_resumed_run_gives_each_callback_its_own_state_whatever_the_order(quie
         make_mlp(), loader, callbacks=[Quiet(), tally], resume_from="auto"
     )
     assert tally.steps == 12  # 4 before the interruption, 8 after
+
+
+def test_callbacks_of_earlier_versions_still_reach_the_loop_with_a_warning():
+    class Old(Callback):
+        def on_train_start(self, loop):
+            self.precision = loop.precision.name  # not on the surface: the Loop's attribute
+
+        def on_step_end(self, loop):
+            if loop.state.global_step == 2:
+                loop.interrupted = "SIGTERM"  # the old way to ask for an interruption
+
+    old, saves = Old(), []
+    loop = _loop(Recorder(), saves, old)
+    with (
+        pytest.warns(FutureWarning, match=r"loop\.precision in a callback"),
+        pytest.raises(TrainingInterrupted),
+    ):
+        loop.run()
+    assert old.precision == "fp32"
+    assert saves == [("last", 2)]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -206,6 +207,20 @@ class LoopControl:
         """The signal the run was interrupted by, if any."""
         return self._loop.interrupted
 
+    @interrupted.setter
+    def interrupted(self, reason: str) -> None:
+        _surface_warning("loop.interrupted = ...", "loop.request_interrupt(reason)")
+        self.request_interrupt(reason)
+
+    def __getattr__(self, name: str) -> Any:
+        # Callbacks of earlier versions got the Loop itself: its other attributes still
+        # answer, with a warning naming the surface to use instead.
+        if name.startswith("__") or name == "_loop":
+            raise AttributeError(name)
+        value = getattr(self._loop, name)
+        _surface_warning(f"loop.{name}", "the callback surface (traineval.loop.LoopControl)")
+        return value
+
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary (early stopping)."""
         self._loop.request_stop(reason)
@@ -231,6 +246,16 @@ class LoopControl:
         """`state` (a state dict of the model) as the weights to keep: their moving
         average with `ema_decay`."""
         return self._loop.state_to_keep(state)
+
+
+def _surface_warning(used: str, instead: str) -> None:
+    warnings.warn(
+        f"{used} in a callback reaches into the loop's internals; use {instead} (callbacks "
+        "get a LoopControl since traineval 0.2: state, model, monitor, optimizer, scheduler, "
+        "scaler, requests)",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 class Loop:
