@@ -212,3 +212,51 @@ def test_meta_learning_from_the_command_line(tmp_path, capsys):
     demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
     assert main(["cv", str(demo), "-q", *args[2:], f"training.output_dir={tmp_path}"]) == 1
     assert "mode='meta_learning' is invalid for cross-validation" in capsys.readouterr().err
+
+
+class _WithBuffer(nn.Module):
+    """The same MLP with a (constant) buffer: buffers can change in place, so the step adapts
+    its tasks one at a time instead of all at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
+def test_all_tasks_at_once_equals_one_task_at_a_time(algorithm):
+    batch = next(iter(DataLoader(_episodes(), batch_size=4)))
+    step = MetaLearningStep(None, algorithm, inner_lr=0.3, inner_steps=2)
+    vectorised, one_by_one = _mlp(), _WithBuffer()
+    for model in (vectorised, one_by_one):
+        out = step(model, batch)
+        out.loss.backward()
+    assert out.weight == 4
+    for a, b in zip(vectorised.parameters(), one_by_one.net.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_regression_tasks_with_trailing_target_dims_train_and_report_their_loss(quiet_config):
+    def sine_tasks(count, seed):
+        g = torch.Generator().manual_seed(seed)
+        amplitude = torch.rand(count, 1, 1, generator=g) * 4 + 0.5
+        x = torch.rand(count, 10, 1, generator=g) * 10 - 5
+        y = amplitude * torch.sin(x)  # (tasks, samples, 1): as users write regression targets
+        return TensorDataset(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
+    config = _config(quiet_config, num_epochs=2, early_stopping_patience=0)
+    result = TrainingManager(config).train(
+        model,
+        DataLoader(sine_tasks(16, 0), batch_size=4),
+        DataLoader(sine_tasks(8, 1), batch_size=4),
+        loss_function=nn.MSELoss(),
+        mode=MetaLearning(inner_lr=0.01),
+    )
+    assert set(result["training_history"]["val_metrics"][-1]) == {"loss"}  # no accuracy
+    assert np.isfinite(result["training_history"]["train_loss"]).all()

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from ..batches import OutputTransform, prediction_of
@@ -59,6 +59,12 @@ class MAML:
         """The step's loss over its tasks; its gradient is the meta-gradient."""
         return loss
 
+    def batched_loss(
+        self, query_losses: torch.Tensor, weights: Weights, adapted: Weights
+    ) -> torch.Tensor:
+        """The step's loss from every task at once (`adapted`: a leading task dimension)."""
+        return query_losses.mean()
+
 
 class FOMAML(MAML):
     """First-order MAML: the same loss, the inner gradients treated as constants."""
@@ -89,6 +95,12 @@ class Reptile(MAML):
     ) -> torch.Tensor:
         # value: the adapted models' query loss; gradient: mean of (weights - adapted)
         return loss_with_gradient(loss, list(weights.values()), [d / tasks for d in directions])
+
+    def batched_loss(
+        self, query_losses: torch.Tensor, weights: Weights, adapted: Weights
+    ) -> torch.Tensor:
+        directions = [w.detach() - adapted[name].detach().mean(0) for name, w in weights.items()]
+        return loss_with_gradient(query_losses.detach().mean(), list(weights.values()), directions)
 
 
 META_ALGORITHMS: dict[str, type[MAML]] = {a.name: a for a in (MAML, FOMAML, Reptile)}
@@ -196,6 +208,11 @@ class MetaLearningStep:
         support_x, support_y, query_x, query_y = _tasks(batch)
         weights, buffers = _split_state(model)
         tasks = support_x.shape[0]
+        if not any(True for _ in model.buffers()):  # buffers (BatchNorm) update in place
+            batch = (support_x, support_y, query_x, query_y)
+            query_losses, adapted = self._all_tasks(model, weights, buffers, batch)
+            loss = self.algorithm.batched_loss(query_losses, weights, adapted)
+            return StepOutput(loss=loss, weight=tasks, num_samples=tasks)
         losses = []
         directions: list[Any] = []  # what the algorithm's own update direction needs
         for t in range(tasks):
@@ -206,6 +223,34 @@ class MetaLearningStep:
             losses.append(self.algorithm.task_loss(query_loss, weights, adapted, directions))
         loss = self.algorithm.meta_loss(torch.stack(losses).mean(), weights, directions, tasks)
         return StepOutput(loss=loss, weight=tasks, num_samples=tasks)
+
+    def _all_tasks(
+        self, model: nn.Module, weights: Weights, frozen: Weights, batch: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, Weights]:
+        """Every task's query loss after adaptation, and its adapted weights, in one
+        vectorised pass (`torch.func.vmap` over the task dimension; the inner gradients by
+        `torch.func.grad`, differentiable for MAML's second order)."""
+        algorithm = self.algorithm
+
+        def support_loss(fast: Weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.loss_function(self._predict(model, {**frozen, **fast}, x), y)
+
+        def task(
+            w: Weights, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
+        ) -> tuple[torch.Tensor, Weights]:
+            fast = w
+            for _ in range(self.inner_steps):
+                step = grad(support_loss)(fast, sx, sy)
+                if not algorithm.second_order:
+                    step = {name: g.detach() for name, g in step.items()}
+                fast = {name: fast[name] - self.inner_lr * step[name] for name in fast}
+                if algorithm.detach_inner:
+                    fast = {name: v.detach() for name, v in fast.items()}
+            return support_loss(fast, qx, qy), fast
+
+        batched = vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")
+        losses, adapted = batched(weights, *batch)
+        return losses, adapted
 
     def adapt(
         self,
@@ -242,12 +287,14 @@ class MetaLearningStep:
     def evaluate(
         self, model: nn.Module, loader: Any, device: torch.device, job: Distributed | None = None
     ) -> dict[str, float]:
-        """Query loss and accuracy after adapting to each task's support set (under torchrun:
-        over every rank's share of the tasks)."""
+        """Query loss, and accuracy for classification tasks (class-id targets), after
+        adapting to each task's support set (under torchrun: over every rank's share of the
+        tasks)."""
         was_training = model.training
         model.eval()
         weights, buffers = _split_state(model)
         loss_sum, correct, count = 0.0, 0, 0
+        classes = True
         try:
             for batch in loader:
                 support_x, support_y, query_x, query_y = (
@@ -262,7 +309,9 @@ class MetaLearningStep:
                         loss = self.loss_function(outputs, query_y[t])
                     n = int(query_y[t].shape[0])
                     loss_sum += float(loss) * n
-                    correct += int((outputs.argmax(dim=-1) == query_y[t]).sum())
+                    classes = classes and not query_y.is_floating_point()
+                    if classes:
+                        correct += int((outputs.argmax(dim=-1) == query_y[t]).sum())
                     count += n
         finally:
             model.train(was_training)
@@ -271,6 +320,8 @@ class MetaLearningStep:
             correct, count = int(correct_sum), int(count_sum)
         if count == 0:
             raise ValueError("the validation loader yielded no tasks")
+        if not classes:  # regression tasks: accuracy does not apply
+            return {"loss": loss_sum / count}
         return {"loss": loss_sum / count, "accuracy": correct / count}
 
 
@@ -292,9 +343,9 @@ def _tasks(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
             + (f" of {len(batch)} elements" if isinstance(batch, (list, tuple)) else "")
         )
     support_x, support_y, query_x, query_y = batch
-    if support_x.ndim < 2 or support_y.ndim != 2:
+    if support_x.ndim < 2 or support_y.ndim < 2:
         raise ValueError(
             "meta-learning batches need a leading task dimension: support_y of shape "
-            f"(tasks, samples), got {tuple(support_y.shape)}"
+            f"(tasks, samples) or (tasks, samples, ...), got {tuple(support_y.shape)}"
         )
     return support_x, support_y, query_x, query_y
