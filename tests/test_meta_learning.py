@@ -260,3 +260,35 @@ def test_regression_tasks_with_trailing_target_dims_train_and_report_their_loss(
     )
     assert set(result["training_history"]["val_metrics"][-1]) == {"loss"}  # no accuracy
     assert np.isfinite(result["training_history"]["train_loss"]).all()
+
+
+def _proto_reference(model, loader, epochs, lr):
+    """Prototypical networks written out: mean support embedding per class, negative squared
+    distances as logits, cross-entropy over the queries, plain SGD."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for sx, sy, qx, qy in loader:
+            support, query = model(sx), model(qx)  # (tasks, samples, dim): Linear broadcasts
+            one_hot = F.one_hot(sy, 3).float()
+            prototypes = one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)
+            logits = -(torch.cdist(query, prototypes) ** 2)
+            loss = F.cross_entropy(logits.flatten(0, 1), qy.flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def test_prototypical_networks_equal_the_hand_written_algorithm(quiet_config):
+    loader = DataLoader(_episodes(), batch_size=4)
+    val = DataLoader(_episodes(count=6, seed=1), batch_size=3)
+    ours, theirs = _mlp(), _mlp()
+    config = _config(quiet_config, early_stopping_patience=0)
+    result = TrainingManager(config).train(
+        ours, loader, val, mode=MetaLearning(algorithm="protonet")
+    )
+    _proto_reference(theirs, loader, 2, 0.05)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    metrics = result["training_history"]["val_metrics"][-1]
+    assert set(metrics) == {"loss", "accuracy"}
+    assert metrics["accuracy"] > 0.5  # 3-way: chance is 1/3

@@ -1,4 +1,5 @@
-"""Meta-learning mode: MAML, first-order MAML and Reptile over batches of few-shot tasks.
+"""Meta-learning mode: MAML, first-order MAML, Reptile and Prototypical Networks over batches
+of few-shot tasks.
 
 A batch is T tasks `(support_x, support_y, query_x, query_y)` with a leading task dimension
 (`traineval.data.Episodes` under a DataLoader). For each task the model's weights are
@@ -9,7 +10,13 @@ with `torch.func.functional_call`: the model itself is not modified), then:
   (second order; Finn et al., 2017);
 - `fomaml`: the same loss, with the inner gradients treated as constants (first order);
 - `reptile`: the gradient is `weights - adapted weights` (Nichol et al., 2018); the reported
-  loss is the adapted model's query loss.
+  loss is the adapted model's query loss;
+- `protonet`: no adaptation: queries are scored by their distance to each class's mean
+  support embedding (Snell et al., 2017).
+
+A model without buffers has all of a batch's tasks adapted at once (`torch.func.grad`
+inside `vmap`); one with buffers (BatchNorm's running statistics change in place), one task
+at a time, with the same result.
 
 The step's loss averages over the batch's tasks and its gradient is the meta-gradient, so
 the configured optimizer, schedule, clipping, accumulation (tasks weigh equally) and
@@ -36,6 +43,7 @@ from .contract import Context, Mode, ModePlan, register
 __all__ = ["FOMAML", "MAML", "META_ALGORITHMS", "MetaLearning", "MetaLearningStep", "Reptile"]
 
 Weights = dict[str, torch.Tensor]
+Tasks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class MAML:
@@ -45,6 +53,40 @@ class MAML:
     name: ClassVar[str] = "maml"
     second_order: ClassVar[bool] = True  # the inner gradients stay in the graph
     detach_inner: ClassVar[bool] = False  # each inner step starts from constants
+
+    def step(self, learner: MetaLearningStep, model: nn.Module, tasks: Tasks) -> StepOutput:
+        """One meta-update's loss over the batch's tasks: every task at once when the model
+        has no buffers (a BatchNorm's running statistics change in place), else one by one."""
+        weights, buffers = _split_state(model)
+        count = tasks[0].shape[0]
+        if not any(True for _ in model.buffers()):
+            query_losses, adapted = learner.all_tasks(model, weights, buffers, tasks)
+            loss = self.batched_loss(query_losses, weights, adapted)
+            return StepOutput(loss=loss, weight=count, num_samples=count)
+        support_x, support_y, query_x, query_y = tasks
+        losses = []
+        directions: list[Any] = []  # what the algorithm's own update direction needs
+        for t in range(count):
+            fast = learner.adapt(model, weights, buffers, support_x[t], support_y[t])
+            query_loss = learner.loss_function(
+                learner.predict(model, {**buffers, **fast}, query_x[t]), query_y[t]
+            )
+            losses.append(self.task_loss(query_loss, weights, fast, directions))
+        loss = self.meta_loss(torch.stack(losses).mean(), weights, directions, count)
+        return StepOutput(loss=loss, weight=count, num_samples=count)
+
+    def query_outputs(
+        self,
+        learner: MetaLearningStep,
+        model: nn.Module,
+        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """The prediction for one task's queries after adapting to its support set."""
+        support_x, support_y, query_x = task
+        weights, buffers = _split_state(model)
+        fast = learner.adapt(model, weights, buffers, support_x, support_y, create_graph=False)
+        with torch.no_grad():
+            return learner.predict(model, {**buffers, **fast}, query_x)
 
     def task_loss(
         self, query_loss: torch.Tensor, weights: Weights, adapted: Weights, directions: list[Any]
@@ -103,14 +145,66 @@ class Reptile(MAML):
         return loss_with_gradient(query_losses.detach().mean(), list(weights.values()), directions)
 
 
-META_ALGORITHMS: dict[str, type[MAML]] = {a.name: a for a in (MAML, FOMAML, Reptile)}
+class ProtoNet:
+    """Prototypical networks (Snell et al., 2017): the model embeds; each query is scored
+    by its negative squared distance to each class's mean support embedding. No inner loop
+    (`inner_lr`, `inner_steps` do not apply); support and queries go through the model in
+    one forward pass. Labels are class ids 0..ways-1 within each task (as `Episodes` makes
+    them)."""
+
+    name: ClassVar[str] = "protonet"
+
+    def step(self, learner: MetaLearningStep, model: nn.Module, tasks: Tasks) -> StepOutput:
+        support_x, support_y, query_x, query_y = tasks
+        logits = self.logits(learner, model, support_x, support_y, query_x)
+        loss = learner.loss_function(logits.flatten(0, 1), query_y.flatten())
+        count = support_x.shape[0]
+        return StepOutput(loss=loss, weight=count, num_samples=count)
+
+    def query_outputs(
+        self,
+        learner: MetaLearningStep,
+        model: nn.Module,
+        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        support_x, support_y, query_x = (t.unsqueeze(0) for t in task)
+        with torch.no_grad():
+            return self.logits(learner, model, support_x, support_y, query_x)[0]
+
+    @staticmethod
+    def logits(
+        learner: MetaLearningStep,
+        model: nn.Module,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+    ) -> torch.Tensor:
+        """(tasks, queries, classes) scores; a class index no support sample has scores
+        -inf (the class count is bounded by the support size: no host sync per step)."""
+        n = support_x.shape[0] * support_x.shape[1]
+        inputs = torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])
+        embedded = prediction_of(model(inputs), learner.output_transform).flatten(1)
+        support = embedded[:n].unflatten(0, support_x.shape[:2])
+        query = embedded[n:].unflatten(0, query_x.shape[:2])
+        one_hot = F.one_hot(support_y.long(), support_y.shape[1]).to(support.dtype)
+        counts = one_hot.sum(1)  # (tasks, classes)
+        prototypes = one_hot.transpose(1, 2) @ support / counts.clamp(min=1).unsqueeze(-1)
+        distances = torch.cdist(query.float(), prototypes.float()) ** 2
+        return -distances.masked_fill(counts.unsqueeze(1) == 0, float("inf"))
+
+
+MetaAlgorithm = MAML | ProtoNet
+META_ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
+    a.name: a for a in (MAML, FOMAML, Reptile, ProtoNet)
+}
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class MetaLearning(Mode):
-    """Batches of few-shot tasks, meta-trained with `algorithm` (maml, fomaml, reptile):
-    `inner_steps` SGD steps at `inner_lr` adapt the weights to each task's support set.
+    """Batches of few-shot tasks, meta-trained with `algorithm`: maml, fomaml, reptile
+    (`inner_steps` SGD steps at `inner_lr` adapt the weights to each task's support set) or
+    protonet (prototypical networks: class means of the support embeddings, no inner loop).
 
     `ways`, `shots`, `queries`, `train_episodes` and `eval_episodes` say how a config-file
     run cuts its dataset into tasks (`traineval.data.Episodes`); in Python you bring the
@@ -185,7 +279,7 @@ class MetaLearningStep:
     def __init__(
         self,
         loss_function: Any = None,
-        algorithm: str | MAML = "maml",
+        algorithm: str | MetaAlgorithm = "maml",
         inner_lr: float = 0.1,
         inner_steps: int = 1,
         *,
@@ -205,35 +299,18 @@ class MetaLearningStep:
         return int(_tasks(batch)[0].shape[0])
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
-        support_x, support_y, query_x, query_y = _tasks(batch)
-        weights, buffers = _split_state(model)
-        tasks = support_x.shape[0]
-        if not any(True for _ in model.buffers()):  # buffers (BatchNorm) update in place
-            batch = (support_x, support_y, query_x, query_y)
-            query_losses, adapted = self._all_tasks(model, weights, buffers, batch)
-            loss = self.algorithm.batched_loss(query_losses, weights, adapted)
-            return StepOutput(loss=loss, weight=tasks, num_samples=tasks)
-        losses = []
-        directions: list[Any] = []  # what the algorithm's own update direction needs
-        for t in range(tasks):
-            adapted = self.adapt(model, weights, buffers, support_x[t], support_y[t])
-            query_loss = self.loss_function(
-                self._predict(model, {**buffers, **adapted}, query_x[t]), query_y[t]
-            )
-            losses.append(self.algorithm.task_loss(query_loss, weights, adapted, directions))
-        loss = self.algorithm.meta_loss(torch.stack(losses).mean(), weights, directions, tasks)
-        return StepOutput(loss=loss, weight=tasks, num_samples=tasks)
+        return self.algorithm.step(self, model, _tasks(batch))
 
-    def _all_tasks(
+    def all_tasks(
         self, model: nn.Module, weights: Weights, frozen: Weights, batch: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, Weights]:
         """Every task's query loss after adaptation, and its adapted weights, in one
         vectorised pass (`torch.func.vmap` over the task dimension; the inner gradients by
         `torch.func.grad`, differentiable for MAML's second order)."""
-        algorithm = self.algorithm
+        algorithm = self._inner_loop()
 
         def support_loss(fast: Weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.loss_function(self._predict(model, {**frozen, **fast}, x), y)
+            return self.loss_function(self.predict(model, {**frozen, **fast}, x), y)
 
         def task(
             w: Weights, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
@@ -262,11 +339,12 @@ class MetaLearningStep:
         create_graph: bool | None = None,
     ) -> Weights:
         """`weights` after the inner SGD steps on one task's support set."""
-        second_order = self.algorithm.second_order if create_graph is None else create_graph
+        algorithm = self._inner_loop()
+        second_order = algorithm.second_order if create_graph is None else create_graph
         fast = dict(weights)
         for _ in range(self.inner_steps):
             with torch.enable_grad():
-                outputs = self._predict(model, {**buffers, **fast}, support_x)
+                outputs = self.predict(model, {**buffers, **fast}, support_x)
                 loss = self.loss_function(outputs, support_y)
                 grads = torch.autograd.grad(
                     loss, list(fast.values()), create_graph=second_order, allow_unused=True
@@ -275,11 +353,19 @@ class MetaLearningStep:
                 name: w if g is None else w - self.inner_lr * (g if second_order else g.detach())
                 for (name, w), g in zip(fast.items(), grads, strict=True)
             }
-            if self.algorithm.detach_inner:
+            if algorithm.detach_inner:
                 fast = {name: w.detach().requires_grad_() for name, w in fast.items()}
         return fast
 
-    def _predict(self, model: nn.Module, state: Weights, inputs: torch.Tensor) -> torch.Tensor:
+    def _inner_loop(self) -> MAML:
+        if not isinstance(self.algorithm, MAML):
+            raise TypeError(
+                f"{type(self.algorithm).__name__} adapts no weights: adapt() is for the "
+                "gradient-based algorithms (maml, fomaml, reptile)"
+            )
+        return self.algorithm
+
+    def predict(self, model: nn.Module, state: Weights, inputs: torch.Tensor) -> torch.Tensor:
         """The model's prediction with `state` in place of its weights (the loss and the
         accuracy read the prediction: see `traineval.batches`)."""
         return prediction_of(functional_call(model, state, (inputs,)), self.output_transform)
@@ -292,7 +378,6 @@ class MetaLearningStep:
         tasks)."""
         was_training = model.training
         model.eval()
-        weights, buffers = _split_state(model)
         loss_sum, correct, count = 0.0, 0, 0
         classes = True
         try:
@@ -301,11 +386,9 @@ class MetaLearningStep:
                     t.to(device, non_blocking=True) for t in _tasks(batch)
                 )
                 for t in range(support_x.shape[0]):
-                    adapted = self.adapt(
-                        model, weights, buffers, support_x[t], support_y[t], create_graph=False
-                    )
+                    task = (support_x[t], support_y[t], query_x[t])
+                    outputs = self.algorithm.query_outputs(self, model, task)
                     with torch.no_grad():
-                        outputs = self._predict(model, {**buffers, **adapted}, query_x[t])
                         loss = self.loss_function(outputs, query_y[t])
                     n = int(query_y[t].shape[0])
                     loss_sum += float(loss) * n
