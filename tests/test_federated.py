@@ -44,7 +44,7 @@ def _clients(sizes=(8, 16, 24)):
     ]
 
 
-def _fedavg(model, clients, rounds, local_epochs, lr, server_lr=1.0, server_momentum=0.0):
+def _fedavg(model, clients, rounds, local_epochs, lr, server_lr=1.0, server_momentum=0.0, mu=0.0):
     """FedAvg written out: copy, train each client with SGD, average by samples, server step.
 
     `lr` is one client learning rate, or one per round; buffers are averaged like weights.
@@ -56,10 +56,16 @@ def _fedavg(model, clients, rounds, local_epochs, lr, server_lr=1.0, server_mome
         for loader in clients:
             local = copy.deepcopy(model)
             optimizer = torch.optim.SGD(local.parameters(), lr=client_lr)
+            start = [p.detach().clone() for p in model.parameters()]  # FedProx's anchor
             for _ in range(local_epochs):
                 for x, y in loader:
                     optimizer.zero_grad()
-                    F.cross_entropy(local(x), y).backward()
+                    loss = F.cross_entropy(local(x), y)
+                    if mu:
+                        pairs = zip(local.parameters(), start, strict=True)
+                        drift = sum(((p - g) ** 2).sum() for p, g in pairs)
+                        loss = loss + mu / 2 * drift
+                    loss.backward()
                     optimizer.step()
             states.append(local.state_dict())
             sizes.append(len(loader.dataset))
@@ -94,6 +100,18 @@ def test_federated_training_equals_hand_written_fedavg(quiet_config, server_lr, 
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert result["global_step"] == 3  # one update per round
     assert len(result["training_history"]["train_loss"]) == 3
+
+
+def test_fedprox_equals_hand_written_fedprox(quiet_config):
+    clients = _clients()
+    ours, theirs, plain = make_mlp(), make_mlp(), make_mlp()
+    mode = Federated(local_epochs=3, proximal_mu=0.5)
+    TrainingManager(_config(quiet_config)).train(ours, clients, mode=mode)
+    _fedavg(theirs, clients, 3, 3, 0.1, mu=0.5)
+    _fedavg(plain, clients, 3, 3, 0.1)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours[0].weight, plain[0].weight, atol=1e-4)  # the term acts
 
 
 def test_one_client_with_one_local_epoch_is_plain_sgd_training(quiet_config):

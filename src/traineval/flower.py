@@ -132,6 +132,7 @@ class FlowerClient:
             lr=lr,
             seed=seed,
             local_epochs=self.federated.local_epochs,
+            proximal_mu=self.federated.proximal_mu,
         )
         metrics = MetricRecord({"train_loss": float(loss_sum) / samples, "num-examples": samples})
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})

@@ -60,7 +60,9 @@ class Federated(Mode):
     `train()` takes one loader (its dataset is split among `clients` by `partition`:
     "iid", or "dirichlet" with `dirichlet_alpha`) or a list of client loaders. Each round
     trains `client_fraction` of the clients for `local_epochs`; the server applies the
-    average with `server_lr` and `server_momentum`.
+    average with `server_lr` and `server_momentum` (FedAvgM when > 0). `proximal_mu` > 0
+    adds FedProx's proximal term (Li et al., 2020), `mu / 2 * ||w - w_global||^2`, to each
+    client's loss: it holds drifting clients (label-skewed data) near the global weights.
     """
 
     name: ClassVar[str] = "federated"
@@ -85,6 +87,7 @@ class Federated(Mode):
     client_fraction: float = 1.0
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         integer(self.key("clients"), self.clients, minimum=1)
@@ -100,6 +103,7 @@ class Federated(Mode):
             )
         number(self.key("server_lr"), self.server_lr, minimum=0, strict=True)
         number(self.key("server_momentum"), self.server_momentum, minimum=0.0, below=1.0)
+        number(self.key("proximal_mu"), self.proximal_mu, minimum=0.0)
 
     def clients_per_round(self, available: int) -> int:
         """How many of `available` clients train each round (at least one)."""
@@ -333,6 +337,7 @@ class FederatedStep:
             lr=client_lr,
             seed=seed,
             local_epochs=self.settings.local_epochs,
+            proximal_mu=self.settings.proximal_mu,
         )
         return worker, loss_sum, samples
 
@@ -347,8 +352,10 @@ def train_client(
     lr: float,
     seed: int,
     local_epochs: int = 1,
+    proximal_mu: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
-    """One client's local training, in place: `local_epochs` over `loader` with a
+    """One client's local training, in place: `local_epochs` over `loader` (plus FedProx's
+    proximal term to the weights it started from when `proximal_mu` > 0) with a
     fresh configured optimizer at `lr`, clipping and `precision` (fp16: its own GradScaler).
 
     Its randomness comes from `seed` alone: the loader's sampler generator (this round's
@@ -366,6 +373,7 @@ def train_client(
     device = _device(model)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu else []  # the global weights
     loss_sum = torch.zeros((), device=device)
     samples = 0
     # The loop runs the federated step inside its autocast context: leave it for the backward
@@ -379,7 +387,10 @@ def train_client(
                     batch = move_to_device(batch, device)
                 with precision.autocast():
                     out = step(model, batch)
-                (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
+                objective = (
+                    out.loss + _proximal(params, anchor, proximal_mu) if anchor else out.loss
+                )
+                (scaler.scale(objective) if scaler is not None else objective).backward()
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if c.gradient_clipping:
@@ -395,6 +406,11 @@ def train_client(
     if samples == 0:
         raise ValueError("a federated client's loader yielded no batches")
     return loss_sum, samples
+
+
+def _proximal(params: Sequence[Any], anchor: Sequence[torch.Tensor], mu: float) -> Any:
+    """FedProx's term `mu / 2 * ||w - w_global||^2`."""
+    return mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
 
 
 def _device(model: nn.Module) -> torch.device:
