@@ -50,8 +50,9 @@ def _flower_run(config, clients, val=None, model_fn=make_mlp, **server_options):
         {},
         {"federated_server_lr": 0.7, "federated_server_momentum": 0.5},
         {"scheduler_type": "cosine", "warmup_steps": 1},
+        {"mode_settings": {"federated": {"proximal_mu": 0.5}}},
     ],
-    ids=["fedavg", "fedavgm", "warmup-cosine-client-lr"],
+    ids=["fedavg", "fedavgm", "warmup-cosine-client-lr", "fedprox"],
 )
 def test_flower_fedavg_with_traineval_clients_equals_the_in_process_simulation(
     quiet_config, tmp_path, server
