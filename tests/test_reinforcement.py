@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from traineval import TrainingManager
-from traineval.envs import CartPole, Discrete
+from traineval.envs import CartPole, Discrete, make_env
 from traineval.loggers import read_jsonl
 from traineval.loop import TrainingInterrupted
 from traineval.modes import Reinforcement
@@ -304,3 +304,27 @@ def test_reinforcement_from_a_config_file(tmp_path):
     assert again["metrics"] == record["test"]
     with pytest.raises(ValueError, match=r"mode\.environment=None is invalid: mode: reinforcement"):
         RunConfig.from_dict({"mode": "reinforcement"})
+
+
+def test_environments_are_checked_up_front_and_integer_observations_one_hot(quiet_config):
+    gymnasium = pytest.importorskip("gymnasium")
+    from traineval.envs import OneHotObservations
+
+    assert make_env("CartPole") is CartPole  # the built-in one, by its own name
+    assert isinstance(make_env("CartPole-v1")().unwrapped, gymnasium.Env)  # gymnasium's
+    config = _config(quiet_config)
+    with pytest.raises(ValueError, match=r"plays discrete actions .* continuous actions"):
+        TrainingManager(config).train(ActorCritic(), "Pendulum-v1", mode=RL)
+    mode = Reinforcement(updates_per_epoch=2, episodes_per_update=2, max_episode_steps=20)
+    factory = mode.environment_factory("FrozenLake-v1")
+    env = factory()
+    assert isinstance(env, OneHotObservations)
+    observation, _ = env.reset(seed=0)
+    assert observation.shape == (16,)
+    assert observation.sum() == 1
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    result = TrainingManager(_config(quiet_config, num_epochs=1)).train(
+        policy, "FrozenLake-v1", mode=dataclasses.replace(mode, eval_episodes=2)
+    )
+    assert result["global_step"] == 2

@@ -8,13 +8,16 @@ environment from a name: "CartPole" here, anything else through `gymnasium.make`
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CartPole", "Discrete", "make_env"]
+__all__ = ["CartPole", "Discrete", "OneHotObservations", "checked", "make_env"]
+
+logger = logging.getLogger(__name__)
 
 
 class Discrete:
@@ -74,18 +77,79 @@ class CartPole:
 
 
 def make_env(name: str) -> Callable[[], Any]:
-    """A factory for the environment called `name`: "CartPole", or a gymnasium id.
+    """A factory for the environment called `name`: "CartPole" (built in), or a gymnasium
+    id ("CartPole-v1" is gymnasium's own when gymnasium is installed).
 
     Raises:
         ImportError: another name without gymnasium installed (names the package).
     """
-    if name in ("CartPole", "CartPole-v1"):
+    if name == "CartPole":
         return CartPole
     try:
         import gymnasium
     except ImportError as error:
+        if name == "CartPole-v1":
+            logger.warning(
+                "gymnasium is not installed: 'CartPole-v1' is traineval's built-in CartPole "
+                "(the same dynamics step for step); pip install gymnasium for gymnasium's"
+            )
+            return CartPole
         raise ImportError(
             f"environment {name!r} needs gymnasium (pip install gymnasium); the built-in one "
             "is 'CartPole'"
         ) from error
     return lambda: gymnasium.make(name)
+
+
+class OneHotObservations:
+    """An environment whose integer observations (a discrete observation space, e.g.
+    FrozenLake's cell index) arrive one-hot encoded, as a policy network takes them."""
+
+    def __init__(self, env: Any, n: int) -> None:
+        self.env, self.n = env, n
+        self.action_space = env.action_space
+
+    def _encode(self, observation: Any) -> np.ndarray:
+        encoded = np.zeros(self.n, dtype=np.float32)
+        encoded[int(observation)] = 1.0
+        return encoded
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        observation, info = self.env.reset(seed=seed, options=options)
+        return self._encode(observation), info
+
+    def step(self, action: int) -> Any:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return self._encode(observation), reward, terminated, truncated, info
+
+    def close(self) -> None:
+        getattr(self.env, "close", lambda: None)()
+
+
+def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
+    """`factory`, checked on one environment before any training: its actions must be
+    discrete (`action_space.n`); integer observations (a discrete observation space) are
+    one-hot encoded.
+
+    Raises:
+        ValueError: not a gymnasium-style environment, or continuous actions.
+    """
+    env = factory()
+    if not hasattr(env, "reset") or not hasattr(env, "step"):
+        raise ValueError(
+            "mode='reinforcement' needs an environment factory: a callable returning an "
+            "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
+        )
+    actions = getattr(env, "action_space", None)
+    if not isinstance(getattr(actions, "n", None), (int, np.integer)):
+        raise ValueError(
+            f"environment {name} has the action space {actions!r}: mode='reinforcement' plays "
+            "discrete actions (action_space.n, a categorical policy); continuous actions "
+            "(a Gaussian policy) are not built in yet"
+        )
+    observations = getattr(env, "observation_space", None)
+    getattr(env, "close", lambda: None)()
+    if isinstance(getattr(observations, "n", None), (int, np.integer)):
+        size = int(observations.n)  # type: ignore[union-attr]
+        return lambda: OneHotObservations(factory(), size)
+    return factory

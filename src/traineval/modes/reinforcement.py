@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from ..batches import prediction_of
 from ..checks import boolean, fail, integer, number
 from ..distributed import Distributed
-from ..envs import make_env
+from ..envs import checked, make_env
 from .base import StepOutput, Updates
 from .contract import Context, Mode, ModePlan, MonitorChoice, register
 
@@ -132,9 +132,9 @@ class Reinforcement(Mode):
         """The environment to train on: `source` (a callable or a name), else `environment`."""
         source = self.environment if source is None else source
         if isinstance(source, str):
-            return make_env(source)
+            return checked(make_env(source), repr(source))
         if callable(source):
-            return source
+            return checked(source, getattr(source, "__name__", repr(source)))
         raise ValueError(
             "mode='reinforcement' takes an environment factory where other modes take the "
             "train loader: a callable returning a gymnasium-style environment (e.g. "
