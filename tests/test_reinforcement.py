@@ -263,10 +263,10 @@ def test_a_resumed_run_collects_the_episodes_an_uninterrupted_one_does(quiet_con
 
 
 def test_resuming_inside_an_epoch_replays_the_same_episodes(quiet_config, tmp_path):
-    settings = {"num_epochs": 2, "optimizer_type": "adamw"}
+    settings = {"num_epochs": 2, "optimizer_type": "adamw", "eval_frequency": 2}
     quiet_config["output_dir"] = str(tmp_path / "straight")
     straight = ActorCritic()
-    TrainingManager(_config(quiet_config, **settings)).train(straight, Walk, mode=RL)
+    first = TrainingManager(_config(quiet_config, **settings)).train(straight, Walk, mode=RL)
     quiet_config["output_dir"] = str(tmp_path / "resumed")
     with pytest.raises(TrainingInterrupted):  # a SIGTERM during update 4 of 6 (epoch 2)
         TrainingManager(_config(quiet_config, **settings)).train(
@@ -279,6 +279,10 @@ def test_resuming_inside_an_epoch_replays_the_same_episodes(quiet_config, tmp_pa
     assert result["global_step"] == 6
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+    # validation plays fresh episodes each time, the same ones after a resume
+    validations = first["training_history"]["val_metrics"]
+    assert result["training_history"]["val_metrics"] == validations
+    assert len({m["episode_length"] for m in validations}) > 1
 
 
 def test_reinforcement_from_a_config_file(tmp_path):

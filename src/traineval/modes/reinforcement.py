@@ -19,7 +19,9 @@ global torch generator, which checkpoints capture: a resumed run collects the ep
 uninterrupted one would have. The training episodes' mean return and length are logged as
 `train_episode_return` and `train_episode_length`. Validation (`evaluate`) plays
 `eval_episodes` episodes with the greedy policy and reports `return` (mean episode
-return) and `episode_length`.
+return) and `episode_length`; each validation plays fresh episodes (seeds drawn from the
+checkpointed generator), so the best checkpoint is not the luckiest fit to one fixed set,
+and the final test (`Reinforcement.score`) plays yet other ones.
 
 Under torchrun each rank plays its own `episodes_per_update` episodes (seeds and actions
 from a generator derived from the shared global stream and the rank) and the loop averages
@@ -162,7 +164,7 @@ class Reinforcement(Mode):
             step,
             loader=Updates(self.updates_per_epoch),
             wraps_model=False,
-            evaluate=lambda model: step.evaluate(model, device),
+            evaluate=lambda model: step.evaluate(model, device, seed=_fresh_seed()),
             monitor=MonitorChoice(name, minimize),
             shared_seed=True,
         )
@@ -349,9 +351,9 @@ class PolicyGradientStep:
     ) -> dict[str, float]:
         """Mean return and episode length of the greedy policy over `eval_episodes` episodes.
 
-        Its episode seeds come from a generator of its own, seeded with `seed` (the same each
-        validation; a final test passes another), so evaluating does not change what
-        training draws and scores are comparable.
+        Its episode seeds come from a generator of its own, seeded with `seed` (training's
+        validation passes a fresh one each time; a final test another), so evaluating does
+        not change what training draws.
         """
         if not self._eval_envs:
             self._eval_envs = [self.env_factory() for _ in range(self.eval_episodes)]
@@ -366,6 +368,14 @@ class PolicyGradientStep:
         returns = [sum(e["rewards"]) for e in episodes]
         lengths = [len(e["rewards"]) for e in episodes]
         return {"return": float(np.mean(returns)), "episode_length": float(np.mean(lengths))}
+
+
+def _fresh_seed() -> int:
+    """Episode seeds for one validation: fresh each time (the best checkpoint is picked on
+    episodes it has not been picked on before), drawn from the global generator, whose state
+    checkpoints capture and which the loop puts back after evaluating: a resumed run
+    validates on the episodes an uninterrupted one would."""
+    return int(torch.randint(2**31 - 1, ()).item())
 
 
 def _policy(model: nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
