@@ -319,7 +319,19 @@ def test_environments_are_checked_up_front_and_integer_observations_one_hot(quie
     config = _config(quiet_config)
     with pytest.raises(ValueError, match=r"plays discrete actions .* continuous actions"):
         TrainingManager(config).train(ActorCritic(), "Pendulum-v1", mode=RL)
+
+    class Bare:  # gymnasium's reset / step and nothing else: the policy's logits decide
+        def __init__(self):
+            self.env = CartPole()
+
+        def reset(self, seed=None):
+            return self.env.reset(seed=seed)
+
+        def step(self, action):
+            return self.env.step(action)
+
     mode = Reinforcement(updates_per_epoch=2, episodes_per_update=2, max_episode_steps=20)
+    assert mode.environment_factory(Bare) is Bare  # no action space: accepted as before
     factory = mode.environment_factory("FrozenLake-v1")
     env = factory()
     assert isinstance(env, OneHotObservations)

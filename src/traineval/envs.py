@@ -127,9 +127,9 @@ class OneHotObservations:
 
 
 def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
-    """`factory`, checked on one environment before any training: its actions must be
-    discrete (`action_space.n`); integer observations (a discrete observation space) are
-    one-hot encoded.
+    """`factory`, checked on one environment before any training: an action space it has
+    must be discrete (`action_space.n`); integer observations (a discrete observation
+    space) are one-hot encoded.
 
     Raises:
         ValueError: not a gymnasium-style environment, or continuous actions.
@@ -140,8 +140,8 @@ def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
             "mode='reinforcement' needs an environment factory: a callable returning an "
             "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
         )
-    actions = getattr(env, "action_space", None)
-    if not isinstance(getattr(actions, "n", None), (int, np.integer)):
+    actions = getattr(env, "action_space", None)  # without one: the policy's logits decide
+    if actions is not None and not isinstance(getattr(actions, "n", None), (int, np.integer)):
         raise ValueError(
             f"environment {name} has the action space {actions!r}: mode='reinforcement' plays "
             "discrete actions (action_space.n, a categorical policy); continuous actions "
