@@ -244,6 +244,29 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
             log.close()
 
 
+def test_flower_equals_the_simulation_with_shuffling_clients_and_dropout(quiet_config, tmp_path):
+    """Clients seed their shuffle and dropout from the run seed, the round and the client
+    (Flower: its partition-id) in both: with every client in every round, the same weights."""
+    x, y = make_classification(n=48).tensors
+    shuffled = [
+        DataLoader(TensorDataset(x[i::3], y[i::3]), batch_size=4, shuffle=True) for i in range(3)
+    ]
+
+    def model_fn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    settings = {"federated_clients": 3, "federated_local_epochs": 2, "num_epochs": 3}
+    simulated = model_fn()
+    TrainingManager(_config(quiet_config, **settings)).train(
+        simulated, shuffled, mode=TrainingMode.FEDERATED
+    )
+    flower_config = _config({**quiet_config, "output_dir": str(tmp_path / "fl")}, **settings)
+    federated = _flower_run(flower_config, shuffled, model_fn=model_fn, evaluate_on_clients=False)
+    for a, b in zip(federated.parameters(), simulated.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_clients_shuffle_depends_on_seed_round_and_node_not_on_visit_order(quiet_config):
     """Flower visits the sampled nodes in random order (Python's `random`); clients whose
     loaders shuffle from the global generator must still train the same way."""

@@ -57,7 +57,7 @@ from .evaluation import Evaluator
 from .loggers.jsonl import plain
 from .modes import resolve_mode
 from .modes.base import batch_size_of, split_batch
-from .modes.federated import Federated, train_client
+from .modes.federated import Federated, client_seed, train_client
 from .modes.supervised import SupervisedStep
 from .optim import configured_scheduler
 from .precision import resolve_precision
@@ -120,9 +120,11 @@ class FlowerClient:
         train_loader, _ = self.data_fn(context)
         settings: Mapping[str, Any] = message.content.config_records.get("config", {})
         lr = float(settings.get("lr", config.learning_rate))
-        seed = _round_seed(config.seed, int(settings.get("server-round", 0)), context.node_id)
+        identity = int(context.node_config.get("partition-id", context.node_id))
+        seed = client_seed(config.seed, int(settings.get("server-round", 0)), identity)
         # The client's randomness (shuffle, dropout) follows the run seed, the round and the
-        # node only: not which clients this process trained before, in what order.
+        # client (its partition-id, else the node) only: not which clients this process
+        # trained before, in what order; the simulation seeds its clients the same way.
         loss_sum, samples = train_client(
             model,
             train_loader,
@@ -667,11 +669,6 @@ def _resume_setting(context: Context) -> str | None:
         f'run config {RESUME_KEY}={value!r} is invalid: expected "auto", a checkpoint path, '
         "true or false"
     )
-
-
-def _round_seed(seed: int, server_round: int, node_id: int) -> int:
-    """A client's shuffle seed for a round: fixed by the run seed, the round and the node."""
-    return (seed * 1_000_003 + server_round * 10_007 + node_id) % 2**62
 
 
 def _claim(output: Path, overwrite: bool) -> None:

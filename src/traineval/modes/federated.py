@@ -158,12 +158,19 @@ class ServerOptimizer(torch.optim.Optimizer):
     def __init__(
         self, params: Any, client_lr: float, server_lr: float = 1.0, momentum: float = 0.0
     ) -> None:
-        defaults = {"lr": client_lr, "server_lr": server_lr, "momentum": momentum}
+        # `rounds`: the rounds applied so far (saved with the optimizer: the clients' seeds
+        # follow the round, on resume too)
+        defaults = {"lr": client_lr, "server_lr": server_lr, "momentum": momentum, "rounds": 0}
         super().__init__(params, defaults)
+
+    @property
+    def rounds(self) -> int:
+        return int(self.param_groups[0].get("rounds", 0))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
+            group["rounds"] = group.get("rounds", 0) + 1
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -279,6 +286,7 @@ class FederatedStep:
             loss_function, output_transform=output_transform, model_loss=model_loss
         )
         self._worker: nn.Module | None = None
+        self._rounds = 0  # without a server optimizer (it counts the rounds otherwise)
         self.server: ServerOptimizer | None = None  # set by the manager; holds the client lr
 
     def weight(self, batch: Any) -> int:
@@ -294,8 +302,12 @@ class FederatedStep:
         loss_sum = torch.zeros((), device=_device(model))
         total = torch.zeros((), device=_device(model))
         job = self.job
+        server_round = (self.server.rounds if self.server is not None else self._rounds) + 1
+        self._rounds = server_round
         for position, client in enumerate(chosen.tolist()):
-            seed = int(torch.randint(2**62, (), generator=generator).item())
+            # a client's shuffle and dropout follow the run seed, the round and the client
+            # (as Flower's clients do: the same clients train the same way in both)
+            seed = client_seed(self.config.seed, server_round, client)
             if position % job.world_size != job.rank:
                 continue  # under torchrun each rank trains its share of the round's clients
             worker, client_loss, samples = self._train_client(model, self.clients[client], seed)
@@ -340,6 +352,12 @@ class FederatedStep:
             proximal_mu=self.settings.proximal_mu,
         )
         return worker, loss_sum, samples
+
+
+def client_seed(seed: int, server_round: int, client: int) -> int:
+    """A client's seed for a round (its shuffle and dropout): fixed by the run seed, the
+    round (from 1) and the client (its index; on Flower, the node's `partition-id`)."""
+    return (seed * 1_000_003 + server_round * 10_007 + client) % 2**62
 
 
 def train_client(
