@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import registry
 from .checkpoint import load_checkpoint_file
 from .config import (
+    LEGACY_MODE_KEYS,
     EvaluationConfig,
     EvaluationMode,
     TaskType,
@@ -179,6 +180,9 @@ class RunConfig:
                 raise ValueError(f"unknown section {key!r}; allowed: {', '.join(allowed)}")
         given = {key: dict(data.get(key) or {}) for key in _SECTIONS}
         moved = take_legacy_keys(given["data"], LEGACY_DATA_KEYS, "data.", stacklevel=3)
+        flat = take_legacy_keys(given["training"], LEGACY_MODE_KEYS, "training.", stacklevel=3)
+        for name, settings in flat.items():
+            moved.setdefault(name, {}).update(settings)
         sections: dict[str, Any] = {}
         for key, section in _SECTIONS.items():
             try:
