@@ -75,18 +75,21 @@ class MAML:
         loss = self.meta_loss(torch.stack(losses).mean(), weights, directions, count)
         return StepOutput(loss=loss, weight=count, num_samples=count)
 
-    def query_outputs(
-        self,
-        learner: MetaLearningStep,
-        model: nn.Module,
-        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """The prediction for one task's queries after adapting to its support set."""
-        support_x, support_y, query_x = task
+    def query_outputs(self, learner: MetaLearningStep, model: nn.Module, tasks: Tasks) -> Any:
+        """The predictions for every task's queries after adapting to its support set
+        (all tasks at once without buffers, as in training), first order: no meta-gradient."""
+        support_x, support_y, query_x, _ = tasks
         weights, buffers = _split_state(model)
-        fast = learner.adapt(model, weights, buffers, support_x, support_y, create_graph=False)
-        with torch.no_grad():
-            return learner.predict(model, {**buffers, **fast}, query_x)
+        if not any(True for _ in model.buffers()):
+            return learner.all_task_outputs(model, weights, buffers, tasks)
+        outputs = []
+        for t in range(support_x.shape[0]):
+            fast = learner.adapt(
+                model, weights, buffers, support_x[t], support_y[t], create_graph=False
+            )
+            with torch.no_grad():
+                outputs.append(learner.predict(model, {**buffers, **fast}, query_x[t]))
+        return outputs
 
     def task_loss(
         self, query_loss: torch.Tensor, weights: Weights, adapted: Weights, directions: list[Any]
@@ -161,15 +164,10 @@ class ProtoNet:
         count = support_x.shape[0]
         return StepOutput(loss=loss, weight=count, num_samples=count)
 
-    def query_outputs(
-        self,
-        learner: MetaLearningStep,
-        model: nn.Module,
-        task: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        support_x, support_y, query_x = (t.unsqueeze(0) for t in task)
+    def query_outputs(self, learner: MetaLearningStep, model: nn.Module, tasks: Tasks) -> Any:
+        support_x, support_y, query_x, _ = tasks
         with torch.no_grad():
-            return self.logits(learner, model, support_x, support_y, query_x)[0]
+            return self.logits(learner, model, support_x, support_y, query_x)
 
     @staticmethod
     def logits(
@@ -329,6 +327,26 @@ class MetaLearningStep:
         losses, adapted = batched(weights, *batch)
         return losses, adapted
 
+    def all_task_outputs(
+        self, model: nn.Module, weights: Weights, frozen: Weights, tasks: Tasks
+    ) -> torch.Tensor:
+        """Every task's query predictions after its inner steps (first order), in one
+        vectorised pass: what validation scores."""
+
+        def support_loss(fast: Weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.loss_function(self.predict(model, {**frozen, **fast}, x), y)
+
+        def task(w: Weights, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+            fast = {name: v.detach() for name, v in w.items()}
+            for _ in range(self.inner_steps):
+                step = grad(support_loss)(fast, sx, sy)
+                fast = {name: fast[name] - self.inner_lr * step[name] for name in fast}
+            return self.predict(model, {**frozen, **fast}, qx).detach()
+
+        support_x, support_y, query_x, _ = tasks
+        batched = vmap(task, in_dims=(None, 0, 0, 0), randomness="different")
+        return batched(weights, support_x, support_y, query_x)
+
     def adapt(
         self,
         model: nn.Module,
@@ -385,9 +403,10 @@ class MetaLearningStep:
                 support_x, support_y, query_x, query_y = (
                     t.to(device, non_blocking=True) for t in _tasks(batch)
                 )
+                tasks = (support_x, support_y, query_x, query_y)
+                every = self.algorithm.query_outputs(self, model, tasks)
                 for t in range(support_x.shape[0]):
-                    task = (support_x[t], support_y[t], query_x[t])
-                    outputs = self.algorithm.query_outputs(self, model, task)
+                    outputs = every[t]
                     with torch.no_grad():
                         loss = self.loss_function(outputs, query_y[t])
                     n = int(query_y[t].shape[0])
