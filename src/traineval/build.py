@@ -12,6 +12,7 @@ Each phase reads the `TrainingConfig` and hands plain parts on; the loop reads n
     optimization    precision, optimizer, schedule (resumed states), torch.compile
     evaluation      how the loop validates
     update_rule     how the loop makes each update (step, accumulation, clipping, EMA)
+    placement       the device, the module the steps call, the data-parallel job
     run_length      epochs, updates, and how often the loop evaluates and logs
     open_loggers    config.yaml, metrics.jsonl and the optional loggers (rank 0)
 """
@@ -42,7 +43,7 @@ from .distributed import (
 )
 from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import JsonlLogger, LoggerHub
-from .loop import EvaluateFn, Monitor, RunLength, UpdateRule
+from .loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
 from .modes import Context, Mode, ModePlan
 from .optim import check_prefixes, freeze
 from .precision import Precision, resolve_precision
@@ -385,6 +386,20 @@ def update_rule(
         max_grad_norm=c.max_grad_norm if c.gradient_clipping and plan.clips_gradients else None,
         skip_non_finite=c.skip_nonfinite_steps,
         weight_average=WeightAverage(model, c.ema_decay, c.ema_warmup) if c.ema_decay else None,
+    )
+
+
+def placement(
+    device: torch.device, parts: Optimization, plan: ModePlan, job: Distributed
+) -> Placement:
+    """Where the loop runs: the device, the module the steps call, the job; a mode whose
+    model is not DDP-wrapped has its gradients averaged over the ranks by the loop."""
+    return Placement(
+        device,
+        forward_model=parts.forward_model,
+        job=job,
+        no_sync=parts.no_sync,
+        average_gradients=job.enabled and not plan.wraps_model,
     )
 
 

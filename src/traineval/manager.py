@@ -37,7 +37,7 @@ from .distributed import (
 from .distributed import setup as setup_distributed
 from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import LoggerHub
-from .loop import EvaluateFn, Loop, Monitor, Observers, Placement, RunLength, TrainState
+from .loop import EvaluateFn, Loop, Monitor, Observers, RunLength, TrainState
 from .lr_finder import LearningRateSearch, RangeTest
 from .modes import Mode, ModePlan, resolve_mode
 from .monitor import PerformanceMonitor
@@ -300,13 +300,7 @@ class TrainingManager:
             train_loader=data.batches,
             update=build.update_rule(c, plan, parts, model),
             length=build.run_length(c, data, evaluating=evaluate_fn is not None),
-            placement=Placement(
-                self.device,
-                forward_model=parts.forward_model,
-                job=job,
-                no_sync=parts.no_sync,
-                average_gradients=job.enabled and not plan.wraps_model,
-            ),
+            placement=build.placement(self.device, parts, plan, job),
             monitor=monitor,
             evaluate_fn=evaluate_fn,
             save_fn=save_fn,
@@ -408,13 +402,7 @@ class TrainingManager:
             train_loader=data.batches,
             update=update,
             length=RunLength(steps, data.updates_per_epoch, max_steps=steps, log_every_n_steps=1),
-            placement=Placement(
-                self.device,
-                forward_model=parts.forward_model,
-                job=job,
-                no_sync=parts.no_sync,
-                average_gradients=job.enabled and not plan.wraps_model,
-            ),
+            placement=build.placement(self.device, parts, plan, job),
             monitor=Monitor("train_loss", minimize=True),
             observers=Observers(callbacks=[search]),
             data_generators=data_generators(data.batches),
