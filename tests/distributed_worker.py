@@ -153,7 +153,8 @@ def meta_learning(out: Path, rank: int) -> None:
 
 
 def federated_run(out: Path) -> tuple[nn.Module, Any]:
-    """FedAvgM over 3 clients of 8, 16 and 24 samples, dropout on, 3 rounds; validation on 9."""
+    """FedAvgM with SCAFFOLD's controls over 3 clients of 8, 16 and 24 samples, dropout on,
+    3 rounds; validation on 9."""
     x, y = data().tensors
     clients = [
         DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=8, shuffle=True)
@@ -161,6 +162,8 @@ def federated_run(out: Path) -> tuple[nn.Module, Any]:
     ]
     net = model(dropout=0.2)
     settings = {"num_epochs": 3, "federated_local_epochs": 2, "federated_server_momentum": 0.5}
+    settings["mode_settings"] = {"federated": {"control_variates": True}}
+    settings.update(optimizer_type="sgd", momentum=0.0, weight_decay=0.0)  # SCAFFOLD's clients
     result = TrainingManager(config(out, **settings)).train(
         net, clients, DataLoader(data(9, seed=5), batch_size=2), mode=TrainingMode.FEDERATED
     )

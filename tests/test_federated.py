@@ -230,3 +230,78 @@ def test_federated_from_the_command_line(tmp_path):
     assert record["test"]["accuracy"] > 0.8
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["global_step"] == 6  # one update per round
+
+
+def _scaffold(model, clients, rounds, local_epochs, lr):
+    """SCAFFOLD (option II) written out, with FedAvg's sample-weighted average of weights:
+    gradients corrected by c - c_i; c_i+ = c_i - c + (x - y_i) / (K lr); c += sum / N."""
+    params = list(model.parameters())
+    c = [torch.zeros_like(p) for p in params]
+    c_i = [[torch.zeros_like(p) for p in params] for _ in clients]
+    for _ in range(rounds):
+        states, sizes, changes = [], [], []
+        for i, loader in enumerate(clients):
+            local = copy.deepcopy(model)
+            optimizer = torch.optim.SGD(local.parameters(), lr=lr)
+            steps = 0
+            for _ in range(local_epochs):
+                for x, y in loader:
+                    optimizer.zero_grad()
+                    F.cross_entropy(local(x), y).backward()
+                    for p, server, own in zip(local.parameters(), c, c_i[i], strict=True):
+                        p.grad += server - own
+                    optimizer.step()
+                    steps += 1
+            with torch.no_grad():
+                updated = [
+                    own - server + (x - y) / (steps * lr)
+                    for own, server, x, y in zip(c_i[i], c, params, local.parameters(), strict=True)
+                ]
+            changes.append([new - own for new, own in zip(updated, c_i[i], strict=True)])
+            c_i[i] = updated
+            states.append(local.state_dict())
+            sizes.append(len(loader.dataset))
+        total = sum(sizes)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(sum(s[name] * (n / total) for s, n in zip(states, sizes, strict=True)))
+            c = [server + sum(d[k] for d in changes) / len(clients) for k, server in enumerate(c)]
+
+
+def test_scaffold_equals_hand_written_scaffold(quiet_config):
+    clients = _clients()
+    ours, theirs, plain = make_mlp(), make_mlp(), make_mlp()
+    TrainingManager(_config(quiet_config)).train(
+        ours, clients, mode=Federated(local_epochs=2, control_variates=True)
+    )
+    _scaffold(theirs, clients, 3, 2, 0.1)
+    _fedavg(plain, clients, 3, 2, 0.1)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours[0].weight, plain[0].weight, atol=1e-4)  # the controls act
+
+
+def test_a_resumed_scaffold_run_ends_where_an_uninterrupted_one_does(quiet_config, tmp_path):
+    """The controls live in the server optimizer's state: a checkpoint carries them."""
+    data = make_classification(n=96)
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    mode = Federated(clients=4, partition="dirichlet", client_fraction=0.5, control_variates=True)
+    runs = {}
+    for name, epochs in (("straight", 4), ("resumed", 2), ("resumed", 4)):
+        quiet_config["output_dir"] = str(tmp_path / name)
+        model = make_mlp()
+        TrainingManager(_config(quiet_config, num_epochs=epochs)).train(
+            model, loader, mode=mode, resume_from="auto" if name in runs else None
+        )
+        runs[name] = model
+    for a, b in zip(runs["straight"].parameters(), runs["resumed"].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_scaffold_needs_plain_sgd_clients(quiet_config):
+    with pytest.raises(
+        ValueError, match=r"control_variates=True \(SCAFFOLD\) .* optimizer_type='sgd'"
+    ):
+        TrainingManager(_config(quiet_config, optimizer_type="adamw")).train(
+            make_mlp(), _clients(), mode=Federated(control_variates=True)
+        )

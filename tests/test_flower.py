@@ -614,3 +614,12 @@ def test_a_flower_checkpoint_of_an_earlier_version_resumes(quiet_config, tmp_pat
     )
     for key, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_scaffold_is_refused_on_flower_with_the_reason(quiet_config):
+    from traineval.modes import Federated
+
+    with pytest.raises(ValueError, match=r"control_variates=True \(SCAFFOLD\) is not supported"):
+        flower.server_app(
+            make_mlp, _config(quiet_config), federated=Federated(control_variates=True)
+        )

@@ -687,6 +687,12 @@ def _federated(given: Federated | None, config: TrainingConfig) -> Federated:
     mode = resolve_mode(given if given is not None else "federated", config)
     if not isinstance(mode, Federated):
         raise TypeError(f"federated must be a traineval.modes.Federated, got {mode!r}")
+    if mode.control_variates:
+        raise ValueError(
+            "federated.control_variates=True (SCAFFOLD) is not supported on Flower yet: its "
+            "clients would keep their own controls between rounds; use it in the simulation "
+            "(mode='federated'), or FedProx (proximal_mu) on Flower"
+        )
     return mode
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..batches import ModelLoss, OutputTransform
-from ..checks import choice, fail, integer, number
+from ..checks import boolean, choice, fail, integer, number
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
 from ..distributed import Distributed
@@ -63,6 +63,10 @@ class Federated(Mode):
     average with `server_lr` and `server_momentum` (FedAvgM when > 0). `proximal_mu` > 0
     adds FedProx's proximal term (Li et al., 2020), `mu / 2 * ||w - w_global||^2`, to each
     client's loss: it holds drifting clients (label-skewed data) near the global weights.
+    `control_variates` trains with SCAFFOLD's (Karimireddy et al., 2020): each client's
+    gradient is corrected by the server's control minus its own, both estimated from the
+    rounds' updates and kept in the server optimizer's state (checkpointed: exact resume).
+    It is simulated in one process (or over torchrun ranks); Flower refuses it for now.
     """
 
     name: ClassVar[str] = "federated"
@@ -88,6 +92,7 @@ class Federated(Mode):
     server_lr: float = 1.0
     server_momentum: float = 0.0
     proximal_mu: float = 0.0
+    control_variates: bool = False
 
     def __post_init__(self) -> None:
         integer(self.key("clients"), self.clients, minimum=1)
@@ -104,6 +109,18 @@ class Federated(Mode):
         number(self.key("server_lr"), self.server_lr, minimum=0, strict=True)
         number(self.key("server_momentum"), self.server_momentum, minimum=0.0, below=1.0)
         number(self.key("proximal_mu"), self.proximal_mu, minimum=0.0)
+        boolean(self.key("control_variates"), self.control_variates)
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        c = ctx.config
+        if self.control_variates and (c.optimizer_type != "sgd" or c.momentum or c.weight_decay):
+            raise ValueError(
+                "federated.control_variates=True (SCAFFOLD) estimates the controls from plain "
+                "SGD steps of the clients: set optimizer_type='sgd', momentum=0 and "
+                f"weight_decay=0 (now {c.optimizer_type!r}, momentum={c.momentum}, "
+                f"weight_decay={c.weight_decay})"
+            )
 
     def clients_per_round(self, available: int) -> int:
         """How many of `available` clients train each round (at least one)."""
@@ -304,19 +321,26 @@ class FederatedStep:
         job = self.job
         server_round = (self.server.rounds if self.server is not None else self._rounds) + 1
         self._rounds = server_round
+        controls = self._controls(model) if self.settings.control_variates else None
         for position, client in enumerate(chosen.tolist()):
             # a client's shuffle and dropout follow the run seed, the round and the client
             # (as Flower's clients do: the same clients train the same way in both)
             seed = client_seed(self.config.seed, server_round, client)
             if position % job.world_size != job.rank:
                 continue  # under torchrun each rank trains its share of the round's clients
-            worker, client_loss, samples = self._train_client(model, self.clients[client], seed)
+            worker, client_loss, samples = self._train_client(
+                model, self.clients[client], seed, controls.correction(client) if controls else None
+            )
+            if controls is not None:
+                controls.record(client, model, worker, self._client_steps(self.clients[client]))
             total += samples
             loss_sum += client_loss
             for name, value in worker.state_dict().items():
                 average[name].add_(value.detach().float(), alpha=samples)
         # every rank's weighted sums (one all-reduce; a no-op in one process)
         job.sum_in_place([*average.values(), loss_sum, total], "averaging the round's clients")
+        if controls is not None:
+            controls.apply(job)
         params: list[torch.Tensor] = []
         deltas: list[torch.Tensor] = []
         with torch.no_grad():
@@ -331,15 +355,27 @@ class FederatedStep:
         loss = loss_with_gradient(loss_sum / total, params, deltas)
         return StepOutput(loss=loss, weight=1, num_samples=int(total.item()))  # once a round
 
+    def _controls(self, model: nn.Module) -> Controls:
+        if self.server is None:
+            raise ValueError("control_variates needs the federated mode's server optimizer")
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Controls(self.server, params, len(self.clients), self._client_lr())
+
+    def _client_lr(self) -> float:
+        return self.server.param_groups[0]["lr"] if self.server else self.config.learning_rate
+
+    def _client_steps(self, loader: Any) -> int:
+        return self.settings.local_epochs * len(loader)
+
     def _train_client(
-        self, model: nn.Module, loader: Any, seed: int
+        self, model: nn.Module, loader: Any, seed: int, correction: Any = None
     ) -> tuple[nn.Module, torch.Tensor, int]:
         """Train a copy of `model` on one client; returns it, its summed loss and samples."""
         if self._worker is None:
             self._worker = copy.deepcopy(model)
         worker = self._worker
         worker.load_state_dict(model.state_dict())
-        client_lr = self.server.param_groups[0]["lr"] if self.server else self.config.learning_rate
+        client_lr = self._client_lr()
         loss_sum, samples = train_client(
             worker,
             loader,
@@ -350,8 +386,56 @@ class FederatedStep:
             seed=seed,
             local_epochs=self.settings.local_epochs,
             proximal_mu=self.settings.proximal_mu,
+            correction=correction,
         )
         return worker, loss_sum, samples
+
+
+class Controls:
+    """SCAFFOLD's control variates for one round (option II of Karimireddy et al., 2020):
+    the server's `c` and each client's `c_i`, kept per parameter in the server optimizer's
+    state (so checkpoints carry them). A client trains with its gradients corrected by
+    `c - c_i`; after K local steps at rate lr its control becomes `c_i - c + (x - y_i) /
+    (K lr)`; the server's moves by the sum of the clients' changes over all N clients."""
+
+    def __init__(
+        self, server: torch.optim.Optimizer, params: Sequence[torch.Tensor], clients: int, lr: float
+    ) -> None:
+        self.params, self.clients, self.lr = params, clients, lr
+        self.states = [server.state[p] for p in params]
+        for p, state in zip(params, self.states, strict=True):
+            if "control" not in state:
+                state["control"] = torch.zeros_like(p, dtype=torch.float32)
+                state["client_controls"] = torch.zeros(
+                    (clients, *p.shape), dtype=torch.float32, device=p.device
+                )
+        self.changes = [torch.zeros_like(state["client_controls"]) for state in self.states]
+
+    def correction(self, client: int) -> list[torch.Tensor]:
+        """`c - c_i` for each parameter."""
+        return [
+            (state["control"] - state["client_controls"][client]).to(p.dtype)
+            for p, state in zip(self.params, self.states, strict=True)
+        ]
+
+    def record(self, client: int, model: nn.Module, worker: nn.Module, steps: int) -> None:
+        """The client's new control from its update `x - y_i` over `steps` local steps."""
+        trained = [p for p in worker.parameters() if p.requires_grad]
+        for x, y, state, change in zip(
+            self.params, trained, self.states, self.changes, strict=True
+        ):
+            # c_i+ - c_i = (x - y_i) / (K lr) - c
+            change[client] = (x.detach() - y.detach()).float() / (steps * self.lr) - state[
+                "control"
+            ]
+
+    def apply(self, job: Distributed) -> None:
+        """Every rank's clients' changes (one all-reduce), then `c_i += change_i` and
+        `c += sum(change_i) / N`."""
+        job.sum_in_place(self.changes, "SCAFFOLD's control variates")
+        for state, change in zip(self.states, self.changes, strict=True):
+            state["client_controls"].add_(change)
+            state["control"].add_(change.sum(0) / self.clients)
 
 
 def client_seed(seed: int, server_round: int, client: int) -> int:
@@ -371,9 +455,11 @@ def train_client(
     seed: int,
     local_epochs: int = 1,
     proximal_mu: float = 0.0,
+    correction: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One client's local training, in place: `local_epochs` over `loader` (plus FedProx's
-    proximal term to the weights it started from when `proximal_mu` > 0) with a
+    proximal term to the weights it started from when `proximal_mu` > 0; SCAFFOLD's
+    `correction`, one tensor per trainable parameter, added to every gradient) with a
     fresh configured optimizer at `lr`, clipping and `precision` (fp16: its own GradScaler).
 
     Its randomness comes from `seed` alone: the loader's sampler generator (this round's
@@ -411,6 +497,8 @@ def train_client(
                 (scaler.scale(objective) if scaler is not None else objective).backward()
                 if scaler is not None:
                     scaler.unscale_(optimizer)
+                if correction is not None:
+                    _correct(params, correction)
                 if c.gradient_clipping:
                     torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 if scaler is not None:
@@ -424,6 +512,13 @@ def train_client(
     if samples == 0:
         raise ValueError("a federated client's loader yielded no batches")
     return loss_sum, samples
+
+
+def _correct(params: Sequence[torch.Tensor], correction: Sequence[torch.Tensor]) -> None:
+    """SCAFFOLD's gradient correction, in place."""
+    for p, term in zip(params, correction, strict=True):
+        if p.grad is not None:
+            p.grad.add_(term)
 
 
 def _proximal(params: Sequence[Any], anchor: Sequence[torch.Tensor], mu: float) -> Any:
