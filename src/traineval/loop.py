@@ -277,63 +277,55 @@ class Loop:
     ) -> None:
         observe = observers or Observers()
         device = placement.device
-        forward_model = placement.forward_model
-        optimizer, scheduler, step_fn = update.optimizer, update.scheduler, update.step_fn
-        precision = update.precision or Precision("fp32", device.type, None)
-        num_epochs, updates_per_epoch = length.num_epochs, length.updates_per_epoch
-        accumulation_steps, max_grad_norm = update.accumulation_steps, update.max_grad_norm
-        max_steps, eval_every_n_steps = length.max_steps, length.eval_every_n_steps
-        log_every_n_steps, callbacks = length.log_every_n_steps, observe.callbacks
-        loggers, tracker, performance = observe.loggers, observe.tracker, observe.performance
-        skip_non_finite, layer_norms = update.skip_non_finite, observe.layer_norms
-        job, no_sync = placement.job, placement.no_sync
-        average_gradients, weight_average = placement.average_gradients, update.weight_average
         self.model = model
         # e.g. the torch.compile'd module (never `or`: a compiled module may define __len__)
-        self.forward_model = forward_model if forward_model is not None else model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.step_fn = step_fn
+        fm = placement.forward_model
+        self.forward_model = fm if fm is not None else model
+        self.optimizer = update.optimizer
+        self.scheduler = update.scheduler
+        self.step_fn = update.step_fn
         self.train_loader = train_loader
         self.device = device
-        self.precision = precision
+        self.precision = update.precision or Precision("fp32", device.type, None)
         self.monitor = monitor
-        self.num_epochs = num_epochs
-        self.updates_per_epoch = updates_per_epoch
-        self.accumulation_steps = accumulation_steps
-        self.max_grad_norm = max_grad_norm
-        self.max_steps = max_steps
-        self.eval_every_n_steps = eval_every_n_steps
-        self.log_every_n_steps = log_every_n_steps
+        self.num_epochs = length.num_epochs
+        self.updates_per_epoch = length.updates_per_epoch
+        self.accumulation_steps = update.accumulation_steps
+        self.max_grad_norm = update.max_grad_norm
+        self.max_steps = length.max_steps
+        self.eval_every_n_steps = length.eval_every_n_steps
+        self.log_every_n_steps = length.log_every_n_steps
         self.evaluate_fn = evaluate_fn
         self.save_fn = save_fn
-        self.callbacks = list(callbacks)
+        self.callbacks = list(observe.callbacks)
+        loggers = observe.loggers
         self.loggers = loggers if isinstance(loggers, LoggerHub) else LoggerHub(loggers)
-        self.tracker = tracker or MetricsTracker()
-        self.performance = performance or PerformanceMonitor(device)
+        self.tracker = observe.tracker or MetricsTracker()
+        self.performance = observe.performance or PerformanceMonitor(device)
         self.data_generators = list(data_generators)
-        self.skip_non_finite = skip_non_finite  # 0: stop on the first; N: skip, stop after N
+        self.skip_non_finite = update.skip_non_finite  # 0: stop on the first; N: skip N
         self.state = TrainState()
         self.resume_rng: dict[str, Any] | None = None  # RNG state at the checkpoint
         self.interrupted: str | None = None  # set by a signal handler
-        self.steps = StepLog(device, capacity=min(log_every_n_steps, 4096))
+        self.steps = StepLog(device, capacity=min(self.log_every_n_steps, 4096))
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
         self._save_requests: list[str] = []
         self._stop_requested = False
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.layer_norms = layer_norms
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.layer_norms = observe.layer_norms
         names = {id(p): name for name, p in model.named_parameters()}
         self._param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(self._params)]
         self._pending_layer_norms: Any = None
-        self._scale = precision.scaler.get_scale() if precision.scaler is not None else None
-        self.job = job or Distributed()
-        self.no_sync = no_sync  # DDP's: skip the gradient all-reduce inside a window
+        scaler = self.precision.scaler
+        self._scale = scaler.get_scale() if scaler is not None else None
+        self.job = placement.job or Distributed()
+        self.no_sync = placement.no_sync  # DDP's: skip the gradient all-reduce inside a window
         # Modes without a DDP wrapper: average the window's gradients over the ranks here.
-        self.average_gradients = average_gradients
+        self.average_gradients = placement.average_gradients
         self._agreed_signal: str | None = None  # a signal every rank has agreed to stop on
         self._pending_metrics: dict[str, list[float | torch.Tensor]] = {}  # not read yet
         # EMA of the weights: updated after each update, evaluated, kept when training ends
-        self.weight_average = weight_average
+        self.weight_average = update.weight_average
         self.control = LoopControl(self)  # what callbacks see and may ask for
 
     # -- requests from callbacks and signals --------------------------------------------------
