@@ -306,21 +306,14 @@ class MetaLearningStep:
         vectorised pass (`torch.func.vmap` over the task dimension; the inner gradients by
         `torch.func.grad`, differentiable for MAML's second order)."""
         algorithm = self._inner_loop()
-
-        def support_loss(fast: Weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.loss_function(self.predict(model, {**frozen, **fast}, x), y)
+        support_loss, inner = self._vectorised(
+            model, frozen, algorithm.second_order, algorithm.detach_inner
+        )
 
         def task(
             w: Weights, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
         ) -> tuple[torch.Tensor, Weights]:
-            fast = w
-            for _ in range(self.inner_steps):
-                step = grad(support_loss)(fast, sx, sy)
-                if not algorithm.second_order:
-                    step = {name: g.detach() for name, g in step.items()}
-                fast = {name: fast[name] - self.inner_lr * step[name] for name in fast}
-                if algorithm.detach_inner:
-                    fast = {name: v.detach() for name, v in fast.items()}
+            fast = inner(w, sx, sy)
             return support_loss(fast, qx, qy), fast
 
         batched = vmap(task, in_dims=(None, 0, 0, 0, 0), randomness="different")
@@ -332,20 +325,36 @@ class MetaLearningStep:
     ) -> torch.Tensor:
         """Every task's query predictions after its inner steps (first order), in one
         vectorised pass: what validation scores."""
-
-        def support_loss(fast: Weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self.loss_function(self.predict(model, {**frozen, **fast}, x), y)
+        _, inner = self._vectorised(model, frozen, second_order=False, detach_inner=False)
 
         def task(w: Weights, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
-            fast = {name: v.detach() for name, v in w.items()}
-            for _ in range(self.inner_steps):
-                step = grad(support_loss)(fast, sx, sy)
-                fast = {name: fast[name] - self.inner_lr * step[name] for name in fast}
+            fast = inner({name: v.detach() for name, v in w.items()}, sx, sy)
             return self.predict(model, {**frozen, **fast}, qx).detach()
 
         support_x, support_y, query_x, _ = tasks
         batched = vmap(task, in_dims=(None, 0, 0, 0), randomness="different")
         return batched(weights, support_x, support_y, query_x)
+
+    def _vectorised(
+        self, model: nn.Module, frozen: Weights, second_order: bool, detach_inner: bool
+    ) -> tuple[Any, Any]:
+        """One task's support loss, and its inner SGD steps written for `vmap`
+        (`torch.func.grad`; second order keeps the inner gradients in the graph)."""
+
+        def support_loss(fast: Weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.loss_function(self.predict(model, {**frozen, **fast}, x), y)
+
+        def inner(fast: Weights, sx: torch.Tensor, sy: torch.Tensor) -> Weights:
+            for _ in range(self.inner_steps):
+                step = grad(support_loss)(fast, sx, sy)
+                if not second_order:
+                    step = {name: g.detach() for name, g in step.items()}
+                fast = {name: fast[name] - self.inner_lr * step[name] for name in fast}
+                if detach_inner:
+                    fast = {name: v.detach() for name, v in fast.items()}
+            return fast
+
+        return support_loss, inner
 
     def adapt(
         self,
