@@ -32,7 +32,7 @@ from torch import nn
 
 from .averaging import WeightAverage
 from .batches import ModelLoss, OutputTransform
-from .config import TaskType, TrainingConfig, TrainingMode
+from .config import TaskType, TrainingConfig
 from .distributed import (
     Distributed,
     is_sharded,
@@ -454,9 +454,7 @@ def evaluation(
             loss.for_evaluation,
             task_type=task_type,
             output_transform=output_transform,
-            training_mode=TrainingMode.UNSUPERVISED
-            if mode.reconstructs
-            else TrainingMode.SUPERVISED,
+            training_mode=mode.evaluated_as,
             precision=precision,
             write_files=False,  # predictions and plots are for final evaluations
             distributed=job,

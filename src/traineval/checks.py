@@ -31,11 +31,6 @@ def integer(field: str, value: Any, *, minimum: int) -> None:
         fail(field, value, f"expected an integer >= {minimum}")
 
 
-def optional_integer(field: str, value: Any, *, minimum: int) -> None:
-    if value is not None:
-        integer(field, value, minimum=minimum)
-
-
 def number(
     field: str, value: Any, *, minimum: float, strict: bool = False, below: float | None = None
 ) -> None:

@@ -34,7 +34,6 @@ from .checks import (
     fail,
     integer,
     number,
-    optional_integer,
     subset,
 )
 
@@ -125,7 +124,6 @@ DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
 _fail = fail
 _int = integer
-_optional_int = optional_integer
 _float = number
 _bool = boolean
 _choice = choice

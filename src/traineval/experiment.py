@@ -23,7 +23,6 @@ from .config import (
     EvaluationMode,
     TaskType,
     TrainingConfig,
-    TrainingMode,
     _bool,
     _choice,
     _ConfigBase,
@@ -549,7 +548,7 @@ def _evaluate_split(
             loader,
             device,
             task_type=parts.task_type,
-            training_mode=_evaluated_as(parts.mode),
+            training_mode=parts.mode.evaluated_as,
             split=split,
             output_dir=out,
         )
@@ -677,11 +676,6 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     resolved["training"]["output_dir"] = str(out)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     return summary
-
-
-def _evaluated_as(mode: Mode) -> TrainingMode:
-    """How the Evaluator scores a mode's model: outputs against inputs, or targets."""
-    return TrainingMode.UNSUPERVISED if mode.reconstructs else TrainingMode.SUPERVISED
 
 
 def _concat(first: TensorDataset, second: TensorDataset) -> TensorDataset:

@@ -26,7 +26,7 @@ from torch import nn
 from .. import registry
 from ..batches import ModelLoss, OutputTransform
 from ..checks import fail
-from ..config import TrainingConfig
+from ..config import TrainingConfig, TrainingMode
 from ..distributed import Distributed
 from ..precision import Precision
 
@@ -146,6 +146,12 @@ class Mode:
                 f"gradient_accumulation_steps={c.gradient_accumulation_steps} is invalid in "
                 f"mode='{name}': {self.accumulation_refusal} (expected 1)"
             )
+
+    @property
+    def evaluated_as(self) -> TrainingMode:
+        """How the Evaluator scores this mode's model: its outputs against its inputs
+        (`reconstructs`), or against the targets."""
+        return TrainingMode.UNSUPERVISED if self.reconstructs else TrainingMode.SUPERVISED
 
     def plan(self, ctx: Context) -> ModePlan:
         """The mode's plan for this run (see `ModePlan`)."""
