@@ -86,28 +86,13 @@ def cross_validate(
     See `Evaluator.cross_validate`.
     """
     from ..manager import TrainingManager  # training sits above evaluation
-    from ..modes import SemiSupervised, resolve_mode
+    from ..modes import resolve_mode
 
     mode = resolve_mode(mode, config)
 
     if not callable(model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")
-    n = len(dataset)  # type: ignore[arg-type]
-    classification = task_type is TaskType.CLASSIFICATION or (
-        task_type is None and mode.name == "supervised" and _integer_targets(dataset)
-    )
-    if stratify and not classification:
-        raise ValueError("stratify=True needs classification targets")
-    use_strata = classification if stratify is None else stratify
-    labels = dataset_labels(dataset) if use_strata and groups is None else None
-    folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=config.seed)
-    if isinstance(mode, SemiSupervised):
-        # Validation needs labels: a fold's unlabeled rows train with the other folds instead.
-        unlabeled = dataset_labels(dataset) == mode.unlabeled_label
-        folds = [
-            (np.sort(np.concatenate([train, val[unlabeled[val]]])), val[~unlabeled[val]])
-            for train, val in folds
-        ]
+    folds = _folds(dataset, n_folds, config.seed, mode, task_type, stratify, groups)
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     results: list[FoldResult] = []
     for k, (train_idx, val_idx) in enumerate(folds, start=1):
@@ -118,39 +103,22 @@ def cross_validate(
         model = model_factory()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module")
-        generator = torch.Generator().manual_seed(config.seed + k)
-        train_loader = DataLoader(
-            Subset(dataset, train_idx.tolist()),
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=num_workers,
+        train_loader, val_loader = _fold_loaders(
+            dataset, train_idx, val_idx, config, config.seed + k, num_workers
         )
-        val_loader = DataLoader(
-            Subset(dataset, val_idx.tolist()),
-            batch_size=config.effective_eval_batch_size,
-            num_workers=num_workers,
-        )
-        fold_evaluator = ModelEvaluator(evaluator.config)  # fresh state per fold
         result = TrainingManager(fold_config).train(
             model,
             train_loader,
             val_loader,
             task_type=task_type,
             loss_function=loss_function,
-            evaluator=fold_evaluator,
+            evaluator=ModelEvaluator(evaluator.config),  # fresh state per fold
             mode=mode,
         )
-        history = result.training_history
-        best_step = result.best_step
-        if best_step in history["val_steps"]:
-            best = history["val_metrics"][history["val_steps"].index(best_step)]
-        else:  # monitored on train_loss: the evaluation of the best epoch
-            best = history["val_metrics"][history["epoch"].index(result.best_epoch)]
         results.append(
             FoldResult(
                 fold=k,
-                best_metrics=dict(best),
+                best_metrics=_best_metrics(result),
                 best_epoch=result.best_epoch,
                 checkpoint=result.checkpoints.get("best"),
                 output_dir=result.output_dir,
@@ -161,6 +129,71 @@ def cross_validate(
     summary["output_dir"] = str(base)
     (base / "cv_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _folds(
+    dataset: Dataset[Any],
+    n_folds: int,
+    seed: int,
+    mode: Any,
+    task_type: TaskType | None,
+    stratify: bool | None,
+    groups: Sequence[Any] | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The folds: stratified for classification unless told otherwise, grouped when
+    `groups` is given; in semi-supervised mode a fold's unlabeled rows train with the other
+    folds (validation needs labels)."""
+    from ..modes import SemiSupervised
+
+    classification = task_type is TaskType.CLASSIFICATION or (
+        task_type is None and mode.name == "supervised" and _integer_targets(dataset)
+    )
+    if stratify and not classification:
+        raise ValueError("stratify=True needs classification targets")
+    use_strata = classification if stratify is None else stratify
+    labels = dataset_labels(dataset) if use_strata and groups is None else None
+    n = len(dataset)  # type: ignore[arg-type]
+    folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=seed)
+    if isinstance(mode, SemiSupervised):
+        unlabeled = dataset_labels(dataset) == mode.unlabeled_label
+        folds = [
+            (np.sort(np.concatenate([train, val[unlabeled[val]]])), val[~unlabeled[val]])
+            for train, val in folds
+        ]
+    return folds
+
+
+def _fold_loaders(
+    dataset: Dataset[Any],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainingConfig,
+    seed: int,
+    num_workers: int,
+) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """A fold's shuffled train loader (its own seeded generator) and its val loader."""
+    train_loader = DataLoader(
+        Subset(dataset, train_idx.tolist()),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+    )
+    val_loader = DataLoader(
+        Subset(dataset, val_idx.tolist()),
+        batch_size=config.effective_eval_batch_size,
+        num_workers=num_workers,
+    )
+    return train_loader, val_loader
+
+
+def _best_metrics(result: Any) -> dict[str, Any]:
+    """A fold's validation metrics at its monitored metric's best evaluation."""
+    history = result.training_history
+    if result.best_step in history["val_steps"]:
+        return dict(history["val_metrics"][history["val_steps"].index(result.best_step)])
+    # monitored on train_loss: the evaluation of the best epoch
+    return dict(history["val_metrics"][history["epoch"].index(result.best_epoch)])
 
 
 def aggregate(results: Sequence[FoldResult]) -> dict[str, Any]:
