@@ -153,10 +153,8 @@ class ModelEvaluator:
         prefix = SPLIT_PREFIX[split]
         sharded = distributed is not None and distributed.enabled
         folder = self._output_folder(output_dir) if write_files and not sharded else None
-        writer: PredictionWriter | None = None
         was_training = model.training
         model.eval()
-        accumulator: _Accumulator | None = None
         scorer = BatchScorer(
             model,
             loss_function,
@@ -164,35 +162,66 @@ class ModelEvaluator:
             ignore_index=self.config.ignore_index,
             transform=output_transform or self.output_transform,
         )
+        batches = _batches(loader, distributed if lockstep else None)
         try:
-            with torch.inference_mode(), contextlib.ExitStack() as stack:
-                batches: Iterable[tuple[Any, bool]] = ((batch, True) for batch in loader)
-                if lockstep and distributed is not None and sharded:
-                    batches = _lockstep(loader, distributed)
-                for batch, real in batches:
-                    if device.type != "cpu":
-                        batch = move_to_device(batch, device)
-                    with precision.autocast() if precision is not None else nullcontext():
-                        result = scorer.forward(batch)
-                    if not real:
-                        continue  # a repeated batch, only to keep the ranks in step
-                    if accumulator is None:
-                        task = task_type or detect_task(
-                            *scorer.pair(result),
-                            multilabel=training_mode is not TrainingMode.UNSUPERVISED,
-                        )
-                        accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
-                        writer = self._writer(task, folder, prefix, stack)
-                    scored = scorer.score(result, accumulator.task)  # adds to its loss sums
-                    self._update(accumulator, writer, text, decode, scored)
+            accumulator, writer = self._stream(
+                scorer, batches, device, precision, task_type, folder, prefix, text, decode
+            )
         finally:
             model.train(was_training)
-        total_loss, total_weight = scorer.loss_totals()
+        totals: tuple[float, ...] = scorer.loss_totals()
         if distributed is not None and sharded:
             accumulator, text = _merge_ranks(distributed, accumulator, text)
-            total_loss, total_weight = distributed.sum([total_loss, total_weight])
+            totals = tuple(distributed.sum(list(totals)))
         if accumulator is None:
             raise ValueError("the evaluation loader yielded no batches")
+        return self._results(accumulator, text, totals, writer, folder, prefix)
+
+    def _stream(
+        self,
+        scorer: BatchScorer,
+        batches: Iterable[tuple[Any, bool]],
+        device: torch.device,
+        precision: Precision | None,
+        task_type: TaskType | None,
+        folder: Path | None,
+        prefix: str,
+        text: Any,
+        decode: Callable[[list[int]], str] | None,
+    ) -> tuple[_Accumulator | None, PredictionWriter | None]:
+        """Score every batch into the metric state (the task detected on the first) and
+        the predictions file; returns both (None, None without batches)."""
+        accumulator: _Accumulator | None = None
+        writer: PredictionWriter | None = None
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for batch, real in batches:
+                if device.type != "cpu":
+                    batch = move_to_device(batch, device)
+                with precision.autocast() if precision is not None else nullcontext():
+                    result = scorer.forward(batch)
+                if not real:
+                    continue  # a repeated batch, only to keep the ranks in step
+                if accumulator is None:  # the first batch: the task, the files
+                    task = task_type or detect_task(
+                        *scorer.pair(result), multilabel=not scorer.unsupervised
+                    )
+                    accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
+                    writer = self._writer(task, folder, prefix, stack)
+                scored = scorer.score(result, accumulator.task)  # adds to its loss sums
+                self._update(accumulator, writer, text, decode, scored)
+        return accumulator, writer
+
+    def _results(
+        self,
+        accumulator: _Accumulator,
+        text: Any,
+        totals: tuple[float, ...],
+        writer: PredictionWriter | None,
+        folder: Path | None,
+        prefix: str,
+    ) -> dict[str, float]:
+        """The evaluation's metrics (mean loss, the task's, text), tracked; its files."""
+        total_loss, total_weight = totals
         metrics = {"loss": total_loss / total_weight if total_weight else float("nan")}
         if self.config.compute_metrics:
             metrics.update(self._finish(accumulator))
@@ -505,6 +534,14 @@ def _add_texts(
     hypotheses = [decode(p[k].tolist()) for p, k in zip(predicted, kept, strict=True)]
     references = [decode(g[k].tolist()) for g, k in zip(gold, kept, strict=True)]
     text.update(hypotheses, references)
+
+
+def _batches(loader: Iterable[Any], job: Distributed | None) -> Iterable[tuple[Any, bool]]:
+    """The loader's batches, each marked real; in lockstep across `job`'s ranks when given
+    (a distributed model whose forward is a collective)."""
+    if job is not None and job.enabled:
+        return _lockstep(loader, job)
+    return ((batch, True) for batch in loader)
 
 
 def _lockstep(loader: Iterable[Any], job: Distributed) -> Iterator[tuple[Any, bool]]:
