@@ -25,7 +25,7 @@ BAD_TRAINING_VALUES = [
     ("gradient_accumulation_steps", 1.5, "integer"),
     ("optimizer_type", "adamww", "did you mean 'adamw'"),
     ("scheduler_type", "cosin", "'cosine'"),
-    ("scheduler_type", "linear", "expected one of"),
+    ("scheduler_type", "exponential", "expected one of"),
     ("weight_decay", -0.1, "weight_decay"),
     ("max_grad_norm", 0.0, "max_grad_norm"),
     ("warmup_steps", -5, "warmup_steps"),

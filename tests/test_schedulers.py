@@ -42,6 +42,16 @@ def test_cosine_after_warmup_reaches_min_lr_at_the_end():
     assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+def test_linear_after_warmup_reaches_min_lr_at_the_end():
+    scheduler = build_scheduler(_optimizer(), "linear", total_steps=12, warmup_steps=2, min_lr=0.1)
+    lrs = _lrs(scheduler, 12)
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[2:] == pytest.approx([1.0 - 0.9 * (t - 2) / 10 for t in range(2, 12)])
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="scheduler_type='linear' needs the number of optimizer"):
+        build_scheduler(_optimizer(), "linear", total_steps=None)
+
+
 def test_step_schedule_decays_every_step_size_updates():
     scheduler = build_scheduler(_optimizer(), "step", total_steps=None, step_size=3, gamma=0.5)
     assert _lrs(scheduler, 7) == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25])
@@ -66,8 +76,8 @@ def test_plateau_reduces_after_patience_evaluations_without_improvement():
 
 
 def test_unknown_scheduler_is_an_error_not_a_constant_schedule():
-    with pytest.raises(ValueError, match="scheduler_type='linear' is invalid"):
-        build_scheduler(_optimizer(), "linear", total_steps=10)
+    with pytest.raises(ValueError, match="scheduler_type='exponential' is invalid"):
+        build_scheduler(_optimizer(), "exponential", total_steps=10)
 
 
 def _run_lrs(quiet_config, **settings) -> list[float]:

@@ -79,7 +79,7 @@ class EvaluationMode(Enum):
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "step", "plateau", "onecycle", "constant")
+SCHEDULERS = ("cosine", "linear", "step", "plateau", "onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITOR_MODES = ("auto", "min", "max")

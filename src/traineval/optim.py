@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import SCHEDULERS
 from .tracking import Plateau
 
 __all__ = [
@@ -180,6 +181,10 @@ class _WarmupShape:
             span = max(1, self.total_steps - self.warmup_steps)
             progress = min(1.0, after / span)
             return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.shape == "linear":
+            assert self.total_steps is not None
+            progress = min(1.0, after / max(1, self.total_steps - self.warmup_steps))
+            return self.min_ratio + (1 - self.min_ratio) * (1 - progress)
         if self.shape == "step":
             return float(self.gamma ** (after // self.step_size))
         if self.shape == "plateau":
@@ -316,7 +321,8 @@ def build_scheduler(
     """Build a scheduler stepped once per optimizer update, with linear warmup.
 
     Warmup: update `u` (1-based) of the first `warmup_steps` runs at `lr * u / warmup_steps`.
-    `cosine` then decays to `min_lr` at `total_steps`; `step` multiplies by `gamma` every
+    `cosine` then decays to `min_lr` at `total_steps` (a half cosine), `linear` in a
+    straight line (update `total_steps` would run at `min_lr`); `step` multiplies by `gamma` every
     `step_size` updates; `onecycle` uses torch's OneCycleLR with the warmup as its rising
     phase; `plateau` returns a `PlateauSchedule`; `constant` holds the LR.
 
@@ -324,17 +330,17 @@ def build_scheduler(
         ValueError: an unknown name, or `total_steps` missing or not longer than the warmup
             for a schedule that needs it.
     """
-    if name not in ("cosine", "step", "plateau", "onecycle", "constant"):
+    if name not in SCHEDULERS:
         raise ValueError(
             f"scheduler_type={name!r} is invalid: expected one of "
-            "'cosine', 'step', 'plateau', 'onecycle', 'constant'"
+            + ", ".join(repr(known) for known in SCHEDULERS)
         )
     if total_steps is not None and warmup_steps >= total_steps:
         raise ValueError(
             f"warmup_steps={warmup_steps} is invalid: warmup must be shorter than training "
             f"({total_steps} optimizer updates); lower warmup_steps or train longer"
         )
-    if name in ("cosine", "onecycle") and total_steps is None:
+    if name in ("cosine", "linear", "onecycle") and total_steps is None:
         raise ValueError(
             f"scheduler_type={name!r} needs the number of optimizer updates: the train loader "
             "has no len(); set max_steps or use scheduler_type='constant'"

@@ -130,6 +130,7 @@ def check_mode(payload: dict[str, Any], mode: Any) -> None:
             f"cannot resume: the checkpoint was trained in mode={saved['name']!r}, this run "
             f"is mode={mode.name!r}"
         )
+    saved = type(mode).saved(saved)
     current = mode.settings()
     refused = [
         f"{mode.name}.{key}: checkpoint {saved[key]!r}, now {current[key]!r}"

@@ -2,9 +2,10 @@
 
 A checkpoint is a dict of tensors and plain values (it loads with weights_only): model and
 optimizer state (full, also when FSDP shards the model), scheduler, GradScaler, every
-rank's RNG, the loop's counters and data position, monitor, tracker and callback state, and
-the config. With a moving average of the weights (`ema_decay`) the model's weights are the
-average, the weights to use, and `training_weights` the optimizer's, to resume from.
+rank's RNG, the loop's counters and data position, monitor, tracker and callback state, the
+config, and each rank's state of a step that keeps one (`state_dict()`: PPO's rollout and
+environments). With a moving average of the weights (`ema_decay`) the model's weights are
+the average, the weights to use, and `training_weights` the optimizer's, to resume from.
 Under torchrun every rank calls `save_from_loop` (gathering full states and RNGs
 are collectives); rank 0 writes, the others wait.
 """
@@ -77,6 +78,8 @@ def save_from_loop(
     """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state."""
     path = folder / f"{name}.pt"
     rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
+    step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
+    steps = job.gather(step_state()) if callable(step_state) else None  # each rank's
     # full states: under FSDP gathering them is a collective, rank 0 receives them
     weights = model_state(loop.model)
     optimizer = optimizer_state(loop.model, loop.optimizer)
@@ -107,6 +110,7 @@ def save_from_loop(
                     for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)
                 },
                 "mode": mode,
+                "step_per_rank": steps,
                 "world_size": job.world_size,
                 "distributed_strategy": config.distributed_strategy if job.enabled else None,
                 "traineval_version": __version__,
@@ -157,5 +161,13 @@ def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
     for key, callback in zip(state_keys(loop.callbacks), loop.callbacks, strict=True):
         if key in saved:
             callback.load_state_dict(saved[key])
+    steps, load_step = payload.get("step_per_rank"), getattr(loop.step_fn, "load_state_dict", None)
+    if steps is not None and callable(load_step):
+        if len(steps) != loop.job.world_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint's step state is of {len(steps)} ranks (its "
+                f"environments, rollouts), this run has {loop.job.world_size}"
+            )
+        load_step(steps[loop.job.rank])
     per_rank = payload.get("rng_per_rank")
     loop.resume_rng = per_rank[loop.job.rank] if per_rank else payload["rng"]

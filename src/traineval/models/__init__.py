@@ -11,8 +11,17 @@ import torch
 from torch import nn
 
 from ..imports import import_object
+from .policies import ActorCritic, RunningNorm
 
-__all__ = ["MLP", "MODELS", "ActorCritic", "Autoencoder", "SmallCNN", "build_model"]
+__all__ = [
+    "MLP",
+    "MODELS",
+    "ActorCritic",
+    "Autoencoder",
+    "RunningNorm",
+    "SmallCNN",
+    "build_model",
+]
 
 
 def _mlp_layers(
@@ -92,24 +101,6 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encode(x)).reshape(x.shape)
-
-
-class ActorCritic(nn.Module):
-    """A policy for reinforcement mode: a tanh MLP body, action logits and a state value."""
-
-    def __init__(self, input_dim: int, output_dim: int, hidden_sizes: Sequence[int] = (64,)):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for fan_in, fan_out in itertools.pairwise([input_dim, *hidden_sizes]):
-            layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
-        self.body = nn.Sequential(*layers)
-        width = hidden_sizes[-1] if hidden_sizes else input_dim
-        self.policy = nn.Linear(width, output_dim)
-        self.value = nn.Linear(width, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x.flatten(1))
-        return self.policy(h), self.value(h)
 
 
 MODELS = ("mlp", "cnn", "autoencoder", "actor_critic")

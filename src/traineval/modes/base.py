@@ -55,7 +55,12 @@ class StepOutput:
 
 
 class StepFunction(Protocol):
-    """A training mode's step: one micro-batch in, its loss (and what metrics need) out."""
+    """A training mode's step: one micro-batch in, its loss (and what metrics need) out.
+
+    A step that keeps state across calls (PPO: the rollout being trained on and the
+    environments) also defines `state_dict()` (tensors and plain values) and
+    `load_state_dict(state)`: checkpoints carry it, per rank, and a resume puts it back.
+    """
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput: ...
 

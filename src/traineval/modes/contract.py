@@ -188,6 +188,13 @@ class Mode:
                 fail(f"mode.{key}", settings[key], f"mode {cls.name!r} has the settings {listed}")
         return cls(**dict(settings))
 
+    @classmethod
+    def saved(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """A recorded `settings` (a checkpoint's, a run directory's config) completed with
+        the values it implies: override when a setting is added whose old behaviour is not
+        its default (resume checks compare `resume_fixed` settings of these)."""
+        return dict(settings)
+
     def key(self, setting: str) -> str:
         """How errors name a setting: `federated.clients`."""
         return f"{self.name}.{setting}"

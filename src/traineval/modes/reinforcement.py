@@ -1,75 +1,105 @@
-"""Reinforcement mode: policy gradient (REINFORCE with a learned baseline / advantage actor-critic).
+"""Reinforcement mode: PPO (the default) or policy gradient, on episodes the policy plays.
 
 The policy is the model: observations `(N, *obs_shape)` in, action logits `(N, actions)`
-out, or a tuple `(logits, value)` with a state-value head (`(N,)` or `(N, 1)`). Each loop
-update collects `episodes_per_update` episodes with the current policy, run in lockstep
-(one batched forward pass per time step over the episodes still running), and its loss is
+out, with a state-value head `(logits, value)` (a tuple, or a mapping with `value`; PPO
+needs it, policy gradient can do without). `train()` takes an environment in the train
+loader's place: a factory returning a gymnasium-style environment, or a name (gymnasium
+ids such as "CartPole-v1" and "Acrobot-v1", or the built-in "CartPole"), or none when the
+mode's `environment` names one. Discrete action spaces; integer observations are one-hot
+encoded.
 
-    -mean_t(log pi(a_t|s_t) * A_t) + value_coef * mean_t((V(s_t) - G_t)^2)
-    - entropy_coef * mean_t(entropy(pi(.|s_t)))
+- `algorithm="ppo"` (`traineval.modes.ppo`): each loop update is one minibatch of a
+  rollout of `envs` x `rollout_steps` steps; `ppo_epochs` shuffled passes over it; an
+  epoch is `rollouts_per_epoch` rollouts. Clipped objective, GAE (`gae_lambda`), optional
+  value clipping, advantage normalisation, entropy bonus; exact resume mid-rollout.
+- `algorithm="policy_gradient"` (`traineval.modes.policy_gradient`): each loop update
+  collects `episodes_per_update` whole episodes; an epoch is `updates_per_epoch` updates.
 
-with discounted returns `G_t` (`gamma`), advantages `A_t = G_t - V(s_t)` (or `G_t` minus
-the batch mean without a value head), normalised over the update when
-`normalize_advantages`. An episode cut off by its time limit (truncated, not terminated)
-bootstraps its return from `V` of the last state instead of pretending the episode ended.
-
-So the loop's optimizer, schedule, clipping, checkpoints and loggers work on policy updates
-as on any other. Every random draw (episode seeds, sampled actions, dropout) comes from the
-global torch generator, which checkpoints capture: a resumed run collects the episodes an
-uninterrupted one would have. The training episodes' mean return and length are logged as
-`train_episode_return` and `train_episode_length`. Validation (`evaluate`) plays
-`eval_episodes` episodes with the greedy policy and reports `return` (mean episode
-return) and `episode_length`; each validation plays fresh episodes (seeds drawn from the
-checkpointed generator), so the best checkpoint is not the luckiest fit to one fixed set,
-and the final test (`Reinforcement.score`) plays yet other ones.
-
-Under torchrun each rank plays its own `episodes_per_update` episodes (seeds and actions
-from a generator derived from the shared global stream and the rank) and the loop averages
-the ranks' gradients; the means above (and the advantage normalisation, and the mean
-baseline) are taken over every rank's time steps (one small all-reduce per update), so the
-update is the one a single process would compute from all ranks' episodes.
+The loop's optimizer, schedule, clipping, checkpoints and loggers work on these updates as
+on any other. The training episodes' mean return and length are logged as
+`train_episode_return` and `train_episode_length`. Validation plays `eval_episodes` greedy
+episodes and reports `return` (mean episode return) and `episode_length`; each validation
+plays fresh episodes (seeds drawn from the checkpointed generator), so the best checkpoint
+is not the luckiest fit to one fixed set, and the final test (`Reinforcement.score`) plays
+yet other ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..batches import prediction_of
-from ..checks import boolean, fail, integer, number
+from ..checks import boolean, choice, fail, integer, number
 from ..distributed import Distributed
 from ..envs import checked, make_env
-from .base import StepOutput, Updates
+from .base import Updates
 from .contract import Context, Mode, ModePlan, MonitorChoice, register
+from .policy_gradient import PolicyGradientStep
+from .ppo import PPOStep
 
 __all__ = ["PolicyGradientStep", "Reinforcement"]
 
 MONITORS = ("val_return", "val_episode_length", "train_loss")
+ALGORITHMS = ("ppo", "policy_gradient")
+OWN_SETTINGS = {
+    "ppo": (
+        "envs",
+        "rollout_steps",
+        "minibatch_size",
+        "ppo_epochs",
+        "clip_range",
+        "clip_decay",
+        "value_clip",
+        "gae_lambda",
+        "rollouts_per_epoch",
+    ),
+    "policy_gradient": ("episodes_per_update", "updates_per_epoch"),
+}
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class Reinforcement(Mode):
-    """Policy gradient on episodes the policy plays (`traineval.modes.reinforcement`).
+    """PPO or policy gradient on episodes the policy plays (`traineval.modes.reinforcement`).
 
-    `train()` takes an environment factory (or a name, e.g. "CartPole") in the train
-    loader's place, or none when `environment` names one. Each epoch is `updates_per_epoch`
-    updates of `episodes_per_update` episodes; validation plays `eval_episodes` greedy ones.
+    `algorithm` None picks "policy_gradient" when one of its own settings
+    (`episodes_per_update`, `updates_per_epoch`) is given, else "ppo". The PPO settings
+    (`envs` ... `rollouts_per_epoch`) apply to PPO only, the policy-gradient ones to
+    policy gradient only; giving one to the other algorithm is an error. Validation plays
+    `eval_episodes` greedy episodes.
     """
 
     name: ClassVar[str] = "reinforcement"
     compile_refusal: ClassVar[str | None] = (
-        "an update is one small forward pass per environment step over a changing number of "
-        "running episodes: the environments bound it, and the changing batch would recompile"
+        "an update is small forward passes over a few environments' steps: the environments "
+        "bound it, and changing batch shapes would recompile"
     )
-    accumulation_refusal: ClassVar[str | None] = "raise episodes_per_update for larger updates"
+    accumulation_refusal: ClassVar[str | None] = (
+        "raise minibatch_size (PPO) or episodes_per_update (policy gradient) for larger updates"
+    )
     shards: ClassVar[bool] = False
+    resume_fixed: ClassVar[tuple[str, ...]] = (
+        "algorithm",
+        "envs",
+        "rollout_steps",
+        "minibatch_size",
+        "ppo_epochs",
+    )
+    algorithm: str | None = None
+    envs: int = 8
+    rollout_steps: int = 128
+    minibatch_size: int = 256
+    ppo_epochs: int = 10
+    clip_range: float = 0.2
+    clip_decay: bool = False
+    value_clip: float | None = None
+    gae_lambda: float = 0.95
+    rollouts_per_epoch: int = 10
     episodes_per_update: int = 8
     updates_per_epoch: int = 10
     gamma: float = 0.99
@@ -81,19 +111,69 @@ class Reinforcement(Mode):
     environment: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("episodes_per_update", "updates_per_epoch", "max_episode_steps"):
+        self._resolve_algorithm()
+        for name in (
+            "episodes_per_update",
+            "updates_per_epoch",
+            "max_episode_steps",
+            "envs",
+            "rollout_steps",
+            "minibatch_size",
+            "ppo_epochs",
+            "rollouts_per_epoch",
+            "eval_episodes",
+        ):
             integer(self.key(name), getattr(self, name), minimum=1)
-        integer(self.key("eval_episodes"), self.eval_episodes, minimum=1)
-        number(self.key("gamma"), self.gamma, minimum=0)
-        if self.gamma > 1:
-            fail(self.key("gamma"), self.gamma, "expected a discount in [0, 1]")
+        for name, what in (("gamma", "a discount"), ("gae_lambda", "a number")):
+            number(self.key(name), getattr(self, name), minimum=0)
+            if getattr(self, name) > 1:
+                fail(self.key(name), getattr(self, name), f"expected {what} in [0, 1]")
         number(self.key("value_coef"), self.value_coef, minimum=0)
         number(self.key("entropy_coef"), self.entropy_coef, minimum=0)
+        number(self.key("clip_range"), self.clip_range, minimum=0, strict=True)
+        if self.value_clip is not None:
+            number(self.key("value_clip"), self.value_clip, minimum=0, strict=True)
         boolean(self.key("normalize_advantages"), self.normalize_advantages)
+        boolean(self.key("clip_decay"), self.clip_decay)
         if self.environment is not None and not (
             isinstance(self.environment, str) and self.environment
         ):
-            fail(self.key("environment"), self.environment, "expected a name, e.g. 'CartPole'")
+            fail(self.key("environment"), self.environment, "expected a name, e.g. 'CartPole-v1'")
+
+    def _resolve_algorithm(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+
+        def given(name: str) -> bool:
+            return bool(getattr(self, name) != defaults[name])
+
+        algorithm = self.algorithm
+        if algorithm is None:
+            own = any(given(name) for name in OWN_SETTINGS["policy_gradient"])
+            algorithm = "policy_gradient" if own else "ppo"
+            object.__setattr__(self, "algorithm", algorithm)
+        choice(self.key("algorithm"), algorithm, ALGORITHMS)
+        for other, names in OWN_SETTINGS.items():
+            for name in names:
+                if other != algorithm and given(name):
+                    fail(
+                        self.key(name),
+                        getattr(self, name),
+                        f"a setting of algorithm={other!r}, and this run's is {algorithm!r} "
+                        f"(leave {name} out, or set algorithm={other!r})",
+                    )
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> Mode:
+        """As `Mode.from_settings`; a record without `algorithm` that names a
+        policy-gradient setting (config files and checkpoints written before PPO) is
+        policy gradient."""
+        return super().from_settings(cls.saved(settings))
+
+    @classmethod
+    def saved(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        if "algorithm" in settings or not set(OWN_SETTINGS["policy_gradient"]) & set(settings):
+            return dict(settings)
+        return {"algorithm": "policy_gradient", **settings}
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -116,8 +196,8 @@ class Reinforcement(Mode):
         episodes: int | None = None,
         job: Distributed | None = None,
     ) -> PolicyGradientStep:
-        """The step these settings describe (`episodes` overrides the episodes per update,
-        e.g. 1 where the step only evaluates)."""
+        """The policy-gradient step these settings describe (`episodes` overrides the
+        episodes per update, e.g. 1 where the step only evaluates)."""
         return PolicyGradientStep(
             env_factory,
             episodes=self.episodes_per_update if episodes is None else episodes,
@@ -127,6 +207,33 @@ class Reinforcement(Mode):
             normalize_advantages=self.normalize_advantages,
             max_episode_steps=self.max_episode_steps,
             eval_episodes=self.eval_episodes,
+            job=job,
+        )
+
+    def ppo_step(
+        self,
+        env_factory: Callable[[], Any],
+        *,
+        total_rollouts: int | None = None,
+        job: Distributed | None = None,
+    ) -> PPOStep:
+        """The PPO step these settings describe."""
+        return PPOStep(
+            env_factory,
+            envs=self.envs,
+            rollout_steps=self.rollout_steps,
+            minibatch_size=self.minibatch_size,
+            epochs=self.ppo_epochs,
+            clip_range=self.clip_range,
+            clip_decay=self.clip_decay,
+            value_clip=self.value_clip,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            value_coef=self.value_coef,
+            entropy_coef=self.entropy_coef,
+            normalize_advantages=self.normalize_advantages,
+            max_episode_steps=self.max_episode_steps,
+            total_rollouts=total_rollouts,
             job=job,
         )
 
@@ -140,7 +247,7 @@ class Reinforcement(Mode):
         raise ValueError(
             "mode='reinforcement' takes an environment factory where other modes take the "
             "train loader: a callable returning a gymnasium-style environment (e.g. "
-            "traineval.envs.CartPole), or a name ('CartPole'); got "
+            "traineval.envs.CartPole), or a name ('CartPole-v1'); got "
             f"{type(source).__name__}"
         )
 
@@ -153,7 +260,15 @@ class Reinforcement(Mode):
         return step.evaluate(model.to(device), device, seed=seed + 54321)
 
     def plan(self, ctx: Context) -> ModePlan:
-        step = self.step(self.environment_factory(ctx.train_data), job=ctx.job)
+        factory = self.environment_factory(ctx.train_data)
+        evaluator = self.step(factory, episodes=1)
+        step: PolicyGradientStep | PPOStep
+        if self.algorithm == "ppo":
+            step = self.ppo_step(factory, total_rollouts=self._rollouts(ctx), job=ctx.job)
+            updates = self.rollouts_per_epoch * step.updates_per_rollout
+        else:
+            step = self.step(factory, job=ctx.job)
+            updates = self.updates_per_epoch
         c = ctx.config
         name = "val_return" if c.monitor_metric == "val_loss" else c.monitor_metric
         minimize = c.minimize_monitor if name == c.monitor_metric else False
@@ -162,212 +277,25 @@ class Reinforcement(Mode):
         # the ranks share one stream (each update's base seed, which their episodes derive from)
         return ModePlan(
             step,
-            loader=Updates(self.updates_per_epoch),
+            loader=Updates(updates),
             wraps_model=False,
-            evaluate=lambda model: step.evaluate(model, device, seed=_fresh_seed()),
+            evaluate=lambda model: evaluator.evaluate(model, device, seed=_fresh_seed()),
             monitor=MonitorChoice(name, minimize),
             shared_seed=True,
         )
 
-
-class PolicyGradientStep:
-    """One policy-gradient update from freshly collected episodes; see the module docstring."""
-
-    def __init__(
-        self,
-        env_factory: Callable[[], Any],
-        *,
-        episodes: int = 8,
-        gamma: float = 0.99,
-        value_coef: float = 0.5,
-        entropy_coef: float = 0.01,
-        normalize_advantages: bool = True,
-        max_episode_steps: int = 1000,
-        eval_episodes: int = 10,
-        job: Distributed | None = None,
-    ) -> None:
-        self.env_factory = env_factory
-        self.job = job or Distributed()
-        self.envs = [env_factory() for _ in range(episodes)]
-        self.gamma = gamma
-        self.value_coef = value_coef
-        self.entropy_coef = entropy_coef
-        self.normalize_advantages = normalize_advantages
-        self.max_episode_steps = max_episode_steps
-        self.eval_episodes = eval_episodes
-        self._eval_envs: list[Any] = []
-        if not hasattr(self.envs[0], "reset") or not hasattr(self.envs[0], "step"):
-            raise ValueError(
-                "mode='reinforcement' needs an environment factory: a callable returning an "
-                "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
+    def _rollouts(self, ctx: Context) -> int:
+        """How many rollouts the run collects (the clipping range decays over them)."""
+        c = ctx.config
+        total = c.num_epochs * self.rollouts_per_epoch
+        if c.max_steps is not None:
+            per_rollout = self.ppo_epochs * math.ceil(
+                self.envs
+                * self.rollout_steps
+                / min(self.minibatch_size, self.envs * self.rollout_steps)
             )
-
-    def weight(self, batch: Any) -> int:
-        return 1
-
-    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
-        device = next(model.parameters()).device
-        seeds = sampling = None
-        if self.job.enabled:  # this rank's own episodes, from the shared stream and the rank
-            base = int(torch.randint(2**62, ()).item()) + self.job.rank
-            seeds = torch.Generator().manual_seed(base)
-            sampling = torch.Generator(device=device).manual_seed(base)
-        episodes = self._play(model, self.envs, device, False, seeds, sampling)
-        log_probs = torch.cat([e["log_probs"] for e in episodes])
-        entropies = torch.cat([e["entropies"] for e in episodes])
-        returns = torch.cat([self._returns(e) for e in episodes]).to(device)
-        values = [e["values"] for e in episodes]
-        if self.job.enabled:
-            loss = self._loss_over_ranks(log_probs, entropies, returns, values)
-        else:
-            if values[0] is not None:
-                value = torch.cat(values)
-                advantages = returns - value.detach()
-                value_loss = F.mse_loss(value, returns)
-            else:
-                advantages = returns - returns.mean()
-                value_loss = torch.zeros((), device=device)
-            if self.normalize_advantages and advantages.numel() > 1:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            policy_loss = -(log_probs * advantages).mean()
-            entropy = entropies.mean()
-            loss = policy_loss + self.value_coef * value_loss - self.entropy_coef * entropy
-        metrics: dict[str, float | torch.Tensor] = {  # host numbers: rewards stay on the host
-            "episode_return": float(np.mean([sum(e["rewards"]) for e in episodes])),
-            "episode_length": float(np.mean([len(e["rewards"]) for e in episodes])),
-        }
-        return StepOutput(loss=loss, weight=1, num_samples=int(log_probs.numel()), metrics=metrics)
-
-    def _loss_over_ranks(
-        self,
-        log_probs: torch.Tensor,
-        entropies: torch.Tensor,
-        returns: torch.Tensor,
-        values: list[torch.Tensor | None],
-    ) -> torch.Tensor:
-        """This rank's part of the loss over every rank's time steps, times the world size
-        (the loop averages the ranks' gradients): means, the mean baseline and the advantage
-        normalisation use all ranks' steps."""
-        job = self.job
-        n, returns_sum = job.sum([float(returns.numel()), float(returns.sum())])
-        if values[0] is not None:
-            value = torch.cat(values)  # type: ignore[arg-type]
-            advantages = returns - value.detach()
-            value_sum = ((value - returns) ** 2).sum()
-        else:
-            advantages = returns - returns_sum / n
-            value_sum = torch.zeros((), device=returns.device)
-        if self.normalize_advantages and n > 1:
-            total, squares = job.sum([float(advantages.sum()), float((advantages**2).sum())])
-            mean = total / n
-            std = max((squares - n * mean * mean) / (n - 1), 0.0) ** 0.5  # unbiased, as .std()
-            advantages = (advantages - mean) / (std + 1e-8)
-        scale = job.world_size / n
-        policy = -(log_probs * advantages).sum()
-        entropy = entropies.sum()
-        return (policy + self.value_coef * value_sum - self.entropy_coef * entropy) * scale
-
-    def _returns(self, episode: dict[str, Any]) -> torch.Tensor:
-        """Discounted returns, bootstrapped from V(last state) when the time limit cut it off."""
-        rewards = episode["rewards"]
-        running = episode["bootstrap"]
-        out = np.zeros(len(rewards), dtype=np.float64)
-        for t in range(len(rewards) - 1, -1, -1):
-            running = rewards[t] + self.gamma * running
-            out[t] = running
-        return torch.as_tensor(out, dtype=torch.float32)
-
-    def _play(
-        self,
-        model: nn.Module,
-        envs: list[Any],
-        device: torch.device,
-        greedy: bool,
-        seeds: torch.Generator | None = None,
-        sampling: torch.Generator | None = None,
-    ) -> list[dict[str, Any]]:
-        """Run one episode in each env in lockstep; records what the loss needs.
-
-        Episode seeds come from `seeds`, sampled actions from `sampling` (a generator on the
-        model's device); either defaults to the global generator.
-        """
-        observations = []
-        for env in envs:
-            seed = int(torch.randint(2**31 - 1, (), generator=seeds).item())
-            observations.append(env.reset(seed=seed)[0])
-        records: list[dict[str, Any]] = [
-            {"log_probs": [], "entropies": [], "values": [], "rewards": [], "bootstrap": 0.0}
-            for _ in envs
-        ]
-        active = list(range(len(envs)))
-        steps = 0
-        while active:
-            obs = torch.as_tensor(np.stack([observations[i] for i in active]), device=device)
-            logits, value = _policy(model, obs.float())
-            if greedy:
-                actions = logits.argmax(dim=-1)
-            else:
-                probs = logits.float().softmax(dim=-1)
-                actions = torch.multinomial(probs, 1, generator=sampling).squeeze(1)
-            log_probs = logits.float().log_softmax(dim=-1)
-            chosen = log_probs.gather(1, actions[:, None]).squeeze(1)
-            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-            steps += 1
-            still: list[int] = []
-            for row, (i, action) in enumerate(zip(active, actions.tolist(), strict=True)):
-                record = records[i]
-                record["log_probs"].append(chosen[row])
-                record["entropies"].append(entropy[row])
-                record["values"].append(None if value is None else value[row])
-                obs_i, reward, terminated, truncated, _ = envs[i].step(action)
-                record["rewards"].append(float(reward))
-                observations[i] = obs_i
-                cut = truncated or steps >= self.max_episode_steps
-                if not terminated and not cut:
-                    still.append(i)
-                elif cut and not terminated and value is not None and not greedy:
-                    record["cut_observation"] = obs_i
-            active = still
-        out = []
-        for record in records:
-            has_value = record["values"][0] is not None
-            if "cut_observation" in record and has_value:
-                last = torch.as_tensor(record["cut_observation"], device=device)[None].float()
-                with torch.no_grad():
-                    record["bootstrap"] = float(_policy(model, last)[1][0])  # type: ignore[index]
-            out.append(
-                {
-                    "log_probs": torch.stack(record["log_probs"]),
-                    "entropies": torch.stack(record["entropies"]),
-                    "values": torch.stack(record["values"]) if has_value else None,
-                    "rewards": record["rewards"],
-                    "bootstrap": record["bootstrap"],
-                }
-            )
-        return out
-
-    def evaluate(
-        self, model: nn.Module, device: torch.device, seed: int = 12345
-    ) -> dict[str, float]:
-        """Mean return and episode length of the greedy policy over `eval_episodes` episodes.
-
-        Its episode seeds come from a generator of its own, seeded with `seed` (training's
-        validation passes a fresh one each time; a final test another), so evaluating does
-        not change what training draws.
-        """
-        if not self._eval_envs:
-            self._eval_envs = [self.env_factory() for _ in range(self.eval_episodes)]
-        was_training = model.training
-        model.eval()
-        seeds = torch.Generator().manual_seed(seed)
-        try:
-            with torch.no_grad():
-                episodes = self._play(model, self._eval_envs, device, greedy=True, seeds=seeds)
-        finally:
-            model.train(was_training)
-        returns = [sum(e["rewards"]) for e in episodes]
-        lengths = [len(e["rewards"]) for e in episodes]
-        return {"return": float(np.mean(returns)), "episode_length": float(np.mean(lengths))}
+            total = min(total, math.ceil(c.max_steps / per_rollout))
+        return total
 
 
 def _fresh_seed() -> int:
@@ -376,14 +304,3 @@ def _fresh_seed() -> int:
     checkpoints capture and which the loop puts back after evaluating: a resumed run
     validates on the episodes an uninterrupted one would."""
     return int(torch.randint(2**31 - 1, ()).item())
-
-
-def _policy(model: nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The policy's logits and its value estimate, if it makes one: a model returns logits,
-    `(logits, value)`, or a mapping with `logits` (or another prediction key) and `value`."""
-    out = model(obs)
-    if isinstance(out, (tuple, list)) and len(out) == 2:
-        logits, value = out
-        return logits, value.reshape(-1).float()
-    value = out.get("value") if isinstance(out, Mapping) else None
-    return prediction_of(out), value.reshape(-1).float() if value is not None else None

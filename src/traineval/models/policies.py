@@ -1,0 +1,113 @@
+"""Policies for reinforcement mode: an actor-critic MLP and running observation normalisation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ActorCritic", "RunningNorm"]
+
+
+class RunningNorm(nn.Module):
+    """Normalises observations by a running mean and variance: `clamp((x - mean) /
+    sqrt(var + 1e-8), -clip, clip)`.
+
+    The statistics are buffers (saved with the model, used at evaluation alike) that only
+    `update_statistics` changes: reinforcement mode's PPO calls it with the observations
+    the policy plays on (as Stable-Baselines3's VecNormalize does), merging them over the
+    ranks under torchrun. Forward passes never change them.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, shape: int | Sequence[int], clip: float = 10.0) -> None:
+        super().__init__()
+        size = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.clip = clip
+        self.register_buffer("mean", torch.zeros(size, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(size, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update_statistics(self, observations: torch.Tensor, job: Any = None) -> None:
+        """Fold a batch `(N, *shape)` into the statistics (summed over `job`'s ranks)."""
+        x = observations.detach().to(torch.float64).reshape(-1, *tuple(self.mean.shape))
+        n = torch.tensor([float(len(x))], dtype=torch.float64, device=x.device)
+        sums = torch.cat([n, x.sum(0).flatten(), (x * x).sum(0).flatten()])
+        if job is not None and job.enabled:
+            sums = torch.tensor(job.sum(sums.tolist()), dtype=torch.float64, device=x.device)
+        size = self.mean.numel()
+        count = sums[0]
+        batch_mean = (sums[1 : 1 + size] / count).view_as(self.mean)
+        batch_var = (sums[1 + size :] / count).view_as(self.mean) - batch_mean**2
+        total = self.count + count
+        delta = batch_mean - self.mean
+        moments = self.var * self.count + batch_var * count + delta**2 * self.count * count / total
+        self.mean.add_(delta * count / total)
+        self.var.copy_(moments / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalised = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + 1e-8)
+        return normalised.clamp(-self.clip, self.clip)
+
+
+def _tanh_mlp(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+class ActorCritic(nn.Module):
+    """A policy for reinforcement mode: tanh MLP bodies, action logits and a state value.
+
+    `separate=True` gives the policy and the value their own body (as Stable-Baselines3's
+    MlpPolicy); `orthogonal_init=True` initialises as it does (orthogonal weights with gain
+    sqrt(2) in the bodies, 0.01 on the logits, 1 on the value; zero biases);
+    `normalize_observations=True` puts a `RunningNorm` in front.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        hidden_sizes: Sequence[int] = (64,),
+        separate: bool = False,
+        orthogonal_init: bool = False,
+        normalize_observations: bool = False,
+    ) -> None:
+        super().__init__()
+        sizes = [input_dim, *hidden_sizes]
+        self.normalize = RunningNorm(input_dim) if normalize_observations else None
+        self.body = _tanh_mlp(sizes)
+        self.value_body = _tanh_mlp(sizes) if separate else None
+        width = hidden_sizes[-1] if hidden_sizes else input_dim
+        self.policy = nn.Linear(width, output_dim)
+        self.value = nn.Linear(width, 1)
+        if orthogonal_init:
+            self._orthogonal()
+
+    def _orthogonal(self) -> None:
+        gains = [(self.policy, 0.01), (self.value, 1.0)]
+        for body in (self.body, self.value_body):
+            if body is not None:
+                gains += [(m, math.sqrt(2)) for m in body if isinstance(m, nn.Linear)]
+        for layer, gain in gains:
+            nn.init.orthogonal_(layer.weight, gain=gain)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(1)
+        if self.normalize is not None:
+            x = self.normalize(x)
+        h = self.body(x)
+        v = h if self.value_body is None else self.value_body(x)
+        return self.policy(h), self.value(v)

@@ -1,0 +1,302 @@
+"""Proximal policy optimisation (Schulman et al., 2017): rollouts as the loop's data.
+
+Each loop update is one minibatch of the current rollout. When the rollout is used up
+(`epochs` passes over it in shuffled minibatches) the step collects the next one: `T`
+lockstep steps of `N` environments (`rollouts.EnvBatch`) with the current policy, in eval
+mode and without gradients; a time-limit cut bootstraps the reward with `gamma * V(last
+observation)`; advantages and value targets by GAE (`rollouts.gae`). The loss of a minibatch
+is
+
+    -mean(min(r * A, clip(r, 1 - eps, 1 + eps) * A))     r = pi(a|s) / pi_old(a|s)
+    + value_coef * mean((V(s) - R)^2)                     V clipped around V_old if asked
+    - entropy_coef * mean(entropy(pi(.|s)))
+
+with the advantages A normalised over the minibatch when `normalize_advantages`; the
+clipping range `eps` decays linearly to 0 over the run when `clip_decay`. The loop's
+optimizer, schedule, gradient clipping (`max_grad_norm`), checkpoints and loggers do the
+rest, as for any mode.
+
+State and exact resume: the rollout (observations, actions, old log-probabilities and
+values, advantages, returns), the minibatch order, the position in it and the environments
+(`EnvBatch.state_dict`: seeds and actions, replayed on restore) are the step's
+`state_dict()`, which checkpoints carry; every random draw (episode seeds, sampled actions,
+minibatch order) comes from the global torch generator, which they capture too. A run
+interrupted anywhere resumes to the weights an uninterrupted run reaches.
+
+Observation normalisation: `traineval.models.RunningNorm` layers in the policy are updated
+from the observations the policy plays on (as Stable-Baselines3's VecNormalize does), are
+saved with the model and normalise at evaluation alike; the rollout's old log-probabilities
+and values are then recomputed with the statistics the update starts from.
+
+Under torchrun each rank plays its own environments (seeds and actions from a generator
+derived from the shared stream and the rank) and trains on its own minibatches; the loop
+averages the ranks' gradients (as CleanRL's multi-GPU PPO), and the normalisation statistics
+are merged over the ranks, so every rank holds the same policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..distributed import Distributed
+from .base import StepOutput
+from .rollouts import EnvBatch, gae, policy_and_value
+
+__all__ = ["PPOStep", "policy_outputs"]
+
+ROLLOUT_KEYS = ("observations", "actions", "log_probs", "values", "advantages", "returns")
+
+
+def normalizers(model: nn.Module) -> list[Any]:
+    """The policy's observation normalisers: modules with `update_statistics(obs, job)`
+    (`traineval.models.RunningNorm`)."""
+    return [m for m in model.modules() if callable(getattr(m, "update_statistics", None))]
+
+
+def policy_outputs(model: nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and values `(N,)` of a policy with a value head; a clear error without one."""
+    logits, value = policy_and_value(model, obs)
+    if value is None:
+        raise ValueError(
+            "algorithm='ppo' needs a value head: a model returning (logits, value) or a "
+            "mapping with 'value' (e.g. the built-in actor_critic); use "
+            "algorithm='policy_gradient' for a policy without one"
+        )
+    return logits, value
+
+
+class PPOStep:
+    """One PPO minibatch update per call; see the module docstring."""
+
+    def __init__(
+        self,
+        env_factory: Callable[[], Any],
+        *,
+        envs: int = 8,
+        rollout_steps: int = 128,
+        minibatch_size: int = 256,
+        epochs: int = 10,
+        clip_range: float = 0.2,
+        clip_decay: bool = False,
+        value_clip: float | None = None,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        value_coef: float = 0.5,
+        entropy_coef: float = 0.0,
+        normalize_advantages: bool = True,
+        max_episode_steps: int = 1000,
+        total_rollouts: int | None = None,
+        job: Distributed | None = None,
+    ) -> None:
+        self.batch = EnvBatch(env_factory, envs, max_episode_steps)
+        self.rollout_steps = rollout_steps
+        self.size = envs * rollout_steps
+        self.minibatch_size = min(minibatch_size, self.size)
+        self.minibatches = math.ceil(self.size / self.minibatch_size)
+        self.epochs = epochs
+        self.clip_range, self.clip_decay, self.value_clip = clip_range, clip_decay, value_clip
+        self.gamma, self.gae_lambda = gamma, gae_lambda
+        self.value_coef, self.entropy_coef = value_coef, entropy_coef
+        self.normalize_advantages = normalize_advantages
+        self.total_rollouts = total_rollouts
+        self.job = job or Distributed()
+        self.rollout: dict[str, torch.Tensor] | None = None
+        self.order: torch.Tensor | None = None  # (epochs, size): each pass's shuffle
+        self.position = 0  # minibatches of this rollout trained on
+        self.rollouts = 0  # collected so far
+        self.finished: list[tuple[float, int]] = []  # episodes of the current rollout
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.epochs * self.minibatches
+
+    def weight(self, batch: Any) -> int:
+        index = self.position % self.minibatches if self.rollout is not None else 0
+        return min(self.minibatch_size, self.size - index * self.minibatch_size)
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        metrics: dict[str, float | torch.Tensor] = {}
+        if self.rollout is None:
+            self._collect(model)
+            if self.finished:
+                metrics["episode_return"] = float(np.mean([r for r, _ in self.finished]))
+                metrics["episode_length"] = float(np.mean([n for _, n in self.finished]))
+        assert self.rollout is not None
+        assert self.order is not None
+        device = next(model.parameters()).device
+        if self.rollout["observations"].device != device:  # restored from a checkpoint
+            self.rollout = {key: value.to(device) for key, value in self.rollout.items()}
+        epoch, index = divmod(self.position, self.minibatches)
+        start = index * self.minibatch_size
+        rows = self.order[epoch, start : start + self.minibatch_size].to(device)
+        data = {key: self.rollout[key][rows] for key in ROLLOUT_KEYS}
+        loss, stats = self._loss(model, data)
+        metrics.update(stats)
+        self.position += 1
+        if self.position == self.updates_per_rollout:
+            self.rollout = self.order = None
+            self.position = 0
+        return StepOutput(loss=loss, weight=len(rows), num_samples=len(rows), metrics=metrics)
+
+    # -- the loss -------------------------------------------------------------------------------
+
+    def _clip(self) -> float:
+        if not self.clip_decay or not self.total_rollouts:
+            return self.clip_range
+        remaining = 1.0 - (self.rollouts - 1) / self.total_rollouts
+        return self.clip_range * max(remaining, 0.0)
+
+    def _loss(
+        self, model: nn.Module, data: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        logits, values = policy_outputs(model, data["observations"])
+        log_probs = logits.float().log_softmax(dim=-1)
+        chosen = log_probs.gather(1, data["actions"][:, None]).squeeze(1)
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+        advantages = data["advantages"]
+        if self.normalize_advantages and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        log_ratio = chosen - data["log_probs"]
+        ratio = log_ratio.exp()
+        eps = self._clip()
+        policy_loss = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+        if self.value_clip is not None:
+            old = data["values"]
+            values = old + (values - old).clamp(-self.value_clip, self.value_clip)
+        value_loss = ((values - data["returns"]) ** 2).mean()
+        loss = policy_loss.mean() + self.value_coef * value_loss - self.entropy_coef * entropy
+        with torch.no_grad():  # read at the next log step, not now
+            stats: dict[str, float | torch.Tensor] = {
+                "clip_fraction": ((ratio - 1).abs() > eps).float().mean(),
+                "approx_kl": ((ratio - 1) - log_ratio).mean(),
+                "value_loss": value_loss.detach(),
+                "entropy": entropy.detach(),
+            }
+        return loss, stats
+
+    # -- collecting a rollout ---------------------------------------------------------------------
+
+    def _generators(self, device: torch.device) -> tuple[Any, Any]:
+        """(CPU, device) generators for this rollout: the global ones, or under torchrun
+        this rank's, derived from the shared stream and the rank."""
+        if not self.job.enabled:
+            return None, None
+        base = int(torch.randint(2**62, ()).item()) + self.job.rank
+        return torch.Generator().manual_seed(base), torch.Generator(device).manual_seed(base)
+
+    @torch.no_grad()
+    def _collect(self, model: nn.Module) -> None:
+        device = next(model.parameters()).device
+        cpu, sampling = self._generators(device)
+
+        def draw_seed() -> int:
+            return int(torch.randint(2**31 - 1, (), generator=cpu).item())
+
+        norms = normalizers(model)
+        was_training = model.training
+        model.eval()
+        try:
+            columns = self._play(model, device, draw_seed, sampling, norms)
+        finally:
+            model.train(was_training)
+        if norms:  # the update starts from the statistics the rollout ended with
+            flat = columns["observations"].flatten(0, 1)
+            logits, values = policy_outputs(model, flat)
+            log_probs = logits.float().log_softmax(-1)
+            chosen = log_probs.gather(1, columns["actions"].reshape(-1, 1)).squeeze(1)
+            columns["log_probs"] = chosen.view_as(columns["log_probs"])
+            columns["values"] = values.view_as(columns["values"])
+            columns["last_values"] = policy_outputs(model, columns["last_observations"])[1]
+        advantages, returns = gae(
+            columns["rewards"],
+            columns["values"],
+            columns["dones"],
+            columns["last_values"],
+            self.gamma,
+            self.gae_lambda,
+        )
+        columns.update(advantages=advantages, returns=returns)
+        self.rollout = {key: columns[key].flatten(0, 1) for key in ROLLOUT_KEYS}
+        self.order = torch.stack(
+            [torch.randperm(self.size, generator=cpu) for _ in range(self.epochs)]
+        )
+        self.position = 0
+        self.rollouts += 1
+
+    def _play(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        draw_seed: Callable[[], int],
+        sampling: torch.Generator | None,
+        norms: list[Any],
+    ) -> dict[str, torch.Tensor]:
+        """`rollout_steps` lockstep steps of the environments: the rollout's columns, (T, N)."""
+        batch = self.batch
+        obs = np.stack(batch.observations) if batch.started else batch.start(draw_seed)
+        columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("observations", "actions")}
+        for key in ("log_probs", "values", "rewards", "dones"):
+            columns[key] = []
+        self.finished = []
+        for _ in range(self.rollout_steps):
+            observations = torch.as_tensor(obs, device=device).float()
+            for norm in norms:
+                norm.update_statistics(observations, self.job)
+            logits, values = policy_outputs(model, observations)
+            log_probs = logits.float().log_softmax(dim=-1)
+            actions = torch.multinomial(log_probs.exp(), 1, generator=sampling).squeeze(1)
+            chosen = log_probs.gather(1, actions[:, None]).squeeze(1)
+            result = batch.step(actions.tolist(), draw_seed)
+            rewards = torch.as_tensor(result.rewards, device=device, dtype=torch.float32)
+            if result.final_observations:  # time-limit cuts: bootstrap from V(last state)
+                cut = sorted(result.final_observations)
+                last = np.stack([result.final_observations[i] for i in cut])
+                bootstrap = policy_outputs(model, torch.as_tensor(last, device=device).float())
+                rewards[cut] += self.gamma * bootstrap[1]
+            ended = np.logical_or(result.terminated, result.truncated)
+            columns["observations"].append(observations)
+            columns["actions"].append(actions)
+            columns["log_probs"].append(chosen)
+            columns["values"].append(values.float())
+            columns["rewards"].append(rewards)
+            columns["dones"].append(torch.as_tensor(ended, device=device))
+            self.finished += result.finished
+            obs = result.observations
+        out = {key: torch.stack(values) for key, values in columns.items()}
+        out["last_observations"] = torch.as_tensor(obs, device=device).float()
+        out["last_values"] = policy_outputs(model, out["last_observations"])[1].float()
+        return out
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rollout in progress, its minibatch order and position, the environments."""
+        state: dict[str, Any] = {
+            "position": self.position,
+            "rollouts": self.rollouts,
+            "environments": self.batch.state_dict() if self.batch.started else None,
+        }
+        if self.rollout is not None and self.order is not None:
+            state["rollout"] = {key: value.cpu() for key, value in self.rollout.items()}
+            state["order"] = self.order.cpu()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device_rollout = state.get("rollout")
+        self.position, self.rollouts = int(state["position"]), int(state["rollouts"])
+        if state["environments"] is not None:
+            self.batch.load_state_dict(state["environments"])
+        self.rollout = dict(device_rollout) if device_rollout is not None else None
+        self.order = state.get("order")
+        if self.rollout is not None and self.rollout["observations"].shape[0] != self.size:
+            raise ValueError(
+                f"cannot resume: the checkpoint's rollout holds "
+                f"{self.rollout['observations'].shape[0]} steps, this run's {self.size} "
+                "(envs x rollout_steps)"
+            )

@@ -1,0 +1,183 @@
+"""Environments stepped in lockstep, and generalised advantage estimation over a rollout.
+
+`EnvBatch` runs `n` environments side by side (one batched forward pass of the policy per
+time step, as Stable-Baselines3's DummyVecEnv or gymnasium's SyncVectorEnv do), resetting
+each as its episode ends. Its state is small and safe to checkpoint: for each environment
+the seed of its current episode and the actions taken since. Restoring resets each
+environment with that seed and replays the actions, which puts any environment that is
+deterministic given its seed and actions (gymnasium's contract) back where it was, without
+pickling it (a checkpoint stays loadable with `weights_only`, running no code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..batches import prediction_of
+
+__all__ = ["EnvBatch", "StepResult", "gae", "policy_and_value"]
+
+DrawSeed = Callable[[], int]
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One lockstep step of every environment.
+
+    Attributes:
+        observations: the next observation of each environment (after a reset where the
+            episode ended: the new episode's first).
+        rewards: float64, one per environment.
+        terminated: the episode ended in a terminal state (no value beyond it).
+        truncated: the episode was cut off (time limit) in a non-terminal state.
+        final_observations: environment index -> the observation the truncated episode
+            ended on (its value bootstraps the return).
+        finished: (return, length) of each episode that ended at this step.
+    """
+
+    observations: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    final_observations: dict[int, np.ndarray]
+    finished: list[tuple[float, int]]
+
+
+class EnvBatch:
+    """`n` environments from `factory`, stepped together; see the module docstring.
+
+    Each new episode's seed comes from `draw_seed` (in environment order), so a run's
+    random stream decides every episode. An episode longer than `max_episode_steps` is
+    truncated there.
+    """
+
+    def __init__(self, factory: Callable[[], Any], n: int, max_episode_steps: int) -> None:
+        self.envs = [factory() for _ in range(n)]
+        self.max_episode_steps = max_episode_steps
+        self.seeds: list[int | None] = [None] * n
+        self.actions: list[list[Any]] = [[] for _ in range(n)]
+        self.returns = [0.0] * n
+        self.observations: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.observations)
+
+    def start(self, draw_seed: DrawSeed) -> np.ndarray:
+        """Reset every environment (or replay a restored state); the first observations."""
+        self.observations = [self._begin(i, draw_seed) for i in range(len(self.envs))]
+        return np.stack(self.observations)
+
+    def _begin(self, i: int, draw_seed: DrawSeed) -> np.ndarray:
+        seed, actions = self.seeds[i], self.actions[i]
+        if seed is None:  # a new episode
+            return self._reset(i, draw_seed)
+        observation = np.asarray(self.envs[i].reset(seed=seed)[0])
+        self.returns[i] = 0.0
+        for action in actions:  # replay a restored episode
+            observation, reward, *_ = self.envs[i].step(action)
+            self.returns[i] += float(reward)
+        return np.asarray(observation)
+
+    def _reset(self, i: int, draw_seed: DrawSeed) -> np.ndarray:
+        seed = draw_seed()
+        self.seeds[i], self.actions[i], self.returns[i] = seed, [], 0.0
+        return np.asarray(self.envs[i].reset(seed=seed)[0])
+
+    def step(self, actions: list[Any], draw_seed: DrawSeed) -> StepResult:
+        """Step each environment with its action; reset those whose episode ended."""
+        n = len(self.envs)
+        rewards = np.zeros(n, dtype=np.float64)
+        terminated = np.zeros(n, dtype=bool)
+        truncated = np.zeros(n, dtype=bool)
+        final: dict[int, np.ndarray] = {}
+        finished: list[tuple[float, int]] = []
+        for i, (env, action) in enumerate(zip(self.envs, actions, strict=True)):
+            observation, reward, ended, cut, _ = env.step(action)
+            self.actions[i].append(action)
+            rewards[i] = float(reward)
+            self.returns[i] += float(reward)
+            length = len(self.actions[i])
+            cut = bool(cut) or length >= self.max_episode_steps
+            terminated[i], truncated[i] = bool(ended), cut and not ended
+            if ended or cut:
+                finished.append((self.returns[i], length))
+                if truncated[i]:
+                    final[i] = np.asarray(observation)
+                observation = self._reset(i, draw_seed)
+            self.observations[i] = np.asarray(observation)
+        return StepResult(
+            np.stack(self.observations), rewards, terminated, truncated, final, finished
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each environment's episode seed and the actions since (tensors and ints only)."""
+        return {
+            "seeds": [-1 if seed is None else int(seed) for seed in self.seeds],
+            "actions": [torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in self.actions],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a saved state; the next `start` replays it."""
+        if len(state["seeds"]) != len(self.envs):
+            raise ValueError(
+                f"cannot resume: the checkpoint ran {len(state['seeds'])} environments, this "
+                f"run {len(self.envs)}"
+            )
+        self.seeds = [None if seed < 0 else int(seed) for seed in state["seeds"]]
+        self.actions = [[int(a) for a in actions.tolist()] for actions in state["actions"]]
+        self.observations = []
+
+    def close(self) -> None:
+        for env in self.envs:
+            getattr(env, "close", lambda: None)()
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_values: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) over a `(T, N)` rollout.
+
+    `dones[t]` marks an episode that ended at step t (its next value is not used: a
+    truncated episode's reward already holds its bootstrapped value); `last_values` are the
+    values of the observations after the last step. Returns (advantages, returns), with
+    returns = advantages + values (the value targets).
+    """
+    steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(last_values)
+    next_values = last_values
+    for t in range(steps - 1, -1, -1):
+        alive = 1.0 - dones[t].to(rewards.dtype)
+        delta = rewards[t] + gamma * next_values * alive - values[t]
+        running = delta + gamma * lam * alive * running
+        advantages[t] = running
+        next_values = values[t]
+    return advantages, advantages + values
+
+
+def policy_and_value(
+    model: nn.Module, obs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's logits and its value estimate, if it makes one: a model returns logits,
+    `(logits, value)`, or a mapping with `logits` (or another prediction key) and `value`."""
+    out = model(obs)
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        logits, value = out
+        return logits, value.reshape(-1).float()
+    value = out.get("value") if isinstance(out, Mapping) else None
+    return prediction_of(out), value.reshape(-1).float() if value is not None else None
