@@ -25,6 +25,7 @@ from traineval import EvaluationConfig, TrainingConfig, TrainingManager, Trainin
 from traineval.callbacks import Callback
 from traineval.config import TaskType
 from traineval.evaluation import Evaluator
+from traineval.modes import Reinforcement
 
 
 def data(n: int = 64, features: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:
@@ -371,6 +372,46 @@ def rl_resume_second(out: Path, rank: int) -> None:
     torch.save(net.state_dict(), out / f"rl-resumed-{rank}.pt")
 
 
+PPO_MODE = Reinforcement(  # 4 minibatches x 2 passes: 8 updates per rollout; a stop at 4
+    algorithm="ppo",  # is inside the first rollout
+    envs=2,
+    rollout_steps=8,
+    minibatch_size=4,
+    ppo_epochs=2,
+    rollouts_per_epoch=2,
+    max_episode_steps=25,
+    eval_episodes=1,
+)
+
+
+def ppo_config(out: Path) -> TrainingConfig:
+    settings = {k: v for k, v in RL_SETTINGS.items() if not k.startswith("rl_")}
+    return config(out, checkpoint_every_n_steps=2, **settings)
+
+
+def ppo_resume_first(out: Path, rank: int) -> None:
+    """PPO, 16 updates: uninterrupted, then stopped by a signal on rank 1 at update 4."""
+    from traineval.loop import TrainingInterrupted
+
+    net = ActorCritic()
+    TrainingManager(ppo_config(out / "ppo-straight")).train(net, "CartPole", mode=PPO_MODE)
+    torch.save(net.state_dict(), out / f"ppo-straight-{rank}.pt")
+    try:
+        TrainingManager(ppo_config(out / "ppo-interrupted")).train(
+            ActorCritic(), "CartPole", mode=PPO_MODE, callbacks=[SignalRankOne()]
+        )
+    except TrainingInterrupted as stopped:
+        (out / f"ppo-interrupted-{rank}.txt").write_text(str(stopped))
+
+
+def ppo_resume_second(out: Path, rank: int) -> None:
+    net = ActorCritic()
+    TrainingManager(ppo_config(out / "ppo-interrupted")).train(
+        net, "CartPole", mode=PPO_MODE, resume_from="auto"
+    )
+    torch.save(net.state_dict(), out / f"ppo-resumed-{rank}.pt")
+
+
 class FailOnRankOne(Callback):
     def on_step_end(self, loop: Any) -> None:
         if loop.job.rank == 1 and loop.state.global_step == 3:
@@ -521,6 +562,8 @@ SCENARIOS = {
     "reinforcement": reinforcement,
     "rl_resume_first": rl_resume_first,
     "rl_resume_second": rl_resume_second,
+    "ppo_resume_first": ppo_resume_first,
+    "ppo_resume_second": ppo_resume_second,
     "resume_first": resume_first,
     "resume_second": resume_second,
     "failure": failure,

@@ -378,6 +378,26 @@ def test_a_two_rank_policy_gradient_run_resumes_to_the_uninterrupted_result(tmp_
 
 
 @pytest.mark.slow
+def test_a_two_rank_ppo_run_resumes_mid_rollout_to_the_uninterrupted_result(tmp_path):
+    """Each rank plays its own environments; the averaged gradients keep one policy; a run
+    stopped inside a rollout resumes each rank's rollout and environments exactly."""
+    ok(torchrun("ppo_resume_first", tmp_path))
+    for rank in (0, 1):
+        assert "step 4" in (tmp_path / f"ppo-interrupted-{rank}.txt").read_text()
+    saved = torch.load(tmp_path / "ppo-interrupted" / "checkpoints" / "last.pt")
+    ranks = saved["step_per_rank"]
+    assert ranks[0]["position"] == 4  # inside the rollout of 8 updates
+    assert ranks[0]["environments"]["seeds"] != ranks[1]["environments"]["seeds"]
+    assert not torch.equal(ranks[0]["rollout"]["observations"], ranks[1]["rollout"]["observations"])
+    ok(torchrun("ppo_resume_second", tmp_path))
+    for rank in (0, 1):
+        assert_same_weights(
+            tmp_path / f"ppo-straight-{rank}.pt", tmp_path / f"ppo-resumed-{rank}.pt"
+        )
+    assert_same_weights(tmp_path / "ppo-straight-0.pt", tmp_path / "ppo-straight-1.pt")
+
+
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_job(tmp_path):
     started = time.monotonic()
     run = torchrun("failure", tmp_path, timeout=120)

@@ -84,6 +84,12 @@ class WeightAverage:
         if self.average is not None:
             torch._foreach_copy_(self.live, self.average)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The averaged parameters and floating-point buffers by state-dict name (the
+        model's own before the first update), e.g. for `torch.func.functional_call`."""
+        source = self.average if self.average is not None else self.live
+        return {name: source[position] for name, position in self.index.items()}
+
     def averaged_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """`state` (the model's state dict) with the averaged tensors in place of its own."""
         if self.average is None:

@@ -377,6 +377,10 @@ def update_rule(
     """How the loop makes each update: the mode's step, the optimization, accumulation,
     clipping (unless the mode clips its own), non-finite steps, the moving average."""
     c = config
+    average = WeightAverage(model, c.ema_decay, c.ema_warmup) if c.ema_decay else None
+    attach = getattr(plan.step, "use_weight_average", None)  # Mean Teacher's teacher
+    if callable(attach):
+        attach(average)
     return UpdateRule(
         step_fn=plan.step,
         optimizer=parts.optimizer,
@@ -385,7 +389,7 @@ def update_rule(
         accumulation_steps=c.gradient_accumulation_steps,
         max_grad_norm=c.max_grad_norm if c.gradient_clipping and plan.clips_gradients else None,
         skip_non_finite=c.skip_nonfinite_steps,
-        weight_average=WeightAverage(model, c.ema_decay, c.ema_warmup) if c.ema_decay else None,
+        weight_average=average,
     )
 
 

@@ -60,6 +60,9 @@ class StepFunction(Protocol):
     A step that keeps state across calls (PPO: the rollout being trained on and the
     environments) also defines `state_dict()` (tensors and plain values) and
     `load_state_dict(state)`: checkpoints carry it, per rank, and a resume puts it back.
+    A step that reads the moving average of the weights (Mean Teacher's teacher) defines
+    `use_weight_average(average)`: it receives the loop's `WeightAverage` (None without
+    `ema_decay`).
     """
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput: ...

@@ -1,51 +1,55 @@
-"""Semi-supervised mode: labeled and unlabeled samples in one batch, pseudo-labels for the latter.
+"""Semi-supervised mode: labeled and unlabeled samples in one batch; three algorithms.
 
-Unlabeled samples carry the target `unlabeled_label` (-1 by default, scikit-learn's
-convention in `sklearn.semi_supervised`). Each micro-batch's loss is
-
-    mean cross-entropy over its labeled samples
-    + unlabeled_weight * (1 / n_unlabeled) * sum over its unlabeled samples whose top
-      predicted probability is >= pseudo_label_threshold of the cross-entropy against
-      that (detached) top class
-
-i.e. pseudo-labelling (Lee, 2013) with FixMatch's confidence mask and normalisation
-(Sohn et al., 2020), without augmentations: pass augmented inputs through your dataset.
-Masks and counts stay on the device (no host sync per step). The two terms are means over
-different sets (labeled / unlabeled samples), so the step reports them apart
-(`StepOutput.terms`) with their counts (`weight()`): under gradient accumulation and DDP each
-is normalised by the whole window's (all ranks') count of its samples, and the gradient equals
-that of one big batch.
+`algorithm="pseudo_label"` (the default; `traineval.modes.pseudo_label`, whose docstring
+gives its loss); `"fixmatch"` and `"mean_teacher"` (`traineval.modes.consistency`) add a
+weak / strong augmentation pair: a built-in one (`augmentation="image"` or `"tabular"`,
+`traineval.augment`) or your own functions on a batch (`weak_augmentation`,
+`strong_augmentation`: callables, or import paths in config files).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-from ..batches import OutputTransform, prediction_of
-from ..checks import fail, number
-from .base import StepOutput, batch_size_of, forward, split_batch
+from ..checks import choice, fail, integer, number
+from ..imports import import_object
+from .consistency import FixMatchStep, MeanTeacherStep
 from .contract import Context, Mode, ModePlan, register
+from .pseudo_label import SemiSupervisedStep
+
+__all__ = ["SemiSupervised", "SemiSupervisedStep"]
+
+ALGORITHMS = ("pseudo_label", "fixmatch", "mean_teacher")
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class SemiSupervised(Mode):
     """Classification batches where targets equal to `unlabeled_label` mark unlabeled
-    samples; they train on confident pseudo-labels (`traineval.modes.semi_supervised`).
+    samples (`traineval.modes.semi_supervised`).
 
-    Settings: `unlabeled_label` (a negative integer), `unlabeled_weight` (the pseudo-label
-    term's weight), `pseudo_label_threshold` (the top probability a pseudo-label needs).
+    Settings: `unlabeled_label` (a negative integer), `unlabeled_weight` (the unlabeled
+    term's weight), `pseudo_label_threshold` (the top probability a pseudo-label needs;
+    pseudo_label and fixmatch), `algorithm` ("pseudo_label", "fixmatch", "mean_teacher"),
+    `augmentation` ("image", "tabular": a built-in weak / strong pair), `weak_augmentation`
+    and `strong_augmentation` (your own: a callable on a batch, or an import path),
+    `image_shape` ((C, H, W) of flat image inputs, for `augmentation="image"`),
+    `rampup_steps` (mean_teacher: updates over which the consistency weight ramps up).
+    Mean Teacher's teacher is the run's moving average of the weights (`ema_decay`).
     """
 
     name: ClassVar[str] = "semi_supervised"
     unlabeled_label: int = -1
     unlabeled_weight: float = 1.0
     pseudo_label_threshold: float = 0.95
+    algorithm: str = "pseudo_label"
+    augmentation: str | None = None
+    weak_augmentation: Any = None
+    strong_augmentation: Any = None
+    image_shape: tuple[int, ...] | None = None
+    rampup_steps: int = 0
 
     def __post_init__(self) -> None:
         label = self.unlabeled_label
@@ -63,106 +67,97 @@ class SemiSupervised(Mode):
                 self.pseudo_label_threshold,
                 "expected a number in [0, 1]",
             )
+        choice(self.key("algorithm"), self.algorithm, ALGORITHMS)
+        integer(self.key("rampup_steps"), self.rampup_steps, minimum=0)
+        if self.image_shape is not None:
+            shape = self.image_shape
+            if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+                fail(self.key("image_shape"), shape, "expected (channels, height, width)")
+            object.__setattr__(self, "image_shape", tuple(int(size) for size in shape))
+        self.augmentations()  # names and import paths resolve now, not mid-run
+
+    def augmentations(self) -> tuple[Callable[..., Any] | None, Callable[..., Any] | None]:
+        """The (weak, strong) augmentations these settings name (None where none)."""
+        weak = strong = None
+        if self.augmentation is not None:
+            from ..augment import augmentation_pair
+
+            choice(self.key("augmentation"), self.augmentation, ("image", "tabular"))
+
+            weak, strong = augmentation_pair(self.augmentation, self.image_shape)
+        weak = self._function("weak_augmentation") or weak
+        strong = self._function("strong_augmentation") or strong
+        needs = {"fixmatch": (weak, strong), "mean_teacher": (weak,)}.get(self.algorithm, ())
+        if any(f is None for f in needs):
+            fail(
+                self.key("augmentation"),
+                self.augmentation,
+                f"algorithm={self.algorithm!r} needs a weak"
+                + (" and a strong" if self.algorithm == "fixmatch" else "")
+                + " augmentation: augmentation='image' or 'tabular', or weak_augmentation"
+                + (" / strong_augmentation" if self.algorithm == "fixmatch" else ""),
+            )
+        if self.algorithm == "pseudo_label" and (weak or strong):
+            fail(
+                self.key("algorithm"),
+                self.algorithm,
+                "augmentations apply to 'fixmatch' and 'mean_teacher' (pseudo_label trains "
+                "on the inputs as given)",
+            )
+        return weak, strong
+
+    def _function(self, setting: str) -> Callable[..., Any] | None:
+        value = getattr(self, setting)
+        if value is None or callable(value):
+            return value
+        if isinstance(value, str):
+            found = import_object(value, field=self.key(setting))
+            if callable(found):
+                return found
+        fail(self.key(setting), value, "expected a function on a batch or an import path")
+
+    def settings(self) -> dict[str, Any]:
+        """As `Mode.settings`, with your augmentation functions by import path."""
+        out = super().settings()
+        for setting in ("weak_augmentation", "strong_augmentation"):
+            value = out[setting]
+            if callable(value):  # a function or class by import path, an object by repr
+                name = getattr(value, "__qualname__", None) or repr(value)
+                out[setting] = f"{getattr(value, '__module__', '?')}:{name}"
+        return out
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
         if ctx.user_loss:
             raise ValueError(
                 "loss_function is not used in mode='semi_supervised': it trains with "
-                "cross-entropy on the labeled samples plus the pseudo-label term; leave "
+                "cross-entropy on the labeled samples plus the unlabeled term; leave "
                 "loss_function None"
+            )
+        if self.algorithm == "mean_teacher" and not ctx.config.ema_decay:
+            raise ValueError(
+                "algorithm='mean_teacher' takes its teacher from the moving average of the "
+                "weights: set ema_decay (e.g. 0.99)"
             )
 
     def plan(self, ctx: Context) -> ModePlan:
-        return ModePlan(
-            SemiSupervisedStep(
-                self.unlabeled_label,
-                self.unlabeled_weight,
-                self.pseudo_label_threshold,
-                output_transform=ctx.output_transform,
+        weak, strong = self.augmentations()
+        transform = ctx.output_transform
+        label, weight = self.unlabeled_label, self.unlabeled_weight
+        step: SemiSupervisedStep
+        if self.algorithm == "fixmatch":
+            assert weak is not None
+            assert strong is not None
+            step = FixMatchStep(
+                weak, strong, label, weight, self.pseudo_label_threshold, output_transform=transform
             )
-        )
-
-
-class SemiSupervisedStep:
-    """Step function for classification batches where some targets are `unlabeled_label`."""
-
-    def __init__(
-        self,
-        unlabeled_label: int = -1,
-        unlabeled_weight: float = 1.0,
-        threshold: float = 0.95,
-        *,
-        output_transform: OutputTransform | None = None,
-    ) -> None:
-        self.output_transform = output_transform
-        self.unlabeled_label = unlabeled_label
-        self.unlabeled_weight = unlabeled_weight
-        self.threshold = threshold
-
-    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
-        inputs, targets = self._split(batch)
-        outputs = prediction_of(forward(model, inputs), self.output_transform)
-        if outputs.ndim != 2:
-            raise ValueError(
-                "semi-supervised training needs (N, classes) scores from the model, got shape "
-                f"{tuple(outputs.shape)}"
+        elif self.algorithm == "mean_teacher":
+            assert weak is not None
+            step = MeanTeacherStep(
+                weak, label, weight, self.rampup_steps, output_transform=transform
             )
-        terms, rate = self.terms(outputs, targets)
-        num_samples = batch_size_of(inputs)
-        return StepOutput(
-            loss=terms.sum(),
-            weight=num_samples,
-            num_samples=num_samples,
-            outputs=outputs,
-            targets=targets,
-            metrics={"pseudo_label_rate": rate},
-            terms=terms,
-        )
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The labeled term plus the weighted, confidence-masked pseudo-label term."""
-        return self.terms(outputs, targets)[0].sum()
-
-    def terms(
-        self, outputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two terms, `[labeled mean, unlabeled_weight * pseudo-label sum / unlabeled
-        count]`, and the share of unlabeled samples that passed the threshold (a device
-        tensor, logged as `train_pseudo_label_rate`)."""
-        unlabeled = targets == self.unlabeled_label
-        with torch.no_grad():
-            confidence, pseudo = outputs.detach().float().softmax(dim=1).max(dim=1)
-            kept = unlabeled & (confidence >= self.threshold)
-            counts = self._counts(unlabeled).clamp(min=1)
-        per_sample = F.cross_entropy(
-            outputs, torch.where(unlabeled, pseudo, targets), reduction="none"
-        )
-        labeled_sum = (per_sample * ~unlabeled).sum()
-        pseudo_sum = (per_sample * kept).sum() * self.unlabeled_weight
-        terms = torch.stack([labeled_sum, pseudo_sum]) / counts
-        return terms, kept.sum() / counts[1]
-
-    def weight(self, batch: Any) -> torch.Tensor:
-        """The micro-batch's labeled and unlabeled sample counts (device tensors, no sync):
-        each loss term is normalised by its own count over the window."""
-        return self._counts(self._split(batch)[1] == self.unlabeled_label)
-
-    @staticmethod
-    def _counts(unlabeled: torch.Tensor) -> torch.Tensor:
-        n_unlabeled = unlabeled.sum()
-        return torch.stack([unlabeled.numel() - n_unlabeled, n_unlabeled])
-
-    def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
-        inputs, targets = split_batch(batch)
-        if targets is None or targets.is_floating_point() or targets.ndim != 1:
-            raise ValueError(
-                "semi-supervised training needs (inputs, class ids) batches with "
-                f"{self.unlabeled_label} marking the unlabeled samples; got targets "
-                + (
-                    "none"
-                    if targets is None
-                    else f"{targets.dtype} of shape {tuple(targets.shape)}"
-                )
+        else:
+            step = SemiSupervisedStep(
+                label, weight, self.pseudo_label_threshold, output_transform=transform
             )
-        return inputs, targets
+        return ModePlan(step)
