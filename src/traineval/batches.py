@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 TARGET_KEYS = ("labels", "targets", "target", "label", "y")
-PREDICTION_KEYS = ("logits", "predictions", "prediction", "output", "outputs")
+PREDICTION_KEYS = ("logits", "predictions", "prediction", "output", "outputs", "reconstruction")
 OutputTransform = Callable[[Any], torch.Tensor]
 
 

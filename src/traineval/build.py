@@ -449,9 +449,10 @@ def evaluation(
         return None
     scorer = evaluator or ModelEvaluator()
     lockstep = is_sharded(model)
+    extra = _mode_evaluation(plan.extra_metrics, precision, plain) if plan.extra_metrics else None
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return scorer.evaluate_model(
+        metrics = scorer.evaluate_model(
             plain if plain is not None else m,
             val_loader,
             device,
@@ -464,6 +465,7 @@ def evaluation(
             distributed=job,
             lockstep=lockstep,
         )
+        return {**metrics, **extra(m)} if extra is not None else metrics
 
     return evaluate
 

@@ -16,6 +16,7 @@ from .policies import ActorCritic, RunningNorm
 __all__ = [
     "MLP",
     "MODELS",
+    "VAE",
     "ActorCritic",
     "Autoencoder",
     "RunningNorm",
@@ -103,7 +104,39 @@ class Autoencoder(nn.Module):
         return self.decoder(self.encode(x)).reshape(x.shape)
 
 
-MODELS = ("mlp", "cnn", "autoencoder", "actor_critic")
+class VAE(nn.Module):
+    """Variational autoencoder (Kingma and Welling, 2014): an MLP encoder to the mean and
+    log-variance of a `latent_dim` Gaussian code, a mirrored decoder.
+
+    Returns `{"reconstruction", "mean", "log_var"}`: in training mode the code is sampled
+    (reparameterised; the noise comes from torch's generator, which checkpoints capture),
+    in eval mode it is the mean. `encode` gives the mean (for linear probes). Train it with
+    `Unsupervised(objective="elbo")`.
+    """
+
+    def __init__(self, input_dim: int, hidden_sizes: Sequence[int] = (64,), latent_dim: int = 8):
+        super().__init__()
+        self.encoder = _mlp_layers([input_dim, *hidden_sizes], 0.0, last_activation=True)
+        width = hidden_sizes[-1] if hidden_sizes else input_dim
+        self.mean = nn.Linear(width, latent_dim)
+        self.log_var = nn.Linear(width, latent_dim)
+        self.decoder = _mlp_layers([latent_dim, *reversed(hidden_sizes), input_dim], 0.0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mean(self.encoder(x.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.encoder(x.flatten(1))
+        mean, log_var = self.mean(h), self.log_var(h)
+        code = mean
+        if self.training:
+            noise = torch.randn(mean.shape).to(mean.device, mean.dtype)
+            code = mean + noise * torch.exp(0.5 * log_var)
+        reconstruction = self.decoder(code).reshape(x.shape)
+        return {"reconstruction": reconstruction, "mean": mean, "log_var": log_var}
+
+
+MODELS = ("mlp", "cnn", "autoencoder", "vae", "actor_critic")
 
 
 def build_model(
@@ -115,7 +148,7 @@ def build_model(
 ) -> nn.Module:
     """Build a built-in model for data of `input_shape` (one sample) and `output_dim` outputs.
 
-    `name` is one of `mlp`, `cnn`, `autoencoder`, `actor_critic`, or an import path
+    `name` is one of `mlp`, `cnn`, `autoencoder`, `vae`, `actor_critic`, or an import path
     `package.module:factory` called as `factory(input_shape=..., output_dim=..., **options)`.
     """
     options = dict(options or {})
@@ -125,6 +158,8 @@ def build_model(
             return MLP(input_dim, output_dim, **options)
         if name == "autoencoder":
             return Autoencoder(input_dim, **options)
+        if name == "vae":
+            return VAE(input_dim, **options)
         if name == "actor_critic":
             return ActorCritic(input_dim, output_dim, **options)
         if name == "cnn":

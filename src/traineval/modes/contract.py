@@ -90,6 +90,8 @@ class ModePlan:
             shard it with `traineval.distributed.shard_eval_loader` and sum over `ctx.job`).
         monitor: the default monitor when the config keeps `monitor_metric`'s default.
         shared_seed: whether the ranks share one random stream (rounds, policy updates).
+        extra_metrics: `model -> metrics` added to each validation's (e.g. a linear probe
+            of the codes), under the same precision and eval mode.
     """
 
     step: Any
@@ -100,6 +102,7 @@ class ModePlan:
     evaluate: Evaluate | None = None
     monitor: MonitorChoice | None = None
     shared_seed: bool = False
+    extra_metrics: Evaluate | None = None
 
 
 @dataclasses.dataclass(frozen=True)
