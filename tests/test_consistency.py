@@ -199,3 +199,21 @@ def test_tabular_augmentation_is_noise_and_feature_dropout():
     assert torch.allclose(ratio, torch.full((6,), 0.05), atol=0.01)  # noise scaled per feature
     dropped = strong == x.mean(0)
     assert 0.1 < dropped.float().mean() < 0.3
+
+
+def test_oversampling_gives_labeled_rows_their_share_of_the_batches():
+    from traineval.data import oversample_labeled
+
+    x, y = torch.randn(1250 + 50, 3), torch.full((1300,), -1)
+    y[::26] = torch.arange(50) % 10  # 50 labeled rows among 1,250 unlabeled
+    data = oversample_labeled(TensorDataset(x, y), share=0.25)
+    labels = torch.stack([data[i][1] for i in range(len(data))])
+    labeled = labels != -1
+    assert int((~labeled).sum()) == 1250  # every unlabeled row once
+    assert labeled.float().mean() == pytest.approx(0.25, abs=0.02)
+    counts = torch.bincount(torch.as_tensor(data.indices)[labeled])
+    assert set(counts[counts > 0].tolist()) == {8}  # each labeled row as often: 416 / 50
+    with pytest.raises(ValueError, match=r"share=1\.5 is invalid"):
+        oversample_labeled(TensorDataset(x, y), share=1.5)
+    with pytest.raises(ValueError, match="no labeled rows"):
+        oversample_labeled(TensorDataset(x, torch.full((1300,), -1)))

@@ -1,7 +1,7 @@
 """Data: datasets that packages ship, CSV tables, seeded splits, few-shot episodes."""
 
 from .episodes import Episodes
-from .splits import DataSplits, dataset_labels, hide_labels, make_splits
+from .splits import DataSplits, dataset_labels, hide_labels, make_splits, oversample_labeled
 from .tables import BUILTIN_DATASETS, Table, load_builtin, load_csv
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "load_builtin",
     "load_csv",
     "make_splits",
+    "oversample_labeled",
 ]
