@@ -217,3 +217,19 @@ def test_oversampling_gives_labeled_rows_their_share_of_the_batches():
         oversample_labeled(TensorDataset(x, y), share=1.5)
     with pytest.raises(ValueError, match="no labeled rows"):
         oversample_labeled(TensorDataset(x, torch.full((1300,), -1)))
+
+
+def test_fixmatch_and_mean_teacher_from_the_command_line(tmp_path):
+    import json
+
+    from traineval.cli import main
+
+    for algorithm, extra in (("fixmatch", []), ("mean_teacher", ["training.ema_decay=0.9"])):
+        out = tmp_path / algorithm
+        args = ["demo", "-q", "mode=semi_supervised", "data.labeled_fraction=0.1"]
+        args += [f"mode.algorithm={algorithm}", "mode.augmentation=image", *extra]
+        args += ["training.num_epochs=2", f"training.output_dir={out}"]
+        assert main(args) == 0
+        record = json.loads((out / "evaluation" / "metrics.json").read_text())
+        assert record["test"]["accuracy"] > 0.3  # ten classes: chance is 0.1
+        assert "algorithm: " + algorithm in (out / "config.yaml").read_text()

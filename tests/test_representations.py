@@ -111,3 +111,18 @@ def test_the_probe_is_a_validation_metric_and_errors_are_clear(quiet_config, tmp
         Unsupervised(objective="elb")
     with pytest.raises(ValueError, match=r"has no encode\(\) method"):
         linear_probe(torch.nn.Linear(8, 8), loader, loader)
+
+
+def test_a_vae_with_its_probe_from_the_command_line(tmp_path):
+    import json
+
+    from traineval.cli import main
+
+    args = ["demo", "-q", "mode=unsupervised", "model.name=vae", "model.options={}"]
+    args += ["mode.objective=elbo", "mode.beta=0.05", "mode.linear_probe=true"]
+    args += ["training.monitor_metric=val_probe_accuracy", "training.num_epochs=3"]
+    assert main([*args, f"training.output_dir={tmp_path}"]) == 0
+    record = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert set(record["test"]) >= {"mse", "r2_score"}
+    assert record["monitor_metric"] == "val_probe_accuracy"
+    assert record["best_val"] > 0.3  # codes that separate ten digits better than chance

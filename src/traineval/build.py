@@ -254,6 +254,7 @@ def choose_monitor(
         name = "train_loss"
     elif task is not None and name.startswith("val_"):
         names = ["loss", *(evaluator or ModelEvaluator()).metric_names(task)]
+        names += plan.extra_metric_names
         if name[len("val_") :] not in names:
             allowed = ", ".join(f"val_{n}" for n in names)
             raise ValueError(

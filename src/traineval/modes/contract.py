@@ -92,6 +92,8 @@ class ModePlan:
         shared_seed: whether the ranks share one random stream (rounds, policy updates).
         extra_metrics: `model -> metrics` added to each validation's (e.g. a linear probe
             of the codes), under the same precision and eval mode.
+        extra_metric_names: the names `extra_metrics` returns (`monitor_metric` may name
+            them, as `val_<name>`).
     """
 
     step: Any
@@ -103,6 +105,7 @@ class ModePlan:
     monitor: MonitorChoice | None = None
     shared_seed: bool = False
     extra_metrics: Evaluate | None = None
+    extra_metric_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

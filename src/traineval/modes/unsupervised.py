@@ -95,7 +95,8 @@ class Unsupervised(Mode):
             def extra(model: nn.Module) -> dict[str, float]:
                 return linear_probe(model, train, val, limit=limit)
 
-        return ModePlan(step, extra_metrics=extra)
+        names = ("probe_accuracy",) if self.linear_probe else ()
+        return ModePlan(step, extra_metrics=extra, extra_metric_names=names)
 
 
 class ELBOStep:
