@@ -32,23 +32,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from ..batches import OutputTransform, prediction_of
+from ..batches import OutputTransform
 from .base import StepOutput, batch_size_of, forward
 from .pseudo_label import SemiSupervisedStep
 
 __all__ = ["FixMatchStep", "MeanTeacherStep"]
 
 Augmentation = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _scores(out: Any, transform: OutputTransform | None) -> torch.Tensor:
-    scores = prediction_of(out, transform)
-    if scores.ndim != 2:
-        raise ValueError(
-            "semi-supervised training needs (N, classes) scores from the model, got shape "
-            f"{tuple(scores.shape)}"
-        )
-    return scores
 
 
 def _tensor_inputs(inputs: Any, algorithm: str) -> torch.Tensor:
@@ -84,7 +74,7 @@ class FixMatchStep(SemiSupervisedStep):
         n = batch_size_of(x)
         with torch.no_grad():
             views = torch.cat([self.weak(x), self.strong(x)])
-        scores = _scores(forward(model, views), self.output_transform)
+        scores = self._scores(forward(model, views))
         weak, strong = scores[:n], scores[n:]
         unlabeled = targets == self.unlabeled_label
         with torch.no_grad():
@@ -96,16 +86,7 @@ class FixMatchStep(SemiSupervisedStep):
         terms = torch.stack(
             [(labeled * ~unlabeled).sum(), (consistency * kept).sum() * self.unlabeled_weight]
         )
-        terms = terms / counts
-        return StepOutput(
-            loss=terms.sum(),
-            weight=n,
-            num_samples=n,
-            outputs=weak,
-            targets=targets,
-            metrics={"pseudo_label_rate": kept.sum() / counts[1]},
-            terms=terms,
-        )
+        return self._output(terms / counts, n, weak, targets, kept.sum() / counts[1])
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -158,8 +139,8 @@ class MeanTeacherStep(SemiSupervisedStep):
         with torch.no_grad():
             student_view, teacher_view = self.weak(x), self.weak(x)
             teacher = functional_call(_unwrapped(model), self.teacher.tensors(), (teacher_view,))
-            target = _scores(teacher, self.output_transform).float().softmax(dim=1)
-        scores = _scores(forward(model, student_view), self.output_transform)
+            target = self._scores(teacher).float().softmax(dim=1)
+        scores = self._scores(forward(model, student_view))
         unlabeled = targets == self.unlabeled_label
         with torch.no_grad():
             counts = self._counts(unlabeled).clamp(min=1)
@@ -169,12 +150,4 @@ class MeanTeacherStep(SemiSupervisedStep):
         terms = torch.stack(
             [(labeled * ~unlabeled).sum(), (consistency * unlabeled).sum() * weight]
         )
-        terms = terms / counts
-        return StepOutput(
-            loss=terms.sum(),
-            weight=n,
-            num_samples=n,
-            outputs=scores,
-            targets=targets,
-            terms=terms,
-        )
+        return self._output(terms / counts, n, scores, targets)

@@ -240,9 +240,8 @@ class PPOStep:
         """`rollout_steps` lockstep steps of the environments: the rollout's columns, (T, N)."""
         batch = self.batch
         obs = np.stack(batch.observations) if batch.started else batch.start(draw_seed)
-        columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("observations", "actions")}
-        for key in ("log_probs", "values", "rewards", "dones"):
-            columns[key] = []
+        keys = ("observations", "actions", "log_probs", "values", "rewards", "dones")
+        columns: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
         self.finished = []
         for _ in range(self.rollout_steps):
             observations = torch.as_tensor(obs, device=device).float()
@@ -263,14 +262,14 @@ class PPOStep:
             columns["observations"].append(observations)
             columns["actions"].append(actions)
             columns["log_probs"].append(chosen)
-            columns["values"].append(values.float())
+            columns["values"].append(values)
             columns["rewards"].append(rewards)
             columns["dones"].append(torch.as_tensor(ended, device=device))
             self.finished += result.finished
             obs = result.observations
         out = {key: torch.stack(values) for key, values in columns.items()}
         out["last_observations"] = torch.as_tensor(obs, device=device).float()
-        out["last_values"] = policy_outputs(model, out["last_observations"])[1].float()
+        out["last_values"] = policy_outputs(model, out["last_observations"])[1]
         return out
 
     # -- state ------------------------------------------------------------------------------------
@@ -288,11 +287,11 @@ class PPOStep:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        device_rollout = state.get("rollout")
+        rollout = state.get("rollout")  # on the CPU; the next call moves it to the model's
         self.position, self.rollouts = int(state["position"]), int(state["rollouts"])
         if state["environments"] is not None:
             self.batch.load_state_dict(state["environments"])
-        self.rollout = dict(device_rollout) if device_rollout is not None else None
+        self.rollout = dict(rollout) if rollout is not None else None
         self.order = state.get("order")
         if self.rollout is not None and self.rollout["observations"].shape[0] != self.size:
             raise ValueError(

@@ -49,21 +49,37 @@ class SemiSupervisedStep:
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         inputs, targets = self._split(batch)
-        outputs = prediction_of(forward(model, inputs), self.output_transform)
-        if outputs.ndim != 2:
+        outputs = self._scores(forward(model, inputs))
+        terms, rate = self.terms(outputs, targets)
+        return self._output(terms, batch_size_of(inputs), outputs, targets, rate)
+
+    def _scores(self, out: Any) -> torch.Tensor:
+        """The `(N, classes)` scores in a model's output; a clear error for anything else."""
+        scores = prediction_of(out, self.output_transform)
+        if scores.ndim != 2:
             raise ValueError(
                 "semi-supervised training needs (N, classes) scores from the model, got shape "
-                f"{tuple(outputs.shape)}"
+                f"{tuple(scores.shape)}"
             )
-        terms, rate = self.terms(outputs, targets)
-        num_samples = batch_size_of(inputs)
+        return scores
+
+    @staticmethod
+    def _output(
+        terms: torch.Tensor,
+        num_samples: int,
+        outputs: torch.Tensor,
+        targets: torch.Tensor,
+        rate: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """The step's output from its two terms (`[labeled mean, unlabeled term]`), with the
+        share of unlabeled samples that passed the threshold, if the algorithm has one."""
         return StepOutput(
             loss=terms.sum(),
             weight=num_samples,
             num_samples=num_samples,
             outputs=outputs,
             targets=targets,
-            metrics={"pseudo_label_rate": rate},
+            metrics={"pseudo_label_rate": rate} if rate is not None else None,
             terms=terms,
         )
 

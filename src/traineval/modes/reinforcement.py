@@ -264,7 +264,8 @@ class Reinforcement(Mode):
         evaluator = self.step(factory, episodes=1)
         step: PolicyGradientStep | PPOStep
         if self.algorithm == "ppo":
-            step = self.ppo_step(factory, total_rollouts=self._rollouts(ctx), job=ctx.job)
+            step = self.ppo_step(factory, job=ctx.job)
+            step.total_rollouts = self._rollouts(ctx, step.updates_per_rollout)
             updates = self.rollouts_per_epoch * step.updates_per_rollout
         else:
             step = self.step(factory, job=ctx.job)
@@ -284,17 +285,12 @@ class Reinforcement(Mode):
             shared_seed=True,
         )
 
-    def _rollouts(self, ctx: Context) -> int:
+    def _rollouts(self, ctx: Context, updates_per_rollout: int) -> int:
         """How many rollouts the run collects (the clipping range decays over them)."""
         c = ctx.config
         total = c.num_epochs * self.rollouts_per_epoch
         if c.max_steps is not None:
-            per_rollout = self.ppo_epochs * math.ceil(
-                self.envs
-                * self.rollout_steps
-                / min(self.minibatch_size, self.envs * self.rollout_steps)
-            )
-            total = min(total, math.ceil(c.max_steps / per_rollout))
+            total = min(total, math.ceil(c.max_steps / updates_per_rollout))
         return total
 
 

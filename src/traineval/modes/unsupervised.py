@@ -99,38 +99,6 @@ class Unsupervised(Mode):
         return ModePlan(step, extra_metrics=extra, extra_metric_names=names)
 
 
-class ELBOStep:
-    """The negative ELBO of a VAE's output (see the module docstring)."""
-
-    def __init__(self, beta: float = 1.0) -> None:
-        self.beta = beta
-
-    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
-        inputs, _ = split_batch(batch)
-        out = forward(model, inputs)
-        if not isinstance(out, Mapping) or not {"reconstruction", "mean", "log_var"} <= set(out):
-            raise ValueError(
-                "unsupervised.objective='elbo' needs a model returning a mapping with "
-                "'reconstruction', 'mean' and 'log_var' (e.g. traineval.models.VAE)"
-            )
-        reconstruction, mean, log_var = out["reconstruction"], out["mean"], out["log_var"]
-        squared = (reconstruction.float() - inputs.float()) ** 2
-        kl = -0.5 * (1 + log_var - mean**2 - log_var.exp()).float().flatten(1).sum(1)
-        per_sample = squared.flatten(1).sum(1) + self.beta * kl
-        num_samples = batch_size_of(inputs)
-        return StepOutput(
-            loss=per_sample.mean(),
-            weight=num_samples,
-            num_samples=num_samples,
-            outputs=reconstruction,
-            targets=inputs,
-            metrics={"kl": kl.detach().mean()},
-        )
-
-    def weight(self, batch: Any) -> int:
-        return batch_size_of(split_batch(batch)[0])
-
-
 class UnsupervisedStep:
     """Step function for input-only batches; labels in the batch, if any, are ignored.
 
@@ -167,3 +135,34 @@ class UnsupervisedStep:
     def weight(self, batch: Any) -> int:
         """Every sample counts once (a mean over equal-sized samples)."""
         return batch_size_of(split_batch(batch)[0])
+
+
+class ELBOStep:
+    """The negative ELBO of a VAE's output (see the module docstring)."""
+
+    def __init__(self, beta: float = 1.0) -> None:
+        self.beta = beta
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        inputs, _ = split_batch(batch)
+        out = forward(model, inputs)
+        if not isinstance(out, Mapping) or not {"reconstruction", "mean", "log_var"} <= set(out):
+            raise ValueError(
+                "unsupervised.objective='elbo' needs a model returning a mapping with "
+                "'reconstruction', 'mean' and 'log_var' (e.g. traineval.models.VAE)"
+            )
+        reconstruction, mean, log_var = out["reconstruction"], out["mean"], out["log_var"]
+        squared = (reconstruction.float() - inputs.float()) ** 2
+        kl = -0.5 * (1 + log_var - mean**2 - log_var.exp()).float().flatten(1).sum(1)
+        per_sample = squared.flatten(1).sum(1) + self.beta * kl
+        num_samples = batch_size_of(inputs)
+        return StepOutput(
+            loss=per_sample.mean(),
+            weight=num_samples,
+            num_samples=num_samples,
+            outputs=reconstruction,
+            targets=inputs,
+            metrics={"kl": kl.detach().mean()},
+        )
+
+    weight = UnsupervisedStep.weight  # every sample counts once
