@@ -126,3 +126,29 @@ def test_the_metrics_of_earlier_versions_still_read(run_dir):
     ]
     assert rounds_history(earlier) == rounds_history(rounds)
     assert rounds_history(rounds)["val_metrics"] == [{"loss": 0.4, "accuracy": 0.9}]
+
+
+def test_a_tampered_run_directory_injects_no_markup(run_dir, tmp_path, capsys):
+    """A run directory is untrusted input: values of any type, markup in keys and values."""
+    import json
+
+    run = tmp_path / "tampered"
+    shutil.copytree(run_dir, run)
+    script = "<script>alert(1)</script>"
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"event": "eval", "split": "val", "step": 99, "val_x": script}))
+        handle.write("\n" + json.dumps({"event": "epoch", "epoch": script, "train_loss": "x"}))
+        handle.write("\n" + json.dumps({"event": "eval", "step": 100, f"val_{script}": 1.0}))
+        handle.write("\n[1, 2]\n")
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(best_metric=script, train_seconds="soon", performance=[script])
+    (run / "summary.json").write_text(json.dumps(summary))
+    saved = json.loads((run / "evaluation" / "metrics.json").read_text())
+    saved["test"]["accuracy"] = script
+    saved["test_per_class"] = [{"label": script, "precision": script}, "junk"]
+    (run / "evaluation" / "metrics.json").write_text(json.dumps(saved))
+    assert main(["report", str(run)]) == 0
+    assert script in capsys.readouterr().out  # the text summary prints it as text
+    page = (run / "report.html").read_text()
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -127,6 +127,12 @@ def _add_evaluate(commands: Any) -> None:
     )
     evaluate.add_argument("--save-predictions", action="store_true", help="write predictions")
     evaluate.add_argument("--plots", action="store_true", help="write the evaluation plots")
+    evaluate.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let RUN_DIR/config.yaml import the code it names (a custom model or data "
+        "factory); only for run directories you trust",
+    )
 
 
 def _add_predict(commands: Any) -> None:
@@ -145,6 +151,12 @@ def _add_predict(commands: Any) -> None:
         "--checkpoint", default="best", help="best, last, epoch-NNNN or a path (default best)"
     )
     predict.add_argument("--output", type=Path, help="where to write the predictions CSV")
+    predict.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let RUN_DIR/config.yaml import the code it names (a custom model or data "
+        "factory); only for run directories you trust",
+    )
 
 
 def _add_cv(commands: Any) -> None:
@@ -301,7 +313,11 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         table, count = predict_csv(
-            args.run_dir, args.input, checkpoint=args.checkpoint, output=args.output
+            args.run_dir,
+            args.input,
+            checkpoint=args.checkpoint,
+            output=args.output,
+            trust_code=args.trust_code,
         )
     except _failures() as error:
         return _error(error)
@@ -319,6 +335,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             split=args.split,
             save_predictions=args.save_predictions,
             plot_metrics=args.plots,
+            trust_code=args.trust_code,
         )
     except _failures() as error:
         return _error(error)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .imports import check_trusted
+
 __all__ = ["CartPole", "Discrete", "OneHotObservations", "checked", "make_env"]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,8 @@ def make_env(name: str) -> Callable[[], Any]:
             f"environment {name!r} needs gymnasium (pip install gymnasium); the built-in one "
             "is 'CartPole'"
         ) from error
+    if ":" in name:  # gymnasium imports the module before the colon
+        check_trusted("mode.environment", name)
     return lambda: gymnasium.make(name)
 
 

@@ -38,7 +38,7 @@ from .data.tables import BUILTIN_DATASETS
 from .distributed import is_sharded, model_state
 from .evaluation import Evaluator
 from .evaluation.evaluator import SPLIT_PREFIX
-from .imports import import_object
+from .imports import code_references, import_object, refusal, untrusted
 from .loggers import JsonlLogger
 from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
@@ -198,6 +198,19 @@ class RunConfig:
         for override in overrides:  # one at a time: `mode=x` then `mode.y=z` works
             data = _mode_as_section(apply_overrides(data, [override]))
         return cls.from_dict(data)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, *, trust_code: bool = False) -> RunConfig:
+        """A run directory's `config.yaml`, read as untrusted input: an import path in it
+        (a model factory, a data factory, a mode's function, a gymnasium `module:Env` id)
+        is refused before anything is imported, unless `trust_code=True`."""
+        path = Path(run_dir) / "config.yaml"
+        data = _mode_as_section(load_yaml(path))
+        found = code_references(data, ("data", "model", "mode"))
+        if found and not trust_code:
+            raise refusal(found, str(path))
+        with untrusted(str(path), trust_code=trust_code):
+            return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {key: getattr(self, key).to_dict() for key in _SECTIONS}
@@ -569,14 +582,29 @@ def evaluate_run(
     split: str = "test",
     save_predictions: bool = False,
     plot_metrics: bool = False,
+    trust_code: bool = False,
 ) -> tuple[dict[str, float], str]:
     """Evaluate a finished run's checkpoint on one of its data splits (`traineval evaluate`).
 
     The run's `config.yaml` rebuilds the same data splits and model. Returns the metrics and
-    the path of the metrics file written into `<run_dir>/evaluation/`.
+    the path of the metrics file written into `<run_dir>/evaluation/`. A run directory is
+    untrusted input: one whose config names code to import (a custom model or data factory)
+    is refused unless `trust_code=True` (see `RunConfig.from_run_dir`).
     """
     run_dir = Path(run_dir)
-    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
+    with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
+        return _evaluate_run(config, run_dir, checkpoint, split, save_predictions, plot_metrics)
+
+
+def _evaluate_run(
+    config: RunConfig,
+    run_dir: Path,
+    checkpoint: str,
+    split: str,
+    save_predictions: bool,
+    plot_metrics: bool,
+) -> tuple[dict[str, float], str]:
     evaluation = dataclasses.replace(
         config.evaluation,
         save_predictions=save_predictions or config.evaluation.save_predictions,

@@ -1,9 +1,78 @@
-"""Resolving a user's own code by import path `package.module:attribute`."""
+"""Resolving a user's own code by import path `package.module:attribute`, and refusing to
+when the path comes from a run directory that the user has not said they trust.
+
+A config file the user runs with `fit` may name their own code. A run directory's
+`config.yaml` travels with its checkpoints (shared folders, downloads, colleagues): under
+`traineval evaluate` / `predict` it is untrusted input, so no import path in it is imported
+unless the user passes `--trust-code` (`trust_code=True`), in the spirit of the Hugging Face
+`trust_remote_code`. Checkpoints themselves never unpickle code (see `checkpoint.py`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+#: `package.module:attribute` (gymnasium ids `module:Env-v0` too): the shape of an import path.
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.\-]*$")
+
+_UNTRUSTED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "traineval_untrusted_source", default=None
+)
+
+
+class UntrustedCodeError(ValueError):
+    """A run directory names code to import and the user has not said they trust it."""
+
+
+@contextlib.contextmanager
+def untrusted(source: str, *, trust_code: bool = False) -> Iterator[None]:
+    """While inside, every import path is refused (naming `source`) unless `trust_code`."""
+    token = _UNTRUSTED.set(None if trust_code else source)
+    try:
+        yield
+    finally:
+        _UNTRUSTED.reset(token)
+
+
+def refusal(found: Mapping[str, str], source: str) -> UntrustedCodeError:
+    """The error for import paths `{field: path}` read from an untrusted `source`."""
+    listed = ", ".join(f"{field}={path!r}" for field, path in found.items())
+    return UntrustedCodeError(
+        f"{source} names code to import ({listed}); a run directory runs only traineval's "
+        "built-in names unless you trust where it came from: pass --trust-code (Python: "
+        "trust_code=True)"
+    )
+
+
+def check_trusted(field: str, path: str) -> None:
+    """Refuse to import `path` (named by config `field`) inside `untrusted(...)`."""
+    source = _UNTRUSTED.get()
+    if source is not None:
+        raise refusal({field: path}, source)
+
+
+def code_references(data: Mapping[str, Any], sections: tuple[str, ...]) -> dict[str, str]:
+    """Every string in `data[section]` (nested) shaped like an import path, by dotted field."""
+    found: dict[str, str] = {}
+
+    def walk(value: Any, field: str) -> None:
+        if isinstance(value, str) and IMPORT_PATH.match(value):
+            found[field] = value
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{field}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{field}[{index}]")
+
+    for section in sections:
+        walk(data.get(section), section)
+    return found
 
 
 def import_object(path: str, *, field: str) -> Any:
@@ -13,6 +82,7 @@ def import_object(path: str, *, field: str) -> Any:
         raise ValueError(
             f"{field}={path!r} is invalid: expected an import path 'package.module:name'"
         )
+    check_trusted(field, path)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

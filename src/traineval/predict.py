@@ -10,7 +10,6 @@ value, or one per output (regression).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,12 @@ import torch
 from .batches import prediction_of
 from .checkpoint import load_checkpoint_file
 from .config import TaskType
+from .csv_cells import SafeWriter
 from .data.tables import read_rows
 from .evaluation.metrics import class_probabilities
 from .evaluation.predictions import class_labels
 from .experiment import RunConfig, load_data
+from .imports import untrusted
 from .models import build_model
 from .precision import resolve_device
 
@@ -38,15 +39,32 @@ def predict_csv(
     output: str | Path | None = None,
     batch_size: int = 1024,
     threshold: float | None = None,
+    trust_code: bool = False,
 ) -> tuple[Path, int]:
     """Write predictions for every row of `input_csv`; returns the output path and row count.
 
     `checkpoint` is a name in the run's checkpoints/ ("best", "last") or a path; `output`
     defaults to `<run_dir>/predictions/<input name>`; `threshold` (multi-label) defaults to
-    the run's `evaluation.multilabel_threshold`.
+    the run's `evaluation.multilabel_threshold`. The input's other columns are copied after
+    the predictions; a text cell a spreadsheet would read as a formula gets a leading `'`.
+    A run whose config names code to import (a custom model factory) is refused unless
+    `trust_code=True` (see `RunConfig.from_run_dir`).
     """
     run_dir = Path(run_dir)
-    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
+    with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
+        return _predict(config, run_dir, Path(input_csv), checkpoint, output, batch_size, threshold)
+
+
+def _predict(
+    config: RunConfig,
+    run_dir: Path,
+    input_csv: Path,
+    checkpoint: str,
+    output: str | Path | None,
+    batch_size: int,
+    threshold: float | None,
+) -> tuple[Path, int]:
     if config.mode.name not in SUPPORTED_MODES:
         raise ValueError(
             f"traineval predict scores rows with a classifier or regressor; this run's mode "
@@ -59,7 +77,7 @@ def predict_csv(
         )
     splits = load_data(config.data)
     assert splits.feature_names is not None
-    header, rows = read_rows(Path(input_csv), repr(str(input_csv)))
+    header, rows = read_rows(input_csv, repr(str(input_csv)))
     missing = [name for name in splits.feature_names if name not in header]
     if missing:
         raise ValueError(
@@ -96,10 +114,10 @@ def predict_csv(
     scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
     cut = config.evaluation.multilabel_threshold if threshold is None else threshold
     names, values = _columns(splits.task_type, scores, splits.class_names, cut)
-    out = Path(output) if output else run_dir / "predictions" / Path(input_csv).name
+    out = Path(output) if output else run_dir / "predictions" / input_csv.name
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = SafeWriter(handle)
         writer.writerow([header[i] for i in kept] + names)
         for row, predicted in zip(rows, values, strict=True):
             writer.writerow([row[i] for i in kept] + predicted)

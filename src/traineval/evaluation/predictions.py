@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -11,11 +10,15 @@ from typing import IO, Any
 import torch
 
 from ..config import TaskType
+from ..csv_cells import SafeWriter
 from .metrics import class_probabilities
 
 
 class PredictionWriter:
     """Stream `id, target, prediction[, prob_0 .. prob_{C-1}]` rows to a CSV file.
+
+    Text cells that a spreadsheet would read as a formula (a class name such as `=1+1`) are
+    written with a leading `'` (see `traineval.csv_cells`).
 
     `id` is the sample's position in the loader's order. Classification rows carry the class
     probabilities (softmax, or sigmoid for one binary logit); multi-label rows the target and
@@ -40,11 +43,11 @@ class PredictionWriter:
         self._labels: list[str] = []  # how each class is written, set with the header
         self.rows = 0
         self._handle: IO[str] | None = None
-        self._writer: Any = None
+        self._writer: SafeWriter | None = None
 
     def __enter__(self) -> PredictionWriter:
         self._handle = self.path.open("w", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._handle)
+        self._writer = SafeWriter(self._handle)
         return self
 
     def __exit__(
@@ -57,6 +60,7 @@ class PredictionWriter:
             self._handle.close()
 
     def write(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        assert self._writer is not None, "use PredictionWriter as a context manager"
         if self.rows == 0:
             self._writer.writerow(self._header(outputs))
         self._writer.writerows(self._rows(outputs.detach().float().cpu(), targets.detach().cpu()))

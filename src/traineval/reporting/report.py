@@ -39,14 +39,14 @@ def read_run(run_dir: str | Path) -> RunRecord:
     if not (run_dir / "metrics.jsonl").exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl")
     config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    config = _mapping(yaml.safe_load(config_path.read_text())) if config_path.exists() else {}
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    summary = _mapping(json.loads(summary_path.read_text())) if summary_path.exists() else {}
+    records = [_clean(record) for record in read_jsonl(run_dir / "metrics.jsonl")]
     flower = any("round" in record for record in records)
     history = rounds_history(records) if flower else history_from_events(records)
     if flower:
-        summary = _best_round(history, (config or {}).get("training", {}))
+        summary = _best_round(history, _mapping(config.get("training")))
     val = [(s, m) for s, m in zip(history["val_steps"], history["val_metrics"], strict=True)]
     best_step = summary.get("best_step")
     best: dict[str, float] = next((m for s, m in val if s == best_step), {})
@@ -54,13 +54,37 @@ def read_run(run_dir: str | Path) -> RunRecord:
     test = per_class = intervals = None
     evaluation = run_dir / "evaluation" / "metrics.json"
     if evaluation.exists():
-        saved = json.loads(evaluation.read_text())
-        test, per_class = saved.get("test"), saved.get("test_per_class")
-        intervals = saved.get("test_intervals")
+        saved = _mapping(json.loads(evaluation.read_text()))
+        test = _numbers(saved.get("test"))
+        per_class = [_mapping(row) for row in saved.get("test_per_class") or [] if row] or None
+        intervals = _mapping(saved.get("test_intervals")) or None
     unit = "round" if flower else "epoch"
     return RunRecord(
         run_dir, config or {}, summary, history, best, final, test, unit, per_class, intervals
     )
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A run directory is untrusted input: anything but a mapping reads as empty."""
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> dict[str, float]:
+    """The number-valued entries of a metrics mapping (a tampered text value is dropped)."""
+    return {str(k): v for k, v in _mapping(value).items() if _is_number(v)}
+
+
+def _clean(record: Any) -> dict[str, Any]:
+    """A metrics.jsonl record with its `event` / `split` names and its numbers, nothing else."""
+    kept = {k: v for k, v in _mapping(record).items() if v is None or _is_number(v)}
+    for key in ("event", "split"):
+        if isinstance(_mapping(record).get(key), str):
+            kept[key] = record[key]
+    return kept
 
 
 def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -68,13 +92,15 @@ def history_from_events(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     history = empty_history()
     val_at_step: dict[int, dict[str, float]] = {}
     for record in records:
+        if not _is_number(record.get("step")):
+            continue
         if record.get("event") == "eval" and record.get("split", "val") == "val":
             metrics = _with_prefix(record, "val")
             val_at_step[record["step"]] = metrics
             history["val_steps"].append(record["step"])
             history["val_metrics"].append(metrics)
         elif record.get("event") == "epoch":
-            history["epoch"].append(record["epoch"])
+            history["epoch"].append(record.get("epoch"))
             history["train_loss"].append(_first(record, "train_loss", "train/epoch_loss"))
             history["learning_rate"].append(_first(record, "learning_rate", "epoch_lr"))
             history["val_loss"].append(val_at_step.get(record["step"], {}).get("loss"))
@@ -101,6 +127,7 @@ def rounds_history(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     clients' mean training loss and learning rate, and as validation the server's evaluation
     of the global model (the clients' evaluation when the server did not evaluate)."""
     history = empty_history()
+    records = [r for r in records if _is_number(r.get("round"))]
     server = any(r.get("event") == "server_evaluation" for r in records)
     event, prefix = ("server_evaluation", "server") if server else ("validation", "val")
     val = {
@@ -122,7 +149,7 @@ def rounds_history(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 def _best_round(history: dict[str, list[Any]], training: dict[str, Any]) -> dict[str, Any]:
     """A Flower run's summary: its rounds and its best round on the config's monitor."""
-    monitor = training.get("monitor_metric", "val_loss")
+    monitor = str(training.get("monitor_metric", "val_loss"))
     name = monitor.removeprefix("val_")
     mode = training.get("monitor_mode", "auto")
     minimize = metric_is_minimized(monitor) if mode == "auto" else mode == "min"
@@ -143,24 +170,26 @@ def summary_text(run: RunRecord) -> str:
     s = run.summary
     lines = [f"Run: {run.run_dir}"]
     if run.unit == "round":
-        lines.append(f"Flower run: {s['rounds']} rounds")
+        lines.append(f"Flower run: {s.get('rounds')} rounds")
         if s.get("best_metric") is not None:
             lines.append(
-                f"best {s['monitor_metric']} = {s['best_metric']:.4f} at round {s['best_step']}"
+                f"best {s.get('monitor_metric')} = {_num(s['best_metric'])} at round "
+                f"{s.get('best_step')}"
             )
     elif s:
         status = "stopped early" if s.get("stopped_early") else "finished"
         lines.append(
             f"{status}: {s.get('epochs_completed')} epochs, {s.get('global_step')} optimizer "
-            f"updates in {s.get('train_seconds', 0):.1f}s "
-            f"({s.get('performance', {}).get('samples_per_sec', 0):,.0f} samples/s)"
+            f"updates in {_num(s.get('train_seconds', 0.0), '.1f')}s "
+            f"({_num(_mapping(s.get('performance')).get('samples_per_sec', 0.0), ',.0f')} "
+            "samples/s)"
         )
         if s.get("best_metric") is not None:
             lines.append(
-                f"best {s.get('monitor_metric')} = {s['best_metric']:.4f} at epoch "
+                f"best {s.get('monitor_metric')} = {_num(s['best_metric'])} at epoch "
                 f"{s.get('best_epoch')} (step {s.get('best_step')})"
             )
-    bounds = (run.test_intervals or {}).get("metrics", {})
+    bounds = _mapping((run.test_intervals or {}).get("metrics"))
     for title, metrics in (
         ("best validation", run.best_metrics),
         ("final validation", run.final_metrics),
@@ -169,14 +198,14 @@ def summary_text(run: RunRecord) -> str:
         if metrics:
             shown = bounds if title == "test" else {}
             values = ", ".join(
-                f"{k} {v:.4f}" + (f" {_interval(shown[k])}" if k in shown else "")
+                f"{k} {_num(v)}" + (f" {_interval(shown[k])}" if k in shown else "")
                 for k, v in metrics.items()
             )
             lines.append(f"{title}: {values}")
-    if bounds and run.test_intervals is not None:
-        level = 100 * run.test_intervals["confidence_level"]
-        samples = run.test_intervals["bootstrap_samples"]
-        lines.append(f"(test intervals: {level:g}% bootstrap, {samples} resamples)")
+    level = (run.test_intervals or {}).get("confidence_level")
+    if bounds and isinstance(level, (int, float)):
+        samples = (run.test_intervals or {}).get("bootstrap_samples")
+        lines.append(f"(test intervals: {100 * level:g}% bootstrap, {samples} resamples)")
     return "\n".join(lines)
 
 
@@ -197,15 +226,19 @@ def write_report(run_dir: str | Path) -> tuple[RunRecord, Path]:
 
 def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("", "")) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header) if any(header) else ""
-    body = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows
-    )
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in rows)
     return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
 
 
 def _fmt(value: Any) -> str:
+    """A value read from the run directory as HTML text: numbers formatted, all escaped."""
+    return html.escape(_num(value, ".6g"))
+
+
+def _num(value: Any, spec: str = ".4f") -> str:
+    """A number in `spec` (an int as it is); anything else (a tampered value) as its text."""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return format(value, spec)
     return str(value)
 
 
@@ -228,22 +261,25 @@ def _metrics_table(run: RunRecord) -> str:
         names += [n for n in metrics if n not in names]
     if not names:
         return "<p>No evaluations were recorded.</p>"
-    bounds = (run.test_intervals or {}).get("metrics", {})
-    level = f"test, {100 * (run.test_intervals or {}).get('confidence_level', 0):g}% interval"
+    bounds = _mapping((run.test_intervals or {}).get("metrics"))
+    confidence = (run.test_intervals or {}).get("confidence_level", 0)
+    level = f"test, {100 * confidence if _is_number(confidence) else 0:g}% interval"
     head = "<tr><th>metric</th>" + "".join(f"<th>{t}</th>" for t, _ in columns)
     head += f"<th>{level}</th></tr>" if bounds else "</tr>"
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td>"
         + "".join(f"<td>{_fmt(m[n]) if n in m else ''}</td>" for _, m in columns)
-        + (f"<td>{_interval(bounds.get(n))}</td>" if bounds else "")
+        + (f"<td>{html.escape(_interval(bounds.get(n)))}</td>" if bounds else "")
         + "</tr>"
         for n in names
     )
     return f"<table>{head}{rows}</table>"
 
 
-def _interval(bounds: list[float] | None) -> str:
-    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
+def _interval(bounds: Any) -> str:
+    if not isinstance(bounds, list) or len(bounds) != 2:
+        return ""
+    return f"[{_num(bounds[0])}, {_num(bounds[1])}]"
 
 
 def _per_class_table(rows: list[dict[str, Any]] | None) -> str:
@@ -252,8 +288,9 @@ def _per_class_table(rows: list[dict[str, Any]] | None) -> str:
         return ""
     head = "".join(f"<th>{h}</th>" for h in ("class", "precision", "recall", "f1", "support"))
     body = "".join(
-        f"<tr><td>{html.escape(str(r['label']))}</td>"
-        + "".join(f"<td>{_fmt(r[k])}</td>" for k in ("precision", "recall", "f1", "support"))
+        f"<tr><td>{_fmt(r.get('label', ''))}</td>"
+        + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k in ("precision", "recall", "f1"))
+        + f"<td>{_fmt(r.get('support', ''))}</td>"
         + "</tr>"
         for r in rows
     )
@@ -262,7 +299,7 @@ def _per_class_table(rows: list[dict[str, Any]] | None) -> str:
 
 def _html(run: RunRecord, images: list[Path]) -> str:
     s = run.summary
-    performance = s.get("performance", {})
+    performance = _mapping(s.get("performance"))
     overview = [
         ("status", "stopped early" if s.get("stopped_early") else "finished"),
         ("epochs", s.get("epochs_completed")),
@@ -298,7 +335,7 @@ def _html(run: RunRecord, images: list[Path]) -> str:
         )
     )
     epoch_rows = "".join(
-        f"<tr><td>{e}</td><td>{_fmt(t)}</td><td>{_fmt(v) if v is not None else ''}</td>"
+        f"<tr><td>{_fmt(e)}</td><td>{_fmt(t)}</td><td>{_fmt(v) if v is not None else ''}</td>"
         f"<td>{_fmt(lr) if lr is not None else ''}</td></tr>"
         for e, t, v, lr in epochs
     )
