@@ -60,8 +60,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(
+    path: str | Path, map_location: Any = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`; never falls back to full unpickling.
+
+    `mmap=True` maps the tensors instead of reading them (cheap: to read a checkpoint's
+    counters; a tensor's bytes are only checked when it is used).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or holds objects other
@@ -75,7 +80,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
             f"checkpoint {str(path)!r} is truncated or corrupt (not a torch.save zip archive)"
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds objects other than tensors and plain values; "
@@ -100,7 +105,9 @@ def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    temporary = Path(name)  # unique per writer: two saves never share a temp file
     try:
         if isinstance(model, torch.nn.Module):
             save_model(model, str(temporary))

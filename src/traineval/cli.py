@@ -81,7 +81,7 @@ def _add_fit(commands: Any) -> None:
         help="train, evaluate on the test split, write the run directory",
         description="Train the model a YAML config describes, pick the best checkpoint on the "
         "validation split, evaluate it on the test split, and write everything to "
-        "training.output_dir (default runs/run-<time>).",
+        "training.output_dir (default runs/run-<time>-<random>).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -91,7 +91,7 @@ def _add_fit(commands: Any) -> None:
     fit.add_argument(
         "--resume",
         metavar="PATH|auto",
-        help="continue from a checkpoint, or 'auto': the newest valid one in the output_dir",
+        help="continue from a checkpoint, or 'auto': the one furthest along in output_dir",
     )
 
 
@@ -459,6 +459,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
 
     from .flower import FINAL_MODEL, RESUME_KEY, run_local, saved_round
     from .flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
+    from .rundir import default_run_dir, run_dir_lock
 
     if logging.getLogger().level > logging.INFO:  # -q: Flower's round-by-round log too
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -471,7 +472,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
             "--resume needs the run directory: set training.output_dir=<the stopped run's "
             "output_dir>"
         )
-    output_dir = config.training.output_dir or time.strftime("runs/flower-%Y%m%d-%H%M%S")
+    output_dir = str(config.training.output_dir or default_run_dir("flower"))
     done = saved_round(output_dir) if resume_from == "auto" else None
     rounds = config.training.num_epochs
     if done is not None and done >= rounds and (Path(output_dir) / FINAL_MODEL).exists():
@@ -486,7 +487,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     config = dataclasses.replace(config, training=training, mode=mode)
     output = Path(output_dir)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:  # the resolved config the app reads
+    with run_dir_lock(output), tempfile.TemporaryDirectory() as folder:  # the app reads it
         path = Path(folder) / "config.yaml"
         path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         nodes_config = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]

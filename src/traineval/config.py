@@ -36,6 +36,7 @@ from .checks import (
     number,
     subset,
 )
+from .rundir import atomic_write_text
 
 __all__ = [
     "EvaluationConfig",
@@ -280,7 +281,7 @@ class _ConfigBase:
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the config as YAML (the run directory's record of what ran)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
 from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised
+from .rundir import atomic_write_json, atomic_write_text, default_run_dir
 from .seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -374,8 +374,15 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     if isinstance(config.mode, Reinforcement):
         return _run_reinforcement(config, resume_from)
     parts = run_parts(config)
-    model = parts.new_model()
     manager = TrainingManager(config.training)
+    with manager.hold_output_dir():  # the run, then its records and test evaluation
+        return _train_and_test(config, parts, manager, resume_from)
+
+
+def _train_and_test(
+    config: RunConfig, parts: RunParts, manager: TrainingManager, resume_from: str | None
+) -> ExperimentResult:
+    model = parts.new_model()
     evaluator = Evaluator(config.evaluation)
     evaluator.class_names = parts.splits.class_names
     train_loader = parts.loader(parts.splits.train, shuffle=True)
@@ -421,7 +428,7 @@ def run_experiment(config: RunConfig, resume_from: str | None = None) -> Experim
     if test_metrics is not None and evaluator.last_intervals:
         record["test_intervals"] = _intervals_record(evaluator)
     (out / "evaluation").mkdir(exist_ok=True)
-    (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
+    atomic_write_json(out / "evaluation" / "metrics.json", record)
     figure = out / "evaluation" / "confusion_matrix_test.png"
     if config.training.tensorboard_logging and figure.exists():
         _figure_to_tensorboard(out, "test_confusion_matrix", figure, result.global_step)
@@ -452,9 +459,9 @@ def find_learning_rate(
         task_type=parts.task_type,
         mode=parts.mode,
     )
-    folder = Path(config.training.output_dir or f"runs/lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = Path(config.training.output_dir or default_run_dir("lr-find"))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "lr_find.json").write_text(json.dumps(search.to_dict(), indent=2))
+    atomic_write_json(folder / "lr_find.json", search.to_dict())
     search.plot(folder / "lr_find.png")
     return search, folder
 
@@ -469,7 +476,7 @@ def _record_and_load_best(
     out = Path(result.output_dir)
     resolved = config.to_dict()
     resolved["training"]["output_dir"] = result.output_dir
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     best = out / "checkpoints" / "best.pt"
     if not best.exists():
         return "final weights"
@@ -508,14 +515,14 @@ def _run_reinforcement(config: RunConfig, resume_from: str | None) -> Experiment
     episodes."""
     factory, model = _policy_parts(config)
     manager = TrainingManager(config.training)
-    result = manager.train(model, factory, mode=config.mode, resume_from=resume_from)
-    out = Path(result.output_dir)
-    evaluated = _record_and_load_best(config, result, model, manager.device)
-    test = _test_episodes(config, factory, model, manager.device)
-    record = {"evaluated": evaluated, "best_val": result.best_metric, "test": test}
-    record["monitor_metric"] = result.monitor_metric
-    (out / "evaluation").mkdir(exist_ok=True)
-    (out / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
+    with manager.hold_output_dir():
+        result = manager.train(model, factory, mode=config.mode, resume_from=resume_from)
+        out = Path(result.output_dir)
+        evaluated = _record_and_load_best(config, result, model, manager.device)
+        test = _test_episodes(config, factory, model, manager.device)
+        record = {"evaluated": evaluated, "best_val": result.best_metric, "test": test}
+        record["monitor_metric"] = result.monitor_metric
+        atomic_write_json(out / "evaluation" / "metrics.json", record)
     return ExperimentResult(result, test, evaluated, str(out))
 
 
@@ -628,7 +635,7 @@ def _evaluate_run(
         metrics = _test_episodes(config, factory, policy, device)
         out = run_dir / "evaluation" / "metrics_episodes.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"checkpoint": str(path), "metrics": metrics}, indent=2))
+        atomic_write_json(out, {"checkpoint": str(path), "metrics": metrics})
         return metrics, str(out)
     parts = run_parts(config)
     dataset = getattr(parts.splits, split)
@@ -643,18 +650,16 @@ def _evaluate_run(
     assert loader is not None
     metrics = _evaluate_split(parts, evaluator, model, loader, run_dir, device, choices[split])
     out = run_dir / "evaluation" / f"metrics_{split}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "checkpoint": str(path),
-                "split": split,
-                "metrics": metrics,
-                "per_class": evaluator.last_per_class,
-                "intervals": _intervals_record(evaluator) if evaluator.last_intervals else None,
-                "files": evaluator.last_files,
-            },
-            indent=2,
-        )
+    atomic_write_json(
+        out,
+        {
+            "checkpoint": str(path),
+            "split": split,
+            "metrics": metrics,
+            "per_class": evaluator.last_per_class,
+            "intervals": _intervals_record(evaluator) if evaluator.last_intervals else None,
+            "files": evaluator.last_files,
+        },
     )
     return metrics, str(out)
 
@@ -699,10 +704,10 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
         summary["test_ensemble"] = together["ensemble"]
         summary["test_members"] = together["members"]
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
-    (out / "evaluation" / "cv.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "evaluation" / "cv.json", summary)
     resolved = config.to_dict()
     resolved["training"]["output_dir"] = str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return summary
 
 

@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -63,6 +62,7 @@ from .optim import configured_scheduler
 from .precision import resolve_precision
 from .resume import check_compatible, check_mode
 from .run_checkpoints import CHECKPOINT_FORMAT, checkpoint_payload
+from .rundir import atomic_write_text
 from .seeding import capture_rng, restore_rng, seed_everything
 from .tasks import AutoLoss
 from .version import __version__
@@ -474,9 +474,7 @@ def saved_round(output_dir: str | Path) -> int | None:
 def write_rounds(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     """`metrics.jsonl` from the rounds' records (see `_record`), rewritten whole and
     atomically after every round."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 _PREFIXES = {"train": "train_", "validation": "val_", "server_evaluation": "server_"}

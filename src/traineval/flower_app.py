@@ -21,7 +21,6 @@ and the test split's metrics (`evaluation/metrics.json`) in `training.output_dir
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from .experiment import RunConfig, RunParts, run_parts
 from .flower import FlowerClient, FlowerServer, _auto_device
 from .modes import resolve_mode
 from .modes.federated import Federated, partition
+from .rundir import atomic_write_json, atomic_write_text
 
 __all__ = ["CONFIG_KEY", "clientapp", "serverapp"]
 
@@ -139,7 +139,7 @@ def _server(path: str) -> FlowerServer:
     def on_finish(model: nn.Module) -> None:
         resolved = config.to_dict()
         resolved["training"]["output_dir"] = str(output)
-        (output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(output / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         record: dict[str, Any] = {"evaluated": "final global model", "test": None}
         if test_loader is not None:
             metrics = evaluator.evaluate_model(
@@ -152,7 +152,7 @@ def _server(path: str) -> FlowerServer:
             )
             record["test"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         (output / "evaluation").mkdir(parents=True, exist_ok=True)
-        (output / "evaluation" / "metrics.json").write_text(json.dumps(record, indent=2))
+        atomic_write_json(output / "evaluation" / "metrics.json", record)
 
     return FlowerServer(
         parts.new_model,

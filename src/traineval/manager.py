@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -51,6 +51,7 @@ from .run_checkpoints import (
     restore_loop,
     save_from_loop,
 )
+from .rundir import RunDirInUse, atomic_write_json, default_run_dir, run_dir_lock
 from .seeding import (
     capture_rng,
     data_generators,
@@ -125,7 +126,7 @@ class TrainingManager:
         self.early_stopping_counter = 0
         self.metrics_tracker = MetricsTracker()
         self.performance_monitor = PerformanceMonitor(self.device)
-        self.output_dir = Path(config.output_dir) if config.output_dir else _default_run_dir()
+        self.output_dir = Path(config.output_dir) if config.output_dir else default_run_dir("run")
         if not config.output_dir:  # one run directory for all ranks: rank 0's timestamp
             self.output_dir = self.distributed.gather(self.output_dir)[0]
 
@@ -173,8 +174,9 @@ class TrainingManager:
         `logits`; `output_transform` reads anything else. Without a `loss_function`, a model
         whose forward takes `labels` (Hugging Face models) trains on its own loss for dict
         batches that carry `labels`, weighed so that accumulation and DDP stay exact.
-        `resume_from` continues a run from a checkpoint path, or with "auto" from the newest
-        valid checkpoint in `output_dir` (starting fresh when there is none). The resumed run
+        `resume_from` continues a run from a checkpoint path, or with "auto" from the valid
+        checkpoint in `output_dir` furthest along by its recorded step (starting fresh when
+        there is none; refusing when every one is corrupt). The resumed run
         ends exactly where the uninterrupted one would (same weights, same per-step losses),
         given the same model, data and loaders.
 
@@ -190,10 +192,32 @@ class TrainingManager:
             model, train_loader, val_loader, mode, task_type, loss_function, output_transform
         )
         monitor = build.choose_monitor(c, plan, data.val_loader, evaluator, task_type, run_mode)
-        payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job)
-        self._claim_output_dir(resuming=resume_from is not None)
-        if payload is not None and finished(payload["loop"], c):
-            return self._already_finished(model, payload, monitor)
+        with self.hold_output_dir():  # until the run ends: one run per output_dir
+            payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job)
+            self._claim_output_dir(resuming=resume_from is not None)
+            if payload is not None and finished(payload["loop"], c):
+                return self._already_finished(model, payload, monitor)
+            return self._assemble_and_run(
+                model, run_mode, (loss, plan, precision, data), monitor, payload,
+                evaluator, [*callbacks], loggers, output_transform, task_type,
+            )  # fmt: skip
+
+    def _assemble_and_run(
+        self,
+        model: nn.Module,
+        run_mode: Mode,
+        planned: tuple[build.LossChoice, ModePlan, Precision, build.Data],
+        monitor: Monitor,
+        payload: dict[str, Any] | None,
+        evaluator: ModelEvaluator | None,
+        callbacks: list[Callback],
+        loggers: Sequence[Any],
+        output_transform: OutputTransform | None,
+        task_type: TaskType | None,
+    ) -> TrainingResult:
+        """Assemble the loop's parts around the planned run (resumed from `payload`) and run."""
+        c, job = self.config, self.distributed
+        loss, plan, precision, data = planned
         wrapped, no_sync = build.place_model(model, c, plan, job, self.device, payload)
         parts = build.optimization(
             model, wrapped, no_sync, c, plan, precision, data.total_steps, payload,
@@ -329,7 +353,7 @@ class TrainingManager:
             result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
             summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
             if self.distributed.is_main:
-                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                atomic_write_json(self.output_dir / "summary.json", summary)
         finally:
             hub.close()  # after summary.json, so artifact loggers take it along
         return result
@@ -451,6 +475,24 @@ class TrainingManager:
             callbacks.append(BestWeights())
         return callbacks
 
+    @contextlib.contextmanager
+    def hold_output_dir(self) -> Iterator[None]:
+        """Hold `output_dir` for this run (rank 0 takes the lock, every rank learns the
+        answer): a second run on the same directory is refused with `RunDirInUse`, naming
+        the process that holds it. Re-entrant in one thread; released when the run ends."""
+        stack = contextlib.ExitStack()
+        refused = None
+        if self.distributed.is_main:
+            try:
+                stack.enter_context(run_dir_lock(self.output_dir))
+            except RunDirInUse as error:
+                refused = str(error)
+        refused = self.distributed.gather(refused)[0]
+        if refused is not None:
+            raise RunDirInUse(refused)
+        with stack:
+            yield
+
     def _claim_output_dir(self, resuming: bool) -> None:
         """Create the run directory; refuse to write over an earlier run's checkpoints."""
         checkpoints = self.output_dir / "checkpoints"
@@ -540,7 +582,3 @@ class TrainingManager:
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         return payload
-
-
-def _default_run_dir() -> Path:
-    return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")

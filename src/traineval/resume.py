@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, load_checkpoint_file
 from .config import LEGACY_MODE_KEYS
+from .rundir import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +47,54 @@ def find_checkpoint(
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the checkpoint to resume from.
 
-    `resume_from="auto"` takes the newest checkpoint in `output_dir/checkpoints` that loads,
-    warning about (and skipping) any that are corrupt, and returns None when there is none.
-    A path must load, or `CheckpointError` names it.
+    `resume_from="auto"` takes the checkpoint in `output_dir/checkpoints` that is furthest
+    along by the step recorded inside it (`last.pt` on a tie; file times are not trusted: a
+    copy or a backup restore changes them), skipping with a warning any that does not load,
+    and says which it chose and why. It returns None when the folder holds no checkpoint,
+    and raises `CheckpointError` naming the files when every one is unusable (starting over
+    would overwrite them). A path must load, or `CheckpointError` names it.
     """
     if str(resume_from) != "auto":
         path = Path(resume_from)
         return path, load_checkpoint_file(path)
     folder = output_dir / "checkpoints"
-    candidates = sorted(
-        (p for p in folder.glob("*.pt") if p.is_file()) if folder.is_dir() else [],
-        key=lambda p: (p.stat().st_mtime_ns, p.name == "last.pt"),
-        reverse=True,
-    )
-    for path in candidates:
+    paths = [p for p in folder.glob("*.pt") if p.is_file()] if folder.is_dir() else []
+    failures: dict[Path, str] = {}
+    steps: dict[Path, int] = {}
+    for path in paths:
         try:
-            return path, load_checkpoint_file(path)
+            steps[path] = int(load_checkpoint_file(path, mmap=True).get("global_step", -1))
+        except (CheckpointError, TypeError, ValueError) as error:
+            failures[path] = str(error)
+    ordered = sorted(steps, key=lambda p: (steps[p], p.name == "last.pt"), reverse=True)
+    for path in ordered:
+        try:
+            payload = load_checkpoint_file(path)
         except CheckpointError as error:
-            logger.warning("skipping checkpoint %s: %s", path, error)
+            failures[path] = str(error)
+            continue
+        _explain_choice(path, steps[path], len(paths), failures)
+        return path, payload
+    if failures:
+        raise CheckpointError(
+            f"cannot resume: every checkpoint in {str(folder)!r} is unusable ("
+            + "; ".join(failures.values())
+            + "); refusing to start over them. Move them away to start afresh, or resume "
+            "from a copy you trust with --resume PATH (resume_from=PATH)"
+        )
     return None
+
+
+def _explain_choice(path: Path, step: int, count: int, failures: dict[Path, str]) -> None:
+    for skipped, reason in failures.items():
+        logger.warning("skipping checkpoint %s: %s", skipped.name, reason)
+    logger.info(
+        "auto-resume chose %s: step %d, the furthest along of the %d checkpoint(s) in %s",
+        path.name,
+        step,
+        count,
+        path.parent,
+    )
 
 
 def check_compatible(
@@ -158,9 +187,7 @@ def truncate_events(path: Path, step: int) -> None:
                 continue  # a line cut short by the crash
             if record.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, "".join(kept))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import TaskType, TrainingConfig, TrainingMode
 from ..data.splits import dataset_labels
+from ..rundir import atomic_write_json, run_dir_lock
+from ..seeding import seed_everything
 from .model_evaluator import ModelEvaluator
 
 logger = logging.getLogger(__name__)
@@ -94,12 +95,41 @@ def cross_validate(
         raise TypeError("model_factory must be a model class or a function returning a model")
     folds = _folds(dataset, n_folds, config.seed, mode, task_type, stratify, groups)
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
+    with run_dir_lock(base):  # one cross-validation per folder
+        results = _train_folds(
+            evaluator, model_factory, dataset, config, folds, base, task_type, loss_function,
+            mode, num_workers,
+        )  # fmt: skip
+        summary = aggregate(results)
+        summary["output_dir"] = str(base)
+        atomic_write_json(base / "cv_summary.json", summary)
+    return summary
+
+
+def _train_folds(
+    evaluator: ModelEvaluator,
+    model_factory: Callable[[], nn.Module],
+    dataset: Dataset[Any],
+    config: TrainingConfig,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    base: Path,
+    task_type: TaskType | None,
+    loss_function: Any,
+    mode: Any,
+    num_workers: int,
+) -> list[FoldResult]:
+    """One fresh model per fold, each from the same initial weights (the config's seed,
+    whatever the caller's random state), trained into `base/fold-<k>`."""
+    from ..manager import TrainingManager  # training sits above evaluation
+
+    n_folds = len(folds)
     results: list[FoldResult] = []
     for k, (train_idx, val_idx) in enumerate(folds, start=1):
         logger.info("Training fold %d/%d", k, n_folds)
         fold_config = TrainingConfig.from_dict(
             {**config.to_dict(), "output_dir": str(base / f"fold-{k}")}
         )
+        seed_everything(config.seed)  # every fold starts from the same weights
         model = model_factory()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module")
@@ -125,10 +155,7 @@ def cross_validate(
                 validation_size=len(val_idx),
             )
         )
-    summary = aggregate(results)
-    summary["output_dir"] = str(base)
-    (base / "cv_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return results
 
 
 def _folds(

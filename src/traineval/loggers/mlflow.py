@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..rundir import atomic_write_text
 from .base import numbers
 
 ID_FILE = "mlflow_run_id.txt"
@@ -49,7 +50,7 @@ class MLflowLogger:
         else:
             run = self.client.create_run(experiment_id, run_name=self.run_dir.name)
             self.run_id = run.info.run_id
-            id_file.write_text(self.run_id)
+            atomic_write_text(id_file, self.run_id)
         self.tracking_uri = uri
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..rundir import atomic_write_text
 from .base import numbers
 
 ID_FILE = "wandb_run_id.txt"
@@ -40,7 +41,7 @@ class WandbLogger:
             run_id = id_file.read_text().strip()
         else:
             run_id = uuid.uuid4().hex[:12]
-            id_file.write_text(run_id)
+            atomic_write_text(id_file, run_id)
         self.run_id = run_id
         self.finish_timeout = finish_timeout
         self._error_file = (run_dir / "wandb_process.log").open("w+", encoding="utf-8")

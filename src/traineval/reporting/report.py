@@ -15,6 +15,7 @@ import yaml
 from ..config import metric_is_minimized
 from ..loggers import read_jsonl
 from ..loop import empty_history
+from ..rundir import atomic_write_text
 
 
 @dataclasses.dataclass
@@ -220,7 +221,7 @@ def write_report(run_dir: str | Path) -> tuple[RunRecord, Path]:
     images = sorted((run.run_dir / "evaluation").glob("*.png"), key=lambda p: (p != curves, p.name))
     page = _html(run, images)
     path = run.run_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)
     return run, path
 
 

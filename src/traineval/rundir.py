@@ -1,0 +1,128 @@
+"""The run directory as a resource: unique default names, one run at a time (a lock that a
+killed run does not leave stuck), and files written whole or not at all.
+
+- `default_run_dir("run")` is `runs/run-<date>-<time>-<random>`: two runs started in the same
+  second get different folders.
+- `run_dir_lock(folder)` holds an exclusive `flock` on `<folder>/.lock` for the duration of a
+  run; a second run on the folder is refused with `RunDirInUse`, naming the holder. The
+  operating system releases the lock when the holding process ends in any way (SIGKILL
+  included), so a crashed run never leaves the folder locked. Re-entrant within one thread
+  (`run_experiment` holds it around `TrainingManager.train`, which takes it too).
+- `atomic_write_text(path, text)`: a temp file with a unique name in the same folder,
+  fsync, `os.replace`; a reader sees the old file or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+_held: dict[tuple[Path, int], list[int]] = {}  # (folder, thread) -> [fd, depth]
+_guard = threading.Lock()
+
+
+class RunDirInUse(FileExistsError):
+    """Another run holds the run directory."""
+
+
+def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
+    """`runs/<prefix>-YYYYmmdd-HHMMSS-<6 hex>`: sortable by time, unique per call."""
+    return Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (unique temp file in the same folder, fsync,
+    rename): a crash or a full disk leaves the previous file, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
+        encoding="utf-8",
+    )  # fmt: skip
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, value: object) -> Path:
+    """`value` as indented JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(value, indent=2))
+
+
+@contextlib.contextmanager
+def run_dir_lock(folder: str | Path) -> Iterator[None]:
+    """Hold `folder` for one run (creating it); `RunDirInUse` if another run holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = (folder.resolve(), threading.get_ident())
+    with _guard:
+        entry = _held.get(key)
+        if entry is not None:
+            entry[1] += 1
+    if entry is None:
+        entry = [_acquire(folder), 1]
+        with _guard:
+            _held[key] = entry
+    try:
+        yield
+    finally:
+        with _guard:
+            entry[1] -= 1
+            last = entry[1] == 0
+            if last:
+                del _held[key]
+        if last and entry[0] >= 0:
+            os.close(entry[0])  # releases the flock; the file stays (removing it would race)
+
+
+def _acquire(folder: Path) -> int:
+    """An open descriptor of `<folder>/.lock` holding an exclusive flock (-1 without fcntl)."""
+    if fcntl is None:
+        return -1
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder(path)
+        os.close(fd)
+        raise RunDirInUse(
+            f"output_dir={str(folder)!r} is in use by another run ({holder}): wait for it to "
+            "finish, or choose another output_dir"
+        ) from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    return fd
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, as its file says."""
+    try:
+        record = json.loads(path.read_text())
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
+        return f"pid {record['pid']} on {record['host']}, since {started}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"

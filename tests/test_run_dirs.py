@@ -1,0 +1,208 @@
+"""The run directory as a resource: one run at a time (a lock a killed run does not leave
+stuck), unique default names and temp files, files written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from traineval import TrainingConfig, TrainingManager
+from traineval.checkpoint import save_safetensors
+from traineval.cli import main
+from traineval.rundir import RunDirInUse, atomic_write_text, default_run_dir, run_dir_lock
+
+HOLD = (
+    "import sys, time\n"
+    "from traineval.rundir import run_dir_lock\n"
+    "with run_dir_lock(sys.argv[1]):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(600)\n"
+)
+
+
+def _demo(run, *extra):
+    return [
+        "demo",
+        "-q",
+        "data.name=iris",
+        "model.name=mlp",
+        "model.options={}",
+        "training.num_epochs=1",
+        "training.warmup_steps=0",
+        f"training.output_dir={run}",
+        *extra,
+    ]
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_holder_frees_it(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_demo(run)) == 1
+        err = capsys.readouterr().err
+        assert "is in use by another run" in err
+        assert f"pid {holder.pid}" in err
+        assert not (run / "checkpoints").exists()  # refused before any work
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main(_demo(run)) == 0  # the kernel released the dead holder's lock
+
+
+def test_the_lock_is_per_run_not_per_process(tmp_path):
+    """Re-entrant in one thread (run_experiment holds it around train); another thread of
+    the same process is another run."""
+    folder = tmp_path / "run"
+    refused = []
+
+    def other_run():
+        try:
+            with run_dir_lock(folder):
+                pass
+        except RunDirInUse as error:
+            refused.append(str(error))
+
+    with run_dir_lock(folder), run_dir_lock(folder):
+        worker = threading.Thread(target=other_run)
+        worker.start()
+        worker.join()
+    assert len(refused) == 1
+    with run_dir_lock(folder):  # released by the outer exit
+        pass
+
+
+def test_python_api_runs_on_one_directory_are_refused_too(tmp_path):
+    folder = tmp_path / "run"
+    config = TrainingConfig(num_epochs=1, output_dir=str(folder), progress_bar=False)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    errors = []
+
+    def other_run():
+        try:
+            TrainingManager(config).train(torch.nn.Linear(4, 2), loader)
+        except RunDirInUse as error:
+            errors.append(error)
+
+    with run_dir_lock(folder):
+        worker = threading.Thread(target=other_run)
+        worker.start()
+        worker.join()
+    assert len(errors) == 1
+    assert "output_dir=" in str(errors[0])
+
+
+def test_default_run_directories_are_unique_within_a_second():
+    names = {default_run_dir("run") for _ in range(200)}
+    assert len(names) == 200
+    config = TrainingConfig(num_epochs=1)
+    assert TrainingManager(config).output_dir != TrainingManager(config).output_dir
+
+
+def test_writers_of_one_file_never_share_a_temp_file(tmp_path):
+    path = tmp_path / "best.safetensors"
+    model = torch.nn.Linear(256, 256)
+    errors = []
+
+    def save(times):
+        try:
+            for _ in range(times):
+                save_safetensors(model, path)
+                atomic_write_text(tmp_path / "summary.json", "{}" * 10000)
+        except Exception as error:
+            errors.append(error)
+
+    workers = [threading.Thread(target=save, args=(25,)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    atomic_write_text(path, "training: {num_epochs: 3}\n")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(path, "training: {num_epochs: 5}\n" * 1000)
+    assert path.read_text() == "training: {num_epochs: 3}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_run_records_are_written_atomically(tmp_path, monkeypatch):
+    """config.yaml, summary.json and evaluation/metrics.json go through the atomic writer."""
+    import traineval.rundir as rundir
+
+    written = []
+    real = rundir.atomic_write_text
+
+    def spy(path, text):
+        written.append(os.path.relpath(path, tmp_path / "run"))
+        return real(path, text)
+
+    monkeypatch.setattr(rundir, "atomic_write_text", spy)
+    for module in ("traineval.config", "traineval.experiment"):
+        monkeypatch.setattr(sys.modules[module], "atomic_write_text", spy)
+    assert main(_demo(tmp_path / "run")) == 0
+    for name in ("config.yaml", "summary.json", os.path.join("evaluation", "metrics.json")):
+        assert name in written
+
+
+def _two_epoch_run(tmp_path):
+    run = tmp_path / "run"
+    assert main(_demo(run, "training.num_epochs=2", "training.checkpoint_save_frequency=1")) == 0
+    return run
+
+
+def test_auto_resume_picks_by_the_recorded_step_not_the_file_time(tmp_path, caplog):
+    from traineval.checkpoint import load_checkpoint_file
+    from traineval.resume import find_checkpoint
+
+    run = _two_epoch_run(tmp_path)
+    folder = run / "checkpoints"
+    older = folder / "epoch-0001.pt"
+    assert (
+        load_checkpoint_file(older)["global_step"]
+        < load_checkpoint_file(folder / "last.pt")["global_step"]
+    )
+    future = time.time() + 3600
+    os.utime(older, (future, future))  # a copy or a backup restore
+    with caplog.at_level("INFO", logger="traineval.resume"):
+        path, payload = find_checkpoint(run, "auto")
+    assert path.name == "last.pt"
+    assert payload["global_step"] == load_checkpoint_file(folder / "last.pt")["global_step"]
+    assert "auto-resume chose last.pt" in caplog.text
+
+
+def test_auto_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path, capsys):
+    run = _two_epoch_run(tmp_path)
+    files = sorted((run / "checkpoints").glob("*.pt"))
+    for path in files:
+        path.write_bytes(b"garbage")
+    events = (run / "metrics.jsonl").read_text()
+    assert main(_demo(run, "training.num_epochs=3", "--resume", "auto")) == 1
+    err = capsys.readouterr().err
+    assert "every checkpoint" in err
+    for path in files:
+        assert path.name in err
+        assert path.read_bytes() == b"garbage"  # nothing overwritten
+    assert (run / "metrics.jsonl").read_text() == events
