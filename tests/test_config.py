@@ -135,3 +135,20 @@ def test_compile_modes_with_cuda_graphs_are_refused_with_the_reason(mode):
 def test_unknown_compile_mode_names_the_allowed_ones():
     with pytest.raises(ValueError, match=r"compile_mode='fast'.*max-autotune-no-cudagraphs"):
         TrainingConfig(compile_mode="fast")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("training.seed=4294967296", "seed=4294967296"),
+        ("data.split_seed=4294967296", "data.split_seed=4294967296"),
+        ("evaluation.bootstrap_seed=18446744073709551616", "bootstrap_seed="),
+    ],
+)
+def test_seeds_beyond_32_bits_are_refused_before_any_work(override, field, capsys):
+    from traineval.cli import main
+
+    assert main(["demo", "-q", override]) == 2
+    err = capsys.readouterr().err
+    assert field in err
+    assert "[0, 4294967295]" in err

@@ -151,3 +151,28 @@ def test_fold_checkpoints_evaluate_as_an_ensemble(tmp_path):
     assert 0.0 <= result["ensemble"]["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="pass model_factory"):
         evaluator.evaluate_ensemble(cv["fold_checkpoints"], test)
+
+
+def test_every_fold_starts_from_the_same_weights_whatever_the_global_random_state(tmp_path):
+    dataset = make_classification(n=90, seed=3)
+    initial = []
+
+    def factory():
+        model = SimpleModel()
+        initial.append([p.detach().clone() for p in model.parameters()])
+        return model
+
+    summaries = []
+    for run, global_seed in enumerate((123, 456)):
+        torch.manual_seed(global_seed)  # the caller's state must not matter
+        np.random.seed(global_seed)
+        config = _config(tmp_path / str(run), num_epochs=2, seed=7)
+        summaries.append(Evaluator().cross_validate(factory, dataset, config, n_folds=3))
+    assert len(initial) == 6
+    for weights in initial[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(initial[0], weights, strict=True))
+    assert summaries[0]["folds"] == [
+        {**fold, "checkpoint": fold["checkpoint"].replace(f"{tmp_path}/1", f"{tmp_path}/0"),
+         "output_dir": fold["output_dir"].replace(f"{tmp_path}/1", f"{tmp_path}/0")}
+        for fold in summaries[1]["folds"]
+    ]  # fmt: skip

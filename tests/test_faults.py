@@ -203,3 +203,115 @@ def test_workers_get_distinct_reproducible_seeds(tmp_path):
     assert torch.equal(draws[0], draws[1])  # reproducible
     by_worker = {int(row[2]): row[0].item() for row in draws[0]}
     assert len(set(by_worker.values())) == 2  # distinct per worker
+
+
+class _NaNFromSecondValidation(nn.Module):
+    """Predicts NaN from its `after`-th validation on (one validation batch each)."""
+
+    def __init__(self, after=2):
+        super().__init__()
+        self.net = nn.Linear(8, 3)
+        self.validations, self.after = 0, after
+
+    def forward(self, x):
+        out = self.net(x)
+        if not self.training:
+            self.validations += 1
+            if self.validations >= self.after:
+                out = out * float("nan")
+        return out
+
+
+def test_a_nan_validation_names_epoch_and_step_and_saves_the_training_first(tmp_path):
+    from traineval.loop import EvaluationError
+
+    data = make_classification(n=64, seed=1)
+    train = DataLoader(data, batch_size=8)
+    val = DataLoader(make_classification(n=16, seed=2), batch_size=16)
+    config = _config(tmp_path, num_epochs=3, monitor_metric="val_accuracy")
+    with pytest.raises(EvaluationError, match=r"validation at epoch 2, step 16 failed: ") as info:
+        TrainingManager(config).train(_NaNFromSecondValidation(), train, val)
+    assert "predictions contain NaN" in str(info.value)
+    assert "last.pt" in str(info.value)
+    saved = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["global_step"] == 16  # the second epoch's training is kept
+    # resuming redoes that validation (here with a model that is fine again)
+    model = _NaNFromSecondValidation(after=99)
+    resumed = TrainingManager(config).train(model, train, val, resume_from="auto")
+    assert resumed["global_step"] == 24
+    assert len(resumed["training_history"]["val_metrics"]) == 3
+
+
+def test_a_nan_monitored_metric_is_named(tmp_path):
+    from traineval.loop import EvaluationError
+
+    data = make_classification(n=64, seed=1)
+    val = DataLoader(make_classification(n=16, seed=2), batch_size=16)
+
+    def nan_loss(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets) * (
+            float("nan") if not torch.is_grad_enabled() else 1.0
+        )
+
+    config = _config(tmp_path, num_epochs=1, monitor_metric="val_loss")
+    with pytest.raises(
+        EvaluationError, match=r"epoch 1, step 8 failed: the monitored metric val_loss is nan"
+    ):
+        TrainingManager(config).train(make_mlp(), DataLoader(data, 8), val, loss_function=nan_loss)
+
+
+def test_an_empty_validation_loader_is_refused_before_training(tmp_path):
+    empty = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)), 8)
+    train = DataLoader(make_classification(n=64, seed=1), batch_size=8)
+    with pytest.raises(ValueError, match="val_loader is empty"):
+        TrainingManager(_config(tmp_path)).train(make_mlp(), train, empty)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _HeldGenerator(Dataset):
+    """Draws from a NumPy generator created in __init__ (the common mistake)."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+        self.legacy = np.random.RandomState(0)
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.tensor([self.rng.random(), self.legacy.rand()]), torch.tensor(index % 2)
+
+
+def test_a_generator_held_by_the_dataset_draws_differently_in_each_worker(tmp_path, caplog):
+    from traineval.seeding import reseed_held_generators
+
+    loader = DataLoader(_HeldGenerator(), batch_size=8, num_workers=2)
+    plain = torch.cat([x for x, _ in loader])
+    assert len(set(plain[:, 0].tolist())) == 32  # the copies repeat: 2 workers, same draws
+    assert reseed_held_generators(loader) == ["dataset.rng", "dataset.legacy"]
+    torch.manual_seed(5)
+    first = torch.cat([x for x, _ in loader])
+    torch.manual_seed(5)
+    second = torch.cat([x for x, _ in loader])
+    assert len(set(first[:, 0].tolist())) == 64
+    assert len(set(first[:, 1].tolist())) == 64
+    assert torch.equal(first, second)  # reproducible from the loader's seed
+    with caplog.at_level("WARNING"):
+        config = _config(tmp_path, num_epochs=1)
+        fresh = DataLoader(_HeldGenerator(), batch_size=8, num_workers=2)
+        TrainingManager(config).train(nn.Linear(2, 2), fresh)
+    assert "dataset.rng, dataset.legacy are a NumPy generator" in caplog.text
+
+
+def test_accumulation_with_batch_norm_warns(tmp_path, caplog):
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    train = DataLoader(make_classification(n=64, seed=1), batch_size=8)
+    with caplog.at_level("WARNING"):
+        TrainingManager(_config(tmp_path, num_epochs=1, gradient_accumulation_steps=2)).train(
+            model, train
+        )
+    assert "gradient_accumulation_steps=2 with batch norm (1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        TrainingManager(_config(tmp_path / "b", num_epochs=1)).train(model, train)
+    assert "batch norm" not in caplog.text

@@ -333,3 +333,112 @@ def test_a_failing_wandb_process_is_reported_and_training_goes_on(tmp_path, monk
         result = TrainingManager(config).train(make_mlp(), DataLoader(data, 8))
     assert result.global_step == 16
     assert "no W&B today" in caplog.text
+
+
+def test_tensorboard_that_cannot_start_does_not_stop_training(tmp_path, monkeypatch, caplog):
+    from traineval.loggers import tensorboard
+
+    def unwritable(self, run_dir, purge_step=None):
+        raise PermissionError(13, "Permission denied", str(run_dir))
+
+    monkeypatch.setattr(tensorboard.TensorBoardLogger, "__init__", unwritable)
+    with caplog.at_level(logging.WARNING):
+        result = TrainingManager(_config(tmp_path, tensorboard_logging=True)).train(
+            make_mlp(), DataLoader(make_classification(n=32), 8)
+        )
+    assert "TensorBoard could not start" in caplog.text
+    assert "Permission denied" in caplog.text
+    assert result["global_step"] == 8
+
+
+def test_a_nan_value_sent_to_tensorboard_is_named_once(tmp_path, caplog):
+    from traineval.loggers.tensorboard import TensorBoardLogger
+
+    board = TensorBoardLogger(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        board.log({"val_r2": float("nan"), "val_loss": 0.5}, 3)
+        board.log({"val_r2": float("nan"), "val_loss": 0.4}, 6)
+    board.close()
+    assert caplog.text.count("TensorBoard: val_r2 is nan at step 3") == 1
+    assert "step 6" not in caplog.text
+    assert _scalars(tmp_path / "tensorboard")["val_loss"] == [3, 6]
+
+
+def test_a_background_logger_never_makes_training_wait(caplog):
+    """The training thread only queues; a blocked service delays nothing, and close() gives
+    up after its bound, saying how much was not sent."""
+    import threading
+
+    from traineval.loggers.background import BackgroundLogger
+
+    release = threading.Event()
+    received = []
+
+    class Stuck:
+        def log(self, metrics, step):
+            release.wait()
+            received.append(step)
+
+        def log_config(self, config):
+            pass
+
+        def close(self):
+            received.append("closed")
+
+    background = BackgroundLogger(Stuck, "Stuck")
+    background.close_timeout = 0.2
+    for step in range(5):
+        background.log({"loss": 1.0}, step)  # returns at once though the service is stuck
+    with caplog.at_level(logging.WARNING):
+        background.close()
+    assert "Stuck did not finish within 0 s" in caplog.text
+    assert "record(s) were not sent" in caplog.text
+    release.set()
+    background._thread.join(5)
+    assert received == [0, 1, 2, 3, 4, "closed"]  # in order, once released
+
+
+def test_a_logger_that_cannot_start_in_the_background_is_reported(caplog):
+    from traineval.loggers.background import BackgroundLogger
+
+    def down():
+        raise ConnectionError("tracking server unreachable")
+
+    with caplog.at_level(logging.WARNING):
+        background = BackgroundLogger(down, "MLflow")
+        background._thread.join(5)
+        background.log({"loss": 1.0}, 1)  # dropped: nothing queues for a dead logger
+        background.close()
+    assert "MLflow could not start (ConnectionError: tracking server unreachable)" in caplog.text
+    assert background._queue.qsize() == 0
+
+
+def test_an_unreachable_mlflow_server_does_not_delay_training(tmp_path, caplog):
+    """A server that accepts connections and never answers: training finishes while the
+    MLflow client is still waiting; the run ends after close()'s bound, with a warning."""
+    import socket
+    import time
+
+    from traineval.loggers.background import BackgroundLogger
+
+    pytest.importorskip("mlflow")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+    original = BackgroundLogger.close_timeout
+    BackgroundLogger.close_timeout = 1.0
+    try:
+        config = _config(tmp_path, mlflow_logging=True, mlflow_tracking_uri=uri, num_epochs=1)
+        started = time.perf_counter()
+        with caplog.at_level(logging.WARNING):
+            result = TrainingManager(config).train(
+                make_mlp(), DataLoader(make_classification(n=32), 8)
+            )
+        took = time.perf_counter() - started
+    finally:
+        BackgroundLogger.close_timeout = original
+        server.close()
+    assert result["global_step"] == 4
+    assert "MLflow did not finish within 1 s" in caplog.text
+    assert took < 30  # MLflow's own retries against this server take minutes

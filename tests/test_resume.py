@@ -119,9 +119,10 @@ def test_resume_refuses_a_config_that_changes_the_data_order(tmp_path, caplog):
         ({"lr_multipliers": {"0": 0.1}}, r"lr_multipliers: checkpoint \{\}, now \{'0': 0\.1\}"),
         ({"frozen_parameters": ("0",)}, r"frozen_parameters: checkpoint \[\], now \['0'\]"),
         ({"weight_decay": 0.0}, r"weight_decay: checkpoint 1e-05, now 0\.0 \(zero and non-zero"),
+        ({"optimizer_type": "sgd"}, r"optimizer_type: checkpoint 'adamw', now 'sgd'"),
     ):
         with pytest.raises(
-            ValueError, match=r"changes the optimizer's parameter groups \(" + shown
+            ValueError, match=r"changes the optimizer or its parameter groups \(" + shown
         ):
             TrainingManager(config(tmp_path, num_epochs=3, **change)).train(
                 dropout_mlp(0), train, val, resume_from="auto"

@@ -5,6 +5,7 @@ The public API (docs/design.md): `TrainingConfig`, `EvaluationConfig`, `Training
 `TrainingMode`, `EvaluationMode`.
 """
 
+from . import requirements  # noqa: F401 - first: refuses a torch too old for safe loading
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
 from .evaluation import Evaluator

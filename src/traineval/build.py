@@ -49,7 +49,7 @@ from .optim import check_prefixes, freeze
 from .precision import Precision, resolve_precision
 from .resume import check_compatible, check_mode, find_checkpoint, truncate_events
 from .run_checkpoints import CHECKPOINT_FORMAT, training_weights
-from .seeding import seed_everything
+from .seeding import reseed_held_generators, seed_everything
 from .tasks import RegressionMSE, default_loss
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def check_inputs(config: TrainingConfig, model: Any, mode: Mode, loss_function: 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_prefixes(model, "frozen_parameters", config.frozen_parameters)
     check_prefixes(model, "lr_multipliers", config.lr_multipliers)
+    _warn_batch_norm_accumulation(model, config.gradient_accumulation_steps)
     if not _shapes_loss(config):
         return
     if loss_function is not None:
@@ -74,6 +75,25 @@ def check_inputs(config: TrainingConfig, model: Any, mode: Mode, loss_function: 
         raise ValueError(
             f"label_smoothing / class_weights are not supported in mode='{mode.name}' "
             "(they shape the supervised cross-entropy)"
+        )
+
+
+def _warn_batch_norm_accumulation(model: nn.Module, accumulation: int) -> None:
+    """Accumulation equals one big batch, except for batch norm: it normalises each
+    micro-batch by that micro-batch's statistics (the documented exception)."""
+    if accumulation == 1:
+        return
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        logger.warning(
+            "gradient_accumulation_steps=%d with batch norm (%s%s): each micro-batch is "
+            "normalised by its own statistics, so the update differs from one batch %d times "
+            "as large (and the running statistics are updated per micro-batch); use a larger "
+            "batch_size, or GroupNorm / LayerNorm, where that matters",
+            accumulation,
+            ", ".join(norms[:3]),
+            ", ..." if len(norms) > 3 else "",
+            accumulation,
         )
 
 
@@ -200,14 +220,42 @@ def shard_data(
 ) -> Data:
     """Each rank's share of the user's loaders (the modes' own loaders are theirs already)."""
     batches: Iterable[Any] = plan.loader
+    for loader in (train_loader, val_loader):
+        _reseed_workers(loader)
     if plan.loader is None:
         batches = shard_train_loader(train_loader, job, config.seed)
     if val_loader is not None:
+        _check_not_empty(val_loader)
         val_loader = shard_eval_loader(val_loader, job)
     updates = updates_per_epoch(batches, config.gradient_accumulation_steps)
     return Data(
         batches, val_loader, updates, total_steps(updates, config.num_epochs, config.max_steps)
     )
+
+
+def _reseed_workers(loader: Any) -> None:
+    found = reseed_held_generators(loader)
+    if found:
+        logger.warning(
+            "%s %s a NumPy generator: each DataLoader worker gets a copy of it and would draw "
+            "the same numbers; traineval reseeds each worker's copy from the worker's seed "
+            "(reproducible). To draw per worker yourself, create it in a worker_init_fn",
+            ", ".join(found),
+            "is" if len(found) == 1 else "are",
+        )
+
+
+def _check_not_empty(val_loader: Any) -> None:
+    """An empty validation loader is refused before training, not after an epoch."""
+    try:
+        batches = len(val_loader)
+    except TypeError:
+        return
+    if batches == 0:
+        raise ValueError(
+            "val_loader is empty: it has no batches to validate on (an empty validation "
+            "split?); give it rows, or pass val_loader=None to train without validation"
+        )
 
 
 def updates_per_epoch(loader: Any, accumulation: int) -> int | None:
@@ -527,6 +575,8 @@ def optional_loggers(config: TrainingConfig, output_dir: Path, resumed_step: int
             loggers.append(TensorBoardLogger(output_dir, purge_step=purge))
         except ImportError as error:
             logger.warning("%s; logging to metrics.jsonl only", error)
+        except Exception as error:  # e.g. an unwritable folder: logging never stops training
+            logger.warning("TensorBoard could not start (%s); logging to metrics.jsonl only", error)
     if c.wandb_logging:
         try:
             from .loggers.wandb import WandbLogger
@@ -537,12 +587,10 @@ def optional_loggers(config: TrainingConfig, output_dir: Path, resumed_step: int
         except Exception as error:  # a logging service must not stop training
             logger.warning("W&B could not start (%s); logging to metrics.jsonl only", error)
     if c.mlflow_logging:
-        try:
-            from .loggers.mlflow import MLflowLogger
+        from .loggers.mlflow import mlflow_logger
 
-            loggers.append(MLflowLogger(output_dir, c.mlflow_tracking_uri))
+        try:  # on a thread of its own: a slow or unreachable server never delays training
+            loggers.append(mlflow_logger(output_dir, c.mlflow_tracking_uri))
         except ImportError as error:
             logger.warning("%s; logging to metrics.jsonl only", error)
-        except Exception as error:  # a tracking server that is down must not stop training
-            logger.warning("MLflow could not start (%s); logging to metrics.jsonl only", error)
     return loggers

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .rundir import writing
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: missing, truncated, corrupt or unsafe."""
@@ -22,19 +24,20 @@ def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
     A crash during the write leaves any previous file at `path` untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        )
+        try:
+            with handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(handle.name, path)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
     return path
 
@@ -101,9 +104,15 @@ def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str
     A state dict (e.g. the full weights of a sharded model) is written as it is, each
     tensor its own copy.
     """
+    path = Path(path)
+    with writing(path):
+        _write_safetensors(model, path)
+    return path
+
+
+def _write_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file, save_model
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(descriptor)
@@ -119,7 +128,6 @@ def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    return path
 
 
 def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = True) -> None:

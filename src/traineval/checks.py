@@ -26,9 +26,11 @@ def fail(field: str, value: Any, allowed: str) -> NoReturn:
     raise SettingError(field, value, allowed)
 
 
-def integer(field: str, value: Any, *, minimum: int) -> None:
+def integer(field: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         fail(field, value, f"expected an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        fail(field, value, f"expected an integer in [{minimum}, {maximum}]")
 
 
 def number(
@@ -80,16 +82,19 @@ class Rule:
 
 
 class Int(Rule):
-    def __init__(self, minimum: int, *, optional: bool = False) -> None:
-        self.minimum, self.optional = minimum, optional
+    def __init__(self, minimum: int, *, maximum: int | None = None, optional: bool = False) -> None:
+        self.minimum, self.maximum, self.optional = minimum, maximum, optional
 
     def __call__(self, field: str, value: Any) -> Any:
         if not (self.optional and value is None):
-            integer(field, value, minimum=self.minimum)
+            integer(field, value, minimum=self.minimum, maximum=self.maximum)
         return value
 
     def __str__(self) -> str:
-        return f"integer >= {self.minimum}" + (", or null" if self.optional else "")
+        allowed = f"integer >= {self.minimum}"
+        if self.maximum is not None:
+            allowed = f"integer in [{self.minimum}, {self.maximum}]"
+        return allowed + (", or null" if self.optional else "")
 
 
 class Number(Rule):

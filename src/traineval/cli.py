@@ -279,6 +279,7 @@ def _failures() -> tuple[type[BaseException], ...]:
     """The errors a command reports in one line (exit 1) instead of a traceback. Imported
     here, as everything that loads torch, so that `--help` answers without it."""
     from .checkpoint import CheckpointError
+    from .rundir import WriteError
     from .steplog import NonFiniteError
 
     return (
@@ -288,6 +289,7 @@ def _failures() -> tuple[type[BaseException], ...]:
         NotImplementedError,
         CheckpointError,
         NonFiniteError,
+        WriteError,
     )
 
 

@@ -84,6 +84,7 @@ SCHEDULERS = ("cosine", "linear", "step", "plateau", "onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITOR_MODES = ("auto", "min", "max")
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding and DataLoader worker seeds take 32 bits
 CLASSIFICATION_METRICS = (
     "accuracy",
     "precision",
@@ -366,7 +367,7 @@ class TrainingConfig(_ConfigBase):
     save_best_model: bool = setting(True, Flag())
     eval_batch_size: int | None = setting(None, Int(1, optional=True))
     # What a real run needs
-    seed: int = setting(42, Int(0))
+    seed: int = setting(42, Int(0, maximum=MAX_SEED))
     output_dir: str | None = setting(None, Custom(_path, "a path, or null"))
     overwrite_output_dir: bool = setting(False, Flag())
     device: str = setting("auto", OneOf(DEVICES))
@@ -622,7 +623,7 @@ class EvaluationConfig(_ConfigBase):
         _int("top_k", self.top_k, minimum=1)
         _int("calibration_bins", self.calibration_bins, minimum=1)
         _int("bootstrap_samples", self.bootstrap_samples, minimum=0)
-        _int("bootstrap_seed", self.bootstrap_seed, minimum=0)
+        _int("bootstrap_seed", self.bootstrap_seed, minimum=0, maximum=MAX_SEED)
         _float("confidence_level", self.confidence_level, minimum=0.0, strict=True)
         if self.confidence_level >= 1.0:
             _fail("confidence_level", self.confidence_level, "expected a number in (0, 1)")
@@ -655,7 +656,22 @@ _Loader.add_implicit_resolver(
 
 def parse_value(text: str) -> Any:
     """Parse one override value the way a YAML file would (`1e-3`, `true`, `[a, b]`, `null`)."""
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"override value {text!r} is not valid YAML: {_yaml_problem(error)}"
+        ) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and where (line and column, 1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = (getattr(error, "problem", None) or str(error).splitlines()[0]) + where
+    if "python/" in str(error):
+        problem += "; Python tags (!!python/...) are refused: a config holds plain values"
+    return problem
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -663,7 +679,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    data = yaml.load(path.read_text(), Loader=_Loader)
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -18,6 +18,7 @@ from . import registry
 from .checkpoint import load_checkpoint_file
 from .config import (
     LEGACY_MODE_KEYS,
+    MAX_SEED,
     EvaluationConfig,
     EvaluationMode,
     TaskType,
@@ -92,7 +93,7 @@ class DataConfig(_ConfigBase):
             ):
                 _fail("data.target", names, "expected a column name or a list of distinct names")
             object.__setattr__(self, "target", tuple(names))
-        _int("data.split_seed", self.split_seed, minimum=0)
+        _int("data.split_seed", self.split_seed, minimum=0, maximum=MAX_SEED)
         _int("data.num_workers", self.num_workers, minimum=0)
         _bool("data.standardize", self.standardize)
         _float("data.labeled_fraction", self.labeled_fraction, minimum=0.0, strict=True)

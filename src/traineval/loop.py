@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ from .train_state import TrainState, empty_history
 
 __all__ = [
     "EvaluateFn",
+    "EvaluationError",
     "Loop",
     "LoopControl",
     "Monitor",
@@ -70,6 +72,11 @@ __all__ = [
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[str, "Loop"], Any]
+
+
+class EvaluationError(ValueError):
+    """A validation could not be scored (e.g. the model predicted NaN); the training before
+    it was saved as a resumable checkpoint."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -648,10 +655,17 @@ class Loop:
         # DataLoader draws a seed from torch's generator even without shuffling): the same
         # seed trains the same with or without validation, at any eval_frequency.
         streams = capture_rng()
-        with self.weights_to_keep():
-            metrics = self.evaluate_fn(self.forward_model)
+        try:
+            with self.weights_to_keep():
+                metrics = self.evaluate_fn(self.forward_model)
+        except ValueError as error:  # the metrics cannot be computed (NaN predictions, ...)
+            restore_rng(streams, None)
+            self._failed_evaluation(str(error))
         restore_rng(streams, None)
         prefixed = {f"val_{name}": float(value) for name, value in metrics.items()}
+        monitored = prefixed.get(self.monitor.name)
+        if monitored is not None and not math.isfinite(monitored):
+            self._failed_evaluation(f"the monitored metric {self.monitor.name} is {monitored}")
         state.last_eval_step = state.global_step
         state.history["val_metrics"].append(dict(metrics))
         state.history["val_steps"].append(state.global_step)
@@ -760,6 +774,24 @@ class Loop:
         self._read_steps()
         for name in requests:
             self.save_fn(name, self)
+
+    def _failed_evaluation(self, reason: str) -> NoReturn:
+        """A validation that cannot be scored: save the training done so far as a resumable
+        `last` checkpoint (from before this evaluation), then stop naming where and why."""
+        path = None
+        if self.save_fn is not None:
+            self._read_steps()
+            path = self.save_fn("last", self)
+        saved = (
+            f"the training so far is saved in {str(path)!r} (resume_from='auto' redoes this "
+            "validation)"
+            if path
+            else "no checkpoint was written"
+        )
+        raise EvaluationError(
+            f"validation at epoch {self.state.epoch}, step {self.state.global_step} failed: "
+            f"{reason}; {saved}"
+        )
 
     def _save_interrupted(self) -> None:
         """Save a resumable `last` checkpoint at this step boundary and stop."""

@@ -27,7 +27,6 @@ WARNED_CHANGES = (
     "max_steps",
     "learning_rate",
     "weight_decay",
-    "optimizer_type",
     "scheduler_type",
     "warmup_steps",
     "warmup_ratio",
@@ -115,10 +114,10 @@ def check_compatible(
             + "; ".join(refused)
             + "); resume with the checkpoint's values or start a new run in another output_dir"
         )
-    # The optimizer's state is per parameter group: these change the groups themselves.
+    # The optimizer's saved state fits only the same optimizer over the same groups.
     grouping = [
         f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
-        for name in ("lr_multipliers", "frozen_parameters")
+        for name in ("optimizer_type", "lr_multipliers", "frozen_parameters")
         if (saved.get(name) or None) != (current.get(name) or None)
     ]
     if bool(saved.get("weight_decay")) != bool(current.get("weight_decay")):
@@ -128,7 +127,7 @@ def check_compatible(
         )
     if grouping:
         raise ValueError(
-            "cannot resume: the config changes the optimizer's parameter groups ("
+            "cannot resume: the config changes the optimizer or its parameter groups ("
             + "; ".join(grouping)
             + "), whose saved state would not fit; resume with the checkpoint's values or "
             "start a new run in another output_dir"

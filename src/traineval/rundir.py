@@ -40,6 +40,24 @@ class RunDirInUse(FileExistsError):
     """Another run holds the run directory."""
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk, no permission); the previous
+    version of the file, if any, is intact."""
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Say an OSError of the block as one sentence naming `path` (no chained traceback)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)
+        kept = "the previous file is intact" if path.exists() else "nothing was written"
+        raise WriteError(error.errno, f"could not write {str(path)!r}: {reason}; {kept}") from None
+
+
 def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
     """`runs/<prefix>-YYYYmmdd-HHMMSS-<6 hex>`: sortable by time, unique per call."""
     return Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -49,20 +67,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically (unique temp file in the same folder, fsync,
     rename): a crash or a full disk leaves the previous file, never a truncated one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
-        encoding="utf-8",
-    )  # fmt: skip
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
+            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
+            encoding="utf-8",
+        )  # fmt: skip
+        try:
+            with handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(handle.name, path)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
     return path
 
 

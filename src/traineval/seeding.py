@@ -101,3 +101,57 @@ def restore_rng(state: dict[str, Any], generators: Sequence[torch.Generator] | N
         )
     for generator, generator_state in zip(generators, saved, strict=True):
         generator.set_state(generator_state)
+
+
+def _held_generators(dataset: Any) -> list[str]:
+    """Attributes of `dataset` (or of the datasets it wraps) that hold a NumPy generator."""
+    found: list[str] = []
+    seen: set[int] = set()
+    path = "dataset"
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        for name, value in vars(dataset).items() if hasattr(dataset, "__dict__") else ():
+            if isinstance(value, (np.random.Generator, np.random.RandomState)):
+                found.append(f"{path}.{name}")
+        dataset, path = getattr(dataset, "dataset", None), f"{path}.dataset"
+    return found
+
+
+class ReseedHeldGenerators:
+    """A DataLoader `worker_init_fn` that gives each worker's copy of the dataset's NumPy
+    generators a seed of its own (the worker's torch seed, as torch does for NumPy's global
+    state), then calls the loader's own `worker_init_fn`."""
+
+    def __init__(self, attributes: list[str], then: Any = None) -> None:
+        self.attributes, self.then = attributes, then
+
+    def __call__(self, worker_id: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        assert info is not None, "a worker_init_fn runs in a DataLoader worker"
+        for attribute in self.attributes:
+            owner: Any = info.dataset
+            *inner, name = attribute.split(".")[1:]
+            for step in inner:
+                owner = getattr(owner, step)
+            seed = np.random.SeedSequence([info.seed % 2**32, worker_id])
+            value = getattr(owner, name)
+            if isinstance(value, np.random.RandomState):
+                value.seed(seed.generate_state(1)[0])
+            else:
+                setattr(owner, name, np.random.Generator(type(value.bit_generator)(seed)))
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def reseed_held_generators(loader: Any) -> list[str]:
+    """When `loader` runs workers over a dataset that holds NumPy generators (every worker
+    would get a copy and draw the same numbers), make each worker reseed its copy; returns
+    the attributes found (none: the loader is left as it is)."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or loader.num_workers == 0:
+        return []
+    if isinstance(loader.worker_init_fn, ReseedHeldGenerators):
+        return loader.worker_init_fn.attributes
+    found = _held_generators(loader.dataset)
+    if found:
+        loader.worker_init_fn = ReseedHeldGenerators(found, loader.worker_init_fn)
+    return found

@@ -7,16 +7,32 @@ the run directory, so a resumed run continues the same MLflow run.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..rundir import atomic_write_text
+from .background import BackgroundLogger
 from .base import numbers
 
 ID_FILE = "mlflow_run_id.txt"
+# MLflow's HTTP client retries a failing request 7 times with back-off (minutes against an
+# unreachable server); traineval bounds it unless you set these yourself.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 SKIPPED = ("checkpoints", "wandb", "tensorboard")  # large or logged elsewhere
+
+
+def mlflow_logger(run_dir: str | Path, tracking_uri: str | None = None) -> BackgroundLogger:
+    """An `MLflowLogger` on a thread of its own (see `BackgroundLogger`), with bounded HTTP
+    time-outs and retries; `ImportError` at once when MLflow is not installed."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise ImportError("mlflow_logging needs MLflow: pip install 'traineval[mlflow]'")
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+    return BackgroundLogger(lambda: MLflowLogger(run_dir, tracking_uri), "MLflow")
 
 
 class MLflowLogger:
@@ -71,7 +87,7 @@ class MLflowLogger:
 
     def close(self) -> None:
         for path in sorted(self.run_dir.iterdir()):
-            if path.name in SKIPPED or path.name == ID_FILE:
+            if path.name in SKIPPED or path.name == ID_FILE or path.name.startswith("."):
                 continue
             if path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)

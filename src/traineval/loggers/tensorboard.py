@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import yaml
 
 from .base import numbers
+
+logger = logging.getLogger(__name__)
 
 
 class TensorBoardLogger:
@@ -27,13 +30,30 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge_step)
         self._hparams: dict[str, Any] = {}
         self._best: dict[str, float] = {}
+        self._warned: set[str] = set()
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        for name, value in numbers(metrics).items():
+        kept = numbers(metrics)
+        for name, value in kept.items():
             self.writer.add_scalar(name, value, global_step=step)
+        self._say_dropped(metrics, kept, step)
         for name in ("best_metric",):
             if name in metrics:
                 self._best[name] = float(metrics[name])
+
+    def _say_dropped(self, metrics: Mapping[str, Any], kept: Mapping[str, Any], step: int) -> None:
+        """Name, once per metric, a NaN or infinite value TensorBoard gets no point for."""
+        for name, value in metrics.items():
+            if isinstance(value, float) and name not in kept and name not in self._warned:
+                self._warned.add(name)
+                logger.warning(
+                    "TensorBoard: %s is %s at step %d; no point is drawn for it (metrics.jsonl "
+                    "records it); further non-finite values of %s are not reported",
+                    name,
+                    value,
+                    step,
+                    name,
+                )
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         text = yaml.safe_dump(dict(config), sort_keys=False)

@@ -144,3 +144,57 @@ def count_required_args(function: Any) -> int:
         for p in params
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     )
+
+
+def checked_loss(
+    loss_function: LossFunction, outputs: Any, targets: Any, *, compute: LossFunction
+) -> torch.Tensor:
+    """`compute(outputs, targets)`, with torch's errors about them said as a sentence (a
+    label outside the classes, shapes that do not fit) and the result checked to be a
+    scalar tensor."""
+    name = getattr(loss_function, "__name__", type(loss_function).__name__)
+    if type(loss_function).__module__.startswith("traineval"):
+        name = f"traineval's default loss ({name})"
+    try:
+        loss = compute(outputs, targets)
+    except (IndexError, RuntimeError, ValueError) as error:
+        raise ValueError(_loss_failure(name, outputs, targets, error)) from error
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"loss_function {name} returned {type(loss).__name__} {loss!r}; it must return a "
+            "scalar tensor that carries the graph (compute it with torch operations)"
+        )
+    if loss.ndim != 0:
+        raise ValueError(
+            f"loss_function {name} returned a tensor of shape {tuple(loss.shape)}; it must "
+            "return a scalar: reduce it (.mean(), or reduction='mean')"
+        )
+    return loss
+
+
+def _loss_failure(name: str, outputs: Any, targets: Any, error: BaseException) -> str:
+    """What went wrong between the model's outputs and the targets, for a person."""
+    shapes = (
+        f"outputs {_shape(outputs)}, targets {_shape(targets)}"
+        if isinstance(outputs, torch.Tensor)
+        else f"targets {_shape(targets)}"
+    )
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "out of bounds" in text and isinstance(targets, torch.Tensor) and targets.numel():
+        classes = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.ndim > 1 else 0
+        return (
+            f"a target label is outside the model's {classes} classes: labels in this batch "
+            f"range from {int(targets.min())} to {int(targets.max())} ({shapes}); labels must "
+            f"be in [0, {classes}): give the model one output per class, or relabel the data"
+        )
+    return (
+        f"the loss {name} cannot take this batch ({shapes}): {text}; check that the model's "
+        "output has one row per sample and the size the loss expects (classes for "
+        "cross-entropy, targets' shape for regression losses)"
+    )
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__

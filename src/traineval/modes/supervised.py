@@ -14,6 +14,7 @@ from .base import (
     LossFunction,
     StepOutput,
     batch_size_of,
+    checked_loss,
     compiled_loss,
     forward,
     loss_weight,
@@ -85,7 +86,7 @@ class SupervisedStep:
                 outputs = prediction_of(outputs, self.output_transform)  # a tensor: as is
             if self.label_shift:
                 outputs, targets = shifted(outputs, targets, self.label_shift)
-        loss = self._loss(outputs, targets)
+        loss = checked_loss(self.loss_function, outputs, targets, compute=self._loss)
         num_samples = batch_size_of(inputs)
         return StepOutput(
             loss=loss,
