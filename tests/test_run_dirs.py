@@ -19,10 +19,14 @@ from traineval.cli import main
 from traineval.rundir import RunDirInUse, atomic_write_text, default_run_dir, run_dir_lock
 
 HOLD = (
-    "import sys, time\n"
+    "import os, sys, time\n"
     "from traineval.rundir import run_dir_lock\n"
     "with run_dir_lock(sys.argv[1]):\n"
-    "    print('held', flush=True)\n"
+    "    child = os.fork() if len(sys.argv) > 2 else 1  # like a DataLoader worker\n"
+    "    if child == 0:\n"
+    "        time.sleep(600)\n"
+    "        os._exit(0)\n"
+    "    print('held', child, flush=True)\n"
     "    time.sleep(600)\n"
 )
 
@@ -41,25 +45,36 @@ def _demo(run, *extra):
     ]
 
 
+@pytest.mark.parametrize("forks", [False, True])
 def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_holder_frees_it(
-    tmp_path, capsys
+    tmp_path, capsys, forks
 ):
+    """Also when the killed run leaves forked children behind (loader workers): they do not
+    inherit the lock."""
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(run), *(["fork"] if forks else [])],
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    child = None
     try:
         assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+        word, child = holder.stdout.readline().split()
+        assert word == "held"
         assert main(_demo(run)) == 1
         err = capsys.readouterr().err
         assert "is in use by another run" in err
         assert f"pid {holder.pid}" in err
         assert not (run / "checkpoints").exists()  # refused before any work
-    finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert main(_demo(run)) == 0  # the kernel released the dead holder's lock
+        assert main(_demo(run)) == 0  # released with the dead holder, its child still alive
+    finally:
+        holder.kill()
+        holder.wait()
+        if forks and child is not None and int(child) > 1:
+            os.kill(int(child), signal.SIGKILL)
 
 
 def test_the_lock_is_per_run_not_per_process(tmp_path):

@@ -3,11 +3,12 @@ killed run does not leave stuck), and files written whole or not at all.
 
 - `default_run_dir("run")` is `runs/run-<date>-<time>-<random>`: two runs started in the same
   second get different folders.
-- `run_dir_lock(folder)` holds an exclusive `flock` on `<folder>/.lock` for the duration of a
-  run; a second run on the folder is refused with `RunDirInUse`, naming the holder. The
-  operating system releases the lock when the holding process ends in any way (SIGKILL
-  included), so a crashed run never leaves the folder locked. Re-entrant within one thread
-  (`run_experiment` holds it around `TrainingManager.train`, which takes it too).
+- `run_dir_lock(folder)` holds an exclusive lock on `<folder>/.lock` for the duration of a
+  run; a second run on the folder (another process, or another thread of this one) is
+  refused with `RunDirInUse`, naming the holder. The operating system releases the lock when
+  the holding process ends in any way (SIGKILL included), so a crashed run never leaves the
+  folder locked. Re-entrant within one thread (`run_experiment` holds it around
+  `TrainingManager.train`, which takes it too).
 - `atomic_write_text(path, text)`: a temp file with a unique name in the same folder,
   fsync, `os.replace`; a reader sees the old file or the new one, never a part.
 """
@@ -27,12 +28,12 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - Windows: no flock; runs are not locked there
+except ImportError:  # pragma: no cover - Windows: no fcntl; runs are not locked there
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
 
-_held: dict[tuple[Path, int], list[int]] = {}  # (folder, thread) -> [fd, depth]
+_held: dict[Path, list[int]] = {}  # folder -> [thread, fd, depth]: the runs of this process
 _guard = threading.Lock()
 
 
@@ -95,41 +96,43 @@ def run_dir_lock(folder: str | Path) -> Iterator[None]:
     """Hold `folder` for one run (creating it); `RunDirInUse` if another run holds it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    key = (folder.resolve(), threading.get_ident())
+    key, me = folder.resolve(), threading.get_ident()
     with _guard:
         entry = _held.get(key)
-        if entry is not None:
-            entry[1] += 1
-    if entry is None:
-        entry = [_acquire(folder), 1]
-        with _guard:
-            _held[key] = entry
+        if entry is not None and entry[0] != me:
+            raise RunDirInUse(
+                f"output_dir={str(folder)!r} is in use by another run of this process "
+                f"(thread {entry[0]}): wait for it to finish, or choose another output_dir"
+            )
+        if entry is None:
+            entry = _held[key] = [me, _acquire(folder), 0]
+        entry[2] += 1
     try:
         yield
     finally:
         with _guard:
-            entry[1] -= 1
-            last = entry[1] == 0
-            if last:
+            entry[2] -= 1
+            if entry[2] == 0:
                 del _held[key]
-        if last and entry[0] >= 0:
-            os.close(entry[0])  # releases the flock; the file stays (removing it would race)
+                if entry[1] >= 0:
+                    os.close(entry[1])  # releases the lock; the file stays (removing it races)
 
 
 def _acquire(folder: Path) -> int:
-    """An open descriptor of `<folder>/.lock` holding an exclusive flock (-1 without fcntl)."""
+    """An open descriptor of `<folder>/.lock` holding an exclusive POSIX lock (-1 without
+    fcntl). A POSIX lock (not flock) because it belongs to this process alone: the forked
+    DataLoader workers do not inherit it, so a killed run's lingering workers never hold it."""
     if fcntl is None:
         return -1
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = _holder(path)
         os.close(fd)
         raise RunDirInUse(
-            f"output_dir={str(folder)!r} is in use by another run ({holder}): wait for it to "
-            "finish, or choose another output_dir"
+            f"output_dir={str(folder)!r} is in use by another run ({_holder(path)}): wait for "
+            "it to finish, or choose another output_dir"
         ) from None
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     os.ftruncate(fd, 0)
