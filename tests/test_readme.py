@@ -51,6 +51,12 @@ def _check_modes(namespace: dict, printed: str) -> None:
     assert Path(proto["checkpoints"]["best"]).exists()
 
 
+def _check_tuning(namespace: dict, printed: str) -> None:
+    result = namespace["result"]
+    assert len(result.trials) == 3
+    assert result.best_config.exists()
+
+
 def _check_training(namespace: dict, printed: str) -> None:
     assert "hamming_loss" in printed
 
@@ -60,6 +66,7 @@ CHECKS = {
     "checkpoints.md": _check_checkpoints,
     "modes.md": _check_modes,
     "training.md": _check_training,
+    "tuning.md": _check_tuning,
 }
 
 

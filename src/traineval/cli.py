@@ -71,7 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_lr_find(commands)
     _add_flower(commands)
     _add_report(commands)
+    _tune_command().add_parser(commands)
     return parser
+
+
+def _tune_command() -> Any:
+    from .tuning import command
+
+    return command
 
 
 def _add_fit(commands: Any) -> None:
@@ -243,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         return _predict(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "tune":
+        return int(_tune_command().run(args, _failures()))
     config = _run_config(args)
     if config is None:
         return 2
@@ -300,7 +309,16 @@ def _error(error: BaseException) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .reporting.report import summary_text, write_report
+    from .reporting.study_report import is_study, study_summary, write_study_report
 
+    if is_study(args.run_dir):  # a `traineval tune` study directory
+        try:
+            study, page = write_study_report(args.run_dir)
+        except (ValueError, ImportError) as error:
+            return _error(error)
+        print(study_summary(study))
+        print(f"\nWritten: {page}")
+        return 0
     try:
         run, page = write_report(args.run_dir)
     except (FileNotFoundError, ValueError, ImportError) as error:

@@ -195,7 +195,13 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-        data = _mode_as_section(load_yaml(path))
+        return cls.from_data(load_yaml(path), overrides)
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+        """A config read from YAML (`mode: federated` as a name or a section), with dotted
+        `key=value` overrides applied."""
+        data = _mode_as_section(dict(data))
         for override in overrides:  # one at a time: `mode=x` then `mode.y=z` works
             data = _mode_as_section(apply_overrides(data, [override]))
         return cls.from_dict(data)
@@ -365,23 +371,29 @@ def _as_episodes(splits: DataSplits, data: DataConfig, mode: MetaLearning) -> Da
     )
 
 
-def run_experiment(config: RunConfig, resume_from: str | None = None) -> ExperimentResult:
+def run_experiment(
+    config: RunConfig, resume_from: str | None = None, callbacks: Sequence[Any] = ()
+) -> ExperimentResult:
     """Train on the train split, pick the best checkpoint on val, evaluate it on test.
 
     Writes `config.yaml` (the whole run config), `metrics.jsonl`, `checkpoints/` and
     `evaluation/metrics.json` (plus predictions and plots when configured) into the run
-    directory.
+    directory. `callbacks` join the run's own (e.g. a study's pruning callback).
     """
     if isinstance(config.mode, Reinforcement):
-        return _run_reinforcement(config, resume_from)
+        return _run_reinforcement(config, resume_from, callbacks)
     parts = run_parts(config)
     manager = TrainingManager(config.training)
     with manager.hold_output_dir():  # the run, then its records and test evaluation
-        return _train_and_test(config, parts, manager, resume_from)
+        return _train_and_test(config, parts, manager, resume_from, callbacks)
 
 
 def _train_and_test(
-    config: RunConfig, parts: RunParts, manager: TrainingManager, resume_from: str | None
+    config: RunConfig,
+    parts: RunParts,
+    manager: TrainingManager,
+    resume_from: str | None,
+    callbacks: Sequence[Any],
 ) -> ExperimentResult:
     model = parts.new_model()
     evaluator = Evaluator(config.evaluation)
@@ -396,6 +408,7 @@ def _train_and_test(
         evaluator=evaluator,
         mode=parts.mode,
         resume_from=resume_from,
+        callbacks=callbacks,
     )
     out = Path(result.output_dir)
     if is_sharded(model):  # FSDP: gather the full weights (every rank takes part)
@@ -511,13 +524,17 @@ def _test_episodes(
     return dict(metrics)
 
 
-def _run_reinforcement(config: RunConfig, resume_from: str | None) -> ExperimentResult:
+def _run_reinforcement(
+    config: RunConfig, resume_from: str | None, callbacks: Sequence[Any] = ()
+) -> ExperimentResult:
     """Train a policy on the mode's environment; test the best checkpoint on fresh greedy
     episodes."""
     factory, model = _policy_parts(config)
     manager = TrainingManager(config.training)
     with manager.hold_output_dir():
-        result = manager.train(model, factory, mode=config.mode, resume_from=resume_from)
+        result = manager.train(
+            model, factory, mode=config.mode, resume_from=resume_from, callbacks=callbacks
+        )
         out = Path(result.output_dir)
         evaluated = _record_and_load_best(config, result, model, manager.device)
         test = _test_episodes(config, factory, model, manager.device)
