@@ -1,11 +1,17 @@
 """Checkpoint cost and mid-epoch resume cost.
 
 1. Save and load time of a full training checkpoint (weights + AdamW state, atomic write
-   with fsync, weights_only load) for a ~100M-parameter model.
-2. Resume overhead: time to skip to the middle of a 1,000,000-sample shuffled epoch, and
+   with fsync, weights_only load) for a ~100M-parameter model; beside it, the pause of an
+   asynchronous save (`async_checkpointing`: the snapshot into host memory, the time the
+   training thread waits) and the background write that follows.
+2. Throughput of a training run that saves every `--every` updates, side by side in one
+   process: no saves, synchronous saves, asynchronous saves (`TrainingManager.train`, an
+   MLP of `--train-params` parameters, AdamW, samples/s over the whole run).
+3. Resume overhead: time to skip to the middle of a 1,000,000-sample shuffled epoch, and
    proof that no skipped sample is read.
 
-    .venv/bin/python benchmarks/bench_checkpoint.py [--params 100e6]
+    .venv/bin/python benchmarks/bench_checkpoint.py [--params 100e6] [--train-params 25e6]
+        [--updates 60] [--every 20] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from traineval import TrainingConfig, TrainingManager
 from traineval.checkpoint import load_checkpoint_file, save_checkpoint_file
+from traineval.checkpoint_writer import CheckpointWriter
 from traineval.data.position import skip_batches
 
 
@@ -61,6 +69,63 @@ def checkpoint_cost(params: float, folder: Path) -> None:
         f"| {count / 1e6:.1f}M params + AdamW state | {size:.2f} GiB | "
         f"save {saved:.2f} s ({size / saved:.2f} GiB/s) | load {loaded:.2f} s |"
     )
+    writer = CheckpointWriter()
+    for which in ("first", "next"):  # the next reuses the first's host buffers
+        started = time.perf_counter()
+        copied = writer.snapshot("checkpoint", payload)
+        writer.submit([lambda c=copied: save_checkpoint_file(c, folder / "async.pt")], "async.pt")
+        pause = time.perf_counter() - started
+        writer.wait()
+        written = time.perf_counter() - started
+        print(
+            f"| async save of the same ({which}) | training pauses {pause:.2f} s "
+            f"({100 * pause / saved:.1f}% of the synchronous save) | on disk after "
+            f"{written:.2f} s |"
+        )
+
+
+def _training_run(width: int, layers: int, updates: int, every: int, mode: str) -> float:
+    """Samples/s of a run with `updates` updates saving every `every` (mode: none/sync/async)."""
+    torch.manual_seed(0)
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*blocks, nn.Linear(width, 10))
+    data = TensorDataset(torch.randn(updates * 64, width), torch.randint(0, 10, (updates * 64,)))
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        config = TrainingConfig(
+            num_epochs=1,
+            batch_size=64,
+            warmup_steps=0,
+            early_stopping_patience=0,
+            progress_bar=False,
+            tensorboard_logging=False,
+            save_best_model=False,
+            save_last_checkpoint=mode != "none",
+            checkpoint_every_n_steps=every if mode != "none" else 0,
+            async_checkpointing=mode == "async",
+            output_dir=folder,
+        )
+        result = TrainingManager(config).train(model, DataLoader(data, batch_size=64))
+    return len(data) / result["train_seconds"]
+
+
+def save_throughput(params: float, updates: int, every: int, repeats: int) -> None:
+    width = 2048
+    layers = max(1, round(params / (width * width + width)))
+    count = layers * (width * width + width) + width * 10 + 10
+    rates: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+    for _ in range(repeats):  # interleaved: the machine's noise hits every mode alike
+        for mode in rates:
+            rates[mode].append(_training_run(width, layers, updates, every, mode))
+    best = {mode: max(values) for mode, values in rates.items()}
+    saves = updates // every
+    print(
+        f"| {count / 1e6:.1f}M-param MLP, {updates} updates, a save every {every} "
+        f"({saves} saves + last) | no saves {best['none']:.0f} samples/s | sync "
+        f"{best['sync']:.0f} ({100 * (best['sync'] / best['none'] - 1):+.1f}%) | async "
+        f"{best['async']:.0f} ({100 * (best['async'] / best['none'] - 1):+.1f}%) |"
+    )
 
 
 def resume_cost(n: int) -> None:
@@ -84,11 +149,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=100e6)
     parser.add_argument("--samples", type=int, default=1_000_000)
+    parser.add_argument("--train-params", type=float, default=25e6)
+    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(dir=".") as folder:
         checkpoint_cost(args.params, Path(folder))
+    save_throughput(args.train_params, args.updates, args.every, args.repeats)
     resume_cost(args.samples)
 
 

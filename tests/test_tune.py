@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,3 +185,17 @@ def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_pat
     assert len(set(run_dirs)) == 5
     for run_dir in run_dirs:
         assert (tmp_path / "study" / run_dir.rsplit("/", 1)[1] / "summary.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_the_study_report_renders_in_headless_chromium(tmp_path):
+    tune(_config(tmp_path / "study", epochs=2), SEARCH, trials=3)
+    assert main(["report", str(tmp_path / "study")]) == 0
+    page = f"file://{tmp_path / 'study' / 'report.html'}"
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"]  # fmt: skip
+    dom = subprocess.run(
+        [*command, "--dump-dom", page], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert dom.count("<img") >= 2
+    assert "Trials" in dom

@@ -291,6 +291,9 @@ class TrainingConfig(_ConfigBase):
 
     The first block is the specification's, with its defaults. `checkpoint_every_n_steps` (0: off)
     also saves `last` inside epochs, so a long epoch can be resumed in the middle;
+    `async_checkpointing` writes the loop's checkpoints in the background (training pauses
+    only to copy the state to host memory; one write at a time; the run ends once the last
+    is on disk; see `traineval.checkpoint_writer`);
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
     `compile` runs the model and the loss function through `torch.compile` (separately, so
@@ -385,6 +388,7 @@ class TrainingConfig(_ConfigBase):
     deterministic: bool = setting(False, Flag())
     progress_bar: bool | None = setting(None, Flag(optional=True))
     checkpoint_every_n_steps: int = setting(0, Int(0))
+    async_checkpointing: bool = setting(False, Flag())
     skip_nonfinite_steps: int = setting(0, Int(0))
     log_layer_grad_norms: bool = setting(False, Flag())
     ema_decay: float = setting(0.0, Number(0, below=1))

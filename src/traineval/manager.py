@@ -28,6 +28,7 @@ from .checkpoint import (
     remove_stale_temporaries,
     save_checkpoint_file,
 )
+from .checkpoint_writer import CheckpointWriter
 from .config import TaskType, TrainingConfig, TrainingMode
 from .distributed import (
     is_sharded,
@@ -240,12 +241,14 @@ class TrainingManager:
         )
         hub = build.open_loggers(c, run_mode, self.output_dir, job, payload, loggers)
         checkpoints: dict[str, str] = {}
+        writer = CheckpointWriter() if c.async_checkpointing else None
         loop = self._loop(
-            model, plan, run_mode, data, parts, monitor, evaluate_fn, hub, [*callbacks], checkpoints
-        )
+            model, plan, run_mode, data, parts, monitor, evaluate_fn, hub, [*callbacks],
+            checkpoints, writer,
+        )  # fmt: skip
         if payload is not None:
             restore_loop(loop, payload)
-        return self._run(loop, hub, monitor, checkpoints)
+        return self._run(loop, hub, monitor, checkpoints, writer)
 
     def _plan(
         self,
@@ -309,13 +312,14 @@ class TrainingManager:
         hub: LoggerHub,
         callbacks: list[Callback],
         checkpoints: dict[str, str],
+        writer: CheckpointWriter | None = None,
     ) -> Loop:
         """The loop over the assembled parts, with the default callbacks before the user's;
-        its saves are recorded in `checkpoints`."""
+        its saves are recorded in `checkpoints` (and written by `writer`, when async)."""
         c, job = self.config, self.distributed
 
         def save_fn(name: str, loop: Loop) -> Path:
-            path = self._save_from_loop(name, loop, parts.precision, mode)
+            path = self._save_from_loop(name, loop, parts.precision, mode, writer)
             checkpoints[name] = str(path)
             return path
 
@@ -339,14 +343,21 @@ class TrainingManager:
         )
 
     def _run(
-        self, loop: Loop, hub: LoggerHub, monitor: Monitor, checkpoints: dict[str, str]
+        self,
+        loop: Loop,
+        hub: LoggerHub,
+        monitor: Monitor,
+        checkpoints: dict[str, str],
+        writer: CheckpointWriter | None = None,
     ) -> TrainingResult:
-        """Run the loop (deterministic if asked, stopping cleanly on signals); write
-        summary.json; close the loggers."""
+        """Run the loop (deterministic if asked, stopping cleanly on signals); wait for the
+        last checkpoint write; write summary.json; close the loggers."""
         started = time.perf_counter()
         try:
             with deterministic_algorithms(self.config.deterministic), stop_on_signals(loop):
                 state = loop.run()
+            if writer is not None:
+                writer.wait()  # success is reported once the last checkpoint is on disk
             if state.best_metric is not None:
                 hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
             self.early_stopping_counter = monitor.num_bad
@@ -355,7 +366,11 @@ class TrainingManager:
             if self.distributed.is_main:
                 atomic_write_json(self.output_dir / "summary.json", summary)
         finally:
-            hub.close()  # after summary.json, so artifact loggers take it along
+            try:
+                if writer is not None:
+                    writer.wait()  # also when the run failed: its checkpoint lands first
+            finally:
+                hub.close()  # after summary.json, so artifact loggers take it along
         return result
 
     def find_learning_rate(
@@ -515,7 +530,14 @@ class TrainingManager:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _save_from_loop(self, name: str, loop: Loop, precision: Precision, mode: Mode) -> Path:
+    def _save_from_loop(
+        self,
+        name: str,
+        loop: Loop,
+        precision: Precision,
+        mode: Mode,
+        writer: CheckpointWriter | None = None,
+    ) -> Path:
         self.best_metric, self.best_epoch = loop.state.best_metric, loop.state.best_epoch
         return save_from_loop(
             name,
@@ -525,6 +547,7 @@ class TrainingManager:
             job=self.distributed,
             folder=self.output_dir / "checkpoints",
             mode=mode.to_dict(),
+            writer=writer,
         )
 
     def save_checkpoint(

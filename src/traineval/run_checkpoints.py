@@ -12,6 +12,7 @@ are collectives); rank 0 writes, the others wait.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import torch
 
 from .callbacks.base import saved_states, state_keys
 from .checkpoint import save_checkpoint_file, save_safetensors
+from .checkpoint_writer import CheckpointWriter, untied
 from .config import TrainingConfig
 from .distributed import Distributed, is_sharded, model_state, optimizer_state
 from .seeding import capture_rng
@@ -74,8 +76,10 @@ def save_from_loop(
     job: Distributed,
     folder: Path,
     mode: dict[str, Any] | None = None,
+    writer: CheckpointWriter | None = None,
 ) -> Path:
-    """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state."""
+    """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state;
+    with a `writer`, in the background (see `traineval.checkpoint_writer`)."""
     path = folder / f"{name}.pt"
     rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
     step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
@@ -117,15 +121,42 @@ def save_from_loop(
                 **averaging,
             },
         )
-        if name == "best":
-            if is_sharded(loop.model):
-                save_safetensors(weights, path.with_suffix(".safetensors"))
-            else:
-                with loop.weights_to_keep():
-                    save_safetensors(loop.model, path.with_suffix(".safetensors"))
-        save_checkpoint_file(payload, path)
-    job.barrier()  # the others go on once the file is there
+        if writer is not None:
+            _save_in_background(writer, name, loop, weights, payload, path)
+        else:
+            if name == "best":
+                if is_sharded(loop.model):
+                    save_safetensors(weights, path.with_suffix(".safetensors"))
+                else:
+                    with loop.weights_to_keep():
+                        save_safetensors(loop.model, path.with_suffix(".safetensors"))
+            save_checkpoint_file(payload, path)
+    job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
     return path
+
+
+def _save_in_background(
+    writer: CheckpointWriter,
+    name: str,
+    loop: Loop,
+    weights: dict[str, Any],
+    payload: dict[str, Any],
+    path: Path,
+) -> None:
+    """Snapshot what the save writes (the loop waits only for this), then hand the files
+    to the writer thread: `best.safetensors` first for "best", then the checkpoint."""
+    writer.wait()  # at most one write in flight: this save waits for the previous one
+    writes: list[Callable[[], Any]] = []
+    if name == "best":
+        if is_sharded(loop.model):
+            exported = writer.snapshot("weights", weights)
+        else:
+            with loop.weights_to_keep():
+                exported = writer.snapshot("weights", untied(loop.model.state_dict()))
+        writes.append(lambda: save_safetensors(exported, path.with_suffix(".safetensors")))
+    copied = writer.snapshot("checkpoint", payload)
+    writes.append(lambda: save_checkpoint_file(copied, path))
+    writer.submit(writes, str(path))
 
 
 def finished(state: dict[str, Any], config: TrainingConfig) -> bool:

@@ -1,0 +1,128 @@
+"""Checkpoints written in the background: training pauses only to copy the state to host
+memory (`snapshot`), a writer thread does the rest (`CheckpointWriter`).
+
+The promises of a synchronous save hold: each file is written atomically (temp file, fsync,
+rename), so a SIGKILL at any moment leaves the previous checkpoint loadable; at most one
+write is in flight (a second save **waits** for the first to finish before it takes its
+snapshot, so host memory holds at most one snapshot); the run does not end, report success
+or raise its own error before the last write is on disk (`wait()`); and a write that fails
+is raised as the run's error (`CheckpointWriteError`) at the next save or at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint written in the background could not be written."""
+
+
+def snapshot(value: Any, reuse: Any = None) -> Any:
+    """A copy of `value` that training cannot change any more: every tensor copied to host
+    memory (CUDA tensors into pinned memory, then one synchronisation), the containers and
+    plain values copied too (state dicts share their lists with the live objects).
+
+    `reuse` (an earlier snapshot of the same structure, no longer being written) lends its
+    tensors: copying into memory already mapped is several times faster than allocating
+    (the first touch of fresh pages dominates a large copy)."""
+    copies: list[bool] = []
+    copied = _copy(value, reuse, copies)
+    if copies and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return copied
+
+
+def _copy(value: Any, reuse: Any, copies: list[bool]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _copy_tensor(value.detach(), reuse, copies)
+    if isinstance(value, dict):
+        lent = reuse if isinstance(reuse, dict) else {}
+        return {key: _copy(item, lent.get(key), copies) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        same = isinstance(reuse, (list, tuple)) and len(reuse) == len(value)
+        items = [_copy(item, reuse[i] if same else None, copies) for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    return copy.deepcopy(value)
+
+
+def _copy_tensor(value: torch.Tensor, reuse: Any, copies: list[bool]) -> torch.Tensor:
+    fits = (
+        isinstance(reuse, torch.Tensor)
+        and reuse.shape == value.shape
+        and reuse.dtype == value.dtype
+        and reuse.layout == value.layout == torch.strided
+        and reuse.is_contiguous()
+    )
+    if value.device.type == "cpu":
+        return reuse.copy_(value) if fits else value.clone()
+    out = reuse if fits else torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    out.copy_(value, non_blocking=True)
+    copies.append(True)
+    return out
+
+
+def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each shared tensor once (the first name), as safetensors stores tied
+    weights; `load_safetensors` re-ties them."""
+    seen: set[tuple[int, int, torch.dtype, torch.Size]] = set()
+    out = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, int(tensor.storage_offset()), tensor.dtype, tensor.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+class CheckpointWriter:
+    """One background thread per save, at most one at a time (see the module)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._what = ""
+        self.buffers: dict[str, Any] = {}  # the last snapshots, lent to the next ones
+
+    def snapshot(self, kind: str, value: Any) -> Any:
+        """`snapshot(value)` into the buffers of the last `kind` snapshot (after `wait()`:
+        no write reads them any more)."""
+        self.buffers[kind] = snapshot(value, self.buffers.get(kind))
+        return self.buffers[kind]
+
+    def submit(self, writes: Sequence[Callable[[], Any]], what: str) -> None:
+        """Run `writes` in order on a writer thread, after the previous save finished."""
+        self.wait()
+        self._what = what
+        # not a daemon: an exception in the training thread still lets the write finish
+        self._thread = threading.Thread(
+            target=self._write, args=(writes,), name="traineval-checkpoint"
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointWriteError(f"writing {self._what} failed: {error}") from error
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _write(self, writes: Sequence[Callable[[], Any]]) -> None:
+        try:
+            for write in writes:
+                write()
+        except BaseException as error:  # raised in the training thread by wait()
+            self._error = error
