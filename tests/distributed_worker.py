@@ -295,6 +295,8 @@ def resume_config(out: Path, **overrides: Any) -> TrainingConfig:
 # DDP's resume test also keeps a moving average of the weights (each rank its own copy of
 # the same average): the final weights compared are the average
 DDP_RESUME = {"ema_decay": 0.8, "ema_warmup": True}
+if os.environ.get("TRAINEVAL_TEST_ASYNC") == "1":  # the same runs with background saves
+    DDP_RESUME["async_checkpointing"] = True
 # FSDP's resume test also keeps the best weights: the first evaluation (update 3, before the
 # interruption at 4) is the best, so the resumed run must get them from the checkpoint
 FSDP_RESUME = {"distributed_strategy": "fsdp", "restore_best_weights": True}

@@ -350,7 +350,11 @@ def test_uneven_validation_shares_give_the_single_process_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch, background
+):
+    monkeypatch.setenv("TRAINEVAL_TEST_ASYNC", "1" if background else "0")
     ok(torchrun("resume_first", tmp_path))
     for rank in (0, 1):  # the signal reached rank 1 only; both stopped at the same step
         message = json.loads((tmp_path / f"interrupted-{rank}.json").read_text())["message"]

@@ -5,6 +5,7 @@ YAML with Python tags, a full disk."""
 from __future__ import annotations
 
 import errno
+import sys
 
 import pytest
 import torch
@@ -103,3 +104,152 @@ def test_a_full_disk_names_the_file_in_one_line(tmp_path, monkeypatch, capsys):
     assert "could not write" in err[0]
     assert "No space left on device" in err[0]
     assert str(tmp_path / "run" / "checkpoints") in err[0]
+
+
+def test_another_models_checkpoint_is_named_not_dumped(tmp_path, capsys):
+    runs = {}
+    for name, hidden in (("small", "[8]"), ("wide", "[32]")):
+        runs[name] = tmp_path / name
+        args = [
+            "demo",
+            "-q",
+            "data.name=iris",
+            "model.name=mlp",
+            f"model.options={{hidden_sizes: {hidden}}}",
+            "training.num_epochs=1",
+            f"training.output_dir={runs[name]}",
+        ]
+        assert main(args) == 0
+    other = str(runs["wide"] / "checkpoints" / "best.pt")
+    capsys.readouterr()
+    assert main(["evaluate", str(runs["small"]), "--checkpoint", other]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "does not fit this run's model: shapes differ: net.0.weight (32, 4) vs" in err[0]
+    rows = tmp_path / "rows.csv"
+    names = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+    rows.write_text(",".join(names) + "\n5.1,3.5,1.4,0.2\n")
+    assert main(["predict", str(runs["small"]), str(rows), "--checkpoint", other]) == 1
+    assert "does not fit this run's model" in capsys.readouterr().err
+
+
+def test_a_factory_with_the_wrong_signature_is_told_the_right_one(tmp_path, capsys):
+    (tmp_path / "wrong_factory.py").write_text(
+        "import torch\ndef build(features, classes):\n"
+        "    return torch.nn.Linear(features, classes)\n"
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: 'wrong_factory:build'}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
+    )
+    assert main(["fit", str(config), "-q"]) == 1  # found beside the config, no PYTHONPATH
+    err = capsys.readouterr().err
+    assert "def build(input_shape, output_dim, **options) -> nn.Module" in err
+    assert "missing a required argument: 'features'" in err
+
+
+def test_a_package_beside_the_config_imports_without_pythonpath(tmp_path, capsys, monkeypatch):
+    package = tmp_path / "my_models"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import torch\ndef build(input_shape, output_dim, hidden=8):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(input_shape[0], hidden), "
+        "torch.nn.ReLU(), torch.nn.Linear(hidden, output_dim))\n"
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: 'my_models:build', options: {hidden: 4}}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
+    )
+    monkeypatch.chdir(tmp_path.parent)  # not the config's folder
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    assert main(["fit", str(config), "-q"]) == 0
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    config.write_text(config.read_text().replace("my_models:build", "nowhere_pkg:build"))
+    assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'b'}"]) == 1
+    assert "no module named 'nowhere_pkg' in the working directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["cv", "lr-find"])
+def test_ctrl_c_during_cv_or_lr_find_is_one_line_and_exit_130(tmp_path, capsys, command):
+    import os
+    import signal
+
+    from traineval import Callback, manager
+
+    seen = []
+
+    class CtrlCInSecondFold(Callback):
+        def on_train_start(self, loop):
+            seen.append(1)
+
+        def on_step_end(self, loop):
+            if (command == "lr-find" or len(seen) == 2) and loop.state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: mlp}\n"
+        f"training: {{num_epochs: 2, warmup_steps: 0, output_dir: {tmp_path / 'out'}}}\n"
+    )
+    from traineval.lr_finder import RangeTest
+
+    original = manager.TrainingManager._default_callbacks
+    manager.TrainingManager._default_callbacks = lambda self: [
+        *original(self),
+        CtrlCInSecondFold(),
+    ]
+    step_end = RangeTest.on_step_end
+
+    def interrupted_range_test(self, loop):
+        if loop.state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        step_end(self, loop)
+
+    RangeTest.on_step_end = interrupted_range_test
+    try:
+        args = [command, str(config), "-q"] + (["--folds", "3"] if command == "cv" else [])
+        code = main(args)
+    finally:
+        manager.TrainingManager._default_callbacks = original
+        RangeTest.on_step_end = step_end
+    assert code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    if command == "cv":
+        assert "cross-validation stopped by SIGINT; finished folds in" in err[0]
+        assert "fold-1" in err[0]
+    else:
+        assert "lr-find stopped by SIGINT; nothing was written" in err[0]
+
+
+def test_an_interrupted_fit_run_can_be_evaluated_before_it_is_resumed(tmp_path, capsys):
+    import os
+    import signal
+
+    import yaml
+
+    from traineval import Callback, manager
+
+    class Terminate(Callback):
+        def on_step_end(self, loop):
+            if loop.state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run = tmp_path / "run"
+    original = manager.TrainingManager._default_callbacks
+    manager.TrainingManager._default_callbacks = lambda self: [*original(self), Terminate()]
+    try:
+        args = ["demo", "-q", "data.name=iris", "model.name=mlp", "model.options={}",
+                "training.num_epochs=3", "training.checkpoint_every_n_steps=2",
+                f"training.output_dir={run}"]  # fmt: skip
+        assert main(args) == 128 + signal.SIGTERM
+    finally:
+        manager.TrainingManager._default_callbacks = original
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert set(written) == {"data", "model", "training", "evaluation", "mode"}
+    assert written["training"]["output_dir"] == str(run)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--checkpoint", "last"]) == 0
+    assert "test metrics, checkpoint last" in capsys.readouterr().out

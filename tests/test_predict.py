@@ -152,7 +152,7 @@ def test_predict_names_what_is_wrong_with_the_input(tmp_path, capsys):
     assert "missing feature columns ['petal']" in capsys.readouterr().err
     bad.write_text("sepal,petal,stem\n1,x,2\n")
     assert main(["predict", str(run), str(bad)]) == 1
-    assert "bad.csv:2: a feature is not a number: ['1', 'x', '2']" in capsys.readouterr().err
+    assert "bad.csv:2: column 'petal' is 'x', not a finite number" in capsys.readouterr().err
     assert main(["predict", str(run), str(tmp_path / "none.csv")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from .averaging import WeightAverage
@@ -49,6 +50,7 @@ from .optim import check_prefixes, freeze
 from .precision import Precision, resolve_precision
 from .resume import check_compatible, check_mode, find_checkpoint, truncate_events
 from .run_checkpoints import CHECKPOINT_FORMAT, training_weights
+from .rundir import atomic_write_text
 from .seeding import reseed_held_generators, seed_everything
 from .tasks import RegressionMSE, default_loss
 
@@ -543,13 +545,20 @@ def open_loggers(
     job: Distributed,
     payload: dict[str, Any] | None,
     loggers: Sequence[Any],
+    run_config: dict[str, Any] | None = None,
 ) -> LoggerHub:
-    """Rank 0 writes config.yaml and metrics.jsonl (cut back to the resumed step) and opens
-    the optional loggers and the user's; the other ranks log nothing."""
+    """Rank 0 writes config.yaml (the whole `run_config` of a config-file run, else the
+    training config) and metrics.jsonl (cut back to the resumed step) and opens the optional
+    loggers and the user's; the other ranks log nothing."""
     hub = LoggerHub([])
     if job.is_main:
-        resolved = {**config.to_dict(), "output_dir": str(output_dir)}
-        config.__class__.from_dict(resolved).save_yaml(output_dir / "config.yaml")
+        if run_config is not None:  # from the start: an interrupted run can be evaluated
+            record = {**run_config, "training": {**run_config["training"]}}
+            record["training"]["output_dir"] = str(output_dir)
+            atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+        else:
+            resolved = {**config.to_dict(), "output_dir": str(output_dir)}
+            config.__class__.from_dict(resolved).save_yaml(output_dir / "config.yaml")
         events = output_dir / "metrics.jsonl"
         if payload is not None:
             truncate_events(events, payload["global_step"])

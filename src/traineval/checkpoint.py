@@ -144,3 +144,46 @@ def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = Tr
         raise CheckpointError(
             f"weights file {str(path)!r} is truncated or corrupt ({error})"
         ) from None
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: Any = "cpu") -> None:
+    """Load a checkpoint's `model` weights into `model`; a checkpoint of another model is a
+    `ValueError` that says what differs (names and shapes), not torch's key dump."""
+    payload = load_checkpoint_file(path, map_location=map_location)
+    weights = payload.get("model")
+    if not isinstance(weights, dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds no model weights (it has {sorted(payload)[:6]}): "
+            "is it a traineval checkpoint?"
+        )
+    differences = weight_differences(model.state_dict(), weights)
+    if differences:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit this run's model: {differences}; it was "
+            "written for another model (use one of this run's checkpoints: best, last, "
+            "epoch-NNNN)"
+        )
+    model.load_state_dict(weights)
+
+
+def weight_differences(expected: dict[str, Any], found: dict[str, Any], shown: int = 3) -> str:
+    """How a state dict `found` differs from the model's `expected` one, briefly ('' if not)."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    shapes = [
+        f"{name} {tuple(found[name].shape)} vs the model's {tuple(expected[name].shape)}"
+        for name in expected
+        if name in found
+        and isinstance(found[name], torch.Tensor)
+        and found[name].shape != expected[name].shape
+    ]
+    parts = []
+    for label, names in (
+        ("shapes differ", shapes),
+        ("missing", missing),
+        ("not in the model", unexpected),
+    ):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{label}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts)

@@ -374,12 +374,14 @@ def _run_config(args: argparse.Namespace) -> Any:
     """The command's RunConfig (the demo's shipped one, or CONFIG) with the overrides; None
     after printing a config error."""
     from .experiment import RunConfig
+    from .imports import add_search_path
 
     try:
         if args.command == "demo":
             source = resources.files("traineval").joinpath("configs/demo.yaml")
             with resources.as_file(source) as path:
                 return RunConfig.from_yaml(path, args.overrides)
+        add_search_path(Path(args.config).parent)  # my_pkg beside the config imports
         return RunConfig.from_yaml(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"traineval: config error: {error}", file=sys.stderr)
@@ -405,11 +407,20 @@ def _flower_command(config: Any, args: argparse.Namespace) -> int:
 
 def _lr_find(config: Any, args: argparse.Namespace) -> int:
     from .experiment import find_learning_rate
+    from .loop import TrainingInterrupted
 
     try:
         search, folder = find_learning_rate(
             config, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps
         )
+    except (TrainingInterrupted, KeyboardInterrupt) as stopped:
+        name = getattr(stopped, "signal_name", "SIGINT")
+        print(
+            f"traineval: lr-find stopped by {name}; nothing was written (the range test "
+            "trains a throwaway copy of the model): run it again",
+            file=sys.stderr,
+        )
+        return 128 + getattr(signal, name, signal.SIGINT)
     except _failures() as error:
         return _error(error)
     print(_search_summary(search))
@@ -419,9 +430,12 @@ def _lr_find(config: Any, args: argparse.Namespace) -> int:
 
 def _cv(config: Any, args: argparse.Namespace) -> int:
     from .experiment import run_cross_validation
+    from .loop import TrainingInterrupted
 
     try:
         summary = run_cross_validation(config, args.folds)
+    except (TrainingInterrupted, KeyboardInterrupt) as stopped:
+        return _cv_interrupted(stopped)
     except _failures() as error:
         return _error(error)
     print(_cv_tables(summary))
@@ -454,6 +468,24 @@ def _fit(config: Any, args: argparse.Namespace) -> int:
         print(f"\nTest metrics, {outcome.evaluated_checkpoint}:")
         print(_table(outcome.test_metrics, outcome.test_intervals))
     return 0
+
+
+def _cv_interrupted(stopped: BaseException) -> int:
+    """Cross-validation stopped by a signal: which folds finished, and what to do (128+N)."""
+    name = getattr(stopped, "signal_name", "SIGINT")
+    checkpoint = getattr(stopped, "checkpoint", None)
+    done = ""
+    if checkpoint:
+        base = Path(checkpoint).parent.parent.parent
+        finished = sorted(p.parent.name for p in base.glob("fold-*/summary.json"))
+        done = f"; finished folds in {base}: {', '.join(finished) or 'none'}"
+    print(
+        f"traineval: cross-validation stopped by {name}{done}. Cross-validation does not "
+        "resume: run the command again (with another training.output_dir, or "
+        "training.overwrite_output_dir=true)",
+        file=sys.stderr,
+    )
+    return 128 + getattr(signal, name, signal.SIGINT)
 
 
 def _interrupted(interrupted: Any) -> int:

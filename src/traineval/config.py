@@ -708,7 +708,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {item!r} is invalid: expected key=value, e.g. seed=1")
+            raise ValueError(
+                f"override {item!r} is invalid: expected key=value, e.g. training.seed=1"
+            )
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -15,7 +15,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import registry
-from .checkpoint import load_checkpoint_file
+from .checkpoint import load_checkpoint_file, load_model_weights
 from .config import (
     LEGACY_MODE_KEYS,
     MAX_SEED,
@@ -384,6 +384,7 @@ def run_experiment(
         return _run_reinforcement(config, resume_from, callbacks)
     parts = run_parts(config)
     manager = TrainingManager(config.training)
+    manager.run_config = config.to_dict()
     with manager.hold_output_dir():  # the run, then its records and test evaluation
         return _train_and_test(config, parts, manager, resume_from, callbacks)
 
@@ -531,6 +532,7 @@ def _run_reinforcement(
     episodes."""
     factory, model = _policy_parts(config)
     manager = TrainingManager(config.training)
+    manager.run_config = config.to_dict()
     with manager.hold_output_dir():
         result = manager.train(
             model, factory, mode=config.mode, resume_from=resume_from, callbacks=callbacks
@@ -649,7 +651,7 @@ def _evaluate_run(
     if isinstance(config.mode, Reinforcement):  # the split does not apply: fresh episodes
         factory, policy = _policy_parts(config)
         device = TrainingManager(config.training).device
-        policy.load_state_dict(load_checkpoint_file(path, map_location=device)["model"])
+        load_model_weights(policy, path, map_location=device)
         metrics = _test_episodes(config, factory, policy, device)
         out = run_dir / "evaluation" / "metrics_episodes.json"
         out.parent.mkdir(exist_ok=True)
@@ -661,7 +663,7 @@ def _evaluate_run(
         raise ValueError(f"the run's data has no {split} split (its fraction is 0)")
     model = parts.new_model()
     device = TrainingManager(config.training).device
-    model.load_state_dict(load_checkpoint_file(path, map_location=device)["model"])
+    load_model_weights(model, path, map_location=device)
     evaluator = Evaluator(evaluation)
     evaluator.class_names = parts.splits.class_names
     loader = parts.loader(dataset)

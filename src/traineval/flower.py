@@ -675,7 +675,8 @@ def _claim(output: Path, overwrite: bool) -> None:
     if not overwrite and any(path.exists() for path in earlier):
         raise ValueError(
             f"output_dir={str(output)!r} already holds an earlier Flower run's results; "
-            "continue it with resume_from='auto', choose another output_dir or set "
+            "continue it with resume_from='auto' (CLI: --resume auto), choose another output_dir "
+            "or set "
             "overwrite_output_dir=True"
         )
 

@@ -14,7 +14,9 @@ import contextlib
 import contextvars
 import importlib
 import re
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 #: `package.module:attribute` (gymnasium ids `module:Env-v0` too): the shape of an import path.
@@ -83,13 +85,49 @@ def import_object(path: str, *, field: str) -> Any:
             f"{field}={path!r} is invalid: expected an import path 'package.module:name'"
         )
     check_trusted(field, path)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"{field}={path!r}: cannot import {module_name!r} ({error})") from None
+    module = _import(module_name, field, path)
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{field}={path!r}: {module_name!r} has no attribute {attribute!r}")
         obj = getattr(obj, part)
     return obj
+
+
+#: Folders searched for a user's package after sys.path: the working directory, and the
+#: folder of the config file being run (the CLI adds it), as users expect of a config that
+#: names `my_pkg.models:build` next to it.
+SEARCH_PATHS: list[str] = []
+
+
+def add_search_path(folder: str | Path) -> None:
+    """Let import paths find packages in `folder` (e.g. the config file's folder)."""
+    resolved = str(Path(folder).resolve())
+    if resolved not in SEARCH_PATHS:
+        SEARCH_PATHS.append(resolved)
+
+
+def _import(module_name: str, field: str, path: str) -> Any:
+    """`module_name`, also from the working directory and the config's folder."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        top = module_name.split(".")[0]
+        if error.name != top:
+            raise ValueError(f"{field}={path!r}: cannot import {module_name!r} ({error})") from None
+    folders = [str(Path.cwd()), *SEARCH_PATHS]
+    for folder in folders:
+        if (Path(folder) / top).is_dir() or (Path(folder) / f"{top}.py").is_file():
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            try:
+                return importlib.import_module(module_name)
+            except ImportError as error:
+                raise ValueError(
+                    f"{field}={path!r}: cannot import {module_name!r} ({error})"
+                ) from None
+    raise ValueError(
+        f"{field}={path!r}: no module named {top!r} in the working directory, the config "
+        f"file's folder or sys.path (looked in {', '.join(folders)}); put {top} there, or add "
+        "its folder to PYTHONPATH"
+    )

@@ -783,8 +783,8 @@ class Loop:
             self._read_steps()
             path = self.save_fn("last", self)
         saved = (
-            f"the training so far is saved in {str(path)!r} (resume_from='auto' redoes this "
-            "validation)"
+            f"the training so far is saved in {str(path)!r} (resume_from='auto', or --resume "
+            "auto, redoes this validation)"
             if path
             else "no checkpoint was written"
         )

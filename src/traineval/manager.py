@@ -128,6 +128,9 @@ class TrainingManager:
         self.metrics_tracker = MetricsTracker()
         self.performance_monitor = PerformanceMonitor(self.device)
         self.output_dir = Path(config.output_dir) if config.output_dir else default_run_dir("run")
+        # A config-file run's whole config (data, model, training, evaluation, mode), written
+        # to config.yaml when the run starts instead of the training section alone
+        self.run_config: dict[str, Any] | None = None
         if not config.output_dir:  # one run directory for all ranks: rank 0's timestamp
             self.output_dir = self.distributed.gather(self.output_dir)[0]
 
@@ -239,7 +242,9 @@ class TrainingManager:
             task_type=task_type,
             output_transform=output_transform,
         )
-        hub = build.open_loggers(c, run_mode, self.output_dir, job, payload, loggers)
+        hub = build.open_loggers(
+            c, run_mode, self.output_dir, job, payload, loggers, self.run_config
+        )
         checkpoints: dict[str, str] = {}
         writer = CheckpointWriter() if c.async_checkpointing else None
         loop = self._loop(
@@ -519,7 +524,8 @@ class TrainingManager:
         ):
             raise FileExistsError(
                 f"output_dir={str(self.output_dir)!r} already holds checkpoints of an earlier "
-                "run; resume it with resume_from='auto', choose another output_dir, or set "
+                "run; resume it with resume_from='auto' (CLI: --resume auto), choose another "
+                "output_dir, or set "
                 "overwrite_output_dir=true"
             )
         if self.distributed.is_main:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from .batches import prediction_of
-from .checkpoint import load_checkpoint_file
+from .checkpoint import load_model_weights
 from .config import TaskType
 from .csv_cells import SafeWriter
-from .data.tables import read_rows
+from .data.tables import finite_cell, read_rows
 from .evaluation.metrics import class_probabilities
 from .evaluation.predictions import class_labels
 from .experiment import RunConfig, load_data
@@ -88,11 +88,7 @@ def _predict(
     kept = [i for i in range(len(header)) if i not in columns]
     x = np.empty((len(rows), len(columns)), dtype=np.float32)
     for r, row in enumerate(rows):
-        try:
-            x[r] = [float(row[c]) for c in columns]
-        except ValueError:
-            fields = [row[c] for c in columns]
-            raise ValueError(f"{input_csv}:{r + 2}: a feature is not a number: {fields}") from None
+        x[r] = [finite_cell(row[c], input_csv, r + 2, header[c]) for c in columns]
     path = Path(checkpoint)
     if not path.suffix:
         path = run_dir / "checkpoints" / f"{checkpoint}.pt"
@@ -103,7 +99,7 @@ def _predict(
         output_dim=splits.num_outputs,
         options=dict(config.model.options),
     )
-    model.load_state_dict(load_checkpoint_file(path, map_location="cpu")["model"])
+    load_model_weights(model, path, map_location="cpu")
     model.to(device).eval()
     inputs = splits.prepare(x)
     outputs = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,19 +83,32 @@ def load_csv(path: str | Path, target: str | Sequence[str], task: str = "auto") 
             f"columns: {', '.join(header)}"
         )
     columns = [header.index(name) for name in targets]
-    features = [name for i, name in enumerate(header) if i not in columns]
+    kept = [i for i in range(len(header)) if i not in columns]
+    features = [header[i] for i in kept]
     x = np.empty((len(body), len(features)), dtype=np.float32)
     for r, row in enumerate(body, start=2):
-        values = [v for i, v in enumerate(row) if i not in columns]
-        try:
-            x[r - 2] = [float(v) for v in values]
-        except ValueError:
-            raise ValueError(f"{path}:{r}: a feature value is not a number: {values}") from None
+        x[r - 2] = [finite_cell(row[i], path, r, header[i]) for i in kept]
     if len(columns) == 1:
         return _with_target(x, [row[columns[0]] for row in body], features, task, path)
     return _with_targets(
         x, [[row[c] for c in columns] for row in body], targets, features, task, path
     )
+
+
+def finite_cell(value: str, path: Path, line: int, column: str) -> float:
+    """A CSV cell as a finite number; a missing, NaN, infinite or non-numeric cell is an
+    error naming the file, line and column (traineval does not impute: fill or drop it)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        shown = "empty" if not value.strip() else repr(value)
+        raise ValueError(
+            f"{path}:{line}: column {column!r} is {shown}, not a finite number; fill it or "
+            "drop the row (traineval does not impute missing values)"
+        )
+    return number
 
 
 def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]]]:
@@ -128,6 +142,13 @@ def _with_target(
     if task == "regression" or (task == "auto" and numbers is not None and not _integral(numbers)):
         if numbers is None:
             raise ValueError(f"data.task='regression' but {path} has non-numeric targets")
+        bad = np.flatnonzero(~np.isfinite(numbers))
+        if bad.size:
+            line = int(bad[0]) + 2
+            raise ValueError(
+                f"{path}:{line}: the target is {raw[bad[0]]!r}, not a finite number; fill it "
+                "or drop the row (traineval does not impute missing values)"
+            )
         return Table(x, numbers.astype(np.float32), TaskType.REGRESSION, features)
     labels = sorted(set(raw), key=lambda v: (float(v), v) if numbers is not None else (0.0, v))
     index = {label: i for i, label in enumerate(labels)}

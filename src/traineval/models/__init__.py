@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Sequence
@@ -173,6 +174,7 @@ def build_model(
         raise ValueError(f"model.options={options!r} do not fit model {name!r}: {error}") from None
     if ":" in name:
         factory = import_object(name, field="model.name")
+        _check_factory(name, factory, tuple(input_shape), output_dim, options)
         model = factory(input_shape=tuple(input_shape), output_dim=output_dim, **options)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model.name={name!r} returned {type(model).__name__}, not a Module")
@@ -181,3 +183,24 @@ def build_model(
         f"model.name={name!r} is invalid: expected one of {', '.join(map(repr, MODELS))} or an "
         "import path 'package.module:factory'"
     )
+
+
+def _check_factory(
+    name: str, factory: Any, input_shape: tuple[int, ...], output_dim: int, options: dict[str, Any]
+) -> None:
+    """A model factory is called as `factory(input_shape=..., output_dim=..., **options)`:
+    one that cannot take that call is refused naming the signature it needs."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: the call itself will tell
+    try:
+        signature.bind(input_shape=input_shape, output_dim=output_dim, **options)
+    except TypeError as error:
+        raise ValueError(
+            f"model.name={name!r} cannot be called as traineval calls a model factory, "
+            f"factory(input_shape={input_shape}, output_dim={output_dim}"
+            f"{''.join(f', {k}=...' for k in options)}) ({error}); define it as "
+            f"def {getattr(factory, '__name__', 'factory')}(input_shape, output_dim, "
+            "**options) -> nn.Module (model.options are passed as keyword arguments)"
+        ) from None

@@ -40,11 +40,13 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     """Run the study the arguments describe; print its trials and its best config."""
     import optuna
 
+    from ..imports import add_search_path
     from .study import load_tune_config, tune
 
     if args.quiet:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        add_search_path(args.config.parent)  # my_pkg beside the config imports
         config, search = load_tune_config(args.config, overrides=args.overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"traineval: config error: {error}", file=sys.stderr)
