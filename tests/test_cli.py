@@ -319,6 +319,9 @@ def test_evaluate_command_rebuilds_the_run_and_matches_fit(tmp_path, capsys):
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["split"] for e in events if e["event"] == "eval"][-2:] == ["test", "test"]
     assert main(["evaluate", str(run), "--checkpoint", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "this run has no 'nope' checkpoint" in err
+    assert "it has: best, last (--checkpoint last)" in err
 
 
 def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):

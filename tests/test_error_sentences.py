@@ -150,7 +150,7 @@ def test_a_factory_with_the_wrong_signature_is_told_the_right_one(tmp_path, caps
 
 
 def test_a_package_beside_the_config_imports_without_pythonpath(tmp_path, capsys, monkeypatch):
-    package = tmp_path / "my_models"
+    package = tmp_path / "beside_config_models"
     package.mkdir()
     (package / "__init__.py").write_text(
         "import torch\ndef build(input_shape, output_dim, hidden=8):\n"
@@ -159,16 +159,16 @@ def test_a_package_beside_the_config_imports_without_pythonpath(tmp_path, capsys
     )
     config = tmp_path / "run.yaml"
     config.write_text(
-        "data: {name: iris}\nmodel: {name: 'my_models:build', options: {hidden: 4}}\n"
+        "data: {name: iris}\nmodel: {name: 'beside_config_models:build', options: {hidden: 4}}\n"
         f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
     )
     monkeypatch.chdir(tmp_path.parent)  # not the config's folder
-    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    monkeypatch.delitem(sys.modules, "beside_config_models", raising=False)
     assert main(["fit", str(config), "-q"]) == 0
-    monkeypatch.delitem(sys.modules, "my_models", raising=False)
-    config.write_text(config.read_text().replace("my_models:build", "nowhere_pkg:build"))
+    monkeypatch.delitem(sys.modules, "beside_config_models", raising=False)
+    config.write_text(config.read_text().replace("beside_config_models:build", "nowhere_pkg:build"))
     assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'b'}"]) == 1
-    assert "no module named 'nowhere_pkg' in the working directory" in capsys.readouterr().err
+    assert "cannot import 'nowhere_pkg': no module of that name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["cv", "lr-find"])
@@ -253,3 +253,41 @@ def test_an_interrupted_fit_run_can_be_evaluated_before_it_is_resumed(tmp_path, 
     capsys.readouterr()
     assert main(["evaluate", str(run), "--checkpoint", "last"]) == 0
     assert "test metrics, checkpoint last" in capsys.readouterr().out
+
+
+def test_without_matplotlib_the_numbers_are_written_and_the_extra_named(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    import builtins
+
+    from traineval.reporting import plots
+
+    run = tmp_path / "run"
+    common = ["-q", "data.name=iris", "model.name=mlp", "model.options={}"]
+    assert main(["demo", *common, "training.num_epochs=2", f"training.output_dir={run}"]) == 0
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(plots, "_warned", [])
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", str(run), "--plots"]) == 0
+        assert main(["report", str(run)]) == 0
+        config = tmp_path / "run.yaml"
+        config.write_text(
+            f"data: {{name: iris}}\nmodel: {{name: mlp}}\n"
+            f"training: {{output_dir: {tmp_path / 'lr'}}}\n"
+        )
+        assert main(["lr-find", str(config), "-q", "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "Suggested learning rate" in out
+    assert "pip install 'traineval[plots]'" in caplog.text
+    assert (run / "evaluation" / "metrics_test.json").exists()
+    assert (run / "report.html").exists()
+    assert (tmp_path / "lr" / "lr_find.json").exists()
+    assert not (tmp_path / "lr" / "lr_find.png").exists()

@@ -177,7 +177,7 @@ def test_kill_9_during_a_trial_then_continue(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_path):
-    result = tune(_config(tmp_path / "study", epochs=2), SEARCH, trials=5, workers=2)
+    result = tune(_config(tmp_path / "study", epochs=2), SEARCH, trials=5, workers=2, pruner="none")
     numbers = sorted(t["number"] for t in result.trials)
     assert numbers == [0, 1, 2, 3, 4]
     assert [t["state"] for t in result.trials].count("complete") == 5

@@ -187,3 +187,21 @@ def weight_differences(expected: dict[str, Any], found: dict[str, Any], shown: i
             more = f" and {len(names) - shown} more" if len(names) > shown else ""
             parts.append(f"{label}: {', '.join(names[:shown])}{more}")
     return "; ".join(parts)
+
+
+def run_checkpoint(run_dir: str | Path, checkpoint: str) -> Path:
+    """The file `checkpoint` names: a path, or a name in `run_dir/checkpoints` ("best",
+    "last", "epoch-0005"); a name the run does not have is an error listing those it has."""
+    path = Path(checkpoint)
+    if path.suffix:
+        return path
+    folder = Path(run_dir) / "checkpoints"
+    path = folder / f"{checkpoint}.pt"
+    if not path.exists():
+        names = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+        has = ", ".join(names) if names else "no checkpoints"
+        hint = f" (--checkpoint {names[-1] if 'last' not in names else 'last'})" if names else ""
+        raise ValueError(
+            f"this run has no {checkpoint!r} checkpoint in {str(folder)!r}; it has: {has}{hint}"
+        )
+    return path

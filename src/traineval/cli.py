@@ -424,7 +424,8 @@ def _lr_find(config: Any, args: argparse.Namespace) -> int:
     except _failures() as error:
         return _error(error)
     print(_search_summary(search))
-    print(f"\nWritten: {folder / 'lr_find.json'}, {folder / 'lr_find.png'}")
+    written = [folder / name for name in ("lr_find.json", "lr_find.png")]
+    print(f"\nWritten: {', '.join(str(p) for p in written if p.exists())}")
     return 0
 
 

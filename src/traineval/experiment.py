@@ -15,7 +15,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import registry
-from .checkpoint import load_checkpoint_file, load_model_weights
+from .checkpoint import load_checkpoint_file, load_model_weights, run_checkpoint
 from .config import (
     LEGACY_MODE_KEYS,
     MAX_SEED,
@@ -424,7 +424,11 @@ def _train_and_test(
     if config.evaluation.plot_metrics:
         from .reporting import plots
 
-        plots.learning_curves(result.training_history, out / "evaluation" / "learning_curves.png")
+        plots.optional(
+            plots.learning_curves,
+            result.training_history,
+            out / "evaluation" / "learning_curves.png",
+        )
     test_metrics = None
     test_loader = parts.loader(parts.splits.test)
     if test_loader is not None:
@@ -477,7 +481,9 @@ def find_learning_rate(
     folder = Path(config.training.output_dir or default_run_dir("lr-find"))
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "lr_find.json", search.to_dict())
-    search.plot(folder / "lr_find.png")
+    from .reporting import plots
+
+    plots.optional(search.plot, folder / "lr_find.png")
     return search, folder
 
 
@@ -645,9 +651,7 @@ def _evaluate_run(
     }
     if split not in choices:
         raise ValueError(f"split={split!r} is invalid: expected 'train', 'val' or 'test'")
-    path = Path(checkpoint)
-    if not path.suffix:
-        path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = run_checkpoint(run_dir, checkpoint)
     if isinstance(config.mode, Reinforcement):  # the split does not apply: fresh episodes
         factory, policy = _policy_parts(config)
         device = TrainingManager(config.training).device

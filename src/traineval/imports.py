@@ -103,8 +103,9 @@ SEARCH_PATHS: list[str] = []
 def add_search_path(folder: str | Path) -> None:
     """Let import paths find packages in `folder` (e.g. the config file's folder)."""
     resolved = str(Path(folder).resolve())
-    if resolved not in SEARCH_PATHS:
-        SEARCH_PATHS.append(resolved)
+    if resolved in SEARCH_PATHS:
+        SEARCH_PATHS.remove(resolved)
+    SEARCH_PATHS.insert(0, resolved)  # the latest config's folder first
 
 
 def _import(module_name: str, field: str, path: str) -> Any:
@@ -115,7 +116,7 @@ def _import(module_name: str, field: str, path: str) -> Any:
         top = module_name.split(".")[0]
         if error.name != top:
             raise ValueError(f"{field}={path!r}: cannot import {module_name!r} ({error})") from None
-    folders = [str(Path.cwd()), *SEARCH_PATHS]
+    folders = [*SEARCH_PATHS, str(Path.cwd())]
     for folder in folders:
         if (Path(folder) / top).is_dir() or (Path(folder) / f"{top}.py").is_file():
             if folder not in sys.path:
@@ -126,8 +127,9 @@ def _import(module_name: str, field: str, path: str) -> Any:
                 raise ValueError(
                     f"{field}={path!r}: cannot import {module_name!r} ({error})"
                 ) from None
+    looked = ", ".join(dict.fromkeys([folders[0], folders[-1]]))  # the config's, the cwd
     raise ValueError(
-        f"{field}={path!r}: no module named {top!r} in the working directory, the config "
-        f"file's folder or sys.path (looked in {', '.join(folders)}); put {top} there, or add "
+        f"{field}={path!r}: cannot import {top!r}: no module of that name on sys.path, in the "
+        f"config file's folder or the working directory ({looked}); put {top} there, or add "
         "its folder to PYTHONPATH"
     )

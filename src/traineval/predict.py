@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .batches import prediction_of
-from .checkpoint import load_model_weights
+from .checkpoint import load_model_weights, run_checkpoint
 from .config import TaskType
 from .csv_cells import SafeWriter
 from .data.tables import finite_cell, read_rows
@@ -89,9 +89,7 @@ def _predict(
     x = np.empty((len(rows), len(columns)), dtype=np.float32)
     for r, row in enumerate(rows):
         x[r] = [finite_cell(row[c], input_csv, r + 2, header[c]) for c in columns]
-    path = Path(checkpoint)
-    if not path.suffix:
-        path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = run_checkpoint(run_dir, checkpoint)
     device = resolve_device(config.training.device)
     model = build_model(
         config.model.name,

@@ -368,6 +368,8 @@ class ModelEvaluator:
     def _plot(self, accumulator: _Accumulator, folder: Path, prefix: str) -> dict[str, str]:
         from ..reporting import plots
 
+        if plots.unavailable():  # the metrics stand without their figures
+            return {}
         files: dict[str, str] = {}
         if accumulator.confusion is not None:
             path = folder / f"confusion_matrix_{prefix}.png"

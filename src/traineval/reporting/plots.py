@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+_warned: list[bool] = []
+
+
+def unavailable() -> bool:
+    """Whether figures cannot be drawn (no matplotlib); says so once, naming the extra."""
+    try:
+        _pyplot()
+    except ImportError as error:
+        if not _warned:
+            _warned.append(True)
+            logger.warning("%s; the numbers are written, the figures are not", error)
+        return True
+    return False
+
+
+def optional(draw: Any, *args: Any, **kwargs: Any) -> Path | None:
+    """`draw(*args, **kwargs)`, or None (with one warning) when matplotlib is not installed:
+    the numbers are computed and written either way, only the figures need the extra."""
+    if unavailable():
+        return None
+    return draw(*args, **kwargs)
 
 
 def _pyplot() -> Any:

@@ -217,7 +217,7 @@ def write_report(run_dir: str | Path) -> tuple[RunRecord, Path]:
     run = read_run(run_dir)
     curves = run.run_dir / "evaluation" / "learning_curves.png"
     if run.history["epoch"]:
-        plots.learning_curves(run.history, curves, unit=run.unit)
+        plots.optional(plots.learning_curves, run.history, curves, unit=run.unit)
     images = sorted((run.run_dir / "evaluation").glob("*.png"), key=lambda p: (p != curves, p.name))
     page = _html(run, images)
     path = run.run_dir / "report.html"
