@@ -300,6 +300,8 @@ if os.environ.get("TRAINEVAL_TEST_ASYNC") == "1":  # the same runs with backgrou
 # FSDP's resume test also keeps the best weights: the first evaluation (update 3, before the
 # interruption at 4) is the best, so the resumed run must get them from the checkpoint
 FSDP_RESUME = {"distributed_strategy": "fsdp", "restore_best_weights": True}
+if os.environ.get("TRAINEVAL_TEST_ASYNC") == "1":
+    FSDP_RESUME["async_checkpointing"] = True
 # restored best weights (in memory: no best.pt) and per-layer gradient norms under FSDP
 BEST_AND_LAYER_NORMS = {
     "restore_best_weights": True,

@@ -487,7 +487,9 @@ def test_the_cli_runs_the_other_modes_under_torchrun(tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch, background):
+    monkeypatch.setenv("TRAINEVAL_TEST_ASYNC", "1" if background else "0")
     ok(torchrun("fsdp", tmp_path))
     reference, history = single_process_run(tmp_path / "single", worker.Blocks())
     for name in ("fsdp-plain", "fsdp-accumulated"):

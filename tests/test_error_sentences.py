@@ -291,3 +291,20 @@ def test_without_matplotlib_the_numbers_are_written_and_the_extra_named(
     assert (run / "report.html").exists()
     assert (tmp_path / "lr" / "lr_find.json").exists()
     assert not (tmp_path / "lr" / "lr_find.png").exists()
+
+
+def test_resuming_a_finished_run_says_so_even_when_quiet(tmp_path, capsys):
+    import logging
+
+    run = tmp_path / "run"
+    args = ["demo", "-q", "data.name=iris", "model.name=mlp", "model.options={}",
+            "training.num_epochs=1", f"training.output_dir={run}"]  # fmt: skip
+    assert main(args) == 0
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    root.addHandler(handler)  # as the CLI's basicConfig does in a fresh process
+    try:
+        assert main([*args, "--resume", "auto"]) == 0
+    finally:
+        root.removeHandler(handler)
+    assert "already finished (step" in capsys.readouterr().err

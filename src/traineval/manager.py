@@ -295,8 +295,9 @@ class TrainingManager:
     def _already_finished(
         self, model: nn.Module, payload: dict[str, Any], monitor: Monitor
     ) -> TrainingResult:
-        logger.info(
-            "the run in %s already finished (step %d); nothing to do",
+        logger.warning(  # a notice, seen also with -q: nothing was trained
+            "the run in %s already finished (step %d); nothing to resume (raise num_epochs "
+            "or max_steps to train it further)",
             self.output_dir,
             payload["global_step"],
         )
