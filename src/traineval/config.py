@@ -328,6 +328,11 @@ class TrainingConfig(_ConfigBase):
     default 1000 steps on a small dataset) is shortened to a tenth of the run, with one
     warning naming both numbers, so the defaults train any dataset.
 
+    `batch_size` sizes the loaders traineval builds (config-file runs, cross-validation
+    folds, the modes' own loaders); a DataLoader you pass to `train()` keeps its own batch
+    size (it is yours). A resume compares the config's `batch_size` with the checkpoint's:
+    keep it equal to your loader's so that the check covers your loader too.
+
     Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
     `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same
     thing whatever `gradient_accumulation_steps` is.
