@@ -555,7 +555,43 @@ def protonet(out: Path, rank: int) -> None:
     save_run(out, "protonet", rank, net, result)
 
 
+def tune_ranks(out: Path, rank: int) -> None:
+    """`traineval.tune` under torchrun: 5 good trials, then one that cannot learn (pruned on
+    rank 0's word; every rank must stop with it or the job hangs)."""
+    from traineval.experiment import RunConfig
+    from traineval.tuning import tune
+    from traineval.tuning.study import open_study, prepare
+
+    config = RunConfig.from_dict(
+        {
+            "data": {"name": "iris"},
+            "model": {"name": "mlp", "options": {"hidden_sizes": [16]}},
+            "training": {
+                "num_epochs": 4,
+                "batch_size": 8,
+                "warmup_steps": 0,
+                "learning_rate": 3e-3,
+                "early_stopping_patience": 0,
+                "monitor_metric": "val_accuracy",
+                "progress_bar": False,
+                "tensorboard_logging": False,
+                "output_dir": str(out / "study"),
+            },
+        }
+    )
+    search = {"learning_rate": {"low": 1e-8, "high": 1e-1, "log": True}}
+    if rank == 0:
+        settings = prepare(config, search, 6, None, None, "tpe", "median", None, None, None, 1, 0)
+        study = open_study(settings)
+        for rate in (3e-3,) * 5 + (1e-8,):
+            study.enqueue_trial({"training.learning_rate": rate})
+    result = tune(config, search, trials=6)
+    record = None if result is None else [(t["number"], t["state"]) for t in result.trials]
+    (out / f"tune-{rank}.json").write_text(json.dumps({"trials": record}))
+
+
 SCENARIOS = {
+    "tune_ranks": tune_ranks,
     "protonet": protonet,
     "gpt2": gpt2,
     "equivalence": equivalence,

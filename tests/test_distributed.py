@@ -537,3 +537,17 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
         assert "epoch 1, step 4" in message
     ok(torchrun("fsdp_resume", tmp_path))
     assert_same_weights(tmp_path / "fsdp-straight-weights.pt", tmp_path / "fsdp-resumed-weights.pt")
+
+
+@pytest.mark.slow
+def test_tune_under_torchrun_rank_0_talks_to_the_study_and_every_rank_trains(tmp_path):
+    ok(torchrun("tune_ranks", tmp_path))
+    trials = json.loads((tmp_path / "tune-0.json").read_text())["trials"]
+    assert trials == [[n, "complete"] for n in range(5)] + [[5, "pruned"]]
+    assert json.loads((tmp_path / "tune-1.json").read_text())["trials"] is None
+    for number in range(6):  # each trial one data-parallel run directory
+        run = tmp_path / "study" / f"trial-{number:04d}"
+        assert (run / "summary.json").exists()
+    pruned = json.loads((tmp_path / "study" / "trial-0005" / "summary.json").read_text())
+    assert pruned["stopped_early"] is True
+    assert pruned["epochs_completed"] < 4

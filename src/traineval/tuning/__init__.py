@@ -6,7 +6,8 @@ storage (SQLite in the study directory by default), so it can be continued after
 shared by several worker processes or machines.
 """
 
+from .driver import tune
 from .space import Param, parse_space
-from .study import TuneResult, tune
+from .study import TuneResult
 
 __all__ = ["Param", "TuneResult", "parse_space", "tune"]

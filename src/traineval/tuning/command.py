@@ -41,7 +41,8 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     import optuna
 
     from ..imports import add_search_path
-    from .study import load_tune_config, tune
+    from .driver import tune
+    from .study import load_tune_config
 
     if args.quiet:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     except caught as error:
         print(f"traineval: error: {error}", file=sys.stderr)
         return 1
+    if result is None:
+        return 0  # under torchrun, rank 0 reports
     print(trials_table(result.trials))
     metric = args.metric or config.training.monitor_metric
     chosen = ", ".join(f"{_short(k)}={_value(v)}" for k, v in result.best_params.items())

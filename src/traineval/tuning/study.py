@@ -75,49 +75,30 @@ class OptunaPruning(Callback):
     """Report the tuned metric to the trial at each validation; when the pruner says so,
     stop the run through the loop's request-stop path (its run directory stays whole)."""
 
-    def __init__(self, trial: Any, metric: str) -> None:
-        self.trial, self.metric = trial, metric
+    def __init__(self, trial: Any, metric: str, job: Any = None) -> None:
+        """`trial` is None on the ranks other than 0 under torchrun; `job` (the run's
+        `Distributed`) carries rank 0's decision to every rank, so all stop together."""
+        self.trial, self.metric, self.job = trial, metric, job
         self.pruned_at: int | None = None
 
     def on_evaluate(self, loop: Control, logs: dict[str, Any]) -> None:
         value = logs.get(self.metric)
-        if value is None or not loop.is_main:
+        if value is None:
             return
         step = loop.state.global_step
-        self.trial.report(float(value), step)
-        if self.trial.should_prune():
+        prune = False
+        if self.trial is not None:
+            self.trial.report(float(value), step)
+            prune = bool(self.trial.should_prune())
+        if self.job is not None and self.job.enabled:
+            prune = bool(self.job.gather(prune)[0])  # rank 0's word, on every rank
+        if prune:
             self.pruned_at = step
             loop.request_stop(f"pruned by the study at step {step} ({self.metric} {value:.4g})")
 
 
-def tune(
-    config: RunConfig | str | Path,
-    search: Mapping[str, Any] | None = None,
-    *,
-    trials: int = 20,
-    metric: str | None = None,
-    direction: str | None = None,
-    sampler: str = "tpe",
-    pruner: str = "median",
-    storage: str | None = None,
-    study_name: str | None = None,
-    study_dir: str | Path | None = None,
-    workers: int = 1,
-    seed: int | None = 0,
-) -> TuneResult:
-    """Search `search` (see `traineval.tuning.space`) over `config` (a RunConfig, or a YAML
-    file whose `search:` section is the space) for `trials` trials; returns the best.
-
-    `metric` defaults to the config's `monitor_metric` and `direction` ("minimize" /
-    "maximize") to its monitor's; `sampler` is "tpe" (seeded by `seed`), "random" or "grid";
-    `pruner` "median", "halving" (successive halving) or "none". The study is stored at
-    `storage` (an Optuna storage URL; default SQLite in `study_dir`, which defaults to
-    `training.output_dir` or `runs/study-<time>-<hex>`); calling again continues it.
-    `workers` > 1 runs that many processes on the study. Writes `best_config.yaml`, a config
-    that `traineval fit` runs as is.
-    """
-    settings = prepare(config, search, trials, metric, direction, sampler, pruner, storage,
-                       study_name, study_dir, workers, seed)  # fmt: skip
+def tune_locally(settings: Settings, trials: int, workers: int) -> TuneResult:
+    """The study's trials in this process, or in `workers` processes (see `tune`)."""
     with run_dir_lock(settings.study_dir):  # one `tune` driver per study directory
         study = open_study(settings)
         if not study.get_trials(deepcopy=False):
@@ -145,10 +126,10 @@ def prepare(
 ) -> Settings:
     """Check every argument and the search space against the config, before any trial."""
     _optuna()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and workers != 1:
         raise ValueError(
-            "traineval tune runs its trials in one process each: start it without torchrun "
-            "(use --workers N to run N trials at a time)"
+            f"workers={workers} is invalid under torchrun: every rank trains each trial "
+            "(rank 0 talks to the study); start several torchrun jobs on one storage instead"
         )
     if not isinstance(config, RunConfig):
         config, search = load_tune_config(config, search)
