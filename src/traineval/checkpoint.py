@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .rundir import writing
+from .rundir import atomic_file
 
 
 class CheckpointError(RuntimeError):
@@ -23,23 +21,9 @@ def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
 
     A crash during the write leaves any previous file at `path` untouched.
     """
-    path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        )
-        try:
-            with handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
-    _fsync_dir(path.parent)
-    return path
+    with atomic_file(path) as temporary, temporary.open("wb") as handle:
+        torch.save(payload, handle)
+    return Path(path)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -48,19 +32,6 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint_file(
@@ -104,30 +75,14 @@ def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str
     A state dict (e.g. the full weights of a sharded model) is written as it is, each
     tensor its own copy.
     """
-    path = Path(path)
-    with writing(path):
-        _write_safetensors(model, path)
-    return path
-
-
-def _write_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file, save_model
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    temporary = Path(name)  # unique per writer: two saves never share a temp file
-    try:
+    with atomic_file(path) as temporary:
         if isinstance(model, torch.nn.Module):
             save_model(model, str(temporary))
         else:
             save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, temporary)
-        with temporary.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    return Path(path)
 
 
 def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = True) -> None:

@@ -64,26 +64,49 @@ def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
     return Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` atomically (unique temp file in the same folder, fsync,
-    rename): a crash or a full disk leaves the previous file, never a truncated one."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temp file of its own beside `path` for the block to write; when the block ends it
+    is fsynced and renamed over `path` (then the folder is fsynced), when the block fails it
+    is removed: a reader sees the old file or the new one, never a part. An OSError is said
+    as a `WriteError` naming `path`. Every file of a run is written through this."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
-            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
-            encoding="utf-8",
-        )  # fmt: skip
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(descriptor)
+        temporary = Path(name)  # unique per writer: two saves never share a temp file
         try:
-            with handle:
-                handle.write(text)
-                handle.flush()
+            yield temporary
+            with temporary.open("rb") as handle:
                 os.fsync(handle.fileno())
-            os.replace(handle.name, path)
+            os.replace(temporary, path)
         except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
-    return path
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (see `atomic_file`): a crash or a full disk leaves
+    the previous file, never a truncated one."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, value: object) -> Path:
