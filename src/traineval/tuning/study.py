@@ -97,13 +97,20 @@ class OptunaPruning(Callback):
             loop.request_stop(f"pruned by the study at step {step} ({self.metric} {value:.4g})")
 
 
+def start_study(settings: Settings) -> Any:
+    """The study ready for trials: opened (created on first use, its first trial the config
+    as written), and every abandoned trial queued for a retry that resumes it."""
+    study = open_study(settings)
+    if not study.get_trials(deepcopy=False):
+        enqueue_defaults(study, settings)
+    recover_abandoned(study, settings)
+    return study
+
+
 def tune_locally(settings: Settings, trials: int, workers: int) -> TuneResult:
     """The study's trials in this process, or in `workers` processes (see `tune`)."""
     with run_dir_lock(settings.study_dir):  # one `tune` driver per study directory
-        study = open_study(settings)
-        if not study.get_trials(deepcopy=False):
-            enqueue_defaults(study, settings)
-        recover_abandoned(study, settings)
+        study = start_study(settings)
         remaining = trials - len(counted(study))
         if remaining > 0:
             _run_workers(settings, remaining, workers, study)
@@ -335,33 +342,53 @@ def optimize(settings: Settings, n_trials: int) -> None:
 
 
 def run_trial(trial: Any, settings: Settings) -> float:
-    """One trial: a traineval run in `<study_dir>/trial-<n>` (or the interrupted run it
-    retries, resumed), pruned through `OptunaPruning`; returns its best tuned metric."""
-    optuna = _optuna()
+    """One trial of `study.optimize` (see `train_trial`); returns its best tuned metric."""
     values = {p.field: p.suggest(trial) for p in settings.params}
-    resume_dir = trial.user_attrs.get("resume_dir")
-    run_dir = Path(resume_dir or Path(settings.study_dir) / f"trial-{trial.number:04d}")
-    trial.set_user_attr("run_dir", str(run_dir))
+    outcome = train_trial(trial.number, values, trial.user_attrs.get("resume_dir"), settings, trial)
+    if "error" in outcome:  # a diverging trial: failed, the study goes on
+        trial.set_user_attr("error", outcome["error"])
+        logger.warning("trial %d failed: %s", trial.number, outcome["error"])
+        return float("nan")  # Optuna records a NaN objective as a failed trial
+    trial.set_user_attr("seconds", outcome["seconds"])
+    if outcome["pruned_at"] is not None:
+        raise _optuna().TrialPruned(f"pruned at step {outcome['pruned_at']}")
+    if outcome["value"] is None:
+        raise ValueError(f"trial {trial.number} produced no {settings.metric}")
+    return float(outcome["value"])
+
+
+def train_trial(
+    number: int,
+    values: Mapping[str, Any],
+    resume_dir: str | None,
+    settings: Settings,
+    trial: Any,
+    job: Any = None,
+) -> dict[str, Any]:
+    """Train trial `number`: a traineval run in `<study_dir>/trial-<n>` (or the interrupted
+    run it retries, resumed) with `values` set, pruned through `OptunaPruning` (`trial` is
+    None on the ranks other than 0 under torchrun, `job` shares rank 0's decision). Returns
+    `{"value", "pruned_at", "seconds"}`, or `{"error"}` for a run that diverged."""
+    run_dir = Path(resume_dir or Path(settings.study_dir) / f"trial-{number:04d}")
+    if trial is not None:
+        trial.set_user_attr("run_dir", str(run_dir))
     data = apply_values(settings.base, values)
     data["training"]["output_dir"] = str(run_dir)
-    config = RunConfig.from_dict(data)
-    pruning = OptunaPruning(trial, settings.metric)
+    pruning = OptunaPruning(trial, settings.metric, job)
     started = time.perf_counter()
     try:
         outcome = run_experiment(
-            config, resume_from="auto" if resume_dir else None, callbacks=[pruning]
+            RunConfig.from_dict(data),
+            resume_from="auto" if resume_dir else None,
+            callbacks=[pruning],
         )
-    except (NonFiniteError, EvaluationError) as error:  # a diverging trial: failed, go on
-        trial.set_user_attr("error", str(error))
-        logger.warning("trial %d failed: %s", trial.number, error)
-        return float("nan")  # Optuna records a NaN objective as a failed trial
-    trial.set_user_attr("seconds", time.perf_counter() - started)
-    best = outcome.training.best_metric
-    if pruning.pruned_at is not None:
-        raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
-    if best is None:
-        raise ValueError(f"trial {trial.number} produced no {settings.metric}")
-    return float(best)
+    except (NonFiniteError, EvaluationError) as error:  # the same on every rank
+        return {"error": str(error)}
+    return {
+        "value": outcome.training.best_metric,
+        "pruned_at": pruning.pruned_at,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _result(study: Any, settings: Settings) -> TuneResult:
