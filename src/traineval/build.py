@@ -303,8 +303,7 @@ def choose_monitor(
         logger.info("no val_loader: monitoring train_loss instead of %s", name)
         name = "train_loss"
     elif task is not None and name.startswith("val_"):
-        names = ["loss", *(evaluator or ModelEvaluator()).metric_names(task)]
-        names += plan.extra_metric_names
+        names = validation_metric_names(evaluator, task, plan.extra_metric_names)
         if name[len("val_") :] not in names:
             allowed = ", ".join(f"val_{n}" for n in names)
             raise ValueError(
@@ -313,6 +312,14 @@ def choose_monitor(
             )
     minimize = config.minimize_monitor if name == config.monitor_metric else True
     return Monitor(name, minimize=minimize, min_delta=min_delta)
+
+
+def validation_metric_names(
+    evaluator: ModelEvaluator | None, task: TaskType, extra: Sequence[str] = ()
+) -> list[str]:
+    """The metrics a validation of `task` produces (each `val_<name>`): the loss, the
+    evaluator's for the task, and a mode's `extra` ones."""
+    return ["loss", *(evaluator or ModelEvaluator()).metric_names(task), *extra]
 
 
 def load_resume(

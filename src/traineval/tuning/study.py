@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..build import validation_metric_names
 from ..callbacks import Callback
 from ..callbacks.base import Control
 from ..config import metric_is_minimized
@@ -191,7 +192,7 @@ def _check_metric(config: RunConfig, metric: str) -> None:
     task = parts.task_type
     if task is None:
         return
-    names = ["loss", *Evaluator(config.evaluation).metric_names(task)]
+    names = validation_metric_names(Evaluator(config.evaluation), task)
     if metric.removeprefix("val_") not in names:
         raise ValueError(
             f"metric={metric!r} is not produced by this run ({task.value}): expected "
