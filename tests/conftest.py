@@ -73,3 +73,34 @@ def plain_sgd_config(quiet_config, **overrides):
     }
     settings.update(overrides)
     return TrainingConfig(**settings)
+
+
+def iris_demo(output_dir, *overrides):
+    """`traineval demo` arguments for a one-epoch MLP run on iris into `output_dir`
+    (later overrides win)."""
+    return [
+        "demo",
+        "-q",
+        "data.name=iris",
+        "model.name=mlp",
+        "model.options={}",
+        "training.num_epochs=1",
+        "training.warmup_steps=0",
+        f"training.output_dir={output_dir}",
+        *overrides,
+    ]
+
+
+def hide_package(monkeypatch, prefix, package):
+    """Make every import of a module starting with `prefix` fail as if `package` were not
+    installed (an optional extra missing)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name.startswith(prefix):
+            raise ImportError(f"No module named {package!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)

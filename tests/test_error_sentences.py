@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from traineval import TaskType, TrainingConfig, TrainingManager
 from traineval.cli import main
 
+from conftest import hide_package, iris_demo
+
 
 def _train(tmp_path, model, x, y, **kwargs):
     config = TrainingConfig(
@@ -89,16 +91,7 @@ def test_a_full_disk_names_the_file_in_one_line(tmp_path, monkeypatch, capsys):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    args = [
-        "demo",
-        "-q",
-        "data.name=iris",
-        "model.name=mlp",
-        "model.options={}",
-        "training.num_epochs=1",
-        f"training.output_dir={tmp_path / 'run'}",
-    ]
-    assert main(args) == 1
+    assert main(iris_demo(tmp_path / "run")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "could not write" in err[0]
@@ -258,21 +251,13 @@ def test_an_interrupted_fit_run_can_be_evaluated_before_it_is_resumed(tmp_path, 
 def test_without_matplotlib_the_numbers_are_written_and_the_extra_named(
     tmp_path, monkeypatch, capsys, caplog
 ):
-    import builtins
 
     from traineval.reporting import plots
 
     run = tmp_path / "run"
     common = ["-q", "data.name=iris", "model.name=mlp", "model.options={}"]
     assert main(["demo", *common, "training.num_epochs=2", f"training.output_dir={run}"]) == 0
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    hide_package(monkeypatch, "matplotlib", "matplotlib")
     monkeypatch.setattr(plots, "_warned", [])
     capsys.readouterr()
     with caplog.at_level("WARNING"):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from traineval import TaskType, TrainingConfig, TrainingManager
 from traineval.loggers import LoggerHub, read_jsonl
 
-from conftest import make_classification, make_mlp
+from conftest import hide_package, make_classification, make_mlp
 
 
 def _config(tmp_path, **overrides):
@@ -118,16 +118,7 @@ def test_a_logger_raising_on_every_call_does_not_stop_training(tmp_path, caplog)
 def test_missing_tensorboard_warns_with_the_extra_and_training_goes_on(
     tmp_path, monkeypatch, caplog
 ):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tensorboard(name, *args, **kwargs):
-        if name.startswith("torch.utils.tensorboard"):
-            raise ImportError("No module named 'tensorboard'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    hide_package(monkeypatch, "torch.utils.tensorboard", "tensorboard")
     with caplog.at_level(logging.WARNING):
         result = TrainingManager(_config(tmp_path, tensorboard_logging=True)).train(
             make_mlp(), DataLoader(make_classification(n=32), 8)

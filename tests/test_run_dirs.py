@@ -18,6 +18,8 @@ from traineval.checkpoint import save_safetensors
 from traineval.cli import main
 from traineval.rundir import RunDirInUse, atomic_write_text, default_run_dir, run_dir_lock
 
+from conftest import iris_demo
+
 HOLD = (
     "import os, sys, time\n"
     "from traineval.rundir import run_dir_lock\n"
@@ -32,17 +34,7 @@ HOLD = (
 
 
 def _demo(run, *extra):
-    return [
-        "demo",
-        "-q",
-        "data.name=iris",
-        "model.name=mlp",
-        "model.options={}",
-        "training.num_epochs=1",
-        "training.warmup_steps=0",
-        f"training.output_dir={run}",
-        *extra,
-    ]
+    return iris_demo(run, *extra)
 
 
 @pytest.mark.parametrize("forks", [False, True])

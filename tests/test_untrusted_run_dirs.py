@@ -17,6 +17,8 @@ from traineval.evaluation.predictions import PredictionWriter
 from traineval.experiment import RunConfig
 from traineval.imports import UntrustedCodeError, import_object, untrusted
 
+from conftest import iris_demo
+
 PAYLOAD = (
     "import pathlib, torch\n"
     "pathlib.Path({marker!r}).write_text('imported')\n"
@@ -40,18 +42,7 @@ def payload(tmp_path, monkeypatch):
 
 def _fitted_run(tmp_path, *overrides):
     run = tmp_path / "run"
-    args = [
-        "demo",
-        "-q",
-        "data.name=iris",
-        "model.name=mlp",
-        "model.options={}",
-        "training.num_epochs=1",
-        "training.warmup_steps=0",
-        f"training.output_dir={run}",
-        *overrides,
-    ]
-    assert main(args) == 0
+    assert main(iris_demo(run, *overrides)) == 0
     return run
 
 
