@@ -293,3 +293,24 @@ def test_resuming_a_finished_run_says_so_even_when_quiet(tmp_path, capsys):
     finally:
         root.removeHandler(handler)
     assert "already finished (step" in capsys.readouterr().err
+
+
+def test_a_loader_whose_batch_size_differs_from_the_configs_is_named(tmp_path, caplog):
+    """The loader's batch size trains; the warning says so and which setting makes them
+    agree. An equal one is silent."""
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    config = TrainingConfig(
+        num_epochs=1, batch_size=8, progress_bar=False, tensorboard_logging=False,
+        warmup_steps=0, output_dir=str(tmp_path / "a"),
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="traineval"):
+        result = TrainingManager(config).train(
+            nn.Linear(4, 2), DataLoader(TensorDataset(x, y), batch_size=16)
+        )
+    assert result.global_step == 2  # 32 rows in batches of 16: the loader's size trained
+    assert "train_loader's batch_size=16 differs from the config's batch_size=8" in caplog.text
+    assert "set batch_size=16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="traineval"):
+        _train(tmp_path / "b", nn.Linear(4, 2), x, y)
+    assert "batch_size" not in caplog.text

@@ -182,3 +182,63 @@ def test_callbacks_of_earlier_versions_still_reach_the_loop_with_a_warning():
         loop.run()
     assert old.precision == "fp32"
     assert saves == [("last", 2)]
+
+
+def test_on_exception_runs_before_an_interruption_or_an_error_propagates(quiet_config):
+    """A callback gets on_exception with the error (a progress bar closes its line there);
+    a failing on_exception does not replace the training's error."""
+
+    class Seen(Callback):
+        def __init__(self):
+            self.errors = []
+
+        def on_exception(self, loop, error):
+            self.errors.append(type(error).__name__)
+
+    class Broken(Callback):
+        def on_exception(self, loop, error):
+            raise OSError("cannot release")
+
+    class Fails(Callback):
+        def on_step_end(self, loop):
+            if loop.state.global_step == 2:
+                raise ZeroDivisionError("in the user's callback")
+
+    config = TrainingConfig(
+        num_epochs=1, batch_size=8, **{**quiet_config, "overwrite_output_dir": True}
+    )
+    loader = DataLoader(make_classification(n=48), batch_size=8)
+    seen = Seen()
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config).train(make_mlp(), loader, callbacks=[seen, InterruptAt(3)])
+    with pytest.raises(ZeroDivisionError):
+        TrainingManager(config).train(make_mlp(), loader, callbacks=[Broken(), Fails(), seen])
+    assert seen.errors == ["TrainingInterrupted", "ZeroDivisionError"]
+    finished = Seen()
+    TrainingManager(config).train(make_mlp(), loader, callbacks=[finished])
+    assert finished.errors == []
+
+
+def test_an_interrupted_runs_progress_bar_closes_and_warnings_print_above_a_live_bar():
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from traineval.callbacks.progress import BarAwareHandler, ProgressBar
+
+    stream = io.StringIO()
+    bar = tqdm(total=10, file=stream, mininterval=0)
+    bar.update(3)
+    handler = BarAwareHandler(stream)
+    handler.emit(logging.makeLogRecord({"msg": "SIGINT received", "levelno": logging.WARNING}))
+    bar.close()
+    before, _, _ = stream.getvalue().partition("SIGINT received")
+    assert before.endswith("\r")  # the bar's line was cleared first: the warning starts it
+    assert "3/10" in before
+
+    progress = ProgressBar(enabled=True)
+    progress.bar = tqdm(total=10, file=io.StringIO())
+    progress.on_exception(None, KeyboardInterrupt())
+    assert progress.bar is None
+    assert not getattr(tqdm, "_instances", None)  # no bar left to draw over the message

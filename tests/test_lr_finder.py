@@ -141,3 +141,32 @@ def test_the_search_plots(tmp_path):
         stop_reason="diverged",
     )
     assert search.plot(tmp_path / "lr.png").stat().st_size > 1000
+
+
+def test_the_search_shows_one_progress_line_with_the_rate_each_update_used(
+    quiet_config, monkeypatch
+):
+    """With progress_bar on, one bar counts the search's updates; its last rate is the last
+    update's (never a rate beyond max_lr), and it is closed when the search ends."""
+    import tqdm
+
+    postfixes = []
+    real = tqdm.tqdm.set_postfix
+
+    def spy(bar, *args, **kwargs):
+        postfixes.append((bar.desc, bar.n, bar.total, kwargs))
+        return real(bar, *args, **kwargs)
+
+    monkeypatch.setattr(tqdm.tqdm, "set_postfix", spy)
+    config = plain_sgd_config({**quiet_config, "progress_bar": True}, batch_size=16)
+    search = TrainingManager(config).find_learning_rate(
+        make_mlp(),
+        DataLoader(make_classification(n=320, seed=1), batch_size=16, shuffle=True),
+        min_lr=1e-4,
+        max_lr=1.0,
+        num_steps=30,
+        divergence=1e9,
+    )
+    assert [p[:3] for p in postfixes] == [("lr-find", n, 30) for n in range(1, 31)]
+    assert postfixes[-1][3]["lr"] == f"{search.learning_rates[-1]:.3g}" == "1"
+    assert not getattr(tqdm.tqdm, "_instances", None)

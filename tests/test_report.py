@@ -12,6 +12,8 @@ import pytest
 from traineval.cli import main
 from traineval.reporting.report import read_run
 
+from conftest import hide_package
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -152,3 +154,39 @@ def test_a_tampered_run_directory_injects_no_markup(run_dir, tmp_path, capsys):
     page = (run / "report.html").read_text()
     assert "<script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_the_confusion_matrix_comes_from_the_runs_counts_and_the_config_is_folded(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    """Without `evaluate --plots` the report draws the confusion matrix from metrics.json
+    (and shows its counts as a table, also without matplotlib); the config table lists the
+    settings that differ from the defaults, the others folded."""
+    import json
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "evaluation" / "confusion_matrix_test.png").unlink()
+    saved = json.loads((copy / "evaluation" / "metrics.json").read_text())
+    counts = saved["test_confusion_matrix"]
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "evaluation" / "confusion_matrix_test.png").exists()
+    page = (copy / "report.html").read_text()
+    table = page[page.index("<h2>Confusion matrix (test)</h2>") :].split("</table>")[0]
+    cells = [int(c) for c in re.findall(r"<td[^>]*>(\d+)</td>", table)]
+    assert cells == [c for row in counts for c in row]
+    assert "<th>class_0</th>" in table
+
+    config = page[page.index("<h2>Config</h2>") :]
+    shown, _, folded = config.partition("<details>")
+    assert "<td>training.num_epochs</td><td>4</td>" in shown  # the default is 100
+    assert "<td>data.name</td><td>wine</td>" in shown
+    assert "training.batch_size" not in shown
+    assert "<td>training.batch_size</td>" in folded
+    assert re.search(r"<summary>\d+ more settings, at their defaults</summary>", folded)
+
+    (copy / "evaluation" / "confusion_matrix_test.png").unlink()
+    hide_package(monkeypatch, "matplotlib", "matplotlib")
+    assert main(["report", str(copy)]) == 0
+    assert "Confusion matrix (test)" in (copy / "report.html").read_text()
+    assert not (copy / "evaluation" / "confusion_matrix_test.png").exists()

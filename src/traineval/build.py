@@ -225,6 +225,7 @@ def shard_data(
     for loader in (train_loader, val_loader):
         _reseed_workers(loader)
     if plan.loader is None:
+        _compare_batch_size(train_loader, config.batch_size)
         batches = shard_train_loader(train_loader, job, config.seed)
     if val_loader is not None:
         _check_not_empty(val_loader)
@@ -244,6 +245,21 @@ def _reseed_workers(loader: Any) -> None:
             "(reproducible). To draw per worker yourself, create it in a worker_init_fn",
             ", ".join(found),
             "is" if len(found) == 1 else "are",
+        )
+
+
+def _compare_batch_size(train_loader: Any, batch_size: int) -> None:
+    """Your DataLoader's batch size is the one trained with; say so when the config's
+    differs, since a resume checks the config's (so it would miss a change of the loader's)."""
+    size = getattr(train_loader, "batch_size", None)
+    if isinstance(train_loader, torch.utils.data.DataLoader) and size not in (None, batch_size):
+        logger.warning(
+            "train_loader's batch_size=%d differs from the config's batch_size=%d: training "
+            "uses the loader's; set batch_size=%d in the config so that a resume can check "
+            "it",
+            size,
+            batch_size,
+            size,
         )
 
 

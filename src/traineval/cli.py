@@ -276,10 +276,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     quiet = getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0"
+    from .callbacks.progress import BarAwareHandler
+
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
-        stream=sys.stderr,
+        handlers=[BarAwareHandler(sys.stderr)],
     )
     return args
 

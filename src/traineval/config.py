@@ -330,8 +330,9 @@ class TrainingConfig(_ConfigBase):
 
     `batch_size` sizes the loaders traineval builds (config-file runs, cross-validation
     folds, the modes' own loaders); a DataLoader you pass to `train()` keeps its own batch
-    size (it is yours). A resume compares the config's `batch_size` with the checkpoint's:
-    keep it equal to your loader's so that the check covers your loader too.
+    size (it is yours), with a warning when it differs from `batch_size`. A resume compares
+    the config's `batch_size` with the checkpoint's: keep it equal to your loader's so that
+    the check covers your loader too.
 
     Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
     `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same

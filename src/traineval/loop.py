@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import time
 import warnings
@@ -69,6 +70,8 @@ __all__ = [
     "UpdateRule",
     "empty_history",
 ]
+
+logger = logging.getLogger("traineval")
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[str, "Loop"], Any]
@@ -350,6 +353,15 @@ class Loop:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> TrainState:
+        """Train to the end; on an exception (a signal, a failed evaluation, an error in the
+        step) the callbacks' on_exception hooks run before it propagates."""
+        try:
+            return self._run()
+        except BaseException as error:
+            self._call_on_exception(error)
+            raise
+
+    def _run(self) -> TrainState:
         state = self.state
         self._call("on_train_start")
         self.performance.start()
@@ -765,6 +777,15 @@ class Loop:
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self.control, *args)
+
+    def _call_on_exception(self, error: BaseException) -> None:
+        """Let each callback release what it holds; their own errors are logged, so the
+        original exception is the one the caller sees."""
+        for callback in self.callbacks:
+            try:
+                callback.on_exception(self.control, error)
+            except Exception:  # the training error is the one to report
+                logger.exception("%s.on_exception failed", type(callback).__name__)
 
     def _act(self) -> None:
         """Carry out the saves the callbacks asked for, once every recorded step is finite."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,36 @@ class RangeTest(Callback):
             suggestion=suggest(self.rates, smoothed) if smoothed else None,
             stop_reason=self.stop_reason,
         )
+
+
+class SearchProgress(Callback):
+    """One progress line for the search: updates done of `num_steps`, the rate and loss.
+    `enabled=None` shows it only when stderr is a terminal."""
+
+    def __init__(self, num_steps: int, enabled: bool | None = None) -> None:
+        self.num_steps = num_steps
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: Any = None
+
+    def on_train_start(self, loop: Control) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.num_steps, desc="lr-find", leave=False, file=sys.stderr, unit="update"
+            )
+
+    def on_log(self, loop: Control, logs: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                lr=f"{logs['learning_rate']:.3g}", loss=f"{logs['train_step_loss']:.4f}"
+            )
+
+    def on_train_end(self, loop: Control, logs: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, loop: Control, error: BaseException) -> None:
+        self.on_train_end(loop, {})

@@ -39,7 +39,7 @@ from .distributed import setup as setup_distributed
 from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import LoggerHub
 from .loop import EvaluateFn, Loop, Monitor, Observers, RunLength, TrainState
-from .lr_finder import LearningRateSearch, RangeTest
+from .lr_finder import LearningRateSearch, RangeTest, SearchProgress
 from .modes import Mode, ModePlan, resolve_mode
 from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
@@ -449,7 +449,9 @@ class TrainingManager:
             length=RunLength(steps, data.updates_per_epoch, max_steps=steps, log_every_n_steps=1),
             placement=build.placement(self.device, parts, plan, job),
             monitor=Monitor("train_loss", minimize=True),
-            observers=Observers(callbacks=[search]),
+            observers=Observers(
+                callbacks=[search, SearchProgress(steps, c.progress_bar if job.is_main else False)]
+            ),
             data_generators=data_generators(data.batches),
         )
 

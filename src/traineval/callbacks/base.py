@@ -55,8 +55,10 @@ class Callback:
     Hook order: on_train_start; per epoch on_epoch_start, then after each optimizer update
     on_log (every `log_frequency` updates), on_evaluate (every `eval_frequency` updates),
     on_step_end; at the epoch's end on_evaluate (unless that update just evaluated) and
-    on_epoch_end; finally on_train_end. Requests (`request_save`, `request_stop`) are
-    carried out once the current round of hooks is over.
+    on_epoch_end; finally on_train_end. When training stops by an exception instead (a
+    signal's `TrainingInterrupted`, a failed evaluation, an error in the step), on_exception
+    runs before it propagates: release what the callback holds there. Requests
+    (`request_save`, `request_stop`) are carried out once the current round of hooks is over.
 
     A callback with state (`state_dict` / `load_state_dict`) is checkpointed under its
     `state_key` (by default its class name; a second one of the same key gets `#2`), so a
@@ -84,6 +86,9 @@ class Callback:
         pass
 
     def on_train_end(self, loop: Control, logs: dict[str, Any]) -> None:
+        pass
+
+    def on_exception(self, loop: Control, error: BaseException) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:

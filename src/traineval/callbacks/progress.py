@@ -56,6 +56,28 @@ class ProgressBar(Callback):
 
     on_train_end = on_epoch_end
 
+    def on_exception(self, loop: Control, error: BaseException) -> None:
+        if self.bar is not None:  # the interruption's message gets a line of its own
+            self.bar.close()
+            self.bar = None
+
+
+class BarAwareHandler(logging.StreamHandler):
+    """A log handler that writes above a live progress bar (`tqdm.write`) instead of onto
+    its line, so a warning such as "SIGINT received" reads as a line of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        if not getattr(tqdm, "_instances", None):
+            super().emit(record)
+            return
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
 
 class EpochSummary(Callback):
     """Log one line per epoch (losses, monitored metrics, time) at INFO level."""

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ..config import metric_is_minimized
@@ -32,6 +33,8 @@ class RunRecord:
     unit: str = "epoch"  # "round" for a Flower run (traineval.flower's metrics.jsonl)
     test_per_class: list[dict[str, Any]] | None = None
     test_intervals: dict[str, Any] | None = None  # bootstrap intervals (metrics.json)
+    test_confusion: list[list[int]] | None = None  # rows true class, columns predicted
+    class_names: list[str] | None = None
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
@@ -52,17 +55,37 @@ def read_run(run_dir: str | Path) -> RunRecord:
     best_step = summary.get("best_step")
     best: dict[str, float] = next((m for s, m in val if s == best_step), {})
     final = val[-1][1] if val else {}
-    test = per_class = intervals = None
-    evaluation = run_dir / "evaluation" / "metrics.json"
-    if evaluation.exists():
-        saved = _mapping(json.loads(evaluation.read_text()))
-        test = _numbers(saved.get("test"))
-        per_class = [_mapping(row) for row in saved.get("test_per_class") or [] if row] or None
-        intervals = _mapping(saved.get("test_intervals")) or None
+    saved = _saved_evaluation(run_dir)
+    test = _numbers(saved.get("test")) if saved else None
+    per_class = [_mapping(row) for row in saved.get("test_per_class") or [] if row] or None
+    intervals = _mapping(saved.get("test_intervals")) or None
+    confusion = _square_counts(saved.get("test_confusion_matrix"))
+    names = saved.get("class_names")
+    if not (isinstance(names, list) and confusion and len(names) == len(confusion)):
+        names = None
     unit = "round" if flower else "epoch"
     return RunRecord(
-        run_dir, config or {}, summary, history, best, final, test, unit, per_class, intervals
-    )
+        run_dir, config or {}, summary, history, best, final, test, unit, per_class, intervals,
+        confusion, [str(n) for n in names] if names else None,
+    )  # fmt: skip
+
+
+def _saved_evaluation(run_dir: Path) -> dict[str, Any]:
+    """evaluation/metrics.json, or an empty mapping when the run has none."""
+    evaluation = run_dir / "evaluation" / "metrics.json"
+    return _mapping(json.loads(evaluation.read_text())) if evaluation.exists() else {}
+
+
+def _square_counts(value: Any) -> list[list[int]] | None:
+    """A confusion matrix as the run saved it: a square list of lists of counts (else None)."""
+    if not isinstance(value, list) or not value:
+        return None
+    rows = [row for row in value if isinstance(row, list) and len(row) == len(value)]
+    if len(rows) != len(value) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for r in rows for c in r
+    ):
+        return None
+    return rows
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -218,6 +241,10 @@ def write_report(run_dir: str | Path) -> tuple[RunRecord, Path]:
     curves = run.run_dir / "evaluation" / "learning_curves.png"
     if run.history["epoch"]:
         plots.optional(plots.learning_curves, run.history, curves, unit=run.unit)
+    matrix = run.run_dir / "evaluation" / "confusion_matrix_test.png"
+    if run.test_confusion and not matrix.exists():  # drawn from metrics.json's counts
+        counts = np.array(run.test_confusion, dtype=np.int64)
+        plots.optional(plots.confusion_matrix, counts, matrix, run.class_names)
     images = sorted((run.run_dir / "evaluation").glob("*.png"), key=lambda p: (p != curves, p.name))
     page = _html(run, images)
     path = run.run_dir / "report.html"
@@ -251,6 +278,59 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             rows.append((f"{prefix}{key}", value))
     return rows
+
+
+def _config_section(config: dict[str, Any]) -> str:
+    """The settings that differ from traineval's defaults, the rest folded below them."""
+    rows = _flatten(config)
+    defaults = dict(_flatten(_default_config(config)))
+    changed = [(k, v) for k, v in rows if k not in defaults or defaults[k] != v]
+    rest = [(k, v) for k, v in rows if (k, v) not in changed]
+    shown = (
+        _table(changed, ("field", "value"))
+        if changed
+        else "<p>Every setting is traineval's default.</p>"
+    )
+    if rest:
+        shown += (
+            f"<details><summary>{len(rest)} more settings, at their defaults</summary>"
+            f"{_table(rest, ('field', 'value'))}</details>"
+        )
+    return shown
+
+
+def _default_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A default run config in the run's config.yaml shape (the run's mode at its defaults)."""
+    from ..experiment import RunConfig
+    from ..registry import lookup
+
+    defaults = RunConfig().to_dict()
+    mode = _mapping(config.get("mode"))
+    try:
+        defaults["mode"] = lookup(mode.get("name")).from_settings({}).to_dict()
+    except (ValueError, TypeError):  # a mode not registered here: compare nothing of it
+        defaults["mode"] = {}
+    return defaults
+
+
+def _confusion_table(run: RunRecord) -> str:
+    """The test split's confusion matrix as counts (rows true, columns predicted), shaded."""
+    counts = run.test_confusion
+    if not counts or len(counts) > 30:
+        return ""
+    names = run.class_names or [str(i) for i in range(len(counts))]
+    top = max(max(row) for row in counts) or 1
+    head = "<tr><th>true / predicted</th>" + "".join(f"<th>{_fmt(n)}</th>" for n in names)
+    body = "".join(
+        f"<tr><th>{_fmt(name)}</th>"
+        + "".join(
+            f'<td style="background: rgba(31, 119, 180, {0.85 * c / top:.2f})">{c}</td>'
+            for c in row
+        )
+        + "</tr>"
+        for name, row in zip(names, counts, strict=True)
+    )
+    return f"<h2>Confusion matrix (test)</h2><table>{head}</tr>{body}</table>"
 
 
 def _metrics_table(run: RunRecord) -> str:
@@ -357,10 +437,11 @@ img {{ max-width: 100%; max-height: 480px; border: 1px solid #ddd; }}
 <div class="grid"><div><h2>Overview</h2>{_table(overview)}</div>
 <div><h2>Metrics</h2>{_metrics_table(run)}</div></div>
 {_per_class_table(run.test_per_class)}
+{_confusion_table(run)}
 <h2>Plots</h2>{figures or "<p>No plots.</p>"}
 <h2>Per {run.unit}</h2>
 <table><tr><th>{run.unit}</th><th>train loss</th><th>val loss</th><th>learning rate</th></tr>
 {epoch_rows}</table>
-<h2>Config</h2>{_table(_flatten(run.config), ("field", "value"))}
+<h2>Config</h2>{_config_section(run.config)}
 </body></html>
 """
