@@ -623,3 +623,38 @@ def test_scaffold_is_refused_on_flower_with_the_reason(quiet_config):
         flower.server_app(
             make_mlp, _config(quiet_config), federated=Federated(control_variates=True)
         )
+
+
+def test_the_node_count_is_checked_against_mode_clients_before_the_first_round(
+    quiet_config, caplog
+):
+    """A deployment with fewer SuperNodes than mode.clients would wait forever without a
+    word: after a grace period the server names the shortfall and both fixes; nodes that
+    connect within it are waited for silently; a LocalGrid with too few is refused."""
+    from traineval.modes import Federated
+
+    server = flower.FlowerServer(make_mlp, _config(quiet_config), federated=Federated(clients=4))
+
+    class Deployment:  # a SuperLink's grid: the connected nodes, polled
+        def __init__(self, *counts):
+            self.counts = list(counts)
+
+        def get_node_ids(self):
+            count = self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+            return list(range(count))
+
+    with caplog.at_level("WARNING"):
+        server._check_nodes(Deployment(2), wait_seconds=0.05, poll_seconds=0.01)
+    assert (
+        "mode.clients=4: the server waits for 4 connected SuperNodes before the first round "
+        "and 2 are connected after 0 s: start 2 more, or set mode.clients=2 in the config"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        server._check_nodes(Deployment(1, 3, 4), wait_seconds=5, poll_seconds=0.01)
+    assert caplog.text == ""
+
+    local = flower.LocalGrid(flower.client_app(make_mlp, lambda c: (None, None), server.config),
+                             [{"partition-id": i} for i in range(2)])  # fmt: skip
+    with pytest.raises(ValueError, match="mode.clients=4: .* this LocalGrid has 2"):
+        server._check_nodes(local)

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -81,6 +82,7 @@ FINAL_MODEL = "final_model.safetensors"
 CHECKPOINT = Path("checkpoints") / "last.pt"
 LEGACY_FORMAT = "traineval-flower-checkpoint"  # this server's, in earlier versions
 RESUME_KEY = "traineval-resume"  # run config: "auto" or a checkpoint path
+NODE_WAIT_SECONDS = 30.0  # a deployment's SuperNodes connect over time: wait before warning
 logger = logging.getLogger(__name__)
 ModelFn = Callable[[], nn.Module]
 DataFn = Callable[[Any], tuple[Any, Any]]  # Flower Context -> (train loader, val loader | None)
@@ -281,15 +283,36 @@ class FlowerServer:
         logger.info("resuming the Flower run in %s after round %d", output, done)
         return True
 
-    def _check_nodes(self, grid: Grid) -> None:
-        """Refuse a local grid with fewer nodes than the server waits for."""
-        nodes = len(list(grid.get_node_ids()))
+    def _check_nodes(
+        self, grid: Grid, wait_seconds: float = NODE_WAIT_SECONDS, poll_seconds: float = 1.0
+    ) -> None:
+        """Before the first round, compare the nodes the server will wait for (mode.clients)
+        with those there: a local grid with too few is refused; on a deployment, where
+        SuperNodes connect over time, a shortfall after `wait_seconds` is named in a warning
+        (Flower itself keeps waiting, so starting the missing SuperNodes continues the run)."""
         wanted = self.federated.clients
-        if isinstance(grid, LocalGrid) and self.strategy is None and nodes < wanted:
-            raise ValueError(  # Flower would wait for the missing nodes forever
-                f"federated.clients={wanted}: the server waits for that many "
-                f"nodes before the first round, and this LocalGrid has {nodes}"
-            )
+        if self.strategy is not None:  # your strategy decides how many it waits for
+            return
+        nodes = len(list(grid.get_node_ids()))
+        if isinstance(grid, LocalGrid):
+            if nodes < wanted:
+                raise ValueError(  # Flower would wait for the missing nodes forever
+                    f"mode.clients={wanted}: the server waits for that many nodes before the "
+                    f"first round, and this LocalGrid has {nodes}"
+                )
+            return
+        deadline = time.monotonic() + wait_seconds
+        while nodes < wanted and time.monotonic() < deadline:
+            time.sleep(poll_seconds)
+            nodes = len(list(grid.get_node_ids()))
+        if nodes < wanted:
+            logger.warning(
+                "mode.clients=%d: the server waits for %d connected SuperNodes before the "
+                "first round and %d %s connected after %.0f s: start %d more, or set "
+                "mode.clients=%d in the config (waiting)",
+                wanted, wanted, nodes, "is" if nodes == 1 else "are", wait_seconds,
+                wanted - nodes, max(nodes, 1),
+            )  # fmt: skip
 
     def _end_of_round(
         self,
