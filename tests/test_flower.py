@@ -656,5 +656,5 @@ def test_the_node_count_is_checked_against_mode_clients_before_the_first_round(
 
     local = flower.LocalGrid(flower.client_app(make_mlp, lambda c: (None, None), server.config),
                              [{"partition-id": i} for i in range(2)])  # fmt: skip
-    with pytest.raises(ValueError, match="mode.clients=4: .* this LocalGrid has 2"):
+    with pytest.raises(ValueError, match=r"mode\.clients=4: .* this LocalGrid has 2"):
         server._check_nodes(local)
