@@ -9,6 +9,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import Callback
 
+# The references these tests compare against (hand-written loops, torch's own averaged
+# model) run in this process, and traineval's cpu_threads="auto" trains their small models
+# on one thread: one thread here too, so that both add up in the same order (equal to the
+# last bit; with different thread counts parallel reductions may differ by rounding).
+torch.set_num_threads(1)
+
 
 def make_classification(n: int = 128, features: int = 8, classes: int = 3, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import registry
+from . import cpu_threads, registry
 from .checkpoint import load_checkpoint_file, load_model_weights, run_checkpoint
 from .config import (
     LEGACY_MODE_KEYS,
@@ -385,18 +385,22 @@ def run_experiment(
     parts = run_parts(config)
     manager = TrainingManager(config.training)
     manager.run_config = config.to_dict()
-    with manager.hold_output_dir():  # the run, then its records and test evaluation
-        return _train_and_test(config, parts, manager, resume_from, callbacks)
+    model = parts.new_model()
+    with (
+        manager.hold_output_dir(),  # the run, then its records and test evaluation
+        cpu_threads.applied(config.training.cpu_threads, manager.device, model),
+    ):
+        return _train_and_test(config, parts, manager, model, resume_from, callbacks)
 
 
 def _train_and_test(
     config: RunConfig,
     parts: RunParts,
     manager: TrainingManager,
+    model: torch.nn.Module,
     resume_from: str | None,
     callbacks: Sequence[Any],
 ) -> ExperimentResult:
-    model = parts.new_model()
     evaluator = Evaluator(config.evaluation)
     evaluator.class_names = parts.splits.class_names
     train_loader = parts.loader(parts.splits.train, shuffle=True)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import build
+from . import build, cpu_threads
 from .batches import OutputTransform, label_shift
 from .callbacks import (
     BestWeights,
@@ -196,7 +196,10 @@ class TrainingManager:
             model, train_loader, val_loader, mode, task_type, loss_function, output_transform
         )
         monitor = build.choose_monitor(c, plan, data.val_loader, evaluator, task_type, run_mode)
-        with self.hold_output_dir():  # until the run ends: one run per output_dir
+        with (
+            self.hold_output_dir(),  # until the run ends: one run per output_dir
+            cpu_threads.applied(c.cpu_threads, self.device, model),
+        ):
             payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job)
             self._claim_output_dir(resuming=resume_from is not None)
             if payload is not None and finished(payload["loop"], c):
