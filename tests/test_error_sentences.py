@@ -124,6 +124,13 @@ def test_another_models_checkpoint_is_named_not_dumped(tmp_path, capsys):
     rows.write_text(",".join(names) + "\n5.1,3.5,1.4,0.2\n")
     assert main(["predict", str(runs["small"]), str(rows), "--checkpoint", other]) == 1
     assert "does not fit this run's model" in capsys.readouterr().err
+    exported = str(runs["wide"] / "checkpoints" / "best.safetensors")  # weights only
+    assert main(["evaluate", str(runs["small"]), "--checkpoint", exported]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "does not fit this run's model: shapes differ: net.0.weight (32, 4) vs" in err[0]
+    own = str(runs["small"] / "checkpoints" / "best.safetensors")
+    assert main(["evaluate", str(runs["small"]), "--checkpoint", own]) == 0
 
 
 def test_a_factory_with_the_wrong_signature_is_told_the_right_one(tmp_path, capsys):
@@ -314,3 +321,24 @@ def test_a_loader_whose_batch_size_differs_from_the_configs_is_named(tmp_path, c
     with caplog.at_level("WARNING", logger="traineval"):
         _train(tmp_path / "b", nn.Linear(4, 2), x, y)
     assert "batch_size" not in caplog.text
+
+
+def test_a_safetensors_export_of_tied_weights_loads_into_the_run_model(tmp_path):
+    """Tied weights are stored once in a safetensors export: their alias is not 'missing'."""
+    from traineval.checkpoint import load_model_weights, save_safetensors
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.embed.weight
+
+    torch.manual_seed(0)
+    source, target = Tied(), Tied()
+    save_safetensors(source, tmp_path / "tied.safetensors")
+    load_model_weights(target, tmp_path / "tied.safetensors")
+    assert torch.equal(target.out.weight, source.embed.weight)
+    assert target.out.weight is target.embed.weight  # still tied
+    with pytest.raises(ValueError, match=r"does not fit this run's model: .*embed\.weight"):
+        load_model_weights(nn.Sequential(nn.Embedding(5, 4)), tmp_path / "tied.safetensors")

@@ -329,6 +329,12 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
     assert run.history["learning_rate"] == flower.client_learning_rates(training, 3)  # cosine
     assert (output / "evaluation" / "learning_curves.png").exists()
     assert "<h2>Per round</h2>" in (output / "report.html").read_text()
+    # `traineval evaluate` on a Flower run: its final weights unless told, the same test
+    # metrics as the server's own test of the final model
+    assert cli.main(["evaluate", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "test metrics, checkpoint final:" in printed
+    assert f"accuracy   {test['accuracy']:.4f}" in printed
 
 
 def test_the_config_app_names_what_it_is_missing(tmp_path):

@@ -102,8 +102,12 @@ def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = Tr
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: Any = "cpu") -> None:
-    """Load a checkpoint's `model` weights into `model`; a checkpoint of another model is a
-    `ValueError` that says what differs (names and shapes), not torch's key dump."""
+    """Load a checkpoint's `model` weights (or a `.safetensors` file's) into `model`; a
+    checkpoint of another model is a `ValueError` that says what differs (names and shapes),
+    not torch's key dump."""
+    if Path(path).suffix == ".safetensors":
+        _load_safetensors_checked(model, Path(path), map_location)
+        return
     payload = load_checkpoint_file(path, map_location=map_location)
     weights = payload.get("model")
     if not isinstance(weights, dict):
@@ -111,14 +115,36 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: A
             f"checkpoint {str(path)!r} holds no model weights (it has {sorted(payload)[:6]}): "
             "is it a traineval checkpoint?"
         )
-    differences = weight_differences(model.state_dict(), weights)
+    _refuse_another_models(path, model.state_dict(), weights)
+    model.load_state_dict(weights)
+
+
+def _load_safetensors_checked(model: torch.nn.Module, path: Path, map_location: Any) -> None:
+    """A safetensors export (tied weights stored once) after the same fit check."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"weights file {str(path)!r} is unreadable ({error})") from None
+    state = model.state_dict()
+    stored = {state[name].data_ptr() for name in weights if name in state}
+    expected = {  # a tied alias of a stored tensor is not missing
+        name: t for name, t in state.items() if name in weights or t.data_ptr() not in stored
+    }
+    _refuse_another_models(path, expected, weights)
+    load_safetensors(model, path)
+
+
+def _refuse_another_models(path: Any, expected: dict[str, Any], found: dict[str, Any]) -> None:
+    differences = weight_differences(expected, found)
     if differences:
         raise ValueError(
             f"checkpoint {str(path)!r} does not fit this run's model: {differences}; it was "
             "written for another model (use one of this run's checkpoints: best, last, "
-            "epoch-NNNN)"
+            "epoch-NNNN, final)"
         )
-    model.load_state_dict(weights)
 
 
 def weight_differences(expected: dict[str, Any], found: dict[str, Any], shown: int = 3) -> str:
@@ -144,12 +170,36 @@ def weight_differences(expected: dict[str, Any], found: dict[str, Any], shown: i
     return "; ".join(parts)
 
 
+FINAL_WEIGHTS = "final_model.safetensors"  # a Flower run's final global model
+
+
+def default_checkpoint(run_dir: str | Path) -> str:
+    """What `evaluate` and `predict` use unless told: the run's best checkpoint, or for a
+    run that keeps none (a Flower run) its final weights."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / FINAL_WEIGHTS).exists():
+        return "final"
+    return "best"
+
+
 def run_checkpoint(run_dir: str | Path, checkpoint: str) -> Path:
-    """The file `checkpoint` names: a path, or a name in `run_dir/checkpoints` ("best",
-    "last", "epoch-0005"); a name the run does not have is an error listing those it has."""
+    """The file `checkpoint` names: a path, "final" (the run's final_model.safetensors), or
+    a name in `run_dir/checkpoints` ("best", "last", "epoch-0005"); a name the run does not
+    have is an error listing those it has."""
     path = Path(checkpoint)
     if path.suffix:
         return path
+    folder = Path(run_dir) / "checkpoints"
+    path = Path(run_dir) / FINAL_WEIGHTS if checkpoint == "final" else folder / f"{checkpoint}.pt"
+    if not path.exists():
+        names = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+        names += ["final"] if (Path(run_dir) / FINAL_WEIGHTS).exists() else []
+        has = ", ".join(names) if names else "no checkpoints"
+        hint = f" (--checkpoint {names[-1] if 'last' not in names else 'last'})" if names else ""
+        raise ValueError(
+            f"this run has no {checkpoint!r} checkpoint in {str(folder)!r}; it has: {has}{hint}"
+        )
+    return path
     folder = Path(run_dir) / "checkpoints"
     path = folder / f"{checkpoint}.pt"
     if not path.exists():

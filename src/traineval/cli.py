@@ -130,7 +130,9 @@ def _add_evaluate(commands: Any) -> None:
     evaluate.add_argument("run_dir", type=Path, help="a run directory written by fit or demo")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument(
-        "--checkpoint", default="best", help="best, last, epoch-NNNN or a path (default best)"
+        "--checkpoint",
+        help="best, last, epoch-NNNN, final (a Flower run's final weights) or a path "
+        "(default best; final for a run that keeps no best)",
     )
     evaluate.add_argument("--save-predictions", action="store_true", help="write predictions")
     evaluate.add_argument("--plots", action="store_true", help="write the evaluation plots")
@@ -155,7 +157,9 @@ def _add_predict(commands: Any) -> None:
     predict.add_argument("run_dir", type=Path, help="a run directory written by fit or demo")
     predict.add_argument("input", type=Path, help="CSV file with a header row")
     predict.add_argument(
-        "--checkpoint", default="best", help="best, last, epoch-NNNN or a path (default best)"
+        "--checkpoint",
+        help="best, last, epoch-NNNN, final (a Flower run's final weights) or a path "
+        "(default best; final for a run that keeps no best)",
     )
     predict.add_argument("--output", type=Path, help="where to write the predictions CSV")
     predict.add_argument(
@@ -331,8 +335,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .checkpoint import default_checkpoint
     from .predict import predict_csv
 
+    args.checkpoint = args.checkpoint or default_checkpoint(args.run_dir)
     try:
         table, count = predict_csv(
             args.run_dir,
@@ -348,8 +354,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import default_checkpoint
     from .experiment import evaluate_run
 
+    args.checkpoint = args.checkpoint or default_checkpoint(args.run_dir)
     try:
         metrics, written = evaluate_run(
             args.run_dir,

@@ -15,7 +15,12 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import cpu_threads, registry
-from .checkpoint import load_checkpoint_file, load_model_weights, run_checkpoint
+from .checkpoint import (
+    default_checkpoint,
+    load_checkpoint_file,
+    load_model_weights,
+    run_checkpoint,
+)
 from .config import (
     LEGACY_MODE_KEYS,
     MAX_SEED,
@@ -615,7 +620,7 @@ def _evaluate_split(
 def evaluate_run(
     run_dir: str | Path,
     *,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     split: str = "test",
     save_predictions: bool = False,
     plot_metrics: bool = False,
@@ -623,15 +628,20 @@ def evaluate_run(
 ) -> tuple[dict[str, float], str]:
     """Evaluate a finished run's checkpoint on one of its data splits (`traineval evaluate`).
 
-    The run's `config.yaml` rebuilds the same data splits and model. Returns the metrics and
-    the path of the metrics file written into `<run_dir>/evaluation/`. A run directory is
-    untrusted input: one whose config names code to import (a custom model or data factory)
-    is refused unless `trust_code=True` (see `RunConfig.from_run_dir`).
+    `checkpoint`: "best", "last", "epoch-NNNN", "final" (a Flower run's final weights) or a
+    path; by default the best, or the final weights of a run that keeps no best. The run's
+    `config.yaml` rebuilds the same data splits and model. Returns the metrics and the path
+    of the metrics file written into `<run_dir>/evaluation/`. A run directory is untrusted
+    input: one whose config names code to import (a custom model or data factory) is
+    refused unless `trust_code=True` (see `RunConfig.from_run_dir`).
     """
     run_dir = Path(run_dir)
     config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
     with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
-        return _evaluate_run(config, run_dir, checkpoint, split, save_predictions, plot_metrics)
+        return _evaluate_run(
+            config, run_dir, checkpoint or default_checkpoint(run_dir), split,
+            save_predictions, plot_metrics,
+        )  # fmt: skip
 
 
 def _evaluate_run(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .batches import prediction_of
-from .checkpoint import load_model_weights, run_checkpoint
+from .checkpoint import default_checkpoint, load_model_weights, run_checkpoint
 from .config import TaskType
 from .csv_cells import SafeWriter
 from .data.tables import finite_cell, read_rows
@@ -35,7 +35,7 @@ def predict_csv(
     run_dir: str | Path,
     input_csv: str | Path,
     *,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     output: str | Path | None = None,
     batch_size: int = 1024,
     threshold: float | None = None,
@@ -43,7 +43,8 @@ def predict_csv(
 ) -> tuple[Path, int]:
     """Write predictions for every row of `input_csv`; returns the output path and row count.
 
-    `checkpoint` is a name in the run's checkpoints/ ("best", "last") or a path; `output`
+    `checkpoint` is a name in the run's checkpoints/ ("best", "last"), "final" (a Flower
+    run's final weights) or a path, by default the best (else the final weights); `output`
     defaults to `<run_dir>/predictions/<input name>`; `threshold` (multi-label) defaults to
     the run's `evaluation.multilabel_threshold`. The input's other columns are copied after
     the predictions; a text cell a spreadsheet would read as a formula gets a leading `'`.
@@ -53,7 +54,8 @@ def predict_csv(
     run_dir = Path(run_dir)
     config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
     with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
-        return _predict(config, run_dir, Path(input_csv), checkpoint, output, batch_size, threshold)
+        chosen = checkpoint or default_checkpoint(run_dir)
+        return _predict(config, run_dir, Path(input_csv), chosen, output, batch_size, threshold)
 
 
 def _predict(
