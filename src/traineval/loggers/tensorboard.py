@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,21 @@ import yaml
 from .base import numbers
 
 logger = logging.getLogger(__name__)
+
+
+def wait_for_a_later_second(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the
+    second it was created, then the host, process id and a counter. A resumed run's file
+    must come after the interrupted run's, or its purge of their later steps is read first
+    and undone: when a file of this second exists already (a resume within a second of the
+    interruption), wait for the next second (at most one)."""
+    stamps = []
+    for path in folder.glob("events.out.tfevents.*"):
+        stamp = path.name.split(".")[3]
+        if stamp.isdigit():
+            stamps.append(int(stamp))
+    if stamps:
+        time.sleep(max(0.0, max(stamps) + 1 - time.time()))
 
 
 class TensorBoardLogger:
@@ -27,6 +43,8 @@ class TensorBoardLogger:
                 "pip install 'traineval[tensorboard]'"
             ) from None
         self.folder = Path(run_dir) / "tensorboard"
+        if purge_step is not None:
+            wait_for_a_later_second(self.folder)
         self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge_step)
         self._hparams: dict[str, Any] = {}
         self._best: dict[str, float] = {}
