@@ -51,8 +51,15 @@ def _flower_run(config, clients, val=None, model_fn=make_mlp, **server_options):
         {"federated_server_lr": 0.7, "federated_server_momentum": 0.5},
         {"scheduler_type": "cosine", "warmup_steps": 1},
         {"mode_settings": {"federated": {"proximal_mu": 0.5}}},
+        {"mode_settings": {"federated": {"control_variates": True}}, "num_epochs": 4},
+        {
+            "mode_settings": {"federated": {"control_variates": True}},
+            "federated_server_lr": 0.7,
+            "scheduler_type": "cosine",
+            "warmup_steps": 1,
+        },
     ],
-    ids=["fedavg", "fedavgm", "warmup-cosine-client-lr", "fedprox"],
+    ids=["fedavg", "fedavgm", "warmup-cosine-client-lr", "fedprox", "scaffold", "scaffold-lr"],
 )
 def test_flower_fedavg_with_traineval_clients_equals_the_in_process_simulation(
     quiet_config, tmp_path, server
@@ -423,15 +430,20 @@ def _interrupting_evaluation(at_round=None):
     return evaluate
 
 
-def test_a_stopped_flower_run_resumes_to_the_uninterrupted_weights(quiet_config, tmp_path):
+@pytest.mark.parametrize("scaffold", [False, True], ids=["fedavgm", "scaffold"])
+def test_a_stopped_flower_run_resumes_to_the_uninterrupted_weights(
+    quiet_config, tmp_path, scaffold
+):
+    """Also with SCAFFOLD: the server's checkpoint carries every client's control."""
     clients = _shuffled_clients()
+    extra = {"mode_settings": {"federated": {"control_variates": True}}} if scaffold else {}
     straight = _flower_run(
-        _resumable_config(quiet_config, tmp_path / "straight"),
+        _resumable_config(quiet_config, tmp_path / "straight", **extra),
         clients,
         server_evaluate=_interrupting_evaluation(),
         evaluate_on_clients=False,
     )
-    config = _resumable_config(quiet_config, tmp_path / "stopped")
+    config = _resumable_config(quiet_config, tmp_path / "stopped", **extra)
     with pytest.raises(KeyboardInterrupt):  # during round 3: rounds 1 and 2 are saved
         _flower_run(
             config,
@@ -442,6 +454,7 @@ def test_a_stopped_flower_run_resumes_to_the_uninterrupted_weights(quiet_config,
     saved = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["round"] == 2
     assert saved["strategy"]["momentum"] is not None
+    assert (saved["controls"] is not None) == scaffold
     with pytest.raises(ValueError, match="continue it with resume_from='auto'"):
         _flower_run(config, clients, evaluate_on_clients=False)  # nothing is overwritten
     random.seed(123)  # the caller's random state does not matter: the checkpoint's does
@@ -622,12 +635,16 @@ def test_a_flower_checkpoint_of_an_earlier_version_resumes(quiet_config, tmp_pat
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
-def test_scaffold_is_refused_on_flower_with_the_reason(quiet_config):
+def test_scaffold_on_flower_needs_plain_sgd_clients_as_in_the_simulation(quiet_config):
     from traineval.modes import Federated
 
-    with pytest.raises(ValueError, match=r"control_variates=True \(SCAFFOLD\) is not supported"):
-        flower.server_app(
-            make_mlp, _config(quiet_config), federated=Federated(control_variates=True)
+    adam = _config(quiet_config, optimizer_type="adamw")
+    refusal = r"control_variates=True \(SCAFFOLD\) .* optimizer_type='sgd'"
+    with pytest.raises(ValueError, match=refusal):
+        flower.server_app(make_mlp, adam, federated=Federated(control_variates=True))
+    with pytest.raises(ValueError, match=refusal):
+        flower.client_app(
+            make_mlp, lambda c: (None, None), adam, federated=Federated(control_variates=True)
         )
 
 

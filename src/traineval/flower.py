@@ -54,6 +54,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from .checkpoint import load_checkpoint_file, save_checkpoint_file, save_safetensors
 from .config import TaskType, TrainingConfig
 from .evaluation import Evaluator
+from .flower_controls import CLIENT_KEY, STEPS_KEY, ServerControls, correction_of, strip
 from .loggers.jsonl import plain
 from .modes import resolve_mode
 from .modes.base import batch_size_of, split_batch
@@ -127,6 +128,8 @@ class FlowerClient:
         # The client's randomness (shuffle, dropout) follows the run seed, the round and the
         # client (its partition-id, else the node) only: not which clients this process
         # trained before, in what order; the simulation seeds its clients the same way.
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        correction = correction_of(message, names)  # SCAFFOLD's c - c_i, else None
         loss_sum, samples = train_client(
             model,
             train_loader,
@@ -137,8 +140,13 @@ class FlowerClient:
             seed=seed,
             local_epochs=self.federated.local_epochs,
             proximal_mu=self.federated.proximal_mu,
+            correction=None if correction is None else [t.to(self.device) for t in correction],
         )
-        metrics = MetricRecord({"train_loss": float(loss_sum) / samples, "num-examples": samples})
+        values: dict[str, Any] = {"train_loss": float(loss_sum) / samples, "num-examples": samples}
+        if correction is not None:  # what the server needs to update this client's control
+            values[CLIENT_KEY] = identity
+            values[STEPS_KEY] = self.federated.local_epochs * len(train_loader)
+        metrics = MetricRecord(values)
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
         return Message(content=content, reply_to=message)
 
@@ -235,6 +243,7 @@ class FlowerServer:
         self.output = Path(config.output_dir or "runs/flower")
         self.rounds = min(config.num_epochs, config.max_steps or config.num_epochs)
         self.client_lrs = client_learning_rates(config, self.rounds)
+        self.controls: ServerControls | None = None  # SCAFFOLD's, set when a run starts
 
     def main(self, grid: Grid, context: Context) -> None:
         config = self.config
@@ -251,10 +260,11 @@ class FlowerServer:
         saved = self._begin(resume_from if resume_from is not None else _resume_setting(context))
         done = 0 if saved is None else int(saved["round"])
         records: list[dict[str, Any]] = [] if saved is None else list(saved["records"])
+        self.controls = self._controls(model)
         if saved is not None and not self._restore(saved, model, chosen):
             return
         self._check_nodes(grid)
-        run = RunStrategy(chosen, self.client_lrs, done, records)
+        run = RunStrategy(chosen, self.client_lrs, done, records, self.controls)
         result = run.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
@@ -264,6 +274,13 @@ class FlowerServer:
         )
         model.load_state_dict(result.arrays.to_torch_state_dict())
         self._finish(model)
+
+    def _controls(self, model: nn.Module) -> ServerControls | None:
+        """SCAFFOLD's control variates, kept by the server (None without control_variates)."""
+        if not self.federated.control_variates:
+            return None
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        return ServerControls(names, self.federated.clients)
 
     def _restore(self, saved: dict[str, Any], model: nn.Module, chosen: Strategy) -> bool:
         """Put a resumed run's weights, random stream and strategy state back; False when
@@ -280,6 +297,8 @@ class FlowerServer:
             return False
         restore_rng(saved["rng"], None)  # Flower's node sampling continues its sequence
         _load_strategy_state(chosen, saved["strategy"], custom=self.strategy is not None)
+        if self.controls is not None and saved.get("controls"):
+            self.controls.load_state_dict(saved["controls"])
         logger.info("resuming the Flower run in %s after round %d", output, done)
         return True
 
@@ -391,6 +410,7 @@ class FlowerServer:
                 "rng": capture_rng(),
                 "records": records,
                 "mode": self.federated.to_dict(),
+                "controls": None if self.controls is None else self.controls.state_dict(),
                 "traineval_version": __version__,
             },
         )
@@ -526,8 +546,10 @@ class RunStrategy(Strategy):
         client_lrs: Sequence[float],
         done: int,
         records: list[dict[str, Any]],
+        controls: ServerControls | None = None,
     ) -> None:
         self.inner, self.client_lrs, self.done, self.records = inner, client_lrs, done, records
+        self.controls = controls  # SCAFFOLD's, when the run has control variates
 
     def summary(self) -> None:
         self.inner.summary()
@@ -535,11 +557,18 @@ class RunStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["lr"] = self.client_lrs[self.done + server_round - 1]
-        return self.inner.configure_train(self.done + server_round, arrays, config, grid)
+        lr = config["lr"] = self.client_lrs[self.done + server_round - 1]
+        messages = self.inner.configure_train(self.done + server_round, arrays, config, grid)
+        if self.controls is None:
+            return messages
+        return self.controls.configure(messages, arrays, float(lr))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        if self.controls is not None:
+            replies = list(replies)
+            self.controls.update(replies)
         arrays, metrics = self.inner.aggregate_train(self.done + server_round, replies)
+        metrics = strip(metrics)
         _record(self.records, "train", self.done + server_round, metrics)
         if metrics is not None:
             self.records[-1]["learning_rate"] = self.client_lrs[self.done + server_round - 1]
@@ -709,12 +738,7 @@ def _federated(given: Federated | None, config: TrainingConfig) -> Federated:
     mode = resolve_mode(given if given is not None else "federated", config)
     if not isinstance(mode, Federated):
         raise TypeError(f"federated must be a traineval.modes.Federated, got {mode!r}")
-    if mode.control_variates:
-        raise ValueError(
-            "federated.control_variates=True (SCAFFOLD) is not supported on Flower yet: its "
-            "clients would keep their own controls between rounds; use it in the simulation "
-            "(mode='federated'), or FedProx (proximal_mu) on Flower"
-        )
+    mode.check_client_optimizer(config)
     return mode
 
 

@@ -113,7 +113,10 @@ class Federated(Mode):
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
-        c = ctx.config
+        self.check_client_optimizer(ctx.config)
+
+    def check_client_optimizer(self, c: Any) -> None:
+        """SCAFFOLD's controls assume plain SGD clients: other settings are refused."""
         if self.control_variates and (c.optimizer_type != "sgd" or c.momentum or c.weight_decay):
             raise ValueError(
                 "federated.control_variates=True (SCAFFOLD) estimates the controls from plain "
