@@ -164,11 +164,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", ["flower_digits", "flower_config"])
+@pytest.mark.parametrize("example", ["flower_digits", "flower_config", "flower_config_scaffold"])
 def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path, example):
     """An example app under Flower's deployment runtime: a SuperLink, two SuperNodes (each
     its own process, talking HTTP on loopback) and `flwr run`. flower_digits is Python
-    (traineval.flower); flower_config is traineval.flower_app with a config file."""
+    (traineval.flower); flower_config is traineval.flower_app with a config file, also with
+    SCAFFOLD (plain SGD clients, the controls kept by the server)."""
     bin_dir = Path(sys.executable).parent
     link = _free_port()
     home = tmp_path / "home"
@@ -203,9 +204,16 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
                 subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
             )
             time.sleep(3)
-        app = Path(__file__).resolve().parents[1] / "examples" / example
+        app = Path(__file__).resolve().parents[1] / "examples" / example.removesuffix("_scaffold")
         extra = []
-        if example == "flower_config":
+        scaffold = [
+            "mode.control_variates=true",
+            "training.optimizer_type=sgd",
+            "training.momentum=0",
+            "training.weight_decay=0",
+            "training.learning_rate=0.1",
+        ]
+        if example.startswith("flower_config"):
             config = tmp_path / "run.yaml"
             config.write_text(
                 (Path(traineval.__file__).parent / "configs" / "demo.yaml").read_text()
@@ -218,6 +226,7 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
                     "mode.clients=2",
                     "training.warmup_steps=0",
                     f"training.output_dir={output}",
+                    *(scaffold if example.endswith("scaffold") else []),
                 ],
             )
             config.write_text(yaml.safe_dump(settings.to_dict()))
@@ -234,9 +243,12 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
         server = [r["server_accuracy"] for r in rounds if r["event"] == "server_evaluation"]
         assert len(server) == 3  # before training, after rounds 1 and 2
         assert server[-1] > 0.5 > server[0]  # trained, from about 0.1 (chance)
-        if example == "flower_config":
+        if example.startswith("flower_config"):
             test = json.loads((output / "evaluation" / "metrics.json").read_text())["test"]
             assert test["accuracy"] > 0.5
+        if example.endswith("scaffold"):  # the server learned both clients' controls
+            saved = torch.load(output / "checkpoints" / "last.pt", weights_only=True)
+            assert sorted(saved["controls"]["client_controls"]) == ["0", "1"]
         assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2]
         assert (output / "final_model.safetensors").exists()
     finally:
