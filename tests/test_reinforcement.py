@@ -317,8 +317,14 @@ def test_environments_are_checked_up_front_and_integer_observations_one_hot(quie
     assert make_env("CartPole") is CartPole  # the built-in one, by its own name
     assert isinstance(make_env("CartPole-v1")().unwrapped, gymnasium.Env)  # gymnasium's
     config = _config(quiet_config)
-    with pytest.raises(ValueError, match=r"plays discrete actions .* continuous actions"):
-        TrainingManager(config).train(ActorCritic(), "Pendulum-v1", mode=RL)
+
+    class Switches(CartPole):  # several on/off actions at once: no policy plays those
+        def __init__(self):
+            super().__init__()
+            self.action_space = gymnasium.spaces.MultiBinary(3)
+
+    with pytest.raises(ValueError, match=r"neither discrete .* nor a 1-d Box of continuous"):
+        TrainingManager(config).train(ActorCritic(), Switches, mode=RL)
 
     class Bare:  # gymnasium's reset / step and nothing else: the policy's logits decide
         def __init__(self):

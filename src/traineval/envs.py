@@ -132,20 +132,20 @@ class OneHotObservations:
 
 def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
     """`factory`, checked on one environment before any training: an action space it has
-    must be discrete (`action_space.n`); integer observations (a discrete observation
+    must be discrete (`action_space.n`) or a bounded 1-d Box (continuous actions, a Gaussian
+    policy; see `traineval.modes.actions`); integer observations (a discrete observation
     space) are one-hot encoded.
 
     Raises:
-        ValueError: continuous actions.
+        ValueError: any other action space, named with the reason.
     """
+    from .modes.actions import ActionHead
+
     env = factory()  # (PolicyGradientStep refuses an object without reset() and step())
-    actions = getattr(env, "action_space", None)  # without one: the policy's logits decide
-    if actions is not None and not isinstance(getattr(actions, "n", None), (int, np.integer)):
-        raise ValueError(
-            f"environment {name} has the action space {actions!r}: mode='reinforcement' plays "
-            "discrete actions (action_space.n, a categorical policy); continuous actions "
-            "(a Gaussian policy) are not built in yet"
-        )
+    try:  # discrete (a categorical policy) or a bounded 1-d Box (a Gaussian policy)
+        ActionHead.of(env)
+    except ValueError as error:
+        raise ValueError(f"environment {name}: {error}") from None
     observations = getattr(env, "observation_space", None)
     getattr(env, "close", lambda: None)()
     if isinstance(getattr(observations, "n", None), (int, np.integer)):

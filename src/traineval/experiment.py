@@ -49,6 +49,7 @@ from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
 from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised
+from .modes.actions import ActionHead, Gaussian
 from .rundir import atomic_write_json, atomic_write_text, default_run_dir
 from .seeding import seed_everything
 
@@ -521,12 +522,16 @@ def _policy_parts(config: RunConfig) -> tuple[Any, torch.nn.Module]:
     factory = config.mode.environment_factory(None)
     probe = factory()
     observation, _ = probe.reset(seed=0)
+    head = ActionHead.of(probe)  # discrete: n logits; continuous: 2 d (means, log stds)
+    options = dict(config.model.options)
+    if isinstance(head, Gaussian) and config.model.name == "actor_critic":
+        options.setdefault("gaussian", True)
     seed_everything(config.training.seed)  # initial weights come from the run's seed
     model = build_model(
         config.model.name,
         input_shape=tuple(np.shape(observation)),
-        output_dim=int(probe.action_space.n),
-        options=dict(config.model.options),
+        output_dim=head.outputs,
+        options=options,
     )
     return factory, model
 

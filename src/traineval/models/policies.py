@@ -72,7 +72,11 @@ class ActorCritic(nn.Module):
     `separate=True` gives the policy and the value their own body (as Stable-Baselines3's
     MlpPolicy); `orthogonal_init=True` initialises as it does (orthogonal weights with gain
     sqrt(2) in the bodies, 0.01 on the logits, 1 on the value; zero biases);
-    `normalize_observations=True` puts a `RunningNorm` in front.
+    `normalize_observations=True` puts a `RunningNorm` in front. `gaussian=True` is the
+    policy for continuous actions: of its `output_dim` outputs the first half are the
+    means of a diagonal Gaussian (a linear head) and the second half the logs of its
+    standard deviations, one learned parameter per dimension (`log_std_init`), whatever
+    the observation (as Stable-Baselines3's PPO).
     """
 
     def __init__(
@@ -83,14 +87,24 @@ class ActorCritic(nn.Module):
         separate: bool = False,
         orthogonal_init: bool = False,
         normalize_observations: bool = False,
+        gaussian: bool = False,
+        log_std_init: float = 0.0,
     ) -> None:
         super().__init__()
+        if gaussian and output_dim % 2:
+            raise ValueError(
+                f"output_dim={output_dim} is invalid with gaussian=True: expected an even "
+                "number (the means, then as many log standard deviations)"
+            )
         sizes = [input_dim, *hidden_sizes]
         self.normalize = RunningNorm(input_dim) if normalize_observations else None
         self.body = _tanh_mlp(sizes)
         self.value_body = _tanh_mlp(sizes) if separate else None
         width = hidden_sizes[-1] if hidden_sizes else input_dim
-        self.policy = nn.Linear(width, output_dim)
+        self.policy = nn.Linear(width, output_dim // 2 if gaussian else output_dim)
+        self.log_std = (
+            nn.Parameter(torch.full((output_dim // 2,), float(log_std_init))) if gaussian else None
+        )
         self.value = nn.Linear(width, 1)
         if orthogonal_init:
             self._orthogonal()
@@ -110,4 +124,7 @@ class ActorCritic(nn.Module):
             x = self.normalize(x)
         h = self.body(x)
         v = h if self.value_body is None else self.value_body(x)
-        return self.policy(h), self.value(v)
+        out = self.policy(h)
+        if self.log_std is not None:
+            out = torch.cat([out, self.log_std.expand_as(out)], dim=-1)
+        return out, self.value(v)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..distributed import Distributed
+from .actions import ActionHead
 from .base import StepOutput
 from .rollouts import policy_and_value
 
@@ -72,6 +73,7 @@ class PolicyGradientStep:
                 "mode='reinforcement' needs an environment factory: a callable returning an "
                 "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
             )
+        self.head = ActionHead.of(self.envs[0])  # categorical, or Gaussian for a Box
 
     def weight(self, batch: Any) -> int:
         return 1
@@ -175,17 +177,14 @@ class PolicyGradientStep:
         while active:
             obs = torch.as_tensor(np.stack([observations[i] for i in active]), device=device)
             logits, value = policy_and_value(model, obs.float())
-            if greedy:
-                actions = logits.argmax(dim=-1)
-            else:
-                probs = logits.float().softmax(dim=-1)
-                actions = torch.multinomial(probs, 1, generator=sampling).squeeze(1)
-            log_probs = logits.float().log_softmax(dim=-1)
-            chosen = log_probs.gather(1, actions[:, None]).squeeze(1)
-            entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+            head = self.head
+            head.check(logits)
+            actions = head.greedy(logits) if greedy else head.sample(logits, sampling)
+            chosen = head.log_prob(logits, actions)
+            entropy = head.entropy(logits)
             steps += 1
             still: list[int] = []
-            for row, (i, action) in enumerate(zip(active, actions.tolist(), strict=True)):
+            for row, (i, action) in enumerate(zip(active, head.to_env(actions), strict=True)):
                 record = records[i]
                 record["log_probs"].append(chosen[row])
                 record["entropies"].append(entropy[row])

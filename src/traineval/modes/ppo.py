@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..distributed import Distributed
+from .actions import ActionHead
 from .base import StepOutput
 from .rollouts import EnvBatch, gae, policy_and_value
 
@@ -95,6 +96,7 @@ class PPOStep:
         job: Distributed | None = None,
     ) -> None:
         self.batch = EnvBatch(env_factory, envs, max_episode_steps)
+        self.head = ActionHead.of(self.batch.envs[0])  # categorical, or Gaussian for a Box
         self.rollout_steps = rollout_steps
         self.size = envs * rollout_steps
         self.minibatch_size = min(minibatch_size, self.size)
@@ -156,9 +158,8 @@ class PPOStep:
         self, model: nn.Module, data: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         logits, values = policy_outputs(model, data["observations"])
-        log_probs = logits.float().log_softmax(dim=-1)
-        chosen = log_probs.gather(1, data["actions"][:, None]).squeeze(1)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+        chosen = self.head.log_prob(logits, data["actions"])
+        entropy = self.head.entropy(logits).mean()
         advantages = data["advantages"]
         if self.normalize_advantages and len(advantages) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -208,8 +209,7 @@ class PPOStep:
         if norms:  # the update starts from the statistics the rollout ended with
             flat = columns["observations"].flatten(0, 1)
             logits, values = policy_outputs(model, flat)
-            log_probs = logits.float().log_softmax(-1)
-            chosen = log_probs.gather(1, columns["actions"].reshape(-1, 1)).squeeze(1)
+            chosen = self.head.log_prob(logits, columns["actions"].flatten(0, 1))
             columns["log_probs"] = chosen.view_as(columns["log_probs"])
             columns["values"] = values.view_as(columns["values"])
             columns["last_values"] = policy_outputs(model, columns["last_observations"])[1]
@@ -248,10 +248,10 @@ class PPOStep:
             for norm in norms:
                 norm.update_statistics(observations, self.job)
             logits, values = policy_outputs(model, observations)
-            log_probs = logits.float().log_softmax(dim=-1)
-            actions = torch.multinomial(log_probs.exp(), 1, generator=sampling).squeeze(1)
-            chosen = log_probs.gather(1, actions[:, None]).squeeze(1)
-            result = batch.step(actions.tolist(), draw_seed)
+            self.head.check(logits)
+            actions = self.head.sample(logits, sampling)
+            chosen = self.head.log_prob(logits, actions)
+            result = batch.step(self.head.to_env(actions), draw_seed)
             rewards = torch.as_tensor(result.rewards, device=device, dtype=torch.float32)
             if result.final_observations:  # time-limit cuts: bootstrap from V(last state)
                 cut = sorted(result.final_observations)

@@ -120,10 +120,11 @@ class EnvBatch:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Each environment's episode seed and the actions since (tensors and ints only)."""
+        """Each environment's episode seed and the actions since (tensors and ints only:
+        int64 for discrete actions, float64 rows for continuous ones, exact for float32)."""
         return {
             "seeds": [-1 if seed is None else int(seed) for seed in self.seeds],
-            "actions": [torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in self.actions],
+            "actions": [torch.as_tensor(_actions_array(a)) for a in self.actions],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -134,12 +135,24 @@ class EnvBatch:
                 f"run {len(self.envs)}"
             )
         self.seeds = [None if seed < 0 else int(seed) for seed in state["seeds"]]
-        self.actions = [[int(a) for a in actions.tolist()] for actions in state["actions"]]
+        self.actions = [_actions_list(actions) for actions in state["actions"]]
         self.observations = []
 
     def close(self) -> None:
         for env in self.envs:
             getattr(env, "close", lambda: None)()
+
+
+def _actions_array(actions: list[Any]) -> np.ndarray:
+    if actions and np.ndim(actions[0]) > 0:  # continuous: one float32 row per step
+        return np.stack(actions).astype(np.float64)
+    return np.asarray(actions, dtype=np.int64)
+
+
+def _actions_list(saved: torch.Tensor) -> list[Any]:
+    if saved.is_floating_point():
+        return [row.astype(np.float32) for row in saved.numpy()]
+    return [int(a) for a in saved.tolist()]
 
 
 def gae(
