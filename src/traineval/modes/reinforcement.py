@@ -1,12 +1,13 @@
 """Reinforcement mode: PPO (the default) or policy gradient, on episodes the policy plays.
 
 The policy is the model: observations `(N, *obs_shape)` in, action logits `(N, actions)`
-out, with a state-value head `(logits, value)` (a tuple, or a mapping with `value`; PPO
-needs it, policy gradient can do without). `train()` takes an environment in the train
-loader's place: a factory returning a gymnasium-style environment, or a name (gymnasium
-ids such as "CartPole-v1" and "Acrobot-v1", or the built-in "CartPole"), or none when the
-mode's `environment` names one. Discrete action spaces; integer observations are one-hot
-encoded.
+out (continuous actions, a bounded 1-d Box of `d` dimensions: `2 d` numbers, the means and
+log standard deviations of a Gaussian; see `traineval.modes.actions`), with a state-value
+head `(logits, value)` (a tuple, or a mapping with `value`; PPO needs it, policy gradient
+can do without). `train()` takes an environment in the train loader's place: a factory
+returning a gymnasium-style environment, or a name (gymnasium ids such as "CartPole-v1",
+"Acrobot-v1" and "Pendulum-v1", or the built-in "CartPole"), or none when the mode's
+`environment` names one. Integer observations are one-hot encoded.
 
 - `algorithm="ppo"` (`traineval.modes.ppo`): each loop update is one minibatch of a
   rollout of `envs` x `rollout_steps` steps; `ppo_epochs` shuffled passes over it; an

@@ -1,0 +1,205 @@
+"""PPO with continuous actions on gymnasium's Pendulum-v1: traineval beside Stable-Baselines3.
+
+Both run the rl-zoo's Pendulum-v1 PPO settings without the two features traineval does not
+have (gSDE exploration and reward normalisation), for 100k environment steps: 4
+environments, 1,024 steps each per rollout, 10 epochs of minibatches of 64, gamma 0.9, GAE
+lambda 0.95, no entropy bonus, Adam at 1e-3 (constant), clipping range 0.2, gradient norm
+clipped at 0.5, SB3's MlpPolicy (separate 64-64 tanh bodies, orthogonal initialisation, a
+Gaussian with one learned log standard deviation per action dimension, starting at 0).
+traineval: `mode=Reinforcement(algorithm="ppo")` with the built-in
+`ActorCritic(gaussian=True, separate=True, orthogonal_init=True)`; 25 rollouts, SB3's count.
+
+Measured per seed (SB3 first): the greedy policy's mean return over 20 fresh episodes after
+every 5 rollouts (the same episode seeds for both), the final one over 100 fresh episodes,
+and the training wall time with those evaluations excluded.
+
+    .venv/bin/python benchmarks/bench_ppo_pendulum.py [--seeds 0,1,2] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from traineval import TrainingConfig, TrainingManager
+from traineval.callbacks import Callback
+from traineval.models import ActorCritic
+from traineval.modes import Reinforcement
+
+ENVS, STEPS, ROLLOUTS, PER_EPOCH = 4, 1024, 25, 5
+EVERY = PER_EPOCH * ENVS * STEPS
+Act = Callable[[np.ndarray], np.ndarray]
+
+
+def greedy_returns(act: Act, episodes: int, seed: int) -> list[float]:
+    """Returns of `episodes` greedy Pendulum-v1 episodes (200 steps), seeds seed, seed+1, ..."""
+    import gymnasium
+
+    envs = [gymnasium.make("Pendulum-v1") for _ in range(episodes)]
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    returns = np.zeros(episodes)
+    for _ in range(200):
+        actions = np.clip(act(obs), -2.0, 2.0)
+        stepped = [env.step(a) for env, a in zip(envs, actions, strict=True)]
+        obs = np.stack([s[0] for s in stepped])
+        returns += [s[1] for s in stepped]
+    return returns.tolist()
+
+
+class Curve:
+    def __init__(self, seed: int) -> None:
+        self.seed, self.points, self.seconds = seed, [], 0.0
+
+    def add(self, steps: int, act: Act) -> None:
+        started = time.perf_counter()
+        returns = greedy_returns(act, 20, seed=10_000 * (self.seed + 1) + len(self.points) * 100)
+        self.points.append((steps, float(np.mean(returns))))
+        self.seconds += time.perf_counter() - started
+
+
+def torch_act(model: torch.nn.Module) -> Act:
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model(torch.as_tensor(obs, dtype=torch.float32))[0]
+        return out[:, :1].numpy()  # the means
+
+    return act
+
+
+def run_sb3(seed: int) -> dict[str, object]:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    curve = Curve(seed)
+
+    def sb3_act(model: PPO) -> Act:
+        return lambda obs: model.predict(obs, deterministic=True)[0]
+
+    class Evaluate(BaseCallback):
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_start(self) -> None:
+            if self.num_timesteps and self.num_timesteps % EVERY == 0:
+                curve.add(self.num_timesteps, sb3_act(self.model))
+
+    started = time.perf_counter()
+    env = make_vec_env("Pendulum-v1", n_envs=ENVS, seed=seed)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=STEPS,
+        batch_size=64,
+        n_epochs=10,
+        gamma=0.9,
+        gae_lambda=0.95,
+        ent_coef=0.0,
+        learning_rate=1e-3,
+        clip_range=0.2,
+        seed=seed,
+        device="cpu",
+    )
+    model.learn(total_timesteps=ROLLOUTS * ENVS * STEPS, callback=Evaluate())
+    seconds = time.perf_counter() - started - curve.seconds
+    curve.add(model.num_timesteps, sb3_act(model))
+    final = greedy_returns(sb3_act(model), 100, seed=999_000 + seed * 1000)
+    return {"curve": curve, "seconds": seconds, "final": float(np.mean(final))}
+
+
+def run_traineval(seed: int) -> dict[str, object]:
+    curve = Curve(seed)
+
+    class Evaluate(Callback):
+        def on_epoch_end(self, control, logs) -> None:
+            steps = control.state.global_step // 640 * ENVS * STEPS
+            curve.add(steps, torch_act(control.model))
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model = ActorCritic(
+        3, 2, hidden_sizes=(64, 64), separate=True, orthogonal_init=True, gaussian=True
+    )
+    mode = Reinforcement(
+        algorithm="ppo",
+        envs=ENVS,
+        rollout_steps=STEPS,
+        minibatch_size=64,
+        ppo_epochs=10,
+        gamma=0.9,
+        gae_lambda=0.95,
+        entropy_coef=0.0,
+        rollouts_per_epoch=PER_EPOCH,
+        eval_episodes=1,
+        max_episode_steps=200,
+        environment="Pendulum-v1",
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        config = TrainingConfig(
+            num_epochs=ROLLOUTS // PER_EPOCH,
+            learning_rate=1e-3,
+            optimizer_type="adam",
+            adam_epsilon=1e-5,
+            weight_decay=0.0,
+            scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=0.5,
+            early_stopping_patience=0,
+            seed=seed,
+            output_dir=folder,
+            tensorboard_logging=False,
+            progress_bar=False,
+            log_frequency=1000,
+        )
+        TrainingManager(config).train(model, None, mode=mode, callbacks=[Evaluate()])
+    seconds = time.perf_counter() - started - curve.seconds
+    final = greedy_returns(torch_act(model), 100, seed=999_000 + seed * 1000)
+    return {"curve": curve, "seconds": seconds, "final": float(np.mean(final))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name, run in (("Stable-Baselines3", run_sb3), ("traineval", run_traineval)):
+            result = run(seed)
+            curve = result["curve"]
+            points = " ".join(f"{v:.0f}" for _, v in curve.points)
+            rows.append((name, seed, points, result["final"], result["seconds"]))
+            print(
+                f"{name:18s} seed {seed}: final {result['final']:.1f}, train "
+                f"{result['seconds']:.1f} s; curve {points}",
+                flush=True,
+            )
+    lines = [
+        "| library | seed | return every 20,480 steps (20 episodes) | final (100) | train s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {s} | {c} | {f:.1f} | {t:.1f} |" for n, s, c, f, t in rows]
+    for name in ("Stable-Baselines3", "traineval"):
+        mine = [r for r in rows if r[0] == name]
+        finals = [r[3] for r in mine]
+        spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        lines.append(
+            f"| **{name}** | mean | | {statistics.mean(finals):.1f} ± {spread:.1f} | "
+            f"{statistics.mean(r[4] for r in mine):.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
