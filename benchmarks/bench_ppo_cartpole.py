@@ -28,11 +28,11 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from rl_curves import Act, Curve
 from traineval import TrainingConfig, TrainingManager
 from traineval.callbacks import Callback
 from traineval.models import ActorCritic
@@ -40,7 +40,6 @@ from traineval.modes import Reinforcement
 
 ENVS, STEPS, ROLLOUTS, PER_EPOCH = 8, 32, 391, 17
 EVERY = PER_EPOCH * ENVS * STEPS  # environment steps between evaluations
-Act = Callable[[np.ndarray], np.ndarray]
 
 
 def greedy_returns(act: Act, episodes: int, seed: int) -> list[float]:
@@ -63,22 +62,6 @@ def greedy_returns(act: Act, episodes: int, seed: int) -> list[float]:
     return returns
 
 
-class Curve:
-    """Evaluation points of one run: (environment steps, mean return), and their time."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed, self.points, self.seconds = seed, [], 0.0
-
-    def add(self, steps: int, act: Act) -> None:
-        started = time.perf_counter()
-        returns = greedy_returns(act, 20, seed=10_000 * (self.seed + 1) + len(self.points) * 100)
-        self.points.append((steps, float(np.mean(returns))))
-        self.seconds += time.perf_counter() - started
-
-    def first_at(self, threshold: float = 475.0) -> int | None:
-        return next((steps for steps, value in self.points if value >= threshold), None)
-
-
 def torch_act(model: torch.nn.Module) -> Act:
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -93,7 +76,7 @@ def run_sb3(seed: int) -> dict[str, object]:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
-    curve = Curve(seed)
+    curve = Curve(seed, greedy_returns)
 
     class Evaluate(BaseCallback):
         def _on_step(self) -> bool:
@@ -133,7 +116,7 @@ def run_sb3(seed: int) -> dict[str, object]:
 
 
 def run_traineval(seed: int) -> dict[str, object]:
-    curve = Curve(seed)
+    curve = Curve(seed, greedy_returns)
 
     class Evaluate(Callback):
         def on_epoch_end(self, control, logs) -> None:
@@ -191,9 +174,9 @@ def main() -> None:
         for name, run in (("Stable-Baselines3", run_sb3), ("traineval", run_traineval)):
             result = run(seed)
             curve = result["curve"]
-            rows.append((name, seed, curve.first_at(), result["final"], result["seconds"]))
+            rows.append((name, seed, curve.first_at(475.0), result["final"], result["seconds"]))
             print(
-                f"{name:18s} seed {seed}: first >= 475 at {curve.first_at()} steps, final "
+                f"{name:18s} seed {seed}: first >= 475 at {curve.first_at(475.0)} steps, final "
                 f"{result['final']:.1f}, train {result['seconds']:.1f} s; curve "
                 + " ".join(f"{v:.0f}" for _, v in curve.points),
                 flush=True,

@@ -22,11 +22,11 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from rl_curves import Act, Curve
 from traineval import TrainingConfig, TrainingManager
 from traineval.callbacks import Callback
 from traineval.models import ActorCritic
@@ -34,7 +34,6 @@ from traineval.modes import Reinforcement
 
 ENVS, STEPS, ROLLOUTS, PER_EPOCH = 4, 1024, 25, 5
 EVERY = PER_EPOCH * ENVS * STEPS
-Act = Callable[[np.ndarray], np.ndarray]
 
 
 def greedy_returns(act: Act, episodes: int, seed: int) -> list[float]:
@@ -52,17 +51,6 @@ def greedy_returns(act: Act, episodes: int, seed: int) -> list[float]:
     return returns.tolist()
 
 
-class Curve:
-    def __init__(self, seed: int) -> None:
-        self.seed, self.points, self.seconds = seed, [], 0.0
-
-    def add(self, steps: int, act: Act) -> None:
-        started = time.perf_counter()
-        returns = greedy_returns(act, 20, seed=10_000 * (self.seed + 1) + len(self.points) * 100)
-        self.points.append((steps, float(np.mean(returns))))
-        self.seconds += time.perf_counter() - started
-
-
 def torch_act(model: torch.nn.Module) -> Act:
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -77,7 +65,7 @@ def run_sb3(seed: int) -> dict[str, object]:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
-    curve = Curve(seed)
+    curve = Curve(seed, greedy_returns)
 
     def sb3_act(model: PPO) -> Act:
         return lambda obs: model.predict(obs, deterministic=True)[0]
@@ -114,7 +102,7 @@ def run_sb3(seed: int) -> dict[str, object]:
 
 
 def run_traineval(seed: int) -> dict[str, object]:
-    curve = Curve(seed)
+    curve = Curve(seed, greedy_returns)
 
     class Evaluate(Callback):
         def on_epoch_end(self, control, logs) -> None:
