@@ -412,7 +412,10 @@ class TrainingManager:
         streams = capture_rng(generators)
         try:
             loop = self._search_loop(model, train_loader, search, task_type, loss_function, mode)
-            with deterministic_algorithms(self.config.deterministic):
+            with (
+                deterministic_algorithms(self.config.deterministic),
+                cpu_threads.applied(self.config.cpu_threads, self.device, model),
+            ):
                 loop.run()
         except NonFiniteError:
             search.stop_reason = "non-finite loss"
