@@ -15,6 +15,7 @@ regression fitted on the train codes, scored on the test codes:
   code the posterior mean.
 
     .venv/bin/python benchmarks/bench_unsupervised_digits.py [--seeds 0,1,2] [--epochs 200]
+        [--hidden 128] [--lr 3e-3] [--output sigmoid]
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def scores(
 def hand_written(seed: int, train: TensorDataset, args: argparse.Namespace) -> torch.nn.Module:
     epochs, lr = args.epochs, args.lr
     torch.manual_seed(seed)
-    model = Autoencoder(64, hidden_sizes=tuple(args.hidden), latent_dim=8)
+    model = Autoencoder(
+        64, hidden_sizes=tuple(args.hidden), latent_dim=8, output_activation=args.output
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loader = DataLoader(train, BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
     for _ in range(epochs):
@@ -83,7 +86,7 @@ def through_traineval(
     torch.manual_seed(seed)
     vae = run == "traineval VAE"
     shape = {"hidden_sizes": tuple(args.hidden), "latent_dim": 8}
-    model = VAE(64, **shape) if vae else Autoencoder(64, **shape)
+    model = VAE(64, **shape) if vae else Autoencoder(64, **shape, output_activation=args.output)
     loader = DataLoader(train, BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
     plain = run == "traineval AE"
     settings = (
@@ -119,6 +122,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, nargs="+", default=[64], help="encoder widths")
     parser.add_argument(
+        "--output", default=None, help="the autoencoders' output activation (e.g. sigmoid)"
+    )
+    parser.add_argument(
         "--runs", default="hand-written AE,traineval AE,traineval AE defaults,traineval VAE"
     )
     args = parser.parse_args()
@@ -135,7 +141,9 @@ def main() -> None:
             results[run].append(scores(model, train, test))
             mse, probe = results[run][-1]
             print(f"seed {seed} {run:24s} test MSE {mse:.5f}  probe {probe:.4f}", flush=True)
-    shape = f"hidden {args.hidden}, learning rate {args.lr}, VAE beta {args.beta}"
+    shape = (
+        f"hidden {args.hidden}, learning rate {args.lr}, VAE beta {args.beta}, output {args.output}"
+    )
     print(f"\n{args.epochs} epochs, batch {BATCH}, {shape}\n")
     print("| run | test MSE | linear probe | per seed (MSE / probe) |")
     print("|---|---|---|---|")

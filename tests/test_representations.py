@@ -126,3 +126,24 @@ def test_a_vae_with_its_probe_from_the_command_line(tmp_path):
     assert set(record["test"]) >= {"mse", "r2_score"}
     assert record["monitor_metric"] == "val_probe_accuracy"
     assert record["best_val"] > 0.3  # codes that separate ten digits better than chance
+
+
+def test_a_bounded_autoencoder_output_equals_the_activation_of_the_plain_one():
+    """output_activation='sigmoid' is the plain decoder's output through a sigmoid (inputs
+    in [0, 1], e.g. pixels / 16); an unknown name is refused with the allowed ones, also
+    from a config file's model options."""
+    from traineval.models import build_model
+
+    torch.manual_seed(0)
+    plain = Autoencoder(6, hidden_sizes=(5,), latent_dim=2)
+    bounded = Autoencoder(6, hidden_sizes=(5,), latent_dim=2, output_activation="sigmoid")
+    bounded.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 6)
+    torch.testing.assert_close(bounded(x), torch.sigmoid(plain(x)))
+    assert bounded(x).min() >= 0
+    with pytest.raises(ValueError, match=r"output_activation='relu' is invalid: expected null"):
+        Autoencoder(6, output_activation="relu")
+    built = build_model(
+        "autoencoder", input_shape=(6,), output_dim=6, options={"output_activation": "tanh"}
+    )
+    assert built(x).abs().max() <= 1

@@ -90,19 +90,48 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-class Autoencoder(nn.Module):
-    """MLP encoder to a `latent_dim` code and a mirrored decoder; returns the reconstruction."""
+OUTPUT_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
-    def __init__(self, input_dim: int, hidden_sizes: Sequence[int] = (64,), latent_dim: int = 8):
+
+def _output_activation(name: str | None) -> Any:
+    if name is not None and name not in OUTPUT_ACTIVATIONS:
+        raise ValueError(
+            f"output_activation={name!r} is invalid: expected null, 'sigmoid' (inputs in "
+            "[0, 1], e.g. pixels / 255) or 'tanh' (inputs in [-1, 1])"
+        )
+    return OUTPUT_ACTIVATIONS.get(name) if name else None
+
+
+class Autoencoder(nn.Module):
+    """MLP encoder to a `latent_dim` code and a mirrored decoder; returns the reconstruction.
+
+    `output_activation` bounds the reconstruction as the inputs are bounded: "sigmoid" for
+    inputs in [0, 1] (e.g. pixels / 255), "tanh" for [-1, 1], None for unbounded ones
+    (standardised features). On digits scaled to [0, 1] a sigmoid output lowers the test
+    MSE from 0.0125 to 0.0112 (docs/modes.md).
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_sizes: Sequence[int] = (64,),
+        latent_dim: int = 8,
+        output_activation: str | None = None,
+    ):
         super().__init__()
         self.encoder = _mlp_layers([input_dim, *hidden_sizes, latent_dim], 0.0)
         self.decoder = _mlp_layers([latent_dim, *reversed(hidden_sizes), input_dim], 0.0)
+        self.output_activation = output_activation
+        self._bound = _output_activation(output_activation)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x.flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encode(x)).reshape(x.shape)
+        out = self.decoder(self.encode(x))
+        if self._bound is not None:
+            out = self._bound(out)
+        return out.reshape(x.shape)
 
 
 class VAE(nn.Module):
