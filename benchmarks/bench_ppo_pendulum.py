@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
-from rl_curves import Act, Curve
-from traineval import TrainingConfig, TrainingManager
+from rl_bench import Act, Curve, sb3_ppo_config
+from traineval import TrainingManager
 from traineval.callbacks import Callback
 from traineval.models import ActorCritic
 from traineval.modes import Reinforcement
@@ -129,22 +129,7 @@ def run_traineval(seed: int) -> dict[str, object]:
         environment="Pendulum-v1",
     )
     with tempfile.TemporaryDirectory() as folder:
-        config = TrainingConfig(
-            num_epochs=ROLLOUTS // PER_EPOCH,
-            learning_rate=1e-3,
-            optimizer_type="adam",
-            adam_epsilon=1e-5,
-            weight_decay=0.0,
-            scheduler_type="constant",
-            warmup_steps=0,
-            max_grad_norm=0.5,
-            early_stopping_patience=0,
-            seed=seed,
-            output_dir=folder,
-            tensorboard_logging=False,
-            progress_bar=False,
-            log_frequency=1000,
-        )
+        config = sb3_ppo_config(folder, seed, ROLLOUTS // PER_EPOCH, "constant")
         TrainingManager(config).train(model, None, mode=mode, callbacks=[Evaluate()])
     seconds = time.perf_counter() - started - curve.seconds
     final = greedy_returns(torch_act(model), 100, seed=999_000 + seed * 1000)

@@ -1,4 +1,5 @@
-"""Learning curves of RL benchmarks: greedy returns at evaluation points, timed apart."""
+"""Shared parts of the PPO benchmarks: learning curves (greedy returns at evaluation points,
+timed apart) and SB3's PPO optimizer settings as a traineval config."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
+from traineval import TrainingConfig
 
 Act = Callable[[np.ndarray], np.ndarray]
 Returns = Callable[[Act, int, int], list[float]]  # (act, episodes, first seed) -> returns
@@ -28,3 +31,24 @@ class Curve:
 
     def first_at(self, threshold: float) -> int | None:
         return next((steps for steps, value in self.points if value >= threshold), None)
+
+
+def sb3_ppo_config(folder: str, seed: int, num_epochs: int, scheduler_type: str) -> TrainingConfig:
+    """Stable-Baselines3's PPO optimisation as a traineval config: Adam (eps 1e-5, no weight
+    decay) at 1e-3, gradient norm clipped at 0.5, no warmup, quiet."""
+    return TrainingConfig(
+        num_epochs=num_epochs,
+        learning_rate=1e-3,
+        optimizer_type="adam",
+        adam_epsilon=1e-5,
+        weight_decay=0.0,
+        scheduler_type=scheduler_type,
+        warmup_steps=0,
+        max_grad_norm=0.5,
+        early_stopping_patience=0,
+        seed=seed,
+        output_dir=folder,
+        tensorboard_logging=False,
+        progress_bar=False,
+        log_frequency=1000,
+    )
