@@ -306,3 +306,57 @@ def test_ppo_from_a_config_file(tmp_path):
     mode = dataclasses.replace(PPO)
     assert mode.to_dict()["algorithm"] == "ppo"
     assert Path(tmp_path / "run" / "checkpoints").is_dir()
+
+
+def _reward_scale_by_hand(rewards, dones, gamma, clip=10.0):
+    """SB3's VecNormalize(norm_reward=True) written out: a running mean / variance of the
+    discounted returns (Chan et al.'s parallel update, count starting at 1e-4), rewards
+    divided by sqrt(var + 1e-8) and clipped."""
+    mean, var, count = 0.0, 1.0, 1e-4
+    returns = np.zeros(rewards.shape[1])
+    out = []
+    for r, d in zip(rewards, dones, strict=True):
+        returns = returns * gamma + r
+        batch_mean, batch_var, n = returns.mean(), returns.var(), len(returns)
+        delta, total = batch_mean - mean, count + n
+        var = (var * count + batch_var * n + delta**2 * count * n / total) / total
+        mean, count = mean + delta * n / total, total
+        out.append(np.clip(r / np.sqrt(var + 1e-8), -clip, clip))
+        returns[d] = 0.0
+    return np.array(out)
+
+
+def test_reward_normalisation_equals_sb3s_rule_and_resumes_exactly(quiet_config, tmp_path):
+    from traineval.distributed import Distributed
+    from traineval.modes.ppo import RewardScale
+
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(1.0, 3.0, size=(40, 3))
+    dones = rng.random((40, 3)) < 0.1
+    scale = RewardScale(3, 0.9, Distributed())
+    ours = np.array([scale(r, d) for r, d in zip(rewards, dones, strict=True)])
+    np.testing.assert_allclose(ours, _reward_scale_by_hand(rewards, dones, 0.9), rtol=1e-12)
+    assert abs(ours).max() < abs(rewards).max()  # scaled down: returns vary more than rewards
+
+    mode = dataclasses.replace(PPO, normalize_rewards=True)
+    settings = {"num_epochs": 3, "optimizer_type": "adamw"}
+    quiet_config["output_dir"] = str(tmp_path / "straight")
+    straight = ActorCritic()
+    TrainingManager(_config(quiet_config, **settings)).train(straight, Walk, mode=mode)
+    plain = ActorCritic()
+    quiet_config["output_dir"] = str(tmp_path / "plain")
+    TrainingManager(_config(quiet_config, **settings)).train(plain, Walk, mode=PPO)
+    assert not torch.equal(plain.pi.weight, straight.pi.weight)  # the scaling changed training
+    quiet_config["output_dir"] = str(tmp_path / "resumed")
+    with pytest.raises(TrainingInterrupted):  # inside the second rollout
+        TrainingManager(_config(quiet_config, **settings)).train(
+            ActorCritic(), Walk, mode=mode, callbacks=[InterruptAt(8)]
+        )
+    resumed = ActorCritic()
+    TrainingManager(_config(quiet_config, **settings)).train(
+        resumed, Walk, mode=mode, resume_from="auto"
+    )
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"normalize_rewards=True is invalid: a setting of"):
+        Reinforcement(algorithm="policy_gradient", normalize_rewards=True)

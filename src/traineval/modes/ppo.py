@@ -28,6 +28,11 @@ from the observations the policy plays on (as Stable-Baselines3's VecNormalize d
 saved with the model and normalise at evaluation alike; the rollout's old log-probabilities
 and values are then recomputed with the statistics the update starts from.
 
+Reward normalisation (`normalize_rewards=True`, as Stable-Baselines3's
+`VecNormalize(norm_reward=True)`): each reward is divided by the running standard deviation
+of the discounted return and clipped to +-10 before GAE; the statistics and each
+environment's running return are part of the step's state (exact resume).
+
 Under torchrun each rank plays its own environments (seeds and actions from a generator
 derived from the shared stream and the rank) and trains on its own minibatches; the loop
 averages the ranks' gradients (as CleanRL's multi-GPU PPO), and the normalisation statistics
@@ -45,6 +50,7 @@ import torch
 from torch import nn
 
 from ..distributed import Distributed
+from ..models.policies import RunningNorm
 from .actions import ActionHead
 from .base import StepOutput
 from .rollouts import EnvBatch, gae, policy_and_value
@@ -72,6 +78,33 @@ def policy_outputs(model: nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, t
     return logits, value
 
 
+class RewardScale:
+    """Rewards divided by the running standard deviation of the discounted return, clipped
+    to +-`clip` (Stable-Baselines3's `VecNormalize(norm_reward=True)`): each environment
+    keeps its return `R = gamma R + r` (zero again when its episode ends), whose mean and
+    variance a `RunningNorm` tracks (merged over the ranks under torchrun)."""
+
+    def __init__(self, envs: int, gamma: float, job: Distributed, clip: float = 10.0) -> None:
+        self.gamma, self.job, self.clip = gamma, job, clip
+        self.returns = np.zeros(envs, dtype=np.float64)
+        self.statistics = RunningNorm(1)
+
+    def __call__(self, rewards: np.ndarray, ended: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.statistics.update_statistics(torch.as_tensor(self.returns)[:, None], self.job)
+        scale = float(torch.sqrt(self.statistics.var[0] + 1e-8))
+        scaled = np.clip(rewards / scale, -self.clip, self.clip)
+        self.returns[ended] = 0.0
+        return scaled
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"returns": torch.as_tensor(self.returns), **self.statistics.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.returns = state["returns"].numpy().astype(np.float64)
+        self.statistics.load_state_dict({k: state[k] for k in ("mean", "var", "count")})
+
+
 class PPOStep:
     """One PPO minibatch update per call; see the module docstring."""
 
@@ -91,6 +124,7 @@ class PPOStep:
         value_coef: float = 0.5,
         entropy_coef: float = 0.0,
         normalize_advantages: bool = True,
+        normalize_rewards: bool = False,
         max_episode_steps: int = 1000,
         total_rollouts: int | None = None,
         job: Distributed | None = None,
@@ -108,6 +142,7 @@ class PPOStep:
         self.normalize_advantages = normalize_advantages
         self.total_rollouts = total_rollouts
         self.job = job or Distributed()
+        self.reward_scale = RewardScale(envs, gamma, self.job) if normalize_rewards else None
         self.rollout: dict[str, torch.Tensor] | None = None
         self.order: torch.Tensor | None = None  # (epochs, size): each pass's shuffle
         self.position = 0  # minibatches of this rollout trained on
@@ -252,13 +287,16 @@ class PPOStep:
             actions = self.head.sample(logits, sampling)
             chosen = self.head.log_prob(logits, actions)
             result = batch.step(self.head.to_env(actions), draw_seed)
-            rewards = torch.as_tensor(result.rewards, device=device, dtype=torch.float32)
+            ended = np.logical_or(result.terminated, result.truncated)
+            raw = result.rewards
+            if self.reward_scale is not None:  # before the bootstrap, as SB3's VecNormalize
+                raw = self.reward_scale(raw, ended)
+            rewards = torch.as_tensor(raw, device=device, dtype=torch.float32)
             if result.final_observations:  # time-limit cuts: bootstrap from V(last state)
                 cut = sorted(result.final_observations)
                 last = np.stack([result.final_observations[i] for i in cut])
                 bootstrap = policy_outputs(model, torch.as_tensor(last, device=device).float())
                 rewards[cut] += self.gamma * bootstrap[1]
-            ended = np.logical_or(result.terminated, result.truncated)
             columns["observations"].append(observations)
             columns["actions"].append(actions)
             columns["log_probs"].append(chosen)
@@ -281,6 +319,8 @@ class PPOStep:
             "rollouts": self.rollouts,
             "environments": self.batch.state_dict() if self.batch.started else None,
         }
+        if self.reward_scale is not None:
+            state["reward_scale"] = self.reward_scale.state_dict()
         if self.rollout is not None and self.order is not None:
             state["rollout"] = {key: value.cpu() for key, value in self.rollout.items()}
             state["order"] = self.order.cpu()
@@ -291,6 +331,8 @@ class PPOStep:
         self.position, self.rollouts = int(state["position"]), int(state["rollouts"])
         if state["environments"] is not None:
             self.batch.load_state_dict(state["environments"])
+        if self.reward_scale is not None and "reward_scale" in state:
+            self.reward_scale.load_state_dict(state["reward_scale"])
         self.rollout = dict(rollout) if rollout is not None else None
         self.order = state.get("order")
         if self.rollout is not None and self.rollout["observations"].shape[0] != self.size:

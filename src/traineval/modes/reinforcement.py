@@ -58,6 +58,7 @@ OWN_SETTINGS = {
         "value_clip",
         "gae_lambda",
         "rollouts_per_epoch",
+        "normalize_rewards",
     ),
     "policy_gradient": ("episodes_per_update", "updates_per_epoch"),
 }
@@ -90,6 +91,7 @@ class Reinforcement(Mode):
         "rollout_steps",
         "minibatch_size",
         "ppo_epochs",
+        "normalize_rewards",
     )
     algorithm: str | None = None
     envs: int = 8
@@ -110,6 +112,7 @@ class Reinforcement(Mode):
     max_episode_steps: int = 1000
     eval_episodes: int = 10
     environment: str | None = None
+    normalize_rewards: bool = False
 
     def __post_init__(self) -> None:
         self._resolve_algorithm()
@@ -136,6 +139,7 @@ class Reinforcement(Mode):
             number(self.key("value_clip"), self.value_clip, minimum=0, strict=True)
         boolean(self.key("normalize_advantages"), self.normalize_advantages)
         boolean(self.key("clip_decay"), self.clip_decay)
+        boolean(self.key("normalize_rewards"), self.normalize_rewards)
         if self.environment is not None and not (
             isinstance(self.environment, str) and self.environment
         ):
@@ -233,6 +237,7 @@ class Reinforcement(Mode):
             value_coef=self.value_coef,
             entropy_coef=self.entropy_coef,
             normalize_advantages=self.normalize_advantages,
+            normalize_rewards=self.normalize_rewards,
             max_episode_steps=self.max_episode_steps,
             total_rollouts=total_rollouts,
             job=job,
