@@ -13,7 +13,11 @@ Measured per seed (SB3 first): the greedy policy's mean return over 20 fresh epi
 every 5 rollouts (the same episode seeds for both), the final one over 100 fresh episodes,
 and the training wall time with those evaluations excluded.
 
-    .venv/bin/python benchmarks/bench_ppo_pendulum.py [--seeds 0,1,2] [--markdown FILE]
+`--normalize` adds the rl-zoo's observation and reward normalisation on both sides (SB3's
+`VecNormalize`, whose observation statistics its greedy evaluation uses too; traineval's
+`ActorCritic(normalize_observations=True)` and `normalize_rewards=True`).
+
+    .venv/bin/python benchmarks/bench_ppo_pendulum.py [--seeds 0,1,2] [--normalize]
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def torch_act(model: torch.nn.Module) -> Act:
     return act
 
 
-def run_sb3(seed: int) -> dict[str, object]:
+def run_sb3(seed: int, normalize: bool) -> dict[str, object]:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -68,7 +72,12 @@ def run_sb3(seed: int) -> dict[str, object]:
     curve = Curve(seed, greedy_returns)
 
     def sb3_act(model: PPO) -> Act:
-        return lambda obs: model.predict(obs, deterministic=True)[0]
+        def act(obs: np.ndarray) -> np.ndarray:
+            if normalize:  # the policy sees observations as VecNormalize scales them
+                obs = model.get_env().normalize_obs(obs)
+            return model.predict(obs, deterministic=True)[0]
+
+        return act
 
     class Evaluate(BaseCallback):
         def _on_step(self) -> bool:
@@ -80,6 +89,10 @@ def run_sb3(seed: int) -> dict[str, object]:
 
     started = time.perf_counter()
     env = make_vec_env("Pendulum-v1", n_envs=ENVS, seed=seed)
+    if normalize:
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        env = VecNormalize(env, gamma=0.9)
     model = PPO(
         "MlpPolicy",
         env,
@@ -101,7 +114,7 @@ def run_sb3(seed: int) -> dict[str, object]:
     return {"curve": curve, "seconds": seconds, "final": float(np.mean(final))}
 
 
-def run_traineval(seed: int) -> dict[str, object]:
+def run_traineval(seed: int, normalize: bool) -> dict[str, object]:
     curve = Curve(seed, greedy_returns)
 
     class Evaluate(Callback):
@@ -112,8 +125,9 @@ def run_traineval(seed: int) -> dict[str, object]:
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = ActorCritic(
-        3, 2, hidden_sizes=(64, 64), separate=True, orthogonal_init=True, gaussian=True
-    )
+        3, 2, hidden_sizes=(64, 64), separate=True, orthogonal_init=True, gaussian=True,
+        normalize_observations=normalize,
+    )  # fmt: skip
     mode = Reinforcement(
         algorithm="ppo",
         envs=ENVS,
@@ -127,6 +141,7 @@ def run_traineval(seed: int) -> dict[str, object]:
         eval_episodes=1,
         max_episode_steps=200,
         environment="Pendulum-v1",
+        normalize_rewards=normalize,
     )
     with tempfile.TemporaryDirectory() as folder:
         config = sb3_ppo_config(folder, seed, ROLLOUTS // PER_EPOCH, "constant")
@@ -140,12 +155,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--normalize", action="store_true", help="observations and rewards")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name, run in (("Stable-Baselines3", run_sb3), ("traineval", run_traineval)):
-            result = run(seed)
+            result = run(seed, args.normalize)
             curve = result["curve"]
             points = " ".join(f"{v:.0f}" for _, v in curve.points)
             rows.append((name, seed, points, result["final"], result["seconds"]))
