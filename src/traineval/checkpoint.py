@@ -200,13 +200,3 @@ def run_checkpoint(run_dir: str | Path, checkpoint: str) -> Path:
             f"this run has no {checkpoint!r} checkpoint in {str(folder)!r}; it has: {has}{hint}"
         )
     return path
-    folder = Path(run_dir) / "checkpoints"
-    path = folder / f"{checkpoint}.pt"
-    if not path.exists():
-        names = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
-        has = ", ".join(names) if names else "no checkpoints"
-        hint = f" (--checkpoint {names[-1] if 'last' not in names else 'last'})" if names else ""
-        raise ValueError(
-            f"this run has no {checkpoint!r} checkpoint in {str(folder)!r}; it has: {has}{hint}"
-        )
-    return path
