@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from .averaging import WeightAverage
@@ -50,7 +49,7 @@ from .optim import check_prefixes, freeze
 from .precision import Precision, resolve_precision
 from .resume import check_compatible, check_mode, find_checkpoint, truncate_events
 from .run_checkpoints import CHECKPOINT_FORMAT, training_weights
-from .rundir import atomic_write_text
+from .rundir import write_run_config
 from .seeding import reseed_held_generators, seed_everything
 from .tasks import RegressionMSE, default_loss
 
@@ -576,9 +575,7 @@ def open_loggers(
     hub = LoggerHub([])
     if job.is_main:
         if run_config is not None:  # from the start: an interrupted run can be evaluated
-            record = {**run_config, "training": {**run_config["training"]}}
-            record["training"]["output_dir"] = str(output_dir)
-            atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+            write_run_config(run_config, output_dir)
         else:
             resolved = {**config.to_dict(), "output_dir": str(output_dir)}
             config.__class__.from_dict(resolved).save_yaml(output_dir / "config.yaml")

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import cpu_threads, registry
@@ -50,7 +49,7 @@ from .manager import TrainingManager, TrainingResult
 from .models import build_model
 from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised
 from .modes.actions import ActionHead, Gaussian
-from .rundir import atomic_write_json, atomic_write_text, default_run_dir
+from .rundir import atomic_write_json, default_run_dir, write_run_config
 from .seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -505,9 +504,7 @@ def _record_and_load_best(
     Returns which weights `model` now holds, for the evaluation record.
     """
     out = Path(result.output_dir)
-    resolved = config.to_dict()
-    resolved["training"]["output_dir"] = result.output_dir
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_run_config(config.to_dict(), out)
     best = out / "checkpoints" / "best.pt"
     if not best.exists():
         return "final weights"
@@ -748,9 +745,7 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
         summary["test_members"] = together["members"]
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "evaluation" / "cv.json", summary)
-    resolved = config.to_dict()
-    resolved["training"]["output_dir"] = str(out)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    write_run_config(config.to_dict(), out)
     return summary
 
 

@@ -24,7 +24,6 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import yaml
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -37,7 +36,7 @@ from .experiment import RunConfig, RunParts, run_parts
 from .flower import FlowerClient, FlowerServer, _auto_device
 from .modes import resolve_mode
 from .modes.federated import Federated, partition
-from .rundir import atomic_write_json, atomic_write_text
+from .rundir import atomic_write_json, write_run_config
 
 __all__ = ["CONFIG_KEY", "clientapp", "serverapp"]
 
@@ -137,9 +136,7 @@ def _server(path: str) -> FlowerServer:
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     def on_finish(model: nn.Module) -> None:
-        resolved = config.to_dict()
-        resolved["training"]["output_dir"] = str(output)
-        atomic_write_text(output / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        write_run_config(config.to_dict(), output)
         record: dict[str, Any] = {"evaluated": "final global model", "test": None}
         if test_loader is not None:
             metrics = evaluator.evaluate_model(

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 try:
     import fcntl
@@ -112,6 +113,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, value: object) -> Path:
     """`value` as indented JSON, written atomically."""
     return atomic_write_text(path, json.dumps(value, indent=2))
+
+
+def write_run_config(record: dict[str, Any], output_dir: str | Path) -> Path:
+    """A run config's sections (`RunConfig.to_dict()`) as `output_dir/config.yaml`, with
+    `training.output_dir` naming that folder (the record itself is not changed)."""
+    import yaml
+
+    record = {**record, "training": {**record["training"], "output_dir": str(output_dir)}}
+    return atomic_write_text(
+        Path(output_dir) / "config.yaml", yaml.safe_dump(record, sort_keys=False)
+    )
 
 
 @contextlib.contextmanager
