@@ -31,7 +31,6 @@ class ActionHead:
     """What PPO and policy gradient need of an action distribution."""
 
     outputs: int  # the policy's output width
-    dtype: torch.dtype  # of the actions the rollout keeps
 
     @staticmethod
     def of(env: Any) -> ActionHead:
@@ -72,8 +71,6 @@ class ActionHead:
 class Categorical(ActionHead):
     """Discrete actions: `n` logits per observation (n None: whatever the policy gives)."""
 
-    dtype = torch.int64
-
     def __init__(self, n: int | None) -> None:
         self.outputs = n or 0
 
@@ -104,8 +101,6 @@ class Categorical(ActionHead):
 class Gaussian(ActionHead):
     """Continuous actions in `[low, high]` (`d` dimensions): a diagonal Gaussian whose means
     and log standard deviations are the policy's `2 d` outputs."""
-
-    dtype = torch.float32
 
     def __init__(self, low: np.ndarray, high: np.ndarray) -> None:
         self.low = np.asarray(low, dtype=np.float32).reshape(-1)
