@@ -8,6 +8,7 @@ environment from a name: "CartPole" here, anything else through `gymnasium.make`
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -102,7 +103,7 @@ def make_env(name: str) -> Callable[[], Any]:
         ) from error
     if ":" in name:  # gymnasium imports the module before the colon
         check_trusted("mode.environment", name)
-    return lambda: gymnasium.make(name)
+    return functools.partial(gymnasium.make, name)  # picklable, for worker processes
 
 
 class OneHotObservations:
@@ -130,6 +131,10 @@ class OneHotObservations:
         getattr(self.env, "close", lambda: None)()
 
 
+def _one_hot(factory: Callable[[], Any], size: int) -> OneHotObservations:
+    return OneHotObservations(factory(), size)
+
+
 def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
     """`factory`, checked on one environment before any training: an action space it has
     must be discrete (`action_space.n`) or a bounded 1-d Box (continuous actions, a Gaussian
@@ -150,5 +155,5 @@ def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
     getattr(env, "close", lambda: None)()
     if isinstance(getattr(observations, "n", None), (int, np.integer)):
         size = int(observations.n)  # type: ignore[union-attr]
-        return lambda: OneHotObservations(factory(), size)
+        return functools.partial(_one_hot, factory, size)
     return factory

@@ -41,6 +41,7 @@ from .loggers import LoggerHub
 from .loop import EvaluateFn, Loop, Monitor, Observers, RunLength, TrainState
 from .lr_finder import LearningRateSearch, RangeTest, SearchProgress
 from .modes import Mode, ModePlan, resolve_mode
+from .modes.contract import closing_step
 from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
 from .precision import Precision, resolve_device
@@ -197,6 +198,7 @@ class TrainingManager:
         )
         monitor = build.choose_monitor(c, plan, data.val_loader, evaluator, task_type, run_mode)
         with (
+            closing_step(plan.step),  # its environments' worker processes, say
             self.hold_output_dir(),  # until the run ends: one run per output_dir
             cpu_threads.applied(c.cpu_threads, self.device, model),
         ):
@@ -413,6 +415,7 @@ class TrainingManager:
         try:
             loop = self._search_loop(model, train_loader, search, task_type, loss_function, mode)
             with (
+                closing_step(loop.step_fn),
                 deterministic_algorithms(self.config.deterministic),
                 cpu_threads.applied(self.config.cpu_threads, self.device, model),
             ):

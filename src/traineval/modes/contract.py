@@ -16,8 +16,9 @@ in config files and `train(mode="...")`; an instance trains without registering.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -30,9 +31,20 @@ from ..config import TrainingConfig, TrainingMode
 from ..distributed import Distributed
 from ..precision import Precision
 
-__all__ = ["Context", "Mode", "ModePlan", "MonitorChoice", "register"]
+__all__ = ["Context", "Mode", "ModePlan", "MonitorChoice", "closing_step", "register"]
 
 M = TypeVar("M", bound=type)
+
+
+@contextlib.contextmanager
+def closing_step(step: Any) -> Iterator[None]:
+    """Run with `step`; then call its `close()`, where it has one, however the run ends."""
+    try:
+        yield
+    finally:
+        close = getattr(step, "close", None)
+        if callable(close):
+            close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +86,9 @@ class ModePlan:
     """A mode's part of a run.
 
     Attributes:
-        step: the step function `(model, batch) -> StepOutput` with `weight(batch)`.
+        step: the step function `(model, batch) -> StepOutput` with `weight(batch)`; a
+            step that holds resources (worker processes, files) may define `close()`,
+            which traineval calls when the run ends, also when it fails.
         loader: what the loop iterates; None: the user's train loader (sharded under
             torchrun). Modes that make their own data iterate `Updates(n)`.
         wraps_model: False where the step cannot run through a DDP wrapper (several

@@ -105,6 +105,23 @@ class RewardScale:
         self.statistics.load_state_dict({k: state[k] for k in ("mean", "var", "count")})
 
 
+def env_batch(
+    vectorization: str, factory: Callable[[], Any], envs: int, max_episode_steps: int
+) -> EnvBatch:
+    """The rollout's environments: in this process ("sync"), or each in a worker process
+    through gymnasium's AsyncVectorEnv ("async", `traineval.modes.env_workers`)."""
+    if vectorization == "sync":
+        return EnvBatch(factory, envs, max_episode_steps)
+    try:
+        from .env_workers import AsyncEnvBatch
+    except ImportError as error:
+        raise ImportError(
+            "mode.vectorization='async' steps the environments through gymnasium.vector: "
+            "pip install gymnasium"
+        ) from error
+    return AsyncEnvBatch(factory, envs, max_episode_steps)
+
+
 class PPOStep:
     """One PPO minibatch update per call; see the module docstring."""
 
@@ -128,9 +145,10 @@ class PPOStep:
         max_episode_steps: int = 1000,
         total_rollouts: int | None = None,
         job: Distributed | None = None,
+        vectorization: str = "sync",
     ) -> None:
-        self.batch = EnvBatch(env_factory, envs, max_episode_steps)
-        self.head = ActionHead.of(self.batch.envs[0])  # categorical, or Gaussian for a Box
+        self.batch = env_batch(vectorization, env_factory, envs, max_episode_steps)
+        self.head = ActionHead.of(self.batch.spaces)  # categorical, or Gaussian for a Box
         self.rollout_steps = rollout_steps
         self.size = envs * rollout_steps
         self.minibatch_size = min(minibatch_size, self.size)
@@ -148,6 +166,10 @@ class PPOStep:
         self.position = 0  # minibatches of this rollout trained on
         self.rollouts = 0  # collected so far
         self.finished: list[tuple[float, int]] = []  # episodes of the current rollout
+
+    def close(self) -> None:
+        """Close the environments (worker processes with vectorization='async')."""
+        self.batch.close()
 
     @property
     def updates_per_rollout(self) -> int:

@@ -12,7 +12,10 @@ returning a gymnasium-style environment, or a name (gymnasium ids such as "CartP
 - `algorithm="ppo"` (`traineval.modes.ppo`): each loop update is one minibatch of a
   rollout of `envs` x `rollout_steps` steps; `ppo_epochs` shuffled passes over it; an
   epoch is `rollouts_per_epoch` rollouts. Clipped objective, GAE (`gae_lambda`), optional
-  value clipping, advantage normalisation, entropy bonus; exact resume mid-rollout.
+  value clipping, advantage normalisation, entropy bonus; exact resume mid-rollout. The
+  environments step in this process (`vectorization="sync"`) or each in a worker process
+  through gymnasium's AsyncVectorEnv (`"async"`, `traineval.modes.env_workers`), with the
+  same episodes either way.
 - `algorithm="policy_gradient"` (`traineval.modes.policy_gradient`): each loop update
   collects `episodes_per_update` whole episodes; an epoch is `updates_per_epoch` updates.
 
@@ -47,6 +50,7 @@ __all__ = ["PolicyGradientStep", "Reinforcement"]
 
 MONITORS = ("val_return", "val_episode_length", "train_loss")
 ALGORITHMS = ("ppo", "policy_gradient")
+VECTORIZATIONS = ("sync", "async")
 OWN_SETTINGS = {
     "ppo": (
         "envs",
@@ -59,6 +63,7 @@ OWN_SETTINGS = {
         "gae_lambda",
         "rollouts_per_epoch",
         "normalize_rewards",
+        "vectorization",
     ),
     "policy_gradient": ("episodes_per_update", "updates_per_epoch"),
 }
@@ -113,6 +118,7 @@ class Reinforcement(Mode):
     eval_episodes: int = 10
     environment: str | None = None
     normalize_rewards: bool = False
+    vectorization: str = "sync"
 
     def __post_init__(self) -> None:
         self._resolve_algorithm()
@@ -140,6 +146,7 @@ class Reinforcement(Mode):
         boolean(self.key("normalize_advantages"), self.normalize_advantages)
         boolean(self.key("clip_decay"), self.clip_decay)
         boolean(self.key("normalize_rewards"), self.normalize_rewards)
+        choice(self.key("vectorization"), self.vectorization, VECTORIZATIONS)
         if self.environment is not None and not (
             isinstance(self.environment, str) and self.environment
         ):
@@ -241,6 +248,7 @@ class Reinforcement(Mode):
             max_episode_steps=self.max_episode_steps,
             total_rollouts=total_rollouts,
             job=job,
+            vectorization=self.vectorization,
         )
 
     def environment_factory(self, source: Any) -> Callable[[], Any]:

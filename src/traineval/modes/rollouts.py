@@ -24,6 +24,7 @@ from ..batches import prediction_of
 __all__ = ["EnvBatch", "StepResult", "gae", "policy_and_value"]
 
 DrawSeed = Callable[[], int]
+Reached = dict[int, tuple[np.ndarray, float]]  # environment -> (observation, replayed return)
 
 
 @dataclasses.dataclass
@@ -50,7 +51,9 @@ class StepResult:
 
 
 class EnvBatch:
-    """`n` environments from `factory`, stepped together; see the module docstring.
+    """`n` environments from `factory`, stepped together in this process; see the module
+    docstring (`traineval.modes.env_workers.AsyncEnvBatch` steps them in worker processes,
+    with the same bookkeeping and state).
 
     Each new episode's seed comes from `draw_seed` (in environment order), so a run's
     random stream decides every episode. An episode longer than `max_episode_steps` is
@@ -59,6 +62,10 @@ class EnvBatch:
 
     def __init__(self, factory: Callable[[], Any], n: int, max_episode_steps: int) -> None:
         self.envs = [factory() for _ in range(n)]
+        self._track(n, max_episode_steps)
+
+    def _track(self, n: int, max_episode_steps: int) -> None:
+        """No episodes yet: each environment's seed, actions, return and observation."""
         self.max_episode_steps = max_episode_steps
         self.seeds: list[int | None] = [None] * n
         self.actions: list[list[Any]] = [[] for _ in range(n)]
@@ -66,44 +73,64 @@ class EnvBatch:
         self.observations: list[np.ndarray] = []
 
     def __len__(self) -> int:
-        return len(self.envs)
+        return len(self.seeds)
+
+    @property
+    def spaces(self) -> Any:
+        """An object with the environments' `action_space` (and `observation_space`)."""
+        return self.envs[0]
 
     @property
     def started(self) -> bool:
         return bool(self.observations)
 
+    # -- what a backend does: here one environment after another, in this process ----------
+
+    def _step_all(self, actions: list[Any]) -> list[tuple[Any, float, bool, bool]]:
+        """Each environment's (observation, reward, terminated, truncated) after its action."""
+        return [tuple(env.step(action)[:4]) for env, action in zip(self.envs, actions, strict=True)]
+
+    def _reset_some(self, seeds: dict[int, int], replays: Mapping[int, list[Any]]) -> Reached:
+        """Reset environment i with seeds[i], then replay replays[i] (a restored episode's
+        actions) where given; for each, the observation reached and the replayed return."""
+        reached: Reached = {}
+        for i, seed in seeds.items():
+            observation = self.envs[i].reset(seed=seed)[0]
+            total = 0.0
+            for action in replays.get(i, ()):
+                observation, reward, *_ = self.envs[i].step(action)
+                total += float(reward)
+            reached[i] = (np.asarray(observation), total)
+        return reached
+
+    def close(self) -> None:
+        for env in self.envs:
+            getattr(env, "close", lambda: None)()
+
+    # -- episodes -------------------------------------------------------------------------------
+
     def start(self, draw_seed: DrawSeed) -> np.ndarray:
         """Reset every environment (or replay a restored state); the first observations."""
-        self.observations = [self._begin(i, draw_seed) for i in range(len(self.envs))]
+        replays = {i: self.actions[i] for i, seed in enumerate(self.seeds) if seed is not None}
+        for i, seed in enumerate(self.seeds):
+            if seed is None:  # a new episode
+                self.seeds[i], self.actions[i] = draw_seed(), []
+        reached = self._reset_some(dict(enumerate(self.seeds)), replays)  # type: ignore[arg-type]
+        self.observations = [reached[i][0] for i in range(len(self))]
+        self.returns = [reached[i][1] for i in range(len(self))]
         return np.stack(self.observations)
-
-    def _begin(self, i: int, draw_seed: DrawSeed) -> np.ndarray:
-        seed, actions = self.seeds[i], self.actions[i]
-        if seed is None:  # a new episode
-            return self._reset(i, draw_seed)
-        observation = np.asarray(self.envs[i].reset(seed=seed)[0])
-        self.returns[i] = 0.0
-        for action in actions:  # replay a restored episode
-            observation, reward, *_ = self.envs[i].step(action)
-            self.returns[i] += float(reward)
-        return np.asarray(observation)
-
-    def _reset(self, i: int, draw_seed: DrawSeed) -> np.ndarray:
-        seed = draw_seed()
-        self.seeds[i], self.actions[i], self.returns[i] = seed, [], 0.0
-        return np.asarray(self.envs[i].reset(seed=seed)[0])
 
     def step(self, actions: list[Any], draw_seed: DrawSeed) -> StepResult:
         """Step each environment with its action; reset those whose episode ended."""
-        n = len(self.envs)
+        n = len(self)
         rewards = np.zeros(n, dtype=np.float64)
         terminated = np.zeros(n, dtype=bool)
         truncated = np.zeros(n, dtype=bool)
         final: dict[int, np.ndarray] = {}
         finished: list[tuple[float, int]] = []
-        for i, (env, action) in enumerate(zip(self.envs, actions, strict=True)):
-            observation, reward, ended, cut, _ = env.step(action)
-            self.actions[i].append(action)
+        new: dict[int, int] = {}  # environment -> its next episode's seed
+        for i, (observation, reward, ended, cut) in enumerate(self._step_all(actions)):
+            self.actions[i].append(actions[i])
             rewards[i] = float(reward)
             self.returns[i] += float(reward)
             length = len(self.actions[i])
@@ -113,8 +140,11 @@ class EnvBatch:
                 finished.append((self.returns[i], length))
                 if truncated[i]:
                     final[i] = np.asarray(observation)
-                observation = self._reset(i, draw_seed)
+                new[i] = self.seeds[i] = draw_seed()
+                self.actions[i], self.returns[i] = [], 0.0
             self.observations[i] = np.asarray(observation)
+        for i, (observation, _) in (self._reset_some(new, {}) if new else {}).items():
+            self.observations[i] = observation
         return StepResult(
             np.stack(self.observations), rewards, terminated, truncated, final, finished
         )
@@ -129,18 +159,14 @@ class EnvBatch:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take a saved state; the next `start` replays it."""
-        if len(state["seeds"]) != len(self.envs):
+        if len(state["seeds"]) != len(self):
             raise ValueError(
                 f"cannot resume: the checkpoint ran {len(state['seeds'])} environments, this "
-                f"run {len(self.envs)}"
+                f"run {len(self)}"
             )
         self.seeds = [None if seed < 0 else int(seed) for seed in state["seeds"]]
         self.actions = [_actions_list(actions) for actions in state["actions"]]
         self.observations = []
-
-    def close(self) -> None:
-        for env in self.envs:
-            getattr(env, "close", lambda: None)()
 
 
 def _actions_array(actions: list[Any]) -> np.ndarray:

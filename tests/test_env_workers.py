@@ -1,0 +1,115 @@
+"""PPO's environments in worker processes (`mode.vectorization='async'`, gymnasium's
+AsyncVectorEnv) against the in-process batch: the same episodes, so the same weights, and a
+checkpoint of either resumes in the other. The workers are closed however a run ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+
+import pytest
+import torch
+
+from test_ppo import PPO, _config
+from test_reinforcement import ActorCritic, Walk
+from traineval import TrainingManager
+from traineval.loop import TrainingInterrupted
+from traineval.models import ActorCritic as BuiltinActorCritic
+from traineval.modes import Reinforcement
+from traineval.modes import env_workers as workers_module
+
+from conftest import InterruptAt
+
+pytest.importorskip("gymnasium")
+
+ASYNC = dataclasses.replace(PPO, vectorization="async")
+SETTINGS = {"num_epochs": 3, "optimizer_type": "adamw", "eval_frequency": 4}
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return all(torch.equal(x, y) for x, y in pairs)
+
+
+def _train(quiet_config, tmp_path, name, mode, model, env=Walk, **settings):
+    quiet_config["output_dir"] = str(tmp_path / name)
+    config = _config(quiet_config, **{**SETTINGS, **settings})
+    return TrainingManager(config).train(model, env, mode=mode)
+
+
+def test_workers_train_the_weights_the_in_process_environments_do(quiet_config, tmp_path):
+    # Walk has no gymnasium spaces (they are made for the workers); its episodes end and are
+    # cut inside rollouts, so resets with the run's seeds happen in both
+    inside, workers = ActorCritic(), ActorCritic()
+    first = _train(quiet_config, tmp_path, "sync", PPO, inside)
+    second = _train(quiet_config, tmp_path, "async", ASYNC, workers)
+    assert _same(inside, workers)
+    history = [r["training_history"]["val_metrics"] for r in (first, second)]
+    assert history[0] == history[1]
+    assert not multiprocessing.active_children()  # the workers were closed
+
+
+@pytest.mark.parametrize(
+    ("environment", "model"),
+    [
+        ("CartPole-v1", lambda: BuiltinActorCritic(4, 2, hidden_sizes=(16,))),
+        ("Pendulum-v1", lambda: BuiltinActorCritic(3, 2, hidden_sizes=(16,), gaussian=True)),
+    ],
+)
+def test_gymnasium_environments_by_name_discrete_and_continuous(
+    quiet_config, tmp_path, environment, model
+):
+    mode = Reinforcement(envs=3, rollout_steps=40, minibatch_size=40, ppo_epochs=1,
+                         rollouts_per_epoch=2, eval_episodes=1,
+                         environment=environment)  # fmt: skip
+    models = []
+    for vectorization in ("sync", "async"):
+        torch.manual_seed(0)
+        models.append(model())
+        run = dataclasses.replace(mode, vectorization=vectorization)
+        _train(quiet_config, tmp_path, vectorization, run, models[-1], env=None, num_epochs=2)
+    assert _same(*models)
+
+
+def test_an_in_process_run_resumes_in_workers_exactly(quiet_config, tmp_path):
+    straight = ActorCritic()
+    _train(quiet_config, tmp_path, "straight", PPO, straight)
+    quiet_config["output_dir"] = str(tmp_path / "resumed")
+    config = _config(quiet_config, **SETTINGS)
+    with pytest.raises(TrainingInterrupted):  # update 8 of 18: inside the second rollout
+        TrainingManager(config).train(ActorCritic(), Walk, mode=ASYNC, callbacks=[InterruptAt(8)])
+    assert not multiprocessing.active_children()  # closed on the interruption too
+    resumed = ActorCritic()  # the interrupted episodes are replayed in the workers
+    result = TrainingManager(config).train(resumed, Walk, mode=PPO, resume_from="auto")
+    assert result["global_step"] == 18
+    assert _same(straight, resumed)
+    resumed = ActorCritic()  # and the other way round: checkpoints of workers, in-process
+    quiet_config["output_dir"] = str(tmp_path / "resumed-2")
+    config = _config(quiet_config, **SETTINGS)
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config).train(ActorCritic(), Walk, mode=PPO, callbacks=[InterruptAt(8)])
+    TrainingManager(config).train(resumed, Walk, mode=ASYNC, resume_from="auto")
+    assert _same(straight, resumed)
+
+
+def test_vectorization_errors_name_the_setting(quiet_config, tmp_path, monkeypatch):
+    expected = r"vectorization='threads' is invalid: expected one of 'sync', 'async'"
+    with pytest.raises(ValueError, match=expected):
+        Reinforcement(vectorization="threads")
+    with pytest.raises(ValueError, match=r"vectorization.*setting of algorithm='ppo'"):
+        Reinforcement(algorithm="policy_gradient", vectorization="async")
+    # where workers are not forked the factory must pickle: a lambda is refused up front
+    monkeypatch.setattr(workers_module.multiprocessing, "get_start_method", lambda **_: "spawn")
+    for name in ("CartPole-v1", "FrozenLake-v1", "CartPole"):  # names pickle
+        workers_module.check_picklable(Reinforcement().environment_factory(name))
+    expected = r"vectorization='async'.*<lambda> to worker.*spawn.*picklable"
+    with pytest.raises(ValueError, match=expected):
+        _train(quiet_config, tmp_path, "lambda", ASYNC, ActorCritic(), env=lambda: Walk())
+    assert not multiprocessing.active_children()
+
+
+def test_the_learning_rate_search_closes_its_workers(quiet_config):
+    manager = TrainingManager(_config(quiet_config, **SETTINGS))
+    search = manager.find_learning_rate(ActorCritic(), Walk, mode=ASYNC, num_steps=8)
+    assert len(search.losses) == 8
+    assert not multiprocessing.active_children()
