@@ -9,6 +9,8 @@ compares (weights, metrics) into OUT_DIR as rank-suffixed files.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import sys
@@ -409,9 +411,11 @@ def ppo_resume_first(out: Path, rank: int) -> None:
 
 
 def ppo_resume_second(out: Path, rank: int) -> None:
+    """Resumed with each rank's environments in worker processes (the same episodes)."""
     net = ActorCritic()
+    workers = dataclasses.replace(PPO_MODE, vectorization="async")
     TrainingManager(ppo_config(out / "ppo-interrupted")).train(
-        net, "CartPole", mode=PPO_MODE, resume_from="auto"
+        net, "CartPole", mode=workers, resume_from="auto"
     )
     torch.save(net.state_dict(), out / f"ppo-resumed-{rank}.pt")
 
