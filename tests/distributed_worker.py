@@ -10,7 +10,6 @@ compares (weights, metrics) into OUT_DIR as rank-suffixed files.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import sys

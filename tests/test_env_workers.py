@@ -113,3 +113,21 @@ def test_the_learning_rate_search_closes_its_workers(quiet_config):
     search = manager.find_learning_rate(ActorCritic(), Walk, mode=ASYNC, num_steps=8)
     assert len(search.losses) == 8
     assert not multiprocessing.active_children()
+
+
+class CrashingWalk(Walk):
+    """A Walk whose 7th step fails, as a simulator might."""
+
+    calls = 0
+
+    def step(self, action):
+        self.calls += 1
+        if self.calls == 7:
+            raise RuntimeError("the simulator crashed")
+        return super().step(action)
+
+
+def test_an_environment_failing_in_its_worker_stops_the_run_with_its_error(quiet_config, tmp_path):
+    with pytest.raises(RuntimeError, match="the simulator crashed"):
+        _train(quiet_config, tmp_path, "crash", ASYNC, ActorCritic(), env=CrashingWalk)
+    assert not multiprocessing.active_children()
