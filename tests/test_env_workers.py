@@ -127,7 +127,17 @@ class CrashingWalk(Walk):
         return super().step(action)
 
 
+@pytest.mark.filterwarnings("ignore:.*(Worker|Traceback|exception back):UserWarning")  # gymnasium's
 def test_an_environment_failing_in_its_worker_stops_the_run_with_its_error(quiet_config, tmp_path):
     with pytest.raises(RuntimeError, match="the simulator crashed"):
         _train(quiet_config, tmp_path, "crash", ASYNC, ActorCritic(), env=CrashingWalk)
+    assert not multiprocessing.active_children()
+
+
+def test_the_final_test_episodes_in_workers_score_what_in_process_ones_do():
+    model, device = ActorCritic(), torch.device("cpu")
+    mode = dataclasses.replace(PPO, eval_episodes=7)
+    workers = dataclasses.replace(mode, vectorization="async")
+    scores = [m.score(model, Walk, device, seed=3) for m in (mode, workers)]
+    assert scores[0] == scores[1]
     assert not multiprocessing.active_children()

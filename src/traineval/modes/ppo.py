@@ -53,7 +53,7 @@ from ..distributed import Distributed
 from ..models.policies import RunningNorm
 from .actions import ActionHead
 from .base import StepOutput
-from .rollouts import EnvBatch, gae, policy_and_value
+from .rollouts import EnvBatch, gae, greedy_episodes, policy_and_value
 
 __all__ = ["PPOStep", "policy_outputs"]
 
@@ -148,6 +148,8 @@ class PPOStep:
         vectorization: str = "sync",
     ) -> None:
         self.batch = env_batch(vectorization, env_factory, envs, max_episode_steps)
+        self.env_factory, self.vectorization = env_factory, vectorization
+        self._evaluation: EnvBatch | None = None  # greedy episodes, made at the first
         self.head = ActionHead.of(self.batch.spaces)  # categorical, or Gaussian for a Box
         self.rollout_steps = rollout_steps
         self.size = envs * rollout_steps
@@ -170,6 +172,22 @@ class PPOStep:
     def close(self) -> None:
         """Close the environments (worker processes with vectorization='async')."""
         self.batch.close()
+        if self._evaluation is not None:
+            self._evaluation.close()
+
+    def evaluate(
+        self, model: nn.Module, device: torch.device, seed: int, episodes: int
+    ) -> dict[str, float]:
+        """The greedy policy's mean return and episode length over `episodes` episodes
+        seeded from `seed`, played by environments of this step's vectorization (in worker
+        processes with 'async', kept for the next evaluation); see `rollouts.greedy_episodes`."""
+        if self._evaluation is None or len(self._evaluation) != episodes:
+            if self._evaluation is not None:
+                self._evaluation.close()
+            self._evaluation = env_batch(
+                self.vectorization, self.env_factory, episodes, self.batch.max_episode_steps
+            )
+        return greedy_episodes(model, self._evaluation, self.head, device, seed)
 
     @property
     def updates_per_rollout(self) -> int:

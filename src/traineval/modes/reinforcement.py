@@ -270,12 +270,19 @@ class Reinforcement(Mode):
     ) -> dict[str, float]:
         """The greedy policy on `eval_episodes` fresh episodes of `data` (an environment
         factory or name; None: `environment`), seeded apart from validation's."""
-        step = self.step(self.environment_factory(data), episodes=1)
+        factory = self.environment_factory(data)
+        if self.vectorization == "async":  # the episodes in worker processes
+            ppo = self.ppo_step(factory)
+            try:
+                return ppo.evaluate(model.to(device), device, seed + 54321, self.eval_episodes)
+            finally:
+                ppo.close()
+        step = self.step(factory, episodes=1)
         return step.evaluate(model.to(device), device, seed=seed + 54321)
 
     def plan(self, ctx: Context) -> ModePlan:
         factory = self.environment_factory(ctx.train_data)
-        evaluator = self.step(factory, episodes=1)
+        evaluator: Any = self.step(factory, episodes=1)
         step: PolicyGradientStep | PPOStep
         if self.algorithm == "ppo":
             step = self.ppo_step(factory, job=ctx.job)
@@ -284,6 +291,8 @@ class Reinforcement(Mode):
         else:
             step = self.step(factory, job=ctx.job)
             updates = self.updates_per_epoch
+        if self.vectorization == "async":  # validation's episodes in worker processes too
+            evaluator = _Episodes(step, self.eval_episodes)
         c = ctx.config
         name = "val_return" if c.monitor_metric == "val_loss" else c.monitor_metric
         minimize = c.minimize_monitor if name == c.monitor_metric else False
@@ -306,6 +315,16 @@ class Reinforcement(Mode):
         if c.max_steps is not None:
             total = min(total, math.ceil(c.max_steps / updates_per_rollout))
         return total
+
+
+class _Episodes:
+    """Validation through a PPO step's own environments (`PPOStep.evaluate`)."""
+
+    def __init__(self, step: Any, episodes: int) -> None:
+        self.step, self.episodes = step, episodes
+
+    def evaluate(self, model: nn.Module, device: torch.device, seed: int) -> dict[str, float]:
+        return dict(self.step.evaluate(model, device, seed, self.episodes))
 
 
 def _fresh_seed() -> int:

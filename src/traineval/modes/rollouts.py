@@ -21,7 +21,7 @@ from torch import nn
 
 from ..batches import prediction_of
 
-__all__ = ["EnvBatch", "StepResult", "gae", "policy_and_value"]
+__all__ = ["EnvBatch", "StepResult", "gae", "greedy_episodes", "policy_and_value"]
 
 DrawSeed = Callable[[], int]
 Reached = dict[int, tuple[np.ndarray, float]]  # environment -> (observation, replayed return)
@@ -220,3 +220,40 @@ def policy_and_value(
         return logits, value.reshape(-1).float()
     value = out.get("value") if isinstance(out, Mapping) else None
     return prediction_of(out), value.reshape(-1).float() if value is not None else None
+
+
+@torch.no_grad()
+def greedy_episodes(
+    model: nn.Module, batch: EnvBatch, head: Any, device: torch.device, seed: int
+) -> dict[str, float]:
+    """Mean return and length of one greedy episode in each of `batch`'s environments,
+    episode i seeded with the i-th draw of a generator seeded with `seed` (policy
+    gradient's evaluation draws the same). The batch steps in lockstep, so an environment
+    whose episode ended plays on into one that is not counted until the last one ends."""
+    draws = torch.Generator().manual_seed(seed)
+    seeds = [int(torch.randint(2**31 - 1, (), generator=draws).item()) for _ in range(len(batch))]
+    queue = iter(seeds)
+    batch._track(len(batch), batch.max_episode_steps)
+
+    def draw_seed() -> int:
+        return next(queue, 0)  # past the counted episodes: any seed
+
+    results: dict[int, tuple[float, int]] = {}
+    observations = batch.start(draw_seed)
+    was_training = model.training
+    model.eval()
+    try:
+        while len(results) < len(batch):
+            logits = policy_and_value(model, torch.as_tensor(observations, device=device).float())[
+                0
+            ]
+            head.check(logits)
+            step = batch.step(head.to_env(head.greedy(logits)), draw_seed)
+            ended = np.flatnonzero(np.logical_or(step.terminated, step.truncated))
+            for i, episode in zip(ended.tolist(), step.finished, strict=True):
+                results.setdefault(i, episode)
+            observations = step.observations
+    finally:
+        model.train(was_training)
+    returns, lengths = zip(*results.values(), strict=True)
+    return {"return": float(np.mean(returns)), "episode_length": float(np.mean(lengths))}
