@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import time
 
 import pytest
 import torch
@@ -141,3 +142,62 @@ def test_the_final_test_episodes_in_workers_score_what_in_process_ones_do():
     scores = [m.score(model, Walk, device, seed=3) for m in (mode, workers)]
     assert scores[0] == scores[1]
     assert not multiprocessing.active_children()
+
+
+INTERRUPTIBLE = """
+import sys, time
+from traineval import Callback, TrainingConfig, TrainingManager
+from traineval.envs import CartPole
+from traineval.models import ActorCritic
+from traineval.modes import Reinforcement
+
+
+class SlowCartPole(CartPole):
+    def step(self, action):
+        time.sleep(0.002)
+        return super().step(action)
+
+
+class Announce(Callback):
+    def on_train_start(self, loop):
+        print("started", flush=True)
+
+
+if __name__ == "__main__":
+    mode = Reinforcement(envs=2, rollout_steps=32, minibatch_size=64, ppo_epochs=1,
+                         rollouts_per_epoch=40, eval_episodes=1, vectorization="async")
+    config = TrainingConfig(num_epochs=1, output_dir=sys.argv[1], progress_bar=False,
+                            tensorboard_logging=False, warmup_steps=0)
+    resume = "auto" if sys.argv[2:] == ["resume"] else None
+    TrainingManager(config).train(ActorCritic(4, 2), SlowCartPole, mode=mode,
+                                  callbacks=[Announce()], resume_from=resume)
+    print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaching_the_workers_too_stops_the_run_cleanly(tmp_path):
+    """A terminal's Ctrl-C signals the whole process group: the workers ignore it, the
+    training process saves at its next step boundary and closes them; the run resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "run.py", tmp_path / "run"
+    script.write_text(INTERRUPTIBLE)
+    command = [sys.executable, str(script), str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    assert run.stdout is not None
+    assert run.stdout.readline().strip() == "started"
+    time.sleep(0.5)  # inside a rollout, the workers stepping
+    os.killpg(run.pid, signal.SIGINT)
+    _, errors = run.communicate(timeout=60)
+    assert run.returncode != 0
+    assert errors.count("SIGINT received") == 1, errors  # not once more per worker
+    assert "TrainingInterrupted: training interrupted by SIGINT" in errors
+    assert "Worker" not in errors  # no worker died
+    resumed = subprocess.run([*command, "resume"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finished" in resumed.stdout

@@ -20,7 +20,9 @@ function or a `functools.partial` of one (environment names are).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
+import signal
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -59,6 +61,20 @@ class ReplayingEnv(gymnasium.Env):
 
     def close(self) -> None:
         getattr(self.env, "close", lambda: None)()
+
+
+def worker_env(
+    factory: Callable[[], Any], observation_space: Any, action_space: Any, training_pid: int
+) -> ReplayingEnv:
+    """A worker's environment. Ctrl-C reaches every process of the terminal's group, and a
+    scheduler's SIGTERM may too: a worker ignores both (neither dying under the rollout nor
+    running a handler forked from the training process), and the training process stops at
+    its next step boundary and closes the workers. (AsyncVectorEnv also makes one in the
+    training process, to read its spaces: that one leaves the signals alone.)"""
+    if os.getpid() != training_pid:
+        for name in ("SIGINT", "SIGTERM"):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    return ReplayingEnv(factory, observation_space, action_space)
 
 
 def _plain(action: Any) -> Any:
@@ -131,7 +147,7 @@ class AsyncEnvBatch(EnvBatch):
     def _workers(self) -> Any:
         if self.vector is None:
             spaces = (self._spaces.observation_space, self._spaces.action_space)
-            make = partial(ReplayingEnv, self.factory, *spaces)
+            make = partial(worker_env, self.factory, *spaces, os.getpid())
             self.vector = gymnasium.vector.AsyncVectorEnv(
                 [make] * len(self),
                 autoreset_mode=gymnasium.vector.AutoresetMode.DISABLED,
