@@ -350,3 +350,24 @@ def test_environments_are_checked_up_front_and_integer_observations_one_hot(quie
         policy, "FrozenLake-v1", mode=dataclasses.replace(mode, eval_episodes=2)
     )
     assert result["global_step"] == 2
+
+
+def test_dict_observations_are_refused_with_the_wrapper_that_flattens_them():
+    gymnasium = pytest.importorskip("gymnasium")
+    from gymnasium import spaces
+
+    class Goals(gymnasium.Env):
+        observation_space = spaces.Dict(
+            {"position": spaces.Box(-1, 1, (2,)), "goal": spaces.Discrete(3)}
+        )
+        action_space = spaces.Discrete(2)
+
+    with pytest.raises(
+        ValueError,
+        match=r"environment Goals: its observations are a Dict space.*FlattenObservation",
+    ):
+        Reinforcement().environment_factory(Goals)
+    flat = Reinforcement().environment_factory(
+        lambda: gymnasium.wrappers.FlattenObservation(Goals())
+    )
+    assert flat().observation_space.shape == (5,)

@@ -139,7 +139,7 @@ def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
     """`factory`, checked on one environment before any training: an action space it has
     must be discrete (`action_space.n`) or a bounded 1-d Box (continuous actions, a Gaussian
     policy; see `traineval.modes.actions`); integer observations (a discrete observation
-    space) are one-hot encoded.
+    space) are one-hot encoded; Dict and Tuple observation spaces are refused (flatten them).
 
     Raises:
         ValueError: any other action space, named with the reason.
@@ -153,6 +153,13 @@ def checked(factory: Callable[[], Any], name: str) -> Callable[[], Any]:
         raise ValueError(f"environment {name}: {error}") from None
     observations = getattr(env, "observation_space", None)
     getattr(env, "close", lambda: None)()
+    if isinstance(getattr(observations, "spaces", None), (dict, tuple)):  # Dict, Tuple
+        raise ValueError(
+            f"environment {name}: its observations are a {type(observations).__name__} space "
+            f"({observations}), and a policy takes one array per step: flatten them with "
+            "gymnasium.wrappers.FlattenObservation (an environment factory such as lambda: "
+            "FlattenObservation(gymnasium.make(...)))"
+        )
     if isinstance(getattr(observations, "n", None), (int, np.integer)):
         size = int(observations.n)  # type: ignore[union-attr]
         return functools.partial(_one_hot, factory, size)
