@@ -201,3 +201,19 @@ def test_ctrl_c_reaching_the_workers_too_stops_the_run_cleanly(tmp_path):
     resumed = subprocess.run([*command, "resume"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "finished" in resumed.stdout
+
+
+class CountedWalk(Walk):
+    """A Walk that counts the instances made in this process (a costly simulator, say)."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        CountedWalk.made += 1
+
+
+def test_with_workers_the_training_process_makes_two_environments_only(quiet_config, tmp_path):
+    CountedWalk.made = 0  # one to check the environment, one to read its spaces
+    _train(quiet_config, tmp_path, "counted", ASYNC, ActorCritic(), env=CountedWalk)
+    assert CountedWalk.made == 2

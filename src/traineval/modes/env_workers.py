@@ -40,8 +40,10 @@ class ReplayingEnv(gymnasium.Env):
     with gymnasium spaces (the batch's), which after a reset replays `replay` (a restored
     episode's actions) when set, keeping their return in `replayed_return`."""
 
-    def __init__(self, factory: Callable[[], Any], observation_space: Any, action_space: Any):
-        self.env = factory()
+    def __init__(
+        self, factory: Callable[[], Any] | None, observation_space: Any, action_space: Any
+    ) -> None:
+        self.env: Any = factory() if factory is not None else None  # None: spaces only
         self.observation_space, self.action_space = observation_space, action_space
         self.replay: list[Any] | None = None
         self.replayed_return = 0.0
@@ -60,7 +62,8 @@ class ReplayingEnv(gymnasium.Env):
         return observation, reward, terminated, truncated, {}
 
     def close(self) -> None:
-        getattr(self.env, "close", lambda: None)()
+        if self.env is not None:
+            getattr(self.env, "close", lambda: None)()
 
 
 def worker_env(
@@ -70,10 +73,12 @@ def worker_env(
     scheduler's SIGTERM may too: a worker ignores both (neither dying under the rollout nor
     running a handler forked from the training process), and the training process stops at
     its next step boundary and closes the workers. (AsyncVectorEnv also makes one in the
-    training process, to read its spaces: that one leaves the signals alone.)"""
-    if os.getpid() != training_pid:
-        for name in ("SIGINT", "SIGTERM"):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    training process, to read its spaces: that one holds the spaces only, so a costly
+    environment is not started there once more, and leaves the signals alone.)"""
+    if os.getpid() == training_pid:
+        return ReplayingEnv(None, observation_space, action_space)
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     return ReplayingEnv(factory, observation_space, action_space)
 
 
@@ -89,9 +94,10 @@ class _Spaces:
 
 
 def gymnasium_spaces(factory: Callable[[], Any]) -> _Spaces:
-    """The environment's spaces as gymnasium's (which AsyncVectorEnv batches): its own where
-    they are gymnasium spaces, else a float Box of its observations' shape and a Discrete of
-    its `action_space.n` (traineval's built-in and one-hot environments)."""
+    """The environment's spaces as gymnasium's (which AsyncVectorEnv batches), from one
+    environment made here: its own where they are gymnasium spaces, else a float Box of its
+    observations' shape and a Discrete of its `action_space.n` (traineval's built-in and
+    one-hot environments)."""
     env = factory()
     try:
         observations, actions = getattr(env, "observation_space", None), env.action_space
@@ -124,9 +130,16 @@ def check_picklable(factory: Callable[[], Any]) -> None:
 
 class AsyncEnvBatch(EnvBatch):
     """`n` environments from `factory`, each in a worker process (gymnasium's
-    AsyncVectorEnv, started at the first rollout); see the module docstring."""
+    AsyncVectorEnv, started at the first rollout); see the module docstring. `spaces`: those
+    of another batch of the same environments (else one environment is made to read them)."""
 
-    def __init__(self, factory: Callable[[], Any], n: int, max_episode_steps: int) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Any],
+        n: int,
+        max_episode_steps: int,
+        spaces: _Spaces | None = None,
+    ) -> None:
         if not hasattr(gymnasium.vector, "AutoresetMode"):
             raise ImportError(
                 "mode.vectorization='async' needs gymnasium>=1.1 (its AsyncVectorEnv resets "
@@ -135,7 +148,7 @@ class AsyncEnvBatch(EnvBatch):
             )
         check_picklable(factory)
         self.factory = factory
-        self._spaces = gymnasium_spaces(factory)
+        self._spaces = spaces if spaces is not None else gymnasium_spaces(factory)
         self.vector: Any = None
         self.envs = []
         self._track(n, max_episode_steps)

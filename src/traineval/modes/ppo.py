@@ -106,10 +106,15 @@ class RewardScale:
 
 
 def env_batch(
-    vectorization: str, factory: Callable[[], Any], envs: int, max_episode_steps: int
+    vectorization: str,
+    factory: Callable[[], Any],
+    envs: int,
+    max_episode_steps: int,
+    like: EnvBatch | None = None,
 ) -> EnvBatch:
     """The rollout's environments: in this process ("sync"), or each in a worker process
-    through gymnasium's AsyncVectorEnv ("async", `traineval.modes.env_workers`)."""
+    through gymnasium's AsyncVectorEnv ("async", `traineval.modes.env_workers`, with the
+    spaces of `like`, a batch of the same environments, where given)."""
     if vectorization == "sync":
         return EnvBatch(factory, envs, max_episode_steps)
     try:
@@ -119,7 +124,8 @@ def env_batch(
             "mode.vectorization='async' steps the environments through gymnasium.vector: "
             "pip install gymnasium"
         ) from error
-    return AsyncEnvBatch(factory, envs, max_episode_steps)
+    spaces = like.spaces if isinstance(like, AsyncEnvBatch) else None
+    return AsyncEnvBatch(factory, envs, max_episode_steps, spaces)
 
 
 class PPOStep:
@@ -185,7 +191,11 @@ class PPOStep:
             if self._evaluation is not None:
                 self._evaluation.close()
             self._evaluation = env_batch(
-                self.vectorization, self.env_factory, episodes, self.batch.max_episode_steps
+                self.vectorization,
+                self.env_factory,
+                episodes,
+                self.batch.max_episode_steps,
+                like=self.batch,
             )
         return greedy_episodes(model, self._evaluation, self.head, device, seed)
 

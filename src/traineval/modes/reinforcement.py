@@ -282,7 +282,6 @@ class Reinforcement(Mode):
 
     def plan(self, ctx: Context) -> ModePlan:
         factory = self.environment_factory(ctx.train_data)
-        evaluator: Any = self.step(factory, episodes=1)
         step: PolicyGradientStep | PPOStep
         if self.algorithm == "ppo":
             step = self.ppo_step(factory, job=ctx.job)
@@ -291,8 +290,11 @@ class Reinforcement(Mode):
         else:
             step = self.step(factory, job=ctx.job)
             updates = self.updates_per_epoch
-        if self.vectorization == "async":  # validation's episodes in worker processes too
-            evaluator = _Episodes(step, self.eval_episodes)
+        evaluator: Any = (  # with workers, validation's episodes are played in workers too
+            _Episodes(step, self.eval_episodes)
+            if self.vectorization == "async"
+            else self.step(factory, episodes=1)
+        )
         c = ctx.config
         name = "val_return" if c.monitor_metric == "val_loss" else c.monitor_metric
         minimize = c.minimize_monitor if name == c.monitor_metric else False
