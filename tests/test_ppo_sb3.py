@@ -94,3 +94,30 @@ def test_gae_and_the_ppo_update_equal_stable_baselines3_on_its_rollout():
     for k, v in LAYERS.items():
         for p in ("weight", "bias"):
             torch.testing.assert_close(ours.state_dict()[f"{k}.{p}"], state[f"{v}.{p}"])
+
+
+def test_a_gsde_policys_log_probabilities_and_entropy_equal_stable_baselines3s():
+    """`ActorCritic(sde=True)` with SB3's weights (PPO with use_sde on Pendulum-v1) gives
+    the log-probabilities and entropies of SB3's gSDE distribution."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from traineval.envs import make_env
+    from traineval.modes.actions import ActionHead
+
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    theirs = sb3.PPO("MlpPolicy", env, use_sde=True, seed=0, device="cpu")
+    with torch.no_grad():  # a log std matrix that is not all one value
+        theirs.policy.log_std.add_(torch.randn_like(theirs.policy.log_std) * 0.3)
+    state = theirs.policy.state_dict()
+    ours = ActorCritic(3, 2, (64, 64), separate=True, gaussian=True, sde=True)
+    weights = {f"{k}.{p}": state[f"{v}.{p}"] for k, v in LAYERS.items() for p in ("weight", "bias")}
+    ours.load_state_dict({**weights, "sde_log_std": state["log_std"]})
+    obs = torch.randn(16, 3)
+    actions = torch.randn(16, 1) * 2
+    with torch.no_grad():
+        values, log_prob, entropy = theirs.policy.evaluate_actions(obs, actions)
+        out = ours(obs)
+    head = ActionHead.of(make_env("Pendulum-v1")())
+    torch.testing.assert_close(head.log_prob(out["logits"], actions), log_prob)
+    torch.testing.assert_close(head.entropy(out["logits"]), entropy)
+    torch.testing.assert_close(out["value"], values)

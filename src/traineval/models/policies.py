@@ -12,6 +12,8 @@ from torch import nn
 
 __all__ = ["ActorCritic", "RunningNorm"]
 
+SDE_EPSILON = 1e-6  # added to the gSDE variance, as Stable-Baselines3
+
 
 class RunningNorm(nn.Module):
     """Normalises observations by a running mean and variance: `clamp((x - mean) /
@@ -77,6 +79,15 @@ class ActorCritic(nn.Module):
     means of a diagonal Gaussian (a linear head) and the second half the logs of its
     standard deviations, one learned parameter per dimension (`log_std_init`), whatever
     the observation (as Stable-Baselines3's PPO).
+
+    `sde=True` (with `gaussian=True`) explores by generalised state-dependent exploration
+    (gSDE, Raffin et al., 2022, as Stable-Baselines3's `use_sde`): the action's noise is
+    `features @ W`, with `features` the policy body's last hidden layer and `W` a noise
+    matrix per environment drawn from N(0, exp(sde_log_std)^2) (`exploration_weights`),
+    held for several steps (the mode's `sde_sample_freq`), so exploration is smooth in
+    time and depends on the state. The policy then returns a mapping: `logits` (the means,
+    then the log standard deviations of the action that noise gives,
+    `0.5 log(features^2 @ std^2 + 1e-6)`), `value`, and `sde_features`.
     """
 
     def __init__(
@@ -89,8 +100,13 @@ class ActorCritic(nn.Module):
         normalize_observations: bool = False,
         gaussian: bool = False,
         log_std_init: float = 0.0,
+        sde: bool = False,
     ) -> None:
         super().__init__()
+        if sde and not gaussian:
+            raise ValueError(
+                "sde=True is gSDE exploration for continuous actions: it needs gaussian=True"
+            )
         if gaussian and output_dim % 2:
             raise ValueError(
                 f"output_dim={output_dim} is invalid with gaussian=True: expected an even "
@@ -102,8 +118,12 @@ class ActorCritic(nn.Module):
         self.value_body = _tanh_mlp(sizes) if separate else None
         width = hidden_sizes[-1] if hidden_sizes else input_dim
         self.policy = nn.Linear(width, output_dim // 2 if gaussian else output_dim)
+        dims = output_dim // 2
         self.log_std = (
-            nn.Parameter(torch.full((output_dim // 2,), float(log_std_init))) if gaussian else None
+            nn.Parameter(torch.full((dims,), float(log_std_init))) if gaussian and not sde else None
+        )
+        self.sde_log_std = (
+            nn.Parameter(torch.full((width, dims), float(log_std_init))) if sde else None
         )
         self.value = nn.Linear(width, 1)
         if orthogonal_init:
@@ -118,13 +138,27 @@ class ActorCritic(nn.Module):
             nn.init.orthogonal_(layer.weight, gain=gain)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Any:
+        """`(logits, value)`; with `sde=True` a mapping with `sde_features` too."""
         x = x.flatten(1)
         if self.normalize is not None:
             x = self.normalize(x)
         h = self.body(x)
         v = h if self.value_body is None else self.value_body(x)
         out = self.policy(h)
+        if self.sde_log_std is not None:  # the features are not trained through the noise
+            features = h.detach()
+            variance = features.square() @ self.sde_log_std.exp().square()
+            out = torch.cat([out, 0.5 * torch.log(variance + SDE_EPSILON)], dim=-1)
+            return {"logits": out, "value": self.value(v), "sde_features": features}
         if self.log_std is not None:
             out = torch.cat([out, self.log_std.expand_as(out)], dim=-1)
         return out, self.value(v)
+
+    def exploration_weights(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`n` gSDE noise matrices `(n, features, action dims)`, each entry drawn from
+        N(0, exp(sde_log_std)^2) (`sde=True` only)."""
+        if self.sde_log_std is None:
+            raise ValueError("exploration_weights: this ActorCritic was made without sde=True")
+        std = self.sde_log_std.detach().exp()
+        return torch.randn((n, *std.shape), generator=generator, device=std.device) * std

@@ -54,6 +54,15 @@ class ActionHead:
     def sample(self, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def explore(
+        self, out: torch.Tensor, features: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """gSDE's sample (continuous actions only)."""
+        raise ValueError(
+            "the policy returns sde_features (gSDE exploration), which is for continuous "
+            "actions; this environment's are discrete"
+        )
+
     def greedy(self, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -141,6 +150,15 @@ class Gaussian(ActionHead):
         mean, log_std = self._split(out)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         return (mean + log_std.exp() * noise).detach()  # a sample: no gradient through it
+
+    def explore(
+        self, out: torch.Tensor, features: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """gSDE's sample: the means plus `features @ W`, row i with environment i's noise
+        matrix `weights[i]` (features x dims)."""
+        mean = self._split(out)[0]
+        noise = torch.bmm(features.float().unsqueeze(1), weights.float()).squeeze(1)
+        return (mean + noise).detach()
 
     def greedy(self, out: torch.Tensor) -> torch.Tensor:
         return self._split(out)[0].detach()

@@ -42,7 +42,7 @@ are merged over the ranks, so every rank holds the same policy.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,11 +53,23 @@ from ..distributed import Distributed
 from ..models.policies import RunningNorm
 from .actions import ActionHead
 from .base import StepOutput
-from .rollouts import EnvBatch, gae, greedy_episodes, policy_and_value
+from .rollouts import EnvBatch, gae, greedy_episodes, read_policy
 
 __all__ = ["PPOStep", "policy_outputs"]
 
 ROLLOUT_KEYS = ("observations", "actions", "log_probs", "values", "advantages", "returns")
+
+
+def explorer(model: nn.Module) -> Any:
+    """The module that draws a gSDE policy's noise matrices (`exploration_weights(n,
+    generator)`, e.g. `ActorCritic(sde=True)`); a clear error where there is none."""
+    for module in model.modules():
+        if callable(getattr(module, "exploration_weights", None)):
+            return module
+    raise ValueError(
+        "the policy returns sde_features (gSDE exploration) but none of its modules has "
+        "exploration_weights(n, generator) to draw the noise matrices"
+    )
 
 
 def normalizers(model: nn.Module) -> list[Any]:
@@ -68,7 +80,11 @@ def normalizers(model: nn.Module) -> list[Any]:
 
 def policy_outputs(model: nn.Module, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and values `(N,)` of a policy with a value head; a clear error without one."""
-    logits, value = policy_and_value(model, obs)
+    return with_value(read_policy(model(obs)))
+
+
+def with_value(read: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, value = read
     if value is None:
         raise ValueError(
             "algorithm='ppo' needs a value head: a model returning (logits, value) or a "
@@ -152,9 +168,12 @@ class PPOStep:
         total_rollouts: int | None = None,
         job: Distributed | None = None,
         vectorization: str = "sync",
+        sde_sample_freq: int = -1,
     ) -> None:
         self.batch = env_batch(vectorization, env_factory, envs, max_episode_steps)
         self.env_factory, self.vectorization = env_factory, vectorization
+        self.sde_sample_freq = sde_sample_freq  # gSDE: new noise every that many steps
+        self._weights: torch.Tensor | None = None  # gSDE's noise matrices, one per env
         self._evaluation: EnvBatch | None = None  # greedy episodes, made at the first
         self.head = ActionHead.of(self.batch.spaces)  # categorical, or Gaussian for a Box
         self.rollout_steps = rollout_steps
@@ -328,13 +347,11 @@ class PPOStep:
         keys = ("observations", "actions", "log_probs", "values", "rewards", "dones")
         columns: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
         self.finished = []
-        for _ in range(self.rollout_steps):
+        for t in range(self.rollout_steps):
             observations = torch.as_tensor(obs, device=device).float()
             for norm in norms:
                 norm.update_statistics(observations, self.job)
-            logits, values = policy_outputs(model, observations)
-            self.head.check(logits)
-            actions = self.head.sample(logits, sampling)
+            logits, values, actions = self._act(model, observations, t, sampling)
             chosen = self.head.log_prob(logits, actions)
             result = batch.step(self.head.to_env(actions), draw_seed)
             ended = np.logical_or(result.terminated, result.truncated)
@@ -359,6 +376,24 @@ class PPOStep:
         out["last_observations"] = torch.as_tensor(obs, device=device).float()
         out["last_values"] = policy_outputs(model, out["last_observations"])[1]
         return out
+
+    def _act(
+        self, model: nn.Module, observations: torch.Tensor, t: int, sampling: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's logits and values at step `t` of the rollout, and the actions it
+        samples: gSDE's (`features @ W`, a noise matrix per environment drawn at the
+        rollout's start and every `sde_sample_freq` steps) where the policy returns
+        `sde_features`, else the action head's."""
+        out = model(observations)
+        logits, values = with_value(read_policy(out))
+        self.head.check(logits)
+        features = out.get("sde_features") if isinstance(out, Mapping) else None
+        if features is None:
+            return logits, values, self.head.sample(logits, sampling)
+        if t == 0 or (self.sde_sample_freq > 0 and t % self.sde_sample_freq == 0):
+            self._weights = explorer(model).exploration_weights(len(logits), sampling)
+        assert self._weights is not None  # drawn at t == 0
+        return logits, values, self.head.explore(logits, features, self._weights)
 
     # -- state ------------------------------------------------------------------------------------
 

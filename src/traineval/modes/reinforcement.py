@@ -15,7 +15,8 @@ returning a gymnasium-style environment, or a name (gymnasium ids such as "CartP
   value clipping, advantage normalisation, entropy bonus; exact resume mid-rollout. The
   environments step in this process (`vectorization="sync"`) or each in a worker process
   through gymnasium's AsyncVectorEnv (`"async"`, `traineval.modes.env_workers`), with the
-  same episodes either way.
+  same episodes either way. A policy that explores by gSDE (`ActorCritic(sde=True)`) draws
+  new noise matrices every `sde_sample_freq` steps (-1: once per rollout).
 - `algorithm="policy_gradient"` (`traineval.modes.policy_gradient`): each loop update
   collects `episodes_per_update` whole episodes; an epoch is `updates_per_epoch` updates.
 
@@ -64,6 +65,7 @@ OWN_SETTINGS = {
         "rollouts_per_epoch",
         "normalize_rewards",
         "vectorization",
+        "sde_sample_freq",
     ),
     "policy_gradient": ("episodes_per_update", "updates_per_epoch"),
 }
@@ -119,6 +121,7 @@ class Reinforcement(Mode):
     environment: str | None = None
     normalize_rewards: bool = False
     vectorization: str = "sync"
+    sde_sample_freq: int = -1
 
     def __post_init__(self) -> None:
         self._resolve_algorithm()
@@ -147,6 +150,13 @@ class Reinforcement(Mode):
         boolean(self.key("clip_decay"), self.clip_decay)
         boolean(self.key("normalize_rewards"), self.normalize_rewards)
         choice(self.key("vectorization"), self.vectorization, VECTORIZATIONS)
+        integer(self.key("sde_sample_freq"), self.sde_sample_freq, minimum=-1)
+        if self.sde_sample_freq == 0:
+            fail(
+                self.key("sde_sample_freq"),
+                0,
+                "expected -1 (new gSDE noise once per rollout) or a number of steps >= 1",
+            )
         if self.environment is not None and not (
             isinstance(self.environment, str) and self.environment
         ):
@@ -249,6 +259,7 @@ class Reinforcement(Mode):
             total_rollouts=total_rollouts,
             job=job,
             vectorization=self.vectorization,
+            sde_sample_freq=self.sde_sample_freq,
         )
 
     def environment_factory(self, source: Any) -> Callable[[], Any]:

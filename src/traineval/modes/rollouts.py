@@ -21,7 +21,7 @@ from torch import nn
 
 from ..batches import prediction_of
 
-__all__ = ["EnvBatch", "StepResult", "gae", "greedy_episodes", "policy_and_value"]
+__all__ = ["EnvBatch", "StepResult", "gae", "greedy_episodes", "policy_and_value", "read_policy"]
 
 DrawSeed = Callable[[], int]
 Reached = dict[int, tuple[np.ndarray, float]]  # environment -> (observation, replayed return)
@@ -214,7 +214,11 @@ def policy_and_value(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The policy's logits and its value estimate, if it makes one: a model returns logits,
     `(logits, value)`, or a mapping with `logits` (or another prediction key) and `value`."""
-    out = model(obs)
+    return read_policy(model(obs))
+
+
+def read_policy(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`policy_and_value` of a policy's output `out`."""
     if isinstance(out, (tuple, list)) and len(out) == 2:
         logits, value = out
         return logits, value.reshape(-1).float()
