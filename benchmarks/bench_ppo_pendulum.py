@@ -1,7 +1,7 @@
 """PPO with continuous actions on gymnasium's Pendulum-v1: traineval beside Stable-Baselines3.
 
-Both run the rl-zoo's Pendulum-v1 PPO settings without the two features traineval does not
-have (gSDE exploration and reward normalisation), for 100k environment steps: 4
+Both run the rl-zoo's Pendulum-v1 PPO settings, by default without its gSDE exploration and
+normalisation (the flags below add them), for 100k environment steps: 4
 environments, 1,024 steps each per rollout, 10 epochs of minibatches of 64, gamma 0.9, GAE
 lambda 0.95, no entropy bonus, Adam at 1e-3 (constant), clipping range 0.2, gradient norm
 clipped at 0.5, SB3's MlpPolicy (separate 64-64 tanh bodies, orthogonal initialisation, a
@@ -15,9 +15,12 @@ and the training wall time with those evaluations excluded.
 
 `--normalize` adds the rl-zoo's observation and reward normalisation on both sides (SB3's
 `VecNormalize`, whose observation statistics its greedy evaluation uses too; traineval's
-`ActorCritic(normalize_observations=True)` and `normalize_rewards=True`).
+`ActorCritic(normalize_observations=True)` and `normalize_rewards=True`). `--sde` adds the
+rl-zoo's gSDE exploration on both sides, new noise every 4 steps (SB3's `use_sde=True,
+sde_sample_freq=4`; traineval's `ActorCritic(sde=True)` and `sde_sample_freq=4`); with both
+flags, the rl-zoo's settings whole.
 
-    .venv/bin/python benchmarks/bench_ppo_pendulum.py [--seeds 0,1,2] [--normalize]
+    .venv/bin/python benchmarks/bench_ppo_pendulum.py [--seeds 0,1,2] [--normalize] [--sde]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from rl_bench import Act, Curve, sb3_ppo_config
 from traineval import TrainingManager
+from traineval.batches import prediction_of
 from traineval.callbacks import Callback
 from traineval.models import ActorCritic
 from traineval.modes import Reinforcement
@@ -58,13 +62,13 @@ def greedy_returns(act: Act, episodes: int, seed: int) -> list[float]:
 def torch_act(model: torch.nn.Module) -> Act:
     def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            out = model(torch.as_tensor(obs, dtype=torch.float32))[0]
+            out = prediction_of(model(torch.as_tensor(obs, dtype=torch.float32)))
         return out[:, :1].numpy()  # the means
 
     return act
 
 
-def run_sb3(seed: int, normalize: bool) -> dict[str, object]:
+def run_sb3(seed: int, normalize: bool, sde: bool) -> dict[str, object]:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
@@ -104,6 +108,8 @@ def run_sb3(seed: int, normalize: bool) -> dict[str, object]:
         ent_coef=0.0,
         learning_rate=1e-3,
         clip_range=0.2,
+        use_sde=sde,
+        sde_sample_freq=4 if sde else -1,
         seed=seed,
         device="cpu",
     )
@@ -114,7 +120,7 @@ def run_sb3(seed: int, normalize: bool) -> dict[str, object]:
     return {"curve": curve, "seconds": seconds, "final": float(np.mean(final))}
 
 
-def run_traineval(seed: int, normalize: bool) -> dict[str, object]:
+def run_traineval(seed: int, normalize: bool, sde: bool) -> dict[str, object]:
     curve = Curve(seed, greedy_returns)
 
     class Evaluate(Callback):
@@ -126,7 +132,7 @@ def run_traineval(seed: int, normalize: bool) -> dict[str, object]:
     torch.manual_seed(seed)
     model = ActorCritic(
         3, 2, hidden_sizes=(64, 64), separate=True, orthogonal_init=True, gaussian=True,
-        normalize_observations=normalize,
+        normalize_observations=normalize, sde=sde,
     )  # fmt: skip
     mode = Reinforcement(
         algorithm="ppo",
@@ -142,6 +148,7 @@ def run_traineval(seed: int, normalize: bool) -> dict[str, object]:
         max_episode_steps=200,
         environment="Pendulum-v1",
         normalize_rewards=normalize,
+        sde_sample_freq=4 if sde else -1,
     )
     with tempfile.TemporaryDirectory() as folder:
         config = sb3_ppo_config(folder, seed, ROLLOUTS // PER_EPOCH, "constant")
@@ -156,12 +163,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--normalize", action="store_true", help="observations and rewards")
+    parser.add_argument("--sde", action="store_true", help="gSDE exploration")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name, run in (("Stable-Baselines3", run_sb3), ("traineval", run_traineval)):
-            result = run(seed, args.normalize)
+            result = run(seed, args.normalize, args.sde)
             curve = result["curve"]
             points = " ".join(f"{v:.0f}" for _, v in curve.points)
             rows.append((name, seed, points, result["final"], result["seconds"]))
