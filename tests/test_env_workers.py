@@ -217,3 +217,16 @@ def test_with_workers_the_training_process_makes_two_environments_only(quiet_con
     CountedWalk.made = 0  # one to check the environment, one to read its spaces
     _train(quiet_config, tmp_path, "counted", ASYNC, ActorCritic(), env=CountedWalk)
     assert CountedWalk.made == 2
+
+
+def test_more_test_episodes_than_environments_are_played_in_waves_by_as_many_workers():
+    model, device = ActorCritic(), torch.device("cpu")
+    mode = dataclasses.replace(PPO, eval_episodes=11)  # 3 environments: 4 waves
+    scores = [
+        m.score(model, Walk, device, seed=s)
+        for s in (3, 4)
+        for m in (mode, dataclasses.replace(mode, vectorization="async"))
+    ]
+    assert scores[0] == scores[1]
+    assert scores[2] == scores[3]
+    assert scores[0] != scores[2]  # other seeds, other episodes

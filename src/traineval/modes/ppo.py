@@ -204,19 +204,21 @@ class PPOStep:
         self, model: nn.Module, device: torch.device, seed: int, episodes: int
     ) -> dict[str, float]:
         """The greedy policy's mean return and episode length over `episodes` episodes
-        seeded from `seed`, played by environments of this step's vectorization (in worker
-        processes with 'async', kept for the next evaluation); see `rollouts.greedy_episodes`."""
-        if self._evaluation is None or len(self._evaluation) != episodes:
+        seeded from `seed`, played by as many environments as the rollouts use (at most),
+        of this step's vectorization (worker processes with 'async', kept for the next
+        evaluation); see `rollouts.greedy_episodes`."""
+        size = min(episodes, len(self.batch))
+        if self._evaluation is None or len(self._evaluation) != size:
             if self._evaluation is not None:
                 self._evaluation.close()
             self._evaluation = env_batch(
                 self.vectorization,
                 self.env_factory,
-                episodes,
+                size,
                 self.batch.max_episode_steps,
                 like=self.batch,
             )
-        return greedy_episodes(model, self._evaluation, self.head, device, seed)
+        return greedy_episodes(model, self._evaluation, self.head, device, seed, episodes)
 
     @property
     def updates_per_rollout(self) -> int:

@@ -228,36 +228,47 @@ def read_policy(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 @torch.no_grad()
 def greedy_episodes(
-    model: nn.Module, batch: EnvBatch, head: Any, device: torch.device, seed: int
+    model: nn.Module, batch: EnvBatch, head: Any, device: torch.device, seed: int, episodes: int
 ) -> dict[str, float]:
-    """Mean return and length of one greedy episode in each of `batch`'s environments,
-    episode i seeded with the i-th draw of a generator seeded with `seed` (policy
-    gradient's evaluation draws the same). The batch steps in lockstep, so an environment
-    whose episode ended plays on into one that is not counted until the last one ends."""
+    """Mean return and length of `episodes` greedy episodes played by `batch`'s
+    environments, episode k seeded with the k-th draw of a generator seeded with `seed`
+    (policy gradient's evaluation draws the same), each environment taking the next episode
+    as its last one ends. The batch steps in lockstep, so an environment with no episode
+    left plays on into ones that are not counted until the last counted one ends."""
     draws = torch.Generator().manual_seed(seed)
-    seeds = [int(torch.randint(2**31 - 1, (), generator=draws).item()) for _ in range(len(batch))]
-    queue = iter(seeds)
-    batch._track(len(batch), batch.max_episode_steps)
+    seeds = [int(torch.randint(2**31 - 1, (), generator=draws).item()) for _ in range(episodes)]
+    started: list[int | None] = []  # the episode each reset began, in the batch's order
 
     def draw_seed() -> int:
-        return next(queue, 0)  # past the counted episodes: any seed
+        k = len(started)
+        started.append(k if k < episodes else None)
+        return seeds[k] if k < episodes else 0  # past the counted episodes: any seed
 
-    results: dict[int, tuple[float, int]] = {}
+    batch._track(len(batch), batch.max_episode_steps)
     observations = batch.start(draw_seed)
+    playing = list(started)  # environment i plays episode playing[i]
+    results: dict[int, tuple[float, int]] = {}
     was_training = model.training
     model.eval()
+    waves = -(-episodes // len(batch))  # each ends within max_episode_steps
     try:
-        while len(results) < len(batch):
-            logits = policy_and_value(model, torch.as_tensor(observations, device=device).float())[
-                0
-            ]
+        for _ in range(waves * batch.max_episode_steps):
+            if len(results) == episodes:
+                break
+            obs = torch.as_tensor(observations, device=device).float()
+            logits = policy_and_value(model, obs)[0]
             head.check(logits)
             step = batch.step(head.to_env(head.greedy(logits)), draw_seed)
-            ended = np.flatnonzero(np.logical_or(step.terminated, step.truncated))
-            for i, episode in zip(ended.tolist(), step.finished, strict=True):
-                results.setdefault(i, episode)
+            ended = np.flatnonzero(np.logical_or(step.terminated, step.truncated)).tolist()
+            fresh = started[len(started) - len(ended) :]  # the resets of this step, in order
+            for i, episode, new in zip(ended, step.finished, fresh, strict=True):
+                counted, playing[i] = playing[i], new
+                if counted is not None:
+                    results[counted] = episode
             observations = step.observations
     finally:
         model.train(was_training)
+    if len(results) < episodes:  # cannot happen: every episode is cut at max_episode_steps
+        raise RuntimeError(f"greedy_episodes: {len(results)} of {episodes} episodes ended")
     returns, lengths = zip(*results.values(), strict=True)
     return {"return": float(np.mean(returns)), "episode_length": float(np.mean(lengths))}
