@@ -208,12 +208,16 @@ def test_ctrl_c_during_cv_or_lr_find_is_one_line_and_exit_130(tmp_path, capsys, 
         step_end(self, loop)
 
     RangeTest.on_step_end = interrupted_range_test
+    # Python's own Ctrl-C handler, as in a terminal: a shell's background job starts with
+    # SIGINT ignored, and the signal would then never arrive
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = [command, str(config), "-q"] + (["--folds", "3"] if command == "cv" else [])
         code = main(args)
     finally:
         manager.TrainingManager._default_callbacks = original
         RangeTest.on_step_end = step_end
+        signal.signal(signal.SIGINT, inherited)
     assert code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
