@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from ..distributed import Distributed
 from .actions import ActionHead
 from .base import StepOutput
-from .rollouts import policy_and_value
+from .rollouts import episode_seed, policy_and_value
 
 __all__ = ["PolicyGradientStep"]
 
@@ -166,7 +166,7 @@ class PolicyGradientStep:
         """
         observations = []
         for env in envs:
-            seed = int(torch.randint(2**31 - 1, (), generator=seeds).item())
+            seed = episode_seed(seeds)
             observations.append(env.reset(seed=seed)[0])
         records: list[dict[str, Any]] = [
             {"log_probs": [], "entropies": [], "values": [], "rewards": [], "bootstrap": 0.0}

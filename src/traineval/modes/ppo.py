@@ -53,7 +53,7 @@ from ..distributed import Distributed
 from ..models.policies import RunningNorm
 from .actions import ActionHead
 from .base import StepOutput
-from .rollouts import EnvBatch, gae, greedy_episodes, read_policy
+from .rollouts import EnvBatch, episode_seed, gae, greedy_episodes, read_policy
 
 __all__ = ["PPOStep", "policy_outputs"]
 
@@ -303,7 +303,7 @@ class PPOStep:
         cpu, sampling = self._generators(device)
 
         def draw_seed() -> int:
-            return int(torch.randint(2**31 - 1, (), generator=cpu).item())
+            return episode_seed(cpu)
 
         norms = normalizers(model)
         was_training = model.training

@@ -46,6 +46,7 @@ from .base import Updates
 from .contract import Context, Mode, ModePlan, MonitorChoice, register
 from .policy_gradient import PolicyGradientStep
 from .ppo import PPOStep
+from .rollouts import episode_seed
 
 __all__ = ["PolicyGradientStep", "Reinforcement"]
 
@@ -301,11 +302,6 @@ class Reinforcement(Mode):
         else:
             step = self.step(factory, job=ctx.job)
             updates = self.updates_per_epoch
-        evaluator: Any = (  # with workers, validation's episodes are played in workers too
-            _Episodes(step, self.eval_episodes)
-            if self.vectorization == "async"
-            else self.step(factory, episodes=1)
-        )
         c = ctx.config
         name = "val_return" if c.monitor_metric == "val_loss" else c.monitor_metric
         minimize = c.minimize_monitor if name == c.monitor_metric else False
@@ -316,10 +312,20 @@ class Reinforcement(Mode):
             step,
             loader=Updates(updates),
             wraps_model=False,
-            evaluate=lambda model: evaluator.evaluate(model, device, seed=_fresh_seed()),
+            evaluate=self._validation(step, factory, device),
             monitor=MonitorChoice(name, minimize),
             shared_seed=True,
         )
+
+    def _validation(
+        self, step: PolicyGradientStep | PPOStep, factory: Callable[[], Any], device: torch.device
+    ) -> Callable[[nn.Module], dict[str, float]]:
+        """Validation: `eval_episodes` fresh greedy episodes, in the PPO step's worker
+        processes with vectorization='async', else in this process."""
+        if isinstance(step, PPOStep) and self.vectorization == "async":
+            return lambda model: step.evaluate(model, device, _fresh_seed(), self.eval_episodes)
+        evaluator = self.step(factory, episodes=1)
+        return lambda model: evaluator.evaluate(model, device, seed=_fresh_seed())
 
     def _rollouts(self, ctx: Context, updates_per_rollout: int) -> int:
         """How many rollouts the run collects (the clipping range decays over them)."""
@@ -330,19 +336,9 @@ class Reinforcement(Mode):
         return total
 
 
-class _Episodes:
-    """Validation through a PPO step's own environments (`PPOStep.evaluate`)."""
-
-    def __init__(self, step: Any, episodes: int) -> None:
-        self.step, self.episodes = step, episodes
-
-    def evaluate(self, model: nn.Module, device: torch.device, seed: int) -> dict[str, float]:
-        return dict(self.step.evaluate(model, device, seed, self.episodes))
-
-
 def _fresh_seed() -> int:
     """Episode seeds for one validation: fresh each time (the best checkpoint is picked on
     episodes it has not been picked on before), drawn from the global generator, whose state
     checkpoints capture and which the loop puts back after evaluating: a resumed run
     validates on the episodes an uninterrupted one would."""
-    return int(torch.randint(2**31 - 1, ()).item())
+    return episode_seed()

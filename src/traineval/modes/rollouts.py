@@ -21,10 +21,24 @@ from torch import nn
 
 from ..batches import prediction_of
 
-__all__ = ["EnvBatch", "StepResult", "gae", "greedy_episodes", "policy_and_value", "read_policy"]
+__all__ = [
+    "EnvBatch",
+    "StepResult",
+    "episode_seed",
+    "gae",
+    "greedy_episodes",
+    "policy_and_value",
+    "read_policy",
+]
 
 DrawSeed = Callable[[], int]
 Reached = dict[int, tuple[np.ndarray, float]]  # environment -> (observation, replayed return)
+
+
+def episode_seed(generator: torch.Generator | None = None) -> int:
+    """An episode's seed, drawn from `generator` (None: the global generator), so that the
+    run's random stream decides its episodes."""
+    return int(torch.randint(2**31 - 1, (), generator=generator).item())
 
 
 @dataclasses.dataclass
@@ -236,7 +250,7 @@ def greedy_episodes(
     as its last one ends. The batch steps in lockstep, so an environment with no episode
     left plays on into ones that are not counted until the last counted one ends."""
     draws = torch.Generator().manual_seed(seed)
-    seeds = [int(torch.randint(2**31 - 1, (), generator=draws).item()) for _ in range(episodes)]
+    seeds = [episode_seed(draws) for _ in range(episodes)]
     started: list[int | None] = []  # the episode each reset began, in the batch's order
 
     def draw_seed() -> int:
