@@ -45,7 +45,7 @@ from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import JsonlLogger, LoggerHub
 from .loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
 from .modes import Context, Mode, ModePlan
-from .optim import check_prefixes, freeze
+from .optim import check_prefixes, freeze, restore_schedule
 from .precision import Precision, resolve_precision
 from .resume import check_compatible, check_mode, find_checkpoint, truncate_events
 from .run_checkpoints import CHECKPOINT_FORMAT, training_weights
@@ -435,7 +435,7 @@ def optimization(
     if payload is not None:
         load_optimizer_state(model, optimizer, payload["optimizer"])
         if payload["scheduler"] is not None and scheduler is not None:
-            scheduler.load_state_dict(payload["scheduler"])
+            restore_schedule(scheduler, payload["scheduler"])
         if precision.scaler is not None and payload.get("scaler") is not None:
             precision.scaler.load_state_dict(payload["scaler"])
     forward_model: nn.Module = (

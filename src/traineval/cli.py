@@ -463,6 +463,8 @@ def _fit(config: Any, args: argparse.Namespace) -> int:
         outcome = run_experiment(config, resume_from=args.resume)
     except TrainingInterrupted as interrupted:
         return _interrupted(interrupted)
+    except KeyboardInterrupt as stopped:
+        return _stopped_at_once(stopped)
     except _failures() as error:
         return _error(error)
     elapsed = time.perf_counter() - started
@@ -500,16 +502,28 @@ def _cv_interrupted(stopped: BaseException) -> int:
 
 
 def _interrupted(interrupted: Any) -> int:
-    """A signal stopped the run after saving: say where, and how to continue (exit 128+N)."""
-    print(f"traineval: {interrupted}", file=sys.stderr)
+    """A signal stopped the run after saving: one line saying where, and how to continue
+    (exit 128+N: 130 for SIGINT, 143 for SIGTERM, what schedulers requeue on)."""
+    from .stopping import exit_status
+
     if interrupted.checkpoint:
         run_dir = Path(interrupted.checkpoint).parent.parent
-        print(
-            f"traineval: to continue, run the same command with "
-            f"training.output_dir={run_dir} --resume auto",
-            file=sys.stderr,
-        )
-    return 128 + getattr(signal, interrupted.signal_name, signal.SIGINT)
+        how = f"to continue, run the same command with training.output_dir={run_dir} --resume auto"
+    else:
+        how = "no checkpoint was written: run the command again"
+    print(f"traineval: {interrupted.what}; {how}", file=sys.stderr)
+    return exit_status(interrupted.signal_name)
+
+
+def _stopped_at_once(stopped: KeyboardInterrupt) -> int:
+    """A second Ctrl-C (or SIGTERM) stopped the command at once: one line, exit 130."""
+    why = str(stopped) or "interrupted"
+    print(
+        f"traineval: {why}; the checkpoints written before it are kept (continue with "
+        "--resume auto)",
+        file=sys.stderr,
+    )
+    return 128 + signal.SIGINT
 
 
 def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> int:

@@ -49,8 +49,9 @@ from .manager import TrainingManager, TrainingResult
 from .models import build_model
 from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised
 from .modes.actions import ActionHead, Gaussian
-from .rundir import atomic_write_json, default_run_dir, write_run_config
+from .rundir import atomic_write_json, default_run_dir, read_json_or_none, write_run_config
 from .seeding import seed_everything
+from .stopping import TrainingInterrupted, stop_if_signalled, watching_signals
 
 logger = logging.getLogger(__name__)
 
@@ -392,10 +393,25 @@ def run_experiment(
     manager.run_config = config.to_dict()
     model = parts.new_model()
     with (
+        watching_signals(),  # training and testing: a signal in either interrupts the run
         manager.hold_output_dir(),  # the run, then its records and test evaluation
         cpu_threads.applied(config.training.cpu_threads, manager.device, model),
     ):
         return _train_and_test(config, parts, manager, model, resume_from, callbacks)
+
+
+def _stop_if_signalled(out: Path, during: str) -> None:
+    """A signal that came after training (in on_train_end, the test evaluation): record the
+    run as interrupted and stop before writing test results (the resume tests it)."""
+    try:
+        checkpoints = [out / "checkpoints" / f"{name}.pt" for name in ("last", "best")]
+        found = next((str(path) for path in checkpoints if path.exists()), None)
+        stop_if_signalled(found, during)
+    except TrainingInterrupted as stopped:
+        summary = read_json_or_none(out / "summary.json") or {}
+        summary.update(status="interrupted", stop_reason=str(stopped))
+        atomic_write_json(out / "summary.json", summary)
+        raise
 
 
 def _train_and_test(
@@ -421,6 +437,7 @@ def _train_and_test(
         callbacks=callbacks,
     )
     out = Path(result.output_dir)
+    _stop_if_signalled(out, "the end of training")
     if is_sharded(model):  # FSDP: gather the full weights (every rank takes part)
         weights = model_state(model)
         model = parts.new_model()
@@ -442,6 +459,7 @@ def _train_and_test(
     test_loader = parts.loader(parts.splits.test)
     if test_loader is not None:
         test_metrics = _evaluate_split(parts, evaluator, model, test_loader, out, manager.device)
+    _stop_if_signalled(out, "the test evaluation")
     record: dict[str, Any] = {
         "evaluated": evaluated,
         "best_val": result.best_metric,
@@ -550,13 +568,15 @@ def _run_reinforcement(
     factory, model = _policy_parts(config)
     manager = TrainingManager(config.training)
     manager.run_config = config.to_dict()
-    with manager.hold_output_dir():
+    with watching_signals(), manager.hold_output_dir():
         result = manager.train(
             model, factory, mode=config.mode, resume_from=resume_from, callbacks=callbacks
         )
         out = Path(result.output_dir)
+        _stop_if_signalled(out, "the end of training")
         evaluated = _record_and_load_best(config, result, model, manager.device)
         test = _test_episodes(config, factory, model, manager.device)
+        _stop_if_signalled(out, "the test episodes")
         record = {"evaluated": evaluated, "best_val": result.best_metric, "test": test}
         record["monitor_metric"] = result.monitor_metric
         atomic_write_json(out / "evaluation" / "metrics.json", record)

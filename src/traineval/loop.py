@@ -29,6 +29,7 @@ over ranks; a signal seen by any rank stops every rank at the same log step or e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -53,6 +54,7 @@ from .optim import PlateauSchedule
 from .precision import Precision
 from .seeding import capture_rng, restore_rng
 from .steplog import NonFiniteError, StepLog, StepRecord, describe, first_non_finite
+from .stopping import TrainingInterrupted
 from .tracking import MetricsTracker, Plateau
 from .train_state import TrainState, empty_history
 
@@ -80,15 +82,6 @@ SaveFn = Callable[[str, "Loop"], Any]
 class EvaluationError(ValueError):
     """A validation could not be scored (e.g. the model predicted NaN); the training before
     it was saved as a resumable checkpoint."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal after saving a resumable checkpoint."""
-
-    def __init__(self, message: str, checkpoint: str | None, signal_name: str) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
-        self.signal_name = signal_name
 
 
 class Monitor(Plateau):
@@ -314,9 +307,15 @@ class Loop:
         self.performance = observe.performance or PerformanceMonitor(device)
         self.data_generators = list(data_generators)
         self.skip_non_finite = update.skip_non_finite  # 0: stop on the first; N: skip N
+        self._buffers: list[torch.Tensor] = []  # with skipping: the buffers, and their
+        self._buffer_backups: list[torch.Tensor] = []  # values before the window
         self.state = TrainState()
         self.resume_rng: dict[str, Any] | None = None  # RNG state at the checkpoint
         self.interrupted: str | None = None  # set by a signal handler
+        self.interrupted_during: str | None = None  # the phase the signal arrived in
+        self.phase = "training"
+        self._last_saved: tuple[Any, tuple[int, ...]] | None = None  # path, position
+        self._epoch_complete = False
         self.steps = StepLog(device, capacity=min(self.log_every_n_steps, 4096))
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
         self._save_requests: list[str] = []
@@ -376,11 +375,15 @@ class Loop:
                 state.epoch_loss_sum = state.epoch_loss_weight = 0.0
             self._call("on_epoch_start")
             train_loss = self._train_epoch(self._batches())
-            if self._signal():
-                self._save_interrupted()
+            self._stop_if_signalled()
+            if not self._epoch_complete:  # max_steps or a stop request, with batches left
+                self._close_inside_epoch(train_loss)
+                break
             logs = self._end_epoch(train_loss)
             self._call("on_epoch_end", logs)
             self._act()
+            self._stop_if_signalled()  # one that came during validation, a save, a callback
+        self._stop_if_signalled()
         state.stopped_early = self._stop_requested
         if self.weight_average is not None:
             self.weight_average.copy_to_model()
@@ -412,8 +415,14 @@ class Loop:
             self.resume_rng = None
 
     def _done(self) -> bool:
+        """Whether to stop at this step boundary: a stop request, max_steps or a signal."""
+        return self._stopping() or self._signal() is not None
+
+    def _stopping(self) -> bool:
+        """Whether the run ends before its epochs do: a stop request or max_steps (a
+        signal interrupts it instead)."""
         at_max = self.max_steps is not None and self.state.global_step >= self.max_steps
-        return self._stop_requested or at_max or self._signal() is not None
+        return self._stop_requested or at_max
 
     def _signal(self) -> str | None:
         """The signal to stop on: at once alone, once every rank agrees when distributed."""
@@ -432,13 +441,17 @@ class Loop:
         k = self.accumulation_steps
         interval_steps = interval_samples = 0
         data_seconds = 0.0
+        self._epoch_complete = False
         while not self._done():
             fetch_start = time.perf_counter()
             window = list(itertools.islice(batches, k))
             data_seconds += time.perf_counter() - fetch_start
             if not window:
+                self._epoch_complete = True
                 break
             window_start = state.batch_in_epoch
+            if self.skip_non_finite:  # a skipped step must leave the buffers as they were
+                self._backup_buffers()
             samples = self._accumulate(window)
             state.batch_in_epoch += len(window)
             if not self._optimizer_step(window_start):
@@ -554,7 +567,7 @@ class Loop:
         if logging_next and self.layer_norms:
             self._pending_layer_norms = self._layer_grad_norms()
         if self.skip_non_finite and not self._finite_now(norm):
-            return self._skip("non-finite loss or gradient")
+            return self._skip_non_finite()
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -579,6 +592,29 @@ class Loop:
         """Read the open step's loss (a sync: only under the skip policy)."""
         finite = bool(torch.isfinite(torch.stack(self.steps.open_losses())).all())
         return finite and (norm is None or bool(torch.isfinite(norm)))
+
+    def _backup_buffers(self) -> None:
+        """Copy the model's buffers (BatchNorm's running statistics and counters) before a
+        window's forward passes, which update them, into backups kept for the run."""
+        buffers = list(self.model.buffers())
+        if [id(b) for b in buffers] != [id(b) for b in self._buffers]:  # new: reallocate
+            self._buffers = buffers
+            self._buffer_backups = [b.detach().clone() for b in buffers]
+        elif buffers:
+            torch._foreach_copy_(self._buffer_backups, buffers)
+
+    def _skip_non_finite(self) -> bool:
+        """Skip this window's update: its forward passes' buffer updates are undone, the
+        GradScaler's record of the unscaling is cleared without lowering its scale."""
+        with torch.no_grad():
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._buffer_backups)
+        scaler = self.precision.scaler
+        if scaler is not None:
+            kept = scaler.state_dict()
+            scaler.update()  # forgets the unscale_ (and lowers the scale, undone next)
+            scaler.load_state_dict(kept)
+        return self._skip("non-finite loss or gradient")
 
     def _skip(self, why: str) -> bool:
         state = self.state
@@ -668,7 +704,7 @@ class Loop:
         # seed trains the same with or without validation, at any eval_frequency.
         streams = capture_rng()
         try:
-            with self.weights_to_keep():
+            with self.weights_to_keep(), self._in_phase(f"validation at step {state.global_step}"):
                 metrics = self.evaluate_fn(self.forward_model)
         except ValueError as error:  # the metrics cannot be computed (NaN predictions, ...)
             restore_rng(streams, None)
@@ -706,7 +742,9 @@ class Loop:
             self.state.best_step = self.state.global_step
         return improved
 
-    def _end_epoch(self, train_loss: float) -> dict[str, Any]:
+    def _end_epoch(self, train_loss: float, complete: bool = True) -> dict[str, Any]:
+        """Evaluate (unless this update just did), record the epoch; `complete`: its batches
+        are all trained on (else the position stays, for a resume inside it)."""
         state = self.state
         eval_logs = None
         if state.last_eval_step != state.global_step:
@@ -729,10 +767,30 @@ class Loop:
             logs["improved"] = self._observe(train_loss)
             if isinstance(self.scheduler, PlateauSchedule):
                 self.scheduler.step_on_metric(train_loss)
-        state.batch_in_epoch = 0
-        state.finished = self._done() or state.epoch >= self.num_epochs
+        if complete:
+            state.batch_in_epoch = 0
+        state.finished = self._stopping() or (complete and state.epoch >= self.num_epochs)
         self._emit("epoch", {"train_loss": train_loss, "learning_rate": lr})
+        logs["epoch_complete"] = complete
         return logs
+
+    def _close_inside_epoch(self, train_loss: float) -> None:
+        """The run ends with batches of this epoch left (max_steps, a stop request); the
+        position stays where it is. At max_steps a longer run may continue from here: the
+        resume point is saved first, since the closing evaluation below is one an
+        uninterrupted longer run would not make (it must not reach the resumed monitor,
+        schedule or early stopping). Then evaluate and report the partial epoch."""
+        state = self.state
+        extendable = not self._stop_requested
+        if extendable:
+            state.stop_reason = state.stop_reason or f"max_steps={self.max_steps} reached"
+            state.finished = True
+            self._save_last()
+        logs = self._end_epoch(train_loss, complete=False)
+        self._call("on_epoch_end", logs)
+        if extendable:
+            self._save_requests = [name for name in self._save_requests if name != "last"]
+        self._act()
 
     def _log_train(self, stats: dict[str, float]) -> None:
         state = self.state
@@ -775,8 +833,9 @@ class Loop:
         )
 
     def _call(self, hook: str, *args: Any) -> None:
-        for callback in self.callbacks:
-            getattr(callback, hook)(self.control, *args)
+        with self._in_phase(f"the {hook} callbacks"):
+            for callback in self.callbacks:
+                getattr(callback, hook)(self.control, *args)
 
     def _call_on_exception(self, error: BaseException) -> None:
         """Let each callback release what it holds; their own errors are logged, so the
@@ -793,42 +852,82 @@ class Loop:
         if self.save_fn is None or not requests:
             return
         self._read_steps()
-        for name in requests:
-            self.save_fn(name, self)
+        with self._in_phase("a checkpoint write"):
+            for name in requests:
+                self._save(name)
+
+    def _save(self, name: str) -> Any:
+        assert self.save_fn is not None
+        path = self.save_fn(name, self)
+        if name == "last":
+            self._last_saved = (path, self._position())
+        return path
+
+    def _save_last(self) -> Any:
+        """Write `last` at this point (the resume point), unless it already holds it."""
+        if self.save_fn is None:
+            return None
+        if self._last_saved is not None and self._last_saved[1] == self._position():
+            return self._last_saved[0]
+        self._read_steps()
+        with self._in_phase("a checkpoint write"):
+            return self._save("last")
+
+    def _position(self) -> tuple[int, ...]:
+        """Where the run is: a checkpoint written at an equal position holds the same state."""
+        s = self.state
+        return (s.epoch, s.batch_in_epoch, s.global_step, len(s.history["val_steps"]),
+                len(s.history["epoch"]), s.skipped_steps)  # fmt: skip
+
+    @contextlib.contextmanager
+    def _in_phase(self, phase: str) -> Iterator[None]:
+        """Name what the loop is doing, for the message of a signal that arrives meanwhile."""
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = outer
+
+    def signalled(self, name: str) -> None:
+        """A signal arrived (the signal watch calls this): stop at the next consistent point."""
+        if self.interrupted is None:
+            self.interrupted, self.interrupted_during = name, self.phase
+
+    def _stop_if_signalled(self) -> None:
+        if self._signal():
+            self._save_interrupted()
 
     def _failed_evaluation(self, reason: str) -> NoReturn:
         """A validation that cannot be scored: save the training done so far as a resumable
-        `last` checkpoint (from before this evaluation), then stop naming where and why."""
-        path = None
-        if self.save_fn is not None:
-            self._read_steps()
-            path = self.save_fn("last", self)
+        `last` checkpoint (from before this evaluation), then stop naming where and why. A
+        model whose weights are not finite is not saved (the earlier checkpoints stay)."""
+        where = f"validation at epoch {self.state.epoch}, step {self.state.global_step} failed"
+        try:
+            path = self._save_last()
+        except NonFiniteError as refused:
+            raise EvaluationError(
+                f"{where}: {reason}; {refused}: resuming from it would come back here; lower "
+                "learning_rate, clip gradients (max_grad_norm) or check the data"
+            ) from None
         saved = (
-            f"the training so far is saved in {str(path)!r} (resume_from='auto', or --resume "
-            "auto, redoes this validation)"
+            f"the training so far is saved in {str(path)!r}; a resume (resume_from='auto', or "
+            "--resume auto) redoes this validation, which fails again unless what made it "
+            "fail changes"
             if path
             else "no checkpoint was written"
         )
-        raise EvaluationError(
-            f"validation at epoch {self.state.epoch}, step {self.state.global_step} failed: "
-            f"{reason}; {saved}"
-        )
+        raise EvaluationError(f"{where}: {reason}; {saved}")
 
     def _save_interrupted(self) -> None:
         """Save a resumable `last` checkpoint at this step boundary and stop."""
         signal_name = self._signal() or "signal"
-        path = None
-        if self.save_fn is not None:
-            self._read_steps()
-            path = self.save_fn("last", self)
-        where = f"epoch {self.state.epoch}, step {self.state.global_step}"
+        path = self._save_last()
+        during = f" during {self.interrupted_during}" if self.interrupted_during else ""
+        where = f"epoch {self.state.epoch}, step {self.state.global_step}{during}"
         how = (
             f"resume with resume_from={str(path)!r} (or 'auto')"
             if path
             else "no checkpoint was written"
         )
-        raise TrainingInterrupted(
-            f"training interrupted by {signal_name} at {where}; {how}",
-            str(path) if path else None,
-            signal_name,
-        )
+        what = f"training interrupted by {signal_name} at {where}"
+        raise TrainingInterrupted(f"{what}; {how}", str(path) if path else None, signal_name, what)

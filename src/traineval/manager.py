@@ -45,7 +45,6 @@ from .modes.contract import closing_step
 from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
 from .precision import Precision, resolve_device
-from .resume import stop_on_signals
 from .run_checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_payload,
@@ -53,7 +52,13 @@ from .run_checkpoints import (
     restore_loop,
     save_from_loop,
 )
-from .rundir import RunDirInUse, atomic_write_json, default_run_dir, run_dir_lock
+from .rundir import (
+    RunDirInUse,
+    atomic_write_json,
+    default_run_dir,
+    read_json_or_none,
+    run_dir_lock,
+)
 from .seeding import (
     capture_rng,
     data_generators,
@@ -61,6 +66,7 @@ from .seeding import (
     restore_rng,
 )
 from .steplog import NonFiniteError
+from .stopping import TrainingInterrupted, watching_signals
 from .tracking import MetricsTracker
 
 logger = logging.getLogger(__name__)
@@ -83,6 +89,9 @@ class TrainingResult(Mapping[str, Any]):
     train_seconds: float
     performance: dict[str, Any]
     checkpoints: dict[str, str]
+    # "finished" (its epochs or max_steps), "stopped early", "interrupted" (a signal: resume
+    # it), "failed" (an error: `stop_reason` names it)
+    status: str = "finished"
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._keys():
@@ -309,7 +318,16 @@ class TrainingManager:
         model.load_state_dict(payload["model"])
         state = TrainState()
         state.load_state_dict(payload["loop"])
-        return self._result(state, monitor.name, 0.0, {})
+        result = self._result(state, monitor.name, 0.0, {})
+        earlier = read_json_or_none(self.output_dir / "summary.json")
+        if earlier is not None and earlier.get("global_step") == state.global_step:
+            # the run's own record (its time, checkpoints), marked finished again where a
+            # signal had stopped its test phase
+            result.train_seconds = earlier.get("train_seconds", 0.0)
+            result.performance = earlier.get("performance", {})
+            result.checkpoints = earlier.get("checkpoints", {})
+        self._write_summary(result)
+        return result
 
     def _loop(
         self,
@@ -365,17 +383,30 @@ class TrainingManager:
         last checkpoint write; write summary.json; close the loggers."""
         started = time.perf_counter()
         try:
-            with deterministic_algorithms(self.config.deterministic), stop_on_signals(loop):
-                state = loop.run()
+            try:
+                with (
+                    deterministic_algorithms(self.config.deterministic),
+                    watching_signals(loop.signalled),
+                ):
+                    state = loop.run()
+            except Exception as error:  # summary.json says the run did not finish, and why
+                if writer is not None:
+                    writer.wait()
+                status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
+                seconds = time.perf_counter() - started
+                self._write_summary(
+                    self._result(loop.state, monitor.name, seconds, checkpoints),
+                    status,
+                    str(error) if status == "interrupted" else f"{type(error).__name__}: {error}",
+                )
+                raise
             if writer is not None:
                 writer.wait()  # success is reported once the last checkpoint is on disk
             if state.best_metric is not None:
                 hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
             self.early_stopping_counter = monitor.num_bad
             result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
-            summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
-            if self.distributed.is_main:
-                atomic_write_json(self.output_dir / "summary.json", summary)
+            self._write_summary(result)
         finally:
             try:
                 if writer is not None:
@@ -464,6 +495,17 @@ class TrainingManager:
             data_generators=data_generators(data.batches),
         )
 
+    def _write_summary(
+        self, result: TrainingResult, status: str | None = None, reason: str | None = None
+    ) -> None:
+        """`summary.json`: the result without its history; `status` and `reason` override a
+        run that did not finish (rank 0 writes)."""
+        summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
+        if status is not None:
+            summary["status"], summary["stop_reason"] = status, reason
+        if self.distributed.is_main:
+            atomic_write_json(self.output_dir / "summary.json", summary)
+
     def _result(
         self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]
     ) -> TrainingResult:
@@ -485,6 +527,7 @@ class TrainingManager:
             train_seconds=seconds,
             performance=self.performance_monitor.summary(),
             checkpoints=checkpoints,
+            status="stopped early" if state.stopped_early else "finished",
         )
 
     def _default_callbacks(self) -> list[Callback]:

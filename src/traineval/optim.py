@@ -24,6 +24,7 @@ __all__ = [
     "configured_optimizer",
     "freeze",
     "parameter_groups",
+    "restore_schedule",
 ]
 
 logger = logging.getLogger(__name__)
@@ -237,6 +238,75 @@ class PlateauSchedule(torch.optim.lr_scheduler.LambdaLR):
         state = dict(state_dict)
         self.plateau.load_state_dict(state.pop("plateau"))
         super().load_state_dict(state)
+
+
+_PLAN = ("shape", "warmup_steps", "total_steps", "min_ratio", "step_size", "gamma")
+
+
+def restore_schedule(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]
+) -> None:
+    """Load a checkpoint's schedule state into `scheduler`, which was planned for this run.
+
+    The position (updates done, a plateau's reductions) comes from the checkpoint; the plan
+    (warmup, length, shape) is this run's, so a run resumed with a longer `max_steps` or
+    `num_epochs` follows its new plan from the resumed update on, with a warning naming both
+    plans where the learning rates differ. OneCycleLR cannot be re-planned: a changed length
+    is refused.
+    """
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        if state.get("total_steps") != scheduler.total_steps:
+            raise ValueError(
+                f"cannot resume: the onecycle schedule was planned over {state.get('total_steps')} "
+                f"optimizer updates, this run has {scheduler.total_steps}, and a one-cycle "
+                "schedule cannot be re-planned mid-run; resume with the checkpoint's num_epochs "
+                "and max_steps"
+            )
+        scheduler.load_state_dict(state)
+        return
+    lambdas = getattr(scheduler, "lr_lambdas", [])  # one object may serve every group
+    shapes = list({id(fn): fn for fn in lambdas if isinstance(fn, _WarmupShape)}.values())
+    planned = [{key: getattr(fn, key) for key in _PLAN} for fn in shapes]
+    scheduler.load_state_dict(state)
+    changed = False
+    for fn, plan in zip(shapes, planned, strict=True):
+        saved = {key: getattr(fn, key) for key in _PLAN}
+        for key, value in plan.items():
+            setattr(fn, key, value)
+        changed = changed or _plans_differ(saved, plan, scheduler.last_epoch)
+    if changed and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, rate, base in zip(
+            scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
+        ):
+            group["lr"] = base * rate(scheduler.last_epoch)
+        old, new = _lengths(saved), _lengths(plan)
+        logger.warning(
+            "RESUMING WITH ANOTHER SCHEDULE: the %s schedule was planned as %s and is now %s; "
+            "from update %d on the learning rate follows the new plan, so the run will not "
+            "equal an uninterrupted one planned this way from the start",
+            plan["shape"],
+            old,
+            new,
+            scheduler.last_epoch,
+        )
+
+
+def _plans_differ(old: dict[str, Any], new: dict[str, Any], t: int) -> bool:
+    """Whether two plans give another learning rate at some update from `t` (0-based) on."""
+    reshaped = any(old[k] != new[k] for k in ("shape", "min_ratio", "step_size", "gamma"))
+    warmup = old["warmup_steps"] != new["warmup_steps"]
+    span = (old["total_steps"], old["warmup_steps"]) != (new["total_steps"], new["warmup_steps"])
+    if reshaped or (old["shape"] in ("cosine", "linear") and span):
+        return True
+    return warmup and t < max(old["warmup_steps"], new["warmup_steps"])
+
+
+def _lengths(plan: dict[str, Any]) -> str:
+    """The parts of a plan that a run's length changes, in words."""
+    words = f"warmup {plan['warmup_steps']}"
+    if plan["shape"] in ("cosine", "linear"):
+        words += f" over {plan['total_steps']} updates"
+    return words
 
 
 def configured_optimizer(

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +17,10 @@ logger = logging.getLogger(__name__)
 # value would not continue the run, it would start a different one. (A mode names its own
 # such settings: `Mode.resume_fixed`.)
 REFUSED_CHANGES = ("batch_size", "gradient_accumulation_steps", "seed")
-# Fields that change the trajectory from here on, which a user may want (e.g. train longer).
+# Fields that change the trajectory from here on, which a user may want. (A longer or
+# shorter run, num_epochs and max_steps, changes it only where the schedule's plan depends on
+# the length: `optim.restore_schedule` warns then, naming both plans.)
 WARNED_CHANGES = (
-    "num_epochs",
-    "max_steps",
     "learning_rate",
     "weight_decay",
     "scheduler_type",
@@ -187,28 +183,3 @@ def truncate_events(path: Path, step: int) -> None:
             if record.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(kept))
-
-
-@contextlib.contextmanager
-def stop_on_signals(loop: Any) -> Iterator[None]:
-    """While training, SIGTERM and Ctrl-C ask the loop to save and stop at the next step.
-
-    A second signal stops at once (KeyboardInterrupt). Only the main thread installs handlers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if loop.interrupted is not None:
-            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
-        loop.interrupted = name
-        logger.warning("%s received: saving a checkpoint at the next step boundary", name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

@@ -24,6 +24,7 @@ from .checkpoint_writer import CheckpointWriter, untied
 from .config import TrainingConfig
 from .distributed import Distributed, is_sharded, model_state, optimizer_state
 from .seeding import capture_rng
+from .steplog import NonFiniteError
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ def save_from_loop(
     if loop.weight_average is not None:  # the model's weights are the average; resume needs both
         averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
     if job.is_main:
+        refuse_non_finite(weights, path)
         state = loop.state
         payload = checkpoint_payload(
             name,
@@ -133,6 +135,23 @@ def save_from_loop(
             save_checkpoint_file(payload, path)
     job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
     return path
+
+
+def refuse_non_finite(weights: dict[str, Any], path: Path) -> None:
+    """Refuse to write `path` when a parameter or buffer in `weights` holds NaN or inf
+    (`NonFiniteError` naming it): the previous file stays, and a resume never starts from
+    a poisoned state. One check of every tensor, read back once."""
+    names = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return
+    finite = torch.stack([torch.isfinite(weights[k]).all().cpu() for k in names])
+    if bool(finite.all()):
+        return
+    bad = names[int((~finite).nonzero()[0])]
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+    raise NonFiniteError(
+        f"refusing to write {path.name}: the model's {bad!r} holds NaN or infinite values; {kept}"
+    )
 
 
 def _save_in_background(

@@ -115,6 +115,15 @@ def atomic_write_json(path: str | Path, value: object) -> Path:
     return atomic_write_text(path, json.dumps(value, indent=2))
 
 
+def read_json_or_none(path: str | Path) -> Any:
+    """A JSON file's value; None when it is missing or does not parse (a run's own record,
+    read to be rewritten)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def write_run_config(record: dict[str, Any], output_dir: str | Path) -> Path:
     """A run config's sections (`RunConfig.to_dict()`) as `output_dir/config.yaml`, with
     `training.output_dir` naming that folder (the record itself is not changed)."""

@@ -39,7 +39,8 @@ class ModelCheckpoint(Callback):
         if self.save_best and logs.get("improved"):
             loop.request_save("best")
         epoch = loop.state.epoch
-        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+        complete = logs.get("epoch_complete", True)  # else a run ending inside the epoch
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and complete:
             loop.request_save(f"epoch-{epoch:04d}")
         if self.save_last:
             loop.request_save("last")

@@ -1,0 +1,404 @@
+"""Every way a run stops records where it stopped: a resume from there ends equal to the run
+that never stopped (every parameter, buffer and optimizer tensor; the same update count)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from test_consistency import _partly_labeled
+from test_meta_learning import _episodes
+from test_ppo import PPO
+from test_reinforcement import RL, ActorCritic, Walk
+from traineval import Callback, TrainingManager
+from traineval.checkpoint import load_checkpoint_file
+from traineval.loop import TrainingInterrupted
+from traineval.models import VAE
+from traineval.modes import (
+    Federated,
+    MetaLearning,
+    Mode,
+    ModePlan,
+    SemiSupervised,
+    StepOutput,
+    Unsupervised,
+)
+
+from conftest import make_classification, plain_sgd_config
+
+
+class PenaltyStep:
+    """A user's step: cross-entropy plus an L2 penalty on the outputs."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight_of_penalty = weight
+
+    def weight(self, batch: Any) -> int:
+        return len(batch[1])
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        x, y = batch
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y) + self.weight_of_penalty * out.pow(2).mean()
+        return StepOutput(loss=loss, weight=len(y), num_samples=len(y))
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalised(Mode):
+    """A user's own mode, unregistered: trained by instance."""
+
+    name: ClassVar[str] = "penalised_stops_test"
+    penalty: float = 0.01
+
+    def plan(self, ctx: Any) -> ModePlan:
+        return ModePlan(PenaltyStep(self.penalty))
+
+
+def _mlp_with_batch_norm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3)
+    )
+
+
+def _shuffled(data: Any, batch_size: int = 8) -> DataLoader:
+    return DataLoader(data, batch_size, shuffle=True, generator=torch.Generator().manual_seed(4))
+
+
+def _vae() -> nn.Module:
+    torch.manual_seed(0)
+    return VAE(8, hidden_sizes=(6,), latent_dim=2)
+
+
+@dataclasses.dataclass
+class Case:
+    """One mode's tiny run: `model()`, `data()` -> (train, val), its mode and settings;
+    `stop_at`: a max_steps inside an epoch (where the mode has several updates an epoch)."""
+
+    model: Any
+    data: Any
+    mode: Any
+    stop_at: int
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _classification() -> tuple[Any, Any]:
+    val = DataLoader(make_classification(n=24, seed=1), batch_size=12)
+    return _shuffled(make_classification(n=60)), val  # 8 batches an epoch
+
+
+CASES = {
+    "supervised": Case(_mlp_with_batch_norm, _classification, "supervised", 5),
+    "users_mode": Case(_mlp_with_batch_norm, _classification, Penalised(), 11),
+    "semi_supervised": Case(
+        _mlp_with_batch_norm,
+        lambda: (_shuffled(_partly_labeled()), None),
+        SemiSupervised(algorithm="pseudo_label", pseudo_label_threshold=0.0),
+        4,
+    ),
+    "unsupervised": Case(
+        _vae, lambda: (_shuffled(make_classification(n=40)), None), Unsupervised("elbo"), 3
+    ),
+    "meta_learning": Case(
+        lambda: nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)),
+        lambda: (DataLoader(_episodes(), batch_size=2), None),
+        MetaLearning(inner_lr=0.3, inner_steps=2),
+        3,
+    ),
+    "policy_gradient": Case(ActorCritic, lambda: (Walk, None), RL, 4),
+    "ppo": Case(ActorCritic, lambda: (Walk, None), PPO, 8),
+    "federated": Case(
+        _mlp_with_batch_norm,
+        _classification,
+        Federated(clients=4, client_fraction=0.5, local_epochs=1),
+        2,  # one update (a round) an epoch: the stop falls between epochs
+    ),
+}
+
+
+def _train(case: Case, folder: Any, quiet_config: dict[str, Any], **length: Any) -> Any:
+    quiet_config = {**quiet_config, "output_dir": str(folder)}
+    resume = length.pop("resume_from", None)
+    settings = {"num_epochs": 3, "learning_rate": 0.05, "optimizer_type": "adamw", "seed": 7}
+    settings["batch_size"] = 8
+    config = plain_sgd_config(quiet_config, **{**settings, **case.settings, **length})
+    torch.manual_seed(0)
+    model = case.model()
+    train, val = case.data()
+    result = TrainingManager(config).train(model, train, val, mode=case.mode, resume_from=resume)
+    return model, result
+
+
+def assert_same_run(a: nn.Module, b: nn.Module, folder_a: Any, folder_b: Any) -> None:
+    """Every parameter and buffer, and every optimizer tensor of the two runs' last.pt."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    saved_a = load_checkpoint_file(folder_a / "checkpoints" / "last.pt")["optimizer"]
+    saved_b = load_checkpoint_file(folder_b / "checkpoints" / "last.pt")["optimizer"]
+    for key, state in saved_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(saved_b["state"][key][name]))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_max_steps_stop_then_a_longer_run_equals_the_uninterrupted_run(
+    name, quiet_config, tmp_path, caplog
+):
+    case = CASES[name]
+    straight, expected = _train(case, tmp_path / "straight", quiet_config)
+    _, stopped = _train(case, tmp_path / "stopped", quiet_config, max_steps=case.stop_at)
+    assert stopped["global_step"] == case.stop_at
+    assert stopped["status"] == "finished"
+    saved = load_checkpoint_file(tmp_path / "stopped" / "checkpoints" / "last.pt")["loop"]
+    assert saved["global_step"] == case.stop_at
+    if name != "federated":  # the others stop with batches of the epoch left
+        assert saved["batch_in_epoch"] > 0
+    with caplog.at_level(logging.WARNING):
+        resumed, result = _train(
+            case, tmp_path / "stopped", quiet_config, max_steps=None, resume_from="auto"
+        )
+    assert "RESUMING WITH" not in caplog.text  # the constant schedule: nothing differs
+    assert result["global_step"] == expected["global_step"]
+    assert_same_run(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_the_resume_warning_names_the_plans_only_when_they_differ(quiet_config, tmp_path, caplog):
+    case = dataclasses.replace(
+        CASES["supervised"], settings={"scheduler_type": "cosine", "warmup_steps": 2}
+    )
+    _train(case, tmp_path, quiet_config, max_steps=5)
+    with caplog.at_level(logging.WARNING):
+        _train(case, tmp_path, quiet_config, max_steps=None, resume_from="auto")
+    assert (
+        "the cosine schedule was planned as warmup 2 over 5 updates and is now warmup 2 over "
+        "24 updates; from update 5 on the learning rate follows the new plan" in caplog.text
+    )
+    onecycle = dataclasses.replace(CASES["supervised"], settings={"scheduler_type": "onecycle"})
+    _train(onecycle, tmp_path / "one", quiet_config, max_steps=5)
+    with pytest.raises(ValueError, match=r"onecycle schedule was planned over 5 optimizer upd"):
+        _train(onecycle, tmp_path / "one", quiet_config, max_steps=None, resume_from="auto")
+
+
+class SignallingLoader:
+    """A validation loader that sends this process a real SIGTERM while it is iterated for
+    the `at`-th time (the epoch-`at` validation)."""
+
+    def __init__(self, loader: DataLoader, at: int) -> None:
+        self.loader, self.at, self.count = loader, at, 0
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        self.count += 1
+        for i, batch in enumerate(self.loader):
+            if i == 1 and self.count == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def test_sigterm_during_validation_interrupts_and_resumes_exactly(quiet_config, tmp_path):
+    case = CASES["supervised"]
+    straight, expected = _train(case, tmp_path / "straight", quiet_config)
+    val = case.data()[1]
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM at epoch 1, step 8 during valid"):
+        _train_with(case, tmp_path / "stopped", quiet_config, SignallingLoader(val, 1))
+    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert "during validation" in summary["stop_reason"]
+    saved = load_checkpoint_file(tmp_path / "stopped" / "checkpoints" / "last.pt")["loop"]
+    assert (saved["epoch"], saved["global_step"], saved["finished"]) == (1, 8, False)
+    resumed, result = _train(case, tmp_path / "stopped", quiet_config, resume_from="auto")
+    assert result["global_step"] == expected["global_step"]
+    assert result["status"] == "finished"
+    assert_same_run(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+
+
+def _train_with(case: Case, folder: Any, quiet_config: dict[str, Any], val: Any) -> Any:
+    config = plain_sgd_config(
+        {**quiet_config, "output_dir": str(folder)},
+        num_epochs=3,
+        batch_size=8,
+        learning_rate=0.05,
+        optimizer_type="adamw",
+        seed=7,
+    )
+    torch.manual_seed(0)
+    model = case.model()
+    train, _ = case.data()
+    return TrainingManager(config).train(model, train, val, mode=case.mode)
+
+
+def _signal_on_call(monkeypatch: Any, owner: Any, name: str, at: int) -> None:
+    """Replace `owner.name` by a wrapper that sends SIGTERM to this process inside its
+    `at`-th call, then finishes the call."""
+    original = getattr(owner, name)
+    calls = [0]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+@pytest.mark.parametrize("phase", ["validation", "checkpoint write", "test evaluation"])
+def test_a_sigterm_in_any_phase_of_fit_exits_143_and_resumes_to_the_same_run(
+    phase, tmp_path, monkeypatch, capsys
+):
+    from traineval import experiment, run_checkpoints
+    from traineval.cli import main
+    from traineval.evaluation.model_evaluator import ModelEvaluator
+
+    from conftest import iris_demo
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert main(iris_demo(straight, "training.num_epochs=3")) == 0
+    with monkeypatch.context() as patch:
+        if phase == "validation":  # epoch 2's
+            _signal_on_call(patch, ModelEvaluator, "evaluate_model", 2)
+        elif phase == "checkpoint write":  # epoch 2's last.pt (best.pt, last.pt each epoch)
+            _signal_on_call(patch, run_checkpoints, "save_checkpoint_file", 4)
+        else:
+            _signal_on_call(patch, experiment, "_evaluate_split", 1)
+        capsys.readouterr()
+        assert main(iris_demo(run, "training.num_epochs=3")) == 143
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("traineval")]
+    assert len(err) == 1, err
+    assert f"training.output_dir={run} --resume auto" in err[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert not (run / "evaluation" / "metrics.json").exists()  # no test results
+    assert main([*iris_demo(run, "training.num_epochs=3"), "--resume", "auto"]) == 0
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    ours = load_checkpoint_file(run / "checkpoints" / "last.pt")
+    theirs = load_checkpoint_file(straight / "checkpoints" / "last.pt")
+    assert ours["global_step"] == theirs["global_step"]
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    tested = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
+    assert tested == json.loads((straight / "evaluation" / "metrics.json").read_text())["test"]
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
+    from traineval.cli import main
+    from traineval.evaluation.model_evaluator import ModelEvaluator
+
+    from conftest import iris_demo
+
+    original = ModelEvaluator.evaluate_model
+
+    def twice(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ModelEvaluator, "evaluate_model", twice)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        capsys.readouterr()
+        assert main(iris_demo(tmp_path / "run", "training.num_epochs=2")) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("traineval")]
+    assert err == [
+        "traineval: second SIGINT: stopping at once; the checkpoints written before it are "
+        "kept (continue with --resume auto)"
+    ]
+
+
+class Snapshot(Callback):
+    """Every parameter, buffer and optimizer tensor after each update's hooks."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, loop: Any) -> None:
+        state = {f"model.{k}": v.clone() for k, v in loop.model.state_dict().items()}
+        for i, group in enumerate(loop.optimizer.state.values()):
+            state.update({f"opt.{i}.{k}": torch.as_tensor(v).clone() for k, v in group.items()})
+        self.states[loop.state.global_step] = state
+
+
+def _batch_norm_net() -> nn.Module:
+    torch.manual_seed(0)  # no dropout: the skipped forward pass draws no random numbers
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_skipped_step_leaves_parameters_buffers_and_optimizer_as_they_were(
+    precision, quiet_config, tmp_path
+):
+    x, y = make_classification(n=64).tensors
+    x = x.clone()
+    x[21, 3] = float("nan")  # one sample of batch 3 (batch size 8): its loss is NaN
+    data = torch.utils.data.TensorDataset(x, y)
+    config = plain_sgd_config(
+        {**quiet_config, "output_dir": str(tmp_path)},
+        num_epochs=1,
+        batch_size=8,
+        optimizer_type="adamw",
+        skip_nonfinite_steps=1,
+        precision=precision,
+        mixed_precision=precision != "fp32",
+    )
+    model = _batch_norm_net()
+    snapshot = Snapshot()
+    result = TrainingManager(config).train(model, DataLoader(data, 8), callbacks=[snapshot])
+    assert result["global_step"] == 7  # 8 batches, one skipped
+    # batch 3 was skipped: from there the run is the run without batch 3
+    straight = _batch_norm_net()
+    reference = plain_sgd_config(
+        {**quiet_config, "output_dir": str(tmp_path / "ref")},
+        num_epochs=1,
+        batch_size=8,
+        optimizer_type="adamw",
+        precision=precision,
+        mixed_precision=precision != "fp32",
+    )
+    kept = [i for i in range(64) if not 16 <= i < 24]  # batch 3 left out
+    clean = torch.utils.data.TensorDataset(x[kept], y[kept])
+    other = Snapshot()
+    TrainingManager(reference).train(straight, DataLoader(clean, 8), callbacks=[other])
+    for step in (2, 3, 7):
+        mine, theirs = snapshot.states[step], other.states[step]
+        for key, value in theirs.items():
+            assert torch.equal(mine[key], value), (step, key)
+    saved = load_checkpoint_file(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_no_checkpoint_is_written_with_a_non_finite_buffer(quiet_config, tmp_path):
+    from traineval.steplog import NonFiniteError
+
+    class Poison(Callback):
+        def on_step_end(self, loop: Any) -> None:
+            if loop.state.global_step == 5:
+                loop.model[1].running_var.fill_(float("nan"))
+
+    config = plain_sgd_config(
+        {**quiet_config, "output_dir": str(tmp_path)},
+        num_epochs=2,
+        batch_size=8,
+        checkpoint_every_n_steps=4,
+    )
+    train, _ = _classification()
+    with pytest.raises(
+        NonFiniteError,
+        match=r"refusing to write last\.pt: the model's "
+        r"'1\.running_var' holds NaN or infinite values; the previous last\.pt",
+    ):
+        TrainingManager(config).train(_mlp_with_batch_norm(), train, callbacks=[Poison()])
+    assert load_checkpoint_file(tmp_path / "checkpoints" / "last.pt")["global_step"] == 4
