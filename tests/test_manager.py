@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -78,7 +80,7 @@ def test_run_directory_records_config_metrics_and_checkpoints(quiet_config, tmp_
     assert checkpoint["global_step"] == 16
     assert checkpoint["config"]["batch_size"] == 16
     assert {"model", "optimizer", "scheduler", "loop", "rng", "tracker"} <= set(checkpoint)
-    assert len(checkpoint["loop"]["history"]["train_loss"]) == 4
+    assert len(json.loads(checkpoint["loop"]["history"])["train_loss"]) == 4  # one string
     fresh = make_mlp(seed=99)
     manager.load_checkpoint(run / "checkpoints" / "last.pt", fresh)
     assert all(

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from traineval import Callback, TrainingConfig, TrainingManager
 from traineval.checkpoint import load_checkpoint_file
 from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted
+from traineval.loop import TrainingInterrupted, TrainState
 
 from conftest import InterruptAt, make_classification
 
@@ -96,7 +96,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, workers, interru
     assert result["global_step"] == 4 * 7
     assert_same_state(straight, resumed, straight_dir, resumed_dir)
     assert step_losses(resumed_dir) == step_losses(straight_dir)
-    straight_history = load_checkpoint_file(straight_dir / "checkpoints" / "last.pt")["loop"]
+    straight_state = TrainState()
+    straight_state.load_state_dict(
+        load_checkpoint_file(straight_dir / "checkpoints" / "last.pt")["loop"]
+    )
+    straight_history = {"history": straight_state.history}
     assert result["training_history"]["train_loss"] == straight_history["history"]["train_loss"]
     assert result["training_history"]["val_metrics"] == straight_history["history"]["val_metrics"]
 

@@ -269,8 +269,8 @@ def test_a_sigterm_in_any_phase_of_fit_exits_143_and_resumes_to_the_same_run(
     with monkeypatch.context() as patch:
         if phase == "validation":  # epoch 2's
             _signal_on_call(patch, ModelEvaluator, "evaluate_model", 2)
-        elif phase == "checkpoint write":  # epoch 2's last.pt (best.pt, last.pt each epoch)
-            _signal_on_call(patch, run_checkpoints, "save_checkpoint_file", 4)
+        elif phase == "checkpoint write":  # the run's first: epoch 1's best.pt
+            _signal_on_call(patch, run_checkpoints, "save_checkpoint_file", 1)
         else:
             _signal_on_call(patch, experiment, "_evaluate_split", 1)
         capsys.readouterr()
@@ -402,3 +402,52 @@ def test_no_checkpoint_is_written_with_a_non_finite_buffer(quiet_config, tmp_pat
     ):
         TrainingManager(config).train(_mlp_with_batch_norm(), train, callbacks=[Poison()])
     assert load_checkpoint_file(tmp_path / "checkpoints" / "last.pt")["global_step"] == 4
+
+
+class KeepBest(Callback):
+    """The weights at each improvement of the monitored metric."""
+
+    def on_epoch_end(self, loop: Any, logs: dict[str, Any]) -> None:
+        if logs["improved"]:
+            self.best = {k: v.clone() for k, v in loop.model.state_dict().items()}
+            self.step = loop.state.global_step
+
+
+def test_checkpoints_put_off_by_the_write_budget_hold_the_best_and_the_final_state(
+    quiet_config, tmp_path, monkeypatch
+):
+    from traineval import run_checkpoints
+    from traineval.loop import Loop
+
+    written: list[str] = []
+    save = run_checkpoints.save_checkpoint_file
+    monkeypatch.setattr(
+        run_checkpoints,
+        "save_checkpoint_file",
+        lambda payload, path: (written.append(path.name), save(payload, path))[1],
+    )
+    monkeypatch.setattr(Loop, "_writes_within_budget", lambda self: len(written) < 2)
+    keep = KeepBest()
+    config = plain_sgd_config(
+        {**quiet_config, "output_dir": str(tmp_path)},
+        num_epochs=6,
+        batch_size=8,
+        optimizer_type="adamw",
+        learning_rate=0.01,
+        checkpoint_save_frequency=0,
+        monitor_metric="train_loss",
+    )
+    train, val = _classification()
+    model = _mlp_with_batch_norm()
+    result = TrainingManager(config).train(model, train, val, callbacks=[keep])
+    # epoch 1's best and last were written at once; after that each save was put off: the
+    # best copied and written at the end, last written then from the final state
+    assert written == ["best.pt", "last.pt", "best.pt", "last.pt"], written
+    last = load_checkpoint_file(tmp_path / "checkpoints" / "last.pt")
+    assert last["global_step"] == result["global_step"] == 48
+    for key, value in model.state_dict().items():
+        assert torch.equal(last["model"][key], value), key
+    best = load_checkpoint_file(tmp_path / "checkpoints" / "best.pt")
+    assert best["global_step"] == keep.step > 8
+    for key, value in keep.best.items():
+        assert torch.equal(best["model"][key], value), key

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,9 @@ def snapshot(value: Any, reuse: Any = None) -> Any:
     return copied
 
 
+_PLAIN = (int, float, bool, str, bytes, type(None))  # immutable: shared by the copy
+
+
 def _copy(value: Any, reuse: Any, copies: list[bool]) -> Any:
     if isinstance(value, torch.Tensor):
         return _copy_tensor(value.detach(), reuse, copies)
@@ -45,6 +49,8 @@ def _copy(value: Any, reuse: Any, copies: list[bool]) -> Any:
         lent = reuse if isinstance(reuse, dict) else {}
         return {key: _copy(item, lent.get(key), copies) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
+        if all(type(item) in _PLAIN for item in value):  # e.g. Python's RNG state
+            return list(value) if isinstance(value, list) else value
         same = isinstance(reuse, (list, tuple)) and len(reuse) == len(value)
         items = [_copy(item, reuse[i] if same else None, copies) for i, item in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
@@ -126,3 +132,38 @@ class CheckpointWriter:
                 write()
         except BaseException as error:  # raised in the training thread by wait()
             self._error = error
+
+
+class StagedWrites(CheckpointWriter):
+    """Saves put off (the loop's checkpoint-write budget): each is copied to host memory
+    when requested, as for a background write, and kept until `write_all()`; a later save
+    of the same file replaces the one kept. Used where a writer is, in the training thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: dict[str, Sequence[Callable[[], Any]]] = {}
+        self.target: CheckpointWriter | None = None  # the run's background writer, if any
+
+    def snapshot(self, kind: str, value: Any) -> Any:
+        return snapshot(value)  # each kept save its own copy
+
+    def submit(self, writes: Sequence[Callable[[], Any]], what: str) -> None:
+        self.pending[what] = writes
+
+    def wait(self) -> None:
+        pass
+
+    def drop(self, name: str) -> None:
+        """Forget the kept save of checkpoint `name` (a newer one is about to be written)."""
+        for what in [w for w in self.pending if Path(w).stem == name]:
+            del self.pending[what]
+
+    def write_all(self) -> None:
+        """Write every kept save, in the order they were made."""
+        pending, self.pending = self.pending, {}
+        for what, writes in pending.items():
+            if self.target is not None:  # one write at a time: after the one in flight
+                self.target.submit(writes, what)
+                continue
+            for write in writes:
+                write()

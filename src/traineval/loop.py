@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
 import math
@@ -45,6 +46,7 @@ from torch import nn
 
 from .averaging import WeightAverage
 from .callbacks.base import Callback, overrides
+from .checkpoint_writer import StagedWrites
 from .data.position import skip_batches
 from .distributed import Distributed
 from .loggers import LoggerHub
@@ -56,7 +58,7 @@ from .seeding import capture_rng, restore_rng
 from .steplog import NonFiniteError, StepLog, StepRecord, describe, first_non_finite
 from .stopping import TrainingInterrupted
 from .tracking import MetricsTracker, Plateau
-from .train_state import TrainState, empty_history
+from .train_state import HistoryJson, TrainState, empty_history
 
 __all__ = [
     "EvaluateFn",
@@ -74,6 +76,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("traineval")
+
+# The share of the training time that deferrable checkpoint writes (the epoch-end last.pt)
+# may take: 1,000 epochs of 4 updates would otherwise spend most of their time writing.
+CHECKPOINT_SHARE = 0.1
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[str, "Loop"], Any]
@@ -228,9 +234,11 @@ class LoopControl:
         """Stop at the next step boundary (early stopping)."""
         self._loop.request_stop(reason)
 
-    def request_save(self, name: str) -> None:
-        """Save a checkpoint named `name` once the current hook round is over."""
-        self._loop.request_save(name)
+    def request_save(self, name: str, *, deferrable: bool = False) -> None:
+        """Save a checkpoint named `name` once the current hook round is over. `deferrable`:
+        the loop may put it off while checkpoint writes would take more than a tenth of the
+        training time (many tiny epochs); a put-off save is made before the run ends."""
+        self._loop.request_save(name, deferrable=deferrable)
 
     def request_interrupt(self, reason: str = "SIGTERM") -> None:
         """Stop as on a signal: save a resumable `last` checkpoint, then raise
@@ -315,6 +323,14 @@ class Loop:
         self.interrupted_during: str | None = None  # the phase the signal arrived in
         self.phase = "training"
         self._last_saved: tuple[Any, tuple[int, ...]] | None = None  # path, position
+        self._latest_write: tuple[float, float] | None = None  # its end, its seconds
+        self._deferred_saves: set[str] = set()  # "last": written when the run ends
+        # the histories' entries as JSON, each encoded once (`run_checkpoints.HistoryJson`)
+        self.history_json = {"loop": HistoryJson(), "tracker": HistoryJson()}
+        self._stage_requests: list[str] = []  # copied at the next step boundary ...
+        self._staged = StagedWrites()  # ... kept here, written within the budget or at the end
+        # a save_fn that takes a writer can put a save off (a copy written later)
+        self._can_stage = save_fn is not None and len(inspect.signature(save_fn).parameters) > 2
         self._epoch_complete = False
         self.steps = StepLog(device, capacity=min(self.log_every_n_steps, 4096))
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
@@ -344,10 +360,28 @@ class Loop:
         self._stop_requested = True
         self.state.stop_reason = reason
 
-    def request_save(self, name: str) -> None:
-        """Save a checkpoint named `name` once the current hook round is over."""
+    def request_save(self, name: str, *, deferrable: bool = False) -> None:
+        """Save a checkpoint named `name` once the current hook round is over (see
+        `LoopControl.request_save` for `deferrable`)."""
+        if deferrable and not self._writes_within_budget():
+            if name == "last":  # the state at the end is the one to keep: written then
+                self._deferred_saves.add(name)
+                return
+            if self._can_stage:
+                if name not in self._stage_requests:
+                    self._stage_requests.append(name)  # copied now, written later
+                return
         if name not in self._save_requests:
             self._save_requests.append(name)
+
+    def _writes_within_budget(self) -> bool:
+        """Whether another write now keeps checkpoint writes within CHECKPOINT_SHARE of the
+        time since the previous one began (so at most about a tenth of the run). Always
+        under torchrun, where every rank must take part in each save alike."""
+        if self._latest_write is None or self.job.enabled:
+            return True
+        ended, seconds = self._latest_write
+        return (time.perf_counter() - ended + seconds) * CHECKPOINT_SHARE >= seconds
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -384,6 +418,10 @@ class Loop:
             self._act()
             self._stop_if_signalled()  # one that came during validation, a save, a callback
         self._stop_if_signalled()
+        if self._deferred_saves and self.save_fn is not None:  # put off within the budget
+            self._save_requests += sorted(self._deferred_saves)
+        self._act()
+        self._write_staged()
         state.stopped_early = self._stop_requested
         if self.weight_average is not None:
             self.weight_average.copy_to_model()
@@ -847,18 +885,39 @@ class Loop:
                 logger.exception("%s.on_exception failed", type(callback).__name__)
 
     def _act(self) -> None:
-        """Carry out the saves the callbacks asked for, once every recorded step is finite."""
+        """Carry out the saves the callbacks asked for, once every recorded step is finite:
+        those put off first (unless one asked for now replaces it), then these; copy the
+        ones to put off (see `request_save`)."""
         requests, self._save_requests = self._save_requests, []
-        if self.save_fn is None or not requests:
+        staging, self._stage_requests = self._stage_requests, []
+        if self.save_fn is None or not (requests or staging):
             return
         self._read_steps()
         with self._in_phase("a checkpoint write"):
+            if requests:
+                for name in requests:
+                    self._staged.drop(name)
+                self._write_staged()
             for name in requests:
                 self._save(name)
+            for name in staging:
+                self.save_fn(name, self, self._staged)  # type: ignore[call-arg]
+
+    def _write_staged(self) -> None:
+        """Write the saves that were put off, in the order they were made."""
+        if self._staged.pending:
+            started = time.perf_counter()
+            self._staged.write_all()
+            ended = time.perf_counter()
+            self._latest_write = (ended, ended - started)
 
     def _save(self, name: str) -> Any:
         assert self.save_fn is not None
+        started = time.perf_counter()
         path = self.save_fn(name, self)
+        ended = time.perf_counter()
+        self._latest_write = (ended, ended - started)
+        self._deferred_saves.discard(name)
         if name == "last":
             self._last_saved = (path, self._position())
         return path
@@ -871,6 +930,7 @@ class Loop:
             return self._last_saved[0]
         self._read_steps()
         with self._in_phase("a checkpoint write"):
+            self._write_staged()
             return self._save("last")
 
     def _position(self) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ from .checkpoint import (
     remove_stale_temporaries,
     save_checkpoint_file,
 )
-from .checkpoint_writer import CheckpointWriter
+from .checkpoint_writer import CheckpointWriter, StagedWrites
 from .config import TaskType, TrainingConfig, TrainingMode
 from .distributed import (
     is_sharded,
@@ -347,8 +347,10 @@ class TrainingManager:
         its saves are recorded in `checkpoints` (and written by `writer`, when async)."""
         c, job = self.config, self.distributed
 
-        def save_fn(name: str, loop: Loop) -> Path:
-            path = self._save_from_loop(name, loop, parts.precision, mode, writer)
+        def save_fn(name: str, loop: Loop, staged: StagedWrites | None = None) -> Path:
+            if staged is not None:
+                staged.target = writer  # its saves are written by the background writer
+            path = self._save_from_loop(name, loop, parts.precision, mode, staged or writer)
             checkpoints[name] = str(path)
             return path
 

@@ -106,11 +106,11 @@ def save_from_loop(
             best_metric=state.best_metric,
             best_epoch=state.best_epoch,
             extra={
-                "loop": state.state_dict(),
+                "loop": loop.history_json["loop"](state.state_dict()),
                 "rng": rng[0],
                 "rng_per_rank": rng,
                 "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
-                "tracker": loop.tracker.state_dict(),
+                "tracker": loop.history_json["tracker"](loop.tracker.state_dict()),
                 "callbacks": {
                     key: cb.state_dict()
                     for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -51,7 +52,10 @@ class MetricsTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.metrics = dict(state["metrics"])
-        self.history = {k: [(e[0], e[1]) for e in v] for k, v in state["history"].items()}
+        history = state["history"]
+        if isinstance(history, str):  # a checkpoint keeps it as one JSON string
+            history = json.loads(history)
+        self.history = {k: [(e[0], e[1]) for e in v] for k, v in history.items()}
 
 
 def _finite(value: Any) -> bool:

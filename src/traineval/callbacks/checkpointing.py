@@ -13,6 +13,11 @@ from .base import Callback, Control
 class ModelCheckpoint(Callback):
     """Request `best` when the monitored metric improves, `last` and `epoch-NNNN` per epoch,
     and `last` every `every_n_steps` optimizer updates (so a long epoch can be resumed inside).
+
+    `best` and the epoch-end `last` are deferrable: with many tiny epochs the loop writes them
+    only while writes take at most a tenth of the training time (a `best` put off is copied
+    to host memory and written later; `last` holds the state at the run's end); a run killed
+    in between resumes, exactly, from the latest checkpoint written.
     """
 
     def __init__(
@@ -33,17 +38,17 @@ class ModelCheckpoint(Callback):
 
     def on_evaluate(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.save_best and logs.get("improved"):
-            loop.request_save("best")
+            loop.request_save("best", deferrable=True)
 
     def on_epoch_end(self, loop: Control, logs: dict[str, Any]) -> None:
         if self.save_best and logs.get("improved"):
-            loop.request_save("best")
+            loop.request_save("best", deferrable=True)
         epoch = loop.state.epoch
         complete = logs.get("epoch_complete", True)  # else a run ending inside the epoch
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and complete:
             loop.request_save(f"epoch-{epoch:04d}")
-        if self.save_last:
-            loop.request_save("last")
+        if self.save_last:  # within the loop's write budget; the final state always
+            loop.request_save("last", deferrable=True)
 
 
 class BestWeights(Callback):
