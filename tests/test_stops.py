@@ -281,6 +281,8 @@ def test_a_sigterm_in_any_phase_of_fit_exits_143_and_resumes_to_the_same_run(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
     assert not (run / "evaluation" / "metrics.json").exists()  # no test results
+    assert main(["report", str(run)]) == 0
+    assert "interrupted (" in capsys.readouterr().out  # the report does not say finished
     assert main([*iris_demo(run, "training.num_epochs=3"), "--resume", "auto"]) == 0
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
     ours = load_checkpoint_file(run / "checkpoints" / "last.pt")

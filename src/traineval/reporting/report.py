@@ -201,7 +201,7 @@ def summary_text(run: RunRecord) -> str:
                 f"{s.get('best_step')}"
             )
     elif s:
-        status = "stopped early" if s.get("stopped_early") else "finished"
+        status = _status(s)
         lines.append(
             f"{status}: {s.get('epochs_completed')} epochs, {s.get('global_step')} optimizer "
             f"updates in {_num(s.get('train_seconds', 0.0), '.1f')}s "
@@ -382,7 +382,7 @@ def _html(run: RunRecord, images: list[Path]) -> str:
     s = run.summary
     performance = _mapping(s.get("performance"))
     overview = [
-        ("status", "stopped early" if s.get("stopped_early") else "finished"),
+        ("status", _status(s)),
         ("epochs", s.get("epochs_completed")),
         ("optimizer updates", s.get("global_step")),
         ("monitored metric", s.get("monitor_metric")),
@@ -445,3 +445,15 @@ img {{ max-width: 100%; max-height: 480px; border: 1px solid #ddd; }}
 <h2>Config</h2>{_config_section(run.config)}
 </body></html>
 """
+
+
+def _status(summary: dict[str, Any]) -> str:
+    """How the run ended: summary.json's `status` (with its reason when it did not finish);
+    runs of earlier versions recorded only `stopped_early`."""
+    status = summary.get("status")
+    if not isinstance(status, str):
+        return "stopped early" if summary.get("stopped_early") else "finished"
+    reason = summary.get("stop_reason")
+    if status in ("interrupted", "failed") and isinstance(reason, str):
+        return f"{status} ({reason})"
+    return status
