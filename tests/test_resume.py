@@ -67,7 +67,8 @@ def assert_same_state(a: nn.Module, b: nn.Module, path_a, path_b):
     opt_b = load_checkpoint_file(path_b / "checkpoints" / "last.pt")["optimizer"]
     for key, state in opt_a["state"].items():
         for name, value in state.items():
-            assert torch.equal(value, opt_b["state"][key][name]), (key, name)
+            other = opt_b["state"][key][name]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), (key, name)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from test_consistency import _partly_labeled
 from test_meta_learning import _episodes
 from test_ppo import PPO
 from test_reinforcement import RL, ActorCritic, Walk
+from test_resume import assert_same_state
 from traineval import Callback, TrainingManager
 from traineval.checkpoint import load_checkpoint_file
 from traineval.loop import TrainingInterrupted
@@ -138,17 +139,6 @@ def _train(case: Case, folder: Any, quiet_config: dict[str, Any], **length: Any)
     return model, result
 
 
-def assert_same_run(a: nn.Module, b: nn.Module, folder_a: Any, folder_b: Any) -> None:
-    """Every parameter and buffer, and every optimizer tensor of the two runs' last.pt."""
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x, y), name
-    saved_a = load_checkpoint_file(folder_a / "checkpoints" / "last.pt")["optimizer"]
-    saved_b = load_checkpoint_file(folder_b / "checkpoints" / "last.pt")["optimizer"]
-    for key, state in saved_a["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(saved_b["state"][key][name]))
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_max_steps_stop_then_a_longer_run_equals_the_uninterrupted_run(
     name, quiet_config, tmp_path, caplog
@@ -168,7 +158,7 @@ def test_a_max_steps_stop_then_a_longer_run_equals_the_uninterrupted_run(
         )
     assert "RESUMING WITH" not in caplog.text  # the constant schedule: nothing differs
     assert result["global_step"] == expected["global_step"]
-    assert_same_run(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+    assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
 
 
 def test_the_resume_warning_names_the_plans_only_when_they_differ(quiet_config, tmp_path, caplog):
@@ -221,7 +211,7 @@ def test_sigterm_during_validation_interrupts_and_resumes_exactly(quiet_config, 
     resumed, result = _train(case, tmp_path / "stopped", quiet_config, resume_from="auto")
     assert result["global_step"] == expected["global_step"]
     assert result["status"] == "finished"
-    assert_same_run(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+    assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
 
 
 def _train_with(case: Case, folder: Any, quiet_config: dict[str, Any], val: Any) -> Any:
