@@ -4,6 +4,7 @@ kill -9 and is shared by worker processes, bad input is refused before any trial
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,7 +19,7 @@ optuna = pytest.importorskip("optuna")
 
 from traineval.cli import main  # noqa: E402
 from traineval.experiment import RunConfig  # noqa: E402
-from traineval.tuning import tune  # noqa: E402
+from traineval.tuning import parse_space, tune  # noqa: E402
 from traineval.tuning.study import open_study, prepare  # noqa: E402
 
 SEARCH = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}, "batch_size": [16, 32]}
@@ -199,3 +200,194 @@ def test_the_study_report_renders_in_headless_chromium(tmp_path):
     ).stdout
     assert dom.count("<img") >= 2
     assert "Trials" in dom
+
+
+def _distinct(result):
+    return {tuple(sorted(t["params"].items())) for t in result.trials}
+
+
+def test_a_continued_random_study_draws_no_parameters_twice(tmp_path):
+    """Each trial samples with its own seed (the study's seed and the trial's number): the
+    continuation does not replay the first run's draws."""
+    config = _config(tmp_path / "study", epochs=1)
+    space = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}}
+    tune(config, space, trials=3, sampler="random", pruner="none")
+    result = tune(config, space, trials=6, sampler="random", pruner="none")
+    assert len(result.trials) == 6
+    assert len(_distinct(result)) == 6
+
+
+def test_a_place_held_by_another_machine_keeps_the_count_exact(tmp_path):
+    """A trial running elsewhere (here: asked and left running) holds one of the N places:
+    this process runs N - 1, and the study ends with N once the other one finishes."""
+    config = _config(tmp_path / "study", epochs=1)
+    space = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}}
+    settings = prepare(config, space, 3, None, None, "random", "none", None, None, None, 1, 0)
+    elsewhere = open_study(settings).ask({"training.learning_rate": optuna.distributions.
+                                          FloatDistribution(1e-3, 3e-2, log=True)})  # fmt: skip
+    result = tune(config, space, trials=3, sampler="random", pruner="none")
+    states = sorted(t["state"] for t in result.trials)
+    assert states == ["complete", "complete", "running"]
+    open_study(settings).tell(elsewhere, 0.5)
+    assert tune(config, space, trials=3, sampler="random").trials[0]["state"] == "complete"
+    study = open_study(settings)
+    assert [t.state.name for t in study.get_trials()].count("COMPLETE") == 3
+
+
+def test_trial_0_outside_the_space_is_said_and_stepped_values_read_as_written(tmp_path, caplog):
+    space = {"learning_rate": {"low": 0.01, "high": 0.05}, "weight_decay": [0.0, 0.1]}
+    with caplog.at_level("WARNING"):
+        result = tune(_config(tmp_path / "study", epochs=1), space, trials=1, pruner="none")
+    assert "trial 0 is not the config as written: training.learning_rate=0.003 lies outside " \
+        "the search space (0.01 to 0.05)" in caplog.text  # fmt: skip
+    assert 0.01 <= result.trials[0]["params"]["training.learning_rate"] <= 0.05
+    stepped = parse_space({"weight_decay": {"low": 0.0, "high": 0.5, "step": 0.1}},
+                          _config(tmp_path).to_dict())[0]  # fmt: skip
+    assert stepped.grid() == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    fixed = optuna.trial.FixedTrial({"training.weight_decay": 0.1 * 3})
+    assert stepped.tidy(stepped.suggest(fixed)) == 0.3
+    assert not stepped.holds(0.01)  # the config's 0.01 is not a step: trial 0 is sampled
+
+
+def _tune_command(config, *args):
+    return [sys.executable, "-m", "traineval.cli", "tune", str(config), "-q", *args]
+
+
+def _wait_for(path, process, seconds=300):
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def _trials(folder, name="study"):
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder}/study.db")
+    return study.get_trials()
+
+
+def _straight_value(tmp_path, config, trial):
+    """The best metric of an uninterrupted `fit` with `trial`'s parameters."""
+    data = yaml.safe_load(config.read_text())
+    data.pop("search")
+    data["training"].update({k.removeprefix("training."): v for k, v in trial.params.items()})
+    data["training"]["output_dir"] = str(tmp_path / "straight")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(data))
+    assert main(["fit", str(plain), "-q"]) == 0
+    return json.loads((tmp_path / "straight" / "summary.json").read_text())["best_metric"]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "\nState:\tZ" not in status.read()  # a zombie has stopped
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_trial_records_it_interrupted_and_the_next_run_resumes_it(tmp_path):
+    config = _yaml(tmp_path / "tune.yaml", tmp_path / "study", epochs=6,
+                   checkpoint_every_n_steps=5)  # fmt: skip
+    command = _tune_command(config, "--trials", "3")
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "study" / "trial-0001" / "checkpoints" / "last.pt", process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("traineval: tune interrupted: trial 1 stopped (training interrupted")
+    assert "run the same command to continue" in last
+    assert "Traceback" not in err
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "trial 4 resumes the interrupted run" not in again.stderr  # the retry is trial 3
+    assert "resumes the interrupted run in" in again.stderr
+    trials = _trials(tmp_path / "study")
+    stopped = next(t for t in trials if "interrupted" in t.user_attrs)
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == stopped.number)
+    assert retry.user_attrs["run_dir"] == stopped.user_attrs["run_dir"]
+    assert [t.state.name for t in trials].count("COMPLETE") == 3
+    assert _straight_value(tmp_path, config, stopped) == retry.value  # resumed, exactly
+
+
+@pytest.mark.slow
+def test_a_killed_driver_takes_its_workers_and_the_rerun_ends_with_exactly_n(tmp_path):
+    config = _yaml(tmp_path / "tune.yaml", tmp_path / "study", epochs=8,
+                   checkpoint_every_n_steps=5)  # fmt: skip
+    command = _tune_command(config, "--trials", "6", "--workers", "2", "--pruner", "none")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(tmp_path / "study" / "trial-0001" / "checkpoints" / "last.pt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    pids = {t.user_attrs["pid"] for t in _trials(tmp_path / "study") if "pid" in t.user_attrs}
+    deadline = time.time() + 60
+    while any(map(_alive, pids)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, pids)), "the workers outlived their driver"
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    states = [t.state.name for t in _trials(tmp_path / "study") if "surplus" not in t.user_attrs]
+    assert states.count("COMPLETE") == 6
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_one_line_and_its_trial_resumes(tmp_path):
+    config = _yaml(tmp_path / "tune.yaml", tmp_path / "study", epochs=8,
+                   checkpoint_every_n_steps=5)  # fmt: skip
+    command = _tune_command(config, "--trials", "4", "--workers", "2", "--pruner", "none")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    _wait_for(tmp_path / "study" / "trial-0001" / "checkpoints" / "last.pt", process)
+    victim = next(t for t in _trials(tmp_path / "study") if t.number == 1).user_attrs["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"pid {victim} killed by SIGKILL" in last
+    assert "trial 1 will resume from its run directory" in last
+    assert "run the same command again" in last
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    trials = _trials(tmp_path / "study")
+    assert [t.state.name for t in trials].count("COMPLETE") == 4
+    assert any(t.user_attrs.get("retry_of") == 1 for t in trials)
+
+
+@pytest.mark.slow
+def test_two_workers_draw_eight_distinct_random_trials(tmp_path):
+    space = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}}
+    result = tune(_config(tmp_path / "study", epochs=1), space, trials=8, workers=2,
+                  sampler="random", pruner="none")  # fmt: skip
+    assert len(result.trials) == 8
+    assert len(_distinct(result)) == 8
+
+
+@pytest.mark.slow
+def test_two_machines_on_one_postgresql_study_end_with_exactly_n_distinct_trials(tmp_path):
+    pgserver = pytest.importorskip("pgserver", reason="pgserver (a bundled PostgreSQL) is absent")
+    pytest.importorskip("psycopg2", reason="psycopg2 is not installed")
+    try:
+        server = pgserver.get_server(str(tmp_path / "pg"), cleanup_mode="stop")
+    except Exception as error:  # no shared memory, an odd platform: say why
+        pytest.skip(f"PostgreSQL could not start here: {error}")
+    try:
+        url = server.get_uri().replace("postgresql://", "postgresql+psycopg2://")
+        runs = []
+        for machine in ("a", "b"):
+            config = _yaml(tmp_path / f"{machine}.yaml", tmp_path / machine, epochs=2)
+            command = _tune_command(config, "--trials", "8", "--storage", url,
+                                    "--study-name", "shared", "--sampler", "random",
+                                    "--pruner", "none")  # fmt: skip
+            runs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True))  # fmt: skip
+        for run in runs:
+            _, err = run.communicate(timeout=600)
+            assert run.returncode == 0, err
+        trials = optuna.load_study(study_name="shared", storage=url).get_trials()
+        kept = [t for t in trials if "surplus" not in t.user_attrs]
+        assert [t.state.name for t in kept].count("COMPLETE") == 8
+        assert len({tuple(sorted(t.params.items())) for t in kept}) == 8
+        assert {t.user_attrs["run_dir"].split("/")[-2] for t in kept} == {"a", "b"}
+    finally:
+        server.cleanup()

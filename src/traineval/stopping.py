@@ -24,6 +24,7 @@ __all__ = [
     "SignalWatch",
     "TrainingInterrupted",
     "exit_status",
+    "received",
     "stop_if_signalled",
     "watching_signals",
 ]
@@ -88,6 +89,11 @@ def stop_if_signalled(checkpoint: str | None, during: str) -> None:
 
 
 _active: SignalWatch | None = None
+
+
+def received() -> str | None:
+    """The signal the open watch saw (None: no signal, or no watch open)."""
+    return _active.received if _active is not None else None
 
 
 @contextlib.contextmanager

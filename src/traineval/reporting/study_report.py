@@ -42,9 +42,9 @@ def load_study(folder: str | Path) -> Any:
 def study_summary(study: Any) -> str:
     """The lines `traineval report` prints for a study."""
     from ..tuning.command import trials_table
-    from ..tuning.study import trial_record
+    from ..tuning.study import trial_records
 
-    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    trials = trial_records(study)
     lines = [f"Study: {study.study_name} ({len(trials)} trials, {study.direction.name.lower()})"]
     lines.append(trials_table(trials))
     complete = [t for t in trials if t["state"] == "complete"]
@@ -110,9 +110,9 @@ def _best_curves(study: Any, path: Path) -> Path | None:
 
 
 def _html(study: Any, folder: Path, images: list[Path], missing: str | None) -> str:
-    from ..tuning.study import trial_record
+    from ..tuning.study import trial_records
 
-    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    trials = trial_records(study)
     names = sorted({n for t in trials for n in t["params"]})
     head = "".join(
         f"<th>{html.escape(h)}</th>" for h in ["trial", "state", "value", "seconds", *names]

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     import optuna
 
     from ..imports import add_search_path
-    from .driver import tune
+    from ..stopping import TrainingInterrupted
+    from .driver import WorkerLost, tune
     from .study import load_tune_config
 
     if args.quiet:
@@ -52,16 +53,15 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     except (ValueError, FileNotFoundError) as error:
         print(f"traineval: config error: {error}", file=sys.stderr)
         return 2
-    caught: tuple[type[BaseException], ...] = (*failures, ImportError)
+    caught: tuple[type[BaseException], ...] = (*failures, ImportError, WorkerLost)
     try:
         result = tune(
             config, search, trials=args.trials, metric=args.metric, direction=args.direction,
             sampler=args.sampler, pruner=args.pruner, storage=args.storage,
             study_name=args.study_name, workers=args.workers, seed=args.seed,
         )  # fmt: skip
-    except KeyboardInterrupt:
-        print("traineval: tune interrupted; run the same command to continue", file=sys.stderr)
-        return 130
+    except (TrainingInterrupted, KeyboardInterrupt) as stopped:
+        return _interrupted(stopped)
     except caught as error:
         print(f"traineval: error: {error}", file=sys.stderr)
         return 1
@@ -73,6 +73,18 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     print(f"\nBest: trial {result.best_number}, {metric} = {result.best_value:.4f} with {chosen}")
     print(f"Study: {result.study_dir} ({result.storage}); best config: {result.best_config}")
     return 0
+
+
+def _interrupted(stopped: BaseException) -> int:
+    """The study stopped on a signal: one line, exit 128+N (130 for SIGINT, 143 SIGTERM)."""
+    from ..stopping import TrainingInterrupted, exit_status
+
+    if isinstance(stopped, TrainingInterrupted):
+        what, name = stopped.what, stopped.signal_name
+    else:  # a second signal
+        what, name = f"tune stopped at once ({stopped or 'interrupted'})", "SIGINT"
+    print(f"traineval: {what}; run the same command to continue", file=sys.stderr)
+    return exit_status(name)
 
 
 def trials_table(trials: list[dict[str, Any]]) -> str:

@@ -8,19 +8,11 @@ stops at the same step; rank 0 tells the study the result. A `None` order ends t
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..distributed import setup
 from ..rundir import run_dir_lock
-from .study import (
-    Settings,
-    TuneResult,
-    _optuna,
-    _result,
-    counted,
-    start_study,
-    train_trial,
-)
+from ..stopping import TrainingInterrupted
+from .study import Settings, TuneResult, result, start_study
+from .trial import next_trial, record, record_interrupted, stopped_why, train_trial
 
 
 def tune_on_ranks(settings: Settings, trials: int) -> TuneResult | None:
@@ -35,28 +27,16 @@ def tune_on_ranks(settings: Settings, trials: int) -> TuneResult | None:
         return None
     with run_dir_lock(settings.study_dir):
         study = start_study(settings)
-        while len(counted(study)) < trials:
-            trial = study.ask()
-            values = {p.field: p.suggest(trial) for p in settings.params}
+        while (trial := next_trial(study, trials)) is not None:
+            values = {p.field: p.tidy(p.suggest(trial)) for p in settings.params}
             order = {"number": trial.number, "values": values,
                      "resume_dir": trial.user_attrs.get("resume_dir")}  # fmt: skip
             job.gather(order)
-            _tell(study, trial, train_trial(**order, settings=settings, trial=trial, job=job))
+            try:
+                outcome = train_trial(**order, settings=settings, trial=trial, job=job)
+            except (TrainingInterrupted, KeyboardInterrupt) as stopped:
+                record_interrupted(study, trial, stopped_why(stopped))
+                raise
+            record(study, trial, outcome)
         job.gather(None)
-        return _result(study, settings)
-
-
-def _tell(study: Any, trial: Any, outcome: dict[str, Any]) -> None:
-    states = _optuna().trial.TrialState
-    if "error" in outcome:
-        trial.set_user_attr("error", outcome["error"])
-        study.tell(trial, state=states.FAIL)
-        return
-    trial.set_user_attr("seconds", outcome["seconds"])
-    if outcome["pruned_at"] is not None:
-        study.tell(trial, state=states.PRUNED)
-    elif outcome["value"] is None:
-        trial.set_user_attr("error", "the trial produced no value of the tuned metric")
-        study.tell(trial, state=states.FAIL)
-    else:
-        study.tell(trial, float(outcome["value"]))
+        return result(study, settings)

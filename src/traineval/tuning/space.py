@@ -16,6 +16,7 @@ a value the config would refuse is refused here, naming `search.<field>`.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import math
 from collections.abc import Callable, Mapping
@@ -68,7 +69,32 @@ class Param:
                 "choices, or a range with a step (not on a log scale)"
             )
         count = math.floor((self.high - self.low) / self.step + 1e-9) + 1
-        return [self.low + i * self.step for i in range(count)]
+        return [self.tidy(self.low + i * self.step) for i in range(count)]
+
+    def tidy(self, value: Any) -> Any:
+        """`value` as the user would write it: a value of a stepped float range rounded to
+        the digits of its `low` and `step` (Optuna's 0.30000000000000004 is 0.3)."""
+        if self.step is None or self.integer or not isinstance(value, float):
+            return value
+        return round(value, max(_decimals(self.low), _decimals(self.step)))
+
+    def holds(self, value: Any, *, grid: bool = False) -> bool:
+        """Whether a trial could get `value` (one of the grid's values when `grid`)."""
+        if grid or (self.step is not None and not self.log):
+            return value in self.grid()  # a stepped range holds only its steps
+        if self.choices is not None:
+            return value in self.choices
+        assert self.low is not None
+        assert self.high is not None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and self.low <= value <= self.high
+
+    def describe(self) -> str:
+        """The space in words: `choices [16, 32]`, or `0.0001 to 0.1, log scale`."""
+        if self.choices is not None:
+            return f"choices {list(self.choices)}"
+        scale = ", log scale" if self.log else f", step {self.step}" if self.step else ""
+        return f"{self.low} to {self.high}{scale}"
 
     def extremes(self) -> list[Any]:
         """The values that bound what a trial can get (checked against the config)."""
@@ -185,6 +211,14 @@ def _range(field: str, spec: Mapping[str, Any]) -> Param:
     if step is not None and (step <= 0 or log):
         raise ValueError(f"search.{field}: step={step!r} must be > 0, and not on a log scale")
     return Param(field, low=low, high=high, log=log, step=step)
+
+
+def _decimals(number: float | None) -> int:
+    """How many digits after the point `number` is written with (1e-05: 5)."""
+    if number is None:
+        return 0
+    exponent = decimal.Decimal(repr(float(number))).normalize().as_tuple().exponent
+    return max(0, -int(exponent))
 
 
 def _copy(value: Any) -> Any:

@@ -1,38 +1,38 @@
 """Running a study: trials as traineval runs, pruning through a callback, Optuna's storage.
 
 `tune(config, search, trials=20)` creates (or continues) the study in `<study_dir>/study.db`
-and runs trials until `trials` of them have finished (complete, pruned, or failed by their
-own error). A trial whose process died (kill -9, a lost machine) is found on the next start
-(its run directory is no longer locked; on other machines Optuna's heartbeat notices) and
-is marked failed and retried: the retry resumes the same run directory from its last
-checkpoint, so the interrupted trial's work is not lost.
+(or any Optuna storage) and runs trials until `trials` of them have finished (see `trial`
+for how the count stays exact across processes and machines). A trial whose process died
+(kill -9, a lost machine) is found on the next start (its run directory is no longer
+locked; on other machines Optuna's heartbeat notices) and retried: the retry resumes the
+same run directory from its last checkpoint, so the interrupted trial's work is not lost.
+Each trial samples with its own seed, derived from the study's seed and the trial's number,
+so workers and continuations never draw the same sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
-import multiprocessing
 import os
+import random
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..build import validation_metric_names
-from ..callbacks import Callback
-from ..callbacks.base import Control
 from ..config import metric_is_minimized
 from ..evaluation import Evaluator
-from ..experiment import RunConfig, run_experiment, run_parts
-from ..loop import EvaluationError
+from ..experiment import RunConfig, run_parts
 from ..modes import MetaLearning, Reinforcement
 from ..rundir import RunDirInUse, atomic_write_text, default_run_dir, run_dir_lock
-from ..steplog import NonFiniteError
 from .space import Param, apply_values, check_values, parse_space
+from .trial import is_finished, queue_retry
 
 logger = logging.getLogger(__name__)
 
@@ -72,32 +72,6 @@ class Settings:
     seed: int | None
 
 
-class OptunaPruning(Callback):
-    """Report the tuned metric to the trial at each validation; when the pruner says so,
-    stop the run through the loop's request-stop path (its run directory stays whole)."""
-
-    def __init__(self, trial: Any, metric: str, job: Any = None) -> None:
-        """`trial` is None on the ranks other than 0 under torchrun; `job` (the run's
-        `Distributed`) carries rank 0's decision to every rank, so all stop together."""
-        self.trial, self.metric, self.job = trial, metric, job
-        self.pruned_at: int | None = None
-
-    def on_evaluate(self, loop: Control, logs: dict[str, Any]) -> None:
-        value = logs.get(self.metric)
-        if value is None:
-            return
-        step = loop.state.global_step
-        prune = False
-        if self.trial is not None:
-            self.trial.report(float(value), step)
-            prune = bool(self.trial.should_prune())
-        if self.job is not None and self.job.enabled:
-            prune = bool(self.job.gather(prune)[0])  # rank 0's word, on every rank
-        if prune:
-            self.pruned_at = step
-            loop.request_stop(f"pruned by the study at step {step} ({self.metric} {value:.4g})")
-
-
 def start_study(settings: Settings) -> Any:
     """The study ready for trials: opened (created on first use, its first trial the config
     as written), and every abandoned trial queued for a retry that resumes it."""
@@ -106,16 +80,6 @@ def start_study(settings: Settings) -> Any:
         enqueue_defaults(study, settings)
     recover_abandoned(study, settings)
     return study
-
-
-def tune_locally(settings: Settings, trials: int, workers: int) -> TuneResult:
-    """The study's trials in this process, or in `workers` processes (see `tune`)."""
-    with run_dir_lock(settings.study_dir):  # one `tune` driver per study directory
-        study = start_study(settings)
-        remaining = trials - len(counted(study))
-        if remaining > 0:
-            _run_workers(settings, remaining, workers, study)
-        return _result(study, settings)
 
 
 def prepare(
@@ -239,17 +203,81 @@ def _storage(url: str) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, **HEARTBEAT)
+        parameters = inspect.signature(optuna.storages.RDBStorage).parameters
+        stale = (  # renamed in Optuna 4.9
+            "heartbeat_stale_trial_callback"
+            if "heartbeat_stale_trial_callback" in parameters
+            else "failed_trial_callback"
+        )
+        for attempt in range(3):  # processes creating a new database's tables at once race
+            try:
+                return optuna.storages.RDBStorage(url, **HEARTBEAT, **{stale: _retry_stale})
+            except Exception as error:
+                if attempt == 2 or type(error).__name__ not in (
+                    "IntegrityError",
+                    "ProgrammingError",
+                ):
+                    raise
+                time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+def _retry_stale(study: Any, trial: Any) -> None:
+    """Optuna's heartbeat found `trial`'s process gone (on any machine): retry it."""
+    queue_retry(study, trial, "interrupted: its process stopped answering")
+    logger.warning("trial %d stopped answering (its machine or process is gone): queued to "
+                   "resume", trial.number)  # fmt: skip
 
 
 def _sampler(settings: Settings) -> Any:
     optuna = _optuna()
-    if settings.sampler == "grid":
-        space = {p.field: p.grid() for p in settings.params}
-        return optuna.samplers.GridSampler(space, seed=settings.seed)
-    if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
-    return optuna.samplers.TPESampler(seed=settings.seed)
+
+    def build(seed: int | None) -> Any:
+        if settings.sampler == "grid":
+            space = {p.field: p.grid() for p in settings.params}
+            return optuna.samplers.GridSampler(space, seed=seed)
+        if settings.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
+
+    return seeded_per_trial(build, settings.seed)
+
+
+def seeded_per_trial(build: Callable[[int | None], Any], seed: int | None) -> Any:
+    """A sampler that builds its inner sampler (`build(seed)`) afresh for each trial, seeded
+    from `seed` and the trial's number. The storage hands each number out once, so no two
+    workers, machines or continuations draw the same random sequence, and a seeded random
+    study draws the same trials however many workers ran it."""
+    base: Any = _optuna().samplers.BaseSampler
+
+    class TrialSeeded(base):
+        def __init__(self) -> None:
+            self.inner = build(seed)
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            self.inner = build(None if seed is None else trial_seed(seed, trial.number))
+            self.inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
+            return self.inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, space: Any) -> Any:
+            return self.inner.sample_relative(study, trial, space)
+
+        def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
+            return self.inner.sample_independent(study, trial, name, dist)
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            self.inner.after_trial(study, trial, state, values)
+
+    return TrialSeeded()
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial `number` in a study seeded `seed`."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 def _pruner(name: str) -> Any:
@@ -263,42 +291,36 @@ def _pruner(name: str) -> Any:
 
 def enqueue_defaults(study: Any, settings: Settings) -> None:
     """A new study's first trial is the config as written (when its values lie in the
-    space), so the search never returns a configuration worse than the one it started from."""
+    space), so the search never returns a configuration worse than the one it started from;
+    when one lies outside, say so."""
     values: dict[str, Any] = {}
     for param in settings.params:
         node: Any = settings.base
         for key in param.field.split("."):
             node = node.get(key) if isinstance(node, Mapping) else None
-        inside = (
-            node in param.choices
-            if param.choices is not None
-            else isinstance(node, (int, float))
-            and param.low is not None
-            and param.high is not None
-            and param.low <= node <= param.high
-        )
-        if not inside or (settings.sampler == "grid" and node not in param.grid()):
+        if not param.holds(node, grid=settings.sampler == "grid"):
+            logger.warning(
+                "trial 0 is not the config as written: %s=%r lies outside the search space "
+                "(%s); every trial is sampled",
+                param.field,
+                node,
+                param.describe(),
+            )
             return
         values[param.field] = node
     study.enqueue_trial(values, user_attrs={"default": True})
 
 
-def counted(study: Any) -> list[Any]:
-    """The trials that count towards `trials`: complete, pruned, or failed by their own
-    error (not a trial whose process died: that one is retried)."""
-    states = _optuna().trial.TrialState
-    return [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state in (states.COMPLETE, states.PRUNED)
-        or (t.state == states.FAIL and "error" in t.user_attrs)
-    ]
+def finished_count(study: Any) -> int:
+    """How many trials count towards `--trials` (see `trial.is_finished`)."""
+    return sum(map(is_finished, study.get_trials(deepcopy=False)))
 
 
-def recover_abandoned(study: Any, settings: Settings) -> None:
-    """Mark failed each running trial whose run directory nobody holds (its process died),
-    and queue a retry that resumes that run directory."""
+def recover_abandoned(study: Any, settings: Settings) -> list[int]:
+    """Retry each running trial of this machine whose process is gone (nobody holds its
+    run directory); returns their numbers. Other machines' trials are the heartbeat's."""
     states = _optuna().trial.TrialState
+    retried = []
     for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
         run_dir = trial.user_attrs.get("run_dir")
         if not run_dir or not Path(run_dir).is_dir():
@@ -308,100 +330,21 @@ def recover_abandoned(study: Any, settings: Settings) -> None:
                 pass
         except RunDirInUse:
             continue  # still running
-        study._storage.set_trial_state_values(trial._trial_id, states.FAIL)
-        study.enqueue_trial(
-            trial.params, user_attrs={"resume_dir": run_dir, "retry_of": trial.number}
-        )
-        logger.warning(
-            "trial %d was interrupted (its process is gone): marked failed; its retry resumes %s",
-            trial.number,
-            run_dir,
-        )
+        queue_retry(study, trial, "interrupted: its process is gone")
+        logger.warning("trial %d was interrupted (its process is gone): its retry resumes %s",
+                       trial.number, run_dir)  # fmt: skip
+        retried.append(trial.number)
+    return retried
 
 
-def _run_workers(settings: Settings, remaining: int, workers: int, study: Any) -> None:
-    shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
-    shares = [s for s in shares if s]
-    if len(shares) == 1:  # in this process, on the study already open
-        study.optimize(lambda trial: run_trial(trial, settings), n_trials=shares[0])
-        return
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=optimize, args=(settings, s)) for s in shares]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-    failed = [p.exitcode for p in processes if p.exitcode]
-    if failed:
-        raise RuntimeError(f"{len(failed)} tune worker(s) failed (exit codes {failed})")
-
-
-def optimize(settings: Settings, n_trials: int) -> None:
-    """One worker: `n_trials` trials of the study (a process of its own when workers > 1)."""
-    study = open_study(settings)
-    study.optimize(lambda trial: run_trial(trial, settings), n_trials=n_trials)
-
-
-def run_trial(trial: Any, settings: Settings) -> float:
-    """One trial of `study.optimize` (see `train_trial`); returns its best tuned metric."""
-    values = {p.field: p.suggest(trial) for p in settings.params}
-    outcome = train_trial(trial.number, values, trial.user_attrs.get("resume_dir"), settings, trial)
-    if "error" in outcome:  # a diverging trial: failed, the study goes on
-        trial.set_user_attr("error", outcome["error"])
-        logger.warning("trial %d failed: %s", trial.number, outcome["error"])
-        return float("nan")  # Optuna records a NaN objective as a failed trial
-    trial.set_user_attr("seconds", outcome["seconds"])
-    if outcome["pruned_at"] is not None:
-        raise _optuna().TrialPruned(f"pruned at step {outcome['pruned_at']}")
-    if outcome["value"] is None:
-        raise ValueError(f"trial {trial.number} produced no {settings.metric}")
-    return float(outcome["value"])
-
-
-def train_trial(
-    number: int,
-    values: Mapping[str, Any],
-    resume_dir: str | None,
-    settings: Settings,
-    trial: Any,
-    job: Any = None,
-) -> dict[str, Any]:
-    """Train trial `number`: a traineval run in `<study_dir>/trial-<n>` (or the interrupted
-    run it retries, resumed) with `values` set, pruned through `OptunaPruning` (`trial` is
-    None on the ranks other than 0 under torchrun, `job` shares rank 0's decision). Returns
-    `{"value", "pruned_at", "seconds"}`, or `{"error"}` for a run that diverged."""
-    run_dir = Path(resume_dir or Path(settings.study_dir) / f"trial-{number:04d}")
-    if trial is not None:
-        trial.set_user_attr("run_dir", str(run_dir))
-    data = apply_values(settings.base, values)
-    data["training"]["output_dir"] = str(run_dir)
-    pruning = OptunaPruning(trial, settings.metric, job)
-    started = time.perf_counter()
-    try:
-        outcome = run_experiment(
-            RunConfig.from_dict(data),
-            resume_from="auto" if resume_dir else None,
-            callbacks=[pruning],
-        )
-    except (NonFiniteError, EvaluationError) as error:  # the same on every rank
-        return {"error": str(error)}
-    return {
-        "value": outcome.training.best_metric,
-        "pruned_at": pruning.pruned_at,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _result(study: Any, settings: Settings) -> TuneResult:
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.value is not None and t.state.name == "COMPLETE"
-    ]
-    if not complete:
+def result(study: Any, settings: Settings) -> TuneResult:
+    """The study's outcome; writes `best_config.yaml`, the best trial's config as is."""
+    records = trial_records(study, settings.params)
+    if not any(r["state"] == "complete" and r["value"] is not None for r in records):
         raise ValueError(f"no trial of study {settings.study_name!r} completed; see its trials")
     best = study.best_trial
-    data = apply_values(settings.base, best.params)
+    params = tidy(best.params, settings.params)
+    data = apply_values(settings.base, params)
     data["training"]["output_dir"] = None  # `traineval fit best_config.yaml` picks a new one
     path = Path(settings.study_dir) / "best_config.yaml"
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
@@ -411,20 +354,35 @@ def _result(study: Any, settings: Settings) -> TuneResult:
         study_name=settings.study_name,
         best_number=best.number,
         best_value=float(best.value),
-        best_params=dict(best.params),
+        best_params=params,
         best_config=path,
-        trials=[trial_record(t) for t in study.get_trials(deepcopy=False)],
+        trials=records,
     )
 
 
-def trial_record(trial: Any) -> dict[str, Any]:
-    """A trial as plain values: number, state, value, params, seconds, run directory."""
+def tidy(values: Mapping[str, Any], params: Sequence[Param] = ()) -> dict[str, Any]:
+    """`values` as the user would write them (a stepped 0.30000000000000004 is 0.3)."""
+    by_field = {p.field: p for p in params}
+    return {k: by_field[k].tidy(v) if k in by_field else v for k, v in values.items()}
+
+
+def trial_records(study: Any, params: Sequence[Param] = ()) -> list[dict[str, Any]]:
+    """Every trial of the study as plain values (surplus trials, never run, left out)."""
+    trials = study.get_trials(deepcopy=False)
+    return [trial_record(t, params) for t in trials if "surplus" not in t.user_attrs]
+
+
+def trial_record(trial: Any, params: Sequence[Param] = ()) -> dict[str, Any]:
+    """A trial as plain values: number, state (`interrupted` for a trial stopped on a
+    signal or whose process died), value, params, seconds, run directory, error."""
+    attrs = trial.user_attrs
     return {
         "number": trial.number,
-        "state": trial.state.name.lower(),
+        "state": "interrupted" if "interrupted" in attrs else trial.state.name.lower(),
         "value": trial.value,
-        "params": dict(trial.params),
-        "seconds": trial.user_attrs.get("seconds"),
-        "run_dir": trial.user_attrs.get("run_dir"),
-        "error": trial.user_attrs.get("error"),
+        "params": tidy(trial.params, params),
+        "seconds": attrs.get("seconds"),
+        "run_dir": attrs.get("run_dir"),
+        "error": attrs.get("error") or attrs.get("interrupted") or attrs.get("crashed"),
+        "resumes": attrs.get("retry_of"),
     }

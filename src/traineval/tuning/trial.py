@@ -1,0 +1,216 @@
+"""One trial of a study: its place among the study's `--trials`, its run, what is recorded.
+
+A study of N trials ends with exactly N finished trials (complete, pruned, or failed by their
+own error), however many processes or machines run it. Each process asks the storage for a
+trial; the storage numbers trials in the order they are created, and a trial runs only if
+fewer than N trials ahead of it hold a place (finished, running or queued). Otherwise it is
+recorded as surplus (left out of every table) and its process stops: no count is read and
+then acted on, so two machines starting together cannot both take the last place.
+
+A trial stopped by a signal is recorded as interrupted and a retry is queued that resumes its
+run directory; so is a trial whose process vanished (found at the next start on this machine,
+or by the storage's heartbeat from any machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..callbacks import Callback
+from ..callbacks.base import Control
+from ..experiment import RunConfig, run_experiment
+from ..loop import EvaluationError
+from ..steplog import NonFiniteError
+from ..stopping import TrainingInterrupted
+from .space import apply_values
+
+logger = logging.getLogger(__name__)
+
+
+class OptunaPruning(Callback):
+    """Report the tuned metric to the trial at each validation; when the pruner says so,
+    stop the run through the loop's request-stop path (its run directory stays whole)."""
+
+    def __init__(self, trial: Any, metric: str, job: Any = None) -> None:
+        """`trial` is None on the ranks other than 0 under torchrun; `job` (the run's
+        `Distributed`) carries rank 0's decision to every rank, so all stop together."""
+        self.trial, self.metric, self.job = trial, metric, job
+        self.pruned_at: int | None = None
+
+    def on_evaluate(self, loop: Control, logs: dict[str, Any]) -> None:
+        value = logs.get(self.metric)
+        if value is None:
+            return
+        step = loop.state.global_step
+        prune = False
+        if self.trial is not None:
+            self.trial.report(float(value), step)
+            prune = bool(self.trial.should_prune())
+        if self.job is not None and self.job.enabled:
+            prune = bool(self.job.gather(prune)[0])  # rank 0's word, on every rank
+        if prune:
+            self.pruned_at = step
+            loop.request_stop(f"pruned by the study at step {step} ({self.metric} {value:.4g})")
+
+
+def _states() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState
+
+
+def is_finished(trial: Any) -> bool:
+    """Whether `trial` counts towards `--trials`: complete, pruned, or failed by its own
+    error (not interrupted, not surplus, not a process that died: those are retried)."""
+    states = _states()
+    return trial.state in (states.COMPLETE, states.PRUNED) or (
+        trial.state == states.FAIL and "error" in trial.user_attrs
+    )
+
+
+def holds_place(trial: Any) -> bool:
+    """Whether `trial` holds one of the study's places: finished, running or queued."""
+    states = _states()
+    if "surplus" in trial.user_attrs:
+        return False
+    return is_finished(trial) or trial.state in (states.RUNNING, states.WAITING)
+
+
+def study_is_full(trials: Sequence[Any], total: int) -> bool:
+    """Whether this process has nothing left to start: `total` trials finished, or every
+    place taken by trials that others are running (and none queued)."""
+    waiting = any(t.state == _states().WAITING for t in trials)
+    return sum(map(is_finished, trials)) >= total or (
+        sum(map(holds_place, trials)) >= total and not waiting
+    )
+
+
+def surplus(trial: Any, trials: Sequence[Any], total: int) -> str | None:
+    """Why `trial` (just asked for) must not run, or None: `total` trials ahead of it hold
+    a place, or it repeats the config as written that an earlier trial already runs."""
+    ahead = [t for t in trials if t.number < trial.number]
+    if sum(map(holds_place, ahead)) >= total:
+        return f"the study already has its {total} trials"
+    if trial.user_attrs.get("default") and any(t.user_attrs.get("default") for t in ahead):
+        return "another process queued the config as written first"
+    return None
+
+
+def next_trial(study: Any, total: int) -> Any:
+    """The next trial this process runs, or None when the study is full. Asks the storage
+    (a queued retry first), and records a trial that finds no place as surplus."""
+    from optuna.storages import _heartbeat  # Optuna's own, as `study.optimize` uses it
+
+    with warnings.catch_warnings():  # "experimental"; "meant for Study.optimize": we run
+        warnings.simplefilter("ignore")  # Study.optimize's loop, with its heartbeat
+        if _heartbeat.is_heartbeat_enabled(study._storage):
+            _heartbeat.fail_stale_trials(study)  # vanished trials of any machine: retried
+        return _ask_for_a_place(study, total)
+
+
+def _ask_for_a_place(study: Any, total: int) -> Any:
+    while not study_is_full(study.get_trials(deepcopy=False), total):
+        trial = study.ask()
+        reason = surplus(trial, study.get_trials(deepcopy=False), total)
+        if reason is None:
+            return trial
+        trial.set_user_attr("surplus", reason)
+        study.tell(trial, state=_states().FAIL)
+    return None
+
+
+def mark_running(trial: Any, run_dir: Path) -> None:
+    """Record where `trial` runs (its run directory, host and process), so that a retry
+    resumes it and a later start on this host can tell whether its process is gone."""
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+
+
+def queue_retry(study: Any, trial: Any, why: str) -> None:
+    """Record the frozen `trial` as interrupted (`why`) and queue a retry with its
+    parameters that resumes its run directory."""
+    storage = study._storage
+    storage.set_trial_user_attr(trial._trial_id, "interrupted", why)
+    if trial.state == _states().RUNNING:
+        storage.set_trial_state_values(trial._trial_id, _states().FAIL)
+    run_dir = trial.user_attrs.get("run_dir")
+    attrs = {"retry_of": trial.number, **({"resume_dir": run_dir} if run_dir else {})}
+    study.enqueue_trial(trial.params, user_attrs=attrs)
+
+
+def train_trial(
+    number: int,
+    values: Mapping[str, Any],
+    resume_dir: str | None,
+    settings: Any,
+    trial: Any,
+    job: Any = None,
+) -> dict[str, Any]:
+    """Train trial `number`: a traineval run in `<study_dir>/trial-<n>` (or the interrupted
+    run it retries, resumed) with `values` set, pruned through `OptunaPruning` (`trial` is
+    None on the ranks other than 0 under torchrun, `job` shares rank 0's decision). Returns
+    `{"value", "pruned_at", "seconds"}`, or `{"error"}` for a run that diverged."""
+    own = Path(settings.study_dir) / f"trial-{number:04d}"
+    run_dir = Path(resume_dir) if resume_dir else own
+    resumes = run_dir.is_dir() and run_dir != own  # not another machine's: not here
+    run_dir = run_dir if resumes else own
+    if trial is not None:
+        mark_running(trial, run_dir)
+        if resumes:
+            logger.warning("trial %d resumes the interrupted run in %s", number, run_dir)
+    data = apply_values(settings.base, values)
+    data["training"]["output_dir"] = str(run_dir)
+    pruning = OptunaPruning(trial, settings.metric, job)
+    started = time.perf_counter()
+    try:
+        outcome = run_experiment(
+            RunConfig.from_dict(data), resume_from="auto" if resumes else None, callbacks=[pruning]
+        )
+    except (NonFiniteError, EvaluationError) as error:  # the same on every rank
+        return {"error": str(error)}
+    return {
+        "value": outcome.training.best_metric,
+        "pruned_at": pruning.pruned_at,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def record(study: Any, trial: Any, outcome: Mapping[str, Any]) -> None:
+    """Tell the study how `trial` ended (`train_trial`'s outcome)."""
+    states = _states()
+    if "error" in outcome:  # a diverging trial: failed, the study goes on
+        trial.set_user_attr("error", outcome["error"])
+        logger.warning("trial %d failed: %s", trial.number, outcome["error"])
+        study.tell(trial, state=states.FAIL)
+        return
+    trial.set_user_attr("seconds", outcome["seconds"])
+    if outcome["pruned_at"] is not None:
+        study.tell(trial, state=states.PRUNED)
+        logger.info("trial %d pruned at step %d", trial.number, outcome["pruned_at"])
+    elif outcome["value"] is None:
+        trial.set_user_attr("error", "the trial produced no value of the tuned metric")
+        study.tell(trial, state=states.FAIL)
+    else:
+        study.tell(trial, float(outcome["value"]))
+        logger.info("trial %d finished: %s", trial.number, outcome["value"])
+
+
+def record_interrupted(study: Any, trial: Any, why: str) -> None:
+    """`trial` stopped on a signal: interrupted, and a retry queued that resumes it."""
+    queue_retry(study, study._storage.get_trial(trial._trial_id), why)
+    logger.info("trial %d stopped (%s); the next run of the study resumes it", trial.number, why)
+
+
+def stopped_why(stopped: BaseException) -> str:
+    """What stopped a trial, in words (a `TrainingInterrupted`, or a second signal)."""
+    if isinstance(stopped, TrainingInterrupted):
+        return stopped.what
+    return str(stopped) or "interrupted"
