@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from test_resume import assert_same_state, config, dropout_mlp, loaders, step_losses
 from traineval import TrainingManager
 from traineval import run_checkpoints as run_checkpoints_module
 from traineval.checkpoint import load_checkpoint_file, load_safetensors
@@ -19,6 +18,7 @@ from traineval.checkpoint_writer import CheckpointWriteError, snapshot, untied
 from traineval.loop import TrainingInterrupted
 
 from conftest import InterruptAt
+from test_resume import assert_same_state, config, dropout_mlp, loaders, step_losses
 
 
 def _tensors(value, prefix=""):

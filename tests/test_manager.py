@@ -59,8 +59,9 @@ def test_run_directory_records_config_metrics_and_checkpoints(quiet_config, tmp_
     manager = TrainingManager(config)
     result = manager.train(make_mlp(), DataLoader(data, 16), DataLoader(data, 64))
     run = tmp_path / "run"
-    saved = TrainingConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    assert saved == config
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert TrainingConfig.from_dict(saved["training"]) == config
+    assert saved["mode"] == {"name": "supervised"}  # the mode it ran, with its settings
     records = read_jsonl(run / "metrics.jsonl")
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12, 14, 16]

@@ -49,6 +49,7 @@ def _check_modes(namespace: dict, printed: str) -> None:
     assert proto["monitor_metric"] == "val_accuracy"
     assert proto["best_metric"] > 0.8  # 5-way 1-shot: chance is 0.2
     assert Path(proto["checkpoints"]["best"]).exists()
+    assert "{'name': 'distill', 'temperature': 2.0}" in printed  # the teacher is not saved
 
 
 def _check_tuning(namespace: dict, printed: str) -> None:

@@ -19,7 +19,6 @@ from test_consistency import _partly_labeled
 from test_meta_learning import _episodes
 from test_ppo import PPO
 from test_reinforcement import RL, ActorCritic, Walk
-from test_resume import assert_same_state
 from traineval import Callback, TrainingManager
 from traineval.checkpoint import load_checkpoint_file
 from traineval.loop import TrainingInterrupted
@@ -35,6 +34,7 @@ from traineval.modes import (
 )
 
 from conftest import make_classification, plain_sgd_config
+from test_resume import assert_same_state
 
 
 class PenaltyStep:

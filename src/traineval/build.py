@@ -569,16 +569,14 @@ def open_loggers(
     loggers: Sequence[Any],
     run_config: dict[str, Any] | None = None,
 ) -> LoggerHub:
-    """Rank 0 writes config.yaml (the whole `run_config` of a config-file run, else the
-    training config) and metrics.jsonl (cut back to the resumed step) and opens the optional
-    loggers and the user's; the other ranks log nothing."""
+    """Rank 0 writes config.yaml (the whole `run_config` of a config-file run; else the
+    training section and the mode, with its settings, of a run from Python: its data and
+    model are the caller's objects) and metrics.jsonl (cut back to the resumed step) and
+    opens the optional loggers and the user's; the other ranks log nothing."""
     hub = LoggerHub([])
-    if job.is_main:
-        if run_config is not None:  # from the start: an interrupted run can be evaluated
-            write_run_config(run_config, output_dir)
-        else:
-            resolved = {**config.to_dict(), "output_dir": str(output_dir)}
-            config.__class__.from_dict(resolved).save_yaml(output_dir / "config.yaml")
+    if job.is_main:  # config.yaml from the start: an interrupted run can be evaluated
+        record = run_config or {"training": config.to_dict(), "mode": mode.to_dict()}
+        write_run_config(record, output_dir)
         events = output_dir / "metrics.jsonl"
         if payload is not None:
             truncate_events(events, payload["global_step"])

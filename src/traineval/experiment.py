@@ -219,6 +219,13 @@ class RunConfig:
         is refused before anything is imported, unless `trust_code=True`."""
         path = Path(run_dir) / "config.yaml"
         data = _mode_as_section(load_yaml(path))
+        if set(data) == {"training", "mode"}:  # what `open_loggers` writes for train()
+            raise ValueError(
+                f"{path} records a run trained from Python (train() or TrainingManager): its "
+                "training settings and mode, not its data or model, which were Python "
+                "objects; evaluate it from Python: load checkpoints/best.pt into your model "
+                "with traineval.checkpoint.load_model_weights and score it with Evaluator"
+            )
         found = code_references(data, ("data", "model", "mode"))
         if found and not trust_code:
             raise refusal(found, str(path))

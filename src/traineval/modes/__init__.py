@@ -22,7 +22,7 @@ from typing import Any
 from .. import registry
 from ..config import TrainingConfig, TrainingMode
 from .base import LossFunction, StepFunction, StepOutput, Updates, move_to_device, split_batch
-from .contract import Context, Mode, ModePlan, MonitorChoice, register
+from .contract import Context, Mode, ModePlan, MonitorChoice, register, resource
 from .federated import Federated, FederatedStep
 from .meta_learning import FOMAML, MAML, MetaLearning, MetaLearningStep, Reptile
 from .reinforcement import PolicyGradientStep, Reinforcement
@@ -57,6 +57,7 @@ __all__ = [
     "move_to_device",
     "register",
     "resolve_mode",
+    "resource",
     "split_batch",
 ]
 

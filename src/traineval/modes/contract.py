@@ -31,9 +31,40 @@ from ..config import TrainingConfig, TrainingMode
 from ..distributed import Distributed
 from ..precision import Precision
 
-__all__ = ["Context", "Mode", "ModePlan", "MonitorChoice", "closing_step", "register"]
+__all__ = [
+    "Context",
+    "Mode",
+    "ModePlan",
+    "MonitorChoice",
+    "closing_step",
+    "register",
+    "resource",
+]
 
 M = TypeVar("M", bound=type)
+
+
+RESOURCE = "traineval_resource"
+
+
+def resource(*, default: Any = None, default_factory: Callable[[], Any] | None = None) -> Any:
+    """A Mode field for an object the mode uses but does not record: a teacher model, an
+    environment factory, a tokenizer. Pass it to the constructor
+    (`Distill(teacher=trained)`), or give `default_factory` to build it where a config
+    file names the mode. A resource is not a setting: it is never written to a checkpoint
+    or config.yaml (nothing is pickled), never compared on resume, and not accepted from a
+    config file; give it again when you resume from Python."""
+    metadata = {RESOURCE: True}
+    if default_factory is not None:
+        return dataclasses.field(
+            default_factory=default_factory, compare=False, repr=False, metadata=metadata
+        )
+    return dataclasses.field(default=default, compare=False, repr=False, metadata=metadata)
+
+
+def setting_fields(mode: Any) -> list[dataclasses.Field[Any]]:
+    """A mode's (class's or instance's) setting fields: every field but its resources."""
+    return [f for f in dataclasses.fields(mode) if not f.metadata.get(RESOURCE)]
 
 
 @contextlib.contextmanager
@@ -187,9 +218,9 @@ class Mode:
     # -- settings --------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
-        """The settings as plain values (lists for tuples)."""
+        """The settings as plain values (lists for tuples); resources left out."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
+        for f in setting_fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -200,8 +231,9 @@ class Mode:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> Mode:
-        """The mode with `settings`; an unknown key is an error naming the allowed ones."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
+        """The mode with `settings`; an unknown key (or a resource, which only Python code
+        passes) is an error naming the allowed ones."""
+        allowed = [f.name for f in setting_fields(cls)]
         for key in settings:
             if key not in allowed:
                 listed = ", ".join(allowed) or "none"
