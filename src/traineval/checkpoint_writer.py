@@ -43,6 +43,8 @@ _PLAIN = (int, float, bool, str, bytes, type(None))  # immutable: shared by the 
 
 
 def _copy(value: Any, reuse: Any, copies: list[bool]) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, torch.Tensor):
         return _copy_tensor(value.detach(), reuse, copies)
     if isinstance(value, dict):

@@ -51,12 +51,15 @@ def data_generators(loader: Any) -> list[torch.Generator]:
 def capture_rng(generators: Sequence[torch.Generator] = ()) -> dict[str, Any]:
     """Every random state a training step can draw from, as tensors and plain values.
 
-    Python's, NumPy's (converted to a tensor so the checkpoint loads with weights_only),
+    Python's and NumPy's (their words as tensors: the checkpoint loads with weights_only,
+    and each state is one object to write, not hundreds),
     torch's CPU and CUDA generators, and `generators` (e.g. the data loader's).
     """
     kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": random.getstate(),
+        # Python's 625 words as one tensor: one object for the pickler, not 625
+        "python": (version, torch.tensor(internal, dtype=torch.int64), python_gauss),
         "numpy": {
             "kind": str(kind),
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -77,6 +80,8 @@ def restore_rng(state: dict[str, Any], generators: Sequence[torch.Generator] | N
     `generators=None` restores only the global generators (Python, NumPy, torch, CUDA).
     """
     version, internal, gauss = state["python"]
+    if isinstance(internal, torch.Tensor):
+        internal = internal.tolist()  # written as a tensor; older checkpoints: a tuple
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
     np.random.set_state(
