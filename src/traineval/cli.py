@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"traineval {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("TRAINEVAL_DEBUG", "") not in ("", "0"),
+        help="show the traceback of an error (also TRAINEVAL_DEBUG=1)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -246,8 +252,36 @@ def _add_report(commands: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `traineval` command; returns the exit status."""
+    """Entry point of the `traineval` command; returns the exit status.
+
+    The failure boundary: whatever a command did not turn into its own sentence ends as one
+    line naming the error (exit 1; a file system error names the file), with the traceback
+    only under `--debug` or TRAINEVAL_DEBUG=1."""
     args = _arguments(argv)
+    try:
+        return _command(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        return _unexpected(error)
+
+
+def _unexpected(error: Exception) -> int:
+    """An error no command caught, in one line: what, where (a file), how to see more."""
+    if isinstance(error, RecursionError):
+        what = "an input nests too deeply to be read (a hostile or damaged file?)"
+    elif isinstance(error, MemoryError):
+        what = "out of memory (is a size in the config or a file far too large?)"
+    elif isinstance(error, OSError) and error.filename is not None:
+        what = f"{error.strerror or error} ({error.filename}); files written before are intact"
+    else:
+        text = str(error).strip().splitlines()
+        what = f"{type(error).__name__}: {text[0] if text else 'no message'}"
+    print(f"traineval: error: {what} (--debug shows the traceback)", file=sys.stderr)
+    return 1
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "report":
         return _report(args)
     if args.command == "predict":
@@ -273,6 +307,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     set up logging: INFO, or WARNING when quiet and on every rank but rank 0."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also after the command: `traineval fit run.yaml --debug`
+        extra = [item for item in extra if item != "--debug"]
+        args.debug = True
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

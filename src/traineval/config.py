@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from . import registry
+from . import registry, untrusted_text
 from .checks import (
     Custom,
     Flag,
@@ -667,32 +667,21 @@ class EvaluationConfig(_ConfigBase):
 # -- YAML and dotted overrides -------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 would read it as a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
 def parse_value(text: str) -> Any:
     """Parse one override value the way a YAML file would (`1e-3`, `true`, `[a, b]`, `null`)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return untrusted_text.load(text)
+    except untrusted_text.TooLarge as error:
+        raise ValueError(f"override value {_shown(text)} is refused: {error}") from None
     except yaml.YAMLError as error:
         raise ValueError(
-            f"override value {text!r} is not valid YAML: {_yaml_problem(error)}"
+            f"override value {_shown(text)} is not valid YAML: {_yaml_problem(error)}"
         ) from None
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for an error line, cut to 60 characters."""
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -711,7 +700,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        data = untrusted_text.load(untrusted_text.read_utf8(path, "config file"))
+    except untrusted_text.TooLarge as error:
+        raise ValueError(f"config file {str(path)!r} is refused: {error}") from None
     except yaml.YAMLError as error:
         raise ValueError(
             f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"

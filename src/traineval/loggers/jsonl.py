@@ -44,13 +44,16 @@ def plain(value: Any) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read every record of a metrics.jsonl file (a line cut short by a crash is skipped)."""
+    """Read every record of a metrics.jsonl file: a line cut short by a crash, or one that is
+    not a JSON object (a damaged or hostile file), is skipped."""
     records = []
-    with Path(path).open(encoding="utf-8") as handle:
+    with Path(path).open(encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
                     continue
+                if isinstance(record, dict):
+                    records.append(record)
     return records

@@ -6,17 +6,16 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from ..config import metric_is_minimized
+from ..config import load_yaml, metric_is_minimized
 from ..loggers import read_jsonl
 from ..loop import empty_history
 from ..rundir import atomic_write_text
+from ..untrusted_text import read_json
 
 
 @dataclasses.dataclass
@@ -43,9 +42,9 @@ def read_run(run_dir: str | Path) -> RunRecord:
     if not (run_dir / "metrics.jsonl").exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl")
     config_path = run_dir / "config.yaml"
-    config = _mapping(yaml.safe_load(config_path.read_text())) if config_path.exists() else {}
+    config = _mapping(load_yaml(config_path)) if config_path.exists() else {}
     summary_path = run_dir / "summary.json"
-    summary = _mapping(json.loads(summary_path.read_text())) if summary_path.exists() else {}
+    summary = _mapping(read_json(summary_path, "summary")) if summary_path.exists() else {}
     records = [_clean(record) for record in read_jsonl(run_dir / "metrics.jsonl")]
     flower = any("round" in record for record in records)
     history = rounds_history(records) if flower else history_from_events(records)
@@ -73,7 +72,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
 def _saved_evaluation(run_dir: Path) -> dict[str, Any]:
     """evaluation/metrics.json, or an empty mapping when the run has none."""
     evaluation = run_dir / "evaluation" / "metrics.json"
-    return _mapping(json.loads(evaluation.read_text())) if evaluation.exists() else {}
+    return _mapping(read_json(evaluation, "evaluation record")) if evaluation.exists() else {}
 
 
 def _square_counts(value: Any) -> list[list[int]] | None:
