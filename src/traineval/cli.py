@@ -158,7 +158,7 @@ def _add_predict(commands: Any) -> None:
         description="Read INPUT (a CSV with the run's feature columns, by name, in any order), "
         "standardise them as in training, and write each row's prediction (class and class "
         "probabilities; label set and label probabilities; value) after the input's other "
-        "columns, to --output (default RUN_DIR/predictions/<INPUT name>).",
+        "columns, to --output (default RUN_DIR/predictions/<INPUT stem>-<hash of its path>.csv).",
     )
     predict.add_argument("run_dir", type=Path, help="a run directory written by fit or demo")
     predict.add_argument("input", type=Path, help="CSV file with a header row")
@@ -168,6 +168,9 @@ def _add_predict(commands: Any) -> None:
         "(default best; final for a run that keeps no best)",
     )
     predict.add_argument("--output", type=Path, help="where to write the predictions CSV")
+    predict.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it exists (never the input)"
+    )
     predict.add_argument(
         "--trust-code",
         action="store_true",
@@ -383,6 +386,7 @@ def _predict(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             output=args.output,
             trust_code=args.trust_code,
+            overwrite=args.overwrite,
         )
     except _failures() as error:
         return _error(error)

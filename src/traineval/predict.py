@@ -10,6 +10,8 @@ value, or one per output (regression).
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from .experiment import RunConfig, load_data
 from .imports import untrusted
 from .models import build_model
 from .precision import resolve_device
+from .rundir import atomic_write_text
 
 SUPPORTED_MODES = ("supervised", "semi_supervised", "federated")
 
@@ -40,22 +43,57 @@ def predict_csv(
     batch_size: int = 1024,
     threshold: float | None = None,
     trust_code: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Path, int]:
     """Write predictions for every row of `input_csv`; returns the output path and row count.
 
     `checkpoint` is a name in the run's checkpoints/ ("best", "last"), "final" (a Flower
     run's final weights) or a path, by default the best (else the final weights); `output`
-    defaults to `<run_dir>/predictions/<input name>`; `threshold` (multi-label) defaults to
+    defaults to `<run_dir>/predictions/<input stem>-<6 hex digits of the input's path>.csv`
+    (inputs of one name in different folders get different files). An `output` that is
+    the input, or a file that exists (unless `overwrite`), is refused before any work; the
+    file is written atomically. `threshold` (multi-label) defaults to
     the run's `evaluation.multilabel_threshold`. The input's other columns are copied after
     the predictions; a text cell a spreadsheet would read as a formula gets a leading `'`.
     A run whose config names code to import (a custom model factory) is refused unless
     `trust_code=True` (see `RunConfig.from_run_dir`).
     """
-    run_dir = Path(run_dir)
+    run_dir, input_csv = Path(run_dir), Path(input_csv)
+    out = output_path(run_dir, input_csv, output, overwrite)
     config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
     with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
         chosen = checkpoint or default_checkpoint(run_dir)
-        return _predict(config, run_dir, Path(input_csv), chosen, output, batch_size, threshold)
+        return _predict(config, run_dir, input_csv, chosen, out, batch_size, threshold)
+
+
+def _refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
+    """A checkpoint whose weights hold NaN or inf predicts nothing worth writing."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"checkpoint {str(path)!r}: the model's {name!r} holds NaN or infinite values, "
+                "so every prediction would be NaN; predict from another checkpoint (--checkpoint)"
+            )
+
+
+def output_path(run_dir: Path, input_csv: Path, output: str | Path | None, overwrite: bool) -> Path:
+    """Where the predictions go (see `predict_csv`); refused when that would overwrite the
+    input, or a file the user did not name for overwriting."""
+    if output is None:
+        digest = hashlib.sha1(str(input_csv.resolve()).encode()).hexdigest()[:6]
+        return run_dir / "predictions" / f"{input_csv.stem}-{digest}.csv"
+    out = Path(output)
+    if out.resolve() == input_csv.resolve():
+        raise ValueError(
+            f"--output {str(out)!r} is the input file: the predictions would replace its rows; "
+            "choose another path"
+        )
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"--output {str(out)!r} exists: predict does not replace a file unless told to; "
+            "choose another path, or pass --overwrite"
+        )
+    return out
 
 
 def _predict(
@@ -63,7 +101,7 @@ def _predict(
     run_dir: Path,
     input_csv: Path,
     checkpoint: str,
-    output: str | Path | None,
+    out: Path,
     batch_size: int,
     threshold: float | None,
 ) -> tuple[Path, int]:
@@ -100,6 +138,7 @@ def _predict(
         options=dict(config.model.options),
     )
     load_model_weights(model, path, map_location="cpu")
+    _refuse_non_finite(model, path)
     model.to(device).eval()
     inputs = splits.prepare(x)
     outputs = []
@@ -110,13 +149,13 @@ def _predict(
     scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
     cut = config.evaluation.multilabel_threshold if threshold is None else threshold
     names, values = _columns(splits.task_type, scores, splits.class_names, cut)
-    out = Path(output) if output else run_dir / "predictions" / input_csv.name
+    table = io.StringIO(newline="")
+    writer = SafeWriter(table)
+    writer.writerow([header[i] for i in kept] + names)
+    for row, predicted in zip(rows, values, strict=True):
+        writer.writerow([row[i] for i in kept] + predicted)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as handle:
-        writer = SafeWriter(handle)
-        writer.writerow([header[i] for i in kept] + names)
-        for row, predicted in zip(rows, values, strict=True):
-            writer.writerow([row[i] for i in kept] + predicted)
+    atomic_write_text(out, table.getvalue())
     return out, len(rows)
 
 

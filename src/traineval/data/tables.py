@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import TaskType
+from ..untrusted_text import read_utf8
 
 BUILTIN_DATASETS = {
     "digits": ("load_digits", TaskType.CLASSIFICATION, (1, 8, 8)),
@@ -116,15 +118,28 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]]]:
     errors name the file (e.g. "data.path='t.csv'")."""
     if not path.is_file():
         raise FileNotFoundError(f"{named} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
+    text = read_utf8(path, named.split("=")[0] if "=" in named else "CSV file")
+    rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row]  # blank lines
     if len(rows) < 2:
         raise ValueError(f"{named} has no data rows below its header")
-    header, body = rows[0], rows[1:]
+    header, body = [name.strip() for name in rows[0]], rows[1:]
+    _refuse_duplicates(header, named)
     for r, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
     return header, body
+
+
+def _refuse_duplicates(header: list[str], named: str) -> None:
+    """Two columns of one name cannot both be read by name: refuse, naming them."""
+    seen: dict[str, int] = {}
+    for position, name in enumerate(header, start=1):
+        if name in seen:
+            raise ValueError(
+                f"{named}: the column name {name!r} appears twice (columns {seen[name]} and "
+                f"{position}): rename one, so that each column is read by its own name"
+            )
+        seen[name] = position
 
 
 def _with_target(
@@ -150,6 +165,11 @@ def _with_target(
                 "or drop the row (traineval does not impute missing values)"
             )
         return Table(x, numbers.astype(np.float32), TaskType.REGRESSION, features)
+    if numbers is not None:  # `1`, `1.0` and `01` are one class, named as first written
+        first: dict[float, str] = {}
+        for value, text in zip(numbers.tolist(), raw, strict=True):
+            first.setdefault(value, text.strip())
+        raw = [first[value] for value in numbers.tolist()]
     labels = sorted(set(raw), key=lambda v: (float(v), v) if numbers is not None else (0.0, v))
     index = {label: i for i, label in enumerate(labels)}
     y = np.array([index[v] for v in raw], dtype=np.int64)

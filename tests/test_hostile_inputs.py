@@ -1,0 +1,165 @@
+"""Hostile input, as a stranger hands it over: each case ends in one stderr line that names the
+culprit, exit status 1 or 2, within seconds, and leaves every file that existed unchanged.
+
+The table keeps each case the adversarial pass found (alias bombs, 100,000-deep nesting, a
+cut-short summary, predictions over their own input, duplicate or non-UTF-8 CSV columns, an
+unwritable output directory). A case is (name, setup(tmp_path) -> argv, the words the line
+must hold)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+from traineval.cli import main
+
+
+def _table(path, rows=60, header="a,b,label"):
+    generator = np.random.default_rng(0)
+    x = generator.normal(size=(rows, 2))
+    lines = [header] + [f"{p:.4f},{q:.4f},{int(p > 0)}" for p, q in x]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained on a two-feature CSV table (the run directory, its data)."""
+    folder = tmp_path_factory.mktemp("trained")
+    data = _table(folder / "table.csv")
+    config = folder / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: label}}\n"
+        "model: {name: mlp, options: {hidden_sizes: [8]}}\n"
+        "training: {num_epochs: 1, warmup_steps: 0, tensorboard_logging: false, "
+        "progress_bar: false}\n"
+    )
+    run = folder / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    return run, data
+
+
+def _alias_bomb(folder):
+    folder.mkdir()
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for level in range(1, 10):
+        previous, current = chr(ord("a") + level - 1), chr(ord("a") + level)
+        lines.append(f"{current}: &{current} [" + ", ".join([f"*{previous}"] * 10) + "]")
+    (folder / "config.yaml").write_text("\n".join(lines) + "\ntraining: {num_epochs: 1}\n")
+    (folder / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    return folder
+
+
+def _deep_config(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("training: {seed: " + "[" * 100_000 + "]" * 100_000 + "}\n")
+    return ["fit", str(path), "-q"]
+
+
+def _cut_summary(tmp_path, trained):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        (run / name).write_bytes((trained[0] / name).read_bytes())
+    (run / "summary.json").write_text('{"best_metric": 0.9, "epochs_')
+    return ["report", str(run)]
+
+
+def _csv_config(tmp_path, data):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: label}}\n"
+        "model: {name: mlp}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'out'}}}\n"
+    )
+    return ["fit", str(config), "-q"]
+
+
+def _latin1(tmp_path):
+    data = tmp_path / "t.csv"
+    data.write_bytes("a,b,label\n1,2,0\n3,4,1\ncaf\xe9,5,0\n".encode("latin-1"))
+    return data
+
+
+CASES = [
+    ("report of an alias bomb", lambda t, r: ["report", str(_alias_bomb(t / "bomb"))],
+     "aliases expand to more than 100,000 values"),
+    ("evaluate of an alias bomb", lambda t, r: ["evaluate", str(_alias_bomb(t / "bomb"))],
+     "aliases expand to more than 100,000 values"),
+    ("a 100,000-deep config", lambda t, r: _deep_config(t), "nests deeper than 64 levels"),
+    ("a 100,000-deep override",
+     lambda t, r: [*_csv_config(t, _table(t / "x.csv")), "training.seed=" + "[" * 100_000],
+     "nests deeper than 64 levels"),
+    ("a cut-short summary.json", _cut_summary, "summary"),
+    ("predict over its own input",
+     lambda t, r: ["predict", str(r[0]), str(r[1]), "--output", str(r[1])],
+     "is the input file"),
+    ("predict over an existing file",
+     lambda t, r: ["predict", str(r[0]), str(r[1]), "--output", str(_table(t / "mine.csv"))],
+     "pass --overwrite"),
+    ("a CSV with two columns of one name",
+     lambda t, r: _csv_config(t, _table(t / "d.csv", header="a,a,label")),
+     "the column name 'a' appears twice"),
+    ("a latin-1 CSV to fit", lambda t, r: _csv_config(t, _latin1(t)),
+     "is not UTF-8 text (byte 0xe9 on line 4): save it as UTF-8"),
+    ("a latin-1 CSV to predict", lambda t, r: ["predict", str(r[0]), str(_latin1(t))],
+     "is not UTF-8 text"),
+    ("an output folder name longer than the file system allows",
+     lambda t, r: [*_csv_config(t, _table(t / "d.csv")), f"training.output_dir={t / ('x' * 300)}"],
+     "File name too long"),
+]  # fmt: skip
+
+
+def _files(folder):
+    return {
+        path: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+
+
+@pytest.mark.parametrize(("setup", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_line_naming_it(tmp_path, trained, capsys, setup, words):
+    argv = setup(tmp_path, trained)
+    before = {**_files(tmp_path), **_files(trained[0].parent)}
+    capsys.readouterr()
+    started = time.perf_counter()
+    status = main(argv)
+    seconds = time.perf_counter() - started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status in (1, 2)
+    assert len(err) == 1, err[:5]
+    assert words in err[0]
+    assert seconds < 5
+    after = {**_files(tmp_path), **_files(trained[0].parent)}
+    assert {p: h for p, h in after.items() if p in before} == before  # nothing changed
+
+
+def test_tables_as_people_have_them_train(tmp_path):
+    """A byte-order mark, a trailing blank line and `1`/`1.0`/`01` spellings of one label."""
+    data = tmp_path / "bom.csv"
+    rows = [f"{x:.3f},{-x:.3f},{label}" for x, label in zip(np.linspace(-1, 1, 60),
+            ["0", "1", "1.0", "01", "0.0", "00"] * 10, strict=True)]  # fmt: skip
+    data.write_text("\ufeffa,b,label\n" + "\n".join(rows) + "\n\n", encoding="utf-8")
+    run = tmp_path / "out"
+    assert main(_csv_config(tmp_path, data)) == 0
+    from traineval.experiment import RunConfig, load_data
+
+    splits = load_data(RunConfig.from_yaml(run / "config.yaml").data)
+    assert splits.feature_names == ["a", "b"]  # not '\ufeffa'
+    assert splits.class_names == ["0", "1"]  # one class per number, as first written
+
+
+def test_predictions_of_two_inputs_of_one_name_do_not_overwrite_each_other(tmp_path, trained):
+    run, data = trained
+    first, second = tmp_path / "x" / "rows.csv", tmp_path / "y" / "rows.csv"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(data.read_bytes())
+    assert main(["predict", str(run), str(first)]) == 0
+    assert main(["predict", str(run), str(second)]) == 0
+    written = sorted((run / "predictions").glob("rows-*.csv"))
+    assert len(written) == 2
