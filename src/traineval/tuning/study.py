@@ -330,7 +330,8 @@ def recover_abandoned(study: Any, settings: Settings) -> list[int]:
                 pass
         except RunDirInUse:
             continue  # still running
-        queue_retry(study, trial, "interrupted: its process is gone")
+        if not queue_retry(study, trial, "interrupted: its process is gone"):
+            continue  # it finished as we looked
         logger.warning("trial %d was interrupted (its process is gone): its retry resumes %s",
                        trial.number, run_dir)  # fmt: skip
         retried.append(trial.number)

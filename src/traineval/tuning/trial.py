@@ -134,16 +134,23 @@ def mark_running(trial: Any, run_dir: Path) -> None:
     trial.set_user_attr("pid", os.getpid())
 
 
-def queue_retry(study: Any, trial: Any, why: str) -> None:
+def queue_retry(study: Any, trial: Any, why: str) -> bool:
     """Record the frozen `trial` as interrupted (`why`) and queue a retry with its
-    parameters that resumes its run directory."""
+    parameters that resumes its run directory; False when the trial finished meanwhile
+    (its process was only slow to answer): nothing to retry."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
     storage = study._storage
-    storage.set_trial_user_attr(trial._trial_id, "interrupted", why)
-    if trial.state == _states().RUNNING:
-        storage.set_trial_state_values(trial._trial_id, _states().FAIL)
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", why)
+        if trial.state == _states().RUNNING:
+            storage.set_trial_state_values(trial._trial_id, _states().FAIL)
+    except UpdateFinishedTrialError:
+        return False
     run_dir = trial.user_attrs.get("run_dir")
     attrs = {"retry_of": trial.number, **({"resume_dir": run_dir} if run_dir else {})}
     study.enqueue_trial(trial.params, user_attrs=attrs)
+    return True
 
 
 def train_trial(
@@ -184,7 +191,18 @@ def train_trial(
 
 
 def record(study: Any, trial: Any, outcome: Mapping[str, Any]) -> None:
-    """Tell the study how `trial` ended (`train_trial`'s outcome)."""
+    """Tell the study how `trial` ended (`train_trial`'s outcome); a trial another process
+    already closed (its heartbeat judged this one gone, and queued a retry) is left so."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        _record(study, trial, outcome)
+    except UpdateFinishedTrialError:
+        logger.warning("trial %d was closed by another process meanwhile; its retry counts "
+                       "instead", trial.number)  # fmt: skip
+
+
+def _record(study: Any, trial: Any, outcome: Mapping[str, Any]) -> None:
     states = _states()
     if "error" in outcome:  # a diverging trial: failed, the study goes on
         trial.set_user_attr("error", outcome["error"])
