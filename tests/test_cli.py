@@ -251,7 +251,7 @@ def test_autoencoder_from_the_command_line(tmp_path):
                 f"training.output_dir={tmp_path / 'b'}",
             ]
         )
-        == 1
+        == 2
     )
 
 
@@ -318,7 +318,7 @@ def test_evaluate_command_rebuilds_the_run_and_matches_fit(tmp_path, capsys):
     assert (run / "evaluation" / "confusion_matrix_test.png").exists()
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["split"] for e in events if e["event"] == "eval"][-2:] == ["test", "test"]
-    assert main(["evaluate", str(run), "--checkpoint", "nope"]) == 1
+    assert main(["evaluate", str(run), "--checkpoint", "nope"]) == 2
     err = capsys.readouterr().err
     assert "this run has no 'nope' checkpoint" in err
     assert "it has: best, last (--checkpoint last)" in err
@@ -359,7 +359,7 @@ def test_lr_find_prints_a_suggestion_and_writes_the_curve(tmp_path, capsys):
     assert (out / "lr_find.png").stat().st_size > 1000
     assert not (out / "checkpoints").exists()  # nothing of the search's training is kept
     bad = main(["lr-find", str(path), "--min-lr", "1", "--max-lr", "0.1"])
-    assert bad == 1
+    assert bad == 2
     assert "max_lr=0.1 is invalid: expected a number > min_lr=1.0" in capsys.readouterr().err
 
 

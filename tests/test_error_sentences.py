@@ -115,17 +115,17 @@ def test_another_models_checkpoint_is_named_not_dumped(tmp_path, capsys):
         assert main(args) == 0
     other = str(runs["wide"] / "checkpoints" / "best.pt")
     capsys.readouterr()
-    assert main(["evaluate", str(runs["small"]), "--checkpoint", other]) == 1
+    assert main(["evaluate", str(runs["small"]), "--checkpoint", other]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "does not fit this run's model: shapes differ: net.0.weight (32, 4) vs" in err[0]
     rows = tmp_path / "rows.csv"
     names = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
     rows.write_text(",".join(names) + "\n5.1,3.5,1.4,0.2\n")
-    assert main(["predict", str(runs["small"]), str(rows), "--checkpoint", other]) == 1
+    assert main(["predict", str(runs["small"]), str(rows), "--checkpoint", other]) == 2
     assert "does not fit this run's model" in capsys.readouterr().err
     exported = str(runs["wide"] / "checkpoints" / "best.safetensors")  # weights only
-    assert main(["evaluate", str(runs["small"]), "--checkpoint", exported]) == 1
+    assert main(["evaluate", str(runs["small"]), "--checkpoint", exported]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "does not fit this run's model: shapes differ: net.0.weight (32, 4) vs" in err[0]
@@ -143,7 +143,7 @@ def test_a_factory_with_the_wrong_signature_is_told_the_right_one(tmp_path, caps
         "data: {name: iris}\nmodel: {name: 'wrong_factory:build'}\n"
         f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
     )
-    assert main(["fit", str(config), "-q"]) == 1  # found beside the config, no PYTHONPATH
+    assert main(["fit", str(config), "-q"]) == 2  # found beside the config, no PYTHONPATH
     err = capsys.readouterr().err
     assert "def build(input_shape, output_dim, **options) -> nn.Module" in err
     assert "missing a required argument: 'features'" in err
@@ -167,7 +167,7 @@ def test_a_package_beside_the_config_imports_without_pythonpath(tmp_path, capsys
     assert main(["fit", str(config), "-q"]) == 0
     monkeypatch.delitem(sys.modules, "beside_config_models", raising=False)
     config.write_text(config.read_text().replace("beside_config_models:build", "nowhere_pkg:build"))
-    assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'b'}"]) == 1
+    assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'b'}"]) == 2
     assert "cannot import 'nowhere_pkg': no module of that name" in capsys.readouterr().err
 
 

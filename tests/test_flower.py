@@ -527,7 +527,7 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
 
     assert flower_command(tmp_path / "straight", 3) == 0
     assert flower_command(tmp_path / "extended", 2) == 0
-    assert flower_command(tmp_path / "extended", 3) == 1  # refused: it would overwrite
+    assert flower_command(tmp_path / "extended", 3) == 2  # refused: it would overwrite
     assert "continue it with resume_from='auto'" in capsys.readouterr().err
     assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
     assert "Trained Flower round 3 (resumed after round 2)" in capsys.readouterr().out
@@ -544,7 +544,7 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
     assert extended == straight
     rounds = read_jsonl(tmp_path / "extended" / "metrics.jsonl")
     assert [r["round"] for r in rounds if r["event"] == "train"] == [1, 2, 3]
-    assert cli.main(["flower", str(demo), "--resume", "auto"]) == 1
+    assert cli.main(["flower", str(demo), "--resume", "auto"]) == 2
     assert "--resume needs the run directory" in capsys.readouterr().err
 
 

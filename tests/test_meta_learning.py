@@ -210,7 +210,7 @@ def test_meta_learning_from_the_command_line(tmp_path, capsys):
     assert record["test"]["accuracy"] > 0.5  # 3-way: chance is 1/3
     assert main(["evaluate", str(tmp_path / "run"), "--split", "val"]) == 0
     demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
-    assert main(["cv", str(demo), "-q", *args[2:], f"training.output_dir={tmp_path}"]) == 1
+    assert main(["cv", str(demo), "-q", *args[2:], f"training.output_dir={tmp_path}"]) == 2
     assert "mode='meta_learning' is invalid for cross-validation" in capsys.readouterr().err
 
 

@@ -148,12 +148,12 @@ def test_predict_names_what_is_wrong_with_the_input(tmp_path, capsys):
     assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
     bad = tmp_path / "bad.csv"
     bad.write_text("sepal,stem\n1,2\n")
-    assert main(["predict", str(run), str(bad)]) == 1
+    assert main(["predict", str(run), str(bad)]) == 2
     assert "missing feature columns ['petal']" in capsys.readouterr().err
     bad.write_text("sepal,petal,stem\n1,x,2\n")
-    assert main(["predict", str(run), str(bad)]) == 1
+    assert main(["predict", str(run), str(bad)]) == 2
     assert "bad.csv:2: column 'petal' is 'x', not a finite number" in capsys.readouterr().err
-    assert main(["predict", str(run), str(tmp_path / "none.csv")]) == 1
+    assert main(["predict", str(run), str(tmp_path / "none.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -57,7 +57,7 @@ def test_report_summarises_the_run_from_its_files(run_dir, capsys):
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
-    assert main(["report", str(tmp_path)]) == 1
+    assert main(["report", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
 
 

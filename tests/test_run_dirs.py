@@ -209,7 +209,7 @@ def test_auto_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path, capsys):
     for path in files:
         path.write_bytes(b"garbage")
     events = (run / "metrics.jsonl").read_text()
-    assert main(_demo(run, "training.num_epochs=3", "--resume", "auto")) == 1
+    assert main(_demo(run, "training.num_epochs=3", "--resume", "auto")) == 2
     err = capsys.readouterr().err
     assert "every checkpoint" in err
     for path in files:

@@ -135,7 +135,7 @@ def test_command_config_errors_exit_2(tmp_path, capsys):
     data = yaml.safe_load(config.read_text())
     data["search"] = {"nope": [1, 2]}
     config.write_text(yaml.safe_dump(data))
-    assert main(["tune", str(config), "--trials", "2"]) == 1
+    assert main(["tune", str(config), "--trials", "2"]) == 2
     assert "search.nope is invalid" in capsys.readouterr().err
 
 
@@ -391,3 +391,40 @@ def test_two_machines_on_one_postgresql_study_end_with_exactly_n_distinct_trials
         assert {t.user_attrs["run_dir"].split("/")[-2] for t in kept} == {"a", "b"}
     finally:
         server.cleanup()
+
+
+def _ask_at_once(storage, study_dir, barrier, answers):
+    """One process of `test_processes_asking_at_once_never_share_a_queued_trial`."""
+    import optuna
+
+    from traineval.tuning.trial import next_trial
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="race", storage=storage)
+    barrier.wait()
+    answers.put(next_trial(study, 10, study_dir).number)
+
+
+@pytest.mark.slow
+def test_processes_asking_at_once_never_share_a_queued_trial(tmp_path):
+    # SQLite ignores Optuna's row lock: without the study's ask lock, two processes popped
+    # the one queued trial together in 5 of 10 rounds (the CI failure of the two-worker test)
+    import multiprocessing
+
+    import optuna
+
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(4):
+        storage = f"sqlite:///{tmp_path}/race-{round_}.db"
+        study = optuna.create_study(study_name="race", storage=storage)
+        study.enqueue_trial({"x": 1.0})
+        barrier, answers = context.Barrier(2), context.Queue()
+        processes = [
+            context.Process(target=_ask_at_once, args=(storage, str(tmp_path), barrier, answers))
+            for _ in range(2)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(120)
+        assert sorted([answers.get(timeout=5), answers.get(timeout=5)]) == [0, 1]

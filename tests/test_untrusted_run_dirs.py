@@ -78,7 +78,7 @@ def test_a_received_run_directory_imports_nothing(
     rows = tmp_path / "rows.csv"
     rows.write_text("a,b\n1,2\n")
     args = [command, str(run)] + ([str(rows)] if command == "predict" else [])
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "payload_mod:" in err
     assert "--trust-code" in err
@@ -117,7 +117,7 @@ def test_trust_code_evaluates_and_predicts_a_run_with_its_own_model(tmp_path, pa
     run = _fitted_run(tmp_path, "model.name=payload_mod:model")  # the user's own run
     payload.unlink()
     sys.modules.pop("payload_mod")
-    assert main(["evaluate", str(run)]) == 1
+    assert main(["evaluate", str(run)]) == 2
     assert not payload.exists()
     assert main(["evaluate", str(run), "--trust-code"]) == 0
     assert payload.exists()

@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `traineval` command; returns the exit status.
 
     The failure boundary: whatever a command did not turn into its own sentence ends as one
-    line naming the error (exit 1; a file system error names the file), with the traceback
-    only under `--debug` or TRAINEVAL_DEBUG=1."""
+    line naming the error (a file system error names the file; exit statuses: `exit_codes`),
+    with the traceback only under `--debug` or TRAINEVAL_DEBUG=1."""
     args = _arguments(argv)
     try:
         return _command(args)
@@ -270,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _unexpected(error: Exception) -> int:
-    """An error no command caught, in one line: what, where (a file), how to see more."""
+    """An error no command caught, in one line: what, where (a file), how to see more.
+    Exit 1, or 2 for a file name the user chose that cannot be (too long, a loop)."""
+    from .exit_codes import exit_status_of
+
     if isinstance(error, RecursionError):
         what = "an input nests too deeply to be read (a hostile or damaged file?)"
     elif isinstance(error, MemoryError):
@@ -281,7 +284,7 @@ def _unexpected(error: Exception) -> int:
         text = str(error).strip().splitlines()
         what = f"{type(error).__name__}: {text[0] if text else 'no message'}"
     print(f"traineval: error: {what} (--debug shows the traceback)", file=sys.stderr)
-    return 1
+    return exit_status_of(error) if isinstance(error, OSError) else 1
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -349,8 +352,11 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 
 def _error(error: BaseException) -> int:
+    """Print `error` as the command's one line; its exit status (see `exit_codes`)."""
+    from .exit_codes import exit_status_of
+
     print(f"traineval: error: {error}", file=sys.stderr)
-    return 1
+    return exit_status_of(error)
 
 
 def _report(args: argparse.Namespace) -> int:

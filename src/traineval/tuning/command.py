@@ -53,6 +53,8 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     except (ValueError, FileNotFoundError) as error:
         print(f"traineval: config error: {error}", file=sys.stderr)
         return 2
+    from ..exit_codes import exit_status_of
+
     caught: tuple[type[BaseException], ...] = (*failures, ImportError, WorkerLost)
     try:
         result = tune(
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
         return _interrupted(stopped)
     except caught as error:
         print(f"traineval: error: {error}", file=sys.stderr)
-        return 1
+        return exit_status_of(error)
     if result is None:
         return 0  # under torchrun, rank 0 reports
     print(trials_table(result.trials))

@@ -27,7 +27,7 @@ def tune_on_ranks(settings: Settings, trials: int) -> TuneResult | None:
         return None
     with run_dir_lock(settings.study_dir):
         study = start_study(settings)
-        while (trial := next_trial(study, trials)) is not None:
+        while (trial := next_trial(study, trials, settings.study_dir)) is not None:
             values = {p.field: p.tidy(p.suggest(trial)) for p in settings.params}
             order = {"number": trial.number, "values": values,
                      "resume_dir": trial.user_attrs.get("resume_dir")}  # fmt: skip

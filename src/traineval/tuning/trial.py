@@ -14,12 +14,13 @@ or by the storage's heartbeat from any machine).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from ..stopping import TrainingInterrupted
 from .space import apply_values
 
 logger = logging.getLogger(__name__)
+
+ASK_LOCK = ".ask.lock"
 
 
 class OptunaPruning(Callback):
@@ -103,16 +106,35 @@ def surplus(trial: Any, trials: Sequence[Any], total: int) -> str | None:
     return None
 
 
-def next_trial(study: Any, total: int) -> Any:
+def next_trial(study: Any, total: int, study_dir: str | Path) -> Any:
     """The next trial this process runs, or None when the study is full. Asks the storage
-    (a queued retry first), and records a trial that finds no place as surplus."""
+    (a queued retry first), and records a trial that finds no place as surplus. The asking
+    holds `<study_dir>/.ask.lock`: SQLite ignores Optuna's row lock, so two processes could
+    both pop one queued trial (measured: 5 races of 10 with two processes asking at once)."""
     from optuna.storages import _heartbeat  # Optuna's own, as `study.optimize` uses it
 
-    with warnings.catch_warnings():  # "experimental"; "meant for Study.optimize": we run
-        warnings.simplefilter("ignore")  # Study.optimize's loop, with its heartbeat
+    with warnings.catch_warnings(), _asking(study_dir):  # "experimental"; "meant for
+        warnings.simplefilter("ignore")  # Study.optimize": we run its loop, with its heartbeat
         if _heartbeat.is_heartbeat_enabled(study._storage):
             _heartbeat.fail_stale_trials(study)  # vanished trials of any machine: retried
         return _ask_for_a_place(study, total)
+
+
+@contextlib.contextmanager
+def _asking(study_dir: str | Path) -> Iterator[None]:
+    """Hold `<study_dir>/.ask.lock` (a blocking POSIX lock; none where there is none)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(study_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(study_dir) / ASK_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _ask_for_a_place(study: Any, total: int) -> Any:

@@ -37,7 +37,7 @@ def work(study: Any, settings: Settings, total: int) -> None:
             if name is not None:
                 what = f"tune interrupted by {name} between trials"
                 raise TrainingInterrupted(what, None, name, what)
-            trial = next_trial(study, total)
+            trial = next_trial(study, total, settings.study_dir)
             if trial is None:
                 return
             run(study, trial, settings)
