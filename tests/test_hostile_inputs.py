@@ -1,5 +1,6 @@
 """Hostile input, as a stranger hands it over: each case ends in one stderr line that names the
-culprit, exit status 2 for bad input (1 for a fault of the environment), within seconds, and leaves every file that existed unchanged.
+culprit, exit status 2 for bad input (1 for a fault of the environment), within seconds, and
+leaves every file that existed unchanged.
 
 The table keeps each case the adversarial pass found (alias bombs, 100,000-deep nesting, a
 cut-short summary, predictions over their own input, duplicate or non-UTF-8 CSV columns, an
@@ -84,6 +85,32 @@ def _latin1(tmp_path):
     return data
 
 
+def _resume(tmp_path, checkpoint, hidden=8):
+    data = _table(tmp_path / "d.csv")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: label}}\n"
+        f"model: {{name: mlp, options: {{hidden_sizes: [{hidden}]}}}}\n"
+        f"training: {{num_epochs: 3, warmup_steps: 0, output_dir: {tmp_path / 'out'}}}\n"
+    )
+    return ["fit", str(config), "-q", "--resume", str(checkpoint)]
+
+
+def _damaged(tmp_path, trained, *where):
+    """The trained run's last.pt with the entry at `where` (a key path) removed."""
+    import torch
+
+    payload = torch.load(trained[0] / "checkpoints" / "last.pt", weights_only=True)
+    record = payload
+    for key in where[:-1]:
+        record[key] = dict(record[key])
+        record = record[key]
+    del record[where[-1]]
+    path = tmp_path / "damaged.pt"
+    torch.save(payload, path)
+    return _resume(tmp_path, path)
+
+
 CASES = [
     ("report of an alias bomb", lambda t, r: ["report", str(_alias_bomb(t / "bomb"))],
      "aliases expand to more than 100,000 values", 2),
@@ -110,6 +137,14 @@ CASES = [
     ("an output folder name longer than the file system allows",
      lambda t, r: [*_csv_config(t, _table(t / "d.csv")), f"training.output_dir={t / ('x' * 300)}"],
      "File name too long", 2),
+    ("resume from another model's checkpoint",
+     lambda t, r: _resume(t, r[0] / "checkpoints" / "last.pt", hidden=16),
+     "does not fit this run's model: shapes differ: net.0.weight (8, 2) vs the model's (16, 2)",
+     2),
+    ("resume from a checkpoint without its RNG state",
+     lambda t, r: _damaged(t, r, "rng", "python"), "cannot be resumed: rng.python is missing", 2),
+    ("resume from a checkpoint without its loop state",
+     lambda t, r: _damaged(t, r, "loop", "stopped_early"), "loop.stopped_early is missing", 2),
 ]  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from .averaging import WeightAverage
 from .batches import ModelLoss, OutputTransform
+from .checkpoint import refuse_another_models
 from .config import TaskType, TrainingConfig
 from .distributed import (
     Distributed,
@@ -48,12 +49,17 @@ from .modes import Context, Mode, ModePlan
 from .optim import check_prefixes, freeze, restore_schedule
 from .precision import Precision, resolve_precision
 from .resume import check_compatible, check_mode, find_checkpoint, truncate_events
-from .run_checkpoints import CHECKPOINT_FORMAT, training_weights
+from .run_checkpoints import training_weights
 from .rundir import write_run_config
 from .seeding import reseed_held_generators, seed_everything
 from .tasks import RegressionMSE, default_loss
 
 logger = logging.getLogger(__name__)
+
+ANOTHER_MODEL_ADVICE = (
+    "resume from a checkpoint of this model, or give the config the model options it was "
+    "trained with"
+)
 
 
 def check_inputs(config: TrainingConfig, model: Any, mode: Mode, loss_function: Any) -> None:
@@ -343,9 +349,10 @@ def load_resume(
     config: TrainingConfig,
     mode: Mode,
     job: Distributed,
+    model: nn.Module,
 ) -> dict[str, Any] | None:
-    """The checkpoint to continue from (None: start fresh), refused if this config or job
-    could not continue it exactly."""
+    """The checkpoint to continue from (None: start fresh), refused if this config, job or
+    `model` could not continue it exactly (before anything is written or said of it)."""
     if resume_from is None:
         return None
     found = find_checkpoint(output_dir, resume_from)
@@ -353,8 +360,7 @@ def load_resume(
         logger.info("no checkpoint to resume from in %s; starting fresh", output_dir)
         return None
     path, payload = found
-    if payload.get("format") != CHECKPOINT_FORMAT or "loop" not in payload:
-        raise ValueError(f"{str(path)!r} is not a resumable traineval checkpoint")
+    refuse_another_models(path, model.state_dict(), training_weights(payload), ANOTHER_MODEL_ADVICE)
     check_compatible(
         payload["config"], config.to_dict(), payload.get("world_size", 1), job.world_size
     )

@@ -11,6 +11,9 @@ import torch
 
 from .rundir import atomic_file
 
+CHECKPOINT_FORMAT = "traineval-checkpoint"  # a training checkpoint's "format" entry
+CHECKPOINT_VERSION = 1
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: missing, truncated, corrupt or unsafe."""
@@ -115,7 +118,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: A
             f"checkpoint {str(path)!r} holds no model weights (it has {sorted(payload)[:6]}): "
             "is it a traineval checkpoint?"
         )
-    _refuse_another_models(path, model.state_dict(), weights)
+    refuse_another_models(path, model.state_dict(), weights)
     model.load_state_dict(weights)
 
 
@@ -133,17 +136,23 @@ def _load_safetensors_checked(model: torch.nn.Module, path: Path, map_location: 
     expected = {  # a tied alias of a stored tensor is not missing
         name: t for name, t in state.items() if name in weights or t.data_ptr() not in stored
     }
-    _refuse_another_models(path, expected, weights)
+    refuse_another_models(path, expected, weights)
     load_safetensors(model, path)
 
 
-def _refuse_another_models(path: Any, expected: dict[str, Any], found: dict[str, Any]) -> None:
+OWN_CHECKPOINTS = "use one of this run's checkpoints: best, last, epoch-NNNN, final"
+
+
+def refuse_another_models(
+    path: Any, expected: dict[str, Any], found: dict[str, Any], advice: str = OWN_CHECKPOINTS
+) -> None:
+    """A `ValueError` naming how weights `found` in `path` differ from the model's
+    `expected` state dict (names and shapes), with `advice`; nothing if they fit."""
     differences = weight_differences(expected, found)
     if differences:
         raise ValueError(
             f"checkpoint {str(path)!r} does not fit this run's model: {differences}; it was "
-            "written for another model (use one of this run's checkpoints: best, last, "
-            "epoch-NNNN, final)"
+            f"written for another model ({advice})"
         )
 
 

@@ -51,7 +51,12 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         f"traineval.flower needs Flower: pip install 'traineval[flower]' ({error})"
     ) from None
 
-from .checkpoint import load_checkpoint_file, save_checkpoint_file, save_safetensors
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint_file,
+    save_checkpoint_file,
+    save_safetensors,
+)
 from .config import TaskType, TrainingConfig
 from .evaluation import Evaluator
 from .flower_controls import CLIENT_KEY, STEPS_KEY, ServerControls, correction_of, strip
@@ -63,7 +68,7 @@ from .modes.supervised import SupervisedStep
 from .optim import configured_scheduler
 from .precision import resolve_precision
 from .resume import check_compatible, check_mode
-from .run_checkpoints import CHECKPOINT_FORMAT, checkpoint_payload
+from .run_checkpoints import checkpoint_payload
 from .rundir import atomic_write_text
 from .seeding import capture_rng, restore_rng, seed_everything
 from .tasks import AutoLoss

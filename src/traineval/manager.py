@@ -24,7 +24,10 @@ from .callbacks import (
     ProgressBar,
 )
 from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
     load_checkpoint_file,
+    refuse_another_models,
     remove_stale_temporaries,
     save_checkpoint_file,
 )
@@ -46,7 +49,6 @@ from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
 from .precision import Precision, resolve_device
 from .run_checkpoints import (
-    CHECKPOINT_FORMAT,
     checkpoint_payload,
     finished,
     restore_loop,
@@ -211,7 +213,7 @@ class TrainingManager:
             self.hold_output_dir(),  # until the run ends: one run per output_dir
             cpu_threads.applied(c.cpu_threads, self.device, model),
         ):
-            payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job)
+            payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job, model)
             self._claim_output_dir(resuming=resume_from is not None)
             if payload is not None and finished(payload["loop"], c):
                 return self._already_finished(model, payload, monitor)
@@ -662,7 +664,11 @@ class TrainingManager:
                 "load_checkpoint needs the plain model: load the weights before training "
                 "shards it (FSDP), or resume with train(resume_from=...)"
             )
-        model.load_state_dict(payload["model"])
+        weights = payload.get("model")
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no model weights")
+        refuse_another_models(path, model.state_dict(), weights)
+        model.load_state_dict(weights)
         if optimizer is not None:
             optimizer.load_state_dict(payload["optimizer"])
         if scheduler is not None and payload.get("scheduler") is not None:

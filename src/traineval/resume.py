@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, load_checkpoint_file
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint_file
 from .config import LEGACY_MODE_KEYS
 from .rundir import atomic_write_text
 
@@ -37,6 +37,55 @@ WARNED_CHANGES = (
 )
 
 
+# What a checkpoint must hold to be continued: a key's type, or the keys of a nested record.
+# Checked before anything reads it, so a damaged or foreign file is named in one sentence.
+RESUMABLE: dict[str, Any] = {
+    "global_step": int,
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "config": dict,
+    "loop": {"global_step": int, "epoch": int, "batch_in_epoch": int, "stopped_early": bool},
+    "monitor": {"name": str, "best": object, "num_bad": int},
+    "tracker": dict,
+    "rng": {"python": object, "numpy": object, "torch": object},
+}
+
+
+def check_resumable(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse a checkpoint that a resume cannot read: not traineval's, or missing a part
+    (`RESUMABLE`), with a `CheckpointError` naming the file and the part."""
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a resumable traineval checkpoint (no format "
+            f"{CHECKPOINT_FORMAT!r}; it holds {sorted(map(str, payload))[:6]})"
+        )
+    missing = _missing_parts(payload, RESUMABLE)
+    for per_rank in payload.get("rng_per_rank") or ():
+        missing += _missing_parts({"rng": per_rank}, {"rng": RESUMABLE["rng"]})
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be resumed: {', '.join(missing[:4])}; it is "
+            "damaged or was not written by a training run (resume from another checkpoint)"
+        )
+
+
+def _missing_parts(record: Any, shape: dict[str, Any], prefix: str = "") -> list[str]:
+    """The parts of `record` that `shape` asks for and it lacks, or holds as another type."""
+    if not isinstance(record, dict):
+        return [f"{prefix.rstrip('.')} is a {type(record).__name__}, not a record"]
+    found = []
+    for key, kind in shape.items():
+        name = f"{prefix}{key}"
+        if key not in record:
+            found.append(f"{name} is missing")
+        elif isinstance(kind, dict):
+            found += _missing_parts(record[key], kind, f"{name}.")
+        elif not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool)):
+            found.append(f"{name} is a {type(record[key]).__name__}, not {kind.__name__}")
+    return found
+
+
 def find_checkpoint(
     output_dir: Path, resume_from: str | Path
 ) -> tuple[Path, dict[str, Any]] | None:
@@ -47,11 +96,14 @@ def find_checkpoint(
     copy or a backup restore changes them), skipping with a warning any that does not load,
     and says which it chose and why. It returns None when the folder holds no checkpoint,
     and raises `CheckpointError` naming the files when every one is unusable (starting over
-    would overwrite them). A path must load, or `CheckpointError` names it.
+    would overwrite them). A path must load and be resumable (`check_resumable`), or
+    `CheckpointError` names it.
     """
     if str(resume_from) != "auto":
         path = Path(resume_from)
-        return path, load_checkpoint_file(path)
+        payload = load_checkpoint_file(path)
+        check_resumable(path, payload)
+        return path, payload
     folder = output_dir / "checkpoints"
     paths = [p for p in folder.glob("*.pt") if p.is_file()] if folder.is_dir() else []
     failures: dict[Path, str] = {}
@@ -65,6 +117,7 @@ def find_checkpoint(
     for path in ordered:
         try:
             payload = load_checkpoint_file(path)
+            check_resumable(path, payload)
         except CheckpointError as error:
             failures[path] = str(error)
             continue

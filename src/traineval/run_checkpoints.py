@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .callbacks.base import saved_states, state_keys
-from .checkpoint import save_checkpoint_file, save_safetensors
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    save_checkpoint_file,
+    save_safetensors,
+)
 from .checkpoint_writer import CheckpointWriter, untied
 from .config import TrainingConfig
 from .distributed import Distributed, is_sharded, model_state, optimizer_state
@@ -30,9 +35,6 @@ from .version import __version__
 if TYPE_CHECKING:
     from .loop import Loop
     from .precision import Precision
-
-CHECKPOINT_FORMAT = "traineval-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 def checkpoint_payload(
