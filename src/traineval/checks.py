@@ -26,11 +26,21 @@ def fail(field: str, value: Any, allowed: str) -> NoReturn:
     raise SettingError(field, value, allowed)
 
 
+# No count in a training setting comes near 2**31 (sizes, steps, epochs, frequencies); a
+# larger one is a typo or a hostile value, refused before it reaches an allocation or islice.
+INT_LIMIT = 2**31 - 1
+
+
 def integer(field: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
+    """An integer (not a bool) >= `minimum`, at most `maximum` (default `INT_LIMIT`)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         fail(field, value, f"expected an integer >= {minimum}")
     if maximum is not None and value > maximum:
         fail(field, value, f"expected an integer in [{minimum}, {maximum}]")
+    if value > INT_LIMIT:
+        fail(
+            field, value, f"expected an integer >= {minimum} and at most {INT_LIMIT:,} (2**31 - 1)"
+        )
 
 
 def number(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..imports import import_object
+from .options import check_options, check_size
 from .policies import ActorCritic, RunningNorm
 
 __all__ = [
@@ -182,25 +183,16 @@ def build_model(
     `package.module:factory` called as `factory(input_shape=..., output_dim=..., **options)`.
     """
     options = dict(options or {})
-    input_dim = math.prod(input_shape)
-    try:
-        if name == "mlp":
-            return MLP(input_dim, output_dim, **options)
-        if name == "autoencoder":
-            return Autoencoder(input_dim, **options)
-        if name == "vae":
-            return VAE(input_dim, **options)
-        if name == "actor_critic":
-            return ActorCritic(input_dim, output_dim, **options)
-        if name == "cnn":
-            if len(input_shape) != 3:
-                raise ValueError(
-                    f"model.name='cnn' needs image inputs (channels, height, width), got "
-                    f"samples of shape {tuple(input_shape)}; set data.image_shape"
-                )
-            return SmallCNN(input_shape[0], output_dim, input_shape[1:], **options)
-    except TypeError as error:
-        raise ValueError(f"model.options={options!r} do not fit model {name!r}: {error}") from None
+    if name in MODELS:
+        check_options(options)
+        build = _builder(name, tuple(input_shape), output_dim, options)
+        try:
+            check_size(name, options, build)
+            return build()
+        except TypeError as error:
+            raise ValueError(
+                f"model.options={options!r} do not fit model {name!r}: {error}"
+            ) from None
     if ":" in name:
         factory = import_object(name, field="model.name")
         _check_factory(name, factory, tuple(input_shape), output_dim, options)
@@ -212,6 +204,25 @@ def build_model(
         f"model.name={name!r} is invalid: expected one of {', '.join(map(repr, MODELS))} or an "
         "import path 'package.module:factory'"
     )
+
+
+def _builder(
+    name: str, input_shape: tuple[int, ...], output_dim: int, options: dict[str, Any]
+) -> Callable[[], nn.Module]:
+    """A call that builds built-in model `name` (refusing inputs it cannot take)."""
+    input_dim = math.prod(input_shape)
+    if name == "cnn" and len(input_shape) != 3:
+        raise ValueError(
+            f"model.name='cnn' needs image inputs (channels, height, width), got samples of "
+            f"shape {input_shape}; set data.image_shape"
+        )
+    return {
+        "mlp": lambda: MLP(input_dim, output_dim, **options),
+        "autoencoder": lambda: Autoencoder(input_dim, **options),
+        "vae": lambda: VAE(input_dim, **options),
+        "actor_critic": lambda: ActorCritic(input_dim, output_dim, **options),
+        "cnn": lambda: SmallCNN(input_shape[0], output_dim, input_shape[1:], **options),
+    }[name]
 
 
 def _check_factory(
