@@ -99,6 +99,48 @@ def test_a_full_disk_names_the_file_in_one_line(tmp_path, monkeypatch, capsys):
     assert str(tmp_path / "run" / "checkpoints") in err[0]
 
 
+def _torch_zip_writer_full(obj, handle, *args, **kwargs):
+    handle.write(b"PK partial")  # what torch's zip writer says when the disk fills
+    raise RuntimeError(
+        "[enforce fail at inline_container.cc:783] . unexpected pos 750208 vs 750096"
+    )
+
+
+def _safetensors_full(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("targets", "replacement", "file"),
+    [
+        (["traineval.checkpoint.torch.save"], _torch_zip_writer_full, "best.pt"),
+        (
+            ["safetensors.torch.save_model", "safetensors.torch.save_file"],
+            _safetensors_full,
+            "best.safetensors",
+        ),
+    ],
+    ids=["torch", "safetensors"],
+)
+def test_a_libraries_write_error_is_one_line_naming_its_file(
+    tmp_path, monkeypatch, capsys, targets, replacement, file, background
+):
+    # was: a 55-line SafetensorError or a 59-line "unexpected pos" RuntimeError naming no
+    # file; in the background, a traceback naming best.pt when best.safetensors failed
+    for target in targets:
+        monkeypatch.setattr(target, replacement)
+    run = tmp_path / "run"
+    assert main(iris_demo(run, f"training.async_checkpointing={str(background).lower()}")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err[:3]
+    assert f"could not write '{run / 'checkpoints' / file}'" in err[0]
+    assert "MB free on its disk" in err[0]
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # no partial file left
+
+
 def test_another_models_checkpoint_is_named_not_dumped(tmp_path, capsys):
     runs = {}
     for name, hidden in (("small", "[8]"), ("wide", "[32]")):

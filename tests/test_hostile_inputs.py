@@ -85,6 +85,12 @@ def _latin1(tmp_path):
     return data
 
 
+def _dangling(tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone" / "run")
+    return link
+
+
 def _resume(tmp_path, checkpoint, hidden=8):
     data = _table(tmp_path / "d.csv")
     config = tmp_path / "run.yaml"
@@ -137,6 +143,9 @@ CASES = [
     ("an output folder name longer than the file system allows",
      lambda t, r: [*_csv_config(t, _table(t / "d.csv")), f"training.output_dir={t / ('x' * 300)}"],
      "File name too long", 2),
+    ("an output folder that is a dangling symbolic link",
+     lambda t, r: [*_csv_config(t, _table(t / "d.csv")), f"training.output_dir={_dangling(t)}"],
+     "is a symbolic link to", 2),
     ("a batch size of 10**20",
      lambda t, r: [*_csv_config(t, _table(t / "d.csv")), "training.batch_size=" + "9" * 20],
      "batch_size=99999999999999999999 is invalid: expected an integer >= 1 and at most", 2),

@@ -22,10 +22,11 @@ class CheckpointError(RuntimeError):
 def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
     """Write `payload` to `path` atomically: temp file in the same folder, fsync, rename.
 
-    A crash during the write leaves any previous file at `path` untouched.
+    A crash during the write leaves any previous file at `path` untouched; a failed write
+    (a full disk, no permission) is a `WriteError` naming `path`.
     """
-    with atomic_file(path) as temporary, temporary.open("wb") as handle:
-        torch.save(payload, handle)
+    with atomic_file(path, (RuntimeError,)) as temporary, temporary.open("wb") as handle:
+        torch.save(payload, handle)  # its zip writer says a full disk as a RuntimeError
     return Path(path)
 
 
@@ -78,9 +79,10 @@ def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str
     A state dict (e.g. the full weights of a sharded model) is written as it is, each
     tensor its own copy.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file, save_model
 
-    with atomic_file(path) as temporary:
+    with atomic_file(path, (SafetensorError, RuntimeError)) as temporary:
         if isinstance(model, torch.nn.Module):
             save_model(model, str(temporary))
         else:

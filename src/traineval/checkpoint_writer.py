@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .rundir import WriteError
+
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint written in the background could not be written."""
@@ -122,6 +124,8 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, WriteError):
+                raise error  # it names the file that failed (best.safetensors, not best.pt)
             raise CheckpointWriteError(f"writing {self._what} failed: {error}") from error
 
     @property

@@ -16,9 +16,11 @@ killed run does not leave stuck), and files written whole or not at all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -46,18 +48,42 @@ class WriteError(OSError):
     """A file of the run could not be written (a full disk, no permission); the previous
     version of the file, if any, is intact."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the sentence, without "[Errno 28]" before it
+
 
 @contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Say an OSError of the block as one sentence naming `path` (no chained traceback)."""
+def writing(path: Path, library_errors: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Say an OSError of the block, or one of a writing library's `library_errors` (torch's
+    zip writer, safetensors: they say "unexpected pos 750208 vs 750096" for a full disk), as
+    one sentence naming `path` and its disk's free space (no chained traceback)."""
+    caught: tuple[type[BaseException], ...] = (OSError, *library_errors)
     try:
         yield
     except WriteError:
         raise
-    except OSError as error:
-        reason = error.strerror or str(error)
+    except caught as error:
+        code = error.errno if isinstance(error, OSError) else errno.EIO
+        reason = (error.strerror if isinstance(error, OSError) else None) or _first_line(error)
         kept = "the previous file is intact" if path.exists() else "nothing was written"
-        raise WriteError(error.errno, f"could not write {str(path)!r}: {reason}; {kept}") from None
+        raise WriteError(
+            code, f"could not write {str(path)!r}: {reason}{_free_space(path)}; {kept}"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__  # torch's last line says what failed
+
+
+def _free_space(path: Path) -> str:
+    """`" (N MB free on its disk)"`, or nothing where that cannot be read."""
+    folder = next((p for p in (path.parent, *path.parents) if p.is_dir()), None)
+    try:
+        free = shutil.disk_usage(folder).free if folder is not None else None
+    except OSError:
+        return ""
+    return "" if free is None else f" ({free / 2**20:,.0f} MB free on its disk)"
 
 
 def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
@@ -66,13 +92,16 @@ def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(
+    path: str | Path, library_errors: tuple[type[BaseException], ...] = ()
+) -> Iterator[Path]:
     """A temp file of its own beside `path` for the block to write; when the block ends it
     is fsynced and renamed over `path` (then the folder is fsynced), when the block fails it
     is removed: a reader sees the old file or the new one, never a part. An OSError is said
-    as a `WriteError` naming `path`. Every file of a run is written through this."""
+    as a `WriteError` naming `path` (so are the block's `library_errors`, see `writing`).
+    Every file of a run is written through this."""
     path = Path(path)
-    with writing(path):
+    with writing(path, library_errors):
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(descriptor)
@@ -139,7 +168,7 @@ def write_run_config(record: dict[str, Any], output_dir: str | Path) -> Path:
 def run_dir_lock(folder: str | Path) -> Iterator[None]:
     """Hold `folder` for one run (creating it); `RunDirInUse` if another run holds it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     key, me = folder.resolve(), threading.get_ident()
     with _guard:
         entry = _held.get(key)
@@ -160,6 +189,18 @@ def run_dir_lock(folder: str | Path) -> Iterator[None]:
                 del _held[key]
                 if entry[1] >= 0:
                     os.close(entry[1])  # releases the lock; the file stays (removing it races)
+
+
+def make_folder(folder: Path) -> None:
+    """Create the run directory `folder` (and its parents), saying why it cannot be."""
+    if folder.is_symlink() and not folder.exists():
+        raise ValueError(
+            f"output_dir={str(folder)!r} is a symbolic link to {os.readlink(folder)!r}, which "
+            "does not exist: create its target, remove the link, or choose another output_dir"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output_dir={str(folder)!r} is a file, not a folder: choose another")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _acquire(folder: Path) -> int:
