@@ -70,6 +70,23 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_holder_frees
             os.kill(int(child), signal.SIGKILL)
 
 
+def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path, capsys):
+    """The folder itself is locked too: a new `.lock` file of a second run is not enough."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().split()[0] == b"held"
+        (run / ".lock").unlink()
+        assert main(_demo(run)) == 1
+        assert "is in use by another run" in capsys.readouterr().err
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_demo(run)) == 0
+
+
 def test_the_lock_is_per_run_not_per_process(tmp_path):
     """Re-entrant in one thread (run_experiment holds it around train); another thread of
     the same process is another run."""

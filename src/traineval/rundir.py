@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - Windows: no fcntl; runs are not locked
 
 LOCK_NAME = ".lock"
 
-_held: dict[Path, list[int]] = {}  # folder -> [thread, fd, depth]: the runs of this process
+_held: dict[Path, list[Any]] = {}  # folder -> [thread, descriptors, depth]: this process's runs
 _guard = threading.Lock()
 
 
@@ -187,8 +187,7 @@ def run_dir_lock(folder: str | Path) -> Iterator[None]:
             entry[2] -= 1
             if entry[2] == 0:
                 del _held[key]
-                if entry[1] >= 0:
-                    os.close(entry[1])  # releases the lock; the file stays (removing it races)
+                _release(entry[1])  # the lock file stays (removing it races)
 
 
 def make_folder(folder: Path) -> None:
@@ -203,18 +202,25 @@ def make_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _acquire(folder: Path) -> int:
-    """An open descriptor of `<folder>/.lock` holding an exclusive POSIX lock (-1 without
-    fcntl). A POSIX lock (not flock) because it belongs to this process alone: the forked
-    DataLoader workers do not inherit it, so a killed run's lingering workers never hold it."""
+def _acquire(folder: Path) -> tuple[int, int]:
+    """Descriptors holding `folder` (-1 where none): `<folder>/.lock` under an exclusive
+    POSIX lock, which records the holder, and the folder itself under flock, which holds
+    even when someone deletes `.lock` (a second run would lock a new file of that name).
+
+    A POSIX lock belongs to this process alone: forked DataLoader workers do not inherit
+    it, and a forked child closes its copy of the folder's descriptor at once (see
+    `_close_in_child`), so a killed run's lingering workers never hold the folder."""
     if fcntl is None:
-        return -1
+        return -1, -1
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    folder_fd = _lock_folder(folder)
     try:
+        if folder_fd == BUSY:
+            raise OSError("the folder is locked")
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        os.close(fd)
+        _release((fd, folder_fd))
         raise RunDirInUse(
             f"output_dir={str(folder)!r} is in use by another run ({_holder(path)}): wait for "
             "it to finish, or choose another output_dir"
@@ -222,7 +228,51 @@ def _acquire(folder: Path) -> int:
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
+    return fd, folder_fd
+
+
+BUSY = -2  # `_lock_folder`: another run holds the folder
+
+
+def _lock_folder(folder: Path) -> int:
+    """A descriptor of `folder` under an exclusive flock; `BUSY`; or -1 where the file
+    system cannot flock a folder (some network file systems: the `.lock` file still holds)."""
+    assert fcntl is not None
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        return BUSY if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else -1
+    _folder_fds.add(fd)
     return fd
+
+
+def _release(fds: tuple[int, int]) -> None:
+    """Close the descriptors `_acquire` opened, which releases their locks."""
+    for fd in fds:
+        if fd >= 0:
+            _folder_fds.discard(fd)
+            os.close(fd)
+
+
+_folder_fds: set[int] = set()
+
+
+def _close_in_child() -> None:
+    """In a forked child: drop the inherited descriptors of locked folders (a flock is
+    shared by every copy of its descriptor; the parent's stays held)."""
+    for fd in list(_folder_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _folder_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _holder(path: Path) -> str:
