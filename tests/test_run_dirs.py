@@ -233,3 +233,32 @@ def test_auto_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path, capsys):
         assert path.name in err
         assert path.read_bytes() == b"garbage"  # nothing overwritten
     assert (run / "metrics.jsonl").read_text() == events
+
+
+def test_a_run_written_with_the_earlier_metric_names_evaluates_and_resumes(tmp_path):
+    """Before one naming scheme, runs wrote `val/accuracy`: read as `val_accuracy`."""
+    import json
+
+    import torch
+    import yaml
+
+    run = tmp_path / "run"
+    assert main(_demo(run, "training.monitor_metric=val_accuracy", "training.num_epochs=2")) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["training"]["monitor_metric"] = "val/accuracy"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    renamed = [{k.replace("val_", "val/", 1): v for k, v in r.items()} for r in lines]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    for name in ("last.pt", "best.pt"):
+        payload = torch.load(run / "checkpoints" / name, weights_only=True)
+        payload["monitor"]["name"] = "val/accuracy"
+        payload["config"]["monitor_metric"] = "val/accuracy"
+        torch.save(payload, run / "checkpoints" / name)
+    assert main(["evaluate", str(run)]) == 0
+    assert main(["report", str(run)]) == 0
+    assert main(["fit", str(run / "config.yaml"), "-q", "training.num_epochs=3", "--resume",
+                 "auto"]) == 0  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3
+    assert summary["monitor_metric"] == "val_accuracy"

@@ -162,7 +162,19 @@ def _non_empty(field: str, value: Any) -> Any:
     return value
 
 
+def current_metric_name(name: Any) -> Any:
+    """A metric's name as written today: `val/accuracy` (before one naming scheme) is
+    `val_accuracy`, `train/epoch_loss` is `train_loss`; anything else as it is."""
+    if not isinstance(name, str):
+        return name
+    if name in ("train/epoch_loss", "train/loss"):
+        return "train_loss"
+    found = re.fullmatch(r"(val|train|test)/(\w+)", name)
+    return f"{found[1]}_{found[2]}" if found else name
+
+
 def _monitor(field: str, value: Any) -> Any:
+    value = current_metric_name(value)  # a run directory of an earlier version
     if not isinstance(value, str) or not re.fullmatch(r"(val|train)_\w+", value):
         _fail(
             field,

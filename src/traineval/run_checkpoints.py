@@ -26,7 +26,7 @@ from .checkpoint import (
     save_safetensors,
 )
 from .checkpoint_writer import CheckpointWriter, untied
-from .config import TrainingConfig
+from .config import TrainingConfig, current_metric_name
 from .distributed import Distributed, is_sharded, model_state, optimizer_state
 from .seeding import capture_rng
 from .steplog import NonFiniteError
@@ -201,7 +201,7 @@ def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
     loop.state.load_state_dict(payload["loop"])
     if loop.weight_average is not None and "ema" in payload:
         loop.weight_average.load(payload["ema"], payload["model"])
-    monitor_state = payload["monitor"]
+    monitor_state = {**payload["monitor"], "name": current_metric_name(payload["monitor"]["name"])}
     if monitor_state["name"] != loop.monitor.name:
         raise ValueError(
             f"cannot resume: the checkpoint monitors {monitor_state['name']!r}, the config "

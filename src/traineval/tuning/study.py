@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ..build import validation_metric_names
-from ..config import metric_is_minimized
+from ..config import current_metric_name, metric_is_minimized
 from ..evaluation import Evaluator
 from ..experiment import RunConfig, run_parts
 from ..modes import MetaLearning, Reinforcement
@@ -111,7 +111,7 @@ def prepare(
     for count_name, count in (("trials", trials), ("workers", workers)):
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"{count_name}={count!r} is invalid: expected an integer >= 1")
-    metric = metric or config.training.monitor_metric
+    metric = current_metric_name(metric) or config.training.monitor_metric
     minimize = (
         config.training.minimize_monitor
         if metric == config.training.monitor_metric
