@@ -388,3 +388,33 @@ def test_a_safetensors_export_of_tied_weights_loads_into_the_run_model(tmp_path)
     assert target.out.weight is target.embed.weight  # still tied
     with pytest.raises(ValueError, match=r"does not fit this run's model: .*embed\.weight"):
         load_model_weights(nn.Sequential(nn.Embedding(5, 4)), tmp_path / "tied.safetensors")
+
+
+def _manager(tmp_path):
+    config = TrainingConfig(
+        num_epochs=1,
+        warmup_steps=0,
+        output_dir=str(tmp_path / "run"),
+        progress_bar=False,
+        tensorboard_logging=False,
+        batch_size=8,
+    )
+    return TrainingManager(config)
+
+
+def test_a_dataset_where_a_loader_belongs_is_named_from_python(tmp_path):
+    # was: "outputs of shape (3,) with integer targets", blaming the loss
+    data = TensorDataset(torch.randn(32, 10), torch.randint(0, 3, (32,)))
+    with pytest.raises(TypeError, match=r"train_loader is a TensorDataset \(a dataset of samples"):
+        _manager(tmp_path).train(nn.Linear(10, 3), data, DataLoader(data, batch_size=8))
+    with pytest.raises(TypeError, match="val_loader is a TensorDataset"):
+        _manager(tmp_path).train(nn.Linear(10, 3), DataLoader(data, batch_size=8), data)
+
+
+def test_a_batch_the_first_layer_cannot_take_names_both(tmp_path):
+    # was: torch's bare "mat1 and mat2 shapes cannot be multiplied (8x10 and 7x3)"
+    data = DataLoader(TensorDataset(torch.randn(32, 10), torch.randint(0, 3, (32,))), batch_size=8)
+    model = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match=r"inputs \(8, 10\): its first layer '0' \(Linear\) "
+                                         r"expects 7 input features"):  # fmt: skip
+        _manager(tmp_path).train(model, data, data)

@@ -69,11 +69,59 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+def check_loaders(**loaders: Any) -> None:
+    """Refuse a map-style Dataset where a loader of batches belongs (it would be iterated
+    sample by sample), naming the argument and the fix."""
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+    for name, value in loaders.items():
+        if isinstance(value, Dataset) and not isinstance(value, (DataLoader, IterableDataset)):
+            raise TypeError(
+                f"{name} is a {type(value).__name__} (a dataset of samples), not a loader of "
+                f"batches: pass DataLoader({name.removesuffix('_loader')}_dataset, "
+                "batch_size=..., shuffle=...) instead"
+            )
+
+
+SHAPE_ERRORS = ("shapes cannot be multiplied", "channels, but got", "size mismatch")
+
+
 def forward(model: nn.Module, inputs: Any) -> Any:
-    """Call the model: a dict of inputs becomes keyword arguments."""
-    if not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
+    """Call the model: a dict of inputs becomes keyword arguments. Torch's error for a
+    batch whose width the first layer cannot take is said naming the layer and the batch."""
+    try:
+        if not isinstance(inputs, torch.Tensor) and isinstance(inputs, Mapping):
+            return model(**inputs)
+        return model(inputs)
+    except RuntimeError as error:
+        if not any(words in str(error) for words in SHAPE_ERRORS):
+            raise
+        raise ValueError(_width_mismatch(model, inputs, error)) from error
+
+
+def _width_mismatch(model: nn.Module, inputs: Any, error: RuntimeError) -> str:
+    """The model's first layer and the batch's shape, for torch's shape error."""
+    first = next(
+        ((name, m) for name, m in model.named_modules() if hasattr(m, "in_features")
+         or hasattr(m, "in_channels")),
+        None,
+    )  # fmt: skip
+    shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+    torch_says = str(error).strip().splitlines()[0]
+    if first is None:
+        return f"the model cannot take a batch of inputs {shape} ({torch_says})"
+    name, layer = first
+    wants = (
+        f"{layer.in_features} input features"
+        if hasattr(layer, "in_features")
+        else f"{layer.in_channels} input channels"
+    )
+    return (
+        f"the model cannot take a batch of inputs {shape}: its first layer "
+        f"{repr(name) + ' ' if name else ''}({type(layer).__name__}) expects {wants} "
+        f"({torch_says}); build the "
+        "model for the data's width, or check the data's columns"
+    )
 
 
 def batch_size_of(inputs: Any) -> int:

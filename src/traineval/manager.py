@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import build, cpu_threads
-from .batches import OutputTransform, label_shift
+from .batches import OutputTransform, check_loaders, label_shift
 from .callbacks import (
     BestWeights,
     Callback,
@@ -203,6 +203,7 @@ class TrainingManager:
             TrainingInterrupted: SIGTERM or Ctrl-C; a resumable checkpoint was saved first.
             NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
         """
+        check_loaders(train_loader=train_loader, val_loader=val_loader)
         c, job = self.config, self.distributed
         run_mode, loss, plan, precision, data = self._plan(
             model, train_loader, val_loader, mode, task_type, loss_function, output_transform
