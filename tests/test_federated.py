@@ -155,8 +155,26 @@ def test_iid_and_dirichlet_partitions():
     assert np.mean(dominance) > 0.6
     assert partition(data, 4, scheme="dirichlet", alpha=0.1, seed=0) == skewed
     assert partition(data, 4, scheme="dirichlet", alpha=0.1, seed=1) != skewed
-    with pytest.raises(ValueError, match=r"federated\.clients=200 is more than the 120"):
+    with pytest.raises(ValueError, match=r"federated\.clients=200 with federated\.min_samples=1 "
+                                         r"need 200 training samples; there are 120"):  # fmt: skip
         partition(data, 200)
+
+
+def test_every_seed_partitions_a_harsh_dirichlet_with_min_samples():
+    """Dirichlet(0.05) over 50 clients refused 4 of the first 7 seeds and left clients
+    with one sample: now every seed gives every client min_samples, from the seed alone."""
+    data = make_classification(n=1400, classes=10)
+    labels = data.tensors[1].numpy()
+    for seed in range(7):
+        shares = partition(data, 50, scheme="dirichlet", alpha=0.05, seed=seed, min_samples=4)
+        assert min(map(len, shares)) >= 4
+        assert sorted(i for share in shares for i in share) == list(range(1400))
+        dominance = [np.bincount(labels[s], minlength=10).max() / len(s) for s in shares]
+        assert np.mean(dominance) > 0.6  # still label-skewed
+        again = partition(data, 50, scheme="dirichlet", alpha=0.05, seed=seed, min_samples=4)
+        assert again == shares
+    with pytest.raises(ValueError, match=r"min_samples=30 need 1500 training samples"):
+        partition(data, 50, scheme="dirichlet", alpha=0.05, min_samples=30)
 
 
 def test_a_resumed_federated_run_ends_where_an_uninterrupted_one_does(quiet_config, tmp_path):

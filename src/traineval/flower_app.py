@@ -86,6 +86,7 @@ def _shares(path: str, nodes: int) -> list[list[int]]:
         scheme=federated.partition,
         alpha=federated.dirichlet_alpha,
         seed=parts.config.training.seed,
+        min_samples=federated.min_samples,
     )
 
 

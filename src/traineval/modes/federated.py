@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -48,6 +49,8 @@ __all__ = [
     "train_client",
 ]
 
+logger = logging.getLogger(__name__)
+
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -58,7 +61,9 @@ class Federated(Mode):
     (`traineval.modes.federated`).
 
     `train()` takes one loader (its dataset is split among `clients` by `partition`:
-    "iid", or "dirichlet" with `dirichlet_alpha`) or a list of client loaders. Each round
+    "iid", or "dirichlet" with `dirichlet_alpha`, every client holding at least
+    `min_samples`: draws are repeated from the seed, then topped up, so every seed works) or
+    a list of client loaders. Each round
     trains `client_fraction` of the clients for `local_epochs`; the server applies the
     average with `server_lr` and `server_momentum` (FedAvgM when > 0). `proximal_mu` > 0
     adds FedProx's proximal term (Li et al., 2020), `mu / 2 * ||w - w_global||^2`, to each
@@ -83,10 +88,12 @@ class Federated(Mode):
         "client_fraction",
         "partition",
         "dirichlet_alpha",
+        "min_samples",
     )
     clients: int = 4
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
+    min_samples: int = 2
     local_epochs: int = 1
     client_fraction: float = 1.0
     server_lr: float = 1.0
@@ -98,6 +105,7 @@ class Federated(Mode):
         integer(self.key("clients"), self.clients, minimum=1)
         choice(self.key("partition"), self.partition, PARTITIONS)
         number(self.key("dirichlet_alpha"), self.dirichlet_alpha, minimum=0, strict=True)
+        integer(self.key("min_samples"), self.min_samples, minimum=1)
         integer(self.key("local_epochs"), self.local_epochs, minimum=1)
         number(self.key("client_fraction"), self.client_fraction, minimum=0, strict=True)
         if self.client_fraction > 1:
@@ -131,9 +139,7 @@ class Federated(Mode):
 
     def plan(self, ctx: Context) -> ModePlan:
         c = ctx.config
-        clients = client_loaders(
-            ctx.train_data, self.clients, self.partition, self.dirichlet_alpha, c.seed
-        )
+        clients = client_loaders(ctx.train_data, self, c.seed)
         step = FederatedStep(
             ctx.loss_function,
             clients,
@@ -212,41 +218,71 @@ def partition(
     scheme: str = "iid",
     alpha: float = 0.5,
     seed: int = 0,
+    min_samples: int = 1,
 ) -> list[list[int]]:
     """Split `dataset`'s indices among `clients`: `iid` (shuffled, equal shares) or `dirichlet`.
 
     `dirichlet` gives each client a label-skewed share: for every class, the proportions that
     go to each client are drawn from Dirichlet(alpha) (small alpha: each client sees few
-    classes). Draws are repeated until no client is empty.
+    classes). Draws are repeated (from the seed's stream) until every client holds at least
+    `min_samples`; if 100 draws do not, the last is topped up: each client short of
+    `min_samples` takes random samples from the largest client, so every seed works.
 
     Raises:
-        ValueError: fewer samples than clients, or no non-empty split in 100 draws.
+        ValueError: fewer than `clients * min_samples` samples.
     """
     n = len(dataset)  # type: ignore[arg-type]
-    if n < clients:
-        raise ValueError(f"federated.clients={clients} is more than the {n} training samples")
+    if n < clients * min_samples:
+        raise ValueError(
+            f"federated.clients={clients} with federated.min_samples={min_samples} need "
+            f"{clients * min_samples} training samples; there are {n}: use fewer clients"
+        )
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [sorted(part.tolist()) for part in np.array_split(rng.permutation(n), clients)]
     labels = dataset_labels(dataset)
     for _ in range(100):
-        shares: list[list[int]] = [[] for _ in range(clients)]
-        for label in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == label))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * clients))[:-1] * len(members)).astype(int)
-            for client, part in enumerate(np.split(members, cuts)):
-                shares[client].extend(part.tolist())
-        if all(shares):
+        shares = _dirichlet_draw(labels, clients, alpha, rng)
+        if min(map(len, shares)) >= min_samples:
             return [sorted(share) for share in shares]
-    raise ValueError(
-        f"federated.dirichlet_alpha={alpha} left a client without samples in 100 draws; "
-        "raise it or use fewer clients"
+    moved = _top_up(shares, min_samples, rng)
+    logger.info(
+        "federated.dirichlet_alpha=%g: 100 draws left a client below min_samples=%d; moved "
+        "%d samples from the largest clients to the smallest",
+        alpha,
+        min_samples,
+        moved,
     )
+    return [sorted(share) for share in shares]
 
 
-def client_loaders(
-    train: Any, clients: int, scheme: str, alpha: float, seed: int
-) -> list[DataLoader[Any]]:
+def _dirichlet_draw(
+    labels: np.ndarray, clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
+    """One label-skewed split: each class's members cut by Dirichlet(alpha) proportions."""
+    shares: list[list[int]] = [[] for _ in range(clients)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * clients))[:-1] * len(members)).astype(int)
+        for client, part in enumerate(np.split(members, cuts)):
+            shares[client].extend(part.tolist())
+    return shares
+
+
+def _top_up(shares: list[list[int]], min_samples: int, rng: np.random.Generator) -> int:
+    """Move random samples from the largest share to each share below `min_samples`
+    (in place); returns how many moved."""
+    moved = 0
+    for short in sorted(range(len(shares)), key=lambda i: len(shares[i])):
+        while len(shares[short]) < min_samples:
+            largest = max(range(len(shares)), key=lambda i: len(shares[i]))
+            taken = shares[largest].pop(int(rng.integers(len(shares[largest]))))
+            shares[short].append(taken)
+            moved += 1
+    return moved
+
+
+def client_loaders(train: Any, settings: Federated, seed: int) -> list[DataLoader[Any]]:
     """Clients from `train`: a list of loaders as given, or one loader's dataset partitioned.
 
     A partitioned client's loader keeps the given loader's batch size, `drop_last` and
@@ -263,7 +299,14 @@ def client_loaders(
             "mode='federated' needs a DataLoader over a Dataset (it partitions the dataset) or "
             f"a list of client DataLoaders, got {type(train).__name__}"
         )
-    shares = partition(dataset, clients, scheme=scheme, alpha=alpha, seed=seed)
+    shares = partition(
+        dataset,
+        settings.clients,
+        scheme=settings.partition,
+        alpha=settings.dirichlet_alpha,
+        seed=seed,
+        min_samples=settings.min_samples,
+    )
     return [
         DataLoader(
             Subset(dataset, share),
