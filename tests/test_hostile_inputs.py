@@ -85,6 +85,13 @@ def _latin1(tmp_path):
     return data
 
 
+def _one_row_class(tmp_path):
+    data = _table(tmp_path / "d.csv")
+    with data.open("a") as handle:
+        handle.write("0.5,0.5,7\n")
+    return data
+
+
 def _dangling(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "gone" / "run")
@@ -146,6 +153,12 @@ CASES = [
     ("an output folder that is a dangling symbolic link",
      lambda t, r: [*_csv_config(t, _table(t / "d.csv")), f"training.output_dir={_dangling(t)}"],
      "is a symbolic link to", 2),
+    ("a class of one row",
+     lambda t, r: _csv_config(t, _one_row_class(t)),
+     "label '7' (1 row) cannot be split: data.test_fraction=0.15 splits every class", 2),
+    ("a validation split smaller than the classes",
+     lambda t, r: [*_csv_config(t, _table(t / "d.csv")), "data.val_fraction=0.01"],
+     "data.val_fraction=0.01 gives 1 of 51 rows to one side", 2),
     ("a batch size of 10**20",
      lambda t, r: [*_csv_config(t, _table(t / "d.csv")), "training.batch_size=" + "9" * 20],
      "batch_size=99999999999999999999 is invalid: expected an integer >= 1 and at most", 2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -66,8 +67,16 @@ def make_splits(
         )
     classification = table.task_type is TaskType.CLASSIFICATION
     indices = np.arange(len(table.y))
+    if classification:
+        _check_stratifiable(
+            table.y, test_fraction, f"data.test_fraction={test_fraction:g}", table.class_names
+        )
     rest, test_idx = _split(indices, table.y, test_fraction, seed, classification, train_test_split)
     val_share = val_fraction / (1.0 - test_fraction) if val_fraction else 0.0
+    if classification:
+        _check_stratifiable(
+            table.y[rest], val_share, f"data.val_fraction={val_fraction:g}", table.class_names
+        )
     train_idx, val_idx = _split(
         rest, table.y[rest], val_share, seed, classification, train_test_split
     )
@@ -106,6 +115,30 @@ def make_splits(
         feature_scale=scale,
         indices={"train": train_idx, "val": val_idx, "test": test_idx},
     )
+
+
+def _check_stratifiable(labels: np.ndarray, fraction: float, setting: str, names: Any) -> None:
+    """Refuse, naming `setting` ("field=value") and the label, a stratified split that
+    scikit-learn cannot make: a class of one row, or a side with fewer rows than classes."""
+    if fraction == 0.0 or len(labels) == 0:
+        return
+    classes, counts = np.unique(labels, return_counts=True)
+    name = (lambda c: names[int(c)]) if names else (lambda c: c)
+    rare = [f"{name(c)!r} ({n} row)" for c, n in zip(classes, counts, strict=True) if n < 2]
+    if rare:
+        raise ValueError(
+            f"label {', '.join(rare[:5])} cannot be split: {setting} splits every class "
+            "between two sets (stratified), which needs at least 2 rows of each; add rows of "
+            f"it, drop it from the data, or set {setting.split('=')[0]}=0"
+        )
+    held = math.ceil(fraction * len(labels))
+    kept = len(labels) - held
+    if min(held, kept) < len(classes):
+        raise ValueError(
+            f"{setting} gives {held} of {len(labels)} rows to one side and {kept} to the "
+            f"other, fewer than the {len(classes)} classes each side must hold (stratified): "
+            f"choose a fraction that leaves at least {len(classes)} rows on each side, or 0"
+        )
 
 
 def _split(indices, labels, fraction, seed, stratify, splitter):
