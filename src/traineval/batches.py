@@ -119,8 +119,7 @@ def _width_mismatch(model: nn.Module, inputs: Any, error: RuntimeError) -> str:
     return (
         f"the model cannot take a batch of inputs {shape}: its first layer "
         f"{repr(name) + ' ' if name else ''}({type(layer).__name__}) expects {wants} "
-        f"({torch_says}); build the "
-        "model for the data's width, or check the data's columns"
+        f"({torch_says}); build the model for the data's width, or check the data's columns"
     )
 
 

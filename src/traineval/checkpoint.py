@@ -114,14 +114,20 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: A
         _load_safetensors_checked(model, Path(path), map_location)
         return
     payload = load_checkpoint_file(path, map_location=map_location)
+    weights = model_weights(path, payload)
+    refuse_another_models(path, model.state_dict(), weights)
+    model.load_state_dict(weights)
+
+
+def model_weights(path: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """A loaded checkpoint's `model` state dict; a `ValueError` naming `path` without one."""
     weights = payload.get("model")
     if not isinstance(weights, dict):
         raise ValueError(
             f"checkpoint {str(path)!r} holds no model weights (it has {sorted(payload)[:6]}): "
             "is it a traineval checkpoint?"
         )
-    refuse_another_models(path, model.state_dict(), weights)
-    model.load_state_dict(weights)
+    return weights
 
 
 def _load_safetensors_checked(model: torch.nn.Module, path: Path, map_location: Any) -> None:

@@ -28,7 +28,5 @@ def exit_status_of(error: BaseException) -> int:
     if isinstance(error, OSError) and not (
         isinstance(error, _USER_PATHS) or error.errno in _USER_PATH_ERRNOS
     ):
-        return FAULT  # WriteError, PermissionError, a full disk
-    if type(error).__name__ == "WorkerLost":  # tuning's; not imported for one name
-        return FAULT
+        return FAULT  # WriteError, PermissionError, a full disk, a lost tune worker
     return BAD_INPUT

@@ -25,8 +25,8 @@ from .callbacks import (
 )
 from .checkpoint import (
     CHECKPOINT_FORMAT,
-    CheckpointError,
     load_checkpoint_file,
+    model_weights,
     refuse_another_models,
     remove_stale_temporaries,
     save_checkpoint_file,
@@ -665,9 +665,7 @@ class TrainingManager:
                 "load_checkpoint needs the plain model: load the weights before training "
                 "shards it (FSDP), or resume with train(resume_from=...)"
             )
-        weights = payload.get("model")
-        if not isinstance(weights, dict):
-            raise CheckpointError(f"checkpoint {str(path)!r} holds no model weights")
+        weights = model_weights(path, payload)
         refuse_another_models(path, model.state_dict(), weights)
         model.load_state_dict(weights)
         if optimizer is not None:

@@ -215,11 +215,13 @@ def _acquire(folder: Path) -> tuple[int, int]:
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     folder_fd = _lock_folder(folder)
-    try:
-        if folder_fd == BUSY:
-            raise OSError("the folder is locked")
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    held = folder_fd != BUSY
+    if held:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            held = False
+    if not held:
         _release((fd, folder_fd))
         raise RunDirInUse(
             f"output_dir={str(folder)!r} is in use by another run ({_holder(path)}): wait for "

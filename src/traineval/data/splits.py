@@ -68,15 +68,11 @@ def make_splits(
     classification = table.task_type is TaskType.CLASSIFICATION
     indices = np.arange(len(table.y))
     if classification:
-        _check_stratifiable(
-            table.y, test_fraction, f"data.test_fraction={test_fraction:g}", table.class_names
-        )
+        _check_stratifiable(table.y, test_fraction, ("data.test_fraction", test_fraction), table)
     rest, test_idx = _split(indices, table.y, test_fraction, seed, classification, train_test_split)
     val_share = val_fraction / (1.0 - test_fraction) if val_fraction else 0.0
     if classification:
-        _check_stratifiable(
-            table.y[rest], val_share, f"data.val_fraction={val_fraction:g}", table.class_names
-        )
+        _check_stratifiable(table.y[rest], val_share, ("data.val_fraction", val_fraction), table)
     train_idx, val_idx = _split(
         rest, table.y[rest], val_share, seed, classification, train_test_split
     )
@@ -117,19 +113,25 @@ def make_splits(
     )
 
 
-def _check_stratifiable(labels: np.ndarray, fraction: float, setting: str, names: Any) -> None:
-    """Refuse, naming `setting` ("field=value") and the label, a stratified split that
-    scikit-learn cannot make: a class of one row, or a side with fewer rows than classes."""
+def _check_stratifiable(
+    labels: np.ndarray, fraction: float, given: tuple[str, float], table: Table
+) -> None:
+    """Refuse a stratified split of `labels` that scikit-learn cannot make (a class of one
+    row, or a side with fewer rows than classes), naming the label and the setting `given`
+    as (field, value written); `fraction` is the share of `labels` it takes."""
     if fraction == 0.0 or len(labels) == 0:
         return
+    field, written = given
+    setting = f"{field}={written:g}"
     classes, counts = np.unique(labels, return_counts=True)
+    names = table.class_names
     name = (lambda c: names[int(c)]) if names else (lambda c: c)
     rare = [f"{name(c)!r} ({n} row)" for c, n in zip(classes, counts, strict=True) if n < 2]
     if rare:
         raise ValueError(
             f"label {', '.join(rare[:5])} cannot be split: {setting} splits every class "
             "between two sets (stratified), which needs at least 2 rows of each; add rows of "
-            f"it, drop it from the data, or set {setting.split('=')[0]}=0"
+            f"it, drop it from the data, or set {field}=0"
         )
     held = math.ceil(fraction * len(labels))
     kept = len(labels) - held

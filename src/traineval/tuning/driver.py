@@ -111,5 +111,6 @@ def _report_lost_workers(processes: list[Any], study: Any, settings: Settings, t
     )
 
 
-class WorkerLost(RuntimeError):
-    """A worker process of the study died or failed (the message says what to do)."""
+class WorkerLost(ChildProcessError):
+    """A worker process of the study died or failed (the message says what to do); an
+    OSError without a file, so its exit status is a fault's (`exit_codes`)."""
