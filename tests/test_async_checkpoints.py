@@ -129,3 +129,20 @@ def test_snapshot_copies_and_untied_keeps_tied_weights_once():
     head.weight = embedding.weight
     model = nn.ModuleDict({"embedding": embedding, "head": head})
     assert list(untied(model.state_dict())) == ["embedding.weight"]
+
+
+def test_a_snapshot_copies_a_shared_tensor_once_and_never_two_into_one_buffer():
+    embedding, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight = embedding.weight
+    model = nn.ModuleDict({"embedding": embedding, "head": head})
+    state = model.state_dict()  # two names, two tensor objects, one view
+    copied = snapshot({"checkpoint": {"model": state}, "weights": untied(state)})
+    copies = {id(copied["checkpoint"]["model"][k]) for k in state}
+    assert copies == {id(copied["weights"]["embedding.weight"])}  # one copy, still tied
+    assert list(untied(copied["checkpoint"]["model"])) == ["embedding.weight"]
+    # The next snapshot lends the earlier one's buffers; where the earlier shared one
+    # buffer and this one holds two different tensors, each gets a buffer of its own.
+    untie = {"embedding.weight": torch.zeros(5, 3), "head.weight": torch.ones(5, 3)}
+    again = snapshot({"checkpoint": {"model": untie}, "weights": {}}, reuse=copied)
+    assert torch.equal(again["checkpoint"]["model"]["embedding.weight"], torch.zeros(5, 3))
+    assert torch.equal(again["checkpoint"]["model"]["head.weight"], torch.ones(5, 3))

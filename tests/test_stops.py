@@ -443,3 +443,32 @@ def test_checkpoints_put_off_by_the_write_budget_hold_the_best_and_the_final_sta
     assert best["global_step"] == keep.step > 8
     for key, value in keep.best.items():
         assert torch.equal(best["model"][key], value), key
+
+
+def test_the_write_budget_counts_copies_and_writes_and_still_writes_every_max_gap(monkeypatch):
+    from traineval import checkpoint_writer
+    from traineval.checkpoint_writer import WriteBudget
+
+    now = [100.0]
+    monkeypatch.setattr(checkpoint_writer.time, "perf_counter", lambda: now[0])
+    budget = WriteBudget(0.1, max_gap=120.0)
+    assert budget.allows()  # the first write
+    with budget.charge(write=True):
+        now[0] += 1.0  # a write of 1 s at 101 s
+    now[0] += 18.0  # 19 s in, 1 s spent: another 1 s write would make 2 s of 19
+    assert not budget.allows()
+    now[0] += 1.0  # 20 s in: 2 s of 20 is the share
+    assert budget.allows()
+    with budget.charge(write=False):
+        now[0] += 0.5  # a copy kept for later counts too ...
+    assert budget.expected == 1.0  # ... but is not what the next write is expected to cost
+    now[0] += 4.0  # 24.5 s in, 1.5 s spent: a write would make 2.5 s of 24.5
+    assert not budget.allows()
+    assert budget.spent == 1.5
+    now[0] += 0.5
+    assert budget.allows()
+    with budget.charge(write=False):
+        now[0] += 30.0  # copies alone beyond the share ...
+    assert not budget.allows()
+    now[0] = 101.0 + 120.0  # ... still a write every max_gap seconds after the last
+    assert budget.allows()

@@ -11,9 +11,11 @@ is raised as the run's error (`CheckpointWriteError`) at the next save or at the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +35,47 @@ def snapshot(value: Any, reuse: Any = None) -> Any:
 
     `reuse` (an earlier snapshot of the same structure, no longer being written) lends its
     tensors: copying into memory already mapped is several times faster than allocating
-    (the first touch of fresh pages dominates a large copy)."""
+    (the first touch of fresh pages dominates a large copy).
+
+    A tensor that appears more than once (one view under two names: tied weights, or the
+    weights in both a checkpoint and its exported copy) is copied once, and the copies are
+    one tensor too, so `untied` still sees the tie."""
     copies: list[bool] = []
-    copied = _copy(value, reuse, copies)
+    copied = _copy(value, reuse, _Copies(copies))
     if copies and torch.cuda.is_available():
         torch.cuda.synchronize()
     return copied
 
 
+class _Copies(dict[tuple[Any, ...], torch.Tensor]):
+    """One snapshot's tensor copies by the view they copy; `pinned` records device copies."""
+
+    def __init__(self, pinned: list[bool]) -> None:
+        super().__init__()
+        self.pinned = pinned
+        self.lent: set[int] = set()  # buffers of the earlier snapshot already written into
+
+
 _PLAIN = (int, float, bool, str, bytes, type(None))  # immutable: shared by the copy
 
 
-def _copy(value: Any, reuse: Any, copies: list[bool]) -> Any:
+def _copy(value: Any, reuse: Any, copies: _Copies) -> Any:
     if type(value) in _PLAIN:
         return value
     if isinstance(value, torch.Tensor):
-        return _copy_tensor(value.detach(), reuse, copies)
+        view = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+                value.shape, value.stride(), value.dtype)  # fmt: skip
+        if view not in copies:
+            if isinstance(reuse, torch.Tensor):  # a buffer shared in the earlier snapshot
+                if id(reuse) in copies.lent:  # is lent once: no two copies in one tensor
+                    reuse = None
+                else:
+                    copies.lent.add(id(reuse))
+            copies[view] = _copy_tensor(value.detach(), reuse, copies.pinned)
+        return copies[view]
     if isinstance(value, dict):
+        if all(type(item) in _PLAIN for item in value.values()):  # e.g. the config
+            return dict(value)
         lent = reuse if isinstance(reuse, dict) else {}
         return {key: _copy(item, lent.get(key), copies) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -173,3 +199,38 @@ class StagedWrites(CheckpointWriter):
                 continue
             for write in writes:
                 write()
+
+
+class WriteBudget:
+    """How much of a run's time its checkpoints may take: the copies kept for later and the
+    file writes together stay within `share` of the time since the run began, so a run of
+    many tiny epochs writes `last.pt` every few epochs instead of every one. The first write
+    is always allowed, and so is one at least every `max_gap` seconds (a kill -9 loses at
+    most that much), whatever the copies cost."""
+
+    def __init__(self, share: float, max_gap: float = 120.0) -> None:
+        self.share = share
+        self.max_gap = max_gap
+        self.started = self.last_write = time.perf_counter()
+        self.spent = 0.0  # seconds of checkpoint work so far
+        self.expected = 0.0  # seconds the next write is expected to take (the latest's)
+
+    def allows(self) -> bool:
+        """Whether a write now keeps the run within its share."""
+        now = time.perf_counter()
+        if now - self.last_write >= self.max_gap:
+            return True
+        return self.spent + self.expected <= self.share * (now - self.started)
+
+    @contextlib.contextmanager
+    def charge(self, *, write: bool) -> Iterator[None]:
+        """Count the block's time as checkpoint work; a `write` also sets what the next is
+        expected to cost (a copy kept for later does not)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            ended = time.perf_counter()
+            self.spent += ended - started
+            if write:
+                self.expected, self.last_write = ended - started, ended

@@ -46,7 +46,7 @@ from torch import nn
 
 from .averaging import WeightAverage
 from .callbacks.base import Callback, overrides
-from .checkpoint_writer import StagedWrites
+from .checkpoint_writer import StagedWrites, WriteBudget
 from .data.position import skip_batches
 from .distributed import Distributed
 from .loggers import LoggerHub
@@ -77,9 +77,10 @@ __all__ = [
 
 logger = logging.getLogger("traineval")
 
-# The share of the training time that deferrable checkpoint writes (the epoch-end last.pt)
-# may take: 1,000 epochs of 4 updates would otherwise spend most of their time writing.
-CHECKPOINT_SHARE = 0.1
+# The share of the training time that deferrable checkpoints (the epoch-end last.pt, best.pt)
+# may take, copies kept for later included: 1,000 epochs of 4 updates would otherwise spend
+# most of their time writing.
+CHECKPOINT_SHARE = 0.04
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 SaveFn = Callable[[str, "Loop"], Any]
@@ -236,8 +237,8 @@ class LoopControl:
 
     def request_save(self, name: str, *, deferrable: bool = False) -> None:
         """Save a checkpoint named `name` once the current hook round is over. `deferrable`:
-        the loop may put it off while checkpoint writes would take more than a tenth of the
-        training time (many tiny epochs); a put-off save is made before the run ends."""
+        the loop may put it off while checkpoints would take more than CHECKPOINT_SHARE of
+        the run's time (many tiny epochs); a put-off save is made before the run ends."""
         self._loop.request_save(name, deferrable=deferrable)
 
     def request_interrupt(self, reason: str = "SIGTERM") -> None:
@@ -323,7 +324,7 @@ class Loop:
         self.interrupted_during: str | None = None  # the phase the signal arrived in
         self.phase = "training"
         self._last_saved: tuple[Any, tuple[int, ...]] | None = None  # path, position
-        self._latest_write: tuple[float, float] | None = None  # its end, its seconds
+        self._budget = WriteBudget(CHECKPOINT_SHARE)  # for deferrable checkpoints
         self._deferred_saves: set[str] = set()  # "last": written when the run ends
         # the histories' entries as JSON, each encoded once (`run_checkpoints.HistoryJson`)
         self.history_json = {"loop": HistoryJson(), "tracker": HistoryJson()}
@@ -375,13 +376,10 @@ class Loop:
             self._save_requests.append(name)
 
     def _writes_within_budget(self) -> bool:
-        """Whether another write now keeps checkpoint writes within CHECKPOINT_SHARE of the
-        time since the previous one began (so at most about a tenth of the run). Always
-        under torchrun, where every rank must take part in each save alike."""
-        if self._latest_write is None or self.job.enabled:
-            return True
-        ended, seconds = self._latest_write
-        return (time.perf_counter() - ended + seconds) * CHECKPOINT_SHARE >= seconds
+        """Whether another write now keeps checkpoints within CHECKPOINT_SHARE of the run's
+        time (`WriteBudget`). Always under torchrun, where every rank must take part in
+        each save alike."""
+        return self.job.enabled or self._budget.allows()
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -901,22 +899,19 @@ class Loop:
             for name in requests:
                 self._save(name)
             for name in staging:
-                self.save_fn(name, self, self._staged)  # type: ignore[call-arg]
+                with self._budget.charge(write=False):
+                    self.save_fn(name, self, self._staged)  # type: ignore[call-arg]
 
     def _write_staged(self) -> None:
         """Write the saves that were put off, in the order they were made."""
         if self._staged.pending:
-            started = time.perf_counter()
-            self._staged.write_all()
-            ended = time.perf_counter()
-            self._latest_write = (ended, ended - started)
+            with self._budget.charge(write=True):
+                self._staged.write_all()
 
     def _save(self, name: str) -> Any:
         assert self.save_fn is not None
-        started = time.perf_counter()
-        path = self.save_fn(name, self)
-        ended = time.perf_counter()
-        self._latest_write = (ended, ended - started)
+        with self._budget.charge(write=True):
+            path = self.save_fn(name, self)
         self._deferred_saves.discard(name)
         if name == "last":
             self._last_saved = (path, self._position())

@@ -165,18 +165,23 @@ def _save_in_background(
     path: Path,
 ) -> None:
     """Snapshot what the save writes (the loop waits only for this), then hand the files
-    to the writer thread: `best.safetensors` first for "best", then the checkpoint."""
+    to the writer thread: `best.safetensors` first for "best", then the checkpoint. One
+    snapshot of both: the weights they share are copied once."""
     writer.wait()  # at most one write in flight: this save waits for the previous one
-    writes: list[Callable[[], Any]] = []
+    exported: dict[str, Any] = {}
     if name == "best":
         if is_sharded(loop.model):
-            exported = writer.snapshot("weights", weights)
+            exported = weights
         else:
             with loop.weights_to_keep():
-                exported = writer.snapshot("weights", untied(loop.model.state_dict()))
-        writes.append(lambda: save_safetensors(exported, path.with_suffix(".safetensors")))
-    copied = writer.snapshot("checkpoint", payload)
-    writes.append(lambda: save_checkpoint_file(copied, path))
+                exported = untied(loop.model.state_dict())
+    kind = "best" if name == "best" else "checkpoint"  # the buffers one shape of save lends
+    copied = writer.snapshot(kind, {"checkpoint": payload, "weights": exported})
+    writes: list[Callable[[], Any]] = []
+    if name == "best":
+        safetensors = path.with_suffix(".safetensors")
+        writes.append(lambda: save_safetensors(copied["weights"], safetensors))
+    writes.append(lambda: save_checkpoint_file(copied["checkpoint"], path))
     writer.submit(writes, str(path))
 
 

@@ -69,15 +69,18 @@ class HistoryJson:
     exact for floats, NaN included (`load_state_dict` reads both forms)."""
 
     def __init__(self) -> None:
-        self.encoded: dict[str, list[str]] = {}
+        self.encoded: dict[str, tuple[int, str]] = {}  # key -> entries encoded, their JSON
 
     def __call__(self, state: dict[str, Any]) -> dict[str, Any]:
         """`state` with its "history" as one JSON string."""
         fields = []
         for key, values in state["history"].items():
-            done = self.encoded.setdefault(key, [])
-            if len(done) > len(values):  # not the same history any more: start again
-                done.clear()
-            done.extend(json.dumps(value, default=float) for value in values[len(done) :])
-            fields.append(f"{json.dumps(key)}:[{','.join(done)}]")
+            count, text = self.encoded.get(key, (0, ""))
+            if count > len(values):  # not the same history any more: start again
+                count, text = 0, ""
+            if count < len(values):
+                new = ",".join(json.dumps(value, default=float) for value in values[count:])
+                count, text = len(values), f"{text},{new}" if text else new
+                self.encoded[key] = (count, text)
+            fields.append(f"{json.dumps(key)}:[{text}]")
         return {**state, "history": "{" + ",".join(fields) + "}"}

@@ -15,9 +15,10 @@ class ModelCheckpoint(Callback):
     and `last` every `every_n_steps` optimizer updates (so a long epoch can be resumed inside).
 
     `best` and the epoch-end `last` are deferrable: with many tiny epochs the loop writes them
-    only while writes take at most a tenth of the training time (a `best` put off is copied
-    to host memory and written later; `last` holds the state at the run's end); a run killed
-    in between resumes, exactly, from the latest checkpoint written.
+    only while checkpoints take at most a small share of the run's time, and at least every
+    2 minutes (`checkpoint_writer.WriteBudget`; a `best` put off is copied to host memory and
+    written later; `last` holds the state at the run's end); a run killed in between
+    resumes, exactly, from the latest checkpoint written.
     """
 
     def __init__(
