@@ -3,9 +3,10 @@ culprit, exit status 2 for bad input (1 for a fault of the environment), within 
 leaves every file that existed unchanged.
 
 The table keeps each case the adversarial pass found (alias bombs, 100,000-deep nesting, a
-cut-short summary, predictions over their own input, duplicate or non-UTF-8 CSV columns, an
-unwritable output directory). A case is (name, setup(tmp_path, trained) -> argv, the words the
-line must hold, the exit status)."""
+cut-short summary or config.yaml, predictions over their own input, duplicate or non-UTF-8
+CSV columns, an unwritable output directory, tune studies over bad spaces, counts or
+storage). A case is (name, setup(tmp_path, trained) -> argv, the words the line must hold,
+the exit status)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,36 @@ def _cut_summary(tmp_path, trained):
         (run / name).write_bytes((trained[0] / name).read_bytes())
     (run / "summary.json").write_text('{"best_metric": 0.9, "epochs_')
     return ["report", str(run)]
+
+
+def _cut_config(tmp_path, trained, command):
+    """A copy of the trained run whose config.yaml stops at a line boundary half-way."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        (run / name).write_bytes((trained[0] / name).read_bytes())
+    lines = (run / "config.yaml").read_text().splitlines(keepends=True)
+    (run / "config.yaml").write_text("".join(lines[: len(lines) // 2]))
+    return [command, str(run)]
+
+
+def _study(tmp_path, trained, *options, search="learning_rate: {low: 1.0e-4, high: 0.1}"):
+    """`traineval tune` of a config over the trained run's table, with `search` and options."""
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {trained[1]}, target: label}}\n"
+        "model: {name: mlp}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'study'}}}\n"
+        f"search: {{{search}}}\n"
+    )
+    return ["tune", str(config), "-q", *options]
+
+
+def _damaged_study(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "study.db").write_bytes(bytes(range(256)) * 20)
+    return ["report", str(folder)]
 
 
 def _csv_config(tmp_path, data):
@@ -180,6 +211,24 @@ CASES = [
      lambda t, r: _damaged(t, r, "rng", "python"), "cannot be resumed: rng.python is missing", 2),
     ("resume from a checkpoint without its loop state",
      lambda t, r: _damaged(t, r, "loop", "stopped_early"), "loop.stopped_early is missing", 2),
+    ("report of a config.yaml cut at a line boundary", lambda t, r: _cut_config(t, r, "report"),
+     "config.yaml' is incomplete: a run's config.yaml ends with the line", 2),
+    ("evaluate of a config.yaml cut at a line boundary",
+     lambda t, r: _cut_config(t, r, "evaluate"), "is incomplete", 2),
+    ("tune over a misspelled field", lambda t, r: _study(t, r, search="learnin_rate: [0.1]"),
+     "search.learnin_rate is invalid: no config field of that name (did you mean", 2),
+    ("tune over an inverted range",
+     lambda t, r: _study(t, r, search="learning_rate: {low: 0.1, high: 1.0e-4}"),
+     "search.training.learning_rate: low=0.1 must be below high=0.0001", 2),
+    ("tune of 10**20 trials", lambda t, r: _study(t, r, "--trials", "9" * 20),
+     "trials=99999999999999999999 is invalid: expected an integer >= 1 and at most", 2),
+    ("tune with 100,000 workers", lambda t, r: _study(t, r, "--workers", "100000"),
+     "workers=100000 is invalid: expected an integer in [1, ", 2),
+    ("tune on a storage that cannot be opened",
+     lambda t, r: _study(t, r, "--storage", f"sqlite:///{t / 'no' / 'such' / 'x.db'}"),
+     "cannot be opened (OperationalError", 2),
+    ("report of a study whose study.db is not a database", lambda t, r: _damaged_study(t),
+     "study.db cannot be read as a study (DatabaseError", 2),
 ]  # fmt: skip
 
 

@@ -36,7 +36,7 @@ from .checks import (
     number,
     subset,
 )
-from .rundir import atomic_write_text
+from .rundir import RUN_CONFIG_END, atomic_write_text, cut_run_config
 
 __all__ = [
     "EvaluationConfig",
@@ -712,7 +712,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
-        data = untrusted_text.load(untrusted_text.read_utf8(path, "config file"))
+        text = untrusted_text.read_utf8(path, "config file")
+        if cut_run_config(text):
+            raise ValueError(
+                f"config file {str(path)!r} is incomplete: a run's config.yaml ends with the "
+                f"line {RUN_CONFIG_END!r}, and this one stops before it (cut short in a copy "
+                "or a download); copy it again from the run's folder"
+            )
+        data = untrusted_text.load(text)
     except untrusted_text.TooLarge as error:
         raise ValueError(f"config file {str(path)!r} is refused: {error}") from None
     except yaml.YAMLError as error:

@@ -32,11 +32,20 @@ def load_study(folder: str | Path) -> Any:
     """The single study stored in `folder/study.db`."""
     import optuna
 
-    url = f"sqlite:///{(Path(folder) / STUDY_FILE).resolve()}"
-    names = optuna.get_all_study_names(storage=url)
-    if len(names) != 1:
-        raise ValueError(f"{folder}/{STUDY_FILE} holds {len(names)} studies: {names}")
-    return optuna.load_study(study_name=names[0], storage=url)
+    path = Path(folder) / STUDY_FILE
+    url = f"sqlite:///{path.resolve()}"
+    try:
+        names = optuna.get_all_study_names(storage=url)
+        study = optuna.load_study(study_name=names[0], storage=url) if len(names) == 1 else None
+    except Exception as error:  # not SQLite, truncated, another program's tables
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{path} cannot be read as a study ({type(error).__name__}: {first}); copy it "
+            "again from where the study ran"
+        ) from None
+    if study is None:
+        raise ValueError(f"{path} holds {len(names)} studies: {names}")
+    return study
 
 
 def study_summary(study: Any) -> str:

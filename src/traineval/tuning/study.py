@@ -23,14 +23,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..build import validation_metric_names
+from ..checks import fail, integer
 from ..config import current_metric_name, metric_is_minimized
 from ..evaluation import Evaluator
 from ..experiment import RunConfig, run_parts
 from ..modes import MetaLearning, Reinforcement
-from ..rundir import RunDirInUse, atomic_write_text, default_run_dir, run_dir_lock
+from ..rundir import (
+    RunDirInUse,
+    atomic_write_text,
+    default_run_dir,
+    run_config_text,
+    run_dir_lock,
+)
 from .space import Param, apply_values, check_values, parse_space
 from .trial import is_finished, queue_retry
 
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
+WORKERS_PER_CORE = 4  # the most tune workers per CPU core
 STUDY_FILE = "study.db"
 HEARTBEAT = {"heartbeat_interval": 10, "grace_period": 30}  # seconds; for remote workers
 
@@ -108,9 +114,8 @@ def prepare(
     for name, value, allowed in (("sampler", sampler, SAMPLERS), ("pruner", pruner, PRUNERS)):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is invalid: expected one of {', '.join(allowed)}")
-    for count_name, count in (("trials", trials), ("workers", workers)):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"{count_name}={count!r} is invalid: expected an integer >= 1")
+    integer("trials", trials, minimum=1)
+    _check_workers(workers)
     metric = current_metric_name(metric) or config.training.monitor_metric
     minimize = (
         config.training.minimize_monitor
@@ -191,8 +196,20 @@ def open_study(settings: Settings) -> Any:
         raise ValueError(f"study {settings.study_name!r} in {settings.storage}: {error}") from None
     except Exception as error:  # an unreachable database, a bad URL: say which
         raise ValueError(
-            f"storage={settings.storage!r} cannot be opened ({type(error).__name__}: {error})"
+            f"storage={settings.storage!r} cannot be opened "
+            f"({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from None
+
+
+def _check_workers(workers: Any) -> None:
+    """At least one worker, and at most WORKERS_PER_CORE per CPU core: each is a process
+    that trains, and 100,000 of them would exhaust the machine before the first trial."""
+    integer("workers", workers, minimum=1)
+    cores = os.cpu_count() or 1
+    if workers > WORKERS_PER_CORE * cores:
+        fail("workers", workers, f"expected an integer in [1, {WORKERS_PER_CORE * cores}] "
+             f"({WORKERS_PER_CORE} per CPU core; this machine has {cores}): each worker is a "
+             "process training its own trials")  # fmt: skip
 
 
 def _storage(url: str) -> Any:
@@ -348,7 +365,7 @@ def result(study: Any, settings: Settings) -> TuneResult:
     data = apply_values(settings.base, params)
     data["training"]["output_dir"] = None  # `traineval fit best_config.yaml` picks a new one
     path = Path(settings.study_dir) / "best_config.yaml"
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, run_config_text(data))
     return TuneResult(
         study_dir=Path(settings.study_dir),
         storage=settings.storage,
