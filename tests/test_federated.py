@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -175,6 +176,31 @@ def test_every_seed_partitions_a_harsh_dirichlet_with_min_samples():
         assert again == shares
     with pytest.raises(ValueError, match=r"min_samples=30 need 1500 training samples"):
         partition(data, 50, scheme="dirichlet", alpha=0.05, min_samples=30)
+
+
+def test_the_partition_is_recorded_in_the_run_directory(quiet_config, tmp_path):
+    """mode.json holds each client's samples and label counts, as `partition` made them."""
+    data = make_classification(n=96, classes=3)
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    mode = Federated(clients=5, partition="dirichlet", dirichlet_alpha=0.3, min_samples=3)
+    quiet_config["output_dir"] = str(tmp_path / "run")
+    config = _config(quiet_config, num_epochs=1, seed=7)
+    TrainingManager(config).train(make_mlp(), loader, mode=mode)
+    record = json.loads((tmp_path / "run" / "mode.json").read_text())["partition"]
+    shares = partition(data, 5, scheme="dirichlet", alpha=0.3, seed=7, min_samples=3)
+    labels = data.tensors[1].numpy()
+    expected = [
+        {"samples": len(share),
+         "labels": {str(k): int(n) for k, n in enumerate(np.bincount(labels[share])) if n}}
+        for share in shares
+    ]  # fmt: skip
+    assert record == {"scheme": "dirichlet", "seed": 7, "min_samples": 3,
+                      "dirichlet_alpha": 0.3, "clients": expected}  # fmt: skip
+    quiet_config["output_dir"] = str(tmp_path / "given")
+    TrainingManager(_config(quiet_config, num_epochs=1)).train(make_mlp(), _clients(), mode=mode)
+    given = json.loads((tmp_path / "given" / "mode.json").read_text())["partition"]
+    assert given["scheme"] == "given"
+    assert [c["samples"] for c in given["clients"]] == [8, 16, 24]
 
 
 def test_a_resumed_federated_run_ends_where_an_uninterrupted_one_does(quiet_config, tmp_path):

@@ -262,6 +262,8 @@ class TrainingManager:
         hub = build.open_loggers(
             c, run_mode, self.output_dir, job, payload, loggers, self.run_config
         )
+        if plan.record and job.is_main:  # what the mode made of the data (mode.json)
+            atomic_write_json(self.output_dir / "mode.json", plan.record)
         checkpoints: dict[str, str] = {}
         writer = CheckpointWriter() if c.async_checkpointing else None
         loop = self._loop(

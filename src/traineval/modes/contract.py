@@ -139,6 +139,9 @@ class ModePlan:
             of the codes), under the same precision and eval mode.
         extra_metric_names: the names `extra_metrics` returns (`monitor_metric` may name
             them, as `val_<name>`).
+        record: what the mode made of the data, as plain JSON values (the federated
+            partition: each client's samples and labels), written to the run directory
+            as `mode.json` when the run starts; empty: no file.
     """
 
     step: Any
@@ -151,6 +154,7 @@ class ModePlan:
     shared_seed: bool = False
     extra_metrics: Evaluate | None = None
     extra_metric_names: tuple[str, ...] = ()
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

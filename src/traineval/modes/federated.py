@@ -170,7 +170,21 @@ class Federated(Mode):
             clips_gradients=False,
             optimizer=server,
             shared_seed=True,
+            record={"partition": self.partition_record(ctx.train_data, clients, c.seed)},
         )
+
+    def partition_record(self, train: Any, clients: list[Any], seed: int) -> dict[str, Any]:
+        """How the clients' data was made (for `mode.json`): the scheme and, per client,
+        its sample count and how many samples of each label it holds (where labels can be
+        read)."""
+        given = isinstance(train, (list, tuple))
+        record: dict[str, Any] = {"scheme": "given" if given else self.partition}
+        if not given:
+            record.update(seed=seed, min_samples=self.min_samples)
+            if self.partition == "dirichlet":
+                record["dirichlet_alpha"] = self.dirichlet_alpha
+        record["clients"] = [_client_record(loader.dataset) for loader in clients]
+        return record
 
 
 class ServerOptimizer(torch.optim.Optimizer):
@@ -318,6 +332,25 @@ def client_loaders(train: Any, settings: Federated, seed: int) -> list[DataLoade
         )
         for share in shares
     ]
+
+
+def _client_record(dataset: Any) -> dict[str, Any]:
+    """A client's sample count and label counts (labels as strings), where the labels can
+    be read without loading the samples: a TensorDataset's targets, a `targets` attribute."""
+    indices = None
+    if isinstance(dataset, Subset):  # a partitioned client
+        dataset, indices = dataset.dataset, np.asarray(dataset.indices, dtype=int)
+    tensors = getattr(dataset, "tensors", None)
+    source = tensors[1] if tensors is not None and len(tensors) >= 2 else None
+    source = getattr(dataset, "targets", source)
+    samples = len(dataset) if indices is None else len(indices)
+    labels = np.asarray(source) if source is not None else None
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iub":  # not classes
+        return {"samples": samples}
+    labels = labels if indices is None else labels[indices]
+    values, counts = np.unique(labels, return_counts=True)
+    label_counts = {str(v.item()): int(n) for v, n in zip(values, counts, strict=True)}
+    return {"samples": samples, "labels": label_counts}
 
 
 class FederatedStep:
