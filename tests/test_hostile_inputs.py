@@ -284,3 +284,36 @@ def test_predictions_of_two_inputs_of_one_name_do_not_overwrite_each_other(tmp_p
     assert main(["predict", str(run), str(second)]) == 0
     written = sorted((run / "predictions").glob("rows-*.csv"))
     assert len(written) == 2
+
+
+def test_a_read_only_output_folder_is_one_line_of_status_1(tmp_path, trained, capsys, monkeypatch):
+    """This VM runs as root, where permissions do not apply: the folder is made read-only
+    by refusing, as the kernel would, every file or folder made inside it."""
+    import os
+    import tempfile
+
+    locked = tmp_path / "readonly"
+    locked.mkdir()
+    (locked / "kept.txt").write_text("mine")
+
+    def refused(call, where):
+        def guarded(*args, **kwargs):
+            target = str(where(args, kwargs))
+            if target.startswith(str(locked)):
+                raise PermissionError(13, "Permission denied", target)
+            return call(*args, **kwargs)
+
+        return guarded
+
+    monkeypatch.setattr(os, "mkdir", refused(os.mkdir, lambda a, k: a[0]))
+    monkeypatch.setattr(os, "open", refused(os.open, lambda a, k: a[0]))
+    monkeypatch.setattr(tempfile, "mkstemp", refused(tempfile.mkstemp, lambda a, k: k.get("dir")))
+    argv = [*_csv_config(tmp_path, trained[1]), f"training.output_dir={locked / 'run'}"]
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1, err[:5]
+    assert len(err) == 1, err[:5]
+    assert "Permission denied" in err[0]
+    assert str(locked) in err[0]
+    assert (locked / "kept.txt").read_text() == "mine"
