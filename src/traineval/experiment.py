@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import cpu_threads, registry
+from . import cpu_threads
 from .checkpoint import (
     default_checkpoint,
     load_checkpoint_file,
@@ -47,7 +47,7 @@ from .loggers import JsonlLogger
 from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
-from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised
+from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised, mode_class
 from .modes.actions import ActionHead, Gaussian
 from .rundir import atomic_write_json, default_run_dir, read_json_or_none, write_run_config
 from .seeding import seed_everything
@@ -257,7 +257,7 @@ def _mode_section(
     if not isinstance(value, Mapping) or "name" not in value:
         _fail("mode", value, "expected a mode name, or a section {name: <mode>, <setting>: ...}")
     name = value["name"]
-    cls = registry.lookup(name, field="mode.name")
+    cls = mode_class(name, field="mode.name")
     settings = {
         **training.mode_settings.get(name, {}),
         **moved.get(name, {}),

@@ -202,7 +202,7 @@ def check_mode(payload: dict[str, Any], mode: Any) -> None:
             for key, (name, setting) in LEGACY_MODE_KEYS.items()
             if name == mode.name and key in payload["config"]
         }
-    if saved.get("name", mode.name) != mode.name:
+    if saved.get("name", mode.name) not in (mode.name, mode.to_dict()["name"]):
         raise ValueError(
             f"cannot resume: the checkpoint was trained in mode={saved['name']!r}, this run "
             f"is mode={mode.name!r}"

@@ -19,10 +19,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import registry
 from ..config import TrainingConfig, TrainingMode
 from .base import LossFunction, StepFunction, StepOutput, Updates, move_to_device, split_batch
-from .contract import Context, Mode, ModePlan, MonitorChoice, register, resource
+from .contract import (
+    Context,
+    Mode,
+    ModePlan,
+    MonitorChoice,
+    mode_class,
+    mode_reference,
+    register,
+    resource,
+)
 from .federated import Federated, FederatedStep
 from .meta_learning import FOMAML, MAML, MetaLearning, MetaLearningStep, Reptile
 from .reinforcement import PolicyGradientStep, Reinforcement
@@ -54,6 +62,8 @@ __all__ = [
     "Unsupervised",
     "UnsupervisedStep",
     "Updates",
+    "mode_class",
+    "mode_reference",
     "move_to_device",
     "register",
     "resolve_mode",
@@ -88,5 +98,5 @@ def resolve_mode(mode: Any, config: TrainingConfig | None = None) -> Mode:
             "mode must be a TrainingMode, a registered mode name or a Mode instance, got "
             f"{type(mode).__name__}"
         )
-    cls: type[Mode] = registry.lookup(mode)
+    cls = mode_class(mode)
     return cls.from_settings(settings.get(mode, {}))

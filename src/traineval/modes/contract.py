@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -29,6 +30,7 @@ from ..batches import ModelLoss, OutputTransform
 from ..checks import fail
 from ..config import TrainingConfig, TrainingMode
 from ..distributed import Distributed
+from ..imports import check_trusted, import_object
 from ..precision import Precision
 
 __all__ = [
@@ -230,8 +232,9 @@ class Mode:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """`{name, **settings}`: the `mode:` section of a config file."""
-        return {"name": self.name, **self.settings()}
+        """`{name, **settings}`: the `mode:` section of a config file (`name` as a config
+        file names the mode: see `mode_reference`)."""
+        return {"name": mode_reference(type(self)), **self.settings()}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> Mode:
@@ -254,6 +257,60 @@ class Mode:
     def key(self, setting: str) -> str:
         """How errors name a setting: `federated.clients`."""
         return f"{self.name}.{setting}"
+
+
+ENTRY_POINTS = "traineval.modes"  # the entry-point group through which packages offer modes
+
+
+def mode_reference(cls: type[Mode]) -> str:
+    """How a config file names `cls`: the name it is registered under (the built-in modes,
+    `register`ed ones), else its import path `package.module:Class`, which a later process
+    (`evaluate`, `report`, `--resume`) can import under the trust rule for run directories.
+    A class no other process could import by that path (a script's, `__main__`, or code
+    run with exec) keeps its name."""
+    registered = cls.name in registry.names() and registry.lookup(cls.name) is cls
+    found: Any = sys.modules.get(cls.__module__) if cls.__module__ != "__main__" else None
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    if registered or found is not cls:
+        return cls.name
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def mode_class(name: Any, field: str = "mode") -> type[Mode]:
+    """The Mode class a config names: a registered name; an import path
+    `package.module:Class` (refused inside `imports.untrusted`, as every import path read
+    from a run directory); or a name a package offers in the `traineval.modes` entry-point
+    group (`[project.entry-points."traineval.modes"] kd = "mypkg.kd:Distillation"`), under
+    the same trust rule."""
+    if isinstance(name, str) and ":" in name:
+        found = import_object(name, field=field)
+        if not (isinstance(found, type) and issubclass(found, Mode)):
+            fail(field, name, f"expected a traineval Mode subclass, got {found!r}")
+        return found
+    if isinstance(name, str) and name not in registry.names():
+        offered = _entry_point(name, field)
+        if offered is not None:
+            return offered
+    registered: type[Mode] = registry.lookup(name, field=field)
+    return registered
+
+
+def _entry_point(name: str, field: str) -> type[Mode] | None:
+    """The mode an installed package offers as `name` (registered once loaded), if any."""
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINTS, name=name):
+        check_trusted(field, point.value)
+        found = point.load()
+        if not (isinstance(found, type) and issubclass(found, Mode)):
+            fail(field, name, f"entry point {point.value!r} is not a traineval Mode subclass")
+        if found.name != name:  # config files record the class's name: it must find it again
+            fail(field, name, f"entry point {name!r} loads {point.value!r}, whose name is "
+                 f"{found.name!r}: name the entry point {found.name!r}")  # fmt: skip
+        registry.add(found)
+        return found
+    return None
 
 
 def register(cls: M | None = None, *, replace: bool = False) -> Any:
