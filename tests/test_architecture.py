@@ -76,3 +76,23 @@ def test_no_import_cycles():
 def test_the_cycle_finder_can_fail():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_loop_imports_nothing_of_the_modes():
+    """The engine below its plug-ins: the loop and all it imports, however indirectly, leave
+    `traineval.modes` alone (the step types live in `traineval.steps`)."""
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imports(name, *modules[name], known) for name in modules}
+    reached = _reached(graph, "traineval.loop")
+    assert "traineval.steps" in reached
+    assert sorted(m for m in reached if m.startswith("traineval.modes")) == []

@@ -51,6 +51,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         f"traineval.flower needs Flower: pip install 'traineval[flower]' ({error})"
     ) from None
 
+from .batches import batch_size_of, split_batch
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint_file,
@@ -62,7 +63,6 @@ from .evaluation import Evaluator
 from .flower_controls import CLIENT_KEY, STEPS_KEY, ServerControls, correction_of, strip
 from .loggers.jsonl import plain
 from .modes import resolve_mode
-from .modes.base import batch_size_of, split_batch
 from .modes.federated import Federated, client_seed, train_client
 from .modes.supervised import SupervisedStep
 from .optim import configured_scheduler

@@ -45,17 +45,18 @@ import torch
 from torch import nn
 
 from .averaging import WeightAverage
+from .batches import move_to_device
 from .callbacks.base import Callback, overrides
 from .checkpoint_writer import StagedWrites, WriteBudget
 from .data.position import skip_batches
 from .distributed import Distributed
 from .loggers import LoggerHub
-from .modes.base import StepFunction, StepOutput, move_to_device
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .precision import Precision
 from .seeding import capture_rng, restore_rng
 from .steplog import NonFiniteError, StepLog, StepRecord, describe, first_non_finite
+from .steps import StepFunction, StepOutput
 from .stopping import TrainingInterrupted
 from .tracking import MetricsTracker, Plateau
 from .train_state import HistoryJson, TrainState, empty_history

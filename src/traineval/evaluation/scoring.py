@@ -27,7 +27,7 @@ from ..batches import (
     split_batch,
 )
 from ..config import TaskType
-from ..modes.base import count_required_args, loss_weight
+from ..steps import count_required_args, loss_weight
 from ..tasks import default_loss, scores_next_token
 
 
