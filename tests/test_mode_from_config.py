@@ -51,6 +51,19 @@ class Distillation(Mode):
 
     def plan(self, ctx):
         return ModePlan(KDStep(self.temperature, self.alpha, self.teacher_seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstRows(Distillation):
+    """Prepares its own data: trains on the first `rows` training rows only."""
+
+    name: ClassVar[str] = "first_rows"
+    rows: int = 40
+
+    def prepare(self, splits, data):
+        splits = super().prepare(splits, data)
+        splits.train = torch.utils.data.Subset(splits.train, range(self.rows))
+        return splits
 '''
 
 
@@ -157,3 +170,13 @@ def test_a_users_mode_offered_by_an_entry_point_is_named_by_its_name(project, mo
     registry._MODES.pop("distillation")  # as a new process: found through the entry point
     assert main(["evaluate", str(run)]) == 2  # installed code, still under the trust rule
     assert main(["evaluate", str(run), "--trust-code"]) == 0
+
+
+def test_a_users_mode_prepares_its_own_data_for_fit(project):
+    folder, config = project
+    config.write_text(config.read_text().replace("kd:Distillation", "kd:FirstRows"))
+    run = folder / "first-rows"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}", "mode.rows=40"]) == 0
+    last = load_checkpoint_file(run / "checkpoints" / "last.pt")
+    assert last["global_step"] == 4 * 3  # 40 rows in batches of 16: 3 updates an epoch
+    assert load_yaml(run / "config.yaml")["mode"]["rows"] == 40

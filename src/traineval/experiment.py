@@ -37,7 +37,7 @@ from .config import (
     load_yaml,
     take_legacy_keys,
 )
-from .data import DataSplits, Episodes, hide_labels, load_builtin, load_csv, make_splits
+from .data import DataSplits, load_builtin, load_csv, make_splits
 from .data.tables import BUILTIN_DATASETS
 from .distributed import is_sharded, model_state
 from .evaluation import Evaluator
@@ -47,7 +47,7 @@ from .loggers import JsonlLogger
 from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
-from .modes import MetaLearning, Mode, Reinforcement, SemiSupervised, Supervised, mode_class
+from .modes import Mode, Reinforcement, Supervised, mode_class
 from .modes.actions import ActionHead, Gaussian
 from .rundir import atomic_write_json, default_run_dir, read_json_or_none, write_run_config
 from .seeding import seed_everything
@@ -345,43 +345,9 @@ def run_parts(config: RunConfig) -> RunParts:
     """The data splits (labels hidden, or cut into tasks, as the mode asks), the task and
     a model builder of a config, with the run's seed set for the initial weights."""
     mode = config.mode
-    splits = load_data(config.data)
-    if config.data.labeled_fraction < 1.0:
-        splits.train = hide_labels(
-            splits.train,
-            config.data.labeled_fraction,
-            mode.unlabeled_label if isinstance(mode, SemiSupervised) else -1,
-            config.data.split_seed,
-            drop=not isinstance(mode, SemiSupervised),
-        )
-    task_type = None if mode.reconstructs else splits.task_type
-    if isinstance(mode, MetaLearning):
-        splits = _as_episodes(splits, config.data, mode)
-        task_type = None  # scored by adapting to each task, not by the Evaluator
+    splits = mode.prepare(load_data(config.data), config.data)
     seed_everything(config.training.seed)  # initial weights come from the run's seed
-    return RunParts(config, splits, mode, task_type)
-
-
-def _as_episodes(splits: DataSplits, data: DataConfig, mode: MetaLearning) -> DataSplits:
-    """Every split as few-shot tasks; the model answers `ways` classes."""
-    if splits.task_type is not TaskType.CLASSIFICATION:
-        raise ValueError(f"mode: meta_learning needs a classification dataset, not {data.name!r}")
-
-    def tasks(dataset: Any, count: int, offset: int) -> Any:
-        if dataset is None:
-            return None
-        return Episodes(
-            dataset, mode.ways, mode.shots, mode.queries, count, seed=data.split_seed + offset
-        )
-
-    return dataclasses.replace(
-        splits,
-        train=tasks(splits.train, mode.train_episodes, 0),
-        val=tasks(splits.val, mode.eval_episodes, 1),
-        test=tasks(splits.test, mode.eval_episodes, 2),
-        num_outputs=mode.ways,
-        class_names=None,
-    )
+    return RunParts(config, splits, mode, mode.task_of(splits))
 
 
 def run_experiment(
@@ -737,10 +703,10 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
     `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
     """
-    if isinstance(config.mode, (MetaLearning, Reinforcement)):
+    if config.mode.fold_refusal is not None:
         raise ValueError(
-            f"mode={config.mode.name!r} is invalid for cross-validation (its samples are tasks or "
-            "episodes, not rows to fold): use fit"
+            f"mode={config.mode.name!r} is invalid for cross-validation "
+            f"({config.mode.fold_refusal}): use fit"
         )
     parts = run_parts(config)
     splits = parts.splits

@@ -168,10 +168,8 @@ def _folds(
     groups: Sequence[Any] | None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The folds: stratified for classification unless told otherwise, grouped when
-    `groups` is given; in semi-supervised mode a fold's unlabeled rows train with the other
-    folds (validation needs labels)."""
-    from ..modes import SemiSupervised
-
+    `groups` is given; then shaped by the mode's `fold` (semi-supervised: a fold's unlabeled
+    rows train with the other folds, since validation needs labels)."""
     classification = task_type is TaskType.CLASSIFICATION or (
         task_type is None and mode.name == "supervised" and _integer_targets(dataset)
     )
@@ -181,13 +179,7 @@ def _folds(
     labels = dataset_labels(dataset) if use_strata and groups is None else None
     n = len(dataset)  # type: ignore[arg-type]
     folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=seed)
-    if isinstance(mode, SemiSupervised):
-        unlabeled = dataset_labels(dataset) == mode.unlabeled_label
-        folds = [
-            (np.sort(np.concatenate([train, val[unlabeled[val]]])), val[~unlabeled[val]])
-            for train, val in folds
-        ]
-    return folds
+    return mode.fold(dataset, folds)
 
 
 def _fold_loaders(

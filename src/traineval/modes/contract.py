@@ -28,7 +28,8 @@ from torch import nn
 from .. import registry
 from ..batches import ModelLoss, OutputTransform
 from ..checks import fail
-from ..config import TrainingConfig, TrainingMode
+from ..config import TaskType, TrainingConfig, TrainingMode
+from ..data.splits import DataSplits, hide_labels
 from ..distributed import Distributed
 from ..imports import check_trusted, import_object
 from ..precision import Precision
@@ -203,6 +204,32 @@ class Mode:
                 f"gradient_accumulation_steps={c.gradient_accumulation_steps} is invalid in "
                 f"mode='{name}': {self.accumulation_refusal} (expected 1)"
             )
+
+    # -- a config-file run's data (`traineval fit`, `cv`, `tune`) --------------------------
+
+    own_metrics: ClassVar[bool] = False  # validation metrics are the mode's, not the task's
+    fold_refusal: ClassVar[str | None] = None  # why cross-validation does not apply
+
+    def prepare(self, splits: DataSplits, data: Any) -> DataSplits:
+        """The splits this mode trains on, from those the config's `data` section (`data`)
+        made. The default keeps `data.labeled_fraction` of the train labels by dropping the
+        other rows; semi-supervised keeps those rows unlabeled, meta-learning cuts every
+        split into tasks. Override to shape data your own way (call `super().prepare`)."""
+        if data.labeled_fraction < 1.0:
+            splits.train = hide_labels(
+                splits.train, data.labeled_fraction, -1, data.split_seed, drop=True
+            )
+        return splits
+
+    def task_of(self, splits: DataSplits) -> TaskType | None:
+        """The task the Evaluator scores this mode's model as; None: the mode scores it
+        (`score`, `ModePlan.evaluate`)."""
+        return None if self.reconstructs else splits.task_type
+
+    def fold(self, dataset: Any, folds: list[Any]) -> list[Any]:
+        """Cross-validation's `(train, val)` index pairs, as this mode needs them (e.g. rows
+        without labels train in every fold and validate in none)."""
+        return folds
 
     @property
     def evaluated_as(self) -> TrainingMode:

@@ -36,6 +36,9 @@ from torch.nn import functional as F
 
 from ..batches import OutputTransform, prediction_of
 from ..checks import choice, integer, number
+from ..config import TaskType
+from ..data.episodes import Episodes
+from ..data.splits import DataSplits
 from ..distributed import Distributed, shard_eval_loader
 from .base import StepOutput, loss_with_gradient
 from .contract import Context, Mode, ModePlan, register
@@ -229,6 +232,36 @@ class MetaLearning(Mode):
         number(self.key("inner_lr"), self.inner_lr, minimum=0, strict=True)
         for name in ("inner_steps", "ways", "shots", "queries", "train_episodes", "eval_episodes"):
             integer(self.key(name), getattr(self, name), minimum=1)
+
+    own_metrics: ClassVar[bool] = True
+    fold_refusal: ClassVar[str | None] = "its samples are tasks, not rows to fold"
+
+    def prepare(self, splits: DataSplits, data: Any) -> DataSplits:
+        """Every split as few-shot tasks (drawn from `data.split_seed`); the model answers
+        `ways` classes."""
+        splits = super().prepare(splits, data)
+        if splits.task_type is not TaskType.CLASSIFICATION:
+            raise ValueError(
+                f"mode: meta_learning needs a classification dataset, not {data.name!r}"
+            )
+
+        def tasks(dataset: Any, count: int, offset: int) -> Any:
+            if dataset is None:
+                return None
+            seed = data.split_seed + offset
+            return Episodes(dataset, self.ways, self.shots, self.queries, count, seed=seed)
+
+        return dataclasses.replace(
+            splits,
+            train=tasks(splits.train, self.train_episodes, 0),
+            val=tasks(splits.val, self.eval_episodes, 1),
+            test=tasks(splits.test, self.eval_episodes, 2),
+            num_outputs=self.ways,
+            class_names=None,
+        )
+
+    def task_of(self, splits: DataSplits) -> TaskType | None:
+        return None  # scored by adapting to each task, not by the Evaluator
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

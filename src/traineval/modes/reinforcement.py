@@ -93,6 +93,8 @@ class Reinforcement(Mode):
         "raise minibatch_size (PPO) or episodes_per_update (policy gradient) for larger updates"
     )
     shards: ClassVar[bool] = False
+    own_metrics: ClassVar[bool] = True
+    fold_refusal: ClassVar[str | None] = "its samples are episodes, not rows to fold"
     resume_fixed: ClassVar[tuple[str, ...]] = (
         "algorithm",
         "envs",

@@ -13,7 +13,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
+
 from ..checks import choice, fail, integer, number
+from ..data.splits import DataSplits, dataset_labels, hide_labels
 from ..imports import import_object
 from .consistency import FixMatchStep, MeanTeacherStep
 from .contract import Context, Mode, ModePlan, register
@@ -125,6 +128,23 @@ class SemiSupervised(Mode):
                 name = getattr(value, "__qualname__", None) or repr(value)
                 out[setting] = f"{getattr(value, '__module__', '?')}:{name}"
         return out
+
+    def prepare(self, splits: DataSplits, data: Any) -> DataSplits:
+        """`data.labeled_fraction` of the train labels kept, the other rows kept unlabeled
+        (their target `unlabeled_label`)."""
+        if data.labeled_fraction < 1.0:
+            splits.train = hide_labels(
+                splits.train, data.labeled_fraction, self.unlabeled_label, data.split_seed
+            )
+        return splits
+
+    def fold(self, dataset: Any, folds: list[Any]) -> list[Any]:
+        """A fold's unlabeled rows train with the other folds (validation needs labels)."""
+        unlabeled = dataset_labels(dataset) == self.unlabeled_label
+        return [
+            (np.sort(np.concatenate([train, val[unlabeled[val]]])), val[~unlabeled[val]])
+            for train, val in folds
+        ]
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

@@ -28,7 +28,6 @@ from ..checks import fail, integer
 from ..config import current_metric_name, metric_is_minimized
 from ..evaluation import Evaluator
 from ..experiment import RunConfig, run_parts
-from ..modes import MetaLearning, Reinforcement
 from ..rundir import (
     RunDirInUse,
     atomic_write_text,
@@ -155,7 +154,7 @@ def load_tune_config(
 
 def _check_metric(config: RunConfig, metric: str) -> None:
     """A metric the trials would not produce is refused before the first trial."""
-    if isinstance(config.mode, (Reinforcement, MetaLearning)) or not metric.startswith("val_"):
+    if config.mode.own_metrics or not metric.startswith("val_"):
         return  # their metrics come from the mode: the first trial's start checks them
     parts = run_parts(config)
     task = parts.task_type
