@@ -301,7 +301,7 @@ def test_ppo_from_a_config_file(tmp_path):
     record = json.loads((tmp_path / "run" / "evaluation" / "metrics.json").read_text())
     assert set(record["test"]) == {"return", "episode_length"}
     assert main(["evaluate", str(tmp_path / "run")]) == 0  # the model carries its statistics
-    again = json.loads((tmp_path / "run" / "evaluation" / "metrics_episodes.json").read_text())
+    again = json.loads((tmp_path / "run" / "evaluation" / "metrics_test.json").read_text())
     assert again["metrics"] == record["test"]
     mode = dataclasses.replace(PPO)
     assert mode.to_dict()["algorithm"] == "ppo"

@@ -304,7 +304,7 @@ def test_reinforcement_from_a_config_file(tmp_path):
     assert record["test"]["return"] >= 8  # CartPole's shortest possible episode
     assert record["monitor_metric"] == "val_return"
     assert main(["evaluate", str(tmp_path / "run")]) == 0  # the same test episodes again
-    again = json.loads((tmp_path / "run" / "evaluation" / "metrics_episodes.json").read_text())
+    again = json.loads((tmp_path / "run" / "evaluation" / "metrics_test.json").read_text())
     assert again["metrics"] == record["test"]
     with pytest.raises(ValueError, match=r"mode\.environment=None is invalid: mode: reinforcement"):
         RunConfig.from_dict({"mode": "reinforcement"})

@@ -9,9 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import cpu_threads
 from .checkpoint import (
@@ -47,8 +46,7 @@ from .loggers import JsonlLogger
 from .lr_finder import LearningRateSearch
 from .manager import TrainingManager, TrainingResult
 from .models import build_model
-from .modes import Mode, Reinforcement, Supervised, mode_class
-from .modes.actions import ActionHead, Gaussian
+from .modes import Mode, Supervised, mode_class
 from .rundir import atomic_write_json, default_run_dir, read_json_or_none, write_run_config
 from .seeding import seed_everything
 from .stopping import TrainingInterrupted, stop_if_signalled, watching_signals
@@ -164,12 +162,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
             _fail("mode", self.mode, "expected a traineval Mode, e.g. Federated(clients=10)")
-        if isinstance(self.mode, Reinforcement) and not self.mode.environment:
-            _fail(
-                "mode.environment",
-                self.mode.environment,
-                "mode: reinforcement needs an environment, e.g. CartPole (or a gymnasium id)",
-            )
+        self.mode.check_config_run()
         if self.data.labeled_fraction < 1.0 and self.mode.reconstructs:
             _fail(
                 "data.labeled_fraction",
@@ -319,16 +312,18 @@ class RunParts:
     task_type: TaskType | None
 
     def new_model(self) -> torch.nn.Module:
+        name = self.config.model.name
         return build_model(
-            self.config.model.name,
+            name,
             input_shape=self.splits.input_shape,
             output_dim=self.splits.num_outputs,
-            options=dict(self.config.model.options),
+            options=self.mode.model_options(name, dict(self.config.model.options), self.splits),
         )
 
-    def loader(self, dataset: Any, shuffle: bool = False) -> DataLoader[Any] | None:
-        if dataset is None:
-            return None
+    def loader(self, dataset: Any, shuffle: bool = False) -> Any:
+        """A loader over `dataset`; what is not a Dataset (an environment) as it is."""
+        if dataset is None or not isinstance(dataset, Dataset):
+            return dataset
         t = self.config.training
         return DataLoader(
             dataset,
@@ -345,7 +340,7 @@ def run_parts(config: RunConfig) -> RunParts:
     """The data splits (labels hidden, or cut into tasks, as the mode asks), the task and
     a model builder of a config, with the run's seed set for the initial weights."""
     mode = config.mode
-    splits = mode.prepare(load_data(config.data), config.data)
+    splits = mode.prepare(load_data(config.data) if mode.uses_data else None, config.data)
     seed_everything(config.training.seed)  # initial weights come from the run's seed
     return RunParts(config, splits, mode, mode.task_of(splits))
 
@@ -359,8 +354,6 @@ def run_experiment(
     `evaluation/metrics.json` (plus predictions and plots when configured) into the run
     directory. `callbacks` join the run's own (e.g. a study's pruning callback).
     """
-    if isinstance(config.mode, Reinforcement):
-        return _run_reinforcement(config, resume_from, callbacks)
     parts = run_parts(config)
     manager = TrainingManager(config.training)
     manager.run_config = config.to_dict()
@@ -460,10 +453,11 @@ def find_learning_rate(
     """The learning-rate range test on a config's model and train split; writes
     `lr_find.json` and `lr_find.png` into training.output_dir (default runs/lr-find-<time>)
     and returns the search and that folder."""
-    if isinstance(config.mode, Reinforcement):
+    if not config.mode.uses_data:
         raise ValueError(
-            "traineval lr-find does not run mode: reinforcement (its loss is a policy "
-            "objective whose scale moves with the returns, not a curve to read a rate from)"
+            f"traineval lr-find does not run mode: {config.mode.name} (it makes its own "
+            "data, e.g. a policy objective whose scale moves with the returns, not a curve "
+            "to read a rate from)"
         )
     parts = run_parts(config)
     manager = TrainingManager(config.training)
@@ -502,58 +496,6 @@ def _record_and_load_best(
     payload = load_checkpoint_file(best, map_location=device)
     model.load_state_dict(payload["model"])
     return f"best checkpoint (epoch {payload['epoch']})"
-
-
-def _policy_parts(config: RunConfig) -> tuple[Any, torch.nn.Module]:
-    """The environment factory and a fresh policy sized to its observations and actions."""
-    assert isinstance(config.mode, Reinforcement)
-    factory = config.mode.environment_factory(None)
-    probe = factory()
-    observation, _ = probe.reset(seed=0)
-    head = ActionHead.of(probe)  # discrete: n logits; continuous: 2 d (means, log stds)
-    options = dict(config.model.options)
-    if isinstance(head, Gaussian) and config.model.name == "actor_critic":
-        options.setdefault("gaussian", True)
-    seed_everything(config.training.seed)  # initial weights come from the run's seed
-    model = build_model(
-        config.model.name,
-        input_shape=tuple(np.shape(observation)),
-        output_dim=head.outputs,
-        options=options,
-    )
-    return factory, model
-
-
-def _test_episodes(
-    config: RunConfig, factory: Any, model: torch.nn.Module, device: torch.device
-) -> dict[str, float]:
-    """The greedy policy on the mode's `eval_episodes` fresh episodes (the mode's score)."""
-    metrics = config.mode.score(model, factory, device, seed=config.training.seed)
-    assert metrics is not None
-    return dict(metrics)
-
-
-def _run_reinforcement(
-    config: RunConfig, resume_from: str | None, callbacks: Sequence[Any] = ()
-) -> ExperimentResult:
-    """Train a policy on the mode's environment; test the best checkpoint on fresh greedy
-    episodes."""
-    factory, model = _policy_parts(config)
-    manager = TrainingManager(config.training)
-    manager.run_config = config.to_dict()
-    with watching_signals(), manager.hold_output_dir():
-        result = manager.train(
-            model, factory, mode=config.mode, resume_from=resume_from, callbacks=callbacks
-        )
-        out = Path(result.output_dir)
-        _stop_if_signalled(out, "the end of training")
-        evaluated = _record_and_load_best(config, result, model, manager.device)
-        test = _test_episodes(config, factory, model, manager.device)
-        _stop_if_signalled(out, "the test episodes")
-        record = {"evaluated": evaluated, "best_val": result.best_metric, "test": test}
-        record["monitor_metric"] = result.monitor_metric
-        atomic_write_json(out / "evaluation" / "metrics.json", record)
-    return ExperimentResult(result, test, evaluated, str(out))
 
 
 def _figure_to_tensorboard(run_dir: Path, tag: str, png: Path, step: int) -> None:
@@ -661,15 +603,6 @@ def _evaluate_run(
     if split not in choices:
         raise ValueError(f"split={split!r} is invalid: expected 'train', 'val' or 'test'")
     path = run_checkpoint(run_dir, checkpoint)
-    if isinstance(config.mode, Reinforcement):  # the split does not apply: fresh episodes
-        factory, policy = _policy_parts(config)
-        device = TrainingManager(config.training).device
-        load_model_weights(policy, path, map_location=device)
-        metrics = _test_episodes(config, factory, policy, device)
-        out = run_dir / "evaluation" / "metrics_episodes.json"
-        out.parent.mkdir(exist_ok=True)
-        atomic_write_json(out, {"checkpoint": str(path), "metrics": metrics})
-        return metrics, str(out)
     parts = run_parts(config)
     dataset = getattr(parts.splits, split)
     if dataset is None:

@@ -18,9 +18,11 @@ from .tables import Table
 class DataSplits:
     """Train / val / test datasets plus what a model needs to know about one sample."""
 
-    train: TensorDataset
-    val: TensorDataset | None
-    test: TensorDataset | None
+    # Datasets (tables: TensorDatasets), or what a mode makes of them (few-shot tasks; for
+    # reinforcement the environment factory: see `Mode.prepare`)
+    train: Any
+    val: Any
+    test: Any
     input_shape: tuple[int, ...]
     num_outputs: int
     task_type: TaskType

@@ -209,12 +209,26 @@ class Mode:
 
     own_metrics: ClassVar[bool] = False  # validation metrics are the mode's, not the task's
     fold_refusal: ClassVar[str | None] = None  # why cross-validation does not apply
+    uses_data: ClassVar[bool] = True  # False: `prepare` makes its data (an environment)
 
-    def prepare(self, splits: DataSplits, data: Any) -> DataSplits:
+    def check_config_run(self) -> None:
+        """Refuse what a config-file run of this mode lacks (from Python the data is passed
+        to `train`); called when the run config is built."""
+
+    def model_options(
+        self, model: str, options: dict[str, Any], splits: DataSplits
+    ) -> dict[str, Any]:
+        """The options the config's `model` (a built-in model's name) is built with for
+        these splits; the default: as configured."""
+        return options
+
+    def prepare(self, splits: Any, data: Any) -> DataSplits:
         """The splits this mode trains on, from those the config's `data` section (`data`)
-        made. The default keeps `data.labeled_fraction` of the train labels by dropping the
-        other rows; semi-supervised keeps those rows unlabeled, meta-learning cuts every
-        split into tasks. Override to shape data your own way (call `super().prepare`)."""
+        made (None where the mode does not `uses_data`). The default keeps
+        `data.labeled_fraction` of the train labels by dropping the other rows;
+        semi-supervised keeps those rows unlabeled, meta-learning cuts every split into
+        tasks, reinforcement makes its environment. Override to shape data your own way
+        (call `super().prepare`)."""
         if data.labeled_fraction < 1.0:
             splits.train = hide_labels(
                 splits.train, data.labeled_fraction, -1, data.split_seed, drop=True

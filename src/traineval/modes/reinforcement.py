@@ -36,12 +36,16 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..checks import boolean, choice, fail, integer, number
+from ..config import TaskType
+from ..data.splits import DataSplits
 from ..distributed import Distributed
 from ..envs import checked, make_env
+from .actions import ActionHead, Gaussian
 from .base import Updates
 from .contract import Context, Mode, ModePlan, MonitorChoice, register
 from .policy_gradient import PolicyGradientStep
@@ -95,6 +99,7 @@ class Reinforcement(Mode):
     shards: ClassVar[bool] = False
     own_metrics: ClassVar[bool] = True
     fold_refusal: ClassVar[str | None] = "its samples are episodes, not rows to fold"
+    uses_data: ClassVar[bool] = False
     resume_fixed: ClassVar[tuple[str, ...]] = (
         "algorithm",
         "envs",
@@ -278,6 +283,43 @@ class Reinforcement(Mode):
             "traineval.envs.CartPole), or a name ('CartPole-v1'); got "
             f"{type(source).__name__}"
         )
+
+    # -- a config-file run: the environment is the data ------------------------------------
+
+    def check_config_run(self) -> None:
+        if not self.environment:
+            fail(
+                "mode.environment",
+                self.environment,
+                "mode: reinforcement needs an environment, e.g. CartPole (or a gymnasium id)",
+            )
+
+    def prepare(self, splits: Any, data: Any) -> DataSplits:
+        """Train on the environment and test on fresh greedy episodes of it (no validation
+        split: validation plays episodes too); the model's input is an observation, its
+        output the action head's (discrete: n logits; continuous: 2 d, means and log stds)."""
+        factory = self.environment_factory(None)
+        probe = factory()
+        observation, _ = probe.reset(seed=0)
+        return DataSplits(
+            train=factory,
+            val=None,
+            test=factory,
+            input_shape=tuple(np.shape(observation)),
+            num_outputs=ActionHead.of(probe).outputs,
+            task_type=TaskType.REGRESSION,  # not read: the mode scores its model itself
+        )
+
+    def task_of(self, splits: DataSplits) -> TaskType | None:
+        return None
+
+    def model_options(
+        self, model: str, options: dict[str, Any], splits: DataSplits
+    ) -> dict[str, Any]:
+        """An actor-critic for continuous actions has a Gaussian head."""
+        if model == "actor_critic" and isinstance(ActionHead.of(splits.train()), Gaussian):
+            options.setdefault("gaussian", True)
+        return options
 
     def score(
         self, model: nn.Module, data: Any, device: torch.device, *, seed: int = 0
