@@ -413,30 +413,69 @@ class Optimization:
     no_sync: Any  # DDP's: skip the gradient all-reduce inside a window (None: no DDP)
 
 
+@dataclasses.dataclass
+class Request:
+    """What `TrainingManager.train` was asked: the caller's objects, as given."""
+
+    model: nn.Module
+    train_loader: Any
+    val_loader: Any = None
+    task_type: TaskType | None = None
+    loss_function: Any = None
+    evaluator: ModelEvaluator | None = None
+    callbacks: Sequence[Any] = ()
+    mode: Any = "supervised"
+    resume_from: Any = None
+    loggers: Sequence[Any] = ()
+    output_transform: OutputTransform | None = None
+
+
+@dataclasses.dataclass
+class Assembly:
+    """One run's parts, filled phase by phase by `TrainingManager`: the request, the mode
+    and its plan (`plan_mode`), the monitor, the checkpoint resumed from, the optimization,
+    and the checkpoints written (with their background writer, when async)."""
+
+    request: Request
+    mode: Mode
+    loss: LossChoice
+    plan: ModePlan
+    precision: Precision
+    data: Data
+    monitor: Monitor | None = None
+    payload: dict[str, Any] | None = None
+    optimization: Optimization | None = None
+    checkpoints: dict[str, str] = dataclasses.field(default_factory=dict)
+    writer: Any = None  # a CheckpointWriter with async_checkpointing
+
+
+Builders = tuple[
+    Callable[[nn.Module], torch.optim.Optimizer],
+    Callable[[torch.optim.Optimizer, int | None], torch.optim.lr_scheduler.LRScheduler],
+]
+
+
 def optimization(
-    model: nn.Module,
-    wrapped: nn.Module,
-    no_sync: Any,
+    run: Assembly,
+    placed: tuple[nn.Module, Any],
     config: TrainingConfig,
-    plan: ModePlan,
-    precision: Precision,
-    total: int | None,
-    payload: dict[str, Any] | None,
-    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-    build_scheduler: Callable[
-        [torch.optim.Optimizer, int | None], torch.optim.lr_scheduler.LRScheduler
-    ],
+    builders: Builders,
     *,
     schedule: bool = True,
 ) -> Optimization:
     """The optimizer (the mode's, e.g. federated's server, or the configured one), the
-    schedule over `total` updates, their resumed states, and torch.compile."""
+    schedule over the run's updates, their resumed states, and torch.compile. `placed`:
+    the model as the steps call it (wrapped for DDP/FSDP) and DDP's `no_sync`; `builders`:
+    the manager's optimizer and scheduler factories (which subclasses may override)."""
+    model, plan, precision, payload = run.request.model, run.plan, run.precision, run.payload
+    (wrapped, no_sync), (build_optimizer, build_scheduler) = placed, builders
     if plan.optimizer is not None:
         optimizer = plan.optimizer(model, build_optimizer)
     else:
         optimizer = build_optimizer(model)
     # A constant rate without warmup never changes: no scheduler (creating one would also
     # wrap optimizer.step in torch's step counter, work on every update).
+    total = run.data.total_steps
     scheduler = None if constant_rate(config) or not schedule else build_scheduler(optimizer, total)
     if payload is not None:
         load_optimizer_state(model, optimizer, payload["optimizer"])
@@ -503,21 +542,13 @@ def constant_rate(config: TrainingConfig) -> bool:
     return config.scheduler_type == "constant" and not warmup
 
 
-def evaluation(
-    plan: ModePlan,
-    mode: Mode,
-    val_loader: Any,
-    evaluator: ModelEvaluator | None,
-    model: nn.Module,
-    *,
-    device: torch.device,
-    precision: Precision,
-    job: Distributed,
-    loss: LossChoice,
-    task_type: TaskType | None,
-    output_transform: OutputTransform | None,
-) -> EvaluateFn | None:
-    """How the loop validates: the mode's own way, else the evaluator on `val_loader`."""
+def evaluation(run: Assembly, device: torch.device, job: Distributed) -> EvaluateFn | None:
+    """How the loop validates: the mode's own way, else the request's evaluator (or the
+    default one) on this rank's validation share."""
+    plan, precision, loss, mode = run.plan, run.precision, run.loss, run.mode
+    request, val_loader = run.request, run.data.val_loader
+    model, evaluator = request.model, request.evaluator
+    task_type, output_transform = request.task_type, request.output_transform
     # Under DDP, evaluate the plain module: DDP's forward would broadcast buffers, a
     # collective that ranks with uneven evaluation shares would not all reach. An FSDP
     # module's forward is itself a collective: its ranks evaluate in lockstep.

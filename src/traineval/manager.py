@@ -43,7 +43,7 @@ from .evaluation.model_evaluator import ModelEvaluator
 from .loggers import LoggerHub
 from .loop import EvaluateFn, Loop, Monitor, Observers, RunLength, TrainState
 from .lr_finder import LearningRateSearch, RangeTest, SearchProgress
-from .modes import Mode, ModePlan, resolve_mode
+from .modes import Mode, resolve_mode
 from .modes.contract import closing_step
 from .monitor import PerformanceMonitor
 from .optim import configured_optimizer, configured_scheduler
@@ -204,112 +204,70 @@ class TrainingManager:
             NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
         """
         check_loaders(train_loader=train_loader, val_loader=val_loader)
+        request = build.Request(
+            model, train_loader, val_loader, task_type, loss_function, evaluator,
+            [*callbacks], mode, resume_from, loggers, output_transform,
+        )  # fmt: skip
         c, job = self.config, self.distributed
-        run_mode, loss, plan, precision, data = self._plan(
-            model, train_loader, val_loader, mode, task_type, loss_function, output_transform
+        run = self._plan(request)
+        run.monitor = build.choose_monitor(
+            c, run.plan, run.data.val_loader, evaluator, task_type, run.mode
         )
-        monitor = build.choose_monitor(c, plan, data.val_loader, evaluator, task_type, run_mode)
         with (
-            closing_step(plan.step),  # its environments' worker processes, say
+            closing_step(run.plan.step),  # its environments' worker processes, say
             self.hold_output_dir(),  # until the run ends: one run per output_dir
             cpu_threads.applied(c.cpu_threads, self.device, model),
         ):
-            payload = build.load_resume(self.output_dir, resume_from, c, run_mode, job, model)
+            run.payload = build.load_resume(self.output_dir, resume_from, c, run.mode, job, model)
             self._claim_output_dir(resuming=resume_from is not None)
-            if payload is not None and finished(payload["loop"], c):
-                return self._already_finished(model, payload, monitor)
-            return self._assemble_and_run(
-                model, run_mode, (loss, plan, precision, data), monitor, payload,
-                evaluator, [*callbacks], loggers, output_transform, task_type,
-            )  # fmt: skip
+            if run.payload is not None and finished(run.payload["loop"], c):
+                return self._already_finished(model, run.payload, run.monitor)
+            return self._assemble_and_run(run)
 
-    def _assemble_and_run(
-        self,
-        model: nn.Module,
-        run_mode: Mode,
-        planned: tuple[build.LossChoice, ModePlan, Precision, build.Data],
-        monitor: Monitor,
-        payload: dict[str, Any] | None,
-        evaluator: ModelEvaluator | None,
-        callbacks: list[Callback],
-        loggers: Sequence[Any],
-        output_transform: OutputTransform | None,
-        task_type: TaskType | None,
-    ) -> TrainingResult:
-        """Assemble the loop's parts around the planned run (resumed from `payload`) and run."""
-        c, job = self.config, self.distributed
-        loss, plan, precision, data = planned
-        wrapped, no_sync = build.place_model(model, c, plan, job, self.device, payload)
-        parts = build.optimization(
-            model, wrapped, no_sync, c, plan, precision, data.total_steps, payload,
-            self.setup_optimizer, self.setup_scheduler,
-        )  # fmt: skip
-        if evaluator is not None:
-            evaluator.run_dir = self.output_dir  # where its predictions and plots go later
-        evaluate_fn = build.evaluation(
-            plan,
-            run_mode,
-            data.val_loader,
-            evaluator,
-            model,
-            device=self.device,
-            precision=precision,
-            job=job,
-            loss=loss,
-            task_type=task_type,
-            output_transform=output_transform,
-        )
+    def _assemble_and_run(self, run: build.Assembly) -> TrainingResult:
+        """Assemble the loop's parts around the planned run (resumed from its payload) and
+        run it."""
+        c, job, model = self.config, self.distributed, run.request.model
+        placed = build.place_model(model, c, run.plan, job, self.device, run.payload)
+        builders = (self.setup_optimizer, self.setup_scheduler)
+        run.optimization = build.optimization(run, placed, c, builders)
+        if run.request.evaluator is not None:
+            run.request.evaluator.run_dir = self.output_dir  # its later predictions and plots
+        evaluate_fn = build.evaluation(run, self.device, job)
         hub = build.open_loggers(
-            c, run_mode, self.output_dir, job, payload, loggers, self.run_config
+            c, run.mode, self.output_dir, job, run.payload, run.request.loggers, self.run_config
         )
-        if plan.record and job.is_main:  # what the mode made of the data (mode.json)
-            atomic_write_json(self.output_dir / "mode.json", plan.record)
-        checkpoints: dict[str, str] = {}
-        writer = CheckpointWriter() if c.async_checkpointing else None
-        loop = self._loop(
-            model, plan, run_mode, data, parts, monitor, evaluate_fn, hub, [*callbacks],
-            checkpoints, writer,
-        )  # fmt: skip
-        if payload is not None:
-            restore_loop(loop, payload)
-        return self._run(loop, hub, monitor, checkpoints, writer)
+        if run.plan.record and job.is_main:  # what the mode made of the data (mode.json)
+            atomic_write_json(self.output_dir / "mode.json", run.plan.record)
+        run.writer = CheckpointWriter() if c.async_checkpointing else None
+        loop = self._loop(run, evaluate_fn, hub)
+        if run.payload is not None:
+            restore_loop(loop, run.payload)
+        return self._run(run, loop, hub)
 
-    def _plan(
-        self,
-        model: nn.Module,
-        train_loader: Any,
-        val_loader: Any,
-        mode: TrainingMode | str | Mode,
-        task_type: TaskType | None,
-        loss_function: Any,
-        output_transform: OutputTransform | None,
-    ) -> tuple[Mode, build.LossChoice, ModePlan, Precision, build.Data]:
+    def _plan(self, request: build.Request) -> build.Assembly:
         """The mode, the loss, the mode's plan, the precision and the data shards: the
         first phases of a run, shared by `train` and `find_learning_rate`."""
-        c, job = self.config, self.distributed
-        run_mode = resolve_mode(mode, c)
-        build.check_inputs(c, model, run_mode, loss_function)  # before any work
+        c, job, model = self.config, self.distributed, request.model
+        run_mode = resolve_mode(request.mode, c)
+        build.check_inputs(c, model, run_mode, request.loss_function)  # before any work
         loss = build.choose_loss(
-            c, model, run_mode, task_type, loss_function, train_loader, self.device
-        )
+            c, model, run_mode, request.task_type, request.loss_function, request.train_loader,
+            self.device,
+        )  # fmt: skip
         plan, precision = build.plan_mode(
             run_mode,
             c,
-            train_loader,
-            val_loader,
+            request.train_loader,
+            request.val_loader,
             loss,
             job=job,
             device=self.device,
-            output_transform=output_transform,
+            output_transform=request.output_transform,
             label_shift=label_shift(model),  # for traineval's token loss
         )
-        return (
-            run_mode,
-            loss,
-            plan,
-            precision,
-            build.shard_data(plan, train_loader, val_loader, c, job),
-        )
+        data = build.shard_data(plan, request.train_loader, request.val_loader, c, job)
+        return build.Assembly(request, run_mode, loss, plan, precision, data)
 
     def _already_finished(
         self, model: nn.Module, payload: dict[str, Any], monitor: Monitor
@@ -334,29 +292,20 @@ class TrainingManager:
         self._write_summary(result)
         return result
 
-    def _loop(
-        self,
-        model: nn.Module,
-        plan: ModePlan,
-        mode: Mode,
-        data: build.Data,
-        parts: build.Optimization,
-        monitor: Monitor,
-        evaluate_fn: EvaluateFn | None,
-        hub: LoggerHub,
-        callbacks: list[Callback],
-        checkpoints: dict[str, str],
-        writer: CheckpointWriter | None = None,
-    ) -> Loop:
+    def _loop(self, run: build.Assembly, evaluate_fn: EvaluateFn | None, hub: LoggerHub) -> Loop:
         """The loop over the assembled parts, with the default callbacks before the user's;
-        its saves are recorded in `checkpoints` (and written by `writer`, when async)."""
-        c, job = self.config, self.distributed
+        its saves are recorded in `run.checkpoints` (and written by `run.writer`, when
+        async)."""
+        c, job, model, data = self.config, self.distributed, run.request.model, run.data
+        parts, plan, writer = run.optimization, run.plan, run.writer
+        assert parts is not None
+        assert run.monitor is not None
 
         def save_fn(name: str, loop: Loop, staged: StagedWrites | None = None) -> Path:
             if staged is not None:
                 staged.target = writer  # its saves are written by the background writer
-            path = self._save_from_loop(name, loop, parts.precision, mode, staged or writer)
-            checkpoints[name] = str(path)
+            path = self._save_from_loop(name, loop, run.precision, run.mode, staged or writer)
+            run.checkpoints[name] = str(path)
             return path
 
         return Loop(
@@ -365,11 +314,11 @@ class TrainingManager:
             update=build.update_rule(c, plan, parts, model),
             length=build.run_length(c, data, evaluating=evaluate_fn is not None),
             placement=build.placement(self.device, parts, plan, job),
-            monitor=monitor,
+            monitor=run.monitor,
             evaluate_fn=evaluate_fn,
             save_fn=save_fn,
             observers=Observers(
-                callbacks=[*self._default_callbacks(), *callbacks],
+                callbacks=[*self._default_callbacks(), *run.request.callbacks],
                 loggers=hub,
                 tracker=self.metrics_tracker,
                 performance=self.performance_monitor,
@@ -378,16 +327,11 @@ class TrainingManager:
             data_generators=data_generators(data.batches),  # federated: none (rounds reseed)
         )
 
-    def _run(
-        self,
-        loop: Loop,
-        hub: LoggerHub,
-        monitor: Monitor,
-        checkpoints: dict[str, str],
-        writer: CheckpointWriter | None = None,
-    ) -> TrainingResult:
+    def _run(self, run: build.Assembly, loop: Loop, hub: LoggerHub) -> TrainingResult:
         """Run the loop (deterministic if asked, stopping cleanly on signals); wait for the
         last checkpoint write; write summary.json; close the loggers."""
+        monitor, checkpoints, writer = run.monitor, run.checkpoints, run.writer
+        assert monitor is not None
         started = time.perf_counter()
         try:
             try:
@@ -451,7 +395,10 @@ class TrainingManager:
         generators = data_generators(train_loader)
         streams = capture_rng(generators)
         try:
-            loop = self._search_loop(model, train_loader, search, task_type, loss_function, mode)
+            request = build.Request(
+                model, train_loader, task_type=task_type, loss_function=loss_function, mode=mode
+            )
+            loop = self._search_loop(request, search)
             with (
                 closing_step(loop.step_fn),
                 deterministic_algorithms(self.config.deterministic),
@@ -465,27 +412,16 @@ class TrainingManager:
             restore_rng(streams, generators)
         return search.result()
 
-    def _search_loop(
-        self,
-        model: nn.Module,
-        train_loader: Any,
-        search: RangeTest,
-        task_type: TaskType | None,
-        loss_function: Any,
-        mode: TrainingMode | str | Mode,
-    ) -> Loop:
+    def _search_loop(self, request: build.Request, search: RangeTest) -> Loop:
         """This config's training for the range test: the same mode, optimizer, precision,
         accumulation and clipping, at the rates the search sets (no schedule), for at most
         `search.num_steps` updates, every loss read; nothing is written or kept."""
-        c, job = self.config, self.distributed
-        _, _, plan, precision, data = self._plan(
-            model, train_loader, None, mode, task_type, loss_function, None
-        )
-        wrapped, no_sync = build.place_model(model, c, plan, job, self.device, None)
-        parts = build.optimization(
-            model, wrapped, no_sync, c, plan, precision, None, None,
-            self.setup_optimizer, self.setup_scheduler, schedule=False,
-        )  # fmt: skip
+        c, job, model = self.config, self.distributed, request.model
+        run = self._plan(request)
+        plan, data = run.plan, run.data
+        placed = build.place_model(model, c, plan, job, self.device, None)
+        builders = (self.setup_optimizer, self.setup_scheduler)
+        parts = build.optimization(run, placed, c, builders, schedule=False)
         update = build.update_rule(c, plan, parts, model)
         update.weight_average, update.skip_non_finite = None, 0
         steps = search.num_steps
