@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import warnings
 from pathlib import Path
@@ -42,14 +43,34 @@ def _check_checkpoints(namespace: dict, printed: str) -> None:
     assert namespace["result"]["epochs_completed"] == 3
 
 
-def _check_modes(namespace: dict, printed: str) -> None:
+def _check_reinforcement(namespace: dict, printed: str) -> None:
     assert namespace["rl_result"]["monitor_metric"] == "val_return"
     assert len(namespace["rl_result"]["training_history"]["val_metrics"]) == 4
+
+
+def _check_your_own(namespace: dict, printed: str) -> None:
     proto = namespace["proto_result"]
     assert proto["monitor_metric"] == "val_accuracy"
     assert proto["best_metric"] > 0.8  # 5-way 1-shot: chance is 0.2
     assert Path(proto["checkpoints"]["best"]).exists()
     assert "{'name': 'distill', 'temperature': 2.0}" in printed  # the teacher is not saved
+
+
+def _check_unsupervised(namespace: dict, printed: str) -> None:
+    last = namespace["vae_result"]["training_history"]["val_metrics"][-1]
+    assert last["probe_accuracy"] > 0.6  # 10 digits: chance 0.1
+    assert "linear probe" in printed
+
+
+def _check_semi_supervised(namespace: dict, printed: str) -> None:
+    assert "ImageAugment('weak'" in printed
+    assert "ImageAugment('strong'" in printed
+
+
+def _check_federated(namespace: dict, printed: str) -> None:
+    accuracies = ast.literal_eval(printed.strip().splitlines()[-1])  # the printed list
+    assert len(accuracies) >= 2
+    assert accuracies[-1] > 0.5
 
 
 def _check_tuning(namespace: dict, printed: str) -> None:
@@ -65,7 +86,11 @@ def _check_training(namespace: dict, printed: str) -> None:
 CHECKS = {
     "models.md": _check_models,
     "checkpoints.md": _check_checkpoints,
-    "modes.md": _check_modes,
+    "modes-unsupervised.md": _check_unsupervised,
+    "modes-semi-supervised.md": _check_semi_supervised,
+    "modes-federated.md": _check_federated,
+    "modes-reinforcement.md": _check_reinforcement,
+    "modes-your-own.md": _check_your_own,
     "training.md": _check_training,
     "tuning.md": _check_tuning,
 }

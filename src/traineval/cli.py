@@ -227,7 +227,7 @@ def _add_flower(commands: Any) -> None:
         "in-process SuperNodes: each trains on its share of the train split "
         "(mode.partition), the server runs Flower's FedAvg(M) for "
         "training.num_epochs rounds, evaluates on the val split each round and tests the "
-        "final model. To deploy the same app on real SuperNodes, see docs/modes.md.",
+        "final model. To deploy the same app on real SuperNodes, see docs/modes-federated.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )

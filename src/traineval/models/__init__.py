@@ -109,7 +109,7 @@ class Autoencoder(nn.Module):
     `output_activation` bounds the reconstruction as the inputs are bounded: "sigmoid" for
     inputs in [0, 1] (e.g. pixels / 255), "tanh" for [-1, 1], None for unbounded ones
     (standardised features). On digits scaled to [0, 1] a sigmoid output lowers the test
-    MSE from 0.0125 to 0.0112 (docs/modes.md).
+    MSE from 0.0125 to 0.0112 (docs/modes-unsupervised.md).
     """
 
     def __init__(
