@@ -108,14 +108,25 @@ class Int(Rule):
 
 
 class Number(Rule):
-    def __init__(self, minimum: float, *, strict: bool = False, below: float | None = None) -> None:
-        self.minimum, self.strict, self.below = minimum, strict, below
+    def __init__(
+        self,
+        minimum: float,
+        *,
+        strict: bool = False,
+        below: float | None = None,
+        at_most: float | None = None,
+    ) -> None:
+        self.minimum, self.strict, self.below, self.at_most = minimum, strict, below, at_most
 
     def __call__(self, field: str, value: Any) -> Any:
         number(field, value, minimum=self.minimum, strict=self.strict, below=self.below)
+        if self.at_most is not None and value > self.at_most:
+            fail(field, value, f"expected a {self}")
         return value
 
     def __str__(self) -> str:
+        if self.at_most is not None:
+            return f"number in {'(' if self.strict else '['}{self.minimum:g}, {self.at_most:g}]"
         if self.below is not None:
             return f"number in {'(' if self.strict else '['}{self.minimum:g}, {self.below:g})"
         return f"number {'>' if self.strict else '>='} {self.minimum:g}"

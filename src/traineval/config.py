@@ -139,13 +139,14 @@ def setting(default: Any, rule: Rule) -> Any:
     return dataclasses.field(default=default, metadata={"rule": rule})
 
 
-def check_fields(config: Any) -> None:
-    """Check every field by its rule, in declaration order; keep the normalised values."""
+def check_fields(config: Any, prefix: str = "") -> None:
+    """Check every field by its rule, in declaration order; keep the normalised values.
+    Errors name a field as `prefix` + its name (a mode's: `federated.clients`)."""
     for f in dataclasses.fields(config):
         rule = f.metadata.get("rule")
         if rule is not None:
             value = getattr(config, f.name)
-            normalised = rule(f.name, value)
+            normalised = rule(prefix + f.name, value)
             if normalised is not value:
                 object.__setattr__(config, f.name, normalised)
 

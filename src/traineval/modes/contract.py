@@ -28,7 +28,7 @@ from torch import nn
 from .. import registry
 from ..batches import ModelLoss, OutputTransform
 from ..checks import fail
-from ..config import TaskType, TrainingConfig, TrainingMode
+from ..config import TaskType, TrainingConfig, TrainingMode, check_fields
 from ..data.splits import DataSplits, hide_labels
 from ..distributed import Distributed
 from ..imports import check_trusted, import_object
@@ -184,6 +184,11 @@ class Mode:
     accumulation_refusal: ClassVar[str | None] = None
     shards: ClassVar[bool] = True
     resume_fixed: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        """Check each setting declared with `setting(default, Rule)` (errors name it as
+        `<mode>.<setting>`); a mode with checks of its own calls `super().__post_init__()`."""
+        check_fields(self, prefix=f"{self.name}.")
 
     def check(self, ctx: Context) -> None:
         """Refuse combinations the mode does not support; override to add your own (call

@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..batches import ModelLoss, OutputTransform
-from ..checks import boolean, choice, fail, integer, number
+from ..checks import Flag, Int, Number, OneOf
+from ..config import setting
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
 from ..distributed import Distributed
@@ -90,34 +91,17 @@ class Federated(Mode):
         "dirichlet_alpha",
         "min_samples",
     )
-    clients: int = 4
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    min_samples: int = 2
-    local_epochs: int = 1
-    client_fraction: float = 1.0
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    proximal_mu: float = 0.0
-    control_variates: bool = False
-
-    def __post_init__(self) -> None:
-        integer(self.key("clients"), self.clients, minimum=1)
-        choice(self.key("partition"), self.partition, PARTITIONS)
-        number(self.key("dirichlet_alpha"), self.dirichlet_alpha, minimum=0, strict=True)
-        integer(self.key("min_samples"), self.min_samples, minimum=1)
-        integer(self.key("local_epochs"), self.local_epochs, minimum=1)
-        number(self.key("client_fraction"), self.client_fraction, minimum=0, strict=True)
-        if self.client_fraction > 1:
-            fail(
-                self.key("client_fraction"),
-                self.client_fraction,
-                "expected a number in (0, 1] (the share of clients trained each round)",
-            )
-        number(self.key("server_lr"), self.server_lr, minimum=0, strict=True)
-        number(self.key("server_momentum"), self.server_momentum, minimum=0.0, below=1.0)
-        number(self.key("proximal_mu"), self.proximal_mu, minimum=0.0)
-        boolean(self.key("control_variates"), self.control_variates)
+    clients: int = setting(4, Int(1))
+    partition: str = setting("iid", OneOf(PARTITIONS))
+    dirichlet_alpha: float = setting(0.5, Number(0, strict=True))
+    min_samples: int = setting(2, Int(1))
+    local_epochs: int = setting(1, Int(1))
+    # the share of clients trained each round
+    client_fraction: float = setting(1.0, Number(0, strict=True, at_most=1.0))
+    server_lr: float = setting(1.0, Number(0, strict=True))
+    server_momentum: float = setting(0.0, Number(0.0, below=1.0))
+    proximal_mu: float = setting(0.0, Number(0.0))
+    control_variates: bool = setting(False, Flag())
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

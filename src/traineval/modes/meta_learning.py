@@ -35,8 +35,8 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from ..batches import OutputTransform, prediction_of
-from ..checks import choice, integer, number
-from ..config import TaskType
+from ..checks import Int, Number, OneOf, choice
+from ..config import TaskType, setting
 from ..data.episodes import Episodes
 from ..data.splits import DataSplits
 from ..distributed import Distributed, shard_eval_loader
@@ -218,20 +218,14 @@ class MetaLearning(Mode):
         "torch.compile does not support (the first-order algorithms are not compiled either)"
     )
     shards: ClassVar[bool] = False
-    algorithm: str = "maml"
-    inner_lr: float = 0.1
-    inner_steps: int = 1
-    ways: int = 5
-    shots: int = 1
-    queries: int = 5
-    train_episodes: int = 2000
-    eval_episodes: int = 200
-
-    def __post_init__(self) -> None:
-        choice(self.key("algorithm"), self.algorithm, tuple(META_ALGORITHMS))
-        number(self.key("inner_lr"), self.inner_lr, minimum=0, strict=True)
-        for name in ("inner_steps", "ways", "shots", "queries", "train_episodes", "eval_episodes"):
-            integer(self.key(name), getattr(self, name), minimum=1)
+    algorithm: str = setting("maml", OneOf(tuple(META_ALGORITHMS)))
+    inner_lr: float = setting(0.1, Number(0, strict=True))
+    inner_steps: int = setting(1, Int(1))
+    ways: int = setting(5, Int(1))
+    shots: int = setting(1, Int(1))
+    queries: int = setting(5, Int(1))
+    train_episodes: int = setting(2000, Int(1))
+    eval_episodes: int = setting(200, Int(1))
 
     own_metrics: ClassVar[bool] = True
     fold_refusal: ClassVar[str | None] = "its samples are tasks, not rows to fold"

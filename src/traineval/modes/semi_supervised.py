@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..checks import choice, fail, integer, number
+from ..checks import Custom, Int, Number, OneOf, choice, fail
+from ..config import setting
 from ..data.splits import DataSplits, dataset_labels, hide_labels
 from ..imports import import_object
 from .consistency import FixMatchStep, MeanTeacherStep
@@ -25,6 +26,20 @@ from .pseudo_label import SemiSupervisedStep
 __all__ = ["SemiSupervised", "SemiSupervisedStep"]
 
 ALGORITHMS = ("pseudo_label", "fixmatch", "mean_teacher")
+
+
+def _negative(field: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value >= 0:
+        fail(field, value, "expected a negative integer (class ids are >= 0)")
+    return value
+
+
+def _image_shape(field: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        fail(field, value, "expected (channels, height, width)")
+    return tuple(int(size) for size in value)
 
 
 @register
@@ -44,39 +59,18 @@ class SemiSupervised(Mode):
     """
 
     name: ClassVar[str] = "semi_supervised"
-    unlabeled_label: int = -1
-    unlabeled_weight: float = 1.0
-    pseudo_label_threshold: float = 0.95
-    algorithm: str = "pseudo_label"
+    unlabeled_label: int = setting(-1, Custom(_negative, "negative integer"))
+    unlabeled_weight: float = setting(1.0, Number(0.0))
+    pseudo_label_threshold: float = setting(0.95, Number(0.0, at_most=1.0))
+    algorithm: str = setting("pseudo_label", OneOf(ALGORITHMS))
     augmentation: str | None = None
     weak_augmentation: Any = None
     strong_augmentation: Any = None
-    image_shape: tuple[int, ...] | None = None
-    rampup_steps: int = 0
+    image_shape: tuple[int, ...] | None = setting(None, Custom(_image_shape, "(C, H, W) or null"))
+    rampup_steps: int = setting(0, Int(0))
 
     def __post_init__(self) -> None:
-        label = self.unlabeled_label
-        if isinstance(label, bool) or not isinstance(label, int) or label >= 0:
-            fail(
-                self.key("unlabeled_label"),
-                self.unlabeled_label,
-                "expected a negative integer (class ids are >= 0)",
-            )
-        number(self.key("unlabeled_weight"), self.unlabeled_weight, minimum=0.0)
-        number(self.key("pseudo_label_threshold"), self.pseudo_label_threshold, minimum=0.0)
-        if self.pseudo_label_threshold > 1.0:
-            fail(
-                self.key("pseudo_label_threshold"),
-                self.pseudo_label_threshold,
-                "expected a number in [0, 1]",
-            )
-        choice(self.key("algorithm"), self.algorithm, ALGORITHMS)
-        integer(self.key("rampup_steps"), self.rampup_steps, minimum=0)
-        if self.image_shape is not None:
-            shape = self.image_shape
-            if not isinstance(shape, (list, tuple)) or len(shape) != 3:
-                fail(self.key("image_shape"), shape, "expected (channels, height, width)")
-            object.__setattr__(self, "image_shape", tuple(int(size) for size in shape))
+        super().__post_init__()
         self.augmentations()  # names and import paths resolve now, not mid-run
 
     def augmentations(self) -> tuple[Callable[..., Any] | None, Callable[..., Any] | None]:
@@ -122,11 +116,11 @@ class SemiSupervised(Mode):
     def settings(self) -> dict[str, Any]:
         """As `Mode.settings`, with your augmentation functions by import path."""
         out = super().settings()
-        for setting in ("weak_augmentation", "strong_augmentation"):
-            value = out[setting]
+        for key in ("weak_augmentation", "strong_augmentation"):
+            value = out[key]
             if callable(value):  # a function or class by import path, an object by repr
                 name = getattr(value, "__qualname__", None) or repr(value)
-                out[setting] = f"{getattr(value, '__module__', '?')}:{name}"
+                out[key] = f"{getattr(value, '__module__', '?')}:{name}"
         return out
 
     def prepare(self, splits: DataSplits, data: Any) -> DataSplits:

@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..batches import OutputTransform, prediction_of, reads_prediction
-from ..checks import boolean, choice, integer, number
+from ..checks import Flag, Int, Number, OneOf
+from ..config import setting
 from .base import (
     LossFunction,
     StepOutput,
@@ -53,16 +54,10 @@ class Unsupervised(Mode):
 
     name: ClassVar[str] = "unsupervised"
     reconstructs: ClassVar[bool] = True
-    objective: str = "reconstruction"
-    beta: float = 1.0
-    linear_probe: bool = False
-    probe_samples: int = 20_000
-
-    def __post_init__(self) -> None:
-        choice(self.key("objective"), self.objective, OBJECTIVES)
-        number(self.key("beta"), self.beta, minimum=0.0)
-        boolean(self.key("linear_probe"), self.linear_probe)
-        integer(self.key("probe_samples"), self.probe_samples, minimum=2)
+    objective: str = setting("reconstruction", OneOf(OBJECTIVES))
+    beta: float = setting(1.0, Number(0.0))
+    linear_probe: bool = setting(False, Flag())
+    probe_samples: int = setting(20_000, Int(2))
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
