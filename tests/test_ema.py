@@ -199,10 +199,19 @@ def test_interrupted_and_resumed_run_keeps_its_average(tmp_path):
     assert again["training_history"]["val_metrics"] == result["training_history"]["val_metrics"]
 
 
-def test_best_checkpoint_and_restored_best_weights_are_the_average(quiet_config):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_best_checkpoint_and_restored_best_weights_are_the_average(quiet_config, background):
+    """Also when the save is copied for a background write (async, or put off by the write
+    budget): the exported average is copied while the model holds it."""
     train_data, val_data = make_classification(n=96, seed=1), make_classification(n=40, seed=2)
     model = bn_mlp()
-    config = settings(quiet_config, num_epochs=4, restore_best_weights=True, eval_frequency=2)
+    config = settings(
+        quiet_config,
+        num_epochs=4,
+        restore_best_weights=True,
+        eval_frequency=2,
+        async_checkpointing=background,
+    )
     result = TrainingManager(config).train(
         model, DataLoader(train_data, batch_size=16, shuffle=True), DataLoader(val_data, 40)
     )

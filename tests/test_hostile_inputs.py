@@ -317,3 +317,17 @@ def test_a_read_only_output_folder_is_one_line_of_status_1(tmp_path, trained, ca
     assert "Permission denied" in err[0]
     assert str(locked) in err[0]
     assert (locked / "kept.txt").read_text() == "mine"
+
+
+def test_a_run_config_with_windows_line_endings_is_complete(tmp_path, trained):
+    """Only a missing end line is a cut file: CRLF endings (git autocrlf) or no final
+    newline are not."""
+    from traineval.config import load_yaml
+
+    text = (trained[0] / "config.yaml").read_text()
+    crlf = tmp_path / "crlf.yaml"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    assert load_yaml(crlf) == load_yaml(trained[0] / "config.yaml")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(text.rstrip("\n"))
+    assert load_yaml(bare)["training"]

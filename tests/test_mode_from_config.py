@@ -70,6 +70,13 @@ class FirstRows(Distillation):
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """The user's folder: their package `kdpkg` beside a config that names its mode."""
+    import sys
+
+    from traineval.modes import contract
+
+    for name in [m for m in sys.modules if m == "kdpkg" or m.startswith("kdpkg.")]:
+        monkeypatch.delitem(sys.modules, name)  # each test imports its own copy
+    monkeypatch.setattr(contract, "_OFFERED", set())
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kdpkg").mkdir()
     (tmp_path / "kdpkg" / "__init__.py").write_text("")
@@ -180,3 +187,16 @@ def test_a_users_mode_prepares_its_own_data_for_fit(project):
     last = load_checkpoint_file(run / "checkpoints" / "last.pt")
     assert last["global_step"] == 4 * 3  # 40 rows in batches of 16: 3 updates an epoch
     assert load_yaml(run / "config.yaml")["mode"]["rows"] == 40
+
+
+def test_a_registered_users_mode_is_recorded_by_its_import_path(project, monkeypatch):
+    """`register` makes a name known in this process only: a run records the import path,
+    which a later process can import (entry-point modes and traineval's keep their name)."""
+    from traineval import registry
+    from traineval.modes import Federated, mode_class, mode_reference, register
+
+    monkeypatch.setattr(registry, "_MODES", dict(registry._MODES))
+    monkeypatch.syspath_prepend(str(project[0]))
+    cls = register(mode_class("kdpkg.kd:Distillation"))
+    assert mode_reference(cls) == "kdpkg.kd:Distillation"
+    assert mode_reference(Federated) == "federated"

@@ -306,6 +306,7 @@ def test_reinforcement_from_a_config_file(tmp_path):
     assert main(["evaluate", str(tmp_path / "run")]) == 0  # the same test episodes again
     again = json.loads((tmp_path / "run" / "evaluation" / "metrics_test.json").read_text())
     assert again["metrics"] == record["test"]
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "val"]) == 2  # episodes only
     with pytest.raises(ValueError, match=r"mode\.environment=None is invalid: mode: reinforcement"):
         RunConfig.from_dict({"mode": "reinforcement"})
 

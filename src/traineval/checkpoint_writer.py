@@ -63,8 +63,11 @@ def _copy(value: Any, reuse: Any, copies: _Copies) -> Any:
     if type(value) in _PLAIN:
         return value
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_meta:  # no storage to tell views by
+            return _copy_tensor(value.detach(), None, copies.pinned)
         view = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
-                value.shape, value.stride(), value.dtype)  # fmt: skip
+                value.shape, value.stride(), value.dtype,
+                value.is_conj(), value.is_neg())  # fmt: skip
         if view not in copies:
             if isinstance(reuse, torch.Tensor):  # a buffer shared in the earlier snapshot
                 if id(reuse) in copies.lent:  # is lent once: no two copies in one tensor

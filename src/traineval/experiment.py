@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from . import cpu_threads
 from .checkpoint import (
@@ -321,8 +321,8 @@ class RunParts:
         )
 
     def loader(self, dataset: Any, shuffle: bool = False) -> Any:
-        """A loader over `dataset`; what is not a Dataset (an environment) as it is."""
-        if dataset is None or not isinstance(dataset, Dataset):
+        """A loader over `dataset`; a mode's own data (an environment) as it is."""
+        if dataset is None or not self.mode.uses_data:
             return dataset
         t = self.config.training
         return DataLoader(
@@ -602,6 +602,11 @@ def _evaluate_run(
     }
     if split not in choices:
         raise ValueError(f"split={split!r} is invalid: expected 'train', 'val' or 'test'")
+    if split != "test" and not config.mode.uses_data:
+        raise ValueError(
+            f"split={split!r} is invalid for mode: {config.mode.name}: it makes its own data "
+            "and is evaluated on fresh test episodes (split='test', the default)"
+        )
     path = run_checkpoint(run_dir, checkpoint)
     parts = run_parts(config)
     dataset = getattr(parts.splits, split)
@@ -636,10 +641,10 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
     `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
     """
-    if config.mode.fold_refusal is not None:
+    if config.mode.fold_refusal is not None or not config.mode.uses_data:
+        reason = config.mode.fold_refusal or "it makes its own data, not rows to fold"
         raise ValueError(
-            f"mode={config.mode.name!r} is invalid for cross-validation "
-            f"({config.mode.fold_refusal}): use fit"
+            f"mode={config.mode.name!r} is invalid for cross-validation ({reason}): use fit"
         )
     parts = run_parts(config)
     splits = parts.splits

@@ -165,22 +165,27 @@ def _save_in_background(
     path: Path,
 ) -> None:
     """Snapshot what the save writes (the loop waits only for this), then hand the files
-    to the writer thread: `best.safetensors` first for "best", then the checkpoint. One
-    snapshot of both: the weights they share are copied once."""
+    to the writer thread: `best.safetensors` first for "best", then the checkpoint. Without
+    a moving average, one snapshot of both: the weights they share are copied once. With
+    one, the exported average is copied while the model holds it (the block puts the
+    training weights back, and the checkpoint's `training_weights` are views of them)."""
     writer.wait()  # at most one write in flight: this save waits for the previous one
-    exported: dict[str, Any] = {}
-    if name == "best":
-        if is_sharded(loop.model):
-            exported = weights
-        else:
-            with loop.weights_to_keep():
-                exported = untied(loop.model.state_dict())
+    exported: dict[str, Any] = {}  # to copy with the checkpoint
+    average: dict[str, Any] | None = None  # copied already
+    if name == "best" and is_sharded(loop.model):
+        exported = weights
+    elif name == "best" and loop.weight_average is not None:
+        with loop.weights_to_keep():
+            average = writer.snapshot("average", untied(loop.model.state_dict()))
+    elif name == "best":
+        exported = untied(loop.model.state_dict())
     kind = "best" if name == "best" else "checkpoint"  # the buffers one shape of save lends
     copied = writer.snapshot(kind, {"checkpoint": payload, "weights": exported})
     writes: list[Callable[[], Any]] = []
     if name == "best":
         safetensors = path.with_suffix(".safetensors")
-        writes.append(lambda: save_safetensors(copied["weights"], safetensors))
+        files = average if average is not None else copied["weights"]
+        writes.append(lambda: save_safetensors(files, safetensors))
     writes.append(lambda: save_checkpoint_file(copied["checkpoint"], path))
     writer.submit(writes, str(path))
 

@@ -180,7 +180,9 @@ def run_config_text(record: dict[str, Any]) -> str:
 def cut_run_config(text: str) -> bool:
     """Whether `text` is a run's config.yaml (it opens with the head line) whose end line is
     missing: the file was cut short."""
-    return text.startswith(RUN_CONFIG_HEAD) and f"\n{RUN_CONFIG_END}\n" not in text
+    if not text.startswith(RUN_CONFIG_HEAD):
+        return False
+    return all(line.rstrip() != RUN_CONFIG_END for line in text.splitlines())  # CRLF too
 
 
 @contextlib.contextmanager

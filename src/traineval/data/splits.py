@@ -33,6 +33,8 @@ class DataSplits:
     feature_mean: np.ndarray | None = None  # None: not standardised
     feature_scale: np.ndarray | None = None
     indices: dict[str, np.ndarray] | None = None
+    # what a mode's `prepare` notes for its `model_options` (reinforcement: the action head)
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def prepare(self, x: np.ndarray) -> torch.Tensor:
         """Raw feature rows (N, D), in `feature_names` order, as model inputs."""

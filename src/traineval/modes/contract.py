@@ -308,19 +308,23 @@ class Mode:
 ENTRY_POINTS = "traineval.modes"  # the entry-point group through which packages offer modes
 
 
+_OFFERED: set[type] = set()  # modes loaded through the entry-point group
+
+
 def mode_reference(cls: type[Mode]) -> str:
-    """How a config file names `cls`: the name it is registered under (the built-in modes,
-    `register`ed ones), else its import path `package.module:Class`, which a later process
-    (`evaluate`, `report`, `--resume`) can import under the trust rule for run directories.
-    A class no other process could import by that path (a script's, `__main__`, or code
-    run with exec) keeps its name."""
+    """How a config file names `cls`: its name for traineval's own modes and those an
+    installed package offers by entry point (any process finds them by name), else its
+    import path `package.module:Class`, which a later process (`evaluate`, `--resume`) can
+    import under the trust rule for run directories; a mode that is only `register`ed
+    would not be found by name there. A class no other process could import by its path
+    (a script's, `__main__`, or code run with exec) keeps its name."""
     registered = cls.name in registry.names() and registry.lookup(cls.name) is cls
+    if registered and (cls.__module__.startswith("traineval.") or cls in _OFFERED):
+        return cls.name
     found: Any = sys.modules.get(cls.__module__) if cls.__module__ != "__main__" else None
     for part in cls.__qualname__.split("."):
         found = getattr(found, part, None)
-    if registered or found is not cls:
-        return cls.name
-    return f"{cls.__module__}:{cls.__qualname__}"
+    return f"{cls.__module__}:{cls.__qualname__}" if found is cls else cls.name
 
 
 def mode_class(name: Any, field: str = "mode") -> type[Mode]:
@@ -355,6 +359,7 @@ def _entry_point(name: str, field: str) -> type[Mode] | None:
             fail(field, name, f"entry point {name!r} loads {point.value!r}, whose name is "
                  f"{found.name!r}: name the entry point {found.name!r}")  # fmt: skip
         registry.add(found)
+        _OFFERED.add(found)
         return found
     return None
 

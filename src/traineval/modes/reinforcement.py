@@ -301,13 +301,18 @@ class Reinforcement(Mode):
         factory = self.environment_factory(None)
         probe = factory()
         observation, _ = probe.reset(seed=0)
+        head = ActionHead.of(probe)
+        close = getattr(probe, "close", None)
+        if callable(close):
+            close()
         return DataSplits(
             train=factory,
             val=None,
             test=factory,
             input_shape=tuple(np.shape(observation)),
-            num_outputs=ActionHead.of(probe).outputs,
+            num_outputs=head.outputs,
             task_type=TaskType.REGRESSION,  # not read: the mode scores its model itself
+            notes={"gaussian": isinstance(head, Gaussian)},
         )
 
     def task_of(self, splits: DataSplits) -> TaskType | None:
@@ -317,7 +322,7 @@ class Reinforcement(Mode):
         self, model: str, options: dict[str, Any], splits: DataSplits
     ) -> dict[str, Any]:
         """An actor-critic for continuous actions has a Gaussian head."""
-        if model == "actor_critic" and isinstance(ActionHead.of(splits.train()), Gaussian):
+        if model == "actor_critic" and splits.notes.get("gaussian"):
             options.setdefault("gaussian", True)
         return options
 
