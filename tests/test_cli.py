@@ -391,3 +391,26 @@ def test_bootstrap_intervals_are_printed_and_written(tmp_path, capsys):
     assert f"accuracy {record['test']['accuracy']:.4f} [{low:.4f}, {high:.4f}]" in report
     assert "(test intervals: 90% bootstrap, 200 resamples)" in report
     assert f"<td>[{low:.4f}, {high:.4f}]</td>" in (out / "report.html").read_text()
+
+
+def test_a_flag_that_names_a_setting_gets_the_override_to_write(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {name: iris}\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", str(config), "--epochs", "5", "--batch-size", "64", "--lr", "0.1"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "did you mean training.num_epochs=5 training.batch_size=64 training.learning_rate=0.1?"
+        in err
+    )
+
+
+def test_a_number_written_as_text_is_named_as_text(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {name: iris}\n")
+    assert main(["fit", str(config), 'training.batch_size="32"']) == 2
+    err = capsys.readouterr().err
+    assert (
+        "batch_size='32' is invalid: expected an integer >= 1; got the text '32': write 32" in err
+    )

@@ -34,7 +34,7 @@ INT_LIMIT = 2**31 - 1
 def integer(field: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
     """An integer (not a bool) >= `minimum`, at most `maximum` (default `INT_LIMIT`)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(field, value, f"expected an integer >= {minimum}")
+        fail(field, value, f"expected an integer >= {minimum}{_text_note(value)}")
     if maximum is not None and value > maximum:
         fail(field, value, f"expected an integer in [{minimum}, {maximum}]")
     if value > INT_LIMIT:
@@ -50,12 +50,23 @@ def number(
     relation = ">" if strict else ">="
     allowed = f"expected a finite number {relation} {minimum}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(field, value, allowed)
+        fail(field, value, allowed + _text_note(value))
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
         fail(field, value, allowed)
     if below is not None and value >= below:
         opening = "(" if strict else "["
         fail(field, value, f"expected a number in {opening}{minimum:g}, {below:g})")
+
+
+def _text_note(value: Any) -> str:
+    """For a number given as text (`batch_size: "32"`): say so, and how to write it."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return "; got text"
+    return f"; got the text {value!r}: write {value.strip()} without quotes"
 
 
 def boolean(field: str, value: Any) -> None:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -308,6 +309,35 @@ def _command(args: argparse.Namespace) -> int:
     return _fit(config, args)
 
 
+FLAG_ALIASES = {"lr": "learning_rate", "bs": "batch_size", "epochs": "num_epochs"}
+
+
+def _override_hint(extra: list[str]) -> str:
+    """For a flag that names a setting (`--epochs 5`): the override to write instead
+    (`training.num_epochs=5`); settings are `section.field=value`, not options."""
+    import difflib
+
+    from .experiment import _SECTIONS
+
+    keys = {f"{section}.{f.name}": f.name for section, cls in _SECTIONS.items()
+            for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # fmt: skip
+    hints = []
+    for i, item in enumerate(extra):
+        if not item.startswith("--") or "=" in item:
+            continue
+        name = FLAG_ALIASES.get(item[2:], item[2:].replace("-", "_"))
+        exact = [name] if name in keys.values() else []
+        close = exact or difflib.get_close_matches(name, list(keys.values()), n=1, cutoff=0.7)
+        key = next((k for k, field in keys.items() if close and field == close[0]), None)
+        if key is not None:
+            following = extra[i + 1] if i + 1 < len(extra) else ""
+            value = following if following and not following.startswith("-") else "..."
+            hints.append(f"{key}={value}")
+    if not hints:
+        return ""
+    return f" (settings are overrides, not options: did you mean {' '.join(hints)}?)"
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line (overrides may come before or after options such as -q) and
     set up logging: INFO, or WARNING when quiet and on every rank but rank 0."""
@@ -318,7 +348,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         args.debug = True
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_override_hint(extra)}")
     if extra and not hasattr(args, "overrides"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
