@@ -319,20 +319,20 @@ def _override_hint(extra: list[str]) -> str:
 
     from .experiment import _SECTIONS
 
-    keys = {f"{section}.{f.name}": f.name for section, cls in _SECTIONS.items()
-            for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # fmt: skip
+    keys: dict[str, str] = {}  # field -> its dotted key (the first section that has it)
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            keys.setdefault(f.name, f"{section}.{f.name}")
     hints = []
     for i, item in enumerate(extra):
         if not item.startswith("--") or "=" in item:
             continue
         name = FLAG_ALIASES.get(item[2:], item[2:].replace("-", "_"))
-        exact = [name] if name in keys.values() else []
-        close = exact or difflib.get_close_matches(name, list(keys.values()), n=1, cutoff=0.7)
-        key = next((k for k, field in keys.items() if close and field == close[0]), None)
-        if key is not None:
+        close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.7)  # exact first
+        if close:
             following = extra[i + 1] if i + 1 < len(extra) else ""
             value = following if following and not following.startswith("-") else "..."
-            hints.append(f"{key}={value}")
+            hints.append(f"{keys[close[0]]}={value}")
     if not hints:
         return ""
     return f" (settings are overrides, not options: did you mean {' '.join(hints)}?)"

@@ -422,9 +422,8 @@ def _train_and_test(
             out / "evaluation" / "learning_curves.png",
         )
     test_metrics = None
-    test_loader = parts.loader(parts.splits.test)
-    if test_loader is not None:
-        test_metrics = _evaluate_split(parts, evaluator, model, test_loader, out, manager.device)
+    if parts.splits.test is not None:
+        test_metrics = _evaluate_split(parts, evaluator, model, out, manager.device)
     _stop_if_signalled(out, "the test evaluation")
     record: dict[str, Any] = {
         "evaluated": evaluated,
@@ -525,12 +524,13 @@ def _evaluate_split(
     parts: RunParts,
     evaluator: Evaluator,
     model: torch.nn.Module,
-    loader: DataLoader[Any],
     out: Path,
     device: torch.device,
     split: EvaluationMode = EvaluationMode.TESTING,
 ) -> dict[str, float]:
-    """Evaluate on one split and append the split-tagged record to metrics.jsonl."""
+    """Evaluate on one of the run's splits (which must exist) and append the split-tagged
+    record to metrics.jsonl."""
+    loader = parts.loader(getattr(parts.splits, SPLIT_PREFIX[split]))
     own = parts.mode.score(model, loader, device, seed=parts.config.training.seed)
     if own is not None:  # e.g. meta-learning: adapt to each task, score its queries
         metrics = dict(own)
@@ -617,9 +617,7 @@ def _evaluate_run(
     load_model_weights(model, path, map_location=device)
     evaluator = Evaluator(evaluation)
     evaluator.class_names = parts.splits.class_names
-    loader = parts.loader(dataset)
-    assert loader is not None
-    metrics = _evaluate_split(parts, evaluator, model, loader, run_dir, device, choices[split])
+    metrics = _evaluate_split(parts, evaluator, model, run_dir, device, choices[split])
     out = run_dir / "evaluation" / f"metrics_{split}.json"
     atomic_write_json(
         out,

@@ -227,10 +227,8 @@ class TrainingManager:
     def _assemble_and_run(self, run: build.Assembly) -> TrainingResult:
         """Assemble the loop's parts around the planned run (resumed from its payload) and
         run it."""
-        c, job, model = self.config, self.distributed, run.request.model
-        placed = build.place_model(model, c, run.plan, job, self.device, run.payload)
-        builders = (self.setup_optimizer, self.setup_scheduler)
-        run.optimization = build.optimization(run, placed, c, builders)
+        c, job = self.config, self.distributed
+        run.optimization = self._optimization(run)
         if run.request.evaluator is not None:
             run.request.evaluator.run_dir = self.output_dir  # its later predictions and plots
         evaluate_fn = build.evaluation(run, self.device, job)
@@ -244,6 +242,14 @@ class TrainingManager:
         if run.payload is not None:
             restore_loop(loop, run.payload)
         return self._run(run, loop, hub)
+
+    def _optimization(self, run: build.Assembly, *, schedule: bool = True) -> build.Optimization:
+        """The model placed (wrapped for DDP / FSDP, resumed weights) and what updates it:
+        optimizer, schedule (unless `schedule` is off), their resumed states, compile."""
+        c, job, model = self.config, self.distributed, run.request.model
+        placed = build.place_model(model, c, run.plan, job, self.device, run.payload)
+        builders = (self.setup_optimizer, self.setup_scheduler)
+        return build.optimization(run, placed, c, builders, schedule=schedule)
 
     def _plan(self, request: build.Request) -> build.Assembly:
         """The mode, the loss, the mode's plan, the precision and the data shards: the
@@ -417,11 +423,9 @@ class TrainingManager:
         accumulation and clipping, at the rates the search sets (no schedule), for at most
         `search.num_steps` updates, every loss read; nothing is written or kept."""
         c, job, model = self.config, self.distributed, request.model
-        run = self._plan(request)
+        run = self._plan(request)  # nothing resumed: no payload
         plan, data = run.plan, run.data
-        placed = build.place_model(model, c, plan, job, self.device, None)
-        builders = (self.setup_optimizer, self.setup_scheduler)
-        parts = build.optimization(run, placed, c, builders, schedule=False)
+        parts = self._optimization(run, schedule=False)
         update = build.update_rule(c, plan, parts, model)
         update.weight_average, update.skip_non_finite = None, 0
         steps = search.num_steps
