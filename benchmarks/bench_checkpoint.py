@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager
-from traineval.checkpoint import load_checkpoint_file, save_checkpoint_file
-from traineval.checkpoint_writer import CheckpointWriter
 from traineval.data.position import skip_batches
+from traineval.runs.checkpoint import load_checkpoint_file, save_checkpoint_file
+from traineval.runs.checkpoint_writer import CheckpointWriter
 
 
 class CountingDataset(Dataset):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import traineval
-from traineval.experiment import RunConfig, run_experiment
+from traineval.commands.experiment import RunConfig, run_experiment
 
 
 def test_accuracy(algorithm: str, seed: int, local_epochs: int, sgd: float | None) -> float:

@@ -35,10 +35,10 @@ import torch
 
 from rl_bench import Act, Curve, sb3_ppo_config
 from traineval import TrainingManager
-from traineval.batches import prediction_of
 from traineval.callbacks import Callback
 from traineval.models import ActorCritic
 from traineval.modes import Reinforcement
+from traineval.training.batches import prediction_of
 
 ENVS, STEPS, ROLLOUTS, PER_EPOCH = 4, 1024, 25, 5
 EVERY = PER_EPOCH * ENVS * STEPS

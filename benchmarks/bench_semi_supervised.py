@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 
-from traineval.experiment import RunConfig, run_experiment
+from traineval.commands.experiment import RunConfig, run_experiment
 
 
 def accuracy(mode: str, fraction: float, seed: int, args: argparse.Namespace) -> float:

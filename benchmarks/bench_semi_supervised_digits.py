@@ -32,7 +32,7 @@ from sklearn.semi_supervised import LabelSpreading
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager
-from traineval.augment import ImageAugment
+from traineval.data.augment import ImageAugment
 from traineval.models import SmallCNN
 from traineval.modes import SemiSupervised
 

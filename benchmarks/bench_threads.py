@@ -58,7 +58,7 @@ def child(workload: str, threads: str, epochs: int) -> None:
     """One measured run; prints a JSON line."""
     from importlib import resources
 
-    from traineval.experiment import RunConfig, run_experiment
+    from traineval.commands.experiment import RunConfig, run_experiment
 
     with tempfile.TemporaryDirectory() as folder:
         overrides = [

@@ -31,7 +31,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from traineval.experiment import RunConfig
+from traineval.commands.experiment import RunConfig
 from traineval.tuning import tune
 
 SEARCH = {

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import EvaluationConfig, TrainingConfig, TrainingManager, TrainingMode
+from traineval import EvaluationConfig, Evaluator, TrainingConfig, TrainingManager, TrainingMode
 from traineval.callbacks import Callback
 from traineval.config import TaskType
-from traineval.evaluation import Evaluator
 from traineval.modes import Reinforcement
 
 
@@ -185,7 +184,7 @@ class RecordingCartPole:
     """CartPole that writes down each episode's observations, actions and rewards."""
 
     def __init__(self) -> None:
-        from traineval.envs import CartPole
+        from traineval.modes.envs import CartPole
 
         self.env = CartPole()
         self.episode: dict[str, Any] = {}
@@ -257,7 +256,7 @@ def reinforcement(out: Path, rank: int) -> None:
 
 def uneven(out: Path, rank: int) -> None:
     """Rank 0 evaluates 5 samples, rank 1 three (batch 2): metrics of all 8, merged."""
-    from traineval.distributed import setup
+    from traineval.system.distributed import setup
 
     job, _ = setup("cpu", "auto", 60.0)
     net = model()
@@ -320,7 +319,7 @@ def resume_loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
 
 def resume_first(out: Path, rank: int) -> None:
     """An uninterrupted run, then one that a signal on rank 1 stops at update 4."""
-    from traineval.loop import TrainingInterrupted
+    from traineval.training.loop import TrainingInterrupted
 
     net = model(dropout=0.3)
     TrainingManager(resume_config(out / "straight", **DDP_RESUME)).train(
@@ -354,7 +353,7 @@ def rl_resume_config(out: Path) -> TrainingConfig:
 
 def rl_resume_first(out: Path, rank: int) -> None:
     """Policy gradient, 6 updates: uninterrupted, then stopped by a signal on rank 1 at 4."""
-    from traineval.loop import TrainingInterrupted
+    from traineval.training.loop import TrainingInterrupted
 
     net = ActorCritic()
     TrainingManager(rl_resume_config(out / "rl-straight")).train(
@@ -396,7 +395,7 @@ def ppo_config(out: Path) -> TrainingConfig:
 
 def ppo_resume_first(out: Path, rank: int) -> None:
     """PPO, 16 updates: uninterrupted, then stopped by a signal on rank 1 at update 4."""
-    from traineval.loop import TrainingInterrupted
+    from traineval.training.loop import TrainingInterrupted
 
     net = ActorCritic()
     TrainingManager(ppo_config(out / "ppo-straight")).train(net, "CartPole", mode=PPO_MODE)
@@ -464,8 +463,8 @@ class Blocks(nn.Module):
 def fsdp(out: Path, rank: int) -> None:
     """FSDP: plain and accumulated equivalence runs, one that restores the best weights and
     logs per-layer gradient norms, then a run stopped at update 4."""
-    from traineval.distributed import is_sharded, model_state
-    from traineval.loop import TrainingInterrupted
+    from traineval.system.distributed import is_sharded, model_state
+    from traineval.training.loop import TrainingInterrupted
 
     for plain_name, batch, accumulation in EQUIVALENCE_RUNS:
         name = f"fsdp-{plain_name}"
@@ -511,7 +510,7 @@ def fsdp(out: Path, rank: int) -> None:
 
 
 def fsdp_resume(out: Path, rank: int) -> None:
-    from traineval.distributed import model_state
+    from traineval.system.distributed import model_state
 
     torch.manual_seed(99)
     net = Blocks(dropout=0.3)
@@ -561,7 +560,7 @@ def protonet(out: Path, rank: int) -> None:
 def tune_ranks(out: Path, rank: int) -> None:
     """`traineval.tune` under torchrun: 5 good trials, then one that cannot learn (pruned on
     rank 0's word; every rank must stop with it or the job hangs)."""
-    from traineval.experiment import RunConfig
+    from traineval.commands.experiment import RunConfig
     from traineval.tuning import tune
     from traineval.tuning.study import open_study, prepare
 

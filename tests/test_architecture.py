@@ -89,10 +89,68 @@ def _reached(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_loop_imports_nothing_of_the_modes():
     """The engine below its plug-ins: the loop and all it imports, however indirectly, leave
-    `traineval.modes` alone (the step types live in `traineval.steps`)."""
+    `traineval.modes` alone (the step types live in `traineval.training.steps`)."""
     modules = _modules()
     known = set(modules)
     graph = {name: _imports(name, *modules[name], known) for name in modules}
-    reached = _reached(graph, "traineval.loop")
-    assert "traineval.steps" in reached
+    reached = _reached(graph, "traineval.training.loop")
+    assert "traineval.training.steps" in reached
     assert sorted(m for m in reached if m.startswith("traineval.modes")) == []
+
+
+# The wings of the package, lowest first: a module imports its own wing and the wings below
+# it, never one above (nor a sibling on its own level). docs/architecture.md says what each
+# wing owns.
+WINGS: tuple[tuple[str, ...], ...] = (
+    ("system",),
+    ("config",),
+    ("tasks",),
+    ("data",),
+    ("models",),
+    ("runs",),
+    ("loggers", "callbacks"),
+    ("reporting",),
+    ("training",),
+    ("evaluation",),
+    ("modes",),
+    ("assembly",),
+    ("commands",),
+    ("federated", "tuning"),
+    ("cli",),
+    ("",),  # the package itself: the public names, re-exported
+)
+
+
+def _wing(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def _arrows_up(graph: dict[str, set[str]]) -> list[str]:
+    level = {wing: rank for rank, wings in enumerate(WINGS) for wing in wings}
+    found = []
+    for name, targets in sorted(graph.items()):
+        here = _wing(name)
+        for target in sorted(targets):
+            there = _wing(target)
+            if there != here and level[there] >= level[here]:
+                found.append(f"{name} -> {target}")
+    return found
+
+
+def test_every_wing_imports_only_the_wings_below_it():
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imports(name, *modules[name], known) for name in modules}
+    assert sorted({_wing(name) for name in graph}) == sorted(w for ws in WINGS for w in ws)
+    assert _arrows_up(graph) == []
+
+
+def test_the_wing_order_can_fail():
+    graph = {"traineval.training.loop": {"traineval.modes.base"}, "traineval.modes.base": set()}
+    assert _arrows_up(graph) == ["traineval.training.loop -> traineval.modes.base"]
+    assert _arrows_up({"traineval.loggers.a": {"traineval.callbacks.b"}}) != []
+
+
+def test_the_top_of_the_package_is_the_facade_the_command_line_and_the_tasks():
+    top = sorted(p.name for p in (SRC / "traineval").glob("*.py"))
+    assert top == ["__init__.py", "cli.py", "tasks.py"]

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from traineval import TrainingManager
-from traineval import run_checkpoints as run_checkpoints_module
-from traineval.checkpoint import load_checkpoint_file, load_safetensors
-from traineval.checkpoint_writer import CheckpointWriteError, snapshot, untied
-from traineval.loop import TrainingInterrupted
+from traineval.runs.checkpoint import load_checkpoint_file, load_safetensors
+from traineval.runs.checkpoint_writer import CheckpointWriteError, snapshot, untied
+from traineval.training import run_checkpoints as run_checkpoints_module
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt
 from test_resume import assert_same_state, config, dropout_mlp, loaders, step_losses

@@ -14,8 +14,8 @@ import torch
 
 from traineval import TaskType
 from traineval.cli import main
+from traineval.commands.experiment import RunConfig
 from traineval.data import load_builtin, load_csv, make_splits
-from traineval.experiment import RunConfig
 from traineval.models import build_model
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from traineval import TrainingConfig, TrainingManager
-from traineval.checkpoint import load_checkpoint_file
+from traineval.runs.checkpoint import load_checkpoint_file
 
 from conftest import make_classification, make_mlp
 

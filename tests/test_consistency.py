@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingManager
-from traineval.augment import ImageAugment, TabularAugment
-from traineval.loop import TrainingInterrupted
+from traineval.data.augment import ImageAugment, TabularAugment
 from traineval.modes import SemiSupervised
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, make_classification, make_mlp, plain_sgd_config
 
@@ -159,12 +159,12 @@ def test_semi_supervised_algorithm_errors_are_clear(quiet_config):
         )
     by_path = SemiSupervised(
         algorithm="fixmatch",
-        weak_augmentation="traineval.augment:ImageAugment",
+        weak_augmentation="traineval.data.augment:ImageAugment",
         strong_augmentation=STRONG,
     )
     recorded = by_path.to_dict()
-    assert recorded["weak_augmentation"] == "traineval.augment:ImageAugment"
-    assert recorded["strong_augmentation"] == "traineval.augment:TabularAugment('strong')"
+    assert recorded["weak_augmentation"] == "traineval.data.augment:ImageAugment"
+    assert recorded["strong_augmentation"] == "traineval.data.augment:TabularAugment('strong')"
 
 
 def test_weak_image_augmentation_shifts_by_whole_pixels():

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from traineval import TrainingManager
-from traineval.loop import TrainingInterrupted
 from traineval.models import ActorCritic
 from traineval.modes import Reinforcement
 from traineval.modes.actions import ActionHead, Categorical, Gaussian
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, plain_sgd_config
 

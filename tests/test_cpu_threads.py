@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from traineval import TrainingConfig, TrainingManager
 from traineval.callbacks import Callback
-from traineval.checks import SettingError
-from traineval.cpu_threads import SMALL_MODEL_PARAMETERS, applied, auto_threads, resolve
+from traineval.config.checks import SettingError
+from traineval.system.cpu_threads import SMALL_MODEL_PARAMETERS, applied, auto_threads, resolve
 
 from conftest import make_classification, make_mlp
 

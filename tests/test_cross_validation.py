@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import EvaluationConfig, Evaluator, TrainingConfig
-from traineval.evaluation.cross_validation import make_folds
+from traineval.assembly.cross_validation import make_folds
 
 from conftest import make_classification
 

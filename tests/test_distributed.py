@@ -17,15 +17,10 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import distributed_worker as worker
-from traineval import EvaluationConfig, TrainingConfig, TrainingManager, TrainingMode
+from traineval import EvaluationConfig, Evaluator, TrainingConfig, TrainingManager, TrainingMode
 from traineval.config import TaskType
-from traineval.distributed import (
-    Distributed,
-    ShardSampler,
-    shard_eval_loader,
-    shard_train_loader,
-)
-from traineval.evaluation import Evaluator
+from traineval.data.sharding import ShardSampler, shard_eval_loader, shard_train_loader
+from traineval.system.distributed import Distributed
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from traineval import Evaluator, TrainingConfig, TrainingManager
-from traineval.checkpoint import load_checkpoint_file
-from traineval.tracking import Plateau
+from traineval.runs.checkpoint import load_checkpoint_file
+from traineval.runs.tracking import Plateau
 
 from conftest import make_classification, make_mlp
 

@@ -12,8 +12,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from traineval import Callback, TrainingConfig, TrainingManager, TrainingMode
-from traineval.checkpoint import load_checkpoint_file, load_safetensors
-from traineval.loop import TrainingInterrupted
+from traineval.runs.checkpoint import load_checkpoint_file, load_safetensors
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, make_classification
 

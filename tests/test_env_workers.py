@@ -14,10 +14,10 @@ import torch
 from test_ppo import PPO, _config
 from test_reinforcement import ActorCritic, Walk
 from traineval import TrainingManager
-from traineval.loop import TrainingInterrupted
 from traineval.models import ActorCritic as BuiltinActorCritic
 from traineval.modes import Reinforcement
 from traineval.modes import env_workers as workers_module
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt
 
@@ -147,7 +147,7 @@ def test_the_final_test_episodes_in_workers_score_what_in_process_ones_do():
 INTERRUPTIBLE = """
 import sys, time
 from traineval import Callback, TrainingConfig, TrainingManager
-from traineval.envs import CartPole
+from traineval.modes.envs import CartPole
 from traineval.models import ActorCritic
 from traineval.modes import Reinforcement
 

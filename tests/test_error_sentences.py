@@ -85,7 +85,7 @@ def test_yaml_with_python_tags_is_one_line(tmp_path, capsys):
 
 
 def test_a_full_disk_names_the_file_in_one_line(tmp_path, monkeypatch, capsys):
-    from traineval import checkpoint
+    from traineval.runs import checkpoint
 
     def full_disk(obj, handle, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -116,7 +116,7 @@ def _safetensors_full(*args, **kwargs):
 @pytest.mark.parametrize(
     ("targets", "replacement", "file"),
     [
-        (["traineval.checkpoint.torch.save"], _torch_zip_writer_full, "best.pt"),
+        (["traineval.runs.checkpoint.torch.save"], _torch_zip_writer_full, "best.pt"),
         (
             ["safetensors.torch.save_model", "safetensors.torch.save_file"],
             _safetensors_full,
@@ -235,7 +235,7 @@ def test_ctrl_c_during_cv_or_lr_find_is_one_line_and_exit_130(tmp_path, capsys, 
         "data: {name: iris}\nmodel: {name: mlp}\n"
         f"training: {{num_epochs: 2, warmup_steps: 0, output_dir: {tmp_path / 'out'}}}\n"
     )
-    from traineval.lr_finder import RangeTest
+    from traineval.training.lr_finder import RangeTest
 
     original = manager.TrainingManager._default_callbacks
     manager.TrainingManager._default_callbacks = lambda self: [
@@ -371,7 +371,7 @@ def test_a_loader_whose_batch_size_differs_from_the_configs_is_named(tmp_path, c
 
 def test_a_safetensors_export_of_tied_weights_loads_into_the_run_model(tmp_path):
     """Tied weights are stored once in a safetensors export: their alias is not 'missing'."""
-    from traineval.checkpoint import load_model_weights, save_safetensors
+    from traineval.runs.checkpoint import load_model_weights, save_safetensors
 
     class Tied(nn.Module):
         def __init__(self):

@@ -14,17 +14,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from traineval import Callback, TrainingConfig, TrainingManager
-from traineval import checkpoint as checkpoint_module
-from traineval.checkpoint import (
+from traineval.loggers import read_jsonl
+from traineval.runs import checkpoint as checkpoint_module
+from traineval.runs.checkpoint import (
     CheckpointError,
     load_checkpoint_file,
     load_safetensors,
     save_checkpoint_file,
     save_safetensors,
 )
-from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted
-from traineval.steplog import NonFiniteError
+from traineval.training.loop import TrainingInterrupted
+from traineval.training.steplog import NonFiniteError
 
 from conftest import make_classification, make_mlp
 
@@ -193,7 +193,7 @@ class _RandomSamples(Dataset):
 
 
 def test_workers_get_distinct_reproducible_seeds(tmp_path):
-    from traineval.seeding import seed_everything
+    from traineval.system.seeding import seed_everything
 
     draws = []
     for _ in range(2):
@@ -223,7 +223,7 @@ class _NaNFromSecondValidation(nn.Module):
 
 
 def test_a_nan_validation_names_epoch_and_step_and_saves_the_training_first(tmp_path):
-    from traineval.loop import EvaluationError
+    from traineval.training.loop import EvaluationError
 
     data = make_classification(n=64, seed=1)
     train = DataLoader(data, batch_size=8)
@@ -243,7 +243,7 @@ def test_a_nan_validation_names_epoch_and_step_and_saves_the_training_first(tmp_
 
 
 def test_a_nan_monitored_metric_is_named(tmp_path):
-    from traineval.loop import EvaluationError
+    from traineval.training.loop import EvaluationError
 
     data = make_classification(n=64, seed=1)
     val = DataLoader(make_classification(n=16, seed=2), batch_size=16)
@@ -283,7 +283,7 @@ class _HeldGenerator(Dataset):
 
 
 def test_a_generator_held_by_the_dataset_draws_differently_in_each_worker(tmp_path, caplog):
-    from traineval.seeding import reseed_held_generators
+    from traineval.system.seeding import reseed_held_generators
 
     loader = DataLoader(_HeldGenerator(), batch_size=8, num_workers=2)
     plain = torch.cat([x for x, _ in loader])

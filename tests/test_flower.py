@@ -20,14 +20,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import traineval
 from test_federated import _clients, _config
 from traineval import TrainingManager, TrainingMode, cli
-from traineval.checkpoint import load_safetensors
-from traineval.experiment import RunConfig
+from traineval.commands.experiment import RunConfig
+from traineval.commands.report import read_run
 from traineval.loggers import read_jsonl
-from traineval.reporting.report import read_run
+from traineval.runs.checkpoint import load_safetensors
 
 from conftest import make_classification, make_mlp
 
-flower = pytest.importorskip("traineval.flower", exc_type=ImportError)
+flower = pytest.importorskip("traineval.federated.flower", exc_type=ImportError)
 
 
 def _flower_run(config, clients, val=None, model_fn=make_mlp, **server_options):
@@ -168,7 +168,8 @@ def _free_port() -> int:
 def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path, example):
     """An example app under Flower's deployment runtime: a SuperLink, two SuperNodes (each
     its own process, talking HTTP on loopback) and `flwr run`. flower_digits is Python
-    (traineval.flower); flower_config is traineval.flower_app with a config file, also with
+    (traineval.federated.flower); flower_config is traineval.federated.flower_app with a config
+    file, also with
     SCAFFOLD (plain SGD clients, the controls kept by the server)."""
     bin_dir = Path(sys.executable).parent
     link = _free_port()
@@ -309,7 +310,7 @@ def test_a_clients_shuffle_depends_on_seed_round_and_node_not_on_visit_order(qui
 
 
 def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, capsys):
-    """`traineval flower`: traineval.flower_app (the app for config files) with 3 nodes."""
+    """`traineval flower`: traineval.federated.flower_app (the config files' app), 3 nodes."""
     demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
     output = tmp_path / "run"
     overrides = ["mode=federated", "training.num_epochs=3", "training.warmup_steps=0"]
@@ -326,7 +327,7 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
     server = [r["server_accuracy"] for r in rounds if r["event"] == "server_evaluation"]
     assert len(server) == 4  # val split: before training and after each round
     assert RunConfig.from_yaml(output / "config.yaml").mode.clients == 3
-    from traineval import flower_app
+    from traineval.federated import flower_app
 
     model = flower_app.experiment(str(output / "config.yaml")).new_model()
     load_safetensors(model, output / "final_model.safetensors")  # the config's own model
@@ -359,7 +360,7 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
 def test_the_config_app_names_what_it_is_missing(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from traineval import flower_app
+    from traineval.federated import flower_app
 
     with pytest.raises(ValueError, match="needs `traineval-config = "):
         flower_app.config_path(Context(1, 2, {}, RecordDict(), {}))
@@ -374,7 +375,7 @@ def test_the_config_app_names_what_it_is_missing(tmp_path):
     config = tmp_path / "rl.yaml"
     config.write_text("mode: {name: reinforcement, environment: CartPole}\n")
     with pytest.raises(
-        ValueError, match=r"mode='reinforcement' is invalid for traineval\.flower_app"
+        ValueError, match=r"mode='reinforcement' is invalid for traineval\.federated\.flower_app"
     ):
         flower_app.experiment(str(config))
 
@@ -495,7 +496,7 @@ def test_resuming_a_flower_run_checks_what_it_resumes(quiet_config, tmp_path, ca
     flower.run_local(server, client, nodes, {"traineval-resume": "auto"})
     finished = (output / "final_model.safetensors").read_bytes()
     # a finished run: nothing to do, nothing rewritten
-    with caplog.at_level("WARNING", logger="traineval.flower"):
+    with caplog.at_level("WARNING", logger="traineval.federated.flower"):
         flower.run_local(server, client, nodes, {"traineval-resume": True})
     assert "finished its 2 rounds; nothing to resume" in caplog.text
     assert (output / "final_model.safetensors").read_bytes() == finished

@@ -14,11 +14,10 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from traineval import Callback, TrainingConfig, TrainingManager
+from traineval import Callback, Evaluator, TrainingConfig, TrainingManager
 from traineval.config import TaskType
-from traineval.evaluation import Evaluator
 from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import make_classification
 

@@ -11,11 +11,11 @@ import torch
 
 from test_continuous_actions import PPO, Reach, _config
 from traineval import TrainingManager
-from traineval.loop import TrainingInterrupted
 from traineval.models import ActorCritic
 from traineval.modes import Reinforcement
 from traineval.modes.actions import ActionHead
 from traineval.modes.ppo import PPOStep
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt
 

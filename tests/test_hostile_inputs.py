@@ -267,7 +267,7 @@ def test_tables_as_people_have_them_train(tmp_path):
     data.write_text("\ufeffa,b,label\n" + "\n".join(rows) + "\n\n", encoding="utf-8")
     run = tmp_path / "out"
     assert main(_csv_config(tmp_path, data)) == 0
-    from traineval.experiment import RunConfig, load_data
+    from traineval.commands.experiment import RunConfig, load_data
 
     splits = load_data(RunConfig.from_yaml(run / "config.yaml").data)
     assert splits.feature_names == ["a", "b"]  # not '\ufeffa'

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from traineval import Evaluator, TrainingConfig, TrainingManager
-from traineval.batches import ModelLoss, label_shift
 from traineval.tasks import SequenceCrossEntropy
+from traineval.training.batches import ModelLoss, label_shift
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

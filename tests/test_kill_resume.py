@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from traineval.checkpoint import load_checkpoint_file
 from traineval.loggers import read_jsonl
+from traineval.runs.checkpoint import load_checkpoint_file
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval.commands.experiment import RunConfig
 from traineval.config import LEGACY_MODE_KEYS
 from traineval.data import Episodes
-from traineval.experiment import RunConfig
 from traineval.modes import Federated, MetaLearning, SemiSupervised, resolve_mode
 
 from conftest import make_classification, make_mlp, plain_sgd_config

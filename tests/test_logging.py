@@ -57,7 +57,7 @@ def test_tensorboard_event_files_hold_the_expected_tags_and_steps(tmp_path):
 
 def test_resumed_tensorboard_run_drops_the_interrupted_runs_later_events(tmp_path):
     from traineval import Callback
-    from traineval.loop import TrainingInterrupted
+    from traineval.training.loop import TrainingInterrupted
 
     class Stop(Callback):
         def on_step_end(self, loop):
@@ -226,7 +226,7 @@ def test_wandb_offline_run_holds_config_metrics_and_best_summary(tmp_path, wandb
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
     from traineval import Callback
-    from traineval.loop import TrainingInterrupted
+    from traineval.training.loop import TrainingInterrupted
 
     class Stop(Callback):
         def on_step_end(self, loop):

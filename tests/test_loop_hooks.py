@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from traineval import TrainingConfig, TrainingManager
 from traineval.callbacks import Callback
 from traineval.callbacks.base import saved_states, state_keys
-from traineval.loop import (
+from traineval.modes import SupervisedStep
+from traineval.training.loop import (
     Loop,
     LoopControl,
     Monitor,
@@ -20,7 +21,6 @@ from traineval.loop import (
     TrainingInterrupted,
     UpdateRule,
 )
-from traineval.modes import SupervisedStep
 
 from conftest import InterruptAt, make_classification, make_mlp
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager, TrainingMode
-from traineval.build import class_weights
+from traineval.assembly.build import class_weights
 
 from conftest import make_classification, make_mlp
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from traineval import LearningRateSearch, TrainingConfig, TrainingManager
-from traineval.lr_finder import suggest
+from traineval.training.lr_finder import suggest
 
 from conftest import make_classification, make_mlp, plain_sgd_config
 

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from traineval import TaskType, TrainingConfig, TrainingManager, TrainingMode
-from traineval.checkpoint import CheckpointError, load_checkpoint_file
 from traineval.loggers import read_jsonl
+from traineval.runs.checkpoint import CheckpointError, load_checkpoint_file
 
 from conftest import make_classification, make_mlp
 

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from traineval.checkpoint import load_checkpoint_file
 from traineval.cli import main
 from traineval.config import load_yaml
+from traineval.runs.checkpoint import load_checkpoint_file
 
 KD = '''
 """Knowledge distillation from a fixed teacher (a random projection of the inputs, drawn
@@ -159,7 +159,7 @@ def test_an_import_path_that_is_not_a_mode_is_refused_naming_it(project, capsys)
 
 def test_a_users_mode_offered_by_an_entry_point_is_named_by_its_name(project, monkeypatch):
     """An installed package offers the mode in the `traineval.modes` entry-point group."""
-    from traineval import registry
+    from traineval.config import registry
 
     folder, config = project
     info = folder / "kdpkg-1.0.dist-info"
@@ -192,7 +192,7 @@ def test_a_users_mode_prepares_its_own_data_for_fit(project):
 def test_a_registered_users_mode_is_recorded_by_its_import_path(project, monkeypatch):
     """`register` makes a name known in this process only: a run records the import path,
     which a later process can import (entry-point modes and traineval's keep their name)."""
-    from traineval import registry
+    from traineval.config import registry
     from traineval.modes import Federated, mode_class, mode_reference, register
 
     monkeypatch.setattr(registry, "_MODES", dict(registry._MODES))

@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager
-from traineval.checkpoint import load_checkpoint_file
-from traineval.loop import TrainingInterrupted
 from traineval.modes import Mode, ModePlan, StepOutput, resource
+from traineval.runs.checkpoint import load_checkpoint_file
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt
 from test_resume import assert_same_state

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from traineval import Evaluator, TrainingConfig, TrainingManager, TrainingMode
-from traineval.batches import prediction_of
+from traineval.training.batches import prediction_of
 
 from conftest import make_classification
 

@@ -15,8 +15,8 @@ from traineval import TrainingConfig, TrainingManager
 from traineval.cli import main
 from traineval.data import Episodes
 from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted
 from traineval.modes import Mode, ModePlan, StepOutput, register
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, plain_sgd_config
 

@@ -14,12 +14,12 @@ from torch import nn
 from test_reinforcement import ActorCritic, Walk
 from traineval import TrainingManager
 from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted
 from traineval.models import ActorCritic as BuiltinActorCritic
 from traineval.models import RunningNorm
 from traineval.modes import Reinforcement
 from traineval.modes.rollouts import gae
-from traineval.resume import check_mode
+from traineval.runs.resume import check_mode
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, plain_sgd_config
 
@@ -327,8 +327,8 @@ def _reward_scale_by_hand(rewards, dones, gamma, clip=10.0):
 
 
 def test_reward_normalisation_equals_sb3s_rule_and_resumes_exactly(quiet_config, tmp_path):
-    from traineval.distributed import Distributed
     from traineval.modes.ppo import RewardScale
+    from traineval.system.distributed import Distributed
 
     rng = np.random.default_rng(0)
     rewards = rng.normal(1.0, 3.0, size=(40, 3))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from traineval.envs import CartPole
 from traineval.models import ActorCritic
+from traineval.modes.envs import CartPole
 from traineval.modes.ppo import PPOStep
 from traineval.modes.rollouts import gae
 
@@ -101,8 +101,8 @@ def test_a_gsde_policys_log_probabilities_and_entropy_equal_stable_baselines3s()
     the log-probabilities and entropies of SB3's gSDE distribution."""
     from stable_baselines3.common.env_util import make_vec_env
 
-    from traineval.envs import make_env
     from traineval.modes.actions import ActionHead
+    from traineval.modes.envs import make_env
 
     env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
     theirs = sb3.PPO("MlpPolicy", env, use_sde=True, seed=0, device="cpu")

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from traineval import Callback, TrainingConfig, TrainingManager
-from traineval.precision import resolve_device, resolve_precision
+from traineval.training.precision import resolve_device, resolve_precision
 
 from conftest import make_classification, make_mlp
 

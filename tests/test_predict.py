@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from traineval.cli import main
-from traineval.experiment import RunConfig, load_data
+from traineval.commands.experiment import RunConfig, load_data
 
 
 def _species_csv(path, rows=300):

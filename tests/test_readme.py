@@ -109,11 +109,11 @@ def test_docs_python_examples_run(name, tmp_path, monkeypatch, capsys):
 
 
 def test_the_config_reference_is_generated_from_the_code():
-    from traineval.config_docs import reference_markdown
+    from traineval.commands.config_docs import reference_markdown
 
     assert (DOCS / "config-reference.md").read_text() == reference_markdown(), (
         "docs/config-reference.md is stale: run "
-        "`.venv/bin/python -m traineval.config_docs > docs/config-reference.md`"
+        "`.venv/bin/python -m traineval.commands.config_docs > docs/config-reference.md`"
     )
 
 

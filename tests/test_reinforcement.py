@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from traineval import TrainingManager
-from traineval.envs import CartPole, Discrete, make_env
 from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted
 from traineval.modes import Reinforcement
+from traineval.modes.envs import CartPole, Discrete, make_env
 from traineval.modes.reinforcement import PolicyGradientStep
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, plain_sgd_config
 
@@ -289,7 +289,7 @@ def test_reinforcement_from_a_config_file(tmp_path):
     import json
 
     from traineval.cli import main
-    from traineval.experiment import RunConfig
+    from traineval.commands.experiment import RunConfig
 
     config = tmp_path / "rl.yaml"
     config.write_text(
@@ -313,7 +313,7 @@ def test_reinforcement_from_a_config_file(tmp_path):
 
 def test_environments_are_checked_up_front_and_integer_observations_one_hot(quiet_config):
     gymnasium = pytest.importorskip("gymnasium")
-    from traineval.envs import OneHotObservations
+    from traineval.modes.envs import OneHotObservations
 
     assert make_env("CartPole") is CartPole  # the built-in one, by its own name
     assert isinstance(make_env("CartPole-v1")().unwrapped, gymnasium.Env)  # gymnasium's

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from traineval.cli import main
-from traineval.reporting.report import read_run
+from traineval.commands.report import read_run
 
 from conftest import hide_package
 
@@ -100,8 +100,8 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 def test_the_metrics_of_earlier_versions_still_read(run_dir):
     """Runs written before the one naming scheme (`val/accuracy`, `train/epoch_loss`,
     `epoch_lr`) rebuild the same history as today's."""
+    from traineval.commands.report import history_from_events, rounds_history
     from traineval.loggers import read_jsonl
-    from traineval.reporting.report import history_from_events, rounds_history
 
     def old(record):
         renamed = {}

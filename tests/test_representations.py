@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from traineval import TrainingManager
 from traineval.evaluation.probe import linear_probe
 from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted
 from traineval.models import VAE, Autoencoder
 from traineval.modes import Unsupervised
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, make_classification, plain_sgd_config
 

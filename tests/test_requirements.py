@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from traineval.requirements import check_torch, torch_release
+from traineval.system.requirements import check_torch, torch_release
 
 
 @pytest.mark.parametrize(

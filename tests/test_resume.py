@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from traineval import Callback, TrainingConfig, TrainingManager
-from traineval.checkpoint import load_checkpoint_file
 from traineval.loggers import read_jsonl
-from traineval.loop import TrainingInterrupted, TrainState
+from traineval.runs.checkpoint import load_checkpoint_file
+from traineval.training.loop import TrainingInterrupted, TrainState
 
 from conftest import InterruptAt, make_classification
 

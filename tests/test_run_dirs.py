@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from traineval import TrainingConfig, TrainingManager
-from traineval.checkpoint import save_safetensors
 from traineval.cli import main
-from traineval.rundir import RunDirInUse, atomic_write_text, default_run_dir, run_dir_lock
+from traineval.runs.checkpoint import save_safetensors
+from traineval.runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
+from traineval.system.files import atomic_write_text
 
 from conftest import iris_demo
 
 HOLD = (
     "import os, sys, time\n"
-    "from traineval.rundir import run_dir_lock\n"
+    "from traineval.runs.rundir import run_dir_lock\n"
     "with run_dir_lock(sys.argv[1]):\n"
     "    child = os.fork() if len(sys.argv) > 2 else 1  # like a DataLoader worker\n"
     "    if child == 0:\n"
@@ -175,17 +176,18 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_run_records_are_written_atomically(tmp_path, monkeypatch):
     """config.yaml, summary.json and evaluation/metrics.json go through the atomic writer."""
-    import traineval.rundir as rundir
+    import traineval.system.files as files
 
     written = []
-    real = rundir.atomic_write_text
+    real = files.atomic_write_text
 
     def spy(path, text):
         written.append(os.path.relpath(path, tmp_path / "run"))
         return real(path, text)
 
-    monkeypatch.setattr(rundir, "atomic_write_text", spy)
-    for name in ("traineval.config", "traineval.experiment"):  # modules that import it
+    monkeypatch.setattr(files, "atomic_write_text", spy)
+    importers = ("traineval.config.config_file", "traineval.config.training_config")
+    for name in (*importers, "traineval.commands.experiment"):  # modules that import it
         module = importlib.import_module(name)
         if hasattr(module, "atomic_write_text"):
             monkeypatch.setattr(module, "atomic_write_text", spy)
@@ -201,8 +203,8 @@ def _two_epoch_run(tmp_path):
 
 
 def test_auto_resume_picks_by_the_recorded_step_not_the_file_time(tmp_path, caplog):
-    from traineval.checkpoint import load_checkpoint_file
-    from traineval.resume import find_checkpoint
+    from traineval.runs.checkpoint import load_checkpoint_file
+    from traineval.runs.resume import find_checkpoint
 
     run = _two_epoch_run(tmp_path)
     folder = run / "checkpoints"
@@ -213,7 +215,7 @@ def test_auto_resume_picks_by_the_recorded_step_not_the_file_time(tmp_path, capl
     )
     future = time.time() + 3600
     os.utime(older, (future, future))  # a copy or a backup restore
-    with caplog.at_level("INFO", logger="traineval.resume"):
+    with caplog.at_level("INFO", logger="traineval.runs.resume"):
         path, payload = find_checkpoint(run, "auto")
     assert path.name == "last.pt"
     assert payload["global_step"] == load_checkpoint_file(folder / "last.pt")["global_step"]

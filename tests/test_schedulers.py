@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from traineval import Callback, TrainingConfig, TrainingManager
-from traineval.optim import build_optimizer, build_scheduler, parameter_groups
+from traineval.training.optim import build_optimizer, build_scheduler, parameter_groups
 
 from conftest import make_classification, make_mlp
 

@@ -213,7 +213,7 @@ def test_hide_labels_keeps_a_stratified_seeded_share():
 
 def test_semi_supervised_from_the_command_line(tmp_path):
     from traineval.cli import main
-    from traineval.experiment import RunConfig
+    from traineval.commands.experiment import RunConfig
 
     args = ["demo", "-q", "training.num_epochs=4", "training.warmup_steps=0"]
     args += ["data.labeled_fraction=0.2"]
@@ -227,7 +227,7 @@ def test_semi_supervised_from_the_command_line(tmp_path):
 
 
 def test_labeled_fraction_is_validated_against_the_mode():
-    from traineval.experiment import RunConfig
+    from traineval.commands.experiment import RunConfig
 
     with pytest.raises(ValueError, match=r"data.labeled_fraction=0.5 is invalid: hiding labels"):
         RunConfig.from_dict({"mode": "unsupervised", "data": {"labeled_fraction": 0.5}})

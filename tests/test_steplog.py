@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from traineval.steplog import StepLog, first_non_finite
+from traineval.training.steplog import StepLog, first_non_finite
 
 
 def test_windows_weights_and_norms_read_back_per_step():

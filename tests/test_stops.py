@@ -20,8 +20,6 @@ from test_meta_learning import _episodes
 from test_ppo import PPO
 from test_reinforcement import RL, ActorCritic, Walk
 from traineval import Callback, TrainingManager
-from traineval.checkpoint import load_checkpoint_file
-from traineval.loop import TrainingInterrupted
 from traineval.models import VAE
 from traineval.modes import (
     Federated,
@@ -32,6 +30,8 @@ from traineval.modes import (
     StepOutput,
     Unsupervised,
 )
+from traineval.runs.checkpoint import load_checkpoint_file
+from traineval.training.loop import TrainingInterrupted
 
 from conftest import make_classification, plain_sgd_config
 from test_resume import assert_same_state
@@ -248,9 +248,10 @@ def _signal_on_call(monkeypatch: Any, owner: Any, name: str, at: int) -> None:
 def test_a_sigterm_in_any_phase_of_fit_exits_143_and_resumes_to_the_same_run(
     phase, tmp_path, monkeypatch, capsys
 ):
-    from traineval import experiment, run_checkpoints
     from traineval.cli import main
+    from traineval.commands import experiment
     from traineval.evaluation.model_evaluator import ModelEvaluator
+    from traineval.training import run_checkpoints
 
     from conftest import iris_demo
 
@@ -373,7 +374,7 @@ def test_a_skipped_step_leaves_parameters_buffers_and_optimizer_as_they_were(
 
 
 def test_no_checkpoint_is_written_with_a_non_finite_buffer(quiet_config, tmp_path):
-    from traineval.steplog import NonFiniteError
+    from traineval.training.steplog import NonFiniteError
 
     class Poison(Callback):
         def on_step_end(self, loop: Any) -> None:
@@ -408,8 +409,8 @@ class KeepBest(Callback):
 def test_checkpoints_put_off_by_the_write_budget_hold_the_best_and_the_final_state(
     quiet_config, tmp_path, monkeypatch
 ):
-    from traineval import run_checkpoints
-    from traineval.loop import Loop
+    from traineval.training import run_checkpoints
+    from traineval.training.loop import Loop
 
     written: list[str] = []
     save = run_checkpoints.save_checkpoint_file
@@ -446,8 +447,8 @@ def test_checkpoints_put_off_by_the_write_budget_hold_the_best_and_the_final_sta
 
 
 def test_the_write_budget_counts_copies_and_writes_and_still_writes_every_max_gap(monkeypatch):
-    from traineval import checkpoint_writer
-    from traineval.checkpoint_writer import WriteBudget
+    from traineval.runs import checkpoint_writer
+    from traineval.runs.checkpoint_writer import WriteBudget
 
     now = [100.0]
     monkeypatch.setattr(checkpoint_writer.time, "perf_counter", lambda: now[0])

@@ -18,7 +18,7 @@ import yaml
 optuna = pytest.importorskip("optuna")
 
 from traineval.cli import main  # noqa: E402
-from traineval.experiment import RunConfig  # noqa: E402
+from traineval.commands.experiment import RunConfig  # noqa: E402
 from traineval.tuning import parse_space, tune  # noqa: E402
 from traineval.tuning.study import open_study, prepare  # noqa: E402
 

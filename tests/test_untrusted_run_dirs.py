@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from traineval.cli import main
-from traineval.csv_cells import neutralize
+from traineval.commands.experiment import RunConfig
+from traineval.config.code_references import UntrustedCodeError, import_object, untrusted
 from traineval.evaluation.predictions import PredictionWriter
-from traineval.experiment import RunConfig
-from traineval.imports import UntrustedCodeError, import_object, untrusted
+from traineval.system.csv_cells import neutralize
 
 from conftest import iris_demo
 
@@ -100,7 +100,7 @@ def test_a_gymnasium_module_id_is_code_too(tmp_path, payload):
 def test_imports_inside_an_untrusted_context_are_refused_by_every_route(payload):
     """Defence in depth: whatever reads the config, nothing is imported while the run
     directory is untrusted (the CLI wraps evaluate and predict in this context)."""
-    from traineval.envs import make_env
+    from traineval.modes.envs import make_env
 
     with untrusted("runs/x/config.yaml"):
         with pytest.raises(UntrustedCodeError, match=r"model\.name='payload_mod:model'"):

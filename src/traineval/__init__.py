@@ -5,15 +5,21 @@ The public API (docs/design.md): `TrainingConfig`, `EvaluationConfig`, `Training
 `TrainingMode`, `EvaluationMode`.
 """
 
-from . import requirements  # noqa: F401 - first: refuses a torch too old for safe loading
+# isort: split
+from .system import requirements  # noqa: F401 - first: refuses a torch too old for safe loading
+
+# isort: split
+from .assembly.evaluator import Evaluator
+from .assembly.manager import TrainingManager, TrainingResult
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
-from .evaluation import Evaluator
-from .lr_finder import LearningRateSearch
-from .manager import TrainingManager, TrainingResult
-from .monitor import PerformanceMonitor
-from .tracking import MetricsTracker
-from .version import __version__
+from .runs.tracking import MetricsTracker
+from .system.moved_modules import install as _install_moved_modules
+from .system.version import __version__
+from .training.lr_finder import LearningRateSearch
+from .training.monitor import PerformanceMonitor
+
+_install_moved_modules()
 
 __all__ = [
     "Callback",

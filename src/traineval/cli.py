@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .version import __version__
+from .system.version import __version__
 
 EPILOG = """\
 overrides are dotted key=value pairs applied on top of the YAML file, with values read as
@@ -224,8 +224,8 @@ def _add_flower(commands: Any) -> None:
     flower = commands.add_parser(
         "flower",
         help="federated training on Flower (FedAvg), its nodes simulated in this process",
-        description="Run traineval.flower_app, the Flower app for config files, with NODES "
-        "in-process SuperNodes: each trains on its share of the train split "
+        description="Run traineval.federated.flower_app, the Flower app for config files, "
+        "with NODES in-process SuperNodes: each trains on its share of the train split "
         "(mode.partition), the server runs Flower's FedAvg(M) for "
         "training.num_epochs rounds, evaluates on the val split each round and tests the "
         "final model. To deploy the same app on real SuperNodes, see docs/modes-federated.md.",
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 def _unexpected(error: Exception) -> int:
     """An error no command caught, in one line: what, where (a file), how to see more.
     Exit 1, or 2 for a file name the user chose that cannot be (too long, a loop)."""
-    from .exit_codes import exit_status_of
+    from .training.exit_codes import exit_status_of
 
     if isinstance(error, RecursionError):
         what = "an input nests too deeply to be read (a hostile or damaged file?)"
@@ -317,7 +317,7 @@ def _override_hint(extra: list[str]) -> str:
     (`training.num_epochs=5`); settings are `section.field=value`, not options."""
     import difflib
 
-    from .experiment import _SECTIONS
+    from .commands.experiment import _SECTIONS
 
     keys: dict[str, str] = {}  # field -> its dotted key (the first section that has it)
     for section, cls in _SECTIONS.items():
@@ -366,9 +366,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def _failures() -> tuple[type[BaseException], ...]:
     """The errors a command reports in one line (exit 1) instead of a traceback. Imported
     here, as everything that loads torch, so that `--help` answers without it."""
-    from .checkpoint import CheckpointError
-    from .rundir import WriteError
-    from .steplog import NonFiniteError
+    from .runs.checkpoint import CheckpointError
+    from .system.files import WriteError
+    from .training.steplog import NonFiniteError
 
     return (
         ValueError,
@@ -383,15 +383,15 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 def _error(error: BaseException) -> int:
     """Print `error` as the command's one line; its exit status (see `exit_codes`)."""
-    from .exit_codes import exit_status_of
+    from .training.exit_codes import exit_status_of
 
     print(f"traineval: error: {error}", file=sys.stderr)
     return exit_status_of(error)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .reporting.report import summary_text, write_report
-    from .reporting.study_report import is_study, study_summary, write_study_report
+    from .commands.report import summary_text, write_report
+    from .tuning.report import is_study, study_summary, write_study_report
 
     if is_study(args.run_dir):  # a `traineval tune` study directory
         try:
@@ -411,8 +411,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .checkpoint import default_checkpoint
-    from .predict import predict_csv
+    from .commands.predict import predict_csv
+    from .runs.checkpoint import default_checkpoint
 
     args.checkpoint = args.checkpoint or default_checkpoint(args.run_dir)
     try:
@@ -431,8 +431,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import default_checkpoint
-    from .experiment import evaluate_run
+    from .commands.experiment import evaluate_run
+    from .runs.checkpoint import default_checkpoint
 
     args.checkpoint = args.checkpoint or default_checkpoint(args.run_dir)
     try:
@@ -460,8 +460,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _run_config(args: argparse.Namespace) -> Any:
     """The command's RunConfig (the demo's shipped one, or CONFIG) with the overrides; None
     after printing a config error."""
-    from .experiment import RunConfig
-    from .imports import add_search_path
+    from .commands.experiment import RunConfig
+    from .config.code_references import add_search_path
 
     try:
         if args.command == "demo":
@@ -493,8 +493,8 @@ def _flower_command(config: Any, args: argparse.Namespace) -> int:
 
 
 def _lr_find(config: Any, args: argparse.Namespace) -> int:
-    from .experiment import find_learning_rate
-    from .loop import TrainingInterrupted
+    from .commands.experiment import find_learning_rate
+    from .training.loop import TrainingInterrupted
 
     try:
         search, folder = find_learning_rate(
@@ -517,8 +517,8 @@ def _lr_find(config: Any, args: argparse.Namespace) -> int:
 
 
 def _cv(config: Any, args: argparse.Namespace) -> int:
-    from .experiment import run_cross_validation
-    from .loop import TrainingInterrupted
+    from .commands.experiment import run_cross_validation
+    from .training.loop import TrainingInterrupted
 
     try:
         summary = run_cross_validation(config, args.folds)
@@ -532,8 +532,8 @@ def _cv(config: Any, args: argparse.Namespace) -> int:
 
 def _fit(config: Any, args: argparse.Namespace) -> int:
     """`fit` and `demo`: train, test the best checkpoint, print the outcome."""
-    from .experiment import run_experiment
-    from .loop import TrainingInterrupted
+    from .commands.experiment import run_experiment
+    from .training.loop import TrainingInterrupted
 
     started = time.perf_counter()
     try:
@@ -581,7 +581,7 @@ def _cv_interrupted(stopped: BaseException) -> int:
 def _interrupted(interrupted: Any) -> int:
     """A signal stopped the run after saving: one line saying where, and how to continue
     (exit 128+N: 130 for SIGINT, 143 for SIGTERM, what schedulers requeue on)."""
-    from .stopping import exit_status
+    from .training.stopping import exit_status
 
     if interrupted.checkpoint:
         run_dir = Path(interrupted.checkpoint).parent.parent
@@ -611,9 +611,9 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
 
     import yaml
 
-    from .flower import FINAL_MODEL, RESUME_KEY, run_local, saved_round
-    from .flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
-    from .rundir import default_run_dir, run_dir_lock
+    from .federated.flower import FINAL_MODEL, RESUME_KEY, run_local, saved_round
+    from .federated.flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
+    from .runs.rundir import default_run_dir, run_dir_lock
 
     if logging.getLogger().level > logging.INFO:  # -q: Flower's round-by-round log too
         logging.getLogger("flwr").setLevel(logging.WARNING)

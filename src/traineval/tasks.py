@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import TaskType
+from .config.training_config import TaskType
 
 
 def detect_task(
@@ -98,7 +98,7 @@ class SequenceCrossEntropy(nn.Module):
 
 def scores_next_token(loss_function: Any) -> bool:
     """Whether a loss is traineval's token loss (the default's), which scores a causal LM's
-    logits at t against the label at t + 1 (see `traineval.batches.label_shift`); a loss of
+    logits at t against the label at t + 1 (see `traineval.training.batches.label_shift`); a loss of
     your own gets the targets as they are."""
     return isinstance(loss_function, (AutoLoss, SequenceCrossEntropy))
 

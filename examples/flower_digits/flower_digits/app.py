@@ -1,4 +1,4 @@
-"""The Flower app: `serverapp` and `clientapp` built by traineval.flower.
+"""The Flower app: `serverapp` and `clientapp` built by traineval.federated.flower.
 
 Each SuperNode trains on its Dirichlet share of digits' first 1,400 rows (node config
 `partition-id`, `num-partitions`); the server tests the global model on the other 397 rows
@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from traineval import TrainingConfig
-from traineval.flower import client_app, server_app
+from traineval.federated.flower import client_app, server_app
 from traineval.modes import Federated
 from traineval.modes.federated import partition
 

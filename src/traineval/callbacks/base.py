@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..train_state import TrainState
+from ..runs.train_state import TrainState
 
 
 class Control(Protocol):

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..distributed import is_sharded, load_model_state, model_state
+from ..system.distributed import is_sharded, load_model_state, model_state
 from .base import Callback, Control
 
 

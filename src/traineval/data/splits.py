@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..config import TaskType
+from ..config.training_config import TaskType
 from .tables import Table
 
 

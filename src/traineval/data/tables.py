@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TaskType
-from ..untrusted_text import read_utf8
+from ..config.training_config import TaskType
+from ..system.untrusted_text import read_utf8
 
 BUILTIN_DATASETS = {
     "digits": ("load_digits", TaskType.CLASSIFICATION, (1, 8, 8)),

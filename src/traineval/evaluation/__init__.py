@@ -1,12 +1,11 @@
-"""Evaluation: task detection, streaming metrics, the Evaluator."""
+"""Evaluation: task detection, streaming metrics, predictions and plots of a model
+(`ModelEvaluator`; `traineval.Evaluator` adds cross-validation over it)."""
 
-from .evaluator import Evaluator
 from .metrics import ConfusionMatrix, ProbabilityStats, RegressionStats, TokenStats
 from .model_evaluator import ModelEvaluator
 
 __all__ = [
     "ConfusionMatrix",
-    "Evaluator",
     "ModelEvaluator",
     "ProbabilityStats",
     "RegressionStats",

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batches import OutputTransform, label_shift, prediction_of
-from ..checkpoint import load_checkpoint_file
-from ..config import TaskType
+from ..config.training_config import TaskType
+from ..runs.checkpoint import load_checkpoint_file
+from ..training.batches import OutputTransform, label_shift, prediction_of
 
 
 class EnsembleModule(nn.Module):
@@ -19,7 +19,7 @@ class EnsembleModule(nn.Module):
     as log-probabilities, so argmax, cross-entropy and softmax read them correctly), plain
     means for regression. With one binary logit, and for each label of a multi-label task,
     the mean sigmoid probability returns as a logit. Members' outputs are read by the rule of
-    `traineval.batches` (or `output_transform`).
+    `traineval.training.batches` (or `output_transform`).
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """The metric engine: detects the task, streams metrics batch by batch, returns plain floats.
 
 `ModelEvaluator` is everything the specification's `Evaluator` does except
-cross-validation, which trains models (`traineval.evaluation.evaluator` adds it): the
+cross-validation, which trains models (`traineval.assembly.evaluator` adds it): the
 training loop validates with this class, so evaluation never depends on training.
 """
 
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batches import OutputTransform, move_to_device
-from ..config import EvaluationConfig, EvaluationMode, TaskType, TrainingMode
-from ..distributed import Distributed
-from ..precision import Precision
+from ..config.training_config import EvaluationConfig, EvaluationMode, TaskType, TrainingMode
+from ..runs.tracking import MetricsTracker
+from ..system.distributed import Distributed
 from ..tasks import align_regression, detect_task
-from ..tracking import MetricsTracker
+from ..training.batches import OutputTransform, move_to_device
+from ..training.precision import Precision
 from .bootstrap import classification_intervals, regression_intervals
 from .metrics import (
     ConfusionMatrix,
@@ -137,8 +137,9 @@ class ModelEvaluator:
         the data and the metric states are merged across ranks: every rank returns the
         metrics of all samples, each counted once, also when the shares are uneven or one
         is empty. Files are not written in that case (`write_files` is ignored).
-        The model's output is read as in training (`traineval.batches`; `output_transform`, or
-        the evaluator's own, reads anything else). Without a `loss_function`, a model whose
+        The model's output is read as in training (`traineval.training.batches`;
+        `output_transform`, or the evaluator's own, reads anything else). Without a
+        `loss_function`, a model whose
         forward takes `labels` (Hugging Face models) is scored with its own loss on batches
         that carry `labels`; a causal language model's metrics compare the logits at position
         t with the label at t + 1, as its loss does.

@@ -9,8 +9,8 @@ from typing import IO, Any
 
 import torch
 
-from ..config import TaskType
-from ..csv_cells import SafeWriter
+from ..config.training_config import TaskType
+from ..system.csv_cells import SafeWriter
 from .metrics import class_probabilities
 
 
@@ -18,7 +18,7 @@ class PredictionWriter:
     """Stream `id, target, prediction[, prob_0 .. prob_{C-1}]` rows to a CSV file.
 
     Text cells that a spreadsheet would read as a formula (a class name such as `=1+1`) are
-    written with a leading `'` (see `traineval.csv_cells`).
+    written with a leading `'` (see `traineval.system.csv_cells`).
 
     `id` is the sample's position in the loader's order. Classification rows carry the class
     probabilities (softmax, or sigmoid for one binary logit); multi-label rows the target and

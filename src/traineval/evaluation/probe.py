@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batches import forward, move_to_device, split_batch
+from ..training.batches import forward, move_to_device, split_batch
 
 __all__ = ["embed", "linear_probe"]
 

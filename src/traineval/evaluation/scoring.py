@@ -1,6 +1,6 @@
 """One evaluation batch through the model: its prediction, targets, loss and weight.
 
-The rules are those of training (`traineval.batches`): the prediction is read from whatever
+The rules are those of training (`traineval.training.batches`): the prediction is read from whatever
 the model returns; a model that takes `labels` is scored with its own loss when no loss
 function is given; a causal language model's prediction at position t is compared with the
 label at t + 1, as its loss does; a loss function of your own that is not one of torch's gets
@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batches import (
+from ..config.training_config import TaskType
+from ..tasks import default_loss, scores_next_token
+from ..training.batches import (
     ModelLoss,
     OutputTransform,
     batch_size_of,
@@ -26,9 +28,7 @@ from ..batches import (
     shifted,
     split_batch,
 )
-from ..config import TaskType
-from ..steps import count_required_args, loss_weight
-from ..tasks import default_loss, scores_next_token
+from ..training.steps import count_required_args, loss_weight
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..rundir import atomic_write_text
+from ..system.files import atomic_write_text
 from .background import BackgroundLogger
 from .base import numbers
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..rundir import atomic_write_text
+from ..system.files import atomic_write_text
 from .base import numbers
 
 ID_FILE = "wandb_run_id.txt"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..imports import import_object
+from ..config.code_references import import_object
 from .options import check_options, check_size
 from .policies import ActorCritic, RunningNorm
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import boolean, fail, integer, number
+from ..config.checks import boolean, fail, integer, number
 
 MAX_WIDTH = 1 << 20  # units in one layer; wider is a typo for a model built from a config
 BYTES_PER_PARAMETER = 16  # float32 weights, gradients and Adam's two moments

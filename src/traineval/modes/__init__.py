@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import TrainingConfig, TrainingMode
+from ..config.training_config import TrainingConfig, TrainingMode
 from .base import LossFunction, StepFunction, StepOutput, Updates, move_to_device, split_batch
 from .contract import (
     Context,

@@ -1,7 +1,7 @@
-"""The step types every mode builds on; they live in `traineval.steps`, below the loop and
+"""The step types every mode builds on; they live in `traineval.training.steps`, below the loop and
 the modes (the loop imports nothing from `modes/`). Re-exported here for the modes."""
 
-from ..steps import (  # noqa: F401
+from ..training.steps import (  # noqa: F401
     TARGET_KEYS,
     LossFunction,
     StepFunction,

@@ -2,7 +2,7 @@
 
 Both take the semi-supervised mode's batches (inputs, class ids; `unlabeled_label` marks
 the unlabeled samples) and a weak / strong augmentation pair (functions on a batch, e.g.
-`traineval.augment`), and report their two terms apart (`StepOutput.terms`: the labeled
+`traineval.data.augment`), and report their two terms apart (`StepOutput.terms`: the labeled
 mean and the unlabeled one) so accumulation and DDP stay exact, as the pseudo-label step.
 
 FixMatch (Sohn et al., 2020), with one forward pass over the weak and the strong views:
@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from ..batches import OutputTransform
+from ..training.batches import OutputTransform
 from .base import StepOutput, batch_size_of, forward
 from .pseudo_label import SemiSupervisedStep
 

@@ -1,7 +1,7 @@
 """The Mode contract: what a training mode owns, and the plan it gives the run's assembly.
 
 A mode is a frozen dataclass whose fields are its settings (checked on construction, beside
-the code that reads them). The run's assembly (`traineval.build`) asks it twice:
+the code that reads them). The run's assembly (`traineval.assembly.build`) asks it twice:
 
     mode.check(ctx)     refuse what the mode cannot combine with, before any work
     mode.plan(ctx)      -> ModePlan: the step function, what the loop iterates, whether the
@@ -25,14 +25,14 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .. import registry
-from ..batches import ModelLoss, OutputTransform
-from ..checks import fail
-from ..config import TaskType, TrainingConfig, TrainingMode, check_fields
+from ..config import registry
+from ..config.checks import fail
+from ..config.code_references import check_trusted, import_object
+from ..config.training_config import TaskType, TrainingConfig, TrainingMode, check_fields
 from ..data.splits import DataSplits, hide_labels
-from ..distributed import Distributed
-from ..imports import check_trusted, import_object
-from ..precision import Precision
+from ..system.distributed import Distributed
+from ..training.batches import ModelLoss, OutputTransform
+from ..training.precision import Precision
 
 __all__ = [
     "Context",
@@ -135,7 +135,7 @@ class ModePlan:
             the val_loader. It runs under the run's precision with the model in eval mode;
             under torchrun every rank calls it with the unwrapped model, so scoring the
             whole `ctx.val_loader` gives every rank the same metrics (to split the work,
-            shard it with `traineval.distributed.shard_eval_loader` and sum over `ctx.job`).
+            shard it with `traineval.system.distributed.shard_eval_loader` and sum over `ctx.job`).
         monitor: the default monitor when the config keeps `monitor_metric`'s default.
         shared_seed: whether the ranks share one random stream (rounds, policy updates).
         extra_metrics: `model -> metrics` added to each validation's (e.g. a linear probe

@@ -29,14 +29,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..batches import ModelLoss, OutputTransform
-from ..checks import Flag, Int, Number, OneOf
-from ..config import setting
+from ..config.checks import Flag, Int, Number, OneOf
+from ..config.training_config import setting
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
-from ..distributed import Distributed
-from ..optim import configured_optimizer
-from ..precision import Precision
+from ..system.distributed import Distributed
+from ..training.batches import ModelLoss, OutputTransform
+from ..training.optim import configured_optimizer
+from ..training.precision import Precision
 from .base import StepOutput, Updates, loss_with_gradient, move_to_device
 from .contract import BuildOptimizer, Context, Mode, ModePlan, register
 from .supervised import SupervisedStep
@@ -529,7 +529,8 @@ def train_client(
     shuffle) where it has one, and a forked global generator (a shuffle without one,
     dropout), so it does not depend on which clients trained before it, or on which rank or
     node. Returns the summed loss (a device tensor: no sync) and the samples trained on. Shared by
-    the in-process simulation (`FederatedStep`) and Flower's ClientApp (`traineval.flower`).
+    the in-process simulation (`FederatedStep`) and Flower's ClientApp
+    (`traineval.federated.flower`).
     """
     c = config
     model.train()

@@ -34,12 +34,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from ..batches import OutputTransform, prediction_of
-from ..checks import Int, Number, OneOf, choice
-from ..config import TaskType, setting
+from ..config.checks import Int, Number, OneOf, choice
+from ..config.training_config import TaskType, setting
 from ..data.episodes import Episodes
+from ..data.sharding import shard_eval_loader
 from ..data.splits import DataSplits
-from ..distributed import Distributed, shard_eval_loader
+from ..system.distributed import Distributed
+from ..training.batches import OutputTransform, prediction_of
 from .base import StepOutput, loss_with_gradient
 from .contract import Context, Mode, ModePlan, register
 
@@ -421,7 +422,7 @@ class MetaLearningStep:
 
     def predict(self, model: nn.Module, state: Weights, inputs: torch.Tensor) -> torch.Tensor:
         """The model's prediction with `state` in place of its weights (the loss and the
-        accuracy read the prediction: see `traineval.batches`)."""
+        accuracy read the prediction: see `traineval.training.batches`)."""
         return prediction_of(functional_call(model, state, (inputs,)), self.output_transform)
 
     def evaluate(

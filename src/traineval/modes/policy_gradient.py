@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..distributed import Distributed
+from ..system.distributed import Distributed
 from .actions import ActionHead
 from .base import StepOutput
 from .rollouts import episode_seed, policy_and_value
@@ -71,7 +71,7 @@ class PolicyGradientStep:
         if not hasattr(self.envs[0], "reset") or not hasattr(self.envs[0], "step"):
             raise ValueError(
                 "mode='reinforcement' needs an environment factory: a callable returning an "
-                "object with gymnasium's reset() and step(), e.g. traineval.envs.CartPole"
+                "object with gymnasium's reset() and step(), e.g. traineval.modes.envs.CartPole"
             )
         self.head = ActionHead.of(self.envs[0])  # categorical, or Gaussian for a Box
 

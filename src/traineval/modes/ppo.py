@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..distributed import Distributed
 from ..models.policies import RunningNorm
+from ..system.distributed import Distributed
 from .actions import ActionHead
 from .base import StepOutput
 from .rollouts import EnvBatch, episode_seed, gae, greedy_episodes, read_policy

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..batches import OutputTransform, prediction_of
+from ..training.batches import OutputTransform, prediction_of
 from .base import StepOutput, batch_size_of, forward, split_batch
 
 __all__ = ["SemiSupervisedStep"]

@@ -40,14 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import boolean, choice, fail, integer, number
-from ..config import TaskType
+from ..config.checks import boolean, choice, fail, integer, number
+from ..config.training_config import TaskType
 from ..data.splits import DataSplits
-from ..distributed import Distributed
-from ..envs import checked, make_env
+from ..system.distributed import Distributed
 from .actions import ActionHead, Gaussian
 from .base import Updates
 from .contract import Context, Mode, ModePlan, MonitorChoice, register
+from .envs import checked, make_env
 from .policy_gradient import PolicyGradientStep
 from .ppo import PPOStep
 from .rollouts import episode_seed
@@ -280,7 +280,7 @@ class Reinforcement(Mode):
         raise ValueError(
             "mode='reinforcement' takes an environment factory where other modes take the "
             "train loader: a callable returning a gymnasium-style environment (e.g. "
-            "traineval.envs.CartPole), or a name ('CartPole-v1'); got "
+            "traineval.modes.envs.CartPole), or a name ('CartPole-v1'); got "
             f"{type(source).__name__}"
         )
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batches import prediction_of
+from ..training.batches import prediction_of
 
 __all__ = [
     "EnvBatch",

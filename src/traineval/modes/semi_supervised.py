@@ -3,7 +3,7 @@
 `algorithm="pseudo_label"` (the default; `traineval.modes.pseudo_label`, whose docstring
 gives its loss); `"fixmatch"` and `"mean_teacher"` (`traineval.modes.consistency`) add a
 weak / strong augmentation pair: a built-in one (`augmentation="image"` or `"tabular"`,
-`traineval.augment`) or your own functions on a batch (`weak_augmentation`,
+`traineval.data.augment`) or your own functions on a batch (`weak_augmentation`,
 `strong_augmentation`: callables, or import paths in config files).
 """
 
@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..checks import Custom, Int, Number, OneOf, choice, fail
-from ..config import setting
+from ..config.checks import Custom, Int, Number, OneOf, choice, fail
+from ..config.code_references import import_object
+from ..config.training_config import setting
 from ..data.splits import DataSplits, dataset_labels, hide_labels
-from ..imports import import_object
 from .consistency import FixMatchStep, MeanTeacherStep
 from .contract import Context, Mode, ModePlan, register
 from .pseudo_label import SemiSupervisedStep
@@ -77,7 +77,7 @@ class SemiSupervised(Mode):
         """The (weak, strong) augmentations these settings name (None where none)."""
         weak = strong = None
         if self.augmentation is not None:
-            from ..augment import augmentation_pair
+            from ..data.augment import augmentation_pair
 
             choice(self.key("augmentation"), self.augmentation, ("image", "tabular"))
 

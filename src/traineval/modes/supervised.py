@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..batches import ModelLoss, OutputTransform, prediction_of, reads_prediction, shifted
 from ..tasks import scores_next_token
+from ..training.batches import ModelLoss, OutputTransform, prediction_of, reads_prediction, shifted
 from .base import (
     LossFunction,
     StepOutput,
@@ -47,8 +47,9 @@ class Supervised(Mode):
 class SupervisedStep:
     """Step function for `(inputs, targets)` batches (or mappings with a label key).
 
-    With `model_loss` (a model that computes its own loss, see `traineval.batches`), a mapping
-    batch that carries `labels` trains on the model's loss, weighed by the label positions it
+    With `model_loss` (a model that computes its own loss, see `traineval.training.batches`), a
+    mapping batch that carries `labels` trains on the model's loss, weighed by the label
+    positions it
     keeps. Otherwise the loss compares the model's prediction (read by `output_transform`, or
     the default rule) with the targets; a loss function of your own that is not one of
     torch's receives the model's output as returned.

@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..batches import OutputTransform, prediction_of, reads_prediction
-from ..checks import Flag, Int, Number, OneOf
-from ..config import setting
+from ..config.checks import Flag, Int, Number, OneOf
+from ..config.training_config import setting
+from ..training.batches import OutputTransform, prediction_of, reads_prediction
 from .base import (
     LossFunction,
     StepOutput,
@@ -100,7 +100,7 @@ class UnsupervisedStep:
     A two-argument loss is called as `loss(outputs, inputs)`; a one-argument loss as
     `loss(outputs)` (for models that return what the loss needs, e.g. a VAE's terms). The
     default loss and torch's losses get the model's prediction (the reconstruction: see
-    `traineval.batches`), a loss function of your own the output as the model returned it.
+    `traineval.training.batches`), a loss function of your own the output as the model returned it.
     """
 
     def __init__(

@@ -40,8 +40,8 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     """Run the study the arguments describe; print its trials and its best config."""
     import optuna
 
-    from ..imports import add_search_path
-    from ..stopping import TrainingInterrupted
+    from ..config.code_references import add_search_path
+    from ..training.stopping import TrainingInterrupted
     from .driver import WorkerLost, tune
     from .study import load_tune_config
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
     except (ValueError, FileNotFoundError) as error:
         print(f"traineval: config error: {error}", file=sys.stderr)
         return 2
-    from ..exit_codes import exit_status_of
+    from ..training.exit_codes import exit_status_of
 
     caught: tuple[type[BaseException], ...] = (*failures, ImportError, WorkerLost)
     try:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, failures: tuple[type[BaseException], ...]) -> 
 
 def _interrupted(stopped: BaseException) -> int:
     """The study stopped on a signal: one line, exit 128+N (130 for SIGINT, 143 SIGTERM)."""
-    from ..stopping import TrainingInterrupted, exit_status
+    from ..training.stopping import TrainingInterrupted, exit_status
 
     if isinstance(stopped, TrainingInterrupted):
         what, name = stopped.what, stopped.signal_name

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..experiment import RunConfig
-from ..rundir import run_dir_lock
-from ..stopping import TrainingInterrupted, watching_signals
+from ..commands.experiment import RunConfig
+from ..runs.rundir import run_dir_lock
+from ..training.stopping import TrainingInterrupted, watching_signals
 from .ranks import tune_on_ranks
 from .study import Settings, TuneResult, finished_count, prepare, result, start_study
 from .worker import wait_for_earlier_workers, work, worker_main

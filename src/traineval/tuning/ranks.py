@@ -8,9 +8,9 @@ stops at the same step; rank 0 tells the study the result. A `None` order ends t
 
 from __future__ import annotations
 
-from ..distributed import setup
-from ..rundir import run_dir_lock
-from ..stopping import TrainingInterrupted
+from ..runs.rundir import run_dir_lock
+from ..system.distributed import setup
+from ..training.stopping import TrainingInterrupted
 from .study import Settings, TuneResult, result, start_study
 from .trial import next_trial, record, record_interrupted, stopped_why, train_trial
 

@@ -23,18 +23,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..build import validation_metric_names
-from ..checks import fail, integer
-from ..config import current_metric_name, metric_is_minimized
-from ..evaluation import Evaluator
-from ..experiment import RunConfig, run_parts
-from ..rundir import (
-    RunDirInUse,
-    atomic_write_text,
-    default_run_dir,
-    run_config_text,
-    run_dir_lock,
-)
+from ..assembly.build import validation_metric_names
+from ..assembly.evaluator import Evaluator
+from ..commands.experiment import RunConfig, run_parts
+from ..config.checks import fail, integer
+from ..config.config_file import run_config_text
+from ..config.training_config import current_metric_name, metric_is_minimized
+from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
+from ..system.files import atomic_write_text
 from .space import Param, apply_values, check_values, parse_space
 from .trial import is_finished, queue_retry
 
@@ -145,7 +141,7 @@ def load_tune_config(
 ) -> tuple[RunConfig, Any]:
     """A YAML run config with a `search:` section (the space, unless `search` is given),
     with dotted `key=value` overrides applied to the run config."""
-    from ..config import load_yaml
+    from ..config.training_config import load_yaml
 
     data = load_yaml(path)
     section = data.pop("search", None)

@@ -26,10 +26,10 @@ from typing import Any
 
 from ..callbacks import Callback
 from ..callbacks.base import Control
-from ..experiment import RunConfig, run_experiment
-from ..loop import EvaluationError
-from ..steplog import NonFiniteError
-from ..stopping import TrainingInterrupted
+from ..commands.experiment import RunConfig, run_experiment
+from ..training.loop import EvaluationError
+from ..training.steplog import NonFiniteError
+from ..training.stopping import TrainingInterrupted
 from .space import apply_values
 
 logger = logging.getLogger(__name__)

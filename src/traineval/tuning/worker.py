@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..rundir import RunDirInUse
-from ..stopping import TrainingInterrupted, exit_status, received, watching_signals
+from ..runs.rundir import RunDirInUse
+from ..training.stopping import TrainingInterrupted, exit_status, received, watching_signals
 from .study import Settings, open_study
 from .trial import next_trial, record, record_interrupted, stopped_why, train_trial
 

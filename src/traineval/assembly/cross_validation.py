@@ -1,0 +1,236 @@
+"""k-fold cross-validation of deep models: fresh state per fold, best (not last) metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..config.training_config import TaskType, TrainingConfig, TrainingMode
+from ..data.splits import dataset_labels
+from ..evaluation.model_evaluator import ModelEvaluator
+from ..modes import resolve_mode
+from ..runs.rundir import run_dir_lock
+from ..system.files import atomic_write_json
+from ..system.seeding import seed_everything
+from .manager import TrainingManager
+
+logger = logging.getLogger(__name__)
+
+
+def make_folds(
+    n_samples: int,
+    n_folds: int,
+    *,
+    labels: np.ndarray | None = None,
+    groups: Sequence[Any] | None = None,
+    seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) index pairs: grouped if `groups`, stratified if `labels`, else plain."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+
+    if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 2:
+        raise ValueError(f"n_folds={n_folds!r} is invalid: expected an integer >= 2")
+    if n_folds > n_samples:
+        raise ValueError(f"n_folds={n_folds} is invalid: the dataset has {n_samples} samples")
+    indices = np.arange(n_samples)
+    if groups is not None:
+        group_array = np.asarray(groups)
+        if len(group_array) != n_samples:
+            raise ValueError(f"groups has {len(group_array)} entries for {n_samples} samples")
+        distinct = len(set(group_array.tolist()))
+        if distinct < n_folds:
+            raise ValueError(f"n_folds={n_folds} is more than the {distinct} groups")
+        return list(GroupKFold(n_splits=n_folds).split(indices, groups=group_array))
+    if labels is not None:
+        smallest = np.unique(labels, return_counts=True)[1].min()  # any ids, e.g. -1: unlabeled
+        if smallest < n_folds:
+            raise ValueError(
+                f"n_folds={n_folds} is invalid for stratified folds: a class has only "
+                f"{smallest} samples; use fewer folds or stratify=False"
+            )
+        folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return list(folds.split(indices, labels))
+    return list(KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(indices))
+
+
+@dataclasses.dataclass
+class FoldResult:
+    fold: int
+    best_metrics: dict[str, float]
+    best_epoch: int | None
+    checkpoint: str | None
+    output_dir: str
+    validation_size: int
+
+
+def cross_validate(
+    evaluator: ModelEvaluator,
+    model_factory: Callable[[], nn.Module],
+    dataset: Dataset[Any],
+    config: TrainingConfig,
+    n_folds: int = 5,
+    *,
+    stratify: bool | None = None,
+    groups: Sequence[Any] | None = None,
+    task_type: TaskType | None = None,
+    loss_function: Any = None,
+    mode: Any = TrainingMode.SUPERVISED,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Train and validate one fresh model per fold; aggregate each fold's best metrics.
+
+    See `Evaluator.cross_validate`.
+    """
+    mode = resolve_mode(mode, config)
+
+    if not callable(model_factory):
+        raise TypeError("model_factory must be a model class or a function returning a model")
+    folds = _folds(dataset, n_folds, config.seed, mode, task_type, stratify, groups)
+    base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
+    with run_dir_lock(base):  # one cross-validation per folder
+        results = _train_folds(
+            evaluator, model_factory, dataset, config, folds, base, task_type, loss_function,
+            mode, num_workers,
+        )  # fmt: skip
+        summary = aggregate(results)
+        summary["output_dir"] = str(base)
+        atomic_write_json(base / "cv_summary.json", summary)
+    return summary
+
+
+def _train_folds(
+    evaluator: ModelEvaluator,
+    model_factory: Callable[[], nn.Module],
+    dataset: Dataset[Any],
+    config: TrainingConfig,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    base: Path,
+    task_type: TaskType | None,
+    loss_function: Any,
+    mode: Any,
+    num_workers: int,
+) -> list[FoldResult]:
+    """One fresh model per fold, each from the same initial weights (the config's seed,
+    whatever the caller's random state), trained into `base/fold-<k>`."""
+    n_folds = len(folds)
+    results: list[FoldResult] = []
+    for k, (train_idx, val_idx) in enumerate(folds, start=1):
+        logger.info("Training fold %d/%d", k, n_folds)
+        fold_config = TrainingConfig.from_dict(
+            {**config.to_dict(), "output_dir": str(base / f"fold-{k}")}
+        )
+        seed_everything(config.seed)  # every fold starts from the same weights
+        model = model_factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module")
+        train_loader, val_loader = _fold_loaders(
+            dataset, train_idx, val_idx, config, config.seed + k, num_workers
+        )
+        result = TrainingManager(fold_config).train(
+            model,
+            train_loader,
+            val_loader,
+            task_type=task_type,
+            loss_function=loss_function,
+            evaluator=ModelEvaluator(evaluator.config),  # fresh state per fold
+            mode=mode,
+        )
+        results.append(
+            FoldResult(
+                fold=k,
+                best_metrics=_best_metrics(result),
+                best_epoch=result.best_epoch,
+                checkpoint=result.checkpoints.get("best"),
+                output_dir=result.output_dir,
+                validation_size=len(val_idx),
+            )
+        )
+    return results
+
+
+def _folds(
+    dataset: Dataset[Any],
+    n_folds: int,
+    seed: int,
+    mode: Any,
+    task_type: TaskType | None,
+    stratify: bool | None,
+    groups: Sequence[Any] | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The folds: stratified for classification unless told otherwise, grouped when
+    `groups` is given; then shaped by the mode's `fold` (semi-supervised: a fold's unlabeled
+    rows train with the other folds, since validation needs labels)."""
+    classification = task_type is TaskType.CLASSIFICATION or (
+        task_type is None and mode.name == "supervised" and _integer_targets(dataset)
+    )
+    if stratify and not classification:
+        raise ValueError("stratify=True needs classification targets")
+    use_strata = classification if stratify is None else stratify
+    labels = dataset_labels(dataset) if use_strata and groups is None else None
+    n = len(dataset)  # type: ignore[arg-type]
+    folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=seed)
+    return mode.fold(dataset, folds)
+
+
+def _fold_loaders(
+    dataset: Dataset[Any],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainingConfig,
+    seed: int,
+    num_workers: int,
+) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """A fold's shuffled train loader (its own seeded generator) and its val loader."""
+    train_loader = DataLoader(
+        Subset(dataset, train_idx.tolist()),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+    )
+    val_loader = DataLoader(
+        Subset(dataset, val_idx.tolist()),
+        batch_size=config.effective_eval_batch_size,
+        num_workers=num_workers,
+    )
+    return train_loader, val_loader
+
+
+def _best_metrics(result: Any) -> dict[str, Any]:
+    """A fold's validation metrics at its monitored metric's best evaluation."""
+    history = result.training_history
+    if result.best_step in history["val_steps"]:
+        return dict(history["val_metrics"][history["val_steps"].index(result.best_step)])
+    # monitored on train_loss: the evaluation of the best epoch
+    return dict(history["val_metrics"][history["epoch"].index(result.best_epoch)])
+
+
+def aggregate(results: Sequence[FoldResult]) -> dict[str, Any]:
+    """`<metric>_mean` and `<metric>_std` (population std) plus per-fold values."""
+    names = list(results[0].best_metrics)
+    summary: dict[str, Any] = {}
+    for name in names:
+        values = [r.best_metrics[name] for r in results]
+        summary[f"{name}_mean"] = float(np.mean(values))
+        summary[f"{name}_std"] = float(np.std(values))
+    summary["folds"] = [dataclasses.asdict(r) for r in results]
+    summary["fold_checkpoints"] = [r.checkpoint for r in results]
+    return summary
+
+
+def _integer_targets(dataset: Dataset[Any]) -> bool:
+    first = dataset[0]
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        return False
+    target = first[1]
+    if isinstance(target, torch.Tensor):
+        return not target.is_floating_point() and target.numel() == 1
+    return isinstance(target, (int, np.integer))

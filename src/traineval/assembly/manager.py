@@ -1,0 +1,609 @@
+"""TrainingManager: the public facade, and the only place that reads a `TrainingConfig`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..callbacks import (
+    BestWeights,
+    Callback,
+    EarlyStopping,
+    EpochSummary,
+    ModelCheckpoint,
+    ProgressBar,
+)
+from ..config.training_config import TaskType, TrainingConfig, TrainingMode
+from ..evaluation.model_evaluator import ModelEvaluator
+from ..loggers import LoggerHub
+from ..modes import Mode, resolve_mode
+from ..modes.contract import closing_step
+from ..runs.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint_file,
+    model_weights,
+    refuse_another_models,
+    remove_stale_temporaries,
+    save_checkpoint_file,
+)
+from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites
+from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
+from ..runs.tracking import MetricsTracker
+from ..system import cpu_threads
+from ..system.distributed import is_sharded, model_state, optimizer_state
+from ..system.distributed import setup as setup_distributed
+from ..system.files import atomic_write_json, read_json_or_none
+from ..system.seeding import (
+    capture_rng,
+    data_generators,
+    deterministic_algorithms,
+    restore_rng,
+)
+from ..training.batches import OutputTransform, check_loaders, label_shift
+from ..training.loop import EvaluateFn, Loop, Monitor, Observers, RunLength, TrainState
+from ..training.lr_finder import LearningRateSearch, RangeTest, SearchProgress
+from ..training.monitor import PerformanceMonitor
+from ..training.optim import configured_optimizer, configured_scheduler
+from ..training.precision import Precision, resolve_device
+from ..training.run_checkpoints import (
+    checkpoint_payload,
+    finished,
+    restore_loop,
+    save_from_loop,
+)
+from ..training.steplog import NonFiniteError
+from ..training.stopping import TrainingInterrupted, watching_signals
+from . import build
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainingResult(Mapping[str, Any]):
+    """What `train` returns; also readable as a mapping (`result["best_metric"]`)."""
+
+    training_history: dict[str, list[Any]]
+    best_metric: float | None
+    best_epoch: int | None
+    best_step: int | None
+    global_step: int
+    epochs_completed: int
+    stopped_early: bool
+    stop_reason: str | None
+    monitor_metric: str
+    output_dir: str
+    train_seconds: float
+    performance: dict[str, Any]
+    checkpoints: dict[str, str]
+    # "finished" (its epochs or max_steps), "stopped early", "interrupted" (a signal: resume
+    # it), "failed" (an error: `stop_reason` names it)
+    status: str = "finished"
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(f"no result named {key!r}; available: {', '.join(self._keys())}")
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def _keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._keys()}
+
+
+class TrainingManager:
+    """Comprehensive training manager: builds the pieces from the config and trains.
+
+    Example:
+        >>> manager = TrainingManager(TrainingConfig(device="cpu"))
+        >>> manager.device
+        device(type='cpu')
+    """
+
+    def __init__(self, config: TrainingConfig) -> None:
+        if not isinstance(config, TrainingConfig):
+            raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        self.config = config
+        # Under torchrun: join the process group; each rank gets its own device.
+        self.distributed, device = setup_distributed(
+            config.device, config.distributed_backend, config.distributed_timeout_seconds
+        )
+        self.device = resolve_device(device)
+        self.logger = logger
+        self.current_epoch = 0
+        self.global_step = 0
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.early_stopping_counter = 0
+        self.metrics_tracker = MetricsTracker()
+        self.performance_monitor = PerformanceMonitor(self.device)
+        self.output_dir = Path(config.output_dir) if config.output_dir else default_run_dir("run")
+        # A config-file run's whole config (data, model, training, evaluation, mode), written
+        # to config.yaml when the run starts instead of the training section alone
+        self.run_config: dict[str, Any] | None = None
+        if not config.output_dir:  # one run directory for all ranks: rank 0's timestamp
+            self.output_dir = self.distributed.gather(self.output_dir)[0]
+
+    # -- builders -----------------------------------------------------------------------------
+
+    def setup_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Build the configured optimizer (no weight decay on biases and norm weights)."""
+        return configured_optimizer(model, self.config)
+
+    def setup_scheduler(
+        self, optimizer: torch.optim.Optimizer, total_steps: int | None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """Build the configured schedule over `total_steps` optimizer updates, with warmup."""
+        return configured_scheduler(optimizer, self.config, total_steps)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any] | Callable[[], Any] | str,
+        val_loader: Iterable[Any] | None = None,
+        *,
+        task_type: TaskType | None = None,
+        loss_function: Any = None,
+        evaluator: ModelEvaluator | None = None,
+        callbacks: Sequence[Callback] = (),
+        mode: TrainingMode | str | Mode = TrainingMode.SUPERVISED,
+        resume_from: str | Path | None = None,
+        loggers: Sequence[Any] = (),
+        output_transform: OutputTransform | None = None,
+    ) -> TrainingResult:
+        """Train `model`; evaluate on `val_loader` each epoch and every `eval_frequency` updates.
+
+        `mode` is a `TrainingMode`, a registered mode name ("federated"), or a Mode instance
+        with its settings (`traineval.modes.Federated(clients=10)`, or your own Mode); a
+        name takes its settings from the config's `mode_settings`.
+
+        `train_loader` is what the mode trains on: batches; in federated mode also a list of
+        client loaders; in reinforcement mode an environment factory or name ("CartPole").
+        `loggers` adds your own (`log(metrics, step)`, `log_config`, `close`) beside
+        metrics.jsonl and TensorBoard; a logger that fails is reported once, never fatal.
+        What the model returns is read by one rule (`traineval.training.batches`): a tensor, a tuple
+        whose first element is the prediction, a mapping or Hugging Face `ModelOutput` with
+        `logits`; `output_transform` reads anything else. Without a `loss_function`, a model
+        whose forward takes `labels` (Hugging Face models) trains on its own loss for dict
+        batches that carry `labels`, weighed so that accumulation and DDP stay exact.
+        `resume_from` continues a run from a checkpoint path, or with "auto" from the valid
+        checkpoint in `output_dir` furthest along by its recorded step (starting fresh when
+        there is none; refusing when every one is corrupt). The resumed run
+        ends exactly where the uninterrupted one would (same weights, same per-step losses),
+        given the same model, data and loaders.
+
+        Returns a `TrainingResult`: `result["training_history"]` has per-epoch `train_loss`,
+        `val_loss`, `learning_rate`, and `val_metrics` (one dict per evaluation).
+
+        Raises:
+            TrainingInterrupted: SIGTERM or Ctrl-C; a resumable checkpoint was saved first.
+            NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
+        """
+        check_loaders(train_loader=train_loader, val_loader=val_loader)
+        request = build.Request(
+            model, train_loader, val_loader, task_type, loss_function, evaluator,
+            [*callbacks], mode, resume_from, loggers, output_transform,
+        )  # fmt: skip
+        c, job = self.config, self.distributed
+        run = self._plan(request)
+        run.monitor = build.choose_monitor(
+            c, run.plan, run.data.val_loader, evaluator, task_type, run.mode
+        )
+        with (
+            closing_step(run.plan.step),  # its environments' worker processes, say
+            self.hold_output_dir(),  # until the run ends: one run per output_dir
+            cpu_threads.applied(c.cpu_threads, self.device, model),
+        ):
+            run.payload = build.load_resume(self.output_dir, resume_from, c, run.mode, job, model)
+            self._claim_output_dir(resuming=resume_from is not None)
+            if run.payload is not None and finished(run.payload["loop"], c):
+                return self._already_finished(model, run.payload, run.monitor)
+            return self._assemble_and_run(run)
+
+    def _assemble_and_run(self, run: build.Assembly) -> TrainingResult:
+        """Assemble the loop's parts around the planned run (resumed from its payload) and
+        run it."""
+        c, job = self.config, self.distributed
+        run.optimization = self._optimization(run)
+        if run.request.evaluator is not None:
+            run.request.evaluator.run_dir = self.output_dir  # its later predictions and plots
+        evaluate_fn = build.evaluation(run, self.device, job)
+        hub = build.open_loggers(
+            c, run.mode, self.output_dir, job, run.payload, run.request.loggers, self.run_config
+        )
+        if run.plan.record and job.is_main:  # what the mode made of the data (mode.json)
+            atomic_write_json(self.output_dir / "mode.json", run.plan.record)
+        run.writer = CheckpointWriter() if c.async_checkpointing else None
+        loop = self._loop(run, evaluate_fn, hub)
+        if run.payload is not None:
+            restore_loop(loop, run.payload)
+        return self._run(run, loop, hub)
+
+    def _optimization(self, run: build.Assembly, *, schedule: bool = True) -> build.Optimization:
+        """The model placed (wrapped for DDP / FSDP, resumed weights) and what updates it:
+        optimizer, schedule (unless `schedule` is off), their resumed states, compile."""
+        c, job, model = self.config, self.distributed, run.request.model
+        placed = build.place_model(model, c, run.plan, job, self.device, run.payload)
+        builders = (self.setup_optimizer, self.setup_scheduler)
+        return build.optimization(run, placed, c, builders, schedule=schedule)
+
+    def _plan(self, request: build.Request) -> build.Assembly:
+        """The mode, the loss, the mode's plan, the precision and the data shards: the
+        first phases of a run, shared by `train` and `find_learning_rate`."""
+        c, job, model = self.config, self.distributed, request.model
+        run_mode = resolve_mode(request.mode, c)
+        build.check_inputs(c, model, run_mode, request.loss_function)  # before any work
+        loss = build.choose_loss(
+            c, model, run_mode, request.task_type, request.loss_function, request.train_loader,
+            self.device,
+        )  # fmt: skip
+        plan, precision = build.plan_mode(
+            run_mode,
+            c,
+            request.train_loader,
+            request.val_loader,
+            loss,
+            job=job,
+            device=self.device,
+            output_transform=request.output_transform,
+            label_shift=label_shift(model),  # for traineval's token loss
+        )
+        data = build.shard_data(plan, request.train_loader, request.val_loader, c, job)
+        return build.Assembly(request, run_mode, loss, plan, precision, data)
+
+    def _already_finished(
+        self, model: nn.Module, payload: dict[str, Any], monitor: Monitor
+    ) -> TrainingResult:
+        logger.warning(  # a notice, seen also with -q: nothing was trained
+            "the run in %s already finished (step %d); nothing to resume (raise num_epochs "
+            "or max_steps to train it further)",
+            self.output_dir,
+            payload["global_step"],
+        )
+        model.load_state_dict(payload["model"])
+        state = TrainState()
+        state.load_state_dict(payload["loop"])
+        result = self._result(state, monitor.name, 0.0, {})
+        earlier = read_json_or_none(self.output_dir / "summary.json")
+        if earlier is not None and earlier.get("global_step") == state.global_step:
+            # the run's own record (its time, checkpoints), marked finished again where a
+            # signal had stopped its test phase
+            result.train_seconds = earlier.get("train_seconds", 0.0)
+            result.performance = earlier.get("performance", {})
+            result.checkpoints = earlier.get("checkpoints", {})
+        self._write_summary(result)
+        return result
+
+    def _loop(self, run: build.Assembly, evaluate_fn: EvaluateFn | None, hub: LoggerHub) -> Loop:
+        """The loop over the assembled parts, with the default callbacks before the user's;
+        its saves are recorded in `run.checkpoints` (and written by `run.writer`, when
+        async)."""
+        c, job, model, data = self.config, self.distributed, run.request.model, run.data
+        parts, plan, writer = run.optimization, run.plan, run.writer
+        assert parts is not None
+        assert run.monitor is not None
+
+        def save_fn(name: str, loop: Loop, staged: StagedWrites | None = None) -> Path:
+            if staged is not None:
+                staged.target = writer  # its saves are written by the background writer
+            path = self._save_from_loop(name, loop, run.precision, run.mode, staged or writer)
+            run.checkpoints[name] = str(path)
+            return path
+
+        return Loop(
+            model=model,
+            train_loader=data.batches,
+            update=build.update_rule(c, plan, parts, model),
+            length=build.run_length(c, data, evaluating=evaluate_fn is not None),
+            placement=build.placement(self.device, parts, plan, job),
+            monitor=run.monitor,
+            evaluate_fn=evaluate_fn,
+            save_fn=save_fn,
+            observers=Observers(
+                callbacks=[*self._default_callbacks(), *run.request.callbacks],
+                loggers=hub,
+                tracker=self.metrics_tracker,
+                performance=self.performance_monitor,
+                layer_norms=c.log_layer_grad_norms,
+            ),
+            data_generators=data_generators(data.batches),  # federated: none (rounds reseed)
+        )
+
+    def _run(self, run: build.Assembly, loop: Loop, hub: LoggerHub) -> TrainingResult:
+        """Run the loop (deterministic if asked, stopping cleanly on signals); wait for the
+        last checkpoint write; write summary.json; close the loggers."""
+        monitor, checkpoints, writer = run.monitor, run.checkpoints, run.writer
+        assert monitor is not None
+        started = time.perf_counter()
+        try:
+            try:
+                with (
+                    deterministic_algorithms(self.config.deterministic),
+                    watching_signals(loop.signalled),
+                ):
+                    state = loop.run()
+            except Exception as error:  # summary.json says the run did not finish, and why
+                if writer is not None:
+                    writer.wait()
+                status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
+                seconds = time.perf_counter() - started
+                self._write_summary(
+                    self._result(loop.state, monitor.name, seconds, checkpoints),
+                    status,
+                    str(error) if status == "interrupted" else f"{type(error).__name__}: {error}",
+                )
+                raise
+            if writer is not None:
+                writer.wait()  # success is reported once the last checkpoint is on disk
+            if state.best_metric is not None:
+                hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
+            self.early_stopping_counter = monitor.num_bad
+            result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
+            self._write_summary(result)
+        finally:
+            try:
+                if writer is not None:
+                    writer.wait()  # also when the run failed: its checkpoint lands first
+            finally:
+                hub.close()  # after summary.json, so artifact loggers take it along
+        return result
+
+    def find_learning_rate(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any] | Callable[[], Any] | str,
+        *,
+        min_lr: float = 1e-7,
+        max_lr: float = 10.0,
+        num_steps: int = 100,
+        divergence: float = 4.0,
+        smoothing: float = 0.9,
+        task_type: TaskType | None = None,
+        loss_function: Any = None,
+        mode: TrainingMode | str | Mode = TrainingMode.SUPERVISED,
+    ) -> LearningRateSearch:
+        """The learning-rate range test: up to `num_steps` updates of this config's training
+        (optimizer, precision, accumulation, clipping, mode) at rates growing exponentially
+        from `min_lr` to `max_lr`, stopped once the loss's moving average (`smoothing`)
+        passes `divergence` times its best. The model's weights and the random streams are
+        restored afterwards (see `traineval.training.lr_finder`).
+
+        Returns a `LearningRateSearch` (rates, losses, `suggestion`; `.plot(path)`).
+        """
+        search = RangeTest.checked(min_lr, max_lr, num_steps, divergence, smoothing)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        generators = data_generators(train_loader)
+        streams = capture_rng(generators)
+        try:
+            request = build.Request(
+                model, train_loader, task_type=task_type, loss_function=loss_function, mode=mode
+            )
+            loop = self._search_loop(request, search)
+            with (
+                closing_step(loop.step_fn),
+                deterministic_algorithms(self.config.deterministic),
+                cpu_threads.applied(self.config.cpu_threads, self.device, model),
+            ):
+                loop.run()
+        except NonFiniteError:
+            search.stop_reason = "non-finite loss"
+        finally:
+            model.load_state_dict(weights)
+            restore_rng(streams, generators)
+        return search.result()
+
+    def _search_loop(self, request: build.Request, search: RangeTest) -> Loop:
+        """This config's training for the range test: the same mode, optimizer, precision,
+        accumulation and clipping, at the rates the search sets (no schedule), for at most
+        `search.num_steps` updates, every loss read; nothing is written or kept."""
+        c, job, model = self.config, self.distributed, request.model
+        run = self._plan(request)  # nothing resumed: no payload
+        plan, data = run.plan, run.data
+        parts = self._optimization(run, schedule=False)
+        update = build.update_rule(c, plan, parts, model)
+        update.weight_average, update.skip_non_finite = None, 0
+        steps = search.num_steps
+        return Loop(
+            model=model,
+            train_loader=data.batches,
+            update=update,
+            length=RunLength(steps, data.updates_per_epoch, max_steps=steps, log_every_n_steps=1),
+            placement=build.placement(self.device, parts, plan, job),
+            monitor=Monitor("train_loss", minimize=True),
+            observers=Observers(
+                callbacks=[search, SearchProgress(steps, c.progress_bar if job.is_main else False)]
+            ),
+            data_generators=data_generators(data.batches),
+        )
+
+    def _write_summary(
+        self, result: TrainingResult, status: str | None = None, reason: str | None = None
+    ) -> None:
+        """`summary.json`: the result without its history; `status` and `reason` override a
+        run that did not finish (rank 0 writes)."""
+        summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
+        if status is not None:
+            summary["status"], summary["stop_reason"] = status, reason
+        if self.distributed.is_main:
+            atomic_write_json(self.output_dir / "summary.json", summary)
+
+    def _result(
+        self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]
+    ) -> TrainingResult:
+        self.current_epoch = state.epoch
+        self.global_step = state.global_step
+        self.best_metric = state.best_metric
+        self.best_epoch = state.best_epoch
+        return TrainingResult(
+            training_history=state.history,
+            best_metric=state.best_metric,
+            best_epoch=state.best_epoch,
+            best_step=state.best_step,
+            global_step=state.global_step,
+            epochs_completed=state.epoch,
+            stopped_early=state.stopped_early,
+            stop_reason=state.stop_reason,
+            monitor_metric=monitor_name,
+            output_dir=str(self.output_dir),
+            train_seconds=seconds,
+            performance=self.performance_monitor.summary(),
+            checkpoints=checkpoints,
+            status="stopped early" if state.stopped_early else "finished",
+        )
+
+    def _default_callbacks(self) -> list[Callback]:
+        c = self.config
+        main = self.distributed.is_main
+        callbacks: list[Callback] = [ProgressBar(c.progress_bar if main else False)]
+        if main:
+            callbacks.append(EpochSummary())
+        if c.early_stopping_patience > 0:
+            callbacks.append(EarlyStopping(c.early_stopping_patience))
+        callbacks.append(
+            ModelCheckpoint(
+                save_best=c.save_best_model,
+                save_last=c.save_last_checkpoint,
+                every_n_epochs=c.checkpoint_save_frequency,
+                every_n_steps=c.checkpoint_every_n_steps,
+            )
+        )
+        if c.restore_best_weights:
+            callbacks.append(BestWeights())
+        return callbacks
+
+    @contextlib.contextmanager
+    def hold_output_dir(self) -> Iterator[None]:
+        """Hold `output_dir` for this run (rank 0 takes the lock, every rank learns the
+        answer): a second run on the same directory is refused with `RunDirInUse`, naming
+        the process that holds it. Re-entrant in one thread; released when the run ends."""
+        stack = contextlib.ExitStack()
+        refused = None
+        if self.distributed.is_main:
+            try:
+                stack.enter_context(run_dir_lock(self.output_dir))
+            except RunDirInUse as error:
+                refused = str(error)
+        refused = self.distributed.gather(refused)[0]
+        if refused is not None:
+            raise RunDirInUse(refused)
+        with stack:
+            yield
+
+    def _claim_output_dir(self, resuming: bool) -> None:
+        """Create the run directory; refuse to write over an earlier run's checkpoints."""
+        checkpoints = self.output_dir / "checkpoints"
+        if (
+            not resuming
+            and checkpoints.is_dir()
+            and any(checkpoints.iterdir())
+            and not self.config.overwrite_output_dir
+        ):
+            raise FileExistsError(
+                f"output_dir={str(self.output_dir)!r} already holds checkpoints of an earlier "
+                "run; resume it with resume_from='auto' (CLI: --resume auto), choose another "
+                "output_dir, or set "
+                "overwrite_output_dir=true"
+            )
+        if self.distributed.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for path in remove_stale_temporaries(checkpoints):
+                logger.info("removed %s, left by a save that did not finish", path.name)
+        self.distributed.barrier()  # the others start once rank 0 has the directory ready
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _save_from_loop(
+        self,
+        name: str,
+        loop: Loop,
+        precision: Precision,
+        mode: Mode,
+        writer: CheckpointWriter | None = None,
+    ) -> Path:
+        self.best_metric, self.best_epoch = loop.state.best_metric, loop.state.best_epoch
+        return save_from_loop(
+            name,
+            loop,
+            precision,
+            config=self.config,
+            job=self.distributed,
+            folder=self.output_dir / "checkpoints",
+            mode=mode.to_dict(),
+            writer=writer,
+        )
+
+    def save_checkpoint(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        name: str,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> Path:
+        """Save model, optimizer and scheduler to `output_dir/checkpoints/{name}.pt` atomically.
+
+        Under torchrun call it on every rank (FSDP gathers the full state); rank 0 writes.
+        """
+        payload = checkpoint_payload(
+            name,
+            config=self.config,
+            epoch=epoch,
+            global_step=self.global_step,
+            weights=model_state(model),
+            optimizer=optimizer_state(model, optimizer),
+            scheduler=scheduler,
+            best_metric=self.best_metric,
+            best_epoch=self.best_epoch,
+        )
+        path = self.output_dir / "checkpoints" / f"{name}.pt"
+        if self.distributed.is_main:
+            save_checkpoint_file(payload, path)
+            self.logger.info("Checkpoint saved: %s", path)
+        self.distributed.barrier()
+        return path
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> dict[str, Any]:
+        """Load a checkpoint (tensors and plain values only) into `model` and friends.
+
+        Returns the checkpoint dict (epoch, global_step, history, config, ...).
+        """
+        payload = load_checkpoint_file(path, map_location=self.device)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a traineval checkpoint")
+        if is_sharded(model):
+            raise ValueError(
+                "load_checkpoint needs the plain model: load the weights before training "
+                "shards it (FSDP), or resume with train(resume_from=...)"
+            )
+        weights = model_weights(path, payload)
+        refuse_another_models(path, model.state_dict(), weights)
+        model.load_state_dict(weights)
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler") is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        return payload

@@ -1,0 +1,686 @@
+"""Config-driven runs: data + model + training + test evaluation, as `traineval fit` runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..assembly.evaluator import Evaluator
+from ..assembly.manager import TrainingManager, TrainingResult
+from ..config.code_references import code_references, import_object, refusal, untrusted
+from ..config.config_file import write_run_config
+from ..config.training_config import (
+    LEGACY_MODE_KEYS,
+    MAX_SEED,
+    EvaluationConfig,
+    EvaluationMode,
+    TaskType,
+    TrainingConfig,
+    _bool,
+    _choice,
+    _ConfigBase,
+    _fail,
+    _float,
+    _int,
+    apply_overrides,
+    load_yaml,
+    take_legacy_keys,
+)
+from ..data import DataSplits, load_builtin, load_csv, make_splits
+from ..data.tables import BUILTIN_DATASETS
+from ..evaluation.model_evaluator import SPLIT_PREFIX
+from ..loggers import JsonlLogger
+from ..models import build_model
+from ..modes import Mode, Supervised, mode_class
+from ..runs.checkpoint import (
+    default_checkpoint,
+    load_checkpoint_file,
+    load_model_weights,
+    run_checkpoint,
+)
+from ..runs.rundir import default_run_dir
+from ..system import cpu_threads
+from ..system.distributed import is_sharded, model_state
+from ..system.files import atomic_write_json, read_json_or_none
+from ..system.seeding import seed_everything
+from ..training.lr_finder import LearningRateSearch
+from ..training.stopping import TrainingInterrupted, stop_if_signalled, watching_signals
+
+logger = logging.getLogger(__name__)
+
+DATA_SOURCES = (*BUILTIN_DATASETS, "csv", "custom")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_ConfigBase):
+    """Where the data comes from and how it is split.
+
+    `name`: a dataset scikit-learn ships (digits, iris, wine, breast_cancer, diabetes), `csv`
+    (with `path` and `target`: a column, or a list of columns for multi-label 0/1 indicators
+    or several regression outputs; `task` says which when `auto` should not guess), or
+    `custom` (with `factory`, an import path to a function returning
+    `traineval.data.DataSplits`). `labeled_fraction` < 1 keeps the labels of that share of
+    the training rows, stratified by class and drawn with `split_seed`: semi-supervised mode
+    marks the other rows with its `unlabeled_label`, supervised mode leaves them out (the
+    baseline to compare with). In meta_learning mode each split becomes few-shot tasks (the
+    mode's `ways`, `shots`, `queries`, `train_episodes`, `eval_episodes`).
+    """
+
+    name: str = "digits"
+    path: str | None = None
+    target: str | tuple[str, ...] | None = None
+    task: str = "auto"
+    factory: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    standardize: bool = True
+    image_shape: tuple[int, ...] | None = None
+    num_workers: int = 0
+    labeled_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATA_SOURCES)
+        _choice("data.task", self.task, ("auto", "classification", "regression", "multilabel"))
+        if self.target is not None and not isinstance(self.target, str):
+            names = self.target
+            if (
+                not isinstance(names, (list, tuple))
+                or not names
+                or not all(isinstance(n, str) and n for n in names)
+                or len(set(names)) != len(names)
+            ):
+                _fail("data.target", names, "expected a column name or a list of distinct names")
+            object.__setattr__(self, "target", tuple(names))
+        _int("data.split_seed", self.split_seed, minimum=0, maximum=MAX_SEED)
+        _int("data.num_workers", self.num_workers, minimum=0)
+        _bool("data.standardize", self.standardize)
+        _float("data.labeled_fraction", self.labeled_fraction, minimum=0.0, strict=True)
+        if self.labeled_fraction > 1.0:
+            _fail("data.labeled_fraction", self.labeled_fraction, "expected a number in (0, 1]")
+        if self.name == "csv" and not (self.path and self.target):
+            _fail("data.path", self.path, "data.name='csv' needs data.path and data.target")
+        if self.name == "custom" and not self.factory:
+            _fail("data.factory", self.factory, "data.name='custom' needs an import path")
+        if self.image_shape is not None:
+            shape = tuple(self.image_shape)
+            if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+                _fail("data.image_shape", self.image_shape, "expected positive integers")
+            object.__setattr__(self, "image_shape", shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(_ConfigBase):
+    """Which model: `mlp`, `cnn`, `autoencoder`, or `package.module:factory`; `options` are its
+    keyword arguments (e.g. `hidden_sizes: [128, 64]`, `dropout: 0.1`)."""
+
+    name: str = "mlp"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            _fail("model.name", self.name, "expected 'mlp', 'cnn', 'autoencoder' or an import path")
+        if not isinstance(self.options, Mapping):
+            _fail("model.options", self.options, "expected a mapping of keyword arguments")
+
+
+_SECTIONS: dict[str, type[_ConfigBase]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+}
+
+
+# Mode settings that earlier versions kept in the data section -> (mode, setting)
+LEGACY_DATA_KEYS: dict[str, tuple[str, str]] = {
+    "environment": ("reinforcement", "environment"),
+    **{key: ("meta_learning", key) for key in ("ways", "shots", "queries")},
+    **{key: ("meta_learning", key) for key in ("train_episodes", "eval_episodes")},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run: the YAML file of `traineval fit` has these sections.
+
+    `mode` is the training mode with its settings: in YAML a name (`mode: federated`) or a
+    section (`mode: {name: federated, clients: 10}`); see `traineval.modes`.
+    """
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    mode: Mode = dataclasses.field(default_factory=Supervised)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, Mode):
+            _fail("mode", self.mode, "expected a traineval Mode, e.g. Federated(clients=10)")
+        self.mode.check_config_run()
+        if self.data.labeled_fraction < 1.0 and self.mode.reconstructs:
+            _fail(
+                "data.labeled_fraction",
+                self.data.labeled_fraction,
+                f"hiding labels needs mode: semi_supervised or supervised (mode is "
+                f"{self.mode.name!r})",
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        allowed = [*_SECTIONS, "mode"]
+        for key in data:
+            if key not in allowed:
+                raise ValueError(f"unknown section {key!r}; allowed: {', '.join(allowed)}")
+        given = {key: dict(data.get(key) or {}) for key in _SECTIONS}
+        moved = take_legacy_keys(given["data"], LEGACY_DATA_KEYS, "data.", stacklevel=3)
+        flat = take_legacy_keys(given["training"], LEGACY_MODE_KEYS, "training.", stacklevel=3)
+        for name, settings in flat.items():
+            moved.setdefault(name, {}).update(settings)
+        sections: dict[str, Any] = {}
+        for key, section in _SECTIONS.items():
+            try:
+                sections[key] = section.from_dict(given[key])
+            except ValueError as error:
+                raise ValueError(f"{key}: {error}") from None
+        mode, rest = _mode_section(data.get("mode", "supervised"), sections["training"], moved)
+        sections["training"] = dataclasses.replace(sections["training"], mode_settings=rest)
+        return cls(**sections, mode=mode)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+        return cls.from_data(load_yaml(path), overrides)
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+        """A config read from YAML (`mode: federated` as a name or a section), with dotted
+        `key=value` overrides applied."""
+        data = _mode_as_section(dict(data))
+        for override in overrides:  # one at a time: `mode=x` then `mode.y=z` works
+            data = _mode_as_section(apply_overrides(data, [override]))
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, *, trust_code: bool = False) -> RunConfig:
+        """A run directory's `config.yaml`, read as untrusted input: an import path in it
+        (a model factory, a data factory, a mode's function, a gymnasium `module:Env` id)
+        is refused before anything is imported, unless `trust_code=True`."""
+        path = Path(run_dir) / "config.yaml"
+        data = _mode_as_section(load_yaml(path))
+        if set(data) == {"training", "mode"}:  # what `open_loggers` writes for train()
+            raise ValueError(
+                f"{path} records a run trained from Python (train() or TrainingManager): its "
+                "training settings and mode, not its data or model, which were Python "
+                "objects; evaluate it from Python: load checkpoints/best.pt into your model "
+                "with traineval.runs.checkpoint.load_model_weights and score it with Evaluator"
+            )
+        found = code_references(data, ("data", "model", "mode"))
+        if found and not trust_code:
+            raise refusal(found, str(path))
+        with untrusted(str(path), trust_code=trust_code):
+            return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {key: getattr(self, key).to_dict() for key in _SECTIONS}
+        if not out["training"]["mode_settings"]:
+            del out["training"]["mode_settings"]
+        out["mode"] = self.mode.to_dict()
+        return out
+
+
+def _mode_as_section(data: dict[str, Any]) -> dict[str, Any]:
+    """`mode: federated` as `mode: {name: federated}`, so `mode.clients=5` can override."""
+    if isinstance(data.get("mode"), str):
+        data = {**data, "mode": {"name": data["mode"]}}
+    return data
+
+
+def _mode_section(
+    value: Any, training: TrainingConfig, moved: Mapping[str, Mapping[str, Any]]
+) -> tuple[Mode, dict[str, dict[str, Any]]]:
+    """The run's Mode from the `mode` section, with the settings the training and data
+    sections gave it under their deprecated flat names; and the other modes' settings."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping) or "name" not in value:
+        _fail("mode", value, "expected a mode name, or a section {name: <mode>, <setting>: ...}")
+    name = value["name"]
+    cls = mode_class(name, field="mode.name")
+    settings = {
+        **training.mode_settings.get(name, {}),
+        **moved.get(name, {}),
+        **{k: v for k, v in value.items() if k != "name"},
+    }
+    rest = {k: dict(v) for k, v in training.mode_settings.items() if k != name}
+    for other, values in moved.items():
+        if other != name:
+            rest.setdefault(other, {}).update(values)
+    try:
+        return cls.from_settings(settings), rest
+    except ValueError as error:
+        raise ValueError(f"mode: {error}") from None
+
+
+def load_data(config: DataConfig) -> DataSplits:
+    """Build the train / val / test splits a `DataConfig` describes."""
+    if config.name == "custom":
+        assert config.factory is not None
+        splits = import_object(config.factory, field="data.factory")()
+        if not isinstance(splits, DataSplits):
+            raise ValueError(
+                f"data.factory={config.factory!r} returned {type(splits).__name__}; expected "
+                "traineval.data.DataSplits"
+            )
+        return splits
+    if config.name == "csv":
+        assert config.path is not None
+        assert config.target is not None
+        table = load_csv(config.path, config.target, config.task)
+    else:
+        table = load_builtin(config.name)
+    return make_splits(
+        table,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.split_seed,
+        standardize=config.standardize,
+        image_shape=config.image_shape,
+    )
+
+
+@dataclasses.dataclass
+class ExperimentResult:
+    training: TrainingResult
+    test_metrics: dict[str, float] | None
+    evaluated_checkpoint: str
+    output_dir: str
+    test_intervals: dict[str, Any] | None = None  # with evaluation.bootstrap_samples
+
+
+@dataclasses.dataclass
+class RunParts:
+    """What every config-driven command builds from a RunConfig."""
+
+    config: RunConfig
+    splits: DataSplits
+    mode: Mode
+    task_type: TaskType | None
+
+    def new_model(self) -> torch.nn.Module:
+        name = self.config.model.name
+        return build_model(
+            name,
+            input_shape=self.splits.input_shape,
+            output_dim=self.splits.num_outputs,
+            options=self.mode.model_options(name, dict(self.config.model.options), self.splits),
+        )
+
+    def loader(self, dataset: Any, shuffle: bool = False) -> Any:
+        """A loader over `dataset`; a mode's own data (an environment) as it is."""
+        if dataset is None or not self.mode.uses_data:
+            return dataset
+        t = self.config.training
+        return DataLoader(
+            dataset,
+            batch_size=t.batch_size if shuffle else t.effective_eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            # a seeded generator of its own: the shuffle order is part of exact resume
+            generator=torch.Generator().manual_seed(t.seed) if shuffle else None,
+        )
+
+
+def run_parts(config: RunConfig) -> RunParts:
+    """The data splits (labels hidden, or cut into tasks, as the mode asks), the task and
+    a model builder of a config, with the run's seed set for the initial weights."""
+    mode = config.mode
+    splits = mode.prepare(load_data(config.data) if mode.uses_data else None, config.data)
+    seed_everything(config.training.seed)  # initial weights come from the run's seed
+    return RunParts(config, splits, mode, mode.task_of(splits))
+
+
+def run_experiment(
+    config: RunConfig, resume_from: str | None = None, callbacks: Sequence[Any] = ()
+) -> ExperimentResult:
+    """Train on the train split, pick the best checkpoint on val, evaluate it on test.
+
+    Writes `config.yaml` (the whole run config), `metrics.jsonl`, `checkpoints/` and
+    `evaluation/metrics.json` (plus predictions and plots when configured) into the run
+    directory. `callbacks` join the run's own (e.g. a study's pruning callback).
+    """
+    parts = run_parts(config)
+    manager = TrainingManager(config.training)
+    manager.run_config = config.to_dict()
+    model = parts.new_model()
+    with (
+        watching_signals(),  # training and testing: a signal in either interrupts the run
+        manager.hold_output_dir(),  # the run, then its records and test evaluation
+        cpu_threads.applied(config.training.cpu_threads, manager.device, model),
+    ):
+        return _train_and_test(config, parts, manager, model, resume_from, callbacks)
+
+
+def _stop_if_signalled(out: Path, during: str) -> None:
+    """A signal that came after training (in on_train_end, the test evaluation): record the
+    run as interrupted and stop before writing test results (the resume tests it)."""
+    try:
+        checkpoints = [out / "checkpoints" / f"{name}.pt" for name in ("last", "best")]
+        found = next((str(path) for path in checkpoints if path.exists()), None)
+        stop_if_signalled(found, during)
+    except TrainingInterrupted as stopped:
+        summary = read_json_or_none(out / "summary.json") or {}
+        summary.update(status="interrupted", stop_reason=str(stopped))
+        atomic_write_json(out / "summary.json", summary)
+        raise
+
+
+def _train_and_test(
+    config: RunConfig,
+    parts: RunParts,
+    manager: TrainingManager,
+    model: torch.nn.Module,
+    resume_from: str | None,
+    callbacks: Sequence[Any],
+) -> ExperimentResult:
+    evaluator = Evaluator(config.evaluation)
+    evaluator.class_names = parts.splits.class_names
+    train_loader = parts.loader(parts.splits.train, shuffle=True)
+    assert train_loader is not None
+    result = manager.train(
+        model,
+        train_loader,
+        parts.loader(parts.splits.val),
+        task_type=parts.task_type,
+        evaluator=evaluator,
+        mode=parts.mode,
+        resume_from=resume_from,
+        callbacks=callbacks,
+    )
+    out = Path(result.output_dir)
+    _stop_if_signalled(out, "the end of training")
+    if is_sharded(model):  # FSDP: gather the full weights (every rank takes part)
+        weights = model_state(model)
+        model = parts.new_model()
+        if manager.distributed.is_main:
+            model.load_state_dict(weights)
+            model.to(manager.device)
+    if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
+        return ExperimentResult(result, None, "evaluated by rank 0", str(out))
+    evaluated = _record_and_load_best(config, result, model, manager.device)
+    if config.evaluation.plot_metrics:
+        from ..reporting import plots
+
+        plots.optional(
+            plots.learning_curves,
+            result.training_history,
+            out / "evaluation" / "learning_curves.png",
+        )
+    test_metrics = None
+    if parts.splits.test is not None:
+        test_metrics = _evaluate_split(parts, evaluator, model, out, manager.device)
+    _stop_if_signalled(out, "the test evaluation")
+    record: dict[str, Any] = {
+        "evaluated": evaluated,
+        "best_val": result.best_metric,
+        "monitor_metric": result.monitor_metric,
+        "test": test_metrics,
+    }
+    if test_metrics is not None and evaluator.last_confusion_matrix is not None:
+        record["test_confusion_matrix"] = evaluator.last_confusion_matrix.tolist()
+        record["class_names"] = parts.splits.class_names
+    if test_metrics is not None and evaluator.last_per_class is not None:
+        record["test_per_class"] = evaluator.last_per_class
+    if test_metrics is not None and evaluator.last_intervals:
+        record["test_intervals"] = _intervals_record(evaluator)
+    (out / "evaluation").mkdir(exist_ok=True)
+    atomic_write_json(out / "evaluation" / "metrics.json", record)
+    figure = out / "evaluation" / "confusion_matrix_test.png"
+    if config.training.tensorboard_logging and figure.exists():
+        _figure_to_tensorboard(out, "test_confusion_matrix", figure, result.global_step)
+    return ExperimentResult(result, test_metrics, evaluated, str(out), record.get("test_intervals"))
+
+
+def find_learning_rate(
+    config: RunConfig, *, min_lr: float, max_lr: float, num_steps: int
+) -> tuple[LearningRateSearch, Path]:
+    """The learning-rate range test on a config's model and train split; writes
+    `lr_find.json` and `lr_find.png` into training.output_dir (default runs/lr-find-<time>)
+    and returns the search and that folder."""
+    if not config.mode.uses_data:
+        raise ValueError(
+            f"traineval lr-find does not run mode: {config.mode.name} (it makes its own "
+            "data, e.g. a policy objective whose scale moves with the returns, not a curve "
+            "to read a rate from)"
+        )
+    parts = run_parts(config)
+    manager = TrainingManager(config.training)
+    train_loader = parts.loader(parts.splits.train, shuffle=True)
+    assert train_loader is not None
+    search = manager.find_learning_rate(
+        parts.new_model(),
+        train_loader,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        num_steps=num_steps,
+        task_type=parts.task_type,
+        mode=parts.mode,
+    )
+    folder = Path(config.training.output_dir or default_run_dir("lr-find"))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "lr_find.json", search.to_dict())
+    from ..reporting import plots
+
+    plots.optional(search.plot, folder / "lr_find.png")
+    return search, folder
+
+
+def _record_and_load_best(
+    config: RunConfig, result: TrainingResult, model: torch.nn.Module, device: torch.device
+) -> str:
+    """Write the whole run config into the run directory; load the best checkpoint, if any.
+
+    Returns which weights `model` now holds, for the evaluation record.
+    """
+    out = Path(result.output_dir)
+    write_run_config(config.to_dict(), out)
+    best = out / "checkpoints" / "best.pt"
+    if not best.exists():
+        return "final weights"
+    payload = load_checkpoint_file(best, map_location=device)
+    model.load_state_dict(payload["model"])
+    return f"best checkpoint (epoch {payload['epoch']})"
+
+
+def _figure_to_tensorboard(run_dir: Path, tag: str, png: Path, step: int) -> None:
+    """Add a saved plot to the run's TensorBoard images (skipped if TensorBoard is absent)."""
+    try:
+        from matplotlib import image
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    writer.add_image(tag, image.imread(png)[..., :3], step, dataformats="HWC")
+    writer.close()
+
+
+def _intervals_record(evaluator: Evaluator) -> dict[str, Any]:
+    """The bootstrap intervals as written to JSON: level, resamples, [low, high] by metric."""
+    c = evaluator.config
+    return {
+        "confidence_level": c.confidence_level,
+        "bootstrap_samples": c.bootstrap_samples,
+        "bootstrap_seed": c.bootstrap_seed,
+        "metrics": {name: list(bounds) for name, bounds in evaluator.last_intervals.items()},
+    }
+
+
+def _evaluate_split(
+    parts: RunParts,
+    evaluator: Evaluator,
+    model: torch.nn.Module,
+    out: Path,
+    device: torch.device,
+    split: EvaluationMode = EvaluationMode.TESTING,
+) -> dict[str, float]:
+    """Evaluate on one of the run's splits (which must exist) and append the split-tagged
+    record to metrics.jsonl."""
+    loader = parts.loader(getattr(parts.splits, SPLIT_PREFIX[split]))
+    own = parts.mode.score(model, loader, device, seed=parts.config.training.seed)
+    if own is not None:  # e.g. meta-learning: adapt to each task, score its queries
+        metrics = dict(own)
+    else:
+        metrics = evaluator.evaluate_model(
+            model,
+            loader,
+            device,
+            task_type=parts.task_type,
+            training_mode=parts.mode.evaluated_as,
+            split=split,
+            output_dir=out,
+        )
+    prefix = SPLIT_PREFIX[split]
+    summary = out / "summary.json"
+    step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0
+    log = JsonlLogger(out / "metrics.jsonl")
+    record = {"event": "eval", "split": prefix, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
+    log.log(record, step)
+    log.close()
+    return metrics
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    checkpoint: str | None = None,
+    split: str = "test",
+    save_predictions: bool = False,
+    plot_metrics: bool = False,
+    trust_code: bool = False,
+) -> tuple[dict[str, float], str]:
+    """Evaluate a finished run's checkpoint on one of its data splits (`traineval evaluate`).
+
+    `checkpoint`: "best", "last", "epoch-NNNN", "final" (a Flower run's final weights) or a
+    path; by default the best, or the final weights of a run that keeps no best. The run's
+    `config.yaml` rebuilds the same data splits and model. Returns the metrics and the path
+    of the metrics file written into `<run_dir>/evaluation/`. A run directory is untrusted
+    input: one whose config names code to import (a custom model or data factory) is
+    refused unless `trust_code=True` (see `RunConfig.from_run_dir`).
+    """
+    run_dir = Path(run_dir)
+    config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
+    with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
+        return _evaluate_run(
+            config, run_dir, checkpoint or default_checkpoint(run_dir), split,
+            save_predictions, plot_metrics,
+        )  # fmt: skip
+
+
+def _evaluate_run(
+    config: RunConfig,
+    run_dir: Path,
+    checkpoint: str,
+    split: str,
+    save_predictions: bool,
+    plot_metrics: bool,
+) -> tuple[dict[str, float], str]:
+    evaluation = dataclasses.replace(
+        config.evaluation,
+        save_predictions=save_predictions or config.evaluation.save_predictions,
+        plot_metrics=plot_metrics or config.evaluation.plot_metrics,
+    )
+    config = dataclasses.replace(config, evaluation=evaluation)
+    choices = {
+        "train": EvaluationMode.TRAINING,
+        "val": EvaluationMode.VALIDATION,
+        "test": EvaluationMode.TESTING,
+    }
+    if split not in choices:
+        raise ValueError(f"split={split!r} is invalid: expected 'train', 'val' or 'test'")
+    if split != "test" and not config.mode.uses_data:
+        raise ValueError(
+            f"split={split!r} is invalid for mode: {config.mode.name}: it makes its own data "
+            "and is evaluated on fresh test episodes (split='test', the default)"
+        )
+    path = run_checkpoint(run_dir, checkpoint)
+    parts = run_parts(config)
+    dataset = getattr(parts.splits, split)
+    if dataset is None:
+        raise ValueError(f"the run's data has no {split} split (its fraction is 0)")
+    model = parts.new_model()
+    device = TrainingManager(config.training).device
+    load_model_weights(model, path, map_location=device)
+    evaluator = Evaluator(evaluation)
+    evaluator.class_names = parts.splits.class_names
+    metrics = _evaluate_split(parts, evaluator, model, run_dir, device, choices[split])
+    out = run_dir / "evaluation" / f"metrics_{split}.json"
+    atomic_write_json(
+        out,
+        {
+            "checkpoint": str(path),
+            "split": split,
+            "metrics": metrics,
+            "per_class": evaluator.last_per_class,
+            "intervals": _intervals_record(evaluator) if evaluator.last_intervals else None,
+            "files": evaluator.last_files,
+        },
+    )
+    return metrics, str(out)
+
+
+def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
+    """k-fold CV over the train + val rows; the folds' best checkpoints as an ensemble on test.
+
+    Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
+    `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
+    """
+    if config.mode.fold_refusal is not None or not config.mode.uses_data:
+        reason = config.mode.fold_refusal or "it makes its own data, not rows to fold"
+        raise ValueError(
+            f"mode={config.mode.name!r} is invalid for cross-validation ({reason}): use fit"
+        )
+    parts = run_parts(config)
+    splits = parts.splits
+    pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
+    evaluator = Evaluator(config.evaluation)
+    evaluator.class_names = splits.class_names
+    summary = evaluator.cross_validate(
+        parts.new_model,
+        pool,
+        config.training,
+        folds,
+        task_type=parts.task_type,
+        training_mode=parts.mode,
+        num_workers=config.data.num_workers,
+    )
+    out = Path(summary["output_dir"])
+    test_loader = parts.loader(splits.test)
+    if test_loader is not None:
+        device = TrainingManager(config.training).device
+        together = evaluator.evaluate_ensemble(
+            summary["fold_checkpoints"],
+            test_loader,
+            device,
+            model_factory=parts.new_model,
+            task_type=parts.task_type,
+            output_dir=out,
+        )
+        summary["test_ensemble"] = together["ensemble"]
+        summary["test_members"] = together["members"]
+    (out / "evaluation").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "evaluation" / "cv.json", summary)
+    write_run_config(config.to_dict(), out)
+    return summary
+
+
+def _concat(first: TensorDataset, second: TensorDataset) -> TensorDataset:
+    return TensorDataset(
+        *(torch.cat([a, b]) for a, b in zip(first.tensors, second.tensors, strict=True))
+    )

@@ -1,0 +1,188 @@
+"""`traineval predict`: a finished run's model on new rows of a CSV file.
+
+The run's `config.yaml` says how its data was read: the input CSV must hold the training
+table's feature columns (by name, in any order); they are standardised with the training
+rows' statistics, as in training. Every other column (an id, or the target if present) is
+copied to the output, followed by the prediction: the class by name and each class's
+probability; each label's probability and the predicted label set (multi-label); the
+value, or one per output (regression).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config.code_references import untrusted
+from ..config.training_config import TaskType
+from ..data.tables import finite_cell, read_rows
+from ..evaluation.metrics import class_probabilities
+from ..evaluation.predictions import class_labels
+from ..models import build_model
+from ..runs.checkpoint import default_checkpoint, load_model_weights, run_checkpoint
+from ..system.csv_cells import SafeWriter
+from ..system.files import atomic_write_text
+from ..training.batches import prediction_of
+from ..training.precision import resolve_device
+from .experiment import RunConfig, load_data
+
+SUPPORTED_MODES = ("supervised", "semi_supervised", "federated")
+
+
+def predict_csv(
+    run_dir: str | Path,
+    input_csv: str | Path,
+    *,
+    checkpoint: str | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 1024,
+    threshold: float | None = None,
+    trust_code: bool = False,
+    overwrite: bool = False,
+) -> tuple[Path, int]:
+    """Write predictions for every row of `input_csv`; returns the output path and row count.
+
+    `checkpoint` is a name in the run's checkpoints/ ("best", "last"), "final" (a Flower
+    run's final weights) or a path, by default the best (else the final weights); `output`
+    defaults to `<run_dir>/predictions/<input stem>-<6 hex digits of the input's path>.csv`
+    (inputs of one name in different folders get different files). An `output` that is
+    the input, or a file that exists (unless `overwrite`), is refused before any work; the
+    file is written atomically. `threshold` (multi-label) defaults to
+    the run's `evaluation.multilabel_threshold`. The input's other columns are copied after
+    the predictions; a text cell a spreadsheet would read as a formula gets a leading `'`.
+    A run whose config names code to import (a custom model factory) is refused unless
+    `trust_code=True` (see `RunConfig.from_run_dir`).
+    """
+    run_dir, input_csv = Path(run_dir), Path(input_csv)
+    out = output_path(run_dir, input_csv, output, overwrite)
+    config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
+    with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
+        chosen = checkpoint or default_checkpoint(run_dir)
+        return _predict(config, run_dir, input_csv, chosen, out, batch_size, threshold)
+
+
+def _refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
+    """A checkpoint whose weights hold NaN or inf predicts nothing worth writing."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"checkpoint {str(path)!r}: the model's {name!r} holds NaN or infinite values, "
+                "so every prediction would be NaN; predict from another checkpoint (--checkpoint)"
+            )
+
+
+def output_path(run_dir: Path, input_csv: Path, output: str | Path | None, overwrite: bool) -> Path:
+    """Where the predictions go (see `predict_csv`); refused when that would overwrite the
+    input, or a file the user did not name for overwriting."""
+    if output is None:
+        digest = hashlib.sha1(str(input_csv.resolve()).encode()).hexdigest()[:6]
+        return run_dir / "predictions" / f"{input_csv.stem}-{digest}.csv"
+    out = Path(output)
+    if out.resolve() == input_csv.resolve():
+        raise ValueError(
+            f"--output {str(out)!r} is the input file: the predictions would replace its rows; "
+            "choose another path"
+        )
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"--output {str(out)!r} exists: predict does not replace a file unless told to; "
+            "choose another path, or pass --overwrite"
+        )
+    return out
+
+
+def _predict(
+    config: RunConfig,
+    run_dir: Path,
+    input_csv: Path,
+    checkpoint: str,
+    out: Path,
+    batch_size: int,
+    threshold: float | None,
+) -> tuple[Path, int]:
+    if config.mode.name not in SUPPORTED_MODES:
+        raise ValueError(
+            f"traineval predict scores rows with a classifier or regressor; this run's mode "
+            f"is {config.mode.name!r} (expected one of {', '.join(SUPPORTED_MODES)})"
+        )
+    if config.data.name == "custom":
+        raise ValueError(
+            "traineval predict cannot rebuild the features of data.name='custom' (the factory "
+            "owns its transform): load the checkpoint and call the model in Python"
+        )
+    splits = load_data(config.data)
+    assert splits.feature_names is not None
+    header, rows = read_rows(input_csv, repr(str(input_csv)))
+    missing = [name for name in splits.feature_names if name not in header]
+    if missing:
+        raise ValueError(
+            f"{input_csv}: missing feature columns {missing} (the run was trained on "
+            f"{len(splits.feature_names)} columns: {', '.join(splits.feature_names)})"
+        )
+    columns = [header.index(name) for name in splits.feature_names]
+    kept = [i for i in range(len(header)) if i not in columns]
+    x = np.empty((len(rows), len(columns)), dtype=np.float32)
+    for r, row in enumerate(rows):
+        x[r] = [finite_cell(row[c], input_csv, r + 2, header[c]) for c in columns]
+    path = run_checkpoint(run_dir, checkpoint)
+    device = resolve_device(config.training.device)
+    model = build_model(
+        config.model.name,
+        input_shape=splits.input_shape,
+        output_dim=splits.num_outputs,
+        options=dict(config.model.options),
+    )
+    load_model_weights(model, path, map_location="cpu")
+    _refuse_non_finite(model, path)
+    model.to(device).eval()
+    inputs = splits.prepare(x)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size].to(device)
+            outputs.append(prediction_of(model(batch)).float().cpu())
+    scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
+    cut = config.evaluation.multilabel_threshold if threshold is None else threshold
+    names, values = _columns(splits.task_type, scores, splits.class_names, cut)
+    table = io.StringIO(newline="")
+    writer = SafeWriter(table)
+    writer.writerow([header[i] for i in kept] + names)
+    for row, predicted in zip(rows, values, strict=True):
+        writer.writerow([row[i] for i in kept] + predicted)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, table.getvalue())
+    return out, len(rows)
+
+
+def _columns(
+    task: TaskType, scores: torch.Tensor, class_names: list[str] | None, threshold: float
+) -> tuple[list[str], list[list[Any]]]:
+    """The prediction columns' names and each row's values."""
+    if task is TaskType.CLASSIFICATION:
+        probabilities = class_probabilities(scores)
+        labels = class_labels(class_names, probabilities.shape[1])
+        chosen = probabilities.argmax(dim=1).tolist()
+        values = [
+            [labels[c], *(f"{p:.6g}" for p in probs)]
+            for c, probs in zip(chosen, probabilities.tolist(), strict=True)
+        ]
+        return ["prediction", *(f"prob_{label}" for label in labels)], values
+    if task is TaskType.MULTILABEL:
+        probabilities = torch.sigmoid(scores)
+        labels = class_labels(class_names, probabilities.shape[1])
+        values = [
+            [" ".join(lab for lab, p in zip(labels, probs, strict=True) if p > threshold)]
+            + [f"{p:.6g}" for p in probs]
+            for probs in probabilities.tolist()
+        ]
+        return ["prediction", *(f"prob_{label}" for label in labels)], values
+    flat = scores.reshape(len(scores), -1)
+    names = (
+        ["prediction"] if flat.shape[1] == 1 else [f"prediction_{j}" for j in range(flat.shape[1])]
+    )
+    return names, [[f"{v:.6g}" for v in row] for row in flat.tolist()]

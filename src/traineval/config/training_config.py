@@ -1,0 +1,766 @@
+"""Configuration: `TrainingConfig`, `EvaluationConfig` and the enums of the public API.
+
+Every config is validated on construction: a bad value raises `ValueError` naming the field,
+the value and what is allowed, before any work starts. Configs load from dicts and YAML and
+take dotted `key=value` overrides, so the command line and files share one path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+
+from ..system import untrusted_text
+from ..system.files import atomic_write_text
+from . import registry
+from .checks import (
+    Custom,
+    Flag,
+    Int,
+    Number,
+    OneOf,
+    Rule,
+    SettingError,
+    boolean,
+    choice,
+    fail,
+    integer,
+    number,
+    subset,
+)
+from .config_file import RUN_CONFIG_END, cut_run_config
+
+__all__ = [
+    "EvaluationConfig",
+    "EvaluationMode",
+    "TaskType",
+    "TrainingConfig",
+    "TrainingMode",
+    "apply_overrides",
+    "load_yaml",
+]
+
+
+class TaskType(Enum):
+    """What the model predicts; chooses the default loss and the metric set."""
+
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+    GENERATION = "generation"
+    MULTILABEL = "multilabel"  # (N, C) logits, each sample may carry any set of the C labels
+
+
+class TrainingMode(Enum):
+    """Training modes."""
+
+    SUPERVISED = "supervised"
+    UNSUPERVISED = "unsupervised"
+    SEMI_SUPERVISED = "semi_supervised"
+    REINFORCEMENT = "reinforcement"
+    META_LEARNING = "meta_learning"
+    FEDERATED = "federated"
+
+
+class EvaluationMode(Enum):
+    """Evaluation modes."""
+
+    TRAINING = "training"
+    VALIDATION = "validation"
+    TESTING = "testing"
+    CROSS_VALIDATION = "cross_validation"
+    ENSEMBLE = "ensemble"
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "linear", "step", "plateau", "onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MONITOR_MODES = ("auto", "min", "max")
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding and DataLoader worker seeds take 32 bits
+CLASSIFICATION_METRICS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "confusion_matrix",
+    "top_k_accuracy",
+    "log_loss",
+    "roc_auc",
+    "brier_score",
+    "ece",
+)
+# Opt-in: roc_auc (rank-based, so it keeps every score: memory grows with N), and the
+# calibration metrics brier_score and ece (expected calibration error, top-label).
+DEFAULT_CLASSIFICATION_METRICS = CLASSIFICATION_METRICS[:7]
+REGRESSION_METRICS = ("mse", "mae", "rmse", "r2_score", "explained_variance")
+GENERATION_METRICS = ("perplexity", "token_accuracy")
+# multi-label: accuracy is the exact-match (subset) accuracy, as scikit-learn's accuracy_score;
+# roc_auc and average_precision are opt-in (rank-based: they keep every score)
+MULTILABEL_METRICS = (
+    "accuracy",
+    "hamming_loss",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "average_precision",
+)
+DEFAULT_MULTILABEL_METRICS = MULTILABEL_METRICS[:5]
+AVERAGES = ("weighted", "macro", "micro")
+DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
+# torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
+# the loop keeps each step's loss tensor until the next log step (no per-step sync).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
+
+
+# -- field checks: each raises ValueError naming field, value and what is allowed --------------
+
+_fail = fail
+_int = integer
+_float = number
+_bool = boolean
+_choice = choice
+_subset = subset
+
+
+def setting(default: Any, rule: Rule) -> Any:
+    """A config field with its rule beside it; a callable default (dict) is a factory."""
+    if callable(default) and not isinstance(default, Rule):
+        return dataclasses.field(default_factory=default, metadata={"rule": rule})
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def check_fields(config: Any, prefix: str = "") -> None:
+    """Check every field by its rule, in declaration order; keep the normalised values.
+    Errors name a field as `prefix` + its name (a mode's: `federated.clients`)."""
+    for f in dataclasses.fields(config):
+        rule = f.metadata.get("rule")
+        if rule is not None:
+            value = getattr(config, f.name)
+            normalised = rule(prefix + f.name, value)
+            if normalised is not value:
+                object.__setattr__(config, f.name, normalised)
+
+
+def _path(field: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        _fail(field, value, "expected a path string or null")
+    return value
+
+
+def _non_empty(field: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        _fail(field, value, "expected a non-empty project name")
+    return value
+
+
+def current_metric_name(name: Any) -> Any:
+    """A metric's name as written today: `val/accuracy` (before one naming scheme) is
+    `val_accuracy`, `train/epoch_loss` is `train_loss`; anything else as it is."""
+    if not isinstance(name, str):
+        return name
+    if name in ("train/epoch_loss", "train/loss"):
+        return "train_loss"
+    found = re.fullmatch(r"(val|train|test)/(\w+)", name)
+    return f"{found[1]}_{found[2]}" if found else name
+
+
+def _monitor(field: str, value: Any) -> Any:
+    value = current_metric_name(value)  # a run directory of an earlier version
+    if not isinstance(value, str) or not re.fullmatch(r"(val|train)_\w+", value):
+        _fail(
+            field,
+            value,
+            "expected 'val_<metric>' or 'train_loss', e.g. 'val_loss' or 'val_accuracy'",
+        )
+    if value.startswith("train_") and value != "train_loss":
+        _fail(field, value, "the only train metric is 'train_loss'")
+    return value
+
+
+def _cpu_threads(field: str, value: Any) -> Any:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(field, value, "expected an integer >= 1, 'auto', or null (torch's setting)")
+    return value
+
+
+def _compile_mode(field: str, value: Any) -> Any:
+    if value in ("reduce-overhead", "max-autotune"):
+        _fail(
+            field,
+            value,
+            "modes with CUDA graphs are not supported (a graph's replay overwrites the "
+            "per-step losses the loop keeps until its next log step); use 'default' or "
+            "'max-autotune-no-cudagraphs'",
+        )
+    _choice(field, value, COMPILE_MODES)
+    return value
+
+
+def _names(what: str, example: str) -> Any:
+    def check(field: str, value: Any) -> Any:
+        if isinstance(value, str) or not all(isinstance(name, str) and name for name in value):
+            _fail(field, value, f"expected a list of {what}, e.g. [{example!r}]")
+        return tuple(value)
+
+    return check
+
+
+def _class_weights(field: str, value: Any) -> Any:
+    if value is None or value == "balanced":
+        return value
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Iterable)
+        or not value
+        or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in value
+        )
+        or not any(w > 0 for w in value)
+    ):
+        _fail(
+            field,
+            value,
+            "expected 'balanced', a list of non-negative weights (one per class), or null",
+        )
+    return tuple(float(w) for w in value)
+
+
+def _lr_multipliers(field: str, value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        _fail(field, value, "expected a mapping {prefix: factor}")
+    for prefix, factor in value.items():
+        if not isinstance(prefix, str) or not prefix:
+            _fail(field, value, "keys must be parameter-name prefixes")
+        _float(f"{field}[{prefix!r}]", factor, minimum=0.0, strict=True)
+    return {k: float(v) for k, v in value.items()}
+
+
+def _mode_settings(field: str, value: Any) -> Any:
+    """Each mode's settings, by the rules beside them (`traineval.modes`)."""
+    if not isinstance(value, Mapping):
+        _fail(field, value, "expected {mode name: {setting: value}}")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, settings in value.items():
+        mode = registry.lookup(name, field=f"{field} key")
+        if not isinstance(settings, Mapping):
+            _fail(f"{field}.{name}", settings, "expected {setting: value}")
+        full = mode.from_settings(settings).settings()
+        checked[name] = {key: full[key] for key in settings}
+    return checked
+
+
+C = TypeVar("C", bound="_ConfigBase")
+
+
+class _ConfigBase:
+    """Dict / YAML round trips shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain Python values (safe to YAML-dump or checkpoint)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build a config from a mapping; unknown keys are an error naming the allowed ones."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.__name__} expects a mapping of fields, got {data!r}")
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        for key in data:
+            if key not in names and key not in getattr(cls, "legacy_keys", ()):
+                hint = difflib.get_close_matches(str(key), names, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ValueError(
+                    f"{cls.__name__} has no field {key!r}{suggestion}; "
+                    f"allowed fields: {', '.join(names)}"
+                )
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path, overrides: Sequence[str] = ()) -> C:
+        """Load a config from a YAML file, then apply dotted `key=value` overrides."""
+        return cls.from_dict(apply_overrides(load_yaml(path), overrides))
+
+    def with_overrides(self: C, overrides: Sequence[str]) -> C:
+        """Return a copy with `key=value` overrides applied (values parsed as YAML)."""
+        return type(self).from_dict(apply_overrides(self.to_dict(), overrides))
+
+    def save_yaml(self, path: str | Path) -> None:
+        """Write the config as YAML (the run directory's record of what ran)."""
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig(_ConfigBase):
+    """Configuration for training; every field is validated on construction.
+
+    The first block is the specification's, with its defaults. `checkpoint_every_n_steps` (0: off)
+    also saves `last` inside epochs, so a long epoch can be resumed in the middle;
+    `async_checkpointing` writes the loop's checkpoints in the background (training pauses
+    only to copy the state to host memory; one write at a time; the run ends once the last
+    is on disk; see `traineval.runs.checkpoint_writer`);
+    `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
+    finite and stops after that many in a row (it reads the loss every step: a sync).
+    `compile` runs the model and the loss function through `torch.compile` (separately, so
+    a wrapped or sharded model compiles as it would alone; the loss's own graph fuses e.g.
+    the fp32 log-softmax of bf16 logits); `compile_mode` is torch's mode, without CUDA graphs.
+    `lr_multipliers` ({prefix: factor}) trains the parameters under a module path (e.g.
+    "backbone") at `factor` times the learning rate (the longest matching prefix wins; the
+    schedule keeps the ratios); `frozen_parameters` (prefixes) are not trained at all. Each
+    prefix must name some parameter of the model.
+    `label_smoothing` and `class_weights` (one per class, or "balanced") shape the default
+    cross-entropy of supervised and federated classification (not a loss_function you pass).
+    `ema_decay` (0: off; e.g. 0.999) keeps an exponential moving average of the weights,
+    updated after every optimizer update (`ema_warmup`: a decay of min(decay, (1+t)/(10+t))
+    at update t): evaluation, the best checkpoint, early stopping and the model after
+    training use the averaged weights (see `traineval.training.averaging`).
+
+    Under `torchrun` the same config trains data-parallel: `batch_size` is per process,
+    `distributed_strategy` is "ddp" or "fsdp" (torch's `fully_shard`: parameters, gradients
+    and optimizer state sharded over the ranks, for models too large for one device; each
+    submodule whose class is named in `fsdp_shard_modules`, by default each block of every
+    `nn.ModuleList`, becomes its own shard unit), and `distributed_timeout_seconds` bounds
+    every collective, so a rank that dies stops the others instead of leaving them hanging.
+
+    A training mode's own settings (federated clients, meta-learning's algorithm, ...) belong
+    to the mode: `train(mode=Federated(clients=10))`, or `mode_settings` by mode name, or a
+    config file's `mode:` section. The flat names of earlier versions (`federated_clients`,
+    `rl_gamma`, `meta_algorithm`, `unlabeled_label`, ...) still load into `mode_settings`, with
+    a FutureWarning naming the new key (`LEGACY_MODE_KEYS`).
+
+    Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
+    (rounded up) instead of `warmup_steps`. A warmup as long as the run or longer (e.g. the
+    default 1000 steps on a small dataset) is shortened to a tenth of the run, with one
+    warning naming both numbers, so the defaults train any dataset.
+
+    `batch_size` sizes the loaders traineval builds (config-file runs, cross-validation
+    folds, the modes' own loaders); a DataLoader you pass to `train()` keeps its own batch
+    size (it is yours), with a warning when it differs from `batch_size`. A resume compares
+    the config's `batch_size` with the checkpoint's: keep it equal to your loader's so that
+    the check covers your loader too.
+
+    `cpu_threads` ("auto") trains a model under 500,000 parameters on one CPU thread: its
+    operators are too small to share, and where other processes use the cores too, more
+    threads mostly wait for each other (2.3-2.6x faster with one thread on a busy 2-core
+    machine, 14% slower on an idle one); larger models keep torch's default. An
+    `OMP_NUM_THREADS` you set wins; `null` leaves torch's setting alone.
+
+    Steps are optimizer updates throughout: `warmup_steps`, `eval_frequency`,
+    `log_frequency` and `max_steps` count updates, not micro-batches, so they mean the same
+    thing whatever `gradient_accumulation_steps` is.
+
+    Example:
+        >>> TrainingConfig(num_epochs=5, learning_rate=1e-3).learning_rate
+        0.001
+        >>> TrainingConfig(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        traineval.config.checks.SettingError: batch_size=0 is invalid: expected an integer >= 1
+    """
+
+    legacy_keys: ClassVar[tuple[str, ...]] = ()  # flat names of earlier versions, still loaded
+
+    # Training parameters (the specification's, with its defaults: docs/design.md)
+    num_epochs: int = setting(100, Int(1))
+    batch_size: int = setting(32, Int(1))
+    learning_rate: float = setting(1e-4, Number(0, strict=True))
+    weight_decay: float = setting(1e-5, Number(0))
+    gradient_clipping: bool = setting(True, Flag())
+    max_grad_norm: float = setting(1.0, Number(0, strict=True))
+    # Optimization
+    optimizer_type: str = setting("adamw", OneOf(OPTIMIZERS))
+    scheduler_type: str = setting("cosine", OneOf(SCHEDULERS))
+    warmup_steps: int = setting(1000, Int(0))
+    lr_scheduler_patience: int = setting(5, Int(0))
+    # Advanced features
+    mixed_precision: bool = setting(True, Flag())
+    gradient_accumulation_steps: int = setting(1, Int(1))
+    early_stopping_patience: int = setting(10, Int(0))
+    checkpoint_save_frequency: int = setting(5, Int(0))
+    # Monitoring
+    log_frequency: int = setting(100, Int(1))
+    eval_frequency: int = setting(500, Int(1))
+    tensorboard_logging: bool = setting(True, Flag())
+    wandb_logging: bool = setting(False, Flag())
+
+    # Used by the specification but missing from its config
+    save_best_model: bool = setting(True, Flag())
+    eval_batch_size: int | None = setting(None, Int(1, optional=True))
+    # What a real run needs
+    seed: int = setting(42, Int(0, maximum=MAX_SEED))
+    output_dir: str | None = setting(None, Custom(_path, "a path, or null"))
+    overwrite_output_dir: bool = setting(False, Flag())
+    device: str = setting("auto", OneOf(DEVICES))
+    precision: str = setting("auto", OneOf(PRECISIONS))
+    monitor_metric: str = setting("val_loss", Custom(_monitor, "val_<metric> or train_loss"))
+    monitor_mode: str = setting("auto", OneOf(MONITOR_MODES))
+    early_stopping_min_delta: float = setting(0.0, Number(0))
+    restore_best_weights: bool = setting(False, Flag())
+    save_last_checkpoint: bool = setting(True, Flag())
+    compile: bool = setting(False, Flag())
+    compile_mode: str = setting(
+        "default", Custom(_compile_mode, "one of " + ", ".join(COMPILE_MODES))
+    )
+    max_steps: int | None = setting(None, Int(1, optional=True))
+    deterministic: bool = setting(False, Flag())
+    progress_bar: bool | None = setting(None, Flag(optional=True))
+    checkpoint_every_n_steps: int = setting(0, Int(0))
+    async_checkpointing: bool = setting(False, Flag())
+    skip_nonfinite_steps: int = setting(0, Int(0))
+    log_layer_grad_norms: bool = setting(False, Flag())
+    ema_decay: float = setting(0.0, Number(0, below=1))
+    ema_warmup: bool = setting(False, Flag())
+    # The warmup as a share of the run's optimizer updates (the Hugging Face Trainer's):
+    # when > 0 it replaces warmup_steps
+    warmup_ratio: float = setting(0.0, Number(0, below=1))
+    # The default classification loss: cross-entropy with label smoothing and class weights
+    # ("balanced": n / (classes x count), from the training labels; or one weight per class)
+    label_smoothing: float = setting(0.0, Number(0, below=1))
+    class_weights: str | tuple[float, ...] | None = setting(
+        None, Custom(_class_weights, "balanced, a list of weights >= 0 (one per class), or null")
+    )
+    # Fine-tuning: parameter-name prefixes (module paths, e.g. "backbone" or "encoder.layer0")
+    lr_multipliers: dict[str, float] = setting(
+        dict, Custom(_lr_multipliers, "{parameter-name prefix: factor > 0}")
+    )
+    frozen_parameters: tuple[str, ...] = setting(
+        (),
+        Custom(_names("parameter-name prefixes", "backbone"), "a list of parameter-name prefixes"),
+    )
+    wandb_project: str = setting("traineval", Custom(_non_empty, "a non-empty project name"))
+    mlflow_logging: bool = setting(False, Flag())
+    mlflow_tracking_uri: str | None = setting(None, Custom(_path, "a tracking URI, or null"))
+    # Settings of the training modes by name, used when that mode trains, e.g.
+    # {federated: {clients: 10}} (config files: the `mode:` section; Python: also
+    # train(mode=Federated(clients=10))). See traineval.modes.
+    mode_settings: dict[str, dict[str, Any]] = setting(
+        dict, Custom(_mode_settings, "{mode name: {setting: value}}")
+    )
+    # Distributed training under torchrun (ignored in a single process)
+    distributed_strategy: str = setting("ddp", OneOf(DISTRIBUTED_STRATEGIES))
+    distributed_backend: str = setting("auto", OneOf(DISTRIBUTED_BACKENDS))
+    distributed_timeout_seconds: float = setting(600.0, Number(0, strict=True))
+    find_unused_parameters: bool = setting(False, Flag())
+    fsdp_shard_modules: tuple[str, ...] = setting(
+        (), Custom(_names("module class names", "Block"), "a list of module class names")
+    )
+    # Optimizer and scheduler details
+    momentum: float = setting(0.9, Number(0, below=1))
+    adam_beta1: float = setting(0.9, Number(0, below=1))
+    adam_beta2: float = setting(0.999, Number(0, below=1))
+    adam_epsilon: float = setting(1e-8, Number(0, strict=True))
+    min_learning_rate: float = setting(0.0, Number(0))
+    scheduler_step_size: int = setting(1000, Int(1))
+    scheduler_gamma: float = setting(0.1, Number(0, below=1))
+    lr_scheduler_factor: float = setting(0.5, Number(0, below=1))
+    # torch's CPU threads while the run trains and evaluates on the CPU: a count, "auto"
+    # (one thread for a model under 500,000 parameters, whose operators are too small to
+    # share, unless OMP_NUM_THREADS is set; torch's default for larger ones), or null
+    # (leave torch's setting, e.g. your own torch.set_num_threads)
+    cpu_threads: int | str | None = setting(
+        "auto", Custom(_cpu_threads, "an integer >= 1, 'auto', or null")
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self._check_relations()
+
+    def _check_relations(self) -> None:
+        """The rules that relate two fields (each field's own rule stands beside it)."""
+        if self.ema_decay and self.distributed_strategy == "fsdp":
+            _fail(
+                "ema_decay",
+                self.ema_decay,
+                "a moving average of sharded weights is not supported yet: use "
+                "distributed_strategy='ddp' or ema_decay=0",
+            )
+        if not self.mixed_precision and self.precision in ("bf16", "fp16"):
+            _fail(
+                "precision",
+                self.precision,
+                "mixed_precision=false allows only 'auto' or 'fp32'; set mixed_precision=true",
+            )
+        if self.min_learning_rate >= self.learning_rate:
+            _fail(
+                "min_learning_rate",
+                self.min_learning_rate,
+                f"expected a value below learning_rate={self.learning_rate}",
+            )
+
+    @property
+    def minimize_monitor(self) -> bool:
+        """Whether a lower value of `monitor_metric` is better (resolves `monitor_mode=auto`)."""
+        if self.monitor_mode != "auto":
+            return self.monitor_mode == "min"
+        return metric_is_minimized(self.monitor_metric)
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+# The flat names of earlier versions -> (mode, setting). They still load, into
+# `mode_settings`, with a FutureWarning naming the new key.
+LEGACY_MODE_KEYS: dict[str, tuple[str, str]] = {
+    "unlabeled_label": ("semi_supervised", "unlabeled_label"),
+    "unlabeled_weight": ("semi_supervised", "unlabeled_weight"),
+    "pseudo_label_threshold": ("semi_supervised", "pseudo_label_threshold"),
+    "rl_episodes_per_update": ("reinforcement", "episodes_per_update"),
+    "rl_updates_per_epoch": ("reinforcement", "updates_per_epoch"),
+    "rl_gamma": ("reinforcement", "gamma"),
+    "rl_value_coef": ("reinforcement", "value_coef"),
+    "rl_entropy_coef": ("reinforcement", "entropy_coef"),
+    "rl_normalize_advantages": ("reinforcement", "normalize_advantages"),
+    "rl_max_episode_steps": ("reinforcement", "max_episode_steps"),
+    "rl_eval_episodes": ("reinforcement", "eval_episodes"),
+    "meta_algorithm": ("meta_learning", "algorithm"),
+    "meta_inner_lr": ("meta_learning", "inner_lr"),
+    "meta_inner_steps": ("meta_learning", "inner_steps"),
+    "federated_clients": ("federated", "clients"),
+    "federated_partition": ("federated", "partition"),
+    "federated_dirichlet_alpha": ("federated", "dirichlet_alpha"),
+    "federated_local_epochs": ("federated", "local_epochs"),
+    "federated_client_fraction": ("federated", "client_fraction"),
+    "federated_server_lr": ("federated", "server_lr"),
+    "federated_server_momentum": ("federated", "server_momentum"),
+}
+
+
+def take_legacy_keys(
+    values: dict[str, Any], table: Mapping[str, tuple[str, str]], section: str, stacklevel: int
+) -> dict[str, dict[str, Any]]:
+    """Move the legacy keys of `table` out of `values` into `{mode: {setting: value}}`,
+    checking each by its mode's rule (an error names the key as written) and warning once
+    per key with the new one."""
+    moved: dict[str, dict[str, Any]] = {}
+    for key in [k for k in values if k in table]:
+        mode, setting = table[key]
+        value = values.pop(key)
+        try:
+            registry.lookup(mode).from_settings({setting: value})
+        except SettingError as error:
+            raise SettingError(f"{section}{key}", value, error.allowed) from None
+        warnings.warn(
+            f"{section}{key} is deprecated: it is now the {mode} mode's {setting!r} setting "
+            f"(config file: `mode: {{name: {mode}, {setting}: ...}}`; Python: "
+            f"`train(mode=...)` with a {mode} mode, or mode_settings={{{mode!r}: "
+            f"{{{setting!r}: ...}}}})",
+            FutureWarning,
+            stacklevel=stacklevel,
+        )
+        moved.setdefault(mode, {})[setting] = value
+    return moved
+
+
+def _merge_settings(
+    given: Mapping[str, Mapping[str, Any]], moved: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    out = {name: dict(settings) for name, settings in given.items()}
+    for name, settings in moved.items():
+        for setting, value in settings.items():
+            if setting in out.get(name, {}) and out[name][setting] != value:
+                _fail(
+                    f"mode_settings.{name}.{setting}",
+                    out[name][setting],
+                    f"also given by its deprecated flat key as {value!r}; keep one",
+                )
+            out.setdefault(name, {})[setting] = value
+    return out
+
+
+_dataclass_init = TrainingConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_legacy_keys(self: TrainingConfig, *args: Any, **kwargs: Any) -> None:
+    if any(key in LEGACY_MODE_KEYS for key in kwargs):
+        moved = take_legacy_keys(kwargs, LEGACY_MODE_KEYS, "", stacklevel=3)
+        kwargs["mode_settings"] = _merge_settings(kwargs.get("mode_settings") or {}, moved)
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainingConfig.__init__ = _init_with_legacy_keys  # type: ignore[method-assign]
+TrainingConfig.legacy_keys = tuple(LEGACY_MODE_KEYS)
+
+
+_MAXIMIZED = (
+    "return",
+    "reward",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "r2",
+    "auc",
+    "explained_variance",
+    "bleu",
+)
+
+
+def metric_is_minimized(name: str) -> bool:
+    """Guess a metric's direction from its name: losses and errors down, scores up."""
+    return not any(token in name for token in _MAXIMIZED)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig(_ConfigBase):
+    """Configuration for evaluation (the specification's `EvaluationConfig`)."""
+
+    compute_metrics: bool = True
+    save_predictions: bool = False
+    plot_metrics: bool = False
+    classification_metrics: tuple[str, ...] = DEFAULT_CLASSIFICATION_METRICS
+    regression_metrics: tuple[str, ...] = ("mse", "mae", "rmse", "r2_score")
+    generation_metrics: tuple[str, ...] = GENERATION_METRICS
+    multilabel_metrics: tuple[str, ...] = DEFAULT_MULTILABEL_METRICS
+    average: str = "weighted"
+    multilabel_threshold: float = 0.5
+    top_k: int = 5
+    calibration_bins: int = 15
+    # Bootstrap confidence intervals of the classification / regression metrics (0: off):
+    # resamples of the evaluated samples, kept on the host while evaluating.
+    bootstrap_samples: int = 0
+    confidence_level: float = 0.95
+    bootstrap_seed: int = 0
+    ignore_index: int = -100
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("compute_metrics", "save_predictions", "plot_metrics"):
+            _bool(name, getattr(self, name))
+        _subset("classification_metrics", self.classification_metrics, CLASSIFICATION_METRICS)
+        _subset("regression_metrics", self.regression_metrics, REGRESSION_METRICS)
+        _subset("generation_metrics", self.generation_metrics, GENERATION_METRICS)
+        _subset("multilabel_metrics", self.multilabel_metrics, MULTILABEL_METRICS)
+        for name in (
+            "classification_metrics",
+            "regression_metrics",
+            "generation_metrics",
+            "multilabel_metrics",
+        ):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _choice("average", self.average, AVERAGES)
+        _float("multilabel_threshold", self.multilabel_threshold, minimum=0.0, strict=True)
+        if self.multilabel_threshold >= 1.0:
+            _fail(
+                "multilabel_threshold",
+                self.multilabel_threshold,
+                "expected a probability in (0, 1): a label is predicted when its sigmoid "
+                "probability exceeds it",
+            )
+        _int("top_k", self.top_k, minimum=1)
+        _int("calibration_bins", self.calibration_bins, minimum=1)
+        _int("bootstrap_samples", self.bootstrap_samples, minimum=0)
+        _int("bootstrap_seed", self.bootstrap_seed, minimum=0, maximum=MAX_SEED)
+        _float("confidence_level", self.confidence_level, minimum=0.0, strict=True)
+        if self.confidence_level >= 1.0:
+            _fail("confidence_level", self.confidence_level, "expected a number in (0, 1)")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            _fail("ignore_index", self.ignore_index, "expected an integer")
+        if self.output_dir is not None and not isinstance(self.output_dir, str):
+            _fail("output_dir", self.output_dir, "expected a path string or null")
+
+
+# -- YAML and dotted overrides -------------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """Parse one override value the way a YAML file would (`1e-3`, `true`, `[a, b]`, `null`)."""
+    try:
+        return untrusted_text.load(text)
+    except untrusted_text.TooLarge as error:
+        raise ValueError(f"override value {_shown(text)} is refused: {error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"override value {_shown(text)} is not valid YAML: {_yaml_problem(error)}"
+        ) from None
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for an error line, cut to 60 characters."""
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and where (line and column, 1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = (getattr(error, "problem", None) or str(error).splitlines()[0]) + where
+    if "python/" in str(error):
+        problem += "; Python tags (!!python/...) are refused: a config holds plain values"
+    return problem
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping document is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        text = untrusted_text.read_utf8(path, "config file")
+        if cut_run_config(text):
+            raise ValueError(
+                f"config file {str(path)!r} is incomplete: a run's config.yaml ends with the "
+                f"line {RUN_CONFIG_END!r}, and this one stops before it (cut short in a copy "
+                "or a download); copy it again from the run's folder"
+            )
+        data = untrusted_text.load(text)
+    except untrusted_text.TooLarge as error:
+        raise ValueError(f"config file {str(path)!r} is refused: {error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted `a.b.c=value` overrides applied.
+
+    >>> apply_overrides({"training": {"batch_size": 8}}, ["training.batch_size=16"])
+    {'training': {'batch_size': 16}}
+    """
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(
+                f"override {item!r} is invalid: expected key=value, e.g. training.seed=1"
+            )
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r} is invalid: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = parse_value(raw)
+    return out
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}

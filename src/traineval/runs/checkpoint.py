@@ -1,0 +1,219 @@
+"""Checkpoint files: atomic writes, and loads that never unpickle arbitrary objects."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..system.files import atomic_file
+
+CHECKPOINT_FORMAT = "traineval-checkpoint"  # a training checkpoint's "format" entry
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: missing, truncated, corrupt or unsafe."""
+
+
+def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write `payload` to `path` atomically: temp file in the same folder, fsync, rename.
+
+    A crash during the write leaves any previous file at `path` untouched; a failed write
+    (a full disk, no permission) is a `WriteError` naming `path`.
+    """
+    with atomic_file(path, (RuntimeError,)) as temporary, temporary.open("wb") as handle:
+        torch.save(payload, handle)  # its zip writer says a full disk as a RuntimeError
+    return Path(path)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temp files left by a save that was killed mid-write (they are never loaded)."""
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def load_checkpoint_file(
+    path: str | Path, map_location: Any = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; never falls back to full unpickling.
+
+    `mmap=True` maps the tensors instead of reading them (cheap: to read a checkpoint's
+    counters; a tensor's bytes are only checked when it is used).
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or holds objects other
+            than tensors and plain Python values (nothing in it is executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt (not a torch.save zip archive)"
+        )
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain values; "
+            f"refusing to unpickle it ({error})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt ({error})"
+        ) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict")
+    return payload
+
+
+def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Export `model`'s weights as safetensors (tied weights stored once), atomically.
+
+    A state dict (e.g. the full weights of a sharded model) is written as it is, each
+    tensor its own copy.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file, save_model
+
+    with atomic_file(path, (SafetensorError, RuntimeError)) as temporary:
+        if isinstance(model, torch.nn.Module):
+            save_model(model, str(temporary))
+        else:
+            save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, temporary)
+    return Path(path)
+
+
+def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load safetensors weights into `model` (re-tying shared weights); nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    try:
+        load_model(model, str(path), strict=strict)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"weights file {str(path)!r} is truncated or corrupt ({error})"
+        ) from None
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: Any = "cpu") -> None:
+    """Load a checkpoint's `model` weights (or a `.safetensors` file's) into `model`; a
+    checkpoint of another model is a `ValueError` that says what differs (names and shapes),
+    not torch's key dump."""
+    if Path(path).suffix == ".safetensors":
+        _load_safetensors_checked(model, Path(path), map_location)
+        return
+    payload = load_checkpoint_file(path, map_location=map_location)
+    weights = model_weights(path, payload)
+    refuse_another_models(path, model.state_dict(), weights)
+    model.load_state_dict(weights)
+
+
+def model_weights(path: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """A loaded checkpoint's `model` state dict; a `ValueError` naming `path` without one."""
+    weights = payload.get("model")
+    if not isinstance(weights, dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds no model weights (it has {sorted(payload)[:6]}): "
+            "is it a traineval checkpoint?"
+        )
+    return weights
+
+
+def _load_safetensors_checked(model: torch.nn.Module, path: Path, map_location: Any) -> None:
+    """A safetensors export (tied weights stored once) after the same fit check."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"weights file {str(path)!r} is unreadable ({error})") from None
+    state = model.state_dict()
+    stored = {state[name].data_ptr() for name in weights if name in state}
+    expected = {  # a tied alias of a stored tensor is not missing
+        name: t for name, t in state.items() if name in weights or t.data_ptr() not in stored
+    }
+    refuse_another_models(path, expected, weights)
+    load_safetensors(model, path)
+
+
+OWN_CHECKPOINTS = "use one of this run's checkpoints: best, last, epoch-NNNN, final"
+
+
+def refuse_another_models(
+    path: Any, expected: dict[str, Any], found: dict[str, Any], advice: str = OWN_CHECKPOINTS
+) -> None:
+    """A `ValueError` naming how weights `found` in `path` differ from the model's
+    `expected` state dict (names and shapes), with `advice`; nothing if they fit."""
+    differences = weight_differences(expected, found)
+    if differences:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit this run's model: {differences}; it was "
+            f"written for another model ({advice})"
+        )
+
+
+def weight_differences(expected: dict[str, Any], found: dict[str, Any], shown: int = 3) -> str:
+    """How a state dict `found` differs from the model's `expected` one, briefly ('' if not)."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    shapes = [
+        f"{name} {tuple(found[name].shape)} vs the model's {tuple(expected[name].shape)}"
+        for name in expected
+        if name in found
+        and isinstance(found[name], torch.Tensor)
+        and found[name].shape != expected[name].shape
+    ]
+    parts = []
+    for label, names in (
+        ("shapes differ", shapes),
+        ("missing", missing),
+        ("not in the model", unexpected),
+    ):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{label}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts)
+
+
+FINAL_WEIGHTS = "final_model.safetensors"  # a Flower run's final global model
+
+
+def default_checkpoint(run_dir: str | Path) -> str:
+    """What `evaluate` and `predict` use unless told: the run's best checkpoint, or for a
+    run that keeps none (a Flower run) its final weights."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / FINAL_WEIGHTS).exists():
+        return "final"
+    return "best"
+
+
+def run_checkpoint(run_dir: str | Path, checkpoint: str) -> Path:
+    """The file `checkpoint` names: a path, "final" (the run's final_model.safetensors), or
+    a name in `run_dir/checkpoints` ("best", "last", "epoch-0005"); a name the run does not
+    have is an error listing those it has."""
+    path = Path(checkpoint)
+    if path.suffix:
+        return path
+    folder = Path(run_dir) / "checkpoints"
+    path = Path(run_dir) / FINAL_WEIGHTS if checkpoint == "final" else folder / f"{checkpoint}.pt"
+    if not path.exists():
+        names = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+        names += ["final"] if (Path(run_dir) / FINAL_WEIGHTS).exists() else []
+        has = ", ".join(names) if names else "no checkpoints"
+        hint = f" (--checkpoint {names[-1] if 'last' not in names else 'last'})" if names else ""
+        raise ValueError(
+            f"this run has no {checkpoint!r} checkpoint in {str(folder)!r}; it has: {has}{hint}"
+        )
+    return path

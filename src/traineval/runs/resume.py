@@ -1,0 +1,238 @@
+"""Continuing a run: find its checkpoint, check the config still fits, trim the event log."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint_file
+from ..config.training_config import LEGACY_MODE_KEYS
+from ..system.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# Fields that change which samples a step sees or how they are drawn: resuming with another
+# value would not continue the run, it would start a different one. (A mode names its own
+# such settings: `Mode.resume_fixed`.)
+REFUSED_CHANGES = ("batch_size", "gradient_accumulation_steps", "seed")
+# Fields that change the trajectory from here on, which a user may want. (A longer or
+# shorter run, num_epochs and max_steps, changes it only where the schedule's plan depends on
+# the length: `optim.restore_schedule` warns then, naming both plans.)
+WARNED_CHANGES = (
+    "learning_rate",
+    "weight_decay",
+    "scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_grad_norm",
+    "gradient_clipping",
+    "precision",
+    "mixed_precision",
+    "ema_decay",
+    "ema_warmup",
+    "label_smoothing",
+    "class_weights",
+)
+
+
+# What a checkpoint must hold to be continued: a key's type, or the keys of a nested record.
+# Checked before anything reads it, so a damaged or foreign file is named in one sentence.
+RESUMABLE: dict[str, Any] = {
+    "global_step": int,
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "config": dict,
+    "loop": {"global_step": int, "epoch": int, "batch_in_epoch": int, "stopped_early": bool},
+    "monitor": {"name": str, "best": object, "num_bad": int},
+    "tracker": dict,
+    "rng": {"python": object, "numpy": object, "torch": object},
+}
+
+
+def check_resumable(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse a checkpoint that a resume cannot read: not traineval's, or missing a part
+    (`RESUMABLE`), with a `CheckpointError` naming the file and the part."""
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a resumable traineval checkpoint (no format "
+            f"{CHECKPOINT_FORMAT!r}; it holds {sorted(map(str, payload))[:6]})"
+        )
+    missing = _missing_parts(payload, RESUMABLE)
+    for per_rank in payload.get("rng_per_rank") or ():
+        missing += _missing_parts({"rng": per_rank}, {"rng": RESUMABLE["rng"]})
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be resumed: {', '.join(missing[:4])}; it is "
+            "damaged or was not written by a training run (resume from another checkpoint)"
+        )
+
+
+def _missing_parts(record: Any, shape: dict[str, Any], prefix: str = "") -> list[str]:
+    """The parts of `record` that `shape` asks for and it lacks, or holds as another type."""
+    if not isinstance(record, dict):
+        return [f"{prefix.rstrip('.')} is a {type(record).__name__}, not a record"]
+    found = []
+    for key, kind in shape.items():
+        name = f"{prefix}{key}"
+        if key not in record:
+            found.append(f"{name} is missing")
+        elif isinstance(kind, dict):
+            found += _missing_parts(record[key], kind, f"{name}.")
+        elif not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool)):
+            found.append(f"{name} is a {type(record[key]).__name__}, not {kind.__name__}")
+    return found
+
+
+def find_checkpoint(
+    output_dir: Path, resume_from: str | Path
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load the checkpoint to resume from.
+
+    `resume_from="auto"` takes the checkpoint in `output_dir/checkpoints` that is furthest
+    along by the step recorded inside it (`last.pt` on a tie; file times are not trusted: a
+    copy or a backup restore changes them), skipping with a warning any that does not load,
+    and says which it chose and why. It returns None when the folder holds no checkpoint,
+    and raises `CheckpointError` naming the files when every one is unusable (starting over
+    would overwrite them). A path must load and be resumable (`check_resumable`), or
+    `CheckpointError` names it.
+    """
+    if str(resume_from) != "auto":
+        path = Path(resume_from)
+        payload = load_checkpoint_file(path)
+        check_resumable(path, payload)
+        return path, payload
+    folder = output_dir / "checkpoints"
+    paths = [p for p in folder.glob("*.pt") if p.is_file()] if folder.is_dir() else []
+    failures: dict[Path, str] = {}
+    steps: dict[Path, int] = {}
+    for path in paths:
+        try:
+            steps[path] = int(load_checkpoint_file(path, mmap=True).get("global_step", -1))
+        except (CheckpointError, TypeError, ValueError) as error:
+            failures[path] = str(error)
+    ordered = sorted(steps, key=lambda p: (steps[p], p.name == "last.pt"), reverse=True)
+    for path in ordered:
+        try:
+            payload = load_checkpoint_file(path)
+            check_resumable(path, payload)
+        except CheckpointError as error:
+            failures[path] = str(error)
+            continue
+        _explain_choice(path, steps[path], len(paths), failures)
+        return path, payload
+    if failures:
+        raise CheckpointError(
+            f"cannot resume: every checkpoint in {str(folder)!r} is unusable ("
+            + "; ".join(failures.values())
+            + "); refusing to start over them. Move them away to start afresh, or resume "
+            "from a copy you trust with --resume PATH (resume_from=PATH)"
+        )
+    return None
+
+
+def _explain_choice(path: Path, step: int, count: int, failures: dict[Path, str]) -> None:
+    for skipped, reason in failures.items():
+        logger.warning("skipping checkpoint %s: %s", skipped.name, reason)
+    logger.info(
+        "auto-resume chose %s: step %d, the furthest along of the %d checkpoint(s) in %s",
+        path.name,
+        step,
+        count,
+        path.parent,
+    )
+
+
+def check_compatible(
+    saved: dict[str, Any], current: dict[str, Any], saved_world: int, world_size: int
+) -> None:
+    """Refuse a resume that would change the sample order or the optimizer's parameter
+    groups; warn about other trajectory changes."""
+    refused = [
+        f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
+        for name in REFUSED_CHANGES
+        if saved.get(name) != current.get(name)
+    ]
+    if saved_world != world_size:
+        refused.append(f"world_size: checkpoint {saved_world}, now {world_size}")
+    if refused:
+        raise ValueError(
+            "cannot resume: the config changes how data is drawn ("
+            + "; ".join(refused)
+            + "); resume with the checkpoint's values or start a new run in another output_dir"
+        )
+    # The optimizer's saved state fits only the same optimizer over the same groups.
+    grouping = [
+        f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
+        for name in ("optimizer_type", "lr_multipliers", "frozen_parameters")
+        if (saved.get(name) or None) != (current.get(name) or None)
+    ]
+    if bool(saved.get("weight_decay")) != bool(current.get("weight_decay")):
+        grouping.append(
+            f"weight_decay: checkpoint {saved.get('weight_decay')!r}, now "
+            f"{current.get('weight_decay')!r} (zero and non-zero decay group parameters apart)"
+        )
+    if grouping:
+        raise ValueError(
+            "cannot resume: the config changes the optimizer or its parameter groups ("
+            + "; ".join(grouping)
+            + "), whose saved state would not fit; resume with the checkpoint's values or "
+            "start a new run in another output_dir"
+        )
+    for name in WARNED_CHANGES:
+        if saved.get(name, current.get(name)) != current.get(name):  # older: without it
+            logger.warning(
+                "RESUMING WITH A CHANGED CONFIG: %s was %r in the checkpoint and is %r now; "
+                "the run will not match an uninterrupted one",
+                name,
+                saved.get(name),
+                current.get(name),
+            )
+
+
+def check_mode(payload: dict[str, Any], mode: Any) -> None:
+    """Refuse to resume another mode, or the same one with settings it names in
+    `resume_fixed` changed (for federated runs: which clients hold which samples)."""
+    saved = payload.get("mode")
+    if saved is None:  # written before modes recorded themselves: flat config keys
+        saved = {
+            setting: payload["config"][key]
+            for key, (name, setting) in LEGACY_MODE_KEYS.items()
+            if name == mode.name and key in payload["config"]
+        }
+    if saved.get("name", mode.name) not in (mode.name, mode.to_dict()["name"]):
+        raise ValueError(
+            f"cannot resume: the checkpoint was trained in mode={saved['name']!r}, this run "
+            f"is mode={mode.name!r}"
+        )
+    saved = type(mode).saved(saved)
+    current = mode.settings()
+    refused = [
+        f"{mode.name}.{key}: checkpoint {saved[key]!r}, now {current[key]!r}"
+        for key in mode.resume_fixed
+        if key in saved and saved[key] != current[key]
+    ]
+    if refused:
+        raise ValueError(
+            "cannot resume: the mode's settings change how data is drawn ("
+            + "; ".join(refused)
+            + "); resume with the checkpoint's values or start a new run in another output_dir"
+        )
+
+
+def truncate_events(path: Path, step: int) -> None:
+    """Drop the events an interrupted run logged after its checkpoint (atomically)."""
+    if not path.exists():
+        return
+    kept = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))

@@ -1,0 +1,169 @@
+"""The run directory as a resource: unique default names and one run at a time (a lock that
+a killed run does not leave stuck). Its files are written whole or not at all
+(`traineval.system.files`).
+
+- `default_run_dir("run")` is `runs/run-<date>-<time>-<random>`: two runs started in the same
+  second get different folders.
+- `run_dir_lock(folder)` holds an exclusive lock on `<folder>/.lock` for the duration of a
+  run; a second run on the folder (another process, or another thread of this one) is
+  refused with `RunDirInUse`, naming the holder. The operating system releases the lock when
+  the holding process ends in any way (SIGKILL included), so a crashed run never leaves the
+  folder locked. Re-entrant within one thread (`run_experiment` holds it around
+  `TrainingManager.train`, which takes it too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no fcntl; runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+_held: dict[Path, list[Any]] = {}  # folder -> [thread, descriptors, depth]: this process's runs
+_guard = threading.Lock()
+
+
+class RunDirInUse(FileExistsError):
+    """Another run holds the run directory."""
+
+
+def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
+    """`runs/<prefix>-YYYYmmdd-HHMMSS-<6 hex>`: sortable by time, unique per call."""
+    return Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+@contextlib.contextmanager
+def run_dir_lock(folder: str | Path) -> Iterator[None]:
+    """Hold `folder` for one run (creating it); `RunDirInUse` if another run holds it."""
+    folder = Path(folder)
+    make_folder(folder)
+    key, me = folder.resolve(), threading.get_ident()
+    with _guard:
+        entry = _held.get(key)
+        if entry is not None and entry[0] != me:
+            raise RunDirInUse(
+                f"output_dir={str(folder)!r} is in use by another run of this process "
+                f"(thread {entry[0]}): wait for it to finish, or choose another output_dir"
+            )
+        if entry is None:
+            entry = _held[key] = [me, _acquire(folder), 0]
+        entry[2] += 1
+    try:
+        yield
+    finally:
+        with _guard:
+            entry[2] -= 1
+            if entry[2] == 0:
+                del _held[key]
+                _release(entry[1])  # the lock file stays (removing it races)
+
+
+def make_folder(folder: Path) -> None:
+    """Create the run directory `folder` (and its parents), saying why it cannot be."""
+    if folder.is_symlink() and not folder.exists():
+        raise ValueError(
+            f"output_dir={str(folder)!r} is a symbolic link to {os.readlink(folder)!r}, which "
+            "does not exist: create its target, remove the link, or choose another output_dir"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output_dir={str(folder)!r} is a file, not a folder: choose another")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _acquire(folder: Path) -> tuple[int, int]:
+    """Descriptors holding `folder` (-1 where none): `<folder>/.lock` under an exclusive
+    POSIX lock, which records the holder, and the folder itself under flock, which holds
+    even when someone deletes `.lock` (a second run would lock a new file of that name).
+
+    A POSIX lock belongs to this process alone: forked DataLoader workers do not inherit
+    it, and a forked child closes its copy of the folder's descriptor at once (see
+    `_close_in_child`), so a killed run's lingering workers never hold the folder."""
+    if fcntl is None:
+        return -1, -1
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    folder_fd = _lock_folder(folder)
+    held = folder_fd != BUSY
+    if held:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            held = False
+    if not held:
+        _release((fd, folder_fd))
+        raise RunDirInUse(
+            f"output_dir={str(folder)!r} is in use by another run ({_holder(path)}): wait for "
+            "it to finish, or choose another output_dir"
+        ) from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    return fd, folder_fd
+
+
+BUSY = -2  # `_lock_folder`: another run holds the folder
+
+
+def _lock_folder(folder: Path) -> int:
+    """A descriptor of `folder` under an exclusive flock; `BUSY`; or -1 where the file
+    system cannot flock a folder (some network file systems: the `.lock` file still holds)."""
+    assert fcntl is not None
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        return BUSY if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else -1
+    _folder_fds.add(fd)
+    return fd
+
+
+def _release(fds: tuple[int, int]) -> None:
+    """Close the descriptors `_acquire` opened, which releases their locks."""
+    for fd in fds:
+        if fd >= 0:
+            _folder_fds.discard(fd)
+            os.close(fd)
+
+
+_folder_fds: set[int] = set()
+
+
+def _close_in_child() -> None:
+    """In a forked child: drop the inherited descriptors of locked folders (a flock is
+    shared by every copy of its descriptor; the parent's stays held)."""
+    for fd in list(_folder_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _folder_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, as its file says."""
+    try:
+        record = json.loads(path.read_text())
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
+        return f"pid {record['pid']} on {record['host']}, since {started}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"

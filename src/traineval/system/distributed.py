@@ -1,0 +1,360 @@
+"""Data-parallel training on torch.distributed: the process group, loaders, and collectives.
+
+Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK in the environment) `setup` joins the process
+group (NCCL on CUDA, gloo on CPU) and pins the process to its device. `Distributed` is what
+the rest of the library sees: the rank and world size, and the few collectives the loop and
+the evaluator need. A single process gets `Distributed()`, whose collectives do nothing, so
+no code path branches on "is this distributed" beyond asking `is_main`.
+
+Batch sizes are per process: with N ranks, `batch_size` b and accumulation k, one optimizer
+update sees N * b * k samples, and its gradient equals that of one batch of them (fp32).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import datetime
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank died or stopped answering."""
+
+
+@contextlib.contextmanager
+def _collective(job: Distributed, what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as error:  # gloo / NCCL errors, timeouts included
+        raise CollectiveError(
+            f"rank {job.rank} of {job.world_size}: {what} failed ({error}); another rank "
+            "probably failed or stopped answering (each wait is bounded by "
+            "distributed_timeout_seconds)"
+        ) from error
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job; collectives are no-ops for a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files, logs and progress."""
+        return self.rank == 0
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Sum each value over the ranks (float64); the same list on every rank."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+        with _collective(self, "summing values over the ranks"):
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_tensor(self, value: int | torch.Tensor) -> torch.Tensor:
+        """`value` summed over the ranks, as a float32 tensor on the communication device."""
+        tensor = torch.as_tensor(value, dtype=torch.float32)
+        if not self.enabled:
+            return tensor
+        tensor = tensor.to(_comm_device(), copy=True)
+        with _collective(self, "summing the window's items over the ranks"):
+            dist.all_reduce(tensor)
+        return tensor
+
+    def sum_in_place(self, tensors: Sequence[torch.Tensor], what: str) -> None:
+        """Sum each tensor over the ranks, in place, with one all-reduce of them flattened
+        (float32 on the communication device); `what` names it in a collective's error."""
+        if not self.enabled or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(_comm_device())
+        with _collective(self, what):
+            dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Average `params`' gradients over the ranks in place (one all-reduce), as DDP does,
+        for modes whose step cannot run through a DDP wrapper (several forward passes per
+        backward, functional calls). A missing gradient counts as zeros."""
+        if not self.enabled or not params:
+            return
+        grads: list[torch.Tensor] = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        self.sum_in_place(grads, "averaging gradients over the ranks")
+        torch._foreach_div_(grads, self.world_size)
+
+    def broadcast_weights(self, model: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (what DDP does when it wraps)."""
+        if not self.enabled:
+            return
+        with torch.no_grad(), _collective(self, "broadcasting rank 0's weights"):
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank says yes; every rank gets the same answer."""
+        return bool(self.sum([1.0 if flag else 0.0])[0]) if self.enabled else flag
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        with _collective(self, "gathering state from the ranks"):
+            dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.enabled:
+            with _collective(self, "waiting for the other ranks (barrier)"):
+                dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def from_environment() -> Distributed:
+    """The job torchrun describes in the environment (a single process when it says nothing)."""
+    values = {key: os.environ.get(key) for key in ENV_KEYS}
+    if values["WORLD_SIZE"] is None:
+        return Distributed()
+    try:
+        rank, world = int(values["RANK"] or 0), int(values["WORLD_SIZE"] or 1)
+        local = int(values["LOCAL_RANK"] or 0)
+    except ValueError:
+        raise ValueError(
+            f"the torchrun environment is malformed: {values}; expected integers"
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"the torchrun environment is inconsistent: {values}")
+    return Distributed(rank, world, local)
+
+
+def setup(device: str, backend: str, timeout_seconds: float) -> tuple[Distributed, str]:
+    """Join the process group torchrun describes; return the job and this rank's device.
+
+    `device` is the config's choice ("auto", "cpu", "cuda", ...): with CUDA each rank takes
+    `cuda:LOCAL_RANK`. A process group the caller already initialised is used as it is.
+    `timeout_seconds` bounds every collective, so a rank that dies or hangs stops the others
+    with an error instead of a silent hang.
+    """
+    if dist.is_available() and dist.is_initialized():
+        job = Distributed(dist.get_rank(), dist.get_world_size(), _local_rank())
+        return job, _rank_device(device, job)
+    job = from_environment()
+    if not job.enabled:
+        return job, device
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    rank_device = _rank_device(device, job)
+    chosen = backend
+    if chosen == "auto":
+        chosen = "nccl" if rank_device.startswith("cuda") else "gloo"
+    if chosen == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        raise ValueError(
+            "distributed_backend='nccl' needs CUDA GPUs and a PyTorch build with NCCL; "
+            "use 'gloo' (CPU) or 'auto'"
+        )
+    if chosen == "gloo" and not dist.is_gloo_available():
+        raise ValueError("distributed_backend='gloo' is not available in this PyTorch build")
+    if rank_device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(rank_device))
+    dist.init_process_group(
+        backend=chosen,
+        timeout=datetime.timedelta(seconds=timeout_seconds),
+        device_id=torch.device(rank_device) if chosen == "nccl" else None,
+    )
+    atexit.register(_destroy)
+    logger.info(
+        "rank %d of %d (local rank %d) on %s, backend %s",
+        job.rank,
+        job.world_size,
+        job.local_rank,
+        rank_device,
+        chosen,
+    )
+    return job, rank_device
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _rank_device(device: str, job: Distributed) -> str:
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not wants_cuda:
+        return "cpu" if device == "auto" else device
+    if not torch.cuda.is_available():
+        return device  # resolve_device falls back to the CPU with a warning
+    count = torch.cuda.device_count()
+    if job.local_rank >= count:
+        raise ValueError(
+            f"LOCAL_RANK={job.local_rank} but this node has {count} CUDA device(s); "
+            "start at most one process per GPU (torchrun --nproc_per_node)"
+        )
+    return f"cuda:{job.local_rank}"
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(
+    model: torch.nn.Module, device: torch.device, job: Distributed, config: Any
+) -> tuple[torch.nn.Module, Callable[[], AbstractContextManager[Any]] | None]:
+    """The module the loop trains through, and its "skip the gradient sync" context.
+
+    A single process trains `model` itself. With DDP the returned wrapper shares `model`'s
+    parameters. With FSDP `model` is sharded in place (its parameters become DTensors), so
+    build the optimizer after this call; read full weights with `model_state`.
+    """
+    if not job.enabled:
+        return model, None
+    if config.distributed_strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        job.broadcast_weights(model)  # rank 0's initial weights everywhere, as DDP does
+        for unit in _shard_units(model, config.fsdp_shard_modules):
+            fully_shard(unit)
+        fully_shard(model)
+        return model, functools.partial(_fsdp_no_sync, model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=config.find_unused_parameters,
+    )
+    return ddp, ddp.no_sync
+
+
+def _shard_units(model: torch.nn.Module, class_names: Sequence[str]) -> list[torch.nn.Module]:
+    """The submodules FSDP shards on their own: the named classes, else each block of every
+    ModuleList (a transformer's layers)."""
+    if class_names:
+        units = [m for m in model.modules() if type(m).__name__ in class_names and m is not model]
+        if not units:
+            present = sorted({type(m).__name__ for m in model.modules()})
+            raise ValueError(
+                f"fsdp_shard_modules={list(class_names)} matched no submodule; the model's "
+                f"module classes are: {', '.join(present)}"
+            )
+        return units
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return [block for blocks in lists for block in blocks]
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP sharded `model` (`fully_shard` made it or a submodule an FSDPModule)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Return an FSDP model to its sharded state. An evaluation pass leaves the root unit's
+    parameters gathered (no backward pass runs to reshard them), and a full state dict
+    taken in that state is unusable, so `model_state` and `optimizer_state` reshard first."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    if fsdp is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's full weights; for an FSDP model a collective (rank 0 gets them)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    reshard(model)
+    return get_model_state_dict(model, options=_full_options())
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Load what `model_state` returned; for an FSDP model a collective in which rank 0's
+    full weights are sent to the others, each keeping its shard (the others' `state` may be
+    empty)."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    reshard(model)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's full state; for an FSDP model keyed by parameter name, a collective."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    reshard(model)
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load what `optimizer_state` returned (every rank passes the full state)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )

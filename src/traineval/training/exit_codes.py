@@ -1,0 +1,32 @@
+"""How a command ends, as its exit status: 0 done, 2 bad input, 1 a fault of the
+environment or of the run, 128+N a signal (130 Ctrl-C, 143 SIGTERM: what schedulers requeue).
+
+Scripts and schedulers branch on it: a 2 will fail the same way again until the input is
+fixed; a 1 may pass on another machine or after freeing disk; a 128+N is resumable."""
+
+from __future__ import annotations
+
+import errno
+
+BAD_INPUT = 2
+FAULT = 1
+
+_USER_PATHS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+_USER_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL)  # a name the user chose
+
+
+def exit_status_of(error: BaseException) -> int:
+    """A reported error's exit status: `FAULT` for the environment or the run (a disk, a
+    permission, a run directory in use, a diverged run, a lost tune worker), `BAD_INPUT`
+    for what the user gave (a value, a file, a checkpoint, a code reference)."""
+    from ..runs.rundir import RunDirInUse
+    from .loop import EvaluationError
+    from .steplog import NonFiniteError
+
+    if isinstance(error, (RunDirInUse, NonFiniteError, EvaluationError)):
+        return FAULT
+    if isinstance(error, OSError) and not (
+        isinstance(error, _USER_PATHS) or error.errno in _USER_PATH_ERRNOS
+    ):
+        return FAULT  # WriteError, PermissionError, a full disk, a lost tune worker
+    return BAD_INPUT

@@ -1,0 +1,436 @@
+"""Optimizers by name with decoupled parameter groups, and schedulers with linear warmup.
+
+Every schedule is a function of the number of optimizer updates, stepped once per update
+(plateau: once per evaluation, on the monitored metric).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config.training_config import SCHEDULERS
+from ..runs.tracking import Plateau
+
+__all__ = [
+    "PlateauSchedule",
+    "build_optimizer",
+    "build_scheduler",
+    "configured_optimizer",
+    "freeze",
+    "parameter_groups",
+    "restore_schedule",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def matching(model: nn.Module, prefix: str) -> list[str]:
+    """The names of `model`'s parameters under `prefix` (the name itself, or a module path)."""
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name == prefix or name.startswith(prefix + ".")
+    ]
+
+
+def check_prefixes(model: nn.Module, field: str, prefixes: Iterable[str]) -> None:
+    """Every prefix names some parameter of `model`, or a ValueError says which does not."""
+    for prefix in prefixes:
+        if not matching(model, prefix):
+            modules = ", ".join(name for name, _ in model.named_children()) or "none"
+            raise ValueError(
+                f"{field}: {prefix!r} matches no parameter of {type(model).__name__} "
+                f"(its top-level modules: {modules})"
+            )
+
+
+def freeze(model: nn.Module, prefixes: Iterable[str]) -> int:
+    """Turn off gradients for the parameters under `prefixes`; returns how many."""
+    prefixes = list(prefixes)
+    check_prefixes(model, "frozen_parameters", prefixes)
+    count = 0
+    for name, param in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            param.requires_grad_(False)
+            count += 1
+    return count
+
+
+def _multiplier(name: str, multipliers: dict[str, float]) -> float:
+    """The factor of the longest prefix that matches `name` (1.0 where none does)."""
+    best, factor = -1, 1.0
+    for prefix, value in multipliers.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, factor = len(prefix), value
+    return factor
+
+
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    multipliers: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Split trainable parameters: matrices decay; biases, norm weights and other 1-D tensors
+    don't. With `multipliers` ({prefix: factor}) each factor gets its own groups, whose rate
+    is `lr` times the factor.
+
+    Raises:
+        ValueError: the model has no trainable parameters, or a prefix matches none.
+    """
+    multipliers = multipliers or {}
+    check_prefixes(model, "lr_multipliers", multipliers)
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            decays = param.ndim >= 2 and weight_decay != 0
+            buckets.setdefault((_multiplier(name, multipliers), decays), []).append(param)
+    if not buckets:
+        raise ValueError(
+            f"model {type(model).__name__} has no trainable parameters "
+            "(all have requires_grad=False); nothing to optimize"
+        )
+    # (with no decay, one group per factor: one fused kernel launch per step instead of two)
+    groups = []
+    for (factor, decays), params in sorted(
+        buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])
+    ):
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if multipliers:
+            assert lr is not None, "lr is needed to scale groups by lr_multipliers"
+            group["lr"] = lr * factor
+        groups.append(group)
+    return groups
+
+
+def _kernel_options(params: Iterable[torch.Tensor]) -> dict[str, bool]:
+    """Fused kernels where every parameter's device supports them, else foreach on CUDA."""
+    params = list(params)
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    if all(p.is_floating_point() and p.device.type in supported for p in params):
+        return {"fused": True}
+    if all(p.device.type == "cuda" for p in params):
+        return {"foreach": True}
+    return {}
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    lr_multipliers: dict[str, float] | None = None,
+) -> torch.optim.Optimizer:
+    """Build `adamw`, `adam` or `sgd` over `model`'s trainable parameters.
+
+    Weight decay skips biases and norm weights; `lr_multipliers` scales the rate of the
+    parameters under each prefix; kernels are fused where the device allows.
+    """
+    groups = parameter_groups(model, weight_decay, lr, lr_multipliers)
+    kernels = _kernel_options(p for g in groups for p in g["params"])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernels)
+    if name == "adam":
+        # Adam folds weight decay into the gradient (L2); AdamW decouples it.
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, **kernels)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernels)
+    raise ValueError(f"optimizer_type={name!r} is invalid: expected one of 'adamw', 'adam', 'sgd'")
+
+
+class _WarmupShape:
+    """LR multiplier for update `t` (0-based): linear warmup, then a named shape.
+
+    A callable object rather than a lambda, so `LambdaLR.state_dict()` saves it.
+    """
+
+    def __init__(
+        self,
+        shape: str,
+        warmup_steps: int,
+        total_steps: int | None,
+        min_ratio: float,
+        step_size: int,
+        gamma: float,
+    ) -> None:
+        self.shape = shape
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+        self.step_size = step_size
+        self.gamma = gamma
+        self.plateau_factor = 1.0
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup_steps:
+            return (t + 1) / self.warmup_steps
+        after = t - self.warmup_steps
+        if self.shape == "cosine":
+            assert self.total_steps is not None
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, after / span)
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.shape == "linear":
+            assert self.total_steps is not None
+            progress = min(1.0, after / max(1, self.total_steps - self.warmup_steps))
+            return self.min_ratio + (1 - self.min_ratio) * (1 - progress)
+        if self.shape == "step":
+            return float(self.gamma ** (after // self.step_size))
+        if self.shape == "plateau":
+            return self.plateau_factor
+        return 1.0
+
+
+class PlateauSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """Warmup per update, then multiply the LR by `factor` when the monitored metric stalls.
+
+    `step()` runs once per optimizer update (warmup); `step_on_metric(value)` once per
+    evaluation. Reduces after more than `patience` evaluations without improvement.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        shape: _WarmupShape,
+        *,
+        minimize: bool,
+        patience: int,
+        factor: float,
+        min_lr: float,
+    ) -> None:
+        self.plateau = Plateau(minimize=minimize)
+        self.patience = patience
+        self.factor = factor
+        self.min_lr = min_lr
+        super().__init__(optimizer, shape)
+
+    def step_on_metric(self, value: float) -> None:
+        self.plateau.update(value)
+        if self.plateau.num_bad > self.patience:
+            shape = self.lr_lambdas[0]
+            assert isinstance(shape, _WarmupShape)
+            smallest = float(min(self.base_lrs))
+            shape.plateau_factor = max(shape.plateau_factor * self.factor, self.min_lr / smallest)
+            self.plateau.num_bad = 0
+            for group, lmbda, base in zip(
+                self.optimizer.param_groups, self.lr_lambdas, self.base_lrs, strict=True
+            ):
+                group["lr"] = base * lmbda(self.last_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["plateau"] = self.plateau.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.plateau.load_state_dict(state.pop("plateau"))
+        super().load_state_dict(state)
+
+
+_PLAN = ("shape", "warmup_steps", "total_steps", "min_ratio", "step_size", "gamma")
+
+
+def restore_schedule(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]
+) -> None:
+    """Load a checkpoint's schedule state into `scheduler`, which was planned for this run.
+
+    The position (updates done, a plateau's reductions) comes from the checkpoint; the plan
+    (warmup, length, shape) is this run's, so a run resumed with a longer `max_steps` or
+    `num_epochs` follows its new plan from the resumed update on, with a warning naming both
+    plans where the learning rates differ. OneCycleLR cannot be re-planned: a changed length
+    is refused.
+    """
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        if state.get("total_steps") != scheduler.total_steps:
+            raise ValueError(
+                f"cannot resume: the onecycle schedule was planned over {state.get('total_steps')} "
+                f"optimizer updates, this run has {scheduler.total_steps}, and a one-cycle "
+                "schedule cannot be re-planned mid-run; resume with the checkpoint's num_epochs "
+                "and max_steps"
+            )
+        scheduler.load_state_dict(state)
+        return
+    lambdas = getattr(scheduler, "lr_lambdas", [])  # one object may serve every group
+    shapes = list({id(fn): fn for fn in lambdas if isinstance(fn, _WarmupShape)}.values())
+    planned = [{key: getattr(fn, key) for key in _PLAN} for fn in shapes]
+    scheduler.load_state_dict(state)
+    changed = False
+    for fn, plan in zip(shapes, planned, strict=True):
+        saved = {key: getattr(fn, key) for key in _PLAN}
+        for key, value in plan.items():
+            setattr(fn, key, value)
+        changed = changed or _plans_differ(saved, plan, scheduler.last_epoch)
+    if changed and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, rate, base in zip(
+            scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
+        ):
+            group["lr"] = base * rate(scheduler.last_epoch)
+        old, new = _lengths(saved), _lengths(plan)
+        logger.warning(
+            "RESUMING WITH ANOTHER SCHEDULE: the %s schedule was planned as %s and is now %s; "
+            "from update %d on the learning rate follows the new plan, so the run will not "
+            "equal an uninterrupted one planned this way from the start",
+            plan["shape"],
+            old,
+            new,
+            scheduler.last_epoch,
+        )
+
+
+def _plans_differ(old: dict[str, Any], new: dict[str, Any], t: int) -> bool:
+    """Whether two plans give another learning rate at some update from `t` (0-based) on."""
+    reshaped = any(old[k] != new[k] for k in ("shape", "min_ratio", "step_size", "gamma"))
+    warmup = old["warmup_steps"] != new["warmup_steps"]
+    span = (old["total_steps"], old["warmup_steps"]) != (new["total_steps"], new["warmup_steps"])
+    if reshaped or (old["shape"] in ("cosine", "linear") and span):
+        return True
+    return warmup and t < max(old["warmup_steps"], new["warmup_steps"])
+
+
+def _lengths(plan: dict[str, Any]) -> str:
+    """The parts of a plan that a run's length changes, in words."""
+    words = f"warmup {plan['warmup_steps']}"
+    if plan["shape"] in ("cosine", "linear"):
+        words += f" over {plan['total_steps']} updates"
+    return words
+
+
+def configured_optimizer(
+    model: nn.Module, config: Any, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """`build_optimizer` with a TrainingConfig's choices (`lr` overrides its learning rate)."""
+    c = config
+    return build_optimizer(
+        model,
+        c.optimizer_type,
+        lr=c.learning_rate if lr is None else lr,
+        weight_decay=c.weight_decay,
+        momentum=c.momentum,
+        betas=(c.adam_beta1, c.adam_beta2),
+        eps=c.adam_epsilon,
+        lr_multipliers=c.lr_multipliers,
+    )
+
+
+def configured_scheduler(
+    optimizer: torch.optim.Optimizer, config: Any, total_steps: int | None
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """`build_scheduler` with a TrainingConfig's choices, over `total_steps` updates."""
+    c = config
+    return build_scheduler(
+        optimizer,
+        c.scheduler_type,
+        total_steps=total_steps,
+        warmup_steps=warmup_updates(c.warmup_steps, c.warmup_ratio, total_steps),
+        min_lr=c.min_learning_rate,
+        step_size=c.scheduler_step_size,
+        gamma=c.scheduler_gamma,
+        minimize=c.minimize_monitor,
+        plateau_patience=c.lr_scheduler_patience,
+        plateau_factor=c.lr_scheduler_factor,
+    )
+
+
+def warmup_updates(steps: int, ratio: float, total_steps: int | None) -> int:
+    """The optimizer updates to warm up over: `ceil(ratio * total_steps)` when `ratio` > 0,
+    else `steps`; a warmup as long as the run or longer becomes a tenth of the run, with a
+    warning naming both numbers (a default of 1000 steps must not refuse a short run).
+
+    Example:
+        >>> warmup_updates(0, 0.1, 320), warmup_updates(50, 0.0, 320)
+        (32, 50)
+    """
+    if ratio > 0:
+        if total_steps is None:
+            raise ValueError(
+                f"warmup_ratio={ratio} needs the number of optimizer updates, but the train "
+                "loader has no len(): set max_steps, or give warmup_steps instead"
+            )
+        return min(math.ceil(ratio * total_steps), total_steps - 1)
+    if total_steps is None or steps < total_steps:
+        return steps
+    shortened = total_steps // 10
+    logger.warning(
+        "warmup_steps=%d is not shorter than this run's %d optimizer updates: warming up "
+        "over the first %d (a tenth of the run) instead; set warmup_steps or warmup_ratio "
+        "to choose",
+        steps,
+        total_steps,
+        shortened,
+    )
+    return shortened
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    total_steps: int | None,
+    warmup_steps: int = 0,
+    min_lr: float = 0.0,
+    step_size: int = 1000,
+    gamma: float = 0.1,
+    minimize: bool = True,
+    plateau_patience: int = 5,
+    plateau_factor: float = 0.5,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Build a scheduler stepped once per optimizer update, with linear warmup.
+
+    Warmup: update `u` (1-based) of the first `warmup_steps` runs at `lr * u / warmup_steps`.
+    `cosine` then decays to `min_lr` at `total_steps` (a half cosine), `linear` in a
+    straight line (update `total_steps` would run at `min_lr`); `step` multiplies by `gamma` every
+    `step_size` updates; `onecycle` uses torch's OneCycleLR with the warmup as its rising
+    phase; `plateau` returns a `PlateauSchedule`; `constant` holds the LR.
+
+    Raises:
+        ValueError: an unknown name, or `total_steps` missing or not longer than the warmup
+            for a schedule that needs it.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(
+            f"scheduler_type={name!r} is invalid: expected one of "
+            + ", ".join(repr(known) for known in SCHEDULERS)
+        )
+    if total_steps is not None and warmup_steps >= total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} is invalid: warmup must be shorter than training "
+            f"({total_steps} optimizer updates); lower warmup_steps or train longer"
+        )
+    if name in ("cosine", "linear", "onecycle") and total_steps is None:
+        raise ValueError(
+            f"scheduler_type={name!r} needs the number of optimizer updates: the train loader "
+            "has no len(); set max_steps or use scheduler_type='constant'"
+        )
+    if name == "onecycle":
+        assert total_steps is not None
+        max_lrs = [group["lr"] for group in optimizer.param_groups]
+        pct_start = warmup_steps / total_steps if warmup_steps else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=pct_start
+        )
+    base = min(group["lr"] for group in optimizer.param_groups)
+    shape = _WarmupShape(name, warmup_steps, total_steps, min_lr / base, step_size, gamma)
+    if name == "plateau":
+        return PlateauSchedule(
+            optimizer,
+            shape,
+            minimize=minimize,
+            patience=plateau_patience,
+            factor=plateau_factor,
+            min_lr=min_lr,
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)

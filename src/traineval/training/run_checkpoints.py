@@ -1,0 +1,235 @@
+"""A training run's checkpoints: what one holds, writing it from the loop, putting it back.
+
+A checkpoint is a dict of tensors and plain values (it loads with weights_only): model and
+optimizer state (full, also when FSDP shards the model), scheduler, GradScaler, every
+rank's RNG, the loop's counters and data position, monitor, tracker and callback state, the
+config, and each rank's state of a step that keeps one (`state_dict()`: PPO's rollout and
+environments). With a moving average of the weights (`ema_decay`) the model's weights are
+the average, the weights to use, and `training_weights` the optimizer's, to resume from.
+Under torchrun every rank calls `save_from_loop` (gathering full states and RNGs
+are collectives); rank 0 writes, the others wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..callbacks.base import saved_states, state_keys
+from ..config.training_config import TrainingConfig, current_metric_name
+from ..runs.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    save_checkpoint_file,
+    save_safetensors,
+)
+from ..runs.checkpoint_writer import CheckpointWriter, untied
+from ..system.distributed import Distributed, is_sharded, model_state, optimizer_state
+from ..system.seeding import capture_rng
+from ..system.version import __version__
+from .steplog import NonFiniteError
+
+if TYPE_CHECKING:
+    from .loop import Loop
+    from .precision import Precision
+
+
+def checkpoint_payload(
+    name: str,
+    *,
+    config: TrainingConfig,
+    epoch: int,
+    global_step: int,
+    weights: dict[str, Any],
+    optimizer: dict[str, Any],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    scaler: torch.amp.GradScaler | None = None,
+    best_metric: float | None = None,
+    best_epoch: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict. `weights` and `optimizer` are full state dicts
+    (`distributed.model_state`, `distributed.optimizer_state`)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "name": name,
+        "epoch": epoch,
+        "global_step": global_step,
+        "model": weights,
+        "optimizer": optimizer,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "config": config.to_dict(),
+        **(extra or {}),
+    }
+
+
+def save_from_loop(
+    name: str,
+    loop: Loop,
+    precision: Precision,
+    *,
+    config: TrainingConfig,
+    job: Distributed,
+    folder: Path,
+    mode: dict[str, Any] | None = None,
+    writer: CheckpointWriter | None = None,
+) -> Path:
+    """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state;
+    with a `writer`, in the background (see `traineval.runs.checkpoint_writer`)."""
+    path = folder / f"{name}.pt"
+    rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
+    step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
+    steps = job.gather(step_state()) if callable(step_state) else None  # each rank's
+    # full states: under FSDP gathering them is a collective, rank 0 receives them
+    weights = model_state(loop.model)
+    optimizer = optimizer_state(loop.model, loop.optimizer)
+    averaging: dict[str, Any] = {}
+    if loop.weight_average is not None:  # the model's weights are the average; resume needs both
+        averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
+    if job.is_main:
+        refuse_non_finite(weights, path)
+        state = loop.state
+        payload = checkpoint_payload(
+            name,
+            config=config,
+            epoch=state.epoch,
+            global_step=state.global_step,
+            weights=loop.state_to_keep(weights),
+            optimizer=optimizer,
+            scheduler=loop.scheduler,
+            scaler=precision.scaler,
+            best_metric=state.best_metric,
+            best_epoch=state.best_epoch,
+            extra={
+                "loop": loop.history_json["loop"](state.state_dict()),
+                "rng": rng[0],
+                "rng_per_rank": rng,
+                "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
+                "tracker": loop.history_json["tracker"](loop.tracker.state_dict()),
+                "callbacks": {
+                    key: cb.state_dict()
+                    for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)
+                },
+                "mode": mode,
+                "step_per_rank": steps,
+                "world_size": job.world_size,
+                "distributed_strategy": config.distributed_strategy if job.enabled else None,
+                "traineval_version": __version__,
+                **averaging,
+            },
+        )
+        if writer is not None:
+            _save_in_background(writer, name, loop, weights, payload, path)
+        else:
+            if name == "best":
+                if is_sharded(loop.model):
+                    save_safetensors(weights, path.with_suffix(".safetensors"))
+                else:
+                    with loop.weights_to_keep():
+                        save_safetensors(loop.model, path.with_suffix(".safetensors"))
+            save_checkpoint_file(payload, path)
+    job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
+    return path
+
+
+def refuse_non_finite(weights: dict[str, Any], path: Path) -> None:
+    """Refuse to write `path` when a parameter or buffer in `weights` holds NaN or inf
+    (`NonFiniteError` naming it): the previous file stays, and a resume never starts from
+    a poisoned state. One check of every tensor, read back once."""
+    names = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return
+    finite = torch.stack([torch.isfinite(weights[k]).all().cpu() for k in names])
+    if bool(finite.all()):
+        return
+    bad = names[int((~finite).nonzero()[0])]
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+    raise NonFiniteError(
+        f"refusing to write {path.name}: the model's {bad!r} holds NaN or infinite values; {kept}"
+    )
+
+
+def _save_in_background(
+    writer: CheckpointWriter,
+    name: str,
+    loop: Loop,
+    weights: dict[str, Any],
+    payload: dict[str, Any],
+    path: Path,
+) -> None:
+    """Snapshot what the save writes (the loop waits only for this), then hand the files
+    to the writer thread: `best.safetensors` first for "best", then the checkpoint. Without
+    a moving average, one snapshot of both: the weights they share are copied once. With
+    one, the exported average is copied while the model holds it (the block puts the
+    training weights back, and the checkpoint's `training_weights` are views of them)."""
+    writer.wait()  # at most one write in flight: this save waits for the previous one
+    exported: dict[str, Any] = {}  # to copy with the checkpoint
+    average: dict[str, Any] | None = None  # copied already
+    if name == "best" and is_sharded(loop.model):
+        exported = weights
+    elif name == "best" and loop.weight_average is not None:
+        with loop.weights_to_keep():
+            average = writer.snapshot("average", untied(loop.model.state_dict()))
+    elif name == "best":
+        exported = untied(loop.model.state_dict())
+    kind = "best" if name == "best" else "checkpoint"  # the buffers one shape of save lends
+    copied = writer.snapshot(kind, {"checkpoint": payload, "weights": exported})
+    writes: list[Callable[[], Any]] = []
+    if name == "best":
+        safetensors = path.with_suffix(".safetensors")
+        files = average if average is not None else copied["weights"]
+        writes.append(lambda: save_safetensors(files, safetensors))
+    writes.append(lambda: save_checkpoint_file(copied["checkpoint"], path))
+    writer.submit(writes, str(path))
+
+
+def finished(state: dict[str, Any], config: TrainingConfig) -> bool:
+    """Whether a checkpointed run has nothing left to do under `config` (which may extend it)."""
+    if state["stopped_early"]:
+        return True
+    if config.max_steps is not None and state["global_step"] >= config.max_steps:
+        return True
+    return state["batch_in_epoch"] == 0 and state["epoch"] >= config.num_epochs
+
+
+def training_weights(payload: dict[str, Any]) -> dict[str, Any]:
+    """The weights to continue training from: with a moving average the checkpoint's
+    model weights are the average, and the trained ones sit beside them."""
+    return payload.get("training_weights", payload["model"])
+
+
+def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
+    """Put a checkpoint's loop counters, monitor, tracker, callbacks, moving average and RNG
+    back (a checkpoint without an average starts one)."""
+    loop.state.load_state_dict(payload["loop"])
+    if loop.weight_average is not None and "ema" in payload:
+        loop.weight_average.load(payload["ema"], payload["model"])
+    monitor_state = {**payload["monitor"], "name": current_metric_name(payload["monitor"]["name"])}
+    if monitor_state["name"] != loop.monitor.name:
+        raise ValueError(
+            f"cannot resume: the checkpoint monitors {monitor_state['name']!r}, the config "
+            f"{loop.monitor.name!r}"
+        )
+    loop.monitor.load_state_dict(monitor_state)
+    loop.tracker.load_state_dict(payload["tracker"])
+    saved = saved_states(payload.get("callbacks", {}))
+    for key, callback in zip(state_keys(loop.callbacks), loop.callbacks, strict=True):
+        if key in saved:
+            callback.load_state_dict(saved[key])
+    steps, load_step = payload.get("step_per_rank"), getattr(loop.step_fn, "load_state_dict", None)
+    if steps is not None and callable(load_step):
+        if len(steps) != loop.job.world_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint's step state is of {len(steps)} ranks (its "
+                f"environments, rollouts), this run has {loop.job.world_size}"
+            )
+        load_step(steps[loop.job.rank])
+    per_rank = payload.get("rng_per_rank")
+    loop.resume_rng = per_rank[loop.job.rank] if per_rank else payload["rng"]
