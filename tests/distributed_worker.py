@@ -115,7 +115,12 @@ def semi_supervised(out: Path, rank: int) -> None:
     """Semi-supervised, batch 8 x 2 accumulated per rank: the reference is one process at 32."""
     net = model()
     TrainingManager(
-        config(out, batch_size=8, gradient_accumulation_steps=2, pseudo_label_threshold=0.4)
+        config(
+            out,
+            batch_size=8,
+            gradient_accumulation_steps=2,
+            mode_settings={"semi_supervised": {"pseudo_label_threshold": 0.4}},
+        )
     ).train(
         net,
         DataLoader(partly_labeled(), batch_size=8, shuffle=False),
@@ -138,7 +143,9 @@ def meta_tasks(count: int, seed: int) -> Any:
 def meta_run(out: Path, batch: int) -> tuple[nn.Module, Any]:
     """MAML on 8 training tasks (batch `batch` per process), validation on 5 tasks."""
     net = model()
-    result = TrainingManager(config(out, batch_size=batch, meta_inner_lr=0.3)).train(
+    result = TrainingManager(
+        config(out, batch_size=batch, mode_settings={"meta_learning": {"inner_lr": 0.3}})
+    ).train(
         net,
         DataLoader(meta_tasks(8, seed=0), batch_size=batch, shuffle=False),
         DataLoader(meta_tasks(5, seed=1), batch_size=2),  # 3 and 2 tasks per rank
@@ -162,8 +169,8 @@ def federated_run(out: Path) -> tuple[nn.Module, Any]:
         for a, b in ((0, 8), (8, 24), (24, 48))
     ]
     net = model(dropout=0.2)
-    settings = {"num_epochs": 3, "federated_local_epochs": 2, "federated_server_momentum": 0.5}
-    settings["mode_settings"] = {"federated": {"control_variates": True}}
+    federated = {"local_epochs": 2, "server_momentum": 0.5, "control_variates": True}
+    settings: dict[str, Any] = {"num_epochs": 3, "mode_settings": {"federated": federated}}
     settings.update(optimizer_type="sgd", momentum=0.0, weight_decay=0.0)  # SCAFFOLD's clients
     result = TrainingManager(config(out, **settings)).train(
         net, clients, DataLoader(data(9, seed=5), batch_size=2), mode=TrainingMode.FEDERATED
@@ -216,12 +223,14 @@ class ActorCritic(nn.Module):
         return self.pi(h), self.v(h)
 
 
+RL_MODE: dict[str, Any] = {  # policy gradient
+    "updates_per_epoch": 1,
+    "episodes_per_update": 3,
+    "max_episode_steps": 25,  # some episodes are cut off: their returns bootstrap
+    "eval_episodes": 1,
+}
 RL_SETTINGS: dict[str, Any] = {
     "num_epochs": 1,
-    "rl_updates_per_epoch": 1,
-    "rl_episodes_per_update": 3,
-    "rl_max_episode_steps": 25,  # some episodes are cut off: their returns bootstrap
-    "rl_eval_episodes": 1,
     "optimizer_type": "sgd",
     "momentum": 0.0,
     "weight_decay": 0.0,
@@ -236,7 +245,7 @@ def reinforcement(out: Path, rank: int) -> None:
     """One policy update from each rank's 3 episodes; save what a replay needs."""
     net = ActorCritic()
     initial = {k: v.clone() for k, v in net.state_dict().items()}
-    TrainingManager(config(out, **RL_SETTINGS)).train(
+    TrainingManager(config(out, **RL_SETTINGS, mode_settings={"reinforcement": RL_MODE})).train(
         net, RecordingCartPole, mode=TrainingMode.REINFORCEMENT
     )
     episodes = [  # the update's episodes come first; validation's come after
@@ -246,7 +255,7 @@ def reinforcement(out: Path, rank: int) -> None:
             "rewards": torch.tensor(e["rewards"], dtype=torch.float64),
             "terminated": e["terminated"],
         }
-        for e in RECORDED[: RL_SETTINGS["rl_episodes_per_update"]]
+        for e in RECORDED[: RL_MODE["episodes_per_update"]]
     ]
     torch.save(
         {"initial": initial, "final": net.state_dict(), "episodes": episodes},
@@ -347,8 +356,10 @@ def resume_second(out: Path, rank: int) -> None:
 
 
 def rl_resume_config(out: Path) -> TrainingConfig:
-    settings = {**RL_SETTINGS, "rl_updates_per_epoch": 6, "rl_episodes_per_update": 2}
-    return config(out, checkpoint_every_n_steps=2, **settings)
+    mode = {**RL_MODE, "updates_per_epoch": 6, "episodes_per_update": 2}
+    return config(
+        out, checkpoint_every_n_steps=2, **RL_SETTINGS, mode_settings={"reinforcement": mode}
+    )
 
 
 def rl_resume_first(out: Path, rank: int) -> None:
@@ -389,8 +400,7 @@ PPO_MODE = Reinforcement(  # 4 minibatches x 2 passes: 8 updates per rollout; a 
 
 
 def ppo_config(out: Path) -> TrainingConfig:
-    settings = {k: v for k, v in RL_SETTINGS.items() if not k.startswith("rl_")}
-    return config(out, checkpoint_every_n_steps=2, **settings)
+    return config(out, checkpoint_every_n_steps=2, **RL_SETTINGS)
 
 
 def ppo_resume_first(out: Path, rank: int) -> None:

@@ -206,7 +206,11 @@ def test_semi_supervised_ranks_normalise_each_term_over_all_ranks(tmp_path):
     ok(torchrun("semi_supervised", tmp_path))
     net = worker.model()
     TrainingManager(
-        worker.config(tmp_path / "single", batch_size=32, pseudo_label_threshold=0.4)
+        worker.config(
+            tmp_path / "single",
+            batch_size=32,
+            mode_settings={"semi_supervised": {"pseudo_label_threshold": 0.4}},
+        )
     ).train(
         net,
         DataLoader(worker.partly_labeled(), batch_size=32),
@@ -247,7 +251,7 @@ def test_federated_ranks_share_the_rounds_clients_and_match_one_process(tmp_path
 
 def _policy_update_from(episodes, net, settings):
     """The update one process computes from these episodes, written out plainly."""
-    gamma, cap = 0.99, settings["rl_max_episode_steps"]
+    gamma, cap = 0.99, settings["max_episode_steps"]
     log_probs, entropies, values, returns = [], [], [], []
     for e in episodes:
         logits, value = net(e["obs"][:-1])
@@ -274,7 +278,7 @@ def _policy_update_from(episodes, net, settings):
         + 0.5 * torch.nn.functional.mse_loss(value, ret)
         - 0.01 * entropy.mean()
     )
-    optimizer = torch.optim.SGD(net.parameters(), lr=settings["learning_rate"])
+    optimizer = torch.optim.SGD(net.parameters(), lr=worker.RL_SETTINGS["learning_rate"])
     loss.backward()
     optimizer.step()
     return net.state_dict()
@@ -292,7 +296,7 @@ def test_reinforcement_ranks_play_their_own_episodes_and_update_as_one_batch(tmp
     net.load_state_dict(saved[0]["initial"])
     episodes = saved[0]["episodes"] + saved[1]["episodes"]
     assert any(not e["terminated"] for e in episodes)  # a bootstrapped one among them
-    expected = _policy_update_from(episodes, net, worker.RL_SETTINGS)
+    expected = _policy_update_from(episodes, net, worker.RL_MODE)
     for s in saved:
         for key, value in expected.items():
             torch.testing.assert_close(s["final"][key], value, rtol=1e-5, atol=1e-6)
@@ -439,26 +443,26 @@ def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path, strategy):
 
 
 MODE_OVERRIDES = {
-    "federated": ["training.federated_clients=4", "training.num_epochs=3"],
+    "federated": ["mode.clients=4", "training.num_epochs=3"],
     "meta_learning": [
         "model.name=mlp",
         "model.options={}",
-        "data.ways=5",
-        "data.shots=1",
-        "data.queries=5",
-        "data.train_episodes=40",
-        "data.eval_episodes=10",
+        "mode.ways=5",
+        "mode.shots=1",
+        "mode.queries=5",
+        "mode.train_episodes=40",
+        "mode.eval_episodes=10",
         "training.batch_size=4",
         "training.num_epochs=2",
     ],
     "reinforcement": [
-        "data.environment=CartPole",
+        "mode.environment=CartPole",
         "model.name=actor_critic",
         "model.options={}",
         "training.monitor_metric=val_return",
         "training.num_epochs=2",
-        "training.rl_updates_per_epoch=3",
-        "training.rl_episodes_per_update=2",
+        "mode.updates_per_epoch=3",
+        "mode.episodes_per_update=2",
     ],
 }
 

@@ -48,13 +48,12 @@ def _flower_run(config, clients, val=None, model_fn=make_mlp, **server_options):
     "server",
     [
         {},
-        {"federated_server_lr": 0.7, "federated_server_momentum": 0.5},
+        {"mode_settings": {"federated": {"server_lr": 0.7, "server_momentum": 0.5}}},
         {"scheduler_type": "cosine", "warmup_steps": 1},
         {"mode_settings": {"federated": {"proximal_mu": 0.5}}},
         {"mode_settings": {"federated": {"control_variates": True}}, "num_epochs": 4},
         {
-            "mode_settings": {"federated": {"control_variates": True}},
-            "federated_server_lr": 0.7,
+            "mode_settings": {"federated": {"control_variates": True, "server_lr": 0.7}},
             "scheduler_type": "cosine",
             "warmup_steps": 1,
         },
@@ -68,14 +67,14 @@ def test_flower_fedavg_with_traineval_clients_equals_the_in_process_simulation(
     the ClientApp and traineval's simulated federated mode reach the same weights."""
     clients = _clients()
     simulated = make_mlp()
-    config = _config(quiet_config, federated_local_epochs=2, federated_clients=3, **server)
-    TrainingManager(config).train(simulated, clients, mode=TrainingMode.FEDERATED)
-    flower_config = _config(
-        {**quiet_config, "output_dir": str(tmp_path / "flower")},
-        federated_local_epochs=2,
-        federated_clients=3,
+    given = server.get("mode_settings", {}).get("federated", {})
+    settings = {
         **server,
-    )
+        "mode_settings": {"federated": {"local_epochs": 2, "clients": 3, **given}},
+    }
+    config = _config(quiet_config, **settings)
+    TrainingManager(config).train(simulated, clients, mode=TrainingMode.FEDERATED)
+    flower_config = _config({**quiet_config, "output_dir": str(tmp_path / "flower")}, **settings)
     federated = _flower_run(flower_config, clients, evaluate_on_clients=False)
     moved = sum(
         float((a - make_mlp().state_dict()[k]).abs().sum())
@@ -89,7 +88,7 @@ def test_flower_fedavg_with_traineval_clients_equals_the_in_process_simulation(
 def test_rounds_are_logged_with_client_and_server_evaluation(quiet_config, tmp_path):
     clients = _clients()
     val = DataLoader(make_classification(n=20, seed=3), batch_size=10)
-    config = _config(quiet_config, federated_clients=3, num_epochs=2)
+    config = _config(quiet_config, num_epochs=2, mode_settings={"federated": {"clients": 3}})
 
     def accuracy(model):
         x, y = val.dataset.tensors
@@ -115,7 +114,7 @@ def test_rounds_are_logged_with_client_and_server_evaluation(quiet_config, tmp_p
 
 
 def test_a_client_asked_to_evaluate_without_data_says_what_to_do(quiet_config):
-    config = _config(quiet_config, federated_clients=3, num_epochs=1)
+    config = _config(quiet_config, num_epochs=1, mode_settings={"federated": {"clients": 3}})
     client = flower.client_app(make_mlp, lambda context: (_clients()[0], None), config)
     server = flower.server_app(make_mlp, config)
     with pytest.raises(Exception, match="returned no validation loader"):
@@ -144,14 +143,24 @@ def test_client_learning_rates_follow_the_schedule_per_round(quiet_config):
 
 
 def test_an_earlier_runs_results_are_kept_unless_overwrite_is_set(quiet_config):
-    config = _config(quiet_config, federated_clients=3, num_epochs=1, overwrite_output_dir=False)
+    config = _config(
+        quiet_config,
+        num_epochs=1,
+        overwrite_output_dir=False,
+        mode_settings={"federated": {"clients": 3}},
+    )
     clients = _clients()
     _flower_run(config, clients, evaluate_on_clients=False)
     saved = (Path(config.output_dir) / "final_model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="already holds an earlier Flower run's results"):
         _flower_run(config, clients, evaluate_on_clients=False)
     assert (Path(config.output_dir) / "final_model.safetensors").read_bytes() == saved
-    again = _config(quiet_config, federated_clients=3, num_epochs=2, overwrite_output_dir=True)
+    again = _config(
+        quiet_config,
+        num_epochs=2,
+        overwrite_output_dir=True,
+        mode_settings={"federated": {"clients": 3}},
+    )
     _flower_run(again, clients, evaluate_on_clients=False)
     rounds = read_jsonl(Path(config.output_dir) / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [1, 2]  # replaced, not appended
@@ -276,7 +285,7 @@ def test_flower_equals_the_simulation_with_shuffling_clients_and_dropout(quiet_c
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
 
-    settings = {"federated_clients": 3, "federated_local_epochs": 2, "num_epochs": 3}
+    settings = {"mode_settings": {"federated": {"clients": 3, "local_epochs": 2}}, "num_epochs": 3}
     simulated = model_fn()
     TrainingManager(_config(quiet_config, **settings)).train(
         simulated, shuffled, mode=TrainingMode.FEDERATED
@@ -301,7 +310,7 @@ def test_a_clients_shuffle_depends_on_seed_round_and_node_not_on_visit_order(qui
     results = []
     for order_seed in (0, 3):
         random.seed(order_seed)  # another visiting order of the three nodes, in both rounds
-        config = _config(quiet_config, federated_clients=3, num_epochs=2)
+        config = _config(quiet_config, num_epochs=2, mode_settings={"federated": {"clients": 3}})
         results.append(
             _flower_run(config, shuffled, model_fn=unseeded_mlp, evaluate_on_clients=False)
         )
@@ -375,14 +384,16 @@ def test_the_config_app_names_what_it_is_missing(tmp_path):
     config = tmp_path / "rl.yaml"
     config.write_text("mode: {name: reinforcement, environment: CartPole}\n")
     with pytest.raises(
-        ValueError, match=r"mode='reinforcement' is invalid for traineval\.federated\.flower_app"
+        ValueError, match=r"mode='ppo' is invalid for traineval\.federated\.flower_app"
     ):
         flower_app.experiment(str(config))
 
 
 def test_flower_samples_as_many_clients_per_round_as_the_simulation(quiet_config):
     # 5 clients x 0.5: the simulation trains 3 per round (half up); Flower alone would take 2
-    config = _config(quiet_config, federated_clients=5, federated_client_fraction=0.5)
+    config = _config(
+        quiet_config, mode_settings={"federated": {"clients": 5, "client_fraction": 0.5}}
+    )
     strategy = flower.default_strategy(config, evaluate_on_clients=False)
     assert strategy.min_train_nodes == 3
     assert max(int(5 * strategy.fraction_train), strategy.min_train_nodes) == 3
@@ -396,9 +407,8 @@ def test_which_clients_train_each_round_follows_the_seed(quiet_config, tmp_path)
         random.seed(len(runs))  # whatever the caller's state, the run's seed decides
         config = _config(
             {**quiet_config, "output_dir": str(tmp_path / name)},
-            federated_clients=3,
-            federated_client_fraction=0.34,
             num_epochs=3,
+            mode_settings={"federated": {"clients": 3, "client_fraction": 0.34}},
         )
         runs.append(_flower_run(config, clients, evaluate_on_clients=False))
     for a, b in zip(*(m.parameters() for m in runs), strict=True):
@@ -408,11 +418,10 @@ def test_which_clients_train_each_round_follows_the_seed(quiet_config, tmp_path)
 def _resumable_config(quiet_config, output, **overrides):
     """5 rounds of FedAvgM (server momentum carries over rounds) on 2 of 3 nodes per round
     (Flower draws them), warmup + cosine client rates (indexed by the run's round)."""
+    federated = {"clients": 3, "client_fraction": 0.5, "server_lr": 0.8, "server_momentum": 0.5}
+    federated.update(overrides.pop("mode_settings", {}).get("federated", {}))
     settings = {
-        "federated_clients": 3,
-        "federated_client_fraction": 0.5,
-        "federated_server_lr": 0.8,
-        "federated_server_momentum": 0.5,
+        "mode_settings": {"federated": federated},
         "scheduler_type": "cosine",
         "warmup_steps": 1,
         "num_epochs": 5,

@@ -219,9 +219,7 @@ def test_federated_clients_train_on_cuda_in_each_precision(tmp_path, precision):
         warmup_steps=0,
         num_epochs=6,
         learning_rate=2e-2,
-        federated_clients=4,
-        federated_partition="dirichlet",
-        federated_local_epochs=2,
+        mode_settings={"federated": {"clients": 4, "partition": "dirichlet", "local_epochs": 2}},
     )
     result = TrainingManager(config).train(mlp(), train, val, mode=TrainingMode.FEDERATED)
     accuracy = [m["accuracy"] for m in result["training_history"]["val_metrics"]]
@@ -241,13 +239,18 @@ def test_semi_supervised_and_meta_learning_on_cuda(tmp_path):
     hidden[::2] = -1
     train = DataLoader(TensorDataset(x, hidden), batch_size=16, shuffle=True, pin_memory=True)
     config = settings(
-        tmp_path / "semi", precision="bf16", pseudo_label_threshold=0.8, learning_rate=2e-2
+        tmp_path / "semi",
+        precision="bf16",
+        learning_rate=2e-2,
+        mode_settings={"semi_supervised": {"pseudo_label_threshold": 0.8}},
     )
     result = TrainingManager(config).train(mlp(), train, val, mode=TrainingMode.SEMI_SUPERVISED)
     assert result["training_history"]["val_metrics"][-1]["accuracy"] > 0.6
     tasks = DataLoader(Episodes(data, 3, 2, 4, episodes=40), batch_size=4)
     val_tasks = DataLoader(Episodes(val.dataset, 3, 2, 4, episodes=12), batch_size=4)
-    config = settings(tmp_path / "meta", warmup_steps=0, meta_inner_lr=0.5)
+    config = settings(
+        tmp_path / "meta", warmup_steps=0, mode_settings={"meta_learning": {"inner_lr": 0.5}}
+    )
     result = TrainingManager(config).train(mlp(), tasks, val_tasks, mode=TrainingMode.META_LEARNING)
     assert result["training_history"]["val_metrics"][-1]["accuracy"] > 0.4  # chance 1/3
 
@@ -267,7 +270,10 @@ def test_policy_gradient_on_cuda(tmp_path):
             return self.pi(h), self.v(h)
 
     config = settings(
-        tmp_path, warmup_steps=0, num_epochs=2, rl_updates_per_epoch=3, rl_eval_episodes=2
+        tmp_path,
+        warmup_steps=0,
+        num_epochs=2,
+        mode_settings={"reinforcement": {"updates_per_epoch": 3, "eval_episodes": 2}},
     )
     result = TrainingManager(config).train(Policy(), "CartPole", mode=TrainingMode.REINFORCEMENT)
     assert result["global_step"] == 6

@@ -14,6 +14,7 @@ from traineval import TrainingManager
 from traineval.models import ActorCritic
 from traineval.modes import Reinforcement
 from traineval.modes.actions import ActionHead
+from traineval.modes.ppo import PPO as PPOSettings
 from traineval.modes.ppo import PPOStep
 from traineval.training.loop import TrainingInterrupted
 
@@ -74,7 +75,8 @@ def test_the_noise_is_features_times_a_matrix_held_for_sde_sample_freq_steps(
         return drawn[-1]
 
     monkeypatch.setattr(ActorCritic, "exploration_weights", recording)
-    step = PPOStep(Recorded, envs=3, rollout_steps=10, minibatch_size=30, sde_sample_freq=freq)
+    settings = PPOSettings(envs=3, rollout_steps=10, minibatch_size=30, sde_sample_freq=freq)
+    step = PPOStep(Recorded, settings)
     step(policy, None)  # collects one rollout of 10 steps of 3 environments
     assert len(drawn) == draws  # at the start, then every `freq` steps
     rollout = step.rollout

@@ -1,5 +1,6 @@
-"""The flat mode keys of earlier versions still load, warn with the new key, and train the
-same run as the mode settings they became."""
+"""The flat mode keys of earlier versions still load from config files and checkpoints, warn
+with the new key, and train the same run as the mode settings they became; in Python they
+are an error naming the new key."""
 
 from __future__ import annotations
 
@@ -52,20 +53,27 @@ def test_each_legacy_key_becomes_its_modes_setting_with_a_warning(key):
     mode, setting = LEGACY_MODE_KEYS[key]
     value = VALUES[key]
     with pytest.warns(FutureWarning, match=rf"{key} is deprecated: .*{mode} mode's '{setting}'"):
-        config = TrainingConfig(**{key: value})
+        config = TrainingConfig.from_dict({key: value})  # a config file's, a checkpoint's
     assert config.mode_settings == {mode: {setting: value}}
     resolved = resolve_mode(mode, config)
     assert getattr(resolved, setting) == value
-    assert resolved == type(resolved)(**{setting: value})
-    with pytest.warns(FutureWarning):  # the dict / YAML path too
-        assert TrainingConfig.from_dict({key: value}).mode_settings == config.mode_settings
+    assert resolved == type(resolved).from_settings({setting: value})
+    with pytest.raises(
+        TypeError, match=rf"no field '{key}': it is now the {mode} mode's '{setting}'"
+    ):
+        TrainingConfig(**{key: value})  # Python: the new key, named
 
 
 def test_an_invalid_legacy_value_is_named_as_written():
     with pytest.raises(ValueError, match=r"rl_gamma=1\.5 is invalid: expected a discount"):
-        TrainingConfig(rl_gamma=1.5)
+        TrainingConfig.from_dict({"rl_gamma": 1.5})
     with pytest.raises(ValueError, match=r"federated_clients=0 is invalid: expected an integer"):
-        TrainingConfig(federated_clients=0)
+        TrainingConfig.from_dict({"federated_clients": 0})
+
+
+def _with(config, legacy):
+    """`config` with flat keys of an earlier version added, as a config file gives them."""
+    return TrainingConfig.from_dict({**config.to_dict(), **legacy})
 
 
 def _weights_equal(a, b):
@@ -87,7 +95,7 @@ def test_legacy_keys_train_the_same_run_as_the_mode_settings(quiet_config, tmp_p
             quiet_config["output_dir"] = str(tmp_path / f"{mode.name}-{i}")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                config = plain_sgd_config(quiet_config, num_epochs=2, **settings)
+                config = _with(plain_sgd_config(quiet_config, num_epochs=2), settings)
             assert len(caught) == len(settings)  # one FutureWarning per legacy key
             model = make_mlp()
             TrainingManager(config).train(model, DataLoader(data, 8), mode=how)
@@ -107,7 +115,7 @@ def test_legacy_meta_keys_train_the_same_run(quiet_config, tmp_path):
         quiet_config["output_dir"] = str(tmp_path / str(i))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            config = plain_sgd_config(quiet_config, num_epochs=1, batch_size=4, **settings)
+            config = _with(plain_sgd_config(quiet_config, num_epochs=1, batch_size=4), settings)
         assert [w.category for w in caught] == [FutureWarning] * len(settings)
         model = make_mlp()
         TrainingManager(config).train(model, DataLoader(tasks, batch_size=4), mode=mode)

@@ -234,7 +234,7 @@ def test_ppo_learns_cartpole(quiet_config):
 def test_observation_statistics_follow_the_played_observations(quiet_config):
     torch.manual_seed(0)
     policy = BuiltinActorCritic(2, 2, (8,), normalize_observations=True)
-    step = PPO.ppo_step(Walk)
+    step = PPO.step(Walk)
     out = step(policy, 0)
     seen = step.rollout["observations"]  # raw observations, as played
     norm = policy.normalize
@@ -277,8 +277,11 @@ def test_ppo_settings_and_errors_are_clear(quiet_config):
         for f in ("episodes_per_update", "updates_per_epoch", "gamma", "value_coef")
     }
     assert Reinforcement.from_settings(old).algorithm == "policy_gradient"
-    with pytest.raises(ValueError, match=r"reinforcement\.algorithm: checkpoint 'policy_gradi"):
+    with pytest.raises(
+        ValueError, match=r"trained in mode='policy_gradient', this run is mode='ppo'"
+    ):
         check_mode({"mode": {"name": "reinforcement", **old}}, Reinforcement())
+    check_mode({"mode": {"name": "reinforcement", **old}}, Reinforcement(**old))  # the same
     no_value = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"algorithm='ppo' needs a value head"):
         TrainingManager(_config(quiet_config)).train(no_value, Walk, mode=PPO)
@@ -304,7 +307,7 @@ def test_ppo_from_a_config_file(tmp_path):
     again = json.loads((tmp_path / "run" / "evaluation" / "metrics_test.json").read_text())
     assert again["metrics"] == record["test"]
     mode = dataclasses.replace(PPO)
-    assert mode.to_dict()["algorithm"] == "ppo"
+    assert mode.to_dict()["name"] == "ppo"
     assert Path(tmp_path / "run" / "checkpoints").is_dir()
 
 
@@ -360,3 +363,72 @@ def test_reward_normalisation_equals_sb3s_rule_and_resumes_exactly(quiet_config,
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"normalize_rewards=True is invalid: a setting of"):
         Reinforcement(algorithm="policy_gradient", normalize_rewards=True)
+
+
+# a PPO run's mode record before PPO and policy gradient were two modes: both algorithms'
+# settings, policy gradient's at their defaults
+RECORD_BEFORE_THE_SPLIT = {
+    "name": "reinforcement",
+    "algorithm": "ppo",
+    "envs": 4,
+    "rollout_steps": 16,
+    "minibatch_size": 32,
+    "ppo_epochs": 2,
+    "clip_range": 0.2,
+    "clip_decay": False,
+    "value_clip": None,
+    "gae_lambda": 0.95,
+    "rollouts_per_epoch": 2,
+    "episodes_per_update": 8,
+    "updates_per_epoch": 10,
+    "gamma": 0.99,
+    "value_coef": 0.5,
+    "entropy_coef": 0.01,
+    "normalize_advantages": True,
+    "max_episode_steps": 1000,
+    "eval_episodes": 2,
+    "environment": "CartPole",
+    "normalize_rewards": False,
+    "vectorization": "sync",
+    "sde_sample_freq": -1,
+}
+
+
+def test_ppo_and_policy_gradient_are_two_modes_with_their_own_settings():
+    from traineval.config import TrainingMode
+    from traineval.modes import PPO, PolicyGradient, mode_class, resolve_mode
+    from traineval.modes.episodic import Episodic
+
+    assert mode_class("ppo") is PPO
+    assert mode_class("policy_gradient") is PolicyGradient
+    assert type(resolve_mode(TrainingMode.REINFORCEMENT)) is PPO  # the specification's name
+    assert type(resolve_mode("reinforcement")) is PPO
+    shared = {f.name for f in dataclasses.fields(Episodic)}
+    assert len(shared) == 7
+    assert {f.name for f in dataclasses.fields(PolicyGradient)} - shared == {
+        "episodes_per_update",
+        "updates_per_epoch",
+    }
+    assert len(dataclasses.fields(PPO)) == 19
+    assert PPO(envs=4).to_dict()["name"] == "ppo"
+    assert "episodes_per_update" not in PPO().to_dict()
+    with pytest.raises(ValueError, match=r"mode\.episodes_per_update=4 is invalid: mode 'ppo' "):
+        PPO.from_settings({"episodes_per_update": 4})
+    with pytest.raises(ValueError, match=r"ppo\.value_clip=0 is invalid: expected a finite num"):
+        PPO(value_clip=0)
+    with pytest.raises(ValueError, match=r"ppo\.sde_sample_freq=0 is invalid: expected -1"):
+        PPO(sde_sample_freq=0)
+
+
+def test_a_record_written_before_the_split_loads_and_resumes_as_ppo():
+    from traineval.modes import PPO, mode_class
+
+    settings = {k: v for k, v in RECORD_BEFORE_THE_SPLIT.items() if k != "name"}
+    mode = mode_class("reinforcement").from_settings(settings)
+    assert mode == PPO(envs=4, rollout_steps=16, minibatch_size=32, ppo_epochs=2,
+                       rollouts_per_epoch=2, eval_episodes=2, environment="CartPole")  # fmt: skip
+    check_mode({"mode": RECORD_BEFORE_THE_SPLIT}, mode)  # the same run: resumes
+    with pytest.raises(ValueError, match=r"ppo\.envs: checkpoint 4, now 8"):
+        check_mode({"mode": RECORD_BEFORE_THE_SPLIT}, dataclasses.replace(mode, envs=8))
+    with pytest.raises(ValueError, match=r"trained in mode='ppo', this run is mode='policy_grad"):
+        check_mode({"mode": RECORD_BEFORE_THE_SPLIT}, Reinforcement(episodes_per_update=8))

@@ -12,7 +12,7 @@ import torch
 
 from traineval.models import ActorCritic
 from traineval.modes.envs import CartPole
-from traineval.modes.ppo import PPOStep
+from traineval.modes.ppo import PPO, PPOStep
 from traineval.modes.rollouts import gae
 
 sb3 = pytest.importorskip("stable_baselines3")
@@ -80,8 +80,9 @@ def test_gae_and_the_ppo_update_equal_stable_baselines3_on_its_rollout():
         "advantages": _by_env(buffer.advantages).float(),
         "returns": _by_env(buffer.returns).float(),
     }
-    step = PPOStep(CartPole, envs=8, rollout_steps=32, minibatch_size=256, epochs=20,
+    settings = PPO(envs=8, rollout_steps=32, minibatch_size=256, ppo_epochs=20,
                    gamma=0.98, gae_lambda=0.8, entropy_coef=0.0)  # fmt: skip
+    step = PPOStep(CartPole, settings)
     optimizer = torch.optim.Adam(ours.parameters(), lr=1e-3, eps=1e-5)
     for _ in range(20):  # one minibatch of the whole rollout: the shuffle does not matter
         loss, _ = step._loss(ours, data)

@@ -16,7 +16,7 @@ from traineval import TrainingManager
 from traineval.loggers import read_jsonl
 from traineval.modes import Reinforcement
 from traineval.modes.envs import CartPole, Discrete, make_env
-from traineval.modes.reinforcement import PolicyGradientStep
+from traineval.modes.policy_gradient import PolicyGradient, PolicyGradientStep
 from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, plain_sgd_config
@@ -173,7 +173,7 @@ def test_a_policy_returning_a_mapping_trains_like_one_returning_a_tuple(quiet_co
 
 
 def test_returns_bootstrap_only_episodes_cut_by_the_time_limit():
-    step = PolicyGradientStep(Walk, episodes=1, gamma=0.5)
+    step = PolicyGradientStep(Walk, PolicyGradient(gamma=0.5), episodes=1)
     ended = {"rewards": [1.0, 1.0, 1.0], "bootstrap": 0.0}
     cut = {"rewards": [1.0, 1.0, 1.0], "bootstrap": 8.0}
     assert step._returns(ended).tolist() == [1.75, 1.5, 1.0]
@@ -239,8 +239,10 @@ def test_reinforcement_errors_are_clear(quiet_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # as if it were not installed
     with pytest.raises(ImportError, match="environment 'Acrobot-v1' needs gymnasium"):
         TrainingManager(config).train(ActorCritic(), "Acrobot-v1", mode=RL)
-    with pytest.raises(ValueError, match=r"reinforcement\.gamma=1\.5 is invalid"):
-        Reinforcement(gamma=1.5)
+    with pytest.raises(ValueError, match=r"ppo\.gamma=1\.5 is invalid"):
+        Reinforcement(gamma=1.5)  # PPO: the algorithm the settings chose
+    with pytest.raises(ValueError, match=r"policy_gradient\.gamma=1\.5 is invalid"):
+        Reinforcement(gamma=1.5, episodes_per_update=4)
 
 
 def test_a_resumed_run_collects_the_episodes_an_uninterrupted_one_does(quiet_config, tmp_path):
@@ -307,7 +309,7 @@ def test_reinforcement_from_a_config_file(tmp_path):
     again = json.loads((tmp_path / "run" / "evaluation" / "metrics_test.json").read_text())
     assert again["metrics"] == record["test"]
     assert main(["evaluate", str(tmp_path / "run"), "--split", "val"]) == 2  # episodes only
-    with pytest.raises(ValueError, match=r"mode\.environment=None is invalid: mode: reinforcement"):
+    with pytest.raises(ValueError, match=r"mode\.environment=None is invalid: mode: ppo needs"):
         RunConfig.from_dict({"mode": "reinforcement"})
 
 

@@ -126,21 +126,28 @@ class Number(Rule):
         strict: bool = False,
         below: float | None = None,
         at_most: float | None = None,
+        optional: bool = False,
     ) -> None:
         self.minimum, self.strict, self.below, self.at_most = minimum, strict, below, at_most
+        self.optional = optional
 
     def __call__(self, field: str, value: Any) -> Any:
+        if self.optional and value is None:
+            return value
         number(field, value, minimum=self.minimum, strict=self.strict, below=self.below)
         if self.at_most is not None and value > self.at_most:
-            fail(field, value, f"expected a {self}")
+            fail(field, value, f"expected a {self._range()}")
         return value
 
-    def __str__(self) -> str:
+    def _range(self) -> str:
         if self.at_most is not None:
             return f"number in {'(' if self.strict else '['}{self.minimum:g}, {self.at_most:g}]"
         if self.below is not None:
             return f"number in {'(' if self.strict else '['}{self.minimum:g}, {self.below:g})"
         return f"number {'>' if self.strict else '>='} {self.minimum:g}"
+
+    def __str__(self) -> str:
+        return self._range() + (", or null" if self.optional else "")
 
 
 class Flag(Rule):

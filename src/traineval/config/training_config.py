@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -285,7 +284,7 @@ class _ConfigBase:
             raise ValueError(f"{cls.__name__} expects a mapping of fields, got {data!r}")
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         for key in data:
-            if key not in names and key not in getattr(cls, "legacy_keys", ()):
+            if key not in names:
                 hint = difflib.get_close_matches(str(key), names, n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise ValueError(
@@ -343,8 +342,9 @@ class TrainingConfig(_ConfigBase):
     A training mode's own settings (federated clients, meta-learning's algorithm, ...) belong
     to the mode: `train(mode=Federated(clients=10))`, or `mode_settings` by mode name, or a
     config file's `mode:` section. The flat names of earlier versions (`federated_clients`,
-    `rl_gamma`, `meta_algorithm`, `unlabeled_label`, ...) still load into `mode_settings`, with
-    a FutureWarning naming the new key (`LEGACY_MODE_KEYS`).
+    `rl_gamma`, `meta_algorithm`, `unlabeled_label`, ...) still load from config files and
+    checkpoints (`from_dict`) into `mode_settings`, with a FutureWarning naming the new key
+    (`LEGACY_MODE_KEYS`); `TrainingConfig(rl_gamma=...)` in Python is an error naming it.
 
     Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
     (rounded up) instead of `warmup_steps`. A warmup as long as the run or longer (e.g. the
@@ -376,7 +376,29 @@ class TrainingConfig(_ConfigBase):
         traineval.config.checks.SettingError: batch_size=0 is invalid: expected an integer >= 1
     """
 
-    legacy_keys: ClassVar[tuple[str, ...]] = ()  # flat names of earlier versions, still loaded
+    def __new__(cls, *args: Any, **kwargs: Any) -> TrainingConfig:
+        # A flat mode key of an earlier version, given in Python: say where it went (config
+        # files and checkpoints translate it, see `from_dict`).
+        for key in kwargs:
+            if key in LEGACY_MODE_KEYS:
+                mode, name = LEGACY_MODE_KEYS[key]
+                raise TypeError(
+                    f"TrainingConfig has no field {key!r}: it is now the {mode} mode's {name!r} "
+                    f"setting; train(mode=...) with a {mode} mode that sets it, or "
+                    f"mode_settings={{{mode!r}: {{{name!r}: ...}}}}"
+                )
+        return super().__new__(cls)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
+        """As `_ConfigBase.from_dict`; the flat mode keys of earlier versions (a config
+        file's, a checkpoint's) are translated into `mode_settings`, each with a
+        FutureWarning naming its new key."""
+        if isinstance(data, Mapping) and any(key in LEGACY_MODE_KEYS for key in data):
+            data = dict(data)
+            moved = take_legacy_keys(data, LEGACY_MODE_KEYS, "", stacklevel=3)
+            data["mode_settings"] = _merge_settings(data.get("mode_settings") or {}, moved)
+        return super().from_dict(data)
 
     # Training parameters (the specification's, with its defaults: docs/design.md)
     num_epochs: int = setting(100, Int(1))
@@ -584,21 +606,6 @@ def _merge_settings(
                 )
             out.setdefault(name, {})[setting] = value
     return out
-
-
-_dataclass_init = TrainingConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_with_legacy_keys(self: TrainingConfig, *args: Any, **kwargs: Any) -> None:
-    if any(key in LEGACY_MODE_KEYS for key in kwargs):
-        moved = take_legacy_keys(kwargs, LEGACY_MODE_KEYS, "", stacklevel=3)
-        kwargs["mode_settings"] = _merge_settings(kwargs.get("mode_settings") or {}, moved)
-    _dataclass_init(self, *args, **kwargs)
-
-
-TrainingConfig.__init__ = _init_with_legacy_keys  # type: ignore[method-assign]
-TrainingConfig.legacy_keys = tuple(LEGACY_MODE_KEYS)
 
 
 _MAXIMIZED = (

@@ -6,7 +6,9 @@ The built-in ones, registered by name:
     Supervised()        "supervised"        (inputs, targets) batches
     Unsupervised()      "unsupervised"      input-only batches, outputs against inputs
     SemiSupervised()    "semi_supervised"   pseudo-labels for the unlabeled samples
-    Reinforcement()     "reinforcement"     policy gradient on played episodes
+    PPO()               "ppo"               proximal policy optimisation on rollouts
+    PolicyGradient()    "policy_gradient"   policy gradient on whole episodes
+    Reinforcement(...)  "reinforcement"     PPO, or policy gradient when its settings say
     MetaLearning()      "meta_learning"     MAML / FOMAML / Reptile over few-shot tasks
     Federated()         "federated"         FedAvg(M) over simulated clients
 
@@ -33,7 +35,7 @@ from .contract import (
 )
 from .federated import Federated, FederatedStep
 from .meta_learning import FOMAML, MAML, MetaLearning, MetaLearningStep, Reptile
-from .reinforcement import PolicyGradientStep, Reinforcement
+from .reinforcement import PPO, PolicyGradient, PolicyGradientStep, PPOStep, Reinforcement
 from .semi_supervised import SemiSupervised, SemiSupervisedStep
 from .supervised import Supervised, SupervisedStep
 from .unsupervised import Unsupervised, UnsupervisedStep
@@ -41,6 +43,7 @@ from .unsupervised import Unsupervised, UnsupervisedStep
 __all__ = [
     "FOMAML",
     "MAML",
+    "PPO",
     "Context",
     "Federated",
     "FederatedStep",
@@ -50,6 +53,8 @@ __all__ = [
     "Mode",
     "ModePlan",
     "MonitorChoice",
+    "PPOStep",
+    "PolicyGradient",
     "PolicyGradientStep",
     "Reinforcement",
     "Reptile",

@@ -22,24 +22,78 @@ taken over every rank's time steps (one small all-reduce per update), so the upd
 one a single process would compute from all ranks' episodes.
 
 `evaluate` (both algorithms' validation and test) plays greedy episodes.
+
+The mode (`PolicyGradient`, registered as "policy_gradient"): each loop update collects
+`episodes_per_update` whole episodes; an epoch is `updates_per_epoch` updates. Its other
+settings are those both algorithms share (`traineval.modes.episodic`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config.checks import Int
+from ..config.training_config import setting
 from ..system.distributed import Distributed
 from .actions import ActionHead
-from .base import StepOutput
+from .base import StepOutput, Updates
+from .contract import Context, ModePlan, MonitorChoice, register
+from .episodic import Episodic
 from .rollouts import episode_seed, policy_and_value
 
-__all__ = ["PolicyGradientStep"]
+__all__ = ["PolicyGradient", "PolicyGradientStep"]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PolicyGradient(Episodic):
+    """Policy gradient with a learned baseline on whole episodes the policy plays
+    (`traineval.modes.policy_gradient`); `mode: reinforcement` with a policy-gradient
+    setting (or `algorithm: policy_gradient`) is this mode."""
+
+    name: ClassVar[str] = "policy_gradient"
+    algorithm: ClassVar[str] = "policy_gradient"
+    accumulation_refusal: ClassVar[str | None] = "raise episodes_per_update for larger updates"
+
+    # whole episodes collected for each update
+    episodes_per_update: int = setting(8, Int(1))
+    # updates per epoch
+    updates_per_epoch: int = setting(10, Int(1))
+
+    def step(
+        self, env_factory: Callable[[], Any], *, episodes: int | None = None, job: Any = None
+    ) -> PolicyGradientStep:
+        """The step these settings describe (`episodes` overrides the episodes per update,
+        e.g. 1 where the step only evaluates)."""
+        count = self.episodes_per_update if episodes is None else episodes
+        return PolicyGradientStep(env_factory, self, episodes=count, job=job)
+
+    def greedy(
+        self, factory: Callable[[], Any], device: torch.device
+    ) -> Callable[[nn.Module, int], dict[str, float]]:
+        player = PolicyGradientStep(factory, self, episodes=1)
+        return lambda model, seed: player.evaluate(model, device, seed=seed)
+
+    def plan(self, ctx: Context) -> ModePlan:
+        factory = self.environment_factory(ctx.train_data)
+        name, minimize = self.monitor_of(ctx)
+        # several forward passes per update: no DDP wrapper, the loop averages the gradients;
+        # the ranks share one stream (each update's base seed, which their episodes derive from)
+        return ModePlan(
+            self.step(factory, job=ctx.job),
+            loader=Updates(self.updates_per_epoch),
+            wraps_model=False,
+            evaluate=self.validation(self.greedy(factory, ctx.device)),
+            monitor=MonitorChoice(name, minimize),
+            shared_seed=True,
+        )
 
 
 class PolicyGradientStep:
@@ -48,30 +102,28 @@ class PolicyGradientStep:
     def __init__(
         self,
         env_factory: Callable[[], Any],
+        settings: Episodic,
         *,
-        episodes: int = 8,
-        gamma: float = 0.99,
-        value_coef: float = 0.5,
-        entropy_coef: float = 0.01,
-        normalize_advantages: bool = True,
-        max_episode_steps: int = 1000,
-        eval_episodes: int = 10,
+        episodes: int,
         job: Distributed | None = None,
     ) -> None:
+        """`episodes` per update; the loss's numbers (`gamma`, `value_coef`, ...) and the
+        evaluation's are `settings`'."""
         self.env_factory = env_factory
         self.job = job or Distributed()
         self.envs = [env_factory() for _ in range(episodes)]
-        self.gamma = gamma
-        self.value_coef = value_coef
-        self.entropy_coef = entropy_coef
-        self.normalize_advantages = normalize_advantages
-        self.max_episode_steps = max_episode_steps
-        self.eval_episodes = eval_episodes
+        self.gamma = settings.gamma
+        self.value_coef = settings.value_coef
+        self.entropy_coef = settings.entropy_coef
+        self.normalize_advantages = settings.normalize_advantages
+        self.max_episode_steps = settings.max_episode_steps
+        self.eval_episodes = settings.eval_episodes
         self._eval_envs: list[Any] = []
         if not hasattr(self.envs[0], "reset") or not hasattr(self.envs[0], "step"):
             raise ValueError(
-                "mode='reinforcement' needs an environment factory: a callable returning an "
-                "object with gymnasium's reset() and step(), e.g. traineval.modes.envs.CartPole"
+                f"mode={settings.name!r} needs an environment factory: a callable returning "
+                "an object with gymnasium's reset() and step(), e.g. "
+                "traineval.modes.envs.CartPole"
             )
         self.head = ActionHead.of(self.envs[0])  # categorical, or Gaussian for a Box
 

@@ -37,25 +37,159 @@ Under torchrun each rank plays its own environments (seeds and actions from a ge
 derived from the shared stream and the rank) and trains on its own minibatches; the loop
 averages the ranks' gradients (as CleanRL's multi-GPU PPO), and the normalisation statistics
 are merged over the ranks, so every rank holds the same policy.
+
+The mode (`PPO`, registered as "ppo"; `mode: reinforcement` is PPO unless it names policy
+gradient): each loop update is one minibatch of a rollout of `envs` x `rollout_steps`
+steps; `ppo_epochs` shuffled passes over it; an epoch is `rollouts_per_epoch` rollouts. The
+environments step in this process (`vectorization="sync"`) or each in a worker process
+through gymnasium's AsyncVectorEnv (`"async"`, `traineval.modes.env_workers`), with the
+same episodes either way. A policy that explores by gSDE (`ActorCritic(sde=True)`) draws
+new noise matrices every `sde_sample_freq` steps (-1: once per rollout). Its other settings
+are those both algorithms share (`traineval.modes.episodic`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..config.checks import Custom, Flag, Int, Number, OneOf, fail
+from ..config.training_config import setting
 from ..models.policies import RunningNorm
 from ..system.distributed import Distributed
 from .actions import ActionHead
-from .base import StepOutput
+from .base import StepOutput, Updates
+from .contract import Context, ModePlan, MonitorChoice, register
+from .episodic import Episodic
+from .policy_gradient import PolicyGradient
 from .rollouts import EnvBatch, episode_seed, gae, greedy_episodes, read_policy
 
-__all__ = ["PPOStep", "policy_outputs"]
+__all__ = ["PPO", "PPOStep", "policy_outputs"]
+
+VECTORIZATIONS = ("sync", "async")
+
+
+def _sde_sample_freq(field: str, value: Any) -> Any:
+    Int(-1)(field, value)
+    if value == 0:
+        fail(field, 0, "expected -1 (new gSDE noise once per rollout) or a number of steps >= 1")
+    return value
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PPO(Episodic):
+    """Proximal policy optimisation on rollouts the policy plays (`traineval.modes.ppo`);
+    `mode: reinforcement` is this mode unless it names policy gradient."""
+
+    name: ClassVar[str] = "ppo"
+    algorithm: ClassVar[str] = "ppo"
+    accumulation_refusal: ClassVar[str | None] = "raise minibatch_size for larger updates"
+    resume_fixed: ClassVar[tuple[str, ...]] = (
+        "envs",
+        "rollout_steps",
+        "minibatch_size",
+        "ppo_epochs",
+        "normalize_rewards",
+    )
+
+    # environments stepped in lockstep
+    envs: int = setting(8, Int(1))
+    # steps of each environment per rollout
+    rollout_steps: int = setting(128, Int(1))
+    # samples per update (at most envs x rollout_steps)
+    minibatch_size: int = setting(256, Int(1))
+    # shuffled passes over each rollout
+    ppo_epochs: int = setting(10, Int(1))
+    # the clipped objective's range around the old policy
+    clip_range: float = setting(0.2, Number(0, strict=True))
+    # decay clip_range linearly to 0 over the run
+    clip_decay: bool = setting(False, Flag())
+    # clip the value around the rollout's (none: no value clipping)
+    value_clip: float | None = setting(None, Number(0, strict=True, optional=True))
+    # GAE's lambda
+    gae_lambda: float = setting(0.95, Number(0, at_most=1))
+    # rollouts per epoch
+    rollouts_per_epoch: int = setting(10, Int(1))
+    # divide rewards by the running std of the discounted return (clipped to +-10)
+    normalize_rewards: bool = setting(False, Flag())
+    # environments in this process ("sync") or each in a worker process ("async")
+    vectorization: str = setting("sync", OneOf(VECTORIZATIONS))
+    # gSDE: new exploration noise every that many steps (-1: once per rollout)
+    sde_sample_freq: int = setting(-1, Custom(_sde_sample_freq, "-1 or an integer >= 1"))
+
+    def step(
+        self,
+        env_factory: Callable[[], Any],
+        *,
+        total_rollouts: int | None = None,
+        job: Distributed | None = None,
+    ) -> PPOStep:
+        """The PPO step these settings describe."""
+        return PPOStep(env_factory, self, total_rollouts=total_rollouts, job=job)
+
+    def greedy(
+        self, factory: Callable[[], Any], device: torch.device
+    ) -> Callable[[nn.Module, int], dict[str, float]]:
+        """Greedy episodes in worker processes with vectorization='async' (a step of its
+        own, closed with the player), else in this process as policy gradient plays them."""
+        if self.vectorization == "async":
+            return _AsyncPlayer(self.step(factory), device, self.eval_episodes)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(Episodic)}
+        return PolicyGradient(**shared).greedy(factory, device)
+
+    def plan(self, ctx: Context) -> ModePlan:
+        factory = self.environment_factory(ctx.train_data)
+        step = self.step(factory, job=ctx.job)
+        step.total_rollouts = self._rollouts(ctx, step.updates_per_rollout)
+        name, minimize = self.monitor_of(ctx)
+        play: Callable[[nn.Module, int], dict[str, float]]
+        if self.vectorization == "async":  # validation in the training step's workers
+            play = _AsyncPlayer(step, ctx.device, self.eval_episodes, owned=False)
+        else:
+            play = self.greedy(factory, ctx.device)
+        # several forward passes per update: no DDP wrapper, the loop averages the gradients;
+        # the ranks share one stream (each update's base seed, which their episodes derive from)
+        return ModePlan(
+            step,
+            loader=Updates(self.rollouts_per_epoch * step.updates_per_rollout),
+            wraps_model=False,
+            evaluate=self.validation(play),
+            monitor=MonitorChoice(name, minimize),
+            shared_seed=True,
+        )
+
+    def _rollouts(self, ctx: Context, updates_per_rollout: int) -> int:
+        """How many rollouts the run collects (the clipping range decays over them)."""
+        c = ctx.config
+        total = c.num_epochs * self.rollouts_per_epoch
+        if c.max_steps is not None:
+            total = min(total, math.ceil(c.max_steps / updates_per_rollout))
+        return total
+
+
+class _AsyncPlayer:
+    """Greedy episodes in a PPO step's worker processes: `player(model, seed)`; `close()`
+    ends the workers of a step it owns."""
+
+    def __init__(
+        self, step: PPOStep, device: torch.device, episodes: int, *, owned: bool = True
+    ) -> None:
+        self.step, self.device, self.episodes, self.owned = step, device, episodes, owned
+
+    def __call__(self, model: nn.Module, seed: int) -> dict[str, float]:
+        return self.step.evaluate(model, self.device, seed, self.episodes)
+
+    def close(self) -> None:
+        if self.owned:
+            self.step.close()
+
 
 ROLLOUT_KEYS = ("observations", "actions", "log_probs", "values", "advantages", "returns")
 
@@ -150,44 +284,32 @@ class PPOStep:
     def __init__(
         self,
         env_factory: Callable[[], Any],
+        settings: PPO,
         *,
-        envs: int = 8,
-        rollout_steps: int = 128,
-        minibatch_size: int = 256,
-        epochs: int = 10,
-        clip_range: float = 0.2,
-        clip_decay: bool = False,
-        value_clip: float | None = None,
-        gamma: float = 0.99,
-        gae_lambda: float = 0.95,
-        value_coef: float = 0.5,
-        entropy_coef: float = 0.0,
-        normalize_advantages: bool = True,
-        normalize_rewards: bool = False,
-        max_episode_steps: int = 1000,
         total_rollouts: int | None = None,
         job: Distributed | None = None,
-        vectorization: str = "sync",
-        sde_sample_freq: int = -1,
     ) -> None:
-        self.batch = env_batch(vectorization, env_factory, envs, max_episode_steps)
-        self.env_factory, self.vectorization = env_factory, vectorization
-        self.sde_sample_freq = sde_sample_freq  # gSDE: new noise every that many steps
+        """The numbers of the rollouts, the loss and the environments are `settings`';
+        `total_rollouts` is the run's (the clipping range decays over them)."""
+        s = settings
+        self.batch = env_batch(s.vectorization, env_factory, s.envs, s.max_episode_steps)
+        self.env_factory, self.vectorization = env_factory, s.vectorization
+        self.sde_sample_freq = s.sde_sample_freq  # gSDE: new noise every that many steps
         self._weights: torch.Tensor | None = None  # gSDE's noise matrices, one per env
         self._evaluation: EnvBatch | None = None  # greedy episodes, made at the first
         self.head = ActionHead.of(self.batch.spaces)  # categorical, or Gaussian for a Box
-        self.rollout_steps = rollout_steps
-        self.size = envs * rollout_steps
-        self.minibatch_size = min(minibatch_size, self.size)
+        self.rollout_steps = s.rollout_steps
+        self.size = s.envs * s.rollout_steps
+        self.minibatch_size = min(s.minibatch_size, self.size)
         self.minibatches = math.ceil(self.size / self.minibatch_size)
-        self.epochs = epochs
-        self.clip_range, self.clip_decay, self.value_clip = clip_range, clip_decay, value_clip
-        self.gamma, self.gae_lambda = gamma, gae_lambda
-        self.value_coef, self.entropy_coef = value_coef, entropy_coef
-        self.normalize_advantages = normalize_advantages
+        self.epochs = s.ppo_epochs
+        self.clip_range, self.clip_decay, self.value_clip = s.clip_range, s.clip_decay, s.value_clip
+        self.gamma, self.gae_lambda = s.gamma, s.gae_lambda
+        self.value_coef, self.entropy_coef = s.value_coef, s.entropy_coef
+        self.normalize_advantages = s.normalize_advantages
         self.total_rollouts = total_rollouts
         self.job = job or Distributed()
-        self.reward_scale = RewardScale(envs, gamma, self.job) if normalize_rewards else None
+        self.reward_scale = RewardScale(s.envs, s.gamma, self.job) if s.normalize_rewards else None
         self.rollout: dict[str, torch.Tensor] | None = None
         self.order: torch.Tensor | None = None  # (epochs, size): each pass's shuffle
         self.position = 0  # minibatches of this rollout trained on

@@ -202,12 +202,12 @@ def check_mode(payload: dict[str, Any], mode: Any) -> None:
             for key, (name, setting) in LEGACY_MODE_KEYS.items()
             if name == mode.name and key in payload["config"]
         }
+    saved = type(mode).saved(saved)
     if saved.get("name", mode.name) not in (mode.name, mode.to_dict()["name"]):
         raise ValueError(
             f"cannot resume: the checkpoint was trained in mode={saved['name']!r}, this run "
             f"is mode={mode.name!r}"
         )
-    saved = type(mode).saved(saved)
     current = mode.settings()
     refused = [
         f"{mode.name}.{key}: checkpoint {saved[key]!r}, now {current[key]!r}"
