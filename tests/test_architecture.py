@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -154,3 +156,28 @@ def test_the_wing_order_can_fail():
 def test_the_top_of_the_package_is_the_facade_the_command_line_and_the_tasks():
     top = sorted(p.name for p in (SRC / "traineval").glob("*.py"))
     assert top == ["__init__.py", "cli.py", "tasks.py"]
+
+
+def test_git_ignores_no_file_of_the_package():
+    """A .gitignore pattern meant for run folders (`runs/`) once hid a package's
+    `__init__.py` from commits: every file of the package must reach a fresh clone."""
+    import shutil
+    import subprocess
+
+    root = SRC.parent
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    files = [
+        str(p.relative_to(root))
+        for p in (SRC / "traineval").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
+    found = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        input="\n".join(files),
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=False,
+    )
+    assert found.stdout.split() == []

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint_file
 from ..config.training_config import LEGACY_MODE_KEYS
 from ..system.files import atomic_write_text
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 

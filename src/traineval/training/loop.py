@@ -20,6 +20,11 @@ Pseudocode of `Loop.run`:
 Before any checkpoint is written the recorded losses are read, so a non-finite loss or
 gradient stops the run (`NonFiniteError`, naming epoch, step and batch) before it is saved.
 
+The loop's parts, each in a module of its own: what the steps leave for the log and the
+`train` record (`train_log.TrainLog`), skipping non-finite updates with the buffers put
+back (`skips.NonFiniteSkips`), the checkpoints callbacks ask for and when each is written
+(`saves.Saves`), a window's loss shares (`steps.window_share`).
+
 Data-parallel (`job.enabled`): every rank runs this same loop on its share of the data.
 Gradients are all-reduced once per window (`no_sync` on the micro-batches before the last),
 each micro-batch weighted by its items over the window's items on all ranks, so a window
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import itertools
 import logging
 import math
@@ -47,7 +51,6 @@ from torch import nn
 from ..callbacks.base import Callback, overrides
 from ..data.position import skip_batches
 from ..loggers import LoggerHub
-from ..runs.checkpoint_writer import StagedWrites, WriteBudget
 from ..runs.tracking import MetricsTracker, Plateau
 from ..runs.train_state import HistoryJson, TrainState, empty_history
 from ..system.distributed import Distributed
@@ -57,9 +60,12 @@ from .batches import move_to_device
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .precision import Precision
-from .steplog import NonFiniteError, StepLog, StepRecord, describe, first_non_finite
-from .steps import StepFunction, StepOutput
+from .saves import SaveFn, Saves
+from .skips import NonFiniteSkips
+from .steplog import NonFiniteError, StepLog
+from .steps import StepFunction, window_share
 from .stopping import TrainingInterrupted
+from .train_log import TrainLog
 
 __all__ = [
     "EvaluateFn",
@@ -78,13 +84,7 @@ __all__ = [
 
 logger = logging.getLogger("traineval")
 
-# The share of the training time that deferrable checkpoints (the epoch-end last.pt, best.pt)
-# may take, copies kept for later included: 1,000 epochs of 4 updates would otherwise spend
-# most of their time writing.
-CHECKPOINT_SHARE = 0.04
-
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
-SaveFn = Callable[[str, "Loop"], Any]
 
 
 class EvaluationError(ValueError):
@@ -318,41 +318,30 @@ class Loop:
         self.tracker = observe.tracker or MetricsTracker()
         self.performance = observe.performance or PerformanceMonitor(device)
         self.data_generators = list(data_generators)
-        self.skip_non_finite = update.skip_non_finite  # 0: stop on the first; N: skip N
-        self._buffers: list[torch.Tensor] = []  # with skipping: the buffers, and their
-        self._buffer_backups: list[torch.Tensor] = []  # values before the window
+        self.skips = NonFiniteSkips(model, update.skip_non_finite)
         self.state = TrainState()
         self.resume_rng: dict[str, Any] | None = None  # RNG state at the checkpoint
         self.interrupted: str | None = None  # set by a signal handler
         self.interrupted_during: str | None = None  # the phase the signal arrived in
         self.phase = "training"
-        self._last_saved: tuple[Any, tuple[int, ...]] | None = None  # path, position
-        self._budget = WriteBudget(CHECKPOINT_SHARE)  # for deferrable checkpoints
-        self._deferred_saves: set[str] = set()  # "last": written when the run ends
         # the histories' entries as JSON, each encoded once (`run_checkpoints.HistoryJson`)
         self.history_json = {"loop": HistoryJson(), "tracker": HistoryJson()}
-        self._stage_requests: list[str] = []  # copied at the next step boundary ...
-        self._staged = StagedWrites()  # ... kept here, written within the budget or at the end
-        # a save_fn that takes a writer can put a save off (a copy written later)
-        self._can_stage = save_fn is not None and len(inspect.signature(save_fn).parameters) > 2
         self._epoch_complete = False
-        self.steps = StepLog(device, capacity=min(self.log_every_n_steps, 4096))
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
-        self._save_requests: list[str] = []
         self._stop_requested = False
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.layer_norms = observe.layer_norms
         names = {id(p): name for name, p in model.named_parameters()}
-        self._param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(self._params)]
-        self._pending_layer_norms: Any = None
+        named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(self._params)]
+        self.steps = StepLog(device, capacity=min(self.log_every_n_steps, 4096))
         scaler = self.precision.scaler
         self._scale = scaler.get_scale() if scaler is not None else None
         self.job = placement.job or Distributed()
+        self.saves = Saves(save_fn, self.job)
+        self.log = TrainLog(self.steps, named, self.job, observe.layer_norms)
         self.no_sync = placement.no_sync  # DDP's: skip the gradient all-reduce inside a window
         # Modes without a DDP wrapper: average the window's gradients over the ranks here.
         self.average_gradients = placement.average_gradients
         self._agreed_signal: str | None = None  # a signal every rank has agreed to stop on
-        self._pending_metrics: dict[str, list[float | torch.Tensor]] = {}  # not read yet
         # EMA of the weights: updated after each update, evaluated, kept when training ends
         self.weight_average = update.weight_average
         self.control = LoopControl(self)  # what callbacks see and may ask for
@@ -367,22 +356,12 @@ class Loop:
     def request_save(self, name: str, *, deferrable: bool = False) -> None:
         """Save a checkpoint named `name` once the current hook round is over (see
         `LoopControl.request_save` for `deferrable`)."""
-        if deferrable and not self._writes_within_budget():
-            if name == "last":  # the state at the end is the one to keep: written then
-                self._deferred_saves.add(name)
-                return
-            if self._can_stage:
-                if name not in self._stage_requests:
-                    self._stage_requests.append(name)  # copied now, written later
-                return
-        if name not in self._save_requests:
-            self._save_requests.append(name)
+        within = not deferrable or self._writes_within_budget()
+        self.saves.request(name, deferrable=deferrable, within_budget=within)
 
     def _writes_within_budget(self) -> bool:
-        """Whether another write now keeps checkpoints within CHECKPOINT_SHARE of the run's
-        time (`WriteBudget`). Always under torchrun, where every rank must take part in
-        each save alike."""
-        return self.job.enabled or self._budget.allows()
+        """Whether another write now keeps checkpoints within the budget (`saves`)."""
+        return self.saves.within_budget()
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -419,10 +398,9 @@ class Loop:
             self._act()
             self._stop_if_signalled()  # one that came during validation, a save, a callback
         self._stop_if_signalled()
-        if self._deferred_saves and self.save_fn is not None:  # put off within the budget
-            self._save_requests += sorted(self._deferred_saves)
+        self.saves.finish()  # a `last` put off within the budget
         self._act()
-        self._write_staged()
+        self.saves.write_staged()
         state.stopped_early = self._stop_requested
         if self.weight_average is not None:
             self.weight_average.copy_to_model()
@@ -489,8 +467,7 @@ class Loop:
                 self._epoch_complete = True
                 break
             window_start = state.batch_in_epoch
-            if self.skip_non_finite:  # a skipped step must leave the buffers as they were
-                self._backup_buffers()
+            self.skips.before_window()  # a skipped step leaves the buffers as they were
             samples = self._accumulate(window)
             state.batch_in_epoch += len(window)
             if not self._optimizer_step(window_start):
@@ -511,7 +488,7 @@ class Loop:
                 self.forward_model.train()
             for callback in self._step_callbacks:
                 callback.on_step_end(self.control)
-            if self._save_requests:
+            if self.saves.requests:
                 self._act()
         if interval_steps:
             self.performance.interval(interval_steps, interval_samples, data_seconds)
@@ -554,32 +531,11 @@ class Loop:
                         f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; "
                         "use a loss with reduction='mean'"
                     )
-                scaled = self._window_share(out, shares[i]) if shares else loss
+                scaled = window_share(out, shares[i]) if shares else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            self.steps.add_micro_batch(loss.detach(), out.weight)
-            if out.metrics:
-                for name, value in out.metrics.items():  # kept as given: read at the log step
-                    self._pending_metrics.setdefault(name, []).append(value)
+            self.log.add(loss, out.weight, out.metrics)
             samples += out.num_samples
         return samples
-
-    @staticmethod
-    def _window_share(out: StepOutput, share: int | float | torch.Tensor) -> torch.Tensor:
-        """The micro-batch's part of the window's loss: its mean weighed by its share of the
-        window's items, or, for per-term means, each term by its own share."""
-        if out.terms is None:
-            if isinstance(share, torch.Tensor) and share.ndim:
-                raise ValueError(
-                    f"the step's weight() returned per-term counts of shape "
-                    f"{tuple(share.shape)} but its StepOutput has no terms"
-                )
-            return out.loss * share
-        if not isinstance(share, torch.Tensor) or share.shape != out.terms.shape:
-            raise ValueError(
-                f"StepOutput.terms has shape {tuple(out.terms.shape)} but the step's weight() "
-                f"returned {share!r}: expected one count per term"
-            )
-        return (out.terms * share).sum()
 
     def _optimizer_step(self, window_start: int) -> bool:
         """Unscale (fp16), clip the window's gradient, step, advance the schedule.
@@ -603,10 +559,11 @@ class Loop:
             )
         if norm is not None and hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()  # FSDP: a replicated DTensor
-        if logging_next and self.layer_norms:
-            self._pending_layer_norms = self._layer_grad_norms()
-        if self.skip_non_finite and not self._finite_now(norm):
-            return self._skip_non_finite()
+        if logging_next:
+            self.log.measure_layers()
+        if self.skips.limit and not self.skips.finite(self.steps.open_losses(), norm):
+            self.skips.undo(self.precision.scaler)
+            return self._skip("non-finite loss or gradient")
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -627,97 +584,15 @@ class Loop:
         self.steps.close_step(state.global_step, state.epoch, window_start, norm)
         return True
 
-    def _finite_now(self, norm: torch.Tensor | None) -> bool:
-        """Read the open step's loss (a sync: only under the skip policy)."""
-        finite = bool(torch.isfinite(torch.stack(self.steps.open_losses())).all())
-        return finite and (norm is None or bool(torch.isfinite(norm)))
-
-    def _backup_buffers(self) -> None:
-        """Copy the model's buffers (BatchNorm's running statistics and counters) before a
-        window's forward passes, which update them, into backups kept for the run."""
-        buffers = list(self.model.buffers())
-        if [id(b) for b in buffers] != [id(b) for b in self._buffers]:  # new: reallocate
-            self._buffers = buffers
-            self._buffer_backups = [b.detach().clone() for b in buffers]
-        elif buffers:
-            torch._foreach_copy_(self._buffer_backups, buffers)
-
-    def _skip_non_finite(self) -> bool:
-        """Skip this window's update: its forward passes' buffer updates are undone, the
-        GradScaler's record of the unscaling is cleared without lowering its scale."""
-        with torch.no_grad():
-            if self._buffers:
-                torch._foreach_copy_(self._buffers, self._buffer_backups)
-        scaler = self.precision.scaler
-        if scaler is not None:
-            kept = scaler.state_dict()
-            scaler.update()  # forgets the unscale_ (and lowers the scale, undone next)
-            scaler.load_state_dict(kept)
-        return self._skip("non-finite loss or gradient")
-
     def _skip(self, why: str) -> bool:
-        state = self.state
         self.optimizer.zero_grad(set_to_none=True)
         self.steps.discard_step()
-        state.skipped_steps += 1
-        if why.startswith("non-finite"):
-            state.consecutive_non_finite += 1
-            if state.consecutive_non_finite > self.skip_non_finite:
-                raise NonFiniteError(
-                    f"{state.consecutive_non_finite} optimizer steps in a row had a non-finite "
-                    f"loss or gradient (epoch {state.epoch}, after step {state.global_step}); "
-                    f"the limit is {self.skip_non_finite}"
-                )
+        self.skips.count(self.state, why)
         return False
 
-    def _layer_grad_norms(self) -> torch.Tensor:
-        """Each parameter's gradient norm, on the device (read at log time). Under FSDP a
-        rank holds a shard of each gradient: the squared norms of the shards are summed
-        over the ranks (one all-reduce, on log steps only)."""
-        grads = [
-            p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self._params
-        ]
-        if not any(hasattr(g, "to_local") for g in grads):
-            return torch.stack(torch._foreach_norm(grads))
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        squares = torch.stack(torch._foreach_norm(local)).square()
-        self.job.sum_in_place([squares], "summing per-layer gradient norms over the ranks")
-        return squares.sqrt()
-
-    def _layer_norms(self) -> dict[str, float]:
-        """Per-parameter gradient norms of the last log step, when asked for."""
-        norms, self._pending_layer_norms = self._pending_layer_norms, None
-        if norms is None:
-            return {}
-        values = norms.tolist()
-        return {
-            f"layer_grad_norm_{name}": v for name, v in zip(self._param_names, values, strict=True)
-        }
-
-    def _read_steps(self) -> list[StepRecord]:
-        """Read the recorded steps back; stop on the first non-finite one."""
-        records = self.steps.flush()
-        bad = first_non_finite(records)
-        if bad is not None:
-            raise NonFiniteError(describe(bad) + "; no checkpoint was written after it")
-        state = self.state
-        for name, values in self._pending_metrics.items():
-            tensors = [v for v in values if isinstance(v, torch.Tensor)]
-            total = sum(float(v) for v in values if not isinstance(v, torch.Tensor))
-            if tensors:
-                total += float(torch.stack([t.detach().float() for t in tensors]).sum())
-            sums = state.interval_metrics.setdefault(name, [0.0, 0.0])
-            sums[0] += total
-            sums[1] += len(values)
-        self._pending_metrics = {}
-        for record in records:
-            state.epoch_loss_sum += record.loss_sum
-            state.epoch_loss_weight += record.weight
-            state.interval_loss_sum += record.loss_sum
-            state.interval_loss_weight += record.weight
-            if record.grad_norm is not None:
-                state.interval_norms.append(record.grad_norm)
-        return records
+    def _read_steps(self) -> None:
+        """Read the recorded steps back into the state; stop on the first non-finite one."""
+        self.log.read(self.state)
 
     # -- evaluation, logging, requests --------------------------------------------------------
 
@@ -828,41 +703,16 @@ class Loop:
         logs = self._end_epoch(train_loss, complete=False)
         self._call("on_epoch_end", logs)
         if extendable:
-            self._save_requests = [name for name in self._save_requests if name != "last"]
+            self.saves.forget_last()
         self._act()
 
     def _log_train(self, stats: dict[str, float]) -> None:
         state = self.state
-        # Summed over ranks: the loss of everything trained on, and the job's throughput.
-        loss_sum, weight, samples_per_sec = self.job.sum(
-            [state.interval_loss_sum, state.interval_loss_weight, stats["samples_per_sec"]]
-        )
-        loss = loss_sum / max(weight, 1e-300)
-        stats = {**stats, "samples_per_sec": samples_per_sec}
-        state.interval_loss_sum = state.interval_loss_weight = 0.0
         lr = float(self.optimizer.param_groups[0]["lr"])
-        record: dict[str, Any] = {"train_step_loss": loss, "learning_rate": lr, **stats}
-        if self.steps.counts_tokens and stats.get("seconds"):
-            record["tokens_per_sec"] = weight / stats["seconds"]
-        norms, state.interval_norms = state.interval_norms, []
-        if norms:
-            # norms before clipping: of every step when clipping, else of the log step alone
-            record["grad_norm"] = norms[-1]
-            record["grad_norm_mean"] = sum(norms) / len(norms)
-            record["grad_norm_max"] = max(norms)
-            if self.max_grad_norm is not None:
-                clipped = sum(norm > self.max_grad_norm for norm in norms)
-                record["clip_fraction"] = clipped / len(norms)
-        if state.interval_metrics:  # means over the interval's micro-batches (and ranks)
-            names = sorted(state.interval_metrics)
-            sums = self.job.sum([v for name in names for v in state.interval_metrics[name]])
-            for i, name in enumerate(names):
-                record[f"train_{name}"] = sums[2 * i] / max(sums[2 * i + 1], 1.0)
-            state.interval_metrics = {}
-        record.update(self._layer_norms())
-        if state.skipped_steps:
-            record["skipped_steps"] = state.skipped_steps
-        self.tracker.update({"train_step_loss": loss, "learning_rate": lr}, state.global_step)
+        record = self.log.record(state, stats, lr, self.max_grad_norm)
+        self.tracker.update(
+            {"train_step_loss": record["train_step_loss"], "learning_rate": lr}, state.global_step
+        )
         self._emit("train", record)
         self._call("on_log", record)
 
@@ -886,52 +736,28 @@ class Loop:
                 logger.exception("%s.on_exception failed", type(callback).__name__)
 
     def _act(self) -> None:
-        """Carry out the saves the callbacks asked for, once every recorded step is finite:
-        those put off first (unless one asked for now replaces it), then these; copy the
-        ones to put off (see `request_save`)."""
-        requests, self._save_requests = self._save_requests, []
-        staging, self._stage_requests = self._stage_requests, []
-        if self.save_fn is None or not (requests or staging):
+        """Carry out the saves the callbacks asked for, once every recorded step is finite
+        (see `Saves.carry_out`)."""
+        requests, staging = self.saves.take()
+        if not (requests or staging):
             return
         self._read_steps()
         with self._in_phase("a checkpoint write"):
-            if requests:
-                for name in requests:
-                    self._staged.drop(name)
-                self._write_staged()
-            for name in requests:
-                self._save(name)
-            for name in staging:
-                with self._budget.charge(write=False):
-                    self.save_fn(name, self, self._staged)  # type: ignore[call-arg]
-
-    def _write_staged(self) -> None:
-        """Write the saves that were put off, in the order they were made."""
-        if self._staged.pending:
-            with self._budget.charge(write=True):
-                self._staged.write_all()
-
-    def _save(self, name: str) -> Any:
-        assert self.save_fn is not None
-        with self._budget.charge(write=True):
-            path = self.save_fn(name, self)
-        self._deferred_saves.discard(name)
-        if name == "last":
-            self._last_saved = (path, self._position())
-        return path
+            self.saves.carry_out(requests, staging, self)
 
     def _save_last(self) -> Any:
         """Write `last` at this point (the resume point), unless it already holds it."""
         if self.save_fn is None:
             return None
-        if self._last_saved is not None and self._last_saved[1] == self._position():
-            return self._last_saved[0]
+        held = self.saves.holding_last(self.position())
+        if held is not None:
+            return held
         self._read_steps()
         with self._in_phase("a checkpoint write"):
-            self._write_staged()
-            return self._save("last")
+            self.saves.write_staged()
+            return self.saves.save("last", self, self.position())
 
-    def _position(self) -> tuple[int, ...]:
+    def position(self) -> tuple[int, ...]:
         """Where the run is: a checkpoint written at an equal position holds the same state."""
         s = self.state
         return (s.epoch, s.batch_in_epoch, s.global_step, len(s.history["val_steps"]),

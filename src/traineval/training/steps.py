@@ -76,6 +76,24 @@ class StepFunction(Protocol):
         ...
 
 
+def window_share(out: StepOutput, share: int | float | torch.Tensor) -> torch.Tensor:
+    """The micro-batch's part of the window's loss: its mean weighed by its share of the
+    window's items, or, for per-term means, each term by its own share."""
+    if out.terms is None:
+        if isinstance(share, torch.Tensor) and share.ndim:
+            raise ValueError(
+                f"the step's weight() returned per-term counts of shape "
+                f"{tuple(share.shape)} but its StepOutput has no terms"
+            )
+        return out.loss * share
+    if not isinstance(share, torch.Tensor) or share.shape != out.terms.shape:
+        raise ValueError(
+            f"StepOutput.terms has shape {tuple(out.terms.shape)} but the step's weight() "
+            f"returned {share!r}: expected one count per term"
+        )
+    return (out.terms * share).sum()
+
+
 def loss_with_gradient(
     value: torch.Tensor, params: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]
 ) -> torch.Tensor:
