@@ -55,11 +55,14 @@ def test_unavailable_cuda_falls_back_to_cpu_with_a_warning(caplog):
     assert "CUDA is not available" in caplog.text
 
 
-def test_auto_precision_on_cpu_is_fp32_and_says_so(caplog):
-    with caplog.at_level(logging.INFO):
+def test_auto_precision_on_cpu_is_fp32_and_says_so_only_when_debugging(caplog):
+    with caplog.at_level(logging.INFO):  # the default asked for nothing: no notice
         precision = resolve_precision("auto", True, torch.device("cpu"))
     assert precision.name == "fp32"
     assert precision.scaler is None
+    assert caplog.text == ""
+    with caplog.at_level(logging.DEBUG):
+        resolve_precision("auto", True, torch.device("cpu"))
     assert "mixed precision is off on cpu" in caplog.text
 
 

@@ -97,15 +97,23 @@ def _expected_lrs(warmup: int, updates: int = 64) -> list[float]:
 
 
 def test_warmup_longer_than_training_is_shortened_with_one_warning(quiet_config, caplog):
-    quiet_config.update(warmup_steps=1000, scheduler_type="cosine")
+    quiet_config.update(warmup_steps=800, scheduler_type="cosine")
     with caplog.at_level("WARNING", logger="traineval"):
         lrs = _run_lrs(quiet_config)
     assert lrs == pytest.approx(_expected_lrs(6))  # a tenth of the 64 updates
     warnings = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
     assert len(warnings) == 1
-    assert "warmup_steps=1000" in warnings[0]
+    assert "warmup_steps=800" in warnings[0]
     assert "64 optimizer updates" in warnings[0]
     assert "first 6" in warnings[0]
+
+
+def test_the_default_warmup_is_shortened_without_a_warning(quiet_config, caplog):
+    quiet_config.update(warmup_steps=1000, scheduler_type="cosine")  # the default
+    with caplog.at_level("WARNING", logger="traineval"):
+        lrs = _run_lrs(quiet_config)
+    assert lrs == pytest.approx(_expected_lrs(6))
+    assert [r for r in caplog.records if "warmup" in r.getMessage()] == []
 
 
 def test_warmup_ratio_warms_up_over_a_share_of_the_run(quiet_config):

@@ -65,6 +65,8 @@ from . import build
 
 logger = logging.getLogger(__name__)
 
+LINE_SECONDS = 30.0  # without a progress bar: a progress line inside an epoch at most this often
+
 
 @dataclasses.dataclass
 class TrainingResult(Mapping[str, Any]):
@@ -472,9 +474,10 @@ class TrainingManager:
     def _default_callbacks(self) -> list[Callback]:
         c = self.config
         main = self.distributed.is_main
-        callbacks: list[Callback] = [ProgressBar(c.progress_bar if main else False)]
-        if main:
-            callbacks.append(EpochSummary())
+        bar = ProgressBar(c.progress_bar if main else False)
+        callbacks: list[Callback] = [bar]
+        if main and c.verbose:
+            callbacks.append(EpochSummary(every_seconds=None if bar.enabled else LINE_SECONDS))
         if c.early_stopping_patience > 0:
             callbacks.append(EarlyStopping(c.early_stopping_patience))
         callbacks.append(

@@ -79,29 +79,59 @@ class BarAwareHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-class EpochSummary(Callback):
-    """Log one line per epoch (losses, monitored metrics, time) at INFO level."""
+def say(line: str) -> None:
+    """A line of the run's progress, for a person: through logging (logger "traineval", at
+    INFO) where the program has set logging up (the command line does; so may a user), else
+    straight to stderr, so that `train()` in a script or a notebook shows its epochs without
+    any setup (as Keras and Lightning do)."""
+    log = logging.getLogger("traineval")
+    if log.hasHandlers():
+        log.info("%s", line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
-    def __init__(self) -> None:
-        self._started = 0.0
+
+class EpochSummary(Callback):
+    """One line per epoch (losses, validation metrics, learning rate, time; `*` marks the
+    best so far), and the reason a run stopped early; see `say` for where lines go.
+
+    `every_seconds`: inside an epoch, also a line at the first log step at least that long
+    after the previous line (for a log file or a terminal without the bar: nohup, SLURM,
+    CI); None: epoch lines only.
+    """
+
+    def __init__(self, every_seconds: float | None = None) -> None:
+        self.every_seconds = every_seconds
+        self._started = self._said = 0.0
 
     def on_epoch_start(self, loop: Control) -> None:
-        self._started = time.perf_counter()
+        self._started = self._said = time.perf_counter()
+
+    def on_log(self, loop: Control, logs: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if self.every_seconds is None or now - self._said < self.every_seconds:
+            return
+        self._said = now
+        state, total = loop.state, loop.updates_per_epoch
+        step = f"update {state.global_step}" + (f", {total} an epoch" if total else "")
+        rate = logs.get("samples_per_sec")
+        say(
+            f"epoch {state.epoch}/{loop.num_epochs}  {step}  loss {logs['train_step_loss']:.4f}"
+            f"  lr {logs['learning_rate']:.3g}"
+            + (f"  {rate:,.0f} samples/s" if rate else "")
+            + f"  ({now - self._started:.0f}s)"
+        )
 
     def on_epoch_end(self, loop: Control, logs: dict[str, Any]) -> None:
+        self._said = time.perf_counter()
         parts = [f"train_loss {logs['train_loss']:.4f}"]
         parts += [f"{k} {v:.4f}" for k, v in logs.items() if k.startswith("val_")]
         marker = " *" if loop.state.best_epoch == loop.state.epoch else ""
-        logger.info(
-            "epoch %d/%d  %s  lr %.3g  (%.1fs)%s",
-            loop.state.epoch,
-            loop.num_epochs,
-            "  ".join(parts),
-            logs["learning_rate"],
-            time.perf_counter() - self._started,
-            marker,
+        say(
+            f"epoch {loop.state.epoch}/{loop.num_epochs}  {'  '.join(parts)}  "
+            f"lr {logs['learning_rate']:.3g}  ({self._said - self._started:.1f}s){marker}"
         )
 
     def on_train_end(self, loop: Control, logs: dict[str, Any]) -> None:
         if loop.state.stop_reason:
-            logger.info("%s", loop.state.stop_reason)
+            say(loop.state.stop_reason)

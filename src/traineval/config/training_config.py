@@ -444,6 +444,9 @@ class TrainingConfig(_ConfigBase):
     max_steps: int | None = setting(None, Int(1, optional=True))
     deterministic: bool = setting(False, Flag())
     progress_bar: bool | None = setting(None, Flag(optional=True))
+    # a line per epoch (and, without the bar, one every 30 s inside an epoch) to stderr, or
+    # to logging where it is set up; false: none
+    verbose: bool = setting(True, Flag())
     checkpoint_every_n_steps: int = setting(0, Int(0))
     async_checkpointing: bool = setting(False, Flag())
     skip_nonfinite_steps: int = setting(0, Int(0))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config.training_config import SCHEDULERS
+from ..config.training_config import SCHEDULERS, TrainingConfig
 from ..runs.tracking import Plateau
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_WARMUP_STEPS = TrainingConfig.__dataclass_fields__["warmup_steps"].default
 
 
 def matching(model: nn.Module, prefix: str) -> list[str]:
@@ -348,7 +350,8 @@ def configured_scheduler(
 def warmup_updates(steps: int, ratio: float, total_steps: int | None) -> int:
     """The optimizer updates to warm up over: `ceil(ratio * total_steps)` when `ratio` > 0,
     else `steps`; a warmup as long as the run or longer becomes a tenth of the run, with a
-    warning naming both numbers (a default of 1000 steps must not refuse a short run).
+    warning naming both numbers when the user chose it (the default of 1000 steps must not
+    refuse a short run, nor warn about it).
 
     Example:
         >>> warmup_updates(0, 0.1, 320), warmup_updates(50, 0.0, 320)
@@ -364,7 +367,10 @@ def warmup_updates(steps: int, ratio: float, total_steps: int | None) -> int:
     if total_steps is None or steps < total_steps:
         return steps
     shortened = total_steps // 10
-    logger.warning(
+    # the default (the specification's 1000) is shortened quietly: a first short run with
+    # the defaults prints no warning; a warmup the user chose is worth one
+    say = logger.debug if steps == DEFAULT_WARMUP_STEPS else logger.warning
+    say(
         "warmup_steps=%d is not shorter than this run's %d optimizer updates: warming up "
         "over the first %d (a tenth of the run) instead; set warmup_steps or warmup_ratio "
         "to choose",

@@ -78,7 +78,7 @@ def resolve_precision(requested: str, mixed_precision: bool, device: torch.devic
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             name = "fp32"
-            logger.info(
+            logger.debug(  # the default: nothing the user asked for is left undone
                 "mixed precision is off on %s (precision='auto'); set precision='bf16' to use "
                 "bf16 autocast there",
                 device.type,

@@ -76,6 +76,8 @@ def _trial_interrupted(study: Any, trial: Any, stopped: BaseException) -> Traini
 def worker_main(settings: Settings, total: int, parent: int, stop: Any) -> None:
     """A spawned worker: trials until the study is full; exits 128+N when a signal (or
     its driver's stop, or its driver's death) stopped it, 1 with one line on an error."""
+    # quiet as the driver's trials: warnings only (no epoch lines, see `progress.say`)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with watching_signals(), WorkersLock(settings.study_dir, shared=True):
         _watch_driver(parent, stop)
         try:
