@@ -2,7 +2,8 @@
 
 The public API (docs/design.md): `TrainingConfig`, `EvaluationConfig`, `TrainingManager`,
 `Evaluator`, `MetricsTracker`, `PerformanceMonitor`, and the enums `TaskType`,
-`TrainingMode`, `EvaluationMode`.
+`TrainingMode`, `EvaluationMode`; `load_checkpoint(path, model)` and `load_model(run_dir)`
+bring trained weights back.
 """
 
 # isort: split
@@ -12,7 +13,9 @@ from .system import requirements  # noqa: F401 - first: refuses a torch too old 
 from .assembly.evaluator import Evaluator
 from .assembly.manager import TrainingManager, TrainingResult
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
+from .commands.load import load_model
 from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
+from .runs.checkpoint import load_checkpoint
 from .runs.tracking import MetricsTracker
 from .system.moved_modules import install as _install_moved_modules
 from .system.version import __version__
@@ -38,4 +41,6 @@ __all__ = [
     "TrainingMode",
     "TrainingResult",
     "__version__",
+    "load_checkpoint",
+    "load_model",
 ]

@@ -119,6 +119,31 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: A
     model.load_state_dict(weights)
 
 
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module | None = None, *, map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """A traineval checkpoint's contents (`model`, `optimizer`, `epoch`, `global_step`,
+    `config`, `history`, ...), loaded with `weights_only` (no code runs); with `model`, its
+    weights are also loaded into it, after a check that names what differs when the
+    checkpoint is another model's. A `.safetensors` export holds weights only: it needs
+    `model`, and the contents are `{"model": state_dict}`.
+
+    To resume training, pass the file to `train(resume_from=...)` instead: it restores the
+    optimizer, schedule, random streams and position too.
+    """
+    if Path(path).suffix == ".safetensors":
+        if model is None:
+            raise ValueError(f"{str(path)!r} holds weights only: pass the model to load them")
+        _load_safetensors_checked(model, Path(path), map_location)
+        return {"model": model.state_dict()}
+    payload = load_checkpoint_file(path, map_location=map_location)
+    if model is not None:
+        weights = model_weights(path, payload)
+        refuse_another_models(path, model.state_dict(), weights)
+        model.load_state_dict(weights)
+    return payload
+
+
 def model_weights(path: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """A loaded checkpoint's `model` state dict; a `ValueError` naming `path` without one."""
     weights = payload.get("model")

@@ -1,0 +1,71 @@
+"""A trained model back in Python: `traineval.load_model(run_dir)` and
+`traineval.load_checkpoint(path, model)`, checked against what the run itself measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import traineval
+from traineval import TrainingConfig, TrainingManager
+from traineval.cli import main
+from traineval.commands.experiment import RunConfig, run_parts
+
+from conftest import iris_demo, make_classification, make_mlp
+
+
+def test_load_model_gives_the_run_s_best_model_and_its_test_accuracy(tmp_path):
+    run = tmp_path / "run"
+    assert main(iris_demo(run, "training.num_epochs=3")) == 0
+    model = traineval.load_model(run)
+    assert not model.training
+    test = run_parts(RunConfig.from_run_dir(run)).splits.test
+    x, y = test.tensors
+    with torch.no_grad():
+        accuracy = int((model(x).argmax(dim=1) == y).sum()) / len(y)
+    recorded = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
+    assert accuracy == pytest.approx(recorded["accuracy"], abs=1e-12)
+    last = traineval.load_model(run, "last")
+    saved = traineval.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    assert last.state_dict().keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(last.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="epoch-0099"):
+        traineval.load_model(run, "epoch-0099")
+
+
+def test_load_checkpoint_loads_the_weights_training_kept(quiet_config, tmp_path):
+    config = TrainingConfig(num_epochs=2, batch_size=8, **quiet_config)
+    trained = make_mlp()
+    data = DataLoader(make_classification(n=32), 8)
+    result = TrainingManager(config).train(trained, data, data)
+    best = result.checkpoints["best"]
+    model = make_mlp()
+    contents = traineval.load_checkpoint(best, model)
+    assert contents["global_step"] == 8
+    assert contents["model"].keys() == trained.state_dict().keys()
+    for key, value in contents["model"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    exported = traineval.load_checkpoint(best.replace(".pt", ".safetensors"), make_mlp())
+    assert exported["model"].keys() == trained.state_dict().keys()
+    with pytest.raises(ValueError, match="holds weights only: pass the model"):
+        traineval.load_checkpoint(best.replace(".pt", ".safetensors"))
+    with pytest.raises(ValueError, match="another model"):
+        traineval.load_checkpoint(best, nn.Sequential(nn.Linear(3, 1)))
+
+
+def test_both_are_public_names():
+    done = subprocess.run(
+        [sys.executable, "-c", "from traineval import load_checkpoint, load_model; print('ok')"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout == "ok\n", done.stderr
