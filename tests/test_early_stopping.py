@@ -93,6 +93,11 @@ def test_best_checkpoint_and_restore_best_weights(quiet_config):
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
 
 
-def test_unknown_monitored_metric_is_an_error_naming_the_choices(quiet_config):
-    with pytest.raises(KeyError, match=r"monitor_metric='val_f2'.*val_accuracy, val_loss"):
+def test_unknown_monitored_metric_is_an_error_naming_the_choices(quiet_config, tmp_path):
+    # no task is known before the data: a name no task's validation has is refused at once
+    with pytest.raises(ValueError, match=r"monitor_metric='val_f2' is invalid: expected one of"):
         _train(quiet_config, [1.0, 0.5], monitor_metric="val_f2")
+    assert not (tmp_path / "run").exists()
+    # a metric of another task than the data's: named when the evaluation lacks it
+    with pytest.raises(KeyError, match=r"monitor_metric='val_mse'.*val_accuracy, val_loss"):
+        _train(quiet_config, [1.0, 0.5], monitor_metric="val_mse")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config.conditions import parse_condition, parse_duration
 from ..config.config_file import write_run_config
 from ..config.training_config import TaskType, TrainingConfig
 from ..data.sharding import shard_eval_loader, shard_train_loader
@@ -307,26 +308,50 @@ def choose_monitor(
     mode: Mode,
 ) -> Monitor:
     """The mode's monitor, or `monitor_metric` (train_loss without validation), checked
-    against the metrics the task produces."""
+    against the metrics the task produces, as the `stop_when` conditions are."""
     min_delta = config.early_stopping_min_delta
-    if plan.monitor is not None:
-        return Monitor(plan.monitor.name, minimize=plan.monitor.minimize, min_delta=min_delta)
     # An autoencoder's evaluation compares outputs with inputs: regression metrics.
     task = TaskType.REGRESSION if mode.reconstructs else task_type
+    names = None  # the validation metrics (a mode's own: not known)
+    if plan.monitor is None:  # those of the task; before the data says which, of any task
+        tasks = [task] if task is not None else list(TaskType)
+        names = list(dict.fromkeys(
+            n for t in tasks for n in validation_metric_names(evaluator, t, plan.extra_metric_names)
+        ))  # fmt: skip
+    check_stop_when(config, val_loader, names)
+    if plan.monitor is not None:
+        return Monitor(plan.monitor.name, minimize=plan.monitor.minimize, min_delta=min_delta)
     name = config.monitor_metric
     if val_loader is None and name.startswith("val_"):
         logger.info("no val_loader: monitoring train_loss instead of %s", name)
         name = "train_loss"
-    elif task is not None and name.startswith("val_"):
-        names = validation_metric_names(evaluator, task, plan.extra_metric_names)
-        if name[len("val_") :] not in names:
-            allowed = ", ".join(f"val_{n}" for n in names)
-            raise ValueError(
-                f"monitor_metric={name!r} is invalid for {task.value}: expected one of "
-                f"{allowed}, or train_loss"
-            )
+    elif names is not None and name.startswith("val_") and name[len("val_") :] not in names:
+        allowed = ", ".join(f"val_{n}" for n in names)
+        raise ValueError(
+            f"monitor_metric={name!r} is invalid"
+            + (f" for {task.value}" if task is not None else "")
+            + f": expected one of {allowed}, or train_loss"
+        )
     minimize = config.minimize_monitor if name == config.monitor_metric else True
     return Monitor(name, minimize=minimize, min_delta=min_delta)
+
+
+def check_stop_when(config: TrainingConfig, val_loader: Any, names: Sequence[str] | None) -> None:
+    """Refuse a `stop_when` metric the run will not measure, before it starts: a validation
+    metric without a val_loader, or one the task's validation does not produce (`names`,
+    when known); train_loss is always measured."""
+    for text in config.stop_when:
+        metric = parse_condition(text).metric
+        if metric == "train_loss":
+            continue
+        if not metric.startswith("val_") or val_loader is None:
+            raise ValueError(
+                f"stop_when={text!r}: {metric!r} is not measured in this run (expected "
+                "train_loss, or a validation metric val_<name> with a val_loader)"
+            )
+        if names is not None and metric[len("val_") :] not in names:
+            allowed = ", ".join(f"val_{n}" for n in names)
+            raise ValueError(f"stop_when={text!r}: expected one of {allowed}, or train_loss")
 
 
 def validation_metric_names(
@@ -527,6 +552,7 @@ def run_length(config: TrainingConfig, data: Data, *, evaluating: bool) -> RunLe
         max_steps=config.max_steps,
         eval_every_n_steps=config.eval_frequency if evaluating else None,
         log_every_n_steps=config.log_frequency,
+        max_seconds=None if config.max_time is None else parse_duration(config.max_time),
     )
 
 

@@ -20,6 +20,7 @@ from ..callbacks import (
     EpochSummary,
     ModelCheckpoint,
     ProgressBar,
+    StopWhen,
 )
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
 from ..evaluation.model_evaluator import ModelEvaluator
@@ -85,8 +86,9 @@ class TrainingResult(Mapping[str, Any]):
     train_seconds: float
     performance: dict[str, Any]
     checkpoints: dict[str, str]
-    # "finished" (its epochs or max_steps), "stopped early", "interrupted" (a signal: resume
-    # it), "failed" (an error: `stop_reason` names it)
+    # "finished" (its epochs or max_steps), "stopped early" (early stopping, stop_when),
+    # "time limit" (max_time: resume it), "interrupted" (a signal: resume it), "failed" (an
+    # error: `stop_reason` names it)
     status: str = "finished"
 
     def __getitem__(self, key: str) -> Any:
@@ -468,7 +470,7 @@ class TrainingManager:
             train_seconds=seconds,
             performance=self.performance_monitor.summary(),
             checkpoints=checkpoints,
-            status="stopped early" if state.stopped_early else "finished",
+            status=_status(state),
         )
 
     def _default_callbacks(self) -> list[Callback]:
@@ -480,6 +482,8 @@ class TrainingManager:
             callbacks.append(EpochSummary(every_seconds=None if bar.enabled else LINE_SECONDS))
         if c.early_stopping_patience > 0:
             callbacks.append(EarlyStopping(c.early_stopping_patience))
+        if c.stop_when:
+            callbacks.append(StopWhen(c.stop_when))
         callbacks.append(
             ModelCheckpoint(
                 save_best=c.save_best_model,
@@ -610,3 +614,10 @@ class TrainingManager:
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         return payload
+
+
+def _status(state: Any) -> str:
+    """How the loop ended, for `TrainingResult.status`."""
+    if state.timed_out:
+        return "time limit"
+    return "stopped early" if state.stopped_early else "finished"

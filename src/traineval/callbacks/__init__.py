@@ -4,6 +4,7 @@ from .base import Callback
 from .checkpointing import BestWeights, ModelCheckpoint
 from .early_stopping import EarlyStopping
 from .progress import EpochSummary, ProgressBar
+from .stop_when import StopWhen
 
 __all__ = [
     "BestWeights",
@@ -12,4 +13,5 @@ __all__ = [
     "EpochSummary",
     "ModelCheckpoint",
     "ProgressBar",
+    "StopWhen",
 ]

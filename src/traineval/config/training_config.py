@@ -37,6 +37,7 @@ from .checks import (
     number,
     subset,
 )
+from .conditions import CONDITION_TEXT, DURATION_TEXT, parse_condition, parse_duration
 from .config_file import RUN_CONFIG_END, cut_run_config
 
 __all__ = [
@@ -216,6 +217,22 @@ def _names(what: str, example: str) -> Any:
         return tuple(value)
 
     return check
+
+
+def _stop_when(field: str, value: Any) -> tuple[str, ...]:
+    """One condition or a list of them (any one met stops), each parsed here, before the run."""
+    given = (value,) if isinstance(value, str) else value
+    if not isinstance(given, (list, tuple)):
+        _fail(field, value, f"expected {CONDITION_TEXT}, or a list of them")
+    for i, text in enumerate(given):
+        parse_condition(text, field if isinstance(value, str) else f"{field}[{i}]")
+    return tuple(given)
+
+
+def _max_time(field: str, value: Any) -> Any:
+    if value is not None:
+        parse_duration(value, field)
+    return value
 
 
 def _class_weights(field: str, value: Any) -> Any:
@@ -444,6 +461,10 @@ class TrainingConfig(_ConfigBase):
     max_steps: int | None = setting(None, Int(1, optional=True))
     deterministic: bool = setting(False, Flag())
     progress_bar: bool | None = setting(None, Flag(optional=True))
+    # stop once a metric reaches a value, e.g. "val_accuracy >= 0.98" (a list: any one)
+    stop_when: tuple[str, ...] = setting((), Custom(_stop_when, CONDITION_TEXT + ", or a list"))
+    # stop after this much training in this process (a resume continues): 3600, "2h", "01:00:00"
+    max_time: float | str | None = setting(None, Custom(_max_time, DURATION_TEXT + ", or null"))
     # a line per epoch (and, without the bar, one every 30 s inside an epoch) to stderr, or
     # to logging where it is set up; false: none
     verbose: bool = setting(True, Flag())

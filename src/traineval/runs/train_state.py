@@ -26,6 +26,7 @@ class TrainState:
     stop_reason: str | None = None
     stopped_early: bool = False
     finished: bool = False
+    timed_out: bool = False  # max_time was up (resumable: `last` holds the run as it stood)
     last_eval_step: int | None = None
     skipped_steps: int = 0
     consecutive_non_finite: int = 0

@@ -131,6 +131,7 @@ class RunLength:
     max_steps: int | None = None
     eval_every_n_steps: int | None = None  # besides each epoch's end
     log_every_n_steps: int = 100
+    max_seconds: float | None = None  # this process's training time (a resume continues)
 
 
 @dataclasses.dataclass
@@ -308,6 +309,9 @@ class Loop:
         self.accumulation_steps = update.accumulation_steps
         self.max_grad_norm = update.max_grad_norm
         self.max_steps = length.max_steps
+        self.max_seconds = length.max_seconds
+        self._deadline: float | None = None  # time.monotonic() at which max_seconds is up
+        self._timed_out = False  # (agreed over the ranks, as signals are)
         self.eval_every_n_steps = length.eval_every_n_steps
         self.log_every_n_steps = length.log_every_n_steps
         self.evaluate_fn = evaluate_fn
@@ -378,6 +382,8 @@ class Loop:
         state = self.state
         self._call("on_train_start")
         self.performance.start()
+        if self.max_seconds is not None:
+            self._deadline = time.monotonic() + self.max_seconds
         while not self._done() and (state.batch_in_epoch > 0 or state.epoch < self.num_epochs):
             resuming_inside_epoch = state.batch_in_epoch > 0
             if not resuming_inside_epoch:
@@ -390,6 +396,8 @@ class Loop:
             self._call("on_epoch_start")
             train_loss = self._train_epoch(self._batches())
             self._stop_if_signalled()
+            if self._timed_out:
+                break
             if not self._epoch_complete:  # max_steps or a stop request, with batches left
                 self._close_inside_epoch(train_loss)
                 break
@@ -398,6 +406,8 @@ class Loop:
             self._act()
             self._stop_if_signalled()  # one that came during validation, a save, a callback
         self._stop_if_signalled()
+        if self._timed_out:
+            self._stop_at_time_limit()
         self.saves.finish()  # a `last` put off within the budget
         self._act()
         self.saves.write_staged()
@@ -432,8 +442,16 @@ class Loop:
             self.resume_rng = None
 
     def _done(self) -> bool:
-        """Whether to stop at this step boundary: a stop request, max_steps or a signal."""
-        return self._stopping() or self._signal() is not None
+        """Whether to stop at this step boundary: a stop request, max_steps, max_seconds or
+        a signal."""
+        return self._stopping() or self._signal() is not None or self._out_of_time()
+
+    def _out_of_time(self) -> bool:
+        """Whether max_seconds is up: checked at every step boundary alone, and where the
+        ranks agree on signals (log steps, epoch ends) under torchrun."""
+        if not self._timed_out and self._deadline is not None and not self.job.enabled:
+            self._timed_out = time.monotonic() >= self._deadline
+        return self._timed_out
 
     def _stopping(self) -> bool:
         """Whether the run ends before its epochs do: a stop request or max_steps (a
@@ -446,10 +464,13 @@ class Loop:
         return self._agreed_signal if self.job.enabled else self.interrupted
 
     def _agree_on_signal(self) -> None:
-        """Distributed: stop together if any rank was signalled (at log steps, epoch ends)."""
+        """Distributed: stop together if any rank was signalled or is out of time (at log
+        steps, epoch ends)."""
         signalled = self.job.enabled and self._agreed_signal is None
         if signalled and self.job.any(self.interrupted is not None):
             self._agreed_signal = self.interrupted or "SIGTERM"
+        if self.job.enabled and self._deadline is not None and not self._timed_out:
+            self._timed_out = self.job.any(time.monotonic() >= self._deadline)
 
     def _train_epoch(self, batches: Iterator[Any]) -> float:
         """Run the epoch's optimizer updates; return the epoch's mean training loss."""
@@ -495,7 +516,7 @@ class Loop:
         self._read_steps()
         self._agree_on_signal()
         loss_sum, weight = self.job.sum([state.epoch_loss_sum, state.epoch_loss_weight])
-        if weight == 0 and not self._signal():
+        if weight == 0 and not self._signal() and not self._timed_out:
             raise ValueError(
                 f"epoch {state.epoch} trained on no data: the train loader yielded no batches"
             )
@@ -801,6 +822,19 @@ class Loop:
             else "no checkpoint was written"
         )
         raise EvaluationError(f"{where}: {reason}; {saved}")
+
+    def _stop_at_time_limit(self) -> None:
+        """max_seconds is up at this step boundary: write the saves asked for, then `last`
+        as the run stands (a resume continues it as an uninterrupted run would: no closing
+        evaluation is made), and end with the reason."""
+        self._act()
+        path = self._save_last()
+        self.saves.forget_last()
+        state = self.state
+        state.timed_out = True
+        where = f"epoch {state.epoch}, step {state.global_step}"
+        how = f"resume from {str(path)!r} to continue" if path else "no checkpoint was written"
+        state.stop_reason = f"max_time={self.max_seconds:g}s reached at {where}; {how}"
 
     def _save_interrupted(self) -> None:
         """Save a resumable `last` checkpoint at this step boundary and stop."""
