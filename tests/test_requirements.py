@@ -30,8 +30,27 @@ def test_a_current_torch_passes(version):
     check_torch(version)
 
 
-def test_importing_traineval_with_an_old_torch_fails_with_the_sentence():
-    code = "import torch; torch.__version__ = '2.4.1'; import traineval"
+OLD_METADATA = (
+    "from importlib import metadata\n"
+    "real = metadata.version\n"
+    "metadata.version = lambda name: {torch} if name == 'torch' else real(name)\n"
+)
+NO_METADATA = (
+    "from importlib import metadata\n"
+    "def version(name):\n"
+    "    raise metadata.PackageNotFoundError(name)\n"
+    "metadata.version = version\n"
+    "import torch; torch.__version__ = '2.4.1'\n"
+)
+
+
+@pytest.mark.parametrize(
+    "setup", [OLD_METADATA.format(torch="'2.4.1'"), NO_METADATA], ids=["metadata", "module"]
+)
+def test_importing_traineval_with_an_old_torch_fails_with_the_sentence(setup):
+    """Read from the installed package's metadata (torch itself is not imported for it), or
+    from torch where it has no metadata."""
+    code = setup + "import traineval"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 1
     assert "traineval needs torch>=2.10, found torch 2.4.1" in done.stderr

@@ -6,23 +6,41 @@ The public API (docs/design.md): `TrainingConfig`, `EvaluationConfig`, `Training
 bring trained weights back.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 # isort: split
 from .system import requirements  # noqa: F401 - first: refuses a torch too old for safe loading
 
 # isort: split
-from .assembly.evaluator import Evaluator
-from .assembly.manager import TrainingManager, TrainingResult
-from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
-from .commands.load import load_model
-from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
-from .runs.checkpoint import load_checkpoint
-from .runs.tracking import MetricsTracker
 from .system.moved_modules import install as _install_moved_modules
 from .system.version import __version__
-from .training.lr_finder import LearningRateSearch
-from .training.monitor import PerformanceMonitor
 
 _install_moved_modules()
+
+# The public names, imported when first used: `import traineval` (and `traineval --help`)
+# does not load torch until a name that needs it is asked for.
+_PUBLIC = {
+    "Callback": "callbacks",
+    "EarlyStopping": "callbacks",
+    "EvaluationConfig": "config",
+    "EvaluationMode": "config",
+    "Evaluator": "assembly.evaluator",
+    "LearningRateSearch": "training.lr_finder",
+    "MetricsTracker": "runs.tracking",
+    "ModelCheckpoint": "callbacks",
+    "PerformanceMonitor": "training.monitor",
+    "ProgressBar": "callbacks",
+    "TaskType": "config",
+    "TrainingConfig": "config",
+    "TrainingManager": "assembly.manager",
+    "TrainingMode": "config",
+    "TrainingResult": "assembly.manager",
+    "load_checkpoint": "runs.checkpoint",
+    "load_model": "commands.load",
+}
 
 __all__ = [
     "Callback",
@@ -44,3 +62,27 @@ __all__ = [
     "load_checkpoint",
     "load_model",
 ]
+
+if TYPE_CHECKING:
+    from .assembly.evaluator import Evaluator
+    from .assembly.manager import TrainingManager, TrainingResult
+    from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
+    from .commands.load import load_model
+    from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
+    from .runs.checkpoint import load_checkpoint
+    from .runs.tracking import MetricsTracker
+    from .training.lr_finder import LearningRateSearch
+    from .training.monitor import PerformanceMonitor
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'traineval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: later lookups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -1,17 +1,25 @@
 """The names of the training modes: `name -> Mode class`, for config files and `train(mode="...")`.
 
 A leaf module (it imports nothing of traineval), so that the config can check a mode's
-settings on construction without importing the modes. The built-in modes register when
-`traineval.modes` is imported (which `import traineval` does); `traineval.modes.register`
-adds your own.
+settings on construction without the modes above it importing back. The built-in modes
+register when `traineval.modes` is imported; the registry imports it by name on its first
+lookup (as a plug-in is loaded), so a config checks mode names however little of traineval
+was imported before. `traineval.modes.register` adds your own.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 _MODES: dict[str, Any] = {}
+BUILT_IN = "traineval.modes"  # the package whose import registers the built-in modes
+
+
+def _built_in() -> None:
+    """Import the built-in modes once (they register themselves); cheap after the first."""
+    importlib.import_module(BUILT_IN)
 
 
 def add(cls: Any, *, replace: bool = False) -> None:
@@ -32,11 +40,15 @@ def add(cls: Any, *, replace: bool = False) -> None:
 
 def names() -> list[str]:
     """The registered mode names, built-in first."""
+    _built_in()
     return list(_MODES)
 
 
 def lookup(name: Any, *, field: str = "mode") -> Any:
     """The mode class registered as `name`; an unknown name is an error naming the known ones."""
+    if isinstance(name, str) and name in _MODES:
+        return _MODES[name]
+    _built_in()
     if isinstance(name, str) and name in _MODES:
         return _MODES[name]
     hint = difflib.get_close_matches(str(name), list(_MODES), n=1)

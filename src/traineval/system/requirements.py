@@ -28,9 +28,17 @@ def check_torch(version: str) -> None:
 
 
 def _check_installed() -> None:
-    import torch
+    """From the installed package's metadata, without importing torch (a second or more:
+    `traineval --help` answers without it); a torch without metadata is imported."""
+    from importlib import metadata
 
-    check_torch(torch.__version__)
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        import torch
+
+        version = torch.__version__
+    check_torch(version)
 
 
 _check_installed()

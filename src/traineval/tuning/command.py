@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .study import PRUNERS, SAMPLERS
+from .choices import PRUNERS, SAMPLERS
 
 
 def add_parser(commands: Any) -> None:

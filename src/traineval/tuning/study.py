@@ -31,13 +31,12 @@ from ..config.config_file import run_config_text
 from ..config.training_config import current_metric_name, metric_is_minimized
 from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
 from ..system.files import atomic_write_text
+from .choices import PRUNERS, SAMPLERS
 from .space import Param, apply_values, check_values, parse_space
 from .trial import is_finished, queue_retry
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "halving", "none")
 WORKERS_PER_CORE = 4  # the most tune workers per CPU core
 STUDY_FILE = "study.db"
 HEARTBEAT = {"heartbeat_interval": 10, "grace_period": 30}  # seconds; for remote workers
