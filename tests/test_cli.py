@@ -194,8 +194,10 @@ def test_builtin_models_fit_their_data_shapes():
     assert auto(torch.zeros(3, 64)).shape == (3, 64)
     with pytest.raises(ValueError, match=r"model\.name='cnn' needs image inputs"):
         build_model("cnn", input_shape=(13,), output_dim=3)
-    with pytest.raises(ValueError, match="do not fit model 'mlp'"):
+    with pytest.raises(ValueError, match=r"options\.width is not an option of model 'mlp'; its"):
         build_model("mlp", input_shape=(4,), output_dim=3, options={"width": 3})
+    with pytest.raises(ValueError, match="do not fit model 'mlp'"):  # taken from the data
+        build_model("mlp", input_shape=(4,), output_dim=3, options={"input_dim": 3})
     with pytest.raises(ValueError, match="cannot import 'nowhere'"):
         build_model("nowhere:factory", input_shape=(4,), output_dim=3)
 

@@ -53,3 +53,21 @@ def test_every_old_path_names_a_module_that_exists(old):
 
 def test_a_new_path_is_not_an_old_one():
     assert not set(MOVED) & set(MOVED.values())
+
+
+def test_names_that_moved_to_another_module_still_answer_at_the_old_place():
+    done = _run(
+        """
+        import warnings
+        from traineval.distributed import shard_eval_loader
+        from traineval.data.sharding import shard_eval_loader as new
+        from traineval.rundir import atomic_write_json, write_run_config
+        from traineval.evaluation import Evaluator
+        from traineval.loop import CHECKPOINT_SHARE
+        from traineval.config import current_metric_name
+        assert shard_eval_loader is new
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "shard_eval_loader moved to traineval.data.sharding.shard_eval_loader" in done.stderr
+    assert done.stderr.count("traineval.evaluation.Evaluator moved to") == 1

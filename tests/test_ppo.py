@@ -432,3 +432,20 @@ def test_a_record_written_before_the_split_loads_and_resumes_as_ppo():
         check_mode({"mode": RECORD_BEFORE_THE_SPLIT}, dataclasses.replace(mode, envs=8))
     with pytest.raises(ValueError, match=r"trained in mode='ppo', this run is mode='policy_grad"):
         check_mode({"mode": RECORD_BEFORE_THE_SPLIT}, Reinforcement(episodes_per_update=8))
+
+
+def test_settings_and_records_under_reinforcement_reach_the_algorithm():
+    from traineval import TrainingConfig
+    from traineval.modes import PPO, PolicyGradient, resolve_mode
+
+    config = TrainingConfig(mode_settings={"reinforcement": {"algorithm": "ppo", "gamma": 0.9}})
+    assert config.mode_settings == {"reinforcement": {"algorithm": "ppo", "gamma": 0.9}}
+    assert resolve_mode("reinforcement", config) == PPO(gamma=0.9)
+    assert resolve_mode("ppo", config) == PPO(gamma=0.9)  # the legacy rl_* keys land there
+    with pytest.raises(ValueError, match="disagree"):
+        resolve_mode(PPO(), config)
+    # a checkpoint of before modes recorded themselves: flat keys of policy gradient
+    old = {"config": {"rl_episodes_per_update": 3, "rl_gamma": 0.9}}
+    check_mode(old, PolicyGradient(episodes_per_update=3, gamma=0.9))
+    with pytest.raises(ValueError, match=r"mode='policy_gradient', this run is mode='ppo'"):
+        check_mode(old, PPO(gamma=0.9))

@@ -549,11 +549,18 @@ def _fit(config: Any, args: argparse.Namespace) -> int:
         return 0  # under torchrun, rank 0 reports
     training = outcome.training
     print(f"\nRun directory: {outcome.output_dir}")
+    best = (
+        f"best {training.monitor_metric} = {training.best_metric:.4f} at epoch "
+        f"{training.best_epoch}"
+        if training.best_metric is not None
+        else f"no {training.monitor_metric} measured yet"
+    )
     print(
         f"Trained {training.epochs_completed} epochs ({training.global_step} optimizer updates) "
-        f"in {elapsed:.1f}s; best {training.monitor_metric} = {training.best_metric:.4f} "
-        f"at epoch {training.best_epoch}" + (" (stopped early)" if training.stopped_early else "")
+        f"in {elapsed:.1f}s; {best}" + (" (stopped early)" if training.stopped_early else "")
     )
+    if training.status == "time limit":
+        print(f"{training.stop_reason} (--resume auto); the test split is evaluated at the end")
     if outcome.test_metrics:
         print(f"\nTest metrics, {outcome.evaluated_checkpoint}:")
         print(_table(outcome.test_metrics, outcome.test_intervals))

@@ -312,13 +312,13 @@ def choose_monitor(
     min_delta = config.early_stopping_min_delta
     # An autoencoder's evaluation compares outputs with inputs: regression metrics.
     task = TaskType.REGRESSION if mode.reconstructs else task_type
-    names = None  # the validation metrics (a mode's own: not known)
-    if plan.monitor is None:  # those of the task; before the data says which, of any task
+    names = None  # the validation metrics (a mode that validates itself: not known)
+    if plan.monitor is None and plan.evaluate is None:  # the task's; before the data says
         tasks = [task] if task is not None else list(TaskType)
         names = list(dict.fromkeys(
             n for t in tasks for n in validation_metric_names(evaluator, t, plan.extra_metric_names)
         ))  # fmt: skip
-    check_stop_when(config, val_loader, names)
+    check_stop_when(config, val_loader is not None or plan.evaluate is not None, names)
     if plan.monitor is not None:
         return Monitor(plan.monitor.name, minimize=plan.monitor.minimize, min_delta=min_delta)
     name = config.monitor_metric
@@ -336,15 +336,16 @@ def choose_monitor(
     return Monitor(name, minimize=minimize, min_delta=min_delta)
 
 
-def check_stop_when(config: TrainingConfig, val_loader: Any, names: Sequence[str] | None) -> None:
+def check_stop_when(config: TrainingConfig, validates: bool, names: Sequence[str] | None) -> None:
     """Refuse a `stop_when` metric the run will not measure, before it starts: a validation
-    metric without a val_loader, or one the task's validation does not produce (`names`,
-    when known); train_loss is always measured."""
+    metric of a run that does not validate (no val_loader, no validation of the mode's own),
+    or one the task's validation does not produce (`names`, when known); train_loss is
+    always measured."""
     for text in config.stop_when:
         metric = parse_condition(text).metric
         if metric == "train_loss":
             continue
-        if not metric.startswith("val_") or val_loader is None:
+        if not metric.startswith("val_") or not validates:
             raise ValueError(
                 f"stop_when={text!r}: {metric!r} is not measured in this run (expected "
                 "train_loss, or a validation metric val_<name> with a val_loader)"

@@ -90,6 +90,11 @@ def cross_validate(
     See `Evaluator.cross_validate`.
     """
     mode = resolve_mode(mode, config)
+    if config.max_time is not None:  # a fold stopped by it would be scored as if finished
+        raise ValueError(
+            f"max_time={config.max_time!r} is not supported in cross-validation: every fold "
+            "trains to its end (cross-validation does not resume); leave max_time out"
+        )
 
     if not callable(model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")

@@ -414,6 +414,8 @@ def _train_and_test(
             model.to(manager.device)
     if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
         return ExperimentResult(result, None, "evaluated by rank 0", str(out))
+    if result.status == "time limit":  # not finished: the test is for the resumed run's end
+        return ExperimentResult(result, None, "not tested: resume to finish", str(out))
     evaluated = _record_and_load_best(config, result, model, manager.device)
     if config.evaluation.plot_metrics:
         from ..reporting import plots

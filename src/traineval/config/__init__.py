@@ -1,6 +1,9 @@
 """Settings: `TrainingConfig` and `EvaluationConfig` with a rule beside every field, the rules
 themselves, the registry of named parts, and code references by import path."""
 
+from typing import Any
+
+from . import training_config
 from .training_config import (
     LEGACY_MODE_KEYS,
     EvaluationConfig,
@@ -24,3 +27,11 @@ __all__ = [
     "load_yaml",
     "setting",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Every name of `training_config` (earlier versions' `traineval.config` module)."""
+    try:
+        return getattr(training_config, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -275,8 +275,8 @@ def _mode_settings(field: str, value: Any) -> Any:
         mode = registry.lookup(name, field=f"{field} key")
         if not isinstance(settings, Mapping):
             _fail(f"{field}.{name}", settings, "expected {setting: value}")
-        full = mode.from_settings(settings).settings()
-        checked[name] = {key: full[key] for key in settings}
+        full = mode.from_settings(settings).settings()  # normalised; a choice it consumed
+        checked[name] = {key: full.get(key, given) for key, given in settings.items()}
     return checked
 
 
@@ -365,8 +365,9 @@ class TrainingConfig(_ConfigBase):
 
     Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
     (rounded up) instead of `warmup_steps`. A warmup as long as the run or longer (e.g. the
-    default 1000 steps on a small dataset) is shortened to a tenth of the run, with one
-    warning naming both numbers, so the defaults train any dataset.
+    default 1000 steps on a small dataset) is shortened to a tenth of the run, so the
+    defaults train any dataset: quietly for the default, with one warning naming both numbers
+    for a warmup_steps you chose.
 
     `batch_size` sizes the loaders traineval builds (config-file runs, cross-validation
     folds, the modes' own loaders); a DataLoader you pass to `train()` keeps its own batch

@@ -117,7 +117,12 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]]]:
     """A CSV file's header and data rows, every row as wide as the header; `named` is how
     errors name the file (e.g. "data.path='t.csv'")."""
     if not path.is_file():
-        raise FileNotFoundError(f"{named} does not exist")
+        where = (
+            ""
+            if path.is_absolute()
+            else f" (a relative path is read from the working directory, {Path.cwd()})"
+        )
+        raise FileNotFoundError(f"{named} does not exist{where}")
     text = read_utf8(path, named.split("=")[0] if "=" in named else "CSV file")
     rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row]  # blank lines
     if len(rows) < 2:

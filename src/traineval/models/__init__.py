@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import itertools
 import math
@@ -185,6 +186,7 @@ def build_model(
     options = dict(options or {})
     if name in MODELS:
         check_options(options)
+        _refuse_unknown_options(name, options)
         build = _builder(name, tuple(input_shape), output_dim, options)
         try:
             check_size(name, options, build)
@@ -204,6 +206,26 @@ def build_model(
         f"model.name={name!r} is invalid: expected one of {', '.join(map(repr, MODELS))} or an "
         "import path 'package.module:factory'"
     )
+
+
+def _refuse_unknown_options(name: str, options: dict[str, Any]) -> None:
+    """An option the built-in model does not take is named with its closest option and the
+    model's options (the sizes traineval passes itself, from the data, are not options)."""
+    classes: dict[str, type[nn.Module]] = {
+        "mlp": MLP, "cnn": SmallCNN, "autoencoder": Autoencoder, "vae": VAE,
+        "actor_critic": ActorCritic,
+    }  # fmt: skip
+    parameters = list(inspect.signature(classes[name]).parameters)
+    taken = {"input_dim", "output_dim", "in_channels", "num_classes", "image_size"}
+    allowed = [p for p in parameters if p not in taken]
+    for key in options:
+        if key not in parameters:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"model.options.{key} is not an option of model {name!r}{hint}; its options: "
+                f"{', '.join(allowed)}"
+            )
 
 
 def _builder(

@@ -87,7 +87,7 @@ def resolve_mode(mode: Any, config: TrainingConfig | None = None) -> Mode:
     """
     settings = config.mode_settings if config is not None else {}
     if isinstance(mode, Mode):
-        given = settings.get(mode.name)
+        given = _given(settings, type(mode))
         if given and any(mode.settings().get(k) != v for k, v in given.items()):
             raise ValueError(
                 f"mode={mode!r} and the config's mode_settings[{mode.name!r}]={given!r} "
@@ -104,4 +104,16 @@ def resolve_mode(mode: Any, config: TrainingConfig | None = None) -> Mode:
             f"{type(mode).__name__}"
         )
     cls = mode_class(mode)
-    return cls.from_settings(settings.get(mode, {}))
+    if cls.name in cls.aliases:  # "reinforcement" itself: its settings choose the algorithm
+        return cls.from_settings(settings.get(cls.name, {}))
+    return cls.from_settings(_given(settings, cls))
+
+
+def _given(settings: dict[str, dict[str, Any]], cls: type[Mode]) -> dict[str, Any]:
+    """The config's settings for `cls`, under its name or the names it also goes by
+    (`Mode.aliases`: PPO's and policy gradient's under "reinforcement")."""
+    given: dict[str, Any] = {}
+    for name in cls.aliases:  # (the alias's choice of algorithm is made: not a setting)
+        given.update({k: v for k, v in settings.get(name, {}).items() if k != "algorithm"})
+    given.update(settings.get(cls.name, {}))
+    return given

@@ -135,7 +135,7 @@ class ModePlan:
             the val_loader. It runs under the run's precision with the model in eval mode;
             under torchrun every rank calls it with the unwrapped model, so scoring the
             whole `ctx.val_loader` gives every rank the same metrics (to split the work,
-            shard it with `traineval.system.distributed.shard_eval_loader` and sum over `ctx.job`).
+            shard it with `traineval.data.sharding.shard_eval_loader` and sum over `ctx.job`).
         monitor: the default monitor when the config keeps `monitor_metric`'s default.
         shared_seed: whether the ranks share one random stream (rounds, policy updates).
         extra_metrics: `model -> metrics` added to each validation's (e.g. a linear probe
@@ -184,6 +184,7 @@ class Mode:
     accumulation_refusal: ClassVar[str | None] = None
     shards: ClassVar[bool] = True
     resume_fixed: ClassVar[tuple[str, ...]] = ()
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names its settings and records go by
 
     def __post_init__(self) -> None:
         """Check each setting declared with `setting(default, Rule)` (errors name it as

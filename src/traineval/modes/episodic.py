@@ -70,6 +70,7 @@ class Episodic(Mode):
     fold_refusal: ClassVar[str | None] = "its samples are episodes, not rows to fold"
     uses_data: ClassVar[bool] = False
     algorithm: ClassVar[str] = ""  # the algorithm's name (`name`), as runs recorded it
+    aliases: ClassVar[tuple[str, ...]] = (LEGACY_NAME,)  # mode_settings, older records
 
     # the discount of future rewards
     gamma: float = setting(0.99, Discount())

@@ -123,10 +123,11 @@ def load_checkpoint(
     path: str | Path, model: torch.nn.Module | None = None, *, map_location: Any = "cpu"
 ) -> dict[str, Any]:
     """A traineval checkpoint's contents (`model`, `optimizer`, `epoch`, `global_step`,
-    `config`, `history`, ...), loaded with `weights_only` (no code runs); with `model`, its
-    weights are also loaded into it, after a check that names what differs when the
-    checkpoint is another model's. A `.safetensors` export holds weights only: it needs
-    `model`, and the contents are `{"model": state_dict}`.
+    `config`, `loop`: the counters and the history as JSON, ...), loaded with
+    `weights_only` (no code runs); with `model`, its weights are also loaded into it,
+    after a check that names what differs when the checkpoint is another model's. A
+    `.safetensors` export holds weights only: it needs `model`, and the contents are
+    `{"model": state_dict}`.
 
     To resume training, pass the file to `train(resume_from=...)` instead: it restores the
     optimizer, schedule, random streams and position too.

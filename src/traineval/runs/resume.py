@@ -197,11 +197,15 @@ def check_mode(payload: dict[str, Any], mode: Any) -> None:
     `resume_fixed` changed (for federated runs: which clients hold which samples)."""
     saved = payload.get("mode")
     if saved is None:  # written before modes recorded themselves: flat config keys
-        saved = {
-            setting: payload["config"][key]
+        names = (mode.name, *getattr(mode, "aliases", ()))
+        flat = {
+            setting: (name, payload["config"][key])
             for key, (name, setting) in LEGACY_MODE_KEYS.items()
-            if name == mode.name and key in payload["config"]
+            if name in names and key in payload["config"]
         }
+        saved = {setting: value for setting, (_, value) in flat.items()}
+        if flat:  # named as the table names its mode (an alias: translated by `saved`)
+            saved["name"] = next(iter(flat.values()))[0]
     saved = type(mode).saved(saved)
     if saved.get("name", mode.name) not in (mode.name, mode.to_dict()["name"]):
         raise ValueError(

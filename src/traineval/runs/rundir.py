@@ -26,6 +26,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# kept where earlier versions had them: files written whole (system.files) and the run
+# config's text (config.config_file)
+from ..config.config_file import (  # noqa: F401
+    RUN_CONFIG_END,
+    RUN_CONFIG_HEAD,
+    cut_run_config,
+    run_config_text,
+    write_run_config,
+)
+from ..system.files import (  # noqa: F401
+    WriteError,
+    atomic_file,
+    atomic_write_json,
+    atomic_write_text,
+    read_json_or_none,
+    writing,
+)
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no fcntl; runs are not locked there

@@ -29,6 +29,13 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+
+def __getattr__(name: str) -> Any:  # the loader sharding of earlier versions: data.sharding
+    from .moved_modules import moved_name
+
+    return moved_name(__name__, name)
+
+
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 

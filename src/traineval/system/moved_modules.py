@@ -14,6 +14,7 @@ import importlib.util
 import sys
 import warnings
 from types import ModuleType
+from typing import Any
 
 REMOVED_IN = "0.3"
 
@@ -61,6 +62,35 @@ MOVED: dict[str, str] = {
     "traineval.flower_controls": "traineval.federated.flower_controls",
     "traineval.reporting.study_report": "traineval.tuning.report",
 }
+
+
+# Names that moved to a module of a higher wing than their old one: the old module answers
+# for them through its `__getattr__`, with the same warning.
+MOVED_NAMES: dict[str, dict[str, str]] = {
+    "traineval.system.distributed": {
+        "shard_train_loader": "traineval.data.sharding",
+        "shard_eval_loader": "traineval.data.sharding",
+        "ShardSampler": "traineval.data.sharding",
+    },
+    "traineval.evaluation": {"Evaluator": "traineval.assembly.evaluator"},
+}
+
+
+def moved_name(module: str, name: str) -> Any:
+    """`module.name` where `name` moved (see `MOVED_NAMES`), with a FutureWarning; an
+    AttributeError for any other missing name."""
+    new = MOVED_NAMES.get(module, {}).get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{module}.{name} moved to {new}.{name}; import it from there (the old place goes in "
+        f"traineval {REMOVED_IN})",
+        FutureWarning,
+        stacklevel=3,
+    )
+    value = getattr(importlib.import_module(new), name)
+    setattr(sys.modules[module], name, value)  # warned once; then found directly
+    return value
 
 
 class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -60,7 +60,7 @@ from .batches import move_to_device
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .precision import Precision
-from .saves import SaveFn, Saves
+from .saves import CHECKPOINT_SHARE, SaveFn, Saves  # noqa: F401 - CHECKPOINT_SHARE: kept here
 from .skips import NonFiniteSkips
 from .steplog import NonFiniteError, StepLog
 from .steps import StepFunction, window_share
@@ -405,6 +405,8 @@ class Loop:
             self._call("on_epoch_end", logs)
             self._act()
             self._stop_if_signalled()  # one that came during validation, a save, a callback
+            if state.epoch < self.num_epochs:
+                self._check_time()
         self._stop_if_signalled()
         if self._timed_out:
             self._stop_at_time_limit()
@@ -444,14 +446,15 @@ class Loop:
     def _done(self) -> bool:
         """Whether to stop at this step boundary: a stop request, max_steps, max_seconds or
         a signal."""
-        return self._stopping() or self._signal() is not None or self._out_of_time()
+        return self._stopping() or self._signal() is not None or self._timed_out
 
-    def _out_of_time(self) -> bool:
-        """Whether max_seconds is up: checked at every step boundary alone, and where the
-        ranks agree on signals (log steps, epoch ends) under torchrun."""
-        if not self._timed_out and self._deadline is not None and not self.job.enabled:
-            self._timed_out = time.monotonic() >= self._deadline
-        return self._timed_out
+    def _check_time(self) -> None:
+        """Whether max_seconds is up, alone: after each update and each epoch's end with
+        epochs left (never before an epoch's first update: a resume would skip it); under
+        torchrun where the ranks agree on signals (log steps, epoch ends)."""
+        if self._deadline is None or self._timed_out or self.job.enabled or self._stopping():
+            return
+        self._timed_out = time.monotonic() >= self._deadline
 
     def _stopping(self) -> bool:
         """Whether the run ends before its epochs do: a stop request or max_steps (a
@@ -469,8 +472,10 @@ class Loop:
         signalled = self.job.enabled and self._agreed_signal is None
         if signalled and self.job.any(self.interrupted is not None):
             self._agreed_signal = self.interrupted or "SIGTERM"
-        if self.job.enabled and self._deadline is not None and not self._timed_out:
-            self._timed_out = self.job.any(time.monotonic() >= self._deadline)
+        deadline = self._deadline
+        timing = self.job.enabled and deadline is not None and not self._timed_out
+        if timing and not self._stopping():  # the same on every rank: they all take part
+            self._timed_out = self.job.any(time.monotonic() >= deadline)  # type: ignore[operator]
 
     def _train_epoch(self, batches: Iterator[Any]) -> float:
         """Run the epoch's optimizer updates; return the epoch's mean training loss."""
@@ -511,6 +516,7 @@ class Loop:
                 callback.on_step_end(self.control)
             if self.saves.requests:
                 self._act()
+            self._check_time()
         if interval_steps:
             self.performance.interval(interval_steps, interval_samples, data_seconds)
         self._read_steps()
