@@ -559,9 +559,10 @@ class Loop:
                         "use a loss with reduction='mean'"
                     )
                 scaled = window_share(out, shares[i]) if shares else loss
+                self.log.add(loss, out.weight, out.metrics)
+                samples += out.num_samples
+                del out  # its outputs (a language model's logits: GBs) die before backward
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            self.log.add(loss, out.weight, out.metrics)
-            samples += out.num_samples
         return samples
 
     def _optimizer_step(self, window_start: int) -> bool:
