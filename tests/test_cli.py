@@ -113,7 +113,7 @@ def test_csv_table_with_named_target(tmp_path):
     with pytest.raises(ValueError, match=r"data\.target='size': 'size' is not a column"):
         load_csv(path, "size")
     path.write_text("a,y\n1,0.5\nx,1.5\n")
-    with pytest.raises(ValueError, match=r"t\.csv:3: column 'a' is 'x', not a finite number"):
+    with pytest.raises(ValueError, match=r"t\.csv:3: column 'a' is 'x', not a number: a feature"):
         load_csv(path, "y")
     for cell, shown in (("nan", "'nan'"), ("", "empty"), ("inf", "'inf'")):
         path.write_text(f"a,b,y\n1,2,0.5\n3,{cell},1.5\n")

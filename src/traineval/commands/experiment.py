@@ -34,7 +34,7 @@ from ..config.training_config import (
     take_legacy_keys,
 )
 from ..data import DataSplits, load_builtin, load_csv, make_splits
-from ..data.tables import BUILTIN_DATASETS
+from ..data.tables import BUILTIN_DATASETS, Columns
 from ..evaluation.model_evaluator import SPLIT_PREFIX
 from ..loggers import JsonlLogger
 from ..models import build_model
@@ -66,7 +66,10 @@ class DataConfig(_ConfigBase):
     (with `path` and `target`: a column, or a list of columns for multi-label 0/1 indicators
     or several regression outputs; `task` says which when `auto` should not guess), or
     `custom` (with `factory`, an import path to a function returning
-    `traineval.data.DataSplits`). `labeled_fraction` < 1 keeps the labels of that share of
+    `traineval.data.DataSplits`). A CSV's feature columns are every other numeric column, or
+    `features` (a list); `exclude` leaves columns out; `id_column` names the column whose
+    values identify each row in predictions files (default: the CSV line number).
+    `labeled_fraction` < 1 keeps the labels of that share of
     the training rows, stratified by class and drawn with `split_seed`: semi-supervised mode
     marks the other rows with its `unlabeled_label`, supervised mode leaves them out (the
     baseline to compare with). In meta_learning mode each split becomes few-shot tasks (the
@@ -76,6 +79,9 @@ class DataConfig(_ConfigBase):
     name: str = "digits"
     path: str | None = None
     target: str | tuple[str, ...] | None = None
+    features: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    id_column: str | None = None
     task: str = "auto"
     factory: str | None = None
     val_fraction: float = 0.15
@@ -99,6 +105,15 @@ class DataConfig(_ConfigBase):
             ):
                 _fail("data.target", names, "expected a column name or a list of distinct names")
             object.__setattr__(self, "target", tuple(names))
+        for field in ("features", "exclude"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, str) or not all(isinstance(n, str) and n for n in value):
+                _fail(f"data.{field}", value, "expected a list of column names")
+            object.__setattr__(self, field, tuple(value))
+        if self.id_column is not None and not (isinstance(self.id_column, str) and self.id_column):
+            _fail("data.id_column", self.id_column, "expected a column name")
         _int("data.split_seed", self.split_seed, minimum=0, maximum=MAX_SEED)
         _int("data.num_workers", self.num_workers, minimum=0)
         _bool("data.standardize", self.standardize)
@@ -282,7 +297,8 @@ def load_data(config: DataConfig) -> DataSplits:
     if config.name == "csv":
         assert config.path is not None
         assert config.target is not None
-        table = load_csv(config.path, config.target, config.task)
+        columns = Columns(config.features, config.exclude, config.id_column)
+        table = load_csv(config.path, config.target, config.task, columns)
     else:
         table = load_builtin(config.name)
     return make_splits(
@@ -539,6 +555,7 @@ def _evaluate_split(
     if own is not None:  # e.g. meta-learning: adapt to each task, score its queries
         metrics = dict(own)
     else:
+        evaluator.row_ids = parts.splits.ids_of(SPLIT_PREFIX[split])  # predictions join back
         metrics = evaluator.evaluate_model(
             model,
             loader,

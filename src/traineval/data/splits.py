@@ -33,8 +33,20 @@ class DataSplits:
     feature_mean: np.ndarray | None = None  # None: not standardised
     feature_scale: np.ndarray | None = None
     indices: dict[str, np.ndarray] | None = None
+    row_ids: list[str] | None = None  # each table row's id (`Table.ids`), by table row
     # what a mode's `prepare` notes for its `model_options` (reinforcement: the action head)
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def ids_of(self, split: str) -> list[str] | None:
+        """The ids of `split`'s rows in its order (predictions files join back by them);
+        None where the split is not the table's rows as split (a mode reshaped it)."""
+        dataset = getattr(self, split, None)
+        if self.row_ids is None or self.indices is None or split not in self.indices:
+            return None
+        rows = self.indices[split]
+        if not isinstance(dataset, TensorDataset) or len(dataset) != len(rows):
+            return None
+        return [self.row_ids[i] for i in rows]
 
     def prepare(self, x: np.ndarray) -> torch.Tensor:
         """Raw feature rows (N, D), in `feature_names` order, as model inputs."""
@@ -114,6 +126,7 @@ def make_splits(
         feature_mean=mean,
         feature_scale=scale,
         indices={"train": train_idx, "val": val_idx, "test": test_idx},
+        row_ids=table.ids,
     )
 
 

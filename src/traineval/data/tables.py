@@ -25,7 +25,10 @@ BUILTIN_DATASETS = {
 
 @dataclasses.dataclass
 class Table:
-    """Features `x` (N, D) float32, targets `y` (int64 labels or float32 values), and the task."""
+    """Features `x` (N, D) float32, targets `y` (int64 labels or float32 values), and the task.
+
+    `ids`: each row's id, written into predictions files so they join back to the source (a
+    CSV's id column, else its line number; a shipped dataset's row number)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -33,12 +36,47 @@ class Table:
     feature_names: list[str]
     class_names: list[str] | None = None
     image_shape: tuple[int, ...] | None = None
+    ids: list[str] | None = None
 
     @property
     def num_outputs(self) -> int:
         if self.task_type is TaskType.CLASSIFICATION:
             return int(self.y.max()) + 1
         return 1 if self.y.ndim == 1 else int(self.y.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Which columns of a CSV are features: `features` (all others left out), or every
+    column but the targets, `exclude` and the `id_column` (copied into predictions)."""
+
+    features: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    id_column: str | None = None
+
+    def pick(self, header: list[str], targets: list[str], path: Path) -> list[int]:
+        """The feature columns' positions; a named column that is not there is an error."""
+        named = [
+            *(self.features or ()),
+            *self.exclude,
+            *([self.id_column] if self.id_column else []),
+        ]
+        missing = [name for name in named if name not in header]
+        if missing:
+            raise ValueError(
+                f"data: {', '.join(map(repr, missing))} is not a column of {str(path)!r}; "
+                f"columns: {', '.join(header)}"
+            )
+        taken = {*targets, *self.exclude, *([self.id_column] if self.id_column else [])}
+        if self.features is not None:
+            clash = [name for name in self.features if name in taken]
+            if clash:
+                raise ValueError(
+                    f"data.features names {clash}, which are the target, excluded or the id "
+                    "column: a feature column is none of those"
+                )
+            return [header.index(name) for name in self.features]
+        return [i for i, name in enumerate(header) if name not in taken]
 
 
 def load_builtin(name: str) -> Table:
@@ -62,14 +100,20 @@ def load_builtin(name: str) -> Table:
         feature_names=names or [f"x{i}" for i in range(bunch.data.shape[1])],
         class_names=classes if task is TaskType.CLASSIFICATION else None,
         image_shape=image_shape,
+        ids=[str(i) for i in range(len(y))],  # the dataset's row numbers
     )
 
 
-def load_csv(path: str | Path, target: str | Sequence[str], task: str = "auto") -> Table:
+def load_csv(
+    path: str | Path,
+    target: str | Sequence[str],
+    task: str = "auto",
+    columns: Columns | None = None,
+) -> Table:
     """Load a CSV file with a header row; `target` names the column to predict, or a list
-    of columns (several outputs).
+    of columns (several outputs); `columns` chooses the features and the id column.
 
-    Every other column must be numeric. With `task="auto"`, one target column with
+    Every feature column must be numeric. With `task="auto"`, one target column with
     non-numeric or integer values is a classification label, anything else a regression
     value; several target columns holding only 0 and 1 are multi-label indicators (one
     column per label), other numbers regression outputs.
@@ -84,17 +128,43 @@ def load_csv(path: str | Path, target: str | Sequence[str], task: str = "auto") 
             f"{named}: {', '.join(map(repr, missing))} is not a column of {str(path)!r}; "
             f"columns: {', '.join(header)}"
         )
-    columns = [header.index(name) for name in targets]
-    kept = [i for i in range(len(header)) if i not in columns]
+    chosen = columns or Columns()
+    target_at = [header.index(name) for name in targets]
+    kept = chosen.pick(header, targets, path)
     features = [header[i] for i in kept]
     x = np.empty((len(body), len(features)), dtype=np.float32)
     for r, row in enumerate(body, start=2):
-        x[r - 2] = [finite_cell(row[i], path, r, header[i]) for i in kept]
-    if len(columns) == 1:
-        return _with_target(x, [row[columns[0]] for row in body], features, task, path)
-    return _with_targets(
-        x, [[row[c] for c in columns] for row in body], targets, features, task, path
-    )
+        x[r - 2] = [_feature_cell(row[i], path, r, header[i]) for i in kept]
+    if len(target_at) == 1:
+        table = _with_target(x, [row[target_at[0]] for row in body], features, task, path)
+    else:
+        raw = [[row[c] for c in target_at] for row in body]
+        table = _with_targets(x, raw, targets, features, task, path)
+    if chosen.id_column is not None:
+        table.ids = [row[header.index(chosen.id_column)] for row in body]
+    else:
+        table.ids = [str(line) for line in range(2, len(body) + 2)]  # the CSV's line numbers
+    return table
+
+
+def _feature_cell(value: str, path: Path, line: int, column: str) -> float:
+    """A feature cell as a finite number; text that is a value, not a gap (an id, a
+    category), gets the ways to say what the column is."""
+    try:
+        return finite_cell(value, path, line, column)
+    except ValueError as error:
+        if not value.strip() or value.strip().lower() in ("nan", "inf", "-inf", "+inf"):
+            raise
+        try:
+            float(value)
+        except ValueError:
+            raise ValueError(
+                f"{path}:{line}: column {column!r} is {value!r}, not a number: a feature column "
+                f"holds numbers. Name the feature columns (data.features), leave this one out "
+                f"(data.exclude: [{column}]), or make it the row id written into predictions "
+                f"(data.id_column: {column})"
+            ) from None
+        raise error
 
 
 def finite_cell(value: str, path: Path, line: int, column: str) -> float:

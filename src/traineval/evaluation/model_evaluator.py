@@ -71,6 +71,7 @@ class ModelEvaluator:
         self.last_per_class: list[dict[str, Any]] | None = None
         # names of the classes (labels), in order: per-class rows and predictions use them
         self.class_names: list[str] | None = None
+        self.row_ids: list[str] | None = None  # the predictions file's ids (else positions)
         self.last_task_type: TaskType | None = None
         self.last_files: dict[str, str] = {}
         # with bootstrap_samples: each metric's (low, high) at confidence_level
@@ -245,7 +246,8 @@ class ModelEvaluator:
             return None
         path = folder / f"predictions_{prefix}.csv"
         threshold = self.config.multilabel_threshold
-        return stack.enter_context(PredictionWriter(path, task, threshold, self.class_names))
+        writer = PredictionWriter(path, task, threshold, self.class_names, ids=self.row_ids)
+        return stack.enter_context(writer)
 
     def _update(
         self,

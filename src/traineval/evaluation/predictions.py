@@ -20,7 +20,8 @@ class PredictionWriter:
     Text cells that a spreadsheet would read as a formula (a class name such as `=1+1`) are
     written with a leading `'` (see `traineval.system.csv_cells`).
 
-    `id` is the sample's position in the loader's order. Classification rows carry the class
+    `id` is the sample's id from `ids` (in the loader's order: a table's id column or row
+    number), else its position in the loader's order. Classification rows carry the class
     probabilities (softmax, or sigmoid for one binary logit); multi-label rows the target and
     predicted label sets (joined by spaces; a label is predicted when its sigmoid probability
     exceeds `threshold`) and each label's probability. With `class_names` (one per class or
@@ -35,8 +36,10 @@ class PredictionWriter:
         task: TaskType,
         threshold: float = 0.5,
         class_names: list[str] | None = None,
+        ids: list[str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.ids = ids
         self.task = task
         self.threshold = threshold
         self.class_names = class_names
@@ -128,6 +131,9 @@ class PredictionWriter:
                 [start + i, int(c), f"{(int(k) / int(c)) if int(c) else float('nan'):.6g}"]
                 for i, (k, c) in enumerate(zip(correct.tolist(), counts.tolist(), strict=True))
             ]
+        if self.ids is not None:
+            for i, row in enumerate(rows, start=start):
+                row[0] = self.ids[i] if i < len(self.ids) else i
         self.rows += len(rows)
         return rows
 
