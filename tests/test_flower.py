@@ -192,9 +192,6 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
     env = {
         **os.environ,
         "HOME": str(home),
-        "FLOWER_DIGITS_OUTPUT": str(output),
-        "FLOWER_DIGITS_ROUNDS": "2",
-        "FLOWER_DIGITS_NODES": "2",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
     }
     logs = [(tmp_path / f"{name}.log").open("w") for name in ("link", "node0", "node1")]
@@ -215,7 +212,8 @@ def test_the_example_app_trains_on_a_real_superlink_and_two_supernodes(tmp_path,
             )
             time.sleep(3)
         app = Path(__file__).resolve().parents[1] / "examples" / example.removesuffix("_scaffold")
-        extra = []
+        # as docs/modes-federated.md writes it: the settings in Flower's run config
+        extra = ["--run-config", f'rounds=2 nodes=2 output-dir="{output}"']
         scaffold = [
             "mode.control_variates=true",
             "training.optimizer_type=sgd",
@@ -703,3 +701,13 @@ def test_the_node_count_is_checked_against_mode_clients_before_the_first_round(
                              [{"partition-id": i} for i in range(2)])  # fmt: skip
     with pytest.raises(ValueError, match=r"mode\.clients=4: .* this LocalGrid has 2"):
         server._check_nodes(local)
+
+
+def test_the_flower_command_prints_each_flower_line_once(tmp_path):
+    """Flower's logger has a handler of its own: its lines are not passed on to ours too."""
+    demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
+    command = [sys.executable, "-m", "traineval.cli", "flower", str(demo), "--nodes", "2"]
+    command += ["mode=federated", "training.num_epochs=1", f"training.output_dir={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("[ROUND 1/1]") == 1

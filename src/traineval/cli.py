@@ -622,8 +622,11 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     from .federated.flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
     from .runs.rundir import default_run_dir, run_dir_lock
 
+    flower_log = logging.getLogger("flwr")
+    if flower_log.handlers:  # Flower prints its own lines: once, not again through ours
+        flower_log.propagate = False
     if logging.getLogger().level > logging.INFO:  # -q: Flower's round-by-round log too
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flower_log.setLevel(logging.WARNING)
     federated = federated_settings(config)
     nodes = federated.clients if nodes is None else nodes
     if nodes < 1:

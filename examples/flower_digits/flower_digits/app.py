@@ -2,20 +2,25 @@
 
 Each SuperNode trains on its Dirichlet share of digits' first 1,400 rows (node config
 `partition-id`, `num-partitions`); the server tests the global model on the other 397 rows
-after every round and writes `runs/flower-digits/` (metrics.jsonl, final_model.safetensors).
+after every round and writes `output-dir` (metrics.jsonl, final_model.safetensors).
+
+Its settings are Flower's run config (`[tool.flwr.app.config]` in pyproject.toml, changed
+per run with `flwr run . <connection> --run-config "rounds=3 nodes=2"`): `rounds`, `nodes`
+(the SuperNodes the server waits for) and `output-dir` (a relative one is read from the
+SuperLink's working directory, where Flower starts the ServerApp).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from traineval import TrainingConfig
-from traineval.federated.flower import client_app, server_app
+from traineval.federated.flower import FlowerServer, client_app
 from traineval.modes import Federated
 from traineval.modes.federated import partition
 
@@ -47,22 +52,33 @@ def test_accuracy(model: nn.Module) -> dict[str, float]:
     return {"accuracy": float((predicted == y[TRAIN_ROWS:]).float().mean())}
 
 
-config = TrainingConfig(
-    num_epochs=int(os.environ.get("FLOWER_DIGITS_ROUNDS", "10")),  # rounds
-    learning_rate=0.05,
-    optimizer_type="sgd",
-    scheduler_type="constant",
-    warmup_steps=0,
-    output_dir=os.environ.get("FLOWER_DIGITS_OUTPUT", "runs/flower-digits"),
-    overwrite_output_dir=True,
-    device="cpu",
-)
-federated = Federated(clients=int(os.environ.get("FLOWER_DIGITS_NODES", "2")), local_epochs=2)
-clientapp = client_app(model_fn, data_fn, config, federated=federated)
-serverapp = server_app(
-    model_fn,
-    config,
-    evaluate_on_clients=False,
-    server_evaluate=test_accuracy,
-    federated=federated,
-)
+def settings(rounds: int = 10, output_dir: str = "runs/flower-digits") -> TrainingConfig:
+    return TrainingConfig(
+        num_epochs=rounds,  # rounds
+        learning_rate=0.05,
+        optimizer_type="sgd",
+        scheduler_type="constant",
+        warmup_steps=0,
+        output_dir=output_dir,
+        overwrite_output_dir=True,
+        device="cpu",
+    )
+
+
+# The clients' settings do not depend on the run config (a constant learning rate).
+clientapp = client_app(model_fn, data_fn, settings(), federated=Federated(local_epochs=2))
+serverapp = ServerApp()
+
+
+@serverapp.main()
+def main(grid: Grid, context: Context) -> None:
+    """The run config's `rounds`, `nodes` and `output-dir`, then traineval's server."""
+    run = context.run_config
+    server = FlowerServer(
+        model_fn,
+        settings(int(run["rounds"]), str(run["output-dir"])),
+        evaluate_on_clients=False,
+        server_evaluate=test_accuracy,
+        federated=Federated(clients=int(run["nodes"]), local_epochs=2),
+    )
+    server.main(grid, context)
