@@ -1,5 +1,6 @@
 """Tables as they come: an id column carried into predictions (they join back to the source
-rows), columns chosen (`data.features`) or left out (`data.exclude`), and a text column
+rows), columns chosen (`data.features`) or left out (`data.exclude`), text columns encoded
+on the training split (`data.categorical`, and `predict` encodes alike), and a text column
 that is not declared named with the ways to declare it."""
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ import pytest
 
 from traineval.cli import main
 
+WARDS = ("north", "south", "east")
+
 
 def _patients(path, rows=90):
+    """Patients: an id, two numbers, a ward (text) that the label depends on too."""
     generator = np.random.default_rng(0)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["patient_id", "age", "dose", "ward", "label"])
         for i in range(rows):
             age, dose = generator.normal(size=2)
-            writer.writerow([f"p{i:03d}", f"{age:.4f}", f"{dose:.4f}", "north", int(age > 0)])
+            ward = WARDS[i % 3]
+            label = int(age + (1.5 if ward == "south" else 0.0) > 0.5)
+            writer.writerow([f"p{i:03d}", f"{age:.4f}", f"{dose:.4f}", ward, label])
     return path
 
 
@@ -80,3 +86,54 @@ def test_column_choices_that_cannot_be_are_refused(tmp_path, capsys, override, w
     status, _, _ = _fit(tmp_path, "data.id_column=patient_id", override)
     assert status == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_categorical_column_is_encoded_on_the_training_split_and_predict_applies_it(
+    tmp_path, capsys, caplog
+):
+    status, run, data = _fit(
+        tmp_path, "data.id_column=patient_id", "data.categorical=[ward]", "training.num_epochs=4"
+    )
+    assert status == 0
+    with (run / "evaluation" / "predictions_test.csv").open() as handle:
+        evaluated = {row["id"]: row for row in csv.DictReader(handle)}
+    # the same test rows through `traineval predict`: the same encoding, the same outputs
+    with data.open() as handle:
+        source = [row for row in csv.DictReader(handle) if row["patient_id"] in evaluated]
+    rows = tmp_path / "again.csv"
+    with rows.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(source[0]))
+        writer.writeheader()
+        writer.writerows(source)
+    out = tmp_path / "predicted.csv"
+    assert main(["predict", str(run), str(rows), "--output", str(out)]) == 0
+    with out.open() as handle:
+        predicted = list(csv.DictReader(handle))
+    assert len(predicted) == len(evaluated)
+    for row in predicted:
+        assert row["prediction"] == evaluated[row["patient_id"]]["prediction"]
+        assert row["prob_1"] == evaluated[row["patient_id"]]["prob_1"]
+    # a ward the training split never saw: none of the known ones, said once
+    source[0]["ward"] = "west"
+    with rows.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(source[0]))
+        writer.writeheader()
+        writer.writerows(source)
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(run), str(rows), "--output", str(out), "--overwrite"]) == 0
+    assert f"1 of {len(source)} rows hold a category of ward the training split" in caplog.text
+
+
+def test_the_encoding_is_learned_from_the_training_rows_only(tmp_path):
+    from traineval.data import make_splits
+    from traineval.data.tables import Columns, load_csv
+
+    path = _patients(tmp_path / "p.csv")
+    table = load_csv(path, "label", columns=Columns(id_column="patient_id", categorical=("ward",)))
+    splits = make_splits(table, seed=0)
+    assert splits.categories == {"ward": ["east", "north", "south"]}
+    assert splits.feature_names == ["age", "dose", "ward=east", "ward=north", "ward=south"]
+    x, _ = splits.train.tensors
+    assert x.shape[1] == 5
+    assert set(x[:, 2:].sum(dim=1).tolist()) == {1.0}  # each row exactly one ward
+    assert x[:, :2].mean(dim=0).abs().max() < 1e-5  # the numbers standardised, not the ward

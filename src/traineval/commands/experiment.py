@@ -68,7 +68,9 @@ class DataConfig(_ConfigBase):
     `custom` (with `factory`, an import path to a function returning
     `traineval.data.DataSplits`). A CSV's feature columns are every other numeric column, or
     `features` (a list); `exclude` leaves columns out; `id_column` names the column whose
-    values identify each row in predictions files (default: the CSV line number).
+    values identify each row in predictions files (default: the CSV line number);
+    `categorical` columns hold text, one-hot encoded with the categories of the training
+    split (a category it lacks is none of them).
     `labeled_fraction` < 1 keeps the labels of that share of
     the training rows, stratified by class and drawn with `split_seed`: semi-supervised mode
     marks the other rows with its `unlabeled_label`, supervised mode leaves them out (the
@@ -82,6 +84,7 @@ class DataConfig(_ConfigBase):
     features: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     id_column: str | None = None
+    categorical: tuple[str, ...] = ()
     task: str = "auto"
     factory: str | None = None
     val_fraction: float = 0.15
@@ -105,7 +108,7 @@ class DataConfig(_ConfigBase):
             ):
                 _fail("data.target", names, "expected a column name or a list of distinct names")
             object.__setattr__(self, "target", tuple(names))
-        for field in ("features", "exclude"):
+        for field in ("features", "exclude", "categorical"):
             value = getattr(self, field)
             if value is None:
                 continue
@@ -297,7 +300,7 @@ def load_data(config: DataConfig) -> DataSplits:
     if config.name == "csv":
         assert config.path is not None
         assert config.target is not None
-        columns = Columns(config.features, config.exclude, config.id_column)
+        columns = Columns(config.features, config.exclude, config.id_column, config.categorical)
         table = load_csv(config.path, config.target, config.task, columns)
     else:
         table = load_builtin(config.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from ..training.precision import resolve_device
 from .experiment import RunConfig, load_data
 
 SUPPORTED_MODES = ("supervised", "semi_supervised", "federated")
+
+logger = logging.getLogger(__name__)
 
 
 def predict_csv(
@@ -118,17 +121,29 @@ def _predict(
     splits = load_data(config.data)
     assert splits.feature_names is not None
     header, rows = read_rows(input_csv, repr(str(input_csv)))
-    missing = [name for name in splits.feature_names if name not in header]
+    numeric, categorical = splits.numeric_names, list(splits.categories or {})
+    trained_on = [*numeric, *categorical]
+    missing = [name for name in trained_on if name not in header]
     if missing:
         raise ValueError(
             f"{input_csv}: missing feature columns {missing} (the run was trained on "
-            f"{len(splits.feature_names)} columns: {', '.join(splits.feature_names)})"
+            f"{len(trained_on)} columns: {', '.join(trained_on)})"
         )
-    columns = [header.index(name) for name in splits.feature_names]
-    kept = [i for i in range(len(header)) if i not in columns]
+    columns = [header.index(name) for name in numeric]
+    texts = [header.index(name) for name in categorical]
+    kept = [i for i in range(len(header)) if i not in columns and i not in texts]
     x = np.empty((len(rows), len(columns)), dtype=np.float32)
     for r, row in enumerate(rows):
         x[r] = [finite_cell(row[c], input_csv, r + 2, header[c]) for c in columns]
+    raw = np.array([[row[c].strip() for c in texts] for row in rows], dtype=object)
+    if categorical:
+        unseen = splits.encode(raw)[1]
+        if unseen:
+            logger.warning(
+                "%d of %d rows hold a category of %s the training split does not have: "
+                "encoded as none of the known ones",
+                unseen, len(rows), ", ".join(categorical),
+            )  # fmt: skip
     path = run_checkpoint(run_dir, checkpoint)
     device = resolve_device(config.training.device)
     model = build_model(
@@ -140,7 +155,7 @@ def _predict(
     load_model_weights(model, path, map_location="cpu")
     _refuse_non_finite(model, path)
     model.to(device).eval()
-    inputs = splits.prepare(x)
+    inputs = splits.prepare(x, raw if categorical else None)
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):

@@ -34,6 +34,9 @@ class DataSplits:
     feature_scale: np.ndarray | None = None
     indices: dict[str, np.ndarray] | None = None
     row_ids: list[str] | None = None  # each table row's id (`Table.ids`), by table row
+    # text columns one-hot encoded after the numeric features: each one's categories as the
+    # training split has them (`encode`); a category it lacks is none of them (all zeros)
+    categories: dict[str, list[str]] | None = None
     # what a mode's `prepare` notes for its `model_options` (reinforcement: the action head)
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -48,11 +51,40 @@ class DataSplits:
             return None
         return [self.row_ids[i] for i in rows]
 
-    def prepare(self, x: np.ndarray) -> torch.Tensor:
-        """Raw feature rows (N, D), in `feature_names` order, as model inputs."""
+    @property
+    def numeric_names(self) -> list[str]:
+        """The numeric feature columns (`feature_names` less the encoded categories)."""
+        encoded = sum(len(c) for c in (self.categories or {}).values())
+        names = self.feature_names or []
+        return names[: len(names) - encoded]
+
+    def encode(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
+        """Text columns (N, K), in `categories` order, one-hot (scikit-learn's OneHotEncoder
+        with the training split's categories), and how many rows held a category the
+        training split does not have: encoded as none of them (all zeros)."""
+        from sklearn.preprocessing import OneHotEncoder
+
+        known = [list(values) for values in (self.categories or {}).values()]
+        encoder = OneHotEncoder(
+            categories=known, handle_unknown="ignore", sparse_output=False, dtype=np.float32
+        )
+        encoded = encoder.fit(raw).transform(raw)
+        ends = np.cumsum([len(values) for values in known])
+        blocks = np.split(encoded, ends[:-1], axis=1)
+        unseen = np.zeros(len(raw), dtype=bool)
+        for block in blocks:
+            unseen |= block.sum(axis=1) == 0
+        return encoded, int(unseen.sum())
+
+    def prepare(self, x: np.ndarray, raw: np.ndarray | None = None) -> torch.Tensor:
+        """Raw feature rows (N, D), in `numeric_names` order, and the text columns `raw`
+        (N, K) when the table has categorical ones, as model inputs."""
         x = np.asarray(x, dtype=np.float32)  # the arithmetic of make_splits, to the bit
         if self.feature_mean is not None and self.feature_scale is not None:
             x = (x - self.feature_mean) / self.feature_scale
+        if self.categories:
+            assert raw is not None, "a table with categorical columns needs them"
+            x = np.concatenate([x, self.encode(raw)[0]], axis=1)
         features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return features.reshape(len(x), *self.input_shape)
 
@@ -99,6 +131,12 @@ def make_splits(
         std = x[train_idx].std(axis=0)
         scale = np.where(std > 0, std, 1.0)
         x = (x - mean) / scale
+    names, categories = list(table.feature_names), None
+    if table.categorical is not None:  # learned on the training rows only, as the scaling
+        categories = _categories(table, train_idx)
+        probe = DataSplits(None, None, None, (), 0, table.task_type, categories=categories)
+        x = np.concatenate([x, probe.encode(table.categorical)[0]], axis=1)
+        names += [f"{name}={value}" for name, values in categories.items() for value in values]
     shape = tuple(image_shape or table.image_shape or (x.shape[1],))
     if int(np.prod(shape)) != x.shape[1]:
         raise ValueError(
@@ -122,12 +160,26 @@ def make_splits(
         num_outputs=table.num_outputs,
         task_type=table.task_type,
         class_names=table.class_names,
-        feature_names=list(table.feature_names),
+        feature_names=names,
         feature_mean=mean,
         feature_scale=scale,
         indices={"train": train_idx, "val": val_idx, "test": test_idx},
         row_ids=table.ids,
+        categories=categories,
     )
+
+
+def _categories(table: Table, rows: np.ndarray) -> dict[str, list[str]]:
+    """Each categorical column's categories in the training rows (scikit-learn's
+    OneHotEncoder learns them; sorted)."""
+    from sklearn.preprocessing import OneHotEncoder
+
+    assert table.categorical is not None
+    encoder = OneHotEncoder(handle_unknown="ignore").fit(table.categorical[rows])
+    return {
+        name: [str(v) for v in values]
+        for name, values in zip(table.categorical_names, encoder.categories_, strict=True)
+    }
 
 
 def _check_stratifiable(

@@ -37,6 +37,9 @@ class Table:
     class_names: list[str] | None = None
     image_shape: tuple[int, ...] | None = None
     ids: list[str] | None = None
+    # text columns to encode (`Columns.categorical`): names, and each row's values (N, K)
+    categorical_names: list[str] = dataclasses.field(default_factory=list)
+    categorical: np.ndarray | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -53,6 +56,7 @@ class Columns:
     features: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     id_column: str | None = None
+    categorical: tuple[str, ...] = ()  # text columns, one-hot encoded on the training split
 
     def pick(self, header: list[str], targets: list[str], path: Path) -> list[int]:
         """The feature columns' positions; a named column that is not there is an error."""
@@ -61,6 +65,7 @@ class Columns:
             *self.exclude,
             *([self.id_column] if self.id_column else []),
         ]
+        named += [name for name in self.categorical if name not in named]
         missing = [name for name in named if name not in header]
         if missing:
             raise ValueError(
@@ -68,12 +73,19 @@ class Columns:
                 f"columns: {', '.join(header)}"
             )
         taken = {*targets, *self.exclude, *([self.id_column] if self.id_column else [])}
+        clash = [name for name in self.categorical if name in taken]
+        if clash:
+            raise ValueError(
+                f"data.categorical names {clash}, which are the target, excluded or the id "
+                "column: a categorical feature is none of those"
+            )
+        taken |= set(self.categorical)
         if self.features is not None:
             clash = [name for name in self.features if name in taken]
             if clash:
                 raise ValueError(
-                    f"data.features names {clash}, which are the target, excluded or the id "
-                    "column: a feature column is none of those"
+                    f"data.features names {clash}, which are the target, excluded, the id or "
+                    "categorical columns: data.features are the numeric features"
                 )
             return [header.index(name) for name in self.features]
         return [i for i, name in enumerate(header) if name not in taken]
@@ -140,6 +152,10 @@ def load_csv(
     else:
         raw = [[row[c] for c in target_at] for row in body]
         table = _with_targets(x, raw, targets, features, task, path)
+    if chosen.categorical:
+        at = [header.index(name) for name in chosen.categorical]
+        table.categorical_names = list(chosen.categorical)
+        table.categorical = np.array([[row[i].strip() for i in at] for row in body], dtype=object)
     if chosen.id_column is not None:
         table.ids = [row[header.index(chosen.id_column)] for row in body]
     else:
@@ -160,9 +176,9 @@ def _feature_cell(value: str, path: Path, line: int, column: str) -> float:
         except ValueError:
             raise ValueError(
                 f"{path}:{line}: column {column!r} is {value!r}, not a number: a feature column "
-                f"holds numbers. Name the feature columns (data.features), leave this one out "
-                f"(data.exclude: [{column}]), or make it the row id written into predictions "
-                f"(data.id_column: {column})"
+                f"holds numbers. Encode it (data.categorical: [{column}]), leave it out "
+                f"(data.exclude: [{column}]), make it the row id written into predictions "
+                f"(data.id_column: {column}), or name the feature columns (data.features)"
             ) from None
         raise error
 
