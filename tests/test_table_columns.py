@@ -137,3 +137,23 @@ def test_the_encoding_is_learned_from_the_training_rows_only(tmp_path):
     assert x.shape[1] == 5
     assert set(x[:, 2:].sum(dim=1).tolist()) == {1.0}  # each row exactly one ward
     assert x[:, :2].mean(dim=0).abs().max() < 1e-5  # the numbers standardised, not the ward
+
+
+def test_predict_reads_the_run_s_data_json_not_the_training_table(tmp_path, capsys):
+    """The scaling and categories are kept with the run: predict gives the same answers
+    after the training CSV is gone, and a damaged data.json is named."""
+    status, run, data = _fit(tmp_path, "data.id_column=patient_id", "data.categorical=[ward]")
+    assert status == 0
+    rows = tmp_path / "new.csv"
+    rows.write_text(
+        "patient_id,age,dose,ward\nq1,0.5,-0.2,south\nq2,-1.0,0.3,north\nq3,0.1,0.1,west\n"
+    )
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    assert main(["predict", str(run), str(rows), "--output", str(first)]) == 0
+    data.unlink()  # the training table is gone (or changed)
+    assert main(["predict", str(run), str(rows), "--output", str(second)]) == 0
+    assert first.read_text() == second.read_text()
+    (run / "data.json").write_text('{"feature_names": ["age"]}')
+    capsys.readouterr()
+    assert main(["predict", str(run), str(rows), "--output", str(tmp_path / "x.csv")]) == 2
+    assert "data.json' does not describe the run's table (KeyError" in capsys.readouterr().err

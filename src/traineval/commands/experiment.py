@@ -56,6 +56,7 @@ from ..training.stopping import TrainingInterrupted, stop_if_signalled, watching
 logger = logging.getLogger(__name__)
 
 DATA_SOURCES = (*BUILTIN_DATASETS, "csv", "custom")
+DATA_SCHEMA = "data.json"  # a table run's features, scaling, categories and classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,6 +434,8 @@ def _train_and_test(
             model.to(manager.device)
     if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
         return ExperimentResult(result, None, "evaluated by rank 0", str(out))
+    if parts.splits.feature_names is not None:  # a table: what predict needs of its data
+        atomic_write_json(out / DATA_SCHEMA, parts.splits.schema())
     if result.status == "time limit":  # not finished: the test is for the resumed run's end
         return ExperimentResult(result, None, "not tested: resume to finish", str(out))
     evaluated = _record_and_load_best(config, result, model, manager.device)

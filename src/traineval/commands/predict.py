@@ -21,16 +21,17 @@ import torch
 
 from ..config.code_references import untrusted
 from ..config.training_config import TaskType
+from ..data.splits import DataSplits
 from ..data.tables import finite_cell, read_rows
 from ..evaluation.metrics import class_probabilities
 from ..evaluation.predictions import class_labels
 from ..models import build_model
 from ..runs.checkpoint import default_checkpoint, load_model_weights, run_checkpoint
 from ..system.csv_cells import SafeWriter
-from ..system.files import atomic_write_text
+from ..system.files import atomic_write_text, read_json_or_none
 from ..training.batches import prediction_of
 from ..training.precision import resolve_device
-from .experiment import RunConfig, load_data
+from .experiment import DATA_SCHEMA, RunConfig, load_data
 
 SUPPORTED_MODES = ("supervised", "semi_supervised", "federated")
 
@@ -118,7 +119,7 @@ def _predict(
             "traineval predict cannot rebuild the features of data.name='custom' (the factory "
             "owns its transform): load the checkpoint and call the model in Python"
         )
-    splits = load_data(config.data)
+    splits = _table_of(config, run_dir)
     assert splits.feature_names is not None
     header, rows = read_rows(input_csv, repr(str(input_csv)))
     numeric, categorical = splits.numeric_names, list(splits.categories or {})
@@ -172,6 +173,23 @@ def _predict(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, table.getvalue())
     return out, len(rows)
+
+
+def _table_of(config: RunConfig, run_dir: Path) -> DataSplits:
+    """How the run turned rows into inputs: its `data.json` (the training split's scaling
+    and categories, as training used them), else (runs of earlier versions) the training
+    data split again."""
+    path = run_dir / DATA_SCHEMA
+    schema = read_json_or_none(path)
+    if schema is None and not path.exists():
+        return load_data(config.data)
+    try:
+        return DataSplits.from_schema(schema)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(
+            f"{str(path)!r} does not describe the run's table ({type(error).__name__}: "
+            f"{error}); copy it again from the run's folder"
+        ) from None
 
 
 def _columns(

@@ -453,6 +453,6 @@ def _status(summary: dict[str, Any]) -> str:
     if not isinstance(status, str):
         return "stopped early" if summary.get("stopped_early") else "finished"
     reason = summary.get("stop_reason")
-    if status in ("interrupted", "failed") and isinstance(reason, str):
+    if status in ("interrupted", "failed", "time limit") and isinstance(reason, str):
         return f"{status} ({reason})"
     return status

@@ -51,6 +51,41 @@ class DataSplits:
             return None
         return [self.row_ids[i] for i in rows]
 
+    def schema(self) -> dict[str, Any]:
+        """How a raw table row becomes a model input, and what the model predicts, as plain
+        values (a run's `data.json`: `traineval predict` reads it, not the training data)."""
+        return {
+            "feature_names": self.feature_names,
+            "feature_mean": None if self.feature_mean is None else self.feature_mean.tolist(),
+            "feature_scale": None if self.feature_scale is None else self.feature_scale.tolist(),
+            "categories": self.categories,
+            "class_names": self.class_names,
+            "task_type": self.task_type.value,
+            "input_shape": list(self.input_shape),
+            "num_outputs": self.num_outputs,
+        }
+
+    @classmethod
+    def from_schema(cls, record: dict[str, Any]) -> DataSplits:
+        """The splits' description from `schema()`, without their data (for predictions)."""
+
+        def array(values: Any) -> np.ndarray | None:
+            return None if values is None else np.asarray(values, dtype=np.float32)
+
+        return cls(
+            train=None,
+            val=None,
+            test=None,
+            input_shape=tuple(record["input_shape"]),
+            num_outputs=int(record["num_outputs"]),
+            task_type=TaskType(record["task_type"]),
+            class_names=record.get("class_names"),
+            feature_names=record.get("feature_names"),
+            feature_mean=array(record.get("feature_mean")),
+            feature_scale=array(record.get("feature_scale")),
+            categories=record.get("categories"),
+        )
+
     @property
     def numeric_names(self) -> list[str]:
         """The numeric feature columns (`feature_names` less the encoded categories)."""
