@@ -157,3 +157,51 @@ def test_predict_reads_the_run_s_data_json_not_the_training_table(tmp_path, caps
     capsys.readouterr()
     assert main(["predict", str(run), str(rows), "--output", str(tmp_path / "x.csv")]) == 2
     assert "data.json' does not describe the run's table (KeyError" in capsys.readouterr().err
+
+
+def test_ids_are_the_lines_of_the_file_and_follow_rows_a_mode_leaves_out(tmp_path):
+    from traineval.commands.experiment import DataConfig
+    from traineval.data import make_splits
+    from traineval.data.tables import load_csv
+    from traineval.modes import Supervised
+
+    path = tmp_path / "gaps.csv"
+    path.write_text("a,y\n1,0\n\n2,1\n" + "".join(f"{i},{i % 2}\n" for i in range(3, 41)))
+    table = load_csv(path, "y")
+    assert table.ids[:3] == ["2", "4", "5"]  # the blank line 3 is counted
+    splits = make_splits(table, seed=0)
+    data = DataConfig(name="csv", path=str(path), target="y", labeled_fraction=0.5)
+    rows_before = len(splits.indices["train"])
+    prepared = Supervised().prepare(splits, data)  # leaves half the training rows out
+    ids = prepared.ids_of("train")
+    _, y = prepared.train.tensors
+    assert len(ids) == len(y) < rows_before
+    lines = path.read_text().splitlines()
+    for row_id, label in zip(ids, y.tolist(), strict=True):
+        assert int(lines[int(row_id) - 1].split(",")[1]) == label
+
+
+def test_column_lists_that_cannot_be_are_named(tmp_path):
+    from traineval.commands.experiment import DataConfig
+
+    assert DataConfig(name="csv", path="t.csv", target="y", exclude=None).exclude == ()
+    with pytest.raises(ValueError, match=r"data\.categorical=\['ward', 'ward'\] is invalid: "):
+        DataConfig(name="csv", path="t.csv", target="y", categorical=["ward", "ward"])
+
+
+def test_data_json_is_written_when_the_run_starts_and_checked_when_read(tmp_path, capsys):
+    status, run, _ = _fit(
+        tmp_path, "data.id_column=patient_id", "data.exclude=[ward]", "training.max_time=0.001"
+    )
+    assert status == 0  # stopped at once by the time limit: data.json is there already
+    import json
+
+    record = json.loads((run / "data.json").read_text())
+    assert record["feature_names"][:2] == ["age", "dose"]
+    record["feature_mean"] = record["feature_mean"][:1]
+    (run / "data.json").write_text(json.dumps(record))
+    rows = tmp_path / "new.csv"
+    rows.write_text("patient_id,age,dose,ward\nq1,0.5,-0.2,south\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(rows), "--output", str(tmp_path / "x.csv")]) == 2
+    assert "feature_mean holds 1 values for 2 columns" in capsys.readouterr().err

@@ -139,6 +139,8 @@ class TrainingManager:
         # A config-file run's whole config (data, model, training, evaluation, mode), written
         # to config.yaml when the run starts instead of the training section alone
         self.run_config: dict[str, Any] | None = None
+        # JSON files a config-file run keeps beside config.yaml, written when the run starts
+        self.run_files: dict[str, Any] = {}
         if not config.output_dir:  # one run directory for all ranks: rank 0's timestamp
             self.output_dir = self.distributed.gather(self.output_dir)[0]
 
@@ -233,6 +235,9 @@ class TrainingManager:
         )
         if run.plan.record and job.is_main:  # what the mode made of the data (mode.json)
             atomic_write_json(self.output_dir / "mode.json", run.plan.record)
+        for name, record in self.run_files.items():  # e.g. a table's data.json, with config.yaml
+            if job.is_main:
+                atomic_write_json(self.output_dir / name, record)
         run.writer = CheckpointWriter() if c.async_checkpointing else None
         loop = self._loop(run, evaluate_fn, hub)
         if run.payload is not None:

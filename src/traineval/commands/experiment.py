@@ -67,9 +67,10 @@ class DataConfig(_ConfigBase):
     (with `path` and `target`: a column, or a list of columns for multi-label 0/1 indicators
     or several regression outputs; `task` says which when `auto` should not guess), or
     `custom` (with `factory`, an import path to a function returning
-    `traineval.data.DataSplits`). A CSV's feature columns are every other numeric column, or
-    `features` (a list); `exclude` leaves columns out; `id_column` names the column whose
-    values identify each row in predictions files (default: the CSV line number);
+    `traineval.data.DataSplits`). A CSV's feature columns are every other column (each must
+    hold numbers), or `features` (a list); `exclude` leaves columns out; `id_column` names
+    the column whose values identify each row in predictions files (default: the CSV line
+    number);
     `categorical` columns hold text, one-hot encoded with the categories of the training
     split (a category it lacks is none of them).
     `labeled_fraction` < 1 keeps the labels of that share of
@@ -110,12 +111,7 @@ class DataConfig(_ConfigBase):
                 _fail("data.target", names, "expected a column name or a list of distinct names")
             object.__setattr__(self, "target", tuple(names))
         for field in ("features", "exclude", "categorical"):
-            value = getattr(self, field)
-            if value is None:
-                continue
-            if isinstance(value, str) or not all(isinstance(n, str) and n for n in value):
-                _fail(f"data.{field}", value, "expected a list of column names")
-            object.__setattr__(self, field, tuple(value))
+            object.__setattr__(self, field, _column_names(f"data.{field}", getattr(self, field)))
         if self.id_column is not None and not (isinstance(self.id_column, str) and self.id_column):
             _fail("data.id_column", self.id_column, "expected a column name")
         _int("data.split_seed", self.split_seed, minimum=0, maximum=MAX_SEED)
@@ -133,6 +129,18 @@ class DataConfig(_ConfigBase):
             if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
                 _fail("data.image_shape", self.image_shape, "expected positive integers")
             object.__setattr__(self, "image_shape", shape)
+
+
+def _column_names(field: str, value: Any) -> tuple[str, ...] | None:
+    """A list of distinct column names as a tuple; None stays None for `data.features`
+    (every column) and is no columns for the other lists."""
+    if value is None:
+        return None if field == "data.features" else ()
+    if isinstance(value, str) or not all(isinstance(n, str) and n for n in value):
+        _fail(field, value, "expected a list of column names")
+    if len(set(value)) != len(value):
+        _fail(field, value, "expected each column named once")
+    return tuple(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,6 +387,8 @@ def run_experiment(
     parts = run_parts(config)
     manager = TrainingManager(config.training)
     manager.run_config = config.to_dict()
+    if config.data.name != "custom" and parts.splits.feature_names is not None:
+        manager.run_files[DATA_SCHEMA] = parts.splits.schema()  # what predict applies
     model = parts.new_model()
     with (
         watching_signals(),  # training and testing: a signal in either interrupts the run
@@ -434,8 +444,6 @@ def _train_and_test(
             model.to(manager.device)
     if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
         return ExperimentResult(result, None, "evaluated by rank 0", str(out))
-    if parts.splits.feature_names is not None:  # a table: what predict needs of its data
-        atomic_write_json(out / DATA_SCHEMA, parts.splits.schema())
     if result.status == "time limit":  # not finished: the test is for the resumed run's end
         return ExperimentResult(result, None, "not tested: resume to finish", str(out))
     evaluated = _record_and_load_best(config, result, model, manager.device)
@@ -689,6 +697,7 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     test_loader = parts.loader(splits.test)
     if test_loader is not None:
         device = TrainingManager(config.training).device
+        evaluator.row_ids = splits.ids_of("test")  # the predictions join back to the table
         together = evaluator.evaluate_ensemble(
             summary["fold_checkpoints"],
             test_loader,

@@ -121,7 +121,7 @@ def _predict(
         )
     splits = _table_of(config, run_dir)
     assert splits.feature_names is not None
-    header, rows = read_rows(input_csv, repr(str(input_csv)))
+    header, rows, lines = read_rows(input_csv, repr(str(input_csv)))
     numeric, categorical = splits.numeric_names, list(splits.categories or {})
     trained_on = [*numeric, *categorical]
     missing = [name for name in trained_on if name not in header]
@@ -134,8 +134,8 @@ def _predict(
     texts = [header.index(name) for name in categorical]
     kept = [i for i in range(len(header)) if i not in columns and i not in texts]
     x = np.empty((len(rows), len(columns)), dtype=np.float32)
-    for r, row in enumerate(rows):
-        x[r] = [finite_cell(row[c], input_csv, r + 2, header[c]) for c in columns]
+    for r, (line, row) in enumerate(zip(lines, rows, strict=True)):
+        x[r] = [finite_cell(row[c], input_csv, line, header[c]) for c in columns]
     raw = np.array([[row[c].strip() for c in texts] for row in rows], dtype=object)
     if categorical:
         unseen = splits.encode(raw)[1]

@@ -54,15 +54,20 @@ class DataSplits:
     def schema(self) -> dict[str, Any]:
         """How a raw table row becomes a model input, and what the model predicts, as plain
         values (a run's `data.json`: `traineval predict` reads it, not the training data)."""
+
+        def floats(values: np.ndarray | None) -> list[float] | None:
+            return None if values is None else [float(v) for v in values]
+
+        categories = self.categories or {}
         return {
-            "feature_names": self.feature_names,
-            "feature_mean": None if self.feature_mean is None else self.feature_mean.tolist(),
-            "feature_scale": None if self.feature_scale is None else self.feature_scale.tolist(),
-            "categories": self.categories,
-            "class_names": self.class_names,
+            "feature_names": [str(n) for n in self.feature_names or []],
+            "feature_mean": floats(self.feature_mean),
+            "feature_scale": floats(self.feature_scale),
+            "categories": {str(k): [str(v) for v in vs] for k, vs in categories.items()} or None,
+            "class_names": None if self.class_names is None else [str(c) for c in self.class_names],
             "task_type": self.task_type.value,
-            "input_shape": list(self.input_shape),
-            "num_outputs": self.num_outputs,
+            "input_shape": [int(n) for n in self.input_shape],
+            "num_outputs": int(self.num_outputs),
         }
 
     @classmethod
@@ -72,6 +77,24 @@ class DataSplits:
         def array(values: Any) -> np.ndarray | None:
             return None if values is None else np.asarray(values, dtype=np.float32)
 
+        names = list(record["feature_names"])
+        categories = record.get("categories") or None
+        if categories is not None and not all(
+            isinstance(vs, list) and all(isinstance(v, str) for v in vs)
+            for vs in categories.values()
+        ):
+            raise ValueError("categories must map each column to a list of category names")
+        encoded = sum(len(vs) for vs in (categories or {}).values())
+        for key in ("feature_mean", "feature_scale"):
+            values = record.get(key)
+            if values is not None and len(values) != len(names) - encoded:
+                raise ValueError(
+                    f"{key} holds {len(values)} values for {len(names) - encoded} columns"
+                )
+        if int(np.prod(record["input_shape"])) != len(names):
+            raise ValueError(
+                f"input_shape {record['input_shape']} does not hold {len(names)} features"
+            )
         return cls(
             train=None,
             val=None,
@@ -80,10 +103,10 @@ class DataSplits:
             num_outputs=int(record["num_outputs"]),
             task_type=TaskType(record["task_type"]),
             class_names=record.get("class_names"),
-            feature_names=record.get("feature_names"),
+            feature_names=names,
             feature_mean=array(record.get("feature_mean")),
             feature_scale=array(record.get("feature_scale")),
-            categories=record.get("categories"),
+            categories=categories,
         )
 
     @property
@@ -264,6 +287,19 @@ def dataset_labels(dataset: Any) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
 
 
+def labeled_rows(labels: np.ndarray, labeled_fraction: float, seed: int) -> np.ndarray | None:
+    """The rows whose labels `hide_labels` keeps, sorted (None: all of them)."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    classes = len(np.unique(labels))
+    keep = max(classes, round(labeled_fraction * len(labels)))
+    if keep >= len(labels):
+        return None
+    kept, _ = train_test_split(indices, train_size=keep, random_state=seed, stratify=labels)
+    return np.sort(kept)
+
+
 def hide_labels(
     dataset: TensorDataset,
     labeled_fraction: float,
@@ -276,19 +312,13 @@ def hide_labels(
     The kept rows are drawn with `seed`, stratified by class (at least one row per class);
     every other row's label becomes `unlabeled_label`, or with `drop` the row is left out.
     """
-    from sklearn.model_selection import train_test_split
-
     x, y = dataset.tensors
     if y.is_floating_point():
         raise ValueError("data.labeled_fraction needs class labels (a classification dataset)")
-    labels = y.numpy()
-    indices = np.arange(len(labels))
-    classes = len(np.unique(labels))
-    keep = max(classes, round(labeled_fraction * len(labels)))
-    if keep >= len(labels):
+    kept = labeled_rows(y.numpy(), labeled_fraction, seed)
+    if kept is None:
         return dataset
-    kept, _ = train_test_split(indices, train_size=keep, random_state=seed, stratify=labels)
-    rows = torch.as_tensor(np.sort(kept))
+    rows = torch.as_tensor(kept)
     if drop:
         return TensorDataset(x[rows], y[rows])
     hidden = torch.full_like(y, unlabeled_label)

@@ -132,7 +132,7 @@ def load_csv(
     """
     path = Path(path)
     targets = [target] if isinstance(target, str) else list(target)
-    header, body = read_rows(path, f"data.path={str(path)!r}")
+    header, body, lines = read_rows(path, f"data.path={str(path)!r}")
     missing = [name for name in targets if name not in header]
     if missing:
         named = f"data.target={target!r}" if isinstance(target, str) else f"data.target={targets}"
@@ -145,8 +145,8 @@ def load_csv(
     kept = chosen.pick(header, targets, path)
     features = [header[i] for i in kept]
     x = np.empty((len(body), len(features)), dtype=np.float32)
-    for r, row in enumerate(body, start=2):
-        x[r - 2] = [_feature_cell(row[i], path, r, header[i]) for i in kept]
+    for k, (r, row) in enumerate(zip(lines, body, strict=True)):
+        x[k] = [_feature_cell(row[i], path, r, header[i]) for i in kept]
     if len(target_at) == 1:
         table = _with_target(x, [row[target_at[0]] for row in body], features, task, path)
     else:
@@ -159,7 +159,7 @@ def load_csv(
     if chosen.id_column is not None:
         table.ids = [row[header.index(chosen.id_column)] for row in body]
     else:
-        table.ids = [str(line) for line in range(2, len(body) + 2)]  # the CSV's line numbers
+        table.ids = [str(line) for line in lines]  # the CSV's line numbers
     return table
 
 
@@ -199,8 +199,9 @@ def finite_cell(value: str, path: Path, line: int, column: str) -> float:
     return number
 
 
-def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]]]:
-    """A CSV file's header and data rows, every row as wide as the header; `named` is how
+def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """A CSV file's header, data rows (every row as wide as the header) and each row's line
+    number in the file (blank lines and cells that span lines counted); `named` is how
     errors name the file (e.g. "data.path='t.csv'")."""
     if not path.is_file():
         where = (
@@ -210,15 +211,21 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]]]:
         )
         raise FileNotFoundError(f"{named} does not exist{where}")
     text = read_utf8(path, named.split("=")[0] if "=" in named else "CSV file")
-    rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row]  # blank lines
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, lines, previous = [], [], 0
+    for row in reader:
+        first, previous = previous + 1, reader.line_num  # a quoted cell may span lines
+        if row:  # blank lines
+            rows.append(row)
+            lines.append(first)
     if len(rows) < 2:
         raise ValueError(f"{named} has no data rows below its header")
     header, body = [name.strip() for name in rows[0]], rows[1:]
     _refuse_duplicates(header, named)
-    for r, row in enumerate(body, start=2):
+    for r, row in zip(lines[1:], body, strict=True):
         if len(row) != len(header):
             raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
-    return header, body
+    return header, body, lines[1:]
 
 
 def _refuse_duplicates(header: list[str], named: str) -> None:

@@ -29,7 +29,7 @@ from ..config import registry
 from ..config.checks import fail
 from ..config.code_references import check_trusted, import_object
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode, check_fields
-from ..data.splits import DataSplits, hide_labels
+from ..data.splits import DataSplits, hide_labels, labeled_rows
 from ..system.distributed import Distributed
 from ..training.batches import ModelLoss, OutputTransform
 from ..training.precision import Precision
@@ -236,9 +236,12 @@ class Mode:
         tasks, reinforcement makes its environment. Override to shape data your own way
         (call `super().prepare`)."""
         if data.labeled_fraction < 1.0:
-            splits.train = hide_labels(
-                splits.train, data.labeled_fraction, -1, data.split_seed, drop=True
-            )
+            before = splits.train
+            splits.train = hide_labels(before, data.labeled_fraction, -1, data.split_seed, True)
+            if splits.indices is not None and splits.train is not before:  # rows left out
+                kept = labeled_rows(before.tensors[1].numpy(), data.labeled_fraction,
+                                    data.split_seed)  # fmt: skip
+                splits.indices = {**splits.indices, "train": splits.indices["train"][kept]}
         return splits
 
     def task_of(self, splits: DataSplits) -> TaskType | None:
