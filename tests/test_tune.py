@@ -428,3 +428,32 @@ def test_processes_asking_at_once_never_share_a_queued_trial(tmp_path):
         for process in processes:
             process.join(120)
         assert sorted([answers.get(timeout=5), answers.get(timeout=5)]) == [0, 1]
+
+
+def test_a_study_with_the_defaults_repeats_no_notice(tmp_path):
+    """Each trial is a run: a notice a run prints (precision, warmup) would be printed once
+    per trial. With the defaults none is printed, and Optuna's own line comes once."""
+    import collections
+    import subprocess
+    import sys
+
+    config = tmp_path / "tune.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: mlp, options: {hidden_sizes: [8]}}\n"
+        f"training: {{num_epochs: 2, tensorboard_logging: false, output_dir: {tmp_path / 's'}}}\n"
+        "search:\n  learning_rate: {low: 1.0e-3, high: 1.0e-1, log: true}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "traineval.cli", "tune", str(config), "--trials", "3"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    notices = [
+        line
+        for line in done.stderr.splitlines()
+        if line.strip() and not line.startswith(("epoch ", "trial ", "pruned by the study"))
+    ]
+    repeated = [line for line, n in collections.Counter(notices).items() if n > 1]
+    assert repeated == []
+    assert "mixed precision" not in done.stderr
+    assert "warmup_steps=" not in done.stderr
