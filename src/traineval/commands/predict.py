@@ -137,8 +137,9 @@ def _predict(
     for r, (line, row) in enumerate(zip(lines, rows, strict=True)):
         x[r] = [finite_cell(row[c], input_csv, line, header[c]) for c in columns]
     raw = np.array([[row[c].strip() for c in texts] for row in rows], dtype=object)
+    encoded = None
     if categorical:
-        unseen = splits.encode(raw)[1]
+        encoded, unseen = splits.encode(raw)  # once: the inputs and the count of unseen
         if unseen:
             logger.warning(
                 "%d of %d rows hold a category of %s the training split does not have: "
@@ -156,7 +157,7 @@ def _predict(
     load_model_weights(model, path, map_location="cpu")
     _refuse_non_finite(model, path)
     model.to(device).eval()
-    inputs = splits.prepare(x, raw if categorical else None)
+    inputs = splits.prepare(x, encoded)
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):

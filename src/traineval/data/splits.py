@@ -117,32 +117,18 @@ class DataSplits:
         return names[: len(names) - encoded]
 
     def encode(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
-        """Text columns (N, K), in `categories` order, one-hot (scikit-learn's OneHotEncoder
-        with the training split's categories), and how many rows held a category the
-        training split does not have: encoded as none of them (all zeros)."""
-        from sklearn.preprocessing import OneHotEncoder
+        """Text columns (N, K), in `categories` order, one-hot; see `one_hot`."""
+        return one_hot(self.categories or {}, raw)
 
-        known = [list(values) for values in (self.categories or {}).values()]
-        encoder = OneHotEncoder(
-            categories=known, handle_unknown="ignore", sparse_output=False, dtype=np.float32
-        )
-        encoded = encoder.fit(raw).transform(raw)
-        ends = np.cumsum([len(values) for values in known])
-        blocks = np.split(encoded, ends[:-1], axis=1)
-        unseen = np.zeros(len(raw), dtype=bool)
-        for block in blocks:
-            unseen |= block.sum(axis=1) == 0
-        return encoded, int(unseen.sum())
-
-    def prepare(self, x: np.ndarray, raw: np.ndarray | None = None) -> torch.Tensor:
-        """Raw feature rows (N, D), in `numeric_names` order, and the text columns `raw`
-        (N, K) when the table has categorical ones, as model inputs."""
+    def prepare(self, x: np.ndarray, encoded: np.ndarray | None = None) -> torch.Tensor:
+        """Raw feature rows (N, D), in `numeric_names` order, and the one-hot columns of
+        the text ones (`encode`) when the table has categorical columns, as model inputs."""
         x = np.asarray(x, dtype=np.float32)  # the arithmetic of make_splits, to the bit
         if self.feature_mean is not None and self.feature_scale is not None:
             x = (x - self.feature_mean) / self.feature_scale
         if self.categories:
-            assert raw is not None, "a table with categorical columns needs them"
-            x = np.concatenate([x, self.encode(raw)[0]], axis=1)
+            assert encoded is not None, "a table with categorical columns needs them"
+            x = np.concatenate([x, encoded], axis=1)
         features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return features.reshape(len(x), *self.input_shape)
 
@@ -192,8 +178,7 @@ def make_splits(
     names, categories = list(table.feature_names), None
     if table.categorical is not None:  # learned on the training rows only, as the scaling
         categories = _categories(table, train_idx)
-        probe = DataSplits(None, None, None, (), 0, table.task_type, categories=categories)
-        x = np.concatenate([x, probe.encode(table.categorical)[0]], axis=1)
+        x = np.concatenate([x, one_hot(categories, table.categorical)[0]], axis=1)
         names += [f"{name}={value}" for name, values in categories.items() for value in values]
     shape = tuple(image_shape or table.image_shape or (x.shape[1],))
     if int(np.prod(shape)) != x.shape[1]:
@@ -225,6 +210,24 @@ def make_splits(
         row_ids=table.ids,
         categories=categories,
     )
+
+
+def one_hot(categories: dict[str, list[str]], raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """Text columns (N, K), in `categories` order, one-hot (scikit-learn's OneHotEncoder
+    with those categories), and how many rows held a category not among them: encoded as
+    none of them (all zeros)."""
+    from sklearn.preprocessing import OneHotEncoder
+
+    known = [list(values) for values in categories.values()]
+    encoder = OneHotEncoder(
+        categories=known, handle_unknown="ignore", sparse_output=False, dtype=np.float32
+    )
+    encoded = encoder.fit(raw).transform(raw)
+    ends = np.cumsum([len(values) for values in known])
+    unseen = np.zeros(len(raw), dtype=bool)
+    for block in np.split(encoded, ends[:-1], axis=1):
+        unseen |= block.sum(axis=1) == 0
+    return encoded, int(unseen.sum())
 
 
 def _categories(table: Table, rows: np.ndarray) -> dict[str, list[str]]:
