@@ -181,3 +181,36 @@ def test_git_ignores_no_file_of_the_package():
         check=False,
     )
     assert found.stdout.split() == []
+
+
+def _mode_checks(tree: ast.AST, modes: set[str]) -> list[str]:
+    """The `isinstance(x, <a built-in mode class>)` calls in `tree`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+            classes = node.args[1] if len(node.args) > 1 else None
+            named = classes.elts if isinstance(classes, ast.Tuple) else [classes]
+            found += [n.id for n in named if isinstance(n, ast.Name) and n.id in modes]
+    return found
+
+
+def test_no_code_outside_the_modes_branches_on_a_concrete_mode():
+    """A mode owns what differs about it (data, model options, its Flower settings): the
+    rest of the package asks the Mode contract, so a user's mode takes every route."""
+    import traineval.modes as modes
+    from traineval.modes.contract import Mode
+
+    concrete = {
+        name
+        for name, value in vars(modes).items()
+        if isinstance(value, type) and issubclass(value, Mode) and value is not Mode
+    }
+    assert {"Federated", "Supervised", "PPO"} <= concrete
+    assert _mode_checks(ast.parse("isinstance(m, (Federated, int))"), concrete) == ["Federated"]
+    found = [
+        f"{path.relative_to(SRC)}: {name}"
+        for path in (SRC / "traineval").rglob("*.py")
+        if "modes" not in path.relative_to(SRC / "traineval").parts
+        for name in _mode_checks(ast.parse(path.read_text()), concrete)
+    ]
+    assert found == []

@@ -65,6 +65,28 @@ def test_precision_needs_mixed_precision():
         TrainingConfig(mixed_precision=False, precision="bf16")
 
 
+@pytest.mark.parametrize(
+    ("given", "precision", "mixed"),
+    [
+        ({}, "auto", True),
+        ({"mixed_precision": False}, "fp32", False),
+        ({"precision": "fp32"}, "fp32", False),
+        ({"precision": "bf16"}, "bf16", True),
+    ],
+)
+def test_the_saved_config_says_precision_once(given, precision, mixed, tmp_path):
+    """`mixed_precision` is shorthand for a precision other than fp32: the two never
+    disagree, the saved record holds only `precision`, and loading it gives the same config."""
+    config = TrainingConfig(**given)
+    assert (config.precision, config.mixed_precision) == (precision, mixed)
+    assert "mixed_precision" not in config.to_dict()
+    config.save_yaml(tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "mixed_precision" not in text
+    assert f"precision: {precision}" in text
+    assert TrainingConfig.from_yaml(tmp_path / "config.yaml") == config
+
+
 def test_spec_defaults():
     c = TrainingConfig()
     assert (c.num_epochs, c.batch_size, c.learning_rate, c.weight_decay) == (100, 32, 1e-4, 1e-5)

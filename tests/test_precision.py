@@ -57,12 +57,12 @@ def test_unavailable_cuda_falls_back_to_cpu_with_a_warning(caplog):
 
 def test_auto_precision_on_cpu_is_fp32_and_says_so_only_when_debugging(caplog):
     with caplog.at_level(logging.INFO):  # the default asked for nothing: no notice
-        precision = resolve_precision("auto", True, torch.device("cpu"))
+        precision = resolve_precision("auto", torch.device("cpu"))
     assert precision.name == "fp32"
     assert precision.scaler is None
     assert caplog.text == ""
     with caplog.at_level(logging.DEBUG):
-        resolve_precision("auto", True, torch.device("cpu"))
+        resolve_precision("auto", torch.device("cpu"))
     assert "mixed precision is off on cpu" in caplog.text
 
 
@@ -86,7 +86,8 @@ def test_fp16_grad_scaler_is_built_once_and_kept_across_epochs(quiet_config):
 
 
 def test_mixed_precision_off_is_fp32():
-    assert resolve_precision("auto", False, torch.device("cpu")).name == "fp32"
+    config = TrainingConfig(mixed_precision=False)
+    assert resolve_precision(config.precision, torch.device("cpu")).name == "fp32"
 
 
 def test_fp16_clipping_sees_the_unscaled_gradient(quiet_config, tmp_path):

@@ -220,3 +220,17 @@ def test_deterministic_mode_is_on_during_training_only(tmp_path):
     )
     assert seen == [True]
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize(("now", "warned"), [({"mixed_precision": False}, False), ({}, True)])
+def test_an_older_record_with_mixed_precision_reads_as_its_precision(now, warned, caplog):
+    """Records written before `precision` alone was saved carry both keys: `mixed_precision:
+    false` beside `precision: auto` is fp32, so resuming it as fp32 warns of nothing."""
+    from traineval.runs.resume import check_compatible
+
+    older = {**TrainingConfig().to_dict(), "mixed_precision": False, "precision": "auto"}
+    with caplog.at_level(logging.WARNING):
+        check_compatible(older, TrainingConfig(**now).to_dict(), 1, 1)
+    said = "precision was 'fp32' in the checkpoint and is 'auto' now" in caplog.text
+    assert said == warned
+    assert ("CHANGED CONFIG" in caplog.text) == warned

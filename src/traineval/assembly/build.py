@@ -184,7 +184,7 @@ def plan_mode(
     label_shift: int,
 ) -> tuple[ModePlan, Precision]:
     """The run's precision, and the mode's plan once it has checked what it refuses."""
-    precision = resolve_precision(config.precision, config.mixed_precision, device)
+    precision = resolve_precision(config.precision, device)
     ctx = Context(
         config=config,
         train_data=train_data,

@@ -363,6 +363,12 @@ class TrainingConfig(_ConfigBase):
     checkpoints (`from_dict`) into `mode_settings`, with a FutureWarning naming the new key
     (`LEGACY_MODE_KEYS`); `TrainingConfig(rl_gamma=...)` in Python is an error naming it.
 
+    Precision: `precision` "auto" uses bf16 autocast on a CUDA device that supports it (else
+    fp16 with a loss scaler) and fp32 on CPU and MPS; "bf16", "fp16" and "fp32" choose.
+    `mixed_precision` is the specification's switch for the same thing: false means
+    precision "fp32" (the config reads so after construction), and the saved `config.yaml`
+    records only `precision`.
+
     Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
     (rounded up) instead of `warmup_steps`. A warmup as long as the run or longer (e.g. the
     default 1000 steps on a small dataset) is shortened to a tenth of the run, so the
@@ -529,6 +535,23 @@ class TrainingConfig(_ConfigBase):
     def __post_init__(self) -> None:
         check_fields(self)
         self._check_relations()
+        self._fold_precision()
+
+    def _fold_precision(self) -> None:
+        """`mixed_precision` is the specification's shorthand for "precision is not fp32":
+        false folds into precision="fp32", and precision="fp32" reads as mixed_precision
+        false, so the two never disagree and a saved config needs only `precision`."""
+        if not self.mixed_precision:
+            object.__setattr__(self, "precision", "fp32")
+        elif self.precision == "fp32":
+            object.__setattr__(self, "mixed_precision", False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `_ConfigBase.to_dict`, without `mixed_precision`: `precision` says it (see
+        `_fold_precision`), and loading the dict gives back an equal config."""
+        out = super().to_dict()
+        del out["mixed_precision"]
+        return out
 
     def _check_relations(self) -> None:
         """The rules that relate two fields (each field's own rule stands beside it)."""

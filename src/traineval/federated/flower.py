@@ -54,7 +54,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..assembly.evaluator import Evaluator
 from ..config.training_config import TaskType, TrainingConfig
 from ..loggers.jsonl import plain
-from ..modes import resolve_mode
 from ..modes.federated import Federated, client_seed, train_client
 from ..modes.supervised import SupervisedStep
 from ..runs.checkpoint import (
@@ -110,10 +109,10 @@ class FlowerClient:
         _check_callable("model_fn", model_fn)
         _check_callable("data_fn", data_fn)
         self.model_fn, self.data_fn, self.config = model_fn, data_fn, config
-        self.federated = _federated(federated, config)
+        self.federated = Federated.of(federated, config)
         self.loss_function, self.task_type = loss_function, task_type
         self.device = torch.device(config.device if config.device != "auto" else _auto_device())
-        self.precision = resolve_precision(config.precision, config.mixed_precision, self.device)
+        self.precision = resolve_precision(config.precision, self.device)
         self.step = SupervisedStep(loss_function if loss_function is not None else AutoLoss())
 
     def load(self, message: Message) -> nn.Module:
@@ -225,7 +224,7 @@ class FlowerServer:
         federated: Federated | None = None,
     ) -> None:
         _check_callable("model_fn", model_fn)
-        self.federated = _federated(federated, config)
+        self.federated = Federated.of(federated, config)
         if config.scheduler_type == "plateau":
             raise ValueError(
                 "scheduler_type='plateau' is not supported with Flower (no server-side metric "
@@ -485,7 +484,7 @@ def default_strategy(
     """Flower's FedAvg with the federated settings' client sampling; FedAvgM when the
     server's learning rate or momentum differ from plain averaging (the same update as
     `ServerOptimizer`)."""
-    f = _federated(federated, config)
+    f = Federated.of(federated, config)
     # The simulation's count of clients per round (rounded half up); Flower rounds down.
     per_round = f.clients_per_round(f.clients)
     options: dict[str, Any] = {
@@ -736,15 +735,6 @@ def _claim(output: Path, overwrite: bool) -> None:
             "or set "
             "overwrite_output_dir=True"
         )
-
-
-def _federated(given: Federated | None, config: TrainingConfig) -> Federated:
-    """The federated settings: `given`, else the config's `mode_settings`."""
-    mode = resolve_mode(given if given is not None else "federated", config)
-    if not isinstance(mode, Federated):
-        raise TypeError(f"federated must be a traineval.modes.Federated, got {mode!r}")
-    mode.check_client_optimizer(config)
-    return mode
 
 
 def _check_callable(name: str, value: Any) -> None:

@@ -34,7 +34,6 @@ from ..assembly.evaluator import Evaluator
 from ..commands.experiment import RunConfig, RunParts, run_parts
 from ..config.config_file import write_run_config
 from ..config.training_config import EvaluationMode
-from ..modes import resolve_mode
 from ..modes.federated import Federated, partition
 from ..system.files import atomic_write_json
 from .flower import FlowerClient, FlowerServer, _auto_device
@@ -60,10 +59,8 @@ def experiment(path: str) -> RunParts:
 def federated_settings(config: RunConfig) -> Federated:
     """The run's federated settings (a supervised config's: the defaults, or its
     training.mode_settings)."""
-    mode = config.mode if isinstance(config.mode, Federated) else None
-    settings = resolve_mode(mode or "federated", config.training)
-    assert isinstance(settings, Federated)
-    return settings
+    given = config.mode if config.mode.name == Federated.name else None
+    return Federated.of(given, config.training)
 
 
 def config_path(context: Context) -> str:

@@ -19,9 +19,6 @@ with the config's `mode_settings`.
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..config.training_config import TrainingConfig, TrainingMode
 from .base import LossFunction, StepFunction, StepOutput, Updates, move_to_device, split_batch
 from .contract import (
     Context,
@@ -36,6 +33,7 @@ from .contract import (
 from .federated import Federated, FederatedStep
 from .meta_learning import FOMAML, MAML, MetaLearning, MetaLearningStep, Reptile
 from .reinforcement import PPO, PolicyGradient, PolicyGradientStep, PPOStep, Reinforcement
+from .resolve import resolve_mode
 from .semi_supervised import SemiSupervised, SemiSupervisedStep
 from .supervised import Supervised, SupervisedStep
 from .unsupervised import Unsupervised, UnsupervisedStep
@@ -75,45 +73,3 @@ __all__ = [
     "resource",
     "split_batch",
 ]
-
-
-def resolve_mode(mode: Any, config: TrainingConfig | None = None) -> Mode:
-    """The Mode instance `mode` names: an instance as it is, a `TrainingMode` or a registered
-    name with the config's `mode_settings` for it.
-
-    Raises:
-        ValueError: an unknown name, or settings given both by the instance and the config.
-        TypeError: anything else.
-    """
-    settings = config.mode_settings if config is not None else {}
-    if isinstance(mode, Mode):
-        given = _given(settings, type(mode))
-        if given and any(mode.settings().get(k) != v for k, v in given.items()):
-            raise ValueError(
-                f"mode={mode!r} and the config's mode_settings[{mode.name!r}]={given!r} "
-                "disagree: give the mode's settings in one place"
-            )
-        return mode
-    if isinstance(mode, TrainingMode):
-        mode = mode.value
-    if isinstance(mode, type) and issubclass(mode, Mode):
-        mode = mode.name
-    if not isinstance(mode, str):
-        raise TypeError(
-            "mode must be a TrainingMode, a registered mode name or a Mode instance, got "
-            f"{type(mode).__name__}"
-        )
-    cls = mode_class(mode)
-    if cls.name in cls.aliases:  # "reinforcement" itself: its settings choose the algorithm
-        return cls.from_settings(settings.get(cls.name, {}))
-    return cls.from_settings(_given(settings, cls))
-
-
-def _given(settings: dict[str, dict[str, Any]], cls: type[Mode]) -> dict[str, Any]:
-    """The config's settings for `cls`, under its name or the names it also goes by
-    (`Mode.aliases`: PPO's and policy gradient's under "reinforcement")."""
-    given: dict[str, Any] = {}
-    for name in cls.aliases:  # (the alias's choice of algorithm is made: not a setting)
-        given.update({k: v for k, v in settings.get(name, {}).items() if k != "algorithm"})
-    given.update(settings.get(cls.name, {}))
-    return given

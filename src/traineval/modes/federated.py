@@ -39,6 +39,7 @@ from ..training.optim import configured_optimizer
 from ..training.precision import Precision
 from .base import StepOutput, Updates, loss_with_gradient, move_to_device
 from .contract import BuildOptimizer, Context, Mode, ModePlan, register
+from .resolve import resolve_mode
 from .supervised import SupervisedStep
 
 __all__ = [
@@ -102,6 +103,21 @@ class Federated(Mode):
     server_momentum: float = setting(0.0, Number(0.0, below=1.0))
     proximal_mu: float = setting(0.0, Number(0.0))
     control_variates: bool = setting(False, Flag())
+
+    @classmethod
+    def of(cls, given: Any, config: Any) -> Federated:
+        """The federated settings a run trains with: `given` (an instance or the name), or,
+        for None, the config's `mode_settings["federated"]` or the defaults; checked against
+        the config's optimizer (what the Flower integration needs from the mode).
+
+        Raises:
+            TypeError: `given` is another mode.
+        """
+        mode = resolve_mode(cls.name if given is None else given, config)
+        if not isinstance(mode, cls):
+            raise TypeError(f"federated must be a traineval.modes.Federated, got {mode!r}")
+        mode.check_client_optimizer(config)
+        return mode
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

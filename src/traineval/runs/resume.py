@@ -29,7 +29,6 @@ WARNED_CHANGES = (
     "max_grad_norm",
     "gradient_clipping",
     "precision",
-    "mixed_precision",
     "ema_decay",
     "ema_warmup",
     "label_smoothing",
@@ -150,6 +149,7 @@ def check_compatible(
 ) -> None:
     """Refuse a resume that would change the sample order or the optimizer's parameter
     groups; warn about other trajectory changes."""
+    saved = _as_written_now(saved)
     refused = [
         f"{name}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}"
         for name in REFUSED_CHANGES
@@ -190,6 +190,17 @@ def check_compatible(
                 saved.get(name),
                 current.get(name),
             )
+
+
+def _as_written_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """An older checkpoint's config as this version writes it: `mixed_precision: false`
+    (recorded beside `precision`) is precision "fp32" (`TrainingConfig._fold_precision`)."""
+    if "mixed_precision" not in saved:
+        return saved
+    saved = dict(saved)
+    if not saved.pop("mixed_precision"):
+        saved["precision"] = "fp32"
+    return saved
 
 
 def check_mode(payload: dict[str, Any], mode: Any) -> None:

@@ -63,17 +63,16 @@ class Precision:
 _NO_AUTOCAST = contextlib.nullcontext()
 
 
-def resolve_precision(requested: str, mixed_precision: bool, device: torch.device) -> Precision:
+def resolve_precision(requested: str, device: torch.device) -> Precision:
     """Turn the config's precision choice into a `Precision` for `device`.
 
-    "auto" with mixed precision on: bf16 on CUDA where supported, else fp16 with a GradScaler;
-    on CPU and MPS it stays fp32 and says so (bf16 autocast on CPU rarely pays off for the
-    small models people train there; ask for precision="bf16" to use it anyway).
+    "auto" (`mixed_precision=False` reads as "fp32"): bf16 on CUDA where supported, else
+    fp16 with a GradScaler; on CPU and MPS it stays fp32 and says so (bf16 autocast on CPU
+    rarely pays off for the small models people train there; ask for precision="bf16" to
+    use it anyway).
     """
     name = requested
-    if not mixed_precision:
-        name = "fp32"
-    elif requested == "auto":
+    if requested == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
