@@ -410,7 +410,7 @@ def test_checkpoints_put_off_by_the_write_budget_hold_the_best_and_the_final_sta
     quiet_config, tmp_path, monkeypatch
 ):
     from traineval.training import run_checkpoints
-    from traineval.training.loop import Loop
+    from traineval.training.saves import Saves
 
     written: list[str] = []
     save = run_checkpoints.save_checkpoint_file
@@ -419,7 +419,7 @@ def test_checkpoints_put_off_by_the_write_budget_hold_the_best_and_the_final_sta
         "save_checkpoint_file",
         lambda payload, path: (written.append(path.name), save(payload, path))[1],
     )
-    monkeypatch.setattr(Loop, "_writes_within_budget", lambda self: len(written) < 2)
+    monkeypatch.setattr(Saves, "within_budget", lambda self: len(written) < 2)
     keep = KeepBest()
     config = plain_sgd_config(
         {**quiet_config, "output_dir": str(tmp_path)},

@@ -344,7 +344,7 @@ class TrainingManager:
             try:
                 with (
                     deterministic_algorithms(self.config.deterministic),
-                    watching_signals(loop.signalled),
+                    watching_signals(loop.stops.signalled),
                 ):
                     state = loop.run()
             except Exception as error:  # summary.json says the run did not finish, and why

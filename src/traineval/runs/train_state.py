@@ -49,6 +49,25 @@ class TrainState:
         state["interval_metrics"] = {k: list(v) for k, v in self.interval_metrics.items()}
         return state
 
+    def record_epoch(self, train_loss: float, val_loss: float | None, lr: float) -> None:
+        """The epoch's entries of the history."""
+        for key, value in zip(
+            ("epoch", "train_loss", "val_loss", "learning_rate"),
+            (self.epoch, train_loss, val_loss, lr),
+            strict=True,
+        ):
+            self.history[key].append(value)
+
+    def record_evaluation(self, metrics: dict[str, float]) -> None:
+        """An evaluation's metrics (unprefixed), at this step."""
+        self.last_eval_step = self.global_step
+        self.history["val_metrics"].append(dict(metrics))
+        self.history["val_steps"].append(self.global_step)
+
+    def record_best(self, value: float) -> None:
+        """The monitored metric improved to `value` here."""
+        self.best_metric, self.best_epoch, self.best_step = value, self.epoch, self.global_step
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for field in dataclasses.fields(self):
             if field.name in state:

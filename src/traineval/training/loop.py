@@ -20,10 +20,11 @@ Pseudocode of `Loop.run`:
 Before any checkpoint is written the recorded losses are read, so a non-finite loss or
 gradient stops the run (`NonFiniteError`, naming epoch, step and batch) before it is saved.
 
-The loop's parts, each in a module of its own: what the steps leave for the log and the
+The loop's parts, each in a module of its own: how a window becomes one update
+(`update.WindowUpdate`, the hot path), what the steps leave for the log and the
 `train` record (`train_log.TrainLog`), skipping non-finite updates with the buffers put
 back (`skips.NonFiniteSkips`), the checkpoints callbacks ask for and when each is written
-(`saves.Saves`), a window's loss shares (`steps.window_share`).
+(`saves.Saves`).
 
 Data-parallel (`job.enabled`): every rank runs this same loop on its share of the data.
 Gradients are all-reduced once per window (`no_sync` on the micro-batches before the last),
@@ -34,7 +35,6 @@ over ranks; a signal seen by any rank stops every rank at the same log step or e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -55,17 +55,13 @@ from ..runs.tracking import MetricsTracker, Plateau
 from ..runs.train_state import HistoryJson, TrainState, empty_history
 from ..system.distributed import Distributed
 from ..system.seeding import capture_rng, restore_rng
-from .averaging import WeightAverage
-from .batches import move_to_device
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
-from .precision import Precision
 from .saves import CHECKPOINT_SHARE, SaveFn, Saves  # noqa: F401 - CHECKPOINT_SHARE: kept here
-from .skips import NonFiniteSkips
-from .steplog import NonFiniteError, StepLog
-from .steps import StepFunction, window_share
+from .steplog import NonFiniteError
+from .stop_rules import EvaluationError, StopRules
 from .stopping import TrainingInterrupted
-from .train_log import TrainLog
+from .update import Placement, UpdateRule, WindowUpdate
 
 __all__ = [
     "EvaluateFn",
@@ -87,11 +83,6 @@ logger = logging.getLogger("traineval")
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 
 
-class EvaluationError(ValueError):
-    """A validation could not be scored (e.g. the model predicted NaN); the training before
-    it was saved as a resumable checkpoint."""
-
-
 class Monitor(Plateau):
     """The metric that drives early stopping, the best checkpoint and the plateau schedule."""
 
@@ -109,20 +100,6 @@ class Monitor(Plateau):
 
 
 @dataclasses.dataclass
-class UpdateRule:
-    """How the loop turns micro-batches into optimizer updates."""
-
-    step_fn: StepFunction
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    precision: Precision | None = None  # None: fp32
-    accumulation_steps: int = 1
-    max_grad_norm: float | None = None  # None: no clipping
-    skip_non_finite: int = 0  # 0: stop on the first non-finite step; N: skip, stop after N
-    weight_average: WeightAverage | None = None  # EMA of the weights
-
-
-@dataclasses.dataclass
 class RunLength:
     """How long the loop runs, and how often it evaluates and logs (in optimizer updates)."""
 
@@ -132,17 +109,6 @@ class RunLength:
     eval_every_n_steps: int | None = None  # besides each epoch's end
     log_every_n_steps: int = 100
     max_seconds: float | None = None  # this process's training time (a resume continues)
-
-
-@dataclasses.dataclass
-class Placement:
-    """Where the loop runs: the device, the module the steps call, the data-parallel job."""
-
-    device: torch.device
-    forward_model: nn.Module | None = None  # e.g. the torch.compile'd or DDP module
-    job: Distributed | None = None
-    no_sync: Callable[[], AbstractContextManager[Any]] | None = None  # DDP's
-    average_gradients: bool = False  # the loop all-reduces (modes without a DDP wrapper)
 
 
 @dataclasses.dataclass
@@ -203,7 +169,7 @@ class LoopControl:
 
     @property
     def max_steps(self) -> int | None:
-        return self._loop.max_steps
+        return self._loop.stops.max_steps
 
     @property
     def rank(self) -> int:
@@ -217,7 +183,7 @@ class LoopControl:
     @property
     def interrupted(self) -> str | None:
         """The signal the run was interrupted by, if any."""
-        return self._loop.interrupted
+        return self._loop.stops.interrupted
 
     @interrupted.setter
     def interrupted(self, reason: str) -> None:
@@ -248,7 +214,7 @@ class LoopControl:
     def request_interrupt(self, reason: str = "SIGTERM") -> None:
         """Stop as on a signal: save a resumable `last` checkpoint, then raise
         `TrainingInterrupted` (e.g. before a cluster's time limit)."""
-        self._loop.interrupted = reason
+        self._loop.stops.interrupted = reason
 
     def set_learning_rate(self, rate: float) -> None:
         """Train the next updates at `rate` (the first parameter group's; the others keep
@@ -292,26 +258,18 @@ class Loop:
         data_generators: Sequence[torch.Generator] = (),
     ) -> None:
         observe = observers or Observers()
-        device = placement.device
+        self.job: Distributed = placement.job or Distributed()
+        placement = dataclasses.replace(placement, job=self.job)
         self.model = model
         # e.g. the torch.compile'd module (never `or`: a compiled module may define __len__)
         fm = placement.forward_model
         self.forward_model = fm if fm is not None else model
-        self.optimizer = update.optimizer
-        self.scheduler = update.scheduler
-        self.step_fn = update.step_fn
         self.train_loader = train_loader
-        self.device = device
-        self.precision = update.precision or Precision("fp32", device.type, None)
+        self.device = placement.device
         self.monitor = monitor
         self.num_epochs = length.num_epochs
         self.updates_per_epoch = length.updates_per_epoch
         self.accumulation_steps = update.accumulation_steps
-        self.max_grad_norm = update.max_grad_norm
-        self.max_steps = length.max_steps
-        self.max_seconds = length.max_seconds
-        self._deadline: float | None = None  # time.monotonic() at which max_seconds is up
-        self._timed_out = False  # (agreed over the ranks, as signals are)
         self.eval_every_n_steps = length.eval_every_n_steps
         self.log_every_n_steps = length.log_every_n_steps
         self.evaluate_fn = evaluate_fn
@@ -320,52 +278,37 @@ class Loop:
         loggers = observe.loggers
         self.loggers = loggers if isinstance(loggers, LoggerHub) else LoggerHub(loggers)
         self.tracker = observe.tracker or MetricsTracker()
-        self.performance = observe.performance or PerformanceMonitor(device)
+        self.performance = observe.performance or PerformanceMonitor(self.device)
         self.data_generators = list(data_generators)
-        self.skips = NonFiniteSkips(model, update.skip_non_finite)
         self.state = TrainState()
         self.resume_rng: dict[str, Any] | None = None  # RNG state at the checkpoint
-        self.interrupted: str | None = None  # set by a signal handler
-        self.interrupted_during: str | None = None  # the phase the signal arrived in
-        self.phase = "training"
+        self.stops = StopRules(self.state, self.job, length.max_steps, length.max_seconds)
         # the histories' entries as JSON, each encoded once (`run_checkpoints.HistoryJson`)
         self.history_json = {"loop": HistoryJson(), "tracker": HistoryJson()}
         self._epoch_complete = False
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
-        self._stop_requested = False
-        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        names = {id(p): name for name, p in model.named_parameters()}
-        named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(self._params)]
-        self.steps = StepLog(device, capacity=min(self.log_every_n_steps, 4096))
-        scaler = self.precision.scaler
-        self._scale = scaler.get_scale() if scaler is not None else None
-        self.job = placement.job or Distributed()
+        self.update = WindowUpdate(
+            update, placement, model, length.log_every_n_steps, observe.layer_norms
+        )
+        self.log, self.steps = self.update.log, self.update.steps
+        # what checkpoints and callbacks read of the update
+        self.step_fn, self.optimizer = update.step_fn, update.optimizer
+        self.scheduler, self.weight_average = update.scheduler, update.weight_average
+        self.precision = self.update.precision
         self.saves = Saves(save_fn, self.job)
-        self.log = TrainLog(self.steps, named, self.job, observe.layer_norms)
-        self.no_sync = placement.no_sync  # DDP's: skip the gradient all-reduce inside a window
-        # Modes without a DDP wrapper: average the window's gradients over the ranks here.
-        self.average_gradients = placement.average_gradients
-        self._agreed_signal: str | None = None  # a signal every rank has agreed to stop on
-        # EMA of the weights: updated after each update, evaluated, kept when training ends
-        self.weight_average = update.weight_average
         self.control = LoopControl(self)  # what callbacks see and may ask for
 
     # -- requests from callbacks and signals --------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next step boundary."""
-        self._stop_requested = True
-        self.state.stop_reason = reason
+        self.stops.request(reason)
 
     def request_save(self, name: str, *, deferrable: bool = False) -> None:
         """Save a checkpoint named `name` once the current hook round is over (see
         `LoopControl.request_save` for `deferrable`)."""
-        within = not deferrable or self._writes_within_budget()
+        within = not deferrable or self.saves.within_budget()
         self.saves.request(name, deferrable=deferrable, within_budget=within)
-
-    def _writes_within_budget(self) -> bool:
-        """Whether another write now keeps checkpoints within the budget (`saves`)."""
-        return self.saves.within_budget()
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -382,9 +325,8 @@ class Loop:
         state = self.state
         self._call("on_train_start")
         self.performance.start()
-        if self.max_seconds is not None:
-            self._deadline = time.monotonic() + self.max_seconds
-        while not self._done() and (state.batch_in_epoch > 0 or state.epoch < self.num_epochs):
+        self.stops.start()
+        while not self.stops.done() and (state.batch_in_epoch > 0 or state.epoch < self.num_epochs):
             resuming_inside_epoch = state.batch_in_epoch > 0
             if not resuming_inside_epoch:
                 if self.resume_rng is not None:  # resumed at an epoch boundary
@@ -396,7 +338,7 @@ class Loop:
             self._call("on_epoch_start")
             train_loss = self._train_epoch(self._batches())
             self._stop_if_signalled()
-            if self._timed_out:
+            if self.stops.timed_out:
                 break
             if not self._epoch_complete:  # max_steps or a stop request, with batches left
                 self._close_inside_epoch(train_loss)
@@ -406,14 +348,14 @@ class Loop:
             self._act()
             self._stop_if_signalled()  # one that came during validation, a save, a callback
             if state.epoch < self.num_epochs:
-                self._check_time()
+                self.stops.check_time()
         self._stop_if_signalled()
-        if self._timed_out:
+        if self.stops.timed_out:
             self._stop_at_time_limit()
         self.saves.finish()  # a `last` put off within the budget
         self._act()
         self.saves.write_staged()
-        state.stopped_early = self._stop_requested
+        state.stopped_early = self.stops.requested
         if self.weight_average is not None:
             self.weight_average.copy_to_model()
         end_logs: dict[str, Any] = {"stop_reason": state.stop_reason}
@@ -443,40 +385,6 @@ class Loop:
             restore_rng(self.resume_rng, None)
             self.resume_rng = None
 
-    def _done(self) -> bool:
-        """Whether to stop at this step boundary: a stop request, max_steps, max_seconds or
-        a signal."""
-        return self._stopping() or self._signal() is not None or self._timed_out
-
-    def _check_time(self) -> None:
-        """Whether max_seconds is up, alone: after each update and each epoch's end with
-        epochs left (never before an epoch's first update: a resume would skip it); under
-        torchrun where the ranks agree on signals (log steps, epoch ends)."""
-        if self._deadline is None or self._timed_out or self.job.enabled or self._stopping():
-            return
-        self._timed_out = time.monotonic() >= self._deadline
-
-    def _stopping(self) -> bool:
-        """Whether the run ends before its epochs do: a stop request or max_steps (a
-        signal interrupts it instead)."""
-        at_max = self.max_steps is not None and self.state.global_step >= self.max_steps
-        return self._stop_requested or at_max
-
-    def _signal(self) -> str | None:
-        """The signal to stop on: at once alone, once every rank agrees when distributed."""
-        return self._agreed_signal if self.job.enabled else self.interrupted
-
-    def _agree_on_signal(self) -> None:
-        """Distributed: stop together if any rank was signalled or is out of time (at log
-        steps, epoch ends)."""
-        signalled = self.job.enabled and self._agreed_signal is None
-        if signalled and self.job.any(self.interrupted is not None):
-            self._agreed_signal = self.interrupted or "SIGTERM"
-        deadline = self._deadline
-        timing = self.job.enabled and deadline is not None and not self._timed_out
-        if timing and not self._stopping():  # the same on every rank: they all take part
-            self._timed_out = self.job.any(time.monotonic() >= deadline)  # type: ignore[operator]
-
     def _train_epoch(self, batches: Iterator[Any]) -> float:
         """Run the epoch's optimizer updates; return the epoch's mean training loss."""
         state = self.state
@@ -485,7 +393,7 @@ class Loop:
         interval_steps = interval_samples = 0
         data_seconds = 0.0
         self._epoch_complete = False
-        while not self._done():
+        while not self.stops.done():
             fetch_start = time.perf_counter()
             window = list(itertools.islice(batches, k))
             data_seconds += time.perf_counter() - fetch_start
@@ -493,10 +401,11 @@ class Loop:
                 self._epoch_complete = True
                 break
             window_start = state.batch_in_epoch
-            self.skips.before_window()  # a skipped step leaves the buffers as they were
-            samples = self._accumulate(window)
+            self.update.skips.before_window()  # a skipped step leaves the buffers as they were
+            samples = self.update.accumulate(self.forward_model, window)
             state.batch_in_epoch += len(window)
-            if not self._optimizer_step(window_start):
+            logging_next = (state.global_step + 1) % self.log_every_n_steps == 0
+            if not self.update.step(state, window_start, logging_next):
                 continue
             interval_steps += 1
             interval_samples += samples
@@ -508,7 +417,7 @@ class Loop:
                 interval_steps = interval_samples = 0
                 data_seconds = 0.0
                 self._log_train(stats)
-                self._agree_on_signal()
+                self.stops.agree()
             if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
                 self._evaluate()
                 self.forward_model.train()
@@ -516,107 +425,17 @@ class Loop:
                 callback.on_step_end(self.control)
             if self.saves.requests:
                 self._act()
-            self._check_time()
+            self.stops.check_time()
         if interval_steps:
             self.performance.interval(interval_steps, interval_samples, data_seconds)
         self._read_steps()
-        self._agree_on_signal()
+        self.stops.agree()
         loss_sum, weight = self.job.sum([state.epoch_loss_sum, state.epoch_loss_weight])
-        if weight == 0 and not self._signal() and not self._timed_out:
+        if weight == 0 and not self.stops.signal() and not self.stops.timed_out:
             raise ValueError(
                 f"epoch {state.epoch} trained on no data: the train loader yielded no batches"
             )
         return loss_sum / max(weight, 1e-300)
-
-    def _accumulate(self, window: list[Any]) -> int:
-        """Forward and backward over one window; gradients equal those of one big batch."""
-        if self.device.type != "cpu":
-            window = [move_to_device(batch, self.device) for batch in window]
-        shares: list[int | float | torch.Tensor] = []
-        if len(window) > 1 or self.job.enabled:
-            # Normalise by the whole window's item count, known before any forward pass.
-            weights = [self.step_fn.weight(batch) for batch in window]
-            total = sum(weights[1:], start=weights[0])
-            if self.job.enabled:
-                # DDP averages gradients over ranks: weigh by this rank's share of all items.
-                total = self.job.sum_tensor(total) / self.job.world_size
-            if isinstance(total, torch.Tensor) and total.ndim == 1:
-                total = total.clamp(min=1e-12)  # per-term counts: a term no item has is 0
-            shares = [weight / total for weight in weights]
-        scaler = self.precision.scaler
-        samples = 0
-        last = len(window) - 1
-        for i, batch in enumerate(window):
-            # DDP all-reduces gradients in the window's last backward pass only.
-            skip_sync = self.no_sync is not None and i < last
-            with self.no_sync() if skip_sync else nullcontext():  # type: ignore[misc]
-                with self.precision.autocast():
-                    out = self.step_fn(self.forward_model, batch)
-                loss = out.loss
-                if loss.ndim != 0:
-                    raise ValueError(
-                        f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; "
-                        "use a loss with reduction='mean'"
-                    )
-                scaled = window_share(out, shares[i]) if shares else loss
-                self.log.add(loss, out.weight, out.metrics)
-                samples += out.num_samples
-                del out  # its outputs (a language model's logits: GBs) die before backward
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        return samples
-
-    def _optimizer_step(self, window_start: int) -> bool:
-        """Unscale (fp16), clip the window's gradient, step, advance the schedule.
-
-        Returns whether an update happened: an fp16 step the GradScaler skipped (inf/NaN
-        gradients), or a non-finite step under the skip policy, is not an update.
-        """
-        state = self.state
-        scaler = self.precision.scaler
-        if self.average_gradients:
-            self.job.average_gradients(self._params)
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        norm = None
-        logging_next = (state.global_step + 1) % self.log_every_n_steps == 0
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        elif logging_next:  # no clipping: measure the norm on log steps only
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self._params if p.grad is not None]
-            )
-        if norm is not None and hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()  # FSDP: a replicated DTensor
-        if logging_next:
-            self.log.measure_layers()
-        if self.skips.limit and not self.skips.finite(self.steps.open_losses(), norm):
-            self.skips.undo(self.precision.scaler)
-            return self._skip("non-finite loss or gradient")
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
-            scale = scaler.get_scale()  # a sync, only with fp16: was the step skipped?
-            skipped = self._scale is not None and scale < self._scale
-            self._scale = scale
-            if skipped:
-                return self._skip("fp16 overflow, the GradScaler lowered its scale")
-        else:
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        if self.weight_average is not None:
-            self.weight_average.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        state.global_step += 1
-        state.consecutive_non_finite = 0
-        self.steps.close_step(state.global_step, state.epoch, window_start, norm)
-        return True
-
-    def _skip(self, why: str) -> bool:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps.discard_step()
-        self.skips.count(self.state, why)
-        return False
 
     def _read_steps(self) -> None:
         """Read the recorded steps back into the state; stop on the first non-finite one."""
@@ -646,7 +465,10 @@ class Loop:
         # seed trains the same with or without validation, at any eval_frequency.
         streams = capture_rng()
         try:
-            with self.weights_to_keep(), self._in_phase(f"validation at step {state.global_step}"):
+            with (
+                self.weights_to_keep(),
+                self.stops.in_phase(f"validation at step {state.global_step}"),
+            ):
                 metrics = self.evaluate_fn(self.forward_model)
         except ValueError as error:  # the metrics cannot be computed (NaN predictions, ...)
             restore_rng(streams, None)
@@ -656,9 +478,7 @@ class Loop:
         monitored = prefixed.get(self.monitor.name)
         if monitored is not None and not math.isfinite(monitored):
             self._failed_evaluation(f"the monitored metric {self.monitor.name} is {monitored}")
-        state.last_eval_step = state.global_step
-        state.history["val_metrics"].append(dict(metrics))
-        state.history["val_steps"].append(state.global_step)
+        state.record_evaluation(metrics)
         self.tracker.update(prefixed, state.global_step)
         improved = False
         if self.monitor.name.startswith("val_"):
@@ -679,9 +499,7 @@ class Loop:
     def _observe(self, value: float) -> bool:
         improved = self.monitor.update(value)
         if improved:
-            self.state.best_metric = value
-            self.state.best_epoch = self.state.epoch
-            self.state.best_step = self.state.global_step
+            self.state.record_best(value)
         return improved
 
     def _end_epoch(self, train_loss: float, complete: bool = True) -> dict[str, Any]:
@@ -696,10 +514,7 @@ class Loop:
             eval_logs = {f"val_{k}": v for k, v in state.history["val_metrics"][-1].items()}
         lr = float(self.optimizer.param_groups[0]["lr"])
         val_loss = eval_logs.get("val_loss") if eval_logs else None
-        state.history["epoch"].append(state.epoch)
-        state.history["train_loss"].append(train_loss)
-        state.history["val_loss"].append(val_loss)
-        state.history["learning_rate"].append(lr)
+        state.record_epoch(train_loss, val_loss, lr)
         self.tracker.update({"train_loss": train_loss}, state.global_step)
         logs: dict[str, Any] = {"train_loss": train_loss, "learning_rate": lr}
         if eval_logs:
@@ -711,7 +526,7 @@ class Loop:
                 self.scheduler.step_on_metric(train_loss)
         if complete:
             state.batch_in_epoch = 0
-        state.finished = self._stopping() or (complete and state.epoch >= self.num_epochs)
+        state.finished = self.stops.stopping() or (complete and state.epoch >= self.num_epochs)
         self._emit("epoch", {"train_loss": train_loss, "learning_rate": lr})
         logs["epoch_complete"] = complete
         return logs
@@ -723,9 +538,9 @@ class Loop:
         uninterrupted longer run would not make (it must not reach the resumed monitor,
         schedule or early stopping). Then evaluate and report the partial epoch."""
         state = self.state
-        extendable = not self._stop_requested
+        extendable = not self.stops.requested
         if extendable:
-            state.stop_reason = state.stop_reason or f"max_steps={self.max_steps} reached"
+            state.stop_reason = state.stop_reason or f"max_steps={self.stops.max_steps} reached"
             state.finished = True
             self._save_last()
         logs = self._end_epoch(train_loss, complete=False)
@@ -737,7 +552,7 @@ class Loop:
     def _log_train(self, stats: dict[str, float]) -> None:
         state = self.state
         lr = float(self.optimizer.param_groups[0]["lr"])
-        record = self.log.record(state, stats, lr, self.max_grad_norm)
+        record = self.log.record(state, stats, lr, self.update.max_grad_norm)
         self.tracker.update(
             {"train_step_loss": record["train_step_loss"], "learning_rate": lr}, state.global_step
         )
@@ -750,7 +565,7 @@ class Loop:
         )
 
     def _call(self, hook: str, *args: Any) -> None:
-        with self._in_phase(f"the {hook} callbacks"):
+        with self.stops.in_phase(f"the {hook} callbacks"):
             for callback in self.callbacks:
                 getattr(callback, hook)(self.control, *args)
 
@@ -770,7 +585,7 @@ class Loop:
         if not (requests or staging):
             return
         self._read_steps()
-        with self._in_phase("a checkpoint write"):
+        with self.stops.in_phase("a checkpoint write"):
             self.saves.carry_out(requests, staging, self)
 
     def _save_last(self) -> Any:
@@ -781,7 +596,7 @@ class Loop:
         if held is not None:
             return held
         self._read_steps()
-        with self._in_phase("a checkpoint write"):
+        with self.stops.in_phase("a checkpoint write"):
             self.saves.write_staged()
             return self.saves.save("last", self, self.position())
 
@@ -791,44 +606,19 @@ class Loop:
         return (s.epoch, s.batch_in_epoch, s.global_step, len(s.history["val_steps"]),
                 len(s.history["epoch"]), s.skipped_steps)  # fmt: skip
 
-    @contextlib.contextmanager
-    def _in_phase(self, phase: str) -> Iterator[None]:
-        """Name what the loop is doing, for the message of a signal that arrives meanwhile."""
-        outer, self.phase = self.phase, phase
-        try:
-            yield
-        finally:
-            self.phase = outer
-
-    def signalled(self, name: str) -> None:
-        """A signal arrived (the signal watch calls this): stop at the next consistent point."""
-        if self.interrupted is None:
-            self.interrupted, self.interrupted_during = name, self.phase
-
     def _stop_if_signalled(self) -> None:
-        if self._signal():
+        if self.stops.signal():
             self._save_interrupted()
 
     def _failed_evaluation(self, reason: str) -> NoReturn:
         """A validation that cannot be scored: save the training done so far as a resumable
         `last` checkpoint (from before this evaluation), then stop naming where and why. A
         model whose weights are not finite is not saved (the earlier checkpoints stay)."""
-        where = f"validation at epoch {self.state.epoch}, step {self.state.global_step} failed"
         try:
             path = self._save_last()
         except NonFiniteError as refused:
-            raise EvaluationError(
-                f"{where}: {reason}; {refused}: resuming from it would come back here; lower "
-                "learning_rate, clip gradients (max_grad_norm) or check the data"
-            ) from None
-        saved = (
-            f"the training so far is saved in {str(path)!r}; a resume (resume_from='auto', or "
-            "--resume auto) redoes this validation, which fails again unless what made it "
-            "fail changes"
-            if path
-            else "no checkpoint was written"
-        )
-        raise EvaluationError(f"{where}: {reason}; {saved}")
+            raise self.stops.failed_evaluation(reason, None, refused) from None
+        raise self.stops.failed_evaluation(reason, str(path) if path else None)
 
     def _stop_at_time_limit(self) -> None:
         """max_seconds is up at this step boundary: write the saves asked for, then `last`
@@ -837,22 +627,10 @@ class Loop:
         self._act()
         path = self._save_last()
         self.saves.forget_last()
-        state = self.state
-        state.timed_out = True
-        where = f"epoch {state.epoch}, step {state.global_step}"
-        how = f"resume from {str(path)!r} to continue" if path else "no checkpoint was written"
-        state.stop_reason = f"max_time={self.max_seconds:g}s reached at {where}; {how}"
+        self.state.timed_out = True
+        self.state.stop_reason = self.stops.time_limit_reason(str(path) if path else None)
 
-    def _save_interrupted(self) -> None:
+    def _save_interrupted(self) -> NoReturn:
         """Save a resumable `last` checkpoint at this step boundary and stop."""
-        signal_name = self._signal() or "signal"
         path = self._save_last()
-        during = f" during {self.interrupted_during}" if self.interrupted_during else ""
-        where = f"epoch {self.state.epoch}, step {self.state.global_step}{during}"
-        how = (
-            f"resume with resume_from={str(path)!r} (or 'auto')"
-            if path
-            else "no checkpoint was written"
-        )
-        what = f"training interrupted by {signal_name} at {where}"
-        raise TrainingInterrupted(f"{what}; {how}", str(path) if path else None, signal_name, what)
+        raise self.stops.interruption(str(path) if path else None)

@@ -1,0 +1,149 @@
+"""When the loop stops before its epochs end, and the sentence that says why.
+
+Four things end a run early: a callback's stop request (early stopping, `stop_when`, a
+pruned trial), `max_steps`, the `max_seconds` time limit, and a signal (SIGTERM, Ctrl-C, a
+callback's `request_interrupt`). The loop asks at each step boundary (`done`). Under
+torchrun the ranks agree on signals and on the time limit at log steps and epoch ends
+(`agree`), so every rank stops at the same update; alone, both are seen at once. A
+validation that cannot be scored ends the run too (`EvaluationError`), after the training
+before it is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from ..runs.train_state import TrainState
+from ..system.distributed import Distributed
+from .stopping import TrainingInterrupted
+
+
+class EvaluationError(ValueError):
+    """A validation could not be scored (e.g. the model predicted NaN); the training before
+    it was saved as a resumable checkpoint."""
+
+
+class StopRules:
+    """The run's stop conditions over `state` (see the module docstring)."""
+
+    def __init__(
+        self,
+        state: TrainState,
+        job: Distributed,
+        max_steps: int | None = None,
+        max_seconds: float | None = None,
+    ) -> None:
+        self.state = state
+        self.job = job
+        self.max_steps = max_steps
+        self.max_seconds = max_seconds
+        self.requested = False  # a callback asked to stop (the reason is in the state)
+        self.deadline: float | None = None  # time.monotonic() at which max_seconds is up
+        self.timed_out = False  # (agreed over the ranks, as signals are)
+        self.interrupted: str | None = None  # set by a signal handler
+        self.interrupted_during: str | None = None  # the phase the signal arrived in
+        self.agreed_signal: str | None = None  # a signal every rank has agreed to stop on
+        self.phase = "training"
+
+    def start(self) -> None:
+        """Training starts: the time limit counts from now."""
+        if self.max_seconds is not None:
+            self.deadline = time.monotonic() + self.max_seconds
+
+    def request(self, reason: str) -> None:
+        """Stop at the next step boundary, for `reason`."""
+        self.requested = True
+        self.state.stop_reason = reason
+
+    def done(self) -> bool:
+        """Whether to stop at this step boundary: a stop request, max_steps, max_seconds or
+        a signal."""
+        return self.stopping() or self.signal() is not None or self.timed_out
+
+    def stopping(self) -> bool:
+        """Whether the run ends before its epochs do: a stop request or max_steps (a
+        signal interrupts it instead)."""
+        at_max = self.max_steps is not None and self.state.global_step >= self.max_steps
+        return self.requested or at_max
+
+    def signal(self) -> str | None:
+        """The signal to stop on: at once alone, once every rank agrees when distributed."""
+        return self.agreed_signal if self.job.enabled else self.interrupted
+
+    def signalled(self, name: str) -> None:
+        """A signal arrived (the signal watch calls this): stop at the next consistent point."""
+        if self.interrupted is None:
+            self.interrupted, self.interrupted_during = name, self.phase
+
+    def check_time(self) -> None:
+        """Whether max_seconds is up, alone: after each update and each epoch's end with
+        epochs left (never before an epoch's first update: a resume would skip it); under
+        torchrun where the ranks agree on signals (`agree`)."""
+        if self.deadline is None or self.timed_out or self.job.enabled or self.stopping():
+            return
+        self.timed_out = time.monotonic() >= self.deadline
+
+    def agree(self) -> None:
+        """Distributed: stop together if any rank was signalled or is out of time (at log
+        steps, epoch ends)."""
+        if not self.job.enabled:
+            return
+        if self.agreed_signal is None and self.job.any(self.interrupted is not None):
+            self.agreed_signal = self.interrupted or "SIGTERM"
+        deadline = self.deadline
+        if deadline is not None and not self.timed_out and not self.stopping():
+            # the same on every rank: they all take part
+            self.timed_out = self.job.any(time.monotonic() >= deadline)
+
+    @contextlib.contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        """Name what the loop is doing, for the message of a signal that arrives meanwhile."""
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = outer
+
+    def time_limit_reason(self, checkpoint: str | None) -> str:
+        """The stop reason of a run whose time is up, `checkpoint` holding where it stands."""
+        state = self.state
+        where = f"epoch {state.epoch}, step {state.global_step}"
+        how = (
+            f"resume from {checkpoint!r} to continue" if checkpoint else "no checkpoint was written"
+        )
+        return f"max_time={self.max_seconds:g}s reached at {where}; {how}"
+
+    def interruption(self, checkpoint: str | None) -> TrainingInterrupted:
+        """The error that ends a signalled run, `checkpoint` holding where it stands."""
+        signal_name = self.signal() or "signal"
+        during = f" during {self.interrupted_during}" if self.interrupted_during else ""
+        where = f"epoch {self.state.epoch}, step {self.state.global_step}{during}"
+        how = (
+            f"resume with resume_from={checkpoint!r} (or 'auto')"
+            if checkpoint
+            else "no checkpoint was written"
+        )
+        what = f"training interrupted by {signal_name} at {where}"
+        return TrainingInterrupted(f"{what}; {how}", checkpoint, signal_name, what)
+
+    def failed_evaluation(
+        self, reason: str, checkpoint: str | None, refused: Exception | None = None
+    ) -> EvaluationError:
+        """The error that ends a run whose validation cannot be scored: `checkpoint` holds the
+        training before it; `refused`: why it could not be saved (weights not finite)."""
+        where = f"validation at epoch {self.state.epoch}, step {self.state.global_step} failed"
+        if refused is not None:
+            return EvaluationError(
+                f"{where}: {reason}; {refused}: resuming from it would come back here; lower "
+                "learning_rate, clip gradients (max_grad_norm) or check the data"
+            )
+        saved = (
+            f"the training so far is saved in {checkpoint!r}; a resume (resume_from='auto', or "
+            "--resume auto) redoes this validation, which fails again unless what made it "
+            "fail changes"
+            if checkpoint
+            else "no checkpoint was written"
+        )
+        return EvaluationError(f"{where}: {reason}; {saved}")
