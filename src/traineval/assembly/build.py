@@ -43,7 +43,7 @@ from ..system.distributed import Distributed, is_sharded, load_optimizer_state, 
 from ..system.seeding import reseed_held_generators, seed_everything
 from ..tasks import RegressionMSE, default_loss
 from ..training.averaging import WeightAverage
-from ..training.batches import ModelLoss, OutputTransform
+from ..training.batches import ModelLoss, OutputTransform, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
 from ..training.optim import check_prefixes, freeze, restore_schedule
 from ..training.precision import Precision, resolve_precision
@@ -119,29 +119,24 @@ class LossChoice:
 
 
 def choose_loss(
-    config: TrainingConfig,
-    model: nn.Module,
-    mode: Mode,
-    task_type: TaskType | None,
-    loss_function: Any,
-    train_loader: Any,
-    device: torch.device,
+    config: TrainingConfig, request: Request, mode: Mode, device: torch.device
 ) -> LossChoice:
     """The user's loss, else the task's default (MSE for autoencoders); and whether a model
     that takes `labels` trains on its own loss (not when the config shapes the default)."""
+    loss_function = request.loss_function
     user_loss = loss_function is not None
     if loss_function is None:
         loss_function = (
             RegressionMSE()
             if mode.reconstructs
             else default_loss(
-                task_type,
+                request.task_type,
                 label_smoothing=config.label_smoothing,
-                class_weight=class_weights(config, train_loader, device),
+                class_weight=class_weights(config, request.train_loader, device),
             )
         )
     own = mode.supervised_loss and not (user_loss or _shapes_loss(config))
-    return LossChoice(loss_function, user_loss, ModelLoss.of(model) if own else None)
+    return LossChoice(loss_function, user_loss, ModelLoss.of(request.model) if own else None)
 
 
 def class_weights(
@@ -172,28 +167,24 @@ def class_weights(
 
 
 def plan_mode(
-    mode: Mode,
     config: TrainingConfig,
-    train_data: Any,
-    val_loader: Any,
+    request: Request,
+    mode: Mode,
     loss: LossChoice,
-    *,
     job: Distributed,
     device: torch.device,
-    output_transform: OutputTransform | None,
-    label_shift: int,
 ) -> tuple[ModePlan, Precision]:
     """The run's precision, and the mode's plan once it has checked what it refuses."""
     precision = resolve_precision(config.precision, device)
     ctx = Context(
         config=config,
-        train_data=train_data,
-        val_loader=val_loader,
+        train_data=request.train_loader,
+        val_loader=request.val_loader,
         loss_function=loss.function,
         user_loss=loss.user_loss,
         model_loss=loss.model_loss,
-        output_transform=output_transform,
-        label_shift=label_shift,
+        output_transform=request.output_transform,
+        label_shift=label_shift(request.model),  # for traineval's token loss
         job=job,
         device=device,
         precision=precision,
@@ -620,18 +611,16 @@ def _mode_evaluation(evaluate: Any, precision: Precision, plain: nn.Module | Non
 
 def open_loggers(
     config: TrainingConfig,
-    mode: Mode,
+    run: Assembly,
     output_dir: Path,
     job: Distributed,
-    payload: dict[str, Any] | None,
-    loggers: Sequence[Any],
     run_config: dict[str, Any] | None = None,
 ) -> LoggerHub:
     """Rank 0 writes config.yaml (the whole `run_config` of a config-file run; else the
     training section and the mode, with its settings, of a run from Python: its data and
     model are the caller's objects) and metrics.jsonl (cut back to the resumed step) and
     opens the optional loggers and the user's; the other ranks log nothing."""
-    hub = LoggerHub([])
+    mode, payload, hub = run.mode, run.payload, LoggerHub([])
     if job.is_main:  # config.yaml from the start: an interrupted run can be evaluated
         record = run_config or {"training": config.to_dict(), "mode": mode.to_dict()}
         write_run_config(record, output_dir)
@@ -642,7 +631,7 @@ def open_loggers(
             events.unlink(missing_ok=True)
         resumed_step = payload["global_step"] if payload else 0
         optional = optional_loggers(config, output_dir, resumed_step)
-        hub = LoggerHub([JsonlLogger(events), *optional, *loggers])
+        hub = LoggerHub([JsonlLogger(events), *optional, *run.request.loggers])
     hub.log_config({**config.to_dict(), "mode": mode.to_dict()})
     return hub
 

@@ -98,102 +98,101 @@ def cross_validate(
 
     if not callable(model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")
-    folds = _folds(dataset, n_folds, config.seed, mode, task_type, stratify, groups)
+    request = Folds(
+        evaluator, model_factory, dataset, config,
+        task_type=task_type, loss_function=loss_function, mode=mode, num_workers=num_workers,
+    )  # fmt: skip
+    folds = request.split(n_folds, stratify, groups)
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     with run_dir_lock(base):  # one cross-validation per folder
-        results = _train_folds(
-            evaluator, model_factory, dataset, config, folds, base, task_type, loss_function,
-            mode, num_workers,
-        )  # fmt: skip
+        results = request.train(folds, base)
         summary = aggregate(results)
         summary["output_dir"] = str(base)
         atomic_write_json(base / "cv_summary.json", summary)
     return summary
 
 
-def _train_folds(
-    evaluator: ModelEvaluator,
-    model_factory: Callable[[], nn.Module],
-    dataset: Dataset[Any],
-    config: TrainingConfig,
-    folds: list[tuple[np.ndarray, np.ndarray]],
-    base: Path,
-    task_type: TaskType | None,
-    loss_function: Any,
-    mode: Any,
-    num_workers: int,
-) -> list[FoldResult]:
-    """One fresh model per fold, each from the same initial weights (the config's seed,
-    whatever the caller's random state), trained into `base/fold-<k>`."""
-    n_folds = len(folds)
-    results: list[FoldResult] = []
-    for k, (train_idx, val_idx) in enumerate(folds, start=1):
-        logger.info("Training fold %d/%d", k, n_folds)
-        fold_config = TrainingConfig.from_dict(
-            {**config.to_dict(), "output_dir": str(base / f"fold-{k}")}
+@dataclasses.dataclass
+class Folds:
+    """What a cross-validation trains: the caller's objects, as given."""
+
+    evaluator: ModelEvaluator
+    model_factory: Callable[[], nn.Module]
+    dataset: Dataset[Any]
+    config: TrainingConfig
+    task_type: TaskType | None
+    loss_function: Any
+    mode: Any
+    num_workers: int = 0
+
+    def split(
+        self, n_folds: int, stratify: bool | None, groups: Sequence[Any] | None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The folds: stratified for classification unless told otherwise, grouped when
+        `groups` is given; then shaped by the mode's `fold` (semi-supervised: a fold's
+        unlabeled rows train with the other folds, since validation needs labels)."""
+        dataset, task_type, mode = self.dataset, self.task_type, self.mode
+        classification = task_type is TaskType.CLASSIFICATION or (
+            task_type is None and mode.name == "supervised" and _integer_targets(dataset)
         )
-        seed_everything(config.seed)  # every fold starts from the same weights
-        model = model_factory()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module")
-        train_loader, val_loader = _fold_loaders(
-            dataset, train_idx, val_idx, config, config.seed + k, num_workers
-        )
-        result = TrainingManager(fold_config).train(
-            model,
-            train_loader,
-            val_loader,
-            task_type=task_type,
-            loss_function=loss_function,
-            evaluator=ModelEvaluator(evaluator.config),  # fresh state per fold
-            mode=mode,
-        )
-        results.append(
-            FoldResult(
-                fold=k,
-                best_metrics=_best_metrics(result),
-                best_epoch=result.best_epoch,
-                checkpoint=result.checkpoints.get("best"),
-                output_dir=result.output_dir,
-                validation_size=len(val_idx),
+        if stratify and not classification:
+            raise ValueError("stratify=True needs classification targets")
+        use_strata = classification if stratify is None else stratify
+        labels = dataset_labels(dataset) if use_strata and groups is None else None
+        n = len(dataset)  # type: ignore[arg-type]
+        folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=self.config.seed)
+        return mode.fold(dataset, folds)
+
+    def train(self, folds: list[tuple[np.ndarray, np.ndarray]], base: Path) -> list[FoldResult]:
+        """One fresh model per fold, each from the same initial weights (the config's seed,
+        whatever the caller's random state), trained into `base/fold-<k>`."""
+        config = self.config
+        results: list[FoldResult] = []
+        for k, (train_idx, val_idx) in enumerate(folds, start=1):
+            logger.info("Training fold %d/%d", k, len(folds))
+            fold_config = TrainingConfig.from_dict(
+                {**config.to_dict(), "output_dir": str(base / f"fold-{k}")}
             )
-        )
-    return results
+            seed_everything(config.seed)  # every fold starts from the same weights
+            model = self.model_factory()
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module")
+            train_loader, val_loader = _fold_loaders(
+                self.dataset, (train_idx, val_idx), config, config.seed + k, self.num_workers
+            )
+            result = TrainingManager(fold_config).train(
+                model,
+                train_loader,
+                val_loader,
+                task_type=self.task_type,
+                loss_function=self.loss_function,
+                evaluator=ModelEvaluator(self.evaluator.config),  # fresh state per fold
+                mode=self.mode,
+            )
+            results.append(_fold_result(k, result, len(val_idx)))
+        return results
 
 
-def _folds(
-    dataset: Dataset[Any],
-    n_folds: int,
-    seed: int,
-    mode: Any,
-    task_type: TaskType | None,
-    stratify: bool | None,
-    groups: Sequence[Any] | None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The folds: stratified for classification unless told otherwise, grouped when
-    `groups` is given; then shaped by the mode's `fold` (semi-supervised: a fold's unlabeled
-    rows train with the other folds, since validation needs labels)."""
-    classification = task_type is TaskType.CLASSIFICATION or (
-        task_type is None and mode.name == "supervised" and _integer_targets(dataset)
+def _fold_result(fold: int, result: Any, validation_size: int) -> FoldResult:
+    return FoldResult(
+        fold=fold,
+        best_metrics=_best_metrics(result),
+        best_epoch=result.best_epoch,
+        checkpoint=result.checkpoints.get("best"),
+        output_dir=result.output_dir,
+        validation_size=validation_size,
     )
-    if stratify and not classification:
-        raise ValueError("stratify=True needs classification targets")
-    use_strata = classification if stratify is None else stratify
-    labels = dataset_labels(dataset) if use_strata and groups is None else None
-    n = len(dataset)  # type: ignore[arg-type]
-    folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=seed)
-    return mode.fold(dataset, folds)
 
 
 def _fold_loaders(
     dataset: Dataset[Any],
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
+    split: tuple[np.ndarray, np.ndarray],
     config: TrainingConfig,
     seed: int,
     num_workers: int,
 ) -> tuple[DataLoader[Any], DataLoader[Any]]:
     """A fold's shuffled train loader (its own seeded generator) and its val loader."""
+    train_idx, val_idx = split
     train_loader = DataLoader(
         Subset(dataset, train_idx.tolist()),
         batch_size=config.batch_size,

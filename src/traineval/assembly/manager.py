@@ -1,112 +1,66 @@
-"""TrainingManager: the public facade, and the only place that reads a `TrainingConfig`."""
+"""TrainingManager: the specification's facade over a run's phases.
+
+The manager fills one `build.Assembly` phase by phase (`build`: each phase reads the
+`TrainingConfig`), then runs the `Loop` over the parts. The config also reaches the
+builders the phases call (optimizer and schedule, the default callbacks, loggers, the mode's
+`check` and `plan` through its `Context`, checkpoint records, resume checks); the loop, the
+step functions, the metrics and the callbacks themselves take plain values.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..callbacks import (
-    BestWeights,
-    Callback,
-    EarlyStopping,
-    EpochSummary,
-    ModelCheckpoint,
-    ProgressBar,
-    StopWhen,
-)
+from ..callbacks import Callback
+from ..callbacks.defaults import default_callbacks
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..loggers import LoggerHub
 from ..modes import Mode, resolve_mode
 from ..modes.contract import closing_step
+from ..runs import rundir
 from ..runs.checkpoint import (
-    CHECKPOINT_FORMAT,
-    load_checkpoint_file,
-    model_weights,
-    refuse_another_models,
-    remove_stale_temporaries,
+    load_checkpoint,
     save_checkpoint_file,
 )
 from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites
-from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
+from ..runs.rundir import default_run_dir
 from ..runs.tracking import MetricsTracker
 from ..system import cpu_threads
 from ..system.distributed import is_sharded, model_state, optimizer_state
 from ..system.distributed import setup as setup_distributed
 from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import (
-    capture_rng,
     data_generators,
     deterministic_algorithms,
-    restore_rng,
 )
-from ..training.batches import OutputTransform, check_loaders, label_shift
-from ..training.loop import EvaluateFn, Loop, Monitor, Observers, RunLength, TrainState
-from ..training.lr_finder import LearningRateSearch, RangeTest, SearchProgress
+from ..training.batches import OutputTransform, check_loaders
+from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
+from ..training.lr_finder import LearningRateSearch, RangeTest
 from ..training.monitor import PerformanceMonitor
 from ..training.optim import configured_optimizer, configured_scheduler
-from ..training.precision import Precision, resolve_device
+from ..training.precision import resolve_device
 from ..training.run_checkpoints import (
+    Contents,
     checkpoint_payload,
     finished,
     restore_loop,
     save_from_loop,
 )
-from ..training.steplog import NonFiniteError
 from ..training.stopping import TrainingInterrupted, watching_signals
 from . import build
+from .lr_search import search_learning_rate
+from .results import TrainingResult
 
 logger = logging.getLogger(__name__)
-
-LINE_SECONDS = 30.0  # without a progress bar: a progress line inside an epoch at most this often
-
-
-@dataclasses.dataclass
-class TrainingResult(Mapping[str, Any]):
-    """What `train` returns; also readable as a mapping (`result["best_metric"]`)."""
-
-    training_history: dict[str, list[Any]]
-    best_metric: float | None
-    best_epoch: int | None
-    best_step: int | None
-    global_step: int
-    epochs_completed: int
-    stopped_early: bool
-    stop_reason: str | None
-    monitor_metric: str
-    output_dir: str
-    train_seconds: float
-    performance: dict[str, Any]
-    checkpoints: dict[str, str]
-    # "finished" (its epochs or max_steps), "stopped early" (early stopping, stop_when),
-    # "time limit" (max_time: resume it), "interrupted" (a signal: resume it), "failed" (an
-    # error: `stop_reason` names it)
-    status: str = "finished"
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._keys():
-            raise KeyError(f"no result named {key!r}; available: {', '.join(self._keys())}")
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys())
-
-    def __len__(self) -> int:
-        return len(self._keys())
-
-    def _keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self._keys()}
 
 
 class TrainingManager:
@@ -207,7 +161,7 @@ class TrainingManager:
             [*callbacks], mode, resume_from, loggers, output_transform,
         )  # fmt: skip
         c, job = self.config, self.distributed
-        run = self._plan(request)
+        run = self.plan(request)
         run.monitor = build.choose_monitor(
             c, run.plan, run.data.val_loader, evaluator, task_type, run.mode
         )
@@ -217,7 +171,12 @@ class TrainingManager:
             cpu_threads.applied(c.cpu_threads, self.device, model),
         ):
             run.payload = build.load_resume(self.output_dir, resume_from, c, run.mode, job, model)
-            self._claim_output_dir(resuming=resume_from is not None)
+            rundir.claim(
+                self.output_dir,
+                job,
+                resuming=resume_from is not None,
+                overwrite=c.overwrite_output_dir,
+            )
             if run.payload is not None and finished(run.payload["loop"], c):
                 return self._already_finished(model, run.payload, run.monitor)
             return self._assemble_and_run(run)
@@ -226,13 +185,11 @@ class TrainingManager:
         """Assemble the loop's parts around the planned run (resumed from its payload) and
         run it."""
         c, job = self.config, self.distributed
-        run.optimization = self._optimization(run)
+        run.optimization = self.optimization(run)
         if run.request.evaluator is not None:
             run.request.evaluator.run_dir = self.output_dir  # its later predictions and plots
         evaluate_fn = build.evaluation(run, self.device, job)
-        hub = build.open_loggers(
-            c, run.mode, self.output_dir, job, run.payload, run.request.loggers, self.run_config
-        )
+        hub = build.open_loggers(c, run, self.output_dir, job, self.run_config)
         if run.plan.record and job.is_main:  # what the mode made of the data (mode.json)
             atomic_write_json(self.output_dir / "mode.json", run.plan.record)
         for name, record in self.run_files.items():  # e.g. a table's data.json, with config.yaml
@@ -244,7 +201,7 @@ class TrainingManager:
             restore_loop(loop, run.payload)
         return self._run(run, loop, hub)
 
-    def _optimization(self, run: build.Assembly, *, schedule: bool = True) -> build.Optimization:
+    def optimization(self, run: build.Assembly, *, schedule: bool = True) -> build.Optimization:
         """The model placed (wrapped for DDP / FSDP, resumed weights) and what updates it:
         optimizer, schedule (unless `schedule` is off), their resumed states, compile."""
         c, job, model = self.config, self.distributed, run.request.model
@@ -252,27 +209,14 @@ class TrainingManager:
         builders = (self.setup_optimizer, self.setup_scheduler)
         return build.optimization(run, placed, c, builders, schedule=schedule)
 
-    def _plan(self, request: build.Request) -> build.Assembly:
+    def plan(self, request: build.Request) -> build.Assembly:
         """The mode, the loss, the mode's plan, the precision and the data shards: the
         first phases of a run, shared by `train` and `find_learning_rate`."""
         c, job, model = self.config, self.distributed, request.model
         run_mode = resolve_mode(request.mode, c)
         build.check_inputs(c, model, run_mode, request.loss_function)  # before any work
-        loss = build.choose_loss(
-            c, model, run_mode, request.task_type, request.loss_function, request.train_loader,
-            self.device,
-        )  # fmt: skip
-        plan, precision = build.plan_mode(
-            run_mode,
-            c,
-            request.train_loader,
-            request.val_loader,
-            loss,
-            job=job,
-            device=self.device,
-            output_transform=request.output_transform,
-            label_shift=label_shift(model),  # for traineval's token loss
-        )
+        loss = build.choose_loss(c, request, run_mode, self.device)
+        plan, precision = build.plan_mode(c, request, run_mode, loss, job, self.device)
         data = build.shard_data(plan, request.train_loader, request.val_loader, c, job)
         return build.Assembly(request, run_mode, loss, plan, precision, data)
 
@@ -296,7 +240,7 @@ class TrainingManager:
             result.train_seconds = earlier.get("train_seconds", 0.0)
             result.performance = earlier.get("performance", {})
             result.checkpoints = earlier.get("checkpoints", {})
-        self._write_summary(result)
+        result.write_summary(self.distributed)
         return result
 
     def _loop(self, run: build.Assembly, evaluate_fn: EvaluateFn | None, hub: LoggerHub) -> Loop:
@@ -311,7 +255,7 @@ class TrainingManager:
         def save_fn(name: str, loop: Loop, staged: StagedWrites | None = None) -> Path:
             if staged is not None:
                 staged.target = writer  # its saves are written by the background writer
-            path = self._save_from_loop(name, loop, run.precision, run.mode, staged or writer)
+            path = self._save_from_loop(name, loop, run.mode, staged or writer)
             run.checkpoints[name] = str(path)
             return path
 
@@ -352,8 +296,8 @@ class TrainingManager:
                     writer.wait()
                 status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
                 seconds = time.perf_counter() - started
-                self._write_summary(
-                    self._result(loop.state, monitor.name, seconds, checkpoints),
+                self._result(loop.state, monitor.name, seconds, checkpoints).write_summary(
+                    self.distributed,
                     status,
                     str(error) if status == "interrupted" else f"{type(error).__name__}: {error}",
                 )
@@ -364,7 +308,7 @@ class TrainingManager:
                 hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
             self.early_stopping_counter = monitor.num_bad
             result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
-            self._write_summary(result)
+            result.write_summary(self.distributed)
         finally:
             try:
                 if writer is not None:
@@ -398,169 +342,39 @@ class TrainingManager:
         search = RangeTest.checked(min_lr, max_lr, num_steps, divergence, smoothing)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        generators = data_generators(train_loader)
-        streams = capture_rng(generators)
-        try:
-            request = build.Request(
-                model, train_loader, task_type=task_type, loss_function=loss_function, mode=mode
-            )
-            loop = self._search_loop(request, search)
-            with (
-                closing_step(loop.step_fn),
-                deterministic_algorithms(self.config.deterministic),
-                cpu_threads.applied(self.config.cpu_threads, self.device, model),
-            ):
-                loop.run()
-        except NonFiniteError:
-            search.stop_reason = "non-finite loss"
-        finally:
-            model.load_state_dict(weights)
-            restore_rng(streams, generators)
-        return search.result()
-
-    def _search_loop(self, request: build.Request, search: RangeTest) -> Loop:
-        """This config's training for the range test: the same mode, optimizer, precision,
-        accumulation and clipping, at the rates the search sets (no schedule), for at most
-        `search.num_steps` updates, every loss read; nothing is written or kept."""
-        c, job, model = self.config, self.distributed, request.model
-        run = self._plan(request)  # nothing resumed: no payload
-        plan, data = run.plan, run.data
-        parts = self._optimization(run, schedule=False)
-        update = build.update_rule(c, plan, parts, model)
-        update.weight_average, update.skip_non_finite = None, 0
-        steps = search.num_steps
-        return Loop(
-            model=model,
-            train_loader=data.batches,
-            update=update,
-            length=RunLength(steps, data.updates_per_epoch, max_steps=steps, log_every_n_steps=1),
-            placement=build.placement(self.device, parts, plan, job),
-            monitor=Monitor("train_loss", minimize=True),
-            observers=Observers(
-                callbacks=[search, SearchProgress(steps, c.progress_bar if job.is_main else False)]
-            ),
-            data_generators=data_generators(data.batches),
+        request = build.Request(
+            model, train_loader, task_type=task_type, loss_function=loss_function, mode=mode
         )
-
-    def _write_summary(
-        self, result: TrainingResult, status: str | None = None, reason: str | None = None
-    ) -> None:
-        """`summary.json`: the result without its history; `status` and `reason` override a
-        run that did not finish (rank 0 writes)."""
-        summary = {k: v for k, v in result.to_dict().items() if k != "training_history"}
-        if status is not None:
-            summary["status"], summary["stop_reason"] = status, reason
-        if self.distributed.is_main:
-            atomic_write_json(self.output_dir / "summary.json", summary)
+        return search_learning_rate(self, request, search)
 
     def _result(
         self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]
     ) -> TrainingResult:
-        self.current_epoch = state.epoch
-        self.global_step = state.global_step
-        self.best_metric = state.best_metric
-        self.best_epoch = state.best_epoch
-        return TrainingResult(
-            training_history=state.history,
-            best_metric=state.best_metric,
-            best_epoch=state.best_epoch,
-            best_step=state.best_step,
-            global_step=state.global_step,
-            epochs_completed=state.epoch,
-            stopped_early=state.stopped_early,
-            stop_reason=state.stop_reason,
-            monitor_metric=monitor_name,
-            output_dir=str(self.output_dir),
-            train_seconds=seconds,
-            performance=self.performance_monitor.summary(),
-            checkpoints=checkpoints,
-            status=_status(state),
+        """The run's result; the specification's counters on the manager follow the state."""
+        self.current_epoch, self.global_step = state.epoch, state.global_step
+        self.best_metric, self.best_epoch = state.best_metric, state.best_epoch
+        performance = self.performance_monitor.summary()
+        return TrainingResult.of(
+            state, monitor_name, self.output_dir, seconds, performance, checkpoints
         )
 
     def _default_callbacks(self) -> list[Callback]:
-        c = self.config
-        main = self.distributed.is_main
-        bar = ProgressBar(c.progress_bar if main else False)
-        callbacks: list[Callback] = [bar]
-        if main and c.verbose:
-            callbacks.append(EpochSummary(every_seconds=None if bar.enabled else LINE_SECONDS))
-        if c.early_stopping_patience > 0:
-            callbacks.append(EarlyStopping(c.early_stopping_patience))
-        if c.stop_when:
-            callbacks.append(StopWhen(c.stop_when))
-        callbacks.append(
-            ModelCheckpoint(
-                save_best=c.save_best_model,
-                save_last=c.save_last_checkpoint,
-                every_n_epochs=c.checkpoint_save_frequency,
-                every_n_steps=c.checkpoint_every_n_steps,
-            )
-        )
-        if c.restore_best_weights:
-            callbacks.append(BestWeights())
-        return callbacks
+        return default_callbacks(self.config, self.distributed.is_main)
 
-    @contextlib.contextmanager
-    def hold_output_dir(self) -> Iterator[None]:
-        """Hold `output_dir` for this run (rank 0 takes the lock, every rank learns the
-        answer): a second run on the same directory is refused with `RunDirInUse`, naming
-        the process that holds it. Re-entrant in one thread; released when the run ends."""
-        stack = contextlib.ExitStack()
-        refused = None
-        if self.distributed.is_main:
-            try:
-                stack.enter_context(run_dir_lock(self.output_dir))
-            except RunDirInUse as error:
-                refused = str(error)
-        refused = self.distributed.gather(refused)[0]
-        if refused is not None:
-            raise RunDirInUse(refused)
-        with stack:
-            yield
-
-    def _claim_output_dir(self, resuming: bool) -> None:
-        """Create the run directory; refuse to write over an earlier run's checkpoints."""
-        checkpoints = self.output_dir / "checkpoints"
-        if (
-            not resuming
-            and checkpoints.is_dir()
-            and any(checkpoints.iterdir())
-            and not self.config.overwrite_output_dir
-        ):
-            raise FileExistsError(
-                f"output_dir={str(self.output_dir)!r} already holds checkpoints of an earlier "
-                "run; resume it with resume_from='auto' (CLI: --resume auto), choose another "
-                "output_dir, or set "
-                "overwrite_output_dir=true"
-            )
-        if self.distributed.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            for path in remove_stale_temporaries(checkpoints):
-                logger.info("removed %s, left by a save that did not finish", path.name)
-        self.distributed.barrier()  # the others start once rank 0 has the directory ready
+    def hold_output_dir(self) -> AbstractContextManager[None]:
+        """Hold `output_dir` for this run: a second run on it is refused with `RunDirInUse`,
+        naming the process that holds it. Re-entrant in one thread; released when the run
+        ends."""
+        return rundir.held_by_the_job(self.output_dir, self.distributed)
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def _save_from_loop(
-        self,
-        name: str,
-        loop: Loop,
-        precision: Precision,
-        mode: Mode,
-        writer: CheckpointWriter | None = None,
+        self, name: str, loop: Loop, mode: Mode, writer: CheckpointWriter | None = None
     ) -> Path:
         self.best_metric, self.best_epoch = loop.state.best_metric, loop.state.best_epoch
-        return save_from_loop(
-            name,
-            loop,
-            precision,
-            config=self.config,
-            job=self.distributed,
-            folder=self.output_dir / "checkpoints",
-            mode=mode.to_dict(),
-            writer=writer,
-        )
+        folder = self.output_dir / "checkpoints"
+        return save_from_loop(name, loop, self.config, folder, mode.to_dict(), writer)
 
     def save_checkpoint(
         self,
@@ -574,17 +388,10 @@ class TrainingManager:
 
         Under torchrun call it on every rank (FSDP gathers the full state); rank 0 writes.
         """
-        payload = checkpoint_payload(
-            name,
-            config=self.config,
-            epoch=epoch,
-            global_step=self.global_step,
-            weights=model_state(model),
-            optimizer=optimizer_state(model, optimizer),
-            scheduler=scheduler,
-            best_metric=self.best_metric,
-            best_epoch=self.best_epoch,
-        )
+        weights, state = model_state(model), optimizer_state(model, optimizer)
+        contents = Contents(epoch, self.global_step, weights, state, scheduler=scheduler)
+        contents.best_metric, contents.best_epoch = self.best_metric, self.best_epoch
+        payload = checkpoint_payload(name, self.config, contents)
         path = self.output_dir / "checkpoints" / f"{name}.pt"
         if self.distributed.is_main:
             save_checkpoint_file(payload, path)
@@ -603,26 +410,12 @@ class TrainingManager:
 
         Returns the checkpoint dict (epoch, global_step, history, config, ...).
         """
-        payload = load_checkpoint_file(path, map_location=self.device)
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{str(path)!r} is not a traineval checkpoint")
         if is_sharded(model):
             raise ValueError(
                 "load_checkpoint needs the plain model: load the weights before training "
                 "shards it (FSDP), or resume with train(resume_from=...)"
             )
-        weights = model_weights(path, payload)
-        refuse_another_models(path, model.state_dict(), weights)
-        model.load_state_dict(weights)
-        if optimizer is not None:
-            optimizer.load_state_dict(payload["optimizer"])
-        if scheduler is not None and payload.get("scheduler") is not None:
-            scheduler.load_state_dict(payload["scheduler"])
-        return payload
-
-
-def _status(state: Any) -> str:
-    """How the loop ended, for `TrainingResult.status`."""
-    if state.timed_out:
-        return "time limit"
-    return "stopped early" if state.stopped_early else "finished"
+        device = self.device
+        return load_checkpoint(
+            path, model, map_location=device, optimizer=optimizer, scheduler=scheduler
+        )

@@ -70,7 +70,7 @@ from ..tasks import AutoLoss
 from ..training.batches import batch_size_of, split_batch
 from ..training.optim import configured_scheduler
 from ..training.precision import resolve_precision
-from ..training.run_checkpoints import checkpoint_payload
+from ..training.run_checkpoints import Contents, checkpoint_payload
 from .flower_controls import CLIENT_KEY, STEPS_KEY, ServerControls, correction_of, strip
 
 __all__ = [
@@ -399,15 +399,12 @@ class FlowerServer:
     ) -> None:
         """After round `done`: everything the next round needs, and the rounds' metrics, as
         a traineval checkpoint (the global weights under "model"; one round = one step)."""
+        weights = arrays.to_torch_state_dict()
         payload = checkpoint_payload(
             "last",
-            config=self.config,
-            epoch=done,
-            global_step=done,
-            weights=arrays.to_torch_state_dict(),
-            optimizer={},  # the server's state is the strategy's
-            scheduler=None,
-            extra={
+            self.config,
+            Contents(done, done, weights, optimizer={}),  # the server's state: the strategy's
+            {
                 "round": done,
                 "rounds": self.rounds,
                 "strategy": _strategy_state(strategy),

@@ -120,28 +120,39 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: A
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module | None = None, *, map_location: Any = "cpu"
+    path: str | Path,
+    model: torch.nn.Module | None = None,
+    *,
+    map_location: Any = "cpu",
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
 ) -> dict[str, Any]:
     """A traineval checkpoint's contents (`model`, `optimizer`, `epoch`, `global_step`,
     `config`, `loop`: the counters and the history as JSON, ...), loaded with
     `weights_only` (no code runs); with `model`, its weights are also loaded into it,
-    after a check that names what differs when the checkpoint is another model's. A
-    `.safetensors` export holds weights only: it needs `model`, and the contents are
-    `{"model": state_dict}`.
+    after a check that names what differs when the checkpoint is another model's, and with
+    `optimizer` / `scheduler` their saved states. A `.safetensors` export holds weights
+    only: it needs `model`, and the contents are `{"model": state_dict}`.
 
     To resume training, pass the file to `train(resume_from=...)` instead: it restores the
     optimizer, schedule, random streams and position too.
     """
     if Path(path).suffix == ".safetensors":
-        if model is None:
-            raise ValueError(f"{str(path)!r} holds weights only: pass the model to load them")
+        if model is None or optimizer is not None:
+            raise ValueError(f"{str(path)!r} holds weights only: pass the model alone")
         _load_safetensors_checked(model, Path(path), map_location)
         return {"model": model.state_dict()}
     payload = load_checkpoint_file(path, map_location=map_location)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a traineval checkpoint")
     if model is not None:
         weights = model_weights(path, payload)
         refuse_another_models(path, model.state_dict(), weights)
         model.load_state_dict(weights)
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload.get("scheduler") is not None:
+        scheduler.load_state_dict(payload["scheduler"])
     return payload
 
 

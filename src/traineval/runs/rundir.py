@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import secrets
 import socket
@@ -35,6 +36,7 @@ from ..config.config_file import (  # noqa: F401
     run_config_text,
     write_run_config,
 )
+from ..system.distributed import Distributed
 from ..system.files import (  # noqa: F401
     WriteError,
     atomic_file,
@@ -43,11 +45,14 @@ from ..system.files import (  # noqa: F401
     read_json_or_none,
     writing,
 )
+from .checkpoint import remove_stale_temporaries
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no fcntl; runs are not locked there
     fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 
@@ -185,3 +190,39 @@ def _holder(path: Path) -> str:
         return f"pid {record['pid']} on {record['host']}, since {started}"
     except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+@contextlib.contextmanager
+def held_by_the_job(folder: Path, job: Distributed) -> Iterator[None]:
+    """Hold `folder` for a run of `job`: rank 0 takes the lock (`run_dir_lock`), every rank
+    learns the answer, so a second run on the folder is refused on every rank with
+    `RunDirInUse`, naming the holder."""
+    stack = contextlib.ExitStack()
+    refused = None
+    if job.is_main:
+        try:
+            stack.enter_context(run_dir_lock(folder))
+        except RunDirInUse as error:
+            refused = str(error)
+    refused = job.gather(refused)[0]
+    if refused is not None:
+        raise RunDirInUse(refused)
+    with stack:
+        yield
+
+
+def claim(folder: Path, job: Distributed, *, resuming: bool, overwrite: bool) -> None:
+    """Create the run directory and clear what a killed save left; refuse to write over an
+    earlier run's checkpoints unless `resuming` or `overwrite` (overwrite_output_dir)."""
+    checkpoints = folder / "checkpoints"
+    if not (resuming or overwrite) and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise FileExistsError(
+            f"output_dir={str(folder)!r} already holds checkpoints of an earlier run; resume "
+            "it with resume_from='auto' (CLI: --resume auto), choose another output_dir, or "
+            "set overwrite_output_dir=true"
+        )
+    if job.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(checkpoints):
+            logger.info("removed %s, left by a save that did not finish", path.name)
+    job.barrier()  # the others start once rank 0 has the directory ready

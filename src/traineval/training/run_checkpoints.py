@@ -12,6 +12,7 @@ are collectives); rank 0 writes, the others wait.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,44 +28,47 @@ from ..runs.checkpoint import (
     save_safetensors,
 )
 from ..runs.checkpoint_writer import CheckpointWriter, untied
-from ..system.distributed import Distributed, is_sharded, model_state, optimizer_state
+from ..system.distributed import is_sharded, model_state, optimizer_state
 from ..system.seeding import capture_rng
 from ..system.version import __version__
 from .steplog import NonFiniteError
 
 if TYPE_CHECKING:
     from .loop import Loop
-    from .precision import Precision
+
+
+@dataclasses.dataclass
+class Contents:
+    """What every checkpoint holds: the counters, and full state dicts of the model and the
+    optimizer (`distributed.model_state`, `distributed.optimizer_state`)."""
+
+    epoch: int
+    global_step: int
+    weights: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
+    best_metric: float | None = None
+    best_epoch: int | None = None
 
 
 def checkpoint_payload(
-    name: str,
-    *,
-    config: TrainingConfig,
-    epoch: int,
-    global_step: int,
-    weights: dict[str, Any],
-    optimizer: dict[str, Any],
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    scaler: torch.amp.GradScaler | None = None,
-    best_metric: float | None = None,
-    best_epoch: int | None = None,
-    extra: dict[str, Any] | None = None,
+    name: str, config: TrainingConfig, contents: Contents, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The checkpoint dict. `weights` and `optimizer` are full state dicts
-    (`distributed.model_state`, `distributed.optimizer_state`)."""
+    """The checkpoint dict named `name`: `contents`, the config, and `extra` records."""
+    c = contents
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "name": name,
-        "epoch": epoch,
-        "global_step": global_step,
-        "model": weights,
-        "optimizer": optimizer,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "best_metric": best_metric,
-        "best_epoch": best_epoch,
+        "epoch": c.epoch,
+        "global_step": c.global_step,
+        "model": c.weights,
+        "optimizer": c.optimizer,
+        "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
+        "scaler": c.scaler.state_dict() if c.scaler is not None else None,
+        "best_metric": c.best_metric,
+        "best_epoch": c.best_epoch,
         "config": config.to_dict(),
         **(extra or {}),
     }
@@ -73,16 +77,14 @@ def checkpoint_payload(
 def save_from_loop(
     name: str,
     loop: Loop,
-    precision: Precision,
-    *,
     config: TrainingConfig,
-    job: Distributed,
     folder: Path,
     mode: dict[str, Any] | None = None,
     writer: CheckpointWriter | None = None,
 ) -> Path:
     """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state;
     with a `writer`, in the background (see `traineval.runs.checkpoint_writer`)."""
+    job = loop.job
     path = folder / f"{name}.pt"
     rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
     step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
@@ -96,18 +98,21 @@ def save_from_loop(
     if job.is_main:
         refuse_non_finite(weights, path)
         state = loop.state
-        payload = checkpoint_payload(
-            name,
-            config=config,
-            epoch=state.epoch,
-            global_step=state.global_step,
+        contents = Contents(
+            state.epoch,
+            state.global_step,
             weights=loop.state_to_keep(weights),
             optimizer=optimizer,
             scheduler=loop.scheduler,
-            scaler=precision.scaler,
+            scaler=loop.precision.scaler,
             best_metric=state.best_metric,
             best_epoch=state.best_epoch,
-            extra={
+        )
+        payload = checkpoint_payload(
+            name,
+            config,
+            contents,
+            {
                 "loop": loop.history_json["loop"](state.state_dict()),
                 "rng": rng[0],
                 "rng_per_rank": rng,

@@ -1,0 +1,98 @@
+"""What a training run returns and leaves in `summary.json`: `TrainingResult`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..runs.train_state import TrainState
+from ..system.distributed import Distributed
+from ..system.files import atomic_write_json
+
+
+@dataclasses.dataclass
+class TrainingResult(Mapping[str, Any]):
+    """What `train` returns; also readable as a mapping (`result["best_metric"]`)."""
+
+    training_history: dict[str, list[Any]]
+    best_metric: float | None
+    best_epoch: int | None
+    best_step: int | None
+    global_step: int
+    epochs_completed: int
+    stopped_early: bool
+    stop_reason: str | None
+    monitor_metric: str
+    output_dir: str
+    train_seconds: float
+    performance: dict[str, Any]
+    checkpoints: dict[str, str]
+    # "finished" (its epochs or max_steps), "stopped early" (early stopping, stop_when),
+    # "time limit" (max_time: resume it), "interrupted" (a signal: resume it), "failed" (an
+    # error: `stop_reason` names it)
+    status: str = "finished"
+
+    @classmethod
+    def of(
+        cls,
+        state: TrainState,
+        monitor_name: str,
+        output_dir: Path,
+        seconds: float = 0.0,
+        performance: dict[str, Any] | None = None,
+        checkpoints: dict[str, str] | None = None,
+    ) -> TrainingResult:
+        """The result of a run whose loop ended in `state`."""
+        return cls(
+            training_history=state.history,
+            best_metric=state.best_metric,
+            best_epoch=state.best_epoch,
+            best_step=state.best_step,
+            global_step=state.global_step,
+            epochs_completed=state.epoch,
+            stopped_early=state.stopped_early,
+            stop_reason=state.stop_reason,
+            monitor_metric=monitor_name,
+            output_dir=str(output_dir),
+            train_seconds=seconds,
+            performance=performance or {},
+            checkpoints=checkpoints or {},
+            status=_status(state),
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(f"no result named {key!r}; available: {', '.join(self._keys())}")
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def _keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._keys()}
+
+    def write_summary(
+        self, job: Distributed, status: str | None = None, reason: str | None = None
+    ) -> None:
+        """`summary.json` in the run's folder: the result without its history; `status` and
+        `reason` override a run that did not finish (rank 0 writes)."""
+        summary = {k: v for k, v in self.to_dict().items() if k != "training_history"}
+        if status is not None:
+            summary["status"], summary["stop_reason"] = status, reason
+        if job.is_main:
+            atomic_write_json(Path(self.output_dir) / "summary.json", summary)
+
+
+def _status(state: TrainState) -> str:
+    """How the loop ended, for `TrainingResult.status`."""
+    if state.timed_out:
+        return "time limit"
+    return "stopped early" if state.stopped_early else "finished"
