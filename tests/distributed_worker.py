@@ -263,6 +263,38 @@ def reinforcement(out: Path, rank: int) -> None:
     )
 
 
+class Correct:
+    """A user's streaming metric: the count of correct predictions (its state is sent to
+    the other ranks: a class at module level, as pickle needs)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        self.count += int((predictions.argmax(1) == targets).sum())
+
+    def merge(self, other: Any) -> None:
+        self.count += other.count
+
+    def compute(self) -> float:
+        return float(self.count)
+
+
+def user_metrics() -> dict[str, Any]:
+    """A torchmetrics metric, a streaming metric of a user's, and a scikit-learn function."""
+    from sklearn.metrics import balanced_accuracy_score
+    from torchmetrics.classification import MulticlassF1Score
+
+    return {
+        "tm_f1": MulticlassF1Score(3, average="macro"),
+        "correct": Correct(),
+        "balanced": balanced_accuracy_score,
+    }
+
+
 def uneven(out: Path, rank: int) -> None:
     """Rank 0 evaluates 5 samples, rank 1 three (batch 2): metrics of all 8, merged."""
     from traineval.system.distributed import setup
@@ -276,7 +308,8 @@ def uneven(out: Path, rank: int) -> None:
     ):
         share = range(0, 5) if rank == 0 else range(5, 8)
         loader = DataLoader(torch.utils.data.Subset(dataset, list(share)), batch_size=2)
-        evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50))
+        mine = user_metrics() if task == "classification" else {}
+        evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50), metrics=mine)
         results[task] = evaluator.evaluate_model(
             net, loader, "cpu", task_type=TaskType(task), distributed=job
         )

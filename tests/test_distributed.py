@@ -307,7 +307,7 @@ def test_uneven_validation_shares_give_the_single_process_metrics(tmp_path):
     ok(torchrun("uneven", tmp_path))
     net = worker.model()
     expected = {
-        "classification": Evaluator().evaluate_model(
+        "classification": Evaluator(metrics=worker.user_metrics()).evaluate_model(
             net,
             DataLoader(worker.data(8, seed=3), batch_size=2),
             "cpu",
@@ -326,8 +326,10 @@ def test_uneven_validation_shares_give_the_single_process_metrics(tmp_path):
             task_type=TaskType.CLASSIFICATION,
         ),
     }
+    assert {"tm_f1", "correct", "balanced"} <= expected["classification"].keys()
     for task in ("classification", "regression"):  # bootstrap intervals: the same too
-        evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50))
+        mine = worker.user_metrics() if task == "classification" else {}
+        evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50), metrics=mine)
         data = worker.data(8, seed=3) if task == "classification" else worker.regression_data()
         evaluator.evaluate_model(
             net, DataLoader(data, batch_size=2), "cpu", task_type=TaskType(task)
@@ -342,7 +344,7 @@ def test_uneven_validation_shares_give_the_single_process_metrics(tmp_path):
         for task, metrics in expected.items():
             assert got[task].keys() == metrics.keys()
             for name, value in metrics.items():
-                if name in ("accuracy", "precision", "recall", "f1"):
+                if name in ("accuracy", "precision", "recall", "f1", "correct", "balanced"):
                     assert got[task][name] == value, (task, name)  # counts: exact
                 else:  # float32 batch means over other batches, summed in float64
                     assert got[task][name] == pytest.approx(value, rel=1e-6)

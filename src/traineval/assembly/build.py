@@ -324,7 +324,18 @@ def choose_monitor(
             + f": expected one of {allowed}, or train_loss"
         )
     minimize = config.minimize_monitor if name == config.monitor_metric else True
-    return Monitor(name, minimize=minimize, min_delta=min_delta)
+    declared = _declared_direction(config, name, evaluator)
+    return Monitor(name, minimize=minimize if declared is None else declared, min_delta=min_delta)
+
+
+def _declared_direction(
+    config: TrainingConfig, name: str, evaluator: ModelEvaluator | None
+) -> bool | None:
+    """Whether the user's metric `name` (val_<name>) declares lower as better, when the
+    config leaves the direction to the metric (monitor_mode auto)."""
+    if config.monitor_mode != "auto" or evaluator is None or not name.startswith("val_"):
+        return None
+    return evaluator.minimizes(name[len("val_") :])
 
 
 def check_stop_when(config: TrainingConfig, validates: bool, names: Sequence[str] | None) -> None:

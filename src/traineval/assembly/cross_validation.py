@@ -166,7 +166,7 @@ class Folds:
                 val_loader,
                 task_type=self.task_type,
                 loss_function=self.loss_function,
-                evaluator=ModelEvaluator(self.evaluator.config),  # fresh state per fold
+                evaluator=self.evaluator.fresh(),  # fresh state per fold
                 mode=self.mode,
             )
             results.append(_fold_result(k, result, len(val_idx)))

@@ -248,7 +248,7 @@ class RunConfig:
                 "objects; evaluate it from Python: load checkpoints/best.pt into your model "
                 "with traineval.runs.checkpoint.load_model_weights and score it with Evaluator"
             )
-        found = code_references(data, ("data", "model", "mode"))
+        found = code_references(data, ("data", "model", "mode", "evaluation"))
         if found and not trust_code:
             raise refusal(found, str(path))
         with untrusted(str(path), trust_code=trust_code):

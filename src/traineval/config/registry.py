@@ -57,3 +57,20 @@ def lookup(name: Any, *, field: str = "mode") -> Any:
         f"{field}={name!r} is invalid: expected one of {', '.join(map(repr, _MODES))}"
         f"{suggestion}, or a mode registered with traineval.modes.register"
     )
+
+
+# -- the user's metrics, by name (`traineval.evaluation.register_metric`) ---------------------
+
+_METRICS: dict[str, Any] = {}
+
+
+def add_metric(name: str, template: Any) -> None:
+    """Register a metric under `name`; registering the same object again is not an error."""
+    if name in _METRICS and _METRICS[name] is not template:
+        raise ValueError(f"a metric named {name!r} is registered already: choose another name")
+    _METRICS[name] = template
+
+
+def metrics() -> dict[str, Any]:
+    """The registered metrics by name."""
+    return dict(_METRICS)

@@ -37,6 +37,7 @@ from .checks import (
     number,
     subset,
 )
+from .code_references import IMPORT_PATH
 from .conditions import CONDITION_TEXT, DURATION_TEXT, parse_condition, parse_duration
 from .config_file import RUN_CONFIG_END, cut_run_config
 
@@ -701,10 +702,8 @@ class EvaluationConfig(_ConfigBase):
     def __post_init__(self) -> None:
         for name in ("compute_metrics", "save_predictions", "plot_metrics"):
             _bool(name, getattr(self, name))
-        _subset("classification_metrics", self.classification_metrics, CLASSIFICATION_METRICS)
-        _subset("regression_metrics", self.regression_metrics, REGRESSION_METRICS)
-        _subset("generation_metrics", self.generation_metrics, GENERATION_METRICS)
-        _subset("multilabel_metrics", self.multilabel_metrics, MULTILABEL_METRICS)
+        for field, built_in in BUILT_IN_METRICS.items():
+            _metric_list(field, getattr(self, field), built_in)
         for name in (
             "classification_metrics",
             "regression_metrics",
@@ -732,6 +731,28 @@ class EvaluationConfig(_ConfigBase):
             _fail("ignore_index", self.ignore_index, "expected an integer")
         if self.output_dir is not None and not isinstance(self.output_dir, str):
             _fail("output_dir", self.output_dir, "expected a path string or null")
+
+
+BUILT_IN_METRICS = {
+    "classification_metrics": CLASSIFICATION_METRICS,
+    "regression_metrics": REGRESSION_METRICS,
+    "generation_metrics": GENERATION_METRICS,
+    "multilabel_metrics": MULTILABEL_METRICS,
+}
+
+
+def _metric_list(field: str, values: Any, built_in: Sequence[str]) -> None:
+    """A task's metric list: built-in names, names registered with `register_metric`, and
+    import paths `package.module:name` of the user's metrics (resolved by the evaluator)."""
+    allowed = f"{', '.join(map(repr, built_in))}, a registered metric, or an import path"
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        _fail(field, values, f"expected a list drawn from {allowed}")
+    for value in values:
+        known = value in built_in or value in registry.metrics()
+        if not known and not (isinstance(value, str) and IMPORT_PATH.match(value)):
+            hint = difflib.get_close_matches(str(value), built_in, n=1)
+            also = f" (did you mean {hint[0]!r}?)" if hint else ""
+            _fail(f"{field}[]", value, f"expected one of {allowed} 'package.module:name'{also}")
 
 
 # -- YAML and dotted overrides -------------------------------------------------------------------

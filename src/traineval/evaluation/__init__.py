@@ -1,10 +1,12 @@
 """Evaluation: task detection, streaming metrics, predictions and plots of a model
-(`ModelEvaluator`; `traineval.Evaluator` adds cross-validation over it)."""
+(`ModelEvaluator`; `traineval.Evaluator` adds cross-validation over it), and your own
+metrics beside the built-in ones (`metric`, `register_metric`, `StreamingMetric`)."""
 
 from typing import Any
 
 from .metrics import ConfusionMatrix, ProbabilityStats, RegressionStats, TokenStats
 from .model_evaluator import ModelEvaluator
+from .user_metrics import StreamingMetric, metric, register_metric
 
 
 def __getattr__(name: str) -> Any:  # Evaluator (it trains folds): traineval.Evaluator
@@ -18,5 +20,8 @@ __all__ = [
     "ModelEvaluator",
     "ProbabilityStats",
     "RegressionStats",
+    "StreamingMetric",
     "TokenStats",
+    "metric",
+    "register_metric",
 ]

@@ -17,7 +17,7 @@ target) and explained variance, averaged uniformly over outputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -112,3 +112,29 @@ def _score(residual: np.ndarray, total: np.ndarray) -> np.ndarray:
     """1 - residual / total, with scikit-learn's finite values where total is 0."""
     finite = np.where(residual == 0, 1.0, 0.0)
     return np.where(total > 0, 1 - _ratio(residual, total), finite)
+
+
+def function_intervals(
+    fn: Callable[[np.ndarray, np.ndarray], float],
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    *,
+    samples: int,
+    level: float,
+    seed: int,
+) -> tuple[float, float]:
+    """The interval of a scikit-learn-shaped `fn(y_true, y_pred)`, called on every resample
+    of the pairs (in the canonical order, as above). A resample it cannot score (a ValueError,
+    e.g. one class only for a ranking metric) or scores as NaN is left out."""
+    t, p = truth.reshape(len(truth), -1), predicted.reshape(len(predicted), -1)
+    order = np.lexsort(np.concatenate([t, p], axis=1).T[::-1])
+    truth, predicted = truth[order], predicted[order]
+    values: list[float] = []
+    for index in _resamples(len(truth), samples, seed):
+        for rows in index:
+            try:
+                values.append(float(fn(truth[rows], predicted[rows])))
+            except ValueError:
+                continue
+    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
+    return _interval(finite, level) if finite.size else (float("nan"), float("nan"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config.training_config import EvaluationConfig, EvaluationMode, TaskType, TrainingMode
+from ..config.training_config import (
+    BUILT_IN_METRICS,
+    EvaluationConfig,
+    EvaluationMode,
+    TaskType,
+    TrainingMode,
+)
 from ..runs.tracking import MetricsTracker
 from ..system.distributed import Distributed
 from ..tasks import align_regression, detect_task
@@ -34,6 +40,7 @@ from .metrics import (
 )
 from .predictions import PredictionWriter, class_labels
 from .scoring import BatchScorer, Scored
+from .user_metrics import UserMetric, named, resolve, user_metrics
 
 SPLIT_PREFIX = {
     EvaluationMode.TRAINING: "train",
@@ -41,6 +48,12 @@ SPLIT_PREFIX = {
     EvaluationMode.TESTING: "test",
     EvaluationMode.CROSS_VALIDATION: "cv",
     EvaluationMode.ENSEMBLE: "ensemble",
+}
+TASK_METRICS = {  # each task's metric list in EvaluationConfig
+    TaskType.CLASSIFICATION: "classification_metrics",
+    TaskType.REGRESSION: "regression_metrics",
+    TaskType.MULTILABEL: "multilabel_metrics",
+    TaskType.GENERATION: "generation_metrics",
 }
 SCATTER_POINTS = 10_000  # predicted-vs-actual plots keep this many points, not all
 
@@ -60,8 +73,14 @@ class ModelEvaluator:
         config: EvaluationConfig | None = None,
         *,
         output_transform: OutputTransform | None = None,
+        metrics: Iterable[Any] | Mapping[str, Any] = (),
     ) -> None:
+        """`metrics`: your own metrics for every task this evaluator scores, beside the
+        config's (a list, or {name: metric}; see `traineval.evaluation.user_metrics`); the
+        config's metric lists may name yours by import path or registered name."""
         self.config = config or EvaluationConfig()
+        self.given_metrics = named(metrics)
+        self.user_metrics = _user_metrics(self.config, self.given_metrics)
         # reads the prediction from a model's output the default rule cannot read
         self.output_transform = output_transform
         self.metrics_tracker = MetricsTracker()
@@ -79,15 +98,29 @@ class ModelEvaluator:
         self.run_dir: Path | None = None  # set by TrainingManager.train: where files go
         self._evaluations = 0
 
+    def fresh(self) -> ModelEvaluator:
+        """A new evaluator of this one's class, config, output transform and metrics, with
+        no state (cross-validation's folds each get one)."""
+        return type(self)(
+            self.config, output_transform=self.output_transform, metrics=dict(self.given_metrics)
+        )
+
     def metric_names(self, task_type: TaskType) -> list[str]:
-        """The scalar metrics `evaluate_model` returns for a task (besides `loss`)."""
-        if task_type is TaskType.CLASSIFICATION:
-            return [m for m in self.config.classification_metrics if m != "confusion_matrix"]
-        if task_type is TaskType.REGRESSION:
-            return list(self.config.regression_metrics)
-        if task_type is TaskType.MULTILABEL:
-            return list(self.config.multilabel_metrics)
-        return list(self.config.generation_metrics)
+        """The scalar metrics `evaluate_model` returns for a task (besides `loss`): the
+        built-in ones the config lists, then the user's."""
+        listed = getattr(self.config, TASK_METRICS[task_type])
+        built_in = BUILT_IN_METRICS[TASK_METRICS[task_type]]
+        names = [m for m in listed if m in built_in and m != "confusion_matrix"]
+        return names + [m.name for m in self.user_metrics[task_type]]
+
+    def minimizes(self, name: str) -> bool | None:
+        """Whether a lower value of your metric `name` is better (its `higher_is_better`,
+        else guessed from the name); None for a name that is not one of yours."""
+        for found in self.user_metrics.values():
+            for user in found:
+                if user.name == name:
+                    return user.minimize
+        return None
 
     def compute_metrics(
         self,
@@ -102,6 +135,7 @@ class ModelEvaluator:
         """
         task = task_type or detect_task(predictions, targets)
         accumulator = _Accumulator(task, self.config, keep_curve=False)
+        accumulator.start_user_metrics(self.user_metrics[task])
         accumulator.update(predictions, targets)
         return self._finish(accumulator)
 
@@ -175,6 +209,8 @@ class ModelEvaluator:
         if distributed is not None and sharded:
             accumulator, text = _merge_ranks(distributed, accumulator, text)
             totals = tuple(distributed.sum(list(totals)))
+            if accumulator is not None:  # the states travelled; the user's metrics did not
+                accumulator.adopt_user_metrics(self.user_metrics[accumulator.task])
         if accumulator is None:
             raise ValueError("the evaluation loader yielded no batches")
         return self._results(accumulator, text, totals, writer, folder, prefix)
@@ -208,6 +244,7 @@ class ModelEvaluator:
                         *scorer.pair(result), multilabel=not scorer.unsupervised
                     )
                     accumulator = _Accumulator(task, self.config, keep_curve=folder is not None)
+                    accumulator.start_user_metrics(self.user_metrics[task])
                     writer = self._writer(task, folder, prefix, stack)
                 scored = scorer.score(result, accumulator.task)  # adds to its loss sums
                 self._update(accumulator, writer, text, decode, scored)
@@ -364,6 +401,7 @@ class ModelEvaluator:
         wanted = self.metric_names(accumulator.task)
         if accumulator.task is TaskType.GENERATION:
             wanted = ["loss", *wanted]
+        computed.update(accumulator.user_values())
         intervals = accumulator.intervals(self.config.average)
         self.last_intervals = {name: intervals[name] for name in wanted if name in intervals}
         return {name: computed[name] for name in wanted if name in computed}
@@ -420,8 +458,30 @@ class _Accumulator:
         self.samples: list[tuple[torch.Tensor, torch.Tensor]] | None = (
             [] if config.bootstrap_samples and task in resampled else None
         )
+        self.user: list[UserMetric] = []  # the user's metrics, fresh for this evaluation
+
+    def start_user_metrics(self, user: Sequence[UserMetric]) -> None:
+        self.user = [metric.start() for metric in user]
+
+    def adopt_user_metrics(self, local: Sequence[UserMetric]) -> None:
+        for metric, mine in zip(self.user, local, strict=True):
+            metric.adopt(mine)
+
+    def _update_user(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """The user's metrics see the task's predictions, without ignored targets."""
+        if self.task is TaskType.CLASSIFICATION and targets.ndim == 1:
+            kept = targets != self.config.ignore_index
+            if not bool(kept.all()):
+                outputs, targets = outputs[kept], targets[kept]
+        for metric in self.user:
+            metric.update(outputs, targets, self.task)
+
+    def user_values(self) -> dict[str, float]:
+        return {m.name: m.compute(self.config.ignore_index) for m in self.user}
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.user:
+            self._update_user(outputs, targets)
         if self.task is TaskType.CLASSIFICATION:
             if self.confusion is None:
                 self._start_classification(outputs)
@@ -483,6 +543,8 @@ class _Accumulator:
             self._scattered += other._scattered
         if self.samples is not None and other.samples:
             self.samples.extend(other.samples)
+        for mine, theirs in zip(self.user, other.user, strict=True):
+            mine.merge(theirs)
 
     def compute(self, average: str) -> dict[str, float]:
         if self.confusion is not None:
@@ -499,6 +561,16 @@ class _Accumulator:
 
     def intervals(self, average: str) -> dict[str, tuple[float, float]]:
         """Bootstrap intervals of the metrics (`EvaluationConfig.bootstrap_samples`)."""
+        c = self.config
+        samples, level, seed = c.bootstrap_samples, c.confidence_level, c.bootstrap_seed
+        found: dict[str, tuple[float, float]] = {}
+        for metric in self.user if samples else ():
+            interval = metric.interval(c.ignore_index, samples=samples, level=level, seed=seed)
+            if interval is not None:
+                found[metric.name] = interval
+        return {**self._built_in_intervals(average), **found}
+
+    def _built_in_intervals(self, average: str) -> dict[str, tuple[float, float]]:
         if not self.samples:
             return {}
         c = self.config
@@ -602,6 +674,8 @@ def _on_cpu(value: Any) -> Any:
         return {key: _on_cpu(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_on_cpu(item) for item in value)
+    if isinstance(value, UserMetric):
+        return value.to_cpu()
     if hasattr(value, "merge"):  # _Accumulator and the metric states it holds
         clone = copy.copy(value)
         for key, item in vars(value).items():
@@ -614,3 +688,20 @@ def _device_of(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def _user_metrics(
+    config: EvaluationConfig, python: list[tuple[str, Any]]
+) -> dict[TaskType, list[UserMetric]]:
+    """Each task's user metrics: the config list's import paths and registered names
+    (resolved now, so a bad one is refused before any work), then `python` (every task's)."""
+    found: dict[TaskType, list[UserMetric]] = {}
+    for task, field in TASK_METRICS.items():
+        built_in = BUILT_IN_METRICS[field]
+        listed = [
+            resolve(entry, f"evaluation.{field}")
+            for entry in getattr(config, field)
+            if entry not in built_in
+        ]
+        found[task] = user_metrics([*listed, *python], built_in)
+    return found

@@ -111,12 +111,7 @@ def prepare(
     integer("trials", trials, minimum=1)
     _check_workers(workers)
     metric = current_metric_name(metric) or config.training.monitor_metric
-    minimize = (
-        config.training.minimize_monitor
-        if metric == config.training.monitor_metric
-        else metric_is_minimized(metric)
-    )
-    direction = direction or ("minimize" if minimize else "maximize")
+    direction = direction or ("minimize" if _minimizes(config, metric) else "maximize")
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction={direction!r} is invalid: expected 'minimize' or 'maximize'")
     base = config.to_dict()
@@ -145,6 +140,16 @@ def load_tune_config(
     data = load_yaml(path)
     section = data.pop("search", None)
     return RunConfig.from_data(data, overrides), search if search is not None else section
+
+
+def _minimizes(config: RunConfig, metric: str) -> bool:
+    """The study's direction for `metric`: the config's monitor_mode when it is the monitored
+    metric and set, else the direction a user's metric declares, else its name's."""
+    training = config.training
+    if metric == training.monitor_metric and training.monitor_mode != "auto":
+        return training.minimize_monitor
+    declared = Evaluator(config.evaluation).minimizes(metric.removeprefix("val_"))
+    return metric_is_minimized(metric) if declared is None else declared
 
 
 def _check_metric(config: RunConfig, metric: str) -> None:

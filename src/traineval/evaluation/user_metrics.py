@@ -1,0 +1,307 @@
+"""The user's own metrics, everywhere a built-in metric goes.
+
+Three kinds are accepted as they are:
+
+- a **streaming metric**: any object with `update(predictions, targets)`, `compute()`,
+  `reset()` and `merge(other)` (the `StreamingMetric` protocol; the built-in states of
+  `traineval.evaluation.metrics` have the same shape). Its state is updated batch by batch
+  on the device; under torchrun each rank's state is sent to the others (pickled: define
+  its class at module level) and merged in rank order, so every rank computes the value of
+  all samples, each counted once.
+- a **torchmetrics** `Metric` (`pip install 'traineval[metrics]'`): updated the same way and
+  merged with its `merge_state` (its own synchronisation is switched off, so no sample is
+  counted twice); its `higher_is_better` gives the monitor's direction.
+- a **function in scikit-learn's shape** `fn(y_true, y_pred) -> float`: the evaluation keeps
+  every (target, prediction) pair on the device and calls the function once at the end on
+  NumPy arrays (memory grows with the number of samples: 8 bytes per sample for labels,
+  8 x classes with `inputs="probabilities"`). `y_pred` is the predicted class (binary: 0/1
+  from the logit's sign), the probabilities (`inputs="probabilities"`: a binary model's
+  probability of class 1, as `roc_auc_score` takes it), the prediction (regression) or the
+  0/1 label matrix (multi-label). Bootstrap intervals (`bootstrap_samples`) resample its
+  pairs as they do the built-in metrics'.
+
+A metric is named by its `name` attribute, else its function or class name in snake case
+(`MulticlassF1Score` -> `multiclass_f1_score`), and reported as `val_<name>`,
+`test_<name>`, ... Its direction (for `monitor_metric`, plateau schedules, `tune`) is
+`higher_is_better` when it declares one, else guessed from the name as for built-ins
+(losses and errors down, scores up). `metric(fn, ...)` declares a function's name,
+direction and inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..config import registry
+from ..config.code_references import import_object
+from ..config.training_config import TaskType, metric_is_minimized
+from ..tasks import align_regression
+from .bootstrap import function_intervals
+from .metrics import class_probabilities
+
+INPUTS = ("labels", "probabilities")
+
+
+@runtime_checkable
+class StreamingMetric(Protocol):
+    """A metric whose state is updated batch by batch (see the module docstring)."""
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None: ...
+
+    def compute(self) -> Any: ...
+
+    def reset(self) -> None: ...
+
+    def merge(self, other: Any) -> None: ...
+
+
+def metric(
+    fn: Callable[..., float] | None = None,
+    *,
+    name: str | None = None,
+    higher_is_better: bool | None = None,
+    inputs: str = "labels",
+) -> Any:
+    """Declare a scikit-learn-shaped function's name, direction and inputs (`labels` or
+    `probabilities`); usable as a decorator, with or without arguments.
+
+    Example:
+        >>> @metric(higher_is_better=False)
+        ... def balanced_error(y_true, y_pred):
+        ...     from sklearn.metrics import balanced_accuracy_score
+        ...     return 1 - balanced_accuracy_score(y_true, y_pred)
+        >>> balanced_error.metric_name, balanced_error.higher_is_better
+        ('balanced_error', False)
+    """
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs={inputs!r} is invalid: expected one of {', '.join(INPUTS)}")
+
+    def declare(function: Callable[..., float]) -> Callable[..., float]:
+        function.metric_name = name or function.__name__  # type: ignore[attr-defined]
+        function.higher_is_better = higher_is_better  # type: ignore[attr-defined]
+        function.metric_inputs = inputs  # type: ignore[attr-defined]
+        return function
+
+    return declare(fn) if fn is not None else declare
+
+
+class UserMetric:
+    """One of the user's metrics in an evaluation: a fresh copy of what they gave, updated
+    with the task's predictions (`template` stays untouched, so evaluations never share a
+    state)."""
+
+    def __init__(self, name: str, template: Any) -> None:
+        self.name = name
+        self.template = template
+        self.kind = _kind(template)
+        declared = getattr(template, "higher_is_better", None)
+        self.minimize = metric_is_minimized(name) if declared is None else not declared
+        self.inputs = getattr(template, "metric_inputs", "labels")
+        self.state: Any = None  # the streaming copy, or the kept (predictions, targets)
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def start(self) -> UserMetric:
+        """A copy with an empty state, for one evaluation."""
+        fresh = UserMetric(self.name, self.template)
+        if fresh.kind != "function":
+            fresh.state = copy.deepcopy(self.template)
+            fresh.state.reset()
+            if fresh.kind == "torchmetrics":
+                fresh.state.sync_on_compute = False  # merged by traineval: no double count
+        return fresh
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor, task: TaskType) -> None:
+        if self.kind == "function":
+            self.pairs.append((targets.detach(), self._function_input(predictions, task)))
+            return
+        if self.kind == "torchmetrics" and self.state.device != predictions.device:
+            self.state = self.state.to(predictions.device)
+        if task is TaskType.REGRESSION:
+            predictions = align_regression(predictions, targets)
+        self.state.update(predictions, targets)
+
+    def _function_input(self, predictions: torch.Tensor, task: TaskType) -> torch.Tensor:
+        """What a scikit-learn-shaped function takes as `y_pred` (see the module docstring)."""
+        if task is TaskType.CLASSIFICATION:
+            binary = predictions.ndim == 1 or predictions.shape[1] == 1
+            if self.inputs == "probabilities":
+                probabilities = class_probabilities(predictions.float())
+                return probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities
+            if binary:
+                return (predictions.reshape(-1) > 0).long()
+            return predictions.argmax(dim=1)
+        if task is TaskType.MULTILABEL:
+            return (torch.sigmoid(predictions.float()) > 0.5).long()
+        return predictions.detach().float()
+
+    def merge(self, other: UserMetric) -> None:
+        """Fold in another rank's state, as if this one had seen its samples too."""
+        if self.kind == "function":
+            self.pairs.extend(other.pairs)
+        elif self.kind == "torchmetrics":
+            self.state.merge_state(other.state.to(self.state.device))
+        else:
+            self.state.merge(other.state)
+
+    def to_cpu(self) -> UserMetric:
+        """A copy whose tensors are on the CPU, without the template the user gave (to send
+        to other ranks: only the state travels; `adopt` gives the template back)."""
+        clone = copy.copy(self)
+        clone.template = None
+        clone.pairs = [(t.cpu(), p.cpu()) for t, p in self.pairs]
+        if self.kind == "torchmetrics":
+            clone.state = copy.deepcopy(self.state).cpu()
+        elif self.kind == "streaming":
+            clone.state = copy.deepcopy(self.state)
+        return clone
+
+    def adopt(self, local: UserMetric) -> None:
+        """Take this rank's template of the same metric (after a state came from another)."""
+        self.template = local.template
+
+    def compute(self, ignore_index: int) -> float:
+        """The metric's value over every sample seen (and merged)."""
+        if self.kind != "function":
+            return _scalar(self.name, self.state.compute())
+        truth, predicted = self.arrays(ignore_index)
+        return _scalar(self.name, self.template(truth, predicted))
+
+    def arrays(self, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The kept (y_true, y_pred) as NumPy arrays, without ignored targets."""
+        if not self.pairs:
+            raise ValueError(f"metric {self.name!r}: the evaluation saw no samples")
+        truth = torch.cat([t.reshape(len(t), -1).cpu() for t, _ in self.pairs]).numpy()
+        predicted = torch.cat([p.reshape(len(p), -1).cpu() for _, p in self.pairs]).numpy()
+        if truth.shape[1] == 1:
+            keep = truth[:, 0] != ignore_index
+            truth, predicted = truth[keep, 0], predicted[keep]
+        if predicted.ndim == 2 and predicted.shape[1] == 1:
+            predicted = predicted[:, 0]
+        return truth, predicted
+
+    def interval(self, ignore_index: int, **bootstrap: Any) -> tuple[float, float] | None:
+        """The bootstrap interval of a function metric (None for streaming ones: their
+        states cannot be resampled)."""
+        if self.kind != "function":
+            return None
+        truth, predicted = self.arrays(ignore_index)
+        return function_intervals(self.template, truth, predicted, **bootstrap)
+
+
+def _kind(template: Any) -> str:
+    if type(template).__module__.startswith("torchmetrics") or hasattr(template, "merge_state"):
+        return "torchmetrics"
+    if isinstance(template, StreamingMetric):
+        return "streaming"
+    if callable(template) and not isinstance(template, type):
+        return "function"
+    raise TypeError(
+        f"{template!r} is not a metric: expected a streaming metric (update, compute, reset, "
+        "merge), a torchmetrics Metric, or a function fn(y_true, y_pred) -> float"
+    )
+
+
+def _scalar(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())
+    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(
+        f"metric {name!r} computed {type(value).__name__} {value!r}; a metric gives one number "
+        "(give per-class values as separate metrics)"
+    )
+
+
+def metric_name(template: Any) -> str:
+    """The name a metric is reported under (see the module docstring)."""
+    declared = getattr(template, "metric_name", None) or getattr(template, "name", None)
+    if isinstance(declared, str) and declared:
+        return declared
+    base = getattr(template, "__name__", None) or type(template).__name__
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", base).lower()
+
+
+def named(given: Iterable[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(name, metric) pairs of a mapping {name: metric} or a list (each named by
+    `metric_name`)."""
+    if isinstance(given, Mapping):
+        return list(given.items())
+    return [(metric_name(m), m) for m in given]
+
+
+def user_metrics(pairs: Iterable[tuple[str, Any]], built_in: Iterable[str]) -> list[UserMetric]:
+    """The user's metrics from (name, metric) pairs; a name already taken (a built-in's,
+    another's) is refused."""
+    taken = set(built_in)
+    found: list[UserMetric] = []
+    for name, template in pairs:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+            raise ValueError(f"metric name {name!r} is invalid: expected letters, digits and _")
+        if name in taken:
+            raise ValueError(
+                f"metric name {name!r} is taken (a built-in metric, or another of yours): "
+                "name it otherwise, e.g. metrics={'my_" + name + "': ...}"
+            )
+        taken.add(name)
+        found.append(UserMetric(name, template))
+    return found
+
+
+def register_metric(name: str, template: Any) -> None:
+    """Make `template` (any of the three kinds) nameable in `EvaluationConfig`'s metric lists
+    by `name`, as a built-in is. Registering the same object again is not an error."""
+    _kind(template)
+    registry.add_metric(name, template)
+
+
+def resolve(entry: str, field: str) -> tuple[str, Any]:
+    """A metric list's entry that is not a built-in name: a registered name, or an import
+    path to a function, a metric object or a class built without arguments."""
+    registered = registry.metrics()
+    if entry in registered:
+        return entry, registered[entry]
+    found = import_object(entry, field=field)
+    if isinstance(found, type) or _builds_a_metric(found):
+        try:
+            found = found()
+        except TypeError as error:
+            raise ValueError(
+                f"{field}: {entry!r} needs arguments to build its metric ({error}); name a "
+                "function that builds it instead (def my_f1(): return MulticlassF1Score(3))"
+            ) from None
+    try:
+        _kind(found)
+    except TypeError as error:
+        raise ValueError(f"{field}: {entry!r} {error}") from None
+    name = metric_name(found)
+    return (entry.rsplit(":", 1)[1] if name == "<lambda>" else name), found
+
+
+def _builds_a_metric(found: Any) -> bool:
+    """A function of no required arguments: a factory of a metric (a scikit-learn-shaped
+    metric takes y_true and y_pred)."""
+    if not callable(found) or _kind_or_none(found) in ("streaming", "torchmetrics"):
+        return False
+    try:
+        parameters = inspect.signature(found).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p for p in parameters
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]  # fmt: skip
+    return not required
+
+
+def _kind_or_none(template: Any) -> str | None:
+    try:
+        return _kind(template)
+    except TypeError:
+        return None

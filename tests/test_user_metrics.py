@@ -1,0 +1,277 @@
+"""A user's own metric goes everywhere a built-in goes: a torchmetrics `Metric`, a streaming
+metric of their own and a scikit-learn-shaped function each equal their reference on the
+same predictions, drive early stopping and the best checkpoint, are a study's objective,
+and appear in metrics.jsonl, TensorBoard and the report; a config file names one by import
+path, and a received run directory that does is refused without --trust-code."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score, r2_score
+from torch.utils.data import DataLoader, TensorDataset
+
+from traineval import TrainingConfig, TrainingManager
+from traineval.cli import main
+from traineval.config import EvaluationConfig
+from traineval.evaluation.model_evaluator import ModelEvaluator
+from traineval.evaluation.user_metrics import metric, register_metric
+from traineval.loggers import read_jsonl
+
+from conftest import make_classification, make_mlp
+
+torchmetrics = pytest.importorskip("torchmetrics")
+
+
+class MeanAbsoluteMargin:
+    """A streaming metric of a user's: the mean of |top score - runner-up| per sample."""
+
+    higher_is_better = True
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count = torch.tensor(0.0), 0
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        top = predictions.topk(2, dim=1).values
+        self.total = self.total + (top[:, 0] - top[:, 1]).sum()
+        self.count += len(targets)
+
+    def merge(self, other: MeanAbsoluteMargin) -> None:
+        self.total, self.count = self.total + other.total, self.count + other.count
+
+    def compute(self) -> float:
+        return float(self.total) / self.count
+
+
+class Scores(torch.nn.Module):
+    """A 'model' that returns the stored scores of the samples it is given (by index)."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scores", scores)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.scores[index]
+
+
+def test_each_kind_equals_its_reference_over_many_batches():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(203, 4, generator=generator)
+    targets = torch.randint(0, 4, (203,), generator=generator)
+    loader = DataLoader(TensorDataset(torch.arange(203), targets), batch_size=16)  # uneven last
+    evaluator = ModelEvaluator(
+        metrics={
+            "tm_f1": torchmetrics.classification.MulticlassF1Score(4, average="macro"),
+            "margin": MeanAbsoluteMargin(),
+            "balanced": balanced_accuracy_score,
+        }
+    )
+    found = evaluator.evaluate_model(Scores(scores), loader, "cpu", write_files=False)
+    predicted = scores.argmax(1).numpy()
+    assert found["tm_f1"] == pytest.approx(f1_score(targets, predicted, average="macro"), abs=1e-6)
+    top = scores.topk(2, dim=1).values
+    assert found["margin"] == pytest.approx(float((top[:, 0] - top[:, 1]).mean()), rel=1e-6)
+    assert found["balanced"] == pytest.approx(balanced_accuracy_score(targets, predicted))
+    # a second evaluation starts from empty states (the metrics given are templates)
+    again = evaluator.evaluate_model(Scores(scores), loader, "cpu", write_files=False)
+    assert again["tm_f1"] == found["tm_f1"]
+    assert again["margin"] == found["margin"]
+
+
+def test_a_function_sees_probabilities_when_it_asks_and_regression_values_as_they_are():
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(100, 2, generator=generator)
+    labels = torch.randint(0, 2, (100,), generator=generator)
+    auc = metric(roc_auc_score, name="auc_of_mine", inputs="probabilities")
+    found = ModelEvaluator(metrics=[auc]).compute_metrics(logits, labels)
+    expected = roc_auc_score(labels, torch.softmax(logits, 1)[:, 1])
+    assert found["auc_of_mine"] == pytest.approx(expected)
+    values, truth = torch.randn(50, generator=generator), torch.randn(50, generator=generator)
+    regression = ModelEvaluator(metrics={"r2_mine": r2_score}).compute_metrics(
+        values.unsqueeze(1), truth
+    )
+    assert regression["r2_mine"] == pytest.approx(r2_score(truth, values), rel=1e-6)
+    assert regression["r2_mine"] == pytest.approx(regression["r2_score"], rel=1e-6)
+
+
+def test_bootstrap_intervals_cover_a_functions_value():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(300, 3, generator=generator)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    evaluator = ModelEvaluator(
+        EvaluationConfig(bootstrap_samples=200), metrics={"balanced": balanced_accuracy_score}
+    )
+    found = evaluator.compute_metrics(logits, labels)
+    low, high = evaluator.last_intervals["balanced"]
+    assert low < found["balanced"] < high
+    # the same pairs in another order: the same interval
+    order = torch.randperm(300, generator=generator)
+    evaluator.compute_metrics(logits[order], labels[order])
+    assert evaluator.last_intervals["balanced"] == (low, high)
+
+
+def test_bad_metrics_are_refused_naming_them():
+    with pytest.raises(ValueError, match="'accuracy' is taken"):
+        ModelEvaluator(metrics={"accuracy": balanced_accuracy_score})
+    with pytest.raises(TypeError, match="is not a metric"):
+        ModelEvaluator(metrics={"three": 3})
+    with pytest.raises(ValueError, match=r"classification_metrics\[\]='acuracy'.*'accuracy'"):
+        EvaluationConfig(classification_metrics=("acuracy",))
+    with pytest.raises(ValueError, match=r"evaluation\.classification_metrics=.nopkg\.m:f."):
+        ModelEvaluator(EvaluationConfig(classification_metrics=("accuracy", "nopkg.m:f")))
+
+
+@pytest.mark.parametrize("kind", ["torchmetrics", "streaming", "function"])
+def test_a_users_metric_drives_early_stopping_and_the_best_checkpoint(kind, tmp_path):
+    templates = {
+        "torchmetrics": torchmetrics.classification.MulticlassF1Score(3, average="macro"),
+        "streaming": MeanAbsoluteMargin(),
+        # declared lower-is-better: the best checkpoint is at its minimum
+        "function": metric(lambda t, p: 1 - balanced_accuracy_score(t, p), higher_is_better=False),
+    }
+    config = TrainingConfig(
+        num_epochs=8, batch_size=16, learning_rate=0.05, warmup_steps=0,
+        scheduler_type="constant", monitor_metric="val_mine", early_stopping_patience=2,
+        output_dir=str(tmp_path), progress_bar=False, tensorboard_logging=False, seed=0,
+    )  # fmt: skip
+    train = DataLoader(make_classification(n=96, seed=1), batch_size=16, shuffle=True)
+    val = DataLoader(make_classification(n=48, seed=2), batch_size=16)
+    evaluator = ModelEvaluator(metrics={"mine": templates[kind]})
+    result = TrainingManager(config).train(make_mlp(), train, val, evaluator=evaluator)
+    values = [m["mine"] for m in result.training_history["val_metrics"]]
+    best = min(values) if kind == "function" else max(values)
+    assert result.best_metric == best
+    assert result.monitor_metric == "val_mine"
+    saved = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert saved["best_metric"] == best
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["val_mine"] for r in records if r.get("split") == "val"] == values
+    if result.stopped_early:  # patience 2: the last two evaluations did not improve on it
+        assert best not in values[-2:]
+
+
+def test_a_monitor_name_that_matches_no_metric_is_refused_before_training(tmp_path):
+    config = TrainingConfig(monitor_metric="val_mien", output_dir=str(tmp_path), num_epochs=1)
+    evaluator = ModelEvaluator(metrics={"mine": balanced_accuracy_score})
+    loader = DataLoader(make_classification(n=32), batch_size=16)
+    with pytest.raises(ValueError, match=r"monitor_metric=.val_mien. is invalid.*val_mine"):
+        TrainingManager(config).train(make_mlp(), loader, loader, evaluator=evaluator)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+METRICS_MODULE = """
+from sklearn.metrics import balanced_accuracy_score
+from traineval.evaluation import metric
+
+
+@metric(higher_is_better=False)
+def balanced_error(y_true, y_pred):
+    return 1.0 - balanced_accuracy_score(y_true, y_pred)
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user's folder: `mymetrics.py` beside a config naming its metric by import path."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "mymetrics", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymetrics.py").write_text(METRICS_MODULE)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        textwrap.dedent("""\
+        data: {name: iris}
+        model: {name: mlp, options: {hidden_sizes: [16]}}
+        evaluation: {classification_metrics: [accuracy, "mymetrics:balanced_error"]}
+        training: {num_epochs: 4, batch_size: 16, learning_rate: 0.02, warmup_steps: 0,
+                   scheduler_type: constant, seed: 3, progress_bar: false,
+                   monitor_metric: val_balanced_error, tensorboard_logging: true}
+        """)
+    )
+    return tmp_path, config
+
+
+def test_a_config_names_a_metric_by_import_path_and_every_record_shows_it(project):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder, config = project
+    run = folder / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    records = read_jsonl(run / "metrics.jsonl")
+    errors = [r["val_balanced_error"] for r in records if r.get("split") == "val"]
+    assert len(errors) == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_metric"] == min(errors)  # declared lower-is-better
+    tested = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
+    assert 0 <= tested["balanced_error"] <= 1
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "val_balanced_error" in events.Tags()["scalars"]
+    assert main(["report", str(run)]) == 0
+    assert "balanced_error" in (run / "report.html").read_text()
+    # received as a run directory, it names code: refused unless trusted
+    assert main(["evaluate", str(run)]) == 2
+    assert main(["evaluate", str(run), "--trust-code"]) == 0
+
+
+def test_a_users_metric_is_the_objective_of_a_study(project):
+    pytest.importorskip("optuna")
+    import optuna
+
+    folder, config = project
+    searched = folder / "search.yaml"
+    searched.write_text(config.read_text() + "search: {learning_rate: {low: 0.001, high: 0.1}}\n")
+    study = folder / "study"
+    argv = ["tune", str(searched), "--trials", "4", "-q", f"training.output_dir={study}",
+            "training.num_epochs=2", "training.tensorboard_logging=false",
+            "--metric", "val_balanced_error"]  # fmt: skip
+    assert main(argv) == 0
+    loaded = optuna.load_study(study_name="study", storage=f"sqlite:///{study / 'study.db'}")
+    assert loaded.direction == optuna.study.StudyDirection.MINIMIZE
+    assert len(loaded.trials) == 4
+    complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for trial in complete:  # each finished trial's value is its run's best balanced error
+        run = study / f"trial-{trial.number:04d}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["monitor_metric"] == "val_balanced_error"
+        assert trial.value == pytest.approx(summary["best_metric"])
+    assert loaded.best_value == min(t.value for t in complete)
+
+
+def test_a_registered_metric_is_named_like_a_built_in():
+    register_metric("weird_balanced", balanced_accuracy_score)
+    register_metric("weird_balanced", balanced_accuracy_score)  # the same again: fine
+    evaluator = ModelEvaluator(EvaluationConfig(classification_metrics=("weird_balanced",)))
+    logits, labels = torch.eye(3)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 1])
+    found = evaluator.compute_metrics(logits, labels)
+    assert found == {"weird_balanced": pytest.approx(balanced_accuracy_score(labels, [0, 1, 2, 0]))}
+    with pytest.raises(ValueError, match="registered already"):
+        register_metric("weird_balanced", f1_score)
+    assert np.isfinite(found["weird_balanced"])
+
+
+def test_cross_validation_tables_and_ensembles_carry_a_users_metric(tmp_path):
+    from traineval import Evaluator
+
+    config = TrainingConfig(
+        num_epochs=2, batch_size=16, learning_rate=0.05, warmup_steps=0, seed=0,
+        output_dir=str(tmp_path), progress_bar=False, tensorboard_logging=False,
+    )  # fmt: skip
+    evaluator = Evaluator(metrics={"balanced": balanced_accuracy_score})
+    summary = evaluator.cross_validate(make_mlp, make_classification(n=90, seed=4), config, 3)
+    per_fold = [fold["best_metrics"]["balanced"] for fold in summary["folds"]]
+    assert summary["balanced_mean"] == pytest.approx(float(np.mean(per_fold)))
+    test = DataLoader(make_classification(n=30, seed=5), batch_size=8)
+    found = evaluator.evaluate_ensemble(summary["fold_checkpoints"], test, model_factory=make_mlp)
+    assert "balanced" in found["ensemble"]
+    assert all("balanced" in member for member in found["members"])
