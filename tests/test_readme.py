@@ -83,7 +83,16 @@ def _check_training(namespace: dict, printed: str) -> None:
     assert "hamming_loss" in printed
 
 
+def _check_evaluation(namespace: dict, printed: str) -> None:
+    """The user's metric is monitored: the best checkpoint holds its best value, printed."""
+    history = namespace["result"].training_history["val_metrics"]
+    assert namespace["result"].best_metric == max(m["macro_f1"] for m in history)
+    assert "best val_macro_f1 0.9405 at epoch 5" in printed  # the docs' numbers
+    assert namespace["balanced_error"].higher_is_better is False
+
+
 CHECKS = {
+    "evaluation.md": _check_evaluation,
     "models.md": _check_models,
     "checkpoints.md": _check_checkpoints,
     "modes-unsupervised.md": _check_unsupervised,

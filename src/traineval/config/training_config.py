@@ -678,7 +678,13 @@ def metric_is_minimized(name: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig(_ConfigBase):
-    """Configuration for evaluation (the specification's `EvaluationConfig`)."""
+    """Configuration for evaluation (the specification's `EvaluationConfig`).
+
+    Each task's metric list takes the built-in names, names registered with
+    `traineval.evaluation.register_metric`, and import paths `package.module:name` of your
+    own metrics (a function `fn(y_true, y_pred)`, a torchmetrics `Metric` or a streaming
+    metric, or a function of no arguments that builds one), reported as `val_<name>`.
+    """
 
     compute_metrics: bool = True
     save_predictions: bool = False

@@ -13,8 +13,8 @@ Three kinds are accepted as they are:
   counted twice); its `higher_is_better` gives the monitor's direction.
 - a **function in scikit-learn's shape** `fn(y_true, y_pred) -> float`: the evaluation keeps
   every (target, prediction) pair on the device and calls the function once at the end on
-  NumPy arrays (memory grows with the number of samples: 8 bytes per sample for labels,
-  8 x classes with `inputs="probabilities"`). `y_pred` is the predicted class (binary: 0/1
+  NumPy arrays (memory grows with the number of samples: 16 bytes per sample for labels,
+  8 + 4 x classes with `inputs="probabilities"`). `y_pred` is the predicted class (binary: 0/1
   from the logit's sign), the probabilities (`inputs="probabilities"`: a binary model's
   probability of class 1, as `roc_auc_score` takes it), the prediction (regression) or the
   0/1 label matrix (multi-label). Bootstrap intervals (`bootstrap_samples`) resample its
