@@ -22,7 +22,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import EvaluationConfig, Evaluator, TrainingConfig, TrainingManager, TrainingMode
+from traineval import (
+    EvaluationConfig,
+    EvaluationOptions,
+    Evaluator,
+    TrainingConfig,
+    TrainingManager,
+    TrainingMode,
+)
 from traineval.callbacks import Callback
 from traineval.config import TaskType
 from traineval.modes import Reinforcement
@@ -310,10 +317,12 @@ def uneven(out: Path, rank: int) -> None:
         loader = DataLoader(torch.utils.data.Subset(dataset, list(share)), batch_size=2)
         mine = user_metrics() if task == "classification" else {}
         evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50), metrics=mine)
-        results[task] = evaluator.evaluate_model(
-            net, loader, "cpu", task_type=TaskType(task), distributed=job
-        )
-        results[f"{task}_intervals"] = evaluator.last_intervals
+        report = evaluator.evaluate(
+            net, loader, device="cpu", task_type=TaskType(task),
+            options=EvaluationOptions(distributed=job),
+        )  # fmt: skip
+        results[task] = report.metrics
+        results[f"{task}_intervals"] = report.intervals
     empty = DataLoader(torch.utils.data.Subset(data(8, seed=3), [] if rank else [0]), batch_size=2)
     results["one_sample"] = Evaluator().evaluate_model(
         net, empty, "cpu", task_type=TaskType.CLASSIFICATION, distributed=job

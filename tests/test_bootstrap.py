@@ -35,7 +35,7 @@ def test_classification_intervals_equal_a_per_resample_sklearn_loop(average):
         average=average, bootstrap_samples=200, bootstrap_seed=7, confidence_level=0.9
     )
     evaluator = Evaluator(config)
-    evaluator.evaluate_model(
+    report = evaluator.evaluate(
         model,
         DataLoader(TensorDataset(x, y), batch_size=32),
         loss_function=torch.nn.CrossEntropyLoss(),
@@ -59,9 +59,9 @@ def test_classification_intervals_equal_a_per_resample_sklearn_loop(average):
         ),
         "f1": reference(n, 200, 7, lambda r: sk.f1_score(truth[r], predicted[r], **options), 0.9),
     }
-    assert evaluator.last_intervals.keys() == expected.keys()
+    assert report.intervals.keys() == expected.keys()
     for name, (low, high) in expected.items():
-        assert evaluator.last_intervals[name] == pytest.approx((low, high), abs=1e-12), name
+        assert report.intervals[name] == pytest.approx((low, high), abs=1e-12), name
 
 
 def test_regression_intervals_equal_a_per_resample_sklearn_loop():
@@ -76,7 +76,7 @@ def test_regression_intervals_equal_a_per_resample_sklearn_loop():
         bootstrap_seed=3,
     )
     evaluator = Evaluator(config)
-    evaluator.evaluate_model(model, DataLoader(TensorDataset(x, y), batch_size=40))
+    report = evaluator.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=40))
     with torch.no_grad():
         p = model(x).double().numpy()
     t = y.double().numpy()
@@ -95,14 +95,14 @@ def test_regression_intervals_equal_a_per_resample_sklearn_loop():
     }
     for name, metric in metrics.items():
         low, high = reference(150, 150, 3, metric)
-        assert evaluator.last_intervals[name] == pytest.approx((low, high), rel=1e-9), name
+        assert report.intervals[name] == pytest.approx((low, high), rel=1e-9), name
 
 
 def test_without_bootstrap_there_are_no_intervals_and_bad_settings_are_refused():
     evaluator = Evaluator()
     x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
-    evaluator.evaluate_model(torch.nn.Linear(3, 2), DataLoader(TensorDataset(x, y), 10))
-    assert evaluator.last_intervals == {}
+    report = evaluator.evaluate(torch.nn.Linear(3, 2), DataLoader(TensorDataset(x, y), 10))
+    assert report.intervals == {}
     with pytest.raises(ValueError, match=r"confidence_level=1\.0 is invalid"):
         EvaluationConfig(confidence_level=1.0)
     with pytest.raises(ValueError, match="bootstrap_samples=-1 is invalid"):

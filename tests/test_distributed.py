@@ -331,13 +331,13 @@ def test_uneven_validation_shares_give_the_single_process_metrics(tmp_path):
         mine = worker.user_metrics() if task == "classification" else {}
         evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50), metrics=mine)
         data = worker.data(8, seed=3) if task == "classification" else worker.regression_data()
-        evaluator.evaluate_model(
-            net, DataLoader(data, batch_size=2), "cpu", task_type=TaskType(task)
-        )
+        intervals = evaluator.evaluate(
+            net, DataLoader(data, batch_size=2), device="cpu", task_type=TaskType(task)
+        ).intervals
         for rank in (0, 1):
             got = json.loads((tmp_path / f"uneven-{rank}.json").read_text())[f"{task}_intervals"]
-            assert got.keys() == evaluator.last_intervals.keys()
-            for name, bounds in evaluator.last_intervals.items():  # float32 outputs of other
+            assert got.keys() == intervals.keys()
+            for name, bounds in intervals.items():  # float32 outputs of other
                 assert got[name] == pytest.approx(list(bounds), rel=1e-6)  # batch groupings
     for rank in (0, 1):
         got = json.loads((tmp_path / f"uneven-{rank}.json").read_text())

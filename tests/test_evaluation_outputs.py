@@ -115,9 +115,9 @@ def test_classification_plots_are_written(tmp_path):
     y = (x[:, 0] > 0).long()
     model = torch.nn.Linear(4, 2)
     evaluator = Evaluator(EvaluationConfig(plot_metrics=True, output_dir=str(tmp_path)))
-    evaluator.evaluate_model(model, DataLoader(TensorDataset(x, y), batch_size=16))
-    assert set(evaluator.last_files) == {"confusion_matrix", "roc_curve"}
-    for path in evaluator.last_files.values():
+    report = evaluator.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert set(report.files) == {"confusion_matrix", "roc_curve"}
+    for path in report.files.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

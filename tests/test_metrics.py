@@ -146,13 +146,16 @@ def test_evaluate_model_streams_a_loader_and_matches_sklearn():
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 4)
     evaluator = Evaluator(EvaluationConfig())
-    result = evaluator.evaluate_model(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    report = evaluator.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    result = report.metrics
     with torch.no_grad():
         scores = model(x)
     expected_loss = torch.nn.functional.cross_entropy(scores, y).item()
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
     assert result["accuracy"] == pytest.approx(sk.accuracy_score(y, scores.argmax(1)))
-    assert evaluator.last_confusion_matrix.sum() == 300
+    assert report.confusion.sum() == 300
+    with pytest.warns(FutureWarning, match="last_confusion_matrix is deprecated.*confusion"):
+        assert evaluator.last_confusion_matrix.sum() == 300  # until 0.3
     assert model.training  # the model's mode is restored
     with pytest.raises(ValueError, match="yielded no batches"):
         evaluator.evaluate_model(model, [])
@@ -239,17 +242,18 @@ def test_calibration_metrics_stream_to_their_references(tmp_path, classes, bins)
                 outputs[:, 0], targets.float()
             )
 
-    result = evaluator.evaluate_model(
+    report = evaluator.evaluate(
         model,
         DataLoader(TensorDataset(x, y), batch_size=30),
         loss_function=loss,
         task_type=TaskType.CLASSIFICATION,
     )
+    result = report.metrics
     assert result["brier_score"] == pytest.approx(brier, rel=1e-9)
     ece = expected_calibration_error(probabilities, y.numpy(), bins)
     assert ece > 0.05
     assert result["ece"] == pytest.approx(ece, rel=1e-9)
-    assert evaluator.last_files["reliability_diagram"].endswith("reliability_val.png")
+    assert report.files["reliability_diagram"].endswith("reliability_val.png")
     assert (tmp_path / "evaluation" / "reliability_val.png").stat().st_size > 1000
 
 

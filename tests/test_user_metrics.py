@@ -110,13 +110,12 @@ def test_bootstrap_intervals_cover_a_functions_value():
     evaluator = ModelEvaluator(
         EvaluationConfig(bootstrap_samples=200), metrics={"balanced": balanced_accuracy_score}
     )
-    found = evaluator.compute_metrics(logits, labels)
-    low, high = evaluator.last_intervals["balanced"]
-    assert low < found["balanced"] < high
+    report = evaluator.score(logits, labels)
+    low, high = report.intervals["balanced"]
+    assert low < report.metrics["balanced"] < high
     # the same pairs in another order: the same interval
     order = torch.randperm(300, generator=generator)
-    evaluator.compute_metrics(logits[order], labels[order])
-    assert evaluator.last_intervals["balanced"] == (low, high)
+    assert evaluator.score(logits[order], labels[order]).intervals["balanced"] == (low, high)
 
 
 def test_bad_metrics_are_refused_naming_them():

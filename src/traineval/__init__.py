@@ -3,7 +3,7 @@
 The public API (docs/design.md): `TrainingConfig`, `EvaluationConfig`, `TrainingManager`,
 `Evaluator`, `MetricsTracker`, `PerformanceMonitor`, and the enums `TaskType`,
 `TrainingMode`, `EvaluationMode`; `load_checkpoint(path, model)` and `load_model(run_dir)`
-bring trained weights back.
+bring trained weights back, `predict(model, loader)` gives a model's predictions.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ _PUBLIC = {
     "EarlyStopping": "callbacks",
     "EvaluationConfig": "config",
     "EvaluationMode": "config",
+    "EvaluationOptions": "evaluation.report",
+    "EvaluationReport": "evaluation.report",
     "Evaluator": "assembly.evaluator",
     "LearningRateSearch": "training.lr_finder",
     "MetricsTracker": "runs.tracking",
     "ModelCheckpoint": "callbacks",
     "PerformanceMonitor": "training.monitor",
+    "Predictions": "evaluation.inference",
     "ProgressBar": "callbacks",
     "TaskType": "config",
     "TrainingConfig": "config",
@@ -40,6 +43,7 @@ _PUBLIC = {
     "TrainingResult": "assembly.manager",
     "load_checkpoint": "runs.checkpoint",
     "load_model": "commands.load",
+    "predict": "evaluation.inference",
 }
 
 __all__ = [
@@ -47,11 +51,14 @@ __all__ = [
     "EarlyStopping",
     "EvaluationConfig",
     "EvaluationMode",
+    "EvaluationOptions",
+    "EvaluationReport",
     "Evaluator",
     "LearningRateSearch",
     "MetricsTracker",
     "ModelCheckpoint",
     "PerformanceMonitor",
+    "Predictions",
     "ProgressBar",
     "TaskType",
     "TrainingConfig",
@@ -61,6 +68,7 @@ __all__ = [
     "__version__",
     "load_checkpoint",
     "load_model",
+    "predict",
 ]
 
 if TYPE_CHECKING:
@@ -69,6 +77,8 @@ if TYPE_CHECKING:
     from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
     from .commands.load import load_model
     from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
+    from .evaluation.inference import Predictions, predict
+    from .evaluation.report import EvaluationOptions, EvaluationReport
     from .runs.checkpoint import load_checkpoint
     from .runs.tracking import MetricsTracker
     from .training.lr_finder import LearningRateSearch

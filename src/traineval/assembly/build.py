@@ -581,22 +581,26 @@ def evaluation(run: Assembly, device: torch.device, job: Distributed) -> Evaluat
     if val_loader is None:
         return None
     scorer = evaluator or ModelEvaluator()
-    lockstep = is_sharded(model)
     extra = _mode_evaluation(plan.extra_metrics, precision, plain) if plan.extra_metrics else None
 
+    options: dict[str, Any] = {  # EvaluationOptions by keyword
+        "training_mode": mode.evaluated_as,
+        "precision": precision,
+        "distributed": job,
+        "lockstep": is_sharded(model),
+        "output_transform": output_transform,
+        "write_files": False,  # predictions and plots are for final evaluations
+    }
+
     def evaluate(m: nn.Module) -> dict[str, float]:
+        # the specification's entry point: an Evaluator subclass that overrides it validates
         metrics = scorer.evaluate_model(
             plain if plain is not None else m,
             val_loader,
             device,
             loss.for_evaluation,
             task_type=task_type,
-            output_transform=output_transform,
-            training_mode=mode.evaluated_as,
-            precision=precision,
-            write_files=False,  # predictions and plots are for final evaluations
-            distributed=job,
-            lockstep=lockstep,
+            **options,
         )
         return {**metrics, **extra(m)} if extra is not None else metrics
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..callbacks import Callback
 from ..callbacks.defaults import default_callbacks
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
+from ..evaluation.inference import Predictions, predict
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..loggers import LoggerHub
 from ..modes import Mode, resolve_mode
@@ -47,7 +48,7 @@ from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
 from ..training.lr_finder import LearningRateSearch, RangeTest
 from ..training.monitor import PerformanceMonitor
 from ..training.optim import configured_optimizer, configured_scheduler
-from ..training.precision import resolve_device
+from ..training.precision import resolve_device, resolve_precision
 from ..training.run_checkpoints import (
     Contents,
     checkpoint_payload,
@@ -186,8 +187,6 @@ class TrainingManager:
         run it."""
         c, job = self.config, self.distributed
         run.optimization = self.optimization(run)
-        if run.request.evaluator is not None:
-            run.request.evaluator.run_dir = self.output_dir  # its later predictions and plots
         evaluate_fn = build.evaluation(run, self.device, job)
         hub = build.open_loggers(c, run, self.output_dir, job, self.run_config)
         if run.plan.record and job.is_main:  # what the mode made of the data (mode.json)
@@ -316,6 +315,26 @@ class TrainingManager:
             finally:
                 hub.close()  # after summary.json, so artifact loggers take it along
         return result
+
+    def predict(
+        self,
+        model: nn.Module,
+        loader: Iterable[Any],
+        *,
+        task_type: TaskType | None = None,
+        output_transform: OutputTransform | None = None,
+    ) -> Predictions:
+        """The model's outputs, probabilities and classes over `loader`, on this run's device
+        and in its precision (see `traineval.predict`)."""
+        precision = resolve_precision(self.config.precision, self.device)
+        return predict(
+            model.to(self.device),
+            loader,
+            device=self.device,
+            precision=precision,
+            task_type=task_type,
+            output_transform=output_transform,
+        )
 
     def find_learning_rate(
         self,

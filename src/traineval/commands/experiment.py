@@ -35,7 +35,7 @@ from ..config.training_config import (
 )
 from ..data import DataSplits, load_builtin, load_csv, make_splits
 from ..data.tables import BUILTIN_DATASETS, Columns
-from ..evaluation.model_evaluator import SPLIT_PREFIX
+from ..evaluation.model_evaluator import SPLIT_PREFIX, EvaluationOptions, EvaluationReport
 from ..loggers import JsonlLogger
 from ..models import build_model
 from ..modes import Mode, Supervised, mode_class
@@ -421,7 +421,6 @@ def _train_and_test(
     callbacks: Sequence[Any],
 ) -> ExperimentResult:
     evaluator = Evaluator(config.evaluation)
-    evaluator.class_names = parts.splits.class_names
     train_loader = parts.loader(parts.splits.train, shuffle=True)
     assert train_loader is not None
     result = manager.train(
@@ -455,23 +454,24 @@ def _train_and_test(
             result.training_history,
             out / "evaluation" / "learning_curves.png",
         )
-    test_metrics = None
+    tested = None
     if parts.splits.test is not None:
-        test_metrics = _evaluate_split(parts, evaluator, model, out, manager.device)
+        tested = _evaluate_split(parts, evaluator, model, out, manager.device)
     _stop_if_signalled(out, "the test evaluation")
+    test_metrics = tested.metrics if tested is not None else None
     record: dict[str, Any] = {
         "evaluated": evaluated,
         "best_val": result.best_metric,
         "monitor_metric": result.monitor_metric,
         "test": test_metrics,
     }
-    if test_metrics is not None and evaluator.last_confusion_matrix is not None:
-        record["test_confusion_matrix"] = evaluator.last_confusion_matrix.tolist()
+    if tested is not None and tested.confusion is not None:
+        record["test_confusion_matrix"] = tested.confusion.tolist()
         record["class_names"] = parts.splits.class_names
-    if test_metrics is not None and evaluator.last_per_class is not None:
-        record["test_per_class"] = evaluator.last_per_class
-    if test_metrics is not None and evaluator.last_intervals:
-        record["test_intervals"] = _intervals_record(evaluator)
+    if tested is not None and tested.per_class is not None:
+        record["test_per_class"] = tested.per_class
+    if tested is not None and tested.intervals:
+        record["test_intervals"] = tested.intervals_record(evaluator.config)
     (out / "evaluation").mkdir(exist_ok=True)
     atomic_write_json(out / "evaluation" / "metrics.json", record)
     figure = out / "evaluation" / "confusion_matrix_test.png"
@@ -543,17 +543,6 @@ def _figure_to_tensorboard(run_dir: Path, tag: str, png: Path, step: int) -> Non
     writer.close()
 
 
-def _intervals_record(evaluator: Evaluator) -> dict[str, Any]:
-    """The bootstrap intervals as written to JSON: level, resamples, [low, high] by metric."""
-    c = evaluator.config
-    return {
-        "confidence_level": c.confidence_level,
-        "bootstrap_samples": c.bootstrap_samples,
-        "bootstrap_seed": c.bootstrap_seed,
-        "metrics": {name: list(bounds) for name, bounds in evaluator.last_intervals.items()},
-    }
-
-
 def _evaluate_split(
     parts: RunParts,
     evaluator: Evaluator,
@@ -561,32 +550,32 @@ def _evaluate_split(
     out: Path,
     device: torch.device,
     split: EvaluationMode = EvaluationMode.TESTING,
-) -> dict[str, float]:
+) -> EvaluationReport:
     """Evaluate on one of the run's splits (which must exist) and append the split-tagged
     record to metrics.jsonl."""
-    loader = parts.loader(getattr(parts.splits, SPLIT_PREFIX[split]))
+    prefix = SPLIT_PREFIX[split]
+    loader = parts.loader(getattr(parts.splits, prefix))
     own = parts.mode.score(model, loader, device, seed=parts.config.training.seed)
     if own is not None:  # e.g. meta-learning: adapt to each task, score its queries
-        metrics = dict(own)
+        report = EvaluationReport(dict(own), parts.task_type or TaskType.CLASSIFICATION)
     else:
-        evaluator.row_ids = parts.splits.ids_of(SPLIT_PREFIX[split])  # predictions join back
-        metrics = evaluator.evaluate_model(
-            model,
-            loader,
-            device,
-            task_type=parts.task_type,
+        options = EvaluationOptions(
             training_mode=parts.mode.evaluated_as,
-            split=split,
-            output_dir=out,
+            class_names=parts.splits.class_names,
+            row_ids=parts.splits.ids_of(prefix),  # the predictions join back to the table
         )
-    prefix = SPLIT_PREFIX[split]
+        report = evaluator.evaluate(
+            model, loader, device=device, task_type=parts.task_type, split=split,
+            output_dir=out, options=options,
+        )  # fmt: skip
+    metrics = report.metrics
     summary = out / "summary.json"
     step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0
     log = JsonlLogger(out / "metrics.jsonl")
     record = {"event": "eval", "split": prefix, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
     log.log(record, step)
     log.close()
-    return metrics
+    return report
 
 
 def evaluate_run(
@@ -651,21 +640,20 @@ def _evaluate_run(
     device = TrainingManager(config.training).device
     load_model_weights(model, path, map_location=device)
     evaluator = Evaluator(evaluation)
-    evaluator.class_names = parts.splits.class_names
-    metrics = _evaluate_split(parts, evaluator, model, run_dir, device, choices[split])
+    report = _evaluate_split(parts, evaluator, model, run_dir, device, choices[split])
     out = run_dir / "evaluation" / f"metrics_{split}.json"
     atomic_write_json(
         out,
         {
             "checkpoint": str(path),
             "split": split,
-            "metrics": metrics,
-            "per_class": evaluator.last_per_class,
-            "intervals": _intervals_record(evaluator) if evaluator.last_intervals else None,
-            "files": evaluator.last_files,
+            "metrics": report.metrics,
+            "per_class": report.per_class,
+            "intervals": report.intervals_record(evaluation),
+            "files": report.files,
         },
     )
-    return metrics, str(out)
+    return report.metrics, str(out)
 
 
 def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
@@ -683,7 +671,6 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     splits = parts.splits
     pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
     evaluator = Evaluator(config.evaluation)
-    evaluator.class_names = splits.class_names
     summary = evaluator.cross_validate(
         parts.new_model,
         pool,
@@ -697,7 +684,6 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     test_loader = parts.loader(splits.test)
     if test_loader is not None:
         device = TrainingManager(config.training).device
-        evaluator.row_ids = splits.ids_of("test")  # the predictions join back to the table
         together = evaluator.evaluate_ensemble(
             summary["fold_checkpoints"],
             test_loader,
@@ -705,6 +691,8 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
             model_factory=parts.new_model,
             task_type=parts.task_type,
             output_dir=out,
+            class_names=splits.class_names,
+            row_ids=splits.ids_of("test"),  # the predictions join back to the table
         )
         summary["test_ensemble"] = together["ensemble"]
         summary["test_members"] = together["members"]

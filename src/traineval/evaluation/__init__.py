@@ -6,6 +6,7 @@ from typing import Any
 
 from .metrics import ConfusionMatrix, ProbabilityStats, RegressionStats, TokenStats
 from .model_evaluator import ModelEvaluator
+from .report import EvaluationOptions, EvaluationReport
 from .user_metrics import StreamingMetric, metric, register_metric
 
 
@@ -17,6 +18,8 @@ def __getattr__(name: str) -> Any:  # Evaluator (it trains folds): traineval.Eva
 
 __all__ = [
     "ConfusionMatrix",
+    "EvaluationOptions",
+    "EvaluationReport",
     "ModelEvaluator",
     "ProbabilityStats",
     "RegressionStats",

@@ -1,0 +1,86 @@
+"""Evaluating on several ranks: each rank's batches (in lockstep for a model whose forward
+is a collective), and every rank's metric state merged in rank order, so every rank computes
+the metrics of all samples, each counted once."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from ..system.distributed import Distributed
+from .accumulator import Accumulator
+from .user_metrics import UserMetric
+
+
+def batches(loader: Iterable[Any], job: Distributed | None) -> Iterable[tuple[Any, bool]]:
+    """The loader's batches, each marked real; in lockstep across `job`'s ranks when given
+    (a distributed model whose forward is a collective)."""
+    if job is not None and job.enabled:
+        return _lockstep(loader, job)
+    return ((batch, True) for batch in loader)
+
+
+def _lockstep(loader: Iterable[Any], job: Distributed) -> Iterator[tuple[Any, bool]]:
+    """This rank's batches, then its last batch again (marked not real) until every rank
+    has made as many forward passes as the one with the most batches."""
+    try:
+        count = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            "evaluating a sharded (FSDP) model needs a loader with len(), so the ranks can "
+            "step together"
+        ) from None
+    counts = job.gather(count)
+    if max(counts) and min(counts) == 0:
+        raise ValueError(
+            f"evaluating a sharded (FSDP) model needs a batch on every rank; the ranks have "
+            f"{counts} batches (fewer samples than ranks?)"
+        )
+    last = None
+    for batch in loader:
+        last = batch
+        yield batch, True
+    for _ in range(max(counts) - count):
+        yield last, False
+
+
+def merge_ranks(
+    job: Distributed, accumulator: Accumulator | None, text: Any
+) -> tuple[Accumulator | None, Any]:
+    """Every rank's metric state, merged in rank order: the same result on every rank."""
+    parts = job.gather((_on_cpu(accumulator), text))
+    merged: Accumulator | None = None
+    merged_text = None
+    for part, part_text in parts:
+        if part is not None:
+            if merged is None:
+                merged = part
+            else:
+                merged.merge(part)
+        if part_text is not None:
+            if merged_text is None:
+                merged_text = part_text
+            else:
+                merged_text.merge(part_text)
+    return merged, merged_text
+
+
+def _on_cpu(value: Any) -> Any:
+    """A copy of a metric state with its tensors on the CPU (to send to other ranks)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    if isinstance(value, UserMetric):
+        return value.to_cpu()
+    if hasattr(value, "merge"):  # Accumulator and the metric states it holds
+        clone = copy.copy(value)
+        for key, item in vars(value).items():
+            setattr(clone, key, _on_cpu(item))
+        return clone
+    return value

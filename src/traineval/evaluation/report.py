@@ -1,0 +1,83 @@
+"""What one evaluation is asked (`EvaluationOptions`) and what it returns (`EvaluationReport`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..config.training_config import EvaluationConfig, TaskType, TrainingMode
+from ..system.distributed import Distributed
+from ..training.batches import OutputTransform
+from ..training.precision import Precision
+
+
+@dataclasses.dataclass
+class EvaluationOptions:
+    """How an evaluation runs, besides the model, the data and where files go.
+
+    `training_mode`: unsupervised compares the outputs with the inputs. `precision`: the
+    run's autocast. `decode` (token ids -> text) adds BLEU and ROUGE-L for generation.
+    `distributed`: each rank evaluates its share and the states are merged (no files are
+    written then). `lockstep`: every rank makes as many forward passes as the rank with
+    the most batches (a model whose forward is a collective, e.g. FSDP's).
+    `output_transform` reads a model output the default rule cannot. `class_names` (one
+    per class, in order) name the classes in per-class rows and predictions; `row_ids` (in
+    the loader's order) are the predictions file's ids. `write_files`: False writes no
+    predictions or plots even with a folder (training's validations).
+    """
+
+    training_mode: TrainingMode = TrainingMode.SUPERVISED
+    precision: Precision | None = None
+    decode: Callable[[list[int]], str] | None = None
+    distributed: Distributed | None = None
+    lockstep: bool = False
+    output_transform: OutputTransform | None = None
+    class_names: Sequence[str] | None = None
+    row_ids: Sequence[str] | None = None
+    write_files: bool = True
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> EvaluationOptions:
+        """Options given by keyword (`evaluate_model(..., precision=...)`); an unknown one
+        is an error naming the known ones."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [name for name in options if name not in known]
+        if unknown:
+            raise TypeError(
+                f"unknown evaluation option {unknown[0]!r}; expected one of {', '.join(known)}"
+            )
+        return cls(**options)
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+    """One evaluation's result.
+
+    `metrics`: the mean loss and the task's metrics (built-in and yours) as floats; `task`;
+    `per_class`: each class's (or label's) name, precision, recall, F1 and support
+    (classification, multi-label); `confusion`: the confusion matrix when the config lists
+    `confusion_matrix`; `intervals`: each metric's bootstrap (low, high) with
+    `bootstrap_samples`; `files`: the predictions file and plots written, by kind.
+    """
+
+    metrics: dict[str, float]
+    task: TaskType
+    per_class: list[dict[str, Any]] | None = None
+    confusion: np.ndarray | None = None
+    intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def intervals_record(self, config: EvaluationConfig) -> dict[str, Any] | None:
+        """The intervals as written to JSON (level, resamples, seed, [low, high] by metric);
+        None without intervals."""
+        if not self.intervals:
+            return None
+        return {
+            "confidence_level": config.confidence_level,
+            "bootstrap_samples": config.bootstrap_samples,
+            "bootstrap_seed": config.bootstrap_seed,
+            "metrics": {name: list(bounds) for name, bounds in self.intervals.items()},
+        }
