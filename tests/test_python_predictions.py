@@ -111,7 +111,7 @@ def test_evaluate_model_is_the_reports_metrics_and_refuses_unknown_options():
     evaluator = Evaluator()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     assert evaluator.evaluate_model(model, loader) == evaluator.evaluate(model, loader).metrics
-    with pytest.raises(TypeError, match="unknown evaluation option 'presicion'.*precision"):
+    with pytest.raises(TypeError, match=r"unknown evaluation option 'presicion'.*precision"):
         evaluator.evaluate_model(model, loader, presicion=None)
     with pytest.warns(FutureWarning, match="last_intervals is deprecated"):
         assert evaluator.last_intervals == {}
