@@ -15,6 +15,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, r2_score
 from torch.utils.data import DataLoader, TensorDataset
 
+import traineval
 from traineval import TrainingConfig, TrainingManager
 from traineval.cli import main
 from traineval.config import EvaluationConfig
@@ -167,57 +168,95 @@ def test_a_monitor_name_that_matches_no_metric_is_refused_before_training(tmp_pa
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-METRICS_MODULE = """
+METRICS_MODULE = '''
+import torch
 from sklearn.metrics import balanced_accuracy_score
+from torchmetrics.classification import MulticlassF1Score
+
 from traineval.evaluation import metric
 
 
 @metric(higher_is_better=False)
 def balanced_error(y_true, y_pred):
     return 1.0 - balanced_accuracy_score(y_true, y_pred)
-"""
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A user's folder: `mymetrics.py` beside a config naming its metric by import path."""
+def macro_f1():
+    return MulticlassF1Score(num_classes=3, average="macro")
+
+
+class Margin:
+    """The mean gap between the top two scores (a streaming metric)."""
+
+    higher_is_better = True
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.total, self.count = 0.0, 0
+
+    def update(self, predictions, targets):
+        top = predictions.topk(2, dim=1).values
+        self.total += float((top[:, 0] - top[:, 1]).sum())
+        self.count += len(targets)
+
+    def merge(self, other):
+        self.total, self.count = self.total + other.total, self.count + other.count
+
+    def compute(self):
+        return self.total / self.count
+'''
+
+KINDS = {  # import path -> (reported name, lower is better)
+    "function": ("mymetrics:balanced_error", "balanced_error", True),
+    "torchmetrics": ("mymetrics:macro_f1", "macro_f1", False),
+    "streaming": ("mymetrics:Margin", "margin", False),
+}
+
+
+@pytest.fixture(params=sorted(KINDS))
+def project(request, tmp_path, monkeypatch):
+    """A user's folder: `mymetrics.py` beside a config naming one of its metrics by import
+    path and monitoring it."""
     import sys
 
+    path, name, lower = KINDS[request.param]
     monkeypatch.delitem(sys.modules, "mymetrics", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mymetrics.py").write_text(METRICS_MODULE)
     config = tmp_path / "run.yaml"
     config.write_text(
-        textwrap.dedent("""\
-        data: {name: iris}
-        model: {name: mlp, options: {hidden_sizes: [16]}}
-        evaluation: {classification_metrics: [accuracy, "mymetrics:balanced_error"]}
-        training: {num_epochs: 4, batch_size: 16, learning_rate: 0.02, warmup_steps: 0,
+        textwrap.dedent(f"""\
+        data: {{name: iris}}
+        model: {{name: mlp, options: {{hidden_sizes: [16]}}}}
+        evaluation: {{classification_metrics: [accuracy, "{path}"]}}
+        training: {{num_epochs: 4, batch_size: 16, learning_rate: 0.02, warmup_steps: 0,
                    scheduler_type: constant, seed: 3, progress_bar: false,
-                   monitor_metric: val_balanced_error, tensorboard_logging: true}
+                   monitor_metric: val_{name}, tensorboard_logging: true}}
         """)
     )
-    return tmp_path, config
+    return tmp_path, config, name, lower
 
 
 def test_a_config_names_a_metric_by_import_path_and_every_record_shows_it(project):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    folder, config = project
+    folder, config, name, lower = project
     run = folder / "run"
     assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
     records = read_jsonl(run / "metrics.jsonl")
-    errors = [r["val_balanced_error"] for r in records if r.get("split") == "val"]
-    assert len(errors) == 4
+    values = [r[f"val_{name}"] for r in records if r.get("split") == "val"]
+    assert len(values) == 4
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["best_metric"] == min(errors)  # declared lower-is-better
+    assert summary["best_metric"] == (min(values) if lower else max(values))
     tested = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
-    assert 0 <= tested["balanced_error"] <= 1
+    assert np.isfinite(tested[name])
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    assert "val_balanced_error" in events.Tags()["scalars"]
+    assert f"val_{name}" in events.Tags()["scalars"]
     assert main(["report", str(run)]) == 0
-    assert "balanced_error" in (run / "report.html").read_text()
+    assert f"val_{name}" in (run / "report.html").read_text()
     # received as a run directory, it names code: refused unless trusted
     assert main(["evaluate", str(run)]) == 2
     assert main(["evaluate", str(run), "--trust-code"]) == 0
@@ -227,24 +266,48 @@ def test_a_users_metric_is_the_objective_of_a_study(project):
     pytest.importorskip("optuna")
     import optuna
 
-    folder, config = project
+    folder, config, name, lower = project
     searched = folder / "search.yaml"
     searched.write_text(config.read_text() + "search: {learning_rate: {low: 0.001, high: 0.1}}\n")
     study = folder / "study"
     argv = ["tune", str(searched), "--trials", "4", "-q", f"training.output_dir={study}",
             "training.num_epochs=2", "training.tensorboard_logging=false",
-            "--metric", "val_balanced_error"]  # fmt: skip
+            "--metric", f"val_{name}"]  # fmt: skip
     assert main(argv) == 0
     loaded = optuna.load_study(study_name="study", storage=f"sqlite:///{study / 'study.db'}")
-    assert loaded.direction == optuna.study.StudyDirection.MINIMIZE
+    direction = optuna.study.StudyDirection
+    assert loaded.direction == (direction.MINIMIZE if lower else direction.MAXIMIZE)
     assert len(loaded.trials) == 4
     complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    for trial in complete:  # each finished trial's value is its run's best balanced error
+    for trial in complete:  # each finished trial's value is its run's best value
         run = study / f"trial-{trial.number:04d}"
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["monitor_metric"] == "val_balanced_error"
+        assert summary["monitor_metric"] == f"val_{name}"
         assert trial.value == pytest.approx(summary["best_metric"])
-    assert loaded.best_value == min(t.value for t in complete)
+    best = min if lower else max
+    assert loaded.best_value == best(t.value for t in complete)
+
+
+def test_a_declared_direction_reaches_the_plateau_schedule(tmp_path):
+    """'spread' reads as lower-is-better by its name; it declares otherwise."""
+    seen = []
+
+    class Spy(traineval.Callback):
+        def on_train_start(self, loop):
+            seen.append(loop.scheduler.plateau.minimize)
+
+    spread = metric(lambda t, p: float(len(set(p))), name="spread", higher_is_better=True)
+    config = TrainingConfig(
+        num_epochs=1, batch_size=16, scheduler_type="plateau", monitor_metric="val_spread",
+        output_dir=str(tmp_path), progress_bar=False, tensorboard_logging=False,
+    )  # fmt: skip
+    loader = DataLoader(make_classification(n=32), batch_size=16)
+    evaluator = ModelEvaluator(metrics=[spread])
+    result = TrainingManager(config).train(
+        make_mlp(), loader, loader, evaluator=evaluator, callbacks=[Spy()]
+    )
+    assert seen == [False]
+    assert result.monitor_metric == "val_spread"
 
 
 def test_a_registered_metric_is_named_like_a_built_in():

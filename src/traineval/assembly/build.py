@@ -45,7 +45,7 @@ from ..tasks import RegressionMSE, default_loss
 from ..training.averaging import WeightAverage
 from ..training.batches import ModelLoss, OutputTransform, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
-from ..training.optim import check_prefixes, freeze, restore_schedule
+from ..training.optim import PlateauSchedule, check_prefixes, freeze, restore_schedule
 from ..training.precision import Precision, resolve_precision
 from ..training.run_checkpoints import training_weights
 
@@ -499,6 +499,8 @@ def optimization(
     # wrap optimizer.step in torch's step counter, work on every update).
     total = run.data.total_steps
     scheduler = None if constant_rate(config) or not schedule else build_scheduler(optimizer, total)
+    if isinstance(scheduler, PlateauSchedule) and run.monitor is not None:
+        scheduler.plateau.minimize = run.monitor.minimize  # e.g. a user metric's declared one
     if payload is not None:
         load_optimizer_state(model, optimizer, payload["optimizer"])
         if payload["scheduler"] is not None and scheduler is not None:

@@ -21,7 +21,9 @@ Three kinds are accepted as they are:
   pairs as they do the built-in metrics'.
 
 A metric is named by its `name` attribute, else its function or class name in snake case
-(`MulticlassF1Score` -> `multiclass_f1_score`), and reported as `val_<name>`,
+(`MulticlassF1Score` -> `multiclass_f1_score`); named by import path, a class or a
+function of no arguments is built (a factory: `def macro_f1(): return
+MulticlassF1Score(3)`) and named after it (`macro_f1`). It is reported as `val_<name>`,
 `test_<name>`, ... Its direction (for `monitor_metric`, plateau schedules, `tune`) is
 `higher_is_better` when it declares one, else guessed from the name as for built-ins
 (losses and errors down, scores up). `metric(fn, ...)` declares a function's name,
@@ -224,8 +226,12 @@ def metric_name(template: Any) -> str:
     declared = getattr(template, "metric_name", None) or getattr(template, "name", None)
     if isinstance(declared, str) and declared:
         return declared
-    base = getattr(template, "__name__", None) or type(template).__name__
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", base).lower()
+    return _snake(getattr(template, "__name__", None) or type(template).__name__)
+
+
+def _snake(name: str) -> str:
+    """`MulticlassF1Score` -> `multiclass_f1_score`; snake case stays as it is."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def named(given: Iterable[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -268,6 +274,8 @@ def resolve(entry: str, field: str) -> tuple[str, Any]:
     if entry in registered:
         return entry, registered[entry]
     found = import_object(entry, field=field)
+    attribute = entry.rsplit(":", 1)[1].rsplit(".", 1)[-1]
+    name = metric_name(found) if not isinstance(found, type) else None
     if isinstance(found, type) or _builds_a_metric(found):
         try:
             found = found()
@@ -276,12 +284,14 @@ def resolve(entry: str, field: str) -> tuple[str, Any]:
                 f"{field}: {entry!r} needs arguments to build its metric ({error}); name a "
                 "function that builds it instead (def my_f1(): return MulticlassF1Score(3))"
             ) from None
+        declared = getattr(found, "metric_name", None) or getattr(found, "name", None)
+        # what it is called where it is named: the factory's name, or the class's (snake case)
+        name = declared if isinstance(declared, str) and declared else _snake(attribute)
     try:
         _kind(found)
     except TypeError as error:
         raise ValueError(f"{field}: {entry!r} {error}") from None
-    name = metric_name(found)
-    return (entry.rsplit(":", 1)[1] if name == "<lambda>" else name), found
+    return (attribute if name in (None, "<lambda>") else name), found
 
 
 def _builds_a_metric(found: Any) -> bool:
