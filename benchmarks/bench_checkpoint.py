@@ -5,19 +5,22 @@
    asynchronous save (`async_checkpointing`: the snapshot into host memory, the time the
    training thread waits) and the background write that follows.
 2. Throughput of a training run that saves every `--every` updates, side by side in one
-   process: no saves, synchronous saves, asynchronous saves (`TrainingManager.train`, an
-   MLP of `--train-params` parameters, AdamW, samples/s over the whole run).
+   process, interleaved: no saves, synchronous saves, asynchronous saves by the writer
+   thread and by the writer process (`TrainingManager.train`, an MLP of `--train-params`
+   parameters, AdamW, samples/s over the whole run), and the share of a synchronous save's
+   cost that each asynchronous writer keeps.
 3. Resume overhead: time to skip to the middle of a 1,000,000-sample shuffled epoch, and
    proof that no skipped sample is read.
 
     .venv/bin/python benchmarks/bench_checkpoint.py [--params 100e6] [--train-params 25e6]
-        [--updates 60] [--every 20] [--repeats 2]
+        [--updates 60] [--every 15] [--repeats 3] [--only-throughput]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from traineval import TrainingConfig, TrainingManager
 from traineval.data.position import skip_batches
+from traineval.runs import checkpoint_process
 from traineval.runs.checkpoint import load_checkpoint_file, save_checkpoint_file
-from traineval.runs.checkpoint_writer import CheckpointWriter
+from traineval.runs.checkpoint_writer import CheckpointWriter, Write
 
 
 class CountingDataset(Dataset):
@@ -69,23 +73,28 @@ def checkpoint_cost(params: float, folder: Path) -> None:
         f"| {count / 1e6:.1f}M params + AdamW state | {size:.2f} GiB | "
         f"save {saved:.2f} s ({size / saved:.2f} GiB/s) | load {loaded:.2f} s |"
     )
-    writer = CheckpointWriter()
-    for which in ("first", "next"):  # the next reuses the first's host buffers
-        started = time.perf_counter()
-        copied = writer.snapshot("checkpoint", payload)
-        writer.submit([lambda c=copied: save_checkpoint_file(c, folder / "async.pt")], "async.pt")
-        pause = time.perf_counter() - started
-        writer.wait()
-        written = time.perf_counter() - started
-        print(
-            f"| async save of the same ({which}) | training pauses {pause:.2f} s "
-            f"({100 * pause / saved:.1f}% of the synchronous save) | on disk after "
-            f"{written:.2f} s |"
-        )
+    writers = {"thread": CheckpointWriter()}
+    if checkpoint_process.available():
+        writers["process"] = checkpoint_process.ProcessWriter()
+    for kind, writer in writers.items():
+        for which in ("first", "next"):  # the next reuses the first's host buffers
+            started = time.perf_counter()
+            copied = writer.snapshot("checkpoint", payload)
+            writer.submit([Write("checkpoint", folder / "async.pt", copied)], "async.pt")
+            pause = time.perf_counter() - started
+            writer.wait()
+            written = time.perf_counter() - started
+            print(
+                f"| async save by the writer {kind} ({which}) | training pauses {pause:.2f} s "
+                f"({100 * pause / saved:.1f}% of the synchronous save) | on disk after "
+                f"{written:.2f} s |"
+            )
+        writer.close()
 
 
 def _training_run(width: int, layers: int, updates: int, every: int, mode: str) -> float:
-    """Samples/s of a run with `updates` updates saving every `every` (mode: none/sync/async)."""
+    """Samples/s of a run with `updates` updates saving every `every` (mode: none, sync,
+    thread or process)."""
     torch.manual_seed(0)
     blocks: list[nn.Module] = []
     for _ in range(layers):
@@ -103,7 +112,8 @@ def _training_run(width: int, layers: int, updates: int, every: int, mode: str) 
             save_best_model=False,
             save_last_checkpoint=mode != "none",
             checkpoint_every_n_steps=every if mode != "none" else 0,
-            async_checkpointing=mode == "async",
+            async_checkpointing=mode in ("thread", "process"),
+            checkpoint_writer="process" if mode == "process" else "thread",
             output_dir=folder,
         )
         result = TrainingManager(config).train(model, DataLoader(data, batch_size=64))
@@ -114,18 +124,26 @@ def save_throughput(params: float, updates: int, every: int, repeats: int) -> No
     width = 2048
     layers = max(1, round(params / (width * width + width)))
     count = layers * (width * width + width) + width * 10 + 10
-    rates: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+    modes = ["none", "sync", "thread"]
+    if checkpoint_process.available():
+        modes.append("process")
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    samples = updates * 64
     for _ in range(repeats):  # interleaved: the machine's noise hits every mode alike
-        for mode in rates:
-            rates[mode].append(_training_run(width, layers, updates, every, mode))
-    best = {mode: max(values) for mode, values in rates.items()}
+        for mode in modes:
+            seconds[mode].append(samples / _training_run(width, layers, updates, every, mode))
+    median = {mode: statistics.median(values) for mode, values in seconds.items()}
+    added = {mode: median[mode] - median["none"] for mode in modes}
     saves = updates // every
     print(
-        f"| {count / 1e6:.1f}M-param MLP, {updates} updates, a save every {every} "
-        f"({saves} saves + last) | no saves {best['none']:.0f} samples/s | sync "
-        f"{best['sync']:.0f} ({100 * (best['sync'] / best['none'] - 1):+.1f}%) | async "
-        f"{best['async']:.0f} ({100 * (best['async'] / best['none'] - 1):+.1f}%) |"
+        f"{count / 1e6:.1f}M-param MLP, {updates} updates, a save every {every} ({saves} saves "
+        f"+ last), medians of {repeats}, seconds of training:\n"
     )
+    print("| writer | seconds | added by saves | share of a synchronous save's cost |")
+    print("|---|---|---|---|")
+    for mode in modes:
+        share = f"{100 * added[mode] / added['sync']:.0f}%" if mode != "none" else ""
+        print(f"| {mode} | {median[mode]:.2f} | {added[mode]:+.2f} | {share} |")
 
 
 def resume_cost(n: int) -> None:
@@ -151,15 +169,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1_000_000)
     parser.add_argument("--train-params", type=float, default=25e6)
     parser.add_argument("--updates", type=int, default=60)
-    parser.add_argument("--every", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--every", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only-throughput", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores")
-    with tempfile.TemporaryDirectory(dir=".") as folder:
-        checkpoint_cost(args.params, Path(folder))
+    if not args.only_throughput:
+        with tempfile.TemporaryDirectory(dir=".") as folder:
+            checkpoint_cost(args.params, Path(folder))
     save_throughput(args.train_params, args.updates, args.every, args.repeats)
-    resume_cost(args.samples)
+    if not args.only_throughput:
+        resume_cost(args.samples)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A training process for the kill -9 tests: `python resume_worker.py OUTPUT_DIR WORKERS`.
+"""A training process for the kill -9 tests:
+`python resume_worker.py OUTPUT_DIR WORKERS [WRITER]` (WRITER: sync, thread or process).
 
 Trains with a checkpoint after every optimizer update, resuming from the newest valid
 checkpoint in OUTPUT_DIR, and writes the final weights to OUTPUT_DIR/final.pt.
@@ -31,6 +32,7 @@ class Pace(Callback):
 
 def main() -> None:
     output_dir, workers = sys.argv[1], int(sys.argv[2])
+    writer = sys.argv[3] if len(sys.argv) > 3 else "sync"
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(320, 16, generator=generator)
     y = (x[:, :4].sum(1) > 0).long()
@@ -59,6 +61,8 @@ def main() -> None:
         tensorboard_logging=False,
         device="cpu",
         seed=5,
+        async_checkpointing=writer != "sync",
+        checkpoint_writer="thread" if writer == "sync" else writer,
     )
     callbacks = [Announce(), Pace()]
     TrainingManager(config).train(model, loader, val, resume_from="auto", callbacks=callbacks)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from traineval import TrainingManager
+from traineval.runs import checkpoint as checkpoint_module
 from traineval.runs.checkpoint import load_checkpoint_file, load_safetensors
 from traineval.runs.checkpoint_writer import CheckpointWriteError, snapshot, untied
-from traineval.training import run_checkpoints as run_checkpoints_module
 from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt
@@ -32,13 +32,15 @@ def _tensors(value, prefix=""):
             yield from _tensors(item, f"{prefix}[{index}]")
 
 
-def test_async_saves_write_the_same_checkpoints_as_sync_saves(tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_async_saves_write_the_same_checkpoints_as_sync_saves(tmp_path, writer):
     runs = {}
     for kind, asynchronous in (("sync", False), ("async", True)):
         model = dropout_mlp(0)
         train, val = loaders(0)
         folder = tmp_path / kind
-        TrainingManager(config(folder, async_checkpointing=asynchronous)).train(model, train, val)
+        settings = {"async_checkpointing": asynchronous, "checkpoint_writer": writer}
+        TrainingManager(config(folder, **settings)).train(model, train, val)
         runs[kind] = folder
     for name in ("last.pt", "best.pt"):
         a = load_checkpoint_file(runs["sync"] / "checkpoints" / name)
@@ -54,8 +56,12 @@ def test_async_saves_write_the_same_checkpoints_as_sync_saves(tmp_path):
     assert all(torch.equal(v, best[k]) for k, v in restored.state_dict().items())
 
 
-@pytest.mark.parametrize("interrupt_at", [7, 13])
-def test_a_run_resumed_from_async_checkpoints_equals_the_uninterrupted_one(tmp_path, interrupt_at):
+@pytest.mark.parametrize(
+    ("interrupt_at", "writer"), [(7, "thread"), (13, "thread"), (13, "process")]
+)
+def test_a_run_resumed_from_async_checkpoints_equals_the_uninterrupted_one(
+    tmp_path, interrupt_at, writer
+):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = dropout_mlp(0)
     train, val = loaders(0)
@@ -63,16 +69,16 @@ def test_a_run_resumed_from_async_checkpoints_equals_the_uninterrupted_one(tmp_p
 
     train, val = loaders(0)
     with pytest.raises(TrainingInterrupted):
-        TrainingManager(config(resumed_dir, async_checkpointing=True)).train(
-            dropout_mlp(0), train, val, callbacks=[InterruptAt(interrupt_at)]
-        )
+        TrainingManager(
+            config(resumed_dir, async_checkpointing=True, checkpoint_writer=writer)
+        ).train(dropout_mlp(0), train, val, callbacks=[InterruptAt(interrupt_at)])
     # the interrupted run returned only once its checkpoint was on disk
     assert load_checkpoint_file(resumed_dir / "checkpoints" / "last.pt")["global_step"] == (
         interrupt_at
     )
     resumed = dropout_mlp(99)
     train, val = loaders(0)
-    TrainingManager(config(resumed_dir, async_checkpointing=True)).train(
+    TrainingManager(config(resumed_dir, async_checkpointing=True, checkpoint_writer=writer)).train(
         resumed, train, val, resume_from="auto"
     )
     assert_same_state(straight, resumed, straight_dir, resumed_dir)
@@ -80,7 +86,7 @@ def test_a_run_resumed_from_async_checkpoints_equals_the_uninterrupted_one(tmp_p
 
 
 def test_one_write_at_a_time_and_the_run_ends_after_the_last(tmp_path, monkeypatch):
-    real = run_checkpoints_module.save_checkpoint_file
+    real = checkpoint_module.save_checkpoint_file
     active, most, finished = [0], [0], []
     guard = threading.Lock()
 
@@ -94,11 +100,10 @@ def test_one_write_at_a_time_and_the_run_ends_after_the_last(tmp_path, monkeypat
             active[0] -= 1
         finished.append(payload["global_step"])
 
-    monkeypatch.setattr(run_checkpoints_module, "save_checkpoint_file", slow_save)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint_file", slow_save)
     train, val = loaders(0)
-    result = TrainingManager(config(tmp_path, async_checkpointing=True)).train(
-        dropout_mlp(0), train, val
-    )
+    threaded = config(tmp_path, async_checkpointing=True, checkpoint_writer="thread")
+    result = TrainingManager(threaded).train(dropout_mlp(0), train, val)
     assert most[0] == 1  # a second save waited for the first
     assert finished[-1] == result["global_step"]  # the last one landed before train returned
     assert threading.active_count() == 1 or all(
@@ -110,12 +115,11 @@ def test_a_failed_background_write_is_the_runs_error(tmp_path, monkeypatch):
     def full_disk(payload, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_checkpoints_module, "save_checkpoint_file", full_disk)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint_file", full_disk)
     train, val = loaders(0)
+    threaded = config(tmp_path, async_checkpointing=True, checkpoint_writer="thread")
     with pytest.raises(CheckpointWriteError, match=r"last\.pt failed: .*No space left"):
-        TrainingManager(config(tmp_path, async_checkpointing=True)).train(
-            dropout_mlp(0), train, val
-        )
+        TrainingManager(threaded).train(dropout_mlp(0), train, val)
 
 
 def test_snapshot_copies_and_untied_keeps_tied_weights_once():

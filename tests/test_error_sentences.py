@@ -133,7 +133,9 @@ def test_a_libraries_write_error_is_one_line_naming_its_file(
     for target in targets:
         monkeypatch.setattr(target, replacement)
     run = tmp_path / "run"
-    assert main(iris_demo(run, f"training.async_checkpointing={str(background).lower()}")) == 1
+    threaded = "training.checkpoint_writer=thread"  # the stand-ins live in this process
+    assert main(iris_demo(run, f"training.async_checkpointing={str(background).lower()}",
+                          threaded)) == 1  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err[:3]
     assert f"could not write '{run / 'checkpoints' / file}'" in err[0]

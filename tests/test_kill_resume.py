@@ -18,9 +18,9 @@ from traineval.runs.checkpoint import load_checkpoint_file
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
-def _start(output_dir: Path, workers: int) -> subprocess.Popen:
+def _start(output_dir: Path, workers: int, writer: str = "sync") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(output_dir), str(workers)],
+        [sys.executable, str(WORKER), str(output_dir), str(workers), writer],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -36,8 +36,12 @@ def _losses(output_dir: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_kill_9_at_random_points_then_resume_equals_the_straight_run(tmp_path, workers):
+@pytest.mark.parametrize(
+    ("workers", "writer"), [(0, "sync"), (2, "sync"), (0, "process")], ids=["0", "2", "process"]
+)
+def test_kill_9_at_random_points_then_resume_equals_the_straight_run(tmp_path, workers, writer):
+    """`process`: the checkpoints are written by a writer process (async), killed with the
+    training process; the straight run writes synchronously."""
     straight = tmp_path / "straight"
     assert _start(straight, workers).wait(timeout=300) == 0
 
@@ -45,7 +49,7 @@ def test_kill_9_at_random_points_then_resume_equals_the_straight_run(tmp_path, w
     rng = random.Random(workers)
     kills = 0
     for _ in range(4):
-        process = _start(run, workers)
+        process = _start(run, workers, writer)
         line = process.stdout.readline()  # "training from step N": past start-up
         if not line.startswith("training"):
             break
@@ -58,7 +62,7 @@ def test_kill_9_at_random_points_then_resume_equals_the_straight_run(tmp_path, w
         if last.exists():
             load_checkpoint_file(last)  # the newest "last" is never corrupt
     assert kills >= 2
-    final = _start(run, workers)
+    final = _start(run, workers, writer)
     assert final.wait(timeout=300) == 0
 
     a = torch.load(straight / "final.pt", weights_only=True)

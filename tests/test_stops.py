@@ -409,16 +409,19 @@ class KeepBest(Callback):
 def test_checkpoints_put_off_by_the_write_budget_hold_the_best_and_the_final_state(
     quiet_config, tmp_path, monkeypatch
 ):
+    from traineval.runs import checkpoint
     from traineval.training import run_checkpoints
     from traineval.training.saves import Saves
 
     written: list[str] = []
     save = run_checkpoints.save_checkpoint_file
-    monkeypatch.setattr(
-        run_checkpoints,
-        "save_checkpoint_file",
-        lambda payload, path: (written.append(path.name), save(payload, path))[1],
-    )
+
+    def recorded(payload, path):
+        written.append(path.name)
+        return save(payload, path)
+
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint_file", recorded)  # written now
+    monkeypatch.setattr(checkpoint, "save_checkpoint_file", recorded)  # put off, then written
     monkeypatch.setattr(Saves, "within_budget", lambda self: len(written) < 2)
     keep = KeepBest()
     config = plain_sgd_config(

@@ -51,6 +51,7 @@ from ..training.optim import configured_optimizer, configured_scheduler
 from ..training.precision import resolve_device, resolve_precision
 from ..training.run_checkpoints import (
     Contents,
+    background_writer,
     checkpoint_payload,
     finished,
     restore_loop,
@@ -194,7 +195,8 @@ class TrainingManager:
         for name, record in self.run_files.items():  # e.g. a table's data.json, with config.yaml
             if job.is_main:
                 atomic_write_json(self.output_dir / name, record)
-        run.writer = CheckpointWriter() if c.async_checkpointing else None
+        process = c.checkpoint_writer == "process"
+        run.writer = background_writer(process) if c.async_checkpointing else None
         loop = self._loop(run, evaluate_fn, hub)
         if run.payload is not None:
             restore_loop(loop, run.payload)
@@ -310,8 +312,8 @@ class TrainingManager:
             result.write_summary(self.distributed)
         finally:
             try:
-                if writer is not None:
-                    writer.wait()  # also when the run failed: its checkpoint lands first
+                if writer is not None:  # also when the run failed: its checkpoint lands first
+                    writer.close()  # (and a writer process ends)
             finally:
                 hub.close()  # after summary.json, so artifact loggers take it along
         return result

@@ -123,6 +123,7 @@ DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # the loop keeps each step's loss tensor until the next log step (no per-step sync).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
+CHECKPOINT_WRITERS = ("process", "thread")
 
 
 # -- field checks: each raises ValueError naming field, value and what is allowed --------------
@@ -333,7 +334,9 @@ class TrainingConfig(_ConfigBase):
     also saves `last` inside epochs, so a long epoch can be resumed in the middle;
     `async_checkpointing` writes the loop's checkpoints in the background (training pauses
     only to copy the state to host memory; one write at a time; the run ends once the last
-    is on disk; see `traineval.runs.checkpoint_writer`);
+    is on disk; see `traineval.runs.checkpoint_writer`), by `checkpoint_writer`: "process" (a
+    writer process over shared memory: serialisation and disk leave the training process;
+    Linux, elsewhere a thread; `traineval.runs.checkpoint_process`) or "thread";
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
     `compile` runs the model and the loss function through `torch.compile` (separately, so
@@ -478,6 +481,7 @@ class TrainingConfig(_ConfigBase):
     verbose: bool = setting(True, Flag())
     checkpoint_every_n_steps: int = setting(0, Int(0))
     async_checkpointing: bool = setting(False, Flag())
+    checkpoint_writer: str = setting("process", OneOf(CHECKPOINT_WRITERS))
     skip_nonfinite_steps: int = setting(0, Int(0))
     log_layer_grad_norms: bool = setting(False, Flag())
     ema_decay: float = setting(0.0, Number(0, below=1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,19 @@ from ..system.files import WriteError
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint written in the background could not be written."""
+
+
+@dataclasses.dataclass
+class Write:
+    """One file of a save: a checkpoint (`kind` "checkpoint": `value` is its dict) or a
+    weights export ("safetensors": `value` is the state dict), at `path`."""
+
+    kind: str
+    path: Path
+    value: Any
+
+
+Perform = Callable[[Write], Any]
 
 
 def snapshot(value: Any, reuse: Any = None) -> Any:
@@ -122,9 +136,12 @@ def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class CheckpointWriter:
-    """One background thread per save, at most one at a time (see the module)."""
+    """One background thread per save, at most one at a time (see the module); `perform`
+    writes one file."""
 
-    def __init__(self) -> None:
+    def __init__(self, perform: Perform | None = None) -> None:
+        self.perform = perform or _perform
+        self.slow_said = False  # whether a save that waited for the previous one was said
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""
@@ -136,8 +153,8 @@ class CheckpointWriter:
         self.buffers[kind] = snapshot(value, self.buffers.get(kind))
         return self.buffers[kind]
 
-    def submit(self, writes: Sequence[Callable[[], Any]], what: str) -> None:
-        """Run `writes` in order on a writer thread, after the previous save finished."""
+    def submit(self, writes: Sequence[Write], what: str) -> None:
+        """Write `writes` in order on a writer thread, after the previous save finished."""
         self.wait()
         self._what = what
         # not a daemon: an exception in the training thread still lets the write finish
@@ -161,10 +178,14 @@ class CheckpointWriter:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _write(self, writes: Sequence[Callable[[], Any]]) -> None:
+    def close(self) -> None:
+        """Wait for the last write (a writer process also ends)."""
+        self.wait()
+
+    def _write(self, writes: Sequence[Write]) -> None:
         try:
             for write in writes:
-                write()
+                self.perform(write)
         except BaseException as error:  # raised in the training thread by wait()
             self._error = error
 
@@ -174,15 +195,15 @@ class StagedWrites(CheckpointWriter):
     when requested, as for a background write, and kept until `write_all()`; a later save
     of the same file replaces the one kept. Used where a writer is, in the training thread."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending: dict[str, Sequence[Callable[[], Any]]] = {}
+    def __init__(self, perform: Perform | None = None) -> None:
+        super().__init__(perform)
+        self.pending: dict[str, Sequence[Write]] = {}
         self.target: CheckpointWriter | None = None  # the run's background writer, if any
 
     def snapshot(self, kind: str, value: Any) -> Any:
         return snapshot(value)  # each kept save its own copy
 
-    def submit(self, writes: Sequence[Callable[[], Any]], what: str) -> None:
+    def submit(self, writes: Sequence[Write], what: str) -> None:
         self.pending[what] = writes
 
     def wait(self) -> None:
@@ -201,7 +222,17 @@ class StagedWrites(CheckpointWriter):
                 self.target.submit(writes, what)
                 continue
             for write in writes:
-                write()
+                self.perform(write)
+
+
+def _perform(write: Write) -> None:
+    """Write one file as a synchronous save does (atomically)."""
+    from .checkpoint import save_checkpoint_file, save_safetensors
+
+    if write.kind == "safetensors":
+        save_safetensors(write.value, write.path)
+    else:
+        save_checkpoint_file(write.value, write.path)
 
 
 class WriteBudget:

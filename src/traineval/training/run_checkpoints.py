@@ -13,7 +13,8 @@ are collectives); rank 0 writes, the others wait.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +22,14 @@ import torch
 
 from ..callbacks.base import saved_states, state_keys
 from ..config.training_config import TrainingConfig, current_metric_name
+from ..runs import checkpoint_process
 from ..runs.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     save_checkpoint_file,
     save_safetensors,
 )
-from ..runs.checkpoint_writer import CheckpointWriter, untied
+from ..runs.checkpoint_writer import CheckpointWriter, Write, untied
 from ..system.distributed import is_sharded, model_state, optimizer_state
 from ..system.seeding import capture_rng
 from ..system.version import __version__
@@ -35,6 +37,8 @@ from .steplog import NonFiniteError
 
 if TYPE_CHECKING:
     from .loop import Loop
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -174,7 +178,7 @@ def _save_in_background(
     a moving average, one snapshot of both: the weights they share are copied once. With
     one, the exported average is copied while the model holds it (the block puts the
     training weights back, and the checkpoint's `training_weights` are views of them)."""
-    writer.wait()  # at most one write in flight: this save waits for the previous one
+    _wait_for_the_previous_write(writer, path)
     exported: dict[str, Any] = {}  # to copy with the checkpoint
     average: dict[str, Any] | None = None  # copied already
     if name == "best" and is_sharded(loop.model):
@@ -186,13 +190,42 @@ def _save_in_background(
         exported = untied(loop.model.state_dict())
     kind = "best" if name == "best" else "checkpoint"  # the buffers one shape of save lends
     copied = writer.snapshot(kind, {"checkpoint": payload, "weights": exported})
-    writes: list[Callable[[], Any]] = []
+    writes: list[Write] = []
     if name == "best":
-        safetensors = path.with_suffix(".safetensors")
         files = average if average is not None else copied["weights"]
-        writes.append(lambda: save_safetensors(files, safetensors))
-    writes.append(lambda: save_checkpoint_file(copied["checkpoint"], path))
+        writes.append(Write("safetensors", path.with_suffix(".safetensors"), files))
+    writes.append(Write("checkpoint", path, copied["checkpoint"]))
     writer.submit(writes, str(path))
+
+
+def background_writer(process: bool) -> CheckpointWriter:
+    """The writer of `async_checkpointing`: a process of its own where the platform allows
+    (`process`), else a thread."""
+    if process and checkpoint_process.available():
+        return checkpoint_process.ProcessWriter()
+    return CheckpointWriter()
+
+
+SLOW_WRITES = 0.05  # seconds a save may wait for the previous write before it is said
+
+
+def _wait_for_the_previous_write(writer: CheckpointWriter, path: Path) -> None:
+    """At most one write in flight: a save waits for the previous one. When it has to wait
+    (the writes take longer than the time between saves), say so once a run, with what to
+    change: a silent slowdown would look like a slow model."""
+    busy = writer.busy
+    started = time.perf_counter()
+    writer.wait()
+    waited = time.perf_counter() - started
+    if busy and waited > SLOW_WRITES and not writer.slow_said:
+        writer.slow_said = True
+        logger.warning(
+            "checkpoint writes cannot keep up: saving %s waited %.2fs for the previous write "
+            "to finish; training waits for every such save (save less often: "
+            "checkpoint_every_n_steps, checkpoint_save_frequency)",
+            path.name,
+            waited,
+        )
 
 
 def finished(state: dict[str, Any], config: TrainingConfig) -> bool:

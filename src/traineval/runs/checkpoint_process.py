@@ -1,0 +1,375 @@
+"""Checkpoint writes in a process of their own: serialisation and disk off the training
+process, neither holding its GIL nor, where another core is free, its core.
+
+Training copies the state into an arena of shared memory (an anonymous `memfd`, handed to
+the writer process when it starts, so nothing is left behind when either process dies);
+the writer maps the same memory, rebuilds the checkpoint over it without copying, and
+writes the files as a synchronous save would (temp file, fsync, rename: a kill -9 at any
+moment leaves the previous file loadable). A job names its files and the arena's size; its
+tensors travel as (offset, dtype, shape) and everything else as pickled values, over a
+private pipe. One job at a time, as for the writer thread (`checkpoint_writer`): the
+training process waits for the job in flight before it copies the next state into the
+arena, and the run ends only after the last file is on disk.
+
+The writer process ignores SIGINT and SIGTERM (the training process decides what a signal
+means, and its last checkpoint still has to be written); it exits when the training process
+closes the pipe, after finishing the file in hand, and dies with it when it is killed (as a
+thread would: the file in hand stays a temp file, the previous one loadable, and no write
+lands after a resumed run has started). Linux only (`os.memfd_create`); elsewhere the
+writer thread does the work.
+
+    python -m traineval.runs.checkpoint_process ARENA_FD JOBS_FD REPLIES_FD PARENT_PID
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from ..system.files import WriteError
+from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, Write
+
+ALIGN = 64  # bytes: each tensor starts on a cache line
+_HEADER = struct.Struct("<Q")  # a message's length
+
+
+def available() -> bool:
+    """Whether this platform can run the writer process (anonymous shared memory)."""
+    return hasattr(os, "memfd_create") and sys.platform.startswith("linux")
+
+
+class _Region:
+    """A tensor's place in the arena, as a job names it."""
+
+    __slots__ = ("dtype", "offset", "shape")
+
+    def __init__(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.offset, self.dtype, self.shape = offset, dtype, shape
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Region, (self.offset, self.dtype, self.shape))
+
+
+class Arena:
+    """Shared memory the state is copied into, grown by doubling; a tensor copied into it
+    is a plain CPU tensor over the mapping (the writer maps the same bytes)."""
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        self.fd = os.memfd_create("traineval-checkpoint", os.MFD_CLOEXEC)
+        self.size = 0
+        self.used = 0
+        self.maps: list[tuple[int, int, mmap.mmap]] = []  # (address, length, mapping)
+        self._grow(size)
+
+    def _grow(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        populate = getattr(mmap, "MAP_POPULATE", 0)  # the pages now, in one go, not by faults
+        mapping = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | populate)
+        address = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+        self.maps.append((address, size, mapping))
+        self.size = size
+
+    def reserve(self, nbytes: int) -> None:
+        """Make room for `nbytes` more in one mapping (a snapshot's size, before it copies:
+        one mapping whose pages the next snapshots reuse)."""
+        needed = self.used + nbytes + ALIGN * 1024
+        if needed > self.size:
+            self._grow(max(needed, 2 * self.size))
+
+    def reset(self) -> None:
+        """Every earlier copy is written: the arena is free again (its pages stay mapped)."""
+        self.used = 0
+        self.maps = self.maps[-1:]  # older mappings go once their tensors do
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`'s values in the arena (contiguous), as a CPU tensor over it."""
+        nbytes = tensor.numel() * tensor.element_size()
+        start = -(-self.used // ALIGN) * ALIGN
+        if start + nbytes > self.size:
+            self._grow(max(2 * self.size, start + nbytes + (1 << 20)))
+        self.used = start + nbytes
+        mapping = self.maps[-1][2]
+        count = tensor.numel()
+        view = torch.frombuffer(mapping, dtype=tensor.dtype, count=count, offset=start)
+        view = view.view(tensor.shape)
+        view.copy_(tensor.detach())
+        return view
+
+    def region(self, tensor: torch.Tensor) -> _Region | None:
+        """Where `tensor` lies in the arena (None: it is not the arena's)."""
+        pointer = tensor.data_ptr()
+        for address, length, _ in self.maps:
+            if address <= pointer < address + length and tensor.is_contiguous():
+                return _Region(pointer - address, tensor.dtype, tuple(tensor.shape))
+        return None
+
+    def close(self) -> None:
+        self.maps = []
+        os.close(self.fd)
+
+
+class ProcessWriter(CheckpointWriter):
+    """The writer thread's interface (`snapshot`, `submit`, `wait`), with the writes done
+    by a process of its own (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arena = Arena()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._jobs: Any = None
+        self._replies: Any = None
+        self._pending = False
+        self._start()  # now: it imports torch while training starts, not at the first save
+
+    def snapshot(self, kind: str, value: Any) -> Any:
+        """A copy of `value` in the arena, tensors by view once (ties stay ties)."""
+        self.arena.reserve(_nbytes(value, set()))
+        return _into(value, self.arena, {})
+
+    def submit(self, writes: Sequence[Write], what: str) -> None:
+        """Hand `writes` to the writer process (it starts on the first job)."""
+        self.wait()
+        self._what = what
+        jobs = [(w.kind, str(w.path), _described(w.value, self.arena)) for w in writes]
+        message = pickle.dumps({"size": self.arena.size, "writes": jobs, "what": what})
+        self._start()
+        try:
+            self._jobs.write(_HEADER.pack(len(message)) + message)
+            self._jobs.flush()
+        except OSError as error:
+            self._stopped(f"the checkpoint writer process is gone ({error})")
+        self._pending = True
+
+    def wait(self) -> None:
+        """Block until the job in flight is on disk; raise its error, if any."""
+        if self._pending:
+            self._pending = False
+            self.arena.reset()  # the writer has read every copy of the job (or is gone)
+            ok, message = self._reply()
+            if ok:
+                return
+            if isinstance(message, tuple):  # a WriteError: the file and the disk, said
+                raise WriteError(*message)
+            raise CheckpointWriteError(f"writing {self._what} failed: {message}")
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is still being written (its reply has not come)."""
+        if not self._pending:
+            return False
+        ready, _, _ = select.select([self._replies], [], [], 0)
+        return not ready
+
+    def close(self) -> None:
+        """Wait for the last job, then let the writer process exit."""
+        try:
+            self.wait()
+        finally:
+            process, self._process = self._process, None
+            if process is not None:
+                self._jobs.close()  # EOF: the writer exits once its file is written
+                try:
+                    process.wait(timeout=600)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                self._replies.close()
+            self.arena.close()
+
+    def _start(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        jobs_read, jobs_write = os.pipe()
+        replies_read, replies_write = os.pipe()
+        fds = (self.arena.fd, jobs_read, replies_write)
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "traineval.runs.checkpoint_process",
+                *map(str, fds),
+                str(os.getpid()),
+            ],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(jobs_read)
+        os.close(replies_write)
+        self._jobs = os.fdopen(jobs_write, "wb")
+        self._replies = os.fdopen(replies_read, "rb")
+
+    def _reply(self) -> tuple[bool, Any]:
+        header = self._replies.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            self._stopped("the checkpoint writer process ended without writing it")
+        reply: tuple[bool, Any] = pickle.loads(self._replies.read(_HEADER.unpack(header)[0]))
+        return reply
+
+    def _stopped(self, why: str) -> NoReturn:
+        """The writer process is gone: end it for good (the next job starts another)."""
+        self._pending = False
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+        for pipe in (self._jobs, self._replies):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        raise CheckpointWriteError(f"writing {self._what} failed: {why}")
+
+
+def _nbytes(value: Any, seen: set[tuple[Any, ...]]) -> int:
+    """The bytes `_into` will copy (each view once, with its alignment)."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_meta or value.numel() == 0:
+            return 0
+        key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+               value.shape, value.stride(), value.dtype)  # fmt: skip
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.numel() * value.element_size() + ALIGN
+    if isinstance(value, dict):
+        return sum(_nbytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v, seen) for v in value)
+    return 0
+
+
+def _into(value: Any, arena: Arena, seen: dict[tuple[Any, ...], torch.Tensor]) -> Any:
+    """`value` with every strided tensor copied into `arena` (a view shared by two names is
+    copied once, and both names get the one copy)."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_meta or value.numel() == 0:
+            return value.detach().cpu().clone()  # travels pickled (no bytes to share)
+        key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+               value.shape, value.stride(), value.dtype)  # fmt: skip
+        if key not in seen:
+            seen[key] = arena.copy(value)
+        return seen[key]
+    if isinstance(value, dict):
+        return {k: _into(v, arena, seen) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_into(v, arena, seen) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_into(v, arena, seen) for v in value)
+    return value
+
+
+def _described(value: Any, arena: Arena) -> Any:
+    """`value` with its tensors as `_Region`s of the arena (one region object per tensor
+    object, so the writer rebuilds a tensor named twice as one tensor); a tensor copied
+    elsewhere (a put-off save's own copy) is copied into the arena first."""
+    regions: dict[int, Any] = {}
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            if id(item) not in regions:
+                found = arena.region(item)
+                plain = item.layout == torch.strided and not item.is_meta and item.numel()
+                if found is None and plain:
+                    found = arena.region(arena.copy(item))
+                regions[id(item)] = found if found is not None else item
+            return regions[id(item)]
+        if isinstance(item, dict):
+            return {k: walk(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [walk(v) for v in item]
+        if isinstance(item, tuple):
+            return tuple(walk(v) for v in item)
+        return item
+
+    return walk(value)
+
+
+# -- the writer process --------------------------------------------------------------------
+
+
+def _rebuilt(value: Any, mapping: mmap.mmap, built: dict[int, torch.Tensor]) -> Any:
+    if isinstance(value, _Region):
+        if id(value) not in built:
+            count = 1
+            for size in value.shape:
+                count *= size
+            flat = torch.frombuffer(mapping, dtype=value.dtype, count=count, offset=value.offset)
+            built[id(value)] = flat.view(value.shape)
+        return built[id(value)]
+    if isinstance(value, dict):
+        return {k: _rebuilt(v, mapping, built) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebuilt(v, mapping, built) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_rebuilt(v, mapping, built) for v in value)
+    return value
+
+
+def _write_job(job: dict[str, Any], arena_fd: int) -> None:
+    from .checkpoint import save_checkpoint_file, save_safetensors
+
+    mapping = mmap.mmap(arena_fd, job["size"])
+    built: dict[int, torch.Tensor] = {}
+    try:
+        for kind, path, value in job["writes"]:
+            rebuilt = _rebuilt(value, mapping, built)
+            if kind == "safetensors":
+                save_safetensors(rebuilt, Path(path))
+            else:
+                save_checkpoint_file(rebuilt, Path(path))
+    finally:
+        del built
+        rebuilt = None  # the tensors over the mapping go before it does
+
+
+def _die_with(parent: int) -> None:
+    """End this process when the training process dies (a kill -9 takes the writer with it,
+    as it would a thread: the file in hand stays a temp file, the previous one loadable, and
+    no write lands after a resumed run has started)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(0)
+
+
+def serve(arena_fd: int, jobs_fd: int, replies_fd: int, parent: int) -> None:
+    """The writer process's loop: one job at a time, a reply for each, until EOF."""
+    _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    with os.fdopen(jobs_fd, "rb") as jobs, os.fdopen(replies_fd, "wb") as replies:
+        while True:
+            header = jobs.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return  # the training process is done (or gone)
+            job = pickle.loads(jobs.read(_HEADER.unpack(header)[0]))
+            try:
+                _write_job(job, arena_fd)
+                reply: tuple[bool, Any] = (True, "")
+            except WriteError as error:  # its sentence names the file: raised as it is
+                reply = (False, (error.errno, error.strerror))
+            except BaseException as error:  # reported to the training process
+                reply = (False, f"{type(error).__name__}: {error}")
+            message = pickle.dumps(reply)
+            replies.write(_HEADER.pack(len(message)) + message)
+            replies.flush()
+
+
+if __name__ == "__main__":  # run as the module's real name: the jobs' classes are its
+    from traineval.runs.checkpoint_process import serve as _serve
+
+    _serve(*(int(arg) for arg in sys.argv[1:5]))

@@ -1,0 +1,104 @@
+"""The checkpoint writer process: files equal to a synchronous save's, ties kept, failures
+named, a writer that dies said so, and saves that outrun the writes said once."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from traineval.runs import checkpoint_process
+from traineval.runs.checkpoint import load_checkpoint_file, save_checkpoint_file
+from traineval.runs.checkpoint_writer import CheckpointWriteError, CheckpointWriter, Write
+from traineval.system.files import WriteError
+
+pytestmark = pytest.mark.skipif(
+    not checkpoint_process.available(), reason="the writer process needs Linux (memfd)"
+)
+
+
+def _state():
+    torch.manual_seed(0)
+    shared = torch.randn(4, 3)
+    return {
+        "model": {"embed": shared, "head": shared, "bias": torch.zeros(3, dtype=torch.bfloat16)},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "groups": [{"lr": 0.1}]},
+        "empty": torch.empty(0),
+        "rng": (1, (2, 3), None),
+        "flags": torch.tensor([True, False]),
+        "step": 7,
+    }
+
+
+def test_the_process_writes_what_a_synchronous_save_writes_and_keeps_ties(tmp_path):
+    state = _state()
+    save_checkpoint_file(state, tmp_path / "sync.pt")
+    writer = checkpoint_process.ProcessWriter()
+    try:
+        copied = writer.snapshot("checkpoint", state)
+        state["model"]["embed"].add_(1)  # training goes on: the copy does not change
+        writer.submit([Write("checkpoint", tmp_path / "async.pt", copied)], "async.pt")
+        writer.wait()
+    finally:
+        writer.close()
+    a = load_checkpoint_file(tmp_path / "sync.pt")
+    b = load_checkpoint_file(tmp_path / "async.pt")
+    assert torch.equal(a["model"]["embed"], b["model"]["embed"])
+    assert b["model"]["bias"].dtype == torch.bfloat16
+    assert b["model"]["embed"].data_ptr() == b["model"]["head"].data_ptr()  # one tensor
+    assert b["empty"].shape == (0,)
+    assert torch.equal(b["flags"], torch.tensor([True, False]))
+    assert (b["rng"], b["step"], b["optimizer"]["groups"]) == ((1, (2, 3), None), 7, [{"lr": 0.1}])
+    assert torch.equal(b["optimizer"]["state"][0]["step"], torch.tensor(3.0))
+
+
+def test_a_failed_write_is_named_and_the_writer_goes_on(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    writer = checkpoint_process.ProcessWriter()
+    try:
+        copied = writer.snapshot("checkpoint", {"w": torch.ones(3)})
+        writer.submit([Write("checkpoint", tmp_path / "a-file" / "last.pt", copied)], "last.pt")
+        with pytest.raises(WriteError, match=r"could not write '.*a-file/last\.pt'.*MB free"):
+            writer.wait()  # one sentence naming the file, as a synchronous save says it
+        copied = writer.snapshot("checkpoint", {"w": torch.full((3,), 2.0)})
+        writer.submit([Write("checkpoint", tmp_path / "ok.pt", copied)], "ok.pt")
+        writer.wait()  # the next save is written
+    finally:
+        writer.close()
+    assert torch.equal(load_checkpoint_file(tmp_path / "ok.pt")["w"], torch.full((3,), 2.0))
+
+
+def test_a_writer_that_dies_mid_write_is_an_error_and_the_previous_file_stays(tmp_path):
+    writer = checkpoint_process.ProcessWriter()
+    try:
+        copied = writer.snapshot("checkpoint", {"w": torch.ones(3)})
+        writer.submit([Write("checkpoint", tmp_path / "last.pt", copied)], "last.pt")
+        writer.wait()
+        big = writer.snapshot("checkpoint", {"w": torch.ones(50_000_000)})  # 200 MB
+        writer.submit([Write("checkpoint", tmp_path / "last.pt", big)], "last.pt")
+        writer._process.kill()  # mid-write (a kill -9 of the writer alone)
+        with pytest.raises(CheckpointWriteError, match=r"writing last\.pt failed: .*ended"):
+            writer.wait()
+        assert torch.equal(load_checkpoint_file(tmp_path / "last.pt")["w"], torch.ones(3))
+        copied = writer.snapshot("checkpoint", {"w": torch.zeros(2)})  # a new writer starts
+        writer.submit([Write("checkpoint", tmp_path / "next.pt", copied)], "next.pt")
+        writer.wait()
+    finally:
+        writer.close()
+    assert torch.equal(load_checkpoint_file(tmp_path / "next.pt")["w"], torch.zeros(2))
+
+
+def test_saves_that_outrun_their_writes_are_said_once(tmp_path, caplog):
+    from traineval.training.run_checkpoints import _wait_for_the_previous_write
+
+    writer = CheckpointWriter(perform=lambda write: time.sleep(0.2))
+    for _ in range(3):
+        with caplog.at_level(logging.WARNING):
+            _wait_for_the_previous_write(writer, tmp_path / "last.pt")
+        writer.submit([Write("checkpoint", tmp_path / "last.pt", {})], "last.pt")
+    writer.close()
+    said = [r for r in caplog.records if "cannot keep up" in r.getMessage()]
+    assert len(said) == 1
+    assert "checkpoint_every_n_steps" in said[0].getMessage()
