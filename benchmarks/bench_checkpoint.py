@@ -92,7 +92,9 @@ def checkpoint_cost(params: float, folder: Path) -> None:
         writer.close()
 
 
-def _training_run(width: int, layers: int, updates: int, every: int, mode: str) -> float:
+def _training_run(
+    width: int, layers: int, updates: int, every: int, mode: str, threads: int | None = None
+) -> float:
     """Samples/s of a run with `updates` updates saving every `every` (mode: none, sync,
     thread or process)."""
     torch.manual_seed(0)
@@ -114,13 +116,16 @@ def _training_run(width: int, layers: int, updates: int, every: int, mode: str) 
             checkpoint_every_n_steps=every if mode != "none" else 0,
             async_checkpointing=mode in ("thread", "process"),
             checkpoint_writer="process" if mode == "process" else "thread",
+            cpu_threads=threads if threads else "auto",
             output_dir=folder,
         )
         result = TrainingManager(config).train(model, DataLoader(data, batch_size=64))
     return len(data) / result["train_seconds"]
 
 
-def save_throughput(params: float, updates: int, every: int, repeats: int) -> None:
+def save_throughput(
+    params: float, updates: int, every: int, repeats: int, threads: int | None = None
+) -> None:
     width = 2048
     layers = max(1, round(params / (width * width + width)))
     count = layers * (width * width + width) + width * 10 + 10
@@ -131,13 +136,15 @@ def save_throughput(params: float, updates: int, every: int, repeats: int) -> No
     samples = updates * 64
     for _ in range(repeats):  # interleaved: the machine's noise hits every mode alike
         for mode in modes:
-            seconds[mode].append(samples / _training_run(width, layers, updates, every, mode))
+            rate = _training_run(width, layers, updates, every, mode, threads)
+            seconds[mode].append(samples / rate)
     median = {mode: statistics.median(values) for mode, values in seconds.items()}
     added = {mode: median[mode] - median["none"] for mode in modes}
     saves = updates // every
     print(
         f"{count / 1e6:.1f}M-param MLP, {updates} updates, a save every {every} ({saves} saves "
-        f"+ last), medians of {repeats}, seconds of training:\n"
+        f"+ last), medians of {repeats}, training on "
+        f"{threads or torch.get_num_threads()} of {os.cpu_count()} cores, seconds of training:\n"
     )
     print("| writer | seconds | added by saves | share of a synchronous save's cost |")
     print("|---|---|---|---|")
@@ -172,13 +179,14 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only-throughput", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="training's CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores")
     if not args.only_throughput:
         with tempfile.TemporaryDirectory(dir=".") as folder:
             checkpoint_cost(args.params, Path(folder))
-    save_throughput(args.train_params, args.updates, args.every, args.repeats)
+    save_throughput(args.train_params, args.updates, args.every, args.repeats, args.threads)
     if not args.only_throughput:
         resume_cost(args.samples)
 

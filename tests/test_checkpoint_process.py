@@ -102,3 +102,24 @@ def test_saves_that_outrun_their_writes_are_said_once(tmp_path, caplog):
     said = [r for r in caplog.records if "cannot keep up" in r.getMessage()]
     assert len(said) == 1
     assert "checkpoint_every_n_steps" in said[0].getMessage()
+
+
+def test_auto_uses_the_process_only_where_training_leaves_a_core_free(monkeypatch):
+    import os
+
+    from traineval.training.run_checkpoints import background_writer
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    chosen = {}
+    for threads, device in ((4, "cpu"), (2, "cpu"), (4, "cuda")):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        writer = background_writer("auto", torch.device(device))
+        chosen[(threads, device)] = type(writer).__name__
+        writer.close()
+    assert chosen == {
+        (4, "cpu"): "CheckpointWriter",  # every core trains: a thread
+        (2, "cpu"): "ProcessWriter",
+        (4, "cuda"): "ProcessWriter",
+    }
+    thread = background_writer("thread", torch.device("cuda"))
+    assert type(thread) is CheckpointWriter

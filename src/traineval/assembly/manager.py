@@ -195,8 +195,8 @@ class TrainingManager:
         for name, record in self.run_files.items():  # e.g. a table's data.json, with config.yaml
             if job.is_main:
                 atomic_write_json(self.output_dir / name, record)
-        process = c.checkpoint_writer == "process"
-        run.writer = background_writer(process) if c.async_checkpointing else None
+        writer = c.checkpoint_writer
+        run.writer = background_writer(writer, self.device) if c.async_checkpointing else None
         loop = self._loop(run, evaluate_fn, hub)
         if run.payload is not None:
             restore_loop(loop, run.payload)

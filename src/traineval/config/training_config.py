@@ -123,7 +123,7 @@ DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # the loop keeps each step's loss tensor until the next log step (no per-step sync).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
-CHECKPOINT_WRITERS = ("process", "thread")
+CHECKPOINT_WRITERS = ("auto", "process", "thread")
 
 
 # -- field checks: each raises ValueError naming field, value and what is allowed --------------
@@ -336,7 +336,11 @@ class TrainingConfig(_ConfigBase):
     only to copy the state to host memory; one write at a time; the run ends once the last
     is on disk; see `traineval.runs.checkpoint_writer`), by `checkpoint_writer`: "process" (a
     writer process over shared memory: serialisation and disk leave the training process;
-    Linux, elsewhere a thread; `traineval.runs.checkpoint_process`) or "thread";
+    Linux, elsewhere a thread; `traineval.runs.checkpoint_process`), "thread", or "auto" (the
+    process where training leaves a CPU core free: a GPU run, or fewer CPU threads than
+    cores; else the thread). Where training keeps every core busy, writing in the background
+    costs more than writing in place (docs/checkpoints.md has the measurements): leave
+    `async_checkpointing` off there;
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
     `compile` runs the model and the loss function through `torch.compile` (separately, so
@@ -481,7 +485,7 @@ class TrainingConfig(_ConfigBase):
     verbose: bool = setting(True, Flag())
     checkpoint_every_n_steps: int = setting(0, Int(0))
     async_checkpointing: bool = setting(False, Flag())
-    checkpoint_writer: str = setting("process", OneOf(CHECKPOINT_WRITERS))
+    checkpoint_writer: str = setting("auto", OneOf(CHECKPOINT_WRITERS))
     skip_nonfinite_steps: int = setting(0, Int(0))
     log_layer_grad_norms: bool = setting(False, Flag())
     ema_decay: float = setting(0.0, Number(0, below=1))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,10 +199,13 @@ def _save_in_background(
     writer.submit(writes, str(path))
 
 
-def background_writer(process: bool) -> CheckpointWriter:
-    """The writer of `async_checkpointing`: a process of its own where the platform allows
-    (`process`), else a thread."""
-    if process and checkpoint_process.available():
+def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
+    """The writer of `async_checkpointing` (`checkpoint_writer`): a process of its own where
+    the platform allows it and, for "auto", where training leaves a CPU core free for it (a
+    GPU run, or fewer torch threads than cores); else a thread."""
+    free_core = device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+    wanted = choice == "process" or (choice == "auto" and free_core)
+    if wanted and checkpoint_process.available():
         return checkpoint_process.ProcessWriter()
     return CheckpointWriter()
 
