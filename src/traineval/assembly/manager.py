@@ -1,7 +1,7 @@
 """TrainingManager: the specification's facade over a run's phases.
 
 The manager fills one `build.Assembly` phase by phase (`build`: each phase reads the
-`TrainingConfig`), then runs the `Loop` over the parts. The config also reaches the
+`TrainingConfig`), then `execution` drives the `Loop` over the parts. The config also reaches the
 builders the phases call (optimizer and schedule, the default callbacks, loggers, the mode's
 `check` and `plan` through its `Context`, checkpoint records, resume checks); the loop, the
 step functions, the metrics and the callbacks themselves take plain values.
@@ -10,7 +10,6 @@ step functions, the metrics and the callbacks themselves take plain values.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,7 +23,6 @@ from ..callbacks.defaults import default_callbacks
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
 from ..evaluation.inference import Predictions, predict
 from ..evaluation.model_evaluator import ModelEvaluator
-from ..loggers import LoggerHub
 from ..modes import Mode, resolve_mode
 from ..modes.contract import closing_step
 from ..runs import rundir
@@ -32,33 +30,25 @@ from ..runs.checkpoint import (
     load_checkpoint,
     save_checkpoint_file,
 )
-from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites
+from ..runs.checkpoint_writer import CheckpointWriter
 from ..runs.rundir import default_run_dir
 from ..runs.tracking import MetricsTracker
 from ..system import cpu_threads
 from ..system.distributed import is_sharded, model_state, optimizer_state
 from ..system.distributed import setup as setup_distributed
-from ..system.files import atomic_write_json, read_json_or_none
-from ..system.seeding import (
-    data_generators,
-    deterministic_algorithms,
-)
 from ..training.batches import OutputTransform, check_loaders
-from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
+from ..training.loop import Loop, TrainState
 from ..training.lr_finder import LearningRateSearch, RangeTest
 from ..training.monitor import PerformanceMonitor
 from ..training.optim import configured_optimizer, configured_scheduler
 from ..training.precision import resolve_device, resolve_precision
 from ..training.run_checkpoints import (
     Contents,
-    background_writer,
     checkpoint_payload,
     finished,
-    restore_loop,
     save_from_loop,
 )
-from ..training.stopping import TrainingInterrupted, watching_signals
-from . import build
+from . import build, execution
 from .lr_search import search_learning_rate
 from .results import TrainingResult
 
@@ -180,27 +170,8 @@ class TrainingManager:
                 overwrite=c.overwrite_output_dir,
             )
             if run.payload is not None and finished(run.payload["loop"], c):
-                return self._already_finished(model, run.payload, run.monitor)
-            return self._assemble_and_run(run)
-
-    def _assemble_and_run(self, run: build.Assembly) -> TrainingResult:
-        """Assemble the loop's parts around the planned run (resumed from its payload) and
-        run it."""
-        c, job = self.config, self.distributed
-        run.optimization = self.optimization(run)
-        evaluate_fn = build.evaluation(run, self.device, job)
-        hub = build.open_loggers(c, run, self.output_dir, job, self.run_config)
-        if run.plan.record and job.is_main:  # what the mode made of the data (mode.json)
-            atomic_write_json(self.output_dir / "mode.json", run.plan.record)
-        for name, record in self.run_files.items():  # e.g. a table's data.json, with config.yaml
-            if job.is_main:
-                atomic_write_json(self.output_dir / name, record)
-        writer = c.checkpoint_writer
-        run.writer = background_writer(writer, self.device) if c.async_checkpointing else None
-        loop = self._loop(run, evaluate_fn, hub)
-        if run.payload is not None:
-            restore_loop(loop, run.payload)
-        return self._run(run, loop, hub)
+                return execution.already_finished(self, model, run.payload, run.monitor)
+            return execution.execute(self, run)
 
     def optimization(self, run: build.Assembly, *, schedule: bool = True) -> build.Optimization:
         """The model placed (wrapped for DDP / FSDP, resumed weights) and what updates it:
@@ -220,103 +191,6 @@ class TrainingManager:
         plan, precision = build.plan_mode(c, request, run_mode, loss, job, self.device)
         data = build.shard_data(plan, request.train_loader, request.val_loader, c, job)
         return build.Assembly(request, run_mode, loss, plan, precision, data)
-
-    def _already_finished(
-        self, model: nn.Module, payload: dict[str, Any], monitor: Monitor
-    ) -> TrainingResult:
-        logger.warning(  # a notice, seen also with -q: nothing was trained
-            "the run in %s already finished (step %d); nothing to resume (raise num_epochs "
-            "or max_steps to train it further)",
-            self.output_dir,
-            payload["global_step"],
-        )
-        model.load_state_dict(payload["model"])
-        state = TrainState()
-        state.load_state_dict(payload["loop"])
-        result = self._result(state, monitor.name, 0.0, {})
-        earlier = read_json_or_none(self.output_dir / "summary.json")
-        if earlier is not None and earlier.get("global_step") == state.global_step:
-            # the run's own record (its time, checkpoints), marked finished again where a
-            # signal had stopped its test phase
-            result.train_seconds = earlier.get("train_seconds", 0.0)
-            result.performance = earlier.get("performance", {})
-            result.checkpoints = earlier.get("checkpoints", {})
-        result.write_summary(self.distributed)
-        return result
-
-    def _loop(self, run: build.Assembly, evaluate_fn: EvaluateFn | None, hub: LoggerHub) -> Loop:
-        """The loop over the assembled parts, with the default callbacks before the user's;
-        its saves are recorded in `run.checkpoints` (and written by `run.writer`, when
-        async)."""
-        c, job, model, data = self.config, self.distributed, run.request.model, run.data
-        parts, plan, writer = run.optimization, run.plan, run.writer
-        assert parts is not None
-        assert run.monitor is not None
-
-        def save_fn(name: str, loop: Loop, staged: StagedWrites | None = None) -> Path:
-            if staged is not None:
-                staged.target = writer  # its saves are written by the background writer
-            path = self._save_from_loop(name, loop, run.mode, staged or writer)
-            run.checkpoints[name] = str(path)
-            return path
-
-        return Loop(
-            model=model,
-            train_loader=data.batches,
-            update=build.update_rule(c, plan, parts, model),
-            length=build.run_length(c, data, evaluating=evaluate_fn is not None),
-            placement=build.placement(self.device, parts, plan, job),
-            monitor=run.monitor,
-            evaluate_fn=evaluate_fn,
-            save_fn=save_fn,
-            observers=Observers(
-                callbacks=[*self._default_callbacks(), *run.request.callbacks],
-                loggers=hub,
-                tracker=self.metrics_tracker,
-                performance=self.performance_monitor,
-                layer_norms=c.log_layer_grad_norms,
-            ),
-            data_generators=data_generators(data.batches),  # federated: none (rounds reseed)
-        )
-
-    def _run(self, run: build.Assembly, loop: Loop, hub: LoggerHub) -> TrainingResult:
-        """Run the loop (deterministic if asked, stopping cleanly on signals); wait for the
-        last checkpoint write; write summary.json; close the loggers."""
-        monitor, checkpoints, writer = run.monitor, run.checkpoints, run.writer
-        assert monitor is not None
-        started = time.perf_counter()
-        try:
-            try:
-                with (
-                    deterministic_algorithms(self.config.deterministic),
-                    watching_signals(loop.stops.signalled),
-                ):
-                    state = loop.run()
-            except Exception as error:  # summary.json says the run did not finish, and why
-                if writer is not None:
-                    writer.wait()
-                status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
-                seconds = time.perf_counter() - started
-                self._result(loop.state, monitor.name, seconds, checkpoints).write_summary(
-                    self.distributed,
-                    status,
-                    str(error) if status == "interrupted" else f"{type(error).__name__}: {error}",
-                )
-                raise
-            if writer is not None:
-                writer.wait()  # success is reported once the last checkpoint is on disk
-            if state.best_metric is not None:
-                hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
-            self.early_stopping_counter = monitor.num_bad
-            result = self._result(state, monitor.name, time.perf_counter() - started, checkpoints)
-            result.write_summary(self.distributed)
-        finally:
-            try:
-                if writer is not None:  # also when the run failed: its checkpoint lands first
-                    writer.close()  # (and a writer process ends)
-            finally:
-                hub.close()  # after summary.json, so artifact loggers take it along
-        return result
 
     def predict(
         self,

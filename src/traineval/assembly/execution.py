@@ -1,0 +1,184 @@
+"""The last phase of `TrainingManager.train`: the run's files at its start, the loop over the
+assembled parts, signals, the last checkpoint write, summary.json and the loggers' close.
+
+It works on the manager's parts through `Runner` (what it needs of the manager), so the
+manager stays the specification's facade and this module the one place a run is driven.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..callbacks import Callback
+from ..config.training_config import TrainingConfig
+from ..loggers import LoggerHub
+from ..modes import Mode
+from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites
+from ..runs.tracking import MetricsTracker
+from ..system.distributed import Distributed
+from ..system.files import atomic_write_json, read_json_or_none
+from ..system.seeding import data_generators, deterministic_algorithms
+from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
+from ..training.monitor import PerformanceMonitor
+from ..training.run_checkpoints import background_writer, restore_loop
+from ..training.stopping import TrainingInterrupted, watching_signals
+from . import build
+from .results import TrainingResult
+
+logger = logging.getLogger("traineval.assembly.manager")
+
+
+class Runner(Protocol):
+    """What driving a run needs of `TrainingManager`."""
+
+    config: TrainingConfig
+    distributed: Distributed
+    device: torch.device
+    output_dir: Path
+    run_config: dict[str, Any] | None
+    run_files: dict[str, Any]
+    metrics_tracker: MetricsTracker
+    performance_monitor: PerformanceMonitor
+    early_stopping_counter: int
+
+    def optimization(self, run: build.Assembly, *, schedule: bool = True) -> build.Optimization: ...
+
+    def _default_callbacks(self) -> list[Callback]: ...
+
+    def _save_from_loop(
+        self, name: str, loop: Loop, mode: Mode, writer: CheckpointWriter | None = None
+    ) -> Path: ...
+
+    def _result(
+        self, state: TrainState, monitor_name: str, seconds: float, checkpoints: dict[str, str]
+    ) -> TrainingResult: ...
+
+
+def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
+    """Assemble the loop's parts around the planned run (resumed from its payload) and
+    run it."""
+    c, job = manager.config, manager.distributed
+    run.optimization = manager.optimization(run)
+    evaluate_fn = build.evaluation(run, manager.device, job)
+    hub = build.open_loggers(c, run, manager.output_dir, job, manager.run_config)
+    if run.plan.record and job.is_main:  # what the mode made of the data (mode.json)
+        atomic_write_json(manager.output_dir / "mode.json", run.plan.record)
+    for name, record in manager.run_files.items():  # e.g. a table's data.json, with config.yaml
+        if job.is_main:
+            atomic_write_json(manager.output_dir / name, record)
+    writer = c.checkpoint_writer
+    run.writer = background_writer(writer, manager.device) if c.async_checkpointing else None
+    loop = _loop(manager, run, evaluate_fn, hub)
+    if run.payload is not None:
+        restore_loop(loop, run.payload)
+    return _run(manager, run, loop, hub)
+
+
+def already_finished(
+    manager: Runner, model: nn.Module, payload: dict[str, Any], monitor: Monitor
+) -> TrainingResult:
+    """The result of a resume of a run that had finished: its weights into `model`, its
+    record, nothing trained."""
+    logger.warning(  # a notice, seen also with -q: nothing was trained
+        "the run in %s already finished (step %d); nothing to resume (raise num_epochs "
+        "or max_steps to train it further)",
+        manager.output_dir,
+        payload["global_step"],
+    )
+    model.load_state_dict(payload["model"])
+    state = TrainState()
+    state.load_state_dict(payload["loop"])
+    result = manager._result(state, monitor.name, 0.0, {})
+    earlier = read_json_or_none(manager.output_dir / "summary.json")
+    if earlier is not None and earlier.get("global_step") == state.global_step:
+        # the run's own record (its time, checkpoints), marked finished again where a
+        # signal had stopped its test phase
+        result.train_seconds = earlier.get("train_seconds", 0.0)
+        result.performance = earlier.get("performance", {})
+        result.checkpoints = earlier.get("checkpoints", {})
+    result.write_summary(manager.distributed)
+    return result
+
+
+def _loop(
+    manager: Runner, run: build.Assembly, evaluate_fn: EvaluateFn | None, hub: LoggerHub
+) -> Loop:
+    """The loop over the assembled parts, with the default callbacks before the user's;
+    its saves are recorded in `run.checkpoints` (and written by `run.writer`, when
+    async)."""
+    c, job, model, data = manager.config, manager.distributed, run.request.model, run.data
+    parts, plan, writer = run.optimization, run.plan, run.writer
+    assert parts is not None
+    assert run.monitor is not None
+
+    def save_fn(name: str, loop: Loop, staged: StagedWrites | None = None) -> Path:
+        if staged is not None:
+            staged.target = writer  # its saves are written by the background writer
+        path = manager._save_from_loop(name, loop, run.mode, staged or writer)
+        run.checkpoints[name] = str(path)
+        return path
+
+    return Loop(
+        model=model,
+        train_loader=data.batches,
+        update=build.update_rule(c, plan, parts, model),
+        length=build.run_length(c, data, evaluating=evaluate_fn is not None),
+        placement=build.placement(manager.device, parts, plan, job),
+        monitor=run.monitor,
+        evaluate_fn=evaluate_fn,
+        save_fn=save_fn,
+        observers=Observers(
+            callbacks=[*manager._default_callbacks(), *run.request.callbacks],
+            loggers=hub,
+            tracker=manager.metrics_tracker,
+            performance=manager.performance_monitor,
+            layer_norms=c.log_layer_grad_norms,
+        ),
+        data_generators=data_generators(data.batches),  # federated: none (rounds reseed)
+    )
+
+
+def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> TrainingResult:
+    """Run the loop (deterministic if asked, stopping cleanly on signals); wait for the
+    last checkpoint write; write summary.json; close the loggers."""
+    monitor, checkpoints, writer = run.monitor, run.checkpoints, run.writer
+    assert monitor is not None
+    started = time.perf_counter()
+    try:
+        try:
+            with (
+                deterministic_algorithms(manager.config.deterministic),
+                watching_signals(loop.stops.signalled),
+            ):
+                state = loop.run()
+        except Exception as error:  # summary.json says the run did not finish, and why
+            if writer is not None:
+                writer.wait()
+            status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
+            seconds = time.perf_counter() - started
+            manager._result(loop.state, monitor.name, seconds, checkpoints).write_summary(
+                manager.distributed,
+                status,
+                str(error) if status == "interrupted" else f"{type(error).__name__}: {error}",
+            )
+            raise
+        if writer is not None:
+            writer.wait()  # success is reported once the last checkpoint is on disk
+        if state.best_metric is not None:
+            hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
+        manager.early_stopping_counter = monitor.num_bad
+        result = manager._result(state, monitor.name, time.perf_counter() - started, checkpoints)
+        result.write_summary(manager.distributed)
+    finally:
+        try:
+            if writer is not None:  # also when the run failed: its checkpoint lands first
+                writer.close()  # (and a writer process ends)
+        finally:
+            hub.close()  # after summary.json, so artifact loggers take it along
+    return result
