@@ -251,3 +251,26 @@ def test_cross_validation_validates_on_labeled_rows_only(tmp_path, capsys):
     # the labeled half of the 104 train rows, and the 23 (labeled) val rows
     assert sum(f["validation_size"] for f in summary["folds"]) == 52 + 23
     assert summary["accuracy_mean"] > 0.3
+
+
+def test_evaluating_the_train_split_scores_only_its_labeled_rows(tmp_path):
+    """Was: `evaluate --split train` of a run with labeled_fraction failed on the hidden
+    labels ("Target -1 is out of bounds")."""
+    from traineval.cli import main
+    from traineval.commands.experiment import RunConfig, run_parts
+
+    config = tmp_path / "ssl.yaml"
+    config.write_text(
+        "data: {name: iris, labeled_fraction: 0.3}\n"
+        "model: {name: mlp, options: {hidden_sizes: [8]}}\n"
+        "mode: {name: semi_supervised}\n"
+        "training: {num_epochs: 1, progress_bar: false, tensorboard_logging: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    assert main(["evaluate", str(run), "--split", "train"]) == 0
+    scored = json.loads((run / "evaluation" / "metrics_train.json").read_text())
+    labels = run_parts(RunConfig.from_yaml(config)).splits.train.tensors[1]
+    labeled = int((labels >= 0).sum())
+    assert 0 < labeled < len(labels)
+    assert sum(row["support"] for row in scored["per_class"]) == labeled

@@ -639,6 +639,10 @@ def _evaluate_run(
     model = parts.new_model()
     device = TrainingManager(config.training).device
     load_model_weights(model, path, map_location=device)
+    hidden = parts.mode.hidden_label
+    if split == "train" and hidden is not None:  # rows whose label training did not see
+        logger.info("the train split's unlabeled rows (target %d) are not scored", hidden)
+        evaluation = dataclasses.replace(evaluation, ignore_index=hidden)
     evaluator = Evaluator(evaluation)
     report = _evaluate_split(parts, evaluator, model, run_dir, device, choices[split])
     out = run_dir / "evaluation" / f"metrics_{split}.json"

@@ -217,6 +217,12 @@ class Mode:
     fold_refusal: ClassVar[str | None] = None  # why cross-validation does not apply
     uses_data: ClassVar[bool] = True  # False: `prepare` makes its data (an environment)
 
+    @property
+    def hidden_label(self) -> int | None:
+        """The target that marks a training row whose label the mode hides (`prepare`), so
+        scoring the training split leaves those rows out; None: no row's label is hidden."""
+        return None
+
     def check_config_run(self) -> None:
         """Refuse what a config-file run of this mode lacks (from Python the data is passed
         to `train`); called when the run config is built."""

@@ -123,6 +123,10 @@ class SemiSupervised(Mode):
                 out[key] = f"{getattr(value, '__module__', '?')}:{name}"
         return out
 
+    @property
+    def hidden_label(self) -> int:
+        return self.unlabeled_label
+
     def prepare(self, splits: DataSplits, data: Any) -> DataSplits:
         """`data.labeled_fraction` of the train labels kept, the other rows kept unlabeled
         (their target `unlabeled_label`)."""
