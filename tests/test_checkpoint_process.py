@@ -110,6 +110,7 @@ def test_auto_uses_the_process_only_where_training_leaves_a_core_free(monkeypatc
     from traineval.training.run_checkpoints import background_writer
 
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     chosen = {}
     for threads, device in ((4, "cpu"), (2, "cpu"), (4, "cuda")):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
@@ -123,3 +124,38 @@ def test_auto_uses_the_process_only_where_training_leaves_a_core_free(monkeypatc
     }
     thread = background_writer("thread", torch.device("cuda"))
     assert type(thread) is CheckpointWriter
+
+
+def test_close_returns_while_a_forked_process_holds_the_pipe(tmp_path):
+    """A process forked after the writer started (a DataLoader worker) holds a copy of the
+    jobs pipe: the writer stops on an explicit message, not on EOF alone."""
+    import os
+
+    writer = checkpoint_process.ProcessWriter()
+    child = os.fork()
+    if child == 0:  # the forked process: hold the pipe a while, then leave
+        time.sleep(5)
+        os._exit(0)
+    try:
+        copied = writer.snapshot("checkpoint", {"w": torch.ones(2)})
+        writer.submit([Write("checkpoint", tmp_path / "last.pt", copied)], "last.pt")
+        started = time.perf_counter()
+        writer.close()
+        assert time.perf_counter() - started < 3
+    finally:
+        os.waitpid(child, 0)
+    assert torch.equal(load_checkpoint_file(tmp_path / "last.pt")["w"], torch.ones(2))
+
+
+def test_a_tensor_and_its_conjugate_view_are_two_copies(tmp_path):
+    value = torch.tensor([1 + 2j, 3 - 1j])
+    writer = checkpoint_process.ProcessWriter()
+    try:
+        copied = writer.snapshot("checkpoint", {"z": value, "conj": value.conj()})
+        writer.submit([Write("checkpoint", tmp_path / "c.pt", copied)], "c.pt")
+        writer.wait()
+    finally:
+        writer.close()
+    saved = load_checkpoint_file(tmp_path / "c.pt")
+    assert torch.equal(saved["z"], value)
+    assert torch.equal(saved["conj"].resolve_conj(), value.conj().resolve_conj())

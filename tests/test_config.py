@@ -87,6 +87,17 @@ def test_the_saved_config_says_precision_once(given, precision, mixed, tmp_path)
     assert TrainingConfig.from_yaml(tmp_path / "config.yaml") == config
 
 
+def test_overriding_mixed_precision_lets_precision_follow_it_again():
+    """Was: on a config saved with precision fp32 (mixed precision off), the override
+    mixed_precision=true silently changed nothing."""
+    off = TrainingConfig(mixed_precision=False)
+    assert off.with_overrides(["mixed_precision=true"]).precision == "auto"
+    assert off.with_overrides(["mixed_precision=true", "precision=bf16"]).precision == "bf16"
+    assert TrainingConfig(precision="bf16").with_overrides(["mixed_precision=false"]).precision == (
+        "fp32"
+    )
+
+
 def test_spec_defaults():
     c = TrainingConfig()
     assert (c.num_epochs, c.batch_size, c.learning_rate, c.weight_decay) == (100, 32, 1e-4, 1e-5)

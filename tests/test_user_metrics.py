@@ -124,6 +124,10 @@ def test_bad_metrics_are_refused_naming_them():
         ModelEvaluator(metrics={"accuracy": balanced_accuracy_score})
     with pytest.raises(TypeError, match="is not a metric"):
         ModelEvaluator(metrics={"three": 3})
+    with pytest.raises(ValueError, match="'loss' is taken"):  # would replace val_loss
+        ModelEvaluator(metrics={"loss": balanced_accuracy_score})
+    with pytest.raises(ValueError, match=r"scores probabilities.*inputs='probabilities'"):
+        ModelEvaluator(EvaluationConfig(classification_metrics=("sklearn.metrics:log_loss",)))
     with pytest.raises(ValueError, match=r"classification_metrics\[\]='acuracy'.*'accuracy'"):
         EvaluationConfig(classification_metrics=("acuracy",))
     with pytest.raises(ValueError, match=r"evaluation\.classification_metrics=.nopkg\.m:f."):
@@ -337,3 +341,44 @@ def test_cross_validation_tables_and_ensembles_carry_a_users_metric(tmp_path):
     found = evaluator.evaluate_ensemble(summary["fold_checkpoints"], test, model_factory=make_mlp)
     assert "balanced" in found["ensemble"]
     assert all("balanced" in member for member in found["members"])
+
+
+def test_a_regression_target_equal_to_ignore_index_is_a_value_like_any_other():
+    values = torch.tensor([[1.0], [2.0], [3.0]])
+    targets = torch.tensor([1.5, -100.0, 3.0])
+    count = metric(lambda t, p: float(len(t)), name="count")
+    found = ModelEvaluator(metrics={"count": count, "r2_mine": r2_score}).compute_metrics(
+        values, targets, task_type=traineval.TaskType.REGRESSION
+    )
+    assert found["count"] == 3.0
+    assert found["r2_mine"] == pytest.approx(r2_score(targets, values.squeeze(1)))
+    assert found["r2_mine"] == pytest.approx(found["r2_score"], rel=1e-6)
+
+
+def test_a_users_torchmetrics_subclass_merges_across_ranks():
+    """A torchmetrics Metric of a user's leaves full_state_update unset, which merge_state
+    refuses; two ranks' states merge to the value of all samples."""
+    from traineval.evaluation.user_metrics import UserMetric
+
+    class Hits(torchmetrics.Metric):
+        def __init__(self):
+            super().__init__()
+            self.add_state("hits", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+        def update(self, predictions, targets):
+            self.hits += (predictions.argmax(1) == targets).sum()
+
+        def compute(self):
+            return self.hits
+
+    template = UserMetric("hits", Hits())
+    ranks = [template.start(), template.start()]
+    generator = torch.Generator().manual_seed(3)
+    scores, labels = torch.randn(10, 3, generator=generator), torch.randint(0, 3, (10,))
+    task = traineval.TaskType.CLASSIFICATION
+    ranks[0].update(scores[:6], labels[:6], task)
+    ranks[1].update(scores[6:], labels[6:], task)
+    merged = ranks[0].to_cpu()
+    merged.merge(ranks[1].to_cpu())
+    merged.adopt(template)
+    assert merged.compute(-100) == float((scores.argmax(1) == labels).sum())

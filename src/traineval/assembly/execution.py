@@ -72,11 +72,19 @@ def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
     for name, record in manager.run_files.items():  # e.g. a table's data.json, with config.yaml
         if job.is_main:
             atomic_write_json(manager.output_dir / name, record)
-    writer = c.checkpoint_writer
-    run.writer = background_writer(writer, manager.device) if c.async_checkpointing else None
-    loop = _loop(manager, run, evaluate_fn, hub)
-    if run.payload is not None:
-        restore_loop(loop, run.payload)
+    if c.async_checkpointing and job.is_main:  # rank 0 writes (the others only gather)
+        run.writer = background_writer(c.checkpoint_writer, manager.device)
+    try:
+        loop = _loop(manager, run, evaluate_fn, hub)
+        if run.payload is not None:
+            restore_loop(loop, run.payload)
+    except BaseException:  # nothing trained: what was opened for the run closes
+        try:
+            if run.writer is not None:
+                run.writer.close()
+        finally:
+            hub.close()
+        raise
     return _run(manager, run, loop, hub)
 
 

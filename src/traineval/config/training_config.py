@@ -849,7 +849,17 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 raise ValueError(f"override {item!r} is invalid: {part!r} is not a section")
             node = child
         node[parts[-1]] = parse_value(raw)
+        follower = FOLLOWS.get(parts[-1])
+        overridden = {o.partition("=")[0].strip().split(".")[-1] for o in overrides}
+        if follower is not None and follower not in overridden:
+            node.pop(follower, None)  # it follows the overridden setting again
     return out
+
+
+# A setting whose value a file may hold only as a consequence of another: overriding the
+# other lets it follow again (`mixed_precision=true` on a config that says precision fp32
+# because mixed precision was off turns mixed precision back on: precision "auto").
+FOLLOWS = {"mixed_precision": "precision"}
 
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:

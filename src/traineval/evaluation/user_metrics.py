@@ -49,6 +49,13 @@ from .bootstrap import function_intervals
 from .metrics import class_probabilities
 
 INPUTS = ("labels", "probabilities")
+RESERVED = ("loss", "bleu", "rouge_l")  # what an evaluation reports besides the task's metrics
+# scikit-learn's metrics that score probabilities: named by import path they need
+# `metric(fn, inputs="probabilities")`, or they would be given class labels
+PROBABILITY_METRICS = (
+    "roc_auc_score", "log_loss", "average_precision_score", "brier_score_loss",
+    "top_k_accuracy_score", "d2_log_loss_score",
+)  # fmt: skip
 
 
 @runtime_checkable
@@ -108,6 +115,7 @@ class UserMetric:
         self.inputs = getattr(template, "metric_inputs", "labels")
         self.state: Any = None  # the streaming copy, or the kept (predictions, targets)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.task: TaskType | None = None  # the task of the predictions seen
 
     def start(self) -> UserMetric:
         """A copy with an empty state, for one evaluation."""
@@ -120,6 +128,7 @@ class UserMetric:
         return fresh
 
     def update(self, predictions: torch.Tensor, targets: torch.Tensor, task: TaskType) -> None:
+        self.task = task
         if self.kind == "function":
             self.pairs.append((targets.detach(), self._function_input(predictions, task)))
             return
@@ -141,6 +150,8 @@ class UserMetric:
             return predictions.argmax(dim=1)
         if task is TaskType.MULTILABEL:
             return (torch.sigmoid(predictions.float()) > 0.5).long()
+        if task is TaskType.GENERATION:  # the greedy tokens, not (B, T, V) logits
+            return predictions.argmax(dim=-1)
         return predictions.detach().float()
 
     def merge(self, other: UserMetric) -> None:
@@ -148,7 +159,7 @@ class UserMetric:
         if self.kind == "function":
             self.pairs.extend(other.pairs)
         elif self.kind == "torchmetrics":
-            self.state.merge_state(other.state.to(self.state.device))
+            _merge_torchmetrics(self.state, other.state.to(self.state.device))
         else:
             self.state.merge(other.state)
 
@@ -161,7 +172,7 @@ class UserMetric:
         if self.kind == "torchmetrics":
             clone.state = copy.deepcopy(self.state).cpu()
         elif self.kind == "streaming":
-            clone.state = copy.deepcopy(self.state)
+            clone.state = _on_cpu(copy.deepcopy(self.state))
         return clone
 
     def adopt(self, local: UserMetric) -> None:
@@ -182,8 +193,10 @@ class UserMetric:
         truth = torch.cat([t.reshape(len(t), -1).cpu() for t, _ in self.pairs]).numpy()
         predicted = torch.cat([p.reshape(len(p), -1).cpu() for _, p in self.pairs]).numpy()
         if truth.shape[1] == 1:
-            keep = truth[:, 0] != ignore_index
-            truth, predicted = truth[keep, 0], predicted[keep]
+            truth = truth[:, 0]
+            if self.task is TaskType.CLASSIFICATION:  # a regression target may be -100
+                keep = truth != ignore_index
+                truth, predicted = truth[keep], predicted[keep]
         if predicted.ndim == 2 and predicted.shape[1] == 1:
             predicted = predicted[:, 0]
         return truth, predicted
@@ -245,7 +258,7 @@ def named(given: Iterable[Any] | Mapping[str, Any]) -> list[tuple[str, Any]]:
 def user_metrics(pairs: Iterable[tuple[str, Any]], built_in: Iterable[str]) -> list[UserMetric]:
     """The user's metrics from (name, metric) pairs; a name already taken (a built-in's,
     another's) is refused."""
-    taken = set(built_in)
+    taken = {*built_in, *RESERVED}
     found: list[UserMetric] = []
     for name, template in pairs:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
@@ -291,6 +304,15 @@ def resolve(entry: str, field: str) -> tuple[str, Any]:
         _kind(found)
     except TypeError as error:
         raise ValueError(f"{field}: {entry!r} {error}") from None
+    if getattr(found, "__name__", None) in PROBABILITY_METRICS and not hasattr(
+        found, "metric_inputs"
+    ):
+        raise ValueError(
+            f"{field}: {entry!r} scores probabilities, and a metric named by import path is "
+            "given class labels; declare it in your module, e.g. "
+            f"auc = traineval.evaluation.metric({attribute}, inputs='probabilities'), and "
+            "name that (or use the built-in roc_auc / log_loss / brier_score)"
+        )
     return (attribute if name in (None, "<lambda>") else name), found
 
 
@@ -315,3 +337,29 @@ def _kind_or_none(template: Any) -> str | None:
         return _kind(template)
     except TypeError:
         return None
+
+
+def _on_cpu(value: Any) -> Any:
+    """`value` (a user's streaming state) with its tensors on the CPU, attributes and
+    containers included (to send to other ranks)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        for key, item in vars(value).items():
+            setattr(value, key, _on_cpu(item))
+    return value
+
+
+def _merge_torchmetrics(mine: Any, theirs: Any) -> None:
+    """Fold `theirs` into `mine`: `merge_state`, which refuses a metric whose
+    `full_state_update` is not False (a user's subclass leaves it unset; it concerns only
+    `forward`, which traineval never calls); those reduce their states as torchmetrics' own
+    distributed sync does."""
+    if mine.full_state_update is False and not mine.dist_sync_on_step:
+        mine.merge_state(theirs)
+    else:
+        mine._reduce_states(theirs.metric_state)

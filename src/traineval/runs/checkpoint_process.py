@@ -155,9 +155,9 @@ class ProcessWriter(CheckpointWriter):
     def wait(self) -> None:
         """Block until the job in flight is on disk; raise its error, if any."""
         if self._pending:
-            self._pending = False
-            self.arena.reset()  # the writer has read every copy of the job (or is gone)
             ok, message = self._reply()
+            self._pending = False
+            self.arena.reset()  # the writer has read every copy of the job
             if ok:
                 return
             if isinstance(message, tuple):  # a WriteError: the file and the disk, said
@@ -179,7 +179,12 @@ class ProcessWriter(CheckpointWriter):
         finally:
             process, self._process = self._process, None
             if process is not None:
-                self._jobs.close()  # EOF: the writer exits once its file is written
+                # An explicit stop, not EOF alone: a process forked meanwhile (a DataLoader
+                # worker) holds a copy of the pipe's end, and the writer would wait for it.
+                with contextlib.suppress(OSError):
+                    self._jobs.write(_HEADER.pack(0))
+                    self._jobs.flush()
+                self._jobs.close()
                 try:
                     process.wait(timeout=600)
                 except subprocess.TimeoutExpired:
@@ -235,7 +240,8 @@ def _nbytes(value: Any, seen: set[tuple[Any, ...]]) -> int:
         if value.layout != torch.strided or value.is_meta or value.numel() == 0:
             return 0
         key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
-               value.shape, value.stride(), value.dtype)  # fmt: skip
+               value.shape, value.stride(), value.dtype,
+               value.is_conj(), value.is_neg())  # fmt: skip
         if key in seen:
             return 0
         seen.add(key)
@@ -254,7 +260,8 @@ def _into(value: Any, arena: Arena, seen: dict[tuple[Any, ...], torch.Tensor]) -
         if value.layout != torch.strided or value.is_meta or value.numel() == 0:
             return value.detach().cpu().clone()  # travels pickled (no bytes to share)
         key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
-               value.shape, value.stride(), value.dtype)  # fmt: skip
+               value.shape, value.stride(), value.dtype,
+               value.is_conj(), value.is_neg())  # fmt: skip
         if key not in seen:
             seen[key] = arena.copy(value)
         return seen[key]
@@ -354,8 +361,8 @@ def serve(arena_fd: int, jobs_fd: int, replies_fd: int, parent: int) -> None:
     with os.fdopen(jobs_fd, "rb") as jobs, os.fdopen(replies_fd, "wb") as replies:
         while True:
             header = jobs.read(_HEADER.size)
-            if len(header) < _HEADER.size:
-                return  # the training process is done (or gone)
+            if len(header) < _HEADER.size or _HEADER.unpack(header)[0] == 0:
+                return  # the training process is done (a stop, or EOF: it is gone)
             job = pickle.loads(jobs.read(_HEADER.unpack(header)[0]))
             try:
                 _write_job(job, arena_fd)

@@ -203,7 +203,8 @@ def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
     """The writer of `async_checkpointing` (`checkpoint_writer`): a process of its own where
     the platform allows it and, for "auto", where training leaves a CPU core free for it (a
     GPU run, or fewer torch threads than cores); else a thread."""
-    free_core = device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    free_core = device.type != "cpu" or torch.get_num_threads() < (cores or 1)
     wanted = choice == "process" or (choice == "auto" and free_core)
     if wanted and checkpoint_process.available():
         return checkpoint_process.ProcessWriter()
