@@ -120,7 +120,7 @@ def test_auto_uses_the_process_only_where_training_leaves_a_core_free(monkeypatc
     assert chosen == {
         (4, "cpu"): "CheckpointWriter",  # every core trains: a thread
         (2, "cpu"): "ProcessWriter",
-        (4, "cuda"): "ProcessWriter",
+        (4, "cuda"): "CheckpointWriter",  # pinned copies, until measured on a GPU
     }
     thread = background_writer("thread", torch.device("cuda"))
     assert type(thread) is CheckpointWriter

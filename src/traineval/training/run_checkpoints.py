@@ -201,10 +201,12 @@ def _save_in_background(
 
 def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
     """The writer of `async_checkpointing` (`checkpoint_writer`): a process of its own where
-    the platform allows it and, for "auto", where training leaves a CPU core free for it (a
-    GPU run, or fewer torch threads than cores); else a thread."""
+    the platform allows it and, for "auto", where a CPU run leaves a core free for it (fewer
+    torch threads than cores); else a thread. A GPU run's "auto" is the thread, whose copies
+    go through pinned memory, until the process is measured on a GPU (its arena's copies
+    from the device are pageable)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    free_core = device.type != "cpu" or torch.get_num_threads() < (cores or 1)
+    free_core = device.type == "cpu" and torch.get_num_threads() < (cores or 1)
     wanted = choice == "process" or (choice == "auto" and free_core)
     if wanted and checkpoint_process.available():
         return checkpoint_process.ProcessWriter()
