@@ -835,6 +835,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     {'training': {'batch_size': 16}}
     """
     out = _deep_copy(data)
+    overridden = {o.partition("=")[0].strip().split(".")[-1] for o in overrides}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -850,7 +851,6 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             node = child
         node[parts[-1]] = parse_value(raw)
         follower = FOLLOWS.get(parts[-1])
-        overridden = {o.partition("=")[0].strip().split(".")[-1] for o in overrides}
         if follower is not None and follower not in overridden:
             node.pop(follower, None)  # it follows the overridden setting again
     return out

@@ -24,6 +24,7 @@ writer thread does the work.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import pickle
@@ -32,7 +33,7 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -135,8 +136,8 @@ class ProcessWriter(CheckpointWriter):
 
     def snapshot(self, kind: str, value: Any) -> Any:
         """A copy of `value` in the arena, tensors by view once (ties stay ties)."""
-        self.arena.reserve(_nbytes(value, set()))
-        return _into(value, self.arena, {})
+        self.arena.reserve(_nbytes(value))
+        return _into(value, self.arena)
 
     def submit(self, writes: Sequence[Write], what: str) -> None:
         """Hand `writes` to the writer process (it starts on the first job)."""
@@ -234,44 +235,58 @@ class ProcessWriter(CheckpointWriter):
         raise CheckpointWriteError(f"writing {self._what} failed: {why}")
 
 
-def _nbytes(value: Any, seen: set[tuple[Any, ...]]) -> int:
-    """The bytes `_into` will copy (each view once, with its alignment)."""
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.is_meta or value.numel() == 0:
-            return 0
-        key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
-               value.shape, value.stride(), value.dtype,
-               value.is_conj(), value.is_neg())  # fmt: skip
-        if key in seen:
-            return 0
-        seen.add(key)
-        return value.numel() * value.element_size() + ALIGN
+def _mapped(value: Any, leaf: Callable[[Any], Any], kind: type | tuple[type, ...]) -> Any:
+    """`value` (nested dicts, lists and tuples) with each item of `kind` replaced by
+    `leaf(item)`."""
+    if isinstance(value, kind):
+        return leaf(value)
     if isinstance(value, dict):
-        return sum(_nbytes(v, seen) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v, seen) for v in value)
-    return 0
+        return {k: _mapped(v, leaf, kind) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mapped(v, leaf, kind) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_mapped(v, leaf, kind) for v in value)
+    return value
 
 
-def _into(value: Any, arena: Arena, seen: dict[tuple[Any, ...], torch.Tensor]) -> Any:
+def _shares_bytes(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` has bytes to place in the arena (else it travels pickled)."""
+    return tensor.layout == torch.strided and not tensor.is_meta and tensor.numel() > 0
+
+
+def _view(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What tells one view of a storage from another (two names of one view copy once)."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+            tensor.shape, tensor.stride(), tensor.dtype,
+            tensor.is_conj(), tensor.is_neg())  # fmt: skip
+
+
+def _nbytes(value: Any) -> int:
+    """The bytes `_into` will copy (each view once, with its alignment)."""
+    views: dict[tuple[Any, ...], int] = {}
+
+    def count(tensor: torch.Tensor) -> None:
+        if _shares_bytes(tensor):
+            views[_view(tensor)] = tensor.numel() * tensor.element_size() + ALIGN
+
+    _mapped(value, count, torch.Tensor)
+    return sum(views.values())
+
+
+def _into(value: Any, arena: Arena) -> Any:
     """`value` with every strided tensor copied into `arena` (a view shared by two names is
     copied once, and both names get the one copy)."""
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.is_meta or value.numel() == 0:
-            return value.detach().cpu().clone()  # travels pickled (no bytes to share)
-        key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
-               value.shape, value.stride(), value.dtype,
-               value.is_conj(), value.is_neg())  # fmt: skip
+    seen: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def copied(tensor: torch.Tensor) -> torch.Tensor:
+        if not _shares_bytes(tensor):
+            return tensor.detach().cpu().clone()  # travels pickled (no bytes to share)
+        key = _view(tensor)
         if key not in seen:
-            seen[key] = arena.copy(value)
+            seen[key] = arena.copy(tensor)
         return seen[key]
-    if isinstance(value, dict):
-        return {k: _into(v, arena, seen) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_into(v, arena, seen) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_into(v, arena, seen) for v in value)
-    return value
+
+    return _mapped(value, copied, torch.Tensor)
 
 
 def _described(value: Any, arena: Arena) -> Any:
@@ -280,62 +295,48 @@ def _described(value: Any, arena: Arena) -> Any:
     elsewhere (a put-off save's own copy) is copied into the arena first."""
     regions: dict[int, Any] = {}
 
-    def walk(item: Any) -> Any:
-        if isinstance(item, torch.Tensor):
-            if id(item) not in regions:
-                found = arena.region(item)
-                plain = item.layout == torch.strided and not item.is_meta and item.numel()
-                if found is None and plain:
-                    found = arena.region(arena.copy(item))
-                regions[id(item)] = found if found is not None else item
-            return regions[id(item)]
-        if isinstance(item, dict):
-            return {k: walk(v) for k, v in item.items()}
-        if isinstance(item, list):
-            return [walk(v) for v in item]
-        if isinstance(item, tuple):
-            return tuple(walk(v) for v in item)
-        return item
+    def described(tensor: torch.Tensor) -> Any:
+        if id(tensor) not in regions:
+            found = arena.region(tensor)
+            if found is None and _shares_bytes(tensor):
+                found = arena.region(arena.copy(tensor))
+            regions[id(tensor)] = found if found is not None else tensor
+        return regions[id(tensor)]
 
-    return walk(value)
+    return _mapped(value, described, torch.Tensor)
 
 
 # -- the writer process --------------------------------------------------------------------
 
 
-def _rebuilt(value: Any, mapping: mmap.mmap, built: dict[int, torch.Tensor]) -> Any:
-    if isinstance(value, _Region):
-        if id(value) not in built:
-            count = 1
-            for size in value.shape:
-                count *= size
-            flat = torch.frombuffer(mapping, dtype=value.dtype, count=count, offset=value.offset)
-            built[id(value)] = flat.view(value.shape)
-        return built[id(value)]
-    if isinstance(value, dict):
-        return {k: _rebuilt(v, mapping, built) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rebuilt(v, mapping, built) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_rebuilt(v, mapping, built) for v in value)
-    return value
+def _rebuilt(value: Any, mapping: mmap.mmap) -> Any:
+    """A job's value with its regions as tensors over `mapping` (a region named twice is
+    one tensor)."""
+    built: dict[int, torch.Tensor] = {}
+
+    def tensor(region: _Region) -> torch.Tensor:
+        if id(region) not in built:
+            count = math.prod(region.shape)
+            flat = torch.frombuffer(mapping, dtype=region.dtype, count=count, offset=region.offset)
+            built[id(region)] = flat.view(region.shape)
+        return built[id(region)]
+
+    return _mapped(value, tensor, _Region)
 
 
 def _write_job(job: dict[str, Any], arena_fd: int) -> None:
     from .checkpoint import save_checkpoint_file, save_safetensors
 
     mapping = mmap.mmap(arena_fd, job["size"])
-    built: dict[int, torch.Tensor] = {}
+    rebuilt = _rebuilt(job["writes"], mapping)  # one pass: a tensor two files share is one
     try:
-        for kind, path, value in job["writes"]:
-            rebuilt = _rebuilt(value, mapping, built)
+        for kind, path, value in rebuilt:
             if kind == "safetensors":
-                save_safetensors(rebuilt, Path(path))
+                save_safetensors(value, Path(path))
             else:
-                save_checkpoint_file(rebuilt, Path(path))
+                save_checkpoint_file(value, Path(path))
     finally:
-        del built
-        rebuilt = None  # the tensors over the mapping go before it does
+        rebuilt = value = None  # the tensors over the mapping go before it does
 
 
 def _die_with(parent: int) -> None:
