@@ -310,6 +310,29 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+@contextlib.contextmanager
+def no_initializing_step(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Read an optimizer's state through torch.distributed.checkpoint without its
+    "initializing" step: for an optimizer with no state yet it calls `step()` with zero
+    gradients and lr 0, which is still a step for one that counts its steps or applies a
+    rate of its own (federated's server optimizer counts rounds). A save needs none: the
+    optimizer's `step` does nothing meanwhile."""
+    missing = object()
+    before = optimizer.__dict__.get("step", missing)
+    optimizer.__dict__["step"] = _no_step
+    try:
+        yield
+    finally:
+        if before is missing:
+            del optimizer.__dict__["step"]
+        else:
+            optimizer.__dict__["step"] = before
+
+
+def _no_step(closure: Any = None) -> None:
+    """What `no_initializing_step` puts in place of an optimizer's `step`."""
+
+
 def _full_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -347,7 +370,8 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     reshard(model)
-    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+    with no_initializing_step(optimizer):
+        return get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
 def load_optimizer_state(
