@@ -576,6 +576,31 @@ def fsdp_resume(out: Path, rank: int) -> None:
         torch.save(weights, out / "fsdp-resumed-weights.pt")
 
 
+def fsdp_load(out: Path, rank: int) -> None:
+    """Every rank of a job of any size: load the sharded checkpoints of the 2-rank run
+    `fsdp-plain` and of one process (`single-sharded`) into an FSDP-sharded `Blocks` and
+    its optimizer; rank 0 saves the full weights as `loaded-<source>-<world size>.pt`."""
+    from torch.distributed.fsdp import fully_shard
+
+    import traineval
+    from traineval.system.distributed import model_state, optimizer_state
+
+    torch.distributed.init_process_group("gloo")
+    world = torch.distributed.get_world_size()
+    for source in ("fsdp-plain", "single-sharded"):
+        net = Blocks()
+        for block in net.blocks:
+            fully_shard(block)
+        fully_shard(net)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1.0)
+        path = out / source / "checkpoints" / "last.pt"
+        traineval.load_checkpoint(path, net, optimizer=optimizer)
+        weights, state = model_state(net), optimizer_state(net, optimizer)
+        if rank == 0:
+            torch.save({"model": weights, "optimizer": state}, out / f"loaded-{source}-{world}.pt")
+    torch.distributed.destroy_process_group()
+
+
 def gpt2(out: Path, rank: int) -> None:
     """A tiny GPT-2 on padded rows with its own loss, batch 8 per rank (2 x 8 = 16)."""
     from test_huggingface import exact_config, padded_lm_rows, tiny_gpt2
@@ -664,6 +689,7 @@ SCENARIOS = {
     "hang": hang,
     "fsdp": fsdp,
     "fsdp_resume": fsdp_resume,
+    "fsdp_load": fsdp_load,
 }
 
 

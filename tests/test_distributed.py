@@ -17,22 +17,26 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import distributed_worker as worker
+import traineval
 from traineval import EvaluationConfig, Evaluator, TrainingConfig, TrainingManager, TrainingMode
 from traineval.config import TaskType
 from traineval.data.sharding import ShardSampler, shard_eval_loader, shard_train_loader
+from traineval.runs.checkpoint import load_checkpoint_file
 from traineval.system.distributed import Distributed
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def torchrun(scenario: str, out: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    scenario: str, out: Path, timeout: float = 240, ranks: int = 2
+) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
-        "2",
+        str(ranks),
         str(WORKER),
         scenario,
         str(out),
@@ -505,11 +509,16 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
         for mine, theirs in zip(logged["val_metrics"], history["val_metrics"], strict=True):
             assert mine["accuracy"] == theirs["accuracy"]  # 3 and 2 batches, in lockstep
             assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
-        # the checkpoint holds full weights: a plain model loads it
-        plain = worker.Blocks()
-        saved = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
-        plain.load_state_dict(saved["model"])
+        # each rank wrote its part of the checkpoint; a plain model loads it whole (2 -> 1)
+        last = tmp_path / name / "checkpoints" / "last.pt"
+        saved = torch.load(last, weights_only=True)
+        assert "model" not in saved
         assert saved["distributed_strategy"] == "fsdp"
+        assert len(list((last.parent / saved["shards"]).glob("*.distcp"))) == 2
+        plain = worker.Blocks()
+        traineval.load_checkpoint(last, plain)
+        for key, value in weights.items():
+            assert torch.equal(plain.state_dict()[key], value), key
     # the best weights restored from rank 0's gathered copy; norms of whole gradients
     reference, history = single_process_run(
         tmp_path / "single-best", worker.Blocks(), **worker.BEST_AND_LAYER_NORMS
@@ -538,6 +547,27 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
         assert "epoch 1, step 4" in message
     ok(torchrun("fsdp_resume", tmp_path))
     assert_same_weights(tmp_path / "fsdp-straight-weights.pt", tmp_path / "fsdp-resumed-weights.pt")
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_load_into_fsdp_models_on_any_number_of_ranks(tmp_path):
+    ok(torchrun("fsdp", tmp_path))  # fsdp-plain/: a checkpoint sharded over 2 ranks
+    single_process_run(tmp_path / "single-sharded", worker.Blocks(), checkpoint_sharding="sharded")
+    for ranks in (1, 2):
+        ok(torchrun("fsdp_load", tmp_path, ranks=ranks))
+    for source in ("fsdp-plain", "single-sharded"):  # 2 -> 1 and 2 -> 2; 1 -> 1 and 1 -> 2
+        whole = load_checkpoint_file(tmp_path / source / "checkpoints" / "last.pt")
+        assert len(whole["optimizer"]["state"]) == 6
+        for ranks in (1, 2):
+            loaded = torch.load(tmp_path / f"loaded-{source}-{ranks}.pt")
+            assert loaded["model"].keys() == whole["model"].keys()
+            for key, value in whole["model"].items():
+                assert torch.equal(loaded["model"][key], value), (source, ranks, key)
+            state = loaded["optimizer"]["state"]
+            assert state.keys() == whole["optimizer"]["state"].keys()
+            for name, saved in whole["optimizer"]["state"].items():
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(state[name][moment], saved[moment]), (source, name)
 
 
 @pytest.mark.slow

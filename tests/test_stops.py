@@ -373,7 +373,8 @@ def test_a_skipped_step_leaves_parameters_buffers_and_optimizer_as_they_were(
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
-def test_no_checkpoint_is_written_with_a_non_finite_buffer(quiet_config, tmp_path):
+@pytest.mark.parametrize("sharding", ["full", "sharded"])
+def test_no_checkpoint_is_written_with_a_non_finite_buffer(quiet_config, tmp_path, sharding):
     from traineval.training.steplog import NonFiniteError
 
     class Poison(Callback):
@@ -386,6 +387,7 @@ def test_no_checkpoint_is_written_with_a_non_finite_buffer(quiet_config, tmp_pat
         num_epochs=2,
         batch_size=8,
         checkpoint_every_n_steps=4,
+        checkpoint_sharding=sharding,
     )
     train, _ = _classification()
     with pytest.raises(

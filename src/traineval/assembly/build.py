@@ -39,7 +39,7 @@ from ..loggers import JsonlLogger, LoggerHub
 from ..modes import Context, Mode, ModePlan
 from ..runs.checkpoint import refuse_another_models
 from ..runs.resume import check_compatible, check_mode, find_checkpoint, truncate_events
-from ..system.distributed import Distributed, is_sharded, load_optimizer_state, wrap_model
+from ..system.distributed import Distributed, is_sharded, wrap_model
 from ..system.seeding import reseed_held_generators, seed_everything
 from ..tasks import RegressionMSE, default_loss
 from ..training.averaging import WeightAverage
@@ -47,7 +47,12 @@ from ..training.batches import ModelLoss, OutputTransform, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
 from ..training.optim import PlateauSchedule, check_prefixes, freeze, restore_schedule
 from ..training.precision import Precision, resolve_precision
-from ..training.run_checkpoints import training_weights
+from ..training.run_checkpoints import (
+    in_shards,
+    restore_optimizer,
+    saved_weights,
+    training_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +387,7 @@ def load_resume(
         logger.info("no checkpoint to resume from in %s; starting fresh", output_dir)
         return None
     path, payload = found
-    refuse_another_models(path, model.state_dict(), training_weights(payload), ANOTHER_MODEL_ADVICE)
+    refuse_another_models(path, model.state_dict(), saved_weights(payload), ANOTHER_MODEL_ADVICE)
     check_compatible(
         payload["config"], config.to_dict(), payload.get("world_size", 1), job.world_size
     )
@@ -411,7 +416,7 @@ def place_model(
     # stream (federated: a round's clients; reinforcement: each update's base seed).
     seed_everything(config.seed + (0 if plan.shared_seed else job.rank))
     model.to(device)
-    if payload is not None:
+    if payload is not None and not in_shards(payload):  # sharded: with the optimizer
         model.load_state_dict(training_weights(payload))  # full, before any sharding
     if config.frozen_parameters:  # before DDP registers its gradient hooks
         frozen = freeze(model, config.frozen_parameters)
@@ -502,7 +507,7 @@ def optimization(
     if isinstance(scheduler, PlateauSchedule) and run.monitor is not None:
         scheduler.plateau.minimize = run.monitor.minimize  # e.g. a user metric's declared one
     if payload is not None:
-        load_optimizer_state(model, optimizer, payload["optimizer"])
+        restore_optimizer(model, optimizer, payload)
         if payload["scheduler"] is not None and scheduler is not None:
             restore_schedule(scheduler, payload["scheduler"])
         if precision.scaler is not None and payload.get("scaler") is not None:

@@ -26,7 +26,7 @@ from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import data_generators, deterministic_algorithms
 from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
 from ..training.monitor import PerformanceMonitor
-from ..training.run_checkpoints import background_writer, restore_loop
+from ..training.run_checkpoints import background_writer, restore_loop, restore_weights
 from ..training.stopping import TrainingInterrupted, watching_signals
 from . import build
 from .results import TrainingResult
@@ -99,7 +99,7 @@ def already_finished(
         manager.output_dir,
         payload["global_step"],
     )
-    model.load_state_dict(payload["model"])
+    restore_weights(model, payload)
     state = TrainState()
     state.load_state_dict(payload["loop"])
     result = manager._result(state, monitor.name, 0.0, {})

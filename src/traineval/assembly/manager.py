@@ -34,7 +34,7 @@ from ..runs.checkpoint_writer import CheckpointWriter
 from ..runs.rundir import default_run_dir
 from ..runs.tracking import MetricsTracker
 from ..system import cpu_threads
-from ..system.distributed import is_sharded, model_state, optimizer_state
+from ..system.distributed import model_state, optimizer_state
 from ..system.distributed import setup as setup_distributed
 from ..training.batches import OutputTransform, check_loaders
 from ..training.loop import Loop, TrainState
@@ -305,11 +305,6 @@ class TrainingManager:
 
         Returns the checkpoint dict (epoch, global_step, history, config, ...).
         """
-        if is_sharded(model):
-            raise ValueError(
-                "load_checkpoint needs the plain model: load the weights before training "
-                "shards it (FSDP), or resume with train(resume_from=...)"
-            )
         device = self.device
         return load_checkpoint(
             path, model, map_location=device, optimizer=optimizer, scheduler=scheduler

@@ -124,6 +124,7 @@ DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_WRITERS = ("auto", "process", "thread")
+CHECKPOINT_SHARDING = ("auto", "full", "sharded")
 
 
 # -- field checks: each raises ValueError naming field, value and what is allowed --------------
@@ -363,6 +364,10 @@ class TrainingConfig(_ConfigBase):
     submodule whose class is named in `fsdp_shard_modules`, by default each block of every
     `nn.ModuleList`, becomes its own shard unit), and `distributed_timeout_seconds` bounds
     every collective, so a rank that dies stops the others instead of leaving them hanging.
+    Under FSDP each rank writes its own part of the model and optimizer into a folder beside
+    each checkpoint file (`checkpoint_sharding`: "auto"), so no rank gathers the full state
+    to save; the parts load on any number of ranks, and whole into one process for
+    `evaluate` and `predict` (`traineval.runs.sharded`; no `best.safetensors` export then).
 
     A training mode's own settings (federated clients, meta-learning's algorithm, ...) belong
     to the mode: `train(mode=Federated(clients=10))`, or `mode_settings` by mode name, or a
@@ -524,6 +529,10 @@ class TrainingConfig(_ConfigBase):
     fsdp_shard_modules: tuple[str, ...] = setting(
         (), Custom(_names("module class names", "Block"), "a list of module class names")
     )
+    # "auto": where FSDP shards the model, each rank writes its part of the model and the
+    # optimizer (a folder beside each checkpoint file; loads on any number of ranks);
+    # "full": one file, the full state gathered on rank 0; "sharded": always in parts
+    checkpoint_sharding: str = setting("auto", OneOf(CHECKPOINT_SHARDING))
     # Optimizer and scheduler details
     momentum: float = setting(0.9, Number(0, below=1))
     adam_beta1: float = setting(0.9, Number(0, below=1))
@@ -570,6 +579,13 @@ class TrainingConfig(_ConfigBase):
                 self.ema_decay,
                 "a moving average of sharded weights is not supported yet: use "
                 "distributed_strategy='ddp' or ema_decay=0",
+            )
+        if self.ema_decay and self.checkpoint_sharding == "sharded":
+            _fail(
+                "checkpoint_sharding",
+                self.checkpoint_sharding,
+                "sharded checkpoints of a moving average of the weights are not supported yet: "
+                "use checkpoint_sharding='auto' or ema_decay=0",
             )
         if not self.mixed_precision and self.precision in ("bf16", "fp16"):
             _fail(

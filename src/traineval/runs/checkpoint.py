@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,12 @@ from typing import Any
 import torch
 
 from ..system.files import atomic_file
+from .errors import CheckpointError
+from .shard_folders import MARK as SHARD_MARK
+from .shard_folders import SHARDS, shard_folder
 
 CHECKPOINT_FORMAT = "traineval-checkpoint"  # a training checkpoint's "format" entry
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used: missing, truncated, corrupt or unsafe."""
 
 
 def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
@@ -31,20 +31,51 @@ def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temp files left by a save that was killed mid-write (they are never loaded)."""
+    """Delete temp files left by a save that was killed mid-write (they are never loaded),
+    and shard folders no checkpoint file names (`traineval.runs.sharded`)."""
     stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
+    for shards in _unnamed_shard_folders(folder):
+        shutil.rmtree(shards, ignore_errors=True)
+        stale.append(shards)
     return stale
 
 
+UNREADABLE = object()
+
+
+def _unnamed_shard_folders(folder: Path) -> list[Path]:
+    """Shard folders of a checkpoint whose file names another folder, or that has no file:
+    what a save killed before it replaced the file left. Kept when the file is unreadable."""
+    found = (
+        sorted(p for p in folder.glob(f"*{SHARD_MARK}*") if p.is_dir()) if folder.is_dir() else []
+    )
+    named: dict[Path, Any] = {}
+    unnamed = []
+    for shards in found:
+        owner = folder / f"{shards.name.split(SHARD_MARK)[0]}.pt"
+        if owner not in named:
+            try:
+                named[owner] = (
+                    load_checkpoint_file(owner, mmap=True).get(SHARDS) if owner.exists() else None
+                )
+            except CheckpointError:
+                named[owner] = UNREADABLE  # keep what may be its shards
+        if named[owner] is not UNREADABLE and named[owner] != shards.name:
+            unnamed.append(shards)
+    return unnamed
+
+
 def load_checkpoint_file(
-    path: str | Path, map_location: Any = "cpu", *, mmap: bool = False
+    path: str | Path, map_location: Any = "cpu", *, mmap: bool = False, read_shards: bool = True
 ) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`; never falls back to full unpickling.
 
     `mmap=True` maps the tensors instead of reading them (cheap: to read a checkpoint's
-    counters; a tensor's bytes are only checked when it is used).
+    counters; a tensor's bytes are only checked when it is used). A sharded checkpoint
+    (`traineval.runs.sharded`) gets its `model` and `optimizer` read whole from its shard
+    folder, unless `mmap` or not `read_shards` (then `shards` names the folder).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or holds objects other
@@ -70,7 +101,23 @@ def load_checkpoint_file(
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict")
+    if payload.get(SHARDS) is not None and read_shards and not mmap:
+        from . import sharded
+
+        whole = sharded.read_whole(shard_folder(path, payload))
+        payload.update(_placed(whole, map_location))
     return payload
+
+
+def _placed(tree: Any, map_location: Any) -> Any:
+    """`tree`'s tensors moved to `map_location` (as `torch.load`'s would be)."""
+    if map_location in (None, "cpu"):
+        return tree
+    if isinstance(tree, dict):
+        return {key: _placed(value, map_location) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_placed(value, map_location) for value in tree]
+    return tree.to(map_location) if isinstance(tree, torch.Tensor) else tree
 
 
 def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -134,6 +181,11 @@ def load_checkpoint(
     `optimizer` / `scheduler` their saved states. A `.safetensors` export holds weights
     only: it needs `model`, and the contents are `{"model": state_dict}`.
 
+    A sharded checkpoint (written under FSDP) loads into a plain `model` in one process, or
+    into an FSDP-sharded one on every rank of a job of any size (each rank reads its
+    pieces); the contents then name the shard folder (`shards`) instead of holding the
+    tensors. Without `model` they hold them whole.
+
     To resume training, pass the file to `train(resume_from=...)` instead: it restores the
     optimizer, schedule, random streams and position too.
     """
@@ -142,18 +194,35 @@ def load_checkpoint(
             raise ValueError(f"{str(path)!r} holds weights only: pass the model alone")
         _load_safetensors_checked(model, Path(path), map_location)
         return {"model": model.state_dict()}
-    payload = load_checkpoint_file(path, map_location=map_location)
+    payload = load_checkpoint_file(path, map_location=map_location, read_shards=model is None)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a traineval checkpoint")
-    if model is not None:
+    if model is not None and payload.get(SHARDS) is not None:
+        from . import sharded
+
+        shards = shard_folder(Path(path), payload)
+        refuse_another_models(path, model.state_dict(), sharded.shapes(shards))
+        sharded.load_into(shards, model, optimizer)
+    elif model is not None:
+        _refuse_a_sharded_model(path, model)
         weights = model_weights(path, payload)
         refuse_another_models(path, model.state_dict(), weights)
         model.load_state_dict(weights)
-    if optimizer is not None:
+    if optimizer is not None and payload.get(SHARDS) is None:
         optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload.get("scheduler") is not None:
         scheduler.load_state_dict(payload["scheduler"])
     return payload
+
+
+def _refuse_a_sharded_model(path: Any, model: torch.nn.Module) -> None:
+    from ..system.distributed import is_sharded
+
+    if is_sharded(model):
+        raise ValueError(
+            f"{str(path)!r} holds full weights, and the model is sharded (FSDP): load them "
+            "before training shards it, or resume with train(resume_from=...)"
+        )
 
 
 def model_weights(path: Any, payload: dict[str, Any]) -> dict[str, Any]:

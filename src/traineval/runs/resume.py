@@ -10,6 +10,7 @@ from typing import Any
 from ..config.training_config import LEGACY_MODE_KEYS
 from ..system.files import atomic_write_text
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint_file
+from .shard_folders import SHARDS, shard_folder
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ def check_resumable(path: Path, payload: dict[str, Any]) -> None:
             f"{str(path)!r} is not a resumable traineval checkpoint (no format "
             f"{CHECKPOINT_FORMAT!r}; it holds {sorted(map(str, payload))[:6]})"
         )
-    missing = _missing_parts(payload, RESUMABLE)
+    shape = RESUMABLE
+    if payload.get(SHARDS) is not None and "model" not in payload:  # in its shard folder
+        shape = {k: v for k, v in RESUMABLE.items() if k not in ("model", "optimizer")}
+    missing = _missing_parts(payload, shape)
     for per_rank in payload.get("rng_per_rank") or ():
         missing += _missing_parts({"rng": per_rank}, {"rng": RESUMABLE["rng"]})
     if missing:
@@ -115,8 +119,7 @@ def find_checkpoint(
     ordered = sorted(steps, key=lambda p: (steps[p], p.name == "last.pt"), reverse=True)
     for path in ordered:
         try:
-            payload = load_checkpoint_file(path)
-            check_resumable(path, payload)
+            payload = _resumable(path)
         except CheckpointError as error:
             failures[path] = str(error)
             continue
@@ -130,6 +133,16 @@ def find_checkpoint(
             "from a copy you trust with --resume PATH (resume_from=PATH)"
         )
     return None
+
+
+def _resumable(path: Path) -> dict[str, Any]:
+    """The checkpoint at `path`, checked by `check_resumable`; a sharded one's `shards`
+    is its shard folder's path, checked to be there."""
+    payload = load_checkpoint_file(path, read_shards=False)
+    check_resumable(path, payload)
+    if payload.get(SHARDS) is not None:
+        payload[SHARDS] = str(shard_folder(path, payload))
+    return payload
 
 
 def _explain_choice(path: Path, step: int, count: int, failures: dict[Path, str]) -> None:

@@ -31,7 +31,8 @@ from ..runs.checkpoint import (
     save_safetensors,
 )
 from ..runs.checkpoint_writer import CheckpointWriter, Write, untied
-from ..system.distributed import is_sharded, model_state, optimizer_state
+from ..runs.shard_folders import SHARDS, remove_older
+from ..system.distributed import is_sharded, load_optimizer_state, model_state, optimizer_state
 from ..system.seeding import capture_rng
 from ..system.version import __version__
 from .steplog import NonFiniteError
@@ -55,6 +56,7 @@ class Contents:
     scaler: torch.amp.GradScaler | None = None
     best_metric: float | None = None
     best_epoch: int | None = None
+    shards: str | None = None  # the shard folder holding the model and optimizer instead
 
 
 def checkpoint_payload(
@@ -62,14 +64,15 @@ def checkpoint_payload(
 ) -> dict[str, Any]:
     """The checkpoint dict named `name`: `contents`, the config, and `extra` records."""
     c = contents
+    tensors = {"model": c.weights, "optimizer": c.optimizer} if c.shards is None else {}
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "name": name,
         "epoch": c.epoch,
         "global_step": c.global_step,
-        "model": c.weights,
-        "optimizer": c.optimizer,
+        **tensors,
+        SHARDS: c.shards,
         "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
         "scaler": c.scaler.state_dict() if c.scaler is not None else None,
         "best_metric": c.best_metric,
@@ -88,65 +91,130 @@ def save_from_loop(
     writer: CheckpointWriter | None = None,
 ) -> Path:
     """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state;
-    with a `writer`, in the background (see `traineval.runs.checkpoint_writer`)."""
+    with a `writer`, in the background (see `traineval.runs.checkpoint_writer`). With
+    sharded checkpoints (`writes_shards`) every rank writes its part of the model and the
+    optimizer beside it first (`traineval.runs.sharded`; no export, no background write)."""
     job = loop.job
     path = folder / f"{name}.pt"
     rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
     step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
     steps = job.gather(step_state()) if callable(step_state) else None  # each rank's
-    # full states: under FSDP gathering them is a collective, rank 0 receives them
-    weights = model_state(loop.model)
-    optimizer = optimizer_state(loop.model, loop.optimizer)
     averaging: dict[str, Any] = {}
-    if loop.weight_average is not None:  # the model's weights are the average; resume needs both
-        averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
+    contents: Contents | None
+    if writes_shards(config, loop):
+        contents = _write_shards(name, loop, folder, path)
+        writer = None
+    else:  # full states: under FSDP gathering them is a collective, rank 0 receives them
+        weights = model_state(loop.model)
+        contents = _full_contents(loop, weights, path)
+        if loop.weight_average is not None:  # the model's weights are the average
+            averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
     if job.is_main:
-        refuse_non_finite(weights, path)
-        state = loop.state
-        contents = Contents(
-            state.epoch,
-            state.global_step,
-            weights=loop.state_to_keep(weights),
-            optimizer=optimizer,
-            scheduler=loop.scheduler,
-            scaler=loop.precision.scaler,
-            best_metric=state.best_metric,
-            best_epoch=state.best_epoch,
-        )
-        payload = checkpoint_payload(
-            name,
-            config,
-            contents,
-            {
-                "loop": loop.history_json["loop"](state.state_dict()),
-                "rng": rng[0],
-                "rng_per_rank": rng,
-                "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
-                "tracker": loop.history_json["tracker"](loop.tracker.state_dict()),
-                "callbacks": {
-                    key: cb.state_dict()
-                    for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)
-                },
-                "mode": mode,
-                "step_per_rank": steps,
-                "world_size": job.world_size,
-                "distributed_strategy": config.distributed_strategy if job.enabled else None,
-                "traineval_version": __version__,
-                **averaging,
-            },
-        )
+        assert contents is not None
+        extra = {**_records(loop, config, mode, {"rng": rng, "steps": steps}), **averaging}
+        payload = checkpoint_payload(name, config, contents, extra)
         if writer is not None:
-            _save_in_background(writer, name, loop, weights, payload, path)
+            _save_in_background(writer, name, loop, contents.weights, payload, path)
         else:
-            if name == "best":
-                if is_sharded(loop.model):
-                    save_safetensors(weights, path.with_suffix(".safetensors"))
-                else:
-                    with loop.weights_to_keep():
-                        save_safetensors(loop.model, path.with_suffix(".safetensors"))
+            if name == "best" and contents.shards is None:
+                _export_best(loop, contents.weights, path)
             save_checkpoint_file(payload, path)
+            if contents.shards is not None:
+                remove_older(folder, name, keep=contents.shards)
     job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
     return path
+
+
+def writes_shards(config: TrainingConfig, loop: Loop) -> bool:
+    """Whether checkpoints are written in shards (`checkpoint_sharding`): "auto" where FSDP
+    shards the model over ranks, "sharded" always, "full" never."""
+    if config.checkpoint_sharding == "auto":
+        return loop.job.enabled and is_sharded(loop.model)
+    return config.checkpoint_sharding == "sharded"
+
+
+def sharded() -> Any:
+    """`traineval.runs.sharded`, imported when a checkpoint is sharded (it imports
+    torch.distributed.checkpoint, a second's work)."""
+    from ..runs import sharded as module
+
+    return module
+
+
+def _contents(loop: Loop, weights: Any, optimizer: Any, shards: str | None = None) -> Contents:
+    state = loop.state
+    return Contents(
+        state.epoch,
+        state.global_step,
+        weights=weights,
+        optimizer=optimizer,
+        scheduler=loop.scheduler,
+        scaler=loop.precision.scaler,
+        best_metric=state.best_metric,
+        best_epoch=state.best_epoch,
+        shards=shards,
+    )
+
+
+def _full_contents(loop: Loop, weights: dict[str, Any], path: Path) -> Contents | None:
+    """The full model (`weights`) and optimizer states (rank 0's; None on the others),
+    refused when not finite."""
+    optimizer = optimizer_state(loop.model, loop.optimizer)
+    if not loop.job.is_main:
+        return None
+    refuse_non_finite(weights, path)
+    return _contents(loop, loop.state_to_keep(weights), optimizer)
+
+
+def _write_shards(name: str, loop: Loop, folder: Path, path: Path) -> Contents:
+    """Every rank: check its part is finite (every rank refuses, naming the first bad
+    tensor), then write it into a new shard folder; the contents that name it."""
+    module = sharded()
+    state = module.sharded_state(loop.model, loop.optimizer)
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in state["model"].items()}
+    try:
+        refuse_non_finite(local, path)
+        problem = None
+    except NonFiniteError as error:
+        problem = str(error)
+    said = [p for p in loop.job.gather(problem) if p is not None]
+    if said:
+        raise NonFiniteError(said[0])
+    return _contents(loop, None, None, module.write_shards(folder, name, state, loop.job))
+
+
+def _records(
+    loop: Loop, config: TrainingConfig, mode: dict[str, Any] | None, ranks: dict[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint holds beside the model and optimizer: the loop's counters and
+    history, random streams (`ranks["rng"]`, each rank's), monitor, tracker, callbacks,
+    the mode, each rank's step state (`ranks["steps"]`), and where it was written."""
+    state, job = loop.state, loop.job
+    return {
+        "loop": loop.history_json["loop"](state.state_dict()),
+        "rng": ranks["rng"][0],
+        "rng_per_rank": ranks["rng"],
+        "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
+        "tracker": loop.history_json["tracker"](loop.tracker.state_dict()),
+        "callbacks": {
+            key: cb.state_dict()
+            for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)
+        },
+        "mode": mode,
+        "step_per_rank": ranks["steps"],
+        "world_size": job.world_size,
+        "distributed_strategy": config.distributed_strategy if job.enabled else None,
+        "traineval_version": __version__,
+    }
+
+
+def _export_best(loop: Loop, weights: dict[str, Any], path: Path) -> None:
+    """`best.safetensors` beside `best.pt`: the weights to use (the average, with one)."""
+    if is_sharded(loop.model):
+        save_safetensors(weights, path.with_suffix(".safetensors"))
+    else:
+        with loop.weights_to_keep():
+            save_safetensors(loop.model, path.with_suffix(".safetensors"))
 
 
 def refuse_non_finite(weights: dict[str, Any], path: Path) -> None:
@@ -248,6 +316,39 @@ def training_weights(payload: dict[str, Any]) -> dict[str, Any]:
     """The weights to continue training from: with a moving average the checkpoint's
     model weights are the average, and the trained ones sit beside them."""
     return payload.get("training_weights", payload["model"])
+
+
+def in_shards(payload: dict[str, Any]) -> bool:
+    """Whether a resumed checkpoint keeps its model and optimizer in a shard folder
+    (`find_checkpoint` names it by its path)."""
+    return payload.get(SHARDS) is not None and "model" not in payload
+
+
+def saved_weights(payload: dict[str, Any]) -> dict[str, Any]:
+    """The weights a resume continues from, to check a model against: a sharded
+    checkpoint's as empty tensors of their shapes."""
+    if in_shards(payload):
+        return sharded().shapes(Path(payload[SHARDS]))
+    return training_weights(payload)
+
+
+def restore_weights(model: torch.nn.Module, payload: dict[str, Any]) -> None:
+    """Load the weights a resume continues from into `model`."""
+    if in_shards(payload):
+        sharded().load_into(Path(payload[SHARDS]), model)
+    else:
+        model.load_state_dict(training_weights(payload))
+
+
+def restore_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, payload: dict[str, Any]
+) -> None:
+    """Load a checkpoint's optimizer state into `optimizer`; a sharded checkpoint's model
+    weights too, each rank reading the pieces of its shards."""
+    if in_shards(payload):
+        sharded().load_into(Path(payload[SHARDS]), model, optimizer)
+    else:
+        load_optimizer_state(model, optimizer, payload["optimizer"])
 
 
 def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:

@@ -1,0 +1,47 @@
+"""Shard folders by name: how a sharded checkpoint's file names its folder, finding that
+folder (refusing a name that leads elsewhere) and removing the ones no save needs any more.
+Nothing here imports torch.distributed.checkpoint (`traineval.runs.sharded` reads and writes
+the folders' contents)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+SHARDS = "shards"  # a checkpoint file's entry naming its shard folder
+SHARDED_PARTS = ("model", "optimizer")  # what the shard folder holds, under these keys
+MARK = ".shards-"  # `{name}{MARK}<id>`: a shard folder's name
+
+
+def folder_name(name: str, token: str) -> str:
+    """The shard folder of checkpoint `name`, told apart from its earlier ones by `token`."""
+    return f"{name}{MARK}{token}"
+
+
+def remove_older(folder: Path, name: str, keep: str | None) -> None:
+    """Delete the shard folders of checkpoint `name` except `keep` (the one `{name}.pt`
+    names now): those of earlier saves, and any a killed save left half written."""
+    for path in folder.glob(f"{name}{MARK}*"):
+        if path.name != keep and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def shard_folder(path: Path, payload: dict[str, Any]) -> Path:
+    """The shard folder a loaded checkpoint file at `path` names; a `CheckpointError` when
+    the name is not a folder beside it, or the folder is gone."""
+    name = payload.get(SHARDS)
+    if not isinstance(name, str) or MARK not in name or Path(name).name != name:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} names its shards {name!r}: not a shard folder beside it "
+            f"(expected a name like 'last{MARK}1a2b3c4d')"
+        )
+    shards = path.parent / name
+    if not (shards / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} keeps its model and optimizer in the folder {name!r} "
+            "beside it, which is missing or incomplete (copy that folder with the file)"
+        )
+    return shards

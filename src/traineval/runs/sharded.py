@@ -1,0 +1,299 @@
+"""Sharded checkpoints: under FSDP each rank writes its own part of the model and the
+optimizer (`torch.distributed.checkpoint`), and the parts load on any number of ranks, or
+whole into one process (`evaluate`, `predict`, `load_checkpoint`).
+
+A sharded checkpoint is two things side by side in a run's `checkpoints/` folder:
+`{name}.pt`, the usual checkpoint file (counters, config, random streams, schedule, ...)
+without the model's and the optimizer's tensors, which names its shard folder under
+`shards`; and that folder, `{name}.shards-<id>/`, as torch.distributed.checkpoint writes it
+(a `.distcp` file per rank and the `.metadata` saying which piece of which tensor each one
+holds). A save writes a new folder beside the old one, then replaces `{name}.pt`
+atomically, then removes the older folders of that name: a crash at any point leaves the
+previous `{name}.pt` whole, with its folder.
+
+Nothing here unpickles arbitrary objects: `.metadata` is read by an unpickler that admits
+only torch.distributed.checkpoint's own record classes, sizes and dtypes, a shard file is
+read with `weights_only` (its tensors and its other entries alike), and a file may only name
+files inside its own folder. This module imports torch.distributed.checkpoint (a second to
+import): the rest of the library imports it only where a checkpoint is sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import io
+import pickle
+import secrets
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    _EmptyStateDictLoadPlanner,
+)
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from ..system.distributed import no_initializing_step, reshard
+from .errors import CheckpointError
+from .shard_folders import SHARDED_PARTS, folder_name
+
+if TYPE_CHECKING:
+    from ..system.distributed import Distributed
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's part of the model and the optimizer (DTensors; the optimizer's state by
+    parameter name), as the shard folder holds it. No collective."""
+    reshard(model)  # an evaluation pass leaves the root unit's parameters gathered
+    with no_initializing_step(optimizer):
+        weights, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": weights, "optimizer": optimizer_state}
+
+
+def write_shards(folder: Path, name: str, state: dict[str, Any], job: Distributed) -> str:
+    """Every rank: write `state` (`sharded_state`) into a new shard folder of checkpoint
+    `name` in `folder`; returns the folder's name, for `{name}.pt` to record. A collective:
+    after it, every rank's file and the metadata are on disk (each synced)."""
+    token = job.gather(secrets.token_hex(4))[0]  # rank 0's, so every rank writes to one
+    shards = folder_name(name, token)
+    writer = dcp.FileSystemWriter(folder / shards, sync_files=True)
+    with _one_process_quietly():
+        dcp.save(state, storage_writer=writer, no_dist=not job.enabled)
+    return shards
+
+
+def read_whole(shards: Path) -> dict[str, Any]:
+    """The model and the optimizer of a shard folder, every tensor whole, in this process
+    (no process group takes part): what a single process needs to evaluate or predict."""
+    state: dict[str, Any] = {}
+    with _unreadable_as_checkpoint_error(shards), _one_process_quietly():
+        _load_state_dict(
+            state,
+            storage_reader=SafeReader(shards),
+            planner=_WholeLoadPlanner(),
+            no_dist=True,
+        )
+    whole = {part: state.get(part, {}) for part in SHARDED_PARTS}
+    whole["optimizer"].setdefault("state", {})  # a stateless optimizer saves no entry
+    return whole
+
+
+def shapes(shards: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors in a shard folder as empty tensors of their whole shapes (on the
+    meta device): names and shapes to check a model against, nothing read but the metadata."""
+    metadata = read_metadata(shards)
+    found = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(entry, TensorStorageMetadata):
+            found[key.removeprefix("model.")] = torch.empty(
+                entry.size, dtype=entry.properties.dtype, device="meta"
+            )
+    return found
+
+
+def load_into(
+    shards: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Load a shard folder into `model` (and `optimizer`), sharded or not, in one process or
+    on every rank of a job (then a collective; each rank reads the pieces of its shards, on
+    any number of ranks)."""
+    reshard(model)
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        _read_into(shards, state)
+        set_model_state_dict(model, state["model"])
+        return
+    with no_initializing_step(optimizer):  # the saved entries make the template instead
+        weights, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": weights, "optimizer": optimizer_state}
+        _make_room(optimizer_state, read_metadata(shards), dict(model.named_parameters()))
+        _read_into(shards, state)
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)
+
+
+def _read_into(shards: Path, state: dict[str, Any]) -> None:
+    """Fill the places of `state` (a template: what to read, shaped and sharded as this
+    rank keeps it) from a shard folder."""
+    with _unreadable_as_checkpoint_error(shards), _one_process_quietly():
+        dcp.load(
+            state,
+            storage_reader=SafeReader(shards),
+            planner=_LoadPlanner(),
+            no_dist=not torch.distributed.is_initialized(),
+        )
+
+
+def _make_room(
+    optimizer_state: dict[str, Any], metadata: Metadata, params: dict[str, torch.nn.Parameter]
+) -> None:
+    """Give a fresh optimizer's state dict a place for every entry the folder holds: its
+    state is empty until a step (`no_initializing_step`: none is taken to make it) and its
+    groups lack what a schedule adds (`initial_lr`), and a load fills only the places it
+    finds. A moment shaped like its parameter is sharded like it."""
+    groups, state = optimizer_state["param_groups"], optimizer_state.setdefault("state", {})
+    for key, entry in metadata.state_dict_metadata.items():
+        group = _group_entry(key)
+        if group is not None and group[0] < len(groups):
+            groups[group[0]].setdefault(group[1], None)
+        elif key.startswith("optimizer.state."):
+            name, _, item = key.removeprefix("optimizer.state.").rpartition(".")
+            if name in params and item not in state.get(name, {}):
+                state.setdefault(name, {})[item] = _place_for(entry, params[name])
+
+
+def _place_for(entry: Any, param: torch.nn.Parameter) -> Any:
+    """An empty place for a saved optimizer entry of `param`: a tensor of its shape and
+    dtype (sharded like `param` when shaped like it), or None for a plain value."""
+    if not isinstance(entry, TensorStorageMetadata):
+        return None
+    dtype = entry.properties.dtype
+    if tuple(entry.size) == tuple(param.shape):
+        return torch.zeros_like(param.detach(), dtype=dtype)
+    return torch.zeros(entry.size, dtype=dtype, device=param.device)
+
+
+def _group_entry(key: str) -> tuple[int, str] | None:
+    """(group, entry) of a folder's key `optimizer.param_groups.<group>.<entry>`, else None."""
+    parts = key.split(".")
+    if len(parts) != 4 or parts[:2] != ["optimizer", "param_groups"] or not parts[2].isdigit():
+        return None
+    return int(parts[2]), parts[3]
+
+
+@contextlib.contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """Without torch's warning that a save or load without a process group is one process's
+    (traineval says so itself, with `no_dist`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+@contextlib.contextmanager
+def _unreadable_as_checkpoint_error(shards: Path) -> Iterator[None]:
+    """Say a shard folder that cannot be read (torch's `CheckpointException`, a missing or
+    truncated file, a tensor another model does not have) as a `CheckpointError` naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (
+        CheckpointException,
+        RuntimeError,
+        OSError,
+        EOFError,
+        KeyError,
+        pickle.UnpicklingError,
+    ) as error:
+        said = str(error).strip().splitlines() or [type(error).__name__]
+        raise CheckpointError(
+            f"the shard folder {str(shards)!r} is truncated, corrupt or of another model "
+            f"({said[-1][:300]})"
+        ) from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits torch.distributed.checkpoint's record classes (dataclasses, enums), torch's
+    sizes, dtypes and layouts, and paths; anything else is refused before it is built."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _admitted(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the shard metadata refers to {module}.{name}")
+
+
+RECORD_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+)
+
+
+def _admitted(module: str, name: str) -> bool:
+    """Whether `_MetadataUnpickler` may build `module.name`."""
+    if module in RECORD_MODULES:
+        found = getattr(sys.modules.get(module), name, None)
+        return isinstance(found, type) and (
+            dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)
+        )
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+    if module == "torch.serialization":
+        return name == "_get_layout"
+    return module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath")
+
+
+def read_metadata(shards: Path, filename: str = ".metadata") -> Metadata:
+    """A shard folder's metadata, unpickled by `_MetadataUnpickler`, every file it names
+    inside the folder; a `CheckpointError` naming the folder otherwise."""
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO((shards / filename).read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, TypeError) as error:
+        raise CheckpointError(
+            f"the shard folder {str(shards)!r} has unreadable or unsafe metadata ({error}); "
+            "nothing in it was run"
+        ) from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"the shard folder {str(shards)!r} has no metadata record")
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if not isinstance(relative, str) or Path(relative).name != relative:
+            raise CheckpointError(
+                f"the shard folder {str(shards)!r} names a file outside it ({relative!r})"
+            )
+    return metadata
+
+
+def _load_bytes(planner: DefaultLoadPlanner, item: ReadItem, value: io.BytesIO) -> None:
+    """A non-tensor entry (an optimizer's hyperparameters), read with `weights_only` where
+    torch's planner unpickles it without restriction."""
+    loaded = torch.load(value, weights_only=True)
+    if planner.flatten_state_dict:
+        set_element(planner.original_state_dict, planner.mappings[item.dest_index.fqn], loaded)
+    else:
+        planner.state_dict[item.dest_index.fqn] = loaded
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    """torch's load planner, reading non-tensor entries with `_load_bytes`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        _load_bytes(self, read_item, value)
+
+
+class _WholeLoadPlanner(_EmptyStateDictLoadPlanner):
+    """torch's planner that loads a whole folder, reading non-tensor entries with `_load_bytes`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        _load_bytes(self, read_item, value)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's file reader, reading the metadata with
+    `read_metadata` (torch's own reader unpickles it without restriction)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        metadata = read_metadata(
+            Path(self.path), ".metadata" if rank is None else f"__{rank}.metadata"
+        )
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

@@ -1,0 +1,268 @@
+"""Sharded checkpoints (torch.distributed.checkpoint) in one process: a run that writes them
+resumes exactly like one that never stopped and trains like one writing full checkpoints;
+they load whole into a plain model; a stranger's shard folder runs nothing and escapes
+nothing. The multi-rank cases (FSDP writes, loads 2 -> 1, 2 -> 2, 1 -> 2) are in
+tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import traineval
+from traineval import TrainingConfig, TrainingManager
+from traineval.cli import main
+from traineval.runs.checkpoint import (
+    CheckpointError,
+    load_checkpoint_file,
+    remove_stale_temporaries,
+    save_checkpoint_file,
+)
+from traineval.training.loop import TrainingInterrupted
+from traineval.training.optim import build_optimizer
+
+from conftest import InterruptAt, make_classification
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+
+
+def loaders():
+    generator = torch.Generator().manual_seed(123)
+    train = DataLoader(
+        make_classification(n=96, seed=1), batch_size=8, shuffle=True, generator=generator
+    )
+    return train, DataLoader(make_classification(n=40, seed=2), batch_size=20)
+
+
+def config(path: Path, sharding: str = "sharded", **overrides) -> TrainingConfig:
+    settings = {
+        "num_epochs": 3,
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "warmup_steps": 3,
+        "scheduler_type": "cosine",
+        "eval_frequency": 5,
+        "early_stopping_patience": 0,
+        "checkpoint_every_n_steps": 4,
+        "checkpoint_sharding": sharding,
+        "output_dir": str(path),
+        "progress_bar": False,
+        "tensorboard_logging": False,
+        "device": "cpu",
+        "seed": 11,
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def shard_folders(run: Path, name: str = "last") -> list[Path]:
+    return sorted((run / "checkpoints").glob(f"{name}.shards-*"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three runs of one job: full checkpoints; sharded; sharded, stopped at update 17 and
+    resumed (12 updates per epoch)."""
+    root = tmp_path_factory.mktemp("sharded")
+    models = {}
+    for name, sharding in (("full", "full"), ("sharded", "sharded")):
+        models[name] = mlp(0)
+        TrainingManager(config(root / name, sharding)).train(models[name], *loaders())
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config(root / "resumed")).train(
+            mlp(0), *loaders(), callbacks=[InterruptAt(17)]
+        )
+    assert load_checkpoint_file(root / "resumed" / "checkpoints" / "last.pt")["global_step"] == 17
+    models["resumed"] = mlp(99)  # other weights: the checkpoint must win
+    TrainingManager(config(root / "resumed")).train(
+        models["resumed"], *loaders(), resume_from="auto"
+    )
+    return root, models
+
+
+def test_a_sharded_run_trains_like_a_full_one_and_resumes_exactly(runs):
+    root, models = runs
+    for name in ("sharded", "resumed"):
+        for key, value in models["full"].state_dict().items():
+            assert torch.equal(models[name].state_dict()[key], value), (name, key)
+    losses = [
+        [
+            r["train_step_loss"]
+            for r in traineval.loggers.read_jsonl(root / n / "metrics.jsonl")
+            if r["event"] == "train"
+        ]
+        for n in ("full", "sharded", "resumed")
+    ]
+    assert losses[0] == losses[1] == losses[2]
+
+
+def test_a_sharded_checkpoint_keeps_its_tensors_in_one_folder_beside_the_file(runs):
+    root, _ = runs
+    saved = torch.load(root / "sharded" / "checkpoints" / "last.pt", weights_only=True)
+    assert "model" not in saved
+    assert "optimizer" not in saved
+    folders = shard_folders(root / "sharded")
+    assert [f.name for f in folders] == [saved["shards"]]  # the earlier saves' are gone
+    assert (folders[0] / ".metadata").is_file()
+    assert len(shard_folders(root / "sharded", "best")) == 1
+    assert torch.load(root / "full" / "checkpoints" / "last.pt")["shards"] is None
+
+
+def test_a_sharded_checkpoint_loads_whole_into_a_plain_model_and_optimizer(runs):
+    root, models = runs
+    whole = load_checkpoint_file(root / "sharded" / "checkpoints" / "last.pt")
+    for key, value in models["full"].state_dict().items():
+        assert torch.equal(whole["model"][key], value), key
+    model = mlp(5)
+    optimizer = build_optimizer(model, "adamw", lr=1.0, weight_decay=0.01)  # as the run's
+    reference_model = mlp(5)
+    reference = build_optimizer(reference_model, "adamw", lr=1.0, weight_decay=0.01)
+    payload = traineval.load_checkpoint(
+        root / "sharded" / "checkpoints" / "last.pt", model, optimizer=optimizer
+    )
+    traineval.load_checkpoint(
+        root / "full" / "checkpoints" / "last.pt", reference_model, optimizer=reference
+    )
+    assert payload["global_step"] == 36
+    for key, value in models["full"].state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    mine, theirs = optimizer.state_dict(), reference.state_dict()
+    assert mine["param_groups"] == theirs["param_groups"]
+    for index, state in theirs["state"].items():
+        for name, value in state.items():
+            assert torch.equal(mine["state"][index][name], value), (index, name)
+
+
+def test_another_models_sharded_checkpoint_is_refused_naming_what_differs(runs):
+    root, _ = runs
+    other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        traineval.load_checkpoint(root / "sharded" / "checkpoints" / "last.pt", other)
+
+
+def test_evaluate_reads_a_sharded_run_and_matches_fit(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["demo", "-q", "data.name=wine", "model.name=mlp", "model.options={}"]
+    args += ["training.num_epochs=2", "training.checkpoint_sharding=sharded"]
+    assert main([*args, f"training.output_dir={run}"]) == 0
+    assert shard_folders(run, "best")
+    assert not (run / "checkpoints" / "best.safetensors").exists()
+    fitted = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
+    assert main(["evaluate", str(run)]) == 0
+    assert json.loads((run / "evaluation" / "metrics_test.json").read_text())["metrics"] == fitted
+    model = traineval.load_model(run)
+    assert isinstance(model, nn.Module)
+
+
+def copy_run(runs, tmp_path) -> Path:
+    import shutil
+
+    root, _ = runs
+    shutil.copytree(root / "sharded" / "checkpoints", tmp_path / "checkpoints")
+    return tmp_path / "checkpoints"
+
+
+def test_a_missing_or_outside_shard_folder_is_named(runs, tmp_path):
+    folder = copy_run(runs, tmp_path)
+    payload = torch.load(folder / "last.pt", weights_only=True)
+    for name, said in (
+        ("../sharded/checkpoints/" + payload["shards"], "not a shard folder beside it"),
+        ("/etc", "not a shard folder beside it"),
+        ("last.shards-00000000", "missing or incomplete"),
+    ):
+        save_checkpoint_file({**payload, "shards": name}, folder / "odd.pt")
+        with pytest.raises(CheckpointError, match=said):
+            load_checkpoint_file(folder / "odd.pt")
+        with pytest.raises(CheckpointError, match=said):
+            traineval.load_checkpoint(folder / "odd.pt", mlp(0))
+
+
+class Runs:
+    """Pickled, runs `touch` on the marker path: what a hostile file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_metadata_is_refused_and_nothing_in_it_runs(runs, tmp_path):
+    folder = copy_run(runs, tmp_path)
+    shards = folder / torch.load(folder / "last.pt", weights_only=True)["shards"]
+    marker = tmp_path / "ran"
+    (shards / ".metadata").write_bytes(pickle.dumps(Runs(marker)))
+    with pytest.raises(CheckpointError, match=r"unsafe metadata .*posix\.system|os\.system"):
+        load_checkpoint_file(folder / "last.pt")
+    with pytest.raises(CheckpointError, match="unsafe metadata"):
+        traineval.load_checkpoint(folder / "last.pt", mlp(0))
+    assert not marker.exists()
+
+
+def test_metadata_naming_a_file_outside_its_folder_is_refused(runs, tmp_path):
+    from traineval.runs.sharded import read_metadata
+
+    folder = copy_run(runs, tmp_path)
+    shards = folder / torch.load(folder / "last.pt", weights_only=True)["shards"]
+    metadata = read_metadata(shards)
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../elsewhere.distcp"
+    (shards / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="names a file outside it"):
+        load_checkpoint_file(folder / "last.pt")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_hostile_entry_in_a_shard_file_is_not_unpickled(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from traineval.runs.sharded import read_whole
+
+    marker = tmp_path / "ran"
+    state = {"model": {"w": torch.ones(2)}, "optimizer": {"extra": Runs(marker)}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "x.shards-1"), no_dist=True)
+    with pytest.raises(CheckpointError, match="truncated, corrupt or of another model"):
+        read_whole(tmp_path / "x.shards-1")
+    assert not marker.exists()
+
+
+def test_a_truncated_shard_file_is_named(runs, tmp_path):
+    folder = copy_run(runs, tmp_path)
+    shards = folder / torch.load(folder / "last.pt", weights_only=True)["shards"]
+    for data in shards.glob("*.distcp"):
+        data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=str(shards.name)):
+        load_checkpoint_file(folder / "last.pt")
+
+
+def test_a_claim_removes_shard_folders_no_file_names_and_keeps_the_rest(runs, tmp_path):
+    folder = copy_run(runs, tmp_path)
+    named = folder / torch.load(folder / "last.pt", weights_only=True)["shards"]
+    killed = folder / "last.shards-deadbeef"  # a save killed before it replaced last.pt
+    orphan = folder / "gone.shards-0badf00d"  # its file was deleted
+    kept = folder / "broken.shards-12345678"  # its file is unreadable: may be its shards
+    for path in (killed, orphan, kept):
+        path.mkdir()
+    (folder / "broken.pt").write_bytes(b"not a zip")
+    removed = remove_stale_temporaries(folder)
+    assert sorted(removed) == sorted([killed, orphan])
+    assert named.is_dir()
+    assert kept.is_dir()
+    assert load_checkpoint_file(folder / "last.pt")["global_step"] == 36
+
+
+def test_checkpoint_sharding_is_checked_with_the_field_named():
+    with pytest.raises(ValueError, match=r"checkpoint_sharding.*'halves'.*auto"):
+        TrainingConfig(checkpoint_sharding="halves")
+    with pytest.raises(ValueError, match=r"checkpoint_sharding='sharded'.*ema_decay=0"):
+        TrainingConfig(checkpoint_sharding="sharded", ema_decay=0.9)
