@@ -218,7 +218,7 @@ def test_metadata_naming_a_file_outside_its_folder_is_refused(runs, tmp_path):
     for info in metadata.storage_data.values():
         info.relative_path = "../../elsewhere.distcp"
     (shards / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match="names a file outside it"):
+    with pytest.raises(CheckpointError, match="names a file outside the folder"):
         load_checkpoint_file(folder / "last.pt")
 
 
@@ -266,3 +266,222 @@ def test_checkpoint_sharding_is_checked_with_the_field_named():
         TrainingConfig(checkpoint_sharding="halves")
     with pytest.raises(ValueError, match=r"checkpoint_sharding='sharded'.*ema_decay=0"):
         TrainingConfig(checkpoint_sharding="sharded", ema_decay=0.9)
+
+
+def _metadata_variants(metadata):
+    """Hostile or malformed `.metadata` records, each as bytes."""
+    import copy
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    def changed(edit):
+        record = copy.deepcopy(metadata)
+        edit(record)
+        return pickle.dumps(record)
+
+    tensor = next(
+        k for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+    )
+
+    def negative(record):
+        record.state_dict_metadata[tensor].size = torch.Size([-3, 8])
+
+    def huge(record):
+        record.state_dict_metadata[tensor].size = torch.Size([10**6, 10**6])
+
+    def far_index(record):
+        key = next(iter(record.planner_data))
+        record.planner_data[key] = ("optimizer", "param_groups", 20_000_000, "lr")
+
+    def listed(record):
+        record.storage_data = [1]
+
+    def no_dtype(record):
+        record.state_dict_metadata[tensor].properties = None
+
+    return {
+        "protocol 9": b"\x80\x09" + pickle.dumps(metadata)[2:],
+        "windows path": pickle.dumps(__import__("pathlib").PureWindowsPath("C:/x")),
+        "negative size": changed(negative),
+        "larger than the data": changed(huge),
+        "a list padded to an index": changed(far_index),
+        "storage as a list": changed(listed),
+        "no dtype": changed(no_dtype),
+    }
+
+
+def test_malformed_metadata_is_a_checkpoint_error_before_anything_is_allocated(runs, tmp_path):
+    from traineval.runs.shard_metadata import read_metadata
+
+    folder = copy_run(runs, tmp_path)
+    shards = folder / torch.load(folder / "last.pt", weights_only=True)["shards"]
+    good = (shards / ".metadata").read_bytes()
+    variants = _metadata_variants(read_metadata(shards))
+    for said in variants:  # each must fail on its own: pytest names the one that did not
+        (shards / ".metadata").write_bytes(variants[said])
+        for load in (
+            lambda: load_checkpoint_file(folder / "last.pt"),
+            lambda: traineval.load_checkpoint(folder / "last.pt", mlp(0)),
+            lambda: traineval.load_checkpoint(
+                folder / "last.pt", (m := mlp(0)), optimizer=build_optimizer(m, "adamw", lr=1.0)
+            ),
+        ):
+            with pytest.raises(CheckpointError, match=r"shard folder .*last\.shards-"):
+                load()
+    (shards / ".metadata").write_bytes(good)
+    assert load_checkpoint_file(folder / "last.pt")["global_step"] == 36
+
+
+def test_links_and_pipes_in_a_shard_folder_are_refused(runs, tmp_path):
+    folder = copy_run(runs, tmp_path)
+    shards = folder / torch.load(folder / "last.pt", weights_only=True)["shards"]
+    data = next(shards.glob("*.distcp"))
+    outside = tmp_path / "outside.distcp"
+    data.rename(outside)
+    data.symlink_to(outside)
+    with pytest.raises(CheckpointError, match="other than a regular file"):
+        load_checkpoint_file(folder / "last.pt")
+    data.unlink()
+    os.mkfifo(data)  # reading it would wait forever
+    with pytest.raises(CheckpointError, match="other than a regular file"):
+        load_checkpoint_file(folder / "last.pt")
+    data.unlink()
+    outside.rename(data)
+    moved = tmp_path / "elsewhere"
+    shards.rename(moved)
+    shards.symlink_to(moved)
+    with pytest.raises(CheckpointError, match="is a link"):
+        load_checkpoint_file(folder / "last.pt")
+    assert remove_stale_temporaries(folder) == []  # named by last.pt: kept, and not followed
+    assert moved.is_dir()
+
+
+def test_a_reader_follows_a_save_that_replaced_the_file_meanwhile(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from traineval.runs import sharded
+
+    folder = copy_run(runs, tmp_path)
+    payload = torch.load(folder / "last.pt", weights_only=True)
+    old = folder / payload["shards"]
+    new = folder / "last.shards-0000beef"
+    shutil.copytree(old, new)
+    read = sharded.read_whole
+
+    def save_meanwhile(shards):  # what a run still training does between two reads
+        if shards == old:
+            save_checkpoint_file(
+                {**payload, "shards": new.name, "global_step": 37}, folder / "last.pt"
+            )
+            shutil.rmtree(old)
+        return read(shards)
+
+    monkeypatch.setattr(sharded, "read_whole", save_meanwhile)
+    assert load_checkpoint_file(folder / "last.pt")["global_step"] == 37
+
+
+def test_names_are_matched_exactly_not_as_patterns(tmp_path):
+    from traineval.runs.shard_folders import remove_older
+
+    for name in ("keep1.shards-aa", "keep2.shards-bb", "keep[12].shards-cc", "keep[12].shards-dd"):
+        (tmp_path / name).mkdir()
+    remove_older(tmp_path, "keep[12]", keep="keep[12].shards-cc")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["keep1.shards-aa", "keep2.shards-bb", "keep[12].shards-cc"]
+
+
+def test_a_failed_sharded_save_is_a_write_error_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from traineval import Callback
+    from traineval.system.files import WriteError
+
+    class FullDiskAt(Callback):
+        def on_step_end(self, loop):
+            if loop.state.global_step == 7:
+
+                def full(*args, **kwargs):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
+
+    with pytest.raises(WriteError, match=r"could not write .*last\.pt': No space left .*intact"):
+        TrainingManager(config(tmp_path / "run")).train(
+            mlp(0), *loaders(), callbacks=[FullDiskAt()]
+        )
+    assert load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")["global_step"] == 4
+    assert len(shard_folders(tmp_path / "run")) == 1  # the failed save's folder is gone
+
+
+def test_resuming_in_the_other_mode_leaves_no_stale_files(tmp_path):
+    run = tmp_path / "run"
+    for first, then in (("sharded", "full"), ("full", "sharded")):
+        with pytest.raises(TrainingInterrupted):
+            TrainingManager(config(run, first, overwrite_output_dir=True)).train(
+                mlp(0), *loaders(), callbacks=[InterruptAt(17)]
+            )
+        TrainingManager(config(run, then)).train(mlp(0), *loaders(), resume_from="auto")
+        folder = run / "checkpoints"
+        for name in ("last", "best"):  # every shard folder left is the one its file names
+            named = torch.load(folder / f"{name}.pt", weights_only=True)["shards"]
+            assert [f.name for f in shard_folders(run, name)] == ([named] if named else [])
+        best = torch.load(folder / "best.pt", weights_only=True)
+        assert (folder / "best.safetensors").exists() == (best["shards"] is None)
+        assert torch.load(folder / "last.pt", weights_only=True)["shards"] is None or (
+            then == "sharded"
+        )
+
+
+def test_an_explicit_resume_path_reads_the_shards_in_place_and_checks_them(runs, tmp_path):
+    from traineval.runs.resume import find_checkpoint
+
+    folder = copy_run(runs, tmp_path)
+    _, payload = find_checkpoint(tmp_path, folder / "last.pt")
+    assert "model" not in payload
+    assert Path(payload["shards"]).is_dir()
+    data = next(Path(payload["shards"]).glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="is truncated"):
+        find_checkpoint(tmp_path, folder / "last.pt")
+
+
+def test_an_optimizer_without_its_model_is_refused_and_map_location_may_be_a_mapping(runs):
+    root, models = runs
+    path = root / "sharded" / "checkpoints" / "last.pt"
+    model = mlp(0)
+    with pytest.raises(ValueError, match="keyed by parameter name: pass the model too"):
+        traineval.load_checkpoint(path, optimizer=build_optimizer(model, "adamw", lr=1.0))
+    whole = load_checkpoint_file(path, map_location={"cuda:0": "cpu"})
+    for key, value in models["full"].state_dict().items():
+        assert torch.equal(whole["model"][key], value), key
+
+
+class WithExtraState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(8, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+    def get_extra_state(self):
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state):
+        self.calls = state["calls"]
+
+
+def test_a_model_with_extra_state_loads_from_its_sharded_checkpoint(tmp_path):
+    model = WithExtraState()
+    TrainingManager(config(tmp_path / "run", num_epochs=1)).train(model, *loaders())
+    loaded = WithExtraState()
+    traineval.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", loaded)
+    assert torch.equal(loaded.net.weight, model.net.weight)
+    assert loaded.calls > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from ..system.files import atomic_file
 from .errors import CheckpointError
 from .shard_folders import MARK as SHARD_MARK
-from .shard_folders import SHARDS, shard_folder
+from .shard_folders import SHARDS, owner, remove, shard_folder
 
 CHECKPOINT_FORMAT = "traineval-checkpoint"  # a training checkpoint's "format" entry
 CHECKPOINT_VERSION = 1
@@ -37,7 +36,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     for shards in _unnamed_shard_folders(folder):
-        shutil.rmtree(shards, ignore_errors=True)
+        remove(shards)
         stale.append(shards)
     return stale
 
@@ -48,21 +47,22 @@ UNREADABLE = object()
 def _unnamed_shard_folders(folder: Path) -> list[Path]:
     """Shard folders of a checkpoint whose file names another folder, or that has no file:
     what a save killed before it replaced the file left. Kept when the file is unreadable."""
-    found = (
-        sorted(p for p in folder.glob(f"*{SHARD_MARK}*") if p.is_dir()) if folder.is_dir() else []
-    )
+    found = sorted(folder.glob(f"*{SHARD_MARK}*")) if folder.is_dir() else []
     named: dict[Path, Any] = {}
     unnamed = []
     for shards in found:
-        owner = folder / f"{shards.name.split(SHARD_MARK)[0]}.pt"
-        if owner not in named:
+        name = owner(shards.name)
+        if name is None or not (shards.is_dir() or shards.is_symlink()):
+            continue
+        file = folder / f"{name}.pt"
+        if file not in named:
             try:
-                named[owner] = (
-                    load_checkpoint_file(owner, mmap=True).get(SHARDS) if owner.exists() else None
+                named[file] = (
+                    _load_file(file, "cpu", mmap=True).get(SHARDS) if file.exists() else None
                 )
             except CheckpointError:
-                named[owner] = UNREADABLE  # keep what may be its shards
-        if named[owner] is not UNREADABLE and named[owner] != shards.name:
+                named[file] = UNREADABLE  # keep what may be its shards
+        if named[file] is not UNREADABLE and named[file] != shards.name:
             unnamed.append(shards)
     return unnamed
 
@@ -75,13 +75,42 @@ def load_checkpoint_file(
     `mmap=True` maps the tensors instead of reading them (cheap: to read a checkpoint's
     counters; a tensor's bytes are only checked when it is used). A sharded checkpoint
     (`traineval.runs.sharded`) gets its `model` and `optimizer` read whole from its shard
-    folder, unless `mmap` or not `read_shards` (then `shards` names the folder).
+    folder (onto the CPU, then to `map_location` where that names a device), unless `mmap`
+    or not `read_shards` (then `shards` names the folder). A file that a run still training
+    replaces while it is read is read again.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or holds objects other
             than tensors and plain Python values (nothing in it is executed).
     """
     path = Path(path)
+    for _ in range(3):
+        payload = _load_file(path, map_location, mmap)
+        if payload.get(SHARDS) is None or not read_shards or mmap:
+            return payload
+        from . import sharded
+
+        try:
+            whole = sharded.read_whole(shard_folder(path, payload))
+        except CheckpointError:
+            if _shards_named(path) == payload[SHARDS]:
+                raise
+            continue  # a save replaced the file and removed the folder it named
+        payload.update(_placed(whole, map_location))
+        return payload
+    raise CheckpointError(f"checkpoint {str(path)!r} was replaced each time it was read")
+
+
+def _shards_named(path: Path) -> Any:
+    """The shard folder the file at `path` names now (None if it cannot be read)."""
+    try:
+        return _load_file(path, "cpu", mmap=True).get(SHARDS)
+    except CheckpointError:
+        return None
+
+
+def _load_file(path: Path, map_location: Any, mmap: bool) -> dict[str, Any]:
+    """The dict in the checkpoint file at `path` (see `load_checkpoint_file`)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
@@ -101,17 +130,13 @@ def load_checkpoint_file(
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict")
-    if payload.get(SHARDS) is not None and read_shards and not mmap:
-        from . import sharded
-
-        whole = sharded.read_whole(shard_folder(path, payload))
-        payload.update(_placed(whole, map_location))
     return payload
 
 
 def _placed(tree: Any, map_location: Any) -> Any:
-    """`tree`'s tensors moved to `map_location` (as `torch.load`'s would be)."""
-    if map_location in (None, "cpu"):
+    """`tree`'s tensors moved to `map_location` where it names a device (a mapping or a
+    function maps saved devices, and shards are read onto the CPU)."""
+    if map_location in (None, "cpu") or not isinstance(map_location, str | torch.device):
         return tree
     if isinstance(tree, dict):
         return {key: _placed(value, map_location) for key, value in tree.items()}
@@ -198,16 +223,21 @@ def load_checkpoint(
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a traineval checkpoint")
     if model is not None and payload.get(SHARDS) is not None:
-        from . import sharded
+        from . import shard_metadata, sharded
 
         shards = shard_folder(Path(path), payload)
-        refuse_another_models(path, model.state_dict(), sharded.shapes(shards))
+        refuse_another_models(path, model.state_dict(), shard_metadata.shapes(shards))
         sharded.load_into(shards, model, optimizer)
     elif model is not None:
         _refuse_a_sharded_model(path, model)
         weights = model_weights(path, payload)
         refuse_another_models(path, model.state_dict(), weights)
         model.load_state_dict(weights)
+    if optimizer is not None and model is None and payload.get(SHARDS) is not None:
+        raise ValueError(
+            f"{str(path)!r} is a sharded checkpoint, whose optimizer state is keyed by "
+            "parameter name: pass the model too (load_checkpoint(path, model, optimizer=...))"
+        )
     if optimizer is not None and payload.get(SHARDS) is None:
         optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload.get("scheduler") is not None:

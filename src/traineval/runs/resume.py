@@ -104,9 +104,7 @@ def find_checkpoint(
     """
     if str(resume_from) != "auto":
         path = Path(resume_from)
-        payload = load_checkpoint_file(path)
-        check_resumable(path, payload)
-        return path, payload
+        return path, _resumable(path)
     folder = output_dir / "checkpoints"
     paths = [p for p in folder.glob("*.pt") if p.is_file()] if folder.is_dir() else []
     failures: dict[Path, str] = {}
@@ -141,7 +139,11 @@ def _resumable(path: Path) -> dict[str, Any]:
     payload = load_checkpoint_file(path, read_shards=False)
     check_resumable(path, payload)
     if payload.get(SHARDS) is not None:
-        payload[SHARDS] = str(shard_folder(path, payload))
+        from .shard_metadata import read_metadata
+
+        shards = shard_folder(path, payload)
+        read_metadata(shards)  # whole and safe (a truncated file: an older checkpoint instead)
+        payload[SHARDS] = str(shards)
     return payload
 
 

@@ -5,6 +5,7 @@ the folders' contents)."""
 
 from __future__ import annotations
 
+import glob
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,23 @@ def folder_name(name: str, token: str) -> str:
 def remove_older(folder: Path, name: str, keep: str | None) -> None:
     """Delete the shard folders of checkpoint `name` except `keep` (the one `{name}.pt`
     names now): those of earlier saves, and any a killed save left half written."""
-    for path in folder.glob(f"{name}{MARK}*"):
-        if path.name != keep and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+    for path in folder.glob(f"{glob.escape(name)}{MARK}*"):
+        if path.name != keep and owner(path.name) == name:
+            remove(path)
+
+
+def owner(folder: str) -> str | None:
+    """The checkpoint whose shard folder is called `folder` (`{name}{MARK}<id>`), or None."""
+    name, mark, token = folder.rpartition(MARK)
+    return name if mark and name and token.isalnum() else None
+
+
+def remove(path: Path) -> None:
+    """Delete a shard folder (a link in its place: the link alone)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def shard_folder(path: Path, payload: dict[str, Any]) -> Path:
@@ -38,7 +53,7 @@ def shard_folder(path: Path, payload: dict[str, Any]) -> Path:
             f"checkpoint {str(path)!r} names its shards {name!r}: not a shard folder beside it "
             f"(expected a name like 'last{MARK}1a2b3c4d')"
         )
-    shards = path.parent / name
+    shards = path.resolve().parent / name  # beside the file, also one reached by a link
     if not (shards / ".metadata").is_file():
         raise CheckpointError(
             f"checkpoint {str(path)!r} keeps its model and optimizer in the folder {name!r} "

@@ -11,22 +11,20 @@ holds). A save writes a new folder beside the old one, then replaces `{name}.pt`
 atomically, then removes the older folders of that name: a crash at any point leaves the
 previous `{name}.pt` whole, with its folder.
 
-Nothing here unpickles arbitrary objects: `.metadata` is read by an unpickler that admits
-only torch.distributed.checkpoint's own record classes, sizes and dtypes, a shard file is
-read with `weights_only` (its tensors and its other entries alike), and a file may only name
-files inside its own folder. This module imports torch.distributed.checkpoint (a second to
-import): the rest of the library imports it only where a checkpoint is sharded.
+Nothing here unpickles arbitrary objects: `.metadata` is read and checked by
+`traineval.runs.shard_metadata` when a reader is made, and every entry of a shard file is
+read with `weights_only` (its tensors and its other entries alike). This module imports
+torch.distributed.checkpoint (a second to import): the rest of the library imports it only
+where a checkpoint is sharded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import enum
 import io
 import pickle
 import secrets
-import sys
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +48,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from ..system.distributed import no_initializing_step, reshard
+from ..system.distributed import is_sharded, no_initializing_step, reshard
+from ..system.files import sync_folder, writing
 from .errors import CheckpointError
 from .shard_folders import SHARDED_PARTS, folder_name
+from .shard_metadata import read_metadata
 
 if TYPE_CHECKING:
     from ..system.distributed import Distributed
@@ -70,13 +70,33 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
 def write_shards(folder: Path, name: str, state: dict[str, Any], job: Distributed) -> str:
     """Every rank: write `state` (`sharded_state`) into a new shard folder of checkpoint
     `name` in `folder`; returns the folder's name, for `{name}.pt` to record. A collective:
-    after it, every rank's file and the metadata are on disk (each synced)."""
+    after it, every rank's file and the metadata are on disk, synced with their folder. A
+    write that fails on any rank is a `WriteError` on every rank, the new folder removed
+    (`{name}.pt` still names the previous one)."""
     token = job.gather(secrets.token_hex(4))[0]  # rank 0's, so every rank writes to one
-    shards = folder_name(name, token)
-    writer = dcp.FileSystemWriter(folder / shards, sync_files=True)
-    with _one_process_quietly():
-        dcp.save(state, storage_writer=writer, no_dist=not job.enabled)
-    return shards
+    shards = folder / folder_name(name, token)
+    writer = dcp.FileSystemWriter(shards, sync_files=True)
+    try:
+        with writing(folder / f"{name}.pt", (CheckpointException,)), _one_process_quietly():
+            try:
+                dcp.save(state, storage_writer=writer, no_dist=not job.enabled)
+            except CheckpointException as error:  # a BaseException: said as its first cause
+                raise _first_cause(error) from None
+    except BaseException:
+        shutil.rmtree(shards, ignore_errors=True)
+        raise
+    if job.is_main:
+        sync_folder(shards)
+        sync_folder(folder)
+    return shards.name
+
+
+def _first_cause(error: CheckpointException) -> BaseException:
+    """The first rank's error inside torch's `CheckpointException` (a full disk's OSError)."""
+    for failure in error.failures.values():
+        if isinstance(failure, tuple) and isinstance(failure[0], Exception):
+            return failure[0]
+    return error
 
 
 def read_whole(shards: Path) -> dict[str, Any]:
@@ -91,21 +111,10 @@ def read_whole(shards: Path) -> dict[str, Any]:
             no_dist=True,
         )
     whole = {part: state.get(part, {}) for part in SHARDED_PARTS}
+    if not all(isinstance(part, dict) for part in whole.values()):
+        raise CheckpointError(f"the shard folder {str(shards)!r} holds no model state dict")
     whole["optimizer"].setdefault("state", {})  # a stateless optimizer saves no entry
     return whole
-
-
-def shapes(shards: Path) -> dict[str, torch.Tensor]:
-    """The model's tensors in a shard folder as empty tensors of their whole shapes (on the
-    meta device): names and shapes to check a model against, nothing read but the metadata."""
-    metadata = read_metadata(shards)
-    found = {}
-    for key, entry in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(entry, TensorStorageMetadata):
-            found[key.removeprefix("model.")] = torch.empty(
-                entry.size, dtype=entry.properties.dtype, device="meta"
-            )
-    return found
 
 
 def load_into(
@@ -113,31 +122,27 @@ def load_into(
 ) -> None:
     """Load a shard folder into `model` (and `optimizer`), sharded or not, in one process or
     on every rank of a job (then a collective; each rank reads the pieces of its shards, on
-    any number of ranks)."""
+    any number of ranks). A model no process group shards loads in this process alone."""
     reshard(model)
+    alone = not (torch.distributed.is_initialized() and is_sharded(model))
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
-        _read_into(shards, state)
+        _read_into(shards, state, alone)
         set_model_state_dict(model, state["model"])
         return
     with no_initializing_step(optimizer):  # the saved entries make the template instead
         weights, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": weights, "optimizer": optimizer_state}
         _make_room(optimizer_state, read_metadata(shards), dict(model.named_parameters()))
-        _read_into(shards, state)
+        _read_into(shards, state, alone)
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)
 
 
-def _read_into(shards: Path, state: dict[str, Any]) -> None:
+def _read_into(shards: Path, state: dict[str, Any], alone: bool) -> None:
     """Fill the places of `state` (a template: what to read, shaped and sharded as this
-    rank keeps it) from a shard folder."""
+    rank keeps it) from a shard folder; every rank of the job together unless `alone`."""
     with _unreadable_as_checkpoint_error(shards), _one_process_quietly():
-        dcp.load(
-            state,
-            storage_reader=SafeReader(shards),
-            planner=_LoadPlanner(),
-            no_dist=not torch.distributed.is_initialized(),
-        )
+        dcp.load(state, storage_reader=SafeReader(shards), planner=_LoadPlanner(), no_dist=alone)
 
 
 def _make_room(
@@ -192,8 +197,8 @@ def _unreadable_as_checkpoint_error(shards: Path) -> Iterator[None]:
     truncated file, a tensor another model does not have) as a `CheckpointError` naming it."""
     try:
         yield
-    except CheckpointError:
-        raise
+    except (CheckpointError, torch.distributed.DistError):
+        raise  # a collective that failed or timed out says so itself
     except (
         CheckpointException,
         RuntimeError,
@@ -207,57 +212,6 @@ def _unreadable_as_checkpoint_error(shards: Path) -> Iterator[None]:
             f"the shard folder {str(shards)!r} is truncated, corrupt or of another model "
             f"({said[-1][:300]})"
         ) from None
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits torch.distributed.checkpoint's record classes (dataclasses, enums), torch's
-    sizes, dtypes and layouts, and paths; anything else is refused before it is built."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if _admitted(module, name):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"the shard metadata refers to {module}.{name}")
-
-
-RECORD_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-)
-
-
-def _admitted(module: str, name: str) -> bool:
-    """Whether `_MetadataUnpickler` may build `module.name`."""
-    if module in RECORD_MODULES:
-        found = getattr(sys.modules.get(module), name, None)
-        return isinstance(found, type) and (
-            dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)
-        )
-    if module == "torch":
-        return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
-    if module == "torch.serialization":
-        return name == "_get_layout"
-    return module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath")
-
-
-def read_metadata(shards: Path, filename: str = ".metadata") -> Metadata:
-    """A shard folder's metadata, unpickled by `_MetadataUnpickler`, every file it names
-    inside the folder; a `CheckpointError` naming the folder otherwise."""
-    try:
-        metadata = _MetadataUnpickler(io.BytesIO((shards / filename).read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, TypeError) as error:
-        raise CheckpointError(
-            f"the shard folder {str(shards)!r} has unreadable or unsafe metadata ({error}); "
-            "nothing in it was run"
-        ) from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"the shard folder {str(shards)!r} has no metadata record")
-    for info in (metadata.storage_data or {}).values():
-        relative = getattr(info, "relative_path", None)
-        if not isinstance(relative, str) or Path(relative).name != relative:
-            raise CheckpointError(
-                f"the shard folder {str(shards)!r} names a file outside it ({relative!r})"
-            )
-    return metadata
 
 
 def _load_bytes(planner: DefaultLoadPlanner, item: ReadItem, value: io.BytesIO) -> None:
@@ -285,14 +239,16 @@ class _WholeLoadPlanner(_EmptyStateDictLoadPlanner):
 
 
 class SafeReader(dcp.FileSystemReader):
-    """torch.distributed.checkpoint's file reader, reading the metadata with
-    `read_metadata` (torch's own reader unpickles it without restriction)."""
+    """torch.distributed.checkpoint's file reader over a folder whose metadata
+    `read_metadata` read and checked when the reader was made (torch's own reader
+    unpickles it without restriction, and on failure falls back to other files)."""
+
+    def __init__(self, shards: Path) -> None:
+        super().__init__(shards)
+        self.checked = read_metadata(shards)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        metadata = read_metadata(
-            Path(self.path), ".metadata" if rank is None else f"__{rank}.metadata"
-        )
+        metadata = self.checked
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -85,11 +85,11 @@ def atomic_file(
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-    _fsync_dir(path.parent)
+    sync_folder(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (where the platform allows it)."""
+def sync_folder(folder: Path) -> None:
+    """Make the files created or renamed in `folder` durable (where the platform allows it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -119,8 +119,9 @@ def save_from_loop(
             if name == "best" and contents.shards is None:
                 _export_best(loop, contents.weights, path)
             save_checkpoint_file(payload, path)
-            if contents.shards is not None:
-                remove_older(folder, name, keep=contents.shards)
+            remove_older(folder, name, keep=contents.shards)  # and any of another mode's
+            if name == "best" and contents.shards is not None:
+                path.with_suffix(".safetensors").unlink(missing_ok=True)  # an earlier best's
     job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
     return path
 
@@ -328,7 +329,9 @@ def saved_weights(payload: dict[str, Any]) -> dict[str, Any]:
     """The weights a resume continues from, to check a model against: a sharded
     checkpoint's as empty tensors of their shapes."""
     if in_shards(payload):
-        return sharded().shapes(Path(payload[SHARDS]))
+        from ..runs.shard_metadata import shapes
+
+        return shapes(Path(payload[SHARDS]))
     return training_weights(payload)
 
 
