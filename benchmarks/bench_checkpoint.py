@@ -8,7 +8,9 @@
    process, interleaved: no saves, synchronous saves, asynchronous saves by the writer
    thread and by the writer process (`TrainingManager.train`, an MLP of `--train-params`
    parameters, AdamW, samples/s over the whole run), and the share of a synchronous save's
-   cost that each asynchronous writer keeps.
+   cost that each asynchronous writer keeps; beside them a run that writes only the final
+   file (`last`), which every writer waits for alike at the end, so that what the periodic
+   saves add is also given on its own.
 3. Resume overhead: time to skip to the middle of a 1,000,000-sample shuffled epoch, and
    proof that no skipped sample is read.
 
@@ -95,8 +97,8 @@ def checkpoint_cost(params: float, folder: Path) -> None:
 def _training_run(
     width: int, layers: int, updates: int, every: int, mode: str, threads: int | None = None
 ) -> float:
-    """Samples/s of a run with `updates` updates saving every `every` (mode: none, sync,
-    thread or process)."""
+    """Samples/s of a run with `updates` updates saving every `every` (mode: none, last
+    (only the final file), sync, thread or process)."""
     torch.manual_seed(0)
     blocks: list[nn.Module] = []
     for _ in range(layers):
@@ -113,7 +115,7 @@ def _training_run(
             tensorboard_logging=False,
             save_best_model=False,
             save_last_checkpoint=mode != "none",
-            checkpoint_every_n_steps=every if mode != "none" else 0,
+            checkpoint_every_n_steps=every if mode not in ("none", "last") else 0,
             async_checkpointing=mode in ("thread", "process"),
             checkpoint_writer="process" if mode == "process" else "thread",
             cpu_threads=threads if threads else "auto",
@@ -129,7 +131,7 @@ def save_throughput(
     width = 2048
     layers = max(1, round(params / (width * width + width)))
     count = layers * (width * width + width) + width * 10 + 10
-    modes = ["none", "sync", "thread"]
+    modes = ["none", "last", "sync", "thread"]
     if checkpoint_process.available():
         modes.append("process")
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -146,11 +148,19 @@ def save_throughput(
         f"+ last), medians of {repeats}, training on "
         f"{threads or torch.get_num_threads()} of {os.cpu_count()} cores, seconds of training:\n"
     )
-    print("| writer | seconds | added by saves | share of a synchronous save's cost |")
-    print("|---|---|---|---|")
+    periodic = {mode: median[mode] - median["last"] for mode in modes}
+    print(
+        "| writer | seconds | added by saves | share of synchronous saves' cost | periodic "
+        "saves only (minus `last`) | their share |"
+    )
+    print("|---|---|---|---|---|---|")
     for mode in modes:
         share = f"{100 * added[mode] / added['sync']:.0f}%" if mode != "none" else ""
-        print(f"| {mode} | {median[mode]:.2f} | {added[mode]:+.2f} | {share} |")
+        own = f"{100 * periodic[mode] / periodic['sync']:.0f}%" if mode in modes[2:] else ""
+        print(
+            f"| {mode} | {median[mode]:.2f} | {added[mode]:+.2f} | {share} | "
+            f"{periodic[mode]:+.2f} | {own} |"
+        )
 
 
 def resume_cost(n: int) -> None:

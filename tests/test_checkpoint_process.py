@@ -159,3 +159,22 @@ def test_a_tensor_and_its_conjugate_view_are_two_copies(tmp_path):
     saved = load_checkpoint_file(tmp_path / "c.pt")
     assert torch.equal(saved["z"], value)
     assert torch.equal(saved["conj"].resolve_conj(), value.conj().resolve_conj())
+
+
+def test_a_save_of_the_same_update_stops_the_write_in_flight_and_another_does_not(tmp_path):
+    save_checkpoint_file({"step": 1}, tmp_path / "last.pt")  # the previous file
+    state = {f"t{i}": torch.full((1 << 16,), float(i)) for i in range(400)}  # 100 MB
+    writer = checkpoint_process.ProcessWriter()
+    try:
+        for step, supersede_step, stopped in ((5, 5, 1), (6, 7, 1)):
+            copied = writer.snapshot("checkpoint", {**state, "step": step})
+            path = tmp_path / "last.pt"
+            writer.submit([Write("checkpoint", path, copied)], str(path), step)
+            writer.supersede(str(path), supersede_step)  # the epoch's end, at once
+            writer.wait()
+            assert writer.superseded == stopped
+            kept = load_checkpoint_file(path, mmap=True)["step"]
+            assert kept == (1 if step == supersede_step else step)  # stopped: the previous
+        assert list(tmp_path.glob(".*.tmp")) == []  # the stopped write's temp file is gone
+    finally:
+        writer.close()

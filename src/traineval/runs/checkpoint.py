@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -18,15 +19,35 @@ CHECKPOINT_FORMAT = "traineval-checkpoint"  # a training checkpoint's "format" e
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint_file(payload: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint_file(
+    payload: dict[str, Any], path: str | Path, *, stop: Callable[[], bool] | None = None
+) -> Path:
     """Write `payload` to `path` atomically: temp file in the same folder, fsync, rename.
 
     A crash during the write leaves any previous file at `path` untouched; a failed write
-    (a full disk, no permission) is a `WriteError` naming `path`.
+    (a full disk, no permission) is a `WriteError` naming `path`. With `stop`, the write
+    ends, the previous file untouched, at the first record written after `stop()` is true
+    (the caller tells that end from a failure by asking `stop()` again).
     """
     with atomic_file(path, (RuntimeError,)) as temporary, temporary.open("wb") as handle:
-        torch.save(payload, handle)  # its zip writer says a full disk as a RuntimeError
+        # torch's zip writer says a full disk (and a stop) as a RuntimeError
+        torch.save(payload, handle if stop is None else cast(IO[bytes], _Stoppable(handle, stop)))
     return Path(path)
+
+
+class _Stoppable:
+    """A file whose writes fail once `stop()` is true (see `save_checkpoint_file`)."""
+
+    def __init__(self, handle: Any, stop: Callable[[], bool]) -> None:
+        self.handle, self.stop = handle, stop
+
+    def write(self, data: Any) -> int:
+        if self.stop():
+            raise RuntimeError("the write was stopped")
+        return int(self.handle.write(data))
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -44,6 +44,8 @@ from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, Write
 
 ALIGN = 64  # bytes: each tensor starts on a cache line
 _HEADER = struct.Struct("<Q")  # a message's length
+_JOB = struct.Struct("<Q")  # the arena's control word: the number of a job to stop
+CONTROL = ALIGN  # the arena's first bytes hold the control word; the copies follow
 
 
 def available() -> bool:
@@ -70,7 +72,7 @@ class Arena:
     def __init__(self, size: int = 1 << 20) -> None:
         self.fd = os.memfd_create("traineval-checkpoint", os.MFD_CLOEXEC)
         self.size = 0
-        self.used = 0
+        self.used = CONTROL
         self.maps: list[tuple[int, int, mmap.mmap]] = []  # (address, length, mapping)
         self._grow(size)
 
@@ -91,7 +93,7 @@ class Arena:
 
     def reset(self) -> None:
         """Every earlier copy is written: the arena is free again (its pages stay mapped)."""
-        self.used = 0
+        self.used = CONTROL
         self.maps = self.maps[-1:]  # older mappings go once their tensors do
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -107,6 +109,10 @@ class Arena:
         view = view.view(tensor.shape)
         view.copy_(tensor.detach())
         return view
+
+    def stop(self, job: int) -> None:
+        """Ask the writer to stop job number `job` (the control word, before the copies)."""
+        _JOB.pack_into(self.maps[-1][2], 0, job)
 
     def region(self, tensor: torch.Tensor) -> _Region | None:
         """Where `tensor` lies in the arena (None: it is not the arena's)."""
@@ -132,6 +138,9 @@ class ProcessWriter(CheckpointWriter):
         self._jobs: Any = None
         self._replies: Any = None
         self._pending = False
+        self._job = 0  # the number of the last job submitted (the first is 1)
+        self._flight: tuple[str, int | None] = ("", None)  # its file and update
+        self.superseded = 0  # jobs stopped because a save of the same state replaced them
         self._start()  # now: it imports torch while training starts, not at the first save
 
     def snapshot(self, kind: str, value: Any) -> Any:
@@ -139,12 +148,14 @@ class ProcessWriter(CheckpointWriter):
         self.arena.reserve(_nbytes(value))
         return _into(value, self.arena)
 
-    def submit(self, writes: Sequence[Write], what: str) -> None:
+    def submit(self, writes: Sequence[Write], what: str, step: int | None = None) -> None:
         """Hand `writes` to the writer process (it starts on the first job)."""
         self.wait()
-        self._what = what
+        self._what, self._flight = what, (what, step)
+        self._job += 1
         jobs = [(w.kind, str(w.path), _described(w.value, self.arena)) for w in writes]
-        message = pickle.dumps({"size": self.arena.size, "writes": jobs, "what": what})
+        job = {"size": self.arena.size, "writes": jobs, "what": what, "job": self._job}
+        message = pickle.dumps(job)
         self._start()
         try:
             self._jobs.write(_HEADER.pack(len(message)) + message)
@@ -160,6 +171,7 @@ class ProcessWriter(CheckpointWriter):
             self._pending = False
             self.arena.reset()  # the writer has read every copy of the job
             if ok:
+                self.superseded += message == STOPPED
                 return
             if isinstance(message, tuple):  # a WriteError: the file and the disk, said
                 raise WriteError(*message)
@@ -172,6 +184,14 @@ class ProcessWriter(CheckpointWriter):
             return False
         ready, _, _ = select.select([self._replies], [], [], 0)
         return not ready
+
+    def supersede(self, what: str, step: int) -> None:
+        """Stop the write in flight when it is of `what` at update `step`: the save about to
+        be made replaces it (a periodic save at an epoch's last update, then the epoch's
+        own), and need not wait for it. Only a save of the same update stops one, so every
+        update's state that is saved is written, and writes that fall behind still wait."""
+        if self._pending and self._flight == (what, step):
+            self.arena.stop(self._job)
 
     def close(self) -> None:
         """Wait for the last job, then let the writer process exit."""
@@ -324,17 +344,32 @@ def _rebuilt(value: Any, mapping: mmap.mmap) -> Any:
     return _mapped(value, tensor, _Region)
 
 
-def _write_job(job: dict[str, Any], arena_fd: int) -> None:
+STOPPED = "stopped"  # the reply to a job stopped by `ProcessWriter.supersede`
+
+
+def _write_job(job: dict[str, Any], arena_fd: int) -> tuple[bool, Any]:
+    """Write a job's files; the reply (`STOPPED` when asked to stop)."""
     from .checkpoint import save_checkpoint_file, save_safetensors
 
     mapping = mmap.mmap(arena_fd, job["size"])
     rebuilt = _rebuilt(job["writes"], mapping)  # one pass: a tensor two files share is one
+
+    def stop() -> bool:
+        return bool(_JOB.unpack_from(mapping, 0)[0] == job["job"])
+
     try:
         for kind, path, value in rebuilt:
+            if stop():
+                return True, STOPPED
             if kind == "safetensors":
                 save_safetensors(value, Path(path))
             else:
-                save_checkpoint_file(value, Path(path))
+                save_checkpoint_file(value, Path(path), stop=stop)
+        return True, ""
+    except BaseException:
+        if stop():
+            return True, STOPPED  # the previous file stays; a newer save replaces it
+        raise
     finally:
         rebuilt = value = None  # the tensors over the mapping go before it does
 
@@ -366,8 +401,7 @@ def serve(arena_fd: int, jobs_fd: int, replies_fd: int, parent: int) -> None:
                 return  # the training process is done (a stop, or EOF: it is gone)
             job = pickle.loads(jobs.read(_HEADER.unpack(header)[0]))
             try:
-                _write_job(job, arena_fd)
-                reply: tuple[bool, Any] = (True, "")
+                reply: tuple[bool, Any] = _write_job(job, arena_fd)
             except WriteError as error:  # its sentence names the file: raised as it is
                 reply = (False, (error.errno, error.strerror))
             except BaseException as error:  # reported to the training process

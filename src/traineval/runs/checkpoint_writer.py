@@ -153,8 +153,9 @@ class CheckpointWriter:
         self.buffers[kind] = snapshot(value, self.buffers.get(kind))
         return self.buffers[kind]
 
-    def submit(self, writes: Sequence[Write], what: str) -> None:
-        """Write `writes` in order on a writer thread, after the previous save finished."""
+    def submit(self, writes: Sequence[Write], what: str, step: int | None = None) -> None:
+        """Write `writes` in order on a writer thread, after the previous save finished
+        (`what`: the save's file, of the loop's update `step`)."""
         self.wait()
         self._what = what
         # not a daemon: an exception in the training thread still lets the write finish
@@ -177,6 +178,11 @@ class CheckpointWriter:
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def supersede(self, what: str, step: int) -> None:
+        """A save of `what` at update `step` is about to be made: a write in flight of the
+        same file and update may stop (the process writer's does), as the new one replaces
+        it, so the save need not wait for it. The thread's write finishes."""
 
     def close(self) -> None:
         """Wait for the last write (a writer process also ends)."""
@@ -203,7 +209,7 @@ class StagedWrites(CheckpointWriter):
     def snapshot(self, kind: str, value: Any) -> Any:
         return snapshot(value)  # each kept save its own copy
 
-    def submit(self, writes: Sequence[Write], what: str) -> None:
+    def submit(self, writes: Sequence[Write], what: str, step: int | None = None) -> None:
         self.pending[what] = writes
 
     def wait(self) -> None:

@@ -248,6 +248,7 @@ def _save_in_background(
     a moving average, one snapshot of both: the weights they share are copied once. With
     one, the exported average is copied while the model holds it (the block puts the
     training weights back, and the checkpoint's `training_weights` are views of them)."""
+    writer.supersede(str(path), loop.state.global_step)  # the epoch's end after its last update
     _wait_for_the_previous_write(writer, path)
     exported: dict[str, Any] = {}  # to copy with the checkpoint
     average: dict[str, Any] | None = None  # copied already
@@ -265,7 +266,7 @@ def _save_in_background(
         files = average if average is not None else copied["weights"]
         writes.append(Write("safetensors", path.with_suffix(".safetensors"), files))
     writes.append(Write("checkpoint", path, copied["checkpoint"]))
-    writer.submit(writes, str(path))
+    writer.submit(writes, str(path), loop.state.global_step)
 
 
 def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
