@@ -96,7 +96,7 @@ def test_saves_that_outrun_their_writes_are_said_once(tmp_path, caplog):
     writer = CheckpointWriter(perform=lambda write: time.sleep(0.2))
     for _ in range(3):
         with caplog.at_level(logging.WARNING):
-            _wait_for_the_previous_write(writer, tmp_path / "last.pt")
+            _wait_for_the_previous_write(writer, tmp_path / "last.pt", said=False)
         writer.submit([Write("checkpoint", tmp_path / "last.pt", {})], "last.pt")
     writer.close()
     said = [r for r in caplog.records if "cannot keep up" in r.getMessage()]
@@ -178,3 +178,34 @@ def test_a_save_of_the_same_update_stops_the_write_in_flight_and_another_does_no
         assert list(tmp_path.glob(".*.tmp")) == []  # the stopped write's temp file is gone
     finally:
         writer.close()
+
+
+def _stop_after(k: int):
+    """A `stop` for `save_checkpoint_file` that lets `k` records through, then stops."""
+    calls = iter(range(10**6))
+    return lambda nbytes: next(calls) >= k
+
+
+def test_a_write_stopped_at_any_record_leaves_the_old_file_or_the_whole_new_one(tmp_path):
+    path = tmp_path / "last.pt"
+    new = {"step": 2, **{f"t{i}": torch.full((1000,), float(i)) for i in range(6)}}
+    records = 0
+
+    def count(nbytes: int) -> bool:
+        nonlocal records
+        records += 1
+        return False
+
+    save_checkpoint_file(new, tmp_path / "probe.pt", stop=count)
+    assert records > 6  # one write per record at least
+    for k in range(records + 1):
+        save_checkpoint_file({"step": 1}, path)
+        try:
+            save_checkpoint_file(new, path, stop=_stop_after(k))
+        except WriteError:
+            assert k < records  # stopped: the previous file
+            assert load_checkpoint_file(path)["step"] == 1
+        else:
+            assert k == records  # never asked to stop: the new one, whole
+            assert torch.equal(load_checkpoint_file(path)["t5"], new["t5"])
+        assert list(tmp_path.glob(".*.tmp")) == []

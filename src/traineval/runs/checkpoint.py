@@ -20,14 +20,14 @@ CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint_file(
-    payload: dict[str, Any], path: str | Path, *, stop: Callable[[], bool] | None = None
+    payload: dict[str, Any], path: str | Path, *, stop: Callable[[int], bool] | None = None
 ) -> Path:
     """Write `payload` to `path` atomically: temp file in the same folder, fsync, rename.
 
     A crash during the write leaves any previous file at `path` untouched; a failed write
-    (a full disk, no permission) is a `WriteError` naming `path`. With `stop`, the write
-    ends, the previous file untouched, at the first record written after `stop()` is true
-    (the caller tells that end from a failure by asking `stop()` again).
+    (a full disk, no permission) is a `WriteError` naming `path`. With `stop`, asked before
+    each record with its size in bytes, the write ends at the first record for which it is
+    true, the previous file untouched (the caller tells that end from a failure).
     """
     with atomic_file(path, (RuntimeError,)) as temporary, temporary.open("wb") as handle:
         # torch's zip writer says a full disk (and a stop) as a RuntimeError
@@ -36,13 +36,13 @@ def save_checkpoint_file(
 
 
 class _Stoppable:
-    """A file whose writes fail once `stop()` is true (see `save_checkpoint_file`)."""
+    """A file whose writes fail once `stop(size)` is true (see `save_checkpoint_file`)."""
 
-    def __init__(self, handle: Any, stop: Callable[[], bool]) -> None:
+    def __init__(self, handle: Any, stop: Callable[[int], bool]) -> None:
         self.handle, self.stop = handle, stop
 
     def write(self, data: Any) -> int:
-        if self.stop():
+        if self.stop(memoryview(data).nbytes):
             raise RuntimeError("the write was stopped")
         return int(self.handle.write(data))
 

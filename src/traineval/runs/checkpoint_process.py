@@ -9,7 +9,12 @@ moment leaves the previous file loadable). A job names its files and the arena's
 tensors travel as (offset, dtype, shape) and everything else as pickled values, over a
 private pipe. One job at a time, as for the writer thread (`checkpoint_writer`): the
 training process waits for the job in flight before it copies the next state into the
-arena, and the run ends only after the last file is on disk.
+arena, and the run ends only after the last file is on disk. The arena's first bytes are two
+control words: the number of a job to stop (`ProcessWriter.supersede`: a save of the same
+file and update replaces a write in flight that is less than half done; the writer reads
+the word before each file and each record, leaves the previous file in place and replies
+`STOPPED`; never once a file of the job has landed) and the bytes written of the job in
+hand.
 
 The writer process ignores SIGINT and SIGTERM (the training process decides what a signal
 means, and its last checkpoint still has to be written); it exits when the training process
@@ -44,8 +49,8 @@ from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, Write
 
 ALIGN = 64  # bytes: each tensor starts on a cache line
 _HEADER = struct.Struct("<Q")  # a message's length
-_JOB = struct.Struct("<Q")  # the arena's control word: the number of a job to stop
-CONTROL = ALIGN  # the arena's first bytes hold the control word; the copies follow
+_JOB = struct.Struct("<Q")  # the arena's control words: the job to stop, bytes written
+CONTROL = ALIGN  # the arena's first bytes hold the control words; the copies follow
 
 
 def available() -> bool:
@@ -114,6 +119,15 @@ class Arena:
         """Ask the writer to stop job number `job` (the control word, before the copies)."""
         _JOB.pack_into(self.maps[-1][2], 0, job)
 
+    def start_job(self) -> None:
+        """No byte of the next job is written yet (the second control word, zeroed before
+        the job is sent: the previous job's count must not hold a stop back)."""
+        _JOB.pack_into(self.maps[-1][2], _JOB.size, 0)
+
+    def written(self) -> int:
+        """The bytes the writer has written of the job in hand (the second control word)."""
+        return int(_JOB.unpack_from(self.maps[-1][2], _JOB.size)[0])
+
     def region(self, tensor: torch.Tensor) -> _Region | None:
         """Where `tensor` lies in the arena (None: it is not the arena's)."""
         pointer = tensor.data_ptr()
@@ -140,6 +154,7 @@ class ProcessWriter(CheckpointWriter):
         self._pending = False
         self._job = 0  # the number of the last job submitted (the first is 1)
         self._flight: tuple[str, int | None] = ("", None)  # its file and update
+        self._bytes = 0  # its copies' size
         self.superseded = 0  # jobs stopped because a save of the same state replaced them
         self._start()  # now: it imports torch while training starts, not at the first save
 
@@ -152,7 +167,8 @@ class ProcessWriter(CheckpointWriter):
         """Hand `writes` to the writer process (it starts on the first job)."""
         self.wait()
         self._what, self._flight = what, (what, step)
-        self._job += 1
+        self._job, self._bytes = self._job + 1, self.arena.used - CONTROL
+        self.arena.start_job()
         jobs = [(w.kind, str(w.path), _described(w.value, self.arena)) for w in writes]
         job = {"size": self.arena.size, "writes": jobs, "what": what, "job": self._job}
         message = pickle.dumps(job)
@@ -185,13 +201,19 @@ class ProcessWriter(CheckpointWriter):
         ready, _, _ = select.select([self._replies], [], [], 0)
         return not ready
 
-    def supersede(self, what: str, step: int) -> None:
-        """Stop the write in flight when it is of `what` at update `step`: the save about to
-        be made replaces it (a periodic save at an epoch's last update, then the epoch's
-        own), and need not wait for it. Only a save of the same update stops one, so every
-        update's state that is saved is written, and writes that fall behind still wait."""
-        if self._pending and self._flight == (what, step):
-            self.arena.stop(self._job)
+    def supersede(self, what: str, step: int) -> bool:
+        """Stop the write in flight when it is of `what` at update `step` and less than half
+        written: the save about to be made replaces it (a periodic save at an epoch's last
+        update, then the epoch's own) and need not wait for it. Only a save of the same
+        update stops one, so every saved update's state is written, and writes that fall
+        behind still wait; one mostly written finishes (a kill meanwhile keeps it). Returns
+        whether it asked for a stop."""
+        if not self._pending or self._flight != (what, step):
+            return False
+        if self.arena.written() * 2 >= self._bytes:
+            return False
+        self.arena.stop(self._job)
+        return True
 
     def close(self) -> None:
         """Wait for the last job, then let the writer process exit."""
@@ -353,9 +375,17 @@ def _write_job(job: dict[str, Any], arena_fd: int) -> tuple[bool, Any]:
 
     mapping = mmap.mmap(arena_fd, job["size"])
     rebuilt = _rebuilt(job["writes"], mapping)  # one pass: a tensor two files share is one
+    progress = {"written": 0, "landed": False}
+    _JOB.pack_into(mapping, _JOB.size, 0)
 
-    def stop() -> bool:
-        return bool(_JOB.unpack_from(mapping, 0)[0] == job["job"])
+    def stop(nbytes: int = 0) -> bool:
+        """Whether to stop before writing `nbytes` more (never once a file of the job has
+        landed: best.safetensors and best.pt go together); publishes the bytes written."""
+        if not progress["landed"] and _JOB.unpack_from(mapping, 0)[0] == job["job"]:
+            return True
+        progress["written"] += nbytes
+        _JOB.pack_into(mapping, _JOB.size, progress["written"])
+        return False
 
     try:
         for kind, path, value in rebuilt:
@@ -365,9 +395,10 @@ def _write_job(job: dict[str, Any], arena_fd: int) -> tuple[bool, Any]:
                 save_safetensors(value, Path(path))
             else:
                 save_checkpoint_file(value, Path(path), stop=stop)
+            progress["landed"] = True
         return True, ""
     except BaseException:
-        if stop():
+        if not progress["landed"] and stop():
             return True, STOPPED  # the previous file stays; a newer save replaces it
         raise
     finally:

@@ -179,10 +179,12 @@ class CheckpointWriter:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def supersede(self, what: str, step: int) -> None:
+    def supersede(self, what: str, step: int) -> bool:
         """A save of `what` at update `step` is about to be made: a write in flight of the
         same file and update may stop (the process writer's does), as the new one replaces
-        it, so the save need not wait for it. The thread's write finishes."""
+        it, so the save need not wait for it; whether one was asked to. The thread's write
+        finishes."""
+        return False
 
     def close(self) -> None:
         """Wait for the last write (a writer process also ends)."""

@@ -248,8 +248,8 @@ def _save_in_background(
     a moving average, one snapshot of both: the weights they share are copied once. With
     one, the exported average is copied while the model holds it (the block puts the
     training weights back, and the checkpoint's `training_weights` are views of them)."""
-    writer.supersede(str(path), loop.state.global_step)  # the epoch's end after its last update
-    _wait_for_the_previous_write(writer, path)
+    stopped = writer.supersede(str(path), loop.state.global_step)  # e.g. an epoch's end
+    _wait_for_the_previous_write(writer, path, said=stopped)
     exported: dict[str, Any] = {}  # to copy with the checkpoint
     average: dict[str, Any] | None = None  # copied already
     if name == "best" and is_sharded(loop.model):
@@ -286,11 +286,12 @@ def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
 SLOW_WRITES = 0.05  # seconds a save may wait for the previous write before it is said
 
 
-def _wait_for_the_previous_write(writer: CheckpointWriter, path: Path) -> None:
+def _wait_for_the_previous_write(writer: CheckpointWriter, path: Path, said: bool) -> None:
     """At most one write in flight: a save waits for the previous one. When it has to wait
     (the writes take longer than the time between saves), say so once a run, with what to
-    change: a silent slowdown would look like a slow model."""
-    busy = writer.busy
+    change: a silent slowdown would look like a slow model (`said`: not for a write this
+    save stopped, whose wait is the record in hand)."""
+    busy = writer.busy and not said
     started = time.perf_counter()
     writer.wait()
     waited = time.perf_counter() - started
