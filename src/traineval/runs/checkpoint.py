@@ -26,12 +26,14 @@ def save_checkpoint_file(
 
     A crash during the write leaves any previous file at `path` untouched; a failed write
     (a full disk, no permission) is a `WriteError` naming `path`. With `stop`, asked before
-    each record with its size in bytes, the write ends at the first record for which it is
-    true, the previous file untouched (the caller tells that end from a failure).
+    each record (with its size in bytes) and before the fsync, the write ends where it is
+    first true, the previous file untouched (the caller tells that end from a failure).
     """
     with atomic_file(path, (RuntimeError,)) as temporary, temporary.open("wb") as handle:
         # torch's zip writer says a full disk (and a stop) as a RuntimeError
         torch.save(payload, handle if stop is None else cast(IO[bytes], _Stoppable(handle, stop)))
+        if stop is not None and stop(0):  # before the fsync, most of a write's time
+            raise RuntimeError("the write was stopped")
     return Path(path)
 
 

@@ -9,12 +9,11 @@ moment leaves the previous file loadable). A job names its files and the arena's
 tensors travel as (offset, dtype, shape) and everything else as pickled values, over a
 private pipe. One job at a time, as for the writer thread (`checkpoint_writer`): the
 training process waits for the job in flight before it copies the next state into the
-arena, and the run ends only after the last file is on disk. The arena's first bytes are two
-control words: the number of a job to stop (`ProcessWriter.supersede`: a save of the same
-file and update replaces a write in flight that is less than half done; the writer reads
-the word before each file and each record, leaves the previous file in place and replies
-`STOPPED`; never once a file of the job has landed) and the bytes written of the job in
-hand.
+arena, and the run ends only after the last file is on disk. The arena's first bytes are a
+control word: the number of a job to stop (`ProcessWriter.supersede`: a save of the same
+file and update replaces the write in flight; the writer reads the word before each file,
+each record and the fsync, leaves the previous file in place and replies `STOPPED`; never
+once a file of the job has landed).
 
 The writer process ignores SIGINT and SIGTERM (the training process decides what a signal
 means, and its last checkpoint still has to be written); it exits when the training process
@@ -49,8 +48,8 @@ from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, Write
 
 ALIGN = 64  # bytes: each tensor starts on a cache line
 _HEADER = struct.Struct("<Q")  # a message's length
-_JOB = struct.Struct("<Q")  # the arena's control words: the job to stop, bytes written
-CONTROL = ALIGN  # the arena's first bytes hold the control words; the copies follow
+_JOB = struct.Struct("<Q")  # the arena's control word: the number of a job to stop
+CONTROL = ALIGN  # the arena's first bytes hold the control word; the copies follow
 
 
 def available() -> bool:
@@ -119,15 +118,6 @@ class Arena:
         """Ask the writer to stop job number `job` (the control word, before the copies)."""
         _JOB.pack_into(self.maps[-1][2], 0, job)
 
-    def start_job(self) -> None:
-        """No byte of the next job is written yet (the second control word, zeroed before
-        the job is sent: the previous job's count must not hold a stop back)."""
-        _JOB.pack_into(self.maps[-1][2], _JOB.size, 0)
-
-    def written(self) -> int:
-        """The bytes the writer has written of the job in hand (the second control word)."""
-        return int(_JOB.unpack_from(self.maps[-1][2], _JOB.size)[0])
-
     def region(self, tensor: torch.Tensor) -> _Region | None:
         """Where `tensor` lies in the arena (None: it is not the arena's)."""
         pointer = tensor.data_ptr()
@@ -154,7 +144,6 @@ class ProcessWriter(CheckpointWriter):
         self._pending = False
         self._job = 0  # the number of the last job submitted (the first is 1)
         self._flight: tuple[str, int | None] = ("", None)  # its file and update
-        self._bytes = 0  # its copies' size
         self.superseded = 0  # jobs stopped because a save of the same state replaced them
         self._start()  # now: it imports torch while training starts, not at the first save
 
@@ -167,8 +156,7 @@ class ProcessWriter(CheckpointWriter):
         """Hand `writes` to the writer process (it starts on the first job)."""
         self.wait()
         self._what, self._flight = what, (what, step)
-        self._job, self._bytes = self._job + 1, self.arena.used - CONTROL
-        self.arena.start_job()
+        self._job += 1
         jobs = [(w.kind, str(w.path), _described(w.value, self.arena)) for w in writes]
         job = {"size": self.arena.size, "writes": jobs, "what": what, "job": self._job}
         message = pickle.dumps(job)
@@ -202,15 +190,13 @@ class ProcessWriter(CheckpointWriter):
         return not ready
 
     def supersede(self, what: str, step: int) -> bool:
-        """Stop the write in flight when it is of `what` at update `step` and less than half
-        written: the save about to be made replaces it (a periodic save at an epoch's last
-        update, then the epoch's own) and need not wait for it. Only a save of the same
-        update stops one, so every saved update's state is written, and writes that fall
-        behind still wait; one mostly written finishes (a kill meanwhile keeps it). Returns
-        whether it asked for a stop."""
+        """Stop the write in flight when it is of `what` at update `step`: the save about to
+        be made replaces it (a periodic save at an epoch's last update, then the epoch's
+        own) and need not wait for it (most of a write's time is its fsync, which a stop
+        skips too). Only a save of the same update stops one, so every saved update's state
+        is written and writes that fall behind still wait; a kill before the new one lands
+        resumes from the file before (exactly). Returns whether it asked for a stop."""
         if not self._pending or self._flight != (what, step):
-            return False
-        if self.arena.written() * 2 >= self._bytes:
             return False
         self.arena.stop(self._job)
         return True
@@ -375,17 +361,12 @@ def _write_job(job: dict[str, Any], arena_fd: int) -> tuple[bool, Any]:
 
     mapping = mmap.mmap(arena_fd, job["size"])
     rebuilt = _rebuilt(job["writes"], mapping)  # one pass: a tensor two files share is one
-    progress = {"written": 0, "landed": False}
-    _JOB.pack_into(mapping, _JOB.size, 0)
+    progress = {"landed": False}
 
     def stop(nbytes: int = 0) -> bool:
-        """Whether to stop before writing `nbytes` more (never once a file of the job has
-        landed: best.safetensors and best.pt go together); publishes the bytes written."""
-        if not progress["landed"] and _JOB.unpack_from(mapping, 0)[0] == job["job"]:
-            return True
-        progress["written"] += nbytes
-        _JOB.pack_into(mapping, _JOB.size, progress["written"])
-        return False
+        """Whether to stop now (never once a file of the job has landed: best.safetensors
+        and best.pt go together)."""
+        return not progress["landed"] and _JOB.unpack_from(mapping, 0)[0] == job["job"]
 
     try:
         for kind, path, value in rebuilt:
