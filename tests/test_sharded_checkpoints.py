@@ -29,11 +29,8 @@ from traineval.training.loop import TrainingInterrupted
 from traineval.training.optim import build_optimizer
 
 from conftest import InterruptAt, make_classification
-
-
-def mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+from test_resume import config as resume_config
+from test_resume import dropout_mlp as mlp
 
 
 def loaders():
@@ -45,24 +42,10 @@ def loaders():
 
 
 def config(path: Path, sharding: str = "sharded", **overrides) -> TrainingConfig:
-    settings = {
-        "num_epochs": 3,
-        "batch_size": 8,
-        "learning_rate": 3e-3,
-        "warmup_steps": 3,
-        "scheduler_type": "cosine",
-        "eval_frequency": 5,
-        "early_stopping_patience": 0,
-        "checkpoint_every_n_steps": 4,
-        "checkpoint_sharding": sharding,
-        "output_dir": str(path),
-        "progress_bar": False,
-        "tensorboard_logging": False,
-        "device": "cpu",
-        "seed": 11,
-    }
-    settings.update(overrides)
-    return TrainingConfig(**settings)
+    """test_resume's run (cosine schedule with warmup, evaluations, seed), 3 epochs of 12
+    updates, a checkpoint every 4."""
+    settings = {"num_epochs": 3, "gradient_accumulation_steps": 1, "checkpoint_every_n_steps": 4}
+    return resume_config(path, **{**settings, "checkpoint_sharding": sharding, **overrides})
 
 
 def shard_folders(run: Path, name: str = "last") -> list[Path]:

@@ -10,6 +10,7 @@ from typing import IO, Any, cast
 
 import torch
 
+from ..system.devices import move_to_device
 from ..system.files import atomic_file
 from .errors import CheckpointError
 from .shard_folders import MARK as SHARD_MARK
@@ -161,11 +162,7 @@ def _placed(tree: Any, map_location: Any) -> Any:
     function maps saved devices, and shards are read onto the CPU)."""
     if map_location in (None, "cpu") or not isinstance(map_location, str | torch.device):
         return tree
-    if isinstance(tree, dict):
-        return {key: _placed(value, map_location) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [_placed(value, map_location) for value in tree]
-    return tree.to(map_location) if isinstance(tree, torch.Tensor) else tree
+    return move_to_device(tree, torch.device(map_location))
 
 
 def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:

@@ -32,20 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..system.devices import move_to_device  # noqa: F401 - its home before system.devices
+
 TARGET_KEYS = ("labels", "targets", "target", "label", "y")
 PREDICTION_KEYS = ("logits", "predictions", "prediction", "output", "outputs", "reconstruction")
 OutputTransform = Callable[[Any], torch.Tensor]
-
-
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Copy tensors (nested in tuples, lists, dicts) to `device`; async from pinned memory."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(value, device) for value in batch)
-    return batch
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:

@@ -1,0 +1,19 @@
+"""Tensors onto a device: a batch before the step, a checkpoint's tensors after a load."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Copy tensors (nested in tuples, lists, dicts) to `device`; async from pinned memory."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
