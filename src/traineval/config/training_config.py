@@ -338,10 +338,8 @@ class TrainingConfig(_ConfigBase):
     is on disk; see `traineval.runs.checkpoint_writer`), by `checkpoint_writer`: "process" (a
     writer process over shared memory: serialisation and disk leave the training process;
     Linux, elsewhere a thread; `traineval.runs.checkpoint_process`), "thread", or "auto" (the
-    process where a CPU run leaves a core free: fewer CPU threads than cores; else the
-    thread, which copies from a GPU through pinned memory). Where training keeps every core
-    busy, writing in the background costs more than writing in place (docs/checkpoints.md
-    has the measurements): leave `async_checkpointing` off there;
+    process for CPU runs; the thread for GPU runs, which copies from the device through
+    pinned memory; docs/checkpoints.md has the measurements);
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
     `compile` runs the model and the loss function through `torch.compile` (separately, so

@@ -178,7 +178,8 @@ def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str
         if isinstance(model, torch.nn.Module):
             save_model(model, str(temporary))
         else:
-            save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, temporary)
+            tensors = {k: v.detach().contiguous().clone() for k, v in model.items()}
+            save_file(tensors, temporary, metadata={"format": "pt"})
     return Path(path)
 
 

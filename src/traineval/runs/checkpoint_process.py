@@ -2,71 +2,47 @@
 process, neither holding its GIL nor, where another core is free, its core.
 
 Training copies the state into an arena of shared memory (an anonymous `memfd`, handed to
-the writer process when it starts, so nothing is left behind when either process dies);
-the writer maps the same memory, rebuilds the checkpoint over it without copying, and
+the writer process when it starts, so nothing is left behind when either process dies) and
+plans each file (`runs.file_plans`: a checkpoint as `torch.save`'s records, pickled by
+torch's own pickler; a safetensors file as its header and tensors), each tensor named by its
+offset in the arena. The writer process (`runs.write_worker`) maps the same memory and
 writes the files as a synchronous save would (temp file, fsync, rename: a kill -9 at any
-moment leaves the previous file loadable). A job names its files and the arena's size; its
-tensors travel as (offset, dtype, shape) and everything else as pickled values, over a
-private pipe. One job at a time, as for the writer thread (`checkpoint_writer`): the
-training process waits for the job in flight before it copies the next state into the
-arena, and the run ends only after the last file is on disk. The arena's first bytes are a
-control word: the number of a job to stop (`ProcessWriter.supersede`: a save of the same
-file and update replaces the write in flight; the writer reads the word before each file,
-each record and the fsync, leaves the previous file in place and replies `STOPPED`; never
-once a file of the job has landed).
-
-The writer process ignores SIGINT and SIGTERM (the training process decides what a signal
-means, and its last checkpoint still has to be written); it exits when the training process
-closes the pipe, after finishing the file in hand, and dies with it when it is killed (as a
-thread would: the file in hand stays a temp file, the previous one loadable, and no write
-lands after a resumed run has started). Linux only (`os.memfd_create`); elsewhere the
-writer thread does the work.
-
-    python -m traineval.runs.checkpoint_process ARENA_FD JOBS_FD REPLIES_FD PARENT_PID
+moment leaves the previous file loadable); it never imports torch. One job at a time, as
+for the writer thread (`checkpoint_writer`): the training process waits for the job in
+flight before it copies the next state into the arena, and the run ends only after the
+last file is on disk. The arena's first bytes are a control word: the number of a job to
+stop (`ProcessWriter.supersede`: a save of the same file and update replaces the write in
+flight). Linux only (`os.memfd_create`); elsewhere the writer thread does the work.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import mmap
 import os
 import pickle
 import select
-import signal
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
 from ..system.files import WriteError
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, Write
+from .file_plans import checkpoint_plan, safetensors_plan
+from .write_worker import HEADER as _HEADER
+from .write_worker import JOB as _JOB
+from .write_worker import STOPPED
 
 ALIGN = 64  # bytes: each tensor starts on a cache line
-_HEADER = struct.Struct("<Q")  # a message's length
-_JOB = struct.Struct("<Q")  # the arena's control word: the number of a job to stop
 CONTROL = ALIGN  # the arena's first bytes hold the control word; the copies follow
 
 
 def available() -> bool:
     """Whether this platform can run the writer process (anonymous shared memory)."""
     return hasattr(os, "memfd_create") and sys.platform.startswith("linux")
-
-
-class _Region:
-    """A tensor's place in the arena, as a job names it."""
-
-    __slots__ = ("dtype", "offset", "shape")
-
-    def __init__(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-        self.offset, self.dtype, self.shape = offset, dtype, shape
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Region, (self.offset, self.dtype, self.shape))
 
 
 class Arena:
@@ -118,12 +94,11 @@ class Arena:
         """Ask the writer to stop job number `job` (the control word, before the copies)."""
         _JOB.pack_into(self.maps[-1][2], 0, job)
 
-    def region(self, tensor: torch.Tensor) -> _Region | None:
-        """Where `tensor` lies in the arena (None: it is not the arena's)."""
-        pointer = tensor.data_ptr()
+    def place(self, pointer: int, nbytes: int) -> int | None:
+        """The offset in the arena of the `nbytes` at `pointer` (None: not the arena's)."""
         for address, length, _ in self.maps:
-            if address <= pointer < address + length and tensor.is_contiguous():
-                return _Region(pointer - address, tensor.dtype, tuple(tensor.shape))
+            if address <= pointer and pointer + nbytes <= address + length:
+                return pointer - address
         return None
 
     def close(self) -> None:
@@ -157,7 +132,7 @@ class ProcessWriter(CheckpointWriter):
         self.wait()
         self._what, self._flight = what, (what, step)
         self._job += 1
-        jobs = [(w.kind, str(w.path), _described(w.value, self.arena)) for w in writes]
+        jobs = [self._planned(write) for write in writes]  # may copy into the arena: first
         job = {"size": self.arena.size, "writes": jobs, "what": what, "job": self._job}
         message = pickle.dumps(job)
         self._start()
@@ -167,6 +142,13 @@ class ProcessWriter(CheckpointWriter):
         except OSError as error:
             self._stopped(f"the checkpoint writer process is gone ({error})")
         self._pending = True
+
+    def _planned(self, write: Write) -> tuple[str, str, Any]:
+        """`write` as the writer process takes it: a format, the path, the plan."""
+        value = _in_arena(write.value, self.arena)
+        if write.kind == "safetensors":
+            return "bytes", str(write.path), safetensors_plan(value, self.arena.place)
+        return "torch", str(write.path), checkpoint_plan(value, self.arena.place)
 
     def wait(self) -> None:
         """Block until the job in flight is on disk; raise its error, if any."""
@@ -231,7 +213,7 @@ class ProcessWriter(CheckpointWriter):
             [
                 sys.executable,
                 "-m",
-                "traineval.runs.checkpoint_process",
+                "traineval.runs.write_worker",
                 *map(str, fds),
                 str(os.getpid()),
             ],
@@ -317,113 +299,18 @@ def _into(value: Any, arena: Arena) -> Any:
     return _mapped(value, copied, torch.Tensor)
 
 
-def _described(value: Any, arena: Arena) -> Any:
-    """`value` with its tensors as `_Region`s of the arena (one region object per tensor
-    object, so the writer rebuilds a tensor named twice as one tensor); a tensor copied
-    elsewhere (a put-off save's own copy) is copied into the arena first."""
-    regions: dict[int, Any] = {}
+def _in_arena(value: Any, arena: Arena) -> Any:
+    """`value` with every tensor that has bytes in the arena (a put-off save's own copy is
+    copied in first; a tensor without strided bytes stays as it is: its plan carries it)."""
+    placed: dict[int, torch.Tensor] = {}
 
-    def described(tensor: torch.Tensor) -> Any:
-        if id(tensor) not in regions:
-            found = arena.region(tensor)
-            if found is None and _shares_bytes(tensor):
-                found = arena.region(arena.copy(tensor))
-            regions[id(tensor)] = found if found is not None else tensor
-        return regions[id(tensor)]
+    def inside(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in placed:
+            placed[id(tensor)] = tensor
+            if _shares_bytes(tensor):
+                storage = tensor.untyped_storage()
+                if arena.place(storage.data_ptr(), storage.nbytes()) is None:
+                    placed[id(tensor)] = arena.copy(tensor)
+        return placed[id(tensor)]
 
-    return _mapped(value, described, torch.Tensor)
-
-
-# -- the writer process --------------------------------------------------------------------
-
-
-def _rebuilt(value: Any, mapping: mmap.mmap) -> Any:
-    """A job's value with its regions as tensors over `mapping` (a region named twice is
-    one tensor)."""
-    built: dict[int, torch.Tensor] = {}
-
-    def tensor(region: _Region) -> torch.Tensor:
-        if id(region) not in built:
-            count = math.prod(region.shape)
-            flat = torch.frombuffer(mapping, dtype=region.dtype, count=count, offset=region.offset)
-            built[id(region)] = flat.view(region.shape)
-        return built[id(region)]
-
-    return _mapped(value, tensor, _Region)
-
-
-STOPPED = "stopped"  # the reply to a job stopped by `ProcessWriter.supersede`
-
-
-def _write_job(job: dict[str, Any], arena_fd: int) -> tuple[bool, Any]:
-    """Write a job's files; the reply (`STOPPED` when asked to stop)."""
-    from .checkpoint import save_checkpoint_file, save_safetensors
-
-    mapping = mmap.mmap(arena_fd, job["size"])
-    rebuilt = _rebuilt(job["writes"], mapping)  # one pass: a tensor two files share is one
-    progress = {"landed": False}
-
-    def stop(nbytes: int = 0) -> bool:
-        """Whether to stop now (never once a file of the job has landed: best.safetensors
-        and best.pt go together)."""
-        return not progress["landed"] and _JOB.unpack_from(mapping, 0)[0] == job["job"]
-
-    try:
-        for kind, path, value in rebuilt:
-            if stop():
-                return True, STOPPED
-            if kind == "safetensors":
-                save_safetensors(value, Path(path))
-            else:
-                save_checkpoint_file(value, Path(path), stop=stop)
-            progress["landed"] = True
-        return True, ""
-    except BaseException:
-        if not progress["landed"] and stop():
-            return True, STOPPED  # the previous file stays; a newer save replaces it
-        raise
-    finally:
-        rebuilt = value = None  # the tensors over the mapping go before it does
-
-
-def _die_with(parent: int) -> None:
-    """End this process when the training process dies (a kill -9 takes the writer with it,
-    as it would a thread: the file in hand stays a temp file, the previous one loadable, and
-    no write lands after a resumed run has started)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        return
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(0)
-
-
-def serve(arena_fd: int, jobs_fd: int, replies_fd: int, parent: int) -> None:
-    """The writer process's loop: one job at a time, a reply for each, until EOF."""
-    _die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    with os.fdopen(jobs_fd, "rb") as jobs, os.fdopen(replies_fd, "wb") as replies:
-        while True:
-            header = jobs.read(_HEADER.size)
-            if len(header) < _HEADER.size or _HEADER.unpack(header)[0] == 0:
-                return  # the training process is done (a stop, or EOF: it is gone)
-            job = pickle.loads(jobs.read(_HEADER.unpack(header)[0]))
-            try:
-                reply: tuple[bool, Any] = _write_job(job, arena_fd)
-            except WriteError as error:  # its sentence names the file: raised as it is
-                reply = (False, (error.errno, error.strerror))
-            except BaseException as error:  # reported to the training process
-                reply = (False, f"{type(error).__name__}: {error}")
-            message = pickle.dumps(reply)
-            replies.write(_HEADER.pack(len(message)) + message)
-            replies.flush()
-
-
-if __name__ == "__main__":  # run as the module's real name: the jobs' classes are its
-    from traineval.runs.checkpoint_process import serve as _serve
-
-    _serve(*(int(arg) for arg in sys.argv[1:5]))
+    return _mapped(value, inside, torch.Tensor)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,13 +270,11 @@ def _save_in_background(
 
 def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
     """The writer of `async_checkpointing` (`checkpoint_writer`): a process of its own where
-    the platform allows it and, for "auto", where a CPU run leaves a core free for it (fewer
-    torch threads than cores); else a thread. A GPU run's "auto" is the thread, whose copies
-    go through pinned memory, until the process is measured on a GPU (its arena's copies
-    from the device are pageable)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    free_core = device.type == "cpu" and torch.get_num_threads() < (cores or 1)
-    wanted = choice == "process" or (choice == "auto" and free_core)
+    the platform allows it (for "auto": a CPU run's; it costs less than the thread with or
+    without a free core, `benchmarks/results/checkpoint_cpu.md`); else a thread. A GPU
+    run's "auto" is the thread, whose copies go through pinned memory, until the process
+    is measured on a GPU (its arena's copies from the device are pageable)."""
+    wanted = choice == "process" or (choice == "auto" and device.type == "cpu")
     if wanted and checkpoint_process.available():
         return checkpoint_process.ProcessWriter()
     return CheckpointWriter()
