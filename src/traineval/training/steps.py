@@ -173,24 +173,35 @@ def checked_loss(
     """`compute(outputs, targets)`, with torch's errors about them said as a sentence (a
     label outside the classes, shapes that do not fit) and the result checked to be a
     scalar tensor."""
-    name = getattr(loss_function, "__name__", type(loss_function).__name__)
-    if type(loss_function).__module__.startswith("traineval"):
-        name = f"traineval's default loss ({name})"
     try:
         loss = compute(outputs, targets)
     except (IndexError, RuntimeError, ValueError) as error:
+        name = _loss_name(loss_function)
         raise ValueError(_loss_failure(name, outputs, targets, error)) from error
+    if type(loss) is torch.Tensor and loss.ndim == 0:  # the hot path: nothing else to check
+        return loss
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
-            f"loss_function {name} returned {type(loss).__name__} {loss!r}; it must return a "
-            "scalar tensor that carries the graph (compute it with torch operations)"
+            f"loss_function {_loss_name(loss_function)} returned {type(loss).__name__} "
+            f"{loss!r}; it must return a scalar tensor that carries the graph (compute it "
+            "with torch operations)"
         )
     if loss.ndim != 0:
         raise ValueError(
-            f"loss_function {name} returned a tensor of shape {tuple(loss.shape)}; it must "
-            "return a scalar: reduce it (.mean(), or reduction='mean')"
+            f"loss_function {_loss_name(loss_function)} returned a tensor of shape "
+            f"{tuple(loss.shape)}; it must return a scalar: reduce it (.mean(), or "
+            "reduction='mean')"
         )
     return loss
+
+
+def _loss_name(loss_function: LossFunction) -> str:
+    """How an error names the loss (asked only when it fails: `getattr` on a module that
+    lacks the name raises inside torch, which costs more than the check it names)."""
+    name = getattr(loss_function, "__name__", type(loss_function).__name__)
+    if type(loss_function).__module__.startswith("traineval"):
+        name = f"traineval's default loss ({name})"
+    return name
 
 
 def _loss_failure(name: str, outputs: Any, targets: Any, error: BaseException) -> str:
