@@ -3,6 +3,7 @@ named, a writer that dies said so, and saves that outrun the writes said once.""
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -203,3 +204,38 @@ def test_a_write_stopped_at_any_record_leaves_the_old_file_or_the_whole_new_one(
             assert k == records  # never asked to stop: the new one, whole
             assert torch.equal(load_checkpoint_file(path)["t5"], new["t5"])
         assert list(tmp_path.glob(".*.tmp")) == []
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def test_layouts_quantized_tensors_and_tuple_types_come_back_as_torch_save_keeps_them(tmp_path):
+    """The writer process's copy keeps what `torch.save` keeps: a transposed or channels_last
+    tensor's strides (a resumed optimizer state matches its parameter's layout), a
+    quantized tensor (its bytes go through torch's pickler: copying them into shared memory
+    crashed), `torch.Size` and named tuples."""
+    state = {
+        "t": torch.randn(4, 6).t(),
+        "nhwc": torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last),
+        "q": torch.quantize_per_tensor(torch.randn(5), 0.1, 3, torch.qint8),
+        "size": torch.Size([2, 3]),
+        "pair": Pair(torch.ones(2), 3),
+    }
+    torch.save(state, tmp_path / "sync.pt")
+    writer = checkpoint_process.ProcessWriter()
+    try:
+        copied = writer.snapshot("checkpoint", state)
+        writer.submit([Write("checkpoint", tmp_path / "async.pt", copied)], "async.pt")
+        writer.wait()
+    finally:
+        writer.close()
+    ours = torch.load(tmp_path / "async.pt", weights_only=False)
+    theirs = torch.load(tmp_path / "sync.pt", weights_only=False)
+    for name in ("t", "nhwc"):
+        assert ours[name].stride() == theirs[name].stride() == state[name].stride()
+        assert torch.equal(ours[name], state[name])
+    assert torch.equal(ours["q"].int_repr(), state["q"].int_repr())
+    assert (ours["q"].q_scale(), ours["q"].q_zero_point()) == (0.1, 3)
+    assert type(ours["size"]) is torch.Size
+    assert type(ours["pair"]) is Pair
+    assert ours["pair"].b == 3

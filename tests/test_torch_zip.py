@@ -176,3 +176,26 @@ def test_the_writer_process_does_not_import_torch():
     code = "import sys, traineval.runs.write_worker; print('torch' in sys.modules)"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert found.stdout.strip() == "False", found.stderr
+
+
+def test_a_safetensors_plan_of_equal_widths_and_unicode_names_loads_the_same_tensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = {
+        "b": torch.randn(3),
+        "a": torch.arange(3, dtype=torch.int32),
+        "h\u00e9": torch.randn(2, dtype=torch.bfloat16),
+        "g": torch.randn(2, dtype=torch.float16),
+    }
+    arena = checkpoint_process.Arena()
+    plan = file_plans.safetensors_plan(checkpoint_process._into(tensors, arena), arena.place)
+    mapping = mmap.mmap(arena.fd, arena.size, prot=mmap.PROT_READ)
+    path = tmp_path / "best.safetensors"
+    write_worker._write_file("bytes", path, plan, mapping, lambda nbytes: False)
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    assert "h\u00e9".encode() in path.read_bytes()  # UTF-8, as the library writes names
+    with safe_open(path, "pt") as opened:
+        assert opened.metadata() == {"format": "pt"}

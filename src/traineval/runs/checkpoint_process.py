@@ -86,7 +86,10 @@ class Arena:
         mapping = self.maps[-1][2]
         count = tensor.numel()
         view = torch.frombuffer(mapping, dtype=tensor.dtype, count=count, offset=start)
-        view = view.view(tensor.shape)
+        if _dense(tensor):  # its layout kept (transposed, channels_last), as torch.save does
+            view = view.as_strided(tensor.shape, tensor.stride())
+        else:
+            view = view.view(tensor.shape)
         view.copy_(tensor.detach())
         return view
 
@@ -255,13 +258,38 @@ def _mapped(value: Any, leaf: Callable[[Any], Any], kind: type | tuple[type, ...
     if isinstance(value, list):
         return [_mapped(v, leaf, kind) for v in value]
     if isinstance(value, tuple):
-        return tuple(_mapped(v, leaf, kind) for v in value)
+        items = [_mapped(v, leaf, kind) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value  # nothing replaced: the tuple as it is (torch.Size, a namedtuple)
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     return value
 
 
 def _shares_bytes(tensor: torch.Tensor) -> bool:
     """Whether `tensor` has bytes to place in the arena (else it travels pickled)."""
-    return tensor.layout == torch.strided and not tensor.is_meta and tensor.numel() > 0
+    return (
+        tensor.layout == torch.strided
+        and not tensor.is_meta
+        and not tensor.is_quantized  # its bytes and its quantizer go through torch's pickler
+        and tensor.numel() > 0
+    )
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s elements fill `numel` places without gaps or overlaps, in some
+    order of its dimensions (contiguous, transposed, channels_last): a copy keeps its
+    strides."""
+    sizes_strides = sorted(
+        (stride, size)
+        for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+        if size != 1
+    )
+    expected = 1
+    for stride, size in sizes_strides:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _view(tensor: torch.Tensor) -> tuple[Any, ...]:

@@ -98,9 +98,9 @@ SAFETENSORS_DTYPES = {
 
 
 def safetensors_plan(tensors: dict[str, torch.Tensor], place: Place) -> list[Source]:
-    """A safetensors file of `tensors` (CPU, contiguous), as its parts: the header, then
-    each tensor's bytes (the widest element types first, then by name, as the safetensors
-    library orders them)."""
+    """A safetensors file of `tensors` (CPU), as its parts: the header, then each tensor's
+    bytes, the widest element types first, then by name (the library orders equal widths
+    by dtype first: its bytes then differ from these, the tensors it loads do not)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     parts: list[Source] = []
     start = 0
@@ -122,6 +122,6 @@ def safetensors_plan(tensors: dict[str, torch.Tensor], place: Place) -> list[Sou
             parts.append((offset, nbytes))
         elif nbytes:
             parts.append(_tensor_bytes(tensor))
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     return [struct.pack("<Q", len(text)) + text, *parts]

@@ -67,7 +67,7 @@ def write_archive(
     entries: list[_Entry] = []
     position = 0
     for name, source in records:
-        data = source if isinstance(source, bytes) else _slice(view, source)
+        data = source if isinstance(source, bytes) else buffer_slice(view, source)
         if stop is not None and stop(len(data)):
             raise Stopped(name)
         entry = _Entry(f"{folder}/{name}".encode(), position, len(data), 0)
@@ -80,7 +80,8 @@ def write_archive(
     handle.write(_central_directory(entries, position, limit))
 
 
-def _slice(view: memoryview | None, source: tuple[int, int]) -> memoryview:
+def buffer_slice(view: memoryview | None, source: tuple[int, int]) -> memoryview:
+    """The `(offset, length)` bytes of `view`; a range outside it is an error."""
     offset, length = source
     if view is None or offset < 0 or length < 0 or offset + length > view.nbytes:
         raise ValueError(f"a record's bytes ({offset}, {length}) lie outside the buffer")

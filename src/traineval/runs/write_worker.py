@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..system.files import WriteError, atomic_file
-from .torch_zip import Source, Stopped, write_archive
+from .torch_zip import Source, Stopped, buffer_slice, write_archive
 
 HEADER = struct.Struct("<Q")  # a message's length
 JOB = struct.Struct("<Q")  # the arena's control word: the number of a job to stop
@@ -80,7 +80,7 @@ def _write_file(
 def _write_parts(handle: Any, parts: list[Source], mapping: mmap.mmap, stop: Any) -> None:
     view = memoryview(mapping)
     for part in parts:
-        data = part if isinstance(part, bytes) else view[part[0] : part[0] + part[1]]
+        data = part if isinstance(part, bytes) else buffer_slice(view, part)
         if stop(len(data)):
             raise Stopped("a part")
         handle.write(data)
