@@ -12,6 +12,7 @@ import zipfile
 import pytest
 import torch
 
+from test_checkpoint_process import _state as process_state
 from traineval.runs import checkpoint_process, file_plans, torch_zip, write_worker
 from traineval.runs.checkpoint import load_checkpoint_file, save_checkpoint_file
 
@@ -21,18 +22,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def _state():
-    torch.manual_seed(0)
-    shared = torch.randn(5, 3)
-    return {
-        "model": {"w": shared, "tied": shared, "half": torch.randn(7, dtype=torch.bfloat16)},
-        "optimizer": {"state": {0: {"step": torch.tensor(4.0), "m": torch.zeros(5, 3)}}},
-        "sparse": torch.eye(3).to_sparse(),
-        "empty": torch.empty(0, 2),
-        "ints": torch.arange(9, dtype=torch.int64).view(3, 3),
-        "flags": torch.tensor([True, False, True]),
-        "step": 11,
-        "config": {"lr": 0.1, "name": "run"},
-    }
+    """The writer process's test state, with a sparse tensor and integers beside it."""
+    state = process_state()
+    state.update(sparse=torch.eye(3).to_sparse(), ints=torch.arange(9).view(3, 3))
+    return state
 
 
 def _planned_file(tmp_path, state, name="async.pt", options=None):
@@ -75,11 +68,11 @@ def test_every_record_equals_torch_saves_and_the_data_is_aligned(tmp_path):
     assert all(offset % 64 == 0 for offset in _data_offsets(path).values())
     for mapped in (False, True):
         loaded = torch.load(path, weights_only=True, mmap=mapped)
-        assert torch.equal(loaded["model"]["w"], state["model"]["w"])
-        assert loaded["model"]["w"].data_ptr() == loaded["model"]["tied"].data_ptr()
+        assert torch.equal(loaded["model"]["embed"], state["model"]["embed"])
+        assert loaded["model"]["embed"].data_ptr() == loaded["model"]["head"].data_ptr()
         assert torch.equal(loaded["sparse"].to_dense(), torch.eye(3))
-        assert loaded["empty"].shape == (0, 2)
-        assert loaded["step"] == 11
+        assert loaded["empty"].shape == (0,)
+        assert loaded["step"] == 7
 
 
 @pytest.mark.parametrize("limit", [0, 600])  # every field zip64, or those past byte 600
@@ -89,7 +82,7 @@ def test_zip64_fields_are_read_by_torch_and_by_zipfile(tmp_path, limit):
     assert _records(path)[0][0] == "data.pkl"
     loaded = load_checkpoint_file(path)
     assert torch.equal(loaded["ints"], state["ints"])
-    assert torch.equal(loaded["model"]["half"], state["model"]["half"])
+    assert torch.equal(loaded["model"]["bias"], state["model"]["bias"])
 
 
 def test_more_records_than_a_plain_zip_counts_are_read_by_torchs_reader(tmp_path):
