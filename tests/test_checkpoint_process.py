@@ -239,3 +239,23 @@ def test_layouts_quantized_tensors_and_tuple_types_come_back_as_torch_save_keeps
     assert type(ours["size"]) is torch.Size
     assert type(ours["pair"]) is Pair
     assert ours["pair"].b == 3
+
+
+def test_async_checkpointing_null_writes_in_the_background_where_it_was_measured_to_win():
+    from torch import nn
+
+    from traineval import TrainingConfig
+    from traineval.training.run_checkpoints import BACKGROUND_FROM, writes_in_background
+
+    cpu = torch.device("cpu")
+    large = nn.Linear(2048, 6144)  # 48 MiB of weights and 24 KiB of bias
+    small = nn.Linear(2048, 6140)  # 8 KiB below the line
+    assert sum(p.numel() * 4 for p in small.parameters()) < BACKGROUND_FROM
+    auto = TrainingConfig()
+    assert auto.async_checkpointing is None
+    assert writes_in_background(auto, cpu, large)
+    assert not writes_in_background(auto, cpu, small)
+    assert not writes_in_background(auto, torch.device("cuda"), large)  # until measured
+    assert not writes_in_background(TrainingConfig(checkpoint_writer="thread"), cpu, large)
+    assert not writes_in_background(TrainingConfig(async_checkpointing=False), cpu, large)
+    assert writes_in_background(TrainingConfig(async_checkpointing=True), cpu, small)

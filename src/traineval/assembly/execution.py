@@ -26,7 +26,12 @@ from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import data_generators, deterministic_algorithms
 from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
 from ..training.monitor import PerformanceMonitor
-from ..training.run_checkpoints import background_writer, restore_loop, restore_weights
+from ..training.run_checkpoints import (
+    background_writer,
+    restore_loop,
+    restore_weights,
+    writes_in_background,
+)
 from ..training.stopping import TrainingInterrupted, watching_signals
 from . import build
 from .results import TrainingResult
@@ -72,7 +77,8 @@ def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
     for name, record in manager.run_files.items():  # e.g. a table's data.json, with config.yaml
         if job.is_main:
             atomic_write_json(manager.output_dir / name, record)
-    if c.async_checkpointing and job.is_main:  # rank 0 writes (the others only gather)
+    background = writes_in_background(c, manager.device, run.request.model)
+    if background and job.is_main:  # rank 0 writes (the others only gather)
         run.writer = background_writer(c.checkpoint_writer, manager.device)
     try:
         loop = _loop(manager, run, evaluate_fn, hub)

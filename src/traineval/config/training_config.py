@@ -335,7 +335,8 @@ class TrainingConfig(_ConfigBase):
     also saves `last` inside epochs, so a long epoch can be resumed in the middle;
     `async_checkpointing` writes the loop's checkpoints in the background (training pauses
     only to copy the state to host memory; one write at a time; the run ends once the last
-    is on disk; see `traineval.runs.checkpoint_writer`), by `checkpoint_writer`: "process" (a
+    is on disk; see `traineval.runs.checkpoint_writer`; null, the default: for CPU runs on
+    Linux whose model holds at least 48 MiB of weights), by `checkpoint_writer`: "process" (a
     writer process over shared memory: serialisation and disk leave the training process;
     Linux, elsewhere a thread; `traineval.runs.checkpoint_process`), "thread", or "auto" (the
     process for CPU runs; the thread for GPU runs, which copies from the device through
@@ -487,7 +488,9 @@ class TrainingConfig(_ConfigBase):
     # to logging where it is set up; false: none
     verbose: bool = setting(True, Flag())
     checkpoint_every_n_steps: int = setting(0, Int(0))
-    async_checkpointing: bool = setting(False, Flag())
+    # null (auto): in the background where that was measured to win, a CPU run on Linux
+    # (the writer process) whose model holds at least 48 MiB of weights; true or false: as set
+    async_checkpointing: bool | None = setting(None, Flag(optional=True))
     checkpoint_writer: str = setting("auto", OneOf(CHECKPOINT_WRITERS))
     skip_nonfinite_steps: int = setting(0, Int(0))
     log_layer_grad_norms: bool = setting(False, Flag())

@@ -13,12 +13,14 @@ are collectives); rank 0 writes, the others wait.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..callbacks.base import saved_states, state_keys
 from ..config.training_config import TrainingConfig, current_metric_name
@@ -278,6 +280,27 @@ def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
     if wanted and checkpoint_process.available():
         return checkpoint_process.ProcessWriter()
     return CheckpointWriter()
+
+
+BACKGROUND_FROM = 48 * 2**20  # bytes of weights from which `async_checkpointing: null`
+# writes in the background: from a 12.6M-parameter model (a 150 MB checkpoint with AdamW)
+# the writer process costs no more than writing in place with training on every core and
+# less with a core free (benchmarks/results/checkpoint_cpu.md); on small checkpoints its
+# start and a round trip a save cost more than the saves
+
+
+def writes_in_background(config: TrainingConfig, device: torch.device, model: nn.Module) -> bool:
+    """Whether the run writes its checkpoints in the background: `async_checkpointing` as
+    set, or for null (auto) where it was measured to win: a CPU run where the writer process
+    runs (Linux), `checkpoint_writer` not "thread", whose model holds at least 48 MiB of
+    weights."""
+    if config.async_checkpointing is not None:
+        return bool(config.async_checkpointing)
+    if device.type != "cpu" or config.checkpoint_writer == "thread":
+        return False
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    return weights >= BACKGROUND_FROM and checkpoint_process.available()
 
 
 SLOW_WRITES = 0.05  # seconds a save may wait for the previous write before it is said
