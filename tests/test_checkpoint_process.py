@@ -259,3 +259,17 @@ def test_async_checkpointing_null_writes_in_the_background_where_it_was_measured
     assert not writes_in_background(TrainingConfig(checkpoint_writer="thread"), cpu, large)
     assert not writes_in_background(TrainingConfig(async_checkpointing=False), cpu, large)
     assert writes_in_background(TrainingConfig(async_checkpointing=True), cpu, small)
+
+
+def test_async_checkpointing_null_stays_in_place_when_its_copy_would_crowd_memory(monkeypatch):
+    from torch import nn
+
+    from traineval import TrainingConfig
+    from traineval.training import run_checkpoints
+
+    large = nn.Linear(2048, 6144)  # 48 MiB: its copy with AdamW's moments, 144 MiB
+    monkeypatch.setattr(run_checkpoints, "available_memory", lambda: 4 * 144 * 2**20 + 4 * 2**20)
+    assert run_checkpoints.writes_in_background(TrainingConfig(), torch.device("cpu"), large)
+    monkeypatch.setattr(run_checkpoints, "available_memory", lambda: 4 * 144 * 2**20 - 1)
+    assert not run_checkpoints.writes_in_background(TrainingConfig(), torch.device("cpu"), large)
+    assert run_checkpoints.available_memory() > 0  # this machine's, read for real

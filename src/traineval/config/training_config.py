@@ -336,7 +336,8 @@ class TrainingConfig(_ConfigBase):
     `async_checkpointing` writes the loop's checkpoints in the background (training pauses
     only to copy the state to host memory; one write at a time; the run ends once the last
     is on disk; see `traineval.runs.checkpoint_writer`; null, the default: for CPU runs on
-    Linux whose model holds at least 48 MiB of weights), by `checkpoint_writer`: "process" (a
+    Linux whose model holds at least 48 MiB of weights and whose copy fits in a quarter of
+    the free memory), by `checkpoint_writer`: "process" (a
     writer process over shared memory: serialisation and disk leave the training process;
     Linux, elsewhere a thread; `traineval.runs.checkpoint_process`), "thread", or "auto" (the
     process for CPU runs; the thread for GPU runs, which copies from the device through
@@ -489,7 +490,8 @@ class TrainingConfig(_ConfigBase):
     verbose: bool = setting(True, Flag())
     checkpoint_every_n_steps: int = setting(0, Int(0))
     # null (auto): in the background where that was measured to win, a CPU run on Linux
-    # (the writer process) whose model holds at least 48 MiB of weights; true or false: as set
+    # (the writer process) whose model holds at least 48 MiB of weights (and whose copy
+    # fits in a quarter of the free memory); true or false: as set
     async_checkpointing: bool | None = setting(None, Flag(optional=True))
     checkpoint_writer: str = setting("auto", OneOf(CHECKPOINT_WRITERS))
     skip_nonfinite_steps: int = setting(0, Int(0))

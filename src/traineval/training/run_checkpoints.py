@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,14 +294,25 @@ def writes_in_background(config: TrainingConfig, device: torch.device, model: nn
     """Whether the run writes its checkpoints in the background: `async_checkpointing` as
     set, or for null (auto) where it was measured to win: a CPU run where the writer process
     runs (Linux), `checkpoint_writer` not "thread", whose model holds at least 48 MiB of
-    weights."""
+    weights and whose copy fits in a quarter of the free memory."""
     if config.async_checkpointing is not None:
         return bool(config.async_checkpointing)
     if device.type != "cpu" or config.checkpoint_writer == "thread":
         return False
     tensors = itertools.chain(model.parameters(), model.buffers())
     weights = sum(t.numel() * t.element_size() for t in tensors)
-    return weights >= BACKGROUND_FROM and checkpoint_process.available()
+    # the copy it holds (weights and, with AdamW, two moments) takes a quarter of the free
+    # memory at most: a default does not double a large model's footprint unasked
+    fits = 3 * weights <= available_memory() / 4
+    return weights >= BACKGROUND_FROM and fits and checkpoint_process.available()
+
+
+def available_memory() -> float:
+    """Bytes of memory free for the run (Linux: available physical pages; else unbounded)."""
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return float("inf")
 
 
 SLOW_WRITES = 0.05  # seconds a save may wait for the previous write before it is said
