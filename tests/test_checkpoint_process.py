@@ -209,7 +209,10 @@ def test_a_write_stopped_at_any_record_leaves_the_old_file_or_the_whole_new_one(
 Pair = collections.namedtuple("Pair", "a b")
 
 
-def test_layouts_quantized_tensors_and_tuple_types_come_back_as_torch_save_keeps_them(tmp_path):
+@pytest.mark.parametrize("writer_type", ["process", "thread"])
+def test_layouts_quantized_tensors_and_tuple_types_come_back_as_torch_save_keeps_them(
+    tmp_path, writer_type
+):
     """The writer process's copy keeps what `torch.save` keeps: a transposed or channels_last
     tensor's strides (a resumed optimizer state matches its parameter's layout), a
     quantized tensor (its bytes go through torch's pickler: copying them into shared memory
@@ -222,7 +225,8 @@ def test_layouts_quantized_tensors_and_tuple_types_come_back_as_torch_save_keeps
         "pair": Pair(torch.ones(2), 3),
     }
     torch.save(state, tmp_path / "sync.pt")
-    writer = checkpoint_process.ProcessWriter()
+    thread = writer_type == "thread"
+    writer = CheckpointWriter() if thread else checkpoint_process.ProcessWriter()
     try:
         copied = writer.snapshot("checkpoint", state)
         writer.submit([Write("checkpoint", tmp_path / "async.pt", copied)], "async.pt")
@@ -273,3 +277,12 @@ def test_async_checkpointing_null_stays_in_place_when_its_copy_would_crowd_memor
     monkeypatch.setattr(run_checkpoints, "available_memory", lambda: 4 * 144 * 2**20 - 1)
     assert not run_checkpoints.writes_in_background(TrainingConfig(), torch.device("cpu"), large)
     assert run_checkpoints.available_memory() > 0  # this machine's, read for real
+
+
+def test_a_named_tuple_batch_moves_to_a_device_as_a_named_tuple():
+    from traineval.system.devices import move_to_device
+
+    moved = move_to_device(Pair(torch.ones(2), [torch.zeros(1)]), torch.device("cpu"))
+    assert type(moved) is Pair
+    assert torch.equal(moved.a, torch.ones(2))
+    assert type(moved.b) is list

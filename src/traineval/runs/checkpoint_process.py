@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from ..system.containers import sequence_like
 from ..system.files import WriteError
 from .checkpoint_writer import CheckpointWriteError, CheckpointWriter, Write
 from .file_plans import checkpoint_plan, safetensors_plan
@@ -260,8 +261,8 @@ def _mapped(value: Any, leaf: Callable[[Any], Any], kind: type | tuple[type, ...
     if isinstance(value, tuple):
         items = [_mapped(v, leaf, kind) for v in value]
         if all(a is b for a, b in zip(items, value, strict=True)):
-            return value  # nothing replaced: the tuple as it is (torch.Size, a namedtuple)
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+            return value  # nothing replaced: the tuple as it is (torch.Size)
+        return sequence_like(value, items)
     return value
 
 

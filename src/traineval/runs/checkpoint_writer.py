@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..system.containers import sequence_like
 from ..system.files import WriteError
 
 
@@ -100,7 +101,7 @@ def _copy(value: Any, reuse: Any, copies: _Copies) -> Any:
             return list(value) if isinstance(value, list) else value
         same = isinstance(reuse, (list, tuple)) and len(reuse) == len(value)
         items = [_copy(item, reuse[i] if same else None, copies) for i, item in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
+        return sequence_like(value, items)
     return copy.deepcopy(value)
 
 

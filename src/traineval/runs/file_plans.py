@@ -64,10 +64,11 @@ def checkpoint_plan(payload: Any, place: Place) -> dict[str, Any]:
 
     records = _Records(place)
     torch.serialization._save(payload, records, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
-    digits = len(_closing_records()[-1][1])
+    closing = _closing_records()
+    digits = len(closing[-1][1])
     identity = str(secrets.randbelow(10**digits)).zfill(digits).encode()
     closing = [(name, identity if name.endswith("serialization_id") else data)
-               for name, data in _closing_records()]  # fmt: skip
+               for name, data in closing]  # fmt: skip
     return {
         "records": records.records + closing,
         "options": {

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .containers import sequence_like
+
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Copy tensors (nested in tuples, lists, dicts) to `device`; async from pinned memory."""
@@ -15,5 +17,5 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {key: move_to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(value, device) for value in batch)
+        return sequence_like(batch, (move_to_device(value, device) for value in batch))
     return batch
