@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import distributed_worker as worker
@@ -519,6 +520,11 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
         traineval.load_checkpoint(last, plain)
         for key, value in weights.items():
             assert torch.equal(plain.state_dict()[key], value), key
+        # best.safetensors, written by rank 0 from best's folder: best.pt's weights, whole
+        exported = load_file(last.parent / "best.safetensors")
+        best = load_checkpoint_file(last.parent / "best.pt")["model"]
+        assert exported.keys() == best.keys() == weights.keys()
+        assert all(torch.equal(exported[key], value) for key, value in best.items())
     # the best weights restored from rank 0's gathered copy; norms of whole gradients
     reference, history = single_process_run(
         tmp_path / "single-best", worker.Blocks(), **worker.BEST_AND_LAYER_NORMS

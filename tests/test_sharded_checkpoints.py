@@ -139,10 +139,12 @@ def test_evaluate_reads_a_sharded_run_and_matches_fit(tmp_path, capsys):
     args += ["training.num_epochs=2", "training.checkpoint_sharding=sharded"]
     assert main([*args, f"training.output_dir={run}"]) == 0
     assert shard_folders(run, "best")
-    assert not (run / "checkpoints" / "best.safetensors").exists()
     fitted = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
-    assert main(["evaluate", str(run)]) == 0
-    assert json.loads((run / "evaluation" / "metrics_test.json").read_text())["metrics"] == fitted
+    export = str(run / "checkpoints" / "best.safetensors")
+    for checkpoint in ("best", export):  # best.pt's folder, and the file written from it
+        assert main(["evaluate", str(run), "--checkpoint", checkpoint]) == 0
+        saved = json.loads((run / "evaluation" / "metrics_test.json").read_text())
+        assert saved["metrics"] == fitted, checkpoint
     model = traineval.load_model(run)
     assert isinstance(model, nn.Module)
 
@@ -412,8 +414,12 @@ def test_resuming_in_the_other_mode_leaves_no_stale_files(tmp_path):
         for name in ("last", "best"):  # every shard folder left is the one its file names
             named = torch.load(folder / f"{name}.pt", weights_only=True)["shards"]
             assert [f.name for f in shard_folders(run, name)] == ([named] if named else [])
-        best = torch.load(folder / "best.pt", weights_only=True)
-        assert (folder / "best.safetensors").exists() == (best["shards"] is None)
+        from safetensors.torch import load_file
+
+        exported = load_file(folder / "best.safetensors")  # best.pt's weights, either mode
+        best = load_checkpoint_file(folder / "best.pt")["model"]
+        assert exported.keys() == best.keys()
+        assert all(torch.equal(exported[k], v) for k, v in best.items())
         assert torch.load(folder / "last.pt", weights_only=True)["shards"] is None or (
             then == "sharded"
         )
@@ -468,3 +474,60 @@ def test_a_model_with_extra_state_loads_from_its_sharded_checkpoint(tmp_path):
     traineval.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", loaded)
     assert torch.equal(loaded.net.weight, model.net.weight)
     assert loaded.calls > 0
+
+
+def test_a_sharded_best_is_exported_as_the_full_runs_best_safetensors(runs, tmp_path):
+    """best.safetensors beside a sharded best.pt holds the full run's best weights, and
+    the same bytes whether the folder is read a tensor at a time or all at once."""
+    from safetensors.torch import load_file
+
+    from traineval.runs.shard_export import export_safetensors
+
+    root, _ = runs
+    ours = root / "sharded" / "checkpoints" / "best.safetensors"
+    reference = load_file(root / "full" / "checkpoints" / "best.safetensors")
+    exported = load_file(ours)
+    assert exported.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(exported[key], value), key
+    best = torch.load(root / "sharded" / "checkpoints" / "best.pt", weights_only=True)
+    shards = root / "sharded" / "checkpoints" / best["shards"]
+    one_at_a_time = export_safetensors(shards, tmp_path / "small.safetensors", batch_bytes=1)
+    assert one_at_a_time.read_bytes() == ours.read_bytes()
+    model = mlp(7)
+    traineval.load_checkpoint(ours, model)
+    for key, value in reference.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+class Tied(nn.Module):
+    """An embedding and an output layer sharing one weight, as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 8, bias=False)
+        self.hidden = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 8, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(self.embed(x))))[:, :3]
+
+
+def test_a_sharded_best_of_a_tied_model_stores_the_weight_once_and_loads_tied(tmp_path):
+    from safetensors import safe_open
+
+    from traineval.runs.shard_export import tied_names
+
+    model = Tied()
+    assert tied_names(model) == {"head.weight"}
+    TrainingManager(config(tmp_path / "run", num_epochs=1)).train(model, *loaders())
+    best = tmp_path / "run" / "checkpoints" / "best.safetensors"
+    with safe_open(best, "pt") as handle:
+        assert sorted(handle.keys()) == ["embed.weight", "hidden.bias", "hidden.weight"]
+        assert handle.metadata() == {"format": "pt"}
+    loaded = Tied()
+    traineval.load_checkpoint(best, loaded)
+    assert loaded.head.weight is loaded.embed.weight
+    whole = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert torch.equal(loaded.embed.weight, whole["model"]["embed.weight"])

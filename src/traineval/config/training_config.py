@@ -367,7 +367,8 @@ class TrainingConfig(_ConfigBase):
     Under FSDP each rank writes its own part of the model and optimizer into a folder beside
     each checkpoint file (`checkpoint_sharding`: "auto"), so no rank gathers the full state
     to save; the parts load on any number of ranks, and whole into one process for
-    `evaluate` and `predict` (`traineval.runs.sharded`; no `best.safetensors` export then).
+    `evaluate` and `predict` (`traineval.runs.sharded`); `best.safetensors` is written from
+    the folder a batch of tensors at a time (`traineval.runs.shard_export`).
 
     A training mode's own settings (federated clients, meta-learning's algorithm, ...) belong
     to the mode: `train(mode=Federated(clients=10))`, or `mode_settings` by mode name, or a

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import pickle
 import secrets
 import struct
@@ -98,31 +99,44 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def safetensors_plan(tensors: dict[str, torch.Tensor], place: Place) -> list[Source]:
-    """A safetensors file of `tensors` (CPU), as its parts: the header, then each tensor's
-    bytes, the widest element types first, then by name (the library orders equal widths
-    by dtype first: its bytes then differ from these, the tensors it loads do not)."""
+Spec = tuple[torch.dtype, tuple[int, ...]]  # a tensor's dtype and shape
+
+
+def safetensors_layout(specs: dict[str, Spec]) -> tuple[bytes, list[str]]:
+    """A safetensors file's header (its length first) for tensors of these dtypes and
+    shapes, and the order their bytes follow it in: the widest element types first, then
+    by name (the library orders equal widths by dtype first: its bytes then differ from
+    these, the tensors it loads do not). A dtype safetensors cannot store is refused."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    parts: list[Source] = []
+    order = sorted(specs, key=lambda name: (-specs[name][0].itemsize, name))
     start = 0
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     for name in order:
-        tensor = tensors[name]
-        if tensor.dtype not in SAFETENSORS_DTYPES:
+        dtype, shape = specs[name]
+        if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(
-                f"safetensors cannot store {name!r} of dtype {tensor.dtype}; it stores "
+                f"safetensors cannot store {name!r} of dtype {dtype}; it stores "
                 f"{', '.join(sorted(SAFETENSORS_DTYPES.values()))}"
             )
-        nbytes = tensor.numel() * tensor.element_size()
-        end = start + nbytes
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        end = start + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [start, end]}  # fmt: skip
         start = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def safetensors_plan(tensors: dict[str, torch.Tensor], place: Place) -> list[Source]:
+    """A safetensors file of `tensors` (CPU), as its parts: the header, then each tensor's
+    bytes (`safetensors_layout`)."""
+    header, order = safetensors_layout({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()})
+    parts: list[Source] = [header]
+    for name in order:
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
         offset = place(tensor.data_ptr(), nbytes) if nbytes and tensor.is_contiguous() else None
         if offset is not None:
             parts.append((offset, nbytes))
         elif nbytes:
             parts.append(_tensor_bytes(tensor))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return [struct.pack("<Q", len(text)) + text, *parts]
+    return parts

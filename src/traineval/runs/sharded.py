@@ -128,18 +128,18 @@ def load_into(
     reader = SafeReader(shards)  # the metadata, read and checked once
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
-        _read_into(reader, state, alone)
+        read_into(reader, state, alone)
         set_model_state_dict(model, state["model"])
         return
     with no_initializing_step(optimizer):  # the saved entries make the template instead
         weights, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": weights, "optimizer": optimizer_state}
         _make_room(optimizer_state, reader.checked, dict(model.named_parameters()))
-        _read_into(reader, state, alone)
+        read_into(reader, state, alone)
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)
 
 
-def _read_into(reader: SafeReader, state: dict[str, Any], alone: bool) -> None:
+def read_into(reader: SafeReader, state: dict[str, Any], alone: bool) -> None:
     """Fill the places of `state` (a template: what to read, shaped and sharded as this
     rank keeps it) from a shard folder; every rank of the job together unless `alone`."""
     with _unreadable_as_checkpoint_error(Path(reader.path)), _one_process_quietly():

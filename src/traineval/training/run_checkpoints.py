@@ -118,12 +118,10 @@ def save_from_loop(
         if writer is not None:
             _save_in_background(writer, name, loop, contents.weights, payload, path)
         else:
-            if name == "best" and contents.shards is None:
-                _export_best(loop, contents.weights, path)
+            if name == "best":
+                _export_best(loop, contents, path)
             save_checkpoint_file(payload, path)
             remove_older(folder, name, keep=contents.shards)  # and any of another mode's
-            if name == "best" and contents.shards is not None:
-                path.with_suffix(".safetensors").unlink(missing_ok=True)  # an earlier best's
     job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
     return path
 
@@ -211,10 +209,17 @@ def _records(
     }
 
 
-def _export_best(loop: Loop, weights: dict[str, Any], path: Path) -> None:
-    """`best.safetensors` beside `best.pt`: the weights to use (the average, with one)."""
-    if is_sharded(loop.model):
-        save_safetensors(weights, path.with_suffix(".safetensors"))
+def _export_best(loop: Loop, contents: Contents, path: Path) -> None:
+    """`best.safetensors` beside `best.pt`: the weights to use (the average, with one). A
+    sharded checkpoint's are read back from its folder a batch of tensors at a time (no
+    rank gathers the model; `traineval.runs.shard_export`)."""
+    if contents.shards is not None:
+        from ..runs.shard_export import export_safetensors, tied_names
+
+        shards = path.parent / contents.shards
+        export_safetensors(shards, path.with_suffix(".safetensors"), tied_names(loop.model))
+    elif is_sharded(loop.model):
+        save_safetensors(contents.weights, path.with_suffix(".safetensors"))
     else:
         with loop.weights_to_keep():
             save_safetensors(loop.model, path.with_suffix(".safetensors"))
