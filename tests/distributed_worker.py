@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -331,11 +332,14 @@ def uneven(out: Path, rank: int) -> None:
 
 
 class SignalRankOne(Callback):
-    """Rank 1 alone 'receives SIGTERM' after update 3; the ranks stop together at the next
-    log step (4), inside the epoch (5 updates per epoch)."""
+    """Rank 1 alone 'receives SIGTERM' after update `after` (3); the ranks stop together at
+    the next log step (4), inside the epoch (5 updates per epoch)."""
+
+    def __init__(self, after: int = 3) -> None:
+        self.after = after
 
     def on_step_end(self, loop: Any) -> None:
-        if loop.job.rank == 1 and loop.state.global_step == 3:
+        if loop.job.rank == 1 and loop.state.global_step == self.after:
             loop.request_interrupt("SIGTERM")
 
 
@@ -348,8 +352,9 @@ def resume_config(out: Path, **overrides: Any) -> TrainingConfig:
 DDP_RESUME = {"ema_decay": 0.8, "ema_warmup": True}
 if os.environ.get("TRAINEVAL_TEST_ASYNC") == "1":  # the same runs with background saves
     DDP_RESUME["async_checkpointing"] = True
-# FSDP's resume test also keeps the best weights: the first evaluation (update 3, before the
-# interruption at 4) is the best, so the resumed run must get them from the checkpoint
+# FSDP's resume test also keeps the best weights: the evaluation at update 5 is the best, and
+# the run is stopped at 8 (`SignalRankOne(after=7)`), so the resumed run must get them from
+# the checkpoint (each rank its shards, from the checkpoint's folder)
 FSDP_RESUME = {"distributed_strategy": "fsdp", "restore_best_weights": True}
 if os.environ.get("TRAINEVAL_TEST_ASYNC") == "1":
     FSDP_RESUME["async_checkpointing"] = True
@@ -512,6 +517,17 @@ class Blocks(nn.Module):
         return self.head(x)
 
 
+def no_gathering() -> Any:
+    """Under FSDP `BestWeights` keeps each rank's shards: gathering the full weights to keep
+    or to restore them is an error in the block."""
+    import traineval.callbacks.checkpointing as checkpointing
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("BestWeights gathered the full weights")
+
+    return mock.patch.multiple(checkpointing, model_state=refuse, load_model_state=refuse)
+
+
 def fsdp(out: Path, rank: int) -> None:
     """FSDP: plain and accumulated equivalence runs, one that restores the best weights and
     logs per-layer gradient norms, then a run stopped at update 4."""
@@ -536,27 +552,30 @@ def fsdp(out: Path, rank: int) -> None:
             }
             (out / f"{name}-history.json").write_text(json.dumps(record))
     net = Blocks()
-    result = train_equivalence_run(
-        net, out / "fsdp-best", 16, 1, distributed_strategy="fsdp", **BEST_AND_LAYER_NORMS
-    )
+    with no_gathering():
+        result = train_equivalence_run(
+            net, out / "fsdp-best", 16, 1, distributed_strategy="fsdp", **BEST_AND_LAYER_NORMS
+        )
     weights = model_state(net)
     if rank == 0:
         torch.save(weights, out / "fsdp-best-weights.pt")
         (out / "fsdp-best.json").write_text(json.dumps({"best_epoch": result.best_epoch}))
     net = Blocks(dropout=0.3)
-    TrainingManager(resume_config(out / "fsdp-straight", **FSDP_RESUME)).train(
-        net, *resume_loaders(), task_type=TaskType.CLASSIFICATION
-    )
+    with no_gathering():
+        TrainingManager(resume_config(out / "fsdp-straight", **FSDP_RESUME)).train(
+            net, *resume_loaders(), task_type=TaskType.CLASSIFICATION
+        )
     weights = model_state(net)
     if rank == 0:
         torch.save(weights, out / "fsdp-straight-weights.pt")
     try:
-        TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
-            Blocks(dropout=0.3),
-            *resume_loaders(),
-            task_type=TaskType.CLASSIFICATION,
-            callbacks=[SignalRankOne()],
-        )
+        with no_gathering():
+            TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
+                Blocks(dropout=0.3),
+                *resume_loaders(),
+                task_type=TaskType.CLASSIFICATION,
+                callbacks=[SignalRankOne(after=7)],
+            )
     except TrainingInterrupted as stopped:
         (out / f"fsdp-interrupted-{rank}.json").write_text(json.dumps({"message": str(stopped)}))
 
@@ -568,9 +587,10 @@ def fsdp_resume(out: Path, rank: int) -> None:
     net = Blocks(dropout=0.3)
     for param in net.parameters():  # other starting weights: the checkpoint must win
         torch.nn.init.normal_(param)
-    TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
-        net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
-    )
+    with no_gathering():
+        TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
+            net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
+        )
     weights = model_state(net)
     if rank == 0:
         torch.save(weights, out / "fsdp-resumed-weights.pt")

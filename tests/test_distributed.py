@@ -550,7 +550,13 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
             assert mine[key] == pytest.approx(value, rel=1e-5), key
     for rank in (0, 1):
         message = json.loads((tmp_path / f"fsdp-interrupted-{rank}.json").read_text())["message"]
-        assert "epoch 1, step 4" in message
+        assert "epoch 2, step 8" in message  # after the best (update 5)
+    # each rank's best shards travel in the folder, not gathered into the file
+    interrupted = tmp_path / "fsdp-interrupted" / "checkpoints" / "last.pt"
+    saved = torch.load(interrupted, weights_only=True)
+    assert saved["callbacks"]["BestWeights"] == {"best_state": None}
+    metadata = (interrupted.parent / saved["shards"] / ".metadata").read_bytes()
+    assert b"callbacks.BestWeights.blocks.0.weight" in metadata
     ok(torchrun("fsdp_resume", tmp_path))
     assert_same_weights(tmp_path / "fsdp-straight-weights.pt", tmp_path / "fsdp-resumed-weights.pt")
 

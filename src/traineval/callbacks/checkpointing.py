@@ -6,7 +6,15 @@ from typing import Any
 
 import torch
 
-from ..system.distributed import is_sharded, load_model_state, model_state
+from ..system.distributed import (
+    as_sharded,
+    is_sharded,
+    load_local_model_state,
+    load_model_state,
+    local_model_state,
+    local_part,
+    model_state,
+)
 from .base import Callback, Control
 
 
@@ -58,12 +66,18 @@ class BestWeights(Callback):
     With a moving average of the weights (`ema_decay`) those are the averaged weights, the
     ones that were evaluated.
 
-    Under FSDP taking the copy is a collective that gathers the full weights on rank 0 (the
-    other ranks keep none, as for checkpoints), and loading them sends them back out.
+    Under FSDP each rank keeps its own shards (`keep_shards`, unless checkpoints are
+    written full): no rank gathers the model, and a sharded checkpoint holds each rank's
+    part in its folder (`shard_state`, `shard_template`, `load_shard_state`) rather than in
+    the checkpoint file. With full checkpoints (`checkpoint_sharding: full`) taking the copy
+    gathers the full weights on rank 0, to travel in the file, and loading them sends them
+    back out.
     """
 
-    def __init__(self) -> None:
-        self.best_state: dict[str, torch.Tensor] | None = None
+    def __init__(self, keep_shards: bool = True) -> None:
+        self.keep_shards = keep_shards
+        self.best_state: dict[str, torch.Tensor] | None = None  # whole (rank 0's under FSDP)
+        self.best_shards: dict[str, Any] | None = None  # this rank's part of an FSDP model
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_state": self.best_state}
@@ -71,11 +85,27 @@ class BestWeights(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_state = state["best_state"]
 
+    def shard_state(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """This rank's best shards, sharded like the model, for a sharded checkpoint's folder."""
+        return None if self.best_shards is None else as_sharded(model, self.best_shards)
+
+    def shard_template(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Places, sharded like the model, for `load_shard_state` to read into."""
+        places = {k: torch.empty_like(v) for k, v in local_model_state(model).items()}
+        return as_sharded(model, places)
+
+    def load_shard_state(self, state: dict[str, Any]) -> None:
+        """This rank's best shards, as a sharded checkpoint's folder held them."""
+        self.best_shards = {key: local_part(value) for key, value in state.items()}
+
     def _snapshot(self, loop: Control, logs: dict[str, Any]) -> None:
-        if logs.get("improved"):  # the same on every rank: metrics are merged over ranks
-            if is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
-                self.best_state = model_state(loop.model)
-                return
+        if not logs.get("improved"):  # the same on every rank: metrics are merged over ranks
+            return
+        if is_sharded(loop.model) and self.keep_shards:
+            self.best_shards, self.best_state = local_model_state(loop.model), None
+        elif is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
+            self.best_state = model_state(loop.model)
+        else:
             kept = loop.state_to_keep(loop.model.state_dict())  # the average, with ema_decay
             self.best_state = {
                 key: value.detach().to("cpu", copy=True) for key, value in kept.items()
@@ -85,6 +115,9 @@ class BestWeights(Callback):
     on_epoch_end = _snapshot
 
     def on_train_end(self, loop: Control, logs: dict[str, Any]) -> None:
-        if self.best_state is not None:
+        if self.best_shards is not None:
+            load_local_model_state(loop.model, self.best_shards)
+            logs["restored_best_weights"] = True
+        elif self.best_state is not None:
             load_model_state(loop.model, self.best_state)
             logs["restored_best_weights"] = True

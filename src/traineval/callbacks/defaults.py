@@ -34,5 +34,5 @@ def default_callbacks(config: TrainingConfig, is_main: bool) -> list[Callback]:
         )
     )
     if c.restore_best_weights:
-        callbacks.append(BestWeights())
+        callbacks.append(BestWeights(keep_shards=c.checkpoint_sharding != "full"))
     return callbacks

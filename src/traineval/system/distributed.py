@@ -363,6 +363,53 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
     set_model_state_dict(model, state, options=options)
 
 
+def local_model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """This rank's part of an FSDP model's weights, copied to the host: each sharded
+    tensor's local shard, any other entry whole. No collective: no rank gathers the model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    reshard(model)
+    return {
+        key: local_part(value).detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+        for key, value in get_model_state_dict(model).items()
+    }
+
+
+def load_local_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Put back what `local_model_state` took, each rank its own shards. No collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    reshard(model)
+    with torch.no_grad():
+        for key, value in get_model_state_dict(model).items():
+            if torch.is_tensor(value):
+                local_part(value).copy_(state[key])
+
+
+def as_sharded(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`local_model_state`'s shards as tensors sharded like the model's (DTensors over its
+    mesh, without a copy or a collective), for torch.distributed.checkpoint to save or
+    load into; the other entries as they are."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    reshard(model)
+    out = dict(state)
+    for key, value in get_model_state_dict(model).items():
+        if isinstance(value, DTensor):
+            out[key] = DTensor.from_local(
+                state[key], value.device_mesh, value.placements,
+                run_check=False, shape=value.shape, stride=value.stride(),
+            )  # fmt: skip
+    return out
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view of it); any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's full state; for an FSDP model keyed by parameter name, a collective."""
     if not is_sharded(model):

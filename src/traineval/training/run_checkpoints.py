@@ -172,6 +172,9 @@ def _write_shards(name: str, loop: Loop, folder: Path, path: Path) -> Contents:
     tensor), then write it into a new shard folder; the contents that name it."""
     module = sharded()
     state = module.sharded_state(loop.model, loop.optimizer)
+    parts = _callback_shards(loop)
+    if parts:
+        state["callbacks"] = parts
     local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in state["model"].items()}
     try:
         refuse_non_finite(local, path)
@@ -182,6 +185,37 @@ def _write_shards(name: str, loop: Loop, folder: Path, path: Path) -> Contents:
     if said:
         raise NonFiniteError(said[0])
     return _contents(loop, None, None, module.write_shards(folder, name, state, loop.job))
+
+
+def _callback_shards(loop: Loop) -> dict[str, Any]:
+    """Each callback's part of a sharded model's tensors (`shard_state`: `BestWeights`'s
+    best shards), by its checkpoint key: each rank writes its own into the folder."""
+    parts = {}
+    for key, callback in zip(state_keys(loop.callbacks), loop.callbacks, strict=True):
+        shard_state = getattr(callback, "shard_state", None)
+        part = shard_state(loop.model) if callable(shard_state) else None
+        if part is not None:
+            parts[key] = part
+    return parts
+
+
+def _restore_callback_shards(loop: Loop, shards: Path) -> None:
+    """Give each callback with a part in a sharded checkpoint's folder (`_callback_shards`)
+    its part back, each rank reading the pieces of its shards."""
+    module = sharded()
+    reader = module.SafeReader(shards)
+    saved = reader.checked.state_dict_metadata
+    state: dict[str, Any] = {}
+    takers: dict[str, Any] = {}
+    for key, callback in zip(state_keys(loop.callbacks), loop.callbacks, strict=True):
+        template = getattr(callback, "shard_template", None)
+        if callable(template) and any(k.startswith(f"callbacks.{key}.") for k in saved):
+            state[key], takers[key] = template(loop.model), callback
+    if state:
+        alone = not (torch.distributed.is_initialized() and is_sharded(loop.model))
+        module.read_into(reader, {"callbacks": state}, alone)
+        for key, callback in takers.items():
+            callback.load_shard_state(state[key])
 
 
 def _records(
@@ -411,6 +445,8 @@ def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
     for key, callback in zip(state_keys(loop.callbacks), loop.callbacks, strict=True):
         if key in saved:
             callback.load_state_dict(saved[key])
+    if in_shards(payload):
+        _restore_callback_shards(loop, Path(payload[SHARDS]))
     steps, load_step = payload.get("step_per_rank"), getattr(loop.step_fn, "load_state_dict", None)
     if steps is not None and callable(load_step):
         if len(steps) != loop.job.world_size:
