@@ -9,11 +9,14 @@ compares (weights, metrics) into OUT_DIR as rank-suffixed files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -528,6 +531,24 @@ def no_gathering() -> Any:
     return mock.patch.multiple(checkpointing, model_state=refuse, load_model_state=refuse)
 
 
+@contextlib.contextmanager
+def recording_shard_writes(path: Path) -> Iterator[None]:
+    """Record in `path` each write this rank's background shard writer performs (its kind
+    and thread), if any."""
+    from traineval.runs.shard_writer import ShardWriter
+
+    done: list[list[str]] = []
+    perform = ShardWriter._perform
+
+    def spy(self: Any, write: Any) -> None:
+        done.append([write.kind, threading.current_thread().name])
+        perform(self, write)
+
+    with mock.patch.object(ShardWriter, "_perform", spy):
+        yield
+    path.write_text(json.dumps(done))
+
+
 def fsdp(out: Path, rank: int) -> None:
     """FSDP: plain and accumulated equivalence runs, one that restores the best weights and
     logs per-layer gradient norms, then a run stopped at update 4."""
@@ -561,7 +582,7 @@ def fsdp(out: Path, rank: int) -> None:
         torch.save(weights, out / "fsdp-best-weights.pt")
         (out / "fsdp-best.json").write_text(json.dumps({"best_epoch": result.best_epoch}))
     net = Blocks(dropout=0.3)
-    with no_gathering():
+    with no_gathering(), recording_shard_writes(out / f"fsdp-writes-{rank}.json"):
         TrainingManager(resume_config(out / "fsdp-straight", **FSDP_RESUME)).train(
             net, *resume_loaders(), task_type=TaskType.CLASSIFICATION
         )

@@ -62,7 +62,8 @@ def main() -> None:
         device="cpu",
         seed=5,
         async_checkpointing=writer != "sync",
-        checkpoint_writer="thread" if writer == "sync" else writer,
+        checkpoint_writer=writer if writer in ("thread", "process") else "thread",
+        checkpoint_sharding="sharded" if writer == "sharded" else "auto",
     )
     callbacks = [Announce(), Pace()]
     TrainingManager(config).train(model, loader, val, resume_from="auto", callbacks=callbacks)

@@ -551,6 +551,12 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
     for rank in (0, 1):
         message = json.loads((tmp_path / f"fsdp-interrupted-{rank}.json").read_text())["message"]
         assert "epoch 2, step 8" in message  # after the best (update 5)
+    for rank in (0, 1):  # async: each rank's part written by its writer thread
+        writes = json.loads((tmp_path / f"fsdp-writes-{rank}.json").read_text())
+        kinds = sorted({kind for kind, _ in writes})
+        expected = [["checkpoint", "shard-export", "shards"], ["shards"]][rank]  # rank 0: files
+        assert kinds == (expected if background else [])
+        assert {thread for _, thread in writes} <= {"traineval-checkpoint"}
     # each rank's best shards travel in the folder, not gathered into the file
     interrupted = tmp_path / "fsdp-interrupted" / "checkpoints" / "last.pt"
     saved = torch.load(interrupted, weights_only=True)

@@ -37,11 +37,14 @@ def _losses(output_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("workers", "writer"), [(0, "sync"), (2, "sync"), (0, "process")], ids=["0", "2", "process"]
+    ("workers", "writer"),
+    [(0, "sync"), (2, "sync"), (0, "process"), (0, "sharded")],
+    ids=["0", "2", "process", "sharded-async"],
 )
 def test_kill_9_at_random_points_then_resume_equals_the_straight_run(tmp_path, workers, writer):
     """`process`: the checkpoints are written by a writer process (async), killed with the
-    training process; the straight run writes synchronously."""
+    training process; `sharded`: sharded checkpoints written by the background shard
+    writer; the straight run writes full checkpoints synchronously."""
     straight = tmp_path / "straight"
     assert _start(straight, workers).wait(timeout=300) == 0
 
@@ -71,3 +74,7 @@ def test_kill_9_at_random_points_then_resume_equals_the_straight_run(tmp_path, w
         assert torch.equal(a[name], b[name]), name
     assert _losses(run) == _losses(straight)
     assert not list((run / "checkpoints").glob(".*.tmp"))  # no temp files left behind
+    named = {torch.load(f, weights_only=True)["shards"] for f in run.glob("checkpoints/*.pt")}
+    folders = {f.name for f in (run / "checkpoints").glob("*.shards-*")}
+    assert folders == named - {None}  # a killed save's folder was removed by the next run
+    assert (writer == "sharded") == bool(folders)

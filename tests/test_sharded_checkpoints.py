@@ -375,8 +375,9 @@ def test_names_are_matched_exactly_not_as_patterns(tmp_path):
     assert left == ["keep1.shards-aa", "keep2.shards-bb", "keep[12].shards-cc"]
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
 def test_a_failed_sharded_save_is_a_write_error_and_keeps_the_previous_checkpoint(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, background
 ):
     import errno
 
@@ -395,7 +396,7 @@ def test_a_failed_sharded_save_is_a_write_error_and_keeps_the_previous_checkpoin
                 monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
 
     with pytest.raises(WriteError, match=r"could not write .*last\.pt': No space left .*intact"):
-        TrainingManager(config(tmp_path / "run")).train(
+        TrainingManager(config(tmp_path / "run", async_checkpointing=background)).train(
             mlp(0), *loaders(), callbacks=[FullDiskAt()]
         )
     assert load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")["global_step"] == 4
@@ -531,3 +532,55 @@ def test_a_sharded_best_of_a_tied_model_stores_the_weight_once_and_loads_tied(tm
     assert loaded.head.weight is loaded.embed.weight
     whole = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "best.pt")
     assert torch.equal(loaded.embed.weight, whole["model"]["embed.weight"])
+
+
+def test_sharded_saves_in_the_background_write_the_synchronous_files_and_resume_exactly(
+    runs, tmp_path, monkeypatch
+):
+    """async_checkpointing with sharded checkpoints: each save is copied, then written by
+    the writer thread (the folder, best.safetensors from it, then the file naming it); the
+    files equal the synchronous run's, and a run stopped at update 17 resumes to its end."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    from traineval.runs.shard_writer import ShardWriter
+
+    written = []
+    perform = ShardWriter._perform
+
+    def spy(self, write):
+        written.append((write.kind, write.path.name, threading.current_thread().name))
+        perform(self, write)
+
+    monkeypatch.setattr(ShardWriter, "_perform", spy)
+    root, models = runs
+    run = tmp_path / "async"
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config(run, async_checkpointing=True)).train(
+            mlp(0), *loaders(), callbacks=[InterruptAt(17)]
+        )
+    model = mlp(99)
+    TrainingManager(config(run, async_checkpointing=True)).train(
+        model, *loaders(), resume_from="auto"
+    )
+    for key, value in models["full"].state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert {thread for *_, thread in written} == {"traineval-checkpoint"}
+    kinds = [kind for kind, *_ in written]
+    assert kinds.count("shards") == kinds.count("checkpoint") > 9  # every 4 updates, epochs
+    assert ("shard-export", "best.safetensors", "traineval-checkpoint") in written
+    for name in ("last", "best"):
+        ours = load_checkpoint_file(run / "checkpoints" / f"{name}.pt")
+        theirs = load_checkpoint_file(root / "sharded" / "checkpoints" / f"{name}.pt")
+        assert ours["global_step"] == theirs["global_step"]
+        for key, value in theirs["model"].items():
+            assert torch.equal(ours["model"][key], value), (name, key)
+        for index, state in theirs["optimizer"]["state"].items():
+            for item, value in state.items():
+                assert torch.equal(ours["optimizer"]["state"][index][item], value)
+        assert [f.name for f in shard_folders(run, name)] == [ours["shards"].rpartition("/")[2]]
+    exported = load_file(run / "checkpoints" / "best.safetensors")
+    reference = load_file(root / "sharded" / "checkpoints" / "best.safetensors")
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], v) for k, v in reference.items())

@@ -30,6 +30,8 @@ from ..training.run_checkpoints import (
     background_writer,
     restore_loop,
     restore_weights,
+    shard_writer,
+    shards_for,
     writes_in_background,
 )
 from ..training.stopping import TrainingInterrupted, watching_signals
@@ -78,7 +80,9 @@ def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
         if job.is_main:
             atomic_write_json(manager.output_dir / name, record)
     background = writes_in_background(c, manager.device, run.request.model)
-    if background and job.is_main:  # rank 0 writes (the others only gather)
+    if background and shards_for(c, job, run.request.model):  # every rank writes its part
+        run.writer = shard_writer(c, job)
+    elif background and job.is_main:  # rank 0 writes (the others only gather)
         run.writer = background_writer(c.checkpoint_writer, manager.device)
     try:
         loop = _loop(manager, run, evaluate_fn, hub)

@@ -341,7 +341,8 @@ class TrainingConfig(_ConfigBase):
     writer process over shared memory: serialisation and disk leave the training process;
     Linux, elsewhere a thread; `traineval.runs.checkpoint_process`), "thread", or "auto" (the
     process for CPU runs; the thread for GPU runs, which copies from the device through
-    pinned memory; docs/checkpoints.md has the measurements);
+    pinned memory; docs/checkpoints.md has the measurements; sharded checkpoints are
+    written by a thread on every rank, `traineval.runs.shard_writer`);
     `skip_nonfinite_steps` (0: stop at the first) skips updates whose loss or gradient is not
     finite and stops after that many in a row (it reads the loss every step: a sync).
     `compile` runs the model and the loss function through `torch.compile` (separately, so

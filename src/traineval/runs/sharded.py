@@ -47,11 +47,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
 from ..system.distributed import is_sharded, no_initializing_step, reshard
 from ..system.files import sync_folder, writing
 from .errors import CheckpointError
-from .shard_folders import SHARDED_PARTS, folder_name
+from .shard_folders import MARK, SHARDED_PARTS, folder_name
 from .shard_metadata import read_metadata
 
 if TYPE_CHECKING:
@@ -67,19 +68,25 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     return {"model": weights, "optimizer": optimizer_state}
 
 
-def write_shards(folder: Path, name: str, state: dict[str, Any], job: Distributed) -> str:
-    """Every rank: write `state` (`sharded_state`) into a new shard folder of checkpoint
-    `name` in `folder`; returns the folder's name, for `{name}.pt` to record. A collective:
+def new_folder(folder: Path, name: str, job: Distributed) -> Path:
+    """Every rank: the path of a new shard folder of checkpoint `name` in `folder`, the
+    same on every rank (a collective)."""
+    token = job.gather(secrets.token_hex(4))[0]  # rank 0's, so every rank writes to one
+    return folder / folder_name(name, token)
+
+
+def write_shards(shards: Path, state: dict[str, Any], job: Distributed, group: Any = None) -> None:
+    """Every rank: write `state` (`sharded_state`) into the new shard folder `shards`
+    (`new_folder`), through process group `group` (None: the default one). A collective:
     after it, every rank's file and the metadata are on disk, synced with their folder. A
     write that fails on any rank is a `WriteError` on every rank, the new folder removed
-    (`{name}.pt` still names the previous one)."""
-    token = job.gather(secrets.token_hex(4))[0]  # rank 0's, so every rank writes to one
-    shards = folder / folder_name(name, token)
+    (the checkpoint file still names the previous one)."""
+    folder, name = shards.parent, shards.name.partition(MARK)[0]
     writer = dcp.FileSystemWriter(shards, sync_files=True)
     try:
-        with writing(folder / f"{name}.pt", (CheckpointException,)), _one_process_quietly():
-            try:
-                dcp.save(state, storage_writer=writer, no_dist=not job.enabled)
+        with writing(folder / f"{name}.pt", (CheckpointException,)):
+            try:  # torch's `dcp.save` less its one-process warning (not for a thread to hide)
+                _save_state_dict(state, writer, process_group=group, no_dist=not job.enabled)
             except CheckpointException as error:  # a BaseException: said as its first cause
                 raise _first_cause(error) from None
     except BaseException:
@@ -88,7 +95,6 @@ def write_shards(folder: Path, name: str, state: dict[str, Any], job: Distribute
     if job.is_main:
         sync_folder(shards)
         sync_folder(folder)
-    return shards.name
 
 
 def _first_cause(error: CheckpointException) -> BaseException:

@@ -363,6 +363,15 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
     set_model_state_dict(model, state, options=options)
 
 
+def side_group(job: Distributed, timeout_seconds: float) -> Any:
+    """A gloo process group of every rank, for collectives run beside training's (a
+    background checkpoint write's: two threads never share a group); None for a single
+    process. A collective: every rank makes it, at the same point."""
+    if not job.enabled:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+
+
 def local_model_state(model: torch.nn.Module) -> dict[str, Any]:
     """This rank's part of an FSDP model's weights, copied to the host: each sharded
     tensor's local shard, any other entry whole. No collective: no rank gathers the model."""

@@ -32,9 +32,16 @@ from ..runs.checkpoint import (
     save_checkpoint_file,
     save_safetensors,
 )
-from ..runs.checkpoint_writer import CheckpointWriter, Write, untied
+from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites, Write, snapshot, untied
 from ..runs.shard_folders import SHARDS, remove_older
-from ..system.distributed import is_sharded, load_optimizer_state, model_state, optimizer_state
+from ..system.distributed import (
+    Distributed,
+    is_sharded,
+    load_optimizer_state,
+    local_part,
+    model_state,
+    optimizer_state,
+)
 from ..system.seeding import capture_rng
 from ..system.version import __version__
 from .steplog import NonFiniteError
@@ -95,25 +102,27 @@ def save_from_loop(
     """Write `folder/{name}.pt` (and `best.safetensors` for "best") from the loop's state;
     with a `writer`, in the background (see `traineval.runs.checkpoint_writer`). With
     sharded checkpoints (`writes_shards`) every rank writes its part of the model and the
-    optimizer beside it first (`traineval.runs.sharded`; no export, no background write)."""
+    optimizer beside it first (`_save_sharded`)."""
     job = loop.job
     path = folder / f"{name}.pt"
     rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
     step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
     steps = job.gather(step_state()) if callable(step_state) else None  # each rank's
-    averaging: dict[str, Any] = {}
-    contents: Contents | None
+    ranks = {"rng": rng, "steps": steps}
     if writes_shards(config, loop):
-        contents = _write_shards(name, loop, folder, path)
-        writer = None
-    else:  # full states: under FSDP gathering them is a collective, rank 0 receives them
-        weights = model_state(loop.model)
-        contents = _full_contents(loop, weights, path)
-        if loop.weight_average is not None:  # the model's weights are the average
-            averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
+        extra = _records(loop, config, mode, ranks) if job.is_main else None
+        _save_sharded(name, loop, config, path, extra, writer)
+        job.barrier()
+        return path
+    # full states: under FSDP gathering them is a collective, rank 0 receives them
+    weights = model_state(loop.model)
+    contents = _full_contents(loop, weights, path)
+    averaging: dict[str, Any] = {}
+    if loop.weight_average is not None:  # the model's weights are the average
+        averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
     if job.is_main:
         assert contents is not None
-        extra = {**_records(loop, config, mode, {"rng": rng, "steps": steps}), **averaging}
+        extra = {**_records(loop, config, mode, ranks), **averaging}
         payload = checkpoint_payload(name, config, contents, extra)
         if writer is not None:
             _save_in_background(writer, name, loop, contents.weights, payload, path)
@@ -121,16 +130,21 @@ def save_from_loop(
             if name == "best":
                 _export_best(loop, contents, path)
             save_checkpoint_file(payload, path)
-            remove_older(folder, name, keep=contents.shards)  # and any of another mode's
+            remove_older(folder, name, keep=None)  # a sharded mode's, before a resume
     job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
     return path
 
 
 def writes_shards(config: TrainingConfig, loop: Loop) -> bool:
+    """Whether the loop's checkpoints are written in shards (`shards_for`)."""
+    return shards_for(config, loop.job, loop.model)
+
+
+def shards_for(config: TrainingConfig, job: Distributed, model: nn.Module) -> bool:
     """Whether checkpoints are written in shards (`checkpoint_sharding`): "auto" where FSDP
     shards the model over ranks, "sharded" always, "full" never."""
     if config.checkpoint_sharding == "auto":
-        return loop.job.enabled and is_sharded(loop.model)
+        return job.enabled and is_sharded(model)
     return config.checkpoint_sharding == "sharded"
 
 
@@ -167,15 +181,57 @@ def _full_contents(loop: Loop, weights: dict[str, Any], path: Path) -> Contents 
     return _contents(loop, loop.state_to_keep(weights), optimizer)
 
 
-def _write_shards(name: str, loop: Loop, folder: Path, path: Path) -> Contents:
-    """Every rank: check its part is finite (every rank refuses, naming the first bad
-    tensor), then write it into a new shard folder; the contents that name it."""
+def _save_sharded(
+    name: str,
+    loop: Loop,
+    config: TrainingConfig,
+    path: Path,
+    extra: dict[str, Any] | None,
+    writer: CheckpointWriter | None,
+) -> None:
+    """Every rank: check its part of the model is finite (every rank refuses, naming the
+    first bad tensor), then write it with the optimizer's and the callbacks' (`BestWeights`)
+    into a new shard folder; rank 0 (`extra`: its records) then writes `best.safetensors`
+    from the folder (for "best") and `path`, naming the folder. With a `ShardWriter`, in
+    the background once every rank has copied its part (`traineval.runs.shard_writer`)."""
+    from ..runs.shard_export import export_safetensors, tied_names
+    from ..runs.shard_writer import ShardWriter
+
     module = sharded()
     state = module.sharded_state(loop.model, loop.optimizer)
     parts = _callback_shards(loop)
     if parts:
         state["callbacks"] = parts
-    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in state["model"].items()}
+    _refuse_non_finite_shards(loop, state, path)
+    shards = module.new_folder(path.parent, name, loop.job)
+    payload = None
+    if extra is not None:
+        payload = checkpoint_payload(name, config, _contents(loop, None, None, shards.name), extra)
+    skip = tied_names(loop.model) if name == "best" else set()
+    export = path.with_suffix(".safetensors")
+    if isinstance(writer, StagedWrites):  # a sharded save is not put off: written now
+        writer = writer.target
+    if isinstance(writer, ShardWriter):
+        _wait_for_the_previous_write(writer, path, said=False)
+        writes = [Write("shards", shards, writer.stage(state))]
+        if payload is not None:
+            if name == "best":
+                writes.append(Write("shard-export", export, (shards, skip)))
+            writes.append(Write("checkpoint", path, snapshot(payload)))
+        writer.submit(writes, str(path), loop.state.global_step)
+        return
+    module.write_shards(shards, state, loop.job)
+    if payload is not None:
+        if name == "best":
+            export_safetensors(shards, export, skip)
+        save_checkpoint_file(payload, path)
+        remove_older(path.parent, name, keep=shards.name)
+
+
+def _refuse_non_finite_shards(loop: Loop, state: dict[str, Any], path: Path) -> None:
+    """Every rank refuses to save when any rank's part of the model holds NaN or inf,
+    naming the first bad tensor."""
+    local = {k: local_part(v) if torch.is_tensor(v) else v for k, v in state["model"].items()}
     try:
         refuse_non_finite(local, path)
         problem = None
@@ -184,7 +240,6 @@ def _write_shards(name: str, loop: Loop, folder: Path, path: Path) -> Contents:
     said = [p for p in loop.job.gather(problem) if p is not None]
     if said:
         raise NonFiniteError(said[0])
-    return _contents(loop, None, None, module.write_shards(folder, name, state, loop.job))
 
 
 def _callback_shards(loop: Loop) -> dict[str, Any]:
@@ -244,15 +299,9 @@ def _records(
 
 
 def _export_best(loop: Loop, contents: Contents, path: Path) -> None:
-    """`best.safetensors` beside `best.pt`: the weights to use (the average, with one). A
-    sharded checkpoint's are read back from its folder a batch of tensors at a time (no
-    rank gathers the model; `traineval.runs.shard_export`)."""
-    if contents.shards is not None:
-        from ..runs.shard_export import export_safetensors, tied_names
-
-        shards = path.parent / contents.shards
-        export_safetensors(shards, path.with_suffix(".safetensors"), tied_names(loop.model))
-    elif is_sharded(loop.model):
+    """`best.safetensors` beside `best.pt`: the weights to use (the average, with one). (A
+    sharded checkpoint's are written from its folder: `_save_sharded`.)"""
+    if is_sharded(loop.model):
         save_safetensors(contents.weights, path.with_suffix(".safetensors"))
     else:
         with loop.weights_to_keep():
@@ -308,6 +357,14 @@ def _save_in_background(
         writes.append(Write("safetensors", path.with_suffix(".safetensors"), files))
     writes.append(Write("checkpoint", path, copied["checkpoint"]))
     writer.submit(writes, str(path), loop.state.global_step)
+
+
+def shard_writer(config: TrainingConfig, job: Distributed) -> CheckpointWriter:
+    """Every rank's writer of sharded checkpoints in the background (a collective: it
+    makes the process group its writes use; `traineval.runs.shard_writer`)."""
+    from ..runs.shard_writer import ShardWriter
+
+    return ShardWriter(job, config.distributed_timeout_seconds)
 
 
 def background_writer(choice: str, device: torch.device) -> CheckpointWriter:
