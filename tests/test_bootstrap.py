@@ -8,7 +8,8 @@ import torch
 from sklearn import metrics as sk
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import EvaluationConfig, Evaluator, TaskType
+from traineval import EvaluationConfig, EvaluationOptions, Evaluator, TaskType
+from traineval.evaluation.bootstrap import Bootstrap
 
 
 def reference(n: int, samples: int, seed: int, metric, level: float = 0.95):
@@ -38,7 +39,7 @@ def test_classification_intervals_equal_a_per_resample_sklearn_loop(average):
     report = evaluator.evaluate(
         model,
         DataLoader(TensorDataset(x, y), batch_size=32),
-        loss_function=torch.nn.CrossEntropyLoss(),
+        EvaluationOptions(loss_function=torch.nn.CrossEntropyLoss()),
         task_type=TaskType.CLASSIFICATION,
     )
     with torch.no_grad():
@@ -113,9 +114,9 @@ def test_a_constant_target_scores_r2_as_scikit_learn_does():
     from traineval.evaluation.bootstrap import regression_intervals
 
     targets = np.ones((30, 1))
-    exact = regression_intervals(targets.copy(), targets, samples=20, level=0.9, seed=0)
+    exact = regression_intervals(targets.copy(), targets, Bootstrap(20, level=0.9))
     assert exact["r2_score"] == (1.0, 1.0)
-    off = regression_intervals(targets + 0.5, targets, samples=20, level=0.9, seed=0)
+    off = regression_intervals(targets + 0.5, targets, Bootstrap(20, level=0.9))
     assert off["r2_score"] == (0.0, 0.0)
     assert off["mae"] == pytest.approx((0.5, 0.5))
 
@@ -126,11 +127,25 @@ def test_the_interval_does_not_depend_on_the_order_of_the_samples():
     rng = np.random.default_rng(0)
     truth, predicted = rng.integers(0, 3, 90), rng.integers(0, 3, 90)
     shuffled = rng.permutation(90)
-    options = {"samples": 100, "level": 0.95, "seed": 1}
-    assert classification_intervals(truth, predicted, 3, "macro", **options) == (
-        classification_intervals(truth[shuffled], predicted[shuffled], 3, "macro", **options)
+    bootstrap = Bootstrap(samples=100, level=0.95, seed=1)
+    assert classification_intervals(truth, predicted, 3, "macro", bootstrap) == (
+        classification_intervals(truth[shuffled], predicted[shuffled], 3, "macro", bootstrap)
     )
     y, p = rng.normal(size=(90, 2)), rng.normal(size=(90, 2))
-    assert regression_intervals(p, y, **options) == regression_intervals(
-        p[shuffled], y[shuffled], **options
+    assert regression_intervals(p, y, bootstrap) == regression_intervals(
+        p[shuffled], y[shuffled], bootstrap
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"samples": 0}, r"samples=0 is invalid: expected an integer >= 1"),
+        ({"samples": 10, "level": 1.0}, r"level=1\.0 is invalid: expected a number in \(0, 1\)"),
+        ({"samples": 10, "level": 0}, r"level=0 is invalid: expected a finite number > 0"),
+        ({"samples": 10, "seed": -1}, r"seed=-1 is invalid: expected an integer >= 0"),
+    ],
+)
+def test_bootstrap_settings_refuse_a_bad_value_by_name(given, message):
+    with pytest.raises(ValueError, match=message):
+        Bootstrap(**given)

@@ -148,3 +148,53 @@ def test_top_k_is_left_out_when_there_are_no_more_classes_than_k():
     assert result["top_k_accuracy"] == pytest.approx(
         sk.top_k_accuracy_score(targets.numpy(), np.asarray(scores), k=2)
     )
+
+
+def test_evaluation_options_take_the_task_split_and_loss_and_refuse_bad_values():
+    from traineval import EvaluationOptions
+
+    model, loader = _model_and_loader()
+    evaluator = Evaluator()
+    given = EvaluationOptions(task_type="classification", split="testing")
+    assert (given.task_type, given.split) == (TaskType.CLASSIFICATION, EvaluationMode.TESTING)
+    loss = torch.nn.CrossEntropyLoss()
+    report = evaluator.evaluate(
+        model, loader, EvaluationOptions(split="testing", loss_function=loss)
+    )
+    assert report.metrics == evaluator.evaluate_model(
+        model, loader, None, loss, split=EvaluationMode.TESTING, task_type=TaskType.CLASSIFICATION
+    )
+    assert "test_accuracy" in evaluator.metrics_tracker.metrics
+    with pytest.raises(ValueError, match=r"split='tst' is invalid: expected one of .*'testing'"):
+        EvaluationOptions(split="tst")
+    with pytest.raises(ValueError, match=r"task_type='text' is invalid: expected one of"):
+        evaluator.evaluate_model(model, loader, task_type="text")
+    with pytest.raises(ValueError, match=r"loss_function=3 is invalid: expected a callable"):
+        EvaluationOptions(loss_function=3)
+    with pytest.raises(ValueError, match=r"write_files='no' is invalid: expected true or false"):
+        EvaluationOptions(write_files="no")
+    with pytest.raises(ValueError, match=r"class_names='abc' is invalid: expected a list"):
+        EvaluationOptions(class_names="abc")
+    regression = EvaluationOptions(task_type=TaskType.REGRESSION)
+    with pytest.raises(ValueError, match=r"differs from options\.task_type"):
+        evaluator.evaluate(model, loader, regression, task_type=TaskType.CLASSIFICATION)
+    with pytest.raises(TypeError, match="evaluate_ensemble takes no split"):
+        evaluator.evaluate_ensemble([model], loader, split=EvaluationMode.TESTING)
+
+
+def test_predict_options_refuse_a_bad_threshold_or_transform():
+    from traineval.evaluation.inference import PredictOptions, predict
+
+    with pytest.raises(
+        ValueError, match=r"threshold=1\.5 is invalid: expected a number in \(0, 1\)"
+    ):
+        PredictOptions(threshold=1.5)
+    with pytest.raises(ValueError, match=r"output_transform='logits' is invalid: expected a"):
+        PredictOptions(output_transform="logits")
+    x = torch.randn(8, 3)
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        expected = (torch.sigmoid(model(x)) > 0.7).long()
+    found = predict(model, [(x, torch.ones(8, 2))], PredictOptions(threshold=0.7))
+    assert found.task is TaskType.MULTILABEL
+    assert torch.equal(found.classes, expected)

@@ -8,7 +8,7 @@ import torch
 from sklearn import metrics as sk
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import EvaluationConfig, Evaluator, MetricsTracker, TaskType
+from traineval import EvaluationConfig, EvaluationOptions, Evaluator, MetricsTracker, TaskType
 from traineval.evaluation import ConfusionMatrix, RegressionStats, TokenStats
 from traineval.tasks import detect_task
 
@@ -245,7 +245,7 @@ def test_calibration_metrics_stream_to_their_references(tmp_path, classes, bins)
     report = evaluator.evaluate(
         model,
         DataLoader(TensorDataset(x, y), batch_size=30),
-        loss_function=loss,
+        EvaluationOptions(loss_function=loss),
         task_type=TaskType.CLASSIFICATION,
     )
     result = report.metrics

@@ -188,3 +188,14 @@ def test_predict_multilabel_and_multi_output_rows_like_the_evaluator(
                 assert ours[name] == theirs["prediction"]
             else:
                 assert float(ours[name]) == pytest.approx(float(theirs[name]), rel=1e-5, abs=1e-6)
+
+
+def test_predict_csv_options_refuse_a_bad_value_by_name():
+    from traineval.commands.predict import PredictCsvOptions
+
+    with pytest.raises(ValueError, match=r"batch_size=0 is invalid: expected an integer >= 1"):
+        PredictCsvOptions(batch_size=0)
+    with pytest.raises(ValueError, match=r"threshold=0 is invalid: expected a finite number > 0"):
+        PredictCsvOptions(threshold=0)
+    with pytest.raises(ValueError, match=r"checkpoint=5 is invalid: expected a checkpoint name"):
+        PredictCsvOptions(checkpoint=5)

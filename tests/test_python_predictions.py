@@ -81,11 +81,14 @@ def test_evaluate_returns_one_report_and_writes_only_where_it_is_told(tmp_path):
         classification_metrics=("accuracy", "f1", "confusion_matrix"),
     )  # fmt: skip
     evaluator = Evaluator(config)
-    options = EvaluationOptions(class_names=["a", "b", "c"], row_ids=[f"r{i}" for i in range(90)])
+    options = EvaluationOptions(
+        class_names=["a", "b", "c"],
+        row_ids=[f"r{i}" for i in range(90)],
+        split=traineval.EvaluationMode.TESTING,
+    )
     report = evaluator.evaluate(
-        model, DataLoader(TensorDataset(x, y), batch_size=32), output_dir=tmp_path,
-        split=traineval.EvaluationMode.TESTING, options=options,
-    )  # fmt: skip
+        model, DataLoader(TensorDataset(x, y), batch_size=32), options, output_dir=tmp_path
+    )
     with torch.no_grad():
         predicted = model(x).argmax(1)
     assert report.task is TaskType.CLASSIFICATION

@@ -34,6 +34,7 @@ _PUBLIC = {
     "MetricsTracker": "runs.tracking",
     "ModelCheckpoint": "callbacks",
     "PerformanceMonitor": "training.monitor",
+    "PredictOptions": "evaluation.inference",
     "Predictions": "evaluation.inference",
     "ProgressBar": "callbacks",
     "TaskType": "config",
@@ -58,6 +59,7 @@ __all__ = [
     "MetricsTracker",
     "ModelCheckpoint",
     "PerformanceMonitor",
+    "PredictOptions",
     "Predictions",
     "ProgressBar",
     "TaskType",
@@ -77,7 +79,7 @@ if TYPE_CHECKING:
     from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
     from .commands.load import load_model
     from .config import EvaluationConfig, EvaluationMode, TaskType, TrainingConfig, TrainingMode
-    from .evaluation.inference import Predictions, predict
+    from .evaluation.inference import Predictions, PredictOptions, predict
     from .evaluation.report import EvaluationOptions, EvaluationReport
     from .runs.checkpoint import load_checkpoint
     from .runs.tracking import MetricsTracker

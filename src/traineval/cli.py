@@ -411,7 +411,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .commands.predict import predict_csv
+    """`traineval predict`: the run's model on the input CSV's rows, written to a CSV file."""
+    from .commands.predict import PredictCsvOptions, predict_csv
     from .runs.checkpoint import default_checkpoint
 
     args.checkpoint = args.checkpoint or default_checkpoint(args.run_dir)
@@ -419,7 +420,7 @@ def _predict(args: argparse.Namespace) -> int:
         table, count = predict_csv(
             args.run_dir,
             args.input,
-            checkpoint=args.checkpoint,
+            PredictCsvOptions(checkpoint=args.checkpoint),
             output=args.output,
             trust_code=args.trust_code,
             overwrite=args.overwrite,

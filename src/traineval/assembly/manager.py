@@ -21,7 +21,7 @@ from torch import nn
 from ..callbacks import Callback
 from ..callbacks.defaults import default_callbacks
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
-from ..evaluation.inference import Predictions, predict
+from ..evaluation.inference import Predictions, PredictOptions, predict
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..modes import Mode, resolve_mode
 from ..modes.contract import closing_step
@@ -206,10 +206,10 @@ class TrainingManager:
         return predict(
             model.to(self.device),
             loader,
+            PredictOptions(output_transform=output_transform),
             device=self.device,
             precision=precision,
             task_type=task_type,
-            output_transform=output_transform,
         )
 
     def find_learning_rate(

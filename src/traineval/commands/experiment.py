@@ -563,11 +563,10 @@ def _evaluate_split(
             training_mode=parts.mode.evaluated_as,
             class_names=parts.splits.class_names,
             row_ids=parts.splits.ids_of(prefix),  # the predictions join back to the table
+            task_type=parts.task_type,
+            split=split,
         )
-        report = evaluator.evaluate(
-            model, loader, device=device, task_type=parts.task_type, split=split,
-            output_dir=out, options=options,
-        )  # fmt: skip
+        report = evaluator.evaluate(model, loader, options, device=device, output_dir=out)
     metrics = report.metrics
     summary = out / "summary.json"
     step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0

@@ -10,6 +10,7 @@ value, or one per output (regression).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config.checks import fail, integer, number
 from ..config.code_references import untrusted
 from ..config.training_config import TaskType
 from ..data.splits import DataSplits
@@ -38,36 +40,54 @@ SUPPORTED_MODES = ("supervised", "semi_supervised", "federated")
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictCsvOptions:
+    """How `predict_csv` scores the rows: `checkpoint` (a name in the run's checkpoints/,
+    "best", "last", "final" for a Flower run's final weights, or a path; None: the best,
+    else the final weights), `batch_size` (rows per forward pass) and `threshold` (the
+    multi-label cut, in (0, 1); None: the run's `evaluation.multilabel_threshold`). A bad
+    value is refused on construction, naming the field."""
+
+    checkpoint: str | None = None
+    batch_size: int = 1024
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value, naming the field, the value and what is allowed."""
+        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
+            fail("checkpoint", self.checkpoint, "expected a checkpoint name or path, or None")
+        integer("batch_size", self.batch_size, minimum=1)
+        if self.threshold is not None:
+            number("threshold", self.threshold, minimum=0.0, strict=True, below=1.0)
+
+
 def predict_csv(
     run_dir: str | Path,
     input_csv: str | Path,
+    options: PredictCsvOptions | None = None,
     *,
-    checkpoint: str | None = None,
     output: str | Path | None = None,
-    batch_size: int = 1024,
-    threshold: float | None = None,
-    trust_code: bool = False,
     overwrite: bool = False,
+    trust_code: bool = False,
 ) -> tuple[Path, int]:
     """Write predictions for every row of `input_csv`; returns the output path and row count.
 
-    `checkpoint` is a name in the run's checkpoints/ ("best", "last"), "final" (a Flower
-    run's final weights) or a path, by default the best (else the final weights); `output`
-    defaults to `<run_dir>/predictions/<input stem>-<6 hex digits of the input's path>.csv`
-    (inputs of one name in different folders get different files). An `output` that is
-    the input, or a file that exists (unless `overwrite`), is refused before any work; the
-    file is written atomically. `threshold` (multi-label) defaults to
-    the run's `evaluation.multilabel_threshold`. The input's other columns are copied after
-    the predictions; a text cell a spreadsheet would read as a formula gets a leading `'`.
-    A run whose config names code to import (a custom model factory) is refused unless
-    `trust_code=True` (see `RunConfig.from_run_dir`).
+    `options` (`PredictCsvOptions`) picks the checkpoint (by default the best, else the
+    final weights), the batch size and the multi-label threshold. `output` defaults to
+    `<run_dir>/predictions/<input stem>-<6 hex digits of the input's path>.csv` (inputs of
+    one name in different folders get different files). An `output` that is the input, or
+    a file that exists (unless `overwrite`), is refused before any work; the file is
+    written atomically. The input's other columns are copied after the predictions; a text
+    cell a spreadsheet would read as a formula gets a leading `'`. A run whose config names
+    code to import (a custom model factory) is refused unless `trust_code=True` (see
+    `RunConfig.from_run_dir`).
     """
+    how = options or PredictCsvOptions()
     run_dir, input_csv = Path(run_dir), Path(input_csv)
     out = output_path(run_dir, input_csv, output, overwrite)
     config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
     with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
-        chosen = checkpoint or default_checkpoint(run_dir)
-        return _predict(config, run_dir, input_csv, chosen, out, batch_size, threshold)
+        return _predict(config, run_dir, input_csv, out, how)
 
 
 def _refuse_non_finite(model: torch.nn.Module, path: Path) -> None:
@@ -100,15 +120,48 @@ def output_path(run_dir: Path, input_csv: Path, output: str | Path | None, overw
     return out
 
 
+@dataclasses.dataclass
+class _Rows:
+    """The input CSV as read: its header and rows, the columns copied to the output and the
+    model's inputs made of the feature columns."""
+
+    header: list[str]
+    rows: list[list[str]]
+    kept: list[int]
+    inputs: torch.Tensor
+
+
 def _predict(
-    config: RunConfig,
-    run_dir: Path,
-    input_csv: Path,
-    checkpoint: str,
-    out: Path,
-    batch_size: int,
-    threshold: float | None,
+    config: RunConfig, run_dir: Path, input_csv: Path, out: Path, how: PredictCsvOptions
 ) -> tuple[Path, int]:
+    """Score every row of `input_csv` with the run's model (`how.checkpoint`, else its
+    default) and write them with their prediction columns to `out`; returns it and the row
+    count."""
+    _refuse_unsupported(config)
+    splits = _table_of(config, run_dir)
+    table = _read_rows(splits, input_csv)
+    checkpoint = run_checkpoint(run_dir, how.checkpoint or default_checkpoint(run_dir))
+    model, device = _load_model(config, splits, checkpoint)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(table.inputs), how.batch_size):
+            batch = table.inputs[start : start + how.batch_size].to(device)
+            outputs.append(prediction_of(model(batch)).float().cpu())
+    scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
+    cut = config.evaluation.multilabel_threshold if how.threshold is None else how.threshold
+    names, values = _columns(splits.task_type, scores, splits.class_names, cut)
+    text = io.StringIO(newline="")
+    writer = SafeWriter(text)
+    writer.writerow([table.header[i] for i in table.kept] + names)
+    for row, predicted in zip(table.rows, values, strict=True):
+        writer.writerow([row[i] for i in table.kept] + predicted)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text.getvalue())
+    return out, len(table.rows)
+
+
+def _refuse_unsupported(config: RunConfig) -> None:
+    """Refuse a run whose model does not score table rows (its mode, or custom data)."""
     if config.mode.name not in SUPPORTED_MODES:
         raise ValueError(
             f"traineval predict scores rows with a classifier or regressor; this run's mode "
@@ -119,8 +172,11 @@ def _predict(
             "traineval predict cannot rebuild the features of data.name='custom' (the factory "
             "owns its transform): load the checkpoint and call the model in Python"
         )
-    splits = _table_of(config, run_dir)
-    assert splits.feature_names is not None
+
+
+def _read_rows(splits: DataSplits, input_csv: Path) -> _Rows:
+    """Read `input_csv` and turn its feature columns into model inputs as training did
+    (standardised numbers, encoded categories); a missing feature column is refused."""
     header, rows, lines = read_rows(input_csv, repr(str(input_csv)))
     numeric, categorical = splits.numeric_names, list(splits.categories or {})
     trained_on = [*numeric, *categorical]
@@ -146,7 +202,14 @@ def _predict(
                 "encoded as none of the known ones",
                 unseen, len(rows), ", ".join(categorical),
             )  # fmt: skip
-    path = run_checkpoint(run_dir, checkpoint)
+    return _Rows(header, rows, kept, splits.prepare(x, encoded))
+
+
+def _load_model(
+    config: RunConfig, splits: DataSplits, path: Path
+) -> tuple[torch.nn.Module, torch.device]:
+    """The run's model with the checkpoint's weights (refused when not finite), in eval mode
+    on the run's device; returns it and the device."""
     device = resolve_device(config.training.device)
     model = build_model(
         config.model.name,
@@ -157,23 +220,7 @@ def _predict(
     load_model_weights(model, path, map_location="cpu")
     _refuse_non_finite(model, path)
     model.to(device).eval()
-    inputs = splits.prepare(x, encoded)
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), batch_size):
-            batch = inputs[start : start + batch_size].to(device)
-            outputs.append(prediction_of(model(batch)).float().cpu())
-    scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
-    cut = config.evaluation.multilabel_threshold if threshold is None else threshold
-    names, values = _columns(splits.task_type, scores, splits.class_names, cut)
-    table = io.StringIO(newline="")
-    writer = SafeWriter(table)
-    writer.writerow([header[i] for i in kept] + names)
-    for row, predicted in zip(rows, values, strict=True):
-        writer.writerow([row[i] for i in kept] + predicted)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, table.getvalue())
-    return out, len(rows)
+    return model, device
 
 
 def _table_of(config: RunConfig, run_dir: Path) -> DataSplits:

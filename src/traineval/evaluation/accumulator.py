@@ -10,7 +10,7 @@ import torch
 
 from ..config.training_config import EvaluationConfig, TaskType
 from ..tasks import align_regression
-from .bootstrap import classification_intervals, regression_intervals
+from .bootstrap import Bootstrap, classification_intervals, regression_intervals
 from .metrics import (
     ConfusionMatrix,
     MultilabelStats,
@@ -153,34 +153,31 @@ class Accumulator:
     def intervals(self, average: str) -> dict[str, tuple[float, float]]:
         """Bootstrap intervals of the metrics (`EvaluationConfig.bootstrap_samples`)."""
         c = self.config
-        samples, level, seed = c.bootstrap_samples, c.confidence_level, c.bootstrap_seed
+        if not c.bootstrap_samples:
+            return {}
+        bootstrap = Bootstrap(c.bootstrap_samples, c.confidence_level, c.bootstrap_seed)
         found: dict[str, tuple[float, float]] = {}
-        for metric in self.user if samples else ():
-            interval = metric.interval(c.ignore_index, samples=samples, level=level, seed=seed)
+        for metric in self.user:
+            interval = metric.interval(c.ignore_index, bootstrap)
             if interval is not None:
                 found[metric.name] = interval
-        return {**self._built_in_intervals(average), **found}
+        return {**self._built_in_intervals(average, bootstrap), **found}
 
-    def _built_in_intervals(self, average: str) -> dict[str, tuple[float, float]]:
+    def _built_in_intervals(
+        self, average: str, bootstrap: Bootstrap
+    ) -> dict[str, tuple[float, float]]:
+        """The built-in metrics' intervals over the kept (prediction, target) pairs."""
         if not self.samples:
             return {}
-        c = self.config
-        samples, level, seed = c.bootstrap_samples, c.confidence_level, c.bootstrap_seed
         predictions = torch.cat([p.cpu() for p, _ in self.samples]).numpy()
         targets = torch.cat([t.cpu() for _, t in self.samples]).numpy()
         if self.confusion is not None:
-            kept = targets != c.ignore_index
+            kept = targets != self.config.ignore_index
             classes = self.confusion.num_classes
             return classification_intervals(
-                targets[kept],
-                predictions[kept],
-                classes,
-                average,
-                samples=samples,
-                level=level,
-                seed=seed,
+                targets[kept], predictions[kept], classes, average, bootstrap
             )
-        return regression_intervals(predictions, targets, samples=samples, level=level, seed=seed)
+        return regression_intervals(predictions, targets, bootstrap)
 
     def scatter_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.scatter

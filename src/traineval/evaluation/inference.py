@@ -3,8 +3,8 @@
 
 The model's output is read by the rule training uses (`traineval.training.batches`: a tensor,
 the first element of a tuple, `logits` of a mapping or a Hugging Face output, or your
-`output_transform`). Batches are `(inputs, targets)` or inputs alone; each batch's results
-move to the CPU as it is done, so the device holds one batch at a time.
+`PredictOptions.output_transform`). Batches are `(inputs, targets)` or inputs alone; each
+batch's results move to the CPU as it is done, so the device holds one batch at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config.checks import fail, number
 from ..config.training_config import TaskType
 from ..tasks import detect_task
 from ..training.batches import (
@@ -52,22 +53,38 @@ class Predictions:
         return {f: getattr(self, f).numpy() for f in fields if getattr(self, f) is not None}
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """How `predict` reads the model's outputs: `output_transform` picks the prediction
+    tensor out of an output the default rule cannot read; `threshold` (in (0, 1)) turns
+    multi-label probabilities into 0/1 labels. A bad value is refused on construction."""
+
+    output_transform: OutputTransform | None = None
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value, naming the field, the value and what is allowed."""
+        if self.output_transform is not None and not callable(self.output_transform):
+            fail("output_transform", self.output_transform, "expected a callable or None")
+        number("threshold", self.threshold, minimum=0.0, strict=True, below=1.0)
+
+
 def predict(
     model: nn.Module,
     loader: Iterable[Any],
+    options: PredictOptions | None = None,
     *,
     device: torch.device | str | None = None,
     precision: Precision | str = "fp32",
     task_type: TaskType | None = None,
-    output_transform: OutputTransform | None = None,
-    threshold: float = 0.5,
 ) -> Predictions:
     """Run `model` over `loader` and return its `Predictions` (see the module docstring).
 
     `device` defaults to the model's; `precision` is a name ("fp32", "bf16", "fp16",
     "auto") or a `Precision`. The task is `task_type`, else told from the first batch's
     outputs (and targets, when there are: 0/1 targets of the outputs' shape are
-    multi-label). The model's train/eval mode is restored afterwards.
+    multi-label). `options` (`PredictOptions`) holds the output transform and the
+    multi-label threshold. The model's train/eval mode is restored afterwards.
 
     Example:
         >>> import torch
@@ -76,6 +93,7 @@ def predict(
         >>> found.classes.shape, found.probabilities.sum(1).allclose(torch.ones(4))
         (torch.Size([4]), True)
     """
+    how = options or PredictOptions()
     where = torch.device(device) if device is not None else _device_of(model)
     autocast = (
         precision if isinstance(precision, Precision) else resolve_precision(precision, where)
@@ -89,7 +107,7 @@ def predict(
             for batch in loader:
                 inputs, target = split_batch(_moved(batch, where))
                 with autocast.autocast():
-                    output = prediction_of(forward(model, inputs), output_transform)
+                    output = prediction_of(forward(model, inputs), how.output_transform)
                 outputs.append(output.detach().float().cpu())
                 if isinstance(target, torch.Tensor):
                     targets.append(target.detach().cpu())
@@ -97,7 +115,7 @@ def predict(
         model.train(was_training)
     if not outputs:
         raise ValueError("predict: the loader yielded no batches")
-    return _predictions(outputs, targets, task_type, threshold)
+    return _predictions(outputs, targets, task_type, how.threshold)
 
 
 def _predictions(

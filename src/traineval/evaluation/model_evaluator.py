@@ -69,8 +69,7 @@ class _Pass:
     """One evaluation's settings as the streaming pass reads them."""
 
     device: torch.device
-    options: EvaluationOptions
-    task_type: TaskType | None
+    options: EvaluationOptions  # the task, the split, the loss, ...
     folder: Path | None  # where predictions and plots go (None: nowhere)
     prefix: str  # the split's: val, test, ...
     text: Any = None  # decoded texts' BLEU / ROUGE state (with options.decode)
@@ -163,34 +162,33 @@ class ModelEvaluator:
         self,
         model: nn.Module,
         loader: Iterable[Any],
+        options: EvaluationOptions | None = None,
         *,
         device: torch.device | str | None = None,
-        loss_function: Any = None,
         task_type: TaskType | None = None,
-        split: EvaluationMode = EvaluationMode.VALIDATION,
         output_dir: str | Path | None = None,
-        options: EvaluationOptions | None = None,
     ) -> EvaluationReport:
         """Evaluate `model` on `loader`: the mean loss and the task's metrics, as a report.
 
         Streams: metric state stays on `device` (default: the model's) and is bounded by the
         number of classes (only `roc_auc` and function metrics keep every sample). The loss
         is averaged over items the way training averages it (samples, or non-ignored
-        tokens); without a `loss_function`, a model whose forward takes `labels` (Hugging
+        tokens); without a loss function, a model whose forward takes `labels` (Hugging
         Face models) is scored with its own loss on batches that carry `labels`, and a causal
         language model's metrics compare the logits at t with the label at t + 1. With
         `save_predictions` / `plot_metrics`, `predictions_<split>.csv` and the plots go to
         `<output_dir>/evaluation/` (`output_dir`, else the config's). `options` says the rest
-        (`EvaluationOptions`: precision, distributed merging, decoding, class names, ...).
+        (`EvaluationOptions`: the split, the loss function, precision, distributed merging,
+        decoding, class names, ...); `task_type` is `options.task_type` given alone.
         """
-        how = options or EvaluationOptions()
+        how = _with_task(options or EvaluationOptions(), task_type)
         device = torch.device(device) if device is not None else _device_of(model)
         sharded = how.distributed is not None and how.distributed.enabled
         folder = self._output_folder(output_dir) if how.write_files and not sharded else None
-        plan = _Pass(device, how, task_type, folder, SPLIT_PREFIX[split], _text_state(how))
+        plan = _Pass(device, how, folder, SPLIT_PREFIX[how.split], _text_state(how))
         scorer = BatchScorer(
             model,
-            loss_function,
+            how.loss_function,
             unsupervised=how.training_mode is TrainingMode.UNSUPERVISED,
             ignore_index=self.config.ignore_index,
             transform=how.output_transform or self.output_transform,
@@ -218,27 +216,18 @@ class ModelEvaluator:
         device: torch.device | str | None = None,
         loss_function: Any = None,
         *,
-        task_type: TaskType | None = None,
-        split: EvaluationMode = EvaluationMode.VALIDATION,
         output_dir: str | Path | None = None,
         **options: Any,
     ) -> dict[str, float]:
         """Evaluate `model` on `loader`; return the metrics (the specification's call).
 
         See `evaluate`, which returns the whole `EvaluationReport`; `options` are
-        `EvaluationOptions` fields by keyword (`precision=...`, `distributed=...`,
-        `write_files=False`, ...).
+        `EvaluationOptions` fields by keyword (`task_type=...`, `split=...`,
+        `precision=...`, `distributed=...`, `write_files=False`, ...); an unknown name is
+        a TypeError naming the known ones.
         """
-        report = self.evaluate(
-            model,
-            loader,
-            device=device,
-            loss_function=loss_function,
-            task_type=task_type,
-            split=split,
-            output_dir=output_dir,
-            options=EvaluationOptions.of(options),
-        )
+        how = EvaluationOptions.of({**options, "loss_function": loss_function})
+        report = self.evaluate(model, loader, how, device=device, output_dir=output_dir)
         return dict(report.metrics)
 
     def _stream(
@@ -259,7 +248,7 @@ class ModelEvaluator:
                 if not real:
                     continue  # a repeated batch, only to keep the ranks in step
                 if accumulator is None:  # the first batch: the task, the files
-                    task = plan.task_type or detect_task(
+                    task = how.task_type or detect_task(
                         *scorer.pair(result), multilabel=not scorer.unsupervised
                     )
                     accumulator = Accumulator(task, self.config, keep_curve=plan.folder is not None)
@@ -355,8 +344,6 @@ class ModelEvaluator:
         device: torch.device | str | None = None,
         *,
         model_factory: Callable[[], nn.Module] | None = None,
-        loss_function: Any = None,
-        task_type: TaskType | None = None,
         output_dir: str | Path | None = None,
         **options: Any,
     ) -> dict[str, Any]:
@@ -366,35 +353,27 @@ class ModelEvaluator:
         (regression). Checkpoint paths are loaded into `model_factory()` (weights only).
         Returns `{"ensemble": metrics, "members": [metrics, ...]}`; predictions and plots,
         when configured, are written for the ensemble (split "ensemble"). `options`:
-        `EvaluationOptions` fields by keyword (`output_transform`, `row_ids`, ...).
+        `EvaluationOptions` fields by keyword (`task_type`, `loss_function`,
+        `output_transform`, `row_ids`, ...) but `split`, which is the ensemble's.
         """
         from .ensemble import EnsembleModule, load_members
 
+        if "split" in options:
+            raise TypeError(
+                "evaluate_ensemble takes no split: its files are the 'ensemble' split's"
+            )
         how = EvaluationOptions.of(options)
         where = torch.device(device) if device is not None else torch.device("cpu")
         members = load_members(models_or_checkpoint_paths, model_factory, where)
-        alone = dataclasses.replace(how, write_files=False)
-        reports = [
-            self.evaluate(
-                member, loader, device=where, loss_function=loss_function,
-                task_type=task_type, split=EvaluationMode.TESTING, options=alone,
-            )
-            for member in members
-        ]  # fmt: skip
+        alone = dataclasses.replace(how, write_files=False, split=EvaluationMode.TESTING)
+        reports = [self.evaluate(member, loader, alone, device=where) for member in members]
         transform = how.output_transform or self.output_transform
         # the members' task; it returns one prediction tensor, read by the default rule
-        ensemble = EnsembleModule(members, task_type or reports[0].task, transform)
-        together = self.evaluate(
-            ensemble,
-            loader,
-            device=where,
-            loss_function=loss_function,  # log-probabilities / a logit / means: theirs apply
-            task_type=task_type,
-            split=EvaluationMode.ENSEMBLE,
-            output_dir=output_dir,
-            options=dataclasses.replace(how, output_transform=None),
-        )
-        return {"ensemble": together.metrics, "members": [r.metrics for r in reports]}
+        ensemble = EnsembleModule(members, how.task_type or reports[0].task, transform)
+        # the loss function applies: the ensemble gives log-probabilities / a logit / means
+        together = dataclasses.replace(how, output_transform=None, split=EvaluationMode.ENSEMBLE)
+        report = self.evaluate(ensemble, loader, together, device=where, output_dir=output_dir)
+        return {"ensemble": report.metrics, "members": [r.metrics for r in reports]}
 
     def _output_folder(self, output_dir: str | Path | None) -> Path | None:
         wanted = self.config.save_predictions or self.config.plot_metrics
@@ -514,6 +493,20 @@ def _add_texts(
     hypotheses = [decode(p[k].tolist()) for p, k in zip(predicted, kept, strict=True)]
     references = [decode(g[k].tolist()) for g, k in zip(gold, kept, strict=True)]
     text.update(hypotheses, references)
+
+
+def _with_task(how: EvaluationOptions, task_type: TaskType | None) -> EvaluationOptions:
+    """`how` with the task given beside it (`evaluate(..., task_type=...)`); a task that
+    differs from the options' is refused."""
+    if task_type is None:
+        return how
+    given = dataclasses.replace(how, task_type=task_type)  # checked: a TaskType or its value
+    if how.task_type is not None and how.task_type is not given.task_type:
+        raise ValueError(
+            f"task_type={task_type!r} differs from options.task_type={how.task_type!r}: "
+            "give the task once"
+        )
+    return given
 
 
 def _text_state(how: EvaluationOptions) -> Any:

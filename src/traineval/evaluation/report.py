@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
 import numpy as np
 
-from ..config.training_config import EvaluationConfig, TaskType, TrainingMode
+from ..config.checks import boolean, fail
+from ..config.training_config import EvaluationConfig, EvaluationMode, TaskType, TrainingMode
 from ..system.distributed import Distributed
 from ..training.batches import OutputTransform
 from ..training.precision import Precision
 
+_Choice = TypeVar("_Choice", bound=Enum)
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class EvaluationOptions:
-    """How an evaluation runs, besides the model, the data and where files go.
+    """How an evaluation runs, besides the model, the data, the device and where files go.
 
     `training_mode`: unsupervised compares the outputs with the inputs. `precision`: the
     run's autocast. `decode` (token ids -> text) adds BLEU and ROUGE-L for generation.
@@ -26,7 +30,11 @@ class EvaluationOptions:
     `output_transform` reads a model output the default rule cannot. `class_names` (one
     per class, in order) name the classes in per-class rows and predictions; `row_ids` (in
     the loader's order) are the predictions file's ids. `write_files`: False writes no
-    predictions or plots even with a folder (training's validations).
+    predictions or plots even with a folder (training's validations). `task_type`: the
+    task (None: detected from the first batch). `split`: the split evaluated, which names
+    the predictions file, the plots and the tracked metrics (`val_...`, `test_...`).
+    `loss_function` scores the loss (None: a model whose forward takes `labels` scores its
+    own on batches that carry them). A bad value is refused on construction, by name.
     """
 
     training_mode: TrainingMode = TrainingMode.SUPERVISED
@@ -38,6 +46,29 @@ class EvaluationOptions:
     class_names: Sequence[str] | None = None
     row_ids: Sequence[str] | None = None
     write_files: bool = True
+    task_type: TaskType | None = None
+    split: EvaluationMode = EvaluationMode.VALIDATION
+    loss_function: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value, naming the field, the value and what is allowed; a task,
+        split or training mode may be given by its value ("regression", "testing")."""
+        mode = _member("training_mode", self.training_mode, TrainingMode)
+        object.__setattr__(self, "training_mode", mode)
+        object.__setattr__(self, "split", _member("split", self.split, EvaluationMode))
+        if self.task_type is not None:
+            object.__setattr__(self, "task_type", _member("task_type", self.task_type, TaskType))
+        if self.precision is not None and not isinstance(self.precision, Precision):
+            allowed = "expected a traineval.training.precision.Precision or None"
+            fail("precision", self.precision, allowed)
+        for name in ("decode", "output_transform", "loss_function"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                fail(name, getattr(self, name), "expected a callable or None")
+        for name in ("lockstep", "write_files"):
+            boolean(name, getattr(self, name))
+        for name in ("class_names", "row_ids"):
+            if isinstance(getattr(self, name), str):
+                fail(name, getattr(self, name), "expected a list of strings or None")
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> EvaluationOptions:
@@ -50,6 +81,17 @@ class EvaluationOptions:
                 f"unknown evaluation option {unknown[0]!r}; expected one of {', '.join(known)}"
             )
         return cls(**options)
+
+
+def _member(field: str, value: Any, kind: type[_Choice]) -> _Choice:
+    """`value` as a member of the enum `kind` (a member or its value); else an error naming
+    the field, the value and the allowed values."""
+    try:
+        return kind(value)
+    except (ValueError, TypeError):
+        pass
+    allowed = ", ".join(repr(member.value) for member in kind)
+    fail(field, value, f"expected one of {allowed} (a {kind.__name__} or its value)")
 
 
 @dataclasses.dataclass

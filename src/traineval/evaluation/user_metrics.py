@@ -45,7 +45,7 @@ from ..config import registry
 from ..config.code_references import import_object
 from ..config.training_config import TaskType, metric_is_minimized
 from ..tasks import align_regression
-from .bootstrap import function_intervals
+from .bootstrap import Bootstrap, function_intervals
 from .metrics import class_probabilities
 
 INPUTS = ("labels", "probabilities")
@@ -201,13 +201,13 @@ class UserMetric:
             predicted = predicted[:, 0]
         return truth, predicted
 
-    def interval(self, ignore_index: int, **bootstrap: Any) -> tuple[float, float] | None:
+    def interval(self, ignore_index: int, bootstrap: Bootstrap) -> tuple[float, float] | None:
         """The bootstrap interval of a function metric (None for streaming ones: their
         states cannot be resampled)."""
         if self.kind != "function":
             return None
         truth, predicted = self.arrays(ignore_index)
-        return function_intervals(self.template, truth, predicted, **bootstrap)
+        return function_intervals(self.template, truth, predicted, bootstrap)
 
 
 def _kind(template: Any) -> str:
