@@ -680,7 +680,7 @@ def tune_ranks(out: Path, rank: int) -> None:
     rank 0's word; every rank must stop with it or the job hangs)."""
     from traineval.commands.experiment import RunConfig
     from traineval.tuning import tune
-    from traineval.tuning.study import open_study, prepare
+    from traineval.tuning.study import TuneOptions, open_study, prepare
 
     config = RunConfig.from_dict(
         {
@@ -701,7 +701,7 @@ def tune_ranks(out: Path, rank: int) -> None:
     )
     search = {"learning_rate": {"low": 1e-8, "high": 1e-1, "log": True}}
     if rank == 0:
-        settings = prepare(config, search, 6, None, None, "tpe", "median", None, None, None, 1, 0)
+        settings = prepare(config, search, TuneOptions(trials=6))
         study = open_study(settings)
         for rate in (3e-3,) * 5 + (1e-8,):
             study.enqueue_trial({"training.learning_rate": rate})

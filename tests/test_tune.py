@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 from traineval.cli import main  # noqa: E402
 from traineval.commands.experiment import RunConfig  # noqa: E402
 from traineval.tuning import parse_space, tune  # noqa: E402
-from traineval.tuning.study import open_study, prepare  # noqa: E402
+from traineval.tuning.study import TuneOptions, open_study, prepare  # noqa: E402
 
 SEARCH = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}, "batch_size": [16, 32]}
 
@@ -70,8 +70,8 @@ def test_a_seeded_study_is_at_least_the_default_and_its_best_config_reproduces(t
 
 def test_a_bad_curve_is_pruned_before_its_last_epoch(tmp_path):
     config = _config(tmp_path / "study", epochs=4, batch_size=128)
-    settings = prepare(config, {"learning_rate": {"low": 1e-8, "high": 1e-1, "log": True}},
-                       5, None, None, "tpe", "median", None, None, None, 1, 0)  # fmt: skip
+    space = {"learning_rate": {"low": 1e-8, "high": 1e-1, "log": True}}
+    settings = prepare(config, space, TuneOptions(trials=5))
     study = open_study(settings)
     for rate in (3e-3,) * 5 + (1e-8,):  # five good curves, then one that cannot learn
         study.enqueue_trial({"training.learning_rate": rate})
@@ -222,7 +222,7 @@ def test_a_place_held_by_another_machine_keeps_the_count_exact(tmp_path):
     this process runs N - 1, and the study ends with N once the other one finishes."""
     config = _config(tmp_path / "study", epochs=1)
     space = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}}
-    settings = prepare(config, space, 3, None, None, "random", "none", None, None, None, 1, 0)
+    settings = prepare(config, space, TuneOptions(trials=3, sampler="random", pruner="none"))
     elsewhere = open_study(settings).ask({"training.learning_rate": optuna.distributions.
                                           FloatDistribution(1e-3, 3e-2, log=True)})  # fmt: skip
     result = tune(config, space, trials=3, sampler="random", pruner="none")

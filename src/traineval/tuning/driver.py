@@ -14,7 +14,15 @@ from ..commands.experiment import RunConfig
 from ..runs.rundir import run_dir_lock
 from ..training.stopping import TrainingInterrupted, watching_signals
 from .ranks import tune_on_ranks
-from .study import Settings, TuneResult, finished_count, prepare, result, start_study
+from .study import (
+    Settings,
+    TuneOptions,
+    TuneResult,
+    finished_count,
+    prepare,
+    result,
+    start_study,
+)
 from .worker import wait_for_earlier_workers, work, worker_main
 
 
@@ -48,8 +56,9 @@ def tune(
     the others None). Writes `best_config.yaml`, a config that `traineval fit` runs as is.
     Raises `TrainingInterrupted` when a signal stopped the study (run it again to go on).
     """
-    settings = prepare(config, search, trials, metric, direction, sampler, pruner, storage,
-                       study_name, study_dir, workers, seed)  # fmt: skip
+    options = TuneOptions(trials, metric, direction, sampler, pruner, storage, study_name,
+                          study_dir, workers, seed)  # fmt: skip
+    settings = prepare(config, search, options)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return tune_on_ranks(settings, trials)  # None on the ranks other than 0
     return tune_locally(settings, trials, workers)

@@ -82,36 +82,43 @@ def start_study(settings: Settings) -> Any:
     return study
 
 
+@dataclasses.dataclass(frozen=True)
+class TuneOptions:
+    """How a study runs (`traineval.tune`'s keyword arguments, which say what each means);
+    checked by `prepare`, with the config and the search space."""
+
+    trials: int = 20
+    metric: str | None = None
+    direction: str | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    storage: str | None = None
+    study_name: str | None = None
+    study_dir: str | Path | None = None
+    workers: int = 1
+    seed: int | None = 0
+
+
 def prepare(
-    config: RunConfig | str | Path,
-    search: Mapping[str, Any] | None,
-    trials: int,
-    metric: str | None,
-    direction: str | None,
-    sampler: str,
-    pruner: str,
-    storage: str | None,
-    study_name: str | None,
-    study_dir: str | Path | None,
-    workers: int,
-    seed: int | None,
+    config: RunConfig | str | Path, search: Mapping[str, Any] | None, options: TuneOptions
 ) -> Settings:
-    """Check every argument and the search space against the config, before any trial."""
+    """Check every option and the search space against the config, before any trial."""
     _optuna()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and workers != 1:
+    o = options
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and o.workers != 1:
         raise ValueError(
-            f"workers={workers} is invalid under torchrun: every rank trains each trial "
+            f"workers={o.workers} is invalid under torchrun: every rank trains each trial "
             "(rank 0 talks to the study); start several torchrun jobs on one storage instead"
         )
     if not isinstance(config, RunConfig):
         config, search = load_tune_config(config, search)
-    for name, value, allowed in (("sampler", sampler, SAMPLERS), ("pruner", pruner, PRUNERS)):
+    for name, value, allowed in (("sampler", o.sampler, SAMPLERS), ("pruner", o.pruner, PRUNERS)):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is invalid: expected one of {', '.join(allowed)}")
-    integer("trials", trials, minimum=1)
-    _check_workers(workers)
-    metric = current_metric_name(metric) or config.training.monitor_metric
-    direction = direction or ("minimize" if _minimizes(config, metric) else "maximize")
+    integer("trials", o.trials, minimum=1)
+    _check_workers(o.workers)
+    metric = current_metric_name(o.metric) or config.training.monitor_metric
+    direction = o.direction or ("minimize" if _minimizes(config, metric) else "maximize")
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction={direction!r} is invalid: expected 'minimize' or 'maximize'")
     base = config.to_dict()
@@ -120,14 +127,14 @@ def prepare(
     params = parse_space(search, base)
     check_values(params, base, RunConfig.from_dict)
     _check_metric(RunConfig.from_dict(base), metric)
-    if sampler == "grid":
+    if o.sampler == "grid":
         for param in params:
             param.grid()
-    folder = Path(study_dir or config.training.output_dir or default_run_dir("study"))
+    folder = Path(o.study_dir or config.training.output_dir or default_run_dir("study"))
     folder.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
+    url = o.storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
     return Settings(base, tuple(params), metric, direction, str(folder), url,
-                    study_name or folder.name, sampler, pruner, seed)  # fmt: skip
+                    o.study_name or folder.name, o.sampler, o.pruner, o.seed)  # fmt: skip
 
 
 def load_tune_config(
