@@ -54,7 +54,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..assembly.evaluator import Evaluator
 from ..config.training_config import TaskType, TrainingConfig
 from ..loggers.jsonl import plain
-from ..modes.federated import Federated, client_seed, train_client
+from ..modes.federated import ClientRound, Federated, client_seed, train_client
 from ..modes.supervised import SupervisedStep
 from ..runs.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -134,17 +134,15 @@ class FlowerClient:
         # trained before, in what order; the simulation seeds its clients the same way.
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         correction = correction_of(message, names)  # SCAFFOLD's c - c_i, else None
+        job = ClientRound(
+            lr,
+            seed,
+            self.federated.local_epochs,
+            self.federated.proximal_mu,
+            None if correction is None else [t.to(self.device) for t in correction],
+        )
         loss_sum, samples = train_client(
-            model,
-            train_loader,
-            self.step,
-            config,
-            self.precision,
-            lr=lr,
-            seed=seed,
-            local_epochs=self.federated.local_epochs,
-            proximal_mu=self.federated.proximal_mu,
-            correction=None if correction is None else [t.to(self.device) for t in correction],
+            model, train_loader, self.step, config, self.precision, job
         )
         values: dict[str, Any] = {"train_loss": float(loss_sum) / samples, "num-examples": samples}
         if correction is not None:  # what the server needs to update this client's control

@@ -4,7 +4,7 @@ The simulation (`traineval.modes.federated.Controls`) keeps the server's control
 every client's `c_i` in the server optimizer's state; on Flower the server does the same:
 each round it sends a node, beside the global weights `x`, its correction `c - c_i`
 (`ArrayRecord` "correction", one array per trainable parameter); the client trains with it
-(`train_client(correction=...)`) and replies with its weights `y_i`, its identity (its
+(`train_client`, `ClientRound.correction`) and replies with its weights `y_i`, its identity (its
 `partition-id`) and its number of local steps `K`. From those the server computes what the
 client's control becomes (option II of Karimireddy et al., 2020), `c_i + (x - y_i) / (K lr)
 - c`, and moves `c` by the mean change over all N clients: the same arithmetic as the

@@ -455,17 +455,11 @@ class FederatedStep:
         worker = self._worker
         worker.load_state_dict(model.state_dict())
         client_lr = self._client_lr()
+        job = ClientRound(
+            client_lr, seed, self.settings.local_epochs, self.settings.proximal_mu, correction
+        )
         loss_sum, samples = train_client(
-            worker,
-            loader,
-            self.supervised,
-            self.config,
-            self.precision,
-            lr=client_lr,
-            seed=seed,
-            local_epochs=self.settings.local_epochs,
-            proximal_mu=self.settings.proximal_mu,
-            correction=correction,
+            worker, loader, self.supervised, self.config, self.precision, job
         )
         return worker, loss_sum, samples
 
@@ -523,75 +517,113 @@ def client_seed(seed: int, server_round: int, client: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + client) % 2**62
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientRound:
+    """What one round asks of a client: its learning rate, its seed (`client_seed`), the
+    local epochs, FedProx's `proximal_mu` (0: none) and SCAFFOLD's `correction` (one tensor
+    per trainable parameter, on the model's device; None: none)."""
+
+    lr: float
+    seed: int
+    local_epochs: int = 1
+    proximal_mu: float = 0.0
+    correction: Sequence[torch.Tensor] | None = None
+
+
 def train_client(
     model: nn.Module,
     loader: Any,
     step: SupervisedStep,
     config: Any,
     precision: Precision,
-    *,
-    lr: float,
-    seed: int,
-    local_epochs: int = 1,
-    proximal_mu: float = 0.0,
-    correction: Sequence[torch.Tensor] | None = None,
+    job: ClientRound,
 ) -> tuple[torch.Tensor, int]:
-    """One client's local training, in place: `local_epochs` over `loader` (plus FedProx's
-    proximal term to the weights it started from when `proximal_mu` > 0; SCAFFOLD's
-    `correction`, one tensor per trainable parameter, added to every gradient) with a
-    fresh configured optimizer at `lr`, clipping and `precision` (fp16: its own GradScaler).
+    """One client's local training, in place: `job.local_epochs` over `loader` (plus
+    FedProx's proximal term to the weights it started from when `job.proximal_mu` > 0;
+    SCAFFOLD's `job.correction` added to every gradient) with a fresh configured optimizer
+    at `job.lr`, clipping and `precision` (fp16: its own GradScaler).
 
-    Its randomness comes from `seed` alone: the loader's sampler generator (this round's
+    Its randomness comes from `job.seed` alone: the loader's sampler generator (this round's
     shuffle) where it has one, and a forked global generator (a shuffle without one,
     dropout), so it does not depend on which clients trained before it, or on which rank or
     node. Returns the summed loss (a device tensor: no sync) and the samples trained on. Shared by
     the in-process simulation (`FederatedStep`) and Flower's ClientApp
     (`traineval.federated.flower`).
     """
-    c = config
     model.train()
-    optimizer = configured_optimizer(model, c, lr=lr)
+    local = _LocalTraining(model, step, config, precision, job)
     sampler_generator = getattr(getattr(loader, "sampler", None), "generator", None)
     if isinstance(sampler_generator, torch.Generator):
-        sampler_generator.manual_seed(seed)
-    device = _device(model)
-    scaler = torch.amp.GradScaler(device.type) if precision.scaler is not None else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu else []  # the global weights
+        sampler_generator.manual_seed(job.seed)
+    device = local.device
     loss_sum = torch.zeros((), device=device)
     samples = 0
     # The loop runs the federated step inside its autocast context: leave it for the backward
     # passes, and enter the precision's own context around each client forward pass.
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.autocast(device.type, enabled=False):
-        torch.manual_seed(seed)
-        for _ in range(local_epochs):
+        torch.manual_seed(job.seed)
+        for _ in range(job.local_epochs):
             for batch in loader:
                 if device.type != "cpu":
                     batch = move_to_device(batch, device)
-                with precision.autocast():
-                    out = step(model, batch)
-                objective = (
-                    out.loss + _proximal(params, anchor, proximal_mu) if anchor else out.loss
-                )
-                (scaler.scale(objective) if scaler is not None else objective).backward()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if correction is not None:
-                    _correct(params, correction)
-                if c.gradient_clipping:
-                    torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                out = local.update(batch)
                 loss_sum += out.loss.detach().float() * out.num_samples
                 samples += out.num_samples
     if samples == 0:
         raise ValueError("a federated client's loader yielded no batches")
     return loss_sum, samples
+
+
+class _LocalTraining:
+    """A client's optimizer, scaler and extra terms for one round; `update` takes one step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step: SupervisedStep,
+        config: Any,
+        precision: Precision,
+        job: ClientRound,
+    ) -> None:
+        self.model, self.step, self.config, self.precision, self.job = (
+            model,
+            step,
+            config,
+            precision,
+            job,
+        )
+        self.optimizer = configured_optimizer(model, config, lr=job.lr)
+        self.device = _device(model)
+        use_scaler = precision.scaler is not None
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # the global weights the round started from, for FedProx's proximal term
+        self.anchor = [p.detach().clone() for p in self.params] if job.proximal_mu else []
+
+    def update(self, batch: Any) -> Any:
+        """One optimizer step on `batch` (forward under the precision's autocast, the
+        proximal term, SCAFFOLD's correction, clipping); the step's output."""
+        with self.precision.autocast():
+            out = self.step(self.model, batch)
+        objective = out.loss
+        if self.anchor:
+            objective = objective + _proximal(self.params, self.anchor, self.job.proximal_mu)
+        scaler, optimizer = self.scaler, self.optimizer
+        (scaler.scale(objective) if scaler is not None else objective).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.job.correction is not None:
+            _correct(self.params, self.job.correction)
+        if self.config.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out
 
 
 def _correct(params: Sequence[torch.Tensor], correction: Sequence[torch.Tensor]) -> None:
