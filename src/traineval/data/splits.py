@@ -147,27 +147,7 @@ def make_splits(
     Standardization statistics come from the training rows only, so nothing of the
     validation or test rows leaks into training.
     """
-    from sklearn.model_selection import train_test_split
-
-    for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name}={value!r} is invalid: expected a number in [0, 1)")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
-            "no training data: expected a sum below 1"
-        )
-    classification = table.task_type is TaskType.CLASSIFICATION
-    indices = np.arange(len(table.y))
-    if classification:
-        _check_stratifiable(table.y, test_fraction, ("data.test_fraction", test_fraction), table)
-    rest, test_idx = _split(indices, table.y, test_fraction, seed, classification, train_test_split)
-    val_share = val_fraction / (1.0 - test_fraction) if val_fraction else 0.0
-    if classification:
-        _check_stratifiable(table.y[rest], val_share, ("data.val_fraction", val_fraction), table)
-    train_idx, val_idx = _split(
-        rest, table.y[rest], val_share, seed, classification, train_test_split
-    )
+    train_idx, val_idx, test_idx = _split_rows(table, val_fraction, test_fraction, seed)
     x = table.x
     mean = scale = None
     if standardize:
@@ -210,6 +190,36 @@ def make_splits(
         row_ids=table.ids,
         categories=categories,
     )
+
+
+def _split_rows(
+    table: Table, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training, validation and test rows of `table` (stratified by class for
+    classification), after checking the fractions leave rows to train on and every class
+    can be stratified."""
+    from sklearn.model_selection import train_test_split
+
+    for name, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}={value!r} is invalid: expected a number in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves "
+            "no training data: expected a sum below 1"
+        )
+    classification = table.task_type is TaskType.CLASSIFICATION
+    indices = np.arange(len(table.y))
+    if classification:
+        _check_stratifiable(table.y, test_fraction, ("data.test_fraction", test_fraction), table)
+    rest, test_idx = _split(indices, table.y, test_fraction, seed, classification, train_test_split)
+    val_share = val_fraction / (1.0 - test_fraction) if val_fraction else 0.0
+    if classification:
+        _check_stratifiable(table.y[rest], val_share, ("data.val_fraction", val_fraction), table)
+    train_idx, val_idx = _split(
+        rest, table.y[rest], val_share, seed, classification, train_test_split
+    )
+    return train_idx, val_idx, test_idx
 
 
 def one_hot(categories: dict[str, list[str]], raw: np.ndarray) -> tuple[np.ndarray, int]:
