@@ -250,23 +250,7 @@ class PolicyGradientStep:
                 elif cut and not terminated and value is not None and not greedy:
                     record["cut_observation"] = obs_i
             active = still
-        out = []
-        for record in records:
-            has_value = record["values"][0] is not None
-            if "cut_observation" in record and has_value:
-                last = torch.as_tensor(record["cut_observation"], device=device)[None].float()
-                with torch.no_grad():
-                    record["bootstrap"] = float(policy_and_value(model, last)[1][0])  # type: ignore[index]
-            out.append(
-                {
-                    "log_probs": torch.stack(record["log_probs"]),
-                    "entropies": torch.stack(record["entropies"]),
-                    "values": torch.stack(record["values"]) if has_value else None,
-                    "rewards": record["rewards"],
-                    "bootstrap": record["bootstrap"],
-                }
-            )
-        return out
+        return [_episode(record, model, device) for record in records]
 
     def evaluate(
         self, model: nn.Module, device: torch.device, seed: int = 12345
@@ -290,3 +274,20 @@ class PolicyGradientStep:
         returns = [sum(e["rewards"]) for e in episodes]
         lengths = [len(e["rewards"]) for e in episodes]
         return {"return": float(np.mean(returns)), "episode_length": float(np.mean(lengths))}
+
+
+def _episode(record: dict[str, Any], model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """A played episode as the loss reads it: its steps' tensors stacked, and the value of
+    the state a time limit cut it at (V(s), the return's bootstrap) where there is one."""
+    has_value = record["values"][0] is not None
+    if "cut_observation" in record and has_value:
+        last = torch.as_tensor(record["cut_observation"], device=device)[None].float()
+        with torch.no_grad():
+            record["bootstrap"] = float(policy_and_value(model, last)[1][0])  # type: ignore[index]
+    return {
+        "log_probs": torch.stack(record["log_probs"]),
+        "entropies": torch.stack(record["entropies"]),
+        "values": torch.stack(record["values"]) if has_value else None,
+        "rewards": record["rewards"],
+        "bootstrap": record["bootstrap"],
+    }
