@@ -378,47 +378,15 @@ def _per_class_table(rows: list[dict[str, Any]] | None) -> str:
 
 
 def _html(run: RunRecord, images: list[Path]) -> str:
-    s = run.summary
-    performance = _mapping(s.get("performance"))
-    overview = [
-        ("status", _status(s)),
-        ("epochs", s.get("epochs_completed")),
-        ("optimizer updates", s.get("global_step")),
-        ("monitored metric", s.get("monitor_metric")),
-        ("best value", s.get("best_metric")),
-        ("best epoch / step", f"{s.get('best_epoch')} / {s.get('best_step')}"),
-        ("training time (s)", s.get("train_seconds")),
-        ("samples / s", performance.get("samples_per_sec")),
-        ("data-wait fraction", performance.get("data_wait_fraction")),
-        ("peak RSS (MiB)", performance.get("peak_rss_mb")),
-    ]
-    if run.unit == "round":  # a Flower run: rounds, and the best one
-        overview = [
-            ("Flower rounds", s.get("rounds")),
-            ("monitored metric", s.get("monitor_metric")),
-            ("best value", s.get("best_metric")),
-            ("best round", s.get("best_step")),
-        ]
+    """The report page: overview, metrics, per-class and confusion tables, plots (embedded),
+    the per-epoch (or per-round) table and the config."""
     figures = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>'
         f"{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>"
         for p in images
     )
-    epochs = list(
-        zip(
-            run.history["epoch"],
-            run.history["train_loss"],
-            run.history["val_loss"],
-            run.history["learning_rate"],
-            strict=True,
-        )
-    )
-    epoch_rows = "".join(
-        f"<tr><td>{_fmt(e)}</td><td>{_fmt(t)}</td><td>{_fmt(v) if v is not None else ''}</td>"
-        f"<td>{_fmt(lr) if lr is not None else ''}</td></tr>"
-        for e, t, v, lr in epochs
-    )
+    overview, epoch_rows = _overview(run), _epoch_rows(run)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>traineval report: {html.escape(run.run_dir.name)}</title>
@@ -444,6 +412,43 @@ img {{ max-width: 100%; max-height: 480px; border: 1px solid #ddd; }}
 <h2>Config</h2>{_config_section(run.config)}
 </body></html>
 """
+
+
+def _overview(run: RunRecord) -> list[tuple[str, Any]]:
+    """The overview table's rows: how the run ended, its length, best value, speed; a
+    Flower run's rounds and best round."""
+    s = run.summary
+    if run.unit == "round":  # a Flower run: rounds, and the best one
+        return [
+            ("Flower rounds", s.get("rounds")),
+            ("monitored metric", s.get("monitor_metric")),
+            ("best value", s.get("best_metric")),
+            ("best round", s.get("best_step")),
+        ]
+    performance = _mapping(s.get("performance"))
+    return [
+        ("status", _status(s)),
+        ("epochs", s.get("epochs_completed")),
+        ("optimizer updates", s.get("global_step")),
+        ("monitored metric", s.get("monitor_metric")),
+        ("best value", s.get("best_metric")),
+        ("best epoch / step", f"{s.get('best_epoch')} / {s.get('best_step')}"),
+        ("training time (s)", s.get("train_seconds")),
+        ("samples / s", performance.get("samples_per_sec")),
+        ("data-wait fraction", performance.get("data_wait_fraction")),
+        ("peak RSS (MiB)", performance.get("peak_rss_mb")),
+    ]
+
+
+def _epoch_rows(run: RunRecord) -> str:
+    """The per-epoch (or per-round) table's rows: train and val loss, learning rate."""
+    h = run.history
+    epochs = zip(h["epoch"], h["train_loss"], h["val_loss"], h["learning_rate"], strict=True)
+    return "".join(
+        f"<tr><td>{_fmt(e)}</td><td>{_fmt(t)}</td><td>{_fmt(v) if v is not None else ''}</td>"
+        f"<td>{_fmt(lr) if lr is not None else ''}</td></tr>"
+        for e, t, v, lr in epochs
+    )
 
 
 def _status(summary: dict[str, Any]) -> str:
