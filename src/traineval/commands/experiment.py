@@ -412,6 +412,37 @@ def _stop_if_signalled(out: Path, during: str) -> None:
         raise
 
 
+def _whole_model(
+    model: torch.nn.Module, parts: RunParts, manager: TrainingManager
+) -> torch.nn.Module:
+    """The trained model, whole on rank 0: an FSDP model's full weights gathered into a
+    fresh one (every rank takes part); any other model itself."""
+    if not is_sharded(model):
+        return model
+    weights = model_state(model)
+    whole = parts.new_model()
+    if manager.distributed.is_main:
+        whole.load_state_dict(weights)
+        whole.to(manager.device)
+    return whole
+
+
+def _test_details(
+    tested: EvaluationReport, parts: RunParts, evaluator: Evaluator
+) -> dict[str, Any]:
+    """What metrics.json holds of the test evaluation beside its metrics: the confusion
+    matrix with the class names, per-class metrics, bootstrap intervals (where computed)."""
+    details: dict[str, Any] = {}
+    if tested.confusion is not None:
+        details["test_confusion_matrix"] = tested.confusion.tolist()
+        details["class_names"] = parts.splits.class_names
+    if tested.per_class is not None:
+        details["test_per_class"] = tested.per_class
+    if tested.intervals:
+        details["test_intervals"] = tested.intervals_record(evaluator.config)
+    return details
+
+
 def _train_and_test(
     config: RunConfig,
     parts: RunParts,
@@ -420,6 +451,8 @@ def _train_and_test(
     resume_from: str | None,
     callbacks: Sequence[Any],
 ) -> ExperimentResult:
+    """Train `model` (resuming when asked), then on rank 0 evaluate the best weights on the
+    test split and write evaluation/metrics.json (and the learning curves)."""
     evaluator = Evaluator(config.evaluation)
     train_loader = parts.loader(parts.splits.train, shuffle=True)
     assert train_loader is not None
@@ -435,12 +468,7 @@ def _train_and_test(
     )
     out = Path(result.output_dir)
     _stop_if_signalled(out, "the end of training")
-    if is_sharded(model):  # FSDP: gather the full weights (every rank takes part)
-        weights = model_state(model)
-        model = parts.new_model()
-        if manager.distributed.is_main:
-            model.load_state_dict(weights)
-            model.to(manager.device)
+    model = _whole_model(model, parts, manager)
     if not manager.distributed.is_main:  # rank 0 evaluates on the whole test split
         return ExperimentResult(result, None, "evaluated by rank 0", str(out))
     if result.status == "time limit":  # not finished: the test is for the resumed run's end
@@ -465,13 +493,8 @@ def _train_and_test(
         "monitor_metric": result.monitor_metric,
         "test": test_metrics,
     }
-    if tested is not None and tested.confusion is not None:
-        record["test_confusion_matrix"] = tested.confusion.tolist()
-        record["class_names"] = parts.splits.class_names
-    if tested is not None and tested.per_class is not None:
-        record["test_per_class"] = tested.per_class
-    if tested is not None and tested.intervals:
-        record["test_intervals"] = tested.intervals_record(evaluator.config)
+    if tested is not None:
+        record.update(_test_details(tested, parts, evaluator))
     (out / "evaluation").mkdir(exist_ok=True)
     atomic_write_json(out / "evaluation" / "metrics.json", record)
     figure = out / "evaluation" / "confusion_matrix_test.png"
