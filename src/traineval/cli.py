@@ -623,11 +623,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     from .federated.flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
     from .runs.rundir import default_run_dir, run_dir_lock
 
-    flower_log = logging.getLogger("flwr")
-    if flower_log.handlers:  # Flower prints its own lines: once, not again through ours
-        flower_log.propagate = False
-    if logging.getLogger().level > logging.INFO:  # -q: Flower's round-by-round log too
-        flower_log.setLevel(logging.WARNING)
+    _quiet_flower_log()
     federated = federated_settings(config)
     nodes = federated.clients if nodes is None else nodes
     if nodes < 1:
@@ -662,19 +658,34 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
         run_local(serverapp, clientapp, nodes_config, run_config)
     record = json.loads((output / "evaluation" / "metrics.json").read_text())
     print(f"\nRun directory: {output}")
-    if not done:
-        trained = f"Trained {rounds} Flower rounds"
-    elif done >= rounds:  # it had stopped after its last round, before the final model
-        trained = f"Saved the final model of the {done} finished Flower rounds"
-    elif done + 1 == rounds:
-        trained = f"Trained Flower round {rounds} (resumed after round {done})"
-    else:
-        trained = f"Trained Flower rounds {done + 1}-{rounds} (resumed after round {done})"
+    trained = _flower_rounds_said(done, rounds)
     print(f"{trained} on {nodes} in-process nodes in {time.perf_counter() - started:.1f}s")
     if record["test"]:
         print("\nTest metrics, final global model:")
         print(_table(record["test"]))
     return 0
+
+
+def _quiet_flower_log() -> None:
+    """Flower's log lines once (its own handler, not again through ours), and not round by
+    round under -q."""
+    flower_log = logging.getLogger("flwr")
+    if flower_log.handlers:
+        flower_log.propagate = False
+    if logging.getLogger().level > logging.INFO:
+        flower_log.setLevel(logging.WARNING)
+
+
+def _flower_rounds_said(done: int | None, rounds: int) -> str:
+    """What a Flower run trained, said for its last lines: all `rounds`, or those after the
+    `done` ones it resumed from."""
+    if not done:
+        return f"Trained {rounds} Flower rounds"
+    if done >= rounds:  # it had stopped after its last round, before the final model
+        return f"Saved the final model of the {done} finished Flower rounds"
+    if done + 1 == rounds:
+        return f"Trained Flower round {rounds} (resumed after round {done})"
+    return f"Trained Flower rounds {done + 1}-{rounds} (resumed after round {done})"
 
 
 def _cv_tables(summary: dict[str, Any]) -> str:
