@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config.training_config import TaskType, TrainingConfig, TrainingMode
+from ..config.training_config import TaskType, TrainingConfig
 from ..data.splits import dataset_labels
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..modes import resolve_mode
@@ -72,36 +72,19 @@ class FoldResult:
 
 
 def cross_validate(
-    evaluator: ModelEvaluator,
-    model_factory: Callable[[], nn.Module],
-    dataset: Dataset[Any],
-    config: TrainingConfig,
-    n_folds: int = 5,
-    *,
-    stratify: bool | None = None,
-    groups: Sequence[Any] | None = None,
-    task_type: TaskType | None = None,
-    loss_function: Any = None,
-    mode: Any = TrainingMode.SUPERVISED,
-    num_workers: int = 0,
+    request: Folds, n_folds: int, stratify: bool | None, groups: Sequence[Any] | None
 ) -> dict[str, Any]:
-    """Train and validate one fresh model per fold; aggregate each fold's best metrics.
-
-    See `Evaluator.cross_validate`.
-    """
-    mode = resolve_mode(mode, config)
+    """Train and validate one fresh model per fold of `request`; aggregate each fold's best
+    metrics. See `Evaluator.cross_validate`."""
+    config = request.config
+    request.mode = resolve_mode(request.mode, config)
     if config.max_time is not None:  # a fold stopped by it would be scored as if finished
         raise ValueError(
             f"max_time={config.max_time!r} is not supported in cross-validation: every fold "
             "trains to its end (cross-validation does not resume); leave max_time out"
         )
-
-    if not callable(model_factory):
+    if not callable(request.model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")
-    request = Folds(
-        evaluator, model_factory, dataset, config,
-        task_type=task_type, loss_function=loss_function, mode=mode, num_workers=num_workers,
-    )  # fmt: skip
     folds = request.split(n_folds, stratify, groups)
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     with run_dir_lock(base):  # one cross-validation per folder

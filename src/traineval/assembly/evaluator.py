@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
 from ..evaluation.model_evaluator import SCATTER_POINTS, SPLIT_PREFIX, ModelEvaluator
-from .cross_validation import cross_validate
+from .cross_validation import Folds, cross_validate
 
 __all__ = ["SCATTER_POINTS", "SPLIT_PREFIX", "Evaluator"]
 
@@ -58,16 +58,8 @@ class Evaluator(ModelEvaluator):
         (per-fold best metrics, epoch, checkpoint) and `fold_checkpoints` (for
         `evaluate_ensemble`); the same summary is written to `<output_dir>/cv_summary.json`.
         """
-        return cross_validate(
-            self,
-            model_class,
-            train_dataset,
-            config,
-            n_folds,
-            stratify=stratify,
-            groups=groups,
-            task_type=task_type,
-            loss_function=loss_function,
-            mode=training_mode,
-            num_workers=num_workers,
-        )
+        request = Folds(
+            self, model_class, train_dataset, config,
+            task_type, loss_function, training_mode, num_workers,
+        )  # fmt: skip
+        return cross_validate(request, n_folds, stratify, groups)
