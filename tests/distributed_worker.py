@@ -615,6 +615,73 @@ def fsdp_resume(out: Path, rank: int) -> None:
     weights = model_state(net)
     if rank == 0:
         torch.save(weights, out / "fsdp-resumed-weights.pt")
+    # the same checkpoint resumed with full checkpoints: the best shards read back whole
+    torch.manual_seed(99)
+    net = Blocks(dropout=0.3)
+    full = {**FSDP_RESUME, "checkpoint_sharding": "full"}
+    TrainingManager(resume_config(out / "fsdp-interrupted-full", **full)).train(
+        net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
+    )
+    weights = model_state(net)
+    if rank == 0:
+        torch.save(weights, out / "fsdp-resumed-full-weights.pt")
+
+
+class Counting(nn.Module):
+    """Blocks with a module that keeps extra state (`get_extra_state`): its count of calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Blocks()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.body(x)
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.calls = state["calls"]
+
+
+def fsdp_edges(out: Path, rank: int) -> None:
+    """FSDP's sharded saves where they can break: rank 0 alone cannot write
+    best.safetensors (a full disk), written in place and in the background (every rank must
+    say it); and a model with extra state keeps its best weights across a resume."""
+    import errno
+
+    import traineval.runs.shard_export as shard_export
+    from traineval.system.files import WriteError
+    from traineval.training.loop import TrainingInterrupted
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    said = {}
+    for background in (False, True):
+        name = f"export-fails-{'async' if background else 'sync'}"
+        patch = mock.patch.object(shard_export, "_write_tensor", full_disk)
+        with patch if rank == 0 else contextlib.nullcontext():
+            try:
+                TrainingManager(
+                    resume_config(out / name, **FSDP_RESUME, async_checkpointing=background)
+                ).train(Blocks(), *resume_loaders(), task_type=TaskType.CLASSIFICATION)
+                said[name] = None
+            except WriteError as error:
+                said[name] = str(error)
+    settings = {**FSDP_RESUME, "eval_frequency": 2}
+    with contextlib.suppress(TrainingInterrupted):  # after the best's evaluation
+        TrainingManager(resume_config(out / "extra", **settings)).train(
+            Counting(), *resume_loaders(), callbacks=[SignalRankOne(after=7)]
+        )
+    net = Counting()
+    TrainingManager(resume_config(out / "extra", **settings)).train(
+        net, *resume_loaders(), resume_from="auto"
+    )
+    said["calls"] = net.calls
+    (out / f"edges-{rank}.json").write_text(json.dumps(said))
 
 
 def fsdp_load(out: Path, rank: int) -> None:
@@ -731,6 +798,7 @@ SCENARIOS = {
     "fsdp": fsdp,
     "fsdp_resume": fsdp_resume,
     "fsdp_load": fsdp_load,
+    "fsdp_edges": fsdp_edges,
 }
 
 

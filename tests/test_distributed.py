@@ -7,6 +7,7 @@ no process group run in the fast suite.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -554,7 +555,7 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
     for rank in (0, 1):  # async: each rank's part written by its writer thread
         writes = json.loads((tmp_path / f"fsdp-writes-{rank}.json").read_text())
         kinds = sorted({kind for kind, _ in writes})
-        expected = [["checkpoint", "shard-export", "shards"], ["shards"]][rank]  # rank 0: files
+        expected = [["files", "shards"], ["shards"]][rank]  # rank 0 also writes the files
         assert kinds == (expected if background else [])
         assert {thread for _, thread in writes} <= {"traineval-checkpoint"}
     # each rank's best shards travel in the folder, not gathered into the file
@@ -563,8 +564,27 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
     assert saved["callbacks"]["BestWeights"] == {"best_state": None}
     metadata = (interrupted.parent / saved["shards"] / ".metadata").read_bytes()
     assert b"callbacks.BestWeights.blocks.0.weight" in metadata
+    shutil.copytree(tmp_path / "fsdp-interrupted", tmp_path / "fsdp-interrupted-full")
     ok(torchrun("fsdp_resume", tmp_path))
     assert_same_weights(tmp_path / "fsdp-straight-weights.pt", tmp_path / "fsdp-resumed-weights.pt")
+    # resumed with full checkpoints (the best shards read back whole): the same end
+    straight = tmp_path / "fsdp-straight-weights.pt"
+    assert_same_weights(straight, tmp_path / "fsdp-resumed-full-weights.pt")
+
+
+@pytest.mark.slow
+def test_fsdp_save_failures_are_every_ranks_and_extra_state_survives_a_resume(tmp_path):
+    ok(torchrun("fsdp_edges", tmp_path))
+    said = [json.loads((tmp_path / f"edges-{rank}.json").read_text()) for rank in (0, 1)]
+    for name in ("export-fails-sync", "export-fails-async"):
+        for rank in (0, 1):  # rank 0's full disk, said on both ranks
+            assert "best.safetensors" in said[rank][name], (name, rank)
+            assert "No space left" in said[rank][name], (name, rank)
+        folder = tmp_path / name / "checkpoints"
+        named = {torch.load(f, weights_only=True)["shards"] for f in folder.glob("*.pt")}
+        assert {f.name for f in folder.glob("*.shards-*")} == named  # none left unnamed
+        assert not (folder / "best.pt").exists()
+    assert said[0]["calls"] == said[1]["calls"] > 0  # the best's extra state, put back
 
 
 @pytest.mark.slow

@@ -568,8 +568,8 @@ def test_sharded_saves_in_the_background_write_the_synchronous_files_and_resume_
         assert torch.equal(model.state_dict()[key], value), key
     assert {thread for *_, thread in written} == {"traineval-checkpoint"}
     kinds = [kind for kind, *_ in written]
-    assert kinds.count("shards") == kinds.count("checkpoint") > 9  # every 4 updates, epochs
-    assert ("shard-export", "best.safetensors", "traineval-checkpoint") in written
+    assert kinds.count("shards") == kinds.count("files") > 9  # every 4 updates, epochs
+    assert ("files", "best.pt", "traineval-checkpoint") in written  # with best.safetensors
     for name in ("last", "best"):
         ours = load_checkpoint_file(run / "checkpoints" / f"{name}.pt")
         theirs = load_checkpoint_file(root / "sharded" / "checkpoints" / f"{name}.pt")

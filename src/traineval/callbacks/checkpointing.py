@@ -91,19 +91,31 @@ class BestWeights(Callback):
 
     def shard_template(self, model: torch.nn.Module) -> dict[str, Any]:
         """Places, sharded like the model, for `load_shard_state` to read into."""
-        places = {k: torch.empty_like(v) for k, v in local_model_state(model).items()}
+        local = local_model_state(model)
+        places = {k: torch.empty_like(v) if torch.is_tensor(v) else v for k, v in local.items()}
         return as_sharded(model, places)
 
     def load_shard_state(self, state: dict[str, Any]) -> None:
-        """This rank's best shards, as a sharded checkpoint's folder held them."""
-        self.best_shards = {key: local_part(value) for key, value in state.items()}
+        """The best weights as a sharded checkpoint's folder held them: this rank's shards
+        (on the host), or, where checkpoints are now written full, the whole weights (a
+        collective: every rank resumes), to travel in the next checkpoint file."""
+        if self.keep_shards:
+            self.best_shards, self.best_state = (
+                {k: _on_host(local_part(v)) for k, v in state.items()},
+                None,
+            )
+            return
+        whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+        self.best_state, self.best_shards = {k: _on_host(v) for k, v in whole.items()}, None
 
     def _snapshot(self, loop: Control, logs: dict[str, Any]) -> None:
         if not logs.get("improved"):  # the same on every rank: metrics are merged over ranks
             return
         if is_sharded(loop.model) and self.keep_shards:
             self.best_shards, self.best_state = local_model_state(loop.model), None
-        elif is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
+            return
+        self.best_shards = None  # (one a resume read from a sharded checkpoint)
+        if is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
             self.best_state = model_state(loop.model)
         else:
             kept = loop.state_to_keep(loop.model.state_dict())  # the average, with ema_decay
@@ -121,3 +133,8 @@ class BestWeights(Callback):
         elif self.best_state is not None:
             load_model_state(loop.model, self.best_state)
             logs["restored_best_weights"] = True
+
+
+def _on_host(value: Any) -> Any:
+    """A tensor as a host copy (another entry as it is)."""
+    return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value

@@ -10,28 +10,37 @@ until the new folder and the file naming it are on disk the previous file names 
 previous folder, so a kill at any moment leaves a loadable checkpoint (a killed save's
 folder is removed when the next run claims the directory); at most one write is in flight
 (a save waits for the previous one on every rank before it copies); a write that fails on
-any rank is raised on every rank at the next save or at the end, its folder removed.
+any rank (rank 0's files included) is raised on every rank at the next save or at the end,
+its folder removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
 from ..system.distributed import Distributed, local_part, side_group
+from ..system.files import WriteError
 from .checkpoint import save_checkpoint_file
 from .checkpoint_writer import CheckpointWriter, Write
-from .shard_folders import SHARDS, remove_older
+from .shard_folders import remove_older
 from .sharded import write_shards
 
 
 class ShardWriter(CheckpointWriter):
     """Every rank's writer of sharded checkpoints in the background (see the module). Its
     writes: "shards" (a staged state into a new folder, on every rank), then on rank 0
-    "shard-export" (`value`: the folder and the tied names to leave out) and "checkpoint"
-    (the file naming the folder; the older folders of its name are removed after it)."""
+    "files" (`finish_save`; `value`: the folder, the checkpoint's dict and the tied names
+    `best.safetensors` leaves out, None for no export). Each write ends with the ranks
+    agreeing on how it went, so a failure on one rank is raised on every rank."""
 
     def __init__(self, job: Distributed, timeout_seconds: float) -> None:
         super().__init__(perform=self._perform)
@@ -49,17 +58,66 @@ class ShardWriter(CheckpointWriter):
             self._layout = layout
         return _copy_state_dict(state, self._host, type_check=False)
 
+    def close(self) -> None:
+        """Wait for the last write, then let its process group go."""
+        try:
+            super().close()
+        finally:
+            if self.group is not None:
+                with contextlib.suppress(Exception):  # a job torn down already
+                    dist.destroy_process_group(self.group)
+                self.group = None
+
+    def _write(self, writes: Sequence[Write]) -> None:
+        error: BaseException | None = None
+        try:
+            for write in writes:
+                self.perform(write)
+        except BaseException as failed:  # raised in the training thread by wait()
+            error = failed
+        self._error = agreed(error, self.job, self.group)
+
     def _perform(self, write: Write) -> None:
         if write.kind == "shards":
             write_shards(write.path, write.value, self.job, self.group)
-        elif write.kind == "shard-export":
-            from .shard_export import export_safetensors
-
-            shards, skip = write.value
-            export_safetensors(shards, write.path, skip)
         else:
-            save_checkpoint_file(write.value, write.path)
-            remove_older(write.path.parent, write.path.stem, keep=write.value[SHARDS])
+            shards, payload, skip = write.value
+            finish_save(shards, write.path, payload, skip)
+
+
+def finish_save(shards: Path, path: Path, payload: dict[str, Any], skip: set[str] | None) -> None:
+    """Rank 0, once every rank's part is in `shards`: `best.safetensors` from the folder
+    (unless `skip` is None; leaving out the tied names in it), then `path`, naming the
+    folder; then the older folders of its name go. A failure before `path` is replaced
+    removes the new folder (no file names it)."""
+    from .shard_export import export_safetensors
+
+    try:
+        if skip is not None:
+            export_safetensors(shards, path.with_suffix(".safetensors"), skip)
+        save_checkpoint_file(payload, path)
+    except BaseException:
+        shutil.rmtree(shards, ignore_errors=True)
+        raise
+    remove_older(path.parent, path.stem, keep=shards.name)
+
+
+def agreed(
+    error: BaseException | None, job: Distributed, group: Any = None
+) -> BaseException | None:
+    """How a save went, the same on every rank: this rank's error, else the first other
+    rank's (a `WriteError` with its sentence), else None. A collective over `group`."""
+    if not job.enabled:
+        return error
+    said: list[str | None] = [None] * job.world_size
+    try:
+        dist.all_gather_object(said, None if error is None else str(error), group=group)
+    except Exception:  # the ranks cannot agree (one is gone): each says what it knows
+        return error
+    if error is not None:
+        return error
+    first = next((text for text in said if text is not None), None)
+    return None if first is None else WriteError(errno.EIO, first)
 
 
 def _layout(value: Any) -> Any:

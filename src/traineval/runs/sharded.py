@@ -25,7 +25,6 @@ import io
 import pickle
 import secrets
 import shutil
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,12 +108,12 @@ def read_whole(shards: Path) -> dict[str, Any]:
     """The model and the optimizer of a shard folder, every tensor whole, in this process
     (no process group takes part): what a single process needs to evaluate or predict."""
     state: dict[str, Any] = {}
-    with _unreadable_as_checkpoint_error(shards), _one_process_quietly():
+    with _unreadable_as_checkpoint_error(shards):
+        reader = SafeReader(shards)
+        # only the model and the optimizer (not, say, a callback's copy of the best weights)
+        keys = set(SHARDED_PARTS) if reader.checked.planner_data is not None else None
         _load_state_dict(
-            state,
-            storage_reader=SafeReader(shards),
-            planner=_WholeLoadPlanner(),
-            no_dist=True,
+            state, storage_reader=reader, planner=_WholeLoadPlanner(keys), no_dist=True
         )
     whole = {part: state.get(part, {}) for part in SHARDED_PARTS}
     if not all(isinstance(part, dict) for part in whole.values()):
@@ -148,8 +147,9 @@ def load_into(
 def read_into(reader: SafeReader, state: dict[str, Any], alone: bool) -> None:
     """Fill the places of `state` (a template: what to read, shaped and sharded as this
     rank keeps it) from a shard folder; every rank of the job together unless `alone`."""
-    with _unreadable_as_checkpoint_error(Path(reader.path)), _one_process_quietly():
-        dcp.load(state, storage_reader=reader, planner=_LoadPlanner(), no_dist=alone)
+    with _unreadable_as_checkpoint_error(Path(reader.path)):  # torch's `dcp.load` less its
+        # one-process warning (a writer thread may read: its filters are not a thread's own)
+        _load_state_dict(state, storage_reader=reader, planner=_LoadPlanner(), no_dist=alone)
 
 
 def _make_room(
@@ -187,15 +187,6 @@ def _group_entry(key: str) -> tuple[int, str] | None:
     if len(parts) != 4 or parts[:2] != ["optimizer", "param_groups"] or not parts[2].isdigit():
         return None
     return int(parts[2]), parts[3]
-
-
-@contextlib.contextmanager
-def _one_process_quietly() -> Iterator[None]:
-    """Without torch's warning that a save or load without a process group is one process's
-    (traineval says so itself, with `no_dist`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 @contextlib.contextmanager

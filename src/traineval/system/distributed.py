@@ -385,7 +385,8 @@ def local_model_state(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def load_local_model_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Put back what `local_model_state` took, each rank its own shards. No collective."""
+    """Put back what `local_model_state` took, each rank its own shards, and the modules'
+    extra state (`set_extra_state`). No collective."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     reshard(model)
@@ -393,23 +394,24 @@ def load_local_model_state(model: torch.nn.Module, state: dict[str, Any]) -> Non
         for key, value in get_model_state_dict(model).items():
             if torch.is_tensor(value):
                 local_part(value).copy_(state[key])
+            elif key.endswith("_extra_state") and key in state:
+                owner = key.removesuffix("_extra_state").removesuffix(".")
+                model.get_submodule(owner).set_extra_state(state[key])
 
 
 def as_sharded(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """`local_model_state`'s shards as tensors sharded like the model's (DTensors over its
-    mesh, without a copy or a collective), for torch.distributed.checkpoint to save or
-    load into; the other entries as they are."""
+    """`local_model_state`'s shards as tensors sharded like the model's (DTensors of its
+    parameters' specs around the host tensors themselves: no copy to the device, no
+    collective), for torch.distributed.checkpoint to save or load into; the other entries
+    as they are."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.tensor import DTensor
 
     reshard(model)
     out = dict(state)
     for key, value in get_model_state_dict(model).items():
-        if isinstance(value, DTensor):
-            out[key] = DTensor.from_local(
-                state[key], value.device_mesh, value.placements,
-                run_check=False, shape=value.shape, stride=value.stride(),
-            )  # fmt: skip
+        if isinstance(value, DTensor):  # `from_local` would move the shard to the device
+            out[key] = DTensor(state[key], value._spec, requires_grad=False)
     return out
 
 

@@ -194,8 +194,8 @@ def _save_sharded(
     into a new shard folder; rank 0 (`extra`: its records) then writes `best.safetensors`
     from the folder (for "best") and `path`, naming the folder. With a `ShardWriter`, in
     the background once every rank has copied its part (`traineval.runs.shard_writer`)."""
-    from ..runs.shard_export import export_safetensors, tied_names
-    from ..runs.shard_writer import ShardWriter
+    from ..runs.shard_export import tied_names
+    from ..runs.shard_writer import ShardWriter, agreed, finish_save
 
     module = sharded()
     state = module.sharded_state(loop.model, loop.optimizer)
@@ -207,25 +207,26 @@ def _save_sharded(
     payload = None
     if extra is not None:
         payload = checkpoint_payload(name, config, _contents(loop, None, None, shards.name), extra)
-    skip = tied_names(loop.model) if name == "best" else set()
-    export = path.with_suffix(".safetensors")
+    skip = tied_names(loop.model) if name == "best" else None  # None: no best.safetensors
     if isinstance(writer, StagedWrites):  # a sharded save is not put off: written now
         writer = writer.target
     if isinstance(writer, ShardWriter):
         _wait_for_the_previous_write(writer, path, said=False)
         writes = [Write("shards", shards, writer.stage(state))]
         if payload is not None:
-            if name == "best":
-                writes.append(Write("shard-export", export, (shards, skip)))
-            writes.append(Write("checkpoint", path, snapshot(payload)))
+            writes.append(Write("files", path, (shards, snapshot(payload), skip)))
         writer.submit(writes, str(path), loop.state.global_step)
         return
     module.write_shards(shards, state, loop.job)
+    failed: BaseException | None = None
     if payload is not None:
-        if name == "best":
-            export_safetensors(shards, export, skip)
-        save_checkpoint_file(payload, path)
-        remove_older(path.parent, name, keep=shards.name)
+        try:
+            finish_save(shards, path, payload, skip)
+        except Exception as error:  # said on every rank, not only rank 0
+            failed = error
+    failed = agreed(failed, loop.job)
+    if failed is not None:
+        raise failed
 
 
 def _refuse_non_finite_shards(loop: Loop, state: dict[str, Any], path: Path) -> None:
