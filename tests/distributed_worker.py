@@ -646,6 +646,16 @@ class Counting(nn.Module):
         self.calls = state["calls"]
 
 
+class BestCount(Callback):
+    """The model's count of calls at its best evaluation (the extra state its best holds)."""
+
+    calls: int | None = None
+
+    def on_evaluate(self, loop: Any, logs: dict[str, Any]) -> None:
+        if logs.get("improved"):
+            self.calls = loop.model.calls
+
+
 def fsdp_edges(out: Path, rank: int) -> None:
     """FSDP's sharded saves where they can break: rank 0 alone cannot write
     best.safetensors (a full disk), written in place and in the background (every rank must
@@ -672,6 +682,11 @@ def fsdp_edges(out: Path, rank: int) -> None:
             except WriteError as error:
                 said[name] = str(error)
     settings = {**FSDP_RESUME, "eval_frequency": 2}
+    straight, best = Counting(), BestCount()
+    TrainingManager(resume_config(out / "extra-straight", **settings)).train(
+        straight, *resume_loaders(), callbacks=[best]
+    )
+    said["best_calls"], said["straight_calls"] = best.calls, straight.calls
     with contextlib.suppress(TrainingInterrupted):  # after the best's evaluation
         TrainingManager(resume_config(out / "extra", **settings)).train(
             Counting(), *resume_loaders(), callbacks=[SignalRankOne(after=7)]
