@@ -15,12 +15,18 @@
    proof that no skipped sample is read.
 
     .venv/bin/python benchmarks/bench_checkpoint.py [--params 100e6] [--train-params 25e6]
-        [--updates 60] [--every 15] [--repeats 3] [--only-throughput]
+        [--updates 60] [--every 15] [--repeats 3] [--only-throughput] [--threads N]
+        [--sharding full|sharded]
+
+With `--sharding sharded` the checkpoints are sharded (torch.distributed.checkpoint, one
+process) and "thread" is the background writer of sharded checkpoints
+(`traineval.runs.shard_writer`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -94,17 +100,28 @@ def checkpoint_cost(params: float, folder: Path) -> None:
         writer.close()
 
 
-def _training_run(
-    width: int, layers: int, updates: int, every: int, mode: str, threads: int | None = None
-) -> float:
-    """Samples/s of a run with `updates` updates saving every `every` (mode: none, last
-    (only the final file), sync, thread or process)."""
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The training runs compared: an MLP of `layers` blocks of `width`, `updates` updates
+    saving every `every`, on `threads` CPU threads (0: all), checkpoints `sharding`."""
+
+    width: int
+    layers: int
+    updates: int
+    every: int
+    threads: int = 0
+    sharding: str = "full"
+
+
+def _training_run(work: Workload, mode: str) -> float:
+    """Samples/s of a run (mode: none, last (only the final file), sync, thread or process)."""
     torch.manual_seed(0)
     blocks: list[nn.Module] = []
-    for _ in range(layers):
-        blocks += [nn.Linear(width, width), nn.ReLU()]
-    model = nn.Sequential(*blocks, nn.Linear(width, 10))
-    data = TensorDataset(torch.randn(updates * 64, width), torch.randint(0, 10, (updates * 64,)))
+    for _ in range(work.layers):
+        blocks += [nn.Linear(work.width, work.width), nn.ReLU()]
+    model = nn.Sequential(*blocks, nn.Linear(work.width, 10))
+    n = work.updates * 64
+    data = TensorDataset(torch.randn(n, work.width), torch.randint(0, 10, (n,)))
     with tempfile.TemporaryDirectory(dir=".") as folder:
         config = TrainingConfig(
             num_epochs=1,
@@ -115,38 +132,38 @@ def _training_run(
             tensorboard_logging=False,
             save_best_model=False,
             save_last_checkpoint=mode != "none",
-            checkpoint_every_n_steps=every if mode not in ("none", "last") else 0,
+            checkpoint_every_n_steps=work.every if mode not in ("none", "last") else 0,
             async_checkpointing=mode in ("thread", "process"),
             checkpoint_writer="process" if mode == "process" else "thread",
-            cpu_threads=threads if threads else "auto",
+            checkpoint_sharding=work.sharding,
+            cpu_threads=work.threads if work.threads else "auto",
             output_dir=folder,
         )
         result = TrainingManager(config).train(model, DataLoader(data, batch_size=64))
     return len(data) / result["train_seconds"]
 
 
-def save_throughput(
-    params: float, updates: int, every: int, repeats: int, threads: int | None = None
-) -> None:
+def save_throughput(params: float, work: Workload, repeats: int) -> None:
+    """The runs of every mode side by side, interleaved, and what each writer adds."""
     width = 2048
     layers = max(1, round(params / (width * width + width)))
+    work = dataclasses.replace(work, width=width, layers=layers)
     count = layers * (width * width + width) + width * 10 + 10
-    modes = ["none", "last", "sync", "thread"]
-    if checkpoint_process.available():
+    modes = ["none", "last", "sync", "thread"]  # sharded: "thread" is every rank's writer
+    if checkpoint_process.available() and work.sharding == "full":
         modes.append("process")
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
-    samples = updates * 64
+    samples = work.updates * 64
     for _ in range(repeats):  # interleaved: the machine's noise hits every mode alike
         for mode in modes:
-            rate = _training_run(width, layers, updates, every, mode, threads)
-            seconds[mode].append(samples / rate)
+            seconds[mode].append(samples / _training_run(work, mode))
     median = {mode: statistics.median(values) for mode, values in seconds.items()}
     added = {mode: median[mode] - median["none"] for mode in modes}
-    saves = updates // every
     print(
-        f"{count / 1e6:.1f}M-param MLP, {updates} updates, a save every {every} ({saves} saves "
-        f"+ last), medians of {repeats}, training on "
-        f"{threads or torch.get_num_threads()} of {os.cpu_count()} cores, seconds of training:\n"
+        f"{count / 1e6:.1f}M-param MLP, {work.updates} updates, a save every {work.every} "
+        f"({work.updates // work.every} saves + last), {work.sharding} checkpoints, medians "
+        f"of {repeats}, training on {work.threads or torch.get_num_threads()} of "
+        f"{os.cpu_count()} cores, seconds of training:\n"
     )
     periodic = {mode: median[mode] - median["last"] for mode in modes}
     print(
@@ -190,13 +207,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only-throughput", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="training's CPU threads")
+    parser.add_argument(
+        "--sharding", choices=("full", "sharded"), default="full", help="checkpoint_sharding"
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores")
     if not args.only_throughput:
         with tempfile.TemporaryDirectory(dir=".") as folder:
             checkpoint_cost(args.params, Path(folder))
-    save_throughput(args.train_params, args.updates, args.every, args.repeats, args.threads)
+    work = Workload(0, 0, args.updates, args.every, args.threads, args.sharding)
+    save_throughput(args.train_params, work, args.repeats)
     if not args.only_throughput:
         resume_cost(args.samples)
 

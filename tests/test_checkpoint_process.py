@@ -260,6 +260,7 @@ def test_async_checkpointing_null_writes_in_the_background_where_it_was_measured
     assert writes_in_background(auto, cpu, large)
     assert not writes_in_background(auto, cpu, small)
     assert not writes_in_background(auto, torch.device("cuda"), large)  # until measured
+    assert not writes_in_background(auto, cpu, large, sharded=True)  # measured: no gain
     assert not writes_in_background(TrainingConfig(checkpoint_writer="thread"), cpu, large)
     assert not writes_in_background(TrainingConfig(async_checkpointing=False), cpu, large)
     assert writes_in_background(TrainingConfig(async_checkpointing=True), cpu, small)

@@ -79,8 +79,9 @@ def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
     for name, record in manager.run_files.items():  # e.g. a table's data.json, with config.yaml
         if job.is_main:
             atomic_write_json(manager.output_dir / name, record)
-    background = writes_in_background(c, manager.device, run.request.model)
-    if background and shards_for(c, job, run.request.model):  # every rank writes its part
+    sharded = shards_for(c, job, run.request.model)
+    background = writes_in_background(c, manager.device, run.request.model, sharded)
+    if background and sharded:  # every rank writes its part
         run.writer = shard_writer(c, job)
     elif background and job.is_main:  # rank 0 writes (the others only gather)
         run.writer = background_writer(c.checkpoint_writer, manager.device)

@@ -387,14 +387,18 @@ BACKGROUND_FROM = 48 * 2**20  # bytes of weights from which `async_checkpointing
 # start and a round trip a save cost more than the saves
 
 
-def writes_in_background(config: TrainingConfig, device: torch.device, model: nn.Module) -> bool:
+def writes_in_background(
+    config: TrainingConfig, device: torch.device, model: nn.Module, sharded: bool = False
+) -> bool:
     """Whether the run writes its checkpoints in the background: `async_checkpointing` as
     set, or for null (auto) where it was measured to win: a CPU run where the writer process
     runs (Linux), `checkpoint_writer` not "thread", whose model holds at least 48 MiB of
-    weights and whose copy fits in a quarter of the free memory."""
+    weights and whose copy fits in a quarter of the free memory; not where checkpoints are
+    `sharded` (their writer threads cost 102-110% of writing in place on a 2-core CPU,
+    benchmarks/results/checkpoint_cpu.md)."""
     if config.async_checkpointing is not None:
         return bool(config.async_checkpointing)
-    if device.type != "cpu" or config.checkpoint_writer == "thread":
+    if device.type != "cpu" or config.checkpoint_writer == "thread" or sharded:
         return False
     tensors = itertools.chain(model.parameters(), model.buffers())
     weights = sum(t.numel() * t.element_size() for t in tensors)
