@@ -337,7 +337,7 @@ class TrainingConfig(_ConfigBase):
     only to copy the state to host memory; one write at a time; the run ends once the last
     is on disk; see `traineval.runs.checkpoint_writer`; null, the default: for CPU runs on
     Linux whose model holds at least 48 MiB of weights and whose copy fits in a quarter of
-    the free memory), by `checkpoint_writer`: "process" (a
+    the free memory, unless checkpoints are sharded), by `checkpoint_writer`: "process" (a
     writer process over shared memory: serialisation and disk leave the training process;
     Linux, elsewhere a thread; `traineval.runs.checkpoint_process`), "thread", or "auto" (the
     process for CPU runs; the thread for GPU runs, which copies from the device through
