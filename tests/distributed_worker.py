@@ -672,7 +672,7 @@ def fsdp_edges(out: Path, rank: int) -> None:
     said = {}
     for background in (False, True):
         name = f"export-fails-{'async' if background else 'sync'}"
-        patch = mock.patch.object(shard_export, "_write_tensor", full_disk)
+        patch = mock.patch.object(shard_export, "tensor_view", full_disk)
         with patch if rank == 0 else contextlib.nullcontext():
             try:
                 TrainingManager(

@@ -52,10 +52,16 @@ def _bytes(storage: torch.UntypedStorage) -> bytes:
     return _tensor_bytes(torch.empty(0, dtype=torch.uint8).set_(storage))
 
 
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's values, in order, as a view of its bytes (any dtype, bf16 and bool
+    too; a copy only where the tensor is not contiguous)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     """A CPU tensor's values as bytes, in order."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return tensor_view(tensor).tobytes()
 
 
 def checkpoint_plan(payload: Any, place: Place) -> dict[str, Any]:

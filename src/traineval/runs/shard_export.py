@@ -12,16 +12,16 @@ is left out, as the library leaves it out.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import IO
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..system.files import atomic_file
-from .file_plans import Spec, safetensors_layout
+from .file_plans import Spec, safetensors_layout, tensor_view
 from .sharded import SafeReader, read_into
 
 BATCH_BYTES = 256 * 2**20  # the tensors read from the folder at once, at most (or one)
@@ -42,7 +42,7 @@ def export_safetensors(
             state = {"model": {n: torch.empty(specs[n][1], dtype=specs[n][0]) for n in batch}}
             read_into(reader, state, alone=True)
             for name in batch:
-                _write_tensor(handle, state["model"][name])
+                handle.write(tensor_view(state["model"][name]))
     return path
 
 
@@ -63,7 +63,7 @@ def _batches(order: list[str], specs: dict[str, Spec], limit: int) -> Iterator[l
     held = 0
     for name in order:
         dtype, shape = specs[name]
-        size = dtype.itemsize * int(torch.Size(shape).numel())
+        size = dtype.itemsize * math.prod(shape)
         if batch and held + size > limit:
             yield batch
             batch, held = [], 0
@@ -71,13 +71,6 @@ def _batches(order: list[str], specs: dict[str, Spec], limit: int) -> Iterator[l
         held += size
     if batch:
         yield batch
-
-
-def _write_tensor(handle: IO[bytes], tensor: torch.Tensor) -> None:
-    """A CPU tensor's values, in order, as its raw bytes (any dtype, bf16 and bool too)."""
-    flat = tensor.contiguous().reshape(-1)
-    if flat.numel():
-        handle.write(flat.view(torch.uint8).numpy().data)
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
-from ..system.distributed import Distributed, local_part, side_group
+from ..system.distributed import CollectiveError, Distributed, local_part, side_group
 from ..system.files import WriteError
 from .checkpoint import save_checkpoint_file
 from .checkpoint_writer import CheckpointWriter, Write
@@ -75,7 +75,10 @@ class ShardWriter(CheckpointWriter):
                 self.perform(write)
         except BaseException as failed:  # raised in the training thread by wait()
             error = failed
-        self._error = agreed(error, self.job, self.group)
+        try:
+            self._error = agreed(error, self.job, self.group)
+        except CollectiveError as lost:  # the ranks cannot agree: each says what it knows
+            self._error = error or lost
 
     def _perform(self, write: Write) -> None:
         if write.kind == "shards":
@@ -103,21 +106,20 @@ def finish_save(shards: Path, path: Path, payload: dict[str, Any], skip: set[str
 
 
 def agreed(
-    error: BaseException | None, job: Distributed, group: Any = None
+    error: BaseException | None,
+    job: Distributed,
+    group: Any = None,
+    said_as: Callable[[str], BaseException] = lambda text: WriteError(errno.EIO, text),
 ) -> BaseException | None:
-    """How a save went, the same on every rank: this rank's error, else the first other
-    rank's (a `WriteError` with its sentence), else None. A collective over `group`."""
-    if not job.enabled:
-        return error
-    said: list[str | None] = [None] * job.world_size
-    try:
-        dist.all_gather_object(said, None if error is None else str(error), group=group)
-    except Exception:  # the ranks cannot agree (one is gone): each says what it knows
-        return error
-    if error is not None:
-        return error
+    """How a step of a save went, the same on every rank: the first failing rank's error
+    (that rank's own; on the others `said_as` its sentence: a `WriteError`), else None. A
+    collective over `group` (a `CollectiveError` where the ranks cannot agree: one is
+    gone)."""
+    said = job.gather(None if error is None else str(error), group)
     first = next((text for text in said if text is not None), None)
-    return None if first is None else WriteError(errno.EIO, first)
+    if first is None:
+        return None
+    return error if error is not None and str(error) == first else said_as(first)
 
 
 def _layout(value: Any) -> Any:

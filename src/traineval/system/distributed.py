@@ -130,13 +130,14 @@ class Distributed:
         """Whether any rank says yes; every rank gets the same answer."""
         return bool(self.sum([1.0 if flag else 0.0])[0]) if self.enabled else flag
 
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj` (picklable), in rank order, on every rank."""
+    def gather(self, obj: Any, group: Any = None) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank (through process
+        group `group`; None: the default one)."""
         if not self.enabled:
             return [obj]
         gathered: list[Any] = [None] * self.world_size
         with _collective(self, "gathering state from the ranks"):
-            dist.all_gather_object(gathered, obj)
+            dist.all_gather_object(gathered, obj, group=group)
         return gathered
 
     def barrier(self) -> None:

@@ -232,15 +232,17 @@ def _save_sharded(
 def _refuse_non_finite_shards(loop: Loop, state: dict[str, Any], path: Path) -> None:
     """Every rank refuses to save when any rank's part of the model holds NaN or inf,
     naming the first bad tensor."""
+    from ..runs.shard_writer import agreed
+
     local = {k: local_part(v) if torch.is_tensor(v) else v for k, v in state["model"].items()}
+    problem: NonFiniteError | None = None
     try:
         refuse_non_finite(local, path)
-        problem = None
     except NonFiniteError as error:
-        problem = str(error)
-    said = [p for p in loop.job.gather(problem) if p is not None]
-    if said:
-        raise NonFiniteError(said[0])
+        problem = error
+    failed = agreed(problem, loop.job, said_as=NonFiniteError)
+    if failed is not None:
+        raise failed
 
 
 def _callback_shards(loop: Loop) -> dict[str, Any]:
