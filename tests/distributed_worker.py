@@ -357,15 +357,24 @@ if os.environ.get("TRAINEVAL_TEST_ASYNC") == "1":  # the same runs with backgrou
     DDP_RESUME["async_checkpointing"] = True
 # FSDP's resume test also keeps the best weights: the evaluation at update 5 is the best, and
 # the run is stopped at 8 (`SignalRankOne(after=7)`), so the resumed run must get them from
-# the checkpoint (each rank its shards, from the checkpoint's folder)
-FSDP_RESUME = {"distributed_strategy": "fsdp", "restore_best_weights": True}
+# the checkpoint (each rank its shards, from the checkpoint's folder); and a moving average
+# of the weights (each rank its shards of it): the best weights are the average's
+FSDP_RESUME = {
+    "distributed_strategy": "fsdp",
+    "restore_best_weights": True,
+    "ema_decay": 0.8,
+    "ema_warmup": True,
+}
 if os.environ.get("TRAINEVAL_TEST_ASYNC") == "1":
     FSDP_RESUME["async_checkpointing"] = True
-# restored best weights (in memory: no best.pt) and per-layer gradient norms under FSDP
+# restored best weights (in memory: no best.pt) and per-layer gradient norms under FSDP,
+# with a moving average of the weights (each rank averages its shards; the best weights and
+# the evaluations are the average's)
 BEST_AND_LAYER_NORMS = {
     "restore_best_weights": True,
     "log_layer_grad_norms": True,
     "save_best_model": False,
+    "ema_decay": 0.5,
 }
 
 
@@ -589,42 +598,48 @@ def fsdp(out: Path, rank: int) -> None:
     weights = model_state(net)
     if rank == 0:
         torch.save(weights, out / "fsdp-straight-weights.pt")
-    try:
-        with no_gathering():
-            TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
-                Blocks(dropout=0.3),
-                *resume_loaders(),
-                task_type=TaskType.CLASSIFICATION,
-                callbacks=[SignalRankOne(after=7)],
-            )
-    except TrainingInterrupted as stopped:
-        (out / f"fsdp-interrupted-{rank}.json").write_text(json.dumps({"message": str(stopped)}))
+    # stopped runs to resume: sharded checkpoints (no rank gathers), and full ones
+    for name, sharding in (("fsdp-interrupted", "auto"), ("fsdp-interrupted-gathered", "full")):
+        try:
+            with no_gathering() if sharding == "auto" else contextlib.nullcontext():
+                TrainingManager(
+                    resume_config(out / name, checkpoint_sharding=sharding, **FSDP_RESUME)
+                ).train(
+                    Blocks(dropout=0.3),
+                    *resume_loaders(),
+                    task_type=TaskType.CLASSIFICATION,
+                    callbacks=[SignalRankOne(after=7)],
+                )
+        except TrainingInterrupted as stopped:
+            (out / f"{name}-{rank}.json").write_text(json.dumps({"message": str(stopped)}))
 
 
 def fsdp_resume(out: Path, rank: int) -> None:
+    """Resume the stopped FSDP runs, each from other starting weights (the checkpoint must
+    win), and save the weights each ends with as `{name}-weights.pt` (rank 0)."""
+    full = {**FSDP_RESUME, "checkpoint_sharding": "full"}
+    with no_gathering():  # sharded checkpoints: each rank reads its shards
+        resume_fsdp_run(out, rank, "fsdp-interrupted", "fsdp-resumed", FSDP_RESUME)
+    # the same checkpoint resumed with full checkpoints: the best shards read back whole
+    resume_fsdp_run(out, rank, "fsdp-interrupted-full", "fsdp-resumed-full", full)
+    # a run that wrote full checkpoints, resumed under FSDP: each rank cuts its shards of
+    # the saved average out of the file
+    resume_fsdp_run(out, rank, "fsdp-interrupted-gathered", "fsdp-resumed-gathered", full)
+
+
+def resume_fsdp_run(out: Path, rank: int, run: str, name: str, settings: dict[str, Any]) -> None:
     from traineval.system.distributed import model_state
 
     torch.manual_seed(99)
     net = Blocks(dropout=0.3)
-    for param in net.parameters():  # other starting weights: the checkpoint must win
+    for param in net.parameters():
         torch.nn.init.normal_(param)
-    with no_gathering():
-        TrainingManager(resume_config(out / "fsdp-interrupted", **FSDP_RESUME)).train(
-            net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
-        )
-    weights = model_state(net)
-    if rank == 0:
-        torch.save(weights, out / "fsdp-resumed-weights.pt")
-    # the same checkpoint resumed with full checkpoints: the best shards read back whole
-    torch.manual_seed(99)
-    net = Blocks(dropout=0.3)
-    full = {**FSDP_RESUME, "checkpoint_sharding": "full"}
-    TrainingManager(resume_config(out / "fsdp-interrupted-full", **full)).train(
+    TrainingManager(resume_config(out / run, **settings)).train(
         net, *resume_loaders(), task_type=TaskType.CLASSIFICATION, resume_from="auto"
     )
     weights = model_state(net)
     if rank == 0:
-        torch.save(weights, out / "fsdp-resumed-full-weights.pt")
+        torch.save(weights, out / f"{name}-weights.pt")
 
 
 class Counting(nn.Module):

@@ -6,6 +6,7 @@ no process group run in the fast suite.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -121,7 +122,7 @@ def test_distributed_settings_are_validated():
 def test_mode_combinations_torchrun_cannot_run_are_refused_with_the_reason(tmp_path):
     import types
 
-    from traineval.modes import Context, Federated, MetaLearning, Reinforcement
+    from traineval.modes import Context, Federated, MetaLearning, Reinforcement, SemiSupervised
 
     def context(config):
         job = types.SimpleNamespace(enabled=True)  # as under torchrun
@@ -138,6 +139,13 @@ def test_mode_combinations_torchrun_cannot_run_are_refused_with_the_reason(tmp_p
         mode.check(context(config))  # DDP: supported
         with pytest.raises(ValueError, match="distributed_strategy='fsdp' is not supported"):
             mode.check(context(fsdp))
+    # Mean Teacher calls its teacher with the whole average, which FSDP keeps in shards
+    teacher = SemiSupervised(algorithm="mean_teacher", augmentation="tabular")
+    ema = {"output_dir": str(tmp_path), "ema_decay": 0.9}
+    teacher.check(context(TrainingConfig(**ema)))
+    SemiSupervised().check(context(TrainingConfig(**ema, distributed_strategy="fsdp")))
+    with pytest.raises(ValueError, match="'fsdp' is not supported with algorithm='mean_teacher'"):
+        teacher.check(context(TrainingConfig(**ema, distributed_strategy="fsdp")))
 
 
 # -- two ranks under torchrun ----------------------------------------------------------------
@@ -549,8 +557,8 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
         assert mine.keys() == theirs.keys()
         for key, value in theirs.items():
             assert mine[key] == pytest.approx(value, rel=1e-5), key
-    for rank in (0, 1):
-        message = json.loads((tmp_path / f"fsdp-interrupted-{rank}.json").read_text())["message"]
+    for rank, name in itertools.product((0, 1), ("fsdp-interrupted", "fsdp-interrupted-gathered")):
+        message = json.loads((tmp_path / f"{name}-{rank}.json").read_text())["message"]
         assert "epoch 2, step 8" in message  # after the best (update 5)
     for rank in (0, 1):  # async: each rank's part written by its writer thread
         writes = json.loads((tmp_path / f"fsdp-writes-{rank}.json").read_text())
@@ -570,6 +578,14 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
     # resumed with full checkpoints (the best shards read back whole): the same end
     straight = tmp_path / "fsdp-straight-weights.pt"
     assert_same_weights(straight, tmp_path / "fsdp-resumed-full-weights.pt")
+    # full checkpoints (the average gathered into the file), resumed under FSDP: the same end
+    gathered = load_checkpoint_file(tmp_path / "fsdp-interrupted-gathered/checkpoints/last.pt")
+    assert gathered["shards"] is None
+    assert gathered["ema"]["updates"] == gathered["global_step"] == 15
+    assert not torch.equal(
+        gathered["model"]["head.weight"], gathered["training_weights"]["head.weight"]
+    )
+    assert_same_weights(straight, tmp_path / "fsdp-resumed-gathered-weights.pt")
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+import traineval
 from traineval import Callback, TrainingConfig, TrainingManager, TrainingMode
 from traineval.runs.checkpoint import load_checkpoint_file, load_safetensors
 from traineval.training.loop import TrainingInterrupted
@@ -155,7 +156,11 @@ def test_federated_rounds_average_the_global_weights(quiet_config):
             torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_interrupted_and_resumed_run_keeps_its_average(tmp_path):
+@pytest.mark.parametrize("sharding", ["full", "sharded"])
+def test_interrupted_and_resumed_run_keeps_its_average(tmp_path, sharding):
+    """Also from sharded checkpoints: the folder holds the average as the model and the
+    trained weights beside it (under FSDP each rank its shards: tests/test_distributed.py)."""
+
     def config(path, **overrides):
         return TrainingConfig(
             num_epochs=3,
@@ -173,6 +178,7 @@ def test_interrupted_and_resumed_run_keeps_its_average(tmp_path):
             seed=5,
             ema_decay=0.8,
             ema_warmup=True,
+            checkpoint_sharding=sharding,
             **overrides,
         )
 
@@ -197,6 +203,20 @@ def test_interrupted_and_resumed_run_keeps_its_average(tmp_path):
     ):
         assert torch.equal(a, b), name
     assert again["training_history"]["val_metrics"] == result["training_history"]["val_metrics"]
+    # the checkpoints' model is the average (what evaluate reads): the last one's is the
+    # model the run ended with; best.safetensors is best.pt's
+    folder = tmp_path / "resumed" / "checkpoints"
+    for name in ("last", "best"):
+        saved = load_checkpoint_file(folder / f"{name}.pt", read_shards=False)
+        assert (saved["shards"] is not None) == (sharding == "sharded")
+        assert saved["ema"]["updates"] == saved["global_step"]
+    plain = bn_mlp(seed=3)
+    traineval.load_checkpoint(folder / "last.pt", plain)
+    assert_float_entries_equal(plain.state_dict(), straight.state_dict())
+    traineval.load_checkpoint(folder / "best.pt", plain)
+    exported = bn_mlp(seed=3)
+    load_safetensors(exported, folder / "best.safetensors")
+    assert_float_entries_equal(exported.state_dict(), plain.state_dict())
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
@@ -239,12 +259,44 @@ def test_best_checkpoint_and_restored_best_weights_are_the_average(quiet_config,
         ({"ema_decay": -0.1}, r"ema_decay=-0\.1 is invalid"),
         ({"ema_decay": "high"}, r"ema_decay='high' is invalid"),
         ({"ema_warmup": "yes"}, r"ema_warmup='yes' is invalid"),
-        (
-            {"ema_decay": 0.99, "distributed_strategy": "fsdp"},
-            r"ema_decay=0\.99 is invalid: a moving average of sharded weights",
-        ),
     ],
 )
 def test_bad_ema_settings_are_refused_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainingConfig(**overrides)
+
+
+@pytest.mark.parametrize("sharding", ["full", "sharded"])
+def test_a_model_with_extra_state_keeps_an_average_across_a_resume(tmp_path, sharding):
+    """A module's extra state (`get_extra_state`, not a tensor) is the model's own: it is
+    not averaged, and travels with the checkpoint (it crashed the average before)."""
+    from test_sharded_checkpoints import WithExtraState
+
+    def run(path, model, **options):
+        config = TrainingConfig(
+            num_epochs=2,
+            batch_size=8,
+            checkpoint_every_n_steps=2,
+            ema_decay=0.7,
+            checkpoint_sharding=sharding,
+            output_dir=str(path),
+            progress_bar=False,
+            tensorboard_logging=False,
+            device="cpu",
+            seed=3,
+        )
+        data = DataLoader(make_classification(n=48, seed=4), batch_size=8, shuffle=True)
+        return TrainingManager(config).train(model, data, **options)
+
+    straight = WithExtraState()
+    run(tmp_path / "straight", straight)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "resumed", WithExtraState(), callbacks=[InterruptAt(5)])
+    resumed = WithExtraState()
+    run(tmp_path / "resumed", resumed, resume_from="auto")
+    assert torch.equal(resumed.net.weight, straight.net.weight)
+    assert resumed.calls == straight.calls == 12  # the count travels with the checkpoint
+    saved = WithExtraState()
+    traineval.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt", saved)
+    assert torch.equal(saved.net.weight, straight.net.weight)
+    assert saved.calls == straight.calls

@@ -69,3 +69,24 @@ def test_both_are_public_names():
         check=False,
     )
     assert done.stdout == "ok\n", done.stderr
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_model_with_extra_state_exports_and_loads_its_weights(quiet_config, background):
+    """A module's extra state (`get_extra_state`: any value, not a tensor) crashed the best
+    export (safetensors holds tensors only): the export holds the tensors, the checkpoint
+    the extra state too, and both load back."""
+    from test_sharded_checkpoints import WithExtraState
+
+    model = WithExtraState()
+    data = DataLoader(make_classification(n=48, seed=4), batch_size=8)
+    config = TrainingConfig(**{**quiet_config, "num_epochs": 2, "async_checkpointing": background})
+    TrainingManager(config).train(model, data, data)
+    best = config.output_dir + "/checkpoints/best"
+    from_export, from_checkpoint = WithExtraState(), WithExtraState()
+    traineval.load_checkpoint(best + ".safetensors", from_export)
+    traineval.load_checkpoint(best + ".pt", from_checkpoint)
+    assert torch.equal(from_export.net.weight, from_checkpoint.net.weight)
+    assert not torch.equal(from_export.net.weight, WithExtraState().net.weight)  # trained
+    assert from_export.calls == 0  # the export has no extra state: the model keeps its own
+    assert from_checkpoint.calls > 0

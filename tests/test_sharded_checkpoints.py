@@ -249,8 +249,6 @@ def test_a_claim_removes_shard_folders_no_file_names_and_keeps_the_rest(runs, tm
 def test_checkpoint_sharding_is_checked_with_the_field_named():
     with pytest.raises(ValueError, match=r"checkpoint_sharding.*'halves'.*auto"):
         TrainingConfig(checkpoint_sharding="halves")
-    with pytest.raises(ValueError, match=r"checkpoint_sharding='sharded'.*ema_decay=0"):
-        TrainingConfig(checkpoint_sharding="sharded", ema_decay=0.9)
 
 
 def _metadata_variants(metadata):

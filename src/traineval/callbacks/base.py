@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +47,7 @@ class Control(Protocol):
     def request_interrupt(self, reason: str = "SIGTERM") -> None: ...
     def set_learning_rate(self, rate: float) -> None: ...
     def state_to_keep(self, state: dict[str, Any]) -> dict[str, Any]: ...
+    def weights_to_keep(self) -> AbstractContextManager[None]: ...
 
 
 class Callback:

@@ -8,6 +8,7 @@ import torch
 
 from ..system.distributed import (
     as_sharded,
+    empty_places,
     is_sharded,
     load_local_model_state,
     load_model_state,
@@ -91,9 +92,7 @@ class BestWeights(Callback):
 
     def shard_template(self, model: torch.nn.Module) -> dict[str, Any]:
         """Places, sharded like the model, for `load_shard_state` to read into."""
-        local = local_model_state(model)
-        places = {k: torch.empty_like(v) if torch.is_tensor(v) else v for k, v in local.items()}
-        return as_sharded(model, places)
+        return empty_places(model)
 
     def load_shard_state(self, state: dict[str, Any]) -> None:
         """The best weights as a sharded checkpoint's folder held them: this rank's shards
@@ -112,11 +111,13 @@ class BestWeights(Callback):
         if not logs.get("improved"):  # the same on every rank: metrics are merged over ranks
             return
         if is_sharded(loop.model) and self.keep_shards:
-            self.best_shards, self.best_state = local_model_state(loop.model), None
+            with loop.weights_to_keep():  # the average's shards, with ema_decay
+                self.best_shards, self.best_state = local_model_state(loop.model), None
             return
         self.best_shards = None  # (one a resume read from a sharded checkpoint)
         if is_sharded(loop.model):  # full weights, already copied to the host, on rank 0
-            self.best_state = model_state(loop.model)
+            with loop.weights_to_keep():
+                self.best_state = model_state(loop.model)
         else:
             kept = loop.state_to_keep(loop.model.state_dict())  # the average, with ema_decay
             self.best_state = {

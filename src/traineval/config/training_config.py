@@ -357,7 +357,8 @@ class TrainingConfig(_ConfigBase):
     `ema_decay` (0: off; e.g. 0.999) keeps an exponential moving average of the weights,
     updated after every optimizer update (`ema_warmup`: a decay of min(decay, (1+t)/(10+t))
     at update t): evaluation, the best checkpoint, early stopping and the model after
-    training use the averaged weights (see `traineval.training.averaging`).
+    training use the averaged weights (see `traineval.training.averaging`); under FSDP each
+    rank averages its own shards.
 
     Under `torchrun` the same config trains data-parallel: `batch_size` is per process,
     `distributed_strategy` is "ddp" or "fsdp" (torch's `fully_shard`: parameters, gradients
@@ -578,20 +579,6 @@ class TrainingConfig(_ConfigBase):
 
     def _check_relations(self) -> None:
         """The rules that relate two fields (each field's own rule stands beside it)."""
-        if self.ema_decay and self.distributed_strategy == "fsdp":
-            _fail(
-                "ema_decay",
-                self.ema_decay,
-                "a moving average of sharded weights is not supported yet: use "
-                "distributed_strategy='ddp' or ema_decay=0",
-            )
-        if self.ema_decay and self.checkpoint_sharding == "sharded":
-            _fail(
-                "checkpoint_sharding",
-                self.checkpoint_sharding,
-                "sharded checkpoints of a moving average of the weights are not supported yet: "
-                "use checkpoint_sharding='auto' or ema_decay=0",
-            )
         if not self.mixed_precision and self.precision in ("bf16", "fp16"):
             _fail(
                 "precision",

@@ -157,6 +157,13 @@ class SemiSupervised(Mode):
                 "algorithm='mean_teacher' takes its teacher from the moving average of the "
                 "weights: set ema_decay (e.g. 0.99)"
             )
+        uses_fsdp = ctx.config.distributed_strategy == "fsdp"
+        if self.algorithm == "mean_teacher" and ctx.job.enabled and uses_fsdp:
+            raise ValueError(
+                "distributed_strategy='fsdp' is not supported with algorithm='mean_teacher': "
+                "its teacher is called with the whole averaged weights, which FSDP keeps in "
+                "shards; use distributed_strategy='ddp'"
+            )
 
     def plan(self, ctx: Context) -> ModePlan:
         weak, strong = self.augmentations()

@@ -176,11 +176,35 @@ def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str
 
     with atomic_file(path, (SafetensorError, RuntimeError)) as temporary:
         if isinstance(model, torch.nn.Module):
-            save_model(model, str(temporary))
+            save_model(_Weights(model), str(temporary))  # type: ignore[arg-type]
         else:
-            tensors = {k: v.detach().contiguous().clone() for k, v in model.items()}
+            weights = tensor_entries(model)
+            tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
             save_file(tensors, temporary, metadata={"format": "pt"})
     return Path(path)
+
+
+def tensor_entries(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A state dict's tensors: not a module's extra state (`get_extra_state`, any value),
+    which checkpoints keep and a weights file (safetensors) cannot."""
+    return {name: value for name, value in state.items() if torch.is_tensor(value)}
+
+
+class _Weights:
+    """A module as safetensors' `save_model` and `load_model` read and load it: the tensors
+    of its state dict (`tensor_entries`); its extra state is neither written nor missed."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return tensor_entries(self.module.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:
+        result = self.module.load_state_dict(state, strict=strict)
+        extra = self.module.state_dict().keys() - self.state_dict().keys()
+        result.missing_keys[:] = [key for key in result.missing_keys if key not in extra]
+        return result
 
 
 def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
@@ -192,7 +216,7 @@ def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = Tr
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
     try:
-        load_model(model, str(path), strict=strict)
+        load_model(_Weights(model), str(path), strict=strict)  # type: ignore[arg-type]
     except (SafetensorError, OSError) as error:
         raise CheckpointError(
             f"weights file {str(path)!r} is truncated or corrupt ({error})"
@@ -296,7 +320,7 @@ def _load_safetensors_checked(model: torch.nn.Module, path: Path, map_location: 
         weights = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"weights file {str(path)!r} is unreadable ({error})") from None
-    state = model.state_dict()
+    state = tensor_entries(model.state_dict())
     stored = {state[name].data_ptr() for name in weights if name in state}
     expected = {  # a tied alias of a stored tensor is not missing
         name: t for name, t in state.items() if name in weights or t.data_ptr() not in stored

@@ -123,25 +123,36 @@ def read_whole(shards: Path) -> dict[str, Any]:
 
 
 def load_into(
-    shards: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    shards: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    part: str = "model",
 ) -> None:
     """Load a shard folder into `model` (and `optimizer`), sharded or not, in one process or
     on every rank of a job (then a collective; each rank reads the pieces of its shards, on
-    any number of ranks). A model no process group shards loads in this process alone."""
+    any number of ranks). A model no process group shards loads in this process alone.
+    `part`: the weights to load ("training_weights": the trained weights of a run that
+    keeps their moving average as its "model")."""
     reshard(model)
-    alone = not (torch.distributed.is_initialized() and is_sharded(model))
+    alone = reads_alone(model)
     reader = SafeReader(shards)  # the metadata, read and checked once
     if optimizer is None:
-        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        state: dict[str, Any] = {part: get_model_state_dict(model)}
         read_into(reader, state, alone)
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state[part])
         return
     with no_initializing_step(optimizer):  # the saved entries make the template instead
         weights, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": weights, "optimizer": optimizer_state}
+        state = {part: weights, "optimizer": optimizer_state}
         _make_room(optimizer_state, reader.checked, dict(model.named_parameters()))
         read_into(reader, state, alone)
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)
+
+
+def reads_alone(model: torch.nn.Module) -> bool:
+    """Whether this process reads a shard folder for `model` alone: unless a process group
+    shards it (then every rank reads its part, together)."""
+    return not (torch.distributed.is_initialized() and is_sharded(model))
 
 
 def read_into(reader: SafeReader, state: dict[str, Any], alone: bool) -> None:

@@ -401,19 +401,44 @@ def load_local_model_state(model: torch.nn.Module, state: dict[str, Any]) -> Non
 
 
 def as_sharded(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """`local_model_state`'s shards as tensors sharded like the model's (DTensors of its
-    parameters' specs around the host tensors themselves: no copy to the device, no
-    collective), for torch.distributed.checkpoint to save or load into; the other entries
-    as they are."""
+    """`local_model_state`'s shards as tensors sharded like the model's (`sharded_like`: no
+    copy to the device, no collective), for torch.distributed.checkpoint to save or load
+    into; the other entries as they are."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from torch.distributed.tensor import DTensor
 
     reshard(model)
     out = dict(state)
     for key, value in get_model_state_dict(model).items():
-        if isinstance(value, DTensor):  # `from_local` would move the shard to the device
-            out[key] = DTensor(state[key], value._spec, requires_grad=False)
+        if torch.is_tensor(value):
+            out[key] = sharded_like(value, state[key])
     return out
+
+
+def sharded_like(template: Any, local: torch.Tensor) -> torch.Tensor:
+    """`local`, a shard of a tensor sharded like `template` (a DTensor), as a DTensor of
+    `template`'s spec around `local` itself (`from_local` would move a host shard to the
+    device); `local` as it is where `template` is not sharded."""
+    spec = getattr(template, "_spec", None)
+    if spec is None:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor(local, spec, requires_grad=False)
+
+
+def empty_places(model: torch.nn.Module) -> dict[str, Any]:
+    """Places for a saved copy of `model`'s weights to be read into (by
+    torch.distributed.checkpoint): an empty host tensor for each tensor entry, sharded like
+    it (this rank's part), the other entries (extra state) as they are. No collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    reshard(model)
+    return {
+        key: sharded_like(value, torch.empty_like(local_part(value), device="cpu"))
+        if torch.is_tensor(value)
+        else value
+        for key, value in get_model_state_dict(model).items()
+    }
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,14 @@ After every optimizer update, for each parameter and floating-point buffer w:
 the first update copying w (as torch's `AveragedModel` with `get_ema_multi_avg_fn` and
 `use_buffers=True` does). With `warmup` the decay of update t (counted from 1) is
 `min(decay, (1 + t) / (10 + t))`, so early averages do not cling to the first weights.
-Integer buffers (BatchNorm's `num_batches_tracked`) are not averaged: they are the model's.
+Integer buffers (BatchNorm's `num_batches_tracked`) and modules' extra state are not
+averaged: they are the model's.
 
 The loop evaluates with the averaged weights, checkpoints hold them as the model's weights
 (the trained ones beside them, to resume), and the model holds them when training ends.
+
+Under FSDP each rank averages its own shards (the local part of each sharded parameter):
+no rank gathers the model to average it, and the average takes a rank's share of memory.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..system.distributed import is_sharded, local_part, reshard, sharded_like
+
 
 class WeightAverage:
     """The EMA of `model`'s floating-point parameters and buffers, on their devices.
 
-    Tied weights (one tensor under several state-dict names) are averaged once.
+    Tied weights (one tensor under several state-dict names) are averaged once. For a
+    model FSDP shards, the average of each sharded parameter is this rank's shard of it.
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
@@ -35,17 +42,29 @@ class WeightAverage:
         self.decay = decay
         self.warmup = warmup
         self.updates = 0
-        self.live: list[torch.Tensor] = []  # the model's own tensors, read in place
-        self.index: dict[str, int] = {}  # state-dict name -> position in live / average
+        self.model = model
+        self.sharded = is_sharded(model)
+        self.sources: list[torch.Tensor] = []  # the model's own tensors (parameters: DTensors
+        # under FSDP), whose local parts are read in place
+        self.index: dict[str, int] = {}  # state-dict name -> position in sources / average
         positions: dict[int, int] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if not tensor.is_floating_point():
-                continue
-            position = positions.setdefault(id(tensor), len(self.live))
-            if position == len(self.live):
-                self.live.append(tensor.detach())
+            if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+                continue  # an integer buffer, a module's extra state (`get_extra_state`)
+            position = positions.setdefault(id(tensor), len(self.sources))
+            if position == len(self.sources):
+                self.sources.append(tensor)
             self.index[name] = position
+        self._live = None if self.sharded else [tensor.detach() for tensor in self.sources]
         self.average: list[torch.Tensor] | None = None  # made by the first update
+
+    @property
+    def live(self) -> list[torch.Tensor]:
+        """The model's tensors, read and written in place: under FSDP each parameter's local
+        shard, looked up now (FSDP may re-make a shard's tensor, e.g. at its first forward)."""
+        if self._live is not None:
+            return self._live
+        return [local_part(tensor.detach()) for tensor in self.sources]
 
     def decay_at(self, update: int) -> float:
         """The decay applied at update `update` (from 1)."""
@@ -69,34 +88,54 @@ class WeightAverage:
         if self.average is None:  # no update yet: the average is the weights themselves
             yield
             return
+        self._reshard()  # an FSDP forward then gathers the shards the block puts in place
         with torch.no_grad():
-            trained = [tensor.clone() for tensor in self.live]
-            torch._foreach_copy_(self.live, self.average)
+            live = self.live
+            trained = [tensor.clone() for tensor in live]
+            torch._foreach_copy_(live, self.average)
         try:
             yield
         finally:
+            self._reshard()  # no gathered copy of the average outlives the block
             with torch.no_grad():
-                torch._foreach_copy_(self.live, trained)
+                torch._foreach_copy_(live, trained)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Make the averaged weights the model's own (at the end of training)."""
         if self.average is not None:
+            self._reshard()
             torch._foreach_copy_(self.live, self.average)
+
+    def _reshard(self) -> None:
+        """An FSDP model back to its shards: an evaluation pass leaves the root unit's
+        parameters gathered, and its next forward would use them rather than the shards."""
+        if self.sharded:
+            reshard(self.model)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averaged parameters and floating-point buffers by state-dict name (the
-        model's own before the first update), e.g. for `torch.func.functional_call`."""
+        model's own before the first update), e.g. for `torch.func.functional_call`; not
+        for a model FSDP shards (whose average is this rank's shards)."""
+        if self.sharded:
+            raise ValueError(
+                "the moving average of a model FSDP shards is kept in shards: it cannot be "
+                "called whole (use distributed_strategy='ddp')"
+            )
         source = self.average if self.average is not None else self.live
         return {name: source[position] for name, position in self.index.items()}
 
     def averaged_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`state` (the model's state dict) with the averaged tensors in place of its own."""
+        """`state` (the model's state dict, or under FSDP its sharded state dict: this
+        rank's shards) with the averaged tensors in place of its own, each sharded like
+        the entry it replaces."""
         if self.average is None:
             return state
         average = self.average
         return {
-            name: average[self.index[name]].detach() if name in self.index else value
+            name: sharded_like(value, average[self.index[name]].detach())
+            if name in self.index
+            else value
             for name, value in state.items()
         }
 
@@ -111,11 +150,27 @@ class WeightAverage:
         if self.updates == 0:
             self.average = None
             return
-        average: list[torch.Tensor | None] = [None] * len(self.live)
+        live = self.live
+        average: list[torch.Tensor | None] = [None] * len(live)
         for name, position in self.index.items():
             if average[position] is None:
-                saved = averaged[name]
-                average[position] = saved.to(self.live[position].device, copy=True)
+                saved = self._local(averaged[name], self.sources[position])
+                average[position] = saved.to(live[position].device, copy=True)
         self.average = [tensor for tensor in average if tensor is not None]
-        if len(self.average) != len(self.live):  # pragma: no cover - index covers every tensor
+        if len(self.average) != len(live):  # pragma: no cover - index covers every tensor
             raise ValueError("the checkpoint's averaged weights do not cover the model")
+
+    @staticmethod
+    def _local(saved: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a saved average: a sharded one's local shard; of a whole one
+        (a full checkpoint resumed under FSDP), the shard `source` is, cut out here (every
+        rank holds the whole file: no collective)."""
+        if hasattr(saved, "to_local"):
+            return local_part(saved)
+        spec = getattr(source, "_spec", None)
+        if spec is None:
+            return saved
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = saved.to(local_part(source).device)
+        return local_part(distribute_tensor(whole, spec.mesh, spec.placements, src_data_rank=None))

@@ -229,6 +229,12 @@ class LoopControl:
         average with `ema_decay`."""
         return self._loop.state_to_keep(state)
 
+    def weights_to_keep(self) -> AbstractContextManager[None]:
+        """Inside the block the model holds the weights to keep: their moving average with
+        `ema_decay` (e.g. to gather an FSDP model's full weights: `state_to_keep` replaces
+        only the entries of a state dict of this rank's shards)."""
+        return self._loop.weights_to_keep()
+
 
 def _surface_warning(used: str, instead: str) -> None:
     warnings.warn(

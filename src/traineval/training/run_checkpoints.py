@@ -36,6 +36,7 @@ from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites, Write, snap
 from ..runs.shard_folders import SHARDS, remove_older
 from ..system.distributed import (
     Distributed,
+    empty_places,
     is_sharded,
     load_optimizer_state,
     local_part,
@@ -116,10 +117,10 @@ def save_from_loop(
         return path
     # full states: under FSDP gathering them is a collective, rank 0 receives them
     weights = model_state(loop.model)
-    contents = _full_contents(loop, weights, path)
+    contents = _full_contents(loop, weights, _kept_weights(loop, weights), path)
     averaging: dict[str, Any] = {}
     if loop.weight_average is not None:  # the model's weights are the average
-        averaging = {"training_weights": weights, "ema": loop.weight_average.state_dict()}
+        averaging = {"training_weights": weights}
     if job.is_main:
         assert contents is not None
         extra = {**_records(loop, config, mode, ranks), **averaging}
@@ -171,14 +172,25 @@ def _contents(loop: Loop, weights: Any, optimizer: Any, shards: str | None = Non
     )
 
 
-def _full_contents(loop: Loop, weights: dict[str, Any], path: Path) -> Contents | None:
-    """The full model (`weights`) and optimizer states (rank 0's; None on the others),
-    refused when not finite."""
+def _kept_weights(loop: Loop, weights: dict[str, Any]) -> dict[str, Any]:
+    """The full weights to keep (`Loop.weights_to_keep`) beside the trained `weights`: their
+    moving average, with one; under FSDP gathered from its shards (a collective)."""
+    if loop.weight_average is not None and is_sharded(loop.model):
+        with loop.weights_to_keep():
+            return model_state(loop.model)
+    return loop.state_to_keep(weights)
+
+
+def _full_contents(
+    loop: Loop, weights: dict[str, Any], kept: dict[str, Any], path: Path
+) -> Contents | None:
+    """The full model and optimizer states (rank 0's; None on the others): `kept`, the
+    weights to keep (`_kept_weights`), refused when the trained `weights` are not finite."""
     optimizer = optimizer_state(loop.model, loop.optimizer)
     if not loop.job.is_main:
         return None
     refuse_non_finite(weights, path)
-    return _contents(loop, loop.state_to_keep(weights), optimizer)
+    return _contents(loop, kept, optimizer)
 
 
 def _save_sharded(
@@ -198,10 +210,7 @@ def _save_sharded(
     from ..runs.shard_writer import ShardWriter, agreed, finish_save
 
     module = sharded()
-    state = module.sharded_state(loop.model, loop.optimizer)
-    parts = _callback_shards(loop)
-    if parts:
-        state["callbacks"] = parts
+    state = _shards_to_save(loop)
     _refuse_non_finite_shards(loop, state, path)
     shards = module.new_folder(path.parent, name, loop.job)
     payload = None
@@ -229,12 +238,27 @@ def _save_sharded(
         raise failed
 
 
+def _shards_to_save(loop: Loop) -> dict[str, Any]:
+    """This rank's part of what a sharded checkpoint's folder holds: the model and the
+    optimizer; with a moving average, the average as the model and the trained weights as
+    `training_weights`; the callbacks' parts (`_callback_shards`)."""
+    state = sharded().sharded_state(loop.model, loop.optimizer)
+    if loop.weight_average is not None:
+        state["training_weights"] = state["model"]
+        state["model"] = loop.weight_average.averaged_state(state["model"])
+    parts = _callback_shards(loop)
+    if parts:
+        state["callbacks"] = parts
+    return state
+
+
 def _refuse_non_finite_shards(loop: Loop, state: dict[str, Any], path: Path) -> None:
     """Every rank refuses to save when any rank's part of the model holds NaN or inf,
     naming the first bad tensor."""
     from ..runs.shard_writer import agreed
 
-    local = {k: local_part(v) if torch.is_tensor(v) else v for k, v in state["model"].items()}
+    trained = state.get("training_weights", state["model"])
+    local = {k: local_part(v) if torch.is_tensor(v) else v for k, v in trained.items()}
     problem: NonFiniteError | None = None
     try:
         refuse_non_finite(local, path)
@@ -270,8 +294,7 @@ def _restore_callback_shards(loop: Loop, shards: Path) -> None:
         if callable(template) and any(k.startswith(f"callbacks.{key}.") for k in saved):
             state[key], takers[key] = template(loop.model), callback
     if state:
-        alone = not (torch.distributed.is_initialized() and is_sharded(loop.model))
-        module.read_into(reader, {"callbacks": state}, alone)
+        module.read_into(reader, {"callbacks": state}, module.reads_alone(loop.model))
         for key, callback in takers.items():
             callback.load_shard_state(state[key])
 
@@ -294,6 +317,7 @@ def _records(
             for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)
         },
         "mode": mode,
+        **({"ema": average.state_dict()} if (average := loop.weight_average) else {}),
         "step_per_rank": ranks["steps"],
         "world_size": job.world_size,
         "distributed_strategy": config.distributed_strategy if job.enabled else None,
@@ -472,10 +496,28 @@ def saved_weights(payload: dict[str, Any]) -> dict[str, Any]:
     return training_weights(payload)
 
 
+def _trained_part(payload: dict[str, Any]) -> str:
+    """Where a sharded checkpoint's folder holds the trained weights: beside the average
+    (the folder's "model") in a run with a moving average."""
+    return "training_weights" if "ema" in payload else "model"
+
+
+def _saved_average(loop: Loop, payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's moving average of the weights (its "model"): a sharded checkpoint's
+    read from its folder, each rank the pieces of its shards (a collective under FSDP)."""
+    if not in_shards(payload):
+        return payload["model"]
+    module = sharded()
+    places = {"model": empty_places(loop.model)}
+    reader = module.SafeReader(Path(payload[SHARDS]))
+    module.read_into(reader, places, module.reads_alone(loop.model))
+    return places["model"]
+
+
 def restore_weights(model: torch.nn.Module, payload: dict[str, Any]) -> None:
     """Load the weights a resume continues from into `model`."""
     if in_shards(payload):
-        sharded().load_into(Path(payload[SHARDS]), model)
+        sharded().load_into(Path(payload[SHARDS]), model, part=_trained_part(payload))
     else:
         model.load_state_dict(training_weights(payload))
 
@@ -486,7 +528,7 @@ def restore_optimizer(
     """Load a checkpoint's optimizer state into `optimizer`; a sharded checkpoint's model
     weights too, each rank reading the pieces of its shards."""
     if in_shards(payload):
-        sharded().load_into(Path(payload[SHARDS]), model, optimizer)
+        sharded().load_into(Path(payload[SHARDS]), model, optimizer, _trained_part(payload))
     else:
         load_optimizer_state(model, optimizer, payload["optimizer"])
 
@@ -496,7 +538,7 @@ def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
     back (a checkpoint without an average starts one)."""
     loop.state.load_state_dict(payload["loop"])
     if loop.weight_average is not None and "ema" in payload:
-        loop.weight_average.load(payload["ema"], payload["model"])
+        loop.weight_average.load(payload["ema"], _saved_average(loop, payload))
     monitor_state = {**payload["monitor"], "name": current_metric_name(payload["monitor"]["name"])}
     if monitor_state["name"] != loop.monitor.name:
         raise ValueError(
