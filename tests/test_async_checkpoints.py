@@ -13,8 +13,8 @@ from torch import nn
 
 from traineval import TrainingManager
 from traineval.runs import checkpoint as checkpoint_module
-from traineval.runs.checkpoint import load_checkpoint_file, load_safetensors
-from traineval.runs.checkpoint_writer import CheckpointWriteError, snapshot, untied
+from traineval.runs.checkpoint import load_checkpoint_file, load_safetensors, untied
+from traineval.runs.checkpoint_writer import CheckpointWriteError, snapshot
 from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt

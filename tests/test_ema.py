@@ -126,7 +126,7 @@ def ema_by_hand(weights: list[dict[str, torch.Tensor]], decay: float) -> dict[st
     average = dict(weights[0])
     for step in weights[1:]:
         for name, value in step.items():
-            if value.is_floating_point():
+            if value.is_floating_point() or value.is_complex():
                 average[name] = decay * average[name] + (1 - decay) * value
     return average
 

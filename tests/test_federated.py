@@ -360,3 +360,31 @@ def test_scaffold_needs_plain_sgd_clients(quiet_config):
         TrainingManager(_config(quiet_config, optimizer_type="adamw")).train(
             make_mlp(), _clients(), mode=Federated(control_variates=True)
         )
+
+
+def test_complex_weights_are_averaged_like_real_ones(quiet_config):
+    """The round's average keeps a complex weight's imaginary part (it summed in float32),
+    and the server's pseudo-gradient of a complex weight is its delta."""
+    from test_unusual_models import ComplexWeights
+
+    clients = _clients()
+    ours, theirs, start = ComplexWeights(), ComplexWeights(), ComplexWeights()
+    TrainingManager(_config(quiet_config)).train(ours, clients, mode=Federated(local_epochs=2))
+    _fedavg(theirs, clients, 3, 2, 0.1)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (ours.w.imag - start.w.imag).abs().max() > 1e-3  # the imaginary part trained
+
+
+def test_a_module_s_extra_state_stays_the_global_model_s(quiet_config):
+    """Extra state (`get_extra_state`, not a tensor) is not averaged: the global model's
+    own (it crashed the round before)."""
+    from test_sharded_checkpoints import WithExtraState
+
+    ours, theirs = WithExtraState(), WithExtraState()
+    ours.net, theirs.net = make_mlp(), make_mlp()
+    TrainingManager(_config(quiet_config)).train(ours, _clients(), mode=Federated(local_epochs=2))
+    _fedavg(theirs.net, _clients(), 3, 2, 0.1)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours.state_dict()["_extra_state"] == {"calls": ours.calls}

@@ -2,19 +2,23 @@
 
 The search trains what `train` would (the same mode, optimizer, precision, accumulation and
 clipping) at the rates `RangeTest` sets, for at most `num_steps` updates with every loss
-read; nothing is written or kept: the model's weights and the random streams are put back.
+read; nothing is written or kept: the model's weights (every parameter and buffer, and its
+modules' extra state) and the random streams are put back.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from ..config.training_config import TrainingConfig
 from ..modes.contract import closing_step
 from ..system import cpu_threads
-from ..system.distributed import Distributed
+from ..system.distributed import Distributed, set_extra_states
 from ..system.seeding import capture_rng, data_generators, deterministic_algorithms, restore_rng
 from ..training.loop import Loop, Monitor, Observers, RunLength
 from ..training.lr_finder import LearningRateSearch, RangeTest, SearchProgress
@@ -40,7 +44,7 @@ def search_learning_rate(
 ) -> LearningRateSearch:
     """Run the range test `search` on `request`'s model and data; see the module docstring."""
     model, config = request.model, manager.config
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kept = _ModelState(model)
     generators = data_generators(request.train_loader)
     streams = capture_rng(generators)
     try:
@@ -54,9 +58,28 @@ def search_learning_rate(
     except NonFiniteError:
         search.stop_reason = "non-finite loss"
     finally:
-        model.load_state_dict(weights)
+        kept.restore()
         restore_rng(streams, generators)
     return search.result()
+
+
+class _ModelState:
+    """A copy of everything of a model's that training changes, put back in place: every
+    parameter and buffer (non-persistent ones too, which a state dict leaves out) and each
+    module's extra state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        self.tensors = [(tensor, tensor.detach().clone()) for tensor in tensors]
+        extra = {k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}
+        self.extra = copy.deepcopy(extra)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, saved in self.tensors:
+                tensor.copy_(saved)
+        set_extra_states(self.model, self.extra)
 
 
 def _search_loop(manager: Assembler, request: build.Request, search: RangeTest) -> Loop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -120,9 +121,7 @@ class BestWeights(Callback):
                 self.best_state = model_state(loop.model)
         else:
             kept = loop.state_to_keep(loop.model.state_dict())  # the average, with ema_decay
-            self.best_state = {
-                key: value.detach().to("cpu", copy=True) for key, value in kept.items()
-            }
+            self.best_state = {key: _on_host(value) for key, value in kept.items()}
 
     on_evaluate = _snapshot
     on_epoch_end = _snapshot
@@ -137,5 +136,7 @@ class BestWeights(Callback):
 
 
 def _on_host(value: Any) -> Any:
-    """A tensor as a host copy (another entry as it is)."""
-    return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+    """A tensor as a host copy; another entry (a module's extra state) as a copy of it."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    return copy.deepcopy(value)

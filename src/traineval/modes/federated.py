@@ -33,6 +33,7 @@ from ..config.checks import Flag, Int, Number, OneOf
 from ..config.training_config import setting
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
+from ..runs.checkpoint import tensor_entries
 from ..system.distributed import Distributed
 from ..training.batches import ModelLoss, OutputTransform
 from ..training.optim import configured_optimizer
@@ -393,8 +394,8 @@ class FederatedStep:
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
         count = self.settings.clients_per_round(len(self.clients))
         chosen = torch.randperm(len(self.clients), generator=generator)[:count].sort().values
-        states = model.state_dict(keep_vars=True)
-        average = {name: torch.zeros_like(v, dtype=torch.float32) for name, v in states.items()}
+        states = tensor_entries(model.state_dict(keep_vars=True))  # not a module's extra state
+        average = {name: torch.zeros_like(v, dtype=_sum_dtype(v)) for name, v in states.items()}
         loss_sum = torch.zeros((), device=_device(model))
         total = torch.zeros((), device=_device(model))
         job = self.job
@@ -414,8 +415,8 @@ class FederatedStep:
                 controls.record(client, model, worker, self._client_steps(self.clients[client]))
             total += samples
             loss_sum += client_loss
-            for name, value in worker.state_dict().items():
-                average[name].add_(value.detach().float(), alpha=samples)
+            for name, value in tensor_entries(worker.state_dict()).items():
+                average[name].add_(value.detach().to(average[name].dtype), alpha=samples)
         # every rank's weighted sums (one all-reduce; a no-op in one process)
         job.sum_in_place([*average.values(), loss_sum, total], "averaging the round's clients")
         if controls is not None:
@@ -640,3 +641,9 @@ def _proximal(params: Sequence[Any], anchor: Sequence[torch.Tensor], mu: float) 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _sum_dtype(value: torch.Tensor) -> torch.dtype:
+    """The dtype a round sums a weight's client values in: at least float32 (half and
+    integer entries too), float64 and complex ones as they are."""
+    return torch.promote_types(value.dtype, torch.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
@@ -165,62 +166,102 @@ def _placed(tree: Any, map_location: Any) -> Any:
     return move_to_device(tree, torch.device(map_location))
 
 
-def save_safetensors(model: torch.nn.Module | dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Export `model`'s weights as safetensors (tied weights stored once), atomically.
-
-    A state dict (e.g. the full weights of a sharded model) is written as it is, each
-    tensor its own copy.
-    """
+def save_safetensors(model: torch.nn.Module | dict[str, Any], path: str | Path) -> Path:
+    """Export `model`'s weights (or a state dict's tensors) as safetensors, atomically:
+    each tensor once under its first name (tied weights: `load_safetensors` re-ties them),
+    with `format: pt` metadata. A module's extra state is not a tensor and is left out. A
+    tensor safetensors cannot store (sparse, complex128, ...) is a `ValueError` naming it,
+    before anything is written."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
 
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    refused = unexportable(state)
+    if refused is not None:
+        raise ValueError(f"cannot write {Path(path).name}: {refused}")
+    tensors = untied(state)
+    storages = Counter(_storage(t) for t in tensors.values())
     with atomic_file(path, (SafetensorError, RuntimeError)) as temporary:
-        if isinstance(model, torch.nn.Module):
-            save_model(_Weights(model), str(temporary))  # type: ignore[arg-type]
-        else:
-            weights = tensor_entries(model)
-            tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
-            save_file(tensors, temporary, metadata={"format": "pt"})
+        # views of one tensor that are not the same view (parameters cut from one block)
+        # are each stored as their own copy: the file holds no shared memory
+        stored = {
+            name: t.detach().clone() if storages[_storage(t)] > 1 else t.detach().contiguous()
+            for name, t in tensors.items()
+        }
+        save_file(stored, temporary, metadata={"format": "pt"})
     return Path(path)
+
+
+def unexportable(state: dict[str, Any]) -> str | None:
+    """Why safetensors cannot store a state dict's tensors (the first that it cannot: a
+    sparse tensor, a dtype it lacks), or None."""
+    from .file_plans import SAFETENSORS_DTYPES
+
+    for name, tensor in tensor_entries(state).items():
+        if tensor.layout != torch.strided:
+            return f"{name!r} is a sparse tensor, which safetensors cannot store"
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            return f"{name!r} is of dtype {tensor.dtype}, which safetensors cannot store"
+    return None
 
 
 def tensor_entries(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A state dict's tensors: not a module's extra state (`get_extra_state`, any value),
-    which checkpoints keep and a weights file (safetensors) cannot."""
+    which checkpoints keep and a weights file (safetensors) or an average cannot."""
     return {name: value for name, value in state.items() if torch.is_tensor(value)}
 
 
-class _Weights:
-    """A module as safetensors' `save_model` and `load_model` read and load it: the tensors
-    of its state dict (`tensor_entries`); its extra state is neither written nor missed."""
+def untied(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`state`'s tensors (no module's extra state) with each tensor once, under its first
+    name (`tied_groups`), as safetensors stores tied weights."""
+    return {names[0]: state[names[0]] for names in tied_groups(state)}
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return tensor_entries(self.module.state_dict())
+def tied_groups(state: dict[str, Any]) -> list[list[str]]:
+    """A state dict's tensor names grouped by the tensor they name: tied weights (one
+    tensor under several names: the same memory seen the same way) are one group."""
+    groups: dict[Any, list[str]] = {}
+    for name, tensor in tensor_entries(state).items():
+        groups.setdefault(_view(tensor), []).append(name)
+    return list(groups.values())
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:
-        result = self.module.load_state_dict(state, strict=strict)
-        extra = self.module.state_dict().keys() - self.state_dict().keys()
-        result.missing_keys[:] = [key for key in result.missing_keys if key not in extra]
-        return result
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+
+
+def _view(tensor: torch.Tensor) -> Any:
+    """What makes two entries one tensor: their memory, offset, dtype, shape and strides
+    (an empty tensor is only itself)."""
+    return (_storage(tensor), tensor.storage_offset(), tensor.dtype, tensor.shape, tensor.stride())
 
 
 def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load safetensors weights into `model` (re-tying shared weights); nothing is unpickled."""
+    """Load safetensors weights into `model`, tied weights from any one of their names;
+    nothing is unpickled. With `strict`, a tensor of the model the file lacks, or a name
+    the model lacks, is a `ValueError` naming them (a module's extra state is not in such
+    a file and is left as it is)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
     try:
-        load_model(_Weights(model), str(path), strict=strict)  # type: ignore[arg-type]
+        weights = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(
             f"weights file {str(path)!r} is truncated or corrupt ({error})"
         ) from None
+    state = model.state_dict()
+    missing = [g[0] for g in tied_groups(state) if not any(name in weights for name in g)]
+    unexpected = [name for name in weights if name not in state]
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"weights file {str(path)!r} does not fit the model: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    model.load_state_dict({k: v for k, v in weights.items() if k in state}, strict=False)
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: Any = "cpu") -> None:
@@ -320,11 +361,11 @@ def _load_safetensors_checked(model: torch.nn.Module, path: Path, map_location: 
         weights = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"weights file {str(path)!r} is unreadable ({error})") from None
-    state = tensor_entries(model.state_dict())
-    stored = {state[name].data_ptr() for name in weights if name in state}
-    expected = {  # a tied alias of a stored tensor is not missing
-        name: t for name, t in state.items() if name in weights or t.data_ptr() not in stored
-    }
+    state = model.state_dict()
+    expected: dict[str, Any] = {}  # a tied alias of a stored tensor is not missing
+    for names in tied_groups(state):
+        stored = [name for name in names if name in weights]
+        expected.update((name, state[name]) for name in stored or names[:1])
     refuse_another_models(path, expected, weights)
     load_safetensors(model, path)
 

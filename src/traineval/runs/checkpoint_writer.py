@@ -121,23 +121,6 @@ def _copy_tensor(value: torch.Tensor, reuse: Any, copies: list[bool]) -> torch.T
     return out
 
 
-def untied(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """`state`'s tensors (no module's extra state) with each shared tensor once (the first
-    name), as safetensors stores tied weights; `load_safetensors` re-ties them."""
-    seen: set[tuple[int, int, torch.dtype, torch.Size]] = set()
-    out = {}
-    for name, tensor in state.items():
-        if not torch.is_tensor(tensor):
-            continue
-        storage = tensor.untyped_storage().data_ptr()
-        key = (storage, int(tensor.storage_offset()), tensor.dtype, tensor.shape)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor
-    return out
-
-
 class CheckpointWriter:
     """One background thread per save, at most one at a time (see the module); `perform`
     writes one file."""

@@ -395,9 +395,16 @@ def load_local_model_state(model: torch.nn.Module, state: dict[str, Any]) -> Non
         for key, value in get_model_state_dict(model).items():
             if torch.is_tensor(value):
                 local_part(value).copy_(state[key])
-            elif key.endswith("_extra_state") and key in state:
-                owner = key.removesuffix("_extra_state").removesuffix(".")
-                model.get_submodule(owner).set_extra_state(state[key])
+    set_extra_states(model, state)
+
+
+def set_extra_states(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Give each module its extra state (`set_extra_state`) from the `_extra_state`
+    entries of `state` (a state dict, or any part of one)."""
+    for key, value in state.items():
+        if key == "_extra_state" or key.endswith("._extra_state"):
+            owner = key.removesuffix("_extra_state").removesuffix(".")
+            model.get_submodule(owner).set_extra_state(value)
 
 
 def as_sharded(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:

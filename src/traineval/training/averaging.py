@@ -7,8 +7,9 @@ After every optimizer update, for each parameter and floating-point buffer w:
 the first update copying w (as torch's `AveragedModel` with `get_ema_multi_avg_fn` and
 `use_buffers=True` does). With `warmup` the decay of update t (counted from 1) is
 `min(decay, (1 + t) / (10 + t))`, so early averages do not cling to the first weights.
-Integer buffers (BatchNorm's `num_batches_tracked`) and modules' extra state are not
-averaged: they are the model's.
+Complex weights are averaged like real ones. Integer buffers (BatchNorm's
+`num_batches_tracked`), sparse buffers and modules' extra state are not averaged: they are
+the model's.
 
 The loop evaluates with the averaged weights, checkpoints hold them as the model's weights
 (the trained ones beside them, to resume), and the model holds them when training ends.
@@ -49,7 +50,7 @@ class WeightAverage:
         self.index: dict[str, int] = {}  # state-dict name -> position in sources / average
         positions: dict[int, int] = {}
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+            if not _averaged(tensor):
                 continue  # an integer buffer, a module's extra state (`get_extra_state`)
             position = positions.setdefault(id(tensor), len(self.sources))
             if position == len(self.sources):
@@ -174,3 +175,11 @@ class WeightAverage:
 
         whole = saved.to(local_part(source).device)
         return local_part(distribute_tensor(whole, spec.mesh, spec.placements, src_data_rank=None))
+
+
+def _averaged(value: Any) -> bool:
+    """Whether a state-dict entry is averaged: a dense floating-point or complex tensor
+    (not an integer or sparse buffer, nor a module's extra state, which stay the model's)."""
+    if not torch.is_tensor(value) or value.layout != torch.strided:
+        return False
+    return value.is_floating_point() or value.is_complex()

@@ -31,8 +31,10 @@ from ..runs.checkpoint import (
     CHECKPOINT_VERSION,
     save_checkpoint_file,
     save_safetensors,
+    unexportable,
+    untied,
 )
-from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites, Write, snapshot, untied
+from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites, Write, snapshot
 from ..runs.shard_folders import SHARDS, remove_older
 from ..system.distributed import (
     Distributed,
@@ -128,7 +130,7 @@ def save_from_loop(
         if writer is not None:
             _save_in_background(writer, name, loop, contents.weights, payload, path)
         else:
-            if name == "best":
+            if name == "best" and exports_weights(loop):
                 _export_best(loop, contents, path)
             save_checkpoint_file(payload, path)
             remove_older(folder, name, keep=None)  # a sharded mode's, before a resume
@@ -216,7 +218,8 @@ def _save_sharded(
     payload = None
     if extra is not None:
         payload = checkpoint_payload(name, config, _contents(loop, None, None, shards.name), extra)
-    skip = tied_names(loop.model) if name == "best" else None  # None: no best.safetensors
+    exporting = name == "best" and exports_weights(loop)
+    skip = tied_names(loop.model) if exporting else None  # None: no best.safetensors
     if isinstance(writer, StagedWrites):  # a sharded save is not put off: written now
         writer = writer.target
     if isinstance(writer, ShardWriter):
@@ -325,6 +328,23 @@ def _records(
     }
 
 
+def exports_weights(loop: Loop) -> bool:
+    """Whether `best.safetensors` is written beside `best.pt`: unless the model holds a
+    tensor safetensors cannot store (`unexportable`: a sparse buffer, complex128), which
+    is said once a run; `best.pt` holds the weights then."""
+    refused = unexportable(loop.model.state_dict())
+    if refused is None:
+        return True
+    if not loop.saves.export_refusal_said:
+        loop.saves.export_refusal_said = True
+        logger.warning(
+            "best.safetensors is not written: %s; best.pt holds the best weights "
+            "(traineval evaluate, load_checkpoint and load_model read it)",
+            refused,
+        )
+    return False
+
+
 def _export_best(loop: Loop, contents: Contents, path: Path) -> None:
     """`best.safetensors` beside `best.pt`: the weights to use (the average, with one). (A
     sharded checkpoint's are written from its folder: `_save_sharded`.)"""
@@ -339,10 +359,10 @@ def refuse_non_finite(weights: dict[str, Any], path: Path) -> None:
     """Refuse to write `path` when a parameter or buffer in `weights` holds NaN or inf
     (`NonFiniteError` naming it): the previous file stays, and a resume never starts from
     a poisoned state. One check of every tensor, read back once."""
-    names = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()]
+    names = [k for k, v in weights.items() if torch.is_tensor(v) and _inexact(v)]
     if not names:
         return
-    finite = torch.stack([torch.isfinite(weights[k]).all().cpu() for k in names])
+    finite = torch.stack([torch.isfinite(_stored(weights[k])).all().cpu() for k in names])
     if bool(finite.all()):
         return
     bad = names[int((~finite).nonzero()[0])]
@@ -350,6 +370,18 @@ def refuse_non_finite(weights: dict[str, Any], path: Path) -> None:
     raise NonFiniteError(
         f"refusing to write {path.name}: the model's {bad!r} holds NaN or infinite values; {kept}"
     )
+
+
+def _inexact(tensor: torch.Tensor) -> bool:
+    """Whether a tensor can hold NaN or inf: floating-point or complex."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """The values a tensor stores: a sparse one's (without its implicit zeros)."""
+    if tensor.layout == torch.strided:
+        return tensor
+    return tensor._values() if tensor.layout == torch.sparse_coo else tensor.values()
 
 
 def _save_in_background(
@@ -369,17 +401,18 @@ def _save_in_background(
     _wait_for_the_previous_write(writer, path, said=stopped)
     exported: dict[str, Any] = {}  # to copy with the checkpoint
     average: dict[str, Any] | None = None  # copied already
-    if name == "best" and is_sharded(loop.model):
-        exported = weights
-    elif name == "best" and loop.weight_average is not None:
+    exporting = name == "best" and exports_weights(loop)
+    if exporting and is_sharded(loop.model):
+        exported = untied(weights)
+    elif exporting and loop.weight_average is not None:
         with loop.weights_to_keep():
             average = writer.snapshot("average", untied(loop.model.state_dict()))
-    elif name == "best":
+    elif exporting:
         exported = untied(loop.model.state_dict())
     kind = "best" if name == "best" else "checkpoint"  # the buffers one shape of save lends
     copied = writer.snapshot(kind, {"checkpoint": payload, "weights": exported})
     writes: list[Write] = []
-    if name == "best":
+    if exporting:
         files = average if average is not None else copied["weights"]
         writes.append(Write("safetensors", path.with_suffix(".safetensors"), files))
     writes.append(Write("checkpoint", path, copied["checkpoint"]))

@@ -41,6 +41,7 @@ class Saves:
         # a save_fn that takes a writer can put a save off (a copy written later)
         self.can_stage = save_fn is not None and len(inspect.signature(save_fn).parameters) > 2
         self.last: tuple[Any, tuple[int, ...]] | None = None  # `last`'s path and position
+        self.export_refusal_said = False  # why best.safetensors is not written, said once
 
     def request(self, name: str, *, deferrable: bool, within_budget: bool) -> None:
         """Ask for `name`; a `deferrable` one beyond the budget is put off (see above)."""

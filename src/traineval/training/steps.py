@@ -101,9 +101,11 @@ def loss_with_gradient(
 
     For modes whose update direction is not the gradient of their loss (FedAvg's and
     Reptile's `weights - trained weights`): the loop's backward pass puts the direction in
-    `.grad` and the optimizer applies it like any other gradient.
+    `.grad` and the optimizer applies it like any other gradient. (A complex parameter's
+    term is Re(sum(p * conj(g))), whose gradient torch gives as g.)
     """
-    surrogate = torch.stack([(p * g).sum() for p, g in zip(params, gradients, strict=True)]).sum()
+    terms = [(p * g.conj()).real.sum() for p, g in zip(params, gradients, strict=True)]
+    surrogate = torch.stack(terms).sum()
     return value + (surrogate - surrogate.detach())
 
 

@@ -1,0 +1,183 @@
+"""Models of unusual shape through training, the best export and loading: parameters cut
+from one tensor, a module registered under two names, a sparse buffer, complex weights, a
+module's extra state, non-persistent buffers. Each once crashed a run or lost its weights;
+the reference is the run's own `best.pt` (read with torch) or a hand computation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import traineval
+from traineval import TrainingConfig, TrainingManager
+from traineval.runs.checkpoint import load_checkpoint_file, save_safetensors
+
+from conftest import make_classification
+
+
+class CutFromOneTensor(nn.Module):
+    """Two parameters that are views of one tensor (neither covers all of its memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        block = torch.randn(2, 8, 3) * 0.3
+        self.a, self.b = nn.Parameter(block[0]), nn.Parameter(block[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.a + torch.tanh(x @ self.b)
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm under two names (a block applied twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.norm, self.head = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+        self.norm_again = self.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm_again(torch.relu(self.norm(self.lin(x)))))
+
+
+class SparseGraph(nn.Module):
+    """A sparse buffer (a graph's adjacency, as in a graph convolution)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        ring = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 0]])
+        adjacency = torch.sparse_coo_tensor(ring, torch.ones(8), (8, 8), check_invariants=True)
+        self.register_buffer("adjacency", adjacency)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sparse.mm(self.adjacency, x.t()).t() + x)
+
+
+class ComplexWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(8, 16, dtype=torch.cfloat) * 0.3)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x.to(torch.cfloat) @ self.w).abs())
+
+
+class CountsInForward(nn.Module):
+    """A non-persistent buffer that forward changes (not in the state dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(8, 3)
+        self.register_buffer("seen", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return self.net(x) * (1 + 1e-3 * self.seen.clamp(max=100))
+
+
+def fit(quiet_config, model: nn.Module, **options) -> dict:
+    config = TrainingConfig(**{**quiet_config, "num_epochs": 2, "batch_size": 8, **options})
+    train = DataLoader(make_classification(n=48, seed=4), batch_size=8, shuffle=False)
+    val = DataLoader(make_classification(n=24, seed=5), batch_size=8)
+    TrainingManager(config).train(model, train, val)
+    return config.to_dict()
+
+
+def assert_export_is_the_best(folder: str, fresh: nn.Module) -> None:
+    """best.safetensors loads into a fresh model (tied names re-tied) and equals best.pt."""
+    best = load_checkpoint_file(folder + "/checkpoints/best.pt")["model"]
+    traineval.load_checkpoint(folder + "/checkpoints/best.safetensors", fresh)
+    state = fresh.state_dict()
+    for name, value in best.items():
+        assert torch.equal(state[name], value), name
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_parameters_cut_from_one_tensor_are_exported_and_load(quiet_config, background):
+    config = fit(quiet_config, CutFromOneTensor(), async_checkpointing=background)
+    assert_export_is_the_best(config["output_dir"], CutFromOneTensor())
+
+
+@pytest.mark.parametrize("sharding", ["full", "sharded"])
+def test_a_module_under_two_names_loads_from_its_export(quiet_config, sharding):
+    config = fit(quiet_config, SharedNorm(), checkpoint_sharding=sharding)
+    assert_export_is_the_best(config["output_dir"], SharedNorm())
+
+
+def test_a_sparse_buffer_trains_with_an_average_and_skips_the_export_saying_why(
+    quiet_config, caplog
+):
+    model = SparseGraph()
+    with caplog.at_level(logging.WARNING, logger="traineval"):
+        config = fit(quiet_config, model, ema_decay=0.9)
+    folder = config["output_dir"] + "/checkpoints"
+    said = [r.getMessage() for r in caplog.records if "best.safetensors" in r.getMessage()]
+    assert len(said) == 1  # once a run, not once a save
+    assert "'adjacency' is a sparse tensor" in said[0]
+    assert not (Path(folder) / "best.safetensors").exists()
+    loaded = SparseGraph()
+    traineval.load_checkpoint(folder + "/best.pt", loaded)
+    assert torch.equal(loaded.adjacency.to_dense(), model.adjacency.to_dense())
+    with pytest.raises(ValueError, match="'adjacency' is a sparse tensor"):
+        save_safetensors(model, config["output_dir"] + "/x.safetensors")
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"async_checkpointing": True}, {"checkpoint_sharding": "sharded"}]
+)
+def test_complex_weights_are_exported_on_every_path(quiet_config, options):
+    config = fit(quiet_config, ComplexWeights(), **options)
+    assert_export_is_the_best(config["output_dir"], ComplexWeights())
+
+
+def test_complex_weights_are_averaged(quiet_config):
+    """The moving average covers complex weights as real ones (it skipped them before)."""
+    from test_ema import RecordWeights, ema_by_hand
+
+    model, record = ComplexWeights(), RecordWeights()
+    config = TrainingConfig(**{**quiet_config, "num_epochs": 2, "ema_decay": 0.8})
+    train = DataLoader(make_classification(n=48, seed=4), batch_size=8)
+    TrainingManager(config).train(model, train, callbacks=[record])
+    expected = ema_by_hand(record.weights, 0.8)
+    torch.testing.assert_close(model.w.detach(), expected["w"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model.w.detach(), record.weights[-1]["w"], atol=1e-5)
+
+
+def test_extra_state_with_restored_best_weights(quiet_config):
+    """The best weights' copy keeps a module's extra state too (it crashed before)."""
+    from test_sharded_checkpoints import WithExtraState
+
+    model = WithExtraState()
+    fit(quiet_config, model, restore_best_weights=True, eval_frequency=2)
+    assert model.calls > 0
+
+
+def test_the_learning_rate_search_puts_back_every_buffer_and_extra_state(quiet_config):
+    """After `find_learning_rate`, `train` trains exactly what it would have: non-persistent
+    buffers (outside the state dict) and extra state are put back too."""
+    from test_sharded_checkpoints import WithExtraState
+
+    data = DataLoader(make_classification(n=48, seed=4), batch_size=8)
+    config = TrainingConfig(**{**quiet_config, "num_epochs": 1})
+    searched, plain = CountsInForward(), CountsInForward()
+    manager = TrainingManager(config)
+    manager.find_learning_rate(searched, data, num_steps=5)
+    assert float(searched.seen) == 0
+    counted = WithExtraState()
+    TrainingManager(config).find_learning_rate(counted, data, num_steps=5)
+    assert counted.calls == 0
+    TrainingManager(config).train(searched, data)
+    quiet_config["output_dir"] += "-plain"
+    TrainingManager(TrainingConfig(**{**quiet_config, "num_epochs": 1})).train(plain, data)
+    assert torch.equal(searched.net.weight, plain.net.weight)
