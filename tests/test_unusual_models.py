@@ -181,3 +181,97 @@ def test_the_learning_rate_search_puts_back_every_buffer_and_extra_state(quiet_c
     quiet_config["output_dir"] += "-plain"
     TrainingManager(TrainingConfig(**{**quiet_config, "num_epochs": 1})).train(plain, data)
     assert torch.equal(searched.net.weight, plain.net.weight)
+
+
+class SparseEmbedding(nn.Module):
+    """An embedding with sparse gradients (`sparse=True`), then a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding, self.head = nn.Embedding(12, 8, sparse=True), nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(tokens))
+
+
+def tokens() -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 12, (48,), generator=generator)
+    return torch.utils.data.TensorDataset(x, x % 3)
+
+
+def test_sparse_gradients_train_with_sgd_clipping_and_decay_as_by_hand(quiet_config):
+    """SGD with momentum, weight decay (not on the sparse embedding: torch cannot add it to
+    a sparse gradient) and clipping (the norm of the sparse gradient's values), against a
+    hand-written loop; Adam refuses them before any work, naming the module."""
+    from conftest import plain_sgd_config
+
+    options = {"learning_rate": 0.5, "momentum": 0.9, "weight_decay": 0.1}
+    config = plain_sgd_config(quiet_config, **options, gradient_clipping=True, max_grad_norm=0.5)
+    ours, theirs = SparseEmbedding(), SparseEmbedding()
+    TrainingManager(config).train(ours, DataLoader(tokens(), batch_size=8))
+    groups = [
+        {"params": [theirs.head.weight], "weight_decay": 0.1},
+        {"params": [theirs.embedding.weight, theirs.head.bias], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.SGD(groups, lr=0.5, momentum=0.9)
+    for _ in range(config.num_epochs):
+        for x, y in DataLoader(tokens(), batch_size=8):
+            nn.functional.cross_entropy(theirs(x), y).backward()
+            grads = [p.grad for p in theirs.parameters()]
+            norm = torch.stack([g.to_dense().norm() for g in grads]).norm()
+            for grad in grads:
+                grad.mul_((0.5 / (norm + 1e-6)).clamp(max=1.0))
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    adam = TrainingConfig(
+        **{**quiet_config, "optimizer_type": "adam", "overwrite_output_dir": True}
+    )
+    with pytest.raises(ValueError, match=r"'adam' cannot train sparse gradients.*'embedding'"):
+        TrainingManager(adam).train(SparseEmbedding(), DataLoader(tokens(), batch_size=8))
+
+
+class TiedEmbedding(nn.Module):
+    """The output layer's weight is the embedding's (tied), so each has two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding, self.mid = nn.Embedding(12, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 12, bias=False)
+        self.out.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mid(self.embedding(tokens))))
+
+
+def test_prefixes_name_a_tied_parameter_by_either_of_its_names(quiet_config):
+    """frozen_parameters and lr_multipliers take the second name of a tied weight (they
+    were refused: "matches no parameter"), and a model without parameters is said so."""
+    from traineval.training.optim import build_optimizer
+
+    model = TiedEmbedding()
+    optimizer = build_optimizer(model, "sgd", lr=1.0, lr_multipliers={"out": 0.5})
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rates[id(model.embedding.weight)] == 0.5
+    assert rates[id(model.mid.weight)] == 1.0
+    before = model.embedding.weight.detach().clone()
+    config = TrainingConfig(**{**quiet_config, "num_epochs": 1, "frozen_parameters": ["out"]})
+    TrainingManager(config).train(model, DataLoader(tokens(), batch_size=8))
+    assert not model.embedding.weight.requires_grad
+    assert torch.equal(model.embedding.weight, before)
+    with pytest.raises(ValueError, match=r"has no trainable parameters \(it has none\)"):
+        build_optimizer(nn.ReLU(), "sgd", lr=1.0)
+
+
+def test_a_float16_model_under_fp16_precision_is_refused_before_any_work(quiet_config):
+    """fp16 mixed precision scales the loss of float32 weights: torch failed a float16
+    model after its first update ("Attempting to unscale FP16 gradients")."""
+    model = nn.Sequential(nn.Linear(8, 3)).half()
+    config = TrainingConfig(**{**quiet_config, "precision": "fp16"})
+    with pytest.raises(ValueError, match=r"precision='fp16'.*'0\.weight' is float16"):
+        TrainingManager(config).train(model, DataLoader(make_classification(n=16), 8))
+    assert not (Path(config.output_dir) / "checkpoints").exists()

@@ -46,7 +46,7 @@ from ..training.averaging import WeightAverage
 from ..training.batches import ModelLoss, OutputTransform, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
 from ..training.optim import PlateauSchedule, check_prefixes, freeze, restore_schedule
-from ..training.precision import Precision, resolve_precision
+from ..training.precision import Precision, refuse_half_weights, resolve_precision
 from ..training.run_checkpoints import (
     in_shards,
     restore_optimizer,
@@ -181,6 +181,7 @@ def plan_mode(
 ) -> tuple[ModePlan, Precision]:
     """The run's precision, and the mode's plan once it has checked what it refuses."""
     precision = resolve_precision(config.precision, device)
+    refuse_half_weights(precision, request.model)
     ctx = Context(
         config=config,
         train_data=request.train_loader,

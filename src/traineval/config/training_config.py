@@ -351,7 +351,10 @@ class TrainingConfig(_ConfigBase):
     `lr_multipliers` ({prefix: factor}) trains the parameters under a module path (e.g.
     "backbone") at `factor` times the learning rate (the longest matching prefix wins; the
     schedule keeps the ratios); `frozen_parameters` (prefixes) are not trained at all. Each
-    prefix must name some parameter of the model.
+    prefix must name some parameter of the model (a tied weight by any of its names).
+    An embedding with sparse gradients (`nn.Embedding(sparse=True)`) trains with
+    optimizer_type "sgd" (Adam refuses sparse gradients): its weight takes no weight decay,
+    and clipping measures its gradient by the values it holds.
     `label_smoothing` and `class_weights` (one per class, or "balanced") shape the default
     cross-entropy of supervised and federated classification (not a loss_function you pass).
     `ema_decay` (0: off; e.g. 0.999) keeps an exponential moving average of the weights,

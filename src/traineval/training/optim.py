@@ -33,12 +33,19 @@ DEFAULT_WARMUP_STEPS = TrainingConfig.__dataclass_fields__["warmup_steps"].defau
 
 
 def matching(model: nn.Module, prefix: str) -> list[str]:
-    """The names of `model`'s parameters under `prefix` (the name itself, or a module path)."""
-    return [
-        name
-        for name, _ in model.named_parameters()
-        if name == prefix or name.startswith(prefix + ".")
-    ]
+    """The names of `model`'s parameters under `prefix` (the name itself, or a module path),
+    each name of a tied parameter or of a module registered twice included."""
+    return [name for name in parameter_names(model) if _under(name, prefix)]
+
+
+def parameter_names(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every name of every parameter: a tied one (or one of a module registered under two
+    names) under each of its names."""
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def check_prefixes(model: nn.Module, field: str, prefixes: Iterable[str]) -> None:
@@ -56,19 +63,22 @@ def freeze(model: nn.Module, prefixes: Iterable[str]) -> int:
     """Turn off gradients for the parameters under `prefixes`; returns how many."""
     prefixes = list(prefixes)
     check_prefixes(model, "frozen_parameters", prefixes)
-    count = 0
-    for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            param.requires_grad_(False)
-            count += 1
-    return count
+    frozen = {
+        id(param): param
+        for name, param in parameter_names(model).items()
+        if any(_under(name, prefix) for prefix in prefixes)
+    }
+    for param in frozen.values():
+        param.requires_grad_(False)
+    return len(frozen)
 
 
-def _multiplier(name: str, multipliers: dict[str, float]) -> float:
-    """The factor of the longest prefix that matches `name` (1.0 where none does)."""
+def _multiplier(names: list[str], multipliers: dict[str, float]) -> float:
+    """The factor of the longest prefix that matches one of a parameter's `names` (1.0
+    where none does)."""
     best, factor = -1, 1.0
     for prefix, value in multipliers.items():
-        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+        if any(_under(name, prefix) for name in names) and len(prefix) > best:
             best, factor = len(prefix), value
     return factor
 
@@ -80,8 +90,9 @@ def parameter_groups(
     multipliers: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Split trainable parameters: matrices decay; biases, norm weights and other 1-D tensors
-    don't. With `multipliers` ({prefix: factor}) each factor gets its own groups, whose rate
-    is `lr` times the factor.
+    don't, nor the weights of embeddings with sparse gradients (torch's optimizers cannot
+    add a decay to a sparse gradient). With `multipliers` ({prefix: factor}) each factor
+    gets its own groups, whose rate is `lr` times the factor.
 
     Raises:
         ValueError: the model has no trainable parameters, or a prefix matches none.
@@ -89,14 +100,20 @@ def parameter_groups(
     multipliers = multipliers or {}
     check_prefixes(model, "lr_multipliers", multipliers)
     buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    sparse = {f"{name}.weight".lstrip(".") for name in sparse_gradient_modules(model)}
+    names: dict[int, list[str]] = {}
+    for name, param in parameter_names(model).items():
+        names.setdefault(id(param), []).append(name)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            decays = param.ndim >= 2 and weight_decay != 0
-            buckets.setdefault((_multiplier(name, multipliers), decays), []).append(param)
+            decays = param.ndim >= 2 and weight_decay != 0 and name not in sparse
+            factor = _multiplier(names[id(param)], multipliers)
+            buckets.setdefault((factor, decays), []).append(param)
     if not buckets:
+        why = "all have requires_grad=False" if names else "it has none"
         raise ValueError(
-            f"model {type(model).__name__} has no trainable parameters "
-            "(all have requires_grad=False); nothing to optimize"
+            f"model {type(model).__name__} has no trainable parameters ({why}); nothing to "
+            "optimize"
         )
     # (with no decay, one group per factor: one fused kernel launch per step instead of two)
     groups = []
@@ -142,6 +159,15 @@ def build_optimizer(
     """
     groups = parameter_groups(model, weight_decay, lr, lr_multipliers)
     kernels = _kernel_options(p for g in groups for p in g["params"])
+    sparse = sparse_gradient_modules(model)
+    if sparse and name in ("adam", "adamw"):
+        raise ValueError(
+            f"optimizer_type={name!r} cannot train sparse gradients, which the model's "
+            f"{sparse[0] or type(model).__name__!r} (an embedding with sparse=True) makes: use "
+            "optimizer_type='sgd', or sparse=False"
+        )
+    if sparse:
+        kernels = {}  # torch's fused and foreach kernels take dense gradients only
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernels)
     if name == "adam":
@@ -150,6 +176,17 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernels)
     raise ValueError(f"optimizer_type={name!r} is invalid: expected one of 'adamw', 'adam', 'sgd'")
+
+
+def sparse_gradient_modules(model: nn.Module) -> list[str]:
+    """The names of `model`'s modules whose weights get sparse gradients (an `nn.Embedding`
+    or `nn.EmbeddingBag` made with sparse=True)."""
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and module.sparse and module.weight.requires_grad
+    ]
 
 
 class _WarmupShape:

@@ -84,3 +84,18 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
             )
     scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
     return Precision(name=name, device_type=device.type, scaler=scaler)
+
+
+def refuse_half_weights(precision: Precision, model: torch.nn.Module) -> None:
+    """fp16 mixed precision keeps float32 weights and scales the loss: a model whose trained
+    weights are float16 cannot be unscaled (torch's "Attempting to unscale FP16
+    gradients", after the first update's work); refused here, naming the first one."""
+    if precision.scaler is None:
+        return
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            raise ValueError(
+                f"precision='fp16' trains float32 weights under fp16 autocast, but the model's "
+                f"{name!r} is float16: keep the model in float32 (autocast runs the forward "
+                "pass in fp16), or set precision='bf16' or 'fp32'"
+            )

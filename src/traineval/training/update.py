@@ -21,6 +21,7 @@ from ..runs.train_state import TrainState
 from ..system.distributed import Distributed
 from .averaging import WeightAverage
 from .batches import move_to_device
+from .optim import sparse_gradient_modules
 from .precision import Precision
 from .skips import NonFiniteSkips
 from .steplog import StepLog
@@ -80,6 +81,7 @@ class WindowUpdate:
         self.average_gradients = placement.average_gradients
         self.skips = NonFiniteSkips(model, rule.skip_non_finite)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.sparse_gradients = bool(sparse_gradient_modules(model))
         names = {id(p): name for name, p in model.named_parameters()}
         named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(self.params)]
         self.steps = StepLog(self.device, capacity=min(log_every, 4096))
@@ -171,6 +173,8 @@ class WindowUpdate:
         """Clip to `max_grad_norm` (returning the norm before clipping), or measure the norm
         on log steps only when there is no clipping."""
         norm = None
+        if self.sparse_gradients and (self.max_grad_norm is not None or logging_next):
+            return _clip_with_sparse(self.params, self.max_grad_norm)
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         elif logging_next:
@@ -186,3 +190,17 @@ class WindowUpdate:
         self.steps.discard_step()
         self.skips.count(state, why)
         return False
+
+
+def _clip_with_sparse(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """`clip_grad_norm_` (or, without `max_norm`, the norm alone) where some gradients are
+    sparse (torch's norms take dense ones): a sparse gradient's norm is that of its
+    coalesced values, and each gradient is scaled in place as torch's clip does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    values = [g.coalesce().values() if g.layout == torch.sparse_coo else g for g in grads]
+    norm = torch.nn.utils.get_total_norm(values)
+    if max_norm is not None:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale)
+    return norm
