@@ -161,6 +161,32 @@ def test_a_max_steps_stop_then_a_longer_run_equals_the_uninterrupted_run(
     assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
 
 
+def test_a_max_steps_stop_with_its_epoch_end_save_put_off_resumes_exactly(
+    quiet_config, tmp_path, monkeypatch
+):
+    """Where the write budget puts the epoch-end `last` off to the run's end (many small
+    epochs), the stopped run's closing evaluation stayed out of the resume point only for
+    saves asked at once: the put-off one overwrote it after that evaluation."""
+    from traineval.runs.checkpoint_writer import WriteBudget
+
+    monkeypatch.setattr(WriteBudget, "allows", lambda self: False)
+    case = dataclasses.replace(
+        CASES["supervised"], settings={"restore_best_weights": True, "eval_frequency": 2}
+    )
+    straight, expected = _train(case, tmp_path / "straight", quiet_config)
+    _train(case, tmp_path / "stopped", quiet_config, max_steps=case.stop_at)
+    saved = load_checkpoint_file(tmp_path / "stopped" / "checkpoints" / "last.pt")["loop"]
+    assert saved["global_step"] == case.stop_at
+    assert saved["last_eval_step"] < case.stop_at  # not the closing evaluation's
+    resumed, result = _train(
+        case, tmp_path / "stopped", quiet_config, max_steps=None, resume_from="auto"
+    )
+    history = result["training_history"]
+    assert history["val_steps"] == expected["training_history"]["val_steps"]
+    assert history["train_loss"] == expected["training_history"]["train_loss"]
+    assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+
+
 def test_the_resume_warning_names_the_plans_only_when_they_differ(quiet_config, tmp_path, caplog):
     case = dataclasses.replace(
         CASES["supervised"], settings={"scheduler_type": "cosine", "warmup_steps": 2}

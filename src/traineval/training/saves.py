@@ -108,5 +108,7 @@ class Saves:
             self.requests += sorted(self.deferred)
 
     def forget_last(self) -> None:
-        """Drop a pending request for `last` (the resume point was just written)."""
+        """Drop a pending request for `last`, asked now or put off to the run's end (the
+        resume point was just written: a later `last` would hold what came after it)."""
         self.requests = [name for name in self.requests if name != "last"]
+        self.deferred.discard("last")
