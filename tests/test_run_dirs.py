@@ -264,3 +264,30 @@ def test_a_run_written_with_the_earlier_metric_names_evaluates_and_resumes(tmp_p
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_completed"] == 3
     assert summary["monitor_metric"] == "val_accuracy"
+
+
+def test_overwriting_a_run_removes_its_checkpoints_so_a_resume_finds_only_the_new_ones(
+    quiet_config,
+):
+    """overwrite_output_dir left the earlier run's checkpoints beside the new run's: a
+    later resume_from="auto" took the earlier epoch-0005.pt (further along) for this run."""
+    from torch.utils.data import DataLoader
+
+    from traineval.training.loop import TrainingInterrupted
+
+    from conftest import InterruptAt, make_classification, make_mlp
+
+    def config() -> TrainingConfig:
+        settings = {"num_epochs": 6, "checkpoint_save_frequency": 5, "batch_size": 8}
+        return TrainingConfig(**{**quiet_config, **settings, "overwrite_output_dir": True})
+
+    earlier, data = (DataLoader(make_classification(40, seed=s), 8) for s in (7, 0))
+    TrainingManager(config()).train(make_mlp(), earlier)
+    folder = config().output_dir + "/checkpoints"
+    assert "epoch-0005.pt" in os.listdir(folder)
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config()).train(make_mlp(), data, callbacks=[InterruptAt(3)])
+    assert os.listdir(folder) == ["last.pt"]  # the earlier run's files are gone
+    resumed = make_mlp()
+    result = TrainingManager(config()).train(resumed, data, resume_from="auto")
+    assert result["training_history"]["epoch"] == [1, 2, 3, 4, 5, 6]  # all of this run's

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -213,9 +214,11 @@ def held_by_the_job(folder: Path, job: Distributed) -> Iterator[None]:
 
 def claim(folder: Path, job: Distributed, *, resuming: bool, overwrite: bool) -> None:
     """Create the run directory and clear what a killed save left; refuse to write over an
-    earlier run's checkpoints unless `resuming` or `overwrite` (overwrite_output_dir)."""
+    earlier run's checkpoints unless `resuming` or `overwrite` (overwrite_output_dir: then
+    they are removed, so no later resume takes one of them for this run's)."""
     checkpoints = folder / "checkpoints"
-    if not (resuming or overwrite) and checkpoints.is_dir() and any(checkpoints.iterdir()):
+    earlier = not resuming and checkpoints.is_dir() and any(checkpoints.iterdir())
+    if earlier and not overwrite:
         raise FileExistsError(
             f"output_dir={str(folder)!r} already holds checkpoints of an earlier run; resume "
             "it with resume_from='auto' (CLI: --resume auto), choose another output_dir, or "
@@ -223,6 +226,21 @@ def claim(folder: Path, job: Distributed, *, resuming: bool, overwrite: bool) ->
         )
     if job.is_main:
         folder.mkdir(parents=True, exist_ok=True)
+        if earlier:
+            _remove_earlier_checkpoints(checkpoints)
         for path in remove_stale_temporaries(checkpoints):
             logger.info("removed %s, left by a save that did not finish", path.name)
     job.barrier()  # the others start once rank 0 has the directory ready
+
+
+def _remove_earlier_checkpoints(checkpoints: Path) -> None:
+    """overwrite_output_dir: the earlier run's checkpoints (files and shard folders) go, so
+    `resume_from="auto"` can only find this run's (an earlier run's `epoch-0009.pt` would
+    be further along than this run's `last.pt`)."""
+    names = sorted(path.name for path in checkpoints.iterdir())
+    for path in checkpoints.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    logger.info("overwrite_output_dir: removed the earlier run's %s", ", ".join(names))
