@@ -275,3 +275,41 @@ def test_a_float16_model_under_fp16_precision_is_refused_before_any_work(quiet_c
     with pytest.raises(ValueError, match=r"precision='fp16'.*'0\.weight' is float16"):
         TrainingManager(config).train(model, DataLoader(make_classification(n=16), 8))
     assert not (Path(config.output_dir) / "checkpoints").exists()
+
+
+def test_a_regression_model_that_squeezes_a_batch_of_one_is_evaluated():
+    """`.squeeze()` makes the last batch's output a 0-d tensor (9 samples in batches of
+    8): the evaluation crashed on it; its metrics are scikit-learn's."""
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    from traineval import Evaluator, TaskType
+
+    class Squeezing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).squeeze()
+
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(1))
+    y, model = x.sum(1), Squeezing()
+    data = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    metrics = Evaluator().evaluate(model, data, task_type=TaskType.REGRESSION).metrics
+    with torch.no_grad():
+        predicted = model.linear(x).reshape(-1).numpy()
+    assert metrics["mse"] == pytest.approx(mean_squared_error(y.numpy(), predicted), rel=1e-5)
+    assert metrics["r2_score"] == pytest.approx(r2_score(y.numpy(), predicted), rel=1e-5)
+
+
+@pytest.mark.parametrize("source", ["table.csv", "function"])
+def test_a_path_or_a_function_as_supervised_training_data_is_refused_first(quiet_config, source):
+    """Both are environment sources (reinforcement learning): a path was iterated letter by
+    letter ("this batch has no targets"), a function asked for max_steps."""
+    data = DataLoader(make_classification(n=16), 8)
+    loader = source if source == "table.csv" else (lambda: data)
+    config = TrainingConfig(**{**quiet_config, "max_steps": 3})
+    with pytest.raises(ValueError, match=r"is a (string|function): mode='supervised' trains on"):
+        TrainingManager(config).train(nn.Linear(8, 3), loader)
+    assert not (Path(config.output_dir) / "checkpoints").exists()

@@ -71,6 +71,8 @@ class Accumulator:
         return {m.name: m.compute(self.config.ignore_index) for m in self.user}
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        # a model that squeezes its output gives a 0-d tensor for a batch of one sample
+        outputs, targets = torch.atleast_1d(outputs), torch.atleast_1d(targets)
         if self.user:
             self._update_user(outputs, targets)
         if self.task is TaskType.CLASSIFICATION:

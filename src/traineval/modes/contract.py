@@ -195,6 +195,7 @@ class Mode:
         """Refuse combinations the mode does not support; override to add your own (call
         `super().check(ctx)`)."""
         c, name = ctx.config, self.name
+        _refuse_environment_sources(self, ctx.train_data)
         if ctx.job.enabled and c.distributed_strategy == "fsdp" and not self.shards:
             raise ValueError(
                 f"distributed_strategy='fsdp' is not supported in mode='{name}' (it reads and "
@@ -385,3 +386,21 @@ def register(cls: M | None = None, *, replace: bool = False) -> Any:
         return mode_class
 
     return add if cls is None else add(cls)
+
+
+def _refuse_environment_sources(mode: Mode, train_data: Any) -> None:
+    """A function or a string as the training data is an environment source (a factory, a
+    Gymnasium id), which only modes without data read: refused in the others, before a
+    string is iterated letter by letter or a function called for batches."""
+    if not mode.uses_data:
+        return
+    kind = "a string" if isinstance(train_data, str) else None
+    if kind is None and callable(train_data) and not hasattr(train_data, "__iter__"):
+        kind = "a function"
+    if kind is not None:
+        raise ValueError(
+            f"train_loader={train_data!r} is {kind}: mode='{mode.name}' trains on a DataLoader "
+            "(or any iterable of batches; a table's path runs through `traineval fit` with "
+            "data.path); a function or a Gymnasium id makes environments, for "
+            "mode='ppo' or 'policy_gradient'"
+        )
