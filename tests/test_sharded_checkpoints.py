@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -384,9 +385,16 @@ def test_a_failed_sharded_save_is_a_write_error_and_keeps_the_previous_checkpoin
     from traineval import Callback
     from traineval.system.files import WriteError
 
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+
     class FullDiskAt(Callback):
         def on_step_end(self, loop):
             if loop.state.global_step == 7:
+                # the disk fills once update 4's save is on disk (a background write may
+                # still be going on a loaded machine; the full disk is for the next save)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not written_at(last, 4):
+                    time.sleep(0.01)
 
                 def full(*args, **kwargs):
                     raise OSError(errno.ENOSPC, "No space left on device")
@@ -399,6 +407,14 @@ def test_a_failed_sharded_save_is_a_write_error_and_keeps_the_previous_checkpoin
         )
     assert load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")["global_step"] == 4
     assert len(shard_folders(tmp_path / "run")) == 1  # the failed save's folder is gone
+
+
+def written_at(path, step):
+    """Whether checkpoint `path` is on disk, written at update `step`."""
+    try:
+        return load_checkpoint_file(path, mmap=True)["global_step"] == step
+    except Exception:  # not there yet, or replaced while read
+        return False
 
 
 def test_resuming_in_the_other_mode_leaves_no_stale_files(tmp_path):
