@@ -313,3 +313,24 @@ def test_a_path_or_a_function_as_supervised_training_data_is_refused_first(quiet
     with pytest.raises(ValueError, match=r"is a (string|function): mode='supervised' trains on"):
         TrainingManager(config).train(nn.Linear(8, 3), loader)
     assert not (Path(config.output_dir) / "checkpoints").exists()
+
+
+def test_an_evaluation_batch_with_every_target_ignored_adds_nothing_to_the_mean(quiet_config):
+    """Its mean was 0/0, and 0 items times NaN made val_loss NaN, which stopped the run
+    (EvaluationError): the loss is the mean over the kept targets of every batch."""
+    from traineval import Evaluator
+
+    x, y = make_classification(48).tensors
+    held_out = y.clone()
+    held_out[:8] = -100  # the first validation batch: every target ignored
+    held_out[30:34] = -100
+    model = nn.Linear(8, 3)
+    train = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    val = DataLoader(torch.utils.data.TensorDataset(x, held_out), batch_size=8)
+    config = TrainingConfig(**{**quiet_config, "num_epochs": 1})
+    result = TrainingManager(config).train(model, train, val)
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(x), held_out))
+    assert result["training_history"]["val_loss"][-1] == pytest.approx(expected, rel=1e-5)
+    metrics = Evaluator().evaluate(model, val).metrics
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)

@@ -99,9 +99,10 @@ class BatchScorer:
             self._loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
             self._weight_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
         if isinstance(scored.weight, int):
-            self._loss_sum.add_(loss, alpha=scored.weight)
+            if scored.weight:  # a batch of no items (every target ignored): mean 0/0, NaN
+                self._loss_sum.add_(loss, alpha=scored.weight)
         else:
-            self._loss_sum.add_(loss * scored.weight)
+            self._loss_sum.add_(torch.where(scored.weight > 0, loss * scored.weight, 0.0))
         self._weight_sum += scored.weight
         return scored
 
