@@ -205,3 +205,18 @@ def test_data_json_is_written_when_the_run_starts_and_checked_when_read(tmp_path
     capsys.readouterr()
     assert main(["predict", str(run), str(rows), "--output", str(tmp_path / "x.csv")]) == 2
     assert "feature_mean holds 1 values for 2 columns" in capsys.readouterr().err
+
+
+def test_target_cells_are_read_without_surrounding_spaces_and_an_empty_one_is_refused(tmp_path):
+    """ "cat " and "cat" were two classes, and an empty target cell the class "" (while an
+    empty feature cell is refused)."""
+    from traineval.data.tables import load_csv
+
+    rows = ["a,b,label", "1,2,cat", "3,4,cat ", "5,6, dog", "7,8,dog"]
+    (tmp_path / "spaces.csv").write_text("\n".join(rows) + "\n")
+    table = load_csv(tmp_path / "spaces.csv", target="label")
+    assert table.class_names == ["cat", "dog"]
+    assert table.y.tolist() == [0, 0, 1, 1]
+    (tmp_path / "empty.csv").write_text("\n".join([*rows, "9,10,"]) + "\n")
+    with pytest.raises(ValueError, match=r"empty.csv:6: the target is empty; fill it or drop"):
+        load_csv(tmp_path / "empty.csv", target="label")

@@ -248,6 +248,13 @@ def _with_target(
             f"data.task={task!r} is invalid with one target column: expected 'auto', "
             "'classification' or 'regression' ('multilabel' takes a list of 0/1 columns)"
         )
+    raw = [value.strip() for value in raw]  # "cat " is the class "cat"
+    if "" in raw:
+        line = raw.index("") + 2
+        raise ValueError(
+            f"{path}:{line}: the target is empty; fill it or drop the row (traineval does not "
+            "impute missing values)"
+        )
     try:
         numbers = np.array([float(v) for v in raw], dtype=np.float64)
     except ValueError:
