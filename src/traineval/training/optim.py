@@ -112,8 +112,7 @@ def parameter_groups(
     if not buckets:
         why = "all have requires_grad=False" if names else "it has none"
         raise ValueError(
-            f"model {type(model).__name__} has no trainable parameters ({why}); nothing to "
-            "optimize"
+            f"model {type(model).__name__} has no trainable parameters ({why}); nothing to optimize"
         )
     # (with no decay, one group per factor: one fused kernel launch per step instead of two)
     groups = []
