@@ -82,3 +82,30 @@ def test_loss_options_are_validated_and_refused_where_they_cannot_apply(quiet_co
     balanced = TrainingConfig(class_weights="balanced", **quiet_config)
     with pytest.raises(ValueError, match="has none: pass one weight per class"):
         TrainingManager(balanced).train(make_mlp(), list(loader))
+
+
+def test_balanced_weights_count_the_rows_a_subset_sampler_draws_and_name_what_they_need(
+    quiet_config,
+):
+    """A loader over a subset of its dataset (SubsetRandomSampler): scikit-learn's weights
+    of the rows it draws, not of the whole dataset; dict samples are said, not a KeyError."""
+    from torch.utils.data import Dataset, SubsetRandomSampler
+
+    data = skewed()
+    rows = np.arange(0, 128, 3)
+    loader = DataLoader(data, 8, sampler=SubsetRandomSampler(rows.tolist()))
+    config = TrainingConfig(class_weights="balanced", **quiet_config)
+    ours = class_weights(config, loader, torch.device("cpu"))
+    labels = data.tensors[1].numpy()[rows]
+    expected = compute_class_weight("balanced", classes=np.unique(labels), y=labels)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6)
+
+    class Dicts(Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input": torch.zeros(8), "label": 0}
+
+    with pytest.raises(ValueError, match=r"'balanced' reads each training sample's label.*Dicts"):
+        class_weights(config, DataLoader(Dicts(), 2), torch.device("cpu"))

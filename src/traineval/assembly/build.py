@@ -160,15 +160,32 @@ def class_weights(
             "class_weights='balanced' reads the labels of the train loader's dataset; this "
             "train_loader has none: pass one weight per class instead"
         )
-    from ..data.splits import dataset_labels
-
-    labels = np.concatenate([dataset_labels(loader.dataset) for loader in loaders])
+    labels = np.concatenate([_sampled_labels(loader) for loader in loaders])
     labels = labels[labels >= 0].astype(np.int64)  # ignored / unlabeled samples
     if labels.size == 0:
         raise ValueError("class_weights='balanced': the training data has no labels")
     counts = np.bincount(labels).astype(np.float64)
     balanced = np.where(counts > 0, labels.size / (len(counts) * np.maximum(counts, 1)), 1.0)
     return torch.tensor(balanced, dtype=torch.float32, device=device)
+
+
+def _sampled_labels(loader: Any) -> np.ndarray:
+    """The labels of the samples a loader draws from: its dataset's, only the rows of a
+    sampler over a subset (`SubsetRandomSampler`'s `indices`). A dataset whose labels
+    cannot be read (dict samples, no length) is a ValueError saying what to pass."""
+    from ..data.splits import dataset_labels
+
+    try:
+        labels = dataset_labels(loader.dataset)
+    except (TypeError, KeyError, IndexError, ValueError, NotImplementedError) as error:
+        raise ValueError(
+            "class_weights='balanced' reads each training sample's label (a TensorDataset's "
+            "second tensor, or sample[1] of a dataset with a length); this train_loader's "
+            f"dataset {type(loader.dataset).__name__} gives none ({type(error).__name__}: "
+            f"{error}): pass one weight per class instead"
+        ) from None
+    indices = getattr(getattr(loader, "sampler", None), "indices", None)
+    return labels if indices is None else labels[np.asarray(list(indices), dtype=np.int64)]
 
 
 def plan_mode(
