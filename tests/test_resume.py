@@ -234,3 +234,38 @@ def test_an_older_record_with_mixed_precision_reads_as_its_precision(now, warned
     said = "precision was 'fp32' in the checkpoint and is 'auto' now" in caplog.text
     assert said == warned
     assert ("CHANGED CONFIG" in caplog.text) == warned
+
+
+def test_an_iterable_dataset_stopped_inside_an_epoch_resumes_exactly(tmp_path):
+    """A stream has no batch sampler to skip by: the resumed run reads and drops the
+    epoch's first batches (torch refused the rebuilt loader before)."""
+    from torch.utils.data import IterableDataset
+
+    x, y = make_classification(100).tensors
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(x, y, strict=True)
+
+    def run(folder, model, **options):
+        config = TrainingConfig(
+            max_steps=30,
+            batch_size=8,
+            seed=0,
+            output_dir=str(folder),
+            progress_bar=False,
+            tensorboard_logging=False,
+            device="cpu",
+        )
+        TrainingManager(config).train(model, DataLoader(Stream(), batch_size=8), **options)
+
+    straight, resumed = nn.Linear(8, 3), nn.Linear(8, 3)
+    resumed.load_state_dict(straight.state_dict())
+    first = nn.Linear(8, 3)
+    first.load_state_dict(straight.state_dict())
+    run(tmp_path / "straight", straight)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "stopped", first, callbacks=[InterruptAt(5)])
+    run(tmp_path / "stopped", resumed, resume_from="auto")
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from .loaders import worker_settings
 
@@ -57,7 +57,8 @@ def skip_batches(
             on_skipped()
         return iter(loader)
     batch_sampler = getattr(loader, "batch_sampler", None)
-    if isinstance(loader, DataLoader) and batch_sampler is not None:
+    map_style = not isinstance(getattr(loader, "dataset", None), IterableDataset)
+    if isinstance(loader, DataLoader) and batch_sampler is not None and map_style:
         resumed = DataLoader(
             loader.dataset,
             batch_sampler=_SkipFirst(batch_sampler, skip, on_skipped),
