@@ -269,3 +269,43 @@ def test_an_iterable_dataset_stopped_inside_an_epoch_resumes_exactly(tmp_path):
     run(tmp_path / "stopped", resumed, resume_from="auto")
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stop_at", [10, 13], ids=["epoch-end", "inside-an-epoch"])
+def test_persistent_workers_resume_to_the_uninterrupted_shuffle(tmp_path, stop_at):
+    """Persistent workers draw their seed from the loader's generator once, as they start:
+    at the first epoch of an uninterrupted run, in a later one of a resumed run, which then
+    shuffled every later epoch differently. (5 updates an epoch.)"""
+    data = make_classification(40)
+
+    def run(folder, model, **options):
+        config = TrainingConfig(
+            num_epochs=4,
+            batch_size=8,
+            seed=0,
+            output_dir=str(folder),
+            progress_bar=False,
+            tensorboard_logging=False,
+            device="cpu",
+        )
+        loader = DataLoader(
+            data,
+            batch_size=8,
+            shuffle=True,
+            num_workers=2,
+            persistent_workers=True,
+            generator=torch.Generator().manual_seed(3),
+        )
+        return TrainingManager(config).train(model, loader, **options)
+
+    torch.manual_seed(0)
+    straight = nn.Linear(8, 3)
+    expected = run(tmp_path / "straight", straight)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "stopped", nn.Linear(8, 3), callbacks=[InterruptAt(stop_at)])
+    resumed = nn.Linear(8, 3)
+    result = run(tmp_path / "stopped", resumed, resume_from="auto")
+    history = result["training_history"]["train_loss"]
+    assert history == expected["training_history"]["train_loss"]
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .loaders import worker_settings
@@ -40,8 +42,44 @@ class _SkipFirst:
         return max(0, len(self.inner) - self.skip)  # type: ignore[arg-type]
 
 
+def epoch_batches(loader: Iterable[Any], later_epoch: bool) -> Iterator[Any]:
+    """`iter(loader)` for an epoch from its start (`later_epoch`: not the run's first; see
+    `seeds_drawn_aside`)."""
+    with seeds_drawn_aside(loader, later_epoch):
+        return iter(loader)
+
+
+@contextlib.contextmanager
+def seeds_drawn_aside(loader: Any, later_epoch: bool) -> Iterator[None]:
+    """A DataLoader with persistent workers draws its workers' base seed from its generator
+    (the global one, without) once, as the workers start: in an uninterrupted run at its
+    first epoch. Where they start in a later epoch (a resumed run's), the seed is drawn from
+    a generator of its own inside the block, so the epoch's shuffle draws what the
+    uninterrupted run's did. (What the workers themselves draw, e.g. random augmentations,
+    continues from other seeds: persistent workers' own streams are not checkpointed.)"""
+    persistent = (
+        isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
+    )
+    if not (later_epoch and persistent and getattr(loader, "_iterator", None) is None):
+        yield
+        return
+    own = loader.generator
+    loader.generator = torch.Generator().manual_seed(WORKER_SEEDS)
+    try:
+        yield
+    finally:
+        loader.generator = own
+
+
+WORKER_SEEDS = 0x5EED  # the seed of the generator a resumed run's persistent workers' seed
+# is drawn from
+
+
 def skip_batches(
-    loader: Iterable[Any], skip: int, on_skipped: Callable[[], None] | None = None
+    loader: Iterable[Any],
+    skip: int,
+    on_skipped: Callable[[], None] | None = None,
+    later_epoch: bool = False,
 ) -> Iterator[Any]:
     """Iterate `loader` from batch `skip` on.
 
@@ -55,16 +93,17 @@ def skip_batches(
     if skip == 0:
         if on_skipped is not None:
             on_skipped()
-        return iter(loader)
+        return epoch_batches(loader, later_epoch)
     batch_sampler = getattr(loader, "batch_sampler", None)
     map_style = not isinstance(getattr(loader, "dataset", None), IterableDataset)
     if isinstance(loader, DataLoader) and batch_sampler is not None and map_style:
-        resumed = DataLoader(
-            loader.dataset,
-            batch_sampler=_SkipFirst(batch_sampler, skip, on_skipped),
-            generator=loader.generator,
-            persistent_workers=False,
-            **worker_settings(loader),
-        )
+        with seeds_drawn_aside(loader, later_epoch):
+            resumed = DataLoader(
+                loader.dataset,
+                batch_sampler=_SkipFirst(batch_sampler, skip, on_skipped),
+                generator=loader.generator,
+                persistent_workers=False,
+                **worker_settings(loader),
+            )
         return iter(resumed)
     return _skipping(loader, skip, on_skipped)

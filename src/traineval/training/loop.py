@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..callbacks.base import Callback, overrides
-from ..data.position import skip_batches
+from ..data.position import epoch_batches, skip_batches
 from ..loggers import LoggerHub
 from ..runs.tracking import MetricsTracker, Plateau
 from ..runs.train_state import HistoryJson, TrainState, empty_history
@@ -375,13 +375,15 @@ class Loop:
         set_epoch = getattr(getattr(self.train_loader, "sampler", None), "set_epoch", None)
         if set_epoch is not None:  # DistributedSampler: this epoch's shuffle
             set_epoch(state.epoch)
+        later = state.epoch > 1  # (persistent workers start in a resumed run's later epoch)
         if state.batch_in_epoch == 0:
-            return iter(self.train_loader)
+            return epoch_batches(self.train_loader, later)
         # Regenerate the epoch's shuffle order from its starting RNG, skip by index, then
         # return to the RNG state of the checkpoint once the iterator has drawn its seeds.
         assert state.epoch_rng is not None
         restore_rng(state.epoch_rng, self.data_generators)
-        return skip_batches(self.train_loader, state.batch_in_epoch, self._restore_resume_rng)
+        skip = state.batch_in_epoch
+        return skip_batches(self.train_loader, skip, self._restore_resume_rng, later)
 
     def _restore_resume_rng(self) -> None:
         # Only the global generators: the loader's own generators replay the epoch's draws
