@@ -298,14 +298,62 @@ def test_persistent_workers_resume_to_the_uninterrupted_shuffle(tmp_path, stop_a
         )
         return TrainingManager(config).train(model, loader, **options)
 
-    torch.manual_seed(0)
-    straight = nn.Linear(8, 3)
+    straight = linear()
     expected = run(tmp_path / "straight", straight)
     with pytest.raises(TrainingInterrupted):
-        run(tmp_path / "stopped", nn.Linear(8, 3), callbacks=[InterruptAt(stop_at)])
+        run(tmp_path / "stopped", linear(), callbacks=[InterruptAt(stop_at)])
     resumed = nn.Linear(8, 3)
     result = run(tmp_path / "stopped", resumed, resume_from="auto")
     history = result["training_history"]["train_loss"]
     assert history == expected["training_history"]["train_loss"]
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class EagerlyShuffledBatches(torch.utils.data.Sampler):
+    """A batch sampler that shuffles as its iter is called (Python's random module), not
+    as batches are drawn: a loader with workers calls it twice an epoch."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __iter__(self):
+        import random
+
+        batches = [list(range(i, i + 8)) for i in range(0, 40, 8)]
+        random.shuffle(batches)
+        return iter(batches)
+
+
+def test_an_eager_batch_sampler_with_workers_resumes_exactly(tmp_path):
+    """The resumed epoch's sampler was called once where the uninterrupted run's was
+    called twice (its skipping wrapper called it lazily), so it drew another order."""
+    data = make_classification(40)
+
+    def run(folder, model, **options):
+        config = TrainingConfig(
+            num_epochs=2,
+            batch_size=8,
+            seed=0,
+            output_dir=str(folder),
+            progress_bar=False,
+            tensorboard_logging=False,
+            device="cpu",
+        )
+        loader = DataLoader(data, batch_sampler=EagerlyShuffledBatches(), num_workers=2)
+        TrainingManager(config).train(model, loader, **options)
+
+    straight = linear()
+    run(tmp_path / "straight", straight)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "stopped", linear(), callbacks=[InterruptAt(3)])
+    resumed = nn.Linear(8, 3)
+    run(tmp_path / "stopped", resumed, resume_from="auto")
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def linear() -> nn.Module:
+    """The same starting weights every time."""
+    torch.manual_seed(0)
+    return nn.Linear(8, 3)

@@ -36,7 +36,9 @@ class _SkipFirst:
         self.on_skipped = on_skipped
 
     def __iter__(self) -> Iterator[list[int]]:
-        return _skipping(self.inner, self.skip, self.on_skipped)
+        # `inner`'s own iter now, as the loader calls ours (a sampler that shuffles as its
+        # iter is called draws then; a loader with workers calls it twice an epoch)
+        return _skipping(iter(self.inner), self.skip, self.on_skipped)
 
     def __len__(self) -> int:
         return max(0, len(self.inner) - self.skip)  # type: ignore[arg-type]
