@@ -11,7 +11,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from traineval import TrainingConfig, TrainingManager, TrainingMode
+from traineval import TaskType, TrainingConfig, TrainingManager, TrainingMode
 from traineval.assembly.build import class_weights
 
 from conftest import make_classification, make_mlp
@@ -82,6 +82,12 @@ def test_loss_options_are_validated_and_refused_where_they_cannot_apply(quiet_co
     balanced = TrainingConfig(class_weights="balanced", **quiet_config)
     with pytest.raises(ValueError, match="has none: pass one weight per class"):
         TrainingManager(balanced).train(make_mlp(), list(loader))
+    # label smoothing of a regression or multi-label loss was silently left out
+    x = torch.randn(32, 8)
+    for task, targets in (("regression", torch.randn(32)), ("multilabel", (x[:, :3] > 0) * 1.0)):
+        data = DataLoader(TensorDataset(x, targets), 16)
+        with pytest.raises(ValueError, match=rf"label_smoothing=0\.1 .*this task is {task}"):
+            TrainingManager(config).train(make_mlp(), data, task_type=TaskType(task))
 
 
 def test_balanced_weights_count_the_rows_a_subset_sampler_draws_and_name_what_they_need(

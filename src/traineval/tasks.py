@@ -129,6 +129,11 @@ def task_loss(
     for multi-label classification, token cross-entropy for generation."""
     if class_weight is not None and task_type is not TaskType.CLASSIFICATION:
         raise ValueError(f"class_weights apply to classification; this task is {task_type.value}")
+    if label_smoothing and task_type in (TaskType.REGRESSION, TaskType.MULTILABEL):
+        raise ValueError(
+            f"label_smoothing={label_smoothing} applies to classification and token-level "
+            f"generation; this task is {task_type.value}: set label_smoothing=0"
+        )
     if task_type is TaskType.CLASSIFICATION:
         return nn.CrossEntropyLoss(
             weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing
