@@ -17,7 +17,7 @@ import traineval
 from traineval import TrainingConfig, TrainingManager
 from traineval.runs.checkpoint import load_checkpoint_file, save_safetensors
 
-from conftest import make_classification
+from conftest import make_classification, make_mlp
 
 
 class CutFromOneTensor(nn.Module):
@@ -334,3 +334,44 @@ def test_an_evaluation_batch_with_every_target_ignored_adds_nothing_to_the_mean(
     assert result["training_history"]["val_loss"][-1] == pytest.approx(expected, rel=1e-5)
     metrics = Evaluator().evaluate(model, val).metrics
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_loader_that_grows_is_said_not_trained_silently_at_the_schedule_s_end(
+    quiet_config, caplog
+):
+    """The run is planned from len(train_loader) at its start: a dataset that grows made
+    onecycle fail with torch's step count, and cosine train the extra updates at rate 0
+    without a word."""
+    from torch.utils.data import Dataset
+
+    from traineval import Callback
+
+    x, y = make_classification(100).tensors
+
+    class Growing(Dataset):
+        size = 48
+
+        def __len__(self) -> int:
+            return self.size
+
+        def __getitem__(self, i: int):
+            return x[i], y[i]
+
+    class Grow(Callback):
+        def on_epoch_end(self, loop, logs=None) -> None:
+            data.size = 100
+
+    for schedule in ("onecycle", "cosine"):
+        data = Growing()
+        settings = {"num_epochs": 2, "scheduler_type": schedule, "overwrite_output_dir": True}
+        config = TrainingConfig(**{**quiet_config, **settings})
+        train = DataLoader(data, batch_size=8)
+        if schedule == "onecycle":
+            with pytest.raises(ValueError, match=r"yields more batches than its len\(\) says"):
+                TrainingManager(config).train(make_mlp(), train, callbacks=[Grow()])
+            continue
+        with caplog.at_level(logging.WARNING, logger="traineval"):
+            TrainingManager(config).train(make_mlp(), train, callbacks=[Grow()])
+        assert "this epoch made 13 updates, where the train loader's len() planned 6" in (
+            caplog.text
+        )

@@ -275,6 +275,7 @@ class Loop:
         self.monitor = monitor
         self.num_epochs = length.num_epochs
         self.updates_per_epoch = length.updates_per_epoch
+        self._longer_said = False  # an epoch longer than len(train_loader), said once
         self.accumulation_steps = update.accumulation_steps
         self.eval_every_n_steps = length.eval_every_n_steps
         self.log_every_n_steps = length.log_every_n_steps
@@ -385,6 +386,22 @@ class Loop:
         skip = state.batch_in_epoch
         return skip_batches(self.train_loader, skip, self._restore_resume_rng, later)
 
+    def _say_a_longer_epoch(self, batches: int) -> None:
+        """Once a run: an epoch of more updates than the loader's len() planned when the run
+        began (a dataset that grows): the schedule ends before the run does."""
+        planned = self.updates_per_epoch
+        updates = -(-batches // self.accumulation_steps)
+        if planned is not None and updates > planned and not self._longer_said:
+            self._longer_said = True
+            logger.warning(
+                "this epoch made %d updates, where the train loader's len() planned %d: the "
+                "learning-rate schedule and the run's length were planned from len() (a "
+                "schedule ends early and its last updates train at its final rate); make "
+                "len() right, or set max_steps",
+                updates,
+                planned,
+            )
+
     def _restore_resume_rng(self) -> None:
         # Only the global generators: the loader's own generators replay the epoch's draws
         # from its starting state, whenever the loader makes them (a loader with workers
@@ -407,6 +424,7 @@ class Loop:
             data_seconds += time.perf_counter() - fetch_start
             if not window:
                 self._epoch_complete = True
+                self._say_a_longer_epoch(state.batch_in_epoch)
                 break
             window_start = state.batch_in_epoch
             self.update.skips.before_window()  # a skipped step leaves the buffers as they were

@@ -160,7 +160,7 @@ class WindowUpdate:
         else:
             self.optimizer.step()
         if self.scheduler is not None:
-            self.scheduler.step()
+            _step_schedule(self.scheduler)
         if self.weight_average is not None:
             self.weight_average.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -204,3 +204,20 @@ def _clip_with_sparse(params: list[torch.Tensor], max_norm: float | None) -> tor
         for grad in grads:
             grad.mul_(scale)
     return norm
+
+
+def _step_schedule(scheduler: Any) -> None:
+    """Advance the schedule. A schedule planned over a fixed number of updates (onecycle)
+    that gets more is said as what happened: the loader yielded more batches than its
+    len() (torch's own sentence counts steps)."""
+    try:
+        scheduler.step()
+    except ValueError as error:
+        if not str(error).startswith("Tried to step"):
+            raise
+        raise ValueError(
+            f"the learning-rate schedule was planned over fewer updates than the run makes "
+            f"({error}): the train loader yields more batches than its len() says (a dataset "
+            "that grows, an IterableDataset whose __len__ is low); make len() right, or set "
+            "max_steps"
+        ) from None
