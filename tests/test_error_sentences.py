@@ -420,3 +420,13 @@ def test_a_batch_the_first_layer_cannot_take_names_both(tmp_path):
     with pytest.raises(ValueError, match=r"inputs \(8, 10\): its first layer '0' \(Linear\) "
                                          r"expects 7 input features"):  # fmt: skip
         _manager(tmp_path).train(model, data, data)
+
+
+def test_a_batch_of_another_dtype_than_the_model_names_both(tmp_path):
+    # was: torch's bare "mat1 and mat2 must have the same dtype, but got Double and Float"
+    # (float64 arrays from numpy, into a float32 model)
+    x = torch.from_numpy(torch.randn(32, 10).numpy().astype("float64"))
+    data = DataLoader(TensorDataset(x, torch.randint(0, 3, (32,))), batch_size=8)
+    with pytest.raises(TypeError, match=r"batch of float64 inputs: its weights are float32.*"
+                                        r"torch.from_numpy\(x\).float\(\)"):  # fmt: skip
+        _manager(tmp_path).train(nn.Linear(10, 3), data)

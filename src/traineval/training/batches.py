@@ -85,9 +85,45 @@ def forward(model: nn.Module, inputs: Any) -> Any:
             return model(**inputs)
         return model(inputs)
     except RuntimeError as error:
+        if any(words in str(error) for words in DTYPE_ERRORS) and _dtypes_differ(model, inputs):
+            raise TypeError(_dtype_mismatch(model, inputs, error)) from error
         if not any(words in str(error) for words in SHAPE_ERRORS):
             raise
         raise ValueError(_width_mismatch(model, inputs, error)) from error
+
+
+DTYPE_ERRORS = ("must have the same dtype", "should be the same", "expected scalar type")
+
+
+def _dtype_mismatch(model: nn.Module, inputs: Any, error: RuntimeError) -> str:
+    """The batch's and the model's dtypes, for torch's dtype error (float64 inputs, e.g.
+    from numpy, to a float32 model)."""
+    given = {str(t.dtype).removeprefix("torch.") for t in _tensors(inputs)}
+    weights = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+    torch_says = str(error).strip().splitlines()[0]
+    return (
+        f"the model cannot take a batch of {', '.join(sorted(given)) or 'non-tensor'} inputs: "
+        f"its weights are {', '.join(sorted(weights)) or 'none'} ({torch_says}); convert the "
+        "data (e.g. torch.from_numpy(x).float(), or dtype=torch.float32 in the dataset), or "
+        "the model (model.double())"
+    )
+
+
+def _dtypes_differ(model: nn.Module, inputs: Any) -> bool:
+    """Whether the batch's floating or integer inputs differ in dtype from the model's
+    weights (torch says a device mismatch in words like a dtype one's)."""
+    given = {t.dtype for t in _tensors(inputs)}
+    return bool(given) and not given <= {p.dtype for p in model.parameters()}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [item for part in value for item in _tensors(part)]
+    return []
 
 
 def _width_mismatch(model: nn.Module, inputs: Any, error: RuntimeError) -> str:
