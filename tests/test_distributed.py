@@ -637,3 +637,42 @@ def test_tune_under_torchrun_rank_0_talks_to_the_study_and_every_rank_trains(tmp
     pruned = json.loads((tmp_path / "study" / "trial-0005" / "summary.json").read_text())
     assert pruned["stopped_early"] is True
     assert pruned["epochs_completed"] < 4
+
+
+def _sum_over_two_ranks(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    values = [
+        torch.tensor([1 + 2j], dtype=torch.complex64),
+        torch.tensor([1 + 1e-12], dtype=torch.float64),
+        torch.tensor([3.0]),
+        torch.tensor([4], dtype=torch.int64),
+    ]
+    Distributed(rank=rank, world_size=2).sum_in_place(values, "a test sum")
+    if rank == 0:
+        torch.save(values, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_sum_over_ranks_keeps_complex_and_float64_values(tmp_path):
+    """Federated rounds sum their clients' weights over the ranks: the sum was made in
+    float32, which dropped a complex weight's imaginary part and float64's precision."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = str(tmp_path / "sums.pt")
+    mp.spawn(_sum_over_two_ranks, args=(port, out), nprocs=2)
+    complex_sum, wide_sum, plain_sum, int_sum = torch.load(out)
+    assert complex_sum.item() == 2 + 4j
+    assert wide_sum.item() == 2 + 2e-12
+    assert plain_sum.item() == 6.0
+    assert int_sum.item() == 8

@@ -203,6 +203,11 @@ def test_interrupted_and_resumed_run_keeps_its_average(tmp_path, sharding):
     ):
         assert torch.equal(a, b), name
     assert again["training_history"]["val_metrics"] == result["training_history"]["val_metrics"]
+    # resuming the finished run trains nothing and gives the weights it ended with: the
+    # average (it gave the trained weights)
+    finished = bn_mlp(seed=98)
+    TrainingManager(config(tmp_path / "resumed")).train(finished, *loaders(), resume_from="auto")
+    assert_float_entries_equal(finished.state_dict(), straight.state_dict())
     # the checkpoints' model is the average (what evaluate reads): the last one's is the
     # model the run ended with; best.safetensors is best.pt's
     folder = tmp_path / "resumed" / "checkpoints"

@@ -427,6 +427,6 @@ def test_a_batch_of_another_dtype_than_the_model_names_both(tmp_path):
     # (float64 arrays from numpy, into a float32 model)
     x = torch.from_numpy(torch.randn(32, 10).numpy().astype("float64"))
     data = DataLoader(TensorDataset(x, torch.randint(0, 3, (32,))), batch_size=8)
-    with pytest.raises(TypeError, match=r"batch of float64 inputs: its weights are float32.*"
+    with pytest.raises(RuntimeError, match=r"batch of float64 inputs: its weights are float32.*"
                                         r"torch.from_numpy\(x\).float\(\)"):  # fmt: skip
         _manager(tmp_path).train(nn.Linear(10, 3), data)

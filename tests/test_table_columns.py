@@ -217,6 +217,6 @@ def test_target_cells_are_read_without_surrounding_spaces_and_an_empty_one_is_re
     table = load_csv(tmp_path / "spaces.csv", target="label")
     assert table.class_names == ["cat", "dog"]
     assert table.y.tolist() == [0, 0, 1, 1]
-    (tmp_path / "empty.csv").write_text("\n".join([*rows, "9,10,"]) + "\n")
-    with pytest.raises(ValueError, match=r"empty.csv:6: the target is empty; fill it or drop"):
+    (tmp_path / "empty.csv").write_text("\n".join([*rows, "", "9,10,"]) + "\n")
+    with pytest.raises(ValueError, match=r"empty.csv:7: the target is empty; fill it or drop"):
         load_csv(tmp_path / "empty.csv", target="label")

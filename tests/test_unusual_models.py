@@ -86,6 +86,21 @@ class CountsInForward(nn.Module):
         return self.net(x) * (1 + 1e-3 * self.seen.clamp(max=100))
 
 
+class RebindsItsBuffer(nn.Module):
+    """A running mean kept by assigning a new tensor to its buffer each forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(8, 3)
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+        return self.net(x - self.mean)
+
+
 def fit(quiet_config, model: nn.Module, **options) -> dict:
     config = TrainingConfig(**{**quiet_config, "num_epochs": 2, "batch_size": 8, **options})
     train = DataLoader(make_classification(n=48, seed=4), batch_size=8, shuffle=False)
@@ -177,6 +192,9 @@ def test_the_learning_rate_search_puts_back_every_buffer_and_extra_state(quiet_c
     counted = WithExtraState()
     TrainingManager(config).find_learning_rate(counted, data, num_steps=5)
     assert counted.calls == 0
+    rebinding = RebindsItsBuffer()  # a running mean kept by rebinding, not in place
+    TrainingManager(config).find_learning_rate(rebinding, data, num_steps=5)
+    assert torch.equal(rebinding.mean, torch.zeros(8))
     TrainingManager(config).train(searched, data)
     quiet_config["output_dir"] += "-plain"
     TrainingManager(TrainingConfig(**{**quiet_config, "num_epochs": 1})).train(plain, data)
@@ -375,3 +393,17 @@ def test_a_loader_that_grows_is_said_not_trained_silently_at_the_schedule_s_end(
         assert "this epoch made 13 updates, where the train loader's len() planned 6" in (
             caplog.text
         )
+
+
+def test_sparse_gradients_under_torchrun_are_refused_naming_the_module():
+    """The ranks' all-reduce (DDP's, or the loop's) takes dense gradients only: it failed
+    at the first update with torch's "reshape is not implemented for sparse tensors"."""
+    from traineval.system.distributed import Distributed
+    from traineval.training.update import Placement, UpdateRule, WindowUpdate
+
+    model = SparseEmbedding()
+    rule = UpdateRule(step_fn=lambda m, b: None, optimizer=torch.optim.SGD(model.parameters()))
+    place = Placement(torch.device("cpu"), job=Distributed(rank=0, world_size=2))
+    with pytest.raises(ValueError, match=r"'embedding' \(an embedding with sparse=True\)"):
+        WindowUpdate(rule, place, model, log_every=1)
+    WindowUpdate(rule, Placement(torch.device("cpu")), model, log_every=1)  # one process

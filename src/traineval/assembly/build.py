@@ -183,7 +183,7 @@ def _sampled_labels(loader: Any) -> np.ndarray:
             "second tensor, or sample[1] of a dataset with a length); this train_loader's "
             f"dataset {type(loader.dataset).__name__} gives none ({type(error).__name__}: "
             f"{error}): pass one weight per class instead"
-        ) from None
+        ) from error
     indices = getattr(getattr(loader, "sampler", None), "indices", None)
     return labels if indices is None else labels[np.asarray(list(indices), dtype=np.int64)]
 

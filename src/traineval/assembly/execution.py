@@ -110,7 +110,7 @@ def already_finished(
         manager.output_dir,
         payload["global_step"],
     )
-    restore_weights(model, payload)
+    restore_weights(model, payload, kept=True)  # as the run ended: the average, with one
     state = TrainState()
     state.load_state_dict(payload["loop"])
     result = manager._result(state, monitor.name, 0.0, {})

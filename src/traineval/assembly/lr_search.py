@@ -9,7 +9,6 @@ modules' extra state) and the random streams are put back.
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Protocol
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 from ..config.training_config import TrainingConfig
 from ..modes.contract import closing_step
 from ..system import cpu_threads
-from ..system.distributed import Distributed, set_extra_states
+from ..system.distributed import Distributed
 from ..system.seeding import capture_rng, data_generators, deterministic_algorithms, restore_rng
 from ..training.loop import Loop, Monitor, Observers, RunLength
 from ..training.lr_finder import LearningRateSearch, RangeTest, SearchProgress
@@ -64,22 +63,25 @@ def search_learning_rate(
 
 
 class _ModelState:
-    """A copy of everything of a model's that training changes, put back in place: every
-    parameter and buffer (non-persistent ones too, which a state dict leaves out) and each
-    module's extra state."""
+    """A copy of everything of a model's that training changes, put back by name (a module
+    may have rebound a buffer meanwhile): its state dict (parameters, persistent buffers,
+    each module's extra state) and its non-persistent buffers, which a state dict leaves
+    out."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        tensors = itertools.chain(model.parameters(), model.buffers())
-        self.tensors = [(tensor, tensor.detach().clone()) for tensor in tensors]
-        extra = {k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}
-        self.extra = copy.deepcopy(extra)
+        self.state = copy.deepcopy(model.state_dict())
+        self.transient = {
+            name: buffer.detach().clone()
+            for name, buffer in model.named_buffers()
+            if name not in self.state
+        }
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for tensor, saved in self.tensors:
-                tensor.copy_(saved)
-        set_extra_states(self.model, self.extra)
+        self.model.load_state_dict(self.state)
+        for name, saved in self.transient.items():
+            owner, _, leaf = name.rpartition(".")
+            self.model.get_submodule(owner)._buffers[leaf] = saved
 
 
 def _search_loop(manager: Assembler, request: build.Request, search: RangeTest) -> Loop:

@@ -148,7 +148,8 @@ def load_csv(
     for k, (r, row) in enumerate(zip(lines, body, strict=True)):
         x[k] = [_feature_cell(row[i], path, r, header[i]) for i in kept]
     if len(target_at) == 1:
-        table = _with_target(x, [row[target_at[0]] for row in body], features, task, path)
+        cells = [row[target_at[0]] for row in body]
+        table = _with_target(x, cells, features, task, (path, lines))
     else:
         raw = [[row[c] for c in target_at] for row in body]
         table = _with_targets(x, raw, targets, features, task, path)
@@ -241,8 +242,11 @@ def _refuse_duplicates(header: list[str], named: str) -> None:
 
 
 def _with_target(
-    x: np.ndarray, raw: list[str], features: list[str], task: str, path: Path
+    x: np.ndarray, raw: list[str], features: list[str], task: str, where: tuple[Path, list[int]]
 ) -> Table:
+    """One target column's cells (`where`: the file and each row's line) as class labels
+    or regression values."""
+    path, lines = where
     if task not in ("auto", "classification", "regression"):
         raise ValueError(
             f"data.task={task!r} is invalid with one target column: expected 'auto', "
@@ -250,7 +254,7 @@ def _with_target(
         )
     raw = [value.strip() for value in raw]  # "cat " is the class "cat"
     if "" in raw:
-        line = raw.index("") + 2
+        line = lines[raw.index("")]
         raise ValueError(
             f"{path}:{line}: the target is empty; fill it or drop the row (traineval does not "
             "impute missing values)"
@@ -264,7 +268,7 @@ def _with_target(
             raise ValueError(f"data.task='regression' but {path} has non-numeric targets")
         bad = np.flatnonzero(~np.isfinite(numbers))
         if bad.size:
-            line = int(bad[0]) + 2
+            line = lines[int(bad[0])]
             raise ValueError(
                 f"{path}:{line}: the target is {raw[bad[0]]!r}, not a finite number; fill it "
                 "or drop the row (traineval does not impute missing values)"

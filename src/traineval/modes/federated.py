@@ -430,7 +430,8 @@ class FederatedStep:
                     params.append(value)
                     deltas.append(value.detach() - mean.to(value.dtype))
                 elif not isinstance(value, nn.Parameter):  # buffers (norm statistics)
-                    value.copy_(mean if value.is_floating_point() else mean.round())
+                    exact = value.is_floating_point() or value.is_complex()
+                    value.copy_(mean if exact else mean.round())
         # value: the clients' mean loss; gradient: global - average (FedAvg's pseudo-gradient)
         loss = loss_with_gradient(loss_sum / total, params, deltas)
         return StepOutput(loss=loss, weight=1, num_samples=int(total.item()))  # once a round

@@ -195,12 +195,12 @@ def save_safetensors(model: torch.nn.Module | dict[str, Any], path: str | Path) 
 def unexportable(state: dict[str, Any]) -> str | None:
     """Why safetensors cannot store a state dict's tensors (the first that it cannot: a
     sparse tensor, a dtype it lacks), or None."""
-    from .file_plans import SAFETENSORS_DTYPES
+    from .file_plans import stored_dtypes
 
     for name, tensor in tensor_entries(state).items():
         if tensor.layout != torch.strided:
             return f"{name!r} is a sparse tensor, which safetensors cannot store"
-        if tensor.dtype not in SAFETENSORS_DTYPES:
+        if tensor.dtype not in stored_dtypes():
             return f"{name!r} is of dtype {tensor.dtype}, which safetensors cannot store"
     return None
 

@@ -102,8 +102,21 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-    torch.complex64: "C64",
 }  # fmt: skip
+
+
+@functools.cache
+def stored_dtypes() -> dict[torch.dtype, str]:
+    """The dtypes a safetensors file holds, with their codes: `SAFETENSORS_DTYPES`, and
+    complex64 where the installed safetensors stores it (newer versions), so a file written
+    here is one its reader can read."""
+    from safetensors.torch import save
+
+    try:
+        save({"z": torch.zeros(1, dtype=torch.complex64)})
+    except (KeyError, ValueError, TypeError):
+        return SAFETENSORS_DTYPES
+    return {**SAFETENSORS_DTYPES, torch.complex64: "C64"}
 
 
 Spec = tuple[torch.dtype, tuple[int, ...]]  # a tensor's dtype and shape
@@ -119,13 +132,13 @@ def safetensors_layout(specs: dict[str, Spec]) -> tuple[bytes, list[str]]:
     start = 0
     for name in order:
         dtype, shape = specs[name]
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in stored_dtypes():
             raise ValueError(
                 f"safetensors cannot store {name!r} of dtype {dtype}; it stores "
-                f"{', '.join(sorted(SAFETENSORS_DTYPES.values()))}"
+                f"{', '.join(sorted(stored_dtypes().values()))}"
             )
         end = start + math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+        header[name] = {"dtype": stored_dtypes()[dtype], "shape": list(shape),
                         "data_offsets": [start, end]}  # fmt: skip
         start = end
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()

@@ -93,16 +93,25 @@ class Distributed:
 
     def sum_in_place(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         """Sum each tensor over the ranks, in place, with one all-reduce of them flattened
-        (float32 on the communication device); `what` names it in a collective's error."""
+        per wire dtype (float32 on the communication device; float64 and complex tensors
+        keep their precision, a complex one as its real and imaginary parts); `what` names
+        it in a collective's error."""
         if not self.enabled or not tensors:
             return
-        flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(_comm_device())
-        with _collective(self, what):
-            dist.all_reduce(flat)
-        offset = 0
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+            groups.setdefault(_wire_dtype(t), []).append(t)
+        for dtype, group in groups.items():
+            parts = [_as_real(t).reshape(-1).to(dtype) for t in group]
+            flat = torch.cat(parts).to(_comm_device())
+            with _collective(self, what):
+                dist.all_reduce(flat)
+            offset = 0
+            for t, part in zip(group, parts, strict=True):
+                summed = flat[offset : offset + part.numel()]
+                t.copy_(torch.view_as_complex(summed.view(*t.shape, 2)) if t.is_complex() else
+                        summed.view_as(t))  # fmt: skip
+                offset += part.numel()
 
     def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
         """Average `params`' gradients over the ranks in place (one all-reduce), as DDP does,
@@ -144,6 +153,17 @@ class Distributed:
         if self.enabled:
             with _collective(self, "waiting for the other ranks (barrier)"):
                 dist.barrier()
+
+
+def _wire_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a tensor is summed in over the ranks: float64 for float64 and complex128,
+    else float32."""
+    wide = tensor.dtype in (torch.float64, torch.complex128)
+    return torch.float64 if wide else torch.float32
+
+
+def _as_real(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def _comm_device() -> torch.device:

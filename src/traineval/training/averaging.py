@@ -62,10 +62,12 @@ class WeightAverage:
     @property
     def live(self) -> list[torch.Tensor]:
         """The model's tensors, read and written in place: under FSDP each parameter's local
-        shard, looked up now (FSDP may re-make a shard's tensor, e.g. at its first forward)."""
+        shard, looked up now (FSDP re-makes a shard's tensor where a load or a device move
+        changes it). The DTensor's own local tensor: `to_local` costs an autograd call per
+        parameter per step."""
         if self._live is not None:
             return self._live
-        return [local_part(tensor.detach()) for tensor in self.sources]
+        return [getattr(tensor, "_local_tensor", tensor).detach() for tensor in self.sources]
 
     def decay_at(self, update: int) -> float:
         """The decay applied at update `update` (from 1)."""

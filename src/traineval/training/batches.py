@@ -86,7 +86,7 @@ def forward(model: nn.Module, inputs: Any) -> Any:
         return model(inputs)
     except RuntimeError as error:
         if any(words in str(error) for words in DTYPE_ERRORS) and _dtypes_differ(model, inputs):
-            raise TypeError(_dtype_mismatch(model, inputs, error)) from error
+            raise RuntimeError(_dtype_mismatch(model, inputs, error)) from error
         if not any(words in str(error) for words in SHAPE_ERRORS):
             raise
         raise ValueError(_width_mismatch(model, inputs, error)) from error
@@ -110,9 +110,10 @@ def _dtype_mismatch(model: nn.Module, inputs: Any, error: RuntimeError) -> str:
 
 
 def _dtypes_differ(model: nn.Module, inputs: Any) -> bool:
-    """Whether the batch's floating or integer inputs differ in dtype from the model's
-    weights (torch says a device mismatch in words like a dtype one's)."""
-    given = {t.dtype for t in _tensors(inputs)}
+    """Whether the batch's floating-point inputs differ in dtype from the model's weights
+    (torch says a device mismatch in words like a dtype one's; integer inputs are token
+    ids or indices, not data to convert)."""
+    given = {t.dtype for t in _tensors(inputs) if t.is_floating_point()}
     return bool(given) and not given <= {p.dtype for p in model.parameters()}
 
 

@@ -335,7 +335,7 @@ def exports_weights(loop: Loop) -> bool:
     refused = unexportable(loop.model.state_dict())
     if refused is None:
         return True
-    if not loop.saves.export_refusal_said:
+    if loop.job.is_main and not loop.saves.export_refusal_said:
         loop.saves.export_refusal_said = True
         logger.warning(
             "best.safetensors is not written: %s; best.pt holds the best weights "
@@ -547,12 +547,14 @@ def _saved_average(loop: Loop, payload: dict[str, Any]) -> dict[str, Any]:
     return places["model"]
 
 
-def restore_weights(model: torch.nn.Module, payload: dict[str, Any]) -> None:
-    """Load the weights a resume continues from into `model`."""
+def restore_weights(model: torch.nn.Module, payload: dict[str, Any], kept: bool = False) -> None:
+    """Load the weights a resume continues from into `model`; `kept`: the weights to use
+    instead (a finished run's: the average, with one, as the run ended with)."""
     if in_shards(payload):
-        sharded().load_into(Path(payload[SHARDS]), model, part=_trained_part(payload))
+        part = "model" if kept else _trained_part(payload)
+        sharded().load_into(Path(payload[SHARDS]), model, part=part)
     else:
-        model.load_state_dict(training_weights(payload))
+        model.load_state_dict(payload["model"] if kept else training_weights(payload))
 
 
 def restore_optimizer(

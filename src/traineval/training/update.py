@@ -81,7 +81,14 @@ class WindowUpdate:
         self.average_gradients = placement.average_gradients
         self.skips = NonFiniteSkips(model, rule.skip_non_finite)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.sparse_gradients = bool(sparse_gradient_modules(model))
+        sparse = sparse_gradient_modules(model)
+        if sparse and self.job.enabled:  # DDP and the all-reduce here take dense gradients
+            raise ValueError(
+                f"the model's {sparse[0] or type(model).__name__!r} (an embedding with "
+                "sparse=True) makes sparse gradients, which are not averaged over ranks under "
+                "torchrun: use sparse=False"
+            )
+        self.sparse_gradients = bool(sparse)
         names = {id(p): name for name, p in model.named_parameters()}
         named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(self.params)]
         self.steps = StepLog(self.device, capacity=min(log_every, 4096))
