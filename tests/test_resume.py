@@ -247,26 +247,9 @@ def test_an_iterable_dataset_stopped_inside_an_epoch_resumes_exactly(tmp_path):
         def __iter__(self):
             yield from zip(x, y, strict=True)
 
-    def run(folder, model, **options):
-        config = TrainingConfig(
-            max_steps=30,
-            batch_size=8,
-            seed=0,
-            output_dir=str(folder),
-            progress_bar=False,
-            tensorboard_logging=False,
-            device="cpu",
-        )
-        TrainingManager(config).train(model, DataLoader(Stream(), batch_size=8), **options)
-
-    straight, resumed = nn.Linear(8, 3), nn.Linear(8, 3)
-    resumed.load_state_dict(straight.state_dict())
-    first = nn.Linear(8, 3)
-    first.load_state_dict(straight.state_dict())
-    run(tmp_path / "straight", straight)
-    with pytest.raises(TrainingInterrupted):
-        run(tmp_path / "stopped", first, callbacks=[InterruptAt(5)])
-    run(tmp_path / "stopped", resumed, resume_from="auto")
+    straight, resumed, _, _ = straight_and_resumed(
+        tmp_path, lambda: DataLoader(Stream(), batch_size=8), 5, max_steps=30
+    )
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -278,32 +261,15 @@ def test_persistent_workers_resume_to_the_uninterrupted_shuffle(tmp_path, stop_a
     shuffled every later epoch differently. (5 updates an epoch.)"""
     data = make_classification(40)
 
-    def run(folder, model, **options):
-        config = TrainingConfig(
-            num_epochs=4,
-            batch_size=8,
-            seed=0,
-            output_dir=str(folder),
-            progress_bar=False,
-            tensorboard_logging=False,
-            device="cpu",
+    def loader() -> DataLoader:
+        generator = torch.Generator().manual_seed(3)
+        return DataLoader(
+            data, 8, shuffle=True, num_workers=2, persistent_workers=True, generator=generator
         )
-        loader = DataLoader(
-            data,
-            batch_size=8,
-            shuffle=True,
-            num_workers=2,
-            persistent_workers=True,
-            generator=torch.Generator().manual_seed(3),
-        )
-        return TrainingManager(config).train(model, loader, **options)
 
-    straight = linear()
-    expected = run(tmp_path / "straight", straight)
-    with pytest.raises(TrainingInterrupted):
-        run(tmp_path / "stopped", linear(), callbacks=[InterruptAt(stop_at)])
-    resumed = nn.Linear(8, 3)
-    result = run(tmp_path / "stopped", resumed, resume_from="auto")
+    straight, resumed, expected, result = straight_and_resumed(
+        tmp_path, loader, stop_at, num_epochs=4
+    )
     history = result["training_history"]["train_loss"]
     assert history == expected["training_history"]["train_loss"]
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
@@ -330,27 +296,40 @@ def test_an_eager_batch_sampler_with_workers_resumes_exactly(tmp_path):
     called twice (its skipping wrapper called it lazily), so it drew another order."""
     data = make_classification(40)
 
+    straight, resumed, _, _ = straight_and_resumed(
+        tmp_path,
+        lambda: DataLoader(data, batch_sampler=EagerlyShuffledBatches(), num_workers=2),
+        3,
+        num_epochs=2,
+    )
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def straight_and_resumed(tmp_path, loader, stop_at: int, **settings):
+    """An uninterrupted run, and one stopped at update `stop_at` then resumed (from other
+    weights: the checkpoint's must win), both from `linear()`'s weights on `loader()`: the
+    two models and their results."""
+
     def run(folder, model, **options):
         config = TrainingConfig(
-            num_epochs=2,
             batch_size=8,
             seed=0,
             output_dir=str(folder),
             progress_bar=False,
             tensorboard_logging=False,
             device="cpu",
+            **settings,
         )
-        loader = DataLoader(data, batch_sampler=EagerlyShuffledBatches(), num_workers=2)
-        TrainingManager(config).train(model, loader, **options)
+        return TrainingManager(config).train(model, loader(), **options)
 
     straight = linear()
-    run(tmp_path / "straight", straight)
+    expected = run(tmp_path / "straight", straight)
     with pytest.raises(TrainingInterrupted):
-        run(tmp_path / "stopped", linear(), callbacks=[InterruptAt(3)])
+        run(tmp_path / "stopped", linear(), callbacks=[InterruptAt(stop_at)])
     resumed = nn.Linear(8, 3)
-    run(tmp_path / "stopped", resumed, resume_from="auto")
-    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    result = run(tmp_path / "stopped", resumed, resume_from="auto")
+    return straight, resumed, expected, result
 
 
 def linear() -> nn.Module:
