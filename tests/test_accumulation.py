@@ -260,3 +260,118 @@ def test_evaluation_loss_with_class_weights_is_the_whole_sets_weighted_mean():
     with torch.no_grad():
         expected = nn.functional.cross_entropy(model(x), y, weight=weight).item()
     assert metrics["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def _tokens_with_empty_rows(empty: int) -> TensorDataset:
+    """32 rows of `_padded_tokens` whose first `empty` rows keep no target: with
+    micro-batches of four, those micro-batches' means are over no tokens (torch gives NaN,
+    their gradient is zero)."""
+    inputs, targets = _padded_tokens(n=32).tensors
+    targets = targets.clone()
+    targets[:empty] = -100
+    return TensorDataset(inputs, targets)
+
+
+@pytest.mark.parametrize(("empty", "skip_nonfinite_steps"), [(4, 0), (4, 3), (16, 0)])
+def test_a_micro_batch_whose_every_token_is_ignored_adds_nothing(
+    quiet_config, tmp_path, empty, skip_nonfinite_steps
+):
+    """The window's gradient and loss are the big batch's (a hand-written loop's NaN mean of
+    the empty micro-batch made the run stop as non-finite, or skip the update); a window
+    with no token at all steps as one big batch with none does (a zero gradient)."""
+    dataset = _tokens_with_empty_rows(empty)
+    small, big = _TinyLM(), _TinyLM()
+    config = dict(
+        num_epochs=2,
+        learning_rate=0.5,
+        optimizer_type="adamw",
+        gradient_clipping=False,
+        skip_nonfinite_steps=skip_nonfinite_steps,
+        **quiet_config,
+    )
+    results = [
+        TrainingManager(
+            TrainingConfig(
+                batch_size=batch,
+                gradient_accumulation_steps=16 // batch,
+                **{**config, "output_dir": str(tmp_path / str(batch))},
+            )
+        ).train(model, DataLoader(dataset, batch), task_type=TaskType.GENERATION)
+        for model, batch in ((small, 4), (big, 16))
+    ]
+    assert _max_difference(small, big) < 1e-6
+    assert _max_difference(small, _TinyLM()) > 1e-2  # it trained
+    losses = [r["training_history"]["train_loss"] for r in results]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert results[0]["global_step"] == results[1]["global_step"] == 4  # none skipped
+
+
+def test_a_batch_whose_every_sample_is_ignored_steps_as_a_hand_written_loop(quiet_config, tmp_path):
+    """One batch alone, sample-level targets all ignored: torch's loss is NaN and its
+    gradient zero; the run goes on (AdamW still steps) and logs the epoch's loss over the
+    samples it kept."""
+    x, y = make_classification(n=32).tensors
+    y = y.clone()
+    y[8:16] = -100  # the second of four batches
+    dataset = TensorDataset(x, y)
+    model = make_mlp()
+    reference = copy.deepcopy(model)
+    result = _train(
+        model,
+        DataLoader(dataset, 8),
+        quiet_config,
+        tmp_path,
+        "a",
+        optimizer_type="adamw",
+        num_epochs=1,
+        batch_size=8,
+    )
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=0.0)
+    losses = []
+    for inputs, targets in DataLoader(dataset, 8):
+        loss = nn.functional.cross_entropy(reference(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item() * int((targets != -100).sum()))
+    assert _max_difference(model, reference) < 1e-6
+    kept = [loss for loss in losses if loss == loss]
+    assert result["training_history"]["train_loss"][0] == pytest.approx(sum(kept) / 24, rel=1e-5)
+
+
+def test_an_epoch_whose_every_target_is_ignored_says_so(quiet_config, tmp_path):
+    x, y = make_classification(n=16).tensors
+    dataset = TensorDataset(x, torch.full_like(y, -100))
+    with pytest.raises(ValueError, match="every target it yielded was ignored"):
+        _train(make_mlp(), DataLoader(dataset, 8), quiet_config, tmp_path, "a", num_epochs=1)
+
+
+class _CrossEntropyAndZero(nn.CrossEntropyLoss):
+    """Cross-entropy plus a term whose gradient is the incoming gradient times zero: NaN
+    times zero is NaN, so a window weighed 0/0 poisons the weights through it."""
+
+    def forward(self, logits, targets):
+        return super().forward(logits.transpose(1, 2), targets) + 0.0 * logits.sum()
+
+
+def test_a_window_with_no_token_weighs_its_micro_batches_zero_not_nan(quiet_config, tmp_path):
+    dataset = _tokens_with_empty_rows(16)
+    small, big = _TinyLM(), _TinyLM()
+    for model, batch in ((small, 4), (big, 16)):
+        TrainingManager(
+            TrainingConfig(
+                num_epochs=1,
+                batch_size=batch,
+                gradient_accumulation_steps=16 // batch,
+                optimizer_type="sgd",
+                weight_decay=0.0,
+                gradient_clipping=False,
+                **{**quiet_config, "output_dir": str(tmp_path / str(batch))},
+            )
+        ).train(
+            model,
+            DataLoader(dataset, batch),
+            task_type=TaskType.GENERATION,
+            loss_function=_CrossEntropyAndZero(),
+        )
+    assert _max_difference(small, big) < 1e-6

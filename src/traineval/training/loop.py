@@ -459,7 +459,8 @@ class Loop:
         loss_sum, weight = self.job.sum([state.epoch_loss_sum, state.epoch_loss_weight])
         if weight == 0 and not self.stops.signal() and not self.stops.timed_out:
             raise ValueError(
-                f"epoch {state.epoch} trained on no data: the train loader yielded no batches"
+                f"epoch {state.epoch} trained on no data: the train loader yielded no batches, "
+                "or every target it yielded was ignored (ignore_index)"
             )
         return loss_sum / max(weight, 1e-300)
 

@@ -10,14 +10,13 @@ is read (`TrainLog.read`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..runs.train_state import TrainState
-from .steplog import NonFiniteError
+from .steplog import NonFiniteError, StepLog
 
 
 class NonFiniteSkips:
@@ -40,10 +39,9 @@ class NonFiniteSkips:
         elif buffers:
             torch._foreach_copy_(self._backups, buffers)
 
-    def finite(self, losses: Sequence[torch.Tensor], norm: torch.Tensor | None) -> bool:
+    def finite(self, steps: StepLog, norm: torch.Tensor | None) -> bool:
         """Whether the open step is finite (a sync: asked only with a limit)."""
-        finite = bool(torch.isfinite(torch.stack(list(losses))).all())
-        return finite and (norm is None or bool(torch.isfinite(norm)))
+        return steps.open_step_finite() and (norm is None or bool(torch.isfinite(norm)))
 
     def undo(self, scaler: Any) -> None:
         """Put the buffers back as they were before the window; clear the GradScaler's

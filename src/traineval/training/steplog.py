@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .steps import items_of
+
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient norm became NaN or infinite; no checkpoint was written after it."""
@@ -69,6 +71,16 @@ class StepLog:
         """The open step's micro-batch losses."""
         return self._losses[len(self._losses) - self._open :]
 
+    def open_step_finite(self) -> bool:
+        """Whether every micro-batch loss of the open step is finite, or over no items (a
+        micro-batch whose every target is ignored has a NaN mean and no gradient): a sync."""
+        losses = self.open_losses()
+        finite = torch.isfinite(torch.stack(losses))
+        if bool(finite.all()):
+            return True
+        weights = self._weights[len(self._weights) - self._open :]
+        return all(ok or items_of(w) == 0 for ok, w in zip(finite.tolist(), weights, strict=True))
+
     def close_step(
         self, step: int, epoch: int, batch_index: int, grad_norm: torch.Tensor | None
     ) -> None:
@@ -97,6 +109,9 @@ class StepLog:
             read = torch.stack([self._weights[i] for i in on_device]).tolist()  # type: ignore[misc]
             for i, value in zip(on_device, read, strict=True):
                 weights[i] = float(value)
+        for i in range(sealed):
+            if not math.isfinite(losses[i]):  # over no items (every target ignored)?
+                weights[i] = items_of(self._weights[i])
         norms = iter(torch.stack(self._norms).float().tolist() if self._norms else [])
         records = []
         first = 0
@@ -108,7 +123,7 @@ class StepLog:
                     step=step,
                     epoch=epoch,
                     batch_index=batch,
-                    loss_sum=sum(losses[i] * weights[i] for i in span),
+                    loss_sum=sum(losses[i] * weights[i] for i in span if weights[i]),
                     weight=sum(weights[i] for i in span),
                     grad_norm=next(norms) if has_norm else None,
                 )

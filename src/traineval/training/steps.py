@@ -140,12 +140,35 @@ def loss_weight(
         return num_samples
     class_weight = getattr(loss_function, "weight", None)
     if targets.ndim < 2 and class_weight is None and not exact:
-        return num_samples
+        return SampleCount(num_samples, targets, ignore_index)
     kept = targets != ignore_index
     if class_weight is not None:
         safe = torch.where(kept, targets, 0)
         return (class_weight.to(targets.device)[safe] * kept).sum()
     return kept.sum()
+
+
+class SampleCount(int):
+    """A micro-batch's sample count, standing in for the targets its loss kept: the exact
+    count is read only when asked (`kept()`), because a batch whose every target is
+    `ignore_index` has a NaN mean over no items, and the log tells that from a failure."""
+
+    targets: torch.Tensor
+    ignore_index: int
+
+    def __new__(cls, count: int, targets: torch.Tensor, ignore_index: int) -> SampleCount:
+        counted = super().__new__(cls, count)
+        counted.targets, counted.ignore_index = targets, ignore_index
+        return counted
+
+    def kept(self) -> int:
+        """How many targets are not `ignore_index` (a device sync)."""
+        return int((self.targets != self.ignore_index).sum())
+
+
+def items_of(weight: int | torch.Tensor) -> float:
+    """The items behind a micro-batch's weight (a device read for a tensor)."""
+    return float(weight.kept() if isinstance(weight, SampleCount) else weight)
 
 
 def compiled_loss(loss_function: LossFunction, compile_mode: str | None) -> LossFunction:

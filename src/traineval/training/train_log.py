@@ -10,6 +10,7 @@ function's metrics, per-layer gradient norms when asked for), summed over the ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,7 +98,7 @@ class TrainLog:
         )
         state.interval_loss_sum = state.interval_loss_weight = 0.0
         record: dict[str, Any] = {
-            "train_step_loss": loss_sum / max(weight, 1e-300),
+            "train_step_loss": loss_sum / weight if weight else math.nan,  # NaN: no items
             "learning_rate": lr,
             **stats,
             "samples_per_sec": samples_per_sec,

@@ -134,8 +134,9 @@ class WindowUpdate:
         if self.job.enabled:
             # DDP averages gradients over ranks: weigh by this rank's share of all items.
             total = self.job.sum_tensor(total) / self.job.world_size
-        if isinstance(total, torch.Tensor) and total.ndim == 1:
-            total = total.clamp(min=1e-12)  # per-term counts: a term no item has is 0
+        if isinstance(total, torch.Tensor):
+            # a window (or a term) with no items: its shares are 0, not 0/0
+            total = total.clamp(min=1e-12)
         return [weight / total for weight in weights]
 
     def step(self, state: TrainState, window_start: int, logging_next: bool) -> bool:
@@ -153,7 +154,7 @@ class WindowUpdate:
         norm = self._gradient_norm(logging_next)
         if logging_next:
             self.log.measure_layers()
-        if self.skips.limit and not self.skips.finite(self.steps.open_losses(), norm):
+        if self.skips.limit and not self.skips.finite(self.steps, norm):
             self.skips.undo(scaler)
             return self._skip(state, "non-finite loss or gradient")
         if scaler is not None:
