@@ -115,3 +115,28 @@ def test_balanced_weights_count_the_rows_a_subset_sampler_draws_and_name_what_th
 
     with pytest.raises(ValueError, match=r"'balanced' reads each training sample's label.*Dicts"):
         class_weights(config, DataLoader(Dicts(), 2), torch.device("cpu"))
+
+
+def test_balanced_weights_give_a_class_training_never_shows_one_and_a_wrong_list_is_said(
+    quiet_config,
+):
+    """Training labels 0..1, validation labels 0..2, a 3-class model: scikit-learn's weights
+    over the two classes training shows, 1.0 for the third (torch raised its size error);
+    the validation loss is the weighted mean a hand-written loss gives with those weights."""
+    data = skewed()
+    x, y = data.tensors
+    train = TensorDataset(x[y < 2], y[y < 2])
+    config = TrainingConfig(num_epochs=1, batch_size=16, class_weights="balanced", **quiet_config)
+    model = make_mlp()
+    result = TrainingManager(config).train(model, DataLoader(train, 16), DataLoader(data, 16))
+    shown = compute_class_weight("balanced", classes=np.arange(2), y=train.tensors[1].numpy())
+    weight = torch.tensor([*shown, 1.0], dtype=torch.float32)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y, weight=weight)
+    assert result["training_history"]["val_loss"][-1] == pytest.approx(float(expected), rel=1e-5)
+
+    listed = TrainingConfig(
+        num_epochs=1, class_weights=[1.0, 2.0], overwrite_output_dir=True, **quiet_config
+    )
+    with pytest.raises(ValueError, match=r"has 2 class weights, but the model outputs 3 classes"):
+        TrainingManager(listed).train(make_mlp(), DataLoader(data, 16))

@@ -96,6 +96,20 @@ class SequenceCrossEntropy(nn.Module):
         )
 
 
+class BalancedCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy with class weights counted from the training labels
+    (`class_weights: balanced`). A class the training data never shows, where the model
+    outputs more classes than those labels name, weighs 1.0: a training sample's mean
+    weight, so its validation samples count like an average one."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        classes = input.shape[1] if input.ndim > 1 else input.shape[0]
+        weight = self.weight
+        if weight is not None and classes > weight.numel():
+            self.weight = torch.cat([weight, weight.new_ones(classes - weight.numel())])
+        return super().forward(input, target)
+
+
 def scores_next_token(loss_function: Any) -> bool:
     """Whether a loss is traineval's token loss (the default's), which scores a causal LM's
     logits at t against the label at t + 1 (see `traineval.training.batches.label_shift`); a loss of
@@ -109,14 +123,22 @@ def default_loss(
     *,
     label_smoothing: float = 0.0,
     class_weight: torch.Tensor | None = None,
+    balanced: bool = False,
 ) -> nn.Module | AutoLoss:
     """The loss a task trains with unless the user passes one; `None` picks it from the data.
 
     `label_smoothing` and `class_weight` shape the cross-entropy of classification (label
-    smoothing also that of token-level generation)."""
+    smoothing also that of token-level generation); `balanced` says the class weights were
+    counted from the training labels, which name only the classes training shows: further
+    classes weigh 1.0 (`BalancedCrossEntropy`)."""
     if task_type is None:
-        return AutoLoss(ignore_index, label_smoothing=label_smoothing, class_weight=class_weight)
-    return task_loss(task_type, ignore_index, label_smoothing, class_weight)
+        return AutoLoss(
+            ignore_index,
+            label_smoothing=label_smoothing,
+            class_weight=class_weight,
+            balanced=balanced,
+        )
+    return task_loss(task_type, ignore_index, label_smoothing, class_weight, balanced)
 
 
 def task_loss(
@@ -124,6 +146,7 @@ def task_loss(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     class_weight: torch.Tensor | None = None,
+    balanced: bool = False,
 ) -> nn.Module:
     """Cross-entropy for classification, MSE for regression, per-label binary cross-entropy
     for multi-label classification, token cross-entropy for generation."""
@@ -135,9 +158,8 @@ def task_loss(
             f"generation; this task is {task_type.value}: set label_smoothing=0"
         )
     if task_type is TaskType.CLASSIFICATION:
-        return nn.CrossEntropyLoss(
-            weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing
-        )
+        kind = BalancedCrossEntropy if balanced else nn.CrossEntropyLoss
+        return kind(weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if task_type is TaskType.REGRESSION:
         return RegressionMSE()
     if task_type is TaskType.MULTILABEL:
@@ -159,10 +181,11 @@ class AutoLoss:
         *,
         label_smoothing: float = 0.0,
         class_weight: torch.Tensor | None = None,
+        balanced: bool = False,
     ) -> None:
         self._ignore_index = ignore_index
         self.label_smoothing = label_smoothing
-        self.class_weight = class_weight
+        self.class_weight, self.balanced = class_weight, balanced
         self.resolved: nn.Module | None = None
         self._forward: Any = None
         self.task_type: TaskType | None = None
@@ -175,7 +198,8 @@ class AutoLoss:
     @property
     def weight(self) -> torch.Tensor | None:
         """The class weights of the cross-entropy it picks (what a batch averages over)."""
-        return self.class_weight
+        chosen = getattr(self.resolved, "weight", None)
+        return chosen if chosen is not None else self.class_weight
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._forward is None:
@@ -198,7 +222,11 @@ class AutoLoss:
                         "binary classification with one logit)"
                     )
             self.resolved = task_loss(
-                self.task_type, self._ignore_index, self.label_smoothing, self.class_weight
+                self.task_type,
+                self._ignore_index,
+                self.label_smoothing,
+                self.class_weight,
+                self.balanced,
             )
         return self.resolved
 

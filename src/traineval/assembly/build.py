@@ -138,6 +138,7 @@ def choose_loss(
                 request.task_type,
                 label_smoothing=config.label_smoothing,
                 class_weight=class_weights(config, request.train_loader, device),
+                balanced=config.class_weights == "balanced",
             )
         )
     own = mode.supervised_loss and not (user_loss or _shapes_loss(config))
@@ -165,7 +166,9 @@ def class_weights(
     if labels.size == 0:
         raise ValueError("class_weights='balanced': the training data has no labels")
     counts = np.bincount(labels).astype(np.float64)
-    balanced = np.where(counts > 0, labels.size / (len(counts) * np.maximum(counts, 1)), 1.0)
+    # scikit-learn's n / (classes x count) over the classes training shows; others 1.0
+    shown = int((counts > 0).sum())
+    balanced = np.where(counts > 0, labels.size / (shown * np.maximum(counts, 1)), 1.0)
     return torch.tensor(balanced, dtype=torch.float32, device=device)
 
 

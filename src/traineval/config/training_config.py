@@ -508,7 +508,8 @@ class TrainingConfig(_ConfigBase):
     # when > 0 it replaces warmup_steps
     warmup_ratio: float = setting(0.0, Number(0, below=1))
     # The default classification loss: cross-entropy with label smoothing and class weights
-    # ("balanced": n / (classes x count), from the training labels; or one weight per class)
+    # ("balanced": n / (classes x count), from the training labels, and 1.0 for a class they
+    # never show; or one weight per class)
     label_smoothing: float = setting(0.0, Number(0, below=1))
     class_weights: str | tuple[float, ...] | None = setting(
         None, Custom(_class_weights, "balanced, a list of weights >= 0 (one per class), or null")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -243,6 +244,13 @@ def _loss_failure(name: str, outputs: Any, targets: Any, error: BaseException) -
             f"a target label is outside the model's {classes} classes: labels in this batch "
             f"range from {int(targets.min())} to {int(targets.max())} ({shapes}); labels must "
             f"be in [0, {classes}): give the model one output per class, or relabel the data"
+        )
+    sizes = re.search(r"for all (\d+) classes .* of shape: \[(\d+)\]", text)
+    if sizes is not None:
+        wanted, weights = sizes.groups()
+        return (
+            f"the loss {name} has {weights} class weights, but the model outputs {wanted} "
+            f"classes ({shapes}): give one weight per class (class_weights)"
         )
     return (
         f"the loss {name} cannot take this batch ({shapes}): {text}; check that the model's "
