@@ -34,6 +34,7 @@ from ..config.training_config import setting
 from ..data.loaders import worker_settings
 from ..data.splits import dataset_labels
 from ..runs.checkpoint import tensor_entries
+from ..system.devices import inexact
 from ..system.distributed import Distributed
 from ..training.batches import ModelLoss, OutputTransform
 from ..training.optim import configured_optimizer
@@ -430,8 +431,7 @@ class FederatedStep:
                     params.append(value)
                     deltas.append(value.detach() - mean.to(value.dtype))
                 elif not isinstance(value, nn.Parameter):  # buffers (norm statistics)
-                    exact = value.is_floating_point() or value.is_complex()
-                    value.copy_(mean if exact else mean.round())
+                    value.copy_(mean if inexact(value) else mean.round())
         # value: the clients' mean loss; gradient: global - average (FedAvg's pseudo-gradient)
         loss = loss_with_gradient(loss_sum / total, params, deltas)
         return StepOutput(loss=loss, weight=1, num_samples=int(total.item()))  # once a round

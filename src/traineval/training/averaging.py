@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..system.devices import inexact
 from ..system.distributed import is_sharded, local_part, reshard, sharded_like
 
 
@@ -184,4 +185,4 @@ def _averaged(value: Any) -> bool:
     (not an integer or sparse buffer, nor a module's extra state, which stay the model's)."""
     if not torch.is_tensor(value) or value.layout != torch.strided:
         return False
-    return value.is_floating_point() or value.is_complex()
+    return inexact(value)

@@ -36,6 +36,7 @@ from ..runs.checkpoint import (
 )
 from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites, Write, snapshot
 from ..runs.shard_folders import SHARDS, remove_older
+from ..system.devices import inexact
 from ..system.distributed import (
     Distributed,
     empty_places,
@@ -359,7 +360,7 @@ def refuse_non_finite(weights: dict[str, Any], path: Path) -> None:
     """Refuse to write `path` when a parameter or buffer in `weights` holds NaN or inf
     (`NonFiniteError` naming it): the previous file stays, and a resume never starts from
     a poisoned state. One check of every tensor, read back once."""
-    names = [k for k, v in weights.items() if torch.is_tensor(v) and _inexact(v)]
+    names = [k for k, v in weights.items() if torch.is_tensor(v) and inexact(v)]
     if not names:
         return
     finite = torch.stack([torch.isfinite(_stored(weights[k])).all().cpu() for k in names])
@@ -370,11 +371,6 @@ def refuse_non_finite(weights: dict[str, Any], path: Path) -> None:
     raise NonFiniteError(
         f"refusing to write {path.name}: the model's {bad!r} holds NaN or infinite values; {kept}"
     )
-
-
-def _inexact(tensor: torch.Tensor) -> bool:
-    """Whether a tensor can hold NaN or inf: floating-point or complex."""
-    return tensor.is_floating_point() or tensor.is_complex()
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
