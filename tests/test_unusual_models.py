@@ -252,6 +252,32 @@ def test_sparse_gradients_train_with_sgd_clipping_and_decay_as_by_hand(quiet_con
         TrainingManager(adam).train(SparseEmbedding(), DataLoader(tokens(), batch_size=8))
 
 
+class SharedSparseTable(SparseEmbedding):
+    """The sparse embedding's weight is also a codebook's parameter, registered first: the
+    weight's first name is `codebook.table`, not `embedding.weight`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        codebook = nn.Module()
+        codebook.table = self.embedding.weight
+        self._modules = {"codebook": codebook, **self._modules}
+
+
+def test_a_sparse_embedding_whose_first_name_is_another_module_s_takes_no_decay(quiet_config):
+    """torch's SGD raises on a decay added to a sparse gradient; the group was chosen by the
+    weight's first name only."""
+    from traineval.training.optim import parameter_groups
+
+    from conftest import plain_sgd_config
+
+    model = SharedSparseTable()
+    assert next(iter(dict(model.named_parameters()))) == "codebook.table"
+    decayed = [p for g in parameter_groups(model, 0.1) if g["weight_decay"] for p in g["params"]]
+    assert all(p is not model.embedding.weight for p in decayed)
+    config = plain_sgd_config(quiet_config, learning_rate=0.5, weight_decay=0.1)
+    TrainingManager(config).train(model, DataLoader(tokens(), batch_size=8))
+
+
 class TiedEmbedding(nn.Module):
     """The output layer's weight is the embedding's (tied), so each has two names."""
 

@@ -104,10 +104,11 @@ def parameter_groups(
     names: dict[int, list[str]] = {}
     for name, param in parameter_names(model).items():
         names.setdefault(id(param), []).append(name)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            decays = param.ndim >= 2 and weight_decay != 0 and name not in sparse
-            factor = _multiplier(names[id(param)], multipliers)
+            aliases = names[id(param)]  # a tied weight: the embedding's name may not be first
+            decays = param.ndim >= 2 and weight_decay != 0 and sparse.isdisjoint(aliases)
+            factor = _multiplier(aliases, multipliers)
             buckets.setdefault((factor, decays), []).append(param)
     if not buckets:
         why = "all have requires_grad=False" if names else "it has none"
