@@ -401,7 +401,8 @@ def test_a_failed_sharded_save_is_a_write_error_and_keeps_the_previous_checkpoin
 
                 monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
 
-    with pytest.raises(WriteError, match=r"could not write .*last\.pt': No space left .*intact"):
+    # (the next write is last.pt's, or a best.pt the write budget put off, written first)
+    with pytest.raises(WriteError, match=r"could not write .*(last|best)\.pt': No space left"):
         TrainingManager(config(tmp_path / "run", async_checkpointing=background)).train(
             mlp(0), *loaders(), callbacks=[FullDiskAt()]
         )
@@ -583,7 +584,9 @@ def test_sharded_saves_in_the_background_write_the_synchronous_files_and_resume_
     assert {thread for *_, thread in written} == {"traineval-checkpoint"}
     kinds = [kind for kind, *_ in written]
     assert kinds.count("shards") == kinds.count("files") > 9  # every 4 updates, epochs
-    assert ("files", "best.pt", "traineval-checkpoint") in written  # with best.safetensors
+    # best.pt with best.safetensors: its files, or the whole save if the budget put it off
+    assert {kind for kind, name, _ in written if name == "best.pt"} <= {"files", "call"}
+    assert any(name == "best.pt" for _, name, _ in written)
     for name in ("last", "best"):
         ours = load_checkpoint_file(run / "checkpoints" / f"{name}.pt")
         theirs = load_checkpoint_file(root / "sharded" / "checkpoints" / f"{name}.pt")
@@ -598,3 +601,38 @@ def test_sharded_saves_in_the_background_write_the_synchronous_files_and_resume_
     reference = load_file(root / "sharded" / "checkpoints" / "best.safetensors")
     assert exported.keys() == reference.keys()
     assert all(torch.equal(exported[k], v) for k, v in reference.items())
+
+
+def test_a_sharded_best_the_write_budget_puts_off_is_written_later_as_it_was(
+    runs, tmp_path, monkeypatch
+):
+    """One process: a deferrable sharded save beyond the write budget was written at once
+    (the budget held only for full checkpoints); it is now copied when asked and written
+    later, and the files equal those of the run that wrote each save at once."""
+    from safetensors.torch import load_file
+
+    from traineval.runs.checkpoint_writer import WriteBudget
+    from traineval.training import run_checkpoints
+
+    monkeypatch.setattr(WriteBudget, "allows", lambda self: False)
+    later = []
+    write_later = run_checkpoints._write_later
+
+    def spy(shards, path, copy, skip):
+        later.append(path.name)
+        write_later(shards, path, copy, skip)
+
+    monkeypatch.setattr(run_checkpoints, "_write_later", spy)
+    root, _ = runs
+    run = tmp_path / "put_off"
+    TrainingManager(config(run)).train(mlp(0), *loaders())
+    assert "best.pt" in later
+    ours = load_checkpoint_file(run / "checkpoints" / "best.pt")
+    theirs = load_checkpoint_file(root / "sharded" / "checkpoints" / "best.pt")
+    assert ours["global_step"] == theirs["global_step"]
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    assert [f.name for f in shard_folders(run, "best")] == [ours["shards"].rpartition("/")[2]]
+    exported = load_file(run / "checkpoints" / "best.safetensors")
+    reference = load_file(root / "sharded" / "checkpoints" / "best.safetensors")
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)

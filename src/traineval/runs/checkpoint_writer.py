@@ -33,7 +33,9 @@ class CheckpointWriteError(RuntimeError):
 @dataclasses.dataclass
 class Write:
     """One file of a save: a checkpoint (`kind` "checkpoint": `value` is its dict) or a
-    weights export ("safetensors": `value` is the state dict), at `path`."""
+    weights export ("safetensors": `value` is the state dict), at `path`; or a save this
+    module does not know how to write ("call": `value()` writes it; a sharded checkpoint
+    put off by `StagedWrites`)."""
 
     kind: str
     path: Path
@@ -126,7 +128,7 @@ class CheckpointWriter:
     writes one file."""
 
     def __init__(self, perform: Perform | None = None) -> None:
-        self.perform = perform or _perform
+        self.perform = perform or perform_write
         self.slow_said = False  # whether a save that waited for the previous one was said
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -219,12 +221,14 @@ class StagedWrites(CheckpointWriter):
                 self.perform(write)
 
 
-def _perform(write: Write) -> None:
+def perform_write(write: Write) -> None:
     """Write one file as a synchronous save does (atomically)."""
     from .checkpoint import save_checkpoint_file, save_safetensors
 
     if write.kind == "safetensors":
         save_safetensors(write.value, write.path)
+    elif write.kind == "call":
+        write.value()
     else:
         save_checkpoint_file(write.value, write.path)
 

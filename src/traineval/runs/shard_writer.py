@@ -30,7 +30,7 @@ from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_st
 from ..system.distributed import CollectiveError, Distributed, local_part, side_group
 from ..system.files import WriteError
 from .checkpoint import save_checkpoint_file
-from .checkpoint_writer import CheckpointWriter, Write
+from .checkpoint_writer import CheckpointWriter, Write, perform_write
 from .shard_folders import remove_older
 from .sharded import write_shards
 
@@ -83,9 +83,11 @@ class ShardWriter(CheckpointWriter):
     def _perform(self, write: Write) -> None:
         if write.kind == "shards":
             write_shards(write.path, write.value, self.job, self.group)
-        else:
+        elif write.kind == "files":
             shards, payload, skip = write.value
             finish_save(shards, write.path, payload, skip)
+        else:  # a one-process save the write budget put off ("call")
+            perform_write(write)
 
 
 def finish_save(shards: Path, path: Path, payload: dict[str, Any], skip: set[str] | None) -> None:

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,7 +222,13 @@ def _save_sharded(
         payload = checkpoint_payload(name, config, _contents(loop, None, None, shards.name), extra)
     exporting = name == "best" and exports_weights(loop)
     skip = tied_names(loop.model) if exporting else None  # None: no best.safetensors
-    if isinstance(writer, StagedWrites):  # a sharded save is not put off: written now
+    if isinstance(writer, StagedWrites) and not loop.job.enabled:  # put off: copied now
+        copy = writer.snapshot("shards", state), snapshot(payload)
+        writer.submit(
+            [Write("call", path, partial(_write_later, shards, path, copy, skip))], str(path)
+        )
+        return
+    if isinstance(writer, StagedWrites):  # under torchrun a save is never put off
         writer = writer.target
     if isinstance(writer, ShardWriter):
         _wait_for_the_previous_write(writer, path, said=False)
@@ -240,6 +247,17 @@ def _save_sharded(
     failed = agreed(failed, loop.job)
     if failed is not None:
         raise failed
+
+
+def _write_later(shards: Path, path: Path, copy: tuple[Any, Any], skip: set[str] | None) -> None:
+    """A one-process sharded save the write budget put off: its folder, then (with a
+    checkpoint's dict) its files, from the copy made when it was asked for."""
+    from ..runs.shard_writer import finish_save
+
+    state, payload = copy
+    sharded().write_shards(shards, state, Distributed())
+    if payload is not None:
+        finish_save(shards, path, payload, skip)
 
 
 def _shards_to_save(loop: Loop) -> dict[str, Any]:
