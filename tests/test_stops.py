@@ -128,14 +128,16 @@ CASES = {
 
 def _train(case: Case, folder: Any, quiet_config: dict[str, Any], **length: Any) -> Any:
     quiet_config = {**quiet_config, "output_dir": str(folder)}
-    resume = length.pop("resume_from", None)
+    resume, callbacks = length.pop("resume_from", None), length.pop("callbacks", ())
     settings = {"num_epochs": 3, "learning_rate": 0.05, "optimizer_type": "adamw", "seed": 7}
     settings["batch_size"] = 8
     config = plain_sgd_config(quiet_config, **{**settings, **case.settings, **length})
     torch.manual_seed(0)
     model = case.model()
     train, val = case.data()
-    result = TrainingManager(config).train(model, train, val, mode=case.mode, resume_from=resume)
+    result = TrainingManager(config).train(
+        model, train, val, mode=case.mode, resume_from=resume, callbacks=callbacks
+    )
     return model, result
 
 
@@ -158,6 +160,7 @@ def test_a_max_steps_stop_then_a_longer_run_equals_the_uninterrupted_run(
         )
     assert "RESUMING WITH" not in caplog.text  # the constant schedule: nothing differs
     assert result["global_step"] == expected["global_step"]
+    assert result["stop_reason"] == expected["stop_reason"]  # not the stopped run's max_steps
     assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
 
 
@@ -504,3 +507,73 @@ def test_the_write_budget_counts_copies_and_writes_and_still_writes_every_max_ga
     assert not budget.allows()
     now[0] = 101.0 + 120.0  # ... still a write every max_gap seconds after the last
     assert budget.allows()
+
+
+class _AtEpochStart(Callback):
+    """Asks for a stop, an interruption or sends SIGTERM in the `epoch`-th epoch's
+    on_epoch_start (a callback that checks the time left before an epoch, say)."""
+
+    def __init__(self, epoch: int, how: str) -> None:
+        self.epoch, self.how = epoch, how
+
+    def on_epoch_start(self, loop: Any) -> None:
+        if loop.state.epoch != self.epoch:
+            return
+        if self.how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif self.how == "interrupt":
+            loop.request_interrupt("the test's interruption")
+        else:
+            loop.request_stop("the test's stop")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "interrupt", "stop"])
+def test_a_stop_asked_at_an_epoch_s_start_resumes_to_that_epoch(how, quiet_config, tmp_path):
+    """The epoch had been counted before its first batch: a resume took it for done and
+    skipped it (a whole epoch lost; at the last epoch the run called itself finished), and a
+    stop request there failed the run as "trained on no data"."""
+    case = CASES["supervised"]
+    straight, expected = _train(case, tmp_path / "straight", quiet_config)
+    stop = [_AtEpochStart(2, how)]
+    if how == "stop":
+        _, stopped = _train(case, tmp_path / "stopped", quiet_config, callbacks=stop)
+        assert stopped["status"] == "stopped early"
+        assert stopped["training_history"]["epoch"] == [1]
+    else:
+        with pytest.raises(TrainingInterrupted):
+            _train(case, tmp_path / "stopped", quiet_config, callbacks=stop)
+    saved = load_checkpoint_file(tmp_path / "stopped" / "checkpoints" / "last.pt")["loop"]
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 0)
+    resumed, result = _train(case, tmp_path / "stopped", quiet_config, resume_from="auto")
+    assert result["training_history"]["epoch"] == expected["training_history"]["epoch"]
+    assert result["stop_reason"] is None
+    assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_a_run_early_stopping_ended_is_finished_unless_its_patience_is_raised(
+    quiet_config, tmp_path, caplog
+):
+    """Its last.pt was written before the stop was recorded: each resume with the same
+    config trained one more epoch and stopped again. A larger patience continues it, to
+    the run that had that patience from the start; so does a stop_when no longer met."""
+    case = CASES["supervised"]
+    never_better = {"num_epochs": 6, "early_stopping_min_delta": 1e9}
+    run = tmp_path / "run"
+    _, stopped = _train(case, run, quiet_config, early_stopping_patience=2, **never_better)
+    assert stopped["status"] == "stopped early"
+    with caplog.at_level(logging.WARNING):
+        _, result = _train(
+            case, run, quiet_config, early_stopping_patience=2, resume_from="auto", **never_better
+        )
+    assert "already finished" in caplog.text
+    assert result["global_step"] == stopped["global_step"]
+    assert result["status"] == "stopped early"
+    straight, expected = _train(
+        case, tmp_path / "straight", quiet_config, early_stopping_patience=4, **never_better
+    )
+    longer, result = _train(
+        case, run, quiet_config, early_stopping_patience=4, resume_from="auto", **never_better
+    )
+    assert result["global_step"] == expected["global_step"] > stopped["global_step"]
+    assert result["stop_reason"] == expected["stop_reason"]
+    assert_same_state(straight, longer, tmp_path / "straight", run)

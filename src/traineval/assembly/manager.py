@@ -169,7 +169,7 @@ class TrainingManager:
                 resuming=resume_from is not None,
                 overwrite=c.overwrite_output_dir,
             )
-            if run.payload is not None and finished(run.payload["loop"], c):
+            if run.payload is not None and finished(run.payload, c):
                 return execution.already_finished(self, model, run.payload, run.monitor)
             return execution.execute(self, run)
 

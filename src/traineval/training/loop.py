@@ -343,6 +343,10 @@ class Loop:
                 state.epoch_rng = capture_rng(self.data_generators)
                 state.epoch_loss_sum = state.epoch_loss_weight = 0.0
             self._call("on_epoch_start")
+            if self.stops.done():  # asked before the epoch's first batch (a signal, a stop)
+                if not resuming_inside_epoch:
+                    state.epoch -= 1  # it did not begin: a resume begins it
+                break
             train_loss = self._train_epoch(self._batches())
             self._stop_if_signalled()
             if self.stops.timed_out:
@@ -457,7 +461,7 @@ class Loop:
         self._read_steps()
         self.stops.agree()
         loss_sum, weight = self.job.sum([state.epoch_loss_sum, state.epoch_loss_weight])
-        if weight == 0 and not self.stops.signal() and not self.stops.timed_out:
+        if weight == 0 and self._epoch_complete:  # (not a stop before its first batch)
             raise ValueError(
                 f"epoch {state.epoch} trained on no data: the train loader yielded no batches, "
                 "or every target it yielded was ignored (ignore_index)"

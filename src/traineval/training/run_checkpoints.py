@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import time
@@ -512,13 +513,42 @@ def _wait_for_the_previous_write(writer: CheckpointWriter, path: Path, said: boo
         )
 
 
-def finished(state: dict[str, Any], config: TrainingConfig) -> bool:
-    """Whether a checkpointed run has nothing left to do under `config` (which may extend it)."""
-    if state["stopped_early"]:
+def finished(payload: dict[str, Any], config: TrainingConfig) -> bool:
+    """Whether a checkpointed run has nothing left to do under `config` (which may extend it:
+    more epochs or steps, or a stop condition changed so that it no longer holds)."""
+    state = payload["loop"]
+    if state["stopped_early"] and _stop_holds(payload, config):
         return True
     if config.max_steps is not None and state["global_step"] >= config.max_steps:
         return True
     return state["batch_in_epoch"] == 0 and state["epoch"] >= config.num_epochs
+
+
+def _stop_holds(payload: dict[str, Any], config: TrainingConfig) -> bool:
+    """Whether the condition that stopped a run still stops it under `config`: early
+    stopping whose patience its evaluations without improvement still reach, a `stop_when`
+    condition its stopping value still meets. A stop asked by a callback of your own is
+    for that callback to ask again: the resume continues."""
+    from ..config.conditions import parse_condition
+
+    state, reason = payload["loop"], payload["loop"].get("stop_reason") or ""
+    if reason.startswith("early stopping"):
+        patience = config.early_stopping_patience
+        return bool(patience) and payload["monitor"]["num_bad"] >= patience
+    if not reason.startswith("stop_when"):
+        return False
+    history = state["history"]
+    history = json.loads(history) if isinstance(history, str) else history
+    for text in config.stop_when:
+        condition = parse_condition(text, "stop_when")
+        name = condition.metric
+        if name.startswith("val_"):
+            value = (history["val_metrics"] or [{}])[-1].get(name[4:])
+        else:
+            value = (history.get(name) or [None])[-1]
+        if value is not None and condition.met(float(value)):
+            return True
+    return False
 
 
 def training_weights(payload: dict[str, Any]) -> dict[str, Any]:
@@ -585,7 +615,15 @@ def restore_optimizer(
 def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
     """Put a checkpoint's loop counters, monitor, tracker, callbacks, moving average and RNG
     back (a checkpoint without an average starts one)."""
-    loop.state.load_state_dict(payload["loop"])
+    state = loop.state
+    state.load_state_dict(payload["loop"])
+    # the resumed run goes on: how the checkpointed one stopped is not how this one ends
+    state.stop_reason, state.stopped_early, state.finished, state.timed_out = (
+        None,
+        False,
+        False,
+        False,
+    )
     if loop.weight_average is not None and "ema" in payload:
         loop.weight_average.load(payload["ema"], _saved_average(loop, payload))
     monitor_state = {**payload["monitor"], "name": current_metric_name(payload["monitor"]["name"])}

@@ -56,6 +56,7 @@ class StopRules:
         """Stop at the next step boundary, for `reason`."""
         self.requested = True
         self.state.stop_reason = reason
+        self.state.stopped_early = True  # in every checkpoint from here on
 
     def done(self) -> bool:
         """Whether to stop at this step boundary: a stop request, max_steps, max_seconds or
