@@ -138,6 +138,26 @@ def test_fp16_steps_skipped_by_the_scaler_are_not_updates(tmp_path):
     assert spy.scheduler_steps == [(7, 7)]  # the schedule did not advance on the skipped one
 
 
+@pytest.mark.parametrize("clipping", [True, False])
+def test_skip_policy_skips_a_non_finite_gradient_under_a_finite_loss(tmp_path, clipping):
+    """Without clipping the gradient's norm was measured only on log steps: the skip policy
+    checked the loss alone and stepped an inf gradient into the weights."""
+    config = _config(
+        tmp_path,
+        skip_nonfinite_steps=1,
+        gradient_clipping=clipping,
+        num_epochs=1,
+        scheduler_type="cosine",
+        overwrite_output_dir=True,
+    )
+    model = make_mlp()
+    result = TrainingManager(config).train(
+        model, DataLoader(make_classification(n=64), 8), callbacks=[_InfGradientAt(step=3)]
+    )
+    assert result["global_step"] == 7  # 8 windows, the 4th skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class _SignalAt(Callback):
     def __init__(self, step: int, signum: int):
         self.step, self.signum = step, signum

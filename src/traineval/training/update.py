@@ -154,7 +154,8 @@ class WindowUpdate:
         norm = self._gradient_norm(logging_next)
         if logging_next:
             self.log.measure_layers()
-        if self.skips.limit and not self.skips.finite(self.steps, norm):
+        measured = self._norm() if norm is None and self.skips.limit else norm
+        if self.skips.limit and not self.skips.finite(self.steps, measured):
             self.skips.undo(scaler)
             return self._skip(state, "non-finite loss or gradient")
         if scaler is not None:
@@ -180,18 +181,20 @@ class WindowUpdate:
     def _gradient_norm(self, logging_next: bool) -> torch.Tensor | None:
         """Clip to `max_grad_norm` (returning the norm before clipping), or measure the norm
         on log steps only when there is no clipping."""
-        norm = None
-        if self.sparse_gradients and (self.max_grad_norm is not None or logging_next):
+        if self.max_grad_norm is None:
+            return self._norm() if logging_next else None
+        if self.sparse_gradients:
             return _clip_with_sparse(self.params, self.max_grad_norm)
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        elif logging_next:
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.params if p.grad is not None]
-            )
-        if norm is not None and hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()  # FSDP: a replicated DTensor
-        return norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: replicated
+
+    def _norm(self) -> torch.Tensor:
+        """The window's gradient norm, unclipped: for a log step, and for the skip policy
+        where nothing measured it (a NaN gradient under a finite loss is a bad step too)."""
+        if self.sparse_gradients:
+            return _clip_with_sparse(self.params, None)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def _skip(self, state: TrainState, why: str) -> bool:
         self.optimizer.zero_grad(set_to_none=True)
