@@ -154,6 +154,26 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, caplog):
     )
 
 
+@pytest.mark.parametrize("sharding", ["full", "sharded"])
+def test_resuming_a_finished_run_that_restored_its_best_weights_gives_those(tmp_path, sharding):
+    """The run ended with its best weights in the model (restore_best_weights); its resume
+    ("already finished") gave the last weights instead."""
+    train, val = loaders(0)
+    settings = {
+        "num_epochs": 4,
+        "restore_best_weights": True,
+        "learning_rate": 0.5,  # too high: a later epoch is worse than the best
+        "checkpoint_sharding": sharding,
+    }
+    model = dropout_mlp(0)
+    result = TrainingManager(config(tmp_path, **settings)).train(model, train, val)
+    assert result["best_step"] < result["global_step"]  # the best is not the last
+    again = dropout_mlp(5)
+    TrainingManager(config(tmp_path, **settings)).train(again, train, val, resume_from="auto")
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_auto_resume_skips_a_corrupt_checkpoint_and_starts_fresh_without_one(tmp_path, caplog):
     train, val = loaders(0)
     with caplog.at_level(logging.INFO):

@@ -577,3 +577,41 @@ def test_a_run_early_stopping_ended_is_finished_unless_its_patience_is_raised(
     assert result["global_step"] == expected["global_step"] > stopped["global_step"]
     assert result["stop_reason"] == expected["stop_reason"]
     assert_same_state(straight, longer, tmp_path / "straight", run)
+
+
+class _SignalInEvaluationAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_evaluate(self, loop: Any, logs: dict[str, Any]) -> None:
+        if loop.state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_in_the_closing_evaluation_of_a_max_steps_stop_keeps_the_resume_point(
+    quiet_config, tmp_path
+):
+    """last.pt holds the run before the closing evaluation of a max_steps stop; a SIGTERM in
+    that evaluation rewrote it after, and the resumed run took in an evaluation the
+    uninterrupted run never made (its plateau schedule halved the rate there)."""
+    case = CASES["supervised"]
+    settings = {"eval_frequency": 2, "scheduler_type": "plateau", "lr_scheduler_patience": 0}
+    straight, expected = _train(case, tmp_path / "straight", quiet_config, **settings)
+    with pytest.raises(TrainingInterrupted):
+        _train(
+            case,
+            tmp_path / "stopped",
+            quiet_config,
+            max_steps=case.stop_at,
+            callbacks=[_SignalInEvaluationAt(case.stop_at)],
+            **settings,
+        )
+    saved = load_checkpoint_file(tmp_path / "stopped" / "checkpoints" / "last.pt")["loop"]
+    assert saved["last_eval_step"] < case.stop_at
+    resumed, result = _train(
+        case, tmp_path / "stopped", quiet_config, resume_from="auto", **settings
+    )
+    history, reference = result["training_history"], expected["training_history"]
+    assert history["val_steps"] == reference["val_steps"]
+    assert history["learning_rate"] == reference["learning_rate"]
+    assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")

@@ -28,6 +28,7 @@ from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
 from ..training.monitor import PerformanceMonitor
 from ..training.run_checkpoints import (
     background_writer,
+    restore_best,
     restore_loop,
     restore_weights,
     shard_writer,
@@ -111,6 +112,8 @@ def already_finished(
         payload["global_step"],
     )
     restore_weights(model, payload, kept=True)  # as the run ended: the average, with one
+    if manager.config.restore_best_weights:  # or its best weights, which it ended with
+        restore_best(model, payload)
     state = TrainState()
     state.load_state_dict(payload["loop"])
     result = manager._result(state, monitor.name, 0.0, {})

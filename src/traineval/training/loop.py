@@ -276,6 +276,7 @@ class Loop:
         self.num_epochs = length.num_epochs
         self.updates_per_epoch = length.updates_per_epoch
         self._longer_said = False  # an epoch longer than len(train_loader), said once
+        self._resume_point_kept = False  # max_steps: `last` holds the run before its closing
         self.accumulation_steps = update.accumulation_steps
         self.eval_every_n_steps = length.eval_every_n_steps
         self.log_every_n_steps = length.log_every_n_steps
@@ -574,6 +575,7 @@ class Loop:
             state.stop_reason = state.stop_reason or f"max_steps={self.stops.max_steps} reached"
             state.finished = True
             self._save_last()
+            self._resume_point_kept = True  # a signal in the evaluation below leaves it
         logs = self._end_epoch(train_loss, complete=False)
         self._call("on_epoch_end", logs)
         if extendable:
@@ -626,6 +628,8 @@ class Loop:
         held = self.saves.holding_last(self.position())
         if held is not None:
             return held
+        if self._resume_point_kept:  # the closing evaluation after it is not a resume point
+            return self.saves.last[0] if self.saves.last is not None else None
         self._read_steps()
         with self.stops.in_phase("a checkpoint write"):
             self.saves.write_staged()

@@ -43,6 +43,8 @@ from ..system.distributed import (
     Distributed,
     empty_places,
     is_sharded,
+    load_local_model_state,
+    load_model_state,
     load_optimizer_state,
     local_part,
     model_state,
@@ -599,6 +601,26 @@ def restore_weights(model: torch.nn.Module, payload: dict[str, Any], kept: bool 
         sharded().load_into(Path(payload[SHARDS]), model, part=part)
     else:
         model.load_state_dict(payload["model"] if kept else training_weights(payload))
+
+
+def restore_best(model: torch.nn.Module, payload: dict[str, Any]) -> bool:
+    """Load the weights `restore_best_weights` kept (`BestWeights`) into `model`, as a
+    finished run ended with them; False where the checkpoint keeps none."""
+    key = "BestWeights"
+    if in_shards(payload):  # each rank's best shards sit in the folder
+        module = sharded()
+        reader = module.SafeReader(Path(payload[SHARDS]))
+        if any(k.startswith(f"callbacks.{key}.") for k in reader.checked.state_dict_metadata):
+            state = {"callbacks": {key: empty_places(model)}}
+            module.read_into(reader, state, module.reads_alone(model))
+            best = state["callbacks"][key]
+            load_local_model_state(model, {k: local_part(v) for k, v in best.items()})
+            return True
+    kept = (saved_states(payload.get("callbacks", {})).get(key) or {}).get("best_state")
+    if kept is None:
+        return False
+    load_model_state(model, kept)
+    return True
 
 
 def restore_optimizer(
