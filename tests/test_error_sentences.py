@@ -430,3 +430,35 @@ def test_a_batch_of_another_dtype_than_the_model_names_both(tmp_path):
     with pytest.raises(RuntimeError, match=r"batch of float64 inputs: its weights are float32.*"
                                         r"torch.from_numpy\(x\).float\(\)"):  # fmt: skip
         _manager(tmp_path).train(nn.Linear(10, 3), data)
+
+
+class _BadRecord(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        if index == 5:
+            raise ValueError("record 5: unparseable pixel value 'x7'")
+        return torch.zeros(8), 0
+
+
+def test_an_error_in_a_dataloader_worker_is_said_in_one_line(tmp_path):
+    """torch re-raises it with the worker's whole traceback in the message: the CLI printed
+    15 lines, and summary.json kept them all."""
+    import json
+
+    from traineval.training.exit_codes import error_line
+
+    loader = torch.utils.data.DataLoader(_BadRecord(), batch_size=2, num_workers=1)
+    with pytest.raises(ValueError) as caught:
+        list(loader)
+    assert "Original Traceback" in str(caught.value)
+    said = error_line(caught.value)
+    assert said == "record 5: unparseable pixel value 'x7' (in DataLoader worker process 0)"
+    config = TrainingConfig(
+        output_dir=str(tmp_path / "run"), progress_bar=False, tensorboard_logging=False
+    )
+    with pytest.raises(ValueError):
+        TrainingManager(config).train(nn.Linear(8, 2), loader)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == f"ValueError: {said}"

@@ -383,9 +383,9 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 def _error(error: BaseException) -> int:
     """Print `error` as the command's one line; its exit status (see `exit_codes`)."""
-    from .training.exit_codes import exit_status_of
+    from .training.exit_codes import error_line, exit_status_of
 
-    print(f"traineval: error: {error}", file=sys.stderr)
+    print(f"traineval: error: {error_line(error)}", file=sys.stderr)
     return exit_status_of(error)
 
 

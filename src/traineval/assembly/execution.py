@@ -24,6 +24,7 @@ from ..runs.tracking import MetricsTracker
 from ..system.distributed import Distributed
 from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import data_generators, deterministic_algorithms
+from ..training.exit_codes import error_line
 from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
 from ..training.monitor import PerformanceMonitor
 from ..training.run_checkpoints import (
@@ -187,7 +188,9 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
             manager._result(loop.state, monitor.name, seconds, checkpoints).write_summary(
                 manager.distributed,
                 status,
-                str(error) if status == "interrupted" else f"{type(error).__name__}: {error}",
+                error_line(error)
+                if status == "interrupted"
+                else f"{type(error).__name__}: {error_line(error)}",
             )
             raise
         if writer is not None:

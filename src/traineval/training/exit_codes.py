@@ -1,5 +1,6 @@
 """How a command ends, as its exit status: 0 done, 2 bad input, 1 a fault of the
-environment or of the run, 128+N a signal (130 Ctrl-C, 143 SIGTERM: what schedulers requeue).
+environment or of the run, 128+N a signal (130 Ctrl-C, 143 SIGTERM: what schedulers requeue);
+and the one line that says why (`error_line`).
 
 Scripts and schedulers branch on it: a 2 will fail the same way again until the input is
 fixed; a 1 may pass on another machine or after freeing disk; a 128+N is resumable."""
@@ -30,3 +31,16 @@ def exit_status_of(error: BaseException) -> int:
     ):
         return FAULT  # WriteError, PermissionError, a full disk, a lost tune worker
     return BAD_INPUT
+
+
+def error_line(error: BaseException) -> str:
+    """`error` in one line. torch re-raises an error of a DataLoader worker with the
+    worker's whole traceback in its message: the line is the original error's own, naming
+    the worker."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Original Traceback"):
+        where = lines[0].removeprefix("Caught ").rstrip(".").partition(" in ")[2]
+        said = lines[-1].removeprefix(f"{type(error).__name__}: ")
+        return f"{said} (in {where})" if where else said
+    return text
