@@ -615,3 +615,53 @@ def test_a_signal_in_the_closing_evaluation_of_a_max_steps_stop_keeps_the_resume
     assert history["val_steps"] == reference["val_steps"]
     assert history["learning_rate"] == reference["learning_rate"]
     assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+
+
+GROUP_SIGNAL_RUN = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from traineval import Callback, TrainingConfig, TrainingManager
+from traineval.training.loop import TrainingInterrupted
+
+class Slow(Dataset):
+    def __init__(self):
+        self.data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        time.sleep(0.002)
+        return self.data[i]
+
+class ToTheGroup(Callback):
+    def on_step_end(self, loop):
+        if loop.state.global_step == 3:
+            os.killpg(0, signal.SIGINT)  # Ctrl-C in a terminal: every process of the group
+            time.sleep(0.5)  # the workers get it too
+
+config = TrainingConfig(output_dir=sys.argv[1], progress_bar=False, tensorboard_logging=False)
+loader = DataLoader(Slow(), batch_size=8, num_workers=2)
+try:
+    TrainingManager(config).train(torch.nn.Linear(8, 3), loader, callbacks=[ToTheGroup()])
+except TrainingInterrupted:
+    print("interrupted")
+"""
+
+
+def test_a_signal_to_the_process_group_is_said_once_not_by_every_worker(tmp_path):
+    """Forked DataLoader workers inherit the run's signal handler: each said it had the
+    signal and was stopping (three lines with two workers) while only the run stops them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(GROUP_SIGNAL_RUN)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # its own process group: the signal stays in it
+    )
+    assert done.stdout.strip() == "interrupted", done.stderr
+    assert done.stderr.count("SIGINT received") == 1, done.stderr

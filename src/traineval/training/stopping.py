@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -129,7 +130,11 @@ def watching_signals(listener: Callable[[str], None] | None = None) -> Iterator[
 
 
 def _handler(watch: SignalWatch) -> Callable[[int, Any], None]:
+    installed_by = os.getpid()
+
     def handle(signum: int, frame: Any) -> None:
+        if os.getpid() != installed_by:  # a forked DataLoader worker, which the run stops
+            return
         name = signal.Signals(signum).name
         if watch.received is not None:
             raise KeyboardInterrupt(f"second {name}: stopping at once")
