@@ -665,3 +665,73 @@ def test_a_signal_to_the_process_group_is_said_once_not_by_every_worker(tmp_path
     )
     assert done.stdout.strip() == "interrupted", done.stderr
     assert done.stderr.count("SIGINT received") == 1, done.stderr
+
+
+class _StepClock(Callback):
+    """Tells the staged metric below which update the run is at."""
+
+    step = 0
+
+    def on_step_end(self, loop: Any) -> None:
+        _StepClock.step = loop.state.global_step
+
+
+def _staged(truth: Any, predicted: Any) -> float:
+    """A monitored metric (higher is better) at its best at update 10, where only a
+    max_steps=10 stop's closing evaluation looks, and at its worst after it."""
+    step = _StepClock.step
+    return 1.0 if step == 10 else 0.5 if step < 10 else 0.0
+
+
+def _run_with_staged_metric(folder: Any, quiet_config: dict[str, Any], **settings: Any) -> Any:
+    from traineval.evaluation import metric
+    from traineval.evaluation.model_evaluator import ModelEvaluator
+
+    resume = settings.pop("resume_from", None)
+    config = plain_sgd_config(
+        {**quiet_config, "output_dir": str(folder)},
+        num_epochs=3,
+        batch_size=8,
+        eval_frequency=4,
+        monitor_metric="val_staged",
+        **settings,
+    )
+    evaluator = ModelEvaluator(metrics={"staged": metric(_staged, higher_is_better=True)})
+    train, val = _classification()
+    return TrainingManager(config).train(
+        _mlp_with_batch_norm(),
+        train,
+        val,
+        evaluator=evaluator,
+        callbacks=[_StepClock()],
+        resume_from=resume,
+    )
+
+
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_a_resumed_max_steps_stop_keeps_the_best_of_the_uninterrupted_run(
+    writer, quiet_config, tmp_path
+):
+    """The closing evaluation of a max_steps stop may improve on the best and write
+    best.pt; the resumed run never saw that evaluation (its monitor is the one saved
+    before it), yet best.pt kept its weights where no later evaluation improved."""
+    settings = {"async_checkpointing": writer == "async"}
+    expected = _run_with_staged_metric(tmp_path / "straight", quiet_config, **settings)
+    stopped = _run_with_staged_metric(tmp_path / "stopped", quiet_config, max_steps=10, **settings)
+    assert stopped["best_step"] == 10  # the closing evaluation was the best so far
+    result = _run_with_staged_metric(
+        tmp_path / "stopped", quiet_config, resume_from="auto", **settings
+    )
+    assert result["best_step"] == expected["best_step"] == 4
+    theirs = load_checkpoint_file(tmp_path / "straight" / "checkpoints" / "best.pt")
+    ours = load_checkpoint_file(tmp_path / "stopped" / "checkpoints" / "best.pt")
+    assert ours["global_step"] == theirs["global_step"] == 4
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "stopped" / "checkpoints" / "best.safetensors")
+    reference = load_file(tmp_path / "straight" / "checkpoints" / "best.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in reference.items())
+    left = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir())
+    assert not [name for name in left if "resume-point" in name]

@@ -29,6 +29,7 @@ from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
 from ..training.monitor import PerformanceMonitor
 from ..training.run_checkpoints import (
     background_writer,
+    put_back_best,
     restore_best,
     restore_loop,
     restore_weights,
@@ -91,6 +92,8 @@ def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
         loop = _loop(manager, run, evaluate_fn, hub)
         if run.payload is not None:
             restore_loop(loop, run.payload)
+            if job.is_main:  # not the best of a max_steps stop's closing evaluation
+                put_back_best(manager.output_dir / "checkpoints")
     except BaseException:  # nothing trained: what was opened for the run closes
         try:
             if run.writer is not None:

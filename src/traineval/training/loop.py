@@ -635,6 +635,12 @@ class Loop:
             self.saves.write_staged()
             return self.saves.save("last", self, self.position())
 
+    @property
+    def closing_after_resume_point(self) -> bool:
+        """Whether the run is past its resume point: the closing evaluation of a max_steps
+        stop, which an uninterrupted longer run never makes (its `best` is kept apart)."""
+        return self._resume_point_kept
+
     def position(self) -> tuple[int, ...]:
         """Where the run is: a checkpoint written at an equal position holds the same state."""
         s = self.state

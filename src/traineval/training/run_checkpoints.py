@@ -132,6 +132,8 @@ def save_from_loop(
         assert contents is not None
         extra = {**_records(loop, config, mode, ranks), **averaging}
         payload = checkpoint_payload(name, config, contents, extra)
+        if name == "best" and loop.closing_after_resume_point:
+            keep_best_at_resume_point(path, writer)
         if writer is not None:
             _save_in_background(writer, name, loop, contents.weights, payload, path)
         else:
@@ -141,6 +143,32 @@ def save_from_loop(
             remove_older(folder, name, keep=None)  # a sharded mode's, before a resume
     job.barrier()  # the others go on once the file is there (or, async, its snapshot taken)
     return path
+
+
+AT_RESUME_POINT = ".at-resume-point"  # best.at-resume-point.pt: see keep_best_at_resume_point
+
+
+def keep_best_at_resume_point(path: Path, writer: CheckpointWriter | None) -> None:
+    """The closing evaluation of a max_steps stop (after the resume point, `last.pt`, was
+    written) is about to replace `best.pt`: keep the best up to the resume point beside it,
+    as hard links (no copy), once, for a resume to put back (`put_back_best`); a resumed
+    run is the uninterrupted one, which never made that evaluation."""
+    for waiting in (writer, getattr(writer, "target", None)):
+        if waiting is not None:
+            waiting.wait()  # the best before it is on disk
+    for suffix in (".pt", ".safetensors"):
+        kept = path.with_name(f"{path.stem}{AT_RESUME_POINT}{suffix}")
+        if not kept.exists() and path.with_suffix(suffix).exists():
+            os.link(path.with_suffix(suffix), kept)
+
+
+def put_back_best(folder: Path) -> None:
+    """A resume: the best of the run up to its resume point replaces the one its closing
+    evaluation wrote (`keep_best_at_resume_point`)."""
+    for suffix in (".pt", ".safetensors"):
+        kept = folder / f"best{AT_RESUME_POINT}{suffix}"
+        if kept.exists():
+            os.replace(kept, folder / f"best{suffix}")
 
 
 def writes_shards(config: TrainingConfig, loop: Loop) -> bool:
