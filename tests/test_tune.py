@@ -339,19 +339,22 @@ def test_a_killed_worker_is_one_line_and_its_trial_resumes(tmp_path):
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)  # fmt: skip
     _wait_for(tmp_path / "study" / "trial-0001" / "metrics.jsonl", process)  # it trains
-    victim = next(t for t in _trials(tmp_path / "study") if t.number == 1).user_attrs["pid"]
+    # the victim: a trial training now (on a loaded machine trial 1 may be done already)
+    trials = _trials(tmp_path / "study")
+    running = next(t for t in trials if t.state.name == "RUNNING" and "pid" in t.user_attrs)
+    victim = running.user_attrs["pid"]
     os.kill(victim, signal.SIGKILL)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 1
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert f"pid {victim} killed by SIGKILL" in last
-    assert "trial 1 will resume from its run directory" in last
+    assert f"trial {running.number} will resume from its run directory" in last
     assert "run the same command again" in last
     assert subprocess.run(command, capture_output=True).returncode == 0
     trials = _trials(tmp_path / "study")
     assert [t.state.name for t in trials].count("COMPLETE") == 4
-    assert any(t.user_attrs.get("retry_of") == 1 for t in trials)
+    assert any(t.user_attrs.get("retry_of") == running.number for t in trials)
 
 
 @pytest.mark.slow
