@@ -220,3 +220,34 @@ def test_target_cells_are_read_without_surrounding_spaces_and_an_empty_one_is_re
     (tmp_path / "empty.csv").write_text("\n".join([*rows, "", "9,10,"]) + "\n")
     with pytest.raises(ValueError, match=r"empty.csv:7: the target is empty; fill it or drop"):
         load_csv(tmp_path / "empty.csv", target="label")
+
+
+def test_cells_beyond_float32_one_class_and_non_finite_targets_are_refused_naming_them(
+    tmp_path, capsys
+):
+    """A cell of 1e39 is finite as read but inf to the float32 model: training failed as a
+    "non-finite loss" and predict wrote NaN probabilities with exit 0. One class trained to
+    a loss of 0 with metrics that read its one logit as a sign; nan in a multi-column target
+    surfaced as a non-finite loss."""
+    from traineval.data.tables import load_csv
+
+    rows = ["a,b,label", "1,2,cat", "3,1e39,dog", "5,6,dog"]
+    (tmp_path / "huge.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"huge.csv:3: column 'b' is '1e39', beyond float32"):
+        load_csv(tmp_path / "huge.csv", target="label")
+    (tmp_path / "one.csv").write_text("a,label\n1,cat\n2,cat\n")
+    with pytest.raises(ValueError, match=r"every target is 'cat': a classifier needs at least"):
+        load_csv(tmp_path / "one.csv", target="label")
+    (tmp_path / "multi.csv").write_text("a,y1,y2\n1,0.5,2\n2,nan,3\n")
+    with pytest.raises(ValueError, match=r"data row 2, target column 'y1' is 'nan', not a fin"):
+        load_csv(tmp_path / "multi.csv", target=["y1", "y2"])
+    code, run, _ = _fit(tmp_path, "data.features=[age, dose]")
+    assert code == 0
+    source = (tmp_path / "patients.csv").read_text().splitlines()
+    cells = source[1].split(",")
+    cells[1] = "1e39"
+    (tmp_path / "new.csv").write_text("\n".join([source[0], ",".join(cells)]) + "\n")
+    capsys.readouterr()
+    out = str(tmp_path / "x.csv")
+    assert main(["predict", str(run), str(tmp_path / "new.csv"), "--output", out]) == 2
+    assert "column 'age' is '1e39', beyond float32's range" in capsys.readouterr().err

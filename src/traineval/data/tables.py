@@ -184,6 +184,9 @@ def _feature_cell(value: str, path: Path, line: int, column: str) -> float:
         raise error
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def finite_cell(value: str, path: Path, line: int, column: str) -> float:
     """A CSV cell as a finite number; a missing, NaN, infinite or non-numeric cell is an
     error naming the file, line and column (traineval does not impute: fill or drop it)."""
@@ -196,6 +199,11 @@ def finite_cell(value: str, path: Path, line: int, column: str) -> float:
         raise ValueError(
             f"{path}:{line}: column {column!r} is {shown}, not a finite number; fill it or "
             "drop the row (traineval does not impute missing values)"
+        )
+    if abs(number) > FLOAT32_MAX:  # the model reads float32: it would be inf
+        raise ValueError(
+            f"{path}:{line}: column {column!r} is {value.strip()!r}, beyond float32's range "
+            f"(+-{FLOAT32_MAX:.4g}), which the model reads: rescale the column"
         )
     return number
 
@@ -266,12 +274,12 @@ def _with_target(
     if task == "regression" or (task == "auto" and numbers is not None and not _integral(numbers)):
         if numbers is None:
             raise ValueError(f"data.task='regression' but {path} has non-numeric targets")
-        bad = np.flatnonzero(~np.isfinite(numbers))
+        bad = np.flatnonzero(~np.isfinite(numbers) | (np.abs(numbers) > FLOAT32_MAX))
         if bad.size:
             line = lines[int(bad[0])]
             raise ValueError(
-                f"{path}:{line}: the target is {raw[bad[0]]!r}, not a finite number; fill it "
-                "or drop the row (traineval does not impute missing values)"
+                f"{path}:{line}: the target is {raw[bad[0]]!r}, not a finite float32 number; "
+                "fill it or drop the row (traineval does not impute missing values)"
             )
         return Table(x, numbers.astype(np.float32), TaskType.REGRESSION, features)
     if numbers is not None:  # `1`, `1.0` and `01` are one class, named as first written
@@ -280,6 +288,11 @@ def _with_target(
             first.setdefault(value, text.strip())
         raw = [first[value] for value in numbers.tolist()]
     labels = sorted(set(raw), key=lambda v: (float(v), v) if numbers is not None else (0.0, v))
+    if len(labels) < 2:
+        raise ValueError(
+            f"{path}: every target is {labels[0]!r}: a classifier needs at least two classes "
+            "(is data.target the right column?)"
+        )
     index = {label: i for i, label in enumerate(labels)}
     y = np.array([index[v] for v in raw], dtype=np.int64)
     return Table(x, y, TaskType.CLASSIFICATION, features, class_names=labels)
@@ -303,6 +316,13 @@ def _with_targets(
         y = np.array(raw, dtype=np.float64)
     except ValueError:
         raise ValueError(f"{path}: the target columns {targets} must hold numbers") from None
+    bad = np.argwhere(~np.isfinite(y) | (np.abs(y) > FLOAT32_MAX))
+    if bad.size:
+        row, column = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{path}: data row {row + 1}, target column {targets[column]!r} is "
+            f"{raw[row][column]!r}, not a finite float32 number; fill it or drop the row"
+        )
     binary = bool(np.isin(y, (0.0, 1.0)).all())
     if task == "multilabel" and not binary:
         raise ValueError(f"data.task='multilabel' but {path}'s columns {targets} are not all 0/1")
