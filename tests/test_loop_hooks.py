@@ -164,6 +164,42 @@ def test_a_resumed_run_gives_each_callback_its_own_state_whatever_the_order(quie
     assert tally.steps == 12  # 4 before the interruption, 8 after
 
 
+def test_a_callback_state_a_checkpoint_cannot_hold_is_refused_and_numpy_values_resume(
+    quiet_config, tmp_path
+):
+    """A deque, an object or a numpy value in a callback's state was pickled into every
+    checkpoint, none of which a weights_only load then read: the run could not resume."""
+    import collections
+
+    import numpy as np
+
+    class Kept(Callback):
+        def __init__(self, extra):
+            self.steps, self.extra = 0, extra
+
+        def on_step_end(self, loop):
+            self.steps += 1
+
+        def state_dict(self):
+            return {"steps": np.int64(self.steps), "seen": np.arange(3), **self.extra}
+
+        def load_state_dict(self, state):
+            self.steps, self.seen = state["steps"], state["seen"]
+
+    config = TrainingConfig(num_epochs=2, batch_size=8, **quiet_config)
+    loader = DataLoader(make_classification(n=48), batch_size=8)
+    queue = {"recent": collections.deque([1, 2], maxlen=5)}
+    with pytest.raises(ValueError, match=r"callback 'Kept': state_dict\(\)\['recent'\] is a "):
+        TrainingManager(config).train(make_mlp(), loader, callbacks=[Kept(queue)])
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config).train(make_mlp(), loader, callbacks=[Kept({}), InterruptAt(4)])
+    kept = Kept({})
+    TrainingManager(config).train(make_mlp(), loader, callbacks=[kept], resume_from="auto")
+    assert kept.steps == 12
+    assert torch.equal(kept.seen, torch.arange(3))
+
+
 def test_callbacks_of_earlier_versions_still_reach_the_loop_with_a_warning():
     class Old(Callback):
         def on_train_start(self, loop):

@@ -29,6 +29,7 @@ from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
 from ..training.monitor import PerformanceMonitor
 from ..training.run_checkpoints import (
     background_writer,
+    check_callback_states,
     put_back_best,
     restore_best,
     restore_loop,
@@ -90,6 +91,7 @@ def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
         run.writer = background_writer(c.checkpoint_writer, manager.device)
     try:
         loop = _loop(manager, run, evaluate_fn, hub)
+        check_callback_states(loop)  # before any work, not at the first save
         if run.payload is not None:
             restore_loop(loop, run.payload)
             if job.is_main:  # not the best of a max_steps stop's closing evaluation

@@ -64,7 +64,9 @@ class Callback:
 
     A callback with state (`state_dict` / `load_state_dict`) is checkpointed under its
     `state_key` (by default its class name; a second one of the same key gets `#2`), so a
-    resumed run finds it whatever the order of the callbacks.
+    resumed run finds it whatever the order of the callbacks. The state holds tensors and
+    plain values (numbers, strings, lists, tuples, sets, dicts): numpy numbers come back as
+    Python numbers and numpy arrays as tensors; anything else is refused before training.
     """
 
     state_key: str | None = None  # the checkpoint key of its state; None: the class name

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -366,7 +367,7 @@ def _records(
         "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
         "tracker": loop.history_json["tracker"](loop.tracker.state_dict()),
         "callbacks": {
-            key: cb.state_dict()
+            key: storable(cb.state_dict(), f"callback {key!r}: state_dict()")
             for key, cb in zip(state_keys(loop.callbacks), loop.callbacks, strict=True)
         },
         "mode": mode,
@@ -376,6 +377,38 @@ def _records(
         "distributed_strategy": config.distributed_strategy if job.enabled else None,
         "traineval_version": __version__,
     }
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def storable(value: Any, where: str) -> Any:
+    """`value` as a checkpoint loads it back (`weights_only`: tensors and plain Python
+    values): numpy numbers become Python numbers and numpy arrays tensors; anything else
+    is a ValueError naming `where` and the path to it, before the file is written (a
+    callback's deque or object made every checkpoint of the run unreadable)."""
+    if isinstance(value, _PLAIN) or torch.is_tensor(value):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, dict):
+        return type(value)((k, storable(v, f"{where}[{k!r}]")) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, torch.Size)):
+        items = [storable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return type(value)(items) if type(value) in (list, tuple, set, torch.Size) else items
+    raise ValueError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a "
+        "checkpoint cannot load back safely (it holds tensors, numbers, strings, lists, "
+        "tuples, sets and dicts of them): return it as one of those"
+    )
+
+
+def check_callback_states(loop: Loop) -> None:
+    """Before training: each callback's state is one a checkpoint can hold (`storable`)."""
+    for key, callback in zip(state_keys(loop.callbacks), loop.callbacks, strict=True):
+        storable(callback.state_dict(), f"callback {key!r}: state_dict()")
 
 
 def exports_weights(loop: Loop) -> bool:
