@@ -200,6 +200,21 @@ def test_a_callback_state_a_checkpoint_cannot_hold_is_refused_and_numpy_values_r
     assert torch.equal(kept.seen, torch.arange(3))
 
 
+@pytest.mark.parametrize("name", ["../../evil", "", "x.pt", "a/b", ".hidden", 3])
+def test_a_save_name_that_is_not_a_file_name_is_refused(quiet_config, tmp_path, name):
+    """ "../../evil" wrote evil.pt outside the run directory; "" wrote ".pt"."""
+
+    class Saver(Callback):
+        def on_step_end(self, loop):
+            loop.request_save(name)
+
+    config = TrainingConfig(num_epochs=1, batch_size=8, **quiet_config)
+    loader = DataLoader(make_classification(n=16), batch_size=8)
+    with pytest.raises(ValueError, match=r"request_save\(name=.*\) is invalid: expected a"):
+        TrainingManager(config).train(make_mlp(), loader, callbacks=[Saver()])
+    assert not list(tmp_path.rglob("*evil*"))
+
+
 def test_callbacks_of_earlier_versions_still_reach_the_loop_with_a_warning():
     class Old(Callback):
         def on_train_start(self, loop):

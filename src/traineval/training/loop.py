@@ -39,6 +39,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -79,6 +80,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("traineval")
+
+_SAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # a file name, no path
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 
@@ -315,6 +318,12 @@ class Loop:
     def request_save(self, name: str, *, deferrable: bool = False) -> None:
         """Save a checkpoint named `name` once the current hook round is over (see
         `LoopControl.request_save` for `deferrable`)."""
+        if not isinstance(name, str) or not _SAVE_NAME.fullmatch(name) or name.endswith(".pt"):
+            raise ValueError(
+                f"request_save(name={name!r}) is invalid: expected a checkpoint name of "
+                "letters, digits, '-' and '_' (e.g. 'epoch-0003'; it is saved as "
+                "checkpoints/<name>.pt)"
+            )
         within = not deferrable or self.saves.within_budget()
         self.saves.request(name, deferrable=deferrable, within_budget=within)
 
