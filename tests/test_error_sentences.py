@@ -462,3 +462,48 @@ def test_an_error_in_a_dataloader_worker_is_said_in_one_line(tmp_path):
         TrainingManager(config).train(nn.Linear(8, 2), loader)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_reason"] == f"ValueError: {said}"
+
+
+def _mode_evaluating_with(evaluate):
+    """A user's mode: supervised steps, its own evaluation."""
+    import dataclasses
+    from typing import ClassVar
+
+    from traineval.modes import Mode, ModePlan, SupervisedStep
+
+    @dataclasses.dataclass(frozen=True)
+    class OwnEvaluation(Mode):
+        name: ClassVar[str] = "own_evaluation_sentences_test"
+
+        def plan(self, ctx):
+            return ModePlan(SupervisedStep(nn.CrossEntropyLoss()), evaluate=evaluate)
+
+    return OwnEvaluation()
+
+
+@pytest.mark.parametrize(
+    ("evaluate", "said"),
+    [
+        (lambda model: 1 / 0, r"failed: ZeroDivisionError: division by zero; the training so"),
+        (lambda model: {"accuracy": 0.5}, r"failed: monitor_metric='val_loss' is not among the"),
+    ],
+    ids=["raises", "no-monitored-metric"],
+)
+def test_an_evaluation_that_fails_any_way_saves_the_training_and_names_why(
+    tmp_path, evaluate, said
+):
+    """Only a ValueError was a failed validation (the training saved in last.pt); any other
+    error of a metric or a mode's evaluate(), or a monitored metric it does not give, lost
+    the epoch with a bare exception."""
+    from traineval.training.stop_rules import EvaluationError
+
+    config = TrainingConfig(
+        num_epochs=2, output_dir=str(tmp_path), progress_bar=False, tensorboard_logging=False
+    )
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    loader = DataLoader(data, batch_size=8)
+    with pytest.raises(EvaluationError, match=said):
+        TrainingManager(config).train(
+            nn.Linear(8, 3), loader, loader, mode=_mode_evaluating_with(evaluate)
+        )
+    assert (tmp_path / "checkpoints" / "last.pt").exists()

@@ -95,11 +95,13 @@ class Monitor(Plateau):
 
     def read(self, metrics: dict[str, float]) -> float:
         if self.name not in metrics:
-            known = ", ".join(sorted(k for k in metrics if k.startswith(("val_", "train_"))))
-            raise KeyError(
-                f"monitor_metric={self.name!r} is not among the evaluated metrics: {known}"
-            )
+            raise KeyError(self.missing_from(metrics))
         return float(metrics[self.name])
+
+    def missing_from(self, metrics: dict[str, float]) -> str:
+        """Why `metrics` cannot give the monitored value."""
+        known = ", ".join(sorted(k for k in metrics if k.startswith(("val_", "train_"))))
+        return f"monitor_metric={self.name!r} is not among the evaluated metrics: {known}"
 
 
 @dataclasses.dataclass
@@ -511,9 +513,14 @@ class Loop:
                 self.stops.in_phase(f"validation at step {state.global_step}"),
             ):
                 metrics = self.evaluate_fn(self.forward_model)
-        except ValueError as error:  # the metrics cannot be computed (NaN predictions, ...)
+        except TrainingInterrupted:
+            raise
+        except Exception as error:  # it cannot be scored (NaN predictions, a metric's error)
             restore_rng(streams, None)
-            self._failed_evaluation(str(error))
+            said = (str(error).strip().splitlines() or [""])[0]
+            self._failed_evaluation(
+                said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}"
+            )
         restore_rng(streams, None)
         prefixed = {f"val_{name}": float(value) for name, value in metrics.items()}
         monitored = prefixed.get(self.monitor.name)
@@ -523,6 +530,8 @@ class Loop:
         self.tracker.update(prefixed, state.global_step)
         improved = False
         if self.monitor.name.startswith("val_"):
+            if self.monitor.name not in prefixed:  # a mode's own evaluate() names others
+                self._failed_evaluation(self.monitor.missing_from(prefixed))
             value = self.monitor.read(prefixed)
             improved = self._observe(value)
             if isinstance(self.scheduler, PlateauSchedule):
