@@ -382,3 +382,61 @@ def test_a_users_torchmetrics_subclass_merges_across_ranks():
     merged.merge(ranks[1].to_cpu())
     merged.adopt(template)
     assert merged.compute(-100) == float((scores.argmax(1) == labels).sum())
+
+
+def test_a_users_function_sees_what_the_built_ins_see_in_three_shapes_it_missed():
+    """A batch of only ignored targets reached it empty (a reshape error); multi-label
+    predictions were cut at 0.5 whatever multilabel_threshold said; a language model's
+    batches of different lengths could not be joined."""
+    from sklearn.metrics import accuracy_score
+
+    from traineval import Evaluator, TaskType
+
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    y[:25] = -100  # the first batch: every target ignored
+    model = torch.nn.Linear(5, 3)
+    batches = [(x[i : i + 25], y[i : i + 25]) for i in range(0, 100, 25)]
+    mine = metric(lambda t, p: accuracy_score(t, p))
+    values = Evaluator(metrics={"mine": mine}).evaluate_model(model, batches)
+    with torch.no_grad():
+        kept = y != -100
+        expected = accuracy_score(y[kept].numpy(), model(x).argmax(1)[kept].numpy())
+    assert values["mine"] == pytest.approx(expected) == pytest.approx(values["accuracy"])
+
+    labels = (torch.rand(200, 3) > 0.5).float()
+    model = torch.nn.Linear(5, 3)
+    x = torch.randn(200, 5)
+    config = EvaluationConfig(multilabel_threshold=0.3)
+    mine = metric(lambda t, p: f1_score(t, p, average="weighted", zero_division=0))
+    values = Evaluator(config, metrics={"mine": mine}).evaluate_model(
+        model, DataLoader(TensorDataset(x, labels), batch_size=50)
+    )
+    with torch.no_grad():
+        predicted = (torch.sigmoid(model(x)) > 0.3).numpy()
+    expected = f1_score(labels.numpy(), predicted, average="weighted", zero_division=0)
+    assert values["mine"] == pytest.approx(expected)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20)
+
+        def forward(self, tokens):
+            return self.out(self.embed(tokens))
+
+    lm, batches = LM(), []
+    for length in (5, 7):  # padded per batch, as a collate function does
+        tokens = torch.randint(0, 20, (4, length))
+        targets = tokens.clone()
+        targets[:, -1] = -100
+        batches.append((tokens, targets))
+    mine = metric(lambda t, p: accuracy_score(t, p))
+    values = Evaluator(metrics={"mine": mine}).evaluate_model(
+        lm, batches, task_type=TaskType.GENERATION
+    )
+    with torch.no_grad():
+        truth = torch.cat([t.reshape(-1) for _, t in batches])
+        guess = torch.cat([lm(b).argmax(-1).reshape(-1) for b, _ in batches])
+    kept = truth != -100
+    assert values["mine"] == pytest.approx(accuracy_score(truth[kept], guess[kept]))

@@ -52,7 +52,7 @@ class Accumulator:
         self.user: list[UserMetric] = []  # the user's metrics, fresh for this evaluation
 
     def start_user_metrics(self, user: Sequence[UserMetric]) -> None:
-        self.user = [metric.start() for metric in user]
+        self.user = [metric.start(self.config.multilabel_threshold) for metric in user]
 
     def adopt_user_metrics(self, local: Sequence[UserMetric]) -> None:
         for metric, mine in zip(self.user, local, strict=True):
@@ -64,6 +64,8 @@ class Accumulator:
             kept = targets != self.config.ignore_index
             if not bool(kept.all()):
                 outputs, targets = outputs[kept], targets[kept]
+        if targets.numel() == 0:  # every target of the batch ignored
+            return
         for metric in self.user:
             metric.update(outputs, targets, self.task)
 

@@ -116,10 +116,13 @@ class UserMetric:
         self.state: Any = None  # the streaming copy, or the kept (predictions, targets)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.task: TaskType | None = None  # the task of the predictions seen
+        self.threshold = 0.5  # multi-label: a label is predicted above this probability
 
-    def start(self) -> UserMetric:
-        """A copy with an empty state, for one evaluation."""
+    def start(self, threshold: float = 0.5) -> UserMetric:
+        """A copy with an empty state, for one evaluation (`threshold`: the multi-label
+        probability above which a label is predicted)."""
         fresh = UserMetric(self.name, self.template)
+        fresh.threshold = threshold
         if fresh.kind != "function":
             fresh.state = copy.deepcopy(self.template)
             fresh.state.reset()
@@ -149,7 +152,7 @@ class UserMetric:
                 return (predictions.reshape(-1) > 0).long()
             return predictions.argmax(dim=1)
         if task is TaskType.MULTILABEL:
-            return (torch.sigmoid(predictions.float()) > 0.5).long()
+            return (torch.sigmoid(predictions.float()) > self.threshold).long()
         if task is TaskType.GENERATION:  # the greedy tokens, not (B, T, V) logits
             return predictions.argmax(dim=-1)
         return predictions.detach().float()
@@ -190,6 +193,11 @@ class UserMetric:
         """The kept (y_true, y_pred) as NumPy arrays, without ignored targets."""
         if not self.pairs:
             raise ValueError(f"metric {self.name!r}: the evaluation saw no samples")
+        if self.task is TaskType.GENERATION:  # tokens: batches of any length, one array
+            truth = torch.cat([t.reshape(-1).cpu() for t, _ in self.pairs]).numpy()
+            predicted = torch.cat([p.reshape(-1).cpu() for _, p in self.pairs]).numpy()
+            keep = truth != ignore_index
+            return truth[keep], predicted[keep]
         truth = torch.cat([t.reshape(len(t), -1).cpu() for t, _ in self.pairs]).numpy()
         predicted = torch.cat([p.reshape(len(p), -1).cpu() for _, p in self.pairs]).numpy()
         if truth.shape[1] == 1:
