@@ -161,3 +161,54 @@ def test_a_registered_mode_is_named_by_train_and_by_the_config(quiet_config):
         TrainingConfig(mode_settings={"protonet_test": {"shots": 2}})
     with pytest.raises(ValueError, match=r"mode=.protonet_tset. is invalid.*did you mean"):
         TrainingManager(config).train(_encoder(), _tasks(8, seed=0), mode="protonet_tset")
+
+
+class _Returning:
+    """A user's step returning `what(loss)`, with no `weight(batch)`."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __call__(self, model, batch):
+        x, y = batch
+        return self.what(F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize(
+    ("what", "said"),
+    [
+        (lambda loss: loss, r"the step _Returning returned Tensor; it must return StepOutput"),
+        (lambda loss: (loss, 8), r"the step _Returning returned tuple; it must return StepOut"),
+        (
+            lambda loss: StepOutput(loss=loss.item(), weight=8, num_samples=8),
+            r"returned StepOutput\(loss=[0-9.]+\); the loss must be a tensor",
+        ),
+    ],
+    ids=["tensor", "tuple", "float-loss"],
+)
+def test_a_step_that_breaks_the_contract_is_named(what, said, tmp_path):
+    """It was an AttributeError from inside the loop ('Tensor' object has no attribute
+    'loss')."""
+    import dataclasses
+    from typing import ClassVar
+
+    @dataclasses.dataclass(frozen=True)
+    class Broken(Mode):
+        name: ClassVar[str] = "broken_contract_test"
+
+        def plan(self, ctx):
+            return ModePlan(_Returning(what))
+
+    config = TrainingConfig(
+        num_epochs=1, output_dir=str(tmp_path), progress_bar=False, tensorboard_logging=False
+    )
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), 8)
+    with pytest.raises(TypeError, match=said):
+        TrainingManager(config).train(torch.nn.Linear(4, 2), data, mode=Broken())
+    accumulating = TrainingConfig(
+        num_epochs=1, output_dir=str(tmp_path / "acc"), gradient_accumulation_steps=2,
+        progress_bar=False, tensorboard_logging=False,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match=r"the step _Returning has no weight\(batch\) method"):
+        TrainingManager(accumulating).train(torch.nn.Linear(4, 2), data, mode=Broken())
+    assert not (tmp_path / "acc" / "checkpoints").exists()  # refused before training

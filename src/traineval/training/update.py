@@ -25,7 +25,7 @@ from .optim import sparse_gradient_modules
 from .precision import Precision
 from .skips import NonFiniteSkips
 from .steplog import StepLog
-from .steps import StepFunction, window_share
+from .steps import StepFunction, StepOutput, window_share
 from .train_log import TrainLog
 
 
@@ -89,6 +89,7 @@ class WindowUpdate:
                 "torchrun: use sparse=False"
             )
         self.sparse_gradients = bool(sparse)
+        _refuse_a_step_without_weight(self.step_fn, rule.accumulation_steps > 1 or self.job.enabled)
         names = {id(p): name for name, p in model.named_parameters()}
         named = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(self.params)]
         self.steps = StepLog(self.device, capacity=min(log_every, 4096))
@@ -111,6 +112,8 @@ class WindowUpdate:
             with self.no_sync() if skip_sync else nullcontext():  # type: ignore[misc]
                 with self.precision.autocast():
                     out = self.step_fn(model, batch)
+                if type(out) is not StepOutput or type(out.loss) is not torch.Tensor:
+                    _check_step_output(self.step_fn, out)
                 loss = out.loss
                 if loss.ndim != 0:
                     raise ValueError(
@@ -201,6 +204,32 @@ class WindowUpdate:
         self.steps.discard_step()
         self.skips.count(state, why)
         return False
+
+
+def _refuse_a_step_without_weight(step_fn: StepFunction, weighs_windows: bool) -> None:
+    """Before training: a step that gradient accumulation or torchrun must weigh by its
+    items has `weight(batch)` (it failed at the first window, mid-run)."""
+    if weighs_windows and not callable(getattr(step_fn, "weight", None)):
+        raise TypeError(
+            f"the step {type(step_fn).__name__} has no weight(batch) method, which gradient "
+            "accumulation and torchrun need to weigh each micro-batch by its items: define "
+            "it (the items its loss averages over, e.g. len(batch[1]))"
+        )
+
+
+def _check_step_output(step_fn: StepFunction, out: Any) -> None:
+    """A step's output is a StepOutput whose loss is a tensor, or a TypeError saying so."""
+    name = type(step_fn).__name__
+    if not isinstance(out, StepOutput):
+        raise TypeError(
+            f"the step {name} returned {type(out).__name__}; it must return "
+            "StepOutput(loss=..., weight=..., num_samples=...) (traineval.modes.StepOutput)"
+        )
+    if not isinstance(out.loss, torch.Tensor):
+        raise TypeError(
+            f"the step {name} returned StepOutput(loss={out.loss!r}); the loss must be a "
+            "tensor that carries the graph (compute it with torch operations)"
+        )
 
 
 def _clip_with_sparse(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
