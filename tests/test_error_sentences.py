@@ -5,6 +5,7 @@ YAML with Python tags, a full disk."""
 from __future__ import annotations
 
 import errno
+import re
 import sys
 
 import pytest
@@ -507,3 +508,27 @@ def test_an_evaluation_that_fails_any_way_saves_the_training_and_names_why(
             nn.Linear(8, 3), loader, loader, mode=_mode_evaluating_with(evaluate)
         )
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        ("def build(:\n", r"importing 'broken_module_\d' failed: SyntaxError: invalid syntax"),
+        ("1 / 0\n", r"importing 'broken_module_\d' failed: ZeroDivisionError: division by zero"),
+    ],
+)
+def test_a_module_whose_code_fails_on_import_is_named_with_its_field(
+    tmp_path, monkeypatch, capsys, code, said
+):
+    """Only an ImportError was wrapped: a SyntaxError or an error at the module's top level
+    printed bare (naming no field) with exit 1."""
+    name = f"broken_module_{len(code) % 10}"
+    (tmp_path / f"{name}.py").write_text(code)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: iris}}\nmodel: {{name: '{name}:build'}}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
+    )
+    assert main(["fit", str(config), "-q"]) == 2
+    assert re.search(r"model\.name='broken_module_\d:build': " + said, capsys.readouterr().err)

@@ -111,7 +111,7 @@ def add_search_path(folder: str | Path) -> None:
 def _import(module_name: str, field: str, path: str) -> Any:
     """`module_name`, also from the working directory and the config's folder."""
     try:
-        return importlib.import_module(module_name)
+        return _imported(module_name, field, path)
     except ModuleNotFoundError as error:
         top = module_name.split(".")[0]
         if error.name != top:
@@ -122,7 +122,7 @@ def _import(module_name: str, field: str, path: str) -> Any:
             if folder not in sys.path:
                 sys.path.insert(0, folder)
             try:
-                return importlib.import_module(module_name)
+                return _imported(module_name, field, path)
             except ImportError as error:
                 raise ValueError(
                     f"{field}={path!r}: cannot import {module_name!r} ({error})"
@@ -133,3 +133,19 @@ def _import(module_name: str, field: str, path: str) -> Any:
         f"config file's folder or the working directory ({looked}); put {top} there, or add "
         "its folder to PYTHONPATH"
     )
+
+
+def _imported(module_name: str, field: str, path: str) -> Any:
+    """`importlib.import_module`, with an error of the module's own code (a SyntaxError, an
+    exception at its top level) as a ValueError naming `field`; a module that is not found
+    is for the caller to look for."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise
+    except Exception as error:
+        raise ValueError(
+            f"{field}={path!r}: importing {module_name!r} failed: {type(error).__name__}: "
+            f"{error}"
+        ) from error
+
