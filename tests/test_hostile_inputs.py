@@ -55,6 +55,16 @@ def _alias_bomb(folder):
     return folder
 
 
+def _string_bomb(tmp_path):
+    """A 100 KB string and 200 aliases of it: a 100 KB file that wrote a 20 MB config.yaml
+    and took minutes (the bound counted values, not their text)."""
+    aliases = ", ".join(["*s"] * 200)
+    text = f"notes: &s {'x' * 100_000}\nmany: [{aliases}]\ntraining: {{num_epochs: 1}}\n"
+    path = tmp_path / "strings.yaml"
+    path.write_text(text)
+    return ["fit", str(path), "-q"]
+
+
 def _deep_config(tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text("training: {seed: " + "[" * 100_000 + "]" * 100_000 + "}\n")
@@ -161,6 +171,8 @@ CASES = [
     ("evaluate of an alias bomb", lambda t, r: ["evaluate", str(_alias_bomb(t / "bomb"))],
      "aliases expand to more than 100,000 values", 2),
     ("a 100,000-deep config", lambda t, r: _deep_config(t), "nests deeper than 64 levels", 2),
+    ("aliases of a long string", lambda t, r: _string_bomb(t),
+     "aliases expand to more than 100,000 values (or 10 MB of text)", 2),
     ("a 100,000-deep override",
      lambda t, r: [*_csv_config(t, _table(t / "x.csv")), "training.seed=" + "[" * 100_000],
      "nests deeper than 64 levels", 2),
