@@ -532,3 +532,16 @@ def test_a_module_whose_code_fails_on_import_is_named_with_its_field(
     )
     assert main(["fit", str(config), "-q"]) == 2
     assert re.search(r"model\.name='broken_module_\d:build': " + said, capsys.readouterr().err)
+
+
+def test_a_section_given_as_one_value_is_said_with_an_example(tmp_path, capsys):
+    """'data: iris' read as "dictionary update sequence element #0 has length 1"."""
+    config = tmp_path / "run.yaml"
+    config.write_text("data: iris\ntraining: {num_epochs: 1}\n")
+    assert main(["fit", str(config), "-q"]) == 2
+    assert "section 'data' is 'iris'; it must be a mapping of its fields (e.g. data: {name:" in (
+        capsys.readouterr().err
+    )
+    config.write_text("data: {name: iris}\n")
+    assert main(["fit", str(config), "-q", "training=5"]) == 2
+    assert "section 'training' is 5; it must be a mapping" in capsys.readouterr().err

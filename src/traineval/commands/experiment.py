@@ -164,6 +164,12 @@ _SECTIONS: dict[str, type[_ConfigBase]] = {
     "training": TrainingConfig,
     "evaluation": EvaluationConfig,
 }
+_SECTION_EXAMPLES = {
+    "data": "data: {name: iris}",
+    "model": "model: {name: mlp}",
+    "training": "training: {num_epochs: 5}",
+    "evaluation": "evaluation: {save_predictions: true}",
+}
 
 
 # Mode settings that earlier versions kept in the data section -> (mode, setting)
@@ -206,6 +212,12 @@ class RunConfig:
         for key in data:
             if key not in allowed:
                 raise ValueError(f"unknown section {key!r}; allowed: {', '.join(allowed)}")
+        for key in _SECTIONS:
+            if not isinstance(data.get(key) or {}, Mapping):
+                raise ValueError(
+                    f"section {key!r} is {data[key]!r}; it must be a mapping of its fields "
+                    f"(e.g. {_SECTION_EXAMPLES[key]})"
+                )
         given = {key: dict(data.get(key) or {}) for key in _SECTIONS}
         moved = take_legacy_keys(given["data"], LEGACY_DATA_KEYS, "data.", stacklevel=3)
         flat = take_legacy_keys(given["training"], LEGACY_MODE_KEYS, "training.", stacklevel=3)
