@@ -324,6 +324,13 @@ def test_a_registered_metric_is_named_like_a_built_in():
     with pytest.raises(ValueError, match="registered already"):
         register_metric("weird_balanced", f1_score)
     assert np.isfinite(found["weird_balanced"])
+    # a built-in's name was accepted and then never used (the built-in won); "" and
+    # "my metric" were accepted and refused only where named
+    with pytest.raises(ValueError, match=r"'accuracy' is a built-in metric's.*'my_accuracy'"):
+        register_metric("accuracy", f1_score)
+    for bad in ("", "my metric", "loss"):
+        with pytest.raises(ValueError, match="metric name"):
+            register_metric(bad, f1_score)
 
 
 def test_cross_validation_tables_and_ensembles_carry_a_users_metric(tmp_path):

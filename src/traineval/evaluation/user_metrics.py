@@ -43,7 +43,7 @@ import torch
 
 from ..config import registry
 from ..config.code_references import import_object
-from ..config.training_config import TaskType, metric_is_minimized
+from ..config.training_config import BUILT_IN_METRICS, TaskType, metric_is_minimized
 from ..tasks import align_regression
 from .bootstrap import Bootstrap, function_intervals
 from .metrics import class_probabilities
@@ -283,7 +283,16 @@ def user_metrics(pairs: Iterable[tuple[str, Any]], built_in: Iterable[str]) -> l
 
 def register_metric(name: str, template: Any) -> None:
     """Make `template` (any of the three kinds) nameable in `EvaluationConfig`'s metric lists
-    by `name`, as a built-in is. Registering the same object again is not an error."""
+    by `name`, as a built-in is. Registering the same object again is not an error; a
+    name that is not an identifier, or a built-in's, is refused (the built-in would win)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+        raise ValueError(f"metric name {name!r} is invalid: expected letters, digits and _")
+    built_in = {m for names in BUILT_IN_METRICS.values() for m in names} | set(RESERVED)
+    if name in built_in:
+        raise ValueError(
+            f"metric name {name!r} is a built-in metric's, which an evaluation would compute "
+            f"instead of yours: register it as, e.g., 'my_{name}'"
+        )
     _kind(template)
     registry.add_metric(name, template)
 
