@@ -212,3 +212,32 @@ def test_a_step_that_breaks_the_contract_is_named(what, said, tmp_path):
     with pytest.raises(TypeError, match=r"the step _Returning has no weight\(batch\) method"):
         TrainingManager(accumulating).train(torch.nn.Linear(4, 2), data, mode=Broken())
     assert not (tmp_path / "acc" / "checkpoints").exists()  # refused before training
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scaled(Mode):
+    name: ClassVar[str] = "scaled_resume_test"
+    scale: float = 1.0
+
+    def plan(self, ctx):
+        step = _Returning(lambda loss: StepOutput(loss=loss * self.scale, weight=8, num_samples=8))
+        return ModePlan(step)
+
+
+def test_a_changed_mode_setting_on_resume_is_said(tmp_path, caplog):
+    """The docs say a mode's settings are compared when a run resumes; only the ones it
+    fixes were: any other changed silently."""
+    import logging
+
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), 8)
+    config = TrainingConfig(
+        num_epochs=2, max_steps=3, output_dir=str(tmp_path), progress_bar=False,
+        tensorboard_logging=False,
+    )  # fmt: skip
+    TrainingManager(config).train(torch.nn.Linear(4, 2), data, mode=_Scaled())
+    longer = dataclasses.replace(config, max_steps=None)
+    with caplog.at_level(logging.WARNING):
+        TrainingManager(longer).train(
+            torch.nn.Linear(4, 2), data, mode=_Scaled(scale=7.5), resume_from="auto"
+        )
+    assert "scaled_resume_test.scale: checkpoint 1.0, now 7.5" in caplog.text

@@ -250,6 +250,17 @@ def check_mode(payload: dict[str, Any], mode: Any) -> None:
             + "; ".join(refused)
             + "); resume with the checkpoint's values or start a new run in another output_dir"
         )
+    changed = [
+        f"{mode.name}.{key}: checkpoint {saved[key]!r}, now {current[key]!r}"
+        for key in current
+        if key in saved and key not in mode.resume_fixed and saved[key] != current[key]
+    ]
+    if changed:  # as for the training settings: the resumed run is not the uninterrupted one
+        logger.warning(
+            "RESUMING WITH CHANGED MODE SETTINGS (%s): from here on the run follows them, so "
+            "it will not equal an uninterrupted run with either setting",
+            "; ".join(changed),
+        )
 
 
 def truncate_events(path: Path, step: int) -> None:
