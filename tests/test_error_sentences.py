@@ -545,3 +545,26 @@ def test_a_section_given_as_one_value_is_said_with_an_example(tmp_path, capsys):
     config.write_text("data: {name: iris}\n")
     assert main(["fit", str(config), "-q", "training=5"]) == 2
     assert "section 'training' is 5; it must be a mapping" in capsys.readouterr().err
+
+
+def test_a_factory_that_ignores_output_dim_is_refused_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    """Iris has 3 classes and the model gave 6 scores: it trained and reported classes 3-5
+    the data does not have."""
+    (tmp_path / "six_outputs.py").write_text(
+        "import torch\ndef build(input_shape, output_dim):\n"
+        "    return torch.nn.Linear(input_shape[0], 6)\n"
+    )
+    monkeypatch.delitem(sys.modules, "six_outputs", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: 'six_outputs:build'}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
+    )
+    assert main(["fit", str(config), "-q"]) == 2
+    assert (
+        "model.name='six_outputs:build' built a model of 6 outputs, and the data has 3 classes"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -355,12 +355,15 @@ class RunParts:
 
     def new_model(self) -> torch.nn.Module:
         name = self.config.model.name
-        return build_model(
+        model = build_model(
             name,
             input_shape=self.splits.input_shape,
             output_dim=self.splits.num_outputs,
             options=self.mode.model_options(name, dict(self.config.model.options), self.splits),
         )
+        if ":" in name and self.task_type is TaskType.CLASSIFICATION and self.mode.supervised_loss:
+            _refuse_other_classes(model, name, self.splits)
+        return model
 
     def loader(self, dataset: Any, shuffle: bool = False) -> Any:
         """A loader over `dataset`; a mode's own data (an environment) as it is."""
@@ -375,6 +378,27 @@ class RunParts:
             pin_memory=torch.cuda.is_available(),
             # a seeded generator of its own: the shuffle order is part of exact resume
             generator=torch.Generator().manual_seed(t.seed) if shuffle else None,
+        )
+
+
+def _refuse_other_classes(model: torch.nn.Module, name: str, splits: DataSplits) -> None:
+    """A classifier your factory built gives one score per class of the data: one that
+    ignored `output_dim` trained and reported classes the data does not have. (Checked on
+    two zero inputs, where a model takes float inputs of the data's shape.)"""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            outputs = model.eval()(torch.zeros(2, *splits.input_shape))
+    except Exception:  # inputs of another kind (token ids, a dict): not checked here
+        return
+    finally:
+        model.train(was_training)
+    wide = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.ndim == 2 else None
+    if wide is not None and wide != splits.num_outputs:
+        raise ValueError(
+            f"model.name={name!r} built a model of {wide} outputs, and the data has "
+            f"{splits.num_outputs} classes: the factory must give output_dim outputs (it was "
+            f"called with output_dim={splits.num_outputs})"
         )
 
 

@@ -145,7 +145,5 @@ def _imported(module_name: str, field: str, path: str) -> Any:
         raise
     except Exception as error:
         raise ValueError(
-            f"{field}={path!r}: importing {module_name!r} failed: {type(error).__name__}: "
-            f"{error}"
+            f"{field}={path!r}: importing {module_name!r} failed: {type(error).__name__}: {error}"
         ) from error
-

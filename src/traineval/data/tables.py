@@ -278,7 +278,7 @@ def _with_target(
         if bad.size:
             line = lines[int(bad[0])]
             raise ValueError(
-                f"{path}:{line}: the target is {raw[bad[0]]!r}, not a finite float32 number; "
+                f"{path}:{line}: the target is {raw[bad[0]]!r}, not a finite number (in float32); "
                 "fill it or drop the row (traineval does not impute missing values)"
             )
         return Table(x, numbers.astype(np.float32), TaskType.REGRESSION, features)
