@@ -568,3 +568,30 @@ def test_a_factory_that_ignores_output_dim_is_refused_before_training(
         in capsys.readouterr().err
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_factory_that_fails_is_named_with_its_field(tmp_path, capsys, monkeypatch):
+    """A data factory's FileNotFoundError printed the path alone; a model factory's
+    RuntimeError printed torch's message alone: neither said which code failed."""
+    (tmp_path / "failing_factories.py").write_text(
+        "import torch\n"
+        "def data():\n    open('/data/train.npy')\n"
+        "def model(input_shape, output_dim, width=4):\n"
+        "    return torch.nn.Linear(input_shape[0], width)\n"
+    )
+    monkeypatch.delitem(sys.modules, "failing_factories", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data: {name: custom, factory: 'failing_factories:data'}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
+    )
+    assert main(["fit", str(config), "-q"]) == 2
+    assert "data.factory: data() failed: FileNotFoundError: [Errno 2] No such file" in (
+        capsys.readouterr().err
+    )
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: 'failing_factories:model', options: {width: -4}}\n"
+        f"training: {{num_epochs: 1, output_dir: {tmp_path / 'run'}}}\n"
+    )
+    assert main(["fit", str(config), "-q"]) == 2
+    assert "model.name: model() failed: RuntimeError: " in capsys.readouterr().err

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..assembly.evaluator import Evaluator
 from ..assembly.manager import TrainingManager, TrainingResult
-from ..config.code_references import code_references, import_object, refusal, untrusted
+from ..config.code_references import called, code_references, import_object, refusal, untrusted
 from ..config.config_file import write_run_config
 from ..config.training_config import (
     LEGACY_MODE_KEYS,
@@ -311,7 +311,7 @@ def load_data(config: DataConfig) -> DataSplits:
     """Build the train / val / test splits a `DataConfig` describes."""
     if config.name == "custom":
         assert config.factory is not None
-        splits = import_object(config.factory, field="data.factory")()
+        splits = called(import_object(config.factory, field="data.factory"), "data.factory")
         if not isinstance(splits, DataSplits):
             raise ValueError(
                 f"data.factory={config.factory!r} returned {type(splits).__name__}; expected "

@@ -147,3 +147,15 @@ def _imported(module_name: str, field: str, path: str) -> Any:
         raise ValueError(
             f"{field}={path!r}: importing {module_name!r} failed: {type(error).__name__}: {error}"
         ) from error
+
+
+def called(function: Any, field: str, /, **arguments: Any) -> Any:
+    """`function(**arguments)` (code a config names: a data or model factory), an error of
+    it said as a ValueError naming `field` (it printed bare: a path alone, torch's
+    message alone)."""
+    try:
+        return function(**arguments)
+    except Exception as error:
+        said = (str(error).strip().splitlines() or [""])[0]
+        name = getattr(function, "__qualname__", type(function).__name__)
+        raise ValueError(f"{field}: {name}() failed: {type(error).__name__}: {said}") from error

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config.code_references import import_object
+from ..config.code_references import called, import_object
 from .options import check_options, check_size
 from .policies import ActorCritic, RunningNorm
 
@@ -198,7 +198,9 @@ def build_model(
     if ":" in name:
         factory = import_object(name, field="model.name")
         _check_factory(name, factory, tuple(input_shape), output_dim, options)
-        model = factory(input_shape=tuple(input_shape), output_dim=output_dim, **options)
+        model = called(
+            factory, "model.name", input_shape=tuple(input_shape), output_dim=output_dim, **options
+        )
         if not isinstance(model, nn.Module):
             raise ValueError(f"model.name={name!r} returned {type(model).__name__}, not a Module")
         return model
