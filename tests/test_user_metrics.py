@@ -447,3 +447,21 @@ def test_a_users_function_sees_what_the_built_ins_see_in_three_shapes_it_missed(
         guess = torch.cat([lm(b).argmax(-1).reshape(-1) for b, _ in batches])
     kept = truth != -100
     assert values["mine"] == pytest.approx(accuracy_score(truth[kept], guess[kept]))
+
+
+def test_a_metric_function_with_defaults_or_star_args_is_a_metric_not_a_factory():
+    """It was called with no arguments when named (taken for a factory of a metric)."""
+    from traineval.evaluation.user_metrics import _builds_a_metric
+
+    def with_defaults(y_true=None, y_pred=None):
+        return float((y_true == y_pred).mean())
+
+    def with_star(*arrays):
+        return float((arrays[0] == arrays[1]).mean())
+
+    def factory(num_classes=3):
+        return torchmetrics.classification.MulticlassAccuracy(num_classes)
+
+    assert not _builds_a_metric(with_defaults)
+    assert not _builds_a_metric(with_star)
+    assert _builds_a_metric(factory)

@@ -334,19 +334,19 @@ def resolve(entry: str, field: str) -> tuple[str, Any]:
 
 
 def _builds_a_metric(found: Any) -> bool:
-    """A function of no required arguments: a factory of a metric (a scikit-learn-shaped
-    metric takes y_true and y_pred)."""
+    """A function of no required arguments that cannot take (y_true, y_pred): a factory of
+    a metric (a scikit-learn-shaped metric takes y_true and y_pred, with defaults or as
+    *args too)."""
     if not callable(found) or _kind_or_none(found) in ("streaming", "torchmetrics"):
         return False
     try:
         parameters = inspect.signature(found).parameters.values()
     except (TypeError, ValueError):
         return False
-    required = [
-        p for p in parameters
-        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]  # fmt: skip
-    return not required
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return False  # it takes (y_true, y_pred)
+    return all(p.default is not p.empty for p in positional)
 
 
 def _kind_or_none(template: Any) -> str | None:
