@@ -99,5 +99,5 @@ def test_unknown_monitored_metric_is_an_error_naming_the_choices(quiet_config, t
         _train(quiet_config, [1.0, 0.5], monitor_metric="val_f2")
     assert not (tmp_path / "run").exists()
     # a metric of another task than the data's: named when the evaluation lacks it
-    with pytest.raises(KeyError, match=r"monitor_metric='val_mse'.*val_accuracy, val_loss"):
+    with pytest.raises(ValueError, match=r"monitor_metric='val_mse'.*val_accuracy, val_loss"):
         _train(quiet_config, [1.0, 0.5], monitor_metric="val_mse")

@@ -18,6 +18,7 @@ from traineval.models import ActorCritic as BuiltinActorCritic
 from traineval.modes import Reinforcement
 from traineval.modes import env_workers as workers_module
 from traineval.training.loop import TrainingInterrupted
+from traineval.training.stop_rules import EvaluationError
 
 from conftest import InterruptAt
 
@@ -130,7 +131,8 @@ class CrashingWalk(Walk):
 
 @pytest.mark.filterwarnings("ignore:.*(Worker|Traceback|exception back):UserWarning")  # gymnasium's
 def test_an_environment_failing_in_its_worker_stops_the_run_with_its_error(quiet_config, tmp_path):
-    with pytest.raises(RuntimeError, match="the simulator crashed"):
+    # it crashes in a validation's episodes: a failed validation, the training saved
+    with pytest.raises(EvaluationError, match="RuntimeError: the simulator crashed; the train"):
         _train(quiet_config, tmp_path, "crash", ASYNC, ActorCritic(), env=CrashingWalk)
     assert not multiprocessing.active_children()
 
