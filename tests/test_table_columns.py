@@ -251,3 +251,18 @@ def test_cells_beyond_float32_one_class_and_non_finite_targets_are_refused_namin
     out = str(tmp_path / "x.csv")
     assert main(["predict", str(run), str(tmp_path / "new.csv"), "--output", out]) == 2
     assert "column 'age' is '1e39', beyond float32's range" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_table_changed_since_the_run_trained_on_it(tmp_path, capsys):
+    """`traineval evaluate` split the table again: shuffled rows made another test split
+    (accuracy 0.83 became 0.78, training rows among the test ones) without a word."""
+    status, run, data = _fit(tmp_path, "data.features=[age, dose]")
+    assert status == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 0  # the same table: evaluated
+    header, *rows = data.read_text().splitlines()
+    data.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is not the data this run trained on: its feature_mean, feature_scale differ" in err

@@ -663,6 +663,24 @@ def evaluate_run(
         )  # fmt: skip
 
 
+def _refuse_a_changed_table(run_dir: Path, config: RunConfig, splits: DataSplits) -> None:
+    """The data read again is the data the run trained on: its `data.json` (the training
+    split's scaling, categories, classes) says so. A table changed since (rows shuffled,
+    added, a class more) was split again without a word: another test split."""
+    saved = read_json_or_none(run_dir / DATA_SCHEMA)
+    if not isinstance(saved, dict):
+        return
+    now = splits.schema()
+    differ = [key for key in now if key in saved and saved[key] != now[key]]
+    if differ:
+        where = f"data.path={str(config.data.path)!r}" if config.data.path else "the data"
+        raise ValueError(
+            f"{where} is not the data this run trained on: its {', '.join(differ)} differ "
+            f"from the run's {DATA_SCHEMA} (rows changed, added or reordered since); its "
+            "splits would not be the run's: evaluate with the data it trained on"
+        )
+
+
 def _evaluate_run(
     config: RunConfig,
     run_dir: Path,
@@ -691,6 +709,7 @@ def _evaluate_run(
         )
     path = run_checkpoint(run_dir, checkpoint)
     parts = run_parts(config)
+    _refuse_a_changed_table(run_dir, config, parts.splits)
     dataset = getattr(parts.splits, split)
     if dataset is None:
         raise ValueError(f"the run's data has no {split} split (its fraction is 0)")
