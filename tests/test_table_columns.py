@@ -266,3 +266,19 @@ def test_evaluate_refuses_a_table_changed_since_the_run_trained_on_it(tmp_path, 
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
     assert "is not the data this run trained on: its feature_mean, feature_scale differ" in err
+
+
+def test_predict_refuses_an_input_that_has_the_columns_it_writes(tmp_path, capsys):
+    """An earlier prediction's output as input: a second `prediction` column was written,
+    and that file could not be read back."""
+    status, run, data = _fit(tmp_path, "data.features=[age, dose]")
+    assert status == 0
+    lines = data.read_text().splitlines()
+    earlier = tmp_path / "earlier.csv"  # the rows with an earlier prediction beside them
+    earlier.write_text("\n".join(f"{line},{'prediction' if i == 0 else 1}"
+                                  for i, line in enumerate(lines)) + "\n")  # fmt: skip
+    capsys.readouterr()
+    again = tmp_path / "again.csv"
+    assert main(["predict", str(run), str(earlier), "--output", str(again)]) == 2
+    assert "has the column(s) ['prediction'], which predict writes" in capsys.readouterr().err
+    assert not again.exists()

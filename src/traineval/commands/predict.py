@@ -140,6 +140,16 @@ def _predict(
     _refuse_unsupported(config)
     splits = _table_of(config, run_dir)
     table = _read_rows(splits, input_csv)
+    cut = config.evaluation.multilabel_threshold if how.threshold is None else how.threshold
+    written, _ = _columns(
+        splits.task_type, torch.zeros(1, splits.num_outputs), splits.class_names, cut
+    )
+    clash = [table.header[i] for i in table.kept if table.header[i] in written]
+    if clash:  # the output would hold two columns of one name (which traineval refuses)
+        raise ValueError(
+            f"{str(input_csv)!r} has the column(s) {clash}, which predict writes: rename or "
+            "drop them (is it an earlier prediction's output?)"
+        )
     checkpoint = run_checkpoint(run_dir, how.checkpoint or default_checkpoint(run_dir))
     model, device = _load_model(config, splits, checkpoint)
     outputs = []
@@ -148,7 +158,6 @@ def _predict(
             batch = table.inputs[start : start + how.batch_size].to(device)
             outputs.append(prediction_of(model(batch)).float().cpu())
     scores = torch.cat(outputs) if outputs else torch.empty(0, splits.num_outputs)
-    cut = config.evaluation.multilabel_threshold if how.threshold is None else how.threshold
     names, values = _columns(splits.task_type, scores, splits.class_names, cut)
     text = io.StringIO(newline="")
     writer = SafeWriter(text)
