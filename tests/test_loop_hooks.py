@@ -215,6 +215,24 @@ def test_a_save_name_that_is_not_a_file_name_is_refused(quiet_config, tmp_path, 
     assert not list(tmp_path.rglob("*evil*"))
 
 
+def test_a_best_save_where_the_monitor_did_not_improve_is_refused(quiet_config, tmp_path):
+    """best.pt then held the current weights while the result named an earlier best epoch:
+    evaluating "the best checkpoint" scored other weights."""
+
+    class Saver(Callback):
+        def on_epoch_end(self, loop, logs):
+            loop.request_save("best")
+
+    config = TrainingConfig(
+        num_epochs=2, batch_size=8, early_stopping_min_delta=1e9, **quiet_config
+    )  # only the first evaluation improves
+    loader = DataLoader(make_classification(n=16), batch_size=8)
+    with pytest.raises(ValueError, match=r"request_save\('best'\) is for the weights of the best"):
+        TrainingManager(config).train(make_mlp(), loader, loader, callbacks=[Saver()])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert saved["global_step"] == 2  # the first epoch's, its best
+
+
 def test_callbacks_of_earlier_versions_still_reach_the_loop_with_a_warning():
     class Old(Callback):
         def on_train_start(self, loop):

@@ -326,6 +326,12 @@ class Loop:
                 "letters, digits, '-' and '_' (e.g. 'epoch-0003'; it is saved as "
                 "checkpoints/<name>.pt)"
             )
+        if name == "best" and self.state.best_step != self.state.global_step:
+            raise ValueError(
+                "request_save('best') is for the weights of the best evaluation, and the "
+                f"monitored {self.monitor.name} did not improve at this step (its best is "
+                f"at step {self.state.best_step}): name your checkpoint otherwise"
+            )
         within = not deferrable or self.saves.within_budget()
         self.saves.request(name, deferrable=deferrable, within_budget=within)
 
