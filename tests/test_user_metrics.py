@@ -465,3 +465,15 @@ def test_a_metric_function_with_defaults_or_star_args_is_a_metric_not_a_factory(
     assert not _builds_a_metric(with_defaults)
     assert not _builds_a_metric(with_star)
     assert _builds_a_metric(factory)
+
+
+def test_a_metric_returning_a_zero_d_numpy_array_is_one_number():
+    """np.asarray(x).mean() and friends give 0-d arrays: refused as "not one number"."""
+    from traineval import Evaluator
+
+    mine = metric(lambda t, p: np.asarray((t == p).mean()).reshape(()))
+    logits, labels = torch.eye(3)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 1])
+    values = Evaluator(metrics={"mine": mine}).evaluate_model(
+        torch.nn.Identity(), [(logits, labels)]
+    )
+    assert values["mine"] == pytest.approx(0.75)

@@ -234,6 +234,8 @@ def _kind(template: Any) -> str:
 def _scalar(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value.item())
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        return float(value.item())  # a one-element array (numpy's 0-d results)
     if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
         return float(value)
     raise ValueError(
