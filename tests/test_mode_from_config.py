@@ -200,3 +200,27 @@ def test_a_registered_users_mode_is_recorded_by_its_import_path(project, monkeyp
     cls = register(mode_class("kdpkg.kd:Distillation"))
     assert mode_reference(cls) == "kdpkg.kd:Distillation"
     assert mode_reference(Federated) == "federated"
+
+
+def test_a_run_of_a_users_classifier_mode_predicts_rows(project, capsys):
+    """predict took a fixed list of modes: a user's classifier mode was refused, though
+    evaluate scored the same run."""
+    import csv
+
+    from sklearn.datasets import load_iris
+
+    folder, config = project
+    run = folder / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    iris = load_iris()
+    rows = folder / "rows.csv"
+    with rows.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(iris.feature_names)
+        writer.writerows(iris.data[:5].tolist())
+    out = folder / "scored.csv"
+    code = main(["predict", str(run), str(rows), "--output", str(out), "--trust-code"])
+    assert code == 0, capsys.readouterr().err
+    lines = out.read_text().splitlines()
+    assert lines[0] == "prediction,prob_setosa,prob_versicolor,prob_virginica"
+    assert len(lines) == 6

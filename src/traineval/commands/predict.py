@@ -35,7 +35,8 @@ from ..training.batches import prediction_of
 from ..training.precision import resolve_device
 from .experiment import DATA_SCHEMA, RunConfig, load_data
 
-SUPPORTED_MODES = ("supervised", "semi_supervised", "federated")
+# the built-in modes whose model does not map a table row to the task's outputs
+ROWLESS_MODES = ("unsupervised", "reinforcement", "meta_learning")
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +172,12 @@ def _predict(
 
 def _refuse_unsupported(config: RunConfig) -> None:
     """Refuse a run whose model does not score table rows (its mode, or custom data)."""
-    if config.mode.name not in SUPPORTED_MODES:
+    mode = config.mode
+    if mode.name in ROWLESS_MODES or mode.reconstructs or not mode.uses_data:
         raise ValueError(
             f"traineval predict scores rows with a classifier or regressor; this run's mode "
-            f"is {config.mode.name!r} (expected one of {', '.join(SUPPORTED_MODES)})"
+            f"{mode.name!r} trains a model of another kind (supervised, semi_supervised, "
+            "federated and a mode of your own that trains on the table's rows can predict)"
         )
     if config.data.name == "custom":
         raise ValueError(
