@@ -566,6 +566,7 @@ def test_a_run_early_stopping_ended_is_finished_unless_its_patience_is_raised(
             case, run, quiet_config, early_stopping_patience=2, resume_from="auto", **never_better
         )
     assert "already finished" in caplog.text
+    assert "raise early_stopping_patience to train it further" in caplog.text
     assert result["global_step"] == stopped["global_step"]
     assert result["status"] == "stopped early"
     straight, expected = _train(
@@ -735,3 +736,27 @@ def test_a_resumed_max_steps_stop_keeps_the_best_of_the_uninterrupted_run(
     assert all(torch.equal(exported[k], v) for k, v in reference.items())
     left = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir())
     assert not [name for name in left if "resume-point" in name]
+
+
+def test_a_signal_in_the_step_early_stopping_ends_the_run_keeps_its_closing_record(
+    quiet_config, tmp_path
+):
+    """Early stopping fired at a validation inside an epoch and a SIGTERM arrived in that
+    same validation: the run saved and exited before it recorded the partial epoch, so the
+    resumed run (finished: its stop still holds) lacked the history entry, the epoch's
+    on_epoch_end and its last.pt that the uninterrupted run has."""
+    case = CASES["supervised"]
+    settings = {"eval_frequency": 3, "early_stopping_patience": 1}
+    settings["early_stopping_min_delta"] = 1e9  # the first evaluation only is "better"
+    straight, expected = _train(case, tmp_path / "straight", quiet_config, **settings)
+    assert (expected["status"], expected["global_step"]) == ("stopped early", 6)
+    signal_at = [_SignalInEvaluationAt(6)]
+    with pytest.raises(TrainingInterrupted):
+        _train(case, tmp_path / "stopped", quiet_config, callbacks=signal_at, **settings)
+    resumed, result = _train(
+        case, tmp_path / "stopped", quiet_config, resume_from="auto", **settings
+    )
+    assert result["status"] == "stopped early"
+    assert result["training_history"] == expected["training_history"]
+    assert result["stop_reason"] == expected["stop_reason"]
+    assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")

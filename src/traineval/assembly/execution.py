@@ -111,11 +111,17 @@ def already_finished(
 ) -> TrainingResult:
     """The result of a resume of a run that had finished: its weights into `model`, its
     record, nothing trained."""
+    loop = payload["loop"]
+    further = "raise num_epochs or max_steps"
+    if loop["stopped_early"] and (loop.get("stop_reason") or "").startswith("early stopping"):
+        further = "raise early_stopping_patience"
+    elif loop["stopped_early"]:
+        further = f"its stop ({loop.get('stop_reason')}) still holds; change it"
     logger.warning(  # a notice, seen also with -q: nothing was trained
-        "the run in %s already finished (step %d); nothing to resume (raise num_epochs "
-        "or max_steps to train it further)",
+        "the run in %s already finished (step %d); nothing to resume (%s to train it further)",
         manager.output_dir,
         payload["global_step"],
+        further,
     )
     restore_weights(model, payload, kept=True)  # as the run ended: the average, with one
     if manager.config.restore_best_weights:  # or its best weights, which it ended with

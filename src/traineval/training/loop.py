@@ -366,7 +366,8 @@ class Loop:
                     state.epoch -= 1  # it did not begin: a resume begins it
                 break
             train_loss = self._train_epoch(self._batches())
-            self._stop_if_signalled()
+            if not self._closing_without_evaluation():
+                self._stop_if_signalled()
             if self.stops.timed_out:
                 break
             if not self._epoch_complete:  # max_steps or a stop request, with batches left
@@ -391,6 +392,16 @@ class Loop:
         self._call("on_train_end", end_logs)
         self._act()
         return state
+
+    def _closing_without_evaluation(self) -> bool:
+        """A stop was asked where the run evaluated (early stopping inside an epoch): a
+        signal that came meanwhile waits for the close that follows (the partial epoch's
+        record, its callbacks and saves: no evaluation, moments), which the uninterrupted
+        run makes and a resume of a stopped run would not. Where the close evaluates, a
+        signal stops the run first."""
+        state = self.state
+        at_evaluation = self.evaluate_fn is None or state.last_eval_step == state.global_step
+        return self.stops.requested and not self._epoch_complete and at_evaluation
 
     def _batches(self) -> Iterator[Any]:
         """This epoch's batches: fresh, or after the ones a resumed run already trained on."""
