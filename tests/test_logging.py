@@ -115,6 +115,31 @@ def test_a_logger_raising_on_every_call_does_not_stop_training(tmp_path, caplog)
     assert len([r for r in records if r["event"] == "train"]) == 8  # the others still log
 
 
+class OnlyLog:
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def log(self, metrics, step):
+        self.records.append(dict(metrics))
+
+
+def test_a_logger_without_log_is_refused_before_training_and_the_rest_is_optional(tmp_path, caplog):
+    """An object without log() was taken and reported failing at the first record: the run
+    went on with nothing logged to it. log_config and close were required, and a logger
+    with log() alone was reported failing at the start and the end."""
+    train = DataLoader(make_classification(n=64), 8)
+    with pytest.raises(TypeError, match=r"loggers\[1\] \(dict\) has no log\(metrics, step\)"):
+        TrainingManager(_config(tmp_path)).train(make_mlp(), train, loggers=[OnlyLog(), {}])
+    assert not (tmp_path / "run").exists()  # before any work
+    with pytest.raises(TypeError, match="expected a list of loggers"):
+        TrainingManager(_config(tmp_path)).train(make_mlp(), train, loggers=OnlyLog())
+    mine = OnlyLog()
+    with caplog.at_level(logging.WARNING):
+        TrainingManager(_config(tmp_path)).train(make_mlp(), train, loggers=[mine])
+    assert "failed" not in caplog.text
+    assert [r["event"] for r in mine.records].count("train") == 8
+
+
 def test_missing_tensorboard_warns_with_the_extra_and_training_goes_on(
     tmp_path, monkeypatch, caplog
 ):

@@ -23,6 +23,7 @@ from ..callbacks.defaults import default_callbacks
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
 from ..evaluation.inference import Predictions, PredictOptions, predict
 from ..evaluation.model_evaluator import ModelEvaluator
+from ..loggers.base import check_loggers
 from ..modes import Mode, resolve_mode
 from ..modes.contract import closing_step
 from ..runs import rundir
@@ -127,7 +128,7 @@ class TrainingManager:
 
         `train_loader` is what the mode trains on: batches; in federated mode also a list of
         client loaders; in reinforcement mode an environment factory or name ("CartPole").
-        `loggers` adds your own (`log(metrics, step)`, `log_config`, `close`) beside
+        `loggers` adds your own (`log(metrics, step)`; `log_config`, `close` optional) beside
         metrics.jsonl and TensorBoard; a logger that fails is reported once, never fatal.
         What the model returns is read by one rule (`traineval.training.batches`): a tensor, a tuple
         whose first element is the prediction, a mapping or Hugging Face `ModelOutput` with
@@ -148,6 +149,7 @@ class TrainingManager:
             NonFiniteError: a NaN or infinite loss or gradient (named by epoch, step, batch).
         """
         check_loaders(train_loader=train_loader, val_loader=val_loader)
+        check_loggers(loggers)
         request = build.Request(
             model, train_loader, val_loader, task_type, loss_function, evaluator,
             [*callbacks], mode, resume_from, loggers, output_transform,

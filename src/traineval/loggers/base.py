@@ -33,6 +33,20 @@ def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def check_loggers(loggers: Sequence[Any]) -> None:
+    """Refuse, before any work, a logger without a `log(metrics, step)` method (it would
+    only be reported as failing at the first record, and the run would go on unlogged);
+    `log_config` and `close` are optional."""
+    if isinstance(loggers, (str, bytes)) or not isinstance(loggers, Sequence):
+        raise TypeError(f"loggers={loggers!r} is invalid: expected a list of loggers")
+    for index, target in enumerate(loggers):
+        if not callable(getattr(target, "log", None)):
+            raise TypeError(
+                f"loggers[{index}] ({type(target).__name__}) has no log(metrics, step) "
+                "method: a logger needs one (log_config(config) and close() are optional)"
+            )
+
+
 class LoggerHub:
     """Calls every logger; a logger that raises is reported once and never stops training."""
 
@@ -53,8 +67,11 @@ class LoggerHub:
             self._safely(target, "close")
 
     def _safely(self, target: Any, method: str, *args: Any) -> None:
+        call = getattr(target, method, None)
+        if call is None:  # log_config and close are optional (`check_loggers`)
+            return
         try:
-            getattr(target, method)(*args)
+            call(*args)
         except Exception as error:  # a logger must never stop training
             name = type(target).__name__
             self.failures[name] = self.failures.get(name, 0) + 1
