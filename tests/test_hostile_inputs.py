@@ -126,6 +126,12 @@ def _latin1(tmp_path):
     return data
 
 
+def _parquet(tmp_path):
+    data = tmp_path / "t.parquet"  # a Parquet file's first bytes (pyarrow is not needed)
+    data.write_bytes(b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02\x15\x00\x12\x00\x00")
+    return data
+
+
 def _one_row_class(tmp_path):
     data = _table(tmp_path / "d.csv")
     with data.open("a") as handle:
@@ -188,6 +194,11 @@ CASES = [
      "the column name 'a' appears twice", 2),
     ("a latin-1 CSV to fit", lambda t, r: _csv_config(t, _latin1(t)),
      "is not UTF-8 text (byte 0xe9 on line 4): save it as UTF-8", 2),
+    ("a Parquet table to fit", lambda t, r: _csv_config(t, _parquet(t)),
+     "t.parquet' is a Parquet file, not CSV text: tables are read from CSV files (convert it, "
+     "e.g. pandas.read_parquet(", 2),
+    ("a Parquet table to predict", lambda t, r: ["predict", str(r[0]), str(_parquet(t))],
+     "is a Parquet file, not CSV text", 2),
     ("a latin-1 CSV to predict", lambda t, r: ["predict", str(r[0]), str(_latin1(t))],
      "is not UTF-8 text", 2),
     ("an output folder name longer than the file system allows",

@@ -219,6 +219,7 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[
             else f" (a relative path is read from the working directory, {Path.cwd()})"
         )
         raise FileNotFoundError(f"{named} does not exist{where}")
+    _refuse_other_formats(path, named)
     text = read_utf8(path, named.split("=")[0] if "=" in named else "CSV file")
     reader = csv.reader(io.StringIO(text, newline=""))
     rows, lines, previous = [], [], 0
@@ -235,6 +236,39 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[
         if len(row) != len(header):
             raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
     return header, body, lines[1:]
+
+
+# the first bytes of files tables are often kept in, which are not CSV text
+OTHER_FORMATS = {
+    b"PAR1": ("a Parquet file", "pandas.read_parquet({path!r})"),
+    b"PK\x03\x04": ("a zip archive (an Excel workbook, say)", "pandas.read_excel({path!r})"),
+    b"\x1f\x8b": ("gzip-compressed", "pandas.read_csv({path!r})"),
+    b"\x93NUMPY": ("a NumPy array file", "pandas.DataFrame(numpy.load({path!r}))"),
+    b"\x89HDF": ("an HDF5 file", "pandas.read_hdf({path!r})"),
+    b"ARROW1": ("an Arrow file", "pandas.read_feather({path!r})"),
+}
+
+
+def _refuse_other_formats(path: Path, named: str) -> None:
+    """A table in another format than CSV text is named as that format, with the line
+    that converts it (its bytes would be refused as "not UTF-8 text")."""
+    with path.open("rb") as handle:
+        start = handle.read(8)
+    for magic, (what, reader) in OTHER_FORMATS.items():
+        if start.startswith(magic):
+            read = reader.format(path=str(path))
+            csv_path = str(_converted_name(path))
+            raise ValueError(
+                f"{named} is {what}, not CSV text: tables are read from CSV files (convert "
+                f"it, e.g. {read}.to_csv({csv_path!r}, index=False))"
+            )
+
+
+def _converted_name(path: Path) -> Path:
+    """Where a table converted to CSV could go: beside it, `.csv` for its own suffix (or
+    compression suffix), never its own name."""
+    target = path.with_suffix("") if path.suffixes[-2:-1] == [".csv"] else path.with_suffix(".csv")
+    return target if target != path else path.with_name(f"{path.stem}-text.csv")
 
 
 def _refuse_duplicates(header: list[str], named: str) -> None:
