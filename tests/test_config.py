@@ -152,8 +152,8 @@ def test_missing_yaml_file():
 
 
 def test_evaluation_config_validates_metric_names():
-    with pytest.raises(ValueError, match=r"classification_metrics\[\]='acc'"):
-        EvaluationConfig(classification_metrics=["acc"])
+    with pytest.raises(ValueError, match=r"classification_metrics\[1\]='acc'"):
+        EvaluationConfig(classification_metrics=["f1", "acc"])  # the entry's place named
     with pytest.raises(ValueError, match="average='mean'"):
         EvaluationConfig(average="mean")
     assert EvaluationConfig(regression_metrics=["mse"]).regression_metrics == ("mse",)

@@ -773,12 +773,14 @@ def _metric_list(field: str, values: Any, built_in: Sequence[str]) -> None:
     allowed = f"{', '.join(map(repr, built_in))}, a registered metric, or an import path"
     if isinstance(values, str) or not isinstance(values, Iterable):
         _fail(field, values, f"expected a list drawn from {allowed}")
-    for value in values:
+    for index, value in enumerate(values):
         known = value in built_in or value in registry.metrics()
         if not known and not (isinstance(value, str) and IMPORT_PATH.match(value)):
             hint = difflib.get_close_matches(str(value), built_in, n=1)
             also = f" (did you mean {hint[0]!r}?)" if hint else ""
-            _fail(f"{field}[]", value, f"expected one of {allowed} 'package.module:name'{also}")
+            _fail(
+                f"{field}[{index}]", value, f"expected one of {allowed} 'package.module:name'{also}"
+            )
 
 
 # -- YAML and dotted overrides -------------------------------------------------------------------
