@@ -30,7 +30,7 @@ from traineval.modes import (
     StepOutput,
     Unsupervised,
 )
-from traineval.runs.checkpoint import load_checkpoint_file
+from traineval.runs.checkpoint import load_checkpoint_file, load_model_weights
 from traineval.training.loop import TrainingInterrupted
 
 from conftest import make_classification, plain_sgd_config
@@ -709,14 +709,17 @@ def _run_with_staged_metric(folder: Any, quiet_config: dict[str, Any], **setting
     )
 
 
-@pytest.mark.parametrize("writer", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("writer", "sharding"),
+    [("sync", "full"), ("async", "full"), ("sync", "sharded"), ("async", "sharded")],
+)
 def test_a_resumed_max_steps_stop_keeps_the_best_of_the_uninterrupted_run(
-    writer, quiet_config, tmp_path
+    writer, sharding, quiet_config, tmp_path
 ):
     """The closing evaluation of a max_steps stop may improve on the best and write
     best.pt; the resumed run never saw that evaluation (its monitor is the one saved
     before it), yet best.pt kept its weights where no later evaluation improved."""
-    settings = {"async_checkpointing": writer == "async"}
+    settings = {"async_checkpointing": writer == "async", "checkpoint_sharding": sharding}
     expected = _run_with_staged_metric(tmp_path / "straight", quiet_config, **settings)
     stopped = _run_with_staged_metric(tmp_path / "stopped", quiet_config, max_steps=10, **settings)
     assert stopped["best_step"] == 10  # the closing evaluation was the best so far
@@ -727,8 +730,11 @@ def test_a_resumed_max_steps_stop_keeps_the_best_of_the_uninterrupted_run(
     theirs = load_checkpoint_file(tmp_path / "straight" / "checkpoints" / "best.pt")
     ours = load_checkpoint_file(tmp_path / "stopped" / "checkpoints" / "best.pt")
     assert ours["global_step"] == theirs["global_step"] == 4
-    for key, value in theirs["model"].items():
-        assert torch.equal(ours["model"][key], value), key
+    reference, resumed = _mlp_with_batch_norm(), _mlp_with_batch_norm()
+    load_model_weights(reference, tmp_path / "straight" / "checkpoints" / "best.pt")
+    load_model_weights(resumed, tmp_path / "stopped" / "checkpoints" / "best.pt")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
     from safetensors.torch import load_file
 
     exported = load_file(tmp_path / "stopped" / "checkpoints" / "best.safetensors")
@@ -736,6 +742,8 @@ def test_a_resumed_max_steps_stop_keeps_the_best_of_the_uninterrupted_run(
     assert all(torch.equal(exported[k], v) for k, v in reference.items())
     left = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir())
     assert not [name for name in left if "resume-point" in name]
+    if sharding == "sharded":  # one folder a checkpoint, the one its file names
+        assert [name for name in left if name.startswith("best.shards-")] == [ours["shards"]]
 
 
 def test_a_signal_in_the_step_early_stopping_ends_the_run_keeps_its_closing_record(

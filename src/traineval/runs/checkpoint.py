@@ -15,7 +15,7 @@ from ..system.devices import move_to_device
 from ..system.files import atomic_file
 from .errors import CheckpointError
 from .shard_folders import MARK as SHARD_MARK
-from .shard_folders import SHARDS, owner, remove, shard_folder
+from .shard_folders import SHARDS, keeps_shards_in, owner, remove, shard_folder
 
 CHECKPOINT_FORMAT = "traineval-checkpoint"  # a training checkpoint's "format" entry
 CHECKPOINT_VERSION = 1
@@ -87,7 +87,7 @@ def _unnamed_shard_folders(folder: Path) -> list[Path]:
                 )
             except CheckpointError:
                 named[file] = UNREADABLE  # keep what may be its shards
-        if named[file] is not UNREADABLE and named[file] != shards.name:
+        if named[file] is not UNREADABLE and not keeps_shards_in(named[file], shards.name):
             unnamed.append(shards)
     return unnamed
 

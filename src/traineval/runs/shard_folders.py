@@ -22,6 +22,22 @@ def folder_name(name: str, token: str) -> str:
     return f"{name}{MARK}{token}"
 
 
+# `best.at-resume-point.pt`: the best up to a max_steps stop's resume point, kept while its
+# closing evaluation's best is `best.pt` (`run_checkpoints.keep_best_at_resume_point`); its
+# shards are a copy of the folder it names, under its own name with the same id
+AT_RESUME_POINT = ".at-resume-point"
+
+
+def keeps_shards_in(named: Any, folder: str) -> bool:
+    """Whether a checkpoint file whose shards entry is `named` keeps its shards in the
+    folder called `folder`: the one it names or, for a best kept at a resume point, that
+    folder's copy (`AT_RESUME_POINT`)."""
+    if named == folder:
+        return True
+    kept = (owner(folder) or "").endswith(AT_RESUME_POINT) and isinstance(named, str)
+    return kept and named.rpartition(MARK)[2] == folder.rpartition(MARK)[2]
+
+
 def remove_older(folder: Path, name: str, keep: str | None) -> None:
     """Delete the shard folders of checkpoint `name` except `keep` (the one `{name}.pt`
     names now): those of earlier saves, and any a killed save left half written."""

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -32,13 +33,22 @@ from ..runs import checkpoint_process
 from ..runs.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    load_checkpoint_file,
     save_checkpoint_file,
     save_safetensors,
     unexportable,
     untied,
 )
 from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites, Write, snapshot
-from ..runs.shard_folders import SHARDS, remove_older
+from ..runs.shard_folders import (
+    AT_RESUME_POINT,
+    MARK,
+    SHARDS,
+    folder_name,
+    remove,
+    remove_older,
+    shard_folder,
+)
 from ..system.devices import inexact
 from ..system.distributed import (
     Distributed,
@@ -120,6 +130,8 @@ def save_from_loop(
     ranks = {"rng": rng, "steps": steps}
     if writes_shards(config, loop):
         extra = _records(loop, config, mode, ranks) if job.is_main else None
+        if name == "best" and loop.closing_after_resume_point and job.is_main:
+            keep_best_at_resume_point(path, writer, shards=True)
         _save_sharded(name, loop, config, path, extra, writer)
         job.barrier()
         return path
@@ -146,30 +158,57 @@ def save_from_loop(
     return path
 
 
-AT_RESUME_POINT = ".at-resume-point"  # best.at-resume-point.pt: see keep_best_at_resume_point
-
-
-def keep_best_at_resume_point(path: Path, writer: CheckpointWriter | None) -> None:
+def keep_best_at_resume_point(
+    path: Path, writer: CheckpointWriter | None, *, shards: bool = False
+) -> None:
     """The closing evaluation of a max_steps stop (after the resume point, `last.pt`, was
     written) is about to replace `best.pt`: keep the best up to the resume point beside it,
     as hard links (no copy), once, for a resume to put back (`put_back_best`); a resumed
-    run is the uninterrupted one, which never made that evaluation."""
+    run is the uninterrupted one, which never made that evaluation. A sharded checkpoint's
+    folder is kept first, as `best.at-resume-point.shards-<id>` (its files linked)."""
     for waiting in (writer, getattr(writer, "target", None)):
         if waiting is not None:
             waiting.wait()  # the best before it is on disk
-    for suffix in (".pt", ".safetensors"):
-        kept = path.with_name(f"{path.stem}{AT_RESUME_POINT}{suffix}")
-        if not kept.exists() and path.with_suffix(suffix).exists():
-            os.link(path.with_suffix(suffix), kept)
+    kept = path.with_name(f"{path.stem}{AT_RESUME_POINT}.pt")
+    if kept.exists() or not path.exists():
+        return
+    if shards:
+        _keep_shards(path, shard_folder(path, load_checkpoint_file(path)))
+    for suffix in (".safetensors", ".pt"):  # the .pt last: it says the rest is there
+        if path.with_suffix(suffix).exists():
+            os.link(path.with_suffix(suffix), kept.with_suffix(suffix))
+
+
+def _keep_shards(path: Path, shards: Path) -> None:
+    """A copy of `shards` by hard links, named for `path`'s kept best, made under a hidden
+    name and then renamed: a kill leaves no part under the kept name."""
+    token = shards.name.rpartition(MARK)[2]
+    copy = shards.with_name(folder_name(f"{path.stem}{AT_RESUME_POINT}", token))
+    partial = copy.with_name(f".{copy.name}.partial")
+    remove(partial)
+    shutil.copytree(shards, partial, copy_function=os.link)
+    os.rename(partial, copy)
 
 
 def put_back_best(folder: Path) -> None:
     """A resume: the best of the run up to its resume point replaces the one its closing
-    evaluation wrote (`keep_best_at_resume_point`)."""
-    for suffix in (".pt", ".safetensors"):
+    evaluation wrote (`keep_best_at_resume_point`); a kept shard folder takes back the
+    name the kept file gives it, and the closing evaluation's folder goes."""
+    kept_file = folder / f"best{AT_RESUME_POINT}.pt"
+    named = None
+    for kept_shards in folder.glob(f"*best{AT_RESUME_POINT}{MARK}*"):
+        if not kept_file.exists() or kept_shards.name.startswith("."):  # a kill cut it short
+            remove(kept_shards)
+            continue
+        named = folder / folder_name("best", kept_shards.name.rpartition(MARK)[2])
+        remove(named)  # (a put-back a kill cut short renamed it already)
+        os.rename(kept_shards, named)
+    for suffix in (".safetensors", ".pt"):  # the .pt last, as it was kept
         kept = folder / f"best{AT_RESUME_POINT}{suffix}"
-        if kept.exists():
+        if kept_file.exists() and kept.exists():
             os.replace(kept, folder / f"best{suffix}")
+    if named is not None:
+        remove_older(folder, "best", keep=named.name)
 
 
 def writes_shards(config: TrainingConfig, loop: Loop) -> bool:
