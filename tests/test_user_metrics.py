@@ -128,7 +128,7 @@ def test_bad_metrics_are_refused_naming_them():
         ModelEvaluator(metrics={"loss": balanced_accuracy_score})
     with pytest.raises(ValueError, match=r"scores probabilities.*inputs='probabilities'"):
         ModelEvaluator(EvaluationConfig(classification_metrics=("sklearn.metrics:log_loss",)))
-    with pytest.raises(ValueError, match=r"classification_metrics\[\]='acuracy'.*'accuracy'"):
+    with pytest.raises(ValueError, match=r"classification_metrics\[0\]='acuracy'.*'accuracy'"):
         EvaluationConfig(classification_metrics=("acuracy",))
     with pytest.raises(ValueError, match=r"evaluation\.classification_metrics=.nopkg\.m:f."):
         ModelEvaluator(EvaluationConfig(classification_metrics=("accuracy", "nopkg.m:f")))
