@@ -140,3 +140,49 @@ def test_balanced_weights_give_a_class_training_never_shows_one_and_a_wrong_list
     )
     with pytest.raises(ValueError, match=r"has 2 class weights, but the model outputs 3 classes"):
         TrainingManager(listed).train(make_mlp(), DataLoader(data, 16))
+
+
+@pytest.mark.parametrize("shape", ["(N, 1)", "(N,)"])
+def test_a_one_logit_classifier_trains_on_binary_cross_entropy_like_a_hand_written_loop(
+    quiet_config, shape
+):
+    """task_type=CLASSIFICATION with one logit a sample: cross-entropy's softmax over one
+    class is 1 whatever the score, so the loss was 0 and nothing trained. It is the binary
+    cross-entropy of the logit, which equals cross-entropy over the scores (0, logit)."""
+    from conftest import plain_sgd_config
+
+    torch.manual_seed(0)
+    x = torch.randn(48, 4)
+    y = (x[:, 0] + 0.3 * torch.randn(48) > 0).long()
+    y[::7] = -100  # ignored rows
+    flat = shape == "(N,)"
+    model = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)) if flat else nn.Linear(4, 1)
+    reference = copy.deepcopy(model)
+    options = {"label_smoothing": 0.1, "class_weights": [0.5, 2.0]}
+    config = plain_sgd_config(
+        quiet_config,
+        num_epochs=2,
+        batch_size=8,
+        learning_rate=0.2,
+        warmup_steps=0,
+        scheduler_type="constant",
+        **options,
+    )
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    result = TrainingManager(config).train(model, loader, task_type=TaskType.CLASSIFICATION)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.2)
+    weight = torch.tensor([0.5, 2.0])
+    for _ in range(2):
+        for xb, yb in loader:
+            logit = reference(xb).reshape(-1)
+            scores = torch.stack([torch.zeros_like(logit), logit], dim=1)  # CE's two classes
+            loss = nn.functional.cross_entropy(scores, yb, weight=weight, label_smoothing=0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert result["training_history"]["train_loss"][0] > 0.3
+    bad = DataLoader(TensorDataset(x, torch.full((48,), 2)), batch_size=8)
+    with pytest.raises(ValueError, match="binary classifier with one logit takes labels 0 and 1"):
+        TrainingManager(config).train(nn.Linear(4, 1), bad, task_type=TaskType.CLASSIFICATION)

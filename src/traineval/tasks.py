@@ -96,7 +96,43 @@ class SequenceCrossEntropy(nn.Module):
         )
 
 
-class BalancedCrossEntropy(nn.CrossEntropyLoss):
+def one_logit(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether classification outputs are a binary classifier's one logit a sample: `(N, 1)`,
+    or `(N,)` beside `(N,)` labels (not one sample's `(C,)` scores beside its label)."""
+    return (outputs.ndim == 2 and outputs.shape[1] == 1) or (
+        outputs.ndim == 1 and targets.ndim == 1
+    )
+
+
+class ClassCrossEntropy(nn.CrossEntropyLoss):
+    """Classification's loss: cross-entropy over C class scores; over one score a row (a
+    binary classifier with one logit, outputs `(N, 1)` or `(N,)`) the binary cross-entropy
+    of its sigmoid against labels 0 and 1, with the same `ignore_index`, class weights (of
+    classes 0 and 1) and label smoothing. Softmax over one class is 1 whatever the score:
+    cross-entropy would be 0 and train nothing."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if one_logit(input, target):
+            return self._binary(input.reshape(-1), target.reshape(-1))
+        return super().forward(input, target)
+
+    def _binary(self, logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the two scores (0, logit): the binary cross-entropy of the
+        logit's sigmoid, with cross-entropy's own ignore_index, weights and smoothing."""
+        if target.device.type == "cpu":  # (on a GPU cross-entropy asserts on the device)
+            kept = target[target != self.ignore_index]
+            if kept.numel() and not bool(((kept == 0) | (kept == 1)).all()):
+                raise ValueError(
+                    "a binary classifier with one logit takes labels 0 and 1; labels in this "
+                    f"batch range from {kept.min().item():g} to {kept.max().item():g}"
+                )
+        if target.is_floating_point():  # 0/1 labels as floats (an (N, 1) column, say)
+            target = target.long()
+        scores = torch.stack([torch.zeros_like(logit), logit], dim=1)
+        return super().forward(scores, target)
+
+
+class BalancedCrossEntropy(ClassCrossEntropy):
     """Cross-entropy with class weights counted from the training labels
     (`class_weights: balanced`). A class the training data never shows, where the model
     outputs more classes than those labels name, weighs 1.0: a training sample's mean
@@ -104,6 +140,7 @@ class BalancedCrossEntropy(nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         classes = input.shape[1] if input.ndim > 1 else input.shape[0]
+        classes = 2 if one_logit(input, target) else classes  # one logit: classes 0 and 1
         weight = self.weight
         if weight is not None and classes > weight.numel():
             self.weight = torch.cat([weight, weight.new_ones(classes - weight.numel())])
@@ -158,7 +195,7 @@ def task_loss(
             f"generation; this task is {task_type.value}: set label_smoothing=0"
         )
     if task_type is TaskType.CLASSIFICATION:
-        kind = BalancedCrossEntropy if balanced else nn.CrossEntropyLoss
+        kind = BalancedCrossEntropy if balanced else ClassCrossEntropy
         return kind(weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if task_type is TaskType.REGRESSION:
         return RegressionMSE()
@@ -218,8 +255,8 @@ class AutoLoss:
                 if self.task_type is TaskType.REGRESSION:
                     raise ValueError(
                         f"outputs of shape {tuple(outputs.shape)} with integer targets: pass "
-                        "task_type and a loss_function explicitly (e.g. BCEWithLogitsLoss for "
-                        "binary classification with one logit)"
+                        "task_type (classification: a binary classifier's one logit, labels "
+                        "0 and 1; regression: convert the targets to float)"
                     )
             self.resolved = task_loss(
                 self.task_type,
