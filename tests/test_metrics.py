@@ -40,6 +40,23 @@ def test_classification_metrics_stream_to_sklearn_values(average):
     assert np.array_equal(cm.matrix().numpy(), sk.confusion_matrix(y, p, labels=range(5)))
 
 
+@pytest.mark.parametrize("average", ["weighted", "macro", "micro"])
+def test_multi_class_roc_auc_averages_as_the_config_says(average):
+    """It was always the macro average, whatever `average` said (as precision, recall and
+    F1 follow it, and multi-label roc_auc did)."""
+    from traineval import EvaluationConfig, Evaluator
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 3, generator=generator) * 3
+    targets = torch.distributions.Categorical(logits=logits).sample()
+    targets[:40] = 0  # unequal supports: weighted differs from macro
+    config = EvaluationConfig(classification_metrics=("roc_auc",), average=average)
+    ours = Evaluator(config).compute_metrics(logits, targets)["roc_auc"]
+    probabilities = torch.softmax(logits, 1).numpy()
+    theirs = sk.roc_auc_score(targets.numpy(), probabilities, multi_class="ovr", average=average)
+    assert ours == pytest.approx(theirs, abs=1e-12)
+
+
 def test_binary_classification_with_one_logit():
     logits = torch.tensor([2.0, -1.0, 0.5, -0.2])
     targets = torch.tensor([1, 0, 0, 0])

@@ -145,7 +145,7 @@ class Accumulator:
         if self.confusion is not None:
             out = self.confusion.compute(average)
             if self.scores is not None:
-                out.update(self.scores.compute())
+                out.update(self.scores.compute(average))
             return out
         if self.regression is not None:
             return self.regression.compute()

@@ -542,7 +542,9 @@ class ProbabilityStats:
         self.scores.extend(other.scores)
         self.labels.extend(other.labels)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, average: str = "weighted") -> dict[str, float]:
+        """The probability metrics; a multi-class `roc_auc` averages its one-vs-rest scores
+        as `average` says (scikit-learn's `average`), as precision, recall and F1 do."""
         if not self.state:
             raise ValueError("no data: call update() with at least one batch before compute()")
         count = int(self.state["count"])
@@ -557,11 +559,12 @@ class ProbabilityStats:
             gaps = (self.state["bin_correct"] - self.state["bin_confidence"]).abs()
             out["ece"] = float(gaps.sum()) / count
         if self.keep_scores:
-            out["roc_auc"] = self.roc_auc()
+            out["roc_auc"] = self.roc_auc(average)
         return out
 
-    def roc_auc(self) -> float:
-        """ROC-AUC as scikit-learn computes it: binary, or one-vs-rest macro for C > 2."""
+    def roc_auc(self, average: str = "weighted") -> float:
+        """ROC-AUC as scikit-learn computes it: binary, or one-vs-rest for C > 2 averaged
+        over the classes as `average` says."""
         from sklearn.metrics import roc_auc_score
 
         labels = torch.cat(self.labels).numpy()
@@ -573,7 +576,11 @@ class ProbabilityStats:
                 return float(roc_auc_score(labels, probabilities[:, 1]))
             return float(
                 roc_auc_score(
-                    labels, probabilities, multi_class="ovr", labels=range(self.num_classes)
+                    labels,
+                    probabilities,
+                    multi_class="ovr",
+                    average=average,
+                    labels=range(self.num_classes),
                 )
             )
         except ValueError as error:
