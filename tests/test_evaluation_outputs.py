@@ -89,10 +89,14 @@ def test_predictions_name_the_classes_when_the_evaluator_knows_them(tmp_path):
     names = ["cat", "dog", "owl"]
     assert [r["target"] for r in rows] == [names[i] for i in y.tolist()]
     assert [r["prediction"] for r in rows] == [names[i] for i in predicted.tolist()]
-    evaluator.class_names = ["cat", "dog"]  # not one per class: indices, as without names
-    evaluator.evaluate_model(model, loader, output_dir=tmp_path, split=EvaluationMode.TESTING)
-    rows = list(csv.DictReader((tmp_path / "evaluation" / "predictions_test.csv").open()))
-    assert list(rows[0])[3:] == ["prob_0", "prob_1", "prob_2"]
+    written = (tmp_path / "evaluation" / "predictions_test.csv").read_bytes()
+    evaluator.class_names = ["cat", "dog"]  # not one per class: refused (they were dropped)
+    with pytest.raises(ValueError, match=r"class_names has 2 names \('cat', 'dog'\) for the 3"):
+        evaluator.evaluate_model(model, loader, output_dir=tmp_path, split=EvaluationMode.TESTING)
+    assert (tmp_path / "evaluation" / "predictions_test.csv").read_bytes() == written
+    evaluator.class_names = ["cat", "cat", "owl"]
+    with pytest.raises(ValueError, match="class_names names 'cat' twice"):
+        evaluator.evaluate_model(model, loader, output_dir=tmp_path, split=EvaluationMode.TESTING)
 
 
 def test_regression_predictions_and_plot(tmp_path):

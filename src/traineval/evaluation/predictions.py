@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -11,6 +12,7 @@ import torch
 
 from ..config.training_config import TaskType
 from ..system.csv_cells import SafeWriter
+from ..system.files import atomic_file
 from .metrics import class_probabilities
 
 
@@ -46,10 +48,16 @@ class PredictionWriter:
         self._labels: list[str] = []  # how each class is written, set with the header
         self.rows = 0
         self._handle: IO[str] | None = None
+        self._files = contextlib.ExitStack()
         self._writer: SafeWriter | None = None
 
     def __enter__(self) -> PredictionWriter:
-        self._handle = self.path.open("w", newline="", encoding="utf-8")
+        """Rows go to a temp file that replaces `path` once every row is written: an error
+        midway (names refused at the header, say) leaves the earlier file as it was."""
+        self._files = contextlib.ExitStack()
+        temporary = self._files.enter_context(atomic_file(self.path))
+        handle = temporary.open("w", newline="", encoding="utf-8")
+        self._handle = self._files.enter_context(handle)
         self._writer = SafeWriter(self._handle)
         return self
 
@@ -59,8 +67,7 @@ class PredictionWriter:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if self._handle is not None:
-            self._handle.close()
+        self._files.__exit__(kind, error, trace)
 
     def write(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         assert self._writer is not None, "use PredictionWriter as a context manager"
@@ -139,10 +146,26 @@ class PredictionWriter:
 
 
 def class_labels(names: Sequence[str] | None, count: int) -> list[str]:
-    """The classes' names when there is one per class, else their indices (as text)."""
-    if names is not None and len(names) == count:
-        return [str(name) for name in names]
-    return [str(c) for c in range(count)]
+    """The classes' names (`class_names`: one a class, in class order, each once), or
+    without them their indices (as text). Names that do not fit are refused, as
+    scikit-learn's `classification_report` refuses them (they were dropped silently)."""
+    if names is None:
+        return [str(c) for c in range(count)]
+    labels = [str(name) for name in names]
+    if len(labels) != count:
+        raise ValueError(
+            f"class_names has {len(labels)} names ({_shown(labels)}) for the {count} classes "
+            "the model scores: give one name a class, in class order"
+        )
+    twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+    if twice is not None:
+        raise ValueError(f"class_names names {twice!r} twice: give each class its own name")
+    return labels
+
+
+def _shown(labels: list[str]) -> str:
+    shown = ", ".join(repr(label) for label in labels[:5])
+    return shown + (", ..." if len(labels) > 5 else "")
 
 
 def _label_set(indicators: list[bool], labels: list[str]) -> str:
