@@ -101,3 +101,16 @@ def test_unknown_monitored_metric_is_an_error_naming_the_choices(quiet_config, t
     # a metric of another task than the data's: named when the evaluation lacks it
     with pytest.raises(ValueError, match=r"monitor_metric='val_mse'.*val_accuracy, val_loss"):
         _train(quiet_config, [1.0, 0.5], monitor_metric="val_mse")
+
+
+def test_a_chosen_validation_metric_without_a_val_loader_is_refused(quiet_config, tmp_path):
+    """monitor_metric='val_accuracy' with no val_loader fell back to train_loss, said only
+    at INFO: early stopping and best.pt followed the training loss. The same name in
+    stop_when was refused; the default val_loss still falls back."""
+    config = TrainingConfig(**quiet_config, num_epochs=1, monitor_metric="val_accuracy")
+    train = DataLoader(make_classification(n=32), batch_size=8)
+    with pytest.raises(ValueError, match=r"monitor_metric='val_accuracy' is not measured in"):
+        TrainingManager(config).train(make_mlp(), train)
+    assert not (tmp_path / "run").exists()  # before any work
+    default = TrainingConfig(**quiet_config, num_epochs=1)
+    assert TrainingManager(default).train(make_mlp(), train)["monitor_metric"] == "train_loss"

@@ -340,6 +340,7 @@ def choose_monitor(
         return Monitor(plan.monitor.name, minimize=plan.monitor.minimize, min_delta=min_delta)
     name = config.monitor_metric
     if val_loader is None and name.startswith("val_"):
+        _refuse_a_chosen_metric_without_validation(name, plan)
         logger.info("no val_loader: monitoring train_loss instead of %s", name)
         name = "train_loss"
     elif names is not None and name.startswith("val_") and name[len("val_") :] not in names:
@@ -352,6 +353,18 @@ def choose_monitor(
     minimize = config.minimize_monitor if name == config.monitor_metric else True
     declared = _declared_direction(config, name, evaluator)
     return Monitor(name, minimize=minimize if declared is None else declared, min_delta=min_delta)
+
+
+def _refuse_a_chosen_metric_without_validation(name: str, plan: ModePlan) -> None:
+    """A validation metric other than the default `val_loss`, named for a run without a
+    val_loader: refused, as in `stop_when` (early stopping and the best checkpoint would
+    follow train_loss unsaid). The default falls back to train_loss."""
+    default = TrainingConfig.__dataclass_fields__["monitor_metric"].default
+    if name != default and plan.evaluate is None:
+        raise ValueError(
+            f"monitor_metric={name!r} is not measured in this run: it has no val_loader "
+            "(pass one, or monitor train_loss)"
+        )
 
 
 def _declared_direction(
