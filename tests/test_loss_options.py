@@ -186,3 +186,26 @@ def test_a_one_logit_classifier_trains_on_binary_cross_entropy_like_a_hand_writt
     bad = DataLoader(TensorDataset(x, torch.full((48,), 2)), batch_size=8)
     with pytest.raises(ValueError, match="binary classifier with one logit takes labels 0 and 1"):
         TrainingManager(config).train(nn.Linear(4, 1), bad, task_type=TaskType.CLASSIFICATION)
+
+
+def test_a_loss_that_sums_or_does_not_reduce_is_refused_before_any_work(quiet_config, tmp_path):
+    """reduction='sum' trained (a sum weighed again by the batch's samples: under
+    accumulation it matched neither a big batch's sum nor the micro-batches' sums) and
+    evaluated to a meaningless 'loss'; reduction='none' failed inside torch at the first
+    batch of an evaluation."""
+    from traineval import Evaluator
+
+    train = DataLoader(make_classification(n=32), batch_size=8)
+    config = TrainingConfig(**quiet_config, num_epochs=1)
+    with pytest.raises(ValueError, match=r"CrossEntropyLoss\(reduction='sum'\) is refused"):
+        TrainingManager(config).train(
+            make_mlp(), train, loss_function=nn.CrossEntropyLoss(reduction="sum")
+        )
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"MSELoss\(reduction='none'\) is refused.*'mean'"):
+        Evaluator().evaluate_model(make_mlp(), train, "cpu", nn.MSELoss(reduction="none"))
+    from traineval.tasks import refuse_unreduced
+
+    refuse_unreduced(nn.KLDivLoss(reduction="batchmean"))  # a mean a sample: taken
+    with pytest.raises(ValueError, match=r"KLDivLoss\(reduction='sum'\)"):
+        refuse_unreduced(nn.KLDivLoss(reduction="sum"))

@@ -147,6 +147,23 @@ class BalancedCrossEntropy(ClassCrossEntropy):
         return super().forward(input, target)
 
 
+MEAN_REDUCTIONS = ("mean", "batchmean")  # (KLDivLoss's batchmean: the mean a sample)
+
+
+def refuse_unreduced(loss_function: Any, name: str = "loss_function") -> None:
+    """Refuse a torch loss that sums or does not reduce (`reduction="sum"` / `"none"`):
+    each batch's loss is a mean, weighed by the batch's samples, which keeps accumulation,
+    DDP and the epoch and validation losses exact; a sum would be weighed again (a
+    "none" fails at the first batch)."""
+    reduction = getattr(loss_function, "reduction", "mean")
+    if isinstance(loss_function, nn.modules.loss._Loss) and reduction not in MEAN_REDUCTIONS:
+        raise ValueError(
+            f"{name}={type(loss_function).__name__}(reduction={reduction!r}) is refused: "
+            "traineval takes each batch's mean loss and weighs it by the batch's samples "
+            "(exact under accumulation and DDP); use reduction='mean' (the default)"
+        )
+
+
 def scores_next_token(loss_function: Any) -> bool:
     """Whether a loss is traineval's token loss (the default's), which scores a causal LM's
     logits at t against the label at t + 1 (see `traineval.training.batches.label_shift`); a loss of

@@ -41,7 +41,7 @@ from ..runs.checkpoint import refuse_another_models
 from ..runs.resume import check_compatible, check_mode, find_checkpoint, truncate_events
 from ..system.distributed import Distributed, is_sharded, wrap_model
 from ..system.seeding import reseed_held_generators, seed_everything
-from ..tasks import RegressionMSE, default_loss
+from ..tasks import RegressionMSE, default_loss, refuse_unreduced
 from ..training.averaging import WeightAverage
 from ..training.batches import ModelLoss, OutputTransform, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
@@ -70,6 +70,7 @@ def check_inputs(config: TrainingConfig, model: Any, mode: Mode, loss_function: 
     check_prefixes(model, "frozen_parameters", config.frozen_parameters)
     check_prefixes(model, "lr_multipliers", config.lr_multipliers)
     _warn_batch_norm_accumulation(model, config.gradient_accumulation_steps)
+    refuse_unreduced(loss_function)
     if not _shapes_loss(config):
         return
     if loss_function is not None:

@@ -12,6 +12,7 @@ import numpy as np
 from ..config.checks import boolean, fail
 from ..config.training_config import EvaluationConfig, EvaluationMode, TaskType, TrainingMode
 from ..system.distributed import Distributed
+from ..tasks import refuse_unreduced
 from ..training.batches import OutputTransform
 from ..training.precision import Precision
 
@@ -64,6 +65,7 @@ class EvaluationOptions:
         for name in ("decode", "output_transform", "loss_function"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 fail(name, getattr(self, name), "expected a callable or None")
+        refuse_unreduced(self.loss_function)
         for name in ("lockstep", "write_files"):
             boolean(name, getattr(self, name))
         for name in ("class_names", "row_ids"):
