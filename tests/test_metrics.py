@@ -57,6 +57,36 @@ def test_multi_class_roc_auc_averages_as_the_config_says(average):
     assert ours == pytest.approx(theirs, abs=1e-12)
 
 
+def test_a_model_ending_in_a_softmax_is_scored_on_its_probabilities(caplog, monkeypatch):
+    """Probabilities were taken for logits: their softmax gave log_loss 0.78 and Brier 0.44
+    where scikit-learn gives 0.52 and 0.29 (the classes' ranking, and so accuracy and
+    roc_auc, were right)."""
+    import logging
+
+    from traineval import EvaluationConfig, Evaluator
+    from traineval.evaluation import metrics
+    from traineval.evaluation.metrics import class_probabilities
+
+    monkeypatch.setattr(metrics, "_PROBABILITIES_SAID", [False])  # said once a process
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 3, generator=generator) * 3
+    targets = torch.distributions.Categorical(logits=logits).sample()
+    probabilities = torch.softmax(logits, 1)
+    names = ("accuracy", "log_loss", "brier_score", "ece")
+    evaluator = Evaluator(EvaluationConfig(classification_metrics=names))
+    with caplog.at_level(logging.WARNING):
+        ours = evaluator.compute_metrics(probabilities, targets)
+    y, p = targets.numpy(), probabilities.numpy()
+    assert ours["log_loss"] == pytest.approx(sk.log_loss(y, p), abs=1e-6)
+    brier = ((p - np.eye(3)[y]) ** 2).sum(1).mean()
+    assert ours["brier_score"] == pytest.approx(brier, abs=1e-6)
+    assert ours == pytest.approx(evaluator.compute_metrics(logits, targets), abs=1e-6)
+    assert "outputs are probabilities" in caplog.text
+    assert torch.equal(class_probabilities(probabilities), probabilities)  # (predict's)
+    shifted = torch.rand(5, 3)  # in [0, 1] but rows not summing to 1: logits
+    assert torch.allclose(class_probabilities(shifted), torch.softmax(shifted, 1))
+
+
 def test_binary_classification_with_one_logit():
     logits = torch.tensor([2.0, -1.0, 0.5, -0.2])
     targets = torch.tensor([1, 0, 0, 0])

@@ -6,6 +6,7 @@ updates do not wait for the device. Results agree with scikit-learn on the conca
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -13,6 +14,8 @@ import torch
 from torch.nn import functional as F
 
 from ..tasks import align_regression
+
+logger = logging.getLogger(__name__)
 
 
 def _accum_dtype(device: torch.device) -> torch.dtype:
@@ -22,11 +25,49 @@ def _accum_dtype(device: torch.device) -> torch.dtype:
 
 def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
     """(N, C) class probabilities of classification scores: the softmax of (N, C) logits,
-    or [1 - p, p] with p the sigmoid of one binary logit ((N,) or (N, 1))."""
+    or [1 - p, p] with p the sigmoid of one binary logit ((N,) or (N, 1)); (N, C) scores
+    that are probabilities already (`are_probabilities`) as they are."""
     if scores.ndim == 1 or scores.shape[1] == 1:
         positive = torch.sigmoid(scores.reshape(-1))
         return torch.stack([1 - positive, positive], dim=1)
+    if are_probabilities(scores):
+        return scores
     return torch.softmax(scores, dim=1)
+
+
+_PROBABILITIES_SAID = [False]
+
+
+def are_probabilities(scores: torch.Tensor) -> bool:
+    """Whether (N, C) scores are class probabilities already (a model ending in a softmax):
+    every value in [0, 1] and every row summing to 1. Their softmax is not them: log loss,
+    Brier score, calibration and written probabilities would be wrong. torchmetrics reads
+    scores in [0, 1] as probabilities too; the row sums make the reading safer. One sync;
+    said once a process."""
+    if scores.ndim != 2 or scores.shape[1] < 2 or not scores.is_floating_point():
+        return False
+    if scores.numel() == 0:
+        return False
+    tolerance = 1e-2 if scores.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    low, high = torch.aminmax(scores)
+    sums = scores.sum(dim=1, dtype=torch.float64)
+    found = bool((low >= 0) & (high <= 1) & ((sums - 1).abs().max() <= tolerance))
+    if found and not _PROBABILITIES_SAID[0]:
+        _PROBABILITIES_SAID[0] = True
+        logger.warning(
+            "the classifier's outputs are probabilities (each row in [0, 1], summing to 1): "
+            "they are scored as probabilities; training's cross-entropy takes logits (leave "
+            "out a final softmax, or pass a loss_function of probabilities)"
+        )
+    return found
+
+
+def log_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Scores whose softmax is the class probabilities: logits as they are, probabilities
+    as their logarithms (clipped at the dtype's eps, as scikit-learn's log_loss clips)."""
+    if not are_probabilities(scores):
+        return scores
+    return scores.clamp_min(torch.finfo(scores.dtype).eps).log()
 
 
 class ConfusionMatrix:
@@ -488,6 +529,7 @@ class ProbabilityStats:
             logit = scores.reshape(-1)
             nll = -F.logsigmoid(torch.where(safe == 1, logit, -logit))
         else:
+            scores = log_probabilities(scores)  # a model ending in a softmax
             # -log softmax(scores)[y] = logsumexp(scores) - scores[y]: no C-wide output
             picked = scores.gather(1, safe[:, None]).squeeze(1)
             nll = torch.logsumexp(scores, dim=1) - picked
