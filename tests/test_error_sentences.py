@@ -428,9 +428,17 @@ def test_a_batch_of_another_dtype_than_the_model_names_both(tmp_path):
     # (float64 arrays from numpy, into a float32 model)
     x = torch.from_numpy(torch.randn(32, 10).numpy().astype("float64"))
     data = DataLoader(TensorDataset(x, torch.randint(0, 3, (32,))), batch_size=8)
-    with pytest.raises(RuntimeError, match=r"batch of float64 inputs: its weights are float32.*"
-                                        r"torch.from_numpy\(x\).float\(\)"):  # fmt: skip
+    said = (
+        r"batch of float64 inputs: its weights are float32.*convert the data to float32 "
+        r"\(x.float\(\), .*or the model to float64 \(model.double\(\)\)"
+    )
+    with pytest.raises(RuntimeError, match=said):
         _manager(tmp_path).train(nn.Linear(10, 3), data)
+    # the other way round: the advice was the same, both halves already true
+    data = DataLoader(TensorDataset(x.float(), torch.randint(0, 3, (32,))), batch_size=8)
+    said = r"convert the data to float64 \(x.double\(\), .*or the model to float32 \(model.float"
+    with pytest.raises(RuntimeError, match=said):
+        _manager(tmp_path).train(nn.Linear(10, 3).double(), data)
 
 
 class _BadRecord(torch.utils.data.Dataset):

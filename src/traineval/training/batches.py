@@ -103,9 +103,25 @@ def _dtype_mismatch(model: nn.Module, inputs: Any, error: RuntimeError) -> str:
     torch_says = str(error).strip().splitlines()[0]
     return (
         f"the model cannot take a batch of {', '.join(sorted(given)) or 'non-tensor'} inputs: "
-        f"its weights are {', '.join(sorted(weights)) or 'none'} ({torch_says}); convert the "
-        "data (e.g. torch.from_numpy(x).float(), or dtype=torch.float32 in the dataset), or "
-        "the model (model.double())"
+        f"its weights are {', '.join(sorted(weights)) or 'none'} ({torch_says}); "
+        + _conversion(given, weights)
+    )
+
+
+# how to make a tensor of this dtype, as the conversion advice names it
+_TO_DTYPE = {"float32": ".float()", "float64": ".double()", "float16": ".half()",
+             "bfloat16": ".bfloat16()"}  # fmt: skip
+
+
+def _conversion(given: set[str], weights: set[str]) -> str:
+    """Which way to convert: the data to the weights' dtype, or the model to the data's."""
+    data = next((d for d in sorted(given) if d in _TO_DTYPE), None)
+    model = next((w for w in sorted(weights) if w in _TO_DTYPE), None)
+    if data is None or model is None or len(weights) != 1:
+        return "convert the data or the model so that their floating-point dtypes agree"
+    return (
+        f"convert the data to {model} (x{_TO_DTYPE[model]}, or dtype=torch.{model} in the "
+        f"dataset), or the model to {data} (model{_TO_DTYPE[data]})"
     )
 
 
