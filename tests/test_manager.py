@@ -251,3 +251,16 @@ def test_spec_save_checkpoint_writes_a_safe_loadable_file(quiet_config, tmp_path
     assert payload["epoch"] == 3
     pairs = zip(model.parameters(), restored.parameters(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_a_loss_without_a_graph_is_named(quiet_config):
+    """A loss computed from detached outputs failed in backward with autograd's "element 0
+    of tensors does not require grad", naming neither the loss nor the cause."""
+
+    def detached(outputs, targets):
+        return nn.functional.cross_entropy(outputs.detach(), targets)
+
+    with pytest.raises(ValueError, match=r"loss_function detached returned a loss that carries "):
+        TrainingManager(_config(quiet_config)).train(
+            make_mlp(), DataLoader(make_classification(), 16), loss_function=detached
+        )

@@ -204,7 +204,7 @@ def checked_loss(
     except (IndexError, RuntimeError, ValueError) as error:
         name = _loss_name(loss_function)
         raise ValueError(_loss_failure(name, outputs, targets, error)) from error
-    if type(loss) is torch.Tensor and loss.ndim == 0:  # the hot path: nothing else to check
+    if type(loss) is torch.Tensor and loss.ndim == 0 and loss.requires_grad:  # the hot path
         return loss
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
@@ -217,6 +217,12 @@ def checked_loss(
             f"loss_function {_loss_name(loss_function)} returned a tensor of shape "
             f"{tuple(loss.shape)}; it must return a scalar: reduce it (.mean(), or "
             "reduction='mean')"
+        )
+    if not loss.requires_grad and torch.is_grad_enabled():  # (evaluation runs without)
+        raise ValueError(
+            f"loss_function {_loss_name(loss_function)} returned a loss that carries no "
+            "graph to the model's weights (computed from detached or .item() values, or "
+            "under torch.no_grad()): compute it from the outputs with torch operations"
         )
     return loss
 
