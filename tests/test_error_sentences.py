@@ -603,3 +603,12 @@ def test_a_factory_that_fails_is_named_with_its_field(tmp_path, capsys, monkeypa
     )
     assert main(["fit", str(config), "-q"]) == 2
     assert "model.name: model() failed: RuntimeError: " in capsys.readouterr().err
+
+
+def test_a_last_batch_of_one_sample_under_batch_norm_says_drop_last(tmp_path):
+    # was: torch's "Expected more than 1 value per channel when training, got input size
+    # torch.Size([1, 8])", from inside batch norm, with no word of the loader
+    data = DataLoader(TensorDataset(torch.randn(21, 4), torch.randint(0, 3, (21,))), batch_size=5)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"batch of one sample in training .*drop_last=True"):
+        _manager(tmp_path).train(model, data)

@@ -90,6 +90,18 @@ def forward(model: nn.Module, inputs: Any) -> Any:
         if not any(words in str(error) for words in SHAPE_ERRORS):
             raise
         raise ValueError(_width_mismatch(model, inputs, error)) from error
+    except ValueError as error:
+        if ONE_SAMPLE_ERROR not in str(error):
+            raise
+        raise ValueError(
+            "the model's batch norm cannot normalise a batch of one sample in training "
+            f"({str(error).strip()}): the loader's last batch holds one sample (the dataset's "
+            "size leaves one over batch_size); pass drop_last=True to the DataLoader, or "
+            "another batch_size"
+        ) from error
+
+
+ONE_SAMPLE_ERROR = "Expected more than 1 value per channel when training"
 
 
 DTYPE_ERRORS = ("must have the same dtype", "should be the same", "expected scalar type")
