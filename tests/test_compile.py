@@ -89,5 +89,5 @@ def test_compile_compiles_the_model_and_the_loss_in_the_configured_mode(quiet_co
     model = Net()
     TrainingManager(config).train(model, DataLoader(make_classification(n=32), 16))
     kinds = [type(target).__name__ for target, _ in compiled]
-    assert kinds == ["Net", "CrossEntropyLoss"]  # the AutoLoss compiles what it resolved to
+    assert kinds == ["Net", "ClassCrossEntropy"]  # the AutoLoss compiles what it resolved to
     assert {mode for _, mode in compiled} == {"max-autotune-no-cudagraphs"}

@@ -231,6 +231,32 @@ def test_loader_without_len_needs_max_steps(quiet_config):
     assert result["global_step"] == 5
 
 
+def test_a_generator_as_a_loader_is_named_as_read_once(quiet_config, tmp_path):
+    """A generator as val_loader trained two epochs, then failed as "the evaluation loader
+    yielded no batches"; as train_loader with max_steps, epoch 2 "trained on no data ...
+    or every target it yielded was ignored", and without it the advice (max_steps) led
+    there. An endless generator with max_steps trains (one pass is all it needs)."""
+    data = make_classification(n=32)
+    batches = [(data.tensors[0][i : i + 8], data.tensors[1][i : i + 8]) for i in range(0, 32, 8)]
+    with pytest.raises(TypeError, match=r"val_loader is an iterator \(generator\), which can be"):
+        TrainingManager(_config(dict(quiet_config))).train(
+            make_mlp(), batches, (b for b in batches)
+        )
+    assert not (tmp_path / "run").exists()  # before any work
+    with pytest.raises(ValueError, match=r"set max_steps \(a generator or other iterator is read"):
+        TrainingManager(_config(dict(quiet_config))).train(make_mlp(), (b for b in batches))
+    config = _config(dict(quiet_config), max_steps=8, num_epochs=3)
+    with pytest.raises(ValueError, match=r"epoch 2 trained on no data: the train loader is an"):
+        TrainingManager(config).train(make_mlp(), iter(batches))
+
+    def endless():
+        while True:
+            yield from batches
+
+    config = _config(dict(quiet_config), max_steps=6, overwrite_output_dir=True)
+    assert TrainingManager(config).train(make_mlp(), endless())["global_step"] == 6
+
+
 def test_progress_bar_only_when_asked_or_on_a_terminal(quiet_config, capsys):
     data = DataLoader(make_classification(n=32), 16)
     TrainingManager(_config(dict(quiet_config), progress_bar=True)).train(make_mlp(), data)

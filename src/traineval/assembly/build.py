@@ -310,7 +310,9 @@ def total_steps(updates_per_epoch: int | None, epochs: int, max_steps: int | Non
     if updates_per_epoch is None:
         if max_steps is None:
             raise ValueError(
-                "the train loader has no len(), so epochs have no known length: set max_steps"
+                "the train loader has no len(), so epochs have no known length: set max_steps "
+                "(a generator or other iterator is read once: for more than one pass over its "
+                "data pass a list of batches or a DataLoader)"
             )
         return max_steps
     total = updates_per_epoch * epochs

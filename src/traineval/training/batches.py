@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -65,6 +65,12 @@ def check_loaders(**loaders: Any) -> None:
     sample by sample), naming the argument and the fix."""
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+    validation = loaders.get("val_loader")
+    if isinstance(validation, Iterator):
+        raise TypeError(
+            f"val_loader is {read_once(validation)}: every evaluation reads the validation "
+            "data anew; pass a list of batches or a DataLoader"
+        )
     for name, value in loaders.items():
         if isinstance(value, Dataset) and not isinstance(value, (DataLoader, IterableDataset)):
             raise TypeError(
@@ -72,6 +78,11 @@ def check_loaders(**loaders: Any) -> None:
                 f"batches: pass DataLoader({name.removesuffix('_loader')}_dataset, "
                 "batch_size=..., shuffle=...) instead"
             )
+
+
+def read_once(loader: Any) -> str:
+    """How errors name a loader that is an iterator (a generator): it is read once."""
+    return f"an iterator ({type(loader).__name__}), which can be read only once"
 
 
 SHAPE_ERRORS = ("shapes cannot be multiplied", "channels, but got", "size mismatch")

@@ -56,6 +56,7 @@ from ..runs.tracking import MetricsTracker, Plateau
 from ..runs.train_state import HistoryJson, TrainState, empty_history
 from ..system.distributed import Distributed
 from ..system.seeding import capture_rng, restore_rng
+from .batches import read_once
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .saves import CHECKPOINT_SHARE, SaveFn, Saves  # noqa: F401 - CHECKPOINT_SHARE: kept here
@@ -491,6 +492,12 @@ class Loop:
         self.stops.agree()
         loss_sum, weight = self.job.sum([state.epoch_loss_sum, state.epoch_loss_weight])
         if weight == 0 and self._epoch_complete:  # (not a stop before its first batch)
+            if state.epoch > 1 and isinstance(self.train_loader, Iterator):
+                raise ValueError(
+                    f"epoch {state.epoch} trained on no data: the train loader is "
+                    f"{read_once(self.train_loader)}, and epoch 1 used it up; pass a list of "
+                    "batches, a DataLoader or an IterableDataset, read anew each epoch"
+                )
             raise ValueError(
                 f"epoch {state.epoch} trained on no data: the train loader yielded no batches, "
                 "or every target it yielded was ignored (ignore_index)"
