@@ -209,3 +209,28 @@ def test_a_loss_that_sums_or_does_not_reduce_is_refused_before_any_work(quiet_co
     refuse_unreduced(nn.KLDivLoss(reduction="batchmean"))  # a mean a sample: taken
     with pytest.raises(ValueError, match=r"KLDivLoss\(reduction='sum'\)"):
         refuse_unreduced(nn.KLDivLoss(reduction="sum"))
+
+
+@pytest.mark.parametrize("task_type", [None, TaskType.CLASSIFICATION])
+def test_labels_as_floats_or_as_a_column_train_like_integer_labels(quiet_config, task_type):
+    """Whole-number labels as floats (from numpy or pandas) were taken for regression and
+    failed on the shapes; an (N, 1) column failed in torch ("0D or 1D target tensor
+    expected"). Both are the integer labels they hold; fractional ones are refused."""
+    from conftest import plain_sgd_config
+
+    data = make_classification(n=48)
+    x, y = data.tensors
+    finals = []
+    for labels in (y, y.float(), y[:, None], y[:, None].double()):
+        config = plain_sgd_config(quiet_config, num_epochs=2, batch_size=8, learning_rate=0.1)
+        torch.manual_seed(0)
+        model = make_mlp()
+        loader = DataLoader(TensorDataset(x, labels), batch_size=8)
+        TrainingManager(config).train(model, loader, loader, task_type=task_type)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for other in finals[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(finals[0], other, strict=True))
+    fractional = DataLoader(TensorDataset(x, y.float() + 0.5), batch_size=8)
+    config = plain_sgd_config(quiet_config, num_epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match="class labels must be whole numbers"):
+        TrainingManager(config).train(make_mlp(), fractional, task_type=TaskType.CLASSIFICATION)

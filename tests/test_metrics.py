@@ -327,3 +327,19 @@ def test_calibration_leaves_ignored_targets_out():
     assert stats.compute()["ece"] == pytest.approx(expected, rel=1e-9)
     brier = sk.brier_score_loss(targets[kept].numpy(), probabilities, labels=range(5))
     assert stats.compute()["brier_score"] == pytest.approx(brier, rel=1e-9)
+
+
+def test_evaluate_model_takes_labels_as_floats_or_a_column_and_an_absent_device():
+    """compute_metrics took them; evaluate_model failed in torch's cross-entropy ("expected
+    target dtype to be Long", "0D or 1D target tensor expected"), and device='cuda' on a
+    machine without CUDA was torch's AssertionError where training falls back to the CPU."""
+    from traineval import Evaluator
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 3), torch.randn(20, 4)
+    y = torch.randint(0, 3, (20,))
+    reference = Evaluator().evaluate_model(model, [(x, y)])
+    for labels in (y.float(), y[:, None]):
+        assert Evaluator().evaluate_model(model, [(x, labels)]) == reference
+    if not torch.cuda.is_available():
+        assert Evaluator().evaluate_model(model, [(x, y)], "cuda:0") == reference

@@ -104,6 +104,22 @@ def one_logit(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
     )
 
 
+def class_ids(target: torch.Tensor) -> torch.Tensor:
+    """Class labels as cross-entropy takes them: `(N,)` integers. A `(N, 1)` column (a
+    table's label column) is flattened; whole numbers as floats (labels from numpy or
+    pandas) become integers, and on the CPU other floats are refused."""
+    if target.ndim == 2 and target.shape[1] == 1:
+        target = target.reshape(-1)
+    if not target.is_floating_point():
+        return target
+    if target.device.type == "cpu" and not bool((target == target.round()).all()):
+        raise ValueError(
+            f"class labels must be whole numbers; this batch has {target.dtype} labels such as "
+            f"{target[target != target.round()][0].item():g}"
+        )
+    return target.long()
+
+
 class ClassCrossEntropy(nn.CrossEntropyLoss):
     """Classification's loss: cross-entropy over C class scores; over one score a row (a
     binary classifier with one logit, outputs `(N, 1)` or `(N,)`) the binary cross-entropy
@@ -114,6 +130,8 @@ class ClassCrossEntropy(nn.CrossEntropyLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if one_logit(input, target):
             return self._binary(input.reshape(-1), target.reshape(-1))
+        if input.ndim == 2 and target.shape != input.shape:  # not class probabilities
+            target = class_ids(target)
         return super().forward(input, target)
 
     def _binary(self, logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -221,6 +239,15 @@ def task_loss(
     return SequenceCrossEntropy(ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
+def _labels_as_floats(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether float targets are class labels: one whole number a sample beside `(N, C)`
+    scores (labels from numpy or pandas), which no regression reading fits. (Reads the
+    targets: done once, when the task is detected.)"""
+    if outputs.ndim != 2 or outputs.shape[1] < 2 or targets.numel() != outputs.shape[0]:
+        return False
+    return bool(((targets == targets.round()) & (targets >= 0)).all())
+
+
 class AutoLoss:
     """Picks the task's default loss from the first batch it sees (see `detect_task`).
 
@@ -265,7 +292,7 @@ class AutoLoss:
         if self.resolved is None:
             if is_multilabel(outputs, targets):
                 self.task_type = TaskType.MULTILABEL
-            elif targets.is_floating_point():
+            elif targets.is_floating_point() and not _labels_as_floats(outputs, targets):
                 self.task_type = TaskType.REGRESSION
             else:
                 self.task_type = detect_task(outputs)

@@ -27,7 +27,7 @@ from ..training.batches import (
     prediction_of,
     split_batch,
 )
-from ..training.precision import Precision, resolve_precision
+from ..training.precision import Precision, available_device, resolve_precision
 from .metrics import class_probabilities
 
 
@@ -94,7 +94,7 @@ def predict(
         (torch.Size([4]), True)
     """
     how = options or PredictOptions()
-    where = torch.device(device) if device is not None else _device_of(model)
+    where = available_device(device) if device is not None else _device_of(model)
     autocast = (
         precision if isinstance(precision, Precision) else resolve_precision(precision, where)
     )

@@ -34,6 +34,7 @@ from ..config.training_config import (
 from ..runs.tracking import MetricsTracker
 from ..tasks import detect_task
 from ..training.batches import OutputTransform, move_to_device
+from ..training.precision import available_device
 from .accumulator import SCATTER_POINTS, Accumulator
 from .predictions import PredictionWriter, class_labels
 from .ranks import batches, merge_ranks
@@ -182,7 +183,7 @@ class ModelEvaluator:
         decoding, class names, ...); `task_type` is `options.task_type` given alone.
         """
         how = _with_task(options or EvaluationOptions(), task_type)
-        device = torch.device(device) if device is not None else _device_of(model)
+        device = available_device(device) if device is not None else _device_of(model)
         sharded = how.distributed is not None and how.distributed.enabled
         folder = self._output_folder(output_dir) if how.write_files and not sharded else None
         plan = _Pass(device, how, folder, SPLIT_PREFIX[how.split], _text_state(how))
@@ -363,7 +364,7 @@ class ModelEvaluator:
                 "evaluate_ensemble takes no split: its files are the 'ensemble' split's"
             )
         how = EvaluationOptions.of(options)
-        where = torch.device(device) if device is not None else torch.device("cpu")
+        where = available_device(device) if device is not None else torch.device("cpu")
         members = load_members(models_or_checkpoint_paths, model_factory, where)
         alone = dataclasses.replace(how, write_files=False, split=EvaluationMode.TESTING)
         reports = [self.evaluate(member, loader, alone, device=where) for member in members]

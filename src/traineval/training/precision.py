@@ -32,6 +32,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def available_device(device: torch.device | str) -> torch.device:
+    """`device` where its kind is available here, else the CPU, said as `resolve_device`
+    says it ("cuda:0" on a machine without CUDA: the CPU, not torch's assertion)."""
+    device = torch.device(device)
+    if device.type in ("cuda", "mps") and resolve_device(device.type).type == "cpu":
+        return torch.device("cpu")
+    return device
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
