@@ -231,3 +231,24 @@ def test_opt_in_ranked_metrics_equal_scikit_learn(average):
     stats.update(scores, targets)
     with pytest.warns(UserWarning, match="ROC AUC score is not defined"):
         assert math.isnan(stats.compute("macro")["roc_auc"])
+
+
+def test_a_later_batch_that_is_not_0_1_refuses_the_multi_label_guess(tmp_path):
+    """The task is read from the first batch: counts whose first batch held only 0s and 1s
+    trained as multi-label (binary cross-entropy on counts up to 8), silently."""
+    from torch import nn
+
+    from traineval import TrainingConfig, TrainingManager
+
+    x = torch.randn(20, 4)
+    counts = torch.cat([torch.randint(0, 2, (5, 2)), torch.randint(0, 9, (15, 2))]).float()
+    counts[5, 0] = 7.0  # the second batch is surely not 0/1
+    batches = [(x[i : i + 5], counts[i : i + 5]) for i in range(0, 20, 5)]
+    config = TrainingConfig(output_dir=str(tmp_path), num_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="read as multi-label classification from the first"):
+        TrainingManager(config).train(nn.Linear(4, 2), batches)
+    from traineval import TaskType
+
+    config = TrainingConfig(output_dir=str(tmp_path / "r"), num_epochs=1, progress_bar=False)
+    done = TrainingManager(config).train(nn.Linear(4, 2), batches, task_type=TaskType.REGRESSION)
+    assert done["global_step"] == 4

@@ -285,7 +285,22 @@ class AutoLoss:
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._forward is None:
             self._forward = self.resolve(outputs, targets).forward  # ours, no hooks: skip __call__
+            if self.task_type is TaskType.MULTILABEL:  # read from one batch: checked on
+                self._forward = self._multilabel
         return self._forward(outputs, targets)
+
+    def _multilabel(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Multi-label, as the first batch's 0/1 targets said: a later batch whose targets
+        are not 0/1 (counts that began with 0s and 1s) is refused, naming the guess (on the
+        CPU; a device would sync every step)."""
+        if targets.device.type == "cpu" and not bool(((targets == 0) | (targets == 1)).all()):
+            raise ValueError(
+                "targets other than 0 and 1 in a multi-label run: the task was read as "
+                "multi-label classification from the first batch's 0/1 targets; if these "
+                "are values to regress, pass task_type=regression"
+            )
+        assert self.resolved is not None
+        return self.resolved.forward(outputs, targets)
 
     def resolve(self, outputs: torch.Tensor, targets: torch.Tensor) -> nn.Module:
         """The loss for batches like this one, chosen the first time (see `detect_task`)."""

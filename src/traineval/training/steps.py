@@ -258,6 +258,8 @@ def _loss_failure(name: str, outputs: Any, targets: Any, error: BaseException) -
             f"the loss {name} has {weights} class weights, but the model outputs {wanted} "
             f"classes ({shapes}): give one weight per class (class_weights)"
         )
+    if isinstance(error, ValueError) and name.startswith("traineval's"):  # our own sentence
+        return f"the loss {name} cannot take this batch ({shapes}): {text}"
     return (
         f"the loss {name} cannot take this batch ({shapes}): {text}; check that the model's "
         "output has one row per sample and the size the loss expects (classes for "
