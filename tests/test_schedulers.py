@@ -208,3 +208,13 @@ def test_scheduler_steps_once_per_update_over_the_real_number_of_updates(
     peak = max(recorder.lrs)
     assert recorder.lrs.index(peak) == 2  # the third update reaches the peak (warmup_steps=3)
     assert recorder.lrs[-1] < peak / 1000
+
+
+def test_a_warmup_shortened_to_nothing_says_so(caplog):
+    """An 8-update run with warmup_steps=100 said it warmed up "over the first 0 (a tenth
+    of the run)"."""
+    from traineval.training.optim import warmup_updates
+
+    with caplog.at_level("WARNING", logger="traineval"):
+        assert warmup_updates(100, 0.0, 8) == 0
+    assert "warming up not at all (a tenth of the run is no update)" in caplog.text

@@ -254,7 +254,8 @@ def _class_weights(field: str, value: Any) -> Any:
         _fail(
             field,
             value,
-            "expected 'balanced', a list of non-negative weights (one per class), or null",
+            "expected 'balanced', a list of non-negative weights (one per class, at least one "
+            "above 0), or null",
         )
     return tuple(float(w) for w in value)
 

@@ -407,13 +407,13 @@ def warmup_updates(steps: int, ratio: float, total_steps: int | None) -> int:
     # the default (the specification's 1000) is shortened quietly: a first short run with
     # the defaults prints no warning; a warmup the user chose is worth one
     say = logger.debug if steps == DEFAULT_WARMUP_STEPS else logger.warning
+    instead = f"over the first {shortened} (a tenth of the run)"
     say(
         "warmup_steps=%d is not shorter than this run's %d optimizer updates: warming up "
-        "over the first %d (a tenth of the run) instead; set warmup_steps or warmup_ratio "
-        "to choose",
+        "%s instead; set warmup_steps or warmup_ratio to choose",
         steps,
         total_steps,
-        shortened,
+        instead if shortened else "not at all (a tenth of the run is no update)",
     )
     return shortened
 
