@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from sklearn import metrics as sk
+from sklearn.exceptions import UndefinedMetricWarning
 from torch.utils.data import DataLoader, TensorDataset
 
 from traineval import EvaluationConfig, EvaluationOptions, Evaluator, MetricsTracker, TaskType
@@ -130,6 +133,13 @@ def test_r2_of_a_constant_target_is_defined():
     stats = RegressionStats()
     stats.update(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
     assert stats.compute()["r2_score"] == sk.r2_score([2.0, 2.0], [1.0, 3.0]) == 0.0
+    stats = RegressionStats()  # one sample: undefined, NaN as scikit-learn (it was 0.0)
+    stats.update(torch.tensor([1.0]), torch.tensor([2.0]))
+    with pytest.warns(UndefinedMetricWarning):
+        expected = sk.r2_score([2.0], [1.0])
+    assert math.isnan(stats.compute()["r2_score"])
+    assert math.isnan(expected)
+    assert math.isnan(stats.compute()["explained_variance"])
 
 
 def test_token_metrics_skip_padding():
