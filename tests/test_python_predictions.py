@@ -118,3 +118,20 @@ def test_evaluate_model_is_the_reports_metrics_and_refuses_unknown_options():
         evaluator.evaluate_model(model, loader, presicion=None)
     with pytest.warns(FutureWarning, match="last_intervals is deprecated"):
         assert evaluator.last_intervals == {}
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_a_threshold_decides_a_binary_classifiers_class(outputs):
+    """PredictOptions(threshold=0.3) was ignored for a binary classifier (classes from 0.5):
+    class 1 where its probability is above the threshold, as for multi-label."""
+    from traineval.evaluation.inference import PredictOptions
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, outputs), torch.randn(64, 4)
+    task = TaskType.CLASSIFICATION
+    found = traineval.predict(model, [x], task_type=task, options=PredictOptions(threshold=0.3))
+    positive = found.probabilities[:, 1]
+    assert torch.equal(found.classes, (positive > 0.3).long())
+    assert int(((positive > 0.3) & (positive <= 0.5)).sum()) > 0  # the threshold decided some
+    plain = traineval.predict(model, [x], task_type=task)
+    assert torch.equal(plain.classes, found.probabilities.argmax(dim=1))

@@ -57,7 +57,8 @@ class Predictions:
 class PredictOptions:
     """How `predict` reads the model's outputs: `output_transform` picks the prediction
     tensor out of an output the default rule cannot read; `threshold` (in (0, 1)) turns
-    multi-label probabilities into 0/1 labels. A bad value is refused on construction."""
+    multi-label probabilities into 0/1 labels, and a binary classifier's probability of
+    class 1 into its class (class 1 above it). A bad value is refused on construction."""
 
     output_transform: OutputTransform | None = None
     threshold: float = 0.5
@@ -132,6 +133,8 @@ def _predictions(
     if task is TaskType.CLASSIFICATION:
         found.probabilities = class_probabilities(joined)
         found.classes = found.probabilities.argmax(dim=1)
+        if found.probabilities.shape[1] == 2:  # binary: class 1 above the threshold
+            found.classes = (found.probabilities[:, 1] > threshold).long()
     elif task is TaskType.MULTILABEL:
         found.probabilities = torch.sigmoid(joined)
         found.classes = (found.probabilities > threshold).long()
