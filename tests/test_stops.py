@@ -768,3 +768,43 @@ def test_a_signal_in_the_step_early_stopping_ends_the_run_keeps_its_closing_reco
     assert result["training_history"] == expected["training_history"]
     assert result["stop_reason"] == expected["stop_reason"]
     assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+
+
+def _fake_best(folder: Any, token: str) -> None:
+    """best.pt naming a shard folder best.shards-<token> (a stand-in for a sharded save)."""
+    shards = folder / f"best.shards-{token}"
+    shards.mkdir()
+    (shards / ".metadata").write_bytes(b"metadata")
+    (folder / "best.pt").unlink(missing_ok=True)
+    torch.save({"format": "traineval-checkpoint", "shards": shards.name}, folder / "best.pt")
+
+
+def test_a_kill_inside_keeping_or_putting_back_the_best_loses_neither_best(tmp_path):
+    """A kill after put_back_best renamed the kept shard folder back, before best.pt was
+    replaced: the next start's sweep deleted that folder as named by no file, and the
+    put-back then installed a best.pt naming it. A kill between keep_best_at_resume_point's
+    two links left a lone best.at-resume-point.safetensors that failed the next keep."""
+    import shutil
+
+    from traineval.runs.checkpoint import remove_stale_temporaries
+    from traineval.training.run_checkpoints import keep_best_at_resume_point, put_back_best
+
+    _fake_best(tmp_path, "aaaa1111")
+    keep_best_at_resume_point(tmp_path / "best.pt", None, shards=True)
+    shutil.rmtree(tmp_path / "best.shards-aaaa1111")  # the closing evaluation's new best
+    _fake_best(tmp_path, "bbbb2222")
+    os.rename(  # put_back_best's first step, then the kill
+        tmp_path / "best.at-resume-point.shards-aaaa1111", tmp_path / "best.shards-aaaa1111"
+    )
+    assert remove_stale_temporaries(tmp_path) == []  # the next start's sweep spares it
+    put_back_best(tmp_path)
+    assert torch.load(tmp_path / "best.pt")["shards"] == "best.shards-aaaa1111"
+    assert (tmp_path / "best.shards-aaaa1111" / ".metadata").exists()
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == ["best.shards-bbbb2222"]
+    (tmp_path / "best.safetensors").write_bytes(b"weights")
+    os.link(tmp_path / "best.safetensors", tmp_path / "best.at-resume-point.safetensors")
+    keep_best_at_resume_point(tmp_path / "best.pt", None, shards=True)  # (it raised)
+    assert (tmp_path / "best.at-resume-point.pt").exists()
+    (tmp_path / "best.at-resume-point.pt").unlink()  # a kill before the .pt's link ...
+    put_back_best(tmp_path)  # ... leaves nothing kept: the lone links go
+    assert not list(tmp_path.glob("best.at-resume-point*"))

@@ -14,8 +14,8 @@ import torch
 from ..system.devices import move_to_device
 from ..system.files import atomic_file
 from .errors import CheckpointError
+from .shard_folders import AT_RESUME_POINT, SHARDS, keeps_shards_in, owner, remove, shard_folder
 from .shard_folders import MARK as SHARD_MARK
-from .shard_folders import SHARDS, keeps_shards_in, owner, remove, shard_folder
 
 CHECKPOINT_FORMAT = "traineval-checkpoint"  # a training checkpoint's "format" entry
 CHECKPOINT_VERSION = 1
@@ -79,17 +79,23 @@ def _unnamed_shard_folders(folder: Path) -> list[Path]:
         name = owner(shards.name)
         if name is None or not (shards.is_dir() or shards.is_symlink()):
             continue
-        file = folder / f"{name}.pt"
-        if file not in named:
-            try:
-                named[file] = (
-                    _load_file(file, "cpu", mmap=True).get(SHARDS) if file.exists() else None
-                )
-            except CheckpointError:
-                named[file] = UNREADABLE  # keep what may be its shards
-        if named[file] is not UNREADABLE and not keeps_shards_in(named[file], shards.name):
+        # its file; for a best, also the best kept at a resume point (a put-back that a kill
+        # cut short has renamed the kept folder back before it replaced best.pt)
+        files = [folder / f"{name}.pt", folder / f"{name}{AT_RESUME_POINT}.pt"]
+        says = [_named_by(file, named) for file in files]
+        if UNREADABLE not in says and not any(keeps_shards_in(n, shards.name) for n in says):
             unnamed.append(shards)
     return unnamed
+
+
+def _named_by(file: Path, named: dict[Path, Any]) -> Any:
+    """The shard folder `file` names (None: no file; `UNREADABLE`), read once."""
+    if file not in named:
+        try:
+            named[file] = _load_file(file, "cpu", mmap=True).get(SHARDS) if file.exists() else None
+        except CheckpointError:
+            named[file] = UNREADABLE  # keep what may be its shards
+    return named[file]
 
 
 def load_checkpoint_file(

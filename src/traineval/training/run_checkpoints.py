@@ -172,8 +172,10 @@ def keep_best_at_resume_point(
     kept = path.with_name(f"{path.stem}{AT_RESUME_POINT}.pt")
     if kept.exists() or not path.exists():
         return
+    kept.with_suffix(".safetensors").unlink(missing_ok=True)  # (a kill's lone link)
     if shards:
-        _keep_shards(path, shard_folder(path, load_checkpoint_file(path)))
+        payload = load_checkpoint_file(path, read_shards=False)
+        _keep_shards(path, shard_folder(path, payload))
     for suffix in (".safetensors", ".pt"):  # the .pt last: it says the rest is there
         if path.with_suffix(suffix).exists():
             os.link(path.with_suffix(suffix), kept.with_suffix(suffix))
@@ -187,6 +189,7 @@ def _keep_shards(path: Path, shards: Path) -> None:
     partial = copy.with_name(f".{copy.name}.partial")
     remove(partial)
     shutil.copytree(shards, partial, copy_function=os.link)
+    remove(copy)  # (one a kill left before the .pt was linked)
     os.rename(partial, copy)
 
 
@@ -207,6 +210,8 @@ def put_back_best(folder: Path) -> None:
         kept = folder / f"best{AT_RESUME_POINT}{suffix}"
         if kept_file.exists() and kept.exists():
             os.replace(kept, folder / f"best{suffix}")
+        elif kept.exists():  # a kill before the .pt was linked: not a kept best
+            kept.unlink()
     if named is not None:
         remove_older(folder, "best", keep=named.name)
 
