@@ -88,6 +88,14 @@ def test_a_model_ending_in_a_softmax_is_scored_on_its_probabilities(caplog, monk
     assert torch.equal(class_probabilities(probabilities), probabilities)  # (predict's)
     shifted = torch.rand(5, 3)  # in [0, 1] but rows not summing to 1: logits
     assert torch.allclose(class_probabilities(shifted), torch.softmax(shifted, 1))
+    # bf16 / fp16 softmax, one sample a batch: decided once, in the scores' own dtype
+    for half in (torch.bfloat16, torch.float16):
+        stats = metrics.ProbabilityStats(3)
+        given = probabilities.to(half)
+        for row, label in zip(given, targets, strict=True):
+            stats.update(row[None], label[None])
+        expected = sk.log_loss(y, given.double().numpy(), labels=[0, 1, 2])
+        assert stats.compute()["log_loss"] == pytest.approx(expected, rel=1e-3), half
 
 
 def test_binary_classification_with_one_logit():

@@ -28,7 +28,7 @@ from ..training.batches import (
     split_batch,
 )
 from ..training.precision import Precision, available_device, resolve_precision
-from .metrics import class_probabilities
+from .metrics import are_probabilities, class_probabilities
 
 
 @dataclasses.dataclass
@@ -109,6 +109,8 @@ def predict(
                 inputs, target = split_batch(_moved(batch, where))
                 with autocast.autocast():
                     output = prediction_of(forward(model, inputs), how.output_transform)
+                if not outputs:  # a final softmax? read in the outputs' own dtype, once
+                    given = are_probabilities(output)
                 outputs.append(output.detach().float().cpu())
                 if isinstance(target, torch.Tensor):
                     targets.append(target.detach().cpu())
@@ -116,22 +118,24 @@ def predict(
         model.train(was_training)
     if not outputs:
         raise ValueError("predict: the loader yielded no batches")
-    return _predictions(outputs, targets, task_type, how.threshold)
+    return _predictions(outputs, targets, task_type, (how.threshold, given))
 
 
 def _predictions(
     outputs: list[torch.Tensor],
     targets: list[torch.Tensor],
     task_type: TaskType | None,
-    threshold: float,
+    reading: tuple[float, bool],
 ) -> Predictions:
-    """The gathered batches as `Predictions` of the task."""
+    """The gathered batches as `Predictions` of the task; `reading`: the threshold, and
+    whether the outputs are probabilities already (`are_probabilities`)."""
+    threshold, given = reading
     joined = torch.cat(outputs)
     truth = torch.cat(targets) if targets and len(targets) == len(outputs) else None
     task = task_type or detect_task(joined, truth)
     found = Predictions(task, joined, targets=truth)
     if task is TaskType.CLASSIFICATION:
-        found.probabilities = class_probabilities(joined)
+        found.probabilities = joined if given else class_probabilities(joined, detect=False)
         found.classes = found.probabilities.argmax(dim=1)
         if found.probabilities.shape[1] == 2:  # binary: class 1 above the threshold
             found.classes = (found.probabilities[:, 1] > threshold).long()

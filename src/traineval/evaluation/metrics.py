@@ -23,14 +23,15 @@ def _accum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
+def class_probabilities(scores: torch.Tensor, *, detect: bool = True) -> torch.Tensor:
     """(N, C) class probabilities of classification scores: the softmax of (N, C) logits,
     or [1 - p, p] with p the sigmoid of one binary logit ((N,) or (N, 1)); (N, C) scores
-    that are probabilities already (`are_probabilities`) as they are."""
+    that are probabilities already (`are_probabilities`, unless `detect` is off: the
+    caller has decided) as they are."""
     if scores.ndim == 1 or scores.shape[1] == 1:
         positive = torch.sigmoid(scores.reshape(-1))
         return torch.stack([1 - positive, positive], dim=1)
-    if are_probabilities(scores):
+    if detect and are_probabilities(scores):
         return scores
     return torch.softmax(scores, dim=1)
 
@@ -62,12 +63,10 @@ def are_probabilities(scores: torch.Tensor) -> bool:
     return found
 
 
-def log_probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """Scores whose softmax is the class probabilities: logits as they are, probabilities
-    as their logarithms (clipped at the dtype's eps, as scikit-learn's log_loss clips)."""
-    if not are_probabilities(scores):
-        return scores
-    return scores.clamp_min(torch.finfo(scores.dtype).eps).log()
+def as_logits(probabilities: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax is `probabilities`: their logarithms (clipped at the dtype's
+    eps, as scikit-learn's log_loss clips)."""
+    return probabilities.clamp_min(torch.finfo(probabilities.dtype).eps).log()
 
 
 class ConfusionMatrix:
@@ -519,19 +518,24 @@ class ProbabilityStats:
         self.state: dict[str, torch.Tensor] = {}
         self.scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        # whether the scores are probabilities (a final softmax), read from the first batch
+        self.given_probabilities: bool | None = None
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         targets = targets.reshape(-1).long()
         kept = (targets != self.ignore_index) & (targets >= 0) & (targets < self.num_classes)
         safe = torch.where(kept, targets, 0)
+        binary = scores.ndim == 1 or scores.shape[1] == 1
+        if self.given_probabilities is None and not binary:  # decided once, in its dtype
+            self.given_probabilities = are_probabilities(scores)
         if not scores.is_floating_point() or scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
-        binary = scores.ndim == 1 or scores.shape[1] == 1
         if binary:
             logit = scores.reshape(-1)
             nll = -F.logsigmoid(torch.where(safe == 1, logit, -logit))
         else:
-            scores = log_probabilities(scores)  # a model ending in a softmax
+            if self.given_probabilities:  # a model ending in a softmax
+                scores = as_logits(scores)
             # -log softmax(scores)[y] = logsumexp(scores) - scores[y]: no C-wide output
             picked = scores.gather(1, safe[:, None]).squeeze(1)
             nll = torch.logsumexp(scores, dim=1) - picked
@@ -544,7 +548,7 @@ class ProbabilityStats:
             batch.update(self._calibration(scores, safe, kept))
         self.state = _add_sums(self.state, batch)
         if self.keep_scores:
-            self.scores.append(class_probabilities(scores.double()).cpu())
+            self.scores.append(class_probabilities(scores.double(), detect=False).cpu())
             self.labels.append(torch.where(kept, targets, -1).cpu())
 
     def _calibration(
@@ -553,7 +557,7 @@ class ProbabilityStats:
         """The batch's Brier sum and per-bin counts, confidence and correct sums (no sync:
         fixed-size scatter-adds, no boolean indexing)."""
         dtype = _accum_dtype(scores.device)
-        probabilities = class_probabilities(scores.to(dtype))
+        probabilities = class_probabilities(scores.to(dtype), detect=False)
         one_hot = F.one_hot(safe, probabilities.shape[1]).to(dtype)
         weight = kept.to(dtype)
         brier = ((probabilities - one_hot) ** 2).sum(dim=1)

@@ -13,7 +13,7 @@ import torch
 from ..config.training_config import TaskType
 from ..system.csv_cells import SafeWriter
 from ..system.files import atomic_file
-from .metrics import class_probabilities
+from .metrics import are_probabilities, class_probabilities
 
 
 class PredictionWriter:
@@ -49,6 +49,7 @@ class PredictionWriter:
         self.rows = 0
         self._handle: IO[str] | None = None
         self._files = contextlib.ExitStack()
+        self._given_probabilities = False  # (N, C) probabilities, read from the first batch
         self._writer: SafeWriter | None = None
 
     def __enter__(self) -> PredictionWriter:
@@ -73,6 +74,8 @@ class PredictionWriter:
         assert self._writer is not None, "use PredictionWriter as a context manager"
         if self.rows == 0:
             self._writer.writerow(self._header(outputs))
+            classes = self.task is TaskType.CLASSIFICATION  # (in the outputs' own dtype)
+            self._given_probabilities = classes and are_probabilities(outputs)
         self._writer.writerows(self._rows(outputs.detach().float().cpu(), targets.detach().cpu()))
 
     def _header(self, outputs: torch.Tensor) -> list[str]:
@@ -109,7 +112,9 @@ class PredictionWriter:
                 )
             ]
         elif self.task is TaskType.CLASSIFICATION:
-            probabilities = class_probabilities(outputs)
+            probabilities = class_probabilities(outputs, detect=False)
+            if self._given_probabilities:  # a model ending in a softmax: as they are
+                probabilities = outputs
             predicted = probabilities.argmax(dim=1)
             rows = [
                 [start + i, self._name(int(t)), self._name(int(p)), *(f"{v:.6g}" for v in probs)]
