@@ -221,6 +221,8 @@ def test_labels_as_floats_or_as_a_column_train_like_integer_labels(quiet_config,
     data = make_classification(n=48)
     x, y = data.tensors
     finals = []
+    y = y.clone()
+    y[::5] = -100  # ignored rows (as floats: -100.0)
     for labels in (y, y.float(), y[:, None], y[:, None].double()):
         config = plain_sgd_config(quiet_config, num_epochs=2, batch_size=8, learning_rate=0.1)
         torch.manual_seed(0)

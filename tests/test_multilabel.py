@@ -252,3 +252,14 @@ def test_a_later_batch_that_is_not_0_1_refuses_the_multi_label_guess(tmp_path):
     config = TrainingConfig(output_dir=str(tmp_path / "r"), num_epochs=1, progress_bar=False)
     done = TrainingManager(config).train(nn.Linear(4, 2), batches, task_type=TaskType.REGRESSION)
     assert done["global_step"] == 4
+
+
+def test_the_multi_label_guess_is_checked_under_compile_too(monkeypatch):
+    """CompiledLoss compiled the loss AutoLoss resolved to and skipped its check."""
+    from traineval.tasks import AutoLoss, CompiledLoss
+
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: fn)  # (compiling takes long)
+    loss = CompiledLoss(AutoLoss())
+    loss(torch.randn(4, 2), torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="read as multi-label classification"):
+        loss(torch.randn(2, 2), torch.tensor([[3.0, 7.0], [0.0, 1.0]]))

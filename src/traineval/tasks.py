@@ -112,10 +112,13 @@ def class_ids(target: torch.Tensor) -> torch.Tensor:
         target = target.reshape(-1)
     if not target.is_floating_point():
         return target
-    if target.device.type == "cpu" and not bool((target == target.round()).all()):
+    whole = target == target.round()
+    if target.device.type != "cpu":  # a device-side assert, as cross-entropy's own: no sync
+        torch._assert_async(whole.all(), "class labels must be whole numbers")
+    elif not bool(whole.all()):
         raise ValueError(
             f"class labels must be whole numbers; this batch has {target.dtype} labels such as "
-            f"{target[target != target.round()][0].item():g}"
+            f"{target[~whole][0].item():g}"
         )
     return target.long()
 
@@ -137,13 +140,15 @@ class ClassCrossEntropy(nn.CrossEntropyLoss):
     def _binary(self, logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the two scores (0, logit): the binary cross-entropy of the
         logit's sigmoid, with cross-entropy's own ignore_index, weights and smoothing."""
-        if target.device.type == "cpu":  # (on a GPU cross-entropy asserts on the device)
+        valid = (target == 0) | (target == 1) | (target == self.ignore_index)
+        if target.device.type != "cpu":  # a device-side assert, as cross-entropy's: no sync
+            torch._assert_async(valid.all(), "a binary classifier takes labels 0 and 1")
+        elif not bool(valid.all()):
             kept = target[target != self.ignore_index]
-            if kept.numel() and not bool(((kept == 0) | (kept == 1)).all()):
-                raise ValueError(
-                    "a binary classifier with one logit takes labels 0 and 1; labels in this "
-                    f"batch range from {kept.min().item():g} to {kept.max().item():g}"
-                )
+            raise ValueError(
+                "a binary classifier with one logit takes labels 0 and 1; labels in this "
+                f"batch range from {kept.min().item():g} to {kept.max().item():g}"
+            )
         if target.is_floating_point():  # 0/1 labels as floats (an (N, 1) column, say)
             target = target.long()
         scores = torch.stack([torch.zeros_like(logit), logit], dim=1)
@@ -239,15 +244,6 @@ def task_loss(
     return SequenceCrossEntropy(ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
-def _labels_as_floats(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
-    """Whether float targets are class labels: one whole number a sample beside `(N, C)`
-    scores (labels from numpy or pandas), which no regression reading fits. (Reads the
-    targets: done once, when the task is detected.)"""
-    if outputs.ndim != 2 or outputs.shape[1] < 2 or targets.numel() != outputs.shape[0]:
-        return False
-    return bool(((targets == targets.round()) & (targets >= 0)).all())
-
-
 class AutoLoss:
     """Picks the task's default loss from the first batch it sees (see `detect_task`).
 
@@ -290,6 +286,11 @@ class AutoLoss:
         return self._forward(outputs, targets)
 
     def _multilabel(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.check_multilabel(targets)
+        assert self.resolved is not None
+        return self.resolved.forward(outputs, targets)
+
+    def check_multilabel(self, targets: torch.Tensor) -> None:
         """Multi-label, as the first batch's 0/1 targets said: a later batch whose targets
         are not 0/1 (counts that began with 0s and 1s) is refused, naming the guess (on the
         CPU; a device would sync every step)."""
@@ -299,15 +300,22 @@ class AutoLoss:
                 "multi-label classification from the first batch's 0/1 targets; if these "
                 "are values to regress, pass task_type=regression"
             )
-        assert self.resolved is not None
-        return self.resolved.forward(outputs, targets)
+
+    def _labels_as_floats(self, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Whether float targets are class labels: one whole number (or `ignore_index`) a
+        sample beside `(N, C)` scores (labels from numpy or pandas), which no regression
+        reading fits. (Reads the targets: done once, when the task is detected.)"""
+        if outputs.ndim != 2 or outputs.shape[1] < 2 or targets.numel() != outputs.shape[0]:
+            return False
+        label = (targets == targets.round()) & (targets >= 0)
+        return bool((label | (targets == self._ignore_index)).all())
 
     def resolve(self, outputs: torch.Tensor, targets: torch.Tensor) -> nn.Module:
         """The loss for batches like this one, chosen the first time (see `detect_task`)."""
         if self.resolved is None:
             if is_multilabel(outputs, targets):
                 self.task_type = TaskType.MULTILABEL
-            elif targets.is_floating_point() and not _labels_as_floats(outputs, targets):
+            elif targets.is_floating_point() and not self._labels_as_floats(outputs, targets):
                 self.task_type = TaskType.REGRESSION
             else:
                 self.task_type = detect_task(outputs)
@@ -344,4 +352,6 @@ class CompiledLoss:
     def __call__(self, *args: Any) -> torch.Tensor:
         if self._compiled is None:
             self._compiled = torch.compile(self.loss_function.resolve(*args), mode=self.mode)
+        if self.loss_function.task_type is TaskType.MULTILABEL:  # read from one batch
+            self.loss_function.check_multilabel(args[1])
         return self._compiled(*args)
