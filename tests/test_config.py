@@ -32,6 +32,8 @@ BAD_TRAINING_VALUES = [
     ("warmup_ratio", 1.0, "expected a number in [0, 1)"),
     ("warmup_ratio", -0.1, "warmup_ratio"),
     ("device", "tpu", "'cuda'"),
+    ("device", "gpu", "did you mean 'cuda'"),
+    ("device", "cuda:x", "'cuda:<index>' (one GPU, e.g. 'cuda:1')"),
     ("precision", "int8", "'bf16'"),
     ("monitor_metric", "accuracy", "val_<metric>"),
     ("monitor_metric", "train_accuracy", "train_loss"),
@@ -112,7 +114,67 @@ def test_spec_defaults():
 def test_monitor_direction_is_inferred_from_the_name():
     assert TrainingConfig(monitor_metric="val_loss").minimize_monitor
     assert not TrainingConfig(monitor_metric="val_accuracy").minimize_monitor
-    assert TrainingConfig(monitor_metric="val_accuracy", monitor_mode="min").minimize_monitor
+    assert TrainingConfig(monitor_metric="val_my_score", monitor_mode="min").minimize_monitor
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "expected"),
+    [
+        ("val_loss", "max", "val_loss is better when lower: set 'min', or 'auto'"),
+        ("train_loss", "max", "train_loss is better when lower"),
+        ("val_mse", "max", "val_mse is better when lower"),
+        ("val_log_loss", "max", "val_log_loss is better when lower"),
+        ("val_accuracy", "min", "val_accuracy is better when higher: set 'max', or 'auto'"),
+        ("val_f1", "min", "val_f1 is better when higher"),
+    ],
+)
+def test_a_monitor_mode_against_a_built_in_metrics_direction_is_refused(metric, mode, expected):
+    """monitor_mode='max' on val_loss was accepted: early stopping and best.pt then kept
+    the worst epoch. A built-in metric's direction is known; your own metric's is yours."""
+    with pytest.raises(ValueError, match=f"monitor_mode='{mode}' is invalid") as info:
+        TrainingConfig(monitor_metric=metric, monitor_mode=mode)
+    assert expected in str(info.value)
+    agreeing = "min" if mode == "max" else "max"
+    assert TrainingConfig(monitor_metric=metric, monitor_mode=agreeing).monitor_mode == agreeing
+    assert TrainingConfig(monitor_metric="val_margin", monitor_mode=mode).monitor_mode == mode
+
+
+def test_a_gpu_index_is_a_device():
+    assert TrainingConfig(device="cuda:1").device == "cuda:1"
+    assert TrainingConfig(device="cuda:01").device == "cuda:1"
+    assert TrainingConfig.from_dict({"device": "cuda:0"}).device == "cuda:0"
+
+
+def test_warmup_ratio_with_a_warmup_steps_of_its_own_is_refused():
+    """Both were accepted and the ratio silently won. The default warmup_steps stays
+    (a saved config.yaml holds every field), and the ratio replaces it."""
+    with pytest.raises(ValueError, match=r"warmup_steps=50 is invalid: warmup_ratio=0\.1 sets"):
+        TrainingConfig(warmup_ratio=0.1, warmup_steps=50)
+    with pytest.raises(ValueError, match="warmup_steps=0 is invalid"):
+        TrainingConfig.from_dict({"warmup_ratio": 0.1, "warmup_steps": 0})
+    saved = TrainingConfig(warmup_ratio=0.1).to_dict()
+    assert TrainingConfig.from_dict(saved).warmup_ratio == 0.1
+
+
+def test_a_config_remembers_which_fields_were_given():
+    """A value equal to the default must count as chosen where that matters (a warmup_steps
+    of 1000 shortened on a short run is worth a warning); copies keep what was given."""
+    import copy
+    import pickle
+
+    config = TrainingConfig(num_epochs=3, warmup_steps=1000)
+    assert config.given_fields == {"num_epochs", "warmup_steps"}
+    assert TrainingConfig().given_fields == frozenset()
+    assert TrainingConfig.from_dict({"seed": 1}).given_fields == {"seed"}
+    assert config.replace(seed=3).given_fields == {"num_epochs", "warmup_steps", "seed"}
+    overridden = config.with_overrides(["seed=4", "lr_multipliers.head=2"])
+    assert overridden.given_fields == {"num_epochs", "warmup_steps", "seed", "lr_multipliers"}
+    assert overridden.lr_multipliers == {"head": 2}
+    for twin in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
+        assert twin == config
+        assert twin.given_fields == config.given_fields
+    with pytest.raises(ValueError, match="batch_size=0 is invalid"):
+        config.replace(batch_size=0)
 
 
 def test_unknown_key_suggests_the_close_one():

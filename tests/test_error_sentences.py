@@ -372,6 +372,28 @@ def test_a_loader_whose_batch_size_differs_from_the_configs_is_named(tmp_path, c
     assert "batch_size" not in caplog.text
 
 
+def test_a_val_loader_whose_batch_size_differs_from_eval_batch_size_is_named(tmp_path, caplog):
+    """eval_batch_size=64 beside your own val loader of 8 was ignored without a word."""
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    loaders = [DataLoader(TensorDataset(x, y), batch_size=size) for size in (8, 8)]
+    config = TrainingConfig(
+        num_epochs=1, batch_size=8, eval_batch_size=64, progress_bar=False,
+        tensorboard_logging=False, warmup_steps=0, output_dir=str(tmp_path / "a"),
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="traineval"):
+        TrainingManager(config).train(nn.Linear(4, 2), *loaders)
+    assert (
+        "val_loader's batch_size=8 differs from the config's eval_batch_size=64: validation "
+        "uses the loader's; set eval_batch_size=8"
+    ) in caplog.text
+    assert "train_loader" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="traineval"):  # not set: nothing to compare
+        unset = config.replace(eval_batch_size=None, output_dir=str(tmp_path / "b"))
+        TrainingManager(unset).train(nn.Linear(4, 2), *loaders)
+    assert "batch_size" not in caplog.text
+
+
 def test_a_safetensors_export_of_tied_weights_loads_into_the_run_model(tmp_path):
     """Tied weights are stored once in a safetensors export: their alias is not 'missing'."""
     from traineval.runs.checkpoint import load_model_weights, save_safetensors

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from traineval import Callback, TrainingConfig, TrainingManager
-from traineval.training.precision import resolve_device, resolve_precision
+from traineval.training.precision import available_device, resolve_device, resolve_precision
 
 from conftest import make_classification, make_mlp
 
@@ -53,6 +53,38 @@ def test_unavailable_cuda_falls_back_to_cpu_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         assert resolve_device("cuda").type == "cpu"
     assert "CUDA is not available" in caplog.text
+
+
+def test_a_gpu_index_without_cuda_falls_back_to_cpu_naming_it(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with caplog.at_level(logging.WARNING):
+        assert resolve_device("cuda:1").type == "cpu"
+        assert TrainingManager(TrainingConfig(device="cuda:1")).device.type == "cpu"
+    assert "device='cuda:1' was asked for but CUDA is not available" in caplog.text
+
+
+def test_a_gpu_index_beyond_the_machines_gpus_is_refused_naming_them(monkeypatch):
+    """device="cuda:3" on a machine with one GPU: one line naming the GPUs there are,
+    before any work (training, evaluate and predict alike)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    expected = r"device='cuda:3' is invalid: this machine has 1 CUDA device\(s\), cuda:0 to"
+    with pytest.raises(ValueError, match=expected):
+        resolve_device("cuda:3")
+    with pytest.raises(ValueError, match=expected):
+        available_device("cuda:3")
+
+
+def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
+    """Each rank takes cuda:LOCAL_RANK; a device naming one GPU would be ignored."""
+    from traineval.system.distributed import Distributed, _rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="device='cuda:1' names one GPU, but under torchrun"):
+        _rank_device("cuda:1", Distributed(1, 2, 1))
+    assert _rank_device("cuda", Distributed(1, 2, 1)) == "cuda:1"
 
 
 def test_auto_precision_on_cpu_is_fp32_and_says_so_only_when_debugging(caplog):

@@ -34,6 +34,19 @@ def test_predict_equals_the_models_forward_pass_in_the_loaders_order():
     assert set(arrays) == {"outputs", "probabilities", "classes", "targets"}
 
 
+def test_predict_keeps_a_float64_models_precision():
+    """A float64 model's outputs came back as float32 (rounded to 7 digits)."""
+    data = make_classification(n=20, seed=4)
+    inputs = data.tensors[0].double()
+    model = make_mlp().double()
+    found = traineval.predict(model, DataLoader(TensorDataset(inputs), batch_size=8))
+    with torch.no_grad():
+        logits = model(inputs)
+    assert found.outputs.dtype == found.probabilities.dtype == torch.float64
+    assert torch.equal(found.outputs, logits)
+    torch.testing.assert_close(found.probabilities, torch.softmax(logits, 1), rtol=0, atol=1e-15)
+
+
 def test_predict_reads_inputs_only_batches_multilabel_and_regression():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(20, 4, generator=generator)

@@ -109,15 +109,27 @@ def test_warmup_longer_than_training_is_shortened_with_one_warning(quiet_config,
 
 
 def test_the_default_warmup_is_shortened_without_a_warning(quiet_config, caplog):
-    quiet_config.update(warmup_steps=1000, scheduler_type="cosine")  # the default
+    del quiet_config["warmup_steps"]  # the default, 1000
+    quiet_config.update(scheduler_type="cosine")
     with caplog.at_level("WARNING", logger="traineval"):
         lrs = _run_lrs(quiet_config)
     assert lrs == pytest.approx(_expected_lrs(6))
     assert [r for r in caplog.records if "warmup" in r.getMessage()] == []
 
 
-def test_warmup_ratio_warms_up_over_a_share_of_the_run(quiet_config):
+def test_a_warmup_steps_set_to_the_defaults_value_is_shortened_with_a_warning(quiet_config, caplog):
+    """warmup_steps=1000 written by the user was shortened quietly, as the default is:
+    the config could not tell the two apart."""
     quiet_config.update(warmup_steps=1000, scheduler_type="cosine")
+    with caplog.at_level("WARNING", logger="traineval"):
+        lrs = _run_lrs(quiet_config)
+    assert lrs == pytest.approx(_expected_lrs(6))
+    assert "warmup_steps=1000 is not shorter than this run's 64 optimizer updates" in caplog.text
+
+
+def test_warmup_ratio_warms_up_over_a_share_of_the_run(quiet_config):
+    del quiet_config["warmup_steps"]  # the ratio replaces it
+    quiet_config.update(scheduler_type="cosine")
     assert _run_lrs(quiet_config, warmup_ratio=0.1) == pytest.approx(_expected_lrs(7))  # ceil
     assert _run_lrs(quiet_config, warmup_ratio=0.25) == pytest.approx(_expected_lrs(16))
 
@@ -216,5 +228,5 @@ def test_a_warmup_shortened_to_nothing_says_so(caplog):
     from traineval.training.optim import warmup_updates
 
     with caplog.at_level("WARNING", logger="traineval"):
-        assert warmup_updates(100, 0.0, 8) == 0
+        assert warmup_updates(TrainingConfig(warmup_steps=100), 8) == 0
     assert "warming up not at all (a tenth of the run is no update)" in caplog.text

@@ -642,7 +642,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
             f"(training.num_epochs={config.training.num_epochs})"
         )
         return 0
-    training = dataclasses.replace(config.training, output_dir=output_dir)
+    training = config.training.replace(output_dir=output_dir)
     # the server waits for `clients` nodes: all of them
     mode = dataclasses.replace(federated, clients=nodes)
     config = dataclasses.replace(config, training=training, mode=mode)

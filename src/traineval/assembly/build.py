@@ -243,10 +243,11 @@ def shard_data(
     for loader in (train_loader, val_loader):
         _reseed_workers(loader)
     if plan.loader is None:
-        _compare_batch_size(train_loader, config.batch_size)
+        _compare_batch_size(train_loader, "train", "batch_size", config.batch_size)
         batches = shard_train_loader(train_loader, job, config.seed)
     if val_loader is not None:
         _check_not_empty(val_loader)
+        _compare_batch_size(val_loader, "val", "eval_batch_size", config.eval_batch_size)
         val_loader = shard_eval_loader(val_loader, job)
     updates = updates_per_epoch(batches, config.gradient_accumulation_steps)
     return Data(
@@ -266,18 +267,27 @@ def _reseed_workers(loader: Any) -> None:
         )
 
 
-def _compare_batch_size(train_loader: Any, batch_size: int) -> None:
-    """Your DataLoader's batch size is the one trained with; say so when the config's
-    differs, since a resume checks the config's (so it would miss a change of the loader's)."""
-    size = getattr(train_loader, "batch_size", None)
-    if isinstance(train_loader, torch.utils.data.DataLoader) and size not in (None, batch_size):
+def _compare_batch_size(loader: Any, role: str, field: str, batch_size: int | None) -> None:
+    """Your DataLoader's batch size is the one used; say so when the config's `field`
+    differs (the train loader's: a resume checks the config's, so it would miss a change
+    of the loader's; the val loader's: eval_batch_size sizes only the loaders traineval
+    builds)."""
+    size = getattr(loader, "batch_size", None)
+    if batch_size is None or not isinstance(loader, torch.utils.data.DataLoader):
+        return
+    if size not in (None, batch_size):
+        why = "so that a resume can check it" if role == "train" else "to say what ran"
         logger.warning(
-            "train_loader's batch_size=%d differs from the config's batch_size=%d: training "
-            "uses the loader's; set batch_size=%d in the config so that a resume can check "
-            "it",
+            "%s_loader's batch_size=%d differs from the config's %s=%d: %s uses the "
+            "loader's; set %s=%d in the config %s",
+            role,
             size,
+            field,
             batch_size,
+            "training" if role == "train" else "validation",
+            field,
             size,
+            why,
         )
 
 

@@ -133,9 +133,7 @@ class Folds:
         results: list[FoldResult] = []
         for k, (train_idx, val_idx) in enumerate(folds, start=1):
             logger.info("Training fold %d/%d", k, len(folds))
-            fold_config = TrainingConfig.from_dict(
-                {**config.to_dict(), "output_dir": str(base / f"fold-{k}")}
-            )
+            fold_config = config.replace(output_dir=str(base / f"fold-{k}"))
             seed_everything(config.seed)  # every fold starts from the same weights
             model = self.model_factory()
             if not isinstance(model, nn.Module):

@@ -230,7 +230,7 @@ class RunConfig:
             except ValueError as error:
                 raise ValueError(f"{key}: {error}") from None
         mode, rest = _mode_section(data.get("mode", "supervised"), sections["training"], moved)
-        sections["training"] = dataclasses.replace(sections["training"], mode_settings=rest)
+        sections["training"] = sections["training"].replace(mode_settings=rest)
         return cls(**sections, mode=mode)
 
     @classmethod

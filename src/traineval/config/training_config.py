@@ -84,9 +84,10 @@ class EvaluationMode(Enum):
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "linear", "step", "plateau", "onecycle", "constant")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:<index>", one GPU of several
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITOR_MODES = ("auto", "min", "max")
+_DEFAULT_WARMUP_STEPS = 1000  # the specification's; a warmup_ratio > 0 replaces it
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding and DataLoader worker seeds take 32 bits
 CLASSIFICATION_METRICS = (
     "accuracy",
@@ -189,6 +190,17 @@ def _monitor(field: str, value: Any) -> Any:
         )
     if value.startswith("train_") and value != "train_loss":
         _fail(field, value, "the only train metric is 'train_loss'")
+    return value
+
+
+def _device(field: str, value: Any) -> Any:
+    if isinstance(value, str) and re.fullmatch(r"cuda:\d+", value):
+        return f"cuda:{int(value[5:])}"  # cuda:01 -> cuda:1
+    if value not in DEVICES:
+        hint = ["cuda"] if value == "gpu" else difflib.get_close_matches(str(value), DEVICES, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        allowed = "'auto', 'cpu', 'cuda', 'cuda:<index>' (one GPU, e.g. 'cuda:1'), 'mps'"
+        _fail(field, value, f"expected one of {allowed}{suggestion}")
     return value
 
 
@@ -390,14 +402,22 @@ class TrainingConfig(_ConfigBase):
     records only `precision`.
 
     Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
-    (rounded up) instead of `warmup_steps`. A warmup as long as the run or longer (e.g. the
-    default 1000 steps on a small dataset) is shortened to a tenth of the run, so the
-    defaults train any dataset: quietly for the default, with one warning naming both numbers
-    for a warmup_steps you chose.
+    (rounded up) instead of `warmup_steps` (then leave warmup_steps at its default: a
+    warmup_steps of your own beside it is refused). A warmup as long as the run or longer
+    (e.g. the default 1000 steps on a small dataset) is shortened to a tenth of the run, so
+    the defaults train any dataset: quietly for the default, with one warning naming both
+    numbers for a warmup_steps you set (even to 1000; `given_fields` tells them apart).
+
+    `monitor_mode` "auto" reads the direction from the metric's name (losses and errors
+    lower, scores higher); "min" or "max" against a built-in metric's direction (e.g. "max"
+    on val_loss) is refused. `device` is "auto", "cpu", "cuda", "cuda:<index>" (one GPU of
+    several; not under torchrun, where each rank takes cuda:LOCAL_RANK) or "mps"; a GPU
+    asked for on a machine without one falls back to the CPU with a warning.
 
     `batch_size` sizes the loaders traineval builds (config-file runs, cross-validation
     folds, the modes' own loaders); a DataLoader you pass to `train()` keeps its own batch
-    size (it is yours), with a warning when it differs from `batch_size`. A resume compares
+    size (it is yours), with a warning when it differs from `batch_size` (a val loader's,
+    when it differs from an `eval_batch_size` you set). A resume compares
     the config's `batch_size` with the checkpoint's: keep it equal to your loader's so that
     the check covers your loader too.
 
@@ -431,7 +451,26 @@ class TrainingConfig(_ConfigBase):
                     f"setting; train(mode=...) with a {mode} mode that sets it, or "
                     f"mode_settings={{{mode!r}: {{{name!r}: ...}}}}"
                 )
-        return super().__new__(cls)
+        config = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        object.__setattr__(config, "_given", frozenset((*names[: len(args)], *kwargs)))
+        return config
+
+    @property
+    def given_fields(self) -> frozenset[str]:
+        """The fields given a value when the config was made (keyword arguments, a config
+        file's keys), as opposed to left at their defaults; `replace` and `with_overrides`
+        keep them and add their own (`dataclasses.replace` gives every field)."""
+        return getattr(self, "_given", frozenset())
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """A copy with `changes` applied and checked, remembering which fields were given."""
+        return _given_besides(dataclasses.replace(self, **changes), self, changes)
+
+    def with_overrides(self, overrides: Sequence[str]) -> TrainingConfig:
+        """As `_ConfigBase.with_overrides`, remembering which fields were given."""
+        keys = [text.partition("=")[0].partition(".")[0].strip() for text in overrides]
+        return _given_besides(super().with_overrides(overrides), self, keys)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
@@ -454,7 +493,7 @@ class TrainingConfig(_ConfigBase):
     # Optimization
     optimizer_type: str = setting("adamw", OneOf(OPTIMIZERS))
     scheduler_type: str = setting("cosine", OneOf(SCHEDULERS))
-    warmup_steps: int = setting(1000, Int(0))
+    warmup_steps: int = setting(_DEFAULT_WARMUP_STEPS, Int(0))
     lr_scheduler_patience: int = setting(5, Int(0))
     # Advanced features
     mixed_precision: bool = setting(True, Flag())
@@ -474,7 +513,7 @@ class TrainingConfig(_ConfigBase):
     seed: int = setting(42, Int(0, maximum=MAX_SEED))
     output_dir: str | None = setting(None, Custom(_path, "a path, or null"))
     overwrite_output_dir: bool = setting(False, Flag())
-    device: str = setting("auto", OneOf(DEVICES))
+    device: str = setting("auto", Custom(_device, "one of auto, cpu, cuda, cuda:<index>, mps"))
     precision: str = setting("auto", OneOf(PRECISIONS))
     monitor_metric: str = setting("val_loss", Custom(_monitor, "val_<metric> or train_loss"))
     monitor_mode: str = setting("auto", OneOf(MONITOR_MODES))
@@ -590,11 +629,33 @@ class TrainingConfig(_ConfigBase):
                 self.precision,
                 "mixed_precision=false allows only 'auto' or 'fp32'; set mixed_precision=true",
             )
+        if self.warmup_ratio > 0 and self.warmup_steps != _DEFAULT_WARMUP_STEPS:
+            _fail(
+                "warmup_steps",
+                self.warmup_steps,
+                f"warmup_ratio={self.warmup_ratio} sets the warmup too; set one of them",
+            )
+        self._check_monitor_direction()
         if self.min_learning_rate >= self.learning_rate:
             _fail(
                 "min_learning_rate",
                 self.min_learning_rate,
                 f"expected a value below learning_rate={self.learning_rate}",
+            )
+
+    def _check_monitor_direction(self) -> None:
+        """An explicit monitor_mode against a built-in metric's known direction (the
+        loss's, accuracy's, ...) is a mistake that would keep the worst checkpoint."""
+        name = self.monitor_metric.partition("_")[2]
+        if self.monitor_mode == "auto" or name not in _built_in_scalars():
+            return
+        lower = metric_is_minimized(name)
+        if lower != (self.monitor_mode == "min"):
+            better, mode = ("lower", "min") if lower else ("higher", "max")
+            _fail(
+                "monitor_mode",
+                self.monitor_mode,
+                f"{self.monitor_metric} is better when {better}: set {mode!r}, or 'auto'",
             )
 
     @property
@@ -607,6 +668,18 @@ class TrainingConfig(_ConfigBase):
     @property
     def effective_eval_batch_size(self) -> int:
         return self.eval_batch_size or self.batch_size
+
+
+def _given_besides(config: TrainingConfig, source: TrainingConfig, more: Iterable[str]) -> Any:
+    """`config` (a copy of `source`) remembering `source`'s given fields and `more`."""
+    object.__setattr__(config, "_given", source.given_fields | set(more))
+    return config
+
+
+def _built_in_scalars() -> set[str]:
+    """The built-in metrics one number reports, and the loss: their directions are known."""
+    names = {name for names in BUILT_IN_METRICS.values() for name in names}
+    return (names - {"confusion_matrix"}) | {"loss"}
 
 
 # The flat names of earlier versions -> (mode, setting). They still load, into

@@ -35,7 +35,8 @@ from .metrics import are_probabilities, class_probabilities
 class Predictions:
     """A model's predictions over a loader, in its order, on the CPU.
 
-    `outputs`: the prediction tensor as the model gave it (logits, values); `probabilities`:
+    `outputs`: the prediction tensor as the model gave it (logits, values; float64 stays
+    float64, the rest in float32: bf16 or fp16 autocast outputs are widened); `probabilities`:
     classification's class probabilities (softmax; [1 - p, p] for one binary logit) or
     multi-label's per-label sigmoid; `classes`: the predicted class (classification) or the
     0/1 label matrix (multi-label, at `threshold`); `targets`: when the batches carry them.
@@ -111,7 +112,7 @@ def predict(
                     output = prediction_of(forward(model, inputs), how.output_transform)
                 if not outputs:  # a final softmax? read in the outputs' own dtype, once
                     given = are_probabilities(output)
-                outputs.append(output.detach().float().cpu())
+                outputs.append(_widened(output.detach()).cpu())
                 if isinstance(target, torch.Tensor):
                     targets.append(target.detach().cpu())
     finally:
@@ -143,6 +144,10 @@ def _predictions(
         found.probabilities = torch.sigmoid(joined)
         found.classes = (found.probabilities > threshold).long()
     return found
+
+
+def _widened(output: torch.Tensor) -> torch.Tensor:
+    return output if output.dtype == torch.float64 else output.float()
 
 
 def _moved(batch: Any, device: torch.device) -> Any:

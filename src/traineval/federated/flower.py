@@ -69,7 +69,7 @@ from ..system.version import __version__
 from ..tasks import AutoLoss
 from ..training.batches import batch_size_of, split_batch
 from ..training.optim import configured_scheduler
-from ..training.precision import resolve_precision
+from ..training.precision import available_device, resolve_precision
 from ..training.run_checkpoints import Contents, checkpoint_payload
 from .flower_controls import CLIENT_KEY, STEPS_KEY, ServerControls, correction_of, strip
 
@@ -111,7 +111,8 @@ class FlowerClient:
         self.model_fn, self.data_fn, self.config = model_fn, data_fn, config
         self.federated = Federated.of(federated, config)
         self.loss_function, self.task_type = loss_function, task_type
-        self.device = torch.device(config.device if config.device != "auto" else _auto_device())
+        chosen = config.device if config.device != "auto" else _auto_device()
+        self.device = available_device(chosen)  # the CPU where the GPU asked for is absent
         self.precision = resolve_precision(config.precision, self.device)
         self.step = SupervisedStep(loss_function if loss_function is not None else AutoLoss())
 

@@ -245,6 +245,12 @@ def _rank_device(device: str, job: Distributed) -> str:
         return "cpu" if device == "auto" else device
     if not torch.cuda.is_available():
         return device  # resolve_device falls back to the CPU with a warning
+    if ":" in device:
+        raise ValueError(
+            f"device={device!r} names one GPU, but under torchrun each rank takes "
+            f"cuda:LOCAL_RANK; set device to 'cuda' (or 'auto'), and choose the GPUs "
+            "with CUDA_VISIBLE_DEVICES"
+        )
     count = torch.cuda.device_count()
     if job.local_rank >= count:
         raise ValueError(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config.training_config import SCHEDULERS, TrainingConfig
+from ..config.training_config import SCHEDULERS
 from ..runs.tracking import Plateau
 
 __all__ = [
@@ -28,8 +28,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_WARMUP_STEPS = TrainingConfig.__dataclass_fields__["warmup_steps"].default
 
 
 def matching(model: nn.Module, prefix: str) -> list[str]:
@@ -374,7 +372,7 @@ def configured_scheduler(
         optimizer,
         c.scheduler_type,
         total_steps=total_steps,
-        warmup_steps=warmup_updates(c.warmup_steps, c.warmup_ratio, total_steps),
+        warmup_steps=warmup_updates(c, total_steps),
         min_lr=c.min_learning_rate,
         step_size=c.scheduler_step_size,
         gamma=c.scheduler_gamma,
@@ -384,16 +382,20 @@ def configured_scheduler(
     )
 
 
-def warmup_updates(steps: int, ratio: float, total_steps: int | None) -> int:
-    """The optimizer updates to warm up over: `ceil(ratio * total_steps)` when `ratio` > 0,
-    else `steps`; a warmup as long as the run or longer becomes a tenth of the run, with a
-    warning naming both numbers when the user chose it (the default of 1000 steps must not
-    refuse a short run, nor warn about it).
+def warmup_updates(config: Any, total_steps: int | None) -> int:
+    """The optimizer updates to warm up over: `ceil(warmup_ratio * total_steps)` when the
+    ratio is > 0, else `warmup_steps`; a warmup as long as the run or longer becomes a tenth
+    of the run, with a warning naming both numbers when `warmup_steps` was set (the default
+    of 1000 steps must not refuse a short run, nor warn about it).
 
     Example:
-        >>> warmup_updates(0, 0.1, 320), warmup_updates(50, 0.0, 320)
-        (32, 50)
+        >>> from traineval.config.training_config import TrainingConfig
+        >>> warmup_updates(TrainingConfig(warmup_ratio=0.1), 320)
+        32
+        >>> warmup_updates(TrainingConfig(warmup_steps=50), 320)
+        50
     """
+    steps, ratio = config.warmup_steps, config.warmup_ratio
     if ratio > 0:
         if total_steps is None:
             raise ValueError(
@@ -404,9 +406,9 @@ def warmup_updates(steps: int, ratio: float, total_steps: int | None) -> int:
     if total_steps is None or steps < total_steps:
         return steps
     shortened = total_steps // 10
-    # the default (the specification's 1000) is shortened quietly: a first short run with
-    # the defaults prints no warning; a warmup the user chose is worth one
-    say = logger.debug if steps == DEFAULT_WARMUP_STEPS else logger.warning
+    # the default is shortened quietly: a first short run with the defaults prints no
+    # warning; a warmup the user set (even to the default's 1000) is worth one
+    say = logger.warning if "warmup_steps" in config.given_fields else logger.debug
     instead = f"over the first {shortened} (a tenth of the run)"
     say(
         "warmup_steps=%d is not shorter than this run's %d optimizer updates: warming up "

@@ -23,13 +23,25 @@ def resolve_device(name: str = "auto") -> torch.device:
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        logger.warning("device='cuda' was asked for but CUDA is not available; using the CPU")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device=%r was asked for but CUDA is not available; using the CPU", name)
         return torch.device("cpu")
+    if name.startswith("cuda:"):
+        _check_gpu_index(torch.device(name))
+        torch.cuda.set_device(name)  # streams, memory stats and pinned copies follow it
     if name == "mps" and not _mps_available():
         logger.warning("device='mps' was asked for but MPS is not available; using the CPU")
         return torch.device("cpu")
     return torch.device(name)
+
+
+def _check_gpu_index(device: torch.device) -> None:
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"device={str(device)!r} is invalid: this machine has {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}; set device to one of them, or 'cuda'"
+        )
 
 
 def available_device(device: torch.device | str) -> torch.device:
@@ -38,6 +50,8 @@ def available_device(device: torch.device | str) -> torch.device:
     device = torch.device(device)
     if device.type in ("cuda", "mps") and resolve_device(device.type).type == "cpu":
         return torch.device("cpu")
+    if device.type == "cuda":
+        _check_gpu_index(device)
     return device
 
 
