@@ -114,6 +114,36 @@ def test_a_metric_the_run_does_not_produce_and_a_bad_storage_are_refused(tmp_pat
         tune(_config(tmp_path / "d"), SEARCH, trials=2, sampler="grid")
 
 
+def test_a_direction_against_a_built_in_metrics_is_refused(tmp_path):
+    """direction='minimize' on val_accuracy would search for the worst configuration; it
+    was refused only as the trials' monitor_mode, naming a field the user did not set."""
+    with pytest.raises(ValueError, match="direction='minimize' is invalid: val_accuracy is"):
+        tune(_config(tmp_path / "a"), SEARCH, trials=2, direction="minimize")
+    with pytest.raises(ValueError, match="better when lower; use 'minimize', or leave"):
+        tune(_config(tmp_path / "b"), SEARCH, trials=2, metric="val_loss", direction="maximize")
+    assert not list(tmp_path.glob("*/trial-*"))
+
+
+def test_a_trials_config_keeps_the_defaults_as_defaults(tmp_path):
+    """Each trial's config was built from the full dict, so every field read as set: the
+    default warmup_steps, shortened quietly for a run, warned once per trial."""
+    from traineval.tuning.space import run_data
+
+    config = _config(tmp_path / "s", seed=7)
+    settings = prepare(config, SEARCH, TuneOptions(trials=2))
+    data = run_data(settings.base, settings.written, {"training.learning_rate": 0.02})
+    trial = RunConfig.from_dict(data).training
+    given = config.training.given_fields | {"learning_rate", "monitor_mode"}
+    assert trial.given_fields == given
+    assert (
+        "warmup_steps"
+        not in RunConfig.from_dict(
+            run_data(settings.base, ("monitor_metric",), {})
+        ).training.given_fields
+    )
+    assert trial == config.training.replace(learning_rate=0.02, monitor_mode="max")
+
+
 def test_the_command_prints_the_trials_and_report_reads_the_study(tmp_path, capsys):
     config = _yaml(tmp_path / "tune.yaml", tmp_path / "study", epochs=2)
     assert main(["tune", str(config), "--trials", "2", "-q", "training.num_epochs=2"]) == 0

@@ -292,9 +292,12 @@ class AutoLoss:
 
     def check_multilabel(self, targets: torch.Tensor) -> None:
         """Multi-label, as the first batch's 0/1 targets said: a later batch whose targets
-        are not 0/1 (counts that began with 0s and 1s) is refused, naming the guess (on the
-        CPU; a device would sync every step)."""
-        if targets.device.type == "cpu" and not bool(((targets == 0) | (targets == 1)).all()):
+        are not 0/1 (counts that began with 0s and 1s) is refused, naming the guess (on a
+        device, a device-side assert, as cross-entropy's own: no sync)."""
+        zero_one = ((targets == 0) | (targets == 1)).all()
+        if targets.device.type != "cpu":
+            torch._assert_async(zero_one, "multi-label targets must be 0 or 1")
+        elif not bool(zero_one):
             raise ValueError(
                 "targets other than 0 and 1 in a multi-label run: the task was read as "
                 "multi-label classification from the first batch's 0/1 targets; if these "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import warnings
@@ -463,6 +464,17 @@ class TrainingConfig(_ConfigBase):
         keep them and add their own (`dataclasses.replace` gives every field)."""
         return getattr(self, "_given", frozenset())
 
+    def given_dict(self) -> dict[str, Any]:
+        """`to_dict` as a config file would hold it: the fields given, and those that
+        differ from their defaults (a precision that mixed_precision=false folded); built
+        again, it gives an equal config with the same `given_fields`."""
+        defaults = _default_dict()
+        return {
+            key: value
+            for key, value in self.to_dict().items()
+            if key in self.given_fields or value != defaults[key]
+        }
+
     def replace(self, **changes: Any) -> TrainingConfig:
         """A copy with `changes` applied and checked, remembering which fields were given."""
         return _given_besides(dataclasses.replace(self, **changes), self, changes)
@@ -646,11 +658,8 @@ class TrainingConfig(_ConfigBase):
     def _check_monitor_direction(self) -> None:
         """An explicit monitor_mode against a built-in metric's known direction (the
         loss's, accuracy's, ...) is a mistake that would keep the worst checkpoint."""
-        name = self.monitor_metric.partition("_")[2]
-        if self.monitor_mode == "auto" or name not in _built_in_scalars():
-            return
-        lower = metric_is_minimized(name)
-        if lower != (self.monitor_mode == "min"):
+        lower = known_direction(self.monitor_metric)
+        if self.monitor_mode != "auto" and lower not in (None, self.monitor_mode == "min"):
             better, mode = ("lower", "min") if lower else ("higher", "max")
             _fail(
                 "monitor_mode",
@@ -670,16 +679,25 @@ class TrainingConfig(_ConfigBase):
         return self.eval_batch_size or self.batch_size
 
 
+@functools.cache
+def _default_dict() -> dict[str, Any]:
+    return TrainingConfig().to_dict()
+
+
 def _given_besides(config: TrainingConfig, source: TrainingConfig, more: Iterable[str]) -> Any:
     """`config` (a copy of `source`) remembering `source`'s given fields and `more`."""
     object.__setattr__(config, "_given", source.given_fields | set(more))
     return config
 
 
-def _built_in_scalars() -> set[str]:
-    """The built-in metrics one number reports, and the loss: their directions are known."""
-    names = {name for names in BUILT_IN_METRICS.values() for name in names}
-    return (names - {"confusion_matrix"}) | {"loss"}
+def known_direction(metric: str) -> bool | None:
+    """Whether lower is better for `metric` (`val_<name>`, `train_loss`) when it is a
+    built-in metric or the loss, whose directions are known; None for any other name."""
+    name = metric.partition("_")[2]
+    built_in = {name for names in BUILT_IN_METRICS.values() for name in names}
+    if name not in (built_in - {"confusion_matrix"}) | {"loss"}:
+        return None
+    return metric_is_minimized(name)
 
 
 # The flat names of earlier versions -> (mode, setting). They still load, into

@@ -19,7 +19,7 @@ import dataclasses
 import decimal
 import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 SECTIONS = ("data", "model", "training", "evaluation", "mode")
@@ -120,6 +120,20 @@ def apply_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return data
+
+
+def run_data(
+    base: Mapping[str, Any], written: Sequence[str], values: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A trial's run config with `values` (dotted fields), as a config file would hold it:
+    `base` with each value set, its training section only the `written` fields and the
+    searched ones, so that a default stays a default (a warmup_steps left at the default
+    is shortened quietly there too)."""
+    data = apply_values(base, values)
+    searched = {field.split(".")[1] for field in values if field.startswith("training.")}
+    keep = {*written, *searched}
+    data["training"] = {k: v for k, v in data["training"].items() if k in keep}
     return data
 
 

@@ -28,11 +28,11 @@ from ..assembly.evaluator import Evaluator
 from ..commands.experiment import RunConfig, run_parts
 from ..config.checks import fail, integer
 from ..config.config_file import run_config_text
-from ..config.training_config import current_metric_name, metric_is_minimized
+from ..config.training_config import current_metric_name, known_direction, metric_is_minimized
 from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
 from ..system.files import atomic_write_text
 from .choices import PRUNERS, SAMPLERS
-from .space import Param, apply_values, check_values, parse_space
+from .space import Param, check_values, parse_space, run_data
 from .trial import is_finished, queue_retry
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class Settings:
     sampler: str
     pruner: str
     seed: int | None
+    # the training fields a trial's config writes (the config's given ones and the study's
+    # monitor), so that a default stays a default there (see `run_data`)
+    written: tuple[str, ...] = ()
 
 
 def start_study(settings: Settings) -> Any:
@@ -121,6 +124,12 @@ def prepare(
     direction = o.direction or ("minimize" if _minimizes(config, metric) else "maximize")
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction={direction!r} is invalid: expected 'minimize' or 'maximize'")
+    if known_direction(metric) not in (None, direction == "minimize"):
+        better, way = ("lower", "minimize") if direction == "maximize" else ("higher", "maximize")
+        raise ValueError(
+            f"direction={direction!r} is invalid: {metric} is better when {better}; "
+            f"use {way!r}, or leave direction out"
+        )
     base = config.to_dict()
     base["training"]["monitor_metric"] = metric
     base["training"]["monitor_mode"] = "min" if direction == "minimize" else "max"
@@ -133,8 +142,9 @@ def prepare(
     folder = Path(o.study_dir or config.training.output_dir or default_run_dir("study"))
     folder.mkdir(parents=True, exist_ok=True)
     url = o.storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
+    written = (*config.training.given_dict(), "monitor_metric", "monitor_mode")
     return Settings(base, tuple(params), metric, direction, str(folder), url,
-                    o.study_name or folder.name, o.sampler, o.pruner, o.seed)  # fmt: skip
+                    o.study_name or folder.name, o.sampler, o.pruner, o.seed, written)  # fmt: skip
 
 
 def load_tune_config(
@@ -368,7 +378,7 @@ def result(study: Any, settings: Settings) -> TuneResult:
         raise ValueError(f"no trial of study {settings.study_name!r} completed; see its trials")
     best = study.best_trial
     params = tidy(best.params, settings.params)
-    data = apply_values(settings.base, params)
+    data = run_data(settings.base, settings.written, params)
     data["training"]["output_dir"] = None  # `traineval fit best_config.yaml` picks a new one
     path = Path(settings.study_dir) / "best_config.yaml"
     atomic_write_text(path, run_config_text(data))

@@ -30,7 +30,7 @@ from ..commands.experiment import RunConfig, run_experiment
 from ..training.loop import EvaluationError
 from ..training.steplog import NonFiniteError
 from ..training.stopping import TrainingInterrupted
-from .space import apply_values
+from .space import run_data
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def train_trial(
         mark_running(trial, run_dir)
         if resumes:
             logger.warning("trial %d resumes the interrupted run in %s", number, run_dir)
-    data = apply_values(settings.base, values)
+    data = run_data(settings.base, settings.written, values)
     data["training"]["output_dir"] = str(run_dir)
     pruning = OptunaPruning(trial, settings.metric, job)
     started = time.perf_counter()
