@@ -91,3 +91,20 @@ def test_compile_compiles_the_model_and_the_loss_in_the_configured_mode(quiet_co
     kinds = [type(target).__name__ for target, _ in compiled]
     assert kinds == ["Net", "ClassCrossEntropy"]  # the AutoLoss compiles what it resolved to
     assert {mode for _, mode in compiled} == {"max-autotune-no-cudagraphs"}
+
+
+def test_compile_takes_a_loss_of_your_own(quiet_config, monkeypatch, tmp_path):
+    """compile=True with a concrete loss (every config-file run's, and yours) failed at the
+    first step: 'ClassCrossEntropy' object has no attribute 'task_type'."""
+    from traineval.cli import main
+
+    monkeypatch.setattr(torch, "compile", lambda target, mode="default", **_: target)
+    config = TrainingConfig(num_epochs=1, batch_size=16, compile=True, **quiet_config)
+    result = TrainingManager(config).train(
+        Net(), DataLoader(make_classification(n=32), 16), loss_function=torch.nn.CrossEntropyLoss()
+    )
+    assert result.global_step == 2
+    run = tmp_path / "fit"
+    argv = ["demo", "-q", "training.num_epochs=1", "training.compile=true"]
+    assert main([*argv, f"training.output_dir={run}"]) == 0
+    assert (run / "checkpoints" / "best.pt").exists()

@@ -355,6 +355,7 @@ class CompiledLoss:
     def __call__(self, *args: Any) -> torch.Tensor:
         if self._compiled is None:
             self._compiled = torch.compile(self.loss_function.resolve(*args), mode=self.mode)
-        if self.loss_function.task_type is TaskType.MULTILABEL:  # read from one batch
-            self.loss_function.check_multilabel(args[1])
+        loss = self.loss_function
+        if isinstance(loss, AutoLoss) and loss.task_type is TaskType.MULTILABEL:  # one batch's
+            loss.check_multilabel(args[1])
         return self._compiled(*args)
