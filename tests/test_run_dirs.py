@@ -288,6 +288,95 @@ def test_overwriting_a_run_removes_its_checkpoints_so_a_resume_finds_only_the_ne
     with pytest.raises(TrainingInterrupted):
         TrainingManager(config()).train(make_mlp(), data, callbacks=[InterruptAt(3)])
     assert os.listdir(folder) == ["last.pt"]  # the earlier run's files are gone
+    assert not os.path.exists(config().output_dir + "/.overwritten")
     resumed = make_mlp()
     result = TrainingManager(config()).train(resumed, data, resume_from="auto")
     assert result["training_history"]["epoch"] == [1, 2, 3, 4, 5, 6]  # all of this run's
+
+
+def _files(folder) -> dict[str, bytes]:
+    """Every file under `folder` (but the lock) by relative path, with its bytes."""
+    from pathlib import Path
+
+    root = Path(folder)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def _overwrite_setup(quiet_config):
+    from torch.utils.data import DataLoader
+
+    from conftest import make_classification
+
+    settings = {**quiet_config, "num_epochs": 2, "batch_size": 8, "overwrite_output_dir": True}
+    loader = DataLoader(make_classification(40, seed=7), 8)
+    return settings, loader
+
+
+def test_an_overwriting_run_that_fails_before_its_first_checkpoint_loses_nothing(quiet_config):
+    """overwrite_output_dir deleted the earlier run's checkpoints before a bad value (class
+    weights for 2 classes of 3, found at the first batch) stopped the new run: both were
+    lost. The earlier run's files are now set aside and come back, byte for byte."""
+    from conftest import make_mlp
+
+    settings, loader = _overwrite_setup(quiet_config)
+    TrainingManager(TrainingConfig(**settings)).train(make_mlp(), loader)
+    folder = settings["output_dir"]
+    os.makedirs(f"{folder}/evaluation")
+    atomic_write_text(f"{folder}/evaluation/metrics_test.json", '{"accuracy": 0.74}')
+    before = _files(folder)
+    assert {"checkpoints/best.pt", "checkpoints/last.pt", "summary.json"} <= set(before)
+    bad = TrainingConfig(**{**settings, "class_weights": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="2 class weights"):
+        TrainingManager(bad).train(make_mlp(), loader)
+    assert _files(folder) == before
+    assert not os.path.exists(f"{folder}/.overwritten")
+
+
+def test_an_overwriting_run_that_ends_drops_the_earlier_runs_outputs(quiet_config):
+    """Only the checkpoints went: the earlier run's test metrics, TensorBoard events and
+    logger ids stayed, and `report` showed them as the new run's."""
+    from pathlib import Path
+
+    from conftest import make_mlp
+
+    settings, loader = _overwrite_setup(quiet_config)
+    TrainingManager(TrainingConfig(**settings)).train(make_mlp(), loader)
+    folder = settings["output_dir"]
+    os.makedirs(f"{folder}/evaluation")
+    for name in ("evaluation/metrics_test.json", "wandb_run_id.txt", "notes.txt"):
+        atomic_write_text(f"{folder}/{name}", "earlier")
+    TrainingManager(TrainingConfig(**settings)).train(make_mlp(seed=1), loader)
+    assert not os.path.exists(f"{folder}/evaluation")
+    assert not os.path.exists(f"{folder}/wandb_run_id.txt")
+    assert not os.path.exists(f"{folder}/.overwritten")
+    assert Path(folder, "notes.txt").read_text() == "earlier"  # yours: not a run output
+    assert sorted(os.listdir(f"{folder}/checkpoints")) == ["best.pt", "best.safetensors", "last.pt"]
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_start(
+    quiet_config,
+):
+    """A kill -9 between setting the earlier run aside and this run's first checkpoint
+    leaves `.overwritten`; the next start on the folder puts it back, and a resume then
+    continues the earlier run."""
+    from traineval.runs import overwrite
+
+    from conftest import make_mlp
+
+    settings, loader = _overwrite_setup(quiet_config)
+    TrainingManager(TrainingConfig(**settings)).train(make_mlp(), loader)
+    folder = settings["output_dir"]
+    before = _files(folder)
+    from pathlib import Path
+
+    overwrite.set_aside(Path(folder))  # where the killed run left it
+    assert not os.listdir(f"{folder}/checkpoints")
+    longer = TrainingConfig(**{**settings, "num_epochs": 3, "overwrite_output_dir": False})
+    result = TrainingManager(longer).train(make_mlp(), loader, resume_from="auto")
+    assert result["training_history"]["epoch"] == [1, 2, 3]  # it resumed the earlier run
+    assert not os.path.exists(f"{folder}/.overwritten")
+    assert set(before) <= set(_files(folder))

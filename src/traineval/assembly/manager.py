@@ -164,6 +164,7 @@ class TrainingManager:
             self.hold_output_dir(),  # until the run ends: one run per output_dir
             cpu_threads.applied(c.cpu_threads, self.device, model),
         ):
+            rundir.settle_set_aside(self.output_dir, job)  # what a killed overwrite left
             run.payload = build.load_resume(self.output_dir, resume_from, c, run.mode, job, model)
             rundir.claim(
                 self.output_dir,
@@ -173,7 +174,8 @@ class TrainingManager:
             )
             if run.payload is not None and finished(run.payload, c):
                 return execution.already_finished(self, model, run.payload, run.monitor)
-            return execution.execute(self, run)
+            with rundir.overwriting(self.output_dir, job):
+                return execution.execute(self, run)
 
     def optimization(self, run: build.Assembly, *, schedule: bool = True) -> build.Optimization:
         """The model placed (wrapped for DDP / FSDP, resumed weights) and what updates it:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import socket
 import threading
 import time
@@ -46,6 +45,7 @@ from ..system.files import (  # noqa: F401
     read_json_or_none,
     writing,
 )
+from . import overwrite as overwrite_outputs
 from .checkpoint import remove_stale_temporaries
 
 try:
@@ -215,7 +215,9 @@ def held_by_the_job(folder: Path, job: Distributed) -> Iterator[None]:
 def claim(folder: Path, job: Distributed, *, resuming: bool, overwrite: bool) -> None:
     """Create the run directory and clear what a killed save left; refuse to write over an
     earlier run's checkpoints unless `resuming` or `overwrite` (overwrite_output_dir: then
-    they are removed, so no later resume takes one of them for this run's)."""
+    the earlier run's outputs are set aside, so no later resume or report takes one of them
+    for this run's, and come back if this run fails before its first checkpoint:
+    `traineval.runs.overwrite`)."""
     checkpoints = folder / "checkpoints"
     earlier = not resuming and checkpoints.is_dir() and any(checkpoints.iterdir())
     if earlier and not overwrite:
@@ -226,21 +228,35 @@ def claim(folder: Path, job: Distributed, *, resuming: bool, overwrite: bool) ->
         )
     if job.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        if earlier:
-            _remove_earlier_checkpoints(checkpoints)
         for path in remove_stale_temporaries(checkpoints):
             logger.info("removed %s, left by a save that did not finish", path.name)
+        if earlier:
+            moved = overwrite_outputs.set_aside(folder)
+            logger.info(
+                "overwrite_output_dir: set the earlier run's %s aside (dropped once this run "
+                "has a checkpoint)",
+                ", ".join(moved),
+            )
     job.barrier()  # the others start once rank 0 has the directory ready
 
 
-def _remove_earlier_checkpoints(checkpoints: Path) -> None:
-    """overwrite_output_dir: the earlier run's checkpoints (files and shard folders) go, so
-    `resume_from="auto"` can only find this run's (an earlier run's `epoch-0009.pt` would
-    be further along than this run's `last.pt`)."""
-    names = sorted(path.name for path in checkpoints.iterdir())
-    for path in checkpoints.iterdir():
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    logger.info("overwrite_output_dir: removed the earlier run's %s", ", ".join(names))
+def settle_set_aside(folder: Path, job: Distributed) -> None:
+    """An overwriting run killed before it settled: its earlier run's outputs come back
+    unless it had written a checkpoint of its own (`traineval.runs.overwrite`)."""
+    if job.is_main:
+        overwrite_outputs.settle(folder, failed=True)
+    job.barrier()
+
+
+@contextlib.contextmanager
+def overwriting(folder: Path, job: Distributed) -> Iterator[None]:
+    """Around a run: the outputs an overwrite set aside are dropped when it ends, or put
+    back when it fails before its first checkpoint."""
+    try:
+        yield
+    except BaseException:
+        if job.is_main:
+            overwrite_outputs.settle(folder, failed=True)
+        raise
+    if job.is_main:
+        overwrite_outputs.settle(folder, failed=False)

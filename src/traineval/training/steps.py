@@ -244,6 +244,8 @@ def _loss_failure(name: str, outputs: Any, targets: Any, error: BaseException) -
         else f"targets {_shape(targets)}"
     )
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    ours = name.startswith("traineval's")
+    subject = name if ours else f"the loss {name}"
     if "out of bounds" in text and isinstance(targets, torch.Tensor) and targets.numel():
         classes = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.ndim > 1 else 0
         return (
@@ -255,13 +257,13 @@ def _loss_failure(name: str, outputs: Any, targets: Any, error: BaseException) -
     if sizes is not None:
         wanted, weights = sizes.groups()
         return (
-            f"the loss {name} has {weights} class weights, but the model outputs {wanted} "
+            f"{subject} has {weights} class weights, but the model outputs {wanted} "
             f"classes ({shapes}): give one weight per class (class_weights)"
         )
-    if isinstance(error, ValueError) and name.startswith("traineval's"):  # our own sentence
-        return f"the loss {name} cannot take this batch ({shapes}): {text}"
+    if isinstance(error, ValueError) and ours:  # our own sentence
+        return f"{subject} cannot take this batch ({shapes}): {text}"
     return (
-        f"the loss {name} cannot take this batch ({shapes}): {text}; check that the model's "
+        f"{subject} cannot take this batch ({shapes}): {text}; check that the model's "
         "output has one row per sample and the size the loss expects (classes for "
         "cross-entropy, targets' shape for regression losses)"
     )
