@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,48 @@ def test_config_errors_exit_2_with_the_field_named(tmp_path, capsys):
     assert main(["demo", "data.name=mnist"]) == 2
     assert "data.name='mnist' is invalid" in capsys.readouterr().err
     assert main(["fit", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"path": "table.csv", "target": "label"}, "data.path='table.csv' is invalid: only "
+         "data.name='csv' reads it, and data.name is 'digits' (the default name is digits)"),
+        ({"name": "iris", "task": "regression"}, "data.task='regression' is invalid: only "
+         "data.name='csv'"),
+        ({"name": "wine", "factory": "m:f"}, "data.factory='m:f' is invalid: only "
+         "data.name='custom' reads it"),
+        ({"name": "custom", "factory": "m:f", "val_fraction": 0.3}, "data.val_fraction=0.3 is "
+         "invalid: data.name='custom' takes the splits your factory returns as they are"),
+    ],
+)  # fmt: skip
+def test_a_data_field_the_source_does_not_read_is_refused(data, message):
+    """data: {path: table.csv, target: label} without name: csv trained the default digits,
+    exit 0, even when the file did not exist; a built-in's task and a custom factory's
+    split fractions were ignored the same way."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig.from_dict({"data": data})
+
+
+def test_the_python_evaluators_output_dir_and_a_search_section_are_named_in_a_run_config():
+    with pytest.raises(ValueError, match=r"evaluation\.output_dir='elsewhere' is invalid: a "):
+        RunConfig.from_dict({"evaluation": {"output_dir": "elsewhere"}})
+    with pytest.raises(ValueError, match=r"search space is read by `traineval tune`"):
+        RunConfig.from_dict({"search": {"learning_rate": [0.1, 0.01]}})
+
+
+def test_a_deprecated_mode_key_beside_the_modes_own_setting_is_refused():
+    """training.federated_clients=5 on the command line lost silently to the file's
+    mode.clients: 3, after a FutureWarning that read as if 5 were used."""
+    section = {"name": "federated", "clients": 3}
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(ValueError, match=r"mode\.clients=3 is invalid: also given by its"),
+    ):
+        RunConfig.from_dict({"mode": section, "training": {"federated_clients": 5}})
+    with pytest.warns(FutureWarning):
+        same = RunConfig.from_dict({"mode": section, "training": {"federated_clients": 3}})
+    assert same.mode.clients == 3
 
 
 @pytest.mark.parametrize("command", [[], ["fit"], ["demo"], ["lr-find"]])

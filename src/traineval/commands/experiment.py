@@ -120,6 +120,7 @@ class DataConfig(_ConfigBase):
         _float("data.labeled_fraction", self.labeled_fraction, minimum=0.0, strict=True)
         if self.labeled_fraction > 1.0:
             _fail("data.labeled_fraction", self.labeled_fraction, "expected a number in (0, 1]")
+        self._check_source_fields()
         if self.name == "csv" and not (self.path and self.target):
             _fail("data.path", self.path, "data.name='csv' needs data.path and data.target")
         if self.name == "custom" and not self.factory:
@@ -129,6 +130,37 @@ class DataConfig(_ConfigBase):
             if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
                 _fail("data.image_shape", self.image_shape, "expected positive integers")
             object.__setattr__(self, "image_shape", shape)
+
+
+    def _check_source_fields(self) -> None:
+        """A field only another source reads is refused: `path` without name csv trained
+        the default digits, whatever the file held (or when it did not exist)."""
+        defaults = DataConfig.__dataclass_fields__
+        only = {"csv": _CSV_ONLY, "custom": ("factory",)}
+        for source, fields in only.items():
+            for field in fields if self.name != source else ():
+                value = getattr(self, field)
+                if value != defaults[field].default:
+                    hint = " (the default name is digits)" if self.name == "digits" else ""
+                    _fail(
+                        f"data.{field}",
+                        value,
+                        f"only data.name={source!r} reads it, and data.name is "
+                        f"{self.name!r}{hint}: set name: {source}, or leave {field} out",
+                    )
+        for field in _SPLIT_FIELDS if self.name == "custom" else ():
+            value = getattr(self, field)
+            if value != defaults[field].default:
+                _fail(
+                    f"data.{field}",
+                    value,
+                    "data.name='custom' takes the splits your factory returns as they are; "
+                    f"make them there, and leave {field} out",
+                )
+
+
+_CSV_ONLY = ("path", "target", "features", "exclude", "id_column", "categorical", "task")
+_SPLIT_FIELDS = ("val_fraction", "test_fraction", "split_seed", "standardize", "image_shape")
 
 
 def _column_names(field: str, value: Any) -> tuple[str, ...] | None:
@@ -197,6 +229,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
             _fail("mode", self.mode, "expected a traineval Mode, e.g. Federated(clients=10)")
+        if self.evaluation.output_dir is not None:
+            _fail(
+                "evaluation.output_dir",
+                self.evaluation.output_dir,
+                "a config-file run writes its evaluation into <training.output_dir>/"
+                "evaluation; leave evaluation.output_dir out (it is the Python Evaluator's)",
+            )
         self.mode.check_config_run()
         if self.data.labeled_fraction < 1.0 and self.mode.reconstructs:
             _fail(
@@ -211,7 +250,10 @@ class RunConfig:
         allowed = [*_SECTIONS, "mode"]
         for key in data:
             if key not in allowed:
-                raise ValueError(f"unknown section {key!r}; allowed: {', '.join(allowed)}")
+                hint = " (the search space is read by `traineval tune`)" if key == "search" else ""
+                raise ValueError(
+                    f"unknown section {key!r}; allowed: {', '.join(allowed)}{hint}"
+                )
         for key in _SECTIONS:
             if not isinstance(data.get(key) or {}, Mapping):
                 raise ValueError(
@@ -292,11 +334,15 @@ def _mode_section(
         _fail("mode", value, "expected a mode name, or a section {name: <mode>, <setting>: ...}")
     name = value["name"]
     cls = mode_class(name, field="mode.name")
-    settings = {
-        **training.mode_settings.get(name, {}),
-        **moved.get(name, {}),
-        **{k: v for k, v in value.items() if k != "name"},
-    }
+    own = {k: v for k, v in value.items() if k != "name"}
+    for key, flat in moved.get(name, {}).items():  # the deprecated name beside the new one
+        if key in own and own[key] != flat:
+            _fail(
+                f"mode.{key}",
+                own[key],
+                f"also given by its deprecated flat key as {flat!r}; keep one (mode.{key})",
+            )
+    settings = {**training.mode_settings.get(name, {}), **moved.get(name, {}), **own}
     rest = {k: dict(v) for k, v in training.mode_settings.items() if k != name}
     for other, values in moved.items():
         if other != name:
