@@ -247,3 +247,19 @@ def test_seeds_beyond_32_bits_are_refused_before_any_work(override, field, capsy
     err = capsys.readouterr().err
     assert field in err
     assert "[0, 4294967295]" in err
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """YAML requires unique keys; PyYAML kept the last, so a pasted second `training:`
+    section dropped the first one's num_epochs and output_dir without a word."""
+    from traineval.config.training_config import load_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training: {num_epochs: 1}\ndata: {name: iris}\ntraining: {seed: 3}\n")
+    with pytest.raises(ValueError, match=r"the key 'training' is given twice in one mapping "):
+        load_yaml(path)
+    path.write_text("training:\n  num_epochs: 2\n  seed: 1\n  num_epochs: 50\n")
+    with pytest.raises(ValueError, match=r"\(first on line 2\); keep one \(line 4, column 3\)"):
+        load_yaml(path)
+    path.write_text("base: &b {num_epochs: 1, seed: 3}\ntraining:\n  <<: *b\n  seed: 4\n")
+    assert load_yaml(path)["training"] == {"num_epochs": 1, "seed": 4}  # a merge may override

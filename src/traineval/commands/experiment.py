@@ -131,7 +131,6 @@ class DataConfig(_ConfigBase):
                 _fail("data.image_shape", self.image_shape, "expected positive integers")
             object.__setattr__(self, "image_shape", shape)
 
-
     def _check_source_fields(self) -> None:
         """A field only another source reads is refused: `path` without name csv trained
         the default digits, whatever the file held (or when it did not exist)."""
@@ -251,9 +250,7 @@ class RunConfig:
         for key in data:
             if key not in allowed:
                 hint = " (the search space is read by `traineval tune`)" if key == "search" else ""
-                raise ValueError(
-                    f"unknown section {key!r}; allowed: {', '.join(allowed)}{hint}"
-                )
+                raise ValueError(f"unknown section {key!r}; allowed: {', '.join(allowed)}{hint}")
         for key in _SECTIONS:
             if not isinstance(data.get(key) or {}, Mapping):
                 raise ValueError(

@@ -26,7 +26,29 @@ CHARACTERS_PER_VALUE = 100  # a scalar counts one value per 100 characters of it
 
 
 class Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1 would read it as a string)."""
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 would read it as a string) and
+    refuses a key given twice in one mapping (YAML requires unique keys; PyYAML keeps the
+    last, so a second `training:` section dropped the whole first one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue  # `<<: *defaults` merges: its keys may be overridden
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} is given twice in one mapping (first on line "
+                    f"{seen[key]}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 Loader.add_implicit_resolver(
