@@ -263,3 +263,13 @@ def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
         load_yaml(path)
     path.write_text("base: &b {num_epochs: 1, seed: 3}\ntraining:\n  <<: *b\n  seed: 4\n")
     assert load_yaml(path)["training"] == {"num_epochs": 1, "seed": 4}  # a merge may override
+
+
+def test_an_override_fills_a_section_whose_keys_are_commented_out():
+    """`training:` with every key commented out reads as null: the file was taken, but any
+    override of the section said "'training' is not a section"."""
+    assert apply_overrides({"training": None}, ["training.num_epochs=1"]) == {
+        "training": {"num_epochs": 1}
+    }
+    with pytest.raises(ValueError, match="'training' is not a section"):
+        apply_overrides({"training": 3}, ["training.num_epochs=1"])

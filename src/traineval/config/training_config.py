@@ -951,7 +951,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section whose keys are commented out
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r} is invalid: {part!r} is not a section")
             node = child

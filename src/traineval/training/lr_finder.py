@@ -100,10 +100,12 @@ class RangeTest(Callback):
         cls, min_lr: Any, max_lr: Any, num_steps: Any, divergence: Any, smoothing: Any
     ) -> RangeTest:
         """The range test, after refusing each bad argument by name, value and rule."""
-        if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or min_lr <= 0:
-            raise ValueError(f"min_lr={min_lr!r} is invalid: expected a number > 0")
-        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or max_lr <= min_lr:
-            raise ValueError(f"max_lr={max_lr!r} is invalid: expected a number > min_lr={min_lr}")
+        if not _finite(min_lr) or min_lr <= 0:
+            raise ValueError(f"min_lr={min_lr!r} is invalid: expected a finite number > 0")
+        if not _finite(max_lr) or max_lr <= min_lr:
+            raise ValueError(
+                f"max_lr={max_lr!r} is invalid: expected a finite number > min_lr={min_lr}"
+            )
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps={num_steps!r} is invalid: expected an integer >= 2")
         if (
@@ -183,3 +185,9 @@ class SearchProgress(Callback):
 
     def on_exception(self, loop: Control, error: BaseException) -> None:
         self.on_train_end(loop, {})
+
+
+def _finite(value: Any) -> bool:
+    """A real number, not a bool, NaN or infinity."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value)
