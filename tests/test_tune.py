@@ -144,6 +144,27 @@ def test_a_trials_config_keeps_the_defaults_as_defaults(tmp_path):
     assert trial == config.training.replace(learning_rate=0.02, monitor_mode="max")
 
 
+def test_a_study_continues_only_under_its_metric_and_direction(tmp_path):
+    """A continuation without --metric val_loss ranked val_accuracy values beside the first
+    run's losses: 'Best: val_accuracy = 0.3795' was a loss, and best_config.yaml followed it."""
+    tune(_config(tmp_path / "s", epochs=1), SEARCH, trials=1, metric="val_loss")
+    with pytest.raises(ValueError, match=r"optimises val_loss \(minimize\); this run asks for "):
+        tune(_config(tmp_path / "s", epochs=1), SEARCH, trials=2)
+    result = tune(_config(tmp_path / "s", epochs=1), SEARCH, trials=2, metric="val_loss")
+    assert len(result.trials) == 2
+
+
+def test_a_grid_study_asked_for_more_trials_runs_the_grid_once(tmp_path, caplog):
+    """--sampler grid with more trials than combinations (the default 20) failed after the
+    last one: Optuna's grid sampler called study.stop() outside optimize()."""
+    search = {"batch_size": [16, 32]}
+    with caplog.at_level("WARNING", logger="traineval"):
+        result = tune(_config(tmp_path / "g", epochs=1), search, trials=20, sampler="grid")
+    assert sorted(t["params"]["training.batch_size"] for t in result.trials) == [16, 32]
+    assert "the grid holds 2 combinations: the study runs 2 trials, not 20" in caplog.text
+    assert result.best_config.exists()
+
+
 def test_the_command_prints_the_trials_and_report_reads_the_study(tmp_path, capsys):
     config = _yaml(tmp_path / "tune.yaml", tmp_path / "study", epochs=2)
     assert main(["tune", str(config), "--trials", "2", "-q", "training.num_epochs=2"]) == 0

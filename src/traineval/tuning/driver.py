@@ -22,6 +22,7 @@ from .study import (
     prepare,
     result,
     start_study,
+    within_the_grid,
 )
 from .worker import wait_for_earlier_workers, work, worker_main
 
@@ -59,6 +60,7 @@ def tune(
     options = TuneOptions(trials, metric, direction, sampler, pruner, storage, study_name,
                           study_dir, workers, seed)  # fmt: skip
     settings = prepare(config, search, options)
+    trials = within_the_grid(settings, trials)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return tune_on_ranks(settings, trials)  # None on the ranks other than 0
     return tune_locally(settings, trials, workers)

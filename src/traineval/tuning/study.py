@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import random
 import time
@@ -79,6 +80,7 @@ def start_study(settings: Settings) -> Any:
     """The study ready for trials: opened (created on first use, its first trial the config
     as written), and every abandoned trial queued for a retry that resumes it."""
     study = open_study(settings)
+    _check_objective(study, settings)
     if not study.get_trials(deepcopy=False):
         enqueue_defaults(study, settings)
     recover_abandoned(study, settings)
@@ -217,6 +219,23 @@ def open_study(settings: Settings) -> Any:
         ) from None
 
 
+def _check_objective(study: Any, settings: Settings) -> None:
+    """A study continues under the metric and direction it began with: another one would
+    rank values of two quantities together (losses beside accuracies). The first run
+    records them in the study; a study of an earlier version is read by its direction."""
+    known = study.user_attrs.get("metric")
+    direction = study.direction.name.lower()
+    if (known or settings.metric, direction) != (settings.metric, settings.direction):
+        raise ValueError(
+            f"study {settings.study_name!r} optimises {known or 'its metric'} ({direction}); "
+            f"this run asks for {settings.metric} ({settings.direction}): pass --metric "
+            f"{known or '...'} --direction {direction} to continue it, or start another "
+            "study (--study-name, or another output_dir)"
+        )
+    if known is None:
+        study.set_user_attr("metric", settings.metric)
+
+
 def _check_workers(workers: Any) -> None:
     """At least one worker, and at most WORKERS_PER_CORE per CPU core: each is a process
     that trains, and 100,000 of them would exhaust the machine before the first trial."""
@@ -301,9 +320,31 @@ def seeded_per_trial(build: Callable[[int | None], Any], seed: int | None) -> An
             return self.inner.sample_independent(study, trial, name, dist)
 
         def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-            self.inner.after_trial(study, trial, state, values)
+            try:
+                self.inner.after_trial(study, trial, state, values)
+            except RuntimeError as error:  # the grid, done, calls study.stop(): the trial
+                if "Study.stop" not in str(error):  # count (`within_the_grid`) ends it
+                    raise
 
     return TrialSeeded()
+
+
+def within_the_grid(settings: Settings, trials: int) -> int:
+    """The grid sampler runs each combination once: a study asked for more trials than the
+    grid holds runs that many, said once (Optuna's grid sampler stops a study only from
+    inside `optimize`, and then samples the grid again)."""
+    if settings.sampler != "grid":
+        return trials
+    size = math.prod(len(param.grid()) for param in settings.params)
+    if trials > size:
+        logger.warning(
+            "the grid holds %d combination%s: the study runs %d trials, not %d",
+            size,
+            "" if size == 1 else "s",
+            size,
+            trials,
+        )
+    return min(trials, size)
 
 
 def trial_seed(seed: int, number: int) -> int:
