@@ -32,6 +32,7 @@ from ..runs.checkpoint import (
     save_checkpoint_file,
 )
 from ..runs.checkpoint_writer import CheckpointWriter
+from ..runs.resume import check_same_data
 from ..runs.rundir import default_run_dir
 from ..runs.tracking import MetricsTracker
 from ..system import cpu_threads
@@ -166,6 +167,8 @@ class TrainingManager:
         ):
             rundir.settle_set_aside(self.output_dir, job)  # what a killed overwrite left
             run.payload = build.load_resume(self.output_dir, resume_from, c, run.mode, job, model)
+            if run.payload is not None:
+                check_same_data(self.output_dir, self.run_config)
             rundir.claim(
                 self.output_dir,
                 job,

@@ -159,6 +159,56 @@ def _explain_choice(path: Path, step: int, count: int, failures: dict[Path, str]
     )
 
 
+# A config-file run's data fields that decide which rows are in which split (and how they
+# are read): another value on resume would train on rows the run held out for testing.
+DATA_FIXED = (
+    "name",
+    "path",
+    "target",
+    "features",
+    "exclude",
+    "categorical",
+    "task",
+    "factory",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+    "standardize",
+    "image_shape",
+    "labeled_fraction",
+)
+
+
+def check_same_data(folder: Path, run_config: dict[str, Any] | None) -> None:
+    """Refuse to resume a config-file run whose data section (`DATA_FIXED`) differs from
+    the one its `config.yaml` records."""
+    from ..config.training_config import load_yaml
+
+    recorded = folder / "config.yaml"
+    if run_config is None or "data" not in run_config or not recorded.is_file():
+        return
+    saved = load_yaml(recorded).get("data")
+    if not isinstance(saved, dict):
+        return  # a run of train(), or an earlier version's record: nothing to compare
+    now, default = run_config["data"], object()
+    changed = [
+        f"data.{name}: the run's {_listed(saved.get(name))!r}, now {_listed(now.get(name))!r}"
+        for name in DATA_FIXED
+        if _listed(saved.get(name, default)) not in (_listed(now.get(name)), default)
+    ]
+    if changed:
+        raise ValueError(
+            "cannot resume: the data section changes which rows train, validate and test ("
+            + "; ".join(changed)
+            + "): the resumed run would train on rows it held out; resume with the run's "
+            "data section (its config.yaml), or start a new run in another output_dir"
+        )
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def check_compatible(
     saved: dict[str, Any], current: dict[str, Any], saved_world: int, world_size: int
 ) -> None:
