@@ -459,6 +459,31 @@ def test_bootstrap_intervals_are_printed_and_written(tmp_path, capsys):
     assert f"<td>[{low:.4f}, {high:.4f}]</td>" in (out / "report.html").read_text()
 
 
+def test_trainings_validations_resample_nothing(quiet_config, monkeypatch):
+    """bootstrap_samples resampled at every validation during training (digits, 200,000
+    resamples: 0.1 s -> 0.8 s an epoch; a signal waited for it), and the intervals were
+    thrown away: only a final evaluation reports them."""
+    from torch.utils.data import DataLoader
+
+    from traineval import EvaluationConfig, Evaluator, TrainingConfig, TrainingManager
+    from traineval.evaluation import accumulator
+
+    from conftest import make_classification, make_mlp
+
+    built = []
+    real = accumulator.Bootstrap
+    monkeypatch.setattr(accumulator, "Bootstrap", lambda *a: built.append(a) or real(*a))
+    evaluator = Evaluator(EvaluationConfig(bootstrap_samples=50))
+    loader = DataLoader(make_classification(n=48), batch_size=16)
+    config = TrainingConfig(num_epochs=3, **quiet_config)
+    model = make_mlp()
+    TrainingManager(config).train(model, loader, loader, evaluator=evaluator)
+    assert built == []
+    report = evaluator.evaluate(model, loader)
+    assert len(built) == 1
+    assert set(report.intervals) >= {"accuracy", "f1"}
+
+
 def test_a_flag_that_names_a_setting_gets_the_override_to_write(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("data: {name: iris}\n")

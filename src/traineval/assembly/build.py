@@ -644,6 +644,7 @@ def evaluation(run: Assembly, device: torch.device, job: Distributed) -> Evaluat
         "lockstep": is_sharded(model),
         "output_transform": output_transform,
         "write_files": False,  # predictions and plots are for final evaluations
+        "intervals": False,  # as bootstrap intervals are
     }
 
     def evaluate(m: nn.Module) -> dict[str, float]:

@@ -252,7 +252,10 @@ class ModelEvaluator:
                     task = how.task_type or detect_task(
                         *scorer.pair(result), multilabel=not scorer.unsupervised
                     )
-                    accumulator = Accumulator(task, self.config, keep_curve=plan.folder is not None)
+                    config = self.config  # training's validations resample nothing
+                    if not how.intervals:
+                        config = dataclasses.replace(config, bootstrap_samples=0)
+                    accumulator = Accumulator(task, config, keep_curve=plan.folder is not None)
                     accumulator.start_user_metrics(self.user_metrics[task])
                     writer = self._writer(task, plan, stack)
                 scored = scorer.score(result, accumulator.task)  # adds to its loss sums

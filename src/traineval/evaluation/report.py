@@ -34,6 +34,8 @@ class EvaluationOptions:
     predictions or plots even with a folder (training's validations). `task_type`: the
     task (None: detected from the first batch). `split`: the split evaluated, which names
     the predictions file, the plots and the tracked metrics (`val_...`, `test_...`).
+    `intervals`: False computes no bootstrap intervals, nor keeps the samples for them
+    (training's validations: they are for a final evaluation, and cost seconds).
     `loss_function` scores the loss (None: a model whose forward takes `labels` scores its
     own on batches that carry them). A bad value is refused on construction, by name.
     """
@@ -50,6 +52,7 @@ class EvaluationOptions:
     task_type: TaskType | None = None
     split: EvaluationMode = EvaluationMode.VALIDATION
     loss_function: Callable[..., Any] | None = None
+    intervals: bool = True
 
     def __post_init__(self) -> None:
         """Refuse a bad value, naming the field, the value and what is allowed; a task,
@@ -66,7 +69,7 @@ class EvaluationOptions:
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 fail(name, getattr(self, name), "expected a callable or None")
         refuse_unreduced(self.loss_function)
-        for name in ("lockstep", "write_files"):
+        for name in ("lockstep", "write_files", "intervals"):
             boolean(name, getattr(self, name))
         for name in ("class_names", "row_ids"):
             if isinstance(getattr(self, name), str):
