@@ -105,6 +105,17 @@ def test_the_python_evaluators_output_dir_and_a_search_section_are_named_in_a_ru
         RunConfig.from_dict({"search": {"learning_rate": [0.1, 0.01]}})
 
 
+def test_a_built_in_model_that_answers_another_question_than_the_mode_is_refused():
+    """An autoencoder in supervised mode trained its 4 reconstructions as class scores of
+    3 classes and failed at the test, naming class_names; an MLP in unsupervised mode failed
+    at its first batch, naming shapes."""
+    with pytest.raises(ValueError, match=r"model\.name='autoencoder' is invalid: it reconstructs"):
+        RunConfig.from_dict({"data": {"name": "iris"}, "model": {"name": "autoencoder"}})
+    with pytest.raises(ValueError, match=r"model\.name='mlp' is invalid: mode 'unsupervised' co"):
+        RunConfig.from_dict({"mode": "unsupervised", "model": {"name": "mlp"}})
+    assert RunConfig.from_dict({"mode": "unsupervised", "model": {"name": "vae"}}).mode.reconstructs
+
+
 def test_a_deprecated_mode_key_beside_the_modes_own_setting_is_refused():
     """training.federated_clients=5 on the command line lost silently to the file's
     mode.clients: 3, after a FutureWarning that read as if 5 were used."""
@@ -530,3 +541,44 @@ def test_help_answers_without_loading_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.stdout.split() == ["False", "True", "TrainingManager"], done.stderr
+
+
+def test_a_run_of_code_beside_its_config_evaluates_and_predicts_from_elsewhere(
+    tmp_path, monkeypatch, capsys
+):
+    """`fit` found `my_models` beside the config file, but the run directory did not say
+    where: `traineval evaluate RUN --trust-code`, as the shipped example says, could not
+    import it again (in a new process, from another working directory)."""
+    import sys
+
+    from traineval.config import code_references
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "beside_models.py").write_text(
+        "import math\nimport torch\n\n"
+        "def build(input_shape, output_dim, width=8):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear("
+        "math.prod(input_shape), width), torch.nn.ReLU(), torch.nn.Linear(width, output_dim))\n"
+    )
+    config = folder / "run.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: 'beside_models:build'}\n"
+        "training: {num_epochs: 1, warmup_steps: 0, tensorboard_logging: false}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(code_references, "SEARCH_PATHS", [])
+    run = tmp_path / "run"
+    before = list(sys.path)
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    sys.modules.pop("beside_models", None)  # as a new process
+    monkeypatch.setattr(code_references, "SEARCH_PATHS", [])
+    monkeypatch.setattr(sys, "path", before)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--trust-code"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    sys.modules.pop("beside_models", None)
+    assert main(["evaluate", str(run)]) == 2  # untrusted: refused, the folder not searched
+    assert "--trust-code" in capsys.readouterr().err

@@ -265,7 +265,26 @@ def test_evaluate_refuses_a_table_changed_since_the_run_trained_on_it(tmp_path, 
     capsys.readouterr()
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "is not the data this run trained on: its feature_mean, feature_scale differ" in err
+    assert "is not the data this run trained on: feature_mean, feature_scale, the train" in err
+
+
+def test_evaluate_refuses_a_table_whose_test_rows_changed(tmp_path, capsys):
+    """Only the training split's statistics were compared: test rows edited since the run
+    (the training rows as they were) were evaluated without a word, as the run's test."""
+    status, run, data = _fit(tmp_path, "data.features=[age, dose]")
+    assert status == 0
+    with (run / "evaluation" / "predictions_test.csv").open() as handle:
+        line = int(next(csv.DictReader(handle))["id"])  # a test row's CSV line number
+    lines = data.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[line - 1].split(",")
+    cells[header.index("dose")] = str(float(cells[header.index("dose")]) + 1.5)
+    lines[line - 1] = ",".join(cells)
+    data.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is not the data this run trained on: the test rows differ from the run's" in err
 
 
 def test_predict_refuses_an_input_that_has_the_columns_it_writes(tmp_path, capsys):

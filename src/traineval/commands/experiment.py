@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..assembly.evaluator import Evaluator
 from ..assembly.manager import TrainingManager, TrainingResult
-from ..config.code_references import called, code_references, import_object, refusal, untrusted
+from ..config import code_references as imports
+from ..config.code_references import (
+    add_search_path,
+    called,
+    code_references,
+    import_object,
+    refusal,
+    untrusted,
+)
 from ..config.config_file import write_run_config
 from ..config.training_config import (
     LEGACY_MODE_KEYS,
@@ -57,6 +65,9 @@ logger = logging.getLogger(__name__)
 
 DATA_SOURCES = (*BUILTIN_DATASETS, "csv", "custom")
 DATA_SCHEMA = "data.json"  # a table run's features, scaling, categories and classes
+# where the run's own code was found (the config file's folder): evaluate and predict look
+# there too, under --trust-code
+CODE_PATHS = "code_paths.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +169,8 @@ class DataConfig(_ConfigBase):
                 )
 
 
+_RECONSTRUCTING = ("autoencoder", "vae")
+_PREDICTING = ("mlp", "cnn")
 _CSV_ONLY = ("path", "target", "features", "exclude", "id_column", "categorical", "task")
 _SPLIT_FIELDS = ("val_fraction", "test_fraction", "split_seed", "standardize", "image_shape")
 
@@ -236,12 +249,33 @@ class RunConfig:
                 "evaluation; leave evaluation.output_dir out (it is the Python Evaluator's)",
             )
         self.mode.check_config_run()
+        self._check_model_fits_mode()
         if self.data.labeled_fraction < 1.0 and self.mode.reconstructs:
             _fail(
                 "data.labeled_fraction",
                 self.data.labeled_fraction,
                 f"hiding labels needs mode: semi_supervised or supervised (mode is "
                 f"{self.mode.name!r})",
+            )
+
+    def _check_model_fits_mode(self) -> None:
+        """A built-in model that answers another question than the mode asks: an
+        autoencoder in supervised mode trained its reconstructions as class scores, and
+        failed only at the test; an MLP in unsupervised mode failed at its first batch."""
+        name, mode = self.model.name, self.mode
+        if name in _RECONSTRUCTING and not mode.reconstructs:
+            _fail(
+                "model.name",
+                name,
+                f"it reconstructs its input, and mode {mode.name!r} trains on the targets: "
+                "use mode: unsupervised, or a model that predicts the targets (mlp, cnn)",
+            )
+        if name in _PREDICTING and mode.reconstructs:
+            _fail(
+                "model.name",
+                name,
+                f"mode {mode.name!r} compares the model's outputs with its inputs, and "
+                f"{name} predicts the targets: use model: autoencoder or vae",
             )
 
     @classmethod
@@ -302,6 +336,12 @@ class RunConfig:
         found = code_references(data, ("data", "model", "mode", "evaluation"))
         if found and not trust_code:
             raise refusal(found, str(path))
+        if found:  # trusted: the folders `fit` found the code in (beside its config file)
+            recorded = read_json_or_none(Path(run_dir) / CODE_PATHS)
+            folders = recorded.get("search_paths") if isinstance(recorded, dict) else None
+            for folder in reversed(folders if isinstance(folders, list) else []):
+                if isinstance(folder, str) and Path(folder).is_dir():
+                    add_search_path(folder)
         with untrusted(str(path), trust_code=trust_code):
             return cls.from_dict(data)
 
@@ -468,6 +508,8 @@ def run_experiment(
     manager.run_config = config.to_dict()
     if config.data.name != "custom" and parts.splits.feature_names is not None:
         manager.run_files[DATA_SCHEMA] = parts.splits.schema()  # what predict applies
+        if code_references(config.to_dict(), ("data", "model", "mode", "evaluation")):
+            manager.run_files[CODE_PATHS] = {"search_paths": list(imports.SEARCH_PATHS)}
     model = parts.new_model()
     with (
         watching_signals(),  # training and testing: a signal in either interrupts the run
@@ -715,10 +757,17 @@ def _refuse_a_changed_table(run_dir: Path, config: RunConfig, splits: DataSplits
         return
     now = splits.schema()
     differ = [key for key in now if key in saved and saved[key] != now[key]]
+    if "split_digests" in differ and isinstance(saved["split_digests"], dict):
+        rows = [
+            f"the {name} rows"
+            for name, digest in (now["split_digests"] or {}).items()
+            if saved["split_digests"].get(name) != digest
+        ]
+        differ[differ.index("split_digests")] = ", ".join(rows) or "the rows"
     if differ:
         where = f"data.path={str(config.data.path)!r}" if config.data.path else "the data"
         raise ValueError(
-            f"{where} is not the data this run trained on: its {', '.join(differ)} differ "
+            f"{where} is not the data this run trained on: {', '.join(differ)} differ "
             f"from the run's {DATA_SCHEMA} (rows changed, added or reordered since); its "
             "splits would not be the run's: evaluate with the data it trained on"
         )

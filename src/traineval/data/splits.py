@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any
 
@@ -39,6 +40,9 @@ class DataSplits:
     categories: dict[str, list[str]] | None = None
     # what a mode's `prepare` notes for its `model_options` (reinforcement: the action head)
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # each split's rows as read (features, targets, categories, ids), hashed: a table whose
+    # validation or test rows changed since training is another evaluation (`row_digests`)
+    digests: dict[str, str] | None = None
 
     def ids_of(self, split: str) -> list[str] | None:
         """The ids of `split`'s rows in its order (predictions files join back by them);
@@ -68,6 +72,7 @@ class DataSplits:
             "task_type": self.task_type.value,
             "input_shape": [int(n) for n in self.input_shape],
             "num_outputs": int(self.num_outputs),
+            "split_digests": self.digests,
         }
 
     @classmethod
@@ -147,7 +152,8 @@ def make_splits(
     Standardization statistics come from the training rows only, so nothing of the
     validation or test rows leaks into training.
     """
-    train_idx, val_idx, test_idx = _split_rows(table, val_fraction, test_fraction, seed)
+    indices = _split_rows(table, val_fraction, test_fraction, seed)
+    train_idx, val_idx, test_idx = indices
     x = table.x
     mean = scale = None
     if standardize:
@@ -189,7 +195,23 @@ def make_splits(
         indices={"train": train_idx, "val": val_idx, "test": test_idx},
         row_ids=table.ids,
         categories=categories,
+        digests={name: row_digest(table, idx) for name, idx in zip(SPLITS, indices, strict=True)},
     )
+
+
+SPLITS = ("train", "val", "test")
+
+
+def row_digest(table: Table, idx: np.ndarray) -> str:
+    """SHA-256 of the rows `idx` of `table` as read (before any scaling): their features,
+    targets, text categories and ids, in order; equal exactly when the rows are."""
+    digest = hashlib.sha256()
+    for part in (table.x[idx], table.y[idx]):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    texts = [] if table.categorical is None else table.categorical[idx].ravel().tolist()
+    ids = [] if table.ids is None else [table.ids[i] for i in idx]
+    digest.update("\x1f".join(map(str, [*texts, *ids])).encode())
+    return digest.hexdigest()
 
 
 def _split_rows(

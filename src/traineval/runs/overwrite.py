@@ -29,6 +29,7 @@ RUN_OUTPUTS = (
     "report_files",
     "config.yaml",
     "data.json",
+    "code_paths.json",
     "mode.json",
     "metrics.jsonl",
     "summary.json",
