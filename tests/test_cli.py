@@ -437,7 +437,7 @@ def test_lr_find_prints_a_suggestion_and_writes_the_curve(tmp_path, capsys):
     assert not (out / "checkpoints").exists()  # nothing of the search's training is kept
     bad = main(["lr-find", str(path), "--min-lr", "1", "--max-lr", "0.1"])
     assert bad == 2
-    assert "max_lr=0.1 is invalid: expected a number > min_lr=1.0" in capsys.readouterr().err
+    assert "max_lr=0.1 is invalid: expected a finite number > min_lr=1.0" in capsys.readouterr().err
 
 
 def test_bootstrap_intervals_are_printed_and_written(tmp_path, capsys):

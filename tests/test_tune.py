@@ -144,6 +144,23 @@ def test_a_trials_config_keeps_the_defaults_as_defaults(tmp_path):
     assert trial == config.training.replace(learning_rate=0.02, monitor_mode="max")
 
 
+def test_a_model_option_left_at_its_default_is_trial_0s_and_a_typo_is_refused_first(
+    tmp_path, caplog
+):
+    """The docs' own example (dropout searched, not set) read the unset option as None:
+    'trial 0 is not the config as written'. A typo in a model option created the study
+    and recorded a failed trial before it was refused."""
+    search = {"model.options.dropout": {"low": 0.0, "high": 0.5, "step": 0.1}}
+    with caplog.at_level("WARNING", logger="traineval"):
+        result = tune(_config(tmp_path / "s", epochs=1), search, trials=1)
+    assert result.trials[0]["params"] == {"model.options.dropout": 0.0}  # the mlp's default
+    assert "is not the config as written" not in caplog.text
+    typo = {"model.options.dropuot": [0.0, 0.2]}
+    with pytest.raises(ValueError, match=r"model\.options\.dropuot is not an option of model"):
+        tune(_config(tmp_path / "t", epochs=1), typo, trials=1)
+    assert not (tmp_path / "t" / "study.db").exists()
+
+
 def test_a_study_continues_only_under_its_metric_and_direction(tmp_path):
     """A continuation without --metric val_loss ranked val_accuracy values beside the first
     run's losses: 'Best: val_accuracy = 0.3795' was a loss, and best_config.yaml followed it."""

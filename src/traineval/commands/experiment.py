@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -45,7 +46,7 @@ from ..data import DataSplits, load_builtin, load_csv, make_splits
 from ..data.tables import BUILTIN_DATASETS, Columns
 from ..evaluation.model_evaluator import SPLIT_PREFIX, EvaluationOptions, EvaluationReport
 from ..loggers import JsonlLogger
-from ..models import build_model
+from ..models import MODELS, build_model, refuse_unknown_options
 from ..modes import Mode, Supervised, mode_class
 from ..runs.checkpoint import (
     default_checkpoint,
@@ -200,6 +201,17 @@ class ModelConfig(_ConfigBase):
             _fail("model.name", self.name, "expected 'mlp', 'cnn', 'autoencoder' or an import path")
         if not isinstance(self.options, Mapping):
             _fail("model.options", self.options, "expected a mapping of keyword arguments")
+        if self.name in MODELS:  # before any work (a tune study's first trial, say)
+            refuse_unknown_options(self.name, self.options)
+        elif ":" not in self.name:  # not an import path: a typo of a built-in's name?
+            close = difflib.get_close_matches(self.name, MODELS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(
+                "model.name",
+                self.name,
+                f"expected one of {', '.join(MODELS)}, or an import path "
+                f"'package.module:factory'{hint}",
+            )
 
 
 _SECTIONS: dict[str, type[_ConfigBase]] = {

@@ -6,7 +6,7 @@ import difflib
 import inspect
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -169,6 +169,10 @@ class VAE(nn.Module):
 
 
 MODELS = ("mlp", "cnn", "autoencoder", "vae", "actor_critic")
+_CLASSES: dict[str, type[nn.Module]] = {
+    "mlp": MLP, "cnn": SmallCNN, "autoencoder": Autoencoder, "vae": VAE,
+    "actor_critic": ActorCritic,
+}  # fmt: skip
 
 
 def build_model(
@@ -186,7 +190,7 @@ def build_model(
     options = dict(options or {})
     if name in MODELS:
         check_options(options)
-        _refuse_unknown_options(name, options)
+        refuse_unknown_options(name, options)
         build = _builder(name, tuple(input_shape), output_dim, options)
         try:
             check_size(name, options, build)
@@ -210,14 +214,19 @@ def build_model(
     )
 
 
-def _refuse_unknown_options(name: str, options: dict[str, Any]) -> None:
+def option_default(name: str, option: str) -> Any:
+    """The default of built-in model `name`'s `option` (None where it has none)."""
+    parameter = inspect.signature(_CLASSES[name]).parameters.get(option)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    default = parameter.default
+    return list(default) if isinstance(default, tuple) else default
+
+
+def refuse_unknown_options(name: str, options: Mapping[str, Any]) -> None:
     """An option the built-in model does not take is named with its closest option and the
     model's options (the sizes traineval passes itself, from the data, are not options)."""
-    classes: dict[str, type[nn.Module]] = {
-        "mlp": MLP, "cnn": SmallCNN, "autoencoder": Autoencoder, "vae": VAE,
-        "actor_critic": ActorCritic,
-    }  # fmt: skip
-    parameters = list(inspect.signature(classes[name]).parameters)
+    parameters = list(inspect.signature(_CLASSES[name]).parameters)
     taken = {"input_dim", "output_dim", "in_channels", "num_classes", "image_size"}
     allowed = [p for p in parameters if p not in taken]
     for key in options:

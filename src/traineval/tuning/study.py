@@ -30,6 +30,7 @@ from ..commands.experiment import RunConfig, run_parts
 from ..config.checks import fail, integer
 from ..config.config_file import run_config_text
 from ..config.training_config import current_metric_name, known_direction, metric_is_minimized
+from ..models import MODELS, option_default
 from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
 from ..system.files import atomic_write_text
 from .choices import PRUNERS, SAMPLERS
@@ -372,6 +373,8 @@ def enqueue_defaults(study: Any, settings: Settings) -> None:
         node: Any = settings.base
         for key in param.field.split("."):
             node = node.get(key) if isinstance(node, Mapping) else None
+        if node is None and param.field.startswith("model.options."):  # left at its default
+            node = _model_option_default(settings.base, param.field.split(".")[2])
         if not param.holds(node, grid=settings.sampler == "grid"):
             logger.warning(
                 "trial 0 is not the config as written: %s=%r lies outside the search space "
@@ -383,6 +386,12 @@ def enqueue_defaults(study: Any, settings: Settings) -> None:
             return
         values[param.field] = node
     study.enqueue_trial(values, user_attrs={"default": True})
+
+
+def _model_option_default(base: Mapping[str, Any], option: str) -> Any:
+    """A built-in model's default for `option` (None for a factory of yours)."""
+    name = base.get("model", {}).get("name")
+    return option_default(name, option) if name in MODELS else None
 
 
 def finished_count(study: Any) -> int:
