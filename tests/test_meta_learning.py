@@ -127,7 +127,7 @@ def test_episodes_are_fixed_tasks_with_renumbered_labels():
     data_x = _dataset().tensors[0]
     rows = [int(np.flatnonzero((data_x == row).all(1))[0]) for row in torch.cat([sx, qx])]
     assert len(set(rows)) == 15
-    with pytest.raises(ValueError, match="ways=6 is invalid: only 5 classes"):
+    with pytest.raises(ValueError, match=r"ways=6 needs 6 classes of 2 samples each \(shots="):
         Episodes(_dataset(), ways=6, shots=1, queries=1, episodes=3)
     with pytest.raises(IndexError):
         episodes[5]
@@ -212,6 +212,15 @@ def test_meta_learning_from_the_command_line(tmp_path, capsys):
     demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
     assert main(["cv", str(demo), "-q", *args[2:], f"training.output_dir={tmp_path}"]) == 2
     assert "mode='meta_learning' is invalid for cross-validation" in capsys.readouterr().err
+    # shots the val split cannot give: named with the split and the settings, not as ways
+    too_many = [*args, "mode.shots=30", f"training.output_dir={tmp_path / 'x'}"]
+    assert main(too_many) == 2
+    assert (
+        "the val split cannot make its tasks: ways=3 needs 3 classes of 33 samples each "
+        "(shots=30 + queries=3); only 0 of its classes have that many (its largest has"
+    ) in capsys.readouterr().err
+    assert main([*args, "mode.ways=1"]) == 2
+    assert "meta_learning.ways=1 is invalid: expected an integer >= 2" in capsys.readouterr().err
 
 
 class _WithBuffer(nn.Module):

@@ -54,9 +54,11 @@ class Episodes(Dataset[Task]):
             if (labels == c).sum() >= shots + queries
         }
         if len(self.by_class) < ways:
+            most = int(np.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
             raise ValueError(
-                f"ways={ways} is invalid: only {len(self.by_class)} classes have the "
-                f"{shots + queries} samples (shots + queries) a task needs"
+                f"ways={ways} needs {ways} classes of {shots + queries} samples each "
+                f"(shots={shots} + queries={queries}); only {len(self.by_class)} of its classes "
+                f"have that many (its largest has {most})"
             )
         self.classes = np.array(sorted(self.by_class))
 

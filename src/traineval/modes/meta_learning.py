@@ -201,6 +201,9 @@ META_ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
 }
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class MetaLearning(Mode):
@@ -222,7 +225,7 @@ class MetaLearning(Mode):
     algorithm: str = setting("maml", OneOf(tuple(META_ALGORITHMS)))
     inner_lr: float = setting(0.1, Number(0, strict=True))
     inner_steps: int = setting(1, Int(1))
-    ways: int = setting(5, Int(1))
+    ways: int = setting(5, Int(2))  # one class is no choice to learn
     shots: int = setting(1, Int(1))
     queries: int = setting(5, Int(1))
     train_episodes: int = setting(2000, Int(1))
@@ -244,7 +247,13 @@ class MetaLearning(Mode):
             if dataset is None:
                 return None
             seed = data.split_seed + offset
-            return Episodes(dataset, self.ways, self.shots, self.queries, count, seed=seed)
+            try:
+                return Episodes(dataset, self.ways, self.shots, self.queries, count, seed=seed)
+            except ValueError as error:  # say which split, and which settings
+                raise ValueError(
+                    f"meta_learning: the {SPLIT_NAMES[offset]} split cannot make its tasks: "
+                    f"{error}; lower shots or queries (or ways), or give that split more rows"
+                ) from None
 
         return dataclasses.replace(
             splits,
