@@ -582,3 +582,38 @@ def test_a_run_of_code_beside_its_config_evaluates_and_predicts_from_elsewhere(
     sys.modules.pop("beside_models", None)
     assert main(["evaluate", str(run)]) == 2  # untrusted: refused, the folder not searched
     assert "--trust-code" in capsys.readouterr().err
+
+
+def test_small_command_line_mistakes_are_named(tmp_path, monkeypatch, capsys):
+    """Each said something false: a folder given as the config 'does not exist'; --resume
+    auto without output_dir 'found no checkpoint' in a folder made new that second;
+    output_dir=~/x made a folder named '~'; tune --metric accuracy blamed the search."""
+    from traineval.tuning import tune
+
+    assert main(["fit", str(tmp_path)]) == 2
+    assert f"config file {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "-q", "--resume", "auto"]) == 2
+    assert (
+        "resume_from='auto' (CLI: --resume auto) continues the run in output_dir, and "
+        "output_dir is not set" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "runs").exists()  # refused before any folder was made
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = RunConfig.from_dict({"training": {"output_dir": "~/x"}})
+    assert config.training.output_dir == str(tmp_path / "home" / "x")
+    search = {"learning_rate": [0.01, 0.1]}
+    with pytest.raises(ValueError, match=r"metric='accuracy' is invalid: expected 'val_<metric>'"):
+        tune(RunConfig.from_dict({"data": {"name": "iris"}}), search, trials=1, metric="accuracy")
+
+
+def test_evaluate_takes_the_last_checkpoint_of_a_run_that_keeps_no_best(tmp_path, capsys):
+    """save_best_model=false: evaluate said the run had no 'best' checkpoint, though its
+    --help promised the run's final weights."""
+    from conftest import iris_demo
+
+    run = tmp_path / "run"
+    assert main(iris_demo(run, "training.save_best_model=false")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 0
+    assert "test metrics, checkpoint last:" in capsys.readouterr().out

@@ -374,3 +374,14 @@ def test_dict_observations_are_refused_with_the_wrapper_that_flattens_them():
         lambda: gymnasium.wrappers.FlattenObservation(Goals())
     )
     assert flat().observation_space.shape == (5,)
+
+
+def test_an_unknown_environment_id_is_one_line_naming_the_setting():
+    """gymnasium's NameNotFound came out bare with exit 1 (a fault of the machine), not as
+    the bad value it is."""
+    pytest.importorskip("gymnasium")
+    from traineval.modes.envs import make_env
+
+    with pytest.raises(ValueError, match=r"mode\.environment='Bogus-v0' is invalid: .*Bogus"):
+        make_env("Bogus-v0")
+    assert make_env("CartPole-v1") is not None

@@ -139,7 +139,7 @@ def _add_evaluate(commands: Any) -> None:
     evaluate.add_argument(
         "--checkpoint",
         help="best, last, epoch-NNNN, final (a Flower run's final weights) or a path "
-        "(default best; final for a run that keeps no best)",
+        "(default best; for a run that keeps no best its final weights, or last)",
     )
     evaluate.add_argument("--save-predictions", action="store_true", help="write predictions")
     evaluate.add_argument("--plots", action="store_true", help="write the evaluation plots")
@@ -166,7 +166,7 @@ def _add_predict(commands: Any) -> None:
     predict.add_argument(
         "--checkpoint",
         help="best, last, epoch-NNNN, final (a Flower run's final weights) or a path "
-        "(default best; final for a run that keeps no best)",
+        "(default best; for a run that keeps no best its final weights, or last)",
     )
     predict.add_argument("--output", type=Path, help="where to write the predictions CSV")
     predict.add_argument(

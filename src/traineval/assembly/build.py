@@ -417,6 +417,17 @@ def validation_metric_names(
     return ["loss", *(evaluator or ModelEvaluator()).metric_names(task), *extra]
 
 
+def check_resume_target(config: TrainingConfig, resume_from: Any) -> None:
+    """resume_from="auto" without an output_dir would look in a folder made new for this
+    run (runs/run-<time>), find nothing, and start fresh: refused before any folder."""
+    if resume_from == "auto" and config.output_dir is None:
+        raise ValueError(
+            "resume_from='auto' (CLI: --resume auto) continues the run in output_dir, and "
+            "output_dir is not set: each run gets a new runs/run-<time> folder, where there "
+            "is nothing to resume; set output_dir (training.output_dir) to the run's folder"
+        )
+
+
 def load_resume(
     output_dir: Path,
     resume_from: str | Path | None,

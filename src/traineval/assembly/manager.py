@@ -151,6 +151,7 @@ class TrainingManager:
         """
         check_loaders(train_loader=train_loader, val_loader=val_loader)
         check_loggers(loggers)
+        build.check_resume_target(self.config, resume_from)
         request = build.Request(
             model, train_loader, val_loader, task_type, loss_function, evaluator,
             [*callbacks], mode, resume_from, loggers, output_transform,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..assembly.build import check_resume_target
 from ..assembly.evaluator import Evaluator
 from ..assembly.manager import TrainingManager, TrainingResult
 from ..config import code_references as imports
@@ -516,6 +517,7 @@ def run_experiment(
     directory. `callbacks` join the run's own (e.g. a study's pruning callback).
     """
     parts = run_parts(config)
+    check_resume_target(config.training, resume_from)  # before the folder is made
     manager = TrainingManager(config.training)
     manager.run_config = config.to_dict()
     if config.data.name != "custom" and parts.splits.feature_names is not None:

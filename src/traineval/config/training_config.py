@@ -161,6 +161,8 @@ def check_fields(config: Any, prefix: str = "") -> None:
 def _path(field: str, value: Any) -> Any:
     if value is not None and not isinstance(value, str):
         _fail(field, value, "expected a path string or null")
+    if isinstance(value, str) and value.startswith("~"):  # a shell expands it; YAML does not
+        return str(Path(value).expanduser())
     return value
 
 
@@ -908,6 +910,8 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or a non-mapping document is a clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory: name a YAML file in it")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:

@@ -103,6 +103,15 @@ def make_env(name: str) -> Callable[[], Any]:
         ) from error
     if ":" in name:  # gymnasium imports the module before the colon
         check_trusted("mode.environment", name)
+    else:  # an unknown id: one line naming the setting, before any work
+        try:
+            gymnasium.spec(name)
+        except gymnasium.error.Error as error:
+            said = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ValueError(
+                f"mode.environment={name!r} is invalid: {said} (the built-in one is "
+                "'CartPole'; gymnasium's ids look like 'CartPole-v1')"
+            ) from None
     return functools.partial(gymnasium.make, name)  # picklable, for worker processes
 
 

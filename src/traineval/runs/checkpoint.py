@@ -420,11 +420,14 @@ FINAL_WEIGHTS = "final_model.safetensors"  # a Flower run's final global model
 
 def default_checkpoint(run_dir: str | Path) -> str:
     """What `evaluate` and `predict` use unless told: the run's best checkpoint, or for a
-    run that keeps none (a Flower run) its final weights."""
+    run that keeps none its final weights (a Flower run's), else its last checkpoint (a run
+    with save_best_model=false: the weights it ended with)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "best.pt").exists() and (run_dir / FINAL_WEIGHTS).exists():
+    if (run_dir / "checkpoints" / "best.pt").exists():
+        return "best"
+    if (run_dir / FINAL_WEIGHTS).exists():
         return "final"
-    return "best"
+    return "last" if (run_dir / "checkpoints" / "last.pt").exists() else "best"
 
 
 def run_checkpoint(run_dir: str | Path, checkpoint: str) -> Path:

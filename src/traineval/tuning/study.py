@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -124,6 +125,11 @@ def prepare(
     integer("trials", o.trials, minimum=1)
     _check_workers(o.workers)
     metric = current_metric_name(o.metric) or config.training.monitor_metric
+    if not isinstance(metric, str) or not re.fullmatch(r"val_\w+|train_loss", metric):
+        raise ValueError(
+            f"metric={metric!r} is invalid: expected 'val_<metric>' (e.g. 'val_accuracy', "
+            "'val_loss') or 'train_loss'"
+        )
     direction = o.direction or ("minimize" if _minimizes(config, metric) else "maximize")
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction={direction!r} is invalid: expected 'minimize' or 'maximize'")
