@@ -97,7 +97,7 @@ def test_folds_are_stratified_grouped_or_plain():
     assert sorted(np.concatenate([val for _, val in plain]).tolist()) == list(range(40))
     with pytest.raises(ValueError, match="a class has only 10 samples"):
         make_folds(40, 11, labels=labels)
-    with pytest.raises(ValueError, match="n_folds=1 is invalid"):
+    with pytest.raises(ValueError, match=r"n_folds=1 \(--folds\) is invalid"):
         make_folds(40, 1)
 
 
@@ -176,3 +176,17 @@ def test_every_fold_starts_from_the_same_weights_whatever_the_global_random_stat
          "output_dir": fold["output_dir"].replace(f"{tmp_path}/1", f"{tmp_path}/0")}
         for fold in summaries[1]["folds"]
     ]  # fmt: skip
+
+
+def test_an_earlier_cross_validation_is_refused_or_replaced_whole(tmp_path):
+    """A second cross-validation into the same folder was told to resume (with a flag cv
+    does not have); with overwrite, 2 folds after 3 left fold-3 of the earlier one."""
+    dataset = make_classification(n=60)
+    model = lambda: nn.Linear(8, 3)  # noqa: E731
+    Evaluator().cross_validate(model, dataset, _config(tmp_path, num_epochs=1), n_folds=3)
+    with pytest.raises(FileExistsError, match="already holds an earlier cross-validation's"):
+        Evaluator().cross_validate(model, dataset, _config(tmp_path, num_epochs=1), n_folds=3)
+    again = _config(tmp_path, num_epochs=1, overwrite_output_dir=True)
+    result = Evaluator().cross_validate(model, dataset, again, n_folds=2)
+    assert len(result["fold_checkpoints"]) == 2
+    assert sorted(p.name for p in (tmp_path / "cv").glob("fold-*")) == ["fold-1", "fold-2"]

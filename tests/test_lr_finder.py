@@ -121,7 +121,7 @@ def test_the_suggestion_is_the_steepest_descent_before_the_minimum():
         ({"max_lr": 1e-8}, r"max_lr=1e-08 is invalid: expected a finite number > min_lr"),
         ({"min_lr": float("nan")}, r"min_lr=nan is invalid: expected a finite number > 0"),
         ({"max_lr": float("inf")}, r"max_lr=inf is invalid: expected a finite number"),
-        ({"num_steps": 1}, r"num_steps=1 is invalid"),
+        ({"num_steps": 1}, r"num_steps=1 \(--steps\) is invalid"),
         ({"divergence": 1.0}, r"divergence=1\.0 is invalid"),
         ({"smoothing": 1.0}, r"smoothing=1\.0 is invalid"),
     ],

@@ -376,7 +376,7 @@ def _refuse_a_chosen_metric_without_validation(name: str, plan: ModePlan) -> Non
     if name != default and plan.evaluate is None:
         raise ValueError(
             f"monitor_metric={name!r} is not measured in this run: it has no val_loader "
-            "(pass one, or monitor train_loss)"
+            "(pass one, or a config-file run's data.val_fraction > 0; or monitor train_loss)"
         )
 
 

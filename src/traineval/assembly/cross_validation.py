@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,11 @@ def make_folds(
     from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
 
     if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 2:
-        raise ValueError(f"n_folds={n_folds!r} is invalid: expected an integer >= 2")
+        raise ValueError(f"n_folds={n_folds!r} (--folds) is invalid: expected an integer >= 2")
     if n_folds > n_samples:
-        raise ValueError(f"n_folds={n_folds} is invalid: the dataset has {n_samples} samples")
+        raise ValueError(
+            f"n_folds={n_folds} (--folds) is invalid: the dataset has {n_samples} samples"
+        )
     indices = np.arange(n_samples)
     if groups is not None:
         group_array = np.asarray(groups)
@@ -47,14 +50,14 @@ def make_folds(
             raise ValueError(f"groups has {len(group_array)} entries for {n_samples} samples")
         distinct = len(set(group_array.tolist()))
         if distinct < n_folds:
-            raise ValueError(f"n_folds={n_folds} is more than the {distinct} groups")
+            raise ValueError(f"n_folds={n_folds} (--folds) is more than the {distinct} groups")
         return list(GroupKFold(n_splits=n_folds).split(indices, groups=group_array))
     if labels is not None:
         smallest = np.unique(labels, return_counts=True)[1].min()  # any ids, e.g. -1: unlabeled
         if smallest < n_folds:
             raise ValueError(
-                f"n_folds={n_folds} is invalid for stratified folds: a class has only "
-                f"{smallest} samples; use fewer folds or stratify=False"
+                f"n_folds={n_folds} (--folds) is invalid for stratified folds: a class has "
+                f"only {smallest} samples; use fewer folds (or, in Python, stratify=False)"
             )
         folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         return list(folds.split(indices, labels))
@@ -88,11 +91,33 @@ def cross_validate(
     folds = request.split(n_folds, stratify, groups)
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     with run_dir_lock(base):  # one cross-validation per folder
+        _claim_folds(base, len(folds), config.overwrite_output_dir)
         results = request.train(folds, base)
         summary = aggregate(results)
         summary["output_dir"] = str(base)
         atomic_write_json(base / "cv_summary.json", summary)
     return summary
+
+
+def _claim_folds(base: Path, n_folds: int, overwrite: bool) -> None:
+    """An earlier cross-validation's folds in `base` are refused (cross-validation does not
+    resume), or with `overwrite` replaced: fold folders beyond this run's `n_folds` go
+    (each fold's own folder is overwritten as a run's is)."""
+    earlier = sorted(
+        folder
+        for folder in base.glob("fold-*")
+        if folder.is_dir() and any((folder / "checkpoints").glob("*"))
+    )
+    if earlier and not overwrite:
+        names = ", ".join(folder.name for folder in earlier[:4])
+        raise FileExistsError(
+            f"output_dir={str(base)!r} already holds an earlier cross-validation's folds "
+            f"({names}); cross-validation does not resume: choose another output_dir, or "
+            "set overwrite_output_dir=true (CLI: training.overwrite_output_dir=true)"
+        )
+    for folder in earlier:
+        if folder.name not in {f"fold-{k}" for k in range(1, n_folds + 1)}:
+            shutil.rmtree(folder)
 
 
 @dataclasses.dataclass

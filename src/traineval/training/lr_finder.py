@@ -107,7 +107,9 @@ class RangeTest(Callback):
                 f"max_lr={max_lr!r} is invalid: expected a finite number > min_lr={min_lr}"
             )
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-            raise ValueError(f"num_steps={num_steps!r} is invalid: expected an integer >= 2")
+            raise ValueError(
+                f"num_steps={num_steps!r} (--steps) is invalid: expected an integer >= 2"
+            )
         if (
             isinstance(divergence, bool)
             or not isinstance(divergence, (int, float))
