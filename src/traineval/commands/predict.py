@@ -113,6 +113,8 @@ def output_path(run_dir: Path, input_csv: Path, output: str | Path | None, overw
             f"--output {str(out)!r} is the input file: the predictions would replace its rows; "
             "choose another path"
         )
+    if out.is_dir():
+        raise ValueError(f"--output {str(out)!r} is a directory: name a CSV file (in it)")
     if out.exists() and not overwrite:
         raise FileExistsError(
             f"--output {str(out)!r} exists: predict does not replace a file unless told to; "

@@ -212,6 +212,9 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[
     """A CSV file's header, data rows (every row as wide as the header) and each row's line
     number in the file (blank lines and cells that span lines counted); `named` is how
     errors name the file (e.g. "data.path='t.csv'")."""
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device or a pipe)"
+        raise ValueError(f"{named} is {kind}: name a CSV file")
     if not path.is_file():
         where = (
             ""
