@@ -449,3 +449,19 @@ def test_settings_and_records_under_reinforcement_reach_the_algorithm():
     check_mode(old, PolicyGradient(episodes_per_update=3, gamma=0.9))
     with pytest.raises(ValueError, match=r"mode='policy_gradient', this run is mode='ppo'"):
         check_mode(old, PPO(gamma=0.9))
+
+
+def test_a_minibatch_larger_than_the_rollout_is_said(caplog):
+    """minibatch_size=1000 over 32-sample rollouts was cut to the rollout without a word;
+    the default (256) over a small rollout stays quiet."""
+    from traineval.modes.ppo import PPO, PPOStep
+
+    with caplog.at_level("WARNING", logger="traineval"):
+        PPOStep(Walk, PPO(envs=2, rollout_steps=16, minibatch_size=1000))
+    assert "ppo minibatch_size=1000 is more than a rollout holds (envs 2 x rollout_steps 16" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="traineval"):
+        PPOStep(Walk, PPO(envs=2, rollout_steps=16))
+    assert "minibatch_size" not in caplog.text

@@ -427,7 +427,7 @@ def _predict(args: argparse.Namespace) -> int:
         )
     except _failures() as error:
         return _error(error)
-    print(f"Predicted {count} rows with {args.checkpoint}; written: {table}")
+    print(f"Predicted {_counted(count, 'row')} with {args.checkpoint}; written: {table}")
     return 0
 
 
@@ -557,7 +557,8 @@ def _fit(config: Any, args: argparse.Namespace) -> int:
         else f"no {training.monitor_metric} measured yet"
     )
     print(
-        f"Trained {training.epochs_completed} epochs ({training.global_step} optimizer updates) "
+        f"Trained {_counted(training.epochs_completed, 'epoch')} "
+        f"({_counted(training.global_step, 'optimizer update')}) "
         f"in {elapsed:.1f}s; {best}" + (" (stopped early)" if training.stopped_early else "")
     )
     if training.status == "time limit":
@@ -680,7 +681,7 @@ def _flower_rounds_said(done: int | None, rounds: int) -> str:
     """What a Flower run trained, said for its last lines: all `rounds`, or those after the
     `done` ones it resumed from."""
     if not done:
-        return f"Trained {rounds} Flower rounds"
+        return f"Trained {_counted(rounds, 'Flower round')}"
     if done >= rounds:  # it had stopped after its last round, before the final model
         return f"Saved the final model of the {done} finished Flower rounds"
     if done + 1 == rounds:
@@ -740,3 +741,8 @@ def _table(metrics: dict[str, float], intervals: dict[str, Any] | None = None) -
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _counted(count: int, noun: str) -> str:
+    """`1 epoch`, `2 epochs`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

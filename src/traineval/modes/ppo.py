@@ -51,6 +51,7 @@ are those both algorithms share (`traineval.modes.episodic`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -71,6 +72,8 @@ from .policy_gradient import PolicyGradient
 from .rollouts import EnvBatch, episode_seed, gae, greedy_episodes, read_policy
 
 __all__ = ["PPO", "PPOStep", "policy_outputs"]
+
+logger = logging.getLogger(__name__)
 
 VECTORIZATIONS = ("sync", "async")
 
@@ -301,6 +304,16 @@ class PPOStep:
         self.rollout_steps = s.rollout_steps
         self.size = s.envs * s.rollout_steps
         self.minibatch_size = min(s.minibatch_size, self.size)
+        default = type(s).__dataclass_fields__["minibatch_size"].default
+        if s.minibatch_size > self.size and s.minibatch_size != default:
+            logger.warning(
+                "ppo minibatch_size=%d is more than a rollout holds (envs %d x rollout_steps "
+                "%d = %d samples): each update takes the whole rollout",
+                s.minibatch_size,
+                s.envs,
+                s.rollout_steps,
+                self.size,
+            )
         self.minibatches = math.ceil(self.size / self.minibatch_size)
         self.epochs = s.ppo_epochs
         self.clip_range, self.clip_decay, self.value_clip = s.clip_range, s.clip_decay, s.value_clip
