@@ -454,7 +454,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if per_class:
         print(f"\nPer class ({args.split}):")
         print(_per_class_table(per_class))
-    print(f"\nWritten: {written}")
+    files = [str(f) for f in (record.get("files") or {}).values() if isinstance(f, str)]
+    print(f"\nWritten: {', '.join([written, *files])}")
+    if args.plots and not any(f.endswith(".png") for f in files):
+        print("(--plots: this task has no plots)")
     return 0
 
 

@@ -262,7 +262,6 @@ class RunConfig:
                 "evaluation; leave evaluation.output_dir out (it is the Python Evaluator's)",
             )
         self.mode.check_config_run()
-        self._check_model_fits_mode()
         if self.data.labeled_fraction < 1.0 and self.mode.reconstructs:
             _fail(
                 "data.labeled_fraction",
@@ -270,6 +269,7 @@ class RunConfig:
                 f"hiding labels needs mode: semi_supervised or supervised (mode is "
                 f"{self.mode.name!r})",
             )
+        self._check_model_fits_mode()
 
     def _check_model_fits_mode(self) -> None:
         """A built-in model that answers another question than the mode asks: an
