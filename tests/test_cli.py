@@ -417,6 +417,9 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
     assert len(summary["folds"]) == 3
     assert {"accuracy_mean", "accuracy_std", "test_ensemble", "test_members"} <= set(summary)
     assert sum(f["validation_size"] for f in summary["folds"]) == 105 + 22  # train + val rows
+    # a fold is not a run to evaluate alone (it said: "a run trained from Python")
+    assert main(["evaluate", str(tmp_path / "o" / "fold-1")]) == 2
+    assert "is a fold of the cross-validation in" in capsys.readouterr().err
 
 
 def test_lr_find_prints_a_suggestion_and_writes_the_curve(tmp_path, capsys):

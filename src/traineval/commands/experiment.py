@@ -70,6 +70,7 @@ DATA_SCHEMA = "data.json"  # a table run's features, scaling, categories and cla
 # where the run's own code was found (the config file's folder): evaluate and predict look
 # there too, under --trust-code
 CODE_PATHS = "code_paths.json"
+CV_SUMMARY = "cv_summary.json"  # beside a cross-validation's fold-<k> folders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +340,13 @@ class RunConfig:
         is refused before anything is imported, unless `trust_code=True`."""
         path = Path(run_dir) / "config.yaml"
         data = _mode_as_section(load_yaml(path))
+        if set(data) == {"training", "mode"} and (Path(run_dir).parent / CV_SUMMARY).is_file():
+            raise ValueError(
+                f"{run_dir} is a fold of the cross-validation in {Path(run_dir).parent}: it "
+                "trained on part of the train and validation rows, so only the test split "
+                "would score it fairly, and `traineval cv` did that already: each fold and "
+                f"their ensemble on the test split, in {Path(run_dir).parent}/evaluation/cv.json"
+            )
         if set(data) == {"training", "mode"}:  # what `open_loggers` writes for train()
             raise ValueError(
                 f"{path} records a run trained from Python (train() or TrainingManager): its "
