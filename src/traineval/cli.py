@@ -742,10 +742,10 @@ def _table(metrics: dict[str, float], intervals: dict[str, Any] | None = None) -
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _counted(count: int, noun: str) -> str:
     """`1 epoch`, `2 epochs`."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
