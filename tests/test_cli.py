@@ -98,6 +98,23 @@ def test_a_data_field_the_source_does_not_read_is_refused(data, message):
         RunConfig.from_dict({"data": data})
 
 
+def test_a_run_of_an_earlier_version_still_loads_and_split_seed_is_read_for_custom(tmp_path):
+    """The new refusals of fields a source ignores applied to run directories recorded by
+    earlier versions (they trained; their record must still evaluate); and split_seed is
+    read for a custom factory (labeled_fraction and the modes draw with it)."""
+    import yaml
+
+    record = {
+        "data": {"name": "custom", "factory": "m:f", "val_fraction": 0.2, "split_seed": 3},
+        "evaluation": {"output_dir": "elsewhere"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(record))
+    loaded = RunConfig.from_run_dir(tmp_path, trust_code=True)
+    assert (loaded.data.split_seed, loaded.evaluation.output_dir) == (3, None)
+    custom = {"name": "custom", "factory": "m:f", "split_seed": 7}
+    assert RunConfig.from_dict({"data": custom}).data.split_seed == 7
+
+
 def test_the_python_evaluators_output_dir_and_a_search_section_are_named_in_a_run_config():
     with pytest.raises(ValueError, match=r"evaluation\.output_dir='elsewhere' is invalid: a "):
         RunConfig.from_dict({"evaluation": {"output_dir": "elsewhere"}})
@@ -122,12 +139,15 @@ def test_a_deprecated_mode_key_beside_the_modes_own_setting_is_refused():
     section = {"name": "federated", "clients": 3}
     with (
         pytest.warns(FutureWarning),
-        pytest.raises(ValueError, match=r"mode\.clients=3 is invalid: also given by its"),
+        pytest.raises(ValueError, match=r"given by training\.federated_clients as 5; keep one"),
     ):
         RunConfig.from_dict({"mode": section, "training": {"federated_clients": 5}})
     with pytest.warns(FutureWarning):
         same = RunConfig.from_dict({"mode": section, "training": {"federated_clients": 3}})
     assert same.mode.clients == 3
+    settings = {"mode_settings": {"federated": {"clients": 5}}}
+    with pytest.raises(ValueError, match=r"given by training\.mode_settings\.federated\.clients"):
+        RunConfig.from_dict({"mode": section, "training": settings})
 
 
 def test_a_resume_that_changes_the_data_splits_is_refused(tmp_path, capsys):

@@ -150,8 +150,9 @@ def test_warmup_ratio_with_a_warmup_steps_of_its_own_is_refused():
     (a saved config.yaml holds every field), and the ratio replaces it."""
     with pytest.raises(ValueError, match=r"warmup_steps=50 is invalid: warmup_ratio=0\.1 sets"):
         TrainingConfig(warmup_ratio=0.1, warmup_steps=50)
-    with pytest.raises(ValueError, match="warmup_steps=0 is invalid"):
-        TrainingConfig.from_dict({"warmup_ratio": 0.1, "warmup_steps": 0})
+    with pytest.raises(ValueError, match="warmup_steps=30 is invalid"):
+        TrainingConfig.from_dict({"warmup_ratio": 0.1, "warmup_steps": 30})
+    assert TrainingConfig(warmup_ratio=0.1, warmup_steps=0).warmup_ratio == 0.1  # the examples'
     saved = TrainingConfig(warmup_ratio=0.1).to_dict()
     assert TrainingConfig.from_dict(saved).warmup_ratio == 0.1
 

@@ -190,3 +190,23 @@ def test_an_earlier_cross_validation_is_refused_or_replaced_whole(tmp_path):
     result = Evaluator().cross_validate(model, dataset, again, n_folds=2)
     assert len(result["fold_checkpoints"]) == 2
     assert sorted(p.name for p in (tmp_path / "cv").glob("fold-*")) == ["fold-1", "fold-2"]
+
+
+def test_a_failed_overwriting_cross_validation_puts_the_earlier_folds_back(tmp_path):
+    """The earlier cross-validation's extra folds were deleted before the new one trained
+    anything; it failed, and its summary named best.pt files that were gone."""
+    dataset = make_classification(n=60)
+    Evaluator().cross_validate(
+        lambda: nn.Linear(8, 3), dataset, _config(tmp_path, num_epochs=1), n_folds=3
+    )
+    calls = []
+
+    def second_fails():
+        calls.append(1)
+        return nn.Linear(8, 3) if len(calls) == 1 else "not a model"
+
+    again = _config(tmp_path, num_epochs=1, overwrite_output_dir=True)
+    with pytest.raises(TypeError, match="model_factory returned str"):
+        Evaluator().cross_validate(second_fails, dataset, again, n_folds=2)
+    assert (tmp_path / "cv" / "fold-3" / "checkpoints" / "best.pt").exists()
+    assert not (tmp_path / "cv" / ".overwritten-folds").exists()

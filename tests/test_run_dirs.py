@@ -347,11 +347,13 @@ def test_an_overwriting_run_that_ends_drops_the_earlier_runs_outputs(quiet_confi
     TrainingManager(TrainingConfig(**settings)).train(make_mlp(), loader)
     folder = settings["output_dir"]
     os.makedirs(f"{folder}/evaluation")
-    for name in ("evaluation/metrics_test.json", "wandb_run_id.txt", "notes.txt"):
+    earlier = ("evaluation/metrics_test.json", "wandb_run_id.txt", "final_model.safetensors")
+    for name in (*earlier, "notes.txt"):
         atomic_write_text(f"{folder}/{name}", "earlier")
     TrainingManager(TrainingConfig(**settings)).train(make_mlp(seed=1), loader)
     assert not os.path.exists(f"{folder}/evaluation")
     assert not os.path.exists(f"{folder}/wandb_run_id.txt")
+    assert not os.path.exists(f"{folder}/final_model.safetensors")  # evaluate took it
     assert not os.path.exists(f"{folder}/.overwritten")
     assert Path(folder, "notes.txt").read_text() == "earlier"  # yours: not a run output
     assert sorted(os.listdir(f"{folder}/checkpoints")) == ["best.pt", "best.safetensors", "last.pt"]
@@ -373,10 +375,27 @@ def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_s
     before = _files(folder)
     from pathlib import Path
 
-    overwrite.set_aside(Path(folder))  # where the killed run left it
-    assert not os.listdir(f"{folder}/checkpoints")
+    overwrite.set_aside(Path(folder))  # where the killed run left it, mid-way through
+    Path(folder, "checkpoints", ".best.pt.k3j2.tmp").write_bytes(b"cut short")  # its save
+    assert not overwrite.has_a_checkpoint(Path(folder, "checkpoints"))
     longer = TrainingConfig(**{**settings, "num_epochs": 3, "overwrite_output_dir": False})
     result = TrainingManager(longer).train(make_mlp(), loader, resume_from="auto")
     assert result["training_history"]["epoch"] == [1, 2, 3]  # it resumed the earlier run
     assert not os.path.exists(f"{folder}/.overwritten")
     assert set(before) <= set(_files(folder))
+
+
+def test_an_overwrite_of_a_run_that_kept_no_checkpoints_sets_its_outputs_aside(quiet_config):
+    """Only a folder with checkpoints was set aside: a run that kept none left its
+    evaluation files and TensorBoard events beside the new run's."""
+    from conftest import make_mlp
+
+    settings, loader = _overwrite_setup(quiet_config)
+    settings.update(save_best_model=False, save_last_checkpoint=False)
+    TrainingManager(TrainingConfig(**settings)).train(make_mlp(), loader)
+    folder = settings["output_dir"]
+    os.makedirs(f"{folder}/evaluation")
+    atomic_write_text(f"{folder}/evaluation/predictions_test.csv", "earlier")
+    TrainingManager(TrainingConfig(**settings)).train(make_mlp(seed=1), loader)
+    assert not os.path.exists(f"{folder}/evaluation")
+    assert not os.path.exists(f"{folder}/.overwritten")

@@ -301,3 +301,21 @@ def test_predict_refuses_an_input_that_has_the_columns_it_writes(tmp_path, capsy
     assert main(["predict", str(run), str(earlier), "--output", str(again)]) == 2
     assert "has the column(s) ['prediction'], which predict writes" in capsys.readouterr().err
     assert not again.exists()
+
+
+def test_a_resume_over_a_changed_table_is_refused(tmp_path, capsys):
+    """The data section was compared on resume, the rows were not: a shuffled table resumed,
+    trained on rows it had held out, and rewrote data.json, so evaluate then took it."""
+    status, run, data = _fit(tmp_path, "data.features=[age, dose]")
+    assert status == 0
+    header, *rows = data.read_text().splitlines()
+    data.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    before = (run / "data.json").read_bytes()
+    capsys.readouterr()
+    again = ["fit", str(tmp_path / "run.yaml"), "-q", f"training.output_dir={run}"]
+    again += ["data.features=[age, dose]", "training.num_epochs=3", "--resume", "auto"]
+    assert main(again) == 2  # (_fit would write the table anew)
+    assert "cannot resume: the table's rows differ from the ones this run trained on" in (
+        capsys.readouterr().err
+    )
+    assert (run / "data.json").read_bytes() == before

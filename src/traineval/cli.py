@@ -654,7 +654,8 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     started = time.perf_counter()
     with run_dir_lock(output), tempfile.TemporaryDirectory() as folder:  # the app reads it
         path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        written = {**config.to_dict(), "training": training.given_dict()}  # defaults stay
+        path.write_text(yaml.safe_dump(written, sort_keys=False))
         nodes_config = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
         run_config = {CONFIG_KEY: str(path)}
         if resume_from is not None:

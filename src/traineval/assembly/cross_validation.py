@@ -92,7 +92,14 @@ def cross_validate(
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     with run_dir_lock(base):  # one cross-validation per folder
         _claim_folds(base, len(folds), config.overwrite_output_dir)
-        results = request.train(folds, base)
+        try:
+            results = request.train(folds, base)
+        except BaseException:  # the earlier cross-validation's extra folds come back
+            for folder in sorted((base / FOLDS_ASIDE).glob("fold-*")):
+                folder.rename(base / folder.name)
+            raise
+        finally:
+            shutil.rmtree(base / FOLDS_ASIDE, ignore_errors=True)
         summary = aggregate(results)
         summary["output_dir"] = str(base)
         atomic_write_json(base / "cv_summary.json", summary)
@@ -101,8 +108,9 @@ def cross_validate(
 
 def _claim_folds(base: Path, n_folds: int, overwrite: bool) -> None:
     """An earlier cross-validation's folds in `base` are refused (cross-validation does not
-    resume), or with `overwrite` replaced: fold folders beyond this run's `n_folds` go
-    (each fold's own folder is overwritten as a run's is)."""
+    resume), or with `overwrite` replaced: fold folders beyond this run's `n_folds` are
+    set aside until the new folds have trained (each fold's own folder is overwritten as a
+    run's is)."""
     earlier = sorted(
         folder
         for folder in base.glob("fold-*")
@@ -115,9 +123,13 @@ def _claim_folds(base: Path, n_folds: int, overwrite: bool) -> None:
             f"({names}); cross-validation does not resume: choose another output_dir, or "
             "set overwrite_output_dir=true (CLI: training.overwrite_output_dir=true)"
         )
-    for folder in earlier:
+    for folder in earlier:  # set aside: dropped once the new folds trained
         if folder.name not in {f"fold-{k}" for k in range(1, n_folds + 1)}:
-            shutil.rmtree(folder)
+            (base / FOLDS_ASIDE).mkdir(exist_ok=True)
+            folder.rename(base / FOLDS_ASIDE / folder.name)
+
+
+FOLDS_ASIDE = ".overwritten-folds"
 
 
 @dataclasses.dataclass

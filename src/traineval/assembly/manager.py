@@ -169,7 +169,7 @@ class TrainingManager:
             rundir.settle_set_aside(self.output_dir, job)  # what a killed overwrite left
             run.payload = build.load_resume(self.output_dir, resume_from, c, run.mode, job, model)
             if run.payload is not None:
-                check_same_data(self.output_dir, self.run_config)
+                check_same_data(self.output_dir, self.run_config, self.run_files.get("data.json"))
             rundir.claim(
                 self.output_dir,
                 job,

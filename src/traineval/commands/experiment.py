@@ -175,7 +175,8 @@ class DataConfig(_ConfigBase):
 _RECONSTRUCTING = ("autoencoder", "vae")
 _PREDICTING = ("mlp", "cnn")
 _CSV_ONLY = ("path", "target", "features", "exclude", "id_column", "categorical", "task")
-_SPLIT_FIELDS = ("val_fraction", "test_fraction", "split_seed", "standardize", "image_shape")
+# (split_seed stays: labeled_fraction and the modes' own draws read it for every source)
+_SPLIT_FIELDS = ("val_fraction", "test_fraction", "standardize", "image_shape")
 
 
 def _column_names(field: str, value: Any) -> tuple[str, ...] | None:
@@ -339,13 +340,19 @@ class RunConfig:
         (a model factory, a data factory, a mode's function, a gymnasium `module:Env` id)
         is refused before anything is imported, unless `trust_code=True`."""
         path = Path(run_dir) / "config.yaml"
-        data = _mode_as_section(load_yaml(path))
+        data = _as_recorded(_mode_as_section(load_yaml(path)))
         if set(data) == {"training", "mode"} and (Path(run_dir).parent / CV_SUMMARY).is_file():
+            base = Path(run_dir).parent
+            done = (
+                f"`traineval cv` scored each fold and their ensemble on the test split, in "
+                f"{base}/evaluation/cv.json"
+                if (base / "evaluation" / "cv.json").is_file()
+                else "score it from Python (Evaluator.evaluate_ensemble with the "
+                f"fold_checkpoints of {base / CV_SUMMARY})"
+            )
             raise ValueError(
-                f"{run_dir} is a fold of the cross-validation in {Path(run_dir).parent}: it "
-                "trained on part of the train and validation rows, so only the test split "
-                "would score it fairly, and `traineval cv` did that already: each fold and "
-                f"their ensemble on the test split, in {Path(run_dir).parent}/evaluation/cv.json"
+                f"{run_dir} is a fold of the cross-validation in {base}: it trained on part "
+                f"of the train and validation rows, so only a test split scores it fairly; {done}"
             )
         if set(data) == {"training", "mode"}:  # what `open_loggers` writes for train()
             raise ValueError(
@@ -374,6 +381,44 @@ class RunConfig:
         return out
 
 
+def _as_recorded(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's record as it trained: fields an earlier version took and ignored (and this
+    one refuses for a new run: a source's fields under another source, the Python
+    Evaluator's output_dir) are dropped, so its run directory still evaluates."""
+    section = data.get("data")
+    if isinstance(section, Mapping):
+        name = section.get("name", "digits")
+        unused = set(_CSV_ONLY if name != "csv" else ())
+        unused |= {"factory"} if name != "custom" else set(_SPLIT_FIELDS)
+        data = {**data, "data": {k: v for k, v in section.items() if k not in unused}}
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, Mapping) and "output_dir" in evaluation:
+        data = {**data, "evaluation": {k: v for k, v in evaluation.items() if k != "output_dir"}}
+    return data
+
+
+def _refuse_given_twice(
+    name: str, own: Mapping[str, Any], settings: Mapping[str, Any], flat: Mapping[str, Any]
+) -> None:
+    """A setting of the mode section given also, with another value, by
+    training.mode_settings or by a deprecated flat key: refused naming both (one of them
+    lost silently, the command line's override included)."""
+    others = [(f"training.mode_settings.{name}.{k}", k, v) for k, v in settings.items()]
+    others += [(_flat_key(name, k), k, v) for k, v in flat.items()]
+    for where, key, value in others:
+        if key in own and own[key] != value:
+            _fail(f"mode.{key}", own[key], f"also given by {where} as {value!r}; keep one")
+
+
+def _flat_key(mode: str, setting: str) -> str:
+    """The deprecated flat key that names `mode`'s `setting` (e.g. training.rl_gamma)."""
+    for table, section in ((LEGACY_MODE_KEYS, "training"), (LEGACY_DATA_KEYS, "data")):
+        for key, (owner, name) in table.items():
+            if (owner, name) == (mode, setting):
+                return f"{section}.{key}"
+    return "a deprecated flat key"
+
+
 def _mode_as_section(data: dict[str, Any]) -> dict[str, Any]:
     """`mode: federated` as `mode: {name: federated}`, so `mode.clients=5` can override."""
     if isinstance(data.get("mode"), str):
@@ -393,13 +438,7 @@ def _mode_section(
     name = value["name"]
     cls = mode_class(name, field="mode.name")
     own = {k: v for k, v in value.items() if k != "name"}
-    for key, flat in moved.get(name, {}).items():  # the deprecated name beside the new one
-        if key in own and own[key] != flat:
-            _fail(
-                f"mode.{key}",
-                own[key],
-                f"also given by its deprecated flat key as {flat!r}; keep one (mode.{key})",
-            )
+    _refuse_given_twice(name, own, training.mode_settings.get(name, {}), moved.get(name, {}))
     settings = {**training.mode_settings.get(name, {}), **moved.get(name, {}), **own}
     rest = {k: dict(v) for k, v in training.mode_settings.items() if k != name}
     for other, values in moved.items():
@@ -530,8 +569,8 @@ def run_experiment(
     manager.run_config = config.to_dict()
     if config.data.name != "custom" and parts.splits.feature_names is not None:
         manager.run_files[DATA_SCHEMA] = parts.splits.schema()  # what predict applies
-        if code_references(config.to_dict(), ("data", "model", "mode", "evaluation")):
-            manager.run_files[CODE_PATHS] = {"search_paths": list(imports.SEARCH_PATHS)}
+    if code_references(config.to_dict(), ("data", "model", "mode", "evaluation")):
+        manager.run_files[CODE_PATHS] = {"search_paths": list(imports.SEARCH_PATHS)}
     model = parts.new_model()
     with (
         watching_signals(),  # training and testing: a signal in either interrupts the run

@@ -405,8 +405,8 @@ class TrainingConfig(_ConfigBase):
     records only `precision`.
 
     Warmup: `warmup_ratio` > 0 warms up over that share of the run's optimizer updates
-    (rounded up) instead of `warmup_steps` (then leave warmup_steps at its default: a
-    warmup_steps of your own beside it is refused). A warmup as long as the run or longer
+    (rounded up) instead of `warmup_steps` (then leave warmup_steps at 0 or its default:
+    another warmup_steps beside it is refused). A warmup as long as the run or longer
     (e.g. the default 1000 steps on a small dataset) is shortened to a tenth of the run, so
     the defaults train any dataset: quietly for the default, with one warning naming both
     numbers for a warmup_steps you set (even to 1000; `given_fields` tells them apart).
@@ -643,11 +643,12 @@ class TrainingConfig(_ConfigBase):
                 self.precision,
                 "mixed_precision=false allows only 'auto' or 'fp32'; set mixed_precision=true",
             )
-        if self.warmup_ratio > 0 and self.warmup_steps != _DEFAULT_WARMUP_STEPS:
-            _fail(
+        if self.warmup_ratio > 0 and self.warmup_steps not in (0, _DEFAULT_WARMUP_STEPS):
+            _fail(  # 0 (no warmup by steps) and the default leave the warmup to the ratio
                 "warmup_steps",
                 self.warmup_steps,
-                f"warmup_ratio={self.warmup_ratio} sets the warmup too; set one of them",
+                f"warmup_ratio={self.warmup_ratio} sets the warmup too; set one of them "
+                "(warmup_steps 0 leaves it to the ratio)",
             )
         self._check_monitor_direction()
         if self.min_learning_rate >= self.learning_rate:

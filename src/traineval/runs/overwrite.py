@@ -34,6 +34,7 @@ RUN_OUTPUTS = (
     "metrics.jsonl",
     "summary.json",
     "report.html",
+    "final_model.safetensors",
     "wandb_run_id.txt",
     "mlflow_run_id.txt",
     "wandb_process.log",
@@ -43,16 +44,17 @@ RUN_OUTPUTS = (
 def set_aside(folder: Path) -> list[str]:
     """Move the earlier run's outputs into `.overwritten/`; return their names."""
     aside = folder / ASIDE
+    checkpoints = folder / "checkpoints"
+    earlier = sorted(checkpoints.iterdir()) if checkpoints.is_dir() else []
+    outputs = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    if not earlier and not outputs:
+        return []
     (aside / "checkpoints").mkdir(parents=True, exist_ok=True)
-    moved = []
-    for path in sorted((folder / "checkpoints").iterdir()):
+    for path in earlier:
         path.rename(aside / "checkpoints" / path.name)
-        moved.append(f"checkpoints/{path.name}")
-    for name in RUN_OUTPUTS:
-        if (folder / name).exists():
-            (folder / name).rename(aside / name)
-            moved.append(name)
-    return moved
+    for name in outputs:
+        (folder / name).rename(aside / name)
+    return [*(f"checkpoints/{path.name}" for path in earlier), *outputs]
 
 
 def settle(folder: Path, *, failed: bool) -> None:
@@ -62,7 +64,7 @@ def settle(folder: Path, *, failed: bool) -> None:
     if not aside.is_dir():
         return
     checkpoints = folder / "checkpoints"
-    if not failed or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    if not failed or has_a_checkpoint(checkpoints):
         shutil.rmtree(aside)
         return
     checkpoints.mkdir(exist_ok=True)
@@ -76,6 +78,17 @@ def settle(folder: Path, *, failed: bool) -> None:
         "overwrite_output_dir: this run stopped before its first checkpoint; the earlier "
         "run's files in %s are back in place",
         folder,
+    )
+
+
+def has_a_checkpoint(checkpoints: Path) -> bool:
+    """Whether `checkpoints` holds a finished checkpoint (`<name>.pt`; a save cut short
+    leaves only a hidden temporary file or an unnamed shard folder)."""
+    if not checkpoints.is_dir():
+        return False
+    return any(
+        path.suffix == ".pt" and not path.name.startswith(".") and path.is_file()
+        for path in checkpoints.iterdir()
     )
 
 

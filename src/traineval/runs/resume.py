@@ -179,9 +179,29 @@ DATA_FIXED = (
 )
 
 
-def check_same_data(folder: Path, run_config: dict[str, Any] | None) -> None:
+def check_same_data(
+    folder: Path, run_config: dict[str, Any] | None, schema: dict[str, Any] | None = None
+) -> None:
     """Refuse to resume a config-file run whose data section (`DATA_FIXED`) differs from
-    the one its `config.yaml` records."""
+    the one its `config.yaml` records, or whose table's rows (`schema`'s split digests, the
+    new `data.json`) differ from the ones its `data.json` records."""
+    _check_data_section(folder, run_config)
+    from ..system.files import read_json_or_none
+
+    saved_schema = read_json_or_none(folder / "data.json")
+    digests = (schema or {}).get("split_digests")
+    saved_digests = saved_schema.get("split_digests") if isinstance(saved_schema, dict) else None
+    if None not in (digests, saved_digests) and saved_digests != digests:
+        raise ValueError(
+            "cannot resume: the table's rows differ from the ones this run trained on (its "
+            "data.json records each split's rows; the file changed since): the resumed run "
+            "would train on rows it held out; resume with the table as it was, or start a "
+            "new run in another output_dir"
+        )
+
+
+def _check_data_section(folder: Path, run_config: dict[str, Any] | None) -> None:
+    """The data fields that move rows (`DATA_FIXED`), against the run's config.yaml."""
     from ..config.training_config import load_yaml
 
     recorded = folder / "config.yaml"

@@ -230,8 +230,8 @@ def claim(folder: Path, job: Distributed, *, resuming: bool, overwrite: bool) ->
         folder.mkdir(parents=True, exist_ok=True)
         for path in remove_stale_temporaries(checkpoints):
             logger.info("removed %s, left by a save that did not finish", path.name)
-        if earlier:
-            moved = overwrite_outputs.set_aside(folder)
+        moved = overwrite_outputs.set_aside(folder) if overwrite and not resuming else []
+        if moved:  # an earlier run's outputs, with or without checkpoints
             logger.info(
                 "overwrite_output_dir: set the earlier run's %s aside (dropped once this run "
                 "has a checkpoint)",
