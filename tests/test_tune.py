@@ -196,6 +196,9 @@ def test_the_command_prints_the_trials_and_report_reads_the_study(tmp_path, caps
     assert page.count("<tr>") == 3  # header + 2 trials
     assert main(["tune", str(config), "--trials", "3", "-q"]) == 0  # continues: one more
     assert "\n2  " in capsys.readouterr().out
+    (tmp_path / "study" / "study.db").rename(tmp_path / "elsewhere.db")  # a storage elsewhere
+    assert main(["report", str(tmp_path / "study")]) == 2
+    assert "holds a study's trials but not its study.db" in capsys.readouterr().err
 
 
 def test_command_config_errors_exit_2(tmp_path, capsys):

@@ -40,7 +40,14 @@ def read_run(run_dir: str | Path) -> RunRecord:
     """Collect a run's config, summary, per-epoch history and metrics from its files."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").exists():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: it has no metrics.jsonl")
+        if any(run_dir.glob("trial-*/metrics.jsonl")):  # a study whose storage is elsewhere
+            raise FileNotFoundError(
+                f"{str(run_dir)!r} holds a study's trials but not its study.db: a study kept "
+                "in another storage (--storage) is not reported from here; report a trial "
+                f"(e.g. {str(run_dir / 'trial-0000')!r}), or read the study with Optuna"
+            )
+        kind = "does not exist" if not run_dir.exists() else "has no metrics.jsonl"
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: it {kind}")
     config_path = run_dir / "config.yaml"
     config = _mapping(load_yaml(config_path)) if config_path.exists() else {}
     summary_path = run_dir / "summary.json"
