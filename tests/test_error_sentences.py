@@ -5,6 +5,7 @@ YAML with Python tags, a full disk."""
 from __future__ import annotations
 
 import errno
+import json
 import re
 import sys
 
@@ -344,11 +345,20 @@ def test_resuming_a_finished_run_says_so_even_when_quiet(tmp_path, capsys):
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     root.addHandler(handler)  # as the CLI's basicConfig does in a fresh process
+    trained = json.loads((run / "summary.json").read_text())["updates_trained"]
+    assert trained > 0
+    capsys.readouterr()
     try:
         assert main([*args, "--resume", "auto"]) == 0
     finally:
         root.removeHandler(handler)
-    assert "already finished (step" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "already finished (step" in said.err
+    # it said "Trained 1 epochs ... in 1.3s", though this command trained nothing
+    assert "Nothing to train: the run had finished, 1 epoch (" in said.out
+    assert "Trained" not in said.out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["updates_trained"] == trained  # the run's own record
 
 
 def test_a_loader_whose_batch_size_differs_from_the_configs_is_named(tmp_path, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -89,12 +90,19 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, workers, interru
         )
     saved = load_checkpoint_file(resumed_dir / "checkpoints" / "last.pt")
     assert saved["global_step"] == interrupt_at
+    interrupted = json.loads((resumed_dir / "summary.json").read_text())  # status interrupted
 
     resumed = dropout_mlp(99)  # different weights: everything must come from the checkpoint
     train, val = loaders(workers)
     result = TrainingManager(config(resumed_dir)).train(resumed, train, val, resume_from="auto")
 
     assert result["global_step"] == 4 * 7
+    assert result["updates_trained"] == 4 * 7 - interrupt_at  # this call's share
+    summary = json.loads((resumed_dir / "summary.json").read_text())
+    assert (summary["updates_trained"], interrupted["updates_trained"]) == (
+        4 * 7 - interrupt_at,
+        interrupt_at,
+    )
     assert_same_state(straight, resumed, straight_dir, resumed_dir)
     assert step_losses(resumed_dir) == step_losses(straight_dir)
     straight_state = TrainState()
@@ -148,6 +156,7 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, caplog):
         )
     assert "already finished" in caplog.text
     assert result["global_step"] == 7
+    assert result.updates_trained == 0  # this call trained nothing
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert all(
         torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True)

@@ -559,11 +559,15 @@ def _fit(config: Any, args: argparse.Namespace) -> int:
         if training.best_metric is not None
         else f"no {training.monitor_metric} measured yet"
     )
-    print(
-        f"Trained {_counted(training.epochs_completed, 'epoch')} "
-        f"({_counted(training.global_step, 'optimizer update')}) "
-        f"in {elapsed:.1f}s; {best}" + (" (stopped early)" if training.stopped_early else "")
+    done = (
+        f"{_counted(training.epochs_completed, 'epoch')} "
+        f"({_counted(training.global_step, 'optimizer update')})"
     )
+    early = " (stopped early)" if training.stopped_early else ""
+    if training.global_step and not training.updates_trained:  # a finished run, resumed
+        print(f"Nothing to train: the run had finished, {done}; {best}{early}")
+    else:
+        print(f"Trained {done} in {elapsed:.1f}s; {best}{early}")
     if training.status == "time limit":
         print(f"{training.stop_reason} (--resume auto); the test split is evaluated at the end")
     if outcome.test_metrics:

@@ -136,7 +136,9 @@ def already_finished(
         result.train_seconds = earlier.get("train_seconds", 0.0)
         result.performance = earlier.get("performance", {})
         result.checkpoints = earlier.get("checkpoints", {})
+        result.updates_trained = earlier.get("updates_trained", 0)
     result.write_summary(manager.distributed)
+    result.updates_trained = 0  # this call trained nothing (the record keeps the run's)
     return result
 
 
@@ -184,6 +186,7 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
     monitor, checkpoints, writer = run.monitor, run.checkpoints, run.writer
     assert monitor is not None
     started = time.perf_counter()
+    resumed_at = (run.payload or {}).get("global_step", 0)
     try:
         try:
             with (
@@ -196,7 +199,9 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
                 writer.wait()
             status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
             seconds = time.perf_counter() - started
-            manager._result(loop.state, monitor.name, seconds, checkpoints).write_summary(
+            ended = manager._result(loop.state, monitor.name, seconds, checkpoints)
+            ended.updates_trained = loop.state.global_step - resumed_at
+            ended.write_summary(
                 manager.distributed,
                 status,
                 error_line(error)
@@ -210,6 +215,7 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
             hub.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
         manager.early_stopping_counter = monitor.num_bad
         result = manager._result(state, monitor.name, time.perf_counter() - started, checkpoints)
+        result.updates_trained = state.global_step - resumed_at
         result.write_summary(manager.distributed)
     finally:
         try:

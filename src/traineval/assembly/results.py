@@ -33,6 +33,9 @@ class TrainingResult(Mapping[str, Any]):
     # "time limit" (max_time: resume it), "interrupted" (a signal: resume it), "failed" (an
     # error: `stop_reason` names it)
     status: str = "finished"
+    # optimizer updates this call trained: global_step less the resumed checkpoint's (0 for
+    # a resume of a run that had finished)
+    updates_trained: int = 0
 
     @classmethod
     def of(
