@@ -21,6 +21,7 @@ from torch import nn
 from ..callbacks import Callback
 from ..callbacks.defaults import default_callbacks
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
+from ..data.splits import SCHEMA_FILE
 from ..evaluation.inference import Predictions, PredictOptions, predict
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..loggers.base import check_loggers
@@ -169,7 +170,7 @@ class TrainingManager:
             rundir.settle_set_aside(self.output_dir, job)  # what a killed overwrite left
             run.payload = build.load_resume(self.output_dir, resume_from, c, run.mode, job, model)
             if run.payload is not None:
-                check_same_data(self.output_dir, self.run_config, self.run_files.get("data.json"))
+                check_same_data(self.output_dir, self.run_config, self.run_files.get(SCHEMA_FILE))
             rundir.claim(
                 self.output_dir,
                 job,

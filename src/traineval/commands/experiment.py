@@ -18,6 +18,7 @@ from ..assembly.evaluator import Evaluator
 from ..assembly.manager import TrainingManager, TrainingResult
 from ..config import code_references as imports
 from ..config.code_references import (
+    CODE_PATHS_FILE,
     add_search_path,
     called,
     code_references,
@@ -44,6 +45,7 @@ from ..config.training_config import (
     take_legacy_keys,
 )
 from ..data import DataSplits, load_builtin, load_csv, make_splits
+from ..data.splits import SCHEMA_FILE
 from ..data.tables import BUILTIN_DATASETS, Columns
 from ..evaluation.model_evaluator import SPLIT_PREFIX, EvaluationOptions, EvaluationReport
 from ..loggers import JsonlLogger
@@ -66,10 +68,10 @@ from ..training.stopping import TrainingInterrupted, stop_if_signalled, watching
 logger = logging.getLogger(__name__)
 
 DATA_SOURCES = (*BUILTIN_DATASETS, "csv", "custom")
-DATA_SCHEMA = "data.json"  # a table run's features, scaling, categories and classes
+DATA_SCHEMA = SCHEMA_FILE  # a table run's features, scaling, categories and classes
 # where the run's own code was found (the config file's folder): evaluate and predict look
 # there too, under --trust-code
-CODE_PATHS = "code_paths.json"
+CODE_PATHS = CODE_PATHS_FILE
 CV_SUMMARY = "cv_summary.json"  # beside a cross-validation's fold-<k> folders
 
 

@@ -94,6 +94,9 @@ def import_object(path: str, *, field: str) -> Any:
     return obj
 
 
+#: A run's record of the folders its code was found in (evaluate and predict search them).
+CODE_PATHS_FILE = "code_paths.json"
+
 #: Folders searched for a user's package after sys.path: the working directory, and the
 #: folder of the config file being run (the CLI adds it), as users expect of a config that
 #: names `my_pkg.models:build` next to it.

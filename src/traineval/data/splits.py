@@ -200,6 +200,7 @@ def make_splits(
 
 
 SPLITS = ("train", "val", "test")
+SCHEMA_FILE = "data.json"  # a table run's `schema()`, beside its config.yaml
 
 
 def row_digest(table: Table, idx: np.ndarray) -> str:

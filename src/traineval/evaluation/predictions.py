@@ -112,9 +112,9 @@ class PredictionWriter:
                 )
             ]
         elif self.task is TaskType.CLASSIFICATION:
-            probabilities = class_probabilities(outputs, detect=False)
-            if self._given_probabilities:  # a model ending in a softmax: as they are
-                probabilities = outputs
+            probabilities = (  # a model ending in a softmax: as they are
+                outputs if self._given_probabilities else class_probabilities(outputs, detect=False)
+            )
             predicted = probabilities.argmax(dim=1)
             rows = [
                 [start + i, self._name(int(t)), self._name(int(p)), *(f"{v:.6g}" for v in probs)]

@@ -17,6 +17,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..config.code_references import CODE_PATHS_FILE
+from ..data.splits import SCHEMA_FILE
+from .checkpoint import FINAL_WEIGHTS
+
 logger = logging.getLogger(__name__)
 
 ASIDE = ".overwritten"
@@ -28,14 +32,14 @@ RUN_OUTPUTS = (
     "predictions",
     "report_files",
     "config.yaml",
-    "data.json",
-    "code_paths.json",
+    SCHEMA_FILE,
+    CODE_PATHS_FILE,
     "mode.json",
     "metrics.jsonl",
     "summary.json",
     "report.html",
-    "final_model.safetensors",
-    "wandb_run_id.txt",
+    FINAL_WEIGHTS,
+    "wandb_run_id.txt",  # the loggers' ids (loggers.wandb, loggers.mlflow: a wing above)
     "mlflow_run_id.txt",
     "wandb_process.log",
 )

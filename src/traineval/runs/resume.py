@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.training_config import LEGACY_MODE_KEYS
+from ..data.splits import SCHEMA_FILE
 from ..system.files import atomic_write_text
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint_file
 from .shard_folders import SHARDS, shard_folder
@@ -188,7 +189,7 @@ def check_same_data(
     _check_data_section(folder, run_config)
     from ..system.files import read_json_or_none
 
-    saved_schema = read_json_or_none(folder / "data.json")
+    saved_schema = read_json_or_none(folder / SCHEMA_FILE)
     digests = (schema or {}).get("split_digests")
     saved_digests = saved_schema.get("split_digests") if isinstance(saved_schema, dict) else None
     if None not in (digests, saved_digests) and saved_digests != digests:
