@@ -10,7 +10,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from traineval import Callback, TrainingConfig, TrainingManager
-from traineval.training.optim import build_optimizer, build_scheduler, parameter_groups
+from traineval.training.optim import (
+    OptimizerChoice,
+    ScheduleChoice,
+    build_optimizer,
+    build_scheduler,
+    parameter_groups,
+)
 
 from conftest import make_classification, make_mlp
 
@@ -29,12 +35,16 @@ def _lrs(scheduler, steps: int) -> list[float]:
 
 
 def test_linear_warmup_then_constant():
-    scheduler = build_scheduler(_optimizer(), "constant", total_steps=10, warmup_steps=4)
+    scheduler = build_scheduler(
+        _optimizer(), ScheduleChoice("constant", total_steps=10, warmup_steps=4)
+    )
     assert _lrs(scheduler, 6) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
 
 
 def test_cosine_after_warmup_reaches_min_lr_at_the_end():
-    scheduler = build_scheduler(_optimizer(), "cosine", total_steps=12, warmup_steps=2, min_lr=0.1)
+    scheduler = build_scheduler(
+        _optimizer(), ScheduleChoice("cosine", total_steps=12, warmup_steps=2, min_lr=0.1)
+    )
     lrs = _lrs(scheduler, 12)
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
     expected = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 10)) for t in range(2, 12)]
@@ -43,23 +53,28 @@ def test_cosine_after_warmup_reaches_min_lr_at_the_end():
 
 
 def test_linear_after_warmup_reaches_min_lr_at_the_end():
-    scheduler = build_scheduler(_optimizer(), "linear", total_steps=12, warmup_steps=2, min_lr=0.1)
+    scheduler = build_scheduler(
+        _optimizer(), ScheduleChoice("linear", total_steps=12, warmup_steps=2, min_lr=0.1)
+    )
     lrs = _lrs(scheduler, 12)
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
     assert lrs[2:] == pytest.approx([1.0 - 0.9 * (t - 2) / 10 for t in range(2, 12)])
     assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="scheduler_type='linear' needs the number of optimizer"):
-        build_scheduler(_optimizer(), "linear", total_steps=None)
+        build_scheduler(_optimizer(), ScheduleChoice("linear", total_steps=None))
 
 
 def test_step_schedule_decays_every_step_size_updates():
-    scheduler = build_scheduler(_optimizer(), "step", total_steps=None, step_size=3, gamma=0.5)
+    scheduler = build_scheduler(
+        _optimizer(), ScheduleChoice("step", total_steps=None, step_size=3, gamma=0.5)
+    )
     assert _lrs(scheduler, 7) == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25])
 
 
 def test_plateau_reduces_after_patience_evaluations_without_improvement():
     scheduler = build_scheduler(
-        _optimizer(), "plateau", total_steps=None, plateau_patience=2, plateau_factor=0.5
+        _optimizer(),
+        ScheduleChoice("plateau", total_steps=None, plateau_patience=2, plateau_factor=0.5),
     )
     for value in [1.0, 0.9, 0.95, 0.95]:
         scheduler.step_on_metric(value)
@@ -70,14 +85,14 @@ def test_plateau_reduces_after_patience_evaluations_without_improvement():
     scheduler.step()  # a per-update step keeps the reduced rate
     assert scheduler.optimizer.param_groups[0]["lr"] == 0.5
     state = scheduler.state_dict()
-    again = build_scheduler(_optimizer(), "plateau", total_steps=None)
+    again = build_scheduler(_optimizer(), ScheduleChoice("plateau", total_steps=None))
     again.load_state_dict(state)
     assert again.lr_lambdas[0].plateau_factor == 0.5
 
 
 def test_unknown_scheduler_is_an_error_not_a_constant_schedule():
     with pytest.raises(ValueError, match="scheduler_type='exponential' is invalid"):
-        build_scheduler(_optimizer(), "exponential", total_steps=10)
+        build_scheduler(_optimizer(), ScheduleChoice("exponential", total_steps=10))
 
 
 def _run_lrs(quiet_config, **settings) -> list[float]:
@@ -91,7 +106,7 @@ def _run_lrs(quiet_config, **settings) -> list[float]:
 
 def _expected_lrs(warmup: int, updates: int = 64) -> list[float]:
     scheduler = build_scheduler(
-        _optimizer(1e-4), "cosine", total_steps=updates, warmup_steps=warmup
+        _optimizer(1e-4), ScheduleChoice("cosine", total_steps=updates, warmup_steps=warmup)
     )
     return _lrs(scheduler, updates)
 
@@ -182,11 +197,11 @@ def test_parameter_groups_skip_decay_on_biases_and_norm_weights():
 def test_model_without_trainable_parameters_is_an_error():
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        build_optimizer(model, "adamw", lr=0.1)
+        build_optimizer(model, OptimizerChoice("adamw", lr=0.1))
 
 
 def test_cpu_optimizer_uses_fused_kernels():
-    optimizer = build_optimizer(nn.Linear(2, 2), "adamw", lr=0.1)
+    optimizer = build_optimizer(nn.Linear(2, 2), OptimizerChoice("adamw", lr=0.1))
     assert optimizer.defaults["fused"] is True
 
 

@@ -27,7 +27,7 @@ from traineval.runs.checkpoint import (
     save_checkpoint_file,
 )
 from traineval.training.loop import TrainingInterrupted
-from traineval.training.optim import build_optimizer
+from traineval.training.optim import OptimizerChoice, build_optimizer
 
 from conftest import InterruptAt, make_classification
 from test_resume import config as resume_config
@@ -108,9 +108,13 @@ def test_a_sharded_checkpoint_loads_whole_into_a_plain_model_and_optimizer(runs)
     for key, value in models["full"].state_dict().items():
         assert torch.equal(whole["model"][key], value), key
     model = mlp(5)
-    optimizer = build_optimizer(model, "adamw", lr=1.0, weight_decay=0.01)  # as the run's
+    optimizer = build_optimizer(
+        model, OptimizerChoice("adamw", lr=1.0, weight_decay=0.01)
+    )  # as the run's
     reference_model = mlp(5)
-    reference = build_optimizer(reference_model, "adamw", lr=1.0, weight_decay=0.01)
+    reference = build_optimizer(
+        reference_model, OptimizerChoice("adamw", lr=1.0, weight_decay=0.01)
+    )
     payload = traineval.load_checkpoint(
         root / "sharded" / "checkpoints" / "last.pt", model, optimizer=optimizer
     )
@@ -307,7 +311,9 @@ def test_malformed_metadata_is_a_checkpoint_error_before_anything_is_allocated(r
             lambda: load_checkpoint_file(folder / "last.pt"),
             lambda: traineval.load_checkpoint(folder / "last.pt", mlp(0)),
             lambda: traineval.load_checkpoint(
-                folder / "last.pt", (m := mlp(0)), optimizer=build_optimizer(m, "adamw", lr=1.0)
+                folder / "last.pt",
+                (m := mlp(0)),
+                optimizer=build_optimizer(m, OptimizerChoice("adamw", lr=1.0)),
             ),
         ):
             with pytest.raises(CheckpointError, match=r"shard folder .*last\.shards-"):
@@ -459,7 +465,9 @@ def test_an_optimizer_without_its_model_is_refused_and_map_location_may_be_a_map
     path = root / "sharded" / "checkpoints" / "last.pt"
     model = mlp(0)
     with pytest.raises(ValueError, match="keyed by parameter name: pass the model too"):
-        traineval.load_checkpoint(path, optimizer=build_optimizer(model, "adamw", lr=1.0))
+        traineval.load_checkpoint(
+            path, optimizer=build_optimizer(model, OptimizerChoice("adamw", lr=1.0))
+        )
     whole = load_checkpoint_file(path, map_location={"cuda:0": "cpu"})
     for key, value in models["full"].state_dict().items():
         assert torch.equal(whole["model"][key], value), key

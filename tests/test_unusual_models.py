@@ -295,10 +295,10 @@ class TiedEmbedding(nn.Module):
 def test_prefixes_name_a_tied_parameter_by_either_of_its_names(quiet_config):
     """frozen_parameters and lr_multipliers take the second name of a tied weight (they
     were refused: "matches no parameter"), and a model without parameters is said so."""
-    from traineval.training.optim import build_optimizer
+    from traineval.training.optim import OptimizerChoice, build_optimizer
 
     model = TiedEmbedding()
-    optimizer = build_optimizer(model, "sgd", lr=1.0, lr_multipliers={"out": 0.5})
+    optimizer = build_optimizer(model, OptimizerChoice("sgd", lr=1.0, lr_multipliers={"out": 0.5}))
     rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert rates[id(model.embedding.weight)] == 0.5
     assert rates[id(model.mid.weight)] == 1.0
@@ -308,7 +308,7 @@ def test_prefixes_name_a_tied_parameter_by_either_of_its_names(quiet_config):
     assert not model.embedding.weight.requires_grad
     assert torch.equal(model.embedding.weight, before)
     with pytest.raises(ValueError, match=r"has no trainable parameters \(it has none\)"):
-        build_optimizer(nn.ReLU(), "sgd", lr=1.0)
+        build_optimizer(nn.ReLU(), OptimizerChoice("sgd", lr=1.0))
 
 
 def test_a_float16_model_under_fp16_precision_is_refused_before_any_work(quiet_config):

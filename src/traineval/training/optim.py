@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,10 +19,13 @@ from ..config.training_config import SCHEDULERS
 from ..runs.tracking import Plateau
 
 __all__ = [
+    "OptimizerChoice",
     "PlateauSchedule",
+    "ScheduleChoice",
     "build_optimizer",
     "build_scheduler",
     "configured_optimizer",
+    "configured_scheduler",
     "freeze",
     "parameter_groups",
     "restore_schedule",
@@ -139,23 +143,41 @@ def _kernel_options(params: Iterable[torch.Tensor]) -> dict[str, bool]:
     return {}
 
 
-def build_optimizer(
-    model: nn.Module,
-    name: str,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    momentum: float = 0.9,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    lr_multipliers: dict[str, float] | None = None,
-) -> torch.optim.Optimizer:
-    """Build `adamw`, `adam` or `sgd` over `model`'s trainable parameters.
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """An optimizer by name and its settings (a TrainingConfig's, by `of`)."""
+
+    name: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_multipliers: dict[str, float] | None = None
+
+    @classmethod
+    def of(cls, config: Any, lr: float | None = None) -> OptimizerChoice:
+        """A TrainingConfig's optimizer (`lr` overrides its learning rate)."""
+        c = config
+        return cls(
+            c.optimizer_type,
+            c.learning_rate if lr is None else lr,
+            weight_decay=c.weight_decay,
+            momentum=c.momentum,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+            lr_multipliers=c.lr_multipliers,
+        )
+
+
+def build_optimizer(model: nn.Module, choice: OptimizerChoice) -> torch.optim.Optimizer:
+    """Build `choice` (`adamw`, `adam` or `sgd`) over `model`'s trainable parameters.
 
     Weight decay skips biases and norm weights; `lr_multipliers` scales the rate of the
     parameters under each prefix; kernels are fused where the device allows.
     """
-    groups = parameter_groups(model, weight_decay, lr, lr_multipliers)
+    name, lr, betas, eps = choice.name, choice.lr, choice.betas, choice.eps
+    groups = parameter_groups(model, choice.weight_decay, lr, choice.lr_multipliers)
     kernels = _kernel_options(p for g in groups for p in g["params"])
     sparse = sparse_gradient_modules(model)
     if sparse and name in ("adam", "adamw"):
@@ -172,7 +194,7 @@ def build_optimizer(
         # Adam folds weight decay into the gradient (L2); AdamW decouples it.
         return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, **kernels)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernels)
+        return torch.optim.SGD(groups, lr=lr, momentum=choice.momentum, **kernels)
     raise ValueError(f"optimizer_type={name!r} is invalid: expected one of 'adamw', 'adam', 'sgd'")
 
 
@@ -350,36 +372,14 @@ def configured_optimizer(
     model: nn.Module, config: Any, lr: float | None = None
 ) -> torch.optim.Optimizer:
     """`build_optimizer` with a TrainingConfig's choices (`lr` overrides its learning rate)."""
-    c = config
-    return build_optimizer(
-        model,
-        c.optimizer_type,
-        lr=c.learning_rate if lr is None else lr,
-        weight_decay=c.weight_decay,
-        momentum=c.momentum,
-        betas=(c.adam_beta1, c.adam_beta2),
-        eps=c.adam_epsilon,
-        lr_multipliers=c.lr_multipliers,
-    )
+    return build_optimizer(model, OptimizerChoice.of(config, lr))
 
 
 def configured_scheduler(
     optimizer: torch.optim.Optimizer, config: Any, total_steps: int | None
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """`build_scheduler` with a TrainingConfig's choices, over `total_steps` updates."""
-    c = config
-    return build_scheduler(
-        optimizer,
-        c.scheduler_type,
-        total_steps=total_steps,
-        warmup_steps=warmup_updates(c, total_steps),
-        min_lr=c.min_learning_rate,
-        step_size=c.scheduler_step_size,
-        gamma=c.scheduler_gamma,
-        minimize=c.minimize_monitor,
-        plateau_patience=c.lr_scheduler_patience,
-        plateau_factor=c.lr_scheduler_factor,
-    )
+    return build_scheduler(optimizer, ScheduleChoice.of(config, total_steps))
 
 
 def warmup_updates(config: Any, total_steps: int | None) -> int:
@@ -420,20 +420,42 @@ def warmup_updates(config: Any, total_steps: int | None) -> int:
     return shortened
 
 
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """A learning-rate schedule by name over `total_steps` optimizer updates (None: the
+    length is unknown), and its settings (a TrainingConfig's, by `of`)."""
+
+    name: str
+    total_steps: int | None
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    step_size: int = 1000
+    gamma: float = 0.1
+    minimize: bool = True
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+
+    @classmethod
+    def of(cls, config: Any, total_steps: int | None) -> ScheduleChoice:
+        """A TrainingConfig's schedule over `total_steps` updates (its warmup: `warmup_updates`)."""
+        c = config
+        return cls(
+            c.scheduler_type,
+            total_steps,
+            warmup_steps=warmup_updates(c, total_steps),
+            min_lr=c.min_learning_rate,
+            step_size=c.scheduler_step_size,
+            gamma=c.scheduler_gamma,
+            minimize=c.minimize_monitor,
+            plateau_patience=c.lr_scheduler_patience,
+            plateau_factor=c.lr_scheduler_factor,
+        )
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    name: str,
-    *,
-    total_steps: int | None,
-    warmup_steps: int = 0,
-    min_lr: float = 0.0,
-    step_size: int = 1000,
-    gamma: float = 0.1,
-    minimize: bool = True,
-    plateau_patience: int = 5,
-    plateau_factor: float = 0.5,
+    optimizer: torch.optim.Optimizer, choice: ScheduleChoice
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Build a scheduler stepped once per optimizer update, with linear warmup.
+    """Build `choice`: a scheduler stepped once per optimizer update, with linear warmup.
 
     Warmup: update `u` (1-based) of the first `warmup_steps` runs at `lr * u / warmup_steps`.
     `cosine` then decays to `min_lr` at `total_steps` (a half cosine), `linear` in a
@@ -445,6 +467,7 @@ def build_scheduler(
         ValueError: an unknown name, or `total_steps` missing or not longer than the warmup
             for a schedule that needs it.
     """
+    name, total_steps, warmup_steps = choice.name, choice.total_steps, choice.warmup_steps
     if name not in SCHEDULERS:
         raise ValueError(
             f"scheduler_type={name!r} is invalid: expected one of "
@@ -468,14 +491,15 @@ def build_scheduler(
             optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=pct_start
         )
     base = min(group["lr"] for group in optimizer.param_groups)
-    shape = _WarmupShape(name, warmup_steps, total_steps, min_lr / base, step_size, gamma)
+    c = choice
+    shape = _WarmupShape(name, warmup_steps, total_steps, c.min_lr / base, c.step_size, c.gamma)
     if name == "plateau":
         return PlateauSchedule(
             optimizer,
             shape,
-            minimize=minimize,
-            patience=plateau_patience,
-            factor=plateau_factor,
-            min_lr=min_lr,
+            minimize=c.minimize,
+            patience=c.plateau_patience,
+            factor=c.plateau_factor,
+            min_lr=c.min_lr,
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
