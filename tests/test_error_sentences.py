@@ -361,6 +361,29 @@ def test_resuming_a_finished_run_says_so_even_when_quiet(tmp_path, capsys):
     assert summary["updates_trained"] == trained  # the run's own record
 
 
+def test_a_max_steps_stop_inside_an_epoch_counts_whole_epochs_and_the_batches_after(
+    tmp_path, capsys
+):
+    """iris: 13 batches of 8 an epoch; max_steps=17 stops 4 batches into epoch 2 (it reported `epochs_completed: 2`). The resume to its end counts whole epochs."""
+    run = tmp_path / "run"
+    args = ["demo", "-q", "data.name=iris", "model.name=mlp", "model.options={}",
+            "training.batch_size=8", "training.num_epochs=3", "training.warmup_steps=0",
+            f"training.output_dir={run}"]  # fmt: skip
+    assert main([*args, "training.max_steps=17"]) == 0
+    said = capsys.readouterr().out
+    assert "Trained 1 epoch and 4 batches of epoch 2 (17 optimizer updates)" in said
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["epochs_completed"], summary["batches_into_epoch"]) == (1, 4)
+    assert main(["report", str(run)]) == 0
+    assert "finished: 1 epoch and 4 batches of epoch 2 (17 optimizer updates)" in (
+        capsys.readouterr().out
+    )
+    assert main([*args, "training.max_steps=null", "--resume", "auto"]) == 0
+    assert "Trained 3 epochs (39 optimizer updates)" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["epochs_completed"], summary["batches_into_epoch"]) == (3, 0)
+
+
 def test_a_loader_whose_batch_size_differs_from_the_configs_is_named(tmp_path, caplog):
     """The loader's batch size trains; the warning says so and which setting makes them
     agree. An equal one is silent."""

@@ -427,7 +427,9 @@ def _predict(args: argparse.Namespace) -> int:
         )
     except _failures() as error:
         return _error(error)
-    print(f"Predicted {_counted(count, 'row')} with {args.checkpoint}; written: {table}")
+    from .assembly.results import counted
+
+    print(f"Predicted {counted(count, 'row')} with {args.checkpoint}; written: {table}")
     return 0
 
 
@@ -559,10 +561,7 @@ def _fit(config: Any, args: argparse.Namespace) -> int:
         if training.best_metric is not None
         else f"no {training.monitor_metric} measured yet"
     )
-    done = (
-        f"{_counted(training.epochs_completed, 'epoch')} "
-        f"({_counted(training.global_step, 'optimizer update')})"
-    )
+    done = training.trained_words()
     early = " (stopped early)" if training.stopped_early else ""
     if training.global_step and not training.updates_trained:  # a finished run, resumed
         print(f"Nothing to train: the run had finished, {done}; {best}{early}")
@@ -688,8 +687,10 @@ def _quiet_flower_log() -> None:
 def _flower_rounds_said(done: int | None, rounds: int) -> str:
     """What a Flower run trained, said for its last lines: all `rounds`, or those after the
     `done` ones it resumed from."""
+    from .assembly.results import counted
+
     if not done:
-        return f"Trained {_counted(rounds, 'Flower round')}"
+        return f"Trained {counted(rounds, 'Flower round')}"
     if done >= rounds:  # it had stopped after its last round, before the final model
         return f"Saved the final model of the {done} finished Flower rounds"
     if done + 1 == rounds:
@@ -745,11 +746,6 @@ def _table(metrics: dict[str, float], intervals: dict[str, Any] | None = None) -
         low_high = f"[{bounds[name][0]:.4f}, {bounds[name][1]:.4f}]" if name in bounds else ""
         lines.append(f"  {name:<{width}}  {value:.4f}  {low_high}".rstrip())
     return "\n".join(lines)
-
-
-def _counted(count: int, noun: str) -> str:
-    """`1 epoch`, `2 epochs`."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ class TrainingResult(Mapping[str, Any]):
     best_epoch: int | None
     best_step: int | None
     global_step: int
+    # whole epochs trained; a stop inside an epoch (max_steps, a signal) leaves that epoch
+    # out and counts its micro-batches in `batches_into_epoch`
     epochs_completed: int
     stopped_early: bool
     stop_reason: str | None
@@ -36,6 +38,8 @@ class TrainingResult(Mapping[str, Any]):
     # optimizer updates this call trained: global_step less the resumed checkpoint's (0 for
     # a resume of a run that had finished)
     updates_trained: int = 0
+    # micro-batches trained of an epoch the run stopped inside (0: it stopped between epochs)
+    batches_into_epoch: int = 0
 
     @classmethod
     def of(
@@ -54,7 +58,7 @@ class TrainingResult(Mapping[str, Any]):
             best_epoch=state.best_epoch,
             best_step=state.best_step,
             global_step=state.global_step,
-            epochs_completed=state.epoch,
+            epochs_completed=state.epoch - (state.batch_in_epoch > 0),
             stopped_early=state.stopped_early,
             stop_reason=state.stop_reason,
             monitor_metric=monitor_name,
@@ -63,7 +67,12 @@ class TrainingResult(Mapping[str, Any]):
             performance=performance or {},
             checkpoints=checkpoints or {},
             status=_status(state),
+            batches_into_epoch=state.batch_in_epoch,
         )
+
+    def trained_words(self) -> str:
+        """The epochs and updates trained, in words (see `trained_words`)."""
+        return trained_words(self.epochs_completed, self.batches_into_epoch, self.global_step)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._keys():
@@ -99,3 +108,17 @@ def _status(state: TrainState) -> str:
     if state.timed_out:
         return "time limit"
     return "stopped early" if state.stopped_early else "finished"
+
+
+def counted(n: int, word: str, plural: str | None = None) -> str:
+    """`n` and `word`, plural unless `n` is 1: "1 epoch", "3 epochs"."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def trained_words(epochs: int, batches_into_epoch: int, updates: int) -> str:
+    """What a run trained: "1 epoch and 12 batches of epoch 2 (40 optimizer updates)"."""
+    words = counted(epochs, "epoch")
+    if batches_into_epoch:
+        part = counted(batches_into_epoch, "batch", "batches")
+        words += f" and {part} of epoch {epochs + 1}"
+    return f"{words} ({counted(updates, 'optimizer update')})"

@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..assembly.results import trained_words
 from ..config.training_config import load_yaml, metric_is_minimized
 from ..loggers import read_jsonl
 from ..system.files import atomic_write_text
@@ -209,8 +211,7 @@ def summary_text(run: RunRecord) -> str:
     elif s:
         status = _status(s)
         lines.append(
-            f"{status}: {s.get('epochs_completed')} epochs, {s.get('global_step')} optimizer "
-            f"updates in {_num(s.get('train_seconds', 0.0), '.1f')}s "
+            f"{status}: {_trained(s)} in {_num(s.get('train_seconds', 0.0), '.1f')}s "
             f"({_num(_mapping(s.get('performance')).get('samples_per_sec', 0.0), ',.0f')} "
             "samples/s)"
         )
@@ -435,8 +436,7 @@ def _overview(run: RunRecord) -> list[tuple[str, Any]]:
     performance = _mapping(s.get("performance"))
     return [
         ("status", _status(s)),
-        ("epochs", s.get("epochs_completed")),
-        ("optimizer updates", s.get("global_step")),
+        ("trained", _trained(s)),
         ("monitored metric", s.get("monitor_metric")),
         ("best value", s.get("best_metric")),
         ("best epoch / step", f"{s.get('best_epoch')} / {s.get('best_step')}"),
@@ -468,3 +468,12 @@ def _status(summary: dict[str, Any]) -> str:
     if status in ("interrupted", "failed", "time limit") and isinstance(reason, str):
         return f"{status} ({reason})"
     return status
+
+
+def _trained(summary: Mapping[str, Any]) -> str:
+    """What a summary's run trained, in words (an older summary's numbers as they are)."""
+    epochs, steps = summary.get("epochs_completed"), summary.get("global_step")
+    batches = summary.get("batches_into_epoch", 0)
+    if isinstance(epochs, int) and isinstance(batches, int) and isinstance(steps, int):
+        return trained_words(epochs, batches, steps)
+    return f"{epochs} epochs, {steps} optimizer updates"
