@@ -364,7 +364,8 @@ def test_resuming_a_finished_run_says_so_even_when_quiet(tmp_path, capsys):
 def test_a_max_steps_stop_inside_an_epoch_counts_whole_epochs_and_the_batches_after(
     tmp_path, capsys
 ):
-    """iris: 13 batches of 8 an epoch; max_steps=17 stops 4 batches into epoch 2 (it reported `epochs_completed: 2`). The resume to its end counts whole epochs."""
+    """iris: 13 batches of 8 an epoch; max_steps=17 stops 4 batches into epoch 2 (it
+    reported `epochs_completed: 2`). The resume to its end counts whole epochs."""
     run = tmp_path / "run"
     args = ["demo", "-q", "data.name=iris", "model.name=mlp", "model.options={}",
             "training.batch_size=8", "training.num_epochs=3", "training.warmup_steps=0",
