@@ -76,6 +76,21 @@ def test_a_gpu_index_beyond_the_machines_gpus_is_refused_naming_them(monkeypatch
         available_device("cuda:3")
 
 
+def test_resolving_a_gpu_index_changes_nothing_and_the_manager_makes_it_current(monkeypatch):
+    """`resolve_device` only answers; the manager (and predict) make `cuda:1` the current
+    device, so streams and memory statistics follow it."""
+    made: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert made == []
+    assert TrainingManager(TrainingConfig(device="cuda:1")).device == torch.device("cuda:1")
+    assert made == [torch.device("cuda:1")]
+    TrainingManager(TrainingConfig(device="cuda"))
+    assert made == [torch.device("cuda:1")]
+
+
 def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
     """Each rank takes cuda:LOCAL_RANK; a device naming one GPU would be ignored."""
     from traineval.system.distributed import Distributed, _rank_device

@@ -44,7 +44,7 @@ from ..training.loop import Loop, TrainState
 from ..training.lr_finder import LearningRateSearch, RangeTest
 from ..training.monitor import PerformanceMonitor
 from ..training.optim import configured_optimizer, configured_scheduler
-from ..training.precision import resolve_device, resolve_precision
+from ..training.precision import make_current, resolve_device, resolve_precision
 from ..training.run_checkpoints import (
     Contents,
     checkpoint_payload,
@@ -76,6 +76,7 @@ class TrainingManager:
             config.device, config.distributed_backend, config.distributed_timeout_seconds
         )
         self.device = resolve_device(device)
+        make_current(self.device)
         self.logger = logger
         self.current_epoch = 0
         self.global_step = 0

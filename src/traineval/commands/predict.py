@@ -32,7 +32,7 @@ from ..runs.checkpoint import default_checkpoint, load_model_weights, run_checkp
 from ..system.csv_cells import SafeWriter
 from ..system.files import atomic_write_text, read_json_or_none
 from ..training.batches import prediction_of
-from ..training.precision import resolve_device
+from ..training.precision import make_current, resolve_device
 from .experiment import DATA_SCHEMA, RunConfig, load_data
 
 # the built-in modes whose model does not map a table row to the task's outputs
@@ -225,6 +225,7 @@ def _load_model(
     """The run's model with the checkpoint's weights (refused when not finite), in eval mode
     on the run's device; returns it and the device."""
     device = resolve_device(config.training.device)
+    make_current(device)
     model = build_model(
         config.model.name,
         input_shape=splits.input_shape,

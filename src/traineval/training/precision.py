@@ -28,11 +28,17 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda:"):
         _check_gpu_index(torch.device(name))
-        torch.cuda.set_device(name)  # streams, memory stats and pinned copies follow it
     if name == "mps" and not _mps_available():
         logger.warning("device='mps' was asked for but MPS is not available; using the CPU")
         return torch.device("cpu")
     return torch.device(name)
+
+
+def make_current(device: torch.device) -> None:
+    """Make a GPU named by index (`cuda:1`) the current CUDA device, so that streams, memory
+    statistics and pinned copies follow it (a plain `cuda` or another kind: nothing)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def _check_gpu_index(device: torch.device) -> None:
