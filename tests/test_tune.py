@@ -171,6 +171,33 @@ def test_a_study_continues_only_under_its_metric_and_direction(tmp_path):
     assert len(result.trials) == 2
 
 
+def test_the_study_says_its_start_and_each_trial_once_in_its_own_words(tmp_path, caplog):
+    """Optuna's own "A new study created in RDB" and "Using an existing study" lines came
+    beside ours, in another format; a trial's line read "finished: 0.8695652173913043"."""
+    import logging
+
+    heard: list[logging.LogRecord] = []
+    optuna_log = logging.getLogger("optuna")
+    listener = logging.Handler(logging.DEBUG)
+    listener.emit = heard.append  # type: ignore[method-assign]
+    optuna_log.addHandler(listener)
+    try:
+        with caplog.at_level("INFO", logger="traineval"):
+            tune(_config(tmp_path / "s", epochs=1), SEARCH, trials=1)
+            tune(_config(tmp_path / "s", epochs=1), SEARCH, trials=2)
+    finally:
+        optuna_log.removeHandler(listener)
+    assert [r.getMessage() for r in heard if r.levelno < logging.WARNING] == []
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("traineval.tuning")]
+    assert "study 's' created" in said
+    assert "study 's' continues after its 1 earlier trials" in said
+    finished = [line for line in said if " finished: " in line]
+    assert len(finished) == 2
+    value = r"0\.\d{1,4}"
+    assert re.fullmatch(rf"trial 0 finished: val_accuracy = {value} \(best: trial 0, {value}\)",
+                        finished[0])  # fmt: skip
+
+
 def test_a_grid_study_asked_for_more_trials_runs_the_grid_once(tmp_path, caplog):
     """--sampler grid with more trials than combinations (the default 20) failed after the
     last one: Optuna's grid sampler called study.stop() outside optimize()."""

@@ -83,8 +83,12 @@ def start_study(settings: Settings) -> Any:
     as written), and every abandoned trial queued for a retry that resumes it."""
     study = open_study(settings)
     _check_objective(study, settings)
-    if not study.get_trials(deepcopy=False):
+    earlier = len(study.get_trials(deepcopy=False))
+    if not earlier:
+        logger.info("study %r created", settings.study_name)
         enqueue_defaults(study, settings)
+    else:
+        logger.info("study %r continues after its %d earlier trials", settings.study_name, earlier)
     recover_abandoned(study, settings)
     return study
 
@@ -207,6 +211,8 @@ def _optuna() -> Any:
 def open_study(settings: Settings) -> Any:
     """The study in its storage, created on first use (Optuna's storage, not ours)."""
     optuna = _optuna()
+    quiet = optuna.logging.get_verbosity()  # its "A new study created" line: ours says it
+    optuna.logging.set_verbosity(max(quiet, optuna.logging.WARNING))
     try:
         storage = _storage(settings.storage)
         return optuna.create_study(
@@ -224,6 +230,8 @@ def open_study(settings: Settings) -> Any:
             f"storage={settings.storage!r} cannot be opened "
             f"({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from None
+    finally:
+        optuna.logging.set_verbosity(quiet)
 
 
 def _check_objective(study: Any, settings: Settings) -> None:
