@@ -144,6 +144,72 @@ def test_resume_refuses_a_config_that_changes_the_data_order(tmp_path, caplog):
             )
 
 
+class SetGroups(Callback):
+    """The reference for a resume with other optimizer settings: the uninterrupted run,
+    given those settings after update `at`."""
+
+    def __init__(self, at: int, lr: float, weight_decay: float, betas: tuple[float, float]):
+        self.at, self.lr, self.decay, self.betas = at, lr, weight_decay, betas
+
+    def on_step_end(self, loop):
+        if loop.state.global_step == self.at:
+            for group in loop.optimizer.param_groups:
+                group["lr"], group["betas"] = self.lr, self.betas
+                if group["weight_decay"]:
+                    group["weight_decay"] = self.decay
+
+
+def test_a_resume_with_another_learning_rate_decay_and_betas_trains_with_them(tmp_path, caplog):
+    """The checkpoint's optimizer state held the earlier lr, weight decay and betas, and
+    load_state_dict restored them over the config's: the resume warned 'changed' and trained
+    on at the old values (adam_beta1 did not even warn)."""
+    constant = {"scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.01}
+    straight = dropout_mlp(0)
+    switch = SetGroups(13, lr=1e-2, weight_decay=0.05, betas=(0.5, 0.999))
+    TrainingManager(config(tmp_path / "straight", **constant)).train(
+        straight, *loaders(0), callbacks=[switch]
+    )
+    run = tmp_path / "run"
+    TrainingManager(config(run, max_steps=13, **constant)).train(dropout_mlp(0), *loaders(0))
+    resumed = dropout_mlp(0)
+    changed = {**constant, "learning_rate": 1e-2, "weight_decay": 0.05, "adam_beta1": 0.5}
+    with caplog.at_level(logging.WARNING):
+        TrainingManager(config(run, **changed)).train(resumed, *loaders(0), resume_from="auto")
+    assert_same_state(resumed, straight, run, tmp_path / "straight")
+    assert "adam_beta1 was 0.9 in the checkpoint and is 0.5 now" in caplog.text
+    rates = {r["learning_rate"] for r in read_jsonl(run / "metrics.jsonl") if r["step"] > 13
+             and r["event"] == "train"}  # fmt: skip
+    assert rates == {1e-2}
+
+
+def test_a_resumed_schedule_follows_the_new_learning_rate(tmp_path):
+    """cosine over 28 updates: after the resume at update 13 the rates are those of a run
+    planned with the new rate from the start (the schedule's factor times the new base)."""
+
+    def rates(path):  # fmt: skip
+        return {r["step"]: r["learning_rate"] for r in read_jsonl(path / "metrics.jsonl")
+                if r["event"] == "train"}  # fmt: skip
+
+    TrainingManager(config(tmp_path / "new", learning_rate=6e-3)).train(dropout_mlp(0), *loaders(0))
+    run = tmp_path / "run"
+    TrainingManager(config(run, max_steps=13)).train(dropout_mlp(0), *loaders(0))
+    TrainingManager(config(run, learning_rate=6e-3)).train(
+        dropout_mlp(0), *loaders(0), resume_from="auto"
+    )
+    after = {step: rate for step, rate in rates(run).items() if step > 13}
+    assert after == {step: rate for step, rate in rates(tmp_path / "new").items() if step > 13}
+    assert len(after) == 28 - 13
+    onecycle = run.parent / "onecycle"
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config(onecycle, scheduler_type="onecycle")).train(
+            dropout_mlp(0), *loaders(0), callbacks=[InterruptAt(13)]
+        )
+    with pytest.raises(ValueError, match=r"planned up to a learning rate of 0\.003, this run's"):
+        TrainingManager(config(onecycle, scheduler_type="onecycle", learning_rate=6e-3)).train(
+            dropout_mlp(0), *loaders(0), resume_from="auto"
+        )
+
+
 def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, caplog):
     train, val = loaders(0)
     model = dropout_mlp(0)

@@ -45,7 +45,14 @@ from ..tasks import RegressionMSE, default_loss, refuse_unreduced
 from ..training.averaging import WeightAverage
 from ..training.batches import ModelLoss, OutputTransform, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
-from ..training.optim import PlateauSchedule, check_prefixes, freeze, restore_schedule
+from ..training.optim import (
+    PlateauSchedule,
+    check_prefixes,
+    freeze,
+    group_settings,
+    keep_chosen_settings,
+    restore_schedule,
+)
 from ..training.precision import Precision, refuse_half_weights, resolve_precision
 from ..training.run_checkpoints import (
     in_shards,
@@ -565,9 +572,11 @@ def optimization(
     if isinstance(scheduler, PlateauSchedule) and run.monitor is not None:
         scheduler.plateau.minimize = run.monitor.minimize  # e.g. a user metric's declared one
     if payload is not None:
+        chosen = group_settings(optimizer)  # this run's rates and decay, not the checkpoint's
         restore_optimizer(model, optimizer, payload)
         if payload["scheduler"] is not None and scheduler is not None:
             restore_schedule(scheduler, payload["scheduler"])
+        keep_chosen_settings(optimizer, scheduler, chosen)
         if precision.scaler is not None and payload.get("scaler") is not None:
             precision.scaler.load_state_dict(payload["scaler"])
     forward_model: nn.Module = (

@@ -25,6 +25,10 @@ REFUSED_CHANGES = ("batch_size", "gradient_accumulation_steps", "seed")
 WARNED_CHANGES = (
     "learning_rate",
     "weight_decay",
+    "momentum",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
     "scheduler_type",
     "warmup_steps",
     "warmup_ratio",
@@ -271,7 +275,7 @@ def check_compatible(
         if saved.get(name, current.get(name)) != current.get(name):  # older: without it
             logger.warning(
                 "RESUMING WITH A CHANGED CONFIG: %s was %r in the checkpoint and is %r now; "
-                "the run will not match an uninterrupted one",
+                "the run goes on with the new value, so it will not match an uninterrupted one",
                 name,
                 saved.get(name),
                 current.get(name),

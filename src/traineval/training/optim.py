@@ -27,6 +27,8 @@ __all__ = [
     "configured_optimizer",
     "configured_scheduler",
     "freeze",
+    "group_settings",
+    "keep_chosen_settings",
     "parameter_groups",
     "restore_schedule",
 ]
@@ -297,6 +299,57 @@ class PlateauSchedule(torch.optim.lr_scheduler.LambdaLR):
         state = dict(state_dict)
         self.plateau.load_state_dict(state.pop("plateau"))
         super().load_state_dict(state)
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (every key but its parameters), as this run chose them."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+# A group's settings a config chooses (a group may also hold a count, e.g. federated rounds).
+_SETTINGS = ("weight_decay", "betas", "eps", "momentum")
+
+
+def keep_chosen_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    chosen: list[dict[str, Any]],
+) -> None:
+    """After a checkpoint's optimizer (and schedule) state is loaded: this run's settings
+    (`chosen`, taken before loading: learning rate, weight decay, betas, eps, momentum) replace
+    the checkpoint's, which `load_state_dict` restores beside the moments, and the learning
+    rate follows this run's schedule from the resumed update. Unchanged settings leave every
+    loaded value as it was, so a resume with the same config stays bitwise.
+
+    Raises:
+        ValueError: a one-cycle schedule resumed with another learning rate (it cannot be
+            re-planned mid-run).
+    """
+    groups = optimizer.param_groups
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        for group, mine in zip(groups, chosen, strict=True):
+            if group["max_lr"] != mine["max_lr"]:
+                raise ValueError(
+                    f"cannot resume: the onecycle schedule was planned up to a learning rate of "
+                    f"{group['max_lr']:g}, this run's is {mine['max_lr']:g}, and a one-cycle "
+                    "schedule cannot be re-planned mid-run; resume with the checkpoint's "
+                    "learning_rate"
+                )
+    for group, mine in zip(groups, chosen, strict=True):
+        group.update({k: mine[k] for k in _SETTINGS if k in mine})
+    if scheduler is None:
+        for group, mine in zip(groups, chosen, strict=True):
+            group["lr"] = mine["lr"]
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    bases = [mine["initial_lr"] for mine in chosen]
+    if bases == list(scheduler.base_lrs):
+        return
+    scheduler.base_lrs = bases
+    for group, rate, base in zip(groups, scheduler.lr_lambdas, bases, strict=True):
+        group["initial_lr"], group["lr"] = base, base * rate(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
 
 _PLAN = ("shape", "warmup_steps", "total_steps", "min_ratio", "step_size", "gamma")
