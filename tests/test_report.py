@@ -56,6 +56,27 @@ def test_report_summarises_the_run_from_its_files(run_dir, capsys):
     assert len(run.history["val_loss"]) == 4
 
 
+def test_a_run_without_its_summary_is_reported_killed_or_running(run_dir, tmp_path, capsys):
+    """summary.json is written when a run ends, however it ends: without it the report said
+    'finished' and 'trained None epochs, None optimizer updates'."""
+    from traineval.runs.rundir import run_dir_lock
+
+    killed = tmp_path / "killed"
+    shutil.copytree(run_dir, killed)
+    (killed / "summary.json").unlink()
+    assert main(["report", str(killed)]) == 0
+    out = capsys.readouterr().out
+    assert "not finished (no summary.json: the run was killed; --resume auto continues" in out
+    page = (killed / "report.html").read_text()
+    overview = page[page.index("<h2>Overview</h2>") : page.index("<h2>Metrics</h2>")]
+    assert "<td>status</td><td>not finished (no summary.json" in overview
+    assert "<td>trained</td><td>16 optimizer updates logged</td>" in overview
+    assert "None" not in overview
+    with run_dir_lock(killed):  # a run holds the folder: it is still training
+        assert main(["report", str(killed)]) == 0
+    assert "running (another process holds the folder now)" in capsys.readouterr().out
+
+
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import numpy as np
 from ..assembly.results import trained_words
 from ..config.training_config import load_yaml, metric_is_minimized
 from ..loggers import read_jsonl
+from ..runs.rundir import in_use
 from ..system.files import atomic_write_text
 from ..system.untrusted_text import read_json
 from ..training.loop import empty_history
@@ -59,6 +60,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     history = rounds_history(records) if flower else history_from_events(records)
     if flower:
         summary = _best_round(history, _mapping(config.get("training")))
+    elif not summary:
+        summary = _unfinished(run_dir, records)
     val = [(s, m) for s, m in zip(history["val_steps"], history["val_metrics"], strict=True)]
     best_step = summary.get("best_step")
     best: dict[str, float] = next((m for s, m in val if s == best_step), {})
@@ -210,11 +213,14 @@ def summary_text(run: RunRecord) -> str:
             )
     elif s:
         status = _status(s)
-        lines.append(
-            f"{status}: {_trained(s)} in {_num(s.get('train_seconds', 0.0), '.1f')}s "
-            f"({_num(_mapping(s.get('performance')).get('samples_per_sec', 0.0), ',.0f')} "
-            "samples/s)"
-        )
+        line = f"{status}: {_trained(s)}"
+        if "train_seconds" in s:
+            line += (
+                f" in {_num(s.get('train_seconds', 0.0), '.1f')}s "
+                f"({_num(_mapping(s.get('performance')).get('samples_per_sec', 0.0), ',.0f')} "
+                "samples/s)"
+            )
+        lines.append(line)
         if s.get("best_metric") is not None:
             lines.append(
                 f"best {s.get('monitor_metric')} = {_num(s['best_metric'])} at epoch "
@@ -434,17 +440,19 @@ def _overview(run: RunRecord) -> list[tuple[str, Any]]:
             ("best round", s.get("best_step")),
         ]
     performance = _mapping(s.get("performance"))
-    return [
+    best = (s.get("best_epoch"), s.get("best_step"))
+    rows = [
         ("status", _status(s)),
         ("trained", _trained(s)),
         ("monitored metric", s.get("monitor_metric")),
         ("best value", s.get("best_metric")),
-        ("best epoch / step", f"{s.get('best_epoch')} / {s.get('best_step')}"),
+        ("best epoch / step", None if best == (None, None) else f"{best[0]} / {best[1]}"),
         ("training time (s)", s.get("train_seconds")),
         ("samples / s", performance.get("samples_per_sec")),
         ("data-wait fraction", performance.get("data_wait_fraction")),
         ("peak RSS (MiB)", performance.get("peak_rss_mb")),
     ]
+    return [(name, value) for name, value in rows if value is not None]  # (unknown: left out)
 
 
 def _epoch_rows(run: RunRecord) -> str:
@@ -458,6 +466,23 @@ def _epoch_rows(run: RunRecord) -> str:
     )
 
 
+def _unfinished(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a run directory without summary.json (written when a run ends, however it ends)
+    says: a run holds it now, or its run was killed; how far metrics.jsonl got."""
+    steps = [r["step"] for r in records if type(r.get("step")) is int]
+    if in_use(run_dir):
+        status, reason = "running", "another process holds the folder now"
+    else:
+        status, reason = (
+            "not finished",
+            (
+                "no summary.json: the run was killed; --resume auto continues it from its last "
+                "checkpoint"
+            ),
+        )
+    return {"status": status, "stop_reason": reason, "global_step": max(steps, default=0)}
+
+
 def _status(summary: dict[str, Any]) -> str:
     """How the run ended: summary.json's `status` (with its reason when it did not finish);
     runs of earlier versions recorded only `stopped_early`."""
@@ -465,7 +490,8 @@ def _status(summary: dict[str, Any]) -> str:
     if not isinstance(status, str):
         return "stopped early" if summary.get("stopped_early") else "finished"
     reason = summary.get("stop_reason")
-    if status in ("interrupted", "failed", "time limit") and isinstance(reason, str):
+    ended = ("interrupted", "failed", "time limit", "running", "not finished")
+    if status in ended and isinstance(reason, str):
         return f"{status} ({reason})"
     return status
 
@@ -476,4 +502,6 @@ def _trained(summary: Mapping[str, Any]) -> str:
     batches = summary.get("batches_into_epoch", 0)
     if isinstance(epochs, int) and isinstance(batches, int) and isinstance(steps, int):
         return trained_words(epochs, batches, steps)
+    if epochs is None and isinstance(steps, int):  # no summary.json: as far as the log went
+        return f"{steps} optimizer updates logged"
     return f"{epochs} epochs, {steps} optimizer updates"

@@ -96,6 +96,25 @@ def run_dir_lock(folder: str | Path) -> Iterator[None]:
                 _release(entry[1])  # the lock file stays (removing it races)
 
 
+def in_use(folder: str | Path) -> bool:
+    """Whether a run holds `folder` now (its flock on the folder). The probe takes a shared
+    lock for an instant and drops it: a run starting in that instant would be told the
+    folder is in use."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)  # (closing drops the probe's lock)
+    return False
+
+
 def make_folder(folder: Path) -> None:
     """Create the run directory `folder` (and its parents), saying why it cannot be."""
     if folder.is_symlink() and not folder.exists():
