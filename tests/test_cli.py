@@ -278,6 +278,11 @@ def test_fit_trains_and_tests_a_multilabel_csv(tmp_path, capsys):
     assert header == "id,target,prediction,prob_spam,prob_ham,prob_eggs"  # named labels
     spam = per_label[0]
     assert f"spam      {spam['precision']:.4f}  {spam['recall']:.4f}" in printed
+    # evaluating the same checkpoint again logs its test once, not a second identical record
+    records = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    tests = [line for line in records if '"split": "test"' in line]
+    assert len(tests) == 1
+    assert records[-1] == tests[0]  # in place of fit's: the record is the evaluation's
 
 
 def test_builtin_models_fit_their_data_shapes():
@@ -414,7 +419,9 @@ def test_evaluate_command_rebuilds_the_run_and_matches_fit(tmp_path, capsys):
     assert (run / "evaluation" / "predictions_test.csv").exists()
     assert (run / "evaluation" / "confusion_matrix_test.png").exists()
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [e["split"] for e in events if e["event"] == "eval"][-2:] == ["test", "test"]
+    # the same checkpoint's test again: logged in place of fit's, not as a second record
+    assert [e["split"] for e in events if e["event"] == "eval"][-2:] == ["val", "test"]
+    assert [e for e in events if e.get("split") == "test"] == [events[-1]]
     assert main(["evaluate", str(run), "--checkpoint", "nope"]) == 2
     err = capsys.readouterr().err
     assert "this run has no 'nope' checkpoint" in err

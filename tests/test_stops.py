@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ from test_meta_learning import _episodes
 from test_ppo import PPO
 from test_reinforcement import RL, ActorCritic, Walk
 from traineval import Callback, TrainingManager
+from traineval.loggers import read_jsonl
 from traineval.models import VAE
 from traineval.modes import (
     Federated,
@@ -33,7 +35,7 @@ from traineval.modes import (
 from traineval.runs.checkpoint import load_checkpoint_file, load_model_weights
 from traineval.training.loop import TrainingInterrupted
 
-from conftest import make_classification, plain_sgd_config
+from conftest import InterruptAt, make_classification, plain_sgd_config
 from test_resume import assert_same_state
 
 
@@ -126,6 +128,17 @@ CASES = {
 }
 
 
+TIMING = re.compile(r"sec|wait|rss|memory|time")
+
+
+def logged(folder: Any) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl records without their timings."""
+    return [
+        {k: v for k, v in record.items() if not TIMING.search(k)}
+        for record in read_jsonl(folder / "metrics.jsonl")
+    ]
+
+
 def _train(case: Case, folder: Any, quiet_config: dict[str, Any], **length: Any) -> Any:
     quiet_config = {**quiet_config, "output_dir": str(folder)}
     resume, callbacks = length.pop("resume_from", None), length.pop("callbacks", ())
@@ -162,6 +175,22 @@ def test_a_max_steps_stop_then_a_longer_run_equals_the_uninterrupted_run(
     assert result["global_step"] == expected["global_step"]
     assert result["stop_reason"] == expected["stop_reason"]  # not the stopped run's max_steps
     assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+    # the stop's closing validation and its part of an epoch are not in the resumed run's log
+    assert logged(tmp_path / "stopped") == logged(tmp_path / "straight")
+
+
+def test_a_resume_from_an_epoch_s_best_logs_that_epoch_once(quiet_config, tmp_path):
+    """best.pt is written in the epoch's validation, before its `epoch` record: a resume
+    from it (a corrupt last.pt falls back to it) kept that record beside the resumed run's
+    own, by step, so the epoch showed twice in metrics.jsonl and the report."""
+    case = CASES["supervised"]
+    _train(case, tmp_path / "straight", quiet_config)
+    with pytest.raises(TrainingInterrupted):
+        _train(case, tmp_path / "run", quiet_config, callbacks=[InterruptAt(12)])
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert load_checkpoint_file(best)["global_step"] == 8  # epoch 1's end
+    _train(case, tmp_path / "run", quiet_config, resume_from=str(best))
+    assert logged(tmp_path / "run") == logged(tmp_path / "straight")
 
 
 def test_a_max_steps_stop_with_its_epoch_end_save_put_off_resumes_exactly(
@@ -312,6 +341,10 @@ def test_a_sigterm_in_any_phase_of_fit_exits_143_and_resumes_to_the_same_run(
         assert torch.equal(ours["model"][key], value), key
     tested = json.loads((run / "evaluation" / "metrics.json").read_text())["test"]
     assert tested == json.loads((straight / "evaluation" / "metrics.json").read_text())["test"]
+    # the log too: an interrupted test evaluation's record is not kept beside the resumed one
+    assert logged(run) == logged(straight)
+    assert main([*iris_demo(run, "training.num_epochs=3"), "--resume", "auto"]) == 0
+    assert logged(run) == logged(straight)  # nothing to train: the test is logged once
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):

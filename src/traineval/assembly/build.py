@@ -38,7 +38,13 @@ from ..evaluation.model_evaluator import ModelEvaluator
 from ..loggers import JsonlLogger, LoggerHub
 from ..modes import Context, Mode, ModePlan
 from ..runs.checkpoint import refuse_another_models
-from ..runs.resume import check_compatible, check_mode, find_checkpoint, truncate_events
+from ..runs.resume import (
+    check_compatible,
+    check_mode,
+    find_checkpoint,
+    logged_records,
+    truncate_events,
+)
 from ..system.distributed import Distributed, is_sharded, wrap_model
 from ..system.seeding import reseed_held_generators, seed_everything
 from ..tasks import RegressionMSE, default_loss, refuse_unreduced
@@ -714,14 +720,15 @@ def open_loggers(
     if job.is_main:  # config.yaml from the start: an interrupted run can be evaluated
         record = run_config or {"training": config.to_dict(), "mode": mode.to_dict()}
         write_run_config(record, output_dir)
-        events = output_dir / "metrics.jsonl"
+        events, kept = output_dir / "metrics.jsonl", 0
         if payload is not None:
-            truncate_events(events, payload["global_step"])
+            kept = truncate_events(events, payload["global_step"], logged_records(payload))
         else:
             events.unlink(missing_ok=True)
         resumed_step = payload["global_step"] if payload else 0
         optional = optional_loggers(config, output_dir, resumed_step)
         hub = LoggerHub([JsonlLogger(events), *optional, *run.request.loggers])
+        hub.records = kept
     hub.log_config({**config.to_dict(), "mode": mode.to_dict()})
     return hub
 

@@ -48,7 +48,7 @@ from ..data import DataSplits, load_builtin, load_csv, make_splits
 from ..data.splits import SCHEMA_FILE
 from ..data.tables import BUILTIN_DATASETS, Columns
 from ..evaluation.model_evaluator import SPLIT_PREFIX, EvaluationOptions, EvaluationReport
-from ..loggers import JsonlLogger
+from ..loggers.jsonl import log_replacing
 from ..models import MODELS, build_model, refuse_unknown_options
 from ..modes import Mode, Supervised, mode_class
 from ..runs.checkpoint import (
@@ -758,8 +758,8 @@ def _evaluate_split(
     device: torch.device,
     split: EvaluationMode = EvaluationMode.TESTING,
 ) -> EvaluationReport:
-    """Evaluate on one of the run's splits (which must exist) and append the split-tagged
-    record to metrics.jsonl."""
+    """Evaluate on one of the run's splits (which must exist) and log the split-tagged
+    record to metrics.jsonl (in place of an earlier one of the split at the same step)."""
     prefix = SPLIT_PREFIX[split]
     loader = parts.loader(getattr(parts.splits, prefix))
     own = parts.mode.score(model, loader, device, seed=parts.config.training.seed)
@@ -777,10 +777,8 @@ def _evaluate_split(
     metrics = report.metrics
     summary = out / "summary.json"
     step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0
-    log = JsonlLogger(out / "metrics.jsonl")
     record = {"event": "eval", "split": prefix, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
-    log.log(record, step)
-    log.close()
+    log_replacing(out / "metrics.jsonl", record, step)
     return report
 
 

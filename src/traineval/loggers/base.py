@@ -53,8 +53,12 @@ class LoggerHub:
     def __init__(self, loggers: Sequence[Any]) -> None:
         self.loggers = list(loggers)
         self.failures: dict[str, int] = {}
+        # records logged in the run (a resumed run's earlier ones included): a checkpoint
+        # keeps the count, and a resume cuts metrics.jsonl back to it
+        self.records = 0
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.records += 1
         for target in self.loggers:
             self._safely(target, "log", metrics, step)
 

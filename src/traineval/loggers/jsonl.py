@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..system.files import atomic_write_text
+
 
 class JsonlLogger:
     """Append `{"step": ..., **metrics}` records to a JSON-lines file.
@@ -30,6 +32,29 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._file.close()
+
+
+def log_replacing(path: str | Path, metrics: Mapping[str, Any], step: int) -> None:
+    """Log `metrics` (an `eval` record of one split) at `step` in place of an earlier record
+    of that split at that step (atomically): evaluating a run's checkpoint again, or a
+    resume of a finished run, logs its test once, not beside the earlier one."""
+    path = Path(path)
+    record = {"event": metrics.get("event", "log"), "step": step, **metrics}
+    same = (record["event"], record.get("split"), step)
+    kept = []
+    if path.exists():
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    earlier = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if not isinstance(earlier, dict):
+                    continue
+                if (earlier.get("event"), earlier.get("split"), earlier.get("step")) != same:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    kept.append(json.dumps(plain(record)) + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def plain(value: Any) -> Any:

@@ -338,17 +338,32 @@ def check_mode(payload: dict[str, Any], mode: Any) -> None:
         )
 
 
-def truncate_events(path: Path, step: int) -> None:
-    """Drop the events an interrupted run logged after its checkpoint (atomically)."""
+def logged_records(payload: dict[str, Any]) -> int | None:
+    """How many metrics.jsonl records the run had logged when the checkpoint was written
+    (None: a checkpoint of an earlier version, or a value that is not a count)."""
+    count = payload.get("log_records")
+    return count if type(count) is int and count >= 0 else None
+
+
+def truncate_events(path: Path, step: int, records: int | None = None) -> int:
+    """Cut metrics.jsonl back to what the run had logged when its checkpoint was written
+    (atomically): its first `records` records, or, for a checkpoint of an earlier version
+    without the count, those up to `step`. A checkpoint written inside a step (the best
+    during an epoch's validation, the last before a max_steps stop's closing validation)
+    keeps none of that step's later records, which the resumed run logs again. Returns
+    how many records are kept."""
     if not path.exists():
-        return
-    kept = []
+        return 0
+    kept: list[str] = []
     with path.open(encoding="utf-8") as handle:
         for line in handle:
+            if records is not None and len(kept) >= records:
+                break
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the crash
-            if record.get("step", 0) <= step:
+            if records is not None or record.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(kept))
+    return len(kept)

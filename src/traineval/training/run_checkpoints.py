@@ -417,6 +417,7 @@ def _records(
         "mode": mode,
         **({"ema": average.state_dict()} if (average := loop.weight_average) else {}),
         "step_per_rank": ranks["steps"],
+        "log_records": loop.loggers.records,  # metrics.jsonl's records up to this point
         "world_size": job.world_size,
         "distributed_strategy": config.distributed_strategy if job.enabled else None,
         "traineval_version": __version__,
