@@ -668,3 +668,32 @@ def test_a_last_batch_of_one_sample_under_batch_norm_says_drop_last(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"batch of one sample in training .*drop_last=True"):
         _manager(tmp_path).train(model, data)
+
+
+def test_a_library_thread_that_fails_is_one_line_not_a_traceback(monkeypatch, capsys, caplog):
+    """TensorBoard's event writer on a full disk re-raised its OSError in its own thread:
+    Python printed 'Exception in thread Thread-2:' and a traceback across the command's
+    one-line error."""
+    import threading
+
+    from traineval import cli
+
+    def failing_command(args):
+        def write():
+            raise OSError(28, "No space left on device")
+
+        worker = threading.Thread(target=write, name="Writer")
+        worker.start()
+        worker.join()
+        return 0
+
+    monkeypatch.setattr(cli, "_command", failing_command)
+    before = threading.excepthook
+    assert main(["report", "somewhere"]) == 0
+    assert threading.excepthook is before  # put back when the command ends
+    assert "Traceback" not in capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if "background thread" in r.getMessage()]
+    assert said == [
+        "traineval: background thread Writer (threading) ended with OSError: [Errno 28] No "
+        "space left on device (--debug shows the traceback)"
+    ]

@@ -104,6 +104,12 @@ def test_a_logger_raising_on_every_call_does_not_stop_training(tmp_path, caplog)
         hub.close()
     assert caplog.text.count("Broken.") == 1  # warned once
     assert hub.failures["Broken"] == 7
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        LoggerHub([Broken()]).close()  # at the end, nothing goes on: it says what may be lost
+    assert "Broken.close failed (RuntimeError: service unavailable); its last records may be " in (
+        caplog.text
+    )
 
     Broken.calls = 0
     result = TrainingManager(_config(tmp_path)).train(

@@ -262,12 +262,35 @@ def main(argv: list[str] | None = None) -> int:
     line naming the error (a file system error names the file; exit statuses: `exit_codes`),
     with the traceback only under `--debug` or TRAINEVAL_DEBUG=1."""
     args = _arguments(argv)
+    import threading
+
+    previous = threading.excepthook
+    if not args.debug:
+        threading.excepthook = _thread_failed
     try:
         return _command(args)
     except Exception as error:
         if args.debug:
             raise
         return _unexpected(error)
+    finally:
+        threading.excepthook = previous
+
+
+def _thread_failed(failure: Any) -> None:
+    """A library's background thread (TensorBoard's event writer on a full disk) that ends
+    with an error: one line, not its traceback printed across the command's own lines."""
+    if failure.exc_type is SystemExit:
+        return
+    text = str(failure.exc_value or "").strip().splitlines()
+    thread = failure.thread
+    name = "?" if thread is None else f"{thread.name} ({type(thread).__module__.split('.')[0]})"
+    logging.getLogger("traineval").warning(
+        "traineval: background thread %s ended with %s%s (--debug shows the traceback)",
+        name,
+        failure.exc_type.__name__,
+        f": {text[0]}" if text else "",
+    )
 
 
 def _unexpected(error: Exception) -> int:

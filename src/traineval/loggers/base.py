@@ -80,11 +80,11 @@ class LoggerHub:
             name = type(target).__name__
             self.failures[name] = self.failures.get(name, 0) + 1
             if self.failures[name] == 1:
+                after = (
+                    "its last records may be missing"
+                    if method == "close"
+                    else "training goes on, further failures of this logger are counted silently"
+                )
                 logger.warning(
-                    "%s.%s failed (%s: %s); training goes on, further failures of this logger "
-                    "are counted silently",
-                    name,
-                    method,
-                    type(error).__name__,
-                    error,
+                    "%s.%s failed (%s: %s); %s", name, method, type(error).__name__, error, after
                 )
