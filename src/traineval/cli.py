@@ -578,24 +578,35 @@ def _fit(config: Any, args: argparse.Namespace) -> int:
         return 0  # under torchrun, rank 0 reports
     training = outcome.training
     print(f"\nRun directory: {outcome.output_dir}")
-    best = (
-        f"best {training.monitor_metric} = {training.best_metric:.4f} at epoch "
-        f"{training.best_epoch}"
-        if training.best_metric is not None
-        else f"no {training.monitor_metric} measured yet"
-    )
-    done = training.trained_words()
-    early = " (stopped early)" if training.stopped_early else ""
-    if training.global_step and not training.updates_trained:  # a finished run, resumed
-        print(f"Nothing to train: the run had finished, {done}; {best}{early}")
-    else:
-        print(f"Trained {done} in {elapsed:.1f}s; {best}{early}")
+    print(_trained_line(training, elapsed))
     if training.status == "time limit":
         print(f"{training.stop_reason} (--resume auto); the test split is evaluated at the end")
     if outcome.test_metrics:
         print(f"\nTest metrics, {outcome.evaluated_checkpoint}:")
         print(_table(outcome.test_metrics, outcome.test_intervals))
     return 0
+
+
+def _trained_line(training: Any, elapsed: float) -> str:
+    """What `fit` trained, in one line: the whole run, a resume's later part, or nothing."""
+    from .assembly.results import counted
+
+    best = (
+        f"best {training.monitor_metric} = {training.best_metric:.4f} at epoch "
+        f"{training.best_epoch}"
+        if training.best_metric is not None
+        else f"no {training.monitor_metric} measured yet"
+    )
+    best += " (stopped early)" if training.stopped_early else ""
+    done, trained = training.trained_words(), training.updates_trained
+    if training.global_step and not trained:  # a finished run, resumed
+        return f"Nothing to train: the run had finished, {done}; {best}"
+    if trained < training.global_step:  # a resume: this command trained the later part
+        return (
+            f"Trained {counted(trained, 'optimizer update')} in {elapsed:.1f}s, resumed at "
+            f"update {training.global_step - trained}: the run has trained {done}; {best}"
+        )
+    return f"Trained {done} in {elapsed:.1f}s; {best}"
 
 
 def _cv_interrupted(stopped: BaseException) -> int:
