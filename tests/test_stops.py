@@ -193,6 +193,18 @@ def test_a_resume_from_an_epoch_s_best_logs_that_epoch_once(quiet_config, tmp_pa
     assert logged(tmp_path / "run") == logged(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("name", ["ppo", "supervised"])
+def test_a_stop_inside_a_log_interval_logs_the_uninterrupted_means(name, quiet_config, tmp_path):
+    """A stop inside a log interval reads its steps' metrics in two parts: summed in float32
+    per part, PPO's train_entropy came out in another 8th digit after the resume."""
+    case = CASES[name]
+    _train(case, tmp_path / "straight", quiet_config, log_frequency=4)
+    with pytest.raises(TrainingInterrupted):
+        _train(case, tmp_path / "run", quiet_config, log_frequency=4, callbacks=[InterruptAt(6)])
+    _train(case, tmp_path / "run", quiet_config, log_frequency=4, resume_from="auto")
+    assert logged(tmp_path / "run") == logged(tmp_path / "straight")
+
+
 def test_a_max_steps_stop_with_its_epoch_end_save_put_off_resumes_exactly(
     quiet_config, tmp_path, monkeypatch
 ):

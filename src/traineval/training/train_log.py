@@ -72,8 +72,10 @@ class TrainLog:
         for name, values in self._metrics.items():
             tensors = [v for v in values if isinstance(v, torch.Tensor)]
             total = sum(float(v) for v in values if not isinstance(v, torch.Tensor))
-            if tensors:
-                total += float(torch.stack([t.detach().float() for t in tensors]).sum())
+            if tensors:  # one transfer; summed in float64, so that however a stop splits an
+                # interval into reads, the sum is the uninterrupted one's
+                stacked = torch.stack([t.detach().float() for t in tensors])
+                total += float(stacked.to("cpu", torch.float64).sum())
             sums = state.interval_metrics.setdefault(name, [0.0, 0.0])
             sums[0] += total
             sums[1] += len(values)
