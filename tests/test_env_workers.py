@@ -205,6 +205,40 @@ def test_ctrl_c_reaching_the_workers_too_stops_the_run_cleanly(tmp_path):
     assert "finished" in resumed.stdout
 
 
+@pytest.mark.slow
+def test_a_kill_9_of_the_run_ends_its_workers_without_a_traceback(tmp_path):
+    """The workers outlived a killed training process long enough to write to its dead
+    pipe: each printed gymnasium's BrokenPipe traceback over the terminal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script, out, errors = tmp_path / "run.py", tmp_path / "run", tmp_path / "stderr.txt"
+    script.write_text(INTERRUPTIBLE)
+    with errors.open("w") as err:
+        run = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,
+                               stderr=err, text=True, start_new_session=True)  # fmt: skip
+        assert run.stdout is not None
+        assert run.stdout.readline().strip() == "started"
+        time.sleep(0.5)  # inside a rollout, the workers stepping
+        run.kill()
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the workers end with it
+            try:
+                os.killpg(run.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(run.pid, signal.SIGKILL)
+            pytest.fail("the workers outlived the killed run")
+    text = errors.read_text()
+    assert "Traceback" not in text, text
+    assert "BrokenPipe" not in text, text
+
+
 class CountedWalk(Walk):
     """A Walk that counts the instances made in this process (a costly simulator, say)."""
 

@@ -19,10 +19,12 @@ function or a `functools.partial` of one (environment names are).
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -79,7 +81,23 @@ def worker_env(
         return ReplayingEnv(None, observation_space, action_space)
     for name in ("SIGINT", "SIGTERM"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _end_with_the_training_process(training_pid)
     return ReplayingEnv(factory, observation_space, action_space)
+
+
+def _end_with_the_training_process(training_pid: int) -> None:
+    """Linux: the kernel ends this worker when the process that started it dies (a kill -9
+    of the run), rather than the worker writing to the dead pipe and printing gymnasium's
+    BrokenPipe traceback over the terminal. Elsewhere the pipe's error ends it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the pipe's error ends the worker
+        return
+    if os.getppid() == 1 and training_pid != 1:  # it died before the line above
+        os._exit(0)
 
 
 def _plain(action: Any) -> Any:
