@@ -34,8 +34,10 @@ def make_folds(
     groups: Sequence[Any] | None = None,
     seed: int = 0,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, validation) index pairs: grouped if `groups`, stratified if `labels`, else plain."""
-    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+    """(train, validation) index pairs: grouped if `groups` (no group in two folds), also
+    stratified if `labels` (scikit-learn's `StratifiedGroupKFold`, shuffled with `seed`),
+    stratified if `labels` alone, else plain."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
     if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 2:
         raise ValueError(f"n_folds={n_folds!r} (--folds) is invalid: expected an integer >= 2")
@@ -51,6 +53,9 @@ def make_folds(
         distinct = len(set(group_array.tolist()))
         if distinct < n_folds:
             raise ValueError(f"n_folds={n_folds} (--folds) is more than the {distinct} groups")
+        if labels is not None:  # each fold's classes as near the whole set's as groups allow
+            both = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            return list(both.split(indices, labels, groups=group_array))
         return list(GroupKFold(n_splits=n_folds).split(indices, groups=group_array))
     if labels is not None:
         smallest = np.unique(labels, return_counts=True)[1].min()  # any ids, e.g. -1: unlabeled
@@ -149,16 +154,18 @@ class Folds:
         self, n_folds: int, stratify: bool | None, groups: Sequence[Any] | None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The folds: stratified for classification unless told otherwise, grouped when
-        `groups` is given; then shaped by the mode's `fold` (semi-supervised: a fold's
-        unlabeled rows train with the other folds, since validation needs labels)."""
+        `groups` is given (both: stratified within the grouping); then shaped by the mode's
+        `fold` (semi-supervised: a fold's unlabeled rows train with the other folds, since
+        validation needs labels)."""
         dataset, task_type, mode = self.dataset, self.task_type, self.mode
-        classification = task_type is TaskType.CLASSIFICATION or (
-            task_type is None and mode.name == "supervised" and _integer_targets(dataset)
-        )
+        guessed = task_type is None and mode.name == "supervised" and _integer_targets(dataset)
+        classification = task_type is TaskType.CLASSIFICATION or guessed
         if stratify and not classification:
             raise ValueError("stratify=True needs classification targets")
         use_strata = classification if stratify is None else stratify
-        labels = dataset_labels(dataset) if use_strata and groups is None else None
+        labels = dataset_labels(dataset) if use_strata else None
+        if guessed and labels is not None and groups is None:
+            _refuse_small_guessed_classes(labels, n_folds)
         n = len(dataset)  # type: ignore[arg-type]
         folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=self.config.seed)
         return mode.fold(dataset, folds)
@@ -246,6 +253,20 @@ def aggregate(results: Sequence[FoldResult]) -> dict[str, Any]:
     summary["folds"] = [dataclasses.asdict(r) for r in results]
     summary["fold_checkpoints"] = [r.checkpoint for r in results]
     return summary
+
+
+def _refuse_small_guessed_classes(labels: np.ndarray, n_folds: int) -> None:
+    """Integer targets read as classes (no task_type given) with a class too small to
+    stratify: they may be values to regress (counts), where fewer folds cannot help, so
+    the error names both ways out."""
+    values, counts = np.unique(labels, return_counts=True)
+    if isinstance(n_folds, int) and counts.min() < n_folds:
+        raise ValueError(
+            f"n_folds={n_folds} (--folds) is invalid for stratified folds: the integer "
+            f"targets were read as {len(values)} classes and class {values[counts.argmin()]} "
+            f"has only {counts.min()} samples; if they are values to regress, pass "
+            "task_type='regression' (or float targets), else use fewer folds"
+        )
 
 
 def _integer_targets(dataset: Dataset[Any]) -> bool:

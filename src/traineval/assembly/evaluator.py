@@ -49,10 +49,12 @@ class Evaluator(ModelEvaluator):
 
         `model_class` is a model class taking no arguments or any function returning a new
         model. Folds are stratified for classification unless `stratify=False`, grouped when
-        `groups` is given (no group spans two folds), plain otherwise, shuffled with
-        `config.seed`. Every fold starts from fresh weights, optimizer, scheduler and
-        callbacks, trains in `<output_dir>/fold-<k>/`, and reports its *best* validation
-        metrics (at the monitored metric's best evaluation).
+        `groups` is given (no group spans two folds; with stratification too, scikit-learn's
+        `StratifiedGroupKFold`), plain otherwise, shuffled with `config.seed` (grouped folds
+        without stratification are scikit-learn's `GroupKFold`, which does not shuffle).
+        Every fold starts from fresh weights, optimizer, scheduler and callbacks, trains in
+        `<output_dir>/fold-<k>/`, and reports its *best* validation metrics (at the
+        monitored metric's best evaluation).
 
         Returns `<metric>_mean` and `<metric>_std` for every validation metric, plus `folds`
         (per-fold best metrics, epoch, checkpoint) and `fold_checkpoints` (for

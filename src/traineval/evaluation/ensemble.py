@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,15 @@ from torch import nn
 
 from ..config.training_config import TaskType
 from ..runs.checkpoint import load_checkpoint_file
-from ..training.batches import OutputTransform, label_shift, prediction_of
+from ..training.batches import (
+    OutputTransform,
+    forward,
+    label_shift,
+    move_to_device,
+    prediction_of,
+    split_batch,
+)
+from .metrics import are_probabilities, as_logits
 
 
 class EnsembleModule(nn.Module):
@@ -19,7 +28,10 @@ class EnsembleModule(nn.Module):
     as log-probabilities, so argmax, cross-entropy and softmax read them correctly), plain
     means for regression. With one binary logit, and for each label of a multi-label task,
     the mean sigmoid probability returns as a logit. Members' outputs are read by the rule of
-    `traineval.training.batches` (or `output_transform`).
+    `traineval.training.batches` (or `output_transform`); a member whose class scores are
+    probabilities already (it ends in a softmax) is read as single-model evaluation reads it
+    (`are_probabilities`, decided on its first batch): its probabilities as they are, not
+    their softmax, so a one-member ensemble scores as its member does.
     """
 
     def __init__(
@@ -35,11 +47,13 @@ class EnsembleModule(nn.Module):
         self.task_type = task_type
         self.output_transform = output_transform
         self.label_shift = label_shift(members[0])  # causal members: scored on the next token
+        self.given_probabilities: list[bool] | None = None  # each member's, from its first batch
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         outputs = [
             prediction_of(member(*args, **kwargs), self.output_transform) for member in self.members
         ]
+        same_shapes(outputs)
         first = outputs[0]
         task = self.task_type
         if task is None:
@@ -52,8 +66,29 @@ class EnsembleModule(nn.Module):
             # one logit per label (or a binary task's one): mean probability, as a logit
             p = torch.stack([torch.sigmoid(o.float()) for o in outputs]).mean(0)
             return torch.log(p) - torch.log1p(-p)
-        probabilities = torch.stack([torch.softmax(o.float(), dim=-1) for o in outputs]).mean(0)
-        return torch.log(probabilities)
+        if self.given_probabilities is None:  # decided once, in the outputs' own dtype
+            self.given_probabilities = [are_probabilities(o) for o in outputs]
+        # log of the mean probability, from each member's log-probabilities (no underflow)
+        logs = [
+            as_logits(o.float()) if given else torch.log_softmax(o.float(), dim=-1)
+            for o, given in zip(outputs, self.given_probabilities, strict=True)
+        ]
+        return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
+
+
+def same_shapes(outputs: Sequence[torch.Tensor], what: str = "a batch") -> None:
+    """Refuse members whose predictions differ in shape (3 classes beside 4, one logit beside
+    two scores), naming the members and their columns: their mean is undefined."""
+    first = outputs[0]
+    for index, output in enumerate(outputs[1:], start=1):
+        if output.shape != first.shape:
+            columns = [o.shape[-1] if o.ndim > 1 else 1 for o in (first, output)]
+            raise ValueError(
+                f"models_or_checkpoint_paths[{index}] predicts shape {tuple(output.shape)} "
+                f"({columns[1]} classes or outputs a sample) on {what} where "
+                f"models_or_checkpoint_paths[0] predicts {tuple(first.shape)} ({columns[0]}): "
+                "an ensemble averages members that score the same classes (or outputs)"
+            )
 
 
 def load_members(
@@ -75,3 +110,27 @@ def load_members(
         model.load_state_dict(load_checkpoint_file(item, map_location=device)["model"])
         members.append(model.to(device))
     return members
+
+
+def check_members(
+    members: Sequence[nn.Module],
+    loader: Iterable[Any],
+    device: torch.device,
+    transform: OutputTransform | None,
+) -> None:
+    """Run every member on the loader's first batch and refuse members whose predictions
+    differ in shape (different classes), before any member is evaluated in full."""
+    batch = next(iter(loader), None)
+    if batch is None or len(members) < 2:
+        return  # (the evaluation refuses a loader without batches)
+    inputs, _ = split_batch(move_to_device(batch, device) if device.type != "cpu" else batch)
+    outputs = []
+    with torch.inference_mode():
+        for member in members:
+            was_training = member.training
+            member.eval()
+            try:
+                outputs.append(prediction_of(forward(member, inputs), transform))
+            finally:
+                member.train(was_training)
+    same_shapes(outputs, "the loader's first batch")

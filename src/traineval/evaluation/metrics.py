@@ -127,7 +127,12 @@ class ConfusionMatrix:
         else:  # bincount would wait for the device to learn its output size
             self.counts.index_add_(0, index, torch.ones_like(index))
         assert self.nan_count is not None
-        self.nan_count += torch.isnan(top).sum()
+        # a row with a NaN, or with +inf among several scores (their softmax is NaN; one
+        # binary logit of +inf is a probability of 1)
+        unreadable = torch.isnan(top)
+        if scores.ndim == 2 and scores.shape[1] == c:
+            unreadable |= torch.isposinf(top)
+        self.nan_count += unreadable.sum()
         self._note_invalid(targets, outside & ~ignored)
 
     def _note_invalid(self, targets: torch.Tensor, invalid: torch.Tensor) -> None:
@@ -174,7 +179,10 @@ class ConfusionMatrix:
                 "evaluated)"
             )
         if self.nan_count is not None and int(self.nan_count):
-            raise ValueError(f"{int(self.nan_count)} predictions contain NaN")
+            raise ValueError(
+                f"{int(self.nan_count)} predictions contain NaN (or +inf among class scores, "
+                "whose softmax is NaN): scores must be finite numbers"
+            )
         return self.counts[:-2].reshape(self.num_classes, self.num_classes).cpu()
 
     def compute(self, average: str = "weighted") -> dict[str, float]:
@@ -385,6 +393,7 @@ class RegressionStats:
             "sq": (err**2).sum(0),
             "abs": err.abs().sum(0),
             "nan": torch.isnan(p).sum(),
+            "bad_targets": (~torch.isfinite(y)).sum(),
         }
         self._combine(batch, m)
 
@@ -407,7 +416,7 @@ class RegressionStats:
                 self.state[f"{key}_m2"] + batch[f"{key}_m2"] + delta**2 * (n * m / total)
             )
             self.state[f"{key}_mean"] = self.state[f"{key}_mean"] + delta * (m / total)
-        for key in ("sq", "abs", "nan"):
+        for key in ("sq", "abs", "nan", "bad_targets"):
             self.state[key] = self.state[key] + batch[key]
         self.n = total
 
@@ -415,6 +424,11 @@ class RegressionStats:
         if not self.state:
             raise ValueError("no data: call update() with at least one batch before compute()")
         s = {key: value.cpu() for key, value in self.state.items()}
+        if int(s["bad_targets"]):  # their moments are NaN: R² would read 0.0, a real score
+            raise ValueError(
+                f"{int(s['bad_targets'])} regression targets are NaN or infinite: targets "
+                "must be finite numbers (drop or fill those rows)"
+            )
         if int(s["nan"]):
             raise ValueError(f"{int(s['nan'])} predictions are NaN")
         n = self.n
@@ -530,6 +544,9 @@ class ProbabilityStats:
             self.given_probabilities = are_probabilities(scores)
         if not scores.is_floating_point() or scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
+        batch: dict[str, torch.Tensor] = {}
+        if self.num_classes > self.top_k and not binary:  # on the scores as given: no new ties
+            batch["top_k"] = (top_k_hits(scores, safe, self.top_k) & kept).sum()
         if binary:
             logit = scores.reshape(-1)
             nll = -F.logsigmoid(torch.where(safe == 1, logit, -logit))
@@ -539,11 +556,8 @@ class ProbabilityStats:
             # -log softmax(scores)[y] = logsumexp(scores) - scores[y]: no C-wide output
             picked = scores.gather(1, safe[:, None]).squeeze(1)
             nll = torch.logsumexp(scores, dim=1) - picked
-        batch = {"nll": (nll.to(_accum_dtype(scores.device)) * kept).sum(), "count": kept.sum()}
-        if self.num_classes > self.top_k and not binary:
-            # in the top k: fewer than k classes score strictly higher than the target
-            above = (scores > picked[:, None]).sum(dim=1)
-            batch["top_k"] = ((above < self.top_k) & kept).sum()
+        batch["nll"] = (nll.to(_accum_dtype(scores.device)) * kept).sum()
+        batch["count"] = kept.sum()
         if self.calibration_bins:
             batch.update(self._calibration(scores, safe, kept))
         self.state = _add_sums(self.state, batch)
@@ -643,6 +657,17 @@ class ProbabilityStats:
         kept = labels >= 0
         fpr, tpr, _ = roc_curve(labels[kept], probabilities[kept][:, 1])
         return fpr, tpr
+
+
+def top_k_hits(scores: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether each row's target class is among its k top scores, ties ranked as
+    scikit-learn's `top_k_accuracy_score` ranks them (a stable sort, reversed: of tied
+    classes the higher index ranks first), so tied scores are not all hits: the target's
+    rank is the classes scoring higher plus the tied classes of a higher index."""
+    picked = scores.gather(1, targets[:, None])
+    classes = torch.arange(scores.shape[1], device=scores.device)
+    tied_before = (scores == picked) & (classes[None, :] > targets[:, None])
+    return ((scores > picked) | tied_before).sum(dim=1) < k
 
 
 def _sum(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,13 +33,13 @@ from ..config.training_config import (
     TrainingMode,
 )
 from ..runs.tracking import MetricsTracker
-from ..tasks import detect_task
+from ..tasks import detect_task, one_logit
 from ..training.batches import OutputTransform, move_to_device
 from ..training.precision import available_device
 from .accumulator import SCATTER_POINTS, Accumulator
 from .predictions import PredictionWriter, class_labels
 from .ranks import batches, merge_ranks
-from .report import EvaluationOptions, EvaluationReport
+from .report import EvaluationOptions, EvaluationReport, task_of
 from .scoring import BatchScorer, Scored
 from .user_metrics import UserMetric, named, resolve, user_metrics
 
@@ -63,6 +64,8 @@ TASK_METRICS = {  # each task's metric list in EvaluationConfig
     TaskType.MULTILABEL: "multilabel_metrics",
     TaskType.GENERATION: "generation_metrics",
 }
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]  # what compute_metrics and score take
 
 
 @dataclasses.dataclass
@@ -135,9 +138,9 @@ class ModelEvaluator:
 
     def compute_metrics(
         self,
-        predictions: torch.Tensor,
-        targets: torch.Tensor,
-        task_type: TaskType | None = None,
+        predictions: ArrayLike,
+        targets: ArrayLike,
+        task_type: TaskType | str | None = None,
     ) -> dict[str, float]:
         """Compute the task's metrics on one set of predictions and targets.
 
@@ -148,12 +151,18 @@ class ModelEvaluator:
 
     def score(
         self,
-        predictions: torch.Tensor,
-        targets: torch.Tensor,
-        task_type: TaskType | None = None,
+        predictions: ArrayLike,
+        targets: ArrayLike,
+        task_type: TaskType | str | None = None,
     ) -> EvaluationReport:
-        """`compute_metrics`' report: metrics, per-class rows, confusion matrix, intervals."""
-        task = task_type or detect_task(predictions, targets)
+        """`compute_metrics`' report: metrics, per-class rows, confusion matrix, intervals.
+        Predictions and targets may be tensors, NumPy arrays or lists; the task a
+        `TaskType` or its value."""
+        predictions, targets = as_tensor("predictions", predictions), as_tensor("targets", targets)
+        given = task_of(task_type)
+        task = given or detected(predictions, targets, self.config.ignore_index)
+        if task is TaskType.CLASSIFICATION and targets.is_floating_point():
+            whole_labels(targets)  # evaluate's loss refuses them; the counts would truncate
         accumulator = Accumulator(task, self.config, keep_curve=False)
         accumulator.start_user_metrics(self.user_metrics[task])
         accumulator.update(predictions, targets)
@@ -249,8 +258,10 @@ class ModelEvaluator:
                 if not real:
                     continue  # a repeated batch, only to keep the ranks in step
                 if accumulator is None:  # the first batch: the task, the files
-                    task = how.task_type or detect_task(
-                        *scorer.pair(result), multilabel=not scorer.unsupervised
+                    task = how.task_type or detected(
+                        *scorer.pair(result),
+                        self.config.ignore_index,
+                        supervised=not scorer.unsupervised,
                     )
                     config = self.config  # training's validations resample nothing
                     if not how.intervals:
@@ -260,6 +271,8 @@ class ModelEvaluator:
                     writer = self._writer(task, plan, stack)
                 scored = scorer.score(result, accumulator.task)  # adds to its loss sums
                 self._update(accumulator, writer, plan, scored)
+            if writer is not None:
+                writer.check_ids()  # inside the with: a refused file is not written
         return accumulator, writer
 
     def _report(
@@ -286,7 +299,8 @@ class ModelEvaluator:
         )
         report.files = {"predictions": str(writer.path)} if writer is not None else {}
         if plan.folder is not None and self.config.plot_metrics:
-            report.files.update(self._plot(accumulator, plan.folder, plan.prefix))
+            names = plan.options.class_names or self.class_names
+            report.files.update(self._plot(accumulator, plan.folder, plan.prefix, names))
         return report
 
     def _writer(
@@ -305,6 +319,7 @@ class ModelEvaluator:
             threshold,
             list(names) if names is not None else None,
             ids=list(ids) if ids is not None else None,
+            ignore_index=self.config.ignore_index,
         )
         return stack.enter_context(writer)
 
@@ -360,18 +375,25 @@ class ModelEvaluator:
         `EvaluationOptions` fields by keyword (`task_type`, `loss_function`,
         `output_transform`, `row_ids`, ...) but `split`, which is the ensemble's.
         """
-        from .ensemble import EnsembleModule, load_members
+        from .ensemble import EnsembleModule, check_members, load_members
 
         if "split" in options:
             raise TypeError(
                 "evaluate_ensemble takes no split: its files are the 'ensemble' split's"
             )
+        if len(models_or_checkpoint_paths) == 0:
+            raise ValueError(
+                "models_or_checkpoint_paths is empty: an ensemble needs at least one model "
+                "or checkpoint path"
+            )
         how = EvaluationOptions.of(options)
         where = available_device(device) if device is not None else torch.device("cpu")
         members = load_members(models_or_checkpoint_paths, model_factory, where)
+        transform = how.output_transform or self.output_transform
+        if not how.lockstep:  # (a sharded model's forward is a collective: no probe)
+            check_members(members, loader, where, transform)  # before evaluating them all
         alone = dataclasses.replace(how, write_files=False, split=EvaluationMode.TESTING)
         reports = [self.evaluate(member, loader, alone, device=where) for member in members]
-        transform = how.output_transform or self.output_transform
         # the members' task; it returns one prediction tensor, read by the default rule
         ensemble = EnsembleModule(members, how.task_type or reports[0].task, transform)
         # the loss function applies: the ensemble gives log-probabilities / a logit / means
@@ -458,7 +480,13 @@ class ModelEvaluator:
         last = self._deprecated("last_task_type", ".task")
         return last.task if last is not None else None
 
-    def _plot(self, accumulator: Accumulator, folder: Path, prefix: str) -> dict[str, str]:
+    def _plot(
+        self,
+        accumulator: Accumulator,
+        folder: Path,
+        prefix: str,
+        class_names: Sequence[str] | None = None,
+    ) -> dict[str, str]:
         from ..reporting import plots
 
         if plots.unavailable():  # the metrics stand without their figures
@@ -466,7 +494,8 @@ class ModelEvaluator:
         files: dict[str, str] = {}
         if accumulator.confusion is not None:
             path = folder / f"confusion_matrix_{prefix}.png"
-            plots.confusion_matrix(accumulator.confusion.matrix().numpy(), path)
+            matrix = accumulator.confusion.matrix().numpy()  # its axes named as per_class is
+            plots.confusion_matrix(matrix, path, class_labels(class_names, len(matrix)))
             files["confusion_matrix"] = str(path)
             scores = accumulator.scores
             if scores is not None and scores.keep_scores and scores.num_classes == 2:
@@ -497,6 +526,54 @@ def _add_texts(
     hypotheses = [decode(p[k].tolist()) for p, k in zip(predicted, kept, strict=True)]
     references = [decode(g[k].tolist()) for g, k in zip(gold, kept, strict=True)]
     text.update(hypotheses, references)
+
+
+def as_tensor(name: str, value: Any) -> torch.Tensor:
+    """`value` as a tensor (a NumPy array, a list of numbers, a pandas column); anything
+    else is refused, naming the argument."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"{name} of type {type(value).__name__} cannot be read as numbers: pass a tensor, "
+            "a NumPy array or a list of numbers"
+        ) from None
+
+
+def whole_labels(targets: torch.Tensor) -> None:
+    """Refuse float class labels that are not whole numbers (0.4, 1.9), naming the first;
+    scikit-learn refuses such continuous targets too. (Reads the targets: one sync.)"""
+    if targets.ndim > 1 and targets.shape[-1] != 1:
+        return  # class probabilities, not labels
+    flat = targets.reshape(-1)
+    bad = ~((flat == flat.round()) & flat.isfinite())
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"targets holds {int(bad.sum())} values that are not class labels, the first "
+            f"{flat[position].item():g} at position {position}: classification takes whole "
+            "numbers (integer labels)"
+        )
+
+
+def detected(
+    outputs: torch.Tensor, targets: torch.Tensor, ignore_index: int, *, supervised: bool = True
+) -> TaskType:
+    """The task of outputs and targets (`traineval.tasks.detect_task`), where one output a
+    sample beside integer labels 0 and 1 (or `ignore_index`) is a binary classifier's logit,
+    as docs/evaluation.md reads it (training's default loss asks for `task_type` there; the
+    shapes alone read regression, so a perfect classifier was scored as MSE of logit against
+    label). Integer targets with other values, and float targets, stay regression."""
+    task = detect_task(outputs, targets, multilabel=supervised)
+    labels = not targets.is_floating_point() and targets.dtype != torch.bool
+    if task is not TaskType.REGRESSION or not supervised or not labels:
+        return task
+    if not one_logit(outputs, targets) or targets.numel() != outputs.shape[0]:
+        return task
+    label = (targets == 0) | (targets == 1)
+    return TaskType.CLASSIFICATION if bool((label | (targets == ignore_index)).all()) else task
 
 
 def _with_task(how: EvaluationOptions, task_type: TaskType | None) -> EvaluationOptions:

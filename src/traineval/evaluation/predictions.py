@@ -23,13 +23,14 @@ class PredictionWriter:
     written with a leading `'` (see `traineval.system.csv_cells`).
 
     `id` is the sample's id from `ids` (in the loader's order: a table's id column or row
-    number), else its position in the loader's order. Classification rows carry the class
-    probabilities (softmax, or sigmoid for one binary logit); multi-label rows the target and
-    predicted label sets (joined by spaces; a label is predicted when its sigmoid probability
-    exceeds `threshold`) and each label's probability. With `class_names` (one per class or
-    label), classes are written by name and the columns are `prob_<name>`; regression rows
-    one `target_j, prediction_j` pair per output; generation rows the per-sequence token
-    accuracy.
+    number; one a row, else `check_ids` refuses them), else its position in the loader's
+    order. Classification rows carry the class probabilities (softmax, or sigmoid for one
+    binary logit); multi-label rows the target and predicted label sets (joined by spaces; a
+    label is predicted when its sigmoid probability exceeds `threshold`) and each label's
+    probability. With `class_names` (one per class or label), classes are written by name and
+    the columns are `prob_<name>`; regression rows one `target_j, prediction_j` pair per
+    output; generation rows the per-sequence count of tokens whose target is not
+    `ignore_index` and their accuracy.
     """
 
     def __init__(
@@ -39,9 +40,11 @@ class PredictionWriter:
         threshold: float = 0.5,
         class_names: list[str] | None = None,
         ids: list[str] | None = None,
+        ignore_index: int = -100,
     ) -> None:
         self.path = Path(path)
         self.ids = ids
+        self.ignore_index = ignore_index  # generation rows count the tokens not ignored
         self.task = task
         self.threshold = threshold
         self.class_names = class_names
@@ -76,7 +79,21 @@ class PredictionWriter:
             self._writer.writerow(self._header(outputs))
             classes = self.task is TaskType.CLASSIFICATION  # (in the outputs' own dtype)
             self._given_probabilities = classes and are_probabilities(outputs)
-        self._writer.writerows(self._rows(outputs.detach().float().cpu(), targets.detach().cpu()))
+        outputs = outputs.detach().cpu()  # float64 kept; integer scores (logits) as floats
+        outputs = outputs if outputs.dtype == torch.float64 else outputs.float()
+        rows = self._rows(outputs, _widened(targets.detach().cpu()))
+        self._writer.writerows(rows)
+
+    def check_ids(self) -> None:
+        """Refuse `ids` of another length than the rows written (called once every row is,
+        inside the `with`: the file is then not written). Ids that do not fit are aligned
+        with the loader's rows wrongly, and the file is meant to join back to the source
+        rows by them (they were mixed with positions, or dropped, silently)."""
+        if self.ids is not None and len(self.ids) != self.rows:
+            raise ValueError(
+                f"row_ids has {len(self.ids)} ids for the {self.rows} rows evaluated: give "
+                "one id a row, in the loader's order"
+            )
 
     def _header(self, outputs: torch.Tensor) -> list[str]:
         if self.task in (TaskType.MULTILABEL, TaskType.CLASSIFICATION):
@@ -105,10 +122,10 @@ class PredictionWriter:
                     start + i,
                     _label_set(t, self._labels),
                     _label_set(p, self._labels),
-                    *(f"{v:.6g}" for v in probs),
+                    *probs,
                 ]
                 for i, (t, p, probs) in enumerate(
-                    zip((targets == 1).tolist(), chosen, probabilities.tolist(), strict=True)
+                    zip((targets == 1).tolist(), chosen, _probabilities(probabilities), strict=True)
                 )
             ]
         elif self.task is TaskType.CLASSIFICATION:
@@ -117,30 +134,30 @@ class PredictionWriter:
             )
             predicted = probabilities.argmax(dim=1)
             rows = [
-                [start + i, self._name(int(t)), self._name(int(p)), *(f"{v:.6g}" for v in probs)]
+                [start + i, self._name(int(t)), self._name(int(p)), *probs]
                 for i, (t, p, probs) in enumerate(
                     zip(
                         targets.reshape(-1).tolist(),
                         predicted.tolist(),
-                        probabilities.tolist(),
+                        _probabilities(probabilities),
                         strict=True,
                     )
                 )
             ]
         elif self.task is TaskType.REGRESSION:
             n = outputs.shape[0]
-            predictions = outputs.reshape(n, -1).tolist()
-            truths = targets.reshape(n, -1).tolist()
+            predictions = _texts(outputs.reshape(n, -1))
+            truths = _texts(targets.reshape(n, -1))
             rows = [
-                [start + i, *(f"{v:.6g}" for pair in zip(t, p, strict=True) for v in pair)]
+                [start + i, *(v for pair in zip(t, p, strict=True) for v in pair)]
                 for i, (t, p) in enumerate(zip(truths, predictions, strict=True))
             ]
         else:
-            kept = targets != -100
+            kept = targets != self.ignore_index
             correct = ((outputs.argmax(-1) == targets) & kept).sum(-1)
             counts = kept.sum(-1)
             rows = [
-                [start + i, int(c), f"{(int(k) / int(c)) if int(c) else float('nan'):.6g}"]
+                [start + i, int(c), repr(int(k) / int(c) if int(c) else float("nan"))]
                 for i, (k, c) in enumerate(zip(correct.tolist(), counts.tolist(), strict=True))
             ]
         if self.ids is not None:
@@ -171,6 +188,28 @@ def class_labels(names: Sequence[str] | None, count: int) -> list[str]:
 def _shown(labels: list[str]) -> str:
     shown = ", ".join(repr(label) for label in labels[:5])
     return shown + (", ..." if len(labels) > 5 else "")
+
+
+def _widened(values: torch.Tensor) -> torch.Tensor:
+    """Targets as NumPy writes them: float64 and integers as they are, other floats (bf16,
+    fp16, float32) as float32, booleans as 0 and 1."""
+    if values.dtype == torch.bool:
+        return values.long()
+    return (
+        values.float() if values.is_floating_point() and values.dtype != torch.float64 else values
+    )
+
+
+def _probabilities(values: torch.Tensor) -> list[list[str]]:
+    """Probabilities to 6 significant digits (within 1e-6 of the value, rows summing to 1
+    within 1e-6), as `traineval predict` writes them: the two files' cells are equal."""
+    return [[f"{v:.6g}" for v in row] for row in values.tolist()]
+
+
+def _texts(values: torch.Tensor) -> list[list[str]]:
+    """Each row's values as the shortest text that reads back as the same value in their
+    dtype (0.1, not 0.10000000149011612; 1234567, not 1.23457e+06), integers as integers."""
+    return values.numpy().astype(str).tolist()
 
 
 def _label_set(indicators: list[bool], labels: list[str]) -> str:

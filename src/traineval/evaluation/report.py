@@ -88,6 +88,12 @@ class EvaluationOptions:
         return cls(**options)
 
 
+def task_of(value: Any, field: str = "task_type") -> TaskType | None:
+    """A task given as a `TaskType` or its value ("classification"), or None; another value
+    is refused, naming the field and the tasks there are."""
+    return None if value is None else _member(field, value, TaskType)
+
+
 def _member(field: str, value: Any, kind: type[_Choice]) -> _Choice:
     """`value` as a member of the enum `kind` (a member or its value); else an error naming
     the field, the value and the allowed values."""

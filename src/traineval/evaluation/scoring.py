@@ -88,7 +88,8 @@ class BatchScorer:
 
     def pair(self, result: _Forward) -> tuple[torch.Tensor, torch.Tensor]:
         """What the metrics compare: prediction and targets (shifted for a causal model)."""
-        return shifted(prediction_of(result.outputs, self.transform), result.targets, self.shift)
+        raw = unsqueezed(prediction_of(result.outputs, self.transform), result.inputs)
+        return shifted(raw, result.targets, self.shift)
 
     def score(self, result: _Forward, task: TaskType) -> Scored:
         """The batch's prediction, targets, loss and weight, for the metrics of `task`; its
@@ -113,7 +114,7 @@ class BatchScorer:
         return float(self._loss_sum), float(self._weight_sum)
 
     def _score(self, result: _Forward, task: TaskType) -> Scored:
-        raw = prediction_of(result.outputs, self.transform)
+        raw = unsqueezed(prediction_of(result.outputs, self.transform), result.inputs)
         prediction, targets = shifted(raw, result.targets, self.shift)
         if result.own_loss is not None:
             assert self.model_loss is not None
@@ -135,3 +136,19 @@ class BatchScorer:
             self.loss_function = default_loss(task, self.ignore_index)
             self._takes_targets = count_required_args(self.loss_function) >= 2
         return self.loss_function
+
+
+def unsqueezed(prediction: torch.Tensor, inputs: Any) -> torch.Tensor:
+    """A batch of one sample's prediction with its batch dimension back: a model whose
+    forward ends in `.squeeze()` returns `(C,)` scores (or a 0-d logit or value) there,
+    which the loss and the metrics would read as C samples (or none); as `(1, C)` (or
+    `(1,)`) they read it as the other batches."""
+    if prediction.ndim > 1:
+        return prediction
+    if prediction.ndim == 0:
+        return prediction.reshape(1)
+    try:
+        one = batch_size_of(inputs) == 1
+    except ValueError:  # inputs of no tensor: nothing to tell the batch from
+        return prediction
+    return prediction[None] if one and prediction.shape[0] != 1 else prediction
