@@ -13,6 +13,7 @@ from sklearn import metrics as sk
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import traineval
 from traineval import EvaluationConfig, Evaluator
 
 
@@ -172,6 +173,13 @@ def test_one_logit_beside_integer_labels_0_and_1_is_a_binary_classifier(shape):
         assert evaluated.task.value == "classification"
         assert evaluated.metrics["loss"] == pytest.approx(expected["log_loss"], abs=1e-6)
         assert {k: evaluated.metrics[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+        # traineval.predict reads the same outputs the same way (it read regression)
+        found = traineval.predict(model, loader)
+        assert found.task.value == "classification"
+        assert torch.equal(found.classes, torch.from_numpy(probability > 0.5).long())
+        assert found.probabilities[:, 1].double().numpy() == pytest.approx(probability)
+        unlabeled = traineval.predict(model, DataLoader(x, batch_size=16))
+        assert unlabeled.task.value == "regression"  # no labels to tell: its shapes' reading
 
 
 def test_one_output_beside_other_integer_or_float_targets_stays_regression():

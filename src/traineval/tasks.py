@@ -34,6 +34,29 @@ def detect_task(
     return TaskType.REGRESSION
 
 
+def detect_labeled_task(
+    outputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    ignore_index: int = -100,
+    *,
+    supervised: bool = True,
+) -> TaskType:
+    """`detect_task` for scoring, where one output a sample beside integer labels 0 and 1
+    (or `ignore_index`) is a binary classifier's logit (by its shapes alone it is
+    regression, and a perfect classifier was scored as the MSE of logit against label).
+    Integer targets with other values, float and bool targets stay regression; without
+    targets (`supervised=False`, or none given) it is `detect_task`'s reading."""
+    task = detect_task(outputs, targets, multilabel=supervised)
+    if targets is None or task is not TaskType.REGRESSION or not supervised:
+        return task
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        return task
+    if not one_logit(outputs, targets) or targets.numel() != outputs.shape[0]:
+        return task
+    label = (targets == 0) | (targets == 1) | (targets == ignore_index)
+    return TaskType.CLASSIFICATION if bool(label.all()) else task
+
+
 def is_multilabel(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
     """Whether `targets` is a 0/1 indicator matrix of the `(N, C)` outputs' shape (reads the
     targets: a device sync, done once when the task is detected)."""

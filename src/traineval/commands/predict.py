@@ -26,7 +26,7 @@ from ..config.training_config import TaskType
 from ..data.splits import DataSplits
 from ..data.tables import finite_cell, read_rows
 from ..evaluation.metrics import class_probabilities
-from ..evaluation.predictions import class_labels
+from ..evaluation.predictions import class_labels, value_texts
 from ..models import build_model
 from ..runs.checkpoint import default_checkpoint, load_model_weights, run_checkpoint
 from ..system.csv_cells import SafeWriter
@@ -281,4 +281,4 @@ def _columns(
     names = (
         ["prediction"] if flat.shape[1] == 1 else [f"prediction_{j}" for j in range(flat.shape[1])]
     )
-    return names, [[f"{v:.6g}" for v in row] for row in flat.tolist()]
+    return names, value_texts(flat if flat.dtype == torch.float64 else flat.float())

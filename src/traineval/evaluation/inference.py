@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config.checks import fail, number
 from ..config.training_config import TaskType
-from ..tasks import detect_task
+from ..tasks import detect_labeled_task
 from ..training.batches import (
     OutputTransform,
     forward,
@@ -85,8 +85,9 @@ def predict(
     `device` defaults to the model's; `precision` is a name ("fp32", "bf16", "fp16",
     "auto") or a `Precision`. The task is `task_type`, else told from the first batch's
     outputs (and targets, when there are: 0/1 targets of the outputs' shape are
-    multi-label). `options` (`PredictOptions`) holds the output transform and the
-    multi-label threshold. The model's train/eval mode is restored afterwards.
+    multi-label; one output a sample beside integer labels 0/1 is a binary logit).
+    `options` (`PredictOptions`) holds the output transform and the multi-label threshold.
+    The model's train/eval mode is restored afterwards.
 
     Example:
         >>> import torch
@@ -133,7 +134,7 @@ def _predictions(
     threshold, given = reading
     joined = torch.cat(outputs)
     truth = torch.cat(targets) if targets and len(targets) == len(outputs) else None
-    task = task_type or detect_task(joined, truth)
+    task = task_type or detect_labeled_task(joined, truth)
     found = Predictions(task, joined, targets=truth)
     if task is TaskType.CLASSIFICATION:
         found.probabilities = joined if given else class_probabilities(joined, detect=False)

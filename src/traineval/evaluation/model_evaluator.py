@@ -33,7 +33,7 @@ from ..config.training_config import (
     TrainingMode,
 )
 from ..runs.tracking import MetricsTracker
-from ..tasks import detect_task, one_logit
+from ..tasks import detect_labeled_task
 from ..training.batches import OutputTransform, move_to_device
 from ..training.precision import available_device
 from .accumulator import SCATTER_POINTS, Accumulator
@@ -160,7 +160,7 @@ class ModelEvaluator:
         `TaskType` or its value."""
         predictions, targets = as_tensor("predictions", predictions), as_tensor("targets", targets)
         given = task_of(task_type)
-        task = given or detected(predictions, targets, self.config.ignore_index)
+        task = given or detect_labeled_task(predictions, targets, self.config.ignore_index)
         if task is TaskType.CLASSIFICATION and targets.is_floating_point():
             whole_labels(targets)  # evaluate's loss refuses them; the counts would truncate
         accumulator = Accumulator(task, self.config, keep_curve=False)
@@ -258,7 +258,7 @@ class ModelEvaluator:
                 if not real:
                     continue  # a repeated batch, only to keep the ranks in step
                 if accumulator is None:  # the first batch: the task, the files
-                    task = how.task_type or detected(
+                    task = how.task_type or detect_labeled_task(
                         *scorer.pair(result),
                         self.config.ignore_index,
                         supervised=not scorer.unsupervised,
@@ -556,24 +556,6 @@ def whole_labels(targets: torch.Tensor) -> None:
             f"{flat[position].item():g} at position {position}: classification takes whole "
             "numbers (integer labels)"
         )
-
-
-def detected(
-    outputs: torch.Tensor, targets: torch.Tensor, ignore_index: int, *, supervised: bool = True
-) -> TaskType:
-    """The task of outputs and targets (`traineval.tasks.detect_task`), where one output a
-    sample beside integer labels 0 and 1 (or `ignore_index`) is a binary classifier's logit,
-    as docs/evaluation.md reads it (training's default loss asks for `task_type` there; the
-    shapes alone read regression, so a perfect classifier was scored as MSE of logit against
-    label). Integer targets with other values, and float targets, stay regression."""
-    task = detect_task(outputs, targets, multilabel=supervised)
-    labels = not targets.is_floating_point() and targets.dtype != torch.bool
-    if task is not TaskType.REGRESSION or not supervised or not labels:
-        return task
-    if not one_logit(outputs, targets) or targets.numel() != outputs.shape[0]:
-        return task
-    label = (targets == 0) | (targets == 1)
-    return TaskType.CLASSIFICATION if bool((label | (targets == ignore_index)).all()) else task
 
 
 def _with_task(how: EvaluationOptions, task_type: TaskType | None) -> EvaluationOptions:

@@ -146,8 +146,8 @@ class PredictionWriter:
             ]
         elif self.task is TaskType.REGRESSION:
             n = outputs.shape[0]
-            predictions = _texts(outputs.reshape(n, -1))
-            truths = _texts(targets.reshape(n, -1))
+            predictions = value_texts(outputs.reshape(n, -1))
+            truths = value_texts(targets.reshape(n, -1))
             rows = [
                 [start + i, *(v for pair in zip(t, p, strict=True) for v in pair)]
                 for i, (t, p) in enumerate(zip(truths, predictions, strict=True))
@@ -206,7 +206,7 @@ def _probabilities(values: torch.Tensor) -> list[list[str]]:
     return [[f"{v:.6g}" for v in row] for row in values.tolist()]
 
 
-def _texts(values: torch.Tensor) -> list[list[str]]:
+def value_texts(values: torch.Tensor) -> list[list[str]]:
     """Each row's values as the shortest text that reads back as the same value in their
     dtype (0.1, not 0.10000000149011612; 1234567, not 1.23457e+06), integers as integers."""
     return values.numpy().astype(str).tolist()
