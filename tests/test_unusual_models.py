@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import traineval
 from traineval import TrainingConfig, TrainingManager
@@ -433,3 +433,35 @@ def test_sparse_gradients_under_torchrun_are_refused_naming_the_module():
     with pytest.raises(ValueError, match=r"'embedding' \(an embedding with sparse=True\)"):
         WindowUpdate(rule, place, model, log_every=1)
     WindowUpdate(rule, Placement(torch.device("cpu")), model, log_every=1)  # one process
+
+
+class Squeezing(nn.Module):
+    """A classifier whose forward ends in `.squeeze()`: a batch of one gives `(C,)`."""
+
+    def __init__(self, squeeze: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear, self.squeeze = nn.Linear(4, 3), squeeze
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out.squeeze() if self.squeeze else out
+
+
+def test_a_classifier_that_squeezes_a_batch_of_one_trains_as_one_that_does_not(tmp_path):
+    """33 rows in batches of 8: the last batch's (3,) scores read as three samples against
+    one label ('Expected input batch_size (3) to match target batch_size (1)')."""
+    from traineval import TrainingConfig, TrainingManager
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(33, 4, generator=generator),
+                         torch.randint(0, 3, (33,), generator=generator))  # fmt: skip
+    models = {}
+    for squeeze in (True, False):
+        folder = str(tmp_path / str(squeeze))
+        config = TrainingConfig(num_epochs=2, batch_size=8, warmup_steps=0, progress_bar=False,
+                                tensorboard_logging=False, output_dir=folder)  # fmt: skip
+        models[squeeze] = Squeezing(squeeze)
+        TrainingManager(config).train(models[squeeze], DataLoader(data, 8), DataLoader(data, 8))
+    for a, b in zip(models[True].parameters(), models[False].parameters(), strict=True):
+        assert torch.equal(a, b)

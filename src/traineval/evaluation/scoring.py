@@ -27,6 +27,7 @@ from ..training.batches import (
     reads_prediction,
     shifted,
     split_batch,
+    unsqueezed,
 )
 from ..training.steps import count_required_args, loss_weight
 
@@ -136,19 +137,3 @@ class BatchScorer:
             self.loss_function = default_loss(task, self.ignore_index)
             self._takes_targets = count_required_args(self.loss_function) >= 2
         return self.loss_function
-
-
-def unsqueezed(prediction: torch.Tensor, inputs: Any) -> torch.Tensor:
-    """A batch of one sample's prediction with its batch dimension back: a model whose
-    forward ends in `.squeeze()` returns `(C,)` scores (or a 0-d logit or value) there,
-    which the loss and the metrics would read as C samples (or none); as `(1, C)` (or
-    `(1,)`) they read it as the other batches."""
-    if prediction.ndim > 1:
-        return prediction
-    if prediction.ndim == 0:
-        return prediction.reshape(1)
-    try:
-        one = batch_size_of(inputs) == 1
-    except ValueError:  # inputs of no tensor: nothing to tell the batch from
-        return prediction
-    return prediction[None] if one and prediction.shape[0] != 1 else prediction

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from ..tasks import scores_next_token
-from ..training.batches import ModelLoss, OutputTransform, prediction_of, reads_prediction, shifted
+from ..training.batches import (
+    ModelLoss,
+    OutputTransform,
+    prediction_of,
+    reads_prediction,
+    shifted,
+    unsqueezed,
+)
 from .base import (
     LossFunction,
     StepOutput,
@@ -85,6 +92,8 @@ class SupervisedStep:
         if self._reads_prediction:
             if self.output_transform is not None or type(outputs) is not torch.Tensor:
                 outputs = prediction_of(outputs, self.output_transform)  # a tensor: as is
+            if outputs.ndim < 2:  # a squeezed batch of one: its batch dimension back
+                outputs = unsqueezed(outputs, inputs)
             if self.label_shift:
                 outputs, targets = shifted(outputs, targets, self.label_shift)
         loss = checked_loss(self.loss_function, outputs, targets, compute=self._loss)

@@ -354,3 +354,19 @@ class ModelLoss:
                 "compute the loss from its prediction instead"
             )
         return outputs, loss
+
+
+def unsqueezed(prediction: torch.Tensor, inputs: Any) -> torch.Tensor:
+    """A batch of one sample's prediction with its batch dimension back: a model whose
+    forward ends in `.squeeze()` returns `(C,)` scores (or a 0-d logit or value) there,
+    which the loss and the metrics would read as C samples (or none); as `(1, C)` (or
+    `(1,)`) they read it as the other batches."""
+    if prediction.ndim > 1:
+        return prediction
+    if prediction.ndim == 0:
+        return prediction.reshape(1)
+    try:
+        one = batch_size_of(inputs) == 1
+    except ValueError:  # inputs of no tensor: nothing to tell the batch from
+        return prediction
+    return prediction[None] if one and prediction.shape[0] != 1 else prediction
