@@ -432,3 +432,25 @@ def test_the_confusion_matrix_plot_names_the_classes(tmp_path, monkeypatch):
     expected = sk.confusion_matrix(y.numpy(), x.argmax(1).numpy(), labels=range(3)).tolist()
     assert drawn == [(expected, names)]
     assert [row["label"] for row in report.per_class] == names
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_outputs_of_a_final_sigmoid_are_said(task, monkeypatch, caplog):
+    """A binary or multi-label model ending in a sigmoid is read as logits (its sigmoid
+    taken again: a perfect model scored 0.465 accuracy) without a word. Such outputs cannot
+    be told from logits for sure, so they are said, once, not re-read."""
+    from traineval.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "_SIGMOID_SAID", [False])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=generator)
+    width = 1 if task == "binary" else 3
+    y = (x[:, :width] > 0).long().reshape(-1) if task == "binary" else (x[:, :3] > 0).float()
+    logits = nn.Linear(4, width)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    kind = "classification" if task == "binary" else "multilabel"
+    with caplog.at_level("WARNING"):
+        Evaluator().evaluate(logits, loader, task_type=kind)
+        assert "as a final sigmoid's do" not in caplog.text  # logits: nothing to say
+        Evaluator().evaluate(nn.Sequential(logits, nn.Sigmoid()), loader, task_type=kind)
+    assert caplog.text.count("as a final sigmoid's do") == 1

@@ -17,6 +17,7 @@ from .metrics import (
     ProbabilityStats,
     RegressionStats,
     TokenStats,
+    say_if_sigmoided,
 )
 from .user_metrics import UserMetric
 
@@ -78,35 +79,46 @@ class Accumulator:
         if self.user:
             self._update_user(outputs, targets)
         if self.task is TaskType.CLASSIFICATION:
-            if self.confusion is None:
-                self._start_classification(outputs)
-            assert self.confusion is not None
-            self.confusion.update(outputs, targets)
-            if self.scores is not None:
-                self.scores.update(outputs, targets)
-            if self.samples is not None:
-                binary = outputs.ndim == 1 or outputs.shape[1] == 1
-                chosen = (outputs.reshape(-1) > 0).long() if binary else outputs.argmax(dim=1)
-                self.samples.append((chosen.detach(), targets.reshape(-1).detach()))
+            self._update_classification(outputs, targets)
         elif self.regression is not None:
-            if targets.shape[0] != outputs.shape[0]:
-                raise ValueError(
-                    f"{outputs.shape[0]} predictions but {targets.shape[0]} targets in a batch"
-                )
-            self.regression.update(outputs, targets)
-            if self.samples is not None:
-                aligned = align_regression(outputs, targets).reshape(targets.shape[0], -1)
-                self.samples.append((aligned.detach(), targets.reshape(targets.shape[0], -1)))
-            if self.scatter is not None and self._scattered < SCATTER_POINTS:
-                take = SCATTER_POINTS - self._scattered
-                self.scatter.append(
-                    (outputs.reshape(-1)[:take].cpu(), targets.reshape(-1)[:take].cpu())
-                )
-                self._scattered += min(take, outputs.numel())
+            self._update_regression(outputs, targets)
         elif self.tokens is not None:
             self.tokens.update(outputs, targets)
         elif self.multilabel is not None:
+            if self.multilabel.counts is None:  # its first batch
+                say_if_sigmoided(outputs)
             self.multilabel.update(outputs, targets)
+
+    def _update_classification(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.confusion is None:
+            if outputs.ndim == 1 or outputs.shape[1] == 1:  # one logit a sample
+                say_if_sigmoided(outputs)
+            self._start_classification(outputs)
+        assert self.confusion is not None
+        self.confusion.update(outputs, targets)
+        if self.scores is not None:
+            self.scores.update(outputs, targets)
+        if self.samples is not None:
+            binary = outputs.ndim == 1 or outputs.shape[1] == 1
+            chosen = (outputs.reshape(-1) > 0).long() if binary else outputs.argmax(dim=1)
+            self.samples.append((chosen.detach(), targets.reshape(-1).detach()))
+
+    def _update_regression(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        assert self.regression is not None
+        if targets.shape[0] != outputs.shape[0]:
+            raise ValueError(
+                f"{outputs.shape[0]} predictions but {targets.shape[0]} targets in a batch"
+            )
+        self.regression.update(outputs, targets)
+        if self.samples is not None:
+            aligned = align_regression(outputs, targets).reshape(targets.shape[0], -1)
+            self.samples.append((aligned.detach(), targets.reshape(targets.shape[0], -1)))
+        if self.scatter is not None and self._scattered < SCATTER_POINTS:
+            take = SCATTER_POINTS - self._scattered
+            self.scatter.append(
+                (outputs.reshape(-1)[:take].cpu(), targets.reshape(-1)[:take].cpu())
+            )
+            self._scattered += min(take, outputs.numel())
 
     def _start_classification(self, outputs: torch.Tensor) -> None:
         classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2

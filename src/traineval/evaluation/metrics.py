@@ -63,6 +63,28 @@ def are_probabilities(scores: torch.Tensor) -> bool:
     return found
 
 
+_SIGMOID_SAID = [False]
+
+
+def say_if_sigmoided(scores: torch.Tensor) -> None:
+    """Warn, once a process, where a binary classifier's one logit or a multi-label
+    classifier's scores all lie in [0, 1], as a final sigmoid's do: they are read as logits,
+    whose sigmoid is taken again (a perfect model scores near chance). Unlike a softmax's
+    rows, which sum to 1, such outputs cannot be told from logits for sure, so they are not
+    re-read, only said. One sync, on a first batch of at least 8 values."""
+    if _SIGMOID_SAID[0] or not scores.is_floating_point() or scores.numel() < 8:
+        return
+    low, high = torch.aminmax(scores.detach())
+    if bool((low >= 0) & (high <= 1)):
+        _SIGMOID_SAID[0] = True
+        logger.warning(
+            "the classifier's outputs all lie in [0, 1], as a final sigmoid's do, but a binary "
+            "or multi-label classifier's outputs are read as logits (their sigmoid is taken): "
+            "if the model ends in a sigmoid, leave it out (training's loss takes logits too) "
+            "or pass output_transform=torch.logit"
+        )
+
+
 def as_logits(probabilities: torch.Tensor) -> torch.Tensor:
     """Logits whose softmax is `probabilities`: their logarithms (clipped at the dtype's
     eps, as scikit-learn's log_loss clips)."""
