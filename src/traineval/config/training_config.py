@@ -799,6 +799,8 @@ class EvaluationConfig(_ConfigBase):
     `traineval.evaluation.register_metric`, and import paths `package.module:name` of your
     own metrics (a function `fn(y_true, y_pred)`, a torchmetrics `Metric` or a streaming
     metric, or a function of no arguments that builds one), reported as `val_<name>`.
+    `top_k_accuracy` is reported where the model scores more than `top_k` classes (with
+    `top_k` or fewer every label is in the top k, and the metric is left out).
     """
 
     compute_metrics: bool = True
