@@ -454,3 +454,23 @@ def test_outputs_of_a_final_sigmoid_are_said(task, monkeypatch, caplog):
         assert "as a final sigmoid's do" not in caplog.text  # logits: nothing to say
         Evaluator().evaluate(nn.Sequential(logits, nn.Sigmoid()), loader, task_type=kind)
     assert caplog.text.count("as a final sigmoid's do") == 1
+
+
+def test_one_regression_sample_scores_as_scikit_learn_and_its_interval_agrees():
+    """R² of one sample is undefined (NaN) but its bootstrap interval read [0, 0]; explained
+    variance read NaN where scikit-learn gives 1.0."""
+    import math
+    import warnings
+
+    evaluator = Evaluator(EvaluationConfig(
+        regression_metrics=("mse", "r2_score", "explained_variance"), bootstrap_samples=50
+    ))  # fmt: skip
+    report = evaluator.score(torch.tensor([1.0]), torch.tensor([2.0]), "regression")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns that R² is undefined
+        assert math.isnan(sk.r2_score([2.0], [1.0]))
+    assert math.isnan(report.metrics["r2_score"])
+    assert all(math.isnan(end) for end in report.intervals["r2_score"])
+    expected = sk.explained_variance_score([2.0], [1.0])
+    assert report.metrics["explained_variance"] == expected == 1.0
+    assert report.intervals["explained_variance"] == (1.0, 1.0)

@@ -129,7 +129,8 @@ def regression_intervals(
         values["mse"].append(mse.mean(axis=1))
         values["mae"].append(np.abs(errors).mean(axis=1).mean(axis=1))
         values["rmse"].append(np.sqrt(mse).mean(axis=1))
-        values["r2_score"].append(_score(residual, total).mean(axis=1))
+        r2 = _score(residual, total).mean(axis=1)
+        values["r2_score"].append(r2 if len(y) > 1 else np.full_like(r2, np.nan))  # as R²'s
         values["explained_variance"].append(_score(spread, total).mean(axis=1))
     return {
         name: _interval(np.concatenate(parts), bootstrap.level) for name, parts in values.items()

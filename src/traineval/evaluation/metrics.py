@@ -457,8 +457,9 @@ class RegressionStats:
         mse = s["sq"] / n
         r2 = _score_from(s["sq"], s["y_m2"])
         explained = _score_from(s["e_m2"], s["y_m2"])
-        if n < 2:  # undefined for one sample: NaN, as scikit-learn gives (it was 0.0)
-            r2, explained = torch.full_like(r2, math.nan), torch.full_like(explained, math.nan)
+        if n < 2:  # R² is undefined for one sample: NaN, as scikit-learn gives (it was 0.0);
+            # explained variance is scikit-learn's 1.0 (one residual varies by nothing)
+            r2 = torch.full_like(r2, math.nan)
         return {
             "mse": float(mse.mean()),
             "mae": float((s["abs"] / n).mean()),
