@@ -210,6 +210,45 @@ def test_a_resumed_schedule_follows_the_new_learning_rate(tmp_path):
         )
 
 
+class SetRateOnce(Callback):
+    """A step decay by hand: `set_learning_rate` once, at update 5."""
+
+    def on_step_end(self, loop):
+        if loop.state.global_step == 5:
+            loop.set_learning_rate(1e-2)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"scheduler_type": "onecycle", "optimizer_type": "adamw"},  # it cycles beta1
+        {"scheduler_type": "onecycle", "optimizer_type": "sgd"},  # and momentum
+        {"scheduler_type": "constant", "warmup_steps": 0, "callbacks": SetRateOnce},
+    ],
+    ids=["onecycle-adamw", "onecycle-sgd", "set_learning_rate"],
+)
+def test_a_resume_with_the_same_settings_keeps_what_the_run_moved_them_to(tmp_path, settings):
+    """Putting the config's settings back at every resume (not only the changed ones) reset
+    one-cycle's cycled beta1/momentum and a rate a callback had set: not bitwise."""
+    settings = dict(settings)
+    made = settings.pop("callbacks", None)
+    callbacks = [made()] if made else []
+    straight = dropout_mlp(0)
+    TrainingManager(config(tmp_path / "straight", **settings)).train(
+        straight, *loaders(0), callbacks=callbacks
+    )
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(config(run, **settings)).train(
+            dropout_mlp(0), *loaders(0), callbacks=[*callbacks, InterruptAt(13)]
+        )
+    resumed = dropout_mlp(0)
+    TrainingManager(config(run, **settings)).train(
+        resumed, *loaders(0), callbacks=[made()] if made else [], resume_from="auto"
+    )
+    assert_same_state(resumed, straight, run, tmp_path / "straight")
+
+
 def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, caplog):
     train, val = loaders(0)
     model = dropout_mlp(0)

@@ -53,6 +53,7 @@ from ..training.batches import ModelLoss, OutputTransform, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
 from ..training.optim import (
     PlateauSchedule,
+    changed_settings,
     check_prefixes,
     freeze,
     group_settings,
@@ -582,7 +583,8 @@ def optimization(
         restore_optimizer(model, optimizer, payload)
         if payload["scheduler"] is not None and scheduler is not None:
             restore_schedule(scheduler, payload["scheduler"])
-        keep_chosen_settings(optimizer, scheduler, chosen)
+        changed = changed_settings(payload["config"], config)  # (validated as a mapping)
+        keep_chosen_settings(optimizer, scheduler, chosen, changed)
         if precision.scaler is not None and payload.get("scaler") is not None:
             precision.scaler.load_state_dict(payload["scaler"])
     forward_model: nn.Module = (

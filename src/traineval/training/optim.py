@@ -24,6 +24,7 @@ __all__ = [
     "ScheduleChoice",
     "build_optimizer",
     "build_scheduler",
+    "changed_settings",
     "configured_optimizer",
     "configured_scheduler",
     "freeze",
@@ -285,10 +286,7 @@ class PlateauSchedule(torch.optim.lr_scheduler.LambdaLR):
             smallest = float(min(self.base_lrs))
             shape.plateau_factor = max(shape.plateau_factor * self.factor, self.min_lr / smallest)
             self.plateau.num_bad = 0
-            for group, lmbda, base in zip(
-                self.optimizer.param_groups, self.lr_lambdas, self.base_lrs, strict=True
-            ):
-                group["lr"] = base * lmbda(self.last_epoch)
+            apply_rates(self)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -306,50 +304,76 @@ def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
-# A group's settings a config chooses (a group may also hold a count, e.g. federated rounds).
-_SETTINGS = ("weight_decay", "betas", "eps", "momentum")
+def apply_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Each parameter group's rate at the schedule's position: its base times its factor."""
+    for group, rate, base in zip(
+        scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
+    ):
+        group["lr"] = base * rate(scheduler.last_epoch)
+
+
+# A config field -> the parameter-group setting it chooses (a group may hold more: a count,
+# e.g. federated rounds, or values a schedule moves, e.g. one-cycle's betas).
+_GROUP_SETTING = {
+    "weight_decay": "weight_decay",
+    "adam_beta1": "betas",
+    "adam_beta2": "betas",
+    "adam_epsilon": "eps",
+    "momentum": "momentum",
+}
+
+
+def changed_settings(saved: dict[str, Any], config: Any) -> set[str]:
+    """The optimizer fields (`learning_rate` and those of `_GROUP_SETTING`) whose value in a
+    checkpoint's config (`saved`, as written) differs from this run's `config`; a field an
+    older checkpoint did not record counts as unchanged."""
+    names = ("learning_rate", *_GROUP_SETTING)
+    return {name for name in names if name in saved and saved[name] != getattr(config, name)}
 
 
 def keep_chosen_settings(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     chosen: list[dict[str, Any]],
+    changed: set[str],
 ) -> None:
-    """After a checkpoint's optimizer (and schedule) state is loaded: this run's settings
-    (`chosen`, taken before loading: learning rate, weight decay, betas, eps, momentum) replace
-    the checkpoint's, which `load_state_dict` restores beside the moments, and the learning
-    rate follows this run's schedule from the resumed update. Unchanged settings leave every
-    loaded value as it was, so a resume with the same config stays bitwise.
+    """After a checkpoint's optimizer (and schedule) state is loaded, which restores the
+    settings it trained with beside the moments: the `changed` fields (`changed_settings`)
+    take this run's values from `chosen` (the groups as built for this run, taken before
+    loading), and a changed learning rate becomes the schedule's base from the resumed update
+    on. Nothing else is touched: a resume with the same settings stays bitwise, a rate set by
+    a callback stays, and a one-cycle schedule keeps cycling Adam's beta1 or SGD's momentum.
 
     Raises:
         ValueError: a one-cycle schedule resumed with another learning rate (it cannot be
             re-planned mid-run).
     """
-    groups = optimizer.param_groups
-    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
-        for group, mine in zip(groups, chosen, strict=True):
-            if group["max_lr"] != mine["max_lr"]:
-                raise ValueError(
-                    f"cannot resume: the onecycle schedule was planned up to a learning rate of "
-                    f"{group['max_lr']:g}, this run's is {mine['max_lr']:g}, and a one-cycle "
-                    "schedule cannot be re-planned mid-run; resume with the checkpoint's "
-                    "learning_rate"
-                )
+    groups, cycle = (
+        optimizer.param_groups,
+        isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR),
+    )
+    if cycle and "learning_rate" in changed:
+        raise ValueError(
+            f"cannot resume: the onecycle schedule was planned up to a learning rate of "
+            f"{groups[0]['max_lr']:g}, this run's is {chosen[0]['max_lr']:g}, and a one-cycle "
+            "schedule cannot be re-planned mid-run; resume with the checkpoint's learning_rate"
+        )
+    keys = {_GROUP_SETTING[name] for name in changed if name in _GROUP_SETTING}
+    if cycle and getattr(scheduler, "cycle_momentum", False):
+        keys -= {"betas", "momentum"}  # the schedule sets them at every update
     for group, mine in zip(groups, chosen, strict=True):
-        group.update({k: mine[k] for k in _SETTINGS if k in mine})
+        group.update({key: mine[key] for key in keys if key in mine})
+    if "learning_rate" not in changed:
+        return
     if scheduler is None:
         for group, mine in zip(groups, chosen, strict=True):
             group["lr"] = mine["lr"]
-        return
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        return
-    bases = [mine["initial_lr"] for mine in chosen]
-    if bases == list(scheduler.base_lrs):
-        return
-    scheduler.base_lrs = bases
-    for group, rate, base in zip(groups, scheduler.lr_lambdas, bases, strict=True):
-        group["initial_lr"], group["lr"] = base, base * rate(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+    elif isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs = [mine["initial_lr"] for mine in chosen]
+        for group, base in zip(groups, scheduler.base_lrs, strict=True):
+            group["initial_lr"] = base
+        apply_rates(scheduler)
+        scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
 
 _PLAN = ("shape", "warmup_steps", "total_steps", "min_ratio", "step_size", "gamma")
@@ -387,10 +411,7 @@ def restore_schedule(
             setattr(fn, key, value)
         changed = changed or _plans_differ(saved, plan, scheduler.last_epoch)
     if changed and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        for group, rate, base in zip(
-            scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
-        ):
-            group["lr"] = base * rate(scheduler.last_epoch)
+        apply_rates(scheduler)
         old, new = _lengths(saved), _lengths(plan)
         logger.warning(
             "RESUMING WITH ANOTHER SCHEDULE: the %s schedule was planned as %s and is now %s; "
