@@ -397,6 +397,45 @@ def test_interrupted_cli_run_resumes_to_the_same_result(tmp_path, capsys):
     assert a["test"] == b["test"]
 
 
+def test_evaluate_keeps_the_loops_records_and_appends_while_a_run_writes(tmp_path, capsys):
+    """An evaluation's record replaced the training loop's own last val record (matched by
+    split and step alone), and while another process's run was training, evaluate's rewrite
+    of metrics.jsonl left that run appending to the replaced file: its later records were
+    lost."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert main(["demo", "-q", "data.name=wine", "model.name=mlp", "model.options={}",
+                 "training.num_epochs=2", f"training.output_dir={run}"]) == 0  # fmt: skip
+    events = run / "metrics.jsonl"
+    loops = [line for line in events.read_text().splitlines() if '"checkpoint"' not in line]
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    lines = events.read_text().splitlines()
+    assert [line for line in lines if '"checkpoint"' not in line] == loops  # all kept
+    assert '"split": "val", "checkpoint": "best.pt"' in lines[-1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom traineval.runs.rundir import "
+         "run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n"
+         "    time.sleep(60)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        inode = os.stat(events).st_ino
+        assert main(["evaluate", str(run), "--split", "val"]) == 0
+        assert os.stat(events).st_ino == inode  # appended to the file the run writes
+        assert len(events.read_text().splitlines()) == len(lines) + 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["evaluate", str(run), "--split", "val"]) == 0  # alone again: in place
+    assert len(events.read_text().splitlines()) == len(lines)
+    capsys.readouterr()
+
+
 def test_evaluate_command_rebuilds_the_run_and_matches_fit(tmp_path, capsys):
     run = tmp_path / "run"
     args = [

@@ -470,3 +470,18 @@ def linear() -> nn.Module:
     """The same starting weights every time."""
     torch.manual_seed(0)
     return nn.Linear(8, 3)
+
+
+def test_cutting_back_a_damaged_metrics_file_keeps_its_records_byte_for_byte(tmp_path):
+    """A line nested too deeply for json crashed the resume's cut (RecursionError), and bad
+    bytes crashed it (UnicodeDecodeError); the records kept stay as they were written."""
+    from traineval.runs.resume import truncate_events
+
+    events = tmp_path / "metrics.jsonl"
+    first = '{"event": "train", "step": 1, "note": "café"}\n'.encode()
+    second = b'{"event": "train", "step": 2}\n'
+    events.write_bytes(first + b"[" * 100_000 + b"\n" + b"\xff\xfe{\n" + second + second)
+    assert truncate_events(events, step=99, records=2) == 2
+    assert events.read_bytes() == first + second
+    assert truncate_events(events, step=1) == 1  # a checkpoint without the count: by step
+    assert events.read_bytes() == first

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,7 +47,7 @@ from ..data import DataSplits, load_builtin, load_csv, make_splits
 from ..data.splits import SCHEMA_FILE
 from ..data.tables import BUILTIN_DATASETS, Columns
 from ..evaluation.model_evaluator import SPLIT_PREFIX, EvaluationOptions, EvaluationReport
-from ..loggers.jsonl import log_replacing
+from ..loggers.jsonl import log_evaluation
 from ..models import MODELS, build_model, refuse_unknown_options
 from ..modes import Mode, Supervised, mode_class
 from ..runs.checkpoint import (
@@ -57,7 +56,7 @@ from ..runs.checkpoint import (
     load_model_weights,
     run_checkpoint,
 )
-from ..runs.rundir import default_run_dir
+from ..runs.rundir import default_run_dir, held_here, in_use
 from ..system import cpu_threads
 from ..system.distributed import is_sharded, model_state
 from ..system.files import atomic_write_json, read_json_or_none
@@ -669,6 +668,8 @@ def _train_and_test(
     tested = None
     if parts.splits.test is not None:
         tested = _evaluate_split(parts, evaluator, model, out, manager.device)
+        scored = "best.pt" if evaluated.startswith("best") else "final weights"
+        _log_evaluation(out, EvaluationMode.TESTING, tested.metrics, scored)
     _stop_if_signalled(out, "the test evaluation")
     test_metrics = tested.metrics if tested is not None else None
     record: dict[str, Any] = {
@@ -758,8 +759,7 @@ def _evaluate_split(
     device: torch.device,
     split: EvaluationMode = EvaluationMode.TESTING,
 ) -> EvaluationReport:
-    """Evaluate on one of the run's splits (which must exist) and log the split-tagged
-    record to metrics.jsonl (in place of an earlier one of the split at the same step)."""
+    """Evaluate on one of the run's splits (which must exist)."""
     prefix = SPLIT_PREFIX[split]
     loader = parts.loader(getattr(parts.splits, prefix))
     own = parts.mode.score(model, loader, device, seed=parts.config.training.seed)
@@ -774,12 +774,22 @@ def _evaluate_split(
             split=split,
         )
         report = evaluator.evaluate(model, loader, options, device=device, output_dir=out)
-    metrics = report.metrics
-    summary = out / "summary.json"
-    step = json.loads(summary.read_text()).get("global_step", 0) if summary.exists() else 0
-    record = {"event": "eval", "split": prefix, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
-    log_replacing(out / "metrics.jsonl", record, step)
     return report
+
+
+def _log_evaluation(
+    out: Path, split: EvaluationMode, metrics: Mapping[str, Any], checkpoint: str
+) -> None:
+    """The split-tagged record of an evaluation of `checkpoint` (a file name, or "final
+    weights") in metrics.jsonl, at the run's last step: in place of an earlier evaluation of
+    the same checkpoint and split, or after it while another process's run appends there."""
+    prefix = SPLIT_PREFIX[split]
+    summary = read_json_or_none(out / "summary.json")
+    step = summary.get("global_step", 0) if isinstance(summary, dict) else 0
+    record = {"event": "eval", "split": prefix, "checkpoint": checkpoint,
+              **{f"{prefix}_{k}": v for k, v in metrics.items()}}  # fmt: skip
+    alone = held_here(out) or not in_use(out)  # (a run of this process: its log is closed)
+    log_evaluation(out / "metrics.jsonl", record, step if isinstance(step, int) else 0, alone=alone)
 
 
 def evaluate_run(
@@ -875,6 +885,7 @@ def _evaluate_run(
         evaluation = dataclasses.replace(evaluation, ignore_index=hidden)
     evaluator = Evaluator(evaluation)
     report = _evaluate_split(parts, evaluator, model, run_dir, device, choices[split])
+    _log_evaluation(run_dir, choices[split], report.metrics, path.name)
     out = run_dir / "evaluation" / f"metrics_{split}.json"
     atomic_write_json(
         out,

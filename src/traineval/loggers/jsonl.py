@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..system.files import atomic_write_text
+from ..system.files import atomic_write_lines, json_records
 
 
 class JsonlLogger:
@@ -34,27 +34,23 @@ class JsonlLogger:
         self._file.close()
 
 
-def log_replacing(path: str | Path, metrics: Mapping[str, Any], step: int) -> None:
-    """Log `metrics` (an `eval` record of one split) at `step` in place of an earlier record
-    of that split at that step (atomically): evaluating a run's checkpoint again, or a
-    resume of a finished run, logs its test once, not beside the earlier one."""
-    path = Path(path)
-    record = {"event": metrics.get("event", "log"), "step": step, **metrics}
-    same = (record["event"], record.get("split"), step)
-    kept = []
-    if path.exists():
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    earlier = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if not isinstance(earlier, dict):
-                    continue
-                if (earlier.get("event"), earlier.get("split"), earlier.get("step")) != same:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-    kept.append(json.dumps(plain(record)) + "\n")
-    atomic_write_text(path, "".join(kept))
+def log_evaluation(path: str | Path, record: Mapping[str, Any], step: int, *, alone: bool) -> None:
+    """Log an evaluation's `record` (an `eval` record of one split, naming the `checkpoint`
+    it scored) at `step`. `alone` (no run is writing the file): in place of an earlier
+    record of the same checkpoint and split at that step, atomically, so evaluating a
+    checkpoint again, or resuming a finished run, logs its test once; the training loop's own
+    records (they name no checkpoint) are never replaced. While a run appends to the file
+    (not `alone`), the record is appended: a rewrite would leave the run writing to the file
+    it replaced."""
+    line = json.dumps(plain({"event": record.get("event", "log"), "step": step, **record}))
+    if not alone or not Path(path).exists():
+        with Path(path).open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        return
+    keys = ("event", "split", "step", "checkpoint")
+    same = (record.get("event"), record.get("split"), step, record.get("checkpoint"))
+    kept = [raw for raw, earlier in json_records(path) if tuple(map(earlier.get, keys)) != same]
+    atomic_write_lines(path, [*kept, line.encode() + b"\n"])
 
 
 def plain(value: Any) -> Any:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..config.training_config import LEGACY_MODE_KEYS
 from ..data.splits import SCHEMA_FILE
-from ..system.files import atomic_write_text
+from ..system.files import atomic_write_lines, json_records
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint_file
 from .shard_folders import SHARDS, shard_folder
 
@@ -350,20 +349,16 @@ def truncate_events(path: Path, step: int, records: int | None = None) -> int:
     (atomically): its first `records` records, or, for a checkpoint of an earlier version
     without the count, those up to `step`. A checkpoint written inside a step (the best
     during an epoch's validation, the last before a max_steps stop's closing validation)
-    keeps none of that step's later records, which the resumed run logs again. Returns
-    how many records are kept."""
+    keeps none of that step's later records, which the resumed run logs again. Kept records
+    stay byte for byte; unreadable lines go. Returns how many records are kept."""
     if not path.exists():
         return 0
-    kept: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if records is not None and len(kept) >= records:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the crash
-            if records is not None or record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_text(path, "".join(kept))
+    kept: list[bytes] = []
+    for line, record in json_records(path):
+        if records is not None and len(kept) >= records:
+            break
+        at = record.get("step", 0)
+        if records is not None or (isinstance(at, (int, float)) and at <= step):
+            kept.append(line)
+    atomic_write_lines(path, kept)
     return len(kept)

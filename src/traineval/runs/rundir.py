@@ -96,6 +96,12 @@ def run_dir_lock(folder: str | Path) -> Iterator[None]:
                 _release(entry[1])  # the lock file stays (removing it races)
 
 
+def held_here(folder: str | Path) -> bool:
+    """Whether a run of this process holds `folder` (`run_dir_lock`)."""
+    with _guard:
+        return Path(folder).resolve() in _held
+
+
 def in_use(folder: str | Path) -> bool:
     """Whether a run holds `folder` now (its flock on the folder). The probe takes a shared
     lock for an instant and drops it: a run starting in that instant would be told the

@@ -115,6 +115,27 @@ def atomic_write_json(path: str | Path, value: object) -> Path:
     return atomic_write_text(path, json.dumps(value, indent=2))
 
 
+def json_records(path: str | Path) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Each line of a JSON-lines file that holds a JSON object, as its bytes and its value;
+    a line cut short by a crash, or one that is not an object (a damaged or hostile file:
+    bad bytes, nesting too deep to read) is passed over."""
+    with Path(path).open("rb") as handle:
+        for line in handle:
+            try:
+                value = json.loads(line)
+            except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+                continue
+            if isinstance(value, dict):
+                yield (line if line.endswith(b"\n") else line + b"\n"), value
+
+
+def atomic_write_lines(path: str | Path, lines: list[bytes]) -> Path:
+    """Lines (each ending in a newline) written atomically, byte for byte."""
+    with atomic_file(path) as temporary:
+        temporary.write_bytes(b"".join(lines))
+    return Path(path)
+
+
 def read_json_or_none(path: str | Path) -> Any:
     """A JSON file's value; None when it is missing or does not parse (a run's own record,
     read to be rewritten)."""
