@@ -132,18 +132,25 @@ def test_top_k_accuracy_ranks_ties_as_scikit_learn_does(case):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_regression_targets_that_are_not_finite_are_refused(bad):
+def test_regression_targets_that_are_not_finite_give_nan_metrics_and_a_warning(bad, caplog):
     """Only NaN predictions were counted: a NaN or inf target gave mse NaN / inf and an R² of
-    0.0 (the constant-target rule), a plausible score; scikit-learn refuses such input."""
+    0.0 (the constant-target rule), a plausible score (scikit-learn refuses such input). A
+    refusal stopped a training run whose loss masks missing targets at its first
+    validation: the metrics are NaN, said in a warning."""
+    import math
+
     predictions = torch.tensor([1.0, 2.0, 3.0, 4.0])
     targets = torch.tensor([1.5, bad, 2.5, 4.0])
     with pytest.raises(ValueError):
         sk.r2_score(targets.numpy(), predictions.numpy())
-    with pytest.raises(ValueError, match="1 regression targets are NaN or infinite"):
-        Evaluator().compute_metrics(predictions, targets)
-    loader = DataLoader(TensorDataset(predictions[:, None], targets), batch_size=2)
-    with pytest.raises(ValueError, match="1 regression targets are NaN or infinite"):
-        Evaluator().evaluate(nn.Identity(), loader)
+    with caplog.at_level("WARNING"):
+        scored = Evaluator().compute_metrics(predictions, targets)
+        loader = DataLoader(TensorDataset(predictions[:, None], targets), batch_size=2)
+        evaluated = Evaluator().evaluate(nn.Identity(), loader).metrics
+    for metrics in (scored, evaluated):
+        names = ("mse", "mae", "rmse", "r2_score")
+        assert all(math.isnan(metrics[name]) for name in names), metrics
+    assert caplog.text.count("1 regression targets are NaN or infinite") == 2
 
 
 @pytest.mark.parametrize("shape", ["column", "flat"])
@@ -451,7 +458,13 @@ def test_outputs_of_a_final_sigmoid_are_said(task, monkeypatch, caplog):
     kind = "classification" if task == "binary" else "multilabel"
     with caplog.at_level("WARNING"):
         Evaluator().evaluate(logits, loader, task_type=kind)
+        zeros = nn.Linear(4, width)
+        nn.init.zeros_(zeros.weight)
+        nn.init.zeros_(zeros.bias)  # a zero-initialised head: all 0, in [0, 1]
+        Evaluator().evaluate(zeros, loader, task_type=kind)
         assert "as a final sigmoid's do" not in caplog.text  # logits: nothing to say
+        with torch.no_grad():
+            logits.weight.mul_(20)  # trained: its sigmoid spreads over [0, 1]
         Evaluator().evaluate(nn.Sequential(logits, nn.Sigmoid()), loader, task_type=kind)
     assert caplog.text.count("as a final sigmoid's do") == 1
 
@@ -474,3 +487,15 @@ def test_one_regression_sample_scores_as_scikit_learn_and_its_interval_agrees():
     expected = sk.explained_variance_score([2.0], [1.0])
     assert report.metrics["explained_variance"] == expected == 1.0
     assert report.intervals["explained_variance"] == (1.0, 1.0)
+
+
+def test_counts_whose_first_batch_holds_only_0_and_1_are_told_how_to_be_regressed():
+    """The first batch decides the task: integer counts sorted so that it holds only 0 and
+    1 read as a binary classifier's labels, and the later batches failed; the error now
+    says why and what to pass."""
+    counts = torch.tensor([0, 1, 0, 1, 3, 5, 2, 4])
+    loader = DataLoader(TensorDataset(counts[:, None].float(), counts), batch_size=4)
+    with pytest.raises(ValueError, match=r"pass task_type='regression' for values to regress"):
+        Evaluator().evaluate(nn.Identity(), loader)
+    regressed = Evaluator().evaluate(nn.Identity(), loader, task_type="regression")
+    assert regressed.metrics["mse"] == 0.0

@@ -75,6 +75,11 @@ def test_a_run_without_its_summary_is_reported_killed_or_running(run_dir, tmp_pa
     with run_dir_lock(killed):  # a run holds the folder: it is still training
         assert main(["report", str(killed)]) == 0
     assert "running (another process holds the folder now)" in capsys.readouterr().out
+    resumed = tmp_path / "resumed"  # a resumed run keeps the earlier summary.json meanwhile
+    shutil.copytree(run_dir, resumed)
+    with run_dir_lock(resumed):
+        assert main(["report", str(resumed)]) == 0
+    assert "running (another process holds the folder now)" in capsys.readouterr().out
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):

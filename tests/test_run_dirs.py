@@ -399,3 +399,23 @@ def test_an_overwrite_of_a_run_that_kept_no_checkpoints_sets_its_outputs_aside(q
     TrainingManager(TrainingConfig(**settings)).train(make_mlp(seed=1), loader)
     assert not os.path.exists(f"{folder}/evaluation")
     assert not os.path.exists(f"{folder}/.overwritten")
+
+
+def test_a_report_probing_the_folder_does_not_refuse_a_run_starting_then(tmp_path):
+    """`report` tells a running run by taking the folder's lock for an instant; a run
+    starting in that instant was refused as 'in use by another run' (355 of 2000 starts
+    in a tight loop)."""
+    import fcntl
+    import os
+    import threading
+
+    from traineval.runs.rundir import in_use, run_dir_lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    probe = os.open(folder, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # a probe's shared lock, dropped 50 ms later
+    threading.Timer(0.05, os.close, (probe,)).start()
+    with run_dir_lock(folder):  # waits the probe out instead of refusing
+        assert in_use(folder)
+    assert not in_use(folder)

@@ -190,7 +190,7 @@ def test_the_study_says_its_start_and_each_trial_once_in_its_own_words(tmp_path,
     assert [r.getMessage() for r in heard if r.levelno < logging.WARNING] == []
     said = [r.getMessage() for r in caplog.records if r.name.startswith("traineval.tuning")]
     assert "study 's' created" in said
-    assert "study 's' continues after its 1 earlier trials" in said
+    assert "study 's' continues after its 1 earlier trial" in said
     finished = [line for line in said if " finished: " in line]
     assert len(finished) == 2
     value = r"0\.\d{1,4}"

@@ -170,7 +170,10 @@ class ClassCrossEntropy(nn.CrossEntropyLoss):
             kept = target[target != self.ignore_index]
             raise ValueError(
                 "a binary classifier with one logit takes labels 0 and 1; labels in this "
-                f"batch range from {kept.min().item():g} to {kept.max().item():g}"
+                f"batch range from {kept.min().item():g} to {kept.max().item():g} (without "
+                "task_type, one output beside integer labels 0 and 1 in the first batch is "
+                "read as a binary classifier: pass task_type='regression' for values to "
+                "regress)"
             )
         if target.is_floating_point():  # 0/1 labels as floats (an (N, 1) column, say)
             target = target.long()

@@ -60,7 +60,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     history = rounds_history(records) if flower else history_from_events(records)
     if flower:
         summary = _best_round(history, _mapping(config.get("training")))
-    elif not summary:
+    elif not summary or in_use(run_dir):  # (a resumed run keeps the earlier summary.json)
         summary = _unfinished(run_dir, records)
     val = [(s, m) for s, m in zip(history["val_steps"], history["val_metrics"], strict=True)]
     best_step = summary.get("best_step")

@@ -71,11 +71,13 @@ def say_if_sigmoided(scores: torch.Tensor) -> None:
     classifier's scores all lie in [0, 1], as a final sigmoid's do: they are read as logits,
     whose sigmoid is taken again (a perfect model scores near chance). Unlike a softmax's
     rows, which sum to 1, such outputs cannot be told from logits for sure, so they are not
-    re-read, only said. One sync, on a first batch of at least 8 values."""
+    re-read, only said (where they spread over half of [0, 1]). One sync, on a first batch
+    of at least 8 values."""
     if _SIGMOID_SAID[0] or not scores.is_floating_point() or scores.numel() < 8:
         return
     low, high = torch.aminmax(scores.detach())
-    if bool((low >= 0) & (high <= 1)):
+    # spread over half the range: an untrained head (near 0, or a sigmoid's 0.5) says nothing
+    if bool((low >= 0) & (high <= 1) & (high - low >= 0.5)):
         _SIGMOID_SAID[0] = True
         logger.warning(
             "the classifier's outputs all lie in [0, 1], as a final sigmoid's do, but a binary "
@@ -446,11 +448,14 @@ class RegressionStats:
         if not self.state:
             raise ValueError("no data: call update() with at least one batch before compute()")
         s = {key: value.cpu() for key, value in self.state.items()}
+        names = ("mse", "mae", "rmse", "r2_score", "explained_variance")
         if int(s["bad_targets"]):  # their moments are NaN: R² would read 0.0, a real score
-            raise ValueError(
-                f"{int(s['bad_targets'])} regression targets are NaN or infinite: targets "
-                "must be finite numbers (drop or fill those rows)"
+            logger.warning(
+                "%d regression targets are NaN or infinite: the regression metrics are NaN "
+                "(a loss that masks such targets still trains; drop or fill them to score)",
+                int(s["bad_targets"]),
             )
+            return dict.fromkeys(names, math.nan)
         if int(s["nan"]):
             raise ValueError(f"{int(s['nan'])} predictions are NaN")
         n = self.n

@@ -146,6 +146,11 @@ def _acquire(folder: Path) -> tuple[int, int]:
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     folder_fd = _lock_folder(folder)
+    for _ in range(20):  # a `report` probing the folder (`in_use`) holds it for an instant
+        if folder_fd != BUSY:
+            break
+        time.sleep(0.01)
+        folder_fd = _lock_folder(folder)
     held = folder_fd != BUSY
     if held:
         try:

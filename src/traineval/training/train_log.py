@@ -72,8 +72,9 @@ class TrainLog:
         for name, values in self._metrics.items():
             tensors = [v for v in values if isinstance(v, torch.Tensor)]
             total = sum(float(v) for v in values if not isinstance(v, torch.Tensor))
-            if tensors:  # one transfer; summed in float64, so that however a stop splits an
-                # interval into reads, the sum is the uninterrupted one's
+            if tensors:  # one transfer; float32 values summed in float64, so that however a
+                # stop splits an interval into reads, the sum is the uninterrupted one's
+                # (exactly where the values' magnitudes lie within 2^29 of each other)
                 stacked = torch.stack([t.detach().float() for t in tensors])
                 total += float(stacked.to("cpu", torch.float64).sum())
             sums = state.interval_metrics.setdefault(name, [0.0, 0.0])

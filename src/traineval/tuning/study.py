@@ -88,7 +88,12 @@ def start_study(settings: Settings) -> Any:
         logger.info("study %r created", settings.study_name)
         enqueue_defaults(study, settings)
     else:
-        logger.info("study %r continues after its %d earlier trials", settings.study_name, earlier)
+        logger.info(
+            "study %r continues after its %d earlier trial%s",
+            settings.study_name,
+            earlier,
+            "" if earlier == 1 else "s",
+        )
     recover_abandoned(study, settings)
     return study
 
