@@ -290,3 +290,22 @@ def test_a_loss_without_a_graph_is_named(quiet_config):
         TrainingManager(_config(quiet_config)).train(
             make_mlp(), DataLoader(make_classification(), 16), loss_function=detached
         )
+
+
+def test_train_takes_a_task_by_its_value_and_refuses_another_naming_the_field(tmp_path):
+    """train(task_type="regression") failed with a bare KeyError: 'regression' at the first
+    validation, though evaluate and score take a task by its value."""
+    import pytest
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from traineval import TrainingConfig, TrainingManager
+
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32)), batch_size=8)
+    config = TrainingConfig(num_epochs=1, warmup_steps=0, progress_bar=False,
+                            tensorboard_logging=False, output_dir=str(tmp_path))  # fmt: skip
+    result = TrainingManager(config).train(nn.Linear(4, 1), data, data, task_type="regression")
+    assert "r2_score" in result.training_history["val_metrics"][-1]
+    with pytest.raises(ValueError, match=r"task_type='regress' is invalid: expected one of"):
+        TrainingManager(config).train(nn.Linear(4, 1), data, data, task_type="regress")

@@ -24,6 +24,7 @@ from ..config.training_config import TaskType, TrainingConfig, TrainingMode
 from ..data.splits import SCHEMA_FILE
 from ..evaluation.inference import Predictions, PredictOptions, predict
 from ..evaluation.model_evaluator import ModelEvaluator
+from ..evaluation.report import task_of
 from ..loggers.base import check_loggers
 from ..modes import Mode, resolve_mode
 from ..modes.contract import closing_step
@@ -114,7 +115,7 @@ class TrainingManager:
         train_loader: Iterable[Any] | Callable[[], Any] | str,
         val_loader: Iterable[Any] | None = None,
         *,
-        task_type: TaskType | None = None,
+        task_type: TaskType | str | None = None,
         loss_function: Any = None,
         evaluator: ModelEvaluator | None = None,
         callbacks: Sequence[Callback] = (),
@@ -155,13 +156,13 @@ class TrainingManager:
         check_loggers(loggers)
         build.check_resume_target(self.config, resume_from)
         request = build.Request(
-            model, train_loader, val_loader, task_type, loss_function, evaluator,
+            model, train_loader, val_loader, task_of(task_type), loss_function, evaluator,
             [*callbacks], mode, resume_from, loggers, output_transform,
         )  # fmt: skip
         c, job = self.config, self.distributed
         run = self.plan(request)
         run.monitor = build.choose_monitor(
-            c, run.plan, run.data.val_loader, evaluator, task_type, run.mode
+            c, run.plan, run.data.val_loader, evaluator, request.task_type, run.mode
         )
         with (
             closing_step(run.plan.step),  # its environments' worker processes, say
@@ -207,7 +208,7 @@ class TrainingManager:
         model: nn.Module,
         loader: Iterable[Any],
         *,
-        task_type: TaskType | None = None,
+        task_type: TaskType | str | None = None,
         output_transform: OutputTransform | None = None,
     ) -> Predictions:
         """The model's outputs, probabilities and classes over `loader`, on this run's device
@@ -219,7 +220,7 @@ class TrainingManager:
             PredictOptions(output_transform=output_transform),
             device=self.device,
             precision=precision,
-            task_type=task_type,
+            task_type=task_of(task_type),
         )
 
     def find_learning_rate(
@@ -232,7 +233,7 @@ class TrainingManager:
         num_steps: int = 100,
         divergence: float = 4.0,
         smoothing: float = 0.9,
-        task_type: TaskType | None = None,
+        task_type: TaskType | str | None = None,
         loss_function: Any = None,
         mode: TrainingMode | str | Mode = TrainingMode.SUPERVISED,
     ) -> LearningRateSearch:
@@ -248,7 +249,11 @@ class TrainingManager:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         request = build.Request(
-            model, train_loader, task_type=task_type, loss_function=loss_function, mode=mode
+            model,
+            train_loader,
+            task_type=task_of(task_type),
+            loss_function=loss_function,
+            mode=mode,
         )
         return search_learning_rate(self, request, search)
 

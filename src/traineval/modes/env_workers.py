@@ -88,7 +88,9 @@ def worker_env(
 def _end_with_the_training_process(training_pid: int) -> None:
     """Linux: the kernel ends this worker when the process that started it dies (a kill -9
     of the run), rather than the worker writing to the dead pipe and printing gymnasium's
-    BrokenPipe traceback over the terminal. Elsewhere the pipe's error ends it."""
+    BrokenPipe traceback over the terminal. Elsewhere the pipe's error ends it. (The kernel
+    ties the signal to the thread that started the worker: the run's training thread, which
+    closes its workers before it ends.)"""
     if not sys.platform.startswith("linux"):
         return
     try:
