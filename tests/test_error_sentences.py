@@ -699,3 +699,41 @@ def test_a_library_thread_that_fails_is_one_line_not_a_traceback(monkeypatch, ca
         "traineval: background thread Writer (threading) ended with OSError: [Errno 28] No "
         "space left on device (--debug shows the traceback)"
     ]
+
+
+def test_a_sigterm_to_flower_or_after_the_cv_folds_is_one_line_and_143(
+    tmp_path, monkeypatch, capsys
+):
+    """Both died on SIGTERM's default action: exit 143 with nothing said (Ctrl-C was
+    handled), and cv wrote no cv.json, nor said that it does not resume."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    import traineval
+    from traineval import cli
+    from traineval.commands import experiment
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the signal's handler acts first)
+
+    before = signal.getsignal(signal.SIGTERM)
+    demo = str(Path(traineval.__file__).parent / "configs" / "demo.yaml")
+    monkeypatch.setattr(cli, "_flower", terminated)
+    assert main(["flower", demo, "-q", "mode=federated"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["traineval: interrupted by SIGTERM; the rounds finished so far are saved. "
+                   "To continue, run the same command with --resume auto and "
+                   "training.output_dir=<the run directory>"]  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) == before
+    monkeypatch.setattr(experiment, "_test_the_folds", lambda *args: terminated())
+    out = tmp_path / "cv"
+    args = ["cv", demo, "--folds", "2", "-q", "data.name=iris", "model.name=mlp",
+            "model.options={}", "training.num_epochs=1", f"training.output_dir={out}"]  # fmt: skip
+    assert main(args) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "cross-validation stopped by SIGTERM. Cross-validation does not resume" in err[0]
+    assert not (out / "evaluation" / "cv.json").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -121,6 +122,15 @@ def test_a_client_asked_to_evaluate_without_data_says_what_to_do(quiet_config):
         flower.run_local(server, client, [{"partition-id": i} for i in range(3)])
 
 
+def test_a_patience_that_does_nothing_with_flower_is_said(quiet_config, caplog):
+    """A shared config's early stopping (the demo's patience of 4) did nothing, silently."""
+    with caplog.at_level("WARNING"):
+        flower.server_app(make_mlp, _config(quiet_config, early_stopping_patience=0))
+        assert "does nothing with Flower" not in caplog.text  # off, as written
+        flower.server_app(make_mlp, _config(quiet_config, early_stopping_patience=4))
+    assert "early_stopping_patience=4 does nothing with Flower" in caplog.text
+
+
 def test_bad_arguments_are_refused_before_anything_runs(quiet_config):
     config = _config(quiet_config)
     with pytest.raises(TypeError, match="model_fn must be a callable, got 3"):
@@ -133,6 +143,13 @@ def test_bad_arguments_are_refused_before_anything_runs(quiet_config):
         flower.server_app(make_mlp, _config(quiet_config, ema_decay=0.9))
     with pytest.raises(ValueError, match="class_weights are not supported with Flower"):
         flower.server_app(make_mlp, _config(quiet_config, class_weights="balanced"))
+    # stops the server does not make were accepted and did nothing
+    for stop, said in (
+        ({"max_time": 60}, "max_time=60"),
+        ({"stop_when": "val_accuracy >= 0.9"}, "stop_when=('val_accuracy >= 0.9',)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"{said} is not supported with Flower")):
+            flower.server_app(make_mlp, _config(quiet_config, **stop))
 
 
 def test_client_learning_rates_follow_the_schedule_per_round(quiet_config):
@@ -541,6 +558,11 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
     assert "Trained Flower round 3 (resumed after round 2)" in capsys.readouterr().out
     assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
     assert "Nothing to resume: the Flower run in" in capsys.readouterr().out
+    tested = tmp_path / "extended" / "evaluation" / "metrics.json"
+    tested.unlink()  # stopped in its test evaluation: the resume said "Nothing to resume"
+    assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
+    assert tested.exists()
+    capsys.readouterr()
     (tmp_path / "extended" / "final_model.safetensors").unlink()  # stopped just before it
     assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
     assert "Saved the final model of the 3 finished Flower rounds" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -506,19 +507,30 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 def _flower_command(config: Any, args: argparse.Namespace) -> int:
     failures: tuple[type[BaseException], ...] = (*_failures(), ImportError)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _terminate)  # as Ctrl-C: the rounds so far are saved
     try:
         return _flower(config, args.nodes, args.resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:
         output_dir = config.training.output_dir
+        name = "SIGTERM" if str(stopped) == "SIGTERM" else "SIGINT"
         print(
-            "traineval: interrupted; the rounds finished so far are saved. To continue, run "
-            "the same command with --resume auto"
+            f"traineval: interrupted by {name}; the rounds finished so far are saved. To "
+            "continue, run the same command with --resume auto"
             + ("" if output_dir else " and training.output_dir=<the run directory>"),
             file=sys.stderr,
         )
-        return 128 + signal.SIGINT
+        return 128 + getattr(signal, name)
     except failures as error:
         return _error(error)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM to a Flower run: stop as Ctrl-C stops it (Flower's loop has no step boundary
+    of ours to stop at)."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def _lr_find(config: Any, args: argparse.Namespace) -> int:
@@ -611,12 +623,18 @@ def _trained_line(training: Any, elapsed: float) -> str:
 
 def _cv_interrupted(stopped: BaseException) -> int:
     """Cross-validation stopped by a signal: which folds finished, and what to do (128+N)."""
+    from .system.files import read_json_or_none as json_or_none
+
     name = getattr(stopped, "signal_name", "SIGINT")
     checkpoint = getattr(stopped, "checkpoint", None)
     done = ""
     if checkpoint:
         base = Path(checkpoint).parent.parent.parent
-        finished = sorted(p.parent.name for p in base.glob("fold-*/summary.json"))
+        finished = sorted(  # (an interrupted fold writes its summary.json too)
+            p.parent.name
+            for p in base.glob("fold-*/summary.json")
+            if (json_or_none(p) or {}).get("status") in ("finished", "stopped early")
+        )
         done = f"; finished folds in {base}: {', '.join(finished) or 'none'}"
     print(
         f"traineval: cross-validation stopped by {name}{done}. Cross-validation does not "
@@ -676,8 +694,9 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
         )
     output_dir = str(config.training.output_dir or default_run_dir("flower"))
     done = saved_round(output_dir) if resume_from == "auto" else None
-    rounds = config.training.num_epochs
-    if done is not None and done >= rounds and (Path(output_dir) / FINAL_MODEL).exists():
+    rounds = min(config.training.num_epochs, config.training.max_steps or math.inf)
+    tested = (Path(output_dir) / "evaluation" / "metrics.json").exists()
+    if done is not None and done >= rounds and (Path(output_dir) / FINAL_MODEL).exists() and tested:
         print(
             f"Nothing to resume: the Flower run in {output_dir} finished its {done} rounds "
             f"(training.num_epochs={config.training.num_epochs})"

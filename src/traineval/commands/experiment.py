@@ -916,16 +916,31 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     splits = parts.splits
     pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
     evaluator = Evaluator(config.evaluation)
-    summary = evaluator.cross_validate(
-        parts.new_model,
-        pool,
-        config.training,
-        folds,
-        task_type=parts.task_type,
-        training_mode=parts.mode,
-        num_workers=config.data.num_workers,
-    )
+    with watching_signals():  # a signal after the folds stops before cv.json, said in a line
+        summary = evaluator.cross_validate(
+            parts.new_model,
+            pool,
+            config.training,
+            folds,
+            task_type=parts.task_type,
+            training_mode=parts.mode,
+            num_workers=config.data.num_workers,
+        )
+        _test_the_folds(config, parts, evaluator, summary)
+        stop_if_signalled(None, "the folds' test evaluation")
     out = Path(summary["output_dir"])
+    (out / "evaluation").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "evaluation" / "cv.json", summary)
+    write_run_config(config.to_dict(), out)
+    return summary
+
+
+def _test_the_folds(
+    config: RunConfig, parts: RunParts, evaluator: Evaluator, summary: dict[str, Any]
+) -> None:
+    """The folds' best checkpoints, alone and as an ensemble, on the test split (into
+    `summary`: `test_ensemble`, `test_members`)."""
+    splits, out = parts.splits, Path(summary["output_dir"])
     test_loader = parts.loader(splits.test)
     if test_loader is not None:
         device = TrainingManager(config.training).device
@@ -941,10 +956,6 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
         )
         summary["test_ensemble"] = together["ensemble"]
         summary["test_members"] = together["members"]
-    (out / "evaluation").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "evaluation" / "cv.json", summary)
-    write_run_config(config.to_dict(), out)
-    return summary
 
 
 def _concat(first: TensorDataset, second: TensorDataset) -> TensorDataset:

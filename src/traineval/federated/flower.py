@@ -229,6 +229,7 @@ class FlowerServer:
                 "scheduler_type='plateau' is not supported with Flower (no server-side metric "
                 "drives it); choose 'cosine', 'step', 'onecycle' or 'constant'"
             )
+        _refuse_stops(config)
         if config.ema_decay:
             raise ValueError(
                 f"ema_decay={config.ema_decay} is not supported with Flower yet (the server "
@@ -291,11 +292,12 @@ class FlowerServer:
         done, output = int(saved["round"]), self.output
         model.load_state_dict(saved["model"] if "model" in saved else saved["arrays"])
         if done >= self.rounds:
-            if (output / FINAL_MODEL).exists():
+            tested = self.on_finish is None or (output / "evaluation" / "metrics.json").exists()
+            if (output / FINAL_MODEL).exists() and tested:
                 logger.warning(
                     "%s: the run finished its %d rounds; nothing to resume", output, done
                 )
-            else:  # stopped after its last round, before the final model was saved
+            else:  # stopped after its last round, before the final model or its test
                 self._finish(model)
             return False
         restore_rng(saved["rng"], None)  # Flower's node sampling continues its sequence
@@ -459,6 +461,30 @@ def server_app(
     app = ServerApp()
     app.main()(server.main)
     return app
+
+
+def _refuse_stops(config: TrainingConfig) -> None:
+    """The stops a Flower server does not make (it runs its rounds, `num_epochs`, or
+    `max_steps` of them): `max_time` and `stop_when` are refused, naming them (accepted,
+    they did nothing); an `early_stopping_patience` you set, which a shared config often
+    carries, is said in a warning."""
+    given = [
+        f"{name}={getattr(config, name)!r}"
+        for name, unset in (("max_time", None), ("stop_when", ()))
+        if getattr(config, name) != unset
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} is not supported with Flower yet (the server runs every "
+            "round: training.num_epochs, or max_steps of them); remove it"
+        )
+    patience = config.early_stopping_patience
+    if "early_stopping_patience" in config.given_fields and patience:
+        logger.warning(
+            "early_stopping_patience=%d does nothing with Flower: the server runs every round "
+            "(training.num_epochs, or max_steps of them)",
+            patience,
+        )
 
 
 def client_learning_rates(config: TrainingConfig, rounds: int) -> list[float]:
