@@ -485,3 +485,30 @@ def test_cutting_back_a_damaged_metrics_file_keeps_its_records_byte_for_byte(tmp
     assert events.read_bytes() == first + second
     assert truncate_events(events, step=1) == 1  # a checkpoint without the count: by step
     assert events.read_bytes() == first
+
+
+def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):
+    """Resuming from epoch-0002.pt left the abandoned part's best.pt, epoch-0003/4.pt and
+    last.pt in place: the test scored that part's best, and a later --resume auto jumped
+    back to it (the furthest along). They now move into an abandoned-after-step folder."""
+    from traineval.runs.resume import find_checkpoint
+
+    run = tmp_path / "run"
+    TrainingManager(config(run, checkpoint_save_frequency=1)).train(dropout_mlp(0), *loaders(0))
+    folder = run / "checkpoints"
+    before = {p.name: load_checkpoint_file(p)["global_step"] for p in folder.glob("*.pt")}
+    assert (before["epoch-0002.pt"], before["last.pt"]) == (14, 28)
+    with caplog.at_level(logging.WARNING):
+        TrainingManager(config(run, checkpoint_save_frequency=1, learning_rate=1e-12)).train(
+            dropout_mlp(0), *loaders(0), resume_from=str(folder / "epoch-0002.pt")
+        )
+    [aside] = folder.glob("abandoned-after-step-14-*")
+    moved = {p.name for p in aside.iterdir()}
+    assert {name for name, step in before.items() if step > 14} <= moved
+    assert "abandons the run's later part" in caplog.text
+    for path in folder.glob("*.pt"):  # what stays: the resumed run's, or from before step 14
+        payload = load_checkpoint_file(path)
+        assert payload["global_step"] <= 14 or payload["config"]["learning_rate"] == 1e-12
+    chosen, payload = find_checkpoint(run, "auto")
+    assert chosen.name == "last.pt"
+    assert payload["config"]["learning_rate"] == 1e-12

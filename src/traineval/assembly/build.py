@@ -43,6 +43,7 @@ from ..runs.resume import (
     check_mode,
     find_checkpoint,
     logged_records,
+    set_aside_later,
     truncate_events,
 )
 from ..system.distributed import Distributed, is_sharded, wrap_model
@@ -470,6 +471,8 @@ def load_resume(
             "cannot resume: the checkpoint was written with distributed_strategy="
             f"{payload.get('distributed_strategy')!r}, this run uses {strategy!r}"
         )
+    if job.is_main:  # checkpoints of a later step belong to the part this resume abandons
+        set_aside_later(output_dir / "checkpoints", path, payload["global_step"])
     logger.info("resuming from %s (step %d)", path, payload["global_step"])
     return payload
 

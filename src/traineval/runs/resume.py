@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,42 @@ def find_checkpoint(
             "from a copy you trust with --resume PATH (resume_from=PATH)"
         )
     return None
+
+
+def set_aside_later(folder: Path, resumed: Path, step: int) -> Path | None:
+    """Checkpoints in `folder` written after `step`: a resume from an earlier one (say
+    epoch-0002.pt) abandons the part of the run they hold. They move, with a best's
+    `.safetensors` and their shard folders, into `folder/abandoned-after-step-<step>-<time>/`,
+    said in one warning: the test would otherwise score the abandoned part's best.pt and a
+    later `--resume auto` jump back to it, and this run's saves would overwrite them.
+    Returns that folder (None: nothing later)."""
+    later: dict[Path, int] = {}
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        if not path.is_file() or path.resolve() == resumed.resolve():
+            continue
+        try:
+            at = int(load_checkpoint_file(path, mmap=True).get("global_step", -1))
+        except (CheckpointError, TypeError, ValueError):
+            continue  # unreadable: not known to be later
+        if at > step:
+            later[path] = at
+    if not later:
+        return None
+    aside = folder / f"abandoned-after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for path in later:
+        for part in (path, path.with_suffix(".safetensors"), *folder.glob(f"{path.stem}.shards-*")):
+            if part.exists():
+                os.replace(part, aside / part.name)
+    logger.warning(
+        "resuming from %s (step %d) abandons the run's later part: its checkpoints %s are set "
+        "aside in %s (this run's own are written in their place)",
+        resumed.name,
+        step,
+        ", ".join(f"{path.name} (step {at})" for path, at in later.items()),
+        aside,
+    )
+    return aside
 
 
 def _resumable(path: Path) -> dict[str, Any]:
