@@ -576,3 +576,43 @@ def test_a_study_with_the_defaults_repeats_no_notice(tmp_path):
     assert repeated == []
     assert "mixed precision" not in done.stderr
     assert "warmup_steps=" not in done.stderr
+
+
+def test_a_retry_asks_the_pruner_about_what_its_trial_had_reported(tmp_path):
+    """A signal in the step after the validation at which the pruner would stop the trial
+    (the run saved after it): the retry resumed past that validation, never asked the
+    pruner, and trained on to another value (pruned at step 40, not 20)."""
+    from types import SimpleNamespace
+
+    from traineval.tuning.trial import OptunaPruning, queue_retry
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("run_dir", str(tmp_path))
+    for step, value in ((10, 0.5), (20, 0.3)):
+        trial.report(value, step)
+    assert queue_retry(study, study._storage.get_trial(trial._trial_id), "SIGTERM")
+    retry = study.ask()  # the queued retry
+    assert retry.user_attrs["reported"] == {"10": 0.5, "20": 0.3}
+
+    class Pruner:  # prunes once step 20 is reported, as the pruner would have
+        def __init__(self):
+            self.user_attrs, self.reports = retry.user_attrs, []
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return any(step == 20 for step, _ in self.reports)
+
+    stops: list[str] = []
+    control = SimpleNamespace(state=SimpleNamespace(global_step=20), request_stop=stops.append)
+    pruning = OptunaPruning(Pruner(), "val_accuracy")
+    pruning.on_train_start(control)
+    assert pruning.pruned_at == 20
+    assert stops == ["pruned by the study at step 20 (val_accuracy 0.3)"]
+    early = OptunaPruning(Pruner(), "val_accuracy")  # resumed before step 20: not yet
+    early.on_train_start(SimpleNamespace(state=SimpleNamespace(global_step=15),
+                                         request_stop=stops.append))  # fmt: skip
+    assert early.pruned_at is None
+    assert early.trial.reports == [(10, 0.5)]

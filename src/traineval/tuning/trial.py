@@ -47,20 +47,42 @@ class OptunaPruning(Callback):
         self.trial, self.metric, self.job = trial, metric, job
         self.pruned_at: int | None = None
 
+    def on_train_start(self, loop: Control) -> None:
+        """A retry of an interrupted trial reports the values the trial had reported up to
+        where its run resumes, and asks the pruner: a signal that came after the validation
+        at which the pruner would have stopped the trial (the run saved after it) loses
+        nothing."""
+        reported = self.trial.user_attrs.get("reported") if self.trial is not None else None
+        at = loop.state.global_step
+        earlier = sorted(
+            (int(step), float(value))
+            for step, value in (reported.items() if isinstance(reported, dict) else [])
+            if int(step) <= at
+        )
+        for step, value in earlier:
+            self.trial.report(value, step)
+        if self._decide(bool(earlier)):
+            step, value = earlier[-1]
+            self.pruned_at = step
+            loop.request_stop(f"pruned by the study at step {step} ({self.metric} {value:.4g})")
+
     def on_evaluate(self, loop: Control, logs: dict[str, Any]) -> None:
         value = logs.get(self.metric)
         if value is None:
             return
         step = loop.state.global_step
-        prune = False
         if self.trial is not None:
             self.trial.report(float(value), step)
-            prune = bool(self.trial.should_prune())
-        if self.job is not None and self.job.enabled:
-            prune = bool(self.job.gather(prune)[0])  # rank 0's word, on every rank
-        if prune:
+        if self._decide(self.trial is not None):
             self.pruned_at = step
             loop.request_stop(f"pruned by the study at step {step} ({self.metric} {value:.4g})")
+
+    def _decide(self, ask: bool) -> bool:
+        """The pruner's word (asked where `ask`), rank 0's on every rank."""
+        prune = bool(self.trial.should_prune()) if ask and self.trial is not None else False
+        if self.job is not None and self.job.enabled:
+            prune = bool(self.job.gather(prune)[0])
+        return prune
 
 
 def _states() -> Any:
@@ -171,6 +193,8 @@ def queue_retry(study: Any, trial: Any, why: str) -> bool:
         return False
     run_dir = trial.user_attrs.get("run_dir")
     attrs = {"retry_of": trial.number, **({"resume_dir": run_dir} if run_dir else {})}
+    if trial.intermediate_values:  # the retry reports them again where its run resumes
+        attrs["reported"] = {str(k): v for k, v in trial.intermediate_values.items()}
     study.enqueue_trial(trial.params, user_attrs=attrs)
     return True
 
