@@ -813,6 +813,10 @@ def test_a_signal_in_the_step_early_stopping_ends_the_run_keeps_its_closing_reco
     assert result["training_history"] == expected["training_history"]
     assert result["stop_reason"] == expected["stop_reason"]
     assert_same_state(straight, resumed, tmp_path / "straight", tmp_path / "stopped")
+    # its log too: the closing `best` record, which the signal came before, is logged once
+    assert logged(tmp_path / "stopped") == logged(tmp_path / "straight")
+    _train(case, tmp_path / "stopped", quiet_config, resume_from="auto", **settings)
+    assert logged(tmp_path / "stopped") == logged(tmp_path / "straight")
 
 
 def _fake_best(folder: Any, token: str) -> None:

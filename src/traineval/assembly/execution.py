@@ -17,12 +17,12 @@ from torch import nn
 
 from ..callbacks import Callback
 from ..config.training_config import TrainingConfig
-from ..loggers import LoggerHub
+from ..loggers import JsonlLogger, LoggerHub
 from ..modes import Mode
 from ..runs.checkpoint_writer import CheckpointWriter, StagedWrites
 from ..runs.tracking import MetricsTracker
 from ..system.distributed import Distributed
-from ..system.files import atomic_write_json, read_json_or_none
+from ..system.files import atomic_write_json, json_records, read_json_or_none
 from ..system.seeding import data_generators, deterministic_algorithms
 from ..training.exit_codes import error_line
 from ..training.loop import EvaluateFn, Loop, Monitor, Observers, TrainState
@@ -137,9 +137,25 @@ def already_finished(
         result.performance = earlier.get("performance", {})
         result.checkpoints = earlier.get("checkpoints", {})
         result.updates_trained = earlier.get("updates_trained", 0)
+    if manager.distributed.is_main and state.best_metric is not None:
+        _log_the_best_once(manager.output_dir / "metrics.jsonl", state)
     result.write_summary(manager.distributed)
     result.updates_trained = 0  # this call trained nothing (the record keeps the run's)
     return result
+
+
+def _log_the_best_once(events: Path, state: TrainState) -> None:
+    """The run's closing `best` record, where a signal in its last evaluation stopped it
+    before the record was logged (the resume finds the run finished)."""
+    if not events.exists():
+        return
+    best = {"event": "best", "best_metric": state.best_metric}
+    *_, last = [record for _, record in json_records(events)] or [{}]
+    if last.get("event") == "best" or last.get("split") == "test":  # logged, or tested after it
+        return
+    logger_ = JsonlLogger(events)
+    logger_.log(best, state.global_step)
+    logger_.close()
 
 
 def _loop(
