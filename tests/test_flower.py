@@ -359,7 +359,7 @@ def test_the_flower_command_trains_a_config_file_on_in_process_nodes(tmp_path, c
     # evaluation as validation, the best round on the config's monitor (val_accuracy)
     assert cli.main(["report", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert "Flower run: 3 rounds" in printed
+    assert "Flower run: 3 rounds; finished" in printed
     accuracy = [r["server_accuracy"] for r in rounds if r["event"] == "server_evaluation"][1:]
     best = max(range(3), key=lambda i: (accuracy[i], -i))
     assert f"best val_accuracy = {accuracy[best]:.4f} at round {best + 1}" in printed
@@ -560,6 +560,10 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
     assert "Nothing to resume: the Flower run in" in capsys.readouterr().out
     tested = tmp_path / "extended" / "evaluation" / "metrics.json"
     tested.unlink()  # stopped in its test evaluation: the resume said "Nothing to resume"
+    assert cli.main(["report", str(tmp_path / "extended")]) == 0  # (it said nothing of it)
+    assert "Flower run: 3 rounds; not finished (3 of 3 rounds, no final model or test)" in (
+        capsys.readouterr().out
+    )
     assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
     assert tested.exists()
     capsys.readouterr()

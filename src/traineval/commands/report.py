@@ -60,6 +60,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     history = rounds_history(records) if flower else history_from_events(records)
     if flower:
         summary = _best_round(history, _mapping(config.get("training")))
+        summary["status"] = _flower_status(run_dir, summary["rounds"], config)
     elif not summary or in_use(run_dir):  # (a resumed run keeps the earlier summary.json)
         summary = _unfinished(run_dir, records)
     val = [(s, m) for s, m in zip(history["val_steps"], history["val_metrics"], strict=True)]
@@ -200,12 +201,26 @@ def _best_round(history: dict[str, list[Any]], training: dict[str, Any]) -> dict
     return summary
 
 
+def _flower_status(run_dir: Path, rounds: int, config: dict[str, Any]) -> str:
+    """Whether a Flower run (which writes no summary.json) finished: its final model and
+    test metrics are written at its end."""
+    if in_use(run_dir):
+        return "running (another process holds the folder now)"
+    planned = _mapping(config.get("training")).get("num_epochs")
+    of = f" of {planned}" if isinstance(planned, int) else ""
+    if (run_dir / "final_model.safetensors").exists() and (
+        run_dir / "evaluation" / "metrics.json"
+    ).exists():
+        return "finished"
+    return f"not finished ({rounds}{of} rounds, no final model or test): --resume auto continues it"
+
+
 def summary_text(run: RunRecord) -> str:
     """The lines `traineval report` prints."""
     s = run.summary
     lines = [f"Run: {run.run_dir}"]
     if run.unit == "round":
-        lines.append(f"Flower run: {s.get('rounds')} rounds")
+        lines.append(f"Flower run: {s.get('rounds')} rounds; {s.get('status')}")
         if s.get("best_metric") is not None:
             lines.append(
                 f"best {s.get('monitor_metric')} = {_num(s['best_metric'])} at round "
@@ -435,6 +450,7 @@ def _overview(run: RunRecord) -> list[tuple[str, Any]]:
     if run.unit == "round":  # a Flower run: rounds, and the best one
         return [
             ("Flower rounds", s.get("rounds")),
+            ("status", s.get("status")),
             ("monitored metric", s.get("monitor_metric")),
             ("best value", s.get("best_metric")),
             ("best round", s.get("best_step")),
