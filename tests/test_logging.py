@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -360,7 +361,7 @@ def test_a_failing_wandb_process_is_reported_and_training_goes_on(tmp_path, monk
 def test_tensorboard_that_cannot_start_does_not_stop_training(tmp_path, monkeypatch, caplog):
     from traineval.loggers import tensorboard
 
-    def unwritable(self, run_dir, purge_step=None):
+    def unwritable(self, run_dir, purge_step=None, replay=()):
         raise PermissionError(13, "Permission denied", str(run_dir))
 
     monkeypatch.setattr(tensorboard.TensorBoardLogger, "__init__", unwritable)
@@ -464,3 +465,32 @@ def test_an_unreachable_mlflow_server_does_not_delay_training(tmp_path, caplog):
     assert result["global_step"] == 4
     assert "MLflow did not finish within 1 s" in caplog.text
     assert took < 30  # MLflow's own retries against this server take minutes
+
+
+def test_a_resume_inside_a_step_leaves_tensorboard_as_the_uninterrupted_run(tmp_path):
+    """TensorBoard drops a resumed run's events by step: it kept, after the stop step, the
+    points the stopped run logged there after its checkpoint (a max_steps stop's closing
+    validation and part of an epoch, at step 10), beside the resumed run's own."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def points(folder):
+        accumulator = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        return {
+            tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]
+            if not re.search(r"sec|wait|rss|memory|time", tag)  # timings differ
+        }
+
+    data = make_classification(n=64)  # 8 updates an epoch: step 10 is inside epoch 2
+
+    def train(name, **settings):
+        config = _config(tmp_path / name, tensorboard_logging=True, eval_frequency=5, **settings)
+        torch.manual_seed(0)
+        model, loaders = make_mlp(), (DataLoader(data, 8), DataLoader(data, 32))
+        TrainingManager(config).train(model, *loaders, resume_from="auto")  # (fresh at first)
+
+    train("straight")
+    train("stopped", max_steps=10)
+    train("stopped", max_steps=None)
+    assert points(tmp_path / "stopped" / "run") == points(tmp_path / "straight" / "run")

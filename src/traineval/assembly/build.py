@@ -47,6 +47,7 @@ from ..runs.resume import (
     truncate_events,
 )
 from ..system.distributed import Distributed, is_sharded, wrap_model
+from ..system.files import json_records
 from ..system.seeding import reseed_held_generators, seed_everything
 from ..tasks import RegressionMSE, default_loss, refuse_unreduced
 from ..training.averaging import WeightAverage
@@ -738,6 +739,14 @@ def open_loggers(
     return hub
 
 
+def _records_at(events: Path, step: int) -> list[dict[str, Any]]:
+    """metrics.jsonl's records at `step` (the resume has cut the file back to its
+    checkpoint's): what the earlier run logged there before it saved."""
+    if not events.exists():
+        return []
+    return [record for _, record in json_records(events) if record.get("step") == step]
+
+
 def optional_loggers(config: TrainingConfig, output_dir: Path, resumed_step: int) -> list[Any]:
     """TensorBoard, W&B and MLflow when asked (and installed); a missing package or a
     service that fails warns (naming the extra) and never stops training."""
@@ -747,8 +756,9 @@ def optional_loggers(config: TrainingConfig, output_dir: Path, resumed_step: int
         try:
             from ..loggers.tensorboard import TensorBoardLogger
 
-            purge = resumed_step + 1 if resumed_step else None
-            loggers.append(TensorBoardLogger(output_dir, purge_step=purge))
+            purge = resumed_step if resumed_step else None
+            replay = _records_at(output_dir / "metrics.jsonl", resumed_step) if purge else []
+            loggers.append(TensorBoardLogger(output_dir, purge_step=purge, replay=replay))
         except ImportError as error:
             logger.warning("%s; logging to metrics.jsonl only", error)
         except Exception as error:  # e.g. an unwritable folder: logging never stops training

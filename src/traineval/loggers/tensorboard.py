@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,16 @@ def wait_for_a_later_second(folder: Path) -> None:
 class TensorBoardLogger:
     """Write event files to `<run_dir>/tensorboard/` (needs the `tensorboard` package)."""
 
-    def __init__(self, run_dir: str | Path, purge_step: int | None = None) -> None:
-        """`purge_step`: on resume, TensorBoard drops the earlier run's events from this step."""
+    def __init__(
+        self,
+        run_dir: str | Path,
+        purge_step: int | None = None,
+        replay: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """`purge_step`: on resume, TensorBoard drops the earlier run's events from this
+        step on; `replay`: the records (metrics.jsonl's) the resumed run keeps at that step,
+        logged again, so that a checkpoint written inside a step (the best during an epoch's
+        validation) leaves that step's points as the uninterrupted run's."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -49,6 +57,9 @@ class TensorBoardLogger:
         self._hparams: dict[str, Any] = {}
         self._best: dict[str, float] = {}
         self._warned: set[str] = set()
+        for record in replay:
+            assert purge_step is not None
+            self.log({k: v for k, v in record.items() if k != "step"}, purge_step)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         kept = numbers(metrics)
