@@ -481,9 +481,9 @@ def test_cutting_back_a_damaged_metrics_file_keeps_its_records_byte_for_byte(tmp
     first = '{"event": "train", "step": 1, "note": "café"}\n'.encode()
     second = b'{"event": "train", "step": 2}\n'
     events.write_bytes(first + b"[" * 100_000 + b"\n" + b"\xff\xfe{\n" + second + second)
-    assert truncate_events(events, step=99, records=2) == 2
+    assert len(truncate_events(events, step=99, records=2)) == 2
     assert events.read_bytes() == first + second
-    assert truncate_events(events, step=1) == 1  # a checkpoint without the count: by step
+    assert len(truncate_events(events, step=1)) == 1  # a checkpoint without the count: by step
     assert events.read_bytes() == first
 
 

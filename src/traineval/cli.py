@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -678,8 +677,9 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
 
     import yaml
 
-    from .federated.flower import FINAL_MODEL, RESUME_KEY, run_local, saved_round
+    from .federated.flower import RESUME_KEY, planned_rounds, run_local, saved_round
     from .federated.flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
+    from .runs.checkpoint import flower_run_ended
     from .runs.rundir import default_run_dir, run_dir_lock
 
     _quiet_flower_log()
@@ -694,9 +694,8 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
         )
     output_dir = str(config.training.output_dir or default_run_dir("flower"))
     done = saved_round(output_dir) if resume_from == "auto" else None
-    rounds = min(config.training.num_epochs, config.training.max_steps or math.inf)
-    tested = (Path(output_dir) / "evaluation" / "metrics.json").exists()
-    if done is not None and done >= rounds and (Path(output_dir) / FINAL_MODEL).exists() and tested:
+    rounds = planned_rounds(config.training)
+    if done is not None and done >= rounds and flower_run_ended(output_dir):
         print(
             f"Nothing to resume: the Flower run in {output_dir} finished its {done} rounds "
             f"(training.num_epochs={config.training.num_epochs})"

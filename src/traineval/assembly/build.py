@@ -47,7 +47,6 @@ from ..runs.resume import (
     truncate_events,
 )
 from ..system.distributed import Distributed, is_sharded, wrap_model
-from ..system.files import json_records
 from ..system.seeding import reseed_held_generators, seed_everything
 from ..tasks import RegressionMSE, default_loss, refuse_unreduced
 from ..training.averaging import WeightAverage
@@ -726,30 +725,28 @@ def open_loggers(
     if job.is_main:  # config.yaml from the start: an interrupted run can be evaluated
         record = run_config or {"training": config.to_dict(), "mode": mode.to_dict()}
         write_run_config(record, output_dir)
-        events, kept = output_dir / "metrics.jsonl", 0
+        events, kept = output_dir / "metrics.jsonl", []
         if payload is not None:
             kept = truncate_events(events, payload["global_step"], logged_records(payload))
         else:
             events.unlink(missing_ok=True)
         resumed_step = payload["global_step"] if payload else 0
-        optional = optional_loggers(config, output_dir, resumed_step)
+        optional = optional_loggers(config, output_dir, resumed_step, kept)
         hub = LoggerHub([JsonlLogger(events), *optional, *run.request.loggers])
-        hub.records = kept
+        hub.records = len(kept)
     hub.log_config({**config.to_dict(), "mode": mode.to_dict()})
     return hub
 
 
-def _records_at(events: Path, step: int) -> list[dict[str, Any]]:
-    """metrics.jsonl's records at `step` (the resume has cut the file back to its
-    checkpoint's): what the earlier run logged there before it saved."""
-    if not events.exists():
-        return []
-    return [record for _, record in json_records(events) if record.get("step") == step]
-
-
-def optional_loggers(config: TrainingConfig, output_dir: Path, resumed_step: int) -> list[Any]:
+def optional_loggers(
+    config: TrainingConfig,
+    output_dir: Path,
+    resumed_step: int,
+    kept: Sequence[dict[str, Any]] = (),
+) -> list[Any]:
     """TensorBoard, W&B and MLflow when asked (and installed); a missing package or a
-    service that fails warns (naming the extra) and never stops training."""
+    service that fails warns (naming the extra) and never stops training. `kept`: the
+    metrics.jsonl records a resume kept (TensorBoard gets those of the resumed step again)."""
     c = config
     loggers: list[Any] = []
     if c.tensorboard_logging:
@@ -757,7 +754,7 @@ def optional_loggers(config: TrainingConfig, output_dir: Path, resumed_step: int
             from ..loggers.tensorboard import TensorBoardLogger
 
             purge = resumed_step if resumed_step else None
-            replay = _records_at(output_dir / "metrics.jsonl", resumed_step) if purge else []
+            replay = [r for r in kept if r.get("step") == resumed_step] if purge else []
             loggers.append(TensorBoardLogger(output_dir, purge_step=purge, replay=replay))
         except ImportError as error:
             logger.warning("%s; logging to metrics.jsonl only", error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,13 +150,12 @@ def _log_the_best_once(events: Path, state: TrainState) -> None:
     before the record was logged (the resume finds the run finished)."""
     if not events.exists():
         return
-    best = {"event": "best", "best_metric": state.best_metric}
-    *_, last = [record for _, record in json_records(events)] or [{}]
+    last = next(iter(deque((record for _, record in json_records(events)), maxlen=1)), {})
     if last.get("event") == "best" or last.get("split") == "test":  # logged, or tested after it
         return
-    logger_ = JsonlLogger(events)
-    logger_.log(best, state.global_step)
-    logger_.close()
+    log = JsonlLogger(events)
+    log.log({"event": "best", "best_metric": state.best_metric}, state.global_step)
+    log.close()
 
 
 def _loop(

@@ -15,6 +15,7 @@ import numpy as np
 from ..assembly.results import trained_words
 from ..config.training_config import load_yaml, metric_is_minimized
 from ..loggers import read_jsonl
+from ..runs.checkpoint import flower_run_ended
 from ..runs.rundir import in_use
 from ..system.files import atomic_write_text
 from ..system.untrusted_text import read_json
@@ -208,9 +209,7 @@ def _flower_status(run_dir: Path, rounds: int, config: dict[str, Any]) -> str:
         return "running (another process holds the folder now)"
     planned = _mapping(config.get("training")).get("num_epochs")
     of = f" of {planned}" if isinstance(planned, int) else ""
-    if (run_dir / "final_model.safetensors").exists() and (
-        run_dir / "evaluation" / "metrics.json"
-    ).exists():
+    if flower_run_ended(run_dir):
         return "finished"
     return f"not finished ({rounds}{of} rounds, no final model or test): --resume auto continues it"
 

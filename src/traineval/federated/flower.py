@@ -58,6 +58,7 @@ from ..modes.federated import ClientRound, Federated, client_seed, train_client
 from ..modes.supervised import SupervisedStep
 from ..runs.checkpoint import (
     CHECKPOINT_FORMAT,
+    flower_run_ended,
     load_checkpoint_file,
     save_checkpoint_file,
     save_safetensors,
@@ -245,7 +246,7 @@ class FlowerServer:
         self.evaluate_on_clients, self.server_evaluate = evaluate_on_clients, server_evaluate
         self.on_finish, self.resume_from = on_finish, resume_from
         self.output = Path(config.output_dir or "runs/flower")
-        self.rounds = min(config.num_epochs, config.max_steps or config.num_epochs)
+        self.rounds = planned_rounds(config)
         self.client_lrs = client_learning_rates(config, self.rounds)
         self.controls: ServerControls | None = None  # SCAFFOLD's, set when a run starts
 
@@ -292,8 +293,8 @@ class FlowerServer:
         done, output = int(saved["round"]), self.output
         model.load_state_dict(saved["model"] if "model" in saved else saved["arrays"])
         if done >= self.rounds:
-            tested = self.on_finish is None or (output / "evaluation" / "metrics.json").exists()
-            if (output / FINAL_MODEL).exists() and tested:
+            # (without `on_finish`, e.g. a server of your own, no test is written)
+            if flower_run_ended(output) if self.on_finish else (output / FINAL_MODEL).exists():
                 logger.warning(
                     "%s: the run finished its %d rounds; nothing to resume", output, done
                 )
@@ -461,6 +462,11 @@ def server_app(
     app = ServerApp()
     app.main()(server.main)
     return app
+
+
+def planned_rounds(config: TrainingConfig) -> int:
+    """The rounds a Flower run trains: `num_epochs`, or `max_steps` of them."""
+    return min(config.num_epochs, config.max_steps or config.num_epochs)
 
 
 def _refuse_stops(config: TrainingConfig) -> None:

@@ -418,6 +418,13 @@ def weight_differences(expected: dict[str, Any], found: dict[str, Any], shown: i
 FINAL_WEIGHTS = "final_model.safetensors"  # a Flower run's final global model
 
 
+def flower_run_ended(run_dir: str | Path) -> bool:
+    """Whether a Flower run (which writes no summary.json) reached its end: its final
+    weights and its test metrics are written then."""
+    folder = Path(run_dir)
+    return (folder / FINAL_WEIGHTS).exists() and (folder / "evaluation" / "metrics.json").exists()
+
+
 def default_checkpoint(run_dir: str | Path) -> str:
     """What `evaluate` and `predict` use unless told: the run's best checkpoint, or for a
     run that keeps none its final weights (a Flower run's), else its last checkpoint (a run

@@ -382,21 +382,21 @@ def logged_records(payload: dict[str, Any]) -> int | None:
     return count if type(count) is int and count >= 0 else None
 
 
-def truncate_events(path: Path, step: int, records: int | None = None) -> int:
+def truncate_events(path: Path, step: int, records: int | None = None) -> list[dict[str, Any]]:
     """Cut metrics.jsonl back to what the run had logged when its checkpoint was written
     (atomically): its first `records` records, or, for a checkpoint of an earlier version
     without the count, those up to `step`. A checkpoint written inside a step (the best
     during an epoch's validation, the last before a max_steps stop's closing validation)
     keeps none of that step's later records, which the resumed run logs again. Kept records
-    stay byte for byte; unreadable lines go. Returns how many records are kept."""
+    stay byte for byte; unreadable lines go. Returns the records kept."""
     if not path.exists():
-        return 0
-    kept: list[bytes] = []
+        return []
+    kept: list[tuple[bytes, dict[str, Any]]] = []
     for line, record in json_records(path):
         if records is not None and len(kept) >= records:
             break
         at = record.get("step", 0)
         if records is not None or (isinstance(at, (int, float)) and at <= step):
-            kept.append(line)
-    atomic_write_lines(path, kept)
-    return len(kept)
+            kept.append((line, record))
+    atomic_write_lines(path, [line for line, _ in kept])
+    return [record for _, record in kept]
