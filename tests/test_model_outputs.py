@@ -214,3 +214,26 @@ def test_prediction_rule_order_and_errors():
         prediction_of(("text", logits))
     with pytest.raises(TypeError, match="output_transform returned int"):
         prediction_of(logits, lambda out: 3)
+
+
+def test_evaluation_puts_the_model_back_in_its_mode_even_when_a_batch_fails():
+    """Dropout and BatchNorm in eval mode while evaluating; afterwards the model is in the
+    mode it was given in (train or eval), also when the loader raises midway."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    stats = model[1].running_mean.clone()
+    for start_in_training in (True, False):
+        model.train(start_in_training)
+        Evaluator().evaluate(model, DataLoader(list(zip(x, y, strict=True)), batch_size=8))
+        assert model.training is start_in_training
+        assert all(m.training is start_in_training for m in model.modules())
+        assert torch.equal(model[1].running_mean, stats)  # eval mode: statistics untouched
+
+    def failing():
+        yield x[:8], y[:8]
+        raise RuntimeError("disk gone")
+
+    model.train()
+    with pytest.raises(RuntimeError, match="disk gone"):
+        Evaluator().evaluate(model, failing())
+    assert model.training and torch.equal(model[1].running_mean, stats)

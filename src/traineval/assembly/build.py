@@ -50,7 +50,7 @@ from ..system.distributed import Distributed, is_sharded, wrap_model
 from ..system.seeding import reseed_held_generators, seed_everything
 from ..tasks import RegressionMSE, default_loss, refuse_unreduced
 from ..training.averaging import WeightAverage
-from ..training.batches import ModelLoss, OutputTransform, label_shift
+from ..training.batches import ModelLoss, OutputTransform, in_eval_mode, label_shift
 from ..training.loop import EvaluateFn, Monitor, Placement, RunLength, UpdateRule
 from ..training.optim import (
     PlateauSchedule,
@@ -699,13 +699,8 @@ def _mode_evaluation(evaluate: Any, precision: Precision, plain: nn.Module | Non
 
     def run(forward_model: nn.Module) -> dict[str, float]:
         model = plain if plain is not None else forward_model
-        was_training = model.training
-        model.eval()
-        try:
-            with precision.autocast():
-                return dict(evaluate(model))
-        finally:
-            model.train(was_training)
+        with in_eval_mode(model), precision.autocast():
+            return dict(evaluate(model))
 
     return run
 

@@ -61,6 +61,7 @@ from ..system import cpu_threads
 from ..system.distributed import is_sharded, model_state
 from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import seed_everything
+from ..training.batches import in_eval_mode
 from ..training.lr_finder import LearningRateSearch
 from ..training.stopping import TrainingInterrupted, stop_if_signalled, watching_signals
 
@@ -529,14 +530,11 @@ def _refuse_other_classes(model: torch.nn.Module, name: str, splits: DataSplits)
     """A classifier your factory built gives one score per class of the data: one that
     ignored `output_dim` trained and reported classes the data does not have. (Checked on
     two zero inputs, where a model takes float inputs of the data's shape.)"""
-    was_training = model.training
     try:
-        with torch.no_grad():
-            outputs = model.eval()(torch.zeros(2, *splits.input_shape))
+        with in_eval_mode(model), torch.no_grad():
+            outputs = model(torch.zeros(2, *splits.input_shape))
     except Exception:  # inputs of another kind (token ids, a dict): not checked here
         return
-    finally:
-        model.train(was_training)
     wide = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.ndim == 2 else None
     if wide is not None and wide != splits.num_outputs:
         raise ValueError(

@@ -15,6 +15,7 @@ from ..runs.checkpoint import load_checkpoint_file
 from ..training.batches import (
     OutputTransform,
     forward,
+    in_eval_mode,
     label_shift,
     move_to_device,
     prediction_of,
@@ -127,10 +128,6 @@ def check_members(
     outputs = []
     with torch.inference_mode():
         for member in members:
-            was_training = member.training
-            member.eval()
-            try:
+            with in_eval_mode(member):
                 outputs.append(prediction_of(forward(member, inputs), transform))
-            finally:
-                member.train(was_training)
     same_shapes(outputs, "the loader's first batch")

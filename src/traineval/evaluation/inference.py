@@ -23,6 +23,7 @@ from ..tasks import detect_labeled_task
 from ..training.batches import (
     OutputTransform,
     forward,
+    in_eval_mode,
     move_to_device,
     prediction_of,
     split_batch,
@@ -103,21 +104,16 @@ def predict(
     )
     outputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                inputs, target = split_batch(_moved(batch, where))
-                with autocast.autocast():
-                    output = prediction_of(forward(model, inputs), how.output_transform)
-                if not outputs:  # a final softmax? read in the outputs' own dtype, once
-                    given = are_probabilities(output)
-                outputs.append(_widened(output.detach()).cpu())
-                if isinstance(target, torch.Tensor):
-                    targets.append(target.detach().cpu())
-    finally:
-        model.train(was_training)
+    with in_eval_mode(model), torch.inference_mode():
+        for batch in loader:
+            inputs, target = split_batch(_moved(batch, where))
+            with autocast.autocast():
+                output = prediction_of(forward(model, inputs), how.output_transform)
+            if not outputs:  # a final softmax? read in the outputs' own dtype, once
+                given = are_probabilities(output)
+            outputs.append(_widened(output.detach()).cpu())
+            if isinstance(target, torch.Tensor):
+                targets.append(target.detach().cpu())
     if not outputs:
         raise ValueError("predict: the loader yielded no batches")
     return _predictions(outputs, targets, task_type, (how.threshold, given))

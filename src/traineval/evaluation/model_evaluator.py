@@ -34,7 +34,7 @@ from ..config.training_config import (
 )
 from ..runs.tracking import MetricsTracker
 from ..tasks import detect_labeled_task
-from ..training.batches import OutputTransform, move_to_device
+from ..training.batches import OutputTransform, in_eval_mode, move_to_device
 from ..training.precision import available_device
 from .accumulator import SCATTER_POINTS, Accumulator
 from .predictions import PredictionWriter, class_labels
@@ -203,12 +203,8 @@ class ModelEvaluator:
             ignore_index=self.config.ignore_index,
             transform=how.output_transform or self.output_transform,
         )
-        was_training = model.training
-        model.eval()
-        try:
+        with in_eval_mode(model):
             accumulator, writer = self._stream(scorer, loader, plan)
-        finally:
-            model.train(was_training)
         totals: tuple[float, ...] = scorer.loss_totals()
         if how.distributed is not None and sharded:
             accumulator, plan.text = merge_ranks(how.distributed, accumulator, plan.text)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..training.batches import forward, move_to_device, split_batch
+from ..training.batches import forward, in_eval_mode, move_to_device, split_batch
 
 __all__ = ["embed", "linear_probe"]
 
@@ -60,9 +60,7 @@ def embed(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     codes, labels = [], []
     seen = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with in_eval_mode(model):
         for batch in loader:
             inputs, targets = split_batch(move_to_device(batch, device))
             if targets is None or targets.is_floating_point() or targets.ndim != 1:
@@ -77,8 +75,6 @@ def embed(
             seen += int(kept.sum())
             if limit is not None and seen >= limit:
                 break
-    finally:
-        model.train(was_training)
     if not codes:
         raise ValueError("a linear probe needs labeled samples; the loader yielded none")
     x, y = np.concatenate(codes), np.concatenate(labels)

@@ -40,7 +40,7 @@ from ..data.episodes import Episodes
 from ..data.sharding import shard_eval_loader
 from ..data.splits import DataSplits
 from ..system.distributed import Distributed
-from ..training.batches import OutputTransform, prediction_of
+from ..training.batches import OutputTransform, in_eval_mode, prediction_of
 from .base import StepOutput, loss_with_gradient
 from .contract import Context, Mode, ModePlan, register
 
@@ -440,11 +440,9 @@ class MetaLearningStep:
         """Query loss, and accuracy for classification tasks (class-id targets), after
         adapting to each task's support set (under torchrun: over every rank's share of the
         tasks)."""
-        was_training = model.training
-        model.eval()
         loss_sum, correct, count = 0.0, 0, 0
         classes = True
-        try:
+        with in_eval_mode(model):
             for batch in loader:
                 support_x, support_y, query_x, query_y = (
                     t.to(device, non_blocking=True) for t in _tasks(batch)
@@ -461,8 +459,6 @@ class MetaLearningStep:
                     if classes:
                         correct += int((outputs.argmax(dim=-1) == query_y[t]).sum())
                     count += n
-        finally:
-            model.train(was_training)
         if job is not None:
             loss_sum, correct_sum, count_sum = job.sum([loss_sum, correct, count])
             correct, count = int(correct_sum), int(count_sum)

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from ..config.checks import Int
 from ..config.training_config import setting
 from ..system.distributed import Distributed
+from ..training.batches import in_eval_mode
 from .actions import ActionHead
 from .base import StepOutput, Updates
 from .contract import Context, ModePlan, MonitorChoice, register
@@ -263,14 +264,9 @@ class PolicyGradientStep:
         """
         if not self._eval_envs:
             self._eval_envs = [self.env_factory() for _ in range(self.eval_episodes)]
-        was_training = model.training
-        model.eval()
         seeds = torch.Generator().manual_seed(seed)
-        try:
-            with torch.no_grad():
-                episodes = self._play(model, self._eval_envs, device, greedy=True, seeds=seeds)
-        finally:
-            model.train(was_training)
+        with in_eval_mode(model), torch.no_grad():
+            episodes = self._play(model, self._eval_envs, device, greedy=True, seeds=seeds)
         returns = [sum(e["rewards"]) for e in episodes]
         lengths = [len(e["rewards"]) for e in episodes]
         return {"return": float(np.mean(returns)), "episode_length": float(np.mean(lengths))}

@@ -64,6 +64,7 @@ from ..config.checks import Custom, Flag, Int, Number, OneOf, fail
 from ..config.training_config import setting
 from ..models.policies import RunningNorm
 from ..system.distributed import Distributed
+from ..training.batches import in_eval_mode
 from .actions import ActionHead
 from .base import StepOutput, Updates
 from .contract import Context, ModePlan, MonitorChoice, register
@@ -441,12 +442,8 @@ class PPOStep:
             return episode_seed(cpu)
 
         norms = normalizers(model)
-        was_training = model.training
-        model.eval()
-        try:
+        with in_eval_mode(model):
             columns = self._play(model, device, draw_seed, sampling, norms)
-        finally:
-            model.train(was_training)
         if norms:  # the update starts from the statistics the rollout ended with
             flat = columns["observations"].flatten(0, 1)
             logits, values = policy_outputs(model, flat)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..training.batches import prediction_of
+from ..training.batches import in_eval_mode, prediction_of
 
 __all__ = [
     "EnvBatch",
@@ -262,10 +262,8 @@ def greedy_episodes(
     observations = batch.start(draw_seed)
     playing = list(started)  # environment i plays episode playing[i]
     results: dict[int, tuple[float, int]] = {}
-    was_training = model.training
-    model.eval()
     waves = -(-episodes // len(batch))  # each ends within max_episode_steps
-    try:
+    with in_eval_mode(model):
         for _ in range(waves * batch.max_episode_steps):
             if len(results) == episodes:
                 break
@@ -280,8 +278,6 @@ def greedy_episodes(
                 if counted is not None:
                     results[counted] = episode
             observations = step.observations
-    finally:
-        model.train(was_training)
     if len(results) < episodes:  # cannot happen: every episode is cut at max_episode_steps
         raise RuntimeError(f"greedy_episodes: {len(results)} of {episodes} episodes ended")
     returns, lengths = zip(*results.values(), strict=True)

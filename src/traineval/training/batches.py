@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +38,18 @@ from ..system.devices import move_to_device  # noqa: F401 - its home before syst
 TARGET_KEYS = ("labels", "targets", "target", "label", "y")
 PREDICTION_KEYS = ("logits", "predictions", "prediction", "output", "outputs", "reconstruction")
 OutputTransform = Callable[[Any], torch.Tensor]
+
+
+@contextmanager
+def in_eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it was in (train or eval),
+    however the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
