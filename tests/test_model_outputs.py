@@ -236,4 +236,5 @@ def test_evaluation_puts_the_model_back_in_its_mode_even_when_a_batch_fails():
     model.train()
     with pytest.raises(RuntimeError, match="disk gone"):
         Evaluator().evaluate(model, failing())
-    assert model.training and torch.equal(model[1].running_mean, stats)
+    assert model.training
+    assert torch.equal(model[1].running_mean, stats)

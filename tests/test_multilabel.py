@@ -263,3 +263,52 @@ def test_the_multi_label_guess_is_checked_under_compile_too(monkeypatch):
     loss(torch.randn(4, 2), torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
     with pytest.raises(ValueError, match="read as multi-label classification"):
         loss(torch.randn(2, 2), torch.tensor([[3.0, 7.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize(
+    ("names", "separator"),
+    [
+        (["cat", "dog", "bird"], " "),
+        (["has cat", "dog", "bird"], ";"),
+        (["has cat", "a;b", "bird"], "|"),
+    ],
+)
+def test_a_label_set_cell_splits_back_into_its_labels(tmp_path, names, separator):
+    """Labels are joined by spaces unless a name holds one (a table's column 'has cat'):
+    then by the first of ';' and '|' that no name holds. Both writers (the evaluator's
+    predictions and `traineval predict`) split back into the indicator rows."""
+    from traineval.commands.predict import _columns
+    from traineval.config.training_config import TaskType
+    from traineval.evaluation.predictions import PredictionWriter
+
+    logits = torch.tensor([[3.0, 3.0, -3.0], [-3.0, -3.0, -3.0], [3.0, 3.0, 3.0]])
+    targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1]])
+    path = tmp_path / "p.csv"
+    with PredictionWriter(path, TaskType.MULTILABEL, class_names=names) as writer:
+        writer.write(logits, targets)
+    rows = list(csv.reader(path.open(newline="")))[1:]
+
+    def indicators(cell: str) -> list[int]:
+        chosen = set(cell.split(separator)) if cell else set()
+        assert chosen <= set(names)
+        return [int(name in chosen) for name in names]
+
+    assert [indicators(row[1]) for row in rows] == targets.tolist()
+    assert [indicators(row[2]) for row in rows] == (logits > 0).int().tolist()
+    _, values = _columns(TaskType.MULTILABEL, logits, names, 0.5)
+    assert [indicators(row[0]) for row in values] == (logits > 0).int().tolist()
+
+
+def test_label_names_holding_every_separator_are_refused_by_name(tmp_path):
+    from traineval.config.training_config import TaskType
+    from traineval.evaluation.predictions import PredictionWriter
+
+    path = tmp_path / "p.csv"
+    path.write_text("earlier\n")
+    names = ["a b", "c;d", "e|f"]
+    with (
+        pytest.raises(ValueError, match=r"hold a space, ';' and '\|' \(e\.g\. 'e\|f'\)"),
+        PredictionWriter(path, TaskType.MULTILABEL, class_names=names) as writer,
+    ):
+        writer.write(torch.zeros(2, 3), torch.zeros(2, 3))
+    assert path.read_text() == "earlier\n"  # the earlier file is kept

@@ -26,7 +26,7 @@ from ..config.training_config import TaskType
 from ..data.splits import DataSplits
 from ..data.tables import finite_cell, read_rows
 from ..evaluation.metrics import class_probabilities
-from ..evaluation.predictions import class_labels, value_texts
+from ..evaluation.predictions import class_labels, label_separator, label_set, value_texts
 from ..models import build_model
 from ..runs.checkpoint import default_checkpoint, load_model_weights, run_checkpoint
 from ..system.csv_cells import SafeWriter
@@ -271,8 +271,9 @@ def _columns(
     if task is TaskType.MULTILABEL:
         probabilities = torch.sigmoid(scores)
         labels = class_labels(class_names, probabilities.shape[1])
+        separator = label_separator(labels)
         values = [
-            [" ".join(lab for lab, p in zip(labels, probs, strict=True) if p > threshold)]
+            [label_set([p > threshold for p in probs], labels, separator)]
             + [f"{p:.6g}" for p in probs]
             for probs in probabilities.tolist()
         ]

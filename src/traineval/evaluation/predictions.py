@@ -25,12 +25,13 @@ class PredictionWriter:
     `id` is the sample's id from `ids` (in the loader's order: a table's id column or row
     number; one a row, else `check_ids` refuses them), else its position in the loader's
     order. Classification rows carry the class probabilities (softmax, or sigmoid for one
-    binary logit); multi-label rows the target and predicted label sets (joined by spaces; a
-    label is predicted when its sigmoid probability exceeds `threshold`) and each label's
-    probability. With `class_names` (one per class or label), classes are written by name and
-    the columns are `prob_<name>`; regression rows one `target_j, prediction_j` pair per
-    output; generation rows the per-sequence count of tokens whose target is not
-    `ignore_index` and their accuracy.
+    binary logit); multi-label rows the target and predicted label sets (joined by spaces, or
+    by ';' or '|' where a label's name holds a space: `label_separator`; a label is predicted
+    when its sigmoid probability exceeds `threshold`) and each label's probability. With
+    `class_names` (one per class or label), classes are written by name and the columns are
+    `prob_<name>`; regression rows one `target_j, prediction_j` pair per output; generation
+    rows the per-sequence count of tokens whose target is not `ignore_index` and their
+    accuracy.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class PredictionWriter:
         self.threshold = threshold
         self.class_names = class_names
         self._labels: list[str] = []  # how each class is written, set with the header
+        self._separator = " "  # what a multi-label row's labels are joined by (ditto)
         self.rows = 0
         self._handle: IO[str] | None = None
         self._files = contextlib.ExitStack()
@@ -99,6 +101,8 @@ class PredictionWriter:
         if self.task in (TaskType.MULTILABEL, TaskType.CLASSIFICATION):
             classes = outputs.shape[1] if outputs.ndim == 2 and outputs.shape[1] > 1 else 2
             self._labels = class_labels(self.class_names, classes)
+            if self.task is TaskType.MULTILABEL:
+                self._separator = label_separator(self._labels)
             return ["id", "target", "prediction", *(f"prob_{c}" for c in self._labels)]
         if self.task is TaskType.REGRESSION:
             width = outputs.reshape(outputs.shape[0], -1).shape[1]
@@ -120,8 +124,8 @@ class PredictionWriter:
             rows = [
                 [
                     start + i,
-                    _label_set(t, self._labels),
-                    _label_set(p, self._labels),
+                    label_set(t, self._labels, self._separator),
+                    label_set(p, self._labels, self._separator),
                     *probs,
                 ]
                 for i, (t, p, probs) in enumerate(
@@ -212,6 +216,24 @@ def value_texts(values: torch.Tensor) -> list[list[str]]:
     return values.numpy().astype(str).tolist()
 
 
-def _label_set(indicators: list[bool], labels: list[str]) -> str:
-    """A multi-label row's set of labels, joined by spaces."""
-    return " ".join(labels[j] for j, on in enumerate(indicators) if on)
+SEPARATORS = (" ", ";", "|")
+
+
+def label_separator(labels: Sequence[str]) -> str:
+    """What a multi-label row's labels are joined by: a space, or where a label's name holds
+    one (a table's column 'has cat') the first of ';' and '|' that no name holds, so that the
+    cell splits back into the labels it names. Names holding all three are refused."""
+    for separator in SEPARATORS:
+        if not any(separator in label for label in labels):
+            return separator
+    held = next(label for label in labels if "|" in label)
+    raise ValueError(
+        f"the multi-label names hold a space, ';' and '|' (e.g. {held!r}): a row's label set "
+        "could not be split back into its labels; rename the labels (class_names, or the "
+        "table's target columns)"
+    )
+
+
+def label_set(indicators: list[bool], labels: list[str], separator: str = " ") -> str:
+    """A multi-label row's set of labels, joined by `separator` (`label_separator`)."""
+    return separator.join(labels[j] for j, on in enumerate(indicators) if on)
