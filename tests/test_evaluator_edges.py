@@ -132,25 +132,51 @@ def test_top_k_accuracy_ranks_ties_as_scikit_learn_does(case):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_regression_targets_that_are_not_finite_give_nan_metrics_and_a_warning(bad, caplog):
-    """Only NaN predictions were counted: a NaN or inf target gave mse NaN / inf and an R² of
-    0.0 (the constant-target rule), a plausible score (scikit-learn refuses such input). A
-    refusal stopped a training run whose loss masks missing targets at its first
-    validation: the metrics are NaN, said in a warning."""
+def test_regression_targets_that_are_not_finite_are_left_out_of_their_outputs_scores(bad, caplog):
+    """A missing target (NaN, or inf) is left out of its output's scores: each output is
+    scored as scikit-learn scores its column with those rows dropped, averaged uniformly.
+    They had made every metric NaN, so a run whose loss masks missing targets could not be
+    scored or stopped early on val_mae. Streamed in batches of 7, in compute_metrics, and in
+    the bootstrap intervals (finite, around the value)."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    predictions = targets + 0.3 * torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    missing = torch.rand(40, 3, generator=generator) < 0.25
+    targets[missing] = bad
+    y, p, kept = targets.numpy(), predictions.numpy(), ~missing.numpy()
+    references = {
+        "mse": sk.mean_squared_error,
+        "mae": sk.mean_absolute_error,
+        "r2_score": sk.r2_score,
+        "explained_variance": sk.explained_variance_score,
+    }
+    expected = {
+        name: np.mean([fn(y[kept[:, j], j], p[kept[:, j], j]) for j in range(3)])
+        for name, fn in references.items()
+    }
+    config = EvaluationConfig(bootstrap_samples=200, regression_metrics=(*references, "rmse"))
+    with caplog.at_level("WARNING"):
+        scored = Evaluator(config).compute_metrics(predictions, targets)
+        loader = DataLoader(TensorDataset(predictions, targets), batch_size=7)
+        report = Evaluator(config).evaluate(nn.Identity(), loader, task_type="regression")
+    for metrics in (scored, report.metrics):
+        for name, value in expected.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-9), name
+    low, high = report.intervals["mae"]
+    assert low < report.metrics["mae"] < high
+    assert all(np.isfinite(report.intervals[name]).all() for name in expected)
+    assert caplog.text.count(f"{int(missing.sum())} regression targets are NaN or infinite") == 2
+
+
+def test_an_output_without_a_finite_target_scores_nan():
     import math
 
-    predictions = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    targets = torch.tensor([1.5, bad, 2.5, 4.0])
-    with pytest.raises(ValueError):
-        sk.r2_score(targets.numpy(), predictions.numpy())
-    with caplog.at_level("WARNING"):
-        scored = Evaluator().compute_metrics(predictions, targets)
-        loader = DataLoader(TensorDataset(predictions[:, None], targets), batch_size=2)
-        evaluated = Evaluator().evaluate(nn.Identity(), loader).metrics
-    for metrics in (scored, evaluated):
-        names = ("mse", "mae", "rmse", "r2_score")
-        assert all(math.isnan(metrics[name]) for name in names), metrics
-    assert caplog.text.count("1 regression targets are NaN or infinite") == 2
+    targets = torch.tensor([[1.0, math.nan], [2.0, math.nan], [3.5, math.nan]])
+    scored = Evaluator().compute_metrics(targets.clone().nan_to_num(0.0), targets)
+    assert all(math.isnan(scored[name]) for name in ("mse", "mae", "rmse", "r2_score"))
+    one = Evaluator().compute_metrics(torch.tensor([1.0, 2.0]), torch.tensor([1.5, math.nan]))
+    assert one["mae"] == 0.5
+    assert math.isnan(one["r2_score"])  # one sample: undefined, as scikit-learn's
 
 
 @pytest.mark.parametrize("shape", ["column", "flat"])

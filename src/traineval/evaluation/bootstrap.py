@@ -113,28 +113,37 @@ def classification_intervals(
 def regression_intervals(
     predictions: np.ndarray, targets: np.ndarray, bootstrap: Bootstrap
 ) -> dict[str, tuple[float, float]]:
-    """Intervals of MSE, MAE, RMSE, R² and explained variance for (N, K) arrays."""
+    """Intervals of MSE, MAE, RMSE, R² and explained variance for (N, K) arrays; a target
+    that is not finite is left out of its output's scores, as in `RegressionStats`."""
     p = predictions.reshape(len(predictions), -1).astype(np.float64)
     y = targets.reshape(len(targets), -1).astype(np.float64)
     order = np.lexsort(np.concatenate([y, p], axis=1).T[::-1])  # canonical: by y, then p
-    p, y = p[order], y[order]
+    kept = np.isfinite(y[order])
+    y, errors = np.where(kept, y[order], 0.0), np.where(kept, y[order] - p[order], 0.0)
     names = ("mse", "mae", "rmse", "r2_score", "explained_variance")
     values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for index in _resamples(len(y), bootstrap):
-        ys, errors = y[index], y[index] - p[index]  # (rows, n, K)
-        mse = (errors**2).mean(axis=1)
-        total = ((ys - ys.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
-        residual = (errors**2).sum(axis=1)
-        spread = ((errors - errors.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        weights = kept[index].astype(np.float64)  # (rows, n, K)
+        count = weights.sum(axis=1)
+        none = np.where(count > 0, 0.0, np.nan)  # an output without a finite target: NaN
+        mse = _ratio((errors[index] ** 2).sum(axis=1), count) + none
         values["mse"].append(mse.mean(axis=1))
-        values["mae"].append(np.abs(errors).mean(axis=1).mean(axis=1))
+        values["mae"].append((_ratio(np.abs(errors[index]).sum(axis=1), count) + none).mean(1))
         values["rmse"].append(np.sqrt(mse).mean(axis=1))
-        r2 = _score(residual, total).mean(axis=1)
-        values["r2_score"].append(r2 if len(y) > 1 else np.full_like(r2, np.nan))  # as R²'s
-        values["explained_variance"].append(_score(spread, total).mean(axis=1))
+        total = _spread(y[index], weights, count)
+        r2 = np.where(count > 1, _score((errors[index] ** 2).sum(axis=1), total), np.nan)
+        values["r2_score"].append(r2.mean(axis=1))  # (NaN for one sample, as R²'s)
+        explained = _score(_spread(errors[index], weights, count), total)
+        values["explained_variance"].append((explained + none).mean(axis=1))
     return {
         name: _interval(np.concatenate(parts), bootstrap.level) for name, parts in values.items()
     }
+
+
+def _spread(values: np.ndarray, weights: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Each resample's sum of squared deviations from its mean, over the weighted rows."""
+    mean = _ratio((values * weights).sum(axis=1), count)[:, None, :]
+    return (weights * (values - mean) ** 2).sum(axis=1)
 
 
 def _score(residual: np.ndarray, total: np.ndarray) -> np.ndarray:

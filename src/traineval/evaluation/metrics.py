@@ -391,13 +391,18 @@ class RegressionStats:
     Gives MSE, MAE, RMSE, R² and explained variance, averaged uniformly over outputs like
     scikit-learn's `multioutput="uniform_average"`. For a constant target, R² is 1.0 when
     the predictions are exact and 0.0 otherwise (scikit-learn's `force_finite`).
+
+    A target that is NaN or infinite (a missing value, which a masking loss trains around) is
+    left out: each output is scored over the rows whose target for it is finite, as
+    scikit-learn scores that output's column with those rows dropped; one warning says how
+    many were left out. An output without a finite target scores NaN.
     """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.n = 0
+        self.n = 0  # rows seen; each output's count of finite targets is state["count"]
         self.state: dict[str, torch.Tensor] = {}
 
     def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
@@ -405,21 +410,20 @@ class RegressionStats:
         dtype = _accum_dtype(predictions.device)
         y = targets.reshape(targets.shape[0], -1).to(dtype)
         p = predictions.reshape(predictions.shape[0], -1).to(dtype)
-        m = y.shape[0]
-        if m == 0:
+        if y.shape[0] == 0:
             return
-        err = y - p
-        batch = {
-            "y_mean": y.mean(0),
-            "y_m2": ((y - y.mean(0)) ** 2).sum(0),
-            "e_mean": err.mean(0),
-            "e_m2": ((err - err.mean(0)) ** 2).sum(0),
-            "sq": (err**2).sum(0),
-            "abs": err.abs().sum(0),
-            "nan": torch.isnan(p).sum(),
-            "bad_targets": (~torch.isfinite(y)).sum(),
-        }
-        self._combine(batch, m)
+        kept = torch.isfinite(y)
+        count = kept.sum(0).to(dtype)
+        y = torch.where(kept, y, 0.0)
+        err = torch.where(kept, y - p, 0.0)
+        batch = {"count": count, "sq": (err**2).sum(0), "abs": err.abs().sum(0)}
+        for key, values in (("y", y), ("e", err)):
+            mean = values.sum(0) / count.clamp(min=1)
+            batch[f"{key}_mean"] = mean
+            batch[f"{key}_m2"] = torch.where(kept, (values - mean) ** 2, 0.0).sum(0)
+        batch["nan"] = torch.isnan(p).sum()
+        batch["bad_targets"] = (~kept).sum()
+        self._combine(batch, y.shape[0])
 
     def merge(self, other: RegressionStats) -> None:
         """Combine another shard's moments (e.g. another rank's), as if one had seen both."""
@@ -428,46 +432,47 @@ class RegressionStats:
             state = {k: v.to(device) if device else v.clone() for k, v in other.state.items()}
             self._combine(state, other.n)
 
-    def _combine(self, batch: dict[str, torch.Tensor], m: int) -> None:
+    def _combine(self, batch: dict[str, torch.Tensor], rows: int) -> None:
+        self.n += rows
         if not self.state:
-            self.state, self.n = batch, m
+            self.state = batch
             return
-        n = self.n
+        n, m = self.state["count"], batch["count"]
         total = n + m
+        share = m / total.clamp(min=1)
         for key in ("y", "e"):
             delta = batch[f"{key}_mean"] - self.state[f"{key}_mean"]
             self.state[f"{key}_m2"] = (
-                self.state[f"{key}_m2"] + batch[f"{key}_m2"] + delta**2 * (n * m / total)
+                self.state[f"{key}_m2"] + batch[f"{key}_m2"] + delta**2 * n * share
             )
-            self.state[f"{key}_mean"] = self.state[f"{key}_mean"] + delta * (m / total)
-        for key in ("sq", "abs", "nan", "bad_targets"):
+            self.state[f"{key}_mean"] = self.state[f"{key}_mean"] + delta * share
+        for key in ("count", "sq", "abs", "nan", "bad_targets"):
             self.state[key] = self.state[key] + batch[key]
-        self.n = total
 
     def compute(self) -> dict[str, float]:
         if not self.state:
             raise ValueError("no data: call update() with at least one batch before compute()")
         s = {key: value.cpu() for key, value in self.state.items()}
-        names = ("mse", "mae", "rmse", "r2_score", "explained_variance")
-        if int(s["bad_targets"]):  # their moments are NaN: R² would read 0.0, a real score
-            logger.warning(
-                "%d regression targets are NaN or infinite: the regression metrics are NaN "
-                "(a loss that masks such targets still trains; drop or fill them to score)",
-                int(s["bad_targets"]),
-            )
-            return dict.fromkeys(names, math.nan)
         if int(s["nan"]):
             raise ValueError(f"{int(s['nan'])} predictions are NaN")
-        n = self.n
-        mse = s["sq"] / n
-        r2 = _score_from(s["sq"], s["y_m2"])
-        explained = _score_from(s["e_m2"], s["y_m2"])
-        if n < 2:  # R² is undefined for one sample: NaN, as scikit-learn gives (it was 0.0);
-            # explained variance is scikit-learn's 1.0 (one residual varies by nothing)
-            r2 = torch.full_like(r2, math.nan)
+        if bad := int(s["bad_targets"]):
+            logger.warning(
+                "%s NaN or infinite: the metrics leave %s out (each output is scored over the "
+                "rows whose target for it is finite)",
+                f"{bad} regression targets are" if bad > 1 else "1 regression target is",
+                "them" if bad > 1 else "it",
+            )
+        n = s["count"]
+        none = n == 0  # an output without a finite target: NaN
+        mse = torch.where(none, math.nan, s["sq"] / n.clamp(min=1))
+        mae = torch.where(none, math.nan, s["abs"] / n.clamp(min=1))
+        # R² is undefined for one sample: NaN, as scikit-learn gives; explained variance is
+        # scikit-learn's 1.0 there (one residual varies by nothing)
+        r2 = torch.where(n < 2, math.nan, _score_from(s["sq"], s["y_m2"]))
+        explained = torch.where(none, math.nan, _score_from(s["e_m2"], s["y_m2"]))
         return {
             "mse": float(mse.mean()),
-            "mae": float((s["abs"] / n).mean()),
+            "mae": float(mae.mean()),
             "rmse": float(mse.sqrt().mean()),
             "r2_score": float(r2.mean()),
             "explained_variance": float(explained.mean()),
