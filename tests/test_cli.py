@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -483,9 +484,52 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
     assert len(summary["folds"]) == 3
     assert {"accuracy_mean", "accuracy_std", "test_ensemble", "test_members"} <= set(summary)
     assert sum(f["validation_size"] for f in summary["folds"]) == 105 + 22  # train + val rows
-    # a fold is not a run to evaluate alone (it said: "a run trained from Python")
-    assert main(["evaluate", str(tmp_path / "o" / "fold-1")]) == 2
-    assert "is a fold of the cross-validation in" in capsys.readouterr().err
+    # a fold evaluates alone on the test split, as cv scored it (same checkpoint and rows);
+    # its val split and the cross-validation's folder are refused, naming what to use
+    fold = tmp_path / "o" / "fold-2"
+    assert main(["evaluate", str(fold)]) == 0
+    alone = json.loads((fold / "evaluation" / "metrics_test.json").read_text())["metrics"]
+    assert alone == summary["test_members"][1]
+    capsys.readouterr()
+    assert main(["evaluate", str(fold), "--split", "val"]) == 2
+    assert "only the test split scores it fairly" in capsys.readouterr().err
+    for command in (["evaluate"], ["report"], ["predict"]):
+        assert main([*command, str(tmp_path / "o"), *(["x.csv"] * (command == ["predict"]))]) == 2
+        assert "is a cross-validation" in capsys.readouterr().err
+
+
+def test_a_fold_of_a_cv_run_predicts_new_rows_with_the_cvs_scaling(tmp_path):
+    """The cross-validation keeps data.json (the training rows' scaling and classes): a fold
+    predicts new rows as its own run would. Reference: the fold's evaluation of the same
+    (test) rows."""
+    from test_predict import _rows, _species_csv
+    from traineval.commands.experiment import RunConfig, load_data
+
+    data = tmp_path / "species.csv"
+    _species_csv(data)
+    config = tmp_path / "cv.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {data}, target: species}}\nmodel: {{name: mlp}}\n"
+        "training: {num_epochs: 2, learning_rate: 1e-2, tensorboard_logging: false}\n"
+    )
+    out = tmp_path / "o"
+    assert main(["cv", str(config), "--folds", "2", "-q", f"training.output_dir={out}"]) == 0
+    assert (out / "data.json").is_file()
+    fold = out / "fold-1"
+    assert main(["evaluate", str(fold), "--save-predictions"]) == 0
+    expected = _rows(fold / "evaluation" / "predictions_test.csv")
+    source = _rows(data)
+    splits = load_data(RunConfig.from_yaml(out / "config.yaml").data)
+    new = tmp_path / "new.csv"
+    with new.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(source[0]))
+        writer.writeheader()
+        writer.writerows(source[i] for i in splits.indices["test"])
+    assert main(["predict", str(fold), str(new), "--output", str(tmp_path / "p.csv")]) == 0
+    got = _rows(tmp_path / "p.csv")
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in expected]
+    for ours, theirs in zip(got, expected, strict=True):
+        assert float(ours["prob_setosa"]) == pytest.approx(float(theirs["prob_setosa"]), abs=1e-6)
 
 
 def test_lr_find_prints_a_suggestion_and_writes_the_curve(tmp_path, capsys):

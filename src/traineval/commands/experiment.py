@@ -344,18 +344,7 @@ class RunConfig:
         path = Path(run_dir) / "config.yaml"
         data = _as_recorded(_mode_as_section(load_yaml(path)))
         if set(data) == {"training", "mode"} and (Path(run_dir).parent / CV_SUMMARY).is_file():
-            base = Path(run_dir).parent
-            done = (
-                f"`traineval cv` scored each fold and their ensemble on the test split, in "
-                f"{base}/evaluation/cv.json"
-                if (base / "evaluation" / "cv.json").is_file()
-                else "score it from Python (Evaluator.evaluate_ensemble with the "
-                f"fold_checkpoints of {base / CV_SUMMARY})"
-            )
-            raise ValueError(
-                f"{run_dir} is a fold of the cross-validation in {base}: it trained on part "
-                f"of the train and validation rows, so only a test split scores it fairly; {done}"
-            )
+            return cls._fold(Path(run_dir), trust_code)
         if set(data) == {"training", "mode"}:  # what `open_loggers` writes for train()
             raise ValueError(
                 f"{path} records a run trained from Python (train() or TrainingManager): its "
@@ -374,6 +363,21 @@ class RunConfig:
                     add_search_path(folder)
         with untrusted(str(path), trust_code=trust_code):
             return cls.from_dict(data)
+
+    @classmethod
+    def _fold(cls, fold: Path, trust_code: bool) -> RunConfig:
+        """A fold of a `traineval cv` run: the cross-validation's config (its data, model
+        and evaluation), with the fold's folder as the output_dir. A cross-validation from
+        Python (or one stopped before its end) recorded no data or model: refused."""
+        base = fold.parent
+        if not (base / "evaluation" / "cv.json").is_file():
+            raise ValueError(
+                f"{fold} is a fold of the cross-validation in {base}, which recorded no data "
+                "or model (run from Python, or stopped before its end): score it from Python "
+                f"(Evaluator.evaluate_ensemble with the fold_checkpoints of {base / CV_SUMMARY})"
+            )
+        whole = cls.from_run_dir(base, trust_code=trust_code)
+        return dataclasses.replace(whole, training=whole.training.replace(output_dir=str(fold)))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {key: getattr(self, key).to_dict() for key in _SECTIONS}
@@ -817,11 +821,22 @@ def evaluate_run(
         )  # fmt: skip
 
 
+def recorded_in(run_dir: Path) -> Path:
+    """The folder holding a run's data.json and code paths: its own, or for a fold of a
+    `traineval cv` run the cross-validation's."""
+    return run_dir.parent if is_fold(run_dir) else run_dir
+
+
+def is_fold(run_dir: Path) -> bool:
+    """Whether `run_dir` is a fold-<k> folder of a cross-validation."""
+    return run_dir.name.startswith("fold-") and (run_dir.parent / CV_SUMMARY).is_file()
+
+
 def _refuse_a_changed_table(run_dir: Path, config: RunConfig, splits: DataSplits) -> None:
     """The data read again is the data the run trained on: its `data.json` (the training
     split's scaling, categories, classes) says so. A table changed since (rows shuffled,
     added, a class more) was split again without a word: another test split."""
-    saved = read_json_or_none(run_dir / DATA_SCHEMA)
+    saved = read_json_or_none(recorded_in(run_dir) / DATA_SCHEMA)
     if not isinstance(saved, dict):
         return
     now = splits.schema()
@@ -839,6 +854,25 @@ def _refuse_a_changed_table(run_dir: Path, config: RunConfig, splits: DataSplits
             f"{where} is not the data this run trained on: {', '.join(differ)} differ "
             f"from the run's {DATA_SCHEMA} (rows changed, added or reordered since); its "
             "splits would not be the run's: evaluate with the data it trained on"
+        )
+
+
+def check_cv_folder(run_dir: Path, split: str) -> None:
+    """A fold trained on part of the train and validation rows: only the test split scores
+    it fairly. The cross-validation folder itself holds no model of its own."""
+    if is_fold(run_dir) and split != "test":
+        raise ValueError(
+            f"split={split!r} is invalid for {run_dir}, a fold of the cross-validation in "
+            f"{run_dir.parent}: it trained on part of the train and validation rows, so only "
+            f"the test split scores it fairly (its own validation fold is scored in "
+            f"{run_dir.parent / CV_SUMMARY}); use --split test, the default"
+        )
+    folds = sorted(p.name for p in run_dir.glob("fold-*") if p.is_dir())
+    if (run_dir / CV_SUMMARY).is_file() and folds:
+        raise ValueError(
+            f"{run_dir} is a cross-validation: it has no model of its own; evaluate one of "
+            f"its folds ({run_dir / folds[0]} .. {folds[-1]}); their test scores and their "
+            f"ensemble's are in {run_dir / 'evaluation' / 'cv.json'}"
         )
 
 
@@ -868,6 +902,7 @@ def _evaluate_run(
             f"split={split!r} is invalid for mode: {config.mode.name}: it makes its own data "
             "and is evaluated on fresh test episodes (split='test', the default)"
         )
+    check_cv_folder(run_dir, split)
     path = run_checkpoint(run_dir, checkpoint)
     parts = run_parts(config)
     _refuse_a_changed_table(run_dir, config, parts.splits)
@@ -928,8 +963,12 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
         stop_if_signalled(None, "the folds' test evaluation")
     out = Path(summary["output_dir"])
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "evaluation" / "cv.json", summary)
+    if config.data.name != "custom" and splits.feature_names is not None:
+        atomic_write_json(out / DATA_SCHEMA, splits.schema())  # what a fold's predict applies
+    if code_references(config.to_dict(), ("data", "model", "mode", "evaluation")):
+        atomic_write_json(out / CODE_PATHS, {"search_paths": list(imports.SEARCH_PATHS)})
     write_run_config(config.to_dict(), out)
+    atomic_write_json(out / "evaluation" / "cv.json", summary)  # last: the folds evaluate
     return summary
 
 

@@ -33,7 +33,7 @@ from ..system.csv_cells import SafeWriter
 from ..system.files import atomic_write_text, read_json_or_none
 from ..training.batches import prediction_of
 from ..training.precision import make_current, resolve_device
-from .experiment import DATA_SCHEMA, RunConfig, load_data
+from .experiment import DATA_SCHEMA, RunConfig, check_cv_folder, load_data, recorded_in
 
 # the built-in modes whose model does not map a table row to the task's outputs
 ROWLESS_MODES = ("unsupervised", "reinforcement", "meta_learning")
@@ -141,6 +141,7 @@ def _predict(
     default) and write them with their prediction columns to `out`; returns it and the row
     count."""
     _refuse_unsupported(config)
+    check_cv_folder(run_dir, "test")  # a cross-validation's folder: predict with a fold
     splits = _table_of(config, run_dir)
     table = _read_rows(splits, input_csv)
     cut = config.evaluation.multilabel_threshold if how.threshold is None else how.threshold
@@ -242,7 +243,7 @@ def _table_of(config: RunConfig, run_dir: Path) -> DataSplits:
     """How the run turned rows into inputs: its `data.json` (the training split's scaling
     and categories, as training used them), else (runs of earlier versions) the training
     data split again."""
-    path = run_dir / DATA_SCHEMA
+    path = recorded_in(run_dir) / DATA_SCHEMA
     schema = read_json_or_none(path)
     if schema is None and not path.exists():
         return load_data(config.data)

@@ -50,6 +50,12 @@ def read_run(run_dir: str | Path) -> RunRecord:
                 "in another storage (--storage) is not reported from here; report a trial "
                 f"(e.g. {str(run_dir / 'trial-0000')!r}), or read the study with Optuna"
             )
+        if (run_dir / "cv_summary.json").is_file():  # a cross-validation's folder
+            raise FileNotFoundError(
+                f"{str(run_dir)!r} is a cross-validation: report one of its folds (e.g. "
+                f"{str(run_dir / 'fold-1')!r}); the folds' scores are in cv_summary.json, "
+                "and their test scores and their ensemble's in evaluation/cv.json"
+            )
         kind = "does not exist" if not run_dir.exists() else "has no metrics.jsonl"
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: it {kind}")
     config_path = run_dir / "config.yaml"
