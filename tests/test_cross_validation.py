@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn import metrics as sk
+from sklearn.model_selection import GroupKFold
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -93,6 +94,14 @@ def test_folds_are_stratified_grouped_or_plain():
     groups = np.repeat(np.arange(8), 5)
     for train, val in make_folds(40, 4, groups=groups):
         assert not set(groups[train]) & set(groups[val])
+    # grouped folds follow the seed, as scikit-learn's shuffled GroupKFold makes them (they
+    # were the same for every seed)
+    by_seed = [
+        [val.tolist() for _, val in make_folds(40, 4, groups=groups, seed=s)] for s in (0, 1)
+    ]
+    assert by_seed[0] != by_seed[1]
+    reference = GroupKFold(n_splits=4, shuffle=True, random_state=1).split(groups, groups=groups)
+    assert by_seed[1] == [val.tolist() for _, val in reference]
     plain = make_folds(40, 4, seed=1)
     assert sorted(np.concatenate([val for _, val in plain]).tolist()) == list(range(40))
     with pytest.raises(ValueError, match="a class has only 10 samples"):

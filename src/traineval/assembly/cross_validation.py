@@ -34,9 +34,9 @@ def make_folds(
     groups: Sequence[Any] | None = None,
     seed: int = 0,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, validation) index pairs: grouped if `groups` (no group in two folds), also
-    stratified if `labels` (scikit-learn's `StratifiedGroupKFold`, shuffled with `seed`),
-    stratified if `labels` alone, else plain."""
+    """(train, validation) index pairs, shuffled with `seed`: grouped if `groups` (no group
+    in two folds; scikit-learn's `GroupKFold`), also stratified if `labels` (its
+    `StratifiedGroupKFold`), stratified if `labels` alone, else plain."""
     from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
     if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 2:
@@ -56,7 +56,8 @@ def make_folds(
         if labels is not None:  # each fold's classes as near the whole set's as groups allow
             both = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
             return list(both.split(indices, labels, groups=group_array))
-        return list(GroupKFold(n_splits=n_folds).split(indices, groups=group_array))
+        grouped = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return list(grouped.split(indices, groups=group_array))
     if labels is not None:
         smallest = np.unique(labels, return_counts=True)[1].min()  # any ids, e.g. -1: unlabeled
         if smallest < n_folds:
