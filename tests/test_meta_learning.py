@@ -209,6 +209,11 @@ def test_meta_learning_from_the_command_line(tmp_path, capsys):
     assert set(record["test"]) == {"loss", "accuracy"}
     assert record["test"]["accuracy"] > 0.5  # 3-way: chance is 1/3
     assert main(["evaluate", str(tmp_path / "run"), "--split", "val"]) == 0
+    # a resume that would draw other tasks is refused (it warned, and trained on them)
+    longer = [*args, "training.num_epochs=3", f"training.output_dir={tmp_path / 'run'}"]
+    capsys.readouterr()
+    assert main([*longer, "mode.shots=1", "--resume", "auto"]) == 2
+    assert "meta_learning.shots: checkpoint 2, now 1" in capsys.readouterr().err
     demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
     assert main(["cv", str(demo), "-q", *args[2:], f"training.output_dir={tmp_path}"]) == 2
     assert "mode='meta_learning' is invalid for cross-validation" in capsys.readouterr().err

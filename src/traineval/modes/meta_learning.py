@@ -233,6 +233,8 @@ class MetaLearning(Mode):
 
     own_metrics: ClassVar[bool] = True
     fold_refusal: ClassVar[str | None] = "its samples are tasks, not rows to fold"
+    # the tasks an epoch draws (its length, and each task's classes and samples)
+    resume_fixed: ClassVar[tuple[str, ...]] = ("ways", "shots", "queries", "train_episodes")
 
     def prepare(self, splits: DataSplits, data: Any) -> DataSplits:
         """Every split as few-shot tasks (drawn from `data.split_seed`); the model answers
