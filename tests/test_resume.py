@@ -512,3 +512,17 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     chosen, payload = find_checkpoint(run, "auto")
     assert chosen.name == "last.pt"
     assert payload["config"]["learning_rate"] == 1e-12
+
+
+def test_a_resume_that_validates_at_other_steps_says_so(caplog):
+    """eval_frequency decides what early stopping, a plateau schedule and best.pt see, so a
+    change is named like a learning rate's; log_frequency changes only the logs."""
+    from traineval.runs.resume import check_compatible
+
+    saved = TrainingConfig().to_dict()
+    current = {**saved, "eval_frequency": 50, "lr_scheduler_patience": 2, "log_frequency": 7}
+    with caplog.at_level(logging.WARNING):
+        check_compatible(saved, current, 1, 1)
+    assert "eval_frequency was 500 in the checkpoint and is 50 now" in caplog.text
+    assert "lr_scheduler_patience was 5 in the checkpoint and is 2 now" in caplog.text
+    assert "log_frequency" not in caplog.text

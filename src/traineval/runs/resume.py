@@ -40,6 +40,9 @@ WARNED_CHANGES = (
     "ema_warmup",
     "label_smoothing",
     "class_weights",
+    # when validation runs: what early stopping, a plateau schedule and best.pt see
+    "eval_frequency",
+    "lr_scheduler_patience",
 )
 
 
