@@ -493,9 +493,18 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(fold), "--split", "val"]) == 2
     assert "only the test split scores it fairly" in capsys.readouterr().err
-    for command in (["evaluate"], ["report"], ["predict"]):
+    for command in (["evaluate"], ["predict"]):
         assert main([*command, str(tmp_path / "o"), *(["x.csv"] * (command == ["predict"]))]) == 2
         assert "is a cross-validation" in capsys.readouterr().err
+    # report of the cross-validation's folder: the tables cv printed, read from cv.json
+    assert main(["cv", str(config), "--folds", "3", f"training.output_dir={tmp_path / 'p'}"]) == 0
+    printed = capsys.readouterr().out
+    tables = printed[printed.index("Cross-validation, 3 folds") : printed.index("Written:")]
+    assert main(["report", str(tmp_path / "p")]) == 0
+    assert tables in capsys.readouterr().out
+    (tmp_path / "p" / "evaluation" / "cv.json").write_text('{"folds": 3}')
+    assert main(["report", str(tmp_path / "p")]) == 2
+    assert "does not hold a cross-validation summary" in capsys.readouterr().err
 
 
 def test_a_fold_of_a_cv_run_predicts_new_rows_with_the_cvs_scaling(tmp_path):

@@ -424,12 +424,32 @@ def _report(args: argparse.Namespace) -> int:
         print(study_summary(study))
         print(f"\nWritten: {page}")
         return 0
+    if (Path(args.run_dir) / "cv_summary.json").is_file():  # a `traineval cv` folder
+        return _report_cv(Path(args.run_dir))
     try:
         run, page = write_report(args.run_dir)
     except (FileNotFoundError, ValueError, ImportError) as error:
         return _error(error)
     print(summary_text(run))
     print(f"\nWritten: {page}")
+    return 0
+
+
+def _report_cv(folder: Path) -> int:
+    """A cross-validation's tables, as `traineval cv` printed them: its cv.json, or where
+    it stopped before its test evaluation its cv_summary.json (the folds alone)."""
+    from .system.untrusted_text import read_json
+
+    path = folder / "evaluation" / "cv.json"
+    path = path if path.is_file() else folder / "cv_summary.json"
+    try:
+        text = _cv_tables(read_json(path, "cross-validation summary"), written=False)
+    except ValueError as error:
+        return _error(error)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return _error(ValueError(f"{str(path)!r} does not hold a cross-validation summary"))
+    print(text)
+    print(f"\nRead: {path}; each fold is a run of its own (traineval report {folder}/fold-1)")
     return 0
 
 
@@ -750,7 +770,7 @@ def _flower_rounds_said(done: int | None, rounds: int) -> str:
     return f"Trained Flower rounds {done + 1}-{rounds} (resumed after round {done})"
 
 
-def _cv_tables(summary: dict[str, Any]) -> str:
+def _cv_tables(summary: dict[str, Any], written: bool = True) -> str:
     folds = summary["folds"]
     names = list(folds[0]["best_metrics"])
     lines = [f"\nCross-validation, {len(folds)} folds (best validation metrics of each fold):"]
@@ -770,7 +790,8 @@ def _cv_tables(summary: dict[str, Any]) -> str:
             lines.append(f"  fold {i:<4} {values}")
         values = "  ".join(f"{summary['test_ensemble'][n]:>10.4f}" for n in test_names)
         lines.append(f"  ensemble  {values}")
-    lines.append(f"\nWritten: {summary['output_dir']}/evaluation/cv.json")
+    if written:
+        lines.append(f"\nWritten: {summary['output_dir']}/evaluation/cv.json")
     return "\n".join(lines)
 
 
