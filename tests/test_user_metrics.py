@@ -163,6 +163,46 @@ def test_a_users_metric_drives_early_stopping_and_the_best_checkpoint(kind, tmp_
         assert best not in values[-2:]
 
 
+def test_a_metrics_direction_read_from_its_name_is_scikit_learns():
+    """Every scikit-learn scorer's metric, named as its function is (matthews_corrcoef,
+    cohen_kappa_score, d2_log_loss_score, brier_score_loss, mean_squared_error, ...), gets
+    the scorer's direction: 24 of them were taken as better when lower, so a run monitoring
+    val_matthews_corrcoef kept its worst checkpoint."""
+    from sklearn.metrics import get_scorer, get_scorer_names
+
+    from traineval.config.training_config import metric_is_minimized
+
+    checked = 0
+    for name in get_scorer_names():
+        scorer = get_scorer(name)
+        function = getattr(scorer, "_score_func", None)
+        if function is None:
+            continue
+        minimized = scorer._sign == -1
+        assert metric_is_minimized(function.__name__) == minimized, function.__name__
+        assert metric_is_minimized(name) is False  # the scorer's own name: higher is better
+        checked += 1
+    assert checked > 40
+
+
+def test_a_monitored_metric_whose_direction_is_a_guess_says_so(caplog):
+    from sklearn.metrics import matthews_corrcoef
+
+    evaluator = ModelEvaluator(
+        metrics={
+            "matthews_corrcoef": matthews_corrcoef,
+            "mine": balanced_accuracy_score,
+            "declared": metric(balanced_accuracy_score, higher_is_better=True),
+        }
+    )
+    with caplog.at_level("WARNING"):
+        assert evaluator.minimizes("matthews_corrcoef") is False
+        assert evaluator.minimizes("declared") is False
+        assert caplog.text == ""
+        assert evaluator.minimizes("mine") is True
+    assert "val_mine is taken as better when lower: neither its name nor" in caplog.text
+
+
 def test_a_monitor_name_that_matches_no_metric_is_refused_before_training(tmp_path):
     config = TrainingConfig(monitor_metric="val_mien", output_dir=str(tmp_path), num_epochs=1)
     evaluator = ModelEvaluator(metrics={"mine": balanced_accuracy_score})

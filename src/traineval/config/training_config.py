@@ -772,6 +772,11 @@ def _merge_settings(
     return out
 
 
+# A metric's direction read from its name: these words say lower is better, and win over
+# those that say higher is (scikit-learn's brier_score_loss); scikit-learn's negated losses
+# (neg_log_loss, as its scorers name them) and D² scores (d2_log_loss_score) are better
+# higher. Checked against the direction of every scikit-learn scorer.
+_MINIMIZED = ("loss", "error", "deviance", "perplexity", "davies_bouldin")
 _MAXIMIZED = (
     "return",
     "reward",
@@ -783,12 +788,31 @@ _MAXIMIZED = (
     "auc",
     "explained_variance",
     "bleu",
+    "score",  # scikit-learn's convention: a *_score is better higher
+    "corrcoef",
+    "kappa",
+    "jaccard",
+    "dice",
+    "iou",
+    "ndcg",
 )
 
 
+def named_direction(name: str) -> bool | None:
+    """Whether `name` says lower is better (True), higher (False), or neither (None)."""
+    lowered = name.lower()
+    if any(token in lowered for token in ("neg_", "d2_", "positive_likelihood")):
+        return False
+    if any(token in lowered for token in _MINIMIZED):
+        return True
+    return False if any(token in lowered for token in _MAXIMIZED) else None
+
+
 def metric_is_minimized(name: str) -> bool:
-    """Guess a metric's direction from its name: losses and errors down, scores up."""
-    return not any(token in name for token in _MAXIMIZED)
+    """Guess a metric's direction from its name: losses and errors down, scores up; a name
+    that says neither (mse, ece) down."""
+    said = named_direction(name)
+    return True if said is None else said
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -66,6 +67,8 @@ TASK_METRICS = {  # each task's metric list in EvaluationConfig
 }
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]  # what compute_metrics and score take
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -133,6 +136,13 @@ class ModelEvaluator:
         for found in self.user_metrics.values():
             for user in found:
                 if user.name == name:
+                    if user.guessed:
+                        logger.warning(
+                            "val_%s is taken as better when lower: neither its name nor the "
+                            "metric says (declare it: traineval.evaluation.metric("
+                            "higher_is_better=...), or set training.monitor_mode)",
+                            name,
+                        )
                     return user.minimize
         return None
 

@@ -43,7 +43,12 @@ import torch
 
 from ..config import registry
 from ..config.code_references import import_object
-from ..config.training_config import BUILT_IN_METRICS, TaskType, metric_is_minimized
+from ..config.training_config import (
+    BUILT_IN_METRICS,
+    TaskType,
+    metric_is_minimized,
+    named_direction,
+)
 from ..tasks import align_regression
 from .bootstrap import Bootstrap, function_intervals
 from .metrics import class_probabilities
@@ -92,13 +97,31 @@ def metric(
     if inputs not in INPUTS:
         raise ValueError(f"inputs={inputs!r} is invalid: expected one of {', '.join(INPUTS)}")
 
-    def declare(function: Callable[..., float]) -> Callable[..., float]:
-        function.metric_name = name or function.__name__  # type: ignore[attr-defined]
-        function.higher_is_better = higher_is_better  # type: ignore[attr-defined]
-        function.metric_inputs = inputs  # type: ignore[attr-defined]
-        return function
+    def declare(function: Callable[..., float]) -> DeclaredMetric:
+        return DeclaredMetric(function, name or function.__name__, higher_is_better, inputs)
 
     return declare(fn) if fn is not None else declare
+
+
+class DeclaredMetric:
+    """A function with what `metric` declared about it, which stays untouched (declaring
+    scikit-learn's `balanced_accuracy_score` better when lower had marked that function so
+    for every later use); it calls the function and has its signature."""
+
+    def __init__(
+        self, function: Callable[..., float], name: str, higher: bool | None, inputs: str
+    ) -> None:
+        self.__wrapped__ = function  # what inspect.signature reads
+        self.__name__ = self.metric_name = name
+        self.__doc__ = function.__doc__
+        self.higher_is_better = higher
+        self.metric_inputs = inputs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> float:
+        return self.__wrapped__(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"metric({self.__wrapped__!r}, name={self.metric_name!r})"
 
 
 class UserMetric:
@@ -112,6 +135,8 @@ class UserMetric:
         self.kind = _kind(template)
         declared = getattr(template, "higher_is_better", None)
         self.minimize = metric_is_minimized(name) if declared is None else not declared
+        # lower taken as better for want of a word: said when it is monitored
+        self.guessed = declared is None and named_direction(name) is None
         self.inputs = getattr(template, "metric_inputs", "labels")
         self.state: Any = None  # the streaming copy, or the kept (predictions, targets)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
