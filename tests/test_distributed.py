@@ -379,6 +379,11 @@ def test_a_two_rank_checkpoint_resumes_to_the_uninterrupted_result(
         assert_same_weights(
             tmp_path / f"straight-weights-{rank}.pt", tmp_path / f"resumed-weights-{rank}.pt"
         )
+    # the logged losses too: the checkpoint keeps each rank's running sums (it kept rank
+    # 0's, restored on both, so the resumed epoch's train_loss counted rank 0's part twice)
+    from test_stops import logged
+
+    assert logged(tmp_path / "interrupted") == logged(tmp_path / "straight")
     # a single process cannot continue a 2-rank run
     with pytest.raises(ValueError, match="world_size: checkpoint 2, now 1"):
         TrainingManager(worker.resume_config(tmp_path / "interrupted")).train(
@@ -414,6 +419,9 @@ def test_a_two_rank_ppo_run_resumes_mid_rollout_to_the_uninterrupted_result(tmp_
             tmp_path / f"ppo-straight-{rank}.pt", tmp_path / f"ppo-resumed-{rank}.pt"
         )
     assert_same_weights(tmp_path / "ppo-straight-0.pt", tmp_path / "ppo-straight-1.pt")
+    from test_stops import logged  # each rank's interval sums (train_entropy, ...) kept
+
+    assert logged(tmp_path / "ppo-interrupted") == logged(tmp_path / "ppo-straight")
 
 
 @pytest.mark.slow
@@ -575,6 +583,9 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path, monkeypatch,
     shutil.copytree(tmp_path / "fsdp-interrupted", tmp_path / "fsdp-interrupted-full")
     ok(torchrun("fsdp_resume", tmp_path))
     assert_same_weights(tmp_path / "fsdp-straight-weights.pt", tmp_path / "fsdp-resumed-weights.pt")
+    from test_stops import logged  # each rank's running sums, in the sharded checkpoint too
+
+    assert logged(tmp_path / "fsdp-interrupted") == logged(tmp_path / "fsdp-straight")
     # resumed with full checkpoints (the best shards read back whole): the same end
     straight = tmp_path / "fsdp-straight-weights.pt"
     assert_same_weights(straight, tmp_path / "fsdp-resumed-full-weights.pt")

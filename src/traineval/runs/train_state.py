@@ -9,6 +9,9 @@ from typing import Any
 __all__ = ["HistoryJson", "TrainState", "empty_history"]
 
 
+RANK_SUMS = ("epoch_loss_sum", "epoch_loss_weight", "interval_loss_sum", "interval_loss_weight")
+
+
 @dataclasses.dataclass
 class TrainState:
     """Everything the loop counts; plain values only, so it goes into a checkpoint as is.
@@ -48,6 +51,19 @@ class TrainState:
         state["interval_norms"] = list(self.interval_norms)
         state["interval_metrics"] = {k: list(v) for k, v in self.interval_metrics.items()}
         return state
+
+    def rank_sums(self) -> dict[str, Any]:
+        """This rank's running sums (its micro-batches' losses and step metrics, summed over
+        the ranks only when logged): a checkpoint keeps each rank's."""
+        return {
+            **{name: getattr(self, name) for name in RANK_SUMS},
+            "interval_metrics": {k: list(v) for k, v in self.interval_metrics.items()},
+        }
+
+    def load_rank_sums(self, sums: dict[str, Any]) -> None:
+        for name in (*RANK_SUMS, "interval_metrics"):
+            if name in sums:
+                setattr(self, name, sums[name])
 
     def record_epoch(self, train_loss: float, val_loss: float | None, lr: float) -> None:
         """The epoch's entries of the history."""

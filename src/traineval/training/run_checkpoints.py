@@ -124,10 +124,11 @@ def save_from_loop(
     optimizer beside it first (`_save_sharded`)."""
     job = loop.job
     path = folder / f"{name}.pt"
-    rng = job.gather(capture_rng(loop.data_generators))  # each rank's RNG
+    # each rank's RNG and running sums (the loop's state is rank 0's)
+    mine = job.gather((capture_rng(loop.data_generators), loop.state.rank_sums()))
     step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
     steps = job.gather(step_state()) if callable(step_state) else None  # each rank's
-    ranks = {"rng": rng, "steps": steps}
+    ranks = {"rng": [rng for rng, _ in mine], "sums": [sums for _, sums in mine], "steps": steps}
     if writes_shards(config, loop):
         extra = _records(loop, config, mode, ranks) if job.is_main else None
         if name == "best" and loop.closing_after_resume_point and job.is_main:
@@ -408,6 +409,7 @@ def _records(
         "loop": loop.history_json["loop"](state.state_dict()),
         "rng": ranks["rng"][0],
         "rng_per_rank": ranks["rng"],
+        "sums_per_rank": ranks["sums"],
         "monitor": {"name": loop.monitor.name, **loop.monitor.state_dict()},
         "tracker": loop.history_json["tracker"](loop.tracker.state_dict()),
         "callbacks": {
@@ -778,3 +780,6 @@ def restore_loop(loop: Loop, payload: dict[str, Any]) -> None:
         load_step(steps[loop.job.rank])
     per_rank = payload.get("rng_per_rank")
     loop.resume_rng = per_rank[loop.job.rank] if per_rank else payload["rng"]
+    sums = payload.get("sums_per_rank")  # (older checkpoints: rank 0's, in "loop")
+    if sums is not None and len(sums) == loop.job.world_size:
+        state.load_rank_sums(sums[loop.job.rank])
