@@ -500,6 +500,43 @@ def failure(out: Path, rank: int) -> None:
     )
 
 
+class FailingCount:
+    """A streaming metric whose update fails on rank 1 only (a bad batch, a metric's bug)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("update failed on rank 1")
+        self.n += len(targets)
+
+    def compute(self) -> float:
+        return float(self.n)
+
+    def reset(self) -> None:
+        self.n = 0
+
+    def merge(self, other: FailingCount) -> None:
+        self.n += other.n
+
+
+def validation_failure(out: Path, rank: int) -> None:
+    """Rank 1's validation fails in a metric; with the default timeout (600 s) rank 0 waited
+    in the metrics' gather for it while rank 1 waited at the checkpoint's barrier."""
+    from traineval.evaluation.model_evaluator import ModelEvaluator
+
+    evaluator = ModelEvaluator(metrics={"count": FailingCount()})
+    loaders = DataLoader(data(), batch_size=8), DataLoader(data(16, seed=3), batch_size=4)
+    try:
+        TrainingManager(config(out / "validation-failure", num_epochs=3)).train(
+            model(), *loaders, evaluator=evaluator
+        )
+    except Exception as error:
+        (out / f"validation-failure-{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+        raise
+
+
 class HangOnRankOne(Callback):
     def on_step_end(self, loop: Any) -> None:
         if loop.job.rank == 1 and loop.state.global_step == 3:
@@ -824,6 +861,7 @@ SCENARIOS = {
     "resume_first": resume_first,
     "resume_second": resume_second,
     "failure": failure,
+    "validation_failure": validation_failure,
     "hang": hang,
     "fsdp": fsdp,
     "fsdp_resume": fsdp_resume,

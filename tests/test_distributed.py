@@ -434,6 +434,21 @@ def test_a_failing_rank_stops_the_job(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_validation_failing_on_one_rank_stops_every_rank_with_its_cause(tmp_path):
+    """Rank 1's metric fails in validation: both ranks stop at once, with one line naming
+    the rank and its cause, after saving last.pt (they waited for the 600 s timeout)."""
+    started = time.monotonic()
+    run = torchrun("validation_failure", tmp_path, timeout=200)
+    assert run.returncode != 0
+    assert time.monotonic() - started < 60
+    said = [(tmp_path / f"validation-failure-{rank}.txt").read_text() for rank in (0, 1)]
+    assert said[0] == said[1]
+    cause = "step 3 failed: rank 1: RuntimeError: update failed on rank 1; the training so"
+    assert said[0].startswith(f"EvaluationError: validation at epoch 1, {cause}")
+    assert (tmp_path / "validation-failure" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow
 def test_a_hanging_rank_times_the_others_out(tmp_path):
     run = torchrun("hang", tmp_path, timeout=180)
     assert run.returncode != 0

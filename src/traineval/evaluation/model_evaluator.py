@@ -39,7 +39,7 @@ from ..training.batches import OutputTransform, in_eval_mode, move_to_device
 from ..training.precision import available_device
 from .accumulator import SCATTER_POINTS, Accumulator
 from .predictions import PredictionWriter, class_labels
-from .ranks import batches, merge_ranks
+from .ranks import batches, merge_ranks, this_ranks_own
 from .report import EvaluationOptions, EvaluationReport, task_of
 from .scoring import BatchScorer, Scored
 from .user_metrics import UserMetric, named, resolve, user_metrics
@@ -213,11 +213,18 @@ class ModelEvaluator:
             ignore_index=self.config.ignore_index,
             transform=how.output_transform or self.output_transform,
         )
+        failure: Exception | None = None
         with in_eval_mode(model):
-            accumulator, writer = self._stream(scorer, loader, plan)
+            try:
+                accumulator, writer = self._stream(scorer, loader, plan)
+            except Exception as error:  # one rank's: said to every rank as they merge
+                if not sharded or not this_ranks_own(error):
+                    raise
+                failure, accumulator, writer = error, None, None
         totals: tuple[float, ...] = scorer.loss_totals()
         if how.distributed is not None and sharded:
-            accumulator, plan.text = merge_ranks(how.distributed, accumulator, plan.text)
+            merged = merge_ranks(how.distributed, accumulator, plan.text, failure)
+            accumulator, plan.text = merged
             totals = tuple(how.distributed.sum(list(totals)))
             if accumulator is not None:  # the states travelled; the user's metrics did not
                 accumulator.adopt_user_metrics(self.user_metrics[accumulator.task])

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..system.distributed import Distributed
+from ..system.distributed import CollectiveError, Distributed
+from ..training.stopping import TrainingInterrupted
 from .accumulator import Accumulator
 from .user_metrics import UserMetric
 
@@ -47,14 +48,25 @@ def _lockstep(loader: Iterable[Any], job: Distributed) -> Iterator[tuple[Any, bo
         yield last, False
 
 
+class RankFailed(ValueError):
+    """A rank's evaluation failed (its forward, or a metric's update): every rank raises it,
+    with the same words, so that none waits for the others in a collective."""
+
+
 def merge_ranks(
-    job: Distributed, accumulator: Accumulator | None, text: Any
+    job: Distributed, accumulator: Accumulator | None, text: Any, failure: Exception | None
 ) -> tuple[Accumulator | None, Any]:
-    """Every rank's metric state, merged in rank order: the same result on every rank."""
-    parts = job.gather((_on_cpu(accumulator), text))
+    """Every rank's metric state, merged in rank order: the same result on every rank; a
+    rank's `failure` (its evaluation could not finish) is every rank's `RankFailed`."""
+    said = None if failure is None else _first_line(failure)
+    parts = job.gather((_on_cpu(accumulator), text, said))
+    failed = [(rank, said) for rank, (_, _, said) in enumerate(parts) if said is not None]
+    if failed:
+        rank, said = failed[0]
+        raise RankFailed(f"rank {rank}: {said}") from failure
     merged: Accumulator | None = None
     merged_text = None
-    for part, part_text in parts:
+    for part, part_text, _ in parts:
         if part is not None:
             if merged is None:
                 merged = part
@@ -66,6 +78,17 @@ def merge_ranks(
             else:
                 merged_text.merge(part_text)
     return merged, merged_text
+
+
+def this_ranks_own(error: Exception) -> bool:
+    """Whether `error` may be this rank's alone: anything but a failed collective (the
+    others saw it too) and a stop (the ranks agree on stops themselves)."""
+    return not isinstance(error, (CollectiveError, TrainingInterrupted))
+
+
+def _first_line(error: Exception) -> str:
+    said = (str(error).strip().splitlines() or [""])[0]
+    return said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}"
 
 
 def _on_cpu(value: Any) -> Any:
