@@ -537,6 +537,30 @@ def validation_failure(out: Path, rank: int) -> None:
         raise
 
 
+class SlowSteps(Callback):
+    """Updates of 0.3 s (a large model's), rank 1 signalled after update 3."""
+
+    def on_step_end(self, loop: Any) -> None:
+        time.sleep(0.3)
+        if loop.job.rank == 1 and loop.state.global_step == 3:
+            loop.request_interrupt("SIGTERM")
+
+
+def signal_between_logs(out: Path, rank: int) -> None:
+    """A signal far from a log step (log_frequency 1000) and an epoch's end (32 updates):
+    the ranks agree on it within AGREE_SECONDS of updates (they waited for the epoch's end,
+    past torchrun's 30 s before it kills its workers)."""
+    from traineval.training.loop import TrainingInterrupted
+
+    loader = DataLoader(data(512), batch_size=8)
+    try:
+        TrainingManager(config(out / "between-logs", log_frequency=1000, num_epochs=1)).train(
+            model(), loader, callbacks=[SlowSteps()]
+        )
+    except TrainingInterrupted as stopped:
+        (out / f"between-logs-{rank}.txt").write_text(str(stopped))
+
+
 class HangOnRankOne(Callback):
     def on_step_end(self, loop: Any) -> None:
         if loop.job.rank == 1 and loop.state.global_step == 3:
@@ -862,6 +886,7 @@ SCENARIOS = {
     "resume_second": resume_second,
     "failure": failure,
     "validation_failure": validation_failure,
+    "signal_between_logs": signal_between_logs,
     "hang": hang,
     "fsdp": fsdp,
     "fsdp_resume": fsdp_resume,

@@ -449,6 +449,21 @@ def test_a_validation_failing_on_one_rank_stops_every_rank_with_its_cause(tmp_pa
 
 
 @pytest.mark.slow
+def test_the_ranks_agree_on_a_signal_within_seconds_between_log_steps(tmp_path):
+    """Updates of 0.3 s, no log step before the epoch's end at update 32: a signal after
+    update 3 stops both ranks at the same update within AGREE_SECONDS (2 s: by update 10),
+    not at the epoch's end."""
+    import re
+
+    ok(torchrun("signal_between_logs", tmp_path, timeout=200))
+    said = [(tmp_path / f"between-logs-{rank}.txt").read_text() for rank in (0, 1)]
+    steps = {int(re.search(r"step (\d+)", text).group(1)) for text in said}
+    assert len(steps) == 1, said
+    assert 3 < steps.pop() <= 10, said
+    assert (tmp_path / "between-logs" / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow
 def test_a_hanging_rank_times_the_others_out(tmp_path):
     run = torchrun("hang", tmp_path, timeout=180)
     assert run.returncode != 0

@@ -478,6 +478,8 @@ class Loop:
                 data_seconds = 0.0
                 self._log_train(stats)
                 self.stops.agree()
+            else:
+                self.stops.agree_if_due()
             if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
                 self._evaluate()
                 self.forward_model.train()

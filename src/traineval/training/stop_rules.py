@@ -3,8 +3,10 @@
 Four things end a run early: a callback's stop request (early stopping, `stop_when`, a
 pruned trial), `max_steps`, the `max_seconds` time limit, and a signal (SIGTERM, Ctrl-C, a
 callback's `request_interrupt`). The loop asks at each step boundary (`done`). Under
-torchrun the ranks agree on signals and on the time limit at log steps and epoch ends
-(`agree`), so every rank stops at the same update; alone, both are seen at once. A
+torchrun the ranks agree on signals and on the time limit at log steps, epoch ends and at
+least every `AGREE_SECONDS` of training between them (`agree`, `agree_if_due`), so every
+rank stops at the same update, soon after a signal (torchrun kills its workers 30 s after
+passing one on); alone, both are seen at once. A
 validation that cannot be scored ends the run too (`EvaluationError`), after the training
 before it is saved.
 """
@@ -18,6 +20,10 @@ from collections.abc import Iterator
 from ..runs.train_state import TrainState
 from ..system.distributed import Distributed
 from .stopping import TrainingInterrupted
+
+# Under torchrun the ranks agree on stops at least this often: a signal acts within it (plus
+# the update in progress), well inside the 30 s torchrun waits before killing its workers.
+AGREE_SECONDS = 2.0
 
 
 class EvaluationError(ValueError):
@@ -46,11 +52,15 @@ class StopRules:
         self.interrupted_during: str | None = None  # the phase the signal arrived in
         self.agreed_signal: str | None = None  # a signal every rank has agreed to stop on
         self.phase = "training"
+        # when the ranks last agreed (step, time), and how many updates until they next do
+        self._agreed = (0, time.monotonic())
+        self._every = 1
 
     def start(self) -> None:
         """Training starts: the time limit counts from now."""
+        self._agreed = (self.state.global_step, time.monotonic())
         if self.max_seconds is not None:
-            self.deadline = time.monotonic() + self.max_seconds
+            self.deadline = self._agreed[1] + self.max_seconds
 
     def request(self, reason: str) -> None:
         """Stop at the next step boundary, for `reason`."""
@@ -86,17 +96,35 @@ class StopRules:
             return
         self.timed_out = time.monotonic() >= self.deadline
 
+    def agree_if_due(self) -> None:
+        """Distributed: `agree` when `AGREE_SECONDS` of updates have passed since the ranks
+        last did (counted in updates, which every rank agreed on, so all take part)."""
+        if self.job.enabled and self.state.global_step - self._agreed[0] >= self._every:
+            self.agree()
+
     def agree(self) -> None:
         """Distributed: stop together if any rank was signalled or is out of time (at log
-        steps, epoch ends)."""
+        steps, epoch ends, and when due), in one collective that also sets how many updates
+        until the next (`AGREE_SECONDS` at the ranks' mean pace, at most twice the last)."""
         if not self.job.enabled:
             return
-        if self.agreed_signal is None and self.job.any(self.interrupted is not None):
+        now, (step, then) = time.monotonic(), self._agreed
+        pace = (now - then) / max(self.state.global_step - step, 1)  # seconds an update
+        # the same on every rank: they all take part
+        timing = self.deadline is not None and not self.timed_out and not self.stopping()
+        late = self.deadline is not None and timing and now >= self.deadline
+        signalled, out_of_time, paces = self.job.sum(
+            [float(self.interrupted is not None), float(late), pace]
+        )
+        if self.agreed_signal is None and signalled:
             self.agreed_signal = self.interrupted or "SIGTERM"
-        deadline = self.deadline
-        if deadline is not None and not self.timed_out and not self.stopping():
-            # the same on every rank: they all take part
-            self.timed_out = self.job.any(time.monotonic() >= deadline)
+        if timing:
+            self.timed_out = bool(out_of_time)
+        # at most twice as far as the last time: a pace measured over few updates (the first,
+        # before its callbacks ran) is no promise
+        due = int(AGREE_SECONDS / max(paces / self.job.world_size, 1e-9))
+        self._every = max(1, min(due, 2 * self._every))
+        self._agreed = (self.state.global_step, now)
 
     @contextlib.contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
