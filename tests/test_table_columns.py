@@ -319,3 +319,85 @@ def test_a_resume_over_a_changed_table_is_refused(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert (run / "data.json").read_bytes() == before
+
+
+def _write(path, header, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_a_column_without_a_name_is_not_a_feature_unsaid(tmp_path):
+    """pandas' to_csv writes its index as a column without a name: on a table sorted by its
+    label, row numbers predicted noise at 0.93 (chance 0.33), without a word."""
+    from traineval.data.tables import Columns, load_csv
+
+    rows = [[i, f"{np.sin(i):.3f}", ["cat", "dog", "fish"][i // 10]] for i in range(30)]
+    path = _write(tmp_path / "indexed.csv", ["", "noise", "label"], rows)
+    with pytest.raises(ValueError, match=r"column 1 of the features has no name.*index=False"):
+        load_csv(path, "label")
+    table = load_csv(path, "label", columns=Columns(features=("noise",)))
+    assert table.feature_names == ["noise"]
+
+
+def test_a_table_without_features_is_refused(tmp_path):
+    from traineval.data.tables import Columns, load_csv
+
+    path = _write(tmp_path / "t.csv", ["a", "label"], [[i, i % 2] for i in range(10)])
+    with pytest.raises(ValueError, match="no feature columns are left"):
+        load_csv(path, "label", columns=Columns(exclude=("a",)))
+
+
+@pytest.mark.parametrize(("separator", "name"), [("\t", "tab"), (";", "semicolon")])
+def test_a_table_separated_otherwise_is_named_so(tmp_path, separator, name):
+    from traineval.data.tables import load_csv
+
+    path = tmp_path / "t.csv"
+    path.write_text(separator.join(["a", "b", "label"]) + "\n" + "1,5;2;0\n" * 3)
+    with pytest.raises(ValueError, match=f"the file is {name}-separated"):
+        load_csv(path, "label")
+    path.write_text("a" + separator + "b\n" + "1,2,3\n")  # an in-row comma: 3 fields
+    with pytest.raises(ValueError, match=f"expected 1 fields, got 3 .*{name}-separated"):
+        load_csv(path, "b")
+
+
+def test_long_integer_class_codes_stay_apart(tmp_path):
+    """9007199254740993 and ...992 are one float64: they were merged into one class."""
+    from traineval.data.tables import load_csv
+
+    codes = ["9007199254740993", "9007199254740992", "12", "012"]
+    rows = [[i, codes[i % 4]] for i in range(16)]
+    table = load_csv(_write(tmp_path / "t.csv", ["a", "label"], rows), "label")
+    assert table.class_names == ["12", "9007199254740992", "9007199254740993"]
+    assert np.bincount(table.y).tolist() == [8, 4, 4]  # '12' and '012': one class
+
+
+def test_whole_number_values_read_as_classes_are_said_to_be(tmp_path, caplog):
+    """scikit-learn's diabetes target: 214 whole numbers. Read as classes (the automatic
+    rule), a warning and the split's refusal name data.task=regression."""
+    from sklearn.datasets import load_diabetes
+
+    from traineval.data import make_splits
+    from traineval.data.tables import load_csv
+
+    frame = load_diabetes(as_frame=True).frame
+    path = tmp_path / "diabetes.csv"
+    frame.to_csv(path, index=False)
+    with caplog.at_level("WARNING"):
+        table = load_csv(path, "target")
+    assert "read as 214 classes; if they are values to regress, set data.task=regression" in (
+        caplog.text
+    )
+    with pytest.raises(ValueError, match=r"214 classes are whole numbers: .*data.task=regression"):
+        make_splits(table, val_fraction=0.15, test_fraction=0.15, seed=0)
+    assert load_csv(path, "target", task="regression").task_type.value == "regression"
+
+
+def test_a_class_label_that_is_nan_is_named_by_its_line(tmp_path):
+    from traineval.data.tables import load_csv
+
+    rows = [[i, ["1", "2", "nan"][i % 3]] for i in range(9)]
+    with pytest.raises(ValueError, match=r"t.csv:4: the target is 'nan', not a class"):
+        load_csv(_write(tmp_path / "t.csv", ["a", "label"], rows), "label", task="classification")

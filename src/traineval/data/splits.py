@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..config.training_config import TaskType
-from .tables import Table
+from .tables import MANY_CLASSES, Table
 
 
 @dataclasses.dataclass
@@ -294,7 +294,7 @@ def _check_stratifiable(
         raise ValueError(
             f"label {', '.join(rare[:5])} cannot be split: {setting} splits every class "
             "between two sets (stratified), which needs at least 2 rows of each; add rows of "
-            f"it, drop it from the data, or set {field}=0"
+            f"it, drop it from the data, or set {field}=0{_values_hint(table)}"
         )
     held = math.ceil(fraction * len(labels))
     kept = len(labels) - held
@@ -302,8 +302,25 @@ def _check_stratifiable(
         raise ValueError(
             f"{setting} gives {held} of {len(labels)} rows to one side and {kept} to the "
             f"other, fewer than the {len(classes)} classes each side must hold (stratified): "
-            f"choose a fraction that leaves at least {len(classes)} rows on each side, or 0"
+            f"choose a fraction that leaves at least {len(classes)} rows on each side, or "
+            f"0{_values_hint(table)}"
         )
+
+
+def _values_hint(table: Table) -> str:
+    """What to add where many classes are whole numbers: they may be values to regress
+    (scikit-learn's diabetes target, 214 'classes')."""
+    names = table.class_names or []
+    try:
+        numeric = all(math.isfinite(float(name)) for name in names)
+    except ValueError:
+        numeric = False
+    if not numeric or len(names) <= MANY_CLASSES:
+        return ""
+    return (
+        f" (the target's {len(names)} classes are whole numbers: if they are values to "
+        "regress, set data.task=regression)"
+    )
 
 
 def _split(indices, labels, fraction, seed, stratify, splitter):

@@ -5,14 +5,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import math
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
 from ..config.training_config import TaskType
 from ..system.untrusted_text import read_utf8
+
+logger = logging.getLogger(__name__)
+# more whole-number classes than this in one target column: said, as they may be values
+MANY_CLASSES = 50
 
 BUILTIN_DATASETS = {
     "digits": ("load_digits", TaskType.CLASSIFICATION, (1, 8, 8)),
@@ -138,12 +144,13 @@ def load_csv(
         named = f"data.target={target!r}" if isinstance(target, str) else f"data.target={targets}"
         raise ValueError(
             f"{named}: {', '.join(map(repr, missing))} is not a column of {str(path)!r}; "
-            f"columns: {', '.join(header)}"
+            f"columns: {', '.join(header)}{_separators_hint(header)}"
         )
     chosen = columns or Columns()
     target_at = [header.index(name) for name in targets]
     kept = chosen.pick(header, targets, path)
     features = [header[i] for i in kept]
+    _refuse_unusable_features(features, chosen, path)
     x = np.empty((len(body), len(features)), dtype=np.float32)
     for k, (r, row) in enumerate(zip(lines, body, strict=True)):
         x[k] = [_feature_cell(row[i], path, r, header[i]) for i in kept]
@@ -208,6 +215,38 @@ def finite_cell(value: str, path: Path, line: int, column: str) -> float:
     return number
 
 
+def _refuse_unusable_features(features: list[str], chosen: Columns, path: Path) -> None:
+    """A column without a name (pandas' `to_csv` writes its index so: row numbers, which
+    leak the label of a sorted table) is not taken as a feature unsaid; nor does a table
+    without features train."""
+    if "" in features:
+        raise ValueError(
+            f"data.path={str(path)!r}: column {features.index('') + 1} of the features has no "
+            "name in the header row (pandas writes its index so: to_csv(..., index=False)); "
+            "name it, or list the features in data.features"
+        )
+    if not features and not chosen.categorical:
+        raise ValueError(
+            f"data.path={str(path)!r}: no feature columns are left (the target, data.exclude "
+            "and the id column take every column); a model needs at least one feature"
+        )
+
+
+def _separators_hint(header: list[str]) -> str:
+    """What to say of a header read as one column that holds tabs or semicolons: the file
+    is separated by them, not by commas."""
+    if len(header) != 1:
+        return ""
+    for separator, name in (("\t", "tab"), (";", "semicolon")):
+        if separator in header[0]:
+            return (
+                f" (the header is one column holding {name}s: the file is {name}-separated, "
+                f"and tables are read comma-separated; convert it: pandas.read_csv(path, "
+                f"sep={separator!r}).to_csv(new_path, index=False))"
+            )
+    return ""
+
+
 def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[int]]:
     """A CSV file's header, data rows (every row as wide as the header) and each row's line
     number in the file (blank lines and cells that span lines counted); `named` is how
@@ -237,7 +276,10 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[
     _refuse_duplicates(header, named)
     for r, row in zip(lines[1:], body, strict=True):
         if len(row) != len(header):
-            raise ValueError(f"{path}:{r}: expected {len(header)} fields, got {len(row)}")
+            raise ValueError(
+                f"{path}:{r}: expected {len(header)} fields, got {len(row)}"
+                + _separators_hint(header)
+            )
     return header, body, lines[1:]
 
 
@@ -319,12 +361,26 @@ def _with_target(
                 "fill it or drop the row (traineval does not impute missing values)"
             )
         return Table(x, numbers.astype(np.float32), TaskType.REGRESSION, features)
+    if numbers is not None and np.isnan(numbers).any():
+        line = lines[int(np.flatnonzero(np.isnan(numbers))[0])]
+        raise ValueError(
+            f"{path}:{line}: the target is {raw[lines.index(line)]!r}, not a class; fill it or "
+            "drop the row (traineval does not impute missing values)"
+        )
     if numbers is not None:  # `1`, `1.0` and `01` are one class, named as first written
-        first: dict[float, str] = {}
-        for value, text in zip(numbers.tolist(), raw, strict=True):
-            first.setdefault(value, text.strip())
-        raw = [first[value] for value in numbers.tolist()]
-    labels = sorted(set(raw), key=lambda v: (float(v), v) if numbers is not None else (0.0, v))
+        exact = [Decimal(text) for text in raw]  # (codes past 2^53 stay apart, as written)
+        first: dict[Decimal, str] = {}
+        for value, text in zip(exact, raw, strict=True):
+            first.setdefault(value, text)
+        raw = [first[value] for value in exact]
+    labels = sorted(set(raw), key=lambda v: (Decimal(v), v) if numbers is not None else (0, v))
+    if numbers is not None and task == "auto" and len(labels) > MANY_CLASSES:
+        logger.warning(
+            "%s: data.target holds whole numbers, read as %d classes; if they are values "
+            "to regress, set data.task=regression",
+            path,
+            len(labels),
+        )
     if len(labels) < 2:
         raise ValueError(
             f"{path}: every target is {labels[0]!r}: a classifier needs at least two classes "
