@@ -135,9 +135,14 @@ def test_checkpoint_that_is_not_a_plain_dict_of_tensors_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointError, match="refusing to unpickle") as refused:
         load_checkpoint_file(path)
     assert not (tmp_path / "pwned").exists()
+    # one line, naming what it would have loaded, without torch's advice to load it unsafely
+    said = str(refused.value)
+    assert "\n" not in said
+    assert "GLOBAL" in said
+    assert "weights_only" not in said
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match=r"evil\.pt.*truncated or corrupt"):
         load_checkpoint_file(path)

@@ -133,6 +133,20 @@ def test_bad_metrics_are_refused_naming_them():
     with pytest.raises(ValueError, match=r"evaluation\.classification_metrics=.nopkg\.m:f."):
         ModelEvaluator(EvaluationConfig(classification_metrics=("accuracy", "nopkg.m:f")))
 
+    class Counted(torch.nn.Module):  # streaming, but no merge: it was called as a function
+        def update(self, predictions, targets): ...
+
+        def compute(self):
+            return 1.0
+
+        def reset(self): ...
+
+        def forward(self, *args):
+            return 0.123
+
+    with pytest.raises(TypeError, match=r"has update\(\) and compute\(\) but no merge\(\)"):
+        ModelEvaluator(metrics={"counted": Counted()})
+
 
 @pytest.mark.parametrize("kind", ["torchmetrics", "streaming", "function"])
 def test_a_users_metric_drives_early_stopping_and_the_best_checkpoint(kind, tmp_path):

@@ -248,6 +248,15 @@ def _kind(template: Any) -> str:
         return "torchmetrics"
     if isinstance(template, StreamingMetric):
         return "streaming"
+    streaming = ("update", "compute", "reset", "merge")
+    has = [name for name in streaming if callable(getattr(template, name, None))]
+    if {"update", "compute"} <= set(has):  # streaming, short of a method: not a function
+        lacking = ", ".join(name for name in streaming if name not in has)
+        raise TypeError(
+            f"{template!r} has update() and compute() but no {lacking}(): a streaming metric "
+            "needs update, compute, reset and merge (merge folds another rank's state into "
+            "this one); it would have been called as a function fn(y_true, y_pred)"
+        )
     if callable(template) and not isinstance(template, type):
         return "function"
     raise TypeError(

@@ -153,7 +153,7 @@ def _load_file(path: Path, map_location: Any, mmap: bool) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds objects other than tensors and plain values; "
-            f"refusing to unpickle it ({error})"
+            f"refusing to unpickle it{_what_it_holds(error)}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(
@@ -162,6 +162,13 @@ def _load_file(path: Path, map_location: Any, mmap: bool) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict")
     return payload
+
+
+def _what_it_holds(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what the file would have loaded (`Trying to
+    load unsupported GLOBAL posix.system ...`); not its advice to load the file unsafely."""
+    said = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+    return f" ({said[0]})" if said else ""
 
 
 def _placed(tree: Any, map_location: Any) -> Any:
