@@ -274,3 +274,17 @@ def test_an_override_fills_a_section_whose_keys_are_commented_out():
     }
     with pytest.raises(ValueError, match="'training' is not a section"):
         apply_overrides({"training": 3}, ["training.num_epochs=1"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("calibration_bins", 2**31 - 1, r"\[1, 10000\]"),
+        ("bootstrap_samples", 2**31 - 1, r"\[0, 100000\]"),
+    ],
+)
+def test_evaluation_sizes_are_bounded_before_any_work(field, value, allowed):
+    """2^31 - 1 resamples ran out of memory after training (and held off a SIGTERM); as many
+    calibration bins asked for 16 GiB at the first validation."""
+    with pytest.raises(ValueError, match=rf"{field}={value} is invalid: .*{allowed}"):
+        EvaluationConfig(**{field: value})

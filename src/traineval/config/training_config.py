@@ -815,6 +815,10 @@ def metric_is_minimized(name: str) -> bool:
     return True if said is None else said
 
 
+MAX_CALIBRATION_BINS = 10_000
+MAX_RESAMPLES = 100_000
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig(_ConfigBase):
     """Configuration for evaluation (the specification's `EvaluationConfig`).
@@ -837,9 +841,9 @@ class EvaluationConfig(_ConfigBase):
     average: str = "weighted"
     multilabel_threshold: float = 0.5
     top_k: int = 5
-    calibration_bins: int = 15
-    # Bootstrap confidence intervals of the classification / regression metrics (0: off):
-    # resamples of the evaluated samples, kept on the host while evaluating.
+    calibration_bins: int = 15  # at most 10,000
+    # Bootstrap confidence intervals of the classification / regression metrics (0: off; at
+    # most 100,000): resamples of the evaluated samples, kept on the host while evaluating.
     bootstrap_samples: int = 0
     confidence_level: float = 0.95
     bootstrap_seed: int = 0
@@ -868,8 +872,10 @@ class EvaluationConfig(_ConfigBase):
                 "probability exceeds it",
             )
         _int("top_k", self.top_k, minimum=1)
-        _int("calibration_bins", self.calibration_bins, minimum=1)
-        _int("bootstrap_samples", self.bootstrap_samples, minimum=0)
+        # bounded: each bin is counted per batch, and each resample scores every sample (a
+        # value in the billions would run out of memory or time after training)
+        _int("calibration_bins", self.calibration_bins, minimum=1, maximum=MAX_CALIBRATION_BINS)
+        _int("bootstrap_samples", self.bootstrap_samples, minimum=0, maximum=MAX_RESAMPLES)
         _int("bootstrap_seed", self.bootstrap_seed, minimum=0, maximum=MAX_SEED)
         _float("confidence_level", self.confidence_level, minimum=0.0, strict=True)
         if self.confidence_level >= 1.0:
