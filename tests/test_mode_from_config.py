@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from traineval.modes import Mode, ModePlan, StepOutput
+from traineval.modes import Mode, ModePlan, StepOutput, resource
 
 
 class KDStep:
@@ -64,6 +64,14 @@ class FirstRows(Distillation):
         splits = super().prepare(splits, data)
         splits.train = torch.utils.data.Subset(splits.train, range(self.rows))
         return splits
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedsTeacher(Distillation):
+    """Needs an object only Python code can give."""
+
+    name: ClassVar[str] = "needs_teacher"
+    teacher: object = resource()
 '''
 
 
@@ -224,3 +232,63 @@ def test_a_run_of_a_users_classifier_mode_predicts_rows(project, capsys):
     lines = out.read_text().splitlines()
     assert lines[0] == "prediction,prob_setosa,prob_versicolor,prob_virginica"
     assert len(lines) == 6
+
+
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        (
+            "teacher_seed: abc",
+            "mode.teacher_seed='abc' is invalid: mode 'distillation' declares it int",
+        ),
+        (
+            "teacher_seed: true",
+            "mode.teacher_seed=True is invalid: mode 'distillation' declares it int",
+        ),
+        ("alpha: half", "mode.alpha='half' is invalid: mode 'distillation' declares it float"),
+    ],
+)
+def test_a_users_setting_of_the_wrong_type_is_refused_before_training(
+    project, capsys, setting, said
+):
+    """Settings annotated int, float, bool or str are checked when a config file gives
+    them (a string where the mode computed with a number failed midway, exit 1)."""
+    folder, config = project
+    config.write_text(config.read_text().replace("temperature: 4.0", setting))
+    assert main(["fit", str(config), "-q", f"training.output_dir={folder / 'x'}"]) == 2
+    assert said in capsys.readouterr().err
+    assert not (folder / "x").exists()
+
+
+def test_a_float_setting_takes_an_integer(project):
+    folder, config = project
+    config.write_text(config.read_text().replace("temperature: 4.0", "temperature: 4"))
+    assert main(["fit", str(config), "-q", f"training.output_dir={folder / 'x'}",
+                 "training.max_steps=2"]) == 0  # fmt: skip
+
+
+def test_a_resource_a_config_file_cannot_give_is_refused_naming_it(project, capsys):
+    folder, config = project
+    config.write_text(config.read_text().replace(
+        '{name: "kdpkg.kd:Distillation", temperature: 4.0}', '"kdpkg.kd:NeedsTeacher"'
+    ))  # fmt: skip
+    assert main(["fit", str(config), "-q", f"training.output_dir={folder / 'x'}"]) == 2
+    assert "needs its resource 'teacher', which a config file cannot give" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("field", ["saved", "settings", "check", "score", "fold", "key"])
+def test_a_setting_named_like_the_contract_is_refused_where_the_mode_is_defined(field):
+    """A setting `saved` trained, then its resume called the setting's value: a bare
+    TypeError ('int' object is not callable)."""
+    import dataclasses
+    from typing import ClassVar
+
+    from traineval.modes import Mode
+
+    with pytest.raises(TypeError, match=rf"a mode's setting cannot be named '{field}'"):
+        dataclasses.make_dataclass(
+            "Clash", [(field, int, 1)], bases=(Mode,), frozen=True,
+            namespace={"name": "clash", "__annotations__": {"name": ClassVar[str]}},
+        )  # fmt: skip

@@ -241,3 +241,66 @@ def test_a_changed_mode_setting_on_resume_is_said(tmp_path, caplog):
             torch.nn.Linear(4, 2), data, mode=_Scaled(scale=7.5), resume_from="auto"
         )
     assert "scaled_resume_test.scale: checkpoint 1.0, now 7.5" in caplog.text
+
+
+class CurriculumStep:
+    """Label smoothing that decays with the updates the step has made: state of its own."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def weight(self, batch):
+        return int(batch[0].shape[0])
+
+    def __call__(self, model, batch):
+        x, y = batch
+        self.calls += 1
+        smoothing = max(0.0, 0.5 * (1 - self.calls / 20))
+        loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
+        return StepOutput(loss=loss, weight=len(y), num_samples=len(y))
+
+
+class SavedCurriculumStep(CurriculumStep):
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum(Mode):
+    name: ClassVar[str] = "curriculum"
+    saves_its_step: bool = False
+
+    def plan(self, ctx):
+        return ModePlan(SavedCurriculumStep() if self.saves_its_step else CurriculumStep())
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_step_with_state_of_its_own_resumes_exactly_with_state_dict_and_is_warned_without(
+    quiet_config, tmp_path, caplog, saved
+):
+    """docs/modes-your-own.md: a step's counters resume only through its state_dict(); one
+    without it resumed silently to other weights (the resume restarted its count)."""
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def run(folder, **more):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 2)
+        settings = {**quiet_config, "output_dir": str(tmp_path / folder), "warmup_steps": 0}
+        config = TrainingConfig(**settings, num_epochs=3)
+        loader = DataLoader(TensorDataset(x, y), batch_size=16)
+        TrainingManager(config).train(model, loader, mode=Curriculum(saved), **more)
+        return model
+
+    with caplog.at_level("WARNING"):
+        straight = run("straight")
+    said = "CurriculumStep's calls changed during training, and CurriculumStep has no state_dict"
+    assert (said in caplog.text) is not saved
+    with pytest.raises(TrainingInterrupted):
+        run("resumed", callbacks=[InterruptAt(step=5)])
+    resumed = run("resumed", resume_from="auto")
+    same = torch.equal(straight.weight, resumed.weight)
+    assert same is saved  # without state_dict(): the warned difference

@@ -186,6 +186,20 @@ class Mode:
     resume_fixed: ClassVar[tuple[str, ...]] = ()
     aliases: ClassVar[tuple[str, ...]] = ()  # other names its settings and records go by
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A setting may not take a name the contract uses (`saved`, `settings`, `check`,
+        `name`, ...): the run would call or read the setting's value instead. Refused where
+        the class is defined (it trained, then failed to resume with a bare TypeError)."""
+        super().__init_subclass__(**kwargs)
+        for field, annotation in vars(cls).get("__annotations__", {}).items():
+            if field.startswith("_") or "ClassVar" in str(annotation):
+                continue
+            if hasattr(Mode, field):
+                raise TypeError(
+                    f"{cls.__name__}.{field}: a mode's setting cannot be named {field!r}, "
+                    f"which the Mode contract uses (Mode.{field}); rename the setting"
+                )
+
     def __post_init__(self) -> None:
         """Check each setting declared with `setting(default, Rule)` (errors name it as
         `<mode>.<setting>`); a mode with checks of its own calls `super().__post_init__()`."""
@@ -302,6 +316,8 @@ class Mode:
             if key not in allowed:
                 listed = ", ".join(allowed) or "none"
                 fail(f"mode.{key}", settings[key], f"mode {cls.name!r} has the settings {listed}")
+            _check_plain_type(cls, key, settings[key])
+        _refuse_resources_without_factory(cls)
         return cls(**dict(settings))
 
     @classmethod
@@ -314,6 +330,41 @@ class Mode:
     def key(self, setting: str) -> str:
         """How errors name a setting: `federated.clients`."""
         return f"{self.name}.{setting}"
+
+
+PLAIN_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _check_plain_type(cls: type[Mode], key: str, value: Any) -> None:
+    """A setting given in a config file, against its annotation where that is `int`,
+    `float`, `bool` or `str` and no `setting(default, Rule)` checks it (a string where the
+    mode divides by the number failed as a bare TypeError midway)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == key)
+    written = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    allowed = PLAIN_TYPES.get(written)
+    if field.metadata.get("rule") is not None or allowed is None:
+        return
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, allowed) or (is_bool and written != "bool"):
+        fail(f"mode.{key}", value, f"mode {cls.name!r} declares it {written}")
+
+
+def _refuse_resources_without_factory(cls: type[Mode]) -> None:
+    """A mode named in a config file gets no resources but those with a `default_factory`:
+    one without fails midway on None."""
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory is not dataclasses.MISSING
+        if f.metadata.get(RESOURCE) and not factory and f.default is None:
+            raise ValueError(
+                f"mode {cls.name!r} needs its resource {f.name!r}, which a config file "
+                f"cannot give: give it a default_factory (resource(default_factory=...)) "
+                "or train from Python, passing it to the constructor"
+            )
 
 
 ENTRY_POINTS = "traineval.modes"  # the entry-point group through which packages offer modes

@@ -60,6 +60,7 @@ from .batches import read_once
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .saves import CHECKPOINT_SHARE, SaveFn, Saves  # noqa: F401 - CHECKPOINT_SHARE: kept here
+from .step_state import StepWatch
 from .steplog import NonFiniteError
 from .stop_rules import EvaluationError, StopRules
 from .stopping import TrainingInterrupted
@@ -307,6 +308,7 @@ class Loop:
         self.log, self.steps = self.update.log, self.update.steps
         # what checkpoints and callbacks read of the update
         self.step_fn, self.optimizer = update.step_fn, update.optimizer
+        self.step_watch = StepWatch(self.step_fn)  # a user's step state a resume would lose
         self.scheduler, self.weight_average = update.scheduler, update.weight_average
         self.precision = self.update.precision
         self.saves = Saves(save_fn, self.job)

@@ -127,6 +127,7 @@ def save_from_loop(
     # each rank's RNG and running sums (the loop's state is rank 0's)
     mine = job.gather((capture_rng(loop.data_generators), loop.state.rank_sums()))
     step_state = getattr(loop.step_fn, "state_dict", None)  # a step with state of its own
+    loop.step_watch.check()  # (one without it whose attributes changed: said once)
     steps = job.gather(step_state()) if callable(step_state) else None  # each rank's
     ranks = {"rng": [rng for rng, _ in mine], "sums": [sums for _, sums in mine], "steps": steps}
     if writes_shards(config, loop):
