@@ -494,6 +494,12 @@ def test_the_cli_trains_under_torchrun_and_rank_0_reports(tmp_path, strategy):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_completed"] == 2
     assert (tmp_path / "run" / "evaluation" / "metrics.json").exists()
+    # every rank's samples (each rank's share of the train split, padded to be even): it
+    # counted rank 0's alone
+    from traineval.commands.experiment import RunConfig, load_data
+
+    rows = len(load_data(RunConfig.from_yaml(tmp_path / "run" / "config.yaml").data).train)
+    assert summary["performance"]["samples"] == 2 * (rows + rows % 2)
 
 
 MODE_OVERRIDES = {

@@ -232,6 +232,7 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
         manager.early_stopping_counter = monitor.num_bad
         result = manager._result(state, monitor.name, time.perf_counter() - started, checkpoints)
         result.updates_trained = state.global_step - resumed_at
+        _the_whole_jobs(result.performance, manager.distributed)
         result.write_summary(manager.distributed)
     finally:
         try:
@@ -240,3 +241,12 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
         finally:
             hub.close()  # after summary.json, so artifact loggers take it along
     return result
+
+
+def _the_whole_jobs(performance: dict[str, Any], job: Distributed) -> None:
+    """The samples every rank trained on and their throughput, as metrics.jsonl's records
+    count them (each rank's monitor counts its own; summary.json had rank 0's share). A run
+    that failed keeps this rank's: a rank that died would not answer."""
+    if job.enabled and "samples" in performance:
+        samples, rate = job.sum([performance["samples"], performance["samples_per_sec"]])
+        performance.update(samples=int(samples), samples_per_sec=rate)
