@@ -54,6 +54,28 @@ def ok(run: subprocess.CompletedProcess[str]) -> None:
 # -- without a process group ---------------------------------------------------------------
 
 
+def test_a_transport_error_in_torchs_own_collectives_names_the_other_rank():
+    """DDP's gradient all-reduce and FSDP's gathers run inside torch: a rank that died made
+    the others fail with gloo's bare 'Connection closed by peer ... GLHF!'."""
+    from traineval.system.distributed import CollectiveError, collectives_inside
+
+    job = Distributed(rank=0, world_size=2)
+    gloo = "[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:8601"
+
+    def raised(job, error):
+        with collectives_inside(job, "the pass"):
+            raise error
+
+    with pytest.raises(CollectiveError, match=r"rank 0 of 2: the pass failed .*another rank"):
+        raised(job, RuntimeError(gloo))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as kept:
+        raised(job, RuntimeError("a variable was modified by an inplace operation"))
+    assert type(kept.value) is RuntimeError  # the model's own error: as it is
+    with pytest.raises(RuntimeError, match="Connection closed") as alone:
+        raised(Distributed(), RuntimeError(gloo))  # no job: nothing to name
+    assert type(alone.value) is RuntimeError
+
+
 def test_a_single_process_job_has_no_op_collectives():
     job = Distributed()
     assert job.is_main

@@ -48,11 +48,34 @@ def _collective(job: Distributed, what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:  # gloo / NCCL errors, timeouts included
-        raise CollectiveError(
-            f"rank {job.rank} of {job.world_size}: {what} failed ({error}); another rank "
-            "probably failed or stopped answering (each wait is bounded by "
-            "distributed_timeout_seconds)"
-        ) from error
+        raise _failed(job, what, error) from error
+
+
+def _failed(job: Distributed, what: str, error: BaseException) -> CollectiveError:
+    return CollectiveError(
+        f"rank {job.rank} of {job.world_size}: {what} failed ({error}); another rank "
+        "probably failed or stopped answering (each wait is bounded by "
+        "distributed_timeout_seconds)"
+    )
+
+
+# words of a gloo or NCCL error: a collective inside torch's own code (DDP's gradient
+# all-reduce, FSDP's gathers) failed because another rank did
+_TRANSPORT_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe")
+
+
+@contextlib.contextmanager
+def collectives_inside(job: Distributed, what: str) -> Iterator[None]:
+    """Run code whose collectives torch makes (DDP's backward, FSDP's forward): a transport
+    error there is a `CollectiveError` naming `what` and that another rank probably failed
+    (it reached the user as a bare gloo RuntimeError); other errors pass as they are."""
+    try:
+        yield
+    except RuntimeError as error:
+        said = str(error).lower()
+        if job.enabled and any(word in said for word in _TRANSPORT_WORDS):
+            raise _failed(job, what, error) from error
+        raise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..runs.train_state import TrainState
-from ..system.distributed import Distributed
+from ..system.distributed import Distributed, collectives_inside
 from .averaging import WeightAverage
 from .batches import move_to_device
 from .optim import sparse_gradient_modules
@@ -109,7 +109,10 @@ class WindowUpdate:
         for i, batch in enumerate(window):
             # DDP all-reduces gradients in the window's last backward pass only.
             skip_sync = self.no_sync is not None and i < last
-            with self.no_sync() if skip_sync else nullcontext():  # type: ignore[misc]
+            with (
+                self._collectives() if self.job.enabled else nullcontext(),
+                self.no_sync() if skip_sync else nullcontext(),  # type: ignore[misc]
+            ):
                 with self.precision.autocast():
                     out = self.step_fn(model, batch)
                 if type(out) is not StepOutput or type(out.loss) is not torch.Tensor:
@@ -126,6 +129,11 @@ class WindowUpdate:
                 del out  # its outputs (a language model's logits: GBs) die before backward
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return samples
+
+    def _collectives(self) -> AbstractContextManager[None]:
+        """Under torchrun: a transport error in the pass (DDP's gradient all-reduce, FSDP's
+        gathers) names the pass and that another rank probably failed."""
+        return collectives_inside(self.job, "the forward and backward pass (their collectives)")
 
     def _shares(self, window: list[Any]) -> list[int | float | torch.Tensor]:
         """Each micro-batch's share of the window's items (none for one batch alone)."""
