@@ -739,3 +739,19 @@ def test_evaluate_takes_the_last_checkpoint_of_a_run_that_keeps_no_best(tmp_path
     capsys.readouterr()
     assert main(["evaluate", str(run)]) == 0
     assert "test metrics, checkpoint last:" in capsys.readouterr().out
+
+
+def test_under_torchrun_rank_0_alone_says_what_every_rank_met(tmp_path, capsys, monkeypatch):
+    """Each rank printed the same refusal (and the interruption's line): rank 0 says it; a
+    rank's own failure it still says."""
+    from traineval.cli import _error
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {name: digits}\ntraining: {num_epochs: -1}\n")
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["fit", str(config), "-q"]) == 2
+        assert ("num_epochs=-1 is invalid" in capsys.readouterr().err) is says
+    _error(RuntimeError("its forward crashed"))  # rank 1's own failure
+    assert "its forward crashed" in capsys.readouterr().err

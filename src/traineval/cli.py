@@ -307,7 +307,8 @@ def _unexpected(error: Exception) -> int:
     else:
         text = str(error).strip().splitlines()
         what = f"{type(error).__name__}: {text[0] if text else 'no message'}"
-    print(f"traineval: error: {what} (--debug shows the traceback)", file=sys.stderr)
+    if not _said_by_rank_0(error):
+        print(f"traineval: error: {what} (--debug shows the traceback)", file=sys.stderr)
     return exit_status_of(error) if isinstance(error, OSError) else 1
 
 
@@ -405,11 +406,31 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 
 def _error(error: BaseException) -> int:
-    """Print `error` as the command's one line; its exit status (see `exit_codes`)."""
+    """Print `error` as the command's one line; its exit status (see `exit_codes`). Under
+    torchrun only rank 0 says what every rank met alike (`_said_by_rank_0`)."""
     from .training.exit_codes import error_line, exit_status_of
 
-    print(f"traineval: error: {error_line(error)}", file=sys.stderr)
+    if not _said_by_rank_0(error):
+        print(f"traineval: error: {error_line(error)}", file=sys.stderr)
     return exit_status_of(error)
+
+
+def _other_rank() -> bool:
+    """Whether this process is a torchrun rank other than 0."""
+    return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def _said_by_rank_0(error: BaseException) -> bool:
+    """A rank other than 0 whose error every rank met alike: a refused config or folder (the
+    same on every rank), an agreed stop (a failed validation, a non-finite step), or a
+    collective that failed because another rank did (which says why itself). Its own
+    failure (a crash in its forward, its data) it still says."""
+    from .system.distributed import CollectiveError
+    from .training.steplog import NonFiniteError
+    from .training.stop_rules import EvaluationError
+
+    shared = (ValueError, TypeError, FileExistsError, FileNotFoundError, CollectiveError)
+    return _other_rank() and isinstance(error, (*shared, EvaluationError, NonFiniteError))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -520,7 +541,8 @@ def _run_config(args: argparse.Namespace) -> Any:
         add_search_path(Path(args.config).parent)  # my_pkg beside the config imports
         return RunConfig.from_yaml(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
-        print(f"traineval: config error: {error}", file=sys.stderr)
+        if not _other_rank():  # every rank read the same file
+            print(f"traineval: config error: {error}", file=sys.stderr)
         return None
 
 
@@ -674,7 +696,8 @@ def _interrupted(interrupted: Any) -> int:
         how = f"to continue, run the same command with training.output_dir={run_dir} --resume auto"
     else:
         how = "no checkpoint was written: run the command again"
-    print(f"traineval: {interrupted.what}; {how}", file=sys.stderr)
+    if not _other_rank():  # the ranks agreed on the stop: rank 0 says it
+        print(f"traineval: {interrupted.what}; {how}", file=sys.stderr)
     return exit_status(interrupted.signal_name)
 
 
