@@ -755,3 +755,13 @@ def test_under_torchrun_rank_0_alone_says_what_every_rank_met(tmp_path, capsys, 
         assert ("num_epochs=-1 is invalid" in capsys.readouterr().err) is says
     _error(RuntimeError("its forward crashed"))  # rank 1's own failure
     assert "its forward crashed" in capsys.readouterr().err
+
+
+def test_an_empty_config_file_is_refused_unless_overrides_say_something(tmp_path, capsys):
+    """It trained every default, 100 epochs of digits, without a word."""
+    config = tmp_path / "empty.yaml"
+    config.write_text("# nothing yet\n")
+    assert main(["fit", str(config), "-q"]) == 2
+    assert "config file" in capsys.readouterr().err
+    assert main(["fit", str(config), "-q", "training.num_epochs=0"]) == 2  # overrides: read
+    assert "num_epochs=0 is invalid" in capsys.readouterr().err

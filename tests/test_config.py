@@ -288,3 +288,15 @@ def test_evaluation_sizes_are_bounded_before_any_work(field, value, allowed):
     calibration bins asked for 16 GiB at the first validation."""
     with pytest.raises(ValueError, match=rf"{field}={value} is invalid: .*{allowed}"):
         EvaluationConfig(**{field: value})
+
+
+def test_a_path_no_file_system_allows_is_refused_by_name_in_one_short_line():
+    """A 5000-character output_dir failed at the first write ('File name too long (aaaa...'),
+    naming no field and printing the whole path."""
+    with pytest.raises(
+        ValueError, match=r"output_dir='a{100,}\.\.\.a+' \(5002 characters\)"
+    ) as said:
+        TrainingConfig(output_dir="a" * 5000)
+    assert "names of 255 bytes" in str(said.value)
+    assert len(str(said.value)) < 300
+    TrainingConfig(output_dir="runs/" + "b" * 200)  # long, but allowed

@@ -211,7 +211,7 @@ CASES = [
      "is not UTF-8 text", 2),
     ("an output folder name longer than the file system allows",
      lambda t, r: [*_csv_config(t, _table(t / "d.csv")), f"training.output_dir={t / ('x' * 300)}"],
-     "File name too long", 2),
+     "a file system allows names of 255 bytes", 2),
     ("an output folder that is a dangling symbolic link",
      lambda t, r: [*_csv_config(t, _table(t / "d.csv")), f"training.output_dir={_dangling(t)}"],
      "is a symbolic link to", 2),

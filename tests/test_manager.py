@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -143,6 +144,10 @@ def test_checkpoint_that_is_not_a_plain_dict_of_tensors_is_refused(tmp_path):
     assert "\n" not in said
     assert "GLOBAL" in said
     assert "weights_only" not in said
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)  # not a file (reading it would block): named so, not "does not exist"
+    with pytest.raises(CheckpointError, match=r"fifo\.pt' is not a regular file"):
+        load_checkpoint_file(fifo)
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match=r"evil\.pt.*truncated or corrupt"):
         load_checkpoint_file(path)

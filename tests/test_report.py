@@ -80,6 +80,9 @@ def test_a_run_without_its_summary_is_reported_killed_or_running(run_dir, tmp_pa
     with run_dir_lock(resumed):
         assert main(["report", str(resumed)]) == 0
     assert "running (another process holds the folder now)" in capsys.readouterr().out
+    (killed / "summary.json").write_text("[]")  # not a summary: named, not read as "killed"
+    assert main(["report", str(killed)]) == 2
+    assert "holds a list, not a run's summary" in capsys.readouterr().err
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):

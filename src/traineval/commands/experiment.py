@@ -325,7 +325,16 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-        return cls.from_data(load_yaml(path), overrides)
+        """A config file's run, with `key=value` overrides; a file that says nothing (empty,
+        or comments only) without overrides is refused: it trained 100 epochs of digits."""
+        data = load_yaml(path)
+        if not data and not overrides:
+            raise ValueError(
+                f"config file {str(path)!r} is empty: it would train every default (100 epochs "
+                "of digits); give its sections (data, model, training, ...), or key=value "
+                "overrides, or run `traineval demo`"
+            )
+        return cls.from_data(data, overrides)
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:

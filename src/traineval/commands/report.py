@@ -61,7 +61,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     config_path = run_dir / "config.yaml"
     config = _mapping(load_yaml(config_path)) if config_path.exists() else {}
     summary_path = run_dir / "summary.json"
-    summary = _mapping(read_json(summary_path, "summary")) if summary_path.exists() else {}
+    summary = _summary(summary_path)
     records = [_clean(record) for record in read_jsonl(run_dir / "metrics.jsonl")]
     flower = any("round" in record for record in records)
     history = rounds_history(records) if flower else history_from_events(records)
@@ -105,6 +105,20 @@ def _square_counts(value: Any) -> list[list[int]] | None:
     ):
         return None
     return rows
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json ({} where it has none); one that holds no mapping is named (it
+    read as a run killed before writing one)."""
+    if not path.exists():
+        return {}
+    found = read_json(path, "summary")
+    if not isinstance(found, dict):
+        raise ValueError(
+            f"summary {str(path)!r} holds a {type(found).__name__}, not a run's summary: "
+            "restore it, or remove it to report the run as not finished"
+        )
+    return found
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -16,10 +16,19 @@ class SettingError(ValueError):
     """A setting's value is not allowed: `field`, `value` and `allowed` say which and why."""
 
     def __init__(self, field: str, value: Any, allowed: str) -> None:
-        super().__init__(f"{field}={value!r} is invalid: {allowed}")
+        super().__init__(f"{field}={_shown(value)} is invalid: {allowed}")
         self.field = field
         self.value = value
         self.allowed = allowed
+
+
+def _shown(value: Any) -> str:
+    """`value` as an error shows it: its repr, cut in the middle past 200 characters (a
+    hostile value of megabytes is one line still)."""
+    shown = repr(value)
+    if len(shown) <= 200:
+        return shown
+    return f"{shown[:120]}...{shown[-40:]} ({len(shown)} characters)"
 
 
 def fail(field: str, value: Any, allowed: str) -> NoReturn:

@@ -161,6 +161,10 @@ def check_fields(config: Any, prefix: str = "") -> None:
 def _path(field: str, value: Any) -> Any:
     if value is not None and not isinstance(value, str):
         _fail(field, value, "expected a path string or null")
+    if isinstance(value, str) and "://" not in value:  # (a tracking URI is no file's name)
+        longest = max((len(part.encode()) for part in Path(value).parts), default=0)
+        if longest > 255 or len(value.encode()) > 4095:
+            _fail(field, value, "a file system allows names of 255 bytes and paths of 4095")
     if isinstance(value, str) and value.startswith("~"):  # a shell expands it; YAML does not
         return str(Path(value).expanduser())
     return value

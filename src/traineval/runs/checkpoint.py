@@ -143,7 +143,8 @@ def _shards_named(path: Path) -> Any:
 def _load_file(path: Path, map_location: Any, mmap: bool) -> dict[str, Any]:
     """The dict in the checkpoint file at `path` (see `load_checkpoint_file`)."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or corrupt (not a torch.save zip archive)"
