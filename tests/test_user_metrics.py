@@ -199,6 +199,21 @@ def test_a_metrics_direction_read_from_its_name_is_scikit_learns():
     assert checked > 40
 
 
+def test_every_built_in_metric_has_its_own_direction_and_names_match_whole_words():
+    """brier_score (an error) was read as a score, better higher; head2_loss matched
+    scikit-learn's d2_ and wrong_indices matched dice."""
+    from traineval.config.training_config import BUILT_IN_METRICS, named_direction
+
+    lower = {"log_loss", "brier_score", "ece", "mse", "mae", "rmse", "hamming_loss"}
+    lower |= {"perplexity", "confusion_matrix"}
+    for name in {n for names in BUILT_IN_METRICS.values() for n in names}:
+        assert named_direction(f"val_{name}") is (name in lower), name
+    for name in ("val_head2_loss", "val_round2_loss", "val_fold2_mae", "val_contrastive_neg_loss"):
+        assert named_direction(name) is True, name
+    assert named_direction("val_wrong_indices") is None
+    assert named_direction("val_dice") is named_direction("val_neg_log_loss") is False
+
+
 def test_a_monitored_metric_whose_direction_is_a_guess_says_so(caplog):
     from sklearn.metrics import matthews_corrcoef
 
@@ -531,3 +546,27 @@ def test_a_metric_returning_a_zero_d_numpy_array_is_one_number():
         torch.nn.Identity(), [(logits, labels)]
     )
     assert values["mine"] == pytest.approx(0.75)
+
+
+@metric(higher_is_better=False)
+def balanced_error(y_true, y_pred):
+    return 1 - balanced_accuracy_score(y_true, y_pred)
+
+
+def test_a_declared_metric_pickles_and_leaves_the_function_it_declares_untouched():
+    """metric() marked the function itself (declaring scikit-learn's function changed it
+    for every later use); its wrapper must still pickle, by name where it decorates."""
+    import pickle
+
+    assert pickle.loads(pickle.dumps(balanced_error)) is balanced_error
+    assert balanced_error.__name__ == "balanced_error"
+    assert balanced_error.__module__ == __name__
+    declared = metric(f1_score, higher_is_better=True, name="f1_again")
+    assert not hasattr(f1_score, "higher_is_better")
+    again = pickle.loads(pickle.dumps(declared))
+    assert (again.metric_name, again.higher_is_better, again.function) == (
+        "f1_again",
+        True,
+        f1_score,
+    )
+    pickle.dumps(ModelEvaluator(metrics={"error": balanced_error, "f1_again": declared}))

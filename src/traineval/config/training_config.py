@@ -776,40 +776,40 @@ def _merge_settings(
     return out
 
 
-# A metric's direction read from its name: these words say lower is better, and win over
-# those that say higher is (scikit-learn's brier_score_loss); scikit-learn's negated losses
-# (neg_log_loss, as its scorers name them) and D² scores (d2_log_loss_score) are better
-# higher. Checked against the direction of every scikit-learn scorer.
-_MINIMIZED = ("loss", "error", "deviance", "perplexity", "davies_bouldin")
-_MAXIMIZED = (
-    "return",
-    "reward",
-    "accuracy",
-    "precision",
-    "recall",
-    "f1",
-    "r2",
-    "auc",
-    "explained_variance",
-    "bleu",
-    "score",  # scikit-learn's convention: a *_score is better higher
-    "corrcoef",
-    "kappa",
-    "jaccard",
-    "dice",
-    "iou",
-    "ndcg",
-)
+# The built-in metrics' directions (True: lower is better), read before any name rule.
+BUILT_IN_LOWER = {"loss", "log_loss", "brier_score", "ece", "mse", "mae", "rmse"}
+BUILT_IN_LOWER |= {"hamming_loss", "perplexity", "confusion_matrix"}
+# A metric's direction read from its name (its val_/train_/test_ prefix aside): these words
+# say lower is better, and win over those that say higher is (scikit-learn's
+# brier_score_loss); a name starting as scikit-learn's negated losses (neg_log_loss) and D²
+# scores (d2_log_loss_score) do is better higher. Checked against every scikit-learn
+# scorer's direction. The first words are matched anywhere in the name (val_top1accuracy),
+# the last ones only as whole words between underscores (not val_wrong_indices' "dice").
+_MINIMIZED: tuple[str, ...] = ("loss", "error", "deviance", "perplexity", "davies_bouldin")
+_MINIMIZED += ("mse", "mae", "rmse", "mape", "ece")
+_MAXIMIZED: tuple[str, ...] = ("return", "reward", "accuracy", "precision", "recall", "f1")
+_MAXIMIZED += ("r2", "auc")
+_MAXIMIZED += ("explained_variance", "bleu", "rouge")
+_MAXIMIZED_WORDS = ("score", "corrcoef", "kappa", "jaccard", "dice", "iou", "ndcg", "dcg")
+_HIGHER_PREFIXES = ("neg_", "d2_", "positive_likelihood")
+_SPLITS = ("val_", "train_", "test_", "cv_", "ensemble_")
 
 
 def named_direction(name: str) -> bool | None:
     """Whether `name` says lower is better (True), higher (False), or neither (None)."""
-    lowered = name.lower()
-    if any(token in lowered for token in ("neg_", "d2_", "positive_likelihood")):
-        return False
-    if any(token in lowered for token in _MINIMIZED):
+    base = name.lower()
+    for split in _SPLITS:
+        base = base.removeprefix(split)
+    if base in BUILT_IN_LOWER:
         return True
-    return False if any(token in lowered for token in _MAXIMIZED) else None
+    if base.startswith(_HIGHER_PREFIXES):
+        return False
+    words = f"_{base}_"
+    if any(f"_{token}_" in words for token in _MINIMIZED) or "loss" in base or "error" in base:
+        return True
+    if any(token in base for token in _MAXIMIZED):
+        return False
+    return False if any(f"_{token}_" in words for token in _MAXIMIZED_WORDS) else None
 
 
 def metric_is_minimized(name: str) -> bool:

@@ -33,8 +33,11 @@ direction and inputs.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -104,24 +107,41 @@ def metric(
 
 
 class DeclaredMetric:
-    """A function with what `metric` declared about it, which stays untouched (declaring
-    scikit-learn's `balanced_accuracy_score` better when lower had marked that function so
-    for every later use); it calls the function and has its signature."""
+    """A function with what `metric` declared about it; the function itself stays untouched
+    (declaring scikit-learn's `balanced_accuracy_score` better when lower had marked that
+    function so for every later use). It calls the function, has its signature, name and
+    module, and pickles by reference where it is a module's attribute (a decorated function),
+    else with the function it declares."""
 
     def __init__(
         self, function: Callable[..., float], name: str, higher: bool | None, inputs: str
     ) -> None:
-        self.__wrapped__ = function  # what inspect.signature reads
-        self.__name__ = self.metric_name = name
-        self.__doc__ = function.__doc__
+        functools.update_wrapper(self, function)  # (also __wrapped__: inspect.signature)
+        self.function = function
+        self.metric_name = name
         self.higher_is_better = higher
         self.metric_inputs = inputs
 
     def __call__(self, *args: Any, **kwargs: Any) -> float:
-        return self.__wrapped__(*args, **kwargs)
+        return self.function(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        module, qualname = getattr(self, "__module__", None), getattr(self, "__qualname__", "")
+        if module and _attribute(module, qualname) is self:  # @metric(...) def f: f by name
+            return (_attribute, (module, qualname))
+        declared = (self.metric_name, self.higher_is_better, self.metric_inputs)
+        return (DeclaredMetric, (self.function, *declared))
 
     def __repr__(self) -> str:
-        return f"metric({self.__wrapped__!r}, name={self.metric_name!r})"
+        return f"metric({self.function!r}, name={self.metric_name!r})"
+
+
+def _attribute(module: str, qualname: str) -> Any:
+    """`module`'s object at the dotted `qualname` (None where there is none)."""
+    found: Any = sys.modules.get(module) or importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found
 
 
 class UserMetric:
