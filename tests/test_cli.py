@@ -493,6 +493,12 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(fold), "--split", "val"]) == 2
     assert "only the test split scores it fairly" in capsys.readouterr().err
+    here = os.getcwd()
+    try:  # named from inside the fold
+        os.chdir(fold)
+        assert main(["evaluate", "."]) == 0
+    finally:
+        os.chdir(here)
     for command in (["evaluate"], ["predict"]):
         assert main([*command, str(tmp_path / "o"), *(["x.csv"] * (command == ["predict"]))]) == 2
         assert "is a cross-validation" in capsys.readouterr().err
@@ -748,13 +754,17 @@ def test_under_torchrun_rank_0_alone_says_what_every_rank_met(tmp_path, capsys, 
 
     config = tmp_path / "c.yaml"
     config.write_text("data: {name: digits}\ntraining: {num_epochs: -1}\n")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     for rank, says in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
-        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", rank)
         assert main(["fit", str(config), "-q"]) == 2
         assert ("num_epochs=-1 is invalid" in capsys.readouterr().err) is says
-    _error(RuntimeError("its forward crashed"))  # rank 1's own failure
-    assert "its forward crashed" in capsys.readouterr().err
+    _error(ValueError("Expected input batch_size (3) to match target batch_size (4)."))
+    assert "traineval: rank 1: error: Expected input batch_size" in capsys.readouterr().err
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # another launcher's RANK: a process alone
+    _error(ValueError("its own"))
+    assert "traineval: error: its own" in capsys.readouterr().err
 
 
 def test_an_empty_config_file_is_refused_unless_overrides_say_something(tmp_path, capsys):

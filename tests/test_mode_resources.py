@@ -117,3 +117,20 @@ def test_a_factory_builds_the_resource_where_a_config_names_the_mode():
     built = Probe.from_settings({})
     assert isinstance(built.head, nn.Linear)
     assert built.to_dict() == {"name": "probe_test"}
+
+
+def test_a_resource_only_python_gives_is_refused_only_where_a_config_file_names_the_mode():
+    """From Python the mode's settings may still travel in mode_settings beside a mode
+    given the resource; the refusal belongs to config files."""
+    from traineval.modes.contract import refuse_resources_without_factory
+
+    @dataclasses.dataclass(frozen=True)
+    class Needs(Mode):
+        name: ClassVar[str] = "needs_test"
+        temperature: float = 2.0
+        teacher: nn.Module = resource()
+
+    assert Needs.from_settings({"temperature": 3.0}).temperature == 3.0
+    with pytest.raises(ValueError, match="needs its resource 'teacher'"):
+        refuse_resources_without_factory(Needs)
+    refuse_resources_without_factory(Distill)  # `teacher: nn.Module | None`: optional

@@ -304,3 +304,25 @@ def test_a_step_with_state_of_its_own_resumes_exactly_with_state_dict_and_is_war
     resumed = run("resumed", resume_from="auto")
     same = torch.equal(straight.weight, resumed.weight)
     assert same is saved  # without state_dict(): the warned difference
+
+
+def test_the_step_watch_compares_any_attribute_without_failing_and_skips_parameters(caplog):
+    """A number that became a tensor of four raised 'Boolean value of Tensor ... ambiguous'
+    inside the checkpoint's save; a parameter the step trains is the checkpoint's own."""
+    from traineval.training.step_state import StepWatch
+
+    class Step:
+        def __init__(self):
+            self.ema = 0.0
+            self.weight = nn.Parameter(torch.ones(2))
+
+    step = Step()
+    watch = StepWatch(step)
+    with torch.no_grad():
+        step.weight.add_(1.0)
+    watch.check()
+    assert not watch.said  # the parameter changed: not the step's own state
+    step.ema = 0.9 * step.ema + 0.1 * torch.ones(4)
+    with caplog.at_level("WARNING"):
+        watch.check()
+    assert "Step's ema changed during training" in caplog.text

@@ -308,7 +308,8 @@ def _unexpected(error: Exception) -> int:
         text = str(error).strip().splitlines()
         what = f"{type(error).__name__}: {text[0] if text else 'no message'}"
     if not _said_by_rank_0(error):
-        print(f"traineval: error: {what} (--debug shows the traceback)", file=sys.stderr)
+        print(f"traineval: {_rank_prefix()}error: {what} (--debug shows the traceback)",
+              file=sys.stderr)  # fmt: skip
     return exit_status_of(error) if isinstance(error, OSError) else 1
 
 
@@ -407,30 +408,42 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 def _error(error: BaseException) -> int:
     """Print `error` as the command's one line; its exit status (see `exit_codes`). Under
-    torchrun only rank 0 says what every rank met alike (`_said_by_rank_0`)."""
+    torchrun a rank other than 0 names itself, and says nothing of what every rank agreed
+    on (`_said_by_rank_0`)."""
     from .training.exit_codes import error_line, exit_status_of
 
     if not _said_by_rank_0(error):
-        print(f"traineval: error: {error_line(error)}", file=sys.stderr)
+        print(f"traineval: {_rank_prefix()}error: {error_line(error)}", file=sys.stderr)
     return exit_status_of(error)
 
 
-def _other_rank() -> bool:
-    """Whether this process is a torchrun rank other than 0."""
-    return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+def _torchrun_rank(local: bool = False) -> int | None:
+    """This process's rank (or rank on its node) under torchrun; None outside it (other
+    launchers set RANK too, for a process that is alone)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return int(os.environ.get("LOCAL_RANK" if local else "RANK", "0"))
+
+
+def _other_rank(local: bool = False) -> bool:
+    """Whether this is a torchrun rank other than 0 (of the job, or of its node)."""
+    return (_torchrun_rank(local) or 0) != 0
+
+
+def _rank_prefix() -> str:
+    return f"rank {_torchrun_rank()}: " if _other_rank() else ""
 
 
 def _said_by_rank_0(error: BaseException) -> bool:
-    """A rank other than 0 whose error every rank met alike: a refused config or folder (the
-    same on every rank), an agreed stop (a failed validation, a non-finite step), or a
-    collective that failed because another rank did (which says why itself). Its own
-    failure (a crash in its forward, its data) it still says."""
-    from .system.distributed import CollectiveError
+    """A rank other than 0 whose error is one the ranks agreed on: a validation that failed
+    (on any rank), a non-finite step, a refused setting (every rank read the same config).
+    Anything else it says too, naming itself: it may be its own (its data, its device)."""
+    from .config.checks import SettingError
     from .training.steplog import NonFiniteError
     from .training.stop_rules import EvaluationError
 
-    shared = (ValueError, TypeError, FileExistsError, FileNotFoundError, CollectiveError)
-    return _other_rank() and isinstance(error, (*shared, EvaluationError, NonFiniteError))
+    agreed = (EvaluationError, NonFiniteError, SettingError)
+    return _other_rank() and isinstance(error, agreed)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -541,7 +554,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         add_search_path(Path(args.config).parent)  # my_pkg beside the config imports
         return RunConfig.from_yaml(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
-        if not _other_rank():  # every rank read the same file
+        if not _other_rank(local=True):  # every rank of a node read the same file
             print(f"traineval: config error: {error}", file=sys.stderr)
         return None
 

@@ -210,6 +210,7 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
                 watching_signals(loop.stops.signalled),
             ):
                 state = loop.run()
+            _count_every_rank(manager.performance_monitor, manager.distributed)
         except Exception as error:  # summary.json says the run did not finish, and why
             if writer is not None:
                 writer.wait()
@@ -232,7 +233,6 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
         manager.early_stopping_counter = monitor.num_bad
         result = manager._result(state, monitor.name, time.perf_counter() - started, checkpoints)
         result.updates_trained = state.global_step - resumed_at
-        _the_whole_jobs(result.performance, manager.distributed)
         result.write_summary(manager.distributed)
     finally:
         try:
@@ -243,10 +243,10 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
     return result
 
 
-def _the_whole_jobs(performance: dict[str, Any], job: Distributed) -> None:
-    """The samples every rank trained on and their throughput, as metrics.jsonl's records
-    count them (each rank's monitor counts its own; summary.json had rank 0's share). A run
-    that failed keeps this rank's: a rank that died would not answer."""
-    if job.enabled and "samples" in performance:
-        samples, rate = job.sum([performance["samples"], performance["samples_per_sec"]])
-        performance.update(samples=int(samples), samples_per_sec=rate)
+def _count_every_rank(monitor: PerformanceMonitor, job: Distributed) -> None:
+    """The samples every rank trained on, as metrics.jsonl's records count them (each rank's
+    monitor counts its own; summary.json had rank 0's share), summed where every rank has
+    just finished training, before any work one rank alone does (a background checkpoint's
+    last write). A run that failed keeps this rank's: a rank that died would not answer."""
+    if job.enabled:
+        monitor.total_samples = int(job.sum([monitor.total_samples])[0])

@@ -50,6 +50,7 @@ from ..evaluation.model_evaluator import SPLIT_PREFIX, EvaluationOptions, Evalua
 from ..loggers.jsonl import log_evaluation
 from ..models import MODELS, build_model, refuse_unknown_options
 from ..modes import Mode, Supervised, mode_class
+from ..modes.contract import refuse_resources_without_factory
 from ..runs.checkpoint import (
     default_checkpoint,
     load_checkpoint_file,
@@ -352,8 +353,8 @@ class RunConfig:
         is refused before anything is imported, unless `trust_code=True`."""
         path = Path(run_dir) / "config.yaml"
         data = _as_recorded(_mode_as_section(load_yaml(path)))
-        if set(data) == {"training", "mode"} and (Path(run_dir).parent / CV_SUMMARY).is_file():
-            return cls._fold(Path(run_dir), trust_code)
+        if set(data) == {"training", "mode"} and is_fold(Path(run_dir)):
+            return cls._fold(Path(run_dir).resolve(), trust_code)
         if set(data) == {"training", "mode"}:  # what `open_loggers` writes for train()
             raise ValueError(
                 f"{path} records a run trained from Python (train() or TrainingManager): its "
@@ -460,6 +461,7 @@ def _mode_section(
         if other != name:
             rest.setdefault(other, {}).update(values)
     try:
+        refuse_resources_without_factory(cls)  # a config file gives no objects
         return cls.from_settings(settings), rest
     except ValueError as error:
         raise ValueError(f"mode: {error}") from None
@@ -833,11 +835,12 @@ def evaluate_run(
 def recorded_in(run_dir: Path) -> Path:
     """The folder holding a run's data.json and code paths: its own, or for a fold of a
     `traineval cv` run the cross-validation's."""
-    return run_dir.parent if is_fold(run_dir) else run_dir
+    return run_dir.resolve().parent if is_fold(run_dir) else run_dir
 
 
 def is_fold(run_dir: Path) -> bool:
     """Whether `run_dir` is a fold-<k> folder of a cross-validation."""
+    run_dir = run_dir.resolve()  # (`traineval evaluate .` inside a fold)
     return run_dir.name.startswith("fold-") and (run_dir.parent / CV_SUMMARY).is_file()
 
 
@@ -870,11 +873,12 @@ def check_cv_folder(run_dir: Path, split: str) -> None:
     """A fold trained on part of the train and validation rows: only the test split scores
     it fairly. The cross-validation folder itself holds no model of its own."""
     if is_fold(run_dir) and split != "test":
+        base = run_dir.resolve().parent
         raise ValueError(
             f"split={split!r} is invalid for {run_dir}, a fold of the cross-validation in "
-            f"{run_dir.parent}: it trained on part of the train and validation rows, so only "
-            f"the test split scores it fairly (its own validation fold is scored in "
-            f"{run_dir.parent / CV_SUMMARY}); use --split test, the default"
+            f"{base}: it trained on part of the train and validation rows, so only the test "
+            f"split scores it fairly (its own validation fold is scored in "
+            f"{base / CV_SUMMARY}); use --split test, the default"
         )
     folds = sorted(p.name for p in run_dir.glob("fold-*") if p.is_dir())
     if (run_dir / CV_SUMMARY).is_file() and folds:

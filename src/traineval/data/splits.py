@@ -312,8 +312,8 @@ def _values_hint(table: Table) -> str:
     (scikit-learn's diabetes target, 214 'classes')."""
     names = table.class_names or []
     try:
-        numeric = all(math.isfinite(float(name)) for name in names)
-    except ValueError:
+        numeric = all(float(name).is_integer() for name in names)
+    except (ValueError, OverflowError):
         numeric = False
     if not numeric or len(names) <= MANY_CLASSES:
         return ""

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -361,18 +362,8 @@ def _with_target(
                 "fill it or drop the row (traineval does not impute missing values)"
             )
         return Table(x, numbers.astype(np.float32), TaskType.REGRESSION, features)
-    if numbers is not None and np.isnan(numbers).any():
-        line = lines[int(np.flatnonzero(np.isnan(numbers))[0])]
-        raise ValueError(
-            f"{path}:{line}: the target is {raw[lines.index(line)]!r}, not a class; fill it or "
-            "drop the row (traineval does not impute missing values)"
-        )
-    if numbers is not None:  # `1`, `1.0` and `01` are one class, named as first written
-        exact = [Decimal(text) for text in raw]  # (codes past 2^53 stay apart, as written)
-        first: dict[Decimal, str] = {}
-        for value, text in zip(exact, raw, strict=True):
-            first.setdefault(value, text)
-        raw = [first[value] for value in exact]
+    if numbers is not None:
+        raw = _numbered_classes(raw, numbers, where)
     labels = sorted(set(raw), key=lambda v: (Decimal(v), v) if numbers is not None else (0, v))
     if numbers is not None and task == "auto" and len(labels) > MANY_CLASSES:
         logger.warning(
@@ -389,6 +380,23 @@ def _with_target(
     index = {label: i for i, label in enumerate(labels)}
     y = np.array([index[v] for v in raw], dtype=np.int64)
     return Table(x, y, TaskType.CLASSIFICATION, features, class_names=labels)
+
+
+def _numbered_classes(raw: list[str], numbers: np.ndarray, where: Any) -> list[str]:
+    """Numeric class labels as first written: `1`, `1.0` and `01` are one class, compared
+    exactly (codes past 2^53 stay apart); NaN is no class."""
+    path, lines = where
+    if np.isnan(numbers).any():
+        at = int(np.flatnonzero(np.isnan(numbers))[0])
+        raise ValueError(
+            f"{path}:{lines[at]}: the target is {raw[at]!r}, not a class; fill it or drop the "
+            "row (traineval does not impute missing values)"
+        )
+    exact = [Decimal(text) for text in raw]
+    first: dict[Decimal, str] = {}
+    for value, text in zip(exact, raw, strict=True):
+        first.setdefault(value, text)
+    return [first[value] for value in exact]
 
 
 def _with_targets(

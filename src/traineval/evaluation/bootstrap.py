@@ -123,17 +123,18 @@ def regression_intervals(
     names = ("mse", "mae", "rmse", "r2_score", "explained_variance")
     values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for index in _resamples(len(y), bootstrap):
-        weights = kept[index].astype(np.float64)  # (rows, n, K)
+        weights, drawn = kept[index].astype(np.float64), errors[index]  # (rows, n, K)
         count = weights.sum(axis=1)
         none = np.where(count > 0, 0.0, np.nan)  # an output without a finite target: NaN
-        mse = _ratio((errors[index] ** 2).sum(axis=1), count) + none
+        squares = (drawn**2).sum(axis=1)
+        mse = _ratio(squares, count) + none
         values["mse"].append(mse.mean(axis=1))
-        values["mae"].append((_ratio(np.abs(errors[index]).sum(axis=1), count) + none).mean(1))
+        values["mae"].append((_ratio(np.abs(drawn).sum(axis=1), count) + none).mean(1))
         values["rmse"].append(np.sqrt(mse).mean(axis=1))
         total = _spread(y[index], weights, count)
-        r2 = np.where(count > 1, _score((errors[index] ** 2).sum(axis=1), total), np.nan)
+        r2 = np.where(count > 1, _score(squares, total), np.nan)
         values["r2_score"].append(r2.mean(axis=1))  # (NaN for one sample, as R²'s)
-        explained = _score(_spread(errors[index], weights, count), total)
+        explained = _score(_spread(drawn, weights, count), total)
         values["explained_variance"].append((explained + none).mean(axis=1))
     return {
         name: _interval(np.concatenate(parts), bootstrap.level) for name, parts in values.items()

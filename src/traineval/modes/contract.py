@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -191,7 +192,7 @@ class Mode:
         `name`, ...): the run would call or read the setting's value instead. Refused where
         the class is defined (it trained, then failed to resume with a bare TypeError)."""
         super().__init_subclass__(**kwargs)
-        for field, annotation in vars(cls).get("__annotations__", {}).items():
+        for field, annotation in inspect.get_annotations(cls).items():
             if field.startswith("_") or "ClassVar" in str(annotation):
                 continue
             if hasattr(Mode, field):
@@ -317,7 +318,6 @@ class Mode:
                 listed = ", ".join(allowed) or "none"
                 fail(f"mode.{key}", settings[key], f"mode {cls.name!r} has the settings {listed}")
             _check_plain_type(cls, key, settings[key])
-        _refuse_resources_without_factory(cls)
         return cls(**dict(settings))
 
     @classmethod
@@ -354,12 +354,13 @@ def _check_plain_type(cls: type[Mode], key: str, value: Any) -> None:
         fail(f"mode.{key}", value, f"mode {cls.name!r} declares it {written}")
 
 
-def _refuse_resources_without_factory(cls: type[Mode]) -> None:
+def refuse_resources_without_factory(cls: type[Mode]) -> None:
     """A mode named in a config file gets no resources but those with a `default_factory`:
-    one without fails midway on None."""
+    one without (and not declared optional, `X | None`) fails midway on None."""
     for f in dataclasses.fields(cls):
         factory = f.default_factory is not dataclasses.MISSING
-        if f.metadata.get(RESOURCE) and not factory and f.default is None:
+        optional = "None" in str(f.type)
+        if f.metadata.get(RESOURCE) and not factory and f.default is None and not optional:
             raise ValueError(
                 f"mode {cls.name!r} needs its resource {f.name!r}, which a config file "
                 f"cannot give: give it a default_factory (resource(default_factory=...)) "

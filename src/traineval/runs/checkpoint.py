@@ -168,7 +168,8 @@ def _load_file(path: Path, map_location: Any, mmap: bool) -> dict[str, Any]:
 def _what_it_holds(error: pickle.UnpicklingError) -> str:
     """The line of torch's refusal that names what the file would have loaded (`Trying to
     load unsupported GLOBAL posix.system ...`); not its advice to load the file unsafely."""
-    said = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
     return f" ({said[0]})" if said else ""
 
 

@@ -474,14 +474,12 @@ class Loop:
             step = state.global_step
             if step % self.log_every_n_steps == 0 or self.steps.full:
                 self._read_steps()
-            if step % self.log_every_n_steps == 0:
+            if logged := step % self.log_every_n_steps == 0:
                 stats = self.performance.interval(interval_steps, interval_samples, data_seconds)
                 interval_steps = interval_samples = 0
                 data_seconds = 0.0
                 self._log_train(stats)
-                self.stops.agree()
-            else:
-                self.stops.agree_if_due()
+            self.stops.agree_if_due(logged)
             if self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
                 self._evaluate()
                 self.forward_model.train()

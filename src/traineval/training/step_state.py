@@ -54,16 +54,26 @@ def _plain(step: Any) -> dict[str, Any]:
     for name, value in vars(step).items() if hasattr(step, "__dict__") else ():
         if isinstance(value, bool | int | float | str):
             values[name] = value
-        elif isinstance(value, torch.Tensor) and value.numel() <= WATCHED_ELEMENTS:
+        elif _watched_tensor(value):
             values[name] = value.detach().clone()
     return values
 
 
+def _watched_tensor(value: Any) -> bool:
+    """A tensor of the step's own (not a parameter or a model's tensor it trains, which
+    the checkpoint holds), small enough to copy."""
+    return (
+        isinstance(value, torch.Tensor)
+        and not isinstance(value, torch.nn.Parameter)
+        and not value.requires_grad
+        and value.numel() <= WATCHED_ELEMENTS
+    )
+
+
 def _same(before: Any, now: Any) -> bool:
+    """Whether an attribute is as it started; of another type or shape it is not."""
+    if type(before) is not type(now):
+        return False
     if isinstance(before, torch.Tensor):
-        return (
-            isinstance(now, torch.Tensor)
-            and before.shape == now.shape
-            and torch.equal(before, now.detach().to(before.device))
-        )
+        return before.shape == now.shape and torch.equal(before, now.detach().to(before.device))
     return bool(before == now)

@@ -96,10 +96,13 @@ class StopRules:
             return
         self.timed_out = time.monotonic() >= self.deadline
 
-    def agree_if_due(self) -> None:
-        """Distributed: `agree` when `AGREE_SECONDS` of updates have passed since the ranks
-        last did (counted in updates, which every rank agreed on, so all take part)."""
-        if self.job.enabled and self.state.global_step - self._agreed[0] >= self._every:
+    def agree_if_due(self, log_step: bool = False) -> None:
+        """Distributed: `agree` at a log step, or when `AGREE_SECONDS` of updates have passed
+        since the ranks last did (counted in updates, which every rank agreed on, so all
+        take part)."""
+        if self.job.enabled and (
+            log_step or self.state.global_step - self._agreed[0] >= self._every
+        ):
             self.agree()
 
     def agree(self) -> None:
