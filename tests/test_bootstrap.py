@@ -99,6 +99,37 @@ def test_regression_intervals_equal_a_per_resample_sklearn_loop():
         assert report.intervals[name] == pytest.approx((low, high), rel=1e-9), name
 
 
+def test_regression_intervals_with_missing_targets_equal_a_per_resample_sklearn_loop():
+    """Targets that are NaN are left out of their output's scores in every resample, as
+    scikit-learn scores each column with those rows dropped (averaged over outputs)."""
+    from traineval.evaluation.bootstrap import regression_intervals
+
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=(120, 2))
+    p = t + 0.4 * rng.normal(size=(120, 2))
+    t[rng.random((120, 2)) < 0.2] = np.nan
+    got = regression_intervals(p, t, Bootstrap(100, seed=5))
+    order = np.lexsort(np.concatenate([t, p], axis=1).T[::-1])  # by target, then prediction
+    p, t = p[order], t[order]
+
+    def per_column(fn):
+        def metric(r):
+            kept = [np.isfinite(t[r, j]) for j in range(2)]
+            return np.mean([fn(t[r, j][kept[j]], p[r, j][kept[j]]) for j in range(2)])
+
+        return metric
+
+    metrics = {
+        "mse": per_column(sk.mean_squared_error),
+        "mae": per_column(sk.mean_absolute_error),
+        "rmse": per_column(lambda a, b: np.sqrt(sk.mean_squared_error(a, b))),
+        "r2_score": per_column(sk.r2_score),
+        "explained_variance": per_column(sk.explained_variance_score),
+    }
+    for name, metric in metrics.items():
+        assert got[name] == pytest.approx(reference(120, 100, 5, metric), rel=1e-9), name
+
+
 def test_without_bootstrap_there_are_no_intervals_and_bad_settings_are_refused():
     evaluator = Evaluator()
     x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
