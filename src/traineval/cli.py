@@ -448,6 +448,7 @@ def _said_by_rank_0(error: BaseException) -> bool:
 
 def _report(args: argparse.Namespace) -> int:
     from .commands.report import summary_text, write_report
+    from .runs.rundir import is_cross_validation
     from .tuning.report import is_study, study_summary, write_study_report
 
     if is_study(args.run_dir):  # a `traineval tune` study directory
@@ -458,7 +459,7 @@ def _report(args: argparse.Namespace) -> int:
         print(study_summary(study))
         print(f"\nWritten: {page}")
         return 0
-    if (Path(args.run_dir) / "cv_summary.json").is_file():  # a `traineval cv` folder
+    if is_cross_validation(args.run_dir):  # a `traineval cv` folder: its tables
         return _report_cv(Path(args.run_dir))
     try:
         run, page = write_report(args.run_dir)
@@ -472,10 +473,11 @@ def _report(args: argparse.Namespace) -> int:
 def _report_cv(folder: Path) -> int:
     """A cross-validation's tables, as `traineval cv` printed them: its cv.json, or where
     it stopped before its test evaluation its cv_summary.json (the folds alone)."""
+    from .runs.rundir import CV_SUMMARY
     from .system.untrusted_text import read_json
 
     path = folder / "evaluation" / "cv.json"
-    path = path if path.is_file() else folder / "cv_summary.json"
+    path = path if path.is_file() else folder / CV_SUMMARY
     try:
         text = _cv_tables(read_json(path, "cross-validation summary"), written=False)
     except ValueError as error:

@@ -18,7 +18,7 @@ from ..config.training_config import TaskType, TrainingConfig
 from ..data.splits import dataset_labels
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..modes import resolve_mode
-from ..runs.rundir import run_dir_lock
+from ..runs.rundir import CV_SUMMARY, run_dir_lock
 from ..system.files import atomic_write_json
 from ..system.seeding import seed_everything
 from .manager import TrainingManager
@@ -108,7 +108,7 @@ def cross_validate(
             shutil.rmtree(base / FOLDS_ASIDE, ignore_errors=True)
         summary = aggregate(results)
         summary["output_dir"] = str(base)
-        atomic_write_json(base / "cv_summary.json", summary)
+        atomic_write_json(base / CV_SUMMARY, summary)
     return summary
 
 

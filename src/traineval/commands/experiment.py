@@ -57,7 +57,7 @@ from ..runs.checkpoint import (
     load_model_weights,
     run_checkpoint,
 )
-from ..runs.rundir import default_run_dir, held_here, in_use
+from ..runs.rundir import CV_SUMMARY, default_run_dir, held_here, in_use, is_cross_validation
 from ..system import cpu_threads
 from ..system.distributed import is_sharded, model_state
 from ..system.files import atomic_write_json, read_json_or_none
@@ -73,7 +73,6 @@ DATA_SCHEMA = SCHEMA_FILE  # a table run's features, scaling, categories and cla
 # where the run's own code was found (the config file's folder): evaluate and predict look
 # there too, under --trust-code
 CODE_PATHS = CODE_PATHS_FILE
-CV_SUMMARY = "cv_summary.json"  # beside a cross-validation's fold-<k> folders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -841,7 +840,7 @@ def recorded_in(run_dir: Path) -> Path:
 def is_fold(run_dir: Path) -> bool:
     """Whether `run_dir` is a fold-<k> folder of a cross-validation."""
     run_dir = run_dir.resolve()  # (`traineval evaluate .` inside a fold)
-    return run_dir.name.startswith("fold-") and (run_dir.parent / CV_SUMMARY).is_file()
+    return run_dir.name.startswith("fold-") and is_cross_validation(run_dir.parent)
 
 
 def _refuse_a_changed_table(run_dir: Path, config: RunConfig, splits: DataSplits) -> None:
@@ -880,8 +879,9 @@ def check_cv_folder(run_dir: Path, split: str) -> None:
             f"split scores it fairly (its own validation fold is scored in "
             f"{base / CV_SUMMARY}); use --split test, the default"
         )
-    folds = sorted(p.name for p in run_dir.glob("fold-*") if p.is_dir())
-    if (run_dir / CV_SUMMARY).is_file() and folds:
+    if is_cross_validation(run_dir) and (
+        folds := sorted(p.name for p in run_dir.glob("fold-*") if p.is_dir())
+    ):
         raise ValueError(
             f"{run_dir} is a cross-validation: it has no model of its own; evaluate one of "
             f"its folds ({run_dir / folds[0]} .. {folds[-1]}); their test scores and their "

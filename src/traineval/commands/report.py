@@ -16,7 +16,7 @@ from ..assembly.results import trained_words
 from ..config.training_config import load_yaml, metric_is_minimized
 from ..loggers import read_jsonl
 from ..runs.checkpoint import flower_run_ended
-from ..runs.rundir import in_use
+from ..runs.rundir import in_use, is_cross_validation
 from ..system.files import atomic_write_text
 from ..system.untrusted_text import read_json
 from ..training.loop import empty_history
@@ -50,7 +50,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
                 "in another storage (--storage) is not reported from here; report a trial "
                 f"(e.g. {str(run_dir / 'trial-0000')!r}), or read the study with Optuna"
             )
-        if (run_dir / "cv_summary.json").is_file():  # a cross-validation's folder
+        if is_cross_validation(run_dir):
             raise FileNotFoundError(
                 f"{str(run_dir)!r} is a cross-validation: report one of its folds (e.g. "
                 f"{str(run_dir / 'fold-1')!r}); the folds' scores are in cv_summary.json, "

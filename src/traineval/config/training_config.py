@@ -783,10 +783,12 @@ BUILT_IN_LOWER |= {"hamming_loss", "perplexity", "confusion_matrix"}
 # say lower is better, and win over those that say higher is (scikit-learn's
 # brier_score_loss); a name starting as scikit-learn's negated losses (neg_log_loss) and D²
 # scores (d2_log_loss_score) do is better higher. Checked against every scikit-learn
-# scorer's direction. The first words are matched anywhere in the name (val_top1accuracy),
-# the last ones only as whole words between underscores (not val_wrong_indices' "dice").
-_MINIMIZED: tuple[str, ...] = ("loss", "error", "deviance", "perplexity", "davies_bouldin")
-_MINIMIZED += ("mse", "mae", "rmse", "mape", "ece")
+# scorer's direction. `loss`, `error` and the first words that say higher are matched
+# anywhere in the name (val_top1accuracy); the others only as whole words between
+# underscores (not val_wrong_indices' "dice").
+_MINIMIZED_ANYWHERE = ("loss", "error")
+_MINIMIZED: tuple[str, ...] = ("deviance", "perplexity", "davies_bouldin", "mse", "mae")
+_MINIMIZED += ("rmse", "mape", "ece")
 _MAXIMIZED: tuple[str, ...] = ("return", "reward", "accuracy", "precision", "recall", "f1")
 _MAXIMIZED += ("r2", "auc")
 _MAXIMIZED += ("explained_variance", "bleu", "rouge")
@@ -805,7 +807,9 @@ def named_direction(name: str) -> bool | None:
     if base.startswith(_HIGHER_PREFIXES):
         return False
     words = f"_{base}_"
-    if any(f"_{token}_" in words for token in _MINIMIZED) or "loss" in base or "error" in base:
+    if any(token in base for token in _MINIMIZED_ANYWHERE):
+        return True
+    if any(f"_{token}_" in words for token in _MINIMIZED):
         return True
     if any(token in base for token in _MAXIMIZED):
         return False

@@ -56,6 +56,7 @@ except ImportError:  # pragma: no cover - Windows: no fcntl; runs are not locked
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+CV_SUMMARY = "cv_summary.json"  # a cross-validation's folder holds it, beside its folds
 
 _held: dict[Path, list[Any]] = {}  # folder -> [thread, descriptors, depth]: this process's runs
 _guard = threading.Lock()
@@ -68,6 +69,12 @@ class RunDirInUse(FileExistsError):
 def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
     """`runs/<prefix>-YYYYmmdd-HHMMSS-<6 hex>`: sortable by time, unique per call."""
     return Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def is_cross_validation(folder: str | Path) -> bool:
+    """Whether `folder` is a cross-validation's (`traineval cv`, `Evaluator.cross_validate`):
+    its folds are runs of their own, it is none."""
+    return (Path(folder) / CV_SUMMARY).is_file()
 
 
 @contextlib.contextmanager
