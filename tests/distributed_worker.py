@@ -533,7 +533,10 @@ def validation_failure(out: Path, rank: int) -> None:
             model(), *loaders, evaluator=evaluator
         )
     except Exception as error:
-        (out / f"validation-failure-{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+        theirs = " (user code)" if getattr(error, "user_code", False) else ""
+        (out / f"validation-failure-{rank}.txt").write_text(
+            f"{type(error).__name__}{theirs}: {error}"
+        )
         raise
 
 

@@ -465,8 +465,10 @@ def test_a_validation_failing_on_one_rank_stops_every_rank_with_its_cause(tmp_pa
     assert time.monotonic() - started < 60
     said = [(tmp_path / f"validation-failure-{rank}.txt").read_text() for rank in (0, 1)]
     assert said[0] == said[1]
-    cause = "step 3 failed: rank 1: RuntimeError: update failed on rank 1; the training so"
-    assert said[0].startswith(f"EvaluationError: validation at epoch 1, {cause}")
+    cause = (
+        "step 3 failed: rank 1: metric 'count': its update raised RuntimeError: update failed on"
+    )
+    assert said[0].startswith(f"EvaluationError (user code): validation at epoch 1, {cause}")
     assert (tmp_path / "validation-failure" / "checkpoints" / "last.pt").is_file()
 
 

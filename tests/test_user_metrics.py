@@ -570,3 +570,68 @@ def test_a_declared_metric_pickles_and_leaves_the_function_it_declares_untouched
         f1_score,
     )
     pickle.dumps(ModelEvaluator(metrics={"error": balanced_error, "f1_again": declared}))
+
+
+class _RaisingCompute(MeanAbsoluteMargin):
+    def compute(self) -> float:
+        return 1 / 0
+
+
+class _TextCompute(MeanAbsoluteMargin):
+    def compute(self) -> str:  # type: ignore[override]
+        return "good"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "said"),
+    [
+        ({"ratio": lambda y, p: 1 / 0}, "metric 'ratio': its function raised ZeroDivisionError"),
+        ({"margin": _RaisingCompute()}, "metric 'margin': its compute raised ZeroDivisionError"),
+        ({"margin": _TextCompute()}, "metric 'margin' computed str 'good'; a metric gives one"),
+    ],
+    ids=["function", "compute", "not-a-number"],
+)
+def test_a_users_metric_that_raises_is_bad_input_and_the_training_is_saved(tmp_path, metrics, said):
+    """A metric of the user's that raises fails the same way on every machine: exit status
+    2 (bad input), naming the metric; it was 1 ('may pass elsewhere'), as a diverged run's
+    NaN predictions still are. The training before the validation is in last.pt."""
+    from traineval.training.exit_codes import BAD_INPUT, FAULT, exit_status_of
+    from traineval.training.stop_rules import EvaluationError
+
+    config = TrainingConfig(
+        num_epochs=2, output_dir=str(tmp_path), progress_bar=False, tensorboard_logging=False
+    )
+    loader = DataLoader(make_classification(n=32, seed=1), batch_size=8)
+    with pytest.raises(EvaluationError, match="validation at epoch 1, step 4 failed: ") as info:
+        TrainingManager(config).train(
+            make_mlp(), loader, loader, evaluator=ModelEvaluator(metrics=metrics)
+        )
+    assert said in str(info.value)
+    assert info.value.user_code
+    assert exit_status_of(info.value) == BAD_INPUT
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    import pickle
+
+    assert pickle.loads(pickle.dumps(info.value)).user_code  # as a tune worker sends it
+    assert exit_status_of(EvaluationError("the model predicted NaN")) == FAULT
+
+
+def test_a_users_metric_that_raises_ends_the_cli_with_status_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "brokenmetric.py").write_text("def broken(y_true, y_pred):\n    return {}[1]\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        textwrap.dedent("""\
+        data: {name: iris}
+        model: {name: mlp, options: {hidden_sizes: [8]}}
+        evaluation: {classification_metrics: [accuracy, "brokenmetric:broken"]}
+        training: {num_epochs: 2, batch_size: 32, progress_bar: false,
+                   tensorboard_logging: false}
+        """)
+    )
+    assert main(["fit", str(config), "-q", f"training.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "metric 'broken': its function raised KeyError: 1" in err[0]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

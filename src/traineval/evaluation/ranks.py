@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..system.distributed import CollectiveError, Distributed
+from ..training.exit_codes import UserCodeError
 from ..training.stopping import TrainingInterrupted
 from .accumulator import Accumulator
 from .user_metrics import UserMetric
@@ -53,17 +54,23 @@ class RankFailed(ValueError):
     with the same words, so that none waits for the others in a collective."""
 
 
+class RankFailedInUserCode(RankFailed, UserCodeError):
+    """A `RankFailed` where a metric of the user's raised on that rank: every rank's exit
+    status says bad input, as the failing rank's would alone."""
+
+
 def merge_ranks(
     job: Distributed, accumulator: Accumulator | None, text: Any, failure: Exception | None
 ) -> tuple[Accumulator | None, Any]:
     """Every rank's metric state, merged in rank order: the same result on every rank; a
     rank's `failure` (its evaluation could not finish) is every rank's `RankFailed`."""
-    said = None if failure is None else _first_line(failure)
+    said = None if failure is None else (_first_line(failure), isinstance(failure, UserCodeError))
     parts = job.gather((_on_cpu(accumulator), text, said))
     failed = [(rank, said) for rank, (_, _, said) in enumerate(parts) if said is not None]
     if failed:
-        rank, said = failed[0]
-        raise RankFailed(f"rank {rank}: {said}") from failure
+        rank, (line, theirs) = failed[0]
+        kind = RankFailedInUserCode if theirs else RankFailed
+        raise kind(f"rank {rank}: {line}") from failure
     merged: Accumulator | None = None
     merged_text = None
     for part, part_text, _ in parts:

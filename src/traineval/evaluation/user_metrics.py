@@ -32,13 +32,14 @@ direction and inputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
 import inspect
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -53,6 +54,8 @@ from ..config.training_config import (
     named_direction,
 )
 from ..tasks import align_regression
+from ..training.exit_codes import UserCodeError
+from ..training.stopping import TrainingInterrupted
 from .bootstrap import Bootstrap, function_intervals
 from .metrics import class_probabilities
 
@@ -169,8 +172,9 @@ class UserMetric:
         fresh = UserMetric(self.name, self.template)
         fresh.threshold = threshold
         if fresh.kind != "function":
-            fresh.state = copy.deepcopy(self.template)
-            fresh.state.reset()
+            with _their_code(self.name, "reset"):
+                fresh.state = copy.deepcopy(self.template)
+                fresh.state.reset()
             if fresh.kind == "torchmetrics":
                 fresh.state.sync_on_compute = False  # merged by traineval: no double count
         return fresh
@@ -184,7 +188,8 @@ class UserMetric:
             self.state = self.state.to(predictions.device)
         if task is TaskType.REGRESSION:
             predictions = align_regression(predictions, targets)
-        self.state.update(predictions, targets)
+        with _their_code(self.name, "update"):
+            self.state.update(predictions, targets)
 
     def _function_input(self, predictions: torch.Tensor, task: TaskType) -> torch.Tensor:
         """What a scikit-learn-shaped function takes as `y_pred` (see the module docstring)."""
@@ -206,10 +211,12 @@ class UserMetric:
         """Fold in another rank's state, as if this one had seen its samples too."""
         if self.kind == "function":
             self.pairs.extend(other.pairs)
-        elif self.kind == "torchmetrics":
-            _merge_torchmetrics(self.state, other.state.to(self.state.device))
-        else:
-            self.state.merge(other.state)
+            return
+        with _their_code(self.name, "merge"):
+            if self.kind == "torchmetrics":
+                _merge_torchmetrics(self.state, other.state.to(self.state.device))
+            else:
+                self.state.merge(other.state)
 
     def to_cpu(self) -> UserMetric:
         """A copy whose tensors are on the CPU, without the template the user gave (to send
@@ -230,9 +237,13 @@ class UserMetric:
     def compute(self, ignore_index: int) -> float:
         """The metric's value over every sample seen (and merged)."""
         if self.kind != "function":
-            return _scalar(self.name, self.state.compute())
+            with _their_code(self.name, "compute"):
+                value = self.state.compute()
+            return _scalar(self.name, value)
         truth, predicted = self.arrays(ignore_index)
-        return _scalar(self.name, self.template(truth, predicted))
+        with _their_code(self.name, "function"):
+            value = self.template(truth, predicted)
+        return _scalar(self.name, value)
 
     def arrays(self, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
         """The kept (y_true, y_pred) as NumPy arrays, without ignored targets."""
@@ -261,6 +272,21 @@ class UserMetric:
             return None
         truth, predicted = self.arrays(ignore_index)
         return function_intervals(self.template, truth, predicted, bootstrap)
+
+
+@contextlib.contextmanager
+def _their_code(name: str, call: str) -> Iterator[None]:
+    """Inside, the metric `name`'s own code runs (its `call`): what it raises is a
+    `UserCodeError` naming the metric, but for what the machine or a stop raises."""
+    try:
+        yield
+    except (UserCodeError, MemoryError, OSError, torch.OutOfMemoryError, TrainingInterrupted):
+        raise
+    except Exception as error:
+        said = (str(error).strip().splitlines() or [""])[0]
+        raise UserCodeError(
+            f"metric {name!r}: its {call} raised {type(error).__name__}: {said}"
+        ) from error
 
 
 def _kind(template: Any) -> str:
@@ -292,7 +318,7 @@ def _scalar(name: str, value: Any) -> float:
         return float(value.item())  # a one-element array (numpy's 0-d results)
     if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
         return float(value)
-    raise ValueError(
+    raise UserCodeError(
         f"metric {name!r} computed {type(value).__name__} {value!r}; a metric gives one number "
         "(give per-class values as separate metrics)"
     )

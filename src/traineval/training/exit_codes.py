@@ -12,6 +12,13 @@ import errno
 BAD_INPUT = 2
 FAULT = 1
 
+
+class UserCodeError(ValueError):
+    """The user's own code (a metric's function, update or compute) raised: it fails the
+    same way on every machine until that code changes (`BAD_INPUT`, also where it ends a
+    training run's validation)."""
+
+
 _USER_PATHS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 _USER_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL)  # a name the user chose
 
@@ -19,11 +26,14 @@ _USER_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL)  # a name th
 def exit_status_of(error: BaseException) -> int:
     """A reported error's exit status: `FAULT` for the environment or the run (a disk, a
     permission, a run directory in use, a diverged run, a lost tune worker), `BAD_INPUT`
-    for what the user gave (a value, a file, a checkpoint, a code reference)."""
+    for what the user gave (a value, a file, a checkpoint, a code reference, a metric of
+    theirs that raised)."""
     from ..runs.rundir import RunDirInUse
     from .loop import EvaluationError
     from .steplog import NonFiniteError
 
+    if isinstance(error, EvaluationError) and error.user_code:
+        return BAD_INPUT  # a metric of theirs raised: it will again
     if isinstance(error, (RunDirInUse, NonFiniteError, EvaluationError)):
         return FAULT
     if isinstance(error, OSError) and not (

@@ -57,6 +57,7 @@ from ..runs.train_state import HistoryJson, TrainState, empty_history
 from ..system.distributed import Distributed
 from ..system.seeding import capture_rng, restore_rng
 from .batches import read_once
+from .exit_codes import UserCodeError
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .saves import CHECKPOINT_SHARE, SaveFn, Saves  # noqa: F401 - CHECKPOINT_SHARE: kept here
@@ -545,7 +546,8 @@ class Loop:
             restore_rng(streams, None)
             said = (str(error).strip().splitlines() or [""])[0]
             self._failed_evaluation(
-                said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}"
+                said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}",
+                user_code=isinstance(error, UserCodeError),
             )
         restore_rng(streams, None)
         prefixed = {f"val_{name}": float(value) for name, value in metrics.items()}
@@ -695,15 +697,16 @@ class Loop:
         if self.stops.signal():
             self._save_interrupted()
 
-    def _failed_evaluation(self, reason: str) -> NoReturn:
+    def _failed_evaluation(self, reason: str, user_code: bool = False) -> NoReturn:
         """A validation that cannot be scored: save the training done so far as a resumable
         `last` checkpoint (from before this evaluation), then stop naming where and why. A
-        model whose weights are not finite is not saved (the earlier checkpoints stay)."""
+        model whose weights are not finite is not saved (the earlier checkpoints stay).
+        `user_code`: a metric of the user's raised (see `EvaluationError`)."""
         try:
             path = self._save_last()
         except NonFiniteError as refused:
-            raise self.stops.failed_evaluation(reason, None, refused) from None
-        raise self.stops.failed_evaluation(reason, str(path) if path else None)
+            raise self.stops.failed_evaluation(reason, None, refused, user_code) from None
+        raise self.stops.failed_evaluation(reason, str(path) if path else None, None, user_code)
 
     def _stop_at_time_limit(self) -> None:
         """max_seconds is up at this step boundary: write the saves asked for, then `last`

@@ -28,7 +28,15 @@ AGREE_SECONDS = 2.0
 
 class EvaluationError(ValueError):
     """A validation could not be scored (e.g. the model predicted NaN); the training before
-    it was saved as a resumable checkpoint."""
+    it was saved as a resumable checkpoint. `user_code`: a metric of the user's raised (it
+    fails the same way again until that code changes)."""
+
+    def __init__(self, message: str, user_code: bool = False) -> None:
+        super().__init__(message)
+        self.user_code = user_code
+
+    def __reduce__(self) -> tuple[type[EvaluationError], tuple[str, bool]]:
+        return type(self), (str(self), self.user_code)
 
 
 class StopRules:
@@ -161,15 +169,21 @@ class StopRules:
         return TrainingInterrupted(f"{what}; {how}", checkpoint, signal_name, what)
 
     def failed_evaluation(
-        self, reason: str, checkpoint: str | None, refused: Exception | None = None
+        self,
+        reason: str,
+        checkpoint: str | None,
+        refused: Exception | None = None,
+        user_code: bool = False,
     ) -> EvaluationError:
         """The error that ends a run whose validation cannot be scored: `checkpoint` holds the
-        training before it; `refused`: why it could not be saved (weights not finite)."""
+        training before it; `refused`: why it could not be saved (weights not finite);
+        `user_code`: a metric of the user's raised."""
         where = f"validation at epoch {self.state.epoch}, step {self.state.global_step} failed"
         if refused is not None:
             return EvaluationError(
                 f"{where}: {reason}; {refused}: resuming from it would come back here; lower "
-                "learning_rate, clip gradients (max_grad_norm) or check the data"
+                "learning_rate, clip gradients (max_grad_norm) or check the data",
+                user_code,
             )
         saved = (
             f"the training so far is saved in {checkpoint!r}; a resume (resume_from='auto', or "
@@ -178,4 +192,4 @@ class StopRules:
             if checkpoint
             else "no checkpoint was written"
         )
-        return EvaluationError(f"{where}: {reason}; {saved}")
+        return EvaluationError(f"{where}: {reason}; {saved}", user_code)
