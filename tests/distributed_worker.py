@@ -521,23 +521,28 @@ class FailingCount:
         self.n += other.n
 
 
-def validation_failure(out: Path, rank: int) -> None:
+def validation_failure(out: Path, rank: int, strategy: str = "ddp") -> None:
     """Rank 1's validation fails in a metric; with the default timeout (600 s) rank 0 waited
-    in the metrics' gather for it while rank 1 waited at the checkpoint's barrier."""
+    in the metrics' gather for it while rank 1 waited at the checkpoint's barrier. Under
+    FSDP (evaluation in lockstep) rank 0 waited in the next batch's forward."""
     from traineval.evaluation.model_evaluator import ModelEvaluator
 
     evaluator = ModelEvaluator(metrics={"count": FailingCount()})
     loaders = DataLoader(data(), batch_size=8), DataLoader(data(16, seed=3), batch_size=4)
+    name = "validation-failure" + ("" if strategy == "ddp" else f"-{strategy}")
+    settings = config(out / name, num_epochs=3, distributed_strategy=strategy)
     try:
-        TrainingManager(config(out / "validation-failure", num_epochs=3)).train(
-            model(), *loaders, evaluator=evaluator
+        TrainingManager(settings).train(
+            Blocks() if strategy == "fsdp" else model(), *loaders, evaluator=evaluator
         )
     except Exception as error:
         theirs = " (user code)" if getattr(error, "user_code", False) else ""
-        (out / f"validation-failure-{rank}.txt").write_text(
-            f"{type(error).__name__}{theirs}: {error}"
-        )
+        (out / f"{name}-{rank}.txt").write_text(f"{type(error).__name__}{theirs}: {error}")
         raise
+
+
+def validation_failure_fsdp(out: Path, rank: int) -> None:
+    validation_failure(out, rank, "fsdp")
 
 
 class SlowSteps(Callback):
@@ -889,6 +894,7 @@ SCENARIOS = {
     "resume_second": resume_second,
     "failure": failure,
     "validation_failure": validation_failure,
+    "validation_failure_fsdp": validation_failure_fsdp,
     "signal_between_logs": signal_between_logs,
     "hang": hang,
     "fsdp": fsdp,

@@ -39,7 +39,7 @@ from ..training.batches import OutputTransform, in_eval_mode, move_to_device
 from ..training.precision import available_device
 from .accumulator import SCATTER_POINTS, Accumulator
 from .predictions import PredictionWriter, class_labels
-from .ranks import batches, merge_ranks, this_ranks_own
+from .ranks import RankBatches, merge_ranks, this_ranks_own
 from .report import EvaluationOptions, EvaluationReport, task_of
 from .scoring import BatchScorer, Scored
 from .user_metrics import UserMetric, named, resolve, user_metrics
@@ -261,32 +261,40 @@ class ModelEvaluator:
         how = plan.options
         accumulator: Accumulator | None = None
         writer: PredictionWriter | None = None
-        shared = how.distributed if how.lockstep else None
+        steps = RankBatches(loader, how.distributed if how.lockstep else None)
         with torch.inference_mode(), contextlib.ExitStack() as stack:
-            for batch, real in batches(loader, shared):
-                if plan.device.type != "cpu":
-                    batch = move_to_device(batch, plan.device)
-                with how.precision.autocast() if how.precision is not None else nullcontext():
-                    result = scorer.forward(batch)
-                if not real:
-                    continue  # a repeated batch, only to keep the ranks in step
-                if accumulator is None:  # the first batch: the task, the files
-                    task = how.task_type or detect_labeled_task(
-                        *scorer.pair(result),
-                        self.config.ignore_index,
-                        supervised=not scorer.unsupervised,
-                    )
-                    config = self.config  # training's validations resample nothing
-                    if not how.intervals:
-                        config = dataclasses.replace(config, bootstrap_samples=0)
-                    accumulator = Accumulator(task, config, keep_curve=plan.folder is not None)
-                    accumulator.start_user_metrics(self.user_metrics[task])
-                    writer = self._writer(task, plan, stack)
-                scored = scorer.score(result, accumulator.task)  # adds to its loss sums
-                self._update(accumulator, writer, plan, scored)
+            for batch, real in steps:
+                with steps.guard():  # in lockstep, the ranks agree on a failure first
+                    if plan.device.type != "cpu":
+                        batch = move_to_device(batch, plan.device)
+                    with nullcontext() if how.precision is None else how.precision.autocast():
+                        result = scorer.forward(batch)
+                    if not real:
+                        continue  # a repeated batch, only to keep the ranks in step
+                    if accumulator is None:  # the first batch: the task, the files
+                        accumulator = self._accumulator(scorer.pair(result), plan)
+                        writer = self._writer(accumulator.task, plan, stack)
+                    scored = scorer.score(result, accumulator.task)  # adds to its loss sums
+                    self._update(accumulator, writer, plan, scored)
+            steps.raise_failure()
             if writer is not None:
                 writer.check_ids()  # inside the with: a refused file is not written
         return accumulator, writer
+
+    def _accumulator(self, pair: tuple[Any, Any], plan: _Pass) -> Accumulator:
+        """The metric state of a pass, for the task detected on its first batch's `pair`."""
+        how = plan.options
+        task = how.task_type or detect_labeled_task(
+            *pair,
+            self.config.ignore_index,
+            supervised=how.training_mode is not TrainingMode.UNSUPERVISED,
+        )
+        config = self.config  # training's validations resample nothing
+        if not how.intervals:
+            config = dataclasses.replace(config, bootstrap_samples=0)
+        accumulator = Accumulator(task, config, keep_curve=plan.folder is not None)
+        accumulator.start_user_metrics(self.user_metrics[task])
+        return accumulator
 
     def _report(
         self,

@@ -4,6 +4,7 @@ the metrics of all samples, each counted once."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -16,37 +17,71 @@ from ..training.stopping import TrainingInterrupted
 from .accumulator import Accumulator
 from .user_metrics import UserMetric
 
-
-def batches(loader: Iterable[Any], job: Distributed | None) -> Iterable[tuple[Any, bool]]:
-    """The loader's batches, each marked real; in lockstep across `job`'s ranks when given
-    (a distributed model whose forward is a collective)."""
-    if job is not None and job.enabled:
-        return _lockstep(loader, job)
-    return ((batch, True) for batch in loader)
+_SPENT = object()  # what a spent loader's iterator gives
 
 
-def _lockstep(loader: Iterable[Any], job: Distributed) -> Iterator[tuple[Any, bool]]:
-    """This rank's batches, then its last batch again (marked not real) until every rank
-    has made as many forward passes as the one with the most batches."""
-    try:
-        count = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            "evaluating a sharded (FSDP) model needs a loader with len(), so the ranks can "
-            "step together"
-        ) from None
-    counts = job.gather(count)
-    if max(counts) and min(counts) == 0:
-        raise ValueError(
-            f"evaluating a sharded (FSDP) model needs a batch on every rank; the ranks have "
-            f"{counts} batches (fewer samples than ranks?)"
-        )
-    last = None
-    for batch in loader:
-        last = batch
-        yield batch, True
-    for _ in range(max(counts) - count):
-        yield last, False
+class RankBatches:
+    """The batches of an evaluation on one rank, each with whether it is real; in lockstep
+    across `job`'s ranks where given (a model whose forward is a collective: FSDP).
+
+    In lockstep, every rank makes as many forward passes as the one with the most batches
+    (its last batch again, marked not real), and before each one the ranks agree whether
+    one of them has failed: a batch's work runs inside `guard()`, which keeps this rank's
+    own error (`failure`) instead of raising it, so that every rank leaves the loop at the
+    same batch and none waits in a forward's collective for a rank that left (it waited for
+    the collective timeout). Alone, or without lockstep, an error is raised at once."""
+
+    def __init__(self, loader: Iterable[Any], job: Distributed | None) -> None:
+        self.loader = loader
+        self.job = job if job is not None and job.enabled else None
+        self.failure: Exception | None = None
+
+    def __iter__(self) -> Iterator[tuple[Any, bool]]:
+        if self.job is None:
+            return ((batch, True) for batch in self.loader)
+        return self._lockstep(self.job)
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Inside, one batch's work: in lockstep, this rank's own error is kept for the
+        ranks to agree on before the next batch."""
+        try:
+            yield
+        except Exception as error:
+            if self.job is None or not this_ranks_own(error):
+                raise
+            self.failure = error
+
+    def raise_failure(self) -> None:
+        """After the loop: this rank's kept error, if it had one."""
+        if self.failure is not None:
+            raise self.failure
+
+    def _lockstep(self, job: Distributed) -> Iterator[tuple[Any, bool]]:
+        try:
+            count = len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(
+                "evaluating a sharded (FSDP) model needs a loader with len(), so the ranks "
+                "can step together"
+            ) from None
+        counts = job.gather(count)
+        if max(counts) and min(counts) == 0:
+            raise ValueError(
+                f"evaluating a sharded (FSDP) model needs a batch on every rank; the ranks "
+                f"have {counts} batches (fewer samples than ranks?)"
+            )
+        last, mine, spent = None, iter(self.loader), False
+        for _ in range(max(counts)):
+            if job.any(self.failure is not None):
+                return  # a rank failed: every rank stops here, to merge (and say) it
+            batch = _SPENT if spent else next(mine, _SPENT)
+            spent = batch is _SPENT
+            if not spent:
+                last = batch
+                yield batch, True
+            else:  # spent (a loader shorter than its len() too): in step, not scored
+                yield last, False
 
 
 class RankFailed(ValueError):
