@@ -494,3 +494,27 @@ def test_a_resume_inside_a_step_leaves_tensorboard_as_the_uninterrupted_run(tmp_
     train("stopped", max_steps=10)
     train("stopped", max_steps=None)
     assert points(tmp_path / "stopped" / "run") == points(tmp_path / "straight" / "run")
+
+
+def test_a_damaged_metrics_file_reads_as_the_records_a_resume_keeps(tmp_path):
+    """read_jsonl (the report, users) and a resume's trimming (json_records) read the same
+    records: a line cut short, one that is not an object, one with bytes that are not UTF-8
+    and one nested too deep to read are passed over by both (read_jsonl read the bad bytes
+    as replacement characters, so the report showed a record the resumed run had dropped)."""
+    from traineval.loggers import read_jsonl
+    from traineval.system.files import json_records
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [
+        b'{"step": 1, "loss": 0.5}\n',
+        b'{"step": 2, "lo\n',  # cut short by a crash
+        b"[1, 2]\n",  # not a record
+        b'{"step": 3, "note": "caf\xe9"}\n',  # latin-1, not UTF-8
+        b"[" * 100_000 + b"\n",  # nested too deep
+        b"\n",
+        b'{"step": 4, "note": "caf\xc3\xa9"}',  # UTF-8, no final newline
+    ]
+    path.write_bytes(b"".join(lines))
+    expected = [{"step": 1, "loss": 0.5}, {"step": 4, "note": "café"}]
+    assert read_jsonl(path) == expected
+    assert [record for _, record in json_records(path)] == expected

@@ -66,15 +66,6 @@ def plain(value: Any) -> Any:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read every record of a metrics.jsonl file: a line cut short by a crash, or one that is
-    not a JSON object (a damaged or hostile file), is skipped."""
-    records = []
-    with Path(path).open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-    return records
+    not a JSON object (a damaged or hostile file: bad bytes, nesting too deep) is skipped,
+    as a resume passes over it (`json_records`)."""
+    return [record for _, record in json_records(path)]
