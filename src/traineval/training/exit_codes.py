@@ -29,7 +29,7 @@ def exit_status_of(error: BaseException) -> int:
     for what the user gave (a value, a file, a checkpoint, a code reference, a metric of
     theirs that raised)."""
     from ..runs.rundir import RunDirInUse
-    from .loop import EvaluationError
+    from .stop_rules import EvaluationError
     from .steplog import NonFiniteError
 
     if isinstance(error, EvaluationError) and error.user_code:
