@@ -9,8 +9,9 @@ its mean), or the function given.
     >>> import torch
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from traineval.models import Autoencoder
-    >>> x, y = torch.randn(40, 4), torch.arange(40) % 2
-    >>> x[:, 0] += 4 * y  # one direction separates the classes
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(80, 4), torch.arange(80) % 2
+    >>> x[:, 0] += 8 * y  # one direction separates the classes
     >>> data = DataLoader(TensorDataset(x, y), batch_size=16)
     >>> linear_probe(Autoencoder(4, latent_dim=4), data, data)["probe_accuracy"] > 0.9
     True
