@@ -95,6 +95,16 @@ def test_a_bad_curve_is_pruned_before_its_last_epoch(tmp_path):
         ({"batch_size": [16, 0]}, "search.training.batch_size: the value 0 is refused"),
         ({"batch_size": "big"}, "expected a list of choices"),
         ({"mode.clients": [2, 4]}, "no config field of that name"),
+        (  # one range was silently ignored; Optuna's raw error for a range and choices
+            {"learning_rate": {"low": 0.01, "high": 0.1}, "training.learning_rate": [0.2]},
+            "search.training.learning_rate and search.learning_rate name one field",
+        ),
+        (  # the trials trained on neither value the table showed
+            {"model.options.hidden_sizes": [[4]], "model.options": [{"hidden_sizes": [16]}]},
+            "overlap: model.options.hidden_sizes is inside model.options",
+        ),
+        ({"model.options": [{"hidden_sizes": [16]}]}, "a choice is a mapping"),
+        ({"output_dir": ["a", "b"]}, "training.output_dir is not searchable"),
     ],
 )
 def test_a_bad_search_space_is_refused_before_any_trial(tmp_path, search, message):
@@ -171,6 +181,84 @@ def test_a_study_continues_only_under_its_metric_and_direction(tmp_path):
     assert len(result.trials) == 2
 
 
+def test_a_study_continues_only_with_the_config_and_space_it_began_with(tmp_path):
+    """A continuation with num_epochs 1 ranked its trials beside the first run's 3-epoch
+    trials, and best_config.yaml (the base with the best values) said 1 epoch for a trial
+    trained 3: refitting it gave another value. Only how a run is shown may differ."""
+    tune(_config(tmp_path / "s", epochs=2), SEARCH, trials=1)
+    with pytest.raises(
+        ValueError, match=r"training.num_epochs differ \(training.num_epochs was 2\)"
+    ):
+        tune(_config(tmp_path / "s", epochs=1), SEARCH, trials=2)
+    with pytest.raises(ValueError, match=r"search.training.batch_size differ"):
+        tune(_config(tmp_path / "s", epochs=2), {**SEARCH, "batch_size": [8, 16]}, trials=2)
+    result = tune(_config(tmp_path / "s", epochs=2, progress_bar=True), SEARCH, trials=2)
+    assert len(result.trials) == 2
+
+
+def test_a_study_in_a_training_runs_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    fit = tmp_path / "c.yaml"
+    fit.write_text(yaml.safe_dump(_config(run, epochs=1).to_dict()))
+    assert main(["fit", str(fit), "-q"]) == 0
+    with pytest.raises(ValueError, match="holds a training run"):
+        tune(_config(run, epochs=1), SEARCH, trials=1)
+    assert not (run / "study.db").exists()
+
+
+def test_a_trial_whose_values_are_refused_fails_and_the_study_goes_on(tmp_path, monkeypatch):
+    """A model factory refusing one value ended the whole study (exit 2, no table), and the
+    rerun drew another grid point in its place; it is that trial's failure, as a diverging
+    trial's is. The same refusal three times in a row (a mistake in the config, not in a
+    value) stops the study naming it."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pickymodels", raising=False)
+    (tmp_path / "pickymodels.py").write_text(
+        "import math\nfrom torch import nn\n\n"
+        "def build(input_shape, output_dim, width=32):\n"
+        "    if width == 8:\n"
+        "        raise ValueError('width 8 is too small for this data')\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width),\n"
+        "                         nn.ReLU(), nn.Linear(width, output_dim))\n\n"
+        "def never(input_shape, output_dim, width=32):\n"
+        "    raise ValueError('no model today')\n"
+    )
+
+    def config(folder, factory):
+        data = _config(folder, epochs=1).to_dict()
+        data["model"] = {"name": f"pickymodels:{factory}", "options": {"width": 32}}
+        return RunConfig.from_dict(data)
+
+    search = {"model.options.width": [32, 8, 16]}
+    result = tune(config(tmp_path / "g", "build"), search, trials=3, sampler="grid")
+    states = {t["params"]["model.options.width"]: t["state"] for t in result.trials}
+    assert states == {32: "complete", 8: "fail", 16: "complete"}
+    failed = [t for t in result.trials if t["state"] == "fail"]
+    assert "width 8 is too small" in failed[0]["error"]
+    again = tune(config(tmp_path / "g", "build"), search, trials=3, sampler="grid")
+    assert len(again.trials) == 3  # nothing drawn twice
+    with pytest.raises(ValueError, match=r"3 trials in a row failed the same way: .*no model"):
+        tune(config(tmp_path / "h", "never"), {"model.options.width": [16, 32]}, trials=4)
+
+
+def test_a_running_trial_whose_process_died_before_its_run_began_is_retried(tmp_path):
+    """A trial asked for, then its process killed before its run directory was recorded,
+    stayed 'running' forever and the study ended short of its trials."""
+    from traineval.tuning.trial import next_trial
+
+    config = _config(tmp_path / "s", epochs=1)
+    settings = prepare(config, SEARCH, TuneOptions(trials=2))
+    study = open_study(settings)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    trial = next_trial(study, 2, settings.study_dir)
+    trial.set_user_attr("pid", int(dead.stdout))  # as if that process had asked
+    result = tune(config, SEARCH, trials=2)
+    finished = [t for t in result.trials if t["state"] == "complete"]
+    assert len(finished) == 2
+    assert not [t for t in result.trials if t["state"] == "running"]
+
+
 def test_the_study_says_its_start_and_each_trial_once_in_its_own_words(tmp_path, caplog):
     """Optuna's own "A new study created in RDB" and "Using an existing study" lines came
     beside ours, in another format; a trial's line read "finished: 0.8695652173913043"."""
@@ -190,7 +278,7 @@ def test_the_study_says_its_start_and_each_trial_once_in_its_own_words(tmp_path,
     assert [r.getMessage() for r in heard if r.levelno < logging.WARNING] == []
     said = [r.getMessage() for r in caplog.records if r.name.startswith("traineval.tuning")]
     assert "study 's' created" in said
-    assert "study 's' continues after its 1 earlier trial" in said
+    assert "study 's' continues after its 1 finished trial" in said
     finished = [line for line in said if " finished: " in line]
     assert len(finished) == 2
     value = r"0\.\d{1,4}"

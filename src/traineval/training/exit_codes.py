@@ -29,8 +29,8 @@ def exit_status_of(error: BaseException) -> int:
     for what the user gave (a value, a file, a checkpoint, a code reference, a metric of
     theirs that raised)."""
     from ..runs.rundir import RunDirInUse
-    from .stop_rules import EvaluationError
     from .steplog import NonFiniteError
+    from .stop_rules import EvaluationError
 
     if isinstance(error, EvaluationError) and error.user_code:
         return BAD_INPUT  # a metric of theirs raised: it will again

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 SECTIONS = ("data", "model", "training", "evaluation", "mode")
+PLACES = ("training.output_dir", "training.overwrite_output_dir", "evaluation.output_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,35 @@ def parse_space(search: Any, base: Mapping[str, Any]) -> list[Param]:
             f"search={search!r} is invalid: name at least one config field to search, e.g. "
             "search: {learning_rate: {low: 1.0e-4, high: 1.0e-1, log: true}}"
         )
-    return [_param(_resolve(str(name), base), spec) for name, spec in search.items()]
+    fields = {str(name): _resolve(str(name), base) for name in search}
+    for name, field in fields.items():
+        if field in PLACES:
+            raise ValueError(
+                f"search.{name} is invalid: {field} is not searchable (each trial runs in "
+                "its own folder of the study, <output_dir>/trial-NNNN)"
+            )
+    _refuse_overlaps(fields)
+    return [_param(fields[str(name)], spec) for name, spec in search.items()]
+
+
+def _refuse_overlaps(fields: Mapping[str, str]) -> None:
+    """Refuse two names of one field (`learning_rate`, `training.learning_rate`: one range
+    was silently ignored) and a field searched with a field inside it (`model.options` and
+    `model.options.hidden_sizes`: the trials trained on neither value the table showed)."""
+    seen: dict[str, str] = {}
+    for name, field in fields.items():
+        for other_field, other in seen.items():
+            inner, outer = sorted((field, other_field), key=len, reverse=True)
+            if field == other_field:
+                raise ValueError(
+                    f"search.{name} and search.{other} name one field, {field}: search it once"
+                )
+            if inner.startswith(outer + "."):
+                raise ValueError(
+                    f"search.{name} and search.{other} overlap: {inner} is inside {outer}; "
+                    "search the inner fields one by one"
+                )
+        seen[field] = name
 
 
 def apply_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,6 +226,11 @@ def _param(field: str, spec: Any) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, (list, tuple)) or not choices:
             raise ValueError(f"search.{field}: choices must be a non-empty list, got {choices!r}")
+        if any(isinstance(choice, Mapping) for choice in choices):
+            raise ValueError(
+                f"search.{field}: a choice is a mapping ({choices!r}); search the fields "
+                f"inside it one by one ({field}.<name>: [...])"
+            )
         return Param(field, choices=tuple(choices))
     return _range(field, spec)
 

@@ -36,7 +36,7 @@ from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
 from ..system.files import atomic_write_text
 from .choices import PRUNERS, SAMPLERS
 from .space import Param, check_values, parse_space, run_data
-from .trial import is_finished, queue_retry
+from .trial import gone_from_here, is_finished, queue_retry
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +83,17 @@ def start_study(settings: Settings) -> Any:
     as written), and every abandoned trial queued for a retry that resumes it."""
     study = open_study(settings)
     _check_objective(study, settings)
-    earlier = len(study.get_trials(deepcopy=False))
-    if not earlier:
+    _check_same_runs(study, settings)
+    if not study.get_trials(deepcopy=False):
         logger.info("study %r created", settings.study_name)
         enqueue_defaults(study, settings)
     else:
+        finished = finished_count(study)
         logger.info(
-            "study %r continues after its %d earlier trial%s",
+            "study %r continues after its %d finished trial%s",
             settings.study_name,
-            earlier,
-            "" if earlier == 1 else "s",
+            finished,
+            "" if finished == 1 else "s",
         )
     recover_abandoned(study, settings)
     return study
@@ -158,6 +159,12 @@ def prepare(
         for param in params:
             param.grid()
     folder = Path(o.study_dir or config.training.output_dir or default_run_dir("study"))
+    if (folder / "summary.json").is_file() or (folder / "checkpoints").is_dir():
+        raise ValueError(
+            f"output_dir={str(folder)!r} holds a training run (its summary.json or "
+            "checkpoints): a study needs a folder of its own (its trials, study.db and "
+            "best_config.yaml would be mixed into the run's); give another output_dir"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     url = o.storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
     written = (*config.training.given_dict(), "monitor_metric", "monitor_mode")
@@ -254,6 +261,50 @@ def _check_objective(study: Any, settings: Settings) -> None:
         )
     if known is None:
         study.set_user_attr("metric", settings.metric)
+
+
+# what may differ between the runs of one study: how it is shown, where it runs
+MAY_DIFFER = ("training.progress_bar", "training.device", "training.output_dir")
+
+
+def _check_same_runs(study: Any, settings: Settings) -> None:
+    """A study continues with the config and search space it began with: trials of another
+    config ranked beside its own would make a false best (and `best_config.yaml`, the base
+    with the best values, would not be the config that trained it). The first run records
+    both in the study; a study of an earlier version records them now."""
+    import json
+
+    base = {k: v for k, v in _flat(settings.base).items() if k not in MAY_DIFFER}
+    space = {p.field: p.describe() for p in settings.params}
+    now = json.loads(json.dumps({"base": base, "space": space}, default=repr))
+    known = study.user_attrs.get("runs")
+    if known is None:
+        study.set_user_attr("runs", now)
+        return
+    changed = [f"search.{k}" for k in sorted({*known["space"], *now["space"]})
+               if known["space"].get(k) != now["space"].get(k)]  # fmt: skip
+    changed += [k for k in sorted({*known["base"], *now["base"]})
+                if known["base"].get(k, "<unset>") != now["base"].get(k, "<unset>")]  # fmt: skip
+    if changed:
+        first = changed[0].removeprefix("search.")
+        was = (known["space"] if changed[0].startswith("search.") else known["base"]).get(first)
+        raise ValueError(
+            f"study {settings.study_name!r} was begun with another config: "
+            f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ ({changed[0]} "
+            f"was {was!r}); set them back to continue it, or start another study "
+            "(--study-name, or another output_dir)"
+        )
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`data`'s leaves by dotted name (`training.learning_rate`)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _check_workers(workers: Any) -> None:
@@ -425,6 +476,10 @@ def recover_abandoned(study: Any, settings: Settings) -> list[int]:
     retried = []
     for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
         run_dir = trial.user_attrs.get("run_dir")
+        if not run_dir and gone_from_here(trial):  # it stopped before its run started
+            if queue_retry(study, trial, "interrupted: its process is gone"):
+                retried.append(trial.number)
+            continue
         if not run_dir or not Path(run_dir).is_dir():
             continue  # another machine's trial: Optuna's heartbeat looks after it
         try:

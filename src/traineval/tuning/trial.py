@@ -164,6 +164,8 @@ def _ask_for_a_place(study: Any, total: int) -> Any:
         trial = study.ask()
         reason = surplus(trial, study.get_trials(deepcopy=False), total)
         if reason is None:
+            trial.set_user_attr("host", socket.gethostname())  # whose it is, from the start
+            trial.set_user_attr("pid", os.getpid())
             return trial
         trial.set_user_attr("surplus", reason)
         study.tell(trial, state=_states().FAIL)
@@ -176,6 +178,23 @@ def mark_running(trial: Any, run_dir: Path) -> None:
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
+
+
+def gone_from_here(trial: Any) -> bool:
+    """Whether `trial` was asked for by a process of this host that is gone (a trial that
+    stopped before it had a run directory)."""
+    pid = trial.user_attrs.get("pid")
+    if trial.user_attrs.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
 
 
 def queue_retry(study: Any, trial: Any, why: str) -> bool:
@@ -250,7 +269,7 @@ def record(study: Any, trial: Any, outcome: Mapping[str, Any]) -> None:
 
 def _record(study: Any, trial: Any, outcome: Mapping[str, Any]) -> None:
     states = _states()
-    if "error" in outcome:  # a diverging trial: failed, the study goes on
+    if "error" in outcome:  # a diverging trial, or refused values: failed, the study goes on
         trial.set_user_attr("error", outcome["error"])
         logger.warning("trial %d failed: %s", trial.number, outcome["error"])
         study.tell(trial, state=states.FAIL)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs.rundir import RunDirInUse
+from ..training.exit_codes import BAD_INPUT, error_line, exit_status_of
 from ..training.stopping import TrainingInterrupted, exit_status, received, watching_signals
 from .study import Settings, open_study
 from .trial import next_trial, record, record_interrupted, stopped_why, train_trial
@@ -26,11 +27,15 @@ from .trial import next_trial, record, record_interrupted, stopped_why, train_tr
 logger = logging.getLogger(__name__)
 
 WORKERS_LOCK = ".workers.lock"
+# a study stops when this many trials in a row had their values refused the same way (a
+# mistake in the config, not in a value): the trials after them would fail too
+REFUSED_IN_A_ROW = 3
 
 
 def work(study: Any, settings: Settings, total: int) -> None:
     """Run trials of `study` until it is full (see `trial.next_trial`); raises
     `TrainingInterrupted` when a signal stopped this process."""
+    in_a_row: list[str] = []  # why the last trials' values were refused, if they were
     with watching_signals():
         while True:
             name = received()
@@ -40,27 +45,46 @@ def work(study: Any, settings: Settings, total: int) -> None:
             trial = next_trial(study, total, settings.study_dir)
             if trial is None:
                 return
-            run(study, trial, settings)
+            refused = run(study, trial, settings)
+            in_a_row = [*in_a_row, refused] if refused else []
+            if len(in_a_row) >= REFUSED_IN_A_ROW and len(set(in_a_row)) == 1:
+                raise ValueError(
+                    f"{len(in_a_row)} trials in a row failed the same way: {refused}; fix "
+                    "it, then run the tune again (it continues the study)"
+                )
 
 
-def run(study: Any, trial: Any, settings: Settings) -> None:
-    """Train `trial` and record how it ended; a signal records it as interrupted (its
-    retry queued) and stops this process."""
+def run(study: Any, trial: Any, settings: Settings) -> str | None:
+    """Train `trial` and record how it ended; returns why its values were refused (bad
+    input: a model factory or a config check refused them; the trial failed and the study
+    goes on), else None. A signal records it as interrupted (its retry queued) and stops
+    this process; a fault of the machine records it as crashed and stops it too."""
     from optuna.storages._heartbeat import get_heartbeat_thread
-    from optuna.trial import TrialState
 
-    values = {p.field: p.tidy(p.suggest(trial)) for p in settings.params}
-    resume_dir = trial.user_attrs.get("resume_dir")
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
+            values = {p.field: p.tidy(p.suggest(trial)) for p in settings.params}
+            resume_dir = trial.user_attrs.get("resume_dir")
             outcome = train_trial(trial.number, values, resume_dir, settings, trial)
         except (TrainingInterrupted, KeyboardInterrupt) as stopped:
             raise _trial_interrupted(study, trial, stopped) from stopped
+        except Exception as error:
+            if exit_status_of(error) != BAD_INPUT:
+                _crashed(study, trial, error)
+                raise
+            outcome = {"error": error_line(error), "refused": True}
         except BaseException as error:
-            trial.set_user_attr("crashed", f"{type(error).__name__}: {error}")
-            study.tell(trial, state=TrialState.FAIL)
+            _crashed(study, trial, error)
             raise
     record(study, trial, outcome)
+    return outcome["error"] if outcome.get("refused") else None
+
+
+def _crashed(study: Any, trial: Any, error: BaseException) -> None:
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("crashed", f"{type(error).__name__}: {error}")
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def _trial_interrupted(study: Any, trial: Any, stopped: BaseException) -> TrainingInterrupted:
