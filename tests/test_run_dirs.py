@@ -419,3 +419,29 @@ def test_a_report_probing_the_folder_does_not_refuse_a_run_starting_then(tmp_pat
     with run_dir_lock(folder):  # waits the probe out instead of refusing
         assert in_use(folder)
     assert not in_use(folder)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_runs_files_have_the_mode_the_umask_gives(tmp_path, umask):
+    """Every file written atomically was 0600 whatever the umask (mkstemp's mode): a
+    teammate or a serving account could not read a run's checkpoints, config or
+    predictions. A run's files now have what open() gives them (0644 under umask 022)."""
+    script = (
+        "import os, sys\n"
+        f"os.umask({umask})\n"
+        "from traineval.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", script, *iris_demo(run, "training.tensorboard_logging=false")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    files = [p for p in run.rglob("*") if p.is_file() and p.name != ".lock"]
+    wanted = 0o666 & ~umask
+    assert {p.name for p in files} >= {"config.yaml", "summary.json", "best.pt", "last.pt"}
+    assert {p.relative_to(run).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(run).as_posix(): oct(wanted) for p in files
+    }

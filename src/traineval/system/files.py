@@ -62,6 +62,17 @@ def _free_space(path: Path) -> str:
     return "" if free is None else f" ({free / 2**20:,.0f} MB free on its disk)"
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (read once, at import:
+    reading it means setting it, which must not race with another thread's files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+NEW_FILE_MODE = _new_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_file(
     path: str | Path, library_errors: tuple[type[BaseException], ...] = ()
@@ -79,6 +90,8 @@ def atomic_file(
         temporary = Path(name)  # unique per writer: two saves never share a temp file
         try:
             yield temporary
+            # the mode open() would give it: mkstemp's (and safetensors') is 0600
+            os.chmod(temporary, NEW_FILE_MODE)
             with temporary.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
