@@ -156,6 +156,41 @@ def _resume(tmp_path, checkpoint, hidden=8):
     return ["fit", str(config), "-q", "--resume", str(checkpoint)]
 
 
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _link(tmp_path, target):
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    return link
+
+
+def _zero_scale(tmp_path, trained):
+    """A copy of the trained run whose data.json says a feature's scale is 0 (its
+    predictions were NaN, exit 0)."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    schema = json.loads((run / "data.json").read_text())
+    schema["feature_scale"][0] = 0.0
+    (run / "data.json").write_text(json.dumps(schema))
+    return ["predict", str(run), str(trained[1]), "--output", str(tmp_path / "p.csv")]
+
+
+def _evaluation_is_a_file(tmp_path, trained):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.rmtree(run / "evaluation")
+    (run / "evaluation").write_text("mine\n")
+    return ["evaluate", str(run)]
+
+
 def _damaged(tmp_path, trained, *where):
     """The trained run's last.pt with the entry at `where` (a key path) removed."""
     import torch
@@ -194,6 +229,40 @@ CASES = [
      lambda t, r: ["predict", str(r[0]), str(r[1]), "--output", str(t)],
      "is a directory: name a CSV file (in it)", 2),
     ("fit a folder", lambda t, r: ["fit", str(t)], "is a directory: name a YAML file", 2),
+    ("predict into a folder that does not exist yet",  # it wrote a file named 'new'
+     lambda t, r: ["predict", str(r[0]), str(r[1]), "--output", f"{t / 'new'}/"],
+     "is a directory: name a CSV file (in it)", 2),
+    ("predict over a symbolic link, with --overwrite",  # the link was replaced by a file
+     lambda t, r: ["predict", str(r[0]), str(r[1]), "--output",
+                   str(_link(t, _table(t / "mine.csv"))), "--overwrite"],
+     "is a symbolic link: predict writes a new file and renames it", 2),
+    ("predict over a device, with --overwrite",  # as root, /dev/full became a plain file
+     lambda t, r: ["predict", str(r[0]), str(r[1]), "--output", "/dev/null", "--overwrite"],
+     "'/dev/null' is not a regular file (a device?)", 2),
+    ("predict with a number written 5_1",  # float() reads it as 51
+     lambda t, r: ["predict", str(r[0]), str(_write(t / "u.csv", "a,b\n5_1,0.2\n"))],
+     "column 'a' is '5_1', not a finite number", 2),
+    ("predict with Arabic-Indic digits",
+     lambda t, r: ["predict", str(r[0]), str(_write(t / "u.csv", "a,b\n\u0665,0.2\n"))],
+     "column 'a' is '\u0665', not a finite number", 2),
+    ("predict from an empty file",
+     lambda t, r: ["predict", str(r[0]), str(_write(t / "e.csv", ""))],
+     "is empty: a CSV file has a header row, then data rows", 2),
+    ("predict from JSON saved as .csv",
+     lambda t, r: ["predict", str(r[0]), str(_write(t / "j.csv", '[{"a": 1, "b": 2}]\n'))],
+     "holds JSON, not CSV", 2),
+    ("predict from a tab-separated file",
+     lambda t, r: ["predict", str(r[0]), str(_write(t / "t.csv", "a\tb\n1\t2\n"))],
+     "the file is tab-separated", 2),
+    ("predict with columns named in another case",
+     lambda t, r: ["predict", str(r[0]), str(_write(t / "c.csv", "A,b\n1,2\n"))],
+     "names are read as written: 'A' for 'a'?", 2),
+    ("predict with a data.json whose scale is 0", _zero_scale,
+     "feature_scale holds [0.0", 2),
+    ("evaluate where the run's evaluation folder is a file", _evaluation_is_a_file,
+     "evaluation' is a file, not a folder: move it away", 1),
+    ("evaluate of an empty folder", lambda t, r: ["evaluate", str(t)],
+     "is not a run directory: it has no config.yaml", 2),
     ("predict over an existing file",
      lambda t, r: ["predict", str(r[0]), str(r[1]), "--output", str(_table(t / "mine.csv"))],
      "pass --overwrite", 2),
@@ -295,6 +364,17 @@ def test_hostile_input_is_one_line_naming_it(tmp_path, trained, capsys, setup, w
     assert seconds < 20  # a guard against blowing up (an alias bomb expanded takes minutes)
     after = {**_files(tmp_path), **_files(trained[0].parent)}
     assert {p: h for p, h in after.items() if p in before} == before  # nothing changed
+
+
+def test_a_long_text_cell_is_read_and_passed_through(tmp_path, trained):
+    """A column of long texts (a cell over csv's 131,072 characters) ended predict with
+    'Error: field larger than field limit (131072)'; it is passed through as it is."""
+    text = "word " * 40_000
+    table = tmp_path / "long.csv"
+    table.write_text(f"a,b,notes\n0.1,0.2,{text}\n")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(trained[0]), str(table), "--output", str(out)]) == 0
+    assert text in out.read_text()
 
 
 def test_tables_as_people_have_them_train(tmp_path):

@@ -168,7 +168,7 @@ def _add_predict(commands: Any) -> None:
         help="best, last, epoch-NNNN, final (a Flower run's final weights) or a path "
         "(default best; for a run that keeps no best its final weights, or last)",
     )
-    predict.add_argument("--output", type=Path, help="where to write the predictions CSV")
+    predict.add_argument("--output", type=str, help="where to write the predictions CSV")
     predict.add_argument(
         "--overwrite", action="store_true", help="replace --output if it exists (never the input)"
     )

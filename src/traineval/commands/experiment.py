@@ -351,6 +351,11 @@ class RunConfig:
         (a model factory, a data factory, a mode's function, a gymnasium `module:Env` id)
         is refused before anything is imported, unless `trust_code=True`."""
         path = Path(run_dir) / "config.yaml"
+        if Path(run_dir).is_dir() and not path.exists():
+            raise FileNotFoundError(
+                f"{str(run_dir)!r} is not a run directory: it has no config.yaml (fit, demo "
+                "and cv write one in each run's folder)"
+            )
         data = _as_recorded(_mode_as_section(load_yaml(path)))
         if set(data) == {"training", "mode"} and is_fold(Path(run_dir)):
             return cls._fold(Path(run_dir).resolve(), trust_code)

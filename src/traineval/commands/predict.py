@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..config.checks import fail, integer, number
 from ..config.code_references import untrusted
 from ..config.training_config import TaskType
 from ..data.splits import DataSplits
-from ..data.tables import finite_cell, read_rows
+from ..data.tables import finite_cell, read_rows, separators_hint
 from ..evaluation.metrics import class_probabilities
 from ..evaluation.predictions import class_labels, label_separator, label_set, value_texts
 from ..models import build_model
@@ -113,8 +114,14 @@ def output_path(run_dir: Path, input_csv: Path, output: str | Path | None, overw
             f"--output {str(out)!r} is the input file: the predictions would replace its rows; "
             "choose another path"
         )
-    if out.is_dir():
-        raise ValueError(f"--output {str(out)!r} is a directory: name a CSV file (in it)")
+    if out.is_dir() or str(output).endswith(("/", os.sep)):
+        raise ValueError(f"--output {str(output)!r} is a directory: name a CSV file (in it)")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        what = "a symbolic link" if out.is_symlink() else "not a regular file (a device?)"
+        raise ValueError(
+            f"--output {str(out)!r} is {what}: predict writes a new file and renames it "
+            "into place, which would replace it; name a regular file (the link's target)"
+        )
     if out.exists() and not overwrite:
         raise FileExistsError(
             f"--output {str(out)!r} exists: predict does not replace a file unless told to; "
@@ -197,9 +204,12 @@ def _read_rows(splits: DataSplits, input_csv: Path) -> _Rows:
     trained_on = [*numeric, *categorical]
     missing = [name for name in trained_on if name not in header]
     if missing:
+        folded = {name.casefold(): name for name in header}
+        cased = [f"{folded[m.casefold()]!r} for {m!r}" for m in missing if m.casefold() in folded]
+        hint = f"; names are read as written: {', '.join(cased[:3])}?" if cased else ""
         raise ValueError(
             f"{input_csv}: missing feature columns {missing} (the run was trained on "
-            f"{len(trained_on)} columns: {', '.join(trained_on)})"
+            f"{len(trained_on)} columns: {', '.join(trained_on)}){hint}" + separators_hint(header)
         )
     columns = [header.index(name) for name in numeric]
     texts = [header.index(name) for name in categorical]

@@ -96,6 +96,12 @@ class DataSplits:
                 raise ValueError(
                     f"{key} holds {len(values)} values for {len(names) - encoded} columns"
                 )
+            found = array(values)
+            if found is not None and not (
+                np.isfinite(found).all() and (key != "feature_scale" or (found > 0).all())
+            ):
+                wanted = "positive numbers" if key == "feature_scale" else "finite numbers"
+                raise ValueError(f"{key} holds {found.tolist()!r}: expected {wanted}")
         if int(np.prod(record["input_shape"])) != len(names):
             raise ValueError(
                 f"input_shape {record['input_shape']} does not hold {len(names)} features"

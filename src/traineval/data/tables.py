@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -145,7 +147,7 @@ def load_csv(
         named = f"data.target={target!r}" if isinstance(target, str) else f"data.target={targets}"
         raise ValueError(
             f"{named}: {', '.join(map(repr, missing))} is not a column of {str(path)!r}; "
-            f"columns: {', '.join(header)}{_separators_hint(header)}"
+            f"columns: {', '.join(header)}{separators_hint(header)}"
         )
     chosen = columns or Columns()
     target_at = [header.index(name) for name in targets]
@@ -181,7 +183,7 @@ def _feature_cell(value: str, path: Path, line: int, column: str) -> float:
         if not value.strip() or value.strip().lower() in ("nan", "inf", "-inf", "+inf"):
             raise
         try:
-            float(value)
+            read_number(value)
         except ValueError:
             raise ValueError(
                 f"{path}:{line}: column {column!r} is {value!r}, not a number: a feature column "
@@ -195,11 +197,27 @@ def _feature_cell(value: str, path: Path, line: int, column: str) -> float:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+# A number as a table writes it: ASCII digits, a point, an exponent (Python's float() also
+# reads "5_1" as 51 and Arabic-Indic digits: a typo would become a wrong value unsaid)
+_NUMBER = re.compile(
+    r"\s*[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)\s*",
+    re.ASCII | re.IGNORECASE,
+)
+
+
+def read_number(value: str) -> float:
+    """A cell's number, as a table writes one (pandas' reading too); a ValueError for
+    anything else ("5_1", non-ASCII digits, "0x10")."""
+    if not _NUMBER.fullmatch(value):
+        raise ValueError(f"not a number: {value!r}")
+    return float(value)
+
+
 def finite_cell(value: str, path: Path, line: int, column: str) -> float:
     """A CSV cell as a finite number; a missing, NaN, infinite or non-numeric cell is an
     error naming the file, line and column (traineval does not impute: fill or drop it)."""
     try:
-        number = float(value)
+        number = read_number(value)
     except ValueError:
         number = None
     if number is None or not math.isfinite(number):
@@ -233,7 +251,7 @@ def _refuse_unusable_features(features: list[str], chosen: Columns, path: Path) 
         )
 
 
-def _separators_hint(header: list[str]) -> str:
+def separators_hint(header: list[str]) -> str:
     """What to say of a header read as one column that holds tabs or semicolons: the file
     is separated by them, not by commas."""
     if len(header) != 1:
@@ -264,13 +282,14 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[
         raise FileNotFoundError(f"{named} does not exist{where}")
     _refuse_other_formats(path, named)
     text = read_utf8(path, named.split("=")[0] if "=" in named else "CSV file")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    rows, lines, previous = [], [], 0
-    for row in reader:
-        first, previous = previous + 1, reader.line_num  # a quoted cell may span lines
-        if row:  # blank lines
-            rows.append(row)
-            lines.append(first)
+    if not text.strip():
+        raise ValueError(f"{named} is empty: a CSV file has a header row, then data rows")
+    if _is_json(text):
+        raise ValueError(
+            f"{named} holds JSON, not CSV (it begins with {text.lstrip()[:1]!r}); write it as "
+            "CSV, e.g. pandas.read_json(path).to_csv('table.csv', index=False)"
+        )
+    rows, lines = _csv_rows(text)
     if len(rows) < 2:
         raise ValueError(f"{named} has no data rows below its header")
     header, body = [name.strip() for name in rows[0]], rows[1:]
@@ -279,9 +298,42 @@ def read_rows(path: Path, named: str) -> tuple[list[str], list[list[str]], list[
         if len(row) != len(header):
             raise ValueError(
                 f"{path}:{r}: expected {len(header)} fields, got {len(row)}"
-                + _separators_hint(header)
+                + separators_hint(header)
             )
     return header, body, lines[1:]
+
+
+def _is_json(text: str) -> bool:
+    """Whether `text` is a JSON document or JSON lines (saved with a .csv name)."""
+    if text.lstrip()[:1] not in ("{", "["):
+        return False
+    first = text.lstrip().split("\n", 1)[0]
+    for candidate in (first, text):
+        try:
+            json.loads(candidate)
+        except (ValueError, RecursionError):
+            continue
+        return True
+    return False
+
+
+def _csv_rows(text: str) -> tuple[list[list[str]], list[int]]:
+    """The non-blank rows of CSV `text` and the line each begins on. A cell may be as long
+    as the text (read whole already: csv's own limit, 131,072 characters, refused a long
+    text column with a bare 'field larger than field limit')."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, lines, previous = [], [], 0
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))
+    try:
+        for row in reader:
+            first, previous = previous + 1, reader.line_num  # a quoted cell may span lines
+            if row:  # blank lines
+                rows.append(row)
+                lines.append(first)
+    finally:
+        csv.field_size_limit(limit)
+    return rows, lines
 
 
 # the first bytes of files tables are often kept in, which are not CSV text
@@ -348,7 +400,7 @@ def _with_target(
             "impute missing values)"
         )
     try:
-        numbers = np.array([float(v) for v in raw], dtype=np.float64)
+        numbers = np.array([read_number(v) for v in raw], dtype=np.float64)
     except ValueError:
         numbers = None
     if task == "regression" or (task == "auto" and numbers is not None and not _integral(numbers)):

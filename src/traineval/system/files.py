@@ -84,7 +84,7 @@ def atomic_file(
     Every file of a run is written through this."""
     path = Path(path)
     with writing(path, library_errors):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(path.parent)
         descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(descriptor)
         temporary = Path(name)  # unique per writer: two saves never share a temp file
@@ -99,6 +99,23 @@ def atomic_file(
             temporary.unlink(missing_ok=True)
             raise
     sync_folder(path.parent)
+
+
+def _make_folder(folder: Path) -> None:
+    """`folder` and its parents; one that is a file is named ("File exists" named the
+    file to be written)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        culprit = next(
+            (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None
+        )
+        if culprit is None:
+            raise
+        raise WriteError(
+            error.errno,
+            f"{str(culprit)!r} is a file, not a folder: move it away (nothing was written)",
+        ) from None
 
 
 def sync_folder(folder: Path) -> None:
