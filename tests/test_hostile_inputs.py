@@ -191,6 +191,22 @@ def _evaluation_is_a_file(tmp_path, trained):
     return ["evaluate", str(run)]
 
 
+def _reordered(tmp_path, trained):
+    """A copy of the trained run whose table has its columns in another order."""
+    import csv
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    with trained[1].open() as handle:
+        rows = list(csv.reader(handle))
+    table = tmp_path / "swapped.csv"
+    table.write_text("\n".join(",".join([b, a, label]) for a, b, label in rows) + "\n")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(trained[1]), str(table)))
+    return ["evaluate", str(run)]
+
+
 def _damaged(tmp_path, trained, *where):
     """The trained run's last.pt with the entry at `where` (a key path) removed."""
     import torch
@@ -261,6 +277,8 @@ CASES = [
      "feature_scale holds [0.0", 2),
     ("evaluate where the run's evaluation folder is a file", _evaluation_is_a_file,
      "evaluation' is a file, not a folder: move it away", 1),
+    ("evaluate of a table whose columns are in another order", _reordered,
+     "has the run's columns in another order: the run read them as a, b; put them back", 2),
     ("evaluate of an empty folder", lambda t, r: ["evaluate", str(t)],
      "is not a run directory: it has no config.yaml", 2),
     ("predict over an existing file",

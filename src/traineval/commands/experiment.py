@@ -864,8 +864,20 @@ def _refuse_a_changed_table(run_dir: Path, config: RunConfig, splits: DataSplits
             if saved["split_digests"].get(name) != digest
         ]
         differ[differ.index("split_digests")] = ", ".join(rows) or "the rows"
+    where = f"data.path={str(config.data.path)!r}" if config.data.path else "the data"
+    names, known = now.get("feature_names"), saved.get("feature_names")
+    if (
+        "feature_names" in differ
+        and isinstance(names, list)
+        and isinstance(known, list)
+        and sorted(map(str, names)) == sorted(map(str, known))
+    ):
+        raise ValueError(
+            f"{where} has the run's columns in another order: the run read them as "
+            f"{', '.join(map(str, known[:8]))}{' ...' if len(known) > 8 else ''}; put them "
+            "back in that order"
+        )
     if differ:
-        where = f"data.path={str(config.data.path)!r}" if config.data.path else "the data"
         raise ValueError(
             f"{where} is not the data this run trained on: {', '.join(differ)} differ "
             f"from the run's {DATA_SCHEMA} (rows changed, added or reordered since); its "
