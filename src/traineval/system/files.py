@@ -84,7 +84,7 @@ def atomic_file(
     Every file of a run is written through this."""
     path = Path(path)
     with writing(path, library_errors):
-        _make_folder(path.parent)
+        _make_folder(path)
         descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(descriptor)
         temporary = Path(name)  # unique per writer: two saves never share a temp file
@@ -101,9 +101,10 @@ def atomic_file(
     sync_folder(path.parent)
 
 
-def _make_folder(folder: Path) -> None:
-    """`folder` and its parents; one that is a file is named ("File exists" named the
-    file to be written)."""
+def _make_folder(path: Path) -> None:
+    """The folder of `path`, with its parents; one that is a file is named ("File exists"
+    named the file to be written)."""
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as error:
@@ -114,7 +115,8 @@ def _make_folder(folder: Path) -> None:
             raise
         raise WriteError(
             error.errno,
-            f"{str(culprit)!r} is a file, not a folder: move it away (nothing was written)",
+            f"could not write {str(path)!r}: {str(culprit)!r} is a file, not a folder: move it "
+            "away; nothing was written",
         ) from None
 
 
