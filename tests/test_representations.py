@@ -147,3 +147,36 @@ def test_a_bounded_autoencoder_output_equals_the_activation_of_the_plain_one():
         "autoencoder", input_shape=(6,), output_dim=6, options={"output_activation": "tanh"}
     )
     assert built(x).abs().max() <= 1
+
+
+def test_the_probe_leaves_the_training_and_its_resume_as_they_are(quiet_config, tmp_path):
+    """The probe iterated the training's shuffled loader, drawing its generator: a run with
+    the probe trained on another order than without it, and a resume after a probe in the
+    middle of an epoch (eval_frequency) trained on yet another. Reference: the same run
+    without the probe, and the uninterrupted run."""
+    data = _data()
+
+    def run(folder, probe, stop_at=None, resume=None):
+        loader = DataLoader(data, 16, shuffle=True, generator=torch.Generator().manual_seed(5))
+        config = plain_sgd_config(
+            quiet_config, num_epochs=3, learning_rate=0.05, eval_frequency=3, seed=5,
+            output_dir=str(tmp_path / folder), monitor_metric="val_loss",
+        )  # fmt: skip
+        model = _vae()
+        mode = Unsupervised(objective="elbo", linear_probe=probe)
+        callbacks = [InterruptAt(stop_at)] if stop_at else []
+        try:
+            TrainingManager(config).train(
+                model, loader, DataLoader(data, 16), mode=mode, callbacks=callbacks,
+                resume_from=resume,
+            )  # fmt: skip
+        except TrainingInterrupted:
+            return None
+        return model.state_dict()
+
+    without = run("plain", probe=False)
+    straight = run("straight", probe=True)
+    assert all(torch.equal(without[k], straight[k]) for k in without)
+    assert run("stopped", probe=True, stop_at=5) is None  # after the probe at update 3
+    resumed = run("stopped", probe=True, resume="auto")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..training.batches import forward, in_eval_mode, move_to_device, split_batch
 
@@ -82,6 +83,20 @@ def embed(
     return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
 
+def in_order(loader: Iterable[Any]) -> Iterable[Any]:
+    """`loader`'s samples without touching it: a DataLoader's dataset in a loader of its
+    own, in order, in this process. Iterating the training's loader drew its shuffle from
+    its generator (so a probe changed the training's order, and a resume after a probe
+    in the middle of an epoch trained on another one), and restarted its persistent
+    workers' iterator; the probe's samples are the same at every evaluation too."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    if loader.batch_sampler is None:  # the dataset's items are batches already
+        return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn)
+    size = loader.batch_size or 64  # (a batch sampler of the user's: its size unknown)
+    return DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn)
+
+
 def linear_probe(
     model: nn.Module,
     fit_loader: Iterable[Any],
@@ -97,8 +112,8 @@ def linear_probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x_fit, y_fit = embed(model, fit_loader, encode=encode, device=device, limit=limit)
-    x_eval, y_eval = embed(model, eval_loader, encode=encode, device=device, limit=limit)
+    x_fit, y_fit = embed(model, in_order(fit_loader), encode=encode, device=device, limit=limit)
+    x_eval, y_eval = embed(model, in_order(eval_loader), encode=encode, device=device, limit=limit)
     if len(np.unique(y_fit)) < 2:
         raise ValueError("a linear probe needs at least two classes among the fit samples")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
