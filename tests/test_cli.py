@@ -775,3 +775,15 @@ def test_an_empty_config_file_is_refused_unless_overrides_say_something(tmp_path
     assert "config file" in capsys.readouterr().err
     assert main(["fit", str(config), "-q", "training.num_epochs=0"]) == 2  # overrides: read
     assert "num_epochs=0 is invalid" in capsys.readouterr().err
+
+
+def test_python_dash_m_traineval_is_the_command():
+    """`python -m traineval` said 'No module named traineval.__main__'."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "traineval", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("traineval ")

@@ -326,3 +326,12 @@ def test_the_step_watch_compares_any_attribute_without_failing_and_skips_paramet
     with caplog.at_level("WARNING"):
         watch.check()
     assert "Step's ema changed during training" in caplog.text
+
+
+def test_an_unknown_mode_setting_gets_a_did_you_mean():
+    from traineval.modes import Federated
+
+    with pytest.raises(
+        ValueError, match=r"mode\.client=4 is invalid: .*\(did you mean 'clients'\?\)"
+    ):
+        Federated.from_settings({"client": 4})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -316,7 +317,13 @@ class Mode:
         for key in settings:
             if key not in allowed:
                 listed = ", ".join(allowed) or "none"
-                fail(f"mode.{key}", settings[key], f"mode {cls.name!r} has the settings {listed}")
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                fail(
+                    f"mode.{key}",
+                    settings[key],
+                    f"mode {cls.name!r} has the settings {listed}{hint}",
+                )
             _check_plain_type(cls, key, settings[key])
         return cls(**dict(settings))
 
