@@ -214,6 +214,9 @@ def test_meta_learning_from_the_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert main([*longer, "mode.shots=1", "--resume", "auto"]) == 2
     assert "meta_learning.shots: checkpoint 2, now 1" in capsys.readouterr().err
+    # other ways change the model's head too: the setting is named, not the weights' shapes
+    assert main([*longer, "mode.ways=4", "--resume", "auto"]) == 2
+    assert "meta_learning.ways: checkpoint 3, now 4" in capsys.readouterr().err
     demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
     assert main(["cv", str(demo), "-q", *args[2:], f"training.output_dir={tmp_path}"]) == 2
     assert "mode='meta_learning' is invalid for cross-validation" in capsys.readouterr().err

@@ -460,11 +460,11 @@ def load_resume(
         logger.info("no checkpoint to resume from in %s; starting fresh", output_dir)
         return None
     path, payload = found
+    check_mode(payload, mode)  # first: a setting that shapes the model (ways) is named
     refuse_another_models(path, model.state_dict(), saved_weights(payload), ANOTHER_MODEL_ADVICE)
     check_compatible(
         payload["config"], config.to_dict(), payload.get("world_size", 1), job.world_size
     )
-    check_mode(payload, mode)
     strategy = config.distributed_strategy if job.enabled else None
     if payload.get("distributed_strategy") != strategy:
         raise ValueError(
