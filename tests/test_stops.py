@@ -857,3 +857,28 @@ def test_a_kill_inside_keeping_or_putting_back_the_best_loses_neither_best(tmp_p
     (tmp_path / "best.at-resume-point.pt").unlink()  # a kill before the .pt's link ...
     put_back_best(tmp_path)  # ... leaves nothing kept: the lone links go
     assert not list(tmp_path.glob("best.at-resume-point*"))
+
+
+def test_a_resumed_run_whose_part_does_not_improve_still_lists_its_best(quiet_config, tmp_path):
+    """summary.json's checkpoints listed only what the resumed part saved: after a resume
+    that did not improve, 'best' was gone (best.pt on disk, the test scored it), and a
+    script reading summary['checkpoints']['best'] failed. Reference: the uninterrupted run."""
+    from conftest import make_classification, make_mlp, plain_sgd_config
+
+    train = DataLoader(make_classification(n=64, seed=1), batch_size=16)
+    val = DataLoader(make_classification(n=32, seed=2), batch_size=16)
+
+    def run(folder, **settings):
+        # float32 weights do not move by 1e-30 steps: the loss never improves on epoch 1
+        config = plain_sgd_config(
+            quiet_config, num_epochs=3, learning_rate=1e-30, output_dir=str(tmp_path / folder),
+            **settings,
+        )  # fmt: skip
+        TrainingManager(config).train(make_mlp(), train, val, resume_from="auto")
+        return json.loads((tmp_path / folder / "summary.json").read_text())["checkpoints"]
+
+    straight = run("straight")
+    run("resumed", max_steps=6)
+    resumed = run("resumed")
+    assert set(resumed) == set(straight) >= {"best", "last"}
+    assert resumed["best"].endswith("best.pt")

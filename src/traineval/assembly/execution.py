@@ -203,6 +203,9 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
     assert monitor is not None
     started = time.perf_counter()
     resumed_at = (run.payload or {}).get("global_step", 0)
+    if run.payload is not None:  # the run's files from before the resume point are its own
+        for path in sorted((manager.output_dir / "checkpoints").glob("*.pt")):
+            checkpoints.setdefault(path.stem, str(path))
     try:
         try:
             with (
