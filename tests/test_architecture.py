@@ -119,6 +119,7 @@ WINGS: tuple[tuple[str, ...], ...] = (
     ("commands",),
     ("federated", "tuning"),
     ("cli",),
+    ("__main__",),  # python -m traineval: the command line
     ("",),  # the package itself: the public names, re-exported
 )
 
@@ -155,7 +156,7 @@ def test_the_wing_order_can_fail():
 
 def test_the_top_of_the_package_is_the_facade_the_command_line_and_the_tasks():
     top = sorted(p.name for p in (SRC / "traineval").glob("*.py"))
-    assert top == ["__init__.py", "cli.py", "tasks.py"]
+    assert top == ["__init__.py", "__main__.py", "cli.py", "tasks.py"]
 
 
 def test_git_ignores_no_file_of_the_package():

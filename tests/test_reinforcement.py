@@ -385,3 +385,23 @@ def test_an_unknown_environment_id_is_one_line_naming_the_setting():
     with pytest.raises(ValueError, match=r"mode\.environment='Bogus-v0' is invalid: .*Bogus"):
         make_env("Bogus-v0")
     assert make_env("CartPole-v1") is not None
+
+
+class _Diverged(ActorCritic):
+    """A policy whose weights went infinite through finite losses (the rollout sees it)."""
+
+    def forward(self, x):
+        logits, value = super().forward(x)
+        return logits * float("inf"), value
+
+
+@pytest.mark.parametrize("mode", ["pg", "ppo"])
+def test_a_policy_that_diverged_stops_with_its_own_sentence(quiet_config, tmp_path, mode):
+    """torch's sampling said 'probability tensor contains either inf, nan or element < 0';
+    it is a non-finite stop like a NaN loss's, naming the policy's outputs."""
+    from test_ppo import PPO
+    from traineval.training.steplog import NonFiniteError
+
+    config = _config({**quiet_config, "output_dir": str(tmp_path)})
+    with pytest.raises(NonFiniteError, match=r"the policy's outputs are not finite"):
+        TrainingManager(config).train(_Diverged(), Walk, mode=RL if mode == "pg" else PPO)

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..training.steplog import NonFiniteError
+
 __all__ = ["ActionHead", "Categorical", "Gaussian"]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -44,9 +46,17 @@ class ActionHead:
         return Gaussian.of_box(space)
 
     def check(self, out: torch.Tensor) -> None:
-        """A policy output of the wrong width is refused with what it should be."""
+        """A policy output of the wrong width is refused with what it should be; one that
+        is not finite (weights that diverged through finite losses) stops the run, said as
+        a non-finite loss is (torch's sampling said 'probability tensor contains either
+        inf, nan or element < 0')."""
         if self.outputs and out.shape[-1] != self.outputs:
             raise ValueError(self.mismatch(out.shape[-1]))
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                "the policy's outputs are not finite (NaN or inf): its weights diverged; "
+                "lower learning_rate or clip gradients (max_grad_norm)"
+            )
 
     def mismatch(self, width: int) -> str:
         raise NotImplementedError
