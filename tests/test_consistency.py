@@ -233,3 +233,12 @@ def test_fixmatch_and_mean_teacher_from_the_command_line(tmp_path):
         record = json.loads((out / "evaluation" / "metrics.json").read_text())
         assert record["test"]["accuracy"] > 0.3  # ten classes: chance is 0.1
         assert "algorithm: " + algorithm in (out / "config.yaml").read_text()
+
+
+def test_an_image_shape_that_does_not_hold_the_inputs_is_named():
+    """image_shape=[1, 7, 7] on 64 features ended the run with torch's "shape '[64, 1, 7,
+    7]' is invalid for input of size 4096" (exit 1)."""
+    augment = ImageAugment("weak", image_shape=(1, 7, 7))
+    with pytest.raises(ValueError, match=r"image_shape=\[1, 7, 7\] holds 49 values, the inputs"):
+        augment(torch.rand(4, 64))
+    assert ImageAugment("weak", image_shape=(1, 8, 8))(torch.rand(4, 64)).shape == (4, 64)

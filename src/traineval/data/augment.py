@@ -84,6 +84,13 @@ class ImageAugment:
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         if self.image_shape is not None:
+            size = math.prod(self.image_shape)
+            if x[0].numel() != size:
+                raise ValueError(
+                    f"image_shape={list(self.image_shape)} holds {size} values, the inputs have "
+                    f"{x[0].numel()} per sample (shape {tuple(x.shape[1:])}): give the (C, H, W) "
+                    "that the flat inputs are"
+                )
             return x.reshape(x.shape[0], *self.image_shape)
         if x.ndim != 4:
             raise ValueError(
