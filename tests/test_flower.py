@@ -550,11 +550,18 @@ def test_the_flower_command_extends_a_finished_run_with_resume(tmp_path, capsys)
         overrides = [*common, f"training.num_epochs={rounds}", f"training.output_dir={output}"]
         return cli.main(["flower", str(demo), "--nodes", "3", "-q", *overrides, *extra])
 
+    def summary(name):
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
     assert flower_command(tmp_path / "straight", 3) == 0
     assert flower_command(tmp_path / "extended", 2) == 0
+    assert (summary("extended")["status"], summary("extended")["rounds_done"]) == ("finished", 2)
     assert flower_command(tmp_path / "extended", 3) == 2  # refused: it would overwrite
     assert "continue it with resume_from='auto'" in capsys.readouterr().err
+    assert summary("extended")["status"] == "finished"  # the refused start changed nothing
     assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
+    assert (summary("extended")["status"], summary("extended")["rounds_done"]) == ("finished", 3)
+    assert summary("extended")["test_metrics"]["accuracy"] > 0
     assert "Trained Flower round 3 (resumed after round 2)" in capsys.readouterr().out
     assert flower_command(tmp_path / "extended", 3, "--resume", "auto") == 0
     assert "Nothing to resume: the Flower run in" in capsys.readouterr().out
@@ -737,3 +744,33 @@ def test_the_flower_command_prints_each_flower_line_once(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("[ROUND 1/1]") == 1
+
+
+def test_a_flower_command_stopped_by_sigterm_says_where_and_its_summary_says_so(
+    tmp_path, capsys, monkeypatch
+):
+    """`traineval flower` wrote no summary.json (a wrapper could not read its status), and
+    a stop of a run in the default folder said 'training.output_dir=<the run directory>'
+    without naming it."""
+    demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
+    monkeypatch.chdir(tmp_path)
+    aggregate = flower.RunStrategy.aggregate_train
+
+    def stopping(self, server_round, replies):
+        if server_round == 2:
+            raise KeyboardInterrupt("SIGTERM")  # what the command's SIGTERM handler raises
+        return aggregate(self, server_round, replies)
+
+    monkeypatch.setattr(flower.RunStrategy, "aggregate_train", stopping)
+    args = ["flower", str(demo), "--nodes", "2", "-q", "mode=federated", "training.num_epochs=3"]
+    assert cli.main(args) == 143
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    folder = next((tmp_path / "runs").iterdir()).relative_to(tmp_path)
+    assert said.endswith(f"--resume auto and training.output_dir={folder}"), said
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["status"], summary["rounds_done"]) == ("interrupted", 1)
+    assert summary["stop_reason"] == "interrupted by SIGTERM"
+    monkeypatch.setattr(flower.RunStrategy, "aggregate_train", aggregate)
+    assert cli.main([*args, f"training.output_dir={folder}", "--resume", "auto"]) == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["status"], summary["rounds_done"]) == ("finished", 3)

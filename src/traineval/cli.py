@@ -562,18 +562,25 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def _flower_command(config: Any, args: argparse.Namespace) -> int:
+    from .runs.rundir import default_run_dir
+
     failures: tuple[type[BaseException], ...] = (*_failures(), ImportError)
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _terminate)  # as Ctrl-C: the rounds so far are saved
+    named = config.training.output_dir
+    if not named and args.resume is None:  # named now: a stop's line says where to resume
+        training = config.training.replace(output_dir=str(default_run_dir("flower")))
+        config = dataclasses.replace(config, training=training)
     try:
         return _flower(config, args.nodes, args.resume)
     except KeyboardInterrupt as stopped:
-        output_dir = config.training.output_dir
         name = "SIGTERM" if str(stopped) == "SIGTERM" else "SIGINT"
+        again = "the same command with --resume auto" + (
+            "" if named else f" and training.output_dir={config.training.output_dir}"
+        )
         print(
-            f"traineval: interrupted by {name}; the rounds finished so far are saved. To "
-            "continue, run the same command with --resume auto"
-            + ("" if output_dir else " and training.output_dir=<the run directory>"),
+            f"traineval: interrupted by {name}; the rounds finished so far are saved in "
+            f"{config.training.output_dir}. To continue, run {again}",
             file=sys.stderr,
         )
         return 128 + getattr(signal, name)
@@ -735,7 +742,13 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
 
     import yaml
 
-    from .federated.flower import RESUME_KEY, planned_rounds, run_local, saved_round
+    from .federated.flower import (
+        RESUME_KEY,
+        flower_summary,
+        planned_rounds,
+        run_local,
+        saved_round,
+    )
     from .federated.flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
     from .runs.checkpoint import flower_run_ended
     from .runs.rundir import default_run_dir, run_dir_lock
@@ -773,7 +786,12 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
         run_config = {CONFIG_KEY: str(path)}
         if resume_from is not None:
             run_config[RESUME_KEY] = resume_from
-        run_local(serverapp, clientapp, nodes_config, run_config)
+        try:
+            run_local(serverapp, clientapp, nodes_config, run_config)
+        except BaseException as error:
+            flower_summary(output, rounds, time.perf_counter() - started, error)
+            raise
+        flower_summary(output, rounds, time.perf_counter() - started)
     record = json.loads((output / "evaluation" / "metrics.json").read_text())
     print(f"\nRun directory: {output}")
     trained = _flower_rounds_said(done, rounds)

@@ -64,7 +64,7 @@ from ..runs.checkpoint import (
     save_safetensors,
 )
 from ..runs.resume import check_compatible, check_mode
-from ..system.files import atomic_write_text
+from ..system.files import atomic_write_json, atomic_write_text, read_json_or_none
 from ..system.seeding import capture_rng, restore_rng, seed_everything
 from ..system.version import __version__
 from ..tasks import AutoLoss
@@ -544,6 +544,48 @@ def saved_round(output_dir: str | Path) -> int | None:
     """The last finished round of the Flower run checkpointed in `output_dir` (None: none)."""
     path = Path(output_dir) / CHECKPOINT
     return int(load_checkpoint_file(path)["round"]) if path.exists() else None
+
+
+def flower_summary(
+    output: Path, rounds: int, seconds: float, error: BaseException | None = None
+) -> None:
+    """`summary.json` of a Flower run (as `fit` writes one, for wrappers to read its
+    `status`): finished, interrupted (a signal) or failed, with the rounds done and the
+    final model's test metrics. A start that failed before any round of its own leaves a
+    finished run's summary as it was."""
+    done = saved_round(output) or 0
+    status = "finished"
+    if error is not None:
+        stopped = isinstance(error, KeyboardInterrupt)
+        status = "interrupted" if stopped else "failed"
+        earlier = read_json_or_none(output / "summary.json")
+        if (
+            isinstance(earlier, dict)
+            and earlier.get("status") == "finished"
+            and earlier.get("rounds_done") == done
+        ):
+            return  # a finished run a failed restart did not change: its summary stays
+    tested = read_json_or_none(output / "evaluation" / "metrics.json")
+    summary = {
+        "status": status,
+        "stop_reason": None if error is None else _stop_reason(error),
+        "mode": "federated (flower)",
+        "rounds_done": done,
+        "rounds": rounds,
+        "seconds": seconds,
+        "output_dir": str(output),
+        "final_model": str(output / FINAL_MODEL) if status == "finished" else None,
+        "test_metrics": (tested or {}).get("test") if status == "finished" else None,
+    }
+    if output.is_dir():
+        atomic_write_json(output / "summary.json", summary)
+
+
+def _stop_reason(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted by {'SIGTERM' if str(error) == 'SIGTERM' else 'SIGINT'}"
+    said = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {said}"
 
 
 def write_rounds(records: Sequence[Mapping[str, Any]], path: Path) -> None:
