@@ -724,9 +724,14 @@ def test_a_sigterm_to_flower_or_after_the_cv_folds_is_one_line_and_143(
     monkeypatch.setattr(cli, "_flower", terminated)
     assert main(["flower", demo, "-q", "mode=federated"]) == 143
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["traineval: interrupted by SIGTERM; the rounds finished so far are saved. "
-                   "To continue, run the same command with --resume auto and "
-                   "training.output_dir=<the run directory>"]  # fmt: skip
+    assert len(err) == 1
+    import re
+
+    assert re.fullmatch(
+        r"traineval: interrupted by SIGTERM; the rounds finished so far are saved in "
+        r"(runs/flower-\S+)\. To continue, run the same command with --resume auto and "
+        r"training\.output_dir=\1", err[0]
+    ), err  # fmt: skip
     assert signal.getsignal(signal.SIGTERM) == before
     monkeypatch.setattr(experiment, "_test_the_folds", lambda *args: terminated())
     out = tmp_path / "cv"
@@ -737,3 +742,31 @@ def test_a_sigterm_to_flower_or_after_the_cv_folds_is_one_line_and_143(
     assert len(err) == 1
     assert "cross-validation stopped by SIGTERM. Cross-validation does not resume" in err[0]
     assert not (out / "evaluation" / "cv.json").exists()
+
+
+def test_a_sigterm_after_a_run_finished_is_one_line_and_143(tmp_path, monkeypatch, capsys):
+    """A SIGTERM that came after the run had written everything (while the results were
+    printed) killed the process by its default action: exit -15, nothing said."""
+    import json
+    import os
+    import signal
+    import time
+
+    from traineval import cli
+
+    from conftest import iris_demo
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the signal's handler acts first)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_table", terminated)
+    assert main(iris_demo(tmp_path / "run")) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "traineval: stopped by SIGTERM; files written before it are intact (a run's "
+        "summary.json says how it ended)"
+    )
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -262,19 +263,38 @@ def main(argv: list[str] | None = None) -> int:
     line naming the error (a file system error names the file; exit statuses: `exit_codes`),
     with the traceback only under `--debug` or TRAINEVAL_DEBUG=1."""
     args = _arguments(argv)
-    import threading
-
     previous = threading.excepthook
     if not args.debug:
         threading.excepthook = _thread_failed
+    terminate = _on_sigterm(_terminate)
     try:
         return _command(args)
+    except KeyboardInterrupt as stopped:  # outside a run's own handling: setup, the end
+        if args.debug:
+            raise
+        name = "SIGTERM" if str(stopped) == "SIGTERM" else "SIGINT"
+        print(
+            f"traineval: stopped by {name}; files written before it are intact (a run's "
+            "summary.json says how it ended)",
+            file=sys.stderr,
+        )
+        return 128 + getattr(signal, name)
     except Exception as error:
         if args.debug:
             raise
         return _unexpected(error)
     finally:
         threading.excepthook = previous
+        _on_sigterm(terminate)
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Set SIGTERM's handler (in the main thread; elsewhere nothing); the one before."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if handler is None:
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _thread_failed(failure: Any) -> None:
@@ -565,8 +585,6 @@ def _flower_command(config: Any, args: argparse.Namespace) -> int:
     from .runs.rundir import default_run_dir
 
     failures: tuple[type[BaseException], ...] = (*_failures(), ImportError)
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _terminate)  # as Ctrl-C: the rounds so far are saved
     named = config.training.output_dir
     if not named and args.resume is None:  # named now: a stop's line says where to resume
         training = config.training.replace(output_dir=str(default_run_dir("flower")))
@@ -586,13 +604,12 @@ def _flower_command(config: Any, args: argparse.Namespace) -> int:
         return 128 + getattr(signal, name)
     except failures as error:
         return _error(error)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM to a Flower run: stop as Ctrl-C stops it (Flower's loop has no step boundary
-    of ours to stop at)."""
+    """SIGTERM outside a run's own handling (a training run stops at its next step
+    boundary instead): stop as Ctrl-C stops it, said in one line (a Flower run has no step
+    boundary of ours to stop at; at a command's start or end nothing is left to save)."""
     raise KeyboardInterrupt("SIGTERM")
 
 
