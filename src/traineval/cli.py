@@ -755,20 +755,11 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     """`traineval flower`: the config app with in-process nodes; prints the test metrics."""
     import dataclasses
     import json
-    import tempfile
 
-    import yaml
-
-    from .federated.flower import (
-        RESUME_KEY,
-        flower_summary,
-        planned_rounds,
-        run_local,
-        saved_round,
-    )
-    from .federated.flower_app import CONFIG_KEY, clientapp, federated_settings, serverapp
+    from .federated.flower import planned_rounds, saved_round
+    from .federated.flower_app import federated_settings
     from .runs.checkpoint import flower_run_ended
-    from .runs.rundir import default_run_dir, run_dir_lock
+    from .runs.rundir import default_run_dir
 
     _quiet_flower_log()
     federated = federated_settings(config)
@@ -793,12 +784,35 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     # the server waits for `clients` nodes: all of them
     mode = dataclasses.replace(federated, clients=nodes)
     config = dataclasses.replace(config, training=training, mode=mode)
-    output = Path(output_dir)
     started = time.perf_counter()
+    _run_flower_app(config, nodes, resume_from, rounds)
+    output = Path(output_dir)
+    record = json.loads((output / "evaluation" / "metrics.json").read_text())
+    print(f"\nRun directory: {output}")
+    trained = _flower_rounds_said(done, rounds)
+    print(f"{trained} on {nodes} in-process nodes in {time.perf_counter() - started:.1f}s")
+    if record["test"]:
+        print("\nTest metrics, final global model:")
+        print(_table(record["test"]))
+    return 0
+
+
+def _run_flower_app(config: Any, nodes: int, resume_from: str | None, rounds: int) -> None:
+    """Run the config app on `nodes` in-process nodes in `config`'s output_dir (held), and
+    write its summary.json however it ends."""
+    import tempfile
+
+    import yaml
+
+    from .federated.flower import RESUME_KEY, flower_summary, run_local
+    from .federated.flower_app import CONFIG_KEY, clientapp, serverapp
+    from .runs.rundir import run_dir_lock
+
+    output, started = Path(config.training.output_dir), time.perf_counter()
     with run_dir_lock(output), tempfile.TemporaryDirectory() as folder:  # the app reads it
         path = Path(folder) / "config.yaml"
-        written = {**config.to_dict(), "training": training.given_dict()}  # defaults stay
-        path.write_text(yaml.safe_dump(written, sort_keys=False))
+        written = {**config.to_dict(), "training": config.training.given_dict()}  # defaults
+        path.write_text(yaml.safe_dump(written, sort_keys=False))  # stay defaults
         nodes_config = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
         run_config = {CONFIG_KEY: str(path)}
         if resume_from is not None:
@@ -809,14 +823,6 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
             flower_summary(output, rounds, time.perf_counter() - started, error)
             raise
         flower_summary(output, rounds, time.perf_counter() - started)
-    record = json.loads((output / "evaluation" / "metrics.json").read_text())
-    print(f"\nRun directory: {output}")
-    trained = _flower_rounds_said(done, rounds)
-    print(f"{trained} on {nodes} in-process nodes in {time.perf_counter() - started:.1f}s")
-    if record["test"]:
-        print("\nTest metrics, final global model:")
-        print(_table(record["test"]))
-    return 0
 
 
 def _quiet_flower_log() -> None:
