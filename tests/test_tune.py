@@ -704,3 +704,15 @@ def test_a_retry_asks_the_pruner_about_what_its_trial_had_reported(tmp_path):
                                          request_stop=stops.append))  # fmt: skip
     assert early.pruned_at is None
     assert early.trial.reports == [(10, 0.5)]
+
+
+def test_a_queued_retry_is_shown_with_the_values_it_will_run(tmp_path):
+    """A retry queued by an interrupted trial showed as 'waiting' with no parameters."""
+    from traineval.tuning.study import trial_records
+
+    settings = prepare(_config(tmp_path / "s", epochs=1), SEARCH, TuneOptions(trials=2))
+    study = open_study(settings)
+    study.enqueue_trial({"training.learning_rate": 0.01, "training.batch_size": 16})
+    (record,) = trial_records(study, settings.params)
+    assert record["state"] == "queued"
+    assert record["params"] == {"training.learning_rate": 0.01, "training.batch_size": 16}

@@ -532,13 +532,16 @@ def trial_records(study: Any, params: Sequence[Param] = ()) -> list[dict[str, An
 
 def trial_record(trial: Any, params: Sequence[Param] = ()) -> dict[str, Any]:
     """A trial as plain values: number, state (`interrupted` for a trial stopped on a
-    signal or whose process died), value, params, seconds, run directory, error."""
+    signal or whose process died, `queued` for its retry before it runs, with the values
+    it will run), value, params, seconds, run directory, error."""
     attrs = trial.user_attrs
+    state = "interrupted" if "interrupted" in attrs else trial.state.name.lower()
+    values = trial.params or (getattr(trial, "system_attrs", {}).get("fixed_params") or {})
     return {
         "number": trial.number,
-        "state": "interrupted" if "interrupted" in attrs else trial.state.name.lower(),
+        "state": "queued" if state == "waiting" else state,  # a retry, not run yet
         "value": trial.value,
-        "params": tidy(trial.params, params),
+        "params": tidy(values, params),
         "seconds": attrs.get("seconds"),
         "run_dir": attrs.get("run_dir"),
         "error": attrs.get("error") or attrs.get("interrupted") or attrs.get("crashed"),
