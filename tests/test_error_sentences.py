@@ -770,3 +770,34 @@ def test_a_sigterm_after_a_run_finished_is_one_line_and_143(tmp_path, monkeypatc
     )
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("command", ["fit", "cv", "lr-find"])
+def test_a_sigterm_before_a_run_starts_is_143_and_says_sigterm(
+    tmp_path, monkeypatch, capsys, command
+):
+    """A SIGTERM while a command set up its run (before the run's own handling) was caught
+    as a Ctrl-C: exit 130 and 'SIGINT', or 'SIGTERM' with advice about checkpoints."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    import traineval
+    from traineval.commands import experiment
+
+    built = experiment.run_parts
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the signal's handler acts first)
+        return built(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_parts", terminated)
+    demo = str(Path(traineval.__file__).parent / "configs" / "demo.yaml")
+    args = [command, demo, "-q", "data.name=iris", "model.name=mlp", "model.options={}",
+            "training.num_epochs=1", f"training.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(args) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "SIGTERM" in err[-1], err
+    assert "SIGINT" not in err[-1], err

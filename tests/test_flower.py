@@ -758,7 +758,9 @@ def test_a_flower_command_stopped_by_sigterm_says_where_and_its_summary_says_so(
 
     def stopping(self, server_round, replies):
         if server_round == 2:
-            raise KeyboardInterrupt("SIGTERM")  # what the command's SIGTERM handler raises
+            from traineval.training.stopping import Stopped
+
+            raise Stopped("SIGTERM")  # what the command's SIGTERM handler raises
         return aggregate(self, server_round, replies)
 
     monkeypatch.setattr(flower.RunStrategy, "aggregate_train", stopping)

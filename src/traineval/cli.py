@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .system.version import __version__
+from .training.stopping import Stopped, exit_status, signal_name_of
 
 EPILOG = """\
 overrides are dotted key=value pairs applied on top of the YAML file, with values read as
@@ -272,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stopped:  # outside a run's own handling: setup, the end
         if args.debug:
             raise
-        name = "SIGTERM" if str(stopped) == "SIGTERM" else "SIGINT"
+        name = signal_name_of(stopped)
         print(
             f"traineval: stopped by {name}; files written before it are intact (a run's "
             "summary.json says how it ended)",
             file=sys.stderr,
         )
-        return 128 + getattr(signal, name)
+        return exit_status(name)
     except Exception as error:
         if args.debug:
             raise
@@ -289,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _on_sigterm(handler: Any) -> Any:
-    """Set SIGTERM's handler (in the main thread; elsewhere nothing); the one before."""
-    if threading.current_thread() is not threading.main_thread():
+    """Set SIGTERM's handler; the one before. Not under torchrun, whose ranks may wait in
+    C++ (a rendezvous, a barrier), where a Python handler never runs and torchrun kills
+    them 30 s later: there the default action stops them at once. Nor off the main thread."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
         return None
-    if handler is None:
+    if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
     return signal.signal(signal.SIGTERM, handler)
 
@@ -592,7 +595,7 @@ def _flower_command(config: Any, args: argparse.Namespace) -> int:
     try:
         return _flower(config, args.nodes, args.resume)
     except KeyboardInterrupt as stopped:
-        name = "SIGTERM" if str(stopped) == "SIGTERM" else "SIGINT"
+        name = signal_name_of(stopped)
         again = "the same command with --resume auto" + (
             "" if named else f" and training.output_dir={config.training.output_dir}"
         )
@@ -601,16 +604,24 @@ def _flower_command(config: Any, args: argparse.Namespace) -> int:
             f"{config.training.output_dir}. To continue, run {again}",
             file=sys.stderr,
         )
-        return 128 + getattr(signal, name)
+        return exit_status(name)
     except failures as error:
         return _error(error)
+
+
+_COMMAND_PID = os.getpid()
 
 
 def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM outside a run's own handling (a training run stops at its next step
     boundary instead): stop as Ctrl-C stops it, said in one line (a Flower run has no step
-    boundary of ours to stop at; at a command's start or end nothing is left to save)."""
-    raise KeyboardInterrupt("SIGTERM")
+    boundary of ours to stop at; at a command's start or end nothing is left to save). A
+    forked child (a DataLoader worker) dies of it as it would have."""
+    if os.getpid() != _COMMAND_PID:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Stopped("SIGTERM")
 
 
 def _lr_find(config: Any, args: argparse.Namespace) -> int:
@@ -622,7 +633,7 @@ def _lr_find(config: Any, args: argparse.Namespace) -> int:
             config, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps
         )
     except (TrainingInterrupted, KeyboardInterrupt) as stopped:
-        name = getattr(stopped, "signal_name", "SIGINT")
+        name = signal_name_of(stopped)
         print(
             f"traineval: lr-find stopped by {name}; nothing was written (the range test "
             "trains a throwaway copy of the model): run it again",
@@ -705,7 +716,7 @@ def _cv_interrupted(stopped: BaseException) -> int:
     """Cross-validation stopped by a signal: which folds finished, and what to do (128+N)."""
     from .system.files import read_json_or_none as json_or_none
 
-    name = getattr(stopped, "signal_name", "SIGINT")
+    name = signal_name_of(stopped)
     checkpoint = getattr(stopped, "checkpoint", None)
     done = ""
     if checkpoint:
@@ -741,14 +752,15 @@ def _interrupted(interrupted: Any) -> int:
 
 
 def _stopped_at_once(stopped: KeyboardInterrupt) -> int:
-    """A second Ctrl-C (or SIGTERM) stopped the command at once: one line, exit 130."""
+    """A second Ctrl-C (or SIGTERM), or one before the run's own handling, stopped the
+    command at once: one line, exit 130 (143 for SIGTERM)."""
     why = str(stopped) or "interrupted"
     print(
         f"traineval: {why}; the checkpoints written before it are kept (continue with "
         "--resume auto)",
         file=sys.stderr,
     )
-    return 128 + signal.SIGINT
+    return exit_status(signal_name_of(stopped))
 
 
 def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> int:

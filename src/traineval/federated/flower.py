@@ -72,6 +72,7 @@ from ..training.batches import batch_size_of, split_batch
 from ..training.optim import configured_scheduler
 from ..training.precision import available_device, resolve_precision
 from ..training.run_checkpoints import Contents, checkpoint_payload
+from ..training.stopping import signal_name_of
 from .flower_controls import CLIENT_KEY, STEPS_KEY, ServerControls, correction_of, strip
 
 __all__ = [
@@ -583,7 +584,7 @@ def flower_summary(
 
 def _stop_reason(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
-        return f"interrupted by {'SIGTERM' if str(error) == 'SIGTERM' else 'SIGINT'}"
+        return f"interrupted by {signal_name_of(error)}"
     said = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {said}"
 

@@ -23,9 +23,11 @@ from typing import Any
 
 __all__ = [
     "SignalWatch",
+    "Stopped",
     "TrainingInterrupted",
     "exit_status",
     "received",
+    "signal_name_of",
     "stop_if_signalled",
     "watching_signals",
 ]
@@ -46,6 +48,21 @@ class TrainingInterrupted(RuntimeError):
         self.checkpoint = checkpoint
         self.signal_name = signal_name
         self.what = what or message  # what happened, without the advice
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that stops the command at once, named (`signal_name`): a second signal
+    during a run, or one outside a run's own handling (a command's start or end)."""
+
+    def __init__(self, signal_name: str, message: str = "") -> None:
+        super().__init__(message or f"stopped by {signal_name}")
+        self.signal_name = signal_name
+
+
+def signal_name_of(stopped: BaseException) -> str:
+    """The signal that stopped the command (`Stopped`, `TrainingInterrupted`); a bare
+    KeyboardInterrupt is Ctrl-C's."""
+    return str(getattr(stopped, "signal_name", "SIGINT"))
 
 
 def exit_status(signal_name: str) -> int:
@@ -137,7 +154,7 @@ def _handler(watch: SignalWatch) -> Callable[[int, Any], None]:
             return
         name = signal.Signals(signum).name
         if watch.received is not None:
-            raise KeyboardInterrupt(f"second {name}: stopping at once")
+            raise Stopped(name, f"second {name}: stopping at once")
         watch.receive(name)
 
     return handle
