@@ -92,6 +92,30 @@ def test_linear_probe_equals_scikit_learn_on_the_codes():
     assert got == pytest.approx(expected)
 
 
+def test_the_probe_reads_the_samples_a_loaders_sampler_gives():
+    """Train and validation loaders over one dataset with subset samplers (the tutorials'
+    split): the probe fits on the one subset and scores on the other, as scikit-learn does
+    on those rows (a loader of its own over the dataset alone read every row for both)."""
+    from torch.utils.data import SubsetRandomSampler
+
+    torch.manual_seed(0)
+    model = Autoencoder(8, latent_dim=3)
+    x, y = make_classification(n=120, seed=4).tensors
+    data = TensorDataset(x, y)
+    fit_rows, eval_rows = list(range(0, 120, 2)), list(range(1, 120, 2))
+    generator = torch.Generator().manual_seed(1)
+    fit = DataLoader(data, 16, sampler=SubsetRandomSampler(fit_rows, generator=generator))
+    state = generator.get_state()
+    got = linear_probe(model, fit, DataLoader(data, 7, sampler=SubsetRandomSampler(eval_rows)))
+    assert torch.equal(generator.get_state(), state)  # the training's draws are untouched
+    with torch.no_grad():
+        codes = model.encode(x)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    reference.fit(codes[fit_rows].numpy(), y[fit_rows].numpy())
+    expected = (reference.predict(codes[eval_rows].numpy()) == y[eval_rows].numpy()).mean()
+    assert got["probe_accuracy"] == pytest.approx(expected)
+
+
 def test_the_probe_is_a_validation_metric_and_errors_are_clear(quiet_config, tmp_path):
     data = _data()
     loader = DataLoader(data, 16)

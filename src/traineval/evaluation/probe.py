@@ -19,13 +19,14 @@ its mean), or the function given.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..training.batches import forward, in_eval_mode, move_to_device, split_batch
 
@@ -83,18 +84,45 @@ def embed(
     return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
 
-def in_order(loader: Iterable[Any]) -> Iterable[Any]:
-    """`loader`'s samples without touching it: a DataLoader's dataset in a loader of its
-    own, in order, in this process. Iterating the training's loader drew its shuffle from
-    its generator (so a probe changed the training's order, and a resume after a probe
-    in the middle of an epoch trained on another one), and restarted its persistent
-    workers' iterator; the probe's samples are the same at every evaluation too."""
+@contextlib.contextmanager
+def untouched(loader: Iterable[Any]) -> Iterator[Iterable[Any]]:
+    """`loader`'s batches as it gives them (its sampler, its shuffle: a subset sampler's
+    samples, a random subset of a sorted dataset), read without touching it: a loader of
+    their own in this process, and the generators it draws from put back after. Iterating
+    the training's loader drew its shuffle (a run with a probe trained on another order than
+    without it, and a resume after a mid-epoch probe on yet another), and restarted its
+    persistent workers' iterator."""
     if not isinstance(loader, DataLoader):
-        return loader
+        yield loader
+        return
+    generators = [loader.generator, getattr(loader.sampler, "generator", None)]
+    kept = [(g, g.get_state()) for g in generators if isinstance(g, torch.Generator)]
+    try:
+        yield _private(loader)
+    finally:
+        for generator, state in kept:
+            generator.set_state(state)
+
+
+def _private(loader: DataLoader[Any]) -> DataLoader[Any]:
+    """A loader of `loader`'s dataset with its sampling and collation, without workers."""
+    if isinstance(loader.dataset, IterableDataset):
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            drop_last=loader.drop_last,
+            collate_fn=loader.collate_fn,
+        )
     if loader.batch_sampler is None:  # the dataset's items are batches already
-        return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn)
-    size = loader.batch_size or 64  # (a batch sampler of the user's: its size unknown)
-    return DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn)
+        return DataLoader(
+            loader.dataset, sampler=loader.sampler, batch_size=None, collate_fn=loader.collate_fn
+        )
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=loader.batch_sampler,
+        collate_fn=loader.collate_fn,
+        generator=loader.generator,
+    )
 
 
 def linear_probe(
@@ -112,8 +140,9 @@ def linear_probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x_fit, y_fit = embed(model, in_order(fit_loader), encode=encode, device=device, limit=limit)
-    x_eval, y_eval = embed(model, in_order(eval_loader), encode=encode, device=device, limit=limit)
+    with untouched(fit_loader) as fit, untouched(eval_loader) as evaluated:
+        x_fit, y_fit = embed(model, fit, encode=encode, device=device, limit=limit)
+        x_eval, y_eval = embed(model, evaluated, encode=encode, device=device, limit=limit)
     if len(np.unique(y_fit)) < 2:
         raise ValueError("a linear probe needs at least two classes among the fit samples")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
