@@ -716,3 +716,31 @@ def test_a_queued_retry_is_shown_with_the_values_it_will_run(tmp_path):
     (record,) = trial_records(study, settings.params)
     assert record["state"] == "queued"
     assert record["params"] == {"training.learning_rate": 0.01, "training.batch_size": 16}
+
+
+def test_a_study_whose_metric_of_yours_raises_stops_after_three_trials(tmp_path, monkeypatch):
+    """A metric that raises failed every trial after its first validation, each named by
+    its own checkpoint's path, so no two failures read the same: the study ran them all."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "brokenmetric", raising=False)
+    (tmp_path / "brokenmetric.py").write_text("def broken(y_true, y_pred):\n    return {}[1]\n")
+    data = _config(tmp_path / "s", epochs=1).to_dict()
+    data["evaluation"] = {"classification_metrics": ["accuracy", "brokenmetric:broken"]}
+    config = RunConfig.from_dict(data)
+    with pytest.raises(ValueError, match=r"3 trials in a row failed the same way: metric 'brok"):
+        tune(config, SEARCH, trials=6)
+    assert len(list((tmp_path / "s").glob("trial-*"))) == 3
+
+
+@pytest.mark.slow
+def test_workers_whose_trials_are_refused_stop_the_study_as_bad_input(tmp_path, monkeypatch):
+    """With --workers 2 a worker's 'three in a row' exited 1 and the driver said a worker
+    was lost (a fault: 'run the same command again'), while the other worker went on."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "nevermodels.py").write_text(
+        "def never(input_shape, output_dim, width=32):\n    raise ValueError('no model today')\n"
+    )
+    data = _config(tmp_path / "s", epochs=1).to_dict()
+    data["model"] = {"name": "nevermodels:never", "options": {"width": 32}}
+    with pytest.raises(ValueError, match=r"stopped the study on bad input"):
+        tune(RunConfig.from_dict(data), {"model.options.width": [16, 32]}, trials=8, workers=2)

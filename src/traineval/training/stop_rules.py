@@ -31,12 +31,13 @@ class EvaluationError(ValueError):
     it was saved as a resumable checkpoint. `user_code`: a metric of the user's raised (it
     fails the same way again until that code changes)."""
 
-    def __init__(self, message: str, user_code: bool = False) -> None:
+    def __init__(self, message: str, user_code: bool = False, reason: str = "") -> None:
         super().__init__(message)
         self.user_code = user_code
+        self.reason = reason or message  # why, without where (the step, the checkpoint)
 
-    def __reduce__(self) -> tuple[type[EvaluationError], tuple[str, bool]]:
-        return type(self), (str(self), self.user_code)
+    def __reduce__(self) -> tuple[type[EvaluationError], tuple[str, bool, str]]:
+        return type(self), (str(self), self.user_code, self.reason)
 
 
 class StopRules:
@@ -184,6 +185,7 @@ class StopRules:
                 f"{where}: {reason}; {refused}: resuming from it would come back here; lower "
                 "learning_rate, clip gradients (max_grad_norm) or check the data",
                 user_code,
+                reason,
             )
         saved = (
             f"the training so far is saved in {checkpoint!r}; a resume (resume_from='auto', or "
@@ -192,4 +194,4 @@ class StopRules:
             if checkpoint
             else "no checkpoint was written"
         )
-        return EvaluationError(f"{where}: {reason}; {saved}", user_code)
+        return EvaluationError(f"{where}: {reason}; {saved}", user_code, reason)

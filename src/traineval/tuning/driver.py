@@ -12,6 +12,7 @@ from typing import Any
 
 from ..commands.experiment import RunConfig
 from ..runs.rundir import run_dir_lock
+from ..training.exit_codes import BAD_INPUT
 from ..training.stopping import TrainingInterrupted, watching_signals
 from .ranks import tune_on_ranks
 from .study import (
@@ -95,6 +96,13 @@ def run_workers(settings: Settings, trials: int, workers: int, study: Any) -> No
     if watch.received is not None:
         what = f"tune interrupted by {watch.received}"
         raise TrainingInterrupted(what, None, watch.received, what)
+    refused = [p.pid for p in processes if p.exitcode == BAD_INPUT]
+    if refused:
+        raise ValueError(
+            f"tune worker(s) {', '.join(map(str, refused))} stopped the study on bad input "
+            "(their line above says what): fix it, then run the same command again (the "
+            "trials the other workers stopped resume)"
+        )
     _report_lost_workers(processes, study, settings, trials)
 
 

@@ -247,6 +247,8 @@ def train_trial(
             RunConfig.from_dict(data), resume_from="auto" if resumes else None, callbacks=[pruning]
         )
     except (NonFiniteError, EvaluationError) as error:  # the same on every rank
+        if isinstance(error, EvaluationError) and error.user_code:  # a metric of theirs
+            return {"error": str(error), "refused": error.reason}
         return {"error": str(error)}
     return {
         "value": outcome.training.best_metric,

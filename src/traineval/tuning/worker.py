@@ -72,12 +72,12 @@ def run(study: Any, trial: Any, settings: Settings) -> str | None:
             if exit_status_of(error) != BAD_INPUT:
                 _crashed(study, trial, error)
                 raise
-            outcome = {"error": error_line(error), "refused": True}
+            outcome = {"error": error_line(error), "refused": error_line(error)}
         except BaseException as error:
             _crashed(study, trial, error)
             raise
     record(study, trial, outcome)
-    return outcome["error"] if outcome.get("refused") else None
+    return outcome.get("refused")  # why, without where: the same for the same mistake
 
 
 def _crashed(study: Any, trial: Any, error: BaseException) -> None:
@@ -99,7 +99,8 @@ def _trial_interrupted(study: Any, trial: Any, stopped: BaseException) -> Traini
 
 def worker_main(settings: Settings, total: int, parent: int, stop: Any) -> None:
     """A spawned worker: trials until the study is full; exits 128+N when a signal (or
-    its driver's stop, or its driver's death) stopped it, 1 with one line on an error."""
+    its driver's stop, or its driver's death) stopped it, 2 (bad input: its trials were
+    refused, as the other workers' will be) or 1 with one line on an error."""
     # quiet as the driver's trials: warnings only (no epoch lines, see `progress.say`)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with watching_signals(), WorkersLock(settings.study_dir, shared=True):
@@ -112,7 +113,7 @@ def worker_main(settings: Settings, total: int, parent: int, stop: Any) -> None:
             sys.exit(exit_status("SIGINT"))
         except Exception as error:
             print(f"traineval: tune worker {os.getpid()}: error: {error}", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(exit_status_of(error))  # 2: the driver says the study stopped on it
 
 
 def _watch_driver(parent: int, stop: Any) -> None:
