@@ -263,18 +263,36 @@ def _check_objective(study: Any, settings: Settings) -> None:
         study.set_user_attr("metric", settings.metric)
 
 
-# what may differ between the runs of one study: how it is shown, where it runs
-MAY_DIFFER = ("training.progress_bar", "training.device", "training.output_dir")
+# what may differ between the runs of one study: how a run is shown, logged, written, where
+# it runs (on another machine too); every other field must be as it began
+MAY_DIFFER = (
+    *(f"training.{name}" for name in (
+        "progress_bar", "verbose", "device", "cpu_threads", "output_dir",
+        "overwrite_output_dir", "tensorboard_logging", "wandb_logging", "wandb_project",
+        "mlflow_logging", "mlflow_tracking_uri", "async_checkpointing", "checkpoint_writer",
+        "distributed_timeout_seconds", "log_frequency",
+    )),
+    "data.num_workers",
+    "evaluation.output_dir",
+)  # fmt: skip
 
 
 def _check_same_runs(study: Any, settings: Settings) -> None:
     """A study continues with the config and search space it began with: trials of another
     config ranked beside its own would make a false best (and `best_config.yaml`, the base
     with the best values, would not be the config that trained it). The first run records
-    both in the study; a study of an earlier version records them now."""
+    both in the study (the fields set away from their defaults: a later version's new field
+    at its default is no change); a study of an earlier version records them now. A data
+    file is compared by its name (machines sharing a study keep it in other folders)."""
     import json
 
-    base = {k: v for k, v in _flat(settings.base).items() if k not in MAY_DIFFER}
+    defaults = _section_defaults(settings.base)
+    flat = json.loads(json.dumps(_flat(settings.base), default=repr))
+    base = {
+        k: Path(v).name if k == "data.path" and isinstance(v, str) else v
+        for k, v in flat.items()
+        if k not in MAY_DIFFER and defaults.get(k, _UNSET) != v
+    }
     space = {p.field: p.describe() for p in settings.params}
     now = json.loads(json.dumps({"base": base, "space": space}, default=repr))
     known = study.user_attrs.get("runs")
@@ -284,16 +302,45 @@ def _check_same_runs(study: Any, settings: Settings) -> None:
     changed = [f"search.{k}" for k in sorted({*known["space"], *now["space"]})
                if known["space"].get(k) != now["space"].get(k)]  # fmt: skip
     changed += [k for k in sorted({*known["base"], *now["base"]})
-                if known["base"].get(k, "<unset>") != now["base"].get(k, "<unset>")]  # fmt: skip
+                if known["base"].get(k, defaults.get(k)) != now["base"].get(k, defaults.get(k))
+                and k not in MAY_DIFFER]  # fmt: skip
     if changed:
         first = changed[0].removeprefix("search.")
-        was = (known["space"] if changed[0].startswith("search.") else known["base"]).get(first)
+        was = (known["space"] if changed[0].startswith("search.") else known["base"]).get(
+            first, defaults.get(first)
+        )
         raise ValueError(
             f"study {settings.study_name!r} was begun with another config: "
             f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ ({changed[0]} "
             f"was {was!r}); set them back to continue it, or start another study "
             "(--study-name, or another output_dir)"
         )
+
+
+_UNSET = object()
+
+
+def _section_defaults(base: Mapping[str, Any]) -> dict[str, Any]:
+    """Each config field's default by dotted name (`training.learning_rate`), a built-in
+    model's options' too (`model.options.dropout`), as JSON."""
+    import json
+
+    from ..commands.experiment import _SECTIONS
+
+    defaults: dict[str, Any] = {}
+    options = base.get("model", {}).get("options") or {}
+    for option in options if isinstance(options, Mapping) else ():
+        defaults[f"model.options.{option}"] = _model_option_default(base, str(option))
+    for section, cls in _SECTIONS.items():
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                continue
+            defaults[f"{section}.{field.name}"] = value
+    return json.loads(json.dumps(defaults, default=repr))
 
 
 def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
