@@ -749,3 +749,47 @@ def test_a_sum_over_ranks_keeps_complex_and_float64_values(tmp_path):
     assert wide_sum.item() == 2 + 2e-12
     assert plain_sum.item() == 6.0
     assert int_sum.item() == 8
+
+
+class _OneRankJob:
+    """A job of one rank that answers the collectives as a real one would."""
+
+    enabled = True
+
+    def gather(self, value):
+        return [value]
+
+    def any(self, flag):
+        return bool(flag)
+
+
+class _LongerThanItsLen:
+    def __len__(self):
+        return 2
+
+    def __iter__(self):
+        return iter([1, 2, 3])
+
+
+def test_lockstep_batches_agree_on_a_failure_and_refuse_a_loader_longer_than_its_len():
+    """In lockstep, a batch's failure is kept and the loop ends at the next batch (every
+    rank leaves together); a loader that yields more batches than its len() is a failure
+    (the rest would be left out unsaid)."""
+    from traineval.evaluation.ranks import RankBatches
+
+    steps, seen = RankBatches([1, 2, 3], _OneRankJob()), []
+    for batch, real in steps:
+        with steps.guard():
+            seen.append((batch, real))
+            if batch == 2:
+                raise RuntimeError("a metric failed")
+    assert seen == [(1, True), (2, True)]
+    with pytest.raises(RuntimeError, match="a metric failed"):
+        steps.raise_failure()
+    longer = RankBatches(_LongerThanItsLen(), _OneRankJob())
+    assert [batch for batch, _ in longer] == [1, 2]
+    with pytest.raises(ValueError, match=r"yielded more batches than its len\(\) \(2\)"):
+        longer.raise_failure()
+    alone = RankBatches([1, 2], None)
+    with pytest.raises(RuntimeError), alone.guard():  # alone: raised at once
+        raise RuntimeError("x")

@@ -82,6 +82,11 @@ class RankBatches:
                 yield batch, True
             else:  # spent (a loader shorter than its len() too): in step, not scored
                 yield last, False
+        if not spent and next(mine, _SPENT) is not _SPENT and self.failure is None:
+            self.failure = ValueError(
+                f"the evaluation loader yielded more batches than its len() ({count}): in "
+                "lockstep every rank makes len() forward passes; the rest would be left out"
+            )
 
 
 class RankFailed(ValueError):
