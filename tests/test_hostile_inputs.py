@@ -467,3 +467,17 @@ def test_a_run_config_with_windows_line_endings_is_complete(tmp_path, trained):
     bare = tmp_path / "bare.yaml"
     bare.write_text(text.rstrip("\n"))
     assert load_yaml(bare)["training"]
+
+
+def test_numbers_read_as_tables_write_them():
+    """float() reads '5_1' as 51 and Arabic-Indic digits as numbers; spaces around a
+    number (a no-break one from a spreadsheet too) are padding, as before."""
+    from traineval.data.tables import read_number
+
+    for text, value in [("5", 5.0), (" -1.5e3 ", -1500.0), ("5\u00a0", 5.0), (".5", 0.5),
+                        ("1.", 1.0), ("nan", float("nan")), ("-inf", float("-inf"))]:  # fmt: skip
+        got = read_number(text)
+        assert got == value or (got != got and value != value), text
+    for text in ["5_1", "\u0665", "0x10", "1e", "", "1,5", "five"]:
+        with pytest.raises(ValueError, match="not a number"):
+            read_number(text)

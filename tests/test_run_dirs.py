@@ -445,3 +445,19 @@ def test_a_runs_files_have_the_mode_the_umask_gives(tmp_path, umask):
     assert {p.relative_to(run).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
         p.relative_to(run).as_posix(): oct(wanted) for p in files
     }
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_rewritten_file_keeps_its_mode_and_a_new_one_follows_the_umask_now(tmp_path):
+    """The umask was read once, at import (a later os.umask was not followed), and a file
+    rewritten got the umask's mode (a user's chmod 600 was undone)."""
+    path = tmp_path / "notes.json"
+    before = os.umask(0o077)  # set after traineval was imported
+    try:
+        atomic_write_text(path, "{}")
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(before)
+    path.chmod(0o640)
+    atomic_write_text(path, "[]")
+    assert path.stat().st_mode & 0o777 == 0o640

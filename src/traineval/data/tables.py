@@ -208,7 +208,7 @@ _NUMBER = re.compile(
 def read_number(value: str) -> float:
     """A cell's number, as a table writes one (pandas' reading too); a ValueError for
     anything else ("5_1", non-ASCII digits, "0x10")."""
-    if not _NUMBER.fullmatch(value):
+    if not _NUMBER.fullmatch(value.strip()):  # (strip: any space, a no-break one too)
         raise ValueError(f"not a number: {value!r}")
     return float(value)
 

@@ -554,7 +554,10 @@ def flower_summary(
     `status`): finished, interrupted (a signal) or failed, with the rounds done and the
     final model's test metrics. A start that failed before any round of its own leaves a
     finished run's summary as it was."""
-    done = saved_round(output) or 0
+    try:
+        done = saved_round(output) or 0
+    except Exception:  # a damaged checkpoint: the error that ended the run says more
+        done = 0
     status = "finished"
     if error is not None:
         stopped = isinstance(error, KeyboardInterrupt)
@@ -578,8 +581,12 @@ def flower_summary(
         "final_model": str(output / FINAL_MODEL) if status == "finished" else None,
         "test_metrics": (tested or {}).get("test") if status == "finished" else None,
     }
-    if output.is_dir():
+    if not output.is_dir():
+        return
+    try:
         atomic_write_json(output / "summary.json", summary)
+    except OSError as failed:  # (a full disk): the run's own error is the one to say
+        logger.warning("could not write the Flower run's summary.json: %s", failed)
 
 
 def _stop_reason(error: BaseException) -> str:

@@ -62,15 +62,27 @@ def _free_space(path: Path) -> str:
     return "" if free is None else f" ({free / 2**20:,.0f} MB free on its disk)"
 
 
-def _new_file_mode() -> int:
-    """The mode `open()` gives a new file under this process's umask (read once, at import:
-    reading it means setting it, which must not race with another thread's files)."""
+def _umask() -> int:
+    """This process's umask, read without setting it where Linux says it (`/proc`), else
+    by setting and restoring it (which races with another thread's new files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
-NEW_FILE_MODE = _new_file_mode()
+def file_mode(path: Path) -> int:
+    """The mode a write of `path` leaves: the file's own where it exists (a `chmod 600`
+    stays), else what `open()` gives a new file under the umask (mkstemp's is 0600)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -90,8 +102,7 @@ def atomic_file(
         temporary = Path(name)  # unique per writer: two saves never share a temp file
         try:
             yield temporary
-            # the mode open() would give it: mkstemp's (and safetensors') is 0600
-            os.chmod(temporary, NEW_FILE_MODE)
+            os.chmod(temporary, file_mode(path))  # mkstemp's (and safetensors') is 0600
             with temporary.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, path)

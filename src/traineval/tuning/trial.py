@@ -166,6 +166,7 @@ def _ask_for_a_place(study: Any, total: int) -> Any:
         if reason is None:
             trial.set_user_attr("host", socket.gethostname())  # whose it is, from the start
             trial.set_user_attr("pid", os.getpid())
+            trial.set_user_attr("pid_space", pid_space())
             return trial
         trial.set_user_attr("surplus", reason)
         study.tell(trial, state=_states().FAIL)
@@ -180,11 +181,22 @@ def mark_running(trial: Any, run_dir: Path) -> None:
     trial.set_user_attr("pid", os.getpid())
 
 
+def pid_space() -> str:
+    """This process's PID namespace (containers sharing a host name have their own), or ''
+    where the platform does not say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def gone_from_here(trial: Any) -> bool:
-    """Whether `trial` was asked for by a process of this host that is gone (a trial that
-    stopped before it had a run directory)."""
-    pid = trial.user_attrs.get("pid")
-    if trial.user_attrs.get("host") != socket.gethostname() or not isinstance(pid, int):
+    """Whether `trial` was asked for by a process of this host (and PID namespace) that is
+    gone (a trial that stopped before it had a run directory)."""
+    pid, attrs = trial.user_attrs.get("pid"), trial.user_attrs
+    if attrs.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    if attrs.get("pid_space", "") != pid_space():  # another container's process
         return False
     if pid == os.getpid():
         return False
