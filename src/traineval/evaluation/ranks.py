@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..system.distributed import CollectiveError, Distributed
-from ..training.exit_codes import UserCodeError
+from ..training.exit_codes import UserCodeError, first_line
 from ..training.stopping import TrainingInterrupted
 from .accumulator import Accumulator
 from .user_metrics import UserMetric
@@ -134,7 +134,7 @@ def this_ranks_own(error: Exception) -> bool:
 
 
 def _first_line(error: Exception) -> str:
-    said = (str(error).strip().splitlines() or [""])[0]
+    said = first_line(error)
     return said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}"
 
 

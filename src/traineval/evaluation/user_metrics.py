@@ -54,7 +54,7 @@ from ..config.training_config import (
     named_direction,
 )
 from ..tasks import align_regression
-from ..training.exit_codes import UserCodeError
+from ..training.exit_codes import UserCodeError, first_line
 from ..training.stopping import TrainingInterrupted
 from .bootstrap import Bootstrap, function_intervals
 from .metrics import class_probabilities
@@ -283,7 +283,7 @@ def _their_code(name: str, call: str) -> Iterator[None]:
     except (UserCodeError, MemoryError, OSError, torch.OutOfMemoryError, TrainingInterrupted):
         raise
     except Exception as error:
-        said = (str(error).strip().splitlines() or [""])[0]
+        said = first_line(error)
         raise UserCodeError(
             f"metric {name!r}: its {call} raised {type(error).__name__}: {said}"
         ) from error

@@ -69,6 +69,7 @@ from ..system.seeding import capture_rng, restore_rng, seed_everything
 from ..system.version import __version__
 from ..tasks import AutoLoss
 from ..training.batches import batch_size_of, split_batch
+from ..training.exit_codes import first_line
 from ..training.optim import configured_scheduler
 from ..training.precision import available_device, resolve_precision
 from ..training.run_checkpoints import Contents, checkpoint_payload
@@ -592,7 +593,7 @@ def flower_summary(
 def _stop_reason(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return f"interrupted by {signal_name_of(error)}"
-    said = (str(error).strip().splitlines() or [""])[0]
+    said = first_line(error)
     return f"{type(error).__name__}: {said}"
 
 

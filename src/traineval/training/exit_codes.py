@@ -43,6 +43,11 @@ def exit_status_of(error: BaseException) -> int:
     return BAD_INPUT
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message ('' for none)."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def error_line(error: BaseException) -> str:
     """`error` in one line. torch re-raises an error of a DataLoader worker with the
     worker's whole traceback in its message: the line is the original error's own, naming
