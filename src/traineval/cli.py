@@ -297,6 +297,8 @@ def _on_sigterm(handler: Any) -> Any:
         return None
     if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
+    global _COMMAND_PID
+    _COMMAND_PID = os.getpid()  # the process whose command it is (a fork's child is not)
     return signal.signal(signal.SIGTERM, handler)
 
 
