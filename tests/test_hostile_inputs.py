@@ -161,6 +161,11 @@ def _write(path, text):
     return path
 
 
+def _predicting(text):
+    """A case's setup: `predict` of the trained run on a table holding `text`."""
+    return lambda t, r: ["predict", str(r[0]), str(_write(t / "input.csv", text))]
+
+
 def _link(tmp_path, target):
     link = tmp_path / "link.csv"
     link.symlink_to(target)
@@ -256,22 +261,22 @@ CASES = [
      lambda t, r: ["predict", str(r[0]), str(r[1]), "--output", "/dev/null", "--overwrite"],
      "'/dev/null' is not a regular file (a device?)", 2),
     ("predict with a number written 5_1",  # float() reads it as 51
-     lambda t, r: ["predict", str(r[0]), str(_write(t / "u.csv", "a,b\n5_1,0.2\n"))],
+     _predicting("a,b\n5_1,0.2\n"),
      "column 'a' is '5_1', not a finite number", 2),
     ("predict with Arabic-Indic digits",
-     lambda t, r: ["predict", str(r[0]), str(_write(t / "u.csv", "a,b\n\u0665,0.2\n"))],
+     _predicting("a,b\n\u0665,0.2\n"),
      "column 'a' is '\u0665', not a finite number", 2),
     ("predict from an empty file",
-     lambda t, r: ["predict", str(r[0]), str(_write(t / "e.csv", ""))],
+     _predicting(""),
      "is empty: a CSV file has a header row, then data rows", 2),
     ("predict from JSON saved as .csv",
-     lambda t, r: ["predict", str(r[0]), str(_write(t / "j.csv", '[{"a": 1, "b": 2}]\n'))],
+     _predicting('[{"a": 1, "b": 2}]\n'),
      "holds JSON, not CSV", 2),
     ("predict from a tab-separated file",
-     lambda t, r: ["predict", str(r[0]), str(_write(t / "t.csv", "a\tb\n1\t2\n"))],
+     _predicting("a\tb\n1\t2\n"),
      "the file is tab-separated", 2),
     ("predict with columns named in another case",
-     lambda t, r: ["predict", str(r[0]), str(_write(t / "c.csv", "A,b\n1,2\n"))],
+     _predicting("A,b\n1,2\n"),
      "names are read as written: 'A' for 'a'?", 2),
     ("predict with a data.json whose scale is 0", _zero_scale,
      "feature_scale holds [0.0", 2),

@@ -773,7 +773,6 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
     from .federated.flower import planned_rounds, saved_round
     from .federated.flower_app import federated_settings
     from .runs.checkpoint import flower_run_ended
-    from .runs.rundir import default_run_dir
 
     _quiet_flower_log()
     federated = federated_settings(config)
@@ -785,7 +784,7 @@ def _flower(config: Any, nodes: int | None, resume_from: str | None = None) -> i
             "--resume needs the run directory: set training.output_dir=<the stopped run's "
             "output_dir>"
         )
-    output_dir = str(config.training.output_dir or default_run_dir("flower"))
+    output_dir = str(config.training.output_dir)  # (named by _flower_command)
     done = saved_round(output_dir) if resume_from == "auto" else None
     rounds = planned_rounds(config.training)
     if done is not None and done >= rounds and flower_run_ended(output_dir):

@@ -12,6 +12,7 @@ import inspect
 from typing import Any
 
 from ..config import registry
+from ..config.checks import field_default
 from ..config.training_config import EvaluationConfig, TrainingConfig
 from .experiment import DataConfig, ModelConfig
 
@@ -79,11 +80,8 @@ def _type(annotation: Any) -> str:
 
 
 def _default(field: dataclasses.Field[Any]) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None
+    value = field_default(field)
+    return None if value is dataclasses.MISSING else value
 
 
 if __name__ == "__main__":

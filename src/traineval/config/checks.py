@@ -6,6 +6,7 @@ so a bad setting is refused before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Iterable, Sequence
@@ -195,3 +196,12 @@ class Custom(Rule):
 
     def __str__(self) -> str:
         return self.text
+
+
+def field_default(field: dataclasses.Field[Any]) -> Any:
+    """A dataclass field's default (its factory's value), or `dataclasses.MISSING`."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING

@@ -200,7 +200,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 # A number as a table writes it: ASCII digits, a point, an exponent (Python's float() also
 # reads "5_1" as 51 and Arabic-Indic digits: a typo would become a wrong value unsaid)
 _NUMBER = re.compile(
-    r"\s*[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)\s*",
+    r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)",
     re.ASCII | re.IGNORECASE,
 )
 

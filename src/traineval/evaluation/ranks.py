@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..system.distributed import CollectiveError, Distributed
-from ..training.exit_codes import UserCodeError, first_line
+from ..training.exit_codes import UserCodeError, failure_line
 from ..training.stopping import TrainingInterrupted
 from .accumulator import Accumulator
 from .user_metrics import UserMetric
@@ -104,7 +104,7 @@ def merge_ranks(
 ) -> tuple[Accumulator | None, Any]:
     """Every rank's metric state, merged in rank order: the same result on every rank; a
     rank's `failure` (its evaluation could not finish) is every rank's `RankFailed`."""
-    said = None if failure is None else (_first_line(failure), isinstance(failure, UserCodeError))
+    said = None if failure is None else (failure_line(failure), isinstance(failure, UserCodeError))
     parts = job.gather((_on_cpu(accumulator), text, said))
     failed = [(rank, said) for rank, (_, _, said) in enumerate(parts) if said is not None]
     if failed:
@@ -131,11 +131,6 @@ def this_ranks_own(error: Exception) -> bool:
     """Whether `error` may be this rank's alone: anything but a failed collective (the
     others saw it too) and a stop (the ranks agree on stops themselves)."""
     return not isinstance(error, (CollectiveError, TrainingInterrupted))
-
-
-def _first_line(error: Exception) -> str:
-    said = first_line(error)
-    return said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}"
 
 
 def _on_cpu(value: Any) -> Any:

@@ -593,8 +593,7 @@ def flower_summary(
 def _stop_reason(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return f"interrupted by {signal_name_of(error)}"
-    said = first_line(error)
-    return f"{type(error).__name__}: {said}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def write_rounds(records: Sequence[Mapping[str, Any]], path: Path) -> None:

@@ -48,6 +48,13 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0]
 
 
+def failure_line(error: BaseException) -> str:
+    """`first_line`, after the error's type but for a ValueError (whose message says what
+    was wrong): how a failed evaluation names its cause."""
+    said = first_line(error)
+    return said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}"
+
+
 def error_line(error: BaseException) -> str:
     """`error` in one line. torch re-raises an error of a DataLoader worker with the
     worker's whole traceback in its message: the line is the original error's own, naming

@@ -57,7 +57,7 @@ from ..runs.train_state import HistoryJson, TrainState, empty_history
 from ..system.distributed import Distributed
 from ..system.seeding import capture_rng, restore_rng
 from .batches import read_once
-from .exit_codes import UserCodeError, first_line
+from .exit_codes import UserCodeError, failure_line
 from .monitor import PerformanceMonitor
 from .optim import PlateauSchedule
 from .saves import CHECKPOINT_SHARE, SaveFn, Saves  # noqa: F401 - CHECKPOINT_SHARE: kept here
@@ -544,11 +544,7 @@ class Loop:
             raise
         except Exception as error:  # it cannot be scored (NaN predictions, a metric's error)
             restore_rng(streams, None)
-            said = first_line(error)
-            self._failed_evaluation(
-                said if isinstance(error, ValueError) else f"{type(error).__name__}: {said}",
-                user_code=isinstance(error, UserCodeError),
-            )
+            self._failed_evaluation(failure_line(error), user_code=isinstance(error, UserCodeError))
         restore_rng(streams, None)
         prefixed = {f"val_{name}": float(value) for name, value in metrics.items()}
         monitored = prefixed.get(self.monitor.name)

@@ -28,7 +28,7 @@ from typing import Any
 from ..assembly.build import validation_metric_names
 from ..assembly.evaluator import Evaluator
 from ..commands.experiment import RunConfig, run_parts
-from ..config.checks import fail, integer
+from ..config.checks import fail, field_default, integer
 from ..config.config_file import run_config_text
 from ..config.training_config import current_metric_name, known_direction, metric_is_minimized
 from ..models import MODELS, option_default
@@ -333,13 +333,9 @@ def _section_defaults(base: Mapping[str, Any]) -> dict[str, Any]:
         defaults[f"model.options.{option}"] = _model_option_default(base, str(option))
     for section, cls in _SECTIONS.items():
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if field.default is not dataclasses.MISSING:
-                value = field.default
-            elif field.default_factory is not dataclasses.MISSING:
-                value = field.default_factory()
-            else:
-                continue
-            defaults[f"{section}.{field.name}"] = value
+            value = field_default(field)
+            if value is not dataclasses.MISSING:
+                defaults[f"{section}.{field.name}"] = value
     return json.loads(json.dumps(defaults, default=repr))
 
 

@@ -164,21 +164,25 @@ def _ask_for_a_place(study: Any, total: int) -> Any:
         trial = study.ask()
         reason = surplus(trial, study.get_trials(deepcopy=False), total)
         if reason is None:
-            trial.set_user_attr("host", socket.gethostname())  # whose it is, from the start
-            trial.set_user_attr("pid", os.getpid())
-            trial.set_user_attr("pid_space", pid_space())
+            _mark_mine(trial)  # whose it is, from the start
             return trial
         trial.set_user_attr("surplus", reason)
         study.tell(trial, state=_states().FAIL)
     return None
 
 
-def mark_running(trial: Any, run_dir: Path) -> None:
-    """Record where `trial` runs (its run directory, host and process), so that a retry
-    resumes it and a later start on this host can tell whether its process is gone."""
-    trial.set_user_attr("run_dir", str(run_dir))
+def _mark_mine(trial: Any) -> None:
+    """Record whose `trial` is (host, process, PID namespace), so that a later start on
+    this host can tell whether its process is gone (`gone_from_here`)."""
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("pid_space", pid_space())
+
+
+def mark_running(trial: Any, run_dir: Path) -> None:
+    """Record where `trial` runs (its run directory; whose it is was recorded as it was
+    asked for), so that a retry resumes it."""
+    trial.set_user_attr("run_dir", str(run_dir))
 
 
 def pid_space() -> str:

@@ -72,7 +72,8 @@ def run(study: Any, trial: Any, settings: Settings) -> str | None:
             if exit_status_of(error) != BAD_INPUT:
                 _crashed(study, trial, error)
                 raise
-            outcome = {"error": error_line(error), "refused": error_line(error)}
+            said = error_line(error)
+            outcome = {"error": said, "refused": said}
         except BaseException as error:
             _crashed(study, trial, error)
             raise
