@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import signal
@@ -87,6 +88,19 @@ def test_nan_stops_with_the_step_named_and_checkpoints_stay_finite(tmp_path):
     saved = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.pt")
     assert saved["global_step"] == 5
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_a_nan_found_later_leaves_a_summary_of_the_updates_before_it(tmp_path):
+    # the 6th update (micro-batch 5) is NaN; its loss is read back at the 8th, a log step
+    config = _config(tmp_path, log_frequency=8)
+    with pytest.raises(NonFiniteError, match=r"loss nan at epoch 1, step 6 "):
+        TrainingManager(config).train(make_mlp(), DataLoader(_nan_data(43), 8))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "step 6" in summary["stop_reason"]
+    trained = {k: summary[k] for k in ("global_step", "epochs_completed", "batches_into_epoch")}
+    assert trained == {"global_step": 5, "epochs_completed": 0, "batches_into_epoch": 5}
+    assert summary["updates_trained"] == 5
 
 
 def test_skip_policy_skips_and_counts_non_finite_steps(tmp_path):

@@ -39,6 +39,7 @@ from ..training.run_checkpoints import (
     shards_for,
     writes_in_background,
 )
+from ..training.steplog import NonFiniteError
 from ..training.stopping import TrainingInterrupted, watching_signals
 from . import build
 from .results import TrainingResult
@@ -220,7 +221,9 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
             status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
             seconds = time.perf_counter() - started
             ended = manager._result(loop.state, monitor.name, seconds, checkpoints)
-            ended.updates_trained = loop.state.global_step - resumed_at
+            if isinstance(error, NonFiniteError) and error.step is not None:
+                ended.trained_until(error.step)
+            ended.updates_trained = ended.global_step - resumed_at
             ended.write_summary(
                 manager.distributed,
                 status,

@@ -10,6 +10,7 @@ from typing import Any
 from ..runs.train_state import TrainState
 from ..system.distributed import Distributed
 from ..system.files import atomic_write_json
+from ..training.steplog import StepRecord
 
 
 @dataclasses.dataclass
@@ -69,6 +70,13 @@ class TrainingResult(Mapping[str, Any]):
             status=_status(state),
             batches_into_epoch=state.batch_in_epoch,
         )
+
+    def trained_until(self, failed: StepRecord) -> None:
+        """Count what was trained up to the update before `failed` (a non-finite one found
+        later, where the run read its steps back): that is what the run has to show."""
+        self.global_step = failed.step - 1
+        self.epochs_completed = failed.epoch - 1
+        self.batches_into_epoch = failed.batch_index
 
     def trained_words(self) -> str:
         """The epochs and updates trained, in words (see `trained_words`)."""

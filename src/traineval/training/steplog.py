@@ -18,7 +18,12 @@ from .steps import items_of
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or gradient norm became NaN or infinite; no checkpoint was written after it."""
+    """A loss or gradient norm became NaN or infinite; no checkpoint was written after it.
+    `step`: the failing optimizer update's record, where one update is to blame."""
+
+    def __init__(self, message: str, step: StepRecord | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @dataclasses.dataclass

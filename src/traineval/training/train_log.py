@@ -68,7 +68,7 @@ class TrainLog:
         records = self.steps.flush()
         bad = first_non_finite(records)
         if bad is not None:
-            raise NonFiniteError(describe(bad) + "; no checkpoint was written after it")
+            raise NonFiniteError(describe(bad) + "; no checkpoint was written after it", bad)
         for name, values in self._metrics.items():
             tensors = [v for v in values if isinstance(v, torch.Tensor)]
             total = sum(float(v) for v in values if not isinstance(v, torch.Tensor))
