@@ -737,13 +737,15 @@ def test_the_node_count_is_checked_against_mode_clients_before_the_first_round(
 
 
 def test_the_flower_command_prints_each_flower_line_once(tmp_path):
-    """Flower's logger has a handler of its own: its lines are not passed on to ours too."""
+    """Flower's logger has a handler of its own: its lines are not passed on to ours too,
+    and carry no colour codes into a file."""
     demo = Path(traineval.__file__).parent / "configs" / "demo.yaml"
     command = [sys.executable, "-m", "traineval.cli", "flower", str(demo), "--nodes", "2"]
     command += ["mode=federated", "training.num_epochs=1", f"training.output_dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("[ROUND 1/1]") == 1
+    assert "\x1b[" not in done.stderr
 
 
 def test_a_flower_command_stopped_by_sigterm_says_where_and_its_summary_says_so(

@@ -839,11 +839,15 @@ def _run_flower_app(config: Any, nodes: int, resume_from: str | None, rounds: in
 
 
 def _quiet_flower_log() -> None:
-    """Flower's log lines once (its own handler, not again through ours), and not round by
-    round under -q."""
+    """Flower's log lines once (its own handler, not again through ours), not round by
+    round under -q, and without colour codes where stderr is not a terminal (a log file)."""
     flower_log = logging.getLogger("flwr")
     if flower_log.handlers:
         flower_log.propagate = False
+    for handler in flower_log.handlers:
+        if hasattr(handler, "colored") and isinstance(handler, logging.StreamHandler):
+            stream = getattr(handler, "stream", None)
+            handler.colored = bool(getattr(stream, "isatty", lambda: False)())
     if logging.getLogger().level > logging.INFO:
         flower_log.setLevel(logging.WARNING)
 
