@@ -846,8 +846,7 @@ def _quiet_flower_log() -> None:
         flower_log.propagate = False
     for handler in flower_log.handlers:
         if hasattr(handler, "colored") and isinstance(handler, logging.StreamHandler):
-            stream = getattr(handler, "stream", None)
-            handler.colored = bool(getattr(stream, "isatty", lambda: False)())
+            handler.colored = bool(getattr(handler.stream, "isatty", lambda: False)())  # type: ignore[attr-defined]
     if logging.getLogger().level > logging.INFO:
         flower_log.setLevel(logging.WARNING)
 
