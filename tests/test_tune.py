@@ -711,6 +711,35 @@ def test_a_retry_asks_the_pruner_about_what_its_trial_had_reported(tmp_path):
     assert early.trial.reports == [(10, 0.5)]
 
 
+def test_a_resumed_trials_seconds_count_every_run_it_continues(tmp_path, monkeypatch):
+    """A retry's seconds were those of its last run only (the interrupted ones had none)."""
+    import datetime
+    import types
+
+    from traineval.tuning import trial as trials
+
+    class Later(datetime.datetime):  # each trial is stopped 30 s after it started
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(seconds=30)
+
+    monkeypatch.setattr(trials, "datetime", types.SimpleNamespace(datetime=Later))
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("run_dir", str(tmp_path))
+    trials.record_interrupted(study, trial, "SIGTERM")
+    first = study._storage.get_trial(trial._trial_id).user_attrs["seconds"]
+    assert 30 <= first < 40
+    retry = study.ask()
+    assert retry.user_attrs["seconds_before"] == first
+    trials.record_interrupted(study, retry, "SIGTERM")
+    second = study._storage.get_trial(retry._trial_id).user_attrs["seconds"]
+    assert 60 <= second < 80
+    last = study.ask()
+    trials.record(study, last, {"value": 0.9, "pruned_at": None, "seconds": 5.0})
+    assert study.trials[-1].user_attrs["seconds"] == pytest.approx(second + 5.0)
+
+
 def test_a_queued_retry_is_shown_with_the_values_it_will_run(tmp_path):
     """A retry queued by an interrupted trial showed as 'waiting' with no parameters."""
     from traineval.tuning.study import trial_records

@@ -15,6 +15,7 @@ or by the storage's heartbeat from any machine).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import socket
@@ -228,6 +229,9 @@ def queue_retry(study: Any, trial: Any, why: str) -> bool:
         return False
     run_dir = trial.user_attrs.get("run_dir")
     attrs = {"retry_of": trial.number, **({"resume_dir": run_dir} if run_dir else {})}
+    before = trial.user_attrs.get("seconds", trial.user_attrs.get("seconds_before"))
+    if before is not None:  # the retry's seconds count what its run trained before
+        attrs["seconds_before"] = before
     if trial.intermediate_values:  # the retry reports them again where its run resumes
         attrs["reported"] = {str(k): v for k, v in trial.intermediate_values.items()}
     study.enqueue_trial(trial.params, user_attrs=attrs)
@@ -292,7 +296,7 @@ def _record(study: Any, trial: Any, outcome: Mapping[str, Any]) -> None:
         logger.warning("trial %d failed: %s", trial.number, outcome["error"])
         study.tell(trial, state=states.FAIL)
         return
-    trial.set_user_attr("seconds", outcome["seconds"])
+    trial.set_user_attr("seconds", outcome["seconds"] + trial.user_attrs.get("seconds_before", 0))
     if outcome["pruned_at"] is not None:
         study.tell(trial, state=states.PRUNED)
         logger.info("trial %d pruned at step %d", trial.number, outcome["pruned_at"])
@@ -313,8 +317,15 @@ def _value_said(study: Any, value: float) -> str:
 
 
 def record_interrupted(study: Any, trial: Any, why: str) -> None:
-    """`trial` stopped on a signal: interrupted, and a retry queued that resumes it."""
-    queue_retry(study, study._storage.get_trial(trial._trial_id), why)
+    """`trial` stopped on a signal: interrupted, with the seconds it ran (those of the runs
+    it resumed too), and a retry queued that resumes it."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.datetime_start is not None and frozen.state == _states().RUNNING:
+        ran = (datetime.datetime.now() - frozen.datetime_start).total_seconds()
+        seconds = ran + frozen.user_attrs.get("seconds_before", 0)
+        study._storage.set_trial_user_attr(trial._trial_id, "seconds", seconds)
+        frozen = study._storage.get_trial(trial._trial_id)
+    queue_retry(study, frozen, why)
     logger.info("trial %d stopped (%s); the next run of the study resumes it", trial.number, why)
 
 
