@@ -507,7 +507,8 @@ def test_a_killed_driver_takes_its_workers_and_the_rerun_ends_with_exactly_n(tmp
     config = _yaml(tmp_path / "tune.yaml", tmp_path / "study", epochs=8,
                    checkpoint_every_n_steps=5)  # fmt: skip
     command = _tune_command(config, "--trials", "6", "--workers", "2", "--pruner", "none")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # the workers and tracker write too
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     _wait_for(tmp_path / "study" / "trial-0001" / "checkpoints" / "last.pt", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -516,6 +517,8 @@ def test_a_killed_driver_takes_its_workers_and_the_rerun_ends_with_exactly_n(tmp
     while any(map(_alive, pids)) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(map(_alive, pids)), "the workers outlived their driver"
+    time.sleep(1)  # the resource tracker's last words, were there any
+    assert "leaked" not in (tmp_path / "stderr.txt").read_text()
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     states = [t.state.name for t in _trials(tmp_path / "study") if "surplus" not in t.user_attrs]

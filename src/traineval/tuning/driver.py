@@ -83,16 +83,19 @@ def run_workers(settings: Settings, trials: int, workers: int, study: Any) -> No
     """`workers` spawned processes on the study until it is full. A signal to this driver
     stops them (each saves its trial); a worker that died is reported in one line."""
     context = multiprocessing.get_context("spawn")
-    stop = context.Event()
+    # the workers stop when this end closes: on a signal, or as this process dies (a pipe,
+    # not an Event: a killed driver's semaphores were reported leaked at its exit)
+    stop, stopping = context.Pipe(duplex=False)
     processes = [
         context.Process(target=worker_main, args=(settings, trials, os.getpid(), stop))
         for _ in range(workers)
     ]
-    with watching_signals(lambda name: stop.set()) as watch:
+    with watching_signals(lambda name: stopping.close()) as watch:
         for process in processes:
             process.start()
         for process in processes:
             process.join()
+    stopping.close()
     if watch.received is not None:
         what = f"tune interrupted by {watch.received}"
         raise TrainingInterrupted(what, None, watch.received, what)

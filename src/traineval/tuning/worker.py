@@ -118,11 +118,12 @@ def worker_main(settings: Settings, total: int, parent: int, stop: Any) -> None:
 
 
 def _watch_driver(parent: int, stop: Any) -> None:
-    """Stop this worker as SIGTERM would once `stop` is set or the driver `parent` is gone
-    (its parent changes when it dies), unless a signal already reached it."""
+    """Stop this worker as SIGTERM would once the driver `parent` closes its end of the
+    pipe `stop` or is gone (its parent changes when it dies), unless a signal already
+    reached it."""
 
     def watch() -> None:
-        while os.getppid() == parent and not stop.wait(0.2):
+        while os.getppid() == parent and not stop.poll(0.2):  # closed: poll answers True
             pass
         if received() is None:
             os.kill(os.getpid(), signal.SIGTERM)
