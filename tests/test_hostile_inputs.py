@@ -196,6 +196,20 @@ def _evaluation_is_a_file(tmp_path, trained):
     return ["evaluate", str(run)]
 
 
+def _evaluation_is_a_link(tmp_path, trained):
+    """A copy of the trained run whose evaluation folder links elsewhere (evaluate wrote
+    its files there)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.rmtree(run / "evaluation")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "metrics.json").write_text("mine\n")
+    (run / "evaluation").symlink_to(tmp_path / "elsewhere")
+    return ["evaluate", str(run)]
+
+
 def _reordered(tmp_path, trained):
     """A copy of the trained run whose table has its columns in another order."""
     import csv
@@ -345,6 +359,8 @@ CASES = [
      "config.yaml' is incomplete: a run's config.yaml ends with the line", 2),
     ("evaluate of a config.yaml cut at a line boundary",
      lambda t, r: _cut_config(t, r, "evaluate"), "is incomplete", 2),
+    ("evaluate of a run whose evaluation folder is a link", _evaluation_is_a_link,
+     "evaluation' is a symbolic link (to ", 2),
     ("tune over a misspelled field", lambda t, r: _study(t, r, search="learnin_rate: [0.1]"),
      "search.learnin_rate is invalid: no config field of that name (did you mean", 2),
     ("tune over an inverted range",
@@ -387,6 +403,26 @@ def test_hostile_input_is_one_line_naming_it(tmp_path, trained, capsys, setup, w
     assert seconds < 20  # a guard against blowing up (an alias bomb expanded takes minutes)
     after = {**_files(tmp_path), **_files(trained[0].parent)}
     assert {p: h for p, h in after.items() if p in before} == before  # nothing changed
+
+
+def test_links_among_a_runs_results_are_replaced_not_written_through(tmp_path, trained):
+    """A received run whose result files link elsewhere: evaluate replaces the links (a
+    plot was written through its link onto the file it named)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    assert main(["evaluate", str(run), "--plots", "--save-predictions"]) == 0
+    written = sorted(p.name for p in (run / "evaluation").iterdir() if p.name != "metrics.json")
+    assert any(name.endswith(".png") for name in written)  # metrics.json is fit's
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    for name in written:
+        (run / "evaluation" / name).unlink()
+        (run / "evaluation" / name).symlink_to(victim)
+    assert main(["evaluate", str(run), "--plots", "--save-predictions"]) == 0
+    assert victim.read_text() == "mine\n"
+    assert not any((run / "evaluation" / name).is_symlink() for name in written)
 
 
 def test_a_long_text_cell_is_read_and_passed_through(tmp_path, trained):

@@ -829,11 +829,23 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
+    _refuse_linked_output(run_dir / "evaluation")
     with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
         return _evaluate_run(
             config, run_dir, checkpoint or default_checkpoint(run_dir), split,
             save_predictions, plot_metrics,
         )  # fmt: skip
+
+
+def _refuse_linked_output(folder: Path) -> None:
+    """Refuse to write into `folder` of a run directory where it is a symbolic link: a run
+    directory handed to you could point it anywhere (its files are replaced, not followed)."""
+    if folder.is_symlink():
+        raise ValueError(
+            f"{str(folder)!r} is a symbolic link (to {str(folder.readlink())!r}): evaluate "
+            "writes its results there, and only into a folder of the run's own; replace the "
+            "link by a folder (or copy the run directory), then run again"
+        )
 
 
 def recorded_in(run_dir: Path) -> Path:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..system.files import atomic_file
+
 logger = logging.getLogger(__name__)
 
 
@@ -188,11 +190,15 @@ def learning_curves(history: dict[str, list[Any]], path: str | Path, unit: str =
 
 
 def _save(figure: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    """`figure` as a PNG at `path`, written atomically (a symbolic link there is replaced,
+    not written through), and closed."""
     import matplotlib.pyplot as plt
 
-    plt.close(figure)
+    path = Path(path)
+    try:
+        figure.tight_layout()
+        with atomic_file(path) as temporary:
+            figure.savefig(temporary, dpi=110, format="png")
+    finally:
+        plt.close(figure)
     return path

@@ -78,11 +78,14 @@ def _umask() -> int:
 
 def file_mode(path: Path) -> int:
     """The mode a write of `path` leaves: the file's own where it exists (a `chmod 600`
-    stays), else what `open()` gives a new file under the umask (mkstemp's is 0600)."""
+    stays), else what `open()` gives a new file under the umask (mkstemp's is 0600). A
+    symbolic link is replaced, not followed: its target's mode is not the file's."""
     try:
-        return path.stat().st_mode & 0o7777
+        if not path.is_symlink():
+            return path.stat().st_mode & 0o7777
     except OSError:
-        return 0o666 & ~_umask()
+        pass
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
