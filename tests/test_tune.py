@@ -192,6 +192,8 @@ def test_a_study_continues_only_with_the_config_and_space_it_began_with(tmp_path
         tune(_config(tmp_path / "s", epochs=1), SEARCH, trials=2)
     with pytest.raises(ValueError, match=r"search.training.batch_size differ"):
         tune(_config(tmp_path / "s", epochs=2), {**SEARCH, "batch_size": [8, 16]}, trials=2)
+    with pytest.raises(ValueError, match=r"differ \(training.warmup_steps was not searched\)"):
+        tune(_config(tmp_path / "s", epochs=2), {**SEARCH, "warmup_steps": [0, 5]}, trials=2)
     # how a run is shown or logged may differ, and a default written out is no change
     shown = _config(tmp_path / "s", epochs=2, progress_bar=True, tensorboard_logging=True)
     data = shown.to_dict()

@@ -305,16 +305,24 @@ def _check_same_runs(study: Any, settings: Settings) -> None:
                 if known["base"].get(k, defaults.get(k)) != now["base"].get(k, defaults.get(k))
                 and k not in MAY_DIFFER]  # fmt: skip
     if changed:
-        first = changed[0].removeprefix("search.")
-        was = (known["space"] if changed[0].startswith("search.") else known["base"]).get(
-            first, defaults.get(first)
-        )
         raise ValueError(
             f"study {settings.study_name!r} was begun with another config: "
-            f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ ({changed[0]} "
-            f"was {was!r}); set them back to continue it, or start another study "
-            "(--study-name, or another output_dir)"
+            f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ ("
+            f"{_was(changed[0], known, defaults)}); set them back to continue it, or start "
+            "another study (--study-name, or another output_dir)"
         )
+
+
+def _was(key: str, known: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
+    """What the study began with for `key` (a field, or `search.<field>`), in words."""
+    field = key.removeprefix("search.")
+    if key != field:
+        said = known["space"].get(field)
+        return f"{key} was {said!r}" if said is not None else f"{field} was not searched"
+    if field in known["base"]:
+        return f"{key} was {known['base'][field]!r}"
+    default = defaults.get(field, _UNSET)
+    return f"{key} was {default!r}" if default is not _UNSET else f"{key} was not set"
 
 
 _UNSET = object()
