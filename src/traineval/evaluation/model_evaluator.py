@@ -272,7 +272,7 @@ class ModelEvaluator:
                     if not real:
                         continue  # a repeated batch, only to keep the ranks in step
                     if accumulator is None:  # the first batch: the task, the files
-                        accumulator = self._accumulator(scorer.pair(result), plan)
+                        accumulator = self._accumulator(scorer, result, plan)
                         writer = self._writer(accumulator.task, plan, stack)
                     scored = scorer.score(result, accumulator.task)  # adds to its loss sums
                     self._update(accumulator, writer, plan, scored)
@@ -281,13 +281,11 @@ class ModelEvaluator:
                 writer.check_ids()  # inside the with: a refused file is not written
         return accumulator, writer
 
-    def _accumulator(self, pair: tuple[Any, Any], plan: _Pass) -> Accumulator:
-        """The metric state of a pass, for the task detected on its first batch's `pair`."""
+    def _accumulator(self, scorer: BatchScorer, result: Any, plan: _Pass) -> Accumulator:
+        """The metric state of a pass, for the task detected on its first batch's `result`."""
         how = plan.options
         task = how.task_type or detect_labeled_task(
-            *pair,
-            self.config.ignore_index,
-            supervised=how.training_mode is not TrainingMode.UNSUPERVISED,
+            *scorer.pair(result), self.config.ignore_index, supervised=not scorer.unsupervised
         )
         config = self.config  # training's validations resample nothing
         if not how.intervals:
