@@ -103,6 +103,35 @@ def test_a_nan_found_later_leaves_a_summary_of_the_updates_before_it(tmp_path):
     assert summary["updates_trained"] == 5
 
 
+class _FailsAtBatch(torch.nn.Module):
+    """An MLP whose forward raises at its `n`-th training batch."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.net, self.n, self.seen = make_mlp(), n, 0
+
+    def forward(self, x):
+        if self.training:
+            self.seen += 1
+            if self.seen == self.n:
+                raise RuntimeError(f"boom at training batch {self.n}")
+        return self.net(x)
+
+
+@pytest.mark.parametrize(("batch", "epochs"), [(1, 0), (9, 1), (10, 1)])
+def test_a_run_failing_at_an_epochs_first_batch_has_not_completed_it(tmp_path, batch, epochs):
+    # 8 batches an epoch: batch 9 is epoch 2's first (summary.json had said 2 epochs done)
+    with pytest.raises(RuntimeError, match="boom"):
+        TrainingManager(_config(tmp_path, num_epochs=3)).train(
+            _FailsAtBatch(batch), DataLoader(make_classification(n=64), 8)
+        )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["epochs_completed"] == epochs
+    assert summary["global_step"] == batch - 1
+    assert summary["batches_into_epoch"] == (batch - 1) % 8
+
+
 def test_skip_policy_skips_and_counts_non_finite_steps(tmp_path):
     config = _config(tmp_path, skip_nonfinite_steps=1, log_frequency=1, num_epochs=1)
     result = TrainingManager(config).train(make_mlp(), DataLoader(_nan_data(43), 8))

@@ -221,6 +221,8 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
             status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
             seconds = time.perf_counter() - started
             ended = manager._result(loop.state, monitor.name, seconds, checkpoints)
+            if loop.in_epoch:  # one that failed at its first batch is not a whole epoch
+                ended.epochs_completed = loop.state.epoch - 1
             if isinstance(error, NonFiniteError) and error.step is not None:
                 ended.trained_until(error.step)
             ended.updates_trained = ended.global_step - resumed_at

@@ -302,6 +302,7 @@ class Loop:
         # the histories' entries as JSON, each encoded once (`run_checkpoints.HistoryJson`)
         self.history_json = {"loop": HistoryJson(), "tracker": HistoryJson()}
         self._epoch_complete = False
+        self.in_epoch = False  # between on_epoch_start and the epoch's end (its evaluation)
         self._step_callbacks = [c for c in self.callbacks if overrides(c, "on_step_end")]
         self.update = WindowUpdate(
             update, placement, model, length.log_every_n_steps, observe.layer_norms
@@ -364,10 +365,12 @@ class Loop:
                 state.epoch += 1
                 state.epoch_rng = capture_rng(self.data_generators)
                 state.epoch_loss_sum = state.epoch_loss_weight = 0.0
+            self.in_epoch = True  # begun, not ended: a run failing in it leaves it out
             self._call("on_epoch_start")
             if self.stops.done():  # asked before the epoch's first batch (a signal, a stop)
                 if not resuming_inside_epoch:
                     state.epoch -= 1  # it did not begin: a resume begins it
+                    self.in_epoch = False
                 break
             train_loss = self._train_epoch(self._batches())
             if not self._closing_without_evaluation():
@@ -378,6 +381,7 @@ class Loop:
                 self._close_inside_epoch(train_loss)
                 break
             logs = self._end_epoch(train_loss)
+            self.in_epoch = False
             self._call("on_epoch_end", logs)
             self._act()
             self._stop_if_signalled()  # one that came during validation, a save, a callback
