@@ -33,11 +33,16 @@ def _config(tmp_path, **overrides):
     return TrainingConfig(**settings)
 
 
-def _scalars(folder):
+def _events(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     accumulator.Reload()
+    return accumulator
+
+
+def _scalars(folder):
+    accumulator = _events(folder)
     return {
         tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
     }
@@ -69,7 +74,10 @@ def test_resumed_tensorboard_run_drops_the_interrupted_runs_later_events(tmp_pat
     config = _config(tmp_path, tensorboard_logging=True, checkpoint_every_n_steps=4)
     with pytest.raises(TrainingInterrupted):
         TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
-    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
+    result = TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
+    # one hparams entry, the run's best (the interrupted run's NaN one had stayed beside it)
+    hparams = _events(tmp_path / "run" / "tensorboard" / "hparams")
+    assert [e.value for e in hparams.Scalars("best_metric")] == [pytest.approx(result.best_metric)]
     assert _scalars(tmp_path / "run" / "tensorboard")["train_step_loss"] == [
         2,
         4,

@@ -90,7 +90,12 @@ class TensorBoardLogger:
         self._hparams = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
 
     def close(self) -> None:
+        """Flush and close; the hparams entry (the config's values and the best metric) is
+        this close's alone: a resumed run's replaces the stopped run's (with its NaN best),
+        as the uninterrupted run has one."""
         if self._hparams:
+            for earlier in (self.folder / "hparams").glob("events.out.tfevents.*"):
+                earlier.unlink(missing_ok=True)
             self.writer.add_hparams(
                 self._hparams, self._best or {"best_metric": float("nan")}, run_name="hparams"
             )
