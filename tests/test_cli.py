@@ -501,7 +501,11 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
         os.chdir(here)
     for command in (["evaluate"], ["predict"]):
         assert main([*command, str(tmp_path / "o"), *(["x.csv"] * (command == ["predict"]))]) == 2
-        assert "is a cross-validation" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "is a cross-validation" in err
+        assert (
+            f"{'evaluate' if command == ['evaluate'] else 'predict with'} one of its folds" in err
+        )
     # report of the cross-validation's folder: the tables cv printed, read from cv.json
     assert main(["cv", str(config), "--folds", "3", f"training.output_dir={tmp_path / 'p'}"]) == 0
     printed = capsys.readouterr().out

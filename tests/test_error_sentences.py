@@ -470,6 +470,28 @@ def test_a_dataset_where_a_loader_belongs_is_named_from_python(tmp_path):
         _manager(tmp_path).train(nn.Linear(10, 3), data, DataLoader(data, batch_size=8))
     with pytest.raises(TypeError, match="val_loader is a TensorDataset"):
         _manager(tmp_path).train(nn.Linear(10, 3), DataLoader(data, batch_size=8), data)
+    # the evaluator's was "regression outputs of shape (3,) do not match targets of shape ()"
+    from traineval import Evaluator
+
+    with pytest.raises(TypeError, match=r"loader is a TensorDataset .* DataLoader\(your_data"):
+        Evaluator().evaluate_model(nn.Linear(10, 3), data)
+
+
+def test_a_loader_of_single_samples_is_named_as_such(tmp_path):
+    # was: "outputs of shape (3,) with integer targets: pass task_type (classification: a
+    # binary classifier's one logit...", sending the user to the task
+    data = TensorDataset(torch.randn(32, 10), torch.randint(0, 3, (32,)))
+    said = r"targets \(\) int64\): its target is one value with no batch dimension.*batch_size"
+    with pytest.raises(ValueError, match=said):
+        _manager(tmp_path).train(nn.Linear(10, 3), DataLoader(data, batch_size=None))
+
+
+def test_a_model_on_the_meta_device_is_refused_before_any_work(tmp_path):
+    # was: torch's "Cannot copy out of meta tensor; no data!" from inside the run
+    data = DataLoader(TensorDataset(torch.randn(32, 10), torch.randint(0, 3, (32,))), batch_size=8)
+    with pytest.raises(ValueError, match=r"the model's 'weight' is on the meta device"):
+        _manager(tmp_path).train(nn.Linear(10, 3, device="meta"), data)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_batch_the_first_layer_cannot_take_names_both(tmp_path):

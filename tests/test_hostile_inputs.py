@@ -210,6 +210,17 @@ def _evaluation_is_a_link(tmp_path, trained):
     return ["evaluate", str(run)]
 
 
+def _study_folder(tmp_path, trained, command):
+    """A tune study's folder (its study.db, a trial) handed to `command`."""
+    import shutil
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.db").write_bytes(b"")
+    shutil.copytree(trained[0], study / "trial-0000")
+    return [command, str(study), *([str(trained[1])] if command == "predict" else [])]
+
+
 def _reordered(tmp_path, trained):
     """A copy of the trained run whose table has its columns in another order."""
     import csv
@@ -361,6 +372,10 @@ CASES = [
      lambda t, r: _cut_config(t, r, "evaluate"), "is incomplete", 2),
     ("evaluate of a run whose evaluation folder is a link", _evaluation_is_a_link,
      "evaluation' is a symbolic link (to ", 2),
+    ("evaluate of a tune study's folder", lambda t, r: _study_folder(t, r, "evaluate"),
+     "is a tune study: it has no model of its own; use one of its trials, ", 2),
+    ("predict with a tune study's folder", lambda t, r: _study_folder(t, r, "predict"),
+     "study/trial-0000 (`traineval report", 2),
     ("tune over a misspelled field", lambda t, r: _study(t, r, search="learnin_rate: [0.1]"),
      "search.learnin_rate is invalid: no config field of that name (did you mean", 2),
     ("tune over an inverted range",

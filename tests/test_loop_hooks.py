@@ -311,3 +311,20 @@ def test_an_interrupted_runs_progress_bar_closes_and_warnings_print_above_a_live
     progress.on_exception(None, KeyboardInterrupt())
     assert progress.bar is None
     assert not getattr(tqdm, "_instances", None)  # no bar left to draw over the message
+
+
+def test_what_is_not_a_callback_is_refused_before_any_work(tmp_path):
+    """A function given as a callback failed at the first step (the run directory already
+    claimed, no summary.json); `callbacks=` one object failed unpacking it."""
+    config = TrainingConfig(num_epochs=1, batch_size=8, output_dir=str(tmp_path / "run"),
+                            progress_bar=False, tensorboard_logging=False)  # fmt: skip
+    train = DataLoader(make_classification(n=32), 8)
+
+    def on_step(loop):
+        pass
+
+    with pytest.raises(TypeError, match=r"callbacks\[0\] \(function\) is not a traineval\.Call"):
+        TrainingManager(config).train(make_mlp(), train, callbacks=[on_step])
+    with pytest.raises(TypeError, match=r"callbacks=.* is invalid: expected a list of traineval"):
+        TrainingManager(config).train(make_mlp(), train, callbacks=Callback())
+    assert not (tmp_path / "run").exists()

@@ -82,6 +82,7 @@ def check_inputs(config: TrainingConfig, model: Any, mode: Mode, loss_function: 
     the run cannot honour."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_meta(model)
     check_prefixes(model, "frozen_parameters", config.frozen_parameters)
     check_prefixes(model, "lr_multipliers", config.lr_multipliers)
     _warn_batch_norm_accumulation(model, config.gradient_accumulation_steps)
@@ -98,6 +99,18 @@ def check_inputs(config: TrainingConfig, model: Any, mode: Mode, loss_function: 
         raise ValueError(
             f"label_smoothing / class_weights are not supported in mode='{mode.name}' "
             "(they shape the supervised cross-entropy)"
+        )
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model on the meta device has shapes and no values: nothing to train."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    meta = next((name for name, tensor in tensors if tensor.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"the model's {meta!r} is on the meta device (a shape without values): build "
+            "it on a real device, or materialise it first (model.to_empty(device='cpu'), "
+            "then initialise or load its weights)"
         )
 
 

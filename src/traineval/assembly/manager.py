@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback
+from ..callbacks.base import check_callbacks
 from ..callbacks.defaults import default_callbacks
 from ..config.training_config import TaskType, TrainingConfig, TrainingMode
 from ..data.splits import SCHEMA_FILE
@@ -154,6 +155,7 @@ class TrainingManager:
         """
         check_loaders(train_loader=train_loader, val_loader=val_loader)
         check_loggers(loggers)
+        check_callbacks(callbacks)
         build.check_resume_target(self.config, resume_from)
         request = build.Request(
             model, train_loader, val_loader, task_of(task_type), loss_function, evaluator,

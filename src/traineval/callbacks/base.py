@@ -102,6 +102,23 @@ class Callback:
         pass
 
 
+def check_callbacks(callbacks: Any) -> None:
+    """Refuse, before any work, `callbacks` that are not a list of `Callback` objects (a
+    function, or another library's callback, failed at the first hook with the run
+    directory already claimed)."""
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence):
+        raise TypeError(
+            f"callbacks={callbacks!r} is invalid: expected a list of traineval.Callback objects"
+        )
+    for index, callback in enumerate(callbacks):
+        if not isinstance(callback, Callback):
+            hooks = ", ".join(name for name in vars(Callback) if name.startswith("on_"))
+            raise TypeError(
+                f"callbacks[{index}] ({type(callback).__name__}) is not a traineval.Callback: "
+                f"subclass traineval.Callback and override the hooks you need ({hooks})"
+            )
+
+
 def overrides(callback: Callback, hook: str) -> bool:
     """Whether `callback` implements `hook` (the loop skips the no-op base hooks per step)."""
     return getattr(type(callback), hook) is not getattr(Callback, hook)

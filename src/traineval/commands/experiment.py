@@ -352,6 +352,7 @@ class RunConfig:
         is refused before anything is imported, unless `trust_code=True`."""
         path = Path(run_dir) / "config.yaml"
         if Path(run_dir).is_dir() and not path.exists():
+            _refuse_study(Path(run_dir))
             raise FileNotFoundError(
                 f"{str(run_dir)!r} is not a run directory: it has no config.yaml (fit, demo "
                 "and cv write one in each run's folder)"
@@ -897,9 +898,23 @@ def _refuse_a_changed_table(run_dir: Path, config: RunConfig, splits: DataSplits
         )
 
 
-def check_cv_folder(run_dir: Path, split: str) -> None:
+def _refuse_study(folder: Path) -> None:
+    """A tune study's folder holds trials, not a model of its own: say which to use."""
+    trials = sorted(p.name for p in folder.glob("trial-*") if (p / "config.yaml").is_file())
+    if trials or (folder / "study.db").is_file():
+        which = f", {folder / trials[0]}" if trials else ""
+        which += f" .. {trials[-1]}" if len(trials) > 1 else ""
+        raise ValueError(
+            f"{str(folder)!r} is a tune study: it has no model of its own; use one of its "
+            f"trials{which} (`traineval report {folder}` ranks them), or train its "
+            "best_config.yaml"
+        )
+
+
+def check_cv_folder(run_dir: Path, split: str, verb: str = "evaluate") -> None:
     """A fold trained on part of the train and validation rows: only the test split scores
-    it fairly. The cross-validation folder itself holds no model of its own."""
+    it fairly. The cross-validation folder itself holds no model of its own (`verb`: what
+    to do with one of its folds instead)."""
     if is_fold(run_dir) and split != "test":
         base = run_dir.resolve().parent
         raise ValueError(
@@ -912,7 +927,7 @@ def check_cv_folder(run_dir: Path, split: str) -> None:
         folds := sorted(p.name for p in run_dir.glob("fold-*") if p.is_dir())
     ):
         raise ValueError(
-            f"{run_dir} is a cross-validation: it has no model of its own; evaluate one of "
+            f"{run_dir} is a cross-validation: it has no model of its own; {verb} one of "
             f"its folds ({run_dir / folds[0]} .. {folds[-1]}); their test scores and their "
             f"ensemble's are in {run_dir / 'evaluation' / 'cv.json'}"
         )

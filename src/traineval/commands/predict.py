@@ -148,7 +148,7 @@ def _predict(
     default) and write them with their prediction columns to `out`; returns it and the row
     count."""
     _refuse_unsupported(config)
-    check_cv_folder(run_dir, "test")  # a cross-validation's folder: predict with a fold
+    check_cv_folder(run_dir, "test", "predict with")  # a cross-validation's folder: use a fold
     splits = _table_of(config, run_dir)
     table = _read_rows(splits, input_csv)
     cut = config.evaluation.multilabel_threshold if how.threshold is None else how.threshold

@@ -35,7 +35,7 @@ from ..config.training_config import (
 )
 from ..runs.tracking import MetricsTracker
 from ..tasks import detect_labeled_task
-from ..training.batches import OutputTransform, in_eval_mode, move_to_device
+from ..training.batches import OutputTransform, check_loaders, in_eval_mode, move_to_device
 from ..training.precision import available_device
 from .accumulator import SCATTER_POINTS, Accumulator
 from .predictions import PredictionWriter, class_labels
@@ -201,6 +201,7 @@ class ModelEvaluator:
         (`EvaluationOptions`: the split, the loss function, precision, distributed merging,
         decoding, class names, ...); `task_type` is `options.task_type` given alone.
         """
+        check_loaders(loader=loader)
         how = _with_task(options or EvaluationOptions(), task_type)
         device = available_device(device) if device is not None else _device_of(model)
         sharded = how.distributed is not None and how.distributed.enabled

@@ -86,10 +86,10 @@ def check_loaders(**loaders: Any) -> None:
         )
     for name, value in loaders.items():
         if isinstance(value, Dataset) and not isinstance(value, (DataLoader, IterableDataset)):
+            stem = name.removesuffix("loader").rstrip("_") or "your"
             raise TypeError(
                 f"{name} is a {type(value).__name__} (a dataset of samples), not a loader of "
-                f"batches: pass DataLoader({name.removesuffix('_loader')}_dataset, "
-                "batch_size=..., shuffle=...) instead"
+                f"batches: pass DataLoader({stem}_dataset, batch_size=...) instead"
             )
 
 

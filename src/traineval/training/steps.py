@@ -246,6 +246,12 @@ def _loss_failure(name: str, outputs: Any, targets: Any, error: BaseException) -
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     ours = name.startswith("traineval's")
     subject = name if ours else f"the loss {name}"
+    if isinstance(targets, torch.Tensor) and targets.ndim == 0:  # no batch dimension
+        return (
+            f"{subject} cannot take this batch ({shapes}): its target is one value with no "
+            "batch dimension, as a loader yields single samples (a DataLoader with "
+            "batch_size=None): give the loader a batch_size"
+        )
     if "out of bounds" in text and isinstance(targets, torch.Tensor) and targets.numel():
         classes = outputs.shape[1] if isinstance(outputs, torch.Tensor) and outputs.ndim > 1 else 0
         return (
