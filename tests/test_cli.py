@@ -517,6 +517,48 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
     assert "does not hold a cross-validation summary" in capsys.readouterr().err
 
 
+def test_a_cv_stopped_in_a_fold_resumes_to_the_uninterrupted_tables(tmp_path, capsys):
+    """`traineval cv --resume auto` after a Ctrl-C in fold 2 of 3: its cv.json (the folds'
+    best validation metrics, their test scores and the ensemble's) equals the uninterrupted
+    cross-validation's."""
+    import signal
+
+    from traineval import Callback
+    from traineval.assembly import manager
+
+    starts = []
+
+    class CtrlCInSecondFold(Callback):
+        def on_train_start(self, loop):
+            starts.append(loop.state.global_step)
+
+        def on_step_end(self, loop):
+            if len(starts) == 2 and loop.state.global_step == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    config = tmp_path / "cv.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: mlp}\n"
+        "training: {num_epochs: 3, warmup_steps: 0, batch_size: 16, progress_bar: false}\n"
+    )
+    command = ["cv", str(config), "--folds", "3", "-q"]
+    assert main([*command, f"training.output_dir={tmp_path / 'a'}"]) == 0
+    original = manager.TrainingManager._default_callbacks
+    manager.TrainingManager._default_callbacks = lambda self: [*original(self), CtrlCInSecondFold()]
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main([*command, f"training.output_dir={tmp_path / 'b'}"]) == 130
+    finally:
+        manager.TrainingManager._default_callbacks = original
+        signal.signal(signal.SIGINT, inherited)
+    assert "finished folds in" in capsys.readouterr().err
+    assert main([*command, f"training.output_dir={tmp_path / 'b'}", "--resume", "auto"]) == 0
+    tables = [json.loads((tmp_path / r / "evaluation" / "cv.json").read_text()) for r in "ab"]
+    for table in tables:
+        del table["output_dir"], table["folds"], table["fold_checkpoints"]
+    assert tables[0] == tables[1]
+
+
 def test_a_fold_of_a_cv_run_predicts_new_rows_with_the_cvs_scaling(tmp_path):
     """The cross-validation keeps data.json (the training rows' scaling and classes): a fold
     predicts new rows as its own run would. Reference: the fold's evaluation of the same

@@ -219,3 +219,73 @@ def test_a_failed_overwriting_cross_validation_puts_the_earlier_folds_back(tmp_p
         Evaluator().cross_validate(second_fails, dataset, again, n_folds=2)
     assert (tmp_path / "cv" / "fold-3" / "checkpoints" / "best.pt").exists()
     assert not (tmp_path / "cv" / ".overwritten-folds").exists()
+
+
+def _stopping_in_fold(monkeypatch, fold: int, step: int):
+    """Every TrainingManager of fold `fold` gets a callback that stops it as a SIGTERM at
+    update `step` would (cross_validate takes no callbacks of its own)."""
+    from traineval.assembly import cross_validation
+    from traineval.assembly.manager import TrainingManager
+
+    from conftest import InterruptAt
+
+    class Stopping(TrainingManager):
+        def train(self, *args, **kwargs):
+            if self.config.output_dir.endswith(f"fold-{fold}"):
+                kwargs["callbacks"] = [InterruptAt(step)]
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(cross_validation, "TrainingManager", Stopping)
+
+
+def test_a_stopped_cross_validation_resumes_to_the_uninterrupted_summary(tmp_path, monkeypatch):
+    """A signal in fold 2 of 3 lost fold 1 (cross-validation did not resume). Resumed, the
+    finished fold is kept as it was, fold 2 continues from its checkpoint, fold 3 trains:
+    the summary and every fold's weights equal an uninterrupted cross-validation's."""
+    from traineval.runs.checkpoint import load_checkpoint_file
+    from traineval.training.stopping import TrainingInterrupted
+
+    dataset = make_classification(n=96, seed=5)
+    model = lambda: nn.Linear(8, 3)  # noqa: E731
+    straight = Evaluator().cross_validate(model, dataset, _config(tmp_path / "a"), n_folds=3)
+    config = _config(tmp_path / "b")
+    with monkeypatch.context() as patch:
+        _stopping_in_fold(patch, fold=2, step=7)  # 4 updates an epoch: inside epoch 2
+        with pytest.raises(TrainingInterrupted):
+            Evaluator().cross_validate(model, dataset, config, n_folds=3)
+    fold_1 = (tmp_path / "b" / "cv" / "fold-1" / "checkpoints" / "best.pt").read_bytes()
+    assert not (tmp_path / "b" / "cv" / "fold-3").exists()
+    resumed = Evaluator().cross_validate(model, dataset, config, n_folds=3, resume=True)
+    assert (tmp_path / "b" / "cv" / "fold-1" / "checkpoints" / "best.pt").read_bytes() == fold_1
+
+    def without_paths(summary):
+        return {k: v for k, v in summary.items() if k not in ("folds", "fold_checkpoints",
+                                                              "output_dir")}  # fmt: skip
+
+    assert without_paths(resumed) == without_paths(straight)
+    for a, b in zip(straight["folds"], resumed["folds"], strict=True):
+        assert a["best_metrics"] == b["best_metrics"]
+        assert a["best_epoch"] == b["best_epoch"]
+        weights = [load_checkpoint_file(f["checkpoint"])["model"] for f in (a, b)]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_cross_validation_resumes_only_as_it_began(tmp_path):
+    dataset = make_classification(n=96, seed=5)
+    model = lambda: nn.Linear(8, 3)  # noqa: E731
+    config = _config(tmp_path, num_epochs=1)
+    Evaluator().cross_validate(model, dataset, config, n_folds=3)
+    with pytest.raises(ValueError, match=r"n_folds=4 \(--folds\), it began with 3"):
+        Evaluator().cross_validate(model, dataset, config, n_folds=4, resume=True)
+    with pytest.raises(ValueError, match="its folds hold other rows"):
+        Evaluator().cross_validate(model, dataset, config.replace(seed=7), n_folds=3, resume=True)
+    with pytest.raises(ValueError, match=r"training\.learning_rate, training\.num_epochs differ"):
+        Evaluator().cross_validate(
+            model, dataset, config.replace(num_epochs=2, learning_rate=0.5), n_folds=3, resume=True
+        )
+    again = config.replace(overwrite_output_dir=True)
+    with pytest.raises(ValueError, match="overwrite_output_dir=true replaces it: set one"):
+        Evaluator().cross_validate(model, dataset, again, n_folds=3, resume=True)
+    shown = config.replace(progress_bar=True, log_frequency=3)  # how it is shown: may differ
+    finished = Evaluator().cross_validate(model, dataset, shown, n_folds=3, resume=True)
+    assert len(finished["folds"]) == 3  # a finished one: its folds' results again

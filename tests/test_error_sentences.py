@@ -762,8 +762,16 @@ def test_a_sigterm_to_flower_or_after_the_cv_folds_is_one_line_and_143(
     assert main(args) == 143
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "cross-validation stopped by SIGTERM. Cross-validation does not resume" in err[0]
+    assert err[0] == (
+        f"traineval: cross-validation stopped by SIGTERM; finished folds in {out}: fold-1, "
+        "fold-2. To continue (finished folds kept, the stopped one resumed), run the same "
+        f"command with training.output_dir={out} --resume auto"
+    )
     assert not (out / "evaluation" / "cv.json").exists()
+    monkeypatch.undo()
+    assert main([*args, "--resume", "auto"]) == 0  # both folds kept: the test phase runs
+    assert (out / "evaluation" / "cv.json").exists()
+    assert "nothing to resume" not in capsys.readouterr().err  # cv's folds, not runs of yours
 
 
 def test_a_sigterm_after_a_run_finished_is_one_line_and_143(tmp_path, monkeypatch, capsys):

@@ -198,6 +198,12 @@ def _add_cv(commands: Any) -> None:
     cv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     cv.add_argument("-q", "--quiet", action="store_true", help="only print the final tables")
+    cv.add_argument(
+        "--resume",
+        choices=["auto"],
+        help="continue the stopped cross-validation in training.output_dir: finished folds "
+        "are kept, the stopped one resumes from its checkpoint",
+    )
 
 
 def _add_lr_find(commands: Any) -> None:
@@ -652,12 +658,21 @@ def _lr_find(config: Any, args: argparse.Namespace) -> int:
 
 def _cv(config: Any, args: argparse.Namespace) -> int:
     from .commands.experiment import run_cross_validation
+    from .runs.rundir import default_run_dir
     from .training.loop import TrainingInterrupted
 
+    if args.resume and not config.training.output_dir:
+        return _error(ValueError(
+            "--resume needs the cross-validation's folder: set training.output_dir=<the "
+            "stopped cross-validation's output_dir>"
+        ))  # fmt: skip
+    if not config.training.output_dir:  # named now: a stop's line says where to resume
+        training = config.training.replace(output_dir=str(default_run_dir("cv")))
+        config = dataclasses.replace(config, training=training)
     try:
-        summary = run_cross_validation(config, args.folds)
+        summary = run_cross_validation(config, args.folds, resume=args.resume == "auto")
     except (TrainingInterrupted, KeyboardInterrupt) as stopped:
-        return _cv_interrupted(stopped)
+        return _cv_interrupted(stopped, Path(config.training.output_dir))
     except _failures() as error:
         return _error(error)
     print(_cv_tables(summary))
@@ -714,28 +729,24 @@ def _trained_line(training: Any, elapsed: float) -> str:
     return f"Trained {done} in {elapsed:.1f}s; {best}"
 
 
-def _cv_interrupted(stopped: BaseException) -> int:
-    """Cross-validation stopped by a signal: which folds finished, and what to do (128+N)."""
+def _cv_interrupted(stopped: BaseException, base: Path) -> int:
+    """Cross-validation stopped by a signal: which folds finished, and how to go on
+    (128+N)."""
     from .system.files import read_json_or_none as json_or_none
 
-    name = signal_name_of(stopped)
-    checkpoint = getattr(stopped, "checkpoint", None)
-    done = ""
-    if checkpoint:
-        base = Path(checkpoint).parent.parent.parent
-        finished = sorted(  # (an interrupted fold writes its summary.json too)
-            p.parent.name
-            for p in base.glob("fold-*/summary.json")
-            if (json_or_none(p) or {}).get("status") in ("finished", "stopped early")
-        )
-        done = f"; finished folds in {base}: {', '.join(finished) or 'none'}"
+    finished = sorted(  # (an interrupted fold writes its summary.json too)
+        p.parent.name
+        for p in base.glob("fold-*/summary.json")
+        if (json_or_none(p) or {}).get("status") in ("finished", "stopped early")
+    )
     print(
-        f"traineval: cross-validation stopped by {name}{done}. Cross-validation does not "
-        "resume: run the command again (with another training.output_dir, or "
-        "training.overwrite_output_dir=true)",
+        f"traineval: cross-validation stopped by {signal_name_of(stopped)}; finished folds in "
+        f"{base}: {', '.join(finished) or 'none'}. To continue (finished folds kept, the "
+        f"stopped one resumed), run the same command with training.output_dir={base} "
+        "--resume auto",
         file=sys.stderr,
     )
-    return 128 + getattr(signal, name, signal.SIGINT)
+    return exit_status(signal_name_of(stopped))
 
 
 def _interrupted(interrupted: Any) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config.training_config import TaskType, TrainingConfig
+from ..config.training_config import RUN_ONLY_FIELDS, TaskType, TrainingConfig
 from ..data.splits import dataset_labels
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..modes import resolve_mode
 from ..runs.rundir import CV_SUMMARY, run_dir_lock
-from ..system.files import atomic_write_json
+from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import seed_everything
+from . import execution
 from .manager import TrainingManager
 
 logger = logging.getLogger(__name__)
@@ -90,14 +93,25 @@ def cross_validate(
     if config.max_time is not None:  # a fold stopped by it would be scored as if finished
         raise ValueError(
             f"max_time={config.max_time!r} is not supported in cross-validation: every fold "
-            "trains to its end (cross-validation does not resume); leave max_time out"
+            "trains to its end in one command; leave max_time out (a cross-validation "
+            "stopped by a signal resumes with resume=True, --resume auto)"
         )
     if not callable(request.model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")
+    if request.resume and config.overwrite_output_dir:
+        raise ValueError(
+            "resume=True (--resume auto) continues the cross-validation in output_dir, and "
+            "overwrite_output_dir=true replaces it: set one of them"
+        )
     folds = request.split(n_folds, stratify, groups)
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     with run_dir_lock(base):  # one cross-validation per folder
-        _claim_folds(base, len(folds), config.overwrite_output_dir)
+        plan = fold_plan(request, folds)
+        if request.resume:
+            check_plan(base, plan)
+        else:
+            _claim_folds(base, len(folds), config.overwrite_output_dir)
+        atomic_write_json(base / CV_PLAN, plan)  # what a resume must find the same
         try:
             results = request.train(folds, base)
         except BaseException:  # the earlier cross-validation's extra folds come back
@@ -126,8 +140,9 @@ def _claim_folds(base: Path, n_folds: int, overwrite: bool) -> None:
         names = ", ".join(folder.name for folder in earlier[:4])
         raise FileExistsError(
             f"output_dir={str(base)!r} already holds an earlier cross-validation's folds "
-            f"({names}); cross-validation does not resume: choose another output_dir, or "
-            "set overwrite_output_dir=true (CLI: training.overwrite_output_dir=true)"
+            f"({names}): continue it with resume=True (CLI: --resume auto), choose another "
+            "output_dir, or set overwrite_output_dir=true (CLI: "
+            "training.overwrite_output_dir=true)"
         )
     for folder in earlier:  # set aside: dropped once the new folds trained
         if folder.name not in {f"fold-{k}" for k in range(1, n_folds + 1)}:
@@ -136,6 +151,64 @@ def _claim_folds(base: Path, n_folds: int, overwrite: bool) -> None:
 
 
 FOLDS_ASIDE = ".overwritten-folds"
+CV_PLAN = "cv_plan.json"  # how the rows were folded, and the config: a resume's reference
+
+
+def fold_plan(request: Folds, folds: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """What a resume must find the same: the number of folds, each fold's rows (a digest
+    of its train and validation indices), the training config but for how a run is shown
+    and where it runs (folds trained otherwise would be scored together), and the
+    command's config sections (`request.recorded`)."""
+    import hashlib
+
+    def digest(indices: np.ndarray) -> str:
+        return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+    training = {k: v for k, v in request.config.to_dict().items() if k not in RUN_ONLY_FIELDS}
+    recorded = {"training": training, **(request.recorded or {})}
+    return {
+        "folds": len(folds),
+        "rows": [[digest(train), digest(val)] for train, val in folds],
+        "config": json.loads(json.dumps(recorded, default=repr)),  # as the file holds it
+    }
+
+
+def check_plan(base: Path, plan: dict[str, Any]) -> None:
+    """Refuse to resume the cross-validation in `base` with other folds or config than it
+    began with (each fold would continue on other rows); nothing there: a fresh start."""
+    earlier = read_json_or_none(base / CV_PLAN)
+    if earlier is None:
+        if any(base.glob("fold-*/checkpoints/*")):
+            raise ValueError(
+                f"output_dir={str(base)!r} holds folds but no {CV_PLAN} (written by a "
+                "cross-validation since it can resume): it cannot be continued; choose "
+                "another output_dir, or set overwrite_output_dir=true"
+            )
+        return
+    why = ""
+    if earlier.get("folds") != plan["folds"]:
+        why = f"n_folds={plan['folds']} (--folds), it began with {earlier.get('folds')}"
+    elif earlier.get("rows") != plan["rows"]:
+        why = "its folds hold other rows (another dataset, seed, stratification or groups)"
+    elif earlier.get("config") != plan["config"]:
+        differ = first_differences(earlier.get("config") or {}, plan["config"] or {})
+        why = f"{', '.join(differ[:3]) or 'its config'} differ from what it began with"
+    if why:
+        raise ValueError(
+            f"cannot resume the cross-validation in {str(base)!r}: {why}; run it as it "
+            "began, or start another (another output_dir, or overwrite_output_dir=true)"
+        )
+
+
+def first_differences(was: Any, now: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two JSON values, in order."""
+    if not isinstance(was, dict) or not isinstance(now, dict):
+        return [prefix.rstrip(".") or "config"] if was != now else []
+    found: list[str] = []
+    for key in sorted({*was, *now}):
+        if was.get(key) != now.get(key):
+            found += first_differences(was.get(key), now.get(key), f"{prefix}{key}.")
+    return found
 
 
 @dataclasses.dataclass
@@ -150,6 +223,8 @@ class Folds:
     loss_function: Any
     mode: Any
     num_workers: int = 0
+    resume: bool = False  # continue the cross-validation in output_dir (finished folds kept)
+    recorded: Any = None  # the command's config sections, which a resume must find the same
 
     def split(
         self, n_folds: int, stratify: bool | None, groups: Sequence[Any] | None
@@ -177,7 +252,10 @@ class Folds:
         config = self.config
         results: list[FoldResult] = []
         for k, (train_idx, val_idx) in enumerate(folds, start=1):
-            logger.info("Training fold %d/%d", k, len(folds))
+            if self.resume and fold_finished(base / f"fold-{k}"):
+                logger.info("fold %d/%d finished earlier: kept as it is", k, len(folds))
+            else:
+                logger.info("Training fold %d/%d", k, len(folds))
             fold_config = config.replace(output_dir=str(base / f"fold-{k}"))
             seed_everything(config.seed)  # every fold starts from the same weights
             model = self.model_factory()
@@ -186,17 +264,41 @@ class Folds:
             train_loader, val_loader = _fold_loaders(
                 self.dataset, (train_idx, val_idx), config, config.seed + k, self.num_workers
             )
-            result = TrainingManager(fold_config).train(
-                model,
-                train_loader,
-                val_loader,
-                task_type=self.task_type,
-                loss_function=self.loss_function,
-                evaluator=self.evaluator.fresh(),  # fresh state per fold
-                mode=self.mode,
-            )
+            with _quiet_about_finished_folds():
+                result = TrainingManager(fold_config).train(
+                    model,
+                    train_loader,
+                    val_loader,
+                    task_type=self.task_type,
+                    loss_function=self.loss_function,
+                    evaluator=self.evaluator.fresh(),  # fresh state per fold
+                    mode=self.mode,
+                    resume_from="auto" if self.resume else None,  # finished: its result
+                )
             results.append(_fold_result(k, result, len(val_idx)))
         return results
+
+
+def fold_finished(folder: Path) -> bool:
+    """Whether the fold run in `folder` ended (its summary.json says so)."""
+    summary = read_json_or_none(folder / "summary.json")
+    return isinstance(summary, dict) and summary.get("status") in ("finished", "stopped early")
+
+
+@contextlib.contextmanager
+def _quiet_about_finished_folds() -> Iterator[None]:
+    """A resumed fold that had finished is said once by the cross-validation ("kept"),
+    not again as a run with "nothing to resume (raise num_epochs ...)"."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.msg is not execution.FINISHED_NOTICE
+
+    notices = execution.logger
+    notices.addFilter(keep)
+    try:
+        yield
+    finally:
+        notices.removeFilter(keep)
 
 
 def _fold_result(fold: int, result: Any, validation_size: int) -> FoldResult:

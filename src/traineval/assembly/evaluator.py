@@ -44,6 +44,7 @@ class Evaluator(ModelEvaluator):
         loss_function: Any = None,
         training_mode: Any = TrainingMode.SUPERVISED,
         num_workers: int = 0,
+        resume: bool = False,
     ) -> dict[str, Any]:
         """k-fold cross-validation (the specification's call shape): one fresh model per fold.
 
@@ -59,9 +60,15 @@ class Evaluator(ModelEvaluator):
         Returns `<metric>_mean` and `<metric>_std` for every validation metric, plus `folds`
         (per-fold best metrics, epoch, checkpoint) and `fold_checkpoints` (for
         `evaluate_ensemble`); the same summary is written to `<output_dir>/cv_summary.json`.
+
+        `resume=True` continues a cross-validation that a signal (or a crash) stopped, in
+        `config.output_dir`: its finished folds are kept as they are, the stopped fold
+        resumes from its last checkpoint, the rest train; the summary equals an
+        uninterrupted run's. It is refused where the folds would hold other rows or the
+        training config differs from the one the cross-validation began with.
         """
         request = Folds(
             self, model_class, train_dataset, config,
-            task_type, loss_function, training_mode, num_workers,
+            task_type, loss_function, training_mode, num_workers, resume,
         )  # fmt: skip
         return cross_validate(request, n_folds, stratify, groups)

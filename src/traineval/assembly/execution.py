@@ -108,6 +108,11 @@ def execute(manager: Runner, run: build.Assembly) -> TrainingResult:
     return _run(manager, run, loop, hub)
 
 
+FINISHED_NOTICE = (
+    "the run in %s already finished (step %d); nothing to resume (%s to train it further)"
+)
+
+
 def already_finished(
     manager: Runner, model: nn.Module, payload: dict[str, Any], monitor: Monitor
 ) -> TrainingResult:
@@ -120,7 +125,7 @@ def already_finished(
     elif loop["stopped_early"]:
         further = f"its stop ({loop.get('stop_reason')}) still holds; change it"
     logger.warning(  # a notice, seen also with -q: nothing was trained
-        "the run in %s already finished (step %d); nothing to resume (%s to train it further)",
+        FINISHED_NOTICE,
         manager.output_dir,
         payload["global_step"],
         further,

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..assembly.build import check_resume_target
+from ..assembly.cross_validation import Folds, cross_validate
 from ..assembly.evaluator import Evaluator
 from ..assembly.manager import TrainingManager, TrainingResult
 from ..config import code_references as imports
@@ -991,11 +992,13 @@ def _evaluate_run(
     return report.metrics, str(out)
 
 
-def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
+def run_cross_validation(config: RunConfig, folds: int, resume: bool = False) -> dict[str, Any]:
     """k-fold CV over the train + val rows; the folds' best checkpoints as an ensemble on test.
 
     Returns the CV summary with `test_ensemble` (the ensemble's test metrics) and
     `test_members` (each fold model's), also written to `<output_dir>/evaluation/cv.json`.
+    `resume`: continue the stopped cross-validation in training.output_dir (with the same
+    data, model, mode and evaluation sections, which its cv_plan.json records).
     """
     if config.mode.fold_refusal is not None or not config.mode.uses_data:
         reason = config.mode.fold_refusal or "it makes its own data, not rows to fold"
@@ -1007,15 +1010,11 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     pool = splits.train if splits.val is None else _concat(splits.train, splits.val)
     evaluator = Evaluator(config.evaluation)
     with watching_signals():  # a signal after the folds stops before cv.json, said in a line
-        summary = evaluator.cross_validate(
-            parts.new_model,
-            pool,
-            config.training,
-            folds,
-            task_type=parts.task_type,
-            training_mode=parts.mode,
-            num_workers=config.data.num_workers,
-        )
+        request = Folds(
+            evaluator, parts.new_model, pool, config.training, parts.task_type, None,
+            parts.mode, config.data.num_workers, resume, _sections_a_resume_keeps(config),
+        )  # fmt: skip
+        summary = cross_validate(request, folds, None, None)
         _test_the_folds(config, parts, evaluator, summary)
         stop_if_signalled(None, "the folds' test evaluation")
     out = Path(summary["output_dir"])
@@ -1027,6 +1026,17 @@ def run_cross_validation(config: RunConfig, folds: int) -> dict[str, Any]:
     write_run_config(config.to_dict(), out)
     atomic_write_json(out / "evaluation" / "cv.json", summary)  # last: the folds evaluate
     return summary
+
+
+def _sections_a_resume_keeps(config: RunConfig) -> dict[str, Any]:
+    """The config's data, model, mode and evaluation sections, but for how the run is
+    read and written (data.num_workers, evaluation.output_dir)."""
+    written = config.to_dict()
+    sections = {name: dict(written.get(name) or {}) for name in ("data", "model", "mode")}
+    sections["data"].pop("num_workers", None)
+    evaluation = dict(written.get("evaluation") or {})
+    evaluation.pop("output_dir", None)
+    return {**sections, "evaluation": evaluation}
 
 
 def _test_the_folds(

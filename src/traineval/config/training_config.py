@@ -124,6 +124,15 @@ DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 # torch.compile modes without CUDA graphs: a CUDA graph's replay overwrites its outputs, and
 # the loop keeps each step's loss tensor until the next log step (no per-step sync).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# The fields that say how a run is shown, logged and written, and where it runs: a
+# continuation of a set of runs (a resumed cross-validation, a study's later trials) may
+# change them; every other field shapes the results, and changing it would mix configs.
+RUN_ONLY_FIELDS = (
+    "progress_bar", "verbose", "device", "cpu_threads", "output_dir", "overwrite_output_dir",
+    "tensorboard_logging", "wandb_logging", "wandb_project", "mlflow_logging",
+    "mlflow_tracking_uri", "async_checkpointing", "checkpoint_writer",
+    "distributed_timeout_seconds", "log_frequency",
+)  # fmt: skip
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_WRITERS = ("auto", "process", "thread")
 CHECKPOINT_SHARDING = ("auto", "full", "sharded")

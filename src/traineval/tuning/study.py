@@ -30,7 +30,12 @@ from ..assembly.evaluator import Evaluator
 from ..commands.experiment import RunConfig, run_parts
 from ..config.checks import fail, field_default, integer
 from ..config.config_file import run_config_text
-from ..config.training_config import current_metric_name, known_direction, metric_is_minimized
+from ..config.training_config import (
+    RUN_ONLY_FIELDS,
+    current_metric_name,
+    known_direction,
+    metric_is_minimized,
+)
 from ..models import MODELS, option_default
 from ..runs.rundir import RunDirInUse, default_run_dir, run_dir_lock
 from ..system.files import atomic_write_text
@@ -266,15 +271,10 @@ def _check_objective(study: Any, settings: Settings) -> None:
 # what may differ between the runs of one study: how a run is shown, logged, written, where
 # it runs (on another machine too); every other field must be as it began
 MAY_DIFFER = (
-    *(f"training.{name}" for name in (
-        "progress_bar", "verbose", "device", "cpu_threads", "output_dir",
-        "overwrite_output_dir", "tensorboard_logging", "wandb_logging", "wandb_project",
-        "mlflow_logging", "mlflow_tracking_uri", "async_checkpointing", "checkpoint_writer",
-        "distributed_timeout_seconds", "log_frequency",
-    )),
+    *(f"training.{name}" for name in RUN_ONLY_FIELDS),
     "data.num_workers",
     "evaluation.output_dir",
-)  # fmt: skip
+)
 
 
 def _check_same_runs(study: Any, settings: Settings) -> None:
