@@ -283,6 +283,8 @@ def test_a_cross_validation_resumes_only_as_it_began(tmp_path):
         Evaluator().cross_validate(
             model, dataset, config.replace(num_epochs=2, learning_rate=0.5), n_folds=3, resume=True
         )
+    with pytest.raises(ValueError, match="needs the stopped cross-validation's folder: set"):
+        Evaluator().cross_validate(model, dataset, config.replace(output_dir=None), resume=True)
     again = config.replace(overwrite_output_dir=True)
     with pytest.raises(ValueError, match="overwrite_output_dir=true replaces it: set one"):
         Evaluator().cross_validate(model, dataset, again, n_folds=3, resume=True)

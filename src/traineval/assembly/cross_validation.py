@@ -98,6 +98,11 @@ def cross_validate(
         )
     if not callable(request.model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")
+    if request.resume and not config.output_dir:
+        raise ValueError(
+            "resume=True (--resume auto) needs the stopped cross-validation's folder: set "
+            "output_dir to it"
+        )
     if request.resume and config.overwrite_output_dir:
         raise ValueError(
             "resume=True (--resume auto) continues the cross-validation in output_dir, and "
