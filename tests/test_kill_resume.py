@@ -78,3 +78,39 @@ def test_kill_9_at_random_points_then_resume_equals_the_straight_run(tmp_path, w
     folders = {f.name for f in (run / "checkpoints").glob("*.shards-*")}
     assert folders == named - {None}  # a killed save's folder was removed by the next run
     assert (writer == "sharded") == bool(folders)
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_cross_validation_then_resume_gives_the_uninterrupted_tables(tmp_path):
+    """`traineval cv` killed (kill -9) inside its second fold, then run again with
+    `--resume auto`: the first fold is kept, the second resumes from its last checkpoint,
+    and cv.json equals the uninterrupted cross-validation's."""
+    import json
+
+    config = tmp_path / "cv.yaml"
+    config.write_text(
+        "data: {name: digits}\nmodel: {name: mlp, options: {hidden_sizes: [32]}}\n"
+        "training: {num_epochs: 6, warmup_steps: 0, batch_size: 32, progress_bar: false, "
+        "checkpoint_every_n_steps: 5, tensorboard_logging: false}\n"
+    )
+
+    def command(folder, *more):
+        return [sys.executable, "-m", "traineval", "cv", str(config), "--folds", "3", "-q",
+                f"training.output_dir={tmp_path / folder}", *more]  # fmt: skip
+
+    assert subprocess.run(command("a"), capture_output=True, timeout=600).returncode == 0
+    process = subprocess.Popen(command("b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = tmp_path / "b" / "fold-2" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not second.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "b" / "fold-2" / "summary.json").exists()  # killed inside it
+    again = subprocess.run(command("b", "--resume", "auto"), capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    tables = [json.loads((tmp_path / r / "evaluation" / "cv.json").read_text()) for r in "ab"]
+    for table in tables:
+        del table["output_dir"], table["folds"], table["fold_checkpoints"]
+    assert tables[0] == tables[1]
