@@ -20,6 +20,7 @@ Images are `(N, C, H, W)`, or flat `(N, C*H*W)` with `image_shape=(C, H, W)`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,25 +43,25 @@ def _uniform(n: int, low: float, high: float, like: torch.Tensor) -> torch.Tenso
     return torch.rand(n).to(like.device, like.dtype) * (high - low) + low
 
 
+@dataclasses.dataclass(repr=False)
 class ImageAugment:
-    """Weak or strong augmentation of image batches; see the module docstring."""
+    """Weak or strong augmentation of image batches; see the module docstring. The knobs
+    after `strength` are keyword-only."""
 
-    def __init__(
-        self,
-        strength: str = "weak",
-        *,
-        image_shape: Sequence[int] | None = None,
-        shift: float = 0.125,
-        flip: bool = False,
-        ops: int = 2,
-        cutout: float = 0.5,
-        fill: float = 0.0,
-    ) -> None:
-        if strength not in STRENGTHS:
-            fail("augmentation strength", strength, "expected 'weak' or 'strong'")
-        self.strength = strength
-        self.image_shape = tuple(image_shape) if image_shape is not None else None
-        self.shift, self.flip, self.ops, self.cutout, self.fill = shift, flip, ops, cutout, fill
+    strength: str = "weak"
+    _: dataclasses.KW_ONLY
+    image_shape: Sequence[int] | None = None
+    shift: float = 0.125
+    flip: bool = False
+    ops: int = 2
+    cutout: float = 0.5
+    fill: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.strength not in STRENGTHS:
+            fail("augmentation strength", self.strength, "expected 'weak' or 'strong'")
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)
 
     def __repr__(self) -> str:
         return f"ImageAugment({self.strength!r}, image_shape={self.image_shape})"

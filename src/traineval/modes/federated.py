@@ -36,7 +36,6 @@ from ..data.splits import dataset_labels
 from ..runs.checkpoint import tensor_entries
 from ..system.devices import inexact
 from ..system.distributed import Distributed
-from ..training.batches import ModelLoss, OutputTransform
 from ..training.optim import configured_optimizer
 from ..training.precision import Precision
 from .base import StepOutput, Updates, loss_with_gradient, move_to_device
@@ -142,16 +141,10 @@ class Federated(Mode):
     def plan(self, ctx: Context) -> ModePlan:
         c = ctx.config
         clients = client_loaders(ctx.train_data, self, c.seed)
-        step = FederatedStep(
-            ctx.loss_function,
-            clients,
-            c,
-            ctx.precision,
-            ctx.job,
-            output_transform=ctx.output_transform,
-            model_loss=ctx.model_loss,
-            settings=self,
+        supervised = SupervisedStep(
+            ctx.loss_function, output_transform=ctx.output_transform, model_loss=ctx.model_loss
         )
+        step = FederatedStep(supervised, clients, c, ctx.precision, ctx.job, self)
 
         def server(model: nn.Module, default: BuildOptimizer) -> torch.optim.Optimizer:
             step.server = ServerOptimizer(
@@ -365,24 +358,21 @@ class FederatedStep:
 
     def __init__(
         self,
-        loss_function: Any,
+        supervised: SupervisedStep,
         clients: Sequence[Any],
         config: Any,
         precision: Precision,
         job: Distributed | None = None,
-        *,
-        output_transform: OutputTransform | None = None,
-        model_loss: ModelLoss | None = None,
         settings: Federated | None = None,
     ) -> None:
+        """`supervised`: how a client trains on a batch (the loss, the output transform,
+        a model's own loss); `settings`: the mode's (default `Federated()`)."""
         self.settings = settings or Federated()
         self.clients = list(clients)
         self.config = config
         self.precision = precision
         self.job = job or Distributed()
-        self.supervised = SupervisedStep(
-            loss_function, output_transform=output_transform, model_loss=model_loss
-        )
+        self.supervised = supervised
         self._worker: nn.Module | None = None
         self._rounds = 0  # without a server optimizer (it counts the rounds otherwise)
         self.server: ServerOptimizer | None = None  # set by the manager; holds the client lr
