@@ -266,6 +266,12 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, caplog):
     assert all(
         torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True)
     )
+    # a kill before its summary.json was written: the result still names its checkpoints
+    (tmp_path / "summary.json").unlink()
+    result = TrainingManager(config(tmp_path, num_epochs=1)).train(
+        dropout_mlp(5), train, val, resume_from="auto"
+    )
+    assert result.checkpoints["best"] == str(tmp_path / "checkpoints" / "best.pt")
 
 
 @pytest.mark.parametrize("sharding", ["full", "sharded"])

@@ -135,7 +135,8 @@ def already_finished(
         restore_best(model, payload)
     state = TrainState()
     state.load_state_dict(payload["loop"])
-    result = manager._result(state, monitor.name, 0.0, {})
+    files = sorted((manager.output_dir / "checkpoints").glob("*.pt"))
+    result = manager._result(state, monitor.name, 0.0, {p.stem: str(p) for p in files})
     earlier = read_json_or_none(manager.output_dir / "summary.json")
     if earlier is not None and earlier.get("global_step") == state.global_step:
         # the run's own record (its time, checkpoints), marked finished again where a
