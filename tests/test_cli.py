@@ -559,6 +559,23 @@ def test_a_cv_stopped_in_a_fold_resumes_to_the_uninterrupted_tables(tmp_path, ca
     assert tables[0] == tables[1]
 
 
+def test_an_unsupervised_cv_tests_its_folds_as_fit_tests_a_run(tmp_path, capsys):
+    """The folds' test ensemble scored an autoencoder's reconstructions as class scores
+    ("class_names has 3 names ... for the 4 classes") after every fold had trained."""
+    config = tmp_path / "cv.yaml"
+    config.write_text(
+        "data: {name: iris}\nmodel: {name: autoencoder}\nmode: {name: unsupervised}\n"
+        "training: {num_epochs: 2, warmup_steps: 0, batch_size: 16, progress_bar: false}\n"
+    )
+    out = tmp_path / "cv"
+    assert main(["cv", str(config), "--folds", "2", "-q", f"training.output_dir={out}"]) == 0
+    summary = json.loads((out / "evaluation" / "cv.json").read_text())
+    assert {"mse", "r2_score"} <= set(summary["test_ensemble"])
+    assert main(["evaluate", str(out / "fold-1")]) == 0
+    alone = json.loads((out / "fold-1" / "evaluation" / "metrics_test.json").read_text())
+    assert alone["metrics"] == summary["test_members"][0]
+
+
 def test_a_fold_of_a_cv_run_predicts_new_rows_with_the_cvs_scaling(tmp_path):
     """The cross-validation keeps data.json (the training rows' scaling and classes): a fold
     predicts new rows as its own run would. Reference: the fold's evaluation of the same

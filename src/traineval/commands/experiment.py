@@ -1055,6 +1055,7 @@ def _test_the_folds(
             model_factory=parts.new_model,
             task_type=parts.task_type,
             output_dir=out,
+            training_mode=parts.mode.evaluated_as,  # scored as fit scores its test split
             class_names=splits.class_names,
             row_ids=splits.ids_of("test"),  # the predictions join back to the table
         )
