@@ -279,6 +279,10 @@ def test_a_cross_validation_resumes_only_as_it_began(tmp_path):
         Evaluator().cross_validate(model, dataset, config, n_folds=4, resume=True)
     with pytest.raises(ValueError, match="its folds hold other rows"):
         Evaluator().cross_validate(model, dataset, config.replace(seed=7), n_folds=3, resume=True)
+    x, y = dataset.tensors
+    edited = TensorDataset(x + 0.5, y)  # a table edited in place: the same folds, new values
+    with pytest.raises(ValueError, match="the data's values differ from those it began with"):
+        Evaluator().cross_validate(model, edited, config, n_folds=3, resume=True)
     with pytest.raises(ValueError, match=r"training\.learning_rate, training\.num_epochs differ"):
         Evaluator().cross_validate(
             model, dataset, config.replace(num_epochs=2, learning_rate=0.5), n_folds=3, resume=True
@@ -291,3 +295,26 @@ def test_a_cross_validation_resumes_only_as_it_began(tmp_path):
     shown = config.replace(progress_bar=True, log_frequency=3)  # how it is shown: may differ
     finished = Evaluator().cross_validate(model, dataset, shown, n_folds=3, resume=True)
     assert len(finished["folds"]) == 3  # a finished one: its folds' results again
+
+
+def test_a_fit_and_a_cross_validation_never_share_a_folder(tmp_path):
+    """Each took the other's finished folder (exit 0): a fit's config.yaml replaced the one
+    the folds are rebuilt from, a cross-validation's made the fit run read as one."""
+    from traineval import TrainingManager
+
+    dataset = make_classification(n=60)
+    model = lambda: nn.Linear(8, 3)  # noqa: E731
+    config = _config(tmp_path, num_epochs=1)
+    Evaluator().cross_validate(model, dataset, config, n_folds=2)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"holds a cross-validation .*another output_dir"):
+            TrainingManager(config.replace(overwrite_output_dir=overwrite)).train(
+                model(), DataLoader(dataset, 16)
+            )
+    fit = config.replace(output_dir=str(tmp_path / "fit"))
+    TrainingManager(fit).train(model(), DataLoader(dataset, 16))
+    before = sorted(p.name for p in (tmp_path / "fit").iterdir())
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match=r"holds a training run .*not a cross-valid"):
+            Evaluator().cross_validate(model, dataset, fit, n_folds=2, resume=resume)
+    assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == before

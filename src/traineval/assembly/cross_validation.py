@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..config.training_config import RUN_ONLY_FIELDS, TaskType, TrainingConfig
 from ..data.splits import dataset_labels
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..modes import resolve_mode
-from ..runs.rundir import CV_SUMMARY, run_dir_lock
+from ..runs.rundir import CV_PLAN, CV_SUMMARY, holds_training_run, run_dir_lock
 from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import seed_everything
 from . import execution
@@ -111,6 +111,11 @@ def cross_validate(
     folds = request.split(n_folds, stratify, groups)
     base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
     with run_dir_lock(base):  # one cross-validation per folder
+        if holds_training_run(base):  # its config.yaml would become the folds'
+            raise FileExistsError(
+                f"output_dir={str(base)!r} holds a training run (its checkpoints or "
+                "summary.json), not a cross-validation: choose another output_dir"
+            )
         plan = fold_plan(request, folds)
         if request.resume:
             check_plan(base, plan)
@@ -156,7 +161,6 @@ def _claim_folds(base: Path, n_folds: int, overwrite: bool) -> None:
 
 
 FOLDS_ASIDE = ".overwritten-folds"
-CV_PLAN = "cv_plan.json"  # how the rows were folded, and the config: a resume's reference
 
 
 def fold_plan(request: Folds, folds: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
@@ -174,8 +178,26 @@ def fold_plan(request: Folds, folds: Sequence[tuple[np.ndarray, np.ndarray]]) ->
     return {
         "folds": len(folds),
         "rows": [[digest(train), digest(val)] for train, val in folds],
+        "data": data_digest(request.dataset),
         "config": json.loads(json.dumps(recorded, default=repr)),  # as the file holds it
     }
+
+
+def data_digest(dataset: Any) -> str | None:
+    """A digest of a TensorDataset's values (a table's features and targets: an edited
+    table of the same size folds into the same indices); None for a dataset of your own,
+    which is compared by its folds alone."""
+    import hashlib
+
+    tensors = getattr(dataset, "tensors", None)
+    if not isinstance(dataset, TensorDataset) or not tensors:
+        return None
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(values.shape)} {values.dtype}".encode())
+        digest.update(values.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_plan(base: Path, plan: dict[str, Any]) -> None:
@@ -195,6 +217,8 @@ def check_plan(base: Path, plan: dict[str, Any]) -> None:
         why = f"n_folds={plan['folds']} (--folds), it began with {earlier.get('folds')}"
     elif earlier.get("rows") != plan["rows"]:
         why = "its folds hold other rows (another dataset, seed, stratification or groups)"
+    elif None not in (earlier.get("data"), plan["data"]) and earlier["data"] != plan["data"]:
+        why = "the data's values differ from those it began with (the table changed)"
     elif earlier.get("config") != plan["config"]:
         differ = first_differences(earlier.get("config") or {}, plan["config"] or {})
         why = f"{', '.join(differ[:3]) or 'its config'} differ from what it began with"

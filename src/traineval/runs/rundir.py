@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 CV_SUMMARY = "cv_summary.json"  # a cross-validation's folder holds it, beside its folds
+CV_PLAN = "cv_plan.json"  # how its rows were folded, and the config: a resume's reference
 
 _held: dict[Path, list[Any]] = {}  # folder -> [thread, descriptors, depth]: this process's runs
 _guard = threading.Lock()
@@ -75,6 +76,24 @@ def is_cross_validation(folder: str | Path) -> bool:
     """Whether `folder` is a cross-validation's (`traineval cv`, `Evaluator.cross_validate`):
     its folds are runs of their own, it is none."""
     return (Path(folder) / CV_SUMMARY).is_file()
+
+
+def holds_cross_validation(folder: Path) -> bool:
+    """Whether `folder` holds a cross-validation, finished or begun (its plan, summary or
+    a fold with checkpoints)."""
+    return (
+        (folder / CV_SUMMARY).is_file()
+        or (folder / CV_PLAN).is_file()
+        or any(folder.glob("fold-*/checkpoints/*"))
+    )
+
+
+def holds_training_run(folder: Path) -> bool:
+    """Whether `folder` holds a run of its own (checkpoints, or a summary of one)."""
+    checkpoints = folder / "checkpoints"
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (
+        (folder / "summary.json").is_file() and not (folder / CV_SUMMARY).is_file()
+    )
 
 
 @contextlib.contextmanager
@@ -255,6 +274,11 @@ def claim(folder: Path, job: Distributed, *, resuming: bool, overwrite: bool) ->
     the earlier run's outputs are set aside, so no later resume or report takes one of them
     for this run's, and come back if this run fails before its first checkpoint:
     `traineval.runs.overwrite`)."""
+    if holds_cross_validation(folder):  # its folds would stay, and point at this run
+        raise FileExistsError(
+            f"output_dir={str(folder)!r} holds a cross-validation (its folds, "
+            f"{CV_PLAN}): a run of its own goes in another output_dir"
+        )
     checkpoints = folder / "checkpoints"
     earlier = not resuming and checkpoints.is_dir() and any(checkpoints.iterdir())
     if earlier and not overwrite:
