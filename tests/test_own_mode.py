@@ -16,6 +16,7 @@ from traineval.cli import main
 from traineval.data import Episodes
 from traineval.loggers import read_jsonl
 from traineval.modes import Mode, ModePlan, StepOutput, register
+from traineval.training.exit_codes import exit_status_of
 from traineval.training.loop import TrainingInterrupted
 
 from conftest import InterruptAt, plain_sgd_config
@@ -183,8 +184,16 @@ class _Returning:
             lambda loss: StepOutput(loss=loss.item(), weight=8, num_samples=8),
             r"returned StepOutput\(loss=[0-9.]+\); the loss must be a tensor",
         ),
+        (  # was torch's "element 0 of tensors does not require grad", naming no step
+            lambda loss: StepOutput(loss=loss.detach(), weight=8, num_samples=8),
+            r"the step _Returning returned a loss that does not require grad \(detached",
+        ),
+        (
+            lambda loss: StepOutput(loss=loss.expand(3), weight=8, num_samples=8),
+            r"the step _Returning returned a loss of shape \(3,\); the loss must be a scalar",
+        ),
     ],
-    ids=["tensor", "tuple", "float-loss"],
+    ids=["tensor", "tuple", "float-loss", "detached", "vector"],
 )
 def test_a_step_that_breaks_the_contract_is_named(what, said, tmp_path):
     """It was an AttributeError from inside the loop ('Tensor' object has no attribute
@@ -203,8 +212,9 @@ def test_a_step_that_breaks_the_contract_is_named(what, said, tmp_path):
         num_epochs=1, output_dir=str(tmp_path), progress_bar=False, tensorboard_logging=False
     )
     data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), 8)
-    with pytest.raises(TypeError, match=said):
+    with pytest.raises(TypeError, match=said) as raised:
         TrainingManager(config).train(torch.nn.Linear(4, 2), data, mode=Broken())
+    assert exit_status_of(raised.value) == 2  # the step must change: bad input, not a fault
     accumulating = TrainingConfig(
         num_epochs=1, output_dir=str(tmp_path / "acc"), gradient_accumulation_steps=2,
         progress_bar=False, tensorboard_logging=False,

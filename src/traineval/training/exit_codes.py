@@ -19,6 +19,11 @@ class UserCodeError(ValueError):
     training run's validation)."""
 
 
+class StepOutputError(UserCodeError, TypeError):
+    """A training step returned what the loop cannot train on (not a StepOutput, a loss
+    that is not a scalar tensor or carries no graph): the step's code must change."""
+
+
 _USER_PATHS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 _USER_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL)  # a name the user chose
 

@@ -507,7 +507,8 @@ class Loop:
                 )
             raise ValueError(
                 f"epoch {state.epoch} trained on no data: the train loader yielded no batches, "
-                "or every target it yielded was ignored (ignore_index)"
+                "every target it yielded was ignored (ignore_index), or a step of your own "
+                "weighed every batch 0 (its weight(batch))"
             )
         return loss_sum / max(weight, 1e-300)
 

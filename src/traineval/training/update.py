@@ -21,6 +21,7 @@ from ..runs.train_state import TrainState
 from ..system.distributed import Distributed, collectives_inside
 from .averaging import WeightAverage
 from .batches import move_to_device
+from .exit_codes import StepOutputError
 from .optim import sparse_gradient_modules
 from .precision import Precision
 from .skips import NonFiniteSkips
@@ -118,11 +119,8 @@ class WindowUpdate:
                 if type(out) is not StepOutput or type(out.loss) is not torch.Tensor:
                     _check_step_output(self.step_fn, out)
                 loss = out.loss
-                if loss.ndim != 0:
-                    raise ValueError(
-                        f"the loss must be a scalar tensor, got shape {tuple(loss.shape)}; "
-                        "use a loss with reduction='mean'"
-                    )
+                if loss.ndim != 0 or not loss.requires_grad:
+                    _check_loss(self.step_fn, loss)
                 scaled = window_share(out, shares[i]) if shares else loss
                 self.log.add(loss, out.weight, out.metrics)
                 samples += out.num_samples
@@ -226,18 +224,34 @@ def _refuse_a_step_without_weight(step_fn: StepFunction, weighs_windows: bool) -
 
 
 def _check_step_output(step_fn: StepFunction, out: Any) -> None:
-    """A step's output is a StepOutput whose loss is a tensor, or a TypeError saying so."""
+    """A step's output is a StepOutput whose loss is a tensor, or a `StepOutputError`
+    saying so (exit status 2: it fails the same way until the step changes)."""
     name = type(step_fn).__name__
     if not isinstance(out, StepOutput):
-        raise TypeError(
+        raise StepOutputError(
             f"the step {name} returned {type(out).__name__}; it must return "
             "StepOutput(loss=..., weight=..., num_samples=...) (traineval.modes.StepOutput)"
         )
     if not isinstance(out.loss, torch.Tensor):
-        raise TypeError(
+        raise StepOutputError(
             f"the step {name} returned StepOutput(loss={out.loss!r}); the loss must be a "
             "tensor that carries the graph (compute it with torch operations)"
         )
+
+
+def _check_loss(step_fn: StepFunction, loss: torch.Tensor) -> None:
+    """The step's loss is one number that backward can differentiate."""
+    name = type(step_fn).__name__
+    if loss.ndim != 0:
+        raise StepOutputError(
+            f"the step {name} returned a loss of shape {tuple(loss.shape)}; the loss must "
+            "be a scalar tensor: use a loss with reduction='mean'"
+        )
+    raise StepOutputError(
+        f"the step {name} returned a loss that does not require grad (detached, or "
+        "computed under torch.no_grad()): the loss must carry the graph from the model's "
+        "trainable parameters"
+    )
 
 
 def _clip_with_sparse(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
