@@ -506,6 +506,10 @@ def test_cv_command_reports_folds_and_the_ensemble(tmp_path, capsys):
         assert (
             f"{'evaluate' if command == ['evaluate'] else 'predict with'} one of its folds" in err
         )
+    from traineval import load_model
+
+    with pytest.raises(ValueError, match=r"is a cross-validation: .* load one of its folds"):
+        load_model(tmp_path / "o")
     # report of the cross-validation's folder: the tables cv printed, read from cv.json
     assert main(["cv", str(config), "--folds", "3", f"training.output_dir={tmp_path / 'p'}"]) == 0
     printed = capsys.readouterr().out

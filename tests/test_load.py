@@ -90,3 +90,31 @@ def test_a_model_with_extra_state_exports_and_loads_its_weights(quiet_config, ba
     assert not torch.equal(from_export.net.weight, WithExtraState().net.weight)  # trained
     assert from_export.calls == 0  # the export has no extra state: the model keeps its own
     assert from_checkpoint.calls > 0
+
+
+def test_load_model_needs_only_the_run_directory_of_a_table_run(tmp_path):
+    """It split the training table again to shape the model: with the table moved it
+    failed (data.path does not exist), with a row's label edited it said the label could
+    not be split. The run's data.json (what predict reads) is enough."""
+    import shutil
+
+    from test_hostile_inputs import _table
+
+    table = _table(tmp_path / "table.csv")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data: {{name: csv, path: {table}, target: label}}\n"
+        "model: {name: mlp, options: {hidden_sizes: [8]}}\n"
+        "training: {num_epochs: 1, warmup_steps: 0, tensorboard_logging: false, "
+        "progress_bar: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    inputs = torch.randn(5, 2)
+    with torch.no_grad():
+        before = traineval.load_model(run)(inputs)
+    shutil.move(table, tmp_path / "moved.csv")
+    with torch.no_grad():
+        assert torch.equal(traineval.load_model(run)(inputs), before)
+    with pytest.raises(FileNotFoundError, match="is not a run directory: it does not exist"):
+        traineval.load_model(tmp_path / "nope")

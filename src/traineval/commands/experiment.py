@@ -352,6 +352,8 @@ class RunConfig:
         (a model factory, a data factory, a mode's function, a gymnasium `module:Env` id)
         is refused before anything is imported, unless `trust_code=True`."""
         path = Path(run_dir) / "config.yaml"
+        if not Path(run_dir).exists():
+            raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: it does not exist")
         if Path(run_dir).is_dir() and not path.exists():
             _refuse_study(Path(run_dir))
             raise FileNotFoundError(

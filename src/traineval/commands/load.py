@@ -18,7 +18,16 @@ from torch import nn
 
 from ..config.code_references import untrusted
 from ..runs.checkpoint import default_checkpoint, load_model_weights, run_checkpoint
-from .experiment import RunConfig, run_parts
+from ..system.seeding import seed_everything
+from .experiment import (
+    DATA_SCHEMA,
+    RunConfig,
+    RunParts,
+    check_cv_folder,
+    recorded_in,
+    run_parts,
+)
+from .predict import ROWLESS_MODES, table_of
 
 
 def load_model(
@@ -38,8 +47,22 @@ def load_model(
     """
     run_dir = Path(run_dir)
     config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
+    check_cv_folder(run_dir, "test", "load")  # a cross-validation's folder: load a fold
     with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
         path = run_checkpoint(run_dir, checkpoint or default_checkpoint(run_dir))
-        model = run_parts(config).new_model()
+        model = _parts(config, run_dir).new_model()
     load_model_weights(model, path, map_location="cpu")
     return model.to(device).eval()
+
+
+def _parts(config: RunConfig, run_dir: Path) -> RunParts:
+    """What builds the run's model: from the table's description the run kept (its
+    data.json: the table may have moved or changed since), for a mode that scores rows;
+    else from the run's data, split again."""
+    mode = config.mode
+    episodic = mode.name in ROWLESS_MODES and not mode.reconstructs  # its own shapes
+    if not (recorded_in(run_dir) / DATA_SCHEMA).is_file() or episodic or not mode.uses_data:
+        return run_parts(config)
+    splits = table_of(config, run_dir)
+    seed_everything(config.training.seed)
+    return RunParts(config, splits, mode, mode.task_of(splits))

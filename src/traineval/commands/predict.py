@@ -149,7 +149,7 @@ def _predict(
     count."""
     _refuse_unsupported(config)
     check_cv_folder(run_dir, "test", "predict with")  # a cross-validation's folder: use a fold
-    splits = _table_of(config, run_dir)
+    splits = table_of(config, run_dir)
     table = _read_rows(splits, input_csv)
     cut = config.evaluation.multilabel_threshold if how.threshold is None else how.threshold
     written, _ = _columns(
@@ -249,7 +249,7 @@ def _load_model(
     return model, device
 
 
-def _table_of(config: RunConfig, run_dir: Path) -> DataSplits:
+def table_of(config: RunConfig, run_dir: Path) -> DataSplits:
     """How the run turned rows into inputs: its `data.json` (the training split's scaling
     and categories, as training used them), else (runs of earlier versions) the training
     data split again."""
