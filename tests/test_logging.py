@@ -285,6 +285,34 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16]
 
 
+@pytest.mark.parametrize("lost", [False, True], ids=["kept", "never-sent"])
+def test_a_resumed_mlflow_run_holds_every_point_of_the_uninterrupted_one(tmp_path, lost):
+    """A run killed in its first seconds had sent MLflow nothing (its points were still
+    on the logger's thread): the resumed run's MLflow run lacked every point before the
+    resume. `never-sent` stops a run that logs to MLflow nothing, as that kill leaves it;
+    `kept` is a plain resume (no point twice)."""
+    from mlflow.tracking import MlflowClient
+
+    from traineval import Callback
+    from traineval.training.stopping import TrainingInterrupted
+
+    class Stop(Callback):
+        def on_step_end(self, loop):
+            if loop.state.global_step == 10:
+                loop.request_interrupt("SIGTERM")
+
+    data = make_classification(n=64)
+    config = _config(tmp_path, mlflow_logging=True, checkpoint_every_n_steps=4)
+    first = config.replace(mlflow_logging=not lost)
+    with pytest.raises(TrainingInterrupted):
+        TrainingManager(first).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
+    TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text()
+    steps = [m.step for m in client.get_metric_history(run_id, "train_step_loss")]
+    assert sorted(steps) == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
 def test_mlflow_run_read_back_through_its_client(tmp_path):
     from mlflow.tracking import MlflowClient
 

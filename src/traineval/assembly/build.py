@@ -754,7 +754,8 @@ def optional_loggers(
 ) -> list[Any]:
     """TensorBoard, W&B and MLflow when asked (and installed); a missing package or a
     service that fails warns (naming the extra) and never stops training. `kept`: the
-    metrics.jsonl records a resume kept (TensorBoard gets those of the resumed step again)."""
+    metrics.jsonl records a resume kept (TensorBoard gets those of the resumed step again,
+    MLflow those its run lacks)."""
     c = config
     loggers: list[Any] = []
     if c.tensorboard_logging:
@@ -781,7 +782,7 @@ def optional_loggers(
         from ..loggers.mlflow import mlflow_logger
 
         try:  # on a thread of its own: a slow or unreachable server never delays training
-            loggers.append(mlflow_logger(output_dir, c.mlflow_tracking_uri))
+            loggers.append(mlflow_logger(output_dir, c.mlflow_tracking_uri, kept))
         except ImportError as error:
             logger.warning("%s; logging to metrics.jsonl only", error)
     return loggers

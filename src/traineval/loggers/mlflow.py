@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,24 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RET
 SKIPPED = ("checkpoints", "wandb", "tensorboard")  # large or logged elsewhere
 
 
-def mlflow_logger(run_dir: str | Path, tracking_uri: str | None = None) -> BackgroundLogger:
+def mlflow_logger(
+    run_dir: str | Path, tracking_uri: str | None = None, kept: Sequence[Mapping[str, Any]] = ()
+) -> BackgroundLogger:
     """An `MLflowLogger` on a thread of its own (see `BackgroundLogger`), with bounded HTTP
-    time-outs and retries; `ImportError` at once when MLflow is not installed."""
+    time-outs and retries; `ImportError` at once when MLflow is not installed. `kept`: the
+    records a resumed run keeps (metrics.jsonl's), whose points the MLflow run lacks are
+    sent first (a run killed before its points left this process had none)."""
     if importlib.util.find_spec("mlflow") is None:
         raise ImportError("mlflow_logging needs MLflow: pip install 'traineval[mlflow]'")
     for name, value in HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
-    return BackgroundLogger(lambda: MLflowLogger(run_dir, tracking_uri), "MLflow")
+
+    def start() -> MLflowLogger:
+        started = MLflowLogger(run_dir, tracking_uri)
+        started.catch_up(kept)
+        return started
+
+    return BackgroundLogger(start, "MLflow")
 
 
 class MLflowLogger:
@@ -76,6 +86,28 @@ class MLflowLogger:
         values = [Metric(k, v, now, step) for k, v in numbers(metrics).items()]
         if values:
             self.client.log_batch(self.run_id, metrics=values)
+
+    def catch_up(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Send the points of `records` (with their steps) that this MLflow run lacks: those
+        past the last step it holds of each metric."""
+        from mlflow.entities import Metric
+
+        names = {name for record in records for name in numbers(record)}
+        last = {
+            name: max((m.step for m in self.client.get_metric_history(self.run_id, name)),
+                      default=-1)
+            for name in names
+        }  # fmt: skip
+        now = int(time.time() * 1000)
+        missing = [
+            Metric(name, value, now, int(record["step"]))
+            for record in records
+            if isinstance(record.get("step"), int)
+            for name, value in numbers(record).items()
+            if record["step"] > last[name]
+        ]
+        for start in range(0, len(missing), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=missing[start : start + 1000])
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
