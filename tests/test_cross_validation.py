@@ -251,7 +251,7 @@ def test_a_stopped_cross_validation_resumes_to_the_uninterrupted_summary(tmp_pat
     config = _config(tmp_path / "b")
     with monkeypatch.context() as patch:
         _stopping_in_fold(patch, fold=2, step=7)  # 4 updates an epoch: inside epoch 2
-        with pytest.raises(TrainingInterrupted):
+        with pytest.raises(TrainingInterrupted, match=r"stopped in fold 2 .*resume=True"):
             Evaluator().cross_validate(model, dataset, config, n_folds=3)
     fold_1 = (tmp_path / "b" / "cv" / "fold-1" / "checkpoints" / "best.pt").read_bytes()
     assert not (tmp_path / "b" / "cv" / "fold-3").exists()

@@ -23,6 +23,7 @@ from ..modes import resolve_mode
 from ..runs.rundir import CV_PLAN, CV_SUMMARY, holds_training_run, run_dir_lock
 from ..system.files import atomic_write_json, read_json_or_none
 from ..system.seeding import seed_everything
+from ..training.stopping import TrainingInterrupted
 from . import execution
 from .manager import TrainingManager
 
@@ -221,7 +222,8 @@ def check_plan(base: Path, plan: dict[str, Any]) -> None:
         why = "the data's values differ from those it began with (the table changed)"
     elif earlier.get("config") != plan["config"]:
         differ = first_differences(earlier.get("config") or {}, plan["config"] or {})
-        why = f"{', '.join(differ[:3]) or 'its config'} differ from what it began with"
+        verb = "differs" if len(differ) < 2 else "differ"
+        why = f"{', '.join(differ[:3]) or 'its config'} {verb} from what it began with"
     if why:
         raise ValueError(
             f"cannot resume the cross-validation in {str(base)!r}: {why}; run it as it "
@@ -293,7 +295,7 @@ class Folds:
             train_loader, val_loader = _fold_loaders(
                 self.dataset, (train_idx, val_idx), config, config.seed + k, self.num_workers
             )
-            with _quiet_about_finished_folds():
+            with _quiet_about_finished_folds(), _said_as_the_cross_validations(k, base):
                 result = TrainingManager(fold_config).train(
                     model,
                     train_loader,
@@ -306,6 +308,23 @@ class Folds:
                 )
             results.append(_fold_result(k, result, len(val_idx)))
         return results
+
+
+@contextlib.contextmanager
+def _said_as_the_cross_validations(fold: int, base: Path) -> Iterator[None]:
+    """A fold stopped by a signal stops the cross-validation, whose resume it names (the
+    fold's own advice was a resume of that fold alone)."""
+    try:
+        yield
+    except TrainingInterrupted as stopped:
+        what = f"cross-validation in {str(base)!r} stopped in fold {fold} ({stopped.what})"
+        raise TrainingInterrupted(
+            f"{what}; continue it with cross_validate(..., resume=True) and the same "
+            "arguments (CLI: the same command with --resume auto)",
+            stopped.checkpoint,
+            stopped.signal_name,
+            what,
+        ) from None
 
 
 def fold_finished(folder: Path) -> bool:

@@ -318,9 +318,15 @@ def _scalar(name: str, value: Any) -> float:
         return float(value.item())  # a one-element array (numpy's 0-d results)
     if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
         return float(value)
+    shape = getattr(value, "shape", None)
+    if shape is not None:  # an array's repr spans lines, and the first one is all said
+        said = f"{type(value).__name__} of shape {tuple(shape)}"
+    else:
+        text = " ".join(repr(value).split())
+        said = f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
     raise UserCodeError(
-        f"metric {name!r} computed {type(value).__name__} {value!r}; a metric gives one number "
-        "(give per-class values as separate metrics)"
+        f"metric {name!r} computed {said}; a metric gives one number (give per-class values "
+        "as separate metrics)"
     )
 
 

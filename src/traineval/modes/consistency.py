@@ -130,8 +130,8 @@ class MeanTeacherStep(SemiSupervisedStep):
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         if self.teacher is None:
             raise ValueError(
-                "algorithm='mean_teacher' takes its teacher from the moving average of the "
-                "weights: set ema_decay (e.g. 0.99)"
+                "mode.algorithm='mean_teacher' takes its teacher from the moving average of "
+                "the weights: set training.ema_decay (e.g. 0.99)"
             )
         inputs, targets = self._split(batch)
         x = _tensor_inputs(inputs, "mean_teacher")

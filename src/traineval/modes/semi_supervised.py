@@ -154,8 +154,8 @@ class SemiSupervised(Mode):
             )
         if self.algorithm == "mean_teacher" and not ctx.config.ema_decay:
             raise ValueError(
-                "algorithm='mean_teacher' takes its teacher from the moving average of the "
-                "weights: set ema_decay (e.g. 0.99)"
+                "mode.algorithm='mean_teacher' takes its teacher from the moving average of "
+                "the weights: set training.ema_decay (e.g. 0.99)"
             )
         uses_fsdp = ctx.config.distributed_strategy == "fsdp"
         if self.algorithm == "mean_teacher" and ctx.job.enabled and uses_fsdp:
