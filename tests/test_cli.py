@@ -556,11 +556,33 @@ def test_a_cv_stopped_in_a_fold_resumes_to_the_uninterrupted_tables(tmp_path, ca
         manager.TrainingManager._default_callbacks = original
         signal.signal(signal.SIGINT, inherited)
     assert "finished folds in" in capsys.readouterr().err
+    # the stopped cross-validation's folder and its finished fold say what they are
+    assert main(["report", str(tmp_path / "b")]) == 2
+    assert "stopped before its end (no cv_summary.json): continue it with --resume auto" in (
+        capsys.readouterr().err
+    )
+    assert main(["evaluate", str(tmp_path / "b" / "fold-1")]) == 2
+    assert "is a fold of the cross-validation in" in capsys.readouterr().err
     assert main([*command, f"training.output_dir={tmp_path / 'b'}", "--resume", "auto"]) == 0
     tables = [json.loads((tmp_path / r / "evaluation" / "cv.json").read_text()) for r in "ab"]
     for table in tables:
         del table["output_dir"], table["folds"], table["fold_checkpoints"]
     assert tables[0] == tables[1]
+
+
+def test_a_cv_resume_may_move_its_table_and_change_what_is_written():
+    """The plan recorded data.path and every evaluation field: a moved table (whose values
+    the plan's digest holds) or --plots refused the resume."""
+    from traineval.commands.experiment import _sections_a_resume_keeps
+
+    config = RunConfig.from_dict(
+        {"data": {"name": "csv", "path": "a.csv", "target": "y"}, "model": {"name": "mlp"},
+         "evaluation": {"plot_metrics": True, "save_predictions": True}}
+    )  # fmt: skip
+    moved = RunConfig.from_dict(
+        {"data": {"name": "csv", "path": "moved/a.csv", "target": "y"}, "model": {"name": "mlp"}}
+    )
+    assert _sections_a_resume_keeps(config) == _sections_a_resume_keeps(moved)
 
 
 def test_an_unsupervised_cv_tests_its_folds_as_fit_tests_a_run(tmp_path, capsys):

@@ -242,3 +242,10 @@ def test_an_image_shape_that_does_not_hold_the_inputs_is_named():
     with pytest.raises(ValueError, match=r"image_shape=\[1, 7, 7\] holds 49 values, the inputs"):
         augment(torch.rand(4, 64))
     assert ImageAugment("weak", image_shape=(1, 8, 8))(torch.rand(4, 64)).shape == (4, 64)
+
+
+def test_an_augmentation_is_hashable_and_compared_as_an_object():
+    """As a dataclass it had lost its hash (and a mode holding one, its own)."""
+    weak = ImageAugment("weak")
+    assert hash(weak) == hash(weak)
+    assert weak != ImageAugment("weak")

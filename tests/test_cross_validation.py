@@ -318,3 +318,47 @@ def test_a_fit_and_a_cross_validation_never_share_a_folder(tmp_path):
         with pytest.raises(FileExistsError, match=r"holds a training run .*not a cross-valid"):
             Evaluator().cross_validate(model, dataset, fit, n_folds=2, resume=resume)
     assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == before
+
+
+def test_a_resume_after_a_stopped_overwrite_trains_the_earlier_folds_again(tmp_path, monkeypatch):
+    """An overwriting cross-validation stopped in fold 2 left fold 3 of the earlier one,
+    with its finished summary: the resume kept it, scoring a model of other data."""
+    from traineval.training.stopping import TrainingInterrupted
+
+    first = make_classification(n=96, seed=5)
+    x, y = first.tensors
+    second = TensorDataset(x + 3.0, y)
+    model = lambda: nn.Linear(8, 3)  # noqa: E731
+    straight = Evaluator().cross_validate(model, second, _config(tmp_path / "a"), n_folds=3)
+    config = _config(tmp_path / "b")
+    Evaluator().cross_validate(model, first, config, n_folds=3)
+    again = config.replace(overwrite_output_dir=True)
+    with monkeypatch.context() as patch:
+        _stopping_in_fold(patch, fold=2, step=7)
+        with pytest.raises(TrainingInterrupted):
+            Evaluator().cross_validate(model, second, again, n_folds=3)
+    resumed = Evaluator().cross_validate(model, second, config, n_folds=3, resume=True)
+    for a, b in zip(straight["folds"], resumed["folds"], strict=True):
+        assert a["best_metrics"] == b["best_metrics"]
+
+
+def test_a_resume_where_there_is_no_cross_validation_says_it_starts_one(tmp_path, caplog):
+    import logging
+
+    dataset = make_classification(n=60)
+    with caplog.at_level(logging.WARNING):
+        Evaluator().cross_validate(
+            lambda: nn.Linear(8, 3), dataset, _config(tmp_path, num_epochs=1), 2, resume=True
+        )
+    assert "no cross-validation to resume in" in caplog.text
+
+
+def test_the_data_digest_takes_any_tensor_dataset():
+    from traineval.assembly.cross_validation import data_digest
+
+    complex_values = torch.randn(4, 2, dtype=torch.complex64).conj()  # a conjugate view
+    sparse = torch.eye(4).to_sparse()
+    for tensors in ((complex_values,), (sparse,), (torch.ones(4, dtype=torch.bool),)):
+        digest = data_digest(TensorDataset(*tensors))
+        assert digest is None or len(digest) == 16
+    assert data_digest(TensorDataset(torch.ones(3))) != data_digest(TensorDataset(torch.zeros(3)))

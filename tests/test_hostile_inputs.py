@@ -221,6 +221,19 @@ def _study_folder(tmp_path, trained, command):
     return [command, str(study), *([str(trained[1])] if command == "predict" else [])]
 
 
+def _events_are_a_link(tmp_path, trained):
+    """A copy of the trained run whose metrics.jsonl links to a file elsewhere (evaluate
+    appended its record there)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    (tmp_path / "elsewhere.txt").write_text("mine\n")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.txt")
+    return ["evaluate", str(run)]
+
+
 def _reordered(tmp_path, trained):
     """A copy of the trained run whose table has its columns in another order."""
     import csv
@@ -372,6 +385,8 @@ CASES = [
      lambda t, r: _cut_config(t, r, "evaluate"), "is incomplete", 2),
     ("evaluate of a run whose evaluation folder is a link", _evaluation_is_a_link,
      "evaluation' is a symbolic link (to ", 2),
+    ("evaluate of a run whose metrics.jsonl is a link", _events_are_a_link,
+     "metrics.jsonl' is a symbolic link (to ", 2),
     ("evaluate of a tune study's folder", lambda t, r: _study_folder(t, r, "evaluate"),
      "is a tune study: it has no model of its own; use one of its trials, ", 2),
     ("predict with a tune study's folder", lambda t, r: _study_folder(t, r, "predict"),

@@ -328,3 +328,11 @@ def test_what_is_not_a_callback_is_refused_before_any_work(tmp_path):
     with pytest.raises(TypeError, match=r"callbacks=.* is invalid: expected a list of traineval"):
         TrainingManager(config).train(make_mlp(), train, callbacks=Callback())
     assert not (tmp_path / "run").exists()
+    seen = []
+
+    class Seen(Callback):
+        def on_train_start(self, loop):
+            seen.append(loop.state.global_step)
+
+    TrainingManager(config).train(make_mlp(), train, callbacks=(c for c in [Seen()]))
+    assert seen == [0]  # a generator of callbacks, as a list

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -509,6 +510,12 @@ def _report_cv(folder: Path) -> int:
 
     path = folder / "evaluation" / "cv.json"
     path = path if path.is_file() else folder / CV_SUMMARY
+    if not path.exists():
+        return _error(ValueError(
+            f"the cross-validation in {str(folder)!r} stopped before its end (no "
+            f"{CV_SUMMARY}): continue it with --resume auto; each fold is a run of its own "
+            f"(traineval report {folder}/fold-1)"
+        ))  # fmt: skip
     try:
         text = _cv_tables(read_json(path, "cross-validation summary"), written=False)
     except ValueError as error:
@@ -742,8 +749,8 @@ def _cv_interrupted(stopped: BaseException, base: Path) -> int:
     print(
         f"traineval: cross-validation stopped by {signal_name_of(stopped)}; finished folds in "
         f"{base}: {', '.join(finished) or 'none'}. To continue (finished folds kept, the "
-        f"stopped one resumed), run the same command with training.output_dir={base} "
-        "--resume auto",
+        "stopped one resumed), run the same command with "
+        f"training.output_dir={shlex.quote(str(base))} --resume auto",
         file=sys.stderr,
     )
     return exit_status(signal_name_of(stopped))

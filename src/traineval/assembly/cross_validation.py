@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..data.splits import dataset_labels
 from ..evaluation.model_evaluator import ModelEvaluator
 from ..modes import resolve_mode
 from ..runs.rundir import CV_PLAN, CV_SUMMARY, holds_training_run, run_dir_lock
-from ..system.files import atomic_write_json, read_json_or_none
+from ..system.files import atomic_write_json, atomic_write_text, read_json_or_none
 from ..system.seeding import seed_everything
 from ..training.stopping import TrainingInterrupted
 from . import execution
@@ -97,6 +98,40 @@ def cross_validate(
             "trains to its end in one command; leave max_time out (a cross-validation "
             "stopped by a signal resumes with resume=True, --resume auto)"
         )
+    _check_request(request)
+    folds = request.split(n_folds, stratify, groups)
+    base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
+    with run_dir_lock(base):  # one cross-validation per folder
+        if holds_training_run(base):  # its config.yaml would become the folds'
+            raise FileExistsError(
+                f"output_dir={str(base)!r} holds a training run (its checkpoints or "
+                "summary.json), not a cross-validation: choose another output_dir"
+            )
+        plan = fold_plan(request, folds)
+        if request.resume:
+            plan["id"] = check_plan(base, plan)  # the folds it began carry its id
+        else:
+            _claim_folds(base, len(folds), config.overwrite_output_dir)
+            plan["id"] = secrets.token_hex(8)
+        atomic_write_json(base / CV_PLAN, plan)  # what a resume must find the same
+        try:
+            results = request.train(folds, base, plan["id"])
+        except BaseException:  # the earlier cross-validation's extra folds come back
+            for folder in sorted((base / FOLDS_ASIDE).glob("fold-*")):
+                folder.rename(base / folder.name)
+            raise
+        finally:
+            shutil.rmtree(base / FOLDS_ASIDE, ignore_errors=True)
+        summary = aggregate(results)
+        summary["output_dir"] = str(base)
+        atomic_write_json(base / CV_SUMMARY, summary)
+    return summary
+
+
+def _check_request(request: Folds) -> None:
+    """Refuse a model factory that is not one, and a resume that names no folder or also
+    asks to overwrite it."""
+    config = request.config
     if not callable(request.model_factory):
         raise TypeError("model_factory must be a model class or a function returning a model")
     if request.resume and not config.output_dir:
@@ -109,32 +144,6 @@ def cross_validate(
             "resume=True (--resume auto) continues the cross-validation in output_dir, and "
             "overwrite_output_dir=true replaces it: set one of them"
         )
-    folds = request.split(n_folds, stratify, groups)
-    base = Path(config.output_dir) if config.output_dir else TrainingManager(config).output_dir
-    with run_dir_lock(base):  # one cross-validation per folder
-        if holds_training_run(base):  # its config.yaml would become the folds'
-            raise FileExistsError(
-                f"output_dir={str(base)!r} holds a training run (its checkpoints or "
-                "summary.json), not a cross-validation: choose another output_dir"
-            )
-        plan = fold_plan(request, folds)
-        if request.resume:
-            check_plan(base, plan)
-        else:
-            _claim_folds(base, len(folds), config.overwrite_output_dir)
-        atomic_write_json(base / CV_PLAN, plan)  # what a resume must find the same
-        try:
-            results = request.train(folds, base)
-        except BaseException:  # the earlier cross-validation's extra folds come back
-            for folder in sorted((base / FOLDS_ASIDE).glob("fold-*")):
-                folder.rename(base / folder.name)
-            raise
-        finally:
-            shutil.rmtree(base / FOLDS_ASIDE, ignore_errors=True)
-        summary = aggregate(results)
-        summary["output_dir"] = str(base)
-        atomic_write_json(base / CV_SUMMARY, summary)
-    return summary
 
 
 def _claim_folds(base: Path, n_folds: int, overwrite: bool) -> None:
@@ -194,25 +203,37 @@ def data_digest(dataset: Any) -> str | None:
     if not isinstance(dataset, TensorDataset) or not tensors:
         return None
     digest = hashlib.sha256()
-    for tensor in tensors:
-        values = tensor.detach().cpu().contiguous()
-        digest.update(f"{tuple(values.shape)} {values.dtype}".encode())
-        digest.update(values.view(-1).view(torch.uint8).numpy().tobytes())
+    try:
+        for tensor in tensors:
+            values = tensor.detach().cpu().resolve_conj().resolve_neg()
+            values = (values.to_dense() if values.layout != torch.strided else values).contiguous()
+            digest.update(f"{tuple(values.shape)} {values.dtype}".encode())
+            digest.update(values.view(-1).view(torch.uint8).numpy().tobytes())
+    except (RuntimeError, TypeError):  # a layout or dtype without plain bytes: by folds alone
+        return None
     return digest.hexdigest()[:16]
 
 
-def check_plan(base: Path, plan: dict[str, Any]) -> None:
+def check_plan(base: Path, plan: dict[str, Any]) -> str:
     """Refuse to resume the cross-validation in `base` with other folds or config than it
-    began with (each fold would continue on other rows); nothing there: a fresh start."""
+    began with (each fold would continue on other rows); returns its id (a new one where
+    there is nothing to resume: a fresh start, said once)."""
     earlier = read_json_or_none(base / CV_PLAN)
-    if earlier is None:
+    if earlier is None or not isinstance(earlier.get("id"), str):
+        if (base / CV_PLAN).exists():
+            raise ValueError(
+                f"{str(base / CV_PLAN)!r} cannot be read as a cross-validation's plan: the "
+                "cross-validation cannot be continued; choose another output_dir, or set "
+                "overwrite_output_dir=true"
+            )
         if any(base.glob("fold-*/checkpoints/*")):
             raise ValueError(
                 f"output_dir={str(base)!r} holds folds but no {CV_PLAN} (written by a "
                 "cross-validation since it can resume): it cannot be continued; choose "
                 "another output_dir, or set overwrite_output_dir=true"
             )
-        return
+        logger.warning("no cross-validation to resume in %s: starting one", base)
+        return secrets.token_hex(8)
     why = ""
     if earlier.get("folds") != plan["folds"]:
         why = f"n_folds={plan['folds']} (--folds), it began with {earlier.get('folds')}"
@@ -223,12 +244,14 @@ def check_plan(base: Path, plan: dict[str, Any]) -> None:
     elif earlier.get("config") != plan["config"]:
         differ = first_differences(earlier.get("config") or {}, plan["config"] or {})
         verb = "differs" if len(differ) < 2 else "differ"
-        why = f"{', '.join(differ[:3]) or 'its config'} {verb} from what it began with"
+        named = ", ".join(differ[:3]) + (" ..." if len(differ) > 3 else "")
+        why = f"{named or 'its config'} {verb} from what it began with"
     if why:
         raise ValueError(
             f"cannot resume the cross-validation in {str(base)!r}: {why}; run it as it "
             "began, or start another (another output_dir, or overwrite_output_dir=true)"
         )
+    return str(earlier["id"])
 
 
 def first_differences(was: Any, now: Any, prefix: str = "") -> list[str]:
@@ -277,17 +300,25 @@ class Folds:
         folds = make_folds(n, n_folds, labels=labels, groups=groups, seed=self.config.seed)
         return mode.fold(dataset, folds)
 
-    def train(self, folds: list[tuple[np.ndarray, np.ndarray]], base: Path) -> list[FoldResult]:
+    def train(
+        self, folds: list[tuple[np.ndarray, np.ndarray]], base: Path, plan_id: str
+    ) -> list[FoldResult]:
         """One fresh model per fold, each from the same initial weights (the config's seed,
-        whatever the caller's random state), trained into `base/fold-<k>`."""
+        whatever the caller's random state), trained into `base/fold-<k>`, which carries
+        `plan_id`: a resume continues only the folds of its own cross-validation (an
+        earlier one's, left by a stopped overwrite, train again)."""
         config = self.config
         results: list[FoldResult] = []
         for k, (train_idx, val_idx) in enumerate(folds, start=1):
-            if self.resume and fold_finished(base / f"fold-{k}"):
+            folder = base / f"fold-{k}"
+            ours = self.resume and _stamp(folder) == plan_id
+            if ours and fold_finished(folder):
                 logger.info("fold %d/%d finished earlier: kept as it is", k, len(folds))
             else:
                 logger.info("Training fold %d/%d", k, len(folds))
-            fold_config = config.replace(output_dir=str(base / f"fold-{k}"))
+            overwrite = config.overwrite_output_dir or (self.resume and not ours)
+            fold_config = config.replace(output_dir=str(folder), overwrite_output_dir=overwrite)
+            atomic_write_text(folder / FOLD_STAMP, plan_id)
             seed_everything(config.seed)  # every fold starts from the same weights
             model = self.model_factory()
             if not isinstance(model, nn.Module):
@@ -304,7 +335,7 @@ class Folds:
                     loss_function=self.loss_function,
                     evaluator=self.evaluator.fresh(),  # fresh state per fold
                     mode=self.mode,
-                    resume_from="auto" if self.resume else None,  # finished: its result
+                    resume_from="auto" if ours else None,  # finished: its result
                 )
             results.append(_fold_result(k, result, len(val_idx)))
         return results
@@ -319,12 +350,22 @@ def _said_as_the_cross_validations(fold: int, base: Path) -> Iterator[None]:
     except TrainingInterrupted as stopped:
         what = f"cross-validation in {str(base)!r} stopped in fold {fold} ({stopped.what})"
         raise TrainingInterrupted(
-            f"{what}; continue it with cross_validate(..., resume=True) and the same "
-            "arguments (CLI: the same command with --resume auto)",
+            f"{what}; continue it with Evaluator.cross_validate(..., resume=True) and the "
+            "same arguments (CLI: the same command with --resume auto)",
             stopped.checkpoint,
             stopped.signal_name,
             what,
         ) from None
+
+
+FOLD_STAMP = ".cv_plan_id"  # in each fold: the id of the cross-validation that began it
+
+
+def _stamp(folder: Path) -> str | None:
+    try:
+        return (folder / FOLD_STAMP).read_text().strip()
+    except OSError:
+        return None
 
 
 def fold_finished(folder: Path) -> bool:

@@ -155,7 +155,7 @@ class TrainingManager:
         """
         check_loaders(train_loader=train_loader, val_loader=val_loader)
         check_loggers(loggers)
-        check_callbacks(callbacks)
+        callbacks = check_callbacks(callbacks)  # (a generator of them, too)
         build.check_resume_target(self.config, resume_from)
         request = build.Request(
             model, train_loader, val_loader, task_of(task_type), loss_function, evaluator,

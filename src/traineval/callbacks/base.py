@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -102,14 +102,15 @@ class Callback:
         pass
 
 
-def check_callbacks(callbacks: Any) -> None:
-    """Refuse, before any work, `callbacks` that are not a list of `Callback` objects (a
-    function, or another library's callback, failed at the first hook with the run
+def check_callbacks(callbacks: Any) -> list[Callback]:
+    """`callbacks` as a list, refused before any work where they are not `Callback` objects
+    (a function, or another library's callback, failed at the first hook with the run
     directory already claimed)."""
-    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence):
+    if isinstance(callbacks, (str, bytes, Callback)) or not isinstance(callbacks, Iterable):
         raise TypeError(
             f"callbacks={callbacks!r} is invalid: expected a list of traineval.Callback objects"
         )
+    callbacks = list(callbacks)
     for index, callback in enumerate(callbacks):
         if not isinstance(callback, Callback):
             hooks = ", ".join(name for name in vars(Callback) if name.startswith("on_"))
@@ -117,6 +118,7 @@ def check_callbacks(callbacks: Any) -> None:
                 f"callbacks[{index}] ({type(callback).__name__}) is not a traineval.Callback: "
                 f"subclass traineval.Callback and override the hooks you need ({hooks})"
             )
+    return callbacks
 
 
 def overrides(callback: Callback, hook: str) -> bool:

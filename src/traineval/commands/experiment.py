@@ -833,7 +833,7 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     config = RunConfig.from_run_dir(run_dir, trust_code=trust_code)
-    _refuse_linked_output(run_dir / "evaluation")
+    _refuse_linked_outputs(run_dir)
     with untrusted(str(run_dir / "config.yaml"), trust_code=trust_code):
         return _evaluate_run(
             config, run_dir, checkpoint or default_checkpoint(run_dir), split,
@@ -841,15 +841,17 @@ def evaluate_run(
         )  # fmt: skip
 
 
-def _refuse_linked_output(folder: Path) -> None:
-    """Refuse to write into `folder` of a run directory where it is a symbolic link: a run
-    directory handed to you could point it anywhere (its files are replaced, not followed)."""
-    if folder.is_symlink():
-        raise ValueError(
-            f"{str(folder)!r} is a symbolic link (to {str(folder.readlink())!r}): evaluate "
-            "writes its results there, and only into a folder of the run's own; replace the "
-            "link by a folder (or copy the run directory), then run again"
-        )
+def _refuse_linked_outputs(run_dir: Path) -> None:
+    """Refuse to write through a symbolic link where evaluate writes into a run directory
+    (its `evaluation/` folder, and `metrics.jsonl`, which it appends to): a run directory
+    handed to you could point them anywhere (its result files are replaced, not followed)."""
+    for path in (run_dir / "evaluation", run_dir / "metrics.jsonl"):
+        if path.is_symlink():
+            raise ValueError(
+                f"{str(path)!r} is a symbolic link (to {str(path.readlink())!r}): evaluate "
+                "writes there, and only into files of the run's own; replace the link by "
+                "the file or folder (or copy the run directory), then run again"
+            )
 
 
 def recorded_in(run_dir: Path) -> Path:
@@ -1013,8 +1015,10 @@ def run_cross_validation(config: RunConfig, folds: int, resume: bool = False) ->
     evaluator = Evaluator(config.evaluation)
     with watching_signals():  # a signal after the folds stops before cv.json, said in a line
         request = Folds(
-            evaluator, parts.new_model, pool, config.training, parts.task_type, None,
-            parts.mode, config.data.num_workers, resume, _sections_a_resume_keeps(config),
+            evaluator=evaluator, model_factory=parts.new_model, dataset=pool,
+            config=config.training, task_type=parts.task_type, loss_function=None,
+            mode=parts.mode, num_workers=config.data.num_workers, resume=resume,
+            recorded=_sections_a_resume_keeps(config),
         )  # fmt: skip
         summary = cross_validate(request, folds, None, None)
         _test_the_folds(config, parts, evaluator, summary)
@@ -1036,9 +1040,19 @@ def _sections_a_resume_keeps(config: RunConfig) -> dict[str, Any]:
     written = config.to_dict()
     sections = {name: dict(written.get(name) or {}) for name in ("data", "model", "mode")}
     sections["data"].pop("num_workers", None)
+    sections["data"].pop("path", None)  # a moved table: the plan's digest holds its values
     evaluation = dict(written.get("evaluation") or {})
-    evaluation.pop("output_dir", None)
+    for name in EVALUATION_OUTPUTS:  # what is written, not what the folds are scored on
+        evaluation.pop(name, None)
     return {**sections, "evaluation": evaluation}
+
+
+# The evaluation fields that say what is written or how sure a final score is, never what a
+# fold's validation measures: a resumed cross-validation may change them.
+EVALUATION_OUTPUTS = (
+    "output_dir", "plot_metrics", "save_predictions", "bootstrap_samples", "bootstrap_seed",
+    "confidence_level",
+)  # fmt: skip
 
 
 def _test_the_folds(

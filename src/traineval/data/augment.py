@@ -43,7 +43,7 @@ def _uniform(n: int, low: float, high: float, like: torch.Tensor) -> torch.Tenso
     return torch.rand(n).to(like.device, like.dtype) * (high - low) + low
 
 
-@dataclasses.dataclass(repr=False)
+@dataclasses.dataclass(repr=False, eq=False)  # compared and hashed as an object, as before
 class ImageAugment:
     """Weak or strong augmentation of image batches; see the module docstring. The knobs
     after `strength` are keyword-only."""

@@ -8,6 +8,7 @@ the run directory, so a resumed run continues the same MLflow run.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,8 @@ from typing import Any
 from ..system.files import atomic_write_text
 from .background import BackgroundLogger
 from .base import numbers
+
+logger = logging.getLogger(__name__)
 
 ID_FILE = "mlflow_run_id.txt"
 # MLflow's HTTP client retries a failing request 7 times with back-off (minutes against an
@@ -30,8 +33,8 @@ def mlflow_logger(
 ) -> BackgroundLogger:
     """An `MLflowLogger` on a thread of its own (see `BackgroundLogger`), with bounded HTTP
     time-outs and retries; `ImportError` at once when MLflow is not installed. `kept`: the
-    records a resumed run keeps (metrics.jsonl's), whose points the MLflow run lacks are
-    sent first (a run killed before its points left this process had none)."""
+    records a resumed run keeps (metrics.jsonl's), sent first where the MLflow run is new (a
+    run killed in its first seconds had created none: its points had not left its thread)."""
     if importlib.util.find_spec("mlflow") is None:
         raise ImportError("mlflow_logging needs MLflow: pip install 'traineval[mlflow]'")
     for name, value in HTTP_LIMITS.items():
@@ -39,7 +42,11 @@ def mlflow_logger(
 
     def start() -> MLflowLogger:
         started = MLflowLogger(run_dir, tracking_uri)
-        started.catch_up(kept)
+        if started.created and kept:
+            try:
+                started.catch_up(kept)
+            except Exception as error:  # the points to come still go: logging goes on
+                logger.warning("MLflow: the points before the resume were not sent (%s)", error)
         return started
 
     return BackgroundLogger(start, "MLflow")
@@ -70,6 +77,7 @@ class MLflowLogger:
             )
         )
         id_file = self.run_dir / ID_FILE
+        self.created = not id_file.exists()  # this run's MLflow run is new
         if id_file.exists():
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
@@ -88,26 +96,18 @@ class MLflowLogger:
             self.client.log_batch(self.run_id, metrics=values)
 
     def catch_up(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Send the points of `records` (with their steps) that this MLflow run lacks: those
-        past the last step it holds of each metric."""
+        """Send the points of `records` (metrics.jsonl's, with their steps) to this run."""
         from mlflow.entities import Metric
 
-        names = {name for record in records for name in numbers(record)}
-        last = {
-            name: max((m.step for m in self.client.get_metric_history(self.run_id, name)),
-                      default=-1)
-            for name in names
-        }  # fmt: skip
         now = int(time.time() * 1000)
-        missing = [
+        points = [
             Metric(name, value, now, int(record["step"]))
             for record in records
             if isinstance(record.get("step"), int)
             for name, value in numbers(record).items()
-            if record["step"] > last[name]
         ]
-        for start in range(0, len(missing), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=missing[start : start + 1000])
+        for start in range(0, len(points), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=points[start : start + 1000])
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

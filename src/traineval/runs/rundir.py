@@ -73,9 +73,9 @@ def default_run_dir(prefix: str = "run", root: str | Path = "runs") -> Path:
 
 
 def is_cross_validation(folder: str | Path) -> bool:
-    """Whether `folder` is a cross-validation's (`traineval cv`, `Evaluator.cross_validate`):
-    its folds are runs of their own, it is none."""
-    return (Path(folder) / CV_SUMMARY).is_file()
+    """Whether `folder` is a cross-validation's (`traineval cv`, `Evaluator.cross_validate`),
+    finished or stopped: its folds are runs of their own, it is none."""
+    return (Path(folder) / CV_SUMMARY).is_file() or (Path(folder) / CV_PLAN).is_file()
 
 
 def holds_cross_validation(folder: Path) -> bool:
