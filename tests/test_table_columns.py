@@ -340,6 +340,11 @@ def test_a_column_without_a_name_is_not_a_feature_unsaid(tmp_path):
         load_csv(path, "label")
     table = load_csv(path, "label", columns=Columns(features=("noise",)))
     assert table.feature_names == ["noise"]
+    # a comma ending the header (and each row) is no index: said as what it is
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("noise,label,\n" + "".join(f"{i}.5,{i % 2},\n" for i in range(30)))
+    with pytest.raises(ValueError, match=r"has no name in the header row \(a comma at the end"):
+        load_csv(trailing, "label")
 
 
 def test_a_table_without_features_is_refused(tmp_path):

@@ -239,10 +239,15 @@ def _refuse_unusable_features(features: list[str], chosen: Columns, path: Path) 
     leak the label of a sorted table) is not taken as a feature unsaid; nor does a table
     without features train."""
     if "" in features:
+        first = features.index("") == 0
+        why = (
+            "pandas writes its index so: to_csv(..., index=False)"
+            if first
+            else "a comma at the end of the header row makes one so"
+        )
         raise ValueError(
             f"data.path={str(path)!r}: column {features.index('') + 1} of the features has no "
-            "name in the header row (pandas writes its index so: to_csv(..., index=False)); "
-            "name it, or list the features in data.features"
+            f"name in the header row ({why}); name it, or list the features in data.features"
         )
     if not features and not chosen.categorical:
         raise ValueError(
