@@ -778,3 +778,13 @@ def test_a_flower_command_stopped_by_sigterm_says_where_and_its_summary_says_so(
     assert cli.main([*args, f"training.output_dir={folder}", "--resume", "auto"]) == 0
     summary = json.loads((folder / "summary.json").read_text())
     assert (summary["status"], summary["rounds_done"]) == ("finished", 3)
+
+
+def test_a_flower_run_takes_no_folder_of_a_cross_validation(tmp_path):
+    """Its metrics.jsonl and summary.json would have read as the cross-validation's."""
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    (cv / "cv_plan.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a cross-validation: a Flower run goes in"):
+        flower._claim(cv, overwrite=True)
+    flower._claim(tmp_path / "new", overwrite=False)  # a new folder: taken

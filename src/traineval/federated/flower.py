@@ -64,6 +64,7 @@ from ..runs.checkpoint import (
     save_safetensors,
 )
 from ..runs.resume import check_compatible, check_mode
+from ..runs.rundir import holds_cross_validation
 from ..system.files import atomic_write_json, atomic_write_text, read_json_or_none
 from ..system.seeding import capture_rng, restore_rng, seed_everything
 from ..system.version import __version__
@@ -804,7 +805,13 @@ def _resume_setting(context: Context) -> str | None:
 
 
 def _claim(output: Path, overwrite: bool) -> None:
-    """Refuse to write over an earlier run's results unless `overwrite_output_dir` says so."""
+    """Refuse to write over an earlier run's results unless `overwrite_output_dir` says so,
+    and into a cross-validation's folder at all (its folds would read as this run's)."""
+    if holds_cross_validation(output):
+        raise ValueError(
+            f"output_dir={str(output)!r} holds a cross-validation: a Flower run goes in "
+            "another output_dir"
+        )
     earlier = [output / name for name in ("metrics.jsonl", FINAL_MODEL, CHECKPOINT)]
     if not overwrite and any(path.exists() for path in earlier):
         raise ValueError(
