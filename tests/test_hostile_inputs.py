@@ -30,7 +30,11 @@ def _table(path, rows=60, header="a,b,label"):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run trained on a two-feature CSV table (the run directory, its data)."""
-    folder = tmp_path_factory.mktemp("trained")
+    return train_on_a_table(tmp_path_factory.mktemp("trained"))
+
+
+def train_on_a_table(folder):
+    """`fit` of a small MLP on a two-feature CSV table in `folder`: (run directory, table)."""
     data = _table(folder / "table.csv")
     config = folder / "run.yaml"
     config.write_text(

@@ -98,18 +98,9 @@ def test_load_model_needs_only_the_run_directory_of_a_table_run(tmp_path):
     not be split. The run's data.json (what predict reads) is enough."""
     import shutil
 
-    from test_hostile_inputs import _table
+    from test_hostile_inputs import train_on_a_table
 
-    table = _table(tmp_path / "table.csv")
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"data: {{name: csv, path: {table}, target: label}}\n"
-        "model: {name: mlp, options: {hidden_sizes: [8]}}\n"
-        "training: {num_epochs: 1, warmup_steps: 0, tensorboard_logging: false, "
-        "progress_bar: false}\n"
-    )
-    run = tmp_path / "run"
-    assert main(["fit", str(config), "-q", f"training.output_dir={run}"]) == 0
+    run, table = train_on_a_table(tmp_path)
     inputs = torch.randn(5, 2)
     with torch.no_grad():
         before = traineval.load_model(run)(inputs)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from traineval import TaskType, TrainingConfig, TrainingManager
 from traineval.loggers import LoggerHub, read_jsonl
 
-from conftest import hide_package, make_classification, make_mlp
+from conftest import InterruptAt, hide_package, make_classification, make_mlp
 
 
 def _config(tmp_path, **overrides):
@@ -62,18 +62,12 @@ def test_tensorboard_event_files_hold_the_expected_tags_and_steps(tmp_path):
 
 
 def test_resumed_tensorboard_run_drops_the_interrupted_runs_later_events(tmp_path):
-    from traineval import Callback
     from traineval.training.loop import TrainingInterrupted
-
-    class Stop(Callback):
-        def on_step_end(self, loop):
-            if loop.state.global_step == 10:
-                loop.request_interrupt("SIGTERM")
 
     data = make_classification(n=64)
     config = _config(tmp_path, tensorboard_logging=True, checkpoint_every_n_steps=4)
     with pytest.raises(TrainingInterrupted):
-        TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
+        TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[InterruptAt(10)])
     result = TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
     # one hparams entry, the run's best (the interrupted run's NaN one had stayed beside it)
     hparams = _events(tmp_path / "run" / "tensorboard" / "hparams")
@@ -265,18 +259,12 @@ def test_wandb_offline_run_holds_config_metrics_and_best_summary(tmp_path, wandb
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
-    from traineval import Callback
     from traineval.training.loop import TrainingInterrupted
-
-    class Stop(Callback):
-        def on_step_end(self, loop):
-            if loop.state.global_step == 6:
-                loop.request_interrupt("SIGTERM")
 
     data = make_classification(n=64)
     config = _config(tmp_path, wandb_logging=True)
     with pytest.raises(TrainingInterrupted):
-        TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
+        TrainingManager(config).train(make_mlp(), DataLoader(data, 8), callbacks=[InterruptAt(6)])
     TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
     history, _, ids, _ = _wandb_run(tmp_path / "run")
     assert len(list((tmp_path / "run").glob("wandb/offline-run-*"))) == 2
@@ -293,19 +281,13 @@ def test_a_resumed_mlflow_run_holds_every_point_of_the_uninterrupted_one(tmp_pat
     `kept` is a plain resume (no point twice)."""
     from mlflow.tracking import MlflowClient
 
-    from traineval import Callback
     from traineval.training.stopping import TrainingInterrupted
-
-    class Stop(Callback):
-        def on_step_end(self, loop):
-            if loop.state.global_step == 10:
-                loop.request_interrupt("SIGTERM")
 
     data = make_classification(n=64)
     config = _config(tmp_path, mlflow_logging=True, checkpoint_every_n_steps=4)
     first = config.replace(mlflow_logging=not lost)
     with pytest.raises(TrainingInterrupted):
-        TrainingManager(first).train(make_mlp(), DataLoader(data, 8), callbacks=[Stop()])
+        TrainingManager(first).train(make_mlp(), DataLoader(data, 8), callbacks=[InterruptAt(10)])
     TrainingManager(config).train(make_mlp(), DataLoader(data, 8), resume_from="auto")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text()

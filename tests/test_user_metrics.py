@@ -249,24 +249,6 @@ from torchmetrics.classification import MulticlassF1Score
 from traineval.evaluation import metric
 
 
-def test_a_metric_returning_an_array_is_named_by_its_shape_on_one_line():
-    """The array's repr spanned lines: the one-line message was cut inside it, and lost
-    the advice."""
-    from traineval import Evaluator
-    from traineval.training.exit_codes import first_line
-
-    per_sample = metric(lambda t, p: (t == p).astype(float))
-    logits, labels = torch.eye(3)[[0, 1, 2, 0] * 20], torch.tensor([0, 1, 2, 1] * 20)
-    with pytest.raises(ValueError) as raised:
-        Evaluator(metrics={"each": per_sample}).evaluate_model(
-            torch.nn.Identity(), [(logits, labels)]
-        )
-    assert first_line(raised.value).endswith(
-        "computed ndarray of shape (80,); a metric gives one number (give per-class values "
-        "as separate metrics)"
-    )
-
-
 @metric(higher_is_better=False)
 def balanced_error(y_true, y_pred):
     return 1.0 - balanced_accuracy_score(y_true, y_pred)
