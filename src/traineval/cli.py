@@ -668,7 +668,7 @@ def _cv(config: Any, args: argparse.Namespace) -> int:
     from .runs.rundir import default_run_dir
     from .training.loop import TrainingInterrupted
 
-    if args.resume and not config.training.output_dir:
+    if args.resume and not config.training.output_dir:  # before the data is read
         return _error(ValueError(
             "--resume needs the cross-validation's folder: set training.output_dir=<the "
             "stopped cross-validation's output_dir>"
@@ -739,13 +739,9 @@ def _trained_line(training: Any, elapsed: float) -> str:
 def _cv_interrupted(stopped: BaseException, base: Path) -> int:
     """Cross-validation stopped by a signal: which folds finished, and how to go on
     (128+N)."""
-    from .system.files import read_json_or_none as json_or_none
+    from .assembly.cross_validation import fold_finished
 
-    finished = sorted(  # (an interrupted fold writes its summary.json too)
-        p.parent.name
-        for p in base.glob("fold-*/summary.json")
-        if (json_or_none(p) or {}).get("status") in ("finished", "stopped early")
-    )
+    finished = sorted(p.name for p in base.glob("fold-*") if fold_finished(p))
     print(
         f"traineval: cross-validation stopped by {signal_name_of(stopped)}; finished folds in "
         f"{base}: {', '.join(finished) or 'none'}. To continue (finished folds kept, the "

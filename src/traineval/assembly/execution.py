@@ -135,8 +135,7 @@ def already_finished(
         restore_best(model, payload)
     state = TrainState()
     state.load_state_dict(payload["loop"])
-    files = sorted((manager.output_dir / "checkpoints").glob("*.pt"))
-    result = manager._result(state, monitor.name, 0.0, {p.stem: str(p) for p in files})
+    result = manager._result(state, monitor.name, 0.0, saved_checkpoints(manager.output_dir))
     earlier = read_json_or_none(manager.output_dir / "summary.json")
     if earlier is not None and earlier.get("global_step") == state.global_step:
         # the run's own record (its time, checkpoints), marked finished again where a
@@ -150,6 +149,11 @@ def already_finished(
     result.write_summary(manager.distributed)
     result.updates_trained = 0  # this call trained nothing (the record keeps the run's)
     return result
+
+
+def saved_checkpoints(output_dir: Path) -> dict[str, str]:
+    """The checkpoint files in a run's folder, by name ("best", "last", "epoch-0003")."""
+    return {p.stem: str(p) for p in sorted((output_dir / "checkpoints").glob("*.pt"))}
 
 
 def _log_the_best_once(events: Path, state: TrainState) -> None:
@@ -211,8 +215,8 @@ def _run(manager: Runner, run: build.Assembly, loop: Loop, hub: LoggerHub) -> Tr
     started = time.perf_counter()
     resumed_at = (run.payload or {}).get("global_step", 0)
     if run.payload is not None:  # the run's files from before the resume point are its own
-        for path in sorted((manager.output_dir / "checkpoints").glob("*.pt")):
-            checkpoints.setdefault(path.stem, str(path))
+        for name, path in saved_checkpoints(manager.output_dir).items():
+            checkpoints.setdefault(name, path)
     try:
         try:
             with (

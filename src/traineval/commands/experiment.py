@@ -1035,8 +1035,9 @@ def run_cross_validation(config: RunConfig, folds: int, resume: bool = False) ->
 
 
 def _sections_a_resume_keeps(config: RunConfig) -> dict[str, Any]:
-    """The config's data, model, mode and evaluation sections, but for how the run is
-    read and written (data.num_workers, evaluation.output_dir)."""
+    """The config's data, model, mode and evaluation sections, but for how the data is read
+    (data.num_workers, data.path: the plan keeps a digest of the values) and what is
+    written (`EVALUATION_OUTPUTS`)."""
     written = config.to_dict()
     sections = {name: dict(written.get(name) or {}) for name in ("data", "model", "mode")}
     sections["data"].pop("num_workers", None)

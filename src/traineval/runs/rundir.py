@@ -81,11 +81,7 @@ def is_cross_validation(folder: str | Path) -> bool:
 def holds_cross_validation(folder: Path) -> bool:
     """Whether `folder` holds a cross-validation, finished or begun (its plan, summary or
     a fold with checkpoints)."""
-    return (
-        (folder / CV_SUMMARY).is_file()
-        or (folder / CV_PLAN).is_file()
-        or any(folder.glob("fold-*/checkpoints/*"))
-    )
+    return is_cross_validation(folder) or any(folder.glob("fold-*/checkpoints/*"))
 
 
 def holds_training_run(folder: Path) -> bool:
